@@ -1,0 +1,233 @@
+//! The scan loop over one span of one tracked range, with its own reusable buffers.
+//!
+//! Invariant: between calls, every entry of `buf` is all-zero. The kernel fills a prefix of it;
+//! after a successful call the scanner copies that prefix out and zeroes it again. After an
+//! `EPERM` (an untracked area met mid-walk) the kernel has still written and re-protected the
+//! entries before the area but returned no count, so the non-zero prefix *is* the count. Zeroing
+//! costs only what the kernel wrote, never the whole buffer.
+
+use crate::round::{Untracked, UntrackedReason, push_coalesced};
+use crate::{Error, Result};
+use precopy_sys::abi::{self, PageRegion, PmScanArg, category};
+use precopy_sys::pagemap::{self, EMPTY_REGION};
+use precopy_tracker::{Tracker, Vma, unmapped_parts};
+use std::ops::Range;
+
+/// Buffers and output of one scanning thread.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    buf: Vec<PageRegion>,
+    vmas: Vec<Vma>,
+    pub(crate) dirty: Vec<Range<u64>>,
+    pub(crate) untracked: Vec<Untracked>,
+    pub(crate) pages: u64,
+    pub(crate) ioctls: u64,
+    page_size: u64,
+}
+
+/// How a span scan ended.
+pub(crate) enum SpanEnd {
+    /// The whole span was scanned.
+    Done,
+    /// The page budget ran out at this address.
+    BudgetAt(u64),
+}
+
+fn scan_arg(start: u64, end: u64) -> PmScanArg {
+    PmScanArg {
+        size: 0,
+        flags: abi::PM_SCAN_WP_MATCHING | abi::PM_SCAN_CHECK_WPASYNC,
+        start,
+        end,
+        walk_end: 0,
+        vec: 0,
+        vec_len: 0,
+        max_pages: 0,
+        category_inverted: 0,
+        category_mask: category::WRITTEN,
+        category_anyof_mask: 0,
+        return_mask: category::WRITTEN,
+    }
+}
+
+impl Worker {
+    pub(crate) fn new(vec_len: usize, page_size: u64) -> Worker {
+        Worker {
+            buf: vec![EMPTY_REGION; vec_len],
+            vmas: Vec::new(),
+            dirty: Vec::new(),
+            untracked: Vec::new(),
+            pages: 0,
+            ioctls: 0,
+            page_size,
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.dirty.clear();
+        self.untracked.clear();
+        self.pages = 0;
+        self.ioctls = 0;
+    }
+
+    /// Moves the first `n` kernel-filled entries to `dirty`, zeroing them; returns their pages.
+    fn take(&mut self, n: usize) -> u64 {
+        let mut pages = 0;
+        for slot in &mut self.buf[..n] {
+            pages += (slot.end - slot.start) / self.page_size;
+            push_coalesced(&mut self.dirty, slot.start..slot.end);
+            *slot = EMPTY_REGION;
+        }
+        self.pages += pages;
+        pages
+    }
+
+    /// Scans `span` (inside one tracked range whose reporting unit is `granule`), then reports
+    /// the parts of it that are no longer mapped. `budget` is the number of pages still allowed
+    /// this round, if limited; it is decremented.
+    pub(crate) fn scan_span(
+        &mut self,
+        tracker: &Tracker,
+        span: Range<u64>,
+        granule: u64,
+        budget: &mut Option<u64>,
+    ) -> Result<SpanEnd> {
+        let end = self.scan_tracked(tracker, span.clone(), granule, budget, true)?;
+        let stop = match end {
+            SpanEnd::Done => span.end,
+            SpanEnd::BudgetAt(at) => at,
+        };
+        if stop > span.start {
+            tracker.mappings_into(span.start..stop, &mut self.vmas)?;
+            for hole in unmapped_parts(span.start..stop, &self.vmas) {
+                self.untracked.push(Untracked {
+                    range: hole,
+                    reason: UntrackedReason::Unmapped,
+                });
+            }
+        }
+        Ok(end)
+    }
+
+    fn scan_tracked(
+        &mut self,
+        tracker: &Tracker,
+        span: Range<u64>,
+        granule: u64,
+        budget: &mut Option<u64>,
+        may_split: bool,
+    ) -> Result<SpanEnd> {
+        let fd = tracker.uffd().pagemap();
+        let granule_pages = (granule / self.page_size).max(1);
+        let mut addr = span.start;
+        while addr < span.end {
+            let mut arg = scan_arg(addr, span.end);
+            if let Some(left) = *budget {
+                if left == 0 {
+                    return Ok(SpanEnd::BudgetAt(addr));
+                }
+                // A budget below one huge page makes the kernel return nothing with `walk_end`
+                // stuck: never ask for less than one reporting unit.
+                arg.max_pages = left.max(granule_pages);
+            }
+            self.ioctls += 1;
+            match pagemap::scan(fd, &mut arg, &mut self.buf) {
+                Ok(n) => {
+                    let pages = self.take(n);
+                    if let Some(left) = budget.as_mut() {
+                        *left = left.saturating_sub(pages);
+                    }
+                    if arg.walk_end <= addr {
+                        return Err(Error::NoProgress { addr });
+                    }
+                    addr = arg.walk_end.min(span.end);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) && may_split => {
+                    let n = self.buf.iter().take_while(|r| r.end != 0).count();
+                    let pages = self.take(n);
+                    if let Some(left) = budget.as_mut() {
+                        *left = left.saturating_sub(pages);
+                    }
+                    return self.scan_around_untracked(tracker, addr..span.end, granule, budget);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    // The layout changed again under us: vouch for nothing in this part.
+                    let n = self.buf.iter().take_while(|r| r.end != 0).count();
+                    self.take(n);
+                    self.untracked.push(Untracked {
+                        range: addr..span.end,
+                        reason: UntrackedReason::NotTracked,
+                    });
+                    return Ok(SpanEnd::Done);
+                }
+                Err(source) => {
+                    return Err(Error::Scan {
+                        start: addr,
+                        end: span.end,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(SpanEnd::Done)
+    }
+
+    /// Lists the untracked parts of `span` (pages whose VMA is not registered for async WP),
+    /// reports them, and scans the tracked parts between them.
+    fn scan_around_untracked(
+        &mut self,
+        tracker: &Tracker,
+        span: Range<u64>,
+        granule: u64,
+        budget: &mut Option<u64>,
+    ) -> Result<SpanEnd> {
+        let first = self.untracked.len();
+        let fd = tracker.uffd().pagemap();
+        let mut addr = span.start;
+        let mut regions = [EMPTY_REGION; 64];
+        while addr < span.end {
+            let mut arg = PmScanArg {
+                flags: 0,
+                category_inverted: category::WPALLOWED,
+                category_mask: category::WPALLOWED,
+                return_mask: category::WPALLOWED,
+                ..scan_arg(addr, span.end)
+            };
+            self.ioctls += 1;
+            let n = pagemap::scan(fd, &mut arg, &mut regions).map_err(|source| Error::Scan {
+                start: addr,
+                end: span.end,
+                source,
+            })?;
+            for r in &regions[..n] {
+                self.untracked.push(Untracked {
+                    range: r.start..r.end,
+                    reason: UntrackedReason::NotTracked,
+                });
+            }
+            if arg.walk_end <= addr {
+                return Err(Error::NoProgress { addr });
+            }
+            addr = arg.walk_end;
+        }
+        let mut gaps = Vec::new();
+        let mut cursor = span.start;
+        for u in &self.untracked[first..] {
+            if u.range.start > cursor {
+                gaps.push(cursor..u.range.start);
+            }
+            cursor = cursor.max(u.range.end);
+        }
+        if cursor < span.end {
+            gaps.push(cursor..span.end);
+        }
+        for gap in gaps {
+            if let SpanEnd::BudgetAt(at) =
+                self.scan_tracked(tracker, gap, granule, budget, false)?
+            {
+                return Ok(SpanEnd::BudgetAt(at));
+            }
+        }
+        Ok(SpanEnd::Done)
+    }
+}

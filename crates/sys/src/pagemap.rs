@@ -1,0 +1,82 @@
+//! `PAGEMAP_SCAN` and `PROCMAP_QUERY` on `/proc/PID/{pagemap,maps}`.
+
+use crate::abi::{self, PageRegion, PmScanArg, ProcmapQuery};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// An all-zero `page_region`; the scanner keeps unused output slots in this state.
+pub const EMPTY_REGION: PageRegion = PageRegion {
+    start: 0,
+    end: 0,
+    categories: 0,
+};
+
+/// Runs `PAGEMAP_SCAN` with `arg`, writing regions into `out`.
+///
+/// `arg.vec` and `arg.vec_len` are set here from `out`; every other field is the caller's. On
+/// return `arg.walk_end` holds where the walk stopped. Returns the number of regions filled.
+///
+/// On error the kernel may still have filled a prefix of `out` (it flushes its bounce buffer
+/// before returning `EPERM`); callers that need those entries must detect them themselves.
+pub fn scan(fd: BorrowedFd<'_>, arg: &mut PmScanArg, out: &mut [PageRegion]) -> io::Result<usize> {
+    arg.size = core::mem::size_of::<PmScanArg>() as u64;
+    arg.vec = out.as_mut_ptr() as u64;
+    arg.vec_len = out.len() as u64;
+    // SAFETY: `arg` is a valid pm_scan_arg; `arg.vec` points to `out`, which is writable for
+    // `arg.vec_len` page_region entries and outlives the call.
+    let ret = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            abi::PAGEMAP_SCAN as _,
+            arg as *mut PmScanArg,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// One VMA as `PROCMAP_QUERY` describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vma {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// `PROCMAP_QUERY_VMA_*` flags.
+    pub flags: u64,
+    /// Page size of the mapping (the huge page size for hugetlb).
+    pub page_size: u64,
+}
+
+/// Returns the VMA covering `addr`, or the next one above it, or `None` past the last VMA.
+///
+/// `maps` is an open `/proc/PID/maps`. Needs Linux 6.11 (`ENOTTY` before).
+pub fn query_vma(maps: BorrowedFd<'_>, addr: u64) -> io::Result<Option<Vma>> {
+    // COVERING_OR_NEXT_VMA = 16 in the kernel's enum procmap_query_flags.
+    const COVERING_OR_NEXT_VMA: u64 = 16;
+    // SAFETY: procmap_query is plain integers; all-zero is a valid value.
+    let mut q: ProcmapQuery = unsafe { core::mem::zeroed() };
+    q.size = core::mem::size_of::<ProcmapQuery>() as u64;
+    q.query_flags = COVERING_OR_NEXT_VMA;
+    q.query_addr = addr;
+    // SAFETY: `q` is a valid procmap_query with no name or build-id buffers requested
+    // (their sizes are zero), writable for the duration of the call.
+    let ret = unsafe { libc::ioctl(maps.as_raw_fd(), abi::PROCMAP_QUERY as _, &mut q) };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::ENOENT) {
+            Ok(None)
+        } else {
+            Err(err)
+        };
+    }
+    Ok(Some(Vma {
+        start: q.vma_start,
+        end: q.vma_end,
+        flags: q.vma_flags,
+        page_size: q.vma_page_size,
+    }))
+}

@@ -1,0 +1,122 @@
+use std::io;
+use std::path::PathBuf;
+
+/// Errors from setting up tracking.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Neither `userfaultfd(2)` nor `/dev/userfaultfd` gave an fd.
+    #[error("cannot create a userfaultfd")]
+    Create(#[source] io::Error),
+    /// The running kernel does not offer a feature the engine needs.
+    #[error("kernel lacks {feature} (needs {needs})")]
+    KernelLacks {
+        /// Feature name.
+        feature: &'static str,
+        /// What provides it.
+        needs: &'static str,
+    },
+    /// The `UFFDIO_API` handshake failed.
+    #[error("UFFDIO_API handshake failed")]
+    Api(#[source] io::Error),
+    /// A `/proc/PID` file could not be opened.
+    #[error("cannot open {path}")]
+    OpenProc {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Listing the target's mappings failed.
+    #[error("cannot list the mappings of the tracked process")]
+    QueryMaps(#[source] io::Error),
+    /// The range is empty or not aligned to the page size of its memory.
+    #[error("range {start:#x}..{end:#x} is empty or not aligned to {align} bytes")]
+    Unaligned {
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+        /// Required alignment.
+        align: u64,
+    },
+    /// The range overlaps a range already tracked.
+    #[error("range {start:#x}..{end:#x} overlaps tracked range {other_start:#x}..{other_end:#x}")]
+    Overlap {
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+        /// Start of the tracked range it overlaps.
+        other_start: u64,
+        /// End of the tracked range it overlaps.
+        other_end: u64,
+    },
+    /// Part of the range has no mapping.
+    #[error(
+        "range {start:#x}..{end:#x} is not fully mapped: nothing at {hole_start:#x}..{hole_end:#x}"
+    )]
+    NotMapped {
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+        /// First unmapped address.
+        hole_start: u64,
+        /// End of the unmapped part.
+        hole_end: u64,
+    },
+    /// The range is already registered with another userfaultfd.
+    #[error("range {start:#x}..{end:#x} is already registered with another userfaultfd")]
+    Busy {
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+    },
+    /// The kernel refused to register the range.
+    #[error("cannot register {start:#x}..{end:#x} for write-protect tracking")]
+    Register {
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The range is not (entirely) a tracked range.
+    #[error("range {start:#x}..{end:#x} is not tracked")]
+    NotTracked {
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+    },
+    /// The kernel refused to unregister the range.
+    #[error("cannot unregister {start:#x}..{end:#x}")]
+    Unregister {
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Write-protecting the range failed.
+    #[error("cannot write-protect {start:#x}..{end:#x}")]
+    Arm {
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The operation is not possible for this target.
+    #[error("{0}")]
+    Unsupported(&'static str),
+}

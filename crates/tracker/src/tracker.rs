@@ -1,0 +1,334 @@
+//! The set of registered ranges.
+
+use crate::{Error, Result, Target, Uffd};
+use precopy_sys::pagemap::{self, Vma};
+use std::io;
+use std::ops::Range;
+
+/// What memory backs a tracked range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryKind {
+    /// Private memory (anonymous, or a private file mapping).
+    Private,
+    /// Shared memory: memfd/shmem or a `MAP_SHARED` file.
+    Shared,
+    /// hugetlb: tracked and reported in whole huge pages.
+    Hugetlb,
+}
+
+/// What to do about transparent huge pages when registering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ThpPolicy {
+    /// Leave the range's THP policy alone (armed THPs still report at 4 KiB).
+    #[default]
+    Keep,
+    /// `MADV_NOHUGEPAGE` the range first, so no new THP forms in it (own process only).
+    Disable,
+}
+
+/// Options for [`Tracker::register_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RegisterOptions {
+    /// THP policy.
+    pub thp: ThpPolicy,
+}
+
+/// One registered range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackedRange {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// What backs it.
+    pub kind: MemoryKind,
+    /// The smallest unit the kernel reports for it: the base page, or the huge page for hugetlb.
+    pub granule: u64,
+}
+
+impl TrackedRange {
+    /// `start..end`.
+    pub fn range(&self) -> Range<u64> {
+        self.start..self.end
+    }
+}
+
+/// Registered ranges of one [`Uffd`], kept sorted and disjoint.
+#[derive(Debug)]
+pub struct Tracker {
+    uffd: Uffd,
+    ranges: Vec<TrackedRange>,
+    page_size: u64,
+}
+
+// PROCMAP_QUERY_VMA_SHARED and PROCMAP_QUERY_FILE_BACKED_VMA in the kernel's enum.
+const VMA_SHARED: u64 = 8;
+
+impl Tracker {
+    /// A tracker with no ranges.
+    pub fn new(uffd: Uffd) -> Tracker {
+        Tracker {
+            uffd,
+            ranges: Vec::new(),
+            page_size: precopy_sys::page_size(),
+        }
+    }
+
+    /// The userfaultfd and address space.
+    pub fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    /// The registered ranges, sorted by address.
+    pub fn ranges(&self) -> &[TrackedRange] {
+        &self.ranges
+    }
+
+    /// Total bytes tracked.
+    pub fn tracked_bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.end - r.start).sum()
+    }
+
+    /// The base page size.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// Registers `range` for async write-protect tracking with default options.
+    pub fn register(&mut self, range: Range<u64>) -> Result<&TrackedRange> {
+        self.register_with(range, RegisterOptions::default())
+    }
+
+    /// Registers `range`. It must be page-aligned (huge-page-aligned for hugetlb), fully mapped,
+    /// disjoint from tracked ranges and not registered with another userfaultfd. The range is not
+    /// armed yet: call [`Tracker::arm`] before the first round.
+    pub fn register_with(
+        &mut self,
+        range: Range<u64>,
+        opts: RegisterOptions,
+    ) -> Result<&TrackedRange> {
+        let Range { start, end } = range;
+        let unaligned = |align| Error::Unaligned { start, end, align };
+        if start >= end || start % self.page_size != 0 || end % self.page_size != 0 {
+            return Err(unaligned(self.page_size));
+        }
+        if let Some(other) = self.ranges.iter().find(|r| r.start < end && start < r.end) {
+            return Err(Error::Overlap {
+                start,
+                end,
+                other_start: other.start,
+                other_end: other.end,
+            });
+        }
+        let vmas = self.mappings(start..end)?;
+        if let Some(hole) = holes(start..end, &vmas).next() {
+            return Err(Error::NotMapped {
+                start,
+                end,
+                hole_start: hole.start,
+                hole_end: hole.end,
+            });
+        }
+        let granule = vmas
+            .iter()
+            .map(|v| v.page_size)
+            .max()
+            .unwrap_or(self.page_size);
+        if start % granule != 0 || end % granule != 0 {
+            return Err(unaligned(granule));
+        }
+        let kind = if granule > self.page_size {
+            MemoryKind::Hugetlb
+        } else if vmas.iter().any(|v| v.flags & VMA_SHARED != 0) {
+            MemoryKind::Shared
+        } else {
+            MemoryKind::Private
+        };
+        if opts.thp == ThpPolicy::Disable && kind != MemoryKind::Hugetlb {
+            if self.uffd.target() != Target::This {
+                return Err(Error::Unsupported(
+                    "THP can only be disabled for the calling process's own memory",
+                ));
+            }
+            precopy_sys::mem::set_thp(start, end - start, false)
+                .map_err(|source| Error::Register { start, end, source })?;
+        }
+        precopy_sys::uffd::register(
+            self.uffd.fd(),
+            start,
+            end - start,
+            precopy_sys::abi::UFFDIO_REGISTER_MODE_WP,
+        )
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EBUSY) => Error::Busy { start, end },
+            _ => Error::Register { start, end, source },
+        })?;
+        let at = self.ranges.partition_point(|r| r.start < start);
+        self.ranges.insert(
+            at,
+            TrackedRange {
+                start,
+                end,
+                kind,
+                granule,
+            },
+        );
+        tracing::debug!(start, end, ?kind, granule, "registered");
+        Ok(&self.ranges[at])
+    }
+
+    /// Stops tracking `range`, which must lie inside one tracked range (a part splits it).
+    pub fn unregister(&mut self, range: Range<u64>) -> Result<()> {
+        let Range { start, end } = range;
+        let idx = self
+            .ranges
+            .iter()
+            .position(|r| r.start <= start && end <= r.end && start < end)
+            .ok_or(Error::NotTracked { start, end })?;
+        let granule = self.ranges[idx].granule;
+        if start % granule != 0 || end % granule != 0 {
+            return Err(Error::Unaligned {
+                start,
+                end,
+                align: granule,
+            });
+        }
+        precopy_sys::uffd::unregister(self.uffd.fd(), start, end - start)
+            .map_err(|source| Error::Unregister { start, end, source })?;
+        let old = self.ranges.remove(idx);
+        let mut at = idx;
+        for part in [old.start..start, end..old.end] {
+            if !part.is_empty() {
+                self.ranges.insert(
+                    at,
+                    TrackedRange {
+                        start: part.start,
+                        end: part.end,
+                        ..old
+                    },
+                );
+                at += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write-protects every tracked range, populated or not, so the next round reports only
+    /// what is written from now on.
+    pub fn arm(&self) -> Result<()> {
+        for r in &self.ranges {
+            self.arm_range(r.range())?;
+        }
+        Ok(())
+    }
+
+    /// Write-protects `range` (inside tracked ranges): it reports clean until written again.
+    pub fn arm_range(&self, range: Range<u64>) -> Result<()> {
+        let Range { start, end } = range;
+        precopy_sys::uffd::writeprotect(self.uffd.fd(), start, end - start, true)
+            .map_err(|source| Error::Arm { start, end, source })
+    }
+
+    /// The mappings (VMAs) of the tracked process that intersect `range`, sorted.
+    pub fn mappings(&self, range: Range<u64>) -> Result<Vec<Vma>> {
+        let mut out = Vec::new();
+        self.mappings_into(range, &mut out)?;
+        Ok(out)
+    }
+
+    /// As [`Tracker::mappings`], into a reused vector (cleared first).
+    pub fn mappings_into(&self, range: Range<u64>, out: &mut Vec<Vma>) -> Result<()> {
+        out.clear();
+        let mut addr = range.start;
+        while addr < range.end {
+            match pagemap::query_vma(self.uffd.maps(), addr) {
+                Ok(Some(vma)) if vma.start < range.end => {
+                    addr = vma.end;
+                    out.push(vma);
+                }
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {
+                    return self.mappings_from_smaps(range, out);
+                }
+                Err(e) => return Err(Error::QueryMaps(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Fallback for kernels before 6.11 (no `PROCMAP_QUERY`): parse `/proc/PID/smaps`.
+    fn mappings_from_smaps(&self, range: Range<u64>, out: &mut Vec<Vma>) -> Result<()> {
+        let to_io = |e: procfs::ProcError| io::Error::other(e.to_string());
+        let process = procfs::process::Process::new(self.uffd.pid())
+            .map_err(|e| Error::QueryMaps(to_io(e)))?;
+        let maps = process.smaps().map_err(|e| Error::QueryMaps(to_io(e)))?;
+        out.clear();
+        for m in maps.iter() {
+            let (s, e) = m.address;
+            if e <= range.start || s >= range.end {
+                continue;
+            }
+            let shared = m.perms.contains(procfs::process::MMPermissions::SHARED);
+            let page_size = m
+                .extension
+                .map
+                .get("KernelPageSize")
+                .copied()
+                .unwrap_or(self.page_size);
+            out.push(Vma {
+                start: s,
+                end: e,
+                flags: if shared { VMA_SHARED } else { 0 },
+                page_size,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The parts of `range` that no VMA in `vmas` (sorted) covers.
+pub(crate) fn holes<'a>(
+    range: Range<u64>,
+    vmas: &'a [Vma],
+) -> impl Iterator<Item = Range<u64>> + 'a {
+    let mut cursor = range.start;
+    let end = range.end;
+    vmas.iter()
+        .map(|v| v.start..v.end)
+        .chain(std::iter::once(end..end))
+        .filter_map(move |v| {
+            let hole = cursor..v.start.min(end);
+            cursor = cursor.max(v.end);
+            (hole.start < hole.end).then_some(hole)
+        })
+}
+
+/// The parts of `range` with no mapping in the tracked process, given its VMAs (sorted).
+pub fn unmapped_parts(range: Range<u64>, vmas: &[Vma]) -> Vec<Range<u64>> {
+    holes(range, vmas).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vma(start: u64, end: u64) -> Vma {
+        Vma {
+            start,
+            end,
+            flags: 0,
+            page_size: 4096,
+        }
+    }
+
+    #[test]
+    fn holes_between_and_around_vmas() {
+        let vmas = [vma(0x2000, 0x3000), vma(0x5000, 0x8000)];
+        let got: Vec<_> = holes(0x1000..0x9000, &vmas).collect();
+        assert_eq!(got, vec![0x1000..0x2000, 0x3000..0x5000, 0x8000..0x9000]);
+        let none: Vec<_> = holes(0x2000..0x3000, &vmas).collect();
+        assert!(none.is_empty());
+        let all: Vec<_> = holes(0x1000..0x2000, &[]).collect();
+        assert_eq!(all, vec![0x1000..0x2000]);
+    }
+}
