@@ -4,6 +4,9 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod bench;
+mod demo;
+mod image;
 mod probe;
 
 #[derive(Debug, Parser)]
@@ -21,6 +24,12 @@ struct Cli {
 enum Command {
     /// Report what this kernel offers and self-test the semantics the engine relies on.
     Probe(probe::Args),
+    /// Live-migrate a writing source process to a destination process and verify the copy.
+    Demo(demo::Args),
+    /// Compare dirty-tracking backends: round cost, writer slowdown, accuracy.
+    Bench(bench::Args),
+    /// Inspect and verify checkpoint images.
+    Image(image::Args),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +43,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Probe(args) => probe::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Image(args) => image::run(args),
     };
     match result {
         Ok(code) => code,

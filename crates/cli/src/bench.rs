@@ -1,0 +1,11 @@
+//! `precopy bench` (being built; see the open issue).
+
+use anyhow::Result;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> Result<ExitCode> {
+    anyhow::bail!("`precopy bench` is not built yet")
+}
