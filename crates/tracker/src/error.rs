@@ -116,6 +116,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Handing a userfaultfd over from another process failed.
+    #[error("cannot obtain the userfaultfd from the tracked process")]
+    Handoff(#[source] io::Error),
     /// The operation is not possible for this target.
     #[error("{0}")]
     Unsupported(&'static str),

@@ -17,6 +17,7 @@
 //! written dirties 2 MiB (or 1 GiB), and [`TrackedRange::granule`] says so.
 
 mod error;
+pub mod handoff;
 mod tracker;
 mod uffd;
 
