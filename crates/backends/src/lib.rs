@@ -1,1 +1,371 @@
-//! precopy-backends
+//! Interchangeable dirty-page trackers behind one round interface, so they can be compared on the
+//! same memory in the same run (`precopy bench`) and so the engine can fall back on kernels that
+//! lack its own mechanism.
+//!
+//! | [`BackendKind`] | mechanism | collect-and-reset | first write after reset |
+//! |---|---|---|---|
+//! | `uffd-async` | userfaultfd async write-protect + `PAGEMAP_SCAN` (the engine's own, 6.7+) | one atomic scan-and-reprotect ioctl per chunk | a fault resolved in the kernel |
+//! | `soft-dirty` | `/proc/PID/clear_refs` "4" + pagemap bit 55 (or `PAGEMAP_SCAN` with `PAGE_IS_SOFT_DIRTY`) | read every entry, then clear the whole process | a minor fault in the kernel |
+//! | `mprotect` | `mprotect(PROT_READ)` + a `SIGSEGV` handler | re-protect each written run | a signal delivered to user space |
+//! | `uffd-sync` | userfaultfd synchronous write-protect, a handler thread (pre-6.7) | re-protect each written run | a round trip to the handler thread |
+//!
+//! Every backend reports a write in the collection after it, or (when the write races the
+//! collection) the one after that; none may ever miss one. `soft-dirty` has no atomic
+//! get-and-clear: writes between its read and its clear are lost, so its writers must be paused
+//! around [`Backend::collect`] ([`Backend::needs_quiescent_writers`]), as CRIU freezes its target.
+//!
+//! A backend that cannot prove it works is refused with an [`Unavailable`] reason, never used:
+//! [`available`] runs each one's self-test (cached per process), and [`choose_default`] picks the
+//! engine's backend where it passes, else soft-dirty, and says why.
+//!
+//! This crate never touches page contents and holds no `unsafe`: the raw pieces (signal handler,
+//! uffd message reads) live in `precopy_sys::track`.
+
+mod error;
+mod mprotect;
+mod soft_dirty;
+mod uffd_async;
+mod uffd_sync;
+
+pub use error::{Error, Unavailable};
+pub use mprotect::Mprotect;
+pub use soft_dirty::SoftDirty;
+pub use uffd_async::UffdAsync;
+pub use uffd_sync::UffdSync;
+
+use precopy_sys::mem::{Backing, Mapping, Thp};
+use serde::Serialize;
+use std::fmt;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// Result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The dirty-tracking mechanisms this crate offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// userfaultfd async write-protect + `PAGEMAP_SCAN`: the engine's own (Linux 6.7+).
+    UffdAsync,
+    /// Soft-dirty bits (`CONFIG_MEM_SOFT_DIRTY`): the baseline, and the fallback before 6.7.
+    SoftDirty,
+    /// `mprotect` + `SIGSEGV`: the classic user-space method, own process only.
+    Mprotect,
+    /// userfaultfd synchronous write-protect with a fault-handler thread (5.7+).
+    UffdSync,
+}
+
+impl BackendKind {
+    /// Every kind, in the order reports list them.
+    pub const ALL: [BackendKind; 4] = [
+        BackendKind::UffdAsync,
+        BackendKind::SoftDirty,
+        BackendKind::Mprotect,
+        BackendKind::UffdSync,
+    ];
+
+    /// The short name used on command lines and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::UffdAsync => "uffd-async",
+            BackendKind::SoftDirty => "soft-dirty",
+            BackendKind::Mprotect => "mprotect",
+            BackendKind::UffdSync => "uffd-sync",
+        }
+    }
+
+    /// The kind called `name` (as [`BackendKind::name`] spells it).
+    pub fn from_name(name: &str) -> Option<BackendKind> {
+        BackendKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// One line on the mechanism.
+    pub fn mechanism(self) -> &'static str {
+        match self {
+            BackendKind::UffdAsync => "userfaultfd async write-protect + PAGEMAP_SCAN (Linux 6.7+)",
+            BackendKind::SoftDirty => "clear_refs \"4\" + soft-dirty bit (CONFIG_MEM_SOFT_DIRTY)",
+            BackendKind::Mprotect => "mprotect(PROT_READ) + SIGSEGV handler",
+            BackendKind::UffdSync => "userfaultfd synchronous write-protect + handler thread",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Counters of one [`Backend::collect`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CollectStats {
+    /// Base pages reported written.
+    pub pages: u64,
+    /// Coalesced runs reported.
+    pub regions: u64,
+    /// System calls made (ioctls, preads, mprotects, writes to `clear_refs`).
+    pub syscalls: u64,
+}
+
+impl CollectStats {
+    fn count(out: &[Range<u64>], page: u64) -> CollectStats {
+        CollectStats {
+            pages: out.iter().map(|r| (r.end - r.start) / page).sum(),
+            regions: out.len() as u64,
+            syscalls: 0,
+        }
+    }
+}
+
+/// One dirty-tracking mechanism over ranges of the calling process's memory.
+///
+/// The life cycle is [`start`](Backend::start) (register and reset, so that the first collection
+/// reports only what is written afterwards), any number of [`collect`](Backend::collect)s, then
+/// [`stop`](Backend::stop) (also done on drop). Read reported pages' contents only after
+/// `collect` returns.
+pub trait Backend: Send + fmt::Debug {
+    /// Which mechanism this is.
+    fn kind(&self) -> BackendKind;
+
+    /// How it works on this kernel, e.g. which interface reads the soft-dirty bits.
+    fn method(&self) -> String;
+
+    /// Whether writers must be paused around [`Backend::collect`] for it to miss nothing.
+    fn needs_quiescent_writers(&self) -> bool {
+        false
+    }
+
+    /// Starts tracking `ranges` (page-aligned, mapped, disjoint) from a clean state.
+    fn start(&mut self, ranges: &[Range<u64>]) -> Result<()>;
+
+    /// Appends the page runs written since the last collection (or `start`) to `out`, sorted and
+    /// coalesced per range, and resets them to clean.
+    fn collect(&mut self, out: &mut Vec<Range<u64>>) -> Result<CollectStats>;
+
+    /// Stops tracking and releases what `start` set up. Harmless when not started.
+    fn stop(&mut self) -> Result<()>;
+}
+
+/// Builds a backend of `kind` after its prerequisite check, without the behavioural self-test.
+fn build(kind: BackendKind) -> Result<Box<dyn Backend>> {
+    Ok(match kind {
+        BackendKind::UffdAsync => Box::new(UffdAsync::new()?),
+        BackendKind::SoftDirty => Box::new(SoftDirty::new()?),
+        BackendKind::Mprotect => Box::new(Mprotect::new()),
+        BackendKind::UffdSync => Box::new(UffdSync::new()?),
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Runs `backend` over 16 fresh pages: an armed range must report nothing, two stores must be
+/// reported (extra pages are tolerated, missing ones are not), and a second collection must be
+/// clean again.
+fn behaviour_test(backend: &mut dyn Backend) -> std::result::Result<(), String> {
+    let page = precopy_sys::page_size();
+    let mem = Mapping::new(Backing::AnonPrivate, 16 * page, 0, Thp::NoHuge)
+        .map_err(|e| format!("cannot map test memory: {e}"))?;
+    mem.fill(0, 16 * page, 0x5a)
+        .map_err(|e| format!("cannot populate test memory: {e}"))?;
+    let base = mem.addr();
+    let pages = |v: &[Range<u64>]| -> Vec<u64> {
+        v.iter()
+            .flat_map(|r| (r.start..r.end).step_by(page as usize))
+            .filter(|a| (base..base + 16 * page).contains(a))
+            .map(|a| (a - base) / page)
+            .collect()
+    };
+    let run = |b: &mut dyn Backend| -> Result<(Vec<u64>, Vec<u64>, Vec<u64>)> {
+        b.start(&[mem.range()])?;
+        let mut out = Vec::new();
+        b.collect(&mut out)?;
+        let clean = pages(&out);
+        let io = |e| Error::Io {
+            backend: b.kind(),
+            what: "self-test write",
+            source: e,
+        };
+        mem.write_u64(3 * page + 8, 1).map_err(io)?;
+        mem.write_u64(12 * page, 2).map_err(io)?;
+        out.clear();
+        b.collect(&mut out)?;
+        let written = pages(&out);
+        out.clear();
+        b.collect(&mut out)?;
+        let again = pages(&out);
+        b.stop()?;
+        Ok((clean, written, again))
+    };
+    let (clean, written, again) = run(backend).map_err(|e| error_chain(&e))?;
+    let missed: Vec<u64> = [3, 12]
+        .into_iter()
+        .filter(|p| !written.contains(p))
+        .collect();
+    if !missed.is_empty() {
+        return Err(format!(
+            "self-test: wrote pages 3 and 12, collection reported {written:?} (missed {missed:?})"
+        ));
+    }
+    if !clean.is_empty() || !again.is_empty() {
+        return Err(format!(
+            "self-test: a clean range reported pages {clean:?} after start and {again:?} after a \
+             collection: resetting does not work"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `kind` works here: its prerequisites hold and its self-test passes. Cached per
+/// process.
+pub fn check(kind: BackendKind) -> std::result::Result<(), Unavailable> {
+    static VERDICTS: [OnceLock<std::result::Result<(), String>>; 4] =
+        [const { OnceLock::new() }; 4];
+    let idx = BackendKind::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or(0);
+    let verdict = VERDICTS[idx].get_or_init(|| {
+        let mut backend = build(kind).map_err(|e| match e {
+            Error::Unavailable(u) => u.reason,
+            other => error_chain(&other),
+        })?;
+        behaviour_test(backend.as_mut())
+    });
+    verdict
+        .clone()
+        .map_err(|reason| Unavailable { kind, reason })
+}
+
+/// Every backend with whether it works here, and why not.
+pub fn available() -> Vec<(BackendKind, std::result::Result<(), Unavailable>)> {
+    BackendKind::ALL
+        .into_iter()
+        .map(|k| (k, check(k)))
+        .collect()
+}
+
+/// A ready backend of `kind`, or why it cannot be used here.
+pub fn open(kind: BackendKind) -> Result<Box<dyn Backend>> {
+    check(kind)?;
+    build(kind)
+}
+
+/// The backend [`choose_default`] picked, and why.
+#[derive(Debug)]
+pub struct Chosen {
+    /// The backend, not yet started.
+    pub backend: Box<dyn Backend>,
+    /// One sentence for the user: what was picked, and why not the engine's own if it was not.
+    pub note: String,
+    /// The backends refused before it, with their reasons.
+    pub refused: Vec<Unavailable>,
+}
+
+/// Picks the engine's backend (uffd async WP + `PAGEMAP_SCAN`) where its self-test passes, else
+/// soft-dirty where it provably works (kernels before 6.7 built with soft-dirty), else fails
+/// listing why each was refused. The slower classic methods are never picked silently: callers
+/// may [`open`] them by name.
+pub fn choose_default() -> Result<Chosen> {
+    let mut refused = Vec::new();
+    for kind in [BackendKind::UffdAsync, BackendKind::SoftDirty] {
+        match check(kind) {
+            Ok(()) => {
+                let backend = build(kind)?;
+                let note = if refused.is_empty() {
+                    format!("using {kind}: {}", kind.mechanism())
+                } else {
+                    let why: Vec<String> = refused
+                        .iter()
+                        .map(|u: &Unavailable| u.to_string())
+                        .collect();
+                    format!(
+                        "using {kind} ({}) because {}; {kind} needs the writers paused around \
+                         each round",
+                        kind.mechanism(),
+                        why.join("; ")
+                    )
+                };
+                if !refused.is_empty() {
+                    tracing::warn!("{note}");
+                }
+                return Ok(Chosen {
+                    backend,
+                    note,
+                    refused,
+                });
+            }
+            Err(u) => refused.push(u),
+        }
+    }
+    Err(Error::NoBackend { refused })
+}
+
+/// Appends `addr..addr + len` to sorted `out`, merging with the last run when they touch, but
+/// never with runs from before `first`.
+pub(crate) fn push_run(out: &mut Vec<Range<u64>>, first: usize, addr: u64, len: u64) {
+    let extends = out.len() > first && out.last().is_some_and(|l| l.end == addr);
+    match out.last_mut() {
+        Some(last) if extends => last.end += len,
+        _ => out.push(addr..addr + len),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for k in BackendKind::ALL {
+            assert_eq!(BackendKind::from_name(k.name()), Some(k));
+        }
+        assert_eq!(BackendKind::from_name("nope"), None);
+    }
+
+    #[test]
+    fn available_lists_every_backend_with_a_reason_when_refused() {
+        let all = available();
+        assert_eq!(all.len(), BackendKind::ALL.len());
+        for (kind, verdict) in all {
+            match verdict {
+                Ok(()) => eprintln!("{kind}: available"),
+                Err(u) => {
+                    assert_eq!(u.kind, kind);
+                    assert!(!u.reason.is_empty());
+                    eprintln!("{kind}: unavailable: {}", u.reason);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn choose_default_picks_a_working_backend_or_explains() {
+        match choose_default() {
+            Ok(c) => {
+                assert!(check(c.backend.kind()).is_ok());
+                assert!(!c.note.is_empty());
+                if check(BackendKind::UffdAsync).is_ok() {
+                    assert_eq!(c.backend.kind(), BackendKind::UffdAsync);
+                } else {
+                    assert_eq!(c.backend.kind(), BackendKind::SoftDirty);
+                    assert!(c.note.contains("uffd-async"), "{}", c.note);
+                }
+            }
+            Err(Error::NoBackend { refused }) => {
+                assert_eq!(refused.len(), 2);
+                eprintln!("SKIP: no default backend works on this kernel: {refused:?}");
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+}

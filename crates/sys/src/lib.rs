@@ -12,6 +12,7 @@ pub mod abi;
 pub mod mem;
 pub mod pagemap;
 pub mod process;
+pub mod track;
 pub mod uffd;
 
 /// The base page size of this machine, in bytes.

@@ -1,0 +1,76 @@
+//! `mprotect` + `SIGSEGV`: the classic user-space method. The signal handler and its bitmap live
+//! in `precopy_sys::track`; this is the policy around them.
+
+use crate::{Backend, BackendKind, CollectStats, Error, Result};
+use precopy_sys::track::WriteFaultTracker;
+use std::ops::Range;
+
+/// `mprotect(PROT_READ)` + a `SIGSEGV` handler that records the page and makes it writable.
+///
+/// Own process only, one range per process at a time. Every written run costs one more VMA
+/// until it is re-protected: scattered writes can reach `vm.max_map_count`, and then the handler
+/// cannot make a page writable and aborts the process.
+#[derive(Debug, Default)]
+pub struct Mprotect {
+    tracker: Option<WriteFaultTracker>,
+}
+
+impl Mprotect {
+    /// A backend with nothing tracked.
+    pub fn new() -> Mprotect {
+        Mprotect::default()
+    }
+}
+
+impl Backend for Mprotect {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Mprotect
+    }
+
+    fn method(&self) -> String {
+        "mprotect(PROT_READ) + SA_SIGINFO SIGSEGV handler (atomic bitmap, chains to the previous handler)".into()
+    }
+
+    fn start(&mut self, ranges: &[Range<u64>]) -> Result<()> {
+        self.tracker = None;
+        let [range] = ranges else {
+            return Err(Error::Unsupported {
+                backend: BackendKind::Mprotect,
+                what: "the SIGSEGV handler serves exactly one range per process",
+            });
+        };
+        let map_err = |what| {
+            move |source| Error::Range {
+                backend: BackendKind::Mprotect,
+                what,
+                start: range.start,
+                end: range.end,
+                source,
+            }
+        };
+        let tracker = WriteFaultTracker::new(range.clone()).map_err(map_err("claim"))?;
+        tracker.protect_all().map_err(map_err("write-protect"))?;
+        self.tracker = Some(tracker);
+        Ok(())
+    }
+
+    fn collect(&mut self, out: &mut Vec<Range<u64>>) -> Result<CollectStats> {
+        let tracker = self.tracker.as_ref().ok_or(Error::NotStarted {
+            backend: BackendKind::Mprotect,
+        })?;
+        let first = out.len();
+        let calls = tracker.collect(out).map_err(|source| Error::Io {
+            backend: BackendKind::Mprotect,
+            what: "re-protect written pages",
+            source,
+        })?;
+        let mut stats = CollectStats::count(&out[first..], precopy_sys::page_size());
+        stats.syscalls = calls;
+        Ok(stats)
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.tracker = None;
+        Ok(())
+    }
+}

@@ -1,0 +1,318 @@
+//! userfaultfd synchronous write-protect: the method before Linux 6.7 (and before
+//! `UFFD_FEATURE_WP_ASYNC`). Every first write after a reset stops the writing thread until a
+//! handler thread reads the fault message, records the page and un-protects it (which wakes the
+//! writer). A collection swaps the recorded pages out and write-protects them again.
+//!
+//! The handler un-protects **first**, records **second** and wakes the writer **last**; a
+//! collection takes the records **first** and re-protects **second**. So a page is never left
+//! writable with no record, a store that has completed is already on record, and a write racing
+//! a collection is reported in it or in the next one.
+
+use crate::{Backend, BackendKind, CollectStats, Error, Result, Unavailable};
+use precopy_sys::{abi, track, uffd};
+use std::io;
+use std::ops::Range;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Above this many written runs a collection re-protects each whole range in one call instead
+/// of one call per run.
+const WHOLE_RANGE_ABOVE: usize = 8192;
+/// How long the handler thread sleeps in `poll` before it looks at the stop flag.
+const POLL_MS: i32 = 50;
+
+#[derive(Debug)]
+struct Tracked {
+    range: Range<u64>,
+    bits: Box<[AtomicU64]>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    fd: OwnedFd,
+    ranges: Vec<Tracked>,
+    page: u64,
+    stop: AtomicBool,
+    faults: AtomicU64,
+    error: Mutex<Option<io::Error>>,
+}
+
+impl Shared {
+    fn record(&self, addr: u64) {
+        let idx = self.ranges.partition_point(|t| t.range.end <= addr);
+        if let Some(t) = self.ranges.get(idx)
+            && t.range.start <= addr
+        {
+            let i = (addr - t.range.start) / self.page;
+            t.bits[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::AcqRel);
+        }
+    }
+
+    fn fail(&self, e: io::Error) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e);
+    }
+
+    /// The handler thread: resolve each write-protect fault and record its page.
+    fn serve(&self) {
+        let mut addrs = Vec::with_capacity(64);
+        while !self.stop.load(Ordering::Acquire) {
+            match track::poll_readable(self.fd.as_fd(), POLL_MS) {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
+            }
+            addrs.clear();
+            if let Err(e) = track::read_wp_faults(self.fd.as_fd(), &mut addrs) {
+                self.fail(e);
+                return;
+            }
+            for &addr in &addrs {
+                let page = addr & !(self.page - 1);
+                // Un-protect first, record second, wake the writer last: once its store
+                // completes, the page is on record for the next collection.
+                loop {
+                    match track::unprotect_no_wake(self.fd.as_fd(), page, self.page) {
+                        Ok(()) => break,
+                        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                        Err(e) => {
+                            self.fail(e);
+                            break;
+                        }
+                    }
+                }
+                self.record(page);
+                if let Err(e) = track::wake(self.fd.as_fd(), page, self.page) {
+                    self.fail(e);
+                }
+                self.faults.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Running {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Synchronous userfaultfd write-protect with a fault-handler thread.
+#[derive(Debug)]
+pub struct UffdSync {
+    unpopulated: bool,
+    running: Option<Running>,
+}
+
+impl UffdSync {
+    /// Checks that the kernel has userfaultfd write-protect (Linux 5.7+).
+    pub fn new() -> Result<UffdSync> {
+        let features = precopy_tracker::uffd_kernel_features().map_err(|e| {
+            Error::Unavailable(Unavailable {
+                kind: BackendKind::UffdSync,
+                reason: crate::error_chain(&e),
+            })
+        })?;
+        let wp = linux_wp_bit();
+        if features.bits() & wp == 0 {
+            return Err(Error::Unavailable(Unavailable {
+                kind: BackendKind::UffdSync,
+                reason: "kernel lacks userfaultfd write-protect (needs Linux 5.7+)".into(),
+            }));
+        }
+        Ok(UffdSync {
+            unpopulated: features.wp_unpopulated(),
+            running: None,
+        })
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        let Some(mut run) = self.running.take() else {
+            return Ok(());
+        };
+        let mut first_err = None;
+        // Unregistering drops the protection and wakes any writer still waiting on a fault.
+        for t in &run.shared.ranges {
+            let len = t.range.end - t.range.start;
+            if let Err(source) = uffd::unregister(run.shared.fd.as_fd(), t.range.start, len) {
+                first_err.get_or_insert(Error::Range {
+                    backend: BackendKind::UffdSync,
+                    what: "unregister",
+                    start: t.range.start,
+                    end: t.range.end,
+                    source,
+                });
+            }
+        }
+        run.shared.stop.store(true, Ordering::Release);
+        if let Some(h) = run.thread.take() {
+            let _ = h.join();
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// `UFFD_FEATURE_PAGEFAULT_FLAG_WP`: the kernel can report write-protect faults.
+fn linux_wp_bit() -> u64 {
+    1 << 0
+}
+
+impl Backend for UffdSync {
+    fn kind(&self) -> BackendKind {
+        BackendKind::UffdSync
+    }
+
+    fn method(&self) -> String {
+        format!(
+            "UFFDIO_REGISTER_MODE_WP without WP_ASYNC{}; handler thread un-protects each faulting page",
+            if self.unpopulated {
+                " (+ WP_UNPOPULATED)"
+            } else {
+                "; ranges populated with MADV_POPULATE_WRITE first"
+            }
+        )
+    }
+
+    fn start(&mut self, ranges: &[Range<u64>]) -> Result<()> {
+        self.shutdown()?;
+        let io_err = |what| {
+            move |source| Error::Io {
+                backend: BackendKind::UffdSync,
+                what,
+                source,
+            }
+        };
+        let page = precopy_sys::page_size();
+        let fd = uffd::create().map_err(io_err("create a userfaultfd"))?;
+        let want = if self.unpopulated {
+            abi::UFFD_FEATURE_WP_UNPOPULATED
+        } else {
+            0
+        };
+        uffd::api(fd.as_fd(), want).map_err(io_err("UFFDIO_API"))?;
+        let mut sorted = ranges.to_vec();
+        sorted.sort_by_key(|r| r.start);
+        let mut tracked = Vec::with_capacity(sorted.len());
+        for r in sorted {
+            if r.start >= r.end || r.start % page != 0 || r.end % page != 0 {
+                return Err(Error::Unsupported {
+                    backend: BackendKind::UffdSync,
+                    what: "ranges must be non-empty and page-aligned",
+                });
+            }
+            let len = r.end - r.start;
+            let range_err = |what| {
+                move |source| Error::Range {
+                    backend: BackendKind::UffdSync,
+                    what,
+                    start: r.start,
+                    end: r.end,
+                    source,
+                }
+            };
+            if !self.unpopulated {
+                track::populate_write(r.start, len).map_err(range_err("populate"))?;
+            }
+            uffd::register(fd.as_fd(), r.start, len, abi::UFFDIO_REGISTER_MODE_WP)
+                .map_err(range_err("register"))?;
+            uffd::writeprotect(fd.as_fd(), r.start, len, true)
+                .map_err(range_err("write-protect"))?;
+            let words = (len / page).div_ceil(64);
+            tracked.push(Tracked {
+                range: r,
+                bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            });
+        }
+        let shared = Arc::new(Shared {
+            fd,
+            ranges: tracked,
+            page,
+            stop: AtomicBool::new(false),
+            faults: AtomicU64::new(0),
+            error: Mutex::new(None),
+        });
+        let serve = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("uffd-sync-wp".into())
+            .spawn(move || serve.serve())
+            .map_err(io_err("spawn the fault-handler thread"))?;
+        self.running = Some(Running {
+            shared,
+            thread: Some(thread),
+        });
+        Ok(())
+    }
+
+    fn collect(&mut self, out: &mut Vec<Range<u64>>) -> Result<CollectStats> {
+        let run = self.running.as_ref().ok_or(Error::NotStarted {
+            backend: BackendKind::UffdSync,
+        })?;
+        let shared = &run.shared;
+        if let Some(source) = shared
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Err(Error::Io {
+                backend: BackendKind::UffdSync,
+                what: "the fault-handler thread",
+                source,
+            });
+        }
+        let page = shared.page;
+        let first = out.len();
+        let mut calls = 0;
+        for t in &shared.ranges {
+            let from = out.len();
+            // Take the records first, re-protect second.
+            for (i, w) in t.bits.iter().enumerate() {
+                let mut bits = w.swap(0, Ordering::AcqRel);
+                while bits != 0 {
+                    let b = bits.trailing_zeros() as u64;
+                    bits &= bits - 1;
+                    let addr = t.range.start + (i as u64 * 64 + b) * page;
+                    crate::push_run(out, from, addr, page);
+                }
+            }
+            let protect = |start: u64, end: u64| {
+                uffd::writeprotect(shared.fd.as_fd(), start, end - start, true).map_err(|source| {
+                    Error::Range {
+                        backend: BackendKind::UffdSync,
+                        what: "re-protect",
+                        start,
+                        end,
+                        source,
+                    }
+                })
+            };
+            if out.len() - from > WHOLE_RANGE_ABOVE {
+                protect(t.range.start, t.range.end)?;
+                calls += 1;
+            } else {
+                for r in &out[from..] {
+                    protect(r.start, r.end)?;
+                    calls += 1;
+                }
+            }
+        }
+        let mut stats = CollectStats::count(&out[first..], page);
+        stats.syscalls = calls;
+        Ok(stats)
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.shutdown()
+    }
+}
+
+impl Drop for UffdSync {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}

@@ -1,0 +1,478 @@
+//! Raw pieces of the two classic write-tracking methods that the engine is compared against:
+//! `mprotect` + `SIGSEGV` ([`WriteFaultTracker`]) and synchronous userfaultfd write-protect
+//! ([`read_wp_faults`], [`poll_readable`]), plus [`populate_write`].
+//!
+//! What this module owns: the process-wide `SIGSEGV` handler, the one tracked range it serves and
+//! that range's atomic dirty bitmap. What it must never do: decide policy (which ranges, when to
+//! collect) or interpret results; `precopy-backends` does that in safe Rust.
+//!
+//! # The SIGSEGV handler
+//! The handler is async-signal-safe: it touches only atomics and makes only the `mprotect`,
+//! `sigaction`, `write` and `abort` system calls. For a permission fault (`SEGV_ACCERR`) inside
+//! the tracked range it makes the page writable **first** and records it in the bitmap
+//! **second**. [`WriteFaultTracker::collect`] clears bits first and write-protects second. With
+//! both orders, a write racing a collection is reported in this collection or the next, never in
+//! neither (a page is never left writable with its bit clear). Any other fault is passed to the
+//! handler that was installed before (Rust's own stack-overflow handler, a sanitizer's, or the
+//! default action).
+
+use crate::abi;
+use crate::cvt;
+use std::fs;
+use std::io;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+// ---------------------------------------------------------------------------------------------
+// mprotect + SIGSEGV
+// ---------------------------------------------------------------------------------------------
+
+/// The tracked range served by the handler: `[START, END)`; `END == 0` means none.
+static START: AtomicU64 = AtomicU64::new(0);
+static END: AtomicU64 = AtomicU64::new(0);
+static PAGE_SHIFT: AtomicU64 = AtomicU64::new(12);
+/// The dirty bitmap of the tracked range (one bit per page), or null.
+static BITS: AtomicPtr<AtomicU64> = AtomicPtr::new(ptr::null_mut());
+/// Handlers currently reading `BITS`; the owner waits for 0 before freeing the bitmap.
+static IN_HANDLER: AtomicUsize = AtomicUsize::new(0);
+/// The `sigaction` that was installed before ours (leaked once, read by the handler).
+static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
+/// Serializes installation and the claim of the single tracking slot.
+static SLOT: Mutex<bool> = Mutex::new(false);
+
+fn invalid(msg: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+/// Writes `msg` to stderr and aborts: the only way out when a tracked page cannot be made
+/// writable again (the faulting write would otherwise loop forever).
+fn die(msg: &[u8]) -> ! {
+    // SAFETY: write(2) on fd 2 with a valid buffer; async-signal-safe.
+    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+    // SAFETY: abort has no preconditions; async-signal-safe.
+    unsafe { libc::abort() }
+}
+
+/// Passes a fault we do not own to the previous handler, or restores the default action so the
+/// faulting instruction, re-executed on return, ends the process the way it would have.
+///
+/// # Safety
+/// Called only from the SIGSEGV handler with the arguments the kernel passed to it.
+unsafe fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let prev = PREVIOUS.load(Ordering::Acquire);
+    // SAFETY: PREVIOUS is null or points to a leaked, never-freed sigaction written before our
+    // handler was installed.
+    let prev = unsafe { prev.as_ref() };
+    let Some(prev) = prev else {
+        reset_default(sig);
+        return;
+    };
+    let handler = prev.sa_sigaction;
+    if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+        // A SIGSEGV from a fault cannot be ignored: re-faulting with the default action is what
+        // would have happened without us.
+        reset_default(sig);
+    } else if prev.sa_flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: with SA_SIGINFO the installed value is a three-argument handler.
+        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            unsafe { std::mem::transmute(handler) };
+        f(sig, info, ctx);
+    } else {
+        // SAFETY: without SA_SIGINFO the installed value is a one-argument handler.
+        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
+        f(sig);
+    }
+}
+
+fn reset_default(sig: libc::c_int) {
+    // SAFETY: an all-zero sigaction is valid (no flags, empty mask); SIG_DFL is set below.
+    let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
+    dfl.sa_sigaction = libc::SIG_DFL;
+    // SAFETY: `dfl` is a valid sigaction; sigaction(2) is async-signal-safe.
+    unsafe { libc::sigaction(sig, &dfl, ptr::null_mut()) };
+}
+
+/// `si_code` of a fault on a mapped page without the needed permission (asm-generic siginfo.h).
+const SEGV_ACCERR: libc::c_int = 2;
+
+extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // Announce ourselves before loading BITS (SeqCst pairs with the owner's store-then-check
+    // in `Drop`).
+    IN_HANDLER.fetch_add(1, Ordering::SeqCst);
+    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
+    let info_ref = unsafe { &*info };
+    let code = info_ref.si_code;
+    // SAFETY: si_addr is the meaningful union member for SIGSEGV.
+    let addr = unsafe { info_ref.si_addr() } as u64;
+    let start = START.load(Ordering::Acquire);
+    let end = END.load(Ordering::Acquire);
+    let bits = BITS.load(Ordering::SeqCst);
+    if code == SEGV_ACCERR && !bits.is_null() && start <= addr && addr < end {
+        let shift = PAGE_SHIFT.load(Ordering::Relaxed);
+        let index = (addr - start) >> shift;
+        let page = start + (index << shift);
+        // Writable first, recorded second: see the module docs on races with `collect`.
+        // SAFETY: the page lies in the tracked range, which `WriteFaultTracker::new` checked is
+        // a read-write, non-executable mapping; restoring read-write changes no contents.
+        let ret = unsafe {
+            libc::mprotect(
+                page as *mut libc::c_void,
+                1 << shift,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        if ret != 0 {
+            die(b"precopy: mprotect in the SIGSEGV write tracker failed (vm.max_map_count?)\n");
+        }
+        // SAFETY: `bits` stays allocated while IN_HANDLER > 0 (the owner waits), and `index`
+        // is below the range's page count, the bitmap's length in bits.
+        let word_ptr = unsafe { bits.add((index / 64) as usize) };
+        // SAFETY: `word_ptr` points to a live, initialized AtomicU64 of the bitmap (see above).
+        let word = unsafe { &*word_ptr };
+        word.fetch_or(1 << (index % 64), Ordering::AcqRel);
+        IN_HANDLER.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    IN_HANDLER.fetch_sub(1, Ordering::AcqRel);
+    // SAFETY: forwarding the kernel's own arguments from inside the handler.
+    unsafe { chain(sig, info, ctx) };
+}
+
+fn install_handler() -> io::Result<()> {
+    // SAFETY: an all-zero sigaction is valid; every field we rely on is set below.
+    let mut new: libc::sigaction = unsafe { std::mem::zeroed() };
+    new.sa_sigaction = on_segv as *const () as usize;
+    new.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+    // SAFETY: `new.sa_mask` is a valid sigset_t to initialize.
+    unsafe { libc::sigemptyset(&mut new.sa_mask) };
+    let old = Box::into_raw(Box::new(new));
+    // SAFETY: `new` is valid and `old` points to writable storage for the previous action.
+    let ret = unsafe { libc::sigaction(libc::SIGSEGV, &new, old) };
+    if ret != 0 {
+        let err = io::Error::last_os_error();
+        // SAFETY: `old` came from Box::into_raw above and was not published.
+        drop(unsafe { Box::from_raw(old) });
+        return Err(err);
+    }
+    PREVIOUS.store(old, Ordering::Release);
+    Ok(())
+}
+
+/// Whether every byte of `range` is mapped readable and writable and not executable, per
+/// `/proc/self/maps`.
+fn mapped_rw(range: &Range<u64>) -> io::Result<bool> {
+    let maps = fs::read_to_string("/proc/self/maps")?;
+    let mut cursor = range.start;
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(span), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Some((a, b)) = span.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        if b <= cursor {
+            continue;
+        }
+        // The lines are sorted: a mapping starting above the cursor leaves a hole at it.
+        let p = perms.as_bytes();
+        if a > cursor || p.len() < 3 || p[0] != b'r' || p[1] != b'w' || p[2] == b'x' {
+            return Ok(false);
+        }
+        cursor = b;
+        if cursor >= range.end {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// `mprotect` + `SIGSEGV` write tracking of one range of the calling process.
+///
+/// Only one exists per process at a time (the signal handler serves a single range). The range
+/// must stay mapped while tracked; on drop it is made read-write again. While protected, system
+/// calls that write into the range (e.g. `read(2)`) fail with `EFAULT` instead of faulting: this
+/// method only sees user-space stores.
+#[derive(Debug)]
+pub struct WriteFaultTracker {
+    range: Range<u64>,
+    shift: u32,
+    bits: Box<[AtomicU64]>,
+}
+
+impl WriteFaultTracker {
+    /// Claims the process's tracking slot for `range` (page-aligned, mapped read-write and not
+    /// executable) and installs the handler on first use. Nothing is protected yet: call
+    /// [`WriteFaultTracker::protect_all`].
+    pub fn new(range: Range<u64>) -> io::Result<WriteFaultTracker> {
+        let page = crate::page_size();
+        if range.start >= range.end || range.start % page != 0 || range.end % page != 0 {
+            return Err(invalid("range must be non-empty and page-aligned"));
+        }
+        if !mapped_rw(&range)? {
+            return Err(invalid(
+                "range must be fully mapped read-write and not executable",
+            ));
+        }
+        let mut claimed = SLOT.lock().unwrap_or_else(|e| e.into_inner());
+        if !BITS.load(Ordering::Acquire).is_null() {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "another mprotect write tracker is active in this process",
+            ));
+        }
+        if !*claimed {
+            install_handler()?;
+            *claimed = true;
+        }
+        let pages = (range.end - range.start) / page;
+        let bits: Box<[AtomicU64]> = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let shift = page.trailing_zeros();
+        PAGE_SHIFT.store(shift as u64, Ordering::Relaxed);
+        START.store(range.start, Ordering::Release);
+        END.store(range.end, Ordering::Release);
+        BITS.store(bits.as_ptr() as *mut AtomicU64, Ordering::Release);
+        Ok(WriteFaultTracker { range, shift, bits })
+    }
+
+    /// The tracked range.
+    pub fn range(&self) -> Range<u64> {
+        self.range.clone()
+    }
+
+    fn protect(&self, start: u64, len: u64, prot: libc::c_int) -> io::Result<()> {
+        debug_assert!(start >= self.range.start && start + len <= self.range.end);
+        // SAFETY: `start..start+len` lies in the tracked range, checked at construction to be
+        // a read-write, non-executable mapping. Dropping write permission cannot invalidate
+        // memory safety: a store then faults and our handler makes the page writable again.
+        cvt(unsafe { libc::mprotect(start as *mut libc::c_void, len as usize, prot) })?;
+        Ok(())
+    }
+
+    /// Clears the bitmap and write-protects the whole range: the next [`collect`] reports only
+    /// pages stored to from now on.
+    ///
+    /// [`collect`]: WriteFaultTracker::collect
+    pub fn protect_all(&self) -> io::Result<()> {
+        for w in self.bits.iter() {
+            w.store(0, Ordering::Release);
+        }
+        self.protect(
+            self.range.start,
+            self.range.end - self.range.start,
+            libc::PROT_READ,
+        )
+    }
+
+    /// Appends the runs of pages stored to since the last collection (coalesced, in order) to
+    /// `out`, write-protecting each again. Returns the number of `mprotect` calls made.
+    pub fn collect(&self, out: &mut Vec<Range<u64>>) -> io::Result<u64> {
+        let page = 1u64 << self.shift;
+        let first = out.len();
+        for (i, w) in self.bits.iter().enumerate() {
+            // Bits first, protection second: see the module docs.
+            let mut bits = w.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                let addr = self.range.start + (i as u64 * 64 + b) * page;
+                let extends = out.len() > first && out.last().is_some_and(|l| l.end == addr);
+                match out.last_mut() {
+                    Some(last) if extends => last.end += page,
+                    _ => out.push(addr..addr + page),
+                }
+            }
+        }
+        let mut calls = 0;
+        for r in &out[first..] {
+            self.protect(r.start, r.end - r.start, libc::PROT_READ)?;
+            calls += 1;
+        }
+        Ok(calls)
+    }
+}
+
+impl Drop for WriteFaultTracker {
+    fn drop(&mut self) {
+        let _ = self.protect(
+            self.range.start,
+            self.range.end - self.range.start,
+            libc::PROT_READ | libc::PROT_WRITE,
+        );
+        let _guard = SLOT.lock().unwrap_or_else(|e| e.into_inner());
+        END.store(0, Ordering::Release);
+        BITS.store(ptr::null_mut(), Ordering::SeqCst);
+        // A handler that loaded the old pointer has incremented IN_HANDLER before loading it;
+        // wait until every such handler is done before the bitmap is freed with `self`.
+        while IN_HANDLER.load(Ordering::SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Synchronous userfaultfd write-protect
+// ---------------------------------------------------------------------------------------------
+
+const MSG_SIZE: usize = core::mem::size_of::<linux_raw_sys::general::uffd_msg>();
+const _: () = assert!(MSG_SIZE == 32);
+const EVENT_PAGEFAULT: u8 = linux_raw_sys::general::UFFD_EVENT_PAGEFAULT as u8;
+const PAGEFAULT_FLAG_WP: u64 = linux_raw_sys::general::UFFD_PAGEFAULT_FLAG_WP as u64;
+const _: () = assert!(EVENT_PAGEFAULT == 0x12);
+const _: () = assert!(abi::UFFDIO_WRITEPROTECT_MODE_WP == 1);
+
+/// Reads the pending messages of a non-blocking userfaultfd and appends the address of each
+/// write-protect fault to `out`. Returns the number of messages read (0 when none was pending).
+/// Other events (none are enabled by the callers of this module) are read and dropped.
+pub fn read_wp_faults(fd: BorrowedFd<'_>, out: &mut Vec<u64>) -> io::Result<usize> {
+    let mut buf = [0u8; MSG_SIZE * 64];
+    // SAFETY: `buf` is writable for its whole length for the duration of the call.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        return match err.kind() {
+            io::ErrorKind::WouldBlock => Ok(0),
+            _ => Err(err),
+        };
+    }
+    let msgs = n as usize / MSG_SIZE;
+    for m in buf[..msgs * MSG_SIZE].chunks_exact(MSG_SIZE) {
+        // struct uffd_msg (packed): event u8 at 0; pagefault.flags u64 at 8, .address at 16.
+        let word = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&m[at..at + 8]);
+            u64::from_ne_bytes(b)
+        };
+        if m[0] == EVENT_PAGEFAULT && word(8) & PAGEFAULT_FLAG_WP != 0 {
+            out.push(word(16));
+        }
+    }
+    Ok(msgs)
+}
+
+/// `UFFDIO_WAKE` = `_IOR(0xAA, 0x02, struct uffdio_range)`.
+const UFFDIO_WAKE: u32 = linux_raw_sys::ioctl::UFFDIO_WAKE;
+/// `UFFDIO_WRITEPROTECT` mode bit: do not wake the threads waiting on the range.
+const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(UFFDIO_WAKE == 0x8010_AA02);
+
+/// Removes write protection from `[start, start + len)` **without** waking the threads that
+/// faulted on it, so the caller can record the fault before the writer goes on; then call
+/// [`wake`].
+pub fn unprotect_no_wake(fd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+    let mut arg = abi::UffdioWriteprotect {
+        range: abi::UffdioRange { start, len },
+        mode: UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+    };
+    // SAFETY: `arg` is a valid uffdio_writeprotect for the duration of the call.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), abi::UFFDIO_WRITEPROTECT as _, &mut arg) })?;
+    Ok(())
+}
+
+/// Wakes the threads waiting on a userfaultfd fault in `[start, start + len)`.
+pub fn wake(fd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+    let mut arg = abi::UffdioRange { start, len };
+    // SAFETY: `arg` is a valid uffdio_range for the duration of the call.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_WAKE as _, &mut arg) })?;
+    Ok(())
+}
+
+/// Waits up to `timeout_ms` for `fd` to become readable; returns whether it is.
+pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+    let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(err);
+    }
+    Ok(ret > 0 && pfd.revents & libc::POLLIN != 0)
+}
+
+/// `MADV_POPULATE_WRITE` (Linux 5.14+) on a page-aligned range of the calling process: every page
+/// gets a writable page-table entry, contents unchanged. Synchronous write-protect on kernels
+/// without `UFFD_FEATURE_WP_UNPOPULATED` cannot protect a page that is not populated.
+pub fn populate_write(start: u64, len: u64) -> io::Result<()> {
+    // SAFETY: MADV_POPULATE_WRITE only faults pages in (breaking copy-on-write where needed)
+    // and never changes what the memory reads as; the kernel rejects unmapped or read-only
+    // ranges with an error.
+    cvt(unsafe {
+        libc::madvise(
+            start as *mut libc::c_void,
+            len as usize,
+            libc::MADV_POPULATE_WRITE,
+        )
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::Mapping;
+
+    /// The tracker is one per process: tests that create one take turns.
+    static TURN: Mutex<()> = Mutex::new(());
+
+    #[test]
+    fn segv_tracker_records_stores_and_restores_on_drop() {
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let page = crate::page_size();
+        let mem = Mapping::anonymous(8 * page).unwrap();
+        mem.fill(0, 8 * page, 7).unwrap();
+        let t = WriteFaultTracker::new(mem.range()).unwrap();
+        assert!(
+            WriteFaultTracker::new(mem.range()).is_err(),
+            "one slot only"
+        );
+        t.protect_all().unwrap();
+        let mut out = Vec::new();
+        t.collect(&mut out).unwrap();
+        assert!(out.is_empty());
+        mem.write_u64(2 * page, 1).unwrap();
+        mem.write_u64(3 * page + 8, 1).unwrap();
+        mem.write_u64(6 * page, 1).unwrap();
+        assert_eq!(mem.read_u64(5 * page).unwrap(), 0x0707_0707_0707_0707);
+        t.collect(&mut out).unwrap();
+        let b = mem.addr();
+        assert_eq!(
+            out,
+            vec![b + 2 * page..b + 4 * page, b + 6 * page..b + 7 * page]
+        );
+        out.clear();
+        t.collect(&mut out).unwrap();
+        assert!(out.is_empty(), "collection resets");
+        mem.write_u64(6 * page, 2).unwrap();
+        t.collect(&mut out).unwrap();
+        assert_eq!(out, vec![b + 6 * page..b + 7 * page]);
+        drop(t);
+        mem.write_u64(0, 3).unwrap();
+        assert_eq!(mem.read_u64(0).unwrap(), 3);
+    }
+
+    #[test]
+    fn segv_tracker_refuses_unmapped_or_readonly() {
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let page = crate::page_size();
+        let mut mem = Mapping::anonymous(4 * page).unwrap();
+        mem.protect(0, page, crate::mem::Protection::Read).unwrap();
+        assert!(WriteFaultTracker::new(mem.range()).is_err());
+        mem.unmap(0, page).unwrap();
+        assert!(WriteFaultTracker::new(mem.addr()..mem.addr() + 2 * page).is_err());
+        assert!(WriteFaultTracker::new(mem.addr() + page..mem.addr() + 3 * page).is_ok());
+    }
+}
