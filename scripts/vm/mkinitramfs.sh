@@ -3,14 +3,16 @@
 # (softdirty-check.c, compiled statically), optionally a static `precopy` binary, and the job list.
 #
 #   scripts/vm/mkinitramfs.sh --out FILE --jobs FILE [--binary PATH] [--thp MODE] [--thp-defrag MODE]
-#                             [--hugepages N]
+#                             [--hugepages N] [--extra PATH ...]
 #
+# --extra PATH: another static executable, installed as /bin/$(basename PATH) (repeatable), e.g. a
+# `cargo test --no-run` binary to run the backends' accuracy tests inside the guest.
 # --jobs FILE: lines "NAME<TAB>COMMAND", run in order by the guest; the binary is at /bin/precopy.
 set -euo pipefail
 # shellcheck source=scripts/vm/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-out='' jobs='' binary='' thp='' thp_defrag='' hugepages=''
+out='' jobs='' binary='' thp='' thp_defrag='' hugepages='' extras=()
 while (($#)); do
     case $1 in
         --out) out=$2; shift 2 ;;
@@ -19,6 +21,7 @@ while (($#)); do
         --thp) thp=$2; shift 2 ;;
         --thp-defrag) thp_defrag=$2; shift 2 ;;
         --hugepages) hugepages=$2; shift 2 ;;
+        --extra) extras+=("$2"); shift 2 ;;
         *) die "mkinitramfs.sh: unknown argument $1" ;;
     esac
 done
@@ -44,6 +47,12 @@ if [[ -n $binary ]]; then
     strip --strip-debug -o "$stage/bin/precopy" "$binary" 2>/dev/null || cp "$binary" "$stage/bin/precopy"
     chmod 0755 "$stage/bin/precopy"
 fi
+for x in "${extras[@]+"${extras[@]}"}"; do
+    [[ -x $x ]] || die "extra $x is not an executable file"
+    is_static "$x" || die "extra $x is dynamically linked; the guest has no libc (build with +crt-static)"
+    strip --strip-debug -o "$stage/bin/$(basename "$x")" "$x" 2>/dev/null || cp "$x" "$stage/bin/"
+    chmod 0755 "$stage/bin/$(basename "$x")"
+done
 cp "$jobs" "$stage/etc/precopy-vm.jobs"
 printf 'THP=%q\nTHP_DEFRAG=%q\nHUGEPAGES=%q\n' "$thp" "$thp_defrag" "$hugepages" >"$stage/etc/precopy-vm.conf"
 mkdir -p "$(dirname "$out")"

@@ -30,6 +30,12 @@ enum Command {
     Bench(bench::Args),
     /// Inspect and verify checkpoint images.
     Image(image::Args),
+    /// The demo's source process (started by `precopy demo`).
+    #[command(name = "__demo-source", hide = true)]
+    DemoSource(demo::SourceArgs),
+    /// The demo's destination process (started by `precopy demo`).
+    #[command(name = "__demo-dest", hide = true)]
+    DemoDest(demo::DestArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +52,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Image(args) => image::run(args),
+        Command::DemoSource(args) => demo::run_source(args),
+        Command::DemoDest(args) => demo::run_dest(args),
     };
     match result {
         Ok(code) => code,

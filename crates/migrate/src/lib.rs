@@ -1,1 +1,98 @@
-//! precopy-migrate
+//! Live migration by pre-copy: send all memory while the source keeps running, then keep sending
+//! what it wrote meanwhile, round after round, until the rest fits in a short pause.
+//!
+//! This crate owns the *decisions* of a migration — when to iterate, when to switch over, when
+//! and how hard to throttle, and what to report — and nothing about how pages are found or how
+//! bytes travel. It talks to three seams (see [`control`]):
+//!
+//! * a [`DirtyLog`] says which memory exists and which pages were written since the last call
+//!   ([`UffdDirtyLog`] adapts `precopy-tracker` + `precopy-scanner`);
+//! * a [`Transport`] sends one round of ranges and, at the end, the memory checksum, returning
+//!   only once the receiver acknowledged it ([`TransferTransport`] adapts a `precopy-transfer`
+//!   [`Transfer`](precopy_transfer::Transfer), over a socket or into memory);
+//! * a [`Workload`] pauses, resumes and throttles whatever writes the memory ([`Callbacks`] for an
+//!   embedder such as a VMM, [`ProcessControl`] for another process).
+//!
+//! # The rounds
+//!
+//! ```text
+//!  arm tracking ─► round 0: send all memory ─► scan ─┬─ expected downtime ≤ max ─► final round
+//!                                         ▲          ├─ round or time limit ─► policy: final | abort
+//!                                         └─ send ◄──┘  (else; maybe raise the throttle)
+//!  final round: pause ─► scan ─► send pending + scan ─► checksum ─► receiver's ack ─► resume | stay stopped
+//! ```
+//!
+//! Round 0 sends every page of [`DirtyLog::memory`]. Every later round sends the pages the
+//! previous scan found. A scan runs *before* the pages it reports are read, so a write that races
+//! a round is caught by the next scan, never lost (the tracker's guarantee).
+//!
+//! # Switch-over rule
+//!
+//! After each scan the driver knows the bytes still pending (what the scan found) and the
+//! **memory throughput**: memory bytes a round delivered (pages with contents plus zero pages,
+//! times the page size — so compression and zero pages count as the speed they give) divided by
+//! its duration. It takes the last round's throughput when that round moved at least 4 MiB,
+//! otherwise the average over all rounds so far: small rounds are dominated by latency. The
+//! expected downtime is `pending / throughput`; when it is at most
+//! [`MigrationConfig::max_downtime`] the driver switches over. This is QEMU's rule ("pending
+//! bytes < bandwidth × downtime limit") and Cloud Hypervisor's.
+//!
+//! Two limits bound the iteration, each with a [`LimitPolicy`]:
+//!
+//! * [`MigrationConfig::max_rounds`] iterative rounds (default 30, policy
+//!   [`LimitPolicy::SwitchOver`]: a longer pause is better than no migration);
+//! * [`MigrationConfig::timeout`], measured from the start (default none, policy
+//!   [`LimitPolicy::Abort`]: a migration that runs too long is usually a sign to retry later).
+//!
+//! `SwitchOver` goes to the final round at once, whatever the expected downtime. `Abort` stops
+//! cleanly: the throttle is lifted, the workload keeps running, the transport is dropped without
+//! finishing (a receiver then sees a truncated stream and never reports success) and
+//! [`Error::Aborted`] is returned. The report says which rule ended the iteration
+//! ([`SwitchReason`]).
+//!
+//! # Auto-converge
+//!
+//! A workload that writes faster than the link carries never converges. When the dirty rate of a
+//! scan (bytes found ÷ time since the previous scan) is at least
+//! [`ThrottleConfig::trigger_ratio`] × the throughput for [`ThrottleConfig::trigger_rounds`]
+//! scans in a row, the driver raises the throttle: first to [`ThrottleConfig::initial`], then by
+//! [`ThrottleConfig::increment`] each time the condition holds again, up to
+//! [`ThrottleConfig::max`] (QEMU's defaults: 20 %, +10 %, 99 %). The default trigger ratio is
+//! 0.5, QEMU's `throttle-trigger-threshold`: a round that finds at least half as many bytes
+//! dirty as the link carried in the same time is making too little progress. (A ratio of 1.0
+//! would never fire once the workload dirties all of a small memory: the dirty bytes per interval
+//! are then capped by the memory size.) The throttle is the fraction of
+//! its CPU time the workload is denied; [`Workload::set_throttle`] applies it — a vCPU sleep
+//! for an embedder, a CFS quota in a cgroup v1 `cpu` hierarchy or a SIGSTOP/SIGCONT duty cycle
+//! for a process (see [`ProcessControl`]). It is lifted when the migration ends, however it ends.
+//!
+//! # The final round and downtime
+//!
+//! The driver pauses the workload, scans, sends the pages of the last iterative scan together
+//! with the new ones as one round, computes the source's whole-memory checksum, and waits for the
+//! receiver to acknowledge it (the receiver compares it with its own memory). **Downtime** is the
+//! time from the pause to that acknowledgement; the report splits it into pause, scan, send and
+//! checksum + ack. Then the workload is resumed or left stopped ([`AfterMigration`]). If
+//! anything fails after the pause, the workload is resumed before the error is returned: a failed
+//! migration leaves the source running, never stopped and never half-migrated.
+
+pub mod control;
+mod driver;
+mod error;
+pub mod process;
+mod report;
+mod transfer;
+mod uffd;
+
+pub use control::{BoxError, Callbacks, DirtyLog, RoundSent, Transport, Workload};
+pub use driver::{
+    AfterMigration, LimitPolicy, Migration, MigrationConfig, Phase, Progress, ThrottleConfig,
+};
+pub use error::{AbortReason, Error};
+pub use process::{PauseMethod, ProcessControl, ThrottleMethod};
+pub use report::{FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason};
+pub use transfer::TransferTransport;
+pub use uffd::{UffdDirtyLog, adopt_process_uffd};
+
+/// Result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

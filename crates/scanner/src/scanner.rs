@@ -104,13 +104,22 @@ impl Scanner {
             self.round_parallel(tracker)?;
         }
         let round = &mut self.round;
-        for w in &self.workers {
-            for r in &w.dirty {
-                push_coalesced(&mut round.dirty, r.clone());
+        if let [w] = self.workers.as_mut_slice() {
+            // One worker: its output is already sorted and coalesced. Hand its vectors over
+            // (the round's cleared ones go back to it) instead of copying every region.
+            std::mem::swap(&mut round.dirty, &mut w.dirty);
+            std::mem::swap(&mut round.untracked, &mut w.untracked);
+            round.stats.pages = w.pages;
+            round.stats.ioctls = w.ioctls;
+        } else {
+            for w in &self.workers {
+                for r in &w.dirty {
+                    push_coalesced(&mut round.dirty, r.clone());
+                }
+                round.untracked.extend(w.untracked.iter().cloned());
+                round.stats.pages += w.pages;
+                round.stats.ioctls += w.ioctls;
             }
-            round.untracked.extend(w.untracked.iter().cloned());
-            round.stats.pages += w.pages;
-            round.stats.ioctls += w.ioctls;
         }
         round.untracked.sort_by_key(|u| u.range.start);
         round.stats.regions = round.dirty.len() as u64;
@@ -169,28 +178,29 @@ impl Scanner {
                 }
             }
         }
+        let scan = |w: &mut Worker, spans: &[(Range<u64>, u64)]| -> Result<()> {
+            let mut budget = None;
+            for (span, granule) in spans {
+                w.scan_span(tracker, span.clone(), *granule, &mut budget)?;
+            }
+            Ok(())
+        };
+        let Some((first, rest)) = self.workers.split_first_mut() else {
+            return Err(Error::InvalidOptions("threads must be at least 1"));
+        };
         let results: Vec<Result<()>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .workers
+            // The calling thread takes the first share: one thread fewer to start per round.
+            let handles: Vec<_> = rest
                 .iter_mut()
-                .zip(&self.spans)
-                .map(|(w, spans)| {
-                    scope.spawn(move || {
-                        let mut budget = None;
-                        for (span, granule) in spans {
-                            w.scan_span(tracker, span.clone(), *granule, &mut budget)?;
-                        }
-                        Ok(())
-                    })
-                })
+                .zip(&self.spans[1..])
+                .map(|(w, spans)| scope.spawn(move || scan(w, spans)))
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or(Err(Error::InvalidOptions("scan thread panicked")))
-                })
-                .collect()
+            let mut results = vec![scan(first, &self.spans[0])];
+            results.extend(handles.into_iter().map(|h| {
+                h.join()
+                    .unwrap_or(Err(Error::InvalidOptions("scan thread panicked")))
+            }));
+            results
         });
         results.into_iter().collect::<Result<()>>()?;
         self.round.complete = true;

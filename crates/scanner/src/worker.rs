@@ -72,12 +72,14 @@ impl Worker {
 
     /// Moves the first `n` kernel-filled entries to `dirty`, zeroing them; returns their pages.
     fn take(&mut self, n: usize) -> u64 {
-        let mut pages = 0;
+        // Regions are whole pages: one division per call rather than one per region.
+        let mut bytes = 0;
         for slot in &mut self.buf[..n] {
-            pages += (slot.end - slot.start) / self.page_size;
+            bytes += slot.end - slot.start;
             push_coalesced(&mut self.dirty, slot.start..slot.end);
             *slot = EMPTY_REGION;
         }
+        let pages = bytes / self.page_size;
         self.pages += pages;
         pages
     }
@@ -225,6 +227,12 @@ impl Worker {
             if let SpanEnd::BudgetAt(at) =
                 self.scan_tracked(tracker, gap, granule, budget, false)?
             {
+                // The next round resumes at `at` and lists the untracked parts above it again:
+                // report only those this round walked past, or a budget-limited pass would
+                // report (and the caller re-send) them once per round.
+                let listed = self.untracked.split_off(first);
+                self.untracked
+                    .extend(listed.into_iter().filter(|u| u.range.start < at));
                 return Ok(SpanEnd::BudgetAt(at));
             }
         }

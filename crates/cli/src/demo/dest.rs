@@ -1,0 +1,78 @@
+//! `precopy __demo-dest`: the destination. Listens, announces `LISTENING <address>`, receives a
+//! transfer into memory of its own, announces `RECEIVED <addr> <len> <checksum> <rounds> <pages>
+//! <zero pages> <bytes>` (or `FAILED <message>`) and keeps its memory until its stdin closes, so
+//! the driver can compare it with the source.
+
+use anyhow::{Context, Result};
+use precopy_transfer::{Key, Listener, MemorySink, Receiver, ReceiverConfig};
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct DestArgs {
+    /// `tcp:HOST:PORT` or `unix:PATH`.
+    #[arg(long)]
+    listen: String,
+}
+
+/// Environment variable carrying the shared key (for non-loopback addresses).
+pub const KEY_ENV: &str = "PRECOPY_DEMO_KEY";
+
+fn announce(line: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
+}
+
+pub fn run(args: DestArgs) -> Result<ExitCode> {
+    let listener = match args.listen.split_once(':') {
+        Some(("tcp", addr)) => Listener::bind_tcp(addr),
+        Some(("unix", path)) => Listener::bind_unix(path),
+        _ => anyhow::bail!("--listen takes tcp:HOST:PORT or unix:PATH"),
+    }
+    .with_context(|| format!("listening on {}", args.listen))?;
+    let key = match std::env::var(KEY_ENV) {
+        Ok(k) => Some(Key::from_bytes(k.into_bytes())?),
+        Err(_) => None,
+    };
+    let config = ReceiverConfig {
+        key,
+        ..ReceiverConfig::default()
+    };
+    announce(&format!("LISTENING {}", listener.address()))?;
+    let result = Receiver::accept(&listener, &config).and_then(|receiver| {
+        let mut sink = MemorySink::new(receiver.layout().clone())?;
+        let report = receiver.run(&mut sink)?;
+        Ok((sink, report))
+    });
+    let (sink, report) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                msg.push_str(": ");
+                msg.push_str(&c.to_string());
+                cur = c.source();
+            }
+            announce(&format!("FAILED {msg}"))?;
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let mem = sink.memory();
+    announce(&format!(
+        "RECEIVED {} {} {} {} {} {} {}",
+        mem.as_ptr() as u64,
+        mem.len(),
+        report.checksum,
+        report.rounds,
+        report.pages,
+        report.zero_pages,
+        report.bytes
+    ))?;
+    let mut buf = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut buf);
+    drop(sink);
+    Ok(ExitCode::SUCCESS)
+}

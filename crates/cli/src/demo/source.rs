@@ -1,0 +1,75 @@
+//! `precopy __demo-source`: the process being migrated. It creates a userfaultfd (the driver
+//! copies it out with `pidfd_getfd` and tracks this process's memory with it), maps and fills the
+//! region, announces `READY <pid> <addr> <len> <uffd fd>` on stdout and keeps writing until its
+//! stdin closes.
+
+use super::writer::{self, Pattern, WriterConfig};
+use anyhow::{Context, Result};
+use precopy_sys::mem::{Backing, Mapping, Thp};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Debug, clap::Args)]
+pub struct SourceArgs {
+    /// Bytes of memory.
+    #[arg(long)]
+    size: u64,
+    /// Bytes written per second, all threads together.
+    #[arg(long)]
+    dirty_rate: u64,
+    #[arg(long, value_enum)]
+    pattern: Pattern,
+    #[arg(long)]
+    threads: u64,
+    /// Bytes in the hot set.
+    #[arg(long)]
+    hot_set: u64,
+}
+
+const PAGE: u64 = 4096;
+
+pub fn run(args: SourceArgs) -> Result<ExitCode> {
+    let uffd = precopy_sys::uffd::create().context("creating a userfaultfd")?;
+    let mem = Mapping::new(Backing::AnonPrivate, args.size, 2 << 20, Thp::Default)
+        .context("mapping the source region")?;
+    let pages = args.size / PAGE;
+    // Every page gets distinct contents, except every 16th, left untouched (reads as zero).
+    for p in (0..pages).filter(|p| p % 16 != 15) {
+        mem.write_u64(p * PAGE, p ^ 0x5a5a_0000_0000_0000)?;
+    }
+    let mem = Arc::new(mem);
+    let threads = args.threads.max(1);
+    let pps = args.dirty_rate as f64 / PAGE as f64 / threads as f64;
+    for index in 0..threads {
+        let cfg = WriterConfig {
+            pages,
+            pages_per_sec: pps,
+            pattern: args.pattern,
+            hot_pages: (args.hot_set / PAGE).clamp(1, pages),
+            index,
+            threads,
+        };
+        let mem = mem.clone();
+        std::thread::Builder::new()
+            .name(format!("writer-{index}"))
+            .spawn(move || writer::run(mem, cfg))?;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "READY {} {} {} {}",
+        std::process::id(),
+        mem.addr(),
+        mem.len(),
+        uffd.as_raw_fd()
+    )?;
+    out.flush()?;
+    drop(out);
+    // Run until the driver closes our stdin (or dies).
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    drop(uffd);
+    Ok(ExitCode::SUCCESS)
+}

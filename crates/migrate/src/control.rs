@@ -1,0 +1,171 @@
+//! The three seams the driver talks through: where dirty pages come from ([`DirtyLog`]), where
+//! they go ([`Transport`]), and what writes them ([`Workload`]).
+//!
+//! They are small on purpose, in the spirit of Cloud Hypervisor's `Migratable`: an embedder with
+//! its own dirty log (KVM's, say) or its own wire implements one of them and reuses the rest.
+
+use std::ops::Range;
+use std::time::Duration;
+
+/// The error type the seams return; the driver wraps it in a typed [`Error`](crate::Error) that
+/// says which step failed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Which memory is migrated and which of it was written.
+pub trait DirtyLog {
+    /// All memory to migrate: page-aligned, sorted, disjoint address ranges. Round 0 sends it.
+    fn memory(&self) -> Vec<Range<u64>>;
+    /// Bytes per page.
+    fn page_size(&self) -> u64;
+    /// Starts logging: from now on every write shows up in [`DirtyLog::dirty`].
+    fn start(&mut self) -> Result<(), BoxError>;
+    /// Appends to `out` every range written since the previous call (or since
+    /// [`DirtyLog::start`]); contents must be read only after this returns.
+    fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError>;
+}
+
+/// What one round delivered, as the transport counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RoundSent {
+    /// Pages sent with contents.
+    pub pages: u64,
+    /// Pages sent as "all zeros" markers.
+    pub zero_pages: u64,
+    /// Bytes the transport wrote (on the wire, compressed, with framing).
+    pub bytes: u64,
+    /// From the first byte of the round until the transport had written all of it.
+    pub duration: Duration,
+}
+
+/// Sends rounds of pages to the destination.
+pub trait Transport {
+    /// Reads and sends the pages of `ranges` (page-aligned; any order; overlaps allowed) as one
+    /// round.
+    fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError>;
+    /// No more rounds: computes the source's memory checksum (the source is paused) and returns
+    /// it once the receiver has acknowledged that its memory matches. The second value is the
+    /// part of the time spent computing the checksum on this side.
+    fn finish(&mut self) -> Result<(u32, Duration), BoxError>;
+}
+
+/// Whatever writes the memory: vCPUs, a process.
+pub trait Workload {
+    /// Stops every writer. Returns only once no write can happen any more.
+    fn pause(&mut self) -> Result<(), BoxError>;
+    /// Lets the writers run again after [`Workload::pause`].
+    fn resume(&mut self) -> Result<(), BoxError>;
+    /// Denies the writers `fraction` (0.0 to 0.99) of their CPU time; 0.0 lifts the throttle.
+    /// The default does nothing (the driver then reports the throttle it asked for).
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), BoxError> {
+        let _ = fraction;
+        Ok(())
+    }
+    /// How the throttle is applied, for the report.
+    fn throttle_method(&self) -> &'static str {
+        "none"
+    }
+}
+
+type Hook = Box<dyn FnMut() -> Result<(), BoxError> + Send>;
+type ThrottleHook = Box<dyn FnMut(f64) -> Result<(), BoxError> + Send>;
+
+/// A [`Workload`] made of an embedder's closures: pause and resume the vCPUs, optionally
+/// throttle them.
+pub struct Callbacks {
+    pause: Hook,
+    resume: Hook,
+    throttle: Option<ThrottleHook>,
+}
+
+impl std::fmt::Debug for Callbacks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callbacks")
+            .field("throttle", &self.throttle.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Callbacks {
+    /// A workload paused and resumed by these closures. `pause` must return only once no writer
+    /// can write any more.
+    pub fn new(
+        pause: impl FnMut() -> Result<(), BoxError> + Send + 'static,
+        resume: impl FnMut() -> Result<(), BoxError> + Send + 'static,
+    ) -> Callbacks {
+        Callbacks {
+            pause: Box::new(pause),
+            resume: Box::new(resume),
+            throttle: None,
+        }
+    }
+
+    /// Adds a throttle callback: called with the fraction of CPU time to deny (0.0 lifts it).
+    pub fn with_throttle(
+        mut self,
+        throttle: impl FnMut(f64) -> Result<(), BoxError> + Send + 'static,
+    ) -> Callbacks {
+        self.throttle = Some(Box::new(throttle));
+        self
+    }
+}
+
+impl Workload for Callbacks {
+    fn pause(&mut self) -> Result<(), BoxError> {
+        (self.pause)()
+    }
+    fn resume(&mut self) -> Result<(), BoxError> {
+        (self.resume)()
+    }
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), BoxError> {
+        match &mut self.throttle {
+            Some(t) => t(fraction),
+            None => Ok(()),
+        }
+    }
+    fn throttle_method(&self) -> &'static str {
+        if self.throttle.is_some() {
+            "callback"
+        } else {
+            "none"
+        }
+    }
+}
+
+impl<T: DirtyLog + ?Sized> DirtyLog for &mut T {
+    fn memory(&self) -> Vec<Range<u64>> {
+        (**self).memory()
+    }
+    fn page_size(&self) -> u64 {
+        (**self).page_size()
+    }
+    fn start(&mut self) -> Result<(), BoxError> {
+        (**self).start()
+    }
+    fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
+        (**self).dirty(out)
+    }
+}
+
+impl<T: Transport + ?Sized> Transport for &mut T {
+    fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError> {
+        (**self).send_round(ranges)
+    }
+    fn finish(&mut self) -> Result<(u32, Duration), BoxError> {
+        (**self).finish()
+    }
+}
+
+impl<T: Workload + ?Sized> Workload for &mut T {
+    fn pause(&mut self) -> Result<(), BoxError> {
+        (**self).pause()
+    }
+    fn resume(&mut self) -> Result<(), BoxError> {
+        (**self).resume()
+    }
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), BoxError> {
+        (**self).set_throttle(fraction)
+    }
+    fn throttle_method(&self) -> &'static str {
+        (**self).throttle_method()
+    }
+}

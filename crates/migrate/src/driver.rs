@@ -1,0 +1,828 @@
+//! The round loop: iterate, decide, throttle, pause, finish (see the crate docs for the rules).
+
+use crate::control::{DirtyLog, RoundSent, Transport, Workload};
+use crate::error::{AbortReason, Error};
+use crate::report::{FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+/// What to do when a limit on the iteration is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitPolicy {
+    /// Go to the final round now, whatever the expected downtime.
+    SwitchOver,
+    /// Stop cleanly: lift the throttle, keep the workload running, return
+    /// [`Error::Aborted`].
+    Abort,
+}
+
+/// What happens to the workload after the receiver acknowledged the final round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterMigration {
+    /// Resume it (a live copy, a checkpoint).
+    Resume,
+    /// Leave it paused: the destination takes over (a move). The caller disposes of it.
+    Stop,
+}
+
+/// Auto-converge settings (see the crate docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ThrottleConfig {
+    /// Whether the driver may throttle at all.
+    pub enabled: bool,
+    /// A scan counts as "not converging" when its dirty rate is at least this × the throughput.
+    pub trigger_ratio: f64,
+    /// Consecutive non-converging scans before each throttle step.
+    pub trigger_rounds: u32,
+    /// The first throttle (fraction of CPU time denied).
+    pub initial: f64,
+    /// Added at each later step.
+    pub increment: f64,
+    /// The most the throttle goes to (at most 0.99).
+    pub max: f64,
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> ThrottleConfig {
+        ThrottleConfig {
+            enabled: true,
+            trigger_ratio: 0.5,
+            trigger_rounds: 2,
+            initial: 0.2,
+            increment: 0.1,
+            max: 0.99,
+        }
+    }
+}
+
+/// How a migration decides.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MigrationConfig {
+    /// Switch over once the pending bytes would take no longer than this (QEMU: 300 ms).
+    pub max_downtime: Duration,
+    /// Most rounds (round 0 included) sent with the workload running.
+    pub max_rounds: u64,
+    /// What happens when they are used up.
+    pub max_rounds_policy: LimitPolicy,
+    /// Limit on the time spent iterating, from the start.
+    pub timeout: Option<Duration>,
+    /// What happens when it passes.
+    pub timeout_policy: LimitPolicy,
+    /// Auto-converge.
+    pub throttle: ThrottleConfig,
+    /// The workload after success.
+    pub after: AfterMigration,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> MigrationConfig {
+        MigrationConfig {
+            max_downtime: Duration::from_millis(300),
+            max_rounds: 30,
+            max_rounds_policy: LimitPolicy::SwitchOver,
+            timeout: None,
+            timeout_policy: LimitPolicy::Abort,
+            throttle: ThrottleConfig::default(),
+            after: AfterMigration::Stop,
+        }
+    }
+}
+
+impl MigrationConfig {
+    fn check(&self) -> Result<(), Error> {
+        let bad = |reason| Err(Error::Config { reason });
+        let t = &self.throttle;
+        if self.max_downtime.is_zero() {
+            return bad("max_downtime must be positive");
+        }
+        if self.max_rounds == 0 {
+            return bad("max_rounds must be at least 1");
+        }
+        if !(0.0..=0.99).contains(&t.initial)
+            || !(0.0..=0.99).contains(&t.max)
+            || !(0.0..=0.99).contains(&t.increment)
+            || t.initial > t.max
+        {
+            return bad("throttle fractions must lie in 0..=0.99 with initial <= max");
+        }
+        if t.trigger_rounds == 0 || t.trigger_ratio.is_nan() || t.trigger_ratio <= 0.0 {
+            return bad("throttle trigger needs at least one round and a positive ratio");
+        }
+        Ok(())
+    }
+}
+
+/// Where a migration is, for [`Progress`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Round 0 is being sent.
+    Full,
+    /// A scan has just run with the workload running.
+    Iterating,
+    /// The workload is paused for the final round.
+    Final,
+}
+
+/// A snapshot handed to the progress callback after each scan and round.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Phase.
+    pub phase: Phase,
+    /// The round about to be sent.
+    pub round: u64,
+    /// Bytes still to send.
+    pub pending_bytes: u64,
+    /// Memory bytes per second the transport delivers.
+    pub throughput: f64,
+    /// Bytes written per second by the workload.
+    pub dirty_rate: f64,
+    /// Throttle in force.
+    pub throttle: f64,
+    /// Expected downtime if switching over now.
+    pub expected_downtime: Option<Duration>,
+    /// Since the start.
+    pub elapsed: Duration,
+    /// Bytes of memory migrated.
+    pub memory_bytes: u64,
+}
+
+type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
+
+/// Rounds of a throughput estimate: a round smaller than this is latency-bound.
+const SIGNIFICANT_ROUND: u64 = 4 << 20;
+
+/// One live migration: a [`DirtyLog`], a [`Transport`] and a [`Workload`] driven by a
+/// [`MigrationConfig`].
+pub struct Migration<D, T, W> {
+    log: D,
+    transport: T,
+    workload: W,
+    config: MigrationConfig,
+    report: MigrationReport,
+    progress: Option<ProgressFn>,
+    paused: bool,
+    throttle: f64,
+    /// Memory bytes and seconds over all rounds, for the throughput estimate.
+    sent_bytes: u64,
+    sent_secs: f64,
+    last_throughput: Option<f64>,
+    started: Option<Instant>,
+}
+
+impl<D, T, W> std::fmt::Debug for Migration<D, T, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Migration")
+            .field("config", &self.config)
+            .field("status", &self.report.status)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sorts and merges `ranges` in place; returns the bytes they cover.
+fn coalesce(ranges: &mut Vec<Range<u64>>) -> u64 {
+    ranges.sort_unstable_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges.drain(..) {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    *ranges = out;
+    ranges.iter().map(|r| r.end - r.start).sum()
+}
+
+fn per_sec(bytes: u64, d: Duration) -> f64 {
+    let s = d.as_secs_f64();
+    if s > 0.0 { bytes as f64 / s } else { 0.0 }
+}
+
+impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
+    /// A migration, not started.
+    pub fn new(log: D, transport: T, workload: W, config: MigrationConfig) -> Migration<D, T, W> {
+        Migration {
+            log,
+            transport,
+            workload,
+            report: MigrationReport::new(config.max_downtime),
+            config,
+            progress: None,
+            paused: false,
+            throttle: 0.0,
+            sent_bytes: 0,
+            sent_secs: 0.0,
+            last_throughput: None,
+            started: None,
+        }
+    }
+
+    /// Calls `f` after every scan and round (from the migrating thread: keep it quick).
+    pub fn on_progress(mut self, f: impl FnMut(&Progress) + Send + 'static) -> Self {
+        self.progress = Some(Box::new(f));
+        self
+    }
+
+    /// The report so far (complete after [`Migration::run`] returns, whatever it returned).
+    pub fn report(&self) -> &MigrationReport {
+        &self.report
+    }
+
+    /// The dirty log, transport and workload back.
+    pub fn into_parts(self) -> (D, T, W) {
+        (self.log, self.transport, self.workload)
+    }
+
+    /// Runs the migration to the end. On success the receiver has acknowledged the final
+    /// checksum. On any error the throttle has been lifted and the workload resumed;
+    /// [`Migration::report`] says how far it got.
+    pub fn run(&mut self) -> Result<MigrationReport, Error> {
+        self.config.check()?;
+        if self.started.is_some() {
+            return Err(Error::Config {
+                reason: "a migration runs only once",
+            });
+        }
+        let start = Instant::now();
+        self.started = Some(start);
+        self.report.throttle_method = self.workload.throttle_method();
+        let result = self.iterate(start);
+        if let Err(e) = &result {
+            self.report.error = Some(error_chain(e));
+            // After the acknowledgement the destination owns the state: never resume then.
+            if self.report.status != Status::Completed {
+                self.report.status = match e {
+                    Error::Aborted { .. } => Status::Aborted,
+                    _ => Status::Failed,
+                };
+                self.recover();
+            }
+        }
+        self.report.throttle_method = self.workload.throttle_method();
+        self.report.total_time = start.elapsed();
+        result.map(|()| self.report.clone())
+    }
+
+    /// After a failure: lift the throttle and resume. Failures here are logged, not returned:
+    /// the first error is the one that matters.
+    fn recover(&mut self) {
+        if self.throttle > 0.0 {
+            if let Err(e) = self.workload.set_throttle(0.0) {
+                tracing::warn!(error = %e, "lifting the throttle after a failed migration failed");
+            }
+            self.throttle = 0.0;
+        }
+        if self.paused {
+            match self.workload.resume() {
+                Ok(()) => self.paused = false,
+                Err(e) => {
+                    tracing::error!(error = %e, "resuming the workload after a failed migration failed")
+                }
+            }
+        }
+    }
+
+    fn throughput(&self) -> f64 {
+        match self.last_throughput {
+            Some(t) => t,
+            None if self.sent_secs > 0.0 => self.sent_bytes as f64 / self.sent_secs,
+            None => 0.0,
+        }
+    }
+
+    fn expected(&self, pending: u64) -> Option<Duration> {
+        if pending == 0 {
+            return Some(Duration::ZERO);
+        }
+        let t = self.throughput();
+        (t > 0.0)
+            .then(|| Duration::try_from_secs_f64(pending as f64 / t).ok())
+            .flatten()
+    }
+
+    fn emit(&mut self, phase: Phase, pending: u64, dirty_rate: f64) {
+        let p = Progress {
+            phase,
+            round: self.report.rounds.len() as u64,
+            pending_bytes: pending,
+            throughput: self.throughput(),
+            dirty_rate,
+            throttle: self.throttle,
+            expected_downtime: self.expected(pending),
+            elapsed: self.started.map_or(Duration::ZERO, |s| s.elapsed()),
+            memory_bytes: self.report.memory_bytes,
+        };
+        if let Some(f) = &mut self.progress {
+            f(&p);
+        }
+    }
+
+    /// Records a sent round and updates the throughput estimate.
+    fn record(
+        &mut self,
+        kind: RoundKind,
+        dirty_bytes: u64,
+        scan: Duration,
+        dirty_rate: f64,
+        expected: Option<Duration>,
+        sent: RoundSent,
+    ) {
+        let memory = (sent.pages + sent.zero_pages) * self.report.page_size;
+        let throughput = per_sec(memory, sent.duration);
+        self.sent_bytes += memory;
+        self.sent_secs += sent.duration.as_secs_f64();
+        if memory >= SIGNIFICANT_ROUND && throughput > 0.0 {
+            self.last_throughput = Some(throughput);
+        }
+        let r = RoundReport {
+            round: self.report.rounds.len() as u64,
+            kind,
+            dirty_bytes,
+            scan,
+            pages: sent.pages,
+            zero_pages: sent.zero_pages,
+            bytes: sent.bytes,
+            duration: sent.duration,
+            bandwidth: per_sec(sent.bytes, sent.duration),
+            throughput,
+            dirty_rate,
+            expected_downtime: expected,
+            throttle: self.throttle,
+        };
+        self.report.add_round(r);
+    }
+
+    fn limit(
+        &self,
+        policy: LimitPolicy,
+        reason: AbortReason,
+        switch: SwitchReason,
+    ) -> Result<SwitchReason, Error> {
+        match policy {
+            LimitPolicy::SwitchOver => Ok(switch),
+            LimitPolicy::Abort => Err(Error::Aborted { reason }),
+        }
+    }
+
+    fn iterate(&mut self, start: Instant) -> Result<(), Error> {
+        let memory = self.log.memory();
+        let page = self.log.page_size();
+        self.report.page_size = page;
+        self.report.memory_bytes = memory.iter().map(|r| r.end - r.start).sum();
+        self.report.status = Status::Active;
+
+        self.log
+            .start()
+            .map_err(|source| Error::Tracking { round: 0, source })?;
+        let mut last_scan = Instant::now();
+        self.report.setup = start.elapsed();
+
+        // Round 0: everything.
+        let total = self.report.memory_bytes;
+        self.emit(Phase::Full, total, 0.0);
+        let sent = self
+            .transport
+            .send_round(&memory)
+            .map_err(|source| Error::Send { round: 0, source })?;
+        self.record(RoundKind::Full, total, Duration::ZERO, 0.0, None, sent);
+
+        let mut pending: Vec<Range<u64>> = Vec::new();
+        let mut high = 0u32;
+        let reason = loop {
+            let round = self.report.rounds.len() as u64;
+            pending.clear();
+            let scan_start = Instant::now();
+            self.log
+                .dirty(&mut pending)
+                .map_err(|source| Error::Tracking { round, source })?;
+            let scan = scan_start.elapsed();
+            let interval = scan_start.duration_since(last_scan);
+            last_scan = scan_start;
+            let pending_bytes = coalesce(&mut pending);
+            let dirty_rate = per_sec(pending_bytes, interval);
+            self.report.dirty_rate = dirty_rate;
+            let expected = self.expected(pending_bytes);
+            self.emit(Phase::Iterating, pending_bytes, dirty_rate);
+
+            if expected.is_some_and(|e| e <= self.config.max_downtime) {
+                break SwitchReason::Converged;
+            }
+            if round >= self.config.max_rounds {
+                break self.limit(
+                    self.config.max_rounds_policy,
+                    AbortReason::MaxRounds { rounds: round },
+                    SwitchReason::MaxRounds,
+                )?;
+            }
+            if let Some(limit) = self.config.timeout
+                && start.elapsed() >= limit
+            {
+                break self.limit(
+                    self.config.timeout_policy,
+                    AbortReason::Timeout { limit },
+                    SwitchReason::Timeout,
+                )?;
+            }
+            self.maybe_throttle(dirty_rate, &mut high)?;
+
+            let sent = self
+                .transport
+                .send_round(&pending)
+                .map_err(|source| Error::Send { round, source })?;
+            self.record(
+                RoundKind::Iterative,
+                pending_bytes,
+                scan,
+                dirty_rate,
+                expected,
+                sent,
+            );
+        };
+        self.report.switch_reason = Some(reason);
+        self.report.expected_downtime = {
+            let p = pending.iter().map(|r| r.end - r.start).sum();
+            self.expected(p)
+        };
+        self.final_round(pending)
+    }
+
+    fn maybe_throttle(&mut self, dirty_rate: f64, high: &mut u32) -> Result<(), Error> {
+        let t = self.config.throttle;
+        if !t.enabled {
+            return Ok(());
+        }
+        if dirty_rate < t.trigger_ratio * self.throughput() {
+            *high = 0;
+            return Ok(());
+        }
+        *high += 1;
+        if *high < t.trigger_rounds {
+            return Ok(());
+        }
+        *high = 0;
+        let next = if self.throttle == 0.0 {
+            t.initial
+        } else {
+            (self.throttle + t.increment).min(t.max)
+        };
+        if next > self.throttle {
+            self.workload
+                .set_throttle(next)
+                .map_err(|source| Error::Workload {
+                    action: "throttle",
+                    source,
+                })?;
+            tracing::info!(throttle = next, dirty_rate, "raising the throttle");
+            self.throttle = next;
+            self.report.throttle = self.report.throttle.max(next);
+        }
+        Ok(())
+    }
+
+    fn final_round(&mut self, mut pending: Vec<Range<u64>>) -> Result<(), Error> {
+        let round = self.report.rounds.len() as u64;
+        self.report.status = Status::Completing;
+        let pending_bytes: u64 = pending.iter().map(|r| r.end - r.start).sum();
+        self.emit(Phase::Final, pending_bytes, self.report.dirty_rate);
+
+        let paused_at = Instant::now();
+        self.workload.pause().map_err(|source| Error::Workload {
+            action: "pause",
+            source,
+        })?;
+        self.paused = true;
+        let pause = paused_at.elapsed();
+
+        let scan_start = Instant::now();
+        self.log
+            .dirty(&mut pending)
+            .map_err(|source| Error::Tracking { round, source })?;
+        let scan = scan_start.elapsed();
+        let bytes = coalesce(&mut pending);
+
+        let sent = self
+            .transport
+            .send_round(&pending)
+            .map_err(|source| Error::Send { round, source })?;
+        let finish_start = Instant::now();
+        let (checksum, checksum_time) = self
+            .transport
+            .finish()
+            .map_err(|source| Error::Finish { source })?;
+        let finish = finish_start.elapsed();
+        let downtime = paused_at.elapsed();
+
+        let expected = self.report.expected_downtime;
+        let dirty_rate = self.report.dirty_rate;
+        self.record(RoundKind::Final, bytes, scan, dirty_rate, expected, sent);
+        self.report.downtime = Some(downtime);
+        self.report.checksum = Some(checksum);
+        self.report.final_phase = Some(FinalPhase {
+            pause,
+            scan,
+            send: sent.duration,
+            checksum: checksum_time,
+            finish,
+        });
+        self.report.status = Status::Completed;
+
+        if self.throttle > 0.0 {
+            if let Err(e) = self.workload.set_throttle(0.0) {
+                tracing::warn!(error = %e, "lifting the throttle after the migration failed");
+            }
+            self.throttle = 0.0;
+        }
+        if self.config.after == AfterMigration::Resume {
+            self.workload.resume().map_err(|source| Error::Workload {
+                action: "resume",
+                source,
+            })?;
+            self.paused = false;
+        }
+        Ok(())
+    }
+}
+
+/// The error and its causes on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+#[allow(clippy::field_reassign_with_default)] // each test changes a few knobs of the default
+mod tests {
+    use super::*;
+    use crate::control::{BoxError, Callbacks};
+    use std::sync::{Arc, Mutex};
+
+    const PAGE: u64 = 4096;
+    const MEM: u64 = 1024 * PAGE;
+
+    /// Reports `script[i]` pages dirty on the i-th scan (the last value repeats).
+    struct ScriptLog {
+        script: Vec<u64>,
+        calls: usize,
+    }
+
+    impl DirtyLog for ScriptLog {
+        fn memory(&self) -> Vec<Range<u64>> {
+            vec![0..MEM]
+        }
+        fn page_size(&self) -> u64 {
+            PAGE
+        }
+        fn start(&mut self) -> Result<(), BoxError> {
+            Ok(())
+        }
+        fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
+            let n = self.script[self.calls.min(self.script.len() - 1)];
+            self.calls += 1;
+            if n > 0 {
+                out.push(0..n * PAGE);
+            }
+            Ok(())
+        }
+    }
+
+    /// Pretends to move `rate` bytes per second; fails at round `fail_at`.
+    struct FakeLink {
+        rate: f64,
+        round: u64,
+        fail_at: Option<u64>,
+        finished: bool,
+    }
+
+    impl Transport for FakeLink {
+        fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError> {
+            if self.fail_at == Some(self.round) {
+                return Err("peer went away".into());
+            }
+            self.round += 1;
+            let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+            Ok(RoundSent {
+                pages: bytes / PAGE,
+                zero_pages: 0,
+                bytes,
+                duration: Duration::from_secs_f64(bytes as f64 / self.rate + 1e-3),
+            })
+        }
+        fn finish(&mut self) -> Result<(u32, Duration), BoxError> {
+            self.finished = true;
+            Ok((0xabcd, Duration::ZERO))
+        }
+    }
+
+    fn workload(events: &Arc<Mutex<Vec<String>>>) -> Callbacks {
+        let (a, b, c) = (events.clone(), events.clone(), events.clone());
+        Callbacks::new(
+            move || {
+                a.lock().unwrap().push("pause".into());
+                Ok(())
+            },
+            move || {
+                b.lock().unwrap().push("resume".into());
+                Ok(())
+            },
+        )
+        .with_throttle(move |f| {
+            c.lock().unwrap().push(format!("throttle {f:.1}"));
+            Ok(())
+        })
+    }
+
+    fn link(rate: f64) -> FakeLink {
+        FakeLink {
+            rate,
+            round: 0,
+            fail_at: None,
+            finished: false,
+        }
+    }
+
+    #[test]
+    fn converging_workload_switches_over_when_pending_fits_the_downtime() {
+        // 1 MiB/s link, 100 ms limit: 25 pages fit (102 KiB), 100 do not.
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = ScriptLog {
+            script: vec![400, 100, 20],
+            calls: 0,
+        };
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(100);
+        cfg.throttle.enabled = false;
+        let mut m = Migration::new(log, link(1024.0 * 1024.0), workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(report.status, Status::Completed);
+        assert_eq!(report.switch_reason, Some(SwitchReason::Converged));
+        // Round 0, two iterative rounds (400, 100 pages), then the final round.
+        assert_eq!(report.rounds.len(), 4);
+        assert_eq!(report.rounds[3].kind, RoundKind::Final);
+        assert_eq!(report.checksum, Some(0xabcd));
+        assert!(report.downtime.is_some());
+        assert_eq!(
+            *events.lock().unwrap(),
+            vec!["pause"],
+            "stays stopped by default"
+        );
+        let (_, t, _) = m.into_parts();
+        assert!(t.finished);
+    }
+
+    #[test]
+    fn final_round_resends_the_last_scan_together_with_new_writes() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = ScriptLog {
+            script: vec![10, 30],
+            calls: 0,
+        };
+        let mut cfg = MigrationConfig::default();
+        cfg.after = AfterMigration::Resume;
+        let mut m = Migration::new(log, link(1e9), workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(report.rounds.len(), 2);
+        // The final scan found pages 0..30, which cover the pending 0..10: sent once.
+        assert_eq!(report.rounds[1].pages, 30);
+        assert_eq!(*events.lock().unwrap(), vec!["pause", "resume"]);
+    }
+
+    #[test]
+    fn non_converging_workload_is_throttled_step_by_step_then_switched_over() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        // Every scan finds all memory dirty: the dirty rate always exceeds the link.
+        let log = ScriptLog {
+            script: vec![1024],
+            calls: 0,
+        };
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(1);
+        cfg.max_rounds = 8;
+        let mut m = Migration::new(log, link(1024.0 * 1024.0), workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(report.switch_reason, Some(SwitchReason::MaxRounds));
+        assert_eq!(report.rounds.len(), 9);
+        let ev = events.lock().unwrap().clone();
+        // Raised every second scan before a round: scans 2, 4, 6 -> 0.2, 0.3, 0.4 (scan 8 hits
+        // the round limit first), lifted at the end.
+        assert_eq!(
+            ev,
+            vec![
+                "throttle 0.2",
+                "throttle 0.3",
+                "throttle 0.4",
+                "pause",
+                "throttle 0.0"
+            ]
+        );
+        assert!((report.throttle - 0.4).abs() < 1e-9);
+    }
+
+    #[test]
+    fn abort_policy_stops_cleanly_and_leaves_the_workload_running() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = ScriptLog {
+            script: vec![1024],
+            calls: 0,
+        };
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(1);
+        cfg.max_rounds = 4;
+        cfg.max_rounds_policy = LimitPolicy::Abort;
+        let mut m = Migration::new(log, link(1024.0 * 1024.0), workload(&events), cfg);
+        let err = m.run().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Aborted {
+                    reason: AbortReason::MaxRounds { rounds: 4 }
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(m.report().status, Status::Aborted);
+        assert!(m.report().checksum.is_none());
+        let ev = events.lock().unwrap().clone();
+        assert!(!ev.contains(&"pause".to_string()), "{ev:?}");
+        assert_eq!(
+            ev.last().map(String::as_str),
+            Some("throttle 0.0"),
+            "{ev:?}"
+        );
+        let (_, t, _) = m.into_parts();
+        assert!(
+            !t.finished,
+            "an aborted migration never finishes the transport"
+        );
+    }
+
+    #[test]
+    fn timeout_policy_abort() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = ScriptLog {
+            script: vec![1024],
+            calls: 0,
+        };
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(1);
+        cfg.timeout = Some(Duration::ZERO);
+        let mut m = Migration::new(log, link(1e6), workload(&events), cfg);
+        let err = m.run().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Aborted {
+                    reason: AbortReason::Timeout { .. }
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn failure_in_the_final_round_resumes_the_workload() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = ScriptLog {
+            script: vec![1],
+            calls: 0,
+        };
+        let mut l = link(1e9);
+        l.fail_at = Some(1);
+        let mut m = Migration::new(log, l, workload(&events), MigrationConfig::default());
+        let err = m.run().unwrap_err();
+        assert!(matches!(err, Error::Send { round: 1, .. }), "{err}");
+        assert_eq!(m.report().status, Status::Failed);
+        assert!(
+            m.report()
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("peer went away")
+        );
+        assert_eq!(*events.lock().unwrap(), vec!["pause", "resume"]);
+    }
+
+    #[test]
+    fn bad_config_is_refused() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let mut cfg = MigrationConfig::default();
+        cfg.throttle.initial = 1.5;
+        let log = ScriptLog {
+            script: vec![0],
+            calls: 0,
+        };
+        let mut m = Migration::new(log, link(1e9), workload(&events), cfg);
+        assert!(matches!(m.run(), Err(Error::Config { .. })));
+    }
+
+    #[test]
+    fn coalesce_merges_overlaps() {
+        let mut v = vec![8..12, 0..4, 2..6, 12..13];
+        assert_eq!(coalesce(&mut v), 11);
+        assert_eq!(v, vec![0..6, 8..13]);
+    }
+}

@@ -1,0 +1,478 @@
+//! [`Workload`] for another process: pause with SIGSTOP or the cgroup v1 freezer, throttle with a
+//! CFS quota in the cgroup v1 `cpu` hierarchy or with a SIGSTOP/SIGCONT duty cycle.
+//!
+//! # Throttle
+//!
+//! A throttle of `f` denies the process `f` of the CPU time it was using. With
+//! [`ThrottleMethod::CgroupCpu`] the process is moved into its own `cpu` cgroup
+//! (`/sys/fs/cgroup/cpu/precopy-PID`) whose `cpu.cfs_quota_us` is `(1 - f)` × its CPU use
+//! measured before the first throttle (from `/proc/PID/task/*/schedstat`) × the 100 ms period:
+//! the kernel then simply does not schedule it past that share, as QEMU's auto-converge makes
+//! vCPUs sleep. Where no such hierarchy is writable, [`ThrottleMethod::DutyCycle`] stops the
+//! process for `f` of every 100 ms with SIGSTOP and lets it run for the rest. cgroup v2 (`cpu.max`)
+//! is not used: this project's machines mount v2 without controllers.
+//!
+//! # Pause
+//!
+//! [`PauseMethod::Signal`] sends SIGSTOP and waits until every thread is in the stopped state
+//! (`/proc/PID/task/*/stat`); [`PauseMethod::Freezer`] writes `FROZEN` to a freezer cgroup and
+//! waits for the state to read back `FROZEN`. Any CPU quota is lifted while pausing, so a
+//! throttled process does not delay its own stop by a quota period.
+//!
+//! Dropping a `ProcessControl` lifts the throttle and moves the process back to its cgroups; a
+//! paused process stays stopped (it is sent SIGSTOP before leaving the freezer cgroup).
+
+use crate::control::{BoxError, Workload};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How a process is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PauseMethod {
+    /// SIGSTOP / SIGCONT.
+    #[default]
+    Signal,
+    /// The cgroup v1 freezer (`/sys/fs/cgroup/freezer`).
+    Freezer,
+}
+
+/// How a process is throttled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ThrottleMethod {
+    /// A cgroup v1 `cpu` quota where possible, else a duty cycle.
+    #[default]
+    Auto,
+    /// A cgroup v1 `cpu` quota.
+    CgroupCpu,
+    /// SIGSTOP for the throttle's fraction of every 100 ms.
+    DutyCycle,
+    /// Never throttle (the driver still reports what it asked for).
+    None,
+}
+
+/// Failures controlling a process.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// Sending a signal failed (the process is gone, or not ours).
+    #[error("sending {signal} to process {pid} failed")]
+    Signal {
+        /// The process.
+        pid: i32,
+        /// The signal.
+        signal: Signal,
+        /// The errno.
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// A cgroup file operation failed.
+    #[error("cgroup operation on {path} failed")]
+    Cgroup {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The process did not reach the stopped state in time.
+    #[error("process {pid} did not stop within {waited:?}")]
+    StopTimeout {
+        /// The process.
+        pid: i32,
+        /// How long it was given.
+        waited: Duration,
+    },
+}
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+const PERIOD_US: u64 = 100_000;
+const DUTY_PERIOD: Duration = Duration::from_millis(100);
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn cg_err(path: &Path) -> impl FnOnce(io::Error) -> ProcessError + '_ {
+    move |source| ProcessError::Cgroup {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_file(path: &Path, value: &str) -> Result<(), ProcessError> {
+    fs::write(path, value).map_err(cg_err(path))
+}
+
+/// A per-process cgroup in one v1 hierarchy; the process goes back where it was on drop.
+#[derive(Debug)]
+struct Cgroup {
+    dir: PathBuf,
+    home: PathBuf,
+    pid: i32,
+}
+
+impl Cgroup {
+    fn create(controller: &str, pid: i32) -> Result<Cgroup, ProcessError> {
+        let root = Path::new(CGROUP_ROOT).join(controller);
+        let home = current_cgroup(pid, controller)
+            .map(|rel| root.join(rel.trim_start_matches('/')))
+            .unwrap_or_else(|| root.clone());
+        let dir = root.join(format!("precopy-{pid}"));
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(cg_err(&dir)(e)),
+        }
+        let cg = Cgroup { dir, home, pid };
+        write_file(&cg.file("cgroup.procs"), &pid.to_string())?;
+        Ok(cg)
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // The process may have exited: nothing to move then.
+        let _ = fs::write(self.home.join("cgroup.procs"), self.pid.to_string());
+        if let Err(e) = fs::remove_dir(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "removing a cgroup failed");
+        }
+    }
+}
+
+/// The process's path in the v1 hierarchy holding `controller`, from `/proc/PID/cgroup`.
+fn current_cgroup(pid: i32, controller: &str) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let _id = parts.next()?;
+        let controllers = parts.next()?;
+        let path = parts.next()?;
+        controllers
+            .split(',')
+            .any(|c| c == controller)
+            .then(|| path.to_string())
+    })
+}
+
+/// Nanoseconds on CPU of all the process's threads (`/proc/PID/task/*/schedstat`).
+fn cpu_time_ns(pid: i32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Whether every thread of `pid` is stopped (state `T` or `t`), or the process is gone.
+fn all_stopped(pid: i32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                let after = &s[s.rfind(')')? + 1..];
+                after
+                    .split_whitespace()
+                    .next()
+                    .map(|st| st == "T" || st == "t")
+            })
+            // A thread that exited meanwhile is not running.
+            .unwrap_or(true)
+    })
+}
+
+enum DutyMsg {
+    Set(f64),
+    Stop,
+}
+
+/// SIGSTOP/SIGCONT duty cycle on a background thread.
+#[derive(Debug)]
+struct DutyCycle {
+    tx: mpsc::Sender<DutyMsg>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl DutyCycle {
+    fn start(pid: i32, fraction: f64) -> Result<DutyCycle, ProcessError> {
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("precopy-throttle".into())
+            .spawn(move || duty_loop(Pid::from_raw(pid), fraction, &rx))
+            .map_err(cg_err(Path::new("throttle thread")))?;
+        Ok(DutyCycle {
+            tx,
+            handle: Some(handle),
+        })
+    }
+
+    fn set(&self, fraction: f64) {
+        let _ = self.tx.send(DutyMsg::Set(fraction));
+    }
+
+    /// Stops the cycle, leaving the process running.
+    fn stop(&mut self) {
+        let _ = self.tx.send(DutyMsg::Stop);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for DutyCycle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn duty_loop(pid: Pid, mut fraction: f64, rx: &mpsc::Receiver<DutyMsg>) {
+    loop {
+        let msg = if fraction > 0.0 {
+            let _ = kill(pid, Signal::SIGSTOP);
+            let msg = rx.recv_timeout(DUTY_PERIOD.mul_f64(fraction));
+            let _ = kill(pid, Signal::SIGCONT);
+            match msg {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    rx.recv_timeout(DUTY_PERIOD.mul_f64(1.0 - fraction)).ok()
+                }
+                Ok(m) => Some(m),
+                Err(mpsc::RecvTimeoutError::Disconnected) => Some(DutyMsg::Stop),
+            }
+        } else {
+            Some(rx.recv().unwrap_or(DutyMsg::Stop))
+        };
+        match msg {
+            Some(DutyMsg::Set(f)) => fraction = f,
+            Some(DutyMsg::Stop) => return,
+            None => {}
+        }
+    }
+}
+
+/// Pauses, resumes and throttles another process (see the module docs).
+#[derive(Debug)]
+pub struct ProcessControl {
+    pid: i32,
+    pause_method: PauseMethod,
+    throttle_method: ThrottleMethod,
+    freezer: Option<Cgroup>,
+    cpu: Option<Cgroup>,
+    duty: Option<DutyCycle>,
+    /// CPUs the process used before the first throttle.
+    baseline: Option<f64>,
+    sample: (Instant, u64),
+    fraction: f64,
+    paused: bool,
+}
+
+impl ProcessControl {
+    /// Control of process `pid`. With [`PauseMethod::Freezer`] the process moves into a freezer
+    /// cgroup now. Its CPU use from now until the first throttle is the throttle's baseline.
+    pub fn new(
+        pid: i32,
+        pause: PauseMethod,
+        throttle: ThrottleMethod,
+    ) -> Result<ProcessControl, ProcessError> {
+        let freezer = match pause {
+            PauseMethod::Freezer => Some(Cgroup::create("freezer", pid)?),
+            PauseMethod::Signal => None,
+        };
+        Ok(ProcessControl {
+            pid,
+            pause_method: pause,
+            throttle_method: throttle,
+            freezer,
+            cpu: None,
+            duty: None,
+            baseline: None,
+            sample: (Instant::now(), cpu_time_ns(pid)),
+            fraction: 0.0,
+            paused: false,
+        })
+    }
+
+    /// The process.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The throttle in force.
+    pub fn throttle(&self) -> f64 {
+        self.fraction
+    }
+
+    fn signal(&self, signal: Signal) -> Result<(), ProcessError> {
+        kill(Pid::from_raw(self.pid), signal).map_err(|source| ProcessError::Signal {
+            pid: self.pid,
+            signal,
+            source,
+        })
+    }
+
+    fn baseline_cpus(&mut self) -> f64 {
+        *self.baseline.get_or_insert_with(|| {
+            let (t0, ns0) = self.sample;
+            let wall = t0.elapsed().as_secs_f64();
+            let used = cpu_time_ns(self.pid).saturating_sub(ns0) as f64 / 1e9;
+            if wall > 0.0 { used / wall } else { 0.0 }
+        })
+    }
+
+    /// Applies `fraction` with the chosen mechanism (the process is not paused).
+    fn apply(&mut self, fraction: f64) -> Result<(), ProcessError> {
+        if self.throttle_method == ThrottleMethod::None {
+            return Ok(());
+        }
+        if self.duty.is_none()
+            && matches!(
+                self.throttle_method,
+                ThrottleMethod::Auto | ThrottleMethod::CgroupCpu
+            )
+        {
+            if self.cpu.is_none() && fraction > 0.0 {
+                match Cgroup::create("cpu", self.pid) {
+                    Ok(cg) => {
+                        write_file(&cg.file("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
+                        self.cpu = Some(cg);
+                    }
+                    Err(e) if self.throttle_method == ThrottleMethod::Auto => {
+                        tracing::info!(error = %e, "no cgroup cpu quota; throttling with SIGSTOP/SIGCONT");
+                        self.throttle_method = ThrottleMethod::DutyCycle;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if let Some(cg) = &self.cpu {
+                let quota = if fraction > 0.0 {
+                    let cpus = self.baseline.unwrap_or(1.0);
+                    ((1.0 - fraction) * cpus * PERIOD_US as f64).max(1000.0) as i64
+                } else {
+                    -1
+                };
+                return write_file(&cg.file("cpu.cfs_quota_us"), &quota.to_string());
+            }
+        }
+        if self.throttle_method == ThrottleMethod::DutyCycle {
+            match &self.duty {
+                Some(d) => d.set(fraction),
+                None if fraction > 0.0 => self.duty = Some(DutyCycle::start(self.pid, fraction)?),
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Lifts the mechanism (not the recorded fraction) so the process can stop at once.
+    fn suspend_throttle(&mut self) -> Result<(), ProcessError> {
+        if let Some(mut d) = self.duty.take() {
+            d.stop();
+        }
+        if let Some(cg) = &self.cpu {
+            write_file(&cg.file("cpu.cfs_quota_us"), "-1")?;
+        }
+        Ok(())
+    }
+
+    fn pause_now(&mut self) -> Result<(), ProcessError> {
+        self.suspend_throttle()?;
+        let start = Instant::now();
+        match &self.freezer {
+            Some(cg) => {
+                let state = cg.file("freezer.state");
+                write_file(&state, "FROZEN")?;
+                while fs::read_to_string(&state).map_err(cg_err(&state))?.trim() != "FROZEN" {
+                    if start.elapsed() > STOP_TIMEOUT {
+                        return Err(ProcessError::StopTimeout {
+                            pid: self.pid,
+                            waited: STOP_TIMEOUT,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            None => {
+                self.signal(Signal::SIGSTOP)?;
+                while !all_stopped(self.pid) {
+                    if start.elapsed() > STOP_TIMEOUT {
+                        return Err(ProcessError::StopTimeout {
+                            pid: self.pid,
+                            waited: STOP_TIMEOUT,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume_now(&mut self) -> Result<(), ProcessError> {
+        match &self.freezer {
+            Some(cg) => write_file(&cg.file("freezer.state"), "THAWED")?,
+            None => self.signal(Signal::SIGCONT)?,
+        }
+        self.paused = false;
+        let f = self.fraction;
+        self.apply(f)
+    }
+}
+
+impl Workload for ProcessControl {
+    fn pause(&mut self) -> Result<(), BoxError> {
+        Ok(self.pause_now()?)
+    }
+
+    fn resume(&mut self) -> Result<(), BoxError> {
+        Ok(self.resume_now()?)
+    }
+
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), BoxError> {
+        if fraction > 0.0 {
+            self.baseline_cpus();
+        }
+        self.fraction = fraction;
+        if !self.paused {
+            self.apply(fraction)?;
+        }
+        Ok(())
+    }
+
+    fn throttle_method(&self) -> &'static str {
+        match self.throttle_method {
+            ThrottleMethod::None => "none",
+            ThrottleMethod::DutyCycle => "SIGSTOP/SIGCONT duty cycle",
+            ThrottleMethod::CgroupCpu => "cgroup v1 cpu quota",
+            ThrottleMethod::Auto if self.cpu.is_some() => "cgroup v1 cpu quota",
+            ThrottleMethod::Auto => "cgroup v1 cpu quota, else duty cycle",
+        }
+    }
+}
+
+impl Drop for ProcessControl {
+    fn drop(&mut self) {
+        let _ = self.suspend_throttle();
+        if self.paused && self.pause_method == PauseMethod::Freezer {
+            // Leaving the freezer thaws it: make it stop again right away.
+            let _ = self.signal(Signal::SIGSTOP);
+        }
+        if let Some(cg) = &self.freezer
+            && !self.paused
+        {
+            let _ = fs::write(cg.file("freezer.state"), "THAWED");
+        }
+        self.cpu = None;
+        self.freezer = None;
+    }
+}

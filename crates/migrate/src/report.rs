@@ -1,0 +1,323 @@
+//! The migration report, in the spirit of QEMU's `query-migrate`: totals, downtime, the
+//! per-round table, throttle. Serializes to JSON (durations in milliseconds, rates in bytes per
+//! second) and prints as a human table.
+
+use serde::{Serialize, Serializer};
+use std::fmt;
+use std::time::Duration;
+
+fn ms<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+fn ms_opt<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&(d.as_secs_f64() * 1e3)),
+        None => s.serialize_none(),
+    }
+}
+
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// Not started.
+    Setup,
+    /// Iterating.
+    Active,
+    /// In the final round, workload paused.
+    Completing,
+    /// The receiver acknowledged the final checksum.
+    Completed,
+    /// Stopped by a limit under the abort policy.
+    Aborted,
+    /// A step failed.
+    Failed,
+}
+
+/// Which rule ended the iteration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SwitchReason {
+    /// Expected downtime fell within the limit.
+    Converged,
+    /// The round limit, under the switch-over policy.
+    MaxRounds,
+    /// The timeout, under the switch-over policy.
+    Timeout,
+}
+
+/// What a round was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoundKind {
+    /// Round 0: all memory.
+    Full,
+    /// A round with the workload running.
+    Iterative,
+    /// The round with the workload paused.
+    Final,
+}
+
+/// One round.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    /// Round number, from 0.
+    pub round: u64,
+    /// Full, iterative or final.
+    pub kind: RoundKind,
+    /// Bytes the round was asked to send (all memory for round 0, else what the scans found).
+    pub dirty_bytes: u64,
+    /// Time the scan before this round took (zero for round 0).
+    #[serde(serialize_with = "ms", rename = "scan_ms")]
+    pub scan: Duration,
+    /// Pages sent with contents.
+    pub pages: u64,
+    /// Pages sent as zeros.
+    pub zero_pages: u64,
+    /// Bytes the transport wrote.
+    pub bytes: u64,
+    /// Send time.
+    #[serde(serialize_with = "ms", rename = "duration_ms")]
+    pub duration: Duration,
+    /// Transport bytes per second during the round.
+    pub bandwidth: f64,
+    /// Memory bytes delivered per second during the round (see the crate docs).
+    pub throughput: f64,
+    /// Bytes written per second by the workload, measured by the scan before this round
+    /// (0 for round 0).
+    pub dirty_rate: f64,
+    /// Expected downtime computed before this round.
+    #[serde(serialize_with = "ms_opt", rename = "expected_downtime_ms")]
+    pub expected_downtime: Option<Duration>,
+    /// Throttle in force while this round was sent.
+    pub throttle: f64,
+}
+
+/// The final round's timeline: downtime = pause + scan + send + finish.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct FinalPhase {
+    /// Time for the workload to stop.
+    #[serde(serialize_with = "ms", rename = "pause_ms")]
+    pub pause: Duration,
+    /// The last scan.
+    #[serde(serialize_with = "ms", rename = "scan_ms")]
+    pub scan: Duration,
+    /// Sending the last round.
+    #[serde(serialize_with = "ms", rename = "send_ms")]
+    pub send: Duration,
+    /// Computing the source checksum.
+    #[serde(serialize_with = "ms", rename = "checksum_ms")]
+    pub checksum: Duration,
+    /// From the end of the send to the receiver's acknowledgement, checksum included.
+    #[serde(serialize_with = "ms", rename = "finish_ms")]
+    pub finish: Duration,
+}
+
+/// Everything a migration measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    /// Outcome.
+    pub status: Status,
+    /// Why iteration ended, once it has.
+    pub switch_reason: Option<SwitchReason>,
+    /// The error, when failed or aborted (with its causes).
+    pub error: Option<String>,
+    /// Bytes of memory migrated.
+    pub memory_bytes: u64,
+    /// Bytes per page.
+    pub page_size: u64,
+    /// Starting the dirty log (arming).
+    #[serde(serialize_with = "ms", rename = "setup_ms")]
+    pub setup: Duration,
+    /// From start to the end (acknowledgement, or failure).
+    #[serde(serialize_with = "ms", rename = "total_time_ms")]
+    pub total_time: Duration,
+    /// From pause to acknowledgement.
+    #[serde(serialize_with = "ms_opt", rename = "downtime_ms")]
+    pub downtime: Option<Duration>,
+    /// The expected downtime when the driver decided to switch over.
+    #[serde(serialize_with = "ms_opt", rename = "expected_downtime_ms")]
+    pub expected_downtime: Option<Duration>,
+    /// The limit.
+    #[serde(serialize_with = "ms", rename = "max_downtime_ms")]
+    pub max_downtime: Duration,
+    /// Final round timeline.
+    pub final_phase: Option<FinalPhase>,
+    /// Every round.
+    pub rounds: Vec<RoundReport>,
+    /// Bytes the transport wrote, all rounds.
+    pub transferred_bytes: u64,
+    /// Pages sent with contents, all rounds (a page sent twice counts twice).
+    pub pages: u64,
+    /// Pages sent as zeros, all rounds.
+    pub zero_pages: u64,
+    /// (pages + zero pages) × page size ÷ memory size: 1.0 means every page went exactly once.
+    pub resend_ratio: f64,
+    /// Transport bytes ÷ total send time.
+    pub bandwidth: f64,
+    /// Dirty rate measured by the last scan with the workload running.
+    pub dirty_rate: f64,
+    /// Highest throttle applied.
+    pub throttle: f64,
+    /// How the throttle was applied.
+    pub throttle_method: &'static str,
+    /// The memory checksum the receiver acknowledged.
+    pub checksum: Option<u32>,
+}
+
+impl MigrationReport {
+    pub(crate) fn new(max_downtime: Duration) -> MigrationReport {
+        MigrationReport {
+            status: Status::Setup,
+            switch_reason: None,
+            error: None,
+            memory_bytes: 0,
+            page_size: 0,
+            setup: Duration::ZERO,
+            total_time: Duration::ZERO,
+            downtime: None,
+            expected_downtime: None,
+            max_downtime,
+            final_phase: None,
+            rounds: Vec::new(),
+            transferred_bytes: 0,
+            pages: 0,
+            zero_pages: 0,
+            resend_ratio: 0.0,
+            bandwidth: 0.0,
+            dirty_rate: 0.0,
+            throttle: 0.0,
+            throttle_method: "none",
+            checksum: None,
+        }
+    }
+
+    pub(crate) fn add_round(&mut self, r: RoundReport) {
+        self.transferred_bytes += r.bytes;
+        self.pages += r.pages;
+        self.zero_pages += r.zero_pages;
+        if self.memory_bytes > 0 {
+            self.resend_ratio =
+                ((self.pages + self.zero_pages) * self.page_size) as f64 / self.memory_bytes as f64;
+        }
+        let send: f64 = self
+            .rounds
+            .iter()
+            .map(|r| r.duration.as_secs_f64())
+            .sum::<f64>()
+            + r.duration.as_secs_f64();
+        if send > 0.0 {
+            self.bandwidth = self.transferred_bytes as f64 / send;
+        }
+        self.rounds.push(r);
+    }
+}
+
+/// Bytes with a binary unit, e.g. `1.50 GiB`.
+pub(crate) fn bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.2} {}", UNITS[i])
+    }
+}
+
+fn msf(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+impl fmt::Display for MigrationReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let opt = |d: Option<Duration>| d.map_or_else(|| "-".to_string(), msf);
+        writeln!(f, "status:             {:?}", self.status)?;
+        if let Some(e) = &self.error {
+            writeln!(f, "error:              {e}")?;
+        }
+        if let Some(r) = self.switch_reason {
+            writeln!(f, "switch-over:        {r:?}")?;
+        }
+        writeln!(f, "memory:             {}", bytes(self.memory_bytes as f64))?;
+        writeln!(f, "total time:         {}", msf(self.total_time))?;
+        writeln!(
+            f,
+            "downtime:           {} (expected {}, limit {})",
+            opt(self.downtime),
+            opt(self.expected_downtime),
+            msf(self.max_downtime)
+        )?;
+        if let Some(p) = self.final_phase {
+            writeln!(
+                f,
+                "  pause {} + scan {} + send {} + checksum/ack {} (checksum {})",
+                msf(p.pause),
+                msf(p.scan),
+                msf(p.send),
+                msf(p.finish),
+                msf(p.checksum)
+            )?;
+        }
+        writeln!(f, "setup:              {}", msf(self.setup))?;
+        writeln!(f, "rounds:             {}", self.rounds.len())?;
+        writeln!(
+            f,
+            "transferred:        {} on the wire, {} pages + {} zero pages ({:.2}× memory)",
+            bytes(self.transferred_bytes as f64),
+            self.pages,
+            self.zero_pages,
+            self.resend_ratio
+        )?;
+        writeln!(f, "bandwidth:          {}/s", bytes(self.bandwidth))?;
+        writeln!(f, "dirty rate:         {}/s", bytes(self.dirty_rate))?;
+        writeln!(
+            f,
+            "throttle:           {:.0}% ({})",
+            self.throttle * 100.0,
+            self.throttle_method
+        )?;
+        if let Some(c) = self.checksum {
+            writeln!(f, "checksum:           {c:#010x} (acknowledged)")?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:>5} {:<9} {:>11} {:>9} {:>9} {:>11} {:>9} {:>11} {:>11} {:>9} {:>5}",
+            "round",
+            "kind",
+            "to send",
+            "pages",
+            "zero",
+            "wire",
+            "time",
+            "bandwidth",
+            "dirty rate",
+            "exp.down",
+            "thr."
+        )?;
+        for r in &self.rounds {
+            writeln!(
+                f,
+                "{:>5} {:<9} {:>11} {:>9} {:>9} {:>11} {:>9} {:>11} {:>11} {:>9} {:>4.0}%",
+                r.round,
+                format!("{:?}", r.kind).to_lowercase(),
+                bytes(r.dirty_bytes as f64),
+                r.pages,
+                r.zero_pages,
+                bytes(r.bytes as f64),
+                msf(r.duration),
+                format!("{}/s", bytes(r.bandwidth)),
+                format!("{}/s", bytes(r.dirty_rate)),
+                r.expected_downtime.map_or_else(|| "-".to_string(), msf),
+                r.throttle * 100.0
+            )?;
+        }
+        Ok(())
+    }
+}

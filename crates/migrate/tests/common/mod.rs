@@ -1,0 +1,236 @@
+//! A tiny in-process "guest" for migration tests: memory, writer threads that can be paused and
+//! throttled, and a receiver thread.
+
+#![allow(dead_code)]
+
+use precopy_migrate::{BoxError, Callbacks};
+use precopy_sys::mem::Mapping;
+use precopy_transfer::{Listener, MemorySink, ReceiveReport, Receiver, ReceiverConfig, Sink};
+use rand::Rng;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub const PAGE: u64 = 4096;
+
+/// Returns false (after a loud SKIP message) when the kernel lacks what tracking needs.
+pub fn supported(test: &str) -> bool {
+    let p = precopy_scanner::kernel::probe();
+    if !p.engine_usable {
+        eprintln!(
+            "SKIP {test}: this kernel cannot run the engine: {}",
+            p.reason.unwrap_or_default()
+        );
+        return false;
+    }
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    Uniform,
+    HotSet,
+    Sequential,
+}
+
+/// Memory plus writer threads.
+pub struct Guest {
+    pub mem: Arc<Mapping>,
+    paused: Arc<AtomicBool>,
+    parked: Arc<AtomicUsize>,
+    throttle: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    pub writes: Arc<AtomicU64>,
+    threads: usize,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Guest {
+    /// `size` bytes, filled, then `threads` writers at `pages_per_sec` each.
+    pub fn start(size: u64, threads: usize, pattern: Pattern, pages_per_sec: f64) -> Guest {
+        let mem = Arc::new(Mapping::anonymous(size).unwrap());
+        for p in 0..size / PAGE {
+            if p % 8 != 7 {
+                mem.write_u64(p * PAGE, p + 1).unwrap();
+            }
+        }
+        let mut g = Guest {
+            mem,
+            paused: Arc::new(AtomicBool::new(false)),
+            parked: Arc::new(AtomicUsize::new(0)),
+            throttle: Arc::new(AtomicU64::new(0f64.to_bits())),
+            stop: Arc::new(AtomicBool::new(false)),
+            writes: Arc::new(AtomicU64::new(0)),
+            threads,
+            handles: Vec::new(),
+        };
+        for i in 0..threads {
+            let (mem, paused, parked, throttle, stop, writes) = (
+                g.mem.clone(),
+                g.paused.clone(),
+                g.parked.clone(),
+                g.throttle.clone(),
+                g.stop.clone(),
+                g.writes.clone(),
+            );
+            g.handles.push(std::thread::spawn(move || {
+                let pages = mem.len() / PAGE;
+                let mut rng = rand::rng();
+                let mut cursor = i as u64 * pages / threads as u64;
+                let mut seq = 0u64;
+                let start = Instant::now();
+                let mut done = 0.0f64;
+                while !stop.load(SeqCst) {
+                    if paused.load(SeqCst) {
+                        parked.fetch_add(1, SeqCst);
+                        while paused.load(SeqCst) && !stop.load(SeqCst) {
+                            std::thread::sleep(Duration::from_micros(100));
+                        }
+                        parked.fetch_sub(1, SeqCst);
+                        continue;
+                    }
+                    let due = start.elapsed().as_secs_f64() * pages_per_sec;
+                    done = done.max(due - 0.01 * pages_per_sec);
+                    let mut batch = 0;
+                    while done < due && batch < 64 && !paused.load(SeqCst) {
+                        let page = match pattern {
+                            Pattern::Uniform => rng.random_range(0..pages),
+                            Pattern::HotSet if rng.random_ratio(9, 10) => {
+                                rng.random_range(0..(pages / 16).max(1))
+                            }
+                            Pattern::HotSet => rng.random_range(0..pages),
+                            Pattern::Sequential => {
+                                cursor = (cursor + 1) % pages;
+                                cursor
+                            }
+                        };
+                        seq += 1;
+                        let off = page * PAGE + (seq % 512) * 8;
+                        mem.write_u64(off, ((i as u64) << 48) | seq).unwrap();
+                        writes.fetch_add(1, SeqCst);
+                        done += 1.0;
+                        batch += 1;
+                    }
+                    // Throttled: sleep a share of the time proportional to the throttle.
+                    let t = f64::from_bits(throttle.load(SeqCst));
+                    let tick = Duration::from_millis(1);
+                    std::thread::sleep(tick + tick.mul_f64(t / (1.0 - t).max(0.01)));
+                    if t > 0.0 {
+                        // Time lost to the throttle is not made up.
+                        done = done.max(start.elapsed().as_secs_f64() * pages_per_sec);
+                    }
+                }
+            }));
+        }
+        g
+    }
+
+    /// Pause/resume/throttle callbacks for the driver.
+    pub fn callbacks(&self) -> Callbacks {
+        let (p1, parked, n) = (self.paused.clone(), self.parked.clone(), self.threads);
+        let p2 = self.paused.clone();
+        let t = self.throttle.clone();
+        Callbacks::new(
+            move || -> Result<(), BoxError> {
+                p1.store(true, SeqCst);
+                while parked.load(SeqCst) < n {
+                    std::thread::yield_now();
+                }
+                Ok(())
+            },
+            move || {
+                p2.store(false, SeqCst);
+                Ok(())
+            },
+        )
+        .with_throttle(move |f| {
+            t.store(f.to_bits(), SeqCst);
+            Ok(())
+        })
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(SeqCst)
+    }
+
+    /// A copy of all memory.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.mem.len() as usize];
+        self.mem.read(0, &mut v).unwrap();
+        v
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A sink that fails after `pages` pages, like a destination that dies.
+pub struct DyingSink {
+    pub inner: MemorySink,
+    pub pages_left: u64,
+}
+
+impl Sink for DyingSink {
+    fn begin_round(&mut self, round: u64) -> Result<(), precopy_transfer::TransferError> {
+        self.inner.begin_round(round)
+    }
+    fn send_pages(
+        &mut self,
+        addr: u64,
+        pages: precopy_transfer::PageBuf,
+    ) -> Result<(), precopy_transfer::TransferError> {
+        let n = pages.len() as u64 / PAGE;
+        if n > self.pages_left {
+            return Err(precopy_transfer::TransferError::Io {
+                what: "writing destination memory",
+                source: std::io::Error::other("destination died"),
+            });
+        }
+        self.pages_left -= n;
+        self.inner.send_pages(addr, pages)
+    }
+    fn send_zero_range(
+        &mut self,
+        range: std::ops::Range<u64>,
+    ) -> Result<(), precopy_transfer::TransferError> {
+        self.inner.send_zero_range(range)
+    }
+    fn end_round(&mut self, round: u64) -> Result<u64, precopy_transfer::TransferError> {
+        self.inner.end_round(round)
+    }
+    fn finish(&mut self, checksum: u32) -> Result<(), precopy_transfer::TransferError> {
+        self.inner.finish(checksum)
+    }
+}
+
+pub type Received = Result<(Vec<u8>, ReceiveReport), precopy_transfer::TransferError>;
+
+/// Accepts one transfer on `listener` in a thread; `die_after` pages makes the sink fail.
+pub fn receive(listener: Listener, die_after: Option<u64>) -> JoinHandle<Received> {
+    std::thread::spawn(move || {
+        let receiver = Receiver::accept(&listener, &ReceiverConfig::default())?;
+        let layout = receiver.layout().clone();
+        match die_after {
+            None => {
+                let mut sink = MemorySink::new(layout)?;
+                let report = receiver.run(&mut sink)?;
+                Ok((sink.memory().to_vec(), report))
+            }
+            Some(n) => {
+                let mut sink = DyingSink {
+                    inner: MemorySink::new(layout)?,
+                    pages_left: n,
+                };
+                let report = receiver.run(&mut sink)?;
+                Ok((sink.inner.memory().to_vec(), report))
+            }
+        }
+    })
+}

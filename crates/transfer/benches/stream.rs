@@ -1,0 +1,263 @@
+//! Streams 1 GiB of non-zero pages through the engine over loopback TCP and a
+//! Unix socket, and copies the same bytes over a bare socket as the baseline,
+//! in the same run; prints engine/raw throughput ratios at the end.
+//!
+//! `cargo bench -p precopy-transfer --bench stream`
+//! (`PRECOPY_BENCH_MIB=256` for a quicker run, `PRECOPY_BENCH_FULL=1` to add
+//! the batch-size and zstd-level sweeps used to choose the defaults).
+//!
+//! The engine side reads its own memory with `process_vm_readv` (as it reads
+//! any process) and the receiver applies into a [`MemorySink`]; both the raw
+//! and the engine receivers write into a destination already faulted in, so
+//! page-fault cost is not counted for either. Each page is half random bytes,
+//! half a repeated word, so compression has something (about 2:1) to find.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, SamplingMode, Throughput};
+use precopy_transfer::*;
+
+const PS: u64 = 4096;
+
+static TIMES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
+
+fn record(name: &str, d: Duration) {
+    TIMES
+        .lock()
+        .unwrap()
+        .entry(name.to_owned())
+        .or_default()
+        .push(d.as_secs_f64());
+}
+
+/// Page-aligned source memory (an anonymous mapping, like a guest's RAM).
+fn source_memory(bytes: usize) -> memmap2::MmapMut {
+    let mut v = memmap2::MmapMut::map_anon(bytes).unwrap();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for (i, page) in v.chunks_mut(PS as usize).enumerate() {
+        let (rnd, pat) = page.split_at_mut(PS as usize / 2);
+        for w in rnd.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+        }
+        for w in pat.chunks_mut(8) {
+            w.copy_from_slice(&((i as u64) | 1).to_le_bytes()[..w.len()]);
+        }
+    }
+    v
+}
+
+#[derive(Clone, Copy)]
+enum Net {
+    Tcp,
+    Unix,
+}
+
+fn pair(net: Net, dir: &std::path::Path, streams: usize) -> (Listener, Vec<Connection>) {
+    match net {
+        Net::Tcp => {
+            let l = Listener::bind_tcp("127.0.0.1:0").unwrap();
+            let Listener::Tcp(t) = &l else { unreachable!() };
+            let addr = t.local_addr().unwrap();
+            let conns = (0..streams)
+                .map(|_| Connection::connect_tcp(addr).unwrap())
+                .collect();
+            (l, conns)
+        }
+        Net::Unix => {
+            let path = dir.join(format!("s{}", rand::random::<u64>()));
+            let l = Listener::bind_unix(&path).unwrap();
+            let conns = (0..streams)
+                .map(|_| Connection::connect_unix(&path).unwrap())
+                .collect();
+            (l, conns)
+        }
+    }
+}
+
+/// One raw copy of `src` over a fresh connection into `dest`.
+fn raw_copy(net: Net, dir: &std::path::Path, src: &[u8], dest: &mut [u8]) -> Duration {
+    let (listener, mut conns) = pair(net, dir, 1);
+    let mut conn = conns.pop().unwrap();
+    let mut peer = listener.accept().unwrap();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(move || conn.write_all(src).unwrap());
+        peer.read_exact(dest).unwrap();
+    });
+    start.elapsed()
+}
+
+/// One engine transfer of `src`: (time to stream the round, time to DONE).
+fn engine_copy(
+    net: Net,
+    dir: &std::path::Path,
+    src: &[u8],
+    checksum: u32,
+    dest: &mut MemorySink,
+    config: &SenderConfig,
+) -> (Duration, Duration) {
+    let (listener, conns) = pair(net, dir, config.streams);
+    let base = src.as_ptr() as u64;
+    let layout = Layout::single(PS, base, src.len() as u64).unwrap();
+    std::thread::scope(|s| {
+        let rx = s.spawn(move || {
+            let rx = Receiver::accept(&listener, &ReceiverConfig::default()).unwrap();
+            rx.run(dest).unwrap()
+        });
+        let start = Instant::now();
+        let mut tx = Sender::connect(conns, layout, ProcessMemory::current(), config).unwrap();
+        tx.send_round(&[base..base + src.len() as u64]).unwrap();
+        let streamed = start.elapsed();
+        tx.finish(checksum).unwrap();
+        let total = start.elapsed();
+        rx.join().unwrap();
+        (streamed, total)
+    })
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mib: usize = std::env::var("PRECOPY_BENCH_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1024);
+    let full = std::env::var_os("PRECOPY_BENCH_FULL").is_some();
+    let bytes = mib << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_memory(bytes);
+    let checksum = crc32c::crc32c(&src);
+    let base = src.as_ptr() as u64;
+    let layout = Layout::single(PS, base, bytes as u64).unwrap();
+    let mut dest = MemorySink::new(layout).unwrap();
+    let mut raw_dest = vec![1u8; bytes];
+
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(5))
+        .configure_from_args();
+    let mut g = c.benchmark_group(format!("stream_{mib}MiB"));
+    g.sampling_mode(SamplingMode::Flat);
+    g.throughput(Throughput::Bytes(bytes as u64));
+
+    let nets = [(Net::Tcp, "tcp"), (Net::Unix, "unix")];
+    for (net, nname) in nets {
+        let name = format!("raw/{nname}");
+        g.bench_function(&name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let d = raw_copy(net, dir.path(), &src, &mut raw_dest);
+                    record(&name, d);
+                    total += d;
+                }
+                total
+            })
+        });
+        assert!(raw_dest[..] == src[..]);
+        let mut configs: Vec<(String, SenderConfig)> =
+            vec![("engine".into(), SenderConfig::default())];
+        if matches!(net, Net::Tcp) {
+            let with = |compression, streams| SenderConfig {
+                compression,
+                streams,
+                ..SenderConfig::default()
+            };
+            configs.push(("engine_lz4".into(), with(Compression::Lz4, 1)));
+            configs.push(("engine_zstd1".into(), with(Compression::Zstd(1), 1)));
+            configs.push(("engine_2streams".into(), with(Compression::None, 2)));
+            configs.push(("engine_2streams_lz4".into(), with(Compression::Lz4, 2)));
+            if full {
+                configs.push(("engine_zstd3".into(), with(Compression::Zstd(3), 1)));
+                configs.push((
+                    "engine_2streams_zstd1".into(),
+                    with(Compression::Zstd(1), 2),
+                ));
+                for batch in [16usize, 256, 1024] {
+                    configs.push((
+                        format!("engine_batch{batch}"),
+                        SenderConfig {
+                            batch_pages: batch,
+                            ..SenderConfig::default()
+                        },
+                    ));
+                }
+            }
+        }
+        for (cname, config) in configs {
+            let name = format!("{cname}/{nname}");
+            g.bench_function(&name, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let (streamed, done) =
+                            engine_copy(net, dir.path(), &src, checksum, &mut dest, &config);
+                        record(&name, streamed);
+                        record(&format!("{name} (to DONE)"), done);
+                        total += streamed;
+                    }
+                    total
+                })
+            });
+            assert!(dest.memory() == &src[..], "{name}: destination differs");
+        }
+    }
+    g.finish();
+
+    // Where an engine byte's CPU goes, for reading the ratios: the per-byte
+    // steps the engine adds to a raw copy, each over the same memory.
+    let step = |f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        f();
+        mib as f64 / t.elapsed().as_secs_f64()
+    };
+    let mut sink_crc = 0;
+    let crc_speed = step(&mut || sink_crc = crc32c::crc32c(&src));
+    let copy_speed = step(&mut || raw_dest.copy_from_slice(&src));
+    let mut pm = ProcessMemory::current();
+    let chunk = 64 * PS as usize;
+    let readv_speed = step(&mut || {
+        for (i, out) in raw_dest.chunks_mut(chunk).enumerate() {
+            let a = base + (i * chunk) as u64;
+            pm.read_ranges(&[a..a + out.len() as u64], out).unwrap();
+        }
+    });
+    assert_eq!(sink_crc, checksum);
+
+    let times = TIMES.lock().unwrap();
+    println!(
+        "\nper-byte steps (MiB/s, one core): crc32c {crc_speed:.0}, memcpy {copy_speed:.0}, process_vm_readv (256 KiB) {readv_speed:.0}"
+    );
+    println!("\nprecopy-transfer stream bench: {mib} MiB per transfer, median of samples");
+    println!(
+        "{:<40} {:>9} {:>10} {:>8}",
+        "config", "seconds", "MiB/s", "vs raw"
+    );
+    for (_, nname) in nets {
+        let raw = median(&times[&format!("raw/{nname}")]);
+        for (name, samples) in times
+            .iter()
+            .filter(|(k, _)| k.contains(&format!("/{nname}")))
+        {
+            let t = median(samples);
+            println!(
+                "{:<40} {:>9.3} {:>10.0} {:>7.2}x",
+                name,
+                t,
+                mib as f64 / t,
+                raw / t
+            );
+        }
+    }
+}

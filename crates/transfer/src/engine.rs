@@ -1,0 +1,419 @@
+//! The send pipeline: dirty ranges in, page contents read and handed to a
+//! sink, zero pages turned into range markers.
+//!
+//! [`Transfer`] owns the order of a transfer — rounds, batching, the
+//! read-after-scan rule — and nothing about where bytes go (that is the
+//! [`Sink`]'s business). It reads a page only when a caller hands it a range
+//! the scanner already reported, i.e. after the round that reported it
+//! returned; a write racing with the read is caught by the next round and the
+//! page is simply sent again.
+//!
+//! Stages overlap: the caller's thread scans and reads a batch, then hands it
+//! to the sink; the socket sink compresses, checksums and writes on its own
+//! per-connection threads behind bounded queues, so the caller can scan and
+//! read the next batch meanwhile and a slow peer blocks the caller instead of
+//! growing memory.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::auth::Key;
+use crate::buffer::{BufferPool, is_zero};
+use crate::error::TransferError;
+use crate::layout::Layout;
+use crate::protocol::MAX_PAGES_LEN;
+use crate::sink::Sink;
+use crate::source::PageSource;
+
+/// Compression of page frames, chosen per transfer (every connection uses it).
+/// A frame that does not shrink is sent raw whatever the choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum Compression {
+    /// Raw pages (the default: see the crate docs for the measurements).
+    #[default]
+    None,
+    /// LZ4 block compression.
+    Lz4,
+    /// zstd at the given level (1 is fastest).
+    Zstd(i32),
+}
+
+/// Default pages per batch (256 KiB with 4 KiB pages); see the crate docs.
+pub const DEFAULT_BATCH_PAGES: usize = 64;
+/// Default batches queued per connection ahead of its writer.
+pub const DEFAULT_QUEUE_DEPTH: usize = 4;
+
+/// How a sender reads and sends.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// Compression of page frames.
+    pub compression: Compression,
+    /// Parallel connections (must equal the connections handed to the sender).
+    pub streams: usize,
+    /// Cap on bytes per second over all connections (`None`: unlimited).
+    pub bandwidth_limit: Option<u64>,
+    /// Pages read per `process_vm_readv` batch and carried per frame at most.
+    pub batch_pages: usize,
+    /// Batches queued per connection before the reader blocks.
+    pub queue_depth: usize,
+    /// Shared key proving this sender to the receiver.
+    pub key: Option<Key>,
+    /// Time allowed for each connection's handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for SenderConfig {
+    fn default() -> SenderConfig {
+        SenderConfig {
+            compression: Compression::None,
+            streams: 1,
+            bandwidth_limit: None,
+            batch_pages: DEFAULT_BATCH_PAGES,
+            queue_depth: DEFAULT_QUEUE_DEPTH,
+            key: None,
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What one round sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RoundSent {
+    /// The round number (from 0).
+    pub round: u64,
+    /// Pages sent with contents.
+    pub pages: u64,
+    /// Pages sent as zero-range markers.
+    pub zero_pages: u64,
+    /// Bytes the sink wrote for the round (frames on the wire, or file bytes).
+    pub bytes_on_wire: u64,
+    /// From the round's first range to the sink having written all of it.
+    pub duration: Duration,
+}
+
+/// What a whole transfer sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TransferSummary {
+    /// Rounds sent.
+    pub rounds: u64,
+    /// Pages sent with contents, all rounds.
+    pub pages: u64,
+    /// Pages sent as zeros, all rounds.
+    pub zero_pages: u64,
+    /// Bytes written by the sink, all rounds.
+    pub bytes_on_wire: u64,
+    /// The memory checksum the sink accepted.
+    pub checksum: u32,
+}
+
+#[derive(Debug)]
+struct RoundState {
+    round: u64,
+    start: Instant,
+    pages: u64,
+    zero_pages: u64,
+}
+
+/// Drives rounds of dirty ranges from a [`PageSource`] into a [`Sink`].
+#[derive(Debug)]
+pub struct Transfer<S, K> {
+    source: S,
+    sink: K,
+    layout: Layout,
+    batch_bytes: u64,
+    pool: BufferPool,
+    next_round: u64,
+    current: Option<RoundState>,
+    /// Ranges of the batch being gathered, and their total bytes.
+    batch: Vec<Range<u64>>,
+    batch_len: u64,
+    scratch: Vec<Range<u64>>,
+    totals: TransferSummary,
+    finished: bool,
+}
+
+impl<S: PageSource, K: Sink> Transfer<S, K> {
+    /// A transfer of `layout` from `source` into `sink`, reading
+    /// `batch_pages` pages per batch.
+    pub fn new(
+        source: S,
+        sink: K,
+        layout: Layout,
+        batch_pages: usize,
+    ) -> Result<Transfer<S, K>, TransferError> {
+        Transfer::with_pool(source, sink, layout, batch_pages, 4)
+    }
+
+    pub(crate) fn with_pool(
+        source: S,
+        sink: K,
+        layout: Layout,
+        batch_pages: usize,
+        pool: usize,
+    ) -> Result<Transfer<S, K>, TransferError> {
+        let batch_bytes = (batch_pages as u64).saturating_mul(layout.page_size());
+        if batch_pages == 0 || batch_bytes > MAX_PAGES_LEN {
+            return Err(TransferError::Config {
+                reason: "batch_pages must be at least 1 and at most 16 MiB of pages",
+            });
+        }
+        Ok(Transfer {
+            source,
+            sink,
+            layout,
+            batch_bytes,
+            pool: BufferPool::new(pool),
+            next_round: 0,
+            current: None,
+            batch: Vec::new(),
+            batch_len: 0,
+            scratch: Vec::new(),
+            totals: TransferSummary {
+                rounds: 0,
+                pages: 0,
+                zero_pages: 0,
+                bytes_on_wire: 0,
+                checksum: 0,
+            },
+            finished: false,
+        })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The source.
+    pub fn source_mut(&mut self) -> &mut S {
+        &mut self.source
+    }
+
+    /// The sink.
+    pub fn sink(&self) -> &K {
+        &self.sink
+    }
+
+    /// Gives back the source and the sink.
+    pub fn into_parts(self) -> (S, K) {
+        (self.source, self.sink)
+    }
+
+    /// Totals over the rounds sent so far.
+    pub fn totals(&self) -> TransferSummary {
+        self.totals
+    }
+
+    /// Sends one whole round: `dirty` are the ranges the scanner reported
+    /// (plus any the caller wants re-sent in full), page-aligned source
+    /// addresses, in any order, overlaps allowed.
+    pub fn send_round(&mut self, dirty: &[Range<u64>]) -> Result<RoundSent, TransferError> {
+        self.begin_round()?;
+        self.send_dirty(dirty)?;
+        self.end_round()
+    }
+
+    /// Starts a round; returns its number. Use with [`Transfer::send_dirty`]
+    /// and [`Transfer::end_round`] to feed a round batch by batch as the
+    /// scanner produces it.
+    pub fn begin_round(&mut self) -> Result<u64, TransferError> {
+        if self.current.is_some() || self.finished {
+            return Err(TransferError::Misuse {
+                operation: "begin_round",
+                state: "inside a round or after finish",
+            });
+        }
+        let round = self.next_round;
+        self.sink.begin_round(round)?;
+        self.current = Some(RoundState {
+            round,
+            start: Instant::now(),
+            pages: 0,
+            zero_pages: 0,
+        });
+        Ok(round)
+    }
+
+    /// Reads and sends the pages of `dirty` (see [`Transfer::send_round`]).
+    /// Every range is checked against the layout before any page is read, so
+    /// an error sends nothing of this call. Ranges within one call are merged;
+    /// a page given in two calls of one round is sent twice.
+    pub fn send_dirty(&mut self, dirty: &[Range<u64>]) -> Result<(), TransferError> {
+        if self.current.is_none() {
+            return Err(TransferError::Misuse {
+                operation: "send_dirty",
+                state: "outside a round",
+            });
+        }
+        let mut merged: Vec<Range<u64>> = Vec::with_capacity(dirty.len());
+        for r in dirty {
+            self.layout.check_pages(r)?;
+            merged.push(r.clone());
+        }
+        merged.sort_unstable_by_key(|r| r.start);
+        let mut pieces = std::mem::take(&mut self.scratch);
+        pieces.clear();
+        let mut run: Option<Range<u64>> = None;
+        for r in merged {
+            match &mut run {
+                Some(cur) if r.start <= cur.end => cur.end = cur.end.max(r.end),
+                _ => {
+                    if let Some(done) = run.replace(r) {
+                        self.layout.split(done, |p, _| {
+                            pieces.push(p);
+                            Ok(())
+                        })?;
+                    }
+                }
+            }
+        }
+        if let Some(done) = run {
+            self.layout.split(done, |p, _| {
+                pieces.push(p);
+                Ok(())
+            })?;
+        }
+        let result = self.send_pieces(&pieces);
+        self.scratch = pieces;
+        result
+    }
+
+    fn send_pieces(&mut self, pieces: &[Range<u64>]) -> Result<(), TransferError> {
+        for piece in pieces {
+            let mut at = piece.start;
+            while at < piece.end {
+                let room = self.batch_bytes - self.batch_len;
+                let end = piece.end.min(at + room);
+                // Pieces are never merged: two that touch lie in different
+                // regions, and a frame must stay inside one region.
+                self.batch.push(at..end);
+                self.batch_len += end - at;
+                at = end;
+                if self.batch_len == self.batch_bytes {
+                    self.flush_batch()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the gathered batch and hands its runs to the sink.
+    fn flush_batch(&mut self) -> Result<(), TransferError> {
+        if self.batch_len == 0 {
+            return Ok(());
+        }
+        let n = self.batch_len as usize;
+        let mut buf = self.pool.take(n);
+        let read = self.source.read_ranges(&self.batch, &mut buf[..n]);
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_len = 0;
+        if let Err(e) = read {
+            self.batch = batch;
+            self.batch.clear();
+            return Err(e.into());
+        }
+        let shared = self.pool.share(buf);
+        let ps = self.layout.page_size();
+        let state = self.current.as_mut().ok_or(TransferError::Misuse {
+            operation: "send_dirty",
+            state: "outside a round",
+        })?;
+        let mut off = 0usize;
+        let mut result = Ok(());
+        'ranges: for r in &batch {
+            // Runs of pages that are all zero or all non-zero.
+            let mut run_start = r.start;
+            let mut run_off = off;
+            let mut run_zero: Option<bool> = None;
+            let mut addr = r.start;
+            while addr <= r.end {
+                let zero = if addr < r.end {
+                    Some(is_zero(&shared.as_slice()[off..off + ps as usize]))
+                } else {
+                    None
+                };
+                if zero != run_zero {
+                    if let Some(was_zero) = run_zero {
+                        let len = addr - run_start;
+                        let sent = if was_zero {
+                            state.zero_pages += len / ps;
+                            self.sink.send_zero_range(run_start..addr)
+                        } else {
+                            state.pages += len / ps;
+                            self.sink.send_pages(run_start, shared.view(run_off..off))
+                        };
+                        if let Err(e) = sent {
+                            result = Err(e);
+                            break 'ranges;
+                        }
+                    }
+                    run_start = addr;
+                    run_off = off;
+                    run_zero = zero;
+                }
+                if addr == r.end {
+                    break;
+                }
+                addr += ps;
+                off += ps as usize;
+            }
+        }
+        self.batch = batch;
+        self.batch.clear();
+        result
+    }
+
+    /// Ends the round: flushes the last batch and waits until the sink has
+    /// written everything of the round.
+    pub fn end_round(&mut self) -> Result<RoundSent, TransferError> {
+        if self.current.is_none() {
+            return Err(TransferError::Misuse {
+                operation: "end_round",
+                state: "outside a round",
+            });
+        }
+        self.flush_batch()?;
+        let state = self.current.take().ok_or(TransferError::Misuse {
+            operation: "end_round",
+            state: "outside a round",
+        })?;
+        let bytes = self.sink.end_round(state.round)?;
+        self.next_round += 1;
+        self.totals.rounds += 1;
+        self.totals.pages += state.pages;
+        self.totals.zero_pages += state.zero_pages;
+        self.totals.bytes_on_wire += bytes;
+        Ok(RoundSent {
+            round: state.round,
+            pages: state.pages,
+            zero_pages: state.zero_pages,
+            bytes_on_wire: bytes,
+            duration: state.start.elapsed(),
+        })
+    }
+
+    /// Ends the transfer with the source's whole-memory checksum (see
+    /// [`memory_checksum`](crate::memory_checksum), computed with the source
+    /// stopped after the final round). For a socket this waits for the
+    /// receiver to check the checksum and acknowledge.
+    pub fn finish(&mut self, memory_checksum: u32) -> Result<TransferSummary, TransferError> {
+        if self.current.is_some() || self.finished {
+            return Err(TransferError::Misuse {
+                operation: "finish",
+                state: "inside a round or after finish",
+            });
+        }
+        self.sink.finish(memory_checksum)?;
+        self.finished = true;
+        self.totals.checksum = memory_checksum;
+        Ok(self.totals)
+    }
+
+    /// [`Transfer::finish`] with the checksum computed from the source now.
+    pub fn finish_with_source_checksum(&mut self) -> Result<TransferSummary, TransferError> {
+        let checksum = crate::source::memory_checksum(&mut self.source, &self.layout)?;
+        self.finish(checksum)
+    }
+}

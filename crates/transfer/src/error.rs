@@ -1,0 +1,421 @@
+//! Every error this crate returns. Each variant names what went wrong with the
+//! numbers needed to act on it; the underlying cause sits in `#[source]`, never
+//! pasted into the message.
+
+use std::io;
+use std::ops::Range;
+use std::path::PathBuf;
+
+use crate::protocol::FrameKind;
+
+/// A memory layout that cannot be used, or a range that does not fit it.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// The page size is not a power of two in the supported span.
+    #[error("page size {page_size} is not a power of two between 512 bytes and 1 GiB")]
+    BadPageSize {
+        /// The rejected page size.
+        page_size: u64,
+    },
+    /// The layout has no regions at all.
+    #[error("layout has no regions")]
+    Empty,
+    /// More regions than the wire format carries.
+    #[error("layout has {count} regions, more than the {max} supported")]
+    TooManyRegions {
+        /// Regions given.
+        count: usize,
+        /// Most regions supported.
+        max: usize,
+    },
+    /// A region of length zero.
+    #[error("region at {start:#x} is empty")]
+    EmptyRegion {
+        /// Start of the region.
+        start: u64,
+    },
+    /// A region whose start or length is not a multiple of the page size.
+    #[error("region {start:#x}+{len:#x} is not aligned to {page_size}-byte pages")]
+    Unaligned {
+        /// Start of the region.
+        start: u64,
+        /// Length of the region.
+        len: u64,
+        /// The layout's page size.
+        page_size: u64,
+    },
+    /// A region running past the end of the address space.
+    #[error("region {start:#x}+{len:#x} wraps around the address space")]
+    Wraps {
+        /// Start of the region.
+        start: u64,
+        /// Length of the region.
+        len: u64,
+    },
+    /// Two regions share addresses.
+    #[error("regions {first:#x?} and {second:#x?} overlap")]
+    Overlap {
+        /// The lower region.
+        first: Range<u64>,
+        /// The region that starts inside it.
+        second: Range<u64>,
+    },
+    /// A range that is not page-aligned or is empty/inverted.
+    #[error("range {range:#x?} is not a non-empty span of whole {page_size}-byte pages")]
+    RangeUnaligned {
+        /// The rejected range.
+        range: Range<u64>,
+        /// The layout's page size.
+        page_size: u64,
+    },
+    /// A range that is not inside the layout.
+    #[error("range {range:#x?} is outside the layout")]
+    OutsideLayout {
+        /// The rejected range.
+        range: Range<u64>,
+    },
+}
+
+/// Reading page contents from a [`PageSource`](crate::PageSource) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Part of a requested range is not mapped in the source. Such a page is
+    /// never sent as zeros: the caller decides what an unmapped page means.
+    #[error("source address {addr:#x} is not mapped (reading {len:#x} bytes)")]
+    Unmapped {
+        /// First address that could not be read.
+        addr: u64,
+        /// Bytes that were left unread from `addr` in that request.
+        len: u64,
+    },
+    /// The source process exited.
+    #[error("source process {pid} no longer exists")]
+    ProcessGone {
+        /// The process id.
+        pid: i32,
+    },
+    /// The caller may not read the source process (ptrace access mode check).
+    #[error("not permitted to read the memory of process {pid} (needs ptrace access)")]
+    PermissionDenied {
+        /// The process id.
+        pid: i32,
+    },
+    /// Any other failure of `process_vm_readv`.
+    #[error("reading {len:#x} bytes at {addr:#x} of process {pid} failed")]
+    Read {
+        /// The process id.
+        pid: i32,
+        /// First address of the failed request.
+        addr: u64,
+        /// Bytes requested.
+        len: u64,
+        /// The errno.
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// The buffer handed to `read_ranges` does not match the ranges.
+    #[error("buffer holds {buf} bytes but the ranges cover {ranges}")]
+    BufferSize {
+        /// Buffer length.
+        buf: usize,
+        /// Sum of the range lengths.
+        ranges: u64,
+    },
+}
+
+/// The byte stream broke the protocol. A receiver returns one of these for the
+/// first fault it meets and applies nothing from that frame or later.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The stream ended inside a frame or before the final frame.
+    #[error("stream truncated at byte {offset} while reading {what}")]
+    Truncated {
+        /// Stream offset where more bytes were needed.
+        offset: u64,
+        /// What was being read.
+        what: &'static str,
+    },
+    /// The stream does not start with the precopy magic.
+    #[error("not a precopy stream (magic {found:02x?})")]
+    BadMagic {
+        /// The eight bytes found instead.
+        found: [u8; 8],
+    },
+    /// The peer speaks a protocol version this build does not.
+    #[error("unknown protocol version {version} (this build speaks {supported})")]
+    UnknownVersion {
+        /// Version announced by the peer.
+        version: u32,
+        /// The version this build speaks.
+        supported: u32,
+    },
+    /// A frame's CRC32C does not match its contents.
+    #[error(
+        "{kind} frame at byte {offset} has a bad checksum (stored {stored:#010x}, computed {computed:#010x})"
+    )]
+    BadChecksum {
+        /// Stream offset of the frame header.
+        offset: u64,
+        /// Kind byte of the frame (may itself be damaged).
+        kind: u8,
+        /// Checksum carried by the frame.
+        stored: u32,
+        /// Checksum of the bytes received.
+        computed: u32,
+    },
+    /// A frame kind this version does not define.
+    #[error("unknown frame kind {kind} at byte {offset}")]
+    UnknownFrame {
+        /// Stream offset of the frame header.
+        offset: u64,
+        /// The kind byte.
+        kind: u8,
+    },
+    /// A frame announcing a payload larger than any valid frame carries.
+    #[error("frame at byte {offset} announces a {len}-byte payload, more than the {max} allowed")]
+    FrameTooLarge {
+        /// Stream offset of the frame header.
+        offset: u64,
+        /// Announced payload length.
+        len: u64,
+        /// Largest payload accepted.
+        max: u64,
+    },
+    /// A frame whose fields contradict each other or the protocol.
+    #[error("malformed {kind} frame at byte {offset}: {reason}")]
+    Malformed {
+        /// Stream offset of the frame header.
+        offset: u64,
+        /// The frame kind.
+        kind: FrameKind,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The two ends disagree on the page size.
+    #[error("peer uses {theirs}-byte pages, this end expects {ours}")]
+    WrongPageSize {
+        /// Page size this end expects.
+        ours: u64,
+        /// Page size the peer announced.
+        theirs: u64,
+    },
+    /// A page or zero range that is not inside the announced layout.
+    #[error("pages {addr:#x}+{len:#x} are outside the announced layout")]
+    PageOutsideLayout {
+        /// First address of the frame's pages.
+        addr: u64,
+        /// Length of the frame's pages.
+        len: u64,
+    },
+    /// A valid frame that is not allowed in the receiver's current state.
+    #[error("unexpected {kind} frame at byte {offset} while {state}")]
+    Unexpected {
+        /// Stream offset of the frame header.
+        offset: u64,
+        /// The frame kind.
+        kind: FrameKind,
+        /// What the receiver was waiting for.
+        state: &'static str,
+    },
+    /// A round begins or ends out of sequence.
+    #[error("round {got} out of order (expected round {expected})")]
+    RoundOutOfOrder {
+        /// Round number expected.
+        expected: u64,
+        /// Round number received.
+        got: u64,
+    },
+    /// The end-of-round counts do not match the frames that arrived.
+    #[error(
+        "round {round} end announces {claimed_pages} pages and {claimed_zero} zero pages but {pages} and {zero} arrived"
+    )]
+    CountMismatch {
+        /// The round.
+        round: u64,
+        /// Pages announced.
+        claimed_pages: u64,
+        /// Zero pages announced.
+        claimed_zero: u64,
+        /// Pages received.
+        pages: u64,
+        /// Zero pages received.
+        zero: u64,
+    },
+    /// A compressed page frame that does not decompress to its announced size.
+    #[error("{codec} page frame at byte {offset} does not decompress to {raw_len} bytes")]
+    Decompress {
+        /// Stream offset of the frame header.
+        offset: u64,
+        /// The codec named by the frame.
+        codec: &'static str,
+        /// The announced decompressed length.
+        raw_len: u64,
+    },
+    /// The layout announced in the handshake is invalid.
+    #[error("the announced layout is invalid")]
+    BadLayout(#[source] LayoutError),
+    /// Parallel streams of one transfer that do not belong together.
+    #[error("stream {index} does not belong with the others: {reason}")]
+    StreamMismatch {
+        /// Index the stream announced.
+        index: u32,
+        /// How it differs.
+        reason: &'static str,
+    },
+}
+
+/// Reading or writing a checkpoint image failed, or the image is not good.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// An I/O operation on the image file failed.
+    #[error("{what} {path} failed")]
+    Io {
+        /// The image file.
+        path: PathBuf,
+        /// The operation.
+        what: &'static str,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not a precopy image or its records are damaged.
+    #[error("image {path} is corrupt")]
+    Corrupt {
+        /// The image file.
+        path: PathBuf,
+        /// The fault, with its offset in the file.
+        #[source]
+        source: ProtocolError,
+    },
+    /// The image has no valid final checksum and trailer: it was cut short or
+    /// is still being written.
+    #[error("image {path} is incomplete: {reason}")]
+    Incomplete {
+        /// The image file.
+        path: PathBuf,
+        /// Why it is not complete.
+        reason: String,
+    },
+    /// The image's index disagrees with its records.
+    #[error("image {path} index disagrees with its records at page {addr:#x}")]
+    IndexMismatch {
+        /// The image file.
+        path: PathBuf,
+        /// The first page where they differ.
+        addr: u64,
+    },
+    /// The memory assembled from the image does not match the recorded checksum.
+    #[error("image memory checksum {actual:#010x} does not match the recorded {expected:#010x}")]
+    ChecksumMismatch {
+        /// Checksum recorded by the writer.
+        expected: u32,
+        /// Checksum of the memory the image holds.
+        actual: u32,
+    },
+    /// A requested span is not inside the image's layout.
+    #[error("span {range:#x?} is not inside the image layout")]
+    SpanOutsideLayout {
+        /// The requested span.
+        range: Range<u64>,
+    },
+}
+
+/// Any failure of a transfer: sending, receiving, or a sink.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// The memory layout or a dirty range is invalid.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// Reading the source failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The peer's bytes broke the protocol.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The checkpoint image failed.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// A socket or file operation failed.
+    #[error("{what} failed")]
+    Io {
+        /// The operation.
+        what: &'static str,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// A receiver on a non-loopback address was started without a key.
+    #[error("receiver at {addr} is not on loopback: a shared key is required")]
+    KeyRequired {
+        /// The listening or local address.
+        addr: String,
+    },
+    /// The key file cannot be used.
+    #[error("key file {path} is unusable: {reason}")]
+    BadKey {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Reading the key file failed.
+    #[error("reading key file {path} failed")]
+    KeyFile {
+        /// The key file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer did not prove it holds the shared key.
+    #[error("peer {peer} failed authentication")]
+    AuthFailed {
+        /// The peer's address.
+        peer: String,
+    },
+    /// The receiver requires a key and the sender has none.
+    #[error("receiver requires a shared key and none was configured")]
+    AuthRequired,
+    /// The peer reported an error and stopped.
+    #[error("peer reported an error: {message}")]
+    PeerRejected {
+        /// Error code sent by the peer (see `protocol::error_code`).
+        code: u32,
+        /// The peer's message.
+        message: String,
+    },
+    /// The destination memory does not match the sender's checksum.
+    #[error("memory checksum mismatch: sender {expected:#010x}, destination {actual:#010x}")]
+    ChecksumMismatch {
+        /// The sender's checksum.
+        expected: u32,
+        /// The destination's checksum.
+        actual: u32,
+    },
+    /// The API was used out of order (e.g. pages outside a round).
+    #[error("{operation} is not allowed {state}")]
+    Misuse {
+        /// What was attempted.
+        operation: &'static str,
+        /// The state that forbids it.
+        state: &'static str,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {reason}")]
+    Config {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Another stream of the same transfer failed first; see its error.
+    #[error("transfer aborted because another stream failed")]
+    Aborted,
+    /// A worker thread panicked (a bug in this crate).
+    #[error("a transfer worker thread panicked")]
+    WorkerPanicked,
+}
+
+impl TransferError {
+    pub(crate) fn io(what: &'static str) -> impl FnOnce(io::Error) -> TransferError {
+        move |source| TransferError::Io { what, source }
+    }
+}

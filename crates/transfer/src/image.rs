@@ -1,0 +1,1067 @@
+//! Checkpoint images: a file holding a layout, rounds of pages (later rounds
+//! supersede earlier ones), the whole-memory checksum and an index.
+//!
+//! This module owns the image file format and the rules that make a crash
+//! harmless: records are only appended, and the image counts as complete only
+//! when a walk from the start reaches a FINISH record (the checksum), the
+//! INDEX records and a TRAILER that ends exactly at end of file. A file cut at
+//! any point therefore never looks complete.
+//!
+//! ```text
+//! "PRCPIMG\0" | version u32 (1) | reserved u32
+//! HELLO      (layout and page size; session, nonce and stream fields zero)
+//! ROUND_BEGIN r | PAGES (raw, codec 0)... | ZERO... | ROUND_END r      (per round)
+//! FINISH     (rounds, memory checksum)          written, flushed and synced, then
+//! INDEX...   (address, length, file offset of the data | u64::MAX for zeros)
+//! TRAILER    (a = offset of the first INDEX, b = own offset, c = checksum)
+//! ```
+//!
+//! Records are [`protocol`](crate::protocol) frames, each with its CRC32C, at
+//! file offsets. Pages never sent read as zeros. An incomplete image is still
+//! readable: its contents are the rounds that ended before the cut.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::buffer::PageBuf;
+use crate::error::{ImageError, ProtocolError, TransferError};
+use crate::layout::{Layout, Region};
+use crate::protocol::{
+    FrameKind, FrameReader, FrameWriter, HEADER_LEN, Header, Hello, MAX_PAYLOAD, expect,
+};
+use crate::sink::Sink;
+
+/// The first eight bytes of an image file.
+pub const IMAGE_MAGIC: [u8; 8] = *b"PRCPIMG\0";
+/// The image format version written by this build.
+pub const IMAGE_VERSION: u32 = 1;
+const PREAMBLE_LEN: u64 = 16;
+
+/// Page location: never sent.
+const NEVER: u64 = u64::MAX;
+/// Page location: sent as zeros.
+const ZERO: u64 = u64::MAX - 1;
+/// Index entries per INDEX record.
+const INDEX_ENTRIES_PER_RECORD: usize = 1 << 16;
+/// Most pages an image layout may cover (256 GiB of 4 KiB pages): reader and
+/// writer keep an 8-byte location per page.
+pub const MAX_IMAGE_PAGES: u64 = 1 << 26;
+
+/// A page table of `pages` entries, or `None` if too large.
+fn page_table(pages: u64) -> Option<Vec<u64>> {
+    if pages > MAX_IMAGE_PAGES {
+        return None;
+    }
+    Some(vec![NEVER; pages as usize])
+}
+
+/// Writes a checkpoint image; a [`Sink`].
+#[derive(Debug)]
+pub struct ImageWriter {
+    path: PathBuf,
+    out: FrameWriter<BufWriter<File>>,
+    layout: Layout,
+    /// Per layout page: file offset of its latest data, [`ZERO`] or [`NEVER`].
+    loc: Vec<u64>,
+    /// Updates of the round in progress, applied at its end.
+    next_round: u64,
+    in_round: Option<(u64, u64, u64, u64)>,
+    finished: bool,
+}
+
+impl ImageWriter {
+    /// Creates (or truncates) the image at `path` for `layout`.
+    pub fn create(path: impl AsRef<Path>, layout: Layout) -> Result<ImageWriter, TransferError> {
+        let path = path.as_ref().to_owned();
+        let io = |what| {
+            let path = path.clone();
+            move |source| ImageError::Io { path, what, source }
+        };
+        let loc = page_table(layout.total_pages()).ok_or(TransferError::Config {
+            reason: "layout has more pages than an image holds (MAX_IMAGE_PAGES)",
+        })?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io("creating"))?;
+        let mut out = FrameWriter::new(BufWriter::with_capacity(1 << 20, file));
+        let mut pre = [0u8; PREAMBLE_LEN as usize];
+        pre[..8].copy_from_slice(&IMAGE_MAGIC);
+        pre[8..12].copy_from_slice(&IMAGE_VERSION.to_le_bytes());
+        out.get_mut().write_all(&pre).map_err(io("writing"))?;
+        let hello = Hello {
+            session: 0,
+            page_size: layout.page_size(),
+            stream_index: 0,
+            stream_count: 1,
+            nonce: [0; 16],
+            layout: layout.clone(),
+        };
+        out.write_frame(FrameKind::Hello, 0, 0, 0, 0, &hello.payload())
+            .map_err(io("writing"))?;
+        Ok(ImageWriter {
+            path,
+            out,
+            layout,
+            loc,
+            next_round: 0,
+            in_round: None,
+            finished: false,
+        })
+    }
+
+    /// The image file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn pos(&self) -> u64 {
+        PREAMBLE_LEN + self.out.written()
+    }
+
+    fn io(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> TransferError {
+        let path = self.path.clone();
+        move |source| ImageError::Io { path, what, source }.into()
+    }
+
+    fn write(
+        &mut self,
+        kind: FrameKind,
+        a: u64,
+        b: u64,
+        c: u32,
+        payload: &[u8],
+    ) -> Result<(), TransferError> {
+        if self.finished {
+            return Err(TransferError::Misuse {
+                operation: "writing to an image",
+                state: "after finish",
+            });
+        }
+        let r = self.out.write_frame(kind, 0, a, b, c, payload);
+        r.map(|_| ()).map_err(self.io("writing"))
+    }
+
+    fn round_counts(
+        &mut self,
+        operation: &'static str,
+    ) -> Result<&mut (u64, u64, u64, u64), TransferError> {
+        self.in_round.as_mut().ok_or(TransferError::Misuse {
+            operation,
+            state: "outside a round",
+        })
+    }
+
+    fn sync(&mut self) -> Result<(), TransferError> {
+        self.out.flush().map_err(self.io("writing"))?;
+        let r = self.out.get_ref().get_ref().sync_data();
+        r.map_err(self.io("syncing"))
+    }
+
+    /// CRC32C of the memory the image now holds, in layout order.
+    fn checksum(&mut self) -> Result<u32, TransferError> {
+        self.out.flush().map_err(self.io("writing"))?;
+        let ps = self.layout.page_size();
+        let file = self.out.get_ref().get_ref();
+        crc_of_locations(file, &self.loc, ps).map_err(self.io("reading back"))
+    }
+}
+
+/// CRC32C of the memory described by `loc` (file offsets, zeros, never sent).
+fn crc_of_locations(file: &File, loc: &[u64], ps: u64) -> std::io::Result<u32> {
+    let mut crc = 0u32;
+    let mut buf = vec![0u8; 1 << 20];
+    let per = buf.len() / ps as usize;
+    let mut i = 0;
+    while i < loc.len() {
+        if loc[i] >= ZERO {
+            let mut n = 1;
+            while i + n < loc.len() && loc[i + n] >= ZERO {
+                n += 1;
+            }
+            crc = crate::source::crc_append_zeros(crc, n as u64 * ps);
+            i += n;
+            continue;
+        }
+        // Coalesce pages stored back to back.
+        let mut n = 1;
+        while i + n < loc.len() && n < per && loc[i + n] == loc[i] + n as u64 * ps {
+            n += 1;
+        }
+        let chunk = &mut buf[..n * ps as usize];
+        file.read_exact_at(chunk, loc[i])?;
+        crc = crc32c::crc32c_append(crc, chunk);
+        i += n;
+    }
+    Ok(crc)
+}
+
+impl Sink for ImageWriter {
+    fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
+        if self.in_round.is_some() || round != self.next_round {
+            return Err(TransferError::Misuse {
+                operation: "begin_round",
+                state: "inside a round or out of sequence",
+            });
+        }
+        self.write(FrameKind::RoundBegin, round, 0, 0, &[])?;
+        self.in_round = Some((round, 0, 0, self.pos()));
+        Ok(())
+    }
+
+    fn send_pages(&mut self, addr: u64, pages: PageBuf) -> Result<(), TransferError> {
+        self.round_counts("send_pages")?;
+        let len = pages.len() as u64;
+        let ps = self.layout.page_size();
+        let first = self.layout.locate(addr..addr.saturating_add(len))? / ps;
+        let data = self.pos() + HEADER_LEN as u64;
+        self.write(FrameKind::Pages, addr, len, 0, &pages)?;
+        for k in 0..len / ps {
+            self.loc[(first + k) as usize] = data + k * ps;
+        }
+        self.round_counts("send_pages")?.1 += len / ps;
+        Ok(())
+    }
+
+    fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
+        self.round_counts("send_zero_range")?;
+        let ps = self.layout.page_size();
+        let len = range.end.saturating_sub(range.start);
+        let first = self.layout.locate(range.clone())? / ps;
+        self.write(FrameKind::Zero, range.start, len, 0, &[])?;
+        for k in 0..len / ps {
+            self.loc[(first + k) as usize] = ZERO;
+        }
+        self.round_counts("send_zero_range")?.2 += len / ps;
+        Ok(())
+    }
+
+    fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
+        let (r, pages, zero, start) = *self.round_counts("end_round")?;
+        if r != round {
+            return Err(TransferError::Misuse {
+                operation: "end_round",
+                state: "for another round",
+            });
+        }
+        self.write(FrameKind::RoundEnd, round, pages, 0, &zero.to_le_bytes())?;
+        self.in_round = None;
+        self.next_round += 1;
+        Ok(self.pos() - start + HEADER_LEN as u64)
+    }
+
+    /// Checks the image's memory against `memory_checksum`, then writes the
+    /// FINISH record, syncs, writes the index and trailer, and syncs again.
+    /// On a mismatch the image is left incomplete.
+    fn finish(&mut self, memory_checksum: u32) -> Result<(), TransferError> {
+        if self.in_round.is_some() {
+            return Err(TransferError::Misuse {
+                operation: "finish",
+                state: "inside a round",
+            });
+        }
+        let actual = self.checksum()?;
+        if actual != memory_checksum {
+            return Err(TransferError::ChecksumMismatch {
+                expected: memory_checksum,
+                actual,
+            });
+        }
+        self.write(FrameKind::Finish, self.next_round, 0, memory_checksum, &[])?;
+        self.sync()?;
+        let index_offset = self.pos();
+        let entries = index_entries(&self.loc, &self.layout);
+        for chunk in entries.chunks(INDEX_ENTRIES_PER_RECORD) {
+            let mut p = Vec::with_capacity(chunk.len() * 24);
+            for (addr, len, off) in chunk {
+                p.extend_from_slice(&addr.to_le_bytes());
+                p.extend_from_slice(&len.to_le_bytes());
+                p.extend_from_slice(&off.to_le_bytes());
+            }
+            self.write(FrameKind::Index, 0, 0, 0, &p)?;
+        }
+        let trailer_offset = self.pos();
+        self.write(
+            FrameKind::Trailer,
+            index_offset,
+            trailer_offset,
+            memory_checksum,
+            &[],
+        )?;
+        self.sync()?;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+/// Extents of pages with the same kind of location, contiguous in address
+/// and (for data) in file: (address, length, file offset or `u64::MAX`).
+fn index_entries(loc: &[u64], layout: &Layout) -> Vec<(u64, u64, u64)> {
+    let ps = layout.page_size();
+    let mut out: Vec<(u64, u64, u64)> = Vec::new();
+    let mut page = 0usize;
+    for region in layout.regions() {
+        for k in 0..region.len / ps {
+            let l = loc[page];
+            page += 1;
+            if l == NEVER {
+                continue;
+            }
+            let addr = region.start + k * ps;
+            let off = if l == ZERO { u64::MAX } else { l };
+            if let Some(last) = out.last_mut() {
+                let contiguous = last.0 + last.1 == addr
+                    && ((off == u64::MAX && last.2 == u64::MAX)
+                        || (off != u64::MAX && last.2 != u64::MAX && last.2 + last.1 == off));
+                if contiguous {
+                    last.1 += ps;
+                    continue;
+                }
+            }
+            out.push((addr, ps, off));
+        }
+    }
+    out
+}
+
+/// One round as recorded in an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RoundInfo {
+    /// The round number.
+    pub round: u64,
+    /// Pages stored with contents.
+    pub pages: u64,
+    /// Pages stored as zeros.
+    pub zero_pages: u64,
+}
+
+/// What `precopy image info` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageInfo {
+    /// The image file.
+    pub path: PathBuf,
+    /// Format version.
+    pub version: u32,
+    /// Page size.
+    pub page_size: u64,
+    /// The layout's regions.
+    pub regions: Vec<Region>,
+    /// Bytes the layout covers.
+    pub total_len: u64,
+    /// Rounds that ended in the image.
+    pub rounds: Vec<RoundInfo>,
+    /// Distinct pages whose latest copy holds data.
+    pub data_pages: u64,
+    /// Distinct pages whose latest copy is zeros.
+    pub zero_pages: u64,
+    /// Pages never sent (read as zeros).
+    pub never_sent_pages: u64,
+    /// Whether the image is complete (final checksum, index and trailer).
+    pub complete: bool,
+    /// The recorded memory checksum, when complete.
+    pub memory_checksum: Option<u32>,
+    /// Why the image is incomplete, if it is.
+    pub incomplete_reason: Option<String>,
+    /// File size.
+    pub file_len: u64,
+}
+
+/// What [`Image::verify`] checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Records whose CRC was checked.
+    pub records: u64,
+    /// Rounds in the image.
+    pub rounds: u64,
+    /// The memory checksum, recomputed and matching.
+    pub memory_checksum: u32,
+}
+
+/// Result of walking an image's records from the start.
+struct Walk {
+    layout: Layout,
+    rounds: Vec<RoundInfo>,
+    loc: Vec<u64>,
+    records: u64,
+    finish: Option<(u64, u32)>,
+    index: Vec<(u64, u64, u64)>,
+    trailer: Option<Header>,
+    /// First fault: a record that is cut short (`true`) or damaged (`false`).
+    fault: Option<(ProtocolError, bool)>,
+}
+
+/// A checkpoint image opened for reading.
+#[derive(Debug)]
+pub struct Image {
+    path: PathBuf,
+    file: File,
+    layout: Layout,
+    rounds: Vec<RoundInfo>,
+    loc: Vec<u64>,
+    complete: bool,
+    checksum: Option<u32>,
+    incomplete_reason: Option<String>,
+    file_len: u64,
+}
+
+impl Image {
+    /// Opens an image. Succeeds for incomplete images (see
+    /// [`ImageInfo::complete`]); fails only if the file cannot be read or its
+    /// preamble and layout record are not valid.
+    pub fn open(path: impl AsRef<Path>) -> Result<Image, ImageError> {
+        let path = path.as_ref().to_owned();
+        let file = File::open(&path).map_err(|source| ImageError::Io {
+            path: path.clone(),
+            what: "opening",
+            source,
+        })?;
+        let walk = walk(&path, &file, false)?;
+        let file_len = file_len(&path, &file)?;
+        let mut complete = walk.fault.is_none() && walk.trailer.is_some() && walk.finish.is_some();
+        let mut reason = match (&walk.fault, &walk.trailer) {
+            (Some((e, _)), _) => Some(e.to_string()),
+            (None, None) => Some("no trailer: the writer did not finish".to_owned()),
+            _ => None,
+        };
+        let mut loc = walk.loc;
+        if complete {
+            match locations_from_index(&walk.index, &walk.layout, file_len) {
+                Some(from_index) => loc = from_index,
+                None => {
+                    complete = false;
+                    reason = Some("index does not fit the layout".to_owned());
+                }
+            }
+        }
+        Ok(Image {
+            path,
+            file,
+            layout: walk.layout,
+            rounds: walk.rounds,
+            loc,
+            complete,
+            checksum: if complete {
+                walk.finish.map(|f| f.1)
+            } else {
+                None
+            },
+            incomplete_reason: reason,
+            file_len,
+        })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Whether the image is complete.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// Summary for `precopy image info`.
+    pub fn info(&self) -> ImageInfo {
+        let count = |f: &dyn Fn(u64) -> bool| self.loc.iter().filter(|&&l| f(l)).count() as u64;
+        ImageInfo {
+            path: self.path.clone(),
+            version: IMAGE_VERSION,
+            page_size: self.layout.page_size(),
+            regions: self.layout.regions().to_vec(),
+            total_len: self.layout.total_len(),
+            rounds: self.rounds.clone(),
+            data_pages: count(&|l| l < ZERO),
+            zero_pages: count(&|l| l == ZERO),
+            never_sent_pages: count(&|l| l == NEVER),
+            complete: self.complete,
+            memory_checksum: self.checksum,
+            incomplete_reason: self.incomplete_reason.clone(),
+            file_len: self.file_len,
+        }
+    }
+
+    /// Writes the bytes of source addresses `range` as the image holds them
+    /// (zeros where a page was never sent) to `out`. The span may cross
+    /// adjacent regions but not a gap between them.
+    pub fn read_span(&self, range: Range<u64>, out: &mut dyn Write) -> Result<(), ImageError> {
+        let ps = self.layout.page_size();
+        let outside = || ImageError::SpanOutsideLayout {
+            range: range.clone(),
+        };
+        if range.start >= range.end {
+            return Ok(());
+        }
+        let start = range.start - range.start % ps;
+        let end = range.end.checked_next_multiple_of(ps).ok_or_else(outside)?;
+        let mut pieces = Vec::new();
+        self.layout
+            .split(start..end, |r, off| {
+                pieces.push((r, off));
+                Ok(())
+            })
+            .map_err(|_| outside())?;
+        let io = |what| {
+            let path = self.path.clone();
+            move |source| ImageError::Io { path, what, source }
+        };
+        let mut page = vec![0u8; ps as usize];
+        for (r, off) in pieces {
+            let mut addr = r.start;
+            let mut idx = (off / ps) as usize;
+            while addr < r.end {
+                let l = self.loc[idx];
+                if l >= ZERO {
+                    page.fill(0);
+                } else {
+                    self.file
+                        .read_exact_at(&mut page, l)
+                        .map_err(io("reading"))?;
+                }
+                let from = range.start.max(addr) - addr;
+                let to = range.end.min(addr + ps) - addr;
+                out.write_all(&page[from as usize..to as usize])
+                    .map_err(io("writing span of"))?;
+                addr += ps;
+                idx += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Image::read_span`] into a vector.
+    pub fn read_span_to_vec(&self, range: Range<u64>) -> Result<Vec<u8>, ImageError> {
+        let mut v = Vec::with_capacity(range.end.saturating_sub(range.start).min(1 << 30) as usize);
+        self.read_span(range, &mut v)?;
+        Ok(v)
+    }
+
+    /// Checks everything: every record's CRC, the record sequence, that the
+    /// image is complete, that the index matches the records, and that the
+    /// memory the image holds has the recorded checksum.
+    pub fn verify(&self) -> Result<VerifyReport, ImageError> {
+        let walk = walk(&self.path, &self.file, true)?;
+        if let Some((e, truncated)) = walk.fault {
+            return Err(if truncated {
+                ImageError::Incomplete {
+                    path: self.path.clone(),
+                    reason: e.to_string(),
+                }
+            } else {
+                ImageError::Corrupt {
+                    path: self.path.clone(),
+                    source: e,
+                }
+            });
+        }
+        let (Some((rounds, checksum)), Some(trailer)) = (walk.finish, walk.trailer) else {
+            return Err(ImageError::Incomplete {
+                path: self.path.clone(),
+                reason: "no final checksum and trailer".to_owned(),
+            });
+        };
+        let corrupt = |reason| ImageError::Corrupt {
+            path: self.path.clone(),
+            source: ProtocolError::Malformed {
+                offset: trailer.offset,
+                kind: FrameKind::Trailer,
+                reason,
+            },
+        };
+        if trailer.c != checksum {
+            return Err(corrupt("trailer checksum differs from FINISH"));
+        }
+        let file_len = file_len(&self.path, &self.file)?;
+        let from_index = locations_from_index(&walk.index, &walk.layout, file_len)
+            .ok_or_else(|| corrupt("index does not fit the layout"))?;
+        let ps = walk.layout.page_size();
+        if let Some(i) = (0..walk.loc.len()).find(|&i| walk.loc[i] != from_index[i]) {
+            return Err(ImageError::IndexMismatch {
+                path: self.path.clone(),
+                addr: walk.layout.address_of(i as u64 * ps).unwrap_or(0),
+            });
+        }
+        let actual =
+            crc_of_locations(&self.file, &walk.loc, ps).map_err(|source| ImageError::Io {
+                path: self.path.clone(),
+                what: "reading",
+                source,
+            })?;
+        if actual != checksum {
+            return Err(ImageError::ChecksumMismatch {
+                expected: checksum,
+                actual,
+            });
+        }
+        Ok(VerifyReport {
+            records: walk.records,
+            rounds,
+            memory_checksum: checksum,
+        })
+    }
+}
+
+fn file_len(path: &Path, file: &File) -> Result<u64, ImageError> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|source| ImageError::Io {
+            path: path.to_owned(),
+            what: "reading the size of",
+            source,
+        })
+}
+
+/// Per-page locations described by INDEX extents, or `None` if an extent
+/// leaves the layout or the file, or overlaps another.
+fn locations_from_index(
+    index: &[(u64, u64, u64)],
+    layout: &Layout,
+    file_len: u64,
+) -> Option<Vec<u64>> {
+    let ps = layout.page_size();
+    let mut loc = page_table(layout.total_pages())?;
+    for &(addr, len, off) in index {
+        let first = layout.locate(addr..addr.checked_add(len)?).ok()? / ps;
+        if off != u64::MAX && off.checked_add(len)? > file_len {
+            return None;
+        }
+        for k in 0..len / ps {
+            let slot = &mut loc[(first + k) as usize];
+            if *slot != NEVER {
+                return None;
+            }
+            *slot = if off == u64::MAX { ZERO } else { off + k * ps };
+        }
+    }
+    Some(loc)
+}
+
+/// Reads records from the start. With `check_payloads`, reads every payload
+/// and checks its CRC; without, skips page payloads (checking only that the
+/// file holds them), which is enough to find the image's shape and whether
+/// it is complete.
+fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Walk, ImageError> {
+    let corrupt = |source| ImageError::Corrupt {
+        path: path.to_owned(),
+        source,
+    };
+    let io = |source| ImageError::Io {
+        path: path.to_owned(),
+        what: "reading",
+        source,
+    };
+    let len = file_len(path, file)?;
+    let mut f = file;
+    f.seek(SeekFrom::Start(0)).map_err(io)?;
+    let mut pre = [0u8; PREAMBLE_LEN as usize];
+    f.read_exact(&mut pre).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            corrupt(ProtocolError::Truncated {
+                offset: 0,
+                what: "the image preamble",
+            })
+        } else {
+            io(e)
+        }
+    })?;
+    let mut found = [0u8; 8];
+    found.copy_from_slice(&pre[..8]);
+    if found != IMAGE_MAGIC {
+        return Err(corrupt(ProtocolError::BadMagic { found }));
+    }
+    let version = u32::from_le_bytes([pre[8], pre[9], pre[10], pre[11]]);
+    if version != IMAGE_VERSION {
+        return Err(corrupt(ProtocolError::UnknownVersion {
+            version,
+            supported: IMAGE_VERSION,
+        }));
+    }
+    let mut r = FrameReader::at_offset(std::io::BufReader::with_capacity(1 << 16, f), PREAMBLE_LEN);
+    let mut p = Vec::new();
+    let to_protocol = |e: TransferError| match e {
+        TransferError::Protocol(p) => Ok(p),
+        TransferError::Io { source, .. } => Err(io(source)),
+        other => Err(io(std::io::Error::other(other.to_string()))),
+    };
+    let h = match r.read_frame(&mut p) {
+        Ok(h) => h,
+        Err(e) => return Err(corrupt(to_protocol(e)?)),
+    };
+    expect(&h, FrameKind::Hello, None).map_err(corrupt)?;
+    let layout = Hello::parse(&h, &p[..h.payload_len as usize])
+        .map_err(corrupt)?
+        .layout;
+    let loc = page_table(layout.total_pages()).ok_or_else(|| {
+        corrupt(ProtocolError::Malformed {
+            offset: h.offset,
+            kind: h.kind,
+            reason: "layout has more pages than an image holds",
+        })
+    })?;
+    let mut w = Walk {
+        layout,
+        rounds: Vec::new(),
+        loc,
+        records: 1,
+        finish: None,
+        index: Vec::new(),
+        trailer: None,
+        fault: None,
+    };
+    let ps = w.layout.page_size();
+    let mut pending: Vec<(usize, u64)> = Vec::new();
+    let mut current: Option<RoundInfo> = None;
+    loop {
+        let offset = r.offset();
+        if offset == len && w.trailer.is_some() {
+            break;
+        }
+        let fault = |e: ProtocolError, truncated: bool| Some((e, truncated));
+        let h = if check_payloads {
+            match r.read_frame(&mut p) {
+                Ok(h) => h,
+                Err(e) => {
+                    let e = to_protocol(e)?;
+                    let t = matches!(e, ProtocolError::Truncated { .. });
+                    w.fault = fault(e, t);
+                    break;
+                }
+            }
+        } else {
+            match read_header_skipping_pages(&mut r, &mut p, len) {
+                Ok(h) => h,
+                Err(e) => {
+                    let e = to_protocol(e)?;
+                    let t = matches!(e, ProtocolError::Truncated { .. });
+                    w.fault = fault(e, t);
+                    break;
+                }
+            }
+        };
+        w.records += 1;
+        let payload = &p[..if h.kind == FrameKind::Pages {
+            0
+        } else {
+            h.payload_len as usize
+        }];
+        let unexpected = |state| ProtocolError::Unexpected {
+            offset: h.offset,
+            kind: h.kind,
+            state,
+        };
+        let step: Result<bool, ProtocolError> = (|| {
+            if w.trailer.is_some() {
+                return Err(unexpected("after the trailer"));
+            }
+            match (h.kind, &mut current) {
+                (FrameKind::RoundBegin, None) if w.finish.is_none() => {
+                    expect(&h, h.kind, Some(0))?;
+                    let next = w.rounds.len() as u64;
+                    if h.a != next {
+                        return Err(ProtocolError::RoundOutOfOrder {
+                            expected: next,
+                            got: h.a,
+                        });
+                    }
+                    current = Some(RoundInfo {
+                        round: h.a,
+                        pages: 0,
+                        zero_pages: 0,
+                    });
+                }
+                (FrameKind::Pages | FrameKind::Zero, Some(round)) => {
+                    if h.kind == FrameKind::Pages && h.codec != 0 {
+                        return Err(ProtocolError::Malformed {
+                            offset: h.offset,
+                            kind: h.kind,
+                            reason: "compressed pages are not used in images",
+                        });
+                    }
+                    if h.kind == FrameKind::Pages && u64::from(h.payload_len) != h.b {
+                        return Err(ProtocolError::Malformed {
+                            offset: h.offset,
+                            kind: h.kind,
+                            reason: "payload length differs from the page length",
+                        });
+                    }
+                    if h.kind == FrameKind::Zero {
+                        expect(&h, h.kind, Some(0))?;
+                    }
+                    let end =
+                        h.a.checked_add(h.b)
+                            .filter(|_| h.b > 0 && h.a % ps == 0 && h.b % ps == 0);
+                    let first = end.and_then(|end| w.layout.locate(h.a..end).ok()).ok_or(
+                        ProtocolError::PageOutsideLayout {
+                            addr: h.a,
+                            len: h.b,
+                        },
+                    )? / ps;
+                    let data = h.offset + HEADER_LEN as u64;
+                    for k in 0..h.b / ps {
+                        let l = if h.kind == FrameKind::Zero {
+                            ZERO
+                        } else {
+                            data + k * ps
+                        };
+                        pending.push(((first + k) as usize, l));
+                    }
+                    if h.kind == FrameKind::Zero {
+                        round.zero_pages += h.b / ps;
+                    } else {
+                        round.pages += h.b / ps;
+                    }
+                }
+                (FrameKind::RoundEnd, Some(round)) => {
+                    expect(&h, h.kind, Some(8))?;
+                    let zero = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
+                    if h.a != round.round || h.b != round.pages || zero != round.zero_pages {
+                        return Err(ProtocolError::CountMismatch {
+                            round: round.round,
+                            claimed_pages: h.b,
+                            claimed_zero: zero,
+                            pages: round.pages,
+                            zero: round.zero_pages,
+                        });
+                    }
+                    for (i, l) in pending.drain(..) {
+                        w.loc[i] = l;
+                    }
+                    w.rounds.push(*round);
+                    current = None;
+                }
+                (FrameKind::Finish, None) if w.finish.is_none() => {
+                    expect(&h, h.kind, Some(0))?;
+                    if h.a != w.rounds.len() as u64 {
+                        return Err(ProtocolError::RoundOutOfOrder {
+                            expected: w.rounds.len() as u64,
+                            got: h.a,
+                        });
+                    }
+                    w.finish = Some((h.a, h.c));
+                }
+                (FrameKind::Index, None) if w.finish.is_some() => {
+                    expect(&h, h.kind, None)?;
+                    if payload.len() % 24 != 0 {
+                        return Err(ProtocolError::Malformed {
+                            offset: h.offset,
+                            kind: h.kind,
+                            reason: "index length is not a multiple of 24",
+                        });
+                    }
+                    for e in payload.chunks_exact(24) {
+                        let at = |o: usize| {
+                            u64::from_le_bytes(e[o..o + 8].try_into().unwrap_or_default())
+                        };
+                        w.index.push((at(0), at(8), at(16)));
+                    }
+                }
+                (FrameKind::Trailer, None) if w.finish.is_some() => {
+                    expect(&h, h.kind, Some(0))?;
+                    if h.b != h.offset || h.offset + HEADER_LEN as u64 != len {
+                        return Err(ProtocolError::Malformed {
+                            offset: h.offset,
+                            kind: h.kind,
+                            reason: "trailer is not the last record",
+                        });
+                    }
+                    w.trailer = Some(h);
+                    return Ok(true);
+                }
+                _ => return Err(unexpected("walking the image")),
+            }
+            Ok(false)
+        })();
+        match step {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => {
+                w.fault = Some((e, false));
+                break;
+            }
+        }
+    }
+    Ok(w)
+}
+
+/// Reads a header and, except for PAGES, its payload (checking the CRC);
+/// for PAGES checks the file holds the payload and seeks past it.
+fn read_header_skipping_pages<R: Read + Seek>(
+    r: &mut FrameReader<std::io::BufReader<R>>,
+    p: &mut Vec<u8>,
+    file_len: u64,
+) -> Result<Header, TransferError> {
+    let offset = r.offset();
+    let mut h = [0u8; HEADER_LEN];
+    if offset + HEADER_LEN as u64 > file_len {
+        return Err(ProtocolError::Truncated {
+            offset: file_len,
+            what: "a record header",
+        }
+        .into());
+    }
+    r.get_mut()
+        .read_exact(&mut h)
+        .map_err(TransferError::io("reading the image"))?;
+    let kind = h[0];
+    let payload_len = u64::from(u32::from_le_bytes([h[4], h[5], h[6], h[7]]));
+    if kind != FrameKind::Pages as u8 || payload_len > MAX_PAYLOAD {
+        // Small records: rewind and read them whole, CRC included.
+        r.get_mut()
+            .seek_relative(-(HEADER_LEN as i64))
+            .map_err(TransferError::io("reading the image"))?;
+        return r.read_frame(p);
+    }
+    let end = offset + HEADER_LEN as u64 + payload_len;
+    if end > file_len {
+        return Err(ProtocolError::Truncated {
+            offset: file_len,
+            what: "page data",
+        }
+        .into());
+    }
+    r.get_mut()
+        .seek_relative(payload_len as i64)
+        .map_err(TransferError::io("reading the image"))?;
+    let field = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or_default());
+    let header = Header {
+        offset,
+        kind: FrameKind::Pages,
+        codec: h[1],
+        payload_len: payload_len as u32,
+        a: field(8),
+        b: field(16),
+        c: u32::from_le_bytes([h[24], h[25], h[26], h[27]]),
+    };
+    r.set_offset(end);
+    Ok(header)
+}
+
+impl std::fmt::Display for ImageInfo {
+    /// The human-readable form `precopy image info` prints.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "image:      {}", self.path.display())?;
+        writeln!(
+            f,
+            "format:     version {}, {} bytes",
+            self.version, self.file_len
+        )?;
+        match (self.complete, &self.incomplete_reason) {
+            (true, _) => writeln!(
+                f,
+                "status:     complete, memory checksum {:#010x}",
+                self.memory_checksum.unwrap_or(0)
+            )?,
+            (false, reason) => writeln!(
+                f,
+                "status:     INCOMPLETE ({})",
+                reason.as_deref().unwrap_or("unknown")
+            )?,
+        }
+        writeln!(
+            f,
+            "layout:     {} region(s), {} bytes, {}-byte pages",
+            self.regions.len(),
+            self.total_len,
+            self.page_size
+        )?;
+        for r in &self.regions {
+            writeln!(
+                f,
+                "  {:#014x}-{:#014x} ({} bytes)",
+                r.start,
+                r.start + r.len,
+                r.len
+            )?;
+        }
+        writeln!(f, "rounds:     {}", self.rounds.len())?;
+        for r in &self.rounds {
+            writeln!(
+                f,
+                "  round {:>4}: {} pages, {} zero pages",
+                r.round, r.pages, r.zero_pages
+            )?;
+        }
+        write!(
+            f,
+            "pages:      {} with data, {} zero, {} never sent",
+            self.data_pages, self.zero_pages, self.never_sent_pages
+        )
+    }
+}
+
+/// `precopy image info IMG`: the image's layout, rounds, pages and status.
+/// Works on incomplete images (`complete` is then false).
+pub fn image_info(path: impl AsRef<Path>) -> Result<ImageInfo, ImageError> {
+    Ok(Image::open(path)?.info())
+}
+
+/// `precopy image cat IMG --range START-END`: writes the raw bytes of source
+/// addresses `range` as the image holds them (zeros for pages never sent).
+pub fn image_cat(
+    path: impl AsRef<Path>,
+    range: Range<u64>,
+    out: &mut dyn Write,
+) -> Result<(), ImageError> {
+    Image::open(path)?.read_span(range, out)
+}
+
+/// `precopy image verify IMG`: every check [`Image::verify`] does; any `Err`
+/// means the image is not good (exit non-zero).
+pub fn image_verify(path: impl AsRef<Path>) -> Result<VerifyReport, ImageError> {
+    Image::open(path)?.verify()
+}
+
+/// Parses `START-END` (each decimal or `0x` hex) into a half-open range;
+/// `None` if malformed or `END < START`.
+pub fn parse_span(s: &str) -> Option<Range<u64>> {
+    let (a, b) = s.split_once('-')?;
+    let num = |t: &str| {
+        let t = t.trim();
+        match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+            Some(h) => u64::from_str_radix(h, 16).ok(),
+            None => t.parse().ok(),
+        }
+    };
+    let (a, b) = (num(a)?, num(b)?);
+    (a <= b).then_some(a..b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans() {
+        assert_eq!(parse_span("0x1000-0x2000"), Some(0x1000..0x2000));
+        assert_eq!(parse_span("10-20"), Some(10..20));
+        assert_eq!(parse_span("20-10"), None);
+        assert_eq!(parse_span("x-10"), None);
+        assert_eq!(parse_span("10"), None);
+    }
+
+    #[test]
+    fn index_extents_coalesce() {
+        let layout = Layout::single(4096, 0, 5 * 4096).unwrap();
+        let loc = vec![100, 4196, ZERO, ZERO, NEVER];
+        assert_eq!(
+            index_entries(&loc, &layout),
+            vec![(0, 8192, 100), (8192, 8192, u64::MAX)]
+        );
+        assert_eq!(
+            locations_from_index(&index_entries(&loc, &layout), &layout, 10_000),
+            Some(loc)
+        );
+        // Overlapping extents are refused.
+        assert_eq!(
+            locations_from_index(&[(0, 8192, 0), (4096, 4096, 0)], &layout, 10_000),
+            None
+        );
+    }
+}

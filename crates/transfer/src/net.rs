@@ -1,0 +1,808 @@
+//! The socket side of sending: connections, the sender's handshake and the
+//! [`SocketSink`] that writes page frames over one or more connections.
+//!
+//! Each connection gets a writer thread (compress, checksum, rate-limit,
+//! write) fed by a bounded queue, and a watcher thread that reads whatever the
+//! receiver says (an ERROR mid-stream, DONE at the end) so a rejection stops
+//! the writer at once instead of after the next round.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::ops::Range;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender as Chan, bounded};
+
+use crate::auth::{self, Key, Role};
+use crate::buffer::PageBuf;
+use crate::engine::{Compression, SenderConfig, Transfer};
+use crate::error::{ProtocolError, TransferError};
+use crate::layout::Layout;
+use crate::protocol::{
+    Codec, FrameKind, FrameReader, FrameWriter, Hello, NONCE_LEN, error_message, expect, parse_mac,
+};
+use crate::sink::Sink;
+use crate::source::PageSource;
+
+/// A connected byte stream: TCP or Unix.
+#[derive(Debug)]
+pub enum Connection {
+    /// A TCP stream.
+    Tcp(TcpStream),
+    /// A Unix-domain stream.
+    Unix(UnixStream),
+}
+
+impl Connection {
+    /// Connects over TCP (with `TCP_NODELAY`, so small control frames are
+    /// not held back).
+    pub fn connect_tcp(addr: impl ToSocketAddrs) -> io::Result<Connection> {
+        let s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        Ok(Connection::Tcp(s))
+    }
+
+    /// Connects to a Unix-domain socket.
+    pub fn connect_unix(path: impl AsRef<Path>) -> io::Result<Connection> {
+        Ok(Connection::Unix(UnixStream::connect(path)?))
+    }
+
+    /// Another handle to the same socket.
+    pub fn try_clone(&self) -> io::Result<Connection> {
+        Ok(match self {
+            Connection::Tcp(s) => Connection::Tcp(s.try_clone()?),
+            Connection::Unix(s) => Connection::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shuts down one or both directions.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.shutdown(how),
+            Connection::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    /// Sets the read timeout.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.set_read_timeout(t),
+            Connection::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Sets the write timeout.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.set_write_timeout(t),
+            Connection::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// Whether the peer is on this machine: a Unix socket, or TCP between
+    /// loopback addresses.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Connection::Unix(_) => true,
+            Connection::Tcp(s) => {
+                s.local_addr().is_ok_and(|a| a.ip().is_loopback())
+                    && s.peer_addr().is_ok_and(|a| a.ip().is_loopback())
+            }
+        }
+    }
+
+    /// The peer, for messages.
+    pub fn peer(&self) -> String {
+        match self {
+            Connection::Tcp(s) => s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp peer".into()),
+            Connection::Unix(_) => "unix peer".into(),
+        }
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+}
+
+impl Read for &Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match *self {
+            Connection::Tcp(s) => (&*s).read(buf),
+            Connection::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self).write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        (&*self).write_vectored(bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Write for &Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match *self {
+            Connection::Tcp(s) => (&*s).write(buf),
+            Connection::Unix(s) => (&*s).write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match *self {
+            Connection::Tcp(s) => (&*s).write_vectored(bufs),
+            Connection::Unix(s) => (&*s).write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A listening socket: TCP or Unix.
+#[derive(Debug)]
+pub enum Listener {
+    /// A TCP listener.
+    Tcp(TcpListener),
+    /// A Unix-domain listener.
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Listens on a TCP address.
+    pub fn bind_tcp(addr: impl ToSocketAddrs) -> io::Result<Listener> {
+        Ok(Listener::Tcp(TcpListener::bind(addr)?))
+    }
+
+    /// Listens on a Unix-domain socket path.
+    pub fn bind_unix(path: impl AsRef<Path>) -> io::Result<Listener> {
+        Ok(Listener::Unix(UnixListener::bind(path)?))
+    }
+
+    /// Accepts one connection.
+    pub fn accept(&self) -> io::Result<Connection> {
+        Ok(match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Connection::Tcp(s)
+            }
+            Listener::Unix(l) => Connection::Unix(l.accept()?.0),
+        })
+    }
+
+    /// Whether only this machine can connect: a Unix socket, or TCP bound to
+    /// a loopback address.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Listener::Unix(_) => true,
+            Listener::Tcp(l) => l.local_addr().is_ok_and(|a| a.ip().is_loopback()),
+        }
+    }
+
+    /// The address, for messages.
+    pub fn address(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp".into()),
+            Listener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+                .unwrap_or_else(|| "unix socket".into()),
+        }
+    }
+}
+
+/// Runs the sender's half of the handshake on one connection.
+fn sender_handshake(
+    conn: &mut Connection,
+    hello: &Hello,
+    key: Option<&Key>,
+    timeout: Duration,
+) -> Result<(), TransferError> {
+    conn.set_read_timeout(Some(timeout))
+        .map_err(TransferError::io("setting a socket timeout"))?;
+    conn.set_write_timeout(Some(timeout))
+        .map_err(TransferError::io("setting a socket timeout"))?;
+    let mut w = FrameWriter::new(&*conn);
+    w.write_preamble()
+        .map_err(TransferError::io("sending the handshake"))?;
+    w.write_frame(FrameKind::Hello, 0, hello.session, 0, 0, &hello.payload())
+        .map_err(TransferError::io("sending the handshake"))?;
+    let mut r = FrameReader::new(&*conn);
+    r.read_preamble()?;
+    let mut p = Vec::new();
+    let h = r.read_frame(&mut p)?;
+    rejected(&h, &p)?;
+    expect(&h, FrameKind::Challenge, Some(NONCE_LEN as u32))?;
+    let mut receiver_nonce = [0u8; NONCE_LEN];
+    receiver_nonce.copy_from_slice(&p[..NONCE_LEN]);
+    let required = h.a & 1 == 1;
+    if required && key.is_none() {
+        // Answer anyway so the receiver reports a failed authentication
+        // rather than a cut stream.
+        let _ = w.write_frame(FrameKind::Auth, 0, 0, 0, 0, &[]);
+        return Err(TransferError::AuthRequired);
+    }
+    let mac = key.map(|k| {
+        auth::proof(
+            k,
+            Role::Sender,
+            &hello.nonce,
+            &receiver_nonce,
+            hello.session,
+            hello.stream_index,
+        )
+    });
+    w.write_frame(
+        FrameKind::Auth,
+        0,
+        0,
+        0,
+        0,
+        mac.as_ref().map_or(&[][..], |m| &m[..]),
+    )
+    .map_err(TransferError::io("sending the handshake"))?;
+    let h = r.read_frame(&mut p)?;
+    rejected(&h, &p)?;
+    expect(&h, FrameKind::Welcome, None)?;
+    let their = parse_mac(&h, &p[..h.payload_len as usize])?;
+    if let Some(k) = key {
+        let want = auth::proof(
+            k,
+            Role::Receiver,
+            &hello.nonce,
+            &receiver_nonce,
+            hello.session,
+            hello.stream_index,
+        );
+        if !their.is_some_and(|m| auth::macs_equal(&m, &want)) {
+            return Err(TransferError::AuthFailed { peer: conn.peer() });
+        }
+    }
+    conn.set_read_timeout(None)
+        .map_err(TransferError::io("setting a socket timeout"))?;
+    conn.set_write_timeout(None)
+        .map_err(TransferError::io("setting a socket timeout"))?;
+    Ok(())
+}
+
+/// Turns an ERROR frame into [`TransferError::PeerRejected`].
+fn rejected(h: &crate::protocol::Header, p: &[u8]) -> Result<(), TransferError> {
+    if h.kind == FrameKind::Error {
+        return Err(TransferError::PeerRejected {
+            code: h.c,
+            message: error_message(&p[..h.payload_len as usize]),
+        });
+    }
+    Ok(())
+}
+
+enum Cmd {
+    Begin(u64),
+    Pages(u64, PageBuf),
+    Zero(Range<u64>),
+    End(u64),
+    Finish { checksum: u32, rounds: u64 },
+}
+
+enum Reply {
+    RoundWritten(u64),
+    Finished,
+}
+
+/// What the watcher heard from the receiver.
+enum PeerEvent {
+    Done { checksum: u32 },
+    Error { code: u32, message: String },
+    Closed(TransferError),
+}
+
+struct Worker {
+    cmds: Option<Chan<Cmd>>,
+    replies: Receiver<Reply>,
+    handle: Option<JoinHandle<Result<(), TransferError>>>,
+    watcher: Option<JoinHandle<()>>,
+    conn: Connection,
+}
+
+impl Worker {
+    /// The worker's own error, after it stopped.
+    fn failure(&mut self) -> TransferError {
+        self.cmds = None;
+        match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(Err(e))) => e,
+            Some(Ok(Ok(()))) | None => TransferError::Aborted,
+            Some(Err(_)) => TransferError::WorkerPanicked,
+        }
+    }
+
+    fn send(&mut self, cmd: Cmd) -> Result<(), TransferError> {
+        match &self.cmds {
+            Some(tx) if tx.send(cmd).is_ok() => Ok(()),
+            _ => Err(self.failure()),
+        }
+    }
+
+    fn reply(&mut self) -> Result<Reply, TransferError> {
+        match self.replies.recv() {
+            Ok(r) => Ok(r),
+            Err(_) => Err(self.failure()),
+        }
+    }
+}
+
+/// A [`Sink`] writing page frames over one or more connections.
+pub struct SocketSink {
+    workers: Vec<Worker>,
+    next: usize,
+    rounds: u64,
+    finished: bool,
+}
+
+impl std::fmt::Debug for SocketSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketSink")
+            .field("streams", &self.workers.len())
+            .field("rounds", &self.rounds)
+            .finish()
+    }
+}
+
+impl SocketSink {
+    /// Runs the handshake on every connection (announcing `layout`) and
+    /// starts their writers. `config.streams` must equal `conns.len()`.
+    pub fn connect(
+        conns: Vec<Connection>,
+        layout: &Layout,
+        config: &SenderConfig,
+    ) -> Result<SocketSink, TransferError> {
+        if conns.is_empty() || conns.len() != config.streams || conns.len() > u32::MAX as usize {
+            return Err(TransferError::Config {
+                reason: "streams must be at least 1 and equal the number of connections",
+            });
+        }
+        if config.bandwidth_limit == Some(0) {
+            return Err(TransferError::Config {
+                reason: "bandwidth limit must be positive",
+            });
+        }
+        let session: u64 = rand::random();
+        let count = conns.len() as u32;
+        let mut workers = Vec::with_capacity(conns.len());
+        // Handshake every connection at once: the receiver may accept them in
+        // any order.
+        let results: Vec<Result<Connection, TransferError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = conns
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut conn)| {
+                    let hello = Hello {
+                        session,
+                        page_size: layout.page_size(),
+                        stream_index: i as u32,
+                        stream_count: count,
+                        nonce: auth::nonce(),
+                        layout: layout.clone(),
+                    };
+                    s.spawn(move || {
+                        sender_handshake(
+                            &mut conn,
+                            &hello,
+                            config.key.as_ref(),
+                            config.handshake_timeout,
+                        )
+                        .map(|()| conn)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(Err(TransferError::WorkerPanicked)))
+                .collect()
+        });
+        let ready = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        for (i, conn) in ready.into_iter().enumerate() {
+            let (cmd_tx, cmd_rx) = bounded(config.queue_depth.max(1));
+            let (reply_tx, reply_rx) = bounded(1);
+            let (event_tx, event_rx) = bounded(1);
+            let watch = conn
+                .try_clone()
+                .map_err(TransferError::io("cloning a socket"))?;
+            let keep = conn
+                .try_clone()
+                .map_err(TransferError::io("cloning a socket"))?;
+            let watcher = std::thread::Builder::new()
+                .name(format!("precopy-watch-{i}"))
+                .spawn(move || watch_peer(watch, event_tx))
+                .map_err(TransferError::io("starting a watcher thread"))?;
+            let writer = StreamWriter {
+                out: FrameWriter::new(conn),
+                compression: config.compression,
+                scratch: Vec::new(),
+                zstd: None,
+                limiter: config
+                    .bandwidth_limit
+                    .map(|bps| RateLimiter::new(bps as f64 / f64::from(count))),
+                pages: 0,
+                zero_pages: 0,
+                round_start: 0,
+                page_size: layout.page_size(),
+                events: event_rx,
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("precopy-send-{i}"))
+                .spawn(move || writer.run(cmd_rx, reply_tx))
+                .map_err(TransferError::io("starting a writer thread"))?;
+            workers.push(Worker {
+                cmds: Some(cmd_tx),
+                replies: reply_rx,
+                handle: Some(handle),
+                watcher: Some(watcher),
+                conn: keep,
+            });
+        }
+        Ok(SocketSink {
+            workers,
+            next: 0,
+            rounds: 0,
+            finished: false,
+        })
+    }
+
+    /// Number of connections.
+    pub fn streams(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn next_worker(&mut self) -> &mut Worker {
+        let i = self.next;
+        self.next = (self.next + 1) % self.workers.len();
+        &mut self.workers[i]
+    }
+}
+
+impl Sink for SocketSink {
+    fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
+        for w in &mut self.workers {
+            w.send(Cmd::Begin(round))?;
+        }
+        Ok(())
+    }
+
+    fn send_pages(&mut self, addr: u64, pages: PageBuf) -> Result<(), TransferError> {
+        self.next_worker().send(Cmd::Pages(addr, pages))
+    }
+
+    fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
+        self.next_worker().send(Cmd::Zero(range))
+    }
+
+    fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
+        for w in &mut self.workers {
+            w.send(Cmd::End(round))?;
+        }
+        let mut bytes = 0;
+        for w in &mut self.workers {
+            match w.reply()? {
+                Reply::RoundWritten(b) => bytes += b,
+                Reply::Finished => return Err(TransferError::WorkerPanicked),
+            }
+        }
+        self.rounds = round + 1;
+        Ok(bytes)
+    }
+
+    fn finish(&mut self, memory_checksum: u32) -> Result<(), TransferError> {
+        let rounds = self.rounds;
+        for w in &mut self.workers {
+            w.send(Cmd::Finish {
+                checksum: memory_checksum,
+                rounds,
+            })?;
+        }
+        for w in &mut self.workers {
+            w.reply()?;
+        }
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Drop for SocketSink {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            w.cmds = None;
+            if !self.finished {
+                // Unblocks a writer stuck on a peer that stopped reading; the
+                // receiver sees a truncated stream and applies nothing more.
+                let _ = w.conn.shutdown(Shutdown::Both);
+            }
+        }
+        for w in &mut self.workers {
+            if let Some(h) = w.handle.take() {
+                let _ = h.join();
+            }
+            let _ = w.conn.shutdown(Shutdown::Both);
+            if let Some(h) = w.watcher.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+fn watch_peer(conn: Connection, events: Chan<PeerEvent>) {
+    let mut r = FrameReader::new(&conn);
+    let mut p = Vec::new();
+    let event = match r.read_frame(&mut p) {
+        Ok(h) if h.kind == FrameKind::Done => PeerEvent::Done { checksum: h.c },
+        Ok(h) if h.kind == FrameKind::Error => {
+            // Stop the writer now rather than at its next flush.
+            let _ = conn.shutdown(Shutdown::Both);
+            PeerEvent::Error {
+                code: h.c,
+                message: error_message(&p[..h.payload_len as usize]),
+            }
+        }
+        Ok(h) => PeerEvent::Closed(
+            ProtocolError::Unexpected {
+                offset: h.offset,
+                kind: h.kind,
+                state: "sending pages",
+            }
+            .into(),
+        ),
+        Err(e) => PeerEvent::Closed(e),
+    };
+    let _ = events.send(event);
+}
+
+/// Paces writes to a byte rate (token bucket with a short burst).
+struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    fn new(rate: f64) -> RateLimiter {
+        let burst = (rate / 20.0).max(256.0 * 1024.0);
+        RateLimiter {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn consume(&mut self, bytes: u64) {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        self.tokens -= bytes as f64;
+        if self.tokens < 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(-self.tokens / self.rate));
+        }
+    }
+}
+
+struct StreamWriter {
+    out: FrameWriter<Connection>,
+    compression: Compression,
+    scratch: Vec<u8>,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    limiter: Option<RateLimiter>,
+    pages: u64,
+    zero_pages: u64,
+    round_start: u64,
+    page_size: u64,
+    events: Receiver<PeerEvent>,
+}
+
+impl StreamWriter {
+    fn run(mut self, cmds: Receiver<Cmd>, replies: Chan<Reply>) -> Result<(), TransferError> {
+        for cmd in cmds {
+            match self.handle(cmd) {
+                Ok(Some(reply)) => {
+                    if replies.send(reply).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return Err(self.explain(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// A write that failed because the receiver gave up becomes the
+    /// receiver's own message.
+    fn explain(&self, e: TransferError) -> TransferError {
+        if let TransferError::Io { .. } = e
+            && let Ok(PeerEvent::Error { code, message }) =
+                self.events.recv_timeout(Duration::from_secs(2))
+        {
+            return TransferError::PeerRejected { code, message };
+        }
+        e
+    }
+
+    fn write(
+        &mut self,
+        kind: FrameKind,
+        codec: Codec,
+        a: u64,
+        b: u64,
+        c: u32,
+        payload: Option<&[u8]>,
+    ) -> Result<(), TransferError> {
+        let payload = payload.unwrap_or(&[]);
+        if let Some(l) = &mut self.limiter {
+            l.consume((crate::protocol::HEADER_LEN + payload.len()) as u64);
+        }
+        self.out
+            .write_frame(kind, codec as u8, a, b, c, payload)
+            .map_err(TransferError::io("sending frames"))?;
+        Ok(())
+    }
+
+    fn handle(&mut self, cmd: Cmd) -> Result<Option<Reply>, TransferError> {
+        match cmd {
+            Cmd::Begin(round) => {
+                self.pages = 0;
+                self.zero_pages = 0;
+                self.round_start = self.out.written();
+                self.write(FrameKind::RoundBegin, Codec::None, round, 0, 0, None)?;
+            }
+            Cmd::Pages(addr, pages) => {
+                self.pages += pages.len() as u64 / self.page_size;
+                let raw_len = pages.len() as u64;
+                let codec = self.compress(&pages)?;
+                let mut scratch = std::mem::take(&mut self.scratch);
+                let payload: &[u8] = if codec == Codec::None {
+                    &pages
+                } else {
+                    &scratch
+                };
+                let r = self.write(FrameKind::Pages, codec, addr, raw_len, 0, Some(payload));
+                scratch.clear();
+                self.scratch = scratch;
+                r?;
+            }
+            Cmd::Zero(range) => {
+                self.zero_pages += (range.end - range.start) / self.page_size;
+                self.write(
+                    FrameKind::Zero,
+                    Codec::None,
+                    range.start,
+                    range.end - range.start,
+                    0,
+                    None,
+                )?;
+            }
+            Cmd::End(round) => {
+                let zero = self.zero_pages.to_le_bytes();
+                self.write(
+                    FrameKind::RoundEnd,
+                    Codec::None,
+                    round,
+                    self.pages,
+                    0,
+                    Some(&zero),
+                )?;
+                self.out
+                    .flush()
+                    .map_err(TransferError::io("sending frames"))?;
+                return Ok(Some(Reply::RoundWritten(
+                    self.out.written() - self.round_start,
+                )));
+            }
+            Cmd::Finish { checksum, rounds } => {
+                self.write(FrameKind::Finish, Codec::None, rounds, 0, checksum, None)?;
+                self.out
+                    .flush()
+                    .map_err(TransferError::io("sending frames"))?;
+                return match self.events.recv() {
+                    Ok(PeerEvent::Done { checksum: theirs }) if theirs == checksum => {
+                        Ok(Some(Reply::Finished))
+                    }
+                    Ok(PeerEvent::Done { checksum: theirs }) => {
+                        Err(TransferError::ChecksumMismatch {
+                            expected: checksum,
+                            actual: theirs,
+                        })
+                    }
+                    Ok(PeerEvent::Error { code, message }) => {
+                        Err(TransferError::PeerRejected { code, message })
+                    }
+                    Ok(PeerEvent::Closed(e)) => Err(e),
+                    Err(_) => Err(TransferError::Aborted),
+                };
+            }
+        }
+        Ok(None)
+    }
+
+    /// Compresses `pages` into `self.scratch`; returns the codec used
+    /// ([`Codec::None`] when compression is off or does not help).
+    fn compress(&mut self, pages: &[u8]) -> Result<Codec, TransferError> {
+        match self.compression {
+            Compression::None => Ok(Codec::None),
+            Compression::Lz4 => {
+                // Output capped at the input size: no gain means raw.
+                self.scratch.resize(pages.len(), 0);
+                match lz4_flex::block::compress_into(pages, &mut self.scratch) {
+                    Ok(n) if n < pages.len() => {
+                        self.scratch.truncate(n);
+                        Ok(Codec::Lz4)
+                    }
+                    _ => Ok(Codec::None),
+                }
+            }
+            Compression::Zstd(level) => {
+                if self.zstd.is_none() {
+                    self.zstd = Some(zstd::bulk::Compressor::new(level).map_err(|source| {
+                        TransferError::Io {
+                            what: "starting the zstd compressor",
+                            source,
+                        }
+                    })?);
+                }
+                let Some(z) = self.zstd.as_mut() else {
+                    return Ok(Codec::None);
+                };
+                self.scratch.clear();
+                self.scratch.reserve(pages.len());
+                // A result no smaller than the input is sent raw.
+                let r = z.compress_to_buffer(pages, &mut self.scratch);
+                match r {
+                    Ok(n) if n < pages.len() => Ok(Codec::Zstd),
+                    _ => {
+                        self.scratch.clear();
+                        Ok(Codec::None)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A sender over sockets: a [`Transfer`] into a [`SocketSink`].
+pub type Sender<S> = Transfer<S, SocketSink>;
+
+impl<S: PageSource> Transfer<S, SocketSink> {
+    /// Connects a sender: handshakes `conns` (one per stream) announcing
+    /// `layout`, then reads pages from `source` as rounds are sent.
+    pub fn connect(
+        conns: Vec<Connection>,
+        layout: Layout,
+        source: S,
+        config: &SenderConfig,
+    ) -> Result<Sender<S>, TransferError> {
+        if config.batch_pages == 0 {
+            return Err(TransferError::Config {
+                reason: "batch_pages must be at least 1",
+            });
+        }
+        let sink = SocketSink::connect(conns, &layout, config)?;
+        let pool = config.streams * (config.queue_depth + 2) + 2;
+        Transfer::with_pool(source, sink, layout, config.batch_pages, pool)
+    }
+}

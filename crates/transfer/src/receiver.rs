@@ -1,0 +1,758 @@
+//! The receiving end: handshake, authentication, and the per-connection state
+//! machine drawn in [`crate::protocol`], applying frames to a [`Sink`].
+//!
+//! The receiver owns every check between bytes arriving and a sink seeing a
+//! page: checksum, layout, page size, round order, counts, and the
+//! cross-connection round barrier. It must never hand a sink anything from a
+//! frame it has not fully verified, nor anything after the first fault.
+
+use std::io::{BufReader, Read};
+use std::net::Shutdown;
+use std::ops::Range;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::auth::{self, Key, Role};
+use crate::buffer::BufferPool;
+use crate::error::{ProtocolError, TransferError};
+use crate::layout::Layout;
+use crate::net::{Connection, Listener};
+use crate::protocol::{
+    Codec, FrameKind, FrameReader, FrameWriter, Header, Hello, MAX_PAGES_LEN, error_code,
+    error_message, expect, parse_mac,
+};
+use crate::sink::Sink;
+
+/// How a receiver accepts a transfer.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    /// Shared key. Required when listening on anything but loopback or a Unix
+    /// socket; when set, every sender must prove it holds the key.
+    pub key: Option<Key>,
+    /// The page size this end expects (`None`: accept the sender's, as long
+    /// as the layout is valid).
+    pub page_size: Option<u64>,
+    /// Most parallel connections a sender may use.
+    pub max_streams: u32,
+    /// Largest layout (bytes) a sender may announce; larger is refused in
+    /// the handshake, before the caller sizes a destination from it.
+    pub max_memory: u64,
+    /// Time allowed for each connection's handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> ReceiverConfig {
+        ReceiverConfig {
+            key: None,
+            page_size: None,
+            max_streams: 64,
+            max_memory: 1 << 40,
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a completed transfer delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ReceiveReport {
+    /// Rounds received.
+    pub rounds: u64,
+    /// Pages applied with contents (a page sent twice counts twice).
+    pub pages: u64,
+    /// Pages applied as zeros.
+    pub zero_pages: u64,
+    /// Bytes read from the connections.
+    pub bytes: u64,
+    /// Connections used.
+    pub streams: u32,
+    /// The memory checksum, checked against the destination.
+    pub checksum: u32,
+    /// From the end of the handshake to success.
+    pub duration: Duration,
+}
+
+/// An accepted, authenticated transfer, ready to [`run`](Receiver::run).
+#[derive(Debug)]
+pub struct Receiver {
+    conns: Vec<Connection>,
+    hello: Hello,
+}
+
+/// Sends an ERROR frame, best effort: the peer may already be gone.
+fn send_error(conn: &Connection, code: u32, message: &str) {
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+    let mut w = FrameWriter::new(conn);
+    let _ = w.write_frame(FrameKind::Error, 0, 0, 0, code, message.as_bytes());
+}
+
+fn code_for(e: &TransferError) -> u32 {
+    match e {
+        TransferError::AuthFailed { .. }
+        | TransferError::KeyRequired { .. }
+        | TransferError::AuthRequired => error_code::AUTH,
+        TransferError::Protocol(
+            ProtocolError::UnknownVersion { .. } | ProtocolError::WrongPageSize { .. },
+        ) => error_code::INCOMPATIBLE,
+        TransferError::ChecksumMismatch { .. } => error_code::CHECKSUM,
+        TransferError::Protocol(_) => error_code::PROTOCOL,
+        _ => error_code::DESTINATION,
+    }
+}
+
+/// Full error text with its causes, for an ERROR frame.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The receiver's half of the handshake on one connection. `first` is the
+/// HELLO of the transfer's first connection, which later ones must match.
+fn receiver_handshake(
+    conn: &Connection,
+    config: &ReceiverConfig,
+    first: Option<&Hello>,
+) -> Result<Hello, TransferError> {
+    let result = handshake_steps(conn, config, first);
+    if let Err(e) = &result {
+        send_error(conn, code_for(e), &describe(e));
+        let _ = conn.shutdown(Shutdown::Both);
+    }
+    result
+}
+
+fn handshake_steps(
+    conn: &Connection,
+    config: &ReceiverConfig,
+    first: Option<&Hello>,
+) -> Result<Hello, TransferError> {
+    if config.key.is_none() && !conn.is_local() {
+        return Err(TransferError::KeyRequired { addr: conn.peer() });
+    }
+    conn.set_read_timeout(Some(config.handshake_timeout))
+        .map_err(TransferError::io("setting a socket timeout"))?;
+    conn.set_write_timeout(Some(config.handshake_timeout))
+        .map_err(TransferError::io("setting a socket timeout"))?;
+    let mut w = FrameWriter::new(conn);
+    w.write_preamble()
+        .map_err(TransferError::io("sending the handshake"))?;
+    let mut r = FrameReader::new(conn);
+    r.read_preamble()?;
+    let mut p = Vec::new();
+    let h = r.read_frame(&mut p)?;
+    expect(&h, FrameKind::Hello, None)?;
+    let hello = Hello::parse(&h, &p[..h.payload_len as usize])?;
+    if let Some(ours) = config.page_size
+        && ours != hello.page_size
+    {
+        return Err(ProtocolError::WrongPageSize {
+            ours,
+            theirs: hello.page_size,
+        }
+        .into());
+    }
+    if hello.layout.total_len() > config.max_memory {
+        return Err(ProtocolError::Malformed {
+            offset: h.offset,
+            kind: FrameKind::Hello,
+            reason: "layout larger than this receiver accepts (max_memory)",
+        }
+        .into());
+    }
+    let mismatch = |reason| ProtocolError::StreamMismatch {
+        index: hello.stream_index,
+        reason,
+    };
+    match first {
+        None if hello.stream_count > config.max_streams => {
+            return Err(mismatch("more streams than this receiver allows").into());
+        }
+        Some(f) if f.session != hello.session => return Err(mismatch("different session").into()),
+        Some(f) if f.layout != hello.layout || f.stream_count != hello.stream_count => {
+            return Err(mismatch("different layout or stream count").into());
+        }
+        _ => {}
+    }
+    let nonce = auth::nonce();
+    w.write_frame(
+        FrameKind::Challenge,
+        0,
+        u64::from(config.key.is_some()),
+        0,
+        0,
+        &nonce,
+    )
+    .map_err(TransferError::io("sending the handshake"))?;
+    let h = r.read_frame(&mut p)?;
+    expect(&h, FrameKind::Auth, None)?;
+    let mac = parse_mac(&h, &p[..h.payload_len as usize])?;
+    let proof = |role| {
+        config.key.as_ref().map(|k| {
+            auth::proof(
+                k,
+                role,
+                &hello.nonce,
+                &nonce,
+                hello.session,
+                hello.stream_index,
+            )
+        })
+    };
+    if let Some(want) = proof(Role::Sender)
+        && !mac.is_some_and(|m| auth::macs_equal(&m, &want))
+    {
+        return Err(TransferError::AuthFailed { peer: conn.peer() });
+    }
+    let ours = proof(Role::Receiver);
+    w.write_frame(
+        FrameKind::Welcome,
+        0,
+        0,
+        0,
+        0,
+        ours.as_ref().map_or(&[][..], |m| &m[..]),
+    )
+    .map_err(TransferError::io("sending the handshake"))?;
+    conn.set_read_timeout(None)
+        .map_err(TransferError::io("setting a socket timeout"))?;
+    conn.set_write_timeout(None)
+        .map_err(TransferError::io("setting a socket timeout"))?;
+    Ok(hello)
+}
+
+impl Receiver {
+    /// Accepts a transfer on `listener`: the first connection's handshake
+    /// says how many connections the sender uses, and the rest are accepted
+    /// too. Fails before accepting anything if the listener is not local and
+    /// no key is configured; fails on the first connection that does not
+    /// authenticate (nothing is applied from any connection before then).
+    pub fn accept(listener: &Listener, config: &ReceiverConfig) -> Result<Receiver, TransferError> {
+        if config.key.is_none() && !listener.is_local() {
+            return Err(TransferError::KeyRequired {
+                addr: listener.address(),
+            });
+        }
+        let conn = listener
+            .accept()
+            .map_err(TransferError::io("accepting a connection"))?;
+        let hello = receiver_handshake(&conn, config, None)?;
+        let mut conns: Vec<Option<Connection>> = (0..hello.stream_count).map(|_| None).collect();
+        conns[hello.stream_index as usize] = Some(conn);
+        for _ in 1..hello.stream_count {
+            let conn = listener
+                .accept()
+                .map_err(TransferError::io("accepting a connection"))?;
+            let other = receiver_handshake(&conn, config, Some(&hello))?;
+            let slot = &mut conns[other.stream_index as usize];
+            if slot.is_some() {
+                let e = ProtocolError::StreamMismatch {
+                    index: other.stream_index,
+                    reason: "stream index used twice",
+                };
+                send_error(&conn, error_code::PROTOCOL, &e.to_string());
+                return Err(e.into());
+            }
+            *slot = Some(conn);
+        }
+        Ok(Receiver {
+            conns: conns.into_iter().flatten().collect(),
+            hello,
+        })
+    }
+
+    /// Runs the handshake on an already connected single-stream transfer.
+    pub fn accept_connection(
+        conn: Connection,
+        config: &ReceiverConfig,
+    ) -> Result<Receiver, TransferError> {
+        let hello = receiver_handshake(&conn, config, None)?;
+        if hello.stream_count != 1 {
+            let e = ProtocolError::StreamMismatch {
+                index: hello.stream_index,
+                reason: "sender uses several streams; use Receiver::accept",
+            };
+            send_error(&conn, error_code::PROTOCOL, &e.to_string());
+            return Err(e.into());
+        }
+        Ok(Receiver {
+            conns: vec![conn],
+            hello,
+        })
+    }
+
+    /// The layout the sender announced (size the destination from it).
+    pub fn layout(&self) -> &Layout {
+        &self.hello.layout
+    }
+
+    /// Number of connections.
+    pub fn streams(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Receives every round into `sink`, then checks the sender's memory
+    /// checksum against it (via [`Sink::finish`]) and acknowledges. On any
+    /// fault, tells the sender why, stops applying and returns the first
+    /// fault's error.
+    pub fn run<K: Sink + Send + ?Sized>(
+        self,
+        sink: &mut K,
+    ) -> Result<ReceiveReport, TransferError> {
+        let start = Instant::now();
+        let n = self.conns.len();
+        let shared = Shared {
+            sink: Mutex::new(sink),
+            barrier: RoundBarrier::new(n),
+            failure: Mutex::new(None),
+            conns: &self.conns,
+            layout: &self.hello.layout,
+        };
+        let outcomes: Vec<Option<StreamOutcome>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .conns
+                .iter()
+                .map(|c| {
+                    let shared = &shared;
+                    s.spawn(move || {
+                        match receive_stream(BufReader::with_capacity(READ_BUFFER, c), shared) {
+                            Ok(o) => Some(o),
+                            Err(e) => {
+                                shared.fail(e);
+                                None
+                            }
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        shared.fail(TransferError::WorkerPanicked);
+                        None
+                    })
+                })
+                .collect()
+        });
+        if let Some(e) = lock(&shared.failure).take() {
+            return Err(e);
+        }
+        let outcomes: Vec<StreamOutcome> = outcomes.into_iter().flatten().collect();
+        let Some(first) = outcomes.first().copied() else {
+            return Err(TransferError::Aborted);
+        };
+        if outcomes
+            .iter()
+            .any(|o| o.checksum != first.checksum || o.rounds != first.rounds)
+        {
+            let e: TransferError = ProtocolError::StreamMismatch {
+                index: 0,
+                reason: "streams finished with different rounds or checksums",
+            }
+            .into();
+            shared.fail_now(&e);
+            return Err(e);
+        }
+        let finished = lock(&shared.sink).finish(first.checksum);
+        if let Err(e) = finished {
+            shared.fail_now(&e);
+            return Err(e);
+        }
+        let pages: u64 = outcomes.iter().map(|o| o.pages).sum();
+        let zero_pages: u64 = outcomes.iter().map(|o| o.zero_pages).sum();
+        for c in &self.conns {
+            let mut w = FrameWriter::new(c);
+            let _ = w.write_frame(FrameKind::Done, 0, pages, 0, first.checksum, &[]);
+            let _ = c.shutdown(Shutdown::Write);
+        }
+        Ok(ReceiveReport {
+            rounds: first.rounds,
+            pages,
+            zero_pages,
+            bytes: outcomes.iter().map(|o| o.bytes).sum(),
+            streams: n as u32,
+            checksum: first.checksum,
+            duration: start.elapsed(),
+        })
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+struct Shared<'a, K: ?Sized> {
+    sink: Mutex<&'a mut K>,
+    barrier: RoundBarrier,
+    failure: Mutex<Option<TransferError>>,
+    conns: &'a [Connection],
+    layout: &'a Layout,
+}
+
+impl<K: ?Sized> Shared<'_, K> {
+    /// Records the first failure, tells the sender, and stops every stream.
+    fn fail(&self, e: TransferError) {
+        {
+            let mut f = lock(&self.failure);
+            if f.is_none() {
+                if !matches!(e, TransferError::Aborted) {
+                    self.fail_now(&e);
+                }
+                *f = Some(e);
+            }
+        }
+        self.barrier.abort();
+        for c in self.conns {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn fail_now(&self, e: &TransferError) {
+        let msg = describe(e);
+        for c in self.conns {
+            send_error(c, code_for(e), &msg);
+            let _ = c.shutdown(Shutdown::Write);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct StreamOutcome {
+    rounds: u64,
+    checksum: u32,
+    pages: u64,
+    zero_pages: u64,
+    bytes: u64,
+}
+
+/// Per-connection receiver state.
+enum State {
+    Idle {
+        next: u64,
+    },
+    InRound {
+        round: u64,
+        pages: u64,
+        zero_pages: u64,
+    },
+}
+
+/// Bytes read from the socket per system call for small frames.
+const READ_BUFFER: usize = 8 << 10;
+
+fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
+    input: R,
+    shared: &Shared<'_, K>,
+) -> Result<StreamOutcome, TransferError> {
+    let mut r = FrameReader::new(input);
+    let pool = BufferPool::new(2);
+    let mut payload = pool.take(0);
+    let mut zstd: Option<zstd::bulk::Decompressor<'static>> = None;
+    let layout = shared.layout;
+    let ps = layout.page_size();
+    let mut state = State::Idle { next: 0 };
+    let mut totals = (0u64, 0u64);
+    loop {
+        let h = r.read_frame(&mut payload)?;
+        let p = &payload[..h.payload_len as usize];
+        let unexpected = |state: &'static str| ProtocolError::Unexpected {
+            offset: h.offset,
+            kind: h.kind,
+            state,
+        };
+        match (&mut state, h.kind) {
+            (State::Idle { next }, FrameKind::RoundBegin) => {
+                expect(&h, FrameKind::RoundBegin, Some(0))?;
+                if h.a != *next {
+                    return Err(ProtocolError::RoundOutOfOrder {
+                        expected: *next,
+                        got: h.a,
+                    }
+                    .into());
+                }
+                let round = h.a;
+                shared
+                    .barrier
+                    .wait(0, 0, |_, _| lock(&shared.sink).begin_round(round))?;
+                state = State::InRound {
+                    round,
+                    pages: 0,
+                    zero_pages: 0,
+                };
+            }
+            (State::InRound { pages, .. }, FrameKind::Pages) => {
+                let (addr, len) = check_pages(&h, layout)?;
+                let codec = Codec::from_u8(h.codec).ok_or(ProtocolError::Malformed {
+                    offset: h.offset,
+                    kind: h.kind,
+                    reason: "unknown codec",
+                })?;
+                let data = match codec {
+                    Codec::None => {
+                        if p.len() as u64 != len {
+                            return Err(ProtocolError::Malformed {
+                                offset: h.offset,
+                                kind: h.kind,
+                                reason: "payload length differs from the page length",
+                            }
+                            .into());
+                        }
+                        let buf = std::mem::replace(&mut payload, pool.take(0));
+                        pool.share(buf).view(0..len as usize)
+                    }
+                    Codec::Lz4 | Codec::Zstd => {
+                        let mut out = pool.take(len as usize);
+                        let n = len as usize;
+                        let ok = match codec {
+                            Codec::Lz4 => lz4_flex::block::decompress_into(p, &mut out[..n])
+                                .is_ok_and(|got| got == n),
+                            _ => {
+                                if zstd.is_none() {
+                                    zstd = Some(zstd::bulk::Decompressor::new().map_err(
+                                        |source| TransferError::Io {
+                                            what: "starting the zstd decompressor",
+                                            source,
+                                        },
+                                    )?);
+                                }
+                                zstd.as_mut().is_some_and(|z| {
+                                    z.decompress_to_buffer(p, &mut out[..n])
+                                        .is_ok_and(|got| got == n)
+                                })
+                            }
+                        };
+                        if !ok {
+                            return Err(ProtocolError::Decompress {
+                                offset: h.offset,
+                                codec: codec.name(),
+                                raw_len: len,
+                            }
+                            .into());
+                        }
+                        pool.share(out).view(0..n)
+                    }
+                };
+                lock(&shared.sink).send_pages(addr, data)?;
+                *pages += len / ps;
+            }
+            (State::InRound { zero_pages, .. }, FrameKind::Zero) => {
+                expect(&h, FrameKind::Zero, Some(0))?;
+                let range = checked_range(&h, layout, h.a, h.b)?;
+                let n = (range.end - range.start) / ps;
+                lock(&shared.sink).send_zero_range(range)?;
+                *zero_pages += n;
+            }
+            (
+                State::InRound {
+                    round,
+                    pages,
+                    zero_pages,
+                },
+                FrameKind::RoundEnd,
+            ) => {
+                expect(&h, FrameKind::RoundEnd, Some(8))?;
+                if h.a != *round {
+                    return Err(ProtocolError::RoundOutOfOrder {
+                        expected: *round,
+                        got: h.a,
+                    }
+                    .into());
+                }
+                let claimed_zero = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
+                if h.b != *pages || claimed_zero != *zero_pages {
+                    return Err(ProtocolError::CountMismatch {
+                        round: *round,
+                        claimed_pages: h.b,
+                        claimed_zero,
+                        pages: *pages,
+                        zero: *zero_pages,
+                    }
+                    .into());
+                }
+                let round = *round;
+                totals.0 += *pages;
+                totals.1 += *zero_pages;
+                shared.barrier.wait(*pages, *zero_pages, |_, _| {
+                    lock(&shared.sink).end_round(round).map(|_| ())
+                })?;
+                state = State::Idle { next: round + 1 };
+            }
+            (State::Idle { next }, FrameKind::Finish) => {
+                expect(&h, FrameKind::Finish, Some(0))?;
+                if h.a != *next {
+                    return Err(ProtocolError::RoundOutOfOrder {
+                        expected: *next,
+                        got: h.a,
+                    }
+                    .into());
+                }
+                return Ok(StreamOutcome {
+                    rounds: *next,
+                    checksum: h.c,
+                    pages: totals.0,
+                    zero_pages: totals.1,
+                    bytes: r.offset(),
+                });
+            }
+            (_, FrameKind::Error) => {
+                return Err(TransferError::PeerRejected {
+                    code: h.c,
+                    message: error_message(p),
+                });
+            }
+            (State::Idle { .. }, _) => return Err(unexpected("between rounds").into()),
+            (State::InRound { .. }, _) => return Err(unexpected("inside a round").into()),
+        }
+    }
+}
+
+/// Validates a PAGES header: address and raw length in whole pages, inside
+/// the layout, within the frame size limit.
+fn check_pages(h: &Header, layout: &Layout) -> Result<(u64, u64), ProtocolError> {
+    if h.b > MAX_PAGES_LEN {
+        return Err(ProtocolError::Malformed {
+            offset: h.offset,
+            kind: h.kind,
+            reason: "page frame longer than 16 MiB",
+        });
+    }
+    let range = checked_range(h, layout, h.a, h.b)?;
+    Ok((range.start, range.end - range.start))
+}
+
+fn checked_range(
+    h: &Header,
+    layout: &Layout,
+    addr: u64,
+    len: u64,
+) -> Result<Range<u64>, ProtocolError> {
+    let ps = layout.page_size();
+    if len == 0 || addr % ps != 0 || len % ps != 0 {
+        return Err(ProtocolError::Malformed {
+            offset: h.offset,
+            kind: h.kind,
+            reason: "not whole pages",
+        });
+    }
+    let end = addr
+        .checked_add(len)
+        .ok_or(ProtocolError::PageOutsideLayout { addr, len })?;
+    layout
+        .locate(addr..end)
+        .map_err(|_| ProtocolError::PageOutsideLayout { addr, len })?;
+    Ok(addr..end)
+}
+
+/// A barrier for the connections of one transfer, with an action run by the
+/// last to arrive, and an abort that releases everyone with an error.
+struct RoundBarrier {
+    n: usize,
+    state: Mutex<BarrierState>,
+    cv: Condvar,
+}
+
+struct BarrierState {
+    arrived: usize,
+    generation: u64,
+    aborted: bool,
+    pages: u64,
+    zero_pages: u64,
+}
+
+impl RoundBarrier {
+    fn new(n: usize) -> RoundBarrier {
+        RoundBarrier {
+            n,
+            state: Mutex::new(BarrierState {
+                arrived: 0,
+                generation: 0,
+                aborted: false,
+                pages: 0,
+                zero_pages: 0,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn wait(
+        &self,
+        pages: u64,
+        zero_pages: u64,
+        last: impl FnOnce(u64, u64) -> Result<(), TransferError>,
+    ) -> Result<(), TransferError> {
+        let mut st = lock(&self.state);
+        if st.aborted {
+            return Err(TransferError::Aborted);
+        }
+        st.arrived += 1;
+        st.pages += pages;
+        st.zero_pages += zero_pages;
+        if st.arrived == self.n {
+            let r = last(st.pages, st.zero_pages);
+            st.arrived = 0;
+            st.pages = 0;
+            st.zero_pages = 0;
+            st.generation += 1;
+            if r.is_err() {
+                st.aborted = true;
+            }
+            self.cv.notify_all();
+            return r;
+        }
+        let generation = st.generation;
+        while st.generation == generation && !st.aborted {
+            st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+        if st.generation == generation {
+            return Err(TransferError::Aborted);
+        }
+        Ok(())
+    }
+
+    fn abort(&self) {
+        lock(&self.state).aborted = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Runs the single-stream receiver state machine over `bytes`: the frames
+/// that follow a completed handshake announcing `layout`, into `sink`, then
+/// [`Sink::finish`]. No socket is involved; this is the entry point of the
+/// frame-decoder fuzz target and of tests that feed malformed streams.
+pub fn receive_frames<K: Sink + Send + ?Sized>(
+    bytes: &[u8],
+    layout: &Layout,
+    sink: &mut K,
+) -> Result<ReceiveReport, TransferError> {
+    let start = Instant::now();
+    let shared = Shared {
+        sink: Mutex::new(sink),
+        barrier: RoundBarrier::new(1),
+        failure: Mutex::new(None),
+        conns: &[],
+        layout,
+    };
+    let outcome = receive_stream(bytes, &shared)?;
+    let sink = shared
+        .sink
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner);
+    sink.finish(outcome.checksum)?;
+    Ok(ReceiveReport {
+        rounds: outcome.rounds,
+        pages: outcome.pages,
+        zero_pages: outcome.zero_pages,
+        bytes: outcome.bytes,
+        streams: 1,
+        checksum: outcome.checksum,
+        duration: start.elapsed(),
+    })
+}

@@ -1,0 +1,186 @@
+//! Where pages go: the [`Sink`] trait and the in-memory sink.
+//!
+//! A sink receives rounds of pages in order. The socket sender
+//! ([`SocketSink`](crate::SocketSink)), the checkpoint image writer
+//! ([`ImageWriter`](crate::ImageWriter)) and [`MemorySink`] implement it; the
+//! [`Receiver`](crate::Receiver) drives a sink with what arrives on the wire.
+//! A sink is handed only whole pages inside its layout, and rejects anything
+//! else rather than clipping it.
+
+use std::ops::Range;
+
+use memmap2::MmapMut;
+
+use crate::buffer::PageBuf;
+use crate::error::{LayoutError, TransferError};
+use crate::layout::Layout;
+
+/// A destination for rounds of pages.
+///
+/// Call order: (`begin_round`, (`send_pages` | `send_zero_range`)*,
+/// `end_round`)*, `finish`. Within a round each page is sent at most once;
+/// across rounds the later copy wins.
+pub trait Sink {
+    /// Round `round` starts (rounds count up from 0).
+    fn begin_round(&mut self, round: u64) -> Result<(), TransferError>;
+    /// Whole pages starting at source address `addr`, inside one layout region.
+    fn send_pages(&mut self, addr: u64, pages: PageBuf) -> Result<(), TransferError>;
+    /// Pages that read as all zeros.
+    fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError>;
+    /// Round `round` is complete; returns the bytes this sink wrote for it
+    /// (on the wire or to its file).
+    fn end_round(&mut self, round: u64) -> Result<u64, TransferError>;
+    /// No more rounds. `memory_checksum` is the source's
+    /// [`memory_checksum`](crate::memory_checksum); a sink that can, checks
+    /// its contents against it and fails on a mismatch.
+    fn finish(&mut self, memory_checksum: u32) -> Result<(), TransferError>;
+}
+
+impl<T: Sink + ?Sized> Sink for &mut T {
+    fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
+        (**self).begin_round(round)
+    }
+    fn send_pages(&mut self, addr: u64, pages: PageBuf) -> Result<(), TransferError> {
+        (**self).send_pages(addr, pages)
+    }
+    fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
+        (**self).send_zero_range(range)
+    }
+    fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
+        (**self).end_round(round)
+    }
+    fn finish(&mut self, memory_checksum: u32) -> Result<(), TransferError> {
+        (**self).finish(memory_checksum)
+    }
+}
+
+impl<T: Sink + ?Sized> Sink for Box<T> {
+    fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
+        (**self).begin_round(round)
+    }
+    fn send_pages(&mut self, addr: u64, pages: PageBuf) -> Result<(), TransferError> {
+        (**self).send_pages(addr, pages)
+    }
+    fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
+        (**self).send_zero_range(range)
+    }
+    fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
+        (**self).end_round(round)
+    }
+    fn finish(&mut self, memory_checksum: u32) -> Result<(), TransferError> {
+        (**self).finish(memory_checksum)
+    }
+}
+
+/// Counts kept by [`MemorySink`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Rounds completed.
+    pub rounds: u64,
+    /// Pages written with contents (a page sent twice counts twice).
+    pub pages: u64,
+    /// Pages written as zeros.
+    pub zero_pages: u64,
+    /// The checksum accepted by `finish`, once finished.
+    pub finished: Option<u32>,
+}
+
+/// Destination memory laid out by offset in an anonymous mapping this sink
+/// owns; starts all zeros. The receiving end of a live migration, and the
+/// in-memory sink tests compare against the source.
+#[derive(Debug)]
+pub struct MemorySink {
+    layout: Layout,
+    mem: MmapMut,
+    stats: MemoryStats,
+}
+
+impl MemorySink {
+    /// Zero-filled memory for `layout`.
+    pub fn new(layout: Layout) -> Result<MemorySink, TransferError> {
+        let len = usize::try_from(layout.total_len()).map_err(|_| TransferError::Config {
+            reason: "layout is larger than the address space",
+        })?;
+        let mem =
+            MmapMut::map_anon(len).map_err(TransferError::io("mapping destination memory"))?;
+        Ok(MemorySink {
+            layout,
+            mem,
+            stats: MemoryStats::default(),
+        })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// All destination memory, regions back to back in address order.
+    pub fn memory(&self) -> &[u8] {
+        &self.mem
+    }
+
+    /// The bytes at source addresses `range` (non-empty, inside one region).
+    pub fn read(&self, range: Range<u64>) -> Result<&[u8], LayoutError> {
+        let ps = self.layout.page_size();
+        let outside = || LayoutError::OutsideLayout {
+            range: range.clone(),
+        };
+        if range.start >= range.end {
+            return Err(outside());
+        }
+        let start = range.start - range.start % ps;
+        let end = range.end.checked_next_multiple_of(ps).ok_or_else(outside)?;
+        let off = self.layout.locate(start..end)? + (range.start - start);
+        Ok(&self.mem[off as usize..(off + (range.end - range.start)) as usize])
+    }
+
+    /// Counts so far.
+    pub fn stats(&self) -> MemoryStats {
+        self.stats
+    }
+
+    /// CRC32C of all destination memory (see [`memory_checksum`](crate::memory_checksum)).
+    pub fn checksum(&self) -> u32 {
+        crc32c::crc32c(&self.mem)
+    }
+}
+
+impl Sink for MemorySink {
+    fn begin_round(&mut self, _round: u64) -> Result<(), TransferError> {
+        Ok(())
+    }
+
+    fn send_pages(&mut self, addr: u64, pages: PageBuf) -> Result<(), TransferError> {
+        let len = pages.len() as u64;
+        let off = self.layout.locate(addr..addr.saturating_add(len))? as usize;
+        self.mem[off..off + pages.len()].copy_from_slice(&pages);
+        self.stats.pages += len / self.layout.page_size();
+        Ok(())
+    }
+
+    fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
+        let len = range.end.saturating_sub(range.start);
+        let off = self.layout.locate(range)? as usize;
+        self.mem[off..off + len as usize].fill(0);
+        self.stats.zero_pages += len / self.layout.page_size();
+        Ok(())
+    }
+
+    fn end_round(&mut self, _round: u64) -> Result<u64, TransferError> {
+        self.stats.rounds += 1;
+        Ok(0)
+    }
+
+    fn finish(&mut self, memory_checksum: u32) -> Result<(), TransferError> {
+        let actual = self.checksum();
+        if actual != memory_checksum {
+            return Err(TransferError::ChecksumMismatch {
+                expected: memory_checksum,
+                actual,
+            });
+        }
+        self.stats.finished = Some(actual);
+        Ok(())
+    }
+}

@@ -1,0 +1,379 @@
+//! Where page contents come from: the [`PageSource`] trait, the
+//! `process_vm_readv` reader used for any process (including this one), a
+//! slice-backed source for tests, and the whole-memory checksum both ends
+//! compute.
+//!
+//! A source never invents data: a page it cannot read is a
+//! [`SourceError::Unmapped`], never zeros.
+
+use std::io::IoSliceMut;
+use std::ops::Range;
+
+use nix::errno::Errno;
+use nix::sys::uio::{RemoteIoVec, process_vm_readv};
+use nix::unistd::Pid;
+
+use crate::error::SourceError;
+use crate::layout::Layout;
+
+/// Reads the current contents of source memory.
+pub trait PageSource {
+    /// Reads the bytes at each of `ranges` (source addresses) into `buf`, one
+    /// after the other. `buf.len()` must equal the sum of the range lengths.
+    fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError>;
+}
+
+impl<T: PageSource + ?Sized> PageSource for &mut T {
+    fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
+        (**self).read_ranges(ranges, buf)
+    }
+}
+
+impl<T: PageSource + ?Sized> PageSource for Box<T> {
+    fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
+        (**self).read_ranges(ranges, buf)
+    }
+}
+
+fn total_len(ranges: &[Range<u64>]) -> u64 {
+    ranges.iter().map(|r| r.end.saturating_sub(r.start)).sum()
+}
+
+/// Reads another process's memory — or this process's — with
+/// `process_vm_readv`, many ranges per system call.
+///
+/// Used for this process too: an unmapped page then comes back as `EFAULT`
+/// (a typed error) instead of a crash.
+#[derive(Debug, Clone)]
+pub struct ProcessMemory {
+    pid: Pid,
+    iovecs: Vec<RemoteIoVec>,
+}
+
+/// Most remote iovecs per `process_vm_readv` call (the kernel's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+impl ProcessMemory {
+    /// A reader of process `pid`'s memory.
+    pub fn new(pid: i32) -> ProcessMemory {
+        ProcessMemory {
+            pid: Pid::from_raw(pid),
+            iovecs: Vec::new(),
+        }
+    }
+
+    /// A reader of this process's memory.
+    pub fn current() -> ProcessMemory {
+        ProcessMemory::new(nix::unistd::getpid().as_raw())
+    }
+
+    /// The process read.
+    pub fn pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
+    fn map_errno(&self, errno: Errno, addr: u64, len: u64) -> SourceError {
+        let pid = self.pid.as_raw();
+        match errno {
+            Errno::EFAULT => SourceError::Unmapped { addr, len },
+            Errno::ESRCH => SourceError::ProcessGone { pid },
+            Errno::EPERM => SourceError::PermissionDenied { pid },
+            source => SourceError::Read {
+                pid,
+                addr,
+                len,
+                source,
+            },
+        }
+    }
+}
+
+impl PageSource for ProcessMemory {
+    fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
+        let want = total_len(ranges);
+        if want != buf.len() as u64 {
+            return Err(SourceError::BufferSize {
+                buf: buf.len(),
+                ranges: want,
+            });
+        }
+        // Remaining work: ranges[i] from byte `skip` on, into buf[done..].
+        let mut i = 0;
+        let mut skip: u64 = 0;
+        let mut done = 0usize;
+        while i < ranges.len() {
+            self.iovecs.clear();
+            let mut batch_len = 0usize;
+            for (k, r) in ranges[i..].iter().take(IOV_MAX).enumerate() {
+                let start = r.start + if k == 0 { skip } else { 0 };
+                let len = (r.end - start) as usize;
+                if len == 0 {
+                    continue;
+                }
+                self.iovecs.push(RemoteIoVec {
+                    base: start as usize,
+                    len,
+                });
+                batch_len += len;
+            }
+            if batch_len == 0 {
+                i += IOV_MAX.min(ranges.len() - i);
+                skip = 0;
+                continue;
+            }
+            let first = ranges[i].start + skip;
+            let mut local = [IoSliceMut::new(&mut buf[done..done + batch_len])];
+            let n = match process_vm_readv(self.pid, &mut local, &self.iovecs) {
+                Ok(0) => return Err(self.map_errno(Errno::EFAULT, first, batch_len as u64)),
+                Ok(n) => n,
+                Err(e) => return Err(self.map_errno(e, first, batch_len as u64)),
+            };
+            // Advance over the bytes read; a short read stops at the first
+            // unreadable byte, which the next call reports as EFAULT.
+            done += n;
+            let mut left = n as u64;
+            while left > 0 {
+                let r = &ranges[i];
+                let avail = r.end - r.start - skip;
+                if left >= avail {
+                    left -= avail;
+                    i += 1;
+                    skip = 0;
+                } else {
+                    skip += left;
+                    left = 0;
+                }
+            }
+            while i < ranges.len() && ranges[i].start + skip >= ranges[i].end {
+                i += 1;
+                skip = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Source memory held in a buffer that pretends to live at `base`.
+///
+/// For tests and for replaying saved memory; addresses outside
+/// `base..base + len` are [`SourceError::Unmapped`].
+#[derive(Debug, Clone)]
+pub struct SliceSource<B> {
+    base: u64,
+    data: B,
+}
+
+impl<B: AsRef<[u8]>> SliceSource<B> {
+    /// Memory `data` at source address `base`.
+    pub fn new(base: u64, data: B) -> SliceSource<B> {
+        SliceSource { base, data }
+    }
+
+    /// The source address of the first byte.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// The memory.
+    pub fn data(&self) -> &[u8] {
+        self.data.as_ref()
+    }
+
+    /// The memory, for changing it between rounds.
+    pub fn data_mut(&mut self) -> &mut B {
+        &mut self.data
+    }
+}
+
+impl<B: AsRef<[u8]>> PageSource for SliceSource<B> {
+    fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
+        let want = total_len(ranges);
+        if want != buf.len() as u64 {
+            return Err(SourceError::BufferSize {
+                buf: buf.len(),
+                ranges: want,
+            });
+        }
+        let data = self.data.as_ref();
+        let mut at = 0usize;
+        for r in ranges {
+            let len = r.end.saturating_sub(r.start);
+            let off = r.start.checked_sub(self.base);
+            let ok =
+                off.is_some_and(|o| o.checked_add(len).is_some_and(|e| e <= data.len() as u64));
+            let Some(off) = off.filter(|_| ok) else {
+                return Err(SourceError::Unmapped { addr: r.start, len });
+            };
+            let off = off as usize;
+            let len = len as usize;
+            buf[at..at + len].copy_from_slice(&data[off..off + len]);
+            at += len;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes read per step when checksumming a whole layout.
+const CHECKSUM_CHUNK: u64 = 1 << 20;
+
+/// The whole-memory checksum: CRC32C (Castagnoli) of every byte of every
+/// layout region, regions in address order, as one continuous byte string.
+///
+/// The sender computes it from the source after the final round (with the
+/// source stopped); a receiver computes it over its destination and refuses
+/// success on a mismatch.
+pub fn memory_checksum(source: &mut dyn PageSource, layout: &Layout) -> Result<u32, SourceError> {
+    let mut crc = 0u32;
+    let mut buf = vec![0u8; CHECKSUM_CHUNK as usize];
+    for region in layout.regions() {
+        let mut at = region.start;
+        let end = region.start + region.len;
+        while at < end {
+            let n = (end - at).min(CHECKSUM_CHUNK);
+            let chunk = &mut buf[..n as usize];
+            source.read_ranges(&[at..at + n], chunk)?;
+            crc = crc32c::crc32c_append(crc, chunk);
+            at += n;
+        }
+    }
+    Ok(crc)
+}
+
+/// `crc` extended by `len` zero bytes, in O(log len) time (so layouts with
+/// huge never-sent or zero spans checksum quickly).
+pub(crate) fn crc_append_zeros(crc: u32, len: u64) -> u32 {
+    // CRC32C of 2^k zero bytes, built by doubling.
+    let mut run_crc = crc32c::crc32c(&[0u8]);
+    let mut run_len: u64 = 1;
+    let mut zeros_crc: Option<(u32, u64)> = None;
+    let mut left = len;
+    while left > 0 {
+        if left & 1 == 1 {
+            zeros_crc = Some(match zeros_crc {
+                None => (run_crc, run_len),
+                Some((c, l)) => (
+                    crc32c::crc32c_combine(c, run_crc, run_len as usize),
+                    l + run_len,
+                ),
+            });
+        }
+        left >>= 1;
+        if left > 0 {
+            run_crc = crc32c::crc32c_combine(run_crc, run_crc, run_len as usize);
+            run_len *= 2;
+        }
+    }
+    match zeros_crc {
+        None => crc,
+        Some((z, l)) => crc32c::crc32c_combine(crc, z, l as usize),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn zero_runs_checksum_like_real_zeros() {
+        let data = [7u8, 1, 2];
+        for len in [0u64, 1, 2, 3, 4095, 4096, 12345, 1 << 20] {
+            let mut v = data.to_vec();
+            v.resize(3 + len as usize, 0);
+            assert_eq!(
+                crc_append_zeros(crc32c::crc32c(&data), len),
+                crc32c::crc32c(&v),
+                "len {len}"
+            );
+        }
+    }
+
+    use super::*;
+
+    #[test]
+    fn process_memory_reads_self_in_batches() {
+        let data: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8).collect();
+        let base = data.as_ptr() as u64;
+        let mut src = ProcessMemory::current();
+        let ranges = [
+            base + 4096..base + 8192,
+            base..base + 100,
+            base + 9000..base + 12288,
+        ];
+        let mut buf = vec![0u8; 4096 + 100 + (12288 - 9000)];
+        src.read_ranges(&ranges, &mut buf).unwrap();
+        assert_eq!(&buf[..4096], &data[4096..8192]);
+        assert_eq!(&buf[4096..4196], &data[..100]);
+        assert_eq!(&buf[4196..], &data[9000..12288]);
+    }
+
+    #[test]
+    fn process_memory_unmapped_is_typed_error() {
+        let mut src = ProcessMemory::current();
+        let mut buf = vec![0u8; 4096];
+        // Page zero is never mapped.
+        let err = src.read_ranges(&[0..4096], &mut buf).unwrap_err();
+        assert!(
+            matches!(err, SourceError::Unmapped { addr: 0, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn process_memory_short_read_reports_the_hole() {
+        let data = vec![7u8; 4096];
+        let base = data.as_ptr() as u64;
+        let mut src = ProcessMemory::current();
+        let mut buf = vec![0u8; 8192];
+        let err = src
+            .read_ranges(&[base..base + 4096, 0..4096], &mut buf)
+            .unwrap_err();
+        assert!(
+            matches!(err, SourceError::Unmapped { addr: 0, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn process_memory_missing_process() {
+        // PIDs above pid_max (at most 2^22) never exist.
+        let mut src = ProcessMemory::new(i32::MAX - 1);
+        let data = [0u8; 16];
+        let mut buf = [0u8; 16];
+        let addr = data.as_ptr() as u64;
+        let err = src.read_ranges(&[addr..addr + 16], &mut buf).unwrap_err();
+        assert!(matches!(err, SourceError::ProcessGone { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn slice_source_bounds() {
+        let mut src = SliceSource::new(0x1000, vec![1u8; 0x2000]);
+        let mut buf = vec![0u8; 0x1000];
+        src.read_ranges(&[0x2000..0x3000], &mut buf).unwrap();
+        assert!(src.read_ranges(&[0x2800..0x3800], &mut buf).is_err());
+        assert!(src.read_ranges(&[0..0x1000], &mut buf).is_err());
+    }
+
+    #[test]
+    fn checksum_is_crc_of_concatenation() {
+        let data: Vec<u8> = (0..0x4000u32).map(|i| i as u8).collect();
+        let mut src = SliceSource::new(0x10000, data.clone());
+        let layout = Layout::new(
+            4096,
+            vec![
+                crate::Region {
+                    start: 0x12000,
+                    len: 0x2000,
+                },
+                crate::Region {
+                    start: 0x10000,
+                    len: 0x1000,
+                },
+            ],
+        )
+        .unwrap();
+        let mut cat = data[..0x1000].to_vec();
+        cat.extend_from_slice(&data[0x2000..0x4000]);
+        assert_eq!(
+            memory_checksum(&mut src, &layout).unwrap(),
+            crc32c::crc32c(&cat)
+        );
+    }
+}

@@ -1,0 +1,387 @@
+//! Hostile and broken input: every fault gives its clear error, and nothing
+//! after the fault is applied.
+
+mod common;
+
+use std::io::{Read, Write};
+
+use common::*;
+use precopy_transfer::protocol::{self, FrameKind, encode_header};
+use precopy_transfer::*;
+
+const BASE: u64 = 0x10000;
+
+fn layout() -> Layout {
+    Layout::single(PS, BASE, 8 * PS).unwrap()
+}
+
+fn frame(kind: FrameKind, a: u64, b: u64, c: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = encode_header(kind, 0, a, b, c, payload).to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+/// A valid stream: round 0 with page 0 = 0x11.., page 1 = 0x22.., then the
+/// frames `tail` in the same round.
+fn stream_with(tail: &[Vec<u8>]) -> Vec<u8> {
+    let mut s = frame(FrameKind::RoundBegin, 0, 0, 0, &[]);
+    s.extend(frame(FrameKind::Pages, BASE, PS, 0, &[0x11; PS as usize]));
+    s.extend(frame(
+        FrameKind::Pages,
+        BASE + PS,
+        PS,
+        0,
+        &[0x22; PS as usize],
+    ));
+    for t in tail {
+        s.extend_from_slice(t);
+    }
+    s
+}
+
+/// Feeds `bytes` to a receiver; returns its error and the memory it left.
+fn receive(bytes: &[u8]) -> (TransferError, MemorySink) {
+    let mut sink = MemorySink::new(layout()).unwrap();
+    let err = receive_frames(bytes, &layout(), &mut sink).unwrap_err();
+    (err, sink)
+}
+
+/// Pages 0 and 1 were applied, nothing else.
+fn assert_only_prefix_applied(sink: &MemorySink) {
+    let m = sink.memory();
+    assert!(m[..PS as usize].iter().all(|&b| b == 0x11));
+    assert!(m[PS as usize..2 * PS as usize].iter().all(|&b| b == 0x22));
+    assert!(
+        m[2 * PS as usize..].iter().all(|&b| b == 0),
+        "something past the fault was applied"
+    );
+    assert_eq!(sink.stats().pages, 2);
+}
+
+#[test]
+fn good_stream_is_accepted() {
+    let mut s = stream_with(&[]);
+    let mut zero = 0u64.to_le_bytes().to_vec();
+    s.extend(frame(FrameKind::RoundEnd, 0, 2, 0, &zero));
+    zero.clear();
+    let mut expect_mem = vec![0u8; 8 * PS as usize];
+    expect_mem[..PS as usize].fill(0x11);
+    expect_mem[PS as usize..2 * PS as usize].fill(0x22);
+    s.extend(frame(
+        FrameKind::Finish,
+        1,
+        0,
+        crc32c::crc32c(&expect_mem),
+        &[],
+    ));
+    let mut sink = MemorySink::new(layout()).unwrap();
+    let report = receive_frames(&s, &layout(), &mut sink).unwrap();
+    assert_eq!((report.rounds, report.pages), (1, 2));
+    assert_eq!(sink.memory(), &expect_mem[..]);
+}
+
+#[test]
+fn truncated_stream() {
+    let full = stream_with(&[frame(
+        FrameKind::Pages,
+        BASE + 2 * PS,
+        PS,
+        0,
+        &[0x33; PS as usize],
+    )]);
+    // Cut inside the third page frame: its header, then its payload.
+    for cut in [full.len() - PS as usize - 10, full.len() - 1] {
+        let (err, sink) = receive(&full[..cut]);
+        assert!(
+            matches!(
+                err,
+                TransferError::Protocol(ProtocolError::Truncated { .. })
+            ),
+            "{err}"
+        );
+        assert_only_prefix_applied(&sink);
+    }
+    // A stream that just stops between frames is truncated too.
+    let (err, _) = receive(&stream_with(&[]));
+    assert!(err.to_string().contains("truncated"), "{err}");
+}
+
+#[test]
+fn bad_checksum() {
+    let mut bad = frame(FrameKind::Pages, BASE + 2 * PS, PS, 0, &[0x33; PS as usize]);
+    let n = bad.len();
+    bad[n - 100] ^= 0x40;
+    let (err, sink) = receive(&stream_with(&[
+        bad,
+        frame(FrameKind::Pages, BASE + 3 * PS, PS, 0, &[0x44; PS as usize]),
+    ]));
+    assert!(
+        matches!(
+            err,
+            TransferError::Protocol(ProtocolError::BadChecksum { kind: 6, .. })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("bad checksum"));
+    assert_only_prefix_applied(&sink);
+}
+
+#[test]
+fn page_outside_layout() {
+    for (addr, len) in [
+        (BASE + 8 * PS, PS),
+        (BASE - PS, PS),
+        (BASE + 7 * PS, 2 * PS),
+        (u64::MAX - PS + 1, PS),
+    ] {
+        let (err, sink) = receive(&stream_with(&[
+            frame(FrameKind::Pages, addr, len, 0, &vec![0x55; len as usize]),
+            frame(FrameKind::Pages, BASE + 3 * PS, PS, 0, &[0x44; PS as usize]),
+        ]));
+        assert!(
+            matches!(
+                err,
+                TransferError::Protocol(ProtocolError::PageOutsideLayout { .. })
+            ),
+            "{err}"
+        );
+        assert_only_prefix_applied(&sink);
+    }
+    // A zero range outside the layout is refused the same way.
+    let (err, sink) = receive(&stream_with(&[frame(
+        FrameKind::Zero,
+        BASE + 6 * PS,
+        4 * PS,
+        0,
+        &[],
+    )]));
+    assert!(matches!(
+        err,
+        TransferError::Protocol(ProtocolError::PageOutsideLayout { .. })
+    ));
+    assert_only_prefix_applied(&sink);
+}
+
+#[test]
+fn other_malformed_frames() {
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            frame(FrameKind::Pages, BASE + 100, PS, 0, &[1; PS as usize]),
+            "whole pages",
+        ),
+        (
+            frame(FrameKind::Pages, BASE + 2 * PS, PS, 0, &[1; 100]),
+            "payload length",
+        ),
+        (
+            frame(FrameKind::Pages, BASE + 2 * PS, 0, 0, &[]),
+            "whole pages",
+        ),
+        (
+            frame(FrameKind::RoundBegin, 1, 0, 0, &[]),
+            "unexpected ROUND_BEGIN",
+        ),
+        (frame(FrameKind::Finish, 0, 0, 0, &[]), "unexpected FINISH"),
+        (frame(FrameKind::Hello, 0, 0, 0, &[]), "unexpected HELLO"),
+        (
+            frame(FrameKind::RoundEnd, 0, 5, 0, &0u64.to_le_bytes()),
+            "announces 5 pages",
+        ),
+        (
+            frame(FrameKind::RoundEnd, 3, 2, 0, &0u64.to_le_bytes()),
+            "out of order",
+        ),
+        (
+            {
+                let mut f =
+                    encode_header(FrameKind::Pages, 9, BASE + 2 * PS, PS, 0, &[1; 10]).to_vec();
+                f.extend_from_slice(&[1; 10]);
+                f
+            },
+            "unknown codec",
+        ),
+        (
+            {
+                let mut f =
+                    encode_header(FrameKind::Pages, 1, BASE + 2 * PS, PS, 0, &[7; 64]).to_vec();
+                f.extend_from_slice(&[7; 64]);
+                f
+            },
+            "does not decompress",
+        ),
+        (
+            {
+                let mut f =
+                    encode_header(FrameKind::Pages, 2, BASE + 2 * PS, PS, 0, &[7; 64]).to_vec();
+                f.extend_from_slice(&[7; 64]);
+                f
+            },
+            "does not decompress",
+        ),
+        (
+            {
+                let mut h = encode_header(FrameKind::Zero, 0, 0, 0, 0, &[]);
+                h[0] = 99;
+                let crc = crc32c::crc32c(&h[..28]);
+                h[28..].copy_from_slice(&crc.to_le_bytes());
+                h.to_vec()
+            },
+            "unknown frame kind 99",
+        ),
+        (
+            frame(FrameKind::Error, 0, 0, 1, b"sender gave up"),
+            "sender gave up",
+        ),
+    ];
+    for (bad, needle) in cases {
+        let (err, sink) = receive(&stream_with(&[
+            bad,
+            frame(FrameKind::Pages, BASE + 3 * PS, PS, 0, &[0x44; PS as usize]),
+        ]));
+        assert!(
+            err.to_string().contains(needle),
+            "wanted {needle:?}, got {err}"
+        );
+        assert_only_prefix_applied(&sink);
+    }
+}
+
+#[test]
+fn checksum_mismatch_is_not_success() {
+    let mut s = stream_with(&[]);
+    s.extend(frame(FrameKind::RoundEnd, 0, 2, 0, &0u64.to_le_bytes()));
+    s.extend(frame(FrameKind::Finish, 1, 0, 0xdead_beef, &[]));
+    let (err, _) = receive(&s);
+    assert!(
+        matches!(
+            err,
+            TransferError::ChecksumMismatch {
+                expected: 0xdead_beef,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// Runs a receiver on loopback and lets `client` talk to it raw.
+fn raw_client(
+    config: ReceiverConfig,
+    client: impl FnOnce(&mut std::net::TcpStream),
+) -> TransferError {
+    let l = Listener::bind_tcp("127.0.0.1:0").unwrap();
+    let Listener::Tcp(t) = &l else { unreachable!() };
+    let addr = t.local_addr().unwrap();
+    let rx = std::thread::spawn(move || Receiver::accept(&l, &config).map(|_| ()));
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    client(&mut s);
+    rx.join().unwrap().unwrap_err()
+}
+
+fn hello_frame(page_size: u64, region_len: u64) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&page_size.to_le_bytes());
+    p.extend_from_slice(&0u32.to_le_bytes());
+    p.extend_from_slice(&1u32.to_le_bytes());
+    p.extend_from_slice(&[0; 16]);
+    p.extend_from_slice(&1u32.to_le_bytes());
+    p.extend_from_slice(&0u32.to_le_bytes());
+    p.extend_from_slice(&BASE.to_le_bytes());
+    p.extend_from_slice(&region_len.to_le_bytes());
+    frame(FrameKind::Hello, 1, 0, 0, &p)
+}
+
+#[test]
+fn unknown_version() {
+    let mut reply = Vec::new();
+    let err = raw_client(ReceiverConfig::default(), |s| {
+        let mut pre = protocol::preamble();
+        pre[8] = 2;
+        s.write_all(&pre).unwrap();
+        s.read_to_end(&mut reply).unwrap();
+    });
+    assert!(
+        matches!(
+            err,
+            TransferError::Protocol(ProtocolError::UnknownVersion { version: 2, .. })
+        ),
+        "{err}"
+    );
+    // The receiver said why before closing.
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.contains("unknown protocol version 2"), "{text}");
+}
+
+#[test]
+fn wrong_page_size() {
+    let config = ReceiverConfig {
+        page_size: Some(4096),
+        ..ReceiverConfig::default()
+    };
+    let err = raw_client(config, |s| {
+        s.write_all(&protocol::preamble()).unwrap();
+        s.write_all(&hello_frame(8192, 4 * 8192)).unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+    });
+    assert!(
+        matches!(
+            err,
+            TransferError::Protocol(ProtocolError::WrongPageSize {
+                ours: 4096,
+                theirs: 8192
+            })
+        ),
+        "{err}"
+    );
+    // A layout not aligned to the announced page size is refused too.
+    let err = raw_client(ReceiverConfig::default(), |s| {
+        s.write_all(&protocol::preamble()).unwrap();
+        s.write_all(&hello_frame(8192, 3 * 4096)).unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+    });
+    assert!(
+        matches!(err, TransferError::Protocol(ProtocolError::BadLayout(_))),
+        "{err}"
+    );
+}
+
+#[test]
+fn not_precopy_at_all() {
+    let err = raw_client(ReceiverConfig::default(), |s| {
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+    });
+    assert!(
+        matches!(err, TransferError::Protocol(ProtocolError::BadMagic { .. })),
+        "{err}"
+    );
+}
+
+#[test]
+fn receiver_fault_mid_stream_reaches_the_sender() {
+    // The sender announces a layout, then a frame damaged on the way (here:
+    // written by hand after a proper handshake) makes the receiver stop and
+    // report; the sender sees the receiver's reason.
+    let (listener, connect, _d) = listen(&Net::Unix);
+    let rx = spawn_receiver(listener, ReceiverConfig::default());
+    let layout = Layout::single(PS, BASE, 8 * PS).unwrap();
+    let mut tx = Sender::connect(
+        vec![connect()],
+        layout.clone(),
+        SliceSource::new(BASE, vec![1u8; 8 * PS as usize]),
+        &SenderConfig::default(),
+    )
+    .unwrap();
+    tx.send_round(&[BASE..BASE + 8 * PS]).unwrap();
+    // Finish with a wrong checksum: the receiver refuses success.
+    let err = tx.finish(0x1234_5678).unwrap_err();
+    assert!(
+        matches!(&err, TransferError::PeerRejected { code: 3, message } if message.contains("checksum mismatch")),
+        "{err}"
+    );
+    let rx_err = rx.join().unwrap().unwrap_err();
+    assert!(
+        matches!(rx_err, TransferError::ChecksumMismatch { .. }),
+        "{rx_err}"
+    );
+}

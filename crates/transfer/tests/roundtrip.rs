@@ -1,0 +1,353 @@
+//! Round trips through every sink: after the final frame, destination memory
+//! equals source memory.
+
+mod common;
+
+use common::*;
+use precopy_transfer::*;
+use rand::{SeedableRng, rngs::StdRng};
+
+const BASE: u64 = 0x7000_0000;
+
+fn socket_roundtrip(net: Net, config: SenderConfig, pages: usize, rounds: usize) {
+    let (listener, connect, _dir) = listen(&net);
+    let rx = spawn_receiver(listener, ReceiverConfig::default());
+    let layout = Layout::single(PS, BASE, pages as u64 * PS).unwrap();
+    let conns = (0..config.streams).map(|_| connect()).collect();
+    let mut tx = Sender::connect(
+        conns,
+        layout.clone(),
+        SliceSource::new(BASE, memory(pages, 1)),
+        &config,
+    )
+    .unwrap();
+    let all = BASE..BASE + pages as u64 * PS;
+    let first = tx.send_round(std::slice::from_ref(&all)).unwrap();
+    assert_eq!(first.pages + first.zero_pages, pages as u64);
+    assert!(
+        first.zero_pages >= (pages / 7) as u64,
+        "zero pages travel as markers"
+    );
+    let mut rng = StdRng::seed_from_u64(9);
+    for _ in 1..rounds {
+        let dirty = redirty(tx.source_mut().data_mut(), BASE, pages / 4, &mut rng);
+        let sent = tx.send_round(&dirty).unwrap();
+        assert!(sent.pages + sent.zero_pages <= (pages / 4) as u64);
+    }
+    let summary = tx.finish_with_source_checksum().unwrap();
+    let (report, dest) = rx.join().unwrap().unwrap();
+    let (source, _) = tx.into_parts();
+    assert!(dest == source.data(), "destination differs from source");
+    assert_eq!(report.rounds, rounds as u64);
+    assert_eq!(report.checksum, summary.checksum);
+    assert_eq!(report.pages, summary.pages);
+    assert_eq!(report.zero_pages, summary.zero_pages);
+    assert_eq!(report.streams as usize, config.streams);
+}
+
+#[test]
+fn tcp_roundtrip_uncompressed() {
+    socket_roundtrip(Net::Tcp, SenderConfig::default(), 300, 3);
+}
+
+#[test]
+fn unix_roundtrip_uncompressed() {
+    socket_roundtrip(Net::Unix, SenderConfig::default(), 300, 3);
+}
+
+#[test]
+fn tcp_roundtrip_lz4() {
+    let config = SenderConfig {
+        compression: Compression::Lz4,
+        ..SenderConfig::default()
+    };
+    socket_roundtrip(Net::Tcp, config, 300, 3);
+}
+
+#[test]
+fn unix_roundtrip_zstd() {
+    let config = SenderConfig {
+        compression: Compression::Zstd(3),
+        ..SenderConfig::default()
+    };
+    socket_roundtrip(Net::Unix, config, 300, 3);
+}
+
+#[test]
+fn several_streams_newest_copy_wins() {
+    // Small batches spread every round over all streams; pages are rewritten
+    // between rounds, so any reordering across rounds would leave an old copy.
+    for (net, compression) in [(Net::Tcp, Compression::None), (Net::Unix, Compression::Lz4)] {
+        let config = SenderConfig {
+            streams: 3,
+            batch_pages: 2,
+            compression,
+            ..SenderConfig::default()
+        };
+        socket_roundtrip(net, config, 200, 6);
+    }
+}
+
+#[test]
+fn bandwidth_limited_transfer_still_arrives() {
+    let config = SenderConfig {
+        bandwidth_limit: Some(64 << 20),
+        streams: 2,
+        ..SenderConfig::default()
+    };
+    socket_roundtrip(Net::Tcp, config, 100, 2);
+}
+
+#[test]
+fn pages_sent_twice_keep_the_last_copy() {
+    let layout = Layout::single(PS, BASE, 8 * PS).unwrap();
+    let mut mem = memory(8, 2);
+    mem[..PS as usize].fill(1);
+    let mut tx = Transfer::new(
+        SliceSource::new(BASE, mem),
+        MemorySink::new(layout.clone()).unwrap(),
+        layout,
+        4,
+    )
+    .unwrap();
+    tx.send_round(&[BASE..BASE + 8 * PS]).unwrap();
+    tx.source_mut().data_mut()[..PS as usize].fill(2);
+    // The same page twice in one round (overlapping ranges merge), then again.
+    let sent = tx.send_round(&[BASE..BASE + PS, BASE..BASE + PS]).unwrap();
+    assert_eq!(sent.pages, 1);
+    tx.source_mut().data_mut()[..PS as usize].fill(3);
+    tx.begin_round().unwrap();
+    tx.send_dirty(&[BASE..BASE + PS]).unwrap();
+    tx.send_dirty(&[BASE..BASE + PS]).unwrap();
+    let sent = tx.end_round().unwrap();
+    assert_eq!(
+        sent.pages, 2,
+        "a page given in two batches of a round is sent twice"
+    );
+    tx.finish_with_source_checksum().unwrap();
+    let (src, sink) = tx.into_parts();
+    assert_eq!(sink.memory(), src.data());
+    assert_eq!(sink.read(BASE..BASE + 4).unwrap(), &[3, 3, 3, 3]);
+    assert_eq!(sink.stats().rounds, 3);
+}
+
+#[test]
+fn memory_sink_roundtrip_multi_region() {
+    let mem = memory(64, 3);
+    let layout = Layout::new(
+        PS,
+        vec![
+            Region {
+                start: BASE,
+                len: 16 * PS,
+            },
+            Region {
+                start: BASE + 32 * PS,
+                len: 32 * PS,
+            },
+            Region {
+                start: BASE + 16 * PS,
+                len: 8 * PS,
+            },
+        ],
+    )
+    .unwrap();
+    let mut tx = Transfer::new(
+        SliceSource::new(BASE, mem.clone()),
+        MemorySink::new(layout.clone()).unwrap(),
+        layout.clone(),
+        5,
+    )
+    .unwrap();
+    // Two adjacent regions in one range; the gap (pages 24..32) not sent.
+    tx.send_round(&[BASE..BASE + 24 * PS, BASE + 32 * PS..BASE + 64 * PS])
+        .unwrap();
+    // A range that touches the gap is refused before anything is read.
+    let before = tx.sink().stats();
+    tx.begin_round().unwrap();
+    assert!(matches!(
+        tx.send_dirty(&[BASE..BASE + PS, BASE + 20 * PS..BASE + 33 * PS]),
+        Err(TransferError::Layout(LayoutError::OutsideLayout { .. }))
+    ));
+    assert_eq!(tx.sink().stats(), before);
+    tx.end_round().unwrap();
+    tx.finish_with_source_checksum().unwrap();
+    let (_, sink) = tx.into_parts();
+    let mut expected = mem[..24 * PS as usize].to_vec();
+    expected.extend_from_slice(&mem[32 * PS as usize..]);
+    assert_eq!(sink.memory(), &expected[..]);
+}
+
+#[test]
+fn image_roundtrip_and_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    let pages = 40;
+    let layout = Layout::new(
+        PS,
+        vec![
+            Region {
+                start: BASE,
+                len: 30 * PS,
+            },
+            Region {
+                start: BASE + 32 * PS,
+                len: 8 * PS,
+            },
+        ],
+    )
+    .unwrap();
+    let mem = memory(pages, 4);
+    let mut tx = Transfer::new(
+        SliceSource::new(BASE, mem),
+        ImageWriter::create(&path, layout.clone()).unwrap(),
+        layout.clone(),
+        8,
+    )
+    .unwrap();
+    // Round 0 leaves page 29 unsent; round 1 rewrites a few pages.
+    tx.send_round(&[BASE..BASE + 29 * PS, BASE + 32 * PS..BASE + 40 * PS])
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    let dirty = redirty(
+        &mut tx.source_mut().data_mut()[..29 * PS as usize],
+        BASE,
+        10,
+        &mut rng,
+    );
+    tx.send_round(&dirty).unwrap();
+    // The unsent page must read as zeros in the destination, so make the
+    // source agree before the checksum.
+    tx.source_mut().data_mut()[29 * PS as usize..30 * PS as usize].fill(0);
+    tx.finish_with_source_checksum().unwrap();
+    let (src, _) = tx.into_parts();
+
+    let img = Image::open(&path).unwrap();
+    let info = img.info();
+    assert!(info.complete, "{info:?}");
+    assert_eq!(info.rounds.len(), 2);
+    assert_eq!(info.never_sent_pages, 1);
+    assert_eq!(
+        info.data_pages + info.zero_pages + info.never_sent_pages,
+        38
+    );
+    let report = img.verify().unwrap();
+    assert_eq!(report.rounds, 2);
+    let data = src.data();
+    let got = img.read_span_to_vec(BASE + 100..BASE + 30 * PS).unwrap();
+    assert_eq!(got, &data[100..30 * PS as usize]);
+    let got = img
+        .read_span_to_vec(BASE + 33 * PS + 5..BASE + 33 * PS + 9)
+        .unwrap();
+    assert_eq!(got, &data[(33 * PS + 5) as usize..(33 * PS + 9) as usize]);
+    assert!(matches!(
+        img.read_span_to_vec(BASE + 29 * PS..BASE + 31 * PS),
+        Err(ImageError::SpanOutsideLayout { .. })
+    ));
+    let json = serde_json::to_string(&info).unwrap();
+    assert!(json.contains("\"complete\":true"));
+}
+
+#[test]
+fn receiver_into_image_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    let (listener, connect, _d) = listen(&Net::Unix);
+    let path2 = path.clone();
+    let rx = std::thread::spawn(move || {
+        let rx = Receiver::accept(&listener, &ReceiverConfig::default())?;
+        let mut img = ImageWriter::create(&path2, rx.layout().clone())?;
+        rx.run(&mut img)
+    });
+    let pages = 50;
+    let layout = Layout::single(PS, BASE, pages as u64 * PS).unwrap();
+    let config = SenderConfig {
+        compression: Compression::Lz4,
+        streams: 2,
+        ..SenderConfig::default()
+    };
+    let mut tx = Sender::connect(
+        vec![connect(), connect()],
+        layout,
+        SliceSource::new(BASE, memory(pages, 6)),
+        &config,
+    )
+    .unwrap();
+    tx.send_round(&[BASE..BASE + pages as u64 * PS]).unwrap();
+    let mut rng = StdRng::seed_from_u64(1);
+    let dirty = redirty(tx.source_mut().data_mut(), BASE, 20, &mut rng);
+    tx.send_round(&dirty).unwrap();
+    tx.finish_with_source_checksum().unwrap();
+    rx.join().unwrap().unwrap();
+    let img = Image::open(&path).unwrap();
+    img.verify().unwrap();
+    let (src, _) = tx.into_parts();
+    assert_eq!(
+        img.read_span_to_vec(BASE..BASE + pages as u64 * PS)
+            .unwrap(),
+        src.data()
+    );
+}
+
+#[test]
+fn process_memory_source_with_dropped_pages() {
+    // Real process memory read with process_vm_readv; pages dropped with
+    // MADV_DONTNEED read as zero and must arrive as zero.
+    let pages = 32usize;
+    let mut map = memmap2::MmapMut::map_anon(pages * PS as usize).unwrap();
+    for (i, b) in map.iter_mut().enumerate() {
+        *b = (i % 253) as u8 + 1;
+    }
+    let base = map.as_ptr() as u64;
+    let layout = Layout::single(PS, base, pages as u64 * PS).unwrap();
+    let mut tx = Transfer::new(
+        ProcessMemory::current(),
+        MemorySink::new(layout.clone()).unwrap(),
+        layout,
+        8,
+    )
+    .unwrap();
+    tx.send_round(&[base..base + pages as u64 * PS]).unwrap();
+    // SAFETY: the mapping is private to this test and no references into the
+    // dropped range are alive; MADV_DONTNEED on private anonymous memory makes
+    // it read back as zeros.
+    unsafe {
+        map.unchecked_advise_range(
+            memmap2::UncheckedAdvice::DontNeed,
+            4 * PS as usize,
+            8 * PS as usize,
+        )
+        .unwrap();
+    }
+    assert!(
+        map[4 * PS as usize..12 * PS as usize]
+            .iter()
+            .all(|&b| b == 0)
+    );
+    let sent = tx.send_round(&[base + 4 * PS..base + 12 * PS]).unwrap();
+    assert_eq!((sent.pages, sent.zero_pages), (0, 8));
+    tx.finish_with_source_checksum().unwrap();
+    let (_, sink) = tx.into_parts();
+    assert_eq!(sink.memory(), &map[..]);
+}
+
+#[test]
+fn unmapped_source_page_is_an_error_not_zeros() {
+    let layout = Layout::single(PS, 0, 4 * PS).unwrap();
+    let mut tx = Transfer::new(
+        ProcessMemory::current(),
+        MemorySink::new(layout.clone()).unwrap(),
+        layout,
+        4,
+    )
+    .unwrap();
+    let err = tx.send_round(&[0..4 * PS]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransferError::Source(SourceError::Unmapped { addr: 0, .. })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(tx.sink().stats().pages + tx.sink().stats().zero_pages, 0);
+}

@@ -1,0 +1,190 @@
+//! Helpers shared by the behaviour tests: set up tracked memory, run rounds, compare page sets.
+#![allow(dead_code)]
+
+use precopy::scanner::Error as ScanError;
+use precopy::sys::abi::{PmScanArg, category};
+use precopy::sys::mem::{Backing, Mapping, Thp};
+use precopy::sys::pagemap::{self, EMPTY_REGION};
+use precopy::{Round, ScanOptions, Scanner, Tracker, Uffd, UntrackedReason};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::ops::Range;
+use std::os::fd::AsFd;
+
+pub const PAGE: u64 = 4096;
+pub const HUGE: u64 = 2 << 20;
+
+/// Prints a loud skip line (visible with `--nocapture`, and in the failure-free output of
+/// `cargo test` as captured stderr only when it fails, so it also goes to the real stderr).
+pub fn skip(test: &str, why: &str) {
+    eprintln!("SKIP {test}: {why}");
+}
+
+/// A tracker over the whole of `mem`, armed.
+pub fn track(mem: &Mapping) -> Tracker {
+    let mut tracker = Tracker::new(Uffd::new().expect("create userfaultfd"));
+    tracker.register(mem.range()).expect("register");
+    tracker.arm().expect("arm");
+    tracker
+}
+
+/// A scanner with default options (kernel self-test on).
+pub fn scanner() -> Scanner {
+    Scanner::new(ScanOptions::default()).expect("scanner")
+}
+
+/// A scanner with these options (self-test on).
+pub fn scanner_with(opts: ScanOptions) -> Scanner {
+    Scanner::new(opts).expect("scanner")
+}
+
+/// Anonymous private memory of `pages` base pages, no THP.
+pub fn anon(pages: u64) -> Mapping {
+    Mapping::new(Backing::AnonPrivate, pages * PAGE, 0, Thp::NoHuge).expect("map")
+}
+
+/// Writes one u64 into page `page` of `mem` (at a page-dependent offset).
+pub fn touch(mem: &Mapping, page: u64, value: u64) {
+    let off = page * PAGE + (page * 8 % PAGE);
+    mem.write_u64(off, value).expect("write");
+}
+
+/// Page indices (relative to `base`) of every page in `ranges`.
+pub fn page_indices(ranges: &[Range<u64>], base: u64) -> Vec<u64> {
+    ranges
+        .iter()
+        .flat_map(|r| (r.start..r.end).step_by(PAGE as usize))
+        .map(|a| (a - base) / PAGE)
+        .collect()
+}
+
+/// Page indices of a round's dirty ranges.
+pub fn dirty_pages(round: &Round, base: u64) -> Vec<u64> {
+    page_indices(round.dirty(), base)
+}
+
+/// Checks the shape promised for `Round::dirty`: non-empty, page-aligned, half-open, sorted,
+/// disjoint and coalesced (no two ranges touch).
+pub fn assert_shape(round: &Round) {
+    let d = round.dirty();
+    for r in d {
+        assert!(r.start < r.end, "empty or inverted range {r:x?}");
+        assert_eq!(r.start % PAGE, 0, "unaligned start {r:x?}");
+        assert_eq!(r.end % PAGE, 0, "unaligned end {r:x?}");
+    }
+    for w in d.windows(2) {
+        assert!(
+            w[0].end < w[1].start,
+            "ranges not sorted, disjoint and coalesced: {:x?} then {:x?}",
+            w[0],
+            w[1]
+        );
+    }
+    let pages: u64 = d.iter().map(|r| (r.end - r.start) / PAGE).sum();
+    assert_eq!(
+        round.stats().pages,
+        pages,
+        "stats.pages disagrees with dirty()"
+    );
+    assert_eq!(round.stats().regions, d.len() as u64);
+    assert_eq!(round.pages().count() as u64, pages);
+}
+
+/// Runs rounds until one completes (a budget-limited scanner needs several), returning how many
+/// times each page (index relative to `base`) was reported, and how many rounds it took.
+/// Panics if the pass does not finish within `max_rounds` (a resume that loops forever).
+pub fn full_pass(
+    scanner: &mut Scanner,
+    tracker: &Tracker,
+    base: u64,
+    max_rounds: usize,
+) -> (BTreeMap<u64, u32>, usize) {
+    let mut seen = BTreeMap::new();
+    for n in 1..=max_rounds {
+        let round = scanner.round(tracker).expect("round");
+        assert_shape(round);
+        assert!(
+            round.untracked().is_empty(),
+            "unexpected untracked parts {:x?}",
+            round.untracked()
+        );
+        for p in dirty_pages(round, base) {
+            *seen.entry(p).or_insert(0) += 1;
+        }
+        if round.complete() {
+            return (seen, n);
+        }
+    }
+    panic!("no complete pass within {max_rounds} rounds: the resume does not progress");
+}
+
+/// Whether the page at `addr` of this process is currently mapped by a huge page (THP or
+/// hugetlb), as `PAGE_IS_HUGE` says.
+pub fn is_huge(addr: u64) -> bool {
+    let pm = File::open("/proc/self/pagemap").expect("open pagemap");
+    let mut arg = PmScanArg {
+        size: 0,
+        flags: 0,
+        start: addr,
+        end: addr + PAGE,
+        walk_end: 0,
+        vec: 0,
+        vec_len: 0,
+        max_pages: 0,
+        category_inverted: 0,
+        category_mask: category::HUGE,
+        category_anyof_mask: 0,
+        return_mask: category::HUGE,
+    };
+    let mut out = [EMPTY_REGION; 1];
+    pagemap::scan(pm.as_fd(), &mut arg, &mut out).expect("PAGEMAP_SCAN") > 0
+}
+
+/// The selected THP mode (`always`, `madvise`, `never`), if the kernel has THP.
+pub fn thp_mode() -> Option<String> {
+    let s = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    let start = s.find('[')?;
+    let end = s.find(']')?;
+    Some(s[start + 1..end].to_string())
+}
+
+/// The untracked parts of a round, relative to `base`, in pages.
+pub fn untracked_pages(round: &Round, base: u64) -> Vec<(Range<u64>, UntrackedReason)> {
+    round
+        .untracked()
+        .iter()
+        .map(|u| {
+            (
+                (u.range.start - base) / PAGE..(u.range.end - base) / PAGE,
+                u.reason,
+            )
+        })
+        .collect()
+}
+
+/// Whether an error chain came from the scanner refusing this kernel (then tests cannot run).
+pub fn is_untrusted(e: &ScanError) -> bool {
+    matches!(e, ScanError::Untrusted { .. })
+}
+
+/// Whether the page at `addr` of this process reads as written (not write-protected) right now,
+/// asked without re-protecting it.
+pub fn is_written(addr: u64) -> bool {
+    let pm = File::open("/proc/self/pagemap").expect("open pagemap");
+    let mut arg = PmScanArg {
+        size: 0,
+        flags: 0,
+        start: addr,
+        end: addr + PAGE,
+        walk_end: 0,
+        vec: 0,
+        vec_len: 0,
+        max_pages: 0,
+        category_inverted: 0,
+        category_mask: category::WRITTEN,
+        category_anyof_mask: 0,
+        return_mask: category::WRITTEN,
+    };
+    let mut out = [EMPTY_REGION; 1];
+    pagemap::scan(pm.as_fd(), &mut arg, &mut out).expect("PAGEMAP_SCAN") > 0
+}
