@@ -8,13 +8,58 @@
 //!
 //! # The SIGSEGV handler
 //! The handler is async-signal-safe: it touches only atomics and makes only the `mprotect`,
-//! `sigaction`, `write` and `abort` system calls. For a permission fault (`SEGV_ACCERR`) inside
-//! the tracked range it makes the page writable **first** and records it in the bitmap
-//! **second**. [`WriteFaultTracker::collect`] clears bits first and write-protects second. With
-//! both orders, a write racing a collection is reported in this collection or the next, never in
-//! neither (a page is never left writable with its bit clear). Any other fault is passed to the
-//! handler that was installed before (Rust's own stack-overflow handler, a sanitizer's, or the
-//! default action).
+//! `sigaction`, `write` and `abort` system calls; it never waits. Any fault that is not a
+//! permission fault (`SEGV_ACCERR`) inside the tracked range is passed to the handler that was
+//! installed before (Rust's own stack-overflow handler, a sanitizer's, or the default action).
+//!
+//! # Why no write is lost
+//! The invariant: **outside a collection's window for a page (from taking its bit to
+//! re-protecting it), a writable tracked page has its bit set.** Then a store at time `t` to a
+//! page is either inside such a window (that collection reports the page and returns after `t`,
+//! so contents copied after it returns include the store) or finds the bit set, so the first
+//! collection to take that bit reports it: the one in progress at `t` or the first to begin
+//! after. Never later, never in neither.
+//!
+//! The handler for page `P` does, in this order:
+//! 1. *enter*: reads the phase `PHASE`, counts itself in `ACTIVE[phase % 2]`, re-reads `PHASE`
+//!    and retries if it moved (so it is counted under the phase it read last);
+//! 2. *mark*: sets `P`'s bit;
+//! 3. *open*: `mprotect(P, READ|WRITE)`;
+//! 4. *leave*: uncounts itself.
+//!
+//! A collection ([`WriteFaultTracker::collect`], and [`WriteFaultTracker::protect_all`] which
+//! is a collection that discards what it takes), serialized with any other on the tracker:
+//! 1. *take*: swaps each bitmap word with 0;
+//! 2. *drain* (only if it took a bit): advances `PHASE` and waits, yielding, until
+//!    `ACTIVE[old phase % 2]` is 0;
+//! 3. *close*: `mprotect(READ)` on every page it took.
+//!
+//! Proof of the invariant. Only *open* makes a page writable and only *take* clears a bit.
+//! - A handler `H` opens `P` only after marking it. If no *take* clears that mark before `H`'s
+//!   *open*, `P` becomes writable with its bit set.
+//! - If collection `C` takes `H`'s mark (before or after `H`'s *open*), then `H`'s *enter*
+//!   precedes `C`'s *take*, which precedes `C`'s phase advance (all `SeqCst`, and *take*
+//!   acquires `H`'s *mark*). `H`'s final phase read therefore saw a phase that the first advance
+//!   after it moves away from, and that advance's drain waits for `H`'s *leave*, so for its
+//!   *open*. That advance is `C`'s, or an earlier collection's that finished before `C` began.
+//!   Either way `H`'s *open* comes before `C`'s *close*, which write-protects `P` again. So a
+//!   take never leaves a page writable once its window ends, whatever the interleaving: a
+//!   handler preempted between *mark* and *open* only delays that collection's *close*.
+//!
+//! Both halves are needed. Marking after opening (the first version) left `P` writable with a
+//! clear bit between the two steps: stores there were reported only when the preempted handler
+//! ran again, possibly many collections later, or never if the process was paused for the final
+//! round meanwhile. Marking first without the drain let a collection take the mark and close `P`
+//! *before* a preempted handler opened it: writable, bit clear, nothing pending. Marking again
+//! after opening does not close that hole either (the same preemption falls between *open* and
+//! the second mark), so the handler marks once.
+//!
+//! The cost is on the collector only: one extra phase advance and a wait for the handlers in
+//! flight, skipped when nothing was taken. Handlers entering after the advance are counted under
+//! the other parity and never delay it, so a stream of faults cannot starve a collection. A
+//! thread stopped inside the handler (ptrace) stalls collections until it resumes. When a
+//! *close* fails (`ENOMEM` at `vm.max_map_count`), the bits of every page taken are set again
+//! before the error is returned, so the invariant holds and the next collection reports them.
 
 use crate::abi;
 use crate::cvt;
@@ -36,8 +81,12 @@ static END: AtomicU64 = AtomicU64::new(0);
 static PAGE_SHIFT: AtomicU64 = AtomicU64::new(12);
 /// The dirty bitmap of the tracked range (one bit per page), or null.
 static BITS: AtomicPtr<AtomicU64> = AtomicPtr::new(ptr::null_mut());
-/// Handlers currently reading `BITS`; the owner waits for 0 before freeing the bitmap.
-static IN_HANDLER: AtomicUsize = AtomicUsize::new(0);
+/// The drain phase: advanced by each drain (see the module docs).
+static PHASE: AtomicUsize = AtomicUsize::new(0);
+/// Handlers in flight, by the parity of the phase they entered under. A drain waits for the old
+/// parity to reach 0: for the handlers that might have marked a bit it took, or loaded `BITS`
+/// before the owner cleared it.
+static ACTIVE: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 /// The `sigaction` that was installed before ours (leaked once, read by the handler).
 static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
 /// Serializes installation and the claim of the single tracking slot.
@@ -98,10 +147,38 @@ fn reset_default(sig: libc::c_int) {
 /// `si_code` of a fault on a mapped page without the needed permission (asm-generic siginfo.h).
 const SEGV_ACCERR: libc::c_int = 2;
 
+/// Counts the calling handler in flight (step *enter* of the module docs); returns the parity
+/// to pass to [`leave`].
+fn enter() -> usize {
+    loop {
+        let phase = PHASE.load(Ordering::SeqCst);
+        let parity = phase % 2;
+        ACTIVE[parity].fetch_add(1, Ordering::SeqCst);
+        if PHASE.load(Ordering::SeqCst) == phase {
+            return parity;
+        }
+        // A drain advanced the phase meanwhile and may already have seen this parity at 0.
+        ACTIVE[parity].fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn leave(parity: usize) {
+    ACTIVE[parity].fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Advances the phase and waits until every handler counted under the old one has left (step
+/// *drain* of the module docs). Callers serialize drains with one another.
+fn drain() {
+    let parity = PHASE.fetch_add(1, Ordering::SeqCst) % 2;
+    while ACTIVE[parity].load(Ordering::SeqCst) != 0 {
+        // The handler may be preempted on the core we would spin on.
+        std::thread::yield_now();
+    }
+}
+
 extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // Announce ourselves before loading BITS (SeqCst pairs with the owner's store-then-check
-    // in `Drop`).
-    IN_HANDLER.fetch_add(1, Ordering::SeqCst);
+    // Counted before loading BITS or marking: see the module docs.
+    let parity = enter();
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
     let info_ref = unsafe { &*info };
     let code = info_ref.si_code;
@@ -114,7 +191,14 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
         let shift = PAGE_SHIFT.load(Ordering::Relaxed);
         let index = (addr - start) >> shift;
         let page = start + (index << shift);
-        // Writable first, recorded second: see the module docs on races with `collect`.
+        // Recorded first, writable second: see the module docs on races with `collect`.
+        // SAFETY: `bits` stays allocated while this handler is counted in ACTIVE (the owner
+        // drains before freeing it), and `index` is below the range's page count, the bitmap's
+        // length in bits.
+        let word_ptr = unsafe { bits.add((index / 64) as usize) };
+        // SAFETY: `word_ptr` points to a live, initialized AtomicU64 of the bitmap (see above).
+        let word = unsafe { &*word_ptr };
+        word.fetch_or(1 << (index % 64), Ordering::SeqCst);
         // SAFETY: the page lies in the tracked range, which `WriteFaultTracker::new` checked is
         // a read-write, non-executable mapping; restoring read-write changes no contents.
         let ret = unsafe {
@@ -127,16 +211,10 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
         if ret != 0 {
             die(b"precopy: mprotect in the SIGSEGV write tracker failed (vm.max_map_count?)\n");
         }
-        // SAFETY: `bits` stays allocated while IN_HANDLER > 0 (the owner waits), and `index`
-        // is below the range's page count, the bitmap's length in bits.
-        let word_ptr = unsafe { bits.add((index / 64) as usize) };
-        // SAFETY: `word_ptr` points to a live, initialized AtomicU64 of the bitmap (see above).
-        let word = unsafe { &*word_ptr };
-        word.fetch_or(1 << (index % 64), Ordering::AcqRel);
-        IN_HANDLER.fetch_sub(1, Ordering::AcqRel);
+        leave(parity);
         return;
     }
-    IN_HANDLER.fetch_sub(1, Ordering::AcqRel);
+    leave(parity);
     // SAFETY: forwarding the kernel's own arguments from inside the handler.
     unsafe { chain(sig, info, ctx) };
 }
