@@ -35,6 +35,11 @@ impl BufferPool {
         v
     }
 
+    /// Returns a buffer to the pool (dropped if the pool is full).
+    pub(crate) fn give(&self, buf: Vec<u8>) {
+        let _ = self.home.try_send(buf);
+    }
+
     /// Wraps a buffer so it returns to this pool when the last view drops.
     pub(crate) fn share(&self, data: Vec<u8>) -> SharedBuf {
         SharedBuf(Arc::new(Pooled {

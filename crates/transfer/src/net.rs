@@ -263,15 +263,18 @@ fn sender_handshake(
     expect(&h, FrameKind::Welcome, None)?;
     let their = parse_mac(&h, &p[..h.payload_len as usize])?;
     if let Some(k) = key {
-        let want = auth::proof(
-            k,
-            Role::Receiver,
-            &hello.nonce,
-            &receiver_nonce,
-            hello.session,
-            hello.stream_index,
-        );
-        if !their.is_some_and(|m| auth::macs_equal(&m, &want)) {
+        let proven = their.is_some_and(|m| {
+            auth::proof_matches(
+                k,
+                Role::Receiver,
+                &hello.nonce,
+                &receiver_nonce,
+                hello.session,
+                hello.stream_index,
+                &m,
+            )
+        });
+        if !proven {
             return Err(TransferError::AuthFailed { peer: conn.peer() });
         }
     }

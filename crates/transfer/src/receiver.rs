@@ -20,8 +20,8 @@ use crate::error::{ProtocolError, TransferError};
 use crate::layout::Layout;
 use crate::net::{Connection, Listener};
 use crate::protocol::{
-    Codec, FrameKind, FrameReader, FrameWriter, Header, Hello, MAX_PAGES_LEN, error_code,
-    error_message, expect, parse_mac,
+    Codec, FrameKind, FrameReader, FrameWriter, HEADER_LEN, Header, Hello, MAX_PAGES_LEN,
+    error_code, error_message, expect, parse_mac, verify_frame,
 };
 use crate::sink::Sink;
 
@@ -206,8 +206,18 @@ fn handshake_steps(
             )
         })
     };
-    if let Some(want) = proof(Role::Sender)
-        && !mac.is_some_and(|m| auth::macs_equal(&m, &want))
+    if let Some(k) = &config.key
+        && !mac.is_some_and(|m| {
+            auth::proof_matches(
+                k,
+                Role::Sender,
+                &hello.nonce,
+                &nonce,
+                hello.session,
+                hello.stream_index,
+                &m,
+            )
+        })
     {
         return Err(TransferError::AuthFailed { peer: conn.peer() });
     }
@@ -322,13 +332,22 @@ impl Receiver {
                 .map(|c| {
                     let shared = &shared;
                     s.spawn(move || {
-                        match receive_stream(BufReader::with_capacity(READ_BUFFER, c), shared) {
-                            Ok(o) => Some(o),
-                            Err(e) => {
-                                shared.fail(e);
-                                None
+                        // The socket is read on its own thread so the kernel
+                        // copy overlaps checksumming and applying.
+                        let pool = BufferPool::new(QUEUED_FRAMES + 4);
+                        let (tx, rx) = crossbeam_channel::bounded(QUEUED_FRAMES);
+                        let reader_pool = pool.clone();
+                        std::thread::scope(|s2| {
+                            s2.spawn(move || read_socket(c, &reader_pool, tx));
+                            let frames: Frames<&[u8]> = Frames::Queued { rx };
+                            match receive_stream(frames, &pool, shared) {
+                                Ok(o) => Some(o),
+                                Err(e) => {
+                                    shared.fail(e);
+                                    None
+                                }
                             }
-                        }
+                        })
                     })
                 })
                 .collect();
@@ -448,12 +467,63 @@ enum State {
 /// Bytes read from the socket per system call for small frames.
 const READ_BUFFER: usize = 8 << 10;
 
+/// Frames queued by a socket-reading thread: raw header, its offset, payload.
+type RawFrame = Result<([u8; HEADER_LEN], u64, Vec<u8>), TransferError>;
+
+/// Frames in queue for the queue depth between socket reader and applier.
+const QUEUED_FRAMES: usize = 4;
+
+/// Where a stream's frames come from.
+enum Frames<R> {
+    /// Read and verified in the applying thread.
+    Direct(FrameReader<R>),
+    /// Read by [`read_socket`] on another thread, verified here.
+    Queued {
+        rx: crossbeam_channel::Receiver<RawFrame>,
+    },
+}
+
+impl<R: Read> Frames<R> {
+    /// The next verified frame; its payload replaces `payload` (the old
+    /// buffer goes back to `pool`).
+    fn next(&mut self, payload: &mut Vec<u8>, pool: &BufferPool) -> Result<Header, TransferError> {
+        match self {
+            Frames::Direct(r) => r.read_frame(payload),
+            Frames::Queued { rx } => {
+                let (h, offset, buf) = rx.recv().map_err(|_| TransferError::Aborted)??;
+                pool.give(std::mem::replace(payload, buf));
+                verify_frame(&h, offset, payload)
+            }
+        }
+    }
+}
+
+/// Reads raw frames from `conn` until FINISH or ERROR (nothing follows
+/// them), an error, or the applier hanging up.
+fn read_socket(conn: &Connection, pool: &BufferPool, tx: crossbeam_channel::Sender<RawFrame>) {
+    let mut r = FrameReader::new(BufReader::with_capacity(READ_BUFFER, conn));
+    loop {
+        let mut buf = pool.take(0);
+        match r.read_unverified(&mut buf) {
+            Ok((h, offset)) => {
+                let last = h[0] == FrameKind::Finish as u8 || h[0] == FrameKind::Error as u8;
+                if tx.send(Ok((h, offset, buf))).is_err() || last {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
 fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
-    input: R,
+    mut frames: Frames<R>,
+    pool: &BufferPool,
     shared: &Shared<'_, K>,
 ) -> Result<StreamOutcome, TransferError> {
-    let mut r = FrameReader::new(input);
-    let pool = BufferPool::new(2);
     let mut payload = pool.take(0);
     let mut zstd: Option<zstd::bulk::Decompressor<'static>> = None;
     let layout = shared.layout;
@@ -461,7 +531,7 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
     let mut state = State::Idle { next: 0 };
     let mut totals = (0u64, 0u64);
     loop {
-        let h = r.read_frame(&mut payload)?;
+        let h = frames.next(&mut payload, pool)?;
         let p = &payload[..h.payload_len as usize];
         let unexpected = |state: &'static str| ProtocolError::Unexpected {
             offset: h.offset,
@@ -599,7 +669,7 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                     checksum: h.c,
                     pages: totals.0,
                     zero_pages: totals.1,
-                    bytes: r.offset(),
+                    bytes: h.offset + HEADER_LEN as u64,
                 });
             }
             (_, FrameKind::Error) => {
@@ -740,7 +810,8 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         conns: &[],
         layout,
     };
-    let outcome = receive_stream(bytes, &shared)?;
+    let pool = BufferPool::new(2);
+    let outcome = receive_stream(Frames::Direct(FrameReader::new(bytes)), &pool, &shared)?;
     let sink = shared
         .sink
         .into_inner()

@@ -1,0 +1,181 @@
+//! `precopy image info|cat|verify` on images the library writes, whole and cut short.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use precopy_transfer::{ImageWriter, Layout, SliceSource, Transfer};
+
+const PS: u64 = 4096;
+const BASE: u64 = 0x7f00_0000_0000;
+const PAGES: u64 = 16;
+/// Pages `SENT..PAGES` are zero in the source and never sent.
+const SENT: u64 = 12;
+
+/// A scratch directory of its own for each test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("cli-image-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Source memory: distinct non-zero bytes per page, page 5 all zeros, pages
+/// from `SENT` on zeros (never sent, so the image reads them as zeros and the
+/// memory checksum still matches).
+fn source_memory() -> Vec<u8> {
+    let mut mem = vec![0u8; (PAGES * PS) as usize];
+    for (i, page) in mem.chunks_mut(PS as usize).enumerate().take(SENT as usize) {
+        if i == 5 {
+            continue;
+        }
+        for (j, b) in page.iter_mut().enumerate() {
+            *b = (i * 31 + j * 7 % 251) as u8 | 1;
+        }
+    }
+    mem
+}
+
+/// Writes a complete two-round image of `source_memory()` (page 1 rewritten
+/// before round 1); returns the memory it holds.
+fn write_image(path: &Path) -> Vec<u8> {
+    let layout = Layout::single(PS, BASE, PAGES * PS).unwrap();
+    let mut tx = Transfer::new(
+        SliceSource::new(BASE, source_memory()),
+        ImageWriter::create(path, layout.clone()).unwrap(),
+        layout,
+        4,
+    )
+    .unwrap();
+    tx.send_round(&[BASE..BASE + SENT * PS]).unwrap();
+    tx.source_mut().data_mut()[PS as usize..2 * PS as usize].fill(0xa5);
+    tx.send_round(&[BASE + PS..BASE + 2 * PS]).unwrap();
+    tx.finish_with_source_checksum().unwrap();
+    let (source, _sink) = tx.into_parts();
+    source.data().to_vec()
+}
+
+fn precopy(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_precopy"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn path_arg(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn info_cat_and_verify_a_complete_image() {
+    let dir = scratch("complete");
+    let img = dir.join("img");
+    let mem = write_image(&img);
+
+    let out = precopy(&["image", "info", "--json", path_arg(&img)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["complete"], true);
+    assert!(info["incomplete_reason"].is_null());
+    assert_eq!(info["page_size"], PS);
+    assert_eq!(info["total_len"], PAGES * PS);
+    assert_eq!(info["rounds"].as_array().unwrap().len(), 2);
+    assert_eq!(info["data_pages"], SENT - 1);
+    assert_eq!(info["zero_pages"], 1);
+    assert_eq!(info["never_sent_pages"], PAGES - SENT);
+    assert!(info["memory_checksum"].is_u64());
+
+    let text = precopy(&["image", "info", path_arg(&img)]);
+    assert!(text.status.success(), "{}", stderr(&text));
+    assert!(String::from_utf8_lossy(&text.stdout).contains("complete"));
+
+    // A span that starts mid-page in round-1 data, crosses the zero page and
+    // ends mid-page among pages never sent.
+    let (start, end) = (PS + 100, (SENT + 2) * PS + 10);
+    let range = format!("{:#x}-{:#x}", BASE + start, BASE + end);
+    let out = precopy(&["image", "cat", path_arg(&img), "--range", &range]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout.len() as u64, end - start);
+    assert!(out.stdout == mem[start as usize..end as usize]);
+    assert!(out.stdout[..100].iter().all(|&b| b == 0xa5));
+    let never_sent = (SENT * PS - start) as usize;
+    assert!(out.stdout[never_sent..].iter().all(|&b| b == 0));
+    assert!(out.stdout[..never_sent].iter().any(|&b| b != 0));
+
+    let out = precopy(&["image", "verify", path_arg(&img)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = precopy(&["image", "verify", "--json", path_arg(&img)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["complete"], true);
+    assert_eq!(report["rounds"], 2);
+    assert_eq!(report["memory_checksum"], info["memory_checksum"]);
+
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cut_image_is_reported_incomplete_and_fails_verify() {
+    let dir = scratch("cut");
+    let img = dir.join("img");
+    write_image(&img);
+    let bytes = std::fs::read(&img).unwrap();
+    let cut = dir.join("cut");
+    // Lose the trailer and index at the end, and part of the last record.
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+
+    let out = precopy(&["image", "verify", path_arg(&cut)]);
+    assert!(!out.status.success(), "a cut image verified");
+    let err = stderr(&out);
+    assert!(err.contains("incomplete"), "{err}");
+    assert_eq!(
+        err.matches("error:").count(),
+        1,
+        "error printed once: {err}"
+    );
+    assert!(out.stdout.is_empty());
+    let out = precopy(&["image", "verify", "--json", path_arg(&cut)]);
+    assert!(!out.status.success(), "a cut image verified (--json)");
+
+    let out = precopy(&["image", "info", "--json", path_arg(&cut)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["complete"], false);
+    assert!(
+        info["incomplete_reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{info}"
+    );
+    let text = precopy(&["image", "info", path_arg(&cut)]);
+    assert!(text.status.success(), "{}", stderr(&text));
+    assert!(String::from_utf8_lossy(&text.stdout).contains("INCOMPLETE"));
+
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_arguments_and_missing_files_fail() {
+    let dir = scratch("bad");
+    let img = dir.join("img");
+    write_image(&img);
+    // Reversed range: refused by argument parsing.
+    let out = precopy(&["image", "cat", path_arg(&img), "--range", "0x2000-0x1000"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("START-END"), "{}", stderr(&out));
+    // Outside the layout.
+    let out = precopy(&["image", "cat", path_arg(&img), "--range", "0x0-0x1000"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not inside"), "{}", stderr(&out));
+    // Not an image at all.
+    let missing = dir.join("missing");
+    for cmd in ["info", "verify"] {
+        let out = precopy(&["image", cmd, path_arg(&missing)]);
+        assert!(!out.status.success(), "{cmd} on a missing file succeeded");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
