@@ -7,9 +7,12 @@ use std::ops::Range;
 
 /// `mprotect(PROT_READ)` + a `SIGSEGV` handler that records the page and makes it writable.
 ///
-/// Own process only, one range per process at a time. Every written run costs one more VMA
-/// until it is re-protected: scattered writes can reach `vm.max_map_count`, and then the handler
-/// cannot make a page writable and aborts the process.
+/// Own process only, one range per process at a time. Writers need not pause: a store racing
+/// [`Backend::collect`] is reported by it or the next one, because the handler marks a page
+/// before making it writable and a collection waits for the handlers in flight before
+/// re-protecting what it took (the proof is in `precopy_sys::track`). Every written run costs one
+/// more VMA until it is re-protected: scattered writes can reach `vm.max_map_count`, and then the
+/// handler cannot make a page writable and aborts the process.
 #[derive(Debug, Default)]
 pub struct Mprotect {
     tracker: Option<WriteFaultTracker>,

@@ -27,8 +27,7 @@ use precopy_transfer::{
 };
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, ChildStdout, Command, ExitCode, Stdio};
 use std::time::Duration;
 use writer::Pattern;
 
@@ -147,33 +146,6 @@ pub struct Args {
     /// Test hook: kill the destination when this round is about to be sent.
     #[arg(long, hide = true)]
     kill_dest_at_round: Option<u64>,
-    /// CPUs the demo's three processes run on: a list like `0` or `0,1`, or `all`. The default
-    /// pins everything to CPU 0: on hosts whose TLB flushes across CPUs are unreliable (seen on
-    /// this project's machines, a nested shadow-paging hypervisor), writes from another CPU can
-    /// slip past the write-protect and be lost; on one CPU the engine's full TLB flush covers
-    /// them. Use `all` on sound hardware (see ARCHITECTURE.md, "What does not work yet").
-    #[arg(long, default_value = "0")]
-    cpus: String,
-}
-
-/// Restricts this thread, and every thread and process it starts from now on, to `spec`.
-fn pin_cpus(spec: &str) -> Result<()> {
-    use nix::sched::{CpuSet, sched_setaffinity};
-    if spec == "all" {
-        return Ok(());
-    }
-    let mut set = CpuSet::new();
-    for part in spec.split(',') {
-        let cpu: usize = part
-            .trim()
-            .parse()
-            .with_context(|| format!("--cpus: {part:?} is not a CPU number"))?;
-        set.set(cpu)
-            .with_context(|| format!("--cpus: CPU {cpu} is out of range"))?;
-    }
-    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-        .with_context(|| format!("--cpus {spec}: cannot run on those CPUs"))?;
-    Ok(())
 }
 
 const PAGE: u64 = 4096;
@@ -182,9 +154,7 @@ const PAGE: u64 = 4096;
 struct Proc {
     name: &'static str,
     child: Child,
-    /// Shared with the source's TLB-flush hook; taken (closed) by `finish`.
-    stdin: Arc<Mutex<Option<ChildStdin>>>,
-    out: Arc<Mutex<BufReader<ChildStdout>>>,
+    out: BufReader<ChildStdout>,
 }
 
 impl Proc {
@@ -196,22 +166,13 @@ impl Proc {
             .spawn()
             .with_context(|| format!("starting the {name} process"))?;
         let out = BufReader::new(child.stdout.take().context("child stdout")?);
-        let stdin = child.stdin.take();
-        Ok(Proc {
-            name,
-            child,
-            stdin: Arc::new(Mutex::new(stdin)),
-            out: Arc::new(Mutex::new(out)),
-        })
+        Ok(Proc { name, child, out })
     }
 
     /// The next line, which must start with `tag`; its other words.
     fn expect(&mut self, tag: &str) -> Result<Vec<String>> {
         let mut line = String::new();
-        self.out
-            .lock()
-            .map_err(|_| anyhow::anyhow!("{} output lock poisoned", self.name))?
-            .read_line(&mut line)?;
+        self.out.read_line(&mut line)?;
         let mut words = line.split_whitespace().map(str::to_string);
         match words.next() {
             Some(t) if t == tag => Ok(words.collect()),
@@ -230,9 +191,7 @@ impl Proc {
 
     /// Closes its stdin (its signal to exit) and waits.
     fn finish(mut self) -> Result<std::process::ExitStatus> {
-        if let Ok(mut stdin) = self.stdin.lock() {
-            drop(stdin.take());
-        }
+        drop(self.child.stdin.take());
         Ok(self.child.wait()?)
     }
 }
@@ -244,51 +203,6 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
     }
-}
-
-/// Whether `pid` is stopped (SIGSTOP) or frozen (cgroup v1 freezer): it cannot answer, and
-/// needs no flush, since none of its threads can write until it is resumed, and the pause is
-/// followed by a final round.
-fn is_paused(pid: i32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat
-        .rsplit(')')
-        .next()
-        .and_then(|r| r.split_whitespace().next());
-    if matches!(state, Some("T") | Some("t")) {
-        return true;
-    }
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    cgroups
-        .lines()
-        .filter_map(|l| l.split_once(":freezer:").map(|(_, path)| path.to_string()))
-        .any(|path| {
-            std::fs::read_to_string(format!("/sys/fs/cgroup/freezer{path}/freezer.state"))
-                .is_ok_and(|s| s.trim() != "THAWED")
-        })
-}
-
-/// The scanner's flush hook for the source process: ask it to force a full TLB flush of its
-/// own address space and wait until it has.
-fn source_flush_hook(source: &Proc) -> precopy_scanner::FlushHook {
-    let (stdin, out, pid) = (source.stdin.clone(), source.out.clone(), source.pid());
-    Box::new(move || {
-        if is_paused(pid) {
-            return Ok(());
-        }
-        let gone = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "source process is gone");
-        let mut stdin = stdin.lock().map_err(|_| gone())?;
-        let stdin = stdin.as_mut().ok_or_else(gone)?;
-        stdin.write_all(b"FLUSH\n")?;
-        stdin.flush()?;
-        let mut line = String::new();
-        out.lock().map_err(|_| gone())?.read_line(&mut line)?;
-        if line.trim() == "FLUSHED" {
-            Ok(())
-        } else {
-            Err(gone())
-        }
-    })
 }
 
 fn num<T: std::str::FromStr>(words: &[String], i: usize) -> Result<T> {
@@ -398,7 +312,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if args.streams == 0 {
         bail!("--streams must be at least 1");
     }
-    pin_cpus(&args.cpus)?;
     let exe = std::env::current_exe().context("finding this executable")?;
     let sock_path = PathBuf::from(format!("/tmp/precopy-demo-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock_path);
@@ -461,8 +374,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     tracker
         .register(addr..addr + len)
         .context("registering the source's memory")?;
-    let mut scanner = Scanner::new(ScanOptions::default()).context("starting the scanner")?;
-    scanner.set_flush_hook(source_flush_hook(&source));
+    let scanner = Scanner::new(ScanOptions::default()).context("starting the scanner")?;
 
     let mut conns = Vec::with_capacity(args.streams);
     for _ in 0..args.streams {

@@ -32,9 +32,6 @@ pub enum Error {
         /// What was seen.
         detail: String,
     },
-    /// Forcing a full TLB flush after the round failed.
-    #[error("cannot force a TLB flush after the round")]
-    TlbFlush(#[source] io::Error),
     /// Options out of range.
     #[error("invalid scan options: {0}")]
     InvalidOptions(&'static str),

@@ -29,7 +29,7 @@ mod worker;
 pub use dirty_set::DirtySet;
 pub use error::Error;
 pub use round::{Round, RoundStats, Untracked, UntrackedReason};
-pub use scanner::{FlushHook, ScanOptions, Scanner};
+pub use scanner::{ScanOptions, Scanner};
 
 /// Result type of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

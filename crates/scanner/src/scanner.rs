@@ -21,13 +21,6 @@ pub struct ScanOptions {
     pub threads: usize,
     /// Run the kernel self-test before the first round and refuse an untrustworthy kernel.
     pub verify_kernel: bool,
-    /// After a round that re-protected pages, force a full TLB flush of the tracked address
-    /// space (see [`precopy_sys::mem::TlbFlusher`]): on some virtualized hosts, the kernel's
-    /// few-page flushes after `PAGEMAP_SCAN` leave writable TLB entries behind and writes are
-    /// lost. Costs two `mprotect` calls per round. For the caller's own memory the scanner does
-    /// it; for another process it calls the hook set with [`Scanner::set_flush_hook`], and
-    /// without one it cannot (see the crate docs).
-    pub full_tlb_flush: bool,
 }
 
 impl Default for ScanOptions {
@@ -37,12 +30,12 @@ impl Default for ScanOptions {
             vec_len: 4096,
             threads: 1,
             verify_kernel: true,
-            full_tlb_flush: true,
         }
     }
 }
 
 /// Runs rounds over a [`Tracker`]'s ranges, reusing its buffers from round to round.
+#[derive(Debug)]
 pub struct Scanner {
     opts: ScanOptions,
     workers: Vec<Worker>,
@@ -50,21 +43,6 @@ pub struct Scanner {
     /// Where a budget-limited round stopped; the next one starts here.
     cursor: u64,
     spans: Vec<Vec<(Range<u64>, u64)>>,
-    flusher: Option<precopy_sys::mem::TlbFlusher>,
-    flush_hook: Option<FlushHook>,
-}
-
-/// Forces a full TLB flush of another process's address space (run inside that process).
-pub type FlushHook = Box<dyn FnMut() -> std::io::Result<()> + Send>;
-
-impl std::fmt::Debug for Scanner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scanner")
-            .field("opts", &self.opts)
-            .field("cursor", &self.cursor)
-            .field("flush_hook", &self.flush_hook.is_some())
-            .finish_non_exhaustive()
-    }
 }
 
 impl Scanner {
@@ -97,16 +75,7 @@ impl Scanner {
             round: Round::default(),
             cursor: 0,
             spans: vec![Vec::new(); opts.threads],
-            flusher: None,
-            flush_hook: None,
         })
-    }
-
-    /// Sets what forces a full TLB flush when the tracked memory belongs to another process
-    /// (typically: ask the cooperating target to run [`precopy_sys::mem::TlbFlusher::flush`] and
-    /// wait for its answer). Called after every round that re-protected pages.
-    pub fn set_flush_hook(&mut self, hook: FlushHook) {
-        self.flush_hook = Some(hook);
     }
 
     /// The options.
@@ -134,6 +103,9 @@ impl Scanner {
         } else {
             self.round_parallel(tracker)?;
         }
+        for w in &mut self.workers {
+            w.finish();
+        }
         let round = &mut self.round;
         if let [w] = self.workers.as_mut_slice() {
             // One worker: its output is already sorted and coalesced. Hand its vectors over
@@ -159,21 +131,6 @@ impl Scanner {
             .iter()
             .map(|u| u.range.end - u.range.start)
             .sum();
-        if self.opts.full_tlb_flush && round.stats.pages > 0 {
-            // Before the caller reads any page: a write that slipped through a stale TLB entry
-            // before this point is in memory when it reads; none can slip through after it.
-            if tracker.uffd().target() == precopy_tracker::Target::This {
-                if self.flusher.is_none() {
-                    self.flusher =
-                        Some(precopy_sys::mem::TlbFlusher::new().map_err(Error::TlbFlush)?);
-                }
-                if let Some(f) = &self.flusher {
-                    f.flush().map_err(Error::TlbFlush)?;
-                }
-            } else if let Some(hook) = self.flush_hook.as_mut() {
-                hook().map_err(Error::TlbFlush)?;
-            }
-        }
         round.stats.duration = started.elapsed();
         Ok(&self.round)
     }

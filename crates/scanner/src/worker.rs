@@ -6,7 +6,7 @@
 //! entries before the area but returned no count, so the non-zero prefix *is* the count. Zeroing
 //! costs only what the kernel wrote, never the whole buffer.
 
-use crate::round::{Untracked, UntrackedReason, push_coalesced};
+use crate::round::{Untracked, UntrackedReason, normalize, push_region};
 use crate::{Error, Result};
 use precopy_sys::abi::{self, PageRegion, PmScanArg, category};
 use precopy_sys::pagemap::{self, EMPTY_REGION};
@@ -23,6 +23,8 @@ pub(crate) struct Worker {
     pub(crate) pages: u64,
     pub(crate) ioctls: u64,
     page_size: u64,
+    /// Whether `dirty` is still sorted (see `push_region`).
+    sorted: bool,
 }
 
 /// How a span scan ended.
@@ -60,10 +62,20 @@ impl Worker {
             pages: 0,
             ioctls: 0,
             page_size,
+            sorted: true,
+        }
+    }
+
+    /// Sorts and merges `dirty` if the kernel returned a region out of order.
+    pub(crate) fn finish(&mut self) {
+        if !self.sorted {
+            normalize(&mut self.dirty);
+            self.sorted = true;
         }
     }
 
     pub(crate) fn reset(&mut self) {
+        self.sorted = true;
         self.dirty.clear();
         self.untracked.clear();
         self.pages = 0;
@@ -76,7 +88,7 @@ impl Worker {
         let mut bytes = 0;
         for slot in &mut self.buf[..n] {
             bytes += slot.end - slot.start;
-            push_coalesced(&mut self.dirty, slot.start..slot.end);
+            self.sorted &= push_region(&mut self.dirty, slot.start..slot.end);
             *slot = EMPTY_REGION;
         }
         let pages = bytes / self.page_size;

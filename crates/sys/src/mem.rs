@@ -412,36 +412,3 @@ pub fn set_thp(start: u64, len: u64, enabled: bool) -> io::Result<()> {
     cvt(unsafe { libc::madvise(start as *mut _, len as usize, advice) })?;
     Ok(())
 }
-
-/// Forces a full TLB flush of the calling process's address space on every CPU that runs it.
-///
-/// Why this exists: on the machines this project was measured on (a Firecracker guest on nested
-/// KVM), a `PAGEMAP_SCAN` re-protect whose TLB flush covers only a few pages sometimes leaves a
-/// writable TLB entry behind, so a later write skips the write-protect fault and is never
-/// reported. Flushes of more than `tlb_single_page_flush_ceiling` pages (33 by default) take the
-/// full-flush path, which has never lost a write there. Changing the protection of
-/// [`Self::PAGES`] populated pages (twice) makes the kernel take that path for this process.
-#[derive(Debug)]
-pub struct TlbFlusher {
-    map: Mapping,
-}
-
-impl TlbFlusher {
-    /// Pages whose protection is toggled: far above the kernel's single-page flush ceiling.
-    pub const PAGES: u64 = 512;
-
-    /// Maps and populates the pages used to force flushes.
-    pub fn new() -> io::Result<TlbFlusher> {
-        let len = Self::PAGES * crate::page_size();
-        let map = Mapping::new(Backing::AnonPrivate, len, 0, Thp::NoHuge)?;
-        map.fill(0, len, 1)?;
-        Ok(TlbFlusher { map })
-    }
-
-    /// Flushes: read-only, then read-write again.
-    pub fn flush(&self) -> io::Result<()> {
-        let len = self.map.len();
-        self.map.protect(0, len, Protection::Read)?;
-        self.map.protect(0, len, Protection::ReadWrite)
-    }
-}

@@ -34,7 +34,8 @@
 //!    `ACTIVE[old phase % 2]` is 0;
 //! 3. *close*: `mprotect(READ)` on every page it took.
 //!
-//! Proof of the invariant. Only *open* makes a page writable and only *take* clears a bit.
+//! Proof of the invariant. While tracking, only *open* makes a page writable and only *take*
+//! clears a bit.
 //! - A handler `H` opens `P` only after marking it. If no *take* clears that mark before `H`'s
 //!   *open*, `P` becomes writable with its bit set.
 //! - If collection `C` takes `H`'s mark (before or after `H`'s *open*), then `H`'s *enter*
@@ -52,12 +53,16 @@
 //! round meanwhile. Marking first without the drain let a collection take the mark and close `P`
 //! *before* a preempted handler opened it: writable, bit clear, nothing pending. Marking again
 //! after opening does not close that hole either (the same preemption falls between *open* and
-//! the second mark), so the handler marks once.
+//! the second mark); with the drain a second mark would only add duplicate reports, so the
+//! handler marks once.
 //!
 //! The cost is on the collector only: one extra phase advance and a wait for the handlers in
-//! flight, skipped when nothing was taken. Handlers entering after the advance are counted under
-//! the other parity and never delay it, so a stream of faults cannot starve a collection. A
-//! thread stopped inside the handler (ptrace) stalls collections until it resumes. When a
+//! flight, which `collect` skips when it took nothing. Handlers entering after the advance are
+//! counted under the other parity and never delay it, so a stream of faults cannot starve a
+//! collection. A thread stopped inside the handler (ptrace) stalls collections until it resumes,
+//! and a child forked while another thread was inside it inherits a count that never drops:
+//! do not collect in such a child. The same drain lets `Drop` free the bitmap only after every
+//! handler that could have loaded it has left. When a
 //! *close* fails (`ENOMEM` at `vm.max_map_count`), the bits of every page taken are set again
 //! before the error is returned, so the invariant holds and the next collection reports them.
 
@@ -276,12 +281,17 @@ fn mapped_rw(range: &Range<u64>) -> io::Result<bool> {
 /// Only one exists per process at a time (the signal handler serves a single range). The range
 /// must stay mapped while tracked; on drop it is made read-write again. While protected, system
 /// calls that write into the range (e.g. `read(2)`) fail with `EFAULT` instead of faulting: this
-/// method only sees user-space stores.
+/// method only sees user-space stores. Stores racing [`collect`] are never lost (see the module
+/// docs); `collect` may wait for a handler that another thread is running.
+///
+/// [`collect`]: WriteFaultTracker::collect
 #[derive(Debug)]
 pub struct WriteFaultTracker {
     range: Range<u64>,
     shift: u32,
     bits: Box<[AtomicU64]>,
+    /// Serializes collections (and so drains) on this tracker.
+    collecting: Mutex<()>,
 }
 
 impl WriteFaultTracker {
@@ -315,8 +325,13 @@ impl WriteFaultTracker {
         PAGE_SHIFT.store(shift as u64, Ordering::Relaxed);
         START.store(range.start, Ordering::Release);
         END.store(range.end, Ordering::Release);
-        BITS.store(bits.as_ptr() as *mut AtomicU64, Ordering::Release);
-        Ok(WriteFaultTracker { range, shift, bits })
+        BITS.store(bits.as_ptr() as *mut AtomicU64, Ordering::SeqCst);
+        Ok(WriteFaultTracker {
+            range,
+            shift,
+            bits,
+            collecting: Mutex::new(()),
+        })
     }
 
     /// The tracked range.
@@ -333,29 +348,49 @@ impl WriteFaultTracker {
         Ok(())
     }
 
+    /// Sets the bits of every page in `runs` again: after a failed *close*, so that no page is
+    /// left writable with its bit clear (see the module docs).
+    fn mark_again(&self, runs: &[Range<u64>]) {
+        let page = 1u64 << self.shift;
+        for r in runs {
+            for addr in (r.start..r.end).step_by(page as usize) {
+                let index = (addr - self.range.start) >> self.shift;
+                self.bits[(index / 64) as usize].fetch_or(1 << (index % 64), Ordering::SeqCst);
+            }
+        }
+    }
+
     /// Clears the bitmap and write-protects the whole range: the next [`collect`] reports only
     /// pages stored to from now on.
     ///
     /// [`collect`]: WriteFaultTracker::collect
     pub fn protect_all(&self) -> io::Result<()> {
+        let _serial = self.collecting.lock().unwrap_or_else(|e| e.into_inner());
+        // Take, drain, close: a collection whose result is discarded.
         for w in self.bits.iter() {
-            w.store(0, Ordering::Release);
+            w.swap(0, Ordering::SeqCst);
         }
-        self.protect(
-            self.range.start,
-            self.range.end - self.range.start,
-            libc::PROT_READ,
-        )
+        drain();
+        let whole = self.range.clone();
+        let ret = self.protect(whole.start, whole.end - whole.start, libc::PROT_READ);
+        if ret.is_err() {
+            self.mark_again(std::slice::from_ref(&whole));
+        }
+        ret
     }
 
     /// Appends the runs of pages stored to since the last collection (coalesced, in order) to
-    /// `out`, write-protecting each again. Returns the number of `mprotect` calls made.
+    /// `out`, write-protecting each again. Returns the number of `mprotect` calls made. Contents
+    /// read after it returns include every store to a reported page made before it returned.
+    ///
+    /// On error nothing is appended and every page taken stays marked for the next collection.
     pub fn collect(&self, out: &mut Vec<Range<u64>>) -> io::Result<u64> {
+        let _serial = self.collecting.lock().unwrap_or_else(|e| e.into_inner());
         let page = 1u64 << self.shift;
         let first = out.len();
+        // Take.
         for (i, w) in self.bits.iter().enumerate() {
-            // Bits first, protection second: see the module docs.
-            let mut bits = w.swap(0, Ordering::AcqRel);
+            let mut bits = w.swap(0, Ordering::SeqCst);
             while bits != 0 {
                 let b = bits.trailing_zeros() as u64;
                 bits &= bits - 1;
@@ -367,9 +402,20 @@ impl WriteFaultTracker {
                 }
             }
         }
+        if out.len() == first {
+            // Nothing taken, nothing to close: no handler's mark was cleared.
+            return Ok(0);
+        }
+        // Drain: a handler that marked a page taken above has opened it before this returns.
+        drain();
+        // Close.
         let mut calls = 0;
         for r in &out[first..] {
-            self.protect(r.start, r.end - r.start, libc::PROT_READ)?;
+            if let Err(e) = self.protect(r.start, r.end - r.start, libc::PROT_READ) {
+                self.mark_again(&out[first..]);
+                out.truncate(first);
+                return Err(e);
+            }
             calls += 1;
         }
         Ok(calls)
@@ -386,11 +432,10 @@ impl Drop for WriteFaultTracker {
         let _guard = SLOT.lock().unwrap_or_else(|e| e.into_inner());
         END.store(0, Ordering::Release);
         BITS.store(ptr::null_mut(), Ordering::SeqCst);
-        // A handler that loaded the old pointer has incremented IN_HANDLER before loading it;
-        // wait until every such handler is done before the bitmap is freed with `self`.
-        while IN_HANDLER.load(Ordering::SeqCst) != 0 {
-            std::hint::spin_loop();
-        }
+        // A handler that loaded the old pointer was counted in ACTIVE before loading it, so
+        // before this store and the drain's phase advance: the drain waits for it to leave
+        // before the bitmap is freed with `self`.
+        drain();
     }
 }
 
@@ -552,5 +597,114 @@ mod tests {
         mem.unmap(0, page).unwrap();
         assert!(WriteFaultTracker::new(mem.addr()..mem.addr() + 2 * page).is_err());
         assert!(WriteFaultTracker::new(mem.addr() + page..mem.addr() + 3 * page).is_ok());
+    }
+
+    /// More writers than cores, so that handlers are preempted between their steps while a
+    /// collection runs. A store is reported by the collection in progress when it began or the
+    /// first one to begin after it ended: the guarantee of the module docs.
+    #[test]
+    fn segv_tracker_loses_no_store_racing_collections() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let page = crate::page_size();
+        let n = 64u64;
+        let mem = Arc::new(Mapping::anonymous(n * page).unwrap());
+        mem.fill(0, n * page, 1).unwrap();
+        let t = WriteFaultTracker::new(mem.range()).unwrap();
+        t.protect_all().unwrap();
+        let epoch = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let stores = Arc::new(AtomicU64::new(0));
+        let writers: Vec<_> = (0..6u64)
+            .map(|w| {
+                let (mem, epoch) = (Arc::clone(&mem), Arc::clone(&epoch));
+                let (done, stores) = (Arc::clone(&done), Arc::clone(&stores));
+                std::thread::spawn(move || {
+                    let mut seed = 0x9E37_79B9 + w;
+                    let mut log = Vec::new();
+                    let (mut seen_epoch, mut burst) = (0, 0);
+                    while !done.load(Ordering::SeqCst) {
+                        // At most 8 stores per collection, so that the log stays small.
+                        let now = epoch.load(Ordering::SeqCst);
+                        if now != seen_epoch {
+                            (seen_epoch, burst) = (now, 0);
+                        }
+                        if burst == 8 {
+                            std::thread::yield_now();
+                            continue;
+                        }
+                        burst += 1;
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        let p = seed % n;
+                        let before = epoch.load(Ordering::SeqCst);
+                        mem.write_u64(p * page + 8 * w, seed).unwrap();
+                        log.push((p, before, epoch.load(Ordering::SeqCst)));
+                        stores.fetch_add(1, Ordering::Relaxed);
+                    }
+                    log
+                })
+            })
+            .collect();
+        let base = mem.addr();
+        let mut reports: Vec<Vec<bool>> = vec![vec![false; n as usize]];
+        let mut out = Vec::new();
+        // Writers store throughout 5000 collections, at least 16 stores apart, then two more
+        // begin after they all ended.
+        let mut finishing = 0;
+        let mut paced = 0;
+        while finishing < 2 {
+            while finishing == 0 && stores.load(Ordering::Relaxed) < paced + 16 {
+                std::thread::yield_now();
+            }
+            paced = stores.load(Ordering::Relaxed);
+            if reports.len() > 5000 {
+                done.store(true, Ordering::SeqCst);
+                while !writers.iter().all(|w| w.is_finished()) {
+                    std::thread::yield_now();
+                }
+                finishing += 1;
+            }
+            epoch.fetch_add(1, Ordering::SeqCst);
+            out.clear();
+            t.collect(&mut out).unwrap();
+            let mut seen = vec![false; n as usize];
+            for r in &out {
+                for a in (r.start..r.end).step_by(page as usize) {
+                    seen[((a - base) / page) as usize] = true;
+                }
+            }
+            reports.push(seen);
+        }
+        let logs: Vec<(u64, u64, u64)> = writers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect();
+        let reported: usize = reports
+            .iter()
+            .map(|r| r.iter().filter(|s| **s).count())
+            .sum();
+        eprintln!(
+            "{} racing stores, {} collections, {reported} pages reported",
+            logs.len(),
+            reports.len() - 1
+        );
+        let lost: Vec<_> = logs
+            .iter()
+            .filter(|(p, before, after)| {
+                !(*before as usize..=*after as usize + 1).any(|k| reports[k][*p as usize])
+            })
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "{} of {} stores lost, first: page {} between collections {} and {}",
+            lost.len(),
+            logs.len(),
+            lost[0].0,
+            lost[0].1,
+            lost[0].2 + 1
+        );
     }
 }

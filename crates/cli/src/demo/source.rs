@@ -6,7 +6,7 @@
 use super::writer::{self, Pattern, WriterConfig};
 use anyhow::{Context, Result};
 use precopy_sys::mem::{Backing, Mapping, Thp};
-use std::io::{BufRead, Write};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -67,18 +67,9 @@ pub fn run(args: SourceArgs) -> Result<ExitCode> {
     )?;
     out.flush()?;
     drop(out);
-    // Serve TLB-flush requests (see `TlbFlusher`: this host's few-page flushes are unreliable,
-    // so after each round the driver has us force a full flush of our own address space) until
-    // the driver closes our stdin (or dies).
-    let flusher = precopy_sys::mem::TlbFlusher::new()?;
-    for line in std::io::stdin().lock().lines() {
-        if line?.trim() == "FLUSH" {
-            flusher.flush()?;
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "FLUSHED")?;
-            out.flush()?;
-        }
-    }
+    // Run until the driver closes our stdin (or dies).
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
     drop(uffd);
     Ok(ExitCode::SUCCESS)
 }
