@@ -18,7 +18,7 @@
 
 use criterion::{Criterion, SamplingMode};
 use precopy_scanner::{ScanOptions, Scanner};
-use precopy_sys::abi::{self, PageRegion, PmScanArg, category};
+use precopy_sys::abi::PageRegion;
 use precopy_sys::mem::{Backing, Mapping, Thp};
 use precopy_sys::pagemap::{self, EMPTY_REGION};
 use precopy_tracker::{Tracker, Uffd};
@@ -137,20 +137,7 @@ fn raw_round(fd: BorrowedFd<'_>, range: Range<u64>, buf: &mut [PageRegion]) -> u
     let mut bytes = 0;
     let mut addr = range.start;
     while addr < range.end {
-        let mut arg = PmScanArg {
-            size: 0,
-            flags: abi::PM_SCAN_WP_MATCHING | abi::PM_SCAN_CHECK_WPASYNC,
-            start: addr,
-            end: range.end,
-            walk_end: 0,
-            vec: 0,
-            vec_len: 0,
-            max_pages: 0,
-            category_inverted: 0,
-            category_mask: category::WRITTEN,
-            category_anyof_mask: 0,
-            return_mask: category::WRITTEN,
-        };
+        let mut arg = pagemap::written_and_reprotect_arg(addr, range.end);
         let n = pagemap::scan(fd, &mut arg, buf).expect("PAGEMAP_SCAN");
         for r in &buf[..n] {
             bytes += r.end - r.start;

@@ -13,7 +13,7 @@
 //! pages; a new or changed VMA reports as wholly soft-dirty until the next clear.
 
 use crate::{Backend, BackendKind, CollectStats, Error, Result, Unavailable};
-use precopy_sys::abi::{PmScanArg, category};
+use precopy_sys::abi::category;
 use precopy_sys::mem::{Backing, Mapping, Thp};
 use precopy_sys::pagemap::{self, EMPTY_REGION};
 use std::fs::{File, OpenOptions};
@@ -60,26 +60,9 @@ fn scan_has_soft_dirty(pagemap: &File, page: u64) -> bool {
     let Ok(mem) = Mapping::new(Backing::AnonPrivate, page, 0, Thp::NoHuge) else {
         return false;
     };
-    let mut arg = scan_arg(mem.addr(), mem.addr() + page);
+    let mut arg = pagemap::query_arg(mem.addr(), mem.addr() + page, category::SOFT_DIRTY);
     let mut out = [EMPTY_REGION; 1];
     pagemap::scan(pagemap.as_fd(), &mut arg, &mut out).is_ok()
-}
-
-fn scan_arg(start: u64, end: u64) -> PmScanArg {
-    PmScanArg {
-        size: 0,
-        flags: 0,
-        start,
-        end,
-        walk_end: 0,
-        vec: 0,
-        vec_len: 0,
-        max_pages: 0,
-        category_inverted: 0,
-        category_mask: category::SOFT_DIRTY,
-        category_anyof_mask: 0,
-        return_mask: category::SOFT_DIRTY,
-    }
 }
 
 impl SoftDirty {
@@ -135,7 +118,7 @@ impl SoftDirty {
         let mut calls = 0;
         let mut cursor = r.start;
         while cursor < r.end {
-            let mut arg = scan_arg(cursor, r.end);
+            let mut arg = pagemap::query_arg(cursor, r.end, category::SOFT_DIRTY);
             let n = pagemap::scan(self.pagemap.as_fd(), &mut arg, &mut self.regions).map_err(
                 |source| Error::Range {
                     backend: BackendKind::SoftDirty,

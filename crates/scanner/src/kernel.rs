@@ -6,7 +6,7 @@
 //! `precopy probe` prints.
 
 use crate::{Error, Result, ScanOptions, Scanner};
-use precopy_sys::abi::{PmScanArg, category};
+use precopy_sys::abi::category;
 use precopy_sys::mem::{Advice, Backing, Mapping, Thp};
 use precopy_sys::pagemap::{self, EMPTY_REGION};
 use precopy_tracker::{Tracker, Uffd};
@@ -194,27 +194,10 @@ pub fn self_test() -> Result<Vec<Check>> {
 /// Whether the first page of `mem` is part of a huge page (`PAGE_IS_HUGE`).
 fn is_huge(mem: &Mapping, page: u64) -> Result<bool> {
     let pagemap = File::open("/proc/self/pagemap").map_err(setup("open pagemap"))?;
-    let mut arg = plain_arg(mem.addr(), mem.addr() + page, category::HUGE);
+    let mut arg = pagemap::query_arg(mem.addr(), mem.addr() + page, category::HUGE);
     let mut out = [EMPTY_REGION; 1];
     let n = pagemap::scan(pagemap.as_fd(), &mut arg, &mut out).unwrap_or(0);
     Ok(n > 0)
-}
-
-fn plain_arg(start: u64, end: u64, mask: u64) -> PmScanArg {
-    PmScanArg {
-        size: 0,
-        flags: 0,
-        start,
-        end,
-        walk_end: 0,
-        vec: 0,
-        vec_len: 0,
-        max_pages: 0,
-        category_inverted: 0,
-        category_mask: mask,
-        category_anyof_mask: 0,
-        return_mask: mask,
-    }
 }
 
 /// Whether soft-dirty tracking works here: a page written after `clear_refs` "4" must show
@@ -369,7 +352,7 @@ fn probe_pagemap_scan(page: u64) -> (bool, Vec<(String, bool)>) {
     };
     let mut out = [EMPTY_REGION; 1];
     let mut try_mask = |mask| {
-        let mut arg = plain_arg(mem.addr(), mem.addr() + page, mask);
+        let mut arg = pagemap::query_arg(mem.addr(), mem.addr() + page, mask);
         pagemap::scan(pm.as_fd(), &mut arg, &mut out).is_ok()
     };
     let available = try_mask(category::WRITTEN);

@@ -8,7 +8,7 @@
 
 use crate::round::{Untracked, UntrackedReason, normalize, push_region};
 use crate::{Error, Result};
-use precopy_sys::abi::{self, PageRegion, PmScanArg, category};
+use precopy_sys::abi::{PageRegion, PmScanArg, category};
 use precopy_sys::pagemap::{self, EMPTY_REGION};
 use precopy_tracker::{Tracker, Vma, unmapped_parts};
 use std::ops::Range;
@@ -33,23 +33,6 @@ pub(crate) enum SpanEnd {
     Done,
     /// The page budget ran out at this address.
     BudgetAt(u64),
-}
-
-fn scan_arg(start: u64, end: u64) -> PmScanArg {
-    PmScanArg {
-        size: 0,
-        flags: abi::PM_SCAN_WP_MATCHING | abi::PM_SCAN_CHECK_WPASYNC,
-        start,
-        end,
-        walk_end: 0,
-        vec: 0,
-        vec_len: 0,
-        max_pages: 0,
-        category_inverted: 0,
-        category_mask: category::WRITTEN,
-        category_anyof_mask: 0,
-        return_mask: category::WRITTEN,
-    }
 }
 
 impl Worker {
@@ -135,7 +118,7 @@ impl Worker {
         let granule_pages = (granule / self.page_size).max(1);
         let mut addr = span.start;
         while addr < span.end {
-            let mut arg = scan_arg(addr, span.end);
+            let mut arg = pagemap::written_and_reprotect_arg(addr, span.end);
             if let Some(left) = *budget {
                 if left == 0 {
                     return Ok(SpanEnd::BudgetAt(addr));
@@ -205,7 +188,7 @@ impl Worker {
                 category_inverted: category::WPALLOWED,
                 category_mask: category::WPALLOWED,
                 return_mask: category::WPALLOWED,
-                ..scan_arg(addr, span.end)
+                ..pagemap::written_and_reprotect_arg(addr, span.end)
             };
             self.ioctls += 1;
             let n = pagemap::scan(fd, &mut arg, &mut regions).map_err(|source| Error::Scan {

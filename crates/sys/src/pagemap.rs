@@ -80,3 +80,31 @@ pub fn query_vma(maps: BorrowedFd<'_>, addr: u64) -> io::Result<Option<Vma>> {
         page_size: q.vma_page_size,
     }))
 }
+
+/// A `PAGEMAP_SCAN` argument that only reports (no flags): pages of `[start, end)` with any of
+/// `mask`'s categories, returning those categories.
+pub fn query_arg(start: u64, end: u64, mask: u64) -> PmScanArg {
+    PmScanArg {
+        size: 0,
+        flags: 0,
+        start,
+        end,
+        walk_end: 0,
+        vec: 0,
+        vec_len: 0,
+        max_pages: 0,
+        category_inverted: 0,
+        category_mask: mask,
+        category_anyof_mask: 0,
+        return_mask: mask,
+    }
+}
+
+/// The engine's get-and-reset argument: the kernel's fast path (category and return mask =
+/// `WRITTEN`, nothing else) with `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC`.
+pub fn written_and_reprotect_arg(start: u64, end: u64) -> PmScanArg {
+    PmScanArg {
+        flags: abi::PM_SCAN_WP_MATCHING | abi::PM_SCAN_CHECK_WPASYNC,
+        ..query_arg(start, end, abi::category::WRITTEN)
+    }
+}
