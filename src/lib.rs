@@ -7,12 +7,18 @@
 //! - [`sys`]: the raw kernel ABI and owned mappings ([`sys::mem::Mapping`]).
 //! - [`tracker`]: a userfaultfd in async write-protect mode and the ranges registered with it.
 //! - [`scanner`]: rounds of get-and-reprotect over the tracked ranges.
+//! - [`transfer`]: wire protocol, sender/receiver, checkpoint images.
+//! - [`backends`]: the comparison trackers (soft-dirty, mprotect, uffd sync WP) behind one trait.
+//! - [`migrate`]: the pre-copy migration driver.
 //!
 //! The most used names are re-exported at the top level.
 
+pub use precopy_backends as backends;
+pub use precopy_migrate as migrate;
 pub use precopy_scanner as scanner;
 pub use precopy_sys as sys;
 pub use precopy_tracker as tracker;
+pub use precopy_transfer as transfer;
 
 pub use precopy_scanner::{
     DirtySet, Round, RoundStats, ScanOptions, Scanner, Untracked, UntrackedReason,
