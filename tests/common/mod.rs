@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use precopy::scanner::Error as ScanError;
-use precopy::sys::abi::{PmScanArg, category};
+use precopy::sys::abi::category;
 use precopy::sys::mem::{Backing, Mapping, Thp};
 use precopy::sys::pagemap::{self, EMPTY_REGION};
 use precopy::{Round, ScanOptions, Scanner, Tracker, Uffd, UntrackedReason};
@@ -121,23 +121,7 @@ pub fn full_pass(
 /// Whether the page at `addr` of this process is currently mapped by a huge page (THP or
 /// hugetlb), as `PAGE_IS_HUGE` says.
 pub fn is_huge(addr: u64) -> bool {
-    let pm = File::open("/proc/self/pagemap").expect("open pagemap");
-    let mut arg = PmScanArg {
-        size: 0,
-        flags: 0,
-        start: addr,
-        end: addr + PAGE,
-        walk_end: 0,
-        vec: 0,
-        vec_len: 0,
-        max_pages: 0,
-        category_inverted: 0,
-        category_mask: category::HUGE,
-        category_anyof_mask: 0,
-        return_mask: category::HUGE,
-    };
-    let mut out = [EMPTY_REGION; 1];
-    pagemap::scan(pm.as_fd(), &mut arg, &mut out).expect("PAGEMAP_SCAN") > 0
+    page_has(addr, category::HUGE)
 }
 
 /// The selected THP mode (`always`, `madvise`, `never`), if the kernel has THP.
@@ -170,21 +154,13 @@ pub fn is_untrusted(e: &ScanError) -> bool {
 /// Whether the page at `addr` of this process reads as written (not write-protected) right now,
 /// asked without re-protecting it.
 pub fn is_written(addr: u64) -> bool {
+    page_has(addr, category::WRITTEN)
+}
+
+/// Whether the page at `addr` of this process has `category`, asked without re-protecting it.
+fn page_has(addr: u64, category: u64) -> bool {
     let pm = File::open("/proc/self/pagemap").expect("open pagemap");
-    let mut arg = PmScanArg {
-        size: 0,
-        flags: 0,
-        start: addr,
-        end: addr + PAGE,
-        walk_end: 0,
-        vec: 0,
-        vec_len: 0,
-        max_pages: 0,
-        category_inverted: 0,
-        category_mask: category::WRITTEN,
-        category_anyof_mask: 0,
-        return_mask: category::WRITTEN,
-    };
+    let mut arg = pagemap::query_arg(addr, addr + PAGE, category);
     let mut out = [EMPTY_REGION; 1];
     pagemap::scan(pm.as_fd(), &mut arg, &mut out).expect("PAGEMAP_SCAN") > 0
 }
