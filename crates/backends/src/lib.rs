@@ -157,17 +157,6 @@ fn build(kind: BackendKind) -> Result<Box<dyn Backend>> {
     })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// Runs `backend` over 16 fresh pages: an armed range must report nothing, two stores must be
 /// reported (extra pages are tolerated, missing ones are not), and a second collection must be
 /// clean again.
@@ -206,7 +195,7 @@ fn behaviour_test(backend: &mut dyn Backend) -> std::result::Result<(), String> 
         b.stop()?;
         Ok((clean, written, again))
     };
-    let (clean, written, again) = run(backend).map_err(|e| error_chain(&e))?;
+    let (clean, written, again) = run(backend).map_err(|e| precopy_sys::error_chain(&e))?;
     let missed: Vec<u64> = [3, 12]
         .into_iter()
         .filter(|p| !written.contains(p))
@@ -237,7 +226,7 @@ pub fn check(kind: BackendKind) -> std::result::Result<(), Unavailable> {
     let verdict = VERDICTS[idx].get_or_init(|| {
         let mut backend = build(kind).map_err(|e| match e {
             Error::Unavailable(u) => u.reason,
-            other => error_chain(&other),
+            other => precopy_sys::error_chain(&other),
         })?;
         behaviour_test(backend.as_mut())
     });

@@ -24,7 +24,7 @@ impl UffdAsync {
     pub fn with_options(opts: ScanOptions) -> Result<UffdAsync> {
         let scanner = Scanner::new(opts).map_err(|e| crate::Unavailable {
             kind: BackendKind::UffdAsync,
-            reason: crate::error_chain(&e),
+            reason: precopy_sys::error_chain(&e),
         })?;
         Ok(UffdAsync {
             scanner,

@@ -115,7 +115,7 @@ impl UffdSync {
         let features = precopy_tracker::uffd_kernel_features().map_err(|e| {
             Error::Unavailable(Unavailable {
                 kind: BackendKind::UffdSync,
-                reason: crate::error_chain(&e),
+                reason: precopy_sys::error_chain(&e),
             })
         })?;
         let wp = linux_wp_bit();

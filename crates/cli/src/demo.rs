@@ -523,7 +523,7 @@ fn print_outcome(
             "migration": report,
             "destination": received,
             "verification": verification,
-            "error": error.map(chain),
+            "error": error.map(|e| precopy_sys::error_chain(e)),
         });
         writeln!(out, "{v}")?;
         return Ok(());
@@ -544,7 +544,7 @@ fn print_outcome(
     write!(out, "{report}")?;
     writeln!(out)?;
     if let Some(e) = error {
-        writeln!(out, "migration FAILED: {}", chain(e))?;
+        writeln!(out, "migration FAILED: {}", precopy_sys::error_chain(e))?;
         writeln!(
             out,
             "(the source was resumed; the destination never reported success)"
@@ -564,17 +564,6 @@ fn print_outcome(
         None => writeln!(out, "not verified: the migration did not complete")?,
     }
     Ok(())
-}
-
-/// The error with its causes on one line.
-fn chain(e: &precopy_migrate::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        parts.push(c.to_string());
-        cur = c.source();
-    }
-    parts.join(": ")
 }
 
 fn human(n: u64) -> String {

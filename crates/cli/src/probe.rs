@@ -75,21 +75,13 @@ fn choose() -> Choice {
         },
         Err(e) => Choice {
             kind: None,
-            note: format!("no dirty-tracking backend can be opened: {}", chain(&e)),
+            note: format!(
+                "no dirty-tracking backend can be opened: {}",
+                precopy_sys::error_chain(&e)
+            ),
             refused: Vec::new(),
         },
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {

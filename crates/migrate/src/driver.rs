@@ -247,7 +247,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.report.throttle_method = self.workload.throttle_method();
         let result = self.iterate(start);
         if let Err(e) = &result {
-            self.report.error = Some(error_chain(e));
+            self.report.error = Some(precopy_sys::error_chain(e));
             // After the acknowledgement the destination owns the state: never resume then.
             if self.report.status != Status::Completed {
                 self.report.status = match e {
@@ -540,18 +540,6 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         }
         Ok(())
     }
-}
-
-/// The error and its causes on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ pub fn verify() -> Result<()> {
             None => Ok(()),
             Some(c) => Err((c.name, c.detail)),
         },
-        Err(e) => Err(("setup", error_chain(&e))),
+        Err(e) => Err(("setup", precopy_sys::error_chain(&e))),
     });
     match verdict {
         Ok(()) => Ok(()),
@@ -46,17 +46,6 @@ pub fn verify() -> Result<()> {
             detail: detail.clone(),
         }),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn setup(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -319,7 +308,7 @@ pub fn probe() -> Probe {
                 .map(|c| format!("self-test check {} failed: {}", c.name, c.detail));
             (checks, failed)
         }
-        Err(e) => (Vec::new(), Some(error_chain(&e))),
+        Err(e) => (Vec::new(), Some(precopy_sys::error_chain(&e))),
     };
     if !pagemap_scan && reason.is_none() {
         reason = Some("kernel lacks the PAGEMAP_SCAN ioctl (needs Linux 6.7+)".into());

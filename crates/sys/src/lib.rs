@@ -22,6 +22,19 @@ pub fn page_size() -> u64 {
     if size <= 0 { 4096 } else { size as u64 }
 }
 
+/// An error and its causes on one line (`outer: cause: root cause`), for reports and JSON that
+/// carry an error as text. Lives here because every crate of the workspace depends on this one.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Converts a `-1`-on-error libc return value into an [`std::io::Result`].
 fn cvt(ret: libc::c_int) -> std::io::Result<libc::c_int> {
     if ret < 0 {
