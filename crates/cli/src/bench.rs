@@ -969,29 +969,19 @@ fn linear_plot(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Re
         .y_label_formatter(&|y| format!("{y:.2}"))
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for (i, (label, color, points)) in series.iter().enumerate() {
-        let c = *color;
-        // Offset overlapping series a little so every one stays visible.
-        let dy = i as f64 * y1 * 0.004;
-        let pts: Vec<(f64, f64)> = points.iter().map(|p| (p.0, p.1 + dy)).collect();
-        chart
-            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .label(label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
-        chart
-            .draw_series(PointSeries::of_element(pts, 3, c, &|p, s, st| {
-                Circle::new(p, s, st.filled())
-            }))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let lines = series
+        .iter()
+        .enumerate()
+        .map(|(i, (label, color, points))| {
+            // Offset overlapping series a little so every one stays visible.
+            let dy = i as f64 * y1 * 0.004;
+            (
+                label,
+                *color,
+                points.iter().map(|p| (p.0, p.1 + dy)).collect(),
+            )
+        });
+    draw_lines(&mut chart, lines)?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
@@ -1035,9 +1025,25 @@ fn log_plot(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Resul
         })
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for (label, color, points) in series {
-        let pts: Vec<(f64, f64)> = points.iter().copied().filter(|p| p.1 > 0.0).collect();
-        let c = *color;
+    let lines = series.iter().map(|(label, color, points)| {
+        (
+            label,
+            *color,
+            points.iter().copied().filter(|p| p.1 > 0.0).collect(),
+        )
+    });
+    draw_lines(&mut chart, lines)?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// Draws each series as a line with points, and the legend, on a chart whose x axis is a log
+/// scale (both plots) and whose y axis is linear or logarithmic.
+fn draw_lines<'a, 'b, Y: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'b, SVGBackend<'b>, Cartesian2d<LogCoord<f64>, Y>>,
+    lines: impl Iterator<Item = (&'a String, RGBColor, Vec<(f64, f64)>)>,
+) -> Result<()> {
+    for (label, c, pts) in lines {
         chart
             .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
             .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -1056,7 +1062,6 @@ fn log_plot(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Resul
         .position(SeriesLabelPosition::UpperLeft)
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
 
