@@ -294,12 +294,12 @@ fn process_memory_source_with_dropped_pages() {
     // Real process memory read with process_vm_readv; pages dropped with
     // MADV_DONTNEED read as zero and must arrive as zero.
     let pages = 32usize;
-    let mut map = memmap2::MmapMut::map_anon(pages * PS as usize).unwrap();
-    for (i, b) in map.iter_mut().enumerate() {
-        *b = (i % 253) as u8 + 1;
-    }
-    let base = map.as_ptr() as u64;
-    let layout = Layout::single(PS, base, pages as u64 * PS).unwrap();
+    let len = pages as u64 * PS;
+    let map = precopy_sys::mem::Mapping::anonymous(len).unwrap();
+    let contents: Vec<u8> = (0..len as usize).map(|i| (i % 253) as u8 + 1).collect();
+    map.write(0, &contents).unwrap();
+    let base = map.addr();
+    let layout = Layout::single(PS, base, len).unwrap();
     let mut tx = Transfer::new(
         ProcessMemory::current(),
         MemorySink::new(layout.clone()).unwrap(),
@@ -307,20 +307,13 @@ fn process_memory_source_with_dropped_pages() {
         8,
     )
     .unwrap();
-    tx.send_round(&[base..base + pages as u64 * PS]).unwrap();
-    // SAFETY: the mapping is private to this test and no references into the
-    // dropped range are alive; MADV_DONTNEED on private anonymous memory makes
-    // it read back as zeros.
-    unsafe {
-        map.unchecked_advise_range(
-            memmap2::UncheckedAdvice::DontNeed,
-            4 * PS as usize,
-            8 * PS as usize,
-        )
+    tx.send_round(&[base..base + len]).unwrap();
+    map.advise(4 * PS, 8 * PS, precopy_sys::mem::Advice::DontNeed)
         .unwrap();
-    }
+    let mut now = vec![0u8; len as usize];
+    map.read(0, &mut now).unwrap();
     assert!(
-        map[4 * PS as usize..12 * PS as usize]
+        now[4 * PS as usize..12 * PS as usize]
             .iter()
             .all(|&b| b == 0)
     );
@@ -328,7 +321,7 @@ fn process_memory_source_with_dropped_pages() {
     assert_eq!((sent.pages, sent.zero_pages), (0, 8));
     tx.finish_with_source_checksum().unwrap();
     let (_, sink) = tx.into_parts();
-    assert_eq!(sink.memory(), &map[..]);
+    assert_eq!(sink.memory(), &now[..]);
 }
 
 #[test]
