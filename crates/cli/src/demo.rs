@@ -23,7 +23,8 @@ use precopy_migrate::{
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_tracker::Tracker;
 use precopy_transfer::{
-    Compression, Connection, Key, Layout, PageSource, ProcessMemory, Sender, SenderConfig,
+    Compression, Connection, FinalCheck, Key, Layout, PageSource, ProcessMemory, Sender,
+    SenderConfig,
 };
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -59,6 +60,15 @@ enum CompressKind {
     None,
     Lz4,
     Zstd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum CheckKind {
+    /// Compare the page CRCs both ends recorded while sending and applying.
+    Recorded,
+    /// Also re-read all source and destination memory while paused.
+    Full,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -113,6 +123,12 @@ pub struct Args {
     /// Compression of page frames.
     #[arg(long, value_enum, default_value_t = CompressKind::None)]
     compress: CompressKind,
+    /// Final checksum while the source is paused: `recorded` compares the
+    /// page CRCs both ends kept (no pass over memory); `full` also re-reads
+    /// all memory on both ends (catches a missed write, costs downtime). The
+    /// demo compares the memories byte for byte afterwards either way.
+    #[arg(long, value_enum, default_value_t = CheckKind::Recorded)]
+    final_check: CheckKind,
     /// Most rounds sent while the source runs.
     #[arg(long, default_value_t = 30)]
     max_rounds: u64,
@@ -431,7 +447,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let kill_at = args.kill_dest_at_round;
     let mut migration = Migration::new(
         UffdDirtyLog::new(tracker, scanner),
-        TransferTransport::new(sender),
+        TransferTransport::new(sender).final_check(match args.final_check {
+            CheckKind::Recorded => FinalCheck::Recorded,
+            CheckKind::Full => FinalCheck::Full,
+        }),
         control,
         config,
     )
@@ -518,6 +537,7 @@ fn print_outcome(
                 "transport": args.transport,
                 "streams": args.streams,
                 "compress": args.compress,
+                "final_check": args.final_check,
                 "dest_netns": args.dest_netns,
             },
             "migration": report,
@@ -530,7 +550,7 @@ fn print_outcome(
     }
     writeln!(
         out,
-        "precopy demo: {} over {:?} ({} stream(s), {:?}), {} writer(s) {:?} at {}/s, max downtime {} ms",
+        "precopy demo: {} over {:?} ({} stream(s), {:?}), {} writer(s) {:?} at {}/s, max downtime {} ms, {:?} final check",
         human(args.size),
         args.transport,
         args.streams,
@@ -538,7 +558,8 @@ fn print_outcome(
         args.threads,
         args.pattern,
         human(args.dirty_rate),
-        args.max_downtime
+        args.max_downtime,
+        args.final_check
     )?;
     writeln!(out)?;
     write!(out, "{report}")?;

@@ -50,7 +50,7 @@ fn write_image(path: &Path) -> Vec<u8> {
     tx.send_round(&[BASE..BASE + SENT * PS]).unwrap();
     tx.source_mut().data_mut()[PS as usize..2 * PS as usize].fill(0xa5);
     tx.send_round(&[BASE + PS..BASE + 2 * PS]).unwrap();
-    tx.finish_with_source_checksum().unwrap();
+    tx.finish(precopy_transfer::FinalCheck::Full).unwrap();
     let (source, _sink) = tx.into_parts();
     source.data().to_vec()
 }

@@ -42,9 +42,10 @@ pub trait Transport {
     /// Reads and sends the pages of `ranges` (page-aligned; any order; overlaps allowed) as one
     /// round.
     fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError>;
-    /// No more rounds: computes the source's memory checksum (the source is paused) and returns
-    /// it once the receiver has acknowledged that its memory matches. The second value is the
-    /// part of the time spent computing the checksum on this side.
+    /// No more rounds (the source is paused): sends the final memory checksum and returns it
+    /// once the receiver has acknowledged that its memory matches. The second value is the part
+    /// of the time spent reading source memory for the checksum on this side (zero when the
+    /// checksum comes from what was recorded while sending).
     fn finish(&mut self) -> Result<(u32, Duration), BoxError>;
 }
 

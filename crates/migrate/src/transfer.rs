@@ -2,20 +2,33 @@
 //! in-memory sink.
 
 use crate::control::{BoxError, RoundSent, Transport};
-use precopy_transfer::{PageSource, Sink, Transfer, memory_checksum};
+use precopy_transfer::{FinalCheck, PageSource, Sink, Transfer};
 use std::ops::Range;
-use std::time::Instant;
 
-/// Sends rounds with a [`Transfer`]; the final checksum is computed from its source.
+/// Sends rounds with a [`Transfer`]; the final check is the one
+/// [`TransferTransport::final_check`] chose ([`FinalCheck::Recorded`] unless told otherwise).
 #[derive(Debug)]
 pub struct TransferTransport<S, K> {
     transfer: Transfer<S, K>,
+    check: FinalCheck,
 }
 
 impl<S: PageSource, K: Sink> TransferTransport<S, K> {
     /// Wraps `transfer`, which must not have sent a round yet.
     pub fn new(transfer: Transfer<S, K>) -> Self {
-        TransferTransport { transfer }
+        TransferTransport {
+            transfer,
+            check: FinalCheck::default(),
+        }
+    }
+
+    /// Chooses the final check: [`FinalCheck::Recorded`] compares the page CRCs both ends
+    /// recorded (no pass over memory while the source is paused); [`FinalCheck::Full`] also
+    /// re-reads all source and destination memory, which catches a write the dirty log missed
+    /// but adds a pass over memory on each end to the downtime.
+    pub fn final_check(mut self, check: FinalCheck) -> Self {
+        self.check = check;
+        self
     }
 
     /// The transfer.
@@ -41,11 +54,7 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
     }
 
     fn finish(&mut self) -> Result<(u32, std::time::Duration), BoxError> {
-        let start = Instant::now();
-        let layout = self.transfer.layout().clone();
-        let checksum = memory_checksum(self.transfer.source_mut(), &layout)?;
-        let took = start.elapsed();
-        self.transfer.finish(checksum)?;
-        Ok((checksum, took))
+        let summary = self.transfer.finish(self.check)?;
+        Ok((summary.checksum, summary.source_check))
     }
 }

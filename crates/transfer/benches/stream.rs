@@ -98,7 +98,6 @@ fn engine_copy(
     net: Net,
     dir: &std::path::Path,
     src: &[u8],
-    checksum: u32,
     dest: &mut MemorySink,
     config: &SenderConfig,
 ) -> (Duration, Duration) {
@@ -114,7 +113,7 @@ fn engine_copy(
         let mut tx = Sender::connect(conns, layout, ProcessMemory::current(), config).unwrap();
         tx.send_round(&[base..base + src.len() as u64]).unwrap();
         let streamed = start.elapsed();
-        tx.finish(checksum).unwrap();
+        tx.finish(FinalCheck::Recorded).unwrap();
         let total = start.elapsed();
         rx.join().unwrap();
         (streamed, total)
@@ -136,7 +135,6 @@ fn main() {
     let bytes = mib << 20;
     let dir = tempfile::tempdir().unwrap();
     let src = source_memory(bytes);
-    let checksum = crc32c::crc32c(&src);
     let base = src.as_ptr() as u64;
     let layout = Layout::single(PS, base, bytes as u64).unwrap();
     let mut dest = MemorySink::new(layout).unwrap();
@@ -202,7 +200,7 @@ fn main() {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         let (streamed, done) =
-                            engine_copy(net, dir.path(), &src, checksum, &mut dest, &config);
+                            engine_copy(net, dir.path(), &src, &mut dest, &config);
                         record(&name, streamed);
                         record(&format!("{name} (to DONE)"), done);
                         total += streamed;
@@ -222,8 +220,8 @@ fn main() {
         f();
         mib as f64 / t.elapsed().as_secs_f64()
     };
-    let mut sink_crc = 0;
-    let crc_speed = step(&mut || sink_crc = crc32c::crc32c(&src));
+    let mut digest = MemoryDigest::new();
+    let crc_speed = step(&mut || digest.push_pages(&src, PS as usize));
     let copy_speed = step(&mut || raw_dest.copy_from_slice(&src));
     let mut pm = ProcessMemory::current();
     let chunk = 64 * PS as usize;
@@ -233,11 +231,11 @@ fn main() {
             pm.read_ranges(&[a..a + out.len() as u64], out).unwrap();
         }
     });
-    assert_eq!(sink_crc, checksum);
+    assert_eq!(digest.finish(), dest.checksum());
 
     let times = TIMES.lock().unwrap();
     println!(
-        "\nper-byte steps (MiB/s, one core): crc32c {crc_speed:.0}, memcpy {copy_speed:.0}, process_vm_readv (256 KiB) {readv_speed:.0}"
+        "\nper-byte steps (MiB/s, one core): crc32c per page {crc_speed:.0}, memcpy {copy_speed:.0}, process_vm_readv (256 KiB) {readv_speed:.0}"
     );
     println!("\nprecopy-transfer stream bench: {mib} MiB per transfer, median of samples");
     println!(

@@ -76,11 +76,6 @@ impl fmt::Debug for SharedBuf {
 }
 
 impl SharedBuf {
-    /// The whole buffer.
-    pub(crate) fn as_slice(&self) -> &[u8] {
-        &self.0.data
-    }
-
     /// A view of `range` of this buffer. Panics if out of bounds (an internal
     /// invariant: callers cut views from lengths they just read).
     pub(crate) fn view(&self, range: Range<usize>) -> PageBuf {

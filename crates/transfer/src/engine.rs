@@ -21,6 +21,7 @@ use serde::Serialize;
 
 use crate::auth::Key;
 use crate::buffer::{BufferPool, is_zero};
+use crate::digest::{FinalCheck, PageCrcs, page_crc};
 use crate::error::TransferError;
 use crate::layout::Layout;
 use crate::protocol::MAX_PAGES_LEN;
@@ -104,8 +105,13 @@ pub struct TransferSummary {
     pub zero_pages: u64,
     /// Bytes written by the sink, all rounds.
     pub bytes_on_wire: u64,
-    /// The memory checksum the sink accepted.
+    /// The memory digest the sink accepted (see [`crate::digest`]).
     pub checksum: u32,
+    /// How it was checked.
+    pub check: FinalCheck,
+    /// Time spent re-reading the source for [`FinalCheck::Full`] (zero
+    /// otherwise).
+    pub source_check: Duration,
 }
 
 #[derive(Debug)]
@@ -129,7 +135,11 @@ pub struct Transfer<S, K> {
     /// Ranges of the batch being gathered, and their total bytes.
     batch: Vec<Range<u64>>,
     batch_len: u64,
+    /// CRC of each page of the batch being flushed (`None`: zero page).
+    batch_crcs: Vec<Option<u32>>,
     scratch: Vec<Range<u64>>,
+    /// The CRC of the last copy read of every page.
+    crcs: PageCrcs,
     totals: TransferSummary,
     finished: bool,
 }
@@ -159,6 +169,12 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
                 reason: "batch_pages must be at least 1 and at most 16 MiB of pages",
             });
         }
+        let pages = usize::try_from(layout.total_len() / layout.page_size()).map_err(|_| {
+            TransferError::Config {
+                reason: "layout is larger than the address space",
+            }
+        })?;
+        let crcs = PageCrcs::new(pages, layout.page_size());
         Ok(Transfer {
             source,
             sink,
@@ -169,13 +185,17 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             current: None,
             batch: Vec::new(),
             batch_len: 0,
+            batch_crcs: Vec::new(),
             scratch: Vec::new(),
+            crcs,
             totals: TransferSummary {
                 rounds: 0,
                 pages: 0,
                 zero_pages: 0,
                 bytes_on_wire: 0,
                 checksum: 0,
+                check: FinalCheck::Recorded,
+                source_check: Duration::ZERO,
             },
             finished: false,
         })
@@ -299,7 +319,8 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         Ok(())
     }
 
-    /// Reads the gathered batch and hands its runs to the sink.
+    /// Reads the gathered batch, takes each page's CRC while it is still in
+    /// cache, and hands runs of zero and non-zero pages to the sink.
     fn flush_batch(&mut self) -> Result<(), TransferError> {
         if self.batch_len == 0 {
             return Ok(());
@@ -314,55 +335,69 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             self.batch.clear();
             return Err(e.into());
         }
+        let ps = self.layout.page_size() as usize;
+        let mut pages = std::mem::take(&mut self.batch_crcs);
+        pages.clear();
+        pages.extend(
+            buf[..n]
+                .chunks_exact(ps)
+                .map(|p| (!is_zero(p)).then(|| page_crc(p))),
+        );
         let shared = self.pool.share(buf);
+        let result = self.send_batch(&batch, &shared, &pages);
+        self.batch_crcs = pages;
+        self.batch = batch;
+        self.batch.clear();
+        result
+    }
+
+    /// Hands the runs of a read batch to the sink and records their CRCs.
+    /// `pages` holds each page's CRC, or `None` for a zero page.
+    fn send_batch(
+        &mut self,
+        batch: &[Range<u64>],
+        shared: &crate::buffer::SharedBuf,
+        pages: &[Option<u32>],
+    ) -> Result<(), TransferError> {
         let ps = self.layout.page_size();
         let state = self.current.as_mut().ok_or(TransferError::Misuse {
             operation: "send_dirty",
             state: "outside a round",
         })?;
-        let mut off = 0usize;
-        let mut result = Ok(());
-        'ranges: for r in &batch {
-            // Runs of pages that are all zero or all non-zero.
-            let mut run_start = r.start;
-            let mut run_off = off;
-            let mut run_zero: Option<bool> = None;
-            let mut addr = r.start;
-            while addr <= r.end {
-                let zero = if addr < r.end {
-                    Some(is_zero(&shared.as_slice()[off..off + ps as usize]))
+        let mut run_crcs: Vec<u32> = Vec::with_capacity(pages.len());
+        let mut at = 0usize;
+        for r in batch {
+            let count = ((r.end - r.start) / ps) as usize;
+            // Pieces lie inside one region, so their table slots are contiguous.
+            let first = (self.layout.locate(r.clone())? / ps) as usize;
+            let mine = &pages[at..at + count];
+            let mut k = 0;
+            while k < count {
+                let zero = mine[k].is_none();
+                let end = mine[k..]
+                    .iter()
+                    .position(|p| p.is_none() != zero)
+                    .map_or(count, |n| k + n);
+                let addr = r.start + k as u64 * ps;
+                let n = (end - k) as u64;
+                if zero {
+                    state.zero_pages += n;
+                    self.crcs.set_zero(first + k, end - k);
+                    self.sink.send_zero_range(addr..addr + n * ps)?;
                 } else {
-                    None
-                };
-                if zero != run_zero {
-                    if let Some(was_zero) = run_zero {
-                        let len = addr - run_start;
-                        let sent = if was_zero {
-                            state.zero_pages += len / ps;
-                            self.sink.send_zero_range(run_start..addr)
-                        } else {
-                            state.pages += len / ps;
-                            self.sink.send_pages(run_start, shared.view(run_off..off))
-                        };
-                        if let Err(e) = sent {
-                            result = Err(e);
-                            break 'ranges;
-                        }
-                    }
-                    run_start = addr;
-                    run_off = off;
-                    run_zero = zero;
+                    state.pages += n;
+                    run_crcs.clear();
+                    run_crcs.extend(mine[k..end].iter().flatten());
+                    self.crcs.set(first + k, &run_crcs);
+                    let off = (at + k) * ps as usize;
+                    let view = shared.view(off..off + (n * ps) as usize);
+                    self.sink.send_pages(addr, view, &run_crcs)?;
                 }
-                if addr == r.end {
-                    break;
-                }
-                addr += ps;
-                off += ps as usize;
+                k = end;
             }
+            at += count;
         }
-        self.batch = batch;
-        self.batch.clear();
-        result
+        Ok(())
     }
 
     /// Ends the round: flushes the last batch and waits until the sink has
@@ -394,26 +429,56 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         })
     }
 
-    /// Ends the transfer with the source's whole-memory checksum (see
-    /// [`memory_checksum`](crate::memory_checksum), computed with the source
-    /// stopped after the final round). For a socket this waits for the
-    /// receiver to check the checksum and acknowledge.
-    pub fn finish(&mut self, memory_checksum: u32) -> Result<TransferSummary, TransferError> {
+    /// Ends the transfer: sends the memory digest of the page CRCs recorded
+    /// as pages were read (see [`crate::digest`]); for a socket, waits for the
+    /// receiver to check it and acknowledge.
+    ///
+    /// With [`FinalCheck::Full`] it first re-reads all source memory (which
+    /// must be stopped) and fails with [`TransferError::SourceChanged`] if it
+    /// differs from what was sent (a write the tracker did not report), and
+    /// asks the receiver to re-read its destination too. Call after the final
+    /// round.
+    pub fn finish(&mut self, check: FinalCheck) -> Result<TransferSummary, TransferError> {
+        self.check_can_finish()?;
+        let recorded = self.crcs.digest();
+        if check == FinalCheck::Full {
+            let start = Instant::now();
+            let actual = crate::source::memory_checksum(&mut self.source, &self.layout)?;
+            self.totals.source_check = start.elapsed();
+            if actual != recorded {
+                return Err(TransferError::SourceChanged { recorded, actual });
+            }
+        }
+        self.finish_with_checksum(recorded, check)
+    }
+
+    /// Ends the transfer claiming `checksum` as the memory digest, whatever
+    /// was recorded: for tests of a receiver's final check.
+    pub fn finish_with_checksum(
+        &mut self,
+        checksum: u32,
+        check: FinalCheck,
+    ) -> Result<TransferSummary, TransferError> {
+        self.check_can_finish()?;
+        self.sink.finish(checksum, check)?;
+        self.finished = true;
+        self.totals.checksum = checksum;
+        self.totals.check = check;
+        Ok(self.totals)
+    }
+
+    /// The memory digest of what was sent so far.
+    pub fn recorded_checksum(&self) -> u32 {
+        self.crcs.digest()
+    }
+
+    fn check_can_finish(&self) -> Result<(), TransferError> {
         if self.current.is_some() || self.finished {
             return Err(TransferError::Misuse {
                 operation: "finish",
                 state: "inside a round or after finish",
             });
         }
-        self.sink.finish(memory_checksum)?;
-        self.finished = true;
-        self.totals.checksum = memory_checksum;
-        Ok(self.totals)
-    }
-
-    /// [`Transfer::finish`] with the checksum computed from the source now.
-    pub fn finish_with_source_checksum(&mut self) -> Result<TransferSummary, TransferError> {
-        let checksum = crate::source::memory_checksum(&mut self.source, &self.layout)?;
-        self.finish(checksum)
+        Ok(())
     }
 }

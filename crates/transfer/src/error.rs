@@ -392,6 +392,17 @@ pub enum TransferError {
         /// The destination's checksum.
         actual: u32,
     },
+    /// A full final check found source memory that differs from the pages
+    /// sent: a write the tracker did not report, or a source still running.
+    #[error(
+        "source memory changed after it was sent (digest of pages sent {recorded:#010x}, of memory now {actual:#010x}): a write was not tracked, or the source is not stopped"
+    )]
+    SourceChanged {
+        /// Digest of the page CRCs recorded while sending.
+        recorded: u32,
+        /// Digest of the source memory read at finish.
+        actual: u32,
+    },
     /// The API was used out of order (e.g. pages outside a round).
     #[error("{operation} is not allowed {state}")]
     Misuse {

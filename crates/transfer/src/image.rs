@@ -1,5 +1,5 @@
 //! Checkpoint images: a file holding a layout, rounds of pages (later rounds
-//! supersede earlier ones), the whole-memory checksum and an index.
+//! supersede earlier ones), the memory digest and an index.
 //!
 //! This module owns the image file format and the rules that make a crash
 //! harmless: records are only appended, and the image counts as complete only
@@ -8,16 +8,17 @@
 //! any point therefore never looks complete.
 //!
 //! ```text
-//! "PRCPIMG\0" | version u32 (1) | reserved u32
+//! "PRCPIMG\0" | version u32 (2) | reserved u32
 //! HELLO      (layout and page size; session, nonce and stream fields zero)
 //! ROUND_BEGIN r | PAGES (raw, codec 0)... | ZERO... | ROUND_END r      (per round)
-//! FINISH     (rounds, memory checksum)          written, flushed and synced, then
+//! FINISH     (rounds, memory digest)            written, flushed and synced, then
 //! INDEX...   (address, length, file offset of the data | u64::MAX for zeros)
 //! TRAILER    (a = offset of the first INDEX, b = own offset, c = checksum)
 //! ```
 //!
 //! Records are [`protocol`](crate::protocol) frames, each with its CRC32C, at
-//! file offsets. Pages never sent read as zeros. An incomplete image is still
+//! file offsets. The memory digest is the one defined in [`crate::digest`]
+//! (version 1 images held a CRC32C of the memory bytes and are refused). Pages never sent read as zeros. An incomplete image is still
 //! readable: its contents are the rounds that ended before the cut.
 
 use std::fs::{File, OpenOptions};
@@ -29,6 +30,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::buffer::PageBuf;
+use crate::digest::{FinalCheck, MemoryDigest, PageCrcs, PageFold, zero_page_crc};
 use crate::error::{ImageError, ProtocolError, TransferError};
 use crate::layout::{Layout, Region};
 use crate::protocol::{
@@ -39,7 +41,7 @@ use crate::sink::Sink;
 /// The first eight bytes of an image file.
 pub const IMAGE_MAGIC: [u8; 8] = *b"PRCPIMG\0";
 /// The image format version written by this build.
-pub const IMAGE_VERSION: u32 = 1;
+pub const IMAGE_VERSION: u32 = 2;
 const PREAMBLE_LEN: u64 = 16;
 
 /// Page location: never sent.
@@ -68,6 +70,9 @@ pub struct ImageWriter {
     layout: Layout,
     /// Per layout page: file offset of its latest data, [`ZERO`] or [`NEVER`].
     loc: Vec<u64>,
+    /// Per layout page: CRC of its latest data.
+    crcs: PageCrcs,
+    fold: PageFold,
     /// Updates of the round in progress, applied at its end.
     next_round: u64,
     in_round: Option<(u64, u64, u64, u64)>,
@@ -107,11 +112,15 @@ impl ImageWriter {
         };
         out.write_frame(FrameKind::Hello, 0, 0, 0, 0, &hello.payload())
             .map_err(io("writing"))?;
+        let crcs = PageCrcs::new(loc.len(), layout.page_size());
+        let fold = PageFold::new(layout.page_size());
         Ok(ImageWriter {
             path,
             out,
             layout,
             loc,
+            crcs,
+            fold,
             next_round: 0,
             in_round: None,
             finished: false,
@@ -166,19 +175,21 @@ impl ImageWriter {
         r.map_err(self.io("syncing"))
     }
 
-    /// CRC32C of the memory the image now holds, in layout order.
+    /// The memory digest of what the image now holds, read back from the file.
     fn checksum(&mut self) -> Result<u32, TransferError> {
         self.out.flush().map_err(self.io("writing"))?;
         let ps = self.layout.page_size();
         let file = self.out.get_ref().get_ref();
-        crc_of_locations(file, &self.loc, ps).map_err(self.io("reading back"))
+        digest_of_locations(file, &self.loc, ps).map_err(self.io("reading back"))
     }
 }
 
-/// CRC32C of the memory described by `loc` (file offsets, zeros, never sent).
-fn crc_of_locations(file: &File, loc: &[u64], ps: u64) -> std::io::Result<u32> {
-    let mut crc = 0u32;
-    let mut buf = vec![0u8; 1 << 20];
+/// The memory digest of the memory described by `loc` (file offsets, zeros,
+/// never sent), reading the pages from `file`.
+fn digest_of_locations(file: &File, loc: &[u64], ps: u64) -> std::io::Result<u32> {
+    let mut digest = MemoryDigest::new();
+    let zero = zero_page_crc(ps);
+    let mut buf = vec![0u8; (1 << 20).max(ps as usize)];
     let per = buf.len() / ps as usize;
     let mut i = 0;
     while i < loc.len() {
@@ -187,7 +198,7 @@ fn crc_of_locations(file: &File, loc: &[u64], ps: u64) -> std::io::Result<u32> {
             while i + n < loc.len() && loc[i + n] >= ZERO {
                 n += 1;
             }
-            crc = crate::source::crc_append_zeros(crc, n as u64 * ps);
+            digest.push_repeated(zero, n as u64);
             i += n;
             continue;
         }
@@ -198,10 +209,10 @@ fn crc_of_locations(file: &File, loc: &[u64], ps: u64) -> std::io::Result<u32> {
         }
         let chunk = &mut buf[..n * ps as usize];
         file.read_exact_at(chunk, loc[i])?;
-        crc = crc32c::crc32c_append(crc, chunk);
+        digest.push_pages(chunk, ps as usize);
         i += n;
     }
-    Ok(crc)
+    Ok(digest.finish())
 }
 
 impl Sink for ImageWriter {
@@ -217,13 +228,21 @@ impl Sink for ImageWriter {
         Ok(())
     }
 
-    fn send_pages(&mut self, addr: u64, pages: PageBuf) -> Result<(), TransferError> {
+    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError> {
         self.round_counts("send_pages")?;
         let len = pages.len() as u64;
         let ps = self.layout.page_size();
         let first = self.layout.locate(addr..addr.saturating_add(len))? / ps;
+        if crcs.len() as u64 != len / ps || self.finished {
+            return Err(TransferError::Misuse {
+                operation: "send_pages",
+                state: "with a CRC count that differs from the page count, or after finish",
+            });
+        }
         let data = self.pos() + HEADER_LEN as u64;
-        self.write(FrameKind::Pages, addr, len, 0, &pages)?;
+        let r = self.out.write_pages(addr, &pages, crcs, &self.fold);
+        r.map_err(self.io("writing"))?;
+        self.crcs.set(first as usize, crcs);
         for k in 0..len / ps {
             self.loc[(first + k) as usize] = data + k * ps;
         }
@@ -237,6 +256,7 @@ impl Sink for ImageWriter {
         let len = range.end.saturating_sub(range.start);
         let first = self.layout.locate(range.clone())? / ps;
         self.write(FrameKind::Zero, range.start, len, 0, &[])?;
+        self.crcs.set_zero(first as usize, (len / ps) as usize);
         for k in 0..len / ps {
             self.loc[(first + k) as usize] = ZERO;
         }
@@ -258,22 +278,31 @@ impl Sink for ImageWriter {
         Ok(self.pos() - start + HEADER_LEN as u64)
     }
 
-    /// Checks the image's memory against `memory_checksum`, then writes the
-    /// FINISH record, syncs, writes the index and trailer, and syncs again.
-    /// On a mismatch the image is left incomplete.
-    fn finish(&mut self, memory_checksum: u32) -> Result<(), TransferError> {
+    /// Checks the page CRCs recorded while writing (and with
+    /// [`FinalCheck::Full`] the memory read back from the file) against
+    /// `memory_checksum`, then writes the FINISH record, syncs, writes the
+    /// index and trailer, and syncs again. On a mismatch the image is left
+    /// incomplete.
+    fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
         if self.in_round.is_some() {
             return Err(TransferError::Misuse {
                 operation: "finish",
                 state: "inside a round",
             });
         }
-        let actual = self.checksum()?;
-        if actual != memory_checksum {
-            return Err(TransferError::ChecksumMismatch {
-                expected: memory_checksum,
-                actual,
-            });
+        let recorded = self.crcs.digest();
+        let actual = match check {
+            FinalCheck::Recorded => recorded,
+            FinalCheck::Full if recorded == memory_checksum => self.checksum()?,
+            FinalCheck::Full => recorded,
+        };
+        for got in [recorded, actual] {
+            if got != memory_checksum {
+                return Err(TransferError::ChecksumMismatch {
+                    expected: memory_checksum,
+                    actual: got,
+                });
+            }
         }
         self.write(FrameKind::Finish, self.next_round, 0, memory_checksum, &[])?;
         self.sync()?;
@@ -589,7 +618,7 @@ impl Image {
             });
         }
         let actual =
-            crc_of_locations(&self.file, &walk.loc, ps).map_err(|source| ImageError::Io {
+            digest_of_locations(&self.file, &walk.loc, ps).map_err(|source| ImageError::Io {
                 path: self.path.clone(),
                 what: "reading",
                 source,

@@ -32,7 +32,7 @@
 //! let mut tx = Sender::connect(vec![conn], layout, ProcessMemory::new(1234), &SenderConfig::default())?;
 //! let first = tx.send_round(&[0x7f00_0000_0000..0x7f00_4000_0000])?; // round 0: everything
 //! // ... scan, send_round(dirty) until converged, stop the source, last round ...
-//! let summary = tx.finish_with_source_checksum()?; // waits for the receiver's DONE
+//! let summary = tx.finish(FinalCheck::Full)?; // waits for the receiver's DONE
 //! # Ok(()) }
 //! ```
 //! Receiver:
@@ -90,6 +90,7 @@
 
 pub mod auth;
 pub mod buffer;
+pub mod digest;
 pub mod engine;
 pub mod error;
 pub mod image;
@@ -102,6 +103,7 @@ pub mod source;
 
 pub use auth::Key;
 pub use buffer::PageBuf;
+pub use digest::{FinalCheck, MemoryDigest, PageCrcs, PageFold};
 pub use engine::{Compression, RoundSent, SenderConfig, Transfer, TransferSummary};
 pub use error::{ImageError, LayoutError, ProtocolError, SourceError, TransferError};
 pub use image::{

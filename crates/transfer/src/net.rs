@@ -18,6 +18,7 @@ use crossbeam_channel::{Receiver, Sender as Chan, bounded};
 
 use crate::auth::{self, Key, Role};
 use crate::buffer::PageBuf;
+use crate::digest::{FinalCheck, PageFold};
 use crate::engine::{Compression, SenderConfig, Transfer};
 use crate::error::{ProtocolError, TransferError};
 use crate::layout::Layout;
@@ -298,10 +299,14 @@ fn rejected(h: &crate::protocol::Header, p: &[u8]) -> Result<(), TransferError> 
 
 enum Cmd {
     Begin(u64),
-    Pages(u64, PageBuf),
+    Pages(u64, PageBuf, Vec<u32>),
     Zero(Range<u64>),
     End(u64),
-    Finish { checksum: u32, rounds: u64 },
+    Finish {
+        checksum: u32,
+        rounds: u64,
+        check: FinalCheck,
+    },
 }
 
 enum Reply {
@@ -420,6 +425,7 @@ impl SocketSink {
                 .collect()
         });
         let ready = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let fold = PageFold::new(layout.page_size());
         for (i, conn) in ready.into_iter().enumerate() {
             let (cmd_tx, cmd_rx) = bounded(config.queue_depth.max(1));
             let (reply_tx, reply_rx) = bounded(1);
@@ -446,6 +452,7 @@ impl SocketSink {
                 zero_pages: 0,
                 round_start: 0,
                 page_size: layout.page_size(),
+                fold: fold.clone(),
                 events: event_rx,
             };
             let handle = std::thread::Builder::new()
@@ -488,8 +495,9 @@ impl Sink for SocketSink {
         Ok(())
     }
 
-    fn send_pages(&mut self, addr: u64, pages: PageBuf) -> Result<(), TransferError> {
-        self.next_worker().send(Cmd::Pages(addr, pages))
+    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError> {
+        self.next_worker()
+            .send(Cmd::Pages(addr, pages, crcs.to_vec()))
     }
 
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
@@ -511,12 +519,13 @@ impl Sink for SocketSink {
         Ok(bytes)
     }
 
-    fn finish(&mut self, memory_checksum: u32) -> Result<(), TransferError> {
+    fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
         let rounds = self.rounds;
         for w in &mut self.workers {
             w.send(Cmd::Finish {
                 checksum: memory_checksum,
                 rounds,
+                check,
             })?;
         }
         for w in &mut self.workers {
@@ -616,6 +625,7 @@ struct StreamWriter {
     zero_pages: u64,
     round_start: u64,
     page_size: u64,
+    fold: PageFold,
     events: Receiver<PeerEvent>,
 }
 
@@ -674,10 +684,20 @@ impl StreamWriter {
                 self.round_start = self.out.written();
                 self.write(FrameKind::RoundBegin, Codec::None, round, 0, 0, None)?;
             }
-            Cmd::Pages(addr, pages) => {
+            Cmd::Pages(addr, pages, crcs) => {
                 self.pages += pages.len() as u64 / self.page_size;
                 let raw_len = pages.len() as u64;
                 let codec = self.compress(&pages)?;
+                if codec == Codec::None && crcs.len() as u64 * self.page_size == raw_len {
+                    // The frame CRC comes from the page CRCs: no pass here.
+                    if let Some(l) = &mut self.limiter {
+                        l.consume(crate::protocol::HEADER_LEN as u64 + raw_len);
+                    }
+                    self.out
+                        .write_pages(addr, &pages, &crcs, &self.fold)
+                        .map_err(TransferError::io("sending frames"))?;
+                    return Ok(None);
+                }
                 let mut scratch = std::mem::take(&mut self.scratch);
                 let payload: &[u8] = if codec == Codec::None {
                     &pages
@@ -717,8 +737,19 @@ impl StreamWriter {
                     self.out.written() - self.round_start,
                 )));
             }
-            Cmd::Finish { checksum, rounds } => {
-                self.write(FrameKind::Finish, Codec::None, rounds, 0, checksum, None)?;
+            Cmd::Finish {
+                checksum,
+                rounds,
+                check,
+            } => {
+                self.write(
+                    FrameKind::Finish,
+                    Codec::None,
+                    rounds,
+                    check.wire(),
+                    checksum,
+                    None,
+                )?;
                 self.out
                     .flush()
                     .map_err(TransferError::io("sending frames"))?;

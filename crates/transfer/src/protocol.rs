@@ -1,4 +1,4 @@
-//! The precopy wire protocol, version 1: frame encoding and decoding.
+//! The precopy wire protocol, version 2: frame encoding and decoding.
 //!
 //! This module owns the byte layout of everything that crosses a connection
 //! (and, reused, of checkpoint image records). It never touches destination
@@ -10,7 +10,7 @@
 //! Each side of a connection starts with a 16-byte preamble, then frames:
 //!
 //! ```text
-//! preamble: magic "PRECOPY\0" (8) | version u32 LE (= 1) | reserved u32 (= 0)
+//! preamble: magic "PRECOPY\0" (8) | version u32 LE (= 2) | reserved u32 (= 0)
 //!
 //! frame header, 32 bytes, little-endian:
 //!   0  u8   kind            (FrameKind)
@@ -33,11 +33,11 @@
 //! | 6 PAGES | S→R | address | raw length | – | the pages, compressed per `codec` |
 //! | 7 ZERO | S→R | address | length | – | – |
 //! | 8 ROUND_END | S→R | round | pages on this stream | – | zero pages on this stream, u64 |
-//! | 9 FINISH | S→R | rounds sent | – | memory checksum | – |
-//! | 10 DONE | R→S | pages applied | – | memory checksum | – |
+//! | 9 FINISH | S→R | rounds sent | check: 0 recorded, 1 full | memory digest | – |
+//! | 10 DONE | R→S | pages applied | – | memory digest | – |
 //! | 11 ERROR | both | – | – | error code | UTF-8 message |
 //! | 12 INDEX | image | – | – | – | n × (address u64, length u64, file offset u64 or `u64::MAX` for zeros) |
-//! | 13 TRAILER | image | index offset | trailer offset | memory checksum | – |
+//! | 13 TRAILER | image | index offset | trailer offset | memory digest | – |
 //!
 //! Addresses are the **source's** virtual addresses; the receiver maps them
 //! through the announced [`Layout`](crate::Layout) and rejects anything outside
@@ -84,9 +84,17 @@
 //! ```
 //!
 //! Every frame is read completely and its CRC checked before the receiver
-//! looks at its fields, so a damaged frame is never applied. The memory
-//! checksum (CRC32C of the layout's bytes in address order, see
-//! [`memory_checksum`](crate::memory_checksum)) is checked before DONE.
+//! looks at its fields, so a damaged frame is never applied. For an
+//! uncompressed PAGES frame both ends compute the frame CRC from the CRC32C of
+//! each page ([`PageFold`]): one pass over the bytes yields the frame check
+//! and the per-page CRCs each end records. The memory digest (CRC32C of the
+//! per-page CRCs in layout order, see [`crate::digest`]) is checked before
+//! DONE: against the page CRCs the receiver recorded, and with FINISH's
+//! check = 1 ([`FinalCheck::Full`](crate::FinalCheck::Full)) also against
+//! the destination's memory read anew.
+//!
+//! Version 1 carried a CRC32C of the memory bytes themselves in FINISH; it is
+//! refused (`unknown version`).
 //!
 //! # Authentication
 //!
@@ -97,13 +105,14 @@
 
 use std::io::{self, IoSlice, Read, Write};
 
+use crate::digest::{PageFold, page_crc};
 use crate::error::{ProtocolError, TransferError};
 use crate::layout::{Layout, MAX_REGIONS, Region};
 
 /// The first eight bytes of every precopy stream and image.
 pub const MAGIC: [u8; 8] = *b"PRECOPY\0";
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Bytes in the preamble.
 pub const PREAMBLE_LEN: usize = 16;
 /// Bytes in a frame header.
@@ -267,14 +276,49 @@ pub fn encode_header(
     c: u32,
     payload: &[u8],
 ) -> [u8; HEADER_LEN] {
+    let mut h = unsealed_header(kind, codec, a, b, c, payload.len());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..28]), payload);
+    h[28..32].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// A header without its CRC (bytes 28..32 zero).
+fn unsealed_header(
+    kind: FrameKind,
+    codec: u8,
+    a: u64,
+    b: u64,
+    c: u32,
+    payload_len: usize,
+) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0] = kind as u8;
     h[1] = codec;
-    h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&(payload_len as u32).to_le_bytes());
     h[8..16].copy_from_slice(&a.to_le_bytes());
     h[16..24].copy_from_slice(&b.to_le_bytes());
     h[24..28].copy_from_slice(&c.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..28]), payload);
+    h
+}
+
+/// The header of an uncompressed PAGES frame whose pages have the CRCs
+/// `crcs` (one per `fold.page_size()` bytes of payload): the frame CRC is
+/// folded from them, without reading the payload.
+pub fn encode_pages_header(
+    addr: u64,
+    payload_len: usize,
+    crcs: &[u32],
+    fold: &PageFold,
+) -> [u8; HEADER_LEN] {
+    let mut h = unsealed_header(
+        FrameKind::Pages,
+        Codec::None as u8,
+        addr,
+        payload_len as u64,
+        0,
+        payload_len,
+    );
+    let crc = fold.fold_all(crc32c::crc32c(&h[..28]), crcs);
     h[28..32].copy_from_slice(&crc.to_le_bytes());
     h
 }
@@ -386,6 +430,19 @@ impl<R: Read> FrameReader<R> {
         verify_frame(&h, offset, payload)
     }
 
+    /// [`FrameReader::read_frame`] that, for an uncompressed PAGES frame
+    /// whose payload is whole pages, also leaves each page's CRC32C in
+    /// `crcs` (see [`verify_frame_pages`]).
+    pub fn read_frame_pages(
+        &mut self,
+        payload: &mut Vec<u8>,
+        fold: &PageFold,
+        crcs: &mut Vec<u32>,
+    ) -> Result<Header, TransferError> {
+        let (h, offset) = self.read_unverified(payload)?;
+        verify_frame_pages(&h, offset, payload, fold, crcs)
+    }
+
     /// Reads one frame's raw header and payload without checking them
     /// (beyond the payload size limit); [`verify_frame`] does the rest. Lets a
     /// receiver read the socket on one thread and verify on another.
@@ -434,8 +491,38 @@ pub fn verify_frame(
     offset: u64,
     payload: &[u8],
 ) -> Result<Header, TransferError> {
-    let payload_len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-    let n = payload_len as usize;
+    let n = checked_len(h, offset, payload)?;
+    let computed = crc32c::crc32c_append(crc32c::crc32c(&h[..28]), &payload[..n]);
+    finish_verify(h, offset, computed)
+}
+
+/// [`verify_frame`] that, when the frame is an uncompressed PAGES frame whose
+/// payload is whole pages of `fold.page_size()`, computes the CRC32C of each
+/// page into `crcs` and the frame CRC from them (one pass over the payload).
+/// For any other frame `crcs` is left empty. Nothing in `crcs` is meaningful
+/// unless this returns `Ok`.
+pub fn verify_frame_pages(
+    h: &[u8; HEADER_LEN],
+    offset: u64,
+    payload: &[u8],
+    fold: &PageFold,
+    crcs: &mut Vec<u32>,
+) -> Result<Header, TransferError> {
+    crcs.clear();
+    let n = checked_len(h, offset, payload)?;
+    let ps = fold.page_size() as usize;
+    let pages_frame = h[0] == FrameKind::Pages as u8 && h[1] == Codec::None as u8;
+    if !pages_frame || ps == 0 || n % ps != 0 {
+        return verify_frame(h, offset, payload);
+    }
+    crcs.extend(payload[..n].chunks_exact(ps).map(page_crc));
+    let computed = fold.fold_all(crc32c::crc32c(&h[..28]), crcs);
+    finish_verify(h, offset, computed)
+}
+
+/// The payload length a raw header announces, if `payload` holds it.
+fn checked_len(h: &[u8; HEADER_LEN], offset: u64, payload: &[u8]) -> Result<usize, TransferError> {
+    let n = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
     if payload.len() < n {
         return Err(ProtocolError::Truncated {
             offset,
@@ -443,8 +530,17 @@ pub fn verify_frame(
         }
         .into());
     }
+    Ok(n)
+}
+
+/// Compares the stored CRC with `computed`, then decodes the header.
+fn finish_verify(
+    h: &[u8; HEADER_LEN],
+    offset: u64,
+    computed: u32,
+) -> Result<Header, TransferError> {
+    let payload_len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
     let stored = u32::from_le_bytes([h[28], h[29], h[30], h[31]]);
-    let computed = crc32c::crc32c_append(crc32c::crc32c(&h[..28]), &payload[..n]);
     if stored != computed {
         return Err(ProtocolError::BadChecksum {
             offset,
@@ -532,7 +628,24 @@ impl<W: Write> FrameWriter<W> {
         payload: &[u8],
     ) -> io::Result<u64> {
         let header = encode_header(kind, codec, a, b, c, payload);
-        let mut slices = [IoSlice::new(&header), IoSlice::new(payload)];
+        self.write_sealed(&header, payload)
+    }
+
+    /// Writes an uncompressed PAGES frame whose pages have the CRCs `crcs`
+    /// (see [`encode_pages_header`]). Returns the bytes written.
+    pub fn write_pages(
+        &mut self,
+        addr: u64,
+        payload: &[u8],
+        crcs: &[u32],
+        fold: &PageFold,
+    ) -> io::Result<u64> {
+        let header = encode_pages_header(addr, payload.len(), crcs, fold);
+        self.write_sealed(&header, payload)
+    }
+
+    fn write_sealed(&mut self, header: &[u8; HEADER_LEN], payload: &[u8]) -> io::Result<u64> {
+        let mut slices = [IoSlice::new(header), IoSlice::new(payload)];
         let mut bufs = &mut slices[..];
         if payload.is_empty() {
             bufs = &mut bufs[..1];
@@ -739,12 +852,45 @@ mod tests {
     }
 
     #[test]
+    fn pages_frames_fold_their_crc_from_page_crcs() {
+        let ps = 4096usize;
+        let fold = PageFold::new(ps as u64);
+        let data: Vec<u8> = (0..3 * ps).map(|i| (i * 7 % 251) as u8).collect();
+        let crcs: Vec<u32> = data.chunks(ps).map(page_crc).collect();
+        let folded = encode_pages_header(0x5000, data.len(), &crcs, &fold);
+        let plain = encode_header(FrameKind::Pages, 0, 0x5000, data.len() as u64, 0, &data);
+        assert_eq!(folded, plain);
+
+        let mut f = folded.to_vec();
+        f.extend_from_slice(&data);
+        let mut p = Vec::new();
+        let mut got = Vec::new();
+        let h = FrameReader::new(&f[..])
+            .read_frame_pages(&mut p, &fold, &mut got)
+            .unwrap();
+        assert_eq!((h.kind, h.a, got.clone()), (FrameKind::Pages, 0x5000, crcs));
+        // A flipped payload bit in any page is caught by the folded check.
+        for byte in [0, ps + 17, 3 * ps - 1] {
+            let mut g = f.clone();
+            g[HEADER_LEN + byte] ^= 0x10;
+            let r = FrameReader::new(&g[..]).read_frame_pages(&mut p, &fold, &mut got);
+            assert!(
+                matches!(
+                    r,
+                    Err(TransferError::Protocol(ProtocolError::BadChecksum { .. }))
+                ),
+                "flip at payload byte {byte}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_preambles() {
         let mut p = preamble();
-        p[9] = 1;
+        p[8..12].copy_from_slice(&1u32.to_le_bytes());
         assert!(matches!(
             check_preamble(&p),
-            Err(ProtocolError::UnknownVersion { version: 257, .. })
+            Err(ProtocolError::UnknownVersion { version: 1, .. })
         ));
         p[0] = b'X';
         assert!(matches!(

@@ -16,12 +16,13 @@ use serde::Serialize;
 
 use crate::auth::{self, Key, Role};
 use crate::buffer::BufferPool;
+use crate::digest::{FinalCheck, PageFold, page_crc};
 use crate::error::{ProtocolError, TransferError};
 use crate::layout::Layout;
 use crate::net::{Connection, Listener};
 use crate::protocol::{
     Codec, FrameKind, FrameReader, FrameWriter, HEADER_LEN, Header, Hello, MAX_PAGES_LEN,
-    error_code, error_message, expect, parse_mac, verify_frame,
+    error_code, error_message, expect, parse_mac, verify_frame_pages,
 };
 use crate::sink::Sink;
 
@@ -68,8 +69,10 @@ pub struct ReceiveReport {
     pub bytes: u64,
     /// Connections used.
     pub streams: u32,
-    /// The memory checksum, checked against the destination.
+    /// The memory digest, checked against the destination.
     pub checksum: u32,
+    /// How the sender asked it to be checked.
+    pub check: FinalCheck,
     /// From the end of the handshake to success.
     pub duration: Duration,
 }
@@ -368,10 +371,9 @@ impl Receiver {
         let Some(first) = outcomes.first().copied() else {
             return Err(TransferError::Aborted);
         };
-        if outcomes
-            .iter()
-            .any(|o| o.checksum != first.checksum || o.rounds != first.rounds)
-        {
+        if outcomes.iter().any(|o| {
+            o.checksum != first.checksum || o.rounds != first.rounds || o.check != first.check
+        }) {
             let e: TransferError = ProtocolError::StreamMismatch {
                 index: 0,
                 reason: "streams finished with different rounds or checksums",
@@ -380,7 +382,7 @@ impl Receiver {
             shared.fail_now(&e);
             return Err(e);
         }
-        let finished = lock(&shared.sink).finish(first.checksum);
+        let finished = lock(&shared.sink).finish(first.checksum, first.check);
         if let Err(e) = finished {
             shared.fail_now(&e);
             return Err(e);
@@ -399,6 +401,7 @@ impl Receiver {
             bytes: outcomes.iter().map(|o| o.bytes).sum(),
             streams: n as u32,
             checksum: first.checksum,
+            check: first.check,
             duration: start.elapsed(),
         })
     }
@@ -447,6 +450,7 @@ impl<K: ?Sized> Shared<'_, K> {
 struct StreamOutcome {
     rounds: u64,
     checksum: u32,
+    check: FinalCheck,
     pages: u64,
     zero_pages: u64,
     bytes: u64,
@@ -485,14 +489,21 @@ enum Frames<R> {
 
 impl<R: Read> Frames<R> {
     /// The next verified frame; its payload replaces `payload` (the old
-    /// buffer goes back to `pool`).
-    fn next(&mut self, payload: &mut Vec<u8>, pool: &BufferPool) -> Result<Header, TransferError> {
+    /// buffer goes back to `pool`). For an uncompressed PAGES frame, `crcs`
+    /// receives each page's CRC (see [`verify_frame_pages`]).
+    fn next(
+        &mut self,
+        payload: &mut Vec<u8>,
+        pool: &BufferPool,
+        fold: &PageFold,
+        crcs: &mut Vec<u32>,
+    ) -> Result<Header, TransferError> {
         match self {
-            Frames::Direct(r) => r.read_frame(payload),
+            Frames::Direct(r) => r.read_frame_pages(payload, fold, crcs),
             Frames::Queued { rx } => {
                 let (h, offset, buf) = rx.recv().map_err(|_| TransferError::Aborted)??;
                 pool.give(std::mem::replace(payload, buf));
-                verify_frame(&h, offset, payload)
+                verify_frame_pages(&h, offset, payload, fold, crcs)
             }
         }
     }
@@ -530,8 +541,10 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
     let ps = layout.page_size();
     let mut state = State::Idle { next: 0 };
     let mut totals = (0u64, 0u64);
+    let fold = PageFold::new(ps);
+    let mut crcs: Vec<u32> = Vec::new();
     loop {
-        let h = frames.next(&mut payload, pool)?;
+        let h = frames.next(&mut payload, pool, &fold, &mut crcs)?;
         let p = &payload[..h.payload_len as usize];
         let unexpected = |state: &'static str| ProtocolError::Unexpected {
             offset: h.offset,
@@ -607,10 +620,12 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                             }
                             .into());
                         }
+                        crcs.clear();
+                        crcs.extend(out[..n].chunks_exact(ps as usize).map(page_crc));
                         pool.share(out).view(0..n)
                     }
                 };
-                lock(&shared.sink).send_pages(addr, data)?;
+                lock(&shared.sink).send_pages(addr, data, &crcs)?;
                 *pages += len / ps;
             }
             (State::InRound { zero_pages, .. }, FrameKind::Zero) => {
@@ -664,9 +679,15 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                     }
                     .into());
                 }
+                let check = FinalCheck::from_wire(h.b).ok_or(ProtocolError::Malformed {
+                    offset: h.offset,
+                    kind: h.kind,
+                    reason: "unknown final check",
+                })?;
                 return Ok(StreamOutcome {
                     rounds: *next,
                     checksum: h.c,
+                    check,
                     pages: totals.0,
                     zero_pages: totals.1,
                     bytes: h.offset + HEADER_LEN as u64,
@@ -816,7 +837,7 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         .sink
         .into_inner()
         .unwrap_or_else(PoisonError::into_inner);
-    sink.finish(outcome.checksum)?;
+    sink.finish(outcome.checksum, outcome.check)?;
     Ok(ReceiveReport {
         rounds: outcome.rounds,
         pages: outcome.pages,
@@ -824,6 +845,7 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         bytes: outcome.bytes,
         streams: 1,
         checksum: outcome.checksum,
+        check: outcome.check,
         duration: start.elapsed(),
     })
 }

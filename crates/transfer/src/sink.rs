@@ -12,6 +12,7 @@ use std::ops::Range;
 use memmap2::MmapMut;
 
 use crate::buffer::PageBuf;
+use crate::digest::{FinalCheck, MemoryDigest, PageCrcs};
 use crate::error::{LayoutError, TransferError};
 use crate::layout::Layout;
 
@@ -23,25 +24,27 @@ use crate::layout::Layout;
 pub trait Sink {
     /// Round `round` starts (rounds count up from 0).
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError>;
-    /// Whole pages starting at source address `addr`, inside one layout region.
-    fn send_pages(&mut self, addr: u64, pages: PageBuf) -> Result<(), TransferError>;
+    /// Whole pages starting at source address `addr`, inside one layout
+    /// region, with the CRC32C of each page (already computed by the sender,
+    /// or verified by the receiver, so a sink need not hash them again).
+    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError>;
     /// Pages that read as all zeros.
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError>;
     /// Round `round` is complete; returns the bytes this sink wrote for it
     /// (on the wire or to its file).
     fn end_round(&mut self, round: u64) -> Result<u64, TransferError>;
-    /// No more rounds. `memory_checksum` is the source's
-    /// [`memory_checksum`](crate::memory_checksum); a sink that can, checks
-    /// its contents against it and fails on a mismatch.
-    fn finish(&mut self, memory_checksum: u32) -> Result<(), TransferError>;
+    /// No more rounds. `memory_checksum` is the sender's memory digest (see
+    /// [`crate::digest`]); a sink that can, checks what it holds against it,
+    /// as `check` says, and fails on a mismatch.
+    fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError>;
 }
 
 impl<T: Sink + ?Sized> Sink for &mut T {
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
         (**self).begin_round(round)
     }
-    fn send_pages(&mut self, addr: u64, pages: PageBuf) -> Result<(), TransferError> {
-        (**self).send_pages(addr, pages)
+    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError> {
+        (**self).send_pages(addr, pages, crcs)
     }
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
         (**self).send_zero_range(range)
@@ -49,8 +52,8 @@ impl<T: Sink + ?Sized> Sink for &mut T {
     fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
         (**self).end_round(round)
     }
-    fn finish(&mut self, memory_checksum: u32) -> Result<(), TransferError> {
-        (**self).finish(memory_checksum)
+    fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
+        (**self).finish(memory_checksum, check)
     }
 }
 
@@ -58,8 +61,8 @@ impl<T: Sink + ?Sized> Sink for Box<T> {
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
         (**self).begin_round(round)
     }
-    fn send_pages(&mut self, addr: u64, pages: PageBuf) -> Result<(), TransferError> {
-        (**self).send_pages(addr, pages)
+    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError> {
+        (**self).send_pages(addr, pages, crcs)
     }
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
         (**self).send_zero_range(range)
@@ -67,8 +70,8 @@ impl<T: Sink + ?Sized> Sink for Box<T> {
     fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
         (**self).end_round(round)
     }
-    fn finish(&mut self, memory_checksum: u32) -> Result<(), TransferError> {
-        (**self).finish(memory_checksum)
+    fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
+        (**self).finish(memory_checksum, check)
     }
 }
 
@@ -92,6 +95,7 @@ pub struct MemoryStats {
 pub struct MemorySink {
     layout: Layout,
     mem: MmapMut,
+    crcs: PageCrcs,
     stats: MemoryStats,
 }
 
@@ -103,9 +107,11 @@ impl MemorySink {
         })?;
         let mem =
             MmapMut::map_anon(len).map_err(TransferError::io("mapping destination memory"))?;
+        let crcs = PageCrcs::new(len / layout.page_size() as usize, layout.page_size());
         Ok(MemorySink {
             layout,
             mem,
+            crcs,
             stats: MemoryStats::default(),
         })
     }
@@ -140,9 +146,19 @@ impl MemorySink {
         self.stats
     }
 
-    /// CRC32C of all destination memory (see [`memory_checksum`](crate::memory_checksum)).
+    /// The memory digest of all destination memory, read now (see
+    /// [`memory_checksum`](crate::memory_checksum)): a pass over the memory.
     pub fn checksum(&self) -> u32 {
-        crc32c::crc32c(&self.mem)
+        let mut d = MemoryDigest::new();
+        d.push_pages(&self.mem, self.layout.page_size() as usize);
+        d.finish()
+    }
+
+    /// The memory digest of the page CRCs recorded as pages were applied:
+    /// what [`MemorySink::checksum`] returns, unless the memory was changed
+    /// behind the sink's back.
+    pub fn recorded_checksum(&self) -> u32 {
+        self.crcs.digest()
     }
 }
 
@@ -151,19 +167,30 @@ impl Sink for MemorySink {
         Ok(())
     }
 
-    fn send_pages(&mut self, addr: u64, pages: PageBuf) -> Result<(), TransferError> {
+    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError> {
         let len = pages.len() as u64;
-        let off = self.layout.locate(addr..addr.saturating_add(len))? as usize;
+        let ps = self.layout.page_size();
+        let off = self.layout.locate(addr..addr.saturating_add(len))?;
+        if crcs.len() as u64 != len / ps || !self.crcs.set((off / ps) as usize, crcs) {
+            return Err(TransferError::Misuse {
+                operation: "send_pages",
+                state: "with a CRC count that differs from the page count",
+            });
+        }
+        let off = off as usize;
         self.mem[off..off + pages.len()].copy_from_slice(&pages);
-        self.stats.pages += len / self.layout.page_size();
+        self.stats.pages += len / ps;
         Ok(())
     }
 
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
         let len = range.end.saturating_sub(range.start);
-        let off = self.layout.locate(range)? as usize;
+        let ps = self.layout.page_size();
+        let off = self.layout.locate(range)?;
+        self.crcs.set_zero((off / ps) as usize, (len / ps) as usize);
+        let off = off as usize;
         self.mem[off..off + len as usize].fill(0);
-        self.stats.zero_pages += len / self.layout.page_size();
+        self.stats.zero_pages += len / ps;
         Ok(())
     }
 
@@ -172,15 +199,26 @@ impl Sink for MemorySink {
         Ok(0)
     }
 
-    fn finish(&mut self, memory_checksum: u32) -> Result<(), TransferError> {
-        let actual = self.checksum();
-        if actual != memory_checksum {
+    /// Compares the recorded page CRCs with `memory_checksum`; with
+    /// [`FinalCheck::Full`], also re-reads all memory and requires the same.
+    fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
+        let recorded = self.recorded_checksum();
+        if recorded != memory_checksum {
             return Err(TransferError::ChecksumMismatch {
                 expected: memory_checksum,
-                actual,
+                actual: recorded,
             });
         }
-        self.stats.finished = Some(actual);
+        if check == FinalCheck::Full {
+            let actual = self.checksum();
+            if actual != memory_checksum {
+                return Err(TransferError::ChecksumMismatch {
+                    expected: memory_checksum,
+                    actual,
+                });
+            }
+        }
+        self.stats.finished = Some(recorded);
         Ok(())
     }
 }

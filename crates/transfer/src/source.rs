@@ -216,27 +216,30 @@ impl<B: AsRef<[u8]>> PageSource for SliceSource<B> {
 /// Bytes read per step when checksumming a whole layout.
 const CHECKSUM_CHUNK: u64 = 1 << 20;
 
-/// The whole-memory checksum: CRC32C (Castagnoli) of every byte of every
-/// layout region, regions in address order, as one continuous byte string.
+/// The memory digest of `layout` read from `source` now (see
+/// [`crate::digest`]): the CRC32C of the per-page CRC32Cs of every page,
+/// regions in address order.
 ///
-/// The sender computes it from the source after the final round (with the
-/// source stopped); a receiver computes it over its destination and refuses
-/// success on a mismatch.
+/// [`FinalCheck::Full`](crate::FinalCheck::Full) computes it from the stopped
+/// source after the final round and requires it to equal what was sent; a
+/// receiver computes it over its destination.
 pub fn memory_checksum(source: &mut dyn PageSource, layout: &Layout) -> Result<u32, SourceError> {
-    let mut crc = 0u32;
-    let mut buf = vec![0u8; CHECKSUM_CHUNK as usize];
+    let mut digest = crate::digest::MemoryDigest::new();
+    let ps = layout.page_size();
+    let chunk_len = CHECKSUM_CHUNK.max(ps) / ps * ps;
+    let mut buf = vec![0u8; chunk_len as usize];
     for region in layout.regions() {
         let mut at = region.start;
         let end = region.start + region.len;
         while at < end {
-            let n = (end - at).min(CHECKSUM_CHUNK);
+            let n = (end - at).min(chunk_len);
             let chunk = &mut buf[..n as usize];
             source.read_ranges(&[at..at + n], chunk)?;
-            crc = crc32c::crc32c_append(crc, chunk);
+            digest.push_pages(chunk, ps as usize);
             at += n;
         }
     }
-    Ok(crc)
+    Ok(digest.finish())
 }
 
 /// `crc` extended by `len` zero bytes, in O(log len) time (so layouts with
@@ -352,7 +355,7 @@ mod tests {
     }
 
     #[test]
-    fn checksum_is_crc_of_concatenation() {
+    fn checksum_is_digest_of_page_crcs_in_layout_order() {
         let data: Vec<u8> = (0..0x4000u32).map(|i| i as u8).collect();
         let mut src = SliceSource::new(0x10000, data.clone());
         let layout = Layout::new(
@@ -369,11 +372,17 @@ mod tests {
             ],
         )
         .unwrap();
-        let mut cat = data[..0x1000].to_vec();
-        cat.extend_from_slice(&data[0x2000..0x4000]);
+        let mut crcs = Vec::new();
+        for page in [
+            &data[..0x1000],
+            &data[0x2000..0x3000],
+            &data[0x3000..0x4000],
+        ] {
+            crcs.extend_from_slice(&crc32c::crc32c(page).to_le_bytes());
+        }
         assert_eq!(
             memory_checksum(&mut src, &layout).unwrap(),
-            crc32c::crc32c(&cat)
+            crc32c::crc32c(&crcs)
         );
     }
 }

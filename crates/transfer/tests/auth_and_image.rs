@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use precopy_transfer::digest::page_crc;
 use precopy_transfer::*;
 
 const BASE: u64 = 0x40_0000;
@@ -90,7 +91,7 @@ fn right_key_works_and_receiver_proves_itself() {
     )
     .unwrap();
     tx.send_round(&[BASE..BASE + 4 * PS]).unwrap();
-    tx.finish_with_source_checksum().unwrap();
+    tx.finish(FinalCheck::Full).unwrap();
     let (_, mem) = rx.join().unwrap().unwrap();
     assert!(mem.iter().all(|&b| b == 3));
 
@@ -151,7 +152,7 @@ fn write_image(path: &std::path::Path) -> Vec<u8> {
     tx.send_round(&[BASE..BASE + pages as u64 * PS]).unwrap();
     tx.source_mut().data_mut()[..PS as usize].fill(9);
     tx.send_round(&[BASE..BASE + PS]).unwrap();
-    tx.finish_with_source_checksum().unwrap();
+    tx.finish(FinalCheck::Full).unwrap();
     std::fs::read(path).unwrap()
 }
 
@@ -209,11 +210,10 @@ fn damaged_image_fails_verify_and_incomplete_rounds_are_ignored() {
     let layout = Layout::single(PS, BASE, 4 * PS).unwrap();
     let mut w = ImageWriter::create(&path, layout).unwrap();
     w.begin_round(0).unwrap();
-    w.send_pages(BASE, PageBuf::from_vec(vec![5; PS as usize]))
-        .unwrap();
+    w.send_pages(BASE, page(5), &[page_crc(&page(5))]).unwrap();
     w.end_round(0).unwrap();
     w.begin_round(1).unwrap();
-    w.send_pages(BASE + PS, PageBuf::from_vec(vec![6; PS as usize]))
+    w.send_pages(BASE + PS, page(6), &[page_crc(&page(6))])
         .unwrap();
     drop(w);
     let img = Image::open(&path).unwrap();
@@ -235,13 +235,17 @@ fn image_refuses_wrong_checksum_and_stays_incomplete() {
     let layout = Layout::single(PS, BASE, 2 * PS).unwrap();
     let mut w = ImageWriter::create(&path, layout).unwrap();
     w.begin_round(0).unwrap();
-    w.send_pages(BASE, PageBuf::from_vec(vec![5; PS as usize]))
-        .unwrap();
+    w.send_pages(BASE, page(5), &[page_crc(&page(5))]).unwrap();
     w.end_round(0).unwrap();
     assert!(matches!(
-        w.finish(1),
+        w.finish(1, FinalCheck::Recorded),
         Err(TransferError::ChecksumMismatch { .. })
     ));
     drop(w);
     assert!(!Image::open(&path).unwrap().is_complete());
+}
+
+/// A page filled with `byte`.
+fn page(byte: u8) -> PageBuf {
+    PageBuf::from_vec(vec![byte; PS as usize])
 }

@@ -67,17 +67,21 @@ fn good_stream_is_accepted() {
     let mut expect_mem = vec![0u8; 8 * PS as usize];
     expect_mem[..PS as usize].fill(0x11);
     expect_mem[PS as usize..2 * PS as usize].fill(0x22);
-    s.extend(frame(
-        FrameKind::Finish,
-        1,
-        0,
-        crc32c::crc32c(&expect_mem),
-        &[],
-    ));
+    let mut digest = MemoryDigest::new();
+    digest.push_pages(&expect_mem, PS as usize);
+    for check in [FinalCheck::Recorded, FinalCheck::Full] {
+        let mut s = s.clone();
+        s.extend(frame(FrameKind::Finish, 1, check.wire(), digest.finish(), &[]));
+        let mut sink = MemorySink::new(layout()).unwrap();
+        let report = receive_frames(&s, &layout(), &mut sink).unwrap();
+        assert_eq!((report.rounds, report.pages, report.check), (1, 2, check));
+        assert_eq!(sink.memory(), &expect_mem[..]);
+    }
+    // A FINISH asking for a check this receiver does not know is refused.
+    s.extend(frame(FrameKind::Finish, 1, 2, digest.finish(), &[]));
     let mut sink = MemorySink::new(layout()).unwrap();
-    let report = receive_frames(&s, &layout(), &mut sink).unwrap();
-    assert_eq!((report.rounds, report.pages), (1, 2));
-    assert_eq!(sink.memory(), &expect_mem[..]);
+    let err = receive_frames(&s, &layout(), &mut sink).unwrap_err();
+    assert!(err.to_string().contains("unknown final check"), "{err}");
 }
 
 #[test]
@@ -295,21 +299,22 @@ fn hello_frame(page_size: u64, region_len: u64) -> Vec<u8> {
 fn unknown_version() {
     let mut reply = Vec::new();
     let err = raw_client(ReceiverConfig::default(), |s| {
+        // Version 1 (whole-memory CRC in FINISH) is no longer spoken.
         let mut pre = protocol::preamble();
-        pre[8] = 2;
+        pre[8..12].copy_from_slice(&1u32.to_le_bytes());
         s.write_all(&pre).unwrap();
         s.read_to_end(&mut reply).unwrap();
     });
     assert!(
         matches!(
             err,
-            TransferError::Protocol(ProtocolError::UnknownVersion { version: 2, .. })
+            TransferError::Protocol(ProtocolError::UnknownVersion { version: 1, .. })
         ),
         "{err}"
     );
     // The receiver said why before closing.
     let text = String::from_utf8_lossy(&reply);
-    assert!(text.contains("unknown protocol version 2"), "{text}");
+    assert!(text.contains("unknown protocol version 1"), "{text}");
 }
 
 #[test]
@@ -374,7 +379,9 @@ fn receiver_fault_mid_stream_reaches_the_sender() {
     .unwrap();
     tx.send_round(&[BASE..BASE + 8 * PS]).unwrap();
     // Finish with a wrong checksum: the receiver refuses success.
-    let err = tx.finish(0x1234_5678).unwrap_err();
+    let err = tx
+        .finish_with_checksum(0x1234_5678, FinalCheck::Recorded)
+        .unwrap_err();
     assert!(
         matches!(&err, TransferError::PeerRejected { code: 3, message } if message.contains("checksum mismatch")),
         "{err}"

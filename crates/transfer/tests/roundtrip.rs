@@ -34,7 +34,7 @@ fn socket_roundtrip(net: Net, config: SenderConfig, pages: usize, rounds: usize)
         let sent = tx.send_round(&dirty).unwrap();
         assert!(sent.pages + sent.zero_pages <= (pages / 4) as u64);
     }
-    let summary = tx.finish_with_source_checksum().unwrap();
+    let summary = tx.finish(FinalCheck::Full).unwrap();
     let (report, dest) = rx.join().unwrap().unwrap();
     let (source, _) = tx.into_parts();
     assert!(dest == source.data(), "destination differs from source");
@@ -124,11 +124,47 @@ fn pages_sent_twice_keep_the_last_copy() {
         sent.pages, 2,
         "a page given in two batches of a round is sent twice"
     );
-    tx.finish_with_source_checksum().unwrap();
+    tx.finish(FinalCheck::Full).unwrap();
     let (src, sink) = tx.into_parts();
     assert_eq!(sink.memory(), src.data());
     assert_eq!(sink.read(BASE..BASE + 4).unwrap(), &[3, 3, 3, 3]);
     assert_eq!(sink.stats().rounds, 3);
+}
+
+#[test]
+fn full_final_check_catches_a_write_that_was_never_sent() {
+    let layout = Layout::single(PS, BASE, 8 * PS).unwrap();
+    let run = |check| {
+        let mut tx = Transfer::new(
+            SliceSource::new(BASE, memory(8, 4)),
+            MemorySink::new(layout.clone()).unwrap(),
+            layout.clone(),
+            4,
+        )
+        .unwrap();
+        tx.send_round(&[BASE..BASE + 8 * PS]).unwrap();
+        // A write no round reported (as if the tracker had missed it).
+        tx.source_mut().data_mut()[5 * PS as usize + 9] ^= 0xff;
+        let result = tx.finish(check);
+        let (_, sink) = tx.into_parts();
+        (result, sink)
+    };
+    let (result, sink) = run(FinalCheck::Full);
+    assert!(
+        matches!(result, Err(TransferError::SourceChanged { .. })),
+        "{result:?}"
+    );
+    assert_eq!(
+        sink.stats().finished,
+        None,
+        "nothing was acknowledged as complete"
+    );
+    // The recorded check proves delivery of what was read, not tracking: it
+    // cannot see this write, and says so in the docs.
+    let (result, sink) = run(FinalCheck::Recorded);
+    let summary = result.unwrap();
+    assert_eq!(sink.stats().finished, Some(summary.checksum));
+    assert_eq!(sink.checksum(), summary.checksum);
 }
 
 #[test]
@@ -171,7 +207,7 @@ fn memory_sink_roundtrip_multi_region() {
     ));
     assert_eq!(tx.sink().stats(), before);
     tx.end_round().unwrap();
-    tx.finish_with_source_checksum().unwrap();
+    tx.finish(FinalCheck::Full).unwrap();
     let (_, sink) = tx.into_parts();
     let mut expected = mem[..24 * PS as usize].to_vec();
     expected.extend_from_slice(&mem[32 * PS as usize..]);
@@ -219,7 +255,7 @@ fn image_roundtrip_and_reader() {
     // The unsent page must read as zeros in the destination, so make the
     // source agree before the checksum.
     tx.source_mut().data_mut()[29 * PS as usize..30 * PS as usize].fill(0);
-    tx.finish_with_source_checksum().unwrap();
+    tx.finish(FinalCheck::Full).unwrap();
     let (src, _) = tx.into_parts();
 
     let img = Image::open(&path).unwrap();
@@ -277,7 +313,7 @@ fn receiver_into_image_file() {
     let mut rng = StdRng::seed_from_u64(1);
     let dirty = redirty(tx.source_mut().data_mut(), BASE, 20, &mut rng);
     tx.send_round(&dirty).unwrap();
-    tx.finish_with_source_checksum().unwrap();
+    tx.finish(FinalCheck::Full).unwrap();
     rx.join().unwrap().unwrap();
     let img = Image::open(&path).unwrap();
     img.verify().unwrap();
@@ -319,7 +355,7 @@ fn process_memory_source_with_dropped_pages() {
     );
     let sent = tx.send_round(&[base + 4 * PS..base + 12 * PS]).unwrap();
     assert_eq!((sent.pages, sent.zero_pages), (0, 8));
-    tx.finish_with_source_checksum().unwrap();
+    tx.finish(FinalCheck::Full).unwrap();
     let (_, sink) = tx.into_parts();
     assert_eq!(sink.memory(), &now[..]);
 }

@@ -185,6 +185,7 @@ impl Sink for DyingSink {
         &mut self,
         addr: u64,
         pages: precopy_transfer::PageBuf,
+        crcs: &[u32],
     ) -> Result<(), precopy_transfer::TransferError> {
         let n = pages.len() as u64 / PAGE;
         if n > self.pages_left {
@@ -194,7 +195,7 @@ impl Sink for DyingSink {
             });
         }
         self.pages_left -= n;
-        self.inner.send_pages(addr, pages)
+        self.inner.send_pages(addr, pages, crcs)
     }
     fn send_zero_range(
         &mut self,
@@ -205,8 +206,12 @@ impl Sink for DyingSink {
     fn end_round(&mut self, round: u64) -> Result<u64, precopy_transfer::TransferError> {
         self.inner.end_round(round)
     }
-    fn finish(&mut self, checksum: u32) -> Result<(), precopy_transfer::TransferError> {
-        self.inner.finish(checksum)
+    fn finish(
+        &mut self,
+        checksum: u32,
+        check: precopy_transfer::FinalCheck,
+    ) -> Result<(), precopy_transfer::TransferError> {
+        self.inner.finish(checksum, check)
     }
 }
 

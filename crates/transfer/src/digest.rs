@@ -1,0 +1,316 @@
+//! Per-page CRCs and the whole-memory digest built from them.
+//!
+//! Every page that travels carries a CRC32C computed once, right after it was
+//! read (sender) or as it is verified (receiver). The same numbers serve
+//! three purposes:
+//!
+//! - a PAGES frame's CRC (CRC32C of header and payload) is *folded* from the
+//!   header's CRC and the page CRCs ([`PageFold`]), so no second pass over
+//!   the payload is needed on either side;
+//! - each end records the CRC of the last copy of every page in a
+//!   [`PageCrcs`] table;
+//! - the **memory digest** is the CRC32C of that table: the per-page CRC32C of
+//!   every page of the layout, regions in address order, as little-endian
+//!   `u32`s back to back. Pages never sent count as zero pages (a destination
+//!   starts zeroed).
+//!
+//! So the final check of a transfer compares two tables, not two memories:
+//! it costs a pass over 4 bytes per page instead of over the memory, and a
+//! migration's downtime does not grow with memory size. What it proves: the
+//! destination holds, for every page, the last copy the sender read. A write
+//! the tracker missed would not show up there, because the sender never read
+//! it; [`FinalCheck::Full`] re-reads the stopped source (and the destination)
+//! and compares against the tables, which catches exactly that, at the cost
+//! of a pass over memory on both ends.
+
+use serde::Serialize;
+
+/// How a transfer's final checksum is established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum FinalCheck {
+    /// Compare the per-page CRCs each end recorded while sending and
+    /// applying: no pass over memory (the default; keeps downtime small).
+    #[default]
+    Recorded,
+    /// Also re-read all source memory (stopped) and all destination memory,
+    /// and require both to match the recorded CRCs. Catches a write the
+    /// tracker did not report; costs a pass over memory on each end.
+    Full,
+}
+
+impl FinalCheck {
+    /// The value carried in a FINISH frame's `b` field.
+    pub fn wire(self) -> u64 {
+        match self {
+            FinalCheck::Recorded => 0,
+            FinalCheck::Full => 1,
+        }
+    }
+
+    /// The check a FINISH frame's `b` field asks for.
+    pub fn from_wire(b: u64) -> Option<FinalCheck> {
+        match b {
+            0 => Some(FinalCheck::Recorded),
+            1 => Some(FinalCheck::Full),
+            _ => None,
+        }
+    }
+}
+
+/// CRC32C of one page.
+pub fn page_crc(page: &[u8]) -> u32 {
+    crc32c::crc32c(page)
+}
+
+/// CRC32C of `page_size` zero bytes.
+pub fn zero_page_crc(page_size: u64) -> u32 {
+    crate::source::crc_append_zeros(0, page_size)
+}
+
+/// Appends `page_size`-byte blocks to a running CRC32C given only their CRCs:
+/// `fold(crc(A), crc(B)) == crc(A ++ B)` for any `B` of `page_size` bytes.
+///
+/// CRC32C is linear: `crc(A ++ B) = shift(crc(A)) ^ crc(B)`, where `shift`
+/// feeds `page_size` zero bytes through the register. `shift` is a linear map
+/// on 32 bits, kept here as four 256-entry tables (one per input byte).
+#[derive(Clone)]
+pub struct PageFold {
+    page_size: u64,
+    table: Box<[[u32; 256]; 4]>,
+}
+
+impl std::fmt::Debug for PageFold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageFold")
+            .field("page_size", &self.page_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PageFold {
+    /// The fold for blocks of `page_size` bytes (any length works; pages are
+    /// what it is used for).
+    pub fn new(page_size: u64) -> PageFold {
+        let len = usize::try_from(page_size).unwrap_or(usize::MAX);
+        // The image of each basis bit under `shift`.
+        let basis: [u32; 32] = std::array::from_fn(|bit| crc32c::crc32c_combine(1 << bit, 0, len));
+        let mut table = Box::new([[0u32; 256]; 4]);
+        for (k, t) in table.iter_mut().enumerate() {
+            for (v, slot) in t.iter_mut().enumerate() {
+                *slot = (0..8)
+                    .filter(|b| v & (1 << b) != 0)
+                    .fold(0, |acc, b| acc ^ basis[8 * k + b]);
+            }
+        }
+        PageFold { page_size, table }
+    }
+
+    /// The block length this fold appends.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// `crc(A ++ B)` from `crc(A)` and `crc(B)`.
+    pub fn fold(&self, crc: u32, block_crc: u32) -> u32 {
+        let t = &self.table;
+        let b = crc.to_le_bytes();
+        t[0][b[0] as usize]
+            ^ t[1][b[1] as usize]
+            ^ t[2][b[2] as usize]
+            ^ t[3][b[3] as usize]
+            ^ block_crc
+    }
+
+    /// `crc` extended by blocks whose CRCs are `crcs`, in order.
+    pub fn fold_all(&self, crc: u32, crcs: &[u32]) -> u32 {
+        crcs.iter().fold(crc, |c, &p| self.fold(c, p))
+    }
+}
+
+/// The CRC of the last copy of every page of a layout, indexed by page number
+/// in layout order (regions back to back). Starts as all zero pages.
+#[derive(Debug, Clone)]
+pub struct PageCrcs {
+    /// `crc ^ zero`, so a zero-filled table means "all zero pages" and a
+    /// large table costs nothing until written.
+    entries: Vec<u32>,
+    zero: u32,
+}
+
+impl PageCrcs {
+    /// A table of `pages` zero pages of `page_size` bytes.
+    pub fn new(pages: usize, page_size: u64) -> PageCrcs {
+        PageCrcs {
+            entries: vec![0; pages],
+            zero: zero_page_crc(page_size),
+        }
+    }
+
+    /// Pages in the table.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the table has no pages.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Records the CRCs of pages `first..first + crcs.len()`. Returns `false`
+    /// (and records nothing) if they do not fit.
+    pub fn set(&mut self, first: usize, crcs: &[u32]) -> bool {
+        let Some(slots) = first
+            .checked_add(crcs.len())
+            .and_then(|end| self.entries.get_mut(first..end))
+        else {
+            return false;
+        };
+        for (slot, &c) in slots.iter_mut().zip(crcs) {
+            *slot = c ^ self.zero;
+        }
+        true
+    }
+
+    /// Records pages `first..first + n` as zero pages. Returns `false` (and
+    /// records nothing) if they do not fit.
+    pub fn set_zero(&mut self, first: usize, n: usize) -> bool {
+        let Some(slots) = first
+            .checked_add(n)
+            .and_then(|end| self.entries.get_mut(first..end))
+        else {
+            return false;
+        };
+        slots.fill(0);
+        true
+    }
+
+    /// The CRC recorded for page `index`.
+    pub fn get(&self, index: usize) -> Option<u32> {
+        self.entries.get(index).map(|e| e ^ self.zero)
+    }
+
+    /// The memory digest of the recorded pages.
+    pub fn digest(&self) -> u32 {
+        let mut d = MemoryDigest::new();
+        for chunk in self.entries.chunks(DIGEST_CHUNK) {
+            let mut bytes = [0u8; DIGEST_CHUNK * 4];
+            for (out, e) in bytes.chunks_exact_mut(4).zip(chunk) {
+                out.copy_from_slice(&(e ^ self.zero).to_le_bytes());
+            }
+            d.crc = crc32c::crc32c_append(d.crc, &bytes[..chunk.len() * 4]);
+        }
+        d.finish()
+    }
+}
+
+/// Page CRCs hashed per step.
+const DIGEST_CHUNK: usize = 1024;
+
+/// Builds a memory digest from page CRCs given in layout order.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryDigest {
+    crc: u32,
+}
+
+impl MemoryDigest {
+    /// An empty digest.
+    pub fn new() -> MemoryDigest {
+        MemoryDigest { crc: 0 }
+    }
+
+    /// Appends the next page's CRC.
+    pub fn push(&mut self, page_crc: u32) {
+        self.crc = crc32c::crc32c_append(self.crc, &page_crc.to_le_bytes());
+    }
+
+    /// Appends the CRCs of each page of `data` (whole pages of `page_size`).
+    pub fn push_pages(&mut self, data: &[u8], page_size: usize) {
+        let mut bytes = [0u8; DIGEST_CHUNK * 4];
+        for group in data.chunks(page_size * DIGEST_CHUNK) {
+            let mut n = 0;
+            for page in group.chunks(page_size) {
+                bytes[n..n + 4].copy_from_slice(&page_crc(page).to_le_bytes());
+                n += 4;
+            }
+            self.crc = crc32c::crc32c_append(self.crc, &bytes[..n]);
+        }
+    }
+
+    /// Appends `n` pages with the same CRC (zero pages, pages never sent).
+    pub fn push_repeated(&mut self, page_crc: u32, mut n: u64) {
+        let mut bytes = [0u8; DIGEST_CHUNK * 4];
+        for out in bytes.chunks_exact_mut(4) {
+            out.copy_from_slice(&page_crc.to_le_bytes());
+        }
+        while n > 0 {
+            let k = n.min(DIGEST_CHUNK as u64) as usize;
+            self.crc = crc32c::crc32c_append(self.crc, &bytes[..k * 4]);
+            n -= k as u64;
+        }
+    }
+
+    /// The digest.
+    pub fn finish(&self) -> u32 {
+        self.crc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pages(n: usize, ps: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n * ps)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fold_equals_crc_of_concatenation() {
+        for ps in [1usize, 7, 512, 4096, 16384] {
+            let fold = PageFold::new(ps as u64);
+            let head = b"some header bytes";
+            let data = pages(5, ps, ps as u64);
+            let crcs: Vec<u32> = data.chunks(ps).map(page_crc).collect();
+            let mut whole = head.to_vec();
+            whole.extend_from_slice(&data);
+            assert_eq!(
+                fold.fold_all(crc32c::crc32c(head), &crcs),
+                crc32c::crc32c(&whole),
+                "page size {ps}"
+            );
+        }
+    }
+
+    #[test]
+    fn table_digest_matches_memory_digest() {
+        let ps = 4096;
+        let data = pages(8, ps, 3);
+        let mut t = PageCrcs::new(12, ps as u64);
+        let crcs: Vec<u32> = data.chunks(ps).map(page_crc).collect();
+        assert!(t.set(2, &crcs));
+        assert!(t.set_zero(3, 2));
+        assert!(!t.set(10, &crcs), "past the end is refused");
+        assert!(!t.set_zero(usize::MAX, 2), "overflow is refused");
+
+        let mut mem = vec![0u8; 12 * ps];
+        mem[2 * ps..10 * ps].copy_from_slice(&data);
+        mem[3 * ps..5 * ps].fill(0);
+        let mut d = MemoryDigest::new();
+        d.push_pages(&mem, ps);
+        assert_eq!(t.digest(), d.finish());
+
+        let mut r = MemoryDigest::new();
+        r.push_repeated(zero_page_crc(ps as u64), 12);
+        assert_eq!(PageCrcs::new(12, ps as u64).digest(), r.finish());
+        assert_ne!(t.digest(), r.finish());
+        assert_eq!(t.get(0), Some(zero_page_crc(ps as u64)));
+        assert_eq!(t.get(2), Some(crcs[0]));
+    }
+}
