@@ -7,9 +7,12 @@
 //! the batch-size and zstd-level sweeps used to choose the defaults).
 //!
 //! The engine side reads its own memory with `process_vm_readv` (as it reads
-//! any process) and the receiver applies into a [`MemorySink`]; both the raw
-//! and the engine receivers write into a destination already faulted in, so
-//! page-fault cost is not counted for either. Each page is half random bytes,
+//! any process) and the receiver applies into a [`MemorySink`], cleared to
+//! zeros before each transfer like a migration's fresh destination; both the
+//! raw and the engine receivers write into a destination already faulted in,
+//! so page-fault cost is not counted for either. Besides time, each transfer's
+//! CPU time (user + system, all threads of both ends) is recorded: on a
+//! machine with few cores it, not the socket, bounds the ratio. Each page is half random bytes,
 //! half a repeated word, so compression has something (about 2:1) to find.
 
 use std::collections::BTreeMap;
@@ -23,6 +26,23 @@ use precopy_transfer::*;
 const PS: u64 = 4096;
 
 static TIMES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
+static CPU: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
+
+/// CPU seconds (user + system) this process used so far, all threads.
+fn cpu_seconds() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let u = getrusage(UsageWho::RUSAGE_SELF).unwrap();
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 * 1e-6;
+    secs(u.user_time()) + secs(u.system_time())
+}
+
+fn record_cpu(name: &str, seconds: f64) {
+    CPU.lock()
+        .unwrap()
+        .entry(name.to_owned())
+        .or_default()
+        .push(seconds);
+}
 
 fn record(name: &str, d: Duration) {
     TIMES
@@ -156,7 +176,9 @@ fn main() {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
+                    let cpu = cpu_seconds();
                     let d = raw_copy(net, dir.path(), &src, &mut raw_dest);
+                    record_cpu(&name, cpu_seconds() - cpu);
                     record(&name, d);
                     total += d;
                 }
@@ -199,8 +221,12 @@ fn main() {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
+                        // A fresh destination, as a migration's is.
+                        dest.clear();
+                        let cpu = cpu_seconds();
                         let (streamed, done) =
                             engine_copy(net, dir.path(), &src, &mut dest, &config);
+                        record_cpu(&name, cpu_seconds() - cpu);
                         record(&name, streamed);
                         record(&format!("{name} (to DONE)"), done);
                         total += streamed;
@@ -238,9 +264,14 @@ fn main() {
         "\nper-byte steps (MiB/s, one core): crc32c per page {crc_speed:.0}, memcpy {copy_speed:.0}, process_vm_readv (256 KiB) {readv_speed:.0}"
     );
     println!("\nprecopy-transfer stream bench: {mib} MiB per transfer, median of samples");
+    let cpu = CPU.lock().unwrap();
     println!(
-        "{:<40} {:>9} {:>10} {:>8}",
-        "config", "seconds", "MiB/s", "vs raw"
+        "(CPU: user + system seconds per GiB, all threads of sender and receiver; this machine has {} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<40} {:>9} {:>10} {:>8} {:>8}",
+        "config", "seconds", "MiB/s", "vs raw", "CPU s/GiB"
     );
     for (_, nname) in nets {
         let raw = median(&times[&format!("raw/{nname}")]);
@@ -249,12 +280,16 @@ fn main() {
             .filter(|(k, _)| k.contains(&format!("/{nname}")))
         {
             let t = median(samples);
+            let c = cpu.get(name).map_or(String::from("-"), |c| {
+                format!("{:.2}", median(c) * 1024.0 / mib as f64)
+            });
             println!(
-                "{:<40} {:>9.3} {:>10.0} {:>7.2}x",
+                "{:<40} {:>9.3} {:>10.0} {:>7.2}x {:>8}",
                 name,
                 t,
                 mib as f64 / t,
-                raw / t
+                raw / t,
+                c
             );
         }
     }

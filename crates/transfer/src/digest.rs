@@ -23,6 +23,8 @@
 //! and compares against the tables, which catches exactly that, at the cost
 //! of a pass over memory on both ends.
 
+use std::sync::OnceLock;
+
 use serde::Serialize;
 
 /// How a transfer's final checksum is established.
@@ -58,12 +60,21 @@ impl FinalCheck {
 }
 
 /// CRC32C of one page.
+///
+/// `crc-fast` (carry-less multiply folding) rather than `crc32c` (the SSE4.2
+/// `crc32` instruction) here: on a 4 KiB page already in cache it measured
+/// ~36 GB/s against ~12 GB/s on the project machine, and this runs on every
+/// page at both ends. Same polynomial, same value.
 pub fn page_crc(page: &[u8]) -> u32 {
-    crc32c::crc32c(page)
+    crc_fast::crc32_iscsi(page)
 }
 
 /// CRC32C of `page_size` zero bytes.
 pub fn zero_page_crc(page_size: u64) -> u32 {
+    static ZERO_4K: OnceLock<u32> = OnceLock::new();
+    if page_size == 4096 {
+        return *ZERO_4K.get_or_init(|| crate::source::crc_append_zeros(0, 4096));
+    }
     crate::source::crc_append_zeros(0, page_size)
 }
 
@@ -89,8 +100,17 @@ impl std::fmt::Debug for PageFold {
 
 impl PageFold {
     /// The fold for blocks of `page_size` bytes (any length works; pages are
-    /// what it is used for).
+    /// what it is used for). Building one costs 32 `crc32c_combine` calls;
+    /// the 4 KiB one is built once per process.
     pub fn new(page_size: u64) -> PageFold {
+        static FOLD_4K: OnceLock<PageFold> = OnceLock::new();
+        if page_size == 4096 {
+            return FOLD_4K.get_or_init(|| PageFold::build(4096)).clone();
+        }
+        PageFold::build(page_size)
+    }
+
+    fn build(page_size: u64) -> PageFold {
         let len = usize::try_from(page_size).unwrap_or(usize::MAX);
         // The image of each basis bit under `shift`.
         let basis: [u32; 32] = std::array::from_fn(|bit| crc32c::crc32c_combine(1 << bit, 0, len));
@@ -269,6 +289,14 @@ mod tests {
                 x as u8
             })
             .collect()
+    }
+
+    #[test]
+    fn page_crc_is_crc32c() {
+        for len in [0usize, 1, 7, 4096, 65536] {
+            let data = pages(1, len, len as u64 + 1);
+            assert_eq!(page_crc(&data), crc32c::crc32c(&data), "length {len}");
+        }
     }
 
     #[test]

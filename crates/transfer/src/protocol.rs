@@ -450,10 +450,19 @@ impl<R: Read> FrameReader<R> {
         &mut self,
         payload: &mut Vec<u8>,
     ) -> Result<([u8; HEADER_LEN], u64), TransferError> {
+        let (h, offset) = self.read_raw_header()?;
+        self.read_payload_vec(&h, payload)?;
+        Ok((h, offset))
+    }
+
+    /// Reads one frame's raw header, unchecked except for the payload size
+    /// limit, and its stream offset. The payload follows: read it with
+    /// [`FrameReader::read_payload_vec`] or [`FrameReader::read_payload_into`].
+    pub fn read_raw_header(&mut self) -> Result<([u8; HEADER_LEN], u64), TransferError> {
         let offset = self.offset;
         let mut h = [0u8; HEADER_LEN];
         self.fill(&mut h, "a frame header")?;
-        let payload_len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        let payload_len = raw_payload_len(&h);
         if u64::from(payload_len) > MAX_PAYLOAD {
             return Err(ProtocolError::FrameTooLarge {
                 offset,
@@ -462,26 +471,61 @@ impl<R: Read> FrameReader<R> {
             }
             .into());
         }
-        let n = payload_len as usize;
-        if payload.len() >= n {
-            self.fill(&mut payload[..n], "a frame payload")?;
-        } else {
-            payload.clear();
-            let got = (&mut self.inner)
-                .take(n as u64)
-                .read_to_end(payload)
-                .map_err(TransferError::io("reading from the peer"))?;
-            self.offset += got as u64;
-            if got < n {
-                return Err(ProtocolError::Truncated {
-                    offset: self.offset,
-                    what: "a frame payload",
-                }
-                .into());
-            }
-        }
         Ok((h, offset))
     }
+
+    /// Reads the payload announced by raw header `h` into `payload[..len]`.
+    ///
+    /// `payload` grows only as bytes actually arrive, so a header announcing a
+    /// huge payload on a short stream allocates little.
+    pub fn read_payload_vec(
+        &mut self,
+        h: &[u8; HEADER_LEN],
+        payload: &mut Vec<u8>,
+    ) -> Result<(), TransferError> {
+        let n = raw_payload_len(h) as usize;
+        if payload.len() >= n {
+            return self.fill(&mut payload[..n], "a frame payload");
+        }
+        payload.clear();
+        let got = (&mut self.inner)
+            .take(n as u64)
+            .read_to_end(payload)
+            .map_err(TransferError::io("reading from the peer"))?;
+        self.offset += got as u64;
+        if got < n {
+            return Err(ProtocolError::Truncated {
+                offset: self.offset,
+                what: "a frame payload",
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `buf.len()` payload bytes into `buf` (a caller that
+    /// already knows where the payload should land).
+    pub fn read_payload_into(&mut self, buf: &mut [u8]) -> Result<(), TransferError> {
+        self.fill(buf, "a frame payload")
+    }
+}
+
+/// The payload length a raw header announces.
+pub fn raw_payload_len(h: &[u8; HEADER_LEN]) -> u32 {
+    u32::from_le_bytes([h[4], h[5], h[6], h[7]])
+}
+
+/// Checks a raw uncompressed PAGES header against the CRCs of the pages its
+/// payload held (computed by the caller, one per `fold.page_size()` bytes),
+/// then decodes it.
+pub fn verify_pages_header(
+    h: &[u8; HEADER_LEN],
+    offset: u64,
+    crcs: &[u32],
+    fold: &PageFold,
+) -> Result<Header, TransferError> {
+    let computed = fold.fold_all(crc32c::crc32c(&h[..28]), crcs);
+    finish_verify(h, offset, computed)
 }
 
 /// Checks a raw frame read by [`FrameReader::read_unverified`] at stream
@@ -522,7 +566,7 @@ pub fn verify_frame_pages(
 
 /// The payload length a raw header announces, if `payload` holds it.
 fn checked_len(h: &[u8; HEADER_LEN], offset: u64, payload: &[u8]) -> Result<usize, TransferError> {
-    let n = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+    let n = raw_payload_len(h) as usize;
     if payload.len() < n {
         return Err(ProtocolError::Truncated {
             offset,

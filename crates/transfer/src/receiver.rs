@@ -22,7 +22,8 @@ use crate::layout::Layout;
 use crate::net::{Connection, Listener};
 use crate::protocol::{
     Codec, FrameKind, FrameReader, FrameWriter, HEADER_LEN, Header, Hello, MAX_PAGES_LEN,
-    error_code, error_message, expect, parse_mac, verify_frame_pages,
+    error_code, error_message, expect, parse_mac, raw_payload_len, verify_frame_pages,
+    verify_pages_header,
 };
 use crate::sink::Sink;
 
@@ -335,8 +336,25 @@ impl Receiver {
                 .map(|c| {
                     let shared = &shared;
                     s.spawn(move || {
-                        // The socket is read on its own thread so the kernel
-                        // copy overlaps checksumming and applying.
+                        if n == 1 {
+                            // One connection: read frames here, page payloads
+                            // straight into the destination where the sink
+                            // lends it (no copy; measured faster on 2 cores
+                            // than a separate reading thread).
+                            let pool = BufferPool::new(2);
+                            let reader = BufReader::with_capacity(READ_BUFFER, c);
+                            let frames = Frames::Direct(FrameReader::new(reader));
+                            return match receive_stream(frames, &pool, shared) {
+                                Ok(o) => Some(o),
+                                Err(e) => {
+                                    shared.fail(e);
+                                    None
+                                }
+                            };
+                        }
+                        // Several connections: each socket is read on its own
+                        // thread so the kernel copy overlaps checksumming and
+                        // applying.
                         let pool = BufferPool::new(QUEUED_FRAMES + 4);
                         let (tx, rx) = crossbeam_channel::bounded(QUEUED_FRAMES);
                         let reader_pool = pool.clone();
@@ -479,7 +497,8 @@ const QUEUED_FRAMES: usize = 4;
 
 /// Where a stream's frames come from.
 enum Frames<R> {
-    /// Read and verified in the applying thread.
+    /// Read and verified in the applying thread; uncompressed page frames go
+    /// straight into the destination where the sink lends it.
     Direct(FrameReader<R>),
     /// Read by [`read_socket`] on another thread, verified here.
     Queued {
@@ -487,24 +506,104 @@ enum Frames<R> {
     },
 }
 
+/// A frame as [`Frames::next`] delivers it.
+enum Next {
+    /// Verified; its payload is in the caller's buffer.
+    Frame(Header),
+    /// A PAGES frame read into memory the sink lent, verified there and
+    /// committed: nothing left to apply.
+    Applied(Header),
+}
+
 impl<R: Read> Frames<R> {
     /// The next verified frame; its payload replaces `payload` (the old
     /// buffer goes back to `pool`). For an uncompressed PAGES frame, `crcs`
-    /// receives each page's CRC (see [`verify_frame_pages`]).
-    fn next(
+    /// receives each page's CRC (see [`verify_frame_pages`]). Inside a round
+    /// (`in_round`), a direct reader offers an uncompressed PAGES frame to
+    /// [`Sink::lend_pages`] first.
+    fn next<K: Sink + ?Sized>(
         &mut self,
         payload: &mut Vec<u8>,
         pool: &BufferPool,
         fold: &PageFold,
         crcs: &mut Vec<u32>,
-    ) -> Result<Header, TransferError> {
+        in_round: Option<&Shared<'_, K>>,
+    ) -> Result<Next, TransferError> {
         match self {
-            Frames::Direct(r) => r.read_frame_pages(payload, fold, crcs),
+            Frames::Direct(r) => {
+                let (h, offset) = r.read_raw_header()?;
+                if let Some(shared) = in_round
+                    && let Some(header) = read_in_place(r, &h, offset, fold, crcs, shared)?
+                {
+                    return Ok(Next::Applied(header));
+                }
+                r.read_payload_vec(&h, payload)?;
+                verify_frame_pages(&h, offset, payload, fold, crcs).map(Next::Frame)
+            }
             Frames::Queued { rx } => {
                 let (h, offset, buf) = rx.recv().map_err(|_| TransferError::Aborted)??;
                 pool.give(std::mem::replace(payload, buf));
-                verify_frame_pages(&h, offset, payload, fold, crcs)
+                verify_frame_pages(&h, offset, payload, fold, crcs).map(Next::Frame)
             }
+        }
+    }
+}
+
+/// Reads the payload of the frame with raw header `h` straight into the
+/// destination, if it is an uncompressed PAGES frame for whole pages inside
+/// the layout and the sink lends those pages; checks it there; commits it, or
+/// reverts the pages and fails. `Ok(None)`: not taken, the payload is still
+/// unread.
+///
+/// The header's fields are used before its CRC is checked (the CRC covers the
+/// payload too), so they are bounds-checked like any other input first: the
+/// worst a forged header achieves is a lent range of zero pages, written and
+/// then zeroed again.
+fn read_in_place<R: Read, K: Sink + ?Sized>(
+    r: &mut FrameReader<R>,
+    h: &[u8; HEADER_LEN],
+    offset: u64,
+    fold: &PageFold,
+    crcs: &mut Vec<u32>,
+    shared: &Shared<'_, K>,
+) -> Result<Option<Header>, TransferError> {
+    let ps = fold.page_size();
+    let field = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    let (addr, len) = (field(8), field(16));
+    let plain_pages = h[0] == FrameKind::Pages as u8 && h[1] == Codec::None as u8;
+    if !plain_pages
+        || u64::from(raw_payload_len(h)) != len
+        || len == 0
+        || len % ps != 0
+        || len > MAX_PAGES_LEN
+        || addr % ps != 0
+        || addr
+            .checked_add(len)
+            .is_none_or(|end| shared.layout.locate(addr..end).is_err())
+    {
+        return Ok(None);
+    }
+    let mut sink = lock(&shared.sink);
+    let Some(dest) = sink.lend_pages(addr, len) else {
+        return Ok(None);
+    };
+    crcs.clear();
+    let checked = r.read_payload_into(dest).and_then(|()| {
+        crcs.extend(dest.chunks_exact(ps as usize).map(page_crc));
+        verify_pages_header(h, offset, crcs, fold)
+    });
+    match checked {
+        Ok(header) => {
+            sink.commit_lent(addr, crcs)?;
+            Ok(Some(header))
+        }
+        Err(e) => {
+            sink.revert_lent(addr, len);
+            Err(e)
         }
     }
 }
@@ -544,8 +643,12 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
     let fold = PageFold::new(ps);
     let mut crcs: Vec<u32> = Vec::new();
     loop {
-        let h = frames.next(&mut payload, pool, &fold, &mut crcs)?;
-        let p = &payload[..h.payload_len as usize];
+        let in_round = matches!(state, State::InRound { .. }).then_some(shared);
+        let (h, applied) = match frames.next(&mut payload, pool, &fold, &mut crcs, in_round)? {
+            Next::Frame(h) => (h, false),
+            Next::Applied(h) => (h, true),
+        };
+        let p = &payload[..if applied { 0 } else { h.payload_len as usize }];
         let unexpected = |state: &'static str| ProtocolError::Unexpected {
             offset: h.offset,
             kind: h.kind,
@@ -570,6 +673,10 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                     pages: 0,
                     zero_pages: 0,
                 };
+            }
+            (State::InRound { pages, .. }, FrameKind::Pages) if applied => {
+                // Read, checked and committed in place by `read_in_place`.
+                *pages += h.b / ps;
             }
             (State::InRound { pages, .. }, FrameKind::Pages) => {
                 let (addr, len) = check_pages(&h, layout)?;

@@ -9,6 +9,7 @@
 
 use std::ops::Range;
 
+use bitvec::vec::BitVec;
 use memmap2::MmapMut;
 
 use crate::buffer::PageBuf;
@@ -37,43 +38,75 @@ pub trait Sink {
     /// [`crate::digest`]); a sink that can, checks what it holds against it,
     /// as `check` says, and fails on a mismatch.
     fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError>;
+
+    /// Optional fast path for a receiver: lends the destination bytes of the
+    /// whole pages `addr..addr + len` (inside one region) so a frame's payload
+    /// can be read from the socket straight into them, saving a copy. A sink
+    /// lends only pages it can restore exactly if the frame then fails its
+    /// check ([`MemorySink`]: pages that hold zeros because nothing was ever
+    /// applied to them, or only zeros). After lending, the receiver calls
+    /// exactly one of [`Sink::commit_lent`] or [`Sink::revert_lent`] before
+    /// anything else. The default lends nothing.
+    fn lend_pages(&mut self, addr: u64, len: u64) -> Option<&mut [u8]> {
+        let _ = (addr, len);
+        None
+    }
+
+    /// The lent pages at `addr` passed their check and now hold pages with
+    /// CRCs `crcs`: record them as [`Sink::send_pages`] would.
+    fn commit_lent(&mut self, addr: u64, crcs: &[u32]) -> Result<(), TransferError> {
+        let _ = (addr, crcs);
+        Err(TransferError::Misuse {
+            operation: "commit_lent",
+            state: "on a sink that lends nothing",
+        })
+    }
+
+    /// The lent pages `addr..addr + len` failed their check (or their read
+    /// failed): put back what they held before.
+    fn revert_lent(&mut self, addr: u64, len: u64) {
+        let _ = (addr, len);
+    }
 }
 
-impl<T: Sink + ?Sized> Sink for &mut T {
-    fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
-        (**self).begin_round(round)
-    }
-    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError> {
-        (**self).send_pages(addr, pages, crcs)
-    }
-    fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
-        (**self).send_zero_range(range)
-    }
-    fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
-        (**self).end_round(round)
-    }
-    fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
-        (**self).finish(memory_checksum, check)
-    }
+/// `Sink` for a pointer to a sink: every method forwards.
+macro_rules! forward_sink {
+    ($($ptr:ty),*) => {$(
+        impl<T: Sink + ?Sized> Sink for $ptr {
+            fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
+                (**self).begin_round(round)
+            }
+            fn send_pages(
+                &mut self,
+                addr: u64,
+                pages: PageBuf,
+                crcs: &[u32],
+            ) -> Result<(), TransferError> {
+                (**self).send_pages(addr, pages, crcs)
+            }
+            fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
+                (**self).send_zero_range(range)
+            }
+            fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
+                (**self).end_round(round)
+            }
+            fn finish(&mut self, checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
+                (**self).finish(checksum, check)
+            }
+            fn lend_pages(&mut self, addr: u64, len: u64) -> Option<&mut [u8]> {
+                (**self).lend_pages(addr, len)
+            }
+            fn commit_lent(&mut self, addr: u64, crcs: &[u32]) -> Result<(), TransferError> {
+                (**self).commit_lent(addr, crcs)
+            }
+            fn revert_lent(&mut self, addr: u64, len: u64) {
+                (**self).revert_lent(addr, len)
+            }
+        }
+    )*};
 }
 
-impl<T: Sink + ?Sized> Sink for Box<T> {
-    fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
-        (**self).begin_round(round)
-    }
-    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError> {
-        (**self).send_pages(addr, pages, crcs)
-    }
-    fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
-        (**self).send_zero_range(range)
-    }
-    fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
-        (**self).end_round(round)
-    }
-    fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
-        (**self).finish(memory_checksum, check)
-    }
-}
+forward_sink!(&mut T, Box<T>);
 
 /// Counts kept by [`MemorySink`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -96,6 +129,9 @@ pub struct MemorySink {
     layout: Layout,
     mem: MmapMut,
     crcs: PageCrcs,
+    /// Per page: holds applied contents (clear: zeros, never written or
+    /// sent as zeros). Only such clear pages are lent.
+    holds_data: BitVec,
     stats: MemoryStats,
 }
 
@@ -107,11 +143,13 @@ impl MemorySink {
         })?;
         let mem =
             MmapMut::map_anon(len).map_err(TransferError::io("mapping destination memory"))?;
-        let crcs = PageCrcs::new(len / layout.page_size() as usize, layout.page_size());
+        let pages = len / layout.page_size() as usize;
+        let crcs = PageCrcs::new(pages, layout.page_size());
         Ok(MemorySink {
             layout,
             mem,
             crcs,
+            holds_data: BitVec::repeat(false, pages),
             stats: MemoryStats::default(),
         })
     }
@@ -139,6 +177,15 @@ impl MemorySink {
         let end = range.end.checked_next_multiple_of(ps).ok_or_else(outside)?;
         let off = self.layout.locate(start..end)? + (range.start - start);
         Ok(&self.mem[off as usize..(off + (range.end - range.start)) as usize])
+    }
+
+    /// Back to all zeros with nothing received, as after [`MemorySink::new`]
+    /// but keeping the mapping (and its pages, already faulted in).
+    pub fn clear(&mut self) {
+        self.mem.fill(0);
+        self.crcs = PageCrcs::new(self.crcs.len(), self.layout.page_size());
+        self.holds_data.fill(false);
+        self.stats = MemoryStats::default();
     }
 
     /// Counts so far.
@@ -177,6 +224,8 @@ impl Sink for MemorySink {
                 state: "with a CRC count that differs from the page count",
             });
         }
+        let first = (off / ps) as usize;
+        self.holds_data[first..first + crcs.len()].fill(true);
         let off = off as usize;
         self.mem[off..off + pages.len()].copy_from_slice(&pages);
         self.stats.pages += len / ps;
@@ -187,11 +236,42 @@ impl Sink for MemorySink {
         let len = range.end.saturating_sub(range.start);
         let ps = self.layout.page_size();
         let off = self.layout.locate(range)?;
-        self.crcs.set_zero((off / ps) as usize, (len / ps) as usize);
+        let (first, n) = ((off / ps) as usize, (len / ps) as usize);
+        self.crcs.set_zero(first, n);
+        self.holds_data[first..first + n].fill(false);
         let off = off as usize;
         self.mem[off..off + len as usize].fill(0);
         self.stats.zero_pages += len / ps;
         Ok(())
+    }
+
+    /// Lends pages that hold zeros (never written, or sent as zeros), which
+    /// [`Sink::revert_lent`] restores by zeroing them again.
+    fn lend_pages(&mut self, addr: u64, len: u64) -> Option<&mut [u8]> {
+        let ps = self.layout.page_size();
+        let off = self.layout.locate(addr..addr.checked_add(len)?).ok()?;
+        let (first, n) = ((off / ps) as usize, (len / ps) as usize);
+        if len % ps != 0 || self.holds_data[first..first + n].any() {
+            return None;
+        }
+        Some(&mut self.mem[off as usize..(off + len) as usize])
+    }
+
+    fn commit_lent(&mut self, addr: u64, crcs: &[u32]) -> Result<(), TransferError> {
+        let ps = self.layout.page_size();
+        let len = crcs.len() as u64 * ps;
+        let off = self.layout.locate(addr..addr.saturating_add(len))?;
+        let first = (off / ps) as usize;
+        self.crcs.set(first, crcs);
+        self.holds_data[first..first + crcs.len()].fill(true);
+        self.stats.pages += crcs.len() as u64;
+        Ok(())
+    }
+
+    fn revert_lent(&mut self, addr: u64, len: u64) {
+        if let Ok(off) = self.layout.locate(addr..addr.saturating_add(len)) {
+            self.mem[off as usize..(off + len) as usize].fill(0);
+        }
     }
 
     fn end_round(&mut self, _round: u64) -> Result<u64, TransferError> {

@@ -71,7 +71,13 @@ fn good_stream_is_accepted() {
     digest.push_pages(&expect_mem, PS as usize);
     for check in [FinalCheck::Recorded, FinalCheck::Full] {
         let mut s = s.clone();
-        s.extend(frame(FrameKind::Finish, 1, check.wire(), digest.finish(), &[]));
+        s.extend(frame(
+            FrameKind::Finish,
+            1,
+            check.wire(),
+            digest.finish(),
+            &[],
+        ));
         let mut sink = MemorySink::new(layout()).unwrap();
         let report = receive_frames(&s, &layout(), &mut sink).unwrap();
         assert_eq!((report.rounds, report.pages, report.check), (1, 2, check));
@@ -392,3 +398,79 @@ fn receiver_fault_mid_stream_reaches_the_sender() {
         "{rx_err}"
     );
 }
+
+/// A [`MemorySink`] that counts the frames it took in place.
+struct Counting {
+    inner: MemorySink,
+    lent: u64,
+    reverted: u64,
+}
+
+impl Counting {
+    fn new() -> Counting {
+        Counting {
+            inner: MemorySink::new(layout()).unwrap(),
+            lent: 0,
+            reverted: 0,
+        }
+    }
+}
+
+impl Sink for Counting {
+    fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
+        self.inner.begin_round(round)
+    }
+    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError> {
+        self.inner.send_pages(addr, pages, crcs)
+    }
+    fn send_zero_range(&mut self, range: std::ops::Range<u64>) -> Result<(), TransferError> {
+        self.inner.send_zero_range(range)
+    }
+    fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
+        self.inner.end_round(round)
+    }
+    fn finish(&mut self, checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
+        self.inner.finish(checksum, check)
+    }
+    fn lend_pages(&mut self, addr: u64, len: u64) -> Option<&mut [u8]> {
+        let lent = self.inner.lend_pages(addr, len);
+        self.lent += u64::from(lent.is_some());
+        lent
+    }
+    fn commit_lent(&mut self, addr: u64, crcs: &[u32]) -> Result<(), TransferError> {
+        self.inner.commit_lent(addr, crcs)
+    }
+    fn revert_lent(&mut self, addr: u64, len: u64) {
+        self.reverted += 1;
+        self.inner.revert_lent(addr, len)
+    }
+}
+
+#[test]
+fn fresh_pages_are_read_in_place_and_a_bad_one_is_put_back() {
+    // Page 0 already holds data: a damaged copy of it is not lent, and the
+    // old contents stay.
+    let mut bad = frame(FrameKind::Pages, BASE, PS, 0, &[0x77; PS as usize]);
+    let n = bad.len();
+    bad[n - 1] ^= 1;
+    let mut sink = Counting::new();
+    let err = receive_frames(&stream_with(&[bad]), &layout(), &mut sink).unwrap_err();
+    assert!(err.to_string().contains("bad checksum"), "{err}");
+    assert_eq!(
+        (sink.lent, sink.reverted),
+        (2, 0),
+        "pages 0 and 1 went in place"
+    );
+    assert_only_prefix_applied(&sink.inner);
+
+    // A fresh page with a damaged payload is lent, then zeroed again.
+    let mut bad = frame(FrameKind::Pages, BASE + 5 * PS, PS, 0, &[0x66; PS as usize]);
+    bad[HEADER + 3] ^= 0x80;
+    let mut sink = Counting::new();
+    let err = receive_frames(&stream_with(&[bad]), &layout(), &mut sink).unwrap_err();
+    assert!(err.to_string().contains("bad checksum"), "{err}");
+    assert_eq!((sink.lent, sink.reverted), (3, 1));
+    assert_only_prefix_applied(&sink.inner);
+}
+
+const HEADER: usize = protocol::HEADER_LEN;
