@@ -21,29 +21,6 @@ done
 PRECOPY=${PRECOPY:-target/release/precopy}
 [ -x "$PRECOPY" ] || { echo "no $PRECOPY: cargo build --release -p precopy-cli" >&2; exit 1; }
 PRECOPY=$(realpath "$PRECOPY")
-SRC=precopy-src
-DST=precopy-dst
-
-cleanup() {
-    ip netns del "$SRC" 2>/dev/null || true
-    ip netns del "$DST" 2>/dev/null || true
-}
-trap cleanup EXIT INT TERM
-cleanup
-
-ip netns add "$SRC"
-ip netns add "$DST"
-ip link add veth-src netns "$SRC" type veth peer name veth-dst netns "$DST"
-ip -n "$SRC" addr add 10.77.0.1/24 dev veth-src
-ip -n "$DST" addr add 10.77.0.2/24 dev veth-dst
-for ns in "$SRC" "$DST"; do
-    ip -n "$ns" link set lo up
-done
-ip -n "$SRC" link set veth-src up
-ip -n "$DST" link set veth-dst up
-# Token bucket on both directions: RATE, a burst of 1 ms at that rate (at least 64 KiB).
-tc -n "$SRC" qdisc add dev veth-src root tbf rate "$RATE" burst 256kb latency 50ms
-tc -n "$DST" qdisc add dev veth-dst root tbf rate "$RATE" burst 256kb latency 50ms
-
-echo "veth pair 10.77.0.1 <-> 10.77.0.2 shaped to $RATE" >&2
+. "$(dirname "$0")/lib/netns.sh"
+netns_up "$RATE"
 ip netns exec "$SRC" "$PRECOPY" demo --dest-netns "$DST" --listen 10.77.0.2:7700 "$@"

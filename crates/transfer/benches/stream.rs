@@ -27,6 +27,8 @@ const PS: u64 = 4096;
 
 static TIMES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
 static CPU: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
+/// Bytes on the wire per byte of memory, per engine configuration.
+static WIRE: Mutex<BTreeMap<String, f64>> = Mutex::new(BTreeMap::new());
 
 /// CPU seconds (user + system) this process used so far, all threads.
 fn cpu_seconds() -> f64 {
@@ -78,10 +80,47 @@ enum Net {
     Unix,
 }
 
+/// `PRECOPY_BENCH_NETNS=NAME:ADDR`: receivers listen on ADDR inside network
+/// namespace NAME instead of on loopback (`scripts/bench-netns.sh` sets up a
+/// rate-limited veth pair and runs this bench across it).
+fn netns() -> Option<&'static (String, std::net::IpAddr)> {
+    static NETNS: std::sync::OnceLock<Option<(String, std::net::IpAddr)>> =
+        std::sync::OnceLock::new();
+    NETNS
+        .get_or_init(|| {
+            let v = std::env::var("PRECOPY_BENCH_NETNS").ok()?;
+            let (name, addr) = v.split_once(':').expect("PRECOPY_BENCH_NETNS=NAME:ADDR");
+            Some((name.to_owned(), addr.parse().expect("an IP address")))
+        })
+        .as_ref()
+}
+
+/// The key both ends use off loopback (a receiver on another address requires one).
+fn bench_key() -> Option<Key> {
+    netns().map(|_| Key::from_bytes(vec![7u8; 32]).unwrap())
+}
+
+/// A TCP listener on any free port: on loopback, or in the bench's namespace.
+fn tcp_listener() -> Listener {
+    let Some((name, addr)) = netns() else {
+        return Listener::bind_tcp("127.0.0.1:0").unwrap();
+    };
+    // Network namespaces are per thread: enter it on a thread of its own; the
+    // socket stays in it after the thread ends.
+    let (name, addr) = (name.clone(), *addr);
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        Listener::bind_tcp((addr, 0)).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
 fn pair(net: Net, dir: &std::path::Path, streams: usize) -> (Listener, Vec<Connection>) {
     match net {
         Net::Tcp => {
-            let l = Listener::bind_tcp("127.0.0.1:0").unwrap();
+            let l = tcp_listener();
             let Listener::Tcp(t) = &l else { unreachable!() };
             let addr = t.local_addr().unwrap();
             let conns = (0..streams)
@@ -113,30 +152,35 @@ fn raw_copy(net: Net, dir: &std::path::Path, src: &[u8], dest: &mut [u8]) -> Dur
     start.elapsed()
 }
 
-/// One engine transfer of `src`: (time to stream the round, time to DONE).
+/// One engine transfer of `src`: (time to stream the round, time to DONE,
+/// bytes on the wire).
 fn engine_copy(
     net: Net,
     dir: &std::path::Path,
     src: &[u8],
     dest: &mut MemorySink,
     config: &SenderConfig,
-) -> (Duration, Duration) {
+) -> (Duration, Duration, u64) {
     let (listener, conns) = pair(net, dir, config.streams);
     let base = src.as_ptr() as u64;
     let layout = Layout::single(PS, base, src.len() as u64).unwrap();
     std::thread::scope(|s| {
         let rx = s.spawn(move || {
-            let rx = Receiver::accept(&listener, &ReceiverConfig::default()).unwrap();
+            let config = ReceiverConfig {
+                key: bench_key(),
+                ..ReceiverConfig::default()
+            };
+            let rx = Receiver::accept(&listener, &config).unwrap();
             rx.run(dest).unwrap()
         });
         let start = Instant::now();
         let mut tx = Sender::connect(conns, layout, ProcessMemory::current(), config).unwrap();
-        tx.send_round(&[base..base + src.len() as u64]).unwrap();
+        let sent = tx.send_round(&[base..base + src.len() as u64]).unwrap();
         let streamed = start.elapsed();
         tx.finish(FinalCheck::Recorded).unwrap();
         let total = start.elapsed();
         rx.join().unwrap();
-        (streamed, total)
+        (streamed, total, sent.bytes_on_wire)
     })
 }
 
@@ -169,8 +213,12 @@ fn main() {
     g.sampling_mode(SamplingMode::Flat);
     g.throughput(Throughput::Bytes(bytes as u64));
 
-    let nets = [(Net::Tcp, "tcp"), (Net::Unix, "unix")];
-    for (net, nname) in nets {
+    let nets: &[(Net, &str)] = if netns().is_some() {
+        &[(Net::Tcp, "tcp")]
+    } else {
+        &[(Net::Tcp, "tcp"), (Net::Unix, "unix")]
+    };
+    for &(net, nname) in nets {
         let name = format!("raw/{nname}");
         g.bench_function(&name, |b| {
             b.iter_custom(|iters| {
@@ -186,13 +234,16 @@ fn main() {
             })
         });
         assert!(raw_dest[..] == src[..]);
-        let mut configs: Vec<(String, SenderConfig)> =
-            vec![("engine".into(), SenderConfig::default())];
+        let base_config = SenderConfig {
+            key: bench_key(),
+            ..SenderConfig::default()
+        };
+        let mut configs: Vec<(String, SenderConfig)> = vec![("engine".into(), base_config.clone())];
         if matches!(net, Net::Tcp) {
             let with = |compression, streams| SenderConfig {
                 compression,
                 streams,
-                ..SenderConfig::default()
+                ..base_config.clone()
             };
             configs.push(("engine_lz4".into(), with(Compression::Lz4, 1)));
             configs.push(("engine_zstd1".into(), with(Compression::Zstd(1), 1)));
@@ -209,7 +260,7 @@ fn main() {
                         format!("engine_batch{batch}"),
                         SenderConfig {
                             batch_pages: batch,
-                            ..SenderConfig::default()
+                            ..base_config.clone()
                         },
                     ));
                 }
@@ -224,11 +275,14 @@ fn main() {
                         // A fresh destination, as a migration's is.
                         dest.clear();
                         let cpu = cpu_seconds();
-                        let (streamed, done) =
+                        let (streamed, done, wire) =
                             engine_copy(net, dir.path(), &src, &mut dest, &config);
                         record_cpu(&name, cpu_seconds() - cpu);
                         record(&name, streamed);
                         record(&format!("{name} (to DONE)"), done);
+                        WIRE.lock()
+                            .unwrap()
+                            .insert(name.clone(), wire as f64 / bytes as f64);
                         total += streamed;
                     }
                     total
@@ -270,10 +324,14 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:<40} {:>9} {:>10} {:>8} {:>8}",
-        "config", "seconds", "MiB/s", "vs raw", "CPU s/GiB"
+        "{:<40} {:>9} {:>10} {:>8} {:>9} {:>5}",
+        "config", "seconds", "MiB/s", "vs raw", "CPU s/GiB", "wire"
     );
-    for (_, nname) in nets {
+    let wire = WIRE.lock().unwrap();
+    if let Some((name, addr)) = netns() {
+        println!("(TCP across namespace {name}, receivers on {addr}: see scripts/bench-netns.sh)");
+    }
+    for &(_, nname) in nets {
         let raw = median(&times[&format!("raw/{nname}")]);
         for (name, samples) in times
             .iter()
@@ -283,13 +341,17 @@ fn main() {
             let c = cpu.get(name).map_or(String::from("-"), |c| {
                 format!("{:.2}", median(c) * 1024.0 / mib as f64)
             });
+            let w = wire
+                .get(name)
+                .map_or(String::from("-"), |w| format!("{w:.2}"));
             println!(
-                "{:<40} {:>9.3} {:>10.0} {:>7.2}x {:>8}",
+                "{:<40} {:>9.3} {:>10.0} {:>7.2}x {:>9} {:>5}",
                 name,
                 t,
                 mib as f64 / t,
                 raw / t,
-                c
+                c,
+                w
             );
         }
     }

@@ -2,7 +2,7 @@
 //!
 //! A batch of pages is read once into a pooled buffer; the runs of non-zero
 //! pages in it travel to sinks as [`PageBuf`] views sharing that buffer. When
-//! the last view is dropped the buffer returns to its [`BufferPool`], so a
+//! the last view is dropped the buffer returns to its `BufferPool`, so a
 //! steady stream allocates nothing. The pool never blocks: the bound on memory
 //! in flight comes from the bounded channels between stages.
 

@@ -5,17 +5,22 @@
 //! # Where a page goes
 //!
 //! ```text
-//! scanner ranges ─► Transfer::send_dirty ─► PageSource::read_ranges ─► zero check
-//!     (caller's thread: read after the round that reported the page returned)
-//!   ─► Sink::send_pages / send_zero_range
-//!        SocketSink: bounded queue ─► per-connection writer (compress, CRC32C, pace, write)
-//!                      ─► Receiver (verify, layout check, barrier) ─► MemorySink / ImageWriter
+//! scanner ranges ─► Transfer::send_dirty ─► PageSource::read_ranges ─► zero check, page CRC
+//!     (caller's thread: read after the round that reported the page returned;
+//!      the page's CRC32C goes into the sender's PageCrcs table)
+//!   ─► Sink::send_pages / send_zero_range (pages + their CRCs)
+//!        SocketSink: bounded queue ─► per-connection writer (compress, frame CRC folded
+//!                    from the page CRCs, pace, write)
+//!                      ─► Receiver (verify each page once, layout check, barrier)
+//!                           ─► MemorySink (fresh pages: read in place) / ImageWriter
 //!        ImageWriter: append records to the image file
 //!        MemorySink: copy into an anonymous mapping
+//!   finish: CRC32C of the PageCrcs table at each end, compared (digest)
 //! ```
 //!
 //! Modules: [`layout`] (regions and offsets), [`source`] (reading pages,
-//! the memory checksum), [`engine`] (rounds and batches), [`sink`] (the sink
+//! the memory checksum), [`digest`] (page CRCs, the frame-CRC fold, the
+//! memory digest and [`FinalCheck`]), [`engine`] (rounds and batches), [`sink`] (the sink
 //! trait, in-memory sink), [`protocol`] (wire format, drawn exchange and
 //! receiver state machine), [`net`] (connections, socket sink),
 //! [`receiver`], [`image`] (checkpoint image format, reader, verifier),
@@ -32,7 +37,7 @@
 //! let mut tx = Sender::connect(vec![conn], layout, ProcessMemory::new(1234), &SenderConfig::default())?;
 //! let first = tx.send_round(&[0x7f00_0000_0000..0x7f00_4000_0000])?; // round 0: everything
 //! // ... scan, send_round(dirty) until converged, stop the source, last round ...
-//! let summary = tx.finish(FinalCheck::Full)?; // waits for the receiver's DONE
+//! let summary = tx.finish(FinalCheck::Recorded)?; // waits for the receiver's DONE
 //! # Ok(()) }
 //! ```
 //! Receiver:
@@ -49,44 +54,50 @@
 //! # Defaults, and the measurements behind them
 //!
 //! `cargo bench -p precopy-transfer --bench stream` on the project machine
-//! (2 cores, Linux 6.18, other builds running: load average 2-5, so figures
-//! vary ±30 % run to run), 1 GiB of non-zero pages (half random, half a
-//! repeated word), engine reading its own memory with `process_vm_readv` into a
-//! [`MemorySink`] receiver; "vs raw" is a bare socket copy of the same bytes in
-//! the same run (medians of 10):
+//! (2 cores, Linux 6.18, shared: figures vary ±15 % run to run), 1 GiB of
+//! non-zero pages (half random, half a repeated word), engine reading its own
+//! memory with `process_vm_readv` into a [`MemorySink`] receiver; "vs raw" is
+//! a bare socket copy of the same bytes in the same run, CPU is user + system
+//! seconds per GiB over both ends (medians of 10; BENCHMARKS.md has the runs):
 //!
-//! | config (TCP loopback) | GiB/s | vs raw |
-//! |---|---|---|
-//! | raw copy | 2.1–3.0 | 1.00 |
-//! | 1 stream, no compression | 2.0 | 0.66–0.68 |
-//! | 1 stream, lz4 | 1.9 | 0.62 |
-//! | 1 stream, zstd(1) | 0.7–1.2 | 0.3–0.4 |
-//! | 2 streams, no compression | 1.5–2.6 | 0.5–0.86 |
-//! | 2 streams, lz4 | 1.1–2.3 | 0.4–1.06 |
+//! | config (TCP loopback) | GiB/s | vs raw | CPU s/GiB |
+//! |---|---|---|---|
+//! | raw copy | 2.6–2.8 | 1.00 | 0.56 |
+//! | 1 stream, no compression | 1.9 | 0.71 | 0.80 |
+//! | 1 stream, lz4 | 1.9 | 0.71 | 0.80 |
+//! | 1 stream, zstd(1) | 0.6 | 0.23 | 2.4 |
+//! | 2 streams, no compression | 2.1 | 0.79 | 0.91 |
+//! | 2 streams, lz4 | 2.1 | 0.78 | 0.93 |
 //!
-//! Unix socket: raw 3.0–4.6 GiB/s, engine 1.2–2.6 GiB/s (0.4–0.56x).
-//! One core does CRC32C at ~12.5 GB/s, memcpy at ~10.5 GB/s and
-//! `process_vm_readv` at ~4.5 GB/s: the engine adds a `process_vm_readv`
-//! copy, two CRC passes and a verify-then-apply copy to the raw copy's two
-//! kernel copies, and on two cores that extra work, not the socket, sets the
-//! pace. Hence:
+//! Unix socket: raw 3.5 GiB/s, engine 2.2 GiB/s (0.61x). Both ends are
+//! CPU-bound on two cores (raw keeps ~1.5 cores busy, so does the engine), so
+//! the ratio is about the ratio of CPU per byte. What the engine adds to the
+//! raw copy's two kernel copies: the `process_vm_readv` copy that reads the
+//! source safely while it is written (~0.25 CPU s/GiB here, by far the
+//! largest), one CRC32C pass per page at each end (`crc-fast`, ~0.03 s/GiB
+//! on cache-hot pages), and for pages that already hold data at the
+//! destination, a copy from the frame buffer (fresh pages are read in place).
+//! Hence:
 //!
 //! - **Compression off** ([`Compression::None`]): on loopback every codec
 //!   costs more CPU than the bytes it saves; lz4 pays off only on links slower
-//!   than ~2 GB/s, zstd on links slower than ~1 GB/s. Choose per transfer.
+//!   than ~2 GB/s, zstd on links slower than ~0.6 GB/s. Choose per transfer.
 //! - **One stream**: a second connection adds writer and receiver threads that
-//!   compete for the same two cores; its results swing with load. More
-//!   streams help when the link, not the CPU, is the limit, or with lz4.
+//!   compete for the same two cores and gains 5–10 %, within the noise of
+//!   this machine; it costs more CPU per byte and gives up reading in place.
+//!   More streams help when the link, not the CPU, is the limit.
 //! - **64 pages per batch** (256 KiB): per-frame costs (two system calls, a
 //!   32-byte header, an `Arc`) vanish at this size while memory in flight stays
-//!   at a few MiB. (The bench's `PRECOPY_BENCH_FULL=1` sweep of 16/256/1024
-//!   pages exists but was not run on the shared machine.)
+//!   at a few MiB, and a batch stays in cache between the read and its CRC.
+//!   (The bench's `PRECOPY_BENCH_FULL=1` sweep of 16/256/1024 pages exists
+//!   but was not run on the shared machine.)
 //! - **Queue depth 4** batches per connection: memory in flight is bounded by
 //!   `streams × (4 + 2) × batch`, and the sender blocks when the receiver
 //!   falls behind.
-//! - The receiver reads each socket on its own thread and verifies and
-//!   applies on another (queue of 4 frames), so checksumming overlaps the
-//!   kernel copy where cores allow.
+//! - The receiver reads a single connection on one thread, straight into
+//!   destination pages that hold nothing yet ([`Sink::lend_pages`]); with
+//!   several connections each socket is read on its own thread and frames
+//!   are verified and applied on another (queue of 4 frames).
 
 pub mod auth;
 pub mod buffer;

@@ -780,8 +780,11 @@ impl StreamWriter {
         match self.compression {
             Compression::None => Ok(Codec::None),
             Compression::Lz4 => {
-                // Output capped at the input size: no gain means raw.
-                self.scratch.resize(pages.len(), 0);
+                // lz4_flex refuses an output buffer below its worst-case
+                // bound, even when the result would fit: size it so, and send
+                // raw when compression does not shrink the frame.
+                let bound = lz4_flex::block::get_maximum_output_size(pages.len());
+                self.scratch.resize(bound, 0);
                 match lz4_flex::block::compress_into(pages, &mut self.scratch) {
                     Ok(n) if n < pages.len() => {
                         self.scratch.truncate(n);

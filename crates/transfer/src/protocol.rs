@@ -25,8 +25,8 @@
 //!
 //! | kind | dir | a | b | c | payload |
 //! |---|---|---|---|---|---|
-//! | 1 HELLO | S→R | session id | – | – | page_size u64, stream_index u32, stream_count u32, nonce [16], n u32, 0 u32, n × (start u64, len u64) |
-//! | 2 CHALLENGE | R→S | bit 0: key required | – | – | nonce [16] |
+//! | 1 HELLO | S→R | session id | – | – | page_size u64, stream_index u32, stream_count u32, nonce \[16\], n u32, 0 u32, n × (start u64, len u64) |
+//! | 2 CHALLENGE | R→S | bit 0: key required | – | – | nonce \[16\] |
 //! | 3 AUTH | S→R | – | – | – | HMAC-SHA256 (32) or empty |
 //! | 4 WELCOME | R→S | – | – | – | HMAC-SHA256 (32) or empty |
 //! | 5 ROUND_BEGIN | S→R | round | – | – | – |
@@ -40,7 +40,7 @@
 //! | 13 TRAILER | image | index offset | trailer offset | memory digest | – |
 //!
 //! Addresses are the **source's** virtual addresses; the receiver maps them
-//! through the announced [`Layout`](crate::Layout) and rejects anything outside
+//! through the announced [`Layout`] and rejects anything outside
 //! it. PAGES and ZERO frames always cover whole pages inside one region. A
 //! ZERO frame stands for pages that read as all zeros (including pages dropped
 //! with `MADV_DONTNEED`); the receiver writes zeros there.

@@ -9,7 +9,12 @@ use rand::{SeedableRng, rngs::StdRng};
 
 const BASE: u64 = 0x7000_0000;
 
-fn socket_roundtrip(net: Net, config: SenderConfig, pages: usize, rounds: usize) {
+fn socket_roundtrip(
+    net: Net,
+    config: SenderConfig,
+    pages: usize,
+    rounds: usize,
+) -> TransferSummary {
     let (listener, connect, _dir) = listen(&net);
     let rx = spawn_receiver(listener, ReceiverConfig::default());
     let layout = Layout::single(PS, BASE, pages as u64 * PS).unwrap();
@@ -43,6 +48,18 @@ fn socket_roundtrip(net: Net, config: SenderConfig, pages: usize, rounds: usize)
     assert_eq!(report.pages, summary.pages);
     assert_eq!(report.zero_pages, summary.zero_pages);
     assert_eq!(report.streams as usize, config.streams);
+    summary
+}
+
+/// A compressed transfer put fewer bytes on the wire than the pages it sent
+/// (a fifth of the test memory is compressible).
+fn assert_compressed(summary: &TransferSummary) {
+    let raw = summary.pages * PS;
+    assert!(
+        summary.bytes_on_wire < raw * 9 / 10,
+        "{} bytes on the wire for {raw} bytes of pages: compression did nothing",
+        summary.bytes_on_wire
+    );
 }
 
 #[test]
@@ -61,7 +78,7 @@ fn tcp_roundtrip_lz4() {
         compression: Compression::Lz4,
         ..SenderConfig::default()
     };
-    socket_roundtrip(Net::Tcp, config, 300, 3);
+    assert_compressed(&socket_roundtrip(Net::Tcp, config, 300, 3));
 }
 
 #[test]
@@ -70,7 +87,7 @@ fn unix_roundtrip_zstd() {
         compression: Compression::Zstd(3),
         ..SenderConfig::default()
     };
-    socket_roundtrip(Net::Unix, config, 300, 3);
+    assert_compressed(&socket_roundtrip(Net::Unix, config, 300, 3));
 }
 
 #[test]
