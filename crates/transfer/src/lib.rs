@@ -60,16 +60,16 @@
 //! a bare socket copy of the same bytes in the same run, CPU is user + system
 //! seconds per GiB over both ends (medians of 10; BENCHMARKS.md has the runs):
 //!
-//! | config (TCP loopback) | GiB/s | vs raw | CPU s/GiB |
-//! |---|---|---|---|
-//! | raw copy | 2.6–2.8 | 1.00 | 0.56 |
-//! | 1 stream, no compression | 1.9 | 0.71 | 0.80 |
-//! | 1 stream, lz4 | 1.9 | 0.71 | 0.80 |
-//! | 1 stream, zstd(1) | 0.6 | 0.23 | 2.4 |
-//! | 2 streams, no compression | 2.1 | 0.79 | 0.91 |
-//! | 2 streams, lz4 | 2.1 | 0.78 | 0.93 |
+//! | config (TCP loopback) | GiB/s | vs raw | CPU s/GiB | wire/memory |
+//! |---|---|---|---|---|
+//! | raw copy | 2.6 | 1.00 | 0.56 | 1.00 |
+//! | 1 stream, no compression | 1.8 | 0.69 | 0.82 | 1.00 |
+//! | 1 stream, lz4 | 0.85 | 0.33 | 2.1 | 0.51 |
+//! | 1 stream, zstd(1) | 0.6 | 0.23 | 2.5 | 0.50 |
+//! | 2 streams, no compression | 2.0 | 0.77 | 0.91 | 1.00 |
+//! | 2 streams, lz4 | 0.9 | 0.34 | 2.1 | 0.51 |
 //!
-//! Unix socket: raw 3.5 GiB/s, engine 2.2 GiB/s (0.61x). Both ends are
+//! Unix socket: raw 3.4 GiB/s, engine 2.1 GiB/s (0.62x). Both ends are
 //! CPU-bound on two cores (raw keeps ~1.5 cores busy, so does the engine), so
 //! the ratio is about the ratio of CPU per byte. What the engine adds to the
 //! raw copy's two kernel copies: the `process_vm_readv` copy that reads the
@@ -77,11 +77,15 @@
 //! largest), one CRC32C pass per page at each end (`crc-fast`, ~0.03 s/GiB
 //! on cache-hot pages), and for pages that already hold data at the
 //! destination, a copy from the frame buffer (fresh pages are read in place).
-//! Hence:
+//! Across a veth pair shaped to 2 Gbit/s (`scripts/bench-netns.sh`) one
+//! stream matches the raw copy (1.00x), lz4 carries 1.84x and zstd(1) 1.96x
+//! what the raw copy does. Hence:
 //!
 //! - **Compression off** ([`Compression::None`]): on loopback every codec
-//!   costs more CPU than the bytes it saves; lz4 pays off only on links slower
-//!   than ~2 GB/s, zstd on links slower than ~0.6 GB/s. Choose per transfer.
+//!   costs more CPU than the bytes it saves. On a link slower than what the
+//!   codec sustains (lz4 ~0.85 GiB/s, zstd(1) ~0.6 GiB/s of memory on this
+//!   machine) and with compressible memory, turn it on: it doubled what a
+//!   2 Gbit/s link carried. Choose per transfer.
 //! - **One stream**: a second connection adds writer and receiver threads that
 //!   compete for the same two cores and gains 5–10 %, within the noise of
 //!   this machine; it costs more CPU per byte and gives up reading in place.
