@@ -12,6 +12,10 @@ def crc32c(data, crc=0):
             crc = (crc >> 1) ^ (poly if crc & 1 else 0)
     return crc ^ 0xFFFFFFFF
 
+def digest(mem):
+    """The memory digest (protocol v2): CRC32C of the per-page CRC32Cs, little-endian."""
+    return crc32c(b"".join(struct.pack("<I", crc32c(mem[i:i + PS])) for i in range(0, len(mem), PS)))
+
 def frame(kind, a=0, b=0, c=0, payload=b"", codec=0):
     h = struct.pack("<BBHIQQI", kind, codec, 0, len(payload), a, b, c)
     return h + struct.pack("<I", crc32c(h + payload)) + payload
@@ -29,7 +33,7 @@ def stream():
     s += frame(PAGES, 0x20000, PS, payload=b"\x22" * PS)
     mem[0x4000:0x5000] = b"\x22" * PS
     s += frame(RE, 0, 2, payload=struct.pack("<Q", 1))
-    s += frame(FIN, 1, 0, crc32c(bytes(mem)))
+    s += frame(FIN, 1, 0, digest(bytes(mem)))
     return s
 
 def image():
@@ -37,7 +41,7 @@ def image():
     hello = struct.pack("<QII16sII", PS, 0, 1, b"\0" * 16, len(regions), 0)
     for st, ln in regions:
         hello += struct.pack("<QQ", st, ln)
-    out = b"PRCPIMG\0" + struct.pack("<II", 1, 0)
+    out = b"PRCPIMG\0" + struct.pack("<II", 2, 0)
     out += frame(HELLO, payload=hello)
     out += frame(RB, 0)
     data_off = len(out) + 32
@@ -45,7 +49,7 @@ def image():
     out += frame(ZERO, BASE + PS, PS)
     out += frame(RE, 0, 1, payload=struct.pack("<Q", 1))
     mem = b"\x33" * PS + b"\0" * 3 * PS
-    ck = crc32c(mem)
+    ck = digest(mem)
     out += frame(FIN, 1, 0, ck)
     index_off = len(out)
     out += frame(INDEX, payload=struct.pack("<QQQ", BASE, PS, data_off) + struct.pack("<QQQ", BASE + PS, PS, 2**64 - 1))

@@ -69,8 +69,10 @@
 //! # The final round and downtime
 //!
 //! The driver pauses the workload, scans, sends the pages of the last iterative scan together
-//! with the new ones as one round, computes the source's whole-memory checksum, and waits for the
-//! receiver to acknowledge it (the receiver compares it with its own memory). **Downtime** is the
+//! with the new ones as one round, sends the final memory checksum, and waits for the receiver to
+//! acknowledge it. With [`TransferTransport`] the checksum is built from the page CRCs both ends
+//! recorded while sending and applying (no pass over memory while paused), or with
+//! `FinalCheck::Full` also from all source and destination memory read anew. **Downtime** is the
 //! time from the pause to that acknowledgement; the report splits it into pause, scan, send and
 //! checksum + ack. Then the workload is resumed or left stopped ([`AfterMigration`]). If
 //! anything fails after the pause, the workload is resumed before the error is returned: a failed

@@ -106,18 +106,6 @@ fn code_for(e: &TransferError) -> u32 {
     }
 }
 
-/// Full error text with its causes, for an ERROR frame.
-fn describe(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// The receiver's half of the handshake on one connection. `first` is the
 /// HELLO of the transfer's first connection, which later ones must match.
 fn receiver_handshake(
@@ -127,7 +115,7 @@ fn receiver_handshake(
 ) -> Result<Hello, TransferError> {
     let result = handshake_steps(conn, config, first);
     if let Err(e) = &result {
-        send_error(conn, code_for(e), &describe(e));
+        send_error(conn, code_for(e), &precopy_sys::error_chain(e));
         let _ = conn.shutdown(Shutdown::Both);
     }
     result
@@ -456,7 +444,7 @@ impl<K: ?Sized> Shared<'_, K> {
     }
 
     fn fail_now(&self, e: &TransferError) {
-        let msg = describe(e);
+        let msg = precopy_sys::error_chain(e);
         for c in self.conns {
             send_error(c, code_for(e), &msg);
             let _ = c.shutdown(Shutdown::Write);

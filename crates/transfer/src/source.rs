@@ -1,7 +1,8 @@
 //! Where page contents come from: the [`PageSource`] trait, the
 //! `process_vm_readv` reader used for any process (including this one), a
-//! slice-backed source for tests, and the whole-memory checksum both ends
-//! compute.
+//! slice-backed source for tests, and [`memory_checksum`], the memory digest
+//! read from a source (what [`FinalCheck::Full`](crate::FinalCheck::Full)
+//! compares with the page CRCs recorded while sending).
 //!
 //! A source never invents data: a page it cannot read is a
 //! [`SourceError::Unmapped`], never zeros.
