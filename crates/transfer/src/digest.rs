@@ -27,6 +27,8 @@ use std::sync::OnceLock;
 
 use serde::Serialize;
 
+use crate::error::TransferError;
+
 /// How a transfer's final checksum is established.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub enum FinalCheck {
@@ -57,6 +59,28 @@ impl FinalCheck {
             _ => None,
         }
     }
+}
+
+/// A sink's final check: the digest of the CRCs it `recorded` must equal
+/// `expected`, and with [`FinalCheck::Full`] so must the digest of what it
+/// holds, read back by `read_back` (called only then).
+pub(crate) fn check_final(
+    expected: u32,
+    recorded: u32,
+    check: FinalCheck,
+    read_back: impl FnOnce() -> Result<u32, TransferError>,
+) -> Result<(), TransferError> {
+    let mismatch = |actual| TransferError::ChecksumMismatch { expected, actual };
+    if recorded != expected {
+        return Err(mismatch(recorded));
+    }
+    if check == FinalCheck::Full {
+        let actual = read_back()?;
+        if actual != expected {
+            return Err(mismatch(actual));
+        }
+    }
+    Ok(())
 }
 
 /// CRC32C of one page.
@@ -236,11 +260,6 @@ impl MemoryDigest {
     /// An empty digest.
     pub fn new() -> MemoryDigest {
         MemoryDigest { crc: 0 }
-    }
-
-    /// Appends the next page's CRC.
-    pub fn push(&mut self, page_crc: u32) {
-        self.crc = crc32c::crc32c_append(self.crc, &page_crc.to_le_bytes());
     }
 
     /// Appends the CRCs of each page of `data` (whole pages of `page_size`).

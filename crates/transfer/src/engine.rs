@@ -135,8 +135,10 @@ pub struct Transfer<S, K> {
     /// Ranges of the batch being gathered, and their total bytes.
     batch: Vec<Range<u64>>,
     batch_len: u64,
-    /// CRC of each page of the batch being flushed (`None`: zero page).
-    batch_crcs: Vec<Option<u32>>,
+    /// CRC of each page of the batch being flushed, and whether it is all
+    /// zeros (then its CRC is not taken nor used).
+    batch_crcs: Vec<u32>,
+    batch_zero: Vec<bool>,
     scratch: Vec<Range<u64>>,
     /// The CRC of the last copy read of every page.
     crcs: PageCrcs,
@@ -186,6 +188,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             batch: Vec::new(),
             batch_len: 0,
             batch_crcs: Vec::new(),
+            batch_zero: Vec::new(),
             scratch: Vec::new(),
             crcs,
             totals: TransferSummary {
@@ -336,62 +339,67 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             return Err(e.into());
         }
         let ps = self.layout.page_size() as usize;
-        let mut pages = std::mem::take(&mut self.batch_crcs);
-        pages.clear();
-        pages.extend(
+        let (mut crcs, mut zero) = (
+            std::mem::take(&mut self.batch_crcs),
+            std::mem::take(&mut self.batch_zero),
+        );
+        zero.clear();
+        zero.extend(buf[..n].chunks_exact(ps).map(is_zero));
+        crcs.clear();
+        crcs.extend(
             buf[..n]
                 .chunks_exact(ps)
-                .map(|p| (!is_zero(p)).then(|| page_crc(p))),
+                .zip(&zero)
+                .map(|(p, &z)| if z { 0 } else { page_crc(p) }),
         );
         let shared = self.pool.share(buf);
-        let result = self.send_batch(&batch, &shared, &pages);
-        self.batch_crcs = pages;
+        let result = self.send_batch(&batch, &shared, &crcs, &zero);
+        (self.batch_crcs, self.batch_zero) = (crcs, zero);
         self.batch = batch;
         self.batch.clear();
         result
     }
 
     /// Hands the runs of a read batch to the sink and records their CRCs.
-    /// `pages` holds each page's CRC, or `None` for a zero page.
+    /// `crcs` and `zero` hold each page's CRC and whether it is all zeros.
     fn send_batch(
         &mut self,
         batch: &[Range<u64>],
         shared: &crate::buffer::SharedBuf,
-        pages: &[Option<u32>],
+        crcs: &[u32],
+        zero: &[bool],
     ) -> Result<(), TransferError> {
         let ps = self.layout.page_size();
         let state = self.current.as_mut().ok_or(TransferError::Misuse {
             operation: "send_dirty",
             state: "outside a round",
         })?;
-        let mut run_crcs: Vec<u32> = Vec::with_capacity(pages.len());
         let mut at = 0usize;
         for r in batch {
             let count = ((r.end - r.start) / ps) as usize;
             // Pieces lie inside one region, so their table slots are contiguous.
             let first = (self.layout.locate(r.clone())? / ps) as usize;
-            let mine = &pages[at..at + count];
             let mut k = 0;
             while k < count {
-                let zero = mine[k].is_none();
-                let end = mine[k..]
+                // A run of pages that are all zero or all not.
+                let z = zero[at + k];
+                let end = zero[at + k..at + count]
                     .iter()
-                    .position(|p| p.is_none() != zero)
+                    .position(|&p| p != z)
                     .map_or(count, |n| k + n);
                 let addr = r.start + k as u64 * ps;
                 let n = (end - k) as u64;
-                if zero {
+                if z {
                     state.zero_pages += n;
                     self.crcs.set_zero(first + k, end - k);
                     self.sink.send_zero_range(addr..addr + n * ps)?;
                 } else {
                     state.pages += n;
-                    run_crcs.clear();
-                    run_crcs.extend(mine[k..end].iter().flatten());
-                    self.crcs.set(first + k, &run_crcs);
+                    let run = &crcs[at + k..at + end];
+                    self.crcs.set(first + k, run);
                     let off = (at + k) * ps as usize;
                     let view = shared.view(off..off + (n * ps) as usize);
-                    self.sink.send_pages(addr, view, &run_crcs)?;
+                    self.sink.send_pages(addr, view, run)?;
                 }
                 k = end;
             }
@@ -465,11 +473,6 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         self.totals.checksum = checksum;
         self.totals.check = check;
         Ok(self.totals)
-    }
-
-    /// The memory digest of what was sent so far.
-    pub fn recorded_checksum(&self) -> u32 {
-        self.crcs.digest()
     }
 
     fn check_can_finish(&self) -> Result<(), TransferError> {

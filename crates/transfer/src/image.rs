@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::buffer::PageBuf;
-use crate::digest::{FinalCheck, MemoryDigest, PageCrcs, PageFold, zero_page_crc};
+use crate::digest::{FinalCheck, MemoryDigest, PageCrcs, PageFold, check_final, zero_page_crc};
 use crate::error::{ImageError, ProtocolError, TransferError};
 use crate::layout::{Layout, Region};
 use crate::protocol::{
@@ -291,19 +291,7 @@ impl Sink for ImageWriter {
             });
         }
         let recorded = self.crcs.digest();
-        let actual = match check {
-            FinalCheck::Recorded => recorded,
-            FinalCheck::Full if recorded == memory_checksum => self.checksum()?,
-            FinalCheck::Full => recorded,
-        };
-        for got in [recorded, actual] {
-            if got != memory_checksum {
-                return Err(TransferError::ChecksumMismatch {
-                    expected: memory_checksum,
-                    actual: got,
-                });
-            }
-        }
+        check_final(memory_checksum, recorded, check, || self.checksum())?;
         self.write(FrameKind::Finish, self.next_round, 0, memory_checksum, &[])?;
         self.sync()?;
         let index_offset = self.pos();
@@ -753,25 +741,18 @@ fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Walk, ImageErr
             break;
         }
         let fault = |e: ProtocolError, truncated: bool| Some((e, truncated));
-        let h = if check_payloads {
-            match r.read_frame(&mut p) {
-                Ok(h) => h,
-                Err(e) => {
-                    let e = to_protocol(e)?;
-                    let t = matches!(e, ProtocolError::Truncated { .. });
-                    w.fault = fault(e, t);
-                    break;
-                }
-            }
+        let read = if check_payloads {
+            r.read_frame(&mut p)
         } else {
-            match read_header_skipping_pages(&mut r, &mut p, len) {
-                Ok(h) => h,
-                Err(e) => {
-                    let e = to_protocol(e)?;
-                    let t = matches!(e, ProtocolError::Truncated { .. });
-                    w.fault = fault(e, t);
-                    break;
-                }
+            read_header_skipping_pages(&mut r, &mut p, len)
+        };
+        let h = match read {
+            Ok(h) => h,
+            Err(e) => {
+                let e = to_protocol(e)?;
+                let t = matches!(e, ProtocolError::Truncated { .. });
+                w.fault = fault(e, t);
+                break;
             }
         };
         w.records += 1;

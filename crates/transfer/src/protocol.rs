@@ -583,7 +583,6 @@ fn finish_verify(
     offset: u64,
     computed: u32,
 ) -> Result<Header, TransferError> {
-    let payload_len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
     let stored = u32::from_le_bytes([h[28], h[29], h[30], h[31]]);
     if stored != computed {
         return Err(ProtocolError::BadChecksum {
@@ -594,6 +593,14 @@ fn finish_verify(
         }
         .into());
     }
+    Ok(decode_header(h, offset)?)
+}
+
+/// Decodes a raw header's fields without looking at its CRC: for a caller
+/// that must decide where a payload goes before it can check the frame
+/// ([`verify_frame`] and friends decode only after the CRC matched).
+pub fn decode_header(h: &[u8; HEADER_LEN], offset: u64) -> Result<Header, ProtocolError> {
+    let payload_len = raw_payload_len(h);
     let kind =
         FrameKind::from_u8(h[0]).ok_or(ProtocolError::UnknownFrame { offset, kind: h[0] })?;
     let field = |r: std::ops::Range<usize>| {
@@ -606,8 +613,7 @@ fn finish_verify(
             offset,
             kind,
             reason: "reserved header bytes are not zero",
-        }
-        .into());
+        });
     }
     Ok(Header {
         offset,

@@ -22,7 +22,7 @@ use crate::layout::Layout;
 use crate::net::{Connection, Listener};
 use crate::protocol::{
     Codec, FrameKind, FrameReader, FrameWriter, HEADER_LEN, Header, Hello, MAX_PAGES_LEN,
-    error_code, error_message, expect, parse_mac, raw_payload_len, verify_frame_pages,
+    decode_header, error_code, error_message, expect, parse_mac, verify_frame_pages,
     verify_pages_header,
 };
 use crate::sink::Sink;
@@ -332,13 +332,7 @@ impl Receiver {
                             let pool = BufferPool::new(2);
                             let reader = BufReader::with_capacity(READ_BUFFER, c);
                             let frames = Frames::Direct(FrameReader::new(reader));
-                            return match receive_stream(frames, &pool, shared) {
-                                Ok(o) => Some(o),
-                                Err(e) => {
-                                    shared.fail(e);
-                                    None
-                                }
-                            };
+                            return shared.outcome(receive_stream(frames, &pool, shared));
                         }
                         // Several connections: each socket is read on its own
                         // thread so the kernel copy overlaps checksumming and
@@ -349,13 +343,7 @@ impl Receiver {
                         std::thread::scope(|s2| {
                             s2.spawn(move || read_socket(c, &reader_pool, tx));
                             let frames: Frames<&[u8]> = Frames::Queued { rx };
-                            match receive_stream(frames, &pool, shared) {
-                                Ok(o) => Some(o),
-                                Err(e) => {
-                                    shared.fail(e);
-                                    None
-                                }
-                            }
+                            shared.outcome(receive_stream(frames, &pool, shared))
                         })
                     })
                 })
@@ -441,6 +429,11 @@ impl<K: ?Sized> Shared<'_, K> {
         for c in self.conns {
             let _ = c.shutdown(Shutdown::Both);
         }
+    }
+
+    /// A stream's result: its outcome, or `None` after recording its failure.
+    fn outcome(&self, r: Result<StreamOutcome, TransferError>) -> Option<StreamOutcome> {
+        r.map_err(|e| self.fail(e)).ok()
     }
 
     fn fail_now(&self, e: &TransferError) {
@@ -556,25 +549,18 @@ fn read_in_place<R: Read, K: Sink + ?Sized>(
     shared: &Shared<'_, K>,
 ) -> Result<Option<Header>, TransferError> {
     let ps = fold.page_size();
-    let field = |at: usize| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&h[at..at + 8]);
-        u64::from_le_bytes(b)
+    let peek = match decode_header(h, offset) {
+        Ok(p)
+            if p.kind == FrameKind::Pages
+                && p.codec == Codec::None as u8
+                && u64::from(p.payload_len) == p.b
+                && check_pages(&p, shared.layout).is_ok() =>
+        {
+            p
+        }
+        _ => return Ok(None),
     };
-    let (addr, len) = (field(8), field(16));
-    let plain_pages = h[0] == FrameKind::Pages as u8 && h[1] == Codec::None as u8;
-    if !plain_pages
-        || u64::from(raw_payload_len(h)) != len
-        || len == 0
-        || len % ps != 0
-        || len > MAX_PAGES_LEN
-        || addr % ps != 0
-        || addr
-            .checked_add(len)
-            .is_none_or(|end| shared.layout.locate(addr..end).is_err())
-    {
-        return Ok(None);
-    }
+    let (addr, len) = (peek.a, peek.b);
     let mut sink = lock(&shared.sink);
     let Some(dest) = sink.lend_pages(addr, len) else {
         return Ok(None);

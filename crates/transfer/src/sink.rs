@@ -13,7 +13,7 @@ use bitvec::vec::BitVec;
 use memmap2::MmapMut;
 
 use crate::buffer::PageBuf;
-use crate::digest::{FinalCheck, MemoryDigest, PageCrcs};
+use crate::digest::{FinalCheck, MemoryDigest, PageCrcs, check_final};
 use crate::error::{LayoutError, TransferError};
 use crate::layout::Layout;
 
@@ -283,21 +283,7 @@ impl Sink for MemorySink {
     /// [`FinalCheck::Full`], also re-reads all memory and requires the same.
     fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
         let recorded = self.recorded_checksum();
-        if recorded != memory_checksum {
-            return Err(TransferError::ChecksumMismatch {
-                expected: memory_checksum,
-                actual: recorded,
-            });
-        }
-        if check == FinalCheck::Full {
-            let actual = self.checksum();
-            if actual != memory_checksum {
-                return Err(TransferError::ChecksumMismatch {
-                    expected: memory_checksum,
-                    actual,
-                });
-            }
-        }
+        check_final(memory_checksum, recorded, check, || Ok(self.checksum()))?;
         self.stats.finished = Some(recorded);
         Ok(())
     }
