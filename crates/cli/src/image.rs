@@ -1,11 +1,15 @@
 //! `precopy image`: inspect and check checkpoint images (the files an
 //! `ImageWriter` writes).
 //!
-//! - `info IMG [--json]`: layout, rounds, page counts and whether the image is
-//!   complete. Works on incomplete images and says why they are incomplete.
-//! - `cat IMG --range START-END`: the raw bytes of source addresses
-//!   `START..END` as the image holds them (zeros for pages never sent), to
-//!   stdout.
+//! - `info IMG [--verify] [--json]`: layout, rounds, page counts, whether the
+//!   image is complete (every record present) and, with `--verify`, whether it
+//!   is verified (every checksum checked). Works on incomplete images and says
+//!   why they are incomplete.
+//! - `cat IMG --range START-END [--incomplete]`: the raw bytes of source
+//!   addresses `START..END` as the image holds them (zeros for pages never
+//!   sent), to stdout. Every page is checked against its CRC before it is
+//!   written; a damaged page stops the command with an error. An incomplete
+//!   image is refused unless `--incomplete`.
 //! - `verify IMG [--json]`: every record's CRC, the index and the memory
 //!   checksum. Exits 0 only for a complete image that passes every check; an
 //!   incomplete or damaged image is an error.
@@ -19,10 +23,12 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use precopy_transfer::VerifyReport;
 use serde::Serialize;
+
+use crate::output;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -32,28 +38,38 @@ pub struct Args {
 
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
-    /// Show an image's layout, rounds, page counts and whether it is complete.
+    /// Show an image's layout, rounds, page counts and whether it is complete (all records
+    /// present) and, with --verify, verified (every checksum checked).
     Info {
         /// The image file.
         image: PathBuf,
+        /// Also check every record's CRC, the index and the memory checksum (reads the whole
+        /// file); exit non-zero if a check fails.
+        #[arg(long)]
+        verify: bool,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Write the bytes of source addresses START..END, as the image holds them, to stdout.
+    /// Every page written is checked against its CRC first; a damaged page is an error.
     Cat {
         /// The image file.
         image: PathBuf,
         /// Half-open span of source addresses, each decimal or 0x hex (e.g. 0x1000-0x2000).
         #[arg(long, value_name = "START-END", value_parser = span)]
         range: Range<u64>,
+        /// Read an incomplete image anyway: the rounds that ended before the cut, pages not
+        /// sent in them as zeros (which need not be the source's bytes).
+        #[arg(long)]
+        incomplete: bool,
     },
     /// Check every record, the index and the memory checksum; exit 0 only if the image is
     /// complete and intact.
     Verify {
         /// The image file.
         image: PathBuf,
-        /// On success, print one JSON object instead of text (failures go to stderr).
+        /// Print one JSON object instead of text (on failure too).
         #[arg(long)]
         json: bool,
     },
@@ -61,26 +77,75 @@ enum ImageCommand {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     match args.command {
-        ImageCommand::Info { image, json } => info(&image, json),
-        ImageCommand::Cat { image, range } => cat(&image, range),
+        ImageCommand::Info {
+            image,
+            verify,
+            json,
+        } => info(&image, verify, json),
+        ImageCommand::Cat {
+            image,
+            range,
+            incomplete,
+        } => cat(&image, range, incomplete),
         ImageCommand::Verify { image, json } => verify(&image, json),
     }
 }
 
-fn info(image: &Path, json: bool) -> Result<ExitCode> {
+fn info(image: &Path, check: bool, json: bool) -> Result<ExitCode> {
     let info = precopy_transfer::image_info(image)?;
+    let checked =
+        check.then(|| precopy_transfer::image_verify(image).context("verification failed"));
+    let verified = matches!(checked, Some(Ok(_)));
+    let verified_text = match &checked {
+        None if info.complete => {
+            "no (page data not read: `precopy image verify` or `image info --verify` checks it)"
+        }
+        None => "no (incomplete)",
+        Some(Ok(_)) => "yes (every record's CRC, the index and the memory checksum)",
+        Some(Err(_)) => "NO: a check failed",
+    };
     if json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        let mut v = serde_json::to_value(&info)?;
+        v["verified"] = verified.into();
+        v["verify_checked"] = check.into();
+        match checked {
+            Some(Err(e)) => return Err(output::fail(true, v, e)),
+            _ => output::print_json(v, None),
+        }
     } else {
         println!("{info}");
+        println!("verified:   {verified_text}");
+        if let Some(Err(e)) = checked {
+            return Err(e);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn cat(image: &Path, range: Range<u64>) -> Result<ExitCode> {
+fn cat(image: &Path, range: Range<u64>, incomplete: bool) -> Result<ExitCode> {
+    let img = precopy_transfer::Image::open(image)?;
+    if !img.is_complete() {
+        let info = img.info();
+        let reason = info.incomplete_reason.as_deref().unwrap_or("unknown");
+        if !incomplete {
+            bail!(
+                "image {} is incomplete ({reason}): it holds no finished copy of the source's \
+                 memory; pass --incomplete to read the {} round(s) that ended before the cut",
+                image.display(),
+                info.rounds.len()
+            );
+        }
+        eprintln!(
+            "precopy: warning: image {} is incomplete ({reason}); showing the {} round(s) that \
+             ended before the cut, pages not sent in them as zeros",
+            image.display(),
+            info.rounds.len()
+        );
+    }
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
-    let written = precopy_transfer::image_cat(image, range, &mut out)
+    let written = img
+        .read_span(range, &mut out)
         .map_err(anyhow::Error::from)
         .and_then(|()| Ok(out.flush()?));
     match written {
@@ -103,17 +168,25 @@ struct Verified<'a> {
 fn verify(image: &Path, json: bool) -> Result<ExitCode> {
     // An incomplete image is an error like any other: the library's message
     // ("image X is incomplete: <why>") says so.
-    let report = precopy_transfer::image_verify(image).context("verification failed")?;
+    let report = match precopy_transfer::image_verify(image).context("verification failed") {
+        Ok(r) => r,
+        Err(e) => {
+            let complete = precopy_transfer::image_info(image).is_ok_and(|i| i.complete);
+            let v = serde_json::json!({ "path": image, "complete": complete, "verified": false });
+            return Err(output::fail(json, v, e));
+        }
+    };
     if json {
-        let out = Verified {
+        let mut v = serde_json::to_value(Verified {
             path: image,
             complete: true,
             report,
-        };
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        })?;
+        v["verified"] = true.into();
+        output::print_json(v, None);
     } else {
         println!(
-            "{}: OK, complete; {} records in {} rounds checked, memory checksum {:#010x}",
+            "{}: OK, complete and verified; {} records in {} rounds checked, memory checksum {:#010x}",
             image.display(),
             report.records,
             report.rounds,

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 mod bench;
 mod demo;
 mod image;
+mod output;
 mod probe;
 
 #[derive(Debug, Parser)]
@@ -46,7 +47,30 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    // Whether the user asked for JSON, known even when the arguments do not parse.
+    let json = std::env::args_os().any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap's message names the flag and the value as typed; keep its usage hint.
+            let _ = e.print();
+            if json {
+                let message = e.kind().to_string();
+                let detail = e.render().to_string();
+                let first = detail
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ");
+                output::print_json(
+                    serde_json::Value::Null,
+                    Some(&anyhow::anyhow!("{}", first).context(message)),
+                );
+            }
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Probe(args) => probe::run(args),
         Command::Demo(args) => demo::run(args),
@@ -57,8 +81,12 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if e.is::<output::Reported>() => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("precopy: error: {e:#}");
+            output::print_error(&e);
+            if json {
+                output::print_json(serde_json::Value::Null, Some(&e));
+            }
             ExitCode::FAILURE
         }
     }

@@ -179,3 +179,136 @@ fn bad_arguments_and_missing_files_fail() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// File offset of the round-1 copy of page 1 (4096 bytes of 0xa5).
+fn rewritten_page_offset(bytes: &[u8]) -> usize {
+    bytes
+        .windows(PS as usize)
+        .position(|w| w.iter().all(|&b| b == 0xa5))
+        .expect("the round-1 page is in the image")
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim().lines().count(), 1, "one JSON line: {text}");
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+fn page_range(page: u64) -> String {
+    format!("{:#x}-{:#x}", BASE + page * PS, BASE + (page + 1) * PS)
+}
+
+#[test]
+fn flipped_byte_fails_cat_and_verify_but_not_structure() {
+    let dir = scratch("flip");
+    let img = dir.join("img");
+    let mem = write_image(&img);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let at = rewritten_page_offset(&bytes) + 1000;
+    bytes[at] ^= 0x40;
+    std::fs::write(&img, &bytes).unwrap();
+
+    // The damaged page: refused, the error names the damage and the address.
+    let out = precopy(&["image", "cat", path_arg(&img), "--range", &page_range(1)]);
+    assert_eq!(out.status.code(), Some(1), "a damaged page was emitted");
+    let err = stderr(&out);
+    assert!(err.contains("damaged"), "{err}");
+    assert!(err.contains(&format!("{:#x}", BASE + PS)), "{err}");
+    assert!(err.contains("bad checksum"), "{err}");
+    assert_eq!(
+        err.matches("error:").count(),
+        1,
+        "error printed once: {err}"
+    );
+    assert!(
+        !out.stdout.contains(&(0xa5 ^ 0x40)),
+        "the flipped byte reached stdout"
+    );
+    // A page in another, intact record still reads.
+    let out = precopy(&["image", "cat", path_arg(&img), "--range", &page_range(7)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.stdout == mem[(7 * PS) as usize..(8 * PS) as usize]);
+
+    // `info` reads no page data: complete, but not verified.
+    let out = precopy(&["image", "info", "--json", path_arg(&img)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = json_of(&out);
+    assert_eq!(v["complete"], true);
+    assert_eq!(v["verified"], false);
+    assert_eq!(v["ok"], true);
+    let out = precopy(&["image", "info", path_arg(&img)]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("verified:   no"), "{text}");
+    // `info --verify` and `verify` read everything and fail, in one shape.
+    for args in [
+        &["image", "info", "--verify", "--json"][..],
+        &["image", "verify", "--json"][..],
+    ] {
+        let mut args = args.to_vec();
+        args.push(path_arg(&img));
+        let out = precopy(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?} passed a damaged image"
+        );
+        let v = json_of(&out);
+        assert_eq!(v["ok"], false, "{v}");
+        assert_eq!(v["verified"], false, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("bad checksum"), "{v}");
+        assert!(
+            v["error"]["chain"].as_array().is_some_and(|c| c.len() >= 2),
+            "{v}"
+        );
+        assert_eq!(
+            stderr(&out).matches("error:").count(),
+            1,
+            "{}",
+            stderr(&out)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn truncated_image_is_refused_by_cat_unless_asked() {
+    let dir = scratch("trunc");
+    let img = dir.join("img");
+    let mem = write_image(&img);
+    let bytes = std::fs::read(&img).unwrap();
+    // Cut inside round 1's page: round 1 never ended.
+    let cut = rewritten_page_offset(&bytes) + 100;
+    std::fs::write(&img, &bytes[..cut]).unwrap();
+
+    let out = precopy(&["image", "cat", path_arg(&img), "--range", &page_range(0)]);
+    assert_eq!(out.status.code(), Some(1), "an incomplete image was read");
+    assert!(out.stdout.is_empty());
+    let err = stderr(&out);
+    assert!(
+        err.contains("incomplete") && err.contains("--incomplete"),
+        "{err}"
+    );
+
+    // Asked for: round 0 only, with a warning; page 1 is its round-0 copy.
+    let range = format!("{:#x}-{:#x}", BASE, BASE + 2 * PS);
+    let out = precopy(&[
+        "image",
+        "cat",
+        path_arg(&img),
+        "--range",
+        &range,
+        "--incomplete",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("warning"), "{}", stderr(&out));
+    let src = source_memory();
+    assert!(out.stdout == src[..(2 * PS) as usize]);
+    assert!(out.stdout[..PS as usize] == mem[..PS as usize]);
+
+    let v = json_of(&precopy(&["image", "info", "--json", path_arg(&img)]));
+    assert_eq!(v["complete"], false);
+    assert_eq!(v["verified"], false);
+    assert_eq!(v["rounds"].as_array().map(Vec::len), Some(1));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -2,7 +2,7 @@
 //!
 //! The structs come from `linux-raw-sys` (pure Rust, generated from the kernel's UAPI headers);
 //! the ioctl numbers that crate lacks are computed here from the same `_IOWR` formula the kernel
-//! uses and asserted against the values measured on Linux 6.18 (see `KERNEL-NOTES.md`).
+//! uses and asserted against the values measured on Linux 6.18 (see `docs/KERNEL.md`).
 
 use core::mem::size_of;
 use linux_raw_sys::general as g;
@@ -99,7 +99,7 @@ pub mod category {
     ];
 }
 
-// Layouts and numbers measured on Linux 6.18 x86_64 (KERNEL-NOTES.md). A mismatch is a build error,
+// Layouts and numbers measured on Linux 6.18 x86_64 (docs/KERNEL.md). A mismatch is a build error,
 // not a runtime surprise.
 const _: () = assert!(size_of::<PmScanArg>() == 96);
 const _: () = assert!(size_of::<PageRegion>() == 24);

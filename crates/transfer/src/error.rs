@@ -151,7 +151,8 @@ pub enum ProtocolError {
     },
     /// A frame's CRC32C does not match its contents.
     #[error(
-        "{kind} frame at byte {offset} has a bad checksum (stored {stored:#010x}, computed {computed:#010x})"
+        "{} frame at byte {offset} has a bad checksum (stored {stored:#010x}, computed {computed:#010x})",
+        crate::protocol::FrameKind::from_u8(*kind).map_or_else(|| format!("kind-{kind}"), |k| k.to_string())
     )]
     BadChecksum {
         /// Stream offset of the frame header.
@@ -311,6 +312,18 @@ pub enum ImageError {
         expected: u32,
         /// Checksum of the memory the image holds.
         actual: u32,
+    },
+    /// A page the image holds fails its CRC32C: the file was altered after
+    /// it was written.
+    #[error("image {path} is damaged: the page at source address {addr:#x} fails its check")]
+    PageDamaged {
+        /// The image file.
+        path: PathBuf,
+        /// Source address of the page.
+        addr: u64,
+        /// The failed check, with its file offset.
+        #[source]
+        source: ProtocolError,
     },
     /// A requested span is not inside the image's layout.
     #[error("span {range:#x?} is not inside the image layout")]

@@ -30,11 +30,14 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::buffer::PageBuf;
-use crate::digest::{FinalCheck, MemoryDigest, PageCrcs, PageFold, check_final, zero_page_crc};
+use crate::digest::{
+    FinalCheck, MemoryDigest, PageCrcs, PageFold, check_final, page_crc, zero_page_crc,
+};
 use crate::error::{ImageError, ProtocolError, TransferError};
 use crate::layout::{Layout, Region};
 use crate::protocol::{
     FrameKind, FrameReader, FrameWriter, HEADER_LEN, Header, Hello, MAX_PAYLOAD, expect,
+    verify_frame_pages,
 };
 use crate::sink::Sink;
 
@@ -381,7 +384,9 @@ pub struct ImageInfo {
     pub zero_pages: u64,
     /// Pages never sent (read as zeros).
     pub never_sent_pages: u64,
-    /// Whether the image is complete (final checksum, index and trailer).
+    /// Whether the image is complete: its records, final checksum, index
+    /// and trailer are all present and well formed. Says nothing about the
+    /// page data, which `info` does not read: [`Image::verify`] checks that.
     pub complete: bool,
     /// The recorded memory checksum, when complete.
     pub memory_checksum: Option<u32>,
@@ -411,6 +416,8 @@ struct Walk {
     finish: Option<(u64, u32)>,
     index: Vec<(u64, u64, u64)>,
     trailer: Option<Header>,
+    /// Every PAGES record seen, in file order: (header offset, payload length).
+    pages_records: Vec<(u64, u64)>,
     /// First fault: a record that is cut short (`true`) or damaged (`false`).
     fault: Option<(ProtocolError, bool)>,
 }
@@ -423,6 +430,8 @@ pub struct Image {
     layout: Layout,
     rounds: Vec<RoundInfo>,
     loc: Vec<u64>,
+    /// Every PAGES record, in file order: (header offset, payload length).
+    pages_records: Vec<(u64, u64)>,
     complete: bool,
     checksum: Option<u32>,
     incomplete_reason: Option<String>,
@@ -464,6 +473,7 @@ impl Image {
             layout: walk.layout,
             rounds: walk.rounds,
             loc,
+            pages_records: walk.pages_records,
             complete,
             checksum: if complete {
                 walk.finish.map(|f| f.1)
@@ -508,6 +518,14 @@ impl Image {
     /// Writes the bytes of source addresses `range` as the image holds them
     /// (zeros where a page was never sent) to `out`. The span may cross
     /// adjacent regions but not a gap between them.
+    ///
+    /// Every page written out is checked first: the PAGES record holding it
+    /// is read whole once and its CRC32C checked (yielding each page's
+    /// CRC32C), and the page's bytes are checked against that page CRC. A
+    /// page that fails is [`ImageError::PageDamaged`]; bytes before it may
+    /// already be in `out`. This does not make an incomplete image complete:
+    /// check [`Image::is_complete`] first (pages of an unfinished round are
+    /// not part of the image, and pages never sent read as zeros).
     pub fn read_span(&self, range: Range<u64>, out: &mut dyn Write) -> Result<(), ImageError> {
         let ps = self.layout.page_size();
         let outside = || ImageError::SpanOutsideLayout {
@@ -530,6 +548,10 @@ impl Image {
             move |source| ImageError::Io { path, what, source }
         };
         let mut page = vec![0u8; ps as usize];
+        let mut checked = RecordCrcs {
+            fold: PageFold::new(ps),
+            records: std::collections::HashMap::new(),
+        };
         for (r, off) in pieces {
             let mut addr = r.start;
             let mut idx = (off / ps) as usize;
@@ -538,9 +560,23 @@ impl Image {
                 if l >= ZERO {
                     page.fill(0);
                 } else {
+                    let want = self.page_crc_at(addr, l, &mut checked)?;
                     self.file
                         .read_exact_at(&mut page, l)
                         .map_err(io("reading"))?;
+                    let got = page_crc(&page);
+                    if got != want {
+                        return Err(ImageError::PageDamaged {
+                            path: self.path.clone(),
+                            addr,
+                            source: ProtocolError::BadChecksum {
+                                offset: l,
+                                kind: FrameKind::Pages as u8,
+                                stored: want,
+                                computed: got,
+                            },
+                        });
+                    }
                 }
                 let from = range.start.max(addr) - addr;
                 let to = range.end.min(addr + ps) - addr;
@@ -551,6 +587,65 @@ impl Image {
             }
         }
         Ok(())
+    }
+
+    /// The CRC32C of the page at source address `addr`, whose data is at file
+    /// offset `at`, from its PAGES record, whose CRC is checked the first
+    /// time one of its pages is asked for.
+    fn page_crc_at(&self, addr: u64, at: u64, checked: &mut RecordCrcs) -> Result<u32, ImageError> {
+        let ps = self.layout.page_size();
+        let damaged = |source| ImageError::PageDamaged {
+            path: self.path.clone(),
+            addr,
+            source,
+        };
+        let not_in_record = || {
+            damaged(ProtocolError::Malformed {
+                offset: at,
+                kind: FrameKind::Index,
+                reason: "the index points at bytes that are not a page of a PAGES record",
+            })
+        };
+        let hdr = HEADER_LEN as u64;
+        let i = self.pages_records.partition_point(|&(o, _)| o + hdr <= at);
+        let &(record, len) = i
+            .checked_sub(1)
+            .and_then(|i| self.pages_records.get(i))
+            .ok_or_else(not_in_record)?;
+        let in_record = at - (record + hdr);
+        if in_record >= len || in_record % ps != 0 {
+            return Err(not_in_record());
+        }
+        if !checked.records.contains_key(&record) {
+            let mut buf = vec![0u8; (hdr + len) as usize];
+            self.file
+                .read_exact_at(&mut buf, record)
+                .map_err(|source| ImageError::Io {
+                    path: self.path.clone(),
+                    what: "reading",
+                    source,
+                })?;
+            let (h, payload) = buf.split_at(HEADER_LEN);
+            let h: &[u8; HEADER_LEN] = h.try_into().map_err(|_| not_in_record())?;
+            let mut crcs = Vec::new();
+            match verify_frame_pages(h, record, payload, &checked.fold, &mut crcs) {
+                Ok(_) if crcs.len() as u64 == len / ps => {}
+                Ok(_) => return Err(not_in_record()),
+                Err(TransferError::Protocol(e)) => return Err(damaged(e)),
+                Err(e) => {
+                    return Err(ImageError::Io {
+                        path: self.path.clone(),
+                        what: "checking",
+                        source: std::io::Error::other(e.to_string()),
+                    });
+                }
+            }
+            checked.records.insert(record, crcs);
+        }
+        let crcs = &checked.records[&record];
+        crcs.get((in_record / ps) as usize)
+            .copied()
+            .ok_or_else(not_in_record)
     }
 
     /// [`Image::read_span`] into a vector.
@@ -623,6 +718,13 @@ impl Image {
             memory_checksum: checksum,
         })
     }
+}
+
+/// Page CRCs of the PAGES records checked so far by one [`Image::read_span`].
+struct RecordCrcs {
+    fold: PageFold,
+    /// Header offset of a checked record -> its pages' CRC32Cs.
+    records: std::collections::HashMap<u64, Vec<u32>>,
 }
 
 fn file_len(path: &Path, file: &File) -> Result<u64, ImageError> {
@@ -730,6 +832,7 @@ fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Walk, ImageErr
         finish: None,
         index: Vec::new(),
         trailer: None,
+        pages_records: Vec::new(),
         fault: None,
     };
     let ps = w.layout.page_size();
@@ -814,6 +917,9 @@ fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Walk, ImageErr
                         },
                     )? / ps;
                     let data = h.offset + HEADER_LEN as u64;
+                    if h.kind == FrameKind::Pages {
+                        w.pages_records.push((h.offset, h.b));
+                    }
                     for k in 0..h.b / ps {
                         let l = if h.kind == FrameKind::Zero {
                             ZERO
@@ -965,7 +1071,7 @@ impl std::fmt::Display for ImageInfo {
         match (self.complete, &self.incomplete_reason) {
             (true, _) => writeln!(
                 f,
-                "status:     complete, memory checksum {:#010x}",
+                "status:     complete (all records present), memory checksum {:#010x}",
                 self.memory_checksum.unwrap_or(0)
             )?,
             (false, reason) => writeln!(
