@@ -9,6 +9,7 @@ mod demo;
 mod image;
 mod output;
 mod probe;
+mod target_fixture;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,6 +38,9 @@ enum Command {
     /// The demo's destination process (started by `precopy demo`).
     #[command(name = "__demo-dest", hide = true)]
     DemoDest(demo::DestArgs),
+    /// A multi-threaded writer for the attach tests and benchmarks.
+    #[command(name = "__target", hide = true)]
+    Target(target_fixture::Args),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         Command::Image(args) => image::run(args),
         Command::DemoSource(args) => demo::run_source(args),
         Command::DemoDest(args) => demo::run_dest(args),
+        Command::Target(args) => target_fixture::run(args),
     };
     match result {
         Ok(code) => code,

@@ -83,6 +83,7 @@ mod driver;
 mod error;
 pub mod process;
 mod report;
+pub mod target;
 mod transfer;
 mod uffd;
 
@@ -93,6 +94,7 @@ pub use driver::{
 pub use error::{AbortReason, Error};
 pub use process::{PauseMethod, ProcessControl, ThrottleMethod};
 pub use report::{FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason};
+pub use target::{MapChanges, TargetError, TargetLog, TargetMemory};
 pub use transfer::TransferTransport;
 pub use uffd::{UffdDirtyLog, adopt_process_uffd};
 

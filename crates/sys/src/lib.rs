@@ -12,6 +12,8 @@ pub mod abi;
 pub mod mem;
 pub mod pagemap;
 pub mod process;
+#[cfg(target_arch = "x86_64")]
+pub mod ptrace;
 pub mod track;
 pub mod uffd;
 

@@ -62,3 +62,36 @@ pub fn recv_fd(socket: BorrowedFd<'_>, payload: &mut [u8]) -> io::Result<(usize,
     }
     Ok((msg.bytes, first))
 }
+
+/// Whether the process behind `pidfd` has exited (its pidfd polls readable), without waiting.
+pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid, writable pollfd for the duration of the call; timeout 0.
+    let n = cvt(unsafe { libc::poll(&mut pfd, 1, 0) })?;
+    Ok(n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP) != 0)
+}
+
+/// Reads `len` bytes at `addr` of process `pid` through `/proc/PID/mem` (which, unlike
+/// `process_vm_readv`, also reads pages the target cannot read itself, such as execute-only
+/// text). Returns fewer bytes when the range runs into unmapped memory.
+pub fn read_proc_mem(pid: i32, addr: u64, len: usize) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        match f.read_at(&mut buf[done..], addr + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) if done > 0 => break,
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
+}

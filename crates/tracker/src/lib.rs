@@ -16,11 +16,16 @@
 //! `MADV_NOHUGEPAGE` first (own process only). hugetlb ranges report whole huge pages: one byte
 //! written dirties 2 MiB (or 1 GiB), and [`TrackedRange::granule`] says so.
 
+#[cfg(target_arch = "x86_64")]
+pub mod attach;
 mod error;
 pub mod handoff;
+pub mod target;
 mod tracker;
 mod uffd;
 
+#[cfg(target_arch = "x86_64")]
+pub use attach::{AttachError, AttachTimes};
 pub use error::Error;
 pub use precopy_sys::pagemap::Vma;
 pub use tracker::{MemoryKind, RegisterOptions, ThpPolicy, TrackedRange, Tracker, unmapped_parts};

@@ -213,6 +213,35 @@ impl Tracker {
         Ok(())
     }
 
+    /// Drops the parts of `range` that are tracked from the bookkeeping *without* asking the
+    /// kernel: for memory the kernel already stopped tracking (a round reported it untracked:
+    /// unmapped, or replaced by a new mapping). Returns the bytes dropped.
+    pub fn forget(&mut self, range: Range<u64>) -> u64 {
+        let mut dropped = 0;
+        let mut kept = Vec::with_capacity(self.ranges.len() + 1);
+        for r in self.ranges.drain(..) {
+            if r.end <= range.start || range.end <= r.start {
+                kept.push(r);
+                continue;
+            }
+            dropped += r.end.min(range.end) - r.start.max(range.start);
+            for part in [
+                r.start..range.start.max(r.start),
+                range.end.min(r.end)..r.end,
+            ] {
+                if !part.is_empty() {
+                    kept.push(TrackedRange {
+                        start: part.start,
+                        end: part.end,
+                        ..r
+                    });
+                }
+            }
+        }
+        self.ranges = kept;
+        dropped
+    }
+
     /// Write-protects every tracked range, populated or not, so the next round reports only
     /// what is written from now on.
     pub fn arm(&self) -> Result<()> {

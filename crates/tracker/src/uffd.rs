@@ -66,7 +66,7 @@ pub fn kernel_features() -> Result<Features> {
     }
 }
 
-fn required_features() -> Result<u64> {
+pub(crate) fn required_features() -> Result<u64> {
     let offered = kernel_features()?;
     if !offered.wp_async() {
         return Err(Error::KernelLacks {

@@ -1,0 +1,168 @@
+//! Attaching to running processes the engine did not start (`Uffd::attach`): the target comes
+//! back exactly as it went in, and the adopted fd tracks its memory.
+
+mod common;
+
+use common::target::{Lang, Target, engine_usable, state};
+use precopy_migrate::{DirtyLog, TargetLog};
+use precopy_scanner::{ScanOptions, Scanner};
+use precopy_tracker::{AttachError, Uffd};
+use std::time::Duration;
+
+/// Waits until the writers run and every thread has finished starting (a thread being created
+/// briefly has all signals blocked, which a snapshot would otherwise catch).
+fn wait_ops(t: &mut Target) {
+    let start = t.ops();
+    while t.ops() == start {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut last = state(t.pid);
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = state(t.pid);
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+fn attach_many_times(lang: Lang) {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(lang, 4, 256, 0);
+    wait_ops(&mut t);
+    // A blocked signal that stays pending through every attach.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let before = state(t.pid);
+    assert!(
+        before.shared_pending != "0000000000000000",
+        "SIGUSR2 should be pending: {before:?}"
+    );
+    for i in 0..20 {
+        let (uffd, times) = Uffd::attach(t.pid).unwrap_or_else(|e| panic!("attach {i}: {e}"));
+        assert!(times.stopped > Duration::ZERO);
+        let after = state(t.pid);
+        if before != after {
+            for (tid, f) in &before.threads {
+                let g = after.threads.get(tid);
+                if g != Some(f) {
+                    eprintln!("thread {tid}: {f:?} -> {g:?}");
+                }
+            }
+            eprintln!("fds {:?} -> {:?}", before.fds, after.fds);
+            panic!("attach {i} (thread {}) changed the target", times.tid);
+        }
+        drop(uffd);
+        // The main thread was blocked in read(0) during the attach: it must still answer (the
+        // C fixture exits with status 3 if the read was not restarted).
+        let ops = t.ops();
+        assert!(ops > 0);
+        assert!(t.running(), "target died after attach {i}");
+    }
+    let a = t.ops();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(t.ops() > a, "the writers stopped");
+}
+
+#[test]
+fn attach_leaves_a_c_target_exactly_as_it_was() {
+    attach_many_times(Lang::C);
+}
+
+#[test]
+fn attach_leaves_a_rust_target_exactly_as_it_was() {
+    attach_many_times(Lang::Rust);
+}
+
+#[test]
+fn a_stopped_target_stays_stopped() {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(Lang::C, 2, 64, 0);
+    wait_ops(&mut t);
+    let pid = nix::unistd::Pid::from_raw(t.pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    while !state(t.pid).stopped {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let before = state(t.pid);
+    let (_uffd, _) = Uffd::attach(t.pid).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let after = state(t.pid);
+    assert_eq!(before, after);
+    assert!(after.stopped, "the target was stopped and must stay so");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(t.ops() > 0);
+}
+
+#[test]
+fn attach_errors_are_clear_and_leave_the_target_alone() {
+    if !engine_usable() {
+        return;
+    }
+    // No such process: a PID that was just reaped.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id() as i32;
+    gone.wait().unwrap();
+    match Uffd::attach(gone_pid) {
+        Err(AttachError::NoSuchProcess { pid }) => assert_eq!(pid, gone_pid),
+        other => panic!("expected NoSuchProcess, got {other:?}"),
+    }
+
+    // Another tracer: this test's own thread seizes the target first.
+    let mut t = Target::start(Lang::C, 2, 64, 0);
+    wait_ops(&mut t);
+    let pid = t.pid;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let tracee = precopy_sys::ptrace::Tracee::seize(pid).unwrap();
+        ready_tx.send(()).unwrap();
+        rx.recv().unwrap();
+        tracee.detach().unwrap();
+    });
+    ready_rx.recv().unwrap();
+    let err = Uffd::attach(pid).unwrap_err();
+    assert!(
+        matches!(err, AttachError::AlreadyTraced { .. }),
+        "expected AlreadyTraced, got {err:?}"
+    );
+    assert!(err.to_string().contains("already traced"), "{err}");
+    tx.send(()).unwrap();
+    holder.join().unwrap();
+    let after = state(pid);
+    assert_eq!(after.tracer, "0");
+    assert!(!after.stopped);
+    assert!(t.ops() > 0);
+}
+
+#[test]
+fn the_attached_fd_tracks_the_targets_writes() {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(Lang::C, 3, 128, 0);
+    wait_ops(&mut t);
+    let (uffd, _) = Uffd::attach(t.pid).unwrap();
+    let scanner = Scanner::new(ScanOptions::default()).unwrap();
+    let mut log = TargetLog::new(uffd, scanner).unwrap();
+    log.start().unwrap();
+    let armed_at = t.ops();
+    // Once 3 × 128 more writes happened, some writer swept all of its 128 pages.
+    while t.ops() < armed_at + 3 * 128 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut dirty = Vec::new();
+    log.dirty(&mut dirty).unwrap();
+    let bytes: u64 = dirty.iter().map(|r| r.end - r.start).sum();
+    assert!(bytes >= 128 * 4096, "only {bytes} bytes reported written");
+    assert!(t.running());
+}

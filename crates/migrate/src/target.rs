@@ -1,0 +1,434 @@
+//! [`DirtyLog`] over a running process the engine attached to ([`Uffd::attach`]), following its
+//! mappings from round to round.
+//!
+//! Every round first scans (the tracker's get-and-reprotect), then compares the target's
+//! `/proc/PID/maps` with the tracked ranges:
+//!
+//! - **unmapped** (the scan reports the part `Unmapped`, or it is gone from
+//!   the maps): dropped from tracking and no longer sent;
+//! - **replaced or moved** (something else is mapped there now, which the scan reports
+//!   `NotTracked`): forgotten, then registered and armed again if trackable,
+//!   and sent whole;
+//! - **new** (a trackable mapping no tracked range covers): registered, armed and sent whole.
+//!
+//! Registering and arming happen *before* [`DirtyLog::dirty`] returns, and the caller reads
+//! page contents only after that, so a write that lands in the window of a change is either in
+//! the contents read or reported by the next round: never lost.
+//!
+//! New memory must lie inside [`TargetLog::layout`]: the tracked ranges at attach time plus the
+//! address space the target had reserved then (private anonymous mappings of any protection,
+//! such as `malloc` arenas and the churn of a region that is unmapped and mapped again). A
+//! transfer's memory layout is fixed when it starts (protocol v2), so a mapping outside it (a
+//! thread created after the start, a `brk` heap that grew) cannot be sent and fails the round
+//! with [`TargetError::OutsideLayout`] rather than being silently left out; `precopy rate`,
+//! which sends nothing, tracks such mappings too ([`TargetLog::allow_anywhere`]).
+
+use crate::control::{BoxError, DirtyLog};
+use precopy_scanner::Scanner;
+use precopy_tracker::target::{SkipReason, TargetMapping, target_mappings};
+use precopy_tracker::{Tracker, Uffd};
+use precopy_transfer::{PageSource, ProcessMemory, SourceError};
+use std::ops::Range;
+use std::os::fd::{AsFd, OwnedFd};
+
+/// Failures following a target's memory.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetError {
+    /// The target exited.
+    #[error("process {pid} exited")]
+    Exited {
+        /// The process.
+        pid: i32,
+    },
+    /// Its maps could not be read.
+    #[error("cannot read the mappings of process {pid}")]
+    Maps {
+        /// The process.
+        pid: i32,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It mapped memory outside the layout fixed at the start.
+    #[error(
+        "process {pid} mapped new memory at {start:#x}..{end:#x} outside the transfer's layout \
+         (fixed at the start: a new thread or a grown heap cannot be added mid-stream); \
+         retry the transfer"
+    )]
+    OutsideLayout {
+        /// The process.
+        pid: i32,
+        /// First address.
+        start: u64,
+        /// One past the last.
+        end: u64,
+    },
+    /// Registering or arming memory failed.
+    #[error("cannot track {start:#x}..{end:#x} of process {pid}")]
+    Track {
+        /// The process.
+        pid: i32,
+        /// First address.
+        start: u64,
+        /// One past the last.
+        end: u64,
+        /// The cause.
+        #[source]
+        source: precopy_tracker::Error,
+    },
+    /// A round failed.
+    #[error("scanning process {pid} failed")]
+    Scan {
+        /// The process.
+        pid: i32,
+        /// The cause.
+        #[source]
+        source: precopy_scanner::Error,
+    },
+}
+
+/// What changed in the target's mappings during one [`TargetLog::dirty`] call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MapChanges {
+    /// Registered and sent whole: new, replaced or moved memory.
+    pub added: Vec<Range<u64>>,
+    /// No longer there: dropped.
+    pub dropped: Vec<Range<u64>>,
+}
+
+/// The dirty log of an attached process (see the module docs).
+#[derive(Debug)]
+pub struct TargetLog {
+    pid: i32,
+    pidfd: OwnedFd,
+    tracker: Tracker,
+    scanner: Scanner,
+    layout: Vec<Range<u64>>,
+    anywhere: bool,
+    skipped: Vec<TargetMapping>,
+    last: MapChanges,
+    /// Pages written, from scans (not counting whole mappings added).
+    written_pages: u64,
+}
+
+fn coalesce(v: &mut Vec<Range<u64>>) {
+    v.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(v.len());
+    for r in v.drain(..) {
+        match out.last_mut() {
+            Some(l) if r.start <= l.end => l.end = l.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    *v = out;
+}
+
+/// `a` minus every range of sorted `b`.
+fn subtract(a: Range<u64>, b: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut cur = a.start;
+    for r in b {
+        if r.end <= cur || r.start >= a.end {
+            continue;
+        }
+        if r.start > cur {
+            out.push(cur..r.start);
+        }
+        cur = cur.max(r.end);
+    }
+    if cur < a.end {
+        out.push(cur..a.end);
+    }
+    out
+}
+
+impl TargetLog {
+    /// Registers every trackable mapping of the process `uffd` was attached to (not armed yet:
+    /// [`DirtyLog::start`] arms).
+    pub fn new(uffd: Uffd, scanner: Scanner) -> Result<TargetLog, TargetError> {
+        let pid = uffd.pid();
+        let pidfd = precopy_sys::process::pidfd_open(pid).map_err(|source| {
+            if source.raw_os_error() == Some(nix::errno::Errno::ESRCH as i32) {
+                TargetError::Exited { pid }
+            } else {
+                TargetError::Maps { pid, source }
+            }
+        })?;
+        let mut log = TargetLog {
+            pid,
+            pidfd,
+            tracker: Tracker::new(uffd),
+            scanner,
+            layout: Vec::new(),
+            anywhere: false,
+            skipped: Vec::new(),
+            last: MapChanges::default(),
+            written_pages: 0,
+        };
+        let maps = log.maps()?;
+        for m in &maps {
+            match m.class {
+                Ok(_) => log.layout.push(m.range.clone()),
+                // Address space the target reserved (PROT_NONE arenas, guard pages): memory
+                // that becomes writable there later fits the layout.
+                Err(SkipReason::NotWritable) if m.name.is_empty() => {
+                    log.layout.push(m.range.clone())
+                }
+                Err(_) => {}
+            }
+            if m.class.is_err() {
+                log.skipped.push(m.clone());
+            }
+        }
+        coalesce(&mut log.layout);
+        for m in maps.iter().filter(|m| m.class.is_ok()) {
+            // Registration can race the target (it unmapped it meanwhile): the next round
+            // picks up whatever is there then.
+            if let Err(e) = log.tracker.register(m.range.clone()) {
+                if log.alive() {
+                    tracing::debug!(start = m.range.start, error = %e, "not registered at attach");
+                } else {
+                    return Err(TargetError::Exited { pid });
+                }
+            }
+        }
+        Ok(log)
+    }
+
+    /// Also track (and report as added) new mappings outside the layout; for callers that send
+    /// nothing, such as a dirty-rate measurement.
+    pub fn allow_anywhere(mut self) -> Self {
+        self.anywhere = true;
+        self
+    }
+
+    /// The process.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The address ranges a transfer of this target must accept: tracked memory and reserved
+    /// address space at attach time, sorted and coalesced.
+    pub fn layout(&self) -> &[Range<u64>] {
+        &self.layout
+    }
+
+    /// The tracker (its ranges are what is tracked now).
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+
+    /// Mappings not tracked at attach time, with the reason.
+    pub fn skipped(&self) -> &[TargetMapping] {
+        &self.skipped
+    }
+
+    /// What the last [`DirtyLog::dirty`] call changed.
+    pub fn last_changes(&self) -> &MapChanges {
+        &self.last
+    }
+
+    /// Pages the scans reported written so far.
+    pub fn written_pages(&self) -> u64 {
+        self.written_pages
+    }
+
+    fn alive(&self) -> bool {
+        !precopy_sys::process::pidfd_exited(self.pidfd.as_fd()).unwrap_or(true)
+    }
+
+    fn maps(&self) -> Result<Vec<TargetMapping>, TargetError> {
+        target_mappings(self.pid).map_err(|source| {
+            if !self.alive() {
+                TargetError::Exited { pid: self.pid }
+            } else {
+                TargetError::Maps {
+                    pid: self.pid,
+                    source,
+                }
+            }
+        })
+    }
+
+    fn track_err(&self, r: &Range<u64>) -> impl FnOnce(precopy_tracker::Error) -> TargetError {
+        let (pid, start, end) = (self.pid, r.start, r.end);
+        move |source| TargetError::Track {
+            pid,
+            start,
+            end,
+            source,
+        }
+    }
+
+    /// One round: scan, follow mapping changes, append what must be sent to `out`.
+    pub fn round(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), TargetError> {
+        if !self.alive() {
+            return Err(TargetError::Exited { pid: self.pid });
+        }
+        let mut changes = MapChanges::default();
+        let mut stale: Vec<Range<u64>> = Vec::new();
+        loop {
+            let round = match self.scanner.round(&self.tracker) {
+                Ok(r) => r,
+                Err(source) => {
+                    if !self.alive() {
+                        return Err(TargetError::Exited { pid: self.pid });
+                    }
+                    return Err(TargetError::Scan {
+                        pid: self.pid,
+                        source,
+                    });
+                }
+            };
+            self.written_pages += round.stats().pages;
+            out.extend_from_slice(round.dirty());
+            // Unmapped or replaced: forgotten below; what is trackable there now is
+            // registered again with the new mappings.
+            stale.extend(round.untracked().iter().map(|u| u.range.clone()));
+            if round.complete() {
+                break;
+            }
+        }
+        for r in &stale {
+            self.tracker.forget(r.clone());
+        }
+        // Whatever is trackable now and not tracked: new, replaced or moved memory.
+        let maps = self.maps()?;
+        let tracked: Vec<Range<u64>> = self.tracker.ranges().iter().map(|r| r.range()).collect();
+        let mut wanted = Vec::new();
+        for m in maps.iter().filter(|m| m.class.is_ok()) {
+            wanted.extend(subtract(m.range.clone(), &tracked));
+        }
+        // Tracked ranges that are no longer trackable mappings (unmapped between the scan and
+        // the maps read): the next scan reports them; nothing to do here.
+        for r in wanted {
+            if !self.anywhere && !subtract(r.clone(), &self.layout).is_empty() {
+                return Err(TargetError::OutsideLayout {
+                    pid: self.pid,
+                    start: r.start,
+                    end: r.end,
+                });
+            }
+            match self.tracker.register(r.clone()) {
+                Ok(_) => {}
+                Err(e) => {
+                    if !self.alive() {
+                        return Err(TargetError::Exited { pid: self.pid });
+                    }
+                    // The mapping changed again since the maps were read: the next round
+                    // sees it as it is then.
+                    tracing::debug!(start = r.start, end = r.end, error = %e, "register raced");
+                    continue;
+                }
+            }
+            self.tracker
+                .arm_range(r.clone())
+                .map_err(self.track_err(&r))?;
+            changes.added.push(r.clone());
+            out.push(r);
+        }
+        // Dropped = was stale and is not tracked again.
+        let now: Vec<Range<u64>> = self.tracker.ranges().iter().map(|r| r.range()).collect();
+        changes.dropped = stale
+            .iter()
+            .flat_map(|r| subtract(r.clone(), &now))
+            .collect();
+        coalesce(&mut changes.dropped);
+        self.last = changes;
+        Ok(())
+    }
+}
+
+impl DirtyLog for TargetLog {
+    fn memory(&self) -> Vec<Range<u64>> {
+        self.tracker.ranges().iter().map(|r| r.range()).collect()
+    }
+
+    fn page_size(&self) -> u64 {
+        self.tracker.page_size()
+    }
+
+    fn start(&mut self) -> Result<(), BoxError> {
+        self.tracker.arm().map_err(|source| {
+            Box::new(TargetError::Track {
+                pid: self.pid,
+                start: 0,
+                end: 0,
+                source,
+            }) as BoxError
+        })
+    }
+
+    fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
+        Ok(self.round(out)?)
+    }
+}
+
+/// Reads an attached target's memory: `process_vm_readv`, falling back per page to
+/// `/proc/PID/mem` (which also reads pages the target made inaccessible with `mprotect`). A page
+/// that is no longer mapped at all reads as zeros and is counted in
+/// [`TargetMemory::vanished_pages`]: it vanished after the round that reported it, so the next
+/// round reports its range unmapped (dropped) or replaced (sent again whole), and the final
+/// round, with the target stopped, never meets one.
+#[derive(Debug)]
+pub struct TargetMemory {
+    inner: ProcessMemory,
+    page_size: u64,
+    vanished: u64,
+}
+
+impl TargetMemory {
+    /// A reader of process `pid`'s memory.
+    pub fn new(pid: i32, page_size: u64) -> TargetMemory {
+        TargetMemory {
+            inner: ProcessMemory::new(pid),
+            page_size,
+            vanished: 0,
+        }
+    }
+
+    /// Pages that were unmapped when read (see the type docs).
+    pub fn vanished_pages(&self) -> u64 {
+        self.vanished
+    }
+
+    fn read_slow(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
+        let ps = self.page_size;
+        let pid = self.inner.pid();
+        let mut off = 0usize;
+        for r in ranges {
+            let mut addr = r.start;
+            while addr < r.end {
+                let end = (addr - addr % ps + ps).min(r.end);
+                let len = (end - addr) as usize;
+                let dst = &mut buf[off..off + len];
+                match self.inner.read_ranges(&[addr..end], dst) {
+                    Ok(()) => {}
+                    Err(SourceError::Unmapped { .. }) => {
+                        match precopy_sys::process::read_proc_mem(pid, addr, len) {
+                            Ok(v) if v.len() == len => dst.copy_from_slice(&v),
+                            _ => {
+                                dst.fill(0);
+                                self.vanished += 1;
+                            }
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+                off += len;
+                addr = end;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PageSource for TargetMemory {
+    fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
+        match self.inner.read_ranges(ranges, buf) {
+            Err(SourceError::Unmapped { .. }) => self.read_slow(ranges, buf),
+            other => other,
+        }
+    }
+}
