@@ -9,6 +9,7 @@
 //! the same errno means different things for different calls.
 
 pub mod abi;
+pub mod kvm;
 pub mod mem;
 pub mod pagemap;
 pub mod process;

@@ -1,0 +1,92 @@
+//! `precopy-vmm`: the VMM as a process of its own.
+//!
+//! * `precopy-vmm destination [--memfd]`: a migration's destination (see
+//!   `precopy_vmm::destination_main`): prints the address it listens on, receives the VM,
+//!   reads the state on standard input, runs the guest to the end and prints a JSON report.
+//! * `precopy-vmm run --ram 64M --vcpus 2 --working-set 8M --passes 20`: runs the guest
+//!   without migration and prints its checksums as JSON.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use precopy_vmm::{GuestProgram, RamBacking, Vm, VmConfig};
+
+#[derive(Parser)]
+#[command(about = "A small KVM VMM that precopy live-migrates")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Receive a migrating VM and run it to the end.
+    Destination {
+        /// Back guest RAM with a memfd instead of anonymous memory.
+        #[arg(long)]
+        memfd: bool,
+    },
+    /// Run the guest without migration.
+    Run {
+        /// Guest RAM.
+        #[arg(long, default_value = "64M")]
+        ram: bytesize::ByteSize,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Bytes the vCPUs write per pass, together.
+        #[arg(long, default_value = "8M")]
+        working_set: bytesize::ByteSize,
+        /// Passes.
+        #[arg(long, default_value_t = 10)]
+        passes: u32,
+        /// Back guest RAM with a memfd.
+        #[arg(long)]
+        memfd: bool,
+    },
+}
+
+fn backing(memfd: bool) -> RamBacking {
+    if memfd {
+        RamBacking::Memfd
+    } else {
+        RamBacking::Anonymous
+    }
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("precopy-vmm: {}", precopy_sys::error_chain(e.as_ref()));
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Destination { memfd } => {
+            precopy_vmm::destination_main(
+                backing(memfd),
+                std::io::stdin().lock(),
+                std::io::stdout().lock(),
+            )?;
+        }
+        Cmd::Run {
+            ram,
+            vcpus,
+            working_set,
+            passes,
+            memfd,
+        } => {
+            let program = GuestProgram::new(vcpus, ram.as_u64(), working_set.as_u64(), passes)?;
+            let vm = Vm::new(VmConfig {
+                program,
+                backing: backing(memfd),
+                dirty_rate: None,
+                kvm_dirty_log: false,
+            })?;
+            vm.load_program()?;
+            let outcome = vm.start(None)?.wait()?;
+            println!("{}", serde_json::to_string(&outcome)?);
+        }
+    }
+    Ok(())
+}
