@@ -265,13 +265,17 @@ fn mprotect_cycles_lose_nothing() {
     );
 }
 
-fn shared_mapping_case(name: &str, mem: Mapping) {
+fn shared_mapping_case(name: &str, mem: Mapping, expected: MemoryKind) {
     let base = mem.addr();
     let pages = mem.len() / PAGE;
     mem.fill(0, 8 * PAGE, 0x42).unwrap();
     let mut tracker = Tracker::new(Uffd::new().unwrap());
-    let kind = tracker.register(mem.range()).unwrap().kind;
-    assert_eq!(kind, MemoryKind::Shared, "{name}");
+    let r = tracker.register(mem.range()).unwrap();
+    assert_eq!(r.kind, expected, "{name}");
+    assert!(
+        r.verify,
+        "{name}: shared memory must be re-checked at switch-over"
+    );
     tracker.arm().unwrap();
     let mut scanner = scanner();
     let round = scanner.round(&tracker).unwrap();
@@ -306,14 +310,14 @@ fn shared_mapping_case(name: &str, mem: Mapping) {
 #[test]
 fn memfd_shared_mapping() {
     let mem = Mapping::new(Backing::Memfd, 64 * PAGE, 0, Thp::Default).unwrap();
-    shared_mapping_case("memfd", mem);
+    shared_mapping_case("memfd", mem, MemoryKind::Shmem);
 }
 
 #[test]
 fn file_backed_shared_mapping() {
     let file = tempfile::tempfile().unwrap();
     let mem = Mapping::new(Backing::File(file), 64 * PAGE, 0, Thp::Default).unwrap();
-    shared_mapping_case("file", mem);
+    shared_mapping_case("file", mem, MemoryKind::SharedFile);
 }
 
 /// A 4 MiB THP-advised mapping, populated, or `None` (with a loud skip) if no THP formed.
@@ -416,6 +420,7 @@ fn thp_policy_disable_keeps_4k_pages() {
             mem.range(),
             RegisterOptions {
                 thp: ThpPolicy::Disable,
+                ..RegisterOptions::default()
             },
         )
         .unwrap();

@@ -122,14 +122,25 @@ fn fork_child_writes_are_not_the_parents() {
 
 const CHILD_PAGES: u64 = 32;
 const EXIT: u64 = u64::MAX;
+/// Command: `MADV_DONTNEED` all of the target's memory, then acknowledge.
+const DONTNEED: u64 = u64::MAX - 1;
 
 /// The cooperating target: creates a uffd (no handshake) and memory, announces them, then writes
 /// the pages it is told to, acknowledging each batch. `send_fd` hands the uffd over a socket
-/// instead of announcing its number.
-fn target_process(cmd: BorrowedFd<'_>, reply: BorrowedFd<'_>, socket: Option<&UnixStream>) -> bool {
+/// instead of announcing its number. With `features` non-zero the target does the `UFFDIO_API`
+/// handshake itself, asking for them.
+fn target_process(
+    cmd: BorrowedFd<'_>,
+    reply: BorrowedFd<'_>,
+    socket: Option<&UnixStream>,
+    features: u64,
+) -> bool {
     let Ok(uffd) = precopy::sys::uffd::create() else {
         return false;
     };
+    if features != 0 && precopy::sys::uffd::api(uffd.as_fd(), features).is_err() {
+        return false;
+    }
     let Ok(mem) = Mapping::new(Backing::AnonPrivate, CHILD_PAGES * PAGE, 0, Thp::NoHuge) else {
         return false;
     };
@@ -157,6 +168,16 @@ fn target_process(cmd: BorrowedFd<'_>, reply: BorrowedFd<'_>, socket: Option<&Un
         if page == EXIT {
             return true;
         }
+        if page == DONTNEED {
+            if mem
+                .advise(0, CHILD_PAGES * PAGE, precopy::sys::mem::Advice::DontNeed)
+                .is_err()
+                || !write_all(reply, b"k")
+            {
+                return false;
+            }
+            continue;
+        }
         if page >= CHILD_PAGES
             || mem.write_u64(page * PAGE + 8, 0xc0de_0000 + page).is_err()
             || !write_all(reply, b"k")
@@ -177,6 +198,10 @@ struct Child {
 
 impl Child {
     fn start(with_socket: bool) -> (Child, Option<UnixStream>) {
+        Child::start_with(with_socket, 0)
+    }
+
+    fn start_with(with_socket: bool, features: u64) -> (Child, Option<UnixStream>) {
         let (cmd_r, cmd_w) = pipe().unwrap();
         let (rep_r, rep_w) = pipe().unwrap();
         let (mine, theirs) = if with_socket {
@@ -185,7 +210,7 @@ impl Child {
         } else {
             (None, None)
         };
-        let pid = spawn(|| target_process(cmd_r.as_fd(), rep_w.as_fd(), theirs.as_ref()));
+        let pid = spawn(|| target_process(cmd_r.as_fd(), rep_w.as_fd(), theirs.as_ref(), features));
         let mut hello = [0u8; 16];
         assert!(
             read_exact(rep_r.as_fd(), &mut hello),
@@ -207,6 +232,21 @@ impl Child {
             let mut k = [0u8; 1];
             assert!(read_exact(self.reply.as_fd(), &mut k), "target died");
         }
+    }
+
+    /// Asks the target to `MADV_DONTNEED` its memory; true if it answered within 30 s (a target
+    /// stuck in `madvise` waiting for an event reader never answers).
+    fn dontneed_answers(&self) -> bool {
+        assert!(write_all(self.cmd.as_fd(), &DONTNEED.to_ne_bytes()));
+        let reply = self.reply.try_clone().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut k = [0u8; 1];
+            let _ = tx.send(read_exact(reply.as_fd(), &mut k));
+        });
+        // A blocked target leaves the reader thread waiting; the test fails instead of hanging.
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or(false)
     }
 
     fn read_page(&self, page: u64) -> Vec<u8> {
@@ -240,6 +280,7 @@ fn track_other_process(t: &Child, uffd: Uffd) {
         range.clone(),
         RegisterOptions {
             thp: ThpPolicy::Disable,
+            ..RegisterOptions::default()
         },
     ) {
         Err(TrackerError::Unsupported(_)) => {}
@@ -249,7 +290,7 @@ fn track_other_process(t: &Child, uffd: Uffd) {
     }
     assert_eq!(
         tracker.register(range.clone()).unwrap().kind,
-        MemoryKind::Private
+        MemoryKind::PrivateAnonymous
     );
     tracker.arm().unwrap();
     let mut scanner = scanner();
@@ -318,4 +359,51 @@ fn round_after_target_exit_is_never_clean() {
             "the target exited and its memory is gone, yet the round reported clean"
         ),
     }
+}
+
+/// Case 3 of issue 14: a uffd whose owner negotiated event features (or synchronous
+/// write-protect) is refused by name, nothing gets registered, and the owner keeps running: its
+/// `madvise(MADV_DONTNEED)` returns. Accepted fds report exactly the negotiated features.
+#[test]
+fn adopt_refuses_features_that_would_block_the_target() {
+    use precopy::sys::abi::*;
+    let wp = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
+    let refused = [
+        (wp | UFFD_FEATURE_EVENT_REMOVE, "UFFD_FEATURE_EVENT_REMOVE"),
+        (wp | UFFD_FEATURE_EVENT_UNMAP, "UFFD_FEATURE_EVENT_UNMAP"),
+        (wp | UFFD_FEATURE_EVENT_FORK, "UFFD_FEATURE_EVENT_FORK"),
+        (wp | UFFD_FEATURE_EVENT_REMAP, "UFFD_FEATURE_EVENT_REMAP"),
+        (UFFD_FEATURE_WP_UNPOPULATED, "UFFD_FEATURE_WP_ASYNC"),
+    ];
+    for (features, name) in refused {
+        let (t, _) = Child::start_with(false, features);
+        let err = Uffd::from_process(t.pid.as_raw(), t.uffd_no).unwrap_err();
+        assert!(
+            matches!(err, TrackerError::BlockingFeature { .. }),
+            "{name}: {err}"
+        );
+        assert!(err.to_string().contains(name), "{name} not named in: {err}");
+        assert!(t.dontneed_answers(), "{name}: the target is blocked");
+        t.write_pages(&[3]);
+        t.stop();
+    }
+    // Negotiated by the owner without blocking features: adopted, and features() says what
+    // the context has, not what the kernel offers.
+    let (t, _) = Child::start_with(false, wp);
+    let uffd = Uffd::from_process(t.pid.as_raw(), t.uffd_no).unwrap();
+    assert_eq!(uffd.features().bits(), wp);
+    track_other_process(&t, uffd);
+    assert!(t.dontneed_answers());
+    t.stop();
+    // A fresh fd gets the engine's handshake: exactly the features asked for.
+    let (t, _) = Child::start(false);
+    let uffd = Uffd::from_process(t.pid.as_raw(), t.uffd_no).unwrap();
+    let offered = precopy::tracker::uffd_kernel_features().unwrap().bits();
+    let expected = wp | (offered & UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+    assert_eq!(uffd.features().bits(), expected);
+    assert_ne!(
+        offered, expected,
+        "the kernel offers more than the engine asks for"
+    );
+    t.stop();
 }

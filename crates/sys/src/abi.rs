@@ -54,6 +54,18 @@ pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = g::UFFD_FEATURE_WP_HUGETLBFS_SH
 pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = g::UFFD_FEATURE_WP_UNPOPULATED as u64;
 /// Feature: asynchronous write-protect faults, resolved by the kernel (6.7+).
 pub const UFFD_FEATURE_WP_ASYNC: u64 = g::UFFD_FEATURE_WP_ASYNC as u64;
+/// Feature: the owner must read `UFFD_EVENT_FORK` messages (fork blocks until then).
+pub const UFFD_FEATURE_EVENT_FORK: u64 = g::UFFD_FEATURE_EVENT_FORK as u64;
+/// Feature: the owner must read `UFFD_EVENT_REMAP` messages (mremap blocks until then).
+pub const UFFD_FEATURE_EVENT_REMAP: u64 = g::UFFD_FEATURE_EVENT_REMAP as u64;
+/// Feature: the owner must read `UFFD_EVENT_REMOVE` messages (madvise DONTNEED/REMOVE blocks
+/// until then).
+pub const UFFD_FEATURE_EVENT_REMOVE: u64 = g::UFFD_FEATURE_EVENT_REMOVE as u64;
+/// Feature: the owner must read `UFFD_EVENT_UNMAP` messages (munmap blocks until then).
+pub const UFFD_FEATURE_EVENT_UNMAP: u64 = g::UFFD_FEATURE_EVENT_UNMAP as u64;
+/// Kernel-internal bit of a context's features once `UFFDIO_API` was done on it (shown in
+/// `/proc/PID/fdinfo/FD`, never in the UAPI).
+pub const UFFD_FEATURE_INITIALIZED: u64 = 1 << 31;
 /// Register mode: write-protect tracking.
 pub const UFFDIO_REGISTER_MODE_WP: u64 = g::UFFDIO_REGISTER_MODE_WP as u64;
 /// `UFFDIO_WRITEPROTECT` mode bit: set protection (clear it when absent).
@@ -119,5 +131,9 @@ const _: () = assert!(PM_SCAN_CHECK_WPASYNC == 1 << 1);
 const _: () = assert!(UFFD_FEATURE_WP_HUGETLBFS_SHMEM == 1 << 12);
 const _: () = assert!(UFFD_FEATURE_WP_UNPOPULATED == 1 << 13);
 const _: () = assert!(UFFD_FEATURE_WP_ASYNC == 1 << 15);
+const _: () = assert!(UFFD_FEATURE_EVENT_FORK == 1 << 1);
+const _: () = assert!(UFFD_FEATURE_EVENT_REMAP == 1 << 2);
+const _: () = assert!(UFFD_FEATURE_EVENT_REMOVE == 1 << 3);
+const _: () = assert!(UFFD_FEATURE_EVENT_UNMAP == 1 << 6);
 const _: () = assert!(category::WRITTEN == 1 << 1);
 const _: () = assert!(category::GUARD == 1 << 8);

@@ -49,6 +49,9 @@ pub struct Vma {
     pub flags: u64,
     /// Page size of the mapping (the huge page size for hugetlb).
     pub page_size: u64,
+    /// Inode of the backing file; 0 for anonymous memory (shared anonymous memory has one: it
+    /// is shmem).
+    pub inode: u64,
 }
 
 /// Returns the VMA covering `addr`, or the next one above it, or `None` past the last VMA.
@@ -78,7 +81,39 @@ pub fn query_vma(maps: BorrowedFd<'_>, addr: u64) -> io::Result<Option<Vma>> {
         end: q.vma_end,
         flags: q.vma_flags,
         page_size: q.vma_page_size,
+        inode: q.inode,
     }))
+}
+
+/// The name `/proc/PID/maps` shows for the VMA covering `addr` (a path, `/memfd:NAME
+/// (deleted)`, `/dev/zero (deleted)` for shared anonymous memory, `[heap]`...), or `None` when
+/// nothing covers `addr` or the VMA has no name. Needs Linux 6.11 (`ENOTTY` before).
+pub fn vma_name(maps: BorrowedFd<'_>, addr: u64) -> io::Result<Option<String>> {
+    let mut name = vec![0u8; 4096];
+    // SAFETY: procmap_query is plain integers; all-zero is a valid value.
+    let mut q: ProcmapQuery = unsafe { core::mem::zeroed() };
+    q.size = core::mem::size_of::<ProcmapQuery>() as u64;
+    q.query_addr = addr;
+    q.vma_name_size = name.len() as u32;
+    q.vma_name_addr = name.as_mut_ptr() as u64;
+    // SAFETY: `q` is a valid procmap_query whose name buffer is `name`, writable for
+    // `vma_name_size` bytes and alive for the duration of the call; no build-id buffer.
+    let ret = unsafe { libc::ioctl(maps.as_raw_fd(), abi::PROCMAP_QUERY as _, &mut q) };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::ENOENT) {
+            Ok(None)
+        } else {
+            Err(err)
+        };
+    }
+    // The kernel sets vma_name_size to the length including the NUL, or 0 for no name.
+    let len = (q.vma_name_size as usize).saturating_sub(1).min(name.len());
+    if len == 0 {
+        return Ok(None);
+    }
+    name.truncate(len);
+    Ok(Some(String::from_utf8_lossy(&name).into_owned()))
 }
 
 /// A `PAGEMAP_SCAN` argument that only reports (no flags): pages of `[start, end)` with any of

@@ -99,3 +99,54 @@ pub fn writeprotect(fd: BorrowedFd<'_>, start: u64, len: u64, protect: bool) -> 
     cvt(unsafe { libc::ioctl(fd.as_raw_fd(), abi::UFFDIO_WRITEPROTECT as _, &mut arg) })?;
     Ok(())
 }
+
+/// The features a userfaultfd context really has, read from the `API:` line the kernel prints in
+/// `/proc/self/fdinfo/FD` (`API:\t<api>:<features>:<ioctls>`, all hex; `fs/userfaultfd.c`,
+/// `userfaultfd_show_fdinfo`). The `UFFDIO_API` reply cannot tell: it lists every feature the
+/// kernel offers, not the ones the context enabled. Includes
+/// [`abi::UFFD_FEATURE_INITIALIZED`] once a handshake was done on the context. `None` when the
+/// line is absent (the fd is not a userfaultfd).
+pub fn context_features(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    Ok(parse_fdinfo_features(&text))
+}
+
+fn parse_fdinfo_features(text: &str) -> Option<u64> {
+    let api = text.lines().find_map(|l| l.strip_prefix("API:"))?;
+    let features = api.trim().split(':').nth(1)?;
+    u64::from_str_radix(features, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn fdinfo_api_line_parses() {
+        let text = "pos:\t0\nflags:\t02004002\nmnt_id:\t16\nino:\t1057\npending:\t0\ntotal:\t0\nAPI:\taa:8000a008:c000000000000000\n";
+        assert_eq!(parse_fdinfo_features(text), Some(0x8000_a008));
+        assert_eq!(parse_fdinfo_features("pos:\t0\n"), None);
+    }
+
+    #[test]
+    fn context_features_are_what_was_asked_not_what_is_offered() {
+        let Ok(fd) = create() else {
+            eprintln!(
+                "SKIP context_features_are_what_was_asked_not_what_is_offered: no userfaultfd"
+            );
+            return;
+        };
+        let before = context_features(fd.as_fd()).unwrap().unwrap();
+        assert_eq!(before & abi::UFFD_FEATURE_INITIALIZED, 0);
+        let reply = api(fd.as_fd(), 0).unwrap();
+        let after = context_features(fd.as_fd()).unwrap().unwrap();
+        assert_eq!(
+            after & !abi::UFFD_FEATURE_INITIALIZED,
+            0,
+            "asked for nothing"
+        );
+        assert_ne!(after & abi::UFFD_FEATURE_INITIALIZED, 0);
+        assert_ne!(reply.features, 0, "the reply lists what the kernel offers");
+    }
+}

@@ -75,6 +75,22 @@ pub enum Error {
         /// Range end.
         end: u64,
     },
+    /// The range is memory whose changes the write-protect bit cannot all see, and it was
+    /// registered with `UnvouchedPolicy::Refuse`.
+    #[error(
+        "range {start:#x}..{end:#x} is {kind} memory{}: changes made outside this process's page tables (another mapping or process, write(2) to the backing file, hole punching, truncation, DMA) are invisible to write-protect tracking; register it with UnvouchedPolicy::Verify (re-checked at switch-over) or UnvouchedPolicy::AcceptRisk (you report such changes yourself)",
+        if *external_writers { " written by devices" } else { "" }
+    )]
+    Unvouched {
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+        /// What backs it.
+        kind: crate::MemoryKind,
+        /// It was registered as written by devices.
+        external_writers: bool,
+    },
     /// The kernel refused to register the range.
     #[error("cannot register {start:#x}..{end:#x} for write-protect tracking")]
     Register {
@@ -116,6 +132,30 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// An adopted userfaultfd was negotiated with a feature that would make the tracked process
+    /// wait for a reader that does not exist.
+    #[error(
+        "the adopted userfaultfd has {feature}: {blocks} in the tracked process would block until someone reads its events, and nobody does; the owner must negotiate WP_ASYNC | WP_UNPOPULATED without event features, or hand over a fresh fd"
+    )]
+    BlockingFeature {
+        /// The feature.
+        feature: &'static str,
+        /// What would block.
+        blocks: &'static str,
+    },
+    /// An adopted userfaultfd was negotiated without a feature the engine needs.
+    #[error("the adopted userfaultfd was negotiated without {feature}")]
+    NegotiatedWithout {
+        /// The feature.
+        feature: &'static str,
+    },
+    /// The fd handed over is not a userfaultfd.
+    #[error("the adopted fd is not a userfaultfd")]
+    NotUffd,
+    /// `/proc/self/fdinfo` of an adopted fd could not be read, so its negotiated features are
+    /// unknown.
+    #[error("cannot read the adopted userfaultfd's features from /proc/self/fdinfo")]
+    Fdinfo(#[source] io::Error),
     /// Handing a userfaultfd over from another process failed.
     #[error("cannot obtain the userfaultfd from the tracked process")]
     Handoff(#[source] io::Error),

@@ -28,7 +28,9 @@ mod uffd;
 pub use attach::{AttachError, AttachTimes};
 pub use error::Error;
 pub use precopy_sys::pagemap::Vma;
-pub use tracker::{MemoryKind, RegisterOptions, ThpPolicy, TrackedRange, Tracker, unmapped_parts};
+pub use tracker::{
+    MemoryKind, RegisterOptions, ThpPolicy, TrackedRange, Tracker, UnvouchedPolicy, unmapped_parts,
+};
 pub use uffd::{Features, Target, Uffd, kernel_features as uffd_kernel_features};
 
 /// Result type of this crate.

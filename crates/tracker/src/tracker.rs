@@ -5,15 +5,71 @@ use precopy_sys::pagemap::{self, Vma};
 use std::io;
 use std::ops::Range;
 
-/// What memory backs a tracked range.
+/// What memory backs a tracked range. It decides which changes the write-protect bit can see:
+/// only writes through this address space's page tables are. The table in ARCHITECTURE.md
+/// ("Changes the write-protect bit cannot see") lists, per kind and change path, whether the
+/// engine reports, detects or refuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemoryKind {
-    /// Private memory (anonymous, or a private file mapping).
-    Private,
-    /// Shared memory: memfd/shmem or a `MAP_SHARED` file.
-    Shared,
-    /// hugetlb: tracked and reported in whole huge pages.
+    /// `MAP_PRIVATE | MAP_ANONYMOUS`: only this address space changes it, through its page
+    /// tables (`process_vm_writev` and `/proc/PID/mem` writes go through them too). Vouched
+    /// for, except for DMA through pinned pages, which only the embedder knows about.
+    PrivateAnonymous,
+    /// shmem: a memfd, `MAP_SHARED | MAP_ANONYMOUS`, SysV shm. Other mappings, other
+    /// processes, `write(2)`, hole punching, `MADV_REMOVE` and truncation change it unseen.
+    Shmem,
+    /// hugetlb (`MAP_HUGETLB` or an `MFD_HUGETLB` memfd), reported in whole huge pages;
+    /// `MADV_DONTNEED`, hole punching and writes through other mappings are unseen.
     Hugetlb,
+    /// A private mapping of a file: pages not yet copied on write show the file, which other
+    /// writers, truncation and hole punching change unseen; `MADV_DONTNEED` reverts copied
+    /// pages to the file's bytes unseen.
+    PrivateFile,
+    /// A shared mapping of a file: as shmem, plus writes to the file by anyone.
+    SharedFile,
+}
+
+impl MemoryKind {
+    /// A short name for errors and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryKind::PrivateAnonymous => "private anonymous",
+            MemoryKind::Shmem => "shared (memfd/shmem)",
+            MemoryKind::Hugetlb => "hugetlb",
+            MemoryKind::PrivateFile => "private file-backed",
+            MemoryKind::SharedFile => "shared file-backed",
+        }
+    }
+
+    /// Whether the write-protect bit sees every change the kernel can make to this kind
+    /// (DMA through pinned pages aside): true only for private anonymous memory.
+    pub fn vouched(self) -> bool {
+        self == MemoryKind::PrivateAnonymous
+    }
+}
+
+impl std::fmt::Display for MemoryKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What to do with memory whose changes the write-protect bit cannot all see (every
+/// [`MemoryKind`] but private anonymous, and any range registered with
+/// [`RegisterOptions::external_writers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnvouchedPolicy {
+    /// Track it and mark it [`TrackedRange::verify`]: whoever finishes from the rounds must
+    /// re-check it with the source stopped (the migration driver does: it re-reads those
+    /// ranges while paused, compares each page with the CRC of the copy last sent, sends what
+    /// differs, and reports the cost in downtime). The default.
+    #[default]
+    Verify,
+    /// Refuse it at registration with [`Error::Unvouched`](crate::Error::Unvouched).
+    Refuse,
+    /// Track it without re-checking: the caller knows no change happens outside the page
+    /// tables, or reports every such change itself (precopy-migrate's `ExternalDirty`).
+    AcceptRisk,
 }
 
 /// What to do about transparent huge pages when registering.
@@ -31,6 +87,11 @@ pub enum ThpPolicy {
 pub struct RegisterOptions {
     /// THP policy.
     pub thp: ThpPolicy,
+    /// Memory the write-protect bit cannot vouch for.
+    pub unvouched: UnvouchedPolicy,
+    /// Something writes this range without its page tables (a device by DMA through pinned
+    /// pages, io_uring fixed buffers, vhost, VFIO): treat it as unvouched whatever its kind.
+    pub external_writers: bool,
 }
 
 /// One registered range.
@@ -44,6 +105,10 @@ pub struct TrackedRange {
     pub kind: MemoryKind,
     /// The smallest unit the kernel reports for it: the base page, or the huge page for hugetlb.
     pub granule: u64,
+    /// Changes to it may bypass the write-protect bit and it was registered with
+    /// [`UnvouchedPolicy::Verify`]: re-check it with the source stopped before declaring a copy
+    /// complete.
+    pub verify: bool,
 }
 
 impl TrackedRange {
@@ -82,6 +147,15 @@ impl Tracker {
     /// The registered ranges, sorted by address.
     pub fn ranges(&self) -> &[TrackedRange] {
         &self.ranges
+    }
+
+    /// The ranges marked [`TrackedRange::verify`], sorted.
+    pub fn verify_ranges(&self) -> Vec<Range<u64>> {
+        self.ranges
+            .iter()
+            .filter(|r| r.verify)
+            .map(|r| r.range())
+            .collect()
     }
 
     /// Total bytes tracked.
@@ -137,13 +211,17 @@ impl Tracker {
         if start % granule != 0 || end % granule != 0 {
             return Err(unaligned(granule));
         }
-        let kind = if granule > self.page_size {
-            MemoryKind::Hugetlb
-        } else if vmas.iter().any(|v| v.flags & VMA_SHARED != 0) {
-            MemoryKind::Shared
-        } else {
-            MemoryKind::Private
-        };
+        let kind = self.kind_of(&vmas, granule);
+        let unvouched = !kind.vouched() || opts.external_writers;
+        if unvouched && opts.unvouched == UnvouchedPolicy::Refuse {
+            return Err(Error::Unvouched {
+                start,
+                end,
+                kind,
+                external_writers: opts.external_writers,
+            });
+        }
+        let verify = unvouched && opts.unvouched == UnvouchedPolicy::Verify;
         if opts.thp == ThpPolicy::Disable && kind != MemoryKind::Hugetlb {
             if self.uffd.target() != Target::This {
                 return Err(Error::Unsupported(
@@ -171,10 +249,39 @@ impl Tracker {
                 end,
                 kind,
                 granule,
+                verify,
             },
         );
-        tracing::debug!(start, end, ?kind, granule, "registered");
+        tracing::debug!(start, end, ?kind, granule, verify, "registered");
         Ok(&self.ranges[at])
+    }
+
+    /// The kind of memory `vmas` (covering a range) are: the first one that is not private
+    /// anonymous decides, since one unvouched part makes the range unvouched.
+    fn kind_of(&self, vmas: &[Vma], granule: u64) -> MemoryKind {
+        if granule > self.page_size {
+            return MemoryKind::Hugetlb;
+        }
+        for v in vmas {
+            let shared = v.flags & VMA_SHARED != 0;
+            if shared {
+                let shmem = match pagemap::vma_name(self.uffd.maps(), v.start) {
+                    Ok(Some(name)) => is_shmem_name(&name),
+                    // No name to go by: a shared mapping with an inode is a file or shmem;
+                    // both are unvouched, so the label matters only for messages.
+                    _ => true,
+                };
+                return if shmem {
+                    MemoryKind::Shmem
+                } else {
+                    MemoryKind::SharedFile
+                };
+            }
+            if v.inode != 0 {
+                return MemoryKind::PrivateFile;
+            }
+        }
+        MemoryKind::PrivateAnonymous
     }
 
     /// Stops tracking `range`, which must lie inside one tracked range (a part splits it).
@@ -309,10 +416,20 @@ impl Tracker {
                 end: e,
                 flags: if shared { VMA_SHARED } else { 0 },
                 page_size,
+                inode: m.inode,
             });
         }
         Ok(())
     }
+}
+
+/// Whether a mapping name (as `/proc/PID/maps` shows it) is shmem rather than a file on disk:
+/// a memfd, shared anonymous memory (`/dev/zero`), SysV shared memory, or POSIX shm.
+fn is_shmem_name(name: &str) -> bool {
+    name.starts_with("/memfd:")
+        || name.starts_with("/dev/zero")
+        || name.starts_with("/SYSV")
+        || name.starts_with("/dev/shm/")
 }
 
 /// The parts of `range` that no VMA in `vmas` (sorted) covers.
@@ -347,6 +464,7 @@ mod tests {
             end,
             flags: 0,
             page_size: 4096,
+            inode: 0,
         }
     }
 

@@ -66,6 +66,50 @@ pub fn kernel_features() -> Result<Features> {
     }
 }
 
+/// Refuses negotiated features that would make the tracked process wait for a reader.
+fn check_adoptable(f: Features) -> Result<()> {
+    let events = [
+        (
+            abi::UFFD_FEATURE_EVENT_FORK,
+            "UFFD_FEATURE_EVENT_FORK",
+            "fork",
+        ),
+        (
+            abi::UFFD_FEATURE_EVENT_REMAP,
+            "UFFD_FEATURE_EVENT_REMAP",
+            "mremap",
+        ),
+        (
+            abi::UFFD_FEATURE_EVENT_REMOVE,
+            "UFFD_FEATURE_EVENT_REMOVE",
+            "madvise(MADV_DONTNEED/MADV_REMOVE)",
+        ),
+        (
+            abi::UFFD_FEATURE_EVENT_UNMAP,
+            "UFFD_FEATURE_EVENT_UNMAP",
+            "munmap",
+        ),
+    ];
+    if let Some(&(_, feature, call)) = events.iter().find(|(bit, _, _)| f.0 & bit != 0) {
+        return Err(Error::BlockingFeature {
+            feature,
+            blocks: call,
+        });
+    }
+    if !f.wp_async() {
+        return Err(Error::BlockingFeature {
+            feature: "synchronous write-protect (UFFD_FEATURE_WP_ASYNC not negotiated)",
+            blocks: "every first write to a tracked page",
+        });
+    }
+    if !f.wp_unpopulated() {
+        return Err(Error::NegotiatedWithout {
+            feature: "UFFD_FEATURE_WP_UNPOPULATED",
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn required_features() -> Result<u64> {
     let offered = kernel_features()?;
     if !offered.wp_async() {
@@ -107,28 +151,43 @@ impl Uffd {
     }
 
     /// Adopts a userfaultfd that process `pid` created (received over a Unix socket, or copied
-    /// with `pidfd_getfd`) and on which no `UFFDIO_API` handshake has been done yet. It acts on
-    /// `pid`'s memory.
+    /// with `pidfd_getfd`). It acts on `pid`'s memory.
+    ///
+    /// A fresh fd (no `UFFDIO_API` yet) gets the engine's handshake. An fd its owner already
+    /// negotiated is accepted only if its features, read from `/proc/self/fdinfo` (the
+    /// context's real ones), cannot block the tracked process: refused with
+    /// [`Error::BlockingFeature`] naming the feature if it has `UFFD_FEATURE_EVENT_FORK`,
+    /// `_REMAP`, `_REMOVE` or `_UNMAP` (the kernel makes the process wait in fork, mremap,
+    /// madvise or munmap until someone reads the event, and nobody here does) or lacks
+    /// `UFFD_FEATURE_WP_ASYNC` (write-protect faults would be synchronous: every first write
+    /// to a tracked page would wait for a reader); refused with [`Error::NegotiatedWithout`]
+    /// if it lacks `UFFD_FEATURE_WP_UNPOPULATED`. A refused fd is dropped untouched: nothing
+    /// was registered, so the other process keeps running.
     pub fn adopt(fd: OwnedFd, pid: i32) -> Result<Uffd> {
-        let want = required_features()?;
-        Self::handshake_and_bind(fd, want, Target::Process(pid))
-    }
-
-    /// Adopts a userfaultfd of process `pid` whose handshake was already done (by that process)
-    /// with the given feature bits. Refused unless they include `WP_ASYNC` and `WP_UNPOPULATED`.
-    pub fn adopt_negotiated(fd: OwnedFd, pid: i32, features: u64) -> Result<Uffd> {
-        let features = Features(features);
-        if !features.wp_async() || !features.wp_unpopulated() {
-            return Err(Error::Unsupported(
-                "the adopted userfaultfd was negotiated without WP_ASYNC and WP_UNPOPULATED",
-            ));
+        match sys::context_features(fd.as_fd()) {
+            Ok(Some(bits)) if bits & abi::UFFD_FEATURE_INITIALIZED != 0 => {
+                let features = Features(bits & !abi::UFFD_FEATURE_INITIALIZED);
+                check_adoptable(features)?;
+                Self::bind(fd, features, Target::Process(pid))
+            }
+            Ok(Some(_)) => {
+                let want = required_features()?;
+                Self::handshake_and_bind(fd, want, Target::Process(pid))
+            }
+            Ok(None) => Err(Error::NotUffd),
+            Err(e) => Err(Error::Fdinfo(e)),
         }
-        Self::bind(fd, features, Target::Process(pid))
     }
 
     fn handshake_and_bind(fd: OwnedFd, want: u64, target: Target) -> Result<Uffd> {
         let reply = sys::api(fd.as_fd(), want).map_err(Error::Api)?;
-        Self::bind(fd, Features(reply.features), target)
+        // The reply lists every feature the kernel offers; the context has what was asked
+        // for (and offered). fdinfo says so directly where it is readable.
+        let enabled = match sys::context_features(fd.as_fd()) {
+            Ok(Some(bits)) => bits & !abi::UFFD_FEATURE_INITIALIZED,
+            _ => want & reply.features,
+        };
+        Self::bind(fd, Features(enabled), target)
     }
 
     fn bind(fd: OwnedFd, features: Features, target: Target) -> Result<Uffd> {
@@ -151,7 +210,8 @@ impl Uffd {
         self.fd.as_fd()
     }
 
-    /// Negotiated features.
+    /// The features negotiated on this fd (not every feature the kernel offers: see
+    /// [`kernel_features`] for that).
     pub fn features(&self) -> Features {
         self.features
     }
