@@ -22,6 +22,13 @@ pub trait DirtyLog {
     /// Appends to `out` every range written since the previous call (or since
     /// [`DirtyLog::start`]); contents must be read only after this returns.
     fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError>;
+    /// The part of [`DirtyLog::memory`] whose changes this log may miss (shared memory written
+    /// through another mapping or process, a hole punched in a memfd, hugetlb `MADV_DONTNEED`,
+    /// DMA): the driver re-checks it with the workload paused before it declares the migration
+    /// complete ([`Transport::changed`]) and reports the cost. Default: none.
+    fn unvouched(&self) -> Vec<Range<u64>> {
+        Vec::new()
+    }
 }
 
 /// What one round delivered, as the transport counts it.
@@ -42,6 +49,12 @@ pub trait Transport {
     /// Reads and sends the pages of `ranges` (page-aligned; any order; overlaps allowed) as one
     /// round.
     fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError>;
+    /// With the source paused and before the last round: which pages of `ranges` now differ
+    /// from what this transport last sent of them. The default answers "all of them", which
+    /// is always right and costs a resend of `ranges`.
+    fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, BoxError> {
+        Ok(ranges.to_vec())
+    }
     /// No more rounds (the source is paused): sends the final memory checksum and returns it
     /// once the receiver has acknowledged that its memory matches. The second value is the part
     /// of the time spent reading source memory for the checksum on this side (zero when the
@@ -145,11 +158,17 @@ impl<T: DirtyLog + ?Sized> DirtyLog for &mut T {
     fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
         (**self).dirty(out)
     }
+    fn unvouched(&self) -> Vec<Range<u64>> {
+        (**self).unvouched()
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for &mut T {
     fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError> {
         (**self).send_round(ranges)
+    }
+    fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, BoxError> {
+        (**self).changed(ranges)
     }
     fn finish(&mut self) -> Result<(u32, Duration), BoxError> {
         (**self).finish()
@@ -168,5 +187,52 @@ impl<T: Workload + ?Sized> Workload for &mut T {
     }
     fn throttle_method(&self) -> &'static str {
         (**self).throttle_method()
+    }
+}
+
+/// Writes the embedder knows about and no dirty log can see — a device's DMA into guest memory
+/// (vhost-user, VFIO, io_uring fixed buffers), a helper process writing shared memory — added
+/// to the next round, the way QEMU, Firecracker and Cloud Hypervisor OR a device's dirty
+/// bitmap into KVM's.
+///
+/// Cloneable and `Send + Sync`: hand a clone to each device thread. [`ExternalDirty::mark`] a
+/// range **after** the write to it has completed (a mark taken before the write could be
+/// drained, and the page read, before the write lands). Writers must stop when the workload is
+/// paused: marks made before [`Workload::pause`] returned reach the final round; later writes
+/// are outside the migration. [`UffdDirtyLog`](crate::UffdDirtyLog) drains its handle on every
+/// round; a custom [`DirtyLog`] calls [`ExternalDirty::drain_into`] in its
+/// [`DirtyLog::dirty`].
+#[derive(Debug, Clone, Default)]
+pub struct ExternalDirty {
+    ranges: std::sync::Arc<std::sync::Mutex<Vec<Range<u64>>>>,
+}
+
+impl ExternalDirty {
+    /// An empty set.
+    pub fn new() -> ExternalDirty {
+        ExternalDirty::default()
+    }
+
+    /// Adds `range` (source addresses; widened to whole pages by the log that drains it) to
+    /// the next round.
+    pub fn mark(&self, range: Range<u64>) {
+        if range.start < range.end {
+            self.lock().push(range);
+        }
+    }
+
+    /// Moves every marked range into `out`, widened to whole `page_size` pages.
+    pub fn drain_into(&self, page_size: u64, out: &mut Vec<Range<u64>>) {
+        let ps = page_size.max(1);
+        out.extend(
+            self.lock()
+                .drain(..)
+                .map(|r| r.start / ps * ps..r.end.div_ceil(ps) * ps),
+        );
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Range<u64>>> {
+        // A panic while holding the lock cannot leave the vector inconsistent (push or drain).
+        self.ranges.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -2,7 +2,9 @@
 
 use crate::control::{DirtyLog, RoundSent, Transport, Workload};
 use crate::error::{AbortReason, Error};
-use crate::report::{FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason};
+use crate::report::{
+    FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason, VerifyPass,
+};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -190,6 +192,33 @@ fn coalesce(ranges: &mut Vec<Range<u64>>) -> u64 {
     }
     *ranges = out;
     ranges.iter().map(|r| r.end - r.start).sum()
+}
+
+/// Bytes of `a` not covered by `b` (both sorted and coalesced).
+fn bytes_outside(a: &[Range<u64>], b: &[Range<u64>]) -> u64 {
+    let mut total = 0;
+    let mut j = 0;
+    for r in a {
+        let mut at = r.start;
+        while j < b.len() && b[j].end <= at {
+            j += 1;
+        }
+        let mut k = j;
+        while at < r.end {
+            match b.get(k) {
+                Some(c) if c.start < r.end => {
+                    total += c.start.saturating_sub(at).min(r.end - at);
+                    at = at.max(c.end).min(r.end);
+                    k += 1;
+                }
+                _ => {
+                    total += r.end - at;
+                    at = r.end;
+                }
+            }
+        }
+    }
+    total
 }
 
 fn per_sec(bytes: u64, d: Duration) -> f64 {
@@ -497,6 +526,29 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             .dirty(&mut pending)
             .map_err(|source| Error::Tracking { round, source })?;
         let scan = scan_start.elapsed();
+        coalesce(&mut pending);
+
+        // Memory the log cannot vouch for: compare it with what was sent, now that nothing
+        // runs, and send what differs in this same round.
+        let unvouched = self.log.unvouched();
+        let verify = if unvouched.is_empty() {
+            None
+        } else {
+            let verify_start = Instant::now();
+            let mut changed = self
+                .transport
+                .changed(&unvouched)
+                .map_err(|source| Error::Verify { source })?;
+            let changed_bytes = coalesce(&mut changed);
+            let unreported_bytes = bytes_outside(&changed, &pending);
+            pending.extend(changed);
+            Some(VerifyPass {
+                checked_bytes: unvouched.iter().map(|r| r.end - r.start).sum(),
+                changed_bytes,
+                unreported_bytes,
+                duration: verify_start.elapsed(),
+            })
+        };
         let bytes = coalesce(&mut pending);
 
         let sent = self
@@ -516,9 +568,11 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.record(RoundKind::Final, bytes, scan, dirty_rate, expected, sent);
         self.report.downtime = Some(downtime);
         self.report.checksum = Some(checksum);
+        self.report.verify = verify;
         self.report.final_phase = Some(FinalPhase {
             pause,
             scan,
+            verify: verify.map_or(Duration::ZERO, |v| v.duration),
             send: sent.duration,
             checksum: checksum_time,
             finish,
@@ -805,6 +859,14 @@ mod tests {
         };
         let mut m = Migration::new(log, link(1e9), workload(&events), cfg);
         assert!(matches!(m.run(), Err(Error::Config { .. })));
+    }
+
+    #[test]
+    fn bytes_outside_subtracts_covered_parts() {
+        assert_eq!(bytes_outside(&[0..10, 20..30], &[]), 20);
+        assert_eq!(bytes_outside(&[0..10, 20..30], &[5..22]), 5 + 8);
+        assert_eq!(bytes_outside(&[0..10], &[0..2, 4..6, 8..12]), 4);
+        assert_eq!(bytes_outside(&[3..4], &[0..10]), 0);
     }
 
     #[test]

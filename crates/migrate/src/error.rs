@@ -54,6 +54,13 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// Re-checking the memory the dirty log cannot vouch for failed (reading the paused source).
+    #[error("re-checking memory the dirty log cannot vouch for failed")]
+    Verify {
+        /// The transport's error.
+        #[source]
+        source: BoxError,
+    },
     /// The receiver did not acknowledge the final checksum.
     #[error("the destination did not acknowledge the final round")]
     Finish {

@@ -87,13 +87,15 @@ pub mod target;
 mod transfer;
 mod uffd;
 
-pub use control::{BoxError, Callbacks, DirtyLog, RoundSent, Transport, Workload};
+pub use control::{BoxError, Callbacks, DirtyLog, ExternalDirty, RoundSent, Transport, Workload};
 pub use driver::{
     AfterMigration, LimitPolicy, Migration, MigrationConfig, Phase, Progress, ThrottleConfig,
 };
 pub use error::{AbortReason, Error};
 pub use process::{PauseMethod, ProcessControl, ThrottleMethod};
-pub use report::{FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason};
+pub use report::{
+    FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason, VerifyPass,
+};
 pub use target::{MapChanges, TargetError, TargetLog, TargetMemory};
 pub use transfer::TransferTransport;
 pub use uffd::{UffdDirtyLog, adopt_process_uffd};

@@ -94,7 +94,23 @@ pub struct RoundReport {
     pub throttle: f64,
 }
 
-/// The final round's timeline: downtime = pause + scan + send + finish.
+/// The switch-over check of memory the dirty log cannot vouch for (shared memory, hugetlb,
+/// file mappings, ranges written by devices): re-read with the workload paused and compared,
+/// page by page, with the CRC of the copy last sent.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct VerifyPass {
+    /// Bytes re-read.
+    pub checked_bytes: u64,
+    /// Bytes found different from what was sent (sent in the final round).
+    pub changed_bytes: u64,
+    /// Of those, bytes the dirty log had not reported: changes only this pass caught.
+    pub unreported_bytes: u64,
+    /// Time it took, part of the downtime.
+    #[serde(serialize_with = "ms", rename = "duration_ms")]
+    pub duration: Duration,
+}
+
+/// The final round's timeline: downtime = pause + scan + verify + send + finish.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct FinalPhase {
     /// Time for the workload to stop.
@@ -103,6 +119,9 @@ pub struct FinalPhase {
     /// The last scan.
     #[serde(serialize_with = "ms", rename = "scan_ms")]
     pub scan: Duration,
+    /// Re-checking the memory the dirty log cannot vouch for ([`VerifyPass`]; zero if none).
+    #[serde(serialize_with = "ms", rename = "verify_ms")]
+    pub verify: Duration,
     /// Sending the last round.
     #[serde(serialize_with = "ms", rename = "send_ms")]
     pub send: Duration,
@@ -144,6 +163,8 @@ pub struct MigrationReport {
     pub max_downtime: Duration,
     /// Final round timeline.
     pub final_phase: Option<FinalPhase>,
+    /// The switch-over check of memory the dirty log cannot vouch for, if there was any.
+    pub verify: Option<VerifyPass>,
     /// Every round.
     pub rounds: Vec<RoundReport>,
     /// Bytes the transport wrote, all rounds.
@@ -180,6 +201,7 @@ impl MigrationReport {
             expected_downtime: None,
             max_downtime,
             final_phase: None,
+            verify: None,
             rounds: Vec::new(),
             transferred_bytes: 0,
             pages: 0,
@@ -256,12 +278,23 @@ impl fmt::Display for MigrationReport {
         if let Some(p) = self.final_phase {
             writeln!(
                 f,
-                "  pause {} + scan {} + send {} + checksum/ack {} (checksum {})",
+                "  pause {} + scan {} + verify {} + send {} + checksum/ack {} (checksum {})",
                 msf(p.pause),
                 msf(p.scan),
+                msf(p.verify),
                 msf(p.send),
                 msf(p.finish),
                 msf(p.checksum)
+            )?;
+        }
+        if let Some(v) = self.verify {
+            writeln!(
+                f,
+                "verify pass:        re-read {} the dirty log cannot vouch for in {}: {} changed, {} of it unreported by the log",
+                bytes(v.checked_bytes as f64),
+                msf(v.duration),
+                bytes(v.changed_bytes as f64),
+                bytes(v.unreported_bytes as f64)
             )?;
         }
         writeln!(f, "setup:              {}", msf(self.setup))?;

@@ -53,6 +53,10 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
         })
     }
 
+    fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, BoxError> {
+        Ok(self.transfer.changed_since_sent(ranges)?)
+    }
+
     fn finish(&mut self) -> Result<(u32, std::time::Duration), BoxError> {
         let summary = self.transfer.finish(self.check)?;
         Ok((summary.checksum, summary.source_check))

@@ -1,7 +1,7 @@
 //! [`DirtyLog`] over the engine's own tracking: a [`Tracker`] armed once and a [`Scanner`] run
 //! per round, in this process or in another one whose userfaultfd was adopted.
 
-use crate::control::{BoxError, DirtyLog};
+use crate::control::{BoxError, DirtyLog, ExternalDirty};
 use precopy_scanner::{Scanner, UntrackedReason};
 use precopy_tracker::{Tracker, Uffd};
 use std::ops::Range;
@@ -50,19 +50,33 @@ pub fn adopt_process_uffd(pid: i32, fd: RawFd) -> Result<Uffd, TrackingError> {
     Uffd::adopt(ours, pid).map_err(|source| TrackingError::Adopt { pid, source })
 }
 
-/// The tracker's ranges are the memory; each [`DirtyLog::dirty`] call is one scanner round.
-/// Parts that stopped being tracked are reported dirty (re-sent in full); parts that were
-/// unmapped fail the migration.
+/// The tracker's ranges are the memory; each [`DirtyLog::dirty`] call is one scanner round,
+/// plus whatever the embedder marked through [`UffdDirtyLog::external_dirty`]. Parts that
+/// stopped being tracked are reported dirty (re-sent in full); parts that were unmapped fail
+/// the migration. Ranges the tracker marked [`verify`](precopy_tracker::TrackedRange::verify)
+/// (memory whose changes the write-protect bit cannot all see) are
+/// [`DirtyLog::unvouched`]: the driver re-checks them while the workload is paused.
 #[derive(Debug)]
 pub struct UffdDirtyLog {
     tracker: Tracker,
     scanner: Scanner,
+    external: ExternalDirty,
 }
 
 impl UffdDirtyLog {
     /// A dirty log over `tracker`'s registered ranges.
     pub fn new(tracker: Tracker, scanner: Scanner) -> UffdDirtyLog {
-        UffdDirtyLog { tracker, scanner }
+        UffdDirtyLog {
+            tracker,
+            scanner,
+            external: ExternalDirty::new(),
+        }
+    }
+
+    /// The handle through which the embedder adds writes no page table shows (DMA, another
+    /// process) to the next round; see [`ExternalDirty`].
+    pub fn external_dirty(&self) -> ExternalDirty {
+        self.external.clone()
     }
 
     /// The tracker.
@@ -89,7 +103,14 @@ impl DirtyLog for UffdDirtyLog {
         Ok(self.tracker.arm()?)
     }
 
+    fn unvouched(&self) -> Vec<Range<u64>> {
+        self.tracker.verify_ranges()
+    }
+
     fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
+        // Drained before the scan: a range marked after its write may be sent twice, never
+        // missed.
+        self.external.drain_into(self.tracker.page_size(), out);
         loop {
             let round = self.scanner.round(&self.tracker)?;
             out.extend_from_slice(round.dirty());

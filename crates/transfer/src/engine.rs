@@ -41,6 +41,9 @@ pub enum Compression {
     Zstd(i32),
 }
 
+/// Bytes read per step of [`Transfer::changed_since_sent`].
+const VERIFY_CHUNK: u64 = 4 << 20;
+
 /// Default pages per batch (256 KiB with 4 KiB pages); see the crate docs.
 pub const DEFAULT_BATCH_PAGES: usize = 64;
 /// Default batches queued per connection ahead of its writer.
@@ -435,6 +438,71 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             bytes_on_wire: bytes,
             duration: state.start.elapsed(),
         })
+    }
+
+    /// Re-reads the pages of `ranges` (page-aligned source addresses inside the layout) and
+    /// returns those whose CRC32C differs from the copy this transfer last sent (pages never
+    /// sent count as zero pages), coalesced and sorted. Call with the source stopped and
+    /// outside a round, before the last round: it finds the changes a dirty log could not see
+    /// (shared memory written through another mapping, a hole punched in a memfd, DMA), which
+    /// the last round then sends. Reads `ranges` once in 4 MiB chunks; a page whose contents
+    /// changed yet kept its CRC32C would be missed (probability 2^-32 per changed page).
+    pub fn changed_since_sent(
+        &mut self,
+        ranges: &[Range<u64>],
+    ) -> Result<Vec<Range<u64>>, TransferError> {
+        if self.current.is_some() || self.finished {
+            return Err(TransferError::Misuse {
+                operation: "changed_since_sent",
+                state: "inside a round or after finish",
+            });
+        }
+        let mut pieces = Vec::new();
+        for r in ranges {
+            self.layout.split(r.clone(), |piece, offset| {
+                pieces.push((piece, offset));
+                Ok(())
+            })?;
+        }
+        let ps = self.layout.page_size();
+        let chunk = (VERIFY_CHUNK / ps).max(1) * ps;
+        let mut buf = vec![
+            0u8;
+            chunk.min(
+                pieces
+                    .iter()
+                    .map(|(p, _)| p.end - p.start)
+                    .max()
+                    .unwrap_or(0)
+            ) as usize
+        ];
+        let mut changed: Vec<Range<u64>> = Vec::new();
+        for (piece, offset) in pieces {
+            let mut at = piece.start;
+            while at < piece.end {
+                let n = (piece.end - at).min(chunk);
+                let data = &mut buf[..n as usize];
+                self.source.read_ranges(&[at..at + n], data)?;
+                let first = ((offset + (at - piece.start)) / ps) as usize;
+                for (i, page) in data.chunks_exact(ps as usize).enumerate() {
+                    let crc = if is_zero(page) {
+                        crate::digest::zero_page_crc(ps)
+                    } else {
+                        page_crc(page)
+                    };
+                    if self.crcs.get(first + i) != Some(crc) {
+                        let addr = at + i as u64 * ps;
+                        match changed.last_mut() {
+                            Some(last) if last.end == addr => last.end = addr + ps,
+                            _ => changed.push(addr..addr + ps),
+                        }
+                    }
+                }
+                at += n;
+            }
+        }
+        changed.sort_unstable_by_key(|r| r.start);
+        Ok(changed)
     }
 
     /// Ends the transfer: sends the memory digest of the page CRCs recorded
