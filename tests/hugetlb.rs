@@ -11,74 +11,13 @@ use common::*;
 use precopy::sys::mem::{Backing, Mapping, Thp};
 use precopy::tracker::Error as TrackerError;
 use precopy::{MemoryKind, ScanOptions, Tracker, Uffd};
-use std::fs;
 
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
 const WANT: u64 = 3;
-
-fn meminfo(key: &str) -> Option<u64> {
-    fs::read_to_string("/proc/meminfo")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
-}
-
-/// Puts `nr_hugepages` back when dropped, if this test changed it.
-struct PoolGuard {
-    old: Option<String>,
-}
-
-impl Drop for PoolGuard {
-    fn drop(&mut self) {
-        if let Some(old) = &self.old
-            && let Err(e) = fs::write(NR_HUGEPAGES, old)
-        {
-            eprintln!("could not restore {NR_HUGEPAGES} to {old}: {e}");
-        }
-    }
-}
-
-/// Makes sure `WANT` default-size huge pages are free; `None` (after a loud skip) if not.
-fn reserve_pool(test: &str) -> Option<PoolGuard> {
-    if meminfo("Hugepagesize:").map(|kb| kb * 1024) != Some(HUGE) {
-        skip(test, "no hugetlb, or its default page size is not 2 MiB");
-        return None;
-    }
-    let mut guard = PoolGuard { old: None };
-    let free = meminfo("HugePages_Free:").unwrap_or(0);
-    if free < WANT {
-        let Ok(old) = fs::read_to_string(NR_HUGEPAGES) else {
-            skip(test, "cannot read /proc/sys/vm/nr_hugepages");
-            return None;
-        };
-        let old = old.trim().to_string();
-        let total: u64 = old.parse().unwrap_or(0);
-        if let Err(e) = fs::write(NR_HUGEPAGES, (total + WANT - free).to_string()) {
-            skip(
-                test,
-                &format!(
-                    "hugetlb pool has {free} free pages and growing it failed ({e}); needs root"
-                ),
-            );
-            return None;
-        }
-        guard.old = Some(old);
-        let now = meminfo("HugePages_Free:").unwrap_or(0);
-        if now < WANT {
-            skip(
-                test,
-                &format!("the kernel gave only {now} free huge pages (memory fragmented?)"),
-            );
-            return None;
-        }
-    }
-    Some(guard)
-}
 
 #[test]
 fn hugetlb_reports_whole_huge_pages_and_budgets_do_not_stall() {
     let test = "hugetlb_reports_whole_huge_pages_and_budgets_do_not_stall";
-    let Some(_pool) = reserve_pool(test) else {
+    let Some(_pool) = reserve_pool(test, WANT) else {
         return;
     };
     let mem = match Mapping::new(Backing::Hugetlb, WANT * HUGE, 0, Thp::Default) {

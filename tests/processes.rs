@@ -8,63 +8,13 @@ mod common;
 
 use common::*;
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
-use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Pid, fork, pipe, read, write};
+use nix::unistd::{Pid, pipe};
 use precopy::sys::mem::{Backing, Mapping, Thp};
 use precopy::tracker::Error as TrackerError;
 use precopy::{MemoryKind, RegisterOptions, Target, ThpPolicy, Tracker, Uffd};
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-
-/// Reads exactly `buf.len()` bytes; false on EOF or error.
-fn read_exact(fd: BorrowedFd<'_>, buf: &mut [u8]) -> bool {
-    let mut got = 0;
-    while got < buf.len() {
-        match read(fd, &mut buf[got..]) {
-            Ok(0) => return false,
-            Ok(n) => got += n,
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => return false,
-        }
-    }
-    true
-}
-
-/// Writes all of `buf`; false on error.
-fn write_all(fd: BorrowedFd<'_>, buf: &[u8]) -> bool {
-    let mut put = 0;
-    while put < buf.len() {
-        match write(fd, &buf[put..]) {
-            Ok(n) => put += n,
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => return false,
-        }
-    }
-    true
-}
-
-fn wait_ok(pid: Pid) {
-    match waitpid(pid, None).expect("waitpid") {
-        WaitStatus::Exited(_, 0) => {}
-        other => panic!("child ended badly: {other:?}"),
-    }
-}
-
-/// Forks; runs `child` in the child and `_exit`s with its result (0 when it returns true).
-fn spawn(child: impl FnOnce() -> bool) -> Pid {
-    // SAFETY: the child runs only `child`, which touches memory, pipes and sockets (no locks
-    // held by other threads of this process, no unwinding into the harness), then `_exit`s.
-    match unsafe { fork() }.expect("fork") {
-        ForkResult::Child => {
-            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(false);
-            // SAFETY: `_exit` ends the child at once, running no atexit handlers or destructors
-            // that belong to the parent's state.
-            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
-        }
-        ForkResult::Parent { child } => child,
-    }
-}
 
 #[test]
 fn fork_child_writes_are_not_the_parents() {

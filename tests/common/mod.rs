@@ -164,3 +164,116 @@ fn page_has(addr: u64, category: u64) -> bool {
     let mut out = [EMPTY_REGION; 1];
     pagemap::scan(pm.as_fd(), &mut arg, &mut out).expect("PAGEMAP_SCAN") > 0
 }
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+pub fn meminfo(key: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
+}
+
+/// Puts `nr_hugepages` back when dropped, if this test changed it.
+pub struct PoolGuard {
+    old: Option<String>,
+}
+
+impl Drop for PoolGuard {
+    fn drop(&mut self) {
+        if let Some(old) = &self.old
+            && let Err(e) = std::fs::write(NR_HUGEPAGES, old)
+        {
+            eprintln!("could not restore {NR_HUGEPAGES} to {old}: {e}");
+        }
+    }
+}
+
+/// Makes sure `want` default-size huge pages are free, growing the pool as root (put back when
+/// the guard drops); `None` (after a loud skip) if not.
+pub fn reserve_pool(test: &str, want: u64) -> Option<PoolGuard> {
+    if meminfo("Hugepagesize:").map(|kb| kb * 1024) != Some(HUGE) {
+        skip(test, "no hugetlb, or its default page size is not 2 MiB");
+        return None;
+    }
+    let mut guard = PoolGuard { old: None };
+    let free = meminfo("HugePages_Free:").unwrap_or(0);
+    if free < want {
+        let Ok(old) = std::fs::read_to_string(NR_HUGEPAGES) else {
+            skip(test, "cannot read /proc/sys/vm/nr_hugepages");
+            return None;
+        };
+        let old = old.trim().to_string();
+        let total: u64 = old.parse().unwrap_or(0);
+        if let Err(e) = std::fs::write(NR_HUGEPAGES, (total + want - free).to_string()) {
+            skip(
+                test,
+                &format!(
+                    "hugetlb pool has {free} free pages and growing it failed ({e}); needs root"
+                ),
+            );
+            return None;
+        }
+        guard.old = Some(old);
+        let now = meminfo("HugePages_Free:").unwrap_or(0);
+        if now < want {
+            skip(
+                test,
+                &format!("the kernel gave only {now} free huge pages (memory fragmented?)"),
+            );
+            return None;
+        }
+    }
+    Some(guard)
+}
+
+/// Forked children (tests are multi-threaded, so children only touch memory, pipes and sockets,
+/// then `_exit`).
+/// Reads exactly `buf.len()` bytes; false on EOF or error.
+pub fn read_exact(fd: std::os::fd::BorrowedFd<'_>, buf: &mut [u8]) -> bool {
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::unistd::read(fd, &mut buf[got..]) {
+            Ok(0) => return false,
+            Ok(n) => got += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Writes all of `buf`; false on error.
+pub fn write_all(fd: std::os::fd::BorrowedFd<'_>, buf: &[u8]) -> bool {
+    let mut put = 0;
+    while put < buf.len() {
+        match nix::unistd::write(fd, &buf[put..]) {
+            Ok(n) => put += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+pub fn wait_ok(pid: nix::unistd::Pid) {
+    match nix::sys::wait::waitpid(pid, None).expect("waitpid") {
+        nix::sys::wait::WaitStatus::Exited(_, 0) => {}
+        other => panic!("child ended badly: {other:?}"),
+    }
+}
+
+/// Forks; runs `child` in the child and `_exit`s with its result (0 when it returns true).
+pub fn spawn(child: impl FnOnce() -> bool) -> nix::unistd::Pid {
+    // SAFETY: the child runs only `child`, which touches memory, pipes and sockets (no locks
+    // held by other threads of this process, no unwinding into the harness), then `_exit`s.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(false);
+            // SAFETY: `_exit` ends the child at once, running no atexit handlers or destructors
+            // that belong to the parent's state.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        nix::unistd::ForkResult::Parent { child } => child,
+    }
+}

@@ -12,7 +12,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr;
 
 /// What backs a [`Mapping`].
@@ -27,6 +27,12 @@ pub enum Backing {
     /// `MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB` with the default huge page size; needs a pool
     /// (`/proc/sys/vm/nr_hugepages`).
     Hugetlb,
+    /// `MAP_SHARED | MAP_ANONYMOUS` (shmem with no fd).
+    AnonShared,
+    /// `MAP_SHARED` of a fresh `MFD_HUGETLB` memfd (default huge page size; needs a pool).
+    MemfdHugetlb,
+    /// `MAP_PRIVATE` of this file (copy-on-write), grown to the mapping's length if shorter.
+    PrivateFile(File),
 }
 
 /// Transparent huge page advice applied right after mapping.
@@ -48,6 +54,10 @@ pub enum Advice {
     DontNeed,
     /// `MADV_REMOVE`: punch a hole in shared memory.
     Remove,
+    /// `MADV_FREE`: private anonymous pages may be reclaimed lazily (then read as zero).
+    Free,
+    /// `MADV_PAGEOUT`: reclaim the pages now (Linux 5.4+).
+    PageOut,
     /// `MADV_HUGEPAGE`.
     HugePage,
     /// `MADV_NOHUGEPAGE`.
@@ -59,6 +69,8 @@ impl Advice {
         match self {
             Advice::DontNeed => libc::MADV_DONTNEED,
             Advice::Remove => libc::MADV_REMOVE,
+            Advice::Free => libc::MADV_FREE,
+            Advice::PageOut => libc::MADV_PAGEOUT,
             Advice::HugePage => libc::MADV_HUGEPAGE,
             Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
         }
@@ -131,20 +143,30 @@ impl Mapping {
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
                 None,
             ),
-            Backing::Memfd => {
+            Backing::AnonShared => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, None),
+            Backing::Memfd | Backing::MemfdHugetlb => {
+                let huge = matches!(backing, Backing::MemfdHugetlb);
                 let name = CString::new("precopy").map_err(|_| invalid("name"))?;
+                let flags = libc::MFD_CLOEXEC | if huge { libc::MFD_HUGETLB } else { 0 };
                 // SAFETY: `name` is a valid NUL-terminated string; memfd_create returns a new fd.
-                let raw = cvt(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) })?;
+                let raw = cvt(unsafe { libc::memfd_create(name.as_ptr(), flags) })?;
                 // SAFETY: `raw` is a fresh fd nothing else owns.
                 let fd = unsafe { OwnedFd::from_raw_fd(raw) };
                 File::from(fd.try_clone()?).set_len(len)?;
-                (libc::MAP_SHARED, Some(fd))
+                let map = libc::MAP_SHARED | if huge { libc::MAP_HUGETLB } else { 0 };
+                (map, Some(fd))
             }
             Backing::File(file) => {
                 if file.metadata()?.len() < len {
                     file.set_len(len)?;
                 }
                 (libc::MAP_SHARED, Some(OwnedFd::from(file)))
+            }
+            Backing::PrivateFile(file) => {
+                if file.metadata()?.len() < len {
+                    file.set_len(len)?;
+                }
+                (libc::MAP_PRIVATE, Some(OwnedFd::from(file)))
             }
         };
         let raw_fd = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
@@ -193,6 +215,12 @@ impl Mapping {
     /// Private anonymous memory of `len` bytes: the common case.
     pub fn anonymous(len: u64) -> io::Result<Mapping> {
         Mapping::new(Backing::AnonPrivate, len, 0, Thp::Default)
+    }
+
+    /// The file or memfd behind the mapping, if any (for `fallocate`, `ftruncate`, `pwrite`, or a
+    /// second mapping of the same memory).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self._fd.as_ref().map(|f| f.as_fd())
     }
 
     /// First address.
