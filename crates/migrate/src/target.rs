@@ -363,6 +363,10 @@ impl DirtyLog for TargetLog {
     fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
         Ok(self.round(out)?)
     }
+
+    fn unvouched(&self) -> Vec<Range<u64>> {
+        self.tracker.verify_ranges()
+    }
 }
 
 /// Reads an attached target's memory: `process_vm_readv`, falling back per page to
