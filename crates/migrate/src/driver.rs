@@ -3,8 +3,10 @@
 use crate::control::{DirtyLog, RoundSent, Transport, Workload};
 use crate::error::{AbortReason, Error};
 use crate::report::{
-    FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason, VerifyPass,
+    DowntimeEstimate, FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason,
+    VerifyPass,
 };
+use crate::switchover::Estimator;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -74,6 +76,9 @@ pub struct MigrationConfig {
     pub throttle: ThrottleConfig,
     /// The workload after success.
     pub after: AfterMigration,
+    /// Pause and resume the workload once after round 0 to measure what pausing costs, for the
+    /// downtime estimate (see the crate docs, "Switch-over rule").
+    pub probe_pause: bool,
 }
 
 impl Default for MigrationConfig {
@@ -86,6 +91,7 @@ impl Default for MigrationConfig {
             timeout_policy: LimitPolicy::Abort,
             throttle: ThrottleConfig::default(),
             after: AfterMigration::Stop,
+            probe_pause: true,
         }
     }
 }
@@ -168,6 +174,8 @@ pub struct Migration<D, T, W> {
     sent_bytes: u64,
     sent_secs: f64,
     last_throughput: Option<f64>,
+    /// What the final phase would cost: decides the switch-over.
+    estimator: Estimator,
     started: Option<Instant>,
 }
 
@@ -221,6 +229,10 @@ fn bytes_outside(a: &[Range<u64>], b: &[Range<u64>]) -> u64 {
     total
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 fn per_sec(bytes: u64, d: Duration) -> f64 {
     let s = d.as_secs_f64();
     if s > 0.0 { bytes as f64 / s } else { 0.0 }
@@ -241,6 +253,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             sent_bytes: 0,
             sent_secs: 0.0,
             last_throughput: None,
+            estimator: Estimator::default(),
             started: None,
         }
     }
@@ -319,13 +332,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     }
 
     fn expected(&self, pending: u64) -> Option<Duration> {
-        if pending == 0 {
-            return Some(Duration::ZERO);
-        }
-        let t = self.throughput();
-        (t > 0.0)
-            .then(|| Duration::try_from_secs_f64(pending as f64 / t).ok())
-            .flatten()
+        self.estimator.estimate(pending).map(|e| e.total())
     }
 
     fn emit(&mut self, phase: Phase, pending: u64, dirty_rate: f64) {
@@ -357,6 +364,10 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     ) {
         let memory = (sent.pages + sent.zero_pages) * self.report.page_size;
         let throughput = per_sec(memory, sent.duration);
+        if kind != RoundKind::Final {
+            self.estimator
+                .add_round(memory, sent.duration, kind == RoundKind::Iterative);
+        }
         self.sent_bytes += memory;
         self.sent_secs += sent.duration.as_secs_f64();
         if memory >= SIGNIFICANT_ROUND && throughput > 0.0 {
@@ -413,6 +424,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             .send_round(&memory)
             .map_err(|source| Error::Send { round: 0, source })?;
         self.record(RoundKind::Full, total, Duration::ZERO, 0.0, None, sent);
+        if self.config.probe_pause {
+            self.probe_pause()?;
+        }
 
         let mut pending: Vec<Range<u64>> = Vec::new();
         let mut high = 0u32;
@@ -429,10 +443,12 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             let pending_bytes = coalesce(&mut pending);
             let dirty_rate = per_sec(pending_bytes, interval);
             self.report.dirty_rate = dirty_rate;
-            let expected = self.expected(pending_bytes);
+            self.estimator.add_scan(scan);
+            let estimate = self.estimator.estimate(pending_bytes);
+            let expected = estimate.map(|e| e.total());
             self.emit(Phase::Iterating, pending_bytes, dirty_rate);
 
-            if expected.is_some_and(|e| e <= self.config.max_downtime) {
+            if estimate.is_some_and(|e| e.with_margin() <= self.config.max_downtime) {
                 break SwitchReason::Converged;
             }
             if round >= self.config.max_rounds {
@@ -467,11 +483,102 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             );
         };
         self.report.switch_reason = Some(reason);
-        self.report.expected_downtime = {
-            let p = pending.iter().map(|r| r.end - r.start).sum();
-            self.expected(p)
-        };
+        let p = pending.iter().map(|r| r.end - r.start).sum();
+        let estimate = self.estimator.estimate(p);
+        self.report.expected_downtime = estimate.map(|e| e.total());
+        self.report.downtime_estimate = estimate;
+        if reason != SwitchReason::Converged {
+            self.report.downtime_note = Some(self.why_not_converged(reason, estimate));
+        }
         self.final_round(pending)
+    }
+
+    /// Pauses and resumes the workload once, timing the pause for the estimate.
+    fn probe_pause(&mut self) -> Result<(), Error> {
+        let at = Instant::now();
+        self.workload.pause().map_err(|source| Error::Workload {
+            action: "pause",
+            source,
+        })?;
+        self.paused = true;
+        self.estimator.set_pause(at.elapsed());
+        self.workload.resume().map_err(|source| Error::Workload {
+            action: "resume",
+            source,
+        })?;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Why the iteration ended without the expected downtime fitting the limit.
+    fn why_not_converged(&self, reason: SwitchReason, e: Option<DowntimeEstimate>) -> String {
+        let limit = ms(self.config.max_downtime);
+        let what = match reason {
+            SwitchReason::MaxRounds => {
+                format!("the round limit ({}) was reached", self.config.max_rounds)
+            }
+            SwitchReason::Timeout => "the timeout passed".to_string(),
+            SwitchReason::Converged => "it converged".to_string(),
+        };
+        let Some(e) = e else {
+            return format!("{what} before any bandwidth was measured; limit {limit:.1} ms");
+        };
+        let fixed = e.pause + e.scan + e.fixed;
+        let cause = if ms(fixed.mul_f64(e.margin)) > limit {
+            format!(
+                "the fixed costs alone (pause {:.1} + scan {:.1} + {:.1} ms per round) exceed it",
+                ms(e.pause),
+                ms(e.scan),
+                ms(e.fixed)
+            )
+        } else {
+            format!(
+                "the workload writes {}/s, the link delivers {}/s: the pending set does not shrink to what fits",
+                crate::report::bytes(self.report.dirty_rate),
+                crate::report::bytes(e.bandwidth)
+            )
+        };
+        format!(
+            "{what} with {:.1} ms expected (×{:.2} margin) against a limit of {limit:.1} ms: {cause}",
+            ms(e.total()),
+            e.margin
+        )
+    }
+
+    /// After the final round: which parts of the downtime overshot the limit.
+    fn why_over_limit(&self, downtime: Duration, actual: &FinalPhase) -> Option<String> {
+        if downtime <= self.config.max_downtime {
+            return None;
+        }
+        let mut parts = Vec::new();
+        if let Some(e) = self.report.downtime_estimate {
+            let mut over = |name: &str, got: Duration, want: Duration| {
+                if got > want {
+                    parts.push(format!(
+                        "{name} {:.1} ms (expected {:.1})",
+                        ms(got),
+                        ms(want)
+                    ));
+                }
+            };
+            over("pause", actual.pause, e.pause);
+            over("scan", actual.scan, e.scan);
+            over("send", actual.send, e.send);
+            parts.push(format!(
+                "checksum/ack {:.1} ms (not estimated)",
+                ms(actual.finish)
+            ));
+        }
+        let mut note = format!(
+            "downtime {:.1} ms exceeded the limit of {:.1} ms",
+            ms(downtime),
+            ms(self.config.max_downtime)
+        );
+        if !parts.is_empty() {
+            note.push_str(": ");
+            note.push_str(&parts.join(", "));
+        }
+        Some(note)
     }
 
     fn maybe_throttle(&mut self, dirty_rate: f64, high: &mut u32) -> Result<(), Error> {
@@ -569,14 +676,21 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.report.downtime = Some(downtime);
         self.report.checksum = Some(checksum);
         self.report.verify = verify;
-        self.report.final_phase = Some(FinalPhase {
+        let phase = FinalPhase {
             pause,
             scan,
             verify: verify.map_or(Duration::ZERO, |v| v.duration),
             send: sent.duration,
             checksum: checksum_time,
             finish,
-        });
+        };
+        self.report.final_phase = Some(phase);
+        if let Some(over) = self.why_over_limit(downtime, &phase) {
+            self.report.downtime_note = Some(match self.report.downtime_note.take() {
+                Some(before) => format!("{before}; {over}"),
+                None => over,
+            });
+        }
         self.report.status = Status::Completed;
 
         if self.throttle > 0.0 {
@@ -635,6 +749,8 @@ mod tests {
     /// Pretends to move `rate` bytes per second; fails at round `fail_at`.
     struct FakeLink {
         rate: f64,
+        /// Added to every round's duration.
+        fixed: Duration,
         round: u64,
         fail_at: Option<u64>,
         finished: bool,
@@ -651,7 +767,7 @@ mod tests {
                 pages: bytes / PAGE,
                 zero_pages: 0,
                 bytes,
-                duration: Duration::from_secs_f64(bytes as f64 / self.rate + 1e-3),
+                duration: Duration::from_secs_f64(bytes as f64 / self.rate + 1e-3) + self.fixed,
             })
         }
         fn finish(&mut self) -> Result<(u32, Duration), BoxError> {
@@ -681,6 +797,7 @@ mod tests {
     fn link(rate: f64) -> FakeLink {
         FakeLink {
             rate,
+            fixed: Duration::ZERO,
             round: 0,
             fail_at: None,
             finished: false,
@@ -709,9 +826,15 @@ mod tests {
         assert!(report.downtime.is_some());
         assert_eq!(
             *events.lock().unwrap(),
-            vec!["pause"],
-            "stays stopped by default"
+            vec!["pause", "resume", "pause"],
+            "one pause probe after round 0, then stays stopped by default"
         );
+        let est = report.downtime_estimate.unwrap();
+        assert_eq!(report.expected_downtime, Some(est.total()));
+        // 20 pages at 1 MiB/s plus the 1 ms per round the link adds.
+        let send = est.send.as_secs_f64() * 1e3;
+        assert!((send - 79.1).abs() < 1.0, "{send}");
+        assert!(report.downtime_note.is_none());
         let (_, t, _) = m.into_parts();
         assert!(t.finished);
     }
@@ -730,7 +853,10 @@ mod tests {
         assert_eq!(report.rounds.len(), 2);
         // The final scan found pages 0..30, which cover the pending 0..10: sent once.
         assert_eq!(report.rounds[1].pages, 30);
-        assert_eq!(*events.lock().unwrap(), vec!["pause", "resume"]);
+        assert_eq!(
+            *events.lock().unwrap(),
+            vec!["pause", "resume", "pause", "resume"]
+        );
     }
 
     #[test]
@@ -754,6 +880,8 @@ mod tests {
         assert_eq!(
             ev,
             vec![
+                "pause",
+                "resume",
                 "throttle 0.2",
                 "throttle 0.3",
                 "throttle 0.4",
@@ -762,6 +890,34 @@ mod tests {
             ]
         );
         assert!((report.throttle - 0.4).abs() < 1e-9);
+        let note = report.downtime_note.unwrap();
+        assert!(note.contains("round limit (8)"), "{note}");
+    }
+
+    #[test]
+    fn a_fixed_cost_per_round_above_the_limit_is_named_in_the_report() {
+        // Rounds shrink 256, 128, 64 pages and stay at 64; every round costs 30 ms on top of its
+        // bytes. The limit of 20 ms can never be met, whatever is pending.
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = ScriptLog {
+            script: vec![256, 128, 64],
+            calls: 0,
+        };
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(20);
+        cfg.max_rounds = 5;
+        cfg.throttle.enabled = false;
+        let mut l = link(1024.0 * 1024.0 * 1024.0);
+        l.fixed = Duration::from_millis(30);
+        let mut m = Migration::new(log, l, workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(report.switch_reason, Some(SwitchReason::MaxRounds));
+        let est = report.downtime_estimate.unwrap();
+        let fixed = est.fixed.as_secs_f64() * 1e3;
+        assert!((fixed - 31.0).abs() < 0.5, "{fixed}");
+        assert!(est.total() > Duration::from_millis(30));
+        let note = report.downtime_note.unwrap();
+        assert!(note.contains("fixed costs alone"), "{note}");
     }
 
     #[test]
@@ -789,7 +945,9 @@ mod tests {
         assert_eq!(m.report().status, Status::Aborted);
         assert!(m.report().checksum.is_none());
         let ev = events.lock().unwrap().clone();
-        assert!(!ev.contains(&"pause".to_string()), "{ev:?}");
+        // Only the pause probe after round 0, resumed at once: the workload keeps running.
+        assert_eq!(&ev[..2], ["pause", "resume"], "{ev:?}");
+        assert_eq!(ev.iter().filter(|e| *e == "pause").count(), 1, "{ev:?}");
         assert_eq!(
             ev.last().map(String::as_str),
             Some("throttle 0.0"),
@@ -845,7 +1003,10 @@ mod tests {
                 .unwrap()
                 .contains("peer went away")
         );
-        assert_eq!(*events.lock().unwrap(), vec!["pause", "resume"]);
+        assert_eq!(
+            *events.lock().unwrap(),
+            vec!["pause", "resume", "pause", "resume"]
+        );
     }
 
     #[test]

@@ -133,6 +133,32 @@ pub struct FinalPhase {
     pub finish: Duration,
 }
 
+/// The final phase as the driver estimated it when it decided to switch over (see the
+/// crate docs, "Switch-over rule"). Compare with [`FinalPhase`].
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct DowntimeEstimate {
+    /// Bytes the last scan left to send.
+    pub pending_bytes: u64,
+    /// Pausing the workload (measured by a probe after round 0; zero without it).
+    #[serde(serialize_with = "ms", rename = "pause_ms")]
+    pub pause: Duration,
+    /// The final scan (the slowest of the last scans).
+    #[serde(serialize_with = "ms", rename = "scan_ms")]
+    pub scan: Duration,
+    /// Sending the pending bytes: `fixed + pending / bandwidth`, never faster than the slowest
+    /// recent round.
+    #[serde(serialize_with = "ms", rename = "send_ms")]
+    pub send: Duration,
+    /// Per-round fixed cost of the fitted line.
+    #[serde(serialize_with = "ms", rename = "fixed_ms")]
+    pub fixed: Duration,
+    /// Memory bytes per second of the fitted line (or of the slowest recent round).
+    pub bandwidth: f64,
+    /// Safety factor the decision applied: the largest recent ratio of a round's actual to
+    /// estimated send time, at least 1.
+    pub margin: f64,
+}
+
 /// Everything a migration measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationReport {
@@ -158,6 +184,10 @@ pub struct MigrationReport {
     /// The expected downtime when the driver decided to switch over.
     #[serde(serialize_with = "ms_opt", rename = "expected_downtime_ms")]
     pub expected_downtime: Option<Duration>,
+    /// Its parts, as estimated at the switch-over.
+    pub downtime_estimate: Option<DowntimeEstimate>,
+    /// Why the limit could not be met (or was exceeded), when that happened.
+    pub downtime_note: Option<String>,
     /// The limit.
     #[serde(serialize_with = "ms", rename = "max_downtime_ms")]
     pub max_downtime: Duration,
@@ -199,6 +229,8 @@ impl MigrationReport {
             total_time: Duration::ZERO,
             downtime: None,
             expected_downtime: None,
+            downtime_estimate: None,
+            downtime_note: None,
             max_downtime,
             final_phase: None,
             verify: None,
@@ -275,6 +307,19 @@ impl fmt::Display for MigrationReport {
             opt(self.expected_downtime),
             msf(self.max_downtime)
         )?;
+        if let Some(e) = self.downtime_estimate {
+            writeln!(
+                f,
+                "  expected: pause {} + scan {} + send {} ({} at {}/s + {} per round), margin ×{:.2}",
+                msf(e.pause),
+                msf(e.scan),
+                msf(e.send),
+                bytes(e.pending_bytes as f64),
+                bytes(e.bandwidth),
+                msf(e.fixed),
+                e.margin
+            )?;
+        }
         if let Some(p) = self.final_phase {
             writeln!(
                 f,
@@ -286,6 +331,9 @@ impl fmt::Display for MigrationReport {
                 msf(p.finish),
                 msf(p.checksum)
             )?;
+        }
+        if let Some(n) = &self.downtime_note {
+            writeln!(f, "  note: {n}")?;
         }
         if let Some(v) = self.verify {
             writeln!(

@@ -1,0 +1,277 @@
+//! The switch-over estimate: what the final phase would cost if the driver paused now.
+//!
+//! The final phase is pause + final scan + send of the pending pages + checksum and
+//! acknowledgement. Each part is estimated from what this migration measured:
+//!
+//! * **pause**: a probe (one pause and resume of the workload after round 0), or zero if the
+//!   probe was not run;
+//! * **scan**: the longest of the last [`SCAN_WINDOW`] scans taken with the workload running (a
+//!   scan of a stopped workload is no slower);
+//! * **send**: before two iterative rounds are measured, the duration of the smallest measured
+//!   round at least as big as the pending bytes (round 0 at first: a migration does not
+//!   switch over right after round 0 unless round 0 itself took no longer than the limit);
+//!   then a line `duration = fixed + bytes / bandwidth` fitted by least squares to the last
+//!   [`SEND_WINDOW`] iterative rounds. Rounds shrink as a migration converges and their fixed
+//!   cost (thread hand-offs, the end-of-round flush; ~10-20 ms on a loaded 2-core machine) makes
+//!   a small final round slower per byte than the big rounds before it, which a mean
+//!   throughput hides. The estimate is never below `bytes / throughput` for the slowest of
+//!   those rounds (the low percentile of recent bandwidth);
+//! * **margin**: each iterative round checks the send estimate made before it against what
+//!   the round took; the decision multiplies the estimate by the largest recent ratio of
+//!   actual to estimated (at least 1, at most [`MAX_MARGIN`]), so an estimator that was optimistic lately becomes
+//!   cautious before the pause, not after.
+//!
+//! Not estimated: the checksum and acknowledgement round trip (about 2 ms on loopback here);
+//! a transport cannot measure it before the final round without a ping in the protocol.
+
+use crate::report::DowntimeEstimate;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Scans remembered for the scan estimate.
+pub(crate) const SCAN_WINDOW: usize = 3;
+/// Rounds remembered for the send fit and the margin.
+pub(crate) const SEND_WINDOW: usize = 4;
+/// The most the margin grows: one freak round (a competing process took the CPU) must not
+/// stop a migration from ever converging.
+pub(crate) const MAX_MARGIN: f64 = 1.5;
+/// A round smaller than this says little about bandwidth (latency-bound).
+const MIN_ROUND_BYTES: u64 = 256 << 10;
+
+/// One sample of a sent round.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    bytes: f64,
+    secs: f64,
+}
+
+impl DowntimeEstimate {
+    /// The expected downtime: pause + scan + send.
+    pub fn total(&self) -> Duration {
+        self.pause + self.scan + self.send
+    }
+
+    /// What the decision compares with the limit: the total times the margin.
+    pub fn with_margin(&self) -> Duration {
+        self.total().mul_f64(self.margin.max(1.0))
+    }
+}
+
+/// Learns the final phase's costs from the rounds and scans of one migration.
+#[derive(Debug, Default)]
+pub(crate) struct Estimator {
+    pause: Option<Duration>,
+    scans: VecDeque<Duration>,
+    rounds: VecDeque<Sample>,
+    /// Round 0 (or any round) when no iterative round is big enough yet.
+    fallback: Option<Sample>,
+    /// actual ÷ estimated send time of recent rounds.
+    errors: VecDeque<f64>,
+}
+
+fn push<T>(q: &mut VecDeque<T>, v: T, cap: usize) {
+    if q.len() == cap {
+        q.pop_front();
+    }
+    q.push_back(v);
+}
+
+impl Estimator {
+    pub fn set_pause(&mut self, pause: Duration) {
+        self.pause = Some(pause);
+    }
+
+    pub fn add_scan(&mut self, scan: Duration) {
+        push(&mut self.scans, scan, SCAN_WINDOW);
+    }
+
+    /// Records a sent round of `bytes` memory bytes that took `took`; `iterative` is false
+    /// for round 0 (a sequential sweep, not like the scattered rounds that follow).
+    pub fn add_round(&mut self, bytes: u64, took: Duration, iterative: bool) {
+        if bytes == 0 || took.is_zero() {
+            return;
+        }
+        if iterative && let Some(predicted) = self.send_time(bytes) {
+            let p = predicted.as_secs_f64();
+            if p > 0.0 {
+                push(&mut self.errors, took.as_secs_f64() / p, SEND_WINDOW);
+            }
+        }
+        let s = Sample {
+            bytes: bytes as f64,
+            secs: took.as_secs_f64(),
+        };
+        if !iterative || self.fallback.is_none() {
+            self.fallback = Some(s);
+        }
+        if iterative && bytes >= MIN_ROUND_BYTES {
+            push(&mut self.rounds, s, SEND_WINDOW);
+        }
+    }
+
+    /// (fixed seconds, bytes per second) of the least-squares line through the recent rounds,
+    /// or `None` with fewer than two distinct sizes or a line that does not rise.
+    fn fit(&self) -> Option<(f64, f64)> {
+        let n = self.rounds.len();
+        if n < 2 {
+            return None;
+        }
+        let nf = n as f64;
+        let mx = self.rounds.iter().map(|s| s.bytes).sum::<f64>() / nf;
+        let my = self.rounds.iter().map(|s| s.secs).sum::<f64>() / nf;
+        let sxx: f64 = self.rounds.iter().map(|s| (s.bytes - mx).powi(2)).sum();
+        let sxy: f64 = self
+            .rounds
+            .iter()
+            .map(|s| (s.bytes - mx) * (s.secs - my))
+            .sum();
+        if sxx <= 0.0 || sxy <= 0.0 {
+            return None;
+        }
+        let slope = sxy / sxx;
+        let fixed = (my - slope * mx).max(0.0);
+        Some((fixed, 1.0 / slope))
+    }
+
+    /// The slowest throughput among the recent rounds (or the fallback round).
+    fn low_throughput(&self) -> Option<f64> {
+        let slowest = self
+            .rounds
+            .iter()
+            .map(|s| s.bytes / s.secs)
+            .fold(f64::INFINITY, f64::min);
+        if slowest.is_finite() && slowest > 0.0 {
+            return Some(slowest);
+        }
+        self.fallback.map(|s| s.bytes / s.secs)
+    }
+
+    /// Estimated time to send `bytes`, or `None` before any round was measured.
+    fn send_time(&self, bytes: u64) -> Option<Duration> {
+        if bytes == 0 {
+            return Some(Duration::ZERO);
+        }
+        let b = bytes as f64;
+        let low = b / self.low_throughput()?;
+        let secs = match self.fit() {
+            Some((fixed, bw)) => low.max(fixed + b / bw),
+            // No line yet, so no fixed cost known: a round is taken to last as long as the
+            // smallest measured round at least as big (round 0 at first), which bounds it.
+            None => {
+                let bigger = self
+                    .rounds
+                    .iter()
+                    .chain(&self.fallback)
+                    .filter(|s| s.bytes >= b)
+                    .map(|s| s.secs)
+                    .fold(f64::INFINITY, f64::min);
+                if bigger.is_finite() {
+                    bigger.max(low)
+                } else {
+                    low
+                }
+            }
+        };
+        Duration::try_from_secs_f64(secs).ok()
+    }
+
+    /// The final phase if the driver paused now with `pending` bytes to send, or `None`
+    /// before any round was measured.
+    pub fn estimate(&self, pending: u64) -> Option<DowntimeEstimate> {
+        let send = self.send_time(pending)?;
+        let (fixed, bandwidth) = self
+            .fit()
+            .map_or((0.0, self.low_throughput().unwrap_or(0.0)), |f| f);
+        let margin = self
+            .errors
+            .iter()
+            .copied()
+            .fold(1.0, f64::max)
+            .min(MAX_MARGIN);
+        Some(DowntimeEstimate {
+            pending_bytes: pending,
+            pause: self.pause.unwrap_or_default(),
+            scan: self.scans.iter().copied().max().unwrap_or_default(),
+            send,
+            margin,
+            bandwidth,
+            fixed: Duration::from_secs_f64(fixed),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn ms(v: f64) -> Duration {
+        Duration::from_secs_f64(v / 1e3)
+    }
+
+    #[test]
+    fn nothing_measured_means_no_estimate() {
+        assert!(Estimator::default().estimate(MIB).is_none());
+        assert_eq!(
+            Estimator::default().estimate(0).unwrap().total(),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn fixed_cost_per_round_is_learned_from_shrinking_rounds() {
+        // 20 ms per round + 250 MiB/s: a mean throughput would promise a small round far too fast.
+        let mut e = Estimator::default();
+        e.add_round(2048 * MIB, ms(8192.0), false);
+        for mib in [200u64, 50, 20, 10] {
+            e.add_round(mib * MIB, ms(20.0 + mib as f64 * 4.0), true);
+        }
+        let est = e.estimate(5 * MIB).unwrap();
+        let send = est.send.as_secs_f64() * 1e3;
+        assert!((send - 40.0).abs() < 0.5, "{send}");
+        assert!((est.fixed.as_secs_f64() * 1e3 - 20.0).abs() < 0.5);
+        assert!((est.bandwidth / MIB as f64 - 250.0).abs() < 1.0);
+        // The first two rounds took less than the bound estimated for them, the line predicted
+        // the last two exactly: no margin.
+        assert!((est.margin - 1.0).abs() < 1e-9, "{}", est.margin);
+    }
+
+    #[test]
+    fn estimate_includes_pause_and_the_slowest_recent_scan() {
+        let mut e = Estimator::default();
+        e.set_pause(ms(3.0));
+        for s in [9.0, 2.0, 4.0, 1.0] {
+            e.add_scan(ms(s));
+        }
+        e.add_round(100 * MIB, ms(1000.0), false);
+        let est = e.estimate(MIB).unwrap();
+        assert_eq!(est.pause, ms(3.0));
+        // The 9 ms scan fell out of the window.
+        assert_eq!(est.scan, ms(4.0));
+        assert_eq!(est.total(), est.pause + est.scan + est.send);
+    }
+
+    #[test]
+    fn a_round_slower_than_estimated_raises_the_margin() {
+        let mut e = Estimator::default();
+        e.add_round(100 * MIB, ms(100.0), true);
+        e.add_round(50 * MIB, ms(50.0), true);
+        // Estimated 10 ms for 10 MiB, took 15 ms.
+        e.add_round(10 * MIB, ms(15.0), true);
+        let est = e.estimate(MIB).unwrap();
+        assert!((est.margin - 1.5).abs() < 1e-6, "{}", est.margin);
+        assert!(est.with_margin() > est.total());
+    }
+
+    #[test]
+    fn the_low_percentile_bounds_an_optimistic_fit() {
+        // Two rounds where the bigger one was relatively faster than a line would imply: the
+        // estimate for a size between them never beats the slowest round's throughput.
+        let mut e = Estimator::default();
+        e.add_round(10 * MIB, ms(100.0), true); // 100 MiB/s
+        e.add_round(100 * MIB, ms(200.0), true); // 500 MiB/s
+        let send = e.estimate(10 * MIB).unwrap().send.as_secs_f64() * 1e3;
+        assert!(send >= 100.0 - 1e-6, "{send}");
+    }
+}
