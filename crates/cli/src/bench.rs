@@ -16,6 +16,8 @@
 //! object (`--json`, stdout), and files in `--out`: `results.json`, `results.md` and three SVG
 //! plots.
 
+use crate::args::{Size, available_memory, cpus, human, invalid, parse_count, parse_size};
+use crate::output;
 use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
 use precopy_backends::{Backend, BackendKind};
@@ -69,23 +71,23 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     backends: Vec<String>,
     /// Memory sizes, comma-separated (e.g. 64M,1G).
-    #[arg(long, value_delimiter = ',', value_parser = parse_size)]
-    sizes: Vec<u64>,
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, allow_hyphen_values = true)]
+    sizes: Vec<Size>,
     /// Fractions of pages written per round, comma-separated (0.01 or 1%).
     #[arg(long, value_delimiter = ',', value_parser = parse_fraction)]
     fractions: Vec<f64>,
     /// Write patterns, comma-separated.
     #[arg(long, value_delimiter = ',')]
     patterns: Vec<Pattern>,
-    /// Writer thread counts, comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    threads: Vec<usize>,
+    /// Writer thread counts, comma-separated, each 1 to 4 per CPU.
+    #[arg(long, value_delimiter = ',', value_parser = parse_count, allow_hyphen_values = true)]
+    threads: Vec<u64>,
     /// THP settings, comma-separated (off, on).
     #[arg(long, value_delimiter = ',')]
     thp: Vec<ThpSetting>,
     /// Measured rounds per configuration and backend (default 7; 15 with --full).
-    #[arg(long)]
-    rounds: Option<usize>,
+    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
+    rounds: Option<u64>,
     /// Unmeasured rounds first (accuracy is still checked in them).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -100,29 +102,73 @@ pub struct Args {
     seed: u64,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let unit = s[i..].to_ascii_lowercase();
-            let mult = match unit.trim_end_matches("ib").trim_end_matches('b') {
-                "" => 1,
-                "k" => 1 << 10,
-                "m" => MIB,
-                "g" => GIB,
-                _ => return Err(format!("unknown size unit in {s:?} (use K, M or G)")),
-            };
-            (&s[..i], mult)
+/// Checks every flag against its real limit before anything runs.
+fn validate(args: &Args) -> Result<Vec<BackendKind>> {
+    let avail = available_memory();
+    for size in &args.sizes {
+        if size.bytes < HUGE || size.bytes % HUGE != 0 {
+            return Err(invalid(
+                "--sizes",
+                size,
+                format!(
+                    "is {} bytes, not a non-zero multiple of 2 MiB (the bench maps 2 MiB-aligned memory)",
+                    size.bytes
+                ),
+                "use e.g. --sizes 64M,1G (K/M/G are binary)",
+            ));
         }
-        None => (s, 1),
-    };
-    let n: f64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let bytes = (n * mult as f64) as u64;
-    let page = precopy_sys::page_size();
-    if bytes < HUGE || bytes % HUGE != 0 {
-        return Err(format!("size {s:?} must be a non-zero multiple of 2 MiB"));
+        if let Some((avail, what)) = avail {
+            if size.bytes > avail {
+                return Err(invalid(
+                    "--sizes",
+                    size,
+                    format!("is more than the {} of {what}", human(avail)),
+                    format!("use sizes up to {}M", avail / HUGE * 2),
+                ));
+            }
+        }
     }
-    Ok(bytes / page * page)
+    let max_threads = 4 * cpus();
+    for &t in &args.threads {
+        if t == 0 || t > max_threads {
+            return Err(invalid(
+                "--threads",
+                t,
+                format!(
+                    "must be 1 to {max_threads} writer threads here (4 per CPU, {} CPUs)",
+                    cpus()
+                ),
+                format!("use values from 1 to {max_threads}"),
+            ));
+        }
+    }
+    if args.rounds == Some(0) {
+        return Err(invalid(
+            "--rounds",
+            0,
+            "nothing would be measured: at least 1 round",
+            "use e.g. --rounds 7",
+        ));
+    }
+    if args.backends.is_empty() {
+        return Ok(BackendKind::ALL.to_vec());
+    }
+    args.backends
+        .iter()
+        .map(|n| {
+            BackendKind::from_name(n.trim()).ok_or_else(|| {
+                invalid(
+                    "--backends",
+                    n,
+                    "is not a backend",
+                    format!(
+                        "choose from {}",
+                        BackendKind::ALL.map(|k| k.name()).join(", ")
+                    ),
+                )
+            })
+        })
+        .collect()
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -598,12 +644,8 @@ fn pick<T: Clone>(given: &[T], full_sweep: bool, quick: Vec<T>, full: Vec<T>) ->
 }
 
 fn sweep(args: &Args) -> Sweep {
-    let sizes = pick(
-        &args.sizes,
-        args.full,
-        vec![GIB],
-        vec![64 * MIB, 256 * MIB, GIB],
-    );
+    let given: Vec<u64> = args.sizes.iter().map(|s| s.bytes).collect();
+    let sizes = pick(&given, args.full, vec![GIB], vec![64 * MIB, 256 * MIB, GIB]);
     let fractions = pick(
         &args.fractions,
         args.full,
@@ -633,7 +675,7 @@ fn sweep(args: &Args) -> Sweep {
                             size_bytes,
                             fraction,
                             pattern,
-                            threads: threads.max(1),
+                            threads: threads.max(1) as usize,
                             thp,
                         });
                     }
@@ -644,7 +686,7 @@ fn sweep(args: &Args) -> Sweep {
     Sweep {
         name: if args.full { "full" } else { "quick" },
         configs,
-        rounds: args.rounds.unwrap_or(if args.full { 15 } else { 7 }).max(1),
+        rounds: args.rounds.unwrap_or(if args.full { 15 } else { 7 }).max(1) as usize,
     }
 }
 
@@ -1164,21 +1206,7 @@ fn write_files(report: &Report, md: &str, dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let selected: Vec<BackendKind> = if args.backends.is_empty() {
-        BackendKind::ALL.to_vec()
-    } else {
-        args.backends
-            .iter()
-            .map(|n| {
-                BackendKind::from_name(n.trim()).with_context(|| {
-                    format!(
-                        "unknown backend {n:?} (choose from {})",
-                        BackendKind::ALL.map(|k| k.name()).join(", ")
-                    )
-                })
-            })
-            .collect::<Result<_>>()?
-    };
+    let selected = validate(&args)?;
     let sw = sweep(&args);
     let host = host();
     eprintln!(
@@ -1269,9 +1297,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
         targets,
     };
     let md = markdown(&report);
+    let missed = report
+        .results
+        .iter()
+        .any(|m| m.skipped.is_none() && m.missed_pages > 0);
     if args.json {
         eprint!("{md}");
-        println!("{}", serde_json::to_string(&report)?);
+        if !missed {
+            output::print_json(serde_json::to_value(&report)?, None);
+        }
     } else {
         print!("{md}");
     }
@@ -1286,13 +1320,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
     }
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
-    let missed = report
-        .results
-        .iter()
-        .any(|m| m.skipped.is_none() && m.missed_pages > 0);
     if missed {
-        eprintln!("precopy bench: a backend MISSED written pages (see the table)");
-        return Ok(ExitCode::FAILURE);
+        let e = anyhow::anyhow!("a backend MISSED written pages (see the table)");
+        return Err(output::fail(args.json, serde_json::to_value(&report)?, e));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1302,13 +1332,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_sizes_and_fractions() {
-        assert_eq!(parse_size("64M").unwrap(), 64 * MIB);
-        assert_eq!(parse_size("1G").unwrap(), GIB);
-        assert_eq!(parse_size("1GiB").unwrap(), GIB);
-        assert!(parse_size("1K").is_err());
-        assert!(parse_size("3M").is_err());
-        assert!(parse_size("x").is_err());
+    fn parses_counts_and_fractions() {
+        assert_eq!(parse_count("7"), Ok(7));
+        assert!(parse_count("-1").unwrap_err().contains("negative"));
         assert_eq!(parse_fraction("1%").unwrap(), 0.01);
         assert_eq!(parse_fraction("0.25").unwrap(), 0.25);
         assert!(parse_fraction("0").is_err());

@@ -14,38 +14,28 @@ mod writer;
 pub use dest::{DestArgs, run as run_dest};
 pub use source::{SourceArgs, run as run_source};
 
+use crate::args::{Size, available_memory, cpus, human, invalid, parse_count, parse_size};
+use crate::output;
+use crate::progress::{self, Progress};
 use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use precopy_migrate::{
     AfterMigration, LimitPolicy, Migration, MigrationConfig, MigrationReport, PauseMethod,
-    ProcessControl, Progress, ThrottleMethod, TransferTransport, UffdDirtyLog, adopt_process_uffd,
+    ProcessControl, ThrottleMethod, TransferTransport, UffdDirtyLog, adopt_process_uffd,
 };
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_tracker::Tracker;
 use precopy_transfer::{
-    Compression, Connection, FinalCheck, Key, Layout, PageSource, ProcessMemory, Sender,
-    SenderConfig,
+    Compression, Connection, FinalCheck, ImageWriter, Key, Layout, PageSource, ProcessMemory,
+    ReceiverConfig, Sender, SenderConfig, Sink, SourceError, Transfer,
 };
 use std::io::{BufRead, BufReader, Write};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, ExitCode, Stdio};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use writer::Pattern;
-
-/// A size or rate: a number with an optional K/M/G/T suffix, binary (`2G` = 2 GiB, like `2GiB`);
-/// `KB`/`MB`/`GB` are decimal.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    // A bare one-letter suffix means the binary unit: "2G" is read as "2Gi".
-    let binary = match s.chars().last() {
-        Some(c) if "kKmMgGtT".contains(c) => format!("{s}i"),
-        _ => s.to_string(),
-    };
-    binary
-        .parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|e| format!("{s:?} is not a size like 512K, 100M or 2G: {e}"))
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -54,12 +44,31 @@ enum TransportKind {
     Unix,
 }
 
+impl TransportKind {
+    fn name(self) -> &'static str {
+        match self {
+            TransportKind::Tcp => "TCP",
+            TransportKind::Unix => "a Unix socket",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum CompressKind {
     None,
     Lz4,
     Zstd,
+}
+
+impl CompressKind {
+    fn name(self) -> &'static str {
+        match self {
+            CompressKind::None => "no compression",
+            CompressKind::Lz4 => "lz4",
+            CompressKind::Zstd => "zstd",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -91,80 +100,441 @@ enum ThrottleKind {
     None,
 }
 
+/// Seconds, possibly fractional.
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| "not a number of seconds (e.g. 60 or 2.5)".to_string())?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err("must be a positive number of seconds (e.g. 60 or 2.5)".into());
+    }
+    Ok(v)
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Memory of the source process (K/M/G suffixes are binary: 2G = 2 GiB).
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
-    size: u64,
+    /// Memory of the source process, a multiple of 2 MiB (K/M/G are binary: 2G = 2 GiB;
+    /// KB/MB/GB are decimal). The demo needs this much twice (source and destination), once
+    /// with --to file:.
+    #[arg(long, default_value = "1G", value_parser = parse_size, allow_hyphen_values = true)]
+    size: Size,
     /// Bytes the source writes per second, all threads together (0: idle).
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
-    dirty_rate: u64,
+    #[arg(long, default_value = "64M", value_parser = parse_size, allow_hyphen_values = true)]
+    dirty_rate: Size,
     /// Which pages the source writes.
     #[arg(long, value_enum, default_value_t = Pattern::HotSet)]
     pattern: Pattern,
-    /// Size of the hot set for `--pattern hot-set` (default: 1/16 of memory).
-    #[arg(long, value_parser = parse_size)]
-    hot_set: Option<u64>,
-    /// Writer threads in the source.
-    #[arg(long, default_value_t = 2)]
+    /// Size of the hot set for `--pattern hot-set`, at most --size (default: 1/16 of memory).
+    #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
+    hot_set: Option<Size>,
+    /// Writer threads in the source: 1 to 4 per CPU.
+    #[arg(long, default_value = "2", value_parser = parse_count, allow_hyphen_values = true)]
     threads: u64,
-    /// Switch over when the rest would take at most this many milliseconds.
-    #[arg(long, default_value_t = 50)]
+    /// Switch over when the rest would take at most this many milliseconds (at least 1).
+    #[arg(long, default_value = "50", value_parser = parse_count, allow_hyphen_values = true)]
     max_downtime: u64,
-    /// Cap on bytes per second sent (default: unlimited).
-    #[arg(long, value_parser = parse_size)]
-    bandwidth: Option<u64>,
-    /// Socket between source and destination.
-    #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
-    transport: TransportKind,
-    /// Parallel connections.
-    #[arg(long, default_value_t = 1)]
-    streams: usize,
-    /// Compression of page frames.
-    #[arg(long, value_enum, default_value_t = CompressKind::None)]
-    compress: CompressKind,
+    /// Cap on bytes per second sent, at least 64K (default: unlimited).
+    #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
+    bandwidth: Option<Size>,
+    /// Where the pages go: a destination process (default), or `file:PATH` for a checkpoint
+    /// image (inspect it with `precopy image info PATH`).
+    #[arg(long, value_name = "file:PATH")]
+    to: Option<String>,
+    /// Socket between source and destination [default: tcp].
+    #[arg(long, value_enum)]
+    transport: Option<TransportKind>,
+    /// Parallel connections, 1 up to the destination's limit (64) [default: 1].
+    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
+    streams: Option<u64>,
+    /// Compression of page frames [default: none].
+    #[arg(long, value_enum)]
+    compress: Option<CompressKind>,
     /// Final checksum while the source is paused: `recorded` compares the
     /// page CRCs both ends kept (no pass over memory); `full` also re-reads
     /// all memory on both ends (catches a missed write, costs downtime). The
     /// demo compares the memories byte for byte afterwards either way.
     #[arg(long, value_enum, default_value_t = CheckKind::Recorded)]
     final_check: CheckKind,
-    /// Most rounds sent while the source runs.
-    #[arg(long, default_value_t = 30)]
+    /// Most rounds sent while the source runs, round 0 (all memory) included: at least 1.
+    #[arg(long, default_value = "30", value_parser = parse_count, allow_hyphen_values = true)]
     max_rounds: u64,
     /// What to do when the round limit is reached.
     #[arg(long, value_enum, default_value_t = Policy::SwitchOver)]
     on_max_rounds: Policy,
     /// Limit on the iteration, in seconds.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_seconds, allow_hyphen_values = true)]
     timeout: Option<f64>,
-    /// What to do when the timeout passes.
-    #[arg(long, value_enum, default_value_t = Policy::Abort)]
-    on_timeout: Policy,
+    /// What to do when the timeout passes (needs --timeout) [default: abort].
+    #[arg(long, value_enum)]
+    on_timeout: Option<Policy>,
     /// Never throttle the source.
     #[arg(long)]
     no_throttle: bool,
-    /// How to throttle the source.
-    #[arg(long, value_enum, default_value_t = ThrottleKind::Auto)]
-    throttle: ThrottleKind,
+    /// How to throttle the source [default: auto].
+    #[arg(long, value_enum)]
+    throttle: Option<ThrottleKind>,
     /// How to pause the source for the final round.
     #[arg(long, value_enum, default_value_t = PauseKind::Signal)]
     pause: PauseKind,
-    /// TCP address the destination listens on (port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    listen: String,
+    /// TCP address the destination listens on, IP:PORT (port 0: any free port) [default:
+    /// 127.0.0.1:0]. Only with --transport tcp.
+    #[arg(long)]
+    listen: Option<String>,
     /// Run the destination in this network namespace (see scripts/netns-demo.sh).
     #[arg(long)]
     dest_netns: Option<String>,
     /// Print the final report as one JSON object on stdout, and no progress.
     #[arg(long)]
     json: bool,
+    /// How to show progress on stderr: a bar on a terminal, else one line per update.
+    #[arg(long, value_enum, default_value_t = progress::Mode::Auto)]
+    progress: progress::Mode,
     /// Test hook: kill the destination when this round is about to be sent.
     #[arg(long, hide = true)]
     kill_dest_at_round: Option<u64>,
 }
 
 const PAGE: u64 = 4096;
+const TWO_MIB: u64 = 2 << 20;
+/// Least `--bandwidth`: below it a round of any size takes hours.
+const MIN_BANDWIDTH: u64 = 64 << 10;
+/// Longest `--timeout`, 30 days.
+const MAX_TIMEOUT: f64 = 30.0 * 86400.0;
+
+/// What the flags resolve to, once checked.
+#[derive(Debug)]
+struct Plan {
+    /// `--to file:PATH`.
+    image: Option<PathBuf>,
+    transport: TransportKind,
+    streams: usize,
+    compress: CompressKind,
+    listen: String,
+    hot_set: u64,
+    throttle: ThrottleKind,
+    on_timeout: Policy,
+}
+
+/// `n` bytes as the shortest size flag value, e.g. `64M`.
+fn size_flag(n: u64) -> String {
+    if n % (1 << 30) == 0 {
+        format!("{}G", n >> 30)
+    } else {
+        format!("{}M", n >> 20)
+    }
+}
+
+/// Checks every flag against its real limit before anything starts.
+fn validate(args: &Args) -> Result<Plan> {
+    let size = &args.size;
+    if size.bytes == 0 {
+        return Err(invalid(
+            "--size",
+            size,
+            "is 0 bytes: the source needs memory",
+            "use e.g. --size 1G",
+        ));
+    }
+    if size.bytes % TWO_MIB != 0 {
+        let down = size.bytes / TWO_MIB * TWO_MIB;
+        let up = down + TWO_MIB;
+        let decimal = if size.typed.to_ascii_uppercase().ends_with("B")
+            && !size.typed.to_ascii_uppercase().ends_with("IB")
+        {
+            " (KB, MB and GB are decimal)"
+        } else {
+            ""
+        };
+        let fix = if down == 0 {
+            format!("use --size {}", size_flag(up))
+        } else {
+            format!("use --size {} or --size {}", size_flag(down), size_flag(up))
+        };
+        return Err(invalid(
+            "--size",
+            size,
+            format!(
+                "is {} bytes{decimal}, not a multiple of 2 MiB (the source maps 2 MiB-aligned memory)",
+                size.bytes
+            ),
+            fix,
+        ));
+    }
+    let image =
+        match &args.to {
+            None => None,
+            Some(to) => {
+                let path = to.strip_prefix("file:").filter(|p| !p.is_empty()).ok_or_else(|| {
+                invalid(
+                    "--to",
+                    to,
+                    "is not file:PATH (a checkpoint image is the one other destination)",
+                    "e.g. --to file:/tmp/demo.img, or leave --to out to migrate to a process",
+                )
+            })?;
+                let path = PathBuf::from(path);
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                if !dir.is_dir() {
+                    return Err(invalid(
+                        "--to",
+                        to,
+                        format!("directory {} does not exist", dir.display()),
+                        "create it or write the image elsewhere",
+                    ));
+                }
+                if let Ok(fs) = nix::sys::statvfs::statvfs(&dir) {
+                    let free = fs.blocks_available() * fs.fragment_size();
+                    if free < size.bytes {
+                        return Err(invalid(
+                            "--to",
+                            to,
+                            format!(
+                                "the image needs at least --size ({}) on disk, and {} has {} free",
+                                human(size.bytes),
+                                dir.display(),
+                                human(free)
+                            ),
+                            "write it elsewhere or use a smaller --size",
+                        ));
+                    }
+                }
+                Some(path)
+            }
+        };
+    // Memory: the source, and the destination process's copy unless writing an image.
+    let copies = if image.is_some() { 1 } else { 2 };
+    if let Some((avail, what)) = available_memory() {
+        let need = size.bytes.saturating_mul(copies);
+        if need > avail {
+            let most = avail / copies / TWO_MIB * TWO_MIB;
+            let holds = if copies == 2 {
+                "twice (source and destination)"
+            } else {
+                "once (the source)"
+            };
+            let fix = if most == 0 {
+                "free memory first".to_string()
+            } else {
+                format!("use --size {} or less", size_flag(most))
+            };
+            return Err(invalid(
+                "--size",
+                size,
+                format!(
+                    "the demo holds this memory {holds}: {} in all, more than the {} of {what}",
+                    human(need),
+                    human(avail)
+                ),
+                fix,
+            ));
+        }
+    }
+    let max_threads = 4 * cpus();
+    if args.threads == 0 {
+        return Err(invalid(
+            "--threads",
+            args.threads,
+            "the source needs at least 1 writer thread",
+            "use --threads 1 or more (for an idle source: --dirty-rate 0)",
+        ));
+    }
+    if args.threads > max_threads {
+        return Err(invalid(
+            "--threads",
+            args.threads,
+            format!(
+                "at most {max_threads} writer threads here (4 per CPU, {} CPUs): more only compete with the migration for the CPUs",
+                cpus()
+            ),
+            format!("use --threads {max_threads} or fewer"),
+        ));
+    }
+    let hot_set = match &args.hot_set {
+        None => args.size.bytes / 16,
+        Some(h) => {
+            if args.pattern != Pattern::HotSet {
+                return Err(invalid(
+                    "--hot-set",
+                    h,
+                    format!(
+                        "applies only to --pattern hot-set (the pattern is {})",
+                        pattern_name(args.pattern)
+                    ),
+                    "drop --hot-set or add --pattern hot-set",
+                ));
+            }
+            if h.bytes < PAGE {
+                return Err(invalid(
+                    "--hot-set",
+                    h,
+                    "is smaller than one 4 KiB page",
+                    "use at least --hot-set 4K",
+                ));
+            }
+            if h.bytes > size.bytes {
+                return Err(invalid(
+                    "--hot-set",
+                    h,
+                    format!("is larger than --size {size} (the hot set is part of the memory)"),
+                    format!("use --hot-set {size} or less"),
+                ));
+            }
+            h.bytes
+        }
+    };
+    if args.max_downtime == 0 {
+        return Err(invalid(
+            "--max-downtime",
+            args.max_downtime,
+            "no final round takes 0 ms, so the migration could never switch over on its own",
+            "use at least 1 (milliseconds; QEMU's default is 300)",
+        ));
+    }
+    if args.max_rounds == 0 {
+        return Err(invalid(
+            "--max-rounds",
+            args.max_rounds,
+            "round 0, which sends all memory while the source runs, counts: at least 1",
+            "use --max-rounds 1 to switch over right after round 0",
+        ));
+    }
+    if let Some(t) = args.timeout {
+        if t > MAX_TIMEOUT {
+            return Err(invalid(
+                "--timeout",
+                t,
+                "is longer than 30 days",
+                "use at most --timeout 2592000, or leave it out for no limit",
+            ));
+        }
+    }
+    if let (None, Some(p)) = (args.timeout, args.on_timeout) {
+        return Err(invalid(
+            "--on-timeout",
+            policy_name(p),
+            "has no effect without --timeout",
+            "add --timeout SECONDS or drop --on-timeout",
+        ));
+    }
+    if let (true, Some(t)) = (args.no_throttle, args.throttle) {
+        return Err(invalid(
+            "--throttle",
+            throttle_name(t),
+            "conflicts with --no-throttle",
+            "keep one of the two",
+        ));
+    }
+    if let Some(b) = &args.bandwidth {
+        if b.bytes < MIN_BANDWIDTH {
+            return Err(invalid(
+                "--bandwidth",
+                b,
+                "is below 64 KiB/s, at which a round of any size takes hours",
+                "use at least --bandwidth 64K, or leave it out for no cap",
+            ));
+        }
+    }
+    // Flags that only mean something with a destination process.
+    if let Some(to) = &args.to {
+        let only_process: [(&'static str, Option<String>); 6] = [
+            (
+                "--transport",
+                args.transport.map(|t| transport_flag(t).into()),
+            ),
+            ("--streams", args.streams.map(|n| n.to_string())),
+            ("--compress", args.compress.map(|c| compress_flag(c).into())),
+            ("--listen", args.listen.clone()),
+            ("--dest-netns", args.dest_netns.clone()),
+            (
+                "--bandwidth",
+                args.bandwidth.as_ref().map(|b| b.typed.clone()),
+            ),
+        ];
+        if let Some((flag, Some(v))) = only_process.into_iter().find(|(_, v)| v.is_some()) {
+            return Err(invalid(
+                flag,
+                v,
+                format!("applies only to a migration to a destination process, not to --to {to}"),
+                format!("drop {flag}, or drop --to"),
+            ));
+        }
+    }
+    let transport = args.transport.unwrap_or(TransportKind::Tcp);
+    if let (TransportKind::Unix, Some(l)) = (transport, &args.listen) {
+        return Err(invalid(
+            "--listen",
+            l,
+            "applies only to --transport tcp (the Unix socket is a file the demo makes)",
+            "drop --listen, or use --transport tcp",
+        ));
+    }
+    let listen = args.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+    if transport == TransportKind::Tcp && listen.parse::<std::net::SocketAddr>().is_err() {
+        return Err(invalid(
+            "--listen",
+            &listen,
+            "is not an IP address and port",
+            "e.g. --listen 127.0.0.1:0 (port 0: any free port) or --listen [::1]:7000",
+        ));
+    }
+    let max_streams = u64::from(ReceiverConfig::default().max_streams);
+    let streams = args.streams.unwrap_or(1);
+    if streams == 0 || streams > max_streams {
+        return Err(invalid(
+            "--streams",
+            streams,
+            format!(
+                "must be 1 to {max_streams} (the destination accepts at most {max_streams} connections per transfer)"
+            ),
+            format!("use --streams 1 to {max_streams}"),
+        ));
+    }
+    Ok(Plan {
+        image,
+        transport,
+        streams: streams as usize,
+        compress: args.compress.unwrap_or(CompressKind::None),
+        listen,
+        hot_set,
+        throttle: args.throttle.unwrap_or(ThrottleKind::Auto),
+        on_timeout: args.on_timeout.unwrap_or(Policy::Abort),
+    })
+}
+
+fn policy_name(p: Policy) -> &'static str {
+    match p {
+        Policy::SwitchOver => "switch-over",
+        Policy::Abort => "abort",
+    }
+}
+
+fn throttle_name(t: ThrottleKind) -> &'static str {
+    match t {
+        ThrottleKind::Auto => "auto",
+        ThrottleKind::Cgroup => "cgroup",
+        ThrottleKind::Duty => "duty",
+        ThrottleKind::None => "none",
+    }
+}
+
+fn transport_flag(t: TransportKind) -> &'static str {
+    match t {
+        TransportKind::Tcp => "tcp",
+        TransportKind::Unix => "unix",
+    }
+}
+
+fn compress_flag(c: CompressKind) -> &'static str {
+    match c {
+        CompressKind::None => "none",
+        CompressKind::Lz4 => "lz4",
+        CompressKind::Zstd => "zstd",
+    }
+}
 
 /// A child process with line-oriented stdout, killed on drop unless it was waited for.
 struct Proc {
@@ -228,6 +598,43 @@ fn num<T: std::str::FromStr>(words: &[String], i: usize) -> Result<T> {
         .with_context(|| format!("bad announcement {words:?}"))
 }
 
+/// Resident memory of process `pid`, in bytes.
+fn resident(pid: i32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * precopy_sys::page_size())
+}
+
+/// Runs `work` while a second thread calls `tick` four times a second.
+fn ticking<T>(tick: impl Fn() + Sync, work: impl FnOnce() -> T) -> T {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                tick();
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+        let r = work();
+        done.store(true, Ordering::Relaxed);
+        r
+    })
+}
+
+/// A [`PageSource`] that counts the bytes it has read, for the progress display.
+struct Counted<S> {
+    inner: S,
+    read: Arc<AtomicU64>,
+}
+
+impl<S: PageSource> PageSource for Counted<S> {
+    fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
+        self.inner.read_ranges(ranges, buf)?;
+        self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// What the destination received, from its RECEIVED line.
 #[derive(Debug, serde::Serialize)]
 struct Received {
@@ -245,23 +652,57 @@ struct Received {
 #[derive(Debug, serde::Serialize)]
 struct Verification {
     verified: bool,
+    /// What the source was compared with: "destination process" or "image".
+    against: &'static str,
     compared_bytes: u64,
     mismatched_pages: u64,
     first_mismatch: Option<u64>,
 }
 
-/// Compares source memory (stopped) with the destination's, in chunks.
-fn verify(src_pid: i32, src: u64, dst_pid: i32, dst: u64, len: u64) -> Result<Verification> {
+/// Where the copy is, for [`verify`].
+enum Copy<'a> {
+    Process { pid: i32, addr: u64 },
+    Image(&'a precopy_transfer::Image),
+}
+
+/// Compares source memory (stopped) with the copy, in chunks, showing progress.
+fn verify(
+    src_pid: i32,
+    src: u64,
+    copy: Copy<'_>,
+    len: u64,
+    progress: &Progress,
+) -> Result<Verification> {
     const CHUNK: u64 = 8 << 20;
     let mut a = ProcessMemory::new(src_pid);
-    let mut b = ProcessMemory::new(dst_pid);
     let mut ba = vec![0u8; CHUNK as usize];
     let mut bb = vec![0u8; CHUNK as usize];
     let mut v = Verification {
         verified: false,
+        against: match copy {
+            Copy::Process { .. } => "destination process",
+            Copy::Image(_) => "image",
+        },
         compared_bytes: 0,
         mismatched_pages: 0,
         first_mismatch: None,
+    };
+    let started = Instant::now();
+    let show = |done: u64, differ: u64| {
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        format!(
+            "verifying: compared {} of {} ({:.0}%) at {}/s, {} page(s) differ",
+            human(done),
+            human(len),
+            done as f64 * 100.0 / len as f64,
+            human((done as f64 / secs) as u64),
+            differ
+        )
+    };
+    progress.phase(show(0, 0));
+    let mut b = match copy {
+        Copy::Process { pid, .. } => Some(ProcessMemory::new(pid)),
+        Copy::Image(_) => None,
     };
     let mut off = 0;
     while off < len {
@@ -269,8 +710,17 @@ fn verify(src_pid: i32, src: u64, dst_pid: i32, dst: u64, len: u64) -> Result<Ve
         let (x, y) = (&mut ba[..n as usize], &mut bb[..n as usize]);
         a.read_ranges(&[src + off..src + off + n], x)
             .context("reading the source's memory")?;
-        b.read_ranges(&[dst + off..dst + off + n], y)
-            .context("reading the destination's memory")?;
+        match (&copy, &mut b) {
+            (Copy::Process { addr, .. }, Some(b)) => b
+                .read_ranges(&[addr + off..addr + off + n], y)
+                .context("reading the destination's memory")?,
+            (Copy::Image(img), _) => {
+                let mut w = &mut y[..];
+                img.read_span(src + off..src + off + n, &mut w)
+                    .context("reading the image back")?;
+            }
+            _ => bail!("no copy to compare with"),
+        }
         for (i, (p, q)) in x
             .chunks(PAGE as usize)
             .zip(y.chunks(PAGE as usize))
@@ -283,35 +733,48 @@ fn verify(src_pid: i32, src: u64, dst_pid: i32, dst: u64, len: u64) -> Result<Ve
         }
         off += n;
         v.compared_bytes += n;
+        progress.update(show(off, v.mismatched_pages));
     }
+    progress.phase(show(off, v.mismatched_pages));
     v.verified = v.mismatched_pages == 0 && v.compared_bytes == len;
     Ok(v)
 }
 
-fn progress_bar(json: bool) -> ProgressBar {
-    if json {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(100));
-    bar
+/// The latest driver snapshot, for the display thread.
+#[derive(Default)]
+struct Live {
+    /// Round about to be (or being) sent, its size, and the source bytes read when it began.
+    round: Option<(precopy_migrate::Progress, u64, Instant)>,
 }
 
-fn progress_message(p: &Progress) -> String {
-    let mib = |b: f64| b / (1024.0 * 1024.0);
-    format!(
-        "{:?} round {:>3}  pending {:>9.1} MiB  throughput {:>7.0} MiB/s  dirty {:>7.0} MiB/s  throttle {:>3.0}%",
-        p.phase,
-        p.round,
-        mib(p.pending_bytes as f64),
-        mib(p.throughput),
-        mib(p.dirty_rate),
-        p.throttle * 100.0
-    )
+fn round_message(p: &precopy_migrate::Progress, sent: u64, since: Duration) -> String {
+    let rate = sent as f64 / since.as_secs_f64().max(1e-3);
+    let of = p.pending_bytes.max(1);
+    let head = match p.phase {
+        precopy_migrate::Phase::Full => "round 0 (all memory)".to_string(),
+        precopy_migrate::Phase::Iterating => format!("round {}", p.round),
+        precopy_migrate::Phase::Final => format!("final round {} (source paused)", p.round),
+    };
+    let mut msg = format!(
+        "{head}: sent {} of {} ({:.0}%) at {}/s",
+        human(sent.min(p.pending_bytes)),
+        human(p.pending_bytes),
+        sent.min(of) as f64 * 100.0 / of as f64,
+        human(rate as u64)
+    );
+    if p.phase != precopy_migrate::Phase::Full {
+        msg.push_str(&format!(", source writes {}/s", human(p.dirty_rate as u64)));
+        if p.throttle > 0.0 {
+            msg.push_str(&format!(", throttled {:.0}%", p.throttle * 100.0));
+        }
+        if let Some(d) = p.expected_downtime {
+            msg.push_str(&format!(
+                ", expected downtime {:.0} ms",
+                d.as_secs_f64() * 1e3
+            ));
+        }
+    }
+    msg
 }
 
 fn policy(p: Policy) -> LimitPolicy {
@@ -321,133 +784,37 @@ fn policy(p: Policy) -> LimitPolicy {
     }
 }
 
-pub fn run(args: Args) -> Result<ExitCode> {
-    if args.size == 0 || args.size % (2 << 20) != 0 {
-        bail!("--size must be a positive multiple of 2 MiB");
-    }
-    if args.streams == 0 {
-        bail!("--streams must be at least 1");
-    }
-    let exe = std::env::current_exe().context("finding this executable")?;
-    let sock_path = PathBuf::from(format!("/tmp/precopy-demo-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&sock_path);
-    let listen = match args.transport {
-        TransportKind::Tcp => format!("tcp:{}", args.listen),
-        TransportKind::Unix => format!("unix:{}", sock_path.display()),
-    };
-    // Anything but loopback needs a shared key; the destination gets it in its environment.
-    let loopback = args.transport == TransportKind::Unix
-        || args
-            .listen
-            .parse::<std::net::SocketAddr>()
-            .is_ok_and(|a| a.ip().is_loopback());
-    let key = (!loopback).then(|| {
-        (0..32)
-            .map(|_| format!("{:x}", rand::random::<u8>() & 0xf))
-            .collect::<String>()
-    });
-
-    // Destination first: it must listen before anyone connects.
-    let mut cmd = match &args.dest_netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(&exe);
-            c
-        }
-        None => Command::new(&exe),
-    };
-    cmd.args(["__demo-dest", "--listen", &listen]);
-    if let Some(k) = &key {
-        cmd.env(dest::KEY_ENV, k);
-    }
-    let mut dest = Proc::spawn("destination", cmd)?;
-    let words = dest.expect("LISTENING")?;
-    let dest_addr = words.first().context("no listening address")?.clone();
-
-    let hot_set = args.hot_set.unwrap_or(args.size / 16);
-    let mut cmd = Command::new(&exe);
-    cmd.arg("__demo-source")
-        .args(["--size", &args.size.to_string()])
-        .args(["--dirty-rate", &args.dirty_rate.to_string()])
-        .args(["--pattern", pattern_name(args.pattern)])
-        .args(["--threads", &args.threads.to_string()])
-        .args(["--hot-set", &hot_set.to_string()]);
-    let mut source = Proc::spawn("source", cmd)?;
-    let words = source.expect("READY")?;
-    let (pid, addr, len, fd): (i32, u64, u64, i32) = (
-        num(&words, 0)?,
-        num(&words, 1)?,
-        num(&words, 2)?,
-        num(&words, 3)?,
-    );
-    if pid != source.pid() {
-        bail!("source announced pid {pid}, started {}", source.pid());
-    }
-
-    // Track the source's memory from here.
-    let uffd = adopt_process_uffd(pid, fd)?;
-    let mut tracker = Tracker::new(uffd);
-    tracker
-        .register(addr..addr + len)
-        .context("registering the source's memory")?;
-    let scanner = Scanner::new(ScanOptions::default()).context("starting the scanner")?;
-
-    let mut conns = Vec::with_capacity(args.streams);
-    for _ in 0..args.streams {
-        conns.push(
-            match args.transport {
-                TransportKind::Tcp => Connection::connect_tcp(dest_addr.as_str()),
-                TransportKind::Unix => Connection::connect_unix(&sock_path),
-            }
-            .with_context(|| format!("connecting to {dest_addr}"))?,
-        );
-    }
-    let sender_config = SenderConfig {
-        compression: match args.compress {
-            CompressKind::None => Compression::None,
-            CompressKind::Lz4 => Compression::Lz4,
-            CompressKind::Zstd => Compression::Zstd(1),
-        },
-        streams: args.streams,
-        bandwidth_limit: args.bandwidth,
-        key: key.map(|k| Key::from_bytes(k.into_bytes())).transpose()?,
-        ..SenderConfig::default()
-    };
-    let layout = Layout::single(PAGE, addr, len)?;
-    let sender = Sender::connect(conns, layout, ProcessMemory::new(pid), &sender_config)
-        .context("connecting the sender")?;
-
-    let control = ProcessControl::new(
-        pid,
-        match args.pause {
-            PauseKind::Signal => PauseMethod::Signal,
-            PauseKind::Freezer => PauseMethod::Freezer,
-        },
-        match args.throttle {
-            ThrottleKind::Auto => ThrottleMethod::Auto,
-            ThrottleKind::Cgroup => ThrottleMethod::CgroupCpu,
-            ThrottleKind::Duty => ThrottleMethod::DutyCycle,
-            ThrottleKind::None => ThrottleMethod::None,
-        },
-    )?;
+/// Runs the migration into `transfer`, showing progress; the result and the report.
+fn migrate<K: Sink>(
+    args: &Args,
+    plan: &Plan,
+    mut transfer: Transfer<Counted<ProcessMemory>, K>,
+    log: UffdDirtyLog,
+    control: ProcessControl,
+    progress: &Progress,
+    on_round: impl Fn(u64) + Send + 'static,
+) -> (
+    Result<MigrationReport, precopy_migrate::Error>,
+    MigrationReport,
+) {
+    let read = transfer.source_mut().read.clone();
     let mut config = MigrationConfig {
         max_downtime: Duration::from_millis(args.max_downtime),
         max_rounds: args.max_rounds,
         max_rounds_policy: policy(args.on_max_rounds),
         timeout: args.timeout.map(Duration::from_secs_f64),
-        timeout_policy: policy(args.on_timeout),
+        timeout_policy: policy(plan.on_timeout),
         after: AfterMigration::Stop,
         ..MigrationConfig::default()
     };
     config.throttle.enabled = !args.no_throttle;
-
-    let bar = progress_bar(args.json);
-    let bar2 = bar.clone();
-    let dest_pid = dest.pid();
-    let kill_at = args.kill_dest_at_round;
+    let live = Arc::new(Mutex::new(Live::default()));
+    let live2 = live.clone();
+    let read2 = read.clone();
+    let progress2 = progress.clone();
     let mut migration = Migration::new(
-        UffdDirtyLog::new(tracker, scanner),
-        TransferTransport::new(sender).final_check(match args.final_check {
+        log,
+        TransferTransport::new(transfer).final_check(match args.final_check {
             CheckKind::Recorded => FinalCheck::Recorded,
             CheckKind::Full => FinalCheck::Full,
         }),
@@ -455,57 +822,345 @@ pub fn run(args: Args) -> Result<ExitCode> {
         config,
     )
     .on_progress(move |p| {
-        bar2.set_message(progress_message(p));
-        if kill_at.is_some_and(|r| p.round >= r) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(dest_pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        let at = read2.load(Ordering::Relaxed);
+        if let Ok(mut l) = live2.lock() {
+            l.round = Some((*p, at, Instant::now()));
         }
+        progress2.phase(round_message(p, 0, Duration::ZERO));
+        on_round(p.round);
     });
-    let result = migration.run();
-    bar.finish_and_clear();
-    let report = migration.report().clone();
-
-    // The source is still stopped after success: compare the two memories now.
-    let (received, verification) = match &result {
-        Ok(_) => {
-            let w = dest.expect("RECEIVED")?;
-            let r = Received {
-                addr: num(&w, 0)?,
-                len: num(&w, 1)?,
-                checksum: num(&w, 2)?,
-                rounds: num(&w, 3)?,
-                pages: num(&w, 4)?,
-                zero_pages: num(&w, 5)?,
-                bytes: num(&w, 6)?,
-            };
-            if r.len != len {
-                bail!("destination holds {} bytes, source {len}", r.len);
-            }
-            let v = verify(pid, addr, dest.pid(), r.addr, len)?;
-            (Some(r), Some(v))
+    let tick = || {
+        let Ok(l) = live.lock() else { return };
+        if let Some((p, at, when)) = &l.round {
+            let sent = read.load(Ordering::Relaxed).saturating_sub(*at);
+            progress.update(round_message(p, sent, when.elapsed()));
         }
-        Err(_) => (None, None),
     };
-    drop(migration);
-    drop(source);
-    let _ = dest.finish();
+    let result = ticking(tick, || migration.run());
+    let report = migration.report().clone();
+    (result, report)
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let plan = validate(&args)?;
+    let progress = Progress::new(args.progress, args.json);
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let sock_path = PathBuf::from(format!("/tmp/precopy-demo-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock_path);
 
-    let verified = verification.as_ref().is_some_and(|v| v.verified);
-    print_outcome(
-        &args,
-        &report,
-        result.as_ref().err(),
-        received.as_ref(),
-        verification.as_ref(),
+    // Destination first: it must listen before anyone connects.
+    let mut dest = None;
+    let mut key = None;
+    if plan.image.is_none() {
+        let listen = match plan.transport {
+            TransportKind::Tcp => format!("tcp:{}", plan.listen),
+            TransportKind::Unix => format!("unix:{}", sock_path.display()),
+        };
+        // Anything but loopback needs a shared key; the destination gets it in its environment.
+        let loopback = plan.transport == TransportKind::Unix
+            || plan
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip().is_loopback());
+        key = (!loopback).then(|| {
+            (0..32)
+                .map(|_| format!("{:x}", rand::random::<u8>() & 0xf))
+                .collect::<String>()
+        });
+        let mut cmd = match &args.dest_netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        cmd.args(["__demo-dest", "--listen", &listen]);
+        if let Some(k) = &key {
+            cmd.env(dest::KEY_ENV, k);
+        }
+        progress.phase("starting the destination process");
+        let mut d = Proc::spawn("destination", cmd)?;
+        let words = d.expect("LISTENING")?;
+        let addr = words.first().context("no listening address")?.clone();
+        dest = Some((d, addr));
+    }
+
+    let mut cmd = Command::new(&exe);
+    cmd.arg("__demo-source")
+        .args(["--size", &args.size.bytes.to_string()])
+        .args(["--dirty-rate", &args.dirty_rate.bytes.to_string()])
+        .args(["--pattern", pattern_name(args.pattern)])
+        .args(["--threads", &args.threads.to_string()])
+        .args(["--hot-set", &plan.hot_set.to_string()]);
+    let mut source = Proc::spawn("source", cmd)?;
+    let source_pid = source.pid();
+    let size = args.size.bytes;
+    progress.phase(format!("source: filling {} of memory", human(size)));
+    let tick = || {
+        let rss = resident(source_pid).unwrap_or(0).min(size);
+        progress.update(format!(
+            "source: filling memory, {} of {} resident ({:.0}%)",
+            human(rss),
+            human(size),
+            rss as f64 * 100.0 / size as f64
+        ));
+    };
+    let words = ticking(tick, || source.expect("READY"))?;
+    let (pid, addr, len, fd): (i32, u64, u64, i32) = (
+        num(&words, 0)?,
+        num(&words, 1)?,
+        num(&words, 2)?,
+        num(&words, 3)?,
+    );
+    if pid != source_pid {
+        bail!("source announced pid {pid}, started {source_pid}");
+    }
+
+    // Track the source's memory from here.
+    progress.phase(format!("write-protecting the source's {}", human(len)));
+    let uffd = adopt_process_uffd(pid, fd)?;
+    let mut tracker = Tracker::new(uffd);
+    tracker
+        .register(addr..addr + len)
+        .context("registering the source's memory")?;
+    let scanner = Scanner::new(ScanOptions::default()).context("starting the scanner")?;
+    let log = UffdDirtyLog::new(tracker, scanner);
+    let control = ProcessControl::new(
+        pid,
+        match args.pause {
+            PauseKind::Signal => PauseMethod::Signal,
+            PauseKind::Freezer => PauseMethod::Freezer,
+        },
+        match plan.throttle {
+            ThrottleKind::Auto => ThrottleMethod::Auto,
+            ThrottleKind::Cgroup => ThrottleMethod::CgroupCpu,
+            ThrottleKind::Duty => ThrottleMethod::DutyCycle,
+            ThrottleKind::None => ThrottleMethod::None,
+        },
     )?;
-    Ok(if verified {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    let layout = Layout::single(PAGE, addr, len)?;
+    let source_mem = Counted {
+        inner: ProcessMemory::new(pid),
+        read: Arc::new(AtomicU64::new(0)),
+    };
+
+    let (result, report, received, verification) = match (&plan.image, dest.as_mut()) {
+        (Some(path), _) => {
+            let writer = ImageWriter::create(path, layout.clone())
+                .with_context(|| format!("creating the image {}", path.display()))?;
+            let transfer = Transfer::new(
+                source_mem,
+                writer,
+                layout,
+                SenderConfig::default().batch_pages,
+            )?;
+            let (result, report) = migrate(&args, &plan, transfer, log, control, &progress, |_| {});
+            let verification = match &result {
+                Ok(_) => {
+                    let img = precopy_transfer::Image::open(path)
+                        .with_context(|| format!("opening the image {}", path.display()))?;
+                    Some(verify(pid, addr, Copy::Image(&img), len, &progress)?)
+                }
+                Err(_) => None,
+            };
+            (result, report, None, verification)
+        }
+        (None, Some((dest, dest_addr))) => {
+            let mut conns = Vec::with_capacity(plan.streams);
+            for _ in 0..plan.streams {
+                conns.push(
+                    match plan.transport {
+                        TransportKind::Tcp => Connection::connect_tcp(dest_addr.as_str()),
+                        TransportKind::Unix => Connection::connect_unix(&sock_path),
+                    }
+                    .with_context(|| format!("connecting to {dest_addr}"))?,
+                );
+            }
+            let sender_config = SenderConfig {
+                compression: match plan.compress {
+                    CompressKind::None => Compression::None,
+                    CompressKind::Lz4 => Compression::Lz4,
+                    CompressKind::Zstd => Compression::Zstd(1),
+                },
+                streams: plan.streams,
+                bandwidth_limit: args.bandwidth.as_ref().map(|b| b.bytes),
+                key: key.map(|k| Key::from_bytes(k.into_bytes())).transpose()?,
+                ..SenderConfig::default()
+            };
+            let sender = Sender::connect(conns, layout, source_mem, &sender_config)
+                .context("connecting the sender")?;
+            let dest_pid = dest.pid();
+            let kill_at = args.kill_dest_at_round;
+            let (result, report) = migrate(
+                &args,
+                &plan,
+                sender,
+                log,
+                control,
+                &progress,
+                move |round| {
+                    if kill_at.is_some_and(|r| round >= r) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(dest_pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                },
+            );
+            // The source is still stopped after success: compare the two memories now.
+            let (received, verification) = match &result {
+                Ok(_) => {
+                    progress.phase("waiting for the destination's report");
+                    let w = dest.expect("RECEIVED")?;
+                    let r = Received {
+                        addr: num(&w, 0)?,
+                        len: num(&w, 1)?,
+                        checksum: num(&w, 2)?,
+                        rounds: num(&w, 3)?,
+                        pages: num(&w, 4)?,
+                        zero_pages: num(&w, 5)?,
+                        bytes: num(&w, 6)?,
+                    };
+                    if r.len != len {
+                        bail!("destination holds {} bytes, source {len}", r.len);
+                    }
+                    let copy = Copy::Process {
+                        pid: dest.pid(),
+                        addr: r.addr,
+                    };
+                    let v = verify(pid, addr, copy, len, &progress)?;
+                    (Some(r), Some(v))
+                }
+                Err(_) => (None, None),
+            };
+            (result, report, received, verification)
+        }
+        (None, None) => bail!("no destination"),
+    };
+    progress.finish();
+    drop(source);
+    if let Some((d, _)) = dest {
+        let _ = d.finish();
+    }
+    let _ = std::fs::remove_file(&sock_path);
+
+    let error: Option<anyhow::Error> = match (&result, &verification) {
+        (Err(e), _) => Some(anyhow::anyhow!("{}", precopy_sys::error_chain(e)).context("migration failed")),
+        (Ok(_), Some(v)) if !v.verified => Some(anyhow::anyhow!(
+            "{} page(s) of the copy differ from the source's frozen memory, the first at offset {:#x}",
+            v.mismatched_pages,
+            v.first_mismatch.unwrap_or(0)
+        ).context("verification failed")),
+        (Ok(_), None) => Some(anyhow::anyhow!("the copy was not compared")),
+        _ => None,
+    };
+    let json = serde_json::json!({
+        "verified": verification.as_ref().is_some_and(|v| v.verified),
+        "settings": settings_json(&args, &plan),
+        "migration": report,
+        "memory_rate": report.memory_rate(),
+        "downtime_exceeded": report.downtime_exceeded(),
+        "switch_over_forced": report
+            .switch_reason
+            .is_some_and(|r| r != precopy_migrate::SwitchReason::Converged),
+        "destination": received,
+        "image": plan.image,
+        "verification": verification,
+    });
+    if args.json {
+        if let Some(e) = error {
+            return Err(output::fail(true, json, e));
+        }
+        output::print_json(json, None);
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_text(&args, &plan, &report, verification.as_ref())?;
+    match error {
+        Some(e) => Err(output::fail(false, serde_json::Value::Null, e)),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+fn settings_json(args: &Args, plan: &Plan) -> serde_json::Value {
+    serde_json::json!({
+        "size": args.size.bytes,
+        "dirty_rate": args.dirty_rate.bytes,
+        "pattern": args.pattern,
+        "hot_set": plan.hot_set,
+        "threads": args.threads,
+        "max_downtime_ms": args.max_downtime,
+        "max_rounds": args.max_rounds,
+        "bandwidth": args.bandwidth.as_ref().map(|b| b.bytes),
+        "to": if plan.image.is_some() { "image" } else { "process" },
+        "transport": plan.image.is_none().then_some(plan.transport),
+        "streams": plan.image.is_none().then_some(plan.streams),
+        "compress": plan.image.is_none().then_some(plan.compress),
+        "final_check": args.final_check,
+        "dest_netns": args.dest_netns,
     })
+}
+
+fn print_text(
+    args: &Args,
+    plan: &Plan,
+    report: &MigrationReport,
+    verification: Option<&Verification>,
+) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let target = match &plan.image {
+        Some(p) => format!("into the image {}", p.display()),
+        None => format!(
+            "over {} ({} stream{}, {})",
+            plan.transport.name(),
+            plan.streams,
+            if plan.streams == 1 { "" } else { "s" },
+            plan.compress.name()
+        ),
+    };
+    writeln!(
+        out,
+        "precopy demo: {} {target}; {} writer thread{} writing {}/s ({} pattern); downtime limit {} ms; final check: {}",
+        human(args.size.bytes),
+        args.threads,
+        if args.threads == 1 { "" } else { "s" },
+        human(args.dirty_rate.bytes),
+        pattern_name(args.pattern),
+        args.max_downtime,
+        match args.final_check {
+            CheckKind::Recorded => "recorded page checksums",
+            CheckKind::Full => "full re-read of memory",
+        }
+    )?;
+    writeln!(out)?;
+    write!(out, "{report}")?;
+    writeln!(out)?;
+    match verification {
+        Some(v) if v.verified => writeln!(
+            out,
+            "verified: the {} equals the source's frozen memory byte for byte ({})",
+            v.against,
+            human(v.compared_bytes)
+        )?,
+        Some(v) => writeln!(
+            out,
+            "NOT verified: {} page(s) of the {} differ, the first at offset {:#x}",
+            v.mismatched_pages,
+            v.against,
+            v.first_mismatch.unwrap_or(0)
+        )?,
+        None => writeln!(out, "not verified: the migration did not complete")?,
+    }
+    if let (Some(p), Some(v)) = (&plan.image, verification) {
+        if v.verified {
+            writeln!(
+                out,
+                "image: {} (inspect: precopy image info {0})",
+                p.display()
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn pattern_name(p: Pattern) -> &'static str {
@@ -513,96 +1168,5 @@ fn pattern_name(p: Pattern) -> &'static str {
         Pattern::Uniform => "uniform",
         Pattern::HotSet => "hot-set",
         Pattern::Sequential => "sequential",
-    }
-}
-
-fn print_outcome(
-    args: &Args,
-    report: &MigrationReport,
-    error: Option<&precopy_migrate::Error>,
-    received: Option<&Received>,
-    verification: Option<&Verification>,
-) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        let v = serde_json::json!({
-            "verified": verification.is_some_and(|v| v.verified),
-            "settings": {
-                "size": args.size,
-                "dirty_rate": args.dirty_rate,
-                "pattern": args.pattern,
-                "threads": args.threads,
-                "max_downtime_ms": args.max_downtime,
-                "bandwidth": args.bandwidth,
-                "transport": args.transport,
-                "streams": args.streams,
-                "compress": args.compress,
-                "final_check": args.final_check,
-                "dest_netns": args.dest_netns,
-            },
-            "migration": report,
-            "destination": received,
-            "verification": verification,
-            "error": error.map(|e| precopy_sys::error_chain(e)),
-        });
-        writeln!(out, "{v}")?;
-        return Ok(());
-    }
-    writeln!(
-        out,
-        "precopy demo: {} over {:?} ({} stream(s), {:?}), {} writer(s) {:?} at {}/s, max downtime {} ms, {:?} final check",
-        human(args.size),
-        args.transport,
-        args.streams,
-        args.compress,
-        args.threads,
-        args.pattern,
-        human(args.dirty_rate),
-        args.max_downtime,
-        args.final_check
-    )?;
-    writeln!(out)?;
-    write!(out, "{report}")?;
-    writeln!(out)?;
-    if let Some(e) = error {
-        writeln!(out, "migration FAILED: {}", precopy_sys::error_chain(e))?;
-        writeln!(
-            out,
-            "(the source was resumed; the destination never reported success)"
-        )?;
-    }
-    match verification {
-        Some(v) if v.verified => writeln!(
-            out,
-            "verified: destination memory equals the source's frozen memory byte for byte ({})",
-            human(v.compared_bytes)
-        )?,
-        Some(v) => writeln!(
-            out,
-            "NOT verified: {} page(s) differ, first at offset {:#x?}",
-            v.mismatched_pages, v.first_mismatch
-        )?,
-        None => writeln!(out, "not verified: the migration did not complete")?,
-    }
-    Ok(())
-}
-
-fn human(n: u64) -> String {
-    bytesize::ByteSize::b(n).display().iec().to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn suffixes_are_binary() {
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert_eq!(parse_size("100M"), Ok(100 << 20));
-        assert_eq!(parse_size("4k"), Ok(4096));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
-        assert_eq!(parse_size("123"), Ok(123));
-        assert!(parse_size("fast").is_err());
     }
 }

@@ -4,11 +4,13 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod args;
 mod bench;
 mod demo;
 mod image;
 mod output;
 mod probe;
+mod progress;
 mod target_fixture;
 
 #[derive(Debug, Parser)]
@@ -60,17 +62,10 @@ fn main() -> ExitCode {
             // clap's message names the flag and the value as typed; keep its usage hint.
             let _ = e.print();
             if json {
-                let message = e.kind().to_string();
                 let detail = e.render().to_string();
-                let first = detail
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .trim_start_matches("error: ");
-                output::print_json(
-                    serde_json::Value::Null,
-                    Some(&anyhow::anyhow!("{}", first).context(message)),
-                );
+                let first = detail.lines().next().unwrap_or("");
+                let first = first.trim_start_matches("error: ");
+                output::print_json(serde_json::Value::Null, Some(&anyhow::anyhow!("{first}")));
             }
             return ExitCode::from(2);
         }
@@ -92,7 +87,12 @@ fn main() -> ExitCode {
             if json {
                 output::print_json(serde_json::Value::Null, Some(&e));
             }
-            ExitCode::FAILURE
+            // A refused flag is a usage error, like clap's.
+            if e.is::<args::Invalid>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

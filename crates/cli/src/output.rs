@@ -6,6 +6,8 @@
 //!   line, "chain": [outer, ..., root cause]}`), whatever the subcommand; the rest is the
 //!   subcommand's own report.
 
+use std::io::Write;
+
 use serde_json::{Map, Value, json};
 
 /// The `"error"` object for `e`.
@@ -35,7 +37,9 @@ pub fn print_json(report: Value, error: Option<&anyhow::Error>) {
     };
     obj.insert("ok".into(), Value::Bool(error.is_none()));
     obj.insert("error".into(), error.map_or(Value::Null, error_value));
-    println!("{}", Value::Object(obj));
+    // A reader that went away (`| head`) is not worth a panic.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", Value::Object(obj)).and_then(|()| out.flush());
 }
 
 /// A failure already reported in full (stderr, and the JSON object if asked for): `main`

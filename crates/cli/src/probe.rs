@@ -6,6 +6,7 @@
 //! status is 0 when a trustworthy default backend can run here, 1 otherwise; the reasons are
 //! printed either way.
 
+use crate::output;
 use anyhow::Result;
 use precopy_backends::{BackendKind, Error as BackendError};
 use precopy_scanner::kernel::{self, Probe};
@@ -106,16 +107,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
         tracking_usable: choice.kind.is_some(),
         backends,
     };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    if !args.json {
         print_table(&report);
     }
-    Ok(if report.tracking_usable {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    if !report.tracking_usable {
+        let e = anyhow::anyhow!(
+            "no dirty-tracking backend works on this kernel (see the table or the JSON fields)"
+        );
+        return Err(output::fail(args.json, serde_json::to_value(&report)?, e));
+    }
+    if args.json {
+        output::print_json(serde_json::to_value(&report)?, None);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_table(r: &Report<'_>) {

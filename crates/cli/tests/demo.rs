@@ -7,7 +7,8 @@ fn engine_usable() -> bool {
         .args(["probe", "--json"])
         .output()
         .expect("running precopy probe");
-    let ok = String::from_utf8_lossy(&out.stdout).contains("\"engine_usable\": true");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let ok = v["engine_usable"] == true;
     if !ok {
         eprintln!("SKIP: this kernel cannot run the engine (see `precopy probe`)");
     }
@@ -57,5 +58,11 @@ fn destination_killed_mid_migration_fails_clearly() {
     assert_eq!(v["verified"], false);
     assert_eq!(v["migration"]["status"], "failed");
     assert!(v["migration"]["checksum"].is_null());
-    assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|e| e.contains("migration failed")),
+        "{v}"
+    );
 }

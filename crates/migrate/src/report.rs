@@ -288,29 +288,83 @@ fn msf(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
+impl Status {
+    /// The status in words, for people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Status::Setup => "not started",
+            Status::Active => "in progress",
+            Status::Completing => "completing (workload paused)",
+            Status::Completed => "completed: the receiver acknowledged the final checksum",
+            Status::Aborted => "ABORTED by a limit; the workload was resumed",
+            Status::Failed => "FAILED; the workload was resumed",
+        }
+    }
+}
+
+impl MigrationReport {
+    /// Memory bytes delivered per second over all rounds (pages and zero pages, whatever
+    /// the wire carried for them).
+    pub fn memory_rate(&self) -> f64 {
+        let send: f64 = self.rounds.iter().map(|r| r.duration.as_secs_f64()).sum();
+        let bytes = (self.pages + self.zero_pages) * self.page_size;
+        if send > 0.0 { bytes as f64 / send } else { 0.0 }
+    }
+
+    /// Whether the measured downtime exceeded the limit.
+    pub fn downtime_exceeded(&self) -> bool {
+        self.downtime.is_some_and(|d| d > self.max_downtime)
+    }
+}
+
 impl fmt::Display for MigrationReport {
+    /// The report for people: plain words, rates of memory and of the wire apart, and any
+    /// limit that was exceeded or that forced the switch-over said outright.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let opt = |d: Option<Duration>| d.map_or_else(|| "-".to_string(), msf);
-        writeln!(f, "status:             {:?}", self.status)?;
+        writeln!(f, "result:        {}", self.status.describe())?;
         if let Some(e) = &self.error {
-            writeln!(f, "error:              {e}")?;
+            writeln!(f, "error:         {e}")?;
         }
-        if let Some(r) = self.switch_reason {
-            writeln!(f, "switch-over:        {r:?}")?;
+        let expected = opt(self.expected_downtime);
+        let limit = msf(self.max_downtime);
+        match self.switch_reason {
+            Some(SwitchReason::Converged) => writeln!(
+                f,
+                "switch-over:   converged: expected downtime {expected}, within the {limit} limit"
+            )?,
+            Some(SwitchReason::MaxRounds) => writeln!(
+                f,
+                "switch-over:   FORCED by the round limit after {} round(s) with the workload running, before converging: expected downtime {expected}, limit {limit}",
+                self.rounds
+                    .iter()
+                    .filter(|r| r.kind != RoundKind::Final)
+                    .count()
+            )?,
+            Some(SwitchReason::Timeout) => writeln!(
+                f,
+                "switch-over:   FORCED by the timeout before converging: expected downtime {expected}, limit {limit}"
+            )?,
+            None => {}
         }
-        writeln!(f, "memory:             {}", bytes(self.memory_bytes as f64))?;
-        writeln!(f, "total time:         {}", msf(self.total_time))?;
-        writeln!(
-            f,
-            "downtime:           {} (expected {}, limit {})",
-            opt(self.downtime),
-            opt(self.expected_downtime),
-            msf(self.max_downtime)
-        )?;
+        match self.downtime {
+            Some(d) if self.downtime_exceeded() => writeln!(
+                f,
+                "downtime:      {} EXCEEDED the {limit} limit by {} (expected {expected})",
+                msf(d),
+                msf(d - self.max_downtime)
+            )?,
+            Some(d) => writeln!(
+                f,
+                "downtime:      {}, within the {limit} limit (expected {expected})",
+                msf(d)
+            )?,
+            None => writeln!(f, "downtime:      none (no final round)")?,
+        }
         if let Some(e) = self.downtime_estimate {
             writeln!(
                 f,
-                "  expected: pause {} + scan {} + send {} ({} at {}/s + {} per round), margin ×{:.2}",
+                "               expected: pause {} + scan {} + send {} ({} at {}/s + {} per round), margin x{:.2}",
                 msf(e.pause),
                 msf(e.scan),
                 msf(e.send),
@@ -323,53 +377,80 @@ impl fmt::Display for MigrationReport {
         if let Some(p) = self.final_phase {
             writeln!(
                 f,
-                "  pause {} + scan {} + verify {} + send {} + checksum/ack {} (checksum {})",
+                "               measured: pause {} + final scan {} + verify pass {} + final send {} + checksum and acknowledgement {}",
                 msf(p.pause),
                 msf(p.scan),
                 msf(p.verify),
                 msf(p.send),
                 msf(p.finish),
-                msf(p.checksum)
             )?;
         }
         if let Some(n) = &self.downtime_note {
-            writeln!(f, "  note: {n}")?;
+            writeln!(f, "               note: {n}")?;
         }
         if let Some(v) = self.verify {
             writeln!(
                 f,
-                "verify pass:        re-read {} the dirty log cannot vouch for in {}: {} changed, {} of it unreported by the log",
+                "verify pass:   re-read {} the dirty log cannot vouch for in {}: {} changed, {} of it unreported by the log",
                 bytes(v.checked_bytes as f64),
                 msf(v.duration),
                 bytes(v.changed_bytes as f64),
                 bytes(v.unreported_bytes as f64)
             )?;
         }
-        writeln!(f, "setup:              {}", msf(self.setup))?;
-        writeln!(f, "rounds:             {}", self.rounds.len())?;
         writeln!(
             f,
-            "transferred:        {} on the wire, {} pages + {} zero pages ({:.2}× memory)",
-            bytes(self.transferred_bytes as f64),
+            "memory:        {} in {} round(s), total time {:.2} s (setup {})",
+            bytes(self.memory_bytes as f64),
+            self.rounds.len(),
+            self.total_time.as_secs_f64(),
+            msf(self.setup)
+        )?;
+        writeln!(
+            f,
+            "sent:          {} pages with data + {} zero pages = {:.2}x memory, at {}/s of memory",
             self.pages,
             self.zero_pages,
-            self.resend_ratio
+            self.resend_ratio,
+            bytes(self.memory_rate())
         )?;
-        writeln!(f, "bandwidth:          {}/s", bytes(self.bandwidth))?;
-        writeln!(f, "dirty rate:         {}/s", bytes(self.dirty_rate))?;
+        let sent_bytes = (self.pages + self.zero_pages) * self.page_size;
+        let ratio = if sent_bytes > 0 {
+            self.transferred_bytes as f64 / sent_bytes as f64
+        } else {
+            0.0
+        };
         writeln!(
             f,
-            "throttle:           {:.0}% ({})",
-            self.throttle * 100.0,
-            self.throttle_method
+            "wire:          {} at {}/s, {ratio:.2} wire bytes per memory byte (zero pages and compression shrink it)",
+            bytes(self.transferred_bytes as f64),
+            bytes(self.bandwidth)
         )?;
+        writeln!(
+            f,
+            "dirty rate:    {}/s (last scan with the workload running)",
+            bytes(self.dirty_rate)
+        )?;
+        if self.throttle > 0.0 {
+            writeln!(
+                f,
+                "throttle:      up to {:.0}% ({})",
+                self.throttle * 100.0,
+                self.throttle_method
+            )?;
+        } else {
+            writeln!(f, "throttle:      not needed")?;
+        }
         if let Some(c) = self.checksum {
-            writeln!(f, "checksum:           {c:#010x} (acknowledged)")?;
+            writeln!(f, "checksum:      {c:#010x}, acknowledged by the receiver")?;
+        }
+        if self.rounds.is_empty() {
+            return Ok(());
         }
         writeln!(f)?;
         writeln!(
             f,
-            "{:>5} {:<9} {:>11} {:>9} {:>9} {:>11} {:>9} {:>11} {:>11} {:>9} {:>5}",
+            "{:>5} {:<9} {:>11} {:>8} {:>7} {:>11} {:>9} {:>12} {:>12} {:>12} {:>9} {:>5}",
             "round",
             "kind",
             "to send",
@@ -377,22 +458,29 @@ impl fmt::Display for MigrationReport {
             "zero",
             "wire",
             "time",
-            "bandwidth",
-            "dirty rate",
-            "exp.down",
+            "memory/s",
+            "wire/s",
+            "dirty/s",
+            "exp. down",
             "thr."
         )?;
         for r in &self.rounds {
+            let kind = match r.kind {
+                RoundKind::Full => "full",
+                RoundKind::Iterative => "iterative",
+                RoundKind::Final => "final",
+            };
             writeln!(
                 f,
-                "{:>5} {:<9} {:>11} {:>9} {:>9} {:>11} {:>9} {:>11} {:>11} {:>9} {:>4.0}%",
+                "{:>5} {:<9} {:>11} {:>8} {:>7} {:>11} {:>9} {:>12} {:>12} {:>12} {:>9} {:>4.0}%",
                 r.round,
-                format!("{:?}", r.kind).to_lowercase(),
+                kind,
                 bytes(r.dirty_bytes as f64),
                 r.pages,
                 r.zero_pages,
                 bytes(r.bytes as f64),
                 msf(r.duration),
+                format!("{}/s", bytes(r.throughput)),
                 format!("{}/s", bytes(r.bandwidth)),
                 format!("{}/s", bytes(r.dirty_rate)),
                 r.expected_downtime.map_or_else(|| "-".to_string(), msf),

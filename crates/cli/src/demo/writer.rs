@@ -73,6 +73,9 @@ pub fn run(mem: Arc<Mapping>, cfg: WriterConfig) {
             }
             done += 1.0;
         }
-        std::thread::sleep(Duration::from_millis(1));
+        // Wake when the next write is due, not every millisecond whatever the rate: many
+        // slow writers must not load the CPUs the migration needs.
+        let next = (1.0 / cfg.pages_per_sec).clamp(0.001, 0.1);
+        std::thread::sleep(Duration::from_secs_f64(next));
     }
 }

@@ -1,0 +1,407 @@
+//! The command line as a user meets it: every kind of bad input refused up front with one line
+//! naming the flag, the value and the limit; one JSON object on stdout with `--json`, success or
+//! failure, in every subcommand; progress that moves; `demo --to file:` then `image`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn precopy(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_precopy"))
+        .args(args)
+        .output()
+        .expect("running precopy")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Exactly one JSON object on stdout, with `ok` and `error` in the common shape.
+fn one_json(o: &Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "not one JSON line on stdout: {text:?}\n{}",
+        stderr(o)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    assert!(v.is_object(), "{v}");
+    assert_eq!(
+        v["ok"],
+        o.status.success(),
+        "ok disagrees with the exit status: {v}"
+    );
+    if o.status.success() {
+        assert!(v["error"].is_null(), "{v}");
+    } else {
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(!msg.is_empty(), "no error message: {v}");
+        let chain = v["error"]["chain"].as_array().expect("error.chain");
+        assert!(
+            !chain.is_empty() && chain.iter().all(|c| c.is_string()),
+            "{v}"
+        );
+    }
+    v
+}
+
+fn engine_usable() -> bool {
+    let v: serde_json::Value =
+        serde_json::from_slice(&precopy(&["probe", "--json"]).stdout).unwrap_or_default();
+    let ok = v["engine_usable"] == true;
+    if !ok {
+        eprintln!("SKIP: this kernel cannot run the engine (see `precopy probe`)");
+    }
+    ok
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// (arguments, flag, value as typed, words of the limit) for each kind of bad input.
+const BAD: &[(&[&str], &str, &str, &str)] = &[
+    // Beyond what the machine can run.
+    (
+        &["demo", "--threads", "1000"],
+        "--threads",
+        "1000",
+        "at most",
+    ),
+    (
+        &["demo", "--size", "100000G"],
+        "--size",
+        "100000G",
+        "available",
+    ),
+    (
+        &["demo", "--streams", "1000"],
+        "--streams",
+        "1000",
+        "at most 64",
+    ),
+    (&["bench", "--threads", "1000"], "--threads", "1000", "1 to"),
+    (
+        &["bench", "--sizes", "100000G"],
+        "--sizes",
+        "100000G",
+        "more than",
+    ),
+    // Zero where at least one is needed.
+    (&["demo", "--threads", "0"], "--threads", "0", "at least 1"),
+    (
+        &["demo", "--max-rounds", "0"],
+        "--max-rounds",
+        "0",
+        "at least 1",
+    ),
+    (&["demo", "--streams", "0"], "--streams", "0", "1 to 64"),
+    (
+        &["demo", "--max-downtime", "0"],
+        "--max-downtime",
+        "0",
+        "at least 1",
+    ),
+    (&["bench", "--rounds", "0"], "--rounds", "0", "at least 1"),
+    // Negative, malformed or misaligned values.
+    (&["demo", "--size", "-1G"], "--size", "-1G", "negative"),
+    (
+        &["demo", "--size", "64MB"],
+        "--size",
+        "64MB",
+        "multiple of 2 MiB",
+    ),
+    (&["demo", "--threads", "-2"], "--threads", "-2", "negative"),
+    (&["demo", "--timeout", "-3"], "--timeout", "-3", "positive"),
+    (
+        &["demo", "--bandwidth", "1K"],
+        "--bandwidth",
+        "1K",
+        "64 KiB/s",
+    ),
+    (
+        &["bench", "--sizes", "3M"],
+        "--sizes",
+        "3M",
+        "multiple of 2 MiB",
+    ),
+    (
+        &["bench", "--backends", "fast"],
+        "--backends",
+        "fast",
+        "uffd-async",
+    ),
+    // One value beyond another.
+    (
+        &["demo", "--size", "64M", "--hot-set", "1G"],
+        "--hot-set",
+        "1G",
+        "larger than --size",
+    ),
+    // Flags that would be silently ignored.
+    (
+        &["demo", "--transport", "unix", "--listen", "127.0.0.1:7000"],
+        "--listen",
+        "127.0.0.1:7000",
+        "only to --transport tcp",
+    ),
+    (
+        &["demo", "--pattern", "uniform", "--hot-set", "1M"],
+        "--hot-set",
+        "1M",
+        "only to --pattern hot-set",
+    ),
+    (
+        &["demo", "--on-timeout", "abort"],
+        "--on-timeout",
+        "abort",
+        "without --timeout",
+    ),
+    (
+        &["demo", "--to", "file:/tmp/x.img", "--streams", "2"],
+        "--streams",
+        "2",
+        "only to a migration",
+    ),
+    (&["demo", "--to", "disk"], "--to", "disk", "file:PATH"),
+    (
+        &["demo", "--listen", "localhost"],
+        "--listen",
+        "localhost",
+        "IP address and port",
+    ),
+];
+
+#[test]
+fn each_kind_of_bad_input_is_refused_in_one_line() {
+    for (args, flag, value, limit) in BAD {
+        let out = precopy(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        let line = err
+            .lines()
+            .find(|l| l.contains("error:"))
+            .unwrap_or_else(|| panic!("{args:?}: no error line: {err}"));
+        assert_eq!(
+            err.matches("error:").count(),
+            1,
+            "{args:?}: error printed once: {err}"
+        );
+        for want in [flag, value, limit] {
+            assert!(
+                line.contains(want),
+                "{args:?}: {want:?} missing from {line:?}"
+            );
+        }
+        assert!(out.stdout.is_empty(), "{args:?}: stdout without --json");
+
+        let mut with_json = args.to_vec();
+        with_json.push("--json");
+        let out = precopy(&with_json);
+        assert_eq!(out.status.code(), Some(2), "{with_json:?}");
+        let v = one_json(&out);
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains(flag) && msg.contains(limit),
+            "{with_json:?}: {v}"
+        );
+    }
+}
+
+#[test]
+fn json_failures_have_one_shape_in_every_subcommand() {
+    let dir = scratch("json-fail");
+    let missing = dir.join("missing.img");
+    let missing = missing.to_str().unwrap();
+    for args in [
+        &["demo", "--threads", "0", "--json"][..],
+        &["demo", "--no-such-flag", "--json"][..],
+        &["bench", "--rounds", "0", "--json"][..],
+        &["image", "info", missing, "--json"][..],
+        &["image", "info", "--verify", missing, "--json"][..],
+        &["image", "verify", missing, "--json"][..],
+    ] {
+        let out = precopy(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        one_json(&out);
+        assert_eq!(
+            stderr(&out).matches("error:").count(),
+            1,
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn json_successes_have_one_shape_and_demo_writes_an_image() {
+    // probe: success or, on a kernel without any backend, failure: one object either way.
+    let v = one_json(&precopy(&["probe", "--json"]));
+    assert!(v["tracking_usable"].is_boolean(), "{v}");
+    if !engine_usable() {
+        return;
+    }
+    let out = precopy(&[
+        "bench",
+        "--json",
+        "--no-files",
+        "--sizes",
+        "2M",
+        "--fractions",
+        "10%",
+        "--patterns",
+        "random",
+        "--thp",
+        "off",
+        "--threads",
+        "1",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--backends",
+        "uffd-async",
+    ]);
+    let v = one_json(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        v["results"].as_array().is_some_and(|r| !r.is_empty()),
+        "{v}"
+    );
+
+    // demo --to file: makes an image that image info/verify/cat accept.
+    let dir = scratch("demo-image");
+    let img = dir.join("demo.img");
+    let to = format!("file:{}", img.display());
+    let out = precopy(&[
+        "demo",
+        "--size",
+        "16M",
+        "--dirty-rate",
+        "4M",
+        "--to",
+        &to,
+        "--json",
+    ]);
+    let v = one_json(&out);
+    assert!(out.status.success(), "{v}\n{}", stderr(&out));
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(v["verification"]["against"], "image", "{v}");
+    let img = img.to_str().unwrap();
+    let info = one_json(&precopy(&["image", "info", "--verify", img, "--json"]));
+    assert_eq!(info["complete"], true);
+    assert_eq!(info["verified"], true);
+    assert_eq!(info["total_len"], 16 << 20);
+    assert_eq!(
+        info["memory_checksum"], v["migration"]["checksum"],
+        "the image holds what the migration acknowledged"
+    );
+    let verify = one_json(&precopy(&["image", "verify", img, "--json"]));
+    assert_eq!(verify["verified"], true);
+    let start = info["regions"][0]["start"].as_u64().unwrap();
+    let range = format!("{:#x}-{:#x}", start, start + 8192);
+    let out = precopy(&["image", "cat", img, "--range", &range]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout.len(), 8192);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The numbers after `key` in each line containing `tag`.
+fn counts(err: &str, tag: &str, key: &str) -> Vec<f64> {
+    err.lines()
+        .filter(|l| l.contains(tag))
+        .filter_map(|l| {
+            let rest = &l[l.find(key)? + key.len()..];
+            let num: String = rest
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            let unit = rest.trim_start()[num.len()..].trim_start();
+            let scale = match unit.split_whitespace().next() {
+                Some("KiB") => 1024.0,
+                Some("MiB") => 1024.0 * 1024.0,
+                Some("GiB") => 1024.0 * 1024.0 * 1024.0,
+                _ => 1.0,
+            };
+            num.parse::<f64>().ok().map(|n| n * scale)
+        })
+        .collect()
+}
+
+#[test]
+fn progress_moves_during_round_0_and_verification_without_a_terminal() {
+    if !engine_usable() {
+        return;
+    }
+    // Round 0 of 48 MiB at 16 MiB/s takes about 3 s: several plain lines must show it moving.
+    let out = precopy(&[
+        "demo",
+        "--size",
+        "48M",
+        "--dirty-rate",
+        "1M",
+        "--bandwidth",
+        "16M",
+        "--progress",
+        "lines",
+    ]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let sent = counts(&err, "round 0 (all memory)", "sent");
+    assert!(sent.len() >= 3, "round 0 shown fewer than 3 times: {err}");
+    assert!(sent.windows(2).all(|w| w[0] <= w[1]), "{sent:?}");
+    let moving: Vec<_> = sent
+        .iter()
+        .filter(|&&s| s > 0.0 && s < 48.0 * 1048576.0)
+        .collect();
+    assert!(
+        moving.len() >= 2,
+        "round 0 did not move while it ran: {err}"
+    );
+    let compared = counts(&err, "verifying", "compared");
+    assert!(compared.len() >= 2, "{err}");
+    assert_eq!(compared.first(), Some(&0.0), "{err}");
+    assert_eq!(compared.last(), Some(&(48.0 * 1048576.0)), "{err}");
+    assert!(err.contains("source: filling"), "setup not shown: {err}");
+    // The report speaks plainly.
+    let text = String::from_utf8_lossy(&out.stdout);
+    for internal in ["Tcp", "HotSet", "MaxRounds", "Converged", "Completed"] {
+        assert!(!text.contains(internal), "{internal} in the report: {text}");
+    }
+    assert!(
+        text.contains("of memory") && text.contains("wire bytes per memory byte"),
+        "{text}"
+    );
+}
+
+#[test]
+fn forced_switch_over_is_said_plainly() {
+    if !engine_usable() {
+        return;
+    }
+    let out = precopy(&[
+        "demo",
+        "--size",
+        "32M",
+        "--dirty-rate",
+        "32M",
+        "--max-rounds",
+        "1",
+        "--max-downtime",
+        "1",
+        "--progress",
+        "none",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(text.contains("FORCED by the round limit"), "{text}");
+}
