@@ -821,6 +821,8 @@ fn migrate<K: Sink>(
         control,
         config,
     )
+    // The writers' own throughput for half a second before tracking: the report's baseline.
+    .measure_workload_before(Duration::from_millis(500))
     .on_progress(move |p| {
         let at = read2.load(Ordering::Relaxed);
         if let Ok(mut l) = live2.lock() {
@@ -907,11 +909,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ));
     };
     let words = ticking(tick, || source.expect("READY"))?;
-    let (pid, addr, len, fd): (i32, u64, u64, i32) = (
+    let (pid, addr, len, fd, counters): (i32, u64, u64, i32, u64) = (
         num(&words, 0)?,
         num(&words, 1)?,
         num(&words, 2)?,
         num(&words, 3)?,
+        num(&words, 4)?,
     );
     if pid != source_pid {
         bail!("source announced pid {pid}, started {source_pid}");
@@ -938,7 +941,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             ThrottleKind::Duty => ThrottleMethod::DutyCycle,
             ThrottleKind::None => ThrottleMethod::None,
         },
-    )?;
+    )?
+    .with_counters(counters);
     let layout = Layout::single(PAGE, addr, len)?;
     let source_mem = Counted {
         inner: ProcessMemory::new(pid),

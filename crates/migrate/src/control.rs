@@ -62,6 +62,17 @@ pub trait Transport {
     fn finish(&mut self) -> Result<(u32, Duration), BoxError>;
 }
 
+/// A workload's own count of its work, for the report's "what the source suffers": how fast
+/// the workload runs before and while it is tracked, in its own unit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkloadCounters {
+    /// Operations completed so far (the demo's writers count page writes).
+    pub operations: u64,
+    /// Time spent performing them, summed over the workload's threads (so `busy / operations`
+    /// is the mean cost of one operation, write-protect faults included).
+    pub busy: Duration,
+}
+
 /// Whatever writes the memory: vCPUs, a process.
 pub trait Workload {
     /// Stops every writer. Returns only once no write can happen any more.
@@ -78,10 +89,16 @@ pub trait Workload {
     fn throttle_method(&self) -> &'static str {
         "none"
     }
+    /// The workload's own counters, if it keeps any (the default: none). Read after every
+    /// scan; keep it cheap.
+    fn counters(&mut self) -> Option<WorkloadCounters> {
+        None
+    }
 }
 
 type Hook = Box<dyn FnMut() -> Result<(), BoxError> + Send>;
 type ThrottleHook = Box<dyn FnMut(f64) -> Result<(), BoxError> + Send>;
+type CountersHook = Box<dyn FnMut() -> WorkloadCounters + Send>;
 
 /// A [`Workload`] made of an embedder's closures: pause and resume the vCPUs, optionally
 /// throttle them.
@@ -89,6 +106,7 @@ pub struct Callbacks {
     pause: Hook,
     resume: Hook,
     throttle: Option<ThrottleHook>,
+    counters: Option<CountersHook>,
 }
 
 impl std::fmt::Debug for Callbacks {
@@ -110,6 +128,7 @@ impl Callbacks {
             pause: Box::new(pause),
             resume: Box::new(resume),
             throttle: None,
+            counters: None,
         }
     }
 
@@ -119,6 +138,15 @@ impl Callbacks {
         throttle: impl FnMut(f64) -> Result<(), BoxError> + Send + 'static,
     ) -> Callbacks {
         self.throttle = Some(Box::new(throttle));
+        self
+    }
+
+    /// Adds the workload's own counters (see [`Workload::counters`]).
+    pub fn with_counters(
+        mut self,
+        counters: impl FnMut() -> WorkloadCounters + Send + 'static,
+    ) -> Callbacks {
+        self.counters = Some(Box::new(counters));
         self
     }
 }
@@ -142,6 +170,9 @@ impl Workload for Callbacks {
         } else {
             "none"
         }
+    }
+    fn counters(&mut self) -> Option<WorkloadCounters> {
+        self.counters.as_mut().map(|f| f())
     }
 }
 
@@ -187,6 +218,9 @@ impl<T: Workload + ?Sized> Workload for &mut T {
     }
     fn throttle_method(&self) -> &'static str {
         (**self).throttle_method()
+    }
+    fn counters(&mut self) -> Option<WorkloadCounters> {
+        (**self).counters()
     }
 }
 

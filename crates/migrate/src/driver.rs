@@ -1,10 +1,10 @@
 //! The round loop: iterate, decide, throttle, pause, finish (see the crate docs for the rules).
 
-use crate::control::{DirtyLog, RoundSent, Transport, Workload};
+use crate::control::{DirtyLog, RoundSent, Transport, Workload, WorkloadCounters};
 use crate::error::{AbortReason, Error};
 use crate::report::{
     DowntimeEstimate, FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason,
-    VerifyPass,
+    VerifyPass, WorkloadCost,
 };
 use crate::switchover::Estimator;
 use std::ops::Range;
@@ -176,6 +176,13 @@ pub struct Migration<D, T, W> {
     last_throughput: Option<f64>,
     /// What the final phase would cost: decides the switch-over.
     estimator: Estimator,
+    /// How long to measure the workload before tracking starts.
+    measure_before: Duration,
+    /// The workload's counters when tracking started, and at the last scan.
+    tracked_from: Option<(Instant, WorkloadCounters)>,
+    last_counters: Option<(Instant, WorkloadCounters)>,
+    /// What the last scan observed, for the round it precedes.
+    observed: Observed,
     started: Option<Instant>,
 }
 
@@ -229,6 +236,27 @@ fn bytes_outside(a: &[Range<u64>], b: &[Range<u64>]) -> u64 {
     total
 }
 
+/// What a scan saw of the workload: pages written (one write-protect fault each) and its own
+/// rate since the previous scan.
+#[derive(Debug, Clone, Copy, Default)]
+struct Observed {
+    faults: u64,
+    rate: Option<f64>,
+    ns_per_op: Option<f64>,
+}
+
+/// Operations per second and mean nanoseconds per operation between two counter samples.
+fn workload_rates(
+    a: (Instant, WorkloadCounters),
+    b: (Instant, WorkloadCounters),
+) -> (f64, Option<f64>) {
+    let ops = b.1.operations.saturating_sub(a.1.operations);
+    let busy = b.1.busy.saturating_sub(a.1.busy);
+    let rate = per_sec(ops, b.0.saturating_duration_since(a.0));
+    let ns = (ops > 0).then(|| busy.as_nanos() as f64 / ops as f64);
+    (rate, ns)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -254,6 +282,10 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             sent_secs: 0.0,
             last_throughput: None,
             estimator: Estimator::default(),
+            measure_before: Duration::ZERO,
+            tracked_from: None,
+            last_counters: None,
+            observed: Observed::default(),
             started: None,
         }
     }
@@ -262,6 +294,74 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     pub fn on_progress(mut self, f: impl FnMut(&Progress) + Send + 'static) -> Self {
         self.progress = Some(Box::new(f));
         self
+    }
+
+    /// Measures the workload's own throughput for `d` before tracking starts: the baseline of
+    /// the report's [`WorkloadCost`] (needs [`Workload::counters`]; default: not measured).
+    pub fn measure_workload_before(mut self, d: Duration) -> Self {
+        self.measure_before = d;
+        self
+    }
+
+    /// The workload's rate before tracking, over [`Migration::measure_workload_before`].
+    fn measure_baseline(&mut self) {
+        if self.measure_before.is_zero() {
+            return;
+        }
+        let Some(a) = self.workload.counters().map(|c| (Instant::now(), c)) else {
+            return;
+        };
+        std::thread::sleep(self.measure_before);
+        let Some(b) = self.workload.counters().map(|c| (Instant::now(), c)) else {
+            return;
+        };
+        let (rate, ns) = workload_rates(a, b);
+        self.report.workload = Some(WorkloadCost {
+            before_rate: Some(rate),
+            before_ns_per_op: ns,
+            ..WorkloadCost::default()
+        });
+    }
+
+    /// The workload's cost while tracked, from the start of tracking to the pause.
+    fn record_workload(&mut self) {
+        let faults = self
+            .report
+            .rounds
+            .iter()
+            .map(|r| r.write_faults)
+            .sum::<u64>()
+            + self.observed.faults;
+        if let (Some(a), Some(b)) = (self.tracked_from, self.last_counters) {
+            let (rate, ns) = workload_rates(a, b);
+            let w = self
+                .report
+                .workload
+                .get_or_insert_with(WorkloadCost::default);
+            w.during_rate = rate;
+            w.during_ns_per_op = ns;
+            w.write_faults = faults;
+        }
+    }
+
+    /// Samples the workload's counters after a scan that found `dirty_bytes`.
+    fn observe(&mut self, dirty_bytes: u64) {
+        let now = self.workload.counters().map(|c| (Instant::now(), c));
+        let (rate, ns_per_op) = match (self.last_counters, now) {
+            (Some(a), Some(b)) => {
+                let (r, n) = workload_rates(a, b);
+                (Some(r), n)
+            }
+            _ => (None, None),
+        };
+        if now.is_some() {
+            self.last_counters = now;
+        }
+        self.observed = Observed {
+            faults: dirty_bytes / self.report.page_size.max(1),
+            rate,
+            ns_per_op,
+        };
     }
 
     /// The report so far (complete after [`Migration::run`] returns, whatever it returned).
@@ -284,6 +384,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 reason: "a migration runs only once",
             });
         }
+        self.measure_baseline();
         let start = Instant::now();
         self.started = Some(start);
         self.report.throttle_method = self.workload.throttle_method();
@@ -373,7 +474,14 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         if memory >= SIGNIFICANT_ROUND && throughput > 0.0 {
             self.last_throughput = Some(throughput);
         }
+        let seen = match kind {
+            RoundKind::Full => Observed::default(),
+            _ => std::mem::take(&mut self.observed),
+        };
         let r = RoundReport {
+            write_faults: seen.faults,
+            workload_rate: seen.rate,
+            workload_ns_per_op: seen.ns_per_op,
             round: self.report.rounds.len() as u64,
             kind,
             dirty_bytes,
@@ -414,6 +522,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             .start()
             .map_err(|source| Error::Tracking { round: 0, source })?;
         let mut last_scan = Instant::now();
+        self.tracked_from = self.workload.counters().map(|c| (last_scan, c));
+        self.last_counters = self.tracked_from;
         self.report.setup = start.elapsed();
 
         // Round 0: everything.
@@ -441,6 +551,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             let interval = scan_start.duration_since(last_scan);
             last_scan = scan_start;
             let pending_bytes = coalesce(&mut pending);
+            self.observe(pending_bytes);
             let dirty_rate = per_sec(pending_bytes, interval);
             self.report.dirty_rate = dirty_rate;
             self.estimator.add_scan(scan);
@@ -564,6 +675,12 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             over("pause", actual.pause, e.pause);
             over("scan", actual.scan, e.scan);
             over("send", actual.send, e.send);
+            if !actual.verify.is_zero() {
+                parts.push(format!(
+                    "verify pass {:.1} ms (not estimated)",
+                    ms(actual.verify)
+                ));
+            }
             parts.push(format!(
                 "checksum/ack {:.1} ms (not estimated)",
                 ms(actual.finish)
@@ -629,10 +746,14 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let pause = paused_at.elapsed();
 
         let scan_start = Instant::now();
+        let before_scan = pending.len();
         self.log
             .dirty(&mut pending)
             .map_err(|source| Error::Tracking { round, source })?;
         let scan = scan_start.elapsed();
+        let found: u64 = pending[before_scan..].iter().map(|r| r.end - r.start).sum();
+        self.observe(found);
+        self.record_workload();
         coalesce(&mut pending);
 
         // Memory the log cannot vouch for: compare it with what was sent, now that nothing
@@ -714,7 +835,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
 #[allow(clippy::field_reassign_with_default)] // each test changes a few knobs of the default
 mod tests {
     use super::*;
-    use crate::control::{BoxError, Callbacks};
+    use crate::control::{BoxError, Callbacks, WorkloadCounters};
     use std::sync::{Arc, Mutex};
 
     const PAGE: u64 = 4096;
@@ -1007,6 +1128,43 @@ mod tests {
             *events.lock().unwrap(),
             vec!["pause", "resume", "pause", "resume"]
         );
+    }
+
+    #[test]
+    fn workload_counters_and_write_faults_are_reported_per_round() {
+        // Every read of the counters finds 1000 more operations, each having taken 2 µs.
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let mut n = 0u64;
+        let w = workload(&events).with_counters(move || {
+            n += 1000;
+            WorkloadCounters {
+                operations: n,
+                busy: Duration::from_micros(2 * n),
+            }
+        });
+        let log = ScriptLog {
+            script: vec![40, 10, 3],
+            calls: 0,
+        };
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(100);
+        cfg.throttle.enabled = false;
+        let mut m = Migration::new(log, link(1024.0 * 1024.0), w, cfg)
+            .measure_workload_before(Duration::from_millis(5));
+        let report = m.run().unwrap();
+        let faults: Vec<u64> = report.rounds.iter().map(|r| r.write_faults).collect();
+        assert_eq!(faults, vec![0, 40, 10, 3]);
+        assert!(report.rounds[0].workload_rate.is_none());
+        for r in &report.rounds[1..] {
+            assert!(r.workload_rate.is_some_and(|v| v > 0.0), "{r:?}");
+            assert_eq!(r.workload_ns_per_op, Some(2000.0));
+        }
+        let cost = report.workload.unwrap();
+        assert!(cost.before_rate.is_some_and(|v| v > 0.0));
+        assert_eq!(cost.before_ns_per_op, Some(2000.0));
+        assert!(cost.during_rate > 0.0);
+        assert_eq!(cost.during_ns_per_op, Some(2000.0));
+        assert_eq!(cost.write_faults, 53);
     }
 
     #[test]

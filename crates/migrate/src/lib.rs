@@ -49,8 +49,9 @@
 //! The report gives the estimate's parts ([`DowntimeEstimate`]) beside the measured ones
 //! ([`FinalPhase`]), and a note ([`MigrationReport::downtime_note`]) when the limit could not be
 //! met (the iteration ended on a limit: is it the fixed costs or the dirty rate?) or was
-//! exceeded (which part took longer than estimated). The checksum-and-acknowledgement round
-//! trip is not estimated (about 2 ms on loopback): measuring it before the final round would need
+//! exceeded (which part took longer than estimated). Not estimated: the verify pass over
+//! memory the dirty log cannot vouch for (it depends on that memory's size, not on the rounds)
+//! and the checksum-and-acknowledgement round trip (about 2 ms on loopback): measuring it before the final round would need
 //! a ping in the protocol. Every round, the final one included, spreads its batches over all
 //! the transport's streams.
 //!
@@ -105,7 +106,9 @@ pub mod target;
 mod transfer;
 mod uffd;
 
-pub use control::{BoxError, Callbacks, DirtyLog, ExternalDirty, RoundSent, Transport, Workload};
+pub use control::{
+    BoxError, Callbacks, DirtyLog, ExternalDirty, RoundSent, Transport, Workload, WorkloadCounters,
+};
 pub use driver::{
     AfterMigration, LimitPolicy, Migration, MigrationConfig, Phase, Progress, ThrottleConfig,
 };
@@ -113,7 +116,7 @@ pub use error::{AbortReason, Error};
 pub use process::{PauseMethod, ProcessControl, ThrottleMethod};
 pub use report::{
     DowntimeEstimate, FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason,
-    VerifyPass,
+    VerifyPass, WorkloadCost,
 };
 pub use target::{MapChanges, TargetError, TargetLog, TargetMemory};
 pub use transfer::TransferTransport;

@@ -22,7 +22,7 @@
 //! Dropping a `ProcessControl` lifts the throttle and moves the process back to its cgroups; a
 //! paused process stays stopped (it is sent SIGSTOP before leaving the freezer cgroup).
 
-use crate::control::{BoxError, Workload};
+use crate::control::{BoxError, Workload, WorkloadCounters};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::fs;
@@ -274,6 +274,9 @@ pub struct ProcessControl {
     sample: (Instant, u64),
     fraction: f64,
     paused: bool,
+    /// Address in the process of its [`WorkloadCounters`] as two native-endian u64s
+    /// (operations, busy nanoseconds).
+    counters: Option<u64>,
 }
 
 impl ProcessControl {
@@ -299,7 +302,16 @@ impl ProcessControl {
             sample: (Instant::now(), cpu_time_ns(pid)),
             fraction: 0.0,
             paused: false,
+            counters: None,
         })
+    }
+
+    /// Reads the process's own counters at `addr` in its memory: two native-endian `u64`s,
+    /// operations then busy nanoseconds (what the demo's source keeps), with
+    /// `process_vm_readv`. An unreadable address makes [`Workload::counters`] report none.
+    pub fn with_counters(mut self, addr: u64) -> ProcessControl {
+        self.counters = Some(addr);
+        self
     }
 
     /// The process.
@@ -447,6 +459,25 @@ impl Workload for ProcessControl {
             self.apply(fraction)?;
         }
         Ok(())
+    }
+
+    fn counters(&mut self) -> Option<WorkloadCounters> {
+        let addr = self.counters?;
+        let mut raw = [0u8; 16];
+        let mut local = [io::IoSliceMut::new(&mut raw)];
+        let remote = [nix::sys::uio::RemoteIoVec {
+            base: usize::try_from(addr).ok()?,
+            len: 16,
+        }];
+        match nix::sys::uio::process_vm_readv(Pid::from_raw(self.pid), &mut local, &remote) {
+            Ok(16) => {}
+            _ => return None,
+        }
+        let (ops, busy) = raw.split_at(8);
+        Some(WorkloadCounters {
+            operations: u64::from_ne_bytes(ops.try_into().ok()?),
+            busy: Duration::from_nanos(u64::from_ne_bytes(busy.try_into().ok()?)),
+        })
     }
 
     fn throttle_method(&self) -> &'static str {

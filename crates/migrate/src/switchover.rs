@@ -35,7 +35,8 @@ pub(crate) const SEND_WINDOW: usize = 4;
 /// The most the margin grows: one freak round (a competing process took the CPU) must not
 /// stop a migration from ever converging.
 pub(crate) const MAX_MARGIN: f64 = 1.5;
-/// A round smaller than this says little about bandwidth (latency-bound).
+/// A round smaller than this says little about bandwidth (latency-bound): it counts for the
+/// fitted line's fixed cost but not for the low-percentile bandwidth.
 const MIN_ROUND_BYTES: u64 = 256 << 10;
 
 /// One sample of a sent round.
@@ -104,7 +105,7 @@ impl Estimator {
         if !iterative || self.fallback.is_none() {
             self.fallback = Some(s);
         }
-        if iterative && bytes >= MIN_ROUND_BYTES {
+        if iterative {
             push(&mut self.rounds, s, SEND_WINDOW);
         }
     }
@@ -133,11 +134,13 @@ impl Estimator {
         Some((fixed, 1.0 / slope))
     }
 
-    /// The slowest throughput among the recent rounds (or the fallback round).
+    /// The slowest throughput among the recent rounds big enough to say something about
+    /// bandwidth (or the fallback round's).
     fn low_throughput(&self) -> Option<f64> {
         let slowest = self
             .rounds
             .iter()
+            .filter(|s| s.bytes >= MIN_ROUND_BYTES as f64)
             .map(|s| s.bytes / s.secs)
             .fold(f64::INFINITY, f64::min);
         if slowest.is_finite() && slowest > 0.0 {

@@ -1,7 +1,8 @@
 //! `precopy __demo-source`: the process being migrated. It creates a userfaultfd (the driver
 //! copies it out with `pidfd_getfd` and tracks this process's memory with it), maps and fills the
-//! region, announces `READY <pid> <addr> <len> <uffd fd>` on stdout and keeps writing until its
-//! stdin closes.
+//! region, announces `READY <pid> <addr> <len> <uffd fd> <counters addr>` on stdout and keeps
+//! writing until its stdin closes. The writers count their page writes and the time spent in
+//! them at `<counters addr>` (two u64s), which the driver reads for the report.
 
 use super::writer::{self, Pattern, WriterConfig};
 use anyhow::{Context, Result};
@@ -40,6 +41,7 @@ pub fn run(args: SourceArgs) -> Result<ExitCode> {
         mem.write_u64(p * PAGE, p ^ 0x5a5a_0000_0000_0000)?;
     }
     let mem = Arc::new(mem);
+    let counters = Arc::new(writer::Counters::default());
     let threads = args.threads.max(1);
     let pps = args.dirty_rate as f64 / PAGE as f64 / threads as f64;
     for index in 0..threads {
@@ -51,19 +53,20 @@ pub fn run(args: SourceArgs) -> Result<ExitCode> {
             index,
             threads,
         };
-        let mem = mem.clone();
+        let (mem, counters) = (mem.clone(), counters.clone());
         std::thread::Builder::new()
             .name(format!("writer-{index}"))
-            .spawn(move || writer::run(mem, cfg))?;
+            .spawn(move || writer::run(mem, cfg, &counters))?;
     }
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "READY {} {} {} {}",
+        "READY {} {} {} {} {}",
         std::process::id(),
         mem.addr(),
         mem.len(),
-        uffd.as_raw_fd()
+        uffd.as_raw_fd(),
+        Arc::as_ptr(&counters) as u64
     )?;
     out.flush()?;
     drop(out);

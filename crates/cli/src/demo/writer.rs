@@ -6,6 +6,7 @@
 use precopy_sys::mem::Mapping;
 use rand::Rng;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// Which pages the writers hit.
@@ -37,11 +38,22 @@ pub struct WriterConfig {
     pub threads: u64,
 }
 
+/// What the writers did, read by the driver from outside with `process_vm_readv` (the layout
+/// `ProcessControl::with_counters` expects: operations, then busy nanoseconds).
+#[derive(Debug, Default)]
+#[repr(C)]
+pub struct Counters {
+    /// Page writes done.
+    pub operations: AtomicU64,
+    /// Nanoseconds spent doing them (write-protect faults included), all threads.
+    pub busy_ns: AtomicU64,
+}
+
 const PAGE: u64 = 4096;
 const BURST: f64 = 0.010;
 
 /// Writes forever.
-pub fn run(mem: Arc<Mapping>, cfg: WriterConfig) {
+pub fn run(mem: Arc<Mapping>, cfg: WriterConfig, counters: &Counters) {
     if cfg.pages_per_sec <= 0.0 || cfg.pages == 0 {
         return;
     }
@@ -54,6 +66,8 @@ pub fn run(mem: Arc<Mapping>, cfg: WriterConfig) {
     loop {
         let due = start.elapsed().as_secs_f64() * cfg.pages_per_sec;
         done = done.max(due - BURST * cfg.pages_per_sec);
+        let burst = Instant::now();
+        let mut ops = 0;
         while done < due {
             let page = match cfg.pattern {
                 Pattern::Uniform => rng.random_range(0..cfg.pages),
@@ -72,6 +86,13 @@ pub fn run(mem: Arc<Mapping>, cfg: WriterConfig) {
                 return;
             }
             done += 1.0;
+            ops += 1;
+        }
+        if ops > 0 {
+            counters.operations.fetch_add(ops, Relaxed);
+            counters
+                .busy_ns
+                .fetch_add(burst.elapsed().as_nanos() as u64, Relaxed);
         }
         // Wake when the next write is due, not every millisecond whatever the rate: many
         // slow writers must not load the CPUs the migration needs.
