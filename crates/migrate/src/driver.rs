@@ -6,7 +6,7 @@ use crate::report::{
     DowntimeEstimate, FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason,
     VerifyPass, WorkloadCost,
 };
-use crate::switchover::Estimator;
+use crate::switchover::{Estimator, PAUSE_PROBES};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -76,8 +76,9 @@ pub struct MigrationConfig {
     pub throttle: ThrottleConfig,
     /// The workload after success.
     pub after: AfterMigration,
-    /// Pause and resume the workload once after round 0 to measure what pausing costs, for the
-    /// downtime estimate (see the crate docs, "Switch-over rule").
+    /// Pause and resume the workload after round 0 and after each of the next two rounds to
+    /// measure what pausing costs (the median counts), for the downtime estimate (see the crate
+    /// docs, "Switch-over rule").
     pub probe_pause: bool,
 }
 
@@ -592,6 +593,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 expected,
                 sent,
             );
+            if self.config.probe_pause && self.estimator.pause_probes() < PAUSE_PROBES {
+                self.probe_pause()?;
+            }
         };
         self.report.switch_reason = Some(reason);
         let p = pending.iter().map(|r| r.end - r.start).sum();
@@ -612,7 +616,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             source,
         })?;
         self.paused = true;
-        self.estimator.set_pause(at.elapsed());
+        self.estimator.add_pause(at.elapsed());
         self.workload.resume().map_err(|source| Error::Workload {
             action: "resume",
             source,
@@ -947,8 +951,10 @@ mod tests {
         assert!(report.downtime.is_some());
         assert_eq!(
             *events.lock().unwrap(),
-            vec!["pause", "resume", "pause"],
-            "one pause probe after round 0, then stays stopped by default"
+            vec![
+                "pause", "resume", "pause", "resume", "pause", "resume", "pause"
+            ],
+            "pause probes after rounds 0, 1 and 2, then stays stopped by default"
         );
         let est = report.downtime_estimate.unwrap();
         assert_eq!(report.expected_downtime, Some(est.total()));
@@ -996,14 +1002,18 @@ mod tests {
         assert_eq!(report.switch_reason, Some(SwitchReason::MaxRounds));
         assert_eq!(report.rounds.len(), 9);
         let ev = events.lock().unwrap().clone();
-        // Raised every second scan before a round: scans 2, 4, 6 -> 0.2, 0.3, 0.4 (scan 8 hits
-        // the round limit first), lifted at the end.
+        // Pause probes after rounds 0, 1 and 2. Throttle raised every second scan before a round:
+        // scans 2, 4, 6 -> 0.2, 0.3, 0.4 (scan 8 hits the round limit first), lifted at the end.
         assert_eq!(
             ev,
             vec![
                 "pause",
                 "resume",
+                "pause",
+                "resume",
                 "throttle 0.2",
+                "pause",
+                "resume",
                 "throttle 0.3",
                 "throttle 0.4",
                 "pause",
@@ -1066,9 +1076,10 @@ mod tests {
         assert_eq!(m.report().status, Status::Aborted);
         assert!(m.report().checksum.is_none());
         let ev = events.lock().unwrap().clone();
-        // Only the pause probe after round 0, resumed at once: the workload keeps running.
-        assert_eq!(&ev[..2], ["pause", "resume"], "{ev:?}");
-        assert_eq!(ev.iter().filter(|e| *e == "pause").count(), 1, "{ev:?}");
+        // Only the pause probes, each resumed at once: the workload keeps running.
+        let count = |name: &str| ev.iter().filter(|e| *e == name).count();
+        assert_eq!(count("pause"), 3, "{ev:?}");
+        assert_eq!(count("resume"), 3, "{ev:?}");
         assert_eq!(
             ev.last().map(String::as_str),
             Some("throttle 0.0"),

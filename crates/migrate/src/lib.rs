@@ -29,8 +29,9 @@
 //! # Switch-over rule
 //!
 //! After each scan the driver knows the bytes still pending (what the scan found) and estimates
-//! what the final phase would cost if it paused now: **pause** (measured by pausing and resuming
-//! the workload once after round 0, [`MigrationConfig::probe_pause`]) + **final scan** (the
+//! what the final phase would cost if it paused now: **pause** (the median of three probes that
+//! pause and resume the workload, after round 0 and the next two rounds,
+//! [`MigrationConfig::probe_pause`]) + **final scan** (the
 //! slowest of the last three scans) + **send** of the pending bytes. The send estimate comes from
 //! the rounds themselves: a line `fixed + bytes / bandwidth` fitted to the last four iterative
 //! rounds, never faster than the slowest of them (a low percentile of recent bandwidth, not the
