@@ -8,9 +8,12 @@ mod args;
 mod bench;
 mod demo;
 mod image;
+mod interrupt;
 mod output;
 mod probe;
 mod progress;
+mod rate;
+mod send;
 mod target_fixture;
 
 #[derive(Debug, Parser)]
@@ -34,6 +37,12 @@ enum Command {
     Bench(bench::Args),
     /// Inspect and verify checkpoint images.
     Image(image::Args),
+    /// Live pre-copy of a running process to a receiver or a checkpoint image.
+    Send(send::SendArgs),
+    /// Receive a `precopy send` stream into a checkpoint image.
+    Recv(send::RecvArgs),
+    /// Measure a running process's exact dirty rate over several interval lengths.
+    Rate(rate::RateArgs),
     /// The demo's source process (started by `precopy demo`).
     #[command(name = "__demo-source", hide = true)]
     DemoSource(demo::SourceArgs),
@@ -75,6 +84,9 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Image(args) => image::run(args),
+        Command::Send(args) => send::run_send(args),
+        Command::Recv(args) => send::run_recv(args),
+        Command::Rate(args) => rate::run(args),
         Command::DemoSource(args) => demo::run_source(args),
         Command::DemoDest(args) => demo::run_dest(args),
         Command::Target(args) => target_fixture::run(args),

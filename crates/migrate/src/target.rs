@@ -64,19 +64,6 @@ pub enum TargetError {
         /// One past the last.
         end: u64,
     },
-    /// Registering or arming memory failed.
-    #[error("cannot track {start:#x}..{end:#x} of process {pid}")]
-    Track {
-        /// The process.
-        pid: i32,
-        /// First address.
-        start: u64,
-        /// One past the last.
-        end: u64,
-        /// The cause.
-        #[source]
-        source: precopy_tracker::Error,
-    },
     /// A round failed.
     #[error("scanning process {pid} failed")]
     Scan {
@@ -87,6 +74,11 @@ pub enum TargetError {
         source: precopy_scanner::Error,
     },
 }
+
+/// Largest reserved (inaccessible) mapping taken into the layout: larger reservations (a
+/// runtime's multi-GiB heap reservation, a sanitizer's shadow) would make the image's per-page
+/// tables large for memory that mostly never exists.
+const MAX_RESERVATION: u64 = 1 << 30;
 
 /// What changed in the target's mappings during one [`TargetLog::dirty`] call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -110,6 +102,9 @@ pub struct TargetLog {
     last: MapChanges,
     /// Pages written, from scans (not counting whole mappings added).
     written_pages: u64,
+    /// Bytes registered and sent whole after the start, and bytes dropped, all rounds.
+    added_bytes: u64,
+    dropped_bytes: u64,
 }
 
 fn coalesce(v: &mut Vec<Range<u64>>) {
@@ -165,6 +160,8 @@ impl TargetLog {
             skipped: Vec::new(),
             last: MapChanges::default(),
             written_pages: 0,
+            added_bytes: 0,
+            dropped_bytes: 0,
         };
         let maps = log.maps()?;
         for m in &maps {
@@ -172,7 +169,9 @@ impl TargetLog {
                 Ok(_) => log.layout.push(m.range.clone()),
                 // Address space the target reserved (PROT_NONE arenas, guard pages): memory
                 // that becomes writable there later fits the layout.
-                Err(SkipReason::NotWritable) if m.name.is_empty() => {
+                Err(SkipReason::NotWritable)
+                    if m.name.is_empty() && m.range.end - m.range.start <= MAX_RESERVATION =>
+                {
                     log.layout.push(m.range.clone())
                 }
                 Err(_) => {}
@@ -229,6 +228,12 @@ impl TargetLog {
         &self.last
     }
 
+    /// Bytes registered and sent whole because they were new, replaced or moved, and bytes
+    /// dropped because they were unmapped, over all rounds so far.
+    pub fn change_totals(&self) -> (u64, u64) {
+        (self.added_bytes, self.dropped_bytes)
+    }
+
     /// Pages the scans reported written so far.
     pub fn written_pages(&self) -> u64 {
         self.written_pages
@@ -251,13 +256,13 @@ impl TargetLog {
         })
     }
 
-    fn track_err(&self, r: &Range<u64>) -> impl FnOnce(precopy_tracker::Error) -> TargetError {
-        let (pid, start, end) = (self.pid, r.start, r.end);
-        move |source| TargetError::Track {
-            pid,
-            start,
-            end,
-            source,
+    /// Write-protects `r`. If the target changed that memory meanwhile (the kernel refuses a
+    /// range that is no longer all mapped and registered), the part not protected simply reads
+    /// as written in the next round (sent again: never reported clean), and the next round
+    /// deals with the change.
+    fn arm_or_leave(&self, r: Range<u64>) {
+        if let Err(e) = self.tracker.arm_range(r.clone()) {
+            tracing::debug!(start = r.start, end = r.end, error = %e, "arm raced a mapping change");
         }
     }
 
@@ -322,9 +327,7 @@ impl TargetLog {
                     continue;
                 }
             }
-            self.tracker
-                .arm_range(r.clone())
-                .map_err(self.track_err(&r))?;
+            self.arm_or_leave(r.clone());
             changes.added.push(r.clone());
             out.push(r);
         }
@@ -335,6 +338,9 @@ impl TargetLog {
             .flat_map(|r| subtract(r.clone(), &now))
             .collect();
         coalesce(&mut changes.dropped);
+        let len = |v: &[Range<u64>]| v.iter().map(|r| r.end - r.start).sum::<u64>();
+        self.added_bytes += len(&changes.added);
+        self.dropped_bytes += len(&changes.dropped);
         self.last = changes;
         Ok(())
     }
@@ -350,14 +356,14 @@ impl DirtyLog for TargetLog {
     }
 
     fn start(&mut self) -> Result<(), BoxError> {
-        self.tracker.arm().map_err(|source| {
-            Box::new(TargetError::Track {
-                pid: self.pid,
-                start: 0,
-                end: 0,
-                source,
-            }) as BoxError
-        })
+        if !self.alive() {
+            return Err(Box::new(TargetError::Exited { pid: self.pid }));
+        }
+        let ranges: Vec<Range<u64>> = self.tracker.ranges().iter().map(|r| r.range()).collect();
+        for r in ranges {
+            self.arm_or_leave(r);
+        }
+        Ok(())
     }
 
     fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {

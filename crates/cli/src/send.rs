@@ -1,0 +1,424 @@
+//! `precopy send --pid PID --to URL` and `precopy recv --listen URL --to file:PATH`: live
+//! pre-copy of a running process the engine did not start, into a checkpoint image or to a
+//! receiver that writes one.
+//!
+//! `send` checks the kernel, connects the destination, attaches to the target
+//! (`Uffd::attach`: ptrace injection of `userfaultfd`, the target left as it was), tracks its
+//! writable memory (`TargetLog`: see `precopy_tracker::target` for what is and is not tracked)
+//! and runs the pre-copy driver over it, with the final round sent while the target is stopped
+//! (`SIGSTOP`). `--then` says what becomes of the target afterwards. On any failure, and on
+//! Ctrl-C or `SIGTERM` (see `interrupt`), the target is left running.
+
+use crate::interrupt::{Interrupts, TargetState};
+use crate::output;
+use anyhow::{Context, Result, anyhow, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use precopy_migrate::{
+    AfterMigration, BoxError, Migration, MigrationConfig, MigrationReport, PauseMethod,
+    ProcessControl, Progress, TargetLog, TargetMemory, ThrottleMethod, TransferTransport, Workload,
+};
+use precopy_scanner::{ScanOptions, Scanner};
+use precopy_tracker::{AttachTimes, Uffd};
+use precopy_transfer::{
+    Connection, ImageWriter, Key, Layout, Listener, Receiver, ReceiverConfig, Region, SenderConfig,
+    Sink, Transfer,
+};
+use serde_json::{Value, json};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where `send` writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Dest {
+    Tcp(String),
+    Unix(PathBuf),
+    File(PathBuf),
+}
+
+fn parse_dest(s: &str, allow_file: bool, allow_net: bool) -> Result<Dest> {
+    let d = match s.split_once(':') {
+        Some(("tcp", a)) if !a.is_empty() => Dest::Tcp(a.to_string()),
+        Some(("unix", p)) if !p.is_empty() => Dest::Unix(PathBuf::from(p)),
+        Some(("file", p)) if !p.is_empty() => Dest::File(PathBuf::from(p)),
+        _ => bail!("{s:?} is not tcp:HOST:PORT, unix:PATH or file:PATH"),
+    };
+    match d {
+        Dest::File(_) if !allow_file => bail!("{s:?}: a file is not accepted here"),
+        Dest::Tcp(_) | Dest::Unix(_) if !allow_net => {
+            bail!("{s:?}: only file:PATH is accepted here")
+        }
+        d => Ok(d),
+    }
+}
+
+/// What becomes of the target after a successful send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Then {
+    /// Leave it stopped (SIGSTOP): the image is its memory as it is now.
+    Stop,
+    /// Let it run on.
+    Resume,
+    /// Kill it (SIGKILL): the destination takes over.
+    Kill,
+}
+
+/// `precopy send`.
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    /// The process to copy.
+    #[arg(long)]
+    pid: i32,
+    /// tcp:HOST:PORT or unix:PATH (a `precopy recv`), or file:PATH (a checkpoint image).
+    #[arg(long, value_name = "URL")]
+    to: String,
+    /// Switch over once the rest would take at most this long, in milliseconds.
+    #[arg(long, default_value_t = 300, value_name = "MS")]
+    max_downtime: u64,
+    /// Most rounds with the target running; then the final round runs whatever it costs.
+    #[arg(long, default_value_t = 30, value_name = "N")]
+    max_rounds: u64,
+    /// What becomes of the target after success.
+    #[arg(long, value_enum, default_value_t = Then::Resume)]
+    then: Then,
+    /// Shared key for a receiver that requires one (the file's bytes).
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `precopy recv`.
+#[derive(Debug, clap::Args)]
+pub struct RecvArgs {
+    /// tcp:HOST:PORT or unix:PATH.
+    #[arg(long, value_name = "URL")]
+    listen: String,
+    /// file:PATH: the checkpoint image to write.
+    #[arg(long, value_name = "URL")]
+    to: String,
+    /// Require senders to prove they hold this key (the file's bytes).
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn key(path: &Option<PathBuf>) -> Result<Option<Key>> {
+    path.as_ref()
+        .map(|p| Key::from_file(p).with_context(|| format!("reading the key {}", p.display())))
+        .transpose()
+}
+
+/// [`Workload`] for the target: SIGSTOP/SIGCONT pause, duty-cycle throttle (nothing to clean
+/// up if this process dies), and a note for the signal thread of whether the target may be
+/// stopped by us.
+struct TargetWorkload {
+    control: ProcessControl,
+    state: Arc<TargetState>,
+    throttled: bool,
+}
+
+impl Workload for TargetWorkload {
+    fn pause(&mut self) -> Result<(), BoxError> {
+        self.state.set_stopped_by_us(true);
+        self.control.pause()
+    }
+    fn resume(&mut self) -> Result<(), BoxError> {
+        let r = self.control.resume();
+        self.state.set_stopped_by_us(self.throttled);
+        r
+    }
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), BoxError> {
+        self.throttled = fraction > 0.0;
+        if self.throttled {
+            self.state.set_stopped_by_us(true);
+        }
+        self.control.set_throttle(fraction)
+    }
+    fn throttle_method(&self) -> &'static str {
+        self.control.throttle_method()
+    }
+}
+
+fn ranges_json(v: &[Range<u64>]) -> Value {
+    Value::Array(v.iter().map(|r| json!([r.start, r.end])).collect())
+}
+
+fn attach_json(t: &AttachTimes) -> Value {
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    json!({
+        "thread": t.tid,
+        "stop_us": us(t.stop),
+        "inject_us": us(t.inject),
+        "detach_us": us(t.detach),
+        "stopped_us": us(t.stopped),
+        "total_us": us(t.total),
+    })
+}
+
+fn progress_bar(json: bool) -> ProgressBar {
+    if json {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+fn progress_message(p: &Progress) -> String {
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    format!(
+        "{:?} round {:>3}  pending {:>8.1} MiB  throughput {:>6.0} MiB/s  dirty {:>6.0} MiB/s",
+        p.phase,
+        p.round,
+        mib(p.pending_bytes as f64),
+        mib(p.throughput),
+        mib(p.dirty_rate),
+    )
+}
+
+/// Runs the driver over `transfer`; returns its result, the report and the parts back.
+fn drive<K: Sink>(
+    log: TargetLog,
+    transfer: Transfer<TargetMemory, K>,
+    workload: TargetWorkload,
+    config: MigrationConfig,
+    json: bool,
+) -> (
+    Result<MigrationReport, precopy_migrate::Error>,
+    MigrationReport,
+    TargetLog,
+    u64,
+) {
+    let bar = progress_bar(json);
+    let bar2 = bar.clone();
+    let mut m = Migration::new(log, TransferTransport::new(transfer), workload, config)
+        .on_progress(move |p| bar2.set_message(progress_message(p)));
+    let result = m.run();
+    bar.finish_and_clear();
+    let report = m.report().clone();
+    let (log, transport, _workload) = m.into_parts();
+    let (source, _sink) = transport.into_inner().into_parts();
+    (result, report, log, source.vanished_pages())
+}
+
+/// `precopy send`.
+pub fn run_send(args: SendArgs) -> Result<ExitCode> {
+    let mut report = json!({ "pid": args.pid, "to": args.to, "then": args.then });
+    let fail = |report: &Value, e: anyhow::Error| output::fail(args.json, report.clone(), e);
+    let dest = parse_dest(&args.to, true, true).map_err(|e| fail(&report, e))?;
+    let interrupts = Interrupts::install(args.pid).map_err(|e| fail(&report, e))?;
+    let state = interrupts.state().clone();
+
+    // Everything that can fail without touching the target, first.
+    let scanner = Scanner::new(ScanOptions::default())
+        .context("this kernel cannot track dirty pages (see `precopy probe`)")
+        .map_err(|e| fail(&report, e))?;
+    let key = key(&args.key_file).map_err(|e| fail(&report, e))?;
+    let conns = match &dest {
+        Dest::Tcp(a) => vec![
+            Connection::connect_tcp(a.as_str())
+                .with_context(|| format!("destination {} unreachable", args.to))
+                .map_err(|e| fail(&report, e))?,
+        ],
+        Dest::Unix(p) => vec![
+            Connection::connect_unix(p)
+                .with_context(|| format!("destination {} unreachable", args.to))
+                .map_err(|e| fail(&report, e))?,
+        ],
+        Dest::File(_) => Vec::new(),
+    };
+
+    let (uffd, times) = {
+        let _attaching = state.attaching();
+        Uffd::attach(args.pid)
+            .with_context(|| format!("attaching to process {}", args.pid))
+            .map_err(|e| fail(&report, e))?
+    };
+    report["attach"] = attach_json(&times);
+    let log = TargetLog::new(uffd, scanner)
+        .context("tracking the target's memory")
+        .map_err(|e| fail(&report, e))?;
+    report["skipped"] = Value::Array(
+        log.skipped()
+            .iter()
+            .filter_map(|m| {
+                let reason = m.class.err()?.name();
+                Some(json!({"start": m.range.start, "end": m.range.end, "name": m.name, "reason": reason}))
+            })
+            .collect(),
+    );
+    let page = log.tracker().page_size();
+    let regions = log
+        .layout()
+        .iter()
+        .map(|r| Region {
+            start: r.start,
+            len: r.end - r.start,
+        })
+        .collect();
+    let layout = Layout::new(page, regions)
+        .context("describing the target's memory")
+        .map_err(|e| fail(&report, e))?;
+    let source = TargetMemory::new(args.pid, page);
+    let control = ProcessControl::new(args.pid, PauseMethod::Signal, ThrottleMethod::DutyCycle)
+        .context("controlling the target")
+        .map_err(|e| fail(&report, e))?;
+    let workload = TargetWorkload {
+        control,
+        state: state.clone(),
+        throttled: false,
+    };
+    let config = MigrationConfig {
+        max_downtime: Duration::from_millis(args.max_downtime.max(1)),
+        max_rounds: args.max_rounds.max(1),
+        after: match args.then {
+            Then::Resume => AfterMigration::Resume,
+            Then::Stop | Then::Kill => AfterMigration::Stop,
+        },
+        ..MigrationConfig::default()
+    };
+    let (result, mreport, log, vanished) = match &dest {
+        Dest::File(path) => {
+            let sink = ImageWriter::create(path, layout.clone())
+                .with_context(|| format!("creating the image {}", path.display()))
+                .map_err(|e| fail(&report, e))?;
+            let transfer = Transfer::new(source, sink, layout, 64)
+                .context("starting the transfer")
+                .map_err(|e| fail(&report, e))?;
+            drive(log, transfer, workload, config, args.json)
+        }
+        Dest::Tcp(_) | Dest::Unix(_) => {
+            let cfg = SenderConfig {
+                key,
+                ..SenderConfig::default()
+            };
+            let sender = precopy_transfer::Sender::connect(conns, layout, source, &cfg)
+                .context("handshake with the destination")
+                .map_err(|e| fail(&report, e))?;
+            drive(log, sender, workload, config, args.json)
+        }
+    };
+    if result.is_ok() {
+        match args.then {
+            Then::Stop => state.keep_stopped(),
+            Then::Kill => {
+                state.keep_stopped();
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(args.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            Then::Resume => {}
+        }
+    }
+    let tracked: Vec<Range<u64>> = log.tracker().ranges().iter().map(|r| r.range()).collect();
+    report["tracked"] = ranges_json(&tracked);
+    report["tracked_bytes"] = json!(log.tracker().tracked_bytes());
+    report["layout"] = ranges_json(log.layout());
+    report["vanished_pages"] = json!(vanished);
+    let (added, dropped) = log.change_totals();
+    report["mapping_changes"] = json!({"added_bytes": added, "dropped_bytes": dropped});
+    report["migration"] = serde_json::to_value(&mreport).unwrap_or(Value::Null);
+    if let Err(e) = result {
+        let gone = !std::path::Path::new(&format!("/proc/{}", args.pid)).exists()
+            || procfs_state_is_zombie(args.pid);
+        let e = anyhow!(e).context(if gone {
+            format!("process {} exited during the send", args.pid)
+        } else {
+            format!("sending process {} failed; it was left running", args.pid)
+        });
+        return Err(fail(&report, e));
+    }
+    if args.json {
+        output::print_json(report, None);
+    } else {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        println!(
+            "precopy send: process {} to {}: {:.1} MiB tracked in {} ranges, {} rounds, downtime {:.1} ms, target {}",
+            args.pid,
+            args.to,
+            mib(log.tracker().tracked_bytes()),
+            tracked.len(),
+            mreport.rounds.len(),
+            mreport.downtime.unwrap_or_default().as_secs_f64() * 1e3,
+            match args.then {
+                Then::Stop => "left stopped",
+                Then::Resume => "running",
+                Then::Kill => "killed",
+            }
+        );
+        println!(
+            "  attach: target thread stopped {:.0} µs (stop {:.0}, inject {:.0}, detach {:.0})",
+            times.stopped.as_secs_f64() * 1e6,
+            times.stop.as_secs_f64() * 1e6,
+            times.inject.as_secs_f64() * 1e6,
+            times.detach.as_secs_f64() * 1e6
+        );
+        println!("  not tracked: {} mappings", log.skipped().len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `pid` is a zombie (exited, not yet reaped by its parent).
+fn procfs_state_is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rfind(')').map(|i| s[i + 1..].trim_start().to_string())?;
+            after.chars().next()
+        })
+        .is_some_and(|c| c == 'Z' || c == 'X')
+}
+
+/// `precopy recv`.
+pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
+    let report = json!({ "listen": args.listen, "to": args.to });
+    let fail = |e: anyhow::Error| output::fail(args.json, report.clone(), e);
+    let Dest::File(path) = parse_dest(&args.to, true, false).map_err(fail)? else {
+        return Err(fail(anyhow!("--to takes file:PATH")));
+    };
+    let listener = match parse_dest(&args.listen, false, true).map_err(fail)? {
+        Dest::Tcp(a) => Listener::bind_tcp(a.as_str()),
+        Dest::Unix(p) => Listener::bind_unix(p),
+        Dest::File(_) => unreachable!("refused by parse_dest"),
+    }
+    .with_context(|| format!("listening on {}", args.listen))
+    .map_err(fail)?;
+    eprintln!("precopy recv: listening on {}", listener.address());
+    let config = ReceiverConfig {
+        key: key(&args.key_file).map_err(fail)?,
+        ..ReceiverConfig::default()
+    };
+    let received = Receiver::accept(&listener, &config)
+        .and_then(|rx| {
+            let mut sink = ImageWriter::create(&path, rx.layout().clone())?;
+            rx.run(&mut sink)
+        })
+        .with_context(|| format!("receiving into {}", path.display()))
+        .map_err(fail)?;
+    let mut report = report;
+    report["received"] = serde_json::to_value(received).unwrap_or(Value::Null);
+    if args.json {
+        output::print_json(report, None);
+    } else {
+        println!(
+            "precopy recv: {} rounds, {} pages, {} zero pages into {}",
+            received.rounds,
+            received.pages,
+            received.zero_pages,
+            path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

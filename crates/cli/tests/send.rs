@@ -1,0 +1,425 @@
+//! `precopy send --pid`, `recv` and `rate` against the C and Rust fixtures: the image holds
+//! exactly the stopped target's memory, over a file, a Unix socket and TCP; mapping changes,
+//! a target that exits, failures and interruptions leave the target as the user asked.
+
+mod common;
+
+use common::target::{Lang, Target, engine_usable, state};
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const PRECOPY: &str = env!("CARGO_BIN_EXE_precopy");
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("send-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "not one JSON object ({e}): {text}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// `precopy recv` in the background; returns it and the address it listens on.
+fn start_recv(listen: &str, image: &Path) -> (Child, String) {
+    let mut child = Command::new(PRECOPY)
+        .args(["recv", "--json", "--listen", listen, "--to"])
+        .arg(format!("file:{}", image.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("precopy recv: listening on ")
+        .unwrap_or_else(|| panic!("recv said {line:?}"))
+        .to_string();
+    // Keep draining stderr so the receiver never blocks on it.
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = err.read_to_string(&mut rest);
+        if !rest.is_empty() {
+            eprintln!("recv stderr: {rest}");
+        }
+    });
+    (child, addr)
+}
+
+/// Every tracked range of the report, read from the stopped target's /proc/PID/mem, equals
+/// what `precopy image cat` returns for it.
+fn assert_image_equals_memory(pid: i32, image: &Path, report: &serde_json::Value) {
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let tracked = report["tracked"].as_array().expect("tracked ranges");
+    assert!(!tracked.is_empty());
+    let mut bytes = 0u64;
+    for r in tracked {
+        let (start, end) = (r[0].as_u64().unwrap(), r[1].as_u64().unwrap());
+        let mut want = vec![0u8; (end - start) as usize];
+        mem.read_exact_at(&mut want, start)
+            .unwrap_or_else(|e| panic!("reading {start:#x}..{end:#x} of {pid}: {e}"));
+        let out = Command::new(PRECOPY)
+            .args(["image", "cat"])
+            .arg(image)
+            .args(["--range", &format!("{start:#x}-{end:#x}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "image cat {start:#x}-{end:#x}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.stdout != want {
+            let first = out
+                .stdout
+                .iter()
+                .zip(&want)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            panic!(
+                "image differs from memory in {start:#x}..{end:#x} at {:#x}",
+                start + first as u64
+            );
+        }
+        bytes += end - start;
+    }
+    assert!(bytes > 0);
+}
+
+fn send(pid: i32, to: &str, extra: &[&str]) -> std::process::Output {
+    Command::new(PRECOPY)
+        .args(["send", "--json", "--pid", &pid.to_string(), "--to", to])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn cont(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+}
+
+fn send_then_stop_and_compare(lang: Lang, dest: &str, runs: u32) {
+    for run in 0..runs {
+        let mut t = Target::start(lang, 4, 1024, 0);
+        while t.ops() == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let before = state(t.pid);
+        let image = tmp(&format!("{dest}-{lang:?}-{run}.img"));
+        let (recv, to) = match dest {
+            "file" => (None, format!("file:{}", image.display())),
+            "unix" => {
+                let sock = tmp(&format!("{lang:?}-{run}.sock"));
+                let (child, _) = start_recv(&format!("unix:{}", sock.display()), &image);
+                (Some(child), format!("unix:{}", sock.display()))
+            }
+            _ => {
+                let (child, addr) = start_recv("tcp:127.0.0.1:0", &image);
+                (Some(child), format!("tcp:{addr}"))
+            }
+        };
+        let out = send(t.pid, &to, &["--then", "stop", "--max-downtime", "50"]);
+        let report = json_of(&out);
+        assert!(
+            out.status.success() && report["ok"] == true,
+            "send failed: {report}"
+        );
+        if let Some(r) = recv {
+            let out = r.wait_with_output().unwrap();
+            assert!(out.status.success(), "recv failed");
+            assert_eq!(json_of(&out)["ok"], true);
+        }
+        let after = state(t.pid);
+        assert!(after.stopped, "--then stop must leave the target stopped");
+        assert_eq!(after.tracer, "0");
+        assert_eq!(after.fds, before.fds, "fds changed");
+        assert_image_equals_memory(t.pid, &image, &report);
+        cont(t.pid);
+        assert_writing(&mut t);
+        let _ = std::fs::remove_file(&image);
+    }
+}
+
+#[test]
+fn image_equals_memory_over_a_file() {
+    if engine_usable() {
+        send_then_stop_and_compare(Lang::C, "file", 3);
+        send_then_stop_and_compare(Lang::Rust, "file", 2);
+    }
+}
+
+#[test]
+fn image_equals_memory_over_a_unix_socket() {
+    if engine_usable() {
+        send_then_stop_and_compare(Lang::C, "unix", 3);
+        send_then_stop_and_compare(Lang::Rust, "unix", 2);
+    }
+}
+
+#[test]
+fn image_equals_memory_over_tcp() {
+    if engine_usable() {
+        send_then_stop_and_compare(Lang::C, "tcp", 3);
+        send_then_stop_and_compare(Lang::Rust, "tcp", 2);
+    }
+}
+
+#[test]
+fn a_target_that_maps_unmaps_and_remaps_while_tracked() {
+    if !engine_usable() {
+        return;
+    }
+    for run in 0..3 {
+        let mut t = Target::start(Lang::C, 2, 256, 0);
+        assert_eq!(t.ask("churn"), "churning");
+        let image = tmp(&format!("churn-{run}.img"));
+        // Rounds keep coming (1 ms downtime is never met), so the churn lands between them.
+        let out = send(
+            t.pid,
+            &format!("file:{}", image.display()),
+            &[
+                "--then",
+                "stop",
+                "--max-downtime",
+                "1",
+                "--max-rounds",
+                "12",
+            ],
+        );
+        let report = json_of(&out);
+        assert!(out.status.success(), "send failed: {report}");
+        assert!(state(t.pid).stopped);
+        let added = report["mapping_changes"]["added_bytes"].as_u64().unwrap();
+        assert!(added > 0, "no mapping change was noticed: {report}");
+        // The churn area is tracked and equal too.
+        let area = t.area;
+        assert!(
+            report["tracked"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| { r[0].as_u64().unwrap() <= area && area < r[1].as_u64().unwrap() }),
+            "churn area {area:#x} not tracked at the end: {}",
+            report["tracked"]
+        );
+        assert_image_equals_memory(t.pid, &image, &report);
+        cont(t.pid);
+        assert!(t.ask("stop-churn").starts_with("churned "));
+        let _ = std::fs::remove_file(&image);
+    }
+}
+
+#[test]
+fn a_target_that_exits_mid_run_fails_the_send_clearly() {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(Lang::C, 4, 4096, 0);
+    let image = tmp("exit.img");
+    let send = Command::new(PRECOPY)
+        .args(["send", "--json", "--pid", &t.pid.to_string(), "--to"])
+        .arg(format!("file:{}", image.display()))
+        .args(["--max-downtime", "1", "--max-rounds", "100000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Mid-run: the image exists once the target is attached and tracked.
+    while !image.exists() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let _ = t.ask("exit");
+    let out = send.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let report = json_of(&out);
+    let msg = report["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("exited"), "{msg}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one error line: {stderr}");
+}
+
+fn assert_untouched(t: &mut Target, before: &common::target::State) {
+    let after = state(t.pid);
+    assert!(!after.stopped, "target left stopped");
+    assert_eq!(after.tracer, "0", "target left traced");
+    assert_eq!(after.fds, before.fds, "fds changed");
+    assert_eq!(after.threads, before.threads, "thread state changed");
+    assert_writing(t);
+}
+
+/// The fixture's writers make progress (polled: other tests load the machine).
+fn assert_writing(t: &mut Target) {
+    let a = t.ops();
+    for _ in 0..500 {
+        std::thread::sleep(Duration::from_millis(10));
+        if t.ops() > a {
+            return;
+        }
+    }
+    panic!("the target stopped writing");
+}
+
+fn settled(t: &mut Target) -> common::target::State {
+    while t.ops() == 0 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut last = state(t.pid);
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = state(t.pid);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[test]
+fn failures_leave_the_target_running_with_one_clear_error_line() {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(Lang::C, 2, 256, 0);
+    let before = settled(&mut t);
+    let cases: [(&str, Vec<String>); 3] = [
+        // Destination unreachable (before attaching).
+        (
+            "unreachable",
+            vec!["--to".into(), "unix:/nonexistent/precopy.sock".into()],
+        ),
+        // The image cannot be created (after attaching).
+        (
+            "creating the image",
+            vec!["--to".into(), "file:/nonexistent/dir/img".into()],
+        ),
+        // Nothing listening on a TCP port.
+        ("unreachable", vec!["--to".into(), "tcp:127.0.0.1:1".into()]),
+    ];
+    for (want, args) in cases {
+        let out = Command::new(PRECOPY)
+            .args(["send", "--pid", &t.pid.to_string()])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(want), "{stderr}");
+        assert_untouched(&mut t, &before);
+    }
+    // No such process.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let out = Command::new(PRECOPY)
+        .args(["send", "--pid", &pid.to_string(), "--to", "file:/dev/null"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("no process with PID {pid}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn interrupting_send_leaves_the_target_running() {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(Lang::C, 4, 4096, 0);
+    let before = settled(&mut t);
+    let mut interrupted = 0;
+    // From "during the attach" to "deep in the rounds, maybe in a throttle stop". A send that
+    // completed before the signal came (it converged) must leave the target running too.
+    for (i, delay_ms) in [0u64, 2, 5, 10, 30, 100, 300, 600].into_iter().enumerate() {
+        for signal in [
+            nix::sys::signal::Signal::SIGINT,
+            nix::sys::signal::Signal::SIGTERM,
+        ] {
+            let image = tmp(&format!("interrupt-{i}.img"));
+            let child = Command::new(PRECOPY)
+                .args(["send", "--pid", &t.pid.to_string(), "--to"])
+                .arg(format!("file:{}", image.display()))
+                .args(["--max-downtime", "1", "--max-rounds", "100000"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+            let out = child.wait_with_output().unwrap();
+            if !out.status.success() {
+                interrupted += 1;
+            }
+            // Give a SIGCONT sent on the way out time to land.
+            std::thread::sleep(Duration::from_millis(10));
+            assert_untouched(&mut t, &before);
+            let _ = std::fs::remove_file(&image);
+        }
+    }
+    assert!(
+        interrupted >= 8,
+        "only {interrupted} of 16 sends were interrupted"
+    );
+}
+
+#[test]
+fn rate_matches_the_targets_own_count() {
+    if !engine_usable() {
+        return;
+    }
+    // 2 threads × 4000 page writes per second over 65 536 pages each: every write in a
+    // 200 ms interval hits a page not written before in it, so pages written = writes.
+    let mut t = Target::start(Lang::C, 2, 65536, 4000);
+    while t.ops() == 0 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let ops_before = t.ops();
+    let out = Command::new(PRECOPY)
+        .args(["rate", "--json", "--pid", &t.pid.to_string()])
+        .args(["--interval", "200", "--count", "5"])
+        .output()
+        .unwrap();
+    let ops_after = t.ops();
+    let report = json_of(&out);
+    assert_eq!(report["ok"], true, "{report}");
+    let counted: u64 = report["sum_of_interval_pages"].as_u64().unwrap();
+    let written = ops_after - ops_before;
+    // The fixture's count spans more than the measured intervals (process start-up, attach and
+    // arming come first), never less; the rate also sees a few stack and libc pages per
+    // interval that the fixture does not count.
+    let other = 64 * 5;
+    assert!(
+        counted > 0 && counted <= written + other,
+        "{counted} pages vs {written} writes"
+    );
+    assert!(
+        counted * 10 >= written * 3,
+        "rate saw {counted} pages, the fixture wrote {written}"
+    );
+    let windows = report["windows"].as_array().unwrap();
+    assert!(windows.len() >= 2, "{report}");
+    // Sequential writes never revisit a page within the run: the working set is the sum of
+    // the intervals, less the pages (stacks) written in more than one interval.
+    let ws = report["working_set_pages"].as_u64().unwrap();
+    assert!(ws <= counted && ws + other >= counted, "{ws} vs {counted}");
+}
