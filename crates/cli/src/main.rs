@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod args;
+mod attach_bench;
 mod bench;
 mod demo;
 mod image;
@@ -37,6 +38,9 @@ enum Command {
     Bench(bench::Args),
     /// Inspect and verify checkpoint images.
     Image(image::Args),
+    /// Measure attaching to a running process: attach time, the target's slowdown while
+    /// tracked, dirty-rate accuracy against the target's own count.
+    AttachBench(attach_bench::Args),
     /// Live pre-copy of a running process to a receiver or a checkpoint image.
     Send(send::SendArgs),
     /// Receive a `precopy send` stream into a checkpoint image.
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Image(args) => image::run(args),
+        Command::AttachBench(args) => attach_bench::run(args),
         Command::Send(args) => send::run_send(args),
         Command::Recv(args) => send::run_recv(args),
         Command::Rate(args) => rate::run(args),
