@@ -166,3 +166,21 @@ fn the_attached_fd_tracks_the_targets_writes() {
     assert!(bytes >= 128 * 4096, "only {bytes} bytes reported written");
     assert!(t.running());
 }
+
+#[test]
+fn a_seccomp_filter_refusing_userfaultfd_is_reported_and_the_target_left_alone() {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start_with_env(Lang::C, 2, 64, 0, &[("DENY_USERFAULTFD", "1")]);
+    wait_ops(&mut t);
+    let before = state(t.pid);
+    let err = Uffd::attach(t.pid).unwrap_err();
+    assert!(
+        matches!(err, AttachError::Refused { .. }),
+        "expected Refused, got {err:?}"
+    );
+    assert!(err.to_string().contains("seccomp"), "{err}");
+    assert_eq!(before, state(t.pid));
+    assert!(t.ops() > 0 && t.running());
+}

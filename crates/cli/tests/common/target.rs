@@ -49,6 +49,17 @@ impl Target {
     /// Starts a fixture with `threads` writers of `pages` pages each, at `rate` page writes per
     /// second per thread (0: flat out).
     pub fn start(lang: Lang, threads: u32, pages: u64, rate: u64) -> Target {
+        Target::start_with_env(lang, threads, pages, rate, &[])
+    }
+
+    /// As [`Target::start`], with extra environment variables.
+    pub fn start_with_env(
+        lang: Lang,
+        threads: u32,
+        pages: u64,
+        rate: u64,
+        env: &[(&str, &str)],
+    ) -> Target {
         let mut cmd = match lang {
             Lang::C => Command::new(c_fixture()),
             Lang::Rust => {
@@ -57,6 +68,7 @@ impl Target {
                 c
             }
         };
+        cmd.envs(env.iter().copied());
         cmd.args([threads.to_string(), pages.to_string(), rate.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
