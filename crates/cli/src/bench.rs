@@ -16,6 +16,8 @@
 //! object (`--json`, stdout), and files in `--out`: `results.json`, `results.md` and three SVG
 //! plots.
 
+mod kvm;
+
 use crate::args::{Size, available_memory, cpus, human, invalid, parse_count, parse_size};
 use crate::output;
 use anyhow::{Context, Result, bail};
@@ -100,6 +102,11 @@ pub struct Args {
     /// Seed of the page-set generator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Instead of the backends: KVM's dirty log against the engine on a KVM guest's RAM (round
+    /// cost and the vCPU's cost per first write; needs /dev/kvm). Uses --sizes (default 256M),
+    /// --fractions (default 0,1%,100%; 0 is only the default's) and --rounds.
+    #[arg(long)]
+    kvm: bool,
 }
 
 /// Checks every flag against its real limit before anything runs.
@@ -1206,6 +1213,9 @@ fn write_files(report: &Report, md: &str, dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    if args.kvm {
+        return kvm::run(&args);
+    }
     let selected = validate(&args)?;
     let sw = sweep(&args);
     let host = host();

@@ -9,10 +9,12 @@
 
 mod dest;
 mod source;
+mod vm;
 mod writer;
 
 pub use dest::{DestArgs, run as run_dest};
 pub use source::{SourceArgs, run as run_source};
+pub use vm::{VmDestArgs, run_dest as run_vm_dest};
 
 use crate::args::{Size, available_memory, cpus, human, invalid, parse_count, parse_size};
 use crate::output;
@@ -193,6 +195,8 @@ pub struct Args {
     /// Test hook: kill the destination when this round is about to be sent.
     #[arg(long, hide = true)]
     kill_dest_at_round: Option<u64>,
+    #[command(flatten)]
+    vm: vm::VmArgs,
 }
 
 const PAGE: u64 = 4096;
@@ -844,6 +848,9 @@ fn migrate<K: Sink>(
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    if args.vm.enabled() {
+        return vm::run(&args);
+    }
     let plan = validate(&args)?;
     let progress = Progress::new(args.progress, args.json);
     let exe = std::env::current_exe().context("finding this executable")?;

@@ -56,6 +56,9 @@ enum Command {
     /// A multi-threaded writer for the attach tests and benchmarks.
     #[command(name = "__target", hide = true)]
     Target(target_fixture::Args),
+    /// The destination VMM process of `precopy demo --vm`.
+    #[command(name = "__vm-dest", hide = true)]
+    VmDest(demo::VmDestArgs),
 }
 
 fn main() -> ExitCode {
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
         Command::Rate(args) => rate::run(args),
         Command::DemoSource(args) => demo::run_source(args),
         Command::DemoDest(args) => demo::run_dest(args),
+        Command::VmDest(args) => demo::run_vm_dest(args),
         Command::Target(args) => target_fixture::run(args),
     };
     match result {

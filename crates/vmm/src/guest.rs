@@ -228,7 +228,7 @@ fn gcd(mut a: u32, mut b: u32) -> u32 {
 }
 
 /// A stride near 61.8 % of `pages` that is coprime with it: consecutive writes land far apart.
-fn scatter_stride(pages: u32) -> u32 {
+pub(crate) fn scatter_stride(pages: u32) -> u32 {
     if pages < 3 {
         return 1;
     }

@@ -15,6 +15,7 @@
 //! The one `unsafe` call a VMM on `kvm-ioctls` needs (registering the memory slot) lives in
 //! `precopy_sys::kvm`.
 
+pub mod bench;
 pub mod error;
 pub mod guest;
 pub mod kvm_log;

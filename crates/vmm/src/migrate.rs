@@ -62,7 +62,6 @@ impl Default for MigrateOptions {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SourceReport {
     /// The driver's report (rounds, downtime, bytes).
-    #[serde(skip)]
     pub migration: MigrationReport,
     /// Per round: KVM's pages against ours (empty without the cross-check).
     pub cross_check: Vec<CrossCheckRound>,

@@ -37,6 +37,17 @@ pub enum RamBacking {
     Memfd,
 }
 
+impl RamBacking {
+    /// [`RamBacking::Memfd`] if `memfd`, else [`RamBacking::Anonymous`] (a command-line flag).
+    pub fn memfd_if(memfd: bool) -> RamBacking {
+        if memfd {
+            RamBacking::Memfd
+        } else {
+            RamBacking::Anonymous
+        }
+    }
+}
+
 /// How to build a VM.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
@@ -63,7 +74,7 @@ pub struct Vm {
     _kvm: Kvm,
 }
 
-fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
+pub(crate) fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
     move |e| Error::Kvm {
         what,
         source: io::Error::from_raw_os_error(e.errno()),
@@ -292,7 +303,7 @@ impl Vm {
 /// Flat 32-bit protected mode without paging: code and data segments of base 0 and limit 4 GiB.
 /// Loaded straight into the segment registers, so the guest needs no GDT of its own as long as
 /// it never reloads a segment (this program does not).
-fn flat_protected_mode(sregs: &mut kvm_bindings::kvm_sregs) {
+pub(crate) fn flat_protected_mode(sregs: &mut kvm_bindings::kvm_sregs) {
     let seg = |selector: u16, type_: u8| kvm_segment {
         base: 0,
         limit: 0xffff_ffff,

@@ -45,14 +45,6 @@ enum Cmd {
     },
 }
 
-fn backing(memfd: bool) -> RamBacking {
-    if memfd {
-        RamBacking::Memfd
-    } else {
-        RamBacking::Anonymous
-    }
-}
-
 fn main() {
     if let Err(e) = run() {
         eprintln!("precopy-vmm: {}", precopy_sys::error_chain(e.as_ref()));
@@ -64,7 +56,7 @@ fn run() -> Result<()> {
     match Cli::parse().command {
         Cmd::Destination { memfd } => {
             precopy_vmm::destination_main(
-                backing(memfd),
+                RamBacking::memfd_if(memfd),
                 std::io::stdin().lock(),
                 std::io::stdout().lock(),
             )?;
@@ -79,7 +71,7 @@ fn run() -> Result<()> {
             let program = GuestProgram::new(vcpus, ram.as_u64(), working_set.as_u64(), passes)?;
             let vm = Vm::new(VmConfig {
                 program,
-                backing: backing(memfd),
+                backing: RamBacking::memfd_if(memfd),
                 dirty_rate: None,
                 kvm_dirty_log: false,
             })?;
