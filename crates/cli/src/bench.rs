@@ -758,7 +758,7 @@ fn targets(results: &[Measurement], configs: &[Config], statuses: &[BackendStatu
                     goal: goal.into(),
                     met: Some(ratio >= 5.0),
                     detail: format!(
-                        "{at}{note}: soft-dirty {:.0} us vs uffd-async {:.0} us median = {ratio:.1}x",
+                        "{at}{note}: soft-dirty {:.0} us vs uffd-async {:.0} us median = {ratio:.2}x",
                         sd.collect_us.median, e.collect_us.median
                     ),
                 }
@@ -798,7 +798,7 @@ fn targets(results: &[Measurement], configs: &[Config], statuses: &[BackendStatu
                         met: Some(ratio >= 10.0),
                         detail: format!(
                             "{at}{note}: {other} +{oo:.0} ns vs uffd-async +{eo:.0} ns per first \
-                             write = {ratio:.1}x (raw {:.0} vs {:.0} ns)",
+                             write = {ratio:.2}x (raw {:.0} vs {:.0} ns)",
                             o.first_write_ns.median, e.first_write_ns.median
                         ),
                     }
@@ -861,6 +861,11 @@ fn fmt_us(us: f64) -> String {
     }
 }
 
+/// `text` made safe for a markdown table cell: a raw `|` would end the cell.
+fn cell(text: impl std::fmt::Display) -> String {
+    text.to_string().replace('|', "\\|")
+}
+
 fn markdown(report: &Report) -> String {
     let mut s = String::new();
     let h = &report.host;
@@ -881,17 +886,19 @@ fn markdown(report: &Report) -> String {
         let _ = writeln!(
             s,
             "| {} | {} | {} |",
-            b.name,
+            cell(b.name),
             if b.available {
                 "yes".to_string()
             } else {
-                format!("no: {}", b.reason.as_deref().unwrap_or("?"))
+                cell(format!("no: {}", b.reason.as_deref().unwrap_or("?")))
             },
-            report
-                .results
-                .iter()
-                .find(|m| m.backend == b.name && m.skipped.is_none())
-                .map_or(b.mechanism, |m| m.method.as_str())
+            cell(
+                report
+                    .results
+                    .iter()
+                    .find(|m| m.backend == b.name && m.skipped.is_none())
+                    .map_or(b.mechanism, |m| m.method.as_str())
+            )
         );
     }
     let _ = writeln!(
@@ -901,7 +908,13 @@ fn markdown(report: &Report) -> String {
     for m in &report.results {
         let cfg = m.config.label();
         if let Some(why) = &m.skipped {
-            let _ = writeln!(s, "| {cfg} | {} | skipped: {why} | | | | | | |", m.backend);
+            let _ = writeln!(
+                s,
+                "| {} | {} | skipped: {} | | | | | | |",
+                cell(&cfg),
+                cell(&m.backend),
+                cell(why)
+            );
             continue;
         }
         let engine = find(&report.results, "uffd-async", &m.config);
@@ -926,8 +939,9 @@ fn markdown(report: &Report) -> String {
         };
         let _ = writeln!(
             s,
-            "| {cfg} | {} | {collect} | {vs} | {:.0} | {} | {:.1} | {} | {} ({:.2}/written) |",
-            m.backend,
+            "| {} | {} | {collect} | {vs} | {:.0} | {} | {:.1} | {} | {} ({:.2}/written) |",
+            cell(&cfg),
+            cell(&m.backend),
             m.first_write_ns.median,
             m.first_write_slowdown
                 .map_or("1x (baseline)".into(), |r| format!("{r:.0}x")),
@@ -948,7 +962,7 @@ fn markdown(report: &Report) -> String {
             Some(false) => "**not met**",
             None => "not measurable",
         };
-        let _ = writeln!(s, "| {} | {met} | {} |", t.goal, t.detail);
+        let _ = writeln!(s, "| {} | {met} | {} |", cell(&t.goal), cell(&t.detail));
     }
     s
 }
@@ -975,10 +989,26 @@ fn color_of(backend: &str) -> RGBColor {
     }
 }
 
-type Series = (String, RGBColor, Vec<(f64, f64)>);
+/// One line of a plot. `alt` draws it in the second style (darker, thinner, triangles), so two
+/// series of one backend (THP off and on) stay apart.
+struct Series {
+    label: String,
+    color: RGBColor,
+    alt: bool,
+    points: Vec<(f64, f64)>,
+}
 
-/// A line plot of `series` (x: fraction written, in %, log scale; y: log scale, or linear from
-/// zero when `log_y` is false).
+type Panel<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
+/// Share of the plot's height kept free above the data, where the legend goes.
+const LEGEND_ROOM: f64 = 0.45;
+
+fn plot_err(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("drawing a plot: {e}")
+}
+
+/// A line plot of `series` in one file (x: fraction written, in %, log scale; y: log scale, or
+/// linear from zero when `log_y` is false).
 fn line_plot(
     path: &Path,
     title: &str,
@@ -986,80 +1016,94 @@ fn line_plot(
     series: &[Series],
     log_y: bool,
 ) -> Result<()> {
+    let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    panel(&root, title, y_label, series, log_y)?;
+    root.present().map_err(plot_err)
+}
+
+fn panel(
+    area: &Panel<'_>,
+    title: &str,
+    y_label: &str,
+    series: &[Series],
+    log_y: bool,
+) -> Result<()> {
     if log_y {
-        log_plot(path, title, y_label, series)
+        log_panel(area, title, y_label, series)
     } else {
-        linear_plot(path, title, y_label, series)
+        linear_panel(area, title, y_label, series)
     }
 }
 
-fn linear_plot(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<()> {
-    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.2.iter().copied()).collect();
-    if pts.is_empty() {
+fn x_range(series: &[Series]) -> Option<(f64, f64)> {
+    let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+    let (x0, x1) = xs
+        .filter(|&x| x > 0.0)
+        .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+    (x0 <= x1).then_some((x0 / 1.5, x1 * 1.5))
+}
+
+fn linear_panel(area: &Panel<'_>, title: &str, y_label: &str, series: &[Series]) -> Result<()> {
+    let Some((x0, x1)) = x_range(series) else {
         return Ok(());
-    }
-    let x0 = pts.iter().map(|p| p.0).fold(f64::MAX, f64::min) / 1.5;
-    let x1 = pts.iter().map(|p| p.0).fold(f64::MIN, f64::max) * 1.5;
-    let y1 = (pts.iter().map(|p| p.1).fold(0.0, f64::max) * 1.2).max(0.1);
-    let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
+    };
+    let y1 = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .fold(0.0, f64::max);
+    // Room above the data for the legend; a flat zero line still gets a readable axis.
+    let top = if y1 > 0.0 {
+        y1 / (1.0 - LEGEND_ROOM)
+    } else {
+        1.0
+    };
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 17))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(64)
-        .build_cartesian_2d((x0..x1).log_scale(), -y1 * 0.02..y1)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .build_cartesian_2d((x0..x1).log_scale(), -top * 0.03..top)
+        .map_err(plot_err)?;
     chart
         .configure_mesh()
         .x_desc("pages written per round (%)")
         .y_desc(y_label)
         .x_label_formatter(&|x| format!("{x}"))
-        .y_label_formatter(&|y| format!("{y:.2}"))
+        .y_label_formatter(&|y| {
+            if top >= 10.0 {
+                format!("{y:.0}")
+            } else {
+                format!("{y:.2}")
+            }
+        })
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let lines = series
-        .iter()
-        .enumerate()
-        .map(|(i, (label, color, points))| {
-            // Offset overlapping series a little so every one stays visible.
-            let dy = i as f64 * y1 * 0.004;
-            (
-                label,
-                *color,
-                points.iter().map(|p| (p.0, p.1 + dy)).collect(),
-            )
-        });
-    draw_lines(&mut chart, lines)?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
+        .map_err(plot_err)?;
+    draw_lines(&mut chart, series)
 }
 
-fn log_plot(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<()> {
-    let pts = series.iter().flat_map(|s| s.2.iter());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in pts {
-        if x > 0.0 && y > 0.0 {
-            x0 = x0.min(x);
-            x1 = x1.max(x);
-            y0 = y0.min(y);
-            y1 = y1.max(y);
-        }
-    }
-    if x0 > x1 {
+fn log_panel(area: &Panel<'_>, title: &str, y_label: &str, series: &[Series]) -> Result<()> {
+    let Some((x0, x1)) = x_range(series) else {
+        return Ok(());
+    };
+    let (y0, y1) = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .filter(|&y| y > 0.0)
+        .fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
+    if y0 > y1 {
         return Ok(());
     }
-    let (x0, x1) = (x0 / 1.5, x1 * 1.5);
     let (y0, y1) = (y0 / 2.0, y1 * 2.0);
-    let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
+    // Room above the data for the legend, on a log axis.
+    let top = y0 * (y1 / y0).powf(1.0 / (1.0 - LEGEND_ROOM));
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 17))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(64)
-        .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .build_cartesian_2d((x0..x1).log_scale(), (y0..top).log_scale())
+        .map_err(plot_err)?;
     chart
         .configure_mesh()
         .x_desc("pages written per round (%)")
@@ -1073,44 +1117,67 @@ fn log_plot(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Resul
             }
         })
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let lines = series.iter().map(|(label, color, points)| {
-        (
-            label,
-            *color,
-            points.iter().copied().filter(|p| p.1 > 0.0).collect(),
-        )
-    });
-    draw_lines(&mut chart, lines)?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
+        .map_err(plot_err)?;
+    draw_lines(&mut chart, series)
 }
 
-/// Draws each series as a line with points, and the legend, on a chart whose x axis is a log
-/// scale (both plots) and whose y axis is linear or logarithmic.
-fn draw_lines<'a, 'b, Y: Ranged<ValueType = f64>>(
+/// The second style's colour: the same hue, darker.
+fn darker(c: RGBColor) -> RGBColor {
+    let d = |v: u8| (f64::from(v) * 0.55) as u8;
+    RGBColor(d(c.0), d(c.1), d(c.2))
+}
+
+/// Draws each series as a line with points, and the legend in the room kept above the data.
+/// Points at or below zero are kept on a linear axis and dropped on a log one.
+fn draw_lines<'b, Y: Ranged<ValueType = f64>>(
     chart: &mut ChartContext<'b, SVGBackend<'b>, Cartesian2d<LogCoord<f64>, Y>>,
-    lines: impl Iterator<Item = (&'a String, RGBColor, Vec<(f64, f64)>)>,
+    series: &[Series],
 ) -> Result<()> {
-    for (label, c, pts) in lines {
+    let log_y = chart.y_range().start > 0.0;
+    for s in series {
+        let (c, width) = if s.alt {
+            (darker(s.color), 1)
+        } else {
+            (s.color, 2)
+        };
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|p| !log_y || p.1 > 0.0)
+            .collect();
+        let all_zero = !s.points.is_empty() && s.points.iter().all(|p| p.1 == 0.0);
+        let label = if all_zero {
+            format!("{} (all 0)", s.label)
+        } else {
+            s.label.clone()
+        };
         chart
-            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .label(label.clone())
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(width)))
+            .map_err(plot_err)?
+            .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
-        chart
-            .draw_series(PointSeries::of_element(pts, 3, c, &|p, s, st| {
-                Circle::new(p, s, st.filled())
-            }))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if s.alt {
+            chart
+                .draw_series(PointSeries::of_element(pts, 5, c, &|p, sz, st| {
+                    TriangleMarker::new(p, sz, st.filled())
+                }))
+                .map_err(plot_err)?;
+        } else {
+            chart
+                .draw_series(PointSeries::of_element(pts, 3, c, &|p, sz, st| {
+                    Circle::new(p, sz, st.filled())
+                }))
+                .map_err(plot_err)?;
+        }
     }
     chart
         .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
+        .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .position(SeriesLabelPosition::UpperLeft)
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(plot_err)?;
     Ok(())
 }
 
@@ -1149,7 +1216,12 @@ fn plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
                     .filter_map(|m| f(m).map(|y| (m.config.fraction * 100.0, y)))
                     .collect();
                 pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-                (b.to_string(), color_of(b), pts)
+                Series {
+                    label: b.to_string(),
+                    color: color_of(b),
+                    alt: thp == ThpSetting::On,
+                    points: pts,
+                }
             })
             .collect::<Vec<Series>>()
     };
@@ -1178,27 +1250,40 @@ fn plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
         true,
     )?;
     written.push(p);
-    let mut acc: Vec<Series> = Vec::new();
-    for thp in [ThpSetting::Off, ThpSetting::On] {
-        for (label, color, pts) in series(
-            &|m| Some(m.extra_pages as f64 / m.written_pages.max(1) as f64),
-            &backends,
-            thp,
-        ) {
-            if !pts.is_empty() {
-                let thp = format!("{thp:?}").to_lowercase();
-                acc.push((format!("{label} THP {thp}"), color, pts));
+    // Accuracy: extra pages (false positives) and missed pages (must be 0) side by side, each
+    // backend with THP off (round points) and on (triangles, darker).
+    let accuracy = |f: &dyn Fn(&Measurement) -> Option<f64>| {
+        let mut all: Vec<Series> = Vec::new();
+        for thp in [ThpSetting::Off, ThpSetting::On] {
+            for mut s in series(f, &backends, thp) {
+                if !s.points.is_empty() {
+                    s.label = format!("{} THP {}", s.label, format!("{thp:?}").to_lowercase());
+                    all.push(s);
+                }
             }
         }
-    }
+        all
+    };
     let p = dir.join("accuracy.svg");
-    line_plot(
-        &p,
-        &format!("Extra pages reported per page written ({slice})"),
+    let root = SVGBackend::new(&p, (1200, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let (left, right) = root.split_horizontally(600);
+    panel(
+        &left,
+        &format!("Extra pages per page written ({slice})"),
         "false positives / pages written",
-        &acc,
+        &accuracy(&|m| Some(m.extra_pages as f64 / m.written_pages.max(1) as f64)),
         false,
     )?;
+    panel(
+        &right,
+        "Missed pages (written, not reported: must be 0)",
+        "missed pages per run",
+        &accuracy(&|m| Some(m.missed_pages as f64)),
+        false,
+    )?;
+    root.present().map_err(plot_err)?;
+    drop((left, right, root));
     written.push(p);
     Ok(written)
 }
@@ -1340,6 +1425,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_cells_escape_pipes() {
+        assert_eq!(cell("A | B"), "A \\| B");
+        assert_eq!(cell("plain"), "plain");
+    }
 
     #[test]
     fn parses_counts_and_fractions() {
