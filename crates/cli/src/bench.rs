@@ -1109,16 +1109,21 @@ fn log_panel(area: &Panel<'_>, title: &str, y_label: &str, series: &[Series]) ->
         .x_desc("pages written per round (%)")
         .y_desc(y_label)
         .x_label_formatter(&|x| format!("{x}"))
-        .y_label_formatter(&|y| {
-            if *y >= 1.0 {
-                format!("{y:.0}")
-            } else {
-                format!("{y:.2}")
-            }
-        })
+        .y_label_formatter(&|y| compact(*y))
         .draw()
         .map_err(plot_err)?;
     draw_lines(&mut chart, series)
+}
+
+/// An axis label short enough not to run into the axis title: 1k, 20M, 0.05.
+fn compact(y: f64) -> String {
+    match y {
+        y if y >= 1e9 => format!("{}G", y / 1e9),
+        y if y >= 1e6 => format!("{}M", y / 1e6),
+        y if y >= 1e3 => format!("{}k", y / 1e3),
+        y if y >= 1.0 => format!("{y:.0}"),
+        y => format!("{y:.2}"),
+    }
 }
 
 /// The second style's colour: the same hue, darker.
@@ -1430,6 +1435,9 @@ mod tests {
     fn table_cells_escape_pipes() {
         assert_eq!(cell("A | B"), "A \\| B");
         assert_eq!(cell("plain"), "plain");
+        assert_eq!(compact(20_000_000.0), "20M");
+        assert_eq!(compact(1000.0), "1k");
+        assert_eq!(compact(0.05), "0.05");
     }
 
     #[test]
