@@ -24,5 +24,5 @@ pub use precopy_scanner::{
     DirtySet, Round, RoundStats, ScanOptions, Scanner, Untracked, UntrackedReason,
 };
 pub use precopy_tracker::{
-    MemoryKind, RegisterOptions, Target, ThpPolicy, TrackedRange, Tracker, Uffd,
+    MemoryKind, RegisterOptions, Target, ThpPolicy, TrackedRange, Tracker, Uffd, UnvouchedPolicy,
 };
