@@ -13,7 +13,7 @@ mod vm;
 mod writer;
 
 pub use dest::{DestArgs, run as run_dest};
-pub use source::{SourceArgs, run as run_source};
+pub use source::{MemoryBacking, SourceArgs, run as run_source};
 pub use vm::{VmDestArgs, run_dest as run_vm_dest};
 
 use crate::args::{Size, available_memory, cpus, human, invalid, parse_count, parse_size};
@@ -124,6 +124,11 @@ pub struct Args {
     /// Bytes the source writes per second, all threads together (0: idle).
     #[arg(long, default_value = "64M", value_parser = parse_size, allow_hyphen_values = true)]
     dirty_rate: Size,
+    /// What backs the source's memory: `private` anonymous, a shared `memfd` (re-read at
+    /// switch-over: the write-protect bit cannot see writes through other mappings), or
+    /// `hugetlb` (needs a pool of 2 MiB pages in /proc/sys/vm/nr_hugepages).
+    #[arg(long, value_enum, default_value_t = MemoryBacking::Private)]
+    memory: MemoryBacking,
     /// Which pages the source writes.
     #[arg(long, value_enum, default_value_t = Pattern::HotSet)]
     pattern: Pattern,
@@ -901,7 +906,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .args(["--dirty-rate", &args.dirty_rate.bytes.to_string()])
         .args(["--pattern", pattern_name(args.pattern)])
         .args(["--threads", &args.threads.to_string()])
-        .args(["--hot-set", &plan.hot_set.to_string()]);
+        .args(["--hot-set", &plan.hot_set.to_string()])
+        .args(["--memory", args.memory.name()]);
     let mut source = Proc::spawn("source", cmd)?;
     let source_pid = source.pid();
     let size = args.size.bytes;
@@ -1096,6 +1102,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 fn settings_json(args: &Args, plan: &Plan) -> serde_json::Value {
     serde_json::json!({
         "size": args.size.bytes,
+        "memory": args.memory,
         "dirty_rate": args.dirty_rate.bytes,
         "pattern": args.pattern,
         "hot_set": plan.hot_set,
@@ -1131,8 +1138,9 @@ fn print_text(
     };
     writeln!(
         out,
-        "precopy demo: {} {target}; {} writer thread{} writing {}/s ({} pattern); downtime limit {} ms; final check: {}",
+        "precopy demo: {} of {} memory {target}; {} writer thread{} writing {}/s ({} pattern); downtime limit {} ms; final check: {}",
         human(args.size.bytes),
+        args.memory.name(),
         args.threads,
         if args.threads == 1 { "" } else { "s" },
         human(args.dirty_rate.bytes),

@@ -27,14 +27,53 @@ pub struct SourceArgs {
     /// Bytes in the hot set.
     #[arg(long)]
     hot_set: u64,
+    /// What backs the memory.
+    #[arg(long, value_enum, default_value_t = MemoryBacking::Private)]
+    memory: MemoryBacking,
+}
+
+/// What backs the demo source's memory (`precopy demo --memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryBacking {
+    /// Private anonymous memory: every change goes through the page tables.
+    Private,
+    /// A memfd mapped shared (what VMMs use for vhost-user): re-checked at switch-over.
+    Memfd,
+    /// hugetlb (`MAP_HUGETLB`, 2 MiB pages; needs a pool in /proc/sys/vm/nr_hugepages).
+    Hugetlb,
+}
+
+impl MemoryBacking {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryBacking::Private => "private",
+            MemoryBacking::Memfd => "memfd",
+            MemoryBacking::Hugetlb => "hugetlb",
+        }
+    }
 }
 
 const PAGE: u64 = 4096;
 
 pub fn run(args: SourceArgs) -> Result<ExitCode> {
     let uffd = precopy_sys::uffd::create().context("creating a userfaultfd")?;
-    let mem = Mapping::new(Backing::AnonPrivate, args.size, 2 << 20, Thp::Default)
-        .context("mapping the source region")?;
+    let backing = match args.memory {
+        MemoryBacking::Private => Backing::AnonPrivate,
+        MemoryBacking::Memfd => Backing::Memfd,
+        MemoryBacking::Hugetlb => Backing::Hugetlb,
+    };
+    let mem = Mapping::new(backing, args.size, 2 << 20, Thp::Default).with_context(|| {
+        match args.memory {
+            MemoryBacking::Hugetlb => format!(
+                "mapping {} MiB of hugetlb memory (the pool needs {} free 2 MiB pages: see /proc/sys/vm/nr_hugepages)",
+                args.size >> 20,
+                args.size >> 21
+            ),
+            _ => "mapping the source region".to_string(),
+        }
+    })?;
     let pages = args.size / PAGE;
     // Every page gets distinct contents, except every 16th, left untouched (reads as zero).
     for p in (0..pages).filter(|p| p % 16 != 15) {
