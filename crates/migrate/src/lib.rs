@@ -96,6 +96,20 @@
 //! checksum + ack. Then the workload is resumed or left stopped ([`AfterMigration`]). If
 //! anything fails after the pause, the workload is resumed before the error is returned: a failed
 //! migration leaves the source running, never stopped and never half-migrated.
+//!
+//! # Memory the dirty log cannot vouch for
+//!
+//! A dirty log may miss changes that bypass the pages tables it watches: shared memory written
+//! through another mapping or process, a hole punched in a memfd, hugetlb `MADV_DONTNEED`, DMA
+//! (ARCHITECTURE.md has the table per memory kind and change path). It lists that memory in
+//! [`DirtyLog::unvouched`] ([`UffdDirtyLog`] lists the ranges the tracker marked `verify`: every
+//! kind but private anonymous memory, by default). In the final round, after the last scan and
+//! with the workload paused, the driver asks [`Transport::changed`] which of those pages differ
+//! from what was sent ([`TransferTransport`] re-reads them and compares page CRCs) and sends them
+//! in the same round. The report's [`VerifyPass`] says what that pass read, what it found, how
+//! much of it the log had missed, and how long it took (part of the downtime; the switch-over
+//! rule does not count it yet). Writes an embedder knows about and no log can see (a device's
+//! DMA) go through [`ExternalDirty`] into the next round.
 
 pub mod control;
 mod driver;
