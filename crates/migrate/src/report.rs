@@ -127,12 +127,14 @@ pub struct WorkloadCost {
 /// page by page, with the CRC of the copy last sent.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct VerifyPass {
-    /// Bytes re-read.
+    /// Bytes of memory the dirty log cannot vouch for.
     pub checked_bytes: u64,
-    /// Bytes found different from what was sent (sent in the final round).
+    /// Of those, bytes re-read: the rest was in the final round's dirty set, read and sent
+    /// anyway.
+    pub reread_bytes: u64,
+    /// Bytes found different from what was sent, which the dirty log had not reported:
+    /// changes only this pass caught (sent in the final round).
     pub changed_bytes: u64,
-    /// Of those, bytes the dirty log had not reported: changes only this pass caught.
-    pub unreported_bytes: u64,
     /// Time it took, part of the downtime.
     #[serde(serialize_with = "ms", rename = "duration_ms")]
     pub duration: Duration,
@@ -422,11 +424,11 @@ impl fmt::Display for MigrationReport {
         if let Some(v) = self.verify {
             writeln!(
                 f,
-                "verify pass:   re-read {} the dirty log cannot vouch for in {}: {} changed, {} of it unreported by the log",
+                "verify pass:   {} the dirty log cannot vouch for, {} of it re-read in {}: {} changed unreported by the log",
                 bytes(v.checked_bytes as f64),
+                bytes(v.reread_bytes as f64),
                 msf(v.duration),
-                bytes(v.changed_bytes as f64),
-                bytes(v.unreported_bytes as f64)
+                bytes(v.changed_bytes as f64)
             )?;
         }
         writeln!(
