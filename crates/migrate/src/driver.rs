@@ -971,6 +971,76 @@ mod tests {
         assert!(t.finished);
     }
 
+    /// A [`ScriptLog`] that cannot vouch for any of its memory.
+    struct Unvouched(ScriptLog);
+
+    impl DirtyLog for Unvouched {
+        fn memory(&self) -> Vec<Range<u64>> {
+            self.0.memory()
+        }
+        fn page_size(&self) -> u64 {
+            PAGE
+        }
+        fn start(&mut self) -> Result<(), BoxError> {
+            Ok(())
+        }
+        fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
+            self.0.dirty(out)
+        }
+        fn unvouched(&self) -> Vec<Range<u64>> {
+            vec![0..MEM]
+        }
+    }
+
+    /// A link whose re-check finds page 100 changed; records what it was asked to re-check and
+    /// what each round sent.
+    struct CheckingLink {
+        inner: FakeLink,
+        asked: Vec<Range<u64>>,
+        sent: Vec<Vec<Range<u64>>>,
+    }
+
+    impl Transport for CheckingLink {
+        fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError> {
+            self.sent.push(ranges.to_vec());
+            self.inner.send_round(ranges)
+        }
+        fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, BoxError> {
+            self.asked = ranges.to_vec();
+            Ok(vec![100 * PAGE..101 * PAGE])
+        }
+        fn finish(&mut self) -> Result<(u32, Duration), BoxError> {
+            self.inner.finish()
+        }
+    }
+
+    #[test]
+    fn final_round_adds_what_the_recheck_of_unvouched_memory_found() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = Unvouched(ScriptLog {
+            script: vec![10, 30],
+            calls: 0,
+        });
+        let link = CheckingLink {
+            inner: link(1e9),
+            asked: Vec::new(),
+            sent: Vec::new(),
+        };
+        let mut m = Migration::new(log, link, workload(&events), MigrationConfig::default());
+        let report = m.run().unwrap();
+        let v = report.verify.expect("re-check ran");
+        assert_eq!(v.checked_bytes, MEM);
+        // Pages 0..30 go in the final round anyway: not re-read.
+        assert_eq!(v.reread_bytes, MEM - 30 * PAGE);
+        assert_eq!(v.changed_bytes, PAGE);
+        let (_, link, _) = m.into_parts();
+        assert_eq!(link.asked, vec![30 * PAGE..MEM]);
+        assert_eq!(
+            link.sent.last().unwrap(),
+            &vec![0..30 * PAGE, 100 * PAGE..101 * PAGE]
+        );
+    }
+
     #[test]
     fn final_round_resends_the_last_scan_together_with_new_writes() {
         let events = Arc::new(Mutex::new(Vec::new()));
