@@ -157,7 +157,7 @@ fn main() -> Result<()> {
     ram.read(0, &mut source)?;
     println!(
         "destination equals the paused source: {}",
-        memory.memory() == source.as_slice()
+        memory.memory() == Some(source.as_slice())
     );
     Ok(())
 }

@@ -15,16 +15,13 @@
 
 use libfuzzer_sys::fuzz_target;
 use precopy_transfer::protocol::{FrameKind, FrameReader, Hello, encode_header};
-use precopy_transfer::{Layout, MemorySink, Region, receive_frames};
+use precopy_transfer::{Layout, MemoryRegion, MemorySink, receive_frames};
 
 fn layout() -> Layout {
-    Layout::new(
-        4096,
-        vec![
-            Region { start: 0x10000, len: 0x4000 },
-            Region { start: 0x20000, len: 0x2000 },
-        ],
-    )
+    Layout::new(vec![
+        MemoryRegion::new(0, 0x4000, 4096),
+        MemoryRegion::new(1, 0x2000, 4096),
+    ])
     .expect("valid layout")
 }
 
@@ -32,13 +29,14 @@ fn layout() -> Layout {
 fn encode(mut d: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while d.len() >= 8 {
-        let kind = d[0] % 14;
+        let kind = d[0] % 15;
         let codec = if d[1] & 0x80 != 0 { d[1] } else { d[1] % 3 };
-        // Small fields land near the layout; a flag byte widens them.
+        // Small fields land near the layout (offsets in a region, region ids 0..3);
+        // a flag byte widens them.
         let wide = d[2];
-        let a = if wide & 1 != 0 { u64::from_le_bytes(pad(&d[3..])) } else { 0x10000 + u64::from(d[3]) * 0x1000 };
+        let mut a = if wide & 1 != 0 { u64::from_le_bytes(pad(&d[3..])) } else { u64::from(d[3] % 8) * 0x1000 };
         let b = if wide & 2 != 0 { u64::from_le_bytes(pad(&d[4..])) } else { u64::from(d[4] % 8) * 0x1000 };
-        let c = u32::from(d[5]);
+        let mut c = if wide & 32 != 0 { u32::from(d[5]) } else { u32::from(d[5] % 3) };
         let len = usize::from(d[6]) * 64 + usize::from(d[7] % 64);
         d = &d[8..];
         let take = len.min(d.len());
@@ -50,6 +48,11 @@ fn encode(mut d: &[u8]) -> Vec<u8> {
         }
         if kind == FrameKind::RoundEnd as u8 && wide & 8 != 0 {
             payload.resize(8, 0);
+        }
+        // A state blob whose own length and CRC32C are right.
+        if kind == FrameKind::State as u8 && wide & 16 != 0 {
+            a = payload.len() as u64;
+            c = crc32c::crc32c(&payload);
         }
         out.extend_from_slice(&encode_header(
             FrameKind::from_u8(kind).unwrap_or(FrameKind::Error),
@@ -91,6 +94,8 @@ fuzz_target!(|data: &[u8]| {
     let layout = layout();
     let mut sink = MemorySink::new(layout.clone()).expect("mapping");
     if let Ok(report) = receive_frames(&bytes, &layout, &mut sink) {
-        assert_eq!(report.checksum, sink.checksum(), "success with the wrong memory");
+        let memory = sink.checksum().expect("owned memory reads back");
+        assert_eq!(report.checksum, memory, "success with the wrong memory");
+        assert_eq!(report.state_bytes.is_some(), sink.state().is_some());
     }
 });

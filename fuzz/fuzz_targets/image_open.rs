@@ -17,10 +17,11 @@ fuzz_target!(|data: &[u8]| {
         if verified.is_ok() {
             assert!(info.complete, "an incomplete image verified");
         }
-        if let Some(r) = info.regions.first() {
-            let _ = img.read_span_to_vec(r.start..r.start + r.len.min(1 << 16));
-            let _ = img.read_span_to_vec(r.start.wrapping_sub(1)..r.start + 1);
-        }
+        // Spans are memory offsets: all of it (capped), and across the end.
+        let end = info.total_len;
+        let _ = img.read_span_to_vec(0..end.min(1 << 16));
+        let _ = img.read_span_to_vec(end.saturating_sub(1)..end.saturating_add(1));
+        let _ = img.state();
     }
     let _ = std::fs::remove_file(&path);
 });

@@ -13,7 +13,7 @@ def crc32c(data, crc=0):
     return crc ^ 0xFFFFFFFF
 
 def digest(mem):
-    """The memory digest (protocol v2): CRC32C of the per-page CRC32Cs, little-endian."""
+    """The memory digest (protocol v3): CRC32C of the per-page CRC32Cs, little-endian."""
     return crc32c(b"".join(struct.pack("<I", crc32c(mem[i:i + PS])) for i in range(0, len(mem), PS)))
 
 def frame(kind, a=0, b=0, c=0, payload=b"", codec=0):
@@ -21,38 +21,46 @@ def frame(kind, a=0, b=0, c=0, payload=b"", codec=0):
     return h + struct.pack("<I", crc32c(h + payload)) + payload
 
 PS = 4096
-BASE = 0x10000
-HELLO, RB, PAGES, ZERO, RE, FIN, INDEX, TRAILER = 1, 5, 6, 7, 8, 9, 12, 13
+HELLO, RB, PAGES, ZERO, RE, FIN, INDEX, TRAILER, STATE = 1, 5, 6, 7, 8, 9, 12, 13, 14
+STATE_BLOB = b"vcpu0 rip=0xfff0"
+
+def state():
+    return frame(STATE, len(STATE_BLOB), 0, crc32c(STATE_BLOB), STATE_BLOB)
 
 def stream():
-    mem = bytearray(0x6000)  # layout: 0x10000+0x4000, 0x20000+0x2000
+    # The fuzz target's layout: region 0 (0x4000 bytes), region 1 (0x2000 bytes).
+    # PAGES and ZERO name (a = offset in region, c = region id).
+    mem = bytearray(0x6000)
     s = frame(RB, 0)
-    s += frame(PAGES, BASE, PS, payload=b"\x11" * PS)
+    s += frame(PAGES, 0, PS, 0, payload=b"\x11" * PS)
     mem[0:PS] = b"\x11" * PS
-    s += frame(ZERO, BASE + PS, PS)
-    s += frame(PAGES, 0x20000, PS, payload=b"\x22" * PS)
+    s += frame(ZERO, PS, PS, 0)
+    s += frame(PAGES, 0, PS, 1, payload=b"\x22" * PS)
     mem[0x4000:0x5000] = b"\x22" * PS
     s += frame(RE, 0, 2, payload=struct.pack("<Q", 1))
+    s += state()
     s += frame(FIN, 1, 0, digest(bytes(mem)))
     return s
 
 def image():
-    regions = [(BASE, 4 * PS)]
-    hello = struct.pack("<QII16sII", PS, 0, 1, b"\0" * 16, len(regions), 0)
-    for st, ln in regions:
-        hello += struct.pack("<QQ", st, ln)
-    out = b"PRCPIMG\0" + struct.pack("<II", 2, 0)
+    # (id, backing, flags, size, page size, guest address)
+    regions = [(3, 1, 1, 4 * PS, PS, 0x100000)]
+    hello = struct.pack("<II16sII", 0, 1, b"\0" * 16, len(regions), 0)
+    for rid, backing, flags, size, ps, gpa in regions:
+        hello += struct.pack("<IBBHQQQ", rid, backing, flags, 0, size, ps, gpa)
+    out = b"PRCPIMG\0" + struct.pack("<II", 3, 0)
     out += frame(HELLO, payload=hello)
     out += frame(RB, 0)
     data_off = len(out) + 32
-    out += frame(PAGES, BASE, PS, payload=b"\x33" * PS)
-    out += frame(ZERO, BASE + PS, PS)
+    out += frame(PAGES, 0, PS, 3, payload=b"\x33" * PS)
+    out += frame(ZERO, PS, PS, 3)
     out += frame(RE, 0, 1, payload=struct.pack("<Q", 1))
+    out += state()
     mem = b"\x33" * PS + b"\0" * 3 * PS
     ck = digest(mem)
     out += frame(FIN, 1, 0, ck)
     index_off = len(out)
-    out += frame(INDEX, payload=struct.pack("<QQQ", BASE, PS, data_off) + struct.pack("<QQQ", BASE + PS, PS, 2**64 - 1))
+    out += frame(INDEX, payload=struct.pack("<IIQQQ", 3, 0, 0, PS, data_off) + struct.pack("<IIQQQ", 3, 0, PS, PS, 2**64 - 1))
     out += frame(TRAILER, index_off, len(out), ck)
     return out
 

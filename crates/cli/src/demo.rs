@@ -725,7 +725,7 @@ fn verify(
                 .context("reading the destination's memory")?,
             (Copy::Image(img), _) => {
                 let mut w = &mut y[..];
-                img.read_span(src + off..src + off + n, &mut w)
+                img.read_span(off..off + n, &mut w)
                     .context("reading the image back")?;
             }
             _ => bail!("no copy to compare with"),

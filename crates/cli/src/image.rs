@@ -5,8 +5,9 @@
 //!   image is complete (every record present) and, with `--verify`, whether it
 //!   is verified (every checksum checked). Works on incomplete images and says
 //!   why they are incomplete.
-//! - `cat IMG --range START-END [--incomplete]`: the raw bytes of source
-//!   addresses `START..END` as the image holds them (zeros for pages never
+//! - `cat IMG --range START-END [--incomplete]`: the raw bytes at memory
+//!   offsets `START..END` (the image's regions back to back in id order, as
+//!   `info` lists them) as the image holds them (zeros for pages never
 //!   sent), to stdout. Every page is checked against its CRC before it is
 //!   written; a damaged page stops the command with an error. An incomplete
 //!   image is refused unless `--incomplete`.
@@ -51,12 +52,13 @@ enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Write the bytes of source addresses START..END, as the image holds them, to stdout.
+    /// Write the bytes at memory offsets START..END (regions back to back in id order, as `info`
+    /// lists them), as the image holds them, to stdout.
     /// Every page written is checked against its CRC first; a damaged page is an error.
     Cat {
         /// The image file.
         image: PathBuf,
-        /// Half-open span of source addresses, each decimal or 0x hex (e.g. 0x1000-0x2000).
+        /// Half-open span of memory offsets, each decimal or 0x hex (e.g. 0x1000-0x2000).
         #[arg(long, value_name = "START-END", value_parser = span)]
         range: Range<u64>,
         /// Read an incomplete image anyway: the rounds that ended before the cut, pages not

@@ -20,8 +20,8 @@ use precopy_migrate::{
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_tracker::{AttachTimes, Uffd};
 use precopy_transfer::{
-    Connection, ImageWriter, Key, Layout, Listener, Receiver, ReceiverConfig, Region, SenderConfig,
-    Sink, Transfer,
+    Connection, ImageWriter, Key, Layout, Listener, MemoryRegion, Receiver, ReceiverConfig,
+    SenderConfig, Sink, Transfer,
 };
 use serde_json::{Value, json};
 use std::ops::Range;
@@ -259,15 +259,14 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
             .collect(),
     );
     let page = log.tracker().page_size();
+    // One region per range of the target's address space, ids in address order.
     let regions = log
         .layout()
         .iter()
-        .map(|r| Region {
-            start: r.start,
-            len: r.end - r.start,
-        })
+        .enumerate()
+        .map(|(id, r)| MemoryRegion::new(id as u32, r.end - r.start, page).host(r.start))
         .collect();
-    let layout = Layout::new(page, regions)
+    let layout = Layout::new(regions)
         .context("describing the target's memory")
         .map_err(|e| fail(&report, e))?;
     let source = TargetMemory::new(args.pid, page);

@@ -55,6 +55,10 @@ pub trait Transport {
     fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, BoxError> {
         Ok(ranges.to_vec())
     }
+    /// After the last round, before [`Transport::finish`]: sends the workload's state blob
+    /// (possibly empty) with its own checksum; the destination receives it before it
+    /// acknowledges.
+    fn send_state(&mut self, state: &[u8]) -> Result<(), BoxError>;
     /// No more rounds (the source is paused): sends the final memory checksum and returns it
     /// once the receiver has acknowledged that its memory matches. The second value is the part
     /// of the time spent reading source memory for the checksum on this side (zero when the
@@ -94,25 +98,34 @@ pub trait Workload {
     fn counters(&mut self) -> Option<WorkloadCounters> {
         None
     }
+    /// Called once, while paused, after the last memory round: the opaque state the destination
+    /// needs besides memory (vCPU registers, device state), sent with its own checksum before
+    /// the final acknowledgement. The default has none (an empty blob is sent).
+    fn save_state(&mut self) -> Result<Vec<u8>, BoxError> {
+        Ok(Vec::new())
+    }
 }
 
 type Hook = Box<dyn FnMut() -> Result<(), BoxError> + Send>;
 type ThrottleHook = Box<dyn FnMut(f64) -> Result<(), BoxError> + Send>;
 type CountersHook = Box<dyn FnMut() -> WorkloadCounters + Send>;
+type StateHook = Box<dyn FnMut() -> Result<Vec<u8>, BoxError> + Send>;
 
 /// A [`Workload`] made of an embedder's closures: pause and resume the vCPUs, optionally
-/// throttle them.
+/// throttle them and save their state.
 pub struct Callbacks {
     pause: Hook,
     resume: Hook,
     throttle: Option<ThrottleHook>,
     counters: Option<CountersHook>,
+    state: Option<StateHook>,
 }
 
 impl std::fmt::Debug for Callbacks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Callbacks")
             .field("throttle", &self.throttle.is_some())
+            .field("state", &self.state.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -129,7 +142,18 @@ impl Callbacks {
             resume: Box::new(resume),
             throttle: None,
             counters: None,
+            state: None,
         }
+    }
+
+    /// Adds a state hook: called once while paused after the last memory round, returns the
+    /// state blob (vCPU registers, device state) the destination receives.
+    pub fn with_state(
+        mut self,
+        state: impl FnMut() -> Result<Vec<u8>, BoxError> + Send + 'static,
+    ) -> Callbacks {
+        self.state = Some(Box::new(state));
+        self
     }
 
     /// Adds a throttle callback: called with the fraction of CPU time to deny (0.0 lifts it).
@@ -174,6 +198,12 @@ impl Workload for Callbacks {
     fn counters(&mut self) -> Option<WorkloadCounters> {
         self.counters.as_mut().map(|f| f())
     }
+    fn save_state(&mut self) -> Result<Vec<u8>, BoxError> {
+        match &mut self.state {
+            Some(s) => s(),
+            None => Ok(Vec::new()),
+        }
+    }
 }
 
 impl<T: DirtyLog + ?Sized> DirtyLog for &mut T {
@@ -201,6 +231,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, BoxError> {
         (**self).changed(ranges)
     }
+    fn send_state(&mut self, state: &[u8]) -> Result<(), BoxError> {
+        (**self).send_state(state)
+    }
     fn finish(&mut self) -> Result<(u32, Duration), BoxError> {
         (**self).finish()
     }
@@ -221,6 +254,9 @@ impl<T: Workload + ?Sized> Workload for &mut T {
     }
     fn counters(&mut self) -> Option<WorkloadCounters> {
         (**self).counters()
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, BoxError> {
+        (**self).save_state()
     }
 }
 

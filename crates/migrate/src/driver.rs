@@ -792,6 +792,16 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             .transport
             .send_round(&pending)
             .map_err(|source| Error::Send { round, source })?;
+        let state_start = Instant::now();
+        let state = self
+            .workload
+            .save_state()
+            .map_err(|source| Error::State { source })?;
+        self.transport
+            .send_state(&state)
+            .map_err(|source| Error::State { source })?;
+        self.report.state_bytes = Some(state.len() as u64);
+        let state_time = state_start.elapsed();
         let finish_start = Instant::now();
         let (checksum, checksum_time) = self
             .transport
@@ -811,6 +821,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             scan,
             verify: verify.map_or(Duration::ZERO, |v| v.duration),
             send: sent.duration,
+            state: state_time,
             checksum: checksum_time,
             finish,
         };
@@ -884,6 +895,7 @@ mod tests {
         round: u64,
         fail_at: Option<u64>,
         finished: bool,
+        state: Option<Vec<u8>>,
     }
 
     impl Transport for FakeLink {
@@ -899,6 +911,10 @@ mod tests {
                 bytes,
                 duration: Duration::from_secs_f64(bytes as f64 / self.rate + 1e-3) + self.fixed,
             })
+        }
+        fn send_state(&mut self, state: &[u8]) -> Result<(), BoxError> {
+            self.state = Some(state.to_vec());
+            Ok(())
         }
         fn finish(&mut self) -> Result<(u32, Duration), BoxError> {
             self.finished = true;
@@ -931,6 +947,7 @@ mod tests {
             round: 0,
             fail_at: None,
             finished: false,
+            state: None,
         }
     }
 
@@ -945,10 +962,12 @@ mod tests {
         let mut cfg = MigrationConfig::default();
         cfg.max_downtime = Duration::from_millis(100);
         cfg.throttle.enabled = false;
-        let mut m = Migration::new(log, link(1024.0 * 1024.0), workload(&events), cfg);
+        let vcpus = workload(&events).with_state(|| Ok(b"vcpu registers".to_vec()));
+        let mut m = Migration::new(log, link(1024.0 * 1024.0), vcpus, cfg);
         let report = m.run().unwrap();
         assert_eq!(report.status, Status::Completed);
         assert_eq!(report.switch_reason, Some(SwitchReason::Converged));
+        assert_eq!(report.state_bytes, Some(14));
         // Round 0, two iterative rounds (400, 100 pages), then the final round.
         assert_eq!(report.rounds.len(), 4);
         assert_eq!(report.rounds[3].kind, RoundKind::Final);
@@ -969,6 +988,7 @@ mod tests {
         assert!(report.downtime_note.is_none());
         let (_, t, _) = m.into_parts();
         assert!(t.finished);
+        assert_eq!(t.state.as_deref(), Some(&b"vcpu registers"[..]));
     }
 
     /// A [`ScriptLog`] that cannot vouch for any of its memory.

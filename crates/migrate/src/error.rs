@@ -61,6 +61,13 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// The workload could not produce its state blob, or the blob could not be sent.
+    #[error("saving or sending the workload state failed")]
+    State {
+        /// The workload's or transport's error.
+        #[source]
+        source: BoxError,
+    },
     /// The receiver did not acknowledge the final checksum.
     #[error("the destination did not acknowledge the final round")]
     Finish {

@@ -19,7 +19,7 @@
 //!  arm tracking ─► round 0: send all memory ─► scan ─┬─ expected downtime ≤ max ─► final round
 //!                                         ▲          ├─ round or time limit ─► policy: final | abort
 //!                                         └─ send ◄──┘  (else; maybe raise the throttle)
-//!  final round: pause ─► scan ─► send pending + scan ─► checksum ─► receiver's ack ─► resume | stay stopped
+//!  final round: pause ─► scan ─► send pending + scan ─► state blob ─► checksum ─► receiver's ack ─► resume | stay stopped
 //! ```
 //!
 //! Round 0 sends every page of [`DirtyLog::memory`]. Every later round sends the pages the
@@ -88,12 +88,14 @@
 //! # The final round and downtime
 //!
 //! The driver pauses the workload, scans, sends the pages of the last iterative scan together
-//! with the new ones as one round, sends the final memory checksum, and waits for the receiver to
-//! acknowledge it. With [`TransferTransport`] the checksum is built from the page CRCs both ends
+//! with the new ones as one round, asks the workload for its state blob
+//! ([`Workload::save_state`]: vCPU registers, device state) and sends it with its own checksum,
+//! sends the final memory checksum, and waits for the receiver to acknowledge it (the destination
+//! has the state by then: Cloud Hypervisor's memory, `State`, `Complete`). With [`TransferTransport`] the checksum is built from the page CRCs both ends
 //! recorded while sending and applying (no pass over memory while paused), or with
 //! `FinalCheck::Full` also from all source and destination memory read anew. **Downtime** is the
 //! time from the pause to that acknowledgement; the report splits it into pause, scan, send and
-//! checksum + ack. Then the workload is resumed or left stopped ([`AfterMigration`]). If
+//! state + checksum + ack. Then the workload is resumed or left stopped ([`AfterMigration`]). If
 //! anything fails after the pause, the workload is resumed before the error is returned: a failed
 //! migration leaves the source running, never stopped and never half-migrated.
 //!
@@ -135,7 +137,7 @@ pub use report::{
 };
 pub use target::{MapChanges, TargetError, TargetLog, TargetMemory};
 pub use transfer::TransferTransport;
-pub use uffd::{UffdDirtyLog, adopt_process_uffd};
+pub use uffd::{TrackingError, UffdDirtyLog, adopt_process_uffd};
 
 /// Result type of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

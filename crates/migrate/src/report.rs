@@ -155,6 +155,9 @@ pub struct FinalPhase {
     /// Sending the last round.
     #[serde(serialize_with = "ms", rename = "send_ms")]
     pub send: Duration,
+    /// Saving and sending the workload's state blob.
+    #[serde(serialize_with = "ms", rename = "state_ms")]
+    pub state: Duration,
     /// Computing the source checksum.
     #[serde(serialize_with = "ms", rename = "checksum_ms")]
     pub checksum: Duration,
@@ -247,6 +250,8 @@ pub struct MigrationReport {
     pub throttle_method: &'static str,
     /// The memory checksum the receiver acknowledged.
     pub checksum: Option<u32>,
+    /// Bytes of the workload's state blob sent after the last round.
+    pub state_bytes: Option<u64>,
 }
 
 impl MigrationReport {
@@ -277,6 +282,7 @@ impl MigrationReport {
             workload: None,
             throttle_method: "none",
             checksum: None,
+            state_bytes: None,
         }
     }
 
@@ -410,11 +416,12 @@ impl fmt::Display for MigrationReport {
         if let Some(p) = self.final_phase {
             writeln!(
                 f,
-                "               measured: pause {} + final scan {} + verify pass {} + final send {} + checksum and acknowledgement {}",
+                "               measured: pause {} + final scan {} + verify pass {} + final send {} + state {} + checksum and acknowledgement {}",
                 msf(p.pause),
                 msf(p.scan),
                 msf(p.verify),
                 msf(p.send),
+                msf(p.state),
                 msf(p.finish),
             )?;
         }

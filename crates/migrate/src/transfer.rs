@@ -57,6 +57,10 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
         Ok(self.transfer.changed_since_sent(ranges)?)
     }
 
+    fn send_state(&mut self, state: &[u8]) -> Result<(), BoxError> {
+        Ok(self.transfer.send_state(state)?)
+    }
+
     fn finish(&mut self) -> Result<(u32, std::time::Duration), BoxError> {
         let summary = self.transfer.finish(self.check)?;
         Ok((summary.checksum, summary.source_check))

@@ -3,7 +3,8 @@
 
 use crate::control::{BoxError, DirtyLog, ExternalDirty};
 use precopy_scanner::{Scanner, UntrackedReason};
-use precopy_tracker::{Tracker, Uffd};
+use precopy_tracker::{MemoryKind, Tracker, Uffd};
+use precopy_transfer::{Backing, Layout};
 use std::ops::Range;
 use std::os::fd::{AsFd, RawFd};
 
@@ -28,6 +29,38 @@ pub enum TrackingError {
         /// The errno.
         #[source]
         source: std::io::Error,
+    },
+    /// Creating this process's userfaultfd failed (kernel without WP_ASYNC, no permission).
+    #[error("creating a userfaultfd for the migration failed")]
+    Uffd {
+        /// The tracker's error.
+        #[source]
+        source: precopy_tracker::Error,
+    },
+    /// A region of the layout has no host address, so there is nothing to track.
+    #[error("region {region} has no host address: a source must say where it mapped each region")]
+    NoHostAddress {
+        /// The region's id.
+        region: u32,
+    },
+    /// Registering a region with the tracker failed.
+    #[error("registering region {region} with the tracker failed")]
+    Register {
+        /// The region's id.
+        region: u32,
+        /// The tracker's error.
+        #[source]
+        source: precopy_tracker::Error,
+    },
+    /// What is mapped at a region's host address is not what the layout states.
+    #[error("region {region}: the layout states {stated}, but the memory mapped there is {found}")]
+    Mismatch {
+        /// The region's id.
+        region: u32,
+        /// What the layout says (backing or page size).
+        stated: String,
+        /// What the tracker found.
+        found: String,
     },
     /// The tracker refused the adopted fd.
     #[error("adopting the userfaultfd of process {pid} failed")]
@@ -77,6 +110,51 @@ impl UffdDirtyLog {
     /// process) to the next round; see [`ExternalDirty`].
     pub fn external_dirty(&self) -> ExternalDirty {
         self.external.clone()
+    }
+
+    /// Tracks this process's memory as `layout` describes it: a new userfaultfd, every region
+    /// registered at its host address, each checked against its stated backing and page size
+    /// (the tracker finds both from the mapping), so the description the wire and the receiver
+    /// use is the one that is tracked.
+    pub fn for_layout(layout: &Layout, scanner: Scanner) -> Result<UffdDirtyLog, TrackingError> {
+        let uffd = Uffd::new().map_err(|source| TrackingError::Uffd { source })?;
+        let mut tracker = Tracker::new(uffd);
+        for r in layout.regions() {
+            let range = r
+                .host_range()
+                .ok_or(TrackingError::NoHostAddress { region: r.id })?;
+            let tracked = tracker
+                .register(range)
+                .map_err(|source| TrackingError::Register {
+                    region: r.id,
+                    source,
+                })?;
+            let mismatch = |stated: String, found: String| TrackingError::Mismatch {
+                region: r.id,
+                stated,
+                found,
+            };
+            if tracked.granule != r.page_size {
+                return Err(mismatch(
+                    format!("{}-byte pages", r.page_size),
+                    format!("tracked in {}-byte pages", tracked.granule),
+                ));
+            }
+            let fits = match r.backing {
+                None => true,
+                Some(Backing::Anonymous) => tracked.kind == MemoryKind::PrivateAnonymous,
+                Some(Backing::Memfd) => tracked.kind == MemoryKind::Shmem,
+                Some(Backing::File) => tracked.kind == MemoryKind::SharedFile,
+                Some(Backing::Hugetlb) => tracked.kind == MemoryKind::Hugetlb,
+            };
+            if !fits {
+                return Err(mismatch(
+                    format!("{:?} memory", r.backing),
+                    format!("{} memory", tracked.kind.name()),
+                ));
+            }
+        }
+        Ok(UffdDirtyLog::new(tracker, scanner))
     }
 
     /// The tracker.

@@ -147,6 +147,7 @@ pub struct Transfer<S, K> {
     crcs: PageCrcs,
     totals: TransferSummary,
     finished: bool,
+    state_sent: bool,
 }
 
 impl<S: PageSource, K: Sink> Transfer<S, K> {
@@ -168,12 +169,22 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         batch_pages: usize,
         pool: usize,
     ) -> Result<Transfer<S, K>, TransferError> {
-        let batch_bytes = (batch_pages as u64).saturating_mul(layout.page_size());
-        if batch_pages == 0 || batch_bytes > MAX_PAGES_LEN {
+        if batch_pages == 0 {
             return Err(TransferError::Config {
-                reason: "batch_pages must be at least 1 and at most 16 MiB of pages",
+                reason: "batch_pages must be at least 1",
             });
         }
+        if layout.host_ranges().len() != layout.regions().len() {
+            return Err(TransferError::Config {
+                reason: "a sender's layout needs the host address of every region",
+            });
+        }
+        // A batch is one frame at most: fewer pages when pages are large.
+        let ps = layout.page_size();
+        let batch_bytes = (batch_pages as u64)
+            .saturating_mul(ps)
+            .min(MAX_PAGES_LEN / ps * ps)
+            .max(ps);
         let pages = usize::try_from(layout.total_len() / layout.page_size()).map_err(|_| {
             TransferError::Config {
                 reason: "layout is larger than the address space",
@@ -204,6 +215,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
                 source_check: Duration::ZERO,
             },
             finished: false,
+            state_sent: false,
         })
     }
 
@@ -381,7 +393,8 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         for r in batch {
             let count = ((r.end - r.start) / ps) as usize;
             // Pieces lie inside one region, so their table slots are contiguous.
-            let first = (self.layout.locate(r.clone())? / ps) as usize;
+            let base = self.layout.locate(r.clone())?;
+            let first = (base / ps) as usize;
             let mut k = 0;
             while k < count {
                 // A run of pages that are all zero or all not.
@@ -390,19 +403,19 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
                     .iter()
                     .position(|&p| p != z)
                     .map_or(count, |n| k + n);
-                let addr = r.start + k as u64 * ps;
+                let offset = base + k as u64 * ps;
                 let n = (end - k) as u64;
                 if z {
                     state.zero_pages += n;
                     self.crcs.set_zero(first + k, end - k);
-                    self.sink.send_zero_range(addr..addr + n * ps)?;
+                    self.sink.send_zero_range(offset..offset + n * ps)?;
                 } else {
                     state.pages += n;
                     let run = &crcs[at + k..at + end];
                     self.crcs.set(first + k, run);
                     let off = (at + k) * ps as usize;
                     let view = shared.view(off..off + (n * ps) as usize);
-                    self.sink.send_pages(addr, view, run)?;
+                    self.sink.send_pages(offset, view, run)?;
                 }
                 k = end;
             }
@@ -503,6 +516,28 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         }
         changed.sort_unstable_by_key(|r| r.start);
         Ok(changed)
+    }
+
+    /// Sends the source's opaque state blob (vCPU registers, device state)
+    /// after the last round and before [`Transfer::finish`], at most once and
+    /// at most [`MAX_STATE_LEN`](crate::protocol::MAX_STATE_LEN) bytes. It
+    /// travels with its own CRC32C; the receiver hands it to its sink before
+    /// it acknowledges the transfer.
+    pub fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
+        if self.current.is_some() || self.finished || self.state_sent {
+            return Err(TransferError::Misuse {
+                operation: "send_state",
+                state: "inside a round, after finish, or twice",
+            });
+        }
+        if state.len() as u64 > crate::protocol::MAX_STATE_LEN {
+            return Err(TransferError::Config {
+                reason: "state blob larger than MAX_STATE_LEN (16 MiB)",
+            });
+        }
+        self.sink.send_state(state)?;
+        self.state_sent = true;
+        Ok(())
     }
 
     /// Ends the transfer: sends the memory digest of the page CRCs recorded

@@ -11,9 +11,13 @@ use crate::protocol::FrameKind;
 /// A memory layout that cannot be used, or a range that does not fit it.
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
-    /// The page size is not a power of two in the supported span.
-    #[error("page size {page_size} is not a power of two between 512 bytes and 1 GiB")]
+    /// A region's page size is not a power of two in the supported span.
+    #[error(
+        "region {region}: page size {page_size} is not a power of two between 512 bytes and 1 GiB"
+    )]
     BadPageSize {
+        /// The region's id.
+        region: u32,
         /// The rejected page size.
         page_size: u64,
     },
@@ -28,37 +32,40 @@ pub enum LayoutError {
         /// Most regions supported.
         max: usize,
     },
-    /// A region of length zero.
-    #[error("region at {start:#x} is empty")]
+    /// A region of size zero.
+    #[error("region {region} is empty")]
     EmptyRegion {
-        /// Start of the region.
-        start: u64,
+        /// The region's id.
+        region: u32,
     },
-    /// A region whose start or length is not a multiple of the page size.
-    #[error("region {start:#x}+{len:#x} is not aligned to {page_size}-byte pages")]
+    /// A region whose size, host or guest-physical address is not a multiple
+    /// of its page size.
+    #[error("region {region}: size or address is not a multiple of its {page_size}-byte pages")]
     Unaligned {
-        /// Start of the region.
-        start: u64,
-        /// Length of the region.
-        len: u64,
-        /// The layout's page size.
+        /// The region's id.
+        region: u32,
+        /// The region's page size.
         page_size: u64,
     },
     /// A region running past the end of the address space.
-    #[error("region {start:#x}+{len:#x} wraps around the address space")]
+    #[error("region {region} wraps around the address space")]
     Wraps {
-        /// Start of the region.
-        start: u64,
-        /// Length of the region.
-        len: u64,
+        /// The region's id.
+        region: u32,
     },
-    /// Two regions share addresses.
-    #[error("regions {first:#x?} and {second:#x?} overlap")]
+    /// Two regions with the same id.
+    #[error("region id {region} is used twice")]
+    DuplicateId {
+        /// The id.
+        region: u32,
+    },
+    /// Two regions share host addresses.
+    #[error("regions {first} and {second} overlap in this process's address space")]
     Overlap {
-        /// The lower region.
-        first: Range<u64>,
+        /// The region with the lower host address.
+        first: u32,
         /// The region that starts inside it.
-        second: Range<u64>,
+        second: u32,
     },
     /// A range that is not page-aligned or is empty/inverted.
     #[error("range {range:#x?} is not a non-empty span of whole {page_size}-byte pages")]
@@ -68,11 +75,35 @@ pub enum LayoutError {
         /// The layout's page size.
         page_size: u64,
     },
-    /// A range that is not inside the layout.
+    /// A host range (or memory offsets) not inside the layout.
     #[error("range {range:#x?} is outside the layout")]
     OutsideLayout {
         /// The rejected range.
         range: Range<u64>,
+    },
+    /// No region has this id.
+    #[error("no region has id {region}")]
+    UnknownRegion {
+        /// The id.
+        region: u32,
+    },
+    /// Bytes that are not whole pages inside their region.
+    #[error("{len:#x} bytes at offset {offset:#x} are not whole pages inside region {region}")]
+    OutsideRegion {
+        /// The region's id.
+        region: u32,
+        /// Offset inside the region.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Memory the destination handed in does not match the announced layout.
+    #[error("destination memory for region {region}: {reason}")]
+    Placement {
+        /// The region's id.
+        region: u32,
+        /// What does not match.
+        reason: &'static str,
     },
 }
 
@@ -149,6 +180,17 @@ pub enum ProtocolError {
         /// The version this build speaks.
         supported: u32,
     },
+    /// The peer speaks an older protocol or image version this build no
+    /// longer reads.
+    #[error(
+        "version {version} is no longer supported: this build reads and writes version {supported} only (pages named by region and offset, a state blob); run the same precopy version at both ends"
+    )]
+    OldVersion {
+        /// Version announced by the peer or image.
+        version: u32,
+        /// The version this build speaks.
+        supported: u32,
+    },
     /// A frame's CRC32C does not match its contents.
     #[error(
         "{} frame at byte {offset} has a bad checksum (stored {stored:#010x}, computed {computed:#010x})",
@@ -201,12 +243,26 @@ pub enum ProtocolError {
         theirs: u64,
     },
     /// A page or zero range that is not inside the announced layout.
-    #[error("pages {addr:#x}+{len:#x} are outside the announced layout")]
+    #[error("pages {offset:#x}+{len:#x} of region {region} are outside the announced layout")]
     PageOutsideLayout {
-        /// First address of the frame's pages.
-        addr: u64,
+        /// The region the frame names.
+        region: u32,
+        /// Offset of the frame's pages inside it.
+        offset: u64,
         /// Length of the frame's pages.
         len: u64,
+    },
+    /// A state blob whose own checksum does not match its bytes.
+    #[error(
+        "state blob at byte {offset} is damaged (stored CRC32C {stored:#010x}, computed {computed:#010x})"
+    )]
+    StateChecksum {
+        /// Stream offset of the STATE frame.
+        offset: u64,
+        /// The blob's checksum as sent.
+        stored: u32,
+        /// The checksum of the bytes received.
+        computed: u32,
     },
     /// A valid frame that is not allowed in the receiver's current state.
     #[error("unexpected {kind} frame at byte {offset} while {state}")]
@@ -298,12 +354,12 @@ pub enum ImageError {
         reason: String,
     },
     /// The image's index disagrees with its records.
-    #[error("image {path} index disagrees with its records at page {addr:#x}")]
+    #[error("image {path} index disagrees with its records at memory offset {offset:#x}")]
     IndexMismatch {
         /// The image file.
         path: PathBuf,
-        /// The first page where they differ.
-        addr: u64,
+        /// Memory offset of the first page where they differ.
+        offset: u64,
     },
     /// The memory assembled from the image does not match the recorded checksum.
     #[error("image memory checksum {actual:#010x} does not match the recorded {expected:#010x}")]
@@ -315,12 +371,12 @@ pub enum ImageError {
     },
     /// A page the image holds fails its CRC32C: the file was altered after
     /// it was written.
-    #[error("image {path} is damaged: the page at source address {addr:#x} fails its check")]
+    #[error("image {path} is damaged: the page at memory offset {offset:#x} fails its check")]
     PageDamaged {
         /// The image file.
         path: PathBuf,
-        /// Source address of the page.
-        addr: u64,
+        /// Memory offset of the page.
+        offset: u64,
         /// The failed check, with its file offset.
         #[source]
         source: ProtocolError,

@@ -8,17 +8,19 @@
 //! any point therefore never looks complete.
 //!
 //! ```text
-//! "PRCPIMG\0" | version u32 (2) | reserved u32
-//! HELLO      (layout and page size; session, nonce and stream fields zero)
+//! "PRCPIMG\0" | version u32 (3) | reserved u32
+//! HELLO      (the layout; session, nonce and stream fields zero)
 //! ROUND_BEGIN r | PAGES (raw, codec 0)... | ZERO... | ROUND_END r      (per round)
+//! STATE      (optional: the state blob, with its own CRC32C)
 //! FINISH     (rounds, memory digest)            written, flushed and synced, then
-//! INDEX...   (address, length, file offset of the data | u64::MAX for zeros)
+//! INDEX...   (region, offset, length, file offset of the data | u64::MAX for zeros)
 //! TRAILER    (a = offset of the first INDEX, b = own offset, c = checksum)
 //! ```
 //!
 //! Records are [`protocol`](crate::protocol) frames, each with its CRC32C, at
 //! file offsets. The memory digest is the one defined in [`crate::digest`]
-//! (version 1 images held a CRC32C of the memory bytes and are refused). Pages never sent read as zeros. An incomplete image is still
+//! (version 1 images held a CRC32C of the memory bytes, version 2 ones named
+//! pages by host address; both are refused). Pages never sent read as zeros. An incomplete image is still
 //! readable: its contents are the rounds that ended before the cut.
 
 use std::fs::{File, OpenOptions};
@@ -34,7 +36,7 @@ use crate::digest::{
     FinalCheck, MemoryDigest, PageCrcs, PageFold, check_final, page_crc, zero_page_crc,
 };
 use crate::error::{ImageError, ProtocolError, TransferError};
-use crate::layout::{Layout, Region};
+use crate::layout::{Layout, MemoryRegion};
 use crate::protocol::{
     FrameKind, FrameReader, FrameWriter, HEADER_LEN, Header, Hello, MAX_PAYLOAD, expect,
     verify_frame_pages,
@@ -44,7 +46,7 @@ use crate::sink::Sink;
 /// The first eight bytes of an image file.
 pub const IMAGE_MAGIC: [u8; 8] = *b"PRCPIMG\0";
 /// The image format version written by this build.
-pub const IMAGE_VERSION: u32 = 2;
+pub const IMAGE_VERSION: u32 = 3;
 const PREAMBLE_LEN: u64 = 16;
 
 /// Page location: never sent.
@@ -79,6 +81,7 @@ pub struct ImageWriter {
     /// Updates of the round in progress, applied at its end.
     next_round: u64,
     in_round: Option<(u64, u64, u64, u64)>,
+    state_written: bool,
     finished: bool,
 }
 
@@ -107,11 +110,10 @@ impl ImageWriter {
         out.get_mut().write_all(&pre).map_err(io("writing"))?;
         let hello = Hello {
             session: 0,
-            page_size: layout.page_size(),
             stream_index: 0,
             stream_count: 1,
             nonce: [0; 16],
-            layout: layout.clone(),
+            layout: layout.without_host(),
         };
         out.write_frame(FrameKind::Hello, 0, 0, 0, 0, &hello.payload())
             .map_err(io("writing"))?;
@@ -126,6 +128,7 @@ impl ImageWriter {
             fold,
             next_round: 0,
             in_round: None,
+            state_written: false,
             finished: false,
         })
     }
@@ -231,11 +234,17 @@ impl Sink for ImageWriter {
         Ok(())
     }
 
-    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError> {
+    fn send_pages(
+        &mut self,
+        offset: u64,
+        pages: PageBuf,
+        crcs: &[u32],
+    ) -> Result<(), TransferError> {
         self.round_counts("send_pages")?;
         let len = pages.len() as u64;
         let ps = self.layout.page_size();
-        let first = self.layout.locate(addr..addr.saturating_add(len))? / ps;
+        let (region, at) = wire_address(&self.layout, offset, len)?;
+        let first = offset / ps;
         if crcs.len() as u64 != len / ps || self.finished {
             return Err(TransferError::Misuse {
                 operation: "send_pages",
@@ -243,7 +252,7 @@ impl Sink for ImageWriter {
             });
         }
         let data = self.pos() + HEADER_LEN as u64;
-        let r = self.out.write_pages(addr, &pages, crcs, &self.fold);
+        let r = self.out.write_pages(region, at, &pages, crcs, &self.fold);
         r.map_err(self.io("writing"))?;
         self.crcs.set(first as usize, crcs);
         for k in 0..len / ps {
@@ -257,8 +266,9 @@ impl Sink for ImageWriter {
         self.round_counts("send_zero_range")?;
         let ps = self.layout.page_size();
         let len = range.end.saturating_sub(range.start);
-        let first = self.layout.locate(range.clone())? / ps;
-        self.write(FrameKind::Zero, range.start, len, 0, &[])?;
+        let (region, at) = wire_address(&self.layout, range.start, len)?;
+        let first = range.start / ps;
+        self.write(FrameKind::Zero, at, len, region, &[])?;
         self.crcs.set_zero(first as usize, (len / ps) as usize);
         for k in 0..len / ps {
             self.loc[(first + k) as usize] = ZERO;
@@ -281,6 +291,20 @@ impl Sink for ImageWriter {
         Ok(self.pos() - start + HEADER_LEN as u64)
     }
 
+    /// Writes the STATE record: the blob with its own CRC32C.
+    fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
+        if self.in_round.is_some() || self.state_written {
+            return Err(TransferError::Misuse {
+                operation: "send_state",
+                state: "inside a round or twice",
+            });
+        }
+        let crc = crc32c::crc32c(state);
+        self.write(FrameKind::State, state.len() as u64, 0, crc, state)?;
+        self.state_written = true;
+        Ok(())
+    }
+
     /// Checks the page CRCs recorded while writing (and with
     /// [`FinalCheck::Full`] the memory read back from the file) against
     /// `memory_checksum`, then writes the FINISH record, syncs, writes the
@@ -300,11 +324,13 @@ impl Sink for ImageWriter {
         let index_offset = self.pos();
         let entries = index_entries(&self.loc, &self.layout);
         for chunk in entries.chunks(INDEX_ENTRIES_PER_RECORD) {
-            let mut p = Vec::with_capacity(chunk.len() * 24);
-            for (addr, len, off) in chunk {
-                p.extend_from_slice(&addr.to_le_bytes());
-                p.extend_from_slice(&len.to_le_bytes());
-                p.extend_from_slice(&off.to_le_bytes());
+            let mut p = Vec::with_capacity(chunk.len() * INDEX_ENTRY_LEN);
+            for e in chunk {
+                p.extend_from_slice(&e.region.to_le_bytes());
+                p.extend_from_slice(&0u32.to_le_bytes());
+                p.extend_from_slice(&e.offset.to_le_bytes());
+                p.extend_from_slice(&e.len.to_le_bytes());
+                p.extend_from_slice(&e.file_offset.to_le_bytes());
             }
             self.write(FrameKind::Index, 0, 0, 0, &p)?;
         }
@@ -322,31 +348,65 @@ impl Sink for ImageWriter {
     }
 }
 
-/// Extents of pages with the same kind of location, contiguous in address
-/// and (for data) in file: (address, length, file offset or `u64::MAX`).
-fn index_entries(loc: &[u64], layout: &Layout) -> Vec<(u64, u64, u64)> {
+/// The wire's name (region id, offset inside it) for `len` bytes at memory
+/// offset `offset`, which must be whole pages inside one region.
+fn wire_address(layout: &Layout, offset: u64, len: u64) -> Result<(u32, u64), TransferError> {
+    layout.check_span(offset, len)?;
+    let (r, at) = layout
+        .region_at(offset)
+        .ok_or(crate::error::LayoutError::OutsideLayout {
+            range: offset..offset + len,
+        })?;
+    Ok((r.id, at))
+}
+
+/// Bytes of one INDEX entry.
+const INDEX_ENTRY_LEN: usize = 32;
+
+/// One INDEX entry: pages of one region with the same kind of location,
+/// contiguous in the region and (for data) in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IndexEntry {
+    region: u32,
+    offset: u64,
+    len: u64,
+    /// File offset of the data, or `u64::MAX` for zeros.
+    file_offset: u64,
+}
+
+/// The index of `loc`: extents per region.
+fn index_entries(loc: &[u64], layout: &Layout) -> Vec<IndexEntry> {
     let ps = layout.page_size();
-    let mut out: Vec<(u64, u64, u64)> = Vec::new();
+    let mut out: Vec<IndexEntry> = Vec::new();
     let mut page = 0usize;
     for region in layout.regions() {
-        for k in 0..region.len / ps {
+        for k in 0..region.size / ps {
             let l = loc[page];
             page += 1;
             if l == NEVER {
                 continue;
             }
-            let addr = region.start + k * ps;
-            let off = if l == ZERO { u64::MAX } else { l };
+            let offset = k * ps;
+            let file_offset = if l == ZERO { u64::MAX } else { l };
             if let Some(last) = out.last_mut() {
-                let contiguous = last.0 + last.1 == addr
-                    && ((off == u64::MAX && last.2 == u64::MAX)
-                        || (off != u64::MAX && last.2 != u64::MAX && last.2 + last.1 == off));
+                let zeros = file_offset == u64::MAX;
+                let contiguous = last.region == region.id
+                    && last.offset + last.len == offset
+                    && ((zeros && last.file_offset == u64::MAX)
+                        || (!zeros
+                            && last.file_offset != u64::MAX
+                            && last.file_offset + last.len == file_offset));
                 if contiguous {
-                    last.1 += ps;
+                    last.len += ps;
                     continue;
                 }
             }
-            out.push((addr, ps, off));
+            out.push(IndexEntry {
+                region: region.id,
+                offset,
+                len: ps,
+                file_offset,
+            });
         }
     }
     out
@@ -373,7 +433,7 @@ pub struct ImageInfo {
     /// Page size.
     pub page_size: u64,
     /// The layout's regions.
-    pub regions: Vec<Region>,
+    pub regions: Vec<MemoryRegion>,
     /// Bytes the layout covers.
     pub total_len: u64,
     /// Rounds that ended in the image.
@@ -390,6 +450,8 @@ pub struct ImageInfo {
     pub complete: bool,
     /// The recorded memory checksum, when complete.
     pub memory_checksum: Option<u32>,
+    /// Bytes of the state blob, if the image holds one.
+    pub state_bytes: Option<u64>,
     /// Why the image is incomplete, if it is.
     pub incomplete_reason: Option<String>,
     /// File size.
@@ -414,7 +476,9 @@ struct Walk {
     loc: Vec<u64>,
     records: u64,
     finish: Option<(u64, u32)>,
-    index: Vec<(u64, u64, u64)>,
+    /// File offset, length and CRC32C of the state blob.
+    state: Option<(u64, u64, u32)>,
+    index: Vec<IndexEntry>,
     trailer: Option<Header>,
     /// Every PAGES record seen, in file order: (header offset, payload length).
     pages_records: Vec<(u64, u64)>,
@@ -434,6 +498,7 @@ pub struct Image {
     pages_records: Vec<(u64, u64)>,
     complete: bool,
     checksum: Option<u32>,
+    state: Option<(u64, u64, u32)>,
     incomplete_reason: Option<String>,
     file_len: u64,
 }
@@ -480,9 +545,38 @@ impl Image {
             } else {
                 None
             },
+            state: walk.state,
             incomplete_reason: reason,
             file_len,
         })
+    }
+
+    /// The state blob the image holds, read from the file and checked
+    /// against its own CRC32C (`None`: the image has none).
+    pub fn state(&self) -> Result<Option<Vec<u8>>, ImageError> {
+        let Some((at, len, crc)) = self.state else {
+            return Ok(None);
+        };
+        let mut blob = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut blob, at)
+            .map_err(|source| ImageError::Io {
+                path: self.path.clone(),
+                what: "reading the state blob of",
+                source,
+            })?;
+        let computed = crc32c::crc32c(&blob);
+        if computed != crc {
+            return Err(ImageError::Corrupt {
+                path: self.path.clone(),
+                source: ProtocolError::StateChecksum {
+                    offset: at - HEADER_LEN as u64,
+                    stored: crc,
+                    computed,
+                },
+            });
+        }
+        Ok(Some(blob))
     }
 
     /// The layout.
@@ -510,14 +604,15 @@ impl Image {
             never_sent_pages: count(&|l| l == NEVER),
             complete: self.complete,
             memory_checksum: self.checksum,
+            state_bytes: self.state.map(|s| s.1),
             incomplete_reason: self.incomplete_reason.clone(),
             file_len: self.file_len,
         }
     }
 
-    /// Writes the bytes of source addresses `range` as the image holds them
-    /// (zeros where a page was never sent) to `out`. The span may cross
-    /// adjacent regions but not a gap between them.
+    /// Writes the bytes at memory offsets `range` (regions back to back in
+    /// id order, see [`crate::layout`]) as the image holds them (zeros where
+    /// a page was never sent) to `out`.
     ///
     /// Every page written out is checked first: the PAGES record holding it
     /// is read whole once and its CRC32C checked (yielding each page's
@@ -528,21 +623,12 @@ impl Image {
     /// not part of the image, and pages never sent read as zeros).
     pub fn read_span(&self, range: Range<u64>, out: &mut dyn Write) -> Result<(), ImageError> {
         let ps = self.layout.page_size();
-        let outside = || ImageError::SpanOutsideLayout {
-            range: range.clone(),
-        };
         if range.start >= range.end {
             return Ok(());
         }
-        let start = range.start - range.start % ps;
-        let end = range.end.checked_next_multiple_of(ps).ok_or_else(outside)?;
-        let mut pieces = Vec::new();
-        self.layout
-            .split(start..end, |r, off| {
-                pieces.push((r, off));
-                Ok(())
-            })
-            .map_err(|_| outside())?;
+        if range.end > self.layout.total_len() {
+            return Err(ImageError::SpanOutsideLayout { range });
+        }
         let io = |what| {
             let path = self.path.clone();
             move |source| ImageError::Io { path, what, source }
@@ -552,51 +638,52 @@ impl Image {
             fold: PageFold::new(ps),
             records: std::collections::HashMap::new(),
         };
-        for (r, off) in pieces {
-            let mut addr = r.start;
-            let mut idx = (off / ps) as usize;
-            while addr < r.end {
-                let l = self.loc[idx];
-                if l >= ZERO {
-                    page.fill(0);
-                } else {
-                    let want = self.page_crc_at(addr, l, &mut checked)?;
-                    self.file
-                        .read_exact_at(&mut page, l)
-                        .map_err(io("reading"))?;
-                    let got = page_crc(&page);
-                    if got != want {
-                        return Err(ImageError::PageDamaged {
-                            path: self.path.clone(),
-                            addr,
-                            source: ProtocolError::BadChecksum {
-                                offset: l,
-                                kind: FrameKind::Pages as u8,
-                                stored: want,
-                                computed: got,
-                            },
-                        });
-                    }
+        let mut at = range.start - range.start % ps;
+        while at < range.end {
+            let l = self.loc[(at / ps) as usize];
+            if l >= ZERO {
+                page.fill(0);
+            } else {
+                let want = self.page_crc_at(at, l, &mut checked)?;
+                self.file
+                    .read_exact_at(&mut page, l)
+                    .map_err(io("reading"))?;
+                let got = page_crc(&page);
+                if got != want {
+                    return Err(ImageError::PageDamaged {
+                        path: self.path.clone(),
+                        offset: at,
+                        source: ProtocolError::BadChecksum {
+                            offset: l,
+                            kind: FrameKind::Pages as u8,
+                            stored: want,
+                            computed: got,
+                        },
+                    });
                 }
-                let from = range.start.max(addr) - addr;
-                let to = range.end.min(addr + ps) - addr;
-                out.write_all(&page[from as usize..to as usize])
-                    .map_err(io("writing span of"))?;
-                addr += ps;
-                idx += 1;
             }
+            let from = range.start.max(at) - at;
+            let to = range.end.min(at + ps) - at;
+            out.write_all(&page[from as usize..to as usize])
+                .map_err(io("writing span of"))?;
+            at += ps;
         }
         Ok(())
     }
 
-    /// The CRC32C of the page at source address `addr`, whose data is at file
-    /// offset `at`, from its PAGES record, whose CRC is checked the first
-    /// time one of its pages is asked for.
-    fn page_crc_at(&self, addr: u64, at: u64, checked: &mut RecordCrcs) -> Result<u32, ImageError> {
+    /// The CRC32C of the page at memory offset `offset`, whose data is at
+    /// file offset `at`, from its PAGES record, whose CRC is checked the
+    /// first time one of its pages is asked for.
+    fn page_crc_at(
+        &self,
+        offset: u64,
+        at: u64,
+        checked: &mut RecordCrcs,
+    ) -> Result<u32, ImageError> {
         let ps = self.layout.page_size();
         let damaged = |source| ImageError::PageDamaged {
             path: self.path.clone(),
-            addr,
+            offset,
             source,
         };
         let not_in_record = || {
@@ -697,8 +784,11 @@ impl Image {
         if let Some(i) = (0..walk.loc.len()).find(|&i| walk.loc[i] != from_index[i]) {
             return Err(ImageError::IndexMismatch {
                 path: self.path.clone(),
-                addr: walk.layout.address_of(i as u64 * ps).unwrap_or(0),
+                offset: i as u64 * ps,
             });
+        }
+        if self.state()?.is_some() != walk.state.is_some() {
+            return Err(corrupt("state record changed while verifying"));
         }
         let actual =
             digest_of_locations(&self.file, &walk.loc, ps).map_err(|source| ImageError::Io {
@@ -739,15 +829,12 @@ fn file_len(path: &Path, file: &File) -> Result<u64, ImageError> {
 
 /// Per-page locations described by INDEX extents, or `None` if an extent
 /// leaves the layout or the file, or overlaps another.
-fn locations_from_index(
-    index: &[(u64, u64, u64)],
-    layout: &Layout,
-    file_len: u64,
-) -> Option<Vec<u64>> {
+fn locations_from_index(index: &[IndexEntry], layout: &Layout, file_len: u64) -> Option<Vec<u64>> {
     let ps = layout.page_size();
     let mut loc = page_table(layout.total_pages())?;
-    for &(addr, len, off) in index {
-        let first = layout.locate(addr..addr.checked_add(len)?).ok()? / ps;
+    for e in index {
+        let (len, off) = (e.len, e.file_offset);
+        let first = layout.place(e.region, e.offset, len).ok()? / ps;
         if off != u64::MAX && off.checked_add(len)? > file_len {
             return None;
         }
@@ -796,6 +883,12 @@ fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Walk, ImageErr
         return Err(corrupt(ProtocolError::BadMagic { found }));
     }
     let version = u32::from_le_bytes([pre[8], pre[9], pre[10], pre[11]]);
+    if (1..IMAGE_VERSION).contains(&version) {
+        return Err(corrupt(ProtocolError::OldVersion {
+            version,
+            supported: IMAGE_VERSION,
+        }));
+    }
     if version != IMAGE_VERSION {
         return Err(corrupt(ProtocolError::UnknownVersion {
             version,
@@ -830,6 +923,7 @@ fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Walk, ImageErr
         loc,
         records: 1,
         finish: None,
+        state: None,
         index: Vec::new(),
         trailer: None,
         pages_records: Vec::new(),
@@ -907,15 +1001,13 @@ fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Walk, ImageErr
                     if h.kind == FrameKind::Zero {
                         expect(&h, h.kind, Some(0))?;
                     }
-                    let end =
-                        h.a.checked_add(h.b)
-                            .filter(|_| h.b > 0 && h.a % ps == 0 && h.b % ps == 0);
-                    let first = end.and_then(|end| w.layout.locate(h.a..end).ok()).ok_or(
+                    let first = w.layout.place(h.c, h.a, h.b).map_err(|_| {
                         ProtocolError::PageOutsideLayout {
-                            addr: h.a,
+                            region: h.c,
+                            offset: h.a,
                             len: h.b,
-                        },
-                    )? / ps;
+                        }
+                    })? / ps;
                     let data = h.offset + HEADER_LEN as u64;
                     if h.kind == FrameKind::Pages {
                         w.pages_records.push((h.offset, h.b));
@@ -952,6 +1044,10 @@ fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Walk, ImageErr
                     w.rounds.push(*round);
                     current = None;
                 }
+                (FrameKind::State, None) if w.finish.is_none() && w.state.is_none() => {
+                    let blob = crate::receiver::check_state(&h, payload)?;
+                    w.state = Some((h.offset + HEADER_LEN as u64, blob.len() as u64, h.c));
+                }
                 (FrameKind::Finish, None) if w.finish.is_none() => {
                     expect(&h, h.kind, Some(0))?;
                     if h.a != w.rounds.len() as u64 {
@@ -964,18 +1060,24 @@ fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Walk, ImageErr
                 }
                 (FrameKind::Index, None) if w.finish.is_some() => {
                     expect(&h, h.kind, None)?;
-                    if payload.len() % 24 != 0 {
+                    if payload.len() % INDEX_ENTRY_LEN != 0 {
                         return Err(ProtocolError::Malformed {
                             offset: h.offset,
                             kind: h.kind,
-                            reason: "index length is not a multiple of 24",
+                            reason: "index length is not a multiple of 32",
                         });
                     }
-                    for e in payload.chunks_exact(24) {
+                    for e in payload.chunks_exact(INDEX_ENTRY_LEN) {
                         let at = |o: usize| {
                             u64::from_le_bytes(e[o..o + 8].try_into().unwrap_or_default())
                         };
-                        w.index.push((at(0), at(8), at(16)));
+                        let region = u32::from_le_bytes(e[0..4].try_into().unwrap_or_default());
+                        w.index.push(IndexEntry {
+                            region,
+                            offset: at(8),
+                            len: at(16),
+                            file_offset: at(24),
+                        });
                     }
                 }
                 (FrameKind::Trailer, None) if w.finish.is_some() => {
@@ -1087,14 +1189,28 @@ impl std::fmt::Display for ImageInfo {
             self.total_len,
             self.page_size
         )?;
+        let mut offset = 0;
         for r in &self.regions {
-            writeln!(
+            write!(
                 f,
-                "  {:#014x}-{:#014x} ({} bytes)",
-                r.start,
-                r.start + r.len,
-                r.len
+                "  region {}: memory offsets {:#x}-{:#x} ({} bytes, {}-byte pages",
+                r.id,
+                offset,
+                offset + r.size,
+                r.size,
+                r.page_size
             )?;
+            if let Some(gpa) = r.guest_addr {
+                write!(f, ", guest-physical {gpa:#x}")?;
+            }
+            if let Some(b) = r.backing {
+                write!(f, ", {b:?}")?;
+            }
+            writeln!(f, ")")?;
+            offset += r.size;
+        }
+        if let Some(n) = self.state_bytes {
+            writeln!(f, "state:      {n} bytes")?;
         }
         writeln!(f, "rounds:     {}", self.rounds.len())?;
         for r in &self.rounds {
@@ -1118,8 +1234,8 @@ pub fn image_info(path: impl AsRef<Path>) -> Result<ImageInfo, ImageError> {
     Ok(Image::open(path)?.info())
 }
 
-/// `precopy image cat IMG --range START-END`: writes the raw bytes of source
-/// addresses `range` as the image holds them (zeros for pages never sent).
+/// `precopy image cat IMG --range START-END`: writes the raw bytes at memory
+/// offsets `range` as the image holds them (zeros for pages never sent).
 pub fn image_cat(
     path: impl AsRef<Path>,
     range: Range<u64>,
@@ -1164,19 +1280,38 @@ mod tests {
 
     #[test]
     fn index_extents_coalesce() {
-        let layout = Layout::single(4096, 0, 5 * 4096).unwrap();
-        let loc = vec![100, 4196, ZERO, ZERO, NEVER];
+        let layout = Layout::new(vec![
+            MemoryRegion::new(4, 5 * 4096, 4096),
+            MemoryRegion::new(9, 2 * 4096, 4096),
+        ])
+        .unwrap();
+        let loc = vec![100, 4196, ZERO, ZERO, NEVER, 8292, 12388];
+        let e = |region, offset, len, file_offset| IndexEntry {
+            region,
+            offset,
+            len,
+            file_offset,
+        };
         assert_eq!(
             index_entries(&loc, &layout),
-            vec![(0, 8192, 100), (8192, 8192, u64::MAX)]
+            vec![
+                e(4, 0, 8192, 100),
+                e(4, 8192, 8192, u64::MAX),
+                e(9, 0, 8192, 8292)
+            ],
+            "extents never span two regions"
         );
         assert_eq!(
-            locations_from_index(&index_entries(&loc, &layout), &layout, 10_000),
+            locations_from_index(&index_entries(&loc, &layout), &layout, 20_000),
             Some(loc)
         );
-        // Overlapping extents are refused.
+        // Overlapping extents are refused, and so are unknown regions.
         assert_eq!(
-            locations_from_index(&[(0, 8192, 0), (4096, 4096, 0)], &layout, 10_000),
+            locations_from_index(&[e(4, 0, 8192, 0), e(4, 4096, 4096, 0)], &layout, 10_000),
+            None
+        );
+        assert_eq!(
+            locations_from_index(&[e(5, 0, 4096, 0)], &layout, 10_000),
             None
         );
     }

@@ -1,11 +1,28 @@
-//! The memory layout: which source address ranges a transfer covers and where
-//! each lands in the destination's linear storage.
+//! The memory description: the regions of guest memory a transfer covers,
+//! stated once, and everything derived from it.
 //!
-//! The layout owns the one mapping every sink and receiver uses: a source
-//! address maps to an *offset*, the sum of the lengths of the regions below it
-//! plus its distance into its own region. Destinations store memory by offset
-//! (a mapping the size of [`Layout::total_len`], or an image file), so a page
-//! outside the layout has nowhere to go and is always rejected here.
+//! A VMM describes its memory as [`MemoryRegion`]s: an id, a size, a page
+//! size, and optionally the guest-physical address, the backing and (on the
+//! source) where this process mapped it. From that one [`Layout`] come:
+//!
+//! - the **tracker's registrations** on the source ([`Layout::host_ranges`]);
+//! - the **wire layout**: HELLO carries every region but its host address,
+//!   and PAGES/ZERO frames name pages by *region id and offset* inside the
+//!   region, never by a host address (see [`crate::protocol`]);
+//! - the **receiver's placement**: a region's pages land in the memory the
+//!   destination mapped for that id ([`MemorySink::with_memory`](crate::MemorySink::with_memory))
+//!   or in an owned mapping.
+//!
+//! Inside this crate pages are addressed by **memory offset**: the regions
+//! laid back to back in id order, so region `i` starts at the sum of the
+//! sizes of the regions with smaller ids. Sinks, the page-CRC tables and the
+//! memory digest all use that order. The wire unit, [`Layout::page_size`],
+//! is the smallest page size of any region; a hugetlb region still travels
+//! in those units (its tracker reports whole huge pages, which are simply
+//! several units).
+//!
+//! Never does: accept a range it cannot place. A page outside the layout has
+//! nowhere to go and is rejected here.
 
 use std::ops::Range;
 
@@ -14,40 +31,135 @@ use serde::Serialize;
 use crate::error::LayoutError;
 
 /// Most regions a layout may hold (bounded so a handshake frame stays small).
-pub const MAX_REGIONS: usize = 1 << 20;
+pub const MAX_REGIONS: usize = 1 << 16;
 
-/// One contiguous span of source memory.
+/// What backs a region's memory, as the source states it. The destination
+/// may use it to choose how to map its side; the source's tracker checks it
+/// against what it finds mapped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Region {
-    /// First source address (page-aligned).
-    pub start: u64,
-    /// Length in bytes (whole pages).
-    pub len: u64,
+#[serde(rename_all = "kebab-case")]
+pub enum Backing {
+    /// Private anonymous memory.
+    Anonymous,
+    /// Shared memory: a memfd or shmem mapping.
+    Memfd,
+    /// hugetlb pages (the region's page size is the huge page size).
+    Hugetlb,
+    /// A shared mapping of a regular file.
+    File,
 }
 
-impl Region {
-    /// The region as a half-open address range.
-    pub fn range(&self) -> Range<u64> {
-        self.start..self.start + self.len
+impl Backing {
+    /// The wire byte (0 is "not stated").
+    pub(crate) fn wire(backing: Option<Backing>) -> u8 {
+        match backing {
+            None => 0,
+            Some(Backing::Anonymous) => 1,
+            Some(Backing::Memfd) => 2,
+            Some(Backing::Hugetlb) => 3,
+            Some(Backing::File) => 4,
+        }
+    }
+
+    /// The backing for a wire byte; `Err` for an unknown byte.
+    pub(crate) fn from_wire(b: u8) -> Result<Option<Backing>, ()> {
+        Ok(match b {
+            0 => None,
+            1 => Some(Backing::Anonymous),
+            2 => Some(Backing::Memfd),
+            3 => Some(Backing::Hugetlb),
+            4 => Some(Backing::File),
+            _ => return Err(()),
+        })
     }
 }
 
-/// A validated set of regions: sorted, page-aligned, non-overlapping.
+/// One region of guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemoryRegion {
+    /// The region's id, unique in its layout; the wire names pages by it.
+    pub id: u32,
+    /// Bytes (a multiple of `page_size`).
+    pub size: u64,
+    /// The region's page size in bytes: 4096 for ordinary memory, the huge
+    /// page size for hugetlb.
+    pub page_size: u64,
+    /// Guest-physical address of the region's first byte, if it has one.
+    pub guest_addr: Option<u64>,
+    /// What backs it, if stated.
+    pub backing: Option<Backing>,
+    /// Where this process mapped it (the source reads and tracks it there).
+    /// Never sent: a destination maps its own.
+    #[serde(skip)]
+    pub host_addr: Option<u64>,
+}
+
+impl MemoryRegion {
+    /// Region `id` of `size` bytes in pages of `page_size` bytes, with
+    /// nothing else stated.
+    pub fn new(id: u32, size: u64, page_size: u64) -> MemoryRegion {
+        MemoryRegion {
+            id,
+            size,
+            page_size,
+            guest_addr: None,
+            backing: None,
+            host_addr: None,
+        }
+    }
+
+    /// The region is mapped in this process at `addr`.
+    pub fn host(mut self, addr: u64) -> MemoryRegion {
+        self.host_addr = Some(addr);
+        self
+    }
+
+    /// The region starts at guest-physical address `gpa`.
+    pub fn guest(mut self, gpa: u64) -> MemoryRegion {
+        self.guest_addr = Some(gpa);
+        self
+    }
+
+    /// The region is backed by `backing`.
+    pub fn backed_by(mut self, backing: Backing) -> MemoryRegion {
+        self.backing = Some(backing);
+        self
+    }
+
+    /// Host addresses of the region, if it has them.
+    pub fn host_range(&self) -> Option<Range<u64>> {
+        self.host_addr.map(|a| a..a + self.size)
+    }
+
+    /// The region as the wire carries it: without its host address.
+    pub fn without_host(mut self) -> MemoryRegion {
+        self.host_addr = None;
+        self
+    }
+}
+
+/// A validated memory description: region ids unique, sizes and addresses
+/// aligned to each region's page size, host ranges disjoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
+    /// The wire unit: the smallest region page size.
     page_size: u64,
-    regions: Vec<Region>,
-    /// `offsets[i]` is the destination offset of `regions[i].start`.
+    /// Sorted by id.
+    regions: Vec<MemoryRegion>,
+    /// `offsets[i]` is the memory offset of `regions[i]`.
     offsets: Vec<u64>,
     total_len: u64,
+    /// Indices of the regions with a host address, sorted by it.
+    by_host: Vec<usize>,
+}
+
+fn valid_page_size(page_size: u64) -> bool {
+    page_size.is_power_of_two() && (512..=1 << 30).contains(&page_size)
 }
 
 impl Layout {
-    /// Builds a layout from `regions` in any order.
-    pub fn new(page_size: u64, mut regions: Vec<Region>) -> Result<Layout, LayoutError> {
-        if !page_size.is_power_of_two() || !(512..=1 << 30).contains(&page_size) {
-            return Err(LayoutError::BadPageSize { page_size });
-        }
+    /// Validates `regions` (any order) into a layout.
+    pub fn new(mut regions: Vec<MemoryRegion>) -> Result<Layout, LayoutError> {
         if regions.is_empty() {
             return Err(LayoutError::Empty);
         }
@@ -58,61 +170,104 @@ impl Layout {
             });
         }
         for r in &regions {
-            if r.len == 0 {
-                return Err(LayoutError::EmptyRegion { start: r.start });
+            if !valid_page_size(r.page_size) {
+                return Err(LayoutError::BadPageSize {
+                    region: r.id,
+                    page_size: r.page_size,
+                });
             }
-            if r.start % page_size != 0 || r.len % page_size != 0 {
+            if r.size == 0 {
+                return Err(LayoutError::EmptyRegion { region: r.id });
+            }
+            let aligned = |a: u64| a % r.page_size == 0;
+            if !aligned(r.size)
+                || !r.host_addr.is_none_or(aligned)
+                || !r.guest_addr.is_none_or(aligned)
+            {
                 return Err(LayoutError::Unaligned {
-                    start: r.start,
-                    len: r.len,
-                    page_size,
+                    region: r.id,
+                    page_size: r.page_size,
                 });
             }
-            if r.start.checked_add(r.len).is_none() {
-                return Err(LayoutError::Wraps {
-                    start: r.start,
-                    len: r.len,
-                });
+            let wraps = |a: Option<u64>| a.is_some_and(|a| a.checked_add(r.size).is_none());
+            if wraps(r.host_addr) || wraps(r.guest_addr) {
+                return Err(LayoutError::Wraps { region: r.id });
             }
         }
-        regions.sort_by_key(|r| r.start);
+        regions.sort_by_key(|r| r.id);
+        if let Some(w) = regions.windows(2).find(|w| w[0].id == w[1].id) {
+            return Err(LayoutError::DuplicateId { region: w[0].id });
+        }
         let mut offsets = Vec::with_capacity(regions.len());
         let mut total: u64 = 0;
-        for (i, r) in regions.iter().enumerate() {
-            if i > 0 {
-                let prev = regions[i - 1];
-                if prev.start + prev.len > r.start {
-                    return Err(LayoutError::Overlap {
-                        first: prev.range(),
-                        second: r.range(),
-                    });
-                }
-            }
+        for r in &regions {
             offsets.push(total);
-            // Cannot overflow: regions are disjoint inside the 64-bit space.
-            total += r.len;
+            total = total
+                .checked_add(r.size)
+                .ok_or(LayoutError::Wraps { region: r.id })?;
         }
+        let mut by_host: Vec<usize> = (0..regions.len())
+            .filter(|&i| regions[i].host_addr.is_some())
+            .collect();
+        by_host.sort_by_key(|&i| regions[i].host_addr);
+        for w in by_host.windows(2) {
+            let (a, b) = (&regions[w[0]], &regions[w[1]]);
+            if a.host_addr.unwrap_or(0) + a.size > b.host_addr.unwrap_or(0) {
+                return Err(LayoutError::Overlap {
+                    first: a.id,
+                    second: b.id,
+                });
+            }
+        }
+        let page_size = regions.iter().map(|r| r.page_size).min().unwrap_or(4096);
         Ok(Layout {
             page_size,
             regions,
             offsets,
             total_len: total,
+            by_host,
         })
     }
 
-    /// A layout of one region.
-    pub fn single(page_size: u64, start: u64, len: u64) -> Result<Layout, LayoutError> {
-        Layout::new(page_size, vec![Region { start, len }])
+    /// A layout of one anonymous region, id 0, mapped here at `host_addr`.
+    pub fn single(page_size: u64, host_addr: u64, len: u64) -> Result<Layout, LayoutError> {
+        Layout::new(vec![
+            MemoryRegion::new(0, len, page_size)
+                .host(host_addr)
+                .backed_by(Backing::Anonymous),
+        ])
     }
 
-    /// The page size, in bytes.
+    /// The wire unit in bytes: the smallest page size of any region. Every
+    /// region's size and offsets are whole units.
     pub fn page_size(&self) -> u64 {
         self.page_size
     }
 
-    /// The regions, sorted by address.
-    pub fn regions(&self) -> &[Region] {
+    /// The regions, sorted by id.
+    pub fn regions(&self) -> &[MemoryRegion] {
         &self.regions
+    }
+
+    /// The region with `id`.
+    pub fn region(&self, id: u32) -> Option<&MemoryRegion> {
+        let i = self.regions.binary_search_by_key(&id, |r| r.id).ok()?;
+        Some(&self.regions[i])
+    }
+
+    /// The same layout without host addresses: what the wire carries.
+    pub fn without_host(&self) -> Layout {
+        Layout {
+            regions: self.regions.iter().map(|r| r.without_host()).collect(),
+            by_host: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// Host ranges of the regions that have one, in id order (what a source
+    /// tracks and sends in full in round 0).
+    pub fn host_ranges(&self) -> Vec<Range<u64>> {
+        self.regions.iter().filter_map(|r| r.host_range()).collect()
     }
 
     /// Total bytes covered by all regions (the destination's size).
@@ -120,46 +275,82 @@ impl Layout {
         self.total_len
     }
 
-    /// Total pages covered by all regions.
+    /// Total wire pages covered by all regions.
     pub fn total_pages(&self) -> u64 {
         self.total_len / self.page_size
     }
 
-    /// Index of the region containing `addr`, if any.
-    fn region_index(&self, addr: u64) -> Option<usize> {
+    /// Memory offset of `len` bytes at `offset` inside region `id`, which
+    /// must be whole wire pages inside the region: where the wire's
+    /// (region, offset) lands.
+    pub fn place(&self, id: u32, offset: u64, len: u64) -> Result<u64, LayoutError> {
+        let ps = self.page_size;
+        let outside = LayoutError::OutsideRegion {
+            region: id,
+            offset,
+            len,
+        };
+        if len == 0 || offset % ps != 0 || len % ps != 0 {
+            return Err(outside);
+        }
         let i = self
             .regions
-            .partition_point(|r| r.start <= addr)
-            .checked_sub(1)?;
-        let r = self.regions[i];
-        (addr - r.start < r.len).then_some(i)
+            .binary_search_by_key(&id, |r| r.id)
+            .map_err(|_| LayoutError::UnknownRegion { region: id })?;
+        match offset.checked_add(len) {
+            Some(end) if end <= self.regions[i].size => Ok(self.offsets[i] + offset),
+            _ => Err(outside),
+        }
     }
 
-    /// Destination offset of `range`, which must be non-empty, page-aligned and
-    /// lie inside a single region.
+    /// The region holding memory offset `offset` and the offset inside it:
+    /// how a memory offset is named on the wire.
+    pub fn region_at(&self, offset: u64) -> Option<(&MemoryRegion, u64)> {
+        if offset >= self.total_len {
+            return None;
+        }
+        let i = self.offsets.partition_point(|&o| o <= offset) - 1;
+        Some((&self.regions[i], offset - self.offsets[i]))
+    }
+
+    /// Checks that `len` bytes at memory offset `offset` are whole wire
+    /// pages inside one region.
+    pub fn check_span(&self, offset: u64, len: u64) -> Result<(), LayoutError> {
+        let (r, inside) = self.region_at(offset).ok_or(LayoutError::OutsideLayout {
+            range: offset..offset.saturating_add(len),
+        })?;
+        self.place(r.id, inside, len).map(|_| ())
+    }
+
+    /// Index (into [`Layout::regions`]) of the region whose host range holds
+    /// `addr`.
+    fn host_index(&self, addr: u64) -> Option<usize> {
+        let k = self
+            .by_host
+            .partition_point(|&i| self.regions[i].host_addr.unwrap_or(0) <= addr)
+            .checked_sub(1)?;
+        let i = self.by_host[k];
+        let r = &self.regions[i];
+        (addr - r.host_addr.unwrap_or(0) < r.size).then_some(i)
+    }
+
+    /// Memory offset of host range `range`, which must be non-empty, whole
+    /// wire pages and lie inside a single region.
     pub fn locate(&self, range: Range<u64>) -> Result<u64, LayoutError> {
         self.check_pages(&range)?;
         let outside = || LayoutError::OutsideLayout {
             range: range.clone(),
         };
-        let i = self.region_index(range.start).ok_or_else(outside)?;
-        let r = self.regions[i];
-        if range.end > r.start + r.len {
+        let i = self.host_index(range.start).ok_or_else(outside)?;
+        let r = &self.regions[i];
+        let base = r.host_addr.unwrap_or(0);
+        if range.end > base + r.size {
             return Err(outside());
         }
-        Ok(self.offsets[i] + (range.start - r.start))
+        Ok(self.offsets[i] + (range.start - base))
     }
 
-    /// Source address of destination `offset` (inverse of [`Layout::locate`]).
-    pub fn address_of(&self, offset: u64) -> Option<u64> {
-        if offset >= self.total_len {
-            return None;
-        }
-        let i = self.offsets.partition_point(|&o| o <= offset) - 1;
-        Some(self.regions[i].start + (offset - self.offsets[i]))
-    }
-
-    /// Checks that `range` is a non-empty span of whole pages.
+    /// Checks that host range `range` is a non-empty span of whole wire pages.
     pub fn check_pages(&self, range: &Range<u64>) -> Result<(), LayoutError> {
         if range.start >= range.end
             || range.start % self.page_size != 0
@@ -173,9 +364,9 @@ impl Layout {
         Ok(())
     }
 
-    /// Splits `range` at region boundaries, calling `f` for each piece with the
-    /// piece and its destination offset. Fails, before calling `f` at all, if
-    /// any byte of `range` is outside the layout.
+    /// Splits host range `range` at region boundaries, calling `f` for each
+    /// piece with the piece and its memory offset. Fails, before calling `f`
+    /// at all, if any byte of `range` is outside the layout.
     pub fn split(
         &self,
         range: Range<u64>,
@@ -186,25 +377,25 @@ impl Layout {
             range: range.clone(),
         };
         // First pass: check coverage, so nothing is emitted for a bad range.
-        let first = self.region_index(range.start).ok_or_else(outside)?;
+        let first = self.host_index(range.start).ok_or_else(outside)?;
+        let first = self.by_host.iter().position(|&i| i == first).unwrap_or(0);
+        let mut pieces = Vec::new();
         let mut at = range.start;
-        let mut i = first;
+        let mut k = first;
         while at < range.end {
-            let r = self.regions.get(i).ok_or_else(outside)?;
-            if r.start != at && i != first {
+            let i = *self.by_host.get(k).ok_or_else(outside)?;
+            let r = &self.regions[i];
+            let base = r.host_addr.unwrap_or(0);
+            if base > at {
                 return Err(outside().into());
             }
-            at = (r.start + r.len).min(range.end);
-            i += 1;
-        }
-        let mut at = range.start;
-        let mut i = first;
-        while at < range.end {
-            let r = self.regions[i];
-            let end = (r.start + r.len).min(range.end);
-            f(at..end, self.offsets[i] + (at - r.start))?;
+            let end = (base + r.size).min(range.end);
+            pieces.push((at..end, self.offsets[i] + (at - base)));
             at = end;
-            i += 1;
+            k += 1;
+        }
+        for (piece, offset) in pieces {
+            f(piece, offset)?;
         }
         Ok(())
     }
@@ -215,36 +406,30 @@ mod tests {
     use super::*;
 
     fn layout() -> Layout {
-        Layout::new(
-            4096,
-            vec![
-                Region {
-                    start: 0x10000,
-                    len: 0x2000,
-                },
-                Region {
-                    start: 0x1000,
-                    len: 0x3000,
-                },
-                Region {
-                    start: 0x12000,
-                    len: 0x1000,
-                },
-            ],
-        )
+        Layout::new(vec![
+            MemoryRegion::new(5, 0x2000, 4096).host(0x10000),
+            MemoryRegion::new(1, 0x3000, 4096).host(0x1000),
+            MemoryRegion::new(7, 0x1000, 4096).host(0x12000),
+        ])
         .unwrap()
     }
 
     #[test]
-    fn sorts_and_offsets() {
+    fn sorts_by_id_and_offsets() {
         let l = layout();
-        assert_eq!(l.regions()[0].start, 0x1000);
+        assert_eq!(l.regions()[0].id, 1);
         assert_eq!(l.total_len(), 0x6000);
         assert_eq!(l.locate(0x1000..0x2000).unwrap(), 0);
         assert_eq!(l.locate(0x10000..0x12000).unwrap(), 0x3000);
         assert_eq!(l.locate(0x12000..0x13000).unwrap(), 0x5000);
-        assert_eq!(l.address_of(0x3000), Some(0x10000));
-        assert_eq!(l.address_of(0x6000), None);
+        assert_eq!(l.place(5, 0x1000, 0x1000).unwrap(), 0x4000);
+        let (r, off) = l.region_at(0x4000).unwrap();
+        assert_eq!((r.id, off), (5, 0x1000));
+        assert!(l.region_at(0x6000).is_none());
+        assert_eq!(
+            l.host_ranges(),
+            vec![0x1000..0x4000, 0x10000..0x12000, 0x12000..0x13000]
+        );
     }
 
     #[test]
@@ -256,6 +441,11 @@ mod tests {
         assert!(l.locate(0x1000..0x1800).is_err(), "unaligned");
         assert!(l.locate(0x2000..0x2000).is_err(), "empty");
         assert!(l.locate(u64::MAX - 4095..u64::MAX).is_err());
+        assert!(l.place(5, 0x1000, 0x2000).is_err(), "past the region end");
+        assert!(l.place(2, 0, 0x1000).is_err(), "unknown id");
+        assert!(l.place(5, u64::MAX - 4095, 4096).is_err());
+        assert!(l.check_span(0x2000, 0x2000).is_err(), "crosses regions");
+        assert!(l.without_host().locate(0x1000..0x2000).is_err());
     }
 
     #[test]
@@ -283,27 +473,38 @@ mod tests {
     }
 
     #[test]
+    fn page_size_is_the_smallest_and_regions_align_to_their_own() {
+        let l = Layout::new(vec![
+            MemoryRegion::new(0, 4 << 20, 2 << 20).backed_by(Backing::Hugetlb),
+            MemoryRegion::new(1, 8192, 4096),
+        ])
+        .unwrap();
+        assert_eq!(l.page_size(), 4096);
+        assert!(Layout::new(vec![MemoryRegion::new(0, 4 << 20, 2 << 20).host(4096)]).is_err());
+        assert!(Layout::new(vec![MemoryRegion::new(0, 4 << 20, 2 << 20).guest(4096)]).is_err());
+    }
+
+    #[test]
     fn rejects_bad_layouts() {
         assert!(Layout::single(4095, 0, 4096).is_err());
         assert!(Layout::single(4096, 1, 4096).is_err());
         assert!(Layout::single(4096, 0, 0).is_err());
         assert!(Layout::single(4096, u64::MAX - 4095, 8192).is_err());
-        assert!(Layout::new(4096, vec![]).is_err());
+        assert!(Layout::new(vec![]).is_err());
         assert!(
-            Layout::new(
-                4096,
-                vec![
-                    Region {
-                        start: 0,
-                        len: 8192
-                    },
-                    Region {
-                        start: 4096,
-                        len: 4096
-                    }
-                ]
-            )
+            Layout::new(vec![
+                MemoryRegion::new(0, 8192, 4096).host(0),
+                MemoryRegion::new(1, 4096, 4096).host(4096),
+            ])
             .is_err()
+        );
+        assert!(
+            Layout::new(vec![
+                MemoryRegion::new(3, 8192, 4096),
+                MemoryRegion::new(3, 4096, 4096),
+            ])
+            .is_err(),
+            "duplicate id"
         );
     }
 }

@@ -125,8 +125,8 @@ pub use image::{
     Image, ImageInfo, ImageWriter, RoundInfo, VerifyReport, image_cat, image_info, image_verify,
     parse_span,
 };
-pub use layout::{Layout, Region};
+pub use layout::{Backing, Layout, MemoryRegion};
 pub use net::{Connection, Listener, Sender, SocketSink};
 pub use receiver::{ReceiveReport, Receiver, ReceiverConfig, receive_frames};
-pub use sink::{MemorySink, MemoryStats, Sink};
+pub use sink::{MemorySink, MemoryStats, RegionMemory, Sink};
 pub use source::{PageSource, ProcessMemory, SliceSource, memory_checksum};

@@ -302,6 +302,7 @@ enum Cmd {
     Pages(u64, PageBuf, Vec<u32>),
     Zero(Range<u64>),
     End(u64),
+    State(Vec<u8>),
     Finish {
         checksum: u32,
         rounds: u64,
@@ -402,11 +403,10 @@ impl SocketSink {
                 .map(|(i, mut conn)| {
                     let hello = Hello {
                         session,
-                        page_size: layout.page_size(),
                         stream_index: i as u32,
                         stream_count: count,
                         nonce: auth::nonce(),
-                        layout: layout.clone(),
+                        layout: layout.without_host(),
                     };
                     s.spawn(move || {
                         sender_handshake(
@@ -452,6 +452,7 @@ impl SocketSink {
                 zero_pages: 0,
                 round_start: 0,
                 page_size: layout.page_size(),
+                layout: layout.without_host(),
                 fold: fold.clone(),
                 events: event_rx,
             };
@@ -495,9 +496,19 @@ impl Sink for SocketSink {
         Ok(())
     }
 
-    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError> {
+    fn send_pages(
+        &mut self,
+        offset: u64,
+        pages: PageBuf,
+        crcs: &[u32],
+    ) -> Result<(), TransferError> {
         self.next_worker()
-            .send(Cmd::Pages(addr, pages, crcs.to_vec()))
+            .send(Cmd::Pages(offset, pages, crcs.to_vec()))
+    }
+
+    /// Sends the state blob on the first connection, ahead of its FINISH.
+    fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
+        self.workers[0].send(Cmd::State(state.to_vec()))
     }
 
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
@@ -625,6 +636,8 @@ struct StreamWriter {
     zero_pages: u64,
     round_start: u64,
     page_size: u64,
+    /// Names memory offsets on the wire (region id, offset inside it).
+    layout: Layout,
     fold: PageFold,
     events: Receiver<PeerEvent>,
 }
@@ -684,9 +697,10 @@ impl StreamWriter {
                 self.round_start = self.out.written();
                 self.write(FrameKind::RoundBegin, Codec::None, round, 0, 0, None)?;
             }
-            Cmd::Pages(addr, pages, crcs) => {
+            Cmd::Pages(offset, pages, crcs) => {
                 self.pages += pages.len() as u64 / self.page_size;
                 let raw_len = pages.len() as u64;
+                let (region, at) = self.wire_address(offset)?;
                 let codec = self.compress(&pages)?;
                 if codec == Codec::None && crcs.len() as u64 * self.page_size == raw_len {
                     // The frame CRC comes from the page CRCs: no pass here.
@@ -694,7 +708,7 @@ impl StreamWriter {
                         l.consume(crate::protocol::HEADER_LEN as u64 + raw_len);
                     }
                     self.out
-                        .write_pages(addr, &pages, &crcs, &self.fold)
+                        .write_pages(region, at, &pages, &crcs, &self.fold)
                         .map_err(TransferError::io("sending frames"))?;
                     return Ok(None);
                 }
@@ -704,21 +718,27 @@ impl StreamWriter {
                 } else {
                     &scratch
                 };
-                let r = self.write(FrameKind::Pages, codec, addr, raw_len, 0, Some(payload));
+                let r = self.write(FrameKind::Pages, codec, at, raw_len, region, Some(payload));
                 scratch.clear();
                 self.scratch = scratch;
                 r?;
             }
             Cmd::Zero(range) => {
                 self.zero_pages += (range.end - range.start) / self.page_size;
+                let (region, at) = self.wire_address(range.start)?;
                 self.write(
                     FrameKind::Zero,
                     Codec::None,
-                    range.start,
+                    at,
                     range.end - range.start,
-                    0,
+                    region,
                     None,
                 )?;
+            }
+            Cmd::State(blob) => {
+                let crc = crc32c::crc32c(&blob);
+                let len = blob.len() as u64;
+                self.write(FrameKind::State, Codec::None, len, 0, crc, Some(&blob))?;
             }
             Cmd::End(round) => {
                 let zero = self.zero_pages.to_le_bytes();
@@ -772,6 +792,18 @@ impl StreamWriter {
             }
         }
         Ok(None)
+    }
+
+    /// The wire's name for memory offset `offset`: region id and offset
+    /// inside the region.
+    fn wire_address(&self, offset: u64) -> Result<(u32, u64), TransferError> {
+        let (r, at) =
+            self.layout
+                .region_at(offset)
+                .ok_or(crate::error::LayoutError::OutsideLayout {
+                    range: offset..offset,
+                })?;
+        Ok((r.id, at))
     }
 
     /// Compresses `pages` into `self.scratch`; returns the codec used

@@ -1,4 +1,4 @@
-//! The precopy wire protocol, version 2: frame encoding and decoding.
+//! The precopy wire protocol, version 3: frame encoding and decoding.
 //!
 //! This module owns the byte layout of everything that crosses a connection
 //! (and, reused, of checkpoint image records). It never touches destination
@@ -10,7 +10,7 @@
 //! Each side of a connection starts with a 16-byte preamble, then frames:
 //!
 //! ```text
-//! preamble: magic "PRECOPY\0" (8) | version u32 LE (= 2) | reserved u32 (= 0)
+//! preamble: magic "PRECOPY\0" (8) | version u32 LE (= 3) | reserved u32 (= 0)
 //!
 //! frame header, 32 bytes, little-endian:
 //!   0  u8   kind            (FrameKind)
@@ -25,25 +25,32 @@
 //!
 //! | kind | dir | a | b | c | payload |
 //! |---|---|---|---|---|---|
-//! | 1 HELLO | S→R | session id | – | – | page_size u64, stream_index u32, stream_count u32, nonce \[16\], n u32, 0 u32, n × (start u64, len u64) |
+//! | 1 HELLO | S→R | session id | – | – | stream_index u32, stream_count u32, nonce \[16\], n u32, 0 u32, n × region (32 bytes, below) |
 //! | 2 CHALLENGE | R→S | bit 0: key required | – | – | nonce \[16\] |
 //! | 3 AUTH | S→R | – | – | – | HMAC-SHA256 (32) or empty |
 //! | 4 WELCOME | R→S | – | – | – | HMAC-SHA256 (32) or empty |
 //! | 5 ROUND_BEGIN | S→R | round | – | – | – |
-//! | 6 PAGES | S→R | address | raw length | – | the pages, compressed per `codec` |
-//! | 7 ZERO | S→R | address | length | – | – |
+//! | 6 PAGES | S→R | offset in region | raw length | region id | the pages, compressed per `codec` |
+//! | 7 ZERO | S→R | offset in region | length | region id | – |
 //! | 8 ROUND_END | S→R | round | pages on this stream | – | zero pages on this stream, u64 |
 //! | 9 FINISH | S→R | rounds sent | check: 0 recorded, 1 full | memory digest | – |
 //! | 10 DONE | R→S | pages applied | – | memory digest | – |
 //! | 11 ERROR | both | – | – | error code | UTF-8 message |
-//! | 12 INDEX | image | – | – | – | n × (address u64, length u64, file offset u64 or `u64::MAX` for zeros) |
+//! | 12 INDEX | image | – | – | – | n × (region id u32, 0 u32, offset u64, length u64, file offset u64 or `u64::MAX` for zeros) |
 //! | 13 TRAILER | image | index offset | trailer offset | memory digest | – |
+//! | 14 STATE | S→R | blob length | – | CRC32C of the blob | the VMM's state blob (vCPU and device state) |
 //!
-//! Addresses are the **source's** virtual addresses; the receiver maps them
-//! through the announced [`Layout`] and rejects anything outside
-//! it. PAGES and ZERO frames always cover whole pages inside one region. A
-//! ZERO frame stands for pages that read as all zeros (including pages dropped
-//! with `MADV_DONTNEED`); the receiver writes zeros there.
+//! A HELLO region is `id u32 | backing u8 (0 unstated, 1 anonymous, 2 memfd,
+//! 3 hugetlb, 4 file) | flags u8 (bit 0: guest address present) | 0 u16 |
+//! size u64 | page size u64 | guest-physical address u64`. The wire page
+//! size is the smallest region page size ([`Layout::page_size`]).
+//!
+//! Pages are named by **region id and offset inside the region**, never by a
+//! host address: the receiver places them through the announced [`Layout`]
+//! into whatever memory its side mapped for that region, and rejects anything
+//! outside it. PAGES and ZERO frames always cover whole pages inside one
+//! region. A ZERO frame stands for pages that read as all zeros (including
+//! pages dropped with `MADV_DONTNEED`); the receiver writes zeros there.
 //!
 //! # The exchange
 //!
@@ -58,6 +65,7 @@
 //!   │ ROUND_BEGIN(r)
 //!   │ PAGES / ZERO ...      (each page at most once per round, on one connection)
 //!   └ ROUND_END(r, counts)  ── receiver: all connections meet at a barrier
+//!   STATE(blob, crc)  ──►   (connection 0 only, at most once; the sink gets it now)
 //!   FINISH(rounds, checksum) ──►
 //!                                               ◄── DONE(pages, checksum)  or  ERROR(code, message)
 //! ```
@@ -77,6 +85,7 @@
 //!  Idle(next) ──ROUND_BEGIN(next)──► [barrier] ─► InRound(next)
 //!  InRound(r) ──PAGES/ZERO in layout──► InRound(r)
 //!  InRound(r) ──ROUND_END(r, counts match)──► [barrier] ─► Idle(r + 1)
+//!  Idle(n)    ──STATE(blob CRC ok, connection 0, first)──► Idle(n), sink holds the state
 //!  Idle(n)    ──FINISH(rounds = n)──► Finished ─ all connections finished,
 //!                                     checksum of destination == FINISH's ─► DONE sent, success
 //!  any other frame, bad checksum, EOF, bad layout/page size/version,
@@ -93,8 +102,9 @@
 //! check = 1 ([`FinalCheck::Full`](crate::FinalCheck::Full)) also against
 //! the destination's memory read anew.
 //!
-//! Version 1 carried a CRC32C of the memory bytes themselves in FINISH; it is
-//! refused (`unknown version`).
+//! Version 1 carried a CRC32C of the memory bytes themselves in FINISH and
+//! version 2 named pages by the source's host addresses and had no STATE;
+//! both are refused in the handshake ([`ProtocolError::OldVersion`]).
 //!
 //! # Authentication
 //!
@@ -107,20 +117,31 @@ use std::io::{self, IoSlice, Read, Write};
 
 use crate::digest::{PageFold, page_crc};
 use crate::error::{ProtocolError, TransferError};
-use crate::layout::{Layout, MAX_REGIONS, Region};
+use crate::layout::{Backing, Layout, MAX_REGIONS, MemoryRegion};
 
 /// The first eight bytes of every precopy stream and image.
 pub const MAGIC: [u8; 8] = *b"PRECOPY\0";
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Bytes in the preamble.
 pub const PREAMBLE_LEN: usize = 16;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 32;
 /// Largest raw (uncompressed) length of one PAGES frame.
 pub const MAX_PAGES_LEN: u64 = 16 << 20;
-/// Largest payload of any frame (a HELLO with [`MAX_REGIONS`] regions).
-pub const MAX_PAYLOAD: u64 = 48 + 16 * MAX_REGIONS as u64;
+/// Largest state blob a STATE frame carries.
+pub const MAX_STATE_LEN: u64 = 16 << 20;
+/// Bytes per region in a HELLO payload.
+const HELLO_REGION_LEN: usize = 32;
+/// Bytes of a HELLO payload before its regions.
+const HELLO_FIXED_LEN: usize = 32;
+/// Largest payload of any frame: a PAGES frame or a state blob (a HELLO with
+/// [`MAX_REGIONS`] regions is smaller).
+pub const MAX_PAYLOAD: u64 = MAX_STATE_LEN;
+const _: () = assert!(
+    MAX_PAYLOAD >= MAX_PAGES_LEN
+        && MAX_PAYLOAD >= (HELLO_FIXED_LEN + HELLO_REGION_LEN * MAX_REGIONS) as u64
+);
 /// Bytes in a nonce.
 pub const NONCE_LEN: usize = 16;
 /// Bytes in an authentication code.
@@ -170,6 +191,8 @@ pub enum FrameKind {
     Index = 12,
     /// Image completion marker.
     Trailer = 13,
+    /// The source's state blob, after the last round.
+    State = 14,
 }
 
 impl FrameKind {
@@ -190,6 +213,7 @@ impl FrameKind {
             11 => Error,
             12 => Index,
             13 => Trailer,
+            14 => State,
             _ => return None,
         })
     }
@@ -212,6 +236,7 @@ impl std::fmt::Display for FrameKind {
             Error => "ERROR",
             Index => "INDEX",
             Trailer => "TRAILER",
+            State => "STATE",
         })
     }
 }
@@ -305,7 +330,8 @@ fn unsealed_header(
 /// `crcs` (one per `fold.page_size()` bytes of payload): the frame CRC is
 /// folded from them, without reading the payload.
 pub fn encode_pages_header(
-    addr: u64,
+    region: u32,
+    offset: u64,
     payload_len: usize,
     crcs: &[u32],
     fold: &PageFold,
@@ -313,9 +339,9 @@ pub fn encode_pages_header(
     let mut h = unsealed_header(
         FrameKind::Pages,
         Codec::None as u8,
-        addr,
+        offset,
         payload_len as u64,
-        0,
+        region,
         payload_len,
     );
     let crc = fold.fold_all(crc32c::crc32c(&h[..28]), crcs);
@@ -339,6 +365,12 @@ pub fn check_preamble(p: &[u8; PREAMBLE_LEN]) -> Result<(), ProtocolError> {
         return Err(ProtocolError::BadMagic { found });
     }
     let version = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
+    if (1..VERSION).contains(&version) {
+        return Err(ProtocolError::OldVersion {
+            version,
+            supported: VERSION,
+        });
+    }
     if version != VERSION {
         return Err(ProtocolError::UnknownVersion {
             version,
@@ -685,12 +717,13 @@ impl<W: Write> FrameWriter<W> {
     /// (see [`encode_pages_header`]). Returns the bytes written.
     pub fn write_pages(
         &mut self,
-        addr: u64,
+        region: u32,
+        offset: u64,
         payload: &[u8],
         crcs: &[u32],
         fold: &PageFold,
     ) -> io::Result<u64> {
-        let header = encode_pages_header(addr, payload.len(), crcs, fold);
+        let header = encode_pages_header(region, offset, payload.len(), crcs, fold);
         self.write_sealed(&header, payload)
     }
 
@@ -724,15 +757,13 @@ impl<W: Write> FrameWriter<W> {
 pub struct Hello {
     /// Random id shared by all connections of one transfer.
     pub session: u64,
-    /// The page size.
-    pub page_size: u64,
     /// This connection's index among the transfer's connections.
     pub stream_index: u32,
     /// How many connections the transfer uses.
     pub stream_count: u32,
     /// The sender's nonce.
     pub nonce: [u8; NONCE_LEN],
-    /// The memory layout.
+    /// The memory layout (host addresses are never sent).
     pub layout: Layout,
 }
 
@@ -740,55 +771,71 @@ impl Hello {
     /// The HELLO payload.
     pub fn payload(&self) -> Vec<u8> {
         let regions = self.layout.regions();
-        let mut p = Vec::with_capacity(40 + 16 * regions.len());
-        p.extend_from_slice(&self.page_size.to_le_bytes());
+        let mut p = Vec::with_capacity(HELLO_FIXED_LEN + HELLO_REGION_LEN * regions.len());
         p.extend_from_slice(&self.stream_index.to_le_bytes());
         p.extend_from_slice(&self.stream_count.to_le_bytes());
         p.extend_from_slice(&self.nonce);
         p.extend_from_slice(&(regions.len() as u32).to_le_bytes());
         p.extend_from_slice(&0u32.to_le_bytes());
         for r in regions {
-            p.extend_from_slice(&r.start.to_le_bytes());
-            p.extend_from_slice(&r.len.to_le_bytes());
+            p.extend_from_slice(&r.id.to_le_bytes());
+            p.push(Backing::wire(r.backing));
+            p.push(u8::from(r.guest_addr.is_some()));
+            p.extend_from_slice(&0u16.to_le_bytes());
+            p.extend_from_slice(&r.size.to_le_bytes());
+            p.extend_from_slice(&r.page_size.to_le_bytes());
+            p.extend_from_slice(&r.guest_addr.unwrap_or(0).to_le_bytes());
         }
         p
     }
 
-    /// Parses a HELLO frame. The layout is validated; the page size is checked
-    /// against the layout rules but not against the receiver's expectation.
+    /// Parses a HELLO frame. The layout is validated; its page size is not
+    /// checked against the receiver's expectation.
     pub fn parse(h: &Header, p: &[u8]) -> Result<Hello, ProtocolError> {
         let bad = |reason| ProtocolError::Malformed {
             offset: h.offset,
             kind: FrameKind::Hello,
             reason,
         };
-        if p.len() < 40 {
+        if p.len() < HELLO_FIXED_LEN {
             return Err(bad("payload too short"));
         }
         let u64_at = |o: usize| u64::from_le_bytes(p[o..o + 8].try_into().unwrap_or_default());
         let u32_at = |o: usize| u32::from_le_bytes(p[o..o + 4].try_into().unwrap_or_default());
-        let page_size = u64_at(0);
-        let stream_index = u32_at(8);
-        let stream_count = u32_at(12);
+        let stream_index = u32_at(0);
+        let stream_count = u32_at(4);
         let mut nonce = [0u8; NONCE_LEN];
-        nonce.copy_from_slice(&p[16..32]);
-        let n = u32_at(32) as usize;
-        if p.len() != 40 + 16 * n {
+        nonce.copy_from_slice(&p[8..24]);
+        let n = u32_at(24) as usize;
+        if u32_at(28) != 0 {
+            return Err(bad("reserved bytes are not zero"));
+        }
+        if n > MAX_REGIONS || p.len() != HELLO_FIXED_LEN + HELLO_REGION_LEN * n {
             return Err(bad("region count does not match payload length"));
         }
         if stream_count == 0 || stream_index >= stream_count {
             return Err(bad("stream index out of range"));
         }
-        let regions = (0..n)
-            .map(|i| Region {
-                start: u64_at(40 + 16 * i),
-                len: u64_at(48 + 16 * i),
-            })
-            .collect();
-        let layout = Layout::new(page_size, regions).map_err(ProtocolError::BadLayout)?;
+        let mut regions = Vec::with_capacity(n);
+        for i in 0..n {
+            let o = HELLO_FIXED_LEN + HELLO_REGION_LEN * i;
+            let backing = Backing::from_wire(p[o + 4]).map_err(|()| bad("unknown backing"))?;
+            let flags = p[o + 5];
+            if flags > 1 || p[o + 6] != 0 || p[o + 7] != 0 {
+                return Err(bad("unknown region flags"));
+            }
+            regions.push(MemoryRegion {
+                id: u32_at(o),
+                size: u64_at(o + 8),
+                page_size: u64_at(o + 16),
+                guest_addr: (flags & 1 == 1).then(|| u64_at(o + 24)),
+                backing,
+                host_addr: None,
+            });
+        }
+        let layout = Layout::new(regions).map_err(ProtocolError::BadLayout)?;
         Ok(Hello {
             session: h.a,
-            page_size,
             stream_index,
             stream_count,
             nonce,
@@ -907,8 +954,8 @@ mod tests {
         let fold = PageFold::new(ps as u64);
         let data: Vec<u8> = (0..3 * ps).map(|i| (i * 7 % 251) as u8).collect();
         let crcs: Vec<u32> = data.chunks(ps).map(page_crc).collect();
-        let folded = encode_pages_header(0x5000, data.len(), &crcs, &fold);
-        let plain = encode_header(FrameKind::Pages, 0, 0x5000, data.len() as u64, 0, &data);
+        let folded = encode_pages_header(2, 0x5000, data.len(), &crcs, &fold);
+        let plain = encode_header(FrameKind::Pages, 0, 0x5000, data.len() as u64, 2, &data);
         assert_eq!(folded, plain);
 
         let mut f = folded.to_vec();
@@ -940,7 +987,16 @@ mod tests {
         p[8..12].copy_from_slice(&1u32.to_le_bytes());
         assert!(matches!(
             check_preamble(&p),
-            Err(ProtocolError::UnknownVersion { version: 1, .. })
+            Err(ProtocolError::OldVersion { version: 1, .. })
+        ));
+        p[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let e = check_preamble(&p).unwrap_err();
+        assert!(matches!(e, ProtocolError::OldVersion { version: 2, .. }));
+        assert!(e.to_string().contains("version 2"), "{e}");
+        p[8..12].copy_from_slice(&9u32.to_le_bytes());
+        assert!(matches!(
+            check_preamble(&p),
+            Err(ProtocolError::UnknownVersion { version: 9, .. })
         ));
         p[0] = b'X';
         assert!(matches!(
@@ -970,11 +1026,14 @@ mod tests {
     fn hello_round_trip() {
         let hello = Hello {
             session: 42,
-            page_size: 4096,
             stream_index: 1,
             stream_count: 2,
             nonce: [9; NONCE_LEN],
-            layout: Layout::single(4096, 0x10000, 0x4000).unwrap(),
+            layout: Layout::new(vec![
+                MemoryRegion::new(3, 0x4000, 4096).guest(0x10000),
+                MemoryRegion::new(9, 4 << 20, 2 << 20).backed_by(Backing::Hugetlb),
+            ])
+            .unwrap(),
         };
         let p = hello.payload();
         let h = Header {

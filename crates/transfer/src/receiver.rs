@@ -8,7 +8,6 @@
 
 use std::io::{BufReader, Read};
 use std::net::Shutdown;
-use std::ops::Range;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ use crate::layout::Layout;
 use crate::net::{Connection, Listener};
 use crate::protocol::{
     Codec, FrameKind, FrameReader, FrameWriter, HEADER_LEN, Header, Hello, MAX_PAGES_LEN,
-    decode_header, error_code, error_message, expect, parse_mac, verify_frame_pages,
+    MAX_STATE_LEN, decode_header, error_code, error_message, expect, parse_mac, verify_frame_pages,
     verify_pages_header,
 };
 use crate::sink::Sink;
@@ -74,6 +73,9 @@ pub struct ReceiveReport {
     pub checksum: u32,
     /// How the sender asked it to be checked.
     pub check: FinalCheck,
+    /// Bytes of the state blob handed to the sink before acknowledging
+    /// (`None`: the sender sent no state).
+    pub state_bytes: Option<u64>,
     /// From the end of the handshake to success.
     pub duration: Duration,
 }
@@ -98,7 +100,9 @@ fn code_for(e: &TransferError) -> u32 {
         | TransferError::KeyRequired { .. }
         | TransferError::AuthRequired => error_code::AUTH,
         TransferError::Protocol(
-            ProtocolError::UnknownVersion { .. } | ProtocolError::WrongPageSize { .. },
+            ProtocolError::UnknownVersion { .. }
+            | ProtocolError::OldVersion { .. }
+            | ProtocolError::WrongPageSize { .. },
         ) => error_code::INCOMPATIBLE,
         TransferError::ChecksumMismatch { .. } => error_code::CHECKSUM,
         TransferError::Protocol(_) => error_code::PROTOCOL,
@@ -143,11 +147,11 @@ fn handshake_steps(
     expect(&h, FrameKind::Hello, None)?;
     let hello = Hello::parse(&h, &p[..h.payload_len as usize])?;
     if let Some(ours) = config.page_size
-        && ours != hello.page_size
+        && ours != hello.layout.page_size()
     {
         return Err(ProtocolError::WrongPageSize {
             ours,
-            theirs: hello.page_size,
+            theirs: hello.layout.page_size(),
         }
         .into());
     }
@@ -321,7 +325,8 @@ impl Receiver {
             let handles: Vec<_> = self
                 .conns
                 .iter()
-                .map(|c| {
+                .enumerate()
+                .map(|(i, c)| {
                     let shared = &shared;
                     s.spawn(move || {
                         if n == 1 {
@@ -332,7 +337,7 @@ impl Receiver {
                             let pool = BufferPool::new(2);
                             let reader = BufReader::with_capacity(READ_BUFFER, c);
                             let frames = Frames::Direct(FrameReader::new(reader));
-                            return shared.outcome(receive_stream(frames, &pool, shared));
+                            return shared.outcome(receive_stream(frames, &pool, shared, i == 0));
                         }
                         // Several connections: each socket is read on its own
                         // thread so the kernel copy overlaps checksumming and
@@ -343,7 +348,7 @@ impl Receiver {
                         std::thread::scope(|s2| {
                             s2.spawn(move || read_socket(c, &reader_pool, tx));
                             let frames: Frames<&[u8]> = Frames::Queued { rx };
-                            shared.outcome(receive_stream(frames, &pool, shared))
+                            shared.outcome(receive_stream(frames, &pool, shared, i == 0))
                         })
                     })
                 })
@@ -396,6 +401,7 @@ impl Receiver {
             streams: n as u32,
             checksum: first.checksum,
             check: first.check,
+            state_bytes: outcomes.iter().find_map(|o| o.state_bytes),
             duration: start.elapsed(),
         })
     }
@@ -453,6 +459,8 @@ struct StreamOutcome {
     pages: u64,
     zero_pages: u64,
     bytes: u64,
+    /// Length of the state blob this stream delivered.
+    state_bytes: Option<u64>,
 }
 
 /// Per-connection receiver state.
@@ -560,9 +568,11 @@ fn read_in_place<R: Read, K: Sink + ?Sized>(
         }
         _ => return Ok(None),
     };
-    let (addr, len) = (peek.a, peek.b);
+    let Ok((offset, len)) = check_pages(&peek, shared.layout) else {
+        return Ok(None);
+    };
     let mut sink = lock(&shared.sink);
-    let Some(dest) = sink.lend_pages(addr, len) else {
+    let Some(dest) = sink.lend_pages(offset, len) else {
         return Ok(None);
     };
     crcs.clear();
@@ -572,11 +582,11 @@ fn read_in_place<R: Read, K: Sink + ?Sized>(
     });
     match checked {
         Ok(header) => {
-            sink.commit_lent(addr, crcs)?;
+            sink.commit_lent(offset, crcs)?;
             Ok(Some(header))
         }
         Err(e) => {
-            sink.revert_lent(addr, len);
+            sink.revert_lent(offset, len);
             Err(e)
         }
     }
@@ -603,11 +613,16 @@ fn read_socket(conn: &Connection, pool: &BufferPool, tx: crossbeam_channel::Send
     }
 }
 
+/// Runs one connection's state machine. Only the first connection
+/// (`first`) may carry the state blob.
 fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
     mut frames: Frames<R>,
     pool: &BufferPool,
     shared: &Shared<'_, K>,
+    first: bool,
 ) -> Result<StreamOutcome, TransferError> {
+    let mut state_allowed = first;
+    let mut state_bytes = None;
     let mut payload = pool.take(0);
     let mut zstd: Option<zstd::bulk::Decompressor<'static>> = None;
     let layout = shared.layout;
@@ -653,7 +668,7 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                 *pages += h.b / ps;
             }
             (State::InRound { pages, .. }, FrameKind::Pages) => {
-                let (addr, len) = check_pages(&h, layout)?;
+                let (offset, len) = check_pages(&h, layout)?;
                 let codec = Codec::from_u8(h.codec).ok_or(ProtocolError::Malformed {
                     offset: h.offset,
                     kind: h.kind,
@@ -706,13 +721,14 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                         pool.share(out).view(0..n)
                     }
                 };
-                lock(&shared.sink).send_pages(addr, data, &crcs)?;
+                lock(&shared.sink).send_pages(offset, data, &crcs)?;
                 *pages += len / ps;
             }
             (State::InRound { zero_pages, .. }, FrameKind::Zero) => {
                 expect(&h, FrameKind::Zero, Some(0))?;
-                let range = checked_range(&h, layout, h.a, h.b)?;
-                let n = (range.end - range.start) / ps;
+                let start = checked_offset(&h, layout)?;
+                let range = start..start + h.b;
+                let n = h.b / ps;
                 lock(&shared.sink).send_zero_range(range)?;
                 *zero_pages += n;
             }
@@ -751,6 +767,18 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                 })?;
                 state = State::Idle { next: round + 1 };
             }
+            (State::Idle { .. }, FrameKind::State) => {
+                if !state_allowed {
+                    return Err(unexpected(
+                        "a state blob was already received or is not allowed on this connection",
+                    )
+                    .into());
+                }
+                state_allowed = false;
+                let blob = check_state(&h, p)?;
+                lock(&shared.sink).send_state(blob)?;
+                state_bytes = Some(blob.len() as u64);
+            }
             (State::Idle { next }, FrameKind::Finish) => {
                 expect(&h, FrameKind::Finish, Some(0))?;
                 if h.a != *next {
@@ -772,6 +800,7 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                     pages: totals.0,
                     zero_pages: totals.1,
                     bytes: h.offset + HEADER_LEN as u64,
+                    state_bytes,
                 });
             }
             (_, FrameKind::Error) => {
@@ -786,8 +815,9 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
     }
 }
 
-/// Validates a PAGES header: address and raw length in whole pages, inside
-/// the layout, within the frame size limit.
+/// Validates a PAGES header: region, offset and raw length in whole pages
+/// inside the region, within the frame size limit. Returns the memory offset
+/// and the length.
 fn check_pages(h: &Header, layout: &Layout) -> Result<(u64, u64), ProtocolError> {
     if h.b > MAX_PAGES_LEN {
         return Err(ProtocolError::Malformed {
@@ -796,31 +826,49 @@ fn check_pages(h: &Header, layout: &Layout) -> Result<(u64, u64), ProtocolError>
             reason: "page frame longer than 16 MiB",
         });
     }
-    let range = checked_range(h, layout, h.a, h.b)?;
-    Ok((range.start, range.end - range.start))
+    Ok((checked_offset(h, layout)?, h.b))
 }
 
-fn checked_range(
-    h: &Header,
-    layout: &Layout,
-    addr: u64,
-    len: u64,
-) -> Result<Range<u64>, ProtocolError> {
+/// The memory offset of a PAGES or ZERO frame's pages: `b` bytes at offset
+/// `a` of region `c`, whole pages inside the region.
+fn checked_offset(h: &Header, layout: &Layout) -> Result<u64, ProtocolError> {
     let ps = layout.page_size();
-    if len == 0 || addr % ps != 0 || len % ps != 0 {
+    let (region, offset, len) = (h.c, h.a, h.b);
+    if len == 0 || offset % ps != 0 || len % ps != 0 {
         return Err(ProtocolError::Malformed {
             offset: h.offset,
             kind: h.kind,
             reason: "not whole pages",
         });
     }
-    let end = addr
-        .checked_add(len)
-        .ok_or(ProtocolError::PageOutsideLayout { addr, len })?;
     layout
-        .locate(addr..end)
-        .map_err(|_| ProtocolError::PageOutsideLayout { addr, len })?;
-    Ok(addr..end)
+        .place(region, offset, len)
+        .map_err(|_| ProtocolError::PageOutsideLayout {
+            region,
+            offset,
+            len,
+        })
+}
+
+/// Checks a STATE frame (payload verified by the frame CRC already) against
+/// the blob's own length and CRC32C; returns the blob.
+pub(crate) fn check_state<'p>(h: &Header, p: &'p [u8]) -> Result<&'p [u8], ProtocolError> {
+    if h.codec != 0 || h.b != 0 || h.a != p.len() as u64 || h.a > MAX_STATE_LEN {
+        return Err(ProtocolError::Malformed {
+            offset: h.offset,
+            kind: h.kind,
+            reason: "state length does not match the payload, or exceeds 16 MiB",
+        });
+    }
+    let computed = crc32c::crc32c(p);
+    if computed != h.c {
+        return Err(ProtocolError::StateChecksum {
+            offset: h.offset,
+            stored: h.c,
+            computed,
+        });
+    }
+    Ok(p)
 }
 
 /// A barrier for the connections of one transfer, with an action run by the
@@ -913,7 +961,12 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         layout,
     };
     let pool = BufferPool::new(2);
-    let outcome = receive_stream(Frames::Direct(FrameReader::new(bytes)), &pool, &shared)?;
+    let outcome = receive_stream(
+        Frames::Direct(FrameReader::new(bytes)),
+        &pool,
+        &shared,
+        true,
+    )?;
     let sink = shared
         .sink
         .into_inner()
@@ -927,6 +980,7 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         streams: 1,
         checksum: outcome.checksum,
         check: outcome.check,
+        state_bytes: outcome.state_bytes,
         duration: start.elapsed(),
     })
 }

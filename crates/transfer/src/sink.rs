@@ -1,16 +1,28 @@
-//! Where pages go: the [`Sink`] trait and the in-memory sink.
+//! Where pages go: the [`Sink`] trait and the memory sink.
 //!
-//! A sink receives rounds of pages in order. The socket sender
+//! A sink receives rounds of pages in order, then at most one state blob,
+//! then the final checksum. The socket sender
 //! ([`SocketSink`](crate::SocketSink)), the checkpoint image writer
 //! ([`ImageWriter`](crate::ImageWriter)) and [`MemorySink`] implement it; the
 //! [`Receiver`](crate::Receiver) drives a sink with what arrives on the wire.
-//! A sink is handed only whole pages inside its layout, and rejects anything
-//! else rather than clipping it.
+//! Pages are addressed by **memory offset** (see [`crate::layout`]). A sink is
+//! handed only whole pages inside one region of its layout, and rejects
+//! anything else rather than clipping it.
+//!
+//! [`MemorySink`] writes into destination memory: an anonymous mapping it
+//! owns ([`MemorySink::new`]), or the regions the destination VMM mapped
+//! itself ([`MemorySink::with_memory`], anything implementing
+//! [`RegionMemory`]: a [`Mapping`] of anonymous, memfd or hugetlb memory, an
+//! `MmapMut`, a `Vec<u8>`), the way `vm-memory` lets a VMM hand its guest
+//! memory to a library.
 
+use std::io;
 use std::ops::Range;
+use std::sync::Arc;
 
 use bitvec::vec::BitVec;
 use memmap2::MmapMut;
+use precopy_sys::mem::Mapping;
 
 use crate::buffer::PageBuf;
 use crate::digest::{FinalCheck, MemoryDigest, PageCrcs, check_final};
@@ -20,16 +32,22 @@ use crate::layout::Layout;
 /// A destination for rounds of pages.
 ///
 /// Call order: (`begin_round`, (`send_pages` | `send_zero_range`)*,
-/// `end_round`)*, `finish`. Within a round each page is sent at most once;
-/// across rounds the later copy wins.
+/// `end_round`)*, `send_state`?, `finish`. Within a round each page is sent
+/// at most once; across rounds the later copy wins. `offset` arguments are
+/// memory offsets (see [`crate::layout`]).
 pub trait Sink {
     /// Round `round` starts (rounds count up from 0).
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError>;
-    /// Whole pages starting at source address `addr`, inside one layout
+    /// Whole pages starting at memory offset `offset`, inside one layout
     /// region, with the CRC32C of each page (already computed by the sender,
     /// or verified by the receiver, so a sink need not hash them again).
-    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError>;
-    /// Pages that read as all zeros.
+    fn send_pages(
+        &mut self,
+        offset: u64,
+        pages: PageBuf,
+        crcs: &[u32],
+    ) -> Result<(), TransferError>;
+    /// Pages (memory offsets `range`) that read as all zeros.
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError>;
     /// Round `round` is complete; returns the bytes this sink wrote for it
     /// (on the wire or to its file).
@@ -39,33 +57,46 @@ pub trait Sink {
     /// as `check` says, and fails on a mismatch.
     fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError>;
 
+    /// The source's opaque state blob (vCPU and device state), after the
+    /// last round and before [`Sink::finish`], at most once. A receiving
+    /// sink keeps it (or refuses it, and then the receiver refuses the
+    /// migration); a sending sink passes it on. The default refuses: a sink
+    /// that has nowhere to put a state must not drop it silently.
+    fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
+        let _ = state;
+        Err(TransferError::Misuse {
+            operation: "send_state",
+            state: "on a sink that keeps no state",
+        })
+    }
+
     /// Optional fast path for a receiver: lends the destination bytes of the
-    /// whole pages `addr..addr + len` (inside one region) so a frame's payload
+    /// whole pages `offset..offset + len` (inside one region) so a frame's payload
     /// can be read from the socket straight into them, saving a copy. A sink
     /// lends only pages it can restore exactly if the frame then fails its
     /// check ([`MemorySink`]: pages that hold zeros because nothing was ever
     /// applied to them, or only zeros). After lending, the receiver calls
     /// exactly one of [`Sink::commit_lent`] or [`Sink::revert_lent`] before
     /// anything else. The default lends nothing.
-    fn lend_pages(&mut self, addr: u64, len: u64) -> Option<&mut [u8]> {
-        let _ = (addr, len);
+    fn lend_pages(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
+        let _ = (offset, len);
         None
     }
 
-    /// The lent pages at `addr` passed their check and now hold pages with
+    /// The lent pages at `offset` passed their check and now hold pages with
     /// CRCs `crcs`: record them as [`Sink::send_pages`] would.
-    fn commit_lent(&mut self, addr: u64, crcs: &[u32]) -> Result<(), TransferError> {
-        let _ = (addr, crcs);
+    fn commit_lent(&mut self, offset: u64, crcs: &[u32]) -> Result<(), TransferError> {
+        let _ = (offset, crcs);
         Err(TransferError::Misuse {
             operation: "commit_lent",
             state: "on a sink that lends nothing",
         })
     }
 
-    /// The lent pages `addr..addr + len` failed their check (or their read
-    /// failed): put back what they held before.
-    fn revert_lent(&mut self, addr: u64, len: u64) {
-        let _ = (addr, len);
+    /// The lent pages `offset..offset + len` failed their check (or their
+    /// read failed): put back what they held before.
+    fn revert_lent(&mut self, offset: u64, len: u64) {
+        let _ = (offset, len);
     }
 }
 
@@ -78,11 +109,11 @@ macro_rules! forward_sink {
             }
             fn send_pages(
                 &mut self,
-                addr: u64,
+                offset: u64,
                 pages: PageBuf,
                 crcs: &[u32],
             ) -> Result<(), TransferError> {
-                (**self).send_pages(addr, pages, crcs)
+                (**self).send_pages(offset, pages, crcs)
             }
             fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
                 (**self).send_zero_range(range)
@@ -93,20 +124,107 @@ macro_rules! forward_sink {
             fn finish(&mut self, checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
                 (**self).finish(checksum, check)
             }
-            fn lend_pages(&mut self, addr: u64, len: u64) -> Option<&mut [u8]> {
-                (**self).lend_pages(addr, len)
+            fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
+                (**self).send_state(state)
             }
-            fn commit_lent(&mut self, addr: u64, crcs: &[u32]) -> Result<(), TransferError> {
-                (**self).commit_lent(addr, crcs)
+            fn lend_pages(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
+                (**self).lend_pages(offset, len)
             }
-            fn revert_lent(&mut self, addr: u64, len: u64) {
-                (**self).revert_lent(addr, len)
+            fn commit_lent(&mut self, offset: u64, crcs: &[u32]) -> Result<(), TransferError> {
+                (**self).commit_lent(offset, crcs)
+            }
+            fn revert_lent(&mut self, offset: u64, len: u64) {
+                (**self).revert_lent(offset, len)
             }
         }
     )*};
 }
 
 forward_sink!(&mut T, Box<T>);
+
+/// The memory of one region that the destination mapped itself: where a
+/// [`MemorySink`] built with [`MemorySink::with_memory`] writes that
+/// region's pages. Offsets are bytes from the region's start.
+pub trait RegionMemory: Send {
+    /// Bytes mapped (must equal the region's size).
+    fn size(&self) -> u64;
+    /// Copies `data` to `offset`.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Zeroes `len` bytes at `offset`.
+    fn zero_at(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// Copies `buf.len()` bytes at `offset` into `buf`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// The memory as a slice, if it may be seen as one (lets the receiver
+    /// read a frame from the socket straight into it). The default: no.
+    fn as_mut_slice(&mut self) -> Option<&mut [u8]> {
+        None
+    }
+}
+
+fn slice_range(len: usize, offset: u64, n: u64) -> io::Result<Range<usize>> {
+    let start = usize::try_from(offset).ok();
+    let end = start.and_then(|s| s.checked_add(usize::try_from(n).ok()?));
+    match (start, end) {
+        (Some(s), Some(e)) if e <= len => Ok(s..e),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "outside the region's memory",
+        )),
+    }
+}
+
+macro_rules! slice_region_memory {
+    ($($t:ty),*) => {$(
+        impl RegionMemory for $t {
+            fn size(&self) -> u64 {
+                self.len() as u64
+            }
+            fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+                let r = slice_range(self.len(), offset, data.len() as u64)?;
+                self[r].copy_from_slice(data);
+                Ok(())
+            }
+            fn zero_at(&mut self, offset: u64, len: u64) -> io::Result<()> {
+                let r = slice_range(self.len(), offset, len)?;
+                self[r].fill(0);
+                Ok(())
+            }
+            fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+                let r = slice_range(self.len(), offset, buf.len() as u64)?;
+                buf.copy_from_slice(&self[r]);
+                Ok(())
+            }
+            fn as_mut_slice(&mut self) -> Option<&mut [u8]> {
+                Some(&mut self[..])
+            }
+        }
+    )*};
+}
+
+slice_region_memory!(Vec<u8>, MmapMut);
+
+/// A [`Mapping`] (anonymous, memfd, hugetlb) written through copies, never
+/// seen as a slice: a VMM may keep its own handle ([`Arc`]) to the memory.
+macro_rules! mapping_region_memory {
+    ($($t:ty),*) => {$(
+        impl RegionMemory for $t {
+            fn size(&self) -> u64 {
+                self.len()
+            }
+            fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+                self.write(offset, data)
+            }
+            fn zero_at(&mut self, offset: u64, len: u64) -> io::Result<()> {
+                self.fill(offset, len, 0)
+            }
+            fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+                self.read(offset, buf)
+            }
+        }
+    )*};
+}
+
+mapping_region_memory!(Mapping, Arc<Mapping>);
 
 /// Counts kept by [`MemorySink`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -121,37 +239,100 @@ pub struct MemoryStats {
     pub finished: Option<u32>,
 }
 
-/// Destination memory laid out by offset in an anonymous mapping this sink
-/// owns; starts all zeros. The receiving end of a live migration, and the
-/// in-memory sink tests compare against the source.
+/// Where a [`MemorySink`]'s bytes live.
+enum Storage {
+    /// One anonymous mapping, regions back to back by memory offset.
+    Owned(MmapMut),
+    /// The destination's own memory, one per region in layout order.
+    Caller(Vec<Box<dyn RegionMemory>>),
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storage::Owned(m) => write!(f, "Owned({} bytes)", m.len()),
+            Storage::Caller(r) => write!(f, "Caller({} regions)", r.len()),
+        }
+    }
+}
+
+/// Destination memory: pages land at their region and offset, in an
+/// anonymous mapping this sink owns ([`MemorySink::new`], starts all zeros)
+/// or in memory the caller mapped ([`MemorySink::with_memory`]). The
+/// receiving end of a live migration, and the sink tests compare against
+/// the source.
 #[derive(Debug)]
 pub struct MemorySink {
     layout: Layout,
-    mem: MmapMut,
+    storage: Storage,
     crcs: PageCrcs,
-    /// Per page: holds applied contents (clear: zeros, never written or
-    /// sent as zeros). Only such clear pages are lent.
+    /// Per page: may hold something other than zeros (clear: holds zeros,
+    /// never written or sent as zeros). Only clear pages are lent.
     holds_data: BitVec,
     stats: MemoryStats,
+    state: Option<Vec<u8>>,
+}
+
+fn dest_io(what: &'static str) -> impl FnOnce(io::Error) -> TransferError {
+    TransferError::io(what)
 }
 
 impl MemorySink {
-    /// Zero-filled memory for `layout`.
+    /// Zero-filled memory for `layout`, in one anonymous mapping.
     pub fn new(layout: Layout) -> Result<MemorySink, TransferError> {
         let len = usize::try_from(layout.total_len()).map_err(|_| TransferError::Config {
             reason: "layout is larger than the address space",
         })?;
         let mem =
             MmapMut::map_anon(len).map_err(TransferError::io("mapping destination memory"))?;
-        let pages = len / layout.page_size() as usize;
+        Ok(MemorySink::build(layout, Storage::Owned(mem), false))
+    }
+
+    /// Writes each region's pages into the memory the destination mapped for
+    /// it: `regions` pairs a region id of `layout` with its memory, every
+    /// region exactly once, each exactly the region's size. The memory's
+    /// contents before the transfer are not assumed to be zeros.
+    pub fn with_memory(
+        layout: Layout,
+        regions: Vec<(u32, Box<dyn RegionMemory>)>,
+    ) -> Result<MemorySink, TransferError> {
+        let mut slots: Vec<Option<Box<dyn RegionMemory>>> =
+            (0..layout.regions().len()).map(|_| None).collect();
+        for (id, mem) in regions {
+            let bad = |reason| LayoutError::Placement { region: id, reason };
+            let i = layout
+                .regions()
+                .binary_search_by_key(&id, |r| r.id)
+                .map_err(|_| bad("no region of the layout has this id"))?;
+            if mem.size() != layout.regions()[i].size {
+                return Err(bad("memory size differs from the region size").into());
+            }
+            if slots[i].replace(mem).is_some() {
+                return Err(bad("memory given twice").into());
+            }
+        }
+        let mut mems = Vec::with_capacity(slots.len());
+        for (i, slot) in slots.into_iter().enumerate() {
+            let id = layout.regions()[i].id;
+            mems.push(slot.ok_or(LayoutError::Placement {
+                region: id,
+                reason: "no memory given for this region",
+            })?);
+        }
+        Ok(MemorySink::build(layout, Storage::Caller(mems), true))
+    }
+
+    fn build(layout: Layout, storage: Storage, unknown: bool) -> MemorySink {
+        let pages = layout.total_pages() as usize;
         let crcs = PageCrcs::new(pages, layout.page_size());
-        Ok(MemorySink {
+        MemorySink {
             layout,
-            mem,
+            storage,
             crcs,
-            holds_data: BitVec::repeat(false, pages),
+            holds_data: BitVec::repeat(unknown, pages),
             stats: MemoryStats::default(),
-        })
+            state: None,
+        }
     }
 
     /// The layout.
@@ -159,33 +340,67 @@ impl MemorySink {
         &self.layout
     }
 
-    /// All destination memory, regions back to back in address order.
-    pub fn memory(&self) -> &[u8] {
-        &self.mem
+    /// All destination memory, regions back to back by memory offset, when
+    /// this sink owns it (`None` for caller memory: read that directly).
+    pub fn memory(&self) -> Option<&[u8]> {
+        match &self.storage {
+            Storage::Owned(m) => Some(m),
+            Storage::Caller(_) => None,
+        }
     }
 
-    /// The bytes at source addresses `range` (non-empty, inside one region).
-    pub fn read(&self, range: Range<u64>) -> Result<&[u8], LayoutError> {
-        let ps = self.layout.page_size();
-        let outside = || LayoutError::OutsideLayout {
-            range: range.clone(),
-        };
-        if range.start >= range.end {
-            return Err(outside());
+    /// The caller's region memories back, in layout order (empty for owned
+    /// memory).
+    pub fn into_regions(self) -> Vec<Box<dyn RegionMemory>> {
+        match self.storage {
+            Storage::Owned(_) => Vec::new(),
+            Storage::Caller(r) => r,
         }
-        let start = range.start - range.start % ps;
-        let end = range.end.checked_next_multiple_of(ps).ok_or_else(outside)?;
-        let off = self.layout.locate(start..end)? + (range.start - start);
-        Ok(&self.mem[off as usize..(off + (range.end - range.start)) as usize])
+    }
+
+    /// Copies the bytes at memory offsets `offset..offset + buf.len()`
+    /// (inside one region) into `buf`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TransferError> {
+        let outside = || LayoutError::OutsideLayout {
+            range: offset..offset.saturating_add(buf.len() as u64),
+        };
+        let (r, inside) = self.layout.region_at(offset).ok_or_else(outside)?;
+        if inside + buf.len() as u64 > r.size {
+            return Err(outside().into());
+        }
+        match &self.storage {
+            Storage::Owned(m) => {
+                let o = offset as usize;
+                buf.copy_from_slice(&m[o..o + buf.len()]);
+                Ok(())
+            }
+            Storage::Caller(mems) => {
+                let i = self.layout.regions().partition_point(|x| x.id < r.id);
+                mems[i]
+                    .read_at(inside, buf)
+                    .map_err(dest_io("reading destination memory"))
+            }
+        }
     }
 
     /// Back to all zeros with nothing received, as after [`MemorySink::new`]
-    /// but keeping the mapping (and its pages, already faulted in).
-    pub fn clear(&mut self) {
-        self.mem.fill(0);
+    /// but keeping the memory (and its pages, already faulted in).
+    pub fn clear(&mut self) -> Result<(), TransferError> {
+        match &mut self.storage {
+            Storage::Owned(m) => m.fill(0),
+            Storage::Caller(mems) => {
+                for m in mems {
+                    let n = m.size();
+                    m.zero_at(0, n)
+                        .map_err(dest_io("clearing destination memory"))?;
+                }
+            }
+        }
         self.crcs = PageCrcs::new(self.crcs.len(), self.layout.page_size());
         self.holds_data.fill(false);
         self.stats = MemoryStats::default();
+        self.state = None;
+        Ok(())
     }
 
     /// Counts so far.
@@ -193,12 +408,39 @@ impl MemorySink {
         self.stats
     }
 
+    /// The state blob the source sent, if any.
+    pub fn state(&self) -> Option<&[u8]> {
+        self.state.as_deref()
+    }
+
+    /// Takes the state blob the source sent, if any.
+    pub fn take_state(&mut self) -> Option<Vec<u8>> {
+        self.state.take()
+    }
+
     /// The memory digest of all destination memory, read now (see
     /// [`memory_checksum`](crate::memory_checksum)): a pass over the memory.
-    pub fn checksum(&self) -> u32 {
+    pub fn checksum(&self) -> Result<u32, TransferError> {
+        let ps = self.layout.page_size() as usize;
         let mut d = MemoryDigest::new();
-        d.push_pages(&self.mem, self.layout.page_size() as usize);
-        d.finish()
+        match &self.storage {
+            Storage::Owned(m) => d.push_pages(m, ps),
+            Storage::Caller(mems) => {
+                let mut buf = vec![0u8; (1 << 20).max(ps)];
+                for m in mems {
+                    let size = m.size();
+                    let mut at = 0;
+                    while at < size {
+                        let n = (size - at).min(buf.len() as u64) as usize;
+                        m.read_at(at, &mut buf[..n])
+                            .map_err(dest_io("reading destination memory"))?;
+                        d.push_pages(&buf[..n], ps);
+                        at += n as u64;
+                    }
+                }
+            }
+        }
+        Ok(d.finish())
     }
 
     /// The memory digest of the page CRCs recorded as pages were applied:
@@ -207,6 +449,48 @@ impl MemorySink {
     pub fn recorded_checksum(&self) -> u32 {
         self.crcs.digest()
     }
+
+    /// The storage of the pages at memory offset `offset`: the region
+    /// memory (or the owned mapping) and the offset inside it.
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), TransferError> {
+        match &mut self.storage {
+            Storage::Owned(m) => {
+                let o = offset as usize;
+                m[o..o + data.len()].copy_from_slice(data);
+                Ok(())
+            }
+            Storage::Caller(mems) => {
+                let (i, inside) = caller_slot(&self.layout, offset)?;
+                mems[i]
+                    .write_at(inside, data)
+                    .map_err(dest_io("writing destination memory"))
+            }
+        }
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> Result<(), TransferError> {
+        match &mut self.storage {
+            Storage::Owned(m) => {
+                m[offset as usize..(offset + len) as usize].fill(0);
+                Ok(())
+            }
+            Storage::Caller(mems) => {
+                let (i, inside) = caller_slot(&self.layout, offset)?;
+                mems[i]
+                    .zero_at(inside, len)
+                    .map_err(dest_io("writing destination memory"))
+            }
+        }
+    }
+}
+
+/// Index of the region holding memory offset `offset` and the offset inside it.
+fn caller_slot(layout: &Layout, offset: u64) -> Result<(usize, u64), TransferError> {
+    let (r, inside) = layout.region_at(offset).ok_or(LayoutError::OutsideLayout {
+        range: offset..offset,
+    })?;
+    let id = r.id;
+    Ok((layout.regions().partition_point(|x| x.id < id), inside))
 }
 
 impl Sink for MemorySink {
@@ -214,20 +498,24 @@ impl Sink for MemorySink {
         Ok(())
     }
 
-    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError> {
+    fn send_pages(
+        &mut self,
+        offset: u64,
+        pages: PageBuf,
+        crcs: &[u32],
+    ) -> Result<(), TransferError> {
         let len = pages.len() as u64;
         let ps = self.layout.page_size();
-        let off = self.layout.locate(addr..addr.saturating_add(len))?;
-        if crcs.len() as u64 != len / ps || !self.crcs.set((off / ps) as usize, crcs) {
+        self.layout.check_span(offset, len)?;
+        if crcs.len() as u64 != len / ps || !self.crcs.set((offset / ps) as usize, crcs) {
             return Err(TransferError::Misuse {
                 operation: "send_pages",
                 state: "with a CRC count that differs from the page count",
             });
         }
-        let first = (off / ps) as usize;
+        let first = (offset / ps) as usize;
         self.holds_data[first..first + crcs.len()].fill(true);
-        let off = off as usize;
-        self.mem[off..off + pages.len()].copy_from_slice(&pages);
+        self.write(offset, &pages)?;
         self.stats.pages += len / ps;
         Ok(())
     }
@@ -235,42 +523,50 @@ impl Sink for MemorySink {
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
         let len = range.end.saturating_sub(range.start);
         let ps = self.layout.page_size();
-        let off = self.layout.locate(range)?;
-        let (first, n) = ((off / ps) as usize, (len / ps) as usize);
+        self.layout.check_span(range.start, len)?;
+        let (first, n) = ((range.start / ps) as usize, (len / ps) as usize);
         self.crcs.set_zero(first, n);
+        self.zero(range.start, len)?;
         self.holds_data[first..first + n].fill(false);
-        let off = off as usize;
-        self.mem[off..off + len as usize].fill(0);
         self.stats.zero_pages += len / ps;
         Ok(())
     }
 
     /// Lends pages that hold zeros (never written, or sent as zeros), which
-    /// [`Sink::revert_lent`] restores by zeroing them again.
-    fn lend_pages(&mut self, addr: u64, len: u64) -> Option<&mut [u8]> {
+    /// [`Sink::revert_lent`] restores by zeroing them again, and only from
+    /// memory that may be seen as a slice.
+    fn lend_pages(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
         let ps = self.layout.page_size();
-        let off = self.layout.locate(addr..addr.checked_add(len)?).ok()?;
-        let (first, n) = ((off / ps) as usize, (len / ps) as usize);
-        if len % ps != 0 || self.holds_data[first..first + n].any() {
+        self.layout.check_span(offset, len).ok()?;
+        let (first, n) = ((offset / ps) as usize, (len / ps) as usize);
+        if self.holds_data[first..first + n].any() {
             return None;
         }
-        Some(&mut self.mem[off as usize..(off + len) as usize])
+        match &mut self.storage {
+            Storage::Owned(m) => Some(&mut m[offset as usize..(offset + len) as usize]),
+            Storage::Caller(mems) => {
+                let (i, inside) = caller_slot(&self.layout, offset).ok()?;
+                let s = mems[i].as_mut_slice()?;
+                s.get_mut(inside as usize..(inside + len) as usize)
+            }
+        }
     }
 
-    fn commit_lent(&mut self, addr: u64, crcs: &[u32]) -> Result<(), TransferError> {
+    fn commit_lent(&mut self, offset: u64, crcs: &[u32]) -> Result<(), TransferError> {
         let ps = self.layout.page_size();
         let len = crcs.len() as u64 * ps;
-        let off = self.layout.locate(addr..addr.saturating_add(len))?;
-        let first = (off / ps) as usize;
+        self.layout.check_span(offset, len)?;
+        let first = (offset / ps) as usize;
         self.crcs.set(first, crcs);
         self.holds_data[first..first + crcs.len()].fill(true);
         self.stats.pages += crcs.len() as u64;
         Ok(())
     }
 
-    fn revert_lent(&mut self, addr: u64, len: u64) {
-        if let Ok(off) = self.layout.locate(addr..addr.saturating_add(len)) {
-            self.mem[off as usize..(off + len) as usize].fill(0);
+    fn revert_lent(&mut self, offset: u64, len: u64) {
+        if self.layout.check_span(offset, len).is_ok() {
+            // Only slices were lent; zeroing a slice cannot fail.
+            let _ = self.zero(offset, len);
         }
     }
 
@@ -279,11 +575,23 @@ impl Sink for MemorySink {
         Ok(0)
     }
 
+    /// Keeps the state blob for [`MemorySink::state`]; refuses a second one.
+    fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
+        if self.state.is_some() {
+            return Err(TransferError::Misuse {
+                operation: "send_state",
+                state: "twice",
+            });
+        }
+        self.state = Some(state.to_vec());
+        Ok(())
+    }
+
     /// Compares the recorded page CRCs with `memory_checksum`; with
     /// [`FinalCheck::Full`], also re-reads all memory and requires the same.
     fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
         let recorded = self.recorded_checksum();
-        check_final(memory_checksum, recorded, check, || Ok(self.checksum()))?;
+        check_final(memory_checksum, recorded, check, || self.checksum())?;
         self.stats.finished = Some(recorded);
         Ok(())
     }

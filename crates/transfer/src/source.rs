@@ -219,7 +219,8 @@ const CHECKSUM_CHUNK: u64 = 1 << 20;
 
 /// The memory digest of `layout` read from `source` now (see
 /// [`crate::digest`]): the CRC32C of the per-page CRC32Cs of every page,
-/// regions in address order.
+/// regions in id order. Regions without a host address are skipped (a
+/// sender's layout has one for every region).
 ///
 /// [`FinalCheck::Full`](crate::FinalCheck::Full) computes it from the stopped
 /// source after the final round and requires it to equal what was sent; a
@@ -229,9 +230,8 @@ pub fn memory_checksum(source: &mut dyn PageSource, layout: &Layout) -> Result<u
     let ps = layout.page_size();
     let chunk_len = CHECKSUM_CHUNK.max(ps) / ps * ps;
     let mut buf = vec![0u8; chunk_len as usize];
-    for region in layout.regions() {
-        let mut at = region.start;
-        let end = region.start + region.len;
+    for range in layout.host_ranges() {
+        let (mut at, end) = (range.start, range.end);
         while at < end {
             let n = (end - at).min(chunk_len);
             let chunk = &mut buf[..n as usize];
@@ -359,19 +359,11 @@ mod tests {
     fn checksum_is_digest_of_page_crcs_in_layout_order() {
         let data: Vec<u8> = (0..0x4000u32).map(|i| i as u8).collect();
         let mut src = SliceSource::new(0x10000, data.clone());
-        let layout = Layout::new(
-            4096,
-            vec![
-                crate::Region {
-                    start: 0x12000,
-                    len: 0x2000,
-                },
-                crate::Region {
-                    start: 0x10000,
-                    len: 0x1000,
-                },
-            ],
-        )
+        // Layout order is id order: region 0 (at 0x10000) first.
+        let layout = Layout::new(vec![
+            crate::MemoryRegion::new(1, 0x2000, 4096).host(0x12000),
+            crate::MemoryRegion::new(0, 0x1000, 4096).host(0x10000),
+        ])
         .unwrap();
         let mut crcs = Vec::new();
         for page in [

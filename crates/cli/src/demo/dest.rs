@@ -1,7 +1,8 @@
 //! `precopy __demo-dest`: the destination. Listens, announces `LISTENING <address>`, receives a
 //! transfer into memory of its own, announces `RECEIVED <addr> <len> <checksum> <rounds> <pages>
-//! <zero pages> <bytes>` (or `FAILED <message>`) and keeps its memory until its stdin closes, so
-//! the driver can compare it with the source.
+//! <zero pages> <bytes> <state>` (`state`: the state blob in hex, `-` for none; or `FAILED
+//! <message>`) and keeps its memory until its stdin closes, so the driver can compare it with the
+//! source.
 
 use anyhow::{Context, Result};
 use precopy_transfer::{Key, Listener, MemorySink, Receiver, ReceiverConfig};
@@ -60,16 +61,21 @@ pub fn run(args: DestArgs) -> Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let mem = sink.memory();
+    let mem = sink.memory().context("the sink owns its memory")?;
+    let state = match sink.state() {
+        Some(s) if !s.is_empty() => s.iter().map(|b| format!("{b:02x}")).collect(),
+        _ => "-".to_owned(),
+    };
     announce(&format!(
-        "RECEIVED {} {} {} {} {} {} {}",
+        "RECEIVED {} {} {} {} {} {} {} {}",
         mem.as_ptr() as u64,
         mem.len(),
         report.checksum,
         report.rounds,
         report.pages,
         report.zero_pages,
-        report.bytes
+        report.bytes,
+        state
     ))?;
     let mut buf = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut buf);

@@ -226,7 +226,7 @@ pub fn receive(listener: Listener, die_after: Option<u64>) -> JoinHandle<Receive
             None => {
                 let mut sink = MemorySink::new(layout)?;
                 let report = receiver.run(&mut sink)?;
-                Ok((sink.memory().to_vec(), report))
+                Ok((sink.memory().expect("owned memory").to_vec(), report))
             }
             Some(n) => {
                 let mut sink = DyingSink {
@@ -234,7 +234,7 @@ pub fn receive(listener: Listener, die_after: Option<u64>) -> JoinHandle<Receive
                     pages_left: n,
                 };
                 let report = receiver.run(&mut sink)?;
-                Ok((sink.inner.memory().to_vec(), report))
+                Ok((sink.inner.memory().expect("owned memory").to_vec(), report))
             }
         }
     })

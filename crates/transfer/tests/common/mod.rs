@@ -92,6 +92,6 @@ pub fn spawn_receiver(
         let rx = Receiver::accept(&listener, &config)?;
         let mut dest = MemorySink::new(rx.layout().clone())?;
         let report = rx.run(&mut dest)?;
-        Ok((report, dest.memory().to_vec()))
+        Ok((report, dest.memory().expect("owned memory").to_vec()))
     })
 }
