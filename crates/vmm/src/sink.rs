@@ -1,6 +1,6 @@
 //! The destination's [`Sink`]: received pages go straight into this VMM's guest RAM, at the
-//! offset the layout gives (the destination's mapping sits at another host address than the
-//! source's; the layout's regions are the source's addresses, in guest-physical order).
+//! memory offset the receiver gives (the layout's one region is guest RAM; the destination's
+//! mapping sits at another host address than the source's, which the wire never names).
 //!
 //! This stands in until the transfer crate receives into caller-provided memory itself.
 
@@ -53,10 +53,10 @@ impl Sink for GuestRamSink {
         Ok(())
     }
 
-    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError> {
+    fn send_pages(&mut self, off: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError> {
         let ps = self.layout.page_size();
         let len = pages.len() as u64;
-        let off = self.layout.locate(addr..addr.saturating_add(len))?;
+        self.layout.check_span(off, len)?;
         if crcs.len() as u64 != len / ps || !self.crcs.set((off / ps) as usize, crcs) {
             return Err(TransferError::Misuse {
                 operation: "send_pages",
@@ -71,7 +71,8 @@ impl Sink for GuestRamSink {
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
         let ps = self.layout.page_size();
         let len = range.end.saturating_sub(range.start);
-        let off = self.layout.locate(range)?;
+        let off = range.start;
+        self.layout.check_span(off, len)?;
         self.crcs.set_zero((off / ps) as usize, (len / ps) as usize);
         self.ram.ram().fill(off, len, 0).map_err(Self::io)
     }
