@@ -259,12 +259,17 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
             .collect(),
     );
     let page = log.tracker().page_size();
-    // One region per range of the target's address space, ids in address order.
+    // One region per range of the target's address space, ids in address order; the address a
+    // range has in the target is what a guest-physical address is to a VM (images keep it).
     let regions = log
         .layout()
         .iter()
         .enumerate()
-        .map(|(id, r)| MemoryRegion::new(id as u32, r.end - r.start, page).host(r.start))
+        .map(|(id, r)| {
+            MemoryRegion::new(id as u32, r.end - r.start, page)
+                .host(r.start)
+                .guest(r.start)
+        })
         .collect();
     let layout = Layout::new(regions)
         .context("describing the target's memory")

@@ -65,16 +65,42 @@ fn assert_image_equals_memory(pid: i32, image: &Path, report: &serde_json::Value
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
     let tracked = report["tracked"].as_array().expect("tracked ranges");
     assert!(!tracked.is_empty());
+    // Images are addressed by memory offset (regions back to back in id order); each region
+    // keeps the target address it had as its guest address.
+    let info = Command::new(PRECOPY)
+        .args(["image", "info", "--json"])
+        .arg(image)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("image info JSON");
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for r in info["regions"].as_array().expect("regions") {
+        let (gpa, size) = (
+            r["guest_addr"].as_u64().unwrap(),
+            r["size"].as_u64().unwrap(),
+        );
+        regions.push((gpa, size, offset));
+        offset += size;
+    }
+    let memory_offset = |addr: u64| {
+        let &(gpa, _, off) = regions
+            .iter()
+            .find(|&&(gpa, size, _)| (gpa..gpa + size).contains(&addr))
+            .unwrap_or_else(|| panic!("{addr:#x} is in no region of the image"));
+        off + (addr - gpa)
+    };
     let mut bytes = 0u64;
     for r in tracked {
         let (start, end) = (r[0].as_u64().unwrap(), r[1].as_u64().unwrap());
+        let (ostart, oend) = (memory_offset(start), memory_offset(start) + (end - start));
         let mut want = vec![0u8; (end - start) as usize];
         mem.read_exact_at(&mut want, start)
             .unwrap_or_else(|e| panic!("reading {start:#x}..{end:#x} of {pid}: {e}"));
         let out = Command::new(PRECOPY)
             .args(["image", "cat"])
             .arg(image)
-            .args(["--range", &format!("{start:#x}-{end:#x}")])
+            .args(["--range", &format!("{ostart:#x}-{oend:#x}")])
             .output()
             .unwrap();
         assert!(
