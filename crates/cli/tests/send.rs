@@ -461,3 +461,54 @@ fn rate_matches_the_targets_own_count() {
     let ws = report["working_set_pages"].as_u64().unwrap();
     assert!(ws <= counted && ws + other >= counted, "{ws} vs {counted}");
 }
+
+#[test]
+fn a_second_send_on_a_tracked_target_fails_and_leaves_it_running() {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(Lang::C, 4, 4096, 0);
+    let before = settled(&mut t);
+    let first_image = tmp("first-tracker.img");
+    let first = Command::new(PRECOPY)
+        .args(["send", "--pid", &t.pid.to_string(), "--to"])
+        .arg(format!("file:{}", first_image.display()))
+        .args(["--max-downtime", "1", "--max-rounds", "100000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The image exists once the first send has attached and registered the target's memory.
+    while !first_image.exists() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let image = tmp("second-tracker.img");
+    let out = send(
+        t.pid,
+        &format!("file:{}", image.display()),
+        &["--max-rounds", "2"],
+    );
+    let first_done = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = first.wait_with_output();
+    let _ = first_done;
+    let report = json_of(&out);
+    assert!(!out.status.success(), "second send succeeded: {report}");
+    assert_eq!(report["ok"], false, "{report}");
+    let msg = report["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains(&format!(
+            "memory of process {} is already tracked by another userfaultfd",
+            t.pid
+        )),
+        "{msg}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one error line: {stderr}");
+    assert!(!image.exists(), "an image was written");
+    std::thread::sleep(Duration::from_millis(10));
+    assert_untouched(&mut t, &before);
+    let _ = std::fs::remove_file(&first_image);
+}

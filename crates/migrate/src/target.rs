@@ -41,6 +41,34 @@ pub enum TargetError {
         /// The process.
         pid: i32,
     },
+    /// Its memory is already registered with another userfaultfd (another `precopy send`,
+    /// a debugger, a checkpointer): the kernel allows one per range (`EBUSY`).
+    #[error(
+        "memory of process {pid} is already tracked by another userfaultfd (another precopy send?)"
+    )]
+    AlreadyTracked {
+        /// The process.
+        pid: i32,
+    },
+    /// A writable mapping that must be tracked could not be registered.
+    #[error("cannot track memory {start:#x}..{end:#x} of process {pid}")]
+    Register {
+        /// The process.
+        pid: i32,
+        /// First address.
+        start: u64,
+        /// One past the last.
+        end: u64,
+        /// The cause.
+        #[source]
+        source: precopy_tracker::Error,
+    },
+    /// No memory of the process could be tracked: there is nothing to send.
+    #[error("no memory of process {pid} could be tracked")]
+    NothingTracked {
+        /// The process.
+        pid: i32,
+    },
     /// Its maps could not be read.
     #[error("cannot read the mappings of process {pid}")]
     Maps {
@@ -183,16 +211,40 @@ impl TargetLog {
         coalesce(&mut log.layout);
         for m in maps.iter().filter(|m| m.class.is_ok()) {
             // Registration can race the target (it unmapped it meanwhile): the next round
-            // picks up whatever is there then.
+            // picks up whatever is there then. Any other failure leaves writable memory
+            // untracked, and is an error.
             if let Err(e) = log.tracker.register(m.range.clone()) {
-                if log.alive() {
-                    tracing::debug!(start = m.range.start, error = %e, "not registered at attach");
-                } else {
+                if !log.alive() {
                     return Err(TargetError::Exited { pid });
                 }
+                log.register_failed(m.range.clone(), e)?;
             }
         }
+        if log.tracker.ranges().is_empty() {
+            return Err(TargetError::NothingTracked { pid });
+        }
         Ok(log)
+    }
+
+    /// Whether a failed registration of `r` may be left to the next round: only when the
+    /// mapping changed under it (no longer fully mapped); anything else (`EBUSY`: another
+    /// userfaultfd has it) would leave writable memory untracked.
+    fn register_failed(&self, r: Range<u64>, e: precopy_tracker::Error) -> Result<(), TargetError> {
+        match e {
+            precopy_tracker::Error::NotMapped { .. } => {
+                tracing::debug!(start = r.start, end = r.end, error = %e, "register raced");
+                Ok(())
+            }
+            precopy_tracker::Error::Busy { .. } => {
+                Err(TargetError::AlreadyTracked { pid: self.pid })
+            }
+            source => Err(TargetError::Register {
+                pid: self.pid,
+                start: r.start,
+                end: r.end,
+                source,
+            }),
+        }
     }
 
     /// Also track (and report as added) new mappings outside the layout; for callers that send
@@ -323,7 +375,7 @@ impl TargetLog {
                     }
                     // The mapping changed again since the maps were read: the next round
                     // sees it as it is then.
-                    tracing::debug!(start = r.start, end = r.end, error = %e, "register raced");
+                    self.register_failed(r.clone(), e)?;
                     continue;
                 }
             }
