@@ -272,7 +272,7 @@ fn run_cell(kind: Kind, path: Path) -> Option<Observed> {
     let (_, sink) = tx.into_parts();
     let mut now = vec![0u8; len as usize];
     s.mem.read(0, &mut now).unwrap();
-    let wrong = pages_differing(sink.memory(), &now, base);
+    let wrong = pages_differing(sink.memory().expect("the sink owns its memory"), &now, base);
     assert!(
         wrong.is_empty(),
         "{kind:?} × {path:?}: destination differs from the source at {wrong:x?} ({o:?})"
@@ -503,7 +503,12 @@ fn migrate_with_change(
     let (_, sink) = transport.into_inner().into_parts();
     let mut source = vec![0u8; mem.len() as usize];
     mem.read(0, &mut source).unwrap();
-    (result, report, sink.memory().to_vec(), source)
+    (
+        result,
+        report,
+        sink.memory().expect("the sink owns its memory").to_vec(),
+        source,
+    )
 }
 
 fn filled_memfd(pages: u64) -> std::sync::Arc<Mapping> {

@@ -25,10 +25,9 @@ pub trait DirtyLog {
     /// The part of [`DirtyLog::memory`] whose changes this log may miss (shared memory written
     /// through another mapping or process, a hole punched in a memfd, hugetlb `MADV_DONTNEED`,
     /// DMA): the driver re-checks it with the workload paused before it declares the migration
-    /// complete ([`Transport::changed`]) and reports the cost. Default: none.
-    fn unvouched(&self) -> Vec<Range<u64>> {
-        Vec::new()
-    }
+    /// complete ([`Transport::changed`]) and reports the cost. No default: a log that wraps
+    /// another must forward it, or the re-check is silently skipped for the memory it wraps.
+    fn unvouched(&self) -> Vec<Range<u64>>;
 }
 
 /// What one round delivered, as the transport counts it.

@@ -874,6 +874,9 @@ mod tests {
         fn page_size(&self) -> u64 {
             PAGE
         }
+        fn unvouched(&self) -> Vec<Range<u64>> {
+            Vec::new()
+        }
         fn start(&mut self) -> Result<(), BoxError> {
             Ok(())
         }
@@ -1028,6 +1031,9 @@ mod tests {
         fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, BoxError> {
             self.asked = ranges.to_vec();
             Ok(vec![100 * PAGE..101 * PAGE])
+        }
+        fn send_state(&mut self, state: &[u8]) -> Result<(), BoxError> {
+            self.inner.send_state(state)
         }
         fn finish(&mut self) -> Result<(u32, Duration), BoxError> {
             self.inner.finish()

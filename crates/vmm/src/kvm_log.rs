@@ -133,6 +133,10 @@ impl<D: DirtyLog> DirtyLog for KvmCheckedLog<D> {
         self.inner.page_size()
     }
 
+    fn unvouched(&self) -> Vec<Range<u64>> {
+        self.inner.unvouched()
+    }
+
     fn start(&mut self) -> Result<(), BoxError> {
         self.stepped(|s| {
             s.kvm_log()?;

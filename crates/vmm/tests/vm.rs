@@ -202,6 +202,9 @@ impl precopy_migrate::DirtyLog for Lossy {
     fn page_size(&self) -> u64 {
         self.0.page_size()
     }
+    fn unvouched(&self) -> Vec<std::ops::Range<u64>> {
+        self.0.unvouched()
+    }
     fn start(&mut self) -> Result<(), precopy_migrate::BoxError> {
         self.0.start()
     }
