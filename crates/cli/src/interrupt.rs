@@ -25,6 +25,8 @@ pub struct TargetState {
     stopped_by_us: AtomicBool,
     /// Leave the target stopped whatever happens (`--then stop` succeeded).
     keep_stopped: AtomicBool,
+    /// The target was already stopped when this command started: never continue it.
+    was_stopped: AtomicBool,
 }
 
 impl TargetState {
@@ -35,6 +37,10 @@ impl TargetState {
     /// Record that the target may be stopped by this command from now on (or not any more).
     pub fn set_stopped_by_us(&self, v: bool) {
         self.stopped_by_us.store(v, Ordering::SeqCst);
+    }
+    /// The target was stopped (state `T`) before this command: it stays stopped.
+    pub fn set_was_stopped(&self) {
+        self.was_stopped.store(true, Ordering::SeqCst);
     }
     /// The target is to stay stopped.
     pub fn keep_stopped(&self) {
@@ -65,13 +71,14 @@ impl Interrupts {
                 let Ok(sig) = set.wait() else { return };
                 let _attach = s.attaching();
                 let stopped = s.stopped_by_us.load(Ordering::SeqCst);
-                let keep = s.keep_stopped.load(Ordering::SeqCst);
+                let was = s.was_stopped.load(Ordering::SeqCst);
+                let keep = was || s.keep_stopped.load(Ordering::SeqCst);
                 if stopped && !keep {
                     let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
                 }
                 eprintln!(
                     "precopy: interrupted by {sig}: process {pid} left {}",
-                    if stopped && keep {
+                    if was || (stopped && keep) {
                         "stopped"
                     } else {
                         "running"

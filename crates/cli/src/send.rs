@@ -239,6 +239,8 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         Dest::File(_) => Vec::new(),
     };
 
+    // Before attaching: ptrace may take the target out of its stop.
+    let stopped_on_entry = precopy_migrate::process::all_stopped(args.pid);
     let (uffd, times) = {
         let _attaching = state.attaching();
         Uffd::attach(args.pid)
@@ -277,7 +279,13 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     let source = TargetMemory::new(args.pid, page);
     let control = ProcessControl::new(args.pid, PauseMethod::Signal, ThrottleMethod::DutyCycle)
         .context("controlling the target")
-        .map_err(|e| fail(&report, e))?;
+        .map_err(|e| fail(&report, e))?
+        .stopped_on_entry_if(stopped_on_entry);
+    if control.stopped_on_entry() {
+        // Stopped by someone else before the send: it stays stopped, whatever happens.
+        state.set_was_stopped();
+    }
+    report["target_stopped_on_entry"] = json!(control.stopped_on_entry());
     let workload = TargetWorkload {
         control,
         state: state.clone(),

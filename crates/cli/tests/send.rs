@@ -512,3 +512,47 @@ fn a_second_send_on_a_tracked_target_fails_and_leaves_it_running() {
     assert_untouched(&mut t, &before);
     let _ = std::fs::remove_file(&first_image);
 }
+
+#[test]
+fn a_target_stopped_before_the_send_is_left_stopped() {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(Lang::C, 2, 256, 0);
+    settled(&mut t);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    // Every thread in the group stop (state T), not just the first one seen.
+    let all_stopped = || {
+        std::fs::read_dir(format!("/proc/{}/task", t.pid))
+            .unwrap()
+            .all(|e| {
+                let stat = std::fs::read_to_string(e.unwrap().path().join("stat")).unwrap();
+                stat.rsplit(')')
+                    .next()
+                    .unwrap()
+                    .trim_start()
+                    .starts_with('T')
+            })
+    };
+    while !all_stopped() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let image = tmp("stopped-on-entry.img");
+    let out = send(
+        t.pid,
+        &format!("file:{}", image.display()),
+        &["--max-rounds", "2"],
+    );
+    let report = json_of(&out);
+    std::thread::sleep(Duration::from_millis(20));
+    let stopped = state(t.pid).stopped;
+    cont(t.pid);
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["target_stopped_on_entry"], true, "{report}");
+    assert!(stopped, "a target stopped before the send was continued");
+    let _ = std::fs::remove_file(&image);
+}

@@ -173,7 +173,7 @@ fn cpu_time_ns(pid: i32) -> u64 {
 }
 
 /// Whether every thread of `pid` is stopped (state `T` or `t`), or the process is gone.
-fn all_stopped(pid: i32) -> bool {
+pub fn all_stopped(pid: i32) -> bool {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return true;
     };
@@ -274,6 +274,9 @@ pub struct ProcessControl {
     sample: (Instant, u64),
     fraction: f64,
     paused: bool,
+    /// Every thread was stopped when control began (SIGSTOP by someone else): never sent
+    /// SIGCONT, never duty-cycled; it is left stopped.
+    stopped_on_entry: bool,
     /// Address in the process of its [`WorkloadCounters`] as two native-endian u64s
     /// (operations, busy nanoseconds).
     counters: Option<u64>,
@@ -302,6 +305,7 @@ impl ProcessControl {
             sample: (Instant::now(), cpu_time_ns(pid)),
             fraction: 0.0,
             paused: false,
+            stopped_on_entry: pause == PauseMethod::Signal && all_stopped(pid),
             counters: None,
         })
     }
@@ -314,7 +318,19 @@ impl ProcessControl {
         self
     }
 
-    /// The process.
+    /// Treat the process as stopped on entry (the caller saw it stopped before attaching, which
+    /// may have disturbed its state): it is never continued.
+    pub fn stopped_on_entry_if(mut self, stopped: bool) -> ProcessControl {
+        self.stopped_on_entry |= stopped;
+        self
+    }
+
+    /// Whether every thread was already stopped when control began: it is never continued.
+    pub fn stopped_on_entry(&self) -> bool {
+        self.stopped_on_entry
+    }
+
+    /// The process's PID.
     pub fn pid(&self) -> i32 {
         self.pid
     }
@@ -343,7 +359,7 @@ impl ProcessControl {
 
     /// Applies `fraction` with the chosen mechanism (the process is not paused).
     fn apply(&mut self, fraction: f64) -> Result<(), ProcessError> {
-        if self.throttle_method == ThrottleMethod::None {
+        if self.throttle_method == ThrottleMethod::None || self.stopped_on_entry {
             return Ok(());
         }
         if self.duty.is_none()
@@ -433,6 +449,7 @@ impl ProcessControl {
     fn resume_now(&mut self) -> Result<(), ProcessError> {
         match &self.freezer {
             Some(cg) => write_file(&cg.file("freezer.state"), "THAWED")?,
+            None if self.stopped_on_entry => {}
             None => self.signal(Signal::SIGCONT)?,
         }
         self.paused = false;
