@@ -16,7 +16,7 @@ use precopy_scanner::{ScanOptions, Scanner};
 use precopy_sys::mem::{Backing, Mapping, Thp};
 use precopy_tracker::{RegisterOptions, Tracker, Uffd, UnvouchedPolicy};
 use precopy_transfer::{
-    Connection, Layout, Listener, MemorySink, ProcessMemory, Receiver, ReceiverConfig, Sender,
+    Connection, Key, Layout, Listener, MemorySink, ProcessMemory, Receiver, ReceiverConfig, Sender,
     SenderConfig,
 };
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
@@ -89,13 +89,20 @@ fn main() -> Result<()> {
         std::thread::spawn(move || vcpu(id, ram, state));
     }
 
-    // The destination: receives into its own memory and checks the final checksum.
+    // The destination: receives into its own memory and checks the final checksum. Every TCP
+    // receiver challenges its sender (any local user could connect to a loopback port): both
+    // ends share a random key (across processes: `Key::write_new_file`, owner-only).
+    let key = Key::random();
+    let receiver_config = ReceiverConfig {
+        key: Some(key.clone()),
+        ..ReceiverConfig::default()
+    };
     let listener = Listener::bind_tcp("127.0.0.1:0")?;
     let addr = listener.address();
     let ready = Arc::new(Barrier::new(2));
     let dest_ready = ready.clone();
     let destination = std::thread::spawn(move || -> Result<MemorySink> {
-        let receiver = Receiver::accept(&listener, &ReceiverConfig::default())?;
+        let receiver = Receiver::accept(&listener, &receiver_config)?;
         let mut memory = MemorySink::new(receiver.layout().clone())?;
         receiver.run(&mut memory)?;
         dest_ready.wait();
@@ -124,7 +131,10 @@ fn main() -> Result<()> {
         vec![Connection::connect_tcp(addr.as_str())?],
         layout,
         ProcessMemory::current(),
-        &SenderConfig::default(),
+        &SenderConfig {
+            key: Some(key),
+            ..SenderConfig::default()
+        },
     )?;
     let (pause, resume) = (state.clone(), state.clone());
     let vcpus = Callbacks::new(

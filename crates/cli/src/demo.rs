@@ -197,9 +197,23 @@ pub struct Args {
     /// How to show progress on stderr: a bar on a terminal, else one line per update.
     #[arg(long, value_enum, default_value_t = progress::Mode::Auto)]
     progress: progress::Mode,
+    /// Seconds a connection may make no progress (a write, the wait for an acknowledgement, a
+    /// silent sender at the destination) before the migration fails.
+    #[arg(long, default_value_t = 10.0)]
+    io_timeout: f64,
+    /// Hard bound on the final round, in milliseconds, from the pause to the acknowledgement
+    /// [default: 10 × max downtime, at least 5 s, or twice the expected downtime if more].
+    #[arg(long)]
+    final_round_timeout: Option<u64>,
     /// Test hook: kill the destination when this round is about to be sent.
     #[arg(long, hide = true)]
     kill_dest_at_round: Option<u64>,
+    /// Test hook: SIGSTOP the destination when this round is about to be sent.
+    #[arg(long, hide = true)]
+    stop_dest_at_round: Option<u64>,
+    /// Test hook: SIGSTOP the destination as the final round starts.
+    #[arg(long, hide = true)]
+    stop_dest_in_final_round: bool,
     #[command(flatten)]
     vm: vm::VmArgs,
 }
@@ -420,6 +434,22 @@ fn validate(args: &Args) -> Result<Plan> {
                 "use at most --timeout 2592000, or leave it out for no limit",
             ));
         }
+    }
+    if !(args.io_timeout > 0.0 && args.io_timeout <= MAX_TIMEOUT) {
+        return Err(invalid(
+            "--io-timeout",
+            args.io_timeout,
+            "must be a positive number of seconds, at most 30 days",
+            "use e.g. --io-timeout 10",
+        ));
+    }
+    if args.final_round_timeout == Some(0) {
+        return Err(invalid(
+            "--final-round-timeout",
+            0,
+            "must be positive",
+            "leave it out for the default bound",
+        ));
     }
     if let (None, Some(p)) = (args.timeout, args.on_timeout) {
         return Err(invalid(
@@ -801,7 +831,7 @@ fn migrate<K: Sink>(
     log: UffdDirtyLog,
     control: ProcessControl,
     progress: &Progress,
-    on_round: impl Fn(u64) + Send + 'static,
+    mut on_round: impl FnMut(&precopy_migrate::Progress) + Send + 'static,
 ) -> (
     Result<MigrationReport, precopy_migrate::Error>,
     MigrationReport,
@@ -814,6 +844,7 @@ fn migrate<K: Sink>(
         timeout: args.timeout.map(Duration::from_secs_f64),
         timeout_policy: policy(plan.on_timeout),
         after: AfterMigration::Stop,
+        final_round_timeout: args.final_round_timeout.map(Duration::from_millis),
         ..MigrationConfig::default()
     };
     config.throttle.enabled = !args.no_throttle;
@@ -838,7 +869,7 @@ fn migrate<K: Sink>(
             l.round = Some((*p, at, Instant::now()));
         }
         progress2.phase(round_message(p, 0, Duration::ZERO));
-        on_round(p.round);
+        on_round(p);
     });
     let tick = || {
         let Ok(l) = live.lock() else { return };
@@ -864,23 +895,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
     // Destination first: it must listen before anyone connects.
     let mut dest = None;
-    let mut key = None;
+    // Every listener challenges its sender, loopback included: a fresh random key, handed to
+    // the destination in a file only this user can read (deleted once the destination listens).
+    let key = Key::random();
     if plan.image.is_none() {
         let listen = match plan.transport {
             TransportKind::Tcp => format!("tcp:{}", plan.listen),
             TransportKind::Unix => format!("unix:{}", sock_path.display()),
         };
-        // Anything but loopback needs a shared key; the destination gets it in its environment.
-        let loopback = plan.transport == TransportKind::Unix
-            || plan
-                .listen
-                .parse::<std::net::SocketAddr>()
-                .is_ok_and(|a| a.ip().is_loopback());
-        key = (!loopback).then(|| {
-            (0..32)
-                .map(|_| format!("{:x}", rand::random::<u8>() & 0xf))
-                .collect::<String>()
-        });
+        let key_path =
+            std::env::temp_dir().join(format!("precopy-demo-{}.key", std::process::id()));
+        key.write_new_file(&key_path)
+            .context("writing the demo's key file")?;
         let mut cmd = match &args.dest_netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -889,13 +915,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }
             None => Command::new(&exe),
         };
-        cmd.args(["__demo-dest", "--listen", &listen]);
-        if let Some(k) = &key {
-            cmd.env(dest::KEY_ENV, k);
-        }
+        cmd.args(["__demo-dest", "--listen", &listen])
+            .arg("--key-file")
+            .arg(&key_path)
+            .args(["--io-timeout", &args.io_timeout.to_string()]);
         progress.phase("starting the destination process");
-        let mut d = Proc::spawn("destination", cmd)?;
-        let words = d.expect("LISTENING")?;
+        let listening = Proc::spawn("destination", cmd).and_then(|mut d| {
+            let words = d.expect("LISTENING")?;
+            Ok((d, words))
+        });
+        let _ = std::fs::remove_file(&key_path);
+        let (d, words) = listening?;
         let addr = words.first().context("no listening address")?.clone();
         dest = Some((d, addr));
     }
@@ -962,99 +992,120 @@ pub fn run(args: Args) -> Result<ExitCode> {
         read: Arc::new(AtomicU64::new(0)),
     };
 
-    let (result, report, received, verification) = match (&plan.image, dest.as_mut()) {
-        (Some(path), _) => {
-            let writer = ImageWriter::create(path, layout.clone())
-                .with_context(|| format!("creating the image {}", path.display()))?;
-            let transfer = Transfer::new(
-                source_mem,
-                writer,
-                layout,
-                SenderConfig::default().batch_pages,
-            )?;
-            let (result, report) = migrate(&args, &plan, transfer, log, control, &progress, |_| {});
-            let verification = match &result {
-                Ok(_) => {
-                    let img = precopy_transfer::Image::open(path)
-                        .with_context(|| format!("opening the image {}", path.display()))?;
-                    Some(verify(pid, addr, Copy::Image(&img), len, &progress)?)
-                }
-                Err(_) => None,
-            };
-            (result, report, None, verification)
-        }
-        (None, Some((dest, dest_addr))) => {
-            let mut conns = Vec::with_capacity(plan.streams);
-            for _ in 0..plan.streams {
-                conns.push(
-                    match plan.transport {
-                        TransportKind::Tcp => Connection::connect_tcp(dest_addr.as_str()),
-                        TransportKind::Unix => Connection::connect_unix(&sock_path),
+    let (result, report, received, verification, destination_outcome) =
+        match (&plan.image, dest.as_mut()) {
+            (Some(path), _) => {
+                let writer = ImageWriter::create(path, layout.clone())
+                    .with_context(|| format!("creating the image {}", path.display()))?;
+                let transfer = Transfer::new(
+                    source_mem,
+                    writer,
+                    layout,
+                    SenderConfig::default().batch_pages,
+                )?;
+                let (result, report) =
+                    migrate(&args, &plan, transfer, log, control, &progress, |_| {});
+                let verification = match &result {
+                    Ok(_) => {
+                        let img = precopy_transfer::Image::open(path)
+                            .with_context(|| format!("opening the image {}", path.display()))?;
+                        Some(verify(pid, addr, Copy::Image(&img), len, &progress)?)
                     }
-                    .with_context(|| format!("connecting to {dest_addr}"))?,
-                );
+                    Err(_) => None,
+                };
+                (result, report, None, verification, None)
             }
-            let sender_config = SenderConfig {
-                compression: match plan.compress {
-                    CompressKind::None => Compression::None,
-                    CompressKind::Lz4 => Compression::Lz4,
-                    CompressKind::Zstd => Compression::Zstd(1),
-                },
-                streams: plan.streams,
-                bandwidth_limit: args.bandwidth.as_ref().map(|b| b.bytes),
-                key: key.map(|k| Key::from_bytes(k.into_bytes())).transpose()?,
-                ..SenderConfig::default()
-            };
-            let sender = Sender::connect(conns, layout, source_mem, &sender_config)
-                .context("connecting the sender")?;
-            let dest_pid = dest.pid();
-            let kill_at = args.kill_dest_at_round;
-            let (result, report) = migrate(
-                &args,
-                &plan,
-                sender,
-                log,
-                control,
-                &progress,
-                move |round| {
-                    if kill_at.is_some_and(|r| round >= r) {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(dest_pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                },
-            );
-            // The source is still stopped after success: compare the two memories now.
-            let (received, verification) = match &result {
-                Ok(_) => {
-                    progress.phase("waiting for the destination's report");
-                    let w = dest.expect("RECEIVED")?;
-                    let r = Received {
-                        addr: num(&w, 0)?,
-                        len: num(&w, 1)?,
-                        checksum: num(&w, 2)?,
-                        rounds: num(&w, 3)?,
-                        pages: num(&w, 4)?,
-                        zero_pages: num(&w, 5)?,
-                        bytes: num(&w, 6)?,
-                    };
-                    if r.len != len {
-                        bail!("destination holds {} bytes, source {len}", r.len);
-                    }
-                    let copy = Copy::Process {
-                        pid: dest.pid(),
-                        addr: r.addr,
-                    };
-                    let v = verify(pid, addr, copy, len, &progress)?;
-                    (Some(r), Some(v))
+            (None, Some((dest, dest_addr))) => {
+                let mut conns = Vec::with_capacity(plan.streams);
+                for _ in 0..plan.streams {
+                    conns.push(
+                        match plan.transport {
+                            TransportKind::Tcp => Connection::connect_tcp_timeout(
+                                dest_addr.as_str(),
+                                Duration::from_secs_f64(args.io_timeout),
+                            ),
+                            TransportKind::Unix => Connection::connect_unix(&sock_path),
+                        }
+                        .with_context(|| format!("connecting to {dest_addr}"))?,
+                    );
                 }
-                Err(_) => (None, None),
-            };
-            (result, report, received, verification)
-        }
-        (None, None) => bail!("no destination"),
-    };
+                let sender_config = SenderConfig {
+                    compression: match plan.compress {
+                        CompressKind::None => Compression::None,
+                        CompressKind::Lz4 => Compression::Lz4,
+                        CompressKind::Zstd => Compression::Zstd(1),
+                    },
+                    streams: plan.streams,
+                    bandwidth_limit: args.bandwidth.as_ref().map(|b| b.bytes),
+                    key: Some(key),
+                    handshake_timeout: Duration::from_secs_f64(args.io_timeout),
+                    io_timeout: Some(Duration::from_secs_f64(args.io_timeout)),
+                    ..SenderConfig::default()
+                };
+                let sender = Sender::connect(conns, layout, source_mem, &sender_config)
+                    .context("connecting the sender")?;
+                let dest_pid = nix::unistd::Pid::from_raw(dest.pid());
+                let signal_dest = move |sig| {
+                    let _ = nix::sys::signal::kill(dest_pid, sig);
+                };
+                let kill_at = args.kill_dest_at_round;
+                let stop_at = args.stop_dest_at_round;
+                let stop_in_final = args.stop_dest_in_final_round;
+                let mut stopped = false;
+                let (result, report) =
+                    migrate(&args, &plan, sender, log, control, &progress, move |p| {
+                        if kill_at.is_some_and(|r| p.round >= r) {
+                            signal_dest(nix::sys::signal::Signal::SIGKILL);
+                        }
+                        let stop = stop_at.is_some_and(|r| p.round >= r)
+                            || (stop_in_final && p.phase == precopy_migrate::Phase::Final);
+                        if stop && !stopped {
+                            stopped = true;
+                            signal_dest(nix::sys::signal::Signal::SIGSTOP);
+                        }
+                    });
+                if args.stop_dest_at_round.is_some() || args.stop_dest_in_final_round {
+                    // Let a destination stopped by a test hook run again: it must not report success.
+                    signal_dest(nix::sys::signal::Signal::SIGCONT);
+                }
+                // The source is still stopped after success: compare the two memories now.
+                let (received, verification, destination_outcome) = match &result {
+                    Ok(_) => {
+                        progress.phase("waiting for the destination's report");
+                        let w = dest.expect("RECEIVED")?;
+                        let r = Received {
+                            addr: num(&w, 0)?,
+                            len: num(&w, 1)?,
+                            checksum: num(&w, 2)?,
+                            rounds: num(&w, 3)?,
+                            pages: num(&w, 4)?,
+                            zero_pages: num(&w, 5)?,
+                            bytes: num(&w, 6)?,
+                        };
+                        if r.len != len {
+                            bail!("destination holds {} bytes, source {len}", r.len);
+                        }
+                        let copy = Copy::Process {
+                            pid: dest.pid(),
+                            addr: r.addr,
+                        };
+                        let v = verify(pid, addr, copy, len, &progress)?;
+                        (Some(r), Some(v), None)
+                    }
+                    // The destination must fail too, never announce a copy it was not committed.
+                    Err(_) => (
+                        None,
+                        None,
+                        Some(match dest.expect("RECEIVED") {
+                            Ok(_) => "RECEIVED (a copy the source never committed!)".to_string(),
+                            Err(e) => format!("{e:#}"),
+                        }),
+                    ),
+                };
+                (result, report, received, verification, destination_outcome)
+            }
+            (None, None) => bail!("no destination"),
+        };
     progress.finish();
     drop(source);
     if let Some((d, _)) = dest {
@@ -1082,6 +1133,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .switch_reason
             .is_some_and(|r| r != precopy_migrate::SwitchReason::Converged),
         "destination": received,
+        "destination_outcome": destination_outcome,
         "image": plan.image,
         "verification": verification,
     });

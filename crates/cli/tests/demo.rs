@@ -66,3 +66,50 @@ fn destination_killed_mid_migration_fails_clearly() {
         "{v}"
     );
 }
+
+/// The destination stops (SIGSTOP) as round 0 (32 MiB, more than the socket buffers hold)
+/// starts: the source's writes stall, the I/O timeout ends the migration with an error naming
+/// the stall, and the destination, let run again, does not report a copy.
+#[test]
+fn destination_stopped_mid_run_fails_on_the_io_timeout() {
+    if !engine_usable() {
+        return;
+    }
+    let (ok, v) = demo(&["--stop-dest-at-round", "0", "--io-timeout", "1"]);
+    assert!(!ok, "must exit non-zero: {v}");
+    assert_eq!(v["migration"]["status"], "failed", "{v}");
+    assert!(v["migration"]["checksum"].is_null());
+    let err = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(err.contains("no progress"), "{err}");
+    let dest = v["destination_outcome"].as_str().unwrap_or_default();
+    assert!(!dest.starts_with("RECEIVED"), "{v}");
+}
+
+/// The destination stops as the final round starts: past the final-round bound the source is
+/// resumed and the migration reported failed with the downtime it suffered; the destination,
+/// let run again, acknowledges into a closed connection, never gets COMMIT, and fails.
+#[test]
+fn destination_stopped_in_the_final_round_resumes_the_source_and_fails() {
+    if !engine_usable() {
+        return;
+    }
+    let (ok, v) = demo(&[
+        "--stop-dest-in-final-round",
+        "--final-round-timeout",
+        "500",
+        "--io-timeout",
+        "30",
+    ]);
+    assert!(!ok, "must exit non-zero: {v}");
+    let m = &v["migration"];
+    assert_eq!(m["status"], "failed", "{v}");
+    assert!(m["checksum"].is_null());
+    assert_eq!(m["final_round_bound_ms"].as_f64(), Some(500.0), "{v}");
+    let downtime = m["downtime_ms"].as_f64().expect("downtime reported");
+    assert!(downtime >= 500.0, "resumed before the bound? {downtime}");
+    let err = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(err.contains("did not finish within 500ms"), "{err}");
+    assert!(err.contains("acknowledgement"), "{err}");
+    let dest = v["destination_outcome"].as_str().unwrap_or_default();
+    assert!(dest.contains("did not commit"), "{v}");
+}

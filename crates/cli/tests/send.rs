@@ -32,10 +32,31 @@ fn json_of(out: &std::process::Output) -> serde_json::Value {
 }
 
 /// `precopy recv` in the background; returns it and the address it listens on.
+/// A key file both ends of these tests use (owner-only: a receiver refuses any other; every
+/// TCP receiver requires a key, loopback included).
+fn key_file() -> &'static Path {
+    static KEY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = std::env::temp_dir().join(format!("precopy-send-test-{}.key", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"precopy send test key, not secret").unwrap();
+        p
+    })
+}
+
 fn start_recv(listen: &str, image: &Path) -> (Child, String) {
     let mut child = Command::new(PRECOPY)
         .args(["recv", "--json", "--listen", listen, "--to"])
         .arg(format!("file:{}", image.display()))
+        .arg("--key-file")
+        .arg(key_file())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -128,6 +149,8 @@ fn assert_image_equals_memory(pid: i32, image: &Path, report: &serde_json::Value
 fn send(pid: i32, to: &str, extra: &[&str]) -> std::process::Output {
     Command::new(PRECOPY)
         .args(["send", "--json", "--pid", &pid.to_string(), "--to", to])
+        .arg("--key-file")
+        .arg(key_file())
         .args(extra)
         .output()
         .unwrap()

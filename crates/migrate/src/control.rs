@@ -5,13 +5,28 @@
 //! its own dirty log (KVM's, say) or its own wire implements one of them and reuses the rest.
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The error type the seams return; the driver wraps it in a typed [`Error`](crate::Error) that
 /// says which step failed.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// Makes a transport's blocked call return promptly with an error; callable from any thread,
+/// any number of times (see [`Transport::interrupter`]).
+pub type Interrupt = Arc<dyn Fn() + Send + Sync>;
+
 /// Which memory is migrated and which of it was written.
+///
+/// # Harvested ranges are the caller's
+///
+/// Reading the log is destructive: a range [`DirtyLog::dirty`] returns is no longer reported
+/// by the log (the kernel re-armed its write protection). From then on the caller alone knows
+/// the range must be sent. [`Migration`](crate::Migration) keeps every harvested range pending
+/// until a round holding it was sent without error: a failed round's ranges go into the next
+/// round after a reconnect, and when the migration fails they stay in
+/// [`Migration::unsent`](crate::Migration::unsent) for a fallback. An embedder reading the log
+/// itself must do the same.
 pub trait DirtyLog {
     /// All memory to migrate: page-aligned, sorted, disjoint address ranges. Round 0 sends it.
     fn memory(&self) -> Vec<Range<u64>>;
@@ -62,7 +77,38 @@ pub trait Transport {
     /// once the receiver has acknowledged that its memory matches. The second value is the part
     /// of the time spent reading source memory for the checksum on this side (zero when the
     /// checksum comes from what was recorded while sending).
+    ///
+    /// This must not yet make the destination treat its copy as complete: the driver calls
+    /// [`Transport::commit`] once it has checked the acknowledgement came within the final
+    /// round's bound.
     fn finish(&mut self) -> Result<(u32, Duration), BoxError>;
+    /// After [`Transport::finish`], within the bound: the destination may now consider its copy
+    /// complete. The default does nothing (a transport whose destination needs no commit).
+    fn commit(&mut self) -> Result<(), BoxError> {
+        Ok(())
+    }
+    /// A handle that makes a blocked [`Transport::send_round`] or [`Transport::finish`] return
+    /// promptly with an error when called from another thread (the driver's deadlines and
+    /// [`CancelHandle`](crate::CancelHandle) use it). `None` (the default): the driver can stop
+    /// such a transport only between calls.
+    fn interrupter(&self) -> Option<Interrupt> {
+        None
+    }
+    /// Whether [`Transport::reconnect`] may work.
+    fn can_reconnect(&self) -> bool {
+        false
+    }
+    /// After a failed [`Transport::send_round`]: connects to the destination again, which kept
+    /// what it had applied. Returns ranges the destination lacks beyond those of the failed
+    /// round (pages of earlier rounds it never received), which the driver adds to the next
+    /// round. The default fails.
+    fn reconnect(&mut self) -> Result<Vec<Range<u64>>, BoxError> {
+        Err("this transport cannot reconnect".into())
+    }
+    /// The destination, for messages.
+    fn peer(&self) -> String {
+        "the destination".into()
+    }
 }
 
 /// A workload's own count of its work, for the report's "what the source suffers": how fast
@@ -235,6 +281,21 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn finish(&mut self) -> Result<(u32, Duration), BoxError> {
         (**self).finish()
+    }
+    fn commit(&mut self) -> Result<(), BoxError> {
+        (**self).commit()
+    }
+    fn interrupter(&self) -> Option<Interrupt> {
+        (**self).interrupter()
+    }
+    fn can_reconnect(&self) -> bool {
+        (**self).can_reconnect()
+    }
+    fn reconnect(&mut self) -> Result<Vec<Range<u64>>, BoxError> {
+        (**self).reconnect()
+    }
+    fn peer(&self) -> String {
+        (**self).peer()
     }
 }
 

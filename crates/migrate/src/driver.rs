@@ -1,7 +1,8 @@
 //! The round loop: iterate, decide, throttle, pause, finish (see the crate docs for the rules).
 
-use crate::control::{DirtyLog, RoundSent, Transport, Workload, WorkloadCounters};
-use crate::error::{AbortReason, Error};
+use crate::cancel::{CancelHandle, Fired, Watchdog};
+use crate::control::{BoxError, DirtyLog, RoundSent, Transport, Workload, WorkloadCounters};
+use crate::error::{AbortReason, Error, Step};
 use crate::report::{
     DowntimeEstimate, FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason,
     VerifyPass, WorkloadCost,
@@ -59,6 +60,27 @@ impl Default for ThrottleConfig {
     }
 }
 
+/// Reconnecting after a round failed in the iterative phase (see the crate docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconnectConfig {
+    /// Attempts after each failed round (0: fail at once).
+    pub attempts: u32,
+    /// Wait before the first attempt; doubled after each failed attempt.
+    pub backoff: Duration,
+    /// The longest wait between attempts.
+    pub max_backoff: Duration,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> ReconnectConfig {
+        ReconnectConfig {
+            attempts: 3,
+            backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
 /// How a migration decides.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MigrationConfig {
@@ -80,6 +102,13 @@ pub struct MigrationConfig {
     /// measure what pausing costs (the median counts), for the downtime estimate (see the crate
     /// docs, "Switch-over rule").
     pub probe_pause: bool,
+    /// Hard bound on the final round, from the pause to the destination's acknowledgement. If
+    /// it passes, the transport is interrupted, the workload resumed, the destination never
+    /// told to commit, and the migration fails with [`Error::Timeout`]. `None`: derived as
+    /// `max(10 × max_downtime, 2 × expected downtime at switch-over, 5 s)` (see the crate docs).
+    pub final_round_timeout: Option<Duration>,
+    /// Reconnecting after a failed round in the iterative phase.
+    pub reconnect: ReconnectConfig,
 }
 
 impl Default for MigrationConfig {
@@ -93,6 +122,8 @@ impl Default for MigrationConfig {
             throttle: ThrottleConfig::default(),
             after: AfterMigration::Stop,
             probe_pause: true,
+            final_round_timeout: None,
+            reconnect: ReconnectConfig::default(),
         }
     }
 }
@@ -117,7 +148,22 @@ impl MigrationConfig {
         if t.trigger_rounds == 0 || t.trigger_ratio.is_nan() || t.trigger_ratio <= 0.0 {
             return bad("throttle trigger needs at least one round and a positive ratio");
         }
+        if self.final_round_timeout.is_some_and(|t| t.is_zero()) {
+            return bad("final_round_timeout must be positive");
+        }
+        if self.reconnect.backoff > self.reconnect.max_backoff {
+            return bad("reconnect backoff must not exceed max_backoff");
+        }
         Ok(())
+    }
+
+    /// The final round's hard bound given the expected downtime at switch-over.
+    pub fn final_round_bound(&self, expected: Option<Duration>) -> Duration {
+        self.final_round_timeout.unwrap_or_else(|| {
+            let by_limit = self.max_downtime.saturating_mul(10);
+            let by_expected = expected.map_or(Duration::ZERO, |e| e.saturating_mul(2));
+            by_limit.max(by_expected).max(Duration::from_secs(5))
+        })
     }
 }
 
@@ -185,6 +231,11 @@ pub struct Migration<D, T, W> {
     /// What the last scan observed, for the round it precedes.
     observed: Observed,
     started: Option<Instant>,
+    cancel: CancelHandle,
+    watchdog: Option<Watchdog>,
+    paused_at: Option<Instant>,
+    /// Harvested ranges not yet delivered (see [`Migration::unsent`]).
+    unsent: Vec<Range<u64>>,
 }
 
 impl<D, T, W> std::fmt::Debug for Migration<D, T, W> {
@@ -290,7 +341,25 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             last_counters: None,
             observed: Observed::default(),
             started: None,
+            cancel: CancelHandle::default(),
+            watchdog: None,
+            paused_at: None,
+            unsent: Vec::new(),
         }
+    }
+
+    /// A handle to cancel this migration from another thread (take it before
+    /// [`Migration::run`]).
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+
+    /// After a failed [`Migration::run`]: the ranges the dirty log handed out that were never
+    /// delivered (sorted, merged). They are no longer in the dirty log: a fallback (another
+    /// destination, a checkpoint) must send them, plus everything the log reports from now on.
+    /// Empty after success.
+    pub fn unsent(&self) -> &[Range<u64>] {
+        &self.unsent
     }
 
     /// Calls `f` after every scan and round (from the migrating thread: keep it quick).
@@ -391,13 +460,16 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let start = Instant::now();
         self.started = Some(start);
         self.report.throttle_method = self.workload.throttle_method();
+        self.watchdog = Some(Watchdog::start(&self.cancel, self.transport.interrupter()));
         let result = self.iterate(start);
+        self.watchdog = None;
         if let Err(e) = &result {
             self.report.error = Some(precopy_sys::error_chain(e));
-            // After the acknowledgement the destination owns the state: never resume then.
+            // After the commit the destination owns the state: never resume then.
             if self.report.status != Status::Completed {
                 self.report.status = match e {
                     Error::Aborted { .. } => Status::Aborted,
+                    Error::Cancelled { .. } => Status::Cancelled,
                     _ => Status::Failed,
                 };
                 self.recover();
@@ -424,7 +496,98 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     tracing::error!(error = %e, "resuming the workload after a failed migration failed")
                 }
             }
+            if let Some(at) = self.paused_at {
+                self.report.downtime = Some(at.elapsed());
+            }
         }
+    }
+
+    fn watchdog(&self) -> Option<&Watchdog> {
+        self.watchdog.as_ref()
+    }
+
+    /// The error for a failed or interrupted step: a cancel or a passed deadline explains the
+    /// transport's failure; otherwise `plain` wraps it.
+    fn step_error(
+        &self,
+        step: Step,
+        source: Option<BoxError>,
+        plain: impl FnOnce(String, BoxError) -> Error,
+    ) -> Error {
+        let peer = self.transport.peer();
+        match self.watchdog().and_then(Watchdog::fired) {
+            Some(Fired::Cancelled) => Error::Cancelled { step },
+            Some(Fired::Deadline(at, limit)) => Error::Timeout {
+                step: at,
+                peer,
+                limit,
+                source,
+            },
+            None => match source {
+                Some(source) => plain(peer, source),
+                None => Error::Cancelled { step },
+            },
+        }
+    }
+
+    /// Fails if a cancel or a deadline fired before `step` starts. The total timeout seen
+    /// between rounds is an abort like the check after a scan.
+    fn check_fired(&self, step: Step) -> Result<(), Error> {
+        match self.watchdog().and_then(Watchdog::fired) {
+            None => Ok(()),
+            Some(Fired::Deadline(Step::Round { .. }, limit)) => Err(Error::Aborted {
+                reason: AbortReason::Timeout { limit },
+            }),
+            Some(_) => Err(self.step_error(step, None, |_, _| Error::Cancelled { step })),
+        }
+    }
+
+    /// Sends one round as `step`; errors name the step and the peer.
+    fn send(&mut self, step: Step, ranges: &[Range<u64>]) -> Result<RoundSent, Error> {
+        self.check_fired(step)?;
+        let round = self.report.rounds.len() as u64;
+        self.transport.send_round(ranges).map_err(|source| {
+            self.step_error(step, Some(source), |peer, source| Error::Send {
+                round,
+                peer,
+                source,
+            })
+        })
+    }
+
+    /// After round `round` failed with `error`: reconnects with backoff if the transport and
+    /// the configuration allow. Returns the ranges the destination lacks beyond the failed
+    /// round's, or the error that ends the migration.
+    fn reconnect(&mut self, round: u64, error: Error) -> Result<Vec<Range<u64>>, Error> {
+        let cfg = self.config.reconnect;
+        if !matches!(error, Error::Send { .. })
+            || cfg.attempts == 0
+            || !self.transport.can_reconnect()
+        {
+            return Err(error);
+        }
+        let step = Step::Reconnect { round };
+        let mut backoff = cfg.backoff;
+        for attempt in 1..=cfg.attempts {
+            tracing::warn!(round, attempt, ?backoff, error = %precopy_sys::error_chain(&error), "round failed: reconnecting");
+            if self.watchdog().and_then(|w| w.sleep(backoff)).is_some() {
+                return Err(self.step_error(step, None, |_, _| Error::Cancelled { step }));
+            }
+            match self.transport.reconnect() {
+                Ok(lacking) => {
+                    self.report.reconnects += 1;
+                    return Ok(lacking);
+                }
+                Err(e) => {
+                    if self.watchdog().and_then(Watchdog::fired).is_some() {
+                        return Err(self.step_error(step, Some(e), |_, _| error));
+                    }
+                    tracing::warn!(round, attempt, error = %e, "reconnecting failed");
+                }
+            }
+            backoff = (backoff * 2).min(cfg.max_backoff);
+        }
+        Err(error)
     }
 
     fn throughput(&self) -> f64 {
@@ -529,27 +692,46 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.last_counters = self.tracked_from;
         self.report.setup = start.elapsed();
 
-        // Round 0: everything.
+        // Under the abort policy the total timeout also interrupts a round in progress.
+        if let Some(limit) = self.config.timeout
+            && self.config.timeout_policy == LimitPolicy::Abort
+            && let Some(w) = self.watchdog()
+        {
+            w.arm(start + limit, Step::Round { round: 0 }, limit);
+        }
+
+        // Round 0: everything. Ranges of a failed round are carried into the next one.
         let total = self.report.memory_bytes;
         self.emit(Phase::Full, total, 0.0);
-        let sent = self
-            .transport
-            .send_round(&memory)
-            .map_err(|source| Error::Send { round: 0, source })?;
-        self.record(RoundKind::Full, total, Duration::ZERO, 0.0, None, sent);
-        if self.config.probe_pause {
-            self.probe_pause()?;
+        let mut carry: Vec<Range<u64>> = Vec::new();
+        match self.send(Step::Round { round: 0 }, &memory) {
+            Ok(sent) => {
+                self.record(RoundKind::Full, total, Duration::ZERO, 0.0, None, sent);
+                if self.config.probe_pause {
+                    self.probe_pause()?;
+                }
+            }
+            Err(e) => {
+                self.unsent = memory.clone();
+                carry = self.reconnect(0, e)?;
+                carry.extend(memory.iter().cloned());
+            }
         }
 
         let mut pending: Vec<Range<u64>> = Vec::new();
         let mut high = 0u32;
         let reason = loop {
             let round = self.report.rounds.len() as u64;
+            if let Some(w) = self.watchdog() {
+                w.step(Step::Round { round });
+            }
             pending.clear();
+            pending.append(&mut carry);
             let scan_start = Instant::now();
-            self.log
-                .dirty(&mut pending)
-                .map_err(|source| Error::Tracking { round, source })?;
+            let scanned = self.log.dirty(&mut pending);
+            // From here the harvested ranges exist only in `pending`.
+            self.unsent.clone_from(&pending);
+            scanned.map_err(|source| Error::Tracking { round, source })?;
             let scan = scan_start.elapsed();
             let interval = scan_start.duration_since(last_scan);
             last_scan = scan_start;
@@ -583,10 +765,15 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             }
             self.maybe_throttle(dirty_rate, &mut high)?;
 
-            let sent = self
-                .transport
-                .send_round(&pending)
-                .map_err(|source| Error::Send { round, source })?;
+            let sent = match self.send(Step::Round { round }, &pending) {
+                Ok(sent) => sent,
+                Err(e) => {
+                    self.unsent = pending.clone();
+                    carry = self.reconnect(round, e)?;
+                    carry.append(&mut pending);
+                    continue;
+                }
+            };
             self.record(
                 RoundKind::Iterative,
                 pending_bytes,
@@ -739,11 +926,22 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
 
     fn final_round(&mut self, mut pending: Vec<Range<u64>>) -> Result<(), Error> {
         let round = self.report.rounds.len() as u64;
+        // The total timeout no longer applies; a deadline that already passed ends it here.
+        if let Some(w) = self.watchdog() {
+            w.disarm();
+        }
+        self.check_fired(Step::FinalRound)?;
         self.report.status = Status::Completing;
         let pending_bytes: u64 = pending.iter().map(|r| r.end - r.start).sum();
         self.emit(Phase::Final, pending_bytes, self.report.dirty_rate);
+        let bound = self.config.final_round_bound(self.report.expected_downtime);
+        self.report.final_round_bound = Some(bound);
 
         let paused_at = Instant::now();
+        self.paused_at = Some(paused_at);
+        if let Some(w) = self.watchdog() {
+            w.arm(paused_at + bound, Step::FinalRound, bound);
+        }
         self.workload.pause().map_err(|source| Error::Workload {
             action: "pause",
             source,
@@ -753,9 +951,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
 
         let scan_start = Instant::now();
         let before_scan = pending.len();
-        self.log
-            .dirty(&mut pending)
-            .map_err(|source| Error::Tracking { round, source })?;
+        let scanned = self.log.dirty(&mut pending);
+        self.unsent.clone_from(&pending);
+        scanned.map_err(|source| Error::Tracking { round, source })?;
         let scan = scan_start.elapsed();
         let found: u64 = pending[before_scan..].iter().map(|r| r.end - r.start).sum();
         self.observe(found);
@@ -773,10 +971,15 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             coalesce(&mut unvouched);
             let to_check = outside(&unvouched, &pending);
             let verify_start = Instant::now();
-            let mut changed = self
-                .transport
-                .changed(&to_check)
-                .map_err(|source| Error::Verify { source })?;
+            if let Some(w) = self.watchdog() {
+                w.step(Step::Verify);
+            }
+            let changed = self.transport.changed(&to_check);
+            let mut changed = changed.map_err(|source| {
+                self.step_error(Step::Verify, Some(source), |_, source| Error::Verify {
+                    source,
+                })
+            })?;
             let changed_bytes = coalesce(&mut changed);
             pending.extend(changed);
             Some(VerifyPass {
@@ -787,28 +990,49 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             })
         };
         let bytes = coalesce(&mut pending);
+        self.unsent.clone_from(&pending);
 
-        let sent = self
-            .transport
-            .send_round(&pending)
-            .map_err(|source| Error::Send { round, source })?;
+        let sent = self.send(Step::FinalRound, &pending)?;
+        if let Some(w) = self.watchdog() {
+            w.step(Step::State);
+        }
+        self.check_fired(Step::State)?;
         let state_start = Instant::now();
         let state = self
             .workload
             .save_state()
             .map_err(|source| Error::State { source })?;
-        self.transport
-            .send_state(&state)
-            .map_err(|source| Error::State { source })?;
+        self.transport.send_state(&state).map_err(|source| {
+            self.step_error(Step::State, Some(source), |_, source| Error::State {
+                source,
+            })
+        })?;
         self.report.state_bytes = Some(state.len() as u64);
         let state_time = state_start.elapsed();
+        if let Some(w) = self.watchdog() {
+            w.step(Step::Acknowledge);
+        }
         let finish_start = Instant::now();
-        let (checksum, checksum_time) = self
-            .transport
-            .finish()
-            .map_err(|source| Error::Finish { source })?;
+        let (checksum, checksum_time) = self.transport.finish().map_err(|source| {
+            self.step_error(Step::Acknowledge, Some(source), |peer, source| {
+                Error::Finish { peer, source }
+            })
+        })?;
+        // The acknowledgement counts only if it came within the bound: disarming decides.
+        if self.watchdog().and_then(Watchdog::disarm).is_some() {
+            return Err(
+                self.step_error(Step::Acknowledge, None, |_, _| Error::Cancelled {
+                    step: Step::Acknowledge,
+                }),
+            );
+        }
+        self.transport.commit().map_err(|source| Error::Finish {
+            peer: self.transport.peer(),
+            source,
+        })?;
         let finish = finish_start.elapsed();
         let downtime = paused_at.elapsed();
+        self.unsent.clear();
 
         let expected = self.report.expected_downtime;
         let dirty_rate = self.report.dirty_rate;
@@ -861,10 +1085,36 @@ mod tests {
     const PAGE: u64 = 4096;
     const MEM: u64 = 1024 * PAGE;
 
-    /// Reports `script[i]` pages dirty on the i-th scan (the last value repeats).
+    /// Hands out `scans[i]` on the i-th scan; past the end, the last scan again if `repeat`,
+    /// else nothing.
     struct ScriptLog {
-        script: Vec<u64>,
+        scans: Vec<Vec<Range<u64>>>,
+        repeat: bool,
         calls: usize,
+    }
+
+    impl ScriptLog {
+        /// `script[i]` pages (from page 0) dirty on the i-th scan; the last value repeats.
+        fn pages(script: Vec<u64>) -> ScriptLog {
+            let scans = script
+                .into_iter()
+                .map(|n| if n > 0 { vec![0..n * PAGE] } else { Vec::new() })
+                .collect();
+            ScriptLog {
+                scans,
+                repeat: true,
+                calls: 0,
+            }
+        }
+
+        /// These ranges on successive scans, then nothing.
+        fn ranges(scans: Vec<Vec<Range<u64>>>) -> ScriptLog {
+            ScriptLog {
+                scans,
+                repeat: false,
+                calls: 0,
+            }
+        }
     }
 
     impl DirtyLog for ScriptLog {
@@ -881,11 +1131,15 @@ mod tests {
             Ok(())
         }
         fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
-            let n = self.script[self.calls.min(self.script.len() - 1)];
-            self.calls += 1;
-            if n > 0 {
-                out.push(0..n * PAGE);
+            let i = if self.repeat {
+                self.calls.min(self.scans.len().saturating_sub(1))
+            } else {
+                self.calls
+            };
+            if let Some(s) = self.scans.get(i) {
+                out.extend(s.iter().cloned());
             }
+            self.calls += 1;
             Ok(())
         }
     }
@@ -958,10 +1212,7 @@ mod tests {
     fn converging_workload_switches_over_when_pending_fits_the_downtime() {
         // 1 MiB/s link, 100 ms limit: 25 pages fit (102 KiB), 100 do not.
         let events = Arc::new(Mutex::new(Vec::new()));
-        let log = ScriptLog {
-            script: vec![400, 100, 20],
-            calls: 0,
-        };
+        let log = ScriptLog::pages(vec![400, 100, 20]);
         let mut cfg = MigrationConfig::default();
         cfg.max_downtime = Duration::from_millis(100);
         cfg.throttle.enabled = false;
@@ -1070,10 +1321,7 @@ mod tests {
     #[test]
     fn final_round_resends_the_last_scan_together_with_new_writes() {
         let events = Arc::new(Mutex::new(Vec::new()));
-        let log = ScriptLog {
-            script: vec![10, 30],
-            calls: 0,
-        };
+        let log = ScriptLog::pages(vec![10, 30]);
         let mut cfg = MigrationConfig::default();
         cfg.after = AfterMigration::Resume;
         let mut m = Migration::new(log, link(1e9), workload(&events), cfg);
@@ -1091,10 +1339,7 @@ mod tests {
     fn non_converging_workload_is_throttled_step_by_step_then_switched_over() {
         let events = Arc::new(Mutex::new(Vec::new()));
         // Every scan finds all memory dirty: the dirty rate always exceeds the link.
-        let log = ScriptLog {
-            script: vec![1024],
-            calls: 0,
-        };
+        let log = ScriptLog::pages(vec![1024]);
         let mut cfg = MigrationConfig::default();
         cfg.max_downtime = Duration::from_millis(1);
         cfg.max_rounds = 8;
@@ -1131,10 +1376,7 @@ mod tests {
         // Rounds shrink 256, 128, 64 pages and stay at 64; every round costs 30 ms on top of its
         // bytes. The limit of 20 ms can never be met, whatever is pending.
         let events = Arc::new(Mutex::new(Vec::new()));
-        let log = ScriptLog {
-            script: vec![256, 128, 64],
-            calls: 0,
-        };
+        let log = ScriptLog::pages(vec![256, 128, 64]);
         let mut cfg = MigrationConfig::default();
         cfg.max_downtime = Duration::from_millis(20);
         cfg.max_rounds = 5;
@@ -1155,10 +1397,7 @@ mod tests {
     #[test]
     fn abort_policy_stops_cleanly_and_leaves_the_workload_running() {
         let events = Arc::new(Mutex::new(Vec::new()));
-        let log = ScriptLog {
-            script: vec![1024],
-            calls: 0,
-        };
+        let log = ScriptLog::pages(vec![1024]);
         let mut cfg = MigrationConfig::default();
         cfg.max_downtime = Duration::from_millis(1);
         cfg.max_rounds = 4;
@@ -1196,10 +1435,7 @@ mod tests {
     #[test]
     fn timeout_policy_abort() {
         let events = Arc::new(Mutex::new(Vec::new()));
-        let log = ScriptLog {
-            script: vec![1024],
-            calls: 0,
-        };
+        let log = ScriptLog::pages(vec![1024]);
         let mut cfg = MigrationConfig::default();
         cfg.max_downtime = Duration::from_millis(1);
         cfg.timeout = Some(Duration::ZERO);
@@ -1219,10 +1455,7 @@ mod tests {
     #[test]
     fn failure_in_the_final_round_resumes_the_workload() {
         let events = Arc::new(Mutex::new(Vec::new()));
-        let log = ScriptLog {
-            script: vec![1],
-            calls: 0,
-        };
+        let log = ScriptLog::pages(vec![1]);
         let mut l = link(1e9);
         l.fail_at = Some(1);
         let mut m = Migration::new(log, l, workload(&events), MigrationConfig::default());
@@ -1254,10 +1487,7 @@ mod tests {
                 busy: Duration::from_micros(2 * n),
             }
         });
-        let log = ScriptLog {
-            script: vec![40, 10, 3],
-            calls: 0,
-        };
+        let log = ScriptLog::pages(vec![40, 10, 3]);
         let mut cfg = MigrationConfig::default();
         cfg.max_downtime = Duration::from_millis(100);
         cfg.throttle.enabled = false;
@@ -1284,12 +1514,212 @@ mod tests {
         let events = Arc::new(Mutex::new(Vec::new()));
         let mut cfg = MigrationConfig::default();
         cfg.throttle.initial = 1.5;
-        let log = ScriptLog {
-            script: vec![0],
-            calls: 0,
-        };
+        let log = ScriptLog::pages(vec![0]);
         let mut m = Migration::new(log, link(1e9), workload(&events), cfg);
         assert!(matches!(m.run(), Err(Error::Config { .. })));
+    }
+
+    /// A transport that records what each round carried, can fail chosen calls of
+    /// `send_round`, can block in a chosen call (or in `finish`) until interrupted, and
+    /// reconnects when allowed.
+    #[derive(Default)]
+    struct Scripted {
+        calls: u64,
+        fail_calls: Vec<u64>,
+        block_call: Option<u64>,
+        block_finish: bool,
+        reconnectable: bool,
+        sent: Vec<Vec<Range<u64>>>,
+        reconnects: u32,
+        committed: bool,
+        interrupted: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        blocked: Option<std::sync::mpsc::Sender<()>>,
+    }
+
+    impl Scripted {
+        fn block(&self) -> Result<(), BoxError> {
+            if let Some(b) = &self.blocked {
+                let _ = b.send(());
+            }
+            let (m, cv) = &*self.interrupted;
+            let mut i = m.lock().unwrap();
+            while !*i {
+                i = cv.wait(i).unwrap();
+            }
+            Err("interrupted".into())
+        }
+    }
+
+    impl Transport for Scripted {
+        fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError> {
+            let call = self.calls;
+            self.calls += 1;
+            if self.block_call == Some(call) {
+                self.block()?;
+            }
+            if self.fail_calls.contains(&call) {
+                return Err("connection reset".into());
+            }
+            self.sent.push(ranges.to_vec());
+            let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+            Ok(RoundSent {
+                pages: bytes / PAGE,
+                zero_pages: 0,
+                bytes,
+                duration: Duration::from_millis(1),
+            })
+        }
+        fn finish(&mut self) -> Result<(u32, Duration), BoxError> {
+            if self.block_finish {
+                self.block()?;
+            }
+            Ok((7, Duration::ZERO))
+        }
+        fn commit(&mut self) -> Result<(), BoxError> {
+            self.committed = true;
+            Ok(())
+        }
+        fn interrupter(&self) -> Option<crate::control::Interrupt> {
+            let i = self.interrupted.clone();
+            Some(Arc::new(move || {
+                *i.0.lock().unwrap() = true;
+                i.1.notify_all();
+            }))
+        }
+        fn can_reconnect(&self) -> bool {
+            self.reconnectable
+        }
+        fn reconnect(&mut self) -> Result<Vec<Range<u64>>, BoxError> {
+            self.reconnects += 1;
+            Ok(Vec::new())
+        }
+        fn peer(&self) -> String {
+            "test-peer".into()
+        }
+    }
+
+    fn quick_config() -> MigrationConfig {
+        let mut cfg = MigrationConfig::default();
+        cfg.throttle.enabled = false;
+        // The events below are the final round's pause and resume only.
+        cfg.probe_pause = false;
+        cfg.reconnect.backoff = Duration::from_millis(1);
+        cfg.after = AfterMigration::Resume;
+        cfg
+    }
+
+    #[test]
+    fn cancel_from_another_thread_interrupts_a_blocked_round_and_resumes() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let link = Scripted {
+            block_call: Some(1),
+            blocked: Some(tx),
+            ..Scripted::default()
+        };
+        let log = ScriptLog::pages(vec![1024]);
+        let mut cfg = quick_config();
+        cfg.max_downtime = Duration::from_nanos(1);
+        let mut m = Migration::new(log, link, workload(&events), cfg);
+        let handle = m.cancel_handle();
+        let canceller = std::thread::spawn(move || {
+            rx.recv().unwrap();
+            handle.cancel();
+        });
+        let err = m.run().unwrap_err();
+        canceller.join().unwrap();
+        assert!(
+            matches!(
+                err,
+                Error::Cancelled {
+                    step: Step::Round { round: 1 }
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(m.report().status, Status::Cancelled);
+        assert_eq!(m.unsent(), &[0..MEM], "the harvested round is kept");
+        let (_, t, _) = m.into_parts();
+        assert!(!t.committed);
+    }
+
+    #[test]
+    fn final_round_past_its_bound_resumes_reports_failure_and_never_commits() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let link = Scripted {
+            block_finish: true,
+            ..Scripted::default()
+        };
+        let log = ScriptLog::pages(vec![1]);
+        let mut cfg = quick_config();
+        cfg.after = AfterMigration::Stop;
+        cfg.final_round_timeout = Some(Duration::from_millis(50));
+        let mut m = Migration::new(log, link, workload(&events), cfg);
+        let err = m.run().unwrap_err();
+        match &err {
+            Error::Timeout {
+                step, peer, limit, ..
+            } => {
+                assert_eq!(*step, Step::Acknowledge);
+                assert_eq!(peer, "test-peer");
+                assert_eq!(*limit, Duration::from_millis(50));
+            }
+            e => panic!("expected a timeout, got {e}"),
+        }
+        let r = m.report();
+        assert_eq!(r.status, Status::Failed);
+        assert!(r.checksum.is_none());
+        let downtime = r.downtime.expect("the downtime suffered is reported");
+        assert!(downtime >= Duration::from_millis(50), "{downtime:?}");
+        assert_eq!(*events.lock().unwrap(), vec!["pause", "resume"]);
+        let (_, t, _) = m.into_parts();
+        assert!(!t.committed, "a late acknowledgement is never committed");
+    }
+
+    #[test]
+    fn failed_round_ranges_show_up_again_in_the_next_round() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let a = 0..4 * PAGE;
+        let b = 100 * PAGE..110 * PAGE;
+        let c = 500 * PAGE..520 * PAGE;
+        let log = ScriptLog::ranges(vec![vec![a.clone()], vec![b.clone()], vec![c.clone()]]);
+        // Call 0 is round 0; call 1 (round 1, carrying `a`) fails; the next carries `a` + `b`.
+        let link = Scripted {
+            fail_calls: vec![1],
+            reconnectable: true,
+            ..Scripted::default()
+        };
+        let mut cfg = quick_config();
+        // 1 ms per round here: switch over only when nothing is pending.
+        cfg.max_downtime = Duration::from_nanos(1);
+        let mut m = Migration::new(log, link, workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(report.reconnects, 1);
+        let (_, t, _) = m.into_parts();
+        assert_eq!(t.reconnects, 1);
+        assert_eq!(t.sent[0], vec![0..MEM]);
+        assert_eq!(t.sent[1], vec![a, b], "the failed round's ranges come back");
+        assert_eq!(t.sent[2], vec![c]);
+        assert!(t.committed);
+    }
+
+    #[test]
+    fn a_failed_migration_keeps_what_was_harvested_but_not_sent() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = ScriptLog::ranges(vec![vec![8 * PAGE..9 * PAGE]]);
+        let link = Scripted {
+            fail_calls: vec![1],
+            ..Scripted::default()
+        };
+        let mut cfg = quick_config();
+        cfg.max_downtime = Duration::from_nanos(1);
+        let mut m = Migration::new(log, link, workload(&events), cfg);
+        let err = m.run().unwrap_err();
+        assert!(
+            matches!(&err, Error::Send { round: 1, peer, .. } if peer == "test-peer"),
+            "{err}"
+        );
+        assert_eq!(m.unsent(), &[8 * PAGE..9 * PAGE]);
     }
 
     #[test]

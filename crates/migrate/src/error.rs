@@ -31,6 +31,42 @@ impl std::fmt::Display for AbortReason {
     }
 }
 
+/// A blocking step of a migration, for errors that say where it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Sending a round with the workload running (round 0 sends all memory).
+    Round {
+        /// The round.
+        round: u64,
+    },
+    /// Re-establishing the connection after a round failed.
+    Reconnect {
+        /// The round that failed.
+        round: u64,
+    },
+    /// Re-checking the memory the dirty log cannot vouch for (workload paused).
+    Verify,
+    /// Sending the final round (workload paused).
+    FinalRound,
+    /// Saving and sending the workload's state blob (workload paused).
+    State,
+    /// Waiting for the destination's acknowledgement of the final checksum (workload paused).
+    Acknowledge,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Round { round } => write!(f, "sending round {round}"),
+            Step::Reconnect { round } => write!(f, "reconnecting after round {round} failed"),
+            Step::Verify => f.write_str("re-checking unvouched memory"),
+            Step::FinalRound => f.write_str("sending the final round"),
+            Step::State => f.write_str("sending the workload state"),
+            Step::Acknowledge => f.write_str("waiting for the final acknowledgement"),
+        }
+    }
+}
+
 /// A migration that did not complete. In every case the workload was resumed and the throttle
 /// lifted before the error was returned (a failure to do so is reported in the log and in
 /// [`Error::Workload`] only when it is the first failure).
@@ -45,11 +81,14 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
-    /// Sending a round failed (the receiver went away, rejected a frame, ...).
-    #[error("sending round {round} failed")]
+    /// Sending a round failed (the receiver went away, rejected a frame, stalled past the I/O
+    /// timeout, ...) and reconnecting, if allowed, did not help.
+    #[error("sending round {round} to {peer} failed")]
     Send {
         /// The round.
         round: u64,
+        /// The destination.
+        peer: String,
         /// The transport's error.
         #[source]
         source: BoxError,
@@ -69,11 +108,35 @@ pub enum Error {
         source: BoxError,
     },
     /// The receiver did not acknowledge the final checksum.
-    #[error("the destination did not acknowledge the final round")]
+    #[error("{peer} did not acknowledge the final round")]
     Finish {
+        /// The destination.
+        peer: String,
         /// The transport's error.
         #[source]
         source: BoxError,
+    },
+    /// A deadline passed during `step`: the transport was interrupted. In the final round this
+    /// is the hard bound ([`MigrationConfig::final_round_timeout`](crate::MigrationConfig)):
+    /// the workload was resumed, the destination was never told to commit its copy, and the
+    /// report carries the downtime actually suffered.
+    #[error("{step} ({peer}) did not finish within {limit:?}")]
+    Timeout {
+        /// The step that ran out of time.
+        step: Step,
+        /// The destination.
+        peer: String,
+        /// The limit that passed.
+        limit: Duration,
+        /// What the interrupted transport reported.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// [`CancelHandle::cancel`](crate::CancelHandle::cancel) was called.
+    #[error("migration cancelled while {step}")]
+    Cancelled {
+        /// The step that was running.
+        step: Step,
     },
     /// Pausing, resuming or throttling the workload failed.
     #[error("could not {action} the workload")]

@@ -112,7 +112,40 @@
 //! much of it the log had missed, and how long it took (part of the downtime; the switch-over
 //! rule does not count it yet). Writes an embedder knows about and no log can see (a device's
 //! DMA) go through [`ExternalDirty`] into the next round.
+//! # Bounded failures
+//!
+//! A stuck, failing or slow peer must not hold the workload. Every blocking step has a bound:
+//!
+//! * **Each send and receive** is bounded by the transport's I/O timeout
+//!   (`SenderConfig::io_timeout`, default 10 s of no progress; the receiver's own is 60 s of
+//!   silence); connecting and the handshake by the handshake timeout (default 10 s).
+//! * **The total timeout** ([`MigrationConfig::timeout`]) under [`LimitPolicy::Abort`] also
+//!   interrupts a round in progress, not only the check between rounds.
+//! * **The final round** has a hard bound, from the pause to the destination's acknowledgement:
+//!   [`MigrationConfig::final_round_timeout`], by default `max(10 × max_downtime, 2 × expected
+//!   downtime at switch-over, 5 s)`. The floor is there because a loaded host (this project's
+//!   2-core CI machine with 7 builds running) misses a 50 ms estimate by seconds, and a
+//!   final round that fails there means no migration at all; the expected-downtime term keeps a
+//!   forced switch-over with more pending than the limit from failing by design. Set it lower
+//!   where a long pause costs more than a failed migration. Past it the transport is interrupted, the workload resumed, and
+//!   [`Error::Timeout`] returned; the report is `Failed` with the downtime actually suffered.
+//!   The destination's copy becomes complete only when the source **commits** after an
+//!   acknowledgement that came in time ([`Transport::commit`], the protocol's COMMIT): a
+//!   destination that acknowledges late never completes.
+//! * **A cancel** from another thread ([`CancelHandle`], from [`Migration::cancel_handle`])
+//!   interrupts whatever runs and ends the migration with [`Error::Cancelled`].
+//!
+//! The driver's deadlines and the cancel reach a blocked transport through
+//! [`Transport::interrupter`] (a socket transport shuts its connections down). Errors name the
+//! step ([`Step`]) and the peer.
+//!
+//! **Harvested pages are never dropped.** The dirty log hands each written range out once (see
+//! [`DirtyLog`]). A round that fails keeps its ranges: after a reconnect
+//! ([`ReconnectConfig`]: bounded attempts with doubling backoff, iterative phase only) they go
+//! into the next round with whatever the transport reports the destination lacks; when the
+//! migration fails they are in [`Migration::unsent`] for a fallback.
 
+mod cancel;
 pub mod control;
 mod driver;
 mod error;
@@ -123,13 +156,16 @@ pub mod target;
 mod transfer;
 mod uffd;
 
+pub use cancel::CancelHandle;
 pub use control::{
-    BoxError, Callbacks, DirtyLog, ExternalDirty, RoundSent, Transport, Workload, WorkloadCounters,
+    BoxError, Callbacks, DirtyLog, ExternalDirty, Interrupt, RoundSent, Transport, Workload,
+    WorkloadCounters,
 };
 pub use driver::{
-    AfterMigration, LimitPolicy, Migration, MigrationConfig, Phase, Progress, ThrottleConfig,
+    AfterMigration, LimitPolicy, Migration, MigrationConfig, Phase, Progress, ReconnectConfig,
+    ThrottleConfig,
 };
-pub use error::{AbortReason, Error};
+pub use error::{AbortReason, Error, Step};
 pub use process::{PauseMethod, ProcessControl, ThrottleMethod};
 pub use report::{
     DowntimeEstimate, FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason,

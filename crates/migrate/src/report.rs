@@ -31,8 +31,10 @@ pub enum Status {
     Completed,
     /// Stopped by a limit under the abort policy.
     Aborted,
-    /// A step failed.
+    /// A step failed or ran out of time.
     Failed,
+    /// Cancelled through a [`CancelHandle`](crate::CancelHandle).
+    Cancelled,
 }
 
 /// Which rule ended the iteration.
@@ -211,7 +213,8 @@ pub struct MigrationReport {
     /// From start to the end (acknowledgement, or failure).
     #[serde(serialize_with = "ms", rename = "total_time_ms")]
     pub total_time: Duration,
-    /// From pause to acknowledgement.
+    /// From pause to acknowledgement; for a migration that failed after the pause, from pause
+    /// to the workload's resumption (the downtime actually suffered).
     #[serde(serialize_with = "ms_opt", rename = "downtime_ms")]
     pub downtime: Option<Duration>,
     /// The expected downtime when the driver decided to switch over.
@@ -252,6 +255,12 @@ pub struct MigrationReport {
     pub checksum: Option<u32>,
     /// Bytes of the workload's state blob sent after the last round.
     pub state_bytes: Option<u64>,
+    /// The hard bound on the final round that was in force (see
+    /// [`MigrationConfig::final_round_timeout`](crate::MigrationConfig)).
+    #[serde(serialize_with = "ms_opt", rename = "final_round_bound_ms")]
+    pub final_round_bound: Option<Duration>,
+    /// Times the transport reconnected after a failed round.
+    pub reconnects: u32,
 }
 
 impl MigrationReport {
@@ -283,6 +292,8 @@ impl MigrationReport {
             throttle_method: "none",
             checksum: None,
             state_bytes: None,
+            final_round_bound: None,
+            reconnects: 0,
         }
     }
 
@@ -334,9 +345,12 @@ impl Status {
             Status::Setup => "not started",
             Status::Active => "in progress",
             Status::Completing => "completing (workload paused)",
-            Status::Completed => "completed: the receiver acknowledged the final checksum",
+            Status::Completed => {
+                "completed: the receiver acknowledged the final checksum in time and was told to commit"
+            }
             Status::Aborted => "ABORTED by a limit; the workload was resumed",
             Status::Failed => "FAILED; the workload was resumed",
+            Status::Cancelled => "CANCELLED; the workload was resumed",
         }
     }
 }
@@ -412,6 +426,12 @@ impl fmt::Display for MigrationReport {
                 msf(e.fixed),
                 e.margin
             )?;
+        }
+        if let Some(b) = self.final_round_bound {
+            writeln!(f, "final-round bound: {}", msf(b))?;
+        }
+        if self.reconnects > 0 {
+            writeln!(f, "reconnects:    {}", self.reconnects)?;
         }
         if let Some(p) = self.final_phase {
             writeln!(

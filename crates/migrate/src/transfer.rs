@@ -1,7 +1,7 @@
 //! [`Transport`] over a `precopy-transfer` [`Transfer`]: a socket sender, an image writer, or an
 //! in-memory sink.
 
-use crate::control::{BoxError, RoundSent, Transport};
+use crate::control::{BoxError, Interrupt, RoundSent, Transport};
 use precopy_transfer::{FinalCheck, PageSource, Sink, Transfer};
 use std::ops::Range;
 
@@ -62,7 +62,21 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
     }
 
     fn finish(&mut self) -> Result<(u32, std::time::Duration), BoxError> {
-        let summary = self.transfer.finish(self.check)?;
+        let summary = self.transfer.finish_uncommitted(self.check)?;
         Ok((summary.checksum, summary.source_check))
+    }
+
+    fn commit(&mut self) -> Result<(), BoxError> {
+        Ok(self.transfer.commit()?)
+    }
+
+    fn interrupter(&self) -> Option<Interrupt> {
+        self.transfer.interrupter()
+    }
+
+    fn peer(&self) -> String {
+        self.transfer
+            .peer()
+            .unwrap_or_else(|| "the destination".into())
     }
 }

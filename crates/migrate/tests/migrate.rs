@@ -99,6 +99,7 @@ fn migrate(s: Setup) -> Outcome {
     let config = SenderConfig {
         streams: s.streams,
         bandwidth_limit: s.bandwidth,
+        key: Some(common::test_key()),
         ..SenderConfig::default()
     };
     let sender = Sender::connect(

@@ -44,9 +44,57 @@ impl Key {
         Ok(Key(bytes))
     }
 
+    /// A fresh random key: 32 random bytes written as 64 hex digits (so it
+    /// survives a trip through a text file).
+    pub fn random() -> Key {
+        let raw: [u8; 32] = rand::random();
+        Key(raw
+            .iter()
+            .flat_map(|b| format!("{b:02x}").into_bytes())
+            .collect())
+    }
+
+    /// The key's bytes, for handing it to the other end over a private
+    /// channel (an inherited pipe, an owner-only file).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Writes the key to a new file at `path` that only this user can read
+    /// (mode 0600, created exclusively: an existing file is an error, never
+    /// overwritten or reused). For a tool that starts both ends and hands
+    /// the key to the other privately.
+    pub fn write_new_file(&self, path: &Path) -> Result<(), TransferError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let err = |source| TransferError::KeyFile {
+            path: path.to_owned(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(err)?;
+        f.write_all(&self.0).map_err(err)
+    }
+
     /// Reads a key file: its bytes, less trailing whitespace, at least
-    /// [`MIN_KEY_LEN`] bytes.
+    /// [`MIN_KEY_LEN`] bytes. A file other users may read or write is
+    /// refused: it is no secret.
     pub fn from_file(path: &Path) -> Result<Key, TransferError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).map_err(|source| TransferError::KeyFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        if meta.mode() & 0o077 != 0 {
+            return Err(TransferError::BadKey {
+                path: path.to_owned(),
+                reason: "other users may read or write it (chmod 600 it)",
+            });
+        }
         let mut bytes = std::fs::read(path).map_err(|source| TransferError::KeyFile {
             path: path.to_owned(),
             source,

@@ -66,7 +66,19 @@ pub struct SenderConfig {
     pub key: Option<Key>,
     /// Time allowed for each connection's handshake.
     pub handshake_timeout: Duration,
+    /// The longest a connection may make no progress: a write that moves no
+    /// byte for this long, or a receiver that has not acknowledged FINISH
+    /// this long after it was sent (plus the time a full check needs to read
+    /// the destination: 4 s per GiB), fails with
+    /// [`TransferError::Stalled`]. `None`: wait forever (not recommended: a
+    /// stopped receiver then blocks the sender for good).
+    pub io_timeout: Option<Duration>,
 }
+
+/// Default [`SenderConfig::io_timeout`] and handshake timeout: long enough
+/// for a loaded host to schedule a peer, short enough that a stopped peer
+/// does not hold a paused workload for long.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for SenderConfig {
     fn default() -> SenderConfig {
@@ -77,7 +89,8 @@ impl Default for SenderConfig {
             batch_pages: DEFAULT_BATCH_PAGES,
             queue_depth: DEFAULT_QUEUE_DEPTH,
             key: None,
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: DEFAULT_IO_TIMEOUT,
+            io_timeout: Some(DEFAULT_IO_TIMEOUT),
         }
     }
 }
@@ -247,10 +260,54 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
     /// Sends one whole round: `dirty` are the ranges the scanner reported
     /// (plus any the caller wants re-sent in full), page-aligned source
     /// addresses, in any order, overlaps allowed.
+    ///
+    /// **On error, no page of `dirty` counts as delivered**: the caller must
+    /// keep all of `dirty` pending and hand it again (to this transfer after
+    /// a reconnect, to another sink, or in its report of what was lost). A
+    /// range outside the layout is refused before the round starts; after a
+    /// failure half-way the round is closed (if the sink still works) so the
+    /// transfer stays usable: the next `send_round` starts a new round.
     pub fn send_round(&mut self, dirty: &[Range<u64>]) -> Result<RoundSent, TransferError> {
+        for r in dirty {
+            self.layout.check_pages(r)?;
+        }
         self.begin_round()?;
-        self.send_dirty(dirty)?;
-        self.end_round()
+        let sent = self.send_dirty(dirty).and_then(|()| self.end_round());
+        if sent.is_err() {
+            self.close_failed_round();
+        }
+        sent
+    }
+
+    /// After a failure inside [`Transfer::send_round`]: drops the batch not
+    /// yet handed to the sink and ends the round in the sink if it still
+    /// can, so the next round can begin. A sink that cannot end it (a broken
+    /// connection) leaves the round number unused.
+    fn close_failed_round(&mut self) {
+        self.batch.clear();
+        self.batch_len = 0;
+        let Some(state) = self.current.take() else {
+            return;
+        };
+        if let Ok(bytes) = self.sink.end_round(state.round) {
+            self.next_round += 1;
+            self.totals.rounds += 1;
+            self.totals.pages += state.pages;
+            self.totals.zero_pages += state.zero_pages;
+            self.totals.bytes_on_wire += bytes;
+        }
+    }
+
+    /// A handle that makes a blocked call of this transfer return promptly
+    /// (from another thread), if the sink can block (see
+    /// [`Sink::interrupter`]).
+    pub fn interrupter(&self) -> Option<crate::sink::Interrupt> {
+        self.sink.interrupter()
+    }
+
+    /// The destination, for messages (see [`Sink::peer`]).
+    pub fn peer(&self) -> Option<String> {
+        self.sink.peer()
     }
 
     /// Starts a round; returns its number. Use with [`Transfer::send_dirty`]
@@ -550,6 +607,19 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
     /// asks the receiver to re-read its destination too. Call after the final
     /// round.
     pub fn finish(&mut self, check: FinalCheck) -> Result<TransferSummary, TransferError> {
+        let summary = self.finish_uncommitted(check)?;
+        self.commit()?;
+        Ok(summary)
+    }
+
+    /// [`Transfer::finish`] without the commit: returns once the receiver
+    /// acknowledged the checksum, which does not yet make its copy complete;
+    /// [`Transfer::commit`] does. A caller with a deadline on the final round
+    /// commits only if the acknowledgement came in time.
+    pub fn finish_uncommitted(
+        &mut self,
+        check: FinalCheck,
+    ) -> Result<TransferSummary, TransferError> {
         self.check_can_finish()?;
         let recorded = self.crcs.digest();
         if check == FinalCheck::Full {
@@ -560,7 +630,19 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
                 return Err(TransferError::SourceChanged { recorded, actual });
             }
         }
-        self.finish_with_checksum(recorded, check)
+        self.end(recorded, check, false)
+    }
+
+    /// Tells the receiver, after [`Transfer::finish_uncommitted`], that its
+    /// copy is complete.
+    pub fn commit(&mut self) -> Result<(), TransferError> {
+        if !self.finished {
+            return Err(TransferError::Misuse {
+                operation: "commit",
+                state: "before finish",
+            });
+        }
+        self.sink.commit()
     }
 
     /// Ends the transfer claiming `checksum` as the memory digest, whatever
@@ -570,8 +652,23 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         checksum: u32,
         check: FinalCheck,
     ) -> Result<TransferSummary, TransferError> {
+        self.end(checksum, check, true)
+    }
+
+    /// Sends the digest `checksum`; with `commit`, the whole end, else up to
+    /// the acknowledgement.
+    fn end(
+        &mut self,
+        checksum: u32,
+        check: FinalCheck,
+        commit: bool,
+    ) -> Result<TransferSummary, TransferError> {
         self.check_can_finish()?;
-        self.sink.finish(checksum, check)?;
+        if commit {
+            self.sink.finish(checksum, check)?;
+        } else {
+            self.sink.finish_uncommitted(checksum, check)?;
+        }
         self.finished = true;
         self.totals.checksum = checksum;
         self.totals.check = check;

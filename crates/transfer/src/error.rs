@@ -5,6 +5,7 @@
 use std::io;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::protocol::FrameKind;
 
@@ -413,8 +414,11 @@ pub enum TransferError {
         #[source]
         source: io::Error,
     },
-    /// A receiver on a non-loopback address was started without a key.
-    #[error("receiver at {addr} is not on loopback: a shared key is required")]
+    /// A receiver on a TCP address (loopback included: any local user can
+    /// connect to it) was started without a key.
+    #[error(
+        "receiver at {addr} needs a shared key: any process that can reach a TCP port, another local user's included, could otherwise write its memory. Make one with `(umask 077; head -c 32 /dev/urandom > KEYFILE)` and give the same file to both ends, or use a Unix socket"
+    )]
     KeyRequired {
         /// The listening or local address.
         addr: String,
@@ -485,6 +489,35 @@ pub enum TransferError {
     Config {
         /// What is wrong.
         reason: &'static str,
+    },
+    /// The peer made no progress for the I/O timeout: it stopped reading,
+    /// stopped answering, or the network between is down.
+    #[error("{what} {peer}: no progress for {after:?} (I/O timeout)")]
+    Stalled {
+        /// The step, e.g. "sending frames to" or "waiting for the acknowledgement of".
+        what: &'static str,
+        /// The peer's address.
+        peer: String,
+        /// The timeout that passed.
+        after: Duration,
+    },
+    /// The transfer was interrupted from another thread (a cancel, or a
+    /// deadline of the migration driver) while talking to `peer`.
+    #[error("transfer to {peer} interrupted (cancelled or past a deadline)")]
+    Interrupted {
+        /// The peer's address.
+        peer: String,
+    },
+    /// The receiver acknowledged the final checksum but the sender never
+    /// confirmed it took the acknowledgement in time (no COMMIT): the sender
+    /// gave up and may have resumed its source, so this copy is not complete.
+    #[error("sender {peer} did not commit the transfer after the acknowledgement")]
+    NotCommitted {
+        /// The peer's address.
+        peer: String,
+        /// What happened instead.
+        #[source]
+        source: Box<TransferError>,
     },
     /// Another stream of the same transfer failed first; see its error.
     #[error("transfer aborted because another stream failed")]

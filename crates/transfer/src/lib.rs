@@ -34,10 +34,12 @@
 //! # fn main() -> Result<(), TransferError> {
 //! let layout = Layout::single(4096, 0x7f00_0000_0000, 1 << 30)?;
 //! let conn = Connection::connect_tcp("127.0.0.1:7000").map_err(|source| TransferError::Io { what: "connecting", source })?;
-//! let mut tx = Sender::connect(vec![conn], layout, ProcessMemory::new(1234), &SenderConfig::default())?;
+//! // Every TCP receiver requires the key, loopback included.
+//! let config = SenderConfig { key: Some(Key::from_file("transfer.key".as_ref())?), ..SenderConfig::default() };
+//! let mut tx = Sender::connect(vec![conn], layout, ProcessMemory::new(1234), &config)?;
 //! let first = tx.send_round(&[0x7f00_0000_0000..0x7f00_4000_0000])?; // round 0: everything
 //! // ... scan, send_round(dirty) until converged, stop the source, last round ...
-//! let summary = tx.finish(FinalCheck::Recorded)?; // waits for the receiver's DONE
+//! let summary = tx.finish(FinalCheck::Recorded)?; // waits for the receiver's DONE, then commits
 //! # Ok(()) }
 //! ```
 //! Receiver:
@@ -45,7 +47,8 @@
 //! # use precopy_transfer::*;
 //! # fn main() -> Result<(), TransferError> {
 //! let listener = Listener::bind_tcp("127.0.0.1:7000").map_err(|source| TransferError::Io { what: "listening", source })?;
-//! let rx = Receiver::accept(&listener, &ReceiverConfig::default())?;
+//! let config = ReceiverConfig { key: Some(Key::from_file("transfer.key".as_ref())?), ..ReceiverConfig::default() };
+//! let rx = Receiver::accept(&listener, &config)?;
 //! let mut dest = MemorySink::new(rx.layout().clone())?;
 //! let report = rx.run(&mut dest)?;
 //! # Ok(()) }
@@ -128,5 +131,5 @@ pub use image::{
 pub use layout::{Backing, Layout, MemoryRegion};
 pub use net::{Connection, Listener, Sender, SocketSink};
 pub use receiver::{ReceiveReport, Receiver, ReceiverConfig, receive_frames};
-pub use sink::{MemorySink, MemoryStats, RegionMemory, Sink};
+pub use sink::{Interrupt, MemorySink, MemoryStats, RegionMemory, Sink};
 pub use source::{PageSource, ProcessMemory, SliceSource, memory_checksum};

@@ -9,8 +9,11 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,7 +28,7 @@ use crate::layout::Layout;
 use crate::protocol::{
     Codec, FrameKind, FrameReader, FrameWriter, Hello, NONCE_LEN, error_message, expect, parse_mac,
 };
-use crate::sink::Sink;
+use crate::sink::{Interrupt, Sink};
 use crate::source::PageSource;
 
 /// A connected byte stream: TCP or Unix.
@@ -44,6 +47,25 @@ impl Connection {
         let s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         Ok(Connection::Tcp(s))
+    }
+
+    /// Connects over TCP, giving up after `timeout` per address tried (a
+    /// host that drops SYNs otherwise holds `connect` for minutes).
+    pub fn connect_tcp_timeout(
+        addr: impl ToSocketAddrs,
+        timeout: Duration,
+    ) -> io::Result<Connection> {
+        let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address to connect to");
+        for a in addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&a, timeout) {
+                Ok(s) => {
+                    s.set_nodelay(true)?;
+                    return Ok(Connection::Tcp(s));
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// Connects to a Unix-domain socket.
@@ -167,9 +189,30 @@ impl Listener {
         Ok(Listener::Tcp(TcpListener::bind(addr)?))
     }
 
-    /// Listens on a Unix-domain socket path.
+    /// Listens on a Unix-domain socket path, **accessible to this user only**
+    /// (mode 0600): connecting needs write permission on the socket file, so
+    /// no other user's process can become the sender. The socket is bound,
+    /// restricted, and only then listens, so no connection gets in before.
     pub fn bind_unix(path: impl AsRef<Path>) -> io::Result<Listener> {
-        Ok(Listener::Unix(UnixListener::bind(path)?))
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+        };
+        use std::os::unix::fs::PermissionsExt;
+        let path = path.as_ref();
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+        let restricted = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| Ok(listen(&fd, Backlog::MAXCONN)?));
+        if let Err(e) = restricted {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        Ok(Listener::Unix(UnixListener::from(fd)))
     }
 
     /// Accepts one connection.
@@ -307,12 +350,56 @@ enum Cmd {
         checksum: u32,
         rounds: u64,
         check: FinalCheck,
+        wait: Option<Duration>,
     },
+    Commit(u32),
 }
 
 enum Reply {
     RoundWritten(u64),
     Finished,
+    Committed,
+}
+
+/// What [`Sink::interrupter`] of a [`SocketSink`] acts on: a flag its
+/// operations check, and a handle to every connection, shut down at once so
+/// a blocked read or write returns.
+#[derive(Debug, Default)]
+struct InterruptState {
+    interrupted: AtomicBool,
+    conns: Mutex<Vec<Connection>>,
+}
+
+impl InterruptState {
+    fn interrupt(&self) {
+        self.interrupted.store(true, Ordering::SeqCst);
+        for c in self
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.interrupted.load(Ordering::SeqCst)
+    }
+
+    /// Keeps a handle to `conn` for [`InterruptState::interrupt`]; shuts it
+    /// down at once if the interrupt came first.
+    fn register(&self, conn: &Connection) -> Result<(), TransferError> {
+        let c = conn
+            .try_clone()
+            .map_err(TransferError::io("cloning a socket"))?;
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.is_set() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        conns.push(c);
+        Ok(())
+    }
 }
 
 /// What the watcher heard from the receiver.
@@ -357,11 +444,22 @@ impl Worker {
 }
 
 /// A [`Sink`] writing page frames over one or more connections.
+///
+/// Every blocking step is bounded: the handshake by
+/// [`SenderConfig::handshake_timeout`], each write and the wait for the
+/// receiver's acknowledgement by [`SenderConfig::io_timeout`]
+/// ([`TransferError::Stalled`]); and [`Sink::interrupter`] ends any of them
+/// from another thread ([`TransferError::Interrupted`]).
 pub struct SocketSink {
     workers: Vec<Worker>,
     next: usize,
     rounds: u64,
     finished: bool,
+    interrupt: Arc<InterruptState>,
+    peer: String,
+    io_timeout: Option<Duration>,
+    layout_bytes: u64,
+    checksum: u32,
 }
 
 impl std::fmt::Debug for SocketSink {
@@ -426,7 +524,12 @@ impl SocketSink {
         });
         let ready = results.into_iter().collect::<Result<Vec<_>, _>>()?;
         let fold = PageFold::new(layout.page_size());
+        let interrupt = Arc::new(InterruptState::default());
+        let peer = ready.first().map(Connection::peer).unwrap_or_default();
         for (i, conn) in ready.into_iter().enumerate() {
+            conn.set_write_timeout(config.io_timeout)
+                .map_err(TransferError::io("setting a socket timeout"))?;
+            interrupt.register(&conn)?;
             let (cmd_tx, cmd_rx) = bounded(config.queue_depth.max(1));
             let (reply_tx, reply_rx) = bounded(1);
             let (event_tx, event_rx) = bounded(1);
@@ -455,6 +558,9 @@ impl SocketSink {
                 layout: layout.without_host(),
                 fold: fold.clone(),
                 events: event_rx,
+                peer: conn_peer(i, &peer),
+                io_timeout: config.io_timeout,
+                interrupt: interrupt.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("precopy-send-{i}"))
@@ -473,7 +579,31 @@ impl SocketSink {
             next: 0,
             rounds: 0,
             finished: false,
+            interrupt,
+            peer,
+            io_timeout: config.io_timeout,
+            layout_bytes: layout.total_len(),
+            checksum: 0,
         })
+    }
+
+    /// The error to return for `e`: [`TransferError::Interrupted`] once the
+    /// sink was interrupted (whatever the broken socket said), else `e`.
+    fn explain(&self, e: TransferError) -> TransferError {
+        if self.interrupt.is_set() {
+            return TransferError::Interrupted {
+                peer: self.peer.clone(),
+            };
+        }
+        e
+    }
+
+    fn each(
+        &mut self,
+        mut f: impl FnMut(&mut Worker) -> Result<(), TransferError>,
+    ) -> Result<(), TransferError> {
+        let r = self.workers.iter_mut().try_for_each(&mut f);
+        r.map_err(|e| self.explain(e))
     }
 
     /// Number of connections.
@@ -490,10 +620,7 @@ impl SocketSink {
 
 impl Sink for SocketSink {
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
-        for w in &mut self.workers {
-            w.send(Cmd::Begin(round))?;
-        }
-        Ok(())
+        self.each(|w| w.send(Cmd::Begin(round)))
     }
 
     fn send_pages(
@@ -502,48 +629,95 @@ impl Sink for SocketSink {
         pages: PageBuf,
         crcs: &[u32],
     ) -> Result<(), TransferError> {
-        self.next_worker()
-            .send(Cmd::Pages(offset, pages, crcs.to_vec()))
+        let r = self
+            .next_worker()
+            .send(Cmd::Pages(offset, pages, crcs.to_vec()));
+        r.map_err(|e| self.explain(e))
     }
 
     /// Sends the state blob on the first connection, ahead of its FINISH.
     fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
-        self.workers[0].send(Cmd::State(state.to_vec()))
+        let r = self.workers[0].send(Cmd::State(state.to_vec()));
+        r.map_err(|e| self.explain(e))
     }
 
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
-        self.next_worker().send(Cmd::Zero(range))
+        let r = self.next_worker().send(Cmd::Zero(range));
+        r.map_err(|e| self.explain(e))
     }
 
     fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
-        for w in &mut self.workers {
-            w.send(Cmd::End(round))?;
-        }
+        self.each(|w| w.send(Cmd::End(round)))?;
         let mut bytes = 0;
-        for w in &mut self.workers {
-            match w.reply()? {
-                Reply::RoundWritten(b) => bytes += b,
-                Reply::Finished => return Err(TransferError::WorkerPanicked),
+        self.each(|w| match w.reply()? {
+            Reply::RoundWritten(b) => {
+                bytes += b;
+                Ok(())
             }
-        }
+            _ => Err(TransferError::WorkerPanicked),
+        })?;
         self.rounds = round + 1;
         Ok(bytes)
     }
 
     fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
+        self.finish_uncommitted(memory_checksum, check)?;
+        self.commit()
+    }
+
+    fn finish_uncommitted(
+        &mut self,
+        memory_checksum: u32,
+        check: FinalCheck,
+    ) -> Result<(), TransferError> {
         let rounds = self.rounds;
-        for w in &mut self.workers {
+        // A full check reads the destination anew before the receiver answers.
+        let wait = self.io_timeout.map(|t| match check {
+            FinalCheck::Full => t + Duration::from_secs(4 * self.layout_bytes.div_ceil(1 << 30)),
+            _ => t,
+        });
+        self.each(|w| {
             w.send(Cmd::Finish {
                 checksum: memory_checksum,
                 rounds,
                 check,
-            })?;
-        }
-        for w in &mut self.workers {
-            w.reply()?;
-        }
+                wait,
+            })
+        })?;
+        self.each(|w| w.reply().map(|_| ()))?;
+        self.checksum = memory_checksum;
         self.finished = true;
         Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), TransferError> {
+        if !self.finished {
+            return Err(TransferError::Misuse {
+                operation: "commit",
+                state: "before the receiver acknowledged FINISH",
+            });
+        }
+        let checksum = self.checksum;
+        self.each(|w| w.send(Cmd::Commit(checksum)))?;
+        self.each(|w| w.reply().map(|_| ()))
+    }
+
+    fn interrupter(&self) -> Option<Interrupt> {
+        let state = self.interrupt.clone();
+        Some(Arc::new(move || state.interrupt()))
+    }
+
+    fn peer(&self) -> Option<String> {
+        Some(self.peer.clone())
+    }
+}
+
+/// The name of connection `i` of a transfer to `peer`, for messages.
+fn conn_peer(i: usize, peer: &str) -> String {
+    if i == 0 {
+        peer.to_string()
+    } else {
+        format!("{peer} (stream {i})")
     }
 }
 
@@ -640,9 +814,35 @@ struct StreamWriter {
     layout: Layout,
     fold: PageFold,
     events: Receiver<PeerEvent>,
+    peer: String,
+    io_timeout: Option<Duration>,
+    interrupt: Arc<InterruptState>,
 }
 
 impl StreamWriter {
+    /// A failed write: [`TransferError::Stalled`] when the socket timeout
+    /// ran out, [`TransferError::Interrupted`] after an interrupt.
+    fn write_error(&self, source: io::Error) -> TransferError {
+        if self.interrupt.is_set() {
+            return TransferError::Interrupted {
+                peer: self.peer.clone(),
+            };
+        }
+        match (source.kind(), self.io_timeout) {
+            (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(after)) => {
+                TransferError::Stalled {
+                    what: "sending frames to",
+                    peer: self.peer.clone(),
+                    after,
+                }
+            }
+            _ => TransferError::Io {
+                what: "sending frames",
+                source,
+            },
+        }
+    }
+
     fn run(mut self, cmds: Receiver<Cmd>, replies: Chan<Reply>) -> Result<(), TransferError> {
         for cmd in cmds {
             match self.handle(cmd) {
@@ -685,7 +885,7 @@ impl StreamWriter {
         }
         self.out
             .write_frame(kind, codec as u8, a, b, c, payload)
-            .map_err(TransferError::io("sending frames"))?;
+            .map_err(|e| self.write_error(e))?;
         Ok(())
     }
 
@@ -707,9 +907,8 @@ impl StreamWriter {
                     if let Some(l) = &mut self.limiter {
                         l.consume(crate::protocol::HEADER_LEN as u64 + raw_len);
                     }
-                    self.out
-                        .write_pages(region, at, &pages, &crcs, &self.fold)
-                        .map_err(TransferError::io("sending frames"))?;
+                    let written = self.out.write_pages(region, at, &pages, &crcs, &self.fold);
+                    written.map_err(|e| self.write_error(e))?;
                     return Ok(None);
                 }
                 let mut scratch = std::mem::take(&mut self.scratch);
@@ -750,9 +949,8 @@ impl StreamWriter {
                     0,
                     Some(&zero),
                 )?;
-                self.out
-                    .flush()
-                    .map_err(TransferError::io("sending frames"))?;
+                let flushed = self.out.flush();
+                flushed.map_err(|e| self.write_error(e))?;
                 return Ok(Some(Reply::RoundWritten(
                     self.out.written() - self.round_start,
                 )));
@@ -761,6 +959,7 @@ impl StreamWriter {
                 checksum,
                 rounds,
                 check,
+                wait,
             } => {
                 self.write(
                     FrameKind::Finish,
@@ -770,10 +969,13 @@ impl StreamWriter {
                     checksum,
                     None,
                 )?;
-                self.out
-                    .flush()
-                    .map_err(TransferError::io("sending frames"))?;
-                return match self.events.recv() {
+                let flushed = self.out.flush();
+                flushed.map_err(|e| self.write_error(e))?;
+                let event = match wait {
+                    Some(t) => self.events.recv_timeout(t).map_err(|e| e.is_timeout()),
+                    None => self.events.recv().map_err(|_| false),
+                };
+                return match event {
                     Ok(PeerEvent::Done { checksum: theirs }) if theirs == checksum => {
                         Ok(Some(Reply::Finished))
                     }
@@ -786,9 +988,25 @@ impl StreamWriter {
                     Ok(PeerEvent::Error { code, message }) => {
                         Err(TransferError::PeerRejected { code, message })
                     }
+                    Ok(PeerEvent::Closed(_)) | Err(_) if self.interrupt.is_set() => {
+                        Err(TransferError::Interrupted {
+                            peer: self.peer.clone(),
+                        })
+                    }
                     Ok(PeerEvent::Closed(e)) => Err(e),
-                    Err(_) => Err(TransferError::Aborted),
+                    Err(true) => Err(TransferError::Stalled {
+                        what: "waiting for the acknowledgement of",
+                        peer: self.peer.clone(),
+                        after: wait.unwrap_or_default(),
+                    }),
+                    Err(false) => Err(TransferError::Aborted),
                 };
+            }
+            Cmd::Commit(checksum) => {
+                self.write(FrameKind::Commit, Codec::None, 0, 0, checksum, None)?;
+                let flushed = self.out.flush();
+                flushed.map_err(|e| self.write_error(e))?;
+                return Ok(Some(Reply::Committed));
             }
         }
         Ok(None)

@@ -39,6 +39,7 @@
 //! | 12 INDEX | image | – | – | – | n × (region id u32, 0 u32, offset u64, length u64, file offset u64 or `u64::MAX` for zeros) |
 //! | 13 TRAILER | image | index offset | trailer offset | memory digest | – |
 //! | 14 STATE | S→R | blob length | – | CRC32C of the blob | the VMM's state blob (vCPU and device state) |
+//! | 15 COMMIT | S→R | – | – | memory digest | – |
 //!
 //! A HELLO region is `id u32 | backing u8 (0 unstated, 1 anonymous, 2 memfd,
 //! 3 hugetlb, 4 file) | flags u8 (bit 0: guest address present) | 0 u16 |
@@ -68,7 +69,17 @@
 //!   STATE(blob, crc)  ──►   (connection 0 only, at most once; the sink gets it now)
 //!   FINISH(rounds, checksum) ──►
 //!                                               ◄── DONE(pages, checksum)  or  ERROR(code, message)
+//!   COMMIT(checksum) ──►                            (only if DONE came in time: the receiver's copy
+//!                                                    is complete only now)
 //! ```
+//!
+//! COMMIT is the second half of a two-phase end. The source may give up on a
+//! destination that acknowledged too late (it already resumed its workload,
+//! see `precopy-migrate`'s final-round bound); a receiver that sent DONE but
+//! sees the connection close instead of COMMIT must not treat its copy as
+//! complete. (If the connection breaks after the source wrote COMMIT but
+//! before it arrives, the source reports success and the receiver failure:
+//! the one window two-phase ends leave, as in any such protocol.)
 //!
 //! Several connections may carry one transfer (HELLO's `stream_count`), all
 //! with the same session id. A round's pages are spread over them; the
@@ -87,7 +98,8 @@
 //!  InRound(r) ──ROUND_END(r, counts match)──► [barrier] ─► Idle(r + 1)
 //!  Idle(n)    ──STATE(blob CRC ok, connection 0, first)──► Idle(n), sink holds the state
 //!  Idle(n)    ──FINISH(rounds = n)──► Finished ─ all connections finished,
-//!                                     checksum of destination == FINISH's ─► DONE sent, success
+//!                                     checksum of destination == FINISH's ─► DONE sent
+//!  DONE sent  ──COMMIT on every connection──► success
 //!  any other frame, bad checksum, EOF, bad layout/page size/version,
 //!  failed key check ──► Failed: ERROR sent, nothing more applied
 //! ```
@@ -108,7 +120,9 @@
 //!
 //! # Authentication
 //!
-//! A receiver that listens on a non-loopback address requires a key; the
+//! A receiver that listens on TCP requires a key, loopback included (any
+//! local user can connect to a loopback port; a Unix socket is created
+//! owner-only instead); the
 //! challenge-response above proves both ends hold it without sending it. It
 //! authenticates the peer, it does not encrypt or sign the page stream: run
 //! over a trusted network or a tunnel when an active attacker is a concern.
@@ -193,6 +207,8 @@ pub enum FrameKind {
     Trailer = 13,
     /// The source's state blob, after the last round.
     State = 14,
+    /// Sender's confirmation that it accepted DONE in time.
+    Commit = 15,
 }
 
 impl FrameKind {
@@ -214,6 +230,7 @@ impl FrameKind {
             12 => Index,
             13 => Trailer,
             14 => State,
+            15 => Commit,
             _ => return None,
         })
     }
@@ -237,6 +254,7 @@ impl std::fmt::Display for FrameKind {
             Index => "INDEX",
             Trailer => "TRAILER",
             State => "STATE",
+            Commit => "COMMIT",
         })
     }
 }

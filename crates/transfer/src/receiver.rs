@@ -29,8 +29,10 @@ use crate::sink::Sink;
 /// How a receiver accepts a transfer.
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
-    /// Shared key. Required when listening on anything but loopback or a Unix
-    /// socket; when set, every sender must prove it holds the key.
+    /// Shared key. Required on every TCP listener, loopback included (any
+    /// local user can connect to a loopback port); a Unix socket made by
+    /// [`Listener::bind_unix`] is reachable by this user only and may go
+    /// without. When set, every sender must prove it holds the key.
     pub key: Option<Key>,
     /// The page size this end expects (`None`: accept the sender's, as long
     /// as the layout is valid).
@@ -42,7 +44,17 @@ pub struct ReceiverConfig {
     pub max_memory: u64,
     /// Time allowed for each connection's handshake.
     pub handshake_timeout: Duration,
+    /// The longest the sender may stay silent once the transfer runs (no
+    /// byte on any connection), and the longest it may take to COMMIT after
+    /// DONE: past it the receiver fails with [`TransferError::Stalled`]
+    /// instead of waiting for a stopped or vanished sender. `None`: wait
+    /// forever. A sender making a [`FinalCheck::Full`] re-reads all its
+    /// memory before FINISH in silence (about 0.5 s per GiB): allow for it.
+    pub io_timeout: Option<Duration>,
 }
+
+/// Default [`ReceiverConfig::io_timeout`].
+pub const DEFAULT_RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for ReceiverConfig {
     fn default() -> ReceiverConfig {
@@ -51,7 +63,8 @@ impl Default for ReceiverConfig {
             page_size: None,
             max_streams: 64,
             max_memory: 1 << 40,
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: crate::engine::DEFAULT_IO_TIMEOUT,
+            io_timeout: Some(DEFAULT_RECEIVE_TIMEOUT),
         }
     }
 }
@@ -85,6 +98,7 @@ pub struct ReceiveReport {
 pub struct Receiver {
     conns: Vec<Connection>,
     hello: Hello,
+    io_timeout: Option<Duration>,
 }
 
 /// Sends an ERROR frame, best effort: the peer may already be gone.
@@ -130,7 +144,7 @@ fn handshake_steps(
     config: &ReceiverConfig,
     first: Option<&Hello>,
 ) -> Result<Hello, TransferError> {
-    if config.key.is_none() && !conn.is_local() {
+    if config.key.is_none() && matches!(conn, Connection::Tcp(_)) {
         return Err(TransferError::KeyRequired { addr: conn.peer() });
     }
     conn.set_read_timeout(Some(config.handshake_timeout))
@@ -237,11 +251,12 @@ fn handshake_steps(
 impl Receiver {
     /// Accepts a transfer on `listener`: the first connection's handshake
     /// says how many connections the sender uses, and the rest are accepted
-    /// too. Fails before accepting anything if the listener is not local and
-    /// no key is configured; fails on the first connection that does not
-    /// authenticate (nothing is applied from any connection before then).
+    /// too. Fails before accepting anything if the listener is TCP (loopback
+    /// included) and no key is configured; fails on the first connection
+    /// that does not authenticate (nothing is applied from any connection
+    /// before then).
     pub fn accept(listener: &Listener, config: &ReceiverConfig) -> Result<Receiver, TransferError> {
-        if config.key.is_none() && !listener.is_local() {
+        if config.key.is_none() && matches!(listener, Listener::Tcp(_)) {
             return Err(TransferError::KeyRequired {
                 addr: listener.address(),
             });
@@ -271,6 +286,7 @@ impl Receiver {
         Ok(Receiver {
             conns: conns.into_iter().flatten().collect(),
             hello,
+            io_timeout: config.io_timeout,
         })
     }
 
@@ -291,6 +307,7 @@ impl Receiver {
         Ok(Receiver {
             conns: vec![conn],
             hello,
+            io_timeout: config.io_timeout,
         })
     }
 
@@ -305,15 +322,39 @@ impl Receiver {
     }
 
     /// Receives every round into `sink`, then checks the sender's memory
-    /// checksum against it (via [`Sink::finish`]) and acknowledges. On any
-    /// fault, tells the sender why, stops applying and returns the first
-    /// fault's error.
+    /// checksum against it (via [`Sink::finish`]), acknowledges (DONE) and
+    /// waits for the sender's COMMIT. On any fault, tells the sender why,
+    /// stops applying and returns the first fault's error.
+    ///
+    /// **Only `Ok` means the copy is complete.** A sender that gives up
+    /// after DONE (its final round ran past its bound and it resumed the
+    /// source) never commits: then this returns
+    /// [`TransferError::NotCommitted`] even though `sink` was finished.
     pub fn run<K: Sink + Send + ?Sized>(
         self,
         sink: &mut K,
     ) -> Result<ReceiveReport, TransferError> {
         let start = Instant::now();
         let n = self.conns.len();
+        for c in &self.conns {
+            c.set_read_timeout(self.io_timeout)
+                .map_err(TransferError::io("setting a socket timeout"))?;
+        }
+        let stalled = |c: &Connection, e: TransferError| match (&e, self.io_timeout) {
+            (TransferError::Io { source, .. }, Some(after))
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                TransferError::Stalled {
+                    what: "receiving frames from",
+                    peer: c.peer(),
+                    after,
+                }
+            }
+            _ => e,
+        };
         let shared = Shared {
             sink: Mutex::new(sink),
             barrier: RoundBarrier::new(n),
@@ -337,7 +378,8 @@ impl Receiver {
                             let pool = BufferPool::new(2);
                             let reader = BufReader::with_capacity(READ_BUFFER, c);
                             let frames = Frames::Direct(FrameReader::new(reader));
-                            return shared.outcome(receive_stream(frames, &pool, shared, i == 0));
+                            let r = receive_stream(frames, &pool, shared, i == 0);
+                            return shared.outcome(r.map_err(|e| stalled(c, e)));
                         }
                         // Several connections: each socket is read on its own
                         // thread so the kernel copy overlaps checksumming and
@@ -348,7 +390,8 @@ impl Receiver {
                         std::thread::scope(|s2| {
                             s2.spawn(move || read_socket(c, &reader_pool, tx));
                             let frames: Frames<&[u8]> = Frames::Queued { rx };
-                            shared.outcome(receive_stream(frames, &pool, shared, i == 0))
+                            let r = receive_stream(frames, &pool, shared, i == 0);
+                            shared.outcome(r.map_err(|e| stalled(c, e)))
                         })
                     })
                 })
@@ -391,7 +434,17 @@ impl Receiver {
         for c in &self.conns {
             let mut w = FrameWriter::new(c);
             let _ = w.write_frame(FrameKind::Done, 0, pages, 0, first.checksum, &[]);
-            let _ = c.shutdown(Shutdown::Write);
+        }
+        for (c, o) in self.conns.iter().zip(&outcomes) {
+            let peer = c.peer();
+            let committed = await_commit(c, o.bytes, first.checksum).map_err(|e| stalled(c, e));
+            let _ = c.shutdown(Shutdown::Both);
+            if let Err(e) = committed {
+                return Err(TransferError::NotCommitted {
+                    peer,
+                    source: Box::new(e),
+                });
+            }
         }
         Ok(ReceiveReport {
             rounds: first.rounds,
@@ -405,6 +458,23 @@ impl Receiver {
             duration: start.elapsed(),
         })
     }
+}
+
+/// Reads the sender's COMMIT (for `checksum`) at stream offset `offset`.
+fn await_commit(c: &Connection, offset: u64, checksum: u32) -> Result<(), TransferError> {
+    let mut r = FrameReader::at_offset(c, offset);
+    let mut p = Vec::new();
+    let h = r.read_frame(&mut p)?;
+    expect(&h, FrameKind::Commit, Some(0))?;
+    if h.c != checksum {
+        return Err(ProtocolError::Malformed {
+            offset: h.offset,
+            kind: h.kind,
+            reason: "COMMIT names another memory digest than FINISH",
+        }
+        .into());
+    }
+    Ok(())
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {

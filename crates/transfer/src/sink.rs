@@ -29,6 +29,10 @@ use crate::digest::{FinalCheck, MemoryDigest, PageCrcs, check_final};
 use crate::error::{LayoutError, TransferError};
 use crate::layout::Layout;
 
+/// Makes a sink's blocked calls return with an error; callable from any
+/// thread, any number of times (see [`Sink::interrupter`]).
+pub type Interrupt = Arc<dyn Fn() + Send + Sync>;
+
 /// A destination for rounds of pages.
 ///
 /// Call order: (`begin_round`, (`send_pages` | `send_zero_range`)*,
@@ -71,6 +75,38 @@ pub trait Sink {
             operation: "send_state",
             state: "on a sink that keeps no state",
         })
+    }
+
+    /// The first half of [`Sink::finish`] for a sink whose destination
+    /// acknowledges: send the checksum and wait for the acknowledgement, but
+    /// do not yet tell the destination its copy is complete; [`Sink::commit`]
+    /// does. A migration driver commits only if the acknowledgement came
+    /// within its bound (see the protocol's COMMIT). The default is
+    /// [`Sink::finish`].
+    fn finish_uncommitted(
+        &mut self,
+        memory_checksum: u32,
+        check: FinalCheck,
+    ) -> Result<(), TransferError> {
+        self.finish(memory_checksum, check)
+    }
+
+    /// After [`Sink::finish_uncommitted`]: the destination may now consider
+    /// its copy complete. The default does nothing.
+    fn commit(&mut self) -> Result<(), TransferError> {
+        Ok(())
+    }
+
+    /// A handle that makes this sink's blocked calls (from another thread)
+    /// return promptly with [`TransferError::Interrupted`], and every later
+    /// call fail. `None` (the default): the sink never blocks on a peer.
+    fn interrupter(&self) -> Option<Interrupt> {
+        None
+    }
+
+    /// The destination, for messages (`None`: not a remote peer).
+    fn peer(&self) -> Option<String> {
+        None
     }
 
     /// Optional fast path for a receiver: lends the destination bytes of the
@@ -129,6 +165,23 @@ macro_rules! forward_sink {
             }
             fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
                 (**self).send_state(state)
+            }
+            fn finish_uncommitted(
+                &mut self,
+                checksum: u32,
+                check: FinalCheck,
+            ) -> Result<(), TransferError> {
+                (**self).finish_uncommitted(checksum, check)
+            }
+            fn commit(&mut self) -> Result<(), TransferError> {
+                (**self).commit()
+            }
+            fn interrupter(&self) -> Option<Interrupt> {
+                (**self).interrupter()
+            }
+            fn peer(&self) -> Option<String> {
+                (**self).peer()
+            }
             }
             fn lend_pages(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
                 (**self).lend_pages(offset, len)

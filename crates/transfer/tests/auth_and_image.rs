@@ -21,13 +21,13 @@ fn try_transfer(
         listener,
         ReceiverConfig {
             key: receiver_key,
-            ..ReceiverConfig::default()
+            ..receiver_config()
         },
     );
     let layout = Layout::single(PS, BASE, 4 * PS).unwrap();
     let config = SenderConfig {
         key: sender_key,
-        ..SenderConfig::default()
+        ..sender_config()
     };
     let sent = Sender::connect(
         vec![connect()],
@@ -74,14 +74,14 @@ fn right_key_works_and_receiver_proves_itself() {
         listener,
         ReceiverConfig {
             key: Some(key(7)),
-            ..ReceiverConfig::default()
+            ..receiver_config()
         },
     );
     let layout = Layout::single(PS, BASE, 4 * PS).unwrap();
     let config = SenderConfig {
         key: Some(key(7)),
         streams: 2,
-        ..SenderConfig::default()
+        ..sender_config()
     };
     let mut tx = Sender::connect(
         vec![connect(), connect()],
@@ -95,12 +95,13 @@ fn right_key_works_and_receiver_proves_itself() {
     let (_, mem) = rx.join().unwrap().unwrap();
     assert!(mem.iter().all(|&b| b == 3));
 
-    // A sender holding a key refuses a receiver that cannot prove it has it.
-    let (listener, connect, _d) = listen(&Net::Tcp);
+    // A sender holding a key refuses a receiver that cannot prove it has it
+    // (a keyless receiver exists only on a Unix socket).
+    let (listener, connect, _d) = listen(&Net::Unix);
     let rx = spawn_receiver(listener, ReceiverConfig::default());
     let config = SenderConfig {
         key: Some(key(7)),
-        ..SenderConfig::default()
+        ..sender_config()
     };
     let layout = Layout::single(PS, BASE, 4 * PS).unwrap();
     let err = Sender::connect(
@@ -121,11 +122,73 @@ fn non_loopback_listener_requires_a_key() {
     assert!(matches!(err, TransferError::KeyRequired { .. }), "{err}");
 }
 
+/// Any local user can connect to a loopback port: a keyless TCP receiver
+/// refuses to start, and says how to make a key.
+#[test]
+fn loopback_listener_requires_a_key_too() {
+    let l = Listener::bind_tcp("127.0.0.1:0").unwrap();
+    let err = Receiver::accept(&l, &ReceiverConfig::default()).unwrap_err();
+    assert!(matches!(err, TransferError::KeyRequired { .. }), "{err}");
+    assert!(err.to_string().contains("/dev/urandom"), "{err}");
+}
+
+#[test]
+fn random_key_goes_through_an_owner_only_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("key");
+    let k = Key::random();
+    k.write_new_file(&p).unwrap();
+    let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Never overwritten.
+    assert!(matches!(
+        Key::random().write_new_file(&p),
+        Err(TransferError::KeyFile { .. })
+    ));
+    // Both ends holding it authenticate.
+    let read = Key::from_file(&p).unwrap();
+    let (listener, connect, _d) = listen(&Net::Tcp);
+    let rx = spawn_receiver(
+        listener,
+        ReceiverConfig {
+            key: Some(read),
+            ..ReceiverConfig::default()
+        },
+    );
+    let config = SenderConfig {
+        key: Some(k),
+        ..SenderConfig::default()
+    };
+    let layout = Layout::single(PS, BASE, 4 * PS).unwrap();
+    let mut tx = Sender::connect(
+        vec![connect()],
+        layout,
+        SliceSource::new(BASE, vec![5u8; 4 * PS as usize]),
+        &config,
+    )
+    .unwrap();
+    tx.send_round(&[BASE..BASE + 4 * PS]).unwrap();
+    tx.finish(FinalCheck::Recorded).unwrap();
+    let (_, mem) = rx.join().unwrap().unwrap();
+    assert!(mem.iter().all(|&b| b == 5));
+    // A key file others may read is no secret.
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(matches!(
+        Key::from_file(&p),
+        Err(TransferError::BadKey { .. })
+    ));
+}
+
 #[test]
 fn key_file_is_read_and_checked() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("key");
     std::fs::write(&p, b"0123456789abcdef0123\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     Key::from_file(&p).unwrap();
     std::fs::write(&p, b"short\n").unwrap();
     assert!(matches!(
@@ -244,4 +307,72 @@ fn image_refuses_wrong_checksum_and_stays_incomplete() {
 /// A page filled with `byte`.
 fn page(byte: u8) -> PageBuf {
     PageBuf::from_vec(vec![byte; PS as usize])
+}
+
+/// Set in the copy of this test binary that runs as another user: the socket
+/// to try.
+const CONNECT_AS_OTHER_USER: &str = "PRECOPY_TEST_CONNECT_UNIX";
+
+/// Runs this test binary as user `nobody` (uid/gid 65534) trying to connect
+/// to `path`; `Some(true)` if it connected, `Some(false)` if refused with
+/// EACCES, `None` if the user switch itself failed.
+fn connect_as_nobody(path: &std::path::Path) -> Option<bool> {
+    use std::os::unix::process::CommandExt;
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "unix_socket_refuses_another_user",
+            "--test-threads=1",
+        ])
+        .env(CONNECT_AS_OTHER_USER, path)
+        .uid(65534)
+        .gid(65534)
+        .status()
+        .ok()?;
+    match status.code() {
+        Some(0) => Some(true),
+        Some(13) => Some(false),
+        _ => None,
+    }
+}
+
+/// A Unix listener is created owner-only: another user cannot connect (and
+/// can, as a control, once the socket's mode is opened up).
+#[test]
+fn unix_socket_refuses_another_user() {
+    if let Some(path) = std::env::var_os(CONNECT_AS_OTHER_USER) {
+        // The copy running as `nobody`.
+        let code = match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(_) => 0,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => 13,
+            Err(_) => 1,
+        };
+        std::process::exit(code);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP unix_socket_refuses_another_user: needs root to run a probe as `nobody`");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // The directory is open to all, so only the socket's own mode can refuse.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("sock");
+    let _l = Listener::bind_unix(&path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    match connect_as_nobody(&path) {
+        None => {
+            eprintln!("SKIP unix_socket_refuses_another_user: could not run a probe as uid 65534");
+            return;
+        }
+        Some(connected) => assert!(!connected, "another user connected to an owner-only socket"),
+    }
+    // Control: the same probe gets in once the mode allows it.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(
+        connect_as_nobody(&path),
+        Some(true),
+        "the probe itself is broken"
+    );
 }

@@ -323,7 +323,7 @@ fn old_and_unknown_versions() {
         (7, "unknown protocol version 7"),
     ] {
         let mut reply = Vec::new();
-        let err = raw_client(ReceiverConfig::default(), |s| {
+        let err = raw_client(receiver_config(), |s| {
             let mut pre = protocol::preamble();
             pre[8..12].copy_from_slice(&version.to_le_bytes());
             s.write_all(&pre).unwrap();
@@ -348,7 +348,7 @@ fn old_and_unknown_versions() {
 fn wrong_page_size() {
     let config = ReceiverConfig {
         page_size: Some(4096),
-        ..ReceiverConfig::default()
+        ..receiver_config()
     };
     let err = raw_client(config, |s| {
         s.write_all(&protocol::preamble()).unwrap();
@@ -366,7 +366,7 @@ fn wrong_page_size() {
         "{err}"
     );
     // A layout not aligned to the announced page size is refused too.
-    let err = raw_client(ReceiverConfig::default(), |s| {
+    let err = raw_client(receiver_config(), |s| {
         s.write_all(&protocol::preamble()).unwrap();
         s.write_all(&hello_frame(8192, 3 * 4096)).unwrap();
         let _ = s.read_to_end(&mut Vec::new());
@@ -379,7 +379,7 @@ fn wrong_page_size() {
 
 #[test]
 fn not_precopy_at_all() {
-    let err = raw_client(ReceiverConfig::default(), |s| {
+    let err = raw_client(receiver_config(), |s| {
         s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
         let _ = s.read_to_end(&mut Vec::new());
     });
@@ -395,13 +395,13 @@ fn receiver_fault_mid_stream_reaches_the_sender() {
     // written by hand after a proper handshake) makes the receiver stop and
     // report; the sender sees the receiver's reason.
     let (listener, connect, _d) = listen(&Net::Unix);
-    let rx = spawn_receiver(listener, ReceiverConfig::default());
+    let rx = spawn_receiver(listener, receiver_config());
     let layout = Layout::single(PS, BASE, 8 * PS).unwrap();
     let mut tx = Sender::connect(
         vec![connect()],
         layout.clone(),
         SliceSource::new(BASE, vec![1u8; 8 * PS as usize]),
-        &SenderConfig::default(),
+        &sender_config(),
     )
     .unwrap();
     tx.send_round(&[BASE..BASE + 8 * PS]).unwrap();

@@ -16,7 +16,7 @@ fn socket_roundtrip(
     rounds: usize,
 ) -> TransferSummary {
     let (listener, connect, _dir) = listen(&net);
-    let rx = spawn_receiver(listener, ReceiverConfig::default());
+    let rx = spawn_receiver(listener, receiver_config());
     let layout = Layout::single(PS, BASE, pages as u64 * PS).unwrap();
     let conns = (0..config.streams).map(|_| connect()).collect();
     let mut tx = Sender::connect(
@@ -64,19 +64,19 @@ fn assert_compressed(summary: &TransferSummary) {
 
 #[test]
 fn tcp_roundtrip_uncompressed() {
-    socket_roundtrip(Net::Tcp, SenderConfig::default(), 300, 3);
+    socket_roundtrip(Net::Tcp, sender_config(), 300, 3);
 }
 
 #[test]
 fn unix_roundtrip_uncompressed() {
-    socket_roundtrip(Net::Unix, SenderConfig::default(), 300, 3);
+    socket_roundtrip(Net::Unix, sender_config(), 300, 3);
 }
 
 #[test]
 fn tcp_roundtrip_lz4() {
     let config = SenderConfig {
         compression: Compression::Lz4,
-        ..SenderConfig::default()
+        ..sender_config()
     };
     assert_compressed(&socket_roundtrip(Net::Tcp, config, 300, 3));
 }
@@ -85,7 +85,7 @@ fn tcp_roundtrip_lz4() {
 fn unix_roundtrip_zstd() {
     let config = SenderConfig {
         compression: Compression::Zstd(3),
-        ..SenderConfig::default()
+        ..sender_config()
     };
     assert_compressed(&socket_roundtrip(Net::Unix, config, 300, 3));
 }
@@ -99,7 +99,7 @@ fn several_streams_newest_copy_wins() {
             streams: 3,
             batch_pages: 2,
             compression,
-            ..SenderConfig::default()
+            ..sender_config()
         };
         socket_roundtrip(net, config, 200, 6);
     }
@@ -110,7 +110,7 @@ fn bandwidth_limited_transfer_still_arrives() {
     let config = SenderConfig {
         bandwidth_limit: Some(64 << 20),
         streams: 2,
-        ..SenderConfig::default()
+        ..sender_config()
     };
     socket_roundtrip(Net::Tcp, config, 100, 2);
 }
@@ -290,7 +290,7 @@ fn receiver_into_image_file() {
     let (listener, connect, _d) = listen(&Net::Unix);
     let path2 = path.clone();
     let rx = std::thread::spawn(move || {
-        let rx = Receiver::accept(&listener, &ReceiverConfig::default())?;
+        let rx = Receiver::accept(&listener, &receiver_config())?;
         let mut img = ImageWriter::create(&path2, rx.layout().clone())?;
         rx.run(&mut img)
     });
@@ -299,7 +299,7 @@ fn receiver_into_image_file() {
     let config = SenderConfig {
         compression: Compression::Lz4,
         streams: 2,
-        ..SenderConfig::default()
+        ..sender_config()
     };
     let mut tx = Sender::connect(
         vec![connect(), connect()],

@@ -26,7 +26,7 @@ use precopy_scanner::{ScanOptions, Scanner};
 use precopy_sys::kvm::GuestRam;
 use precopy_tracker::{Tracker, Uffd};
 use precopy_transfer::{
-    Connection, FinalCheck, Layout, Listener, ProcessMemory, Receiver, ReceiverConfig, Sender,
+    Connection, FinalCheck, Key, Layout, Listener, ProcessMemory, Receiver, ReceiverConfig, Sender,
     SenderConfig,
 };
 use std::io::{BufRead, BufReader, Read, Write};
@@ -45,6 +45,8 @@ pub struct MigrateOptions {
     pub kvm_cross_check: bool,
     /// Pause the vCPUs around both reads of every round, for the strict per-round check.
     pub lockstep: bool,
+    /// The key the destination requires (every TCP receiver does).
+    pub key: Option<Key>,
 }
 
 impl Default for MigrateOptions {
@@ -54,6 +56,7 @@ impl Default for MigrateOptions {
             final_check: FinalCheck::default(),
             kvm_cross_check: true,
             lockstep: false,
+            key: None,
         }
     }
 }
@@ -106,7 +109,10 @@ pub fn migrate(
         vec![connection],
         layout,
         ProcessMemory::current(),
-        &SenderConfig::default(),
+        &SenderConfig {
+            key: opts.key.clone(),
+            ..SenderConfig::default()
+        },
     )
     .map_err(Error::Transfer)?;
     let transport = TransferTransport::new(sender).final_check(opts.final_check);
@@ -185,11 +191,15 @@ pub struct DestinationReport {
 /// it to finish.
 pub fn receive(
     listener: &Listener,
+    key: Option<Key>,
     backing: RamBacking,
     read_state: impl FnOnce() -> std::io::Result<Vec<u8>>,
 ) -> Result<DestinationReport, Error> {
-    let receiver =
-        Receiver::accept(listener, &ReceiverConfig::default()).map_err(Error::Transfer)?;
+    let config = ReceiverConfig {
+        key,
+        ..ReceiverConfig::default()
+    };
+    let receiver = Receiver::accept(listener, &config).map_err(Error::Transfer)?;
     let layout = receiver.layout().clone();
     let vm = Vm::incoming(layout.total_len(), backing, false)?;
     let ram_addr = vm.ram().ram().addr();
@@ -236,10 +246,16 @@ pub fn destination_main(
 ) -> Result<(), Error> {
     let chan = |what| move |source| Error::Channel { what, source };
     let listener = Listener::bind_tcp("127.0.0.1:0").map_err(chan("listening"))?;
-    let line = serde_json::json!({ "listening": listener.address() });
+    // Any local user can connect to a loopback port: the receiver requires a fresh key, which
+    // goes to the source over this process's standard output, a pipe only the source holds.
+    let key = Key::random();
+    let line = serde_json::json!({
+        "listening": listener.address(),
+        "key": String::from_utf8_lossy(key.as_bytes()),
+    });
     writeln!(output, "{line}").map_err(chan("announcing the address"))?;
     output.flush().map_err(chan("announcing the address"))?;
-    let result = receive(&listener, backing, || {
+    let result = receive(&listener, Some(key), backing, || {
         let mut len = [0u8; 8];
         input.read_exact(&mut len)?;
         let mut blob = vec![0u8; u64::from_le_bytes(len).min(1 << 30) as usize];
@@ -263,6 +279,7 @@ pub struct DestinationProcess {
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     address: String,
+    key: Option<Key>,
 }
 
 impl DestinationProcess {
@@ -283,6 +300,7 @@ impl DestinationProcess {
             stdin,
             stdout: BufReader::new(stdout),
             address: String::new(),
+            key: None,
         };
         let line = p.read_line()?;
         p.address = line
@@ -292,12 +310,23 @@ impl DestinationProcess {
                 message: format!("expected its address, got {line}"),
             })?
             .to_string();
+        p.key = line
+            .get("key")
+            .and_then(|k| k.as_str())
+            .map(|k| Key::from_bytes(k.as_bytes().to_vec()))
+            .transpose()
+            .map_err(Error::Transfer)?;
         Ok(p)
     }
 
     /// The address its receiver listens on.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// The key it requires, as it announced it.
+    pub fn key(&self) -> Option<Key> {
+        self.key.clone()
     }
 
     fn read_line(&mut self) -> Result<serde_json::Value, Error> {
@@ -425,7 +454,11 @@ pub fn demo(
         what: "connecting to the destination",
         source,
     })?;
-    let migrated = migrate(&running, conn, &opts.migrate, on_progress);
+    let migrate_opts = MigrateOptions {
+        key: dest.key(),
+        ..opts.migrate.clone()
+    };
+    let migrated = migrate(&running, conn, &migrate_opts, on_progress);
     let (source, blob) = match migrated {
         Ok(x) => x,
         Err(e) => {

@@ -14,10 +14,13 @@ pub struct DestArgs {
     /// `tcp:HOST:PORT` or `unix:PATH`.
     #[arg(long)]
     listen: String,
+    /// The shared key, in a file only this user can read; deleted once read.
+    #[arg(long)]
+    key_file: std::path::PathBuf,
+    /// Seconds the sender may stay silent.
+    #[arg(long, default_value_t = 60.0)]
+    io_timeout: f64,
 }
-
-/// Environment variable carrying the shared key (for non-loopback addresses).
-pub const KEY_ENV: &str = "PRECOPY_DEMO_KEY";
 
 fn announce(line: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
@@ -33,12 +36,11 @@ pub fn run(args: DestArgs) -> Result<ExitCode> {
         _ => anyhow::bail!("--listen takes tcp:HOST:PORT or unix:PATH"),
     }
     .with_context(|| format!("listening on {}", args.listen))?;
-    let key = match std::env::var(KEY_ENV) {
-        Ok(k) => Some(Key::from_bytes(k.into_bytes())?),
-        Err(_) => None,
-    };
+    let key = Key::from_file(&args.key_file);
+    let _ = std::fs::remove_file(&args.key_file);
     let config = ReceiverConfig {
-        key,
+        key: Some(key?),
+        io_timeout: Some(std::time::Duration::from_secs_f64(args.io_timeout)),
         ..ReceiverConfig::default()
     };
     announce(&format!("LISTENING {}", listener.address()))?;

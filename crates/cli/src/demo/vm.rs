@@ -111,6 +111,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             },
             kvm_cross_check: !vm.no_kvm_check,
             lockstep: vm.lockstep,
+            // The destination process makes the key and announces it (see precopy_vmm::demo).
+            key: None,
         },
     };
     let mut dest = Command::new(std::env::current_exe()?);

@@ -14,6 +14,11 @@ use std::time::{Duration, Instant};
 
 pub const PAGE: u64 = 4096;
 
+/// The key both ends of a test share (every TCP receiver requires one).
+pub fn test_key() -> precopy_transfer::Key {
+    precopy_transfer::Key::from_bytes(b"precopy test key, not a secret".to_vec()).unwrap()
+}
+
 /// Returns false (after a loud SKIP message) when the kernel lacks what tracking needs.
 pub fn supported(test: &str) -> bool {
     let p = precopy_scanner::kernel::probe();
@@ -220,7 +225,11 @@ pub type Received = Result<(Vec<u8>, ReceiveReport), precopy_transfer::TransferE
 /// Accepts one transfer on `listener` in a thread; `die_after` pages makes the sink fail.
 pub fn receive(listener: Listener, die_after: Option<u64>) -> JoinHandle<Received> {
     std::thread::spawn(move || {
-        let receiver = Receiver::accept(&listener, &ReceiverConfig::default())?;
+        let config = ReceiverConfig {
+            key: Some(test_key()),
+            ..ReceiverConfig::default()
+        };
+        let receiver = Receiver::accept(&listener, &config)?;
         let layout = receiver.layout().clone();
         match die_after {
             None => {

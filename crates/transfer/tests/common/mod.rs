@@ -95,3 +95,24 @@ pub fn spawn_receiver(
         Ok((report, dest.memory().expect("owned memory").to_vec()))
     })
 }
+
+/// The key both ends of a test share (every TCP receiver requires one).
+pub fn test_key() -> Key {
+    Key::from_bytes(b"precopy test key, not a secret".to_vec()).unwrap()
+}
+
+/// Sender settings of the tests: the defaults plus [`test_key`].
+pub fn sender_config() -> SenderConfig {
+    SenderConfig {
+        key: Some(test_key()),
+        ..SenderConfig::default()
+    }
+}
+
+/// Receiver settings of the tests: the defaults plus [`test_key`].
+pub fn receiver_config() -> ReceiverConfig {
+    ReceiverConfig {
+        key: Some(test_key()),
+        ..ReceiverConfig::default()
+    }
+}

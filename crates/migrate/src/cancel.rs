@@ -1,0 +1,272 @@
+//! Bounding the driver's blocking steps: a [`CancelHandle`] an embedder can use from any thread,
+//! and the watchdog thread that enforces the driver's deadlines.
+//!
+//! Neither can stop a blocked system call by itself. Both call the transport's
+//! [`Interrupt`](crate::Interrupt) ([`Transport::interrupter`](crate::Transport::interrupter)),
+//! which for a socket transport shuts its connections down: every blocked read or write then
+//! returns at once, the transport's call fails, and the driver turns that failure into
+//! [`Error::Cancelled`](crate::Error::Cancelled) or [`Error::Timeout`](crate::Error::Timeout),
+//! resumes the workload and returns.
+
+use crate::control::Interrupt;
+use crate::error::Step;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Why the watchdog interrupted the transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fired {
+    /// [`CancelHandle::cancel`] was called.
+    Cancelled,
+    /// The deadline of this step passed; it was this long.
+    Deadline(Step, Duration),
+}
+
+#[derive(Default)]
+struct State {
+    /// The armed deadline: when, for which step, and the limit it stands for.
+    deadline: Option<(Instant, Step, Duration)>,
+    fired: Option<Fired>,
+    cancelled: bool,
+    interrupt: Option<Interrupt>,
+    exit: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Cancels a running [`Migration`](crate::Migration) from another thread: get it with
+/// [`Migration::cancel_handle`](crate::Migration::cancel_handle) before calling `run`.
+///
+/// A cancel interrupts whatever step is running (a blocked send or wait for the destination
+/// returns at once with a socket transport) and the migration ends with
+/// [`Error::Cancelled`](crate::Error::Cancelled): throttle lifted, workload resumed, destination
+/// never told its copy is complete. A cancel after the destination committed has no effect.
+#[derive(Clone, Default)]
+pub struct CancelHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for CancelHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CancelHandle")
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
+
+impl CancelHandle {
+    /// Asks the migration to stop now. Returns at once; calling it again does nothing more.
+    pub fn cancel(&self) {
+        let mut st = self.shared.lock();
+        st.cancelled = true;
+        if st.fired.is_none() {
+            st.fired = Some(Fired::Cancelled);
+            if let Some(i) = &st.interrupt {
+                i();
+            }
+        }
+        self.shared.cv.notify_all();
+    }
+
+    /// Whether [`CancelHandle::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.lock().cancelled
+    }
+}
+
+/// The driver's side: arms deadlines, and runs a thread that interrupts the transport when one
+/// passes.
+pub(crate) struct Watchdog {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watchdog {
+    /// Starts the watchdog for `handle`'s migration; `interrupt` stops the transport.
+    pub(crate) fn start(handle: &CancelHandle, interrupt: Option<Interrupt>) -> Watchdog {
+        let shared = handle.shared.clone();
+        {
+            let mut st = shared.lock();
+            st.interrupt = interrupt;
+            st.exit = false;
+            if st.cancelled
+                && let Some(i) = &st.interrupt
+            {
+                i();
+            }
+        }
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("precopy-watchdog".into())
+            .spawn(move || watch(&s))
+            .ok();
+        Watchdog { shared, thread }
+    }
+
+    /// Interrupts the transport at `at` unless disarmed first; the error will name `step` and
+    /// `limit`. Replaces any armed deadline.
+    pub(crate) fn arm(&self, at: Instant, step: Step, limit: Duration) {
+        self.shared.lock().deadline = Some((at, step, limit));
+        self.shared.cv.notify_all();
+    }
+
+    /// Renames the step of the armed deadline (same instant).
+    pub(crate) fn step(&self, step: Step) {
+        if let Some(d) = &mut self.shared.lock().deadline {
+            d.1 = step;
+        }
+    }
+
+    /// Disarms the deadline. Returns what fired before, if anything did: from then on the
+    /// step's outcome stands (no interrupt can come after a `None`, except a cancel).
+    pub(crate) fn disarm(&self) -> Option<Fired> {
+        let mut st = self.shared.lock();
+        st.deadline = None;
+        st.fired
+    }
+
+    /// What fired so far.
+    pub(crate) fn fired(&self) -> Option<Fired> {
+        self.shared.lock().fired
+    }
+
+    /// Sleeps `d` unless something fires first; returns what fired.
+    pub(crate) fn sleep(&self, d: Duration) -> Option<Fired> {
+        let end = Instant::now() + d;
+        let mut st = self.shared.lock();
+        loop {
+            let now = Instant::now();
+            if st.fired.is_some() || now >= end {
+                return st.fired;
+            }
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, end - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        {
+            let mut st = self.shared.lock();
+            st.exit = true;
+            st.deadline = None;
+            st.interrupt = None;
+        }
+        self.shared.cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn watch(shared: &Shared) {
+    let mut st = shared.lock();
+    loop {
+        if st.exit {
+            return;
+        }
+        let wait = match st.deadline {
+            Some((at, step, limit)) if st.fired.is_none() => {
+                let now = Instant::now();
+                if now >= at {
+                    st.fired = Some(Fired::Deadline(step, limit));
+                    tracing::warn!(%step, ?limit, "deadline passed: interrupting the transport");
+                    if let Some(i) = &st.interrupt {
+                        i();
+                    }
+                    shared.cv.notify_all();
+                    None
+                } else {
+                    Some(at - now)
+                }
+            }
+            _ => None,
+        };
+        st = match wait {
+            Some(d) => {
+                shared
+                    .cv
+                    .wait_timeout(st, d)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0
+            }
+            None => shared.cv.wait(st).unwrap_or_else(PoisonError::into_inner),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    fn counter() -> (Arc<AtomicUsize>, Interrupt) {
+        let n = Arc::new(AtomicUsize::new(0));
+        let m = n.clone();
+        (
+            n,
+            Arc::new(move || {
+                m.fetch_add(1, SeqCst);
+            }),
+        )
+    }
+
+    #[test]
+    fn a_passed_deadline_interrupts_once_and_names_the_step() {
+        let handle = CancelHandle::default();
+        let (n, i) = counter();
+        let w = Watchdog::start(&handle, Some(i));
+        let step = Step::Round { round: 3 };
+        w.arm(Instant::now(), step, Duration::from_secs(1));
+        // The watchdog thread fires; sleep returns as soon as it has.
+        let fired = w.sleep(Duration::from_secs(600));
+        assert_eq!(fired, Some(Fired::Deadline(step, Duration::from_secs(1))));
+        assert_eq!(w.disarm(), fired);
+        assert_eq!(n.load(SeqCst), 1);
+    }
+
+    #[test]
+    fn cancel_interrupts_and_wakes_a_sleeper() {
+        let handle = CancelHandle::default();
+        let (n, i) = counter();
+        let w = Watchdog::start(&handle, Some(i));
+        let h2 = handle.clone();
+        let t = std::thread::spawn(move || h2.cancel());
+        assert_eq!(w.sleep(Duration::from_secs(600)), Some(Fired::Cancelled));
+        t.join().unwrap();
+        handle.cancel();
+        assert_eq!(n.load(SeqCst), 1, "interrupted once");
+        assert!(handle.is_cancelled());
+    }
+
+    #[test]
+    fn disarmed_deadline_never_fires() {
+        let handle = CancelHandle::default();
+        let (n, i) = counter();
+        let w = Watchdog::start(&handle, Some(i));
+        w.arm(
+            Instant::now() + Duration::from_millis(20),
+            Step::FinalRound,
+            Duration::from_millis(20),
+        );
+        assert_eq!(w.disarm(), None);
+        assert_eq!(w.sleep(Duration::from_millis(60)), None);
+        assert_eq!(n.load(SeqCst), 0);
+    }
+}
