@@ -12,7 +12,7 @@ use common::*;
 use precopy::migrate::{Callbacks, Migration, MigrationConfig, TransferTransport, UffdDirtyLog};
 use precopy::sys::mem::{Backing as MapBacking, Mapping, Thp};
 use precopy::transfer::{
-    Backing, Connection, Layout, Listener, MemoryRegion, MemorySink, ProcessMemory, Receiver,
+    Backing, Connection, Key, Layout, Listener, MemoryRegion, MemorySink, ProcessMemory, Receiver,
     ReceiverConfig, RegionMemory, Sender, SenderConfig,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -31,11 +31,22 @@ fn migrate(src: Arc<Mapping>, dst: Arc<Mapping>, page_size: u64, backing: Backin
     ])
     .expect("layout");
 
+    // Every TCP receiver requires a key, loopback included.
+    let key = Key::random();
+    let rx_config = ReceiverConfig {
+        key: Some(key.clone()),
+        ..ReceiverConfig::default()
+    };
+    let tx_config = SenderConfig {
+        key: Some(key),
+        ..SenderConfig::default()
+    };
+
     // Destination: receives into the memory it mapped for region 7.
     let listener = Listener::bind_tcp("127.0.0.1:0").unwrap();
     let addr = listener.address();
     let dest = std::thread::spawn(move || {
-        let rx = Receiver::accept(&listener, &ReceiverConfig::default()).unwrap();
+        let rx = Receiver::accept(&listener, &rx_config).unwrap();
         let announced = rx.layout().region(7).copied().expect("region 7 announced");
         assert_eq!(
             (announced.guest_addr, announced.backing, announced.host_addr),
@@ -74,13 +85,7 @@ fn migrate(src: Arc<Mapping>, dst: Arc<Mapping>, page_size: u64, backing: Backin
     };
     let log = UffdDirtyLog::for_layout(&layout, scanner()).expect("tracking the layout");
     let conn = Connection::connect_tcp(addr.as_str()).unwrap();
-    let sender = Sender::connect(
-        vec![conn],
-        layout,
-        ProcessMemory::current(),
-        &SenderConfig::default(),
-    )
-    .unwrap();
+    let sender = Sender::connect(vec![conn], layout, ProcessMemory::current(), &tx_config).unwrap();
     let sent_state = Arc::new(Mutex::new(Vec::new()));
     let workload = {
         let (pause, parked, writes, sent) = (

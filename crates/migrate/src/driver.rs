@@ -1294,10 +1294,7 @@ mod tests {
     #[test]
     fn final_round_adds_what_the_recheck_of_unvouched_memory_found() {
         let events = Arc::new(Mutex::new(Vec::new()));
-        let log = Unvouched(ScriptLog {
-            script: vec![10, 30],
-            calls: 0,
-        });
+        let log = Unvouched(ScriptLog::pages(vec![10, 30]));
         let link = CheckingLink {
             inner: link(1e9),
             asked: Vec::new(),
@@ -1574,6 +1571,9 @@ mod tests {
                 self.block()?;
             }
             Ok((7, Duration::ZERO))
+        }
+        fn send_state(&mut self, _state: &[u8]) -> Result<(), BoxError> {
+            Ok(())
         }
         fn commit(&mut self) -> Result<(), BoxError> {
             self.committed = true;

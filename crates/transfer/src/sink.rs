@@ -182,7 +182,6 @@ macro_rules! forward_sink {
             fn peer(&self) -> Option<String> {
                 (**self).peer()
             }
-            }
             fn lend_pages(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
                 (**self).lend_pages(offset, len)
             }

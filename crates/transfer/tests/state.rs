@@ -35,14 +35,14 @@ fn layout() -> Layout {
 fn state_round_trip_over_a_socket() {
     let (listener, connect, _dir) = listen(&Net::Tcp);
     let rx = std::thread::spawn(move || {
-        let rx = Receiver::accept(&listener, &ReceiverConfig::default())?;
+        let rx = Receiver::accept(&listener, &receiver_config())?;
         let mut sink = MemorySink::new(rx.layout().clone())?;
         let report = rx.run(&mut sink)?;
         Ok::<_, TransferError>((report, sink.take_state()))
     });
     let config = SenderConfig {
         streams: 2,
-        ..SenderConfig::default()
+        ..sender_config()
     };
     let mut tx = Sender::connect(
         vec![connect(), connect()],
