@@ -10,6 +10,7 @@
 
 pub mod abi;
 pub mod kvm;
+pub mod live;
 pub mod mem;
 pub mod pagemap;
 pub mod process;

@@ -243,7 +243,7 @@ impl Mapping {
         self.addr..self.addr + self.len
     }
 
-    fn check(&self, offset: u64, len: u64) -> io::Result<u64> {
+    pub(crate) fn check(&self, offset: u64, len: u64) -> io::Result<u64> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => {}
             _ => return Err(invalid("offset/length outside the mapping")),

@@ -24,6 +24,7 @@ use crate::buffer::{BufferPool, is_zero};
 use crate::digest::{FinalCheck, PageCrcs, page_crc};
 use crate::error::TransferError;
 use crate::layout::Layout;
+use crate::live::LivePages;
 use crate::protocol::MAX_PAGES_LEN;
 use crate::sink::Sink;
 use crate::source::PageSource;
@@ -39,6 +40,13 @@ pub enum Compression {
     Lz4,
     /// zstd at the given level (1 is fastest).
     Zstd(i32),
+}
+
+/// A batch's contents: read into a pooled buffer, or lent by the source.
+#[derive(Clone, Copy)]
+enum Batch<'a> {
+    Read(&'a crate::buffer::SharedBuf),
+    Lent(&'a [LivePages]),
 }
 
 /// Bytes read per step of [`Transfer::changed_since_sent`].
@@ -400,6 +408,9 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         if self.batch_len == 0 {
             return Ok(());
         }
+        if let Some(lent) = self.lend_batch() {
+            return self.send_lent(&lent);
+        }
         let n = self.batch_len as usize;
         let mut buf = self.pool.take(n);
         let read = self.source.read_ranges(&self.batch, &mut buf[..n]);
@@ -425,19 +436,69 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
                 .map(|(p, &z)| if z { 0 } else { page_crc(p) }),
         );
         let shared = self.pool.share(buf);
-        let result = self.send_batch(&batch, &shared, &crcs, &zero);
+        let result = self.send_batch(&batch, Batch::Read(&shared), &crcs, &zero);
         (self.batch_crcs, self.batch_zero) = (crcs, zero);
         self.batch = batch;
         self.batch.clear();
         result
     }
 
-    /// Hands the runs of a read batch to the sink and records their CRCs.
-    /// `crcs` and `zero` hold each page's CRC and whether it is all zeros.
+    /// The gathered batch lent by the source (its own memory), or `None`
+    /// if any range of it must be read by copy.
+    fn lend_batch(&mut self) -> Option<Vec<LivePages>> {
+        let batch = &self.batch;
+        let source = &mut self.source;
+        batch.iter().map(|r| source.lend(r.clone())).collect()
+    }
+
+    /// Sends a lent batch: each page's CRC and zero test come from a
+    /// snapshot copied into one cache-resident page (the pages may be
+    /// written meanwhile, see [`crate::live`]); the sink gets the pages
+    /// themselves.
+    fn send_lent(&mut self, lent: &[LivePages]) -> Result<(), TransferError> {
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_len = 0;
+        let ps = self.layout.page_size() as usize;
+        let (mut crcs, mut zero) = (
+            std::mem::take(&mut self.batch_crcs),
+            std::mem::take(&mut self.batch_zero),
+        );
+        crcs.clear();
+        zero.clear();
+        let mut page = vec![0u8; ps];
+        let mut result = Ok(());
+        'ranges: for p in lent {
+            let mut at = 0;
+            while at < p.len() {
+                if let Err(e) = p.copy_to(at, &mut page) {
+                    result = Err(TransferError::Io {
+                        what: "reading lent pages",
+                        source: e,
+                    });
+                    break 'ranges;
+                }
+                let z = is_zero(&page);
+                zero.push(z);
+                crcs.push(if z { 0 } else { page_crc(&page) });
+                at += ps as u64;
+            }
+        }
+        if result.is_ok() {
+            result = self.send_batch(&batch, Batch::Lent(lent), &crcs, &zero);
+        }
+        (self.batch_crcs, self.batch_zero) = (crcs, zero);
+        self.batch = batch;
+        self.batch.clear();
+        result
+    }
+
+    /// Hands the runs of a read or lent batch to the sink and records their
+    /// CRCs. `crcs` and `zero` hold each page's CRC and whether it is all
+    /// zeros.
     fn send_batch(
         &mut self,
         batch: &[Range<u64>],
-        shared: &crate::buffer::SharedBuf,
+        data: Batch<'_>,
         crcs: &[u32],
         zero: &[bool],
     ) -> Result<(), TransferError> {
@@ -447,7 +508,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             state: "outside a round",
         })?;
         let mut at = 0usize;
-        for r in batch {
+        for (i, r) in batch.iter().enumerate() {
             let count = ((r.end - r.start) / ps) as usize;
             // Pieces lie inside one region, so their table slots are contiguous.
             let base = self.layout.locate(r.clone())?;
@@ -470,9 +531,20 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
                     state.pages += n;
                     let run = &crcs[at + k..at + end];
                     self.crcs.set(first + k, run);
-                    let off = (at + k) * ps as usize;
-                    let view = shared.view(off..off + (n * ps) as usize);
-                    self.sink.send_pages(offset, view, run)?;
+                    match data {
+                        Batch::Read(shared) => {
+                            let off = (at + k) * ps as usize;
+                            let view = shared.view(off..off + (n * ps) as usize);
+                            self.sink.send_pages(offset, view, run)?;
+                        }
+                        Batch::Lent(lent) => {
+                            let from = k as u64 * ps;
+                            let part = lent[i]
+                                .slice(from..from + n * ps)
+                                .map_err(TransferError::io("lending pages"))?;
+                            self.sink.send_live_pages(offset, part, run)?;
+                        }
+                    }
                 }
                 k = end;
             }

@@ -465,6 +465,18 @@ pub enum TransferError {
         /// The destination's checksum.
         actual: u32,
     },
+    /// Pages that changed while a live round sent them (see [`crate::live`]) were never sent
+    /// again: a write the tracker did not report, a source that was not paused for the final
+    /// round, or bytes damaged on the way.
+    #[error(
+        "{pages} page(s) changed while they were sent and were never sent again (first at memory offset {first:#x}): a write was not tracked, or the source was not paused for the final round"
+    )]
+    ChangedWhileSent {
+        /// Pages still torn at FINISH.
+        pages: u64,
+        /// Memory offset of the first.
+        first: u64,
+    },
     /// A full final check found source memory that differs from the pages
     /// sent: a write the tracker did not report, or a source still running.
     #[error(

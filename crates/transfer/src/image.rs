@@ -1147,11 +1147,21 @@ fn read_header_skipping_pages<R: Read + Seek>(
     r.get_mut()
         .seek_relative(payload_len as i64)
         .map_err(TransferError::io("reading the image"))?;
+    if h[2] != 0 || h[3] != 0 {
+        // Images never hold live frames (their sink copies pages).
+        return Err(ProtocolError::Malformed {
+            offset,
+            kind: FrameKind::Pages,
+            reason: "reserved header bytes are not zero",
+        }
+        .into());
+    }
     let field = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or_default());
     let header = Header {
         offset,
         kind: FrameKind::Pages,
         codec: h[1],
+        flags: 0,
         payload_len: payload_len as u32,
         a: field(8),
         b: field(16),

@@ -113,6 +113,7 @@ pub mod engine;
 pub mod error;
 pub mod image;
 pub mod layout;
+pub mod live;
 pub mod net;
 pub mod protocol;
 pub mod receiver;
@@ -129,6 +130,7 @@ pub use image::{
     parse_span,
 };
 pub use layout::{Backing, Layout, MemoryRegion};
+pub use live::{LivePages, OwnMemory};
 pub use net::{Connection, Listener, Sender, SocketSink};
 pub use receiver::{ReceiveReport, Receiver, ReceiverConfig, receive_frames};
 pub use sink::{Interrupt, MemorySink, MemoryStats, RegionMemory, Sink};

@@ -25,6 +25,7 @@ use crate::digest::{FinalCheck, PageFold};
 use crate::engine::{Compression, SenderConfig, Transfer};
 use crate::error::{ProtocolError, TransferError};
 use crate::layout::Layout;
+use crate::live::LivePages;
 use crate::protocol::{
     Codec, FrameKind, FrameReader, FrameWriter, Hello, NONCE_LEN, error_message, expect, parse_mac,
 };
@@ -125,6 +126,15 @@ impl Connection {
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "tcp peer".into()),
             Connection::Unix(_) => "unix peer".into(),
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Connection {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Connection::Tcp(s) => s.as_fd(),
+            Connection::Unix(s) => s.as_fd(),
         }
     }
 }
@@ -343,6 +353,7 @@ fn rejected(h: &crate::protocol::Header, p: &[u8]) -> Result<(), TransferError> 
 enum Cmd {
     Begin(u64),
     Pages(u64, PageBuf, Vec<u32>),
+    Live(u64, LivePages, Vec<u32>),
     Zero(Range<u64>),
     End(u64),
     State(Vec<u8>),
@@ -635,6 +646,17 @@ impl Sink for SocketSink {
         r.map_err(|e| self.explain(e))
     }
 
+    /// Sends lent pages from memory in live frames (see [`crate::live`]).
+    fn send_live_pages(
+        &mut self,
+        offset: u64,
+        pages: LivePages,
+        crcs: &[u32],
+    ) -> Result<(), TransferError> {
+        self.next_worker()
+            .send(Cmd::Live(offset, pages, crcs.to_vec()))
+    }
+
     /// Sends the state blob on the first connection, ahead of its FINISH.
     fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
         let r = self.workers[0].send(Cmd::State(state.to_vec()));
@@ -922,6 +944,19 @@ impl StreamWriter {
                 self.scratch = scratch;
                 r?;
             }
+            Cmd::Live(offset, pages, crcs) => {
+                if self.compression != Compression::None {
+                    // Compress a copy, in an ordinary frame checked as a whole.
+                    let mut copy = vec![0u8; pages.len() as usize];
+                    pages
+                        .copy_to(0, &mut copy)
+                        .map_err(TransferError::io("copying lent pages"))?;
+                    let ps = self.page_size as usize;
+                    let held = copy.chunks(ps).map(crate::digest::page_crc).collect();
+                    return self.handle(Cmd::Pages(offset, PageBuf::from_vec(copy), held));
+                }
+                self.write_live(offset, &pages, &crcs)?;
+            }
             Cmd::Zero(range) => {
                 self.zero_pages += (range.end - range.start) / self.page_size;
                 let (region, at) = self.wire_address(range.start)?;
@@ -1010,6 +1045,48 @@ impl StreamWriter {
             }
         }
         Ok(None)
+    }
+
+    /// Writes lent pages at memory offset `offset` as live frames, the
+    /// kernel reading them from memory (at most [`MAX_PAYLOAD`] bytes of
+    /// pages and CRC list per frame).
+    ///
+    /// [`MAX_PAYLOAD`]: crate::protocol::MAX_PAYLOAD
+    fn write_live(
+        &mut self,
+        offset: u64,
+        pages: &LivePages,
+        crcs: &[u32],
+    ) -> Result<(), TransferError> {
+        let ps = self.page_size;
+        let per_frame = (crate::protocol::MAX_PAYLOAD / (ps + 4)).max(1) as usize;
+        for (k, chunk) in crcs.chunks(per_frame).enumerate() {
+            let from = (k * per_frame) as u64 * ps;
+            let len = chunk.len() as u64 * ps;
+            let part = pages
+                .slice(from..from + len)
+                .map_err(TransferError::io("lending pages"))?;
+            let (region, at) = self.wire_address(offset + from)?;
+            let list = crate::live::crc_list(chunk);
+            let header = crate::live::live_header(region, at, len, &list);
+            if let Some(l) = &mut self.limiter {
+                l.consume(crate::protocol::HEADER_LEN as u64 + len + list.len() as u64);
+            }
+            use precopy_sys::live::{Gather, write_all_gather};
+            use std::os::fd::AsFd;
+            let n = write_all_gather(
+                self.out.get_ref().as_fd(),
+                &[
+                    Gather::Bytes(&header),
+                    Gather::Live(&part),
+                    Gather::Bytes(&list),
+                ],
+            )
+            .map_err(|e| self.write_error(e))?;
+            self.out.wrote(n);
+            self.pages += chunk.len() as u64;
+        }
+        Ok(())
     }
 
     /// The wire's name for memory offset `offset`: region id and offset

@@ -15,7 +15,8 @@
 //! frame header, 32 bytes, little-endian:
 //!   0  u8   kind            (FrameKind)
 //!   1  u8   codec           (PAGES only: 0 none, 1 lz4 block, 2 zstd; else 0)
-//!   2  u16  reserved        (0)
+//!   2  u8   flags           (PAGES only: bit 0 live frame, see [`crate::live`]; else 0)
+//!   3  u8   reserved        (0)
 //!   4  u32  payload_len     (bytes following the header, <= MAX_PAYLOAD)
 //!   8  u64  a               \
 //!  16  u64  b                } meaning depends on kind, see below
@@ -300,6 +301,8 @@ pub struct Header {
     pub kind: FrameKind,
     /// The codec byte (PAGES only).
     pub codec: u8,
+    /// The flags byte (PAGES only: [`crate::live::LIVE_FRAME`]).
+    pub flags: u8,
     /// Payload length.
     pub payload_len: u32,
     /// Field `a`.
@@ -326,7 +329,7 @@ pub fn encode_header(
 }
 
 /// A header without its CRC (bytes 28..32 zero).
-fn unsealed_header(
+pub(crate) fn unsealed_header(
     kind: FrameKind,
     codec: u8,
     a: u64,
@@ -605,6 +608,14 @@ pub fn verify_frame_pages(
     crcs.clear();
     let n = checked_len(h, offset, payload)?;
     let ps = fold.page_size() as usize;
+    if crate::live::is_live(h) {
+        let (pages, _) = crate::live::live_lengths(h, ps as u64)
+            .ok_or_else(|| crate::live::malformed(offset))?;
+        let (pages, list) = payload[..n].split_at(pages as usize);
+        let header = crate::live::verify_live(h, offset, list)?;
+        crcs.extend(pages.chunks_exact(ps).map(page_crc));
+        return Ok(header);
+    }
     let pages_frame = h[0] == FrameKind::Pages as u8 && h[1] == Codec::None as u8;
     if !pages_frame || ps == 0 || n % ps != 0 {
         return verify_frame(h, offset, payload);
@@ -628,7 +639,7 @@ fn checked_len(h: &[u8; HEADER_LEN], offset: u64, payload: &[u8]) -> Result<usiz
 }
 
 /// Compares the stored CRC with `computed`, then decodes the header.
-fn finish_verify(
+pub(crate) fn finish_verify(
     h: &[u8; HEADER_LEN],
     offset: u64,
     computed: u32,
@@ -658,7 +669,9 @@ pub fn decode_header(h: &[u8; HEADER_LEN], offset: u64) -> Result<Header, Protoc
         b[..r.len()].copy_from_slice(&h[r]);
         u64::from_le_bytes(b)
     };
-    if h[2] != 0 || h[3] != 0 {
+    let live =
+        h[2] == crate::live::LIVE_FRAME && kind == FrameKind::Pages && h[1] == Codec::None as u8;
+    if (h[2] != 0 && !live) || h[3] != 0 {
         return Err(ProtocolError::Malformed {
             offset,
             kind,
@@ -669,6 +682,7 @@ pub fn decode_header(h: &[u8; HEADER_LEN], offset: u64) -> Result<Header, Protoc
         offset,
         kind,
         codec: h[1],
+        flags: h[2],
         payload_len,
         a: field(8..16),
         b: field(16..24),
@@ -762,6 +776,12 @@ impl<W: Write> FrameWriter<W> {
         let n = (HEADER_LEN + payload.len()) as u64;
         self.written += n;
         Ok(n)
+    }
+
+    /// Counts `n` bytes written to the underlying writer directly (a live
+    /// frame gathered by [`precopy_sys::live::write_all_gather`]).
+    pub(crate) fn wrote(&mut self, n: u64) {
+        self.written += n;
     }
 
     /// Flushes the underlying writer.
@@ -1057,6 +1077,7 @@ mod tests {
         let h = Header {
             offset: 0,
             kind: FrameKind::Hello,
+            flags: 0,
             codec: 0,
             payload_len: p.len() as u32,
             a: 42,

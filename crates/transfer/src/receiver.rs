@@ -18,6 +18,7 @@ use crate::buffer::BufferPool;
 use crate::digest::{FinalCheck, PageFold, page_crc};
 use crate::error::{ProtocolError, TransferError};
 use crate::layout::Layout;
+use crate::live::ChangedPages;
 use crate::net::{Connection, Listener};
 use crate::protocol::{
     Codec, FrameKind, FrameReader, FrameWriter, HEADER_LEN, Header, Hello, MAX_PAGES_LEN,
@@ -86,6 +87,10 @@ pub struct ReceiveReport {
     pub checksum: u32,
     /// How the sender asked it to be checked.
     pub check: FinalCheck,
+    /// Pages that arrived torn in a live frame (changed while the sender's
+    /// kernel read them; see [`crate::live`]), every one of them received
+    /// again intact before FINISH was accepted.
+    pub changed_while_sent: u64,
     /// Bytes of the state blob handed to the sink before acknowledging
     /// (`None`: the sender sent no state).
     pub state_bytes: Option<u64>,
@@ -118,7 +123,9 @@ fn code_for(e: &TransferError) -> u32 {
             | ProtocolError::OldVersion { .. }
             | ProtocolError::WrongPageSize { .. },
         ) => error_code::INCOMPATIBLE,
-        TransferError::ChecksumMismatch { .. } => error_code::CHECKSUM,
+        TransferError::ChecksumMismatch { .. } | TransferError::ChangedWhileSent { .. } => {
+            error_code::CHECKSUM
+        }
         TransferError::Protocol(_) => error_code::PROTOCOL,
         _ => error_code::DESTINATION,
     }
@@ -361,6 +368,7 @@ impl Receiver {
             failure: Mutex::new(None),
             conns: &self.conns,
             layout: &self.hello.layout,
+            changed: Mutex::new(ChangedPages::default()),
         };
         let outcomes: Vec<Option<StreamOutcome>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
@@ -424,7 +432,9 @@ impl Receiver {
             shared.fail_now(&e);
             return Err(e);
         }
-        let finished = lock(&shared.sink).finish(first.checksum, first.check);
+        let finished = lock(&shared.changed)
+            .check()
+            .and_then(|()| lock(&shared.sink).finish(first.checksum, first.check));
         if let Err(e) = finished {
             shared.fail_now(&e);
             return Err(e);
@@ -454,6 +464,7 @@ impl Receiver {
             streams: n as u32,
             checksum: first.checksum,
             check: first.check,
+            changed_while_sent: lock(&shared.changed).seen(),
             state_bytes: outcomes.iter().find_map(|o| o.state_bytes),
             duration: start.elapsed(),
         })
@@ -487,6 +498,8 @@ struct Shared<'a, K: ?Sized> {
     failure: Mutex<Option<TransferError>>,
     conns: &'a [Connection],
     layout: &'a Layout,
+    /// Pages applied torn from live frames and not sent again since.
+    changed: Mutex<ChangedPages>,
 }
 
 impl<K: ?Sized> Shared<'_, K> {
@@ -627,11 +640,17 @@ fn read_in_place<R: Read, K: Sink + ?Sized>(
     shared: &Shared<'_, K>,
 ) -> Result<Option<Header>, TransferError> {
     let ps = fold.page_size();
+    let live = crate::live::is_live(h);
+    let list_len = match (live, crate::live::live_lengths(h, ps)) {
+        (false, _) => 0,
+        (true, Some((_, list))) => list,
+        (true, None) => return Ok(None),
+    };
     let peek = match decode_header(h, offset) {
         Ok(p)
             if p.kind == FrameKind::Pages
                 && p.codec == Codec::None as u8
-                && u64::from(p.payload_len) == p.b
+                && u64::from(p.payload_len) == p.b + list_len
                 && check_pages(&p, shared.layout).is_ok() =>
         {
             p
@@ -646,13 +665,21 @@ fn read_in_place<R: Read, K: Sink + ?Sized>(
         return Ok(None);
     };
     crcs.clear();
+    let mut list = vec![0u8; list_len as usize];
     let checked = r.read_payload_into(dest).and_then(|()| {
         crcs.extend(dest.chunks_exact(ps as usize).map(page_crc));
-        verify_pages_header(h, offset, crcs, fold)
+        if live {
+            r.read_payload_into(&mut list)?;
+            crate::live::verify_live(h, offset, &list)
+        } else {
+            verify_pages_header(h, offset, crcs, fold)
+        }
     });
     match checked {
         Ok(header) => {
             sink.commit_lent(offset, crcs)?;
+            drop(sink);
+            lock(&shared.changed).applied(offset, ps, crcs, live.then_some(&list[..]));
             Ok(Some(header))
         }
         Err(e) => {
@@ -744,9 +771,13 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                     kind: h.kind,
                     reason: "unknown codec",
                 })?;
+                let live = h.flags & crate::live::LIVE_FRAME != 0;
+                let mut listed = Vec::new();
                 let data = match codec {
                     Codec::None => {
-                        if p.len() as u64 != len {
+                        let list_len = if live { len / ps * 4 } else { 0 };
+                        listed.extend_from_slice(&p[p.len().min(len as usize)..]);
+                        if p.len() as u64 != len + list_len {
                             return Err(ProtocolError::Malformed {
                                 offset: h.offset,
                                 kind: h.kind,
@@ -792,6 +823,7 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                     }
                 };
                 lock(&shared.sink).send_pages(offset, data, &crcs)?;
+                lock(&shared.changed).applied(offset, ps, &crcs, live.then_some(&listed[..]));
                 *pages += len / ps;
             }
             (State::InRound { zero_pages, .. }, FrameKind::Zero) => {
@@ -799,7 +831,8 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                 let start = checked_offset(&h, layout)?;
                 let range = start..start + h.b;
                 let n = h.b / ps;
-                lock(&shared.sink).send_zero_range(range)?;
+                lock(&shared.sink).send_zero_range(range.clone())?;
+                lock(&shared.changed).forget(range);
                 *zero_pages += n;
             }
             (
@@ -1029,6 +1062,7 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         failure: Mutex::new(None),
         conns: &[],
         layout,
+        changed: Mutex::new(ChangedPages::default()),
     };
     let pool = BufferPool::new(2);
     let outcome = receive_stream(
@@ -1037,6 +1071,11 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         &shared,
         true,
     )?;
+    let changed = shared
+        .changed
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner);
+    changed.check()?;
     let sink = shared
         .sink
         .into_inner()
@@ -1050,6 +1089,7 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         streams: 1,
         checksum: outcome.checksum,
         check: outcome.check,
+        changed_while_sent: changed.seen(),
         state_bytes: outcome.state_bytes,
         duration: start.elapsed(),
     })

@@ -109,6 +109,28 @@ pub trait Sink {
         None
     }
 
+    /// Whole pages of the sender's own memory at memory offset `offset`,
+    /// lent without a copy ([`crate::live`]); `crcs` are the CRC32C of each
+    /// page as the sender took it just before, which the bytes may no longer
+    /// match (the source keeps running in live rounds). The default copies
+    /// the pages, takes the CRCs of the copy and hands it to
+    /// [`Sink::send_pages`]; a socket sink sends them from memory in a live
+    /// frame.
+    fn send_live_pages(
+        &mut self,
+        offset: u64,
+        pages: crate::live::LivePages,
+        crcs: &[u32],
+    ) -> Result<(), TransferError> {
+        let mut copy = vec![0u8; pages.len() as usize];
+        pages
+            .copy_to(0, &mut copy)
+            .map_err(TransferError::io("copying lent pages"))?;
+        let ps = copy.len().checked_div(crcs.len()).unwrap_or(0).max(1);
+        let held: Vec<u32> = copy.chunks(ps).map(crate::digest::page_crc).collect();
+        self.send_pages(offset, PageBuf::from_vec(copy), &held)
+    }
+
     /// Optional fast path for a receiver: lends the destination bytes of the
     /// whole pages `offset..offset + len` (inside one region) so a frame's payload
     /// can be read from the socket straight into them, saving a copy. A sink
@@ -153,6 +175,14 @@ macro_rules! forward_sink {
                 crcs: &[u32],
             ) -> Result<(), TransferError> {
                 (**self).send_pages(offset, pages, crcs)
+            }
+            fn send_live_pages(
+                &mut self,
+                offset: u64,
+                pages: crate::live::LivePages,
+                crcs: &[u32],
+            ) -> Result<(), TransferError> {
+                (**self).send_live_pages(offset, pages, crcs)
             }
             fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
                 (**self).send_zero_range(range)

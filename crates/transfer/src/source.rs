@@ -22,17 +22,32 @@ pub trait PageSource {
     /// Reads the bytes at each of `ranges` (source addresses) into `buf`, one
     /// after the other. `buf.len()` must equal the sum of the range lengths.
     fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError>;
+
+    /// The pages at `range` (source addresses, inside one mapping) lent
+    /// without a copy, when they are this process's own memory (see
+    /// [`crate::live`]); `None` (the default): read them with
+    /// [`PageSource::read_ranges`].
+    fn lend(&mut self, range: Range<u64>) -> Option<crate::live::LivePages> {
+        let _ = range;
+        None
+    }
 }
 
 impl<T: PageSource + ?Sized> PageSource for &mut T {
     fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
         (**self).read_ranges(ranges, buf)
     }
+    fn lend(&mut self, range: Range<u64>) -> Option<crate::live::LivePages> {
+        (**self).lend(range)
+    }
 }
 
 impl<T: PageSource + ?Sized> PageSource for Box<T> {
     fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
         (**self).read_ranges(ranges, buf)
+    }
+    fn lend(&mut self, range: Range<u64>) -> Option<crate::live::LivePages> {
+        (**self).lend(range)
     }
 }
 

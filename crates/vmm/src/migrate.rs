@@ -26,7 +26,7 @@ use precopy_scanner::{ScanOptions, Scanner};
 use precopy_sys::kvm::GuestRam;
 use precopy_tracker::{Tracker, Uffd};
 use precopy_transfer::{
-    Connection, FinalCheck, Key, Layout, Listener, ProcessMemory, Receiver, ReceiverConfig, Sender,
+    Connection, FinalCheck, Key, Layout, Listener, OwnMemory, Receiver, ReceiverConfig, Sender,
     SenderConfig,
 };
 use std::io::{BufRead, BufReader, Read, Write};
@@ -108,7 +108,8 @@ pub fn migrate(
     let sender = Sender::connect(
         vec![connection],
         layout,
-        ProcessMemory::current(),
+        // Guest RAM is this process's own mapping: pages go to the socket without a copy.
+        OwnMemory::new([ram.ram().clone()]),
         &SenderConfig {
             key: opts.key.clone(),
             ..SenderConfig::default()
@@ -125,7 +126,7 @@ pub fn migrate(
 
     fn drive<D: DirtyLog>(
         log: D,
-        transport: TransferTransport<ProcessMemory, precopy_transfer::SocketSink>,
+        transport: TransferTransport<OwnMemory, precopy_transfer::SocketSink>,
         control: crate::vm::VmControl,
         config: MigrationConfig,
         on_progress: impl FnMut(&Progress) + Send + 'static,

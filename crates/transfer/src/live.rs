@@ -1,0 +1,274 @@
+//! Sending this process's own memory without a copy, and how the wire keeps that honest.
+//!
+//! [`OwnMemory`] is the page source for memory this process maps itself (an embedded VMM's guest
+//! RAM, a benchmark's buffer): instead of copying a batch with `process_vm_readv`, it lends the
+//! pages ([`LivePages`]) and the socket writer hands them to `writev(2)`, so the only copy is the
+//! kernel's, into the socket. The sender takes each page's CRC32C from a snapshot just before
+//! (copied page by page into a cache-resident scratch page, then checksummed there).
+//!
+//! # Pages that change while they are sent
+//!
+//! The workload keeps writing during live rounds, so a page can change between its checksum and
+//! the kernel's read, or during the read: the bytes sent are then *torn*, and match neither the
+//! checksum nor the page. That is harmless for the final result only because the write that tore
+//! it came after the round's scan re-armed the page, so the next round reports the page and sends
+//! it again; the final round runs with the source paused, where nothing tears. The wire makes that
+//! argument checkable instead of trusting it:
+//!
+//! - A lent page goes out in a **live PAGES frame**: header byte 2 (otherwise reserved) has bit 0
+//!   ([`LIVE_FRAME`]) set, and the payload is the pages followed by the CRC32C of each page as the
+//!   sender took it (`u32` LE each). The frame CRC covers the header and that list, not the pages,
+//!   so header and list are checked strictly; each page is then checked against its listed CRC.
+//! - A page whose bytes do not match its listed CRC is applied anyway (the receiver records the
+//!   CRC of what it holds) and remembered in the receiver's **changed set** ([`ChangedPages`]).
+//!   Any later copy of that page that verifies (a PAGES or ZERO frame of a later round) removes
+//!   it. The receiver refuses FINISH while the set is not empty
+//!   ([`TransferError::ChangedWhileSent`](crate::TransferError::ChangedWhileSent)): a torn page
+//!   that was never sent again — a missed write, a source that was not really paused, or bytes
+//!   damaged on the way — fails the migration.
+//! - The memory digest at FINISH compares the sender's page-CRC table (the snapshots) with the
+//!   receiver's (what it holds), as for any transfer: a torn page left in place also shows there.
+//!
+//! So the per-frame check of lent pages is relaxed only into "known changed, must be re-sent",
+//! and the final check is stricter than before, not weaker. With compression on, lent pages are
+//! copied first and sent in ordinary frames (compressing bytes that change is pointless work).
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use precopy_sys::mem::Mapping;
+
+pub use precopy_sys::live::LivePages;
+
+use crate::error::{ProtocolError, SourceError, TransferError};
+use crate::protocol::{FrameKind, HEADER_LEN, Header};
+use crate::source::{PageSource, ProcessMemory};
+
+/// Header byte 2, bit 0: a live PAGES frame (see the module docs).
+pub const LIVE_FRAME: u8 = 1;
+
+/// A page source for memory this process mapped itself, lending pages to the socket writer
+/// instead of copying them. Copies (for sinks other than a socket, the switch-over re-check and
+/// [`FinalCheck::Full`](crate::FinalCheck::Full)) go through `process_vm_readv` as with
+/// [`ProcessMemory`], so an unreadable page there is an error rather than a crash.
+///
+/// The mappings are held for as long as the source or any page it lent lives, so lent memory
+/// cannot be unmapped under the kernel's read. A lent page that the embedder makes unreadable
+/// (`mprotect(PROT_NONE)`) while a round runs stops the process with `SIGSEGV` when its checksum
+/// is taken, as it would stop a vCPU touching it.
+#[derive(Debug, Clone)]
+pub struct OwnMemory {
+    /// Sorted by address, non-overlapping.
+    mappings: Vec<Arc<Mapping>>,
+    copy: ProcessMemory,
+}
+
+impl OwnMemory {
+    /// A source over `mappings` (every page a transfer reads must lie inside one of them; other
+    /// addresses are read by copy, like [`ProcessMemory::current`]).
+    pub fn new(mappings: impl IntoIterator<Item = Arc<Mapping>>) -> OwnMemory {
+        let mut mappings: Vec<Arc<Mapping>> = mappings.into_iter().collect();
+        mappings.sort_by_key(|m| m.addr());
+        OwnMemory {
+            mappings,
+            copy: ProcessMemory::current(),
+        }
+    }
+
+    fn owner(&self, range: &Range<u64>) -> Option<&Arc<Mapping>> {
+        let i = self
+            .mappings
+            .partition_point(|m| m.addr() <= range.start)
+            .checked_sub(1)?;
+        let m = &self.mappings[i];
+        (range.end <= m.addr() + m.len()).then_some(m)
+    }
+}
+
+impl PageSource for OwnMemory {
+    fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
+        self.copy.read_ranges(ranges, buf)
+    }
+
+    fn lend(&mut self, range: Range<u64>) -> Option<LivePages> {
+        let m = self.owner(&range)?.clone();
+        LivePages::new(m, range).ok()
+    }
+}
+
+/// The CRC list of a live frame: `crcs` as `u32` LE.
+pub(crate) fn crc_list(crcs: &[u32]) -> Vec<u8> {
+    crcs.iter().flat_map(|c| c.to_le_bytes()).collect()
+}
+
+/// The header of a live PAGES frame for `pages_len` bytes of pages at `offset` in `region`,
+/// whose pages had CRCs `list` (as [`crc_list`] encodes them) when the sender took them.
+pub(crate) fn live_header(
+    region: u32,
+    offset: u64,
+    pages_len: u64,
+    list: &[u8],
+) -> [u8; HEADER_LEN] {
+    let mut h = crate::protocol::unsealed_header(
+        FrameKind::Pages,
+        crate::protocol::Codec::None as u8,
+        offset,
+        pages_len,
+        region,
+        pages_len as usize + list.len(),
+    );
+    h[2] = LIVE_FRAME;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..28]), list);
+    h[28..32].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Whether raw header `h` is a live PAGES frame.
+pub(crate) fn is_live(h: &[u8; HEADER_LEN]) -> bool {
+    h[0] == FrameKind::Pages as u8 && h[2] & LIVE_FRAME != 0
+}
+
+/// The pages length a live frame's raw header announces (field `b`) and the length of its CRC
+/// list, if they are consistent with its payload length and page size `ps`.
+pub(crate) fn live_lengths(h: &[u8; HEADER_LEN], ps: u64) -> Option<(u64, u64)> {
+    let b = u64::from_le_bytes(h[16..24].try_into().ok()?);
+    let payload = u64::from(crate::protocol::raw_payload_len(h));
+    let list = b.checked_div(ps)?.checked_mul(4)?;
+    (ps > 0 && b % ps == 0 && b.checked_add(list) == Some(payload)).then_some((b, list))
+}
+
+/// Checks a live frame's header and CRC list (`list`, the payload's tail) strictly, then decodes
+/// the header.
+pub(crate) fn verify_live(
+    h: &[u8; HEADER_LEN],
+    offset: u64,
+    list: &[u8],
+) -> Result<Header, TransferError> {
+    let computed = crc32c::crc32c_append(crc32c::crc32c(&h[..28]), list);
+    crate::protocol::finish_verify(h, offset, computed)
+}
+
+/// A live frame whose lengths do not add up.
+pub(crate) fn malformed(offset: u64) -> TransferError {
+    ProtocolError::Malformed {
+        offset,
+        kind: FrameKind::Pages,
+        reason: "live page frame: payload is not the pages plus one CRC per page",
+    }
+    .into()
+}
+
+/// The receiver's set of pages applied torn from a live frame and not sent again since (see the
+/// module docs), as memory offsets of whole pages.
+#[derive(Debug, Default)]
+pub(crate) struct ChangedPages {
+    pages: std::collections::BTreeSet<u64>,
+    /// Pages that were ever found changed (for the report).
+    seen: u64,
+}
+
+impl ChangedPages {
+    /// Pages at `offset` were just applied with CRCs `held`; the sender listed `sent` (live
+    /// frame) or nothing (an ordinary, strictly checked frame: every page is a good copy).
+    pub(crate) fn applied(&mut self, offset: u64, ps: u64, held: &[u32], sent: Option<&[u8]>) {
+        match sent {
+            None => {
+                if !self.pages.is_empty() {
+                    let end = offset + held.len() as u64 * ps;
+                    self.forget(offset..end);
+                }
+            }
+            Some(list) => {
+                for (i, (h, s)) in held.iter().zip(list.chunks_exact(4)).enumerate() {
+                    let at = offset + i as u64 * ps;
+                    if s == h.to_le_bytes() {
+                        self.pages.remove(&at);
+                    } else {
+                        self.seen += 1;
+                        self.pages.insert(at);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pages `range` were replaced by a good copy (zeros).
+    pub(crate) fn forget(&mut self, range: Range<u64>) {
+        if self.pages.is_empty() {
+            return;
+        }
+        let gone: Vec<u64> = self.pages.range(range).copied().collect();
+        for p in gone {
+            self.pages.remove(&p);
+        }
+    }
+
+    /// Fails if any page is still torn.
+    pub(crate) fn check(&self) -> Result<(), TransferError> {
+        match self.pages.first() {
+            None => Ok(()),
+            Some(&first) => Err(TransferError::ChangedWhileSent {
+                pages: self.pages.len() as u64,
+                first,
+            }),
+        }
+    }
+
+    /// Pages found changed while sent, over the whole transfer.
+    pub(crate) fn seen(&self) -> u64 {
+        self.seen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_set_clears_on_a_good_copy_only() {
+        let ps = 4096;
+        let mut c = ChangedPages::default();
+        let list = crc_list(&[1, 2, 3]);
+        c.applied(0, ps, &[1, 9, 3], Some(&list));
+        assert!(matches!(
+            c.check(),
+            Err(TransferError::ChangedWhileSent {
+                pages: 1,
+                first: 4096
+            })
+        ));
+        // Torn again in a later live frame: still there.
+        c.applied(4096, ps, &[7], Some(&crc_list(&[8])));
+        assert!(c.check().is_err());
+        // An ordinary frame elsewhere does not clear it.
+        c.applied(8192, ps, &[5], None);
+        assert!(c.check().is_err());
+        // A live frame whose page matches does.
+        c.applied(4096, ps, &[8], Some(&crc_list(&[8])));
+        assert!(c.check().is_ok());
+        c.applied(0, ps, &[0, 1], Some(&crc_list(&[0, 2])));
+        c.forget(4096..8192);
+        assert!(c.check().is_ok());
+        assert_eq!(c.seen(), 3);
+    }
+
+    #[test]
+    fn live_header_checks_header_and_list_not_pages() {
+        let list = crc_list(&[0xdead_beef, 7]);
+        let h = live_header(3, 0x2000, 8192, &list);
+        assert!(is_live(&h));
+        assert_eq!(live_lengths(&h, 4096), Some((8192, 8)));
+        let got = verify_live(&h, 0, &list).unwrap();
+        assert_eq!(
+            (got.a, got.b, got.c, got.flags),
+            (0x2000, 8192, 3, LIVE_FRAME)
+        );
+        let mut bad = list.clone();
+        bad[0] ^= 1;
+        assert!(verify_live(&h, 0, &bad).is_err());
+        let mut h2 = h;
+        h2[8] ^= 1;
+        assert!(verify_live(&h2, 0, &list).is_err());
+        assert_eq!(live_lengths(&h, 8192), None);
+    }
+}

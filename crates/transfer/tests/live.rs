@@ -1,0 +1,197 @@
+//! Sending this process's own memory without a copy (`OwnMemory`, live frames): pages written
+//! while they are sent arrive torn, are tolerated only until a later copy replaces them, and a
+//! torn page never sent again fails the transfer.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::{Net, PS, listen, receiver_config, sender_config, spawn_receiver};
+use precopy_sys::mem::Mapping;
+use precopy_transfer::*;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+fn filled(pages: u64) -> Arc<Mapping> {
+    let m = Arc::new(Mapping::anonymous(pages * PS).unwrap());
+    for p in 0..pages {
+        if p % 9 != 4 {
+            m.fill(p * PS, PS, (p % 251) as u8 + 1).unwrap();
+        }
+    }
+    m
+}
+
+fn snapshot(m: &Mapping) -> Vec<u8> {
+    let mut v = vec![0u8; m.len() as usize];
+    m.read(0, &mut v).unwrap();
+    v
+}
+
+/// Writers change random pages while three live rounds send all memory; then they stop and a
+/// final round sends all of it again. The destination must equal the source byte for byte.
+fn concurrent_writers(net: Net, streams: usize) {
+    let pages = 2048u64;
+    let m = filled(pages);
+    let (listener, connect, _dir) = listen(&net);
+    let rx = spawn_receiver(listener, receiver_config());
+    let layout = Layout::single(PS, m.addr(), m.len()).unwrap();
+    let config = SenderConfig {
+        streams,
+        ..sender_config()
+    };
+    let mut tx = Sender::connect(
+        (0..streams).map(|_| connect()).collect(),
+        layout,
+        OwnMemory::new([m.clone()]),
+        &config,
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let (m, stop) = (m.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rng = StdRng::seed_from_u64(w);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let p = rng.random_range(0..pages);
+                    // Whole-page writes make tears likely: the kernel reads the page mid-fill.
+                    m.fill(p * PS, PS, rng.random()).unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let all = [m.addr()..m.addr() + m.len()];
+    for _ in 0..3 {
+        let sent = tx.send_round(&all).unwrap();
+        // Live frames carry one 4-byte CRC per page: the lent path was taken.
+        assert!(sent.bytes_on_wire >= sent.pages * (PS + 4), "{sent:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(writes > 0);
+    // Source stopped: the final round.
+    tx.send_round(&all).unwrap();
+    tx.finish(FinalCheck::Full).unwrap();
+    let (report, dest) = rx.join().unwrap().unwrap();
+    let src = snapshot(&m);
+    let bad = dest
+        .chunks(PS as usize)
+        .zip(src.chunks(PS as usize))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(bad, 0, "{bad} pages differ");
+    eprintln!(
+        "{writes} page writes during the live rounds; {} page(s) arrived torn and were sent again",
+        report.changed_while_sent
+    );
+}
+
+#[test]
+fn own_memory_with_concurrent_writers_over_tcp() {
+    concurrent_writers(Net::Tcp, 1);
+}
+
+#[test]
+fn own_memory_with_concurrent_writers_over_unix_two_streams() {
+    concurrent_writers(Net::Unix, 2);
+}
+
+/// Sends pages 0..4 lent, claiming a wrong CRC for page 2 (as if it changed after its snapshot);
+/// `resend` then sends page 2 again in a later round, lent with its right CRC.
+/// What the sender's finish, the receiver and the source memory came to.
+type Torn = (
+    Result<(), TransferError>,
+    Result<(ReceiveReport, Vec<u8>), TransferError>,
+    Vec<u8>,
+);
+
+fn torn_page(streams: usize, resend: bool) -> Torn {
+    let m = filled(8);
+    let (listener, connect, _dir) = listen(&Net::Tcp);
+    let rx = spawn_receiver(listener, receiver_config());
+    let layout = Layout::single(PS, m.addr(), m.len()).unwrap();
+    let config = SenderConfig {
+        streams,
+        ..sender_config()
+    };
+    let mut sink =
+        SocketSink::connect((0..streams).map(|_| connect()).collect(), &layout, &config).unwrap();
+    let src = snapshot(&m);
+    let crcs: Vec<u32> = src.chunks(PS as usize).map(digest::page_crc).collect();
+    let lent = |first: u64, n: u64| {
+        LivePages::new(
+            m.clone(),
+            m.addr() + first * PS..m.addr() + (first + n) * PS,
+        )
+        .unwrap()
+    };
+    sink.begin_round(0).unwrap();
+    let mut claimed = crcs[..4].to_vec();
+    claimed[2] ^= 0x5a5a;
+    sink.send_live_pages(0, lent(0, 4), &claimed).unwrap();
+    sink.send_pages(
+        4 * PS,
+        PageBuf::from_vec(src[4 * PS as usize..].to_vec()),
+        &crcs[4..],
+    )
+    .unwrap();
+    sink.end_round(0).unwrap();
+    if resend {
+        sink.begin_round(1).unwrap();
+        sink.send_live_pages(2 * PS, lent(2, 1), &crcs[2..3])
+            .unwrap();
+        sink.end_round(1).unwrap();
+    }
+    let digest = memory_checksum(&mut ProcessMemory::current(), &layout).unwrap();
+    let finished = sink.finish(digest, FinalCheck::Recorded);
+    (finished, rx.join().unwrap(), src)
+}
+
+#[test]
+fn a_torn_page_never_sent_again_fails_the_transfer() {
+    for streams in [1, 2] {
+        let (sent, received, _) = torn_page(streams, false);
+        let err = received.unwrap_err();
+        assert!(
+            matches!(err, TransferError::ChangedWhileSent { pages: 1, first } if first == 2 * PS),
+            "{err:?}"
+        );
+        assert!(
+            matches!(&sent, Err(TransferError::PeerRejected { message, .. }) if message.contains("changed while")),
+            "{sent:?}"
+        );
+    }
+}
+
+#[test]
+fn a_torn_page_sent_again_intact_is_accepted() {
+    for streams in [1, 2] {
+        let (sent, received, src) = torn_page(streams, true);
+        sent.unwrap();
+        let (report, dest) = received.unwrap();
+        assert_eq!(report.changed_while_sent, 1);
+        assert_eq!(dest, src);
+    }
+}
+
+#[test]
+fn other_sinks_get_a_checked_copy_of_lent_pages() {
+    // A memory sink is not a socket: lent pages reach it as a copy whose CRCs it takes itself.
+    let m = filled(16);
+    let layout = Layout::single(PS, m.addr(), m.len()).unwrap();
+    let mut tx = Transfer::new(
+        OwnMemory::new([m.clone()]),
+        MemorySink::new(layout.clone()).unwrap(),
+        layout,
+        4,
+    )
+    .unwrap();
+    tx.send_round(&[m.addr()..m.addr() + m.len()]).unwrap();
+    tx.finish(FinalCheck::Full).unwrap();
+    let (_, sink) = tx.into_parts();
+    assert_eq!(sink.memory(), Some(&snapshot(&m)[..]));
+}
