@@ -3,10 +3,13 @@
 //! The source VMM (this process) maps guest RAM itself, registers it as a KVM memory slot and
 //! runs vCPUs (`precopy_vmm::Vm`). To migrate it hands the library three things: the guest RAM
 //! mapping to track (userfaultfd async write-protect + `PAGEMAP_SCAN` rounds), a connection to
-//! the destination, and a way to pause its vCPUs. After the last memory round it sends the vCPU
-//! registers and device state as one opaque blob. The destination VMM (this same program, run
-//! with `--destination`) has guest RAM of its own at another host address, receives the pages
-//! straight into it, restores the vCPUs from the blob and runs the guest to the end.
+//! the destination, and its vCPUs as the migration's workload (`precopy_vmm::VmControl`: pause,
+//! resume, throttle, and the state hook `save_state`). After the last memory round, with the
+//! vCPUs parked, the driver calls the state hook and sends the vCPU registers and device state
+//! as one blob in the same stream (its own checksum). The destination VMM (this same program,
+//! run with `--destination`) has guest RAM of its own at another host address, receives the
+//! pages straight into it (`MemorySink::with_memory` over its guest RAM), checks the state
+//! before it acknowledges, restores the vCPUs from it and runs the guest to the end.
 //!
 //! `cargo run --release --example kvm_migration` (needs read/write access to /dev/kvm)
 
@@ -21,11 +24,7 @@ use std::time::Duration;
 fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--destination") {
         // The destination VMM: listens, receives memory and state, resumes, reports.
-        destination_main(
-            RamBacking::Anonymous,
-            std::io::stdin().lock(),
-            std::io::stdout().lock(),
-        )?;
+        destination_main(RamBacking::Anonymous, std::io::stdout().lock())?;
         return Ok(());
     }
 
@@ -48,10 +47,11 @@ fn main() -> Result<()> {
     // The destination VMM process, and a connection to it.
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("--destination");
-    let mut destination = DestinationProcess::spawn(cmd)?;
+    let destination = DestinationProcess::spawn(cmd)?;
     let connection = Connection::connect_tcp(destination.address())?;
 
-    // Migrate: rounds while the guest runs, then the vCPUs park for the final round.
+    // Migrate: rounds while the guest runs, then the vCPUs park for the final round and their
+    // state goes after the last pages.
     let opts = MigrateOptions {
         migration: MigrationConfig {
             max_downtime: Duration::from_millis(50),
@@ -59,10 +59,14 @@ fn main() -> Result<()> {
         },
         ..MigrateOptions::default()
     };
-    let (report, state) = precopy_vmm::migrate(&running, connection, &opts, |p| {
+    let report = precopy_vmm::migrate(&running, connection, &opts, |p| {
         eprintln!("round {}: {} KiB pending", p.round, p.pending_bytes >> 10)
     })?;
     println!("{}", report.migration);
+    println!(
+        "VM state (vCPU registers, device) sent through the state hook: {} bytes",
+        report.migration.state_bytes.unwrap_or(0)
+    );
     for c in &report.cross_check {
         println!(
             "round {}: KVM's dirty log {} pages, ours {} (every KVM page among ours)",
@@ -70,13 +74,13 @@ fn main() -> Result<()> {
         );
     }
 
-    // Hand over the vCPU state, stop the source's vCPUs; the destination runs the guest on.
-    destination.send_state(&state)?;
+    // The destination acknowledged memory and state: stop the source's vCPUs; the destination
+    // runs the guest on.
     running.stop()?;
     let done = destination.finish()?;
     println!(
         "guest-visible pause {:.1} ms; final checksum {:#010x}, unmigrated program {:#010x}: {}",
-        done.guest_pause_ns as f64 / 1e6,
+        done.guest_pause.as_secs_f64() * 1e3,
         done.checksum,
         expected,
         if done.checksum == expected {

@@ -9,8 +9,8 @@
 //! * [`vm`]: guest RAM (anonymous or memfd), the memory slot, vCPU threads, pause/resume.
 //! * [`kvm_log`]: the per-round cross-check against `KVM_GET_DIRTY_LOG`.
 //! * [`migrate`]: source and destination of a live migration between two VMM processes.
-//! * [`sink`]: the destination writes received pages straight into its guest RAM.
-//! * [`state`]: vCPU registers and device state, moved as one blob after the memory.
+//! * [`state`]: vCPU registers and device state: the blob the migration's state hook returns
+//!   and the transfer carries in its STATE frame after the last memory round.
 //!
 //! The one `unsafe` call a VMM on `kvm-ioctls` needs (registering the memory slot) lives in
 //! `precopy_sys::kvm`.
@@ -20,7 +20,6 @@ pub mod error;
 pub mod guest;
 pub mod kvm_log;
 pub mod migrate;
-pub mod sink;
 pub mod state;
 pub mod vm;
 
@@ -29,7 +28,7 @@ pub use guest::GuestProgram;
 pub use kvm_log::{CrossCheckRound, KvmCheckedLog};
 pub use migrate::{
     DestinationProcess, DestinationReport, MigrateOptions, SourceReport, VmDemoOptions,
-    VmDemoReport, demo, destination_main, migrate, receive, uffd_dirty_log,
+    VmDemoReport, demo, destination_main, guest_ram_layout, migrate, receive, uffd_dirty_log,
 };
 pub use state::VmState;
 pub use vm::{RamBacking, RunOutcome, RunningVm, Vm, VmConfig, VmControl, open_kvm};

@@ -4,20 +4,26 @@
 //!  source VMM process                              destination VMM process
 //!  ─────────────────                               ───────────────────────
 //!  guest runs; RAM armed (uffd async WP)           Vm::incoming: its own guest RAM (another
-//!  rounds: PAGEMAP_SCAN (+ KVM log check) ──TCP──► host address), pages written into it
-//!  final round: vCPUs park, last pages ──────────► memory checksum acknowledged
-//!  VmState (vCPU registers, device) ──state chan──► vCPUs restored, guest resumes, finishes
+//!  rounds: PAGEMAP_SCAN (+ KVM log check) ──TCP──► host address), pages received into it
+//!                                                  (MemorySink::with_memory over guest RAM)
+//!  final round: vCPUs park, last pages ──────────► (same connection)
+//!  state hook: VmControl::save_state ──STATE────► blob checked (own CRC32C, then against
+//!    (vCPU registers, progress device)             this VM) before the acknowledgement
+//!  memory checksum ──────────────────────────────► acknowledged; vCPUs restored, guest resumes
 //! ```
 //!
-//! The state goes over its own channel after the memory rounds (here the destination process's
-//! standard input). The seam for it in the library (a state hook after the last memory round)
-//! will carry it on the migration's own connection.
+//! Memory and state travel on the migration's one connection: the driver calls the workload's
+//! state hook ([`precopy_migrate::Workload::save_state`], here [`VmControl`]'s) with the vCPUs
+//! paused after the last memory round, and the transport sends the blob in a STATE frame with
+//! its own checksum before the final acknowledgement. The destination receives the pages
+//! straight into its guest RAM ([`MemorySink::with_memory`] over the RAM's mapping) and refuses
+//! a state it cannot resume from before it acknowledges, so a refused state fails the
+//! migration while the source can still resume its guest.
 
 use crate::error::Error;
 use crate::kvm_log::{CrossCheckRound, KvmCheckedLog};
-use crate::sink::GuestRamSink;
 use crate::state::{VmState, monotonic_ns};
-use crate::vm::{RamBacking, RunOutcome, RunningVm, Vm};
+use crate::vm::{RamBacking, RunOutcome, RunningVm, Vm, VmControl};
 use precopy_migrate::{
     AfterMigration, DirtyLog, Migration, MigrationConfig, MigrationReport, Progress,
     TransferTransport, UffdDirtyLog,
@@ -26,11 +32,12 @@ use precopy_scanner::{ScanOptions, Scanner};
 use precopy_sys::kvm::GuestRam;
 use precopy_tracker::{Tracker, Uffd};
 use precopy_transfer::{
-    Connection, FinalCheck, Key, Layout, Listener, OwnMemory, Receiver, ReceiverConfig, Sender,
-    SenderConfig,
+    Connection, FinalCheck, Key, Layout, Listener, MemoryRegion, MemorySink, OwnMemory, PageBuf,
+    Receiver, ReceiverConfig, RegionMemory, Sender, SenderConfig, Sink, TransferError,
 };
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::ops::Range;
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How the source migrates.
@@ -64,18 +71,31 @@ impl Default for MigrateOptions {
 /// What the source saw.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SourceReport {
-    /// The driver's report (rounds, downtime, bytes).
+    /// The driver's report (rounds, downtime, bytes, `state_bytes`: the size of the state blob
+    /// the state hook returned).
     pub migration: MigrationReport,
     /// Per round: KVM's pages against ours (empty without the cross-check).
     pub cross_check: Vec<CrossCheckRound>,
-    /// Size of the state blob.
-    pub state_bytes: usize,
-    /// Guest write rate while the migration ran (pages written per second × 4 KiB, from the
-    /// progress reports), bytes/s.
+    /// Guest write rate while the migration ran, throttle included: pages the guest wrote per
+    /// second (from its progress reports) × 4 KiB, in bytes/s. Every page the guest visits is
+    /// written once per visit, so this is the rate it dirtied pages at.
     pub guest_write_rate: f64,
     /// Whether the guest had finished its program before the switch-over (then nothing was
     /// live about the migration).
     pub finished_before_switch_over: bool,
+}
+
+/// Guest RAM as the one region of a transfer: id 0, at its guest-physical address, with its
+/// backing, mapped in this process at its host address (which never goes on the wire).
+pub fn guest_ram_layout(ram: &GuestRam, backing: RamBacking) -> Result<Layout, Error> {
+    let region = MemoryRegion::new(0, ram.ram().len(), crate::guest::PAGE)
+        .host(ram.ram().addr())
+        .guest(ram.gpa())
+        .backed_by(match backing {
+            RamBacking::Anonymous => precopy_transfer::Backing::Anonymous,
+            RamBacking::Memfd => precopy_transfer::Backing::Memfd,
+        });
+    Layout::new(vec![region]).map_err(|e| Error::Transfer(e.into()))
 }
 
 /// The engine's dirty log over guest RAM: a userfaultfd tracker with the mapping registered
@@ -92,19 +112,19 @@ pub fn uffd_dirty_log(ram: &GuestRam) -> Result<UffdDirtyLog, Error> {
 }
 
 /// Migrates `vm` over `connection`: arms tracking of its guest RAM, runs the pre-copy rounds
-/// (checked against KVM's dirty log if asked) and, with the vCPUs parked, returns the state
-/// blob for the destination. The vCPUs stay parked; [`RunningVm::stop`] them once the
-/// destination has the state.
+/// (checked against KVM's dirty log if asked), and with the vCPUs parked sends the last pages
+/// and the VM state (the state hook, [`VmControl`]'s `save_state`) on the same connection. On
+/// success the vCPUs stay parked and the destination owns the guest: [`RunningVm::stop`] them.
+/// On failure the driver has resumed them (unless the destination had already acknowledged).
 pub fn migrate(
     vm: &RunningVm,
     connection: Connection,
     opts: &MigrateOptions,
     on_progress: impl FnMut(&Progress) + Send + 'static,
-) -> Result<(SourceReport, Vec<u8>), Error> {
+) -> Result<SourceReport, Error> {
     let ram = vm.ram().clone();
     let uffd_log = uffd_dirty_log(&ram)?;
-    let layout = Layout::single(crate::guest::PAGE, ram.ram().addr(), ram.ram().len())
-        .map_err(|e| Error::Transfer(e.into()))?;
+    let layout = guest_ram_layout(&ram, vm.backing())?;
     let sender = Sender::connect(
         vec![connection],
         layout,
@@ -127,7 +147,7 @@ pub fn migrate(
     fn drive<D: DirtyLog>(
         log: D,
         transport: TransferTransport<OwnMemory, precopy_transfer::SocketSink>,
-        control: crate::vm::VmControl,
+        control: VmControl,
         config: MigrationConfig,
         on_progress: impl FnMut(&Progress) + Send + 'static,
     ) -> (Result<MigrationReport, precopy_migrate::Error>, D) {
@@ -155,46 +175,133 @@ pub fn migrate(
         * u64::from(vm.program().chunk)
         * crate::guest::PAGE;
     let state = vm.state()?;
-    let blob = state.to_bytes();
-    Ok((
-        SourceReport {
-            migration: report,
-            cross_check,
-            state_bytes: blob.len(),
-            guest_write_rate: written as f64 / running.as_secs_f64().max(1e-9),
-            finished_before_switch_over: state.vcpus.iter().all(|v| v.device.done.is_some()),
-        },
-        blob,
-    ))
+    Ok(SourceReport {
+        migration: report,
+        cross_check,
+        guest_write_rate: written as f64 / running.as_secs_f64().max(1e-9),
+        finished_before_switch_over: state.vcpus.iter().all(|v| v.device.done.is_some()),
+    })
 }
 
-/// What the destination saw.
+/// Serializes a [`Duration`] as milliseconds (a JSON number), and reads it back.
+mod ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64() * 1e3)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(v / 1e3).map_err(serde::de::Error::custom)
+    }
+}
+
+pub(crate) use ms::serialize as serialize_ms;
+
+/// What the destination saw. Durations serialize as milliseconds (`*_ms`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DestinationReport {
     /// Each vCPU's final checksum.
     pub checksums: Vec<u32>,
     /// Their combined checksum.
     pub checksum: u32,
-    /// Pages received (a page sent twice counts twice).
+    /// Pages received with contents (a page sent twice counts twice).
     pub pages_received: u64,
+    /// Bytes of the VM state received in the STATE frame.
+    pub state_bytes: u64,
     /// Guest-visible pause: the longest time a vCPU did not run, from its last exit at the
-    /// source to its first `KVM_RUN` here (`CLOCK_MONOTONIC`, same host), in ns. 0 when every
-    /// vCPU had finished before the migration.
-    pub guest_pause_ns: u64,
-    /// Time from the resume to the guest finishing, ns.
-    pub run_after_resume_ns: u64,
+    /// source to its first `KVM_RUN` here (`CLOCK_MONOTONIC`, same host). Zero when every vCPU
+    /// had finished before the migration.
+    #[serde(with = "ms", rename = "guest_pause_ms")]
+    pub guest_pause: Duration,
+    /// Time from the resume to the guest finishing.
+    #[serde(with = "ms", rename = "run_after_resume_ms")]
+    pub run_after_resume: Duration,
     /// Guest RAM's host address here (differs from the source's).
     pub ram_addr: u64,
 }
 
-/// Receives a VM on `listener`: guest RAM of the announced size (backed as `backing`) filled
-/// by the memory rounds, then the state blob from `read_state`; resumes the guest and waits for
-/// it to finish.
+/// The receiving sink: pages go straight into guest RAM through a [`MemorySink`] over the
+/// RAM's mapping; the state blob is decoded and checked against this VM when it arrives, before
+/// the receiver acknowledges, and a migration that brings none is refused at its end.
+struct IncomingVm {
+    memory: MemorySink,
+    ram_len: u64,
+    state: Option<VmState>,
+}
+
+impl IncomingVm {
+    fn refuse(e: Error) -> TransferError {
+        TransferError::Io {
+            what: "checking the received VM state",
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        }
+    }
+}
+
+impl Sink for IncomingVm {
+    fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
+        self.memory.begin_round(round)
+    }
+    fn send_pages(
+        &mut self,
+        offset: u64,
+        pages: PageBuf,
+        crcs: &[u32],
+    ) -> Result<(), TransferError> {
+        self.memory.send_pages(offset, pages, crcs)
+    }
+    fn send_live_pages(
+        &mut self,
+        offset: u64,
+        pages: precopy_transfer::LivePages,
+        crcs: &[u32],
+    ) -> Result<(), TransferError> {
+        self.memory.send_live_pages(offset, pages, crcs)
+    }
+    fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
+        self.memory.send_zero_range(range)
+    }
+    fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
+        self.memory.end_round(round)
+    }
+    fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
+        let vm = VmState::from_bytes(state).map_err(Self::refuse)?;
+        vm.check_fits(self.ram_len).map_err(Self::refuse)?;
+        self.memory.send_state(state)?;
+        self.state = Some(vm);
+        Ok(())
+    }
+    fn finish(&mut self, checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
+        if self.state.is_none() {
+            return Err(Self::refuse(Error::State {
+                reason: "the source sent no VM state (vCPU registers): nothing to resume".into(),
+            }));
+        }
+        self.memory.finish(checksum, check)
+    }
+    fn lend_pages(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
+        self.memory.lend_pages(offset, len)
+    }
+    fn commit_lent(&mut self, offset: u64, crcs: &[u32]) -> Result<(), TransferError> {
+        self.memory.commit_lent(offset, crcs)
+    }
+    fn revert_lent(&mut self, offset: u64, len: u64) {
+        self.memory.revert_lent(offset, len)
+    }
+}
+
+/// Receives a VM on `listener`: guest RAM of the announced size (backed as `backing`, at
+/// guest-physical 0) receives the memory rounds, the STATE frame brings the vCPU registers and
+/// device state; then the vCPUs are restored from it and the guest runs to its end here.
+/// The receiver requires `key` when given (a TCP receiver must: any local user can connect to
+/// a loopback port).
 pub fn receive(
     listener: &Listener,
     key: Option<Key>,
     backing: RamBacking,
-    read_state: impl FnOnce() -> std::io::Result<Vec<u8>>,
 ) -> Result<DestinationReport, Error> {
     let config = ReceiverConfig {
         key,
@@ -202,15 +309,30 @@ pub fn receive(
     };
     let receiver = Receiver::accept(listener, &config).map_err(Error::Transfer)?;
     let layout = receiver.layout().clone();
-    let vm = Vm::incoming(layout.total_len(), backing, false)?;
+    let region = match layout.regions() {
+        [r] if r.guest_addr.unwrap_or(0) == 0 => r.clone(),
+        _ => {
+            return Err(Error::State {
+                reason: "the source's memory is not one guest RAM region at guest-physical 0"
+                    .into(),
+            });
+        }
+    };
+    let vm = Vm::incoming(region.size, backing, false)?;
     let ram_addr = vm.ram().ram().addr();
-    let mut sink = GuestRamSink::new(vm.ram().clone(), layout).map_err(Error::Transfer)?;
-    receiver.run(&mut sink).map_err(Error::Transfer)?;
-    let blob = read_state().map_err(|source| Error::Channel {
-        what: "reading the VM state",
-        source,
+    let guest_ram: Box<dyn RegionMemory> = Box::new(vm.ram().ram().clone());
+    let memory =
+        MemorySink::with_memory(layout, vec![(region.id, guest_ram)]).map_err(Error::Transfer)?;
+    let mut sink = IncomingVm {
+        memory,
+        ram_len: region.size,
+        state: None,
+    };
+    let received = receiver.run(&mut sink).map_err(Error::Transfer)?;
+    let state = sink.state.take().ok_or(Error::Misuse {
+        operation: "resuming the guest",
+        state: "without a received state",
     })?;
-    let state = VmState::from_bytes(&blob)?;
     let stopped: Vec<(u64, bool)> = state
         .vcpus
         .iter()
@@ -229,22 +351,19 @@ pub fn receive(
     Ok(DestinationReport {
         checksums: outcome.checksums,
         checksum: outcome.checksum,
-        pages_received: sink.pages(),
-        guest_pause_ns,
-        run_after_resume_ns: monotonic_ns().saturating_sub(resumed_at),
+        pages_received: received.pages,
+        state_bytes: received.state_bytes.unwrap_or(0),
+        guest_pause: Duration::from_nanos(guest_pause_ns),
+        run_after_resume: Duration::from_nanos(monotonic_ns().saturating_sub(resumed_at)),
         ram_addr,
     })
 }
 
 /// The destination VMM process's main: listens on loopback, prints `{"listening": ADDR}` as
-/// one line to `output`, receives the VM, reads the state blob from `input` (a little-endian
-/// `u64` length, then the bytes), runs the guest to the end and prints the
-/// [`DestinationReport`] (or `{"error": ...}`) as one JSON line.
-pub fn destination_main(
-    backing: RamBacking,
-    mut input: impl Read,
-    mut output: impl Write,
-) -> Result<(), Error> {
+/// one line to `output`, receives the VM (memory and state, on the one connection), runs the
+/// guest to the end and prints the [`DestinationReport`] (or `{"error": ...}`) as one JSON
+/// line.
+pub fn destination_main(backing: RamBacking, mut output: impl Write) -> Result<(), Error> {
     let chan = |what| move |source| Error::Channel { what, source };
     let listener = Listener::bind_tcp("127.0.0.1:0").map_err(chan("listening"))?;
     // Any local user can connect to a loopback port: the receiver requires a fresh key, which
@@ -256,15 +375,12 @@ pub fn destination_main(
     });
     writeln!(output, "{line}").map_err(chan("announcing the address"))?;
     output.flush().map_err(chan("announcing the address"))?;
-    let result = receive(&listener, Some(key), backing, || {
-        let mut len = [0u8; 8];
-        input.read_exact(&mut len)?;
-        let mut blob = vec![0u8; u64::from_le_bytes(len).min(1 << 30) as usize];
-        input.read_exact(&mut blob)?;
-        Ok(blob)
-    });
+    let result = receive(&listener, Some(key), backing);
     let line = match &result {
-        Ok(report) => serde_json::to_value(report).unwrap_or_default(),
+        Ok(report) => serde_json::to_value(report).map_err(|e| Error::Channel {
+            what: "encoding the report",
+            source: e.into(),
+        })?,
         Err(e) => serde_json::json!({ "error": precopy_sys::error_chain(e) }),
     };
     writeln!(output, "{line}").map_err(chan("reporting"))?;
@@ -272,12 +388,11 @@ pub fn destination_main(
     result.map(|_| ())
 }
 
-/// A destination VMM process started by the source (`cmd` must run [`destination_main`] on its
-/// standard input and output).
+/// A destination VMM process started by the source (`cmd` must run [`destination_main`] with
+/// its standard output).
 #[derive(Debug)]
 pub struct DestinationProcess {
     child: Child,
-    stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     address: String,
     key: Option<Key>,
@@ -288,17 +403,15 @@ impl DestinationProcess {
     pub fn spawn(mut cmd: Command) -> Result<DestinationProcess, Error> {
         let chan = |what| move |source| Error::Channel { what, source };
         let mut child = cmd
-            .stdin(Stdio::piped())
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
             .map_err(chan("starting the destination VMM"))?;
-        let stdin = child.stdin.take();
         let stdout = child.stdout.take().ok_or_else(|| Error::Destination {
             message: "no standard output".into(),
         })?;
         let mut p = DestinationProcess {
             child,
-            stdin,
             stdout: BufReader::new(stdout),
             address: String::new(),
             key: None,
@@ -349,28 +462,8 @@ impl DestinationProcess {
         })
     }
 
-    /// Sends the state blob.
-    pub fn send_state(&mut self, blob: &[u8]) -> Result<(), Error> {
-        let stdin = self.stdin.as_mut().ok_or(Error::Misuse {
-            operation: "sending the state",
-            state: "twice",
-        })?;
-        let chan = |source| Error::Channel {
-            what: "sending the VM state",
-            source,
-        };
-        stdin
-            .write_all(&(blob.len() as u64).to_le_bytes())
-            .map_err(chan)?;
-        stdin.write_all(blob).map_err(chan)?;
-        stdin.flush().map_err(chan)?;
-        self.stdin = None;
-        Ok(())
-    }
-
     /// Waits for its report (after the guest finished there) and for it to exit.
     pub fn finish(mut self) -> Result<DestinationReport, Error> {
-        self.stdin = None;
         let line = self.read_line();
         let _ = self.child.wait();
         let line = line?;
@@ -445,30 +538,28 @@ pub fn demo(
         vm.load_program()?;
         vm.start(None)?.wait()?
     };
-    let mut dest = DestinationProcess::spawn(destination)?;
+    let dest = DestinationProcess::spawn(destination)?;
     let vm = Vm::new(opts.config.clone())?;
     vm.load_program()?;
     let source_ram_addr = vm.ram().ram().addr();
     let running = vm.start(None)?;
     std::thread::sleep(opts.warmup);
-    let conn = Connection::connect_tcp(dest.address()).map_err(|source| Error::Channel {
-        what: "connecting to the destination",
-        source,
-    })?;
-    let migrate_opts = MigrateOptions {
-        key: dest.key(),
-        ..opts.migrate.clone()
-    };
-    let migrated = migrate(&running, conn, &migrate_opts, on_progress);
-    let (source, blob) = match migrated {
-        Ok(x) => x,
-        Err(e) => {
-            let _ = running.stop();
-            return Err(e);
-        }
-    };
-    dest.send_state(&blob)?;
-    running.stop()?;
+    let migrated = Connection::connect_tcp(dest.address())
+        .map_err(|source| Error::Channel {
+            what: "connecting to the destination",
+            source,
+        })
+        .and_then(|conn| {
+            let opts = MigrateOptions {
+                key: dest.key(),
+                ..opts.migrate.clone()
+            };
+            migrate(&running, conn, &opts, on_progress)
+        });
+    // Migrated: the destination owns the guest. Failed: this demo ends here too.
+    let stopped = running.stop();
+    let source = migrated?;
+    stopped?;
     let destination = dest.finish()?;
     let checksums_match =
         destination.checksum == unmigrated.checksum && unmigrated.checksum == expected;

@@ -56,8 +56,10 @@ pub struct VmState {
 
 impl VmState {
     /// The opaque blob (JSON).
-    pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+    pub fn to_bytes(&self) -> Result<Vec<u8>, Error> {
+        serde_json::to_vec(self).map_err(|e| Error::State {
+            reason: format!("the state cannot be encoded: {e}"),
+        })
     }
 
     /// Reads a blob written by [`VmState::to_bytes`].
@@ -65,6 +67,42 @@ impl VmState {
         serde_json::from_slice(bytes).map_err(|e| Error::State {
             reason: format!("malformed state blob: {e}"),
         })
+    }
+
+    /// Checks that a VM with `ram_len` bytes of guest RAM can resume from this state: the
+    /// program is valid, needs exactly that much RAM, and every one of its vCPUs is saved once.
+    /// The destination checks it before it acknowledges the migration, so a state it cannot
+    /// resume from fails the migration while the source can still resume.
+    pub fn check_fits(&self, ram_len: u64) -> Result<(), Error> {
+        let bad = |reason: String| Err(Error::State { reason });
+        self.program.validate()?;
+        if self.program.ram_size != ram_len {
+            return bad(format!(
+                "the program needs {} bytes of guest RAM, this VM has {ram_len}",
+                self.program.ram_size
+            ));
+        }
+        let n = self.program.vcpus as usize;
+        let mut seen = vec![false; n];
+        for v in &self.vcpus {
+            match seen.get_mut(v.cpu as usize) {
+                Some(s) if !*s => *s = true,
+                Some(_) => return bad(format!("vCPU {} is saved twice", v.cpu)),
+                None => {
+                    return bad(format!(
+                        "vCPU {} does not exist (the program has {n})",
+                        v.cpu
+                    ));
+                }
+            }
+        }
+        if self.vcpus.len() != n {
+            return bad(format!(
+                "{} vCPUs saved, the program has {n}",
+                self.vcpus.len()
+            ));
+        }
+        Ok(())
     }
 
     /// When the guest stopped running (the latest vCPU stop), `CLOCK_MONOTONIC` ns.
@@ -83,4 +121,65 @@ pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(vcpus: u32, ram: u64) -> VmState {
+        let program = GuestProgram::new(vcpus, ram, 1 << 20, 2).unwrap();
+        VmState {
+            program,
+            dirty_rate: None,
+            vcpus: (0..vcpus)
+                .map(|cpu| VcpuState {
+                    cpu,
+                    regs: Default::default(),
+                    sregs: Default::default(),
+                    device: VcpuDevice::default(),
+                    stopped_at_ns: 0,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn blob_round_trips() {
+        let s = state(2, 8 << 20);
+        let back = VmState::from_bytes(&s.to_bytes().unwrap()).unwrap();
+        assert_eq!(back.program, s.program);
+        assert_eq!(back.vcpus.len(), 2);
+        assert_eq!(back.vcpus[1].cpu, 1);
+    }
+
+    #[test]
+    fn a_state_that_does_not_fit_is_refused() {
+        let s = state(2, 8 << 20);
+        s.check_fits(8 << 20).unwrap();
+        let e = s.check_fits(16 << 20).unwrap_err().to_string();
+        assert!(e.contains("guest RAM"), "{e}");
+        let mut twice = s.clone();
+        twice.vcpus[1].cpu = 0;
+        assert!(
+            twice
+                .check_fits(8 << 20)
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
+        let mut missing = s.clone();
+        missing.vcpus.pop();
+        assert!(missing.check_fits(8 << 20).is_err());
+        let mut beyond = s.clone();
+        beyond.vcpus[1].cpu = 7;
+        assert!(
+            beyond
+                .check_fits(8 << 20)
+                .unwrap_err()
+                .to_string()
+                .contains("does not exist")
+        );
+        assert!(VmState::from_bytes(b"{not json").is_err());
+    }
 }

@@ -259,6 +259,8 @@ impl Vm {
             }),
             cv: Condvar::new(),
             vcpus: n as u32,
+            program: program.clone(),
+            dirty_rate: self.dirty_rate,
         });
         // Pace per vCPU: one progress exit per `chunk` pages.
         let pace = self.dirty_rate.filter(|&r| r > 0).map(|rate| {
@@ -290,9 +292,9 @@ impl Vm {
         Ok(RunningVm {
             shared,
             threads,
+            backing: self.backing,
             ram: self.ram,
             program,
-            dirty_rate: self.dirty_rate,
             started: Instant::now(),
             _vm: self.vm,
             _kvm: self._kvm,
@@ -338,6 +340,9 @@ struct Shared {
     ctl: Mutex<Ctl>,
     cv: Condvar,
     vcpus: u32,
+    /// What the saved state names (the destination checks it builds the same VM).
+    program: GuestProgram,
+    dirty_rate: Option<u64>,
 }
 
 struct Ctl {
@@ -498,9 +503,9 @@ fn park(fd: &mut VcpuFd, shared: &Shared, st: &mut VcpuState) -> Result<bool, Er
 pub struct RunningVm {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<Result<(), Error>>>,
+    backing: RamBacking,
     ram: Arc<GuestRam>,
     program: GuestProgram,
-    dirty_rate: Option<u64>,
     started: Instant,
     _vm: Arc<VmFd>,
     _kvm: Kvm,
@@ -515,13 +520,22 @@ pub struct RunOutcome {
     pub checksum: u32,
     /// Progress reports the vCPUs made (in this process and, if migrated here, before).
     pub progress_reports: u64,
-    /// Time from start to the last vCPU finishing, in this process.
+    /// Time from start to the last vCPU finishing, in this process (JSON: milliseconds).
+    #[serde(
+        serialize_with = "crate::migrate::serialize_ms",
+        rename = "run_time_ms"
+    )]
     pub run_time: Duration,
     /// `CLOCK_MONOTONIC` (ns) of each vCPU's first `KVM_RUN` in this process.
     pub first_run_ns: Vec<Option<u64>>,
 }
 
 impl RunningVm {
+    /// What backs guest RAM.
+    pub fn backing(&self) -> RamBacking {
+        self.backing
+    }
+
     /// Guest RAM.
     pub fn ram(&self) -> &Arc<GuestRam> {
         &self.ram
@@ -541,28 +555,7 @@ impl RunningVm {
 
     /// The vCPUs' saved state; every vCPU must be paused or finished.
     pub fn state(&self) -> Result<VmState, Error> {
-        let ctl = self.shared.lock();
-        if ctl.parked + ctl.finished < self.shared.vcpus {
-            return Err(Error::Misuse {
-                operation: "saving VM state",
-                state: "while vCPUs run",
-            });
-        }
-        let vcpus = ctl
-            .saved
-            .iter()
-            .map(|s| {
-                s.clone().ok_or(Error::Misuse {
-                    operation: "saving VM state",
-                    state: "before every vCPU saved its state",
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(VmState {
-            program: self.program.clone(),
-            dirty_rate: self.dirty_rate,
-            vcpus,
-        })
+        self.control().state()
     }
 
     /// Stops the vCPU threads (paused ones leave, running ones park first) and joins them.
@@ -670,6 +663,34 @@ impl VmControl {
     pub fn finished(&self) -> bool {
         self.shared.lock().finished == self.shared.vcpus
     }
+
+    /// The VM state (each vCPU's registers and progress device, the program): what a
+    /// destination resumes from. Every vCPU must be paused ([`VmControl::pause`]) or finished:
+    /// [`Error::Misuse`] otherwise.
+    pub fn state(&self) -> Result<VmState, Error> {
+        let ctl = self.shared.lock();
+        if ctl.parked + ctl.finished < self.shared.vcpus {
+            return Err(Error::Misuse {
+                operation: "saving VM state",
+                state: "while vCPUs run",
+            });
+        }
+        let vcpus = ctl
+            .saved
+            .iter()
+            .map(|s| {
+                s.clone().ok_or(Error::Misuse {
+                    operation: "saving VM state",
+                    state: "before every vCPU saved its state",
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmState {
+            program: self.shared.program.clone(),
+            dirty_rate: self.shared.dirty_rate,
+            vcpus,
+        })
+    }
 }
 
 impl precopy_migrate::Workload for VmControl {
@@ -690,5 +711,11 @@ impl precopy_migrate::Workload for VmControl {
 
     fn throttle_method(&self) -> &'static str {
         "vCPU sleep after each exit"
+    }
+
+    /// The state hook: called by the driver with the vCPUs paused after the last memory round;
+    /// the blob ([`VmState::to_bytes`]) travels in the transfer's STATE frame.
+    fn save_state(&mut self) -> Result<Vec<u8>, precopy_migrate::BoxError> {
+        Ok(self.state()?.to_bytes()?)
     }
 }

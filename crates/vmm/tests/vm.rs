@@ -80,6 +80,13 @@ fn demo(backing: RamBacking) -> precopy_vmm::VmDemoReport {
         report.source.cross_check.iter().any(|r| r.kvm_pages > 0),
         "KVM's log saw nothing: the check checked nothing"
     );
+    // The vCPU state went through the state hook and the STATE frame: the driver counted the
+    // blob it sent, the destination the one it received and resumed from.
+    let sent = report.source.migration.state_bytes.expect("no state sent");
+    assert!(sent > 0);
+    assert_eq!(report.destination.state_bytes, sent);
+    // Guest RAM was received into the destination's own memory, every page of it at least once.
+    assert!(report.destination.pages_received > 0);
     report
 }
 
@@ -248,4 +255,148 @@ fn cross_check_fails_when_our_log_misses_a_write() {
         matches!(e, precopy_vmm::Error::MissedByUffd { missed, .. } if *missed > 0),
         "{e}"
     );
+}
+
+/// A source that is not a VMM: `len` bytes of memory sent in one round, then `state` (if any)
+/// and the final checksum, to a destination VMM's [`precopy_vmm::receive`]. Returns the
+/// source's and the destination's errors.
+fn send_to_destination(len: u64, state: Option<&[u8]>) -> (String, String) {
+    use precopy_transfer::{
+        Connection, FinalCheck, Layout, Listener, Sender, SenderConfig, SliceSource,
+    };
+    let listener = Listener::bind_tcp("127.0.0.1:0").unwrap();
+    let addr = listener.address();
+    let dest = std::thread::spawn(move || precopy_vmm::receive(&listener, RamBacking::Anonymous));
+    let base = 0x4000_0000;
+    let mut memory = vec![0u8; len as usize];
+    memory[4096..4100].copy_from_slice(b"page");
+    let layout = Layout::single(4096, base, len).unwrap();
+    let conn = Connection::connect_tcp(&addr).unwrap();
+    let mut sender = Sender::connect(
+        vec![conn],
+        layout,
+        SliceSource::new(base, memory),
+        &SenderConfig::default(),
+    )
+    .unwrap();
+    let sent = sender.send_round(&[base..base + len]).and_then(|_| {
+        if let Some(s) = state {
+            sender.send_state(s)?;
+        }
+        sender.finish(FinalCheck::Recorded)
+    });
+    let source = match sent {
+        Ok(_) => panic!("the destination acknowledged a migration it cannot resume"),
+        Err(e) => precopy_sys::error_chain(&e),
+    };
+    let destination = match dest.join().unwrap() {
+        Ok(r) => panic!("the destination resumed a guest from a bad state: {r:?}"),
+        Err(e) => precopy_sys::error_chain(&e),
+    };
+    eprintln!("source: {source}\ndestination: {destination}");
+    (source, destination)
+}
+
+#[test]
+fn destination_refuses_a_state_it_cannot_resume_before_acknowledging() {
+    if !kvm_or_skip("destination_refuses_a_state_it_cannot_resume_before_acknowledging") {
+        return;
+    }
+    let ram = 4 << 20;
+    // Not a VM state at all.
+    let (src, dst) = send_to_destination(ram, Some(b"{\"not\": \"a VM state\"}"));
+    assert!(dst.contains("checking the received VM state"), "{dst}");
+    assert!(src.contains("malformed state blob"), "{src}");
+    // A VM state of a guest with twice this RAM.
+    let other = precopy_vmm::VmState {
+        program: GuestProgram::new(1, 2 * ram, 64 << 10, 1).unwrap(),
+        dirty_rate: None,
+        vcpus: Vec::new(),
+    };
+    let (src, dst) = send_to_destination(ram, Some(&other.to_bytes().unwrap()));
+    assert!(dst.contains("bytes of guest RAM"), "{dst}");
+    assert!(src.contains("bytes of guest RAM"), "{src}");
+    // No state: nothing to resume the vCPUs from.
+    let (src, dst) = send_to_destination(ram, None);
+    assert!(dst.contains("sent no VM state"), "{dst}");
+    assert!(src.contains("sent no VM state"), "{src}");
+}
+
+/// The VM's own workload, whose state hook hands out a state no destination can resume from.
+#[derive(Debug)]
+struct CorruptState(precopy_vmm::VmControl);
+
+impl precopy_migrate::Workload for CorruptState {
+    fn pause(&mut self) -> Result<(), precopy_migrate::BoxError> {
+        precopy_migrate::Workload::pause(&mut self.0)
+    }
+    fn resume(&mut self) -> Result<(), precopy_migrate::BoxError> {
+        precopy_migrate::Workload::resume(&mut self.0)
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, precopy_migrate::BoxError> {
+        let mut state = self.0.state()?;
+        state.vcpus.pop();
+        Ok(state.to_bytes()?)
+    }
+}
+
+#[test]
+fn a_refused_state_fails_the_migration_and_the_source_guest_runs_on() {
+    use precopy_migrate::{Migration, MigrationConfig, TransferTransport};
+    use precopy_transfer::{Connection, ProcessMemory, Sender, SenderConfig};
+    if !kvm_or_skip("a_refused_state_fails_the_migration_and_the_source_guest_runs_on") {
+        return;
+    }
+    let program = GuestProgram::new(2, 32 << 20, 4 << 20, 20).unwrap();
+    let vm = Vm::new(VmConfig {
+        program: program.clone(),
+        backing: RamBacking::Anonymous,
+        dirty_rate: Some(32 << 20),
+        kvm_dirty_log: false,
+    })
+    .unwrap();
+    vm.load_program().unwrap();
+    let running = vm.start(None).unwrap();
+    let dest = precopy_vmm::DestinationProcess::spawn(destination(false)).unwrap();
+    let ram = running.ram().clone();
+    let sender = Sender::connect(
+        vec![Connection::connect_tcp(dest.address()).unwrap()],
+        precopy_vmm::guest_ram_layout(&ram, RamBacking::Anonymous).unwrap(),
+        ProcessMemory::current(),
+        &SenderConfig::default(),
+    )
+    .unwrap();
+    let mut migration = Migration::new(
+        precopy_vmm::uffd_dirty_log(&ram).unwrap(),
+        TransferTransport::new(sender),
+        CorruptState(running.control()),
+        MigrationConfig {
+            max_downtime: std::time::Duration::from_millis(50),
+            ..MigrationConfig::default()
+        },
+    );
+    let e = migration
+        .run()
+        .expect_err("a state missing a vCPU was accepted");
+    let chain = precopy_sys::error_chain(&e);
+    assert!(
+        chain.contains("1 vCPUs saved, the program has 2"),
+        "{chain}"
+    );
+    let d = dest
+        .finish()
+        .expect_err("the destination resumed a guest missing a vCPU");
+    assert!(
+        d.to_string().contains("checking the received VM state"),
+        "{d}"
+    );
+    drop(migration);
+    // The driver resumed the source's vCPUs: the guest runs on here, to the model's checksums.
+    let control = running.control();
+    assert!(
+        !control.finished(),
+        "the guest finished before the migration ended"
+    );
+    let outcome = running.wait().unwrap();
+    assert_eq!(outcome.checksums, program.expected());
 }

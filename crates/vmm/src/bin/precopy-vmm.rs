@@ -1,8 +1,9 @@
 //! `precopy-vmm`: the VMM as a process of its own.
 //!
 //! * `precopy-vmm destination [--memfd]`: a migration's destination (see
-//!   `precopy_vmm::destination_main`): prints the address it listens on, receives the VM,
-//!   reads the state on standard input, runs the guest to the end and prints a JSON report.
+//!   `precopy_vmm::destination_main`): prints the address it listens on, receives the VM
+//!   (memory, then the vCPU state in the same stream), runs the guest to the end and prints a
+//!   JSON report.
 //! * `precopy-vmm run --ram 64M --vcpus 2 --working-set 8M --passes 20`: runs the guest
 //!   without migration and prints its checksums as JSON.
 
@@ -55,11 +56,7 @@ fn main() {
 fn run() -> Result<()> {
     match Cli::parse().command {
         Cmd::Destination { memfd } => {
-            precopy_vmm::destination_main(
-                RamBacking::memfd_if(memfd),
-                std::io::stdin().lock(),
-                std::io::stdout().lock(),
-            )?;
+            precopy_vmm::destination_main(RamBacking::memfd_if(memfd), std::io::stdout().lock())?;
         }
         Cmd::Run {
             ram,
