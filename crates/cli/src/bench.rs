@@ -103,9 +103,15 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Instead of the backends: KVM's dirty log against the engine on a KVM guest's RAM (round
-    /// cost and the vCPU's cost per first write; needs /dev/kvm). Uses --sizes (default 256M),
-    /// --fractions (default 0,1%,100%; 0 is only the default's) and --rounds.
-    #[arg(long)]
+    /// cost and the vCPU's cost per first write; needs /dev/kvm). Uses --sizes (2M to 4G,
+    /// default 256M), --fractions (default 0,1%,100%; 0 is only the default's), --rounds (1 to
+    /// 1000, default 7) and --json; the backend sweep's other flags are refused with it.
+    #[arg(
+        long,
+        conflicts_with_all = [
+            "backends", "threads", "full", "patterns", "thp", "warmup", "out", "no_files", "seed",
+        ]
+    )]
     kvm: bool,
 }
 

@@ -1,6 +1,8 @@
-//! `precopy demo --vm` and `precopy bench --kvm` end to end (need /dev/kvm; loud SKIP without).
+//! `precopy demo --vm` and `precopy bench --kvm` end to end. The flag checks run anywhere; the
+//! runs need /dev/kvm and print a loud SKIP without it.
 
-use std::process::Command;
+use serde_json::Value;
+use std::process::{Command, Output};
 
 fn kvm_usable(test: &str) -> bool {
     let ok = std::fs::OpenOptions::new()
@@ -14,44 +16,315 @@ fn kvm_usable(test: &str) -> bool {
     ok
 }
 
+fn precopy(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_precopy"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Stdout must be exactly one JSON object with `ok` and `error`; returns it.
+fn one_object(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut objects = serde_json::Deserializer::from_str(&stdout).into_iter::<Value>();
+    let v = objects
+        .next()
+        .unwrap_or_else(|| panic!("no JSON object on stdout: {stdout:?}"))
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout:?}"));
+    assert!(
+        objects.next().is_none(),
+        "more than one JSON object on stdout: {stdout}"
+    );
+    assert!(v.is_object(), "{v}");
+    assert!(v["ok"].is_boolean(), "no \"ok\": {v}");
+    assert!(v.get("error").is_some(), "no \"error\": {v}");
+    v
+}
+
+/// No value anywhere in `v` is a raw `Duration` (`{"secs": .., "nanos": ..}`).
+fn no_raw_durations(v: &Value, path: &str) {
+    match v {
+        Value::Object(m) => {
+            assert!(
+                !(m.contains_key("secs") && m.contains_key("nanos")),
+                "{path} is a raw Duration: {v}"
+            );
+            for (k, x) in m {
+                no_raw_durations(x, &format!("{path}.{k}"));
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                no_raw_durations(x, &format!("{path}[{i}]"));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A refused flag: exit status 2, one line on stderr in the `FLAG VALUE: PROBLEM; FIX` shape
+/// (naming `flag` and `value`), and with `--json` one object with `ok: false`.
+fn refused(args: &[&str], flag: &str, value: &str, problem: &str) {
+    let out = precopy(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    let line = format!("precopy: error: {flag} {value}: ");
+    assert!(
+        stderr.contains(&line),
+        "{args:?}: expected {line:?} in {stderr}"
+    );
+    assert!(
+        stderr.contains(problem),
+        "{args:?}: expected {problem:?} in {stderr}"
+    );
+    assert!(stderr.contains("; "), "{args:?}: no fix in {stderr}");
+    let mut with_json = args.to_vec();
+    with_json.push("--json");
+    let out = precopy(&with_json);
+    assert_eq!(out.status.code(), Some(2));
+    let v = one_object(&out);
+    assert_eq!(v["ok"], false, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with(&format!("{flag} {value}: ")), "{v}");
+}
+
+#[test]
+fn demo_vm_refuses_bad_values_up_front() {
+    let vm = |extra: &[&'static str]| [&["demo", "--vm"][..], extra].concat();
+    refused(&vm(&["--vcpus", "0"]), "--vcpus", "0", "1 to 64 vCPUs");
+    refused(&vm(&["--vcpus", "65"]), "--vcpus", "65", "1 to 64 vCPUs");
+    refused(&vm(&["--vcpus", "-1"]), "--vcpus", "-1", "1 to 64 vCPUs");
+    refused(
+        &vm(&["--working-set", "0"]),
+        "--working-set",
+        "0",
+        "one 4 KiB page for each",
+    );
+    refused(
+        &vm(&["--size", "64M", "--working-set", "64M"]),
+        "--working-set",
+        "64M",
+        "above the first 1 MiB",
+    );
+    refused(
+        &vm(&["--guest-seconds", "0"]),
+        "--guest-seconds",
+        "0",
+        "more than 0 and at most 3600",
+    );
+    refused(
+        &vm(&["--guest-seconds", "3601"]),
+        "--guest-seconds",
+        "3601",
+        "at most 3600",
+    );
+    refused(
+        &vm(&["--guest-seconds", "2", "--warmup", "2"]),
+        "--warmup",
+        "2",
+        "less than --guest-seconds",
+    );
+    refused(&vm(&["--size", "8G"]), "--size", "8G", "2 MiB to 4 GiB");
+    refused(&vm(&["--size", "1M"]), "--size", "1M", "2 MiB to 4 GiB");
+    refused(
+        &vm(&["--size", "2050K"]),
+        "--size",
+        "2050K",
+        "whole 4 KiB pages",
+    );
+    refused(
+        &vm(&["--dirty-rate", "1T", "--guest-seconds", "3600"]),
+        "--dirty-rate",
+        "1T",
+        "pages",
+    );
+    refused(
+        &vm(&["--max-rounds", "0"]),
+        "--max-rounds",
+        "0",
+        "at least 1",
+    );
+    refused(&vm(&["--max-downtime", "0"]), "--max-downtime", "0", "0 ms");
+}
+
+/// A usage error from clap (conflicting flags): exit 2, both flags named on stderr, and with
+/// `--json` one object with `ok: false`.
+fn conflict(args: &[&str], a: &str, b: &str) {
+    let out = precopy(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains("cannot be used with") && stderr.contains(a) && stderr.contains(b),
+        "{args:?}: {stderr}"
+    );
+    let mut with_json = args.to_vec();
+    with_json.push("--json");
+    let v = one_object(&precopy(&with_json));
+    assert_eq!(v["ok"], false, "{v}");
+}
+
+#[test]
+fn vm_and_kvm_refuse_flags_they_do_not_use() {
+    conflict(&["demo", "--vm", "--threads", "4"], "--vm", "--threads");
+    conflict(
+        &["demo", "--vm", "--pattern", "uniform"],
+        "--vm",
+        "--pattern",
+    );
+    conflict(&["demo", "--vm", "--memory", "memfd"], "--vm", "--memory");
+    conflict(&["demo", "--vm", "--to", "file:/tmp/x"], "--vm", "--to");
+    conflict(&["demo", "--vm", "--streams", "2"], "--vm", "--streams");
+    conflict(
+        &["demo", "--vm", "--lockstep", "--no-kvm-check"],
+        "--lockstep",
+        "--no-kvm-check",
+    );
+    conflict(
+        &["bench", "--kvm", "--backends", "soft-dirty"],
+        "--kvm",
+        "--backends",
+    );
+    conflict(&["bench", "--kvm", "--threads", "2"], "--kvm", "--threads");
+    conflict(&["bench", "--kvm", "--full"], "--kvm", "--full");
+}
+
+#[test]
+fn bench_kvm_refuses_bad_values_up_front() {
+    let kvm = |extra: &[&'static str]| [&["bench", "--kvm"][..], extra].concat();
+    refused(&kvm(&["--rounds", "0"]), "--rounds", "0", "1 to 1000");
+    refused(&kvm(&["--rounds", "1001"]), "--rounds", "1001", "1 to 1000");
+    refused(&kvm(&["--sizes", "1M"]), "--sizes", "1M", "2 MiB to 4 GiB");
+    refused(&kvm(&["--sizes", "5G"]), "--sizes", "5G", "2 MiB to 4 GiB");
+}
+
 #[test]
 fn demo_vm_migrates_a_guest_and_matches_the_unmigrated_checksum() {
     if !kvm_usable("demo_vm_migrates_a_guest_and_matches_the_unmigrated_checksum") {
         return;
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_precopy"))
-        .args([
-            "demo",
-            "--vm",
-            "--size",
-            "32M",
-            "--working-set",
-            "4M",
-            "--dirty-rate",
-            "16M",
-        ])
-        .args([
-            "--guest-seconds",
-            "3",
-            "--warmup",
-            "0.3",
-            "--vcpus",
-            "2",
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let out = precopy(&[
+        "demo",
+        "--vm",
+        "--size",
+        "32M",
+        "--working-set",
+        "4M",
+        "--dirty-rate",
+        "16M",
+        "--guest-seconds",
+        "3",
+        "--warmup",
+        "0.3",
+        "--vcpus",
+        "2",
+        "--json",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo --vm failed: {stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = one_object(&out);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["error"], Value::Null, "{report}");
+    no_raw_durations(&report, "report");
     assert_eq!(report["checksums_match"], true, "{report}");
     assert_eq!(
         report["destination"]["checksum"],
         report["unmigrated"]["checksum"]
     );
     assert_eq!(report["source"]["finished_before_switch_over"], false);
+    // Durations are milliseconds, as in the rest of the CLI's JSON.
+    for ms in [
+        &report["source"]["migration"]["downtime_ms"],
+        &report["destination"]["guest_pause_ms"],
+        &report["destination"]["run_after_resume_ms"],
+        &report["unmigrated"]["run_time_ms"],
+    ] {
+        assert!(ms.as_f64().is_some_and(|v| v >= 0.0), "{ms} in {report}");
+    }
+    // The vCPU state went through the state hook: sent and received, same size.
+    let sent = report["source"]["migration"]["state_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(sent > 0);
+    assert_eq!(report["destination"]["state_bytes"].as_u64(), Some(sent));
     let rounds = report["source"]["cross_check"].as_array().unwrap();
     assert!(!rounds.is_empty());
+    assert_eq!(report["guest"]["vcpus"], 2);
+    assert!(report["kvm"]["module"].is_string(), "{report}");
+    assert!(report["kvm"]["note"].is_string(), "{report}");
+    // No progress lines with --json.
+    assert!(!stderr.contains("round 0"), "{stderr}");
+}
+
+#[test]
+fn demo_vm_failure_prints_exactly_one_json_object() {
+    if !kvm_usable("demo_vm_failure_prints_exactly_one_json_object") {
+        return;
+    }
+    // One round allowed, abort at the limit, and a downtime no final round of a guest writing
+    // 16 MiB/s meets: the migration is refused after round 0.
+    let out = precopy(&[
+        "demo",
+        "--vm",
+        "--size",
+        "32M",
+        "--working-set",
+        "8M",
+        "--dirty-rate",
+        "16M",
+        "--guest-seconds",
+        "4",
+        "--warmup",
+        "0.3",
+        "--max-rounds",
+        "1",
+        "--on-max-rounds",
+        "abort",
+        "--max-downtime",
+        "1",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let v = one_object(&out);
+    assert_eq!(v["ok"], false, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("migrating the guest failed"), "{v}");
+    assert_eq!(v["guest"]["vcpus"], 2, "{v}");
+    // The error went to stderr once.
+    assert_eq!(stderr.matches("precopy: error:").count(), 1, "{stderr}");
+}
+
+#[test]
+fn demo_vm_text_output_names_the_kvm_it_ran_on() {
+    if !kvm_usable("demo_vm_text_output_names_the_kvm_it_ran_on") {
+        return;
+    }
+    let out = precopy(&[
+        "demo",
+        "--vm",
+        "--size",
+        "16M",
+        "--working-set",
+        "2M",
+        "--dirty-rate",
+        "16M",
+        "--guest-seconds",
+        "2",
+        "--warmup",
+        "0.2",
+        "--vcpus",
+        "1",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let host = precopy_vmm::KvmHost::detect();
+    assert!(stdout.contains(&host.note()), "{stdout}");
+    assert!(stdout.contains("MATCH"), "{stdout}");
+    assert!(
+        stdout.contains("VM state through the state hook"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -59,23 +332,22 @@ fn bench_kvm_reports_both_mechanisms() {
     if !kvm_usable("bench_kvm_reports_both_mechanisms") {
         return;
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_precopy"))
-        .args([
-            "bench",
-            "--kvm",
-            "--sizes",
-            "8M",
-            "--fractions",
-            "1%,1",
-            "--rounds",
-            "1",
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let out = precopy(&[
+        "bench",
+        "--kvm",
+        "--sizes",
+        "8M",
+        "--fractions",
+        "1%,1",
+        "--rounds",
+        "1",
+        "--json",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench --kvm failed: {stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = one_object(&out);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["kvm"]["module"].is_string(), "{v}");
     let rows = v["kvm_bench"].as_array().unwrap();
     assert_eq!(rows.len(), 6, "{v}");
     for r in rows

@@ -6,6 +6,8 @@
 //!
 //! * [`guest`]: the guest program (assembled here, a few dozen instructions of 32-bit x86) that
 //!   writes its memory in a deterministic pattern and reports a running checksum on an I/O port.
+//! * [`host`]: which KVM back end this host offers (hardware with EPT/NPT, or `kvm-pvm`) and
+//!   what that does to the figures.
 //! * [`vm`]: guest RAM (anonymous or memfd), the memory slot, vCPU threads, pause/resume.
 //! * [`kvm_log`]: the per-round cross-check against `KVM_GET_DIRTY_LOG`.
 //! * [`migrate`]: source and destination of a live migration between two VMM processes.
@@ -18,6 +20,7 @@
 pub mod bench;
 pub mod error;
 pub mod guest;
+pub mod host;
 pub mod kvm_log;
 pub mod migrate;
 pub mod state;
@@ -25,6 +28,7 @@ pub mod vm;
 
 pub use error::Error;
 pub use guest::GuestProgram;
+pub use host::KvmHost;
 pub use kvm_log::{CrossCheckRound, KvmCheckedLog};
 pub use migrate::{
     DestinationProcess, DestinationReport, MigrateOptions, SourceReport, VmDemoOptions,

@@ -1,13 +1,59 @@
 //! `precopy bench --kvm`: KVM's dirty log and the engine on the same guest RAM in the same run
 //! (see `precopy_vmm::bench`).
+//!
+//! Its flags are checked before anything runs; with `--json`, stdout holds exactly one JSON
+//! object (`ok`, `error`, `kvm_bench`: the rows, `kvm`: what KVM this host offers).
 
 use super::{Args, MIB};
+use crate::args::{available_memory, human, invalid};
+use crate::output;
 use anyhow::Result;
+use precopy_vmm::KvmHost;
 use precopy_vmm::bench::BenchRow;
+use serde_json::json;
 use std::process::ExitCode;
 
-/// Runs the comparison and prints a table (stdout, or stderr with `--json`) and JSON.
-pub fn run(args: &Args) -> Result<ExitCode> {
+/// Smallest and largest guest RAM (a 32-bit guest without paging; its first 1 MiB holds code).
+const MIN_RAM: u64 = 2 << 20;
+const MAX_RAM: u64 = 4 << 30;
+/// Most measured rounds per mechanism and fraction.
+const MAX_ROUNDS: u64 = 1000;
+
+/// The sizes, fractions and rounds the flags ask for, once checked.
+fn validate(args: &Args) -> Result<(Vec<u64>, Vec<f64>, usize)> {
+    let avail = available_memory();
+    for size in &args.sizes {
+        if size.bytes < MIN_RAM || size.bytes > MAX_RAM || size.bytes % 4096 != 0 {
+            return Err(invalid(
+                "--sizes",
+                size,
+                format!(
+                    "guest RAM is {} bytes: it must be 2 MiB to 4 GiB (a 32-bit guest without paging) in whole 4 KiB pages",
+                    size.bytes
+                ),
+                "use e.g. --sizes 64M,1G (K/M/G are binary)",
+            ));
+        }
+        if let Some((avail, what)) = avail {
+            if size.bytes > avail {
+                return Err(invalid(
+                    "--sizes",
+                    size,
+                    format!("is more than the {} of {what}", human(avail)),
+                    format!("use sizes up to {}M", avail / MIB),
+                ));
+            }
+        }
+    }
+    let rounds = args.rounds.unwrap_or(7);
+    if rounds == 0 || rounds > MAX_ROUNDS {
+        return Err(invalid(
+            "--rounds",
+            rounds,
+            format!("must be 1 to {MAX_ROUNDS} measured rounds"),
+            "use e.g. --rounds 7",
+        ));
+    }
     let sizes = if args.sizes.is_empty() {
         vec![256 * MIB]
     } else {
@@ -18,14 +64,34 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     } else {
         args.fractions.clone()
     };
-    let rounds = args.rounds.map_or(7, |r| r as usize);
+    Ok((sizes, fractions, rounds as usize))
+}
+
+/// Runs the comparison and prints a table (stdout, or stderr with `--json`) and JSON.
+pub fn run(args: &Args) -> Result<ExitCode> {
+    let (sizes, fractions, rounds) = validate(args)?;
+    let host = KvmHost::detect();
+    let kvm = json!({
+        "module": host.module,
+        "second_level_paging": host.second_level_paging,
+        "nested": host.nested,
+        "emulated": host.emulated(),
+        "note": host.note(),
+    });
     let mut rows: Vec<BenchRow> = Vec::new();
     for &size in &sizes {
         eprintln!(
             "precopy bench --kvm: {} MiB of guest RAM, 1 vCPU, {rounds} rounds per mechanism and fraction",
             size / MIB
         );
-        rows.extend(precopy_vmm::bench::run(size, &fractions, rounds)?);
+        match precopy_vmm::bench::run(size, &fractions, rounds) {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                let e = anyhow::Error::new(e).context("the KVM bench failed");
+                let partial = json!({ "kvm_bench": rows, "kvm": kvm });
+                return Err(output::fail(args.json, partial, e));
+            }
+        }
     }
     let mut table = String::from(
         "guest RAM  written  mechanism      round (µs)  pages/round  vCPU µs/page  first-write overhead µs\n",
@@ -64,12 +130,10 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             }
         }
     }
-    table.push_str(
-        "(nested KVM on this machine: every guest page fault and exit goes through the outer hypervisor too)\n",
-    );
+    table.push_str(&format!("note: {}\n", host.note()));
     if args.json {
         eprint!("{table}");
-        println!("{}", serde_json::json!({ "kvm_bench": rows }));
+        output::print_json(json!({ "kvm_bench": rows, "kvm": kvm }), None);
     } else {
         print!("{table}");
     }

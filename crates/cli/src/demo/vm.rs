@@ -3,35 +3,67 @@
 //! This process is the source VMM (`precopy-vmm`: guest RAM it maps itself, the guest program,
 //! vCPU threads); it starts the destination VMM as `precopy __vm-dest`, a process with guest RAM
 //! of its own at another host address. The guest runs once without migration for the reference
-//! checksum, then again with a live migration in the middle; the destination runs it to the end
-//! and the two checksums must be equal. Every round is checked against KVM's own dirty log.
+//! checksum, then again with a live migration in the middle: memory rounds, then the vCPU state
+//! through the migration's state hook, on one connection. The destination receives the pages
+//! straight into its guest RAM, resumes the guest from the state and runs it to the end; the two
+//! checksums must be equal. Every round is checked against KVM's own dirty log.
+//!
+//! Every `--vm` flag is checked before anything starts (`FLAG VALUE: PROBLEM; FIX`), and the
+//! flags of the process demo that mean nothing for a guest are refused with `--vm`. With
+//! `--json`, stdout holds exactly one JSON object (`ok`, `error`, durations in milliseconds).
 
-use super::{Args, CheckKind};
-use crate::args::{Size, parse_size};
-use anyhow::{Result, bail};
-use precopy_migrate::{LimitPolicy, MigrationConfig, ThrottleConfig};
+use super::{Args, CheckKind, policy};
+use crate::args::{Size, available_memory, cpus, human, invalid, parse_size};
+use crate::output;
+use anyhow::{Result, anyhow};
+use precopy_migrate::{MigrationConfig, ThrottleConfig};
 use precopy_transfer::FinalCheck;
-use precopy_vmm::{GuestProgram, MigrateOptions, RamBacking, VmConfig, VmDemoOptions};
+use precopy_vmm::guest::{DATA_GPA, MAX_VCPUS, PAGE};
+use precopy_vmm::{GuestProgram, KvmHost, MigrateOptions, RamBacking, VmConfig, VmDemoOptions};
+use serde_json::{Value, json};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 /// The options only `--vm` uses.
 #[derive(Debug, clap::Args)]
 pub struct VmArgs {
-    /// Migrate a KVM guest (this process is its VMM) instead of a process; `--size` is its RAM.
-    #[arg(long)]
+    /// Migrate a KVM guest (this process is its VMM) instead of a process; `--size` is its RAM
+    /// (2M to 4G, whole 4 KiB pages) and `--dirty-rate` the rate its vCPUs write at (0: as fast
+    /// as they run). The process-only flags (--threads, --pattern, --hot-set, --memory,
+    /// --bandwidth, --to, --transport, --streams, --compress, --timeout, --on-timeout,
+    /// --throttle, --pause, --listen, --dest-netns, --progress) are refused with it.
+    #[arg(
+        long,
+        conflicts_with_all = [
+            "threads", "pattern", "hot_set", "memory", "bandwidth", "to", "transport",
+            "streams", "compress", "timeout", "on_timeout", "throttle", "pause", "listen",
+            "dest_netns", "progress", "kill_dest_at_round",
+        ]
+    )]
     vm: bool,
-    /// vCPUs of the guest.
-    #[arg(long, default_value_t = 2, requires = "vm")]
-    vcpus: u32,
-    /// Guest RAM the vCPUs write per pass, together (default: a quarter of `--size`).
-    #[arg(long, value_parser = parse_size, requires = "vm")]
+    /// vCPUs of the guest, 1 to 64.
+    #[arg(long, default_value_t = 2, requires = "vm", allow_hyphen_values = true)]
+    vcpus: i64,
+    /// Guest RAM the vCPUs write per pass, together: at least one page per vCPU, at most
+    /// --size minus the first 1 MiB (default: a quarter of --size).
+    #[arg(long, value_parser = parse_size, requires = "vm", allow_hyphen_values = true)]
     working_set: Option<Size>,
-    /// Length of the guest's program, in seconds of writing at `--dirty-rate`.
-    #[arg(long, default_value_t = 10.0, requires = "vm")]
+    /// Length of the guest's program, in seconds of writing at --dirty-rate (more than 0, at
+    /// most 3600).
+    #[arg(
+        long,
+        default_value_t = 10.0,
+        requires = "vm",
+        allow_hyphen_values = true
+    )]
     guest_seconds: f64,
-    /// Seconds the guest runs before the migration starts.
-    #[arg(long, default_value_t = 1.0, requires = "vm")]
+    /// Seconds the guest runs before the migration starts (0 up to less than --guest-seconds).
+    #[arg(
+        long,
+        default_value_t = 1.0,
+        requires = "vm",
+        allow_hyphen_values = true
+    )]
     warmup: f64,
     /// Back guest RAM with a memfd (shared mapping) at both ends instead of anonymous memory.
     #[arg(long, requires = "vm")]
@@ -41,7 +73,7 @@ pub struct VmArgs {
     no_kvm_check: bool,
     /// Pause the vCPUs around both dirty-log reads of every round: the cross-check is then
     /// strict per round (else a page may show in KVM's next round; see `precopy_vmm::kvm_log`).
-    #[arg(long, requires = "vm")]
+    #[arg(long, requires = "vm", conflicts_with = "no_kvm_check")]
     lockstep: bool,
 }
 
@@ -60,45 +92,205 @@ pub struct VmDestArgs {
     memfd: bool,
 }
 
-/// `precopy __vm-dest`.
+/// `precopy __vm-dest`. Its outcome, error included, is the JSON line it prints for the source
+/// VMM, which reports it: nothing more on stderr, so a failure is told once. Only a failure to
+/// talk to the source at all (listening, printing) goes to stderr.
 pub fn run_dest(args: VmDestArgs) -> Result<ExitCode> {
-    precopy_vmm::destination_main(
-        RamBacking::memfd_if(args.memfd),
-        std::io::stdin().lock(),
-        std::io::stdout().lock(),
-    )?;
-    Ok(ExitCode::SUCCESS)
+    match precopy_vmm::destination_main(RamBacking::memfd_if(args.memfd), std::io::stdout().lock())
+    {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e @ precopy_vmm::Error::Channel { .. }) => Err(e.into()),
+        Err(_) => Err(anyhow::Error::new(output::Reported)),
+    }
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
+/// Smallest guest RAM: the first 1 MiB holds code and parameters, the vCPUs write above it.
+const MIN_RAM: u64 = 2 << 20;
+/// Largest guest RAM: the guest is 32-bit without paging.
+const MAX_RAM: u64 = 4 << 30;
+/// Longest guest program and warm-up, seconds.
+const MAX_SECONDS: f64 = 3600.0;
+/// Most page writes a guest program makes in all: the demo computes the expected checksum in
+/// Rust, one step per page write (about a second per 2^30 on this class of machine).
+const MAX_WRITES: u64 = 1 << 32;
 
-/// `precopy demo --vm`.
-pub fn run(args: &Args) -> Result<ExitCode> {
+/// The guest and migration the flags describe, once checked.
+#[derive(Debug)]
+struct VmPlan {
+    program: GuestProgram,
+    backing: RamBacking,
+    dirty_rate: Option<u64>,
+    warmup: Duration,
+}
+
+/// Checks every flag `--vm` uses against its limit before anything starts.
+fn validate(args: &Args) -> Result<VmPlan> {
     let vm = &args.vm;
-    let size = args.size.bytes;
+    let size = &args.size;
+    if vm.vcpus < 1 || vm.vcpus > i64::from(MAX_VCPUS) {
+        return Err(invalid(
+            "--vcpus",
+            vm.vcpus,
+            format!("a guest has 1 to {MAX_VCPUS} vCPUs (one parameter page holds them)"),
+            format!(
+                "use --vcpus {} (this host has {} CPUs)",
+                cpus().clamp(1, u64::from(MAX_VCPUS)),
+                cpus()
+            ),
+        ));
+    }
+    let vcpus = vm.vcpus as u32;
+    if size.bytes < MIN_RAM || size.bytes > MAX_RAM || size.bytes % PAGE != 0 {
+        let fix = if size.bytes > MAX_RAM {
+            "use --size 4G or less".to_string()
+        } else if size.bytes < MIN_RAM {
+            "use at least --size 2M".to_string()
+        } else {
+            format!("use --size {}K", size.bytes / PAGE * 4)
+        };
+        return Err(invalid(
+            "--size",
+            size,
+            format!(
+                "guest RAM is {} bytes: it must be 2 MiB to 4 GiB (a 32-bit guest without paging) in whole 4 KiB pages",
+                size.bytes
+            ),
+            fix,
+        ));
+    }
+    if let Some((avail, what)) = available_memory() {
+        let need = size.bytes.saturating_mul(2);
+        if need > avail {
+            return Err(invalid(
+                "--size",
+                size,
+                format!(
+                    "the demo holds guest RAM twice (source and destination VMM): {} in all, more than the {} of {what}",
+                    human(need),
+                    human(avail)
+                ),
+                format!("use --size {}M or less", avail / 2 >> 20),
+            ));
+        }
+    }
+    let data = size.bytes - DATA_GPA;
+    let working_set = match &vm.working_set {
+        None => (size.bytes / 4).clamp(u64::from(vcpus) * PAGE, data),
+        Some(w) => {
+            if w.bytes < u64::from(vcpus) * PAGE {
+                return Err(invalid(
+                    "--working-set",
+                    w,
+                    format!(
+                        "is less than one 4 KiB page for each of the {vcpus} vCPUs ({})",
+                        human(u64::from(vcpus) * PAGE)
+                    ),
+                    format!("use at least --working-set {}K", u64::from(vcpus) * 4),
+                ));
+            }
+            if w.bytes > data {
+                return Err(invalid(
+                    "--working-set",
+                    w,
+                    format!(
+                        "is more than the {} of guest RAM above the first 1 MiB (code and parameters) of --size {size}",
+                        human(data)
+                    ),
+                    format!(
+                        "use --working-set {}K or less, or a larger --size",
+                        data / 1024
+                    ),
+                ));
+            }
+            w.bytes
+        }
+    };
+    let secs = vm.guest_seconds;
+    if !(secs.is_finite() && secs > 0.0 && secs <= MAX_SECONDS) {
+        return Err(invalid(
+            "--guest-seconds",
+            secs,
+            "the guest's program must last more than 0 and at most 3600 seconds",
+            "use e.g. --guest-seconds 10",
+        ));
+    }
+    if !(vm.warmup.is_finite() && vm.warmup >= 0.0 && vm.warmup < secs) {
+        return Err(invalid(
+            "--warmup",
+            vm.warmup,
+            format!(
+                "must be at least 0 and less than --guest-seconds {secs}: the migration has to start while the guest still writes"
+            ),
+            format!("use e.g. --warmup {}", (secs / 4.0).min(1.0)),
+        ));
+    }
     let rate = args.dirty_rate.bytes;
-    let working_set = vm.working_set.as_ref().map_or(size / 4, |s| s.bytes);
+    let writes = if rate == 0 {
+        working_set / PAGE * 4
+    } else {
+        (rate as f64 * secs / PAGE as f64) as u64
+    };
+    if writes > MAX_WRITES {
+        return Err(invalid(
+            "--dirty-rate",
+            &args.dirty_rate,
+            format!(
+                "over --guest-seconds {secs} the guest would write {writes} pages, more than the {MAX_WRITES} the demo checks its checksum against"
+            ),
+            "use a lower --dirty-rate or fewer --guest-seconds",
+        ));
+    }
+    if args.max_downtime == 0 {
+        return Err(invalid(
+            "--max-downtime",
+            args.max_downtime,
+            "no final round takes 0 ms, so the migration could never switch over on its own",
+            "use at least 1 (milliseconds)",
+        ));
+    }
+    if args.max_rounds == 0 {
+        return Err(invalid(
+            "--max-rounds",
+            args.max_rounds,
+            "round 0, which sends all guest RAM while the guest runs, counts: at least 1",
+            "use --max-rounds 1 to switch over right after round 0",
+        ));
+    }
     let passes = if rate == 0 {
         4
     } else {
-        ((rate as f64 * vm.guest_seconds) / working_set.max(1) as f64).ceil() as u32
+        ((rate as f64 * secs) / working_set as f64).ceil() as u32
     }
     .max(1);
-    let program = GuestProgram::new(vm.vcpus, size, working_set, passes)?;
+    let program = GuestProgram::new(vcpus, size.bytes, working_set, passes)?;
+    Ok(VmPlan {
+        program,
+        backing: RamBacking::memfd_if(vm.memfd),
+        dirty_rate: (rate > 0).then_some(rate),
+        warmup: Duration::from_secs_f64(vm.warmup),
+    })
+}
+
+/// `precopy demo --vm`.
+pub fn run(args: &Args) -> Result<ExitCode> {
+    let plan = validate(args)?;
+    let vm = &args.vm;
+    let host = KvmHost::detect();
     let opts = VmDemoOptions {
         config: VmConfig {
-            program: program.clone(),
-            backing: RamBacking::memfd_if(vm.memfd),
-            dirty_rate: (rate > 0).then_some(rate),
+            program: plan.program.clone(),
+            backing: plan.backing,
+            dirty_rate: plan.dirty_rate,
             kvm_dirty_log: !vm.no_kvm_check,
         },
-        destination_backing: RamBacking::memfd_if(vm.memfd),
-        warmup: Duration::from_secs_f64(vm.warmup),
+        destination_backing: plan.backing,
+        warmup: plan.warmup,
         migrate: MigrateOptions {
             migration: MigrationConfig {
                 max_downtime: Duration::from_millis(args.max_downtime),
                 max_rounds: args.max_rounds,
-                max_rounds_policy: LimitPolicy::SwitchOver,
+                max_rounds_policy: policy(args.on_max_rounds),
                 throttle: ThrottleConfig {
                     enabled: !args.no_throttle,
                     ..ThrottleConfig::default()
@@ -115,54 +307,91 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             key: None,
         },
     };
+    let program = &plan.program;
+    let guest = json!({
+        "vcpus": program.vcpus,
+        "ram_bytes": program.ram_size,
+        "backing": plan.backing,
+        "working_set_bytes": program.working_set(),
+        "passes": program.passes,
+        "dirty_rate_bytes_per_s": plan.dirty_rate,
+    });
+    let kvm = json!({
+        "module": host.module,
+        "second_level_paging": host.second_level_paging,
+        "nested": host.nested,
+        "emulated": host.emulated(),
+        "note": host.note(),
+    });
+    let json = args.json;
+    if !json {
+        eprintln!(
+            "guest: {} vCPU(s), {} of RAM ({:?}), writes {} per pass x {} passes{}",
+            program.vcpus,
+            human(program.ram_size),
+            plan.backing,
+            human(program.working_set()),
+            program.passes,
+            match plan.dirty_rate {
+                Some(r) => format!(", paced to {:.0} MiB/s", r as f64 / MIB),
+                None => ", unpaced".into(),
+            }
+        );
+        eprintln!("note: {}", host.note());
+        eprintln!("running it once without migration, then migrating it live ...");
+    }
     let mut dest = Command::new(std::env::current_exe()?);
     dest.arg("__vm-dest");
     if vm.memfd {
         dest.arg("--memfd");
     }
-    let json = args.json;
-    if !json {
-        eprintln!(
-            "guest: {} vCPU(s), {} MiB of RAM ({:?}), writes {} MiB per pass x {} passes{}",
-            program.vcpus,
-            program.ram_size >> 20,
-            opts.config.backing,
-            program.working_set() >> 20,
-            program.passes,
-            match opts.config.dirty_rate {
-                Some(r) => format!(", paced to {:.0} MiB/s", r as f64 / MIB),
-                None => ", unpaced".into(),
-            }
-        );
-        eprintln!("running it once without migration, then migrating it live ...");
-    }
-    let report = precopy_vmm::demo(&opts, dest, move |p| {
+    let report = match precopy_vmm::demo(&opts, dest, move |p| {
         if !json {
             eprintln!("  round {}: {} KiB pending", p.round, p.pending_bytes >> 10);
         }
-    })?;
-    if json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_report(&report);
-    }
-    if !report.checksums_match {
-        bail!(
+    }) {
+        Ok(r) => r,
+        Err(e) => {
+            let e = anyhow::Error::new(e).context("migrating the guest failed");
+            return Err(output::fail(json, json!({ "guest": guest, "kvm": kvm }), e));
+        }
+    };
+    let error = if !report.checksums_match {
+        Some(anyhow!(
             "the migrated guest ended with checksum {:#010x}, the unmigrated run with {:#010x} (the program computes {:#010x})",
             report.destination.checksum,
             report.unmigrated.checksum,
             report.expected
-        );
+        ))
+    } else if report.source.finished_before_switch_over {
+        Some(anyhow!(
+            "the guest finished before the switch-over: nothing was migrated live (raise --guest-seconds or lower --warmup)"
+        ))
+    } else {
+        None
+    };
+    let mut value = serde_json::to_value(&report)?;
+    if let Value::Object(m) = &mut value {
+        m.insert("guest".into(), guest);
+        m.insert("kvm".into(), kvm);
     }
-    if report.source.finished_before_switch_over {
-        bail!(
-            "the guest finished before the switch-over: nothing was migrated live (raise --guest-seconds)"
-        );
+    if json {
+        return match error {
+            Some(e) => Err(output::fail(true, value, e)),
+            None => {
+                output::print_json(value, None);
+                Ok(ExitCode::SUCCESS)
+            }
+        };
     }
-    Ok(ExitCode::SUCCESS)
+    print_report(&report, &host);
+    match error {
+        Some(e) => Err(output::fail(false, Value::Null, e)),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }
 
-fn print_report(r: &precopy_vmm::VmDemoReport) {
+fn print_report(r: &precopy_vmm::VmDemoReport, host: &KvmHost) {
     let m = &r.source.migration;
     println!("{m}");
     if !r.source.cross_check.is_empty() {
@@ -177,17 +406,25 @@ fn print_report(r: &precopy_vmm::VmDemoReport) {
         println!("  every page KVM saw was reported by our rounds");
     }
     println!(
-        "guest write rate during the migration: {:.1} MiB/s",
-        r.source.guest_write_rate / MIB
+        "guest write rate during the migration: {:.1} MiB/s{}",
+        r.source.guest_write_rate / MIB,
+        if host.emulated() {
+            " (emulated guest on kvm-pvm: see the note above)"
+        } else {
+            ""
+        }
     );
     println!(
-        "downtime (pause to the receiver's ack): {:.1} ms; guest-visible pause (last vCPU exit at the source to first KVM_RUN at the destination, incl. state hand-off): {:.1} ms",
+        "downtime (pause to the receiver's ack): {:.1} ms; guest-visible pause (last vCPU exit at the source to first KVM_RUN at the destination): {:.1} ms",
         m.downtime.unwrap_or_default().as_secs_f64() * 1e3,
-        r.destination.guest_pause_ns as f64 / 1e6
+        r.destination.guest_pause.as_secs_f64() * 1e3
     );
     println!(
-        "state blob: {} bytes; guest RAM at {:#x} (source), {:#x} (destination)",
-        r.source.state_bytes, r.source_ram_addr, r.destination.ram_addr
+        "VM state through the state hook: {} bytes sent, {} received; guest RAM at {:#x} (source), {:#x} (destination)",
+        m.state_bytes.unwrap_or(0),
+        r.destination.state_bytes,
+        r.source_ram_addr,
+        r.destination.ram_addr
     );
     println!(
         "checksum: unmigrated {:#010x}, migrated {:#010x}, program {:#010x}: {}",
@@ -200,4 +437,5 @@ fn print_report(r: &precopy_vmm::VmDemoReport) {
             "MISMATCH"
         }
     );
+    println!("note: {}", host.note());
 }
