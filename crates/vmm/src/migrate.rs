@@ -310,7 +310,7 @@ pub fn receive(
     let receiver = Receiver::accept(listener, &config).map_err(Error::Transfer)?;
     let layout = receiver.layout().clone();
     let region = match layout.regions() {
-        [r] if r.guest_addr.unwrap_or(0) == 0 => r.clone(),
+        [r] if r.guest_addr.unwrap_or(0) == 0 => *r,
         _ => {
             return Err(Error::State {
                 reason: "the source's memory is not one guest RAM region at guest-physical 0"

@@ -170,7 +170,7 @@ fn validate(args: &Args) -> Result<VmPlan> {
                     human(need),
                     human(avail)
                 ),
-                format!("use --size {}M or less", avail / 2 >> 20),
+                format!("use --size {}M or less", (avail / 2) >> 20),
             ));
         }
     }
