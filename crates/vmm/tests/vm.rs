@@ -262,11 +262,15 @@ fn cross_check_fails_when_our_log_misses_a_write() {
 /// source's and the destination's errors.
 fn send_to_destination(len: u64, state: Option<&[u8]>) -> (String, String) {
     use precopy_transfer::{
-        Connection, FinalCheck, Layout, Listener, Sender, SenderConfig, SliceSource,
+        Connection, FinalCheck, Key, Layout, Listener, Sender, SenderConfig, SliceSource,
     };
     let listener = Listener::bind_tcp("127.0.0.1:0").unwrap();
     let addr = listener.address();
-    let dest = std::thread::spawn(move || precopy_vmm::receive(&listener, RamBacking::Anonymous));
+    let key = Key::random();
+    let dest_key = Some(key.clone());
+    let dest = std::thread::spawn(move || {
+        precopy_vmm::receive(&listener, dest_key, RamBacking::Anonymous)
+    });
     let base = 0x4000_0000;
     let mut memory = vec![0u8; len as usize];
     memory[4096..4100].copy_from_slice(b"page");
@@ -276,7 +280,10 @@ fn send_to_destination(len: u64, state: Option<&[u8]>) -> (String, String) {
         vec![conn],
         layout,
         SliceSource::new(base, memory),
-        &SenderConfig::default(),
+        &SenderConfig {
+            key: Some(key),
+            ..SenderConfig::default()
+        },
     )
     .unwrap();
     let sent = sender.send_round(&[base..base + len]).and_then(|_| {
@@ -363,7 +370,10 @@ fn a_refused_state_fails_the_migration_and_the_source_guest_runs_on() {
         vec![Connection::connect_tcp(dest.address()).unwrap()],
         precopy_vmm::guest_ram_layout(&ram, RamBacking::Anonymous).unwrap(),
         ProcessMemory::current(),
-        &SenderConfig::default(),
+        &SenderConfig {
+            key: dest.key(),
+            ..SenderConfig::default()
+        },
     )
     .unwrap();
     let mut migration = Migration::new(
