@@ -53,6 +53,8 @@ fn main() -> Result<()> {
     // Migrate: rounds while the guest runs, then the vCPUs park for the final round and their
     // state goes after the last pages.
     let opts = MigrateOptions {
+        // The destination requires the key it announced on its standard output.
+        key: destination.key(),
         migration: MigrationConfig {
             max_downtime: Duration::from_millis(50),
             ..MigrationConfig::default()
