@@ -4,8 +4,9 @@
 //!   `precopy_vmm::destination_main`): prints the address it listens on, receives the VM
 //!   (memory, then the vCPU state in the same stream), runs the guest to the end and prints a
 //!   JSON report.
-//! * `precopy-vmm run --ram 64M --vcpus 2 --working-set 8M --passes 20`: runs the guest
-//!   without migration and prints its checksums as JSON.
+//! * `precopy-vmm run --ram 64MiB --vcpus 2 --working-set 8MiB --passes 20`: runs the guest
+//!   without migration and prints its checksums as JSON (sizes as `bytesize` reads them: `MiB`
+//!   and `GiB` are binary, `M` and `G` decimal).
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -28,14 +29,14 @@ enum Cmd {
     },
     /// Run the guest without migration.
     Run {
-        /// Guest RAM.
-        #[arg(long, default_value = "64M")]
+        /// Guest RAM, whole 4 KiB pages (64MiB, 1GiB; `M`/`G` are decimal).
+        #[arg(long, default_value = "64MiB")]
         ram: bytesize::ByteSize,
         /// vCPUs.
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
-        /// Bytes the vCPUs write per pass, together.
-        #[arg(long, default_value = "8M")]
+        /// Bytes the vCPUs write per pass, together (8MiB; `M` is decimal).
+        #[arg(long, default_value = "8MiB")]
         working_set: bytesize::ByteSize,
         /// Passes.
         #[arg(long, default_value_t = 10)]
