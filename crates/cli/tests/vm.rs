@@ -142,9 +142,21 @@ fn demo_vm_refuses_bad_values_up_front() {
         &vm(&["--max-rounds", "0"]),
         "--max-rounds",
         "0",
-        "at least 1",
+        "1 to 10000",
+    );
+    refused(
+        &vm(&["--max-rounds", "10001"]),
+        "--max-rounds",
+        "10001",
+        "1 to 10000",
     );
     refused(&vm(&["--max-downtime", "0"]), "--max-downtime", "0", "0 ms");
+    refused(
+        &vm(&["--max-downtime", "2000001"]),
+        "--max-downtime",
+        "2000001",
+        "2000 s",
+    );
 }
 
 /// A usage error from clap (conflicting flags): exit 2, both flags named on stderr, and with

@@ -115,6 +115,12 @@ const MAX_SECONDS: f64 = 3600.0;
 /// Rust, one step per page write (about a second per 2^30 on this class of machine).
 const MAX_WRITES: u64 = 1 << 32;
 
+/// Longest `--max-downtime`: QEMU's limit on `downtime-limit` (2000 s, `MAX_MIGRATE_DOWNTIME` in
+/// QEMU's `migration/options.c`).
+const MAX_DOWNTIME_MS: u64 = 2_000_000;
+/// Most `--max-rounds`.
+const MAX_ROUNDS: u64 = 10_000;
+
 /// The guest and migration the flags describe, once checked.
 #[derive(Debug)]
 struct VmPlan {
@@ -241,20 +247,24 @@ fn validate(args: &Args) -> Result<VmPlan> {
             "use a lower --dirty-rate or fewer --guest-seconds",
         ));
     }
-    if args.max_downtime == 0 {
+    if args.max_downtime == 0 || args.max_downtime > MAX_DOWNTIME_MS {
         return Err(invalid(
             "--max-downtime",
             args.max_downtime,
-            "no final round takes 0 ms, so the migration could never switch over on its own",
-            "use at least 1 (milliseconds)",
+            format!(
+                "must be 1 to {MAX_DOWNTIME_MS} ms: no final round takes 0 ms, and QEMU's own limit on a guest's downtime is 2000 s"
+            ),
+            "use e.g. --max-downtime 50 (milliseconds; QEMU's default is 300)",
         ));
     }
-    if args.max_rounds == 0 {
+    if args.max_rounds == 0 || args.max_rounds > MAX_ROUNDS {
         return Err(invalid(
             "--max-rounds",
             args.max_rounds,
-            "round 0, which sends all guest RAM while the guest runs, counts: at least 1",
-            "use --max-rounds 1 to switch over right after round 0",
+            format!(
+                "must be 1 to {MAX_ROUNDS}: round 0, which sends all guest RAM while the guest runs, counts, and every round scans all of guest RAM"
+            ),
+            "use e.g. --max-rounds 30, or --max-rounds 1 to switch over right after round 0",
         ));
     }
     let passes = if rate == 0 {
