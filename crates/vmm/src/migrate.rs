@@ -318,6 +318,16 @@ pub fn receive(
             });
         }
     };
+    // The guest program's own limits (see `GuestProgram::validate`): refused before this VMM
+    // maps anything for it.
+    if region.size <= crate::guest::DATA_GPA || region.size > 1 << 32 {
+        return Err(Error::State {
+            reason: format!(
+                "the source's guest RAM is {} bytes; this VMM runs guests of more than 1 MiB and at most 4 GiB",
+                region.size
+            ),
+        });
+    }
     let vm = Vm::incoming(region.size, backing, false)?;
     let ram_addr = vm.ram().ram().addr();
     let guest_ram: Box<dyn RegionMemory> = Box::new(vm.ram().ram().clone());

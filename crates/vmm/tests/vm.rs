@@ -323,6 +323,9 @@ fn destination_refuses_a_state_it_cannot_resume_before_acknowledging() {
     let (src, dst) = send_to_destination(ram, Some(&other.to_bytes().unwrap()));
     assert!(dst.contains("bytes of guest RAM"), "{dst}");
     assert!(src.contains("bytes of guest RAM"), "{src}");
+    // Guest RAM this VMM cannot run a guest in: refused before it maps anything.
+    let (_, dst) = send_to_destination(512 << 10, None);
+    assert!(dst.contains("more than 1 MiB and at most 4 GiB"), "{dst}");
     // No state: nothing to resume the vCPUs from.
     let (src, dst) = send_to_destination(ram, None);
     assert!(dst.contains("sent no VM state"), "{dst}");
