@@ -87,7 +87,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(r.offset() > last);
         last = r.offset();
         if h.kind == FrameKind::Hello {
-            let _ = Hello::parse(&h, &p[..h.payload_len as usize]);
+            let _ = h.decode::<Hello>(&p);
         }
     }
     // The receiver state machine.

@@ -29,6 +29,36 @@ use serde::Serialize;
 
 use crate::error::TransferError;
 
+/// `crc` extended by `len` zero bytes, in O(log len) time (so layouts with
+/// huge never-sent or zero spans checksum quickly).
+pub(crate) fn crc_append_zeros(crc: u32, len: u64) -> u32 {
+    // CRC32C of 2^k zero bytes, built by doubling.
+    let mut run_crc = crc32c::crc32c(&[0u8]);
+    let mut run_len: u64 = 1;
+    let mut zeros_crc: Option<(u32, u64)> = None;
+    let mut left = len;
+    while left > 0 {
+        if left & 1 == 1 {
+            zeros_crc = Some(match zeros_crc {
+                None => (run_crc, run_len),
+                Some((c, l)) => (
+                    crc32c::crc32c_combine(c, run_crc, run_len as usize),
+                    l + run_len,
+                ),
+            });
+        }
+        left >>= 1;
+        if left > 0 {
+            run_crc = crc32c::crc32c_combine(run_crc, run_crc, run_len as usize);
+            run_len *= 2;
+        }
+    }
+    match zeros_crc {
+        None => crc,
+        Some((z, l)) => crc32c::crc32c_combine(crc, z, l as usize),
+    }
+}
+
 /// How a transfer's final checksum is established.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub enum FinalCheck {
@@ -97,9 +127,9 @@ pub fn page_crc(page: &[u8]) -> u32 {
 pub fn zero_page_crc(page_size: u64) -> u32 {
     static ZERO_4K: OnceLock<u32> = OnceLock::new();
     if page_size == 4096 {
-        return *ZERO_4K.get_or_init(|| crate::source::crc_append_zeros(0, 4096));
+        return *ZERO_4K.get_or_init(|| crc_append_zeros(0, 4096));
     }
-    crate::source::crc_append_zeros(0, page_size)
+    crc_append_zeros(0, page_size)
 }
 
 /// Appends `page_size`-byte blocks to a running CRC32C given only their CRCs:

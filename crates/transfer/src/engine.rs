@@ -29,18 +29,7 @@ use crate::protocol::MAX_PAGES_LEN;
 use crate::sink::Sink;
 use crate::source::PageSource;
 
-/// Compression of page frames, chosen per transfer (every connection uses it).
-/// A frame that does not shrink is sent raw whatever the choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-pub enum Compression {
-    /// Raw pages (the default: see the crate docs for the measurements).
-    #[default]
-    None,
-    /// LZ4 block compression.
-    Lz4,
-    /// zstd at the given level (1 is fastest).
-    Zstd(i32),
-}
+pub use crate::codec::Compression;
 
 /// A batch's contents: read into a pooled buffer, or lent by the source.
 #[derive(Clone, Copy)]

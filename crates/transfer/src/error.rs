@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::protocol::FrameKind;
+use crate::kind::FrameKind;
 
 /// A memory layout that cannot be used, or a range that does not fit it.
 #[derive(Debug, thiserror::Error)]
@@ -195,7 +195,7 @@ pub enum ProtocolError {
     /// A frame's CRC32C does not match its contents.
     #[error(
         "{} frame at byte {offset} has a bad checksum (stored {stored:#010x}, computed {computed:#010x})",
-        crate::protocol::FrameKind::from_u8(*kind).map_or_else(|| format!("kind-{kind}"), |k| k.to_string())
+        FrameKind::from_u8(*kind).map_or_else(|| format!("kind-{kind}"), |k| k.to_string())
     )]
     BadChecksum {
         /// Stream offset of the frame header.

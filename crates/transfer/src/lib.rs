@@ -21,10 +21,12 @@
 //! Modules: [`layout`] (regions and offsets), [`source`] (reading pages,
 //! the memory checksum), [`digest`] (page CRCs, the frame-CRC fold, the
 //! memory digest and [`FinalCheck`]), [`engine`] (rounds and batches), [`sink`] (the sink
-//! trait, in-memory sink), [`protocol`] (wire format, drawn exchange and
-//! receiver state machine), [`net`] (connections, socket sink),
-//! [`receiver`], [`image`] (checkpoint image format, reader, verifier),
-//! [`auth`] (shared key).
+//! trait, in-memory sink), `protocol` (crate-private: one type per frame
+//! kind, the drawn exchange; public under the `fuzzing` feature), [`codec`]
+//! (compression), [`net`] (connections, socket sink), [`receiver`] (and its
+//! drawn state machine), [`image`] (checkpoint image: writer, reader,
+//! verifier, info), [`live`] (own memory sent without a copy), [`auth`]
+//! (shared key).
 //!
 //! # Using it
 //!
@@ -108,27 +110,36 @@
 
 pub mod auth;
 pub mod buffer;
+pub mod codec;
 pub mod digest;
 pub mod engine;
 pub mod error;
 pub mod image;
+mod kind;
 pub mod layout;
 pub mod live;
 pub mod net;
+/// The wire format: crate-private, public only with the `fuzzing` feature
+/// (fuzz targets and the tests that craft hostile frames).
+#[cfg(feature = "fuzzing")]
 pub mod protocol;
+#[cfg(not(feature = "fuzzing"))]
+pub(crate) mod protocol;
 pub mod receiver;
 pub mod sink;
 pub mod source;
 
 pub use auth::Key;
 pub use buffer::PageBuf;
+pub use codec::Compression;
 pub use digest::{FinalCheck, MemoryDigest, PageCrcs, PageFold};
-pub use engine::{Compression, RoundSent, SenderConfig, Transfer, TransferSummary};
+pub use engine::{RoundSent, SenderConfig, Transfer, TransferSummary};
 pub use error::{ImageError, LayoutError, ProtocolError, SourceError, TransferError};
 pub use image::{
     Image, ImageInfo, ImageWriter, RoundInfo, VerifyReport, image_cat, image_info, image_verify,
     parse_span,
 };
+pub use kind::FrameKind;
 pub use layout::{Backing, Layout, MemoryRegion};
 pub use live::{LivePages, OwnMemory};
 pub use net::{Connection, Listener, Sender, SocketSink};

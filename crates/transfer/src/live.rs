@@ -40,12 +40,12 @@ use precopy_sys::mem::Mapping;
 
 pub use precopy_sys::live::LivePages;
 
-use crate::error::{ProtocolError, SourceError, TransferError};
-use crate::protocol::{FrameKind, HEADER_LEN, Header};
+use crate::error::{SourceError, TransferError};
 use crate::source::{PageSource, ProcessMemory};
 
-/// Header byte 2, bit 0: a live PAGES frame (see the module docs).
-pub const LIVE_FRAME: u8 = 1;
+/// Header byte 2, bit 0: a live PAGES frame (see the module docs); encoded
+/// and decoded by the protocol's `Pages` frame.
+pub const LIVE_FRAME: u8 = crate::protocol::LIVE_FRAME;
 
 /// A page source for memory this process mapped itself, lending pages to the socket writer
 /// instead of copying them. Copies (for sinks other than a socket, the switch-over re-check and
@@ -94,68 +94,6 @@ impl PageSource for OwnMemory {
         let m = self.owner(&range)?.clone();
         LivePages::new(m, range).ok()
     }
-}
-
-/// The CRC list of a live frame: `crcs` as `u32` LE.
-pub(crate) fn crc_list(crcs: &[u32]) -> Vec<u8> {
-    crcs.iter().flat_map(|c| c.to_le_bytes()).collect()
-}
-
-/// The header of a live PAGES frame for `pages_len` bytes of pages at `offset` in `region`,
-/// whose pages had CRCs `list` (as [`crc_list`] encodes them) when the sender took them.
-pub(crate) fn live_header(
-    region: u32,
-    offset: u64,
-    pages_len: u64,
-    list: &[u8],
-) -> [u8; HEADER_LEN] {
-    let mut h = crate::protocol::unsealed_header(
-        FrameKind::Pages,
-        crate::protocol::Codec::None as u8,
-        offset,
-        pages_len,
-        region,
-        pages_len as usize + list.len(),
-    );
-    h[2] = LIVE_FRAME;
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..28]), list);
-    h[28..32].copy_from_slice(&crc.to_le_bytes());
-    h
-}
-
-/// Whether raw header `h` is a live PAGES frame.
-pub(crate) fn is_live(h: &[u8; HEADER_LEN]) -> bool {
-    h[0] == FrameKind::Pages as u8 && h[2] & LIVE_FRAME != 0
-}
-
-/// The pages length a live frame's raw header announces (field `b`) and the length of its CRC
-/// list, if they are consistent with its payload length and page size `ps`.
-pub(crate) fn live_lengths(h: &[u8; HEADER_LEN], ps: u64) -> Option<(u64, u64)> {
-    let b = u64::from_le_bytes(h[16..24].try_into().ok()?);
-    let payload = u64::from(crate::protocol::raw_payload_len(h));
-    let list = b.checked_div(ps)?.checked_mul(4)?;
-    (ps > 0 && b % ps == 0 && b.checked_add(list) == Some(payload)).then_some((b, list))
-}
-
-/// Checks a live frame's header and CRC list (`list`, the payload's tail) strictly, then decodes
-/// the header.
-pub(crate) fn verify_live(
-    h: &[u8; HEADER_LEN],
-    offset: u64,
-    list: &[u8],
-) -> Result<Header, TransferError> {
-    let computed = crc32c::crc32c_append(crc32c::crc32c(&h[..28]), list);
-    crate::protocol::finish_verify(h, offset, computed)
-}
-
-/// A live frame whose lengths do not add up.
-pub(crate) fn malformed(offset: u64) -> TransferError {
-    ProtocolError::Malformed {
-        offset,
-        kind: FrameKind::Pages,
-        reason: "live page frame: payload is not the pages plus one CRC per page",
-    }
-    .into()
 }
 
 /// The receiver's set of pages applied torn from a live frame and not sent again since (see the
@@ -228,7 +166,7 @@ mod tests {
     fn changed_set_clears_on_a_good_copy_only() {
         let ps = 4096;
         let mut c = ChangedPages::default();
-        let list = crc_list(&[1, 2, 3]);
+        let list = crate::protocol::Pages::crc_list(&[1, 2, 3]);
         c.applied(0, ps, &[1, 9, 3], Some(&list));
         assert!(matches!(
             c.check(),
@@ -238,37 +176,32 @@ mod tests {
             })
         ));
         // Torn again in a later live frame: still there.
-        c.applied(4096, ps, &[7], Some(&crc_list(&[8])));
+        c.applied(
+            4096,
+            ps,
+            &[7],
+            Some(&crate::protocol::Pages::crc_list(&[8])),
+        );
         assert!(c.check().is_err());
         // An ordinary frame elsewhere does not clear it.
         c.applied(8192, ps, &[5], None);
         assert!(c.check().is_err());
         // A live frame whose page matches does.
-        c.applied(4096, ps, &[8], Some(&crc_list(&[8])));
+        c.applied(
+            4096,
+            ps,
+            &[8],
+            Some(&crate::protocol::Pages::crc_list(&[8])),
+        );
         assert!(c.check().is_ok());
-        c.applied(0, ps, &[0, 1], Some(&crc_list(&[0, 2])));
+        c.applied(
+            0,
+            ps,
+            &[0, 1],
+            Some(&crate::protocol::Pages::crc_list(&[0, 2])),
+        );
         c.forget(4096..8192);
         assert!(c.check().is_ok());
         assert_eq!(c.seen(), 3);
-    }
-
-    #[test]
-    fn live_header_checks_header_and_list_not_pages() {
-        let list = crc_list(&[0xdead_beef, 7]);
-        let h = live_header(3, 0x2000, 8192, &list);
-        assert!(is_live(&h));
-        assert_eq!(live_lengths(&h, 4096), Some((8192, 8)));
-        let got = verify_live(&h, 0, &list).unwrap();
-        assert_eq!(
-            (got.a, got.b, got.c, got.flags),
-            (0x2000, 8192, 3, LIVE_FRAME)
-        );
-        let mut bad = list.clone();
-        bad[0] ^= 1;
-        assert!(verify_live(&h, 0, &bad).is_err());
-        let mut h2 = h;
-        h2[8] ^= 1;
-        assert!(verify_live(&h2, 0, &list).is_err());
-        assert_eq!(live_lengths(&h, 8192), None);
     }
 }

@@ -21,13 +21,15 @@ use crossbeam_channel::{Receiver, Sender as Chan, bounded};
 
 use crate::auth::{self, Key, Role};
 use crate::buffer::PageBuf;
+use crate::codec::Compressor;
 use crate::digest::{FinalCheck, PageFold};
-use crate::engine::{Compression, SenderConfig, Transfer};
+use crate::engine::{SenderConfig, Transfer};
 use crate::error::{ProtocolError, TransferError};
 use crate::layout::Layout;
 use crate::live::LivePages;
 use crate::protocol::{
-    Codec, FrameKind, FrameReader, FrameWriter, Hello, NONCE_LEN, error_message, expect, parse_mac,
+    Auth, Challenge, Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter, Header,
+    Hello, PageSpan, Pages, RoundBegin, RoundEnd, State, Welcome, Zero,
 };
 use crate::sink::{Interrupt, Sink};
 use crate::source::PageSource;
@@ -276,21 +278,19 @@ fn sender_handshake(
     let mut w = FrameWriter::new(&*conn);
     w.write_preamble()
         .map_err(TransferError::io("sending the handshake"))?;
-    w.write_frame(FrameKind::Hello, 0, hello.session, 0, 0, &hello.payload())
+    w.send(hello)
         .map_err(TransferError::io("sending the handshake"))?;
     let mut r = FrameReader::new(&*conn);
     r.read_preamble()?;
     let mut p = Vec::new();
     let h = r.read_frame(&mut p)?;
     rejected(&h, &p)?;
-    expect(&h, FrameKind::Challenge, Some(NONCE_LEN as u32))?;
-    let mut receiver_nonce = [0u8; NONCE_LEN];
-    receiver_nonce.copy_from_slice(&p[..NONCE_LEN]);
-    let required = h.a & 1 == 1;
-    if required && key.is_none() {
+    let challenge: Challenge = h.decode(&p)?;
+    let receiver_nonce = challenge.nonce;
+    if challenge.key_required && key.is_none() {
         // Answer anyway so the receiver reports a failed authentication
         // rather than a cut stream.
-        let _ = w.write_frame(FrameKind::Auth, 0, 0, 0, 0, &[]);
+        let _ = w.send(&Auth { mac: None });
         return Err(TransferError::AuthRequired);
     }
     let mac = key.map(|k| {
@@ -303,19 +303,11 @@ fn sender_handshake(
             hello.stream_index,
         )
     });
-    w.write_frame(
-        FrameKind::Auth,
-        0,
-        0,
-        0,
-        0,
-        mac.as_ref().map_or(&[][..], |m| &m[..]),
-    )
-    .map_err(TransferError::io("sending the handshake"))?;
+    w.send(&Auth { mac })
+        .map_err(TransferError::io("sending the handshake"))?;
     let h = r.read_frame(&mut p)?;
     rejected(&h, &p)?;
-    expect(&h, FrameKind::Welcome, None)?;
-    let their = parse_mac(&h, &p[..h.payload_len as usize])?;
+    let their = h.decode::<Welcome>(&p)?.mac;
     if let Some(k) = key {
         let proven = their.is_some_and(|m| {
             auth::proof_matches(
@@ -340,11 +332,12 @@ fn sender_handshake(
 }
 
 /// Turns an ERROR frame into [`TransferError::PeerRejected`].
-fn rejected(h: &crate::protocol::Header, p: &[u8]) -> Result<(), TransferError> {
+fn rejected(h: &Header, p: &[u8]) -> Result<(), TransferError> {
     if h.kind == FrameKind::Error {
+        let e: ErrorFrame = h.decode(p)?;
         return Err(TransferError::PeerRejected {
-            code: h.c,
-            message: error_message(&p[..h.payload_len as usize]),
+            code: e.code,
+            message: e.message.into_owned(),
         });
     }
     Ok(())
@@ -556,9 +549,7 @@ impl SocketSink {
                 .map_err(TransferError::io("starting a watcher thread"))?;
             let writer = StreamWriter {
                 out: FrameWriter::new(conn),
-                compression: config.compression,
-                scratch: Vec::new(),
-                zstd: None,
+                compressor: Compressor::new(config.compression),
                 limiter: config
                     .bandwidth_limit
                     .map(|bps| RateLimiter::new(bps as f64 / f64::from(count))),
@@ -769,13 +760,21 @@ fn watch_peer(conn: Connection, events: Chan<PeerEvent>) {
     let mut r = FrameReader::new(&conn);
     let mut p = Vec::new();
     let event = match r.read_frame(&mut p) {
-        Ok(h) if h.kind == FrameKind::Done => PeerEvent::Done { checksum: h.c },
+        Ok(h) if h.kind == FrameKind::Done => match h.decode::<Done>(&p) {
+            Ok(done) => PeerEvent::Done {
+                checksum: done.digest,
+            },
+            Err(e) => PeerEvent::Closed(e.into()),
+        },
         Ok(h) if h.kind == FrameKind::Error => {
             // Stop the writer now rather than at its next flush.
             let _ = conn.shutdown(Shutdown::Both);
-            PeerEvent::Error {
-                code: h.c,
-                message: error_message(&p[..h.payload_len as usize]),
+            match h.decode::<ErrorFrame>(&p) {
+                Ok(e) => PeerEvent::Error {
+                    code: e.code,
+                    message: e.message.into_owned(),
+                },
+                Err(e) => PeerEvent::Closed(e.into()),
             }
         }
         Ok(h) => PeerEvent::Closed(
@@ -824,9 +823,7 @@ impl RateLimiter {
 
 struct StreamWriter {
     out: FrameWriter<Connection>,
-    compression: Compression,
-    scratch: Vec<u8>,
-    zstd: Option<zstd::bulk::Compressor<'static>>,
+    compressor: Compressor,
     limiter: Option<RateLimiter>,
     pages: u64,
     zero_pages: u64,
@@ -892,23 +889,20 @@ impl StreamWriter {
         e
     }
 
-    fn write(
-        &mut self,
-        kind: FrameKind,
-        codec: Codec,
-        a: u64,
-        b: u64,
-        c: u32,
-        payload: Option<&[u8]>,
-    ) -> Result<(), TransferError> {
-        let payload = payload.unwrap_or(&[]);
-        if let Some(l) = &mut self.limiter {
-            l.consume((crate::protocol::HEADER_LEN + payload.len()) as u64);
-        }
-        self.out
-            .write_frame(kind, codec as u8, a, b, c, payload)
-            .map_err(|e| self.write_error(e))?;
+    /// Writes `frame` (after the rate limiter let its bytes through).
+    fn send<'p, F: crate::protocol::Frame<'p>>(&mut self, frame: &F) -> Result<(), TransferError> {
+        let (header, payload) = crate::protocol::encode(frame);
+        self.pace(payload.len() as u64);
+        let written = self.out.send_encoded(&header, &payload);
+        written.map_err(|e| self.write_error(e))?;
         Ok(())
+    }
+
+    /// Waits until the rate limit lets a frame with `payload` bytes through.
+    fn pace(&mut self, payload: u64) {
+        if let Some(l) = &mut self.limiter {
+            l.consume(crate::protocol::HEADER_LEN as u64 + payload);
+        }
     }
 
     fn handle(&mut self, cmd: Cmd) -> Result<Option<Reply>, TransferError> {
@@ -917,35 +911,47 @@ impl StreamWriter {
                 self.pages = 0;
                 self.zero_pages = 0;
                 self.round_start = self.out.written();
-                self.write(FrameKind::RoundBegin, Codec::None, round, 0, 0, None)?;
+                self.send(&RoundBegin { round })?;
             }
             Cmd::Pages(offset, pages, crcs) => {
                 self.pages += pages.len() as u64 / self.page_size;
-                let raw_len = pages.len() as u64;
-                let (region, at) = self.wire_address(offset)?;
-                let codec = self.compress(&pages)?;
-                if codec == Codec::None && crcs.len() as u64 * self.page_size == raw_len {
-                    // The frame CRC comes from the page CRCs: no pass here.
-                    if let Some(l) = &mut self.limiter {
-                        l.consume(crate::protocol::HEADER_LEN as u64 + raw_len);
+                let span = self.wire_span(offset, pages.len() as u64)?;
+                let written = match self.compressor.compress(&pages)? {
+                    Some((codec, packed)) => {
+                        if let Some(l) = &mut self.limiter {
+                            l.consume(crate::protocol::HEADER_LEN as u64 + packed.len() as u64);
+                        }
+                        self.out.send_pages(
+                            &Pages {
+                                span,
+                                codec,
+                                live: false,
+                            },
+                            packed,
+                        )
                     }
-                    let written = self.out.write_pages(region, at, &pages, &crcs, &self.fold);
-                    written.map_err(|e| self.write_error(e))?;
-                    return Ok(None);
-                }
-                let mut scratch = std::mem::take(&mut self.scratch);
-                let payload: &[u8] = if codec == Codec::None {
-                    &pages
-                } else {
-                    &scratch
+                    None if crcs.len() as u64 * self.page_size == span.len => {
+                        // The frame CRC comes from the page CRCs: no pass here.
+                        self.pace(span.len);
+                        self.out.send_folded_pages(span, &pages, &crcs, &self.fold)
+                    }
+                    None => {
+                        self.pace(span.len);
+                        let codec = crate::codec::Codec::None;
+                        self.out.send_pages(
+                            &Pages {
+                                span,
+                                codec,
+                                live: false,
+                            },
+                            &pages,
+                        )
+                    }
                 };
-                let r = self.write(FrameKind::Pages, codec, at, raw_len, region, Some(payload));
-                scratch.clear();
-                self.scratch = scratch;
-                r?;
+                written.map_err(|e| self.write_error(e))?;
             }
             Cmd::Live(offset, pages, crcs) => {
-                if self.compression != Compression::None {
+                if self.compressor.compresses() {
                     // Compress a copy, in an ordinary frame checked as a whole.
                     let mut copy = vec![0u8; pages.len() as usize];
                     pages
@@ -959,31 +965,14 @@ impl StreamWriter {
             }
             Cmd::Zero(range) => {
                 self.zero_pages += (range.end - range.start) / self.page_size;
-                let (region, at) = self.wire_address(range.start)?;
-                self.write(
-                    FrameKind::Zero,
-                    Codec::None,
-                    at,
-                    range.end - range.start,
-                    region,
-                    None,
-                )?;
+                let span = self.wire_span(range.start, range.end - range.start)?;
+                self.send(&Zero { span })?;
             }
             Cmd::State(blob) => {
-                let crc = crc32c::crc32c(&blob);
-                let len = blob.len() as u64;
-                self.write(FrameKind::State, Codec::None, len, 0, crc, Some(&blob))?;
+                self.send(&State::new(&blob))?;
             }
             Cmd::End(round) => {
-                let zero = self.zero_pages.to_le_bytes();
-                self.write(
-                    FrameKind::RoundEnd,
-                    Codec::None,
-                    round,
-                    self.pages,
-                    0,
-                    Some(&zero),
-                )?;
+                self.send(&RoundEnd::new(round, self.pages, self.zero_pages))?;
                 let flushed = self.out.flush();
                 flushed.map_err(|e| self.write_error(e))?;
                 return Ok(Some(Reply::RoundWritten(
@@ -996,14 +985,11 @@ impl StreamWriter {
                 check,
                 wait,
             } => {
-                self.write(
-                    FrameKind::Finish,
-                    Codec::None,
+                self.send(&Finish {
                     rounds,
-                    check.wire(),
-                    checksum,
-                    None,
-                )?;
+                    check,
+                    digest: checksum,
+                })?;
                 let flushed = self.out.flush();
                 flushed.map_err(|e| self.write_error(e))?;
                 let event = match wait {
@@ -1038,7 +1024,7 @@ impl StreamWriter {
                 };
             }
             Cmd::Commit(checksum) => {
-                self.write(FrameKind::Commit, Codec::None, 0, 0, checksum, None)?;
+                self.send(&Commit { digest: checksum })?;
                 let flushed = self.out.flush();
                 flushed.map_err(|e| self.write_error(e))?;
                 return Ok(Some(Reply::Committed));
@@ -1058,6 +1044,9 @@ impl StreamWriter {
         pages: &LivePages,
         crcs: &[u32],
     ) -> Result<(), TransferError> {
+        use precopy_sys::live::{Gather, write_all_gather};
+        use std::os::fd::AsFd;
+        use zerocopy::IntoBytes;
         let ps = self.page_size;
         let per_frame = (crate::protocol::MAX_PAYLOAD / (ps + 4)).max(1) as usize;
         for (k, chunk) in crcs.chunks(per_frame).enumerate() {
@@ -1066,18 +1055,14 @@ impl StreamWriter {
             let part = pages
                 .slice(from..from + len)
                 .map_err(TransferError::io("lending pages"))?;
-            let (region, at) = self.wire_address(offset + from)?;
-            let list = crate::live::crc_list(chunk);
-            let header = crate::live::live_header(region, at, len, &list);
-            if let Some(l) = &mut self.limiter {
-                l.consume(crate::protocol::HEADER_LEN as u64 + len + list.len() as u64);
-            }
-            use precopy_sys::live::{Gather, write_all_gather};
-            use std::os::fd::AsFd;
+            let span = self.wire_span(offset + from, len)?;
+            let list = Pages::crc_list(chunk);
+            let header = Pages::live_header(span, &list);
+            self.pace(len + list.len() as u64);
             let n = write_all_gather(
                 self.out.get_ref().as_fd(),
                 &[
-                    Gather::Bytes(&header),
+                    Gather::Bytes(header.as_bytes()),
                     Gather::Live(&part),
                     Gather::Bytes(&list),
                 ],
@@ -1089,62 +1074,20 @@ impl StreamWriter {
         Ok(())
     }
 
-    /// The wire's name for memory offset `offset`: region id and offset
-    /// inside the region.
-    fn wire_address(&self, offset: u64) -> Result<(u32, u64), TransferError> {
+    /// The wire's name for `len` bytes at memory offset `offset`: region id
+    /// and offset inside the region.
+    fn wire_span(&self, offset: u64, len: u64) -> Result<PageSpan, TransferError> {
         let (r, at) =
             self.layout
                 .region_at(offset)
                 .ok_or(crate::error::LayoutError::OutsideLayout {
                     range: offset..offset,
                 })?;
-        Ok((r.id, at))
-    }
-
-    /// Compresses `pages` into `self.scratch`; returns the codec used
-    /// ([`Codec::None`] when compression is off or does not help).
-    fn compress(&mut self, pages: &[u8]) -> Result<Codec, TransferError> {
-        match self.compression {
-            Compression::None => Ok(Codec::None),
-            Compression::Lz4 => {
-                // lz4_flex refuses an output buffer below its worst-case
-                // bound, even when the result would fit: size it so, and send
-                // raw when compression does not shrink the frame.
-                let bound = lz4_flex::block::get_maximum_output_size(pages.len());
-                self.scratch.resize(bound, 0);
-                match lz4_flex::block::compress_into(pages, &mut self.scratch) {
-                    Ok(n) if n < pages.len() => {
-                        self.scratch.truncate(n);
-                        Ok(Codec::Lz4)
-                    }
-                    _ => Ok(Codec::None),
-                }
-            }
-            Compression::Zstd(level) => {
-                if self.zstd.is_none() {
-                    self.zstd = Some(zstd::bulk::Compressor::new(level).map_err(|source| {
-                        TransferError::Io {
-                            what: "starting the zstd compressor",
-                            source,
-                        }
-                    })?);
-                }
-                let Some(z) = self.zstd.as_mut() else {
-                    return Ok(Codec::None);
-                };
-                self.scratch.clear();
-                self.scratch.reserve(pages.len());
-                // A result no smaller than the input is sent raw.
-                let r = z.compress_to_buffer(pages, &mut self.scratch);
-                match r {
-                    Ok(n) if n < pages.len() => Ok(Codec::Zstd),
-                    _ => {
-                        self.scratch.clear();
-                        Ok(Codec::None)
-                    }
-                }
-            }
-        }
+        Ok(PageSpan {
+            region: r.id,
+            offset: at,
+            len,
+        })
     }
 }
 

@@ -1,10 +1,32 @@
 //! The receiving end: handshake, authentication, and the per-connection state
-//! machine drawn in [`crate::protocol`], applying frames to a [`Sink`].
+//! machine below, applying frames to a [`Sink`].
 //!
 //! The receiver owns every check between bytes arriving and a sink seeing a
 //! page: checksum, layout, page size, round order, counts, and the
 //! cross-connection round barrier. It must never hand a sink anything from a
 //! frame it has not fully verified, nor anything after the first fault.
+//! Frames are decoded by their types in [`crate::protocol`] (the exchange is
+//! drawn there); this module decides which it accepts when.
+//!
+//! # The state machine (per connection; `State` in this module)
+//!
+//! ```text
+//!  AwaitPreamble ─magic+version ok─► AwaitHello ─HELLO ok─► AwaitAuth ─AUTH ok─► Idle(next = 0)
+//!
+//!  Idle(next) ──ROUND_BEGIN(next)──► [barrier] ─► InRound(next)
+//!  InRound(r) ──PAGES/ZERO in layout──► InRound(r)
+//!  InRound(r) ──ROUND_END(r, counts match)──► [barrier] ─► Idle(r + 1)
+//!  Idle(n)    ──STATE(blob CRC ok, connection 0, first)──► Idle(n), sink holds the state
+//!  Idle(n)    ──FINISH(rounds = n)──► Finished ─ all connections finished,
+//!                                     checksum of destination == FINISH's ─► DONE sent
+//!  DONE sent  ──COMMIT on every connection──► success
+//!  any other frame, bad checksum, EOF, bad layout/page size/version,
+//!  failed key check ──► Failed: ERROR sent, nothing more applied
+//! ```
+//!
+//! The handshake states are the steps of `handshake_steps`; `Idle` and
+//! `InRound` are the `State` values of `receive_stream`; the barrier is
+//! `RoundBarrier`.
 
 use std::io::{BufReader, Read};
 use std::net::Shutdown;
@@ -15,15 +37,16 @@ use serde::Serialize;
 
 use crate::auth::{self, Key, Role};
 use crate::buffer::BufferPool;
+use crate::codec::{Codec, Decompressor};
 use crate::digest::{FinalCheck, PageFold, page_crc};
 use crate::error::{ProtocolError, TransferError};
 use crate::layout::Layout;
 use crate::live::ChangedPages;
 use crate::net::{Connection, Listener};
 use crate::protocol::{
-    Codec, FrameKind, FrameReader, FrameWriter, HEADER_LEN, Header, Hello, MAX_PAGES_LEN,
-    MAX_STATE_LEN, decode_header, error_code, error_message, expect, parse_mac, verify_frame_pages,
-    verify_pages_header,
+    Auth, Challenge, Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter,
+    HEADER_LEN, Header, Hello, Pages, RawHeader, RoundBegin, RoundEnd, State as StateFrame,
+    Welcome, Zero, error_code, verify_frame_pages, verify_live, verify_pages_header,
 };
 use crate::sink::Sink;
 
@@ -110,7 +133,10 @@ pub struct Receiver {
 fn send_error(conn: &Connection, code: u32, message: &str) {
     let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
     let mut w = FrameWriter::new(conn);
-    let _ = w.write_frame(FrameKind::Error, 0, 0, 0, code, message.as_bytes());
+    let _ = w.send(&ErrorFrame {
+        code,
+        message: message.into(),
+    });
 }
 
 fn code_for(e: &TransferError) -> u32 {
@@ -165,8 +191,7 @@ fn handshake_steps(
     r.read_preamble()?;
     let mut p = Vec::new();
     let h = r.read_frame(&mut p)?;
-    expect(&h, FrameKind::Hello, None)?;
-    let hello = Hello::parse(&h, &p[..h.payload_len as usize])?;
+    let hello: Hello = h.decode(&p)?;
     if let Some(ours) = config.page_size
         && ours != hello.layout.page_size()
     {
@@ -199,18 +224,13 @@ fn handshake_steps(
         _ => {}
     }
     let nonce = auth::nonce();
-    w.write_frame(
-        FrameKind::Challenge,
-        0,
-        u64::from(config.key.is_some()),
-        0,
-        0,
-        &nonce,
-    )
+    w.send(&Challenge {
+        key_required: config.key.is_some(),
+        nonce,
+    })
     .map_err(TransferError::io("sending the handshake"))?;
     let h = r.read_frame(&mut p)?;
-    expect(&h, FrameKind::Auth, None)?;
-    let mac = parse_mac(&h, &p[..h.payload_len as usize])?;
+    let mac = h.decode::<Auth>(&p)?.mac;
     let proof = |role| {
         config.key.as_ref().map(|k| {
             auth::proof(
@@ -239,15 +259,8 @@ fn handshake_steps(
         return Err(TransferError::AuthFailed { peer: conn.peer() });
     }
     let ours = proof(Role::Receiver);
-    w.write_frame(
-        FrameKind::Welcome,
-        0,
-        0,
-        0,
-        0,
-        ours.as_ref().map_or(&[][..], |m| &m[..]),
-    )
-    .map_err(TransferError::io("sending the handshake"))?;
+    w.send(&Welcome { mac: ours })
+        .map_err(TransferError::io("sending the handshake"))?;
     conn.set_read_timeout(None)
         .map_err(TransferError::io("setting a socket timeout"))?;
     conn.set_write_timeout(None)
@@ -443,7 +456,10 @@ impl Receiver {
         let zero_pages: u64 = outcomes.iter().map(|o| o.zero_pages).sum();
         for c in &self.conns {
             let mut w = FrameWriter::new(c);
-            let _ = w.write_frame(FrameKind::Done, 0, pages, 0, first.checksum, &[]);
+            let _ = w.send(&Done {
+                pages,
+                digest: first.checksum,
+            });
         }
         for (c, o) in self.conns.iter().zip(&outcomes) {
             let peer = c.peer();
@@ -476,8 +492,7 @@ fn await_commit(c: &Connection, offset: u64, checksum: u32) -> Result<(), Transf
     let mut r = FrameReader::at_offset(c, offset);
     let mut p = Vec::new();
     let h = r.read_frame(&mut p)?;
-    expect(&h, FrameKind::Commit, Some(0))?;
-    if h.c != checksum {
+    if h.decode::<Commit>(&p)?.digest != checksum {
         return Err(ProtocolError::Malformed {
             offset: h.offset,
             kind: h.kind,
@@ -546,7 +561,8 @@ struct StreamOutcome {
     state_bytes: Option<u64>,
 }
 
-/// Per-connection receiver state.
+/// Per-connection receiver state after the handshake (drawn in the module
+/// docs).
 enum State {
     Idle {
         next: u64,
@@ -562,7 +578,7 @@ enum State {
 const READ_BUFFER: usize = 8 << 10;
 
 /// Frames queued by a socket-reading thread: raw header, its offset, payload.
-type RawFrame = Result<([u8; HEADER_LEN], u64, Vec<u8>), TransferError>;
+type RawFrame = Result<(RawHeader, u64, Vec<u8>), TransferError>;
 
 /// Frames in queue for the queue depth between socket reader and applier.
 const QUEUED_FRAMES: usize = 4;
@@ -633,44 +649,36 @@ impl<R: Read> Frames<R> {
 /// then zeroed again.
 fn read_in_place<R: Read, K: Sink + ?Sized>(
     r: &mut FrameReader<R>,
-    h: &[u8; HEADER_LEN],
+    h: &RawHeader,
     offset: u64,
     fold: &PageFold,
     crcs: &mut Vec<u32>,
     shared: &Shared<'_, K>,
 ) -> Result<Option<Header>, TransferError> {
     let ps = fold.page_size();
-    let live = crate::live::is_live(h);
-    let list_len = match (live, crate::live::live_lengths(h, ps)) {
-        (false, _) => 0,
-        (true, Some((_, list))) => list,
-        (true, None) => return Ok(None),
-    };
-    let peek = match decode_header(h, offset) {
-        Ok(p)
-            if p.kind == FrameKind::Pages
-                && p.codec == Codec::None as u8
-                && u64::from(p.payload_len) == p.b + list_len
-                && check_pages(&p, shared.layout).is_ok() =>
-        {
-            p
-        }
-        _ => return Ok(None),
-    };
-    let Ok((offset, len)) = check_pages(&peek, shared.layout) else {
+    let Ok(peek) = h.decode(offset) else {
         return Ok(None);
     };
+    let pages = match peek.decode::<Pages>(&[]) {
+        Ok(p) if peek.kind == FrameKind::Pages && p.codec == Codec::None => p,
+        _ => return Ok(None),
+    };
+    let Ok(offset) = pages.place(&peek, shared.layout) else {
+        return Ok(None);
+    };
+    let len = pages.span.len;
+    let live = pages.live;
     let mut sink = lock(&shared.sink);
     let Some(dest) = sink.lend_pages(offset, len) else {
         return Ok(None);
     };
     crcs.clear();
-    let mut list = vec![0u8; list_len as usize];
+    let mut list = vec![0u8; if live { (len / ps * 4) as usize } else { 0 }];
     let checked = r.read_payload_into(dest).and_then(|()| {
         crcs.extend(dest.chunks_exact(ps as usize).map(page_crc));
         if live {
             r.read_payload_into(&mut list)?;
-            crate::live::verify_live(h, offset, &list)
+            verify_live(h, offset, &list)
         } else {
             verify_pages_header(h, offset, crcs, fold)
         }
@@ -697,7 +705,8 @@ fn read_socket(conn: &Connection, pool: &BufferPool, tx: crossbeam_channel::Send
         let mut buf = pool.take(0);
         match r.read_unverified(&mut buf) {
             Ok((h, offset)) => {
-                let last = h[0] == FrameKind::Finish as u8 || h[0] == FrameKind::Error as u8;
+                let last = h.kind_byte() == FrameKind::Finish as u8
+                    || h.kind_byte() == FrameKind::Error as u8;
                 if tx.send(Ok((h, offset, buf))).is_err() || last {
                     return;
                 }
@@ -721,7 +730,7 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
     let mut state_allowed = first;
     let mut state_bytes = None;
     let mut payload = pool.take(0);
-    let mut zstd: Option<zstd::bulk::Decompressor<'static>> = None;
+    let mut decompressor = Decompressor::default();
     let layout = shared.layout;
     let ps = layout.page_size();
     let mut state = State::Idle { next: 0 };
@@ -742,15 +751,14 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
         };
         match (&mut state, h.kind) {
             (State::Idle { next }, FrameKind::RoundBegin) => {
-                expect(&h, FrameKind::RoundBegin, Some(0))?;
-                if h.a != *next {
+                let RoundBegin { round } = h.decode(p)?;
+                if round != *next {
                     return Err(ProtocolError::RoundOutOfOrder {
                         expected: *next,
-                        got: h.a,
+                        got: round,
                     }
                     .into());
                 }
-                let round = h.a;
                 shared
                     .barrier
                     .wait(0, 0, |_, _| lock(&shared.sink).begin_round(round))?;
@@ -762,78 +770,38 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
             }
             (State::InRound { pages, .. }, FrameKind::Pages) if applied => {
                 // Read, checked and committed in place by `read_in_place`.
-                *pages += h.b / ps;
+                *pages += h.decode::<Pages>(p)?.span.len / ps;
             }
             (State::InRound { pages, .. }, FrameKind::Pages) => {
-                let (offset, len) = check_pages(&h, layout)?;
-                let codec = Codec::from_u8(h.codec).ok_or(ProtocolError::Malformed {
-                    offset: h.offset,
-                    kind: h.kind,
-                    reason: "unknown codec",
-                })?;
-                let live = h.flags & crate::live::LIVE_FRAME != 0;
-                let mut listed = Vec::new();
-                let data = match codec {
+                let frame: Pages = h.decode(p)?;
+                let offset = frame.place(&h, layout)?;
+                let len = frame.span.len;
+                let listed = frame.live.then(|| frame.split_live(p).1.to_vec());
+                let data = match frame.codec {
                     Codec::None => {
-                        let list_len = if live { len / ps * 4 } else { 0 };
-                        listed.extend_from_slice(&p[p.len().min(len as usize)..]);
-                        if p.len() as u64 != len + list_len {
-                            return Err(ProtocolError::Malformed {
-                                offset: h.offset,
-                                kind: h.kind,
-                                reason: "payload length differs from the page length",
-                            }
-                            .into());
-                        }
                         let buf = std::mem::replace(&mut payload, pool.take(0));
                         pool.share(buf).view(0..len as usize)
                     }
                     Codec::Lz4 | Codec::Zstd => {
                         let mut out = pool.take(len as usize);
                         let n = len as usize;
-                        let ok = match codec {
-                            Codec::Lz4 => lz4_flex::block::decompress_into(p, &mut out[..n])
-                                .is_ok_and(|got| got == n),
-                            _ => {
-                                if zstd.is_none() {
-                                    zstd = Some(zstd::bulk::Decompressor::new().map_err(
-                                        |source| TransferError::Io {
-                                            what: "starting the zstd decompressor",
-                                            source,
-                                        },
-                                    )?);
-                                }
-                                zstd.as_mut().is_some_and(|z| {
-                                    z.decompress_to_buffer(p, &mut out[..n])
-                                        .is_ok_and(|got| got == n)
-                                })
-                            }
-                        };
-                        if !ok {
-                            return Err(ProtocolError::Decompress {
-                                offset: h.offset,
-                                codec: codec.name(),
-                                raw_len: len,
-                            }
-                            .into());
-                        }
+                        decompressor.decompress_into(frame.codec, p, &mut out[..n], h.offset)?;
                         crcs.clear();
                         crcs.extend(out[..n].chunks_exact(ps as usize).map(page_crc));
                         pool.share(out).view(0..n)
                     }
                 };
                 lock(&shared.sink).send_pages(offset, data, &crcs)?;
-                lock(&shared.changed).applied(offset, ps, &crcs, live.then_some(&listed[..]));
+                lock(&shared.changed).applied(offset, ps, &crcs, listed.as_deref());
                 *pages += len / ps;
             }
             (State::InRound { zero_pages, .. }, FrameKind::Zero) => {
-                expect(&h, FrameKind::Zero, Some(0))?;
-                let start = checked_offset(&h, layout)?;
-                let range = start..start + h.b;
-                let n = h.b / ps;
+                let Zero { span } = h.decode(p)?;
+                let start = span.place(&h, layout)?;
+                let range = start..start + span.len;
                 lock(&shared.sink).send_zero_range(range.clone())?;
                 lock(&shared.changed).forget(range);
-                *zero_pages += n;
+                *zero_pages += span.len / ps;
             }
             (
                 State::InRound {
@@ -843,20 +811,19 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                 },
                 FrameKind::RoundEnd,
             ) => {
-                expect(&h, FrameKind::RoundEnd, Some(8))?;
-                if h.a != *round {
+                let end: RoundEnd = h.decode(p)?;
+                if end.round != *round {
                     return Err(ProtocolError::RoundOutOfOrder {
                         expected: *round,
-                        got: h.a,
+                        got: end.round,
                     }
                     .into());
                 }
-                let claimed_zero = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
-                if h.b != *pages || claimed_zero != *zero_pages {
+                if end.pages != *pages || end.zero_pages != *zero_pages {
                     return Err(ProtocolError::CountMismatch {
                         round: *round,
-                        claimed_pages: h.b,
-                        claimed_zero,
+                        claimed_pages: end.pages,
+                        claimed_zero: end.zero_pages,
                         pages: *pages,
                         zero: *zero_pages,
                     }
@@ -878,28 +845,23 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                     .into());
                 }
                 state_allowed = false;
-                let blob = check_state(&h, p)?;
-                lock(&shared.sink).send_state(blob)?;
-                state_bytes = Some(blob.len() as u64);
+                let frame: StateFrame = h.decode(p)?;
+                lock(&shared.sink).send_state(frame.blob)?;
+                state_bytes = Some(frame.blob.len() as u64);
             }
             (State::Idle { next }, FrameKind::Finish) => {
-                expect(&h, FrameKind::Finish, Some(0))?;
-                if h.a != *next {
+                let finish: Finish = h.decode(p)?;
+                if finish.rounds != *next {
                     return Err(ProtocolError::RoundOutOfOrder {
                         expected: *next,
-                        got: h.a,
+                        got: finish.rounds,
                     }
                     .into());
                 }
-                let check = FinalCheck::from_wire(h.b).ok_or(ProtocolError::Malformed {
-                    offset: h.offset,
-                    kind: h.kind,
-                    reason: "unknown final check",
-                })?;
                 return Ok(StreamOutcome {
                     rounds: *next,
-                    checksum: h.c,
-                    check,
+                    checksum: finish.digest,
+                    check: finish.check,
                     pages: totals.0,
                     zero_pages: totals.1,
                     bytes: h.offset + HEADER_LEN as u64,
@@ -907,71 +869,16 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                 });
             }
             (_, FrameKind::Error) => {
+                let e: ErrorFrame = h.decode(p)?;
                 return Err(TransferError::PeerRejected {
-                    code: h.c,
-                    message: error_message(p),
+                    code: e.code,
+                    message: e.message.into_owned(),
                 });
             }
             (State::Idle { .. }, _) => return Err(unexpected("between rounds").into()),
             (State::InRound { .. }, _) => return Err(unexpected("inside a round").into()),
         }
     }
-}
-
-/// Validates a PAGES header: region, offset and raw length in whole pages
-/// inside the region, within the frame size limit. Returns the memory offset
-/// and the length.
-fn check_pages(h: &Header, layout: &Layout) -> Result<(u64, u64), ProtocolError> {
-    if h.b > MAX_PAGES_LEN {
-        return Err(ProtocolError::Malformed {
-            offset: h.offset,
-            kind: h.kind,
-            reason: "page frame longer than 16 MiB",
-        });
-    }
-    Ok((checked_offset(h, layout)?, h.b))
-}
-
-/// The memory offset of a PAGES or ZERO frame's pages: `b` bytes at offset
-/// `a` of region `c`, whole pages inside the region.
-fn checked_offset(h: &Header, layout: &Layout) -> Result<u64, ProtocolError> {
-    let ps = layout.page_size();
-    let (region, offset, len) = (h.c, h.a, h.b);
-    if len == 0 || offset % ps != 0 || len % ps != 0 {
-        return Err(ProtocolError::Malformed {
-            offset: h.offset,
-            kind: h.kind,
-            reason: "not whole pages",
-        });
-    }
-    layout
-        .place(region, offset, len)
-        .map_err(|_| ProtocolError::PageOutsideLayout {
-            region,
-            offset,
-            len,
-        })
-}
-
-/// Checks a STATE frame (payload verified by the frame CRC already) against
-/// the blob's own length and CRC32C; returns the blob.
-pub(crate) fn check_state<'p>(h: &Header, p: &'p [u8]) -> Result<&'p [u8], ProtocolError> {
-    if h.codec != 0 || h.b != 0 || h.a != p.len() as u64 || h.a > MAX_STATE_LEN {
-        return Err(ProtocolError::Malformed {
-            offset: h.offset,
-            kind: h.kind,
-            reason: "state length does not match the payload, or exceeds 16 MiB",
-        });
-    }
-    let computed = crc32c::crc32c(p);
-    if computed != h.c {
-        return Err(ProtocolError::StateChecksum {
-            offset: h.offset,
-            stored: h.c,
-            computed,
-        });
-    }
-    Ok(p)
 }
 
 /// A barrier for the connections of one transfer, with an action run by the

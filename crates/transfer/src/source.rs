@@ -258,36 +258,6 @@ pub fn memory_checksum(source: &mut dyn PageSource, layout: &Layout) -> Result<u
     Ok(digest.finish())
 }
 
-/// `crc` extended by `len` zero bytes, in O(log len) time (so layouts with
-/// huge never-sent or zero spans checksum quickly).
-pub(crate) fn crc_append_zeros(crc: u32, len: u64) -> u32 {
-    // CRC32C of 2^k zero bytes, built by doubling.
-    let mut run_crc = crc32c::crc32c(&[0u8]);
-    let mut run_len: u64 = 1;
-    let mut zeros_crc: Option<(u32, u64)> = None;
-    let mut left = len;
-    while left > 0 {
-        if left & 1 == 1 {
-            zeros_crc = Some(match zeros_crc {
-                None => (run_crc, run_len),
-                Some((c, l)) => (
-                    crc32c::crc32c_combine(c, run_crc, run_len as usize),
-                    l + run_len,
-                ),
-            });
-        }
-        left >>= 1;
-        if left > 0 {
-            run_crc = crc32c::crc32c_combine(run_crc, run_crc, run_len as usize);
-            run_len *= 2;
-        }
-    }
-    match zeros_crc {
-        None => crc,
-        Some((z, l)) => crc32c::crc32c_combine(crc, z, l as usize),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -297,7 +267,7 @@ mod tests {
             let mut v = data.to_vec();
             v.resize(3 + len as usize, 0);
             assert_eq!(
-                crc_append_zeros(crc32c::crc32c(&data), len),
+                crate::digest::crc_append_zeros(crc32c::crc32c(&data), len),
                 crc32c::crc32c(&v),
                 "len {len}"
             );

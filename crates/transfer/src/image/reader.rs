@@ -1,0 +1,262 @@
+//! [`Image`]: an image opened for reading, its state blob and checked page
+//! reads.
+
+use std::fs::File;
+use std::io::Write;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use zerocopy::FromBytes;
+
+use super::info::RoundInfo;
+use super::walk::walk;
+use super::{ZERO, file_len, locations_from_index};
+use crate::digest::{PageFold, page_crc};
+use crate::error::{ImageError, ProtocolError, TransferError};
+use crate::layout::Layout;
+use crate::protocol::{FrameKind, HEADER_LEN, RawHeader, verify_frame_pages};
+
+/// A checkpoint image opened for reading.
+#[derive(Debug)]
+pub struct Image {
+    pub(super) path: PathBuf,
+    pub(super) file: File,
+    pub(super) layout: Layout,
+    pub(super) rounds: Vec<RoundInfo>,
+    pub(super) loc: Vec<u64>,
+    /// Every PAGES record, in file order: (header offset, payload length).
+    pub(super) pages_records: Vec<(u64, u64)>,
+    pub(super) complete: bool,
+    pub(super) checksum: Option<u32>,
+    pub(super) state: Option<(u64, u64, u32)>,
+    pub(super) incomplete_reason: Option<String>,
+    pub(super) file_len: u64,
+}
+
+impl Image {
+    /// Opens an image. Succeeds for incomplete images (see
+    /// [`ImageInfo::complete`]); fails only if the file cannot be read or its
+    /// preamble and layout record are not valid.
+    pub fn open(path: impl AsRef<Path>) -> Result<Image, ImageError> {
+        let path = path.as_ref().to_owned();
+        let file = File::open(&path).map_err(|source| ImageError::Io {
+            path: path.clone(),
+            what: "opening",
+            source,
+        })?;
+        let walk = walk(&path, &file, false)?;
+        let file_len = file_len(&path, &file)?;
+        let mut complete = walk.fault.is_none() && walk.trailer.is_some() && walk.finish.is_some();
+        let mut reason = match (&walk.fault, &walk.trailer) {
+            (Some((e, _)), _) => Some(e.to_string()),
+            (None, None) => Some("no trailer: the writer did not finish".to_owned()),
+            _ => None,
+        };
+        let mut loc = walk.loc;
+        if complete {
+            match locations_from_index(&walk.index, &walk.layout, file_len) {
+                Some(from_index) => loc = from_index,
+                None => {
+                    complete = false;
+                    reason = Some("index does not fit the layout".to_owned());
+                }
+            }
+        }
+        Ok(Image {
+            path,
+            file,
+            layout: walk.layout,
+            rounds: walk.rounds,
+            loc,
+            pages_records: walk.pages_records,
+            complete,
+            checksum: if complete {
+                walk.finish.map(|f| f.1)
+            } else {
+                None
+            },
+            state: walk.state,
+            incomplete_reason: reason,
+            file_len,
+        })
+    }
+
+    /// The state blob the image holds, read from the file and checked
+    /// against its own CRC32C (`None`: the image has none).
+    pub fn state(&self) -> Result<Option<Vec<u8>>, ImageError> {
+        let Some((at, len, crc)) = self.state else {
+            return Ok(None);
+        };
+        let mut blob = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut blob, at)
+            .map_err(|source| ImageError::Io {
+                path: self.path.clone(),
+                what: "reading the state blob of",
+                source,
+            })?;
+        let computed = crc32c::crc32c(&blob);
+        if computed != crc {
+            return Err(ImageError::Corrupt {
+                path: self.path.clone(),
+                source: ProtocolError::StateChecksum {
+                    offset: at - HEADER_LEN as u64,
+                    stored: crc,
+                    computed,
+                },
+            });
+        }
+        Ok(Some(blob))
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Whether the image is complete.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// Writes the bytes at memory offsets `range` (regions back to back in
+    /// id order, see [`crate::layout`]) as the image holds them (zeros where
+    /// a page was never sent) to `out`.
+    ///
+    /// Every page written out is checked first: the PAGES record holding it
+    /// is read whole once and its CRC32C checked (yielding each page's
+    /// CRC32C), and the page's bytes are checked against that page CRC. A
+    /// page that fails is [`ImageError::PageDamaged`]; bytes before it may
+    /// already be in `out`. This does not make an incomplete image complete:
+    /// check [`Image::is_complete`] first (pages of an unfinished round are
+    /// not part of the image, and pages never sent read as zeros).
+    pub fn read_span(&self, range: Range<u64>, out: &mut dyn Write) -> Result<(), ImageError> {
+        let ps = self.layout.page_size();
+        if range.start >= range.end {
+            return Ok(());
+        }
+        if range.end > self.layout.total_len() {
+            return Err(ImageError::SpanOutsideLayout { range });
+        }
+        let io = |what| {
+            let path = self.path.clone();
+            move |source| ImageError::Io { path, what, source }
+        };
+        let mut page = vec![0u8; ps as usize];
+        let mut checked = RecordCrcs {
+            fold: PageFold::new(ps),
+            records: std::collections::HashMap::new(),
+        };
+        let mut at = range.start - range.start % ps;
+        while at < range.end {
+            let l = self.loc[(at / ps) as usize];
+            if l >= ZERO {
+                page.fill(0);
+            } else {
+                let want = self.page_crc_at(at, l, &mut checked)?;
+                self.file
+                    .read_exact_at(&mut page, l)
+                    .map_err(io("reading"))?;
+                let got = page_crc(&page);
+                if got != want {
+                    return Err(ImageError::PageDamaged {
+                        path: self.path.clone(),
+                        offset: at,
+                        source: ProtocolError::BadChecksum {
+                            offset: l,
+                            kind: FrameKind::Pages as u8,
+                            stored: want,
+                            computed: got,
+                        },
+                    });
+                }
+            }
+            let from = range.start.max(at) - at;
+            let to = range.end.min(at + ps) - at;
+            out.write_all(&page[from as usize..to as usize])
+                .map_err(io("writing span of"))?;
+            at += ps;
+        }
+        Ok(())
+    }
+
+    /// The CRC32C of the page at memory offset `offset`, whose data is at
+    /// file offset `at`, from its PAGES record, whose CRC is checked the
+    /// first time one of its pages is asked for.
+    fn page_crc_at(
+        &self,
+        offset: u64,
+        at: u64,
+        checked: &mut RecordCrcs,
+    ) -> Result<u32, ImageError> {
+        let ps = self.layout.page_size();
+        let damaged = |source| ImageError::PageDamaged {
+            path: self.path.clone(),
+            offset,
+            source,
+        };
+        let not_in_record = || {
+            damaged(ProtocolError::Malformed {
+                offset: at,
+                kind: FrameKind::Index,
+                reason: "the index points at bytes that are not a page of a PAGES record",
+            })
+        };
+        let hdr = HEADER_LEN as u64;
+        let i = self.pages_records.partition_point(|&(o, _)| o + hdr <= at);
+        let &(record, len) = i
+            .checked_sub(1)
+            .and_then(|i| self.pages_records.get(i))
+            .ok_or_else(not_in_record)?;
+        let in_record = at - (record + hdr);
+        if in_record >= len || in_record % ps != 0 {
+            return Err(not_in_record());
+        }
+        if !checked.records.contains_key(&record) {
+            let mut buf = vec![0u8; (hdr + len) as usize];
+            self.file
+                .read_exact_at(&mut buf, record)
+                .map_err(|source| ImageError::Io {
+                    path: self.path.clone(),
+                    what: "reading",
+                    source,
+                })?;
+            let Ok((h, payload)) = RawHeader::read_from_prefix(&buf) else {
+                return Err(not_in_record());
+            };
+            let mut crcs = Vec::new();
+            match verify_frame_pages(&h, record, payload, &checked.fold, &mut crcs) {
+                Ok(_) if crcs.len() as u64 == len / ps => {}
+                Ok(_) => return Err(not_in_record()),
+                Err(TransferError::Protocol(e)) => return Err(damaged(e)),
+                Err(e) => {
+                    return Err(ImageError::Io {
+                        path: self.path.clone(),
+                        what: "checking",
+                        source: std::io::Error::other(e.to_string()),
+                    });
+                }
+            }
+            checked.records.insert(record, crcs);
+        }
+        let crcs = &checked.records[&record];
+        crcs.get((in_record / ps) as usize)
+            .copied()
+            .ok_or_else(not_in_record)
+    }
+
+    /// [`Image::read_span`] into a vector.
+    pub fn read_span_to_vec(&self, range: Range<u64>) -> Result<Vec<u8>, ImageError> {
+        let mut v = Vec::with_capacity(range.end.saturating_sub(range.start).min(1 << 30) as usize);
+        self.read_span(range, &mut v)?;
+        Ok(v)
+    }
+}
+
+/// Page CRCs of the PAGES records checked so far by one [`Image::read_span`].
+struct RecordCrcs {
+    fold: PageFold,
+    /// Header offset of a checked record -> its pages' CRC32Cs.
+    records: std::collections::HashMap<u64, Vec<u32>>,
+}

@@ -1,0 +1,317 @@
+//! Walking an image's records from the start: the one reader of the record
+//! sequence, shared by [`Image::open`](super::Image::open) (page payloads
+//! skipped) and [`Image::verify`](super::Image::verify) (every CRC checked).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use zerocopy::{FromZeros, IntoBytes};
+
+use super::info::RoundInfo;
+use super::{IMAGE_MAGIC, IMAGE_VERSION, PREAMBLE_LEN, ZERO, file_len, page_table};
+use crate::codec::Codec;
+use crate::error::{ImageError, ProtocolError, TransferError};
+use crate::layout::Layout;
+use crate::protocol::{
+    Finish, FrameKind, FrameReader, HEADER_LEN, Header, Hello, Index, IndexEntry, MAX_PAYLOAD,
+    Pages, RawHeader, RoundBegin, RoundEnd, State, Trailer, Zero,
+};
+
+/// Result of walking an image's records from the start.
+pub(super) struct Walk {
+    pub(super) layout: Layout,
+    pub(super) rounds: Vec<RoundInfo>,
+    pub(super) loc: Vec<u64>,
+    pub(super) records: u64,
+    pub(super) finish: Option<(u64, u32)>,
+    /// File offset, length and CRC32C of the state blob.
+    pub(super) state: Option<(u64, u64, u32)>,
+    pub(super) index: Vec<IndexEntry>,
+    /// Header offset and contents of the TRAILER.
+    pub(super) trailer: Option<(u64, Trailer)>,
+    /// Every PAGES record seen, in file order: (header offset, payload length).
+    pub(super) pages_records: Vec<(u64, u64)>,
+    /// First fault: a record that is cut short (`true`) or damaged (`false`).
+    pub(super) fault: Option<(ProtocolError, bool)>,
+}
+
+/// Reads records from the start. With `check_payloads`, reads every payload
+/// and checks its CRC; without, skips page payloads (checking only that the
+/// file holds them), which is enough to find the image's shape and whether
+/// it is complete.
+pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Walk, ImageError> {
+    let corrupt = |source| ImageError::Corrupt {
+        path: path.to_owned(),
+        source,
+    };
+    let io = |source| ImageError::Io {
+        path: path.to_owned(),
+        what: "reading",
+        source,
+    };
+    let len = file_len(path, file)?;
+    let mut f = file;
+    f.seek(SeekFrom::Start(0)).map_err(io)?;
+    let mut pre = [0u8; PREAMBLE_LEN as usize];
+    f.read_exact(&mut pre).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            corrupt(ProtocolError::Truncated {
+                offset: 0,
+                what: "the image preamble",
+            })
+        } else {
+            io(e)
+        }
+    })?;
+    let mut found = [0u8; 8];
+    found.copy_from_slice(&pre[..8]);
+    if found != IMAGE_MAGIC {
+        return Err(corrupt(ProtocolError::BadMagic { found }));
+    }
+    let version = u32::from_le_bytes([pre[8], pre[9], pre[10], pre[11]]);
+    if (1..IMAGE_VERSION).contains(&version) {
+        return Err(corrupt(ProtocolError::OldVersion {
+            version,
+            supported: IMAGE_VERSION,
+        }));
+    }
+    if version != IMAGE_VERSION {
+        return Err(corrupt(ProtocolError::UnknownVersion {
+            version,
+            supported: IMAGE_VERSION,
+        }));
+    }
+    let mut r = FrameReader::at_offset(std::io::BufReader::with_capacity(1 << 16, f), PREAMBLE_LEN);
+    let mut p = Vec::new();
+    let to_protocol = |e: TransferError| match e {
+        TransferError::Protocol(p) => Ok(p),
+        TransferError::Io { source, .. } => Err(io(source)),
+        other => Err(io(std::io::Error::other(other.to_string()))),
+    };
+    let h = match r.read_frame(&mut p) {
+        Ok(h) => h,
+        Err(e) => return Err(corrupt(to_protocol(e)?)),
+    };
+    let layout = h.decode::<Hello>(&p).map_err(corrupt)?.layout;
+    let loc = page_table(layout.total_pages()).ok_or_else(|| {
+        corrupt(ProtocolError::Malformed {
+            offset: h.offset,
+            kind: h.kind,
+            reason: "layout has more pages than an image holds",
+        })
+    })?;
+    let mut w = Walk {
+        layout,
+        rounds: Vec::new(),
+        loc,
+        records: 1,
+        finish: None,
+        state: None,
+        index: Vec::new(),
+        trailer: None,
+        pages_records: Vec::new(),
+        fault: None,
+    };
+    let ps = w.layout.page_size();
+    let mut pending: Vec<(usize, u64)> = Vec::new();
+    let mut current: Option<RoundInfo> = None;
+    loop {
+        let offset = r.offset();
+        if offset == len && w.trailer.is_some() {
+            break;
+        }
+        let fault = |e: ProtocolError, truncated: bool| Some((e, truncated));
+        let read = if check_payloads {
+            r.read_frame(&mut p)
+        } else {
+            read_header_skipping_pages(&mut r, &mut p, len)
+        };
+        let h = match read {
+            Ok(h) => h,
+            Err(e) => {
+                let e = to_protocol(e)?;
+                let t = matches!(e, ProtocolError::Truncated { .. });
+                w.fault = fault(e, t);
+                break;
+            }
+        };
+        w.records += 1;
+        let payload = &p[..if h.kind == FrameKind::Pages {
+            0
+        } else {
+            h.payload_len as usize
+        }];
+        let unexpected = |state| ProtocolError::Unexpected {
+            offset: h.offset,
+            kind: h.kind,
+            state,
+        };
+        let step: Result<bool, ProtocolError> = (|| {
+            if w.trailer.is_some() {
+                return Err(unexpected("after the trailer"));
+            }
+            match (h.kind, &mut current) {
+                (FrameKind::RoundBegin, None) if w.finish.is_none() => {
+                    let RoundBegin { round } = h.decode(payload)?;
+                    let next = w.rounds.len() as u64;
+                    if round != next {
+                        return Err(ProtocolError::RoundOutOfOrder {
+                            expected: next,
+                            got: round,
+                        });
+                    }
+                    current = Some(RoundInfo {
+                        round,
+                        pages: 0,
+                        zero_pages: 0,
+                    });
+                }
+                (FrameKind::Pages | FrameKind::Zero, Some(round)) => {
+                    let span = if h.kind == FrameKind::Pages {
+                        let pages: Pages = h.decode(payload)?;
+                        if pages.codec != Codec::None {
+                            return Err(ProtocolError::Malformed {
+                                offset: h.offset,
+                                kind: h.kind,
+                                reason: "compressed pages are not used in images",
+                            });
+                        }
+                        if pages.live {
+                            // Images never hold live frames (their sink copies pages).
+                            return Err(ProtocolError::Malformed {
+                                offset: h.offset,
+                                kind: h.kind,
+                                reason: "live page frames are not used in images",
+                            });
+                        }
+                        pages.span
+                    } else {
+                        h.decode::<Zero>(payload)?.span
+                    };
+                    let first = span.place(&h, &w.layout)? / ps;
+                    let data = h.offset + HEADER_LEN as u64;
+                    if h.kind == FrameKind::Pages {
+                        w.pages_records.push((h.offset, span.len));
+                    }
+                    for k in 0..span.len / ps {
+                        let l = if h.kind == FrameKind::Zero {
+                            ZERO
+                        } else {
+                            data + k * ps
+                        };
+                        pending.push(((first + k) as usize, l));
+                    }
+                    if h.kind == FrameKind::Zero {
+                        round.zero_pages += span.len / ps;
+                    } else {
+                        round.pages += span.len / ps;
+                    }
+                }
+                (FrameKind::RoundEnd, Some(round)) => {
+                    let end: RoundEnd = h.decode(payload)?;
+                    if end.round != round.round
+                        || end.pages != round.pages
+                        || end.zero_pages != round.zero_pages
+                    {
+                        return Err(ProtocolError::CountMismatch {
+                            round: round.round,
+                            claimed_pages: end.pages,
+                            claimed_zero: end.zero_pages,
+                            pages: round.pages,
+                            zero: round.zero_pages,
+                        });
+                    }
+                    for (i, l) in pending.drain(..) {
+                        w.loc[i] = l;
+                    }
+                    w.rounds.push(*round);
+                    current = None;
+                }
+                (FrameKind::State, None) if w.finish.is_none() && w.state.is_none() => {
+                    let state: State = h.decode(payload)?;
+                    let at = h.offset + HEADER_LEN as u64;
+                    w.state = Some((at, state.blob.len() as u64, state.crc));
+                }
+                (FrameKind::Finish, None) if w.finish.is_none() => {
+                    let finish: Finish = h.decode(payload)?;
+                    if finish.rounds != w.rounds.len() as u64 {
+                        return Err(ProtocolError::RoundOutOfOrder {
+                            expected: w.rounds.len() as u64,
+                            got: finish.rounds,
+                        });
+                    }
+                    w.finish = Some((finish.rounds, finish.digest));
+                }
+                (FrameKind::Index, None) if w.finish.is_some() => {
+                    w.index.extend(h.decode::<Index>(payload)?.entries);
+                }
+                (FrameKind::Trailer, None) if w.finish.is_some() => {
+                    let trailer: Trailer = h.decode(payload)?;
+                    if trailer.trailer_offset != h.offset || h.offset + HEADER_LEN as u64 != len {
+                        return Err(ProtocolError::Malformed {
+                            offset: h.offset,
+                            kind: h.kind,
+                            reason: "trailer is not the last record",
+                        });
+                    }
+                    w.trailer = Some((h.offset, trailer));
+                    return Ok(true);
+                }
+                _ => return Err(unexpected("walking the image")),
+            }
+            Ok(false)
+        })();
+        match step {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => {
+                w.fault = Some((e, false));
+                break;
+            }
+        }
+    }
+    Ok(w)
+}
+
+/// Reads a header and, except for PAGES, its payload (checking the CRC);
+/// for PAGES checks the file holds the payload and seeks past it.
+fn read_header_skipping_pages<R: Read + Seek>(
+    r: &mut FrameReader<std::io::BufReader<R>>,
+    p: &mut Vec<u8>,
+    file_len: u64,
+) -> Result<Header, TransferError> {
+    let offset = r.offset();
+    let mut h = RawHeader::new_zeroed();
+    if offset + HEADER_LEN as u64 > file_len {
+        return Err(ProtocolError::Truncated {
+            offset: file_len,
+            what: "a record header",
+        }
+        .into());
+    }
+    r.get_mut()
+        .read_exact(h.as_mut_bytes())
+        .map_err(TransferError::io("reading the image"))?;
+    let payload_len = u64::from(h.payload_len());
+    if h.kind_byte() != FrameKind::Pages as u8 || payload_len > MAX_PAYLOAD {
+        // Small records: rewind and read them whole, CRC included.
+        r.get_mut()
+            .seek_relative(-(HEADER_LEN as i64))
+            .map_err(TransferError::io("reading the image"))?;
+        return r.read_frame(p);
+    }
+    let end = offset + HEADER_LEN as u64 + payload_len;
+    if end > file_len {
+        return Err(ProtocolError::Truncated {
+            offset: file_len,
+            what: "page data",
+        }
+        .into());
+    }
+    r.get_mut()
+        .seek_relative(payload_len as i64)
+        .map_err(TransferError::io("reading the image"))?;
+    r.set_offset(end);
+    Ok(h.decode(offset)?)
+}

@@ -1,0 +1,274 @@
+//! [`ImageWriter`]: the [`Sink`] that writes a checkpoint image, record by
+//! record, syncing before the index and trailer that make it complete.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use super::{
+    IMAGE_MAGIC, IMAGE_VERSION, INDEX_ENTRIES_PER_RECORD, PREAMBLE_LEN, ZERO, digest_of_locations,
+    index_entries, page_table,
+};
+use crate::buffer::PageBuf;
+use crate::digest::{FinalCheck, PageCrcs, PageFold, check_final};
+use crate::error::{ImageError, TransferError};
+use crate::layout::Layout;
+use crate::protocol::{
+    Finish, Frame, FrameWriter, HEADER_LEN, Hello, Index, PageSpan, RoundBegin, RoundEnd, State,
+    Trailer, Zero,
+};
+use crate::sink::Sink;
+
+/// Writes a checkpoint image; a [`Sink`].
+#[derive(Debug)]
+pub struct ImageWriter {
+    path: PathBuf,
+    out: FrameWriter<BufWriter<File>>,
+    layout: Layout,
+    /// Per layout page: file offset of its latest data, [`ZERO`] or [`NEVER`].
+    loc: Vec<u64>,
+    /// Per layout page: CRC of its latest data.
+    crcs: PageCrcs,
+    fold: PageFold,
+    /// Updates of the round in progress, applied at its end.
+    next_round: u64,
+    in_round: Option<(u64, u64, u64, u64)>,
+    state_written: bool,
+    finished: bool,
+}
+
+impl ImageWriter {
+    /// Creates (or truncates) the image at `path` for `layout`.
+    pub fn create(path: impl AsRef<Path>, layout: Layout) -> Result<ImageWriter, TransferError> {
+        let path = path.as_ref().to_owned();
+        let io = |what| {
+            let path = path.clone();
+            move |source| ImageError::Io { path, what, source }
+        };
+        let loc = page_table(layout.total_pages()).ok_or(TransferError::Config {
+            reason: "layout has more pages than an image holds (MAX_IMAGE_PAGES)",
+        })?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io("creating"))?;
+        let mut out = FrameWriter::new(BufWriter::with_capacity(1 << 20, file));
+        let mut pre = [0u8; PREAMBLE_LEN as usize];
+        pre[..8].copy_from_slice(&IMAGE_MAGIC);
+        pre[8..12].copy_from_slice(&IMAGE_VERSION.to_le_bytes());
+        out.get_mut().write_all(&pre).map_err(io("writing"))?;
+        let hello = Hello {
+            session: 0,
+            stream_index: 0,
+            stream_count: 1,
+            nonce: [0; 16],
+            layout: layout.without_host(),
+        };
+        out.send(&hello).map_err(io("writing"))?;
+        let crcs = PageCrcs::new(loc.len(), layout.page_size());
+        let fold = PageFold::new(layout.page_size());
+        Ok(ImageWriter {
+            path,
+            out,
+            layout,
+            loc,
+            crcs,
+            fold,
+            next_round: 0,
+            in_round: None,
+            state_written: false,
+            finished: false,
+        })
+    }
+
+    /// The image file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn pos(&self) -> u64 {
+        PREAMBLE_LEN + self.out.written()
+    }
+
+    fn io(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> TransferError {
+        let path = self.path.clone();
+        move |source| ImageError::Io { path, what, source }.into()
+    }
+
+    fn write<'p, F: Frame<'p>>(&mut self, frame: &F) -> Result<(), TransferError> {
+        if self.finished {
+            return Err(TransferError::Misuse {
+                operation: "writing to an image",
+                state: "after finish",
+            });
+        }
+        let r = self.out.send(frame);
+        r.map(|_| ()).map_err(self.io("writing"))
+    }
+
+    fn round_counts(
+        &mut self,
+        operation: &'static str,
+    ) -> Result<&mut (u64, u64, u64, u64), TransferError> {
+        self.in_round.as_mut().ok_or(TransferError::Misuse {
+            operation,
+            state: "outside a round",
+        })
+    }
+
+    fn sync(&mut self) -> Result<(), TransferError> {
+        self.out.flush().map_err(self.io("writing"))?;
+        let r = self.out.get_ref().get_ref().sync_data();
+        r.map_err(self.io("syncing"))
+    }
+
+    /// The memory digest of what the image now holds, read back from the file.
+    fn checksum(&mut self) -> Result<u32, TransferError> {
+        self.out.flush().map_err(self.io("writing"))?;
+        let ps = self.layout.page_size();
+        let file = self.out.get_ref().get_ref();
+        digest_of_locations(file, &self.loc, ps).map_err(self.io("reading back"))
+    }
+}
+
+impl Sink for ImageWriter {
+    fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
+        if self.in_round.is_some() || round != self.next_round {
+            return Err(TransferError::Misuse {
+                operation: "begin_round",
+                state: "inside a round or out of sequence",
+            });
+        }
+        self.write(&RoundBegin { round })?;
+        self.in_round = Some((round, 0, 0, self.pos()));
+        Ok(())
+    }
+
+    fn send_pages(
+        &mut self,
+        offset: u64,
+        pages: PageBuf,
+        crcs: &[u32],
+    ) -> Result<(), TransferError> {
+        self.round_counts("send_pages")?;
+        let len = pages.len() as u64;
+        let ps = self.layout.page_size();
+        let span = wire_span(&self.layout, offset, len)?;
+        let first = offset / ps;
+        if crcs.len() as u64 != len / ps || self.finished {
+            return Err(TransferError::Misuse {
+                operation: "send_pages",
+                state: "with a CRC count that differs from the page count, or after finish",
+            });
+        }
+        let data = self.pos() + HEADER_LEN as u64;
+        let r = self.out.send_folded_pages(span, &pages, crcs, &self.fold);
+        r.map_err(self.io("writing"))?;
+        self.crcs.set(first as usize, crcs);
+        for k in 0..len / ps {
+            self.loc[(first + k) as usize] = data + k * ps;
+        }
+        self.round_counts("send_pages")?.1 += len / ps;
+        Ok(())
+    }
+
+    fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
+        self.round_counts("send_zero_range")?;
+        let ps = self.layout.page_size();
+        let len = range.end.saturating_sub(range.start);
+        let span = wire_span(&self.layout, range.start, len)?;
+        let first = range.start / ps;
+        self.write(&Zero { span })?;
+        self.crcs.set_zero(first as usize, (len / ps) as usize);
+        for k in 0..len / ps {
+            self.loc[(first + k) as usize] = ZERO;
+        }
+        self.round_counts("send_zero_range")?.2 += len / ps;
+        Ok(())
+    }
+
+    fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
+        let (r, pages, zero, start) = *self.round_counts("end_round")?;
+        if r != round {
+            return Err(TransferError::Misuse {
+                operation: "end_round",
+                state: "for another round",
+            });
+        }
+        self.write(&RoundEnd::new(round, pages, zero))?;
+        self.in_round = None;
+        self.next_round += 1;
+        Ok(self.pos() - start + HEADER_LEN as u64)
+    }
+
+    /// Writes the STATE record: the blob with its own CRC32C.
+    fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
+        if self.in_round.is_some() || self.state_written {
+            return Err(TransferError::Misuse {
+                operation: "send_state",
+                state: "inside a round or twice",
+            });
+        }
+        self.write(&State::new(state))?;
+        self.state_written = true;
+        Ok(())
+    }
+
+    /// Checks the page CRCs recorded while writing (and with
+    /// [`FinalCheck::Full`] the memory read back from the file) against
+    /// `memory_checksum`, then writes the FINISH record, syncs, writes the
+    /// index and trailer, and syncs again. On a mismatch the image is left
+    /// incomplete.
+    fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
+        if self.in_round.is_some() {
+            return Err(TransferError::Misuse {
+                operation: "finish",
+                state: "inside a round",
+            });
+        }
+        let recorded = self.crcs.digest();
+        check_final(memory_checksum, recorded, check, || self.checksum())?;
+        self.write(&Finish {
+            rounds: self.next_round,
+            check: FinalCheck::Recorded,
+            digest: memory_checksum,
+        })?;
+        self.sync()?;
+        let index_offset = self.pos();
+        let entries = index_entries(&self.loc, &self.layout);
+        for chunk in entries.chunks(INDEX_ENTRIES_PER_RECORD) {
+            self.write(&Index {
+                entries: chunk.to_vec(),
+            })?;
+        }
+        let trailer_offset = self.pos();
+        self.write(&Trailer {
+            index_offset,
+            trailer_offset,
+            digest: memory_checksum,
+        })?;
+        self.sync()?;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+/// The wire's name (region id, offset inside it) for `len` bytes at memory
+/// offset `offset`, which must be whole pages inside one region.
+fn wire_span(layout: &Layout, offset: u64, len: u64) -> Result<PageSpan, TransferError> {
+    layout.check_span(offset, len)?;
+    let (r, at) = layout
+        .region_at(offset)
+        .ok_or(crate::error::LayoutError::OutsideLayout {
+            range: offset..offset + len,
+        })?;
+    Ok(PageSpan {
+        region: r.id,
+        offset: at,
+        len,
+    })
+}

@@ -1,0 +1,87 @@
+//! The frame kinds of the wire protocol and image format (see
+//! [`crate::protocol`] for what each carries). A leaf: errors name frames by
+//! these without depending on the protocol module.
+
+/// What a frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Sender's handshake.
+    Hello = 1,
+    /// Receiver's handshake and challenge.
+    Challenge = 2,
+    /// Sender's challenge response.
+    Auth = 3,
+    /// Receiver's acceptance.
+    Welcome = 4,
+    /// A round starts.
+    RoundBegin = 5,
+    /// Page contents.
+    Pages = 6,
+    /// Pages that are all zeros.
+    Zero = 7,
+    /// A round ends, with this connection's counts.
+    RoundEnd = 8,
+    /// No more rounds; carries the memory checksum.
+    Finish = 9,
+    /// Receiver's success acknowledgement.
+    Done = 10,
+    /// Either side's failure report.
+    Error = 11,
+    /// Image page index.
+    Index = 12,
+    /// Image completion marker.
+    Trailer = 13,
+    /// The source's state blob, after the last round.
+    State = 14,
+    /// Sender's confirmation that it accepted DONE in time.
+    Commit = 15,
+}
+
+impl FrameKind {
+    /// The kind for a header byte.
+    pub fn from_u8(kind: u8) -> Option<FrameKind> {
+        use FrameKind::*;
+        Some(match kind {
+            1 => Hello,
+            2 => Challenge,
+            3 => Auth,
+            4 => Welcome,
+            5 => RoundBegin,
+            6 => Pages,
+            7 => Zero,
+            8 => RoundEnd,
+            9 => Finish,
+            10 => Done,
+            11 => Error,
+            12 => Index,
+            13 => Trailer,
+            14 => State,
+            15 => Commit,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for FrameKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use FrameKind::*;
+        f.write_str(match self {
+            Hello => "HELLO",
+            Challenge => "CHALLENGE",
+            Auth => "AUTH",
+            Welcome => "WELCOME",
+            RoundBegin => "ROUND_BEGIN",
+            Pages => "PAGES",
+            Zero => "ZERO",
+            RoundEnd => "ROUND_END",
+            Finish => "FINISH",
+            Done => "DONE",
+            Error => "ERROR",
+            Index => "INDEX",
+            Trailer => "TRAILER",
+            State => "STATE",
+            Commit => "COMMIT",
+        })
+    }
+}

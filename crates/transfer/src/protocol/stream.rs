@@ -1,0 +1,481 @@
+//! Frames on a byte stream: [`FrameReader`] reads a header and payload and
+//! checks the frame CRC before anything decodes its fields; [`FrameWriter`]
+//! writes typed frames ([`super::Frame`]) with header and payload gathered
+//! into as few system calls as the writer allows.
+
+use std::io::{self, IoSlice, Read, Write};
+
+use zerocopy::{FromZeros, IntoBytes};
+
+use super::{
+    Codec, Frame, FrameKind, HEADER_LEN, Header, MAX_PAYLOAD, PREAMBLE_LEN, PageSpan, Pages,
+    RawHeader, check_preamble, encode, preamble,
+};
+use crate::digest::{PageFold, page_crc};
+use crate::error::{ProtocolError, TransferError};
+
+/// Reads frames from a byte stream, checking each one's checksum.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    offset: u64,
+}
+
+impl<R: Read> FrameReader<R> {
+    /// A reader at stream offset 0.
+    pub fn new(inner: R) -> FrameReader<R> {
+        FrameReader { inner, offset: 0 }
+    }
+
+    /// A reader whose first byte is at stream offset `offset`.
+    pub fn at_offset(inner: R, offset: u64) -> FrameReader<R> {
+        FrameReader { inner, offset }
+    }
+
+    /// Bytes consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Declares that the underlying reader was moved to stream offset
+    /// `offset` behind this reader's back (e.g. by seeking past a payload).
+    pub fn set_offset(&mut self, offset: u64) {
+        self.offset = offset;
+    }
+
+    /// The underlying reader.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    fn fill(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), TransferError> {
+        let start = self.offset;
+        let mut got = 0;
+        while got < buf.len() {
+            match self.inner.read(&mut buf[got..]) {
+                Ok(0) => {
+                    return Err(ProtocolError::Truncated {
+                        offset: start + got as u64,
+                        what,
+                    }
+                    .into());
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(TransferError::Io {
+                        what: "reading from the peer",
+                        source,
+                    });
+                }
+            }
+        }
+        self.offset += got as u64;
+        Ok(())
+    }
+
+    /// Reads and checks the preamble.
+    pub fn read_preamble(&mut self) -> Result<(), TransferError> {
+        let mut p = [0u8; PREAMBLE_LEN];
+        self.fill(&mut p, "the preamble")?;
+        check_preamble(&p)?;
+        Ok(())
+    }
+
+    /// Reads one frame; its payload lands in `payload[..header.payload_len]`.
+    ///
+    /// `payload` grows only as bytes actually arrive, so a header announcing a
+    /// huge payload on a short stream allocates little.
+    pub fn read_frame(&mut self, payload: &mut Vec<u8>) -> Result<Header, TransferError> {
+        let (h, offset) = self.read_unverified(payload)?;
+        verify_frame(&h, offset, payload)
+    }
+
+    /// Reads one frame's raw header and payload without checking them
+    /// (beyond the payload size limit); [`verify_frame`] does the rest. Lets a
+    /// receiver read the socket on one thread and verify on another.
+    pub fn read_unverified(
+        &mut self,
+        payload: &mut Vec<u8>,
+    ) -> Result<(RawHeader, u64), TransferError> {
+        let (h, offset) = self.read_raw_header()?;
+        self.read_payload_vec(&h, payload)?;
+        Ok((h, offset))
+    }
+
+    /// Reads one frame's raw header, unchecked except for the payload size
+    /// limit, and its stream offset. The payload follows: read it with
+    /// [`FrameReader::read_payload_vec`] or [`FrameReader::read_payload_into`].
+    pub fn read_raw_header(&mut self) -> Result<(RawHeader, u64), TransferError> {
+        let offset = self.offset;
+        let mut h = RawHeader::new_zeroed();
+        self.fill(h.as_mut_bytes(), "a frame header")?;
+        let payload_len = h.payload_len();
+        if u64::from(payload_len) > MAX_PAYLOAD {
+            return Err(ProtocolError::FrameTooLarge {
+                offset,
+                len: payload_len.into(),
+                max: MAX_PAYLOAD,
+            }
+            .into());
+        }
+        Ok((h, offset))
+    }
+
+    /// Reads the payload announced by raw header `h` into `payload[..len]`.
+    ///
+    /// `payload` grows only as bytes actually arrive, so a header announcing a
+    /// huge payload on a short stream allocates little.
+    pub fn read_payload_vec(
+        &mut self,
+        h: &RawHeader,
+        payload: &mut Vec<u8>,
+    ) -> Result<(), TransferError> {
+        let n = h.payload_len() as usize;
+        if payload.len() >= n {
+            return self.fill(&mut payload[..n], "a frame payload");
+        }
+        payload.clear();
+        let got = (&mut self.inner)
+            .take(n as u64)
+            .read_to_end(payload)
+            .map_err(TransferError::io("reading from the peer"))?;
+        self.offset += got as u64;
+        if got < n {
+            return Err(ProtocolError::Truncated {
+                offset: self.offset,
+                what: "a frame payload",
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `buf.len()` payload bytes into `buf` (a caller that
+    /// already knows where the payload should land).
+    pub fn read_payload_into(&mut self, buf: &mut [u8]) -> Result<(), TransferError> {
+        self.fill(buf, "a frame payload")
+    }
+}
+
+/// Checks a raw uncompressed PAGES header against the CRCs of the pages its
+/// payload held (computed by the caller, one per `fold.page_size()` bytes),
+/// then decodes it.
+pub fn verify_pages_header(
+    h: &RawHeader,
+    offset: u64,
+    crcs: &[u32],
+    fold: &PageFold,
+) -> Result<Header, TransferError> {
+    let computed = fold.fold_all(h.crc_start(), crcs);
+    finish_verify(h, offset, computed)
+}
+
+/// Checks a raw frame read by [`FrameReader::read_unverified`] at stream
+/// `offset`: CRC32C first, then kind and reserved bytes.
+pub fn verify_frame(h: &RawHeader, offset: u64, payload: &[u8]) -> Result<Header, TransferError> {
+    let n = checked_len(h, offset, payload)?;
+    let computed = crc32c::crc32c_append(h.crc_start(), &payload[..n]);
+    finish_verify(h, offset, computed)
+}
+
+/// [`verify_frame`] that, when the frame is an uncompressed PAGES frame whose
+/// payload is whole pages of `fold.page_size()`, computes the CRC32C of each
+/// page into `crcs` and the frame CRC from them (one pass over the payload).
+/// For any other frame `crcs` is left empty. Nothing in `crcs` is meaningful
+/// unless this returns `Ok`.
+pub fn verify_frame_pages(
+    h: &RawHeader,
+    offset: u64,
+    payload: &[u8],
+    fold: &PageFold,
+    crcs: &mut Vec<u32>,
+) -> Result<Header, TransferError> {
+    crcs.clear();
+    let n = checked_len(h, offset, payload)?;
+    let ps = fold.page_size() as usize;
+    if h.is_live() {
+        let (pages, _) = h
+            .live_lengths(ps as u64)
+            .ok_or_else(|| live_malformed(offset))?;
+        let (pages, list) = payload[..n].split_at(pages as usize);
+        let header = verify_live(h, offset, list)?;
+        crcs.extend(pages.chunks_exact(ps).map(page_crc));
+        return Ok(header);
+    }
+    let pages_frame =
+        h.kind_byte() == FrameKind::Pages as u8 && h.codec_byte() == Codec::None as u8;
+    if !pages_frame || ps == 0 || n % ps != 0 {
+        return verify_frame(h, offset, payload);
+    }
+    crcs.extend(payload[..n].chunks_exact(ps).map(page_crc));
+    let computed = fold.fold_all(h.crc_start(), crcs);
+    finish_verify(h, offset, computed)
+}
+
+/// Checks a live PAGES frame's header and CRC list (`list`, the payload's
+/// tail) strictly, then decodes the header; its pages are checked one by one
+/// against the list by the receiver.
+pub fn verify_live(h: &RawHeader, offset: u64, list: &[u8]) -> Result<Header, TransferError> {
+    let computed = crc32c::crc32c_append(h.crc_start(), list);
+    finish_verify(h, offset, computed)
+}
+
+/// A live frame whose lengths do not add up.
+fn live_malformed(offset: u64) -> TransferError {
+    ProtocolError::Malformed {
+        offset,
+        kind: FrameKind::Pages,
+        reason: "live page frame: payload is not the pages plus one CRC per page",
+    }
+    .into()
+}
+
+/// The payload length a raw header announces, if `payload` holds it.
+fn checked_len(h: &RawHeader, offset: u64, payload: &[u8]) -> Result<usize, TransferError> {
+    let n = h.payload_len() as usize;
+    if payload.len() < n {
+        return Err(ProtocolError::Truncated {
+            offset,
+            what: "a frame payload",
+        }
+        .into());
+    }
+    Ok(n)
+}
+
+/// Compares the stored CRC with `computed`, then decodes the header.
+fn finish_verify(h: &RawHeader, offset: u64, computed: u32) -> Result<Header, TransferError> {
+    let stored = h.stored_crc();
+    if stored != computed {
+        return Err(ProtocolError::BadChecksum {
+            offset,
+            kind: h.kind_byte(),
+            stored,
+            computed,
+        }
+        .into());
+    }
+    Ok(h.decode(offset)?)
+}
+
+/// Writes frames to a byte stream, counting bytes.
+#[derive(Debug)]
+pub struct FrameWriter<W> {
+    inner: W,
+    written: u64,
+}
+
+impl<W: Write> FrameWriter<W> {
+    /// A writer over `inner`.
+    pub fn new(inner: W) -> FrameWriter<W> {
+        FrameWriter { inner, written: 0 }
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// The underlying writer.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
+    /// The underlying writer.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    /// Writes the preamble.
+    pub fn write_preamble(&mut self) -> io::Result<()> {
+        self.inner.write_all(&preamble())?;
+        self.written += PREAMBLE_LEN as u64;
+        Ok(())
+    }
+
+    /// Writes one frame. Returns the bytes written.
+    pub fn send<'p, F: Frame<'p>>(&mut self, frame: &F) -> io::Result<u64> {
+        let (header, payload) = encode(frame);
+        self.send_encoded(&header, &payload)
+    }
+
+    /// Writes a PAGES frame whose payload (compressed per `pages.codec`) is
+    /// `payload`. Returns the bytes written.
+    pub fn send_pages(&mut self, pages: &Pages, payload: &[u8]) -> io::Result<u64> {
+        self.send_encoded(&pages.header(payload), payload)
+    }
+
+    /// Counts `n` bytes written to the underlying writer directly (a live
+    /// frame gathered by `precopy_sys::live::write_all_gather`).
+    pub fn wrote(&mut self, n: u64) {
+        self.written += n;
+    }
+
+    /// Writes an uncompressed PAGES frame for `span` whose pages, `payload`,
+    /// have the CRCs `crcs` (see [`Pages::folded_header`]). Returns the bytes
+    /// written.
+    pub fn send_folded_pages(
+        &mut self,
+        span: PageSpan,
+        payload: &[u8],
+        crcs: &[u32],
+        fold: &PageFold,
+    ) -> io::Result<u64> {
+        let header = Pages::folded_header(span, crcs, fold);
+        self.send_encoded(&header, payload)
+    }
+
+    /// Writes a header sealed for `payload` ([`encode`]) and the payload.
+    /// Returns the bytes written.
+    pub fn send_encoded(&mut self, header: &RawHeader, payload: &[u8]) -> io::Result<u64> {
+        let mut slices = [IoSlice::new(header.as_bytes()), IoSlice::new(payload)];
+        let mut bufs = &mut slices[..];
+        if payload.is_empty() {
+            bufs = &mut bufs[..1];
+        }
+        while !bufs.is_empty() {
+            match self.inner.write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let n = (HEADER_LEN + payload.len()) as u64;
+        self.written += n;
+        Ok(n)
+    }
+
+    /// Flushes the underlying writer.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{RoundBegin, encode_header};
+    use super::*;
+    use crate::digest::PageFold;
+
+    fn frame(kind: FrameKind, a: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = encode_header(kind, 0, a, 0, 0, payload).to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn round_trip_and_offsets() {
+        let mut bytes = preamble().to_vec();
+        bytes.extend(frame(FrameKind::RoundBegin, 7, b""));
+        bytes.extend(frame(FrameKind::Error, 0, b"boom"));
+        let mut r = FrameReader::new(&bytes[..]);
+        r.read_preamble().unwrap();
+        let mut p = Vec::new();
+        let h = r.read_frame(&mut p).unwrap();
+        let begin: RoundBegin = h.decode(&p).unwrap();
+        assert_eq!((begin.round, h.offset), (7, 16));
+        let h = r.read_frame(&mut p).unwrap();
+        assert_eq!(&p[..h.payload_len as usize], b"boom");
+        assert!(matches!(
+            r.read_frame(&mut p),
+            Err(TransferError::Protocol(ProtocolError::Truncated {
+                offset: 84,
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn every_flipped_bit_is_caught() {
+        let f = frame(FrameKind::Zero, 0x1000, b"xyz");
+        for bit in 0..f.len() * 8 {
+            let mut g = f.clone();
+            g[bit / 8] ^= 1 << (bit % 8);
+            let mut p = Vec::new();
+            let r = FrameReader::new(&g[..]).read_frame(&mut p);
+            assert!(r.is_err(), "flip of bit {bit} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn pages_frames_fold_their_crc_from_page_crcs() {
+        let ps = 4096usize;
+        let fold = PageFold::new(ps as u64);
+        let data: Vec<u8> = (0..3 * ps).map(|i| (i * 7 % 251) as u8).collect();
+        let crcs: Vec<u32> = data.chunks(ps).map(page_crc).collect();
+        let span = PageSpan {
+            region: 2,
+            offset: 0x5000,
+            len: data.len() as u64,
+        };
+        let folded = Pages::folded_header(span, &crcs, &fold);
+        let plain = encode_header(FrameKind::Pages, 0, 0x5000, data.len() as u64, 2, &data);
+        assert_eq!(folded.to_bytes(), plain);
+
+        let mut f = folded.to_bytes().to_vec();
+        f.extend_from_slice(&data);
+        let mut p = Vec::new();
+        let mut got = Vec::new();
+        let (raw, at) = FrameReader::new(&f[..]).read_unverified(&mut p).unwrap();
+        let h = verify_frame_pages(&raw, at, &p, &fold, &mut got).unwrap();
+        let pages: Pages = h.decode(&p).unwrap();
+        assert_eq!((pages.span, got.clone()), (span, crcs));
+        // A flipped payload bit in any page is caught by the folded check.
+        for byte in [0, ps + 17, 3 * ps - 1] {
+            let mut g = f.clone();
+            g[HEADER_LEN + byte] ^= 0x10;
+            let (raw, at) = FrameReader::new(&g[..]).read_unverified(&mut p).unwrap();
+            let r = verify_frame_pages(&raw, at, &p, &fold, &mut got);
+            assert!(
+                matches!(
+                    r,
+                    Err(TransferError::Protocol(ProtocolError::BadChecksum { .. }))
+                ),
+                "flip at payload byte {byte}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_preambles() {
+        let mut p = preamble();
+        p[8..12].copy_from_slice(&1u32.to_le_bytes());
+        assert!(matches!(
+            check_preamble(&p),
+            Err(ProtocolError::OldVersion { version: 1, .. })
+        ));
+        p[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let e = check_preamble(&p).unwrap_err();
+        assert!(matches!(e, ProtocolError::OldVersion { version: 2, .. }));
+        assert!(e.to_string().contains("version 2"), "{e}");
+        p[8..12].copy_from_slice(&9u32.to_le_bytes());
+        assert!(matches!(
+            check_preamble(&p),
+            Err(ProtocolError::UnknownVersion { version: 9, .. })
+        ));
+        p[0] = b'X';
+        assert!(matches!(
+            check_preamble(&p),
+            Err(ProtocolError::BadMagic { .. })
+        ));
+    }
+
+    #[test]
+    fn huge_announced_payload_is_refused_or_truncated_cheaply() {
+        let mut h = encode_header(FrameKind::Pages, 0, 0, 0, 0, b"");
+        h[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        let mut p = Vec::new();
+        assert!(matches!(
+            FrameReader::new(&h[..]).read_frame(&mut p),
+            Err(TransferError::Protocol(ProtocolError::FrameTooLarge { .. }))
+        ));
+        h[4..8].copy_from_slice(&(MAX_PAYLOAD as u32).to_le_bytes());
+        assert!(matches!(
+            FrameReader::new(&h[..]).read_frame(&mut p),
+            Err(TransferError::Protocol(ProtocolError::Truncated { .. }))
+        ));
+        assert!(p.capacity() < 1 << 20);
+    }
+}
