@@ -18,6 +18,7 @@ pub mod process;
 pub mod ptrace;
 pub mod track;
 pub mod uffd;
+pub mod zerocopy;
 
 /// The base page size of this machine, in bytes.
 pub fn page_size() -> u64 {

@@ -6,8 +6,11 @@
 //! (`PRECOPY_BENCH_MIB=256` for a quicker run, `PRECOPY_BENCH_FULL=1` to add
 //! the batch-size and zstd-level sweeps used to choose the defaults).
 //!
-//! The engine side reads its own memory with `process_vm_readv` (as it reads
-//! any process) and the receiver applies into a [`MemorySink`], cleared to
+//! The engine side sends the bench's memory two ways: `engine*` reads it with
+//! `process_vm_readv` (the path for another process's memory), `own*` lends
+//! it to the socket without a copy ([`OwnMemory`], the path for an embedded
+//! VMM's guest RAM). The raw copy `writev`s the same mapping. The receiver
+//! applies into a [`MemorySink`], cleared to
 //! zeros before each transfer like a migration's fresh destination; both the
 //! raw and the engine receivers write into a destination already faulted in,
 //! so page-fault cost is not counted for either. Besides time, each transfer's
@@ -16,17 +19,22 @@
 //! half a repeated word, so compression has something (about 2:1) to find.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::sync::Mutex;
+use std::io::Read;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput};
+use precopy_sys::live::{Gather, write_all_gather};
+use precopy_sys::mem::Mapping;
+use precopy_sys::zerocopy::ZeroCopySender;
 use precopy_transfer::*;
 
 const PS: u64 = 4096;
 
 static TIMES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
 static CPU: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
+/// MSG_ZEROCOPY sends of the last zero-copy run, and how many the kernel copied anyway.
+static ZEROCOPY: Mutex<Option<(u64, u64)>> = Mutex::new(None);
 /// Bytes on the wire per byte of memory, per engine configuration.
 static WIRE: Mutex<BTreeMap<String, f64>> = Mutex::new(BTreeMap::new());
 
@@ -55,9 +63,11 @@ fn record(name: &str, d: Duration) {
         .push(d.as_secs_f64());
 }
 
-/// Page-aligned source memory (an anonymous mapping, like a guest's RAM).
-fn source_memory(bytes: usize) -> memmap2::MmapMut {
-    let mut v = memmap2::MmapMut::map_anon(bytes).unwrap();
+/// Page-aligned source memory (an anonymous mapping, like a guest's RAM) and
+/// a copy of its contents for checking what arrived.
+fn source_memory(bytes: usize) -> (Arc<Mapping>, Vec<u8>) {
+    let m = Mapping::anonymous(bytes as u64).unwrap();
+    let mut v = vec![0u8; bytes];
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for (i, page) in v.chunks_mut(PS as usize).enumerate() {
         let (rnd, pat) = page.split_at_mut(PS as usize / 2);
@@ -71,7 +81,8 @@ fn source_memory(bytes: usize) -> memmap2::MmapMut {
             w.copy_from_slice(&((i as u64) | 1).to_le_bytes()[..w.len()]);
         }
     }
-    v
+    m.write(0, &v).unwrap();
+    (Arc::new(m), v)
 }
 
 #[derive(Clone, Copy)]
@@ -139,17 +150,61 @@ fn pair(net: Net, dir: &std::path::Path, streams: usize) -> (Listener, Vec<Conne
     }
 }
 
-/// One raw copy of `src` over a fresh connection into `dest`.
-fn raw_copy(net: Net, dir: &std::path::Path, src: &[u8], dest: &mut [u8]) -> Duration {
+/// One raw copy of `src` over a fresh connection into `dest`: `writev` of
+/// the mapping in 256 KiB pieces (the engine's batch), `read` into `dest`.
+fn raw_copy(net: Net, dir: &std::path::Path, src: &Arc<Mapping>, dest: &mut [u8]) -> Duration {
+    use std::os::fd::AsFd;
     let (listener, mut conns) = pair(net, dir, 1);
-    let mut conn = conns.pop().unwrap();
+    let conn = conns.pop().unwrap();
     let mut peer = listener.accept().unwrap();
+    let all = LivePages::new(src.clone(), src.range()).unwrap();
     let start = Instant::now();
     std::thread::scope(|s| {
-        s.spawn(move || conn.write_all(src).unwrap());
+        s.spawn(move || {
+            let piece = 64 * PS;
+            let mut at = 0;
+            while at < all.len() {
+                let end = all.len().min(at + piece);
+                let part = all.slice(at..end).unwrap();
+                write_all_gather(conn.as_fd(), &[Gather::Live(&part)]).unwrap();
+                at = end;
+            }
+        });
         peer.read_exact(dest).unwrap();
     });
     start.elapsed()
+}
+
+/// One raw copy of `src` over fresh TCP with `MSG_ZEROCOPY` sends (256 KiB
+/// each), waiting for every completion; returns the time and how many sends
+/// the kernel reported it copied after all.
+fn raw_zerocopy(
+    dir: &std::path::Path,
+    src: &Arc<Mapping>,
+    dest: &mut [u8],
+) -> (Duration, u64, u64) {
+    use std::os::fd::AsFd;
+    let (listener, mut conns) = pair(Net::Tcp, dir, 1);
+    let conn = conns.pop().unwrap();
+    let mut peer = listener.accept().unwrap();
+    let all = LivePages::new(src.clone(), src.range()).unwrap();
+    let start = Instant::now();
+    let counts = std::thread::scope(|s| {
+        let tx = s.spawn(move || {
+            let mut zc = ZeroCopySender::new(conn.as_fd()).unwrap();
+            let piece = 64 * PS;
+            let mut at = 0;
+            while at < all.len() {
+                let end = all.len().min(at + piece);
+                zc.send(&all.slice(at..end).unwrap()).unwrap();
+                at = end;
+            }
+            zc.finish().unwrap()
+        });
+        peer.read_exact(dest).unwrap();
+        tx.join().unwrap()
+    });
+    (start.elapsed(), counts.0, counts.1)
 }
 
 /// One engine transfer of `src`: (time to stream the round, time to DONE,
@@ -157,13 +212,14 @@ fn raw_copy(net: Net, dir: &std::path::Path, src: &[u8], dest: &mut [u8]) -> Dur
 fn engine_copy(
     net: Net,
     dir: &std::path::Path,
-    src: &[u8],
+    src: &Arc<Mapping>,
+    own: bool,
     dest: &mut MemorySink,
     config: &SenderConfig,
 ) -> (Duration, Duration, u64) {
     let (listener, conns) = pair(net, dir, config.streams);
-    let base = src.as_ptr() as u64;
-    let layout = Layout::single(PS, base, src.len() as u64).unwrap();
+    let base = src.addr();
+    let layout = Layout::single(PS, base, src.len()).unwrap();
     std::thread::scope(|s| {
         let rx = s.spawn(move || {
             let config = ReceiverConfig {
@@ -174,8 +230,13 @@ fn engine_copy(
             rx.run(dest).unwrap()
         });
         let start = Instant::now();
-        let mut tx = Sender::connect(conns, layout, ProcessMemory::current(), config).unwrap();
-        let sent = tx.send_round(&[base..base + src.len() as u64]).unwrap();
+        let source: Box<dyn PageSource + Send> = if own {
+            Box::new(OwnMemory::new([src.clone()]))
+        } else {
+            Box::new(ProcessMemory::current())
+        };
+        let mut tx = Sender::connect(conns, layout, source, config).unwrap();
+        let sent = tx.send_round(&[base..base + src.len()]).unwrap();
         let streamed = start.elapsed();
         tx.finish(FinalCheck::Recorded).unwrap();
         let total = start.elapsed();
@@ -198,8 +259,8 @@ fn main() {
     let full = std::env::var_os("PRECOPY_BENCH_FULL").is_some();
     let bytes = mib << 20;
     let dir = tempfile::tempdir().unwrap();
-    let src = source_memory(bytes);
-    let base = src.as_ptr() as u64;
+    let (map, src) = source_memory(bytes);
+    let base = map.addr();
     let layout = Layout::single(PS, base, bytes as u64).unwrap();
     let mut dest = MemorySink::new(layout).unwrap();
     let mut raw_dest = vec![1u8; bytes];
@@ -225,7 +286,7 @@ fn main() {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let cpu = cpu_seconds();
-                    let d = raw_copy(net, dir.path(), &src, &mut raw_dest);
+                    let d = raw_copy(net, dir.path(), &map, &mut raw_dest);
                     record_cpu(&name, cpu_seconds() - cpu);
                     record(&name, d);
                     total += d;
@@ -234,20 +295,42 @@ fn main() {
             })
         });
         assert!(raw_dest[..] == src[..]);
+        if matches!(net, Net::Tcp) && netns().is_none() {
+            let name = "raw_zerocopy/tcp".to_string();
+            g.bench_function(&name, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let cpu = cpu_seconds();
+                        let (d, sends, copied) = raw_zerocopy(dir.path(), &map, &mut raw_dest);
+                        record_cpu(&name, cpu_seconds() - cpu);
+                        record(&name, d);
+                        ZEROCOPY.lock().unwrap().replace((sends, copied));
+                        total += d;
+                    }
+                    total
+                })
+            });
+            assert!(raw_dest[..] == src[..]);
+        }
         let base_config = SenderConfig {
             key: bench_key(),
             ..SenderConfig::default()
         };
-        let mut configs: Vec<(String, SenderConfig)> = vec![("engine".into(), base_config.clone())];
+        let with = |compression, streams| SenderConfig {
+            compression,
+            streams,
+            ..base_config.clone()
+        };
+        let mut configs: Vec<(String, SenderConfig)> = vec![
+            ("engine".into(), base_config.clone()),
+            ("engine_2streams".into(), with(Compression::None, 2)),
+            ("own".into(), base_config.clone()),
+            ("own_2streams".into(), with(Compression::None, 2)),
+        ];
         if matches!(net, Net::Tcp) {
-            let with = |compression, streams| SenderConfig {
-                compression,
-                streams,
-                ..base_config.clone()
-            };
             configs.push(("engine_lz4".into(), with(Compression::Lz4, 1)));
             configs.push(("engine_zstd1".into(), with(Compression::Zstd(1), 1)));
-            configs.push(("engine_2streams".into(), with(Compression::None, 2)));
             configs.push(("engine_2streams_lz4".into(), with(Compression::Lz4, 2)));
             if full {
                 configs.push(("engine_zstd3".into(), with(Compression::Zstd(3), 1)));
@@ -275,8 +358,9 @@ fn main() {
                         // A fresh destination, as a migration's is.
                         dest.clear().expect("clearing destination memory");
                         let cpu = cpu_seconds();
+                        let own = cname.starts_with("own");
                         let (streamed, done, wire) =
-                            engine_copy(net, dir.path(), &src, &mut dest, &config);
+                            engine_copy(net, dir.path(), &map, own, &mut dest, &config);
                         record_cpu(&name, cpu_seconds() - cpu);
                         record(&name, streamed);
                         record(&format!("{name} (to DONE)"), done);
@@ -317,6 +401,11 @@ fn main() {
     assert_eq!(digest.finish(), dest.checksum().unwrap());
 
     let times = TIMES.lock().unwrap();
+    if let Some((sends, copied)) = *ZEROCOPY.lock().unwrap() {
+        println!(
+            "\nMSG_ZEROCOPY (raw_zerocopy/tcp): the kernel reported {copied} of {sends} sends copied anyway"
+        );
+    }
     println!(
         "\nper-byte steps (MiB/s, one core): crc32c per page {crc_speed:.0}, memcpy {copy_speed:.0}, process_vm_readv (256 KiB) {readv_speed:.0}"
     );
@@ -327,8 +416,8 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:<40} {:>9} {:>10} {:>8} {:>9} {:>5}",
-        "config", "seconds", "MiB/s", "vs raw", "CPU s/GiB", "wire"
+        "{:<40} {:>9} {:>10} {:>8} {:>9} {:>10} {:>5}",
+        "config", "seconds", "MiB/s", "vs raw", "CPU s/GiB", "CPU vs raw", "wire"
     );
     let wire = WIRE.lock().unwrap();
     if let Some((name, addr)) = netns() {
@@ -336,6 +425,7 @@ fn main() {
     }
     for &(_, nname) in nets {
         let raw = median(&times[&format!("raw/{nname}")]);
+        let raw_cpu = median(&cpu[&format!("raw/{nname}")]);
         for (name, samples) in times
             .iter()
             .filter(|(k, _)| k.contains(&format!("/{nname}")))
@@ -344,16 +434,20 @@ fn main() {
             let c = cpu.get(name).map_or(String::from("-"), |c| {
                 format!("{:.2}", median(c) * 1024.0 / mib as f64)
             });
+            let cr = cpu.get(name).map_or(String::from("-"), |c| {
+                format!("{:.2}x", median(c) / raw_cpu)
+            });
             let w = wire
                 .get(name)
                 .map_or(String::from("-"), |w| format!("{w:.2}"));
             println!(
-                "{:<40} {:>9.3} {:>10.0} {:>7.2}x {:>9} {:>5}",
+                "{:<40} {:>9.3} {:>10.0} {:>7.2}x {:>9} {:>10} {:>5}",
                 name,
                 t,
                 mib as f64 / t,
                 raw / t,
                 c,
+                cr,
                 w
             );
         }
