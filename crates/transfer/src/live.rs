@@ -32,6 +32,10 @@
 //! So the per-frame check of lent pages is relaxed only into "known changed, must be re-sent",
 //! and the final check is stricter than before, not weaker. With compression on, lent pages are
 //! copied first and sent in ordinary frames (compressing bytes that change is pointless work).
+//!
+//! `MSG_ZEROCOPY` was measured for these sends (the stream bench's `raw_zerocopy`) and is not
+//! used: over loopback the kernel copies anyway for a local receiver, and pinning plus completion
+//! handling made the copy slower (BENCHMARKS.md, "Own memory without a copy").
 
 use std::ops::Range;
 use std::sync::Arc;
