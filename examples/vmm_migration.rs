@@ -75,7 +75,9 @@ fn device(dma: Mapping, dirty: ExternalDirty, base: u64, state: Arc<RunState>) {
         // "A received packet": one page of the guest's receive ring, after the write.
         let page = (n * 31) % (pages / 8);
         dma.write_u64(page * 4096 + 64, n).expect("device mapping");
-        dirty.mark(base + page * 4096..base + page * 4096 + 8);
+        dirty
+            .mark(base + page * 4096..base + page * 4096 + 8)
+            .expect("a range inside guest RAM");
         std::thread::sleep(Duration::from_millis(2));
     }
 }

@@ -337,6 +337,42 @@ pub struct ExternalDirty {
     ranges: std::sync::Arc<std::sync::Mutex<Vec<Range<u64>>>>,
 }
 
+/// Highest end of a user-space range [`ExternalDirty::mark`] accepts: 2^56, the top of the
+/// largest user address space Linux offers (x86_64 with 5-level page tables, RISC-V Sv57;
+/// aarch64 stops at 2^52). Below it, widening a range to whole pages of any power-of-two size up
+/// to 2^56 cannot overflow.
+pub const USER_ADDRESS_LIMIT: u64 = 1 << 56;
+
+/// A range or page size [`ExternalDirty`] refused. Nothing was recorded or drained.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MarkError {
+    /// The range ends before it starts.
+    #[error("range {start:#x}..{end:#x} ends before it starts")]
+    Inverted {
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+    },
+    /// The range reaches past [`USER_ADDRESS_LIMIT`]: no process memory lies there.
+    #[error("range {start:#x}..{end:#x} reaches past the top of user memory ({limit:#x})")]
+    OutsideUserMemory {
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+        /// [`USER_ADDRESS_LIMIT`].
+        limit: u64,
+    },
+    /// A page size that is zero, not a power of two or above [`USER_ADDRESS_LIMIT`].
+    #[error("page size {page_size} is not a power of two up to 2^56")]
+    BadPageSize {
+        /// The rejected size.
+        page_size: u64,
+    },
+}
+
 impl ExternalDirty {
     /// An empty set.
     pub fn new() -> ExternalDirty {
@@ -344,25 +380,121 @@ impl ExternalDirty {
     }
 
     /// Adds `range` (source addresses; widened to whole pages by the log that drains it) to
-    /// the next round.
-    pub fn mark(&self, range: Range<u64>) {
-        if range.start < range.end {
-            self.lock().push(range);
+    /// the next round. An empty range adds nothing.
+    ///
+    /// # Errors
+    /// [`MarkError::Inverted`] or [`MarkError::OutsideUserMemory`]; nothing is recorded.
+    pub fn mark(&self, range: Range<u64>) -> Result<(), MarkError> {
+        let Range { start, end } = range;
+        if end < start {
+            return Err(MarkError::Inverted { start, end });
         }
+        if end > USER_ADDRESS_LIMIT {
+            return Err(MarkError::OutsideUserMemory {
+                start,
+                end,
+                limit: USER_ADDRESS_LIMIT,
+            });
+        }
+        if start < end {
+            self.lock().push(start..end);
+        }
+        Ok(())
     }
 
     /// Moves every marked range into `out`, widened to whole `page_size` pages.
-    pub fn drain_into(&self, page_size: u64, out: &mut Vec<Range<u64>>) {
-        let ps = page_size.max(1);
+    ///
+    /// # Errors
+    /// [`MarkError::BadPageSize`]; the marks stay for the next call.
+    pub fn drain_into(&self, page_size: u64, out: &mut Vec<Range<u64>>) -> Result<(), MarkError> {
+        if !page_size.is_power_of_two() || page_size > USER_ADDRESS_LIMIT {
+            return Err(MarkError::BadPageSize { page_size });
+        }
+        let ps = page_size;
+        // Every mark ends at or below 2^56, so rounding up to `ps` (at most 2^56) cannot wrap.
         out.extend(
             self.lock()
                 .drain(..)
                 .map(|r| r.start / ps * ps..r.end.div_ceil(ps) * ps),
         );
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Range<u64>>> {
         // A panic while holding the lock cannot leave the vector inconsistent (push or drain).
         self.ranges.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::reversed_empty_ranges)] // the inverted range is the point
+    fn mark_refuses_an_inverted_range_and_records_nothing() {
+        let d = ExternalDirty::new();
+        let err = d.mark(0x2000..0x1000).unwrap_err();
+        assert_eq!(
+            err,
+            MarkError::Inverted {
+                start: 0x2000,
+                end: 0x1000
+            }
+        );
+        let mut out = Vec::new();
+        d.drain_into(4096, &mut out).unwrap();
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn mark_refuses_ranges_near_u64_max() {
+        let d = ExternalDirty::new();
+        for r in [
+            u64::MAX - 8..u64::MAX,
+            USER_ADDRESS_LIMIT..USER_ADDRESS_LIMIT + 1,
+            0..u64::MAX,
+        ] {
+            let err = d.mark(r.clone()).unwrap_err();
+            assert_eq!(
+                err,
+                MarkError::OutsideUserMemory {
+                    start: r.start,
+                    end: r.end,
+                    limit: USER_ADDRESS_LIMIT
+                }
+            );
+        }
+        // The highest range accepted widens without wrapping, even to 1 GiB pages.
+        d.mark(USER_ADDRESS_LIMIT - 1..USER_ADDRESS_LIMIT).unwrap();
+        let mut out = Vec::new();
+        d.drain_into(1 << 30, &mut out).unwrap();
+        assert_eq!(
+            out,
+            vec![USER_ADDRESS_LIMIT - (1 << 30)..USER_ADDRESS_LIMIT]
+        );
+    }
+
+    #[test]
+    fn mark_of_an_empty_range_records_nothing() {
+        let d = ExternalDirty::new();
+        d.mark(0x1000..0x1000).unwrap();
+        let mut out = Vec::new();
+        d.drain_into(4096, &mut out).unwrap();
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn drain_refuses_a_page_size_not_a_power_of_two_and_keeps_the_marks() {
+        let d = ExternalDirty::new();
+        d.mark(0x1001..0x1002).unwrap();
+        let mut out = Vec::new();
+        for page_size in [0, 3, 4095, 1 << 57] {
+            let err = d.drain_into(page_size, &mut out).unwrap_err();
+            assert_eq!(err, MarkError::BadPageSize { page_size });
+            assert!(out.is_empty());
+        }
+        d.drain_into(4096, &mut out).unwrap();
+        assert_eq!(out, vec![0x1000..0x2000]);
     }
 }

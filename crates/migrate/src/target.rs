@@ -348,7 +348,10 @@ impl TargetLog {
             }
         }
         for r in &stale {
-            self.tracker.forget(r.clone());
+            // A round's untracked parts are page-aligned and ordered: never refused.
+            if let Err(e) = self.tracker.forget(r.clone()) {
+                tracing::warn!(start = r.start, end = r.end, error = %e, "forget refused");
+            }
         }
         // Whatever is trackable now and not tracked: new, replaced or moved memory.
         let maps = self.maps()?;
@@ -467,7 +470,7 @@ impl TargetMemory {
                 let dst = &mut buf[off..off + len];
                 match self.inner.read_ranges(&[addr..end], dst) {
                     Ok(()) => {}
-                    Err(SourceError::Unmapped { .. }) => {
+                    Err(SourceError::Unmapped { .. } | SourceError::NotReadable { .. }) => {
                         match precopy_sys::process::read_proc_mem(pid, addr, len) {
                             Ok(v) if v.len() == len => dst.copy_from_slice(&v),
                             _ => {
@@ -489,7 +492,9 @@ impl TargetMemory {
 impl PageSource for TargetMemory {
     fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
         match self.inner.read_ranges(ranges, buf) {
-            Err(SourceError::Unmapped { .. }) => self.read_slow(ranges, buf),
+            Err(SourceError::Unmapped { .. } | SourceError::NotReadable { .. }) => {
+                self.read_slow(ranges, buf)
+            }
             other => other,
         }
     }

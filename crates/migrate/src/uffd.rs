@@ -188,7 +188,7 @@ impl DirtyLog for UffdDirtyLog {
     fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
         // Drained before the scan: a range marked after its write may be sent twice, never
         // missed.
-        self.external.drain_into(self.tracker.page_size(), out);
+        self.external.drain_into(self.tracker.page_size(), out)?;
         loop {
             let round = self.scanner.round(&self.tracker)?;
             out.extend_from_slice(round.dirty());

@@ -1,6 +1,7 @@
 //! A bitmap of pending pages over a fixed layout, for merging rounds.
 
 use crate::round::{Round, push_coalesced};
+use crate::{Error, Result};
 use bitvec::prelude::*;
 use std::ops::Range;
 
@@ -18,35 +19,88 @@ pub struct DirtySet {
 }
 
 impl DirtySet {
-    /// An empty set over `layout` (page-aligned ranges, sorted and disjoint).
-    pub fn new(layout: impl IntoIterator<Item = Range<u64>>, page_size: u64) -> DirtySet {
-        let mut bits_total = 0usize;
-        let layout: Vec<_> = layout
-            .into_iter()
-            .map(|r| {
-                let first = bits_total;
-                bits_total += ((r.end - r.start) / page_size) as usize;
-                (r, first)
-            })
-            .collect();
-        DirtySet {
-            layout,
-            bits: bitvec![u64, Lsb0; 0; bits_total],
-            page_size,
+    /// An empty set over `layout`: non-empty ranges aligned to `page_size` (a power of two),
+    /// sorted by address and disjoint.
+    ///
+    /// # Errors
+    /// [`Error::BadPageSize`], [`Error::UnalignedRange`] (empty, inverted or unaligned) or
+    /// [`Error::UnsortedRanges`] (out of order or overlapping).
+    pub fn new(layout: impl IntoIterator<Item = Range<u64>>, page_size: u64) -> Result<DirtySet> {
+        if !page_size.is_power_of_two() {
+            return Err(Error::BadPageSize { page_size });
         }
+        let mut bits_total = 0usize;
+        let mut ranges: Vec<(Range<u64>, usize)> = Vec::new();
+        for r in layout {
+            if r.start >= r.end || r.start % page_size != 0 || r.end % page_size != 0 {
+                return Err(Error::UnalignedRange {
+                    start: r.start,
+                    end: r.end,
+                    page_size,
+                });
+            }
+            if let Some((prev, _)) = ranges.last()
+                && prev.end > r.start
+            {
+                return Err(Error::UnsortedRanges {
+                    start: r.start,
+                    end: r.end,
+                    prev_start: prev.start,
+                    prev_end: prev.end,
+                });
+            }
+            let first = bits_total;
+            let pages = (r.end - r.start) / page_size;
+            bits_total = usize::try_from(pages)
+                .ok()
+                .and_then(|n| bits_total.checked_add(n))
+                .ok_or(Error::LayoutTooLarge { pages: u64::MAX })?;
+            ranges.push((r, first));
+        }
+        // One bit per page, allocated fallibly: a layout too large for memory is an error,
+        // not an abort.
+        let too_large = Error::LayoutTooLarge {
+            pages: bits_total as u64,
+        };
+        if bits_total > BitSlice::<u64, Lsb0>::MAX_BITS {
+            return Err(too_large);
+        }
+        let words = bits_total.div_ceil(64);
+        let mut storage: Vec<u64> = Vec::new();
+        storage.try_reserve_exact(words).map_err(|_| too_large)?;
+        storage.resize(words, 0);
+        let mut bits = BitVec::from_vec(storage);
+        bits.truncate(bits_total);
+        Ok(DirtySet {
+            layout: ranges,
+            bits,
+            page_size,
+        })
     }
 
     /// A set over the ranges `tracker` tracks.
-    pub fn for_tracker(tracker: &precopy_tracker::Tracker) -> DirtySet {
+    ///
+    /// # Errors
+    /// As [`DirtySet::new`]; a tracker's own ranges always fit.
+    pub fn for_tracker(tracker: &precopy_tracker::Tracker) -> Result<DirtySet> {
         DirtySet::new(
             tracker.ranges().iter().map(|r| r.range()),
             tracker.page_size(),
         )
     }
 
-    /// Marks every page of `range` that lies in the layout; returns how many bytes of `range`
-    /// fell outside it.
-    pub fn insert(&mut self, range: Range<u64>) -> u64 {
+    /// Marks every page `range` touches that lies in the layout (a partial page counts whole);
+    /// returns how many bytes of `range` fell outside it. An empty range marks nothing.
+    ///
+    /// # Errors
+    /// [`Error::InvertedRange`] when `range.end < range.start`; nothing is marked.
+    pub fn insert(&mut self, range: Range<u64>) -> Result<u64> {
+        if range.end < range.start {
+            return Err(Error::InvertedRange {
+                start: range.start,
+                end: range.end,
+            });
+        }
         let mut inside = 0u64;
         let first = self.layout.partition_point(|(r, _)| r.end <= range.start);
         for (r, bit0) in &self.layout[first..] {
@@ -60,16 +114,17 @@ impl DirtySet {
             self.bits[lo..hi].fill(true);
             inside += e - s;
         }
-        (range.end - range.start) - inside
+        Ok((range.end - range.start) - inside)
     }
 
     /// Merges a round: its written pages and its untracked parts (which must be re-sent whole).
     pub fn insert_round(&mut self, round: &Round) {
+        // A round's ranges are never inverted, so `insert` cannot fail on them.
         for r in round.dirty() {
-            self.insert(r.clone());
+            let _ = self.insert(r.clone());
         }
         for u in round.untracked() {
-            self.insert(u.range.clone());
+            let _ = self.insert(u.range.clone());
         }
     }
 
@@ -130,13 +185,13 @@ mod tests {
 
     #[test]
     fn insert_and_list_coalesced() {
-        let mut set = DirtySet::new([0x10000..0x20000, 0x40000..0x42000], 0x1000);
+        let mut set = DirtySet::new([0x10000..0x20000, 0x40000..0x42000], 0x1000).unwrap();
         assert!(set.is_empty());
-        assert_eq!(set.insert(0x11000..0x13000), 0);
-        set.insert(0x13000..0x14000);
-        set.insert(0x1f000..0x20000);
+        assert_eq!(set.insert(0x11000..0x13000).unwrap(), 0);
+        set.insert(0x13000..0x14000).unwrap();
+        set.insert(0x1f000..0x20000).unwrap();
         // Spans the gap between the two layout ranges: the gap is "outside".
-        assert_eq!(set.insert(0x1f000..0x41000), 0x40000 - 0x20000);
+        assert_eq!(set.insert(0x1f000..0x41000).unwrap(), 0x40000 - 0x20000);
         let mut out = Vec::new();
         set.ranges_into(&mut out);
         assert_eq!(
@@ -150,11 +205,106 @@ mod tests {
 
     #[test]
     fn full_range_and_outside() {
-        let mut set = DirtySet::new([0x1000..0x3000], 0x1000);
-        assert_eq!(set.insert(0x5000..0x6000), 0x1000);
+        let mut set = DirtySet::new([0x1000..0x3000], 0x1000).unwrap();
+        assert_eq!(set.insert(0x5000..0x6000).unwrap(), 0x1000);
         set.insert_all();
         let mut out = Vec::new();
         set.ranges_into(&mut out);
         assert_eq!(out, vec![0x1000..0x3000]);
+    }
+
+    // The input sweep: bad arguments are typed errors, never panics.
+
+    #[test]
+    #[allow(clippy::reversed_empty_ranges)] // the inverted range is the point
+    fn insert_inverted_range_is_an_error_and_marks_nothing() {
+        let mut set = DirtySet::new([0x1000..0x3000], 0x1000).unwrap();
+        let err = set.insert(0x2000..0x1000).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvertedRange {
+                    start: 0x2000,
+                    end: 0x1000
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn insert_empty_range_marks_nothing() {
+        let mut set = DirtySet::new([0x1000..0x3000], 0x1000).unwrap();
+        assert_eq!(set.insert(0x2000..0x2000).unwrap(), 0);
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn insert_near_u64_max_counts_it_outside() {
+        let mut set = DirtySet::new([0x1000..0x3000], 0x1000).unwrap();
+        assert_eq!(set.insert(u64::MAX - 10..u64::MAX).unwrap(), 10);
+        assert_eq!(set.insert(0x2fff..u64::MAX).unwrap(), u64::MAX - 0x3000);
+        assert_eq!(set.len(), 1, "the partial page at 0x2fff counts whole");
+    }
+
+    #[test]
+    fn new_refuses_a_page_size_not_a_power_of_two() {
+        for page_size in [0, 3, 4095] {
+            let err = DirtySet::new([0x1000..0x3000], page_size).unwrap_err();
+            assert!(
+                matches!(err, Error::BadPageSize { page_size: p } if p == page_size),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    #[allow(clippy::reversed_empty_ranges)] // the inverted range is the point
+    fn new_refuses_empty_inverted_or_unaligned_layout_ranges() {
+        for r in [
+            0x1000..0x1000,
+            0x3000..0x1000,
+            0x1800..0x3000,
+            0x1000..0x2800,
+        ] {
+            let err = DirtySet::new([r.clone()], 0x1000).unwrap_err();
+            assert!(
+                matches!(err, Error::UnalignedRange { start, end, page_size: 0x1000 } if start == r.start && end == r.end),
+                "{r:x?}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_refuses_unsorted_or_overlapping_layout_ranges() {
+        for second in [0x0..0x1000, 0x2000..0x4000] {
+            let err = DirtySet::new([0x1000..0x3000, second], 0x1000).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::UnsortedRanges {
+                        prev_start: 0x1000,
+                        prev_end: 0x3000,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_refuses_a_layout_too_large_for_its_bitmap() {
+        // 2^52 pages: a 512 TiB bitmap, which no allocator grants.
+        let top: u64 = !0xfff;
+        let err = DirtySet::new([0..top], 0x1000).unwrap_err();
+        assert!(
+            matches!(err, Error::LayoutTooLarge { pages } if pages == top / 0x1000),
+            "{err:?}"
+        );
+        // Byte-sized pages over the whole address space overflow the running count.
+        let err = DirtySet::new([0..1 << 63, 1 << 63..u64::MAX], 1).unwrap_err();
+        assert!(matches!(err, Error::LayoutTooLarge { .. }), "{err:?}");
     }
 }

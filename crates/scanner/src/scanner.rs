@@ -34,6 +34,11 @@ impl Default for ScanOptions {
     }
 }
 
+/// Largest [`ScanOptions::vec_len`]: 24 MiB of output buffer per thread.
+const MAX_VEC_LEN: usize = 1 << 20;
+/// Most [`ScanOptions::threads`].
+const MAX_THREADS: usize = 256;
+
 /// Runs rounds over a [`Tracker`]'s ranges, reusing its buffers from round to round.
 #[derive(Debug)]
 pub struct Scanner {
@@ -52,8 +57,16 @@ impl Scanner {
         if opts.vec_len == 0 {
             return Err(Error::InvalidOptions("vec_len must be at least 1"));
         }
+        if opts.vec_len > MAX_VEC_LEN {
+            return Err(Error::InvalidOptions(
+                "vec_len must be at most 1 << 20 (the kernel copies out 512 regions at a time)",
+            ));
+        }
         if opts.threads == 0 {
             return Err(Error::InvalidOptions("threads must be at least 1"));
+        }
+        if opts.threads > MAX_THREADS {
+            return Err(Error::InvalidOptions("threads must be at most 256"));
         }
         if opts.threads > 1 && opts.max_pages.is_some() {
             return Err(Error::InvalidOptions(
@@ -208,5 +221,59 @@ impl Scanner {
         results.into_iter().collect::<Result<()>>()?;
         self.round.complete = true;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(opts: ScanOptions) -> Error {
+        let opts = ScanOptions {
+            // The self-test is not what these cases are about.
+            verify_kernel: false,
+            ..opts
+        };
+        Scanner::new(opts).expect_err("options must be refused")
+    }
+
+    #[test]
+    fn new_refuses_zero_or_huge_vec_len() {
+        for vec_len in [0, MAX_VEC_LEN + 1, usize::MAX] {
+            let err = refused(ScanOptions {
+                vec_len,
+                ..ScanOptions::default()
+            });
+            assert!(
+                matches!(err, Error::InvalidOptions(m) if m.contains("vec_len")),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_refuses_zero_or_huge_thread_counts() {
+        for threads in [0, MAX_THREADS + 1, usize::MAX] {
+            let err = refused(ScanOptions {
+                threads,
+                ..ScanOptions::default()
+            });
+            assert!(
+                matches!(err, Error::InvalidOptions(m) if m.contains("threads")),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_refuses_a_zero_page_budget() {
+        let err = refused(ScanOptions {
+            max_pages: Some(0),
+            ..ScanOptions::default()
+        });
+        assert!(
+            matches!(err, Error::InvalidOptions(m) if m.contains("max_pages")),
+            "{err:?}"
+        );
     }
 }

@@ -62,6 +62,9 @@ pub enum Advice {
     HugePage,
     /// `MADV_NOHUGEPAGE`.
     NoHugePage,
+    /// `MADV_GUARD_INSTALL` (Linux 6.15+): turn the pages into guard regions, which fault on
+    /// any access (contents dropped); `EINVAL` on older kernels.
+    GuardInstall,
 }
 
 impl Advice {
@@ -73,6 +76,7 @@ impl Advice {
             Advice::PageOut => libc::MADV_PAGEOUT,
             Advice::HugePage => libc::MADV_HUGEPAGE,
             Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
+            Advice::GuardInstall => linux_raw_sys::general::MADV_GUARD_INSTALL as libc::c_int,
         }
     }
 }
@@ -319,7 +323,9 @@ impl Mapping {
     pub fn advise(&self, offset: u64, len: u64, advice: Advice) -> io::Result<()> {
         let abs = self.check_aligned(offset, len)?;
         // SAFETY: the range is page-aligned and owned by this mapping; the advice kinds offered
-        // either only drop contents (which reads then see as zero) or change policy.
+        // either only drop contents (which reads then see as zero), change policy, or make
+        // accesses fault (guard regions), which the accessors' raw copies meet as a fault
+        // exactly as with `protect(Protection::None)`.
         cvt(unsafe { libc::madvise(abs as *mut _, len as usize, advice.raw()) })?;
         Ok(())
     }

@@ -36,6 +36,13 @@ pub enum AttachError {
         /// The PID.
         pid: i32,
     },
+    /// The PID is this process: a process cannot ptrace itself, and tracking its own memory
+    /// needs no attach (`Uffd::new`).
+    #[error("process {pid} is this process: track its memory with Uffd::new instead of attaching")]
+    OwnProcess {
+        /// The PID.
+        pid: i32,
+    },
     /// Another tracer (a debugger, strace, another precopy) is attached.
     #[error("process {pid} is already traced by process {tracer}: detach that tracer first")]
     AlreadyTraced {
@@ -226,6 +233,12 @@ impl Uffd {
     /// not traced, with no new fd. Checks that this kernel can track before touching the target.
     pub fn attach(pid: i32) -> Result<(Uffd, AttachTimes), AttachError> {
         let started = Instant::now();
+        if pid <= 0 {
+            return Err(AttachError::NoSuchProcess { pid });
+        }
+        if pid == std::process::id() as i32 {
+            return Err(AttachError::OwnProcess { pid });
+        }
         crate::uffd::required_features()?;
         let p = process(pid)?;
         let status = p.status().map_err(|e| match e {
@@ -235,6 +248,10 @@ impl Uffd {
                 source: io_err(e),
             },
         })?;
+        if status.tgid == std::process::id() as i32 {
+            // A thread of this process: same reason as above.
+            return Err(AttachError::OwnProcess { pid });
+        }
         if status.tracerpid != 0 {
             return Err(AttachError::AlreadyTraced {
                 pid,

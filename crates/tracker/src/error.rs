@@ -41,6 +41,14 @@ pub enum Error {
         /// Required alignment.
         align: u64,
     },
+    /// A range whose end lies before its start.
+    #[error("range {start:#x}..{end:#x} ends before it starts")]
+    InvertedRange {
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+    },
     /// The range overlaps a range already tracked.
     #[error("range {start:#x}..{end:#x} overlaps tracked range {other_start:#x}..{other_end:#x}")]
     Overlap {
@@ -159,6 +167,12 @@ pub enum Error {
     /// Handing a userfaultfd over from another process failed.
     #[error("cannot obtain the userfaultfd from the tracked process")]
     Handoff(#[source] io::Error),
+    /// A process id that names no process (zero or negative).
+    #[error("{pid} is not a process id")]
+    BadPid {
+        /// The value given.
+        pid: i32,
+    },
     /// The operation is not possible for this target.
     #[error("{0}")]
     Unsupported(&'static str),

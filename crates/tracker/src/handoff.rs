@@ -39,7 +39,15 @@ pub fn receive_uffd(socket: &UnixStream) -> Result<Uffd> {
 impl Uffd {
     /// Copies fd number `target_fd` out of process `pid` (which created it as a userfaultfd and
     /// did no handshake) with `pidfd_getfd`, and adopts it. Needs ptrace access to `pid`.
+    /// A `pid` of zero or below is refused with [`Error::BadPid`], a negative `target_fd` with
+    /// [`Error::Handoff`] (`EBADF`), before anything is asked of the kernel.
     pub fn from_process(pid: i32, target_fd: RawFd) -> Result<Uffd> {
+        if pid <= 0 {
+            return Err(Error::BadPid { pid });
+        }
+        if target_fd < 0 {
+            return Err(Error::Handoff(io::Error::from_raw_os_error(libc::EBADF)));
+        }
         let pidfd = precopy_sys::process::pidfd_open(pid).map_err(Error::Handoff)?;
         let fd =
             precopy_sys::process::pidfd_getfd(pidfd.as_fd(), target_fd).map_err(Error::Handoff)?;

@@ -182,6 +182,7 @@ impl Tracker {
         opts: RegisterOptions,
     ) -> Result<&TrackedRange> {
         let Range { start, end } = range;
+        check_order(start, end)?;
         let unaligned = |align| Error::Unaligned { start, end, align };
         if start >= end || start % self.page_size != 0 || end % self.page_size != 0 {
             return Err(unaligned(self.page_size));
@@ -285,8 +286,13 @@ impl Tracker {
     }
 
     /// Stops tracking `range`, which must lie inside one tracked range (a part splits it).
+    ///
+    /// # Errors
+    /// [`Error::InvertedRange`], [`Error::NotTracked`] (empty, or not inside one tracked range),
+    /// [`Error::Unaligned`] (not aligned to the range's granule), [`Error::Unregister`].
     pub fn unregister(&mut self, range: Range<u64>) -> Result<()> {
         let Range { start, end } = range;
+        check_order(start, end)?;
         let idx = self
             .ranges
             .iter()
@@ -322,8 +328,25 @@ impl Tracker {
 
     /// Drops the parts of `range` that are tracked from the bookkeeping *without* asking the
     /// kernel: for memory the kernel already stopped tracking (a round reported it untracked:
-    /// unmapped, or replaced by a new mapping). Returns the bytes dropped.
-    pub fn forget(&mut self, range: Range<u64>) -> u64 {
+    /// unmapped, or replaced by a new mapping). Returns the bytes dropped (0 for an empty
+    /// range).
+    ///
+    /// # Errors
+    /// [`Error::InvertedRange`], or [`Error::Unaligned`] when `range` does not start and end
+    /// on page boundaries (the bookkeeping would then describe partial pages); nothing is
+    /// dropped.
+    pub fn forget(&mut self, range: Range<u64>) -> Result<u64> {
+        check_order(range.start, range.end)?;
+        if range.start % self.page_size != 0 || range.end % self.page_size != 0 {
+            return Err(Error::Unaligned {
+                start: range.start,
+                end: range.end,
+                align: self.page_size,
+            });
+        }
+        if range.is_empty() {
+            return Ok(0);
+        }
         let mut dropped = 0;
         let mut kept = Vec::with_capacity(self.ranges.len() + 1);
         for r in self.ranges.drain(..) {
@@ -346,7 +369,7 @@ impl Tracker {
             }
         }
         self.ranges = kept;
-        dropped
+        Ok(dropped)
     }
 
     /// Write-protects every tracked range, populated or not, so the next round reports only
@@ -359,13 +382,49 @@ impl Tracker {
     }
 
     /// Write-protects `range` (inside tracked ranges): it reports clean until written again.
+    ///
+    /// # Errors
+    /// [`Error::InvertedRange`]; [`Error::Unaligned`] (empty or not page-aligned);
+    /// [`Error::NotTracked`] when part of it is outside every tracked range (nothing is
+    /// protected); [`Error::Arm`] when the kernel refuses (e.g. the memory changed meanwhile).
     pub fn arm_range(&self, range: Range<u64>) -> Result<()> {
         let Range { start, end } = range;
+        check_order(start, end)?;
+        if start == end || start % self.page_size != 0 || end % self.page_size != 0 {
+            return Err(Error::Unaligned {
+                start,
+                end,
+                align: self.page_size,
+            });
+        }
+        if !self.covers(start..end) {
+            return Err(Error::NotTracked { start, end });
+        }
         precopy_sys::uffd::writeprotect(self.uffd.fd(), start, end - start, true)
             .map_err(|source| Error::Arm { start, end, source })
     }
 
-    /// The mappings (VMAs) of the tracked process that intersect `range`, sorted.
+    /// Whether the tracked ranges cover every byte of `range` (non-empty).
+    fn covers(&self, range: Range<u64>) -> bool {
+        let mut at = range.start;
+        let first = self.ranges.partition_point(|r| r.end <= at);
+        for r in &self.ranges[first..] {
+            if r.start > at {
+                return false;
+            }
+            at = r.end;
+            if at >= range.end {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The mappings (VMAs) of the tracked process that intersect `range`, sorted (none for an
+    /// empty range).
+    ///
+    /// # Errors
+    /// [`Error::InvertedRange`], [`Error::QueryMaps`].
     pub fn mappings(&self, range: Range<u64>) -> Result<Vec<Vma>> {
         let mut out = Vec::new();
         self.mappings_into(range, &mut out)?;
@@ -375,6 +434,7 @@ impl Tracker {
     /// As [`Tracker::mappings`], into a reused vector (cleared first).
     pub fn mappings_into(&self, range: Range<u64>, out: &mut Vec<Vma>) -> Result<()> {
         out.clear();
+        check_order(range.start, range.end)?;
         let mut addr = range.start;
         while addr < range.end {
             match pagemap::query_vma(self.uffd.maps(), addr) {
@@ -421,6 +481,14 @@ impl Tracker {
         }
         Ok(())
     }
+}
+
+/// [`Error::InvertedRange`] when `end < start`.
+fn check_order(start: u64, end: u64) -> Result<()> {
+    if end < start {
+        return Err(Error::InvertedRange { start, end });
+    }
+    Ok(())
 }
 
 /// Whether a mapping name (as `/proc/PID/maps` shows it) is shmem rather than a file on disk:

@@ -163,7 +163,12 @@ impl Uffd {
     /// to a tracked page would wait for a reader); refused with [`Error::NegotiatedWithout`]
     /// if it lacks `UFFD_FEATURE_WP_UNPOPULATED`. A refused fd is dropped untouched: nothing
     /// was registered, so the other process keeps running.
+    ///
+    /// A `pid` of zero or below is refused with [`Error::BadPid`] before the fd is touched.
     pub fn adopt(fd: OwnedFd, pid: i32) -> Result<Uffd> {
+        if pid <= 0 {
+            return Err(Error::BadPid { pid });
+        }
         match sys::context_features(fd.as_fd()) {
             Ok(Some(bits)) if bits & abi::UFFD_FEATURE_INITIALIZED != 0 => {
                 let features = Features(bits & !abi::UFFD_FEATURE_INITIALIZED);

@@ -113,12 +113,34 @@ pub enum LayoutError {
 pub enum SourceError {
     /// Part of a requested range is not mapped in the source. Such a page is
     /// never sent as zeros: the caller decides what an unmapped page means.
-    #[error("source address {addr:#x} is not mapped (reading {len:#x} bytes)")]
+    #[error(
+        "source address {addr:#x} is not readable: nothing is mapped there (reading {len:#x} bytes)"
+    )]
     Unmapped {
         /// First address that could not be read.
         addr: u64,
         /// Bytes that were left unread from `addr` in that request.
         len: u64,
+    },
+    /// Part of a requested range is mapped in the source but cannot be read
+    /// (`process_vm_readv` says `EFAULT` for this and for [`SourceError::Unmapped`]
+    /// alike; the source's memory map tells them apart). Never sent as zeros.
+    #[error("source address {addr:#x} is not readable: {reason} (reading {len:#x} bytes)")]
+    NotReadable {
+        /// First address that could not be read.
+        addr: u64,
+        /// Bytes that were left unread from `addr` in that request.
+        len: u64,
+        /// Why, as far as the source's memory map tells.
+        reason: Unreadable,
+    },
+    /// A requested range ends before it starts.
+    #[error("source range {start:#x}..{end:#x} ends before it starts")]
+    InvertedRange {
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
     },
     /// The source process exited.
     #[error("source process {pid} no longer exists")]
@@ -153,6 +175,57 @@ pub enum SourceError {
         /// Sum of the range lengths.
         ranges: u64,
     },
+}
+
+/// Why mapped source memory could not be read (see [`SourceError::NotReadable`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unreadable {
+    /// The mapping holding the address has no read permission: `PROT_NONE` memory, such as a
+    /// guard page below a thread's stack or address space a program reserved.
+    NoReadPermission {
+        /// The mapping's first address.
+        start: u64,
+        /// One past its last address.
+        end: u64,
+        /// Its permissions as `/proc/PID/maps` shows them (`---p`).
+        perms: String,
+    },
+    /// The page is a guard region installed with `MADV_GUARD_INSTALL` (Linux 6.15+): any
+    /// access to it faults, whatever the mapping's permissions.
+    GuardRegion,
+    /// The mapping is readable, yet the kernel could not read the page: a file mapping past
+    /// the end of its file, device memory, a hardware-poisoned page.
+    Refused {
+        /// The mapping's permissions as `/proc/PID/maps` shows them.
+        perms: String,
+    },
+    /// The source's memory map could not be read to tell (the process is gone, or may not be
+    /// inspected).
+    Unknown,
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unreadable::NoReadPermission { start, end, perms } => write!(
+                f,
+                "mapped without read permission (PROT_NONE or a guard page: mapping \
+                 {start:#x}..{end:#x} is {perms})"
+            ),
+            Unreadable::GuardRegion => {
+                f.write_str("a guard region (MADV_GUARD_INSTALL) faults on any access")
+            }
+            Unreadable::Refused { perms } => write!(
+                f,
+                "mapped readable ({perms}) but the kernel could not read it (file mapping past \
+                 the end of its file, device memory or a poisoned page)"
+            ),
+            Unreadable::Unknown => {
+                f.write_str("the source's memory map could not be read to tell why")
+            }
+        }
+    }
 }
 
 /// The byte stream broke the protocol. A receiver returns one of these for the

@@ -134,7 +134,7 @@ pub use buffer::PageBuf;
 pub use codec::Compression;
 pub use digest::{FinalCheck, MemoryDigest, PageCrcs, PageFold};
 pub use engine::{RoundSent, SenderConfig, Transfer, TransferSummary};
-pub use error::{ImageError, LayoutError, ProtocolError, SourceError, TransferError};
+pub use error::{ImageError, LayoutError, ProtocolError, SourceError, TransferError, Unreadable};
 pub use image::{
     Image, ImageInfo, ImageWriter, RoundInfo, VerifyReport, image_cat, image_info, image_verify,
     parse_span,

@@ -5,7 +5,8 @@
 //! compares with the page CRCs recorded while sending).
 //!
 //! A source never invents data: a page it cannot read is a
-//! [`SourceError::Unmapped`], never zeros.
+//! [`SourceError::Unmapped`] (nothing mapped) or [`SourceError::NotReadable`]
+//! (mapped, but not readable, and why), never zeros.
 
 use std::io::IoSliceMut;
 use std::ops::Range;
@@ -14,7 +15,7 @@ use nix::errno::Errno;
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use nix::unistd::Pid;
 
-use crate::error::SourceError;
+use crate::error::{SourceError, Unreadable};
 use crate::layout::Layout;
 
 /// Reads the current contents of source memory.
@@ -51,8 +52,73 @@ impl<T: PageSource + ?Sized> PageSource for Box<T> {
     }
 }
 
-fn total_len(ranges: &[Range<u64>]) -> u64 {
-    ranges.iter().map(|r| r.end.saturating_sub(r.start)).sum()
+/// The summed length of `ranges` (`None` if it overflows), or the first
+/// inverted range as an error.
+fn total_len(ranges: &[Range<u64>]) -> Result<Option<u64>, SourceError> {
+    let mut sum: Option<u64> = Some(0);
+    for r in ranges {
+        if r.end < r.start {
+            return Err(SourceError::InvertedRange {
+                start: r.start,
+                end: r.end,
+            });
+        }
+        sum = sum.and_then(|s| s.checked_add(r.end - r.start));
+    }
+    Ok(sum)
+}
+
+/// Checks `ranges` against `buf` before anything is read.
+fn check_request(ranges: &[Range<u64>], buf: &[u8]) -> Result<(), SourceError> {
+    let want = total_len(ranges)?;
+    if want != Some(buf.len() as u64) {
+        return Err(SourceError::BufferSize {
+            buf: buf.len(),
+            ranges: want.unwrap_or(u64::MAX),
+        });
+    }
+    Ok(())
+}
+
+/// Why `addr` of process `pid` could not be read, from its memory map:
+/// `None` when nothing is mapped there.
+fn why_unreadable(pid: i32, addr: u64) -> Option<Unreadable> {
+    use procfs::process::{MMPermissions, Process};
+    let Ok(maps) = Process::new(pid).and_then(|p| p.maps()) else {
+        return Some(Unreadable::Unknown);
+    };
+    let m = maps
+        .iter()
+        .find(|m| m.address.0 <= addr && addr < m.address.1)?;
+    let perms = m.perms.as_str();
+    if !m.perms.contains(MMPermissions::READ) {
+        return Some(Unreadable::NoReadPermission {
+            start: m.address.0,
+            end: m.address.1,
+            perms,
+        });
+    }
+    if is_guard_region(pid, addr) {
+        return Some(Unreadable::GuardRegion);
+    }
+    Some(Unreadable::Refused { perms })
+}
+
+/// Whether the page at `addr` of process `pid` is a guard region
+/// (`PAGEMAP_SCAN` category `PAGE_IS_GUARD`, Linux 6.15+; `false` where the
+/// kernel does not know the category).
+fn is_guard_region(pid: i32, addr: u64) -> bool {
+    use precopy_sys::abi::category::GUARD;
+    use precopy_sys::pagemap::{EMPTY_REGION, query_arg, scan};
+    use std::os::fd::AsFd;
+    let Ok(pagemap) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else {
+        return false;
+    };
+    let page = precopy_sys::page_size();
+    let start = addr & !(page - 1);
+    let mut arg = query_arg(start, start.saturating_add(page), GUARD);
+    let mut out = [EMPTY_REGION; 1];
+    matches!(scan(pagemap.as_fd(), &mut arg, &mut out), Ok(n) if n > 0)
 }
 
 /// Reads another process's memory — or this process's — with
@@ -91,7 +157,11 @@ impl ProcessMemory {
     fn map_errno(&self, errno: Errno, addr: u64, len: u64) -> SourceError {
         let pid = self.pid.as_raw();
         match errno {
-            Errno::EFAULT => SourceError::Unmapped { addr, len },
+            // EFAULT says "not readable" without saying why: the memory map does.
+            Errno::EFAULT => match why_unreadable(pid, addr) {
+                None => SourceError::Unmapped { addr, len },
+                Some(reason) => SourceError::NotReadable { addr, len, reason },
+            },
             Errno::ESRCH => SourceError::ProcessGone { pid },
             Errno::EPERM => SourceError::PermissionDenied { pid },
             source => SourceError::Read {
@@ -106,13 +176,7 @@ impl ProcessMemory {
 
 impl PageSource for ProcessMemory {
     fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
-        let want = total_len(ranges);
-        if want != buf.len() as u64 {
-            return Err(SourceError::BufferSize {
-                buf: buf.len(),
-                ranges: want,
-            });
-        }
+        check_request(ranges, buf)?;
         // Remaining work: ranges[i] from byte `skip` on, into buf[done..].
         let mut i = 0;
         let mut skip: u64 = 0;
@@ -203,13 +267,7 @@ impl<B: AsRef<[u8]>> SliceSource<B> {
 
 impl<B: AsRef<[u8]>> PageSource for SliceSource<B> {
     fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
-        let want = total_len(ranges);
-        if want != buf.len() as u64 {
-            return Err(SourceError::BufferSize {
-                buf: buf.len(),
-                ranges: want,
-            });
-        }
+        check_request(ranges, buf)?;
         let data = self.data.as_ref();
         let mut at = 0usize;
         for r in ranges {
@@ -361,6 +419,137 @@ mod tests {
         assert_eq!(
             memory_checksum(&mut src, &layout).unwrap(),
             crc32c::crc32c(&crcs)
+        );
+    }
+
+    // The input sweep and "not readable, and why".
+
+    #[test]
+    fn inverted_range_is_a_typed_error_for_every_source() {
+        let data = vec![1u8; 4096];
+        let base = data.as_ptr() as u64;
+        let mut buf = vec![0u8; 4096];
+        let bad = [base + 4096..base];
+        let err = ProcessMemory::current()
+            .read_ranges(&bad, &mut buf)
+            .unwrap_err();
+        assert!(matches!(err, SourceError::InvertedRange { .. }), "{err:?}");
+        let err = SliceSource::new(base, &data[..])
+            .read_ranges(&bad, &mut buf)
+            .unwrap_err();
+        assert!(matches!(err, SourceError::InvertedRange { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn ranges_summing_past_u64_max_are_a_buffer_size_error() {
+        let mut buf = vec![0u8; 16];
+        let ranges = [0..u64::MAX, 0..16];
+        let err = ProcessMemory::current()
+            .read_ranges(&ranges, &mut buf)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SourceError::BufferSize {
+                    buf: 16,
+                    ranges: u64::MAX
+                }
+            ),
+            "{err:?}"
+        );
+        let err = SliceSource::new(0, vec![0u8; 16])
+            .read_ranges(&ranges, &mut buf)
+            .unwrap_err();
+        assert!(matches!(err, SourceError::BufferSize { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn slice_source_near_u64_max_is_unmapped_not_a_panic() {
+        let mut src = SliceSource::new(u64::MAX - 0xfff, vec![0u8; 0x1000]);
+        let mut buf = vec![0u8; 0x1000];
+        src.read_ranges(&[u64::MAX - 0xfff..u64::MAX], &mut buf[..0xfff])
+            .unwrap();
+        // Starts inside, runs past the top: the end cannot even be represented.
+        let err = src
+            .read_ranges(&[u64::MAX - 0x7ff..u64::MAX], &mut buf[..0x7ff])
+            .and_then(|()| src.read_ranges(&[u64::MAX - 0x7ff..u64::MAX], &mut buf[..0x800]))
+            .unwrap_err();
+        assert!(matches!(err, SourceError::BufferSize { .. }), "{err:?}");
+        let err = src.read_ranges(&[0..0x1000], &mut buf).unwrap_err();
+        assert!(
+            matches!(err, SourceError::Unmapped { addr: 0, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_prot_none_page_is_not_readable_and_says_why() {
+        use precopy_sys::mem::{Mapping, Protection};
+        let page = precopy_sys::page_size();
+        let mem = Mapping::anonymous(3 * page).unwrap();
+        mem.fill(0, 3 * page, 9).unwrap();
+        mem.protect(page, page, Protection::None).unwrap();
+        let b = mem.addr();
+        let mut buf = vec![0u8; (3 * page) as usize];
+        let err = ProcessMemory::current()
+            .read_ranges(&[b..b + 3 * page], &mut buf)
+            .unwrap_err();
+        match &err {
+            SourceError::NotReadable {
+                addr,
+                reason: Unreadable::NoReadPermission { start, end, perms },
+                ..
+            } => {
+                assert_eq!(*addr, b + page);
+                assert_eq!((*start, *end), (b + page, b + 2 * page));
+                assert_eq!(perms, "---p");
+            }
+            other => panic!("expected NotReadable/NoReadPermission, got {other:?}"),
+        }
+        let msg = err.to_string();
+        assert!(
+            msg.contains("is not readable") && msg.contains("PROT_NONE"),
+            "{msg}"
+        );
+        assert!(!msg.contains("not mapped"), "{msg}");
+    }
+
+    #[test]
+    fn a_guard_region_is_not_readable_and_says_why() {
+        use precopy_sys::mem::{Advice, Mapping};
+        let page = precopy_sys::page_size();
+        let mem = Mapping::anonymous(3 * page).unwrap();
+        if let Err(e) = mem.advise(page, page, Advice::GuardInstall) {
+            eprintln!("SKIP a_guard_region_is_not_readable_and_says_why: MADV_GUARD_INSTALL: {e}");
+            return;
+        }
+        let b = mem.addr();
+        let mut buf = vec![0u8; page as usize];
+        let err = ProcessMemory::current()
+            .read_ranges(&[b + page..b + 2 * page], &mut buf)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SourceError::NotReadable {
+                    reason: Unreadable::GuardRegion,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("guard region"), "{err}");
+    }
+
+    #[test]
+    fn an_unmapped_page_says_nothing_is_mapped_there() {
+        let mut src = ProcessMemory::current();
+        let mut buf = vec![0u8; 4096];
+        let err = src.read_ranges(&[0..4096], &mut buf).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not readable: nothing is mapped there"),
+            "{err}"
         );
     }
 }
