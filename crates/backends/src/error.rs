@@ -70,6 +70,28 @@ pub enum Error {
         /// The backend.
         backend: BackendKind,
     },
+    /// A range that is empty, inverted or (where pages are asked for) not page-aligned.
+    #[error(
+        "{backend}: range {start:#x}..{end:#x} is empty, ends before it starts or is not page-aligned"
+    )]
+    InvalidRange {
+        /// The backend.
+        backend: BackendKind,
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+    },
+    /// A range not inside any tracked range.
+    #[error("{backend}: range {start:#x}..{end:#x} is not inside a tracked range")]
+    OutsideTracked {
+        /// The backend.
+        backend: BackendKind,
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+    },
     /// A request this backend cannot serve.
     #[error("{backend}: {what}")]
     Unsupported {

@@ -2,12 +2,21 @@
 //! same memory in the same run (`precopy bench`) and so the engine can fall back on kernels that
 //! lack its own mechanism.
 //!
-//! | [`BackendKind`] | mechanism | collect-and-reset | first write after reset |
-//! |---|---|---|---|
-//! | `uffd-async` | userfaultfd async write-protect + `PAGEMAP_SCAN` (the engine's own, 6.7+) | one atomic scan-and-reprotect ioctl per chunk | a fault resolved in the kernel |
-//! | `soft-dirty` | `/proc/PID/clear_refs` "4" + pagemap bit 55 (or `PAGEMAP_SCAN` with `PAGE_IS_SOFT_DIRTY`) | read every entry, then clear the whole process | a minor fault in the kernel |
-//! | `mprotect` | `mprotect(PROT_READ)` + a `SIGSEGV` handler | re-protect each written run | a signal delivered to user space |
-//! | `uffd-sync` | userfaultfd synchronous write-protect, a handler thread (pre-6.7) | re-protect each written run | a round trip to the handler thread |
+//! | [`BackendKind`] | mechanism | collect-and-reset | first write after reset | `read(2)` into tracked memory |
+//! |---|---|---|---|---|
+//! | `uffd-async` | userfaultfd async write-protect + `PAGEMAP_SCAN` (the engine's own, 6.7+) | one atomic scan-and-reprotect ioctl per chunk | a fault resolved in the kernel | works, reported |
+//! | `soft-dirty` | `/proc/PID/clear_refs` "4" + pagemap bit 55 (or `PAGEMAP_SCAN` with `PAGE_IS_SOFT_DIRTY`) | read every entry, then clear the whole process | a minor fault in the kernel | works, reported |
+//! | `mprotect` | `mprotect(PROT_READ)` + a `SIGSEGV` handler | re-protect each written run | a signal delivered to user space | `EFAULT` unless prepared |
+//! | `uffd-sync` | userfaultfd synchronous write-protect, a handler thread (pre-6.7) | re-protect each written run | a round trip to the handler thread | works, reported, where the process may create a uffd that handles kernel faults (root, `vm.unprivileged_userfaultfd = 1`, `/dev/userfaultfd`); else `EFAULT` unless prepared |
+//!
+//! The last column is [`KernelWrites`]: when the kernel writes into tracked memory on the
+//! process's behalf (`read(2)`, `recv`, `pread` into a buffer there), its copy faults inside the
+//! kernel. The first two mechanisms resolve that fault in the kernel. An `mprotect`ed page
+//! makes the copy fail with `EFAULT` and no `SIGSEGV` is sent, so no handler can help; a
+//! userfaultfd created with `UFFD_USER_MODE_ONLY` (all an unprivileged process may create) does
+//! not queue kernel faults for its reader, with the same result. There the caller opens the
+//! range first with [`Backend::prepare_kernel_write`], which marks it written; `precopy bench`
+//! prints which backends need it.
 //!
 //! Every backend reports a write in the collection after it, or (when the write races the
 //! collection) the one after that; none may ever miss one. `soft-dirty` has no atomic
@@ -118,6 +127,34 @@ impl CollectStats {
     }
 }
 
+/// What happens when the kernel itself writes into tracked memory on the process's behalf: the
+/// copy of `read(2)`, `recv`, `pread`, `io_uring` reads into a buffer in the range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KernelWrites {
+    /// The system call succeeds and the pages are reported like any store.
+    Tracked,
+    /// The system call fails with `EFAULT` on a page protected since the last collection,
+    /// unless [`Backend::prepare_kernel_write`] opened the range first. The mechanism cannot
+    /// take a fault raised inside the kernel's copy: `mprotect`'s `SIGSEGV` is never sent for
+    /// it, and a userfaultfd created with `UFFD_USER_MODE_ONLY` (all an unprivileged process
+    /// may create) does not hand kernel faults to its reader.
+    NeedsPrepare,
+}
+
+impl KernelWrites {
+    /// One line for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            KernelWrites::Tracked => "read(2) into tracked memory works and is reported",
+            KernelWrites::NeedsPrepare => {
+                "read(2) into tracked memory fails with EFAULT unless the range is prepared first \
+                 (prepare_kernel_write): the kernel's copy cannot take this mechanism's fault"
+            }
+        }
+    }
+}
+
 /// One dirty-tracking mechanism over ranges of the calling process's memory.
 ///
 /// The life cycle is [`start`](Backend::start) (register and reset, so that the first collection
@@ -145,6 +182,50 @@ pub trait Backend: Send + fmt::Debug {
 
     /// Stops tracking and releases what `start` set up. Harmless when not started.
     fn stop(&mut self) -> Result<()>;
+
+    /// Whether system calls that write into tracked memory work as they are, or need
+    /// [`Backend::prepare_kernel_write`] first (see [`KernelWrites`]).
+    fn kernel_writes(&self) -> KernelWrites {
+        KernelWrites::Tracked
+    }
+
+    /// Makes the pages of `range` (inside a tracked range) writable by the kernel for a system
+    /// call about to write into them, reporting them as written in the next collection. Call
+    /// it right before each such call; a collection in between protects them again. Does
+    /// nothing where [`Backend::kernel_writes`] is [`KernelWrites::Tracked`] (but still checks
+    /// the range).
+    ///
+    /// # Errors
+    /// [`Error::InvalidRange`] (empty or inverted), [`Error::OutsideTracked`],
+    /// [`Error::NotStarted`], or the system call's failure.
+    fn prepare_kernel_write(&self, range: Range<u64>) -> Result<()>;
+}
+
+/// Checks that `range` is non-empty and inside one of `tracked`, for
+/// [`Backend::prepare_kernel_write`].
+pub(crate) fn check_inside(
+    backend: BackendKind,
+    tracked: &[Range<u64>],
+    range: &Range<u64>,
+) -> Result<()> {
+    if range.start >= range.end {
+        return Err(Error::InvalidRange {
+            backend,
+            start: range.start,
+            end: range.end,
+        });
+    }
+    if !tracked
+        .iter()
+        .any(|t| t.start <= range.start && range.end <= t.end)
+    {
+        return Err(Error::OutsideTracked {
+            backend,
+            start: range.start,
+            end: range.end,
+        });
+    }
+    Ok(())
 }
 
 /// Builds a backend of `kind` after its prerequisite check, without the behavioural self-test.

@@ -1,7 +1,7 @@
 //! `mprotect` + `SIGSEGV`: the classic user-space method. The signal handler and its bitmap live
 //! in `precopy_sys::track`; this is the policy around them.
 
-use crate::{Backend, BackendKind, CollectStats, Error, Result};
+use crate::{Backend, BackendKind, CollectStats, Error, KernelWrites, Result};
 use precopy_sys::track::WriteFaultTracker;
 use std::ops::Range;
 
@@ -13,6 +13,10 @@ use std::ops::Range;
 /// re-protecting what it took (the proof is in `precopy_sys::track`). Every written run costs one
 /// more VMA until it is re-protected: scattered writes can reach `vm.max_map_count`, and then the
 /// handler cannot make a page writable and aborts the process.
+///
+/// A system call that writes into protected pages (`read(2)` into a buffer there) fails with
+/// `EFAULT`: the kernel's copy raises no signal. [`Backend::prepare_kernel_write`] opens the
+/// pages for it (and reports them), see [`KernelWrites::NeedsPrepare`].
 #[derive(Debug, Default)]
 pub struct Mprotect {
     tracker: Option<WriteFaultTracker>,
@@ -42,6 +46,14 @@ impl Backend for Mprotect {
                 what: "the SIGSEGV handler serves exactly one range per process",
             });
         };
+        let page = precopy_sys::page_size();
+        if range.start >= range.end || range.start % page != 0 || range.end % page != 0 {
+            return Err(Error::InvalidRange {
+                backend: BackendKind::Mprotect,
+                start: range.start,
+                end: range.end,
+            });
+        }
         let map_err = |what| {
             move |source| Error::Range {
                 backend: BackendKind::Mprotect,
@@ -75,5 +87,30 @@ impl Backend for Mprotect {
     fn stop(&mut self) -> Result<()> {
         self.tracker = None;
         Ok(())
+    }
+
+    /// Always [`KernelWrites::NeedsPrepare`]: the kernel's copy into a read-only page fails
+    /// with `EFAULT` and sends no `SIGSEGV`, so the handler never sees it.
+    fn kernel_writes(&self) -> KernelWrites {
+        KernelWrites::NeedsPrepare
+    }
+
+    /// Marks the pages written and makes them writable, as the handler does for a store
+    /// (`WriteFaultTracker::open_for_kernel_write`); the next collection reports and protects
+    /// them again.
+    fn prepare_kernel_write(&self, range: Range<u64>) -> Result<()> {
+        let tracker = self.tracker.as_ref().ok_or(Error::NotStarted {
+            backend: BackendKind::Mprotect,
+        })?;
+        crate::check_inside(BackendKind::Mprotect, &[tracker.range()], &range)?;
+        tracker
+            .open_for_kernel_write(range.clone())
+            .map_err(|source| Error::Range {
+                backend: BackendKind::Mprotect,
+                what: "open for a kernel write",
+                start: range.start,
+                end: range.end,
+                source,
+            })
     }
 }

@@ -198,9 +198,10 @@ impl Backend for SoftDirty {
     fn start(&mut self, ranges: &[Range<u64>]) -> Result<()> {
         for r in ranges {
             if r.start >= r.end || r.start % self.page != 0 || r.end % self.page != 0 {
-                return Err(Error::Unsupported {
+                return Err(Error::InvalidRange {
                     backend: BackendKind::SoftDirty,
-                    what: "ranges must be non-empty and page-aligned",
+                    start: r.start,
+                    end: r.end,
                 });
             }
         }
@@ -236,6 +237,17 @@ impl Backend for SoftDirty {
     fn stop(&mut self) -> Result<()> {
         self.ranges.clear();
         Ok(())
+    }
+
+    /// Nothing to prepare: the kernel's copy into a page whose soft-dirty bit was cleared takes
+    /// the same write fault a store does and sets the bit.
+    fn prepare_kernel_write(&self, range: Range<u64>) -> Result<()> {
+        if self.ranges.is_empty() {
+            return Err(Error::NotStarted {
+                backend: BackendKind::SoftDirty,
+            });
+        }
+        crate::check_inside(BackendKind::SoftDirty, &self.ranges, &range)
     }
 }
 

@@ -71,6 +71,16 @@ impl Backend for UffdAsync {
         Ok(stats)
     }
 
+    /// Nothing to prepare: async write-protect resolves the kernel's own write fault in the
+    /// kernel, as it does a store's, and the page reads written in the next round.
+    fn prepare_kernel_write(&self, range: Range<u64>) -> Result<()> {
+        let tracker = self.tracker.as_ref().ok_or(crate::Error::NotStarted {
+            backend: BackendKind::UffdAsync,
+        })?;
+        let tracked: Vec<Range<u64>> = tracker.ranges().iter().map(|r| r.range()).collect();
+        crate::check_inside(BackendKind::UffdAsync, &tracked, &range)
+    }
+
     fn stop(&mut self) -> Result<()> {
         self.tracker = None;
         Ok(())

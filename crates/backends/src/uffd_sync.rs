@@ -7,8 +7,18 @@
 //! collection takes the records **first** and re-protects **second**. So a page is never left
 //! writable with no record, a store that has completed is already on record, and a write racing
 //! a collection is reported in it or in the next one.
+//!
+//! # Writes by the kernel
+//! A fault the kernel takes while copying into tracked memory (`read(2)` into a buffer there)
+//! reaches the handler thread only if the userfaultfd was created without
+//! `UFFD_USER_MODE_ONLY`; with the flag the system call fails with `EFAULT`. The backend asks
+//! for such an fd first (`CAP_SYS_PTRACE`, `vm.unprivileged_userfaultfd = 1` or access to
+//! `/dev/userfaultfd`); then the kernel's copy waits for the handler like a store does, and
+//! [`Backend::kernel_writes`] is [`KernelWrites::Tracked`]. Without the privilege it falls back
+//! to a user-mode-only fd and [`KernelWrites::NeedsPrepare`]: [`Backend::prepare_kernel_write`]
+//! un-protects and records the pages the way the handler would.
 
-use crate::{Backend, BackendKind, CollectStats, Error, Result, Unavailable};
+use crate::{Backend, BackendKind, CollectStats, Error, KernelWrites, Result, Unavailable};
 use precopy_sys::{abi, track, uffd};
 use std::io;
 use std::ops::Range;
@@ -106,6 +116,10 @@ struct Running {
 #[derive(Debug)]
 pub struct UffdSync {
     unpopulated: bool,
+    /// Whether to ask for a userfaultfd that hands kernel faults to the handler.
+    want_kernel_faults: bool,
+    /// Whether the fd of the current (or next) run handles kernel faults.
+    kernel_faults: bool,
     running: Option<Running>,
 }
 
@@ -125,10 +139,25 @@ impl UffdSync {
                 reason: "kernel lacks userfaultfd write-protect (needs Linux 5.7+)".into(),
             }));
         }
+        // Whether this process may create an fd that handles kernel faults; `start` asks
+        // again and falls back if it no longer may.
+        let kernel_faults = uffd::create_with_kernel_faults().is_ok();
         Ok(UffdSync {
             unpopulated: features.wp_unpopulated(),
+            want_kernel_faults: true,
+            kernel_faults,
             running: None,
         })
+    }
+
+    /// As [`UffdSync::new`], but with the userfaultfd an unprivileged process gets
+    /// (`UFFD_USER_MODE_ONLY`) even where a privileged one is allowed:
+    /// [`KernelWrites::NeedsPrepare`]. For comparisons and tests of that case.
+    pub fn user_mode_only() -> Result<UffdSync> {
+        let mut b = UffdSync::new()?;
+        b.want_kernel_faults = false;
+        b.kernel_faults = false;
+        Ok(b)
     }
 
     fn shutdown(&mut self) -> Result<()> {
@@ -169,13 +198,64 @@ impl Backend for UffdSync {
 
     fn method(&self) -> String {
         format!(
-            "UFFDIO_REGISTER_MODE_WP without WP_ASYNC{}; handler thread un-protects each faulting page",
+            "UFFDIO_REGISTER_MODE_WP without WP_ASYNC{}; handler thread un-protects each faulting page{}",
             if self.unpopulated {
                 " (+ WP_UNPOPULATED)"
             } else {
                 "; ranges populated with MADV_POPULATE_WRITE first"
+            },
+            if self.kernel_faults {
+                ", kernel faults included"
+            } else {
+                "; UFFD_USER_MODE_ONLY: kernel writes need prepare_kernel_write"
             }
         )
+    }
+
+    fn kernel_writes(&self) -> KernelWrites {
+        if self.kernel_faults {
+            KernelWrites::Tracked
+        } else {
+            KernelWrites::NeedsPrepare
+        }
+    }
+
+    /// With a user-mode-only fd: un-protects the pages and records them, in the handler's
+    /// order (un-protect first, record second), so the kernel's copy finds them writable and
+    /// the next collection reports and protects them again. With kernel faults handled, only
+    /// checks the range.
+    fn prepare_kernel_write(&self, range: Range<u64>) -> Result<()> {
+        let run = self.running.as_ref().ok_or(Error::NotStarted {
+            backend: BackendKind::UffdSync,
+        })?;
+        let shared = &run.shared;
+        let tracked: Vec<Range<u64>> = shared.ranges.iter().map(|t| t.range.clone()).collect();
+        crate::check_inside(BackendKind::UffdSync, &tracked, &range)?;
+        if self.kernel_faults {
+            return Ok(());
+        }
+        let page = shared.page;
+        let start = range.start & !(page - 1);
+        let end = range.end.next_multiple_of(page);
+        let fail = |source| Error::Range {
+            backend: BackendKind::UffdSync,
+            what: "un-protect for a kernel write",
+            start,
+            end,
+            source,
+        };
+        loop {
+            match track::unprotect_no_wake(shared.fd.as_fd(), start, end - start) {
+                Ok(()) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        for addr in (start..end).step_by(page as usize) {
+            shared.record(addr);
+        }
+        // A thread of ours may already wait on a fault there: let it go on.
+        track::wake(shared.fd.as_fd(), start, end - start).map_err(fail)
     }
 
     fn start(&mut self, ranges: &[Range<u64>]) -> Result<()> {
@@ -188,7 +268,17 @@ impl Backend for UffdSync {
             }
         };
         let page = precopy_sys::page_size();
-        let fd = uffd::create().map_err(io_err("create a userfaultfd"))?;
+        let (fd, kernel_faults) = match self
+            .want_kernel_faults
+            .then(uffd::create_with_kernel_faults)
+        {
+            Some(Ok(fd)) => (fd, true),
+            _ => (
+                uffd::create().map_err(io_err("create a userfaultfd"))?,
+                false,
+            ),
+        };
+        self.kernel_faults = kernel_faults;
         let want = if self.unpopulated {
             abi::UFFD_FEATURE_WP_UNPOPULATED
         } else {
@@ -200,9 +290,10 @@ impl Backend for UffdSync {
         let mut tracked = Vec::with_capacity(sorted.len());
         for r in sorted {
             if r.start >= r.end || r.start % page != 0 || r.end % page != 0 {
-                return Err(Error::Unsupported {
+                return Err(Error::InvalidRange {
                     backend: BackendKind::UffdSync,
-                    what: "ranges must be non-empty and page-aligned",
+                    start: r.start,
+                    end: r.end,
                 });
             }
             let len = r.end - r.start;

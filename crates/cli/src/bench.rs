@@ -339,6 +339,8 @@ struct BackendStatus {
     selected: bool,
     available: bool,
     reason: Option<String>,
+    /// What `read(2)` into tracked memory does with this backend (`None`: not available).
+    kernel_writes: Option<precopy_backends::KernelWrites>,
 }
 
 #[derive(Debug, Serialize)]
@@ -887,11 +889,14 @@ fn markdown(report: &Report) -> String {
         report.warmup,
         report.seed
     );
-    let _ = writeln!(s, "| backend | available | mechanism used |\n|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| backend | available | mechanism used | read(2) into tracked memory |\n|---|---|---|---|"
+    );
     for b in &report.backends {
         let _ = writeln!(
             s,
-            "| {} | {} | {} |",
+            "| {} | {} | {} | {} |",
             cell(b.name),
             if b.available {
                 "yes".to_string()
@@ -904,7 +909,14 @@ fn markdown(report: &Report) -> String {
                     .iter()
                     .find(|m| m.backend == b.name && m.skipped.is_none())
                     .map_or(b.mechanism, |m| m.method.as_str())
-            )
+            ),
+            match b.kernel_writes {
+                Some(precopy_backends::KernelWrites::Tracked) => "works, reported",
+                Some(precopy_backends::KernelWrites::NeedsPrepare) => {
+                    "EFAULT unless prepare_kernel_write first"
+                }
+                None => "",
+            }
         );
     }
     let _ = writeln!(
@@ -1333,9 +1345,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
         } else {
             Ok(())
         };
+        let kernel_writes = match &verdict {
+            Ok(()) if is_selected => precopy_backends::open(kind).ok().map(|b| b.kernel_writes()),
+            _ => None,
+        };
         match &verdict {
             Ok(()) if is_selected => {
-                eprintln!("  {kind:<11} available");
+                match kernel_writes {
+                    Some(k @ precopy_backends::KernelWrites::NeedsPrepare) => {
+                        eprintln!("  {kind:<11} available; {}", k.describe());
+                    }
+                    _ => eprintln!("  {kind:<11} available"),
+                }
                 runnable.push(kind);
             }
             Err(u) => eprintln!("  {kind:<11} UNAVAILABLE: {}", u.reason),
@@ -1347,6 +1368,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             selected: is_selected,
             available: verdict.is_ok(),
             reason: verdict.err().map(|u| u.reason),
+            kernel_writes,
         });
     }
     let started = Instant::now();

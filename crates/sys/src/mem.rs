@@ -140,6 +140,11 @@ impl Mapping {
         if !align.is_power_of_two() {
             return Err(invalid("alignment must be a power of two"));
         }
+        if len.checked_add(align).is_none_or(|n| n > isize::MAX as u64) {
+            return Err(invalid(
+                "mapping length plus alignment exceeds the address space",
+            ));
+        }
         let prot = libc::PROT_READ | libc::PROT_WRITE;
         let (flags, fd) = match backing {
             Backing::AnonPrivate => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None),
@@ -311,6 +316,22 @@ impl Mapping {
         Ok(())
     }
 
+    /// `read(2)` from `fd` straight into the mapping at `offset`, up to `len` bytes: the kernel
+    /// copies into the memory itself, the way a VMM reads a disk block into guest RAM. Returns
+    /// the bytes read. A page the kernel cannot write (protected, or registered with a
+    /// userfaultfd that does not handle kernel faults) fails the call with `EFAULT`.
+    pub fn read_from_fd(&self, offset: u64, len: u64, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        let abs = self.check(offset, len)?;
+        // SAFETY: the destination lies inside this live mapping (checked above); the kernel
+        // writes at most `len` bytes there and reports a fault as EFAULT instead of faulting.
+        let n = unsafe { libc::read(fd.as_raw_fd(), abs as *mut libc::c_void, len as usize) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
     /// Fills `len` bytes at `offset` with `byte`.
     pub fn fill(&self, offset: u64, len: u64, byte: u8) -> io::Result<()> {
         let abs = self.check(offset, len)?;
@@ -445,4 +466,88 @@ pub fn set_thp(start: u64, len: u64, enabled: bool) -> io::Result<()> {
     // SAFETY: these two advice values change VMA flags only; they never drop or move contents.
     cvt(unsafe { libc::madvise(start as *mut _, len as usize, advice) })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused<T: std::fmt::Debug>(r: io::Result<T>) -> io::Error {
+        let e = r.expect_err("must be refused");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        e
+    }
+
+    #[test]
+    fn new_refuses_zero_unaligned_and_overflowing_sizes() {
+        let page = crate::page_size();
+        refused(Mapping::new(Backing::AnonPrivate, 0, 0, Thp::Default));
+        refused(Mapping::new(
+            Backing::AnonPrivate,
+            page + 1,
+            0,
+            Thp::Default,
+        ));
+        refused(Mapping::new(
+            Backing::AnonPrivate,
+            page,
+            3 * page,
+            Thp::Default,
+        ));
+        refused(Mapping::new(
+            Backing::AnonPrivate,
+            u64::MAX - page + 1,
+            1 << 21,
+            Thp::Default,
+        ));
+        refused(Mapping::new(
+            Backing::AnonPrivate,
+            page,
+            1 << 63,
+            Thp::Default,
+        ));
+    }
+
+    #[test]
+    fn accessors_refuse_offsets_outside_or_overflowing() {
+        let page = crate::page_size();
+        let mut m = Mapping::anonymous(2 * page).unwrap();
+        let mut buf = [0u8; 16];
+        refused(m.read(2 * page - 8, &mut buf));
+        refused(m.read(u64::MAX - 4, &mut buf));
+        refused(m.write(u64::MAX, &buf));
+        refused(m.fill(page, u64::MAX, 0));
+        refused(m.read_u64(3));
+        refused(m.write_u64(2 * page, 1));
+        refused(m.advise(1, page, Advice::DontNeed));
+        refused(m.advise(0, 0, Advice::DontNeed));
+        refused(m.protect(0, 3 * page, Protection::Read));
+        refused(m.unmap(page, u64::MAX - page + 1));
+        refused(m.replace_anonymous(2 * page, page));
+        refused(m.move_out(0, page + 1));
+        refused(m.read_from_fd(u64::MAX, 1, std::io::stdin().as_fd()));
+        m.unmap(page, page).unwrap();
+        let e = refused(m.read(page, &mut buf));
+        assert!(e.to_string().contains("unmapped"), "{e}");
+    }
+
+    #[test]
+    fn read_from_fd_reads_into_the_mapping() {
+        use std::io::Write;
+        let page = crate::page_size();
+        let m = Mapping::anonymous(page).unwrap();
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        tx.write_all(b"guest block").unwrap();
+        assert_eq!(m.read_from_fd(100, 11, rx.as_fd()).unwrap(), 11);
+        let mut back = [0u8; 11];
+        m.read(100, &mut back).unwrap();
+        assert_eq!(&back, b"guest block");
+    }
+
+    #[test]
+    fn read_proc_mem_refuses_a_range_past_u64_max() {
+        let e =
+            crate::process::read_proc_mem(std::process::id() as i32, u64::MAX - 4, 16).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+    }
 }

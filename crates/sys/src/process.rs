@@ -78,10 +78,22 @@ pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
 /// Reads `len` bytes at `addr` of process `pid` through `/proc/PID/mem` (which, unlike
 /// `process_vm_readv`, also reads pages the target cannot read itself, such as execute-only
 /// text). Returns fewer bytes when the range runs into unmapped memory.
+///
+/// `InvalidInput` when `addr + len` passes `u64::MAX`; `OutOfMemory` when `len` bytes cannot be
+/// allocated.
 pub fn read_proc_mem(pid: i32, addr: u64, len: usize) -> io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
+    if addr.checked_add(len as u64).is_none() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "address range passes the end of the address space",
+        ));
+    }
     let f = std::fs::File::open(format!("/proc/{pid}/mem"))?;
-    let mut buf = vec![0u8; len];
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len)
+        .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+    buf.resize(len, 0);
     let mut done = 0;
     while done < len {
         match f.read_at(&mut buf[done..], addr + done as u64) {

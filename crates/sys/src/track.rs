@@ -27,6 +27,10 @@
 //! 3. *open*: `mprotect(P, READ|WRITE)`;
 //! 4. *leave*: uncounts itself.
 //!
+//! [`WriteFaultTracker::open_for_kernel_write`] runs the same four steps from an ordinary thread
+//! for pages a system call is about to write (the kernel's copy raises no signal), so everything
+//! below holds for it as for a handler.
+//!
 //! A collection ([`WriteFaultTracker::collect`], and [`WriteFaultTracker::protect_all`] which
 //! is a collection that discards what it takes), serialized with any other on the tracker:
 //! 1. *take*: swaps each bitmap word with 0;
@@ -280,8 +284,9 @@ fn mapped_rw(range: &Range<u64>) -> io::Result<bool> {
 ///
 /// Only one exists per process at a time (the signal handler serves a single range). The range
 /// must stay mapped while tracked; on drop it is made read-write again. While protected, system
-/// calls that write into the range (e.g. `read(2)`) fail with `EFAULT` instead of faulting: this
-/// method only sees user-space stores. Stores racing [`collect`] are never lost (see the module
+/// calls that write into the range (e.g. `read(2)`) fail with `EFAULT` instead of faulting (the
+/// kernel's copy raises no signal): this method only sees user-space stores, and a caller about
+/// to make such a call opens the pages first with [`WriteFaultTracker::open_for_kernel_write`]. Stores racing [`collect`] are never lost (see the module
 /// docs); `collect` may wait for a handler that another thread is running.
 ///
 /// [`collect`]: WriteFaultTracker::collect
@@ -419,6 +424,35 @@ impl WriteFaultTracker {
             calls += 1;
         }
         Ok(calls)
+    }
+}
+
+impl WriteFaultTracker {
+    /// Does for the pages `range` touches what the handler does for a faulting store (mark,
+    /// then make writable, counted in flight like a handler, so the module docs' proof covers
+    /// it): for a system call about to write into them. The kernel's own copy into a
+    /// write-protected page (`read(2)`, `recv`, `pread`) raises no `SIGSEGV` and fails with
+    /// `EFAULT`; after this it succeeds, and the next collection reports the pages and
+    /// protects them again. Call it before every such system call, from any thread.
+    ///
+    /// `range` must be non-empty and inside the tracked range (it is widened to whole pages);
+    /// `InvalidInput` otherwise. If `mprotect` fails the pages stay marked (reported, never
+    /// lost) and protected.
+    pub fn open_for_kernel_write(&self, range: Range<u64>) -> io::Result<()> {
+        if range.start >= range.end || range.start < self.range.start || range.end > self.range.end
+        {
+            return Err(invalid(
+                "range must be non-empty and inside the tracked range",
+            ));
+        }
+        let page = 1u64 << self.shift;
+        let start = range.start & !(page - 1);
+        let end = range.end.next_multiple_of(page);
+        let parity = enter();
+        self.mark_again(std::slice::from_ref(&(start..end)));
+        let ret = self.protect(start, end - start, libc::PROT_READ | libc::PROT_WRITE);
+        leave(parity);
+        ret
     }
 }
 

@@ -11,8 +11,26 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 /// Tries the `userfaultfd(2)` syscall with `UFFD_USER_MODE_ONLY` (allowed for unprivileged
 /// processes even when `vm.unprivileged_userfaultfd` is 0), then `/dev/userfaultfd`. The fd is
 /// close-on-exec and non-blocking: async write-protect never queues a message to read.
+///
+/// Such an fd handles only faults raised by user-space instructions: a fault the kernel takes
+/// while copying into a range registered with it (`read(2)` into the memory) is not handed to
+/// the fd's reader and the system call fails with `EFAULT` (`handle_userfault` in
+/// `fs/userfaultfd.c`). Async write-protect never needs a reader, so this matters only for
+/// synchronous modes: see [`create_with_kernel_faults`].
 pub fn create() -> io::Result<OwnedFd> {
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | abi::UFFD_USER_MODE_ONLY as libc::c_int;
+    create_with_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | abi::UFFD_USER_MODE_ONLY as libc::c_int)
+}
+
+/// As [`create`], without `UFFD_USER_MODE_ONLY`: the fd also handles faults the kernel takes
+/// on the process's behalf (the copy of `read(2)`, `recv`, `pread` into registered memory),
+/// so a synchronous fault reader resolves them like any other. Needs `CAP_SYS_PTRACE` (root)
+/// or `vm.unprivileged_userfaultfd = 1` for the system call, or access to
+/// `/dev/userfaultfd`; `EPERM` otherwise.
+pub fn create_with_kernel_faults() -> io::Result<OwnedFd> {
+    create_with_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+}
+
+fn create_with_flags(flags: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: userfaultfd takes one integer argument and returns a new fd or -1.
     let ret = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
     if ret >= 0 {

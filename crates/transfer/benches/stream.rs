@@ -388,7 +388,7 @@ fn main() {
         mib as f64 / t.elapsed().as_secs_f64()
     };
     let mut digest = MemoryDigest::new();
-    let crc_speed = step(&mut || digest.push_pages(&src, PS as usize));
+    let crc_speed = step(&mut || digest.push_pages(&src, PS as usize).unwrap());
     let copy_speed = step(&mut || raw_dest.copy_from_slice(&src));
     let mut pm = ProcessMemory::current();
     let chunk = 64 * PS as usize;

@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 
 use serde::Serialize;
 
-use crate::error::TransferError;
+use crate::error::{LayoutError, TransferError};
 
 /// `crc` extended by `len` zero bytes, in O(log len) time (so layouts with
 /// huge never-sent or zero spans checksum quickly).
@@ -293,7 +293,29 @@ impl MemoryDigest {
     }
 
     /// Appends the CRCs of each page of `data` (whole pages of `page_size`).
-    pub fn push_pages(&mut self, data: &[u8], page_size: usize) {
+    ///
+    /// # Errors
+    /// [`LayoutError::InvalidPageSize`] for a page size that is not a power of two between
+    /// 512 bytes and 1 GiB, [`LayoutError::RangeUnaligned`] when `data` is not whole pages;
+    /// nothing is appended.
+    pub fn push_pages(&mut self, data: &[u8], page_size: usize) -> Result<(), LayoutError> {
+        let ps = page_size as u64;
+        if !crate::layout::valid_page_size(ps) {
+            return Err(LayoutError::InvalidPageSize { page_size: ps });
+        }
+        if data.len() % page_size != 0 {
+            return Err(LayoutError::RangeUnaligned {
+                range: 0..data.len() as u64,
+                page_size: ps,
+            });
+        }
+        self.push_whole_pages(data, page_size);
+        Ok(())
+    }
+
+    /// [`MemoryDigest::push_pages`] for a page size taken from a [`crate::Layout`] (so valid);
+    /// a partial last page is hashed as it is.
+    pub(crate) fn push_whole_pages(&mut self, data: &[u8], page_size: usize) {
         let mut bytes = [0u8; DIGEST_CHUNK * 4];
         for group in data.chunks(page_size * DIGEST_CHUNK) {
             let mut n = 0;
@@ -380,7 +402,7 @@ mod tests {
         mem[2 * ps..10 * ps].copy_from_slice(&data);
         mem[3 * ps..5 * ps].fill(0);
         let mut d = MemoryDigest::new();
-        d.push_pages(&mem, ps);
+        d.push_pages(&mem, ps).unwrap();
         assert_eq!(t.digest(), d.finish());
 
         let mut r = MemoryDigest::new();

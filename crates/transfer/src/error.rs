@@ -22,6 +22,12 @@ pub enum LayoutError {
         /// The rejected page size.
         page_size: u64,
     },
+    /// A page size (not a region's) that is not a power of two in the supported span.
+    #[error("page size {page_size} is not a power of two between 512 bytes and 1 GiB")]
+    InvalidPageSize {
+        /// The rejected page size.
+        page_size: u64,
+    },
     /// The layout has no regions at all.
     #[error("layout has no regions")]
     Empty,
@@ -398,6 +404,21 @@ pub enum ProtocolError {
 /// Reading or writing a checkpoint image failed, or the image is not good.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// The path names something other than a regular file (a directory, a device, a FIFO):
+    /// an image is only ever a regular file, and opening a FIFO could wait forever.
+    #[error("{path} is not a regular file ({kind})")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// A span that ends before it starts.
+    #[error("span {range:#x?} ends before it starts")]
+    InvertedSpan {
+        /// The span.
+        range: Range<u64>,
+    },
     /// An I/O operation on the image file failed.
     #[error("{what} {path} failed")]
     Io {

@@ -101,7 +101,7 @@ fn digest_of_locations(file: &File, loc: &[u64], ps: u64) -> std::io::Result<u32
         }
         let chunk = &mut buf[..n * ps as usize];
         file.read_exact_at(chunk, loc[i])?;
-        digest.push_pages(chunk, ps as usize);
+        digest.push_whole_pages(chunk, ps as usize);
         i += n;
     }
     Ok(digest.finish())
@@ -179,6 +179,36 @@ fn locations_from_index(index: &[IndexEntry], layout: &Layout, file_len: u64) ->
         }
     }
     Some(loc)
+}
+
+/// [`ImageError::NotAFile`] unless `file` (opened from `path`) is a regular file.
+fn regular_file(path: &Path, file: &File) -> Result<(), ImageError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata().map_err(|source| ImageError::Io {
+        path: path.to_owned(),
+        what: "inspecting",
+        source,
+    })?;
+    let t = meta.file_type();
+    let kind = if t.is_file() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    Err(ImageError::NotAFile {
+        path: path.to_owned(),
+        kind,
+    })
 }
 
 #[cfg(test)]

@@ -127,8 +127,11 @@ impl MemoryRegion {
     }
 
     /// Host addresses of the region, if it has them.
+    ///
+    /// The end saturates at `u64::MAX` for a region that would wrap (which
+    /// [`Layout::new`] refuses with [`LayoutError::Wraps`]).
     pub fn host_range(&self) -> Option<Range<u64>> {
-        self.host_addr.map(|a| a..a + self.size)
+        self.host_addr.map(|a| a..a.saturating_add(self.size))
     }
 
     /// The region as the wire carries it: without its host address.
@@ -153,7 +156,7 @@ pub struct Layout {
     by_host: Vec<usize>,
 }
 
-fn valid_page_size(page_size: u64) -> bool {
+pub(crate) fn valid_page_size(page_size: u64) -> bool {
     page_size.is_power_of_two() && (512..=1 << 30).contains(&page_size)
 }
 

@@ -509,7 +509,7 @@ impl MemorySink {
         let ps = self.layout.page_size() as usize;
         let mut d = MemoryDigest::new();
         match &self.storage {
-            Storage::Owned(m) => d.push_pages(m, ps),
+            Storage::Owned(m) => d.push_whole_pages(m, ps),
             Storage::Caller(mems) => {
                 let mut buf = vec![0u8; (1 << 20).max(ps)];
                 for m in mems {
@@ -519,7 +519,7 @@ impl MemorySink {
                         let n = (size - at).min(buf.len() as u64) as usize;
                         m.read_at(at, &mut buf[..n])
                             .map_err(dest_io("reading destination memory"))?;
-                        d.push_pages(&buf[..n], ps);
+                        d.push_whole_pages(&buf[..n], ps);
                         at += n as u64;
                     }
                 }

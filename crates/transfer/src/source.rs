@@ -309,7 +309,7 @@ pub fn memory_checksum(source: &mut dyn PageSource, layout: &Layout) -> Result<u
             let n = (end - at).min(chunk_len);
             let chunk = &mut buf[..n as usize];
             source.read_ranges(&[at..at + n], chunk)?;
-            digest.push_pages(chunk, ps as usize);
+            digest.push_whole_pages(chunk, ps as usize);
             at += n;
         }
     }

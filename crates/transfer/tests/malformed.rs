@@ -70,7 +70,7 @@ fn good_stream_is_accepted() {
     expect_mem[..PS as usize].fill(0x11);
     expect_mem[PS as usize..2 * PS as usize].fill(0x22);
     let mut digest = MemoryDigest::new();
-    digest.push_pages(&expect_mem, PS as usize);
+    digest.push_pages(&expect_mem, PS as usize).unwrap();
     for check in [FinalCheck::Recorded, FinalCheck::Full] {
         let mut s = s.clone();
         s.extend(frame(

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use zerocopy::FromBytes;
@@ -40,11 +40,17 @@ impl Image {
     /// preamble and layout record are not valid.
     pub fn open(path: impl AsRef<Path>) -> Result<Image, ImageError> {
         let path = path.as_ref().to_owned();
-        let file = File::open(&path).map_err(|source| ImageError::Io {
-            path: path.clone(),
-            what: "opening",
-            source,
-        })?;
+        // Non-blocking, so that a FIFO opens at once and is refused below.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|source| ImageError::Io {
+                path: path.clone(),
+                what: "opening",
+                source,
+            })?;
+        super::regular_file(&path, &file)?;
         let walk = walk(&path, &file, false)?;
         let file_len = file_len(&path, &file)?;
         let mut complete = walk.fault.is_none() && walk.trailer.is_some() && walk.finish.is_some();
@@ -133,7 +139,10 @@ impl Image {
     /// not part of the image, and pages never sent read as zeros).
     pub fn read_span(&self, range: Range<u64>, out: &mut dyn Write) -> Result<(), ImageError> {
         let ps = self.layout.page_size();
-        if range.start >= range.end {
+        if range.end < range.start {
+            return Err(ImageError::InvertedSpan { range });
+        }
+        if range.start == range.end {
             return Ok(());
         }
         if range.end > self.layout.total_len() {

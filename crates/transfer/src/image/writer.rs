@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::ops::Range;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{
@@ -49,13 +50,17 @@ impl ImageWriter {
         let loc = page_table(layout.total_pages()).ok_or(TransferError::Config {
             reason: "layout has more pages than an image holds (MAX_IMAGE_PAGES)",
         })?;
+        // Non-blocking, so that a FIFO opens at once (read-write never waits) and anything but
+        // a regular file is then refused before a byte is written.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
             .open(&path)
             .map_err(io("creating"))?;
+        super::regular_file(&path, &file)?;
         let mut out = FrameWriter::new(BufWriter::with_capacity(1 << 20, file));
         let mut pre = [0u8; PREAMBLE_LEN as usize];
         pre[..8].copy_from_slice(&IMAGE_MAGIC);
