@@ -165,7 +165,7 @@ fn start_refuses_empty_inverted_and_unaligned_ranges() {
         let mem = Mapping::new(Backing::AnonPrivate, PAGES * p, 0, Thp::NoHuge).unwrap();
         let base = mem.addr();
         for r in [base..base, base + 2 * p..base, base + 1..base + p] {
-            let err = b.start(&[r.clone()]).unwrap_err();
+            let err = b.start(std::slice::from_ref(&r)).unwrap_err();
             assert!(
                 matches!(err, Error::InvalidRange { start, end, .. } if start == r.start && end == r.end),
                 "{name} {r:x?}: {err:?}"
