@@ -33,7 +33,7 @@ use precopy_transfer::{
 use std::io::{BufRead, BufReader, Write};
 use std::ops::Range;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command, ExitCode, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -169,7 +169,9 @@ pub struct Args {
     /// What to do when the round limit is reached.
     #[arg(long, value_enum, default_value_t = Policy::SwitchOver)]
     on_max_rounds: Policy,
-    /// Limit on the iteration, in seconds.
+    /// Limit on the migration, in seconds. With --on-timeout abort it bounds everything,
+    /// the final round included: the migration fails and the source keeps running; with
+    /// switch-over it starts the final round (bounded by --final-round-timeout).
     #[arg(long, value_parser = parse_seconds, allow_hyphen_values = true)]
     timeout: Option<f64>,
     /// What to do when the timeout passes (needs --timeout) [default: abort].
@@ -222,6 +224,8 @@ const PAGE: u64 = 4096;
 const TWO_MIB: u64 = 2 << 20;
 /// Least `--bandwidth`: below it a round of any size takes hours.
 const MIN_BANDWIDTH: u64 = 64 << 10;
+/// How long a failed demo waits for the destination to say how it ended.
+const DEST_REPORT_WAIT: Duration = Duration::from_secs(1);
 /// Longest `--timeout`, 30 days.
 const MAX_TIMEOUT: f64 = 30.0 * 86400.0;
 
@@ -579,7 +583,8 @@ fn compress_flag(c: CompressKind) -> &'static str {
 struct Proc {
     name: &'static str,
     child: Child,
-    out: BufReader<ChildStdout>,
+    /// Lines of its stdout, read on a thread of their own so a wait can be bounded.
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Proc {
@@ -591,13 +596,41 @@ impl Proc {
             .spawn()
             .with_context(|| format!("starting the {name} process"))?;
         let out = BufReader::new(child.stdout.take().context("child stdout")?);
-        Ok(Proc { name, child, out })
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("{name}-stdout"))
+            .spawn(move || {
+                for line in out.lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context("starting a reader thread")?;
+        Ok(Proc { name, child, lines })
     }
 
     /// The next line, which must start with `tag`; its other words.
     fn expect(&mut self, tag: &str) -> Result<Vec<String>> {
-        let mut line = String::new();
-        self.out.read_line(&mut line)?;
+        let line = self.lines.recv().unwrap_or_default();
+        self.parse(tag, &line)
+    }
+
+    /// As [`Proc::expect`], waiting at most `limit`: a process that says nothing by then (stopped,
+    /// or waiting for a peer that will not come) is an error.
+    fn expect_within(&mut self, tag: &str, limit: Duration) -> Result<Vec<String>> {
+        match self.lines.recv_timeout(limit) {
+            Ok(line) => self.parse(tag, &line),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => bail!(
+                "{} process said nothing within {limit:?} (stopped, or still waiting for a sender to resume)",
+                self.name
+            ),
+            Err(_) => bail!("{} process exited before saying {tag}", self.name),
+        }
+    }
+
+    fn parse(&self, tag: &str, line: &str) -> Result<Vec<String>> {
         let mut words = line.split_whitespace().map(str::to_string);
         match words.next() {
             Some(t) if t == tag => Ok(words.collect()),
@@ -1093,10 +1126,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
                         (Some(r), Some(v), None)
                     }
                     // The destination must fail too, never announce a copy it was not committed.
+                    // Bounded: a stopped destination must not hold the demo.
                     Err(_) => (
                         None,
                         None,
-                        Some(match dest.expect("RECEIVED") {
+                        Some(match dest.expect_within("RECEIVED", DEST_REPORT_WAIT) {
                             Ok(_) => "RECEIVED (a copy the source never committed!)".to_string(),
                             Err(e) => format!("{e:#}"),
                         }),
@@ -1109,7 +1143,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     progress.finish();
     drop(source);
     if let Some((d, _)) = dest {
-        let _ = d.finish();
+        if result.is_ok() {
+            let _ = d.finish();
+        }
+        // Else dropping it kills it: a failed destination (stopped, or waiting for a sender
+        // that will not resume) must not hold the demo.
     }
     let _ = std::fs::remove_file(&sock_path);
 

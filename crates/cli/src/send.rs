@@ -14,8 +14,9 @@ use crate::output;
 use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use precopy_migrate::{
-    AfterMigration, BoxError, Migration, MigrationConfig, MigrationReport, PauseMethod,
-    ProcessControl, Progress, TargetLog, TargetMemory, ThrottleMethod, TransferTransport, Workload,
+    AfterMigration, BoxError, LimitPolicy, Migration, MigrationConfig, MigrationReport,
+    PauseMethod, ProcessControl, Progress, TargetLog, TargetMemory, ThrottleMethod,
+    TransferTransport, Workload,
 };
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_tracker::{AttachTimes, Uffd};
@@ -87,6 +88,13 @@ pub struct SendArgs {
     /// Shared key for a receiver that requires one (the file's bytes).
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
+    /// Hard limit on the whole send, in seconds, final round included: past it the send fails
+    /// and the target runs on.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+    /// Seconds a connection may make no progress (a write, the wait for the acknowledgement).
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    io_timeout: f64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -225,9 +233,24 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         .context("this kernel cannot track dirty pages (see `precopy probe`)")
         .map_err(|e| fail(&report, e))?;
     let key = key(&args.key_file).map_err(|e| fail(&report, e))?;
+    let limit = |flag: &'static str, v: f64| {
+        if v > 0.0 && v <= 30.0 * 86400.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(anyhow!(
+                "{flag} {v} is out of range: give seconds above 0, at most 2592000"
+            ))
+        }
+    };
+    let timeout = args
+        .timeout
+        .map(|t| limit("--timeout", t))
+        .transpose()
+        .map_err(|e| fail(&report, e))?;
+    let io_timeout = limit("--io-timeout", args.io_timeout).map_err(|e| fail(&report, e))?;
     let conns = match &dest {
         Dest::Tcp(a) => vec![
-            Connection::connect_tcp(a.as_str())
+            Connection::connect_tcp_timeout(a.as_str(), io_timeout)
                 .with_context(|| format!("destination {} unreachable", args.to))
                 .map_err(|e| fail(&report, e))?,
         ],
@@ -298,6 +321,8 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
             Then::Resume => AfterMigration::Resume,
             Then::Stop | Then::Kill => AfterMigration::Stop,
         },
+        timeout,
+        timeout_policy: LimitPolicy::Abort,
         ..MigrationConfig::default()
     };
     let (result, mreport, log, vanished) = match &dest {
@@ -313,6 +338,8 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         Dest::Tcp(_) | Dest::Unix(_) => {
             let cfg = SenderConfig {
                 key,
+                handshake_timeout: io_timeout,
+                io_timeout: Some(io_timeout),
                 ..SenderConfig::default()
             };
             let sender = precopy_transfer::Sender::connect(conns, layout, source, &cfg)
@@ -407,11 +434,20 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
     }
     .with_context(|| format!("listening on {}", args.listen))
     .map_err(fail)?;
-    eprintln!("precopy recv: listening on {}", listener.address());
     let config = ReceiverConfig {
         key: key(&args.key_file).map_err(fail)?,
         ..ReceiverConfig::default()
     };
+    if config.key.is_none() && matches!(listener, Listener::Tcp(_)) {
+        // Refuse before anyone can connect, saying how to make a key.
+        return Err(fail(
+            anyhow::Error::new(precopy_transfer::TransferError::KeyRequired {
+                addr: listener.address(),
+            })
+            .context("precopy recv needs --key-file KEYFILE on TCP"),
+        ));
+    }
+    eprintln!("precopy recv: listening on {}", listener.address());
     let received = Receiver::accept(&listener, &config)
         .and_then(|rx| {
             let mut sink = ImageWriter::create(&path, rx.layout().clone())?;

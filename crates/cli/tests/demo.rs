@@ -113,3 +113,30 @@ fn destination_stopped_in_the_final_round_resumes_the_source_and_fails() {
     let dest = v["destination_outcome"].as_str().unwrap_or_default();
     assert!(dest.contains("did not commit"), "{v}");
 }
+
+/// `--timeout` under the abort policy is a hard bound, not only a check between rounds: the
+/// destination stops as round 0 starts (the I/O timeout, 10 s, is far off), and the total
+/// timeout ends the migration with an error naming the step and the peer.
+#[test]
+fn total_timeout_interrupts_a_stalled_round() {
+    if !engine_usable() {
+        return;
+    }
+    let (ok, v) = demo(&[
+        "--stop-dest-at-round",
+        "0",
+        "--bandwidth",
+        "8M",
+        "--timeout",
+        "2",
+        "--on-timeout",
+        "abort",
+    ]);
+    assert!(!ok, "must exit non-zero: {v}");
+    assert_eq!(v["migration"]["status"], "failed", "{v}");
+    let err = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(err.contains("sending round 0"), "{err}");
+    assert!(err.contains("127.0.0.1:"), "names the peer: {err}");
+    assert!(err.contains("did not finish within 2s"), "{err}");
+    assert!(v["migration"]["downtime_ms"].is_null(), "never paused: {v}");
+}

@@ -590,3 +590,20 @@ fn a_target_stopped_before_the_send_is_left_stopped() {
     assert!(stopped, "a target stopped before the send was continued");
     let _ = std::fs::remove_file(&image);
 }
+
+/// `recv` on TCP without a key refuses to start (before listening) and says how to make one.
+#[test]
+fn recv_without_a_key_refuses_to_start_and_says_how_to_make_one() {
+    let image = tmp("nokey.img");
+    let out = Command::new(PRECOPY)
+        .args(["recv", "--listen", "tcp:127.0.0.1:0", "--to"])
+        .arg(format!("file:{}", image.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("listening on"), "started anyway: {err}");
+    assert!(err.contains("--key-file"), "{err}");
+    assert!(err.contains("head -c 32 /dev/urandom"), "says how: {err}");
+    assert!(!image.exists(), "no image written");
+}

@@ -90,7 +90,11 @@ pub struct MigrationConfig {
     pub max_rounds: u64,
     /// What happens when they are used up.
     pub max_rounds_policy: LimitPolicy,
-    /// Limit on the time spent iterating, from the start.
+    /// Limit on the whole migration, from the start. Under [`LimitPolicy::Abort`] it is a hard
+    /// bound: it interrupts a round in progress and the final round too (whichever of it and
+    /// the final round's own bound passes first ends the migration, the workload resumed).
+    /// Under [`LimitPolicy::SwitchOver`] it starts the final round, which then has its own
+    /// bound ([`MigrationConfig::final_round_timeout`]).
     pub timeout: Option<Duration>,
     /// What happens when it passes.
     pub timeout_policy: LimitPolicy,
@@ -934,13 +938,26 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.report.status = Status::Completing;
         let pending_bytes: u64 = pending.iter().map(|r| r.end - r.start).sum();
         self.emit(Phase::Final, pending_bytes, self.report.dirty_rate);
-        let bound = self.config.final_round_bound(self.report.expected_downtime);
-        self.report.final_round_bound = Some(bound);
-
+        let mut bound = self.config.final_round_bound(self.report.expected_downtime);
         let paused_at = Instant::now();
+        // Under the abort policy the total timeout bounds the final round too: whichever
+        // comes first ends it.
+        let mut limit = bound;
+        if let (Some(total), LimitPolicy::Abort, Some(start)) = (
+            self.config.timeout,
+            self.config.timeout_policy,
+            self.started,
+        ) {
+            let left = (start + total).saturating_duration_since(paused_at);
+            if left < bound {
+                bound = left;
+                limit = total;
+            }
+        }
+        self.report.final_round_bound = Some(bound);
         self.paused_at = Some(paused_at);
         if let Some(w) = self.watchdog() {
-            w.arm(paused_at + bound, Step::FinalRound, bound);
+            w.arm(paused_at + bound, Step::FinalRound, limit);
         }
         self.workload.pause().map_err(|source| Error::Workload {
             action: "pause",
