@@ -707,55 +707,46 @@ fn mac_payload(mac: &Option<[u8; MAC_LEN]>) -> Cow<'_, [u8]> {
     Cow::Borrowed(mac.as_ref().map_or(&[][..], |m| &m[..]))
 }
 
-/// AUTH: the sender's proof that it holds the key (none without a key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Auth {
-    /// HMAC-SHA256 proof.
-    pub mac: Option<[u8; MAC_LEN]>,
+/// A frame whose payload is an optional MAC (AUTH, WELCOME).
+macro_rules! mac_frame {
+    ($(#[$doc:meta])* $name:ident, $kind:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct $name {
+            /// HMAC-SHA256 proof.
+            pub mac: Option<[u8; MAC_LEN]>,
+        }
+
+        impl<'p> Frame<'p> for $name {
+            const KIND: FrameKind = $kind;
+
+            fn fields(&self) -> [u8; FIELDS_LEN] {
+                [0; FIELDS_LEN]
+            }
+
+            fn payload(&self) -> Cow<'_, [u8]> {
+                mac_payload(&self.mac)
+            }
+
+            fn decode(h: &Header, p: &'p [u8]) -> Result<$name, ProtocolError> {
+                Ok($name {
+                    mac: decode_mac(h, p)?,
+                })
+            }
+        }
+    };
 }
 
-impl<'p> Frame<'p> for Auth {
-    const KIND: FrameKind = FrameKind::Auth;
-
-    fn fields(&self) -> [u8; FIELDS_LEN] {
-        [0; FIELDS_LEN]
-    }
-
-    fn payload(&self) -> Cow<'_, [u8]> {
-        mac_payload(&self.mac)
-    }
-
-    fn decode(h: &Header, p: &'p [u8]) -> Result<Auth, ProtocolError> {
-        Ok(Auth {
-            mac: decode_mac(h, p)?,
-        })
-    }
-}
-
-/// WELCOME: the receiver's acceptance and its own proof.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Welcome {
-    /// HMAC-SHA256 proof.
-    pub mac: Option<[u8; MAC_LEN]>,
-}
-
-impl<'p> Frame<'p> for Welcome {
-    const KIND: FrameKind = FrameKind::Welcome;
-
-    fn fields(&self) -> [u8; FIELDS_LEN] {
-        [0; FIELDS_LEN]
-    }
-
-    fn payload(&self) -> Cow<'_, [u8]> {
-        mac_payload(&self.mac)
-    }
-
-    fn decode(h: &Header, p: &'p [u8]) -> Result<Welcome, ProtocolError> {
-        Ok(Welcome {
-            mac: decode_mac(h, p)?,
-        })
-    }
-}
+mac_frame!(
+    /// AUTH: the sender's proof that it holds the key (none without a key).
+    Auth,
+    FrameKind::Auth
+);
+mac_frame!(
+    /// WELCOME: the receiver's acceptance and its own proof.
+    Welcome,
+    FrameKind::Welcome
+);
 
 /// ROUND_BEGIN: round `round` starts on this connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

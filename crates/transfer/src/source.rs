@@ -28,7 +28,7 @@ pub trait PageSource {
     /// without a copy, when they are this process's own memory (see
     /// [`crate::live`]); `None` (the default): read them with
     /// [`PageSource::read_ranges`].
-    fn lend(&mut self, range: Range<u64>) -> Option<crate::live::LivePages> {
+    fn lend(&mut self, range: Range<u64>) -> Option<precopy_sys::live::LivePages> {
         let _ = range;
         None
     }
@@ -38,7 +38,7 @@ impl<T: PageSource + ?Sized> PageSource for &mut T {
     fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
         (**self).read_ranges(ranges, buf)
     }
-    fn lend(&mut self, range: Range<u64>) -> Option<crate::live::LivePages> {
+    fn lend(&mut self, range: Range<u64>) -> Option<precopy_sys::live::LivePages> {
         (**self).lend(range)
     }
 }
@@ -47,7 +47,7 @@ impl<T: PageSource + ?Sized> PageSource for Box<T> {
     fn read_ranges(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<(), SourceError> {
         (**self).read_ranges(ranges, buf)
     }
-    fn lend(&mut self, range: Range<u64>) -> Option<crate::live::LivePages> {
+    fn lend(&mut self, range: Range<u64>) -> Option<precopy_sys::live::LivePages> {
         (**self).lend(range)
     }
 }

@@ -1,0 +1,284 @@
+//! Connections and listeners (TCP or Unix), and the interrupt state that
+//! shuts a transfer's connections down at once.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use crate::error::TransferError;
+
+/// A connected byte stream: TCP or Unix.
+#[derive(Debug)]
+pub enum Connection {
+    /// A TCP stream.
+    Tcp(TcpStream),
+    /// A Unix-domain stream.
+    Unix(UnixStream),
+}
+
+impl Connection {
+    /// Connects over TCP (with `TCP_NODELAY`, so small control frames are
+    /// not held back).
+    pub fn connect_tcp(addr: impl ToSocketAddrs) -> io::Result<Connection> {
+        let s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        Ok(Connection::Tcp(s))
+    }
+
+    /// Connects over TCP, giving up after `timeout` per address tried (a
+    /// host that drops SYNs otherwise holds `connect` for minutes).
+    pub fn connect_tcp_timeout(
+        addr: impl ToSocketAddrs,
+        timeout: Duration,
+    ) -> io::Result<Connection> {
+        let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address to connect to");
+        for a in addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&a, timeout) {
+                Ok(s) => {
+                    s.set_nodelay(true)?;
+                    return Ok(Connection::Tcp(s));
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Connects to a Unix-domain socket.
+    pub fn connect_unix(path: impl AsRef<Path>) -> io::Result<Connection> {
+        Ok(Connection::Unix(UnixStream::connect(path)?))
+    }
+
+    /// Another handle to the same socket.
+    pub fn try_clone(&self) -> io::Result<Connection> {
+        Ok(match self {
+            Connection::Tcp(s) => Connection::Tcp(s.try_clone()?),
+            Connection::Unix(s) => Connection::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shuts down one or both directions.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.shutdown(how),
+            Connection::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    /// Sets the read timeout.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.set_read_timeout(t),
+            Connection::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Sets the write timeout.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.set_write_timeout(t),
+            Connection::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// Whether the peer is on this machine: a Unix socket, or TCP between
+    /// loopback addresses.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Connection::Unix(_) => true,
+            Connection::Tcp(s) => {
+                s.local_addr().is_ok_and(|a| a.ip().is_loopback())
+                    && s.peer_addr().is_ok_and(|a| a.ip().is_loopback())
+            }
+        }
+    }
+
+    /// The peer, for messages.
+    pub fn peer(&self) -> String {
+        match self {
+            Connection::Tcp(s) => s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp peer".into()),
+            Connection::Unix(_) => "unix peer".into(),
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Connection {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Connection::Tcp(s) => s.as_fd(),
+            Connection::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+}
+
+impl Read for &Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match *self {
+            Connection::Tcp(s) => (&*s).read(buf),
+            Connection::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self).write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        (&*self).write_vectored(bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Write for &Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match *self {
+            Connection::Tcp(s) => (&*s).write(buf),
+            Connection::Unix(s) => (&*s).write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match *self {
+            Connection::Tcp(s) => (&*s).write_vectored(bufs),
+            Connection::Unix(s) => (&*s).write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A listening socket: TCP or Unix.
+#[derive(Debug)]
+pub enum Listener {
+    /// A TCP listener.
+    Tcp(TcpListener),
+    /// A Unix-domain listener.
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Listens on a TCP address.
+    pub fn bind_tcp(addr: impl ToSocketAddrs) -> io::Result<Listener> {
+        Ok(Listener::Tcp(TcpListener::bind(addr)?))
+    }
+
+    /// Listens on a Unix-domain socket path, **accessible to this user only**
+    /// (mode 0600): connecting needs write permission on the socket file, so
+    /// no other user's process can become the sender. The socket is bound,
+    /// restricted, and only then listens, so no connection gets in before.
+    pub fn bind_unix(path: impl AsRef<Path>) -> io::Result<Listener> {
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+        };
+        use std::os::unix::fs::PermissionsExt;
+        let path = path.as_ref();
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+        let restricted = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| Ok(listen(&fd, Backlog::MAXCONN)?));
+        if let Err(e) = restricted {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        Ok(Listener::Unix(UnixListener::from(fd)))
+    }
+
+    /// Accepts one connection.
+    pub fn accept(&self) -> io::Result<Connection> {
+        Ok(match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Connection::Tcp(s)
+            }
+            Listener::Unix(l) => Connection::Unix(l.accept()?.0),
+        })
+    }
+
+    /// Whether only this machine can connect: a Unix socket, or TCP bound to
+    /// a loopback address.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Listener::Unix(_) => true,
+            Listener::Tcp(l) => l.local_addr().is_ok_and(|a| a.ip().is_loopback()),
+        }
+    }
+
+    /// The address, for messages.
+    pub fn address(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp".into()),
+            Listener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+                .unwrap_or_else(|| "unix socket".into()),
+        }
+    }
+}
+
+/// What [`Sink::interrupter`] of a [`SocketSink`] acts on: a flag its
+/// operations check, and a handle to every connection, shut down at once so
+/// a blocked read or write returns.
+#[derive(Debug, Default)]
+pub(super) struct InterruptState {
+    interrupted: AtomicBool,
+    conns: Mutex<Vec<Connection>>,
+}
+
+impl InterruptState {
+    pub(super) fn interrupt(&self) {
+        self.interrupted.store(true, Ordering::SeqCst);
+        for c in self
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub(super) fn is_set(&self) -> bool {
+        self.interrupted.load(Ordering::SeqCst)
+    }
+
+    /// Keeps a handle to `conn` for [`InterruptState::interrupt`]; shuts it
+    /// down at once if the interrupt came first.
+    pub(super) fn register(&self, conn: &Connection) -> Result<(), TransferError> {
+        let c = conn
+            .try_clone()
+            .map_err(TransferError::io("cloning a socket"))?;
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.is_set() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        conns.push(c);
+        Ok(())
+    }
+}

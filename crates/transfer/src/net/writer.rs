@@ -1,0 +1,396 @@
+//! A connection's writer thread (compress, checksum, pace, write) and the
+//! watcher that reads what the receiver says meanwhile.
+
+use std::io;
+use std::net::Shutdown;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender as Chan};
+
+use super::conn::{Connection, InterruptState};
+use crate::buffer::PageBuf;
+use crate::codec::Compressor;
+use crate::digest::{FinalCheck, PageFold};
+use crate::error::{ProtocolError, TransferError};
+use crate::layout::Layout;
+use crate::live::LivePages;
+use crate::protocol::{
+    Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter, PageSpan, Pages,
+    RoundBegin, RoundEnd, State, Zero,
+};
+
+/// What a [`SocketSink`](super::SocketSink) asks a connection's writer to do.
+pub(super) enum Cmd {
+    Begin(u64),
+    Pages(u64, PageBuf, Vec<u32>),
+    Live(u64, LivePages, Vec<u32>),
+    Zero(Range<u64>),
+    End(u64),
+    State(Vec<u8>),
+    Finish {
+        checksum: u32,
+        rounds: u64,
+        check: FinalCheck,
+        wait: Option<Duration>,
+    },
+    Commit(u32),
+}
+
+/// A writer's answer to the commands that wait for one.
+pub(super) enum Reply {
+    RoundWritten(u64),
+    Finished,
+    Committed,
+}
+
+/// What the watcher heard from the receiver.
+pub(super) enum PeerEvent {
+    Done { checksum: u32 },
+    Error { code: u32, message: String },
+    Closed(TransferError),
+}
+
+/// Reads what the receiver says on `conn` (DONE or ERROR) and reports it
+/// to the writer.
+pub(super) fn watch_peer(conn: Connection, events: Chan<PeerEvent>) {
+    let mut r = FrameReader::new(&conn);
+    let mut p = Vec::new();
+    let event = match r.read_frame(&mut p) {
+        Ok(h) if h.kind == FrameKind::Done => match h.decode::<Done>(&p) {
+            Ok(done) => PeerEvent::Done {
+                checksum: done.digest,
+            },
+            Err(e) => PeerEvent::Closed(e.into()),
+        },
+        Ok(h) if h.kind == FrameKind::Error => {
+            // Stop the writer now rather than at its next flush.
+            let _ = conn.shutdown(Shutdown::Both);
+            match h.decode::<ErrorFrame>(&p) {
+                Ok(e) => PeerEvent::Error {
+                    code: e.code,
+                    message: e.message.into_owned(),
+                },
+                Err(e) => PeerEvent::Closed(e.into()),
+            }
+        }
+        Ok(h) => PeerEvent::Closed(
+            ProtocolError::Unexpected {
+                offset: h.offset,
+                kind: h.kind,
+                state: "sending pages",
+            }
+            .into(),
+        ),
+        Err(e) => PeerEvent::Closed(e),
+    };
+    let _ = events.send(event);
+}
+
+/// Paces writes to a byte rate (token bucket with a short burst).
+pub(super) struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    pub(super) fn new(rate: f64) -> RateLimiter {
+        let burst = (rate / 20.0).max(256.0 * 1024.0);
+        RateLimiter {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn consume(&mut self, bytes: u64) {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        self.tokens -= bytes as f64;
+        if self.tokens < 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(-self.tokens / self.rate));
+        }
+    }
+}
+
+/// One connection's writer thread: compresses, checksums, paces and writes
+/// the frames its [`Cmd`]s ask for.
+pub(super) struct StreamWriter {
+    pub(super) out: FrameWriter<Connection>,
+    pub(super) compressor: Compressor,
+    pub(super) limiter: Option<RateLimiter>,
+    pub(super) pages: u64,
+    pub(super) zero_pages: u64,
+    pub(super) round_start: u64,
+    pub(super) page_size: u64,
+    /// Names memory offsets on the wire (region id, offset inside it).
+    pub(super) layout: Layout,
+    pub(super) fold: PageFold,
+    pub(super) events: Receiver<PeerEvent>,
+    pub(super) peer: String,
+    pub(super) io_timeout: Option<Duration>,
+    pub(super) interrupt: Arc<InterruptState>,
+}
+
+impl StreamWriter {
+    /// A failed write: [`TransferError::Stalled`] when the socket timeout
+    /// ran out, [`TransferError::Interrupted`] after an interrupt.
+    fn write_error(&self, source: io::Error) -> TransferError {
+        if self.interrupt.is_set() {
+            return TransferError::Interrupted {
+                peer: self.peer.clone(),
+            };
+        }
+        match (source.kind(), self.io_timeout) {
+            (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(after)) => {
+                TransferError::Stalled {
+                    what: "sending frames to",
+                    peer: self.peer.clone(),
+                    after,
+                }
+            }
+            _ => TransferError::Io {
+                what: "sending frames",
+                source,
+            },
+        }
+    }
+
+    pub(super) fn run(
+        mut self,
+        cmds: Receiver<Cmd>,
+        replies: Chan<Reply>,
+    ) -> Result<(), TransferError> {
+        for cmd in cmds {
+            match self.handle(cmd) {
+                Ok(Some(reply)) => {
+                    if replies.send(reply).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return Err(self.explain(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// A write that failed because the receiver gave up becomes the
+    /// receiver's own message.
+    fn explain(&self, e: TransferError) -> TransferError {
+        if let TransferError::Io { .. } = e
+            && let Ok(PeerEvent::Error { code, message }) =
+                self.events.recv_timeout(Duration::from_secs(2))
+        {
+            return TransferError::PeerRejected { code, message };
+        }
+        e
+    }
+
+    /// Writes `frame` (after the rate limiter let its bytes through).
+    fn send<'p, F: crate::protocol::Frame<'p>>(&mut self, frame: &F) -> Result<(), TransferError> {
+        let (header, payload) = crate::protocol::encode(frame);
+        self.pace(payload.len() as u64);
+        let written = self.out.send_encoded(&header, &payload);
+        written.map_err(|e| self.write_error(e))?;
+        Ok(())
+    }
+
+    /// Waits until the rate limit lets a frame with `payload` bytes through.
+    fn pace(&mut self, payload: u64) {
+        if let Some(l) = &mut self.limiter {
+            l.consume(crate::protocol::HEADER_LEN as u64 + payload);
+        }
+    }
+
+    fn handle(&mut self, cmd: Cmd) -> Result<Option<Reply>, TransferError> {
+        match cmd {
+            Cmd::Begin(round) => {
+                self.pages = 0;
+                self.zero_pages = 0;
+                self.round_start = self.out.written();
+                self.send(&RoundBegin { round })?;
+            }
+            Cmd::Pages(offset, pages, crcs) => {
+                self.pages += pages.len() as u64 / self.page_size;
+                let span = self.wire_span(offset, pages.len() as u64)?;
+                let written = match self.compressor.compress(&pages)? {
+                    Some((codec, packed)) => {
+                        if let Some(l) = &mut self.limiter {
+                            l.consume(crate::protocol::HEADER_LEN as u64 + packed.len() as u64);
+                        }
+                        self.out.send_pages(
+                            &Pages {
+                                span,
+                                codec,
+                                live: false,
+                            },
+                            packed,
+                        )
+                    }
+                    None if crcs.len() as u64 * self.page_size == span.len => {
+                        // The frame CRC comes from the page CRCs: no pass here.
+                        self.pace(span.len);
+                        self.out.send_folded_pages(span, &pages, &crcs, &self.fold)
+                    }
+                    None => {
+                        self.pace(span.len);
+                        let codec = crate::codec::Codec::None;
+                        self.out.send_pages(
+                            &Pages {
+                                span,
+                                codec,
+                                live: false,
+                            },
+                            &pages,
+                        )
+                    }
+                };
+                written.map_err(|e| self.write_error(e))?;
+            }
+            Cmd::Live(offset, pages, crcs) => {
+                if self.compressor.compresses() {
+                    // Compress a copy, in an ordinary frame checked as a whole.
+                    let mut copy = vec![0u8; pages.len() as usize];
+                    pages
+                        .copy_to(0, &mut copy)
+                        .map_err(TransferError::io("copying lent pages"))?;
+                    let ps = self.page_size as usize;
+                    let held = copy.chunks(ps).map(crate::digest::page_crc).collect();
+                    return self.handle(Cmd::Pages(offset, PageBuf::from_vec(copy), held));
+                }
+                self.write_live(offset, &pages, &crcs)?;
+            }
+            Cmd::Zero(range) => {
+                self.zero_pages += (range.end - range.start) / self.page_size;
+                let span = self.wire_span(range.start, range.end - range.start)?;
+                self.send(&Zero { span })?;
+            }
+            Cmd::State(blob) => {
+                self.send(&State::new(&blob))?;
+            }
+            Cmd::End(round) => {
+                self.send(&RoundEnd::new(round, self.pages, self.zero_pages))?;
+                let flushed = self.out.flush();
+                flushed.map_err(|e| self.write_error(e))?;
+                return Ok(Some(Reply::RoundWritten(
+                    self.out.written() - self.round_start,
+                )));
+            }
+            Cmd::Finish {
+                checksum,
+                rounds,
+                check,
+                wait,
+            } => {
+                self.send(&Finish {
+                    rounds,
+                    check,
+                    digest: checksum,
+                })?;
+                let flushed = self.out.flush();
+                flushed.map_err(|e| self.write_error(e))?;
+                let event = match wait {
+                    Some(t) => self.events.recv_timeout(t).map_err(|e| e.is_timeout()),
+                    None => self.events.recv().map_err(|_| false),
+                };
+                return match event {
+                    Ok(PeerEvent::Done { checksum: theirs }) if theirs == checksum => {
+                        Ok(Some(Reply::Finished))
+                    }
+                    Ok(PeerEvent::Done { checksum: theirs }) => {
+                        Err(TransferError::ChecksumMismatch {
+                            expected: checksum,
+                            actual: theirs,
+                        })
+                    }
+                    Ok(PeerEvent::Error { code, message }) => {
+                        Err(TransferError::PeerRejected { code, message })
+                    }
+                    Ok(PeerEvent::Closed(_)) | Err(_) if self.interrupt.is_set() => {
+                        Err(TransferError::Interrupted {
+                            peer: self.peer.clone(),
+                        })
+                    }
+                    Ok(PeerEvent::Closed(e)) => Err(e),
+                    Err(true) => Err(TransferError::Stalled {
+                        what: "waiting for the acknowledgement of",
+                        peer: self.peer.clone(),
+                        after: wait.unwrap_or_default(),
+                    }),
+                    Err(false) => Err(TransferError::Aborted),
+                };
+            }
+            Cmd::Commit(checksum) => {
+                self.send(&Commit { digest: checksum })?;
+                let flushed = self.out.flush();
+                flushed.map_err(|e| self.write_error(e))?;
+                return Ok(Some(Reply::Committed));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes lent pages at memory offset `offset` as live frames, the
+    /// kernel reading them from memory (at most [`MAX_PAYLOAD`] bytes of
+    /// pages and CRC list per frame).
+    ///
+    /// [`MAX_PAYLOAD`]: crate::protocol::MAX_PAYLOAD
+    fn write_live(
+        &mut self,
+        offset: u64,
+        pages: &LivePages,
+        crcs: &[u32],
+    ) -> Result<(), TransferError> {
+        use precopy_sys::live::{Gather, write_all_gather};
+        use std::os::fd::AsFd;
+        use zerocopy::IntoBytes;
+        let ps = self.page_size;
+        let per_frame = (crate::protocol::MAX_PAYLOAD / (ps + 4)).max(1) as usize;
+        for (k, chunk) in crcs.chunks(per_frame).enumerate() {
+            let from = (k * per_frame) as u64 * ps;
+            let len = chunk.len() as u64 * ps;
+            let part = pages
+                .slice(from..from + len)
+                .map_err(TransferError::io("lending pages"))?;
+            let span = self.wire_span(offset + from, len)?;
+            let list = Pages::crc_list(chunk);
+            let header = Pages::live_header(span, &list);
+            self.pace(len + list.len() as u64);
+            let n = write_all_gather(
+                self.out.get_ref().as_fd(),
+                &[
+                    Gather::Bytes(header.as_bytes()),
+                    Gather::Live(&part),
+                    Gather::Bytes(&list),
+                ],
+            )
+            .map_err(|e| self.write_error(e))?;
+            self.out.wrote(n);
+            self.pages += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// The wire's name for `len` bytes at memory offset `offset`: region id
+    /// and offset inside the region.
+    fn wire_span(&self, offset: u64, len: u64) -> Result<PageSpan, TransferError> {
+        let (r, at) =
+            self.layout
+                .region_at(offset)
+                .ok_or(crate::error::LayoutError::OutsideLayout {
+                    range: offset..offset,
+                })?;
+        Ok(PageSpan {
+            region: r.id,
+            offset: at,
+            len,
+        })
+    }
+}
