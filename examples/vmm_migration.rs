@@ -1,54 +1,57 @@
-//! A VMM-shaped live migration: guest memory the VMM maps itself (a memfd, as VMMs with
-//! vhost-user devices do), "vCPU" threads writing it, a "device" writing it through its own
-//! mapping (as a vhost-user backend or a DMA engine would: no write-protect fault sees it), and a
-//! migration through `precopy-migrate` with pause/resume callbacks. The device reports what it
-//! wrote through [`ExternalDirty`], the way QEMU ORs a device's dirty log into KVM's. The
+//! A VMM-shaped live migration through the `precopy` facade: guest RAM the VMM maps itself (a
+//! memfd, as VMMs with vhost-user devices do), "vCPU" threads writing it, a "device" writing it
+//! through its own mapping (as a vhost-user backend or a DMA engine would: no write-protect fault
+//! sees it, so it reports each write through `ExternalDirty`, the way QEMU ORs a device's dirty
+//! log into KVM's), and both ends of the migration in one file, vCPU state included. The
 //! destination runs on a thread here; in a real VMM it is another process, usually on another
-//! host.
+//! host, and maps its guest RAM at another address.
+//!
+//! The migration itself is the code between the two `----` markers; the rest plays the VMM.
 //!
 //! `cargo run --release --example vmm_migration`
 
 use anyhow::Result;
-use precopy_migrate::{
-    Callbacks, ExternalDirty, Migration, MigrationConfig, TransferTransport, UffdDirtyLog,
+use precopy::sys::mem::{Backing as MapBacking, Thp};
+use precopy::{
+    Backing, Callbacks, Connection, ExternalDirty, Key, Layout, Listener, Mapping, MemoryRegion,
+    MigrationConfig, RegionMemory, Source,
 };
-use precopy_scanner::{ScanOptions, Scanner};
-use precopy_sys::mem::{Backing, Mapping, Thp};
-use precopy_tracker::{RegisterOptions, Tracker, Uffd, UnvouchedPolicy};
-use precopy_transfer::{
-    Connection, Key, Layout, Listener, MemorySink, ProcessMemory, Receiver, ReceiverConfig, Sender,
-    SenderConfig,
-};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 const GUEST_RAM: u64 = 64 << 20;
 const VCPUS: usize = 2;
-/// vCPUs plus the device thread: all park on pause.
-const WRITERS: usize = VCPUS + 1;
 
-/// The VMM's vCPU run state: a pause request and how many vCPUs have parked.
+/// The VMM's writers (vCPUs and the device): a pause request, how many have parked, and each
+/// vCPU's "registers" (here: how many writes it made).
 #[derive(Default)]
-struct RunState {
+struct Vcpus {
     pause: AtomicBool,
     parked: AtomicUsize,
+    regs: [AtomicU64; VCPUS],
 }
 
-fn vcpu(id: u64, ram: Arc<Mapping>, state: Arc<RunState>) {
-    let pages = ram.len() / 4096;
-    let mut n = 0u64;
-    loop {
-        if state.pause.load(SeqCst) {
-            state.parked.fetch_add(1, SeqCst);
-            while state.pause.load(SeqCst) {
+impl Vcpus {
+    /// Parks the calling writer while a pause is requested.
+    fn park_if_paused(&self) {
+        if self.pause.load(SeqCst) {
+            self.parked.fetch_add(1, SeqCst);
+            while self.pause.load(SeqCst) {
                 std::thread::sleep(Duration::from_micros(100));
             }
-            state.parked.fetch_sub(1, SeqCst);
+            self.parked.fetch_sub(1, SeqCst);
         }
-        // "Guest code": touch a page, a few thousand times a second.
-        n += 1;
-        let page = (n * 7919 + id * 104_729) % pages;
+    }
+}
+
+fn vcpu(id: usize, ram: Arc<Mapping>, vcpus: Arc<Vcpus>) {
+    let pages = ram.len() / 4096;
+    loop {
+        vcpus.park_if_paused();
+        // "Guest code": touch a page, a few thousand times a second; the count is a register.
+        let n = vcpus.regs[id].fetch_add(1, SeqCst) + 1;
+        let page = (n * 7919 + id as u64 * 104_729) % pages;
         ram.write_u64(page * 4096 + (n % 512) * 8, n)
             .expect("guest RAM");
         if n % 16 == 0 {
@@ -57,21 +60,12 @@ fn vcpu(id: u64, ram: Arc<Mapping>, state: Arc<RunState>) {
     }
 }
 
-/// A device model writing guest RAM through its own mapping of the memfd (a vhost-user backend
-/// would do this from another process): the vCPUs' page tables never see these writes, so the
-/// device marks each one in `dirty` once it has landed.
-fn device(dma: Mapping, dirty: ExternalDirty, base: u64, state: Arc<RunState>) {
+/// A device model writing guest RAM through its own mapping of the memfd: the vCPUs' page
+/// tables never see these writes, so the device marks each one once it has landed.
+fn device(dma: Mapping, dirty: ExternalDirty, base: u64, vcpus: Arc<Vcpus>) {
     let pages = dma.len() / 4096;
-    let mut n = 0u64;
-    loop {
-        if state.pause.load(SeqCst) {
-            state.parked.fetch_add(1, SeqCst);
-            while state.pause.load(SeqCst) {
-                std::thread::sleep(Duration::from_micros(100));
-            }
-            state.parked.fetch_sub(1, SeqCst);
-        }
-        n += 1;
+    for n in 1u64.. {
+        vcpus.park_if_paused();
         // "A received packet": one page of the guest's receive ring, after the write.
         let page = (n * 31) % (pages / 8);
         dma.write_u64(page * 4096 + 64, n).expect("device mapping");
@@ -83,93 +77,90 @@ fn device(dma: Mapping, dirty: ExternalDirty, base: u64, state: Arc<RunState>) {
 }
 
 fn main() -> Result<()> {
-    // Guest RAM: a memfd the VMM maps; vCPUs start running.
-    let ram = Arc::new(Mapping::new(Backing::Memfd, GUEST_RAM, 0, Thp::Default)?);
-    let state = Arc::new(RunState::default());
-    for id in 0..VCPUS as u64 {
-        let (ram, state) = (ram.clone(), state.clone());
-        std::thread::spawn(move || vcpu(id, ram, state));
+    let ram = Arc::new(Mapping::new(MapBacking::Memfd, GUEST_RAM, 0, Thp::Default)?);
+    let vcpus = Arc::new(Vcpus::default());
+    for id in 0..VCPUS {
+        let (ram, vcpus) = (ram.clone(), vcpus.clone());
+        std::thread::spawn(move || vcpu(id, ram, vcpus));
     }
-
-    // The destination: receives into its own memory and checks the final checksum. Every TCP
-    // receiver challenges its sender (any local user could connect to a loopback port): both
-    // ends share a random key (across processes: `Key::write_new_file`, owner-only).
-    let key = Key::random();
-    let receiver_config = ReceiverConfig {
-        key: Some(key.clone()),
-        ..ReceiverConfig::default()
-    };
     let listener = Listener::bind_tcp("127.0.0.1:0")?;
     let addr = listener.address();
-    let ready = Arc::new(Barrier::new(2));
-    let dest_ready = ready.clone();
-    let destination = std::thread::spawn(move || -> Result<MemorySink> {
-        let receiver = Receiver::accept(&listener, &receiver_config)?;
-        let mut memory = MemorySink::new(receiver.layout().clone())?;
-        receiver.run(&mut memory)?;
-        dest_ready.wait();
-        Ok(memory)
+    let source_done = Arc::new(Barrier::new(2));
+    let dest_wait = source_done.clone();
+
+    // ---- migration code. Both ends share a secret key, handed over privately (across
+    // processes: `Key::write_new_file`, owner-only): the receiver challenges the sender with it.
+    let key = Key::random();
+    // Destination: map each announced region (here a memfd of its own), receive into it, and
+    // get the vCPU state before the source is told it completed.
+    let dest_key = key.clone();
+    let destination = std::thread::spawn(move || -> Result<(Arc<Mapping>, Vec<u8>)> {
+        let ram = Arc::new(Mapping::new(MapBacking::Memfd, GUEST_RAM, 0, Thp::Default)?);
+        let mine = ram.clone();
+        let received = precopy::receive(&listener, &dest_key, |layout: &Layout| {
+            let id = layout.regions()[0].id;
+            Ok::<_, std::io::Error>(vec![(id, Box::new(mine) as Box<dyn RegionMemory>)])
+        })?;
+        dest_wait.wait();
+        Ok((ram, received.state))
     });
 
-    // Source side: track guest RAM. Shared memory can change without the write-protect bit
-    // seeing it; by default the driver would re-read it at switch-over (costing downtime).
-    // This VMM knows its only such writer is its device model, which reports every write
-    // through ExternalDirty, so it accepts the risk and skips that pass.
-    let mut tracker = Tracker::new(Uffd::new()?);
-    tracker.register_with(
-        ram.range(),
-        RegisterOptions {
-            unvouched: UnvouchedPolicy::AcceptRisk,
-            ..RegisterOptions::default()
-        },
-    )?;
-    let dirty_log = UffdDirtyLog::new(tracker, Scanner::new(ScanOptions::default())?);
+    // Source: guest memory described once; tracking, the wire and the placement come from it.
+    let layout = Layout::new(vec![
+        MemoryRegion::new(0, GUEST_RAM, 4096)
+            .host(ram.addr())
+            .guest(0)
+            .backed_by(Backing::Memfd),
+    ])?;
+    let source = Source::track(&layout)?;
     let fd = ram.fd().expect("a memfd").try_clone_to_owned()?;
-    let dma = Mapping::new(Backing::File(fd.into()), GUEST_RAM, 0, Thp::Default)?;
-    let (dirty, base, dev_state) = (dirty_log.external_dirty(), ram.addr(), state.clone());
-    std::thread::spawn(move || device(dma, dirty, base, dev_state));
-    let layout = Layout::single(4096, ram.addr(), ram.len())?;
-    let sender = Sender::connect(
-        vec![Connection::connect_tcp(addr.as_str())?],
-        layout,
-        ProcessMemory::current(),
-        &SenderConfig {
-            key: Some(key),
-            ..SenderConfig::default()
-        },
-    )?;
-    let (pause, resume) = (state.clone(), state.clone());
-    let vcpus = Callbacks::new(
+    let dma = Mapping::new(MapBacking::File(fd.into()), GUEST_RAM, 0, Thp::Default)?;
+    let (dirty, dev, base) = (source.external_dirty(), vcpus.clone(), ram.addr());
+    std::thread::spawn(move || device(dma, dirty, base, dev));
+    // Pause and resume every writer; while paused, save the vCPUs' registers as the state.
+    let (p, r, s) = (vcpus.clone(), vcpus.clone(), vcpus.clone());
+    let workload = Callbacks::new(
         move || {
-            pause.pause.store(true, SeqCst);
-            while pause.parked.load(SeqCst) < WRITERS {
+            p.pause.store(true, SeqCst);
+            while p.parked.load(SeqCst) < VCPUS + 1 {
                 std::thread::yield_now();
             }
             Ok(())
         },
-        move || {
-            resume.pause.store(false, SeqCst);
-            Ok(())
-        },
-    );
+        move || Ok(r.pause.store(false, SeqCst)),
+    )
+    .with_state(move || {
+        Ok(s.regs
+            .iter()
+            .flat_map(|x| x.load(SeqCst).to_le_bytes())
+            .collect())
+    });
     let config = MigrationConfig {
         max_downtime: Duration::from_millis(50),
         ..MigrationConfig::default()
     };
-    let report = Migration::new(dirty_log, TransferTransport::new(sender), vcpus, config)
-        .on_progress(|p| eprintln!("round {} pending {} KiB", p.round, p.pending_bytes >> 10))
-        .run()?;
-    ready.wait();
-    let memory = destination.join().expect("destination thread")?;
-    println!("{report}");
+    let conn = Connection::connect_tcp(addr.as_str())?;
+    let report = source.migrate(conn, &key, workload, config)?;
+    // ---- end of the migration code.
 
-    // The vCPUs and the device are still paused (the default is to stop: the destination takes
-    // over).
-    let mut source = vec![0u8; GUEST_RAM as usize];
-    ram.read(0, &mut source)?;
+    source_done.wait();
+    let (dest_ram, state) = destination.join().expect("destination thread")?;
+    println!("{report}");
+    // The writers are still paused (the default: the destination takes over). Compare.
+    let (mut a, mut b) = (vec![0u8; GUEST_RAM as usize], vec![0u8; GUEST_RAM as usize]);
+    ram.read(0, &mut a)?;
+    dest_ram.read(0, &mut b)?;
+    assert_ne!(ram.addr(), dest_ram.addr());
+    let regs: Vec<u64> = vcpus.regs.iter().map(|x| x.load(SeqCst)).collect();
+    let sent: Vec<u8> = regs.iter().flat_map(|x| x.to_le_bytes()).collect();
+    println!("destination memory equals the paused source: {}", a == b);
     println!(
-        "destination equals the paused source: {}",
-        memory.memory() == Some(source.as_slice())
+        "vCPU registers arrived as state: {} ({regs:?})",
+        state == sent
+    );
+    anyhow::ensure!(
+        a == b && state == sent,
+        "the destination differs from the source"
     );
     Ok(())
 }

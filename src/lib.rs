@@ -11,7 +11,20 @@
 //! - [`backends`]: the comparison trackers (soft-dirty, mprotect, uffd sync WP) behind one trait.
 //! - [`migrate`]: the pre-copy migration driver.
 //!
+//! # Embedding: a VMM's live migration
+//!
+//! A VMM states its guest memory once as a [`Layout`] of [`MemoryRegion`]s and makes two calls:
+//! [`migrate`](fn@migrate) on the source (with a [`Workload`] that pauses, resumes and saves its vCPUs'
+//! state, e.g. [`Callbacks`]) and [`receive`] on the destination (which maps each region itself
+//! and gets the state blob before the source is told it completed). [`Source`] is [`migrate`](fn@migrate)
+//! in two steps, for a VMM whose device models report their writes through [`ExternalDirty`].
+//! `examples/vmm_migration.rs` is the whole of it; the crates below are there for more control
+//! (several streams, keys, compression, a dirty log of the VMM's own through
+//! [`migrate::DirtyLog`], checkpoint images).
+//!
 //! The most used names are re-exported at the top level.
+
+mod vmm;
 
 pub use precopy_backends as backends;
 pub use precopy_migrate as migrate;
@@ -26,3 +39,11 @@ pub use precopy_scanner::{
 pub use precopy_tracker::{
     MemoryKind, RegisterOptions, Target, ThpPolicy, TrackedRange, Tracker, Uffd, UnvouchedPolicy,
 };
+
+// The VMM seam: memory described once, the calls, and what they take.
+pub use precopy_migrate::{Callbacks, ExternalDirty, MigrationConfig, MigrationReport, Workload};
+pub use precopy_sys::mem::Mapping;
+pub use precopy_transfer::{
+    Backing, Connection, Key, Layout, Listener, MemoryRegion, RegionMemory, TransferError,
+};
+pub use vmm::{Error, Received, Source, migrate, receive};

@@ -9,69 +9,61 @@
 mod common;
 
 use common::*;
-use precopy::migrate::{Callbacks, Migration, MigrationConfig, TransferTransport, UffdDirtyLog};
+use precopy::migrate::TrackingError;
 use precopy::sys::mem::{Backing as MapBacking, Mapping, Thp};
-use precopy::transfer::{
-    Backing, Connection, Key, Layout, Listener, MemoryRegion, MemorySink, ProcessMemory, Receiver,
-    ReceiverConfig, RegionMemory, Sender, SenderConfig,
+use precopy::transfer::{ProtocolError, TransferError};
+use precopy::{
+    Backing, Callbacks, Connection, Key, Layout, Listener, MemoryRegion, MigrationConfig, Received,
+    RegionMemory,
 };
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Migrates `src` (described as one region of `page_size` pages backed by `backing`) into `dst`,
-/// with a vCPU thread writing `src` until paused and a state blob holding its write count.
-/// Returns the state blob the destination received.
-fn migrate(src: Arc<Mapping>, dst: Arc<Mapping>, page_size: u64, backing: Backing) -> Vec<u8> {
-    let layout = Layout::new(vec![
-        MemoryRegion::new(7, src.len(), page_size)
-            .host(src.addr())
-            .guest(1 << 32)
-            .backed_by(backing),
-    ])
-    .expect("layout");
+/// The source end of one test migration: a vCPU thread writing `src` while not paused, and a
+/// workload whose state blob is `state(write count)`.
+struct Vcpu {
+    thread: std::thread::JoinHandle<()>,
+    run: Arc<RunState>,
+    /// The blob the workload handed to the driver.
+    sent: Arc<Mutex<Vec<u8>>>,
+}
 
-    // Every TCP receiver requires a key, loopback included.
-    let key = Key::random();
-    let rx_config = ReceiverConfig {
-        key: Some(key.clone()),
-        ..ReceiverConfig::default()
-    };
-    let tx_config = SenderConfig {
-        key: Some(key),
-        ..SenderConfig::default()
-    };
+/// A pause request, whether the vCPU parked, and a request to exit.
+#[derive(Default)]
+struct RunState {
+    pause: AtomicBool,
+    parked: AtomicBool,
+    exit: AtomicBool,
+}
 
-    // Destination: receives into the memory it mapped for region 7.
-    let listener = Listener::bind_tcp("127.0.0.1:0").unwrap();
-    let addr = listener.address();
-    let dest = std::thread::spawn(move || {
-        let rx = Receiver::accept(&listener, &rx_config).unwrap();
-        let announced = rx.layout().region(7).copied().expect("region 7 announced");
-        assert_eq!(
-            (announced.guest_addr, announced.backing, announced.host_addr),
-            (Some(1 << 32), Some(backing), None),
-            "the wire carries guest address and backing, never the source's host address"
-        );
-        let memory: Vec<(u32, Box<dyn RegionMemory>)> = vec![(7, Box::new(dst))];
-        let mut sink = MemorySink::with_memory(rx.layout().clone(), memory).unwrap();
-        let report = rx.run(&mut sink).unwrap();
-        assert!(report.state_bytes.is_some());
-        sink.take_state()
-            .expect("state delivered before the acknowledgement")
-    });
+impl Vcpu {
+    /// Ends the vCPU thread; returns whether the workload was left paused.
+    fn exit(self) -> bool {
+        let paused = self.run.pause.load(SeqCst);
+        self.run.exit.store(true, SeqCst);
+        self.thread.join().unwrap();
+        paused
+    }
+}
 
-    // Source: a vCPU writing until paused; its state is how many writes it made.
-    let pause = Arc::new(AtomicBool::new(false));
-    let parked = Arc::new(AtomicBool::new(false));
+fn vcpu(src: Arc<Mapping>, state: fn(u64) -> Vec<u8>) -> (Vcpu, Callbacks) {
+    let run = Arc::new(RunState::default());
     let writes = Arc::new(AtomicU64::new(0));
-    let vcpu = {
-        let (src, pause, parked, writes) =
-            (src.clone(), pause.clone(), parked.clone(), writes.clone());
+    let thread = {
+        let (run, writes) = (run.clone(), writes.clone());
         std::thread::spawn(move || {
             let pages = src.len() / PAGE;
             let mut n = 0u64;
-            while !pause.load(SeqCst) {
+            while !run.exit.load(SeqCst) {
+                if run.pause.load(SeqCst) {
+                    run.parked.store(true, SeqCst);
+                    std::thread::sleep(Duration::from_micros(100));
+                    continue;
+                }
+                run.parked.store(false, SeqCst);
                 n += 1;
                 src.write_u64((n * 7919 % pages) * PAGE + (n % 512) * 8, n)
                     .unwrap();
@@ -80,48 +72,90 @@ fn migrate(src: Arc<Mapping>, dst: Arc<Mapping>, page_size: u64, backing: Backin
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }
-            parked.store(true, SeqCst);
         })
     };
-    let log = UffdDirtyLog::for_layout(&layout, scanner()).expect("tracking the layout");
-    let conn = Connection::connect_tcp(addr.as_str()).unwrap();
-    let sender = Sender::connect(vec![conn], layout, ProcessMemory::current(), &tx_config).unwrap();
-    let sent_state = Arc::new(Mutex::new(Vec::new()));
+    let sent = Arc::new(Mutex::new(Vec::new()));
     let workload = {
-        let (pause, parked, writes, sent) = (
-            pause.clone(),
-            parked.clone(),
-            writes.clone(),
-            sent_state.clone(),
-        );
+        let (pause, resume, sent) = (run.clone(), run.clone(), sent.clone());
         Callbacks::new(
             move || {
-                pause.store(true, SeqCst);
-                while !parked.load(SeqCst) {
+                pause.pause.store(true, SeqCst);
+                while !pause.parked.load(SeqCst) {
                     std::thread::yield_now();
                 }
                 Ok(())
             },
-            || Ok(()),
+            move || {
+                resume.parked.store(false, SeqCst);
+                resume.pause.store(false, SeqCst);
+                Ok(())
+            },
         )
         .with_state(move || {
-            let blob = writes.load(SeqCst).to_le_bytes().to_vec();
+            let blob = state(writes.load(SeqCst));
             *sent.lock().unwrap() = blob.clone();
             Ok(blob)
         })
     };
-    let config = MigrationConfig {
+    (Vcpu { thread, run, sent }, workload)
+}
+
+/// Region 7 of `src`'s size, at guest address 4 GiB.
+fn layout_of(src: &Mapping, page_size: u64, backing: Backing) -> Layout {
+    Layout::new(vec![
+        MemoryRegion::new(7, src.len(), page_size)
+            .host(src.addr())
+            .guest(1 << 32)
+            .backed_by(backing),
+    ])
+    .expect("layout")
+}
+
+/// The destination: `precopy::receive` into `dst`, checking what the wire announced.
+fn destination(
+    listener: Listener,
+    key: Key,
+    dst: Arc<Mapping>,
+    backing: Backing,
+) -> std::thread::JoinHandle<Result<Received, precopy::Error>> {
+    std::thread::spawn(move || {
+        precopy::receive(&listener, &key, |announced: &Layout| {
+            let region = announced.region(7).copied().expect("region 7 announced");
+            assert_eq!(
+                (region.guest_addr, region.backing, region.host_addr),
+                (Some(1 << 32), Some(backing), None),
+                "the wire carries guest address and backing, never the source's host address"
+            );
+            Ok::<_, std::io::Error>(vec![(7, Box::new(dst) as Box<dyn RegionMemory>)])
+        })
+    })
+}
+
+fn config() -> MigrationConfig {
+    MigrationConfig {
         max_downtime: Duration::from_millis(50),
         ..MigrationConfig::default()
-    };
-    let report = Migration::new(log, TransferTransport::new(sender), workload, config)
-        .run()
-        .expect("migration");
-    vcpu.join().unwrap();
-    let received = dest.join().unwrap();
+    }
+}
+
+/// Migrates `src` (described as one region of `page_size` pages backed by `backing`) into `dst`
+/// through the facade (`precopy::migrate`, `precopy::receive`), with a vCPU thread writing `src`
+/// until paused and a state blob holding its write count. Returns that state blob as the
+/// destination received it.
+fn migrate(src: Arc<Mapping>, dst: Arc<Mapping>, page_size: u64, backing: Backing) -> Vec<u8> {
+    let layout = layout_of(&src, page_size, backing);
+    let key = Key::random();
+    let listener = Listener::bind_tcp("127.0.0.1:0").unwrap();
+    let conn = Connection::connect_tcp(listener.address().as_str()).unwrap();
+    let dest = destination(listener, key.clone(), dst, backing);
+    let (vcpu, workload) = vcpu(src, |n| n.to_le_bytes().to_vec());
+    let report = precopy::migrate(&layout, conn, &key, workload, config()).expect("migration");
+    let received = dest.join().unwrap().expect("destination");
     assert_eq!(report.state_bytes, Some(8));
-    assert_eq!(received, *sent_state.lock().unwrap());
-    received
+    assert_eq!(received.report.state_bytes, Some(8));
+    assert_eq!(received.state, *vcpu.sent.lock().unwrap());
+    assert!(vcpu.exit(), "left paused for the destination");
+    received.state
 }
 
 /// Both mappings hold the same bytes.
@@ -180,11 +214,119 @@ fn a_layout_that_misstates_the_memory_is_refused() {
                 .backed_by(backing),
         ])
         .unwrap();
-        UffdDirtyLog::for_layout(&layout, scanner()).map(|_| ())
+        precopy::Source::track(&layout).map(|_| ())
     };
     for (page_size, backing) in [(PAGE, Backing::Memfd), (PAGE, Backing::Hugetlb)] {
         let err = wrong(page_size, backing).unwrap_err();
-        assert!(err.to_string().contains("the memory mapped there"), "{err}");
+        assert!(
+            matches!(
+                &err,
+                precopy::Error::Tracking(TrackingError::Mismatch { region: 0, .. })
+            ),
+            "{err:?}"
+        );
     }
     wrong(PAGE, Backing::Anonymous).expect("the true description is accepted");
+}
+
+/// A state blob of `n` bytes no page of the test memory holds (so a proxy can find it on the
+/// wire), derived from the vCPU's write count.
+fn vcpu_state(writes: u64) -> Vec<u8> {
+    let mut blob = b"vcpu-state:".to_vec();
+    blob.extend((0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 1));
+    blob.extend_from_slice(&writes.to_le_bytes());
+    blob
+}
+
+/// Forwards one TCP connection from `front` to `back`, flipping one bit inside the first
+/// occurrence of `needle` in the source-to-destination direction. Returns whether it flipped.
+fn corrupting_proxy(
+    front: TcpListener,
+    back: String,
+    needle: Vec<u8>,
+) -> std::thread::JoinHandle<bool> {
+    std::thread::spawn(move || {
+        let (mut from_src, _) = front.accept().unwrap();
+        let mut to_dst = TcpStream::connect(back).unwrap();
+        let (mut from_dst, mut to_src) =
+            (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+        let back_channel = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from_dst, &mut to_src);
+            let _ = to_src.shutdown(Shutdown::Both);
+        });
+        // Forward each read at once (the handshake waits for replies); match against the
+        // last bytes forwarded plus this read, and flip the needle's last byte, which is in
+        // this read.
+        let (mut seen, mut buf, mut flipped) = (Vec::new(), vec![0u8; 1 << 16], false);
+        loop {
+            let n = from_src.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            if !flipped {
+                seen.extend_from_slice(&buf[..n]);
+                if let Some(at) = seen.windows(needle.len()).position(|w| w == needle) {
+                    let last = at + needle.len() - 1 - (seen.len() - n);
+                    buf[last] ^= 0x10;
+                    flipped = true;
+                }
+                seen.drain(..seen.len().saturating_sub(needle.len() - 1));
+            }
+            if to_dst.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to_dst.shutdown(Shutdown::Both);
+        let _ = from_src.shutdown(Shutdown::Both);
+        back_channel.join().unwrap();
+        flipped
+    })
+}
+
+#[test]
+fn the_state_blob_round_trips_and_a_corrupted_one_is_refused() {
+    // Intact: the destination gets exactly the blob the workload saved.
+    let len = 64 * PAGE;
+    let src = Arc::new(anon(64));
+    src.fill(0, len, 0x11).unwrap();
+    let dst = Arc::new(anon(64));
+    let layout = layout_of(&src, PAGE, Backing::Anonymous);
+    let key = Key::random();
+    let listener = Listener::bind_tcp("127.0.0.1:0").unwrap();
+    let conn = Connection::connect_tcp(listener.address().as_str()).unwrap();
+    let dest = destination(listener, key.clone(), dst.clone(), Backing::Anonymous);
+    let (vcpu_a, workload) = vcpu(src.clone(), vcpu_state);
+    precopy::migrate(&layout, conn, &key, workload, config()).expect("migration");
+    let received = dest.join().unwrap().expect("destination");
+    assert_eq!(received.state, *vcpu_a.sent.lock().unwrap());
+    assert!(received.state.starts_with(b"vcpu-state:"));
+    assert!(vcpu_a.exit());
+    assert_same(&src, &dst);
+
+    // One bit flipped in the blob on its way: the destination refuses it and never
+    // acknowledges, the source's migration fails and its workload runs again.
+    let listener = Listener::bind_tcp("127.0.0.1:0").unwrap();
+    let back = listener.address();
+    let dest = destination(listener, key.clone(), dst, Backing::Anonymous);
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let conn = Connection::connect_tcp(&front.local_addr().unwrap().to_string()).unwrap();
+    let proxy = corrupting_proxy(front, back, vcpu_state(0)[..64].to_vec());
+    let (vcpu_b, workload) = vcpu(src, vcpu_state);
+    let err = precopy::migrate(&layout, conn, &key, workload, config()).unwrap_err();
+    assert!(matches!(err, precopy::Error::Migration(_)), "{err:?}");
+    let refused = dest.join().unwrap().unwrap_err();
+    assert!(
+        proxy.join().unwrap(),
+        "the proxy found the state blob on the wire"
+    );
+    assert!(
+        matches!(
+            refused,
+            precopy::Error::Transfer(TransferError::Protocol(
+                ProtocolError::BadChecksum { .. } | ProtocolError::StateChecksum { .. }
+            ))
+        ),
+        "{refused:?}"
+    );
+    assert!(!vcpu_b.exit(), "a failed migration resumes the source");
 }

@@ -1,0 +1,163 @@
+//! The calls a VMM makes: [`migrate`] (or [`Source`]) on the source, [`receive`] on the
+//! destination.
+//!
+//! Both sides speak of memory through one [`Layout`] that the source states once (regions with
+//! an id, a size, a page size, and optionally the guest-physical address, the backing and where
+//! the source mapped it). The source's dirty log is derived from it and checked against what is
+//! mapped; the wire carries it (without host addresses) and names pages by region and offset;
+//! the destination maps each region itself and the pages land there. After the last memory round
+//! the source's [`Workload::save_state`] blob (vCPU registers, device state) travels with its own
+//! checksum, and the destination has it before it acknowledges: memory, then state, then
+//! complete, as in Cloud Hypervisor's protocol.
+
+use precopy_migrate::{
+    ExternalDirty, Migration, MigrationConfig, MigrationReport, TrackingError, TransferTransport,
+    UffdDirtyLog, Workload,
+};
+use precopy_scanner::{ScanOptions, Scanner};
+use precopy_transfer::{
+    Connection, Key, Layout, Listener, MemorySink, ProcessMemory, ReceiveReport, Receiver,
+    ReceiverConfig, RegionMemory, Sender, SenderConfig, TransferError,
+};
+
+/// What can go wrong in [`migrate`], [`Source`] or [`receive`]; the cause is in the source
+/// chain.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The engine's scanner refused this kernel (it lacks `PAGEMAP_SCAN` or WP_ASYNC, Linux 6.7+,
+    /// or failed its self-test).
+    #[error("the dirty-page scanner cannot run on this kernel")]
+    Scanner(#[from] precopy_scanner::Error),
+    /// The layout does not describe what is mapped, or tracking could not start.
+    #[error("tracking the layout's memory failed")]
+    Tracking(#[from] TrackingError),
+    /// Connecting, the handshake, receiving, or the destination's checks (a damaged page or
+    /// state blob, a memory digest that differs) failed.
+    #[error("the transfer failed")]
+    Transfer(#[from] TransferError),
+    /// The migration did not complete; the source's workload was resumed.
+    #[error("the migration did not complete")]
+    Migration(#[from] precopy_migrate::Error),
+    /// The destination's callback could not provide memory for the announced layout.
+    #[error("the destination could not map memory for the announced layout")]
+    Placement(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// The transfer completed without a state blob (the source is not a [`migrate`]).
+    #[error("the source sent no state blob")]
+    NoState,
+}
+
+/// The source side of a migration, for a VMM that needs a handle before it starts (to give its
+/// device models an [`ExternalDirty`]); [`migrate`] is `Source::track` then
+/// [`Source::migrate`].
+#[derive(Debug)]
+pub struct Source {
+    layout: Layout,
+    log: UffdDirtyLog,
+}
+
+impl Source {
+    /// Registers every region of `layout` at its host address with a new userfaultfd in async
+    /// write-protect mode (Linux 6.7+), checking each region's stated backing and page size
+    /// against what is mapped there. Nothing is write-protected yet: that happens when the
+    /// migration starts.
+    pub fn track(layout: &Layout) -> Result<Source, Error> {
+        let log = UffdDirtyLog::for_layout(layout, Scanner::new(ScanOptions::default())?)?;
+        Ok(Source {
+            layout: layout.clone(),
+            log,
+        })
+    }
+
+    /// Where a device model reports writes no page table shows (DMA, a vhost-user backend's
+    /// own mapping): mark each range after the write landed, in source host addresses.
+    pub fn external_dirty(&self) -> ExternalDirty {
+        self.log.external_dirty()
+    }
+
+    /// Live-migrates the layout's memory over `conn` to a [`receive`]r holding the same `key`
+    /// (the receiver challenges the sender with it): rounds while `workload` runs, then, paused, the last round and the workload's state blob, until the
+    /// destination acknowledged. On error the workload was resumed; on success it is left
+    /// paused or resumed as [`MigrationConfig::after`] says (paused by default: the
+    /// destination takes over).
+    pub fn migrate(
+        self,
+        conn: Connection,
+        key: &Key,
+        workload: impl Workload,
+        config: MigrationConfig,
+    ) -> Result<MigrationReport, Error> {
+        let sender_config = SenderConfig {
+            key: Some(key.clone()),
+            ..SenderConfig::default()
+        };
+        let sender = Sender::connect(
+            vec![conn],
+            self.layout,
+            ProcessMemory::current(),
+            &sender_config,
+        )?;
+        let mut migration =
+            Migration::new(self.log, TransferTransport::new(sender), workload, config);
+        Ok(migration.run()?)
+    }
+}
+
+/// Live-migrates this process's memory described by `layout` over `conn` to a [`receive`]r
+/// ([`Source::track`], then [`Source::migrate`]).
+pub fn migrate(
+    layout: &Layout,
+    conn: Connection,
+    key: &Key,
+    workload: impl Workload,
+    config: MigrationConfig,
+) -> Result<MigrationReport, Error> {
+    Source::track(layout)?.migrate(conn, key, workload, config)
+}
+
+/// What [`receive`] delivered.
+#[derive(Debug)]
+pub struct Received {
+    /// The layout the source announced (no host addresses).
+    pub layout: Layout,
+    /// The source's state blob, checked against its own checksum.
+    pub state: Vec<u8>,
+    /// Rounds, pages, bytes and the memory digest that was checked.
+    pub report: ReceiveReport,
+}
+
+/// Accepts one migration on `listener` from a sender that proves it holds `key` (a shared
+/// secret both ends got privately, e.g. [`Key::random`] handed over an inherited pipe or an
+/// owner-only file: [`Key::write_new_file`]) and receives it into memory the destination maps itself:
+/// `map` gets the announced layout and returns each region's memory by id (a
+/// [`Mapping`](precopy_sys::mem::Mapping) of anonymous, memfd or hugetlb memory, an `Arc` of
+/// one, or any [`RegionMemory`]); its previous contents do not matter. Returns once every page
+/// is in place, the memory digest matched and the state blob arrived intact; only then is the
+/// source told the migration completed. A damaged state blob fails the transfer
+/// ([`Error::Transfer`]) and the source is never acknowledged.
+///
+/// For more control (several streams, timeouts, the largest layout accepted) use [`Receiver`]
+/// with a [`ReceiverConfig`].
+pub fn receive<E>(
+    listener: &Listener,
+    key: &Key,
+    map: impl FnOnce(&Layout) -> Result<Vec<(u32, Box<dyn RegionMemory>)>, E>,
+) -> Result<Received, Error>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let config = ReceiverConfig {
+        key: Some(key.clone()),
+        ..ReceiverConfig::default()
+    };
+    let receiver = Receiver::accept(listener, &config)?;
+    let layout = receiver.layout().clone();
+    let memory = map(&layout).map_err(|e| Error::Placement(Box::new(e)))?;
+    let mut sink = MemorySink::with_memory(layout.clone(), memory)?;
+    let report = receiver.run(&mut sink)?;
+    let state = sink.take_state().ok_or(Error::NoState)?;
+    Ok(Received {
+        layout,
+        state,
+        report,
+    })
+}
