@@ -127,7 +127,10 @@ fn main() -> Result<()> {
             }
             Ok(())
         },
-        move || Ok(r.pause.store(false, SeqCst)),
+        move || {
+            r.pause.store(false, SeqCst);
+            Ok(())
+        },
     )
     .with_state(move || {
         Ok(s.regs

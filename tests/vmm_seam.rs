@@ -309,7 +309,7 @@ fn the_state_blob_round_trips_and_a_corrupted_one_is_refused() {
     let back = listener.address();
     let dest = destination(listener, key.clone(), dst, Backing::Anonymous);
     let front = TcpListener::bind("127.0.0.1:0").unwrap();
-    let conn = Connection::connect_tcp(&front.local_addr().unwrap().to_string()).unwrap();
+    let conn = Connection::connect_tcp(front.local_addr().unwrap()).unwrap();
     let proxy = corrupting_proxy(front, back, vcpu_state(0)[..64].to_vec());
     let (vcpu_b, workload) = vcpu(src, vcpu_state);
     let err = precopy::migrate(&layout, conn, &key, workload, config()).unwrap_err();

@@ -721,6 +721,50 @@ struct Received {
     bytes: u64,
 }
 
+/// The source writers' records that travelled as the state blob (the demo's "vCPU registers"),
+/// and the destination's check of them against the memory it received.
+#[derive(Debug, serde::Serialize)]
+struct StateCheck {
+    /// Bytes of the blob.
+    bytes: u64,
+    /// Per writer: writes completed and the offset of the last one.
+    writers: Vec<writer::WriterState>,
+    /// "ok", or why the records do not match the memory.
+    check: String,
+}
+
+impl StateCheck {
+    fn from_blob(
+        blob: &[u8],
+        check: impl FnOnce(&[writer::WriterState]) -> Result<(), String>,
+    ) -> StateCheck {
+        let writers = writer::decode_state(blob);
+        let check = match &writers {
+            Ok(w) => check(w).map_or_else(|why| why, |()| "ok".to_owned()),
+            Err(why) => why.clone(),
+        };
+        StateCheck {
+            bytes: blob.len() as u64,
+            writers: writers.unwrap_or_default(),
+            check,
+        }
+    }
+
+    fn ok(&self) -> bool {
+        self.check == "ok"
+    }
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>> {
+    if s == "-" {
+        return Ok(Vec::new());
+    }
+    (0..s.len() / 2 * 2)
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).context("the destination's state is not hex"))
+        .collect()
+}
+
 #[derive(Debug, serde::Serialize)]
 struct Verification {
     verified: bool,
@@ -992,6 +1036,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         num(&words, 3)?,
         num(&words, 4)?,
     );
+    let (state_addr, state_len): (u64, u64) = (num(&words, 5)?, num(&words, 6)?);
     if pid != source_pid {
         bail!("source announced pid {pid}, started {source_pid}");
     }
@@ -1018,13 +1063,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
             ThrottleKind::None => ThrottleMethod::None,
         },
     )?
-    .with_counters(counters);
+    .with_counters(counters)
+    .with_state(state_addr, state_len);
     let layout = Layout::single(PAGE, addr, len)?;
     let source_mem = Counted {
         inner: ProcessMemory::new(pid),
         read: Arc::new(AtomicU64::new(0)),
     };
 
+    // The writers' records that arrived as state, checked against the copy's memory.
+    let mut state: Option<StateCheck> = None;
     let (result, report, received, verification, destination_outcome) =
         match (&plan.image, dest.as_mut()) {
             (Some(path), _) => {
@@ -1042,6 +1090,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     Ok(_) => {
                         let img = precopy_transfer::Image::open(path)
                             .with_context(|| format!("opening the image {}", path.display()))?;
+                        let blob = img.state()?.unwrap_or_default();
+                        state = Some(StateCheck::from_blob(&blob, |w| {
+                            writer::check_state(w, |off| {
+                                let word = img.read_span_to_vec(off..off.checked_add(8)?).ok()?;
+                                Some(u64::from_ne_bytes(word.try_into().ok()?))
+                            })
+                        }));
                         Some(verify(pid, addr, Copy::Image(&img), len, &progress)?)
                     }
                     Err(_) => None,
@@ -1118,6 +1173,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
                         if r.len != len {
                             bail!("destination holds {} bytes, source {len}", r.len);
                         }
+                        let blob = unhex(w.get(7).map_or("-", String::as_str))?;
+                        let check = dest.expect("STATE")?.join(" ");
+                        state = Some(StateCheck::from_blob(&blob, |_| match check.as_str() {
+                            "ok" => Ok(()),
+                            other => Err(format!("the destination says: {other}")),
+                        }));
                         let copy = Copy::Process {
                             pid: dest.pid(),
                             addr: r.addr,
@@ -1159,7 +1220,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
             v.first_mismatch.unwrap_or(0)
         ).context("verification failed")),
         (Ok(_), None) => Some(anyhow::anyhow!("the copy was not compared")),
-        _ => None,
+        _ => match &state {
+            Some(st) if !st.ok() => Some(anyhow::anyhow!(
+                "the writers' records sent as state do not match the memory that arrived: {}",
+                st.check
+            )),
+            _ => None,
+        },
     };
     let json = serde_json::json!({
         "verified": verification.as_ref().is_some_and(|v| v.verified),
@@ -1174,6 +1241,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         "destination_outcome": destination_outcome,
         "image": plan.image,
         "verification": verification,
+        "state": state,
     });
     if args.json {
         if let Some(e) = error {
@@ -1182,7 +1250,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         output::print_json(json, None);
         return Ok(ExitCode::SUCCESS);
     }
-    print_text(&args, &plan, &report, verification.as_ref())?;
+    print_text(&args, &plan, &report, verification.as_ref(), state.as_ref())?;
     match error {
         Some(e) => Err(output::fail(false, serde_json::Value::Null, e)),
         None => Ok(ExitCode::SUCCESS),
@@ -1214,6 +1282,7 @@ fn print_text(
     plan: &Plan,
     report: &MigrationReport,
     verification: Option<&Verification>,
+    state: Option<&StateCheck>,
 ) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let target = match &plan.image {
@@ -1259,6 +1328,21 @@ fn print_text(
             v.first_mismatch.unwrap_or(0)
         )?,
         None => writeln!(out, "not verified: the migration did not complete")?,
+    }
+    if let Some(st) = state {
+        let writes: Vec<String> = st.writers.iter().map(|w| w.writes.to_string()).collect();
+        writeln!(
+            out,
+            "state: {} bytes, {} writers' records (writes: {}); each writer's last write {}",
+            st.bytes,
+            st.writers.len(),
+            writes.join(", "),
+            if st.ok() {
+                "found in the copy's memory".to_owned()
+            } else {
+                format!("NOT in the copy's memory: {}", st.check)
+            }
+        )?;
     }
     if let (Some(p), Some(v)) = (&plan.image, verification) {
         if v.verified {

@@ -140,3 +140,36 @@ fn total_timeout_interrupts_a_stalled_round() {
     assert!(err.contains("did not finish within 2s"), "{err}");
     assert!(v["migration"]["downtime_ms"].is_null(), "never paused: {v}");
 }
+
+/// The demo's state blob is its writers' records (writes completed, offset of the last one),
+/// read from the stopped source; the destination checks each against the memory it received.
+#[test]
+fn the_writers_records_travel_as_state_and_match_the_destination_memory() {
+    if !engine_usable() {
+        return;
+    }
+    for to in [None, Some("image")] {
+        let path = std::env::temp_dir().join(format!("precopy-state-{}.img", std::process::id()));
+        let image = format!("file:{}", path.display());
+        let mut args = vec!["--threads", "3"];
+        if to.is_some() {
+            args.extend(["--to", image.as_str()]);
+        }
+        let (ok, v) = demo(&args);
+        assert!(ok, "{to:?}: {v}");
+        let state = &v["state"];
+        assert_eq!(state["check"], "ok", "{to:?}: {state}");
+        assert_eq!(state["bytes"], 3 * 16, "{state}");
+        assert_eq!(v["migration"]["state_bytes"], 3 * 16, "{v}");
+        let writers = state["writers"].as_array().expect("writers");
+        assert_eq!(writers.len(), 3);
+        for w in writers {
+            assert!(
+                w["writes"].as_u64().unwrap() > 0,
+                "every writer wrote: {state}"
+            );
+            assert!(w["last_offset"].as_u64().unwrap() < 32 << 20, "{state}");
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}

@@ -87,6 +87,20 @@ pub enum ProcessError {
         /// How long it was given.
         waited: Duration,
     },
+    /// Reading the process's state region ([`ProcessControl::with_state`]) failed or came
+    /// back short.
+    #[error("reading {len} bytes of state at {addr:#x} in process {pid} failed")]
+    State {
+        /// The process.
+        pid: i32,
+        /// Where the state is, in the process's address space.
+        addr: u64,
+        /// Its length in bytes.
+        len: u64,
+        /// The errno, or `EFAULT` for a short read.
+        #[source]
+        source: nix::errno::Errno,
+    },
 }
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -280,6 +294,7 @@ pub struct ProcessControl {
     /// Address in the process of its [`WorkloadCounters`] as two native-endian u64s
     /// (operations, busy nanoseconds).
     counters: Option<u64>,
+    state: Option<(u64, u64)>,
 }
 
 impl ProcessControl {
@@ -307,6 +322,7 @@ impl ProcessControl {
             paused: false,
             stopped_on_entry: pause == PauseMethod::Signal && all_stopped(pid),
             counters: None,
+            state: None,
         })
     }
 
@@ -315,6 +331,15 @@ impl ProcessControl {
     /// `process_vm_readv`. An unreadable address makes [`Workload::counters`] report none.
     pub fn with_counters(mut self, addr: u64) -> ProcessControl {
         self.counters = Some(addr);
+        self
+    }
+
+    /// The process's state blob ([`Workload::save_state`]) is the `len` bytes at `addr` in its
+    /// address space, read with `process_vm_readv` while it is paused after the last memory
+    /// round (a program keeps what the destination needs besides memory there, the way a
+    /// VMM's vCPU registers sit beside guest RAM). Without it the state is empty.
+    pub fn with_state(mut self, addr: u64, len: u64) -> ProcessControl {
+        self.state = Some((addr, len));
         self
     }
 
@@ -495,6 +520,31 @@ impl Workload for ProcessControl {
             operations: u64::from_ne_bytes(ops.try_into().ok()?),
             busy: Duration::from_nanos(u64::from_ne_bytes(busy.try_into().ok()?)),
         })
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, BoxError> {
+        let Some((addr, len)) = self.state else {
+            return Ok(Vec::new());
+        };
+        let pid = self.pid;
+        let fail = |source| ProcessError::State {
+            pid,
+            addr,
+            len,
+            source,
+        };
+        let (base, size) = match (usize::try_from(addr), usize::try_from(len)) {
+            (Ok(b), Ok(l)) => (b, l),
+            _ => return Err(fail(nix::errno::Errno::EFAULT).into()),
+        };
+        let mut blob = vec![0u8; size];
+        let mut local = [io::IoSliceMut::new(&mut blob)];
+        let remote = [nix::sys::uio::RemoteIoVec { base, len: size }];
+        match nix::sys::uio::process_vm_readv(Pid::from_raw(pid), &mut local, &remote) {
+            Ok(n) if n == size => Ok(blob),
+            Ok(_) => Err(fail(nix::errno::Errno::EFAULT).into()),
+            Err(e) => Err(fail(e).into()),
+        }
     }
 
     fn throttle_method(&self) -> &'static str {

@@ -1,9 +1,11 @@
 //! `precopy __demo-dest`: the destination. Listens, announces `LISTENING <address>`, receives a
 //! transfer into memory of its own, announces `RECEIVED <addr> <len> <checksum> <rounds> <pages>
 //! <zero pages> <bytes> <state>` (`state`: the state blob in hex, `-` for none; or `FAILED
-//! <message>`) and keeps its memory until its stdin closes, so the driver can compare it with the
-//! source.
+//! <message>`), then checks the state blob as the demo source's writer records against the
+//! memory it received and announces `STATE ok`, `STATE none` or `STATE mismatch <why>`, and keeps
+//! its memory until its stdin closes, so the driver can compare it with the source.
 
+use super::writer;
 use anyhow::{Context, Result};
 use precopy_transfer::{Key, Listener, MemorySink, Receiver, ReceiverConfig};
 use std::io::{Read, Write};
@@ -79,6 +81,22 @@ pub fn run(args: DestArgs) -> Result<ExitCode> {
         report.bytes,
         state
     ))?;
+    // Restore the "registers": each writer's last write must be in the memory that came with
+    // them.
+    let check = match sink.state() {
+        Some(s) if !s.is_empty() => writer::decode_state(s)
+            .and_then(|writers| {
+                writer::check_state(&writers, |offset| {
+                    let at = usize::try_from(offset).ok()?;
+                    Some(u64::from_ne_bytes(
+                        mem.get(at..at.checked_add(8)?)?.try_into().ok()?,
+                    ))
+                })
+            })
+            .map_or_else(|why| format!("mismatch {why}"), |()| "ok".to_owned()),
+        _ => "none".to_owned(),
+    };
+    announce(&format!("STATE {check}"))?;
     let mut buf = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut buf);
     drop(sink);

@@ -1,8 +1,10 @@
 //! `precopy __demo-source`: the process being migrated. It creates a userfaultfd (the driver
 //! copies it out with `pidfd_getfd` and tracks this process's memory with it), maps and fills the
-//! region, announces `READY <pid> <addr> <len> <uffd fd> <counters addr>` on stdout and keeps
-//! writing until its stdin closes. The writers count their page writes and the time spent in
-//! them at `<counters addr>` (two u64s), which the driver reads for the report.
+//! region, announces `READY <pid> <addr> <len> <uffd fd> <counters addr> <state addr> <state len>`
+//! on stdout and keeps writing until its stdin closes. The writers count their page writes and
+//! the time spent in them at `<counters addr>` (two u64s), which the driver reads for the report,
+//! and each keeps its last write at `<state addr>` ([`writer::LastWrite`], one per writer), which
+//! the driver sends as the state blob.
 
 use super::writer::{self, Pattern, WriterConfig};
 use anyhow::{Context, Result};
@@ -82,6 +84,12 @@ pub fn run(args: SourceArgs) -> Result<ExitCode> {
     let mem = Arc::new(mem);
     let counters = Arc::new(writer::Counters::default());
     let threads = args.threads.max(1);
+    anyhow::ensure!(
+        threads <= writer::MAX_THREADS,
+        "at most {} writer threads",
+        writer::MAX_THREADS
+    );
+    let last: Arc<[writer::LastWrite]> = (0..threads).map(|_| Default::default()).collect();
     let pps = args.dirty_rate as f64 / PAGE as f64 / threads as f64;
     for index in 0..threads {
         let cfg = WriterConfig {
@@ -92,20 +100,22 @@ pub fn run(args: SourceArgs) -> Result<ExitCode> {
             index,
             threads,
         };
-        let (mem, counters) = (mem.clone(), counters.clone());
+        let (mem, counters, last) = (mem.clone(), counters.clone(), last.clone());
         std::thread::Builder::new()
             .name(format!("writer-{index}"))
-            .spawn(move || writer::run(mem, cfg, &counters))?;
+            .spawn(move || writer::run(mem, cfg, &counters, &last[index as usize]))?;
     }
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "READY {} {} {} {} {}",
+        "READY {} {} {} {} {} {} {}",
         std::process::id(),
         mem.addr(),
         mem.len(),
         uffd.as_raw_fd(),
-        Arc::as_ptr(&counters) as u64
+        Arc::as_ptr(&counters) as u64,
+        last.as_ptr() as u64,
+        last.len() * writer::LAST_WRITE_BYTES
     )?;
     out.flush()?;
     drop(out);
