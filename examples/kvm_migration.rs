@@ -13,6 +13,9 @@
 //!
 //! `cargo run --release --example kvm_migration` (needs read/write access to /dev/kvm)
 
+// Unsafe code lives in precopy-sys only (ARCHITECTURE.md, "Code map").
+#![forbid(unsafe_code)]
+
 use anyhow::Result;
 use precopy_migrate::MigrationConfig;
 use precopy_transfer::Connection;

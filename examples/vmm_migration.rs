@@ -10,6 +10,9 @@
 //!
 //! `cargo run --release --example vmm_migration`
 
+// Unsafe code lives in precopy-sys only (ARCHITECTURE.md, "Code map").
+#![forbid(unsafe_code)]
+
 use anyhow::Result;
 use precopy::sys::mem::{Backing as MapBacking, Thp};
 use precopy::{

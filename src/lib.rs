@@ -24,6 +24,9 @@
 //!
 //! The most used names are re-exported at the top level.
 
+// Unsafe code lives in precopy-sys only (ARCHITECTURE.md, "Code map").
+#![forbid(unsafe_code)]
+
 mod vmm;
 
 pub use precopy_backends as backends;

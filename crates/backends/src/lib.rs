@@ -30,6 +30,9 @@
 //! This crate never touches page contents and holds no `unsafe`: the raw pieces (signal handler,
 //! uffd message reads) live in `precopy_sys::track`.
 
+// Unsafe code lives in precopy-sys only (ARCHITECTURE.md, "Code map").
+#![forbid(unsafe_code)]
+
 mod error;
 mod mprotect;
 mod soft_dirty;

@@ -1,6 +1,9 @@
 //! `precopy`: probe the kernel, run the pre-copy demo, benchmark tracking backends, inspect
 //! checkpoint images.
 
+// Unsafe code lives in precopy-sys only (ARCHITECTURE.md, "Code map").
+#![forbid(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 

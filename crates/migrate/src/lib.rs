@@ -145,6 +145,9 @@
 //! into the next round with whatever the transport reports the destination lacks; when the
 //! migration fails they are in [`Migration::unsent`] for a fallback.
 
+// Unsafe code lives in precopy-sys only (ARCHITECTURE.md, "Code map").
+#![forbid(unsafe_code)]
+
 mod cancel;
 pub mod control;
 mod driver;

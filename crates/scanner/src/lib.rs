@@ -19,6 +19,9 @@
 //! the first two cases and ends the round in the third ([`ScanOptions::max_pages`]), resuming
 //! there in the next round.
 
+// Unsafe code lives in precopy-sys only (ARCHITECTURE.md, "Code map").
+#![forbid(unsafe_code)]
+
 mod dirty_set;
 mod error;
 pub mod kernel;

@@ -16,6 +16,9 @@
 //! `MADV_NOHUGEPAGE` first (own process only). hugetlb ranges report whole huge pages: one byte
 //! written dirties 2 MiB (or 1 GiB), and [`TrackedRange::granule`] says so.
 
+// Unsafe code lives in precopy-sys only (ARCHITECTURE.md, "Code map").
+#![forbid(unsafe_code)]
+
 #[cfg(target_arch = "x86_64")]
 pub mod attach;
 mod error;

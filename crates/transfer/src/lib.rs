@@ -108,6 +108,9 @@
 //!   several connections each socket is read on its own thread and frames
 //!   are verified and applied on another (queue of 4 frames).
 
+// Unsafe code lives in precopy-sys only (ARCHITECTURE.md, "Code map").
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod buffer;
 pub mod codec;

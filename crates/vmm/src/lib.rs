@@ -17,6 +17,9 @@
 //! The one `unsafe` call a VMM on `kvm-ioctls` needs (registering the memory slot) lives in
 //! `precopy_sys::kvm`.
 
+// Unsafe code lives in precopy-sys only (ARCHITECTURE.md, "Code map").
+#![forbid(unsafe_code)]
+
 pub mod bench;
 pub mod error;
 pub mod guest;

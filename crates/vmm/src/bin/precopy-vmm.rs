@@ -8,6 +8,9 @@
 //!   without migration and prints its checksums as JSON (sizes as `bytesize` reads them: `MiB`
 //!   and `GiB` are binary, `M` and `G` decimal).
 
+// Unsafe code lives in precopy-sys only (ARCHITECTURE.md, "Code map").
+#![forbid(unsafe_code)]
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use precopy_vmm::{GuestProgram, RamBacking, Vm, VmConfig};
