@@ -17,7 +17,9 @@
 //!
 //! New memory must lie inside [`TargetLog::layout`]: the tracked ranges at attach time plus the
 //! address space the target had reserved then (private anonymous mappings of any protection,
-//! such as `malloc` arenas and the churn of a region that is unmapped and mapped again). A
+//! such as `malloc` arenas and the churn of a region that is unmapped and mapped again) and
+//! unmapped gaps of up to 16 MiB between those (a hole the target had just unmapped when it was
+//! attached, about to be mapped again). A
 //! transfer's memory layout is fixed when it starts (protocol v2), so a mapping outside it (a
 //! thread created after the start, a `brk` heap that grew) cannot be sent and fails the round
 //! with [`TargetError::OutsideLayout`] rather than being silently left out; `precopy rate`,
@@ -107,6 +109,25 @@ pub enum TargetError {
 /// runtime's multi-GiB heap reservation, a sanitizer's shadow) would make the image's per-page
 /// tables large for memory that mostly never exists.
 const MAX_RESERVATION: u64 = 1 << 30;
+
+/// Largest unmapped gap between two ranges of the layout that is taken into it: programs unmap
+/// and map memory again among their other mappings (an allocator returning a large block and
+/// taking another, the churn of a region unmapped and mapped at the same address), and a
+/// transfer attached in the instant such a hole existed must still accept what is mapped
+/// there next. Gaps cost the image nothing but region size (never-sent pages read as zeros).
+const MAX_LAYOUT_GAP: u64 = 16 << 20;
+
+/// Joins neighbouring ranges of sorted, coalesced `v` whose gap is at most `max_gap` bytes.
+fn bridge_gaps(v: &mut Vec<Range<u64>>, max_gap: u64) {
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(v.len());
+    for r in v.drain(..) {
+        match out.last_mut() {
+            Some(l) if r.start - l.end <= max_gap => l.end = l.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    *v = out;
+}
 
 /// What changed in the target's mappings during one [`TargetLog::dirty`] call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -209,6 +230,7 @@ impl TargetLog {
             }
         }
         coalesce(&mut log.layout);
+        bridge_gaps(&mut log.layout, MAX_LAYOUT_GAP);
         for m in maps.iter().filter(|m| m.class.is_ok()) {
             // Registration can race the target (it unmapped it meanwhile): the next round
             // picks up whatever is there then. Any other failure leaves writable memory
@@ -227,11 +249,21 @@ impl TargetLog {
     }
 
     /// Whether a failed registration of `r` may be left to the next round: only when the
-    /// mapping changed under it (no longer fully mapped); anything else (`EBUSY`: another
-    /// userfaultfd has it) would leave writable memory untracked.
+    /// mapping changed under it (no longer fully mapped, or the kernel refused it with
+    /// `EINVAL`/`ENOMEM` and the maps no longer show `r` as trackable memory, the target having
+    /// unmapped or replaced it between our read of the maps and the `UFFDIO_REGISTER`); anything
+    /// else (`EBUSY`: another userfaultfd has it) would leave writable memory untracked. A
+    /// target that is stopped cannot race: there the refusal stays an error.
     fn register_failed(&self, r: Range<u64>, e: precopy_tracker::Error) -> Result<(), TargetError> {
         match e {
             precopy_tracker::Error::NotMapped { .. } => {
+                tracing::debug!(start = r.start, end = r.end, error = %e, "register raced");
+                Ok(())
+            }
+            precopy_tracker::Error::Register { ref source, .. }
+                if matches!(source.raw_os_error(), Some(e) if e == nix::errno::Errno::EINVAL as i32 || e == nix::errno::Errno::ENOMEM as i32)
+                    && !self.still_trackable(&r)? =>
+            {
                 tracing::debug!(start = r.start, end = r.end, error = %e, "register raced");
                 Ok(())
             }
@@ -245,6 +277,18 @@ impl TargetLog {
                 source,
             }),
         }
+    }
+
+    /// Whether `r` is still wholly covered by trackable mappings, read from the maps now.
+    fn still_trackable(&self, r: &Range<u64>) -> Result<bool, TargetError> {
+        let mut now: Vec<Range<u64>> = self
+            .maps()?
+            .into_iter()
+            .filter(|m| m.class.is_ok())
+            .map(|m| m.range)
+            .collect();
+        coalesce(&mut now);
+        Ok(subtract(r.clone(), &now).is_empty())
     }
 
     /// Also track (and report as added) new mappings outside the layout; for callers that send
@@ -497,5 +541,30 @@ impl PageSource for TargetMemory {
             }
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaps_up_to_the_limit_are_bridged_and_larger_ones_kept() {
+        let mut v = vec![0..10, 12..20, 20..30, 40..50, 100..110];
+        coalesce(&mut v);
+        assert_eq!(v, vec![0..10, 12..30, 40..50, 100..110]);
+        bridge_gaps(&mut v, 10);
+        assert_eq!(v, vec![0..50, 100..110]);
+        bridge_gaps(&mut v, 50);
+        assert_eq!(v, vec![0..110]);
+    }
+
+    #[test]
+    fn subtract_leaves_the_parts_outside() {
+        assert_eq!(
+            subtract(0..100, &[10..20, 30..40]),
+            vec![0..10, 20..30, 40..100]
+        );
+        assert!(subtract(15..18, &[10..20]).is_empty());
     }
 }
