@@ -49,12 +49,20 @@ pub fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
     block.add(nix::sys::signal::Signal::SIGUSR2);
     nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_BLOCK, Some(&block), None)?;
     let ops = Arc::new(AtomicU64::new(0));
+    // "ready" only once every writer runs: a thread not yet scheduled still has the
+    // all-signals-blocked mask glibc gives it while it is created, which a test comparing the
+    // threads' signal state before and after a send would take for a change.
+    let started = Arc::new(std::sync::Barrier::new(args.threads as usize + 1));
     for _ in 0..args.threads {
         let map = Mapping::anonymous(args.pages * PAGE)?;
-        let ops = ops.clone();
+        let (ops, started) = (ops.clone(), started.clone());
         let (pages, rate) = (args.pages, args.rate);
-        std::thread::spawn(move || writer(map, pages, rate, ops));
+        std::thread::spawn(move || {
+            started.wait();
+            writer(map, pages, rate, ops)
+        });
     }
+    started.wait();
     let mut out = std::io::stdout().lock();
     writeln!(out, "ready {} 0", std::process::id())?;
     out.flush()?;
