@@ -299,7 +299,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     let layout = Layout::new(regions)
         .context("describing the target's memory")
         .map_err(|e| fail(&report, e))?;
-    let source = TargetMemory::new(args.pid, page);
+    let source = TargetMemory::new(args.pid, page).map_err(|e| fail(&report, e.into()))?;
     let control = ProcessControl::new(args.pid, PauseMethod::Signal, ThrottleMethod::DutyCycle)
         .context("controlling the target")
         .map_err(|e| fail(&report, e))?

@@ -59,6 +59,13 @@ pub enum ThrottleMethod {
 /// Failures controlling a process.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
+    /// A process id of zero or below: `kill(2)` would signal a whole process group (0) or
+    /// every process the caller may signal (-1).
+    #[error("{pid} is not a process id")]
+    BadPid {
+        /// The value given.
+        pid: i32,
+    },
     /// Sending a signal failed (the process is gone, or not ours).
     #[error("sending {signal} to process {pid} failed")]
     Signal {
@@ -305,6 +312,9 @@ impl ProcessControl {
         pause: PauseMethod,
         throttle: ThrottleMethod,
     ) -> Result<ProcessControl, ProcessError> {
+        if pid <= 0 {
+            return Err(ProcessError::BadPid { pid });
+        }
         let freezer = match pause {
             PauseMethod::Freezer => Some(Cgroup::create("freezer", pid)?),
             PauseMethod::Signal => None,
@@ -572,5 +582,23 @@ impl Drop for ProcessControl {
         }
         self.cpu = None;
         self.freezer = None;
+    }
+}
+
+#[cfg(test)]
+mod input_tests {
+    use super::*;
+
+    #[test]
+    fn new_refuses_process_ids_that_kill_would_widen() {
+        for pid in [0, -1, i32::MIN] {
+            for pause in [PauseMethod::Signal, PauseMethod::Freezer] {
+                let err = ProcessControl::new(pid, pause, ThrottleMethod::None).unwrap_err();
+                assert!(
+                    matches!(err, ProcessError::BadPid { pid: p } if p == pid),
+                    "{err:?}"
+                );
+            }
+        }
     }
 }

@@ -37,6 +37,12 @@ use std::os::fd::{AsFd, OwnedFd};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TargetError {
+    /// A page size that is zero or not a power of two.
+    #[error("page size {page_size} is not a power of two")]
+    BadPageSize {
+        /// The rejected size.
+        page_size: u64,
+    },
     /// The target exited.
     #[error("process {pid} exited")]
     Exited {
@@ -488,13 +494,19 @@ pub struct TargetMemory {
 }
 
 impl TargetMemory {
-    /// A reader of process `pid`'s memory.
-    pub fn new(pid: i32, page_size: u64) -> TargetMemory {
-        TargetMemory {
+    /// A reader of process `pid`'s memory, falling back in pages of `page_size` bytes.
+    ///
+    /// # Errors
+    /// [`TargetError::BadPageSize`] unless `page_size` is a power of two.
+    pub fn new(pid: i32, page_size: u64) -> Result<TargetMemory, TargetError> {
+        if !page_size.is_power_of_two() {
+            return Err(TargetError::BadPageSize { page_size });
+        }
+        Ok(TargetMemory {
             inner: ProcessMemory::new(pid),
             page_size,
             vanished: 0,
-        }
+        })
     }
 
     /// Pages that were unmapped when read (see the type docs).
@@ -566,5 +578,17 @@ mod tests {
             vec![0..10, 20..30, 40..100]
         );
         assert!(subtract(15..18, &[10..20]).is_empty());
+    }
+
+    #[test]
+    fn target_memory_refuses_a_page_size_not_a_power_of_two() {
+        for page_size in [0, 3, 4095] {
+            let err = TargetMemory::new(std::process::id() as i32, page_size).unwrap_err();
+            assert!(
+                matches!(err, TargetError::BadPageSize { page_size: p } if p == page_size),
+                "{err:?}"
+            );
+        }
+        assert!(TargetMemory::new(std::process::id() as i32, 4096).is_ok());
     }
 }
