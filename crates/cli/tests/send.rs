@@ -274,12 +274,7 @@ fn a_target_that_maps_unmaps_and_remaps_while_tracked() {
         // pieces included, is covered by the tracked ranges. (The churn area itself may be
         // unmapped at the instant the target stops: between a munmap and its mmap, or while
         // half of it is moved away; then its pieces are wherever the maps say.)
-        let tracked: Vec<(u64, u64)> = report["tracked"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
-            .collect();
+        let tracked = tracked_of(&report);
         let writable = writable_anonymous_mappings(t.pid);
         for &(start, end) in &writable {
             assert!(
@@ -303,6 +298,91 @@ fn a_target_that_maps_unmaps_and_remaps_while_tracked() {
         churn_area_seen_mapped > 0,
         "the churn area was never mapped when the target stopped"
     );
+}
+
+#[test]
+fn a_thread_created_and_a_heap_grown_after_the_start_are_sent() {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(Lang::C, 2, 256, 0);
+    let image = tmp("grow.img");
+    // Rounds keep coming (1 ms downtime is never met with writers running flat out), so the
+    // growth lands between rounds, well before the last.
+    let send = send_attached(
+        t.pid,
+        &image,
+        &[
+            "--then",
+            "stop",
+            "--max-downtime",
+            "1",
+            "--max-rounds",
+            "200",
+        ],
+    );
+    let grown = t.ask("grow");
+    let mut words = grown.split_whitespace();
+    assert_eq!(words.next(), Some("grown"), "fixture said {grown:?}");
+    let mut addr = || u64::from_str_radix(words.next().unwrap(), 16).unwrap();
+    let (buf, heap) = (addr(), addr());
+    let out = send.wait_with_output().unwrap();
+    let report = json_of(&out);
+    assert!(out.status.success(), "send failed: {report}");
+    assert!(state(t.pid).stopped);
+    let added = report["mapping_changes"]["added_bytes"].as_u64().unwrap();
+    assert!(
+        added >= 256 * 4096,
+        "the new memory was not added: {report}"
+    );
+    let tracked = tracked_of(&report);
+    assert!(
+        covered(&tracked, buf, buf + 256 * 4096),
+        "new buffer {buf:#x} not tracked"
+    );
+    assert!(
+        covered(&tracked, heap, heap + 64 * 4096),
+        "grown heap {heap:#x} not tracked"
+    );
+    // The new thread's stack too: every writable anonymous mapping is tracked.
+    for (start, end) in writable_anonymous_mappings(t.pid) {
+        assert!(
+            covered(&tracked, start, end),
+            "writable mapping {start:#x}..{end:#x} not tracked: {tracked:x?}"
+        );
+    }
+    assert_image_equals_memory(t.pid, &image, &report);
+    cont(t.pid);
+    assert_writing(&mut t);
+    let _ = std::fs::remove_file(&image);
+}
+
+/// `precopy send --json` of `pid` into the image at `image`, with `extra` flags, in the
+/// background; returns once it has attached and registered the target's memory (the image file
+/// exists from then on).
+fn send_attached(pid: i32, image: &Path, extra: &[&str]) -> Child {
+    let send = Command::new(PRECOPY)
+        .args(["send", "--json", "--pid", &pid.to_string(), "--to"])
+        .arg(format!("file:{}", image.display()))
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while !image.exists() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    send
+}
+
+/// The report's tracked ranges as [start, end) pairs.
+fn tracked_of(report: &serde_json::Value) -> Vec<(u64, u64)> {
+    report["tracked"]
+        .as_array()
+        .expect("tracked ranges")
+        .iter()
+        .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+        .collect()
 }
 
 /// The writable anonymous mappings (`rw` and no backing file, heap and stacks included) of
@@ -349,18 +429,12 @@ fn a_target_that_exits_mid_run_fails_the_send_clearly() {
     }
     let mut t = Target::start(Lang::C, 4, 4096, 0);
     let image = tmp("exit.img");
-    let send = Command::new(PRECOPY)
-        .args(["send", "--json", "--pid", &t.pid.to_string(), "--to"])
-        .arg(format!("file:{}", image.display()))
-        .args(["--max-downtime", "1", "--max-rounds", "100000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Mid-run: the image exists once the target is attached and tracked.
-    while !image.exists() {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    // Mid-run.
+    let send = send_attached(
+        t.pid,
+        &image,
+        &["--max-downtime", "1", "--max-rounds", "100000"],
+    );
     std::thread::sleep(Duration::from_millis(50));
     let _ = t.ask("exit");
     let out = send.wait_with_output().unwrap();
@@ -558,18 +632,11 @@ fn a_second_send_on_a_tracked_target_fails_and_leaves_it_running() {
     let mut t = Target::start(Lang::C, 4, 4096, 0);
     let before = settled(&mut t);
     let first_image = tmp("first-tracker.img");
-    let first = Command::new(PRECOPY)
-        .args(["send", "--pid", &t.pid.to_string(), "--to"])
-        .arg(format!("file:{}", first_image.display()))
-        .args(["--max-downtime", "1", "--max-rounds", "100000"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // The image exists once the first send has attached and registered the target's memory.
-    while !first_image.exists() {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let first = send_attached(
+        t.pid,
+        &first_image,
+        &["--max-downtime", "1", "--max-rounds", "100000"],
+    );
     let image = tmp("second-tracker.img");
     let out = send(
         t.pid,

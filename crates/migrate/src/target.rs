@@ -19,10 +19,13 @@
 //! address space the target had reserved then (private anonymous mappings of any protection,
 //! such as `malloc` arenas and the churn of a region that is unmapped and mapped again) and
 //! unmapped gaps of up to 16 MiB between those (a hole the target had just unmapped when it was
-//! attached, about to be mapped again). A
-//! transfer's memory layout is fixed when it starts (protocol v2), so a mapping outside it (a
-//! thread created after the start, a `brk` heap that grew) cannot be sent and fails the round
-//! with [`TargetError::OutsideLayout`] rather than being silently left out; `precopy rate`,
+//! attached, about to be mapped again), plus [`GROWTH_HEADROOM`] at each end of the largest hole
+//! in its address space, where a grown `brk` heap and the mappings of threads created after the
+//! start land. A
+//! transfer's memory layout is fixed when it starts (protocol v3 has no frame that adds a
+//! region), so a mapping outside all that (more than the headroom of new mappings, a `MAP_FIXED`
+//! address elsewhere) cannot be sent and fails the round with [`TargetError::OutsideLayout`]
+//! rather than being silently left out; `precopy rate`,
 //! which sends nothing, tracks such mappings too ([`TargetLog::allow_anywhere`]).
 
 use crate::control::{BoxError, DirtyLog};
@@ -89,7 +92,8 @@ pub enum TargetError {
     /// It mapped memory outside the layout fixed at the start.
     #[error(
         "process {pid} mapped new memory at {start:#x}..{end:#x} outside the transfer's layout \
-         (fixed at the start: a new thread or a grown heap cannot be added mid-stream); \
+         (fixed at the start, with 256 MiB of headroom for new threads and heap: memory mapped \
+         beyond it cannot be added mid-stream); \
          retry the transfer"
     )]
     OutsideLayout {
@@ -122,6 +126,44 @@ const MAX_RESERVATION: u64 = 1 << 30;
 /// transfer attached in the instant such a hole existed must still accept what is mapped
 /// there next. Gaps cost the image nothing but region size (never-sent pages read as zeros).
 const MAX_LAYOUT_GAP: u64 = 16 << 20;
+
+/// Address space taken into the layout on each side of the largest hole in the target's user
+/// address space: on x86-64 that hole lies between the program and its `brk` heap below and the
+/// `mmap` area above, and Linux grows the heap up from its lower edge and places new mappings (a
+/// new thread's stack, a new `malloc` arena, a large allocation) top-down from its upper edge. A
+/// thread created or a heap grown after the transfer started therefore lands here and is sent
+/// like any other new mapping. Costs the image region size only (never-mapped pages are never
+/// sent and read as zeros).
+pub const GROWTH_HEADROOM: u64 = 256 << 20;
+
+/// First address of the kernel half of the address space; mappings there (`[vsyscall]`) are
+/// not the target's.
+const KERNEL_HALF: u64 = 1 << 63;
+
+/// The two ends of the largest hole between the user mappings `maps`, `headroom` bytes each (or
+/// the whole hole, if smaller than twice that), sorted.
+fn growth_headroom(maps: &[TargetMapping], headroom: u64) -> Vec<Range<u64>> {
+    let mut ranges: Vec<Range<u64>> = maps
+        .iter()
+        .map(|m| m.range.clone())
+        .filter(|r| r.end <= KERNEL_HALF)
+        .collect();
+    coalesce(&mut ranges);
+    let Some(hole) = ranges
+        .windows(2)
+        .map(|w| w[0].end..w[1].start)
+        .max_by_key(|h| h.end - h.start)
+    else {
+        return Vec::new();
+    };
+    if hole.end - hole.start <= 2 * headroom {
+        return vec![hole];
+    }
+    vec![
+        hole.start..hole.start + headroom,
+        hole.end - headroom..hole.end,
+    ]
+}
 
 /// Joins neighbouring ranges of sorted, coalesced `v` whose gap is at most `max_gap` bytes.
 fn bridge_gaps(v: &mut Vec<Range<u64>>, max_gap: u64) {
@@ -235,6 +277,7 @@ impl TargetLog {
                 log.skipped.push(m.clone());
             }
         }
+        log.layout.extend(growth_headroom(&maps, GROWTH_HEADROOM));
         coalesce(&mut log.layout);
         bridge_gaps(&mut log.layout, MAX_LAYOUT_GAP);
         for m in maps.iter().filter(|m| m.class.is_ok()) {
@@ -569,6 +612,35 @@ mod tests {
         assert_eq!(v, vec![0..50, 100..110]);
         bridge_gaps(&mut v, 50);
         assert_eq!(v, vec![0..110]);
+    }
+
+    fn mapping(range: Range<u64>) -> TargetMapping {
+        TargetMapping {
+            range,
+            name: String::new(),
+            class: Err(SkipReason::NotWritable),
+        }
+    }
+
+    #[test]
+    fn headroom_sits_at_both_ends_of_the_largest_hole() {
+        let maps = [
+            mapping(0x1000..0x2000),
+            mapping(0x10_0000..0x20_0000),     // heap
+            mapping(0x7000_0000..0x7100_0000), // mmap area
+            mapping(0x7200_0000..0x7300_0000), // stack
+            mapping(0xffff_ffff_ff60_0000..0xffff_ffff_ff60_1000), // [vsyscall]
+        ];
+        assert_eq!(
+            growth_headroom(&maps, 0x1000),
+            vec![0x20_0000..0x20_1000, 0x6fff_f000..0x7000_0000]
+        );
+        // A hole smaller than twice the headroom is taken whole.
+        assert_eq!(
+            growth_headroom(&maps[..2], 0x10_0000),
+            vec![0x2000..0x10_0000]
+        );
+        assert!(growth_headroom(&maps[..1], 0x1000).is_empty());
     }
 
     #[test]
