@@ -1,6 +1,9 @@
-//! Interchangeable dirty-page trackers behind one round interface, so they can be compared on the
-//! same memory in the same run (`precopy bench`) and so the engine can fall back on kernels that
-//! lack its own mechanism.
+//! The dirty log: one trait, [`DirtyLog`] (start, collect, stop), for every way of finding the
+//! pages written since the last collection, and the comparison trackers that implement it beside
+//! the engine, so they can be compared on the same memory in the same run (`precopy bench`) and
+//! so a migration can run on kernels that lack the engine's mechanism (soft-dirty before 6.7).
+//! `precopy-migrate`'s driver takes any [`DirtyLog`]: the engine's own (`UffdDirtyLog`), one of
+//! these, a process's (`TargetLog`) or a VMM's (KVM's log).
 //!
 //! | [`BackendKind`] | mechanism | collect-and-reset | first write after reset | `read(2)` into tracked memory |
 //! |---|---|---|---|---|
@@ -15,13 +18,14 @@
 //! makes the copy fail with `EFAULT` and no `SIGSEGV` is sent, so no handler can help; a
 //! userfaultfd created with `UFFD_USER_MODE_ONLY` (all an unprivileged process may create) does
 //! not queue kernel faults for its reader, with the same result. There the caller opens the
-//! range first with [`Backend::prepare_kernel_write`], which marks it written; `precopy bench`
+//! range first with [`DirtyLog::prepare_kernel_write`], which marks it written; `precopy bench`
 //! prints which backends need it.
 //!
 //! Every backend reports a write in the collection after it, or (when the write races the
 //! collection) the one after that; none may ever miss one. `soft-dirty` has no atomic
 //! get-and-clear: writes between its read and its clear are lost, so its writers must be paused
-//! around [`Backend::collect`] ([`Backend::needs_quiescent_writers`]), as CRIU freezes its target.
+//! around [`DirtyLog::collect`] ([`DirtyLog::needs_pause`]), as CRIU freezes its target for every
+//! pre-dump; the migration driver does that and reports what each pause cost.
 //!
 //! A backend that cannot prove it works is refused with an [`Unavailable`] reason, never used:
 //! [`available`] runs each one's self-test (cached per process), and [`choose_default`] picks the
@@ -109,7 +113,7 @@ impl fmt::Display for BackendKind {
     }
 }
 
-/// Counters of one [`Backend::collect`].
+/// Counters of one [`DirtyLog::collect`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct CollectStats {
     /// Base pages reported written.
@@ -121,7 +125,8 @@ pub struct CollectStats {
 }
 
 impl CollectStats {
-    fn count(out: &[Range<u64>], page: u64) -> CollectStats {
+    /// Pages and runs of `out` (`page`-byte pages), no system calls counted.
+    pub fn count(out: &[Range<u64>], page: u64) -> CollectStats {
         CollectStats {
             pages: out.iter().map(|r| (r.end - r.start) / page).sum(),
             regions: out.len() as u64,
@@ -138,7 +143,7 @@ pub enum KernelWrites {
     /// The system call succeeds and the pages are reported like any store.
     Tracked,
     /// The system call fails with `EFAULT` on a page protected since the last collection,
-    /// unless [`Backend::prepare_kernel_write`] opened the range first. The mechanism cannot
+    /// unless [`DirtyLog::prepare_kernel_write`] opened the range first. The mechanism cannot
     /// take a fault raised inside the kernel's copy: `mprotect`'s `SIGSEGV` is never sent for
     /// it, and a userfaultfd created with `UFFD_USER_MODE_ONLY` (all an unprivileged process
     /// may create) does not hand kernel faults to its reader.
@@ -158,54 +163,67 @@ impl KernelWrites {
     }
 }
 
-/// One dirty-tracking mechanism over ranges of the calling process's memory.
+/// Which memory is tracked and which of it was written: the seam between finding pages and
+/// sending them (Cloud Hypervisor's `Migratable`: start dirty log, get it, stop it).
 ///
-/// The life cycle is [`start`](Backend::start) (register and reset, so that the first collection
-/// reports only what is written afterwards), any number of [`collect`](Backend::collect)s, then
-/// [`stop`](Backend::stop) (also done on drop). Read reported pages' contents only after
-/// `collect` returns.
-pub trait Backend: Send + fmt::Debug {
-    /// Which mechanism this is.
-    fn kind(&self) -> BackendKind;
+/// The life cycle is [`start`](DirtyLog::start) (from here every write shows up; the first
+/// collection reports only what is written afterwards), any number of
+/// [`collect`](DirtyLog::collect)s, then [`stop`](DirtyLog::stop) (also done on drop). Read
+/// reported pages' contents only after `collect` returns: a write that races a collection is
+/// reported by it or by the next one, never by neither.
+pub trait DirtyLog {
+    /// What a failure says (each implementation's own typed error).
+    type Error: std::error::Error + Send + Sync + 'static;
 
-    /// How it works on this kernel, e.g. which interface reads the soft-dirty bits.
-    fn method(&self) -> String;
-
-    /// Whether writers must be paused around [`Backend::collect`] for it to miss nothing.
-    fn needs_quiescent_writers(&self) -> bool {
+    /// All tracked memory: page-aligned, sorted, disjoint address ranges. A migration's round 0
+    /// sends it.
+    fn memory(&self) -> Vec<Range<u64>>;
+    /// Bytes per page (the unit of what `collect` reports).
+    fn page_size(&self) -> u64;
+    /// Starts logging from a clean state.
+    fn start(&mut self) -> Result<(), Self::Error>;
+    /// Appends every range written since the previous collection (or since `start`) to `out`
+    /// and resets it to clean.
+    fn collect(&mut self, out: &mut Vec<Range<u64>>) -> Result<CollectStats, Self::Error>;
+    /// Stops logging and releases what `start` set up. Harmless when not started.
+    fn stop(&mut self) -> Result<(), Self::Error>;
+    /// The part of [`DirtyLog::memory`] whose changes this log may miss (shared memory written
+    /// through another mapping or process, a hole punched in a memfd, hugetlb `MADV_DONTNEED`,
+    /// DMA): a migration re-checks it with the workload paused before it declares the copy
+    /// complete. No default: a log that wraps another must forward it, or the re-check is
+    /// silently skipped for the memory it wraps.
+    fn unvouched(&self) -> Vec<Range<u64>>;
+    /// Whether writers must be paused around [`DirtyLog::collect`] for it to miss nothing
+    /// (soft-dirty: its read and its clear are two steps). The default: no.
+    fn needs_pause(&self) -> bool {
         false
     }
-
-    /// Starts tracking `ranges` (page-aligned, mapped, disjoint) from a clean state.
-    fn start(&mut self, ranges: &[Range<u64>]) -> Result<()>;
-
-    /// Appends the page runs written since the last collection (or `start`) to `out`, sorted and
-    /// coalesced per range, and resets them to clean.
-    fn collect(&mut self, out: &mut Vec<Range<u64>>) -> Result<CollectStats>;
-
-    /// Stops tracking and releases what `start` set up. Harmless when not started.
-    fn stop(&mut self) -> Result<()>;
-
-    /// Whether system calls that write into tracked memory work as they are, or need
-    /// [`Backend::prepare_kernel_write`] first (see [`KernelWrites`]).
+    /// How it works on this kernel, for reports (e.g. which interface reads soft-dirty bits).
+    fn method(&self) -> String {
+        String::new()
+    }
+    /// Whether system calls that write into tracked memory on the process's behalf work as
+    /// they are, or need [`DirtyLog::prepare_kernel_write`] first (see [`KernelWrites`]). The
+    /// default: they work and are reported.
     fn kernel_writes(&self) -> KernelWrites {
         KernelWrites::Tracked
     }
-
-    /// Makes the pages of `range` (inside a tracked range) writable by the kernel for a system
+    /// Makes the pages of `range` (inside tracked memory) writable by the kernel for a system
     /// call about to write into them, reporting them as written in the next collection. Call
-    /// it right before each such call; a collection in between protects them again. Does
-    /// nothing where [`Backend::kernel_writes`] is [`KernelWrites::Tracked`] (but still checks
-    /// the range).
-    ///
-    /// # Errors
-    /// [`Error::InvalidRange`] (empty or inverted), [`Error::OutsideTracked`],
-    /// [`Error::NotStarted`], or the system call's failure.
-    fn prepare_kernel_write(&self, range: Range<u64>) -> Result<()>;
+    /// it right before each such call; a collection in between protects them again. The
+    /// comparison backends check the range even where [`DirtyLog::kernel_writes`] is
+    /// [`KernelWrites::Tracked`] ([`Error::InvalidRange`] when empty or inverted,
+    /// [`Error::OutsideTracked`], [`Error::NotStarted`]). The default does nothing: right for
+    /// a log whose kernel writes are [`KernelWrites::Tracked`]; one that says
+    /// [`KernelWrites::NeedsPrepare`] must implement it.
+    fn prepare_kernel_write(&self, range: Range<u64>) -> Result<(), Self::Error> {
+        let _ = range;
+        Ok(())
+    }
 }
 
 /// Checks that `range` is non-empty and inside one of `tracked`, for
-/// [`Backend::prepare_kernel_write`].
+/// [`DirtyLog::prepare_kernel_write`].
 pub(crate) fn check_inside(
     backend: BackendKind,
     tracked: &[Range<u64>],
@@ -231,20 +249,128 @@ pub(crate) fn check_inside(
     Ok(())
 }
 
-/// Builds a backend of `kind` after its prerequisite check, without the behavioural self-test.
-fn build(kind: BackendKind) -> Result<Box<dyn Backend>> {
+macro_rules! forward_dirty_log {
+    ($($t:ty),*) => {$(
+        impl<T: DirtyLog + ?Sized> DirtyLog for $t {
+            type Error = T::Error;
+            fn memory(&self) -> Vec<Range<u64>> {
+                (**self).memory()
+            }
+            fn page_size(&self) -> u64 {
+                (**self).page_size()
+            }
+            fn start(&mut self) -> Result<(), Self::Error> {
+                (**self).start()
+            }
+            fn collect(&mut self, out: &mut Vec<Range<u64>>) -> Result<CollectStats, Self::Error> {
+                (**self).collect(out)
+            }
+            fn stop(&mut self) -> Result<(), Self::Error> {
+                (**self).stop()
+            }
+            fn unvouched(&self) -> Vec<Range<u64>> {
+                (**self).unvouched()
+            }
+            fn needs_pause(&self) -> bool {
+                (**self).needs_pause()
+            }
+            fn method(&self) -> String {
+                (**self).method()
+            }
+            fn kernel_writes(&self) -> KernelWrites {
+                (**self).kernel_writes()
+            }
+            fn prepare_kernel_write(&self, range: Range<u64>) -> Result<(), Self::Error> {
+                (**self).prepare_kernel_write(range)
+            }
+        }
+    )*};
+}
+
+forward_dirty_log!(&mut T, Box<T>);
+
+/// A comparison backend, not started, as [`open`] and [`choose_default`] hand it out.
+pub type BoxedDirtyLog = Box<dyn DirtyLog<Error = Error> + Send>;
+
+/// The parts of `ranges` (sorted) in process `pid` whose changes a page-table dirty bit may
+/// miss: everything but private anonymous memory (heap, stacks, anonymous mappings), and
+/// anything no longer mapped. From `/proc/PID/maps`; if it cannot be read, all of `ranges`.
+pub(crate) fn unvouched_parts(pid: i32, ranges: &[Range<u64>]) -> Vec<Range<u64>> {
+    use precopy_tracker::target::{MappingKind, target_mappings};
+    let Ok(maps) = target_mappings(pid) else {
+        return ranges.to_vec();
+    };
+    let vouched = |m: &precopy_tracker::target::TargetMapping| {
+        matches!(
+            m.class,
+            Ok(MappingKind::Anonymous | MappingKind::Heap | MappingKind::Stack)
+        ) && (m.name.is_empty() || m.name.starts_with("[heap]") || m.name.starts_with("[stack"))
+    };
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in ranges {
+        let mut at = r.start;
+        for m in maps
+            .iter()
+            .filter(|m| m.range.end > r.start && m.range.start < r.end)
+        {
+            let (s, e) = (m.range.start.max(r.start), m.range.end.min(r.end));
+            if at < s {
+                push_run(&mut out, 0, at, s - at);
+            }
+            if !vouched(m) {
+                push_run(&mut out, 0, s, e - s);
+            }
+            at = e;
+        }
+        if at < r.end {
+            push_run(&mut out, 0, at, r.end - at);
+        }
+    }
+    out
+}
+
+/// Checks that `ranges` are non-empty, `page`-aligned and disjoint, and sorts them.
+pub(crate) fn sorted_ranges(
+    kind: BackendKind,
+    ranges: &[Range<u64>],
+    page: u64,
+) -> Result<Vec<Range<u64>>> {
+    let mut v = ranges.to_vec();
+    if let Some(r) = v
+        .iter()
+        .find(|r| r.start >= r.end || r.start % page != 0 || r.end % page != 0)
+    {
+        return Err(Error::InvalidRange {
+            backend: kind,
+            start: r.start,
+            end: r.end,
+        });
+    }
+    v.sort_by_key(|r| r.start);
+    if v.windows(2).any(|w| w[0].end > w[1].start) {
+        return Err(Error::Unsupported {
+            backend: kind,
+            what: "ranges must not overlap",
+        });
+    }
+    Ok(v)
+}
+
+/// Builds a backend of `kind` over `ranges` of this process after its prerequisite check,
+/// without the behavioural self-test.
+fn build(kind: BackendKind, ranges: &[Range<u64>]) -> Result<BoxedDirtyLog> {
     Ok(match kind {
-        BackendKind::UffdAsync => Box::new(UffdAsync::new()?),
-        BackendKind::SoftDirty => Box::new(SoftDirty::new()?),
-        BackendKind::Mprotect => Box::new(Mprotect::new()),
-        BackendKind::UffdSync => Box::new(UffdSync::new()?),
+        BackendKind::UffdAsync => Box::new(UffdAsync::new(ranges)?),
+        BackendKind::SoftDirty => Box::new(SoftDirty::new(ranges)?),
+        BackendKind::Mprotect => Box::new(Mprotect::new(ranges)?),
+        BackendKind::UffdSync => Box::new(UffdSync::new(ranges)?),
     })
 }
 
 /// Runs `backend` over 16 fresh pages: an armed range must report nothing, two stores must be
 /// reported (extra pages are tolerated, missing ones are not), and a second collection must be
 /// clean again.
-fn behaviour_test(backend: &mut dyn Backend) -> std::result::Result<(), String> {
+fn behaviour_test(kind: BackendKind) -> std::result::Result<(), String> {
     let page = precopy_sys::page_size();
     let mem = Mapping::new(Backing::AnonPrivate, 16 * page, 0, Thp::NoHuge)
         .map_err(|e| format!("cannot map test memory: {e}"))?;
@@ -258,13 +384,14 @@ fn behaviour_test(backend: &mut dyn Backend) -> std::result::Result<(), String> 
             .map(|a| (a - base) / page)
             .collect()
     };
-    let run = |b: &mut dyn Backend| -> Result<(Vec<u64>, Vec<u64>, Vec<u64>)> {
-        b.start(&[mem.range()])?;
+    let run = || -> Result<(Vec<u64>, Vec<u64>, Vec<u64>)> {
+        let mut b = build(kind, &[mem.range()])?;
+        b.start()?;
         let mut out = Vec::new();
         b.collect(&mut out)?;
         let clean = pages(&out);
         let io = |e| Error::Io {
-            backend: b.kind(),
+            backend: kind,
             what: "self-test write",
             source: e,
         };
@@ -279,7 +406,10 @@ fn behaviour_test(backend: &mut dyn Backend) -> std::result::Result<(), String> 
         b.stop()?;
         Ok((clean, written, again))
     };
-    let (clean, written, again) = run(backend).map_err(|e| precopy_sys::error_chain(&e))?;
+    let (clean, written, again) = run().map_err(|e| match e {
+        Error::Unavailable(u) => u.reason,
+        other => precopy_sys::error_chain(&other),
+    })?;
     let missed: Vec<u64> = [3, 12]
         .into_iter()
         .filter(|p| !written.contains(p))
@@ -307,13 +437,7 @@ pub fn check(kind: BackendKind) -> std::result::Result<(), Unavailable> {
         .iter()
         .position(|k| *k == kind)
         .unwrap_or(0);
-    let verdict = VERDICTS[idx].get_or_init(|| {
-        let mut backend = build(kind).map_err(|e| match e {
-            Error::Unavailable(u) => u.reason,
-            other => precopy_sys::error_chain(&other),
-        })?;
-        behaviour_test(backend.as_mut())
-    });
+    let verdict = VERDICTS[idx].get_or_init(|| behaviour_test(kind));
     verdict
         .clone()
         .map_err(|reason| Unavailable { kind, reason })
@@ -327,33 +451,44 @@ pub fn available() -> Vec<(BackendKind, std::result::Result<(), Unavailable>)> {
         .collect()
 }
 
-/// A ready backend of `kind`, or why it cannot be used here.
-pub fn open(kind: BackendKind) -> Result<Box<dyn Backend>> {
+/// A backend of `kind` over `ranges` of this process (page-aligned, mapped, disjoint), not yet
+/// started, or why it cannot be used here.
+pub fn open(kind: BackendKind, ranges: &[Range<u64>]) -> Result<BoxedDirtyLog> {
     check(kind)?;
-    build(kind)
+    build(kind, ranges)
 }
 
 /// The backend [`choose_default`] picked, and why.
-#[derive(Debug)]
 pub struct Chosen {
+    /// Which one.
+    pub kind: BackendKind,
     /// The backend, not yet started.
-    pub backend: Box<dyn Backend>,
+    pub backend: BoxedDirtyLog,
     /// One sentence for the user: what was picked, and why not the engine's own if it was not.
     pub note: String,
     /// The backends refused before it, with their reasons.
     pub refused: Vec<Unavailable>,
 }
 
+impl fmt::Debug for Chosen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Chosen")
+            .field("kind", &self.kind)
+            .field("note", &self.note)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Picks the engine's backend (uffd async WP + `PAGEMAP_SCAN`) where its self-test passes, else
 /// soft-dirty where it provably works (kernels before 6.7 built with soft-dirty), else fails
 /// listing why each was refused. The slower classic methods are never picked silently: callers
 /// may [`open`] them by name.
-pub fn choose_default() -> Result<Chosen> {
+pub fn choose_default(ranges: &[Range<u64>]) -> Result<Chosen> {
     let mut refused = Vec::new();
     for kind in [BackendKind::UffdAsync, BackendKind::SoftDirty] {
         match check(kind) {
             Ok(()) => {
-                let backend = build(kind)?;
+                let backend = build(kind, ranges)?;
                 let note = if refused.is_empty() {
                     format!("using {kind}: {}", kind.mechanism())
                 } else {
@@ -372,6 +507,7 @@ pub fn choose_default() -> Result<Chosen> {
                     tracing::warn!("{note}");
                 }
                 return Ok(Chosen {
+                    kind,
                     backend,
                     note,
                     refused,
@@ -423,14 +559,22 @@ mod tests {
 
     #[test]
     fn choose_default_picks_a_working_backend_or_explains() {
-        match choose_default() {
+        let mem = Mapping::new(
+            Backing::AnonPrivate,
+            4 * precopy_sys::page_size(),
+            0,
+            Thp::NoHuge,
+        )
+        .unwrap();
+        match choose_default(&[mem.range()]) {
             Ok(c) => {
-                assert!(check(c.backend.kind()).is_ok());
+                assert!(check(c.kind).is_ok());
                 assert!(!c.note.is_empty());
+                assert_eq!(c.backend.memory(), vec![mem.range()]);
                 if check(BackendKind::UffdAsync).is_ok() {
-                    assert_eq!(c.backend.kind(), BackendKind::UffdAsync);
+                    assert_eq!(c.kind, BackendKind::UffdAsync);
                 } else {
-                    assert_eq!(c.backend.kind(), BackendKind::SoftDirty);
+                    assert_eq!(c.kind, BackendKind::SoftDirty);
                     assert!(c.note.contains("uffd-async"), "{}", c.note);
                 }
             }

@@ -1,59 +1,72 @@
 //! `mprotect` + `SIGSEGV`: the classic user-space method. The signal handler and its bitmap live
 //! in `precopy_sys::track`; this is the policy around them.
 
-use crate::{Backend, BackendKind, CollectStats, Error, KernelWrites, Result};
+use crate::{BackendKind, CollectStats, DirtyLog, Error, KernelWrites, Result};
 use precopy_sys::track::WriteFaultTracker;
 use std::ops::Range;
 
 /// `mprotect(PROT_READ)` + a `SIGSEGV` handler that records the page and makes it writable.
 ///
 /// Own process only, one range per process at a time. Writers need not pause: a store racing
-/// [`Backend::collect`] is reported by it or the next one, because the handler marks a page
+/// [`DirtyLog::collect`] is reported by it or the next one, because the handler marks a page
 /// before making it writable and a collection waits for the handlers in flight before
 /// re-protecting what it took (the proof is in `precopy_sys::track`). Every written run costs one
 /// more VMA until it is re-protected: scattered writes can reach `vm.max_map_count`, and then the
 /// handler cannot make a page writable and aborts the process.
 ///
 /// A system call that writes into protected pages (`read(2)` into a buffer there) fails with
-/// `EFAULT`: the kernel's copy raises no signal. [`Backend::prepare_kernel_write`] opens the
+/// `EFAULT`: the kernel's copy raises no signal. [`DirtyLog::prepare_kernel_write`] opens the
 /// pages for it (and reports them), see [`KernelWrites::NeedsPrepare`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Mprotect {
+    range: Range<u64>,
     tracker: Option<WriteFaultTracker>,
+    unvouched: Vec<Range<u64>>,
 }
 
 impl Mprotect {
-    /// A backend with nothing tracked.
-    pub fn new() -> Mprotect {
-        Mprotect::default()
+    /// Tracking of `ranges` of this process, which must be exactly one page-aligned range (the
+    /// handler serves one per process).
+    pub fn new(ranges: &[Range<u64>]) -> Result<Mprotect> {
+        let sorted = crate::sorted_ranges(BackendKind::Mprotect, ranges, precopy_sys::page_size())?;
+        let [range] = sorted.as_slice() else {
+            return Err(Error::Unsupported {
+                backend: BackendKind::Mprotect,
+                what: "the SIGSEGV handler serves exactly one range per process",
+            });
+        };
+        Ok(Mprotect {
+            range: range.clone(),
+            tracker: None,
+            unvouched: Vec::new(),
+        })
     }
 }
 
-impl Backend for Mprotect {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Mprotect
+impl DirtyLog for Mprotect {
+    type Error = Error;
+
+    fn memory(&self) -> Vec<Range<u64>> {
+        vec![self.range.clone()]
+    }
+
+    fn page_size(&self) -> u64 {
+        precopy_sys::page_size()
+    }
+
+    fn unvouched(&self) -> Vec<Range<u64>> {
+        self.unvouched.clone()
     }
 
     fn method(&self) -> String {
         "mprotect(PROT_READ) + SA_SIGINFO SIGSEGV handler (atomic bitmap, chains to the previous handler)".into()
     }
 
-    fn start(&mut self, ranges: &[Range<u64>]) -> Result<()> {
+    fn start(&mut self) -> Result<()> {
         self.tracker = None;
-        let [range] = ranges else {
-            return Err(Error::Unsupported {
-                backend: BackendKind::Mprotect,
-                what: "the SIGSEGV handler serves exactly one range per process",
-            });
-        };
-        let page = precopy_sys::page_size();
-        if range.start >= range.end || range.start % page != 0 || range.end % page != 0 {
-            return Err(Error::InvalidRange {
-                backend: BackendKind::Mprotect,
-                start: range.start,
-                end: range.end,
-            });
-        }
+        let range = &self.range;
+        self.unvouched =
+            crate::unvouched_parts(std::process::id() as i32, std::slice::from_ref(range));
         let map_err = |what| {
             move |source| Error::Range {
                 backend: BackendKind::Mprotect,

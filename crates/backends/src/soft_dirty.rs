@@ -7,12 +7,15 @@
 //! succeeds and the bit simply never sets: a naive tracker would report "nothing written"
 //! forever. [`SoftDirty::new`] therefore proves the bit works first and refuses otherwise.
 //!
+//! Works on this process ([`SoftDirty::new`]) or another one ([`SoftDirty::for_process`]: its
+//! `/proc/PID/clear_refs` and `/proc/PID/pagemap`, as CRIU's pre-dumps do).
+//!
 //! Limits: the read and the clear are two steps over the whole process, so a write between them
-//! is lost (writers must be paused around a collection); `clear_refs` resets every mapping of the
+//! is lost (writers must be paused around a collection: [`DirtyLog::needs_pause`]); `clear_refs` resets every mapping of the
 //! process, not only the tracked ranges; a written transparent huge page reports all its 512
 //! pages; a new or changed VMA reports as wholly soft-dirty until the next clear.
 
-use crate::{Backend, BackendKind, CollectStats, Error, Result, Unavailable};
+use crate::{BackendKind, CollectStats, DirtyLog, Error, Result, Unavailable};
 use precopy_sys::abi::category;
 use precopy_sys::mem::{Backing, Mapping, Thp};
 use precopy_sys::pagemap::{self, EMPTY_REGION};
@@ -36,13 +39,16 @@ enum Reader {
     Bit55,
 }
 
-/// Soft-dirty tracking of ranges of the calling process.
+/// Soft-dirty tracking of ranges of a process's memory.
 #[derive(Debug)]
 pub struct SoftDirty {
+    pid: i32,
     clear_refs: File,
     pagemap: File,
     reader: Reader,
-    ranges: Vec<Range<u64>>,
+    memory: Vec<Range<u64>>,
+    started: bool,
+    unvouched: Vec<Range<u64>>,
     page: u64,
     entries: Vec<u8>,
     regions: Vec<precopy_sys::abi::PageRegion>,
@@ -66,10 +72,20 @@ fn scan_has_soft_dirty(pagemap: &File, page: u64) -> bool {
 }
 
 impl SoftDirty {
-    /// Proves that soft-dirty works on this kernel (a page written after a clear must show the
-    /// bit, a cleared one must not) and opens the `/proc/self` files. Refuses with
-    /// [`Error::Unavailable`] otherwise, e.g. on kernels built without `CONFIG_MEM_SOFT_DIRTY`.
-    pub fn new() -> Result<SoftDirty> {
+    /// Soft-dirty tracking of `ranges` (page-aligned, disjoint) of this process; see
+    /// [`SoftDirty::for_process`].
+    pub fn new(ranges: &[Range<u64>]) -> Result<SoftDirty> {
+        SoftDirty::for_process(std::process::id() as i32, ranges)
+    }
+
+    /// Soft-dirty tracking of `ranges` (page-aligned, disjoint) of process `pid` (needs ptrace
+    /// access to it). Proves that soft-dirty works on this kernel first (a page written after a
+    /// clear must show the bit, a cleared one must not) and opens the process's `/proc` files.
+    /// Refuses with [`Error::Unavailable`] otherwise, e.g. on kernels built without
+    /// `CONFIG_MEM_SOFT_DIRTY`.
+    pub fn for_process(pid: i32, ranges: &[Range<u64>]) -> Result<SoftDirty> {
+        let page = precopy_sys::page_size();
+        let memory = crate::sorted_ranges(BackendKind::SoftDirty, ranges, page)?;
         let (works, detail) = precopy_scanner::kernel::soft_dirty_works();
         if !works {
             return Err(unavailable(format!(
@@ -79,23 +95,28 @@ impl SoftDirty {
         }
         let open_err =
             |what: &str, e: std::io::Error| unavailable(format!("cannot open {what}: {e}"));
+        let (clear_path, pagemap_path) = (
+            format!("/proc/{pid}/clear_refs"),
+            format!("/proc/{pid}/pagemap"),
+        );
         let clear_refs = OpenOptions::new()
             .write(true)
-            .open("/proc/self/clear_refs")
-            .map_err(|e| open_err("/proc/self/clear_refs", e))?;
-        let pagemap =
-            File::open("/proc/self/pagemap").map_err(|e| open_err("/proc/self/pagemap", e))?;
-        let page = precopy_sys::page_size();
+            .open(&clear_path)
+            .map_err(|e| open_err(&clear_path, e))?;
+        let pagemap = File::open(&pagemap_path).map_err(|e| open_err(&pagemap_path, e))?;
         let reader = if scan_has_soft_dirty(&pagemap, page) {
             Reader::Scan
         } else {
             Reader::Bit55
         };
         Ok(SoftDirty {
+            pid,
             clear_refs,
             pagemap,
             reader,
-            ranges: Vec::new(),
+            memory,
+            started: false,
+            unvouched: Vec::new(),
             page,
             entries: Vec::new(),
             regions: Vec::new(),
@@ -105,7 +126,7 @@ impl SoftDirty {
     fn clear(&mut self) -> Result<()> {
         self.clear_refs.write_all(b"4").map_err(|source| Error::Io {
             backend: BackendKind::SoftDirty,
-            what: "write \"4\" to /proc/self/clear_refs",
+            what: "write \"4\" to /proc/PID/clear_refs",
             source,
         })
     }
@@ -160,7 +181,7 @@ impl SoftDirty {
                 .read_exact_at(&mut self.entries, vpn * 8)
                 .map_err(|source| Error::Range {
                     backend: BackendKind::SoftDirty,
-                    what: "read /proc/self/pagemap over",
+                    what: "read /proc/PID/pagemap over",
                     start: r.start,
                     end: r.end,
                     source,
@@ -179,9 +200,19 @@ impl SoftDirty {
     }
 }
 
-impl Backend for SoftDirty {
-    fn kind(&self) -> BackendKind {
-        BackendKind::SoftDirty
+impl DirtyLog for SoftDirty {
+    type Error = Error;
+
+    fn memory(&self) -> Vec<Range<u64>> {
+        self.memory.clone()
+    }
+
+    fn page_size(&self) -> u64 {
+        self.page
+    }
+
+    fn unvouched(&self) -> Vec<Range<u64>> {
+        self.unvouched.clone()
     }
 
     fn method(&self) -> String {
@@ -191,34 +222,26 @@ impl Backend for SoftDirty {
         }
     }
 
-    fn needs_quiescent_writers(&self) -> bool {
+    fn needs_pause(&self) -> bool {
         true
     }
 
-    fn start(&mut self, ranges: &[Range<u64>]) -> Result<()> {
-        for r in ranges {
-            if r.start >= r.end || r.start % self.page != 0 || r.end % self.page != 0 {
-                return Err(Error::InvalidRange {
-                    backend: BackendKind::SoftDirty,
-                    start: r.start,
-                    end: r.end,
-                });
-            }
-        }
-        self.ranges = ranges.to_vec();
-        self.ranges.sort_by_key(|r| r.start);
-        self.clear()
+    fn start(&mut self) -> Result<()> {
+        self.unvouched = crate::unvouched_parts(self.pid, &self.memory);
+        self.clear()?;
+        self.started = true;
+        Ok(())
     }
 
     fn collect(&mut self, out: &mut Vec<Range<u64>>) -> Result<CollectStats> {
-        if self.ranges.is_empty() {
+        if !self.started {
             return Err(Error::NotStarted {
                 backend: BackendKind::SoftDirty,
             });
         }
         let first = out.len();
         let mut calls = 0;
-        let ranges = std::mem::take(&mut self.ranges);
+        let ranges = std::mem::take(&mut self.memory);
         let result: Result<()> = ranges.iter().try_for_each(|r| {
             calls += match self.reader {
                 Reader::Scan => self.read_scan(r, out)?,
@@ -226,7 +249,7 @@ impl Backend for SoftDirty {
             };
             Ok(())
         });
-        self.ranges = ranges;
+        self.memory = ranges;
         result?;
         self.clear()?;
         let mut stats = CollectStats::count(&out[first..], self.page);
@@ -235,19 +258,19 @@ impl Backend for SoftDirty {
     }
 
     fn stop(&mut self) -> Result<()> {
-        self.ranges.clear();
+        self.started = false;
         Ok(())
     }
 
     /// Nothing to prepare: the kernel's copy into a page whose soft-dirty bit was cleared takes
     /// the same write fault a store does and sets the bit.
     fn prepare_kernel_write(&self, range: Range<u64>) -> Result<()> {
-        if self.ranges.is_empty() {
+        if !self.started {
             return Err(Error::NotStarted {
                 backend: BackendKind::SoftDirty,
             });
         }
-        crate::check_inside(BackendKind::SoftDirty, &self.ranges, &range)
+        crate::check_inside(BackendKind::SoftDirty, &self.memory, &range)
     }
 }
 
@@ -260,7 +283,7 @@ mod tests {
         let (works, detail) = precopy_scanner::kernel::soft_dirty_works();
         if !works {
             // This machine's kernel (soft-dirty compiled out) must be refused, never trusted.
-            match SoftDirty::new() {
+            match SoftDirty::new(&[]) {
                 Err(Error::Unavailable(u)) => {
                     assert_eq!(u.kind, BackendKind::SoftDirty);
                     assert!(u.reason.contains("soft-dirty"), "{}", u.reason);
@@ -268,7 +291,7 @@ mod tests {
                 other => panic!("soft-dirty does not work ({detail}) but got {other:?}"),
             }
             assert!(crate::check(BackendKind::SoftDirty).is_err());
-            assert!(crate::open(BackendKind::SoftDirty).is_err());
+            assert!(crate::open(BackendKind::SoftDirty, &[]).is_err());
             eprintln!(
                 "SKIP (accuracy part): soft-dirty does not work on this kernel ({detail}); \
                  verified that the backend refuses"
@@ -280,8 +303,8 @@ mod tests {
         let n = 256u64;
         let mem = Mapping::new(Backing::AnonPrivate, n * page, 0, Thp::NoHuge).unwrap();
         mem.fill(0, n * page, 1).unwrap();
-        let mut sd = SoftDirty::new().unwrap();
-        sd.start(&[mem.range()]).unwrap();
+        let mut sd = SoftDirty::new(&[mem.range()]).unwrap();
+        sd.start().unwrap();
         let mut out = Vec::new();
         sd.collect(&mut out).unwrap();
         assert!(out.is_empty(), "clean start reported {out:?}");

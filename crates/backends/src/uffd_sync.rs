@@ -14,11 +14,11 @@
 //! `UFFD_USER_MODE_ONLY`; with the flag the system call fails with `EFAULT`. The backend asks
 //! for such an fd first (`CAP_SYS_PTRACE`, `vm.unprivileged_userfaultfd = 1` or access to
 //! `/dev/userfaultfd`); then the kernel's copy waits for the handler like a store does, and
-//! [`Backend::kernel_writes`] is [`KernelWrites::Tracked`]. Without the privilege it falls back
-//! to a user-mode-only fd and [`KernelWrites::NeedsPrepare`]: [`Backend::prepare_kernel_write`]
+//! [`DirtyLog::kernel_writes`] is [`KernelWrites::Tracked`]. Without the privilege it falls back
+//! to a user-mode-only fd and [`KernelWrites::NeedsPrepare`]: [`DirtyLog::prepare_kernel_write`]
 //! un-protects and records the pages the way the handler would.
 
-use crate::{Backend, BackendKind, CollectStats, Error, KernelWrites, Result, Unavailable};
+use crate::{BackendKind, CollectStats, DirtyLog, Error, KernelWrites, Result, Unavailable};
 use precopy_sys::{abi, track, uffd};
 use std::io;
 use std::ops::Range;
@@ -120,12 +120,16 @@ pub struct UffdSync {
     want_kernel_faults: bool,
     /// Whether the fd of the current (or next) run handles kernel faults.
     kernel_faults: bool,
+    memory: Vec<Range<u64>>,
     running: Option<Running>,
+    unvouched: Vec<Range<u64>>,
 }
 
 impl UffdSync {
-    /// Checks that the kernel has userfaultfd write-protect (Linux 5.7+).
-    pub fn new() -> Result<UffdSync> {
+    /// Tracking of `ranges` of this process (page-aligned, disjoint). Checks that the kernel has
+    /// userfaultfd write-protect (Linux 5.7+).
+    pub fn new(ranges: &[Range<u64>]) -> Result<UffdSync> {
+        let memory = crate::sorted_ranges(BackendKind::UffdSync, ranges, precopy_sys::page_size())?;
         let features = precopy_tracker::uffd_kernel_features().map_err(|e| {
             Error::Unavailable(Unavailable {
                 kind: BackendKind::UffdSync,
@@ -146,15 +150,17 @@ impl UffdSync {
             unpopulated: features.wp_unpopulated(),
             want_kernel_faults: true,
             kernel_faults,
+            memory,
             running: None,
+            unvouched: Vec::new(),
         })
     }
 
     /// As [`UffdSync::new`], but with the userfaultfd an unprivileged process gets
     /// (`UFFD_USER_MODE_ONLY`) even where a privileged one is allowed:
     /// [`KernelWrites::NeedsPrepare`]. For comparisons and tests of that case.
-    pub fn user_mode_only() -> Result<UffdSync> {
-        let mut b = UffdSync::new()?;
+    pub fn user_mode_only(ranges: &[Range<u64>]) -> Result<UffdSync> {
+        let mut b = UffdSync::new(ranges)?;
         b.want_kernel_faults = false;
         b.kernel_faults = false;
         Ok(b)
@@ -191,9 +197,19 @@ fn linux_wp_bit() -> u64 {
     1 << 0
 }
 
-impl Backend for UffdSync {
-    fn kind(&self) -> BackendKind {
-        BackendKind::UffdSync
+impl DirtyLog for UffdSync {
+    type Error = Error;
+
+    fn memory(&self) -> Vec<Range<u64>> {
+        self.memory.clone()
+    }
+
+    fn page_size(&self) -> u64 {
+        precopy_sys::page_size()
+    }
+
+    fn unvouched(&self) -> Vec<Range<u64>> {
+        self.unvouched.clone()
     }
 
     fn method(&self) -> String {
@@ -258,8 +274,9 @@ impl Backend for UffdSync {
         track::wake(shared.fd.as_fd(), start, end - start).map_err(fail)
     }
 
-    fn start(&mut self, ranges: &[Range<u64>]) -> Result<()> {
+    fn start(&mut self) -> Result<()> {
         self.shutdown()?;
+        self.unvouched = crate::unvouched_parts(std::process::id() as i32, &self.memory);
         let io_err = |what| {
             move |source| Error::Io {
                 backend: BackendKind::UffdSync,
@@ -285,17 +302,8 @@ impl Backend for UffdSync {
             0
         };
         uffd::api(fd.as_fd(), want).map_err(io_err("UFFDIO_API"))?;
-        let mut sorted = ranges.to_vec();
-        sorted.sort_by_key(|r| r.start);
-        let mut tracked = Vec::with_capacity(sorted.len());
-        for r in sorted {
-            if r.start >= r.end || r.start % page != 0 || r.end % page != 0 {
-                return Err(Error::InvalidRange {
-                    backend: BackendKind::UffdSync,
-                    start: r.start,
-                    end: r.end,
-                });
-            }
+        let mut tracked = Vec::with_capacity(self.memory.len());
+        for r in self.memory.clone() {
             let len = r.end - r.start;
             let range_err = |what| {
                 move |source| Error::Range {

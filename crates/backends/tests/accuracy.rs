@@ -1,7 +1,7 @@
 //! Behaviour of every backend that works on this kernel, driven the way `precopy bench` and an
 //! embedder drive them: no write may ever be missed.
 
-use precopy_backends::{BackendKind, check, open};
+use precopy_backends::{BackendKind, DirtyLog, check, open};
 use precopy_sys::mem::{Backing, Mapping, Thp};
 use std::collections::HashSet;
 use std::ops::Range;
@@ -48,8 +48,8 @@ fn quiescent_rounds_report_every_written_page() {
         for thp in [Thp::NoHuge, Thp::Huge] {
             let mem = Mapping::new(Backing::AnonPrivate, n * page, 2 << 20, thp).unwrap();
             mem.fill(0, n * page, 1).unwrap();
-            let mut b = open(kind).unwrap();
-            b.start(&[mem.range()]).unwrap();
+            let mut b = open(kind, &[mem.range()]).unwrap();
+            b.start().unwrap();
             let mut seed = 0x9e37_79b9_7f4a_7c15u64;
             let mut out = Vec::new();
             for round in 0..6 {
@@ -90,16 +90,16 @@ fn writes_racing_a_collection_land_in_it_or_the_next() {
     let page = precopy_sys::page_size();
     let n = 512u64;
     for kind in usable() {
-        let mut b = open(kind).unwrap();
-        if b.needs_quiescent_writers() {
+        let mem = Arc::new(Mapping::new(Backing::AnonPrivate, n * page, 0, Thp::NoHuge).unwrap());
+        mem.fill(0, n * page, 1).unwrap();
+        let mut b = open(kind, &[mem.range()]).unwrap();
+        if b.needs_pause() {
             eprintln!(
                 "SKIP {kind} in the racing test: it needs writers paused around a collection"
             );
             continue;
         }
-        let mem = Arc::new(Mapping::new(Backing::AnonPrivate, n * page, 0, Thp::NoHuge).unwrap());
-        mem.fill(0, n * page, 1).unwrap();
-        b.start(&[mem.range()]).unwrap();
+        b.start().unwrap();
         let epoch = Arc::new(AtomicU64::new(0));
         let done = Arc::new(AtomicBool::new(false));
         let writers: Vec<_> = (0..2u64)

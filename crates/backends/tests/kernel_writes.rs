@@ -1,8 +1,10 @@
 //! `read(2)` into tracked memory with every backend: it works and is reported, or it fails with
 //! `EFAULT` exactly where the backend says so ([`KernelWrites::NeedsPrepare`]) and works once
-//! the range is prepared. And the input sweep of `prepare_kernel_write`.
+//! the range is prepared. And the input sweep of `prepare_kernel_write` and `open`.
 
-use precopy_backends::{Backend, BackendKind, Error, KernelWrites, UffdSync, check, open};
+use precopy_backends::{
+    BackendKind, BoxedDirtyLog, DirtyLog, Error, KernelWrites, UffdSync, check, open,
+};
 use precopy_sys::mem::{Backing, Mapping, Thp};
 use std::io::Write;
 use std::ops::Range;
@@ -19,19 +21,21 @@ fn page() -> u64 {
     precopy_sys::page_size()
 }
 
-/// Every backend that works here, plus uffd-sync with the fd an unprivileged process gets.
-fn backends() -> Vec<(String, Box<dyn Backend>)> {
-    let mut all: Vec<(String, Box<dyn Backend>)> = Vec::new();
+/// Every backend that works here over `ranges`, plus uffd-sync with the fd an unprivileged
+/// process gets: (name, kind, backend, not started).
+fn backends(ranges: &[Range<u64>]) -> Vec<(String, BackendKind, BoxedDirtyLog)> {
+    let mut all: Vec<(String, BackendKind, BoxedDirtyLog)> = Vec::new();
     for kind in BackendKind::ALL {
         match check(kind) {
-            Ok(()) => all.push((kind.name().to_string(), open(kind).unwrap())),
+            Ok(()) => all.push((kind.name().to_string(), kind, open(kind, ranges).unwrap())),
             Err(u) => eprintln!("SKIP {kind}: {}", u.reason),
         }
     }
     if check(BackendKind::UffdSync).is_ok() {
         all.push((
             "uffd-sync (UFFD_USER_MODE_ONLY)".to_string(),
-            Box::new(UffdSync::user_mode_only().unwrap()),
+            BackendKind::UffdSync,
+            Box::new(UffdSync::user_mode_only(ranges).unwrap()),
         ));
     }
     all
@@ -50,11 +54,11 @@ fn read_into_tracked_memory_works_or_fails_exactly_as_declared() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let p = page();
     let data = [0xabu8; 100];
-    for (name, mut b) in backends() {
-        let mem = Mapping::new(Backing::AnonPrivate, PAGES * p, 0, Thp::NoHuge).unwrap();
-        mem.fill(0, PAGES * p, 1).unwrap();
-        let base = mem.addr();
-        b.start(&[mem.range()]).unwrap();
+    let mem = Mapping::new(Backing::AnonPrivate, PAGES * p, 0, Thp::NoHuge).unwrap();
+    mem.fill(0, PAGES * p, 1).unwrap();
+    let base = mem.addr();
+    for (name, _, mut b) in backends(&[mem.range()]) {
+        b.start().unwrap();
         let mut out = Vec::new();
         b.collect(&mut out).unwrap();
         assert!(pages_of(&out, base).is_empty(), "{name}: clean after start");
@@ -101,15 +105,20 @@ fn mprotect_always_needs_prepare() {
         eprintln!("SKIP mprotect_always_needs_prepare: mprotect backend unavailable");
         return;
     };
+    let mem = Mapping::new(Backing::AnonPrivate, PAGES * page(), 0, Thp::NoHuge).unwrap();
     assert_eq!(
-        open(BackendKind::Mprotect).unwrap().kernel_writes(),
+        open(BackendKind::Mprotect, &[mem.range()])
+            .unwrap()
+            .kernel_writes(),
         KernelWrites::NeedsPrepare
     );
     let Ok(()) = check(BackendKind::UffdSync) else {
         return;
     };
     assert_eq!(
-        UffdSync::user_mode_only().unwrap().kernel_writes(),
+        UffdSync::user_mode_only(&[mem.range()])
+            .unwrap()
+            .kernel_writes(),
         KernelWrites::NeedsPrepare
     );
 }
@@ -119,16 +128,15 @@ fn mprotect_always_needs_prepare() {
 fn prepare_kernel_write_refuses_bad_ranges_and_an_unstarted_backend() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let p = page();
-    for (name, mut b) in backends() {
-        let kind = b.kind();
+    let mem = Mapping::new(Backing::AnonPrivate, PAGES * p, 0, Thp::NoHuge).unwrap();
+    let base = mem.addr();
+    for (name, kind, mut b) in backends(&[mem.range()]) {
         let err = b.prepare_kernel_write(0x1000..0x2000).unwrap_err();
         assert!(
             matches!(err, Error::NotStarted { backend } if backend == kind),
             "{name}: {err:?}"
         );
-        let mem = Mapping::new(Backing::AnonPrivate, PAGES * p, 0, Thp::NoHuge).unwrap();
-        let base = mem.addr();
-        b.start(&[mem.range()]).unwrap();
+        b.start().unwrap();
         for r in [base + p..base + p, base + 2 * p..base + p] {
             let err = b.prepare_kernel_write(r.clone()).unwrap_err();
             assert!(
@@ -154,18 +162,28 @@ fn prepare_kernel_write_refuses_bad_ranges_and_an_unstarted_backend() {
 
 #[test]
 #[allow(clippy::reversed_empty_ranges)] // the inverted range is the point
-fn start_refuses_empty_inverted_and_unaligned_ranges() {
-    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+fn open_refuses_empty_inverted_and_unaligned_ranges() {
     let p = page();
-    for (name, mut b) in backends() {
-        if b.kind() == BackendKind::UffdAsync {
-            // The engine's tracker refuses these itself (precopy-tracker's input tests).
-            continue;
+    let mem = Mapping::new(Backing::AnonPrivate, PAGES * p, 0, Thp::NoHuge).unwrap();
+    let base = mem.addr();
+    for r in [base..base, base + 2 * p..base, base + 1..base + p] {
+        let mut refusals: Vec<(String, Error)> = Vec::new();
+        for kind in BackendKind::ALL {
+            match check(kind) {
+                Ok(()) => {
+                    let err = open(kind, std::slice::from_ref(&r))
+                        .map(|_| ())
+                        .unwrap_err();
+                    refusals.push((kind.name().to_string(), err));
+                }
+                Err(u) => eprintln!("SKIP {kind}: {}", u.reason),
+            }
         }
-        let mem = Mapping::new(Backing::AnonPrivate, PAGES * p, 0, Thp::NoHuge).unwrap();
-        let base = mem.addr();
-        for r in [base..base, base + 2 * p..base, base + 1..base + p] {
-            let err = b.start(std::slice::from_ref(&r)).unwrap_err();
+        if check(BackendKind::UffdSync).is_ok() {
+            let err = UffdSync::user_mode_only(std::slice::from_ref(&r)).unwrap_err();
+            refusals.push(("uffd-sync (UFFD_USER_MODE_ONLY)".to_string(), err));
+        }
+        for (name, err) in refusals {
             assert!(
                 matches!(err, Error::InvalidRange { start, end, .. } if start == r.start && end == r.end),
                 "{name} {r:x?}: {err:?}"

@@ -143,7 +143,7 @@ fn phase(f: &mut Fixture, log: Option<(&mut TargetLog, Duration)>, secs: f64) ->
                 }
                 next += interval;
                 out.clear();
-                log.dirty(&mut out).map_err(|e| anyhow::anyhow!(e))?;
+                log.collect(&mut out)?;
             }
         }
     }
@@ -190,7 +190,7 @@ fn rate_accuracy() -> Result<serde_json::Value> {
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(100));
         out.clear();
-        log.dirty(&mut out).map_err(|e| anyhow::anyhow!(e))?;
+        log.collect(&mut out)?;
         let now = f.ops()?;
         let pages: u64 = out.iter().map(|r| (r.end - r.start) / page).sum();
         per_interval.push(json!({"reported_pages": pages, "fixture_writes": now - ops}));

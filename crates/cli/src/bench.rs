@@ -22,7 +22,7 @@ use crate::args::{Size, available_memory, cpus, human, invalid, parse_count, par
 use crate::output;
 use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
-use precopy_backends::{Backend, BackendKind};
+use precopy_backends::{BackendKind, BoxedDirtyLog, DirtyLog};
 use precopy_sys::mem::{Backing, Mapping, Thp};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -548,8 +548,8 @@ fn measure(
         page,
         truth: &truth,
     };
-    let mut backend: Option<Box<dyn Backend>> = match kind {
-        Some(k) => Some(precopy_backends::open(k)?),
+    let mut backend: Option<BoxedDirtyLog> = match kind {
+        Some(k) => Some(precopy_backends::open(k, &[mem.range()])?),
         None => None,
     };
     let method = backend.as_ref().map_or_else(
@@ -558,8 +558,7 @@ fn measure(
     );
     let t0 = Instant::now();
     if let Some(b) = backend.as_mut() {
-        b.start(&[mem.range()])
-            .with_context(|| format!("{name}: start"))?;
+        b.start().with_context(|| format!("{name}: start"))?;
     }
     let start_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut out: Vec<Range<u64>> = Vec::new();
@@ -1338,6 +1337,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
     );
     let mut statuses = Vec::new();
     let mut runnable = Vec::new();
+    // A backend says what kernel writes do once it is built over some memory: one page, never
+    // started.
+    let probe_page = Mapping::new(
+        Backing::AnonPrivate,
+        precopy_sys::page_size(),
+        0,
+        Thp::NoHuge,
+    )
+    .context("map a page to ask each backend about kernel writes")?;
     for kind in BackendKind::ALL {
         let is_selected = selected.contains(&kind);
         let verdict = if is_selected {
@@ -1346,7 +1354,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Ok(())
         };
         let kernel_writes = match &verdict {
-            Ok(()) if is_selected => precopy_backends::open(kind).ok().map(|b| b.kernel_writes()),
+            Ok(()) if is_selected => precopy_backends::open(kind, &[probe_page.range()])
+                .ok()
+                .map(|b| b.kernel_writes()),
             _ => None,
         };
         match &verdict {

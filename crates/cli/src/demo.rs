@@ -20,9 +20,11 @@ use crate::args::{Size, available_memory, cpus, human, invalid, parse_count, par
 use crate::output;
 use crate::progress::{self, Progress};
 use anyhow::{Context, Result, bail};
+use precopy_backends::BackendKind;
 use precopy_migrate::{
-    AfterMigration, LimitPolicy, Migration, MigrationConfig, MigrationReport, PauseMethod,
-    ProcessControl, ThrottleMethod, TransferTransport, UffdDirtyLog, adopt_process_uffd,
+    AfterMigration, DirtyLog, LimitPolicy, Migration, MigrationConfig, MigrationReport,
+    PauseMethod, ProcessControl, ThrottleMethod, TransferTransport, UffdDirtyLog,
+    adopt_process_uffd,
 };
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_tracker::Tracker;
@@ -80,6 +82,99 @@ enum CheckKind {
     Recorded,
     /// Also re-read all source and destination memory while paused.
     Full,
+}
+
+/// Which dirty log tracks the source (`--backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum LogKind {
+    /// The engine's where it works (uffd async write-protect, 6.7+), else soft-dirty.
+    Auto,
+    /// userfaultfd async write-protect + PAGEMAP_SCAN.
+    UffdAsync,
+    /// Soft-dirty bits (`/proc/PID/clear_refs`): the source is paused around each collection.
+    SoftDirty,
+}
+
+/// The source's dirty log: the engine's, or soft-dirty where the engine's mechanism is missing.
+#[derive(Debug)]
+enum DemoLog {
+    Uffd(UffdDirtyLog),
+    SoftDirty(precopy_backends::SoftDirty),
+}
+
+/// [`DemoLog`]'s error: the one of the log in use.
+#[derive(Debug)]
+enum DemoLogError {
+    Uffd(precopy_migrate::TrackingError),
+    SoftDirty(precopy_backends::Error),
+}
+
+impl std::fmt::Display for DemoLogError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DemoLogError::Uffd(e) => e.fmt(f),
+            DemoLogError::SoftDirty(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for DemoLogError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DemoLogError::Uffd(e) => e.source(),
+            DemoLogError::SoftDirty(e) => e.source(),
+        }
+    }
+}
+
+macro_rules! on_log {
+    ($self:expr, $l:ident => $e:expr) => {
+        match $self {
+            DemoLog::Uffd($l) => $e,
+            DemoLog::SoftDirty($l) => $e,
+        }
+    };
+}
+
+macro_rules! on_log_err {
+    ($self:expr, $l:ident => $e:expr) => {
+        match $self {
+            DemoLog::Uffd($l) => $e.map_err(DemoLogError::Uffd),
+            DemoLog::SoftDirty($l) => $e.map_err(DemoLogError::SoftDirty),
+        }
+    };
+}
+
+impl DirtyLog for DemoLog {
+    type Error = DemoLogError;
+    fn memory(&self) -> Vec<Range<u64>> {
+        on_log!(self, l => l.memory())
+    }
+    fn page_size(&self) -> u64 {
+        on_log!(self, l => l.page_size())
+    }
+    fn start(&mut self) -> Result<(), DemoLogError> {
+        on_log_err!(self, l => l.start())
+    }
+    fn collect(
+        &mut self,
+        out: &mut Vec<Range<u64>>,
+    ) -> Result<precopy_migrate::CollectStats, DemoLogError> {
+        on_log_err!(self, l => l.collect(out))
+    }
+    fn stop(&mut self) -> Result<(), DemoLogError> {
+        on_log_err!(self, l => l.stop())
+    }
+    fn unvouched(&self) -> Vec<Range<u64>> {
+        on_log!(self, l => l.unvouched())
+    }
+    fn needs_pause(&self) -> bool {
+        on_log!(self, l => l.needs_pause())
+    }
+    fn method(&self) -> String {
+        on_log!(self, l => l.method())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -163,6 +258,11 @@ pub struct Args {
     /// demo compares the memories byte for byte afterwards either way.
     #[arg(long, value_enum, default_value_t = CheckKind::Recorded)]
     final_check: CheckKind,
+    /// The source's dirty log: `soft-dirty` pauses the source around each collection (its
+    /// read and clear are two steps) and reports those pauses; `auto` takes the engine's
+    /// (uffd-async) where it works, else soft-dirty.
+    #[arg(long, value_enum, default_value_t = LogKind::Auto)]
+    backend: LogKind,
     /// Most rounds sent while the source runs, round 0 (all memory) included: at least 1.
     #[arg(long, default_value = "30", value_parser = parse_count, allow_hyphen_values = true)]
     max_rounds: u64,
@@ -905,7 +1005,7 @@ fn migrate<K: Sink>(
     args: &Args,
     plan: &Plan,
     mut transfer: Transfer<Counted<ProcessMemory>, K>,
-    log: UffdDirtyLog,
+    log: DemoLog,
     control: ProcessControl,
     progress: &Progress,
     mut on_round: impl FnMut(&precopy_migrate::Progress) + Send + 'static,
@@ -1042,14 +1142,33 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
 
     // Track the source's memory from here.
-    progress.phase(format!("write-protecting the source's {}", human(len)));
-    let uffd = adopt_process_uffd(pid, fd)?;
-    let mut tracker = Tracker::new(uffd);
-    tracker
-        .register(addr..addr + len)
-        .context("registering the source's memory")?;
-    let scanner = Scanner::new(ScanOptions::default()).context("starting the scanner")?;
-    let log = UffdDirtyLog::new(tracker, scanner);
+    let use_soft_dirty = match args.backend {
+        LogKind::UffdAsync => false,
+        LogKind::SoftDirty => true,
+        LogKind::Auto => precopy_backends::check(BackendKind::UffdAsync).is_err(),
+    };
+    let log = if use_soft_dirty {
+        progress.phase(format!(
+            "soft-dirty tracking of the source's {}",
+            human(len)
+        ));
+        let sd = precopy_backends::SoftDirty::for_process(pid, &[addr..addr + len])
+            .context("tracking the source with soft-dirty bits")?;
+        DemoLog::SoftDirty(sd)
+    } else {
+        progress.phase(format!("write-protecting the source's {}", human(len)));
+        let uffd = adopt_process_uffd(pid, fd)?;
+        let mut tracker = Tracker::new(uffd);
+        tracker
+            .register(addr..addr + len)
+            .context("registering the source's memory")?;
+        let scanner = Scanner::new(ScanOptions::default()).context("starting the scanner")?;
+        DemoLog::Uffd(UffdDirtyLog::new(tracker, scanner))
+    };
+    let backend_used = match &log {
+        DemoLog::Uffd(_) => BackendKind::UffdAsync,
+        DemoLog::SoftDirty(_) => BackendKind::SoftDirty,
+    };
     let control = ProcessControl::new(
         pid,
         match args.pause {
@@ -1231,6 +1350,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let json = serde_json::json!({
         "verified": verification.as_ref().is_some_and(|v| v.verified),
         "settings": settings_json(&args, &plan),
+        "dirty_log": backend_used.name(),
         "migration": report,
         "memory_rate": report.memory_rate(),
         "downtime_exceeded": report.downtime_exceeded(),
@@ -1251,6 +1371,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     print_text(&args, &plan, &report, verification.as_ref(), state.as_ref())?;
+    if backend_used != BackendKind::UffdAsync {
+        println!(
+            "dirty log: {} ({}): the source was paused around each collection",
+            backend_used.name(),
+            backend_used.mechanism()
+        );
+    }
     match error {
         Some(e) => Err(output::fail(false, serde_json::Value::Null, e)),
         None => Ok(ExitCode::SUCCESS),
@@ -1273,6 +1400,7 @@ fn settings_json(args: &Args, plan: &Plan) -> serde_json::Value {
         "streams": plan.image.is_none().then_some(plan.streams),
         "compress": plan.image.is_none().then_some(plan.compress),
         "final_check": args.final_check,
+        "backend": args.backend,
         "dest_netns": args.dest_netns,
     })
 }

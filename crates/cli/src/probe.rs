@@ -60,9 +60,9 @@ struct Choice {
 }
 
 fn choose() -> Choice {
-    match precopy_backends::choose_default() {
+    match precopy_backends::choose_default(&[]) {
         Ok(c) => Choice {
-            kind: Some(c.backend.kind()),
+            kind: Some(c.kind),
             note: c.note,
             refused: c.refused.iter().map(ToString::to_string).collect(),
         },

@@ -161,7 +161,7 @@ fn the_attached_fd_tracks_the_targets_writes() {
         std::thread::sleep(Duration::from_millis(2));
     }
     let mut dirty = Vec::new();
-    log.dirty(&mut dirty).unwrap();
+    log.collect(&mut dirty).unwrap();
     let bytes: u64 = dirty.iter().map(|r| r.end - r.start).sum();
     assert!(bytes >= 128 * 4096, "only {bytes} bytes reported written");
     assert!(t.running());

@@ -16,34 +16,21 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// any number of times (see [`Transport::interrupter`]).
 pub type Interrupt = Arc<dyn Fn() + Send + Sync>;
 
-/// Which memory is migrated and which of it was written.
+/// Which memory is migrated and which of it was written: the one dirty-log trait (start,
+/// collect, stop) that the engine's log ([`UffdDirtyLog`](crate::UffdDirtyLog)), an attached
+/// process's ([`TargetLog`](crate::TargetLog)), the comparison backends (soft-dirty, mprotect,
+/// uffd sync WP) and an embedder's own (KVM's) all implement; defined in `precopy-backends`.
 ///
 /// # Harvested ranges are the caller's
 ///
-/// Reading the log is destructive: a range [`DirtyLog::dirty`] returns is no longer reported
+/// Reading the log is destructive: a range [`DirtyLog::collect`] returns is no longer reported
 /// by the log (the kernel re-armed its write protection). From then on the caller alone knows
 /// the range must be sent. [`Migration`](crate::Migration) keeps every harvested range pending
 /// until a round holding it was sent without error: a failed round's ranges go into the next
 /// round after a reconnect, and when the migration fails they stay in
 /// [`Migration::unsent`](crate::Migration::unsent) for a fallback. An embedder reading the log
 /// itself must do the same.
-pub trait DirtyLog {
-    /// All memory to migrate: page-aligned, sorted, disjoint address ranges. Round 0 sends it.
-    fn memory(&self) -> Vec<Range<u64>>;
-    /// Bytes per page.
-    fn page_size(&self) -> u64;
-    /// Starts logging: from now on every write shows up in [`DirtyLog::dirty`].
-    fn start(&mut self) -> Result<(), BoxError>;
-    /// Appends to `out` every range written since the previous call (or since
-    /// [`DirtyLog::start`]); contents must be read only after this returns.
-    fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError>;
-    /// The part of [`DirtyLog::memory`] whose changes this log may miss (shared memory written
-    /// through another mapping or process, a hole punched in a memfd, hugetlb `MADV_DONTNEED`,
-    /// DMA): the driver re-checks it with the workload paused before it declares the migration
-    /// complete ([`Transport::changed`]) and reports the cost. No default: a log that wraps
-    /// another must forward it, or the re-check is silently skipped for the memory it wraps.
-    fn unvouched(&self) -> Vec<Range<u64>>;
-}
+pub use precopy_backends::{CollectStats, DirtyLog};
 
 /// What one round delivered, as the transport counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -251,24 +238,6 @@ impl Workload for Callbacks {
     }
 }
 
-impl<T: DirtyLog + ?Sized> DirtyLog for &mut T {
-    fn memory(&self) -> Vec<Range<u64>> {
-        (**self).memory()
-    }
-    fn page_size(&self) -> u64 {
-        (**self).page_size()
-    }
-    fn start(&mut self) -> Result<(), BoxError> {
-        (**self).start()
-    }
-    fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
-        (**self).dirty(out)
-    }
-    fn unvouched(&self) -> Vec<Range<u64>> {
-        (**self).unvouched()
-    }
-}
-
 impl<T: Transport + ?Sized> Transport for &mut T {
     fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError> {
         (**self).send_round(ranges)
@@ -331,7 +300,7 @@ impl<T: Workload + ?Sized> Workload for &mut T {
 /// paused: marks made before [`Workload::pause`] returned reach the final round; later writes
 /// are outside the migration. [`UffdDirtyLog`](crate::UffdDirtyLog) drains its handle on every
 /// round; a custom [`DirtyLog`] calls [`ExternalDirty::drain_into`] in its
-/// [`DirtyLog::dirty`].
+/// [`DirtyLog::collect`].
 #[derive(Debug, Clone, Default)]
 pub struct ExternalDirty {
     ranges: std::sync::Arc<std::sync::Mutex<Vec<Range<u64>>>>,

@@ -301,6 +301,8 @@ struct Observed {
     faults: u64,
     rate: Option<f64>,
     ns_per_op: Option<f64>,
+    /// How long the workload was paused for the collection (logs that need it).
+    collect_pause: Option<Duration>,
 }
 
 /// Operations per second and mean nanoseconds per operation between two counter samples.
@@ -437,7 +439,45 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             faults: dirty_bytes / self.report.page_size.max(1),
             rate,
             ns_per_op,
+            collect_pause: None,
         };
+    }
+
+    /// One collection of the dirty log into `out`. A log whose read and reset are two steps
+    /// ([`DirtyLog::needs_pause`]: soft-dirty) gets the workload paused around it, unless it
+    /// already is, and the pause it cost is returned. Whatever happens, `out` is what must
+    /// still be sent ([`Migration::unsent`]).
+    fn collect(
+        &mut self,
+        round: u64,
+        out: &mut Vec<Range<u64>>,
+    ) -> Result<Option<Duration>, Error> {
+        let pause = self.log.needs_pause() && !self.paused;
+        let paused_at = Instant::now();
+        if pause {
+            self.workload.pause().map_err(|source| Error::Workload {
+                action: "pause",
+                source,
+            })?;
+        }
+        let collected = self.log.collect(out);
+        let held = paused_at.elapsed();
+        let resumed = if pause {
+            self.workload.resume().map_err(|source| Error::Workload {
+                action: "resume",
+                source,
+            })
+        } else {
+            Ok(())
+        };
+        // From here the harvested ranges exist only in `out`.
+        self.unsent.clone_from(out);
+        collected.map_err(|e| Error::Tracking {
+            round,
+            source: Box::new(e),
+        })?;
+        resumed?;
+        Ok(pause.then_some(held))
     }
 
     /// The report so far (complete after [`Migration::run`] returns, whatever it returned).
@@ -649,6 +689,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             _ => std::mem::take(&mut self.observed),
         };
         let r = RoundReport {
+            collect_pause: seen.collect_pause,
             write_faults: seen.faults,
             workload_rate: seen.rate,
             workload_ns_per_op: seen.ns_per_op,
@@ -688,9 +729,10 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.report.memory_bytes = memory.iter().map(|r| r.end - r.start).sum();
         self.report.status = Status::Active;
 
-        self.log
-            .start()
-            .map_err(|source| Error::Tracking { round: 0, source })?;
+        self.log.start().map_err(|e| Error::Tracking {
+            round: 0,
+            source: Box::new(e),
+        })?;
         let mut last_scan = Instant::now();
         self.tracked_from = self.workload.counters().map(|c| (last_scan, c));
         self.last_counters = self.tracked_from;
@@ -732,15 +774,13 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             pending.clear();
             pending.append(&mut carry);
             let scan_start = Instant::now();
-            let scanned = self.log.dirty(&mut pending);
-            // From here the harvested ranges exist only in `pending`.
-            self.unsent.clone_from(&pending);
-            scanned.map_err(|source| Error::Tracking { round, source })?;
+            let collect_pause = self.collect(round, &mut pending)?;
             let scan = scan_start.elapsed();
             let interval = scan_start.duration_since(last_scan);
             last_scan = scan_start;
             let pending_bytes = coalesce(&mut pending);
             self.observe(pending_bytes);
+            self.observed.collect_pause = collect_pause;
             let dirty_rate = per_sec(pending_bytes, interval);
             self.report.dirty_rate = dirty_rate;
             self.estimator.add_scan(scan);
@@ -968,12 +1008,13 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
 
         let scan_start = Instant::now();
         let before_scan = pending.len();
-        let scanned = self.log.dirty(&mut pending);
-        self.unsent.clone_from(&pending);
-        scanned.map_err(|source| Error::Tracking { round, source })?;
+        self.collect(round, &mut pending)?;
         let scan = scan_start.elapsed();
         let found: u64 = pending[before_scan..].iter().map(|r| r.end - r.start).sum();
+        // The last iterative collection's pause, if it needed one: its pages go in this round.
+        let carried = self.observed.collect_pause;
         self.observe(found);
+        self.observed.collect_pause = carried;
         self.record_workload();
         coalesce(&mut pending);
 
@@ -1097,6 +1138,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
 mod tests {
     use super::*;
     use crate::control::{BoxError, Callbacks, WorkloadCounters};
+    use precopy_backends::CollectStats;
     use std::sync::{Arc, Mutex};
 
     const PAGE: u64 = 4096;
@@ -1135,6 +1177,7 @@ mod tests {
     }
 
     impl DirtyLog for ScriptLog {
+        type Error = std::io::Error;
         fn memory(&self) -> Vec<Range<u64>> {
             vec![0..MEM]
         }
@@ -1144,10 +1187,13 @@ mod tests {
         fn unvouched(&self) -> Vec<Range<u64>> {
             Vec::new()
         }
-        fn start(&mut self) -> Result<(), BoxError> {
+        fn start(&mut self) -> std::io::Result<()> {
             Ok(())
         }
-        fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
+        fn stop(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn collect(&mut self, out: &mut Vec<Range<u64>>) -> std::io::Result<CollectStats> {
             let i = if self.repeat {
                 self.calls.min(self.scans.len().saturating_sub(1))
             } else {
@@ -1157,7 +1203,7 @@ mod tests {
                 out.extend(s.iter().cloned());
             }
             self.calls += 1;
-            Ok(())
+            Ok(CollectStats::count(out, PAGE))
         }
     }
 
@@ -1262,25 +1308,81 @@ mod tests {
         assert_eq!(t.state.as_deref(), Some(&b"vcpu registers"[..]));
     }
 
-    /// A [`ScriptLog`] that cannot vouch for any of its memory.
-    struct Unvouched(ScriptLog);
+    /// A [`ScriptLog`] that cannot vouch for any of its memory (`unvouched`), or whose
+    /// collection needs the writers paused (`needs_pause`, as soft-dirty's does).
+    struct Flagged {
+        log: ScriptLog,
+        unvouched: bool,
+        needs_pause: bool,
+    }
 
-    impl DirtyLog for Unvouched {
+    impl DirtyLog for Flagged {
+        type Error = std::io::Error;
         fn memory(&self) -> Vec<Range<u64>> {
-            self.0.memory()
+            self.log.memory()
         }
         fn page_size(&self) -> u64 {
             PAGE
         }
-        fn start(&mut self) -> Result<(), BoxError> {
+        fn start(&mut self) -> std::io::Result<()> {
             Ok(())
         }
-        fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
-            self.0.dirty(out)
+        fn stop(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn collect(&mut self, out: &mut Vec<Range<u64>>) -> std::io::Result<CollectStats> {
+            self.log.collect(out)
         }
         fn unvouched(&self) -> Vec<Range<u64>> {
-            vec![0..MEM]
+            if self.unvouched {
+                vec![0..MEM]
+            } else {
+                Vec::new()
+            }
         }
+        fn needs_pause(&self) -> bool {
+            self.needs_pause
+        }
+    }
+
+    #[test]
+    fn a_log_that_needs_a_pause_gets_one_around_each_collection_and_reports_it() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        // As in the convergence test: round 0, two iterative rounds, the final round.
+        let log = Flagged {
+            log: ScriptLog::pages(vec![400, 100, 20]),
+            unvouched: false,
+            needs_pause: true,
+        };
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(100);
+        cfg.throttle.enabled = false;
+        cfg.probe_pause = false;
+        cfg.after = AfterMigration::Resume;
+        let mut m = Migration::new(log, link(1024.0 * 1024.0), workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(report.status, Status::Completed);
+        let kinds: Vec<_> = report.rounds.iter().map(|r| r.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                RoundKind::Full,
+                RoundKind::Iterative,
+                RoundKind::Iterative,
+                RoundKind::Final
+            ]
+        );
+        // Round 0 has no collection before it; each later round sends what a paused
+        // collection found (the final round: the last iterative one's, its own ran paused).
+        assert_eq!(report.rounds[0].collect_pause, None);
+        assert!(report.rounds[1..].iter().all(|r| r.collect_pause.is_some()));
+        assert_eq!(
+            *events.lock().unwrap(),
+            vec![
+                "pause", "resume", "pause", "resume", "pause", "resume", "pause", "resume"
+            ],
+            "paused and resumed around each of three collections, then the final round"
+        );
     }
 
     /// A link whose re-check finds page 100 changed; records what it was asked to re-check and
@@ -1311,7 +1413,11 @@ mod tests {
     #[test]
     fn final_round_adds_what_the_recheck_of_unvouched_memory_found() {
         let events = Arc::new(Mutex::new(Vec::new()));
-        let log = Unvouched(ScriptLog::pages(vec![10, 30]));
+        let log = Flagged {
+            log: ScriptLog::pages(vec![10, 30]),
+            unvouched: true,
+            needs_pause: false,
+        };
         let link = CheckingLink {
             inner: link(1e9),
             asked: Vec::new(),

@@ -161,8 +161,8 @@ mod uffd;
 
 pub use cancel::CancelHandle;
 pub use control::{
-    BoxError, Callbacks, DirtyLog, ExternalDirty, Interrupt, MarkError, RoundSent, Transport,
-    USER_ADDRESS_LIMIT, Workload, WorkloadCounters,
+    BoxError, Callbacks, CollectStats, DirtyLog, ExternalDirty, Interrupt, MarkError, RoundSent,
+    Transport, USER_ADDRESS_LIMIT, Workload, WorkloadCounters,
 };
 pub use driver::{
     AfterMigration, LimitPolicy, Migration, MigrationConfig, Phase, Progress, ReconnectConfig,

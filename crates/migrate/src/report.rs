@@ -105,6 +105,11 @@ pub struct RoundReport {
     pub workload_rate: Option<f64>,
     /// The workload's mean time per operation over that interval, in nanoseconds.
     pub workload_ns_per_op: Option<f64>,
+    /// How long the workload was paused for the collection whose pages this round sent, for a
+    /// dirty log whose read and reset are two steps ([`crate::DirtyLog::needs_pause`]:
+    /// soft-dirty); `None` when it was not paused for it.
+    #[serde(serialize_with = "ms_opt", rename = "collect_pause_ms")]
+    pub collect_pause: Option<Duration>,
 }
 
 /// What the source suffered: the workload's own throughput before and while it was tracked
@@ -514,6 +519,16 @@ impl fmt::Display for MigrationReport {
                 rate(Some(w.during_rate)),
                 ns(w.during_ns_per_op),
                 w.write_faults
+            )?;
+        }
+        let pauses: Vec<Duration> = self.rounds.iter().filter_map(|r| r.collect_pause).collect();
+        if let Some(max) = pauses.iter().max() {
+            writeln!(
+                f,
+                "collections:   the dirty log needs the workload paused to collect: {} pause(s), {} in all, longest {}",
+                pauses.len(),
+                msf(pauses.iter().sum()),
+                msf(*max)
             )?;
         }
         if let Some(c) = self.checksum {

@@ -11,7 +11,7 @@
 //!   and sent whole;
 //! - **new** (a trackable mapping no tracked range covers): registered, armed and sent whole.
 //!
-//! Registering and arming happen *before* [`DirtyLog::dirty`] returns, and the caller reads
+//! Registering and arming happen *before* [`DirtyLog::collect`] returns, and the caller reads
 //! page contents only after that, so a write that lands in the window of a change is either in
 //! the contents read or reported by the next round: never lost.
 //!
@@ -28,7 +28,7 @@
 //! rather than being silently left out; `precopy rate`,
 //! which sends nothing, tracks such mappings too ([`TargetLog::allow_anywhere`]).
 
-use crate::control::{BoxError, DirtyLog};
+use crate::control::{CollectStats, DirtyLog};
 use precopy_scanner::Scanner;
 use precopy_tracker::target::{SkipReason, TargetMapping, target_mappings};
 use precopy_tracker::{Tracker, Uffd};
@@ -368,7 +368,7 @@ impl TargetLog {
         &self.skipped
     }
 
-    /// What the last [`DirtyLog::dirty`] call changed.
+    /// What the last [`DirtyLog::collect`] call changed.
     pub fn last_changes(&self) -> &MapChanges {
         &self.last
     }
@@ -495,6 +495,8 @@ impl TargetLog {
 }
 
 impl DirtyLog for TargetLog {
+    type Error = TargetError;
+
     fn memory(&self) -> Vec<Range<u64>> {
         self.tracker.ranges().iter().map(|r| r.range()).collect()
     }
@@ -503,9 +505,9 @@ impl DirtyLog for TargetLog {
         self.tracker.page_size()
     }
 
-    fn start(&mut self) -> Result<(), BoxError> {
+    fn start(&mut self) -> Result<(), TargetError> {
         if !self.alive() {
-            return Err(Box::new(TargetError::Exited { pid: self.pid }));
+            return Err(TargetError::Exited { pid: self.pid });
         }
         let ranges: Vec<Range<u64>> = self.tracker.ranges().iter().map(|r| r.range()).collect();
         for r in ranges {
@@ -514,8 +516,16 @@ impl DirtyLog for TargetLog {
         Ok(())
     }
 
-    fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
-        Ok(self.round(out)?)
+    fn collect(&mut self, out: &mut Vec<Range<u64>>) -> Result<CollectStats, TargetError> {
+        let first = out.len();
+        self.round(out)?;
+        Ok(CollectStats::count(&out[first..], self.tracker.page_size()))
+    }
+
+    /// Nothing to release early: tracking ends when the log (and with it the userfaultfd) is
+    /// dropped.
+    fn stop(&mut self) -> Result<(), TargetError> {
+        Ok(())
     }
 
     fn unvouched(&self) -> Vec<Range<u64>> {

@@ -1,7 +1,7 @@
 //! [`DirtyLog`] over the engine's own tracking: a [`Tracker`] armed once and a [`Scanner`] run
 //! per round, in this process or in another one whose userfaultfd was adopted.
 
-use crate::control::{BoxError, DirtyLog, ExternalDirty};
+use crate::control::{CollectStats, DirtyLog, ExternalDirty};
 use precopy_scanner::{Scanner, UntrackedReason};
 use precopy_tracker::{MemoryKind, Tracker, Uffd};
 use precopy_transfer::{Backing, Layout};
@@ -62,6 +62,39 @@ pub enum TrackingError {
         /// What the tracker found.
         found: String,
     },
+    /// Write-protecting the tracked memory at the start failed.
+    #[error("write-protecting the tracked memory failed")]
+    Arm {
+        /// The tracker's error.
+        #[source]
+        source: precopy_tracker::Error,
+    },
+    /// Taking the writes the embedder marked ([`ExternalDirty`]) failed; the marks stay for
+    /// the next collection.
+    #[error("taking the externally marked writes failed")]
+    External {
+        /// Why.
+        #[source]
+        source: crate::control::MarkError,
+    },
+    /// A scanner round failed.
+    #[error("a dirty-page scan failed")]
+    Scan {
+        /// The scanner's error.
+        #[source]
+        source: precopy_scanner::Error,
+    },
+    /// Unregistering a range when the log stopped failed.
+    #[error("unregistering {start:#x}..{end:#x} from the tracker failed")]
+    Unregister {
+        /// First address.
+        start: u64,
+        /// One past the last.
+        end: u64,
+        /// The tracker's error.
+        #[source]
+        source: precopy_tracker::Error,
+    },
     /// The tracker refused the adopted fd.
     #[error("adopting the userfaultfd of process {pid} failed")]
     Adopt {
@@ -83,7 +116,7 @@ pub fn adopt_process_uffd(pid: i32, fd: RawFd) -> Result<Uffd, TrackingError> {
     Uffd::adopt(ours, pid).map_err(|source| TrackingError::Adopt { pid, source })
 }
 
-/// The tracker's ranges are the memory; each [`DirtyLog::dirty`] call is one scanner round,
+/// The tracker's ranges are the memory; each [`DirtyLog::collect`] call is one scanner round,
 /// plus whatever the embedder marked through [`UffdDirtyLog::external_dirty`]. Parts that
 /// stopped being tracked are reported dirty (re-sent in full); parts that were unmapped fail
 /// the migration. Ranges the tracker marked [`verify`](precopy_tracker::TrackedRange::verify)
@@ -169,6 +202,8 @@ impl UffdDirtyLog {
 }
 
 impl DirtyLog for UffdDirtyLog {
+    type Error = TrackingError;
+
     fn memory(&self) -> Vec<Range<u64>> {
         self.tracker.ranges().iter().map(|r| r.range()).collect()
     }
@@ -177,33 +212,63 @@ impl DirtyLog for UffdDirtyLog {
         self.tracker.page_size()
     }
 
-    fn start(&mut self) -> Result<(), BoxError> {
-        Ok(self.tracker.arm()?)
+    fn start(&mut self) -> Result<(), TrackingError> {
+        self.tracker
+            .arm()
+            .map_err(|source| TrackingError::Arm { source })
+    }
+
+    /// Unregisters every tracked range (the write protection goes with it).
+    fn stop(&mut self) -> Result<(), TrackingError> {
+        for r in self.memory() {
+            self.tracker
+                .unregister(r.clone())
+                .map_err(|source| TrackingError::Unregister {
+                    start: r.start,
+                    end: r.end,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn method(&self) -> String {
+        "userfaultfd async write-protect + PAGEMAP_SCAN".into()
     }
 
     fn unvouched(&self) -> Vec<Range<u64>> {
         self.tracker.verify_ranges()
     }
 
-    fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
+    fn collect(&mut self, out: &mut Vec<Range<u64>>) -> Result<CollectStats, TrackingError> {
+        let first = out.len();
+        let mut ioctls = 0;
         // Drained before the scan: a range marked after its write may be sent twice, never
         // missed.
-        self.external.drain_into(self.tracker.page_size(), out)?;
+        self.external
+            .drain_into(self.tracker.page_size(), out)
+            .map_err(|source| TrackingError::External { source })?;
         loop {
-            let round = self.scanner.round(&self.tracker)?;
+            let round = self
+                .scanner
+                .round(&self.tracker)
+                .map_err(|source| TrackingError::Scan { source })?;
+            ioctls += round.stats().ioctls;
             out.extend_from_slice(round.dirty());
             for u in round.untracked() {
                 if u.reason == UntrackedReason::Unmapped {
-                    return Err(Box::new(TrackingError::Unmapped {
+                    return Err(TrackingError::Unmapped {
                         start: u.range.start,
                         end: u.range.end,
-                    }));
+                    });
                 }
                 out.push(u.range.clone());
             }
             // Only a page budget makes a round incomplete; finish the walk.
             if round.complete() {
-                return Ok(());
+                let mut stats = CollectStats::count(&out[first..], self.tracker.page_size());
+                stats.syscalls = ioctls;
+                return Ok(stats);
             }
         }
     }

@@ -85,6 +85,9 @@ pub enum Error {
     /// Tracking guest RAM failed.
     #[error("tracking guest RAM failed")]
     Tracker(#[source] precopy_tracker::Error),
+    /// The dirty log the KVM cross-check wraps failed.
+    #[error("the engine's dirty log failed")]
+    DirtyLog(#[source] precopy_migrate::BoxError),
     /// The scanner could not start.
     #[error("starting the scanner failed")]
     Scanner(#[source] precopy_scanner::Error),

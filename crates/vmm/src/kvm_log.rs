@@ -25,7 +25,7 @@
 
 use crate::error::Error;
 use crate::vm::VmControl;
-use precopy_migrate::{BoxError, DirtyLog};
+use precopy_migrate::{CollectStats, DirtyLog};
 use precopy_sys::kvm::GuestRam;
 use std::ops::Range;
 use std::sync::Arc;
@@ -124,7 +124,14 @@ fn count(words: impl Iterator<Item = u64>) -> u64 {
     words.map(|w| u64::from(w.count_ones())).sum()
 }
 
+/// The wrapped log's error, as this crate's.
+fn inner_err<E: std::error::Error + Send + Sync + 'static>(e: E) -> Error {
+    Error::DirtyLog(Box::new(e))
+}
+
 impl<D: DirtyLog> DirtyLog for KvmCheckedLog<D> {
+    type Error = Error;
+
     fn memory(&self) -> Vec<Range<u64>> {
         self.inner.memory()
     }
@@ -137,19 +144,27 @@ impl<D: DirtyLog> DirtyLog for KvmCheckedLog<D> {
         self.inner.unvouched()
     }
 
-    fn start(&mut self) -> Result<(), BoxError> {
+    fn needs_pause(&self) -> bool {
+        self.inner.needs_pause()
+    }
+
+    fn start(&mut self) -> Result<(), Error> {
         self.stepped(|s| {
             s.kvm_log()?;
-            s.inner.start()
+            s.inner.start().map_err(inner_err)
         })
     }
 
-    fn dirty(&mut self, out: &mut Vec<Range<u64>>) -> Result<(), BoxError> {
+    fn stop(&mut self) -> Result<(), Error> {
+        self.inner.stop().map_err(inner_err)
+    }
+
+    fn collect(&mut self, out: &mut Vec<Range<u64>>) -> Result<CollectStats, Error> {
         let before = out.len();
-        let kvm = self.stepped(|s| -> Result<Vec<u64>, BoxError> {
+        let (kvm, collected) = self.stepped(|s| -> Result<_, Error> {
             let kvm = s.kvm_log()?;
-            s.inner.dirty(out)?;
-            Ok(kvm)
+            let collected = s.inner.collect(out).map_err(inner_err)?;
+            Ok((kvm, collected))
         })?;
         let base = self.ram.ram().addr();
         let end = base + self.ram.ram().len();
@@ -188,12 +203,12 @@ impl<D: DirtyLog> DirtyLog for KvmCheckedLog<D> {
                 .map(|(i, w)| (i as u64, *w))
                 .unwrap_or((0, 0));
             let first_page = w * 64 + u64::from(bits.trailing_zeros());
-            return Err(Box::new(Error::MissedByUffd {
+            return Err(Error::MissedByUffd {
                 round,
                 missed,
                 first_gpa: self.ram.gpa() + first_page * crate::guest::PAGE,
-            }));
+            });
         }
-        Ok(())
+        Ok(collected)
     }
 }

@@ -157,8 +157,8 @@ fn kvm_log_subset(lockstep: bool) {
         // one with writes in it however slowly a loaded machine runs the vCPU.
         wait_for_progress(&control, 1 + i as u64 % 4);
         out.clear();
-        if let Err(e) = log.dirty(&mut out) {
-            panic!("round {}: {}", i + 1, precopy_sys::error_chain(e.as_ref()));
+        if let Err(e) = log.collect(&mut out) {
+            panic!("round {}: {}", i + 1, precopy_sys::error_chain(&e));
         }
     }
     running.stop().unwrap();
@@ -203,6 +203,7 @@ fn kvm_dirty_log_is_a_subset_of_ours_in_lockstep() {
 struct Lossy(precopy_migrate::UffdDirtyLog);
 
 impl precopy_migrate::DirtyLog for Lossy {
+    type Error = precopy_migrate::TrackingError;
     fn memory(&self) -> Vec<std::ops::Range<u64>> {
         self.0.memory()
     }
@@ -212,15 +213,19 @@ impl precopy_migrate::DirtyLog for Lossy {
     fn unvouched(&self) -> Vec<std::ops::Range<u64>> {
         self.0.unvouched()
     }
-    fn start(&mut self) -> Result<(), precopy_migrate::BoxError> {
+    fn start(&mut self) -> Result<(), Self::Error> {
         self.0.start()
     }
-    fn dirty(
+    fn stop(&mut self) -> Result<(), Self::Error> {
+        self.0.stop()
+    }
+    fn collect(
         &mut self,
         _out: &mut Vec<std::ops::Range<u64>>,
-    ) -> Result<(), precopy_migrate::BoxError> {
+    ) -> Result<precopy_migrate::CollectStats, Self::Error> {
         let mut lost = Vec::new();
-        self.0.dirty(&mut lost)
+        self.0.collect(&mut lost)?;
+        Ok(Default::default())
     }
 }
 
@@ -241,18 +246,15 @@ fn cross_check_fails_when_our_log_misses_a_write() {
     let control = running.control();
     for _ in 0..100 {
         wait_for_progress(&control, 1);
-        if let Err(e) = log.dirty(&mut Vec::new()) {
+        if let Err(e) = log.collect(&mut Vec::new()) {
             failure = Some(e);
             break;
         }
     }
     running.stop().unwrap();
     let e = failure.expect("a log that drops every page passed the cross-check");
-    let e = e
-        .downcast_ref::<precopy_vmm::Error>()
-        .expect("the cross-check's own error");
     assert!(
-        matches!(e, precopy_vmm::Error::MissedByUffd { missed, .. } if *missed > 0),
+        matches!(e, precopy_vmm::Error::MissedByUffd { missed, .. } if missed > 0),
         "{e}"
     );
 }
