@@ -63,8 +63,9 @@ if ((${#custom_jobs[@]})); then
 elif ((!no_precopy)); then
     add_job probe "precopy probe --json"
     ((no_bench)) || add_job bench "precopy bench --json $bench_args"
-    # No demo job yet: the driver cannot run on soft-dirty (no `demo --backend`) until one
-    # dirty-log trait covers the comparison backends (issue 15).
+    # A migration driven by soft-dirty (the source paused around each collection), verified
+    # byte for byte: the driver's fallback where WP_ASYNC is missing (6.1).
+    add_job demo-soft-dirty "precopy demo --json --backend soft-dirty --size 64M --dirty-rate 8M --transport unix"
 fi
 
 # ---- the binary
