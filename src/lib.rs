@@ -9,7 +9,7 @@
 //! - [`scanner`]: rounds of get-and-reprotect over the tracked ranges.
 //! - [`transfer`]: wire protocol, sender/receiver, checkpoint images.
 //! - [`backends`]: the comparison trackers (soft-dirty, mprotect, uffd sync WP) behind one trait.
-//! - [`migrate`]: the pre-copy migration driver.
+//! - [`migrate`](mod@migrate): the pre-copy migration driver.
 //!
 //! # Embedding: a VMM's live migration
 //!

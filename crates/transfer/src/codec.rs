@@ -1,6 +1,6 @@
 //! Compression of PAGES payloads, in one place: the per-transfer choice
 //! ([`Compression`]), the codec byte a PAGES header carries ([`Codec`]), the
-//! sender's [`Compressor`] and the receiver's [`Decompressor`].
+//! sender's `Compressor` and the receiver's `Decompressor` (crate-private).
 //!
 //! A PAGES frame whose payload does not shrink is sent raw (codec 0) whatever
 //! the choice, so a receiver always sees the smaller of the two. Compressed

@@ -8,7 +8,7 @@
 //! - the **tracker's registrations** on the source ([`Layout::host_ranges`]);
 //! - the **wire layout**: HELLO carries every region but its host address,
 //!   and PAGES/ZERO frames name pages by *region id and offset* inside the
-//!   region, never by a host address (see [`crate::protocol`]);
+//!   region, never by a host address (see the crate-private `protocol` module);
 //! - the **receiver's placement**: a region's pages land in the memory the
 //!   destination mapped for that id ([`MemorySink::with_memory`](crate::MemorySink::with_memory))
 //!   or in an owned mapping.

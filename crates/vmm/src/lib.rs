@@ -10,7 +10,7 @@
 //!   what that does to the figures.
 //! * [`vm`]: guest RAM (anonymous or memfd), the memory slot, vCPU threads, pause/resume.
 //! * [`kvm_log`]: the per-round cross-check against `KVM_GET_DIRTY_LOG`.
-//! * [`migrate`]: source and destination of a live migration between two VMM processes.
+//! * [`migrate`](mod@migrate): source and destination of a live migration between two VMM processes.
 //! * [`state`]: vCPU registers and device state: the blob the migration's state hook returns
 //!   and the transfer carries in its STATE frame after the last memory round.
 //!

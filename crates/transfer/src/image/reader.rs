@@ -36,7 +36,7 @@ pub struct Image {
 
 impl Image {
     /// Opens an image. Succeeds for incomplete images (see
-    /// [`ImageInfo::complete`]); fails only if the file cannot be read or its
+    /// [`ImageInfo::complete`](crate::image::ImageInfo::complete)); fails only if the file cannot be read or its
     /// preamble and layout record are not valid.
     pub fn open(path: impl AsRef<Path>) -> Result<Image, ImageError> {
         let path = path.as_ref().to_owned();
