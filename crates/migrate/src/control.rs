@@ -74,6 +74,13 @@ pub trait Transport {
     fn commit(&mut self) -> Result<(), BoxError> {
         Ok(())
     }
+    /// Between rounds: what [`Transport::finish`] would cost now beyond reading memory (one
+    /// round trip to the destination and the digests on both ends), measured, for the
+    /// switch-over estimate. `None` (the default): the transport cannot tell, and the estimate
+    /// leaves that part out.
+    fn probe_finish(&mut self) -> Result<Option<Duration>, BoxError> {
+        Ok(None)
+    }
     /// A handle that makes a blocked [`Transport::send_round`] or [`Transport::finish`] return
     /// promptly with an error when called from another thread (the driver's deadlines and
     /// [`CancelHandle`](crate::CancelHandle) use it). `None` (the default): the driver can stop
@@ -253,6 +260,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn commit(&mut self) -> Result<(), BoxError> {
         (**self).commit()
+    }
+    fn probe_finish(&mut self) -> Result<Option<Duration>, BoxError> {
+        (**self).probe_finish()
     }
     fn interrupter(&self) -> Option<Interrupt> {
         (**self).interrupter()

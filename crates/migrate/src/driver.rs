@@ -753,6 +753,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         match self.send(Step::Round { round: 0 }, &memory) {
             Ok(sent) => {
                 self.record(RoundKind::Full, total, Duration::ZERO, 0.0, None, sent);
+                self.probe_finish();
                 if self.config.probe_pause {
                     self.probe_pause()?;
                 }
@@ -826,6 +827,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 expected,
                 sent,
             );
+            self.probe_finish();
             if self.config.probe_pause && self.estimator.pause_probes() < PAUSE_PROBES {
                 self.probe_pause()?;
             }
@@ -858,6 +860,19 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         Ok(())
     }
 
+    /// Asks the transport what finishing would cost now (digests and the acknowledgement round
+    /// trip), for the estimate. A failed probe is only logged: the next round meets the same
+    /// broken connection and deals with it (reconnect, or the round's error).
+    fn probe_finish(&mut self) {
+        match self.transport.probe_finish() {
+            Ok(Some(took)) => self.estimator.add_finish(took),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, "probing the cost of the final acknowledgement failed")
+            }
+        }
+    }
+
     /// Why the iteration ended without the expected downtime fitting the limit.
     fn why_not_converged(&self, reason: SwitchReason, e: Option<DowntimeEstimate>) -> String {
         let limit = ms(self.config.max_downtime);
@@ -871,13 +886,14 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let Some(e) = e else {
             return format!("{what} before any bandwidth was measured; limit {limit:.1} ms");
         };
-        let fixed = e.pause + e.scan + e.fixed;
+        let fixed = e.pause + e.scan + e.fixed + e.finish;
         let cause = if ms(fixed.mul_f64(e.margin)) > limit {
             format!(
-                "the fixed costs alone (pause {:.1} + scan {:.1} + {:.1} ms per round) exceed it",
+                "the fixed costs alone (pause {:.1} + scan {:.1} + {:.1} ms per round + finish {:.1}) exceed it",
                 ms(e.pause),
                 ms(e.scan),
-                ms(e.fixed)
+                ms(e.fixed),
+                ms(e.finish)
             )
         } else {
             format!(
@@ -912,16 +928,24 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             over("pause", actual.pause, e.pause);
             over("scan", actual.scan, e.scan);
             over("send", actual.send, e.send);
+            if !e.finish.is_zero() {
+                over("checksum/ack", actual.finish, e.finish);
+            }
             if !actual.verify.is_zero() {
                 parts.push(format!(
                     "verify pass {:.1} ms (not estimated)",
                     ms(actual.verify)
                 ));
             }
-            parts.push(format!(
-                "checksum/ack {:.1} ms (not estimated)",
-                ms(actual.finish)
-            ));
+            if e.finish.is_zero() {
+                parts.push(format!(
+                    "checksum/ack {:.1} ms (not estimated)",
+                    ms(actual.finish)
+                ));
+            }
+            if !actual.state.is_zero() {
+                parts.push(format!("state {:.1} ms (not estimated)", ms(actual.state)));
+            }
         }
         let mut note = format!(
             "downtime {:.1} ms exceeded the limit of {:.1} ms",
@@ -1216,9 +1240,16 @@ mod tests {
         fail_at: Option<u64>,
         finished: bool,
         state: Option<Vec<u8>>,
+        /// What [`Transport::probe_finish`] answers; the probes taken.
+        probe: Option<Duration>,
+        probes: u32,
     }
 
     impl Transport for FakeLink {
+        fn probe_finish(&mut self) -> Result<Option<Duration>, BoxError> {
+            self.probes += 1;
+            Ok(self.probe)
+        }
         fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError> {
             if self.fail_at == Some(self.round) {
                 return Err("peer went away".into());
@@ -1268,7 +1299,55 @@ mod tests {
             fail_at: None,
             finished: false,
             state: None,
+            probe: None,
+            probes: 0,
         }
+    }
+
+    #[test]
+    fn the_measured_finish_cost_is_part_of_the_estimate() {
+        // As in the test above, plus 30 ms to finish: 20 pages (78 ms to send) no longer fit
+        // in 100 ms, 5 pages do.
+        let log = ScriptLog::pages(vec![400, 100, 20, 5]);
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(100);
+        cfg.throttle.enabled = false;
+        cfg.probe_pause = false;
+        let link = FakeLink {
+            probe: Some(Duration::from_millis(30)),
+            ..link(1024.0 * 1024.0)
+        };
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let mut m = Migration::new(log, link, workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(report.switch_reason, Some(SwitchReason::Converged));
+        assert_eq!(report.rounds.last().unwrap().pages, 5);
+        let e = report.downtime_estimate.expect("an estimate");
+        assert_eq!(e.finish, Duration::from_millis(30));
+        assert_eq!(report.expected_downtime, Some(e.total()));
+        assert_eq!(e.total(), e.pause + e.scan + e.send + e.finish);
+        // A probe after round 0 and after each iterative round, none after the final one.
+        let iterative = report
+            .rounds
+            .iter()
+            .filter(|r| r.kind == RoundKind::Iterative)
+            .count() as u32;
+        let (_, link, _) = m.into_parts();
+        assert_eq!(link.probes, 1 + iterative);
+
+        // Finishing alone takes longer than the limit: it never converges, and the report
+        // names the finish among the fixed costs.
+        let link = FakeLink {
+            probe: Some(Duration::from_millis(150)),
+            ..self::link(1024.0 * 1024.0)
+        };
+        cfg.max_rounds = 3;
+        let log = ScriptLog::pages(vec![400, 100, 20]);
+        let mut m = Migration::new(log, link, workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(report.switch_reason, Some(SwitchReason::MaxRounds));
+        let note = report.downtime_note.expect("a note");
+        assert!(note.contains("finish 150.0"), "{note}");
     }
 
     #[test]

@@ -32,7 +32,10 @@
 //! what the final phase would cost if it paused now: **pause** (the median of three probes that
 //! pause and resume the workload, after round 0 and the next two rounds,
 //! [`MigrationConfig::probe_pause`]) + **final scan** (the
-//! slowest of the last three scans) + **send** of the pending bytes. The send estimate comes from
+//! slowest of the last three scans) + **send** of the pending bytes + **finish** (the memory
+//! digests and the acknowledgement round trip: the upper median of the last five
+//! [`Transport::probe_finish`] samples, one after each round; over a socket a PING/PONG on every
+//! connection, see `precopy-transfer`'s protocol). The send estimate comes from
 //! the rounds themselves: a line `fixed + bytes / bandwidth` fitted to the last four iterative
 //! rounds, never faster than the slowest of them (a low percentile of recent bandwidth, not the
 //! mean), and before two such rounds exist the duration of the smallest measured round at least
@@ -52,9 +55,8 @@
 //! met (the iteration ended on a limit: is it the fixed costs or the dirty rate?) or was
 //! exceeded (which part took longer than estimated). Not estimated: the verify pass over
 //! memory the dirty log cannot vouch for (it depends on that memory's size, not on the rounds)
-//! and the checksum-and-acknowledgement round trip (about 2 ms on loopback): measuring it before the final round would need
-//! a ping in the protocol. Every round, the final one included, spreads its batches over all
-//! the transport's streams.
+//! and the state blob (saved once, while paused). Every round, the final one included, spreads
+//! its batches over all the transport's streams (round robin per run of pages).
 //!
 //! Two limits bound the iteration, each with a [`LimitPolicy`]:
 //!

@@ -189,6 +189,11 @@ pub struct DowntimeEstimate {
     /// recent round.
     #[serde(serialize_with = "ms", rename = "send_ms")]
     pub send: Duration,
+    /// Memory digests and the acknowledgement round trip: the upper median of the transport's
+    /// recent probes ([`Transport::probe_finish`](crate::Transport::probe_finish)); zero for a
+    /// transport that cannot probe.
+    #[serde(serialize_with = "ms", rename = "finish_ms")]
+    pub finish: Duration,
     /// Per-round fixed cost of the fitted line.
     #[serde(serialize_with = "ms", rename = "fixed_ms")]
     pub fixed: Duration,

@@ -23,8 +23,15 @@
 //!   actual to estimated (at least 1, at most [`MAX_MARGIN`]), so an estimator that was optimistic lately becomes
 //!   cautious before the pause, not after.
 //!
-//! Not estimated: the checksum and acknowledgement round trip (about 2 ms on loopback here);
-//! a transport cannot measure it before the final round without a ping in the protocol.
+//! * **finish** (memory digests and the acknowledgement round trip): the upper median of the
+//!   last [`FINISH_WINDOW`] probes the transport took after a round
+//!   ([`Transport::probe_finish`](crate::Transport::probe_finish): a PING/PONG on every
+//!   connection plus the digest of the page-CRC table timed at the sender, twice), zero for a
+//!   transport that cannot probe.
+//!
+//! Not estimated: the state blob (saved once, while paused; small for a process, a few
+//! hundred KiB for a VMM's devices) and the verify pass over memory the dirty log cannot
+//! vouch for.
 
 use crate::report::DowntimeEstimate;
 use std::collections::VecDeque;
@@ -36,6 +43,8 @@ pub(crate) const PAUSE_PROBES: usize = 3;
 pub(crate) const SCAN_WINDOW: usize = 3;
 /// Rounds remembered for the send fit and the margin.
 pub(crate) const SEND_WINDOW: usize = 4;
+/// Finish probes remembered for the finish estimate.
+pub(crate) const FINISH_WINDOW: usize = 5;
 /// The most the margin grows: one freak round (a competing process took the CPU) must not
 /// stop a migration from ever converging.
 pub(crate) const MAX_MARGIN: f64 = 1.5;
@@ -51,9 +60,9 @@ struct Sample {
 }
 
 impl DowntimeEstimate {
-    /// The expected downtime: pause + scan + send.
+    /// The expected downtime: pause + scan + send + finish.
     pub fn total(&self) -> Duration {
-        self.pause + self.scan + self.send
+        self.pause + self.scan + self.send + self.finish
     }
 
     /// What the decision compares with the limit: the total times the margin.
@@ -72,6 +81,16 @@ pub(crate) struct Estimator {
     fallback: Option<Sample>,
     /// actual ÷ estimated send time of recent rounds.
     errors: VecDeque<f64>,
+    /// Recent probes of the finish cost (digests + acknowledgement round trip).
+    finishes: VecDeque<Duration>,
+}
+
+/// The upper median of `v` (zero when empty): one slow sample of a busy scheduler does not
+/// decide, a majority does.
+fn upper_median(v: impl Iterator<Item = Duration>) -> Duration {
+    let mut v: Vec<Duration> = v.collect();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
 fn push<T>(q: &mut VecDeque<T>, v: T, cap: usize) {
@@ -93,9 +112,12 @@ impl Estimator {
 
     /// The upper median of the pause probes.
     fn pause(&self) -> Duration {
-        let mut p = self.pauses.clone();
-        p.sort_unstable();
-        p.get(p.len() / 2).copied().unwrap_or_default()
+        upper_median(self.pauses.iter().copied())
+    }
+
+    /// Records one probe of what finishing would cost (see [`Estimator::estimate`]).
+    pub fn add_finish(&mut self, finish: Duration) {
+        push(&mut self.finishes, finish, FINISH_WINDOW);
     }
 
     pub fn add_scan(&mut self, scan: Duration) {
@@ -212,6 +234,7 @@ impl Estimator {
             pause: self.pause(),
             scan: self.scans.iter().copied().max().unwrap_or_default(),
             send,
+            finish: upper_median(self.finishes.iter().copied()),
             margin,
             bandwidth,
             fixed: Duration::from_secs_f64(fixed),
@@ -271,7 +294,49 @@ mod tests {
         assert_eq!(est.pause, ms(3.0));
         // The 9 ms scan fell out of the window.
         assert_eq!(est.scan, ms(4.0));
+        // No finish probe: that part is zero, not guessed.
+        assert_eq!(est.finish, Duration::ZERO);
         assert_eq!(est.total(), est.pause + est.scan + est.send);
+    }
+
+    #[test]
+    fn finish_is_the_upper_median_of_the_recent_probes() {
+        let mut e = Estimator::default();
+        e.add_round(100 * MIB, ms(1000.0), false);
+        let before = e.estimate(MIB).unwrap();
+        // An old slow probe falls out of the window of five; of the rest, one stall (40 ms)
+        // does not decide, the typical round trip does.
+        for f in [90.0, 2.0, 40.0, 3.0, 2.5, 2.0] {
+            e.add_finish(ms(f));
+        }
+        let est = e.estimate(MIB).unwrap();
+        assert_eq!(est.finish, ms(2.5));
+        assert_eq!(est.total(), before.total() + ms(2.5));
+        assert_eq!(
+            est.total(),
+            est.pause + est.scan + est.send + est.finish,
+            "total is the sum of the parts"
+        );
+        // Three stalls among the five recent probes do decide: the machine is that busy now.
+        for f in [30.0, 35.0, 32.0] {
+            e.add_finish(ms(f));
+        }
+        assert_eq!(e.estimate(MIB).unwrap().finish, ms(30.0));
+    }
+
+    #[test]
+    fn the_margin_multiplies_the_whole_final_phase() {
+        let mut e = Estimator::default();
+        e.add_pause(ms(4.0));
+        e.add_scan(ms(2.0));
+        e.add_finish(ms(3.0));
+        e.add_round(100 * MIB, ms(100.0), true);
+        e.add_round(50 * MIB, ms(50.0), true);
+        e.add_round(10 * MIB, ms(15.0), true);
+        let est = e.estimate(MIB).unwrap();
+        assert!(est.finish > Duration::ZERO && est.margin > 1.0);
+        let want = est.total().as_secs_f64() * est.margin;
+        assert!((est.with_margin().as_secs_f64() - want).abs() < 1e-9);
     }
 
     #[test]

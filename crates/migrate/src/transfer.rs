@@ -70,6 +70,10 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
         Ok(self.transfer.commit()?)
     }
 
+    fn probe_finish(&mut self) -> Result<Option<std::time::Duration>, BoxError> {
+        Ok(self.transfer.probe_finish()?)
+    }
+
     fn interrupter(&self) -> Option<Interrupt> {
         self.transfer.interrupter()
     }

@@ -636,6 +636,26 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         Ok(changed)
     }
 
+    /// Between rounds: what acknowledging FINISH would cost now, measured. That is one PING
+    /// round trip on every connection (the slowest; [`Sink::ping`]) plus the memory digest of
+    /// the recorded page CRCs, timed here and counted twice (the receiver folds a table of the
+    /// same size before it answers). `None` when the sink has no peer to ask. The switch-over
+    /// estimate of `precopy-migrate` takes it before it pauses the source.
+    pub fn probe_finish(&mut self) -> Result<Option<Duration>, TransferError> {
+        if self.current.is_some() || self.finished {
+            return Err(TransferError::Misuse {
+                operation: "probe_finish",
+                state: "inside a round or after finish",
+            });
+        }
+        let Some(round_trip) = self.sink.ping()? else {
+            return Ok(None);
+        };
+        let start = Instant::now();
+        std::hint::black_box(self.crcs.digest());
+        Ok(Some(round_trip + 2 * start.elapsed()))
+    }
+
     /// Sends the source's opaque state blob (vCPU registers, device state)
     /// after the last round and before [`Transfer::finish`], at most once and
     /// at most [`MAX_STATE_LEN`](crate::protocol::MAX_STATE_LEN) bytes. It

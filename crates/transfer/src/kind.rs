@@ -36,6 +36,10 @@ pub enum FrameKind {
     State = 14,
     /// Sender's confirmation that it accepted DONE in time.
     Commit = 15,
+    /// Sender's round-trip probe between rounds.
+    Ping = 16,
+    /// Receiver's answer to PING.
+    Pong = 17,
 }
 
 impl FrameKind {
@@ -58,6 +62,8 @@ impl FrameKind {
             13 => Trailer,
             14 => State,
             15 => Commit,
+            16 => Ping,
+            17 => Pong,
             _ => return None,
         })
     }
@@ -82,6 +88,8 @@ impl std::fmt::Display for FrameKind {
             Trailer => "TRAILER",
             State => "STATE",
             Commit => "COMMIT",
+            Ping => "PING",
+            Pong => "PONG",
         })
     }
 }

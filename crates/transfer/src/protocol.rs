@@ -53,6 +53,8 @@
 //! | 13 TRAILER ([`Trailer`]) | image | index offset | trailer offset | memory digest | – |
 //! | 14 STATE ([`State`]) | S→R | blob length | – | CRC32C of the blob | the VMM's state blob (vCPU and device state) |
 //! | 15 COMMIT ([`Commit`]) | S→R | – | – | memory digest | – |
+//! | 16 PING ([`Ping`]) | S→R | token | – | – | – |
+//! | 17 PONG ([`Pong`]) | R→S | token of the PING | – | – | – |
 //!
 //! A HELLO region is `id u32 | backing u8 (0 unstated, 1 anonymous, 2 memfd,
 //! 3 hugetlb, 4 file) | flags u8 (bit 0: guest address present) | 0 u16 |
@@ -88,6 +90,8 @@
 //!   │ ROUND_BEGIN(r)
 //!   │ PAGES / ZERO ...      (each page at most once per round, on one connection)
 //!   └ ROUND_END(r, counts)  ── receiver: all connections meet at a barrier
+//!   PING(token) ──►         (between rounds, any number)
+//!                                               ◄── PONG(token)
 //!   STATE(blob, crc)  ──►   (connection 0 only, at most once; the sink gets it now)
 //!   FINISH(rounds, checksum) ──►
 //!                                               ◄── DONE(pages, checksum)  or  ERROR(code, message)
@@ -1298,6 +1302,63 @@ impl<'p> Frame<'p> for Commit {
     }
 }
 
+/// PING: the sender asks for a PONG, between rounds. The round trip is what the
+/// acknowledgement of FINISH costs beyond the digests (the receiver answers from
+/// the thread that reads the connection), so the sender's switch-over estimate
+/// measures it before it pauses the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ping {
+    /// Any value; the PONG repeats it.
+    pub token: u64,
+}
+
+impl<'p> Frame<'p> for Ping {
+    const KIND: FrameKind = FrameKind::Ping;
+
+    fn fields(&self) -> [u8; FIELDS_LEN] {
+        lead(self.token)
+    }
+
+    fn payload(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&[])
+    }
+
+    fn decode(h: &Header, _: &'p [u8]) -> Result<Ping, ProtocolError> {
+        h.plain(Some(0))?;
+        let f: LeadFields = h.fields();
+        Ok(Ping {
+            token: f.value.get(),
+        })
+    }
+}
+
+/// PONG: the receiver's answer to a [`Ping`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pong {
+    /// The PING's token.
+    pub token: u64,
+}
+
+impl<'p> Frame<'p> for Pong {
+    const KIND: FrameKind = FrameKind::Pong;
+
+    fn fields(&self) -> [u8; FIELDS_LEN] {
+        lead(self.token)
+    }
+
+    fn payload(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&[])
+    }
+
+    fn decode(h: &Header, _: &'p [u8]) -> Result<Pong, ProtocolError> {
+        h.plain(Some(0))?;
+        let f: LeadFields = h.fields();
+        Ok(Pong {
+            token: f.value.get(),
+        })
+    }
+}
+
 /// Encodes a header for `payload` with the kind's three field slots given
 /// as plain numbers (`a` at byte 8, `b` at 16, `c` at 24) and any codec:
 /// for tests and fuzz targets that craft frames no typed frame would encode.
@@ -1420,6 +1481,8 @@ mod tests {
             crc32c::crc32c(blob),
         );
         check!(&Commit { digest: 77 }, 0, 0, 77);
+        check!(&Ping { token: 9 }, 9, 0, 0);
+        check!(&Pong { token: 9 }, 9, 0, 0);
         let pages = Pages {
             span,
             codec: Codec::Lz4,

@@ -17,6 +17,7 @@
 //!  InRound(r) ──PAGES/ZERO in layout──► InRound(r)
 //!  InRound(r) ──ROUND_END(r, counts match)──► [barrier] ─► Idle(r + 1)
 //!  Idle(n)    ──STATE(blob CRC ok, connection 0, first)──► Idle(n), sink holds the state
+//!  Idle(n)    ──PING(token)──► Idle(n), PONG(token) sent on that connection
 //!  Idle(n)    ──FINISH(rounds = n)──► Finished ─ all connections finished,
 //!                                     checksum of destination == FINISH's ─► DONE sent
 //!  DONE sent  ──COMMIT on every connection──► success
@@ -45,8 +46,9 @@ use crate::live::ChangedPages;
 use crate::net::{Connection, Listener};
 use crate::protocol::{
     Auth, Challenge, Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter,
-    HEADER_LEN, Header, Hello, Pages, RawHeader, RoundBegin, RoundEnd, State as StateFrame,
-    Welcome, Zero, error_code, verify_frame_pages, verify_live, verify_pages_header,
+    HEADER_LEN, Header, Hello, Pages, Ping, Pong, RawHeader, RoundBegin, RoundEnd,
+    State as StateFrame, Welcome, Zero, error_code, verify_frame_pages, verify_live,
+    verify_pages_header,
 };
 use crate::sink::Sink;
 
@@ -382,6 +384,7 @@ impl Receiver {
             conns: &self.conns,
             layout: &self.hello.layout,
             changed: Mutex::new(ChangedPages::default()),
+            writing: self.conns.iter().map(|_| Mutex::new(())).collect(),
         };
         let outcomes: Vec<Option<StreamOutcome>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
@@ -399,7 +402,7 @@ impl Receiver {
                             let pool = BufferPool::new(2);
                             let reader = BufReader::with_capacity(READ_BUFFER, c);
                             let frames = Frames::Direct(FrameReader::new(reader));
-                            let r = receive_stream(frames, &pool, shared, i == 0);
+                            let r = receive_stream(frames, &pool, shared, i);
                             return shared.outcome(r.map_err(|e| stalled(c, e)));
                         }
                         // Several connections: each socket is read on its own
@@ -411,7 +414,7 @@ impl Receiver {
                         std::thread::scope(|s2| {
                             s2.spawn(move || read_socket(c, &reader_pool, tx));
                             let frames: Frames<&[u8]> = Frames::Queued { rx };
-                            let r = receive_stream(frames, &pool, shared, i == 0);
+                            let r = receive_stream(frames, &pool, shared, i);
                             shared.outcome(r.map_err(|e| stalled(c, e)))
                         })
                     })
@@ -515,9 +518,24 @@ struct Shared<'a, K: ?Sized> {
     layout: &'a Layout,
     /// Pages applied torn from live frames and not sent again since.
     changed: Mutex<ChangedPages>,
+    /// One lock per connection, held while a frame is written to it: a stream's PONG and
+    /// another thread's ERROR must not interleave.
+    writing: Vec<Mutex<()>>,
 }
 
 impl<K: ?Sized> Shared<'_, K> {
+    /// Answers a PING on connection `index` (none when frames come from a buffer).
+    fn pong(&self, index: usize, token: u64) -> Result<(), TransferError> {
+        let (Some(c), Some(w)) = (self.conns.get(index), self.writing.get(index)) else {
+            return Ok(());
+        };
+        let _held = lock(w);
+        FrameWriter::new(c)
+            .send(&Pong { token })
+            .map_err(TransferError::io("answering a PING"))?;
+        Ok(())
+    }
+
     /// Records the first failure, tells the sender, and stops every stream.
     fn fail(&self, e: TransferError) {
         {
@@ -542,7 +560,8 @@ impl<K: ?Sized> Shared<'_, K> {
 
     fn fail_now(&self, e: &TransferError) {
         let msg = precopy_sys::error_chain(e);
-        for c in self.conns {
+        for (c, w) in self.conns.iter().zip(&self.writing) {
+            let _held = lock(w);
             send_error(c, code_for(e), &msg);
             let _ = c.shutdown(Shutdown::Write);
         }
@@ -719,15 +738,15 @@ fn read_socket(conn: &Connection, pool: &BufferPool, tx: crossbeam_channel::Send
     }
 }
 
-/// Runs one connection's state machine. Only the first connection
-/// (`first`) may carry the state blob.
+/// Runs connection `index`'s state machine. Only the first connection
+/// (index 0) may carry the state blob.
 fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
     mut frames: Frames<R>,
     pool: &BufferPool,
     shared: &Shared<'_, K>,
-    first: bool,
+    index: usize,
 ) -> Result<StreamOutcome, TransferError> {
-    let mut state_allowed = first;
+    let mut state_allowed = index == 0;
     let mut state_bytes = None;
     let mut payload = pool.take(0);
     let mut decompressor = Decompressor::default();
@@ -868,6 +887,10 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                     state_bytes,
                 });
             }
+            (State::Idle { .. }, FrameKind::Ping) => {
+                let Ping { token } = h.decode(p)?;
+                shared.pong(index, token)?;
+            }
             (_, FrameKind::Error) => {
                 let e: ErrorFrame = h.decode(p)?;
                 return Err(TransferError::PeerRejected {
@@ -970,14 +993,10 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         conns: &[],
         layout,
         changed: Mutex::new(ChangedPages::default()),
+        writing: Vec::new(),
     };
     let pool = BufferPool::new(2);
-    let outcome = receive_stream(
-        Frames::Direct(FrameReader::new(bytes)),
-        &pool,
-        &shared,
-        true,
-    )?;
+    let outcome = receive_stream(Frames::Direct(FrameReader::new(bytes)), &pool, &shared, 0)?;
     let changed = shared
         .changed
         .into_inner()

@@ -109,6 +109,13 @@ pub trait Sink {
         None
     }
 
+    /// Between rounds: one round trip to the destination (PING and PONG on every connection,
+    /// the slowest of them), what acknowledging FINISH costs beyond the digests. `None` (the
+    /// default): the sink has no peer to answer.
+    fn ping(&mut self) -> Result<Option<std::time::Duration>, TransferError> {
+        Ok(None)
+    }
+
     /// Whole pages of the sender's own memory at memory offset `offset`,
     /// lent without a copy ([`crate::live`]); `crcs` are the CRC32C of each
     /// page as the sender took it just before, which the bytes may no longer
@@ -211,6 +218,9 @@ macro_rules! forward_sink {
             }
             fn peer(&self) -> Option<String> {
                 (**self).peer()
+            }
+            fn ping(&mut self) -> Result<Option<std::time::Duration>, TransferError> {
+                (**self).ping()
             }
             fn lend_pages(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
                 (**self).lend_pages(offset, len)

@@ -378,3 +378,72 @@ fn unmapped_source_page_is_an_error_not_zeros() {
     );
     assert_eq!(tx.sink().stats().pages + tx.sink().stats().zero_pages, 0);
 }
+
+/// PING/PONG between rounds on every connection: the sender learns what acknowledging FINISH
+/// would cost, the transfer goes on undisturbed, and probing is refused inside a round and
+/// after the end.
+fn probe_between_rounds(net: Net, streams: usize) {
+    let pages = 64;
+    let (listener, connect, _dir) = listen(&net);
+    let rx = spawn_receiver(listener, receiver_config());
+    let layout = Layout::single(PS, BASE, pages as u64 * PS).unwrap();
+    let config = SenderConfig {
+        streams,
+        ..sender_config()
+    };
+    let conns = (0..streams).map(|_| connect()).collect();
+    let mut tx = Sender::connect(
+        conns,
+        layout,
+        SliceSource::new(BASE, memory(pages, 3)),
+        &config,
+    )
+    .unwrap();
+    let all = BASE..BASE + pages as u64 * PS;
+    tx.send_round(std::slice::from_ref(&all)).unwrap();
+    for _ in 0..3 {
+        let took = tx
+            .probe_finish()
+            .unwrap()
+            .expect("a socket has a peer to ask");
+        assert!(took > std::time::Duration::ZERO);
+    }
+    tx.begin_round().unwrap();
+    assert!(
+        matches!(tx.probe_finish(), Err(TransferError::Misuse { .. })),
+        "no PING inside a round"
+    );
+    tx.end_round().unwrap();
+    let mut rng = StdRng::seed_from_u64(4);
+    let dirty = redirty(tx.source_mut().data_mut(), BASE, pages / 4, &mut rng);
+    tx.send_round(&dirty).unwrap();
+    assert!(tx.probe_finish().unwrap().is_some());
+    tx.finish(FinalCheck::Recorded).unwrap();
+    assert!(matches!(
+        tx.probe_finish(),
+        Err(TransferError::Misuse { .. })
+    ));
+    let (report, dest) = rx.join().unwrap().unwrap();
+    let (source, _) = tx.into_parts();
+    assert!(dest == source.data(), "destination differs from source");
+    assert_eq!(report.rounds, 3);
+}
+
+#[test]
+fn probe_finish_between_rounds_tcp_two_streams() {
+    probe_between_rounds(Net::Tcp, 2);
+}
+
+#[test]
+fn probe_finish_between_rounds_unix_one_stream() {
+    probe_between_rounds(Net::Unix, 1);
+}
+
+#[test]
+fn a_memory_sink_has_no_peer_to_probe() {
+    let layout = Layout::single(PS, BASE, 4 * PS).unwrap();
+    let sink = MemorySink::new(layout.clone()).unwrap();
+    let mut tx = Transfer::new(SliceSource::new(BASE, memory(4, 5)), sink, layout, 64).unwrap();
+    tx.send_round(&[BASE..BASE + 4 * PS]).unwrap();
+    assert_eq!(tx.probe_finish().unwrap(), None);
+}

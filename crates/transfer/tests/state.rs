@@ -164,3 +164,30 @@ fn images_keep_the_state_and_refuse_a_damaged_one() {
         "the damaged blob is not handed out"
     );
 }
+
+#[test]
+fn ping_is_answered_between_rounds_and_refused_inside_one() {
+    let ping = frame(FrameKind::Ping, 7, 0, 0, &[]);
+    let mut sink = MemorySink::new(layout()).unwrap();
+    let report = receive_frames(
+        &stream(&[ping.clone(), ping.clone()].concat()),
+        &layout(),
+        &mut sink,
+    )
+    .unwrap();
+    assert_eq!(report.rounds, 1);
+    assert!(sink.stats().finished.is_some());
+
+    let mut s = frame(FrameKind::RoundBegin, 0, 0, 0, &[]);
+    s.extend_from_slice(&ping);
+    let mut sink = MemorySink::new(layout()).unwrap();
+    let err = receive_frames(&s, &layout(), &mut sink).unwrap_err();
+    assert!(err.to_string().contains("inside a round"), "{err}");
+
+    // A PING with a payload is malformed.
+    let bad = frame(FrameKind::Ping, 7, 0, 0, b"x");
+    let mut sink = MemorySink::new(layout()).unwrap();
+    let err = receive_frames(&stream(&bad), &layout(), &mut sink).unwrap_err();
+    assert!(matches!(err, TransferError::Protocol(_)), "{err}");
+    assert_eq!(sink.stats().finished, None);
+}

@@ -75,6 +75,8 @@ pub struct SocketSink {
     io_timeout: Option<Duration>,
     layout_bytes: u64,
     checksum: u32,
+    /// PINGs sent (the last one's token).
+    pings: u64,
 }
 
 impl std::fmt::Debug for SocketSink {
@@ -197,6 +199,7 @@ impl SocketSink {
             io_timeout: config.io_timeout,
             layout_bytes: layout.total_len(),
             checksum: 0,
+            pings: 0,
         })
     }
 
@@ -333,6 +336,21 @@ impl Sink for SocketSink {
 
     fn peer(&self) -> Option<String> {
         Some(self.peer.clone())
+    }
+
+    fn ping(&mut self) -> Result<Option<Duration>, TransferError> {
+        self.pings += 1;
+        let token = self.pings;
+        self.each(|w| w.send(Cmd::Ping(token)))?;
+        let mut slowest = Duration::ZERO;
+        self.each(|w| match w.reply()? {
+            Reply::Pong(d) => {
+                slowest = slowest.max(d);
+                Ok(())
+            }
+            _ => Err(TransferError::WorkerPanicked),
+        })?;
+        Ok(Some(slowest))
     }
 }
 

@@ -17,8 +17,8 @@ use crate::error::{ProtocolError, TransferError};
 use crate::layout::Layout;
 use crate::live::LivePages;
 use crate::protocol::{
-    Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter, PageSpan, Pages,
-    RoundBegin, RoundEnd, State, Zero,
+    Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter, PageSpan, Pages, Ping,
+    Pong, RoundBegin, RoundEnd, State, Zero,
 };
 
 /// What a [`SocketSink`](super::SocketSink) asks a connection's writer to do.
@@ -36,6 +36,8 @@ pub(super) enum Cmd {
         wait: Option<Duration>,
     },
     Commit(u32),
+    /// A PING with this token; the writer waits for its PONG.
+    Ping(u64),
 }
 
 /// A writer's answer to the commands that wait for one.
@@ -43,47 +45,64 @@ pub(super) enum Reply {
     RoundWritten(u64),
     Finished,
     Committed,
+    /// The PING's round trip.
+    Pong(Duration),
 }
 
 /// What the watcher heard from the receiver.
 pub(super) enum PeerEvent {
+    Pong { token: u64 },
     Done { checksum: u32 },
     Error { code: u32, message: String },
     Closed(TransferError),
 }
 
-/// Reads what the receiver says on `conn` (DONE or ERROR) and reports it
-/// to the writer.
+/// Reads what the receiver says on `conn` (PONGs, then DONE or ERROR) and
+/// reports it to the writer.
 pub(super) fn watch_peer(conn: Connection, events: Chan<PeerEvent>) {
     let mut r = FrameReader::new(&conn);
     let mut p = Vec::new();
-    let event = match r.read_frame(&mut p) {
-        Ok(h) if h.kind == FrameKind::Done => match h.decode::<Done>(&p) {
-            Ok(done) => PeerEvent::Done {
-                checksum: done.digest,
+    let event = loop {
+        match r.read_frame(&mut p) {
+            Ok(h) if h.kind == FrameKind::Pong => match h.decode::<Pong>(&p) {
+                Ok(pong) => {
+                    if events.send(PeerEvent::Pong { token: pong.token }).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => break PeerEvent::Closed(e.into()),
             },
-            Err(e) => PeerEvent::Closed(e.into()),
-        },
-        Ok(h) if h.kind == FrameKind::Error => {
-            // Stop the writer now rather than at its next flush.
-            let _ = conn.shutdown(Shutdown::Both);
-            match h.decode::<ErrorFrame>(&p) {
-                Ok(e) => PeerEvent::Error {
-                    code: e.code,
-                    message: e.message.into_owned(),
-                },
-                Err(e) => PeerEvent::Closed(e.into()),
+            Ok(h) if h.kind == FrameKind::Done => match h.decode::<Done>(&p) {
+                Ok(done) => {
+                    break PeerEvent::Done {
+                        checksum: done.digest,
+                    };
+                }
+                Err(e) => break PeerEvent::Closed(e.into()),
+            },
+            Ok(h) if h.kind == FrameKind::Error => {
+                // Stop the writer now rather than at its next flush.
+                let _ = conn.shutdown(Shutdown::Both);
+                break match h.decode::<ErrorFrame>(&p) {
+                    Ok(e) => PeerEvent::Error {
+                        code: e.code,
+                        message: e.message.into_owned(),
+                    },
+                    Err(e) => PeerEvent::Closed(e.into()),
+                };
             }
+            Ok(h) => {
+                break PeerEvent::Closed(
+                    ProtocolError::Unexpected {
+                        offset: h.offset,
+                        kind: h.kind,
+                        state: "sending pages",
+                    }
+                    .into(),
+                );
+            }
+            Err(e) => break PeerEvent::Closed(e),
         }
-        Ok(h) => PeerEvent::Closed(
-            ProtocolError::Unexpected {
-                offset: h.offset,
-                kind: h.kind,
-                state: "sending pages",
-            }
-            .into(),
-        ),
-        Err(e) => PeerEvent::Closed(e),
     };
     let _ = events.send(event);
 }
@@ -185,12 +204,23 @@ impl StreamWriter {
     /// receiver's own message.
     fn explain(&self, e: TransferError) -> TransferError {
         if let TransferError::Io { .. } = e
-            && let Ok(PeerEvent::Error { code, message }) =
-                self.events.recv_timeout(Duration::from_secs(2))
+            && let Ok(PeerEvent::Error { code, message }) = self.next_event(Duration::from_secs(2))
         {
             return TransferError::PeerRejected { code, message };
         }
         e
+    }
+
+    /// The receiver's next word other than a PONG, waiting at most `wait`.
+    fn next_event(&self, wait: Duration) -> Result<PeerEvent, crossbeam_channel::RecvTimeoutError> {
+        let until = Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left)? {
+                PeerEvent::Pong { .. } => continue,
+                other => return Ok(other),
+            }
+        }
     }
 
     /// Writes `frame` (after the rate limiter let its bytes through).
@@ -296,37 +326,20 @@ impl StreamWriter {
                 })?;
                 let flushed = self.out.flush();
                 flushed.map_err(|e| self.write_error(e))?;
-                let event = match wait {
-                    Some(t) => self.events.recv_timeout(t).map_err(|e| e.is_timeout()),
-                    None => self.events.recv().map_err(|_| false),
-                };
-                return match event {
-                    Ok(PeerEvent::Done { checksum: theirs }) if theirs == checksum => {
-                        Ok(Some(Reply::Finished))
-                    }
-                    Ok(PeerEvent::Done { checksum: theirs }) => {
-                        Err(TransferError::ChecksumMismatch {
+                let accept = |event| match event {
+                    PeerEvent::Done { checksum: theirs } if theirs == checksum => Some(Ok(())),
+                    PeerEvent::Done { checksum: theirs } => {
+                        Some(Err(TransferError::ChecksumMismatch {
                             expected: checksum,
                             actual: theirs,
-                        })
+                        }))
                     }
-                    Ok(PeerEvent::Error { code, message }) => {
-                        Err(TransferError::PeerRejected { code, message })
-                    }
-                    Ok(PeerEvent::Closed(_)) | Err(_) if self.interrupt.is_set() => {
-                        Err(TransferError::Interrupted {
-                            peer: self.peer.clone(),
-                        })
-                    }
-                    Ok(PeerEvent::Closed(e)) => Err(e),
-                    Err(true) => Err(TransferError::Stalled {
-                        what: "waiting for the acknowledgement of",
-                        peer: self.peer.clone(),
-                        after: wait.unwrap_or_default(),
-                    }),
-                    Err(false) => Err(TransferError::Aborted),
+                    _ => None,
                 };
+                self.await_peer(wait, "waiting for the acknowledgement of", accept)?;
+                return Ok(Some(Reply::Finished));
             }
+            Cmd::Ping(token) => return self.ping(token).map(|d| Some(Reply::Pong(d))),
             Cmd::Commit(checksum) => {
                 self.send(&Commit { digest: checksum })?;
                 let flushed = self.out.flush();
@@ -335,6 +348,70 @@ impl StreamWriter {
             }
         }
         Ok(None)
+    }
+
+    /// Sends PING `token` and waits for its PONG (at most the I/O timeout): the round trip.
+    fn ping(&mut self, token: u64) -> Result<Duration, TransferError> {
+        let at = Instant::now();
+        self.send(&Ping { token })?;
+        let flushed = self.out.flush();
+        flushed.map_err(|e| self.write_error(e))?;
+        let accept = |event| match event {
+            PeerEvent::Pong { token: t } if t == token => Some(Ok(())),
+            PeerEvent::Done { .. } => Some(Err(ProtocolError::Unexpected {
+                offset: 0,
+                kind: FrameKind::Done,
+                state: "waiting for a PONG",
+            }
+            .into())),
+            // An answer to an earlier PING that timed out.
+            _ => None,
+        };
+        self.await_peer(self.io_timeout, "waiting for the PONG of", accept)?;
+        Ok(at.elapsed())
+    }
+
+    /// Waits, at most `wait` in all, for the receiver's word that `accept` takes (`Some`: the
+    /// result; `None`: skip it, e.g. a stale PONG). An ERROR, a closed connection, an interrupt
+    /// or the timeout (`what` names the wait) end it with the matching error.
+    fn await_peer(
+        &self,
+        wait: Option<Duration>,
+        what: &'static str,
+        mut accept: impl FnMut(PeerEvent) -> Option<Result<(), TransferError>>,
+    ) -> Result<(), TransferError> {
+        let until = wait.map(|t| Instant::now() + t);
+        loop {
+            let event = match until {
+                Some(u) => {
+                    let left = u.saturating_duration_since(Instant::now());
+                    self.events.recv_timeout(left).map_err(|e| e.is_timeout())
+                }
+                None => self.events.recv().map_err(|_| false),
+            };
+            let failed = match event {
+                Ok(PeerEvent::Error { code, message }) => {
+                    TransferError::PeerRejected { code, message }
+                }
+                Ok(PeerEvent::Closed(_)) | Err(_) if self.interrupt.is_set() => {
+                    TransferError::Interrupted {
+                        peer: self.peer.clone(),
+                    }
+                }
+                Ok(PeerEvent::Closed(e)) => e,
+                Err(true) => TransferError::Stalled {
+                    what,
+                    peer: self.peer.clone(),
+                    after: wait.unwrap_or_default(),
+                },
+                Err(false) => TransferError::Aborted,
+                Ok(other) => match accept(other) {
+                    Some(result) => return result,
+                    None => continue,
+                },
+            };
+            return Err(failed);
+        }
     }
 
     /// Writes lent pages at memory offset `offset` as live frames, the
