@@ -5,6 +5,7 @@
 //! for it, as for any other usage error.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 /// A size or rate as typed: a number with an optional unit. `K`/`M`/`G`/`T` and
 /// `KiB`/`MiB`/`GiB`/`TiB` are binary (`2G` = 2 GiB); `KB`/`MB`/`GB`/`TB` are decimal.
@@ -48,10 +49,230 @@ pub fn parse_size(s: &str) -> Result<Size, String> {
 pub fn parse_count(s: &str) -> Result<u64, String> {
     let t = s.trim();
     if t.starts_with('-') {
-        return Err("cannot be negative".into());
+        return Err("cannot be negative: use a whole number, 0 or more".into());
     }
     t.parse()
         .map_err(|_| "not a whole number (e.g. 1, 2, 30)".to_string())
+}
+
+/// A whole number of at most `max`, as typed: a clap value parser (`--flag N`).
+pub fn count_at_most(max: u64) -> impl Fn(&str) -> Result<u64, String> + Clone {
+    move |s| {
+        let n = parse_count(s)?;
+        if n > max {
+            return Err(format!("at most {max}: use a whole number from 0 to {max}"));
+        }
+        Ok(n)
+    }
+}
+
+/// A process ID as typed: a positive whole number no larger than the kernel's `pid_max`.
+pub fn parse_pid(s: &str) -> Result<i32, String> {
+    let t = s.trim();
+    if t.starts_with('-') {
+        return Err(
+            "a process ID is positive (a negative number names a process group, which is not \
+             accepted here); e.g. --pid $(pidof NAME)"
+                .into(),
+        );
+    }
+    let n: u64 = t
+        .parse()
+        .map_err(|_| "not a process ID (a whole number, e.g. --pid 1234)".to_string())?;
+    let max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 22);
+    if n == 0 || n >= max {
+        return Err(format!(
+            "process IDs run from 1 to {} on this machine (kernel.pid_max)",
+            max - 1
+        ));
+    }
+    Ok(n as i32)
+}
+
+/// Longest `--max-downtime`, one hour in milliseconds.
+pub const MAX_DOWNTIME_MS: u64 = 3_600_000;
+/// Most `--max-rounds`.
+pub const MAX_ROUNDS: u64 = 1_000_000;
+
+/// `--max-downtime MS`, as `demo` and `send` take it: 1 ms to one hour.
+pub fn check_max_downtime(ms: u64) -> anyhow::Result<()> {
+    if ms == 0 {
+        return Err(invalid(
+            "--max-downtime",
+            ms,
+            "no final round takes 0 ms, so the migration could never switch over on its own",
+            "use at least 1 (milliseconds; QEMU's default is 300)",
+        ));
+    }
+    if ms > MAX_DOWNTIME_MS {
+        return Err(invalid(
+            "--max-downtime",
+            ms,
+            format!("is more than an hour ({MAX_DOWNTIME_MS} ms): the value is in milliseconds"),
+            format!("use at most --max-downtime {MAX_DOWNTIME_MS}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `--max-rounds N`, as `demo` and `send` take it: 1 to [`MAX_ROUNDS`].
+pub fn check_max_rounds(n: u64) -> anyhow::Result<()> {
+    if n == 0 {
+        return Err(invalid(
+            "--max-rounds",
+            n,
+            "round 0, which sends all memory while the source runs, counts: at least 1",
+            "use --max-rounds 1 to switch over right after round 0",
+        ));
+    }
+    if n > MAX_ROUNDS {
+        return Err(invalid(
+            "--max-rounds",
+            n,
+            format!(
+                "is more than {MAX_ROUNDS}: a migration that has not converged by then will not"
+            ),
+            format!("use at most --max-rounds {MAX_ROUNDS}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Where `send` and `recv` write or listen, as typed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dest {
+    /// `tcp:HOST:PORT`.
+    Tcp(String),
+    /// `unix:PATH`.
+    Unix(PathBuf),
+    /// `file:PATH`, a checkpoint image.
+    File(PathBuf),
+}
+
+/// Parses `flag`'s value `s` as a [`Dest`]; `file:` only if `allow_file`, sockets only if
+/// `allow_net`.
+pub fn parse_dest(
+    flag: &'static str,
+    s: &str,
+    allow_file: bool,
+    allow_net: bool,
+) -> anyhow::Result<Dest> {
+    let d = match s.split_once(':') {
+        Some(("tcp", a)) if !a.is_empty() => Dest::Tcp(a.to_string()),
+        Some(("unix", p)) if !p.is_empty() => Dest::Unix(PathBuf::from(p)),
+        Some(("file", p)) if !p.is_empty() => Dest::File(PathBuf::from(p)),
+        _ => {
+            let forms = match (allow_file, allow_net) {
+                (true, true) => "tcp:HOST:PORT, unix:PATH or file:PATH",
+                (true, false) => "file:PATH",
+                _ => "tcp:HOST:PORT or unix:PATH",
+            };
+            return Err(invalid(
+                flag,
+                s,
+                format!("is not {forms}"),
+                format!(
+                    "e.g. {flag} {}",
+                    if allow_net {
+                        "tcp:127.0.0.1:7000"
+                    } else {
+                        "file:/tmp/target.img"
+                    }
+                ),
+            ));
+        }
+    };
+    match d {
+        Dest::File(_) if !allow_file => Err(invalid(
+            flag,
+            s,
+            "takes a socket, not a file",
+            format!("e.g. {flag} tcp:127.0.0.1:7000 or {flag} unix:/tmp/precopy.sock"),
+        )),
+        Dest::Tcp(_) | Dest::Unix(_) if !allow_net => Err(invalid(
+            flag,
+            s,
+            "takes file:PATH (the image to write)",
+            format!("e.g. {flag} file:/tmp/target.img"),
+        )),
+        d => Ok(d),
+    }
+}
+
+/// Checks that an image can be created at `path` (`flag`'s value `typed`) before anything
+/// starts: its directory exists and is writable, the path is not a directory, and, when
+/// `need` is known, the file system has that many bytes free.
+pub fn check_image_path(
+    flag: &'static str,
+    typed: &str,
+    path: &Path,
+    need: Option<u64>,
+) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(invalid(
+            flag,
+            typed,
+            format!("directory {} does not exist", dir.display()),
+            "create it or write the image elsewhere",
+        ));
+    }
+    if path.is_dir() {
+        return Err(invalid(
+            flag,
+            typed,
+            "is a directory, not an image file",
+            format!(
+                "name a file in it, e.g. {flag} file:{}/target.img",
+                path.display()
+            ),
+        ));
+    }
+    if nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_err() {
+        return Err(invalid(
+            flag,
+            typed,
+            format!("directory {} is not writable by this user", dir.display()),
+            "write the image elsewhere",
+        ));
+    }
+    if let (Some(need), Ok(fs)) = (need, nix::sys::statvfs::statvfs(&dir)) {
+        let free = fs.blocks_available() * fs.fragment_size();
+        if free < need {
+            return Err(invalid(
+                flag,
+                typed,
+                format!(
+                    "the image needs at least {}, and {} has {} free",
+                    human(need),
+                    dir.display(),
+                    human(free)
+                ),
+                "write it elsewhere or copy less memory",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Reads `--key-file PATH` before anything starts.
+pub fn read_key(path: Option<&Path>) -> anyhow::Result<Option<precopy_transfer::Key>> {
+    let Some(p) = path else { return Ok(None) };
+    precopy_transfer::Key::from_file(p).map(Some).map_err(|e| {
+        let e = anyhow::Error::from(e);
+        invalid(
+            "--key-file",
+            p.display(),
+            format!("cannot be used as a key: {e:#}"),
+            "name a readable file holding the shared key",
+        )
+    })
 }
 
 /// Bytes in binary units, e.g. `1.5 GiB`.

@@ -12,6 +12,7 @@
 //!   two should agree but for the few stack and library pages it also writes).
 
 use crate::output;
+use crate::output::outln;
 use anyhow::{Context, Result, bail};
 use precopy_migrate::{DirtyLog, TargetLog};
 use precopy_scanner::{ScanOptions, Scanner};
@@ -227,7 +228,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    println!(
+    outln!(
         "precopy attach-bench (Rust fixture, {} attaches each)",
         args.runs
     );
@@ -235,7 +236,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ("busy (4 writers flat out)", &busy),
         ("quiet (4 × 1000 writes/s)", &quiet),
     ] {
-        println!(
+        outln!(
             "  attach, {name}: thread stopped {:.0} µs median, {:.0} µs worst (stop {:.0}, inject {:.0}, detach {:.0}); whole call {:.0} µs",
             f(v, "stopped_us_median"),
             f(v, "stopped_us_max"),
@@ -245,7 +246,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             f(v, "total_us_median"),
         );
     }
-    println!(
+    outln!(
         "  slowdown: {:.0} writes/s untracked, {:.0} with 100 ms rounds ({:.2}×), {:.0} with 10 ms rounds ({:.2}×), {:.0} untracked after",
         f(&slow, "untracked_before_ops_per_sec"),
         f(&slow, "tracked_100ms_rounds_ops_per_sec"),
@@ -254,7 +255,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         f(&slow, "ratio_10ms"),
         f(&slow, "untracked_after_ops_per_sec"),
     );
-    println!(
+    outln!(
         "  rate: rounds reported {} pages, the fixture counted {} page writes ({:.3}×)",
         rate["reported_pages"],
         rate["fixture_page_writes"],

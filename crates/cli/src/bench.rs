@@ -18,8 +18,11 @@
 
 mod kvm;
 
-use crate::args::{Size, available_memory, cpus, human, invalid, parse_count, parse_size};
+use crate::args::{
+    Size, available_memory, count_at_most, cpus, human, invalid, parse_count, parse_size,
+};
 use crate::output;
+use crate::output::out;
 use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
 use precopy_backends::{BackendKind, BoxedDirtyLog, DirtyLog};
@@ -76,7 +79,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_parser = parse_size, allow_hyphen_values = true)]
     sizes: Vec<Size>,
     /// Fractions of pages written per round, comma-separated (0.01 or 1%).
-    #[arg(long, value_delimiter = ',', value_parser = parse_fraction)]
+    #[arg(long, value_delimiter = ',', value_parser = parse_fraction, allow_hyphen_values = true)]
     fractions: Vec<f64>,
     /// Write patterns, comma-separated.
     #[arg(long, value_delimiter = ',')]
@@ -87,20 +90,20 @@ pub struct Args {
     /// THP settings, comma-separated (off, on).
     #[arg(long, value_delimiter = ',')]
     thp: Vec<ThpSetting>,
-    /// Measured rounds per configuration and backend (default 7; 15 with --full).
-    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
+    /// Measured rounds per configuration and backend, 1 to 1000 (default 7; 15 with --full).
+    #[arg(long, value_parser = count_at_most(1000), allow_hyphen_values = true)]
     rounds: Option<u64>,
-    /// Unmeasured rounds first (accuracy is still checked in them).
-    #[arg(long, default_value_t = 1)]
-    warmup: usize,
-    /// Directory for results.json, results.md and the SVG plots.
-    #[arg(long, default_value = "out/bench")]
-    out: PathBuf,
+    /// Unmeasured rounds first, 0 to 100 (accuracy is still checked in them).
+    #[arg(long, default_value = "1", value_parser = count_at_most(100), allow_hyphen_values = true)]
+    warmup: u64,
+    /// Directory for results.json, results.md and the SVG plots [default: out/bench].
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Write no files.
     #[arg(long)]
     no_files: bool,
-    /// Seed of the page-set generator.
-    #[arg(long, default_value_t = 1)]
+    /// Seed of the page-set generator (0 to 2^64-1).
+    #[arg(long, default_value = "1", value_parser = parse_count, allow_hyphen_values = true)]
     seed: u64,
     /// Instead of the backends: KVM's dirty log against the engine on a KVM guest's RAM (round
     /// cost and the vCPU's cost per first write; needs /dev/kvm). Uses --sizes (2M to 4G,
@@ -155,6 +158,14 @@ fn validate(args: &Args) -> Result<Vec<BackendKind>> {
             ));
         }
     }
+    if let (true, Some(out)) = (args.no_files, &args.out) {
+        return Err(invalid(
+            "--out",
+            out.display(),
+            "names where files go, and --no-files writes none",
+            "drop --out or drop --no-files",
+        ));
+    }
     if args.rounds == Some(0) {
         return Err(invalid(
             "--rounds",
@@ -190,9 +201,12 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
         Some(p) => p.parse::<f64>().map(|v| v / 100.0),
         None => s.parse::<f64>(),
     }
-    .map_err(|_| format!("bad fraction {s:?} (0.01 or 1%)"))?;
+    .map_err(|_| "not a fraction: use e.g. 0.01 or 1%".to_string())?;
     if !(f > 0.0 && f <= 1.0) {
-        return Err(format!("fraction {s:?} must be in (0, 1]"));
+        return Err(
+            "a fraction of the pages must be more than 0 and at most 1 (100%), e.g. 0.01 or 1%"
+                .into(),
+        );
     }
     Ok(f)
 }
@@ -1385,10 +1399,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut results = Vec::new();
     for (i, cfg) in sw.configs.iter().enumerate() {
         eprintln!("[{}/{}] {}", i + 1, sw.configs.len(), cfg.label());
-        let base = measure(cfg, None, sw.rounds, args.warmup, args.seed)?;
+        let base = measure(cfg, None, sw.rounds, args.warmup as usize, args.seed)?;
         let mut row = vec![base];
         for &kind in &runnable {
-            let m = match measure(cfg, Some(kind), sw.rounds, args.warmup, args.seed) {
+            let m = match measure(cfg, Some(kind), sw.rounds, args.warmup as usize, args.seed) {
                 Ok(m) => m,
                 Err(e) => Measurement::skipped(kind.name(), *cfg, format!("failed: {e:#}")),
             };
@@ -1428,7 +1442,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         command,
         sweep: sw.name,
         rounds: sw.rounds,
-        warmup: args.warmup,
+        warmup: args.warmup as usize,
         seed: args.seed,
         backends: statuses,
         results,
@@ -1445,10 +1459,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
             output::print_json(serde_json::to_value(&report)?, None);
         }
     } else {
-        print!("{md}");
+        out!("{md}");
     }
     if !args.no_files {
-        match write_files(&report, &md, &args.out) {
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("out/bench"));
+        match write_files(&report, &md, &out) {
             Ok(files) => {
                 for f in files {
                     eprintln!("wrote {}", f.display());

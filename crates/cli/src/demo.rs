@@ -16,7 +16,10 @@ pub use dest::{DestArgs, run as run_dest};
 pub use source::{MemoryBacking, SourceArgs, run as run_source};
 pub use vm::{VmDestArgs, run_dest as run_vm_dest};
 
-use crate::args::{Size, available_memory, cpus, human, invalid, parse_count, parse_size};
+use crate::args::{
+    Size, available_memory, check_image_path, check_max_downtime, check_max_rounds, cpus, human,
+    invalid, parse_count, parse_size,
+};
 use crate::output;
 use crate::progress::{self, Progress};
 use anyhow::{Context, Result, bail};
@@ -401,34 +404,7 @@ fn validate(args: &Args) -> Result<Plan> {
                 )
             })?;
                 let path = PathBuf::from(path);
-                let dir = match path.parent() {
-                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                    _ => PathBuf::from("."),
-                };
-                if !dir.is_dir() {
-                    return Err(invalid(
-                        "--to",
-                        to,
-                        format!("directory {} does not exist", dir.display()),
-                        "create it or write the image elsewhere",
-                    ));
-                }
-                if let Ok(fs) = nix::sys::statvfs::statvfs(&dir) {
-                    let free = fs.blocks_available() * fs.fragment_size();
-                    if free < size.bytes {
-                        return Err(invalid(
-                            "--to",
-                            to,
-                            format!(
-                                "the image needs at least --size ({}) on disk, and {} has {} free",
-                                human(size.bytes),
-                                dir.display(),
-                                human(free)
-                            ),
-                            "write it elsewhere or use a smaller --size",
-                        ));
-                    }
-                }
+                check_image_path("--to", to, &path, Some(size.bytes))?;
                 Some(path)
             }
         };
@@ -513,22 +489,8 @@ fn validate(args: &Args) -> Result<Plan> {
             h.bytes
         }
     };
-    if args.max_downtime == 0 {
-        return Err(invalid(
-            "--max-downtime",
-            args.max_downtime,
-            "no final round takes 0 ms, so the migration could never switch over on its own",
-            "use at least 1 (milliseconds; QEMU's default is 300)",
-        ));
-    }
-    if args.max_rounds == 0 {
-        return Err(invalid(
-            "--max-rounds",
-            args.max_rounds,
-            "round 0, which sends all memory while the source runs, counts: at least 1",
-            "use --max-rounds 1 to switch over right after round 0",
-        ));
-    }
+    check_max_downtime(args.max_downtime)?;
+    check_max_rounds(args.max_rounds)?;
     if let Some(t) = args.timeout {
         if t > MAX_TIMEOUT {
             return Err(invalid(

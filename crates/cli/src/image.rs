@@ -19,6 +19,7 @@
 //! arguments and prints. Errors are returned, never printed here: `main`
 //! reports them once.
 
+use crate::output::outln;
 use std::io::{self, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -59,7 +60,7 @@ enum ImageCommand {
         /// The image file.
         image: PathBuf,
         /// Half-open span of memory offsets, each decimal or 0x hex (e.g. 0x1000-0x2000).
-        #[arg(long, value_name = "START-END", value_parser = span)]
+        #[arg(long, value_name = "START-END", value_parser = span, allow_hyphen_values = true)]
         range: Range<u64>,
         /// Read an incomplete image anyway: the rounds that ended before the cut, pages not
         /// sent in them as zeros (which need not be the source's bytes).
@@ -115,8 +116,8 @@ fn info(image: &Path, check: bool, json: bool) -> Result<ExitCode> {
             _ => output::print_json(v, None),
         }
     } else {
-        println!("{info}");
-        println!("verified:   {verified_text}");
+        outln!("{info}");
+        outln!("verified:   {verified_text}");
         if let Some(Err(e)) = checked {
             return Err(e);
         }
@@ -152,7 +153,7 @@ fn cat(image: &Path, range: Range<u64>, incomplete: bool) -> Result<ExitCode> {
         .and_then(|()| Ok(out.flush()?));
     match written {
         // A reader that stopped early (`| head`) is not a failure of ours.
-        Err(e) if is_broken_pipe(&e) => Ok(ExitCode::SUCCESS),
+        Err(e) if output::is_broken_pipe(&e) => Ok(ExitCode::SUCCESS),
         Err(e) => Err(e),
         Ok(()) => Ok(ExitCode::SUCCESS),
     }
@@ -187,7 +188,7 @@ fn verify(image: &Path, json: bool) -> Result<ExitCode> {
         v["verified"] = true.into();
         output::print_json(v, None);
     } else {
-        println!(
+        outln!(
             "{}: OK, complete and verified; {} records in {} rounds checked, memory checksum {:#010x}",
             image.display(),
             report.records,
@@ -200,14 +201,15 @@ fn verify(image: &Path, json: bool) -> Result<ExitCode> {
 
 /// `--range` parser: `START-END`, each decimal or `0x` hex, `START <= END`.
 fn span(s: &str) -> Result<Range<u64>, String> {
-    precopy_transfer::parse_span(s)
-        .ok_or_else(|| format!("expected START-END (decimal or 0x hex, START <= END), got {s:?}"))
-}
-
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain()
-        .filter_map(|c| c.downcast_ref::<io::Error>())
-        .any(|io| io.kind() == io::ErrorKind::BrokenPipe)
+    if s.trim_start().starts_with('-') {
+        return Err(
+            "memory offsets cannot be negative: use START-END, e.g. 0-0x1000 (see `image info`)"
+                .into(),
+        );
+    }
+    precopy_transfer::parse_span(s).ok_or_else(|| {
+        "expected START-END, each decimal or 0x hex with START <= END, e.g. 0x1000-0x2000".into()
+    })
 }
 
 #[cfg(test)]

@@ -78,13 +78,14 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
-            // clap's message names the flag and the value as typed; keep its usage hint.
-            let _ = e.print();
+            // clap's message names the flag and the value as typed; keep all of it (tips and
+            // usage too), with the same prefix as every other error.
+            let detail = e.render().to_string();
+            let detail = detail.trim_end();
+            eprintln!("precopy: {detail}");
             if json {
-                let detail = e.render().to_string();
-                let first = detail.lines().next().unwrap_or("");
-                let first = first.trim_start_matches("error: ");
-                output::print_json(serde_json::Value::Null, Some(&anyhow::anyhow!("{first}")));
+                let msg = detail.trim_start_matches("error: ");
+                output::print_json(serde_json::Value::Null, Some(&anyhow::anyhow!("{msg}")));
             }
             return ExitCode::from(2);
         }
@@ -105,18 +106,16 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(e) if e.is::<output::Reported>() => ExitCode::FAILURE,
+        // A reader that stopped early (`| head`) is not a failure of ours.
+        Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if e.is::<output::Reported>() => ExitCode::from(output::exit_code(&e)),
         Err(e) => {
             output::print_error(&e);
             if json {
                 output::print_json(serde_json::Value::Null, Some(&e));
             }
-            // A refused flag is a usage error, like clap's.
-            if e.is::<args::Invalid>() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            // A refused flag is a usage error, like clap's: 2; anything else 1.
+            ExitCode::from(output::exit_code(&e))
         }
     }
 }

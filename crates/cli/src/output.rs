@@ -5,6 +5,9 @@
 //!   object has `"ok"` (bool) and `"error"` (`null`, or `{"message": the whole chain as one
 //!   line, "chain": [outer, ..., root cause]}`), whatever the subcommand; the rest is the
 //!   subcommand's own report.
+//! - Reports go to stdout through [`outln!`](crate::output::outln): a reader that stops early
+//!   (`precopy image info IMG | head -1`) ends this process quietly with status 0 instead of a
+//!   panic; any other write failure is an error like the rest.
 
 use std::io::Write;
 
@@ -37,15 +40,64 @@ pub fn print_json(report: Value, error: Option<&anyhow::Error>) {
     };
     obj.insert("ok".into(), Value::Bool(error.is_none()));
     obj.insert("error".into(), error.map_or(Value::Null, error_value));
-    // A reader that went away (`| head`) is not worth a panic.
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", Value::Object(obj)).and_then(|()| out.flush());
+    line(format_args!("{}", Value::Object(obj)));
 }
 
+/// Writes `args` and a newline to stdout (see [`outln!`]).
+pub fn line(args: std::fmt::Arguments<'_>) {
+    write(args, true);
+}
+
+/// Writes `args` to stdout, then a newline if `newline` (see [`outln!`] and [`out!`]).
+pub fn write(args: std::fmt::Arguments<'_>, newline: bool) {
+    let mut out = std::io::stdout().lock();
+    let nl: &[u8] = if newline { b"\n" } else { b"" };
+    if let Err(e) = out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(nl))
+        .and_then(|()| out.flush())
+    {
+        stdout_failed(&e);
+    }
+}
+
+/// What a failed write to stdout does: a reader that went away (`EPIPE`) ends the process
+/// quietly with status 0, as it would for `cat`; anything else (a full disk) is an error.
+pub fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("precopy: error: writing to stdout: {e}");
+    std::process::exit(1);
+}
+
+/// Whether `e` is a write to a reader that went away (`EPIPE`) somewhere in its chain.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// `println!` for reports: a closed stdout (`| head`) is a quiet exit, never a panic.
+macro_rules! outln {
+    () => { $crate::output::line(format_args!("")) };
+    ($($t:tt)*) => { $crate::output::line(format_args!($($t)*)) };
+}
+pub(crate) use outln;
+
+/// `print!` for reports, like [`outln!`].
+macro_rules! out {
+    ($($t:tt)*) => { $crate::output::write(format_args!($($t)*), false) };
+}
+pub(crate) use out;
+
 /// A failure already reported in full (stderr, and the JSON object if asked for): `main`
-/// only sets the exit code.
+/// only sets the exit code, 2 for a usage error (a refused flag), 1 for anything else.
 #[derive(Debug)]
-pub struct Reported;
+pub struct Reported {
+    /// The exit status.
+    pub code: u8,
+}
 
 impl std::fmt::Display for Reported {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -55,6 +107,19 @@ impl std::fmt::Display for Reported {
 
 impl std::error::Error for Reported {}
 
+/// The exit status for `e`: 2 for a usage error ([`crate::args::Invalid`] anywhere in its
+/// chain), as clap uses; 1 for a failure while running.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(r) = e.downcast_ref::<Reported>() {
+        return r.code;
+    }
+    if e.chain().any(|c| c.is::<crate::args::Invalid>()) {
+        2
+    } else {
+        1
+    }
+}
+
 /// Reports `e` (stderr, plus the JSON object with `report`'s fields when `json`) and returns
 /// the error `main` treats as already reported.
 pub fn fail(json: bool, report: Value, e: anyhow::Error) -> anyhow::Error {
@@ -62,5 +127,7 @@ pub fn fail(json: bool, report: Value, e: anyhow::Error) -> anyhow::Error {
     if json {
         print_json(report, Some(&e));
     }
-    anyhow::Error::new(Reported)
+    anyhow::Error::new(Reported {
+        code: exit_code(&e),
+    })
 }

@@ -7,6 +7,7 @@
 //! printed either way.
 
 use crate::output;
+use crate::output::outln;
 use anyhow::Result;
 use precopy_backends::{BackendKind, Error as BackendError};
 use precopy_scanner::kernel::{self, Probe};
@@ -125,70 +126,70 @@ pub fn run(args: Args) -> Result<ExitCode> {
 fn print_table(r: &Report<'_>) {
     let p = r.kernel;
     let yes = |b: bool| if b { "yes" } else { "no" };
-    println!("{:<28} {}", "kernel", p.kernel_release);
-    println!("{:<28} {}", "page size", p.page_size);
-    println!("{:<28} {}", "userfaultfd", yes(p.userfaultfd));
-    println!("{:<28} {:#x}", "uffd features", p.uffd_features);
-    println!("{:<28} {}", "  WP_ASYNC (6.7+)", yes(p.wp_async));
-    println!(
+    outln!("{:<28} {}", "kernel", p.kernel_release);
+    outln!("{:<28} {}", "page size", p.page_size);
+    outln!("{:<28} {}", "userfaultfd", yes(p.userfaultfd));
+    outln!("{:<28} {:#x}", "uffd features", p.uffd_features);
+    outln!("{:<28} {}", "  WP_ASYNC (6.7+)", yes(p.wp_async));
+    outln!(
         "{:<28} {}",
         "  WP_UNPOPULATED (6.4+)",
         yes(p.wp_unpopulated)
     );
-    println!(
+    outln!(
         "{:<28} {}",
         "  WP_HUGETLBFS_SHMEM",
         yes(p.wp_hugetlbfs_shmem)
     );
-    println!("{:<28} {}", "PAGEMAP_SCAN (6.7+)", yes(p.pagemap_scan));
+    outln!("{:<28} {}", "PAGEMAP_SCAN (6.7+)", yes(p.pagemap_scan));
     for (name, ok) in &p.categories {
-        println!("{:<28} {}", format!("  PAGE_IS_{name}"), yes(*ok));
+        outln!("{:<28} {}", format!("  PAGE_IS_{name}"), yes(*ok));
     }
-    println!("{:<28} {}", "PROCMAP_QUERY (6.11+)", yes(p.procmap_query));
-    println!(
+    outln!("{:<28} {}", "PROCMAP_QUERY (6.11+)", yes(p.procmap_query));
+    outln!(
         "{:<28} {} ({})",
         "soft-dirty works",
         yes(p.soft_dirty),
         p.soft_dirty_detail
     );
-    println!("{:<28} {}", "THP mode", p.thp_mode);
+    outln!("{:<28} {}", "THP mode", p.thp_mode);
     match &p.hugetlb {
-        Some(h) => println!(
+        Some(h) => outln!(
             "{:<28} {} pages of {} KiB, {} free",
             "hugetlb pool",
             h.total,
             h.page_size / 1024,
             h.free
         ),
-        None => println!("{:<28} unavailable", "hugetlb pool"),
+        None => outln!("{:<28} unavailable", "hugetlb pool"),
     }
-    println!("self-test:");
+    outln!("self-test:");
     for c in &p.self_test {
-        println!(
+        outln!(
             "  {:<24} {}  {}",
             c.name,
             if c.passed { "pass" } else { "FAIL" },
             c.detail
         );
     }
-    println!("backends:");
+    outln!("backends:");
     for b in &r.backends {
         let verdict = match (&b.reason, b.default) {
             (Some(why), _) => format!("unavailable: {why}"),
             (None, true) => "available, DEFAULT".to_string(),
             (None, false) => "available".to_string(),
         };
-        println!("  {:<26} {verdict}", b.name);
+        outln!("  {:<26} {verdict}", b.name);
     }
     match &p.reason {
-        None => println!("engine: usable (uffd async write-protect + PAGEMAP_SCAN)"),
-        Some(r) => println!("engine: NOT usable: {r}"),
+        None => outln!("engine: usable (uffd async write-protect + PAGEMAP_SCAN)"),
+        Some(r) => outln!("engine: NOT usable: {r}"),
     }
     match r.default_backend {
         Some(k) if r.default_backend_fallback => {
-            println!("tracking: FALLBACK to {k}: {}", r.default_backend_note)
+            outln!("tracking: FALLBACK to {k}: {}", r.default_backend_note)
         }
-        Some(k) => println!("tracking: {k} ({})", k.mechanism()),
-        None => println!("tracking: NOT possible: {}", r.default_backend_note),
+        Some(k) => outln!("tracking: {k} ({})", k.mechanism()),
+        None => outln!("tracking: NOT possible: {}", r.default_backend_note),
     }
 }

@@ -12,8 +12,10 @@
 //! Memory the target maps during the run is tracked from the round that finds it on; its
 //! pages are counted as written only when a later round reports them.
 
+use crate::args::{invalid, parse_count, parse_pid};
 use crate::interrupt::Interrupts;
 use crate::output;
+use crate::output::outln;
 use anyhow::{Context, Result};
 use precopy_migrate::{DirtyLog, TargetLog};
 use precopy_scanner::{ScanOptions, Scanner};
@@ -26,14 +28,14 @@ use std::time::{Duration, Instant};
 /// `precopy rate`.
 #[derive(Debug, clap::Args)]
 pub struct RateArgs {
-    /// The process to measure.
-    #[arg(long)]
+    /// The process to measure: a process ID (thread-group ID), not a thread's ID.
+    #[arg(long, value_parser = parse_pid, allow_hyphen_values = true)]
     pid: i32,
-    /// Milliseconds between rounds (the shortest interval reported).
-    #[arg(long, default_value_t = 100, value_name = "MS")]
+    /// Milliseconds between rounds (the shortest interval reported), 1 to 3600000.
+    #[arg(long, default_value = "100", value_name = "MS", value_parser = parse_count, allow_hyphen_values = true)]
     interval: u64,
-    /// Rounds to run.
-    #[arg(long, default_value_t = 10, value_name = "N")]
+    /// Rounds to run, 1 to 100000.
+    #[arg(long, default_value = "10", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
     count: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -90,16 +92,36 @@ fn union_len(sets: &[Vec<u64>]) -> u64 {
     all.len() as u64
 }
 
+/// Longest `--interval`, one hour in milliseconds.
+const MAX_INTERVAL_MS: u64 = 3_600_000;
+/// Most `--count` (the page sets of every interval are kept for the windows).
+const MAX_COUNT: u64 = 100_000;
+
+fn check_rate(args: &RateArgs) -> Result<()> {
+    if args.interval == 0 || args.interval > MAX_INTERVAL_MS {
+        return Err(invalid(
+            "--interval",
+            args.interval,
+            format!("must be 1 to {MAX_INTERVAL_MS} milliseconds"),
+            "use e.g. --interval 100",
+        ));
+    }
+    if args.count == 0 || args.count > MAX_COUNT {
+        return Err(invalid(
+            "--count",
+            args.count,
+            format!("must be 1 to {MAX_COUNT} rounds"),
+            "use e.g. --count 10",
+        ));
+    }
+    Ok(())
+}
+
 /// `precopy rate`.
 pub fn run(args: RateArgs) -> Result<ExitCode> {
     let mut report = json!({ "pid": args.pid, "interval_ms": args.interval, "count": args.count });
     let fail = |report: &Value, e: anyhow::Error| output::fail(args.json, report.clone(), e);
-    if args.interval == 0 || args.count == 0 {
-        return Err(fail(
-            &report,
-            anyhow::anyhow!("--interval and --count must be at least 1"),
-        ));
-    }
+    check_rate(&args).map_err(|e| fail(&report, e))?;
     let interrupts = Interrupts::install(args.pid).map_err(|e| fail(&report, e))?;
     let scanner = Scanner::new(ScanOptions::default())
         .context("this kernel cannot track dirty pages (see `precopy probe`)")
@@ -191,7 +213,7 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
         output::print_json(report, None);
     } else {
         let mib = |b: f64| b / (1024.0 * 1024.0);
-        println!(
+        outln!(
             "precopy rate: process {}, {:.1} MiB tracked, {} intervals of {} ms (attach stopped one thread {:.0} µs)",
             args.pid,
             mib(log.tracker().tracked_bytes() as f64),
@@ -199,9 +221,9 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
             args.interval,
             times.stopped.as_secs_f64() * 1e6
         );
-        println!("  window      mean pages/s    max pages/s    mean MiB/s");
+        outln!("  window      mean pages/s    max pages/s    mean MiB/s");
         for w in &windows {
-            println!(
+            outln!(
                 "  {:>6} ms  {:>14.0} {:>14.0} {:>13.1}",
                 w.window_ms,
                 w.mean_pages_per_sec,
@@ -209,7 +231,7 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
                 mib(w.mean_bytes_per_sec)
             );
         }
-        println!(
+        outln!(
             "  working set: {} pages ({:.1} MiB) over {:.1} s",
             working_set,
             mib((working_set * page) as f64),

@@ -9,9 +9,14 @@
 //! (`SIGSTOP`). `--then` says what becomes of the target afterwards. On any failure, and on
 //! Ctrl-C or `SIGTERM` (see `interrupt`), the target is left running.
 
+use crate::args::{
+    Dest, check_image_path, check_max_downtime, check_max_rounds, invalid, parse_count, parse_dest,
+    parse_pid, read_key,
+};
 use crate::interrupt::{Interrupts, TargetState};
 use crate::output;
-use anyhow::{Context, Result, anyhow, bail};
+use crate::output::outln;
+use anyhow::{Context, Result, anyhow};
 use indicatif::{ProgressBar, ProgressStyle};
 use precopy_migrate::{
     AfterMigration, BoxError, LimitPolicy, Migration, MigrationConfig, MigrationReport,
@@ -31,30 +36,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Where `send` writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Dest {
-    Tcp(String),
-    Unix(PathBuf),
-    File(PathBuf),
-}
-
-fn parse_dest(s: &str, allow_file: bool, allow_net: bool) -> Result<Dest> {
-    let d = match s.split_once(':') {
-        Some(("tcp", a)) if !a.is_empty() => Dest::Tcp(a.to_string()),
-        Some(("unix", p)) if !p.is_empty() => Dest::Unix(PathBuf::from(p)),
-        Some(("file", p)) if !p.is_empty() => Dest::File(PathBuf::from(p)),
-        _ => bail!("{s:?} is not tcp:HOST:PORT, unix:PATH or file:PATH"),
-    };
-    match d {
-        Dest::File(_) if !allow_file => bail!("{s:?}: a file is not accepted here"),
-        Dest::Tcp(_) | Dest::Unix(_) if !allow_net => {
-            bail!("{s:?}: only file:PATH is accepted here")
-        }
-        d => Ok(d),
-    }
-}
-
 /// What becomes of the target after a successful send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -67,21 +48,40 @@ pub enum Then {
     Kill,
 }
 
+/// How `send` slows a target whose writes outpace the transfer (auto-converge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SendThrottle {
+    /// Stop the target (SIGSTOP) for a growing fraction of every 100 ms and continue it
+    /// (SIGCONT) for the rest.
+    Duty,
+    /// Never throttle: a target that writes faster than the transfer runs until
+    /// --max-rounds forces the switch-over.
+    None,
+}
+
 /// `precopy send`.
 #[derive(Debug, clap::Args)]
 pub struct SendArgs {
-    /// The process to copy.
-    #[arg(long)]
+    /// The process to copy: a process ID (thread-group ID), not a thread's ID.
+    #[arg(long, value_parser = parse_pid, allow_hyphen_values = true)]
     pid: i32,
     /// tcp:HOST:PORT or unix:PATH (a `precopy recv`), or file:PATH (a checkpoint image).
     #[arg(long, value_name = "URL")]
     to: String,
-    /// Switch over once the rest would take at most this long, in milliseconds.
-    #[arg(long, default_value_t = 300, value_name = "MS")]
+    /// Switch over once the rest would take at most this long, in milliseconds (1 to
+    /// 3600000).
+    #[arg(long, default_value = "300", value_name = "MS", value_parser = parse_count, allow_hyphen_values = true)]
     max_downtime: u64,
-    /// Most rounds with the target running; then the final round runs whatever it costs.
-    #[arg(long, default_value_t = 30, value_name = "N")]
+    /// Most rounds with the target running, round 0 included (1 to 1000000); then the final
+    /// round runs whatever it costs.
+    #[arg(long, default_value = "30", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
     max_rounds: u64,
+    /// How to slow a target that writes faster than the transfer sends: `duty` stops it with
+    /// SIGSTOP for a growing share of every 100 ms and continues it with SIGCONT (a program
+    /// that waits on SIGCHLD or ptrace-stops notices), `none` never does.
+    #[arg(long, value_enum, default_value_t = SendThrottle::Duty)]
+    throttle: SendThrottle,
     /// What becomes of the target after success.
     #[arg(long, value_enum, default_value_t = Then::Resume)]
     then: Then,
@@ -115,12 +115,6 @@ pub struct RecvArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-}
-
-fn key(path: &Option<PathBuf>) -> Result<Option<Key>> {
-    path.as_ref()
-        .map(|p| Key::from_file(p).with_context(|| format!("reading the key {}", p.display())))
-        .transpose()
 }
 
 /// [`Workload`] for the target: SIGSTOP/SIGCONT pause, duty-cycle throttle (nothing to clean
@@ -220,11 +214,36 @@ fn drive<K: Sink>(
     (result, report, log, source.vanished_pages())
 }
 
+/// Checks `send`'s flags against their limits, the destination and the key file before
+/// anything starts (nothing is attached, connected or created yet).
+fn check_send(args: &SendArgs) -> Result<(Dest, Option<Key>)> {
+    check_max_downtime(args.max_downtime)?;
+    check_max_rounds(args.max_rounds)?;
+    let dest = parse_dest("--to", &args.to, true, true)?;
+    if let (Dest::File(_), Some(k)) = (&dest, &args.key_file) {
+        return Err(invalid(
+            "--key-file",
+            k.display(),
+            format!(
+                "applies only to a receiver (tcp: or unix:), not to --to {}",
+                args.to
+            ),
+            "drop --key-file, or send to a `precopy recv`",
+        ));
+    }
+    if let Dest::File(path) = &dest {
+        check_image_path("--to", &args.to, path, None)?;
+    }
+    let key = read_key(args.key_file.as_deref())?;
+    Ok((dest, key))
+}
+
 /// `precopy send`.
 pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     let mut report = json!({ "pid": args.pid, "to": args.to, "then": args.then });
     let fail = |report: &Value, e: anyhow::Error| output::fail(args.json, report.clone(), e);
-    let dest = parse_dest(&args.to, true, true).map_err(|e| fail(&report, e))?;
+    // Every flag, the destination and the key, before anything starts.
+    let (dest, key) = check_send(&args).map_err(|e| fail(&report, e))?;
     let interrupts = Interrupts::install(args.pid).map_err(|e| fail(&report, e))?;
     let state = interrupts.state().clone();
 
@@ -232,7 +251,6 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     let scanner = Scanner::new(ScanOptions::default())
         .context("this kernel cannot track dirty pages (see `precopy probe`)")
         .map_err(|e| fail(&report, e))?;
-    let key = key(&args.key_file).map_err(|e| fail(&report, e))?;
     let limit = |flag: &'static str, v: f64| {
         if v > 0.0 && v <= 30.0 * 86400.0 {
             Ok(Duration::from_secs_f64(v))
@@ -299,8 +317,14 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     let layout = Layout::new(regions)
         .context("describing the target's memory")
         .map_err(|e| fail(&report, e))?;
-    let source = TargetMemory::new(args.pid, page).map_err(|e| fail(&report, e.into()))?;
-    let control = ProcessControl::new(args.pid, PauseMethod::Signal, ThrottleMethod::DutyCycle)
+    // Read through the thread the attach used: the same memory, and still there when the
+    // main thread has exited (`pthread_exit`).
+    let source = TargetMemory::new(times.tid, page).map_err(|e| fail(&report, e.into()))?;
+    let throttle = match args.throttle {
+        SendThrottle::Duty => ThrottleMethod::DutyCycle,
+        SendThrottle::None => ThrottleMethod::None,
+    };
+    let control = ProcessControl::new(args.pid, PauseMethod::Signal, throttle)
         .context("controlling the target")
         .map_err(|e| fail(&report, e))?
         .stopped_on_entry_if(stopped_on_entry);
@@ -314,9 +338,9 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         state: state.clone(),
         throttled: false,
     };
-    let config = MigrationConfig {
-        max_downtime: Duration::from_millis(args.max_downtime.max(1)),
-        max_rounds: args.max_rounds.max(1),
+    let mut config = MigrationConfig {
+        max_downtime: Duration::from_millis(args.max_downtime),
+        max_rounds: args.max_rounds,
         after: match args.then {
             Then::Resume => AfterMigration::Resume,
             Then::Stop | Then::Kill => AfterMigration::Stop,
@@ -325,6 +349,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         timeout_policy: LimitPolicy::Abort,
         ..MigrationConfig::default()
     };
+    config.throttle.enabled = args.throttle != SendThrottle::None;
     let (result, mreport, log, vanished) = match &dest {
         Dest::File(path) => {
             let sink = ImageWriter::create(path, layout.clone())
@@ -383,7 +408,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         output::print_json(report, None);
     } else {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-        println!(
+        outln!(
             "precopy send: process {} to {}: {:.1} MiB tracked in {} ranges, {} rounds, downtime {:.1} ms, target {}",
             args.pid,
             args.to,
@@ -397,14 +422,14 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
                 Then::Kill => "killed",
             }
         );
-        println!(
+        outln!(
             "  attach: target thread stopped {:.0} µs (stop {:.0}, inject {:.0}, detach {:.0})",
             times.stopped.as_secs_f64() * 1e6,
             times.stop.as_secs_f64() * 1e6,
             times.inject.as_secs_f64() * 1e6,
             times.detach.as_secs_f64() * 1e6
         );
-        println!("  not tracked: {} mappings", log.skipped().len());
+        outln!("  not tracked: {} mappings", log.skipped().len());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -420,24 +445,37 @@ fn procfs_state_is_zombie(pid: i32) -> bool {
         .is_some_and(|c| c == 'Z' || c == 'X')
 }
 
+/// Removes a Unix socket's file when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// `precopy recv`.
 pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
     let report = json!({ "listen": args.listen, "to": args.to });
     let fail = |e: anyhow::Error| output::fail(args.json, report.clone(), e);
-    let Dest::File(path) = parse_dest(&args.to, true, false).map_err(fail)? else {
-        return Err(fail(anyhow!("--to takes file:PATH")));
+    // The image, the key and the address, before listening: nothing waits for a sender only
+    // to fail afterwards.
+    let Dest::File(path) = parse_dest("--to", &args.to, true, false).map_err(fail)? else {
+        unreachable!("parse_dest accepts only file: here")
     };
-    let listener = match parse_dest(&args.listen, false, true).map_err(fail)? {
+    check_image_path("--to", &args.to, &path, None).map_err(fail)?;
+    let config = ReceiverConfig {
+        key: read_key(args.key_file.as_deref()).map_err(fail)?,
+        ..ReceiverConfig::default()
+    };
+    let listen = parse_dest("--listen", &args.listen, false, true).map_err(fail)?;
+    let listener = match &listen {
         Dest::Tcp(a) => Listener::bind_tcp(a.as_str()),
         Dest::Unix(p) => Listener::bind_unix(p),
         Dest::File(_) => unreachable!("refused by parse_dest"),
     }
     .with_context(|| format!("listening on {}", args.listen))
     .map_err(fail)?;
-    let config = ReceiverConfig {
-        key: key(&args.key_file).map_err(fail)?,
-        ..ReceiverConfig::default()
-    };
     if config.key.is_none() && matches!(listener, Listener::Tcp(_)) {
         // Refuse before anyone can connect, saying how to make a key.
         return Err(fail(
@@ -447,6 +485,11 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
             .context("precopy recv needs --key-file KEYFILE on TCP"),
         ));
     }
+    // The socket file is ours from here on: removed however this command ends.
+    let _socket = match &listen {
+        Dest::Unix(p) => Some(RemoveOnDrop(p.clone())),
+        _ => None,
+    };
     eprintln!("precopy recv: listening on {}", listener.address());
     let received = Receiver::accept(&listener, &config)
         .and_then(|rx| {
@@ -460,7 +503,7 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
     if args.json {
         output::print_json(report, None);
     } else {
-        println!(
+        outln!(
             "precopy recv: {} rounds, {} pages, {} zero pages into {}",
             received.rounds,
             received.pages,

@@ -171,6 +171,226 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
         "only to a migration",
     ),
     (&["demo", "--to", "disk"], "--to", "disk", "file:PATH"),
+    // send / recv / rate take what demo takes, checked before attaching or listening.
+    (
+        &[
+            "send",
+            "--pid",
+            "1",
+            "--to",
+            "file:/x.img",
+            "--max-rounds",
+            "0",
+        ],
+        "--max-rounds",
+        "0",
+        "at least 1",
+    ),
+    (
+        &[
+            "send",
+            "--pid",
+            "1",
+            "--to",
+            "file:/x.img",
+            "--max-downtime",
+            "0",
+        ],
+        "--max-downtime",
+        "0",
+        "at least 1",
+    ),
+    (
+        &[
+            "send",
+            "--pid",
+            "1",
+            "--to",
+            "file:/x.img",
+            "--max-downtime",
+            "4000000",
+        ],
+        "--max-downtime",
+        "4000000",
+        "more than an hour",
+    ),
+    (
+        &[
+            "send",
+            "--pid",
+            "1",
+            "--to",
+            "file:/x.img",
+            "--max-rounds",
+            "2000000",
+        ],
+        "--max-rounds",
+        "2000000",
+        "more than 1000000",
+    ),
+    (
+        &[
+            "send",
+            "--pid",
+            "1",
+            "--to",
+            "file:/x.img",
+            "--max-rounds",
+            "-1",
+        ],
+        "--max-rounds",
+        "-1",
+        "negative",
+    ),
+    (
+        &["send", "--pid", "-1", "--to", "file:/x.img"],
+        "--pid",
+        "-1",
+        "positive",
+    ),
+    (
+        &["send", "--pid", "0", "--to", "file:/x.img"],
+        "--pid",
+        "0",
+        "run from 1",
+    ),
+    (
+        &["send", "--pid", "1", "--to", "disk"],
+        "--to",
+        "disk",
+        "tcp:HOST:PORT",
+    ),
+    // The destination before the target: PID 1 is never attached.
+    (
+        &["send", "--pid", "1", "--to", "file:/no-such-dir/x.img"],
+        "--to",
+        "file:/no-such-dir/x.img",
+        "does not exist",
+    ),
+    (
+        &[
+            "send",
+            "--pid",
+            "1",
+            "--to",
+            "file:/x.img",
+            "--key-file",
+            "/etc/hostname",
+        ],
+        "--key-file",
+        "/etc/hostname",
+        "applies only to a receiver",
+    ),
+    // recv: the image and the key before listening (no sender ever connects here).
+    (
+        &[
+            "recv",
+            "--listen",
+            "unix:/tmp/precopy-cli-test.sock",
+            "--to",
+            "file:/no-such-dir/x.img",
+        ],
+        "--to",
+        "file:/no-such-dir/x.img",
+        "does not exist",
+    ),
+    (
+        &[
+            "recv",
+            "--listen",
+            "unix:/tmp/precopy-cli-test.sock",
+            "--to",
+            "file:/tmp",
+        ],
+        "--to",
+        "file:/tmp",
+        "is a directory",
+    ),
+    (
+        &[
+            "recv",
+            "--listen",
+            "unix:/tmp/precopy-cli-test.sock",
+            "--to",
+            "file:/tmp/x.img",
+            "--key-file",
+            "/no-such-key",
+        ],
+        "--key-file",
+        "/no-such-key",
+        "cannot be used as a key",
+    ),
+    (
+        &["recv", "--listen", "file:/tmp/x", "--to", "file:/tmp/x.img"],
+        "--listen",
+        "file:/tmp/x",
+        "takes a socket",
+    ),
+    (
+        &[
+            "recv",
+            "--listen",
+            "unix:/tmp/precopy-cli-test.sock",
+            "--to",
+            "tcp:1.2.3.4:5",
+        ],
+        "--to",
+        "tcp:1.2.3.4:5",
+        "takes file:PATH",
+    ),
+    (
+        &["rate", "--pid", "1", "--interval", "-5"],
+        "--interval",
+        "-5",
+        "negative",
+    ),
+    (
+        &["rate", "--pid", "1", "--interval", "0"],
+        "--interval",
+        "0",
+        "1 to 3600000",
+    ),
+    (
+        &["rate", "--pid", "1", "--count", "0"],
+        "--count",
+        "0",
+        "1 to 100000",
+    ),
+    (&["rate", "--pid", "-7"], "--pid", "-7", "positive"),
+    // Negative numbers name the flag instead of "unexpected argument".
+    (&["bench", "--warmup", "-1"], "--warmup", "-1", "negative"),
+    (
+        &["bench", "--warmup", "1000"],
+        "--warmup",
+        "1000",
+        "at most 100",
+    ),
+    (
+        &["bench", "--rounds", "5000"],
+        "--rounds",
+        "5000",
+        "at most 1000",
+    ),
+    (&["bench", "--seed", "-1"], "--seed", "-1", "negative"),
+    (
+        &["bench", "--fractions", "-1"],
+        "--fractions",
+        "-1",
+        "more than 0",
+    ),
+    (
+        &["image", "cat", "/x.img", "--range", "-1-5"],
+        "--range",
+        "-1-5",
+        "negative",
+    ),
+    // Flags that contradict each other.
+    (
+        &["bench", "--out", "/tmp/precopy-bench", "--no-files"],
+        "--out",
+        "/tmp/precopy-bench",
+        "--no-files",
+    ),
     (
         &["demo", "--listen", "localhost"],
         "--listen",
@@ -202,6 +422,10 @@ fn each_kind_of_bad_input_is_refused_in_one_line() {
         }
         assert!(out.stdout.is_empty(), "{args:?}: stdout without --json");
 
+        // `image cat` writes raw bytes and has no JSON form.
+        if args.starts_with(&["image", "cat"]) {
+            continue;
+        }
         let mut with_json = args.to_vec();
         with_json.push("--json");
         let out = precopy(&with_json);
@@ -405,4 +629,87 @@ fn forced_switch_over_is_said_plainly() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", stderr(&out));
     assert!(text.contains("FORCED by the round limit"), "{text}");
+}
+
+/// Runs `precopy args` with a stdout whose reader is already gone, so its first write fails
+/// with `EPIPE`.
+fn with_closed_stdout(args: &[&str]) -> Output {
+    let (reader, writer) = nix::unistd::pipe().expect("pipe");
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_precopy"))
+        .args(args)
+        .stdout(std::process::Stdio::from(writer))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("running precopy")
+}
+
+#[test]
+fn a_reader_that_went_away_is_a_quiet_exit() {
+    let mut cmds: Vec<Vec<String>> = vec![
+        vec!["probe".into()],
+        vec!["probe".into(), "--json".into()],
+        vec!["--help".into()],
+    ];
+    let dir = scratch("epipe");
+    if engine_usable() {
+        let img = dir.join("demo.img");
+        let out = precopy(&[
+            "demo",
+            "--size",
+            "4M",
+            "--progress",
+            "none",
+            "--to",
+            &format!("file:{}", img.display()),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let img = img.to_str().unwrap().to_string();
+        for a in [
+            &["image", "info"][..],
+            &["image", "info", "--verify"][..],
+            &["image", "info", "--json"][..],
+            &["image", "verify"][..],
+            &["image", "verify", "--json"][..],
+        ] {
+            let mut v: Vec<String> = a.iter().map(|s| s.to_string()).collect();
+            v.push(img.clone());
+            cmds.push(v);
+        }
+        cmds.push(vec![
+            "image".into(),
+            "cat".into(),
+            img.clone(),
+            "--range".into(),
+            "0-8192".into(),
+        ]);
+    }
+    for args in &cmds {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = with_closed_stdout(&args);
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("error"), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn usage_errors_keep_clap_whole_message_in_json() {
+    let out = precopy(&["demo", "--no-such-flag", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let v = one_json(&out);
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    for want in [
+        "unexpected argument '--no-such-flag'",
+        "Usage: precopy demo",
+        "--help",
+    ] {
+        assert!(msg.contains(want), "{want:?} missing from {msg:?}");
+    }
+    // The same prefix as every other error, once.
+    let err = stderr(&out);
+    assert!(err.starts_with("precopy: error: "), "{err}");
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
 }

@@ -505,9 +505,9 @@ fn failures_leave_the_target_running_with_one_clear_error_line() {
             "unreachable",
             vec!["--to".into(), "unix:/nonexistent/precopy.sock".into()],
         ),
-        // The image cannot be created (after attaching).
+        // The image cannot be created (checked before attaching).
         (
-            "creating the image",
+            "does not exist",
             vec!["--to".into(), "file:/nonexistent/dir/img".into()],
         ),
         // Nothing listening on a TCP port.

@@ -206,7 +206,9 @@ pub fn all_stopped(pid: i32) -> bool {
                 after
                     .split_whitespace()
                     .next()
-                    .map(|st| st == "T" || st == "t")
+                    // An exited thread (a main thread after `pthread_exit` is a zombie
+                    // until the process ends) runs nothing either.
+                    .map(|st| matches!(st, "T" | "t" | "Z" | "X"))
             })
             // A thread that exited meanwhile is not running.
             .unwrap_or(true)

@@ -240,13 +240,25 @@ impl TargetLog {
     /// [`DirtyLog::start`] arms).
     pub fn new(uffd: Uffd, scanner: Scanner) -> Result<TargetLog, TargetError> {
         let pid = uffd.pid();
-        let pidfd = precopy_sys::process::pidfd_open(pid).map_err(|source| {
-            if source.raw_os_error() == Some(nix::errno::Errno::ESRCH as i32) {
-                TargetError::Exited { pid }
-            } else {
-                TargetError::Maps { pid, source }
-            }
-        })?;
+        // `pid` is a thread when the main thread had exited at attach time
+        // (`AttachTimes::tid`): only a thread pidfd (Linux 6.9+) names it.
+        let pidfd = precopy_sys::process::pidfd_open(pid)
+            .or_else(|e| match e.raw_os_error() {
+                Some(e)
+                    if e == nix::errno::Errno::ENOENT as i32
+                        || e == nix::errno::Errno::EINVAL as i32 =>
+                {
+                    precopy_sys::process::pidfd_open_thread(pid)
+                }
+                _ => Err(e),
+            })
+            .map_err(|source| {
+                if source.raw_os_error() == Some(nix::errno::Errno::ESRCH as i32) {
+                    TargetError::Exited { pid }
+                } else {
+                    TargetError::Maps { pid, source }
+                }
+            })?;
         let mut log = TargetLog {
             pid,
             pidfd,

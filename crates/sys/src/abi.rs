@@ -33,6 +33,9 @@ const fn iowr(ty: u8, nr: u8, size: usize) -> u32 {
 pub const PAGEMAP_SCAN: u32 = iowr(b'f', 16, size_of::<PmScanArg>());
 /// `PROCMAP_QUERY` = `_IOWR('f', 17, struct procmap_query)`; gated by Linux 6.11.
 pub const PROCMAP_QUERY: u32 = iowr(b'f', 17, size_of::<ProcmapQuery>());
+/// `PIDFD_THREAD` (= `O_EXCL`) for `pidfd_open`: a handle on one thread rather than its
+/// process; gated by Linux 6.9.
+pub const PIDFD_THREAD: u32 = libc::O_EXCL as u32;
 /// `UFFDIO_API`; every userfaultfd kernel.
 pub const UFFDIO_API: u32 = io::UFFDIO_API;
 /// `UFFDIO_REGISTER`; every userfaultfd kernel (WP mode since 5.7).

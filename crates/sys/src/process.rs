@@ -13,6 +13,17 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `pidfd_open(tid, PIDFD_THREAD)`: a handle on thread `tid` (Linux 6.9+). Its process's
+/// files are reachable through it (`pidfd_getfd`) also when the main thread has exited, which
+/// a process pidfd's are not.
+pub fn pidfd_open_thread(tid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers and returns a new fd or -1.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, tid, crate::abi::PIDFD_THREAD) };
+    let fd = cvt(ret as libc::c_int)?;
+    // SAFETY: the syscall returned a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// `pidfd_getfd(pidfd, target_fd, 0)`: a duplicate of fd number `target_fd` of the process
 /// behind `pidfd` (Linux 5.6+; needs ptrace access to it).
 pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target_fd: RawFd) -> io::Result<OwnedFd> {

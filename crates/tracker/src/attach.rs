@@ -43,6 +43,34 @@ pub enum AttachError {
         /// The PID.
         pid: i32,
     },
+    /// The ID names a thread that is not its process's main thread.
+    #[error(
+        "{tid} is a thread of process {tgid}, not a process ID: give --pid {tgid} (its thread-group ID)"
+    )]
+    NotProcessId {
+        /// The thread ID given.
+        tid: i32,
+        /// Its process's ID (thread-group ID).
+        tgid: i32,
+    },
+    /// A kernel thread: it has no user memory to track.
+    #[error("process {pid} ({name}) is a kernel thread: it has no user memory to track")]
+    KernelThread {
+        /// The PID.
+        pid: i32,
+        /// Its name (`comm`).
+        name: String,
+    },
+    /// The process has exited and waits for its parent to reap it (state `Z`).
+    #[error(
+        "process {pid} ({name}) has exited (a zombie waiting for its parent to reap it): it has no memory left"
+    )]
+    Zombie {
+        /// The PID.
+        pid: i32,
+        /// Its name (`comm`).
+        name: String,
+    },
     /// Another tracer (a debugger, strace, another precopy) is attached.
     #[error("process {pid} is already traced by process {tracer}: detach that tracer first")]
     AlreadyTraced {
@@ -154,14 +182,63 @@ fn io_err(e: procfs::ProcError) -> std::io::Error {
 }
 
 fn process(pid: i32) -> Result<procfs::process::Process, AttachError> {
-    match procfs::process::Process::new(pid) {
-        Ok(p) => Ok(p),
-        Err(procfs::ProcError::NotFound(_)) => Err(AttachError::NoSuchProcess { pid }),
-        Err(e) => Err(AttachError::Proc {
+    procfs::process::Process::new(pid).map_err(|e| proc_err(pid, e))
+}
+
+/// A failed read of `/proc/PID/...`: gone, not ours to read (with the hint), or other.
+fn proc_err(pid: i32, e: procfs::ProcError) -> AttachError {
+    match e {
+        procfs::ProcError::NotFound(_) => AttachError::NoSuchProcess { pid },
+        procfs::ProcError::PermissionDenied(_) => AttachError::PermissionDenied {
+            pid,
+            hint: yama_hint(),
+        },
+        procfs::ProcError::Io(e, _) if e.raw_os_error() == Some(libc::EACCES) => {
+            AttachError::PermissionDenied {
+                pid,
+                hint: yama_hint(),
+            }
+        }
+        e => AttachError::Proc {
             pid,
             source: io_err(e),
-        }),
+        },
     }
+}
+
+/// Linux's `PF_KTHREAD` task flag (`include/linux/sched.h`), in `/proc/PID/stat`'s flags.
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+/// Refuses, with the reason, an ID that names no attachable process: this process itself, a
+/// thread that is not its process's main thread, a kernel thread, a zombie. Returns the thread
+/// to inject into ([`pick_thread`]).
+fn check_target(pid: i32, p: &procfs::process::Process) -> Result<i32, AttachError> {
+    if pid == std::process::id() as i32 {
+        return Err(AttachError::OwnProcess { pid });
+    }
+    let status = p.status().map_err(|e| proc_err(pid, e))?;
+    if status.tgid != pid {
+        return Err(AttachError::NotProcessId {
+            tid: pid,
+            tgid: status.tgid,
+        });
+    }
+    let stat = p.stat().map_err(|e| proc_err(pid, e))?;
+    if stat.flags & PF_KTHREAD != 0 {
+        return Err(AttachError::KernelThread {
+            pid,
+            name: stat.comm,
+        });
+    }
+    let tid = pick_thread(p);
+    if tid == pid && matches!(stat.state, 'Z' | 'X') {
+        // No live thread left: the whole process has exited.
+        return Err(AttachError::Zombie {
+            pid,
+            name: stat.comm,
+        });
+    }
+    Ok(tid)
 }
 
 fn yama_hint() -> String {
@@ -177,11 +254,13 @@ fn yama_hint() -> String {
 /// Finds the address of a `syscall` instruction in process `pid`: in its vDSO first, then in
 /// its executable file mappings.
 pub fn find_syscall_instruction(pid: i32) -> Result<u64, AttachError> {
+    find_syscall_in(pid, pid)
+}
+
+/// [`find_syscall_instruction`] through thread `tid` of process `pid`.
+fn find_syscall_in(pid: i32, tid: i32) -> Result<u64, AttachError> {
     use procfs::process::{MMPermissions, MMapPath};
-    let maps = process(pid)?.maps().map_err(|e| AttachError::Proc {
-        pid,
-        source: io_err(e),
-    })?;
+    let maps = process(tid)?.maps().map_err(|e| proc_err(pid, e))?;
     let mut candidates: Vec<(u64, u64)> = Vec::new();
     for m in maps.iter() {
         if m.pathname == MMapPath::Vdso {
@@ -195,7 +274,7 @@ pub fn find_syscall_instruction(pid: i32) -> Result<u64, AttachError> {
     const MAX_SEARCH: u64 = 16 << 20;
     for (start, end) in candidates {
         let len = (end - start).min(MAX_SEARCH) as usize;
-        let Ok(text) = precopy_sys::process::read_proc_mem(pid, start, len) else {
+        let Ok(text) = precopy_sys::process::read_proc_mem(tid, start, len) else {
             continue;
         };
         if let Some(at) = text.windows(2).position(|w| w == SYSCALL_INSN) {
@@ -241,17 +320,8 @@ impl Uffd {
         }
         crate::uffd::required_features()?;
         let p = process(pid)?;
-        let status = p.status().map_err(|e| match e {
-            procfs::ProcError::NotFound(_) => AttachError::NoSuchProcess { pid },
-            e => AttachError::Proc {
-                pid,
-                source: io_err(e),
-            },
-        })?;
-        if status.tgid == std::process::id() as i32 {
-            // A thread of this process: same reason as above.
-            return Err(AttachError::OwnProcess { pid });
-        }
+        let tid = check_target(pid, &p)?;
+        let status = p.status().map_err(|e| proc_err(pid, e))?;
         if status.tracerpid != 0 {
             return Err(AttachError::AlreadyTraced {
                 pid,
@@ -262,17 +332,23 @@ impl Uffd {
             return Err(AttachError::SeccompStrict { pid });
         }
         let seccomp_filter = status.seccomp == Some(2);
-        let insn = find_syscall_instruction(pid)?;
-        let tid = pick_thread(&p);
-        let pidfd = precopy_sys::process::pidfd_open(pid).map_err(|source| {
-            match source.raw_os_error() {
-                Some(libc::ESRCH) => AttachError::NoSuchProcess { pid },
-                _ => AttachError::Handoff {
-                    pid,
-                    step: "opening a pidfd",
-                    source,
-                },
-            }
+        // A main thread that exited (`pthread_exit`) has no memory map of its own: search
+        // the memory through the live thread that runs the call.
+        let insn = find_syscall_in(pid, tid)?;
+        // A process pidfd reaches no files once the main thread has exited: then take the
+        // injecting thread's (Linux 6.9+).
+        let pidfd = if tid == pid {
+            precopy_sys::process::pidfd_open(pid)
+        } else {
+            precopy_sys::process::pidfd_open_thread(tid)
+        }
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ESRCH) => AttachError::NoSuchProcess { pid },
+            _ => AttachError::Handoff {
+                pid,
+                step: "opening a pidfd",
+                source,
+            },
         })?;
 
         // A Ctrl-C from here on is delivered once the target is restored.
@@ -355,7 +431,9 @@ impl Uffd {
             });
         }
         detached?;
-        let uffd = Uffd::adopt(fd, pid)?;
+        // Through the injecting thread: the same memory, and its `/proc/TID/maps` is there
+        // also when the main thread has exited.
+        let uffd = Uffd::adopt(fd, tid)?;
         Ok((
             uffd,
             AttachTimes {

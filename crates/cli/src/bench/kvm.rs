@@ -7,6 +7,7 @@
 use super::{Args, MIB};
 use crate::args::{available_memory, human, invalid};
 use crate::output;
+use crate::output::out;
 use anyhow::Result;
 use precopy_vmm::KvmHost;
 use precopy_vmm::bench::BenchRow;
@@ -135,7 +136,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         eprint!("{table}");
         output::print_json(json!({ "kvm_bench": rows, "kvm": kvm }), None);
     } else {
-        print!("{table}");
+        out!("{table}");
     }
     Ok(ExitCode::SUCCESS)
 }

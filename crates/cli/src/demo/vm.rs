@@ -15,6 +15,7 @@
 use super::{Args, CheckKind, policy};
 use crate::args::{Size, available_memory, cpus, human, invalid, parse_size};
 use crate::output;
+use crate::output::outln;
 use anyhow::{Result, anyhow};
 use precopy_migrate::{MigrationConfig, ThrottleConfig};
 use precopy_transfer::FinalCheck;
@@ -403,19 +404,23 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 
 fn print_report(r: &precopy_vmm::VmDemoReport, host: &KvmHost) {
     let m = &r.source.migration;
-    println!("{m}");
+    outln!("{m}");
     if !r.source.cross_check.is_empty() {
-        println!("KVM dirty log cross-check (KVM's pages must be among ours):");
-        println!("  round  KVM pages  our pages  KVM-only this round  ours-only");
+        outln!("KVM dirty log cross-check (KVM's pages must be among ours):");
+        outln!("  round  KVM pages  our pages  KVM-only this round  ours-only");
         for c in &r.source.cross_check {
-            println!(
+            outln!(
                 "  {:>5}  {:>9}  {:>9}  {:>19}  {:>9}",
-                c.round, c.kvm_pages, c.our_pages, c.kvm_only_this_round, c.ours_only
+                c.round,
+                c.kvm_pages,
+                c.our_pages,
+                c.kvm_only_this_round,
+                c.ours_only
             );
         }
-        println!("  every page KVM saw was reported by our rounds");
+        outln!("  every page KVM saw was reported by our rounds");
     }
-    println!(
+    outln!(
         "guest write rate during the migration: {:.1} MiB/s{}",
         r.source.guest_write_rate / MIB,
         if host.emulated() {
@@ -424,19 +429,19 @@ fn print_report(r: &precopy_vmm::VmDemoReport, host: &KvmHost) {
             ""
         }
     );
-    println!(
+    outln!(
         "downtime (pause to the receiver's ack): {:.1} ms; guest-visible pause (last vCPU exit at the source to first KVM_RUN at the destination): {:.1} ms",
         m.downtime.unwrap_or_default().as_secs_f64() * 1e3,
         r.destination.guest_pause.as_secs_f64() * 1e3
     );
-    println!(
+    outln!(
         "VM state through the state hook: {} bytes sent, {} received; guest RAM at {:#x} (source), {:#x} (destination)",
         m.state_bytes.unwrap_or(0),
         r.destination.state_bytes,
         r.source_ram_addr,
         r.destination.ram_addr
     );
-    println!(
+    outln!(
         "checksum: unmigrated {:#010x}, migrated {:#010x}, program {:#010x}: {}",
         r.unmigrated.checksum,
         r.destination.checksum,
@@ -447,5 +452,5 @@ fn print_report(r: &precopy_vmm::VmDemoReport, host: &KvmHost) {
             "MISMATCH"
         }
     );
-    println!("note: {}", host.note());
+    outln!("note: {}", host.note());
 }
