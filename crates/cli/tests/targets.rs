@@ -51,20 +51,25 @@ impl Zombie {
             .spawn()
             .unwrap();
         let parent = holder.id() as i32;
+        // Killed and reaped on drop, also if no zombie shows up.
+        let mut z = Zombie { holder, pid: 0 };
         let started = Instant::now();
-        loop {
-            if let Some(pid) = pids()
+        while z.pid == 0 {
+            match pids()
                 .into_iter()
                 .find(|&p| stat(p).is_some_and(|(s, pp, _)| pp == parent && s == 'Z'))
             {
-                return Zombie { holder, pid };
+                Some(pid) => z.pid = pid,
+                None => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(30),
+                        "no zombie appeared under {parent}"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "no zombie appeared under {parent}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
+        z
     }
 }
 
