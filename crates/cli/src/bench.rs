@@ -21,6 +21,7 @@ mod kvm;
 use crate::args::{
     Size, available_memory, count_at_most, cpus, human, invalid, parse_count, parse_size,
 };
+use crate::interrupt::Interrupts;
 use crate::output;
 use crate::output::out;
 use anyhow::{Context, Result, bail};
@@ -1339,6 +1340,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let selected = validate(&args)?;
     let sw = sweep(&args);
+    // Ctrl-C and SIGTERM end in one report too (with --json, the JSON object so far).
+    let interrupts = Interrupts::install(None, args.json)?;
+    let state = interrupts.state();
+    state.set_report(&serde_json::json!({
+        "sweep": sw.name,
+        "configurations": sw.configs.len(),
+        "configurations_done": 0,
+    }));
     let host = host();
     eprintln!(
         "precopy bench: kernel {}, {} CPUs, THP mode {}; {} sweep: {} configurations x {} rounds",
@@ -1351,6 +1360,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     );
     let mut statuses = Vec::new();
     let mut runnable = Vec::new();
+    // Every backend is checked, selected or not: `available` in the report is always a
+    // verdict, never a default.
     // A backend says what kernel writes do once it is built over some memory: one page, never
     // started.
     let probe_page = Mapping::new(
@@ -1362,11 +1373,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     .context("map a page to ask each backend about kernel writes")?;
     for kind in BackendKind::ALL {
         let is_selected = selected.contains(&kind);
-        let verdict = if is_selected {
-            precopy_backends::check(kind)
-        } else {
-            Ok(())
-        };
+        let verdict = precopy_backends::check(kind);
         let kernel_writes = match &verdict {
             Ok(()) if is_selected => precopy_backends::open(kind, &[probe_page.range()])
                 .ok()
@@ -1383,8 +1390,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 }
                 runnable.push(kind);
             }
+            Ok(()) => eprintln!("  {kind:<11} available (not selected)"),
             Err(u) => eprintln!("  {kind:<11} UNAVAILABLE: {}", u.reason),
-            _ => {}
         }
         statuses.push(BackendStatus {
             name: kind.name(),
@@ -1395,9 +1402,37 @@ pub fn run(args: Args) -> Result<ExitCode> {
             kernel_writes,
         });
     }
+    if runnable.is_empty() {
+        // Nothing selected can run: no sweep of the baseline alone.
+        let why: Vec<String> = statuses
+            .iter()
+            .filter(|s| s.selected)
+            .map(|s| {
+                format!(
+                    "{}: {}",
+                    s.name,
+                    s.reason.as_deref().unwrap_or("unavailable")
+                )
+            })
+            .collect();
+        let e = anyhow::anyhow!(
+            "no selected backend works on this machine ({}); see `precopy probe`, or choose others with --backends",
+            why.join("; ")
+        );
+        let report = serde_json::json!({ "host": host, "backends": statuses, "results": [] });
+        return Err(output::fail(args.json, report, e));
+    }
+    state.update_report(|r| {
+        r["host"] = serde_json::to_value(&host).unwrap_or_default();
+        r["backends"] = serde_json::to_value(&statuses).unwrap_or_default();
+    });
     let started = Instant::now();
     let mut results = Vec::new();
     for (i, cfg) in sw.configs.iter().enumerate() {
+        state.update_report(|r| {
+            r["configurations_done"] = i.into();
+            r["results"] = serde_json::to_value(&results).unwrap_or_default();
+        });
         eprintln!("[{}/{}] {}", i + 1, sw.configs.len(), cfg.label());
         let base = measure(cfg, None, sw.rounds, args.warmup as usize, args.seed)?;
         let mut row = vec![base];

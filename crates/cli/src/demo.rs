@@ -20,6 +20,7 @@ use crate::args::{
     Size, available_memory, check_image_path, check_max_downtime, check_max_rounds, cpus, human,
     invalid, parse_count, parse_size,
 };
+use crate::interrupt::Interrupts;
 use crate::output;
 use crate::progress::{self, Progress};
 use anyhow::{Context, Result, bail};
@@ -1027,10 +1028,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
         return vm::run(&args);
     }
     let plan = validate(&args)?;
+    // Before any thread: Ctrl-C and SIGTERM still end in one report, children killed.
+    let interrupts = Interrupts::install(None, args.json)?;
     let progress = Progress::new(args.progress, args.json);
+    let shown = progress.clone();
+    interrupts.state().set_partial(move || {
+        let (phase, update) = shown.last();
+        serde_json::json!({ "phase": phase, "progress": update })
+    });
     let exe = std::env::current_exe().context("finding this executable")?;
     let sock_path = PathBuf::from(format!("/tmp/precopy-demo-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock_path);
+    interrupts.state().add_file(sock_path.clone());
 
     // Destination first: it must listen before anyone connects.
     let mut dest = None;
@@ -1065,6 +1074,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         });
         let _ = std::fs::remove_file(&key_path);
         let (d, words) = listening?;
+        interrupts.state().add_child(d.pid());
         let addr = words.first().context("no listening address")?.clone();
         dest = Some((d, addr));
     }
@@ -1079,6 +1089,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .args(["--memory", args.memory.name()]);
     let mut source = Proc::spawn("source", cmd)?;
     let source_pid = source.pid();
+    interrupts.state().add_child(source_pid);
     let size = args.size.bytes;
     progress.phase(format!("source: filling {} of memory", human(size)));
     let tick = || {

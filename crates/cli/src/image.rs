@@ -8,8 +8,9 @@
 //! - `cat IMG --range START-END [--incomplete]`: the raw bytes at memory
 //!   offsets `START..END` (the image's regions back to back in id order, as
 //!   `info` lists them) as the image holds them (zeros for pages never
-//!   sent), to stdout. Every page is checked against its CRC before it is
-//!   written; a damaged page stops the command with an error. An incomplete
+//!   sent), to stdout. Every page of the span is checked against its CRC
+//!   before any byte is written; a damaged page fails the command with
+//!   nothing written. An incomplete
 //!   image is refused unless `--incomplete`.
 //! - `verify IMG [--json]`: every record's CRC, the index and the memory
 //!   checksum. Exits 0 only for a complete image that passes every check; an
@@ -145,6 +146,10 @@ fn cat(image: &Path, range: Range<u64>, incomplete: bool) -> Result<ExitCode> {
             info.rounds.len()
         );
     }
+    // Every page of the span is checked before the first byte goes out: a damaged page fails
+    // the command with nothing written, never after a partial copy. (The pages are read twice;
+    // the second read checks them again.)
+    img.read_span(range.clone(), &mut io::sink())?;
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     let written = img

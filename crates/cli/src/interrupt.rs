@@ -1,5 +1,5 @@
-//! Ctrl-C and `SIGTERM` while `send`/`rate` work on another process: the target comes out as it
-//! went in.
+//! Ctrl-C, `SIGTERM` and `SIGHUP` while a command runs: the target comes out as it went in, and
+//! the command still reports once, like any failure.
 //!
 //! [`Interrupts::install`] blocks `SIGINT`, `SIGTERM` and `SIGHUP` in the calling thread before
 //! any other thread exists (so every thread inherits the block) and waits for them on a thread
@@ -8,16 +8,43 @@
 //!    registers are back before the process exits;
 //! 2. sends `SIGCONT` to the target if this command stopped it (the final round, or the
 //!    throttle's duty cycle) and was not asked to leave it stopped;
-//! 3. exits with 128 + the signal number. The userfaultfd closes with the process, which ends
+//! 3. kills the child processes the command registered (`demo`'s source and destination,
+//!    which may be stopped) and removes the files it registered (a Unix socket);
+//! 4. reports the interruption as an error: one line on stderr and, with `--json`, the one
+//!    JSON object with `"ok": false`, the error, `"interrupted"` (the signal's name) and the
+//!    report as far as it got ([`TargetState::update_report`], [`TargetState::set_partial`]);
+//! 5. exits with 128 + the signal number. The userfaultfd closes with the process, which ends
 //!    the tracking in the kernel; the target holds no fd of ours.
+//!
+//! Child processes inherit the blocked set across `exec`; `main` unblocks it first thing, so
+//! this binary's own children (`__demo-source`, ...) still die of these signals.
 
+use crate::output;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, pthread_sigmask};
 use nix::unistd::Pid;
+use serde_json::{Value, json};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// The signals handled here.
+fn termination_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set
+}
+
+/// Undoes an inherited block of the termination signals (see the module docs).
+pub fn unblock_inherited() {
+    let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&termination_signals()), None);
+}
+
+type Partial = Box<dyn Fn() -> Value + Send>;
+
 /// Shared between the command and its signal thread.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct TargetState {
     /// Held while ptrace is attached to the target.
     attach: Mutex<()>,
@@ -27,12 +54,30 @@ pub struct TargetState {
     keep_stopped: AtomicBool,
     /// The target was already stopped when this command started: never continue it.
     was_stopped: AtomicBool,
+    /// The report so far.
+    report: Mutex<Value>,
+    /// More of the report, computed when a signal comes.
+    partial: Mutex<Option<Partial>>,
+    /// Child processes to kill.
+    children: Mutex<Vec<i32>>,
+    /// Files to remove.
+    files: Mutex<Vec<PathBuf>>,
+}
+
+impl std::fmt::Debug for TargetState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetState").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl TargetState {
     /// Hold while attaching.
     pub fn attaching(&self) -> MutexGuard<'_, ()> {
-        self.attach.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.attach)
     }
     /// Record that the target may be stopped by this command from now on (or not any more).
     pub fn set_stopped_by_us(&self, v: bool) {
@@ -46,6 +91,26 @@ impl TargetState {
     pub fn keep_stopped(&self) {
         self.keep_stopped.store(true, Ordering::SeqCst);
     }
+    /// Replaces the report an interruption prints.
+    pub fn set_report(&self, report: &Value) {
+        *lock(&self.report) = report.clone();
+    }
+    /// Changes the report an interruption prints.
+    pub fn update_report(&self, f: impl FnOnce(&mut Value)) {
+        f(&mut lock(&self.report));
+    }
+    /// Fields computed when a signal comes, added to the report (e.g. the progress so far).
+    pub fn set_partial(&self, f: impl Fn() -> Value + Send + 'static) {
+        *lock(&self.partial) = Some(Box::new(f));
+    }
+    /// A child process to kill on a signal.
+    pub fn add_child(&self, pid: i32) {
+        lock(&self.children).push(pid);
+    }
+    /// A file to remove on a signal.
+    pub fn add_file(&self, path: PathBuf) {
+        lock(&self.files).push(path);
+    }
 }
 
 /// The installed handler (see the module docs).
@@ -56,12 +121,9 @@ pub struct Interrupts {
 
 impl Interrupts {
     /// Blocks the termination signals and starts the thread that handles them for target
-    /// `pid`. Call before starting any other thread.
-    pub fn install(pid: i32) -> anyhow::Result<Interrupts> {
-        let mut set = SigSet::empty();
-        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-            set.add(s);
-        }
+    /// `pid` (`None`: a command with no target). Call before starting any other thread.
+    pub fn install(pid: Option<i32>, json: bool) -> anyhow::Result<Interrupts> {
+        let set = termination_signals();
         pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
         let state = Arc::new(TargetState::default());
         let s = state.clone();
@@ -70,20 +132,42 @@ impl Interrupts {
             .spawn(move || {
                 let Ok(sig) = set.wait() else { return };
                 let _attach = s.attaching();
-                let stopped = s.stopped_by_us.load(Ordering::SeqCst);
-                let was = s.was_stopped.load(Ordering::SeqCst);
-                let keep = was || s.keep_stopped.load(Ordering::SeqCst);
-                if stopped && !keep {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
-                }
-                eprintln!(
-                    "precopy: interrupted by {sig}: process {pid} left {}",
-                    if was || (stopped && keep) {
+                let mut what = format!("interrupted by {sig}");
+                if let Some(pid) = pid {
+                    let stopped = s.stopped_by_us.load(Ordering::SeqCst);
+                    let was = s.was_stopped.load(Ordering::SeqCst);
+                    let keep = was || s.keep_stopped.load(Ordering::SeqCst);
+                    if stopped && !keep {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+                    }
+                    let left = if was || (stopped && keep) {
                         "stopped"
                     } else {
                         "running"
+                    };
+                    what.push_str(&format!(": process {pid} left {left}"));
+                }
+                for &child in lock(&s.children).iter() {
+                    let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
+                }
+                for f in lock(&s.files).iter() {
+                    let _ = std::fs::remove_file(f);
+                }
+                let e = anyhow::anyhow!("{what}");
+                output::print_error(&e);
+                if json {
+                    let mut report = lock(&s.report).clone();
+                    if !report.is_object() {
+                        report = json!({});
                     }
-                );
+                    if let Some(extra) = lock(&s.partial).as_ref().map(|f| f()) {
+                        if let (Some(r), Value::Object(m)) = (report.as_object_mut(), extra) {
+                            r.extend(m);
+                        }
+                    }
+                    report["interrupted"] = json!(sig.as_str());
+                    output::print_json(report, Some(&e));
+                }
                 std::process::exit(128 + sig as i32);
             })?;
         Ok(Interrupts { state })

@@ -45,6 +45,15 @@ enum Command {
     /// tracked, dirty-rate accuracy against the target's own count.
     AttachBench(attach_bench::Args),
     /// Live pre-copy of a running process to a receiver or a checkpoint image.
+    ///
+    /// Attaching stops one thread of the target for well under a millisecond (ptrace) to create
+    /// a userfaultfd in it. A blocking system call that thread was in is restarted, except
+    /// those Linux never restarts (epoll_wait, poll, select, sigtimedwait, ...: see signal(7)),
+    /// which return EINTR there as after a signal handler; a program that does not retry on
+    /// EINTR sees an error. While pages are sent, a target that writes faster than they go is
+    /// slowed by stopping it (SIGSTOP/SIGCONT, --throttle duty) unless --throttle none; the
+    /// final round runs with it stopped. Ctrl-C or SIGTERM leave it running (or stopped, if it
+    /// was stopped before), with no fd of ours and not traced.
     Send(send::SendArgs),
     /// Receive a `precopy send` stream into a checkpoint image.
     Recv(send::RecvArgs),
@@ -65,6 +74,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A parent that blocked SIGINT/SIGTERM/SIGHUP (`demo` does, see `interrupt`) passed the
+    // block on: undo it, so Ctrl-C and SIGTERM work here as anywhere.
+    interrupt::unblock_inherited();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PRECOPY_LOG")

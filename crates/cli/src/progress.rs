@@ -38,6 +38,8 @@ enum Out {
 #[derive(Debug, Clone)]
 pub struct Progress {
     out: Arc<Mutex<Out>>,
+    /// The last phase and the last update, shown or not (for an interrupted run's report).
+    last: Arc<Mutex<(String, String)>>,
 }
 
 /// Least time between two plain lines of the same phase.
@@ -71,6 +73,7 @@ impl Progress {
         };
         Progress {
             out: Arc::new(Mutex::new(out)),
+            last: Arc::default(),
         }
     }
 
@@ -90,7 +93,19 @@ impl Progress {
         self.show(msg.into(), false);
     }
 
+    /// The last phase begun and the last update of it (empty if none yet).
+    pub fn last(&self) -> (String, String) {
+        self.last.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
     fn show(&self, msg: String, force: bool) {
+        if let Ok(mut last) = self.last.lock() {
+            if force {
+                *last = (msg.clone(), String::new());
+            } else {
+                last.1.clone_from(&msg);
+            }
+        }
         self.with(|out| match out {
             Out::Bar(bar) => bar.set_message(msg),
             Out::Lines { last, start } => {

@@ -122,7 +122,9 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
     let mut report = json!({ "pid": args.pid, "interval_ms": args.interval, "count": args.count });
     let fail = |report: &Value, e: anyhow::Error| output::fail(args.json, report.clone(), e);
     check_rate(&args).map_err(|e| fail(&report, e))?;
-    let interrupts = Interrupts::install(args.pid).map_err(|e| fail(&report, e))?;
+    let interrupts =
+        Interrupts::install(Some(args.pid), args.json).map_err(|e| fail(&report, e))?;
+    interrupts.state().set_report(&report);
     let scanner = Scanner::new(ScanOptions::default())
         .context("this kernel cannot track dirty pages (see `precopy probe`)")
         .map_err(|e| fail(&report, e))?;
@@ -148,15 +150,28 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
     let mut intervals = Vec::new();
     let mut dirty = Vec::new();
     let mut added_bytes = 0u64;
+    // Why the run ended before --count rounds (the target exited): what was measured until
+    // then is still reported.
+    let mut ended = None;
     for i in 1..=args.count {
         let due = armed + Duration::from_millis(args.interval * i);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
         dirty.clear();
-        log.round(&mut dirty)
-            .with_context(|| format!("round {i}"))
-            .map_err(|e| fail(&report, e))?;
+        if let Err(e) = log.round(&mut dirty) {
+            let e = anyhow::anyhow!(e);
+            if intervals.is_empty() || !crate::send::process_gone(args.pid) {
+                return Err(fail(&report, e.context(format!("round {i}"))));
+            }
+            ended = Some(e.context(format!(
+                "process {} exited after {} of {} intervals: the figures cover those",
+                args.pid,
+                intervals.len(),
+                args.count
+            )));
+            break;
+        }
         let now = Instant::now();
         // Whole new mappings are in `dirty` too: not writes.
         let added = &log.last_changes().added;
@@ -178,13 +193,14 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
         sets.push(written);
         last = now;
     }
+    let measured = intervals.len() as u64;
     let mut windows = Vec::new();
     for k in [1u64, 2, 5, 10, 20, 50, 100, 200, 500, 1000] {
-        if k > args.count {
+        if k > measured {
             break;
         }
         let mut rates = Vec::new();
-        for w in 0..args.count / k {
+        for w in 0..measured / k {
             let (a, b) = ((w * k) as usize, ((w + 1) * k) as usize);
             let secs: f64 = intervals[a..b].iter().map(|i| i.duration_ms).sum::<f64>() / 1e3;
             rates.push(union_len(&sets[a..b]) as f64 / secs);
@@ -209,7 +225,11 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
     report["working_set_pages"] = json!(working_set);
     report["working_set_bytes"] = json!(working_set * page);
     report["sum_of_interval_pages"] = json!(total_pages);
+    report["intervals_measured"] = json!(measured);
     if args.json {
+        if let Some(e) = ended {
+            return Err(fail(&report, e));
+        }
         output::print_json(report, None);
     } else {
         let mib = |b: f64| b / (1024.0 * 1024.0);
@@ -217,7 +237,7 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
             "precopy rate: process {}, {:.1} MiB tracked, {} intervals of {} ms (attach stopped one thread {:.0} µs)",
             args.pid,
             mib(log.tracker().tracked_bytes() as f64),
-            args.count,
+            measured,
             args.interval,
             times.stopped.as_secs_f64() * 1e6
         );
@@ -237,6 +257,9 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
             mib((working_set * page) as f64),
             last.duration_since(armed).as_secs_f64()
         );
+        if let Some(e) = ended {
+            return Err(fail(&report, e));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -26,8 +26,8 @@ use precopy_migrate::{
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_tracker::{AttachTimes, Uffd};
 use precopy_transfer::{
-    Connection, ImageWriter, Key, Layout, Listener, MemoryRegion, Receiver, ReceiverConfig,
-    SenderConfig, Sink, Transfer,
+    Connection, FinalCheck, ImageWriter, Key, Layout, Listener, MemoryRegion, Receiver,
+    ReceiverConfig, SenderConfig, Sink, Transfer,
 };
 use serde_json::{Value, json};
 use std::ops::Range;
@@ -177,16 +177,38 @@ fn progress_bar(json: bool) -> ProgressBar {
     bar
 }
 
+fn phase_name(p: &Progress) -> &'static str {
+    match p.phase {
+        precopy_migrate::Phase::Full => "round 0 (all memory)",
+        precopy_migrate::Phase::Iterating => "iterating",
+        precopy_migrate::Phase::Final => "final round (target stopped)",
+    }
+}
+
 fn progress_message(p: &Progress) -> String {
     let mib = |b: f64| b / (1024.0 * 1024.0);
     format!(
-        "{:?} round {:>3}  pending {:>8.1} MiB  throughput {:>6.0} MiB/s  dirty {:>6.0} MiB/s",
-        p.phase,
+        "{}: round {:>3}  pending {:>8.1} MiB  throughput {:>6.0} MiB/s  dirty {:>6.0} MiB/s",
+        phase_name(p),
         p.round,
         mib(p.pending_bytes as f64),
         mib(p.throughput),
         mib(p.dirty_rate),
     )
+}
+
+/// The last progress, for the report of an interrupted send.
+fn progress_json(p: &Progress) -> Value {
+    json!({
+        "phase": phase_name(p),
+        "round": p.round,
+        "pending_bytes": p.pending_bytes,
+        "memory_bytes": p.memory_bytes,
+        "throughput_bytes_per_sec": p.throughput,
+        "dirty_bytes_per_sec": p.dirty_rate,
+        "throttle": p.throttle,
+        "elapsed_ms": p.elapsed.as_secs_f64() * 1e3,
+    })
 }
 
 /// Runs the driver over `transfer`; returns its result, the report and the parts back.
@@ -204,8 +226,12 @@ fn drive<K: Sink>(
 ) {
     let bar = progress_bar(json);
     let bar2 = bar.clone();
+    let state = workload.state.clone();
     let mut m = Migration::new(log, TransferTransport::new(transfer), workload, config)
-        .on_progress(move |p| bar2.set_message(progress_message(p)));
+        .on_progress(move |p| {
+            bar2.set_message(progress_message(p));
+            state.update_report(|r| r["progress"] = progress_json(p));
+        });
     let result = m.run();
     bar.finish_and_clear();
     let report = m.report().clone();
@@ -244,8 +270,10 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     let fail = |report: &Value, e: anyhow::Error| output::fail(args.json, report.clone(), e);
     // Every flag, the destination and the key, before anything starts.
     let (dest, key) = check_send(&args).map_err(|e| fail(&report, e))?;
-    let interrupts = Interrupts::install(args.pid).map_err(|e| fail(&report, e))?;
+    let interrupts =
+        Interrupts::install(Some(args.pid), args.json).map_err(|e| fail(&report, e))?;
     let state = interrupts.state().clone();
+    state.set_report(&report);
 
     // Everything that can fail without touching the target, first.
     let scanner = Scanner::new(ScanOptions::default())
@@ -333,6 +361,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         state.set_was_stopped();
     }
     report["target_stopped_on_entry"] = json!(control.stopped_on_entry());
+    state.set_report(&report);
     let workload = TargetWorkload {
         control,
         state: state.clone(),
@@ -395,9 +424,26 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     report["mapping_changes"] = json!({"added_bytes": added, "dropped_bytes": dropped});
     report["migration"] = serde_json::to_value(&mreport).unwrap_or(Value::Null);
     if let Err(e) = result {
-        let gone = !std::path::Path::new(&format!("/proc/{}", args.pid)).exists()
-            || procfs_state_is_zombie(args.pid);
-        let e = anyhow!(e).context(if gone {
+        let e = anyhow!(e);
+        // Its memory is released early in its exit, before /proc shows it exited: when reads
+        // found the process gone, give the exit a moment to complete.
+        use precopy_transfer::{SourceError, TransferError};
+        let vanished = e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<SourceError>(),
+                Some(SourceError::ProcessGone { .. })
+            ) || matches!(
+                c.downcast_ref::<TransferError>(),
+                Some(TransferError::Source(SourceError::ProcessGone { .. }))
+            )
+        });
+        let mut gone = process_gone(args.pid);
+        let since = std::time::Instant::now();
+        while vanished && !gone && since.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(10));
+            gone = process_gone(args.pid);
+        }
+        let e = e.context(if gone {
             format!("process {} exited during the send", args.pid)
         } else {
             format!("sending process {} failed; it was left running", args.pid)
@@ -416,10 +462,15 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
             tracked.len(),
             mreport.rounds.len(),
             mreport.downtime.unwrap_or_default().as_secs_f64() * 1e3,
-            match args.then {
-                Then::Stop => "left stopped",
-                Then::Resume => "running",
-                Then::Kill => "killed",
+            match (args.then, report["target_stopped_on_entry"] == true) {
+                (Then::Kill, _) => "killed".to_string(),
+                (Then::Stop, false) =>
+                    format!("left stopped (`kill -CONT {}` resumes it)", args.pid),
+                (_, true) => format!(
+                    "left stopped, as it was before the send (`kill -CONT {}` resumes it)",
+                    args.pid
+                ),
+                (Then::Resume, false) => "running".to_string(),
             }
         );
         outln!(
@@ -434,15 +485,23 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Whether `pid` is a zombie (exited, not yet reaped by its parent).
-fn procfs_state_is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let after = s.rfind(')').map(|i| s[i + 1..].trim_start().to_string())?;
-            after.chars().next()
-        })
-        .is_some_and(|c| c == 'Z' || c == 'X')
+/// Whether process `pid` has exited: gone from `/proc`, or no thread of it left alive (a
+/// zombie waiting to be reaped; a main thread that called `pthread_exit` is a zombie too, so
+/// every thread counts).
+pub fn process_gone(pid: i32) -> bool {
+    use procfs::process::{ProcState, Process};
+    let Ok(p) = Process::new(pid) else {
+        return true;
+    };
+    let Ok(tasks) = p.tasks() else {
+        return true;
+    };
+    !tasks.flatten().any(|t| {
+        t.stat()
+            .ok()
+            .and_then(|s| s.state().ok())
+            .is_some_and(|s| !matches!(s, ProcState::Zombie | ProcState::Dead))
+    })
 }
 
 /// Removes a Unix socket's file when dropped.
@@ -458,6 +517,8 @@ impl Drop for RemoveOnDrop {
 pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
     let report = json!({ "listen": args.listen, "to": args.to });
     let fail = |e: anyhow::Error| output::fail(args.json, report.clone(), e);
+    let interrupts = Interrupts::install(None, args.json).map_err(fail)?;
+    interrupts.state().set_report(&report);
     // The image, the key and the address, before listening: nothing waits for a sender only
     // to fail afterwards.
     let Dest::File(path) = parse_dest("--to", &args.to, true, false).map_err(fail)? else {
@@ -487,7 +548,10 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
     }
     // The socket file is ours from here on: removed however this command ends.
     let _socket = match &listen {
-        Dest::Unix(p) => Some(RemoveOnDrop(p.clone())),
+        Dest::Unix(p) => {
+            interrupts.state().add_file(p.clone());
+            Some(RemoveOnDrop(p.clone()))
+        }
         _ => None,
     };
     eprintln!("precopy recv: listening on {}", listener.address());
@@ -499,7 +563,21 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         .with_context(|| format!("receiving into {}", path.display()))
         .map_err(fail)?;
     let mut report = report;
-    report["received"] = serde_json::to_value(received).unwrap_or(Value::Null);
+    report["received"] = json!({
+        "rounds": received.rounds,
+        "pages": received.pages,
+        "zero_pages": received.zero_pages,
+        "wire_bytes": received.bytes,
+        "streams": received.streams,
+        "memory_checksum": received.checksum,
+        "final_check": match received.check {
+            FinalCheck::Recorded => "recorded",
+            FinalCheck::Full => "full",
+        },
+        "changed_while_sent_pages": received.changed_while_sent,
+        "state_bytes": received.state_bytes,
+        "duration_ms": received.duration.as_secs_f64() * 1e3,
+    });
     if args.json {
         output::print_json(report, None);
     } else {

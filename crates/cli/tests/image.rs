@@ -227,6 +227,15 @@ fn flipped_byte_fails_cat_and_verify_but_not_structure() {
         !out.stdout.contains(&(0xa5 ^ 0x40)),
         "the flipped byte reached stdout"
     );
+    // A span whose first page is intact: nothing at all goes out before the failure.
+    let span = format!("0-{:#x}", 2 * PS);
+    let out = precopy(&["image", "cat", path_arg(&img), "--range", &span]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        out.stdout.is_empty(),
+        "{} bytes written before the damaged page failed the command",
+        out.stdout.len()
+    );
     // A page in another, intact record still reads.
     let out = precopy(&["image", "cat", path_arg(&img), "--range", &page_range(7)]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -313,5 +322,28 @@ fn truncated_image_is_refused_by_cat_unless_asked() {
     assert_eq!(v["complete"], false);
     assert_eq!(v["verified"], false);
     assert_eq!(v["rounds"].as_array().map(Vec::len), Some(1));
+    // Round 1 began and was cut: said so, and its pages are not called "never sent".
+    assert_eq!(v["unfinished_round"]["round"], 1, "{v}");
+    let text =
+        String::from_utf8_lossy(&precopy(&["image", "info", path_arg(&img)]).stdout).into_owned();
+    assert!(text.contains("UNFINISHED"), "{text}");
+    assert!(text.contains("in no finished round"), "{text}");
+    assert!(!text.contains("never sent"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_file_that_is_no_image_shows_its_first_bytes_plainly() {
+    let dir = scratch("not-image");
+    let f = dir.join("notes.txt");
+    std::fs::write(&f, "hello world, not an image\n").unwrap();
+    for sub in ["info", "verify"] {
+        let out = precopy(&["image", sub, path_arg(&f)]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = stderr(&out);
+        assert!(err.contains("68 65 6c 6c 6f 20 77 6f"), "{err}");
+        assert!(err.contains("\"hello wo\""), "{err}");
+        assert!(!err.contains('['), "Debug bytes: {err}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

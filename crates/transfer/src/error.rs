@@ -247,7 +247,11 @@ pub enum ProtocolError {
         what: &'static str,
     },
     /// The stream does not start with the precopy magic.
-    #[error("not a precopy stream (magic {found:02x?})")]
+    #[error(
+        "not a precopy stream or image: it starts with bytes {} (\"{}\"), not the precopy magic",
+        hex_bytes(found),
+        ascii_bytes(found)
+    )]
     BadMagic {
         /// The eight bytes found instead.
         found: [u8; 8],
@@ -637,4 +641,27 @@ impl TransferError {
     pub(crate) fn io(what: &'static str) -> impl FnOnce(io::Error) -> TransferError {
         move |source| TransferError::Io { what, source }
     }
+}
+
+/// `bytes` as space-separated hex pairs, e.g. `50 4b 03 04`.
+fn hex_bytes(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `bytes` as ASCII, `.` for anything not printable.
+fn ascii_bytes(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|&b| {
+            if b.is_ascii_graphic() || b == b' ' {
+                b as char
+            } else {
+                '.'
+            }
+        })
+        .collect()
 }

@@ -1,0 +1,196 @@
+//! Ctrl-C (`SIGINT`) and `SIGTERM` with `--json`: every long command still prints its one JSON
+//! object, with `"ok": false`, the error, `"interrupted"` and the report as far as it got, exits
+//! with 128 + the signal, and leaves nothing behind (children, socket files, a stopped target).
+
+mod common;
+
+use common::target::{Lang, Target, engine_usable};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PRECOPY: &str = env!("CARGO_BIN_EXE_precopy");
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("interrupt-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// Waits until `child` has its signal thread (the handler is installed), bounded.
+fn wait_for_handler(child: &mut Child) {
+    let pid = child.id();
+    let started = Instant::now();
+    loop {
+        let found = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "precopy-signals")
+            });
+        if found {
+            return;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the command ended before its handler was seen"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no signal thread in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Direct children of `pid`.
+fn children(pid: u32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                s.rfind(')')
+                    .is_some_and(|i| s[i + 2..].split_whitespace().nth(1) == Some(&pid.to_string()))
+            })
+        })
+        .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rfind(')')
+            .is_some_and(|i| !matches!(s[i + 2..].chars().next(), Some('Z' | 'X')))
+    })
+}
+
+#[test]
+fn interrupted_commands_print_their_one_json_object() {
+    if !engine_usable() {
+        return;
+    }
+    let mut target = Target::start(Lang::C, 2, 2048, 0);
+    let pid = target.pid.to_string();
+    let sock = scratch("recv.sock");
+    let sock_url = format!("unix:{}", sock.display());
+    let img = scratch("interrupted.img");
+    let img_url = format!("file:{}", img.display());
+    // (command, what the partial report must hold, a file that must be gone afterwards)
+    let cases: Vec<(Vec<&str>, &str, Option<&PathBuf>)> = vec![
+        (
+            vec![
+                "send",
+                "--pid",
+                &pid,
+                "--to",
+                &img_url,
+                "--max-downtime",
+                "1",
+                "--max-rounds",
+                "100000",
+            ],
+            "pid",
+            None,
+        ),
+        (
+            vec![
+                "rate",
+                "--pid",
+                &pid,
+                "--interval",
+                "100",
+                "--count",
+                "100000",
+            ],
+            "interval_ms",
+            None,
+        ),
+        (
+            vec!["recv", "--listen", &sock_url, "--to", &img_url],
+            "listen",
+            Some(&sock),
+        ),
+        (
+            vec![
+                "demo",
+                "--size",
+                "64M",
+                "--dirty-rate",
+                "64M",
+                "--bandwidth",
+                "1M",
+            ],
+            "phase",
+            None,
+        ),
+        (
+            vec![
+                "bench",
+                "--no-files",
+                "--sizes",
+                "64M",
+                "--rounds",
+                "1000",
+                "--threads",
+                "1",
+                "--backends",
+                "uffd-async",
+            ],
+            "sweep",
+            None,
+        ),
+    ];
+    for (args, field, gone) in &cases {
+        for signal in [Signal::SIGINT, Signal::SIGTERM] {
+            let mut child = Command::new(PRECOPY)
+                .args(args)
+                .arg("--json")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            wait_for_handler(&mut child);
+            // Let it get going (demo: its children; any: some of its report).
+            std::thread::sleep(Duration::from_millis(300));
+            let kids = children(child.id());
+            kill(Pid::from_raw(child.id() as i32), signal).unwrap();
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(
+                out.status.code(),
+                Some(128 + signal as i32),
+                "{args:?} {signal}: {err}"
+            );
+            let v: serde_json::Value = serde_json::from_str(text.trim())
+                .unwrap_or_else(|e| panic!("{args:?} {signal}: not one JSON object ({e}): {text}"));
+            assert_eq!(v["ok"], false, "{v}");
+            assert_eq!(v["interrupted"], signal.as_str(), "{v}");
+            let msg = v["error"]["message"].as_str().unwrap_or_default();
+            assert!(msg.contains("interrupted by"), "{v}");
+            assert!(!v[*field].is_null(), "{args:?}: no {field:?} in {v}");
+            assert_eq!(err.matches("error:").count(), 1, "{args:?}: {err}");
+            if let Some(f) = gone {
+                assert!(!f.exists(), "{} left behind", f.display());
+            }
+            for k in kids {
+                let started = Instant::now();
+                while alive(k) && started.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                assert!(!alive(k), "{args:?}: child {k} left running");
+            }
+        }
+    }
+    assert!(target.running(), "the target did not survive");
+    let state = common::target::state(target.pid);
+    assert!(!state.stopped, "target left stopped");
+    let _ = std::fs::remove_file(&img);
+}
