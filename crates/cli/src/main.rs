@@ -120,7 +120,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         // A reader that stopped early (`| head`) is not a failure of ours.
         Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
-        Err(e) if e.is::<output::Reported>() => ExitCode::from(output::exit_code(&e)),
+        Err(e) if e.is::<output::Reported>() || e.is::<output::ReportedUsage>() => {
+            ExitCode::from(output::exit_code(&e))
+        }
         Err(e) => {
             output::print_error(&e);
             if json {

@@ -92,12 +92,9 @@ macro_rules! out {
 pub(crate) use out;
 
 /// A failure already reported in full (stderr, and the JSON object if asked for): `main`
-/// only sets the exit code, 2 for a usage error (a refused flag), 1 for anything else.
+/// only sets the exit code, 1.
 #[derive(Debug)]
-pub struct Reported {
-    /// The exit status.
-    pub code: u8,
-}
+pub struct Reported;
 
 impl std::fmt::Display for Reported {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -107,13 +104,22 @@ impl std::fmt::Display for Reported {
 
 impl std::error::Error for Reported {}
 
+/// A usage error (a refused flag) already reported in full: `main` exits with 2.
+#[derive(Debug)]
+pub struct ReportedUsage;
+
+impl std::fmt::Display for ReportedUsage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("usage error already reported")
+    }
+}
+
+impl std::error::Error for ReportedUsage {}
+
 /// The exit status for `e`: 2 for a usage error ([`crate::args::Invalid`] anywhere in its
 /// chain), as clap uses; 1 for a failure while running.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
-    if let Some(r) = e.downcast_ref::<Reported>() {
-        return r.code;
-    }
-    if e.chain().any(|c| c.is::<crate::args::Invalid>()) {
+    if e.is::<ReportedUsage>() || e.chain().any(|c| c.is::<crate::args::Invalid>()) {
         2
     } else {
         1
@@ -127,7 +133,9 @@ pub fn fail(json: bool, report: Value, e: anyhow::Error) -> anyhow::Error {
     if json {
         print_json(report, Some(&e));
     }
-    anyhow::Error::new(Reported {
-        code: exit_code(&e),
-    })
+    if exit_code(&e) == 2 {
+        anyhow::Error::new(ReportedUsage)
+    } else {
+        anyhow::Error::new(Reported)
+    }
 }
