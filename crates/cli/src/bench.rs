@@ -92,7 +92,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     thp: Vec<ThpSetting>,
     /// Measured rounds per configuration and backend, 1 to 1000 (default 7; 15 with --full).
-    #[arg(long, value_parser = count_at_most(1000), allow_hyphen_values = true)]
+    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
     rounds: Option<u64>,
     /// Unmeasured rounds first, 0 to 100 (accuracy is still checked in them).
     #[arg(long, default_value = "1", value_parser = count_at_most(100), allow_hyphen_values = true)]
@@ -172,6 +172,14 @@ fn validate(args: &Args) -> Result<Vec<BackendKind>> {
             "--rounds",
             0,
             "nothing would be measured: at least 1 round",
+            "use e.g. --rounds 7",
+        ));
+    }
+    if let Some(r) = args.rounds.filter(|&r| r > 1000) {
+        return Err(invalid(
+            "--rounds",
+            r,
+            "must be 1 to 1000 measured rounds",
             "use e.g. --rounds 7",
         ));
     }

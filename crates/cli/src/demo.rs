@@ -1305,7 +1305,28 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let _ = std::fs::remove_file(&sock_path);
 
     let error: Option<anyhow::Error> = match (&result, &verification) {
-        (Err(e), _) => Some(anyhow::anyhow!("{}", precopy_sys::error_chain(e)).context("migration failed")),
+        (Err(e), _) => {
+            // A limit the user set, with the flag that set it and what to change.
+            let hint = match e {
+                precopy_migrate::Error::Aborted {
+                    reason: precopy_migrate::AbortReason::MaxRounds { .. },
+                } => format!(
+                    " (--max-rounds {} with --on-max-rounds abort: raise --max-rounds, or use --on-max-rounds switch-over)",
+                    args.max_rounds
+                ),
+                precopy_migrate::Error::Aborted {
+                    reason: precopy_migrate::AbortReason::Timeout { .. },
+                } => format!(
+                    " (--timeout {} with --on-timeout abort: raise --timeout, or use --on-timeout switch-over)",
+                    args.timeout.unwrap_or_default()
+                ),
+                _ => String::new(),
+            };
+            Some(
+                anyhow::anyhow!("{}{hint}", precopy_sys::error_chain(e))
+                    .context("migration failed"),
+            )
+        }
         (Ok(_), Some(v)) if !v.verified => Some(anyhow::anyhow!(
             "{} page(s) of the copy differ from the source's frozen memory, the first at offset {:#x}",
             v.mismatched_pages,

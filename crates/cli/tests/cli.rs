@@ -369,7 +369,7 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
         &["bench", "--rounds", "5000"],
         "--rounds",
         "5000",
-        "at most 1000",
+        "1 to 1000",
     ),
     (&["bench", "--seed", "-1"], "--seed", "-1", "negative"),
     (
@@ -712,4 +712,31 @@ fn usage_errors_keep_clap_whole_message_in_json() {
     let err = stderr(&out);
     assert!(err.starts_with("precopy: error: "), "{err}");
     assert_eq!(err.matches("error:").count(), 1, "{err}");
+}
+
+#[test]
+fn an_aborted_migration_names_the_flag_and_the_fix() {
+    if !engine_usable() {
+        return;
+    }
+    let out = precopy(&[
+        "demo",
+        "--size",
+        "32M",
+        "--dirty-rate",
+        "32M",
+        "--max-rounds",
+        "1",
+        "--max-downtime",
+        "1",
+        "--on-max-rounds",
+        "abort",
+        "--progress",
+        "none",
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for want in ["--max-rounds 1", "--on-max-rounds switch-over"] {
+        assert!(err.contains(want), "{want:?} missing: {err}");
+    }
 }

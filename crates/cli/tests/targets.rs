@@ -231,3 +231,45 @@ fn a_process_whose_main_thread_exited_is_sent_through_a_live_thread() {
     );
     let _ = std::fs::remove_file(&img);
 }
+
+#[test]
+fn permission_refusals_say_what_to_do() {
+    if !engine_usable() {
+        return;
+    }
+    let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let Some(setpriv) = setpriv else {
+        eprintln!("SKIP: no setpriv(1) to run precopy as another user (util-linux)");
+        return;
+    };
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: not root, so the target cannot belong to another user here");
+        return;
+    }
+    // A target of root's, and precopy as `nobody`.
+    let target = Target::start(Lang::C, 1, 4, 100);
+    let pid = target.pid.to_string();
+    let img = format!("file:/tmp/precopy-perm-test-{}.img", std::process::id());
+    for cmd in [
+        vec!["send", "--pid", &pid, "--to", &img],
+        vec!["rate", "--pid", &pid, "--count", "1"],
+    ] {
+        let out = Command::new(setpriv)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", PRECOPY])
+            .args(&cmd)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("Permission denied") && !err.contains("precopy") {
+            eprintln!("SKIP: `nobody` cannot run {PRECOPY} here: {err}");
+            return;
+        }
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}: {err}");
+        assert_eq!(err.matches("error:").count(), 1, "{err}");
+        for want in ["not allowed to ptrace", "run as root"] {
+            assert!(err.contains(want), "{cmd:?}: {want:?} missing: {err}");
+        }
+    }
+}
