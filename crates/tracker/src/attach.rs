@@ -36,8 +36,8 @@ pub enum AttachError {
         /// The PID.
         pid: i32,
     },
-    /// The PID is this process: a process cannot ptrace itself, and tracking its own memory
-    /// needs no attach (`Uffd::new`).
+    /// The PID is this process, or one of its threads: a process cannot ptrace itself, and
+    /// tracking its own memory needs no attach (`Uffd::new`).
     #[error("process {pid} is this process: track its memory with Uffd::new instead of attaching")]
     OwnProcess {
         /// The PID.
@@ -217,6 +217,10 @@ fn check_target(pid: i32, p: &procfs::process::Process) -> Result<i32, AttachErr
         return Err(AttachError::OwnProcess { pid });
     }
     let status = p.status().map_err(|e| proc_err(pid, e))?;
+    // A thread of this process is this process: say so before calling it a thread ID.
+    if status.tgid == std::process::id() as i32 {
+        return Err(AttachError::OwnProcess { pid });
+    }
     if status.tgid != pid {
         return Err(AttachError::NotProcessId {
             tid: pid,
