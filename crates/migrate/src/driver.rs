@@ -886,14 +886,15 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let Some(e) = e else {
             return format!("{what} before any bandwidth was measured; limit {limit:.1} ms");
         };
-        let fixed = e.pause + e.scan + e.fixed + e.finish;
+        let finish = e.finish.max(e.finish_worst);
+        let fixed = e.pause + e.scan + e.fixed + finish;
         let cause = if ms(fixed.mul_f64(e.margin)) > limit {
             format!(
                 "the fixed costs alone (pause {:.1} + scan {:.1} + {:.1} ms per round + finish {:.1}) exceed it",
                 ms(e.pause),
                 ms(e.scan),
                 ms(e.fixed),
-                ms(e.finish)
+                ms(finish)
             )
         } else {
             format!(
@@ -943,7 +944,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     ms(actual.finish)
                 ));
             }
-            if !actual.state.is_zero() {
+            if actual.state >= Duration::from_millis(1) {
                 parts.push(format!("state {:.1} ms (not estimated)", ms(actual.state)));
             }
         }

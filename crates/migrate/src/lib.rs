@@ -35,7 +35,8 @@
 //! slowest of the last three scans) + **send** of the pending bytes + **finish** (the memory
 //! digests and the acknowledgement round trip: the upper median of the last five
 //! [`Transport::probe_finish`] samples, one after each round; over a socket a PING/PONG on every
-//! connection, see `precopy-transfer`'s protocol). The send estimate comes from
+//! connection, see `precopy-transfer`'s protocol; the decision counts the slowest of them). The
+//! send estimate comes from
 //! the rounds themselves: a line `fixed + bytes / bandwidth` fitted to the last four iterative
 //! rounds, never faster than the slowest of them (a low percentile of recent bandwidth, not the
 //! mean), and before two such rounds exist the duration of the smallest measured round at least

@@ -194,6 +194,10 @@ pub struct DowntimeEstimate {
     /// transport that cannot probe.
     #[serde(serialize_with = "ms", rename = "finish_ms")]
     pub finish: Duration,
+    /// The slowest of those probes, which the switch-over decision counts instead of `finish`
+    /// ([`DowntimeEstimate::with_margin`]).
+    #[serde(serialize_with = "ms", rename = "finish_worst_ms")]
+    pub finish_worst: Duration,
     /// Per-round fixed cost of the fitted line.
     #[serde(serialize_with = "ms", rename = "fixed_ms")]
     pub fixed: Duration,
