@@ -612,6 +612,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         }
         let step = Step::Reconnect { round };
         let mut backoff = cfg.backoff;
+        let mut last_attempt: Option<BoxError> = None;
         for attempt in 1..=cfg.attempts {
             tracing::warn!(round, attempt, ?backoff, error = %precopy_sys::error_chain(&error), "round failed: reconnecting");
             if self.watchdog().and_then(|w| w.sleep(backoff)).is_some() {
@@ -626,12 +627,29 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     if self.watchdog().and_then(Watchdog::fired).is_some() {
                         return Err(self.step_error(step, Some(e), |_, _| error));
                     }
-                    tracing::warn!(round, attempt, error = %e, "reconnecting failed");
+                    tracing::warn!(round, attempt, error = %precopy_sys::error_chain(&*e), "reconnecting failed");
+                    last_attempt = Some(e);
                 }
             }
             backoff = (backoff * 2).min(cfg.max_backoff);
         }
-        Err(error)
+        match (error, last_attempt) {
+            (
+                Error::Send {
+                    round,
+                    peer,
+                    source,
+                },
+                Some(last_attempt),
+            ) => Err(Error::Reconnect {
+                round,
+                peer,
+                attempts: cfg.attempts,
+                last_attempt,
+                source,
+            }),
+            (error, _) => Err(error),
+        }
     }
 
     fn throughput(&self) -> f64 {
@@ -1729,6 +1747,8 @@ mod tests {
         block_call: Option<u64>,
         block_finish: bool,
         reconnectable: bool,
+        /// Reconnect attempts that fail before one succeeds.
+        failed_reconnects: u32,
         sent: Vec<Vec<Range<u64>>>,
         reconnects: u32,
         committed: bool,
@@ -1793,6 +1813,10 @@ mod tests {
             self.reconnectable
         }
         fn reconnect(&mut self) -> Result<Vec<Range<u64>>, BoxError> {
+            if self.failed_reconnects > 0 {
+                self.failed_reconnects -= 1;
+                return Err("connection refused".into());
+            }
             self.reconnects += 1;
             Ok(Vec::new())
         }
@@ -1904,6 +1928,49 @@ mod tests {
         assert_eq!(t.sent[1], vec![a, b], "the failed round's ranges come back");
         assert_eq!(t.sent[2], vec![c]);
         assert!(t.committed);
+    }
+
+    #[test]
+    fn reconnect_attempts_are_bounded_and_the_failure_says_so() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = ScriptLog::ranges(vec![vec![8 * PAGE..9 * PAGE]]);
+        let link = Scripted {
+            fail_calls: vec![1],
+            reconnectable: true,
+            failed_reconnects: u32::MAX,
+            ..Scripted::default()
+        };
+        let mut cfg = quick_config();
+        cfg.max_downtime = Duration::from_nanos(1);
+        cfg.reconnect.attempts = 2;
+        let mut m = Migration::new(log, link, workload(&events), cfg);
+        let err = m.run().unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Reconnect {
+                    round: 1,
+                    attempts: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let chain = precopy_sys::error_chain(&err);
+        assert!(
+            chain.contains("2 reconnect attempt(s)")
+                && chain.contains("connection refused")
+                && chain.contains("connection reset"),
+            "{chain}"
+        );
+        assert_eq!(m.report().reconnects, 0);
+        assert_eq!(m.unsent(), &[8 * PAGE..9 * PAGE]);
+        assert!(
+            events.lock().unwrap().iter().all(|e| *e != "pause"),
+            "the workload was never paused"
+        );
+        let (_, t, _) = m.into_parts();
+        assert_eq!(t.failed_reconnects, u32::MAX - 2, "exactly two attempts");
     }
 
     #[test]

@@ -93,6 +93,25 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// A round failed because the connection broke, and every reconnect attempt
+    /// ([`ReconnectConfig`](crate::ReconnectConfig)) failed too; the workload keeps running.
+    #[error(
+        "sending round {round} to {peer} failed and {attempts} reconnect attempt(s) did not get through (last: {})",
+        precopy_sys::error_chain(&**last_attempt)
+    )]
+    Reconnect {
+        /// The round that failed.
+        round: u64,
+        /// The destination.
+        peer: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last attempt's error.
+        last_attempt: BoxError,
+        /// Why the round failed: the broken connection.
+        #[source]
+        source: BoxError,
+    },
     /// Re-checking the memory the dirty log cannot vouch for failed (reading the paused source).
     #[error("re-checking memory the dirty log cannot vouch for failed")]
     Verify {

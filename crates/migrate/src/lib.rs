@@ -147,6 +147,17 @@
 //! ([`ReconnectConfig`]: bounded attempts with doubling backoff, iterative phase only) they go
 //! into the next round with whatever the transport reports the destination lacks; when the
 //! migration fails they are in [`Migration::unsent`] for a fallback.
+//!
+//! **Resume after a broken connection.** [`TransferTransport`] over a sender made with
+//! `precopy_transfer::Sender::dial` reconnects only when a round failed because the connection
+//! broke (end of stream, reset, broken pipe), never after a stall past the I/O timeout, a
+//! refusal or an interrupt; the receiver, run with `Receiver::run_resumable`, kept what it
+//! applied, proves the key again with the sender and answers with a digest per block of 64
+//! pages of what it holds, so only the blocks that differ go again with the failed round's
+//! ranges. Attempts and backoff are bounded ([`ReconnectConfig`]); when every attempt fails the
+//! migration ends with [`Error::Reconnect`], the workload still running. Successful reconnects
+//! are counted in the report (`reconnects`). The final page-CRC check proves the result as
+//! always.
 
 // Unsafe code lives in precopy-sys only (ARCHITECTURE.md, "Code map").
 #![forbid(unsafe_code)]

@@ -11,6 +11,9 @@ use std::ops::Range;
 pub struct TransferTransport<S, K> {
     transfer: Transfer<S, K>,
     check: FinalCheck,
+    /// The last round failed because the connection broke (not a stall, a refusal, a fault or
+    /// an interrupt): only then is reconnecting worth trying.
+    broke: bool,
 }
 
 impl<S: PageSource, K: Sink> TransferTransport<S, K> {
@@ -19,6 +22,7 @@ impl<S: PageSource, K: Sink> TransferTransport<S, K> {
         TransferTransport {
             transfer,
             check: FinalCheck::default(),
+            broke: false,
         }
     }
 
@@ -44,7 +48,10 @@ impl<S: PageSource, K: Sink> TransferTransport<S, K> {
 
 impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
     fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError> {
-        let r = self.transfer.send_round(ranges)?;
+        let r = self
+            .transfer
+            .send_round(ranges)
+            .inspect_err(|e| self.broke = e.is_connection_break())?;
         Ok(RoundSent {
             pages: r.pages,
             zero_pages: r.zero_pages,
@@ -76,6 +83,22 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
 
     fn interrupter(&self) -> Option<Interrupt> {
         self.transfer.interrupter()
+    }
+
+    /// Only after a round failed because the connection broke (end of stream, reset, broken
+    /// pipe) and only with a sender that can dial again (`Sender::dial`): a destination that
+    /// stalled past the I/O timeout, refused a frame or was interrupted is not reconnected to.
+    fn can_reconnect(&self) -> bool {
+        self.broke && self.transfer.can_resume()
+    }
+
+    /// [`Transfer::resume`]: connects to the same transfer again (the key proven again); the
+    /// receiver (run with `Receiver::run_resumable`) kept what it applied and tells, per block
+    /// of pages, what it holds, so only blocks that differ come back here to be sent again.
+    fn reconnect(&mut self) -> Result<Vec<Range<u64>>, BoxError> {
+        let lacking = self.transfer.resume()?;
+        self.broke = false;
+        Ok(lacking)
     }
 
     fn peer(&self) -> String {

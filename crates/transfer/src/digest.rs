@@ -263,6 +263,25 @@ impl PageCrcs {
         self.entries.get(index).map(|e| e ^ self.zero)
     }
 
+    /// For each block of `block_pages` pages in layout order (the last may be
+    /// shorter), the CRC32C of the block's recorded page CRCs as u32 LE: what
+    /// a receiver tells a resuming sender (the protocol's RESUME), so that
+    /// only blocks whose pages differ are sent again. `block_pages` 0 counts
+    /// as 1.
+    pub fn block_digests(&self, block_pages: usize) -> Vec<u32> {
+        let mut bytes = Vec::with_capacity(block_pages.clamp(1, self.entries.len().max(1)) * 4);
+        self.entries
+            .chunks(block_pages.max(1))
+            .map(|block| {
+                bytes.clear();
+                for e in block {
+                    bytes.extend_from_slice(&(e ^ self.zero).to_le_bytes());
+                }
+                crc32c::crc32c(&bytes)
+            })
+            .collect()
+    }
+
     /// The memory digest of the recorded pages.
     pub fn digest(&self) -> u32 {
         let mut d = MemoryDigest::new();
@@ -360,6 +379,24 @@ mod tests {
                 x as u8
             })
             .collect()
+    }
+
+    #[test]
+    fn block_digests_differ_only_where_a_page_crc_differs() {
+        let mut a = PageCrcs::new(200, 4096);
+        let mut b = a.clone();
+        assert_eq!(a.block_digests(64), b.block_digests(64));
+        assert_eq!(a.block_digests(64).len(), 4);
+        a.set(130, &[5]);
+        let (da, db) = (a.block_digests(64), b.block_digests(64));
+        let differ: Vec<usize> = (0..4).filter(|&i| da[i] != db[i]).collect();
+        assert_eq!(differ, [2]);
+        b.set(130, &[5]);
+        assert_eq!(a.block_digests(64), b.block_digests(64));
+        // A page recorded as zeros and a page never recorded are the same.
+        a.set_zero(0, 1);
+        assert_eq!(a.block_digests(64), b.block_digests(64));
+        assert_eq!(a.block_digests(0).len(), 200);
     }
 
     #[test]

@@ -307,6 +307,92 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         self.sink.peer()
     }
 
+    /// Whether [`Transfer::resume`] may work: the sink can reconnect
+    /// ([`Sink::can_resume`]: a socket sender made with
+    /// [`Sender::dial`](crate::Sender::dial)) and neither the state nor the
+    /// final checksum was sent.
+    pub fn can_resume(&self) -> bool {
+        !self.finished && !self.state_sent && self.sink.can_resume()
+    }
+
+    /// After a round failed because the connection broke
+    /// ([`TransferError::is_connection_break`]), outside a round and before
+    /// the state or the final checksum: connects to the same transfer again
+    /// through the sink ([`Sink::resume`]) and returns the source ranges
+    /// (page-aligned host addresses, sorted) the destination lacks or holds
+    /// another copy of: the blocks of pages whose digest of page CRCs differs
+    /// from the one of the CRCs recorded here (see the protocol's RESUME).
+    ///
+    /// The caller sends them in its next round **together with every range
+    /// of the round that failed** (whether those pages arrived is unknown).
+    /// The next round is numbered where the destination stands. A block
+    /// whose pages changed at the source without being sent again has the
+    /// same digest at both ends and is not returned: those pages are in the
+    /// caller's dirty log.
+    ///
+    /// # Errors
+    ///
+    /// [`TransferError::Misuse`] inside a round, after the state or after
+    /// finish; the sink's error if it cannot reconnect (for a socket sender:
+    /// connect, handshake, [`TransferError::ResumeRefused`]); a protocol error
+    /// if the destination's answer does not match the layout. The transfer
+    /// stays as it was, and `resume` may be called again.
+    pub fn resume(&mut self) -> Result<Vec<Range<u64>>, TransferError> {
+        if self.current.is_some() || self.finished || self.state_sent {
+            return Err(TransferError::Misuse {
+                operation: "resume",
+                state: "inside a round, after the state or after finish",
+            });
+        }
+        self.batch.clear();
+        self.batch_len = 0;
+        let point = self.sink.resume()?;
+        let block = usize::try_from(point.block_pages).unwrap_or(usize::MAX);
+        let ours = self.crcs.block_digests(block);
+        if point.block_pages == 0 || ours.len() != point.block_digests.len() {
+            return Err(crate::error::ProtocolError::Malformed {
+                offset: 0,
+                kind: crate::FrameKind::Resume,
+                reason: "block digests do not cover the layout",
+            }
+            .into());
+        }
+        self.next_round = point.next_round;
+        let ps = self.layout.page_size();
+        let total = self.layout.total_len();
+        let block_bytes = point.block_pages.saturating_mul(ps);
+        let mut lacking: Vec<Range<u64>> = Vec::new();
+        let differ = ours
+            .iter()
+            .zip(&point.block_digests)
+            .enumerate()
+            .filter(|(_, (a, b))| a != b);
+        for (i, _) in differ {
+            let mut at = (i as u64).saturating_mul(block_bytes);
+            let end = at.saturating_add(block_bytes).min(total);
+            while at < end {
+                let Some((region, inside)) = self.layout.region_at(at) else {
+                    break;
+                };
+                let n = (end - at).min(region.size - inside);
+                // A sender's layout has every region's host address (checked in `new`).
+                let host = region.host_addr.unwrap_or(0) + inside;
+                lacking.push(host..host + n);
+                at += n;
+            }
+        }
+        lacking.sort_unstable_by_key(|r| r.start);
+        lacking.dedup_by(|next, prev| {
+            if next.start == prev.end {
+                prev.end = next.end;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(lacking)
+    }
+
     /// Starts a round; returns its number. Use with [`Transfer::send_dirty`]
     /// and [`Transfer::end_round`] to feed a round batch by batch as the
     /// scanner produces it.

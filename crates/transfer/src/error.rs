@@ -403,6 +403,38 @@ pub enum ProtocolError {
         /// How it differs.
         reason: &'static str,
     },
+    /// A sender's resume that this receiver cannot honour (or a new
+    /// transfer while it waits for one).
+    #[error("resume refused for stream {index}: {reason}")]
+    ResumeRefused {
+        /// Index the stream announced.
+        index: u32,
+        /// Why.
+        reason: ResumeRefusal,
+    },
+}
+
+/// Why a receiver refuses a resume HELLO (or a new HELLO while it waits for
+/// one); the sender receives it as an ERROR with `error_code::RESUME`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeRefusal {
+    /// The receiver holds no session to resume (it was not run with
+    /// [`Receiver::run_resumable`](crate::Receiver::run_resumable), gave up
+    /// waiting, or this is a new receiver).
+    #[error("the receiver holds no session to resume")]
+    NoSession,
+    /// The receiver waits for another session.
+    #[error("the receiver waits for another session")]
+    UnknownSession,
+    /// The layout is not the one the session announced.
+    #[error("the layout differs from the session's")]
+    DifferentLayout,
+    /// The number of connections is not the session's.
+    #[error("the stream count differs from the session's")]
+    DifferentStreams,
+    /// A new transfer arrived while the receiver waits for a session to resume.
+    #[error("a new transfer while a session waits for its sender to resume")]
+    SessionWaiting,
 }
 
 /// Reading or writing a checkpoint image failed, or the image is not good.
@@ -629,6 +661,27 @@ pub enum TransferError {
         #[source]
         source: Box<TransferError>,
     },
+    /// The receiver refused the sender's resume (see [`ResumeRefusal`],
+    /// which the message names): a receiver that holds no such session (it
+    /// was restarted, gave up waiting, or was not run resumable), or a
+    /// session with another layout or stream count.
+    #[error("{peer} refused to resume the transfer: {message}")]
+    ResumeRefused {
+        /// The receiver's address.
+        peer: String,
+        /// The receiver's message, naming the reason.
+        message: String,
+    },
+    /// The sender's connections broke and it did not come back to resume
+    /// within [`ReceiverConfig::resume_wait`](crate::ReceiverConfig::resume_wait).
+    #[error("the sender did not resume within {after:?} after its connections broke")]
+    ResumeTimedOut {
+        /// The wait.
+        after: Duration,
+        /// The break.
+        #[source]
+        source: Box<TransferError>,
+    },
     /// Another stream of the same transfer failed first; see its error.
     #[error("transfer aborted because another stream failed")]
     Aborted,
@@ -638,6 +691,26 @@ pub enum TransferError {
 }
 
 impl TransferError {
+    /// Whether this is the connection breaking (end of stream, also inside a
+    /// frame; reset; broken pipe) rather than a fault in what was sent, a
+    /// refusal, a stall past the I/O timeout or an interrupt: the one failure
+    /// a resumed connection repairs (see
+    /// [`Transfer::resume`](crate::Transfer::resume)).
+    pub fn is_connection_break(&self) -> bool {
+        match self {
+            TransferError::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::NotConnected
+            ),
+            TransferError::Protocol(ProtocolError::Truncated { .. }) => true,
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(what: &'static str) -> impl FnOnce(io::Error) -> TransferError {
         move |source| TransferError::Io { what, source }
     }

@@ -40,6 +40,8 @@ pub enum FrameKind {
     Ping = 16,
     /// Receiver's answer to PING.
     Pong = 17,
+    /// The receiver's answer to a sender resuming a broken transfer.
+    Resume = 18,
 }
 
 impl FrameKind {
@@ -64,6 +66,7 @@ impl FrameKind {
             15 => Commit,
             16 => Ping,
             17 => Pong,
+            18 => Resume,
             _ => return None,
         })
     }
@@ -90,6 +93,7 @@ impl std::fmt::Display for FrameKind {
             Commit => "COMMIT",
             Ping => "PING",
             Pong => "PONG",
+            Resume => "RESUME",
         })
     }
 }

@@ -137,7 +137,9 @@ pub use buffer::PageBuf;
 pub use codec::Compression;
 pub use digest::{FinalCheck, MemoryDigest, PageCrcs, PageFold};
 pub use engine::{RoundSent, SenderConfig, Transfer, TransferSummary};
-pub use error::{ImageError, LayoutError, ProtocolError, SourceError, TransferError, Unreadable};
+pub use error::{
+    ImageError, LayoutError, ProtocolError, ResumeRefusal, SourceError, TransferError, Unreadable,
+};
 pub use image::{
     Image, ImageInfo, ImageWriter, RoundInfo, VerifyReport, image_cat, image_info, image_verify,
     parse_span,
@@ -147,5 +149,5 @@ pub use layout::{Backing, Layout, MemoryRegion};
 pub use live::{LivePages, OwnMemory};
 pub use net::{Connection, Listener, Sender, SocketSink};
 pub use receiver::{ReceiveReport, Receiver, ReceiverConfig, receive_frames};
-pub use sink::{Interrupt, MemorySink, MemoryStats, RegionMemory, Sink};
+pub use sink::{Interrupt, MemorySink, MemoryStats, RegionMemory, ResumePoint, Sink};
 pub use source::{PageSource, ProcessMemory, SliceSource, memory_checksum};

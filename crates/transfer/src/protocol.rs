@@ -38,7 +38,7 @@
 //!
 //! | kind (type) | dir | u64 @8 | u64 @16 | u32 @24 | payload |
 //! |---|---|---|---|---|---|
-//! | 1 HELLO ([`Hello`]) | S→R | session id | – | – | stream_index u32, stream_count u32, nonce \[16\], n u32, 0 u32, n × region (32 bytes, below) |
+//! | 1 HELLO ([`Hello`]) | S→R | session id | flags: bit 0 resume ([`HELLO_RESUME`]) | – | stream_index u32, stream_count u32, nonce \[16\], n u32, 0 u32, n × region (32 bytes, below) |
 //! | 2 CHALLENGE ([`Challenge`]) | R→S | bit 0: key required | – | – | nonce \[16\] |
 //! | 3 AUTH ([`Auth`]) | S→R | – | – | – | HMAC-SHA256 (32) or empty |
 //! | 4 WELCOME ([`Welcome`]) | R→S | – | – | – | HMAC-SHA256 (32) or empty |
@@ -55,6 +55,7 @@
 //! | 15 COMMIT ([`Commit`]) | S→R | – | – | memory digest | – |
 //! | 16 PING ([`Ping`]) | S→R | token | – | – | – |
 //! | 17 PONG ([`Pong`]) | R→S | token of the PING | – | – | – |
+//! | 18 RESUME ([`Resume`]) | R→S | next round | pages per block | – | n × u32 block digest |
 //!
 //! A HELLO region is `id u32 | backing u8 (0 unstated, 1 anonymous, 2 memfd,
 //! 3 hugetlb, 4 file) | flags u8 (bit 0: guest address present) | 0 u16 |
@@ -99,6 +100,9 @@
 //!                                                    is complete only now)
 //! ```
 //!
+//! HELLO's flags are 0 for a new transfer: a stream that never resumes is
+//! byte for byte what it was before resuming existed.
+//!
 //! The receiver's per-connection state machine, which decides which of these
 //! frames it accepts when, is drawn in [`crate::receiver`] next to its
 //! `State` type.
@@ -117,6 +121,41 @@
 //! has applied all of round `r`, so an older copy of a page never overwrites a
 //! newer one. Within a connection frames apply in order, so a page sent in two
 //! rounds simply ends up with its last copy.
+//!
+//! # Resuming
+//!
+//! A receiver run with a listener to come back on
+//! ([`Receiver::run_resumable`](crate::Receiver::run_resumable)) whose
+//! connections break (end of stream, reset, broken pipe; not silence past
+//! its I/O timeout, not a fault in a frame) before any STATE or FINISH keeps
+//! what it applied and waits, for a bounded time
+//! ([`ReceiverConfig::resume_wait`](crate::ReceiverConfig::resume_wait)), for
+//! the same sender: every connection again, each with a HELLO carrying
+//! [`HELLO_RESUME`], the **same session id**, layout and stream count, and a
+//! valid key proof. The proof covers the session id and fresh nonces, so
+//! only a holder of the key can take the session over; a connection that
+//! fails any of this gets an ERROR (code [`error_code::RESUME`] naming why,
+//! or [`error_code::AUTH`]) and the wait goes on. Once all are back it sends
+//! RESUME on connection 0: the next round it expects (the rounds every
+//! connection completed) and, for each block of `pages per block` pages in
+//! layout order ([`resume_block_pages`]), the CRC32C of the block's recorded
+//! page CRCs as u32 LE ([`crate::digest::PageCrcs::block_digests`]). The
+//! sender compares them with the same digests of its own table and sends
+//! every block that differs again in its next round, with the pages of the
+//! round that failed. A round cut half-way is never completed: the pages it
+//! applied stay (each was checked before it was applied), and a later copy
+//! of a page wins as always. The final digest check proves the result.
+//!
+//! ```text
+//!  Idle(n) or InRound(n) ──connections break, no STATE/FINISH yet──► Waiting(next = rounds completed)
+//!  Waiting ──every connection back (HELLO_RESUME, same session, layout, streams; key proven)──►
+//!          RESUME(next, block digests) on connection 0 ──► Idle(next) on every connection
+//!  Waiting ──resume_wait passes──► Failed (ResumeTimedOut)
+//! ```
+//!
+//! A HELLO with [`HELLO_RESUME`] to a receiver holding no such session, and a
+//! new HELLO to a receiver waiting for a resume, are refused
+//! ([`ResumeRefusal`](crate::error::ResumeRefusal)). Images never hold a resume HELLO or RESUME.
 //!
 //! # Checks
 //!
@@ -198,6 +237,9 @@ pub mod error_code {
     pub const INCOMPATIBLE: u32 = 4;
     /// The receiver's destination failed.
     pub const DESTINATION: u32 = 5;
+    /// A resume the receiver cannot honour (see "Resuming" in the module
+    /// docs); the message names why.
+    pub const RESUME: u32 = 6;
 }
 
 /// The 16-byte preamble of this version.
@@ -396,6 +438,7 @@ impl Header {
                 FrameKind::Auth => "waiting for AUTH",
                 FrameKind::Welcome => "waiting for WELCOME",
                 FrameKind::Done => "waiting for DONE",
+                FrameKind::Resume => "waiting for RESUME",
                 _ => "waiting for another frame",
             },
         })
@@ -463,7 +506,7 @@ pub fn encode<'p, F: Frame<'p>>(frame: &F) -> (RawHeader, Cow<'_, [u8]>) {
 #[repr(C)]
 struct SessionFields {
     session: U64,
-    /// Not read by version 3 (written as 0).
+    /// [`HELLO_RESUME`] or 0; other bits are refused.
     flags: U64,
     reserved: U32,
 }
@@ -549,6 +592,20 @@ pub struct Hello {
     pub nonce: [u8; NONCE_LEN],
     /// The memory layout (host addresses are never sent).
     pub layout: Layout,
+    /// The sender comes back to session `session` after its connections
+    /// broke (flag [`HELLO_RESUME`]; see "Resuming" in the module docs).
+    pub resume: bool,
+}
+
+/// HELLO flag: the sender resumes a session whose connections broke.
+pub const HELLO_RESUME: u64 = 1;
+
+/// Pages per block of a RESUME frame for a layout of `pages` pages: at least
+/// 64 (256 KiB with 4 KiB pages, what a cut costs at most per block), more
+/// for layouts so large that the digests would pass 4 MiB (one million
+/// blocks).
+pub fn resume_block_pages(pages: u64) -> u64 {
+    pages.div_ceil(1 << 20).next_power_of_two().max(64)
 }
 
 /// HELLO's payload before its regions.
@@ -583,7 +640,7 @@ impl<'p> Frame<'p> for Hello {
     fn fields(&self) -> [u8; FIELDS_LEN] {
         to_fields(&SessionFields {
             session: U64::new(self.session),
-            flags: U64::ZERO,
+            flags: U64::new(if self.resume { HELLO_RESUME } else { 0 }),
             reserved: U32::ZERO,
         })
     }
@@ -651,12 +708,17 @@ impl<'p> Frame<'p> for Hello {
         }
         let layout = Layout::new(regions).map_err(ProtocolError::BadLayout)?;
         let session: SessionFields = h.fields();
+        let flags = session.flags.get();
+        if flags & !HELLO_RESUME != 0 {
+            return Err(bad("unknown HELLO flags"));
+        }
         Ok(Hello {
             session: session.session.get(),
             stream_index,
             stream_count,
             nonce: fixed.nonce,
             layout,
+            resume: flags == HELLO_RESUME,
         })
     }
 }
@@ -1359,6 +1421,62 @@ impl<'p> Frame<'p> for Pong {
     }
 }
 
+/// RESUME: the receiver's answer to a resuming sender, once all its
+/// connections are back (see "Resuming" in the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// The next round the receiver expects: the rounds every connection
+    /// completed.
+    pub next_round: u64,
+    /// Pages per block of `block_digests` (at least 1).
+    pub block_pages: u64,
+    /// For each block of pages in layout order, the CRC32C of the page CRCs
+    /// the receiver recorded ([`crate::digest::PageCrcs::block_digests`]).
+    pub block_digests: Vec<u32>,
+}
+
+impl Resume {
+    /// Whether the digests cover a layout of `pages` pages exactly.
+    pub fn covers(&self, pages: u64) -> bool {
+        self.block_pages > 0 && pages.div_ceil(self.block_pages) == self.block_digests.len() as u64
+    }
+}
+
+impl<'p> Frame<'p> for Resume {
+    const KIND: FrameKind = FrameKind::Resume;
+
+    fn fields(&self) -> [u8; FIELDS_LEN] {
+        counts(self.next_round, self.block_pages, 0)
+    }
+
+    fn payload(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(
+            self.block_digests
+                .iter()
+                .flat_map(|d| d.to_le_bytes())
+                .collect(),
+        )
+    }
+
+    /// Checks the block size and that the payload is whole digests;
+    /// [`Resume::covers`] checks them against the layout.
+    fn decode(h: &Header, p: &'p [u8]) -> Result<Resume, ProtocolError> {
+        h.plain(None)?;
+        let f: CountFields = h.fields();
+        if f.second.get() == 0 || p.len() % 4 != 0 {
+            return Err(h.malformed("no pages per block, or a partial block digest"));
+        }
+        Ok(Resume {
+            next_round: f.first.get(),
+            block_pages: f.second.get(),
+            block_digests: p
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        })
+    }
+}
+
 /// Encodes a header for `payload` with the kind's three field slots given
 /// as plain numbers (`a` at byte 8, `b` at 16, `c` at 24) and any codec:
 /// for tests and fuzz targets that craft frames no typed frame would encode.
@@ -1483,6 +1601,16 @@ mod tests {
         check!(&Commit { digest: 77 }, 0, 0, 77);
         check!(&Ping { token: 9 }, 9, 0, 0);
         check!(&Pong { token: 9 }, 9, 0, 0);
+        check!(
+            &Resume {
+                next_round: 3,
+                block_pages: 64,
+                block_digests: vec![1, 0xdead_beef],
+            },
+            3,
+            64,
+            0,
+        );
         let pages = Pages {
             span,
             codec: Codec::Lz4,
@@ -1507,6 +1635,7 @@ mod tests {
                 MemoryRegion::new(9, 4 << 20, 2 << 20).backed_by(Backing::Hugetlb),
             ])
             .unwrap(),
+            resume: false,
         };
         let (raw, p) = encode(&hello);
         assert_eq!(raw.to_bytes()[8..16], 42u64.to_le_bytes());
@@ -1524,6 +1653,46 @@ mod tests {
                 ..
             })
         ));
+        // A new transfer's HELLO keeps its flags slot zero (byte-compatible
+        // with streams from before resuming); the resume flag is bit 0 of the
+        // u64 at byte 16, and any other bit is refused.
+        assert_eq!(raw.to_bytes()[16..24], [0; 8]);
+        let resumed = Hello {
+            resume: true,
+            ..hello.clone()
+        };
+        let (raw, rp) = encode(&resumed);
+        assert_eq!(raw.to_bytes()[16..24], HELLO_RESUME.to_le_bytes());
+        assert!(raw.decode(0).unwrap().decode::<Hello>(&rp).unwrap().resume);
+        let mut odd = raw.to_bytes();
+        odd[16] = 2;
+        let odd: RawHeader = zerocopy::transmute!(odd);
+        assert!(matches!(
+            odd.decode(0).unwrap().decode::<Hello>(&rp),
+            Err(ProtocolError::Malformed {
+                reason: "unknown HELLO flags",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn resume_frame_checks_its_blocks() {
+        let r = Resume {
+            next_round: 2,
+            block_pages: 64,
+            block_digests: vec![7; 3],
+        };
+        assert!(r.covers(129) && r.covers(192) && !r.covers(193) && !r.covers(128));
+        let (raw, p) = encode(&r);
+        let h = raw.decode(0).unwrap();
+        assert!(h.decode::<Resume>(&p[..p.len() - 1]).is_err());
+        let zero = encode_header(FrameKind::Resume, 0, 2, 0, 0, &p);
+        let zero: RawHeader = zerocopy::transmute!(zero);
+        assert!(zero.decode(0).unwrap().decode::<Resume>(&p).is_err());
+        assert_eq!(resume_block_pages(1000), 64);
+        assert_eq!(resume_block_pages(1 << 30), 1024);
+        assert!((1u64 << 40).div_ceil(resume_block_pages(1 << 40)) <= 1 << 20);
     }
 
     #[test]

@@ -25,12 +25,19 @@
 //!  failed key check ──► Failed: ERROR sent, nothing more applied
 //! ```
 //!
+//! Run with [`Receiver::run_resumable`], connections that break (end of
+//! stream, reset) before any STATE or FINISH lead to `Waiting` instead of
+//! `Failed`: what was applied stays, and the same sender may come back
+//! within [`ReceiverConfig::resume_wait`] (drawn in the protocol module,
+//! "Resuming"); then every connection starts again at `Idle(next)`.
+//!
 //! The handshake states are the steps of `handshake_steps`; `Idle` and
 //! `InRound` are the `State` values of `receive_stream`; the barrier is
 //! `RoundBarrier`.
 
 use std::io::{BufReader, Read};
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -40,15 +47,15 @@ use crate::auth::{self, Key, Role};
 use crate::buffer::BufferPool;
 use crate::codec::{Codec, Decompressor};
 use crate::digest::{FinalCheck, PageFold, page_crc};
-use crate::error::{ProtocolError, TransferError};
+use crate::error::{ProtocolError, ResumeRefusal, TransferError};
 use crate::layout::Layout;
 use crate::live::ChangedPages;
 use crate::net::{Connection, Listener};
 use crate::protocol::{
     Auth, Challenge, Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter,
-    HEADER_LEN, Header, Hello, Pages, Ping, Pong, RawHeader, RoundBegin, RoundEnd,
-    State as StateFrame, Welcome, Zero, error_code, verify_frame_pages, verify_live,
-    verify_pages_header,
+    HEADER_LEN, Header, Hello, Pages, Ping, Pong, RawHeader, Resume, RoundBegin, RoundEnd,
+    State as StateFrame, Welcome, Zero, error_code, resume_block_pages, verify_frame_pages,
+    verify_live, verify_pages_header,
 };
 use crate::sink::Sink;
 
@@ -77,10 +84,21 @@ pub struct ReceiverConfig {
     /// forever. A sender making a [`FinalCheck::Full`] re-reads all its
     /// memory before FINISH in silence (about 0.5 s per GiB): allow for it.
     pub io_timeout: Option<Duration>,
+    /// With [`Receiver::run_resumable`]: how long to wait for the sender to
+    /// come back after its connections broke (plus at most one handshake
+    /// timeout for a connection accepted just before it ends); past it the
+    /// receiver fails with [`TransferError::ResumeTimedOut`].
+    pub resume_wait: Duration,
 }
 
 /// Default [`ReceiverConfig::io_timeout`].
 pub const DEFAULT_RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default [`ReceiverConfig::resume_wait`]: covers a sender's default
+/// reconnect attempts and backoff (`precopy-migrate`'s `ReconnectConfig`:
+/// 3 attempts, 0.2 s doubling to 2 s, each connect and handshake bounded by
+/// 10 s) with room to spare.
+pub const DEFAULT_RESUME_WAIT: Duration = Duration::from_secs(60);
 
 impl Default for ReceiverConfig {
     fn default() -> ReceiverConfig {
@@ -91,6 +109,7 @@ impl Default for ReceiverConfig {
             max_memory: 1 << 40,
             handshake_timeout: crate::engine::DEFAULT_IO_TIMEOUT,
             io_timeout: Some(DEFAULT_RECEIVE_TIMEOUT),
+            resume_wait: DEFAULT_RESUME_WAIT,
         }
     }
 }
@@ -100,11 +119,17 @@ impl Default for ReceiverConfig {
 pub struct ReceiveReport {
     /// Rounds received.
     pub rounds: u64,
-    /// Pages applied with contents (a page sent twice counts twice).
+    /// Pages applied with contents in completed rounds (a page sent twice
+    /// counts twice; pages of a round cut by a broken connection stay
+    /// applied but are not counted).
     pub pages: u64,
-    /// Pages applied as zeros.
+    /// Pages applied as zeros (counted as `pages`).
     pub zero_pages: u64,
-    /// Bytes read from the connections.
+    /// Times the sender resumed after its connections broke
+    /// ([`Receiver::run_resumable`]).
+    pub resumes: u32,
+    /// Bytes read from the connections after the handshake (after the last
+    /// resume, if any: connections cut by a break are not counted).
     pub bytes: u64,
     /// Connections used.
     pub streams: u32,
@@ -128,7 +153,7 @@ pub struct ReceiveReport {
 pub struct Receiver {
     conns: Vec<Connection>,
     hello: Hello,
-    io_timeout: Option<Duration>,
+    config: ReceiverConfig,
 }
 
 /// Sends an ERROR frame, best effort: the peer may already be gone.
@@ -154,19 +179,31 @@ fn code_for(e: &TransferError) -> u32 {
         TransferError::ChecksumMismatch { .. } | TransferError::ChangedWhileSent { .. } => {
             error_code::CHECKSUM
         }
+        TransferError::Protocol(ProtocolError::ResumeRefused { .. }) => error_code::RESUME,
         TransferError::Protocol(_) => error_code::PROTOCOL,
         _ => error_code::DESTINATION,
     }
 }
 
-/// The receiver's half of the handshake on one connection. `first` is the
-/// HELLO of the transfer's first connection, which later ones must match.
+/// What a handshake expects of the HELLO it reads.
+#[derive(Clone, Copy)]
+enum Expect<'a> {
+    /// The first connection of a new transfer.
+    New,
+    /// Another connection of the new transfer begun with this HELLO.
+    Joining(&'a Hello),
+    /// A connection of the sender of this HELLO's session, resuming.
+    Resuming(&'a Hello),
+}
+
+/// The receiver's half of the handshake on one connection, expecting
+/// `expect`.
 fn receiver_handshake(
     conn: &Connection,
     config: &ReceiverConfig,
-    first: Option<&Hello>,
+    expect: Expect<'_>,
 ) -> Result<Hello, TransferError> {
-    let result = handshake_steps(conn, config, first);
+    let result = handshake_steps(conn, config, expect);
     if let Err(e) = &result {
         send_error(conn, code_for(e), &precopy_sys::error_chain(e));
         let _ = conn.shutdown(Shutdown::Both);
@@ -177,7 +214,7 @@ fn receiver_handshake(
 fn handshake_steps(
     conn: &Connection,
     config: &ReceiverConfig,
-    first: Option<&Hello>,
+    expect: Expect<'_>,
 ) -> Result<Hello, TransferError> {
     if config.key.is_none() && matches!(conn, Connection::Tcp(_)) {
         return Err(TransferError::KeyRequired { addr: conn.peer() });
@@ -215,12 +252,14 @@ fn handshake_steps(
         index: hello.stream_index,
         reason,
     };
-    match first {
-        None if hello.stream_count > config.max_streams => {
+    match expect {
+        Expect::New if hello.stream_count > config.max_streams => {
             return Err(mismatch("more streams than this receiver allows").into());
         }
-        Some(f) if f.session != hello.session => return Err(mismatch("different session").into()),
-        Some(f) if f.layout != hello.layout || f.stream_count != hello.stream_count => {
+        Expect::Joining(f) if f.session != hello.session => {
+            return Err(mismatch("different session").into());
+        }
+        Expect::Joining(f) if f.layout != hello.layout || f.stream_count != hello.stream_count => {
             return Err(mismatch("different layout or stream count").into());
         }
         _ => {}
@@ -260,6 +299,29 @@ fn handshake_steps(
     {
         return Err(TransferError::AuthFailed { peer: conn.peer() });
     }
+    // Only a sender that proved the key learns why a resume is refused.
+    let refused = |reason| ProtocolError::ResumeRefused {
+        index: hello.stream_index,
+        reason,
+    };
+    match expect {
+        Expect::New | Expect::Joining(_) if hello.resume => {
+            return Err(refused(ResumeRefusal::NoSession).into());
+        }
+        Expect::Resuming(_) if !hello.resume => {
+            return Err(refused(ResumeRefusal::SessionWaiting).into());
+        }
+        Expect::Resuming(f) if f.session != hello.session => {
+            return Err(refused(ResumeRefusal::UnknownSession).into());
+        }
+        Expect::Resuming(f) if f.layout != hello.layout => {
+            return Err(refused(ResumeRefusal::DifferentLayout).into());
+        }
+        Expect::Resuming(f) if f.stream_count != hello.stream_count => {
+            return Err(refused(ResumeRefusal::DifferentStreams).into());
+        }
+        _ => {}
+    }
     let ours = proof(Role::Receiver);
     w.send(&Welcome { mac: ours })
         .map_err(TransferError::io("sending the handshake"))?;
@@ -286,14 +348,14 @@ impl Receiver {
         let conn = listener
             .accept()
             .map_err(TransferError::io("accepting a connection"))?;
-        let hello = receiver_handshake(&conn, config, None)?;
+        let hello = receiver_handshake(&conn, config, Expect::New)?;
         let mut conns: Vec<Option<Connection>> = (0..hello.stream_count).map(|_| None).collect();
         conns[hello.stream_index as usize] = Some(conn);
         for _ in 1..hello.stream_count {
             let conn = listener
                 .accept()
                 .map_err(TransferError::io("accepting a connection"))?;
-            let other = receiver_handshake(&conn, config, Some(&hello))?;
+            let other = receiver_handshake(&conn, config, Expect::Joining(&hello))?;
             let slot = &mut conns[other.stream_index as usize];
             if slot.is_some() {
                 let e = ProtocolError::StreamMismatch {
@@ -308,7 +370,7 @@ impl Receiver {
         Ok(Receiver {
             conns: conns.into_iter().flatten().collect(),
             hello,
-            io_timeout: config.io_timeout,
+            config: config.clone(),
         })
     }
 
@@ -317,7 +379,7 @@ impl Receiver {
         conn: Connection,
         config: &ReceiverConfig,
     ) -> Result<Receiver, TransferError> {
-        let hello = receiver_handshake(&conn, config, None)?;
+        let hello = receiver_handshake(&conn, config, Expect::New)?;
         if hello.stream_count != 1 {
             let e = ProtocolError::StreamMismatch {
                 index: hello.stream_index,
@@ -329,7 +391,7 @@ impl Receiver {
         Ok(Receiver {
             conns: vec![conn],
             hello,
-            io_timeout: config.io_timeout,
+            config: config.clone(),
         })
     }
 
@@ -356,13 +418,148 @@ impl Receiver {
         self,
         sink: &mut K,
     ) -> Result<ReceiveReport, TransferError> {
+        self.run_on(sink, None)
+    }
+
+    /// As [`Receiver::run`], and when the connections break (end of stream,
+    /// reset, broken pipe; not a fault in a frame, not a sender silent past
+    /// the I/O timeout) before any STATE or FINISH arrived, keeps what
+    /// `sink` applied and waits up to [`ReceiverConfig::resume_wait`] on
+    /// `listener` for the same sender to come back
+    /// ([`Transfer::resume`](crate::Transfer::resume)): same session id,
+    /// layout and stream count, the key proven again on every connection. A
+    /// connection that is not that sender is refused (an ERROR naming why)
+    /// and the wait goes on. The sender then sends only the blocks of pages
+    /// whose digests differ, with the round that failed (see the protocol's
+    /// "Resuming"); the final digest check proves the result as usual.
+    ///
+    /// Needs a sink that can tell what it holds ([`Sink::resume_digests`]:
+    /// [`MemorySink`](crate::MemorySink)); with one that cannot, a broken
+    /// connection fails as in [`Receiver::run`]. Fails with
+    /// [`TransferError::ResumeTimedOut`] if the sender does not come back in
+    /// time, and like [`Receiver::run`] otherwise.
+    pub fn run_resumable<K: Sink + Send + ?Sized>(
+        self,
+        listener: &Listener,
+        sink: &mut K,
+    ) -> Result<ReceiveReport, TransferError> {
+        self.run_on(sink, Some(listener))
+    }
+
+    fn run_on<K: Sink + Send + ?Sized>(
+        self,
+        sink: &mut K,
+        listener: Option<&Listener>,
+    ) -> Result<ReceiveReport, TransferError> {
         let start = Instant::now();
-        let n = self.conns.len();
-        for c in &self.conns {
-            c.set_read_timeout(self.io_timeout)
-                .map_err(TransferError::io("setting a socket timeout"))?;
+        let Receiver {
+            mut conns,
+            hello,
+            config,
+        } = self;
+        // A sink that cannot tell what it holds makes `await_resume` fail with the break.
+        let resumable = listener.is_some();
+        // Pages applied torn stay torn across a resume until a good copy arrives.
+        let changed = Mutex::new(ChangedPages::default());
+        let mut next = 0;
+        let mut resumes = 0u32;
+        let mut before = Counted::default();
+        loop {
+            let leg = Leg {
+                conns: &conns,
+                hello: &hello,
+                config: &config,
+                changed: &changed,
+                next,
+                resumable,
+            };
+            let broken = match leg.run(&mut *sink) {
+                LegEnd::Done(mut report) => {
+                    report.pages += before.pages;
+                    report.zero_pages += before.zero_pages;
+                    report.resumes = resumes;
+                    report.duration = start.elapsed();
+                    return Ok(report);
+                }
+                LegEnd::Failed(e) => return Err(e),
+                LegEnd::Broken { error, counted } => {
+                    next = counted.rounds;
+                    before.pages += counted.pages;
+                    before.zero_pages += counted.zero_pages;
+                    error
+                }
+            };
+            let Some(listener) = listener else {
+                return Err(broken);
+            };
+            tracing::warn!(
+                error = %precopy_sys::error_chain(&broken),
+                next_round = next,
+                "the sender's connections broke; waiting for it to resume"
+            );
+            conns = await_resume(listener, &config, &hello, next, &*sink, broken)?;
+            resumes += 1;
         }
-        let stalled = |c: &Connection, e: TransferError| match (&e, self.io_timeout) {
+    }
+}
+
+/// What completed rounds of one set of connections applied.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counted {
+    /// The next round expected: rounds completed by every connection.
+    rounds: u64,
+    pages: u64,
+    zero_pages: u64,
+}
+
+/// One set of connections of a transfer, from round `next` on: the first
+/// ones, or those of a resume.
+struct Leg<'a> {
+    conns: &'a [Connection],
+    hello: &'a Hello,
+    config: &'a ReceiverConfig,
+    changed: &'a Mutex<ChangedPages>,
+    next: u64,
+    /// A break may be resumed: do not tell the sender it failed.
+    resumable: bool,
+}
+
+/// How a [`Leg`] ended.
+enum LegEnd {
+    /// FINISH, DONE, COMMIT: the copy is complete.
+    Done(ReceiveReport),
+    /// A fault that ends the transfer.
+    Failed(TransferError),
+    /// With `resumable`: the connections broke before any STATE or FINISH.
+    Broken {
+        error: TransferError,
+        counted: Counted,
+    },
+}
+
+impl Leg<'_> {
+    fn run<K: Sink + Send + ?Sized>(&self, sink: &mut K) -> LegEnd {
+        match self.receive(sink) {
+            Ok(report) => LegEnd::Done(report),
+            Err((error, Some(counted))) => LegEnd::Broken { error, counted },
+            Err((e, None)) => LegEnd::Failed(e),
+        }
+    }
+
+    /// Receives until the transfer completes; on a resumable break, the
+    /// error with what the completed rounds applied.
+    fn receive<K: Sink + Send + ?Sized>(
+        &self,
+        sink: &mut K,
+    ) -> Result<ReceiveReport, (TransferError, Option<Counted>)> {
+        let fatal = |e| (e, None);
+        let io_timeout = self.config.io_timeout;
+        let n = self.conns.len();
+        for c in self.conns {
+            c.set_read_timeout(io_timeout)
+                .map_err(|e| fatal(TransferError::io("setting a socket timeout")(e)))?;
+        }
+        let stalled = |c: &Connection, e: TransferError| match (&e, io_timeout) {
             (TransferError::Io { source, .. }, Some(after))
                 if matches!(
                     source.kind(),
@@ -381,11 +578,18 @@ impl Receiver {
             sink: Mutex::new(sink),
             barrier: RoundBarrier::new(n),
             failure: Mutex::new(None),
-            conns: &self.conns,
+            conns: self.conns,
             layout: &self.hello.layout,
-            changed: Mutex::new(ChangedPages::default()),
+            changed: self.changed,
+            resumable: self.resumable,
+            completed: Mutex::new(Counted {
+                rounds: self.next,
+                ..Counted::default()
+            }),
+            final_phase: AtomicBool::new(false),
             writing: self.conns.iter().map(|_| Mutex::new(())).collect(),
         };
+        let next = self.next;
         let outcomes: Vec<Option<StreamOutcome>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .conns
@@ -402,7 +606,7 @@ impl Receiver {
                             let pool = BufferPool::new(2);
                             let reader = BufReader::with_capacity(READ_BUFFER, c);
                             let frames = Frames::Direct(FrameReader::new(reader));
-                            let r = receive_stream(frames, &pool, shared, i);
+                            let r = receive_stream(frames, &pool, shared, i, next);
                             return shared.outcome(r.map_err(|e| stalled(c, e)));
                         }
                         // Several connections: each socket is read on its own
@@ -414,7 +618,7 @@ impl Receiver {
                         std::thread::scope(|s2| {
                             s2.spawn(move || read_socket(c, &reader_pool, tx));
                             let frames: Frames<&[u8]> = Frames::Queued { rx };
-                            let r = receive_stream(frames, &pool, shared, i);
+                            let r = receive_stream(frames, &pool, shared, i, next);
                             shared.outcome(r.map_err(|e| stalled(c, e)))
                         })
                     })
@@ -431,11 +635,14 @@ impl Receiver {
                 .collect()
         });
         if let Some(e) = lock(&shared.failure).take() {
-            return Err(e);
+            if shared.resumes(&e) {
+                return Err((e, Some(*lock(&shared.completed))));
+            }
+            return Err(fatal(e));
         }
         let outcomes: Vec<StreamOutcome> = outcomes.into_iter().flatten().collect();
         let Some(first) = outcomes.first().copied() else {
-            return Err(TransferError::Aborted);
+            return Err(fatal(TransferError::Aborted));
         };
         if outcomes.iter().any(|o| {
             o.checksum != first.checksum || o.rounds != first.rounds || o.check != first.check
@@ -446,18 +653,18 @@ impl Receiver {
             }
             .into();
             shared.fail_now(&e);
-            return Err(e);
+            return Err(fatal(e));
         }
-        let finished = lock(&shared.changed)
+        let finished = lock(shared.changed)
             .check()
             .and_then(|()| lock(&shared.sink).finish(first.checksum, first.check));
         if let Err(e) = finished {
             shared.fail_now(&e);
-            return Err(e);
+            return Err(fatal(e));
         }
         let pages: u64 = outcomes.iter().map(|o| o.pages).sum();
         let zero_pages: u64 = outcomes.iter().map(|o| o.zero_pages).sum();
-        for c in &self.conns {
+        for c in self.conns {
             let mut w = FrameWriter::new(c);
             let _ = w.send(&Done {
                 pages,
@@ -469,25 +676,93 @@ impl Receiver {
             let committed = await_commit(c, o.bytes, first.checksum).map_err(|e| stalled(c, e));
             let _ = c.shutdown(Shutdown::Both);
             if let Err(e) = committed {
-                return Err(TransferError::NotCommitted {
+                return Err(fatal(TransferError::NotCommitted {
                     peer,
                     source: Box::new(e),
-                });
+                }));
             }
         }
         Ok(ReceiveReport {
             rounds: first.rounds,
             pages,
             zero_pages,
+            resumes: 0,
             bytes: outcomes.iter().map(|o| o.bytes).sum(),
             streams: n as u32,
             checksum: first.checksum,
             check: first.check,
-            changed_while_sent: lock(&shared.changed).seen(),
+            changed_while_sent: lock(shared.changed).seen(),
             state_bytes: outcomes.iter().find_map(|o| o.state_bytes),
-            duration: start.elapsed(),
+            duration: Duration::ZERO,
         })
     }
+}
+
+/// After the connections of session `hello` broke: accepts on `listener`
+/// until every connection of the same sender is back (resume HELLO, same
+/// session, layout and stream count, key proven), refusing anyone else, then
+/// sends RESUME (next round `next`, block digests of what `sink` holds) on
+/// connection 0. Fails with [`TransferError::ResumeTimedOut`] after
+/// [`ReceiverConfig::resume_wait`].
+fn await_resume<K: Sink + ?Sized>(
+    listener: &Listener,
+    config: &ReceiverConfig,
+    hello: &Hello,
+    next: u64,
+    sink: &K,
+    broken: TransferError,
+) -> Result<Vec<Connection>, TransferError> {
+    let block_pages = resume_block_pages(hello.layout.total_pages());
+    let Some(block_digests) = sink.resume_digests(block_pages) else {
+        return Err(broken);
+    };
+    let deadline = Instant::now() + config.resume_wait;
+    let timed_out = |broken| TransferError::ResumeTimedOut {
+        after: config.resume_wait,
+        source: Box::new(broken),
+    };
+    let mut back: Vec<Option<Connection>> = (0..hello.stream_count).map(|_| None).collect();
+    while back.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let conn = match listener.accept_timeout(left) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(timed_out(broken)),
+            Err(e) => return Err(TransferError::io("accepting a connection")(e)),
+        };
+        match receiver_handshake(&conn, config, Expect::Resuming(hello)) {
+            Ok(h) if back[h.stream_index as usize].is_none() => {
+                back[h.stream_index as usize] = Some(conn);
+            }
+            Ok(h) => {
+                let e = ProtocolError::StreamMismatch {
+                    index: h.stream_index,
+                    reason: "stream index used twice",
+                };
+                send_error(&conn, error_code::PROTOCOL, &e.to_string());
+            }
+            Err(e) => tracing::warn!(
+                peer = conn.peer(),
+                error = %precopy_sys::error_chain(&e),
+                "refused a connection while waiting for the sender to resume"
+            ),
+        }
+    }
+    let conns: Vec<Connection> = back.into_iter().flatten().collect();
+    let resume = Resume {
+        next_round: next,
+        block_pages,
+        block_digests,
+    };
+    conns[0]
+        .set_write_timeout(Some(config.handshake_timeout))
+        .map_err(TransferError::io("setting a socket timeout"))?;
+    FrameWriter::new(&conns[0])
+        .send(&resume)
+        .map_err(TransferError::io("sending RESUME"))?;
+    conns[0]
+        .set_write_timeout(None)
+        .map_err(TransferError::io("setting a socket timeout"))?;
+    Ok(conns)
 }
 
 /// Reads the sender's COMMIT (for `checksum`) at stream offset `offset`.
@@ -516,8 +791,16 @@ struct Shared<'a, K: ?Sized> {
     failure: Mutex<Option<TransferError>>,
     conns: &'a [Connection],
     layout: &'a Layout,
-    /// Pages applied torn from live frames and not sent again since.
-    changed: Mutex<ChangedPages>,
+    /// Pages applied torn from live frames and not sent again since (kept
+    /// across a resume).
+    changed: &'a Mutex<ChangedPages>,
+    /// A break before the final phase may be resumed: the sender is not
+    /// told it failed.
+    resumable: bool,
+    /// What every connection completed so far.
+    completed: Mutex<Counted>,
+    /// A connection saw STATE or FINISH: too late to resume.
+    final_phase: AtomicBool,
     /// One lock per connection, held while a frame is written to it: a stream's PONG and
     /// another thread's ERROR must not interleave.
     writing: Vec<Mutex<()>>,
@@ -536,12 +819,18 @@ impl<K: ?Sized> Shared<'_, K> {
         Ok(())
     }
 
-    /// Records the first failure, tells the sender, and stops every stream.
+    /// Whether failure `e` leaves the transfer waiting for a resume.
+    fn resumes(&self, e: &TransferError) -> bool {
+        self.resumable && e.is_connection_break() && !self.final_phase.load(Ordering::SeqCst)
+    }
+
+    /// Records the first failure, tells the sender (unless it may resume),
+    /// and stops every stream.
     fn fail(&self, e: TransferError) {
         {
             let mut f = lock(&self.failure);
             if f.is_none() {
-                if !matches!(e, TransferError::Aborted) {
+                if !matches!(e, TransferError::Aborted) && !self.resumes(&e) {
                     self.fail_now(&e);
                 }
                 *f = Some(e);
@@ -706,7 +995,7 @@ fn read_in_place<R: Read, K: Sink + ?Sized>(
         Ok(header) => {
             sink.commit_lent(offset, crcs)?;
             drop(sink);
-            lock(&shared.changed).applied(offset, ps, crcs, live.then_some(&list[..]));
+            lock(shared.changed).applied(offset, ps, crcs, live.then_some(&list[..]));
             Ok(Some(header))
         }
         Err(e) => {
@@ -745,6 +1034,7 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
     pool: &BufferPool,
     shared: &Shared<'_, K>,
     index: usize,
+    start_round: u64,
 ) -> Result<StreamOutcome, TransferError> {
     let mut state_allowed = index == 0;
     let mut state_bytes = None;
@@ -752,7 +1042,7 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
     let mut decompressor = Decompressor::default();
     let layout = shared.layout;
     let ps = layout.page_size();
-    let mut state = State::Idle { next: 0 };
+    let mut state = State::Idle { next: start_round };
     let mut totals = (0u64, 0u64);
     let fold = PageFold::new(ps);
     let mut crcs: Vec<u32> = Vec::new();
@@ -811,7 +1101,7 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                     }
                 };
                 lock(&shared.sink).send_pages(offset, data, &crcs)?;
-                lock(&shared.changed).applied(offset, ps, &crcs, listed.as_deref());
+                lock(shared.changed).applied(offset, ps, &crcs, listed.as_deref());
                 *pages += len / ps;
             }
             (State::InRound { zero_pages, .. }, FrameKind::Zero) => {
@@ -819,7 +1109,7 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                 let start = span.place(&h, layout)?;
                 let range = start..start + span.len;
                 lock(&shared.sink).send_zero_range(range.clone())?;
-                lock(&shared.changed).forget(range);
+                lock(shared.changed).forget(range);
                 *zero_pages += span.len / ps;
             }
             (
@@ -851,8 +1141,13 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                 let round = *round;
                 totals.0 += *pages;
                 totals.1 += *zero_pages;
-                shared.barrier.wait(*pages, *zero_pages, |_, _| {
-                    lock(&shared.sink).end_round(round).map(|_| ())
+                shared.barrier.wait(*pages, *zero_pages, |all, all_zero| {
+                    lock(&shared.sink).end_round(round)?;
+                    let mut c = lock(&shared.completed);
+                    c.rounds = round + 1;
+                    c.pages += all;
+                    c.zero_pages += all_zero;
+                    Ok(())
                 })?;
                 state = State::Idle { next: round + 1 };
             }
@@ -864,11 +1159,13 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                     .into());
                 }
                 state_allowed = false;
+                shared.final_phase.store(true, Ordering::SeqCst);
                 let frame: StateFrame = h.decode(p)?;
                 lock(&shared.sink).send_state(frame.blob)?;
                 state_bytes = Some(frame.blob.len() as u64);
             }
             (State::Idle { next }, FrameKind::Finish) => {
+                shared.final_phase.store(true, Ordering::SeqCst);
                 let finish: Finish = h.decode(p)?;
                 if finish.rounds != *next {
                     return Err(ProtocolError::RoundOutOfOrder {
@@ -986,22 +1283,28 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
     sink: &mut K,
 ) -> Result<ReceiveReport, TransferError> {
     let start = Instant::now();
+    let changed = Mutex::new(ChangedPages::default());
     let shared = Shared {
         sink: Mutex::new(sink),
         barrier: RoundBarrier::new(1),
         failure: Mutex::new(None),
         conns: &[],
         layout,
-        changed: Mutex::new(ChangedPages::default()),
+        changed: &changed,
+        resumable: false,
+        completed: Mutex::new(Counted::default()),
+        final_phase: AtomicBool::new(false),
         writing: Vec::new(),
     };
     let pool = BufferPool::new(2);
-    let outcome = receive_stream(Frames::Direct(FrameReader::new(bytes)), &pool, &shared, 0)?;
-    let changed = shared
-        .changed
-        .into_inner()
-        .unwrap_or_else(PoisonError::into_inner);
-    changed.check()?;
+    let outcome = receive_stream(
+        Frames::Direct(FrameReader::new(bytes)),
+        &pool,
+        &shared,
+        0,
+        0,
+    )?;
+    lock(&changed).check()?;
     let sink = shared
         .sink
         .into_inner()
@@ -1011,12 +1314,110 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         rounds: outcome.rounds,
         pages: outcome.pages,
         zero_pages: outcome.zero_pages,
+        resumes: 0,
         bytes: outcome.bytes,
         streams: 1,
         checksum: outcome.checksum,
         check: outcome.check,
-        changed_while_sent: changed.seen(),
+        changed_while_sent: lock(&changed).seen(),
         state_bytes: outcome.state_bytes,
         duration: start.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::MemoryRegion;
+    use std::os::unix::net::UnixStream;
+
+    fn key() -> Key {
+        Key::from_bytes(b"receiver unit test key".to_vec()).unwrap()
+    }
+
+    fn hello(session: u64, pages: u64, streams: u32, resume: bool) -> Hello {
+        Hello {
+            session,
+            stream_index: 0,
+            stream_count: streams,
+            nonce: auth::nonce(),
+            layout: Layout::new(vec![MemoryRegion::new(1, pages * 4096, 4096)]).unwrap(),
+            resume,
+        }
+    }
+
+    /// Runs a sender's handshake with `theirs` (proving `their_key`) against the receiver's
+    /// half expecting `expect`; returns the receiver's result and the code of the ERROR the
+    /// sender got, if any.
+    fn handshake(
+        expect: Expect<'_>,
+        theirs: Hello,
+        their_key: Key,
+    ) -> (Result<Hello, TransferError>, Option<u32>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (ours, sender) = (Connection::Unix(a), Connection::Unix(b));
+        let config = ReceiverConfig {
+            key: Some(key()),
+            ..ReceiverConfig::default()
+        };
+        std::thread::scope(|s| {
+            let client = s.spawn(move || {
+                let mut w = FrameWriter::new(&sender);
+                w.write_preamble().unwrap();
+                w.send(&theirs).unwrap();
+                let mut r = FrameReader::new(&sender);
+                r.read_preamble().unwrap();
+                let mut p = Vec::new();
+                let challenge: Challenge = r.read_frame(&mut p).unwrap().decode(&p).unwrap();
+                let mac = auth::proof(
+                    &their_key,
+                    Role::Sender,
+                    &theirs.nonce,
+                    &challenge.nonce,
+                    theirs.session,
+                    theirs.stream_index,
+                );
+                w.send(&Auth { mac: Some(mac) }).unwrap();
+                let h = r.read_frame(&mut p).unwrap();
+                (h.kind == FrameKind::Error).then(|| h.decode::<ErrorFrame>(&p).unwrap().code)
+            });
+            let result = receiver_handshake(&ours, &config, expect);
+            (result, client.join().unwrap())
+        })
+    }
+
+    #[test]
+    fn a_resume_is_refused_unless_it_is_the_waiting_session_with_the_key() {
+        let waiting = hello(7, 64, 1, false);
+        let refused = |r: &Result<Hello, TransferError>| match r {
+            Err(TransferError::Protocol(ProtocolError::ResumeRefused { reason, .. })) => {
+                Some(*reason)
+            }
+            _ => None,
+        };
+        let cases = [
+            (hello(8, 64, 1, true), ResumeRefusal::UnknownSession),
+            (hello(7, 65, 1, true), ResumeRefusal::DifferentLayout),
+            (hello(7, 64, 2, true), ResumeRefusal::DifferentStreams),
+            (hello(7, 64, 1, false), ResumeRefusal::SessionWaiting),
+        ];
+        for (theirs, why) in cases {
+            let (r, code) = handshake(Expect::Resuming(&waiting), theirs, key());
+            assert_eq!(refused(&r), Some(why), "{r:?}");
+            assert_eq!(code, Some(error_code::RESUME));
+        }
+        // The right session with the wrong key: an authentication failure, nothing more.
+        let wrong = Key::from_bytes(b"another key entirely".to_vec()).unwrap();
+        let (r, code) = handshake(Expect::Resuming(&waiting), hello(7, 64, 1, true), wrong);
+        assert!(matches!(r, Err(TransferError::AuthFailed { .. })), "{r:?}");
+        assert_eq!(code, Some(error_code::AUTH));
+        // A resume to a receiver that holds no session.
+        let (r, code) = handshake(Expect::New, hello(7, 64, 1, true), key());
+        assert_eq!(refused(&r), Some(ResumeRefusal::NoSession), "{r:?}");
+        assert_eq!(code, Some(error_code::RESUME));
+        // The waiting session itself, with the key, gets in.
+        let (r, code) = handshake(Expect::Resuming(&waiting), hello(7, 64, 1, true), key());
+        assert!(r.is_ok_and(|h| h.resume && h.session == 7));
+        assert_eq!(code, None);
+    }
 }

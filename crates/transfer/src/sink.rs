@@ -116,6 +116,37 @@ pub trait Sink {
         Ok(None)
     }
 
+    /// A receiving sink's digests of the pages it holds, per block of
+    /// `block_pages` pages in layout order ([`PageCrcs::block_digests`] of
+    /// the CRC of every page): what a receiver tells a resuming sender (the
+    /// protocol's RESUME), which sends again every block whose digest
+    /// differs from its own. A block holding a page whose contents the sink
+    /// does not know must get a digest that differs. `None` (the default): a
+    /// receiver with this sink cannot resume a broken transfer and fails
+    /// instead.
+    fn resume_digests(&self, block_pages: u64) -> Option<Vec<u32>> {
+        let _ = block_pages;
+        None
+    }
+
+    /// Whether [`Sink::resume`] may work: a sending sink that can reach its
+    /// destination again and has not finished. The default: no.
+    fn can_resume(&self) -> bool {
+        false
+    }
+
+    /// A sending sink whose connections broke, between rounds and before
+    /// the state or the final checksum: connects to the same transfer again
+    /// (proving the key again) and returns where the destination stands (it
+    /// kept what it applied). The default fails with
+    /// [`TransferError::Misuse`].
+    fn resume(&mut self) -> Result<ResumePoint, TransferError> {
+        Err(TransferError::Misuse {
+            operation: "resume",
+            state: "on a sink that cannot reconnect",
+        })
+    }
+
     /// Whole pages of the sender's own memory at memory offset `offset`,
     /// lent without a copy ([`crate::live`]); `crcs` are the CRC32C of each
     /// page as the sender took it just before, which the bytes may no longer
@@ -166,6 +197,20 @@ pub trait Sink {
     fn revert_lent(&mut self, offset: u64, len: u64) {
         let _ = (offset, len);
     }
+}
+
+/// Where a destination stands when a sender resumes a broken transfer (the
+/// protocol's RESUME frame).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumePoint {
+    /// The next round the destination expects: the rounds every connection
+    /// completed (the pages a round cut half-way applied stay applied).
+    pub next_round: u64,
+    /// Pages per block of [`ResumePoint::block_digests`].
+    pub block_pages: u64,
+    /// For each block of pages in layout order, the digest of the page CRCs
+    /// the destination recorded ([`PageCrcs::block_digests`]).
+    pub block_digests: Vec<u32>,
 }
 
 /// `Sink` for a pointer to a sink: every method forwards.
@@ -221,6 +266,15 @@ macro_rules! forward_sink {
             }
             fn ping(&mut self) -> Result<Option<std::time::Duration>, TransferError> {
                 (**self).ping()
+            }
+            fn resume_digests(&self, block_pages: u64) -> Option<Vec<u32>> {
+                (**self).resume_digests(block_pages)
+            }
+            fn can_resume(&self) -> bool {
+                (**self).can_resume()
+            }
+            fn resume(&mut self) -> Result<ResumePoint, TransferError> {
+                (**self).resume()
             }
             fn lend_pages(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
                 (**self).lend_pages(offset, len)
@@ -364,6 +418,9 @@ pub struct MemorySink {
     /// Per page: may hold something other than zeros (clear: holds zeros,
     /// never written or sent as zeros). Only clear pages are lent.
     holds_data: BitVec,
+    /// Per page: caller memory never written since the sink was made, whose
+    /// contents (and so CRC) are unknown.
+    unknown: BitVec,
     stats: MemoryStats,
     state: Option<Vec<u8>>,
 }
@@ -425,6 +482,7 @@ impl MemorySink {
             storage,
             crcs,
             holds_data: BitVec::repeat(unknown, pages),
+            unknown: BitVec::repeat(unknown, pages),
             stats: MemoryStats::default(),
             state: None,
         }
@@ -493,6 +551,7 @@ impl MemorySink {
         }
         self.crcs = PageCrcs::new(self.crcs.len(), self.layout.page_size());
         self.holds_data.fill(false);
+        self.unknown.fill(false);
         self.stats = MemoryStats::default();
         self.state = None;
         Ok(())
@@ -589,6 +648,21 @@ fn caller_slot(layout: &Layout, offset: u64) -> Result<(usize, u64), TransferErr
 }
 
 impl Sink for MemorySink {
+    /// The digests of the recorded page CRCs; a block with a page of caller
+    /// memory never written since the sink was made gets its digest
+    /// inverted, so a resuming sender sends it again (equal by chance with
+    /// probability 2^-32, as any CRC).
+    fn resume_digests(&self, block_pages: u64) -> Option<Vec<u32>> {
+        let block = usize::try_from(block_pages).ok()?.max(1);
+        let mut digests = self.crcs.block_digests(block);
+        for (d, unknown) in digests.iter_mut().zip(self.unknown.chunks(block)) {
+            if unknown.any() {
+                *d = !*d;
+            }
+        }
+        Some(digests)
+    }
+
     fn begin_round(&mut self, _round: u64) -> Result<(), TransferError> {
         Ok(())
     }
@@ -610,6 +684,7 @@ impl Sink for MemorySink {
         }
         let first = (offset / ps) as usize;
         self.holds_data[first..first + crcs.len()].fill(true);
+        self.unknown[first..first + crcs.len()].fill(false);
         self.write(offset, &pages)?;
         self.stats.pages += len / ps;
         Ok(())
@@ -623,6 +698,7 @@ impl Sink for MemorySink {
         self.crcs.set_zero(first, n);
         self.zero(range.start, len)?;
         self.holds_data[first..first + n].fill(false);
+        self.unknown[first..first + n].fill(false);
         self.stats.zero_pages += len / ps;
         Ok(())
     }
@@ -654,6 +730,7 @@ impl Sink for MemorySink {
         let first = (offset / ps) as usize;
         self.crcs.set(first, crcs);
         self.holds_data[first..first + crcs.len()].fill(true);
+        self.unknown[first..first + crcs.len()].fill(false);
         self.stats.pages += crcs.len() as u64;
         Ok(())
     }

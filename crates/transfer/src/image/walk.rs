@@ -93,7 +93,15 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
         Ok(h) => h,
         Err(e) => return Err(corrupt(to_protocol(e)?)),
     };
-    let layout = h.decode::<Hello>(&p).map_err(corrupt)?.layout;
+    let hello = h.decode::<Hello>(&p).map_err(corrupt)?;
+    if hello.resume {
+        return Err(corrupt(ProtocolError::Malformed {
+            offset: h.offset,
+            kind: h.kind,
+            reason: "an image never resumes a transfer",
+        }));
+    }
+    let layout = hello.layout;
     let loc = page_table(layout.total_pages()).ok_or_else(|| {
         corrupt(ProtocolError::Malformed {
             offset: h.offset,

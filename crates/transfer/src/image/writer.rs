@@ -72,6 +72,7 @@ impl ImageWriter {
             stream_count: 1,
             nonce: [0; 16],
             layout: layout.without_host(),
+            resume: false,
         };
         out.send(&hello).map_err(io("writing"))?;
         let crcs = PageCrcs::new(loc.len(), layout.page_size());

@@ -217,6 +217,42 @@ impl Listener {
         })
     }
 
+    /// Accepts one connection, waiting at most `timeout` (`Ok(None)` if none
+    /// came). The listener is polled every 10 ms meanwhile; the connection
+    /// returned blocks as usual.
+    pub fn accept_timeout(&self, timeout: Duration) -> io::Result<Option<Connection>> {
+        let nonblocking = |on: bool| match self {
+            Listener::Tcp(l) => l.set_nonblocking(on),
+            Listener::Unix(l) => l.set_nonblocking(on),
+        };
+        nonblocking(true)?;
+        let deadline = std::time::Instant::now() + timeout;
+        let accepted = loop {
+            match self.accept() {
+                Ok(c) => break Ok(Some(c)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break Ok(None);
+                    }
+                    std::thread::sleep(left.min(Duration::from_millis(10)));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        let restored = nonblocking(false);
+        let conn = accepted?;
+        restored?;
+        // An accepted socket may inherit the listener's non-blocking mode.
+        match &conn {
+            Some(Connection::Tcp(s)) => s.set_nonblocking(false)?,
+            Some(Connection::Unix(s)) => s.set_nonblocking(false)?,
+            None => {}
+        }
+        Ok(conn)
+    }
+
     /// Whether only this machine can connect: a Unix socket, or TCP bound to
     /// a loopback address.
     pub fn is_local(&self) -> bool {
@@ -266,6 +302,15 @@ impl InterruptState {
 
     pub(super) fn is_set(&self) -> bool {
         self.interrupted.load(Ordering::SeqCst)
+    }
+
+    /// Drops the handles to connections that are gone (before a resume
+    /// registers the new ones).
+    pub(super) fn forget(&self) {
+        self.conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// Keeps a handle to `conn` for [`InterruptState::interrupt`]; shuts it

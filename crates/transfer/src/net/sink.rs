@@ -1,9 +1,11 @@
 //! [`SocketSink`]: the [`Sink`] that spreads a transfer's frames over its
 //! connections' writers, and [`Sender`], a transfer into it.
 
+use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -20,8 +22,8 @@ use crate::engine::{SenderConfig, Transfer};
 use crate::error::TransferError;
 use crate::layout::Layout;
 use crate::live::LivePages;
-use crate::protocol::{FrameWriter, Hello};
-use crate::sink::{Interrupt, Sink};
+use crate::protocol::{ErrorFrame, FrameKind, FrameReader, FrameWriter, Hello, Resume, error_code};
+use crate::sink::{Interrupt, ResumePoint, Sink};
 use crate::source::PageSource;
 
 struct Worker {
@@ -30,6 +32,8 @@ struct Worker {
     handle: Option<JoinHandle<Result<(), TransferError>>>,
     watcher: Option<JoinHandle<()>>,
     conn: Connection,
+    /// Set by the watcher when the connection broke (end of stream, reset).
+    broken: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -65,11 +69,16 @@ impl Worker {
 /// receiver's acknowledgement by [`SenderConfig::io_timeout`]
 /// ([`TransferError::Stalled`]); and [`Sink::interrupter`] ends any of them
 /// from another thread ([`TransferError::Interrupted`]).
+///
+/// Made with [`SocketSink::dial`], it can also resume the transfer after its
+/// connections broke ([`Sink::resume`]).
 pub struct SocketSink {
     workers: Vec<Worker>,
     next: usize,
     rounds: u64,
     finished: bool,
+    /// STATE was handed to a writer: too late to resume.
+    state_sent: bool,
     interrupt: Arc<InterruptState>,
     peer: String,
     io_timeout: Option<Duration>,
@@ -77,7 +86,18 @@ pub struct SocketSink {
     checksum: u32,
     /// PINGs sent (the last one's token).
     pings: u64,
+    /// The transfer's session id, which a resume presents again.
+    session: u64,
+    config: SenderConfig,
+    /// The layout as announced (no host addresses).
+    layout: Layout,
+    dial: Option<Dial>,
 }
+
+/// Opens one new connection to the destination, for [`SocketSink::dial`]
+/// and each resume. It should bound its own wait (e.g.
+/// [`Connection::connect_tcp_timeout`]).
+pub type Dial = Box<dyn FnMut() -> io::Result<Connection> + Send>;
 
 impl std::fmt::Debug for SocketSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -107,46 +127,61 @@ impl SocketSink {
             });
         }
         let session: u64 = rand::random();
-        let count = conns.len() as u32;
-        let mut workers = Vec::with_capacity(conns.len());
-        // Handshake every connection at once: the receiver may accept them in
-        // any order.
-        let results: Vec<Result<Connection, TransferError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = conns
-                .into_iter()
-                .enumerate()
-                .map(|(i, mut conn)| {
-                    let hello = Hello {
-                        session,
-                        stream_index: i as u32,
-                        stream_count: count,
-                        nonce: auth::nonce(),
-                        layout: layout.without_host(),
-                    };
-                    s.spawn(move || {
-                        sender_handshake(
-                            &mut conn,
-                            &hello,
-                            config.key.as_ref(),
-                            config.handshake_timeout,
-                        )
-                        .map(|()| conn)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or(Err(TransferError::WorkerPanicked)))
-                .collect()
-        });
-        let ready = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-        let fold = PageFold::new(layout.page_size());
-        let interrupt = Arc::new(InterruptState::default());
+        let ready = handshake_all(conns, session, layout, config, false)?;
         let peer = ready.first().map(Connection::peer).unwrap_or_default();
+        let mut sink = SocketSink {
+            workers: Vec::new(),
+            next: 0,
+            rounds: 0,
+            finished: false,
+            state_sent: false,
+            interrupt: Arc::new(InterruptState::default()),
+            peer,
+            io_timeout: config.io_timeout,
+            layout_bytes: layout.total_len(),
+            checksum: 0,
+            pings: 0,
+            session,
+            config: config.clone(),
+            layout: layout.without_host(),
+            dial: None,
+        };
+        sink.start_workers(ready)?;
+        Ok(sink)
+    }
+
+    /// Opens `config.streams` connections with `dial`, then as
+    /// [`SocketSink::connect`]; keeps `dial`, so that [`Sink::resume`] can
+    /// connect to the same transfer again after the connections broke.
+    pub fn dial(
+        mut dial: impl FnMut() -> io::Result<Connection> + Send + 'static,
+        layout: &Layout,
+        config: &SenderConfig,
+    ) -> Result<SocketSink, TransferError> {
+        let conns = (0..config.streams)
+            .map(|_| dial())
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(TransferError::io("connecting to the receiver"))?;
+        let mut sink = SocketSink::connect(conns, layout, config)?;
+        sink.dial = Some(Box::new(dial));
+        Ok(sink)
+    }
+
+    /// The transfer's random session id (every connection presents it, a
+    /// resume too).
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// Starts a writer and a watcher for each handshaken connection.
+    fn start_workers(&mut self, ready: Vec<Connection>) -> Result<(), TransferError> {
+        let config = &self.config;
+        let count = ready.len() as u32;
+        let fold = PageFold::new(self.layout.page_size());
         for (i, conn) in ready.into_iter().enumerate() {
             conn.set_write_timeout(config.io_timeout)
                 .map_err(TransferError::io("setting a socket timeout"))?;
-            interrupt.register(&conn)?;
+            self.interrupt.register(&conn)?;
             let (cmd_tx, cmd_rx) = bounded(config.queue_depth.max(1));
             let (reply_tx, reply_rx) = bounded(1);
             let (event_tx, event_rx) = bounded(1);
@@ -156,9 +191,11 @@ impl SocketSink {
             let keep = conn
                 .try_clone()
                 .map_err(TransferError::io("cloning a socket"))?;
+            let broken = Arc::new(AtomicBool::new(false));
+            let seen = broken.clone();
             let watcher = std::thread::Builder::new()
                 .name(format!("precopy-watch-{i}"))
-                .spawn(move || watch_peer(watch, event_tx))
+                .spawn(move || watch_peer(watch, event_tx, seen))
                 .map_err(TransferError::io("starting a watcher thread"))?;
             let writer = StreamWriter {
                 out: FrameWriter::new(conn),
@@ -169,38 +206,68 @@ impl SocketSink {
                 pages: 0,
                 zero_pages: 0,
                 round_start: 0,
-                page_size: layout.page_size(),
-                layout: layout.without_host(),
+                page_size: self.layout.page_size(),
+                layout: self.layout.clone(),
                 fold: fold.clone(),
                 events: event_rx,
-                peer: conn_peer(i, &peer),
+                peer: conn_peer(i, &self.peer),
                 io_timeout: config.io_timeout,
-                interrupt: interrupt.clone(),
+                interrupt: self.interrupt.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("precopy-send-{i}"))
                 .spawn(move || writer.run(cmd_rx, reply_tx))
                 .map_err(TransferError::io("starting a writer thread"))?;
-            workers.push(Worker {
+            self.workers.push(Worker {
                 cmds: Some(cmd_tx),
                 replies: reply_rx,
                 handle: Some(handle),
                 watcher: Some(watcher),
                 conn: keep,
+                broken,
             });
         }
-        Ok(SocketSink {
-            workers,
-            next: 0,
-            rounds: 0,
-            finished: false,
-            interrupt,
-            peer,
-            io_timeout: config.io_timeout,
-            layout_bytes: layout.total_len(),
-            checksum: 0,
-            pings: 0,
-        })
+        self.next = 0;
+        Ok(())
+    }
+
+    /// Stops every writer and watcher; with `cut`, shuts the connections
+    /// down first (a writer may be stuck on a peer that stopped reading).
+    fn stop_workers(&mut self, cut: bool) {
+        for w in &mut self.workers {
+            w.cmds = None;
+            if cut {
+                let _ = w.conn.shutdown(Shutdown::Both);
+            }
+        }
+        for w in &mut self.workers {
+            if let Some(h) = w.handle.take() {
+                let _ = h.join();
+            }
+            let _ = w.conn.shutdown(Shutdown::Both);
+            if let Some(h) = w.watcher.take() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    /// Fails if a watcher saw a connection break: a round that began or
+    /// ended after that may not have reached the receiver, however much the
+    /// kernel accepted.
+    fn check_unbroken(&self) -> Result<(), TransferError> {
+        if self.workers.is_empty() {
+            return Err(self.explain(no_connection()));
+        }
+        if self.workers.iter().any(|w| w.broken.load(Ordering::SeqCst)) {
+            return Err(self.explain(TransferError::Io {
+                what: "sending frames",
+                source: io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the receiver's end of the connection closed",
+                ),
+            }));
+        }
+        Ok(())
     }
 
     /// The error to return for `e`: [`TransferError::Interrupted`] once the
@@ -227,15 +294,19 @@ impl SocketSink {
         self.workers.len()
     }
 
-    fn next_worker(&mut self) -> &mut Worker {
-        let i = self.next;
-        self.next = (self.next + 1) % self.workers.len();
-        &mut self.workers[i]
+    fn next_worker(&mut self) -> Result<&mut Worker, TransferError> {
+        if self.workers.is_empty() {
+            return Err(no_connection());
+        }
+        let i = self.next % self.workers.len();
+        self.next = (i + 1) % self.workers.len();
+        Ok(&mut self.workers[i])
     }
 }
 
 impl Sink for SocketSink {
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
+        self.check_unbroken()?;
         self.each(|w| w.send(Cmd::Begin(round)))
     }
 
@@ -247,7 +318,7 @@ impl Sink for SocketSink {
     ) -> Result<(), TransferError> {
         let r = self
             .next_worker()
-            .send(Cmd::Pages(offset, pages, crcs.to_vec()));
+            .and_then(|w| w.send(Cmd::Pages(offset, pages, crcs.to_vec())));
         r.map_err(|e| self.explain(e))
     }
 
@@ -258,18 +329,22 @@ impl Sink for SocketSink {
         pages: LivePages,
         crcs: &[u32],
     ) -> Result<(), TransferError> {
-        self.next_worker()
-            .send(Cmd::Live(offset, pages, crcs.to_vec()))
+        let r = self
+            .next_worker()
+            .and_then(|w| w.send(Cmd::Live(offset, pages, crcs.to_vec())));
+        r.map_err(|e| self.explain(e))
     }
 
     /// Sends the state blob on the first connection, ahead of its FINISH.
     fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
+        self.check_unbroken()?;
+        self.state_sent = true;
         let r = self.workers[0].send(Cmd::State(state.to_vec()));
         r.map_err(|e| self.explain(e))
     }
 
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
-        let r = self.next_worker().send(Cmd::Zero(range));
+        let r = self.next_worker().and_then(|w| w.send(Cmd::Zero(range)));
         r.map_err(|e| self.explain(e))
     }
 
@@ -283,6 +358,7 @@ impl Sink for SocketSink {
             }
             _ => Err(TransferError::WorkerPanicked),
         })?;
+        self.check_unbroken()?;
         self.rounds = round + 1;
         Ok(bytes)
     }
@@ -297,6 +373,8 @@ impl Sink for SocketSink {
         memory_checksum: u32,
         check: FinalCheck,
     ) -> Result<(), TransferError> {
+        self.check_unbroken()?;
+        self.state_sent = true;
         let rounds = self.rounds;
         // A full check reads the destination anew before the receiver answers.
         let wait = self.io_timeout.map(|t| match check {
@@ -352,6 +430,155 @@ impl Sink for SocketSink {
         })?;
         Ok(Some(slowest))
     }
+
+    fn can_resume(&self) -> bool {
+        self.dial.is_some() && !self.state_sent && !self.interrupt.is_set()
+    }
+
+    /// Drops the broken connections, dials `config.streams` new ones with
+    /// the [`Dial`] given to [`SocketSink::dial`], presents the same session
+    /// with the resume flag (the key proven again on each), and reads the
+    /// receiver's RESUME. Fails after an interrupt, once the state or the
+    /// final checksum was sent, or without a dial; a receiver that refuses
+    /// the resume gives [`TransferError::ResumeRefused`].
+    fn resume(&mut self) -> Result<ResumePoint, TransferError> {
+        if self.interrupt.is_set() {
+            return Err(TransferError::Interrupted {
+                peer: self.peer.clone(),
+            });
+        }
+        if self.state_sent {
+            return Err(TransferError::Misuse {
+                operation: "resume",
+                state: "after the state or the final checksum was sent",
+            });
+        }
+        let Some(dial) = self.dial.as_mut() else {
+            return Err(TransferError::Misuse {
+                operation: "resume",
+                state: "on a sink made by SocketSink::connect (no way to dial again)",
+            });
+        };
+        let conns = (0..self.config.streams)
+            .map(|_| dial())
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(TransferError::io("connecting to the receiver again"))?;
+        self.stop_workers(true);
+        self.workers.clear();
+        self.interrupt.forget();
+        for c in &conns {
+            self.interrupt.register(c)?;
+        }
+        let ready = handshake_all(conns, self.session, &self.layout, &self.config, true).and_then(
+            |ready| {
+                let point = read_resume(&ready[0], &self.layout, self.config.handshake_timeout)?;
+                Ok((ready, point))
+            },
+        );
+        let (ready, point) = ready.map_err(|e| match e {
+            TransferError::PeerRejected { code, message } if code == error_code::RESUME => {
+                TransferError::ResumeRefused {
+                    peer: self.peer.clone(),
+                    message,
+                }
+            }
+            e => self.explain(e),
+        })?;
+        self.interrupt.forget();
+        self.start_workers(ready)?;
+        self.rounds = point.next_round;
+        Ok(point)
+    }
+}
+
+/// Handshakes every connection of session `session` at once (the receiver
+/// may accept them in any order); `resume` marks a sender coming back.
+fn handshake_all(
+    conns: Vec<Connection>,
+    session: u64,
+    layout: &Layout,
+    config: &SenderConfig,
+    resume: bool,
+) -> Result<Vec<Connection>, TransferError> {
+    let count = conns.len() as u32;
+    let results: Vec<Result<Connection, TransferError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = conns
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut conn)| {
+                let hello = Hello {
+                    session,
+                    stream_index: i as u32,
+                    stream_count: count,
+                    nonce: auth::nonce(),
+                    layout: layout.without_host(),
+                    resume,
+                };
+                s.spawn(move || {
+                    sender_handshake(
+                        &mut conn,
+                        &hello,
+                        config.key.as_ref(),
+                        config.handshake_timeout,
+                    )
+                    .map(|()| conn)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(Err(TransferError::WorkerPanicked)))
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+/// Reads the receiver's RESUME on `conn` (within `timeout`) and checks that
+/// its block digests cover `layout`.
+fn read_resume(
+    conn: &Connection,
+    layout: &Layout,
+    timeout: Duration,
+) -> Result<ResumePoint, TransferError> {
+    conn.set_read_timeout(Some(timeout))
+        .map_err(TransferError::io("setting a socket timeout"))?;
+    let mut r = FrameReader::new(conn);
+    let mut p = Vec::new();
+    let h = r.read_frame(&mut p)?;
+    if h.kind == FrameKind::Error {
+        let e: ErrorFrame = h.decode(&p)?;
+        return Err(TransferError::PeerRejected {
+            code: e.code,
+            message: e.message.into_owned(),
+        });
+    }
+    let resume: Resume = h.decode(&p)?;
+    if !resume.covers(layout.total_pages()) {
+        return Err(crate::error::ProtocolError::Malformed {
+            offset: h.offset,
+            kind: h.kind,
+            reason: "block digests do not cover the layout",
+        }
+        .into());
+    }
+    conn.set_read_timeout(None)
+        .map_err(TransferError::io("setting a socket timeout"))?;
+    Ok(ResumePoint {
+        next_round: resume.next_round,
+        block_pages: resume.block_pages,
+        block_digests: resume.block_digests,
+    })
+}
+
+/// The error of a sink left without connections by a resume that failed.
+fn no_connection() -> TransferError {
+    TransferError::Io {
+        what: "sending frames",
+        source: io::Error::new(
+            io::ErrorKind::NotConnected,
+            "no connection: the last resume failed",
+        ),
+    }
 }
 
 /// The name of connection `i` of a transfer to `peer`, for messages.
@@ -365,23 +592,10 @@ fn conn_peer(i: usize, peer: &str) -> String {
 
 impl Drop for SocketSink {
     fn drop(&mut self) {
-        for w in &mut self.workers {
-            w.cmds = None;
-            if !self.finished {
-                // Unblocks a writer stuck on a peer that stopped reading; the
-                // receiver sees a truncated stream and applies nothing more.
-                let _ = w.conn.shutdown(Shutdown::Both);
-            }
-        }
-        for w in &mut self.workers {
-            if let Some(h) = w.handle.take() {
-                let _ = h.join();
-            }
-            let _ = w.conn.shutdown(Shutdown::Both);
-            if let Some(h) = w.watcher.take() {
-                let _ = h.join();
-            }
-        }
+        // Unless finished, cut the connections first: unblocks a writer stuck
+        // on a peer that stopped reading; the receiver sees a truncated
+        // stream and applies nothing more.
+        self.stop_workers(!self.finished);
     }
 }
 
@@ -397,12 +611,47 @@ impl<S: PageSource> Transfer<S, SocketSink> {
         source: S,
         config: &SenderConfig,
     ) -> Result<Sender<S>, TransferError> {
+        Sender::over(
+            || SocketSink::connect(conns, &layout, config),
+            layout.clone(),
+            source,
+            config,
+        )
+    }
+
+    /// Like [`Sender::connect`], opening the `config.streams` connections
+    /// with `dial`, which it keeps: after the connections break (between
+    /// rounds or inside one, before the state or the final checksum),
+    /// [`Transfer::resume`] connects to the same transfer again. The
+    /// receiver must run [`Receiver::run_resumable`](crate::Receiver::run_resumable).
+    pub fn dial(
+        dial: impl FnMut() -> io::Result<Connection> + Send + 'static,
+        layout: Layout,
+        source: S,
+        config: &SenderConfig,
+    ) -> Result<Sender<S>, TransferError> {
+        Sender::over(
+            || SocketSink::dial(dial, &layout, config),
+            layout.clone(),
+            source,
+            config,
+        )
+    }
+
+    /// A sender of `layout` from `source` into the sink `connect` makes
+    /// (checked after the configuration).
+    fn over(
+        connect: impl FnOnce() -> Result<SocketSink, TransferError>,
+        layout: Layout,
+        source: S,
+        config: &SenderConfig,
+    ) -> Result<Sender<S>, TransferError> {
         if config.batch_pages == 0 {
             return Err(TransferError::Config {
                 reason: "batch_pages must be at least 1",
             });
         }
-        let sink = SocketSink::connect(conns, &layout, config)?;
+        let sink = connect()?;
         let pool = config.streams * (config.queue_depth + 2) + 2;
         Transfer::with_pool(source, sink, layout, config.batch_pages, pool)
     }

@@ -5,6 +5,7 @@ use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender as Chan};
@@ -58,8 +59,10 @@ pub(super) enum PeerEvent {
 }
 
 /// Reads what the receiver says on `conn` (PONGs, then DONE or ERROR) and
-/// reports it to the writer.
-pub(super) fn watch_peer(conn: Connection, events: Chan<PeerEvent>) {
+/// reports it to the writer; sets `broken` if the connection broke instead
+/// ([`TransferError::is_connection_break`]), which the sink checks between
+/// rounds.
+pub(super) fn watch_peer(conn: Connection, events: Chan<PeerEvent>, broken: Arc<AtomicBool>) {
     let mut r = FrameReader::new(&conn);
     let mut p = Vec::new();
     let event = loop {
@@ -101,7 +104,12 @@ pub(super) fn watch_peer(conn: Connection, events: Chan<PeerEvent>) {
                     .into(),
                 );
             }
-            Err(e) => break PeerEvent::Closed(e),
+            Err(e) => {
+                if e.is_connection_break() {
+                    broken.store(true, Ordering::SeqCst);
+                }
+                break PeerEvent::Closed(e);
+            }
         }
     };
     let _ = events.send(event);

@@ -1,0 +1,336 @@
+//! A connection cut in the middle of a live migration (the socket, not a process): the source
+//! keeps tracking, reconnects, the receiver keeps what it applied and continues the same
+//! session, and only what it lacks plus what was written meanwhile is sent again. Cut more
+//! often than the reconnect attempts allow, the migration fails clearly and the source runs on.
+
+mod common;
+
+use common::{Guest, PAGE, Pattern, supported, test_key};
+use precopy_migrate::{
+    AfterMigration, Error, LimitPolicy, Migration, MigrationConfig, Phase, ReconnectConfig, Status,
+    TransferTransport, UffdDirtyLog,
+};
+use precopy_scanner::{ScanOptions, Scanner};
+use precopy_tracker::{Tracker, Uffd};
+use precopy_transfer::{
+    Connection, Layout, Listener, MemorySink, ProcessMemory, ReceiveReport, Receiver,
+    ReceiverConfig, Sender, SenderConfig, TransferError,
+};
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug)]
+enum Net {
+    Tcp,
+    Unix,
+}
+
+/// Where to connect: a loopback TCP address or a Unix socket path.
+#[derive(Clone)]
+enum Target {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl Target {
+    fn connect(&self) -> io::Result<Connection> {
+        match self {
+            Target::Tcp(a) => Connection::connect_tcp_timeout(a.as_str(), Duration::from_secs(5)),
+            Target::Unix(p) => Connection::connect_unix(p),
+        }
+    }
+}
+
+fn bind(net: Net, dir: &tempfile::TempDir, name: &str) -> (Listener, Target) {
+    match net {
+        Net::Tcp => {
+            let l = Listener::bind_tcp("127.0.0.1:0").unwrap();
+            let a = l.address();
+            (l, Target::Tcp(a))
+        }
+        Net::Unix => {
+            let p = dir.path().join(name);
+            (Listener::bind_unix(&p).unwrap(), Target::Unix(p))
+        }
+    }
+}
+
+/// A forwarder between sender and receiver that can cut every connection it carries at once
+/// (both directions shut down, as a broken network path would) and, when told to, drops every
+/// new connection at once (a path that stays broken).
+struct Proxy {
+    target: Target,
+    live: Arc<Mutex<Vec<Connection>>>,
+    /// Bytes forwarded from the sender to the receiver.
+    forwarded: Arc<AtomicU64>,
+    refuse: Arc<AtomicBool>,
+    /// Connections dropped while refusing.
+    refused: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    /// Listens next to the receiver (same kind of socket) and forwards to `to`.
+    fn start(net: Net, dir: &tempfile::TempDir, to: Target) -> Proxy {
+        let (listener, target) = bind(net, dir, "proxy");
+        let live: Arc<Mutex<Vec<Connection>>> = Arc::default();
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let refuse = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(AtomicU64::new(0));
+        let (live2, fwd, refuse2, refused2) = (
+            live.clone(),
+            forwarded.clone(),
+            refuse.clone(),
+            refused.clone(),
+        );
+        std::thread::spawn(move || {
+            while let Ok(client) = listener.accept() {
+                if refuse2.load(SeqCst) {
+                    refused2.fetch_add(1, SeqCst);
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = to.connect() else { return };
+                let mut l = live2.lock().unwrap();
+                l.push(client.try_clone().unwrap());
+                l.push(server.try_clone().unwrap());
+                drop(l);
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    Some(fwd.clone()),
+                );
+                pipe(server, client, None);
+            }
+        });
+        Proxy {
+            target,
+            live,
+            forwarded,
+            refuse,
+            refused,
+        }
+    }
+}
+
+/// Copies `from` to `to` until either end closes, then closes both.
+fn pipe(mut from: Connection, mut to: Connection, count: Option<Arc<AtomicU64>>) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    if let Some(c) = &count {
+                        c.fetch_add(n as u64, SeqCst);
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
+
+type Received = Result<(Vec<u8>, ReceiveReport), TransferError>;
+
+/// A receiver that resumes, waiting `resume_wait` for the sender to come back.
+fn resumable_receiver(
+    listener: Listener,
+    resume_wait: Duration,
+) -> std::thread::JoinHandle<Received> {
+    std::thread::spawn(move || {
+        let config = ReceiverConfig {
+            key: Some(test_key()),
+            resume_wait,
+            ..ReceiverConfig::default()
+        };
+        let receiver = Receiver::accept(&listener, &config)?;
+        let mut sink = MemorySink::new(receiver.layout().clone())?;
+        let report = receiver.run_resumable(&listener, &mut sink)?;
+        Ok((sink.memory().expect("owned memory").to_vec(), report))
+    })
+}
+
+struct Run {
+    result: Result<precopy_migrate::MigrationReport, Error>,
+    report: precopy_migrate::MigrationReport,
+    guest: Guest,
+    received: Received,
+    proxy: Proxy,
+    /// Bytes the proxy had forwarded to the receiver when it cut.
+    at_cut: u64,
+}
+
+/// Migrates 32 MiB of a hot-set writer through a proxy that cuts every connection when round
+/// 2 is about to be sent; with `keep_cut`, it also drops every later connection.
+fn migrate_with_a_cut(net: Net, attempts: u32, keep_cut: bool, resume_wait: Duration) -> Run {
+    let size: u64 = 32 << 20;
+    // A hot set: little is written between rounds, so a resume that sent the whole memory
+    // again would stand out.
+    let guest = Guest::start(size, 2, Pattern::HotSet, 500.0);
+    let dir = tempfile::tempdir().unwrap();
+    let (listener, rx_target) = bind(net, &dir, "rx");
+    let proxy = Proxy::start(net, &dir, rx_target);
+    let rx = resumable_receiver(listener, resume_wait);
+
+    let mut tracker = Tracker::new(Uffd::new().unwrap());
+    tracker.register(guest.mem.range()).unwrap();
+    let scanner = Scanner::new(ScanOptions::default()).unwrap();
+    let layout = Layout::single(PAGE, guest.mem.addr(), guest.mem.len()).unwrap();
+    let config = SenderConfig {
+        key: Some(test_key()),
+        ..SenderConfig::default()
+    };
+    let to = proxy.target.clone();
+    let sender = Sender::dial(
+        move || to.connect(),
+        layout,
+        ProcessMemory::current(),
+        &config,
+    )
+    .unwrap();
+    // Never converges (no downtime fits 1 ns): six rounds, then the final one.
+    let mconfig = MigrationConfig {
+        max_downtime: Duration::from_nanos(1),
+        max_rounds: 6,
+        max_rounds_policy: LimitPolicy::SwitchOver,
+        after: AfterMigration::Stop,
+        probe_pause: false,
+        reconnect: ReconnectConfig {
+            attempts,
+            backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(200),
+        },
+        ..MigrationConfig::default()
+    };
+    let at_cut = Arc::new(AtomicU64::new(u64::MAX));
+    let (cut_proxy, at) = (
+        (
+            proxy.live.clone(),
+            proxy.forwarded.clone(),
+            proxy.refuse.clone(),
+        ),
+        at_cut.clone(),
+    );
+    let mut m = Migration::new(
+        UffdDirtyLog::new(tracker, scanner),
+        TransferTransport::new(sender),
+        guest.callbacks(),
+        mconfig,
+    )
+    .on_progress(move |p| {
+        if p.phase == Phase::Iterating && p.round == 2 && at.load(SeqCst) == u64::MAX {
+            let (live, forwarded, refuse) = &cut_proxy;
+            at.store(forwarded.load(SeqCst), SeqCst);
+            refuse.store(keep_cut, SeqCst);
+            for c in live.lock().unwrap().drain(..) {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+            // Let the sender's watcher see the end of its stream before the round starts
+            // (without it the break shows up a round later, which works too).
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let result = m.run();
+    let report = m.report().clone();
+    drop(m);
+    let received = rx.join().unwrap();
+    let at_cut = at_cut.load(SeqCst);
+    assert_ne!(at_cut, u64::MAX, "the connection was never cut");
+    Run {
+        result,
+        report,
+        guest,
+        received,
+        proxy,
+        at_cut,
+    }
+}
+
+fn cut_mid_migration_resumes_and_resends_far_less_than_memory(net: Net) {
+    let name = format!("cut_mid_migration_resumes_and_resends_far_less_than_memory ({net:?})");
+    if !supported(&name) {
+        return;
+    }
+    let run = migrate_with_a_cut(net, 5, false, Duration::from_secs(30));
+    let source = run.guest.snapshot();
+    let report = run
+        .result
+        .unwrap_or_else(|e| panic!("migration failed: {}", precopy_sys::error_chain(&e)));
+    assert_eq!(report.status, Status::Completed);
+    assert_eq!(report.reconnects, 1, "one reconnect");
+    let (dest, rx_report) = run.received.expect("receiver failed");
+    assert_eq!(
+        rx_report.resumes, 1,
+        "the receiver continued the same session"
+    );
+    assert_eq!(Some(rx_report.checksum), run.report.checksum, "final check");
+    let bad = dest
+        .chunks(PAGE as usize)
+        .zip(source.chunks(PAGE as usize))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(bad, 0, "{bad} pages differ after the resumed migration");
+    // Before the cut the wire carried all memory (round 0); after it, far less than that.
+    let size = source.len() as u64;
+    let before = run.at_cut;
+    let after = run.proxy.forwarded.load(SeqCst) - before;
+    assert!(before >= size * 7 / 8, "round 0 carried {before} bytes");
+    assert!(
+        after < size / 4,
+        "{after} bytes sent after the cut for {size} bytes of memory"
+    );
+    eprintln!(
+        "resume over {net:?}: {before} bytes before the cut, {after} after it (rounds, final \
+         included), memory {size}, rounds {}",
+        run.report.rounds.len()
+    );
+}
+
+#[test]
+fn tcp_cut_mid_migration_resumes_and_resends_far_less_than_memory() {
+    cut_mid_migration_resumes_and_resends_far_less_than_memory(Net::Tcp);
+}
+
+#[test]
+fn unix_cut_mid_migration_resumes_and_resends_far_less_than_memory() {
+    cut_mid_migration_resumes_and_resends_far_less_than_memory(Net::Unix);
+}
+
+#[test]
+fn more_cuts_than_reconnect_attempts_fail_clearly_and_the_source_runs_on() {
+    if !supported("more_cuts_than_reconnect_attempts_fail_clearly_and_the_source_runs_on") {
+        return;
+    }
+    let run = migrate_with_a_cut(Net::Tcp, 2, true, Duration::from_secs(2));
+    let err = run.result.unwrap_err();
+    assert!(
+        matches!(err, Error::Reconnect { attempts: 2, .. }),
+        "{}",
+        precopy_sys::error_chain(&err)
+    );
+    let chain = precopy_sys::error_chain(&err);
+    assert!(chain.contains("2 reconnect attempt(s)"), "{chain}");
+    assert_eq!(run.proxy.refused.load(SeqCst), 2, "two attempts, each cut");
+    assert_eq!(run.report.status, Status::Failed);
+    assert_eq!(run.report.reconnects, 0);
+    // The source was never paused and runs on.
+    assert!(!run.guest.is_paused());
+    let writes = run.guest.writes.load(SeqCst);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(run.guest.writes.load(SeqCst) > writes, "the source stopped");
+    // The destination waited its bounded time for a resume that never came.
+    let err = run.received.unwrap_err();
+    assert!(
+        matches!(err, TransferError::ResumeTimedOut { .. }),
+        "{}",
+        precopy_sys::error_chain(&err)
+    );
+}

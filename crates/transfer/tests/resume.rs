@@ -1,0 +1,278 @@
+//! Resuming a transfer whose connections broke (the socket cut, not a process killed): the
+//! receiver keeps what it applied and lets only the same sender (same session, the key proven
+//! again) continue; everyone else is refused while it waits; only blocks of pages that differ
+//! are sent again; and the wait is bounded.
+
+mod common;
+
+use common::*;
+use precopy_transfer::protocol::{
+    Auth, Challenge, ErrorFrame, FrameKind, FrameReader, FrameWriter, Hello, error_code,
+};
+use precopy_transfer::*;
+use rand::{SeedableRng, rngs::StdRng};
+use std::io;
+use std::net::Shutdown;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const BASE: u64 = 0x10_0000;
+const PAGES: usize = 256;
+
+/// Where a sender dials, changeable while it runs (a receiver restarted elsewhere).
+#[derive(Clone)]
+enum Target {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl Target {
+    fn connect(&self) -> io::Result<Connection> {
+        match self {
+            Target::Tcp(a) => Connection::connect_tcp_timeout(a.as_str(), Duration::from_secs(5)),
+            Target::Unix(p) => Connection::connect_unix(p),
+        }
+    }
+}
+
+/// A listener on loopback TCP or a Unix socket in `dir`, and where to dial it.
+fn listener(net: &Net, dir: &tempfile::TempDir, name: &str) -> (Listener, Target) {
+    match net {
+        Net::Tcp => {
+            let l = Listener::bind_tcp("127.0.0.1:0").unwrap();
+            let a = l.address();
+            (l, Target::Tcp(a))
+        }
+        Net::Unix => {
+            let p = dir.path().join(name);
+            (Listener::bind_unix(&p).unwrap(), Target::Unix(p))
+        }
+    }
+}
+
+/// Handles to every connection a sender opened, so a test can cut them.
+type Opened = Arc<Mutex<Vec<Connection>>>;
+
+/// A sender of `mem` that dials `target` (which the test may change) and keeps a handle to
+/// each connection it opens.
+fn dialing_sender(
+    target: Arc<Mutex<Target>>,
+    mem: Vec<u8>,
+) -> (Sender<SliceSource<Vec<u8>>>, Opened) {
+    let opened: Opened = Arc::default();
+    let keep = opened.clone();
+    let layout = Layout::single(PS, BASE, mem.len() as u64).unwrap();
+    let tx = Sender::dial(
+        move || {
+            let c = target.lock().unwrap().connect()?;
+            keep.lock().unwrap().push(c.try_clone()?);
+            Ok(c)
+        },
+        layout,
+        SliceSource::new(BASE, mem),
+        &sender_config(),
+    )
+    .unwrap();
+    (tx, opened)
+}
+
+/// Cuts every connection opened so far (both directions), as a broken path would.
+fn cut(opened: &Opened) {
+    for c in opened.lock().unwrap().drain(..) {
+        let _ = c.shutdown(Shutdown::Both);
+    }
+}
+
+type Received = std::thread::JoinHandle<Result<(ReceiveReport, Vec<u8>), TransferError>>;
+
+fn resumable_receiver(listener: Listener, resume_wait: Duration) -> Received {
+    std::thread::spawn(move || {
+        let config = ReceiverConfig {
+            resume_wait,
+            ..receiver_config()
+        };
+        let rx = Receiver::accept(&listener, &config)?;
+        let mut sink = MemorySink::new(rx.layout().clone())?;
+        let report = rx.run_resumable(&listener, &mut sink)?;
+        Ok((report, sink.memory().expect("owned memory").to_vec()))
+    })
+}
+
+/// A resume HELLO for `session` written by hand, then an AUTH whose proof is made up (no
+/// key): returns the code of the ERROR the receiver answered with.
+fn resume_without_the_key(target: &Target, session: u64) -> u32 {
+    let conn = target.connect().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let hello = Hello {
+        session,
+        stream_index: 0,
+        stream_count: 1,
+        nonce: [7; 16],
+        layout: Layout::single(PS, 0, PAGES as u64 * PS)
+            .unwrap()
+            .without_host(),
+        resume: true,
+    };
+    let mut w = FrameWriter::new(&conn);
+    w.write_preamble().unwrap();
+    w.send(&hello).unwrap();
+    let mut r = FrameReader::new(&conn);
+    r.read_preamble().unwrap();
+    let mut p = Vec::new();
+    let challenge: Challenge = r.read_frame(&mut p).unwrap().decode(&p).unwrap();
+    assert!(challenge.key_required);
+    w.send(&Auth {
+        mac: Some([0x55; 32]),
+    })
+    .unwrap();
+    let h = r.read_frame(&mut p).unwrap();
+    assert_eq!(h.kind, FrameKind::Error);
+    h.decode::<ErrorFrame>(&p).unwrap().code
+}
+
+/// 16 MiB: the 8 pages a cut loses lie in at most 8 blocks of 64 pages (2 MiB).
+const BIG: usize = 4096;
+
+fn cut_connection_resumes_the_same_session(net: Net) {
+    let dir = tempfile::tempdir().unwrap();
+    let (listener, target) = listener(&net, &dir, "rx");
+    let rx = resumable_receiver(listener, Duration::from_secs(20));
+
+    let mut mem = memory(BIG, 1);
+    let (mut tx, opened) = dialing_sender(Arc::new(Mutex::new(target.clone())), mem.clone());
+    let all = BASE..BASE + BIG as u64 * PS;
+    let first = tx.send_round(std::slice::from_ref(&all)).unwrap();
+
+    // The source changes a few pages; the connection breaks before they go out.
+    let mut rng = StdRng::seed_from_u64(5);
+    let dirty = redirty(&mut mem, BASE, 8, &mut rng);
+    tx.source_mut().data_mut().copy_from_slice(&mem);
+    cut(&opened);
+    let err = tx.send_round(&dirty).unwrap_err();
+    assert!(err.is_connection_break(), "{err:?}");
+    assert!(tx.can_resume());
+
+    // While the receiver waits: a resume of the same session without the key is refused,
+    // and so is a new transfer that has the key.
+    let code = resume_without_the_key(&target, tx.sink().session());
+    assert_eq!(code, error_code::AUTH);
+    let stranger = Sender::connect(
+        vec![target.connect().unwrap()],
+        Layout::single(PS, BASE, BIG as u64 * PS).unwrap(),
+        SliceSource::new(BASE, vec![0xee; BIG * PS as usize]),
+        &sender_config(),
+    );
+    let err = stranger.map(|_| ()).unwrap_err();
+    assert!(
+        matches!(&err, TransferError::PeerRejected { code, message }
+            if *code == error_code::RESUME && message.contains("waits for its sender to resume")),
+        "{err:?}"
+    );
+
+    // The sender comes back: at most the blocks of the 8 pages the cut lost are lacking.
+    let lacking = tx.resume().unwrap();
+    let lacking_bytes: u64 = lacking.iter().map(|r| r.end - r.start).sum();
+    assert!(
+        lacking_bytes <= 8 * 64 * PS,
+        "{lacking_bytes} bytes lacking after a cut that lost 8 pages"
+    );
+    let mut again = lacking.clone();
+    again.extend(dirty.iter().cloned());
+    let resent = tx.send_round(&again).unwrap();
+    tx.finish(FinalCheck::Full).unwrap();
+    assert!(
+        resent.bytes_on_wire * 4 < first.bytes_on_wire,
+        "resent {} bytes, round 0 was {}",
+        resent.bytes_on_wire,
+        first.bytes_on_wire
+    );
+
+    let (report, dest) = rx.join().unwrap().unwrap();
+    assert_eq!(report.resumes, 1);
+    assert!(dest == mem, "destination differs from the source");
+}
+
+#[test]
+fn cut_tcp_connection_resumes_the_same_session() {
+    cut_connection_resumes_the_same_session(Net::Tcp);
+}
+
+#[test]
+fn cut_unix_connection_resumes_the_same_session() {
+    cut_connection_resumes_the_same_session(Net::Unix);
+}
+
+#[test]
+fn a_sender_that_never_comes_back_fails_after_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let (listener, target) = listener(&Net::Tcp, &dir, "rx");
+    let rx = resumable_receiver(listener, Duration::from_millis(300));
+    let (mut tx, opened) = dialing_sender(Arc::new(Mutex::new(target)), memory(PAGES, 2));
+    tx.send_round(&[BASE..BASE + 16 * PS]).unwrap();
+    cut(&opened);
+    let err = rx.join().unwrap().unwrap_err();
+    assert!(
+        matches!(&err, TransferError::ResumeTimedOut { source, .. } if source.is_connection_break()),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_receiver_without_the_session_refuses_the_resume_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, target) = listener(&Net::Unix, &dir, "first");
+    // A plain run does not wait for a resume: the cut fails it.
+    let rx = spawn_receiver(first, receiver_config());
+    let dial = Arc::new(Mutex::new(target));
+    let (mut tx, opened) = dialing_sender(dial.clone(), memory(PAGES, 3));
+    tx.send_round(&[BASE..BASE + 16 * PS]).unwrap();
+    cut(&opened);
+    assert!(rx.join().unwrap().is_err());
+    // A new receiver elsewhere holds no session to resume.
+    let (second, target) = listener(&Net::Unix, &dir, "second");
+    *dial.lock().unwrap() = target;
+    let rx = std::thread::spawn(move || Receiver::accept(&second, &receiver_config()).map(|_| ()));
+    let err = tx.resume().unwrap_err();
+    assert!(
+        matches!(&err, TransferError::ResumeRefused { message, .. }
+            if message.contains("holds no session to resume")),
+        "{err:?}"
+    );
+    let refused = rx.join().unwrap().unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            TransferError::Protocol(ProtocolError::ResumeRefused {
+                reason: ResumeRefusal::NoSession,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_sender_made_with_connect_cannot_resume() {
+    let (listener, connect, _dir) = listen(&Net::Tcp);
+    let rx = spawn_receiver(listener, receiver_config());
+    let mut tx = Sender::connect(
+        vec![connect()],
+        Layout::single(PS, BASE, PAGES as u64 * PS).unwrap(),
+        SliceSource::new(BASE, memory(PAGES, 4)),
+        &sender_config(),
+    )
+    .unwrap();
+    tx.send_round(&[BASE..BASE + 16 * PS]).unwrap();
+    assert!(!tx.can_resume());
+    assert!(matches!(
+        tx.resume(),
+        Err(TransferError::Misuse {
+            operation: "resume",
+            ..
+        })
+    ));
+    tx.finish(FinalCheck::Recorded).unwrap();
+    rx.join().unwrap().unwrap();
+}
