@@ -358,8 +358,8 @@ fn a_thread_created_and_a_heap_grown_after_the_start_are_sent() {
 }
 
 /// `precopy send --json` of `pid` into the image at `image`, with `extra` flags, in the
-/// background; returns once it has attached and registered the target's memory (the image file
-/// exists from then on).
+/// background; returns once it has attached and registered the target's memory (the image's
+/// partial file exists from then on).
 fn send_attached(pid: i32, image: &Path, extra: &[&str]) -> Child {
     let send = Command::new(PRECOPY)
         .args(["send", "--json", "--pid", &pid.to_string(), "--to"])
@@ -369,7 +369,8 @@ fn send_attached(pid: i32, image: &Path, extra: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    while !image.exists() {
+    let partial = precopy_transfer::ImageWriter::partial_path(image);
+    while !partial.exists() && !image.exists() {
         std::thread::sleep(Duration::from_millis(1));
     }
     send

@@ -278,7 +278,8 @@ fn damaged_image_fails_verify_and_incomplete_rounds_are_ignored() {
     w.begin_round(1).unwrap();
     w.send_pages(PS, page(6), &[page_crc(&page(6))]).unwrap();
     drop(w);
-    let img = Image::open(&path).unwrap();
+    // Never completed: it stays at the partial path.
+    let img = Image::open(ImageWriter::partial_path(&path)).unwrap();
     let info = img.info();
     assert!(!info.complete);
     assert_eq!(info.rounds.len(), 1);
@@ -301,7 +302,8 @@ fn image_refuses_wrong_checksum_and_stays_incomplete() {
         Err(TransferError::ChecksumMismatch { .. })
     ));
     drop(w);
-    assert!(!Image::open(&path).unwrap().is_complete());
+    let partial = ImageWriter::partial_path(&path);
+    assert!(!Image::open(&partial).unwrap().is_complete());
 }
 
 /// A page filled with `byte`.
@@ -375,4 +377,31 @@ fn unix_socket_refuses_another_user() {
         Some(true),
         "the probe itself is broken"
     );
+}
+
+#[test]
+fn a_transfer_that_never_finishes_leaves_the_earlier_image_in_place() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    let before = write_image(&path);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "an image holds a process's memory: owner-only"
+    );
+    // A second transfer to the same path that fails before finishing.
+    let layout = Layout::single(PS, BASE, 4 * PS).unwrap();
+    let mut w = ImageWriter::create(&path, layout).unwrap();
+    w.begin_round(0).unwrap();
+    w.send_pages(0, page(7), &[page_crc(&page(7))]).unwrap();
+    drop(w);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the earlier image changed"
+    );
+    assert!(Image::open(&path).unwrap().is_complete());
+    let partial = ImageWriter::partial_path(&path);
+    assert!(!Image::open(&partial).unwrap().is_complete());
 }

@@ -22,9 +22,15 @@ use crate::protocol::{
 use crate::sink::Sink;
 
 /// Writes a checkpoint image; a [`Sink`].
+///
+/// The image is written to [`ImageWriter::partial_path`] (`PATH.partial`, owner-only
+/// permissions: it holds a process's memory) and renamed to `PATH` only once it is complete
+/// and synced, so a transfer that fails or is cut never replaces an earlier image at `PATH`;
+/// what it wrote stays at `PATH.partial`, readable as an incomplete image.
 #[derive(Debug)]
 pub struct ImageWriter {
     path: PathBuf,
+    partial: PathBuf,
     out: FrameWriter<BufWriter<File>>,
     layout: Layout,
     /// Per layout page: file offset of its latest data, [`ZERO`] or [`NEVER`].
@@ -40,9 +46,21 @@ pub struct ImageWriter {
 }
 
 impl ImageWriter {
-    /// Creates (or truncates) the image at `path` for `layout`.
+    /// Where the image at `path` is written until it is complete: `path` with `.partial`
+    /// appended.
+    pub fn partial_path(path: impl AsRef<Path>) -> PathBuf {
+        let mut p = path.as_ref().as_os_str().to_owned();
+        p.push(".partial");
+        PathBuf::from(p)
+    }
+
+    /// Starts the image that will be `path` for `layout`, writing it at
+    /// [`ImageWriter::partial_path`] (created or truncated, mode 0600). Fails if `path` exists
+    /// and is not a regular file (a directory, a FIFO, a device), or the partial file cannot
+    /// be created.
     pub fn create(path: impl AsRef<Path>, layout: Layout) -> Result<ImageWriter, TransferError> {
         let path = path.as_ref().to_owned();
+        let partial = Self::partial_path(&path);
         let io = |what| {
             let path = path.clone();
             move |source| ImageError::Io { path, what, source }
@@ -51,16 +69,26 @@ impl ImageWriter {
             reason: "layout has more pages than an image holds (MAX_IMAGE_PAGES)",
         })?;
         // Non-blocking, so that a FIFO opens at once (read-write never waits) and anything but
-        // a regular file is then refused before a byte is written.
+        // a regular file is then refused before a byte is written. The final path is checked
+        // the same way (the rename at the end would replace whatever is there).
+        if std::fs::symlink_metadata(&path).is_ok() {
+            let existing = OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&path)
+                .map_err(io("inspecting"))?;
+            super::regular_file(&path, &existing)?;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .custom_flags(nix::libc::O_NONBLOCK)
-            .open(&path)
+            .open(&partial)
             .map_err(io("creating"))?;
-        super::regular_file(&path, &file)?;
+        super::regular_file(&partial, &file)?;
         let mut out = FrameWriter::new(BufWriter::with_capacity(1 << 20, file));
         let mut pre = [0u8; PREAMBLE_LEN as usize];
         pre[..8].copy_from_slice(&IMAGE_MAGIC);
@@ -79,6 +107,7 @@ impl ImageWriter {
         let fold = PageFold::new(layout.page_size());
         Ok(ImageWriter {
             path,
+            partial,
             out,
             layout,
             loc,
@@ -91,7 +120,8 @@ impl ImageWriter {
         })
     }
 
-    /// The image file.
+    /// The image file (it exists once the image is complete; until then see
+    /// [`ImageWriter::partial_path`]).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -259,6 +289,15 @@ impl Sink for ImageWriter {
         })?;
         self.sync()?;
         self.finished = true;
+        // Complete and synced: publish it under its name, and make the rename durable.
+        std::fs::rename(&self.partial, &self.path).map_err(self.io("renaming into place"))?;
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(self.io("syncing the directory"))?;
         Ok(())
     }
 }
