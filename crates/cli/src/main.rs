@@ -11,6 +11,7 @@ mod args;
 mod attach_bench;
 mod bench;
 mod demo;
+mod guard;
 mod image;
 mod interrupt;
 mod output;
@@ -68,6 +69,9 @@ enum Command {
     /// A multi-threaded writer for the attach tests and benchmarks.
     #[command(name = "__target", hide = true)]
     Target(target_fixture::Args),
+    /// The watchdog `precopy send` starts beside itself (continues the target if the send dies).
+    #[command(name = "__guard", hide = true)]
+    Guard(guard::Args),
     /// The destination VMM process of `precopy demo --vm`.
     #[command(name = "__vm-dest", hide = true)]
     VmDest(demo::VmDestArgs),
@@ -115,6 +119,7 @@ fn main() -> ExitCode {
         Command::DemoDest(args) => demo::run_dest(args),
         Command::VmDest(args) => demo::run_vm_dest(args),
         Command::Target(args) => target_fixture::run(args),
+        Command::Guard(args) => guard::run(args),
     };
     match result {
         Ok(code) => code,

@@ -360,6 +360,13 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         // Stopped by someone else before the send: it stays stopped, whatever happens.
         state.set_was_stopped();
     }
+    // From here on the send may stop the target: if it dies without cleaning up, the guard
+    // continues it (a target stopped by someone else before the send is theirs to continue).
+    let _guard = if control.stopped_on_entry() {
+        None
+    } else {
+        Some(crate::guard::Guard::start(args.pid).map_err(|e| fail(&report, e))?)
+    };
     report["target_stopped_on_entry"] = json!(control.stopped_on_entry());
     state.set_report(&report);
     let workload = TargetWorkload {

@@ -357,6 +357,44 @@ fn a_thread_created_and_a_heap_grown_after_the_start_are_sent() {
     let _ = std::fs::remove_file(&image);
 }
 
+#[test]
+fn a_send_killed_with_sigkill_never_leaves_the_target_stopped() {
+    if !engine_usable() {
+        return;
+    }
+    // The throttle stops the target for a growing share of every 100 ms (and the final round
+    // stops it too): a send killed at such a moment cannot clean up, its guard continues the
+    // target. Kills 2.5-5.5 s in, when the throttle's share is large: without the guard 3 of 4
+    // such kills left the fixture stopped (measured on this machine).
+    let mut t = Target::start(Lang::C, 4, 4096, 0);
+    for (i, wait_ms) in [2500u64, 3500, 4500, 5500].into_iter().enumerate() {
+        let image = tmp(&format!("sigkill-{i}.img"));
+        let mut send = send_attached(
+            t.pid,
+            &image,
+            &["--max-downtime", "1", "--max-rounds", "100000"],
+        );
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        send.kill().unwrap();
+        let _ = send.wait();
+        let mut after = state(t.pid);
+        for _ in 0..300 {
+            if !after.stopped && after.tracer == "0" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            after = state(t.pid);
+        }
+        assert!(
+            !after.stopped,
+            "run {i}: target left stopped by a killed send"
+        );
+        assert_writing(&mut t);
+        let _ = std::fs::remove_file(&image);
+        let _ = std::fs::remove_file(precopy_transfer::ImageWriter::partial_path(&image));
+    }
+}
+
 /// `precopy send --json` of `pid` into the image at `image`, with `extra` flags, in the
 /// background; returns once it has attached and registered the target's memory (the image's
 /// partial file exists from then on).
