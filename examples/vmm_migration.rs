@@ -21,7 +21,7 @@ use precopy::{
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Barrier};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const GUEST_RAM: u64 = 64 << 20;
 const VCPUS: usize = 2;
@@ -36,6 +36,27 @@ struct Vcpus {
 }
 
 impl Vcpus {
+    /// Stops every writer (the vCPUs and the device): returns once all are parked, or fails
+    /// after 5 s (a vCPU stuck in a long exit).
+    fn pause_all(&self) -> std::io::Result<()> {
+        self.pause.store(true, SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.parked.load(SeqCst) < VCPUS + 1 {
+            if Instant::now() > deadline {
+                self.pause.store(false, SeqCst);
+                return Err(std::io::Error::other("the vCPUs did not park within 5 s"));
+            }
+            std::thread::yield_now();
+        }
+        Ok(())
+    }
+
+    /// Lets every writer run again.
+    fn resume_all(&self) -> std::io::Result<()> {
+        self.pause.store(false, SeqCst);
+        Ok(())
+    }
+
     /// Parks the calling writer while a pause is requested.
     fn park_if_paused(&self) {
         if self.pause.load(SeqCst) {
@@ -122,25 +143,13 @@ fn main() -> Result<()> {
     std::thread::spawn(move || device(dma, dirty, base, dev));
     // Pause and resume every writer; while paused, save the vCPUs' registers as the state.
     let (p, r, s) = (vcpus.clone(), vcpus.clone(), vcpus.clone());
-    let workload = Callbacks::new(
-        move || {
-            p.pause.store(true, SeqCst);
-            while p.parked.load(SeqCst) < VCPUS + 1 {
-                std::thread::yield_now();
-            }
-            Ok(())
-        },
-        move || {
-            r.pause.store(false, SeqCst);
-            Ok(())
-        },
-    )
-    .with_state(move || {
-        Ok(s.regs
-            .iter()
-            .flat_map(|x| x.load(SeqCst).to_le_bytes())
-            .collect())
-    });
+    let workload =
+        Callbacks::new(move || p.pause_all(), move || r.resume_all()).with_state(move || {
+            Ok(s.regs
+                .iter()
+                .flat_map(|x| x.load(SeqCst).to_le_bytes())
+                .collect())
+        });
     let config = MigrationConfig {
         max_downtime: Duration::from_millis(50),
         ..MigrationConfig::default()

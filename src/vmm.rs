@@ -21,9 +21,11 @@ use precopy_transfer::{
 };
 
 /// What can go wrong in [`migrate`], [`Source`] or [`receive`]; the cause is in the source
-/// chain.
+/// chain. `E` is the embedder's own error: its [`Workload::Error`] on the source (a failed pause,
+/// resume or state hook), its placement callback's on the destination; [`Source::track`], which
+/// calls neither, has none (`Infallible`).
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum Error<E = std::convert::Infallible> {
     /// The engine's scanner refused this kernel (it lacks `PAGEMAP_SCAN` or WP_ASYNC, Linux 6.7+,
     /// or failed its self-test).
     #[error("the dirty-page scanner cannot run on this kernel")]
@@ -35,15 +37,22 @@ pub enum Error {
     /// state blob, a memory digest that differs) failed.
     #[error("the transfer failed")]
     Transfer(#[from] TransferError),
-    /// The migration did not complete; the source's workload was resumed.
+    /// The migration did not complete; the source's workload was resumed. (Boxed: it is the
+    /// largest cause.)
     #[error("the migration did not complete")]
-    Migration(#[from] precopy_migrate::Error),
+    Migration(#[source] Box<precopy_migrate::Error<TrackingError, TransferError, E>>),
     /// The destination's callback could not provide memory for the announced layout.
     #[error("the destination could not map memory for the announced layout")]
-    Placement(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    Placement(#[source] E),
     /// The transfer completed without a state blob (the source is not a [`migrate`]).
     #[error("the source sent no state blob")]
     NoState,
+}
+
+impl<E> From<precopy_migrate::Error<TrackingError, TransferError, E>> for Error<E> {
+    fn from(e: precopy_migrate::Error<TrackingError, TransferError, E>) -> Error<E> {
+        Error::Migration(Box::new(e))
+    }
 }
 
 /// The source side of a migration, for a VMM that needs a handle before it starts (to give its
@@ -61,6 +70,11 @@ impl Source {
     /// against what is mapped there. Nothing is write-protected yet: that happens when the
     /// migration starts.
     pub fn track(layout: &Layout) -> Result<Source, Error> {
+        Source::track_for(layout)
+    }
+
+    /// [`Source::track`] with the error type of the caller's workload.
+    fn track_for<E>(layout: &Layout) -> Result<Source, Error<E>> {
         let log = UffdDirtyLog::for_layout(layout, Scanner::new(ScanOptions::default())?)?;
         Ok(Source {
             layout: layout.clone(),
@@ -79,13 +93,13 @@ impl Source {
     /// destination acknowledged. On error the workload was resumed; on success it is left
     /// paused or resumed as [`MigrationConfig::after`] says (paused by default: the
     /// destination takes over).
-    pub fn migrate(
+    pub fn migrate<W: Workload>(
         self,
         conn: Connection,
         key: &Key,
-        workload: impl Workload,
+        workload: W,
         config: MigrationConfig,
-    ) -> Result<MigrationReport, Error> {
+    ) -> Result<MigrationReport, Error<W::Error>> {
         let sender_config = SenderConfig {
             key: Some(key.clone()),
             ..SenderConfig::default()
@@ -104,14 +118,14 @@ impl Source {
 
 /// Live-migrates this process's memory described by `layout` over `conn` to a [`receive`]r
 /// ([`Source::track`], then [`Source::migrate`]).
-pub fn migrate(
+pub fn migrate<W: Workload>(
     layout: &Layout,
     conn: Connection,
     key: &Key,
-    workload: impl Workload,
+    workload: W,
     config: MigrationConfig,
-) -> Result<MigrationReport, Error> {
-    Source::track(layout)?.migrate(conn, key, workload, config)
+) -> Result<MigrationReport, Error<W::Error>> {
+    Source::track_for(layout)?.migrate(conn, key, workload, config)
 }
 
 /// What [`receive`] delivered.
@@ -141,7 +155,7 @@ pub fn receive<E>(
     listener: &Listener,
     key: &Key,
     map: impl FnOnce(&Layout) -> Result<Vec<(u32, Box<dyn RegionMemory>)>, E>,
-) -> Result<Received, Error>
+) -> Result<Received, Error<E>>
 where
     E: std::error::Error + Send + Sync + 'static,
 {
@@ -151,7 +165,7 @@ where
     };
     let receiver = Receiver::accept(listener, &config)?;
     let layout = receiver.layout().clone();
-    let memory = map(&layout).map_err(|e| Error::Placement(Box::new(e)))?;
+    let memory = map(&layout).map_err(Error::Placement)?;
     let mut sink = MemorySink::with_memory(layout.clone(), memory)?;
     let report = receiver.run(&mut sink)?;
     let state = sink.take_state().ok_or(Error::NoState)?;

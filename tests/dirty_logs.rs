@@ -66,7 +66,7 @@ fn migrate_with(kind: BackendKind) -> Vec<bool> {
         })
     };
     let (p, r) = (pause.clone(), pause.clone());
-    let workload = Callbacks::new(
+    let workload = Callbacks::<std::convert::Infallible>::new(
         move || {
             p.store(true, SeqCst);
             while !parked.load(SeqCst) {

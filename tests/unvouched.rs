@@ -11,18 +11,22 @@ mod common;
 
 use common::*;
 use precopy::migrate::{
-    Callbacks, Error as MigrateError, Migration, MigrationConfig, MigrationReport, Phase, Status,
+    Callbacks, Error, Migration, MigrationConfig, MigrationReport, Phase, Status, TrackingError,
     TransferTransport, UffdDirtyLog,
 };
 use precopy::sys::mem::{Advice, Backing, Mapping, Thp};
 use precopy::tracker::Error as TrackerError;
-use precopy::transfer::{FinalCheck, Layout, MemorySink, ProcessMemory, Transfer};
+use precopy::transfer::{FinalCheck, Layout, MemorySink, ProcessMemory, Transfer, TransferError};
 use precopy::{MemoryKind, RegisterOptions, Tracker, Uffd, UnvouchedPolicy};
 use std::fs::File;
 use std::io::Write;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
+
+/// The error of these tests' migrations: the engine's log, an in-memory transfer, callbacks
+/// that cannot fail.
+type MigrateError = Error<TrackingError, TransferError, std::convert::Infallible>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -482,7 +486,7 @@ fn migrate_with_change(
     let layout = Layout::single(PAGE, mem.addr(), mem.len()).unwrap();
     let sink = MemorySink::new(layout.clone()).unwrap();
     let tx = Transfer::new(ProcessMemory::current(), sink, layout, 64).unwrap();
-    let workload = Callbacks::new(|| Ok(()), || Ok(()));
+    let workload = Callbacks::<std::convert::Infallible>::new(|| Ok(()), || Ok(()));
     let config = MigrationConfig {
         max_downtime: Duration::from_millis(50),
         ..MigrationConfig::default()

@@ -16,6 +16,7 @@ use precopy::{
     Backing, Callbacks, Connection, Key, Layout, Listener, MemoryRegion, MigrationConfig, Received,
     RegionMemory,
 };
+use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -49,7 +50,7 @@ impl Vcpu {
     }
 }
 
-fn vcpu(src: Arc<Mapping>, state: fn(u64) -> Vec<u8>) -> (Vcpu, Callbacks) {
+fn vcpu(src: Arc<Mapping>, state: fn(u64) -> Vec<u8>) -> (Vcpu, Callbacks<Infallible>) {
     let run = Arc::new(RunState::default());
     let writes = Arc::new(AtomicU64::new(0));
     let thread = {
@@ -117,7 +118,7 @@ fn destination(
     key: Key,
     dst: Arc<Mapping>,
     backing: Backing,
-) -> std::thread::JoinHandle<Result<Received, precopy::Error>> {
+) -> std::thread::JoinHandle<Result<Received, precopy::Error<std::io::Error>>> {
     std::thread::spawn(move || {
         precopy::receive(&listener, &key, |announced: &Layout| {
             let region = announced.region(7).copied().expect("region 7 announced");

@@ -963,6 +963,14 @@ fn policy(p: Policy) -> LimitPolicy {
     }
 }
 
+/// A failed demo migration: the demo's log, the transfer's and the process control's errors as
+/// causes (boxed where it is returned: it is large).
+type DemoMigrationError = precopy_migrate::Error<
+    DemoLogError,
+    precopy_transfer::TransferError,
+    precopy_migrate::ProcessError,
+>;
+
 /// Runs the migration into `transfer`, showing progress; the result and the report.
 fn migrate<K: Sink>(
     args: &Args,
@@ -973,7 +981,7 @@ fn migrate<K: Sink>(
     progress: &Progress,
     mut on_round: impl FnMut(&precopy_migrate::Progress) + Send + 'static,
 ) -> (
-    Result<MigrationReport, precopy_migrate::Error>,
+    Result<MigrationReport, Box<DemoMigrationError>>,
     MigrationReport,
 ) {
     let read = transfer.source_mut().read.clone();
@@ -1018,7 +1026,7 @@ fn migrate<K: Sink>(
             progress.update(round_message(p, sent, when.elapsed()));
         }
     };
-    let result = ticking(tick, || migration.run());
+    let result = ticking(tick, || migration.run().map_err(Box::new));
     let report = migration.report().clone();
     (result, report)
 }
@@ -1307,7 +1315,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let error: Option<anyhow::Error> = match (&result, &verification) {
         (Err(e), _) => {
             // A limit the user set, with the flag that set it and what to change.
-            let hint = match e {
+            let hint = match &**e {
                 precopy_migrate::Error::Aborted {
                     reason: precopy_migrate::AbortReason::MaxRounds { .. },
                 } => format!(
@@ -1323,7 +1331,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 _ => String::new(),
             };
             Some(
-                anyhow::anyhow!("{}{hint}", precopy_sys::error_chain(e))
+                anyhow::anyhow!("{}{hint}", precopy_sys::error_chain(e.as_ref()))
                     .context("migration failed"),
             )
         }

@@ -19,8 +19,8 @@ use crate::output::outln;
 use anyhow::{Context, Result, anyhow};
 use indicatif::{ProgressBar, ProgressStyle};
 use precopy_migrate::{
-    AfterMigration, BoxError, LimitPolicy, Migration, MigrationConfig, MigrationReport,
-    PauseMethod, ProcessControl, Progress, TargetLog, TargetMemory, ThrottleMethod,
+    AfterMigration, LimitPolicy, Migration, MigrationConfig, MigrationReport, PauseMethod,
+    ProcessControl, ProcessError, Progress, TargetLog, TargetMemory, ThrottleMethod,
     TransferTransport, Workload,
 };
 use precopy_scanner::{ScanOptions, Scanner};
@@ -127,16 +127,17 @@ struct TargetWorkload {
 }
 
 impl Workload for TargetWorkload {
-    fn pause(&mut self) -> Result<(), BoxError> {
+    type Error = ProcessError;
+    fn pause(&mut self) -> Result<(), ProcessError> {
         self.state.set_stopped_by_us(true);
         self.control.pause()
     }
-    fn resume(&mut self) -> Result<(), BoxError> {
+    fn resume(&mut self) -> Result<(), ProcessError> {
         let r = self.control.resume();
         self.state.set_stopped_by_us(self.throttled);
         r
     }
-    fn set_throttle(&mut self, fraction: f64) -> Result<(), BoxError> {
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), ProcessError> {
         self.throttled = fraction > 0.0;
         if self.throttled {
             self.state.set_stopped_by_us(true);
@@ -218,12 +219,7 @@ fn drive<K: Sink>(
     workload: TargetWorkload,
     config: MigrationConfig,
     json: bool,
-) -> (
-    Result<MigrationReport, precopy_migrate::Error>,
-    MigrationReport,
-    TargetLog,
-    u64,
-) {
+) -> (Result<MigrationReport>, MigrationReport, TargetLog, u64) {
     let bar = progress_bar(json);
     let bar2 = bar.clone();
     let state = workload.state.clone();
@@ -232,7 +228,7 @@ fn drive<K: Sink>(
             bar2.set_message(progress_message(p));
             state.update_report(|r| r["progress"] = progress_json(p));
         });
-    let result = m.run();
+    let result = m.run().map_err(anyhow::Error::new);
     bar.finish_and_clear();
     let report = m.report().clone();
     let (log, transport, _workload) = m.into_parts();

@@ -8,10 +8,6 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The error type the seams return; the driver wraps it in a typed [`Error`](crate::Error) that
-/// says which step failed.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
-
 /// Makes a transport's blocked call return promptly with an error; callable from any thread,
 /// any number of times (see [`Transport::interrupter`]).
 pub type Interrupt = Arc<dyn Fn() + Send + Sync>;
@@ -47,19 +43,22 @@ pub struct RoundSent {
 
 /// Sends rounds of pages to the destination.
 pub trait Transport {
+    /// What a failure says (the transport's own typed error); the driver wraps it in an
+    /// [`Error`](crate::Error) that names the step and the peer.
+    type Error: std::error::Error + Send + Sync + 'static;
     /// Reads and sends the pages of `ranges` (page-aligned; any order; overlaps allowed) as one
     /// round.
-    fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError>;
+    fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, Self::Error>;
     /// With the source paused and before the last round: which pages of `ranges` now differ
     /// from what this transport last sent of them. The default answers "all of them", which
     /// is always right and costs a resend of `ranges`.
-    fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, BoxError> {
+    fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, Self::Error> {
         Ok(ranges.to_vec())
     }
     /// After the last round, before [`Transport::finish`]: sends the workload's state blob
     /// (possibly empty) with its own checksum; the destination receives it before it
     /// acknowledges.
-    fn send_state(&mut self, state: &[u8]) -> Result<(), BoxError>;
+    fn send_state(&mut self, state: &[u8]) -> Result<(), Self::Error>;
     /// No more rounds (the source is paused): sends the final memory checksum and returns it
     /// once the receiver has acknowledged that its memory matches. The second value is the part
     /// of the time spent reading source memory for the checksum on this side (zero when the
@@ -68,17 +67,17 @@ pub trait Transport {
     /// This must not yet make the destination treat its copy as complete: the driver calls
     /// [`Transport::commit`] once it has checked the acknowledgement came within the final
     /// round's bound.
-    fn finish(&mut self) -> Result<(u32, Duration), BoxError>;
+    fn finish(&mut self) -> Result<(u32, Duration), Self::Error>;
     /// After [`Transport::finish`], within the bound: the destination may now consider its copy
     /// complete. The default does nothing (a transport whose destination needs no commit).
-    fn commit(&mut self) -> Result<(), BoxError> {
+    fn commit(&mut self) -> Result<(), Self::Error> {
         Ok(())
     }
     /// Between rounds: what [`Transport::finish`] would cost now beyond reading memory (one
     /// round trip to the destination and the digests on both ends), measured, for the
     /// switch-over estimate. `None` (the default): the transport cannot tell, and the estimate
     /// leaves that part out.
-    fn probe_finish(&mut self) -> Result<Option<Duration>, BoxError> {
+    fn probe_finish(&mut self) -> Result<Option<Duration>, Self::Error> {
         Ok(None)
     }
     /// A handle that makes a blocked [`Transport::send_round`] or [`Transport::finish`] return
@@ -95,9 +94,9 @@ pub trait Transport {
     /// After a failed [`Transport::send_round`]: connects to the destination again, which kept
     /// what it had applied. Returns ranges the destination lacks beyond those of the failed
     /// round (pages of earlier rounds it never received), which the driver adds to the next
-    /// round. The default fails.
-    fn reconnect(&mut self) -> Result<Vec<Range<u64>>, BoxError> {
-        Err("this transport cannot reconnect".into())
+    /// round. `None` (the default): this transport cannot reconnect.
+    fn reconnect(&mut self) -> Option<Result<Vec<Range<u64>>, Self::Error>> {
+        None
     }
     /// The destination, for messages.
     fn peer(&self) -> String {
@@ -118,13 +117,16 @@ pub struct WorkloadCounters {
 
 /// Whatever writes the memory: vCPUs, a process.
 pub trait Workload {
+    /// What a failure says (the workload's own typed error); the driver wraps it in an
+    /// [`Error`](crate::Error) that names the action.
+    type Error: std::error::Error + Send + Sync + 'static;
     /// Stops every writer. Returns only once no write can happen any more.
-    fn pause(&mut self) -> Result<(), BoxError>;
+    fn pause(&mut self) -> Result<(), Self::Error>;
     /// Lets the writers run again after [`Workload::pause`].
-    fn resume(&mut self) -> Result<(), BoxError>;
+    fn resume(&mut self) -> Result<(), Self::Error>;
     /// Denies the writers `fraction` (0.0 to 0.99) of their CPU time; 0.0 lifts the throttle.
     /// The default does nothing (the driver then reports the throttle it asked for).
-    fn set_throttle(&mut self, fraction: f64) -> Result<(), BoxError> {
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), Self::Error> {
         let _ = fraction;
         Ok(())
     }
@@ -140,27 +142,29 @@ pub trait Workload {
     /// Called once, while paused, after the last memory round: the opaque state the destination
     /// needs besides memory (vCPU registers, device state), sent with its own checksum before
     /// the final acknowledgement. The default has none (an empty blob is sent).
-    fn save_state(&mut self) -> Result<Vec<u8>, BoxError> {
+    fn save_state(&mut self) -> Result<Vec<u8>, Self::Error> {
         Ok(Vec::new())
     }
 }
 
-type Hook = Box<dyn FnMut() -> Result<(), BoxError> + Send>;
-type ThrottleHook = Box<dyn FnMut(f64) -> Result<(), BoxError> + Send>;
+type Hook<E> = Box<dyn FnMut() -> Result<(), E> + Send>;
+type ThrottleHook<E> = Box<dyn FnMut(f64) -> Result<(), E> + Send>;
 type CountersHook = Box<dyn FnMut() -> WorkloadCounters + Send>;
-type StateHook = Box<dyn FnMut() -> Result<Vec<u8>, BoxError> + Send>;
+type StateHook<E> = Box<dyn FnMut() -> Result<Vec<u8>, E> + Send>;
 
 /// A [`Workload`] made of an embedder's closures: pause and resume the vCPUs, optionally
-/// throttle them and save their state.
-pub struct Callbacks {
-    pause: Hook,
-    resume: Hook,
-    throttle: Option<ThrottleHook>,
+/// throttle them and save their state. `E` is the embedder's own error type, which every
+/// closure returns (inferred from them; use [`std::convert::Infallible`] for closures that
+/// cannot fail).
+pub struct Callbacks<E> {
+    pause: Hook<E>,
+    resume: Hook<E>,
+    throttle: Option<ThrottleHook<E>>,
     counters: Option<CountersHook>,
-    state: Option<StateHook>,
+    state: Option<StateHook<E>>,
 }
 
-impl std::fmt::Debug for Callbacks {
+impl<E> std::fmt::Debug for Callbacks<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Callbacks")
             .field("throttle", &self.throttle.is_some())
@@ -169,13 +173,13 @@ impl std::fmt::Debug for Callbacks {
     }
 }
 
-impl Callbacks {
+impl<E> Callbacks<E> {
     /// A workload paused and resumed by these closures. `pause` must return only once no writer
     /// can write any more.
     pub fn new(
-        pause: impl FnMut() -> Result<(), BoxError> + Send + 'static,
-        resume: impl FnMut() -> Result<(), BoxError> + Send + 'static,
-    ) -> Callbacks {
+        pause: impl FnMut() -> Result<(), E> + Send + 'static,
+        resume: impl FnMut() -> Result<(), E> + Send + 'static,
+    ) -> Callbacks<E> {
         Callbacks {
             pause: Box::new(pause),
             resume: Box::new(resume),
@@ -189,8 +193,8 @@ impl Callbacks {
     /// state blob (vCPU registers, device state) the destination receives.
     pub fn with_state(
         mut self,
-        state: impl FnMut() -> Result<Vec<u8>, BoxError> + Send + 'static,
-    ) -> Callbacks {
+        state: impl FnMut() -> Result<Vec<u8>, E> + Send + 'static,
+    ) -> Callbacks<E> {
         self.state = Some(Box::new(state));
         self
     }
@@ -198,8 +202,8 @@ impl Callbacks {
     /// Adds a throttle callback: called with the fraction of CPU time to deny (0.0 lifts it).
     pub fn with_throttle(
         mut self,
-        throttle: impl FnMut(f64) -> Result<(), BoxError> + Send + 'static,
-    ) -> Callbacks {
+        throttle: impl FnMut(f64) -> Result<(), E> + Send + 'static,
+    ) -> Callbacks<E> {
         self.throttle = Some(Box::new(throttle));
         self
     }
@@ -208,20 +212,21 @@ impl Callbacks {
     pub fn with_counters(
         mut self,
         counters: impl FnMut() -> WorkloadCounters + Send + 'static,
-    ) -> Callbacks {
+    ) -> Callbacks<E> {
         self.counters = Some(Box::new(counters));
         self
     }
 }
 
-impl Workload for Callbacks {
-    fn pause(&mut self) -> Result<(), BoxError> {
+impl<E: std::error::Error + Send + Sync + 'static> Workload for Callbacks<E> {
+    type Error = E;
+    fn pause(&mut self) -> Result<(), E> {
         (self.pause)()
     }
-    fn resume(&mut self) -> Result<(), BoxError> {
+    fn resume(&mut self) -> Result<(), E> {
         (self.resume)()
     }
-    fn set_throttle(&mut self, fraction: f64) -> Result<(), BoxError> {
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), E> {
         match &mut self.throttle {
             Some(t) => t(fraction),
             None => Ok(()),
@@ -237,7 +242,7 @@ impl Workload for Callbacks {
     fn counters(&mut self) -> Option<WorkloadCounters> {
         self.counters.as_mut().map(|f| f())
     }
-    fn save_state(&mut self) -> Result<Vec<u8>, BoxError> {
+    fn save_state(&mut self) -> Result<Vec<u8>, E> {
         match &mut self.state {
             Some(s) => s(),
             None => Ok(Vec::new()),
@@ -246,22 +251,23 @@ impl Workload for Callbacks {
 }
 
 impl<T: Transport + ?Sized> Transport for &mut T {
-    fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError> {
+    type Error = T::Error;
+    fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, T::Error> {
         (**self).send_round(ranges)
     }
-    fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, BoxError> {
+    fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, T::Error> {
         (**self).changed(ranges)
     }
-    fn send_state(&mut self, state: &[u8]) -> Result<(), BoxError> {
+    fn send_state(&mut self, state: &[u8]) -> Result<(), T::Error> {
         (**self).send_state(state)
     }
-    fn finish(&mut self) -> Result<(u32, Duration), BoxError> {
+    fn finish(&mut self) -> Result<(u32, Duration), T::Error> {
         (**self).finish()
     }
-    fn commit(&mut self) -> Result<(), BoxError> {
+    fn commit(&mut self) -> Result<(), T::Error> {
         (**self).commit()
     }
-    fn probe_finish(&mut self) -> Result<Option<Duration>, BoxError> {
+    fn probe_finish(&mut self) -> Result<Option<Duration>, T::Error> {
         (**self).probe_finish()
     }
     fn interrupter(&self) -> Option<Interrupt> {
@@ -270,7 +276,7 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     fn can_reconnect(&self) -> bool {
         (**self).can_reconnect()
     }
-    fn reconnect(&mut self) -> Result<Vec<Range<u64>>, BoxError> {
+    fn reconnect(&mut self) -> Option<Result<Vec<Range<u64>>, T::Error>> {
         (**self).reconnect()
     }
     fn peer(&self) -> String {
@@ -279,13 +285,14 @@ impl<T: Transport + ?Sized> Transport for &mut T {
 }
 
 impl<T: Workload + ?Sized> Workload for &mut T {
-    fn pause(&mut self) -> Result<(), BoxError> {
+    type Error = T::Error;
+    fn pause(&mut self) -> Result<(), T::Error> {
         (**self).pause()
     }
-    fn resume(&mut self) -> Result<(), BoxError> {
+    fn resume(&mut self) -> Result<(), T::Error> {
         (**self).resume()
     }
-    fn set_throttle(&mut self, fraction: f64) -> Result<(), BoxError> {
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), T::Error> {
         (**self).set_throttle(fraction)
     }
     fn throttle_method(&self) -> &'static str {
@@ -294,7 +301,7 @@ impl<T: Workload + ?Sized> Workload for &mut T {
     fn counters(&mut self) -> Option<WorkloadCounters> {
         (**self).counters()
     }
-    fn save_state(&mut self) -> Result<Vec<u8>, BoxError> {
+    fn save_state(&mut self) -> Result<Vec<u8>, T::Error> {
         (**self).save_state()
     }
 }

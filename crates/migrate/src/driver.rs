@@ -1,7 +1,7 @@
 //! The round loop: iterate, decide, throttle, pause, finish (see the crate docs for the rules).
 
 use crate::cancel::{CancelHandle, Fired, Watchdog};
-use crate::control::{BoxError, DirtyLog, RoundSent, Transport, Workload, WorkloadCounters};
+use crate::control::{DirtyLog, RoundSent, Transport, Workload, WorkloadCounters};
 use crate::error::{AbortReason, Error, Step};
 use crate::report::{
     DowntimeEstimate, FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason,
@@ -10,6 +10,11 @@ use crate::report::{
 use crate::switchover::{Estimator, PAUSE_PROBES};
 use std::ops::Range;
 use std::time::{Duration, Instant};
+
+/// The [`Error`] of a [`Migration`] over dirty log `D`, transport `T` and workload `W`: each
+/// seam's own typed error as the cause.
+pub type MigrationError<D, T, W> =
+    Error<<D as DirtyLog>::Error, <T as Transport>::Error, <W as Workload>::Error>;
 
 /// What to do when a limit on the iteration is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +138,7 @@ impl Default for MigrationConfig {
 }
 
 impl MigrationConfig {
-    fn check(&self) -> Result<(), Error> {
+    fn check<L, T: std::error::Error + 'static, W>(&self) -> Result<(), Error<L, T, W>> {
         let bad = |reason| Err(Error::Config { reason });
         let t = &self.throttle;
         if self.max_downtime.is_zero() {
@@ -451,7 +456,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         &mut self,
         round: u64,
         out: &mut Vec<Range<u64>>,
-    ) -> Result<Option<Duration>, Error> {
+    ) -> Result<Option<Duration>, MigrationError<D, T, W>> {
         let pause = self.log.needs_pause() && !self.paused;
         let paused_at = Instant::now();
         if pause {
@@ -472,10 +477,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         };
         // From here the harvested ranges exist only in `out`.
         self.unsent.clone_from(out);
-        collected.map_err(|e| Error::Tracking {
-            round,
-            source: Box::new(e),
-        })?;
+        collected.map_err(|e| Error::Tracking { round, source: e })?;
         resumed?;
         Ok(pause.then_some(held))
     }
@@ -493,7 +495,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     /// Runs the migration to the end. On success the receiver has acknowledged the final
     /// checksum. On any error the throttle has been lifted and the workload resumed;
     /// [`Migration::report`] says how far it got.
-    pub fn run(&mut self) -> Result<MigrationReport, Error> {
+    pub fn run(&mut self) -> Result<MigrationReport, MigrationError<D, T, W>> {
         self.config.check()?;
         if self.started.is_some() {
             return Err(Error::Config {
@@ -555,9 +557,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     fn step_error(
         &self,
         step: Step,
-        source: Option<BoxError>,
-        plain: impl FnOnce(String, BoxError) -> Error,
-    ) -> Error {
+        source: Option<T::Error>,
+        plain: impl FnOnce(String, T::Error) -> MigrationError<D, T, W>,
+    ) -> MigrationError<D, T, W> {
         let peer = self.transport.peer();
         match self.watchdog().and_then(Watchdog::fired) {
             Some(Fired::Cancelled) => Error::Cancelled { step },
@@ -576,7 +578,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
 
     /// Fails if a cancel or a deadline fired before `step` starts. The total timeout seen
     /// between rounds is an abort like the check after a scan.
-    fn check_fired(&self, step: Step) -> Result<(), Error> {
+    fn check_fired(&self, step: Step) -> Result<(), MigrationError<D, T, W>> {
         match self.watchdog().and_then(Watchdog::fired) {
             None => Ok(()),
             Some(Fired::Deadline(Step::Round { .. }, limit)) => Err(Error::Aborted {
@@ -587,7 +589,11 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     }
 
     /// Sends one round as `step`; errors name the step and the peer.
-    fn send(&mut self, step: Step, ranges: &[Range<u64>]) -> Result<RoundSent, Error> {
+    fn send(
+        &mut self,
+        step: Step,
+        ranges: &[Range<u64>],
+    ) -> Result<RoundSent, MigrationError<D, T, W>> {
         self.check_fired(step)?;
         let round = self.report.rounds.len() as u64;
         self.transport.send_round(ranges).map_err(|source| {
@@ -602,7 +608,11 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     /// After round `round` failed with `error`: reconnects with backoff if the transport and
     /// the configuration allow. Returns the ranges the destination lacks beyond the failed
     /// round's, or the error that ends the migration.
-    fn reconnect(&mut self, round: u64, error: Error) -> Result<Vec<Range<u64>>, Error> {
+    fn reconnect(
+        &mut self,
+        round: u64,
+        error: MigrationError<D, T, W>,
+    ) -> Result<Vec<Range<u64>>, MigrationError<D, T, W>> {
         let cfg = self.config.reconnect;
         if !matches!(error, Error::Send { .. })
             || cfg.attempts == 0
@@ -612,22 +622,24 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         }
         let step = Step::Reconnect { round };
         let mut backoff = cfg.backoff;
-        let mut last_attempt: Option<BoxError> = None;
+        let mut last_attempt: Option<T::Error> = None;
         for attempt in 1..=cfg.attempts {
             tracing::warn!(round, attempt, ?backoff, error = %precopy_sys::error_chain(&error), "round failed: reconnecting");
             if self.watchdog().and_then(|w| w.sleep(backoff)).is_some() {
                 return Err(self.step_error(step, None, |_, _| Error::Cancelled { step }));
             }
             match self.transport.reconnect() {
-                Ok(lacking) => {
+                // It says it can, yet it cannot: the round's error stands.
+                None => return Err(error),
+                Some(Ok(lacking)) => {
                     self.report.reconnects += 1;
                     return Ok(lacking);
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     if self.watchdog().and_then(Watchdog::fired).is_some() {
                         return Err(self.step_error(step, Some(e), |_, _| error));
                     }
-                    tracing::warn!(round, attempt, error = %precopy_sys::error_chain(&*e), "reconnecting failed");
+                    tracing::warn!(round, attempt, error = %precopy_sys::error_chain(&e), "reconnecting failed");
                     last_attempt = Some(e);
                 }
             }
@@ -733,14 +745,14 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         policy: LimitPolicy,
         reason: AbortReason,
         switch: SwitchReason,
-    ) -> Result<SwitchReason, Error> {
+    ) -> Result<SwitchReason, MigrationError<D, T, W>> {
         match policy {
             LimitPolicy::SwitchOver => Ok(switch),
             LimitPolicy::Abort => Err(Error::Aborted { reason }),
         }
     }
 
-    fn iterate(&mut self, start: Instant) -> Result<(), Error> {
+    fn iterate(&mut self, start: Instant) -> Result<(), MigrationError<D, T, W>> {
         let memory = self.log.memory();
         let page = self.log.page_size();
         self.report.page_size = page;
@@ -749,7 +761,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
 
         self.log.start().map_err(|e| Error::Tracking {
             round: 0,
-            source: Box::new(e),
+            source: e,
         })?;
         let mut last_scan = Instant::now();
         self.tracked_from = self.workload.counters().map(|c| (last_scan, c));
@@ -862,7 +874,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     }
 
     /// Pauses and resumes the workload once, timing the pause for the estimate.
-    fn probe_pause(&mut self) -> Result<(), Error> {
+    fn probe_pause(&mut self) -> Result<(), MigrationError<D, T, W>> {
         let at = Instant::now();
         self.workload.pause().map_err(|source| Error::Workload {
             action: "pause",
@@ -978,7 +990,11 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         Some(note)
     }
 
-    fn maybe_throttle(&mut self, dirty_rate: f64, high: &mut u32) -> Result<(), Error> {
+    fn maybe_throttle(
+        &mut self,
+        dirty_rate: f64,
+        high: &mut u32,
+    ) -> Result<(), MigrationError<D, T, W>> {
         let t = self.config.throttle;
         if !t.enabled {
             return Ok(());
@@ -1011,7 +1027,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         Ok(())
     }
 
-    fn final_round(&mut self, mut pending: Vec<Range<u64>>) -> Result<(), Error> {
+    fn final_round(&mut self, mut pending: Vec<Range<u64>>) -> Result<(), MigrationError<D, T, W>> {
         let round = self.report.rounds.len() as u64;
         // The total timeout no longer applies; a deadline that already passed ends it here.
         if let Some(w) = self.watchdog() {
@@ -1102,7 +1118,10 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let state = self
             .workload
             .save_state()
-            .map_err(|source| Error::State { source })?;
+            .map_err(|source| Error::Workload {
+                action: "save the state of",
+                source,
+            })?;
         self.transport.send_state(&state).map_err(|source| {
             self.step_error(Step::State, Some(source), |_, source| Error::State {
                 source,
@@ -1180,8 +1199,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
 #[allow(clippy::field_reassign_with_default)] // each test changes a few knobs of the default
 mod tests {
     use super::*;
-    use crate::control::{BoxError, Callbacks, WorkloadCounters};
+    use crate::control::{Callbacks, WorkloadCounters};
     use precopy_backends::CollectStats;
+    use std::io;
     use std::sync::{Arc, Mutex};
 
     const PAGE: u64 = 4096;
@@ -1265,13 +1285,14 @@ mod tests {
     }
 
     impl Transport for FakeLink {
-        fn probe_finish(&mut self) -> Result<Option<Duration>, BoxError> {
+        type Error = io::Error;
+        fn probe_finish(&mut self) -> Result<Option<Duration>, io::Error> {
             self.probes += 1;
             Ok(self.probe)
         }
-        fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError> {
+        fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, io::Error> {
             if self.fail_at == Some(self.round) {
-                return Err("peer went away".into());
+                return Err(io::Error::other("peer went away"));
             }
             self.round += 1;
             let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
@@ -1282,17 +1303,17 @@ mod tests {
                 duration: Duration::from_secs_f64(bytes as f64 / self.rate + 1e-3) + self.fixed,
             })
         }
-        fn send_state(&mut self, state: &[u8]) -> Result<(), BoxError> {
+        fn send_state(&mut self, state: &[u8]) -> Result<(), io::Error> {
             self.state = Some(state.to_vec());
             Ok(())
         }
-        fn finish(&mut self) -> Result<(u32, Duration), BoxError> {
+        fn finish(&mut self) -> Result<(u32, Duration), io::Error> {
             self.finished = true;
             Ok((0xabcd, Duration::ZERO))
         }
     }
 
-    fn workload(events: &Arc<Mutex<Vec<String>>>) -> Callbacks {
+    fn workload(events: &Arc<Mutex<Vec<String>>>) -> Callbacks<std::convert::Infallible> {
         let (a, b, c) = (events.clone(), events.clone(), events.clone());
         Callbacks::new(
             move || {
@@ -1492,18 +1513,19 @@ mod tests {
     }
 
     impl Transport for CheckingLink {
-        fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError> {
+        type Error = io::Error;
+        fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, io::Error> {
             self.sent.push(ranges.to_vec());
             self.inner.send_round(ranges)
         }
-        fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, BoxError> {
+        fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, io::Error> {
             self.asked = ranges.to_vec();
             Ok(vec![100 * PAGE..101 * PAGE])
         }
-        fn send_state(&mut self, state: &[u8]) -> Result<(), BoxError> {
+        fn send_state(&mut self, state: &[u8]) -> Result<(), io::Error> {
             self.inner.send_state(state)
         }
-        fn finish(&mut self) -> Result<(u32, Duration), BoxError> {
+        fn finish(&mut self) -> Result<(u32, Duration), io::Error> {
             self.inner.finish()
         }
     }
@@ -1757,7 +1779,7 @@ mod tests {
     }
 
     impl Scripted {
-        fn block(&self) -> Result<(), BoxError> {
+        fn block(&self) -> Result<(), io::Error> {
             if let Some(b) = &self.blocked {
                 let _ = b.send(());
             }
@@ -1766,19 +1788,20 @@ mod tests {
             while !*i {
                 i = cv.wait(i).unwrap();
             }
-            Err("interrupted".into())
+            Err(io::Error::other("interrupted"))
         }
     }
 
     impl Transport for Scripted {
-        fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError> {
+        type Error = io::Error;
+        fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, io::Error> {
             let call = self.calls;
             self.calls += 1;
             if self.block_call == Some(call) {
                 self.block()?;
             }
             if self.fail_calls.contains(&call) {
-                return Err("connection reset".into());
+                return Err(io::Error::other("connection reset"));
             }
             self.sent.push(ranges.to_vec());
             let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
@@ -1789,16 +1812,16 @@ mod tests {
                 duration: Duration::from_millis(1),
             })
         }
-        fn finish(&mut self) -> Result<(u32, Duration), BoxError> {
+        fn finish(&mut self) -> Result<(u32, Duration), io::Error> {
             if self.block_finish {
                 self.block()?;
             }
             Ok((7, Duration::ZERO))
         }
-        fn send_state(&mut self, _state: &[u8]) -> Result<(), BoxError> {
+        fn send_state(&mut self, _state: &[u8]) -> Result<(), io::Error> {
             Ok(())
         }
-        fn commit(&mut self) -> Result<(), BoxError> {
+        fn commit(&mut self) -> Result<(), io::Error> {
             self.committed = true;
             Ok(())
         }
@@ -1812,13 +1835,13 @@ mod tests {
         fn can_reconnect(&self) -> bool {
             self.reconnectable
         }
-        fn reconnect(&mut self) -> Result<Vec<Range<u64>>, BoxError> {
+        fn reconnect(&mut self) -> Option<Result<Vec<Range<u64>>, io::Error>> {
             if self.failed_reconnects > 0 {
                 self.failed_reconnects -= 1;
-                return Err("connection refused".into());
+                return Some(Err(io::Error::other("connection refused")));
             }
             self.reconnects += 1;
-            Ok(Vec::new())
+            Some(Ok(Vec::new()))
         }
         fn peer(&self) -> String {
             "test-peer".into()

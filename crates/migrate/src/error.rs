@@ -1,6 +1,5 @@
-//! Errors of a migration: which step failed, with the seam's own error as the cause.
+//! Errors of a migration: which step failed, with the seam's own typed error as the cause.
 
-use crate::control::BoxError;
 use std::time::Duration;
 
 /// Why a migration stopped iterating without switching over.
@@ -70,8 +69,14 @@ impl std::fmt::Display for Step {
 /// A migration that did not complete. In every case the workload was resumed and the throttle
 /// lifted before the error was returned (a failure to do so is reported in the log and in
 /// [`Error::Workload`] only when it is the first failure).
+///
+/// The cause is the seam's own typed error: `L` the dirty log's
+/// ([`DirtyLog::Error`](crate::DirtyLog::Error)), `T` the transport's
+/// ([`Transport::Error`](crate::Transport::Error)), `W` the workload's
+/// ([`Workload::Error`](crate::Workload::Error)); [`MigrationError`](crate::MigrationError)
+/// names it for a migration's three seams.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum Error<L, T: std::error::Error + 'static, W> {
     /// Starting or reading the dirty log failed.
     #[error("dirty tracking failed during round {round}")]
     Tracking {
@@ -79,7 +84,7 @@ pub enum Error {
         round: u64,
         /// The dirty log's error.
         #[source]
-        source: BoxError,
+        source: L,
     },
     /// Sending a round failed (the receiver went away, rejected a frame, stalled past the I/O
     /// timeout, ...) and reconnecting, if allowed, did not help.
@@ -91,13 +96,13 @@ pub enum Error {
         peer: String,
         /// The transport's error.
         #[source]
-        source: BoxError,
+        source: T,
     },
     /// A round failed because the connection broke, and every reconnect attempt
     /// ([`ReconnectConfig`](crate::ReconnectConfig)) failed too; the workload keeps running.
     #[error(
         "sending round {round} to {peer} failed and {attempts} reconnect attempt(s) did not get through (last: {})",
-        precopy_sys::error_chain(&**last_attempt)
+        precopy_sys::error_chain(last_attempt)
     )]
     Reconnect {
         /// The round that failed.
@@ -107,24 +112,24 @@ pub enum Error {
         /// Attempts made.
         attempts: u32,
         /// The last attempt's error.
-        last_attempt: BoxError,
+        last_attempt: T,
         /// Why the round failed: the broken connection.
         #[source]
-        source: BoxError,
+        source: T,
     },
     /// Re-checking the memory the dirty log cannot vouch for failed (reading the paused source).
     #[error("re-checking memory the dirty log cannot vouch for failed")]
     Verify {
         /// The transport's error.
         #[source]
-        source: BoxError,
+        source: T,
     },
-    /// The workload could not produce its state blob, or the blob could not be sent.
-    #[error("saving or sending the workload state failed")]
+    /// The workload's state blob could not be sent.
+    #[error("sending the workload state failed")]
     State {
-        /// The workload's or transport's error.
+        /// The transport's error.
         #[source]
-        source: BoxError,
+        source: T,
     },
     /// The receiver did not acknowledge the final checksum.
     #[error("{peer} did not acknowledge the final round")]
@@ -133,7 +138,7 @@ pub enum Error {
         peer: String,
         /// The transport's error.
         #[source]
-        source: BoxError,
+        source: T,
     },
     /// A deadline passed during `step`: the transport was interrupted. In the final round this
     /// is the hard bound ([`MigrationConfig::final_round_timeout`](crate::MigrationConfig)):
@@ -149,7 +154,7 @@ pub enum Error {
         limit: Duration,
         /// What the interrupted transport reported.
         #[source]
-        source: Option<BoxError>,
+        source: Option<T>,
     },
     /// [`CancelHandle::cancel`](crate::CancelHandle::cancel) was called.
     #[error("migration cancelled while {step}")]
@@ -157,14 +162,14 @@ pub enum Error {
         /// The step that was running.
         step: Step,
     },
-    /// Pausing, resuming or throttling the workload failed.
+    /// Pausing, resuming, throttling the workload or saving its state failed.
     #[error("could not {action} the workload")]
     Workload {
-        /// "pause", "resume" or "throttle".
+        /// "pause", "resume", "throttle" or "save the state of".
         action: &'static str,
         /// The workload's error.
         #[source]
-        source: BoxError,
+        source: W,
     },
     /// The iteration hit a limit whose policy is to abort.
     #[error("migration aborted: {reason}")]
@@ -178,4 +183,57 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
+}
+
+impl<L, T: std::error::Error + 'static, W> Error<L, T, W> {
+    /// The same error with the dirty log's cause converted by `f` (for an embedder that
+    /// drives several logs and reports one error type).
+    pub fn map_log<L2>(self, f: impl FnOnce(L) -> L2) -> Error<L2, T, W> {
+        match self {
+            Error::Tracking { round, source } => Error::Tracking {
+                round,
+                source: f(source),
+            },
+            Error::Send {
+                round,
+                peer,
+                source,
+            } => Error::Send {
+                round,
+                peer,
+                source,
+            },
+            Error::Reconnect {
+                round,
+                peer,
+                attempts,
+                last_attempt,
+                source,
+            } => Error::Reconnect {
+                round,
+                peer,
+                attempts,
+                last_attempt,
+                source,
+            },
+            Error::Verify { source } => Error::Verify { source },
+            Error::State { source } => Error::State { source },
+            Error::Finish { peer, source } => Error::Finish { peer, source },
+            Error::Timeout {
+                step,
+                peer,
+                limit,
+                source,
+            } => Error::Timeout {
+                step,
+                peer,
+                limit,
+                source,
+            },
+            Error::Cancelled { step } => Error::Cancelled { step },
+            Error::Workload { action, source } => Error::Workload { action, source },
+            Error::Aborted { reason } => Error::Aborted { reason },
+            Error::Config { reason } => Error::Config { reason },
+        }
+    }
 }

@@ -175,15 +175,15 @@ mod uffd;
 
 pub use cancel::CancelHandle;
 pub use control::{
-    BoxError, Callbacks, CollectStats, DirtyLog, ExternalDirty, Interrupt, MarkError, RoundSent,
-    Transport, USER_ADDRESS_LIMIT, Workload, WorkloadCounters,
+    Callbacks, CollectStats, DirtyLog, ExternalDirty, Interrupt, MarkError, RoundSent, Transport,
+    USER_ADDRESS_LIMIT, Workload, WorkloadCounters,
 };
 pub use driver::{
-    AfterMigration, LimitPolicy, Migration, MigrationConfig, Phase, Progress, ReconnectConfig,
-    ThrottleConfig,
+    AfterMigration, LimitPolicy, Migration, MigrationConfig, MigrationError, Phase, Progress,
+    ReconnectConfig, ThrottleConfig,
 };
 pub use error::{AbortReason, Error, Step};
-pub use process::{PauseMethod, ProcessControl, ThrottleMethod};
+pub use process::{PauseMethod, ProcessControl, ProcessError, ThrottleMethod};
 pub use report::{
     DowntimeEstimate, FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason,
     VerifyPass, WorkloadCost,
@@ -191,6 +191,3 @@ pub use report::{
 pub use target::{MapChanges, TargetError, TargetLog, TargetMemory};
 pub use transfer::TransferTransport;
 pub use uffd::{TrackingError, UffdDirtyLog, adopt_process_uffd};
-
-/// Result type of this crate.
-pub type Result<T, E = Error> = std::result::Result<T, E>;

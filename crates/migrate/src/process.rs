@@ -22,7 +22,7 @@
 //! Dropping a `ProcessControl` lifts the throttle and moves the process back to its cgroups; a
 //! paused process stays stopped (it is sent SIGSTOP before leaving the freezer cgroup).
 
-use crate::control::{BoxError, Workload, WorkloadCounters};
+use crate::control::{Workload, WorkloadCounters};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::fs;
@@ -496,15 +496,17 @@ impl ProcessControl {
 }
 
 impl Workload for ProcessControl {
-    fn pause(&mut self) -> Result<(), BoxError> {
-        Ok(self.pause_now()?)
+    type Error = ProcessError;
+
+    fn pause(&mut self) -> Result<(), ProcessError> {
+        self.pause_now()
     }
 
-    fn resume(&mut self) -> Result<(), BoxError> {
-        Ok(self.resume_now()?)
+    fn resume(&mut self) -> Result<(), ProcessError> {
+        self.resume_now()
     }
 
-    fn set_throttle(&mut self, fraction: f64) -> Result<(), BoxError> {
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), ProcessError> {
         if fraction > 0.0 {
             self.baseline_cpus();
         }
@@ -534,7 +536,7 @@ impl Workload for ProcessControl {
         })
     }
 
-    fn save_state(&mut self) -> Result<Vec<u8>, BoxError> {
+    fn save_state(&mut self) -> Result<Vec<u8>, ProcessError> {
         let Some((addr, len)) = self.state else {
             return Ok(Vec::new());
         };
@@ -547,15 +549,15 @@ impl Workload for ProcessControl {
         };
         let (base, size) = match (usize::try_from(addr), usize::try_from(len)) {
             (Ok(b), Ok(l)) => (b, l),
-            _ => return Err(fail(nix::errno::Errno::EFAULT).into()),
+            _ => return Err(fail(nix::errno::Errno::EFAULT)),
         };
         let mut blob = vec![0u8; size];
         let mut local = [io::IoSliceMut::new(&mut blob)];
         let remote = [nix::sys::uio::RemoteIoVec { base, len: size }];
         match nix::sys::uio::process_vm_readv(Pid::from_raw(pid), &mut local, &remote) {
             Ok(n) if n == size => Ok(blob),
-            Ok(_) => Err(fail(nix::errno::Errno::EFAULT).into()),
-            Err(e) => Err(fail(e).into()),
+            Ok(_) => Err(fail(nix::errno::Errno::EFAULT)),
+            Err(e) => Err(fail(e)),
         }
     }
 

@@ -1,8 +1,8 @@
 //! [`Transport`] over a `precopy-transfer` [`Transfer`]: a socket sender, an image writer, or an
 //! in-memory sink.
 
-use crate::control::{BoxError, Interrupt, RoundSent, Transport};
-use precopy_transfer::{FinalCheck, PageSource, Sink, Transfer};
+use crate::control::{Interrupt, RoundSent, Transport};
+use precopy_transfer::{FinalCheck, PageSource, Sink, Transfer, TransferError};
 use std::ops::Range;
 
 /// Sends rounds with a [`Transfer`]; the final check is the one
@@ -47,7 +47,9 @@ impl<S: PageSource, K: Sink> TransferTransport<S, K> {
 }
 
 impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
-    fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, BoxError> {
+    type Error = TransferError;
+
+    fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, TransferError> {
         let r = self
             .transfer
             .send_round(ranges)
@@ -60,25 +62,25 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
         })
     }
 
-    fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, BoxError> {
-        Ok(self.transfer.changed_since_sent(ranges)?)
+    fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, TransferError> {
+        self.transfer.changed_since_sent(ranges)
     }
 
-    fn send_state(&mut self, state: &[u8]) -> Result<(), BoxError> {
-        Ok(self.transfer.send_state(state)?)
+    fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
+        self.transfer.send_state(state)
     }
 
-    fn finish(&mut self) -> Result<(u32, std::time::Duration), BoxError> {
+    fn finish(&mut self) -> Result<(u32, std::time::Duration), TransferError> {
         let summary = self.transfer.finish_uncommitted(self.check)?;
         Ok((summary.checksum, summary.source_check))
     }
 
-    fn commit(&mut self) -> Result<(), BoxError> {
-        Ok(self.transfer.commit()?)
+    fn commit(&mut self) -> Result<(), TransferError> {
+        self.transfer.commit()
     }
 
-    fn probe_finish(&mut self) -> Result<Option<std::time::Duration>, BoxError> {
-        Ok(self.transfer.probe_finish()?)
+    fn probe_finish(&mut self) -> Result<Option<std::time::Duration>, TransferError> {
+        self.transfer.probe_finish()
     }
 
     fn interrupter(&self) -> Option<Interrupt> {
@@ -95,10 +97,13 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
     /// [`Transfer::resume`]: connects to the same transfer again (the key proven again); the
     /// receiver (run with `Receiver::run_resumable`) kept what it applied and tells, per block
     /// of pages, what it holds, so only blocks that differ come back here to be sent again.
-    fn reconnect(&mut self) -> Result<Vec<Range<u64>>, BoxError> {
-        let lacking = self.transfer.resume()?;
+    fn reconnect(&mut self) -> Option<Result<Vec<Range<u64>>, TransferError>> {
+        let lacking = match self.transfer.resume() {
+            Ok(lacking) => lacking,
+            Err(e) => return Some(Err(e)),
+        };
         self.broke = false;
-        Ok(lacking)
+        Some(Ok(lacking))
     }
 
     fn peer(&self) -> String {

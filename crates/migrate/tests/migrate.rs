@@ -7,12 +7,13 @@ mod common;
 use common::{Guest, PAGE, Pattern, receive, supported};
 use precopy_migrate::{
     AfterMigration, Error, LimitPolicy, Migration, MigrationConfig, Status, SwitchReason,
-    TransferTransport, UffdDirtyLog,
+    TrackingError, TransferTransport, UffdDirtyLog,
 };
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_tracker::{Tracker, Uffd};
 use precopy_transfer::{
     Connection, Layout, Listener, OwnMemory, PageSource, ProcessMemory, Sender, SenderConfig,
+    TransferError,
 };
 use std::time::Duration;
 
@@ -64,7 +65,10 @@ impl Setup {
 }
 
 struct Outcome {
-    result: Result<precopy_migrate::MigrationReport, Error>,
+    result: Result<
+        precopy_migrate::MigrationReport,
+        Error<TrackingError, TransferError, std::convert::Infallible>,
+    >,
     report: precopy_migrate::MigrationReport,
     received: common::Received,
     guest: Guest,

@@ -159,7 +159,10 @@ fn resumable_receiver(
 }
 
 struct Run {
-    result: Result<precopy_migrate::MigrationReport, Error>,
+    result: Result<
+        precopy_migrate::MigrationReport,
+        Error<precopy_migrate::TrackingError, TransferError, std::convert::Infallible>,
+    >,
     report: precopy_migrate::MigrationReport,
     guest: Guest,
     received: Received,

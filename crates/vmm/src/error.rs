@@ -87,16 +87,17 @@ pub enum Error {
     Tracker(#[source] precopy_tracker::Error),
     /// The dirty log the KVM cross-check wraps failed.
     #[error("the engine's dirty log failed")]
-    DirtyLog(#[source] precopy_migrate::BoxError),
+    DirtyLog(#[source] precopy_migrate::TrackingError),
     /// The scanner could not start.
     #[error("starting the scanner failed")]
     Scanner(#[source] precopy_scanner::Error),
     /// The transfer (connecting, receiving) failed.
     #[error("transfer failed")]
     Transfer(#[source] precopy_transfer::TransferError),
-    /// The migration failed.
+    /// The migration failed (its dirty log and workload are this VMM's, hence this type inside;
+    /// boxed because it contains itself).
     #[error("migration failed")]
-    Migration(#[source] precopy_migrate::Error),
+    Migration(#[source] Box<precopy_migrate::Error<Error, precopy_transfer::TransferError, Error>>),
     /// The channel to the other VMM process failed.
     #[error("{what} failed")]
     Channel {
@@ -112,4 +113,10 @@ pub enum Error {
         /// What it said, or what went wrong with it.
         message: String,
     },
+}
+
+impl From<precopy_migrate::TrackingError> for Error {
+    fn from(e: precopy_migrate::TrackingError) -> Error {
+        Error::DirtyLog(e)
+    }
 }

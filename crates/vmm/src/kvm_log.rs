@@ -25,7 +25,7 @@
 
 use crate::error::Error;
 use crate::vm::VmControl;
-use precopy_migrate::{CollectStats, DirtyLog};
+use precopy_migrate::{CollectStats, DirtyLog, TrackingError};
 use precopy_sys::kvm::GuestRam;
 use std::ops::Range;
 use std::sync::Arc;
@@ -124,12 +124,7 @@ fn count(words: impl Iterator<Item = u64>) -> u64 {
     words.map(|w| u64::from(w.count_ones())).sum()
 }
 
-/// The wrapped log's error, as this crate's.
-fn inner_err<E: std::error::Error + Send + Sync + 'static>(e: E) -> Error {
-    Error::DirtyLog(Box::new(e))
-}
-
-impl<D: DirtyLog> DirtyLog for KvmCheckedLog<D> {
+impl<D: DirtyLog<Error = TrackingError>> DirtyLog for KvmCheckedLog<D> {
     type Error = Error;
 
     fn memory(&self) -> Vec<Range<u64>> {
@@ -151,19 +146,19 @@ impl<D: DirtyLog> DirtyLog for KvmCheckedLog<D> {
     fn start(&mut self) -> Result<(), Error> {
         self.stepped(|s| {
             s.kvm_log()?;
-            s.inner.start().map_err(inner_err)
+            s.inner.start().map_err(Error::DirtyLog)
         })
     }
 
     fn stop(&mut self) -> Result<(), Error> {
-        self.inner.stop().map_err(inner_err)
+        self.inner.stop().map_err(Error::DirtyLog)
     }
 
     fn collect(&mut self, out: &mut Vec<Range<u64>>) -> Result<CollectStats, Error> {
         let before = out.len();
         let (kvm, collected) = self.stepped(|s| -> Result<_, Error> {
             let kvm = s.kvm_log()?;
-            let collected = s.inner.collect(out).map_err(inner_err)?;
+            let collected = s.inner.collect(out).map_err(Error::DirtyLog)?;
             Ok((kvm, collected))
         })?;
         let base = self.ram.ram().addr();

@@ -144,15 +144,21 @@ pub fn migrate(
     };
     let (reports0, t0) = (control.progress_reports(), Instant::now());
 
+    /// Runs the migration over `log`; its errors become this crate's.
     fn drive<D: DirtyLog>(
         log: D,
         transport: TransferTransport<OwnMemory, precopy_transfer::SocketSink>,
         control: VmControl,
         config: MigrationConfig,
         on_progress: impl FnMut(&Progress) + Send + 'static,
-    ) -> (Result<MigrationReport, precopy_migrate::Error>, D) {
+    ) -> (Result<MigrationReport, Error>, D)
+    where
+        D::Error: Into<Error>,
+    {
         let mut m = Migration::new(log, transport, control, config).on_progress(on_progress);
-        let r = m.run();
+        let r = m
+            .run()
+            .map_err(|e| Error::Migration(Box::new(e.map_log(Into::into))));
         (r, m.into_parts().0)
     }
 
@@ -167,7 +173,7 @@ pub fn migrate(
         let (r, _) = drive(uffd_log, transport, control.clone(), config, on_progress);
         (r, Vec::new())
     };
-    let report = report.map_err(Error::Migration)?;
+    let report = report?;
     let running = t0
         .elapsed()
         .saturating_sub(report.downtime.unwrap_or_default());

@@ -694,17 +694,19 @@ impl VmControl {
 }
 
 impl precopy_migrate::Workload for VmControl {
-    fn pause(&mut self) -> Result<(), precopy_migrate::BoxError> {
+    type Error = Error;
+
+    fn pause(&mut self) -> Result<(), Error> {
         VmControl::pause(self);
         Ok(())
     }
 
-    fn resume(&mut self) -> Result<(), precopy_migrate::BoxError> {
+    fn resume(&mut self) -> Result<(), Error> {
         VmControl::resume(self);
         Ok(())
     }
 
-    fn set_throttle(&mut self, fraction: f64) -> Result<(), precopy_migrate::BoxError> {
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), Error> {
         VmControl::set_throttle(self, fraction);
         Ok(())
     }
@@ -715,7 +717,7 @@ impl precopy_migrate::Workload for VmControl {
 
     /// The state hook: called by the driver with the vCPUs paused after the last memory round;
     /// the blob ([`VmState::to_bytes`]) travels in the transfer's STATE frame.
-    fn save_state(&mut self) -> Result<Vec<u8>, precopy_migrate::BoxError> {
-        Ok(self.state()?.to_bytes()?)
+    fn save_state(&mut self) -> Result<Vec<u8>, Error> {
+        self.state()?.to_bytes()
     }
 }

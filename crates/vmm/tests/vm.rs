@@ -339,16 +339,17 @@ fn destination_refuses_a_state_it_cannot_resume_before_acknowledging() {
 struct CorruptState(precopy_vmm::VmControl);
 
 impl precopy_migrate::Workload for CorruptState {
-    fn pause(&mut self) -> Result<(), precopy_migrate::BoxError> {
+    type Error = precopy_vmm::Error;
+    fn pause(&mut self) -> Result<(), precopy_vmm::Error> {
         precopy_migrate::Workload::pause(&mut self.0)
     }
-    fn resume(&mut self) -> Result<(), precopy_migrate::BoxError> {
+    fn resume(&mut self) -> Result<(), precopy_vmm::Error> {
         precopy_migrate::Workload::resume(&mut self.0)
     }
-    fn save_state(&mut self) -> Result<Vec<u8>, precopy_migrate::BoxError> {
+    fn save_state(&mut self) -> Result<Vec<u8>, precopy_vmm::Error> {
         let mut state = self.0.state()?;
         state.vcpus.pop();
-        Ok(state.to_bytes()?)
+        state.to_bytes()
     }
 }
 

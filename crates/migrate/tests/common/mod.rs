@@ -3,10 +3,11 @@
 
 #![allow(dead_code)]
 
-use precopy_migrate::{BoxError, Callbacks};
+use precopy_migrate::Callbacks;
 use precopy_sys::mem::Mapping;
 use precopy_transfer::{Listener, MemorySink, ReceiveReport, Receiver, ReceiverConfig, Sink};
 use rand::Rng;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::thread::JoinHandle;
@@ -132,12 +133,12 @@ impl Guest {
     }
 
     /// Pause/resume/throttle callbacks for the driver.
-    pub fn callbacks(&self) -> Callbacks {
+    pub fn callbacks(&self) -> Callbacks<Infallible> {
         let (p1, parked, n) = (self.paused.clone(), self.parked.clone(), self.threads);
         let p2 = self.paused.clone();
         let t = self.throttle.clone();
         Callbacks::new(
-            move || -> Result<(), BoxError> {
+            move || {
                 p1.store(true, SeqCst);
                 while parked.load(SeqCst) < n {
                     std::thread::yield_now();
