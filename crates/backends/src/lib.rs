@@ -50,6 +50,7 @@ pub use uffd_async::UffdAsync;
 pub use uffd_sync::UffdSync;
 
 use precopy_sys::mem::{Backing, Mapping, Thp};
+use precopy_sys::ranges::push_merged;
 use serde::Serialize;
 use std::fmt;
 use std::ops::Range;
@@ -315,15 +316,15 @@ pub(crate) fn unvouched_parts(pid: i32, ranges: &[Range<u64>]) -> Vec<Range<u64>
         {
             let (s, e) = (m.range.start.max(r.start), m.range.end.min(r.end));
             if at < s {
-                push_run(&mut out, 0, at, s - at);
+                push_merged(&mut out, 0, at..s);
             }
             if !vouched(m) {
-                push_run(&mut out, 0, s, e - s);
+                push_merged(&mut out, 0, s..e);
             }
             at = e;
         }
         if at < r.end {
-            push_run(&mut out, 0, at, r.end - at);
+            push_merged(&mut out, 0, at..r.end);
         }
     }
     out
@@ -517,16 +518,6 @@ pub fn choose_default(ranges: &[Range<u64>]) -> Result<Chosen> {
         }
     }
     Err(Error::NoBackend { refused })
-}
-
-/// Appends `addr..addr + len` to sorted `out`, merging with the last run when they touch, but
-/// never with runs from before `first`.
-pub(crate) fn push_run(out: &mut Vec<Range<u64>>, first: usize, addr: u64, len: u64) {
-    let extends = out.len() > first && out.last().is_some_and(|l| l.end == addr);
-    match out.last_mut() {
-        Some(last) if extends => last.end += len,
-        _ => out.push(addr..addr + len),
-    }
 }
 
 #[cfg(test)]

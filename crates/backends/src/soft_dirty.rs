@@ -19,6 +19,7 @@ use crate::{BackendKind, CollectStats, DirtyLog, Error, Result, Unavailable};
 use precopy_sys::abi::category;
 use precopy_sys::mem::{Backing, Mapping, Thp};
 use precopy_sys::pagemap::{self, EMPTY_REGION};
+use precopy_sys::ranges::push_merged;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::ops::Range;
@@ -151,7 +152,7 @@ impl SoftDirty {
             )?;
             calls += 1;
             for reg in &self.regions[..n] {
-                crate::push_run(out, first, reg.start, reg.end - reg.start);
+                push_merged(out, first, reg.start..reg.end);
             }
             if arg.walk_end <= cursor {
                 return Err(Error::Range {
@@ -191,7 +192,8 @@ impl SoftDirty {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(e);
                 if u64::from_ne_bytes(b) & PM_SOFT_DIRTY != 0 {
-                    crate::push_run(out, first, (vpn + i as u64) * page, page);
+                    let at = (vpn + i as u64) * page;
+                    push_merged(out, first, at..at + page);
                 }
             }
             done += n;

@@ -3,6 +3,7 @@
 
 use crate::{BackendKind, CollectStats, DirtyLog, Error, Result};
 use precopy_scanner::{ScanOptions, Scanner};
+use precopy_sys::ranges::coalesce;
 use precopy_tracker::{Tracker, Uffd};
 use std::ops::Range;
 
@@ -83,10 +84,8 @@ impl DirtyLog for UffdAsync {
         // Untracked parts are never clean: report them as written.
         let mut all: Vec<Range<u64>> = round.dirty().to_vec();
         all.extend(round.untracked().iter().map(|u| u.range.clone()));
-        all.sort_by_key(|r| r.start);
-        for r in all {
-            crate::push_run(out, first, r.start, r.end - r.start);
-        }
+        coalesce(&mut all);
+        out.extend(all);
         let mut stats = CollectStats::count(&out[first..], tracker.page_size());
         stats.syscalls = round.stats().ioctls;
         Ok(stats)

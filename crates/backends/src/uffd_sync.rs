@@ -19,6 +19,7 @@
 //! un-protects and records the pages the way the handler would.
 
 use crate::{BackendKind, CollectStats, DirtyLog, Error, KernelWrites, Result, Unavailable};
+use precopy_sys::ranges::push_merged;
 use precopy_sys::{abi, track, uffd};
 use std::io;
 use std::ops::Range;
@@ -376,7 +377,7 @@ impl DirtyLog for UffdSync {
                     let b = bits.trailing_zeros() as u64;
                     bits &= bits - 1;
                     let addr = t.range.start + (i as u64 * 64 + b) * page;
-                    crate::push_run(out, from, addr, page);
+                    push_merged(out, from, addr..addr + page);
                 }
             }
             let protect = |start: u64, end: u64| {

@@ -305,7 +305,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     };
 
     // Before attaching: ptrace may take the target out of its stop.
-    let stopped_on_entry = precopy_migrate::process::all_stopped(args.pid);
+    let stopped_on_entry = precopy_migrate::all_stopped(args.pid);
     let (uffd, times) = {
         let _attaching = state.attaching();
         Uffd::attach(args.pid)

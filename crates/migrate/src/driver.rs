@@ -8,6 +8,7 @@ use crate::report::{
     VerifyPass, WorkloadCost,
 };
 use crate::switchover::{Estimator, PAUSE_PROBES};
+use precopy_sys::ranges::coalesce;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -254,20 +255,6 @@ impl<D, T, W> std::fmt::Debug for Migration<D, T, W> {
             .field("status", &self.report.status)
             .finish_non_exhaustive()
     }
-}
-
-/// Sorts and merges `ranges` in place; returns the bytes they cover.
-fn coalesce(ranges: &mut Vec<Range<u64>>) -> u64 {
-    ranges.sort_unstable_by_key(|r| r.start);
-    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
-    for r in ranges.drain(..) {
-        match out.last_mut() {
-            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-            _ => out.push(r),
-        }
-    }
-    *ranges = out;
-    ranges.iter().map(|r| r.end - r.start).sum()
 }
 
 /// The parts of `a` not covered by `b` (both sorted and coalesced), sorted.
@@ -2022,12 +2009,5 @@ mod tests {
         assert_eq!(outside(&[0..10], &[0..2, 4..6, 8..12]), vec![2..4, 6..8]);
         assert!(outside(&[3..4], &[0..10]).is_empty());
         assert_eq!(outside(&[0..4, 6..9], &[3..7]), vec![0..3, 7..9]);
-    }
-
-    #[test]
-    fn coalesce_merges_overlaps() {
-        let mut v = vec![8..12, 0..4, 2..6, 12..13];
-        assert_eq!(coalesce(&mut v), 11);
-        assert_eq!(v, vec![0..6, 8..13]);
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! This crate owns the *decisions* of a migration — when to iterate, when to switch over, when
 //! and how hard to throttle, and what to report — and nothing about how pages are found or how
-//! bytes travel. It talks to three seams (see [`control`]):
+//! bytes travel. It talks to three seams, each with its own typed error (a failed migration's
+//! [`Error`] carries it as the cause):
 //!
 //! * a [`DirtyLog`] says which memory exists and which pages were written since the last call
 //!   ([`UffdDirtyLog`] adapts `precopy-tracker` + `precopy-scanner`);
@@ -163,13 +164,13 @@
 #![forbid(unsafe_code)]
 
 mod cancel;
-pub mod control;
+mod control;
 mod driver;
 mod error;
-pub mod process;
+mod process;
 mod report;
 mod switchover;
-pub mod target;
+mod target;
 mod transfer;
 mod uffd;
 
@@ -183,11 +184,11 @@ pub use driver::{
     ReconnectConfig, ThrottleConfig,
 };
 pub use error::{AbortReason, Error, Step};
-pub use process::{PauseMethod, ProcessControl, ProcessError, ThrottleMethod};
+pub use process::{PauseMethod, ProcessControl, ProcessError, ThrottleMethod, all_stopped};
 pub use report::{
     DowntimeEstimate, FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason,
     VerifyPass, WorkloadCost,
 };
-pub use target::{MapChanges, TargetError, TargetLog, TargetMemory};
+pub use target::{GROWTH_HEADROOM, MapChanges, TargetError, TargetLog, TargetMemory};
 pub use transfer::TransferTransport;
 pub use uffd::{TrackingError, UffdDirtyLog, adopt_process_uffd};

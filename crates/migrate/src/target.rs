@@ -30,6 +30,7 @@
 
 use crate::control::{CollectStats, DirtyLog};
 use precopy_scanner::Scanner;
+use precopy_sys::ranges::coalesce;
 use precopy_tracker::target::{SkipReason, TargetMapping, target_mappings};
 use precopy_tracker::{Tracker, Uffd};
 use precopy_transfer::{PageSource, ProcessMemory, SourceError};
@@ -202,18 +203,6 @@ pub struct TargetLog {
     /// Bytes registered and sent whole after the start, and bytes dropped, all rounds.
     added_bytes: u64,
     dropped_bytes: u64,
-}
-
-fn coalesce(v: &mut Vec<Range<u64>>) {
-    v.sort_by_key(|r| r.start);
-    let mut out: Vec<Range<u64>> = Vec::with_capacity(v.len());
-    for r in v.drain(..) {
-        match out.last_mut() {
-            Some(l) if r.start <= l.end => l.end = l.end.max(r.end),
-            _ => out.push(r),
-        }
-    }
-    *v = out;
 }
 
 /// `a` minus every range of sorted `b`.

@@ -1,8 +1,9 @@
 //! A bitmap of pending pages over a fixed layout, for merging rounds.
 
-use crate::round::{Round, push_coalesced};
+use crate::round::Round;
 use crate::{Error, Result};
 use bitvec::prelude::*;
+use precopy_sys::ranges::push_merged;
 use std::ops::Range;
 
 /// Pages pending transfer, one bit per base page over a fixed set of ranges (the layout).
@@ -163,7 +164,7 @@ impl DirtySet {
                 let s = i + off;
                 let len = bits[s..].first_zero().unwrap_or(n - s);
                 let start = r.start + s as u64 * self.page_size;
-                push_coalesced(out, start..start + len as u64 * self.page_size);
+                push_merged(out, 0, start..start + len as u64 * self.page_size);
                 i = s + len;
                 if i >= n {
                     break;

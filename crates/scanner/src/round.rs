@@ -1,5 +1,8 @@
 //! What one round returns.
 
+#[cfg(doc)]
+use precopy_sys::ranges::coalesce;
+use precopy_sys::ranges::push_merged;
 use serde::Serialize;
 use std::ops::Range;
 use std::time::Duration;
@@ -95,54 +98,20 @@ impl Round {
 
 /// Appends `r` to `ranges`, merging it into the last one when it starts exactly where the last
 /// one ends or inside it. Returns false when `r` starts *before* the last range: the output is
-/// then no longer sorted and the caller must [`normalize`] it. (`PAGEMAP_SCAN` can return a
+/// then no longer sorted and the caller must coalesce it ([`coalesce`]). (`PAGEMAP_SCAN` can return a
 /// region below one it returned earlier in the same call, when its internal walk restarts;
 /// merging such a region blindly into the last one would drop its pages.)
 pub(crate) fn push_region(ranges: &mut Vec<Range<u64>>, r: Range<u64>) -> bool {
-    if let Some(last) = ranges.last_mut() {
-        if r.start < last.start {
-            ranges.push(r);
-            return false;
-        }
-        if r.start <= last.end {
-            last.end = last.end.max(r.end);
-            return true;
-        }
-    }
-    ranges.push(r);
-    true
-}
-
-/// Sorts `ranges` and merges the ones that overlap or touch.
-pub(crate) fn normalize(ranges: &mut Vec<Range<u64>>) {
-    ranges.sort_unstable_by_key(|r| r.start);
-    let mut out = 0;
-    for i in 0..ranges.len() {
-        let r = ranges[i].clone();
-        if out > 0 && r.start <= ranges[out - 1].end {
-            ranges[out - 1].end = ranges[out - 1].end.max(r.end);
-        } else {
-            ranges[out] = r;
-            out += 1;
-        }
-    }
-    ranges.truncate(out);
-}
-
-/// Appends `r` to sorted `ranges`, merging it into the last one when they touch.
-pub(crate) fn push_coalesced(ranges: &mut Vec<Range<u64>>, r: Range<u64>) {
-    if let Some(last) = ranges.last_mut()
-        && last.end >= r.start
-    {
-        last.end = last.end.max(r.end);
-        return;
-    }
-    ranges.push(r);
+    let in_order = ranges.last().is_none_or(|last| r.start >= last.start);
+    // Below the last start, `push_merged` appends it unmerged.
+    push_merged(ranges, 0, r);
+    in_order
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use precopy_sys::ranges::coalesce;
 
     #[test]
     fn a_region_below_the_last_is_kept_not_swallowed() {
@@ -151,19 +120,7 @@ mod tests {
         assert!(push_region(&mut v, 0x6000..0x7000));
         assert!(!push_region(&mut v, 0x1000..0x2000));
         assert!(push_region(&mut v, 0x2000..0x3000));
-        normalize(&mut v);
+        coalesce(&mut v);
         assert_eq!(v, vec![0x1000..0x3000, 0x5000..0x7000]);
-    }
-
-    #[test]
-    fn normalize_merges_overlaps_and_duplicates() {
-        let mut v = vec![
-            0x8000..0x9000,
-            0x1000..0x3000,
-            0x2000..0x4000,
-            0x8000..0x9000,
-        ];
-        normalize(&mut v);
-        assert_eq!(v, vec![0x1000..0x4000, 0x8000..0x9000]);
     }
 }

@@ -1,9 +1,10 @@
 //! The round driver: walks every tracked range, optionally on several threads or under a page
 //! budget, and assembles one [`Round`].
 
-use crate::round::{Round, push_coalesced};
+use crate::round::Round;
 use crate::worker::{SpanEnd, Worker};
 use crate::{Error, Result};
+use precopy_sys::ranges::push_merged;
 use precopy_tracker::Tracker;
 use std::ops::Range;
 use std::time::Instant;
@@ -130,7 +131,7 @@ impl Scanner {
         } else {
             for w in &self.workers {
                 for r in &w.dirty {
-                    push_coalesced(&mut round.dirty, r.clone());
+                    push_merged(&mut round.dirty, 0, r.clone());
                 }
                 round.untracked.extend(w.untracked.iter().cloned());
                 round.stats.pages += w.pages;

@@ -6,10 +6,11 @@
 //! entries before the area but returned no count, so the non-zero prefix *is* the count. Zeroing
 //! costs only what the kernel wrote, never the whole buffer.
 
-use crate::round::{Untracked, UntrackedReason, normalize, push_region};
+use crate::round::{Untracked, UntrackedReason, push_region};
 use crate::{Error, Result};
 use precopy_sys::abi::{PageRegion, PmScanArg, category};
 use precopy_sys::pagemap::{self, EMPTY_REGION};
+use precopy_sys::ranges::coalesce;
 use precopy_tracker::{Tracker, Vma, unmapped_parts};
 use std::ops::Range;
 
@@ -52,7 +53,7 @@ impl Worker {
     /// Sorts and merges `dirty` if the kernel returned a region out of order.
     pub(crate) fn finish(&mut self) {
         if !self.sorted {
-            normalize(&mut self.dirty);
+            coalesce(&mut self.dirty);
             self.sorted = true;
         }
     }

@@ -16,6 +16,7 @@ pub mod pagemap;
 pub mod process;
 #[cfg(target_arch = "x86_64")]
 pub mod ptrace;
+pub mod ranges;
 pub mod track;
 pub mod uffd;
 pub mod zerocopy;

@@ -430,25 +430,11 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             self.layout.check_pages(r)?;
             merged.push(r.clone());
         }
-        merged.sort_unstable_by_key(|r| r.start);
+        precopy_sys::ranges::coalesce(&mut merged);
         let mut pieces = std::mem::take(&mut self.scratch);
         pieces.clear();
-        let mut run: Option<Range<u64>> = None;
-        for r in merged {
-            match &mut run {
-                Some(cur) if r.start <= cur.end => cur.end = cur.end.max(r.end),
-                _ => {
-                    if let Some(done) = run.replace(r) {
-                        self.layout.split(done, |p, _| {
-                            pieces.push(p);
-                            Ok(())
-                        })?;
-                    }
-                }
-            }
-        }
-        if let Some(done) = run {
-            self.layout.split(done, |p, _| {
+        for run in merged {
+            self.layout.split(run, |p, _| {
                 pieces.push(p);
                 Ok(())
             })?;
@@ -709,16 +695,13 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
                     };
                     if self.crcs.get(first + i) != Some(crc) {
                         let addr = at + i as u64 * ps;
-                        match changed.last_mut() {
-                            Some(last) if last.end == addr => last.end = addr + ps,
-                            _ => changed.push(addr..addr + ps),
-                        }
+                        precopy_sys::ranges::push_merged(&mut changed, 0, addr..addr + ps);
                     }
                 }
                 at += n;
             }
         }
-        changed.sort_unstable_by_key(|r| r.start);
+        precopy_sys::ranges::coalesce(&mut changed);
         Ok(changed)
     }
 
