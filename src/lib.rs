@@ -8,7 +8,8 @@
 //! - [`tracker`]: a userfaultfd in async write-protect mode and the ranges registered with it.
 //! - [`scanner`]: rounds of get-and-reprotect over the tracked ranges.
 //! - [`transfer`]: wire protocol, sender/receiver, checkpoint images.
-//! - [`backends`]: the comparison trackers (soft-dirty, mprotect, uffd sync WP) behind one trait.
+//! - [`backends`]: the one dirty-log trait (`DirtyLog`) and the comparison trackers (soft-dirty,
+//!   mprotect, uffd sync WP) that implement it.
 //! - [`migrate`](mod@migrate): the pre-copy migration driver.
 //!
 //! # Embedding: a VMM's live migration
