@@ -100,6 +100,19 @@ fn demo_vm_refuses_bad_values_up_front() {
         "0",
         "one 4 KiB page for each",
     );
+    // Two vCPUs write equal shares of whole pages: 12K would be cut to 8K.
+    refused(
+        &vm(&["--vcpus", "2", "--working-set", "12K"]),
+        "--working-set",
+        "12K",
+        "not a whole number of 4 KiB pages for each of the 2 vCPUs",
+    );
+    refused(
+        &vm(&["--vcpus", "2", "--working-set", "12K"]),
+        "--working-set",
+        "12K",
+        "use --working-set 8K or 16K",
+    );
     refused(
         &vm(&["--size", "64M", "--working-set", "64M"]),
         "--working-set",
@@ -265,6 +278,64 @@ fn demo_vm_migrates_a_guest_and_matches_the_unmigrated_checksum() {
     assert!(report["kvm"]["note"].is_string(), "{report}");
     // No progress lines with --json.
     assert!(!stderr.contains("round 0"), "{stderr}");
+}
+
+#[test]
+fn demo_vm_idle_guest_idles_for_guest_seconds_and_migrates() {
+    if !kvm_usable("demo_vm_idle_guest_idles_for_guest_seconds_and_migrates") {
+        return;
+    }
+    let out = precopy(&[
+        "demo",
+        "--vm",
+        "--size",
+        "16M",
+        "--dirty-rate",
+        "0",
+        "--guest-seconds",
+        "2",
+        "--warmup",
+        "0.3",
+        "--vcpus",
+        "2",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "demo --vm --dirty-rate 0 failed: {stderr}"
+    );
+    let report = one_object(&out);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["checksums_match"], true, "{report}");
+    // Still idling when the migration switched over: migrated live.
+    assert_eq!(
+        report["source"]["finished_before_switch_over"], false,
+        "{report}"
+    );
+    // An idle guest: no pass, --guest-seconds of idle ticks, and not one page written.
+    assert_eq!(report["guest"]["passes"], 0, "{report}");
+    assert_eq!(
+        report["guest"]["idle_seconds"].as_f64(),
+        Some(2.0),
+        "{report}"
+    );
+    assert_eq!(
+        report["guest"]["dirty_rate_bytes_per_s"],
+        Value::Null,
+        "{report}"
+    );
+    assert_eq!(
+        report["source"]["guest_write_rate"].as_f64(),
+        Some(0.0),
+        "{report}"
+    );
+    for round in report["source"]["cross_check"].as_array().unwrap() {
+        assert_eq!(
+            round["kvm_pages"], 0,
+            "KVM saw an idle guest write: {report}"
+        );
+    }
 }
 
 #[test]

@@ -21,8 +21,10 @@
 //! page held, a page that a migration delivered stale, or not at all, changes the checksum.
 //!
 //! Every `chunk` pages it writes the running checksum to [`PORT_PROGRESS`] (an `OUT`, so a
-//! `KVM_EXIT_IO` the VMM sees: progress, a place to pace the guest and a place to pause it); at
-//! the end it writes the final checksum to [`PORT_DONE`] and executes `HLT`.
+//! `KVM_EXIT_IO` the VMM sees: progress, a place to pace the guest and a place to pause it).
+//! After its passes it idles for `idle_ticks` ticks: an `OUT` to [`PORT_IDLE`] per tick, where
+//! the VMM waits [`IDLE_TICK`], and no memory access (an idle guest: `--dirty-rate 0`). At the
+//! end it writes the final checksum to [`PORT_DONE`] and executes `HLT`.
 //!
 //! [`GuestProgram::expected`] computes the same checksums in Rust, so a run can be checked
 //! without trusting either side alone.
@@ -42,6 +44,10 @@ pub const MAX_VCPUS: u32 = 64;
 pub const PORT_PROGRESS: u16 = 0x10;
 /// I/O port the guest writes its final checksum to before `HLT`.
 pub const PORT_DONE: u16 = 0x11;
+/// I/O port the guest writes to once per idle tick, after its passes.
+pub const PORT_IDLE: u16 = 0x12;
+/// How long the VMM holds the vCPU at each idle tick.
+pub const IDLE_TICK: std::time::Duration = std::time::Duration::from_millis(10);
 /// Guest page size.
 pub const PAGE: u64 = 4096;
 
@@ -64,6 +70,8 @@ impl ParamBlock {
     pub const SEED: u64 = 20;
     /// Pages left until the next progress report (the guest counts it down).
     pub const COUNTDOWN: u64 = 24;
+    /// Idle ticks after the passes.
+    pub const IDLE: u64 = 28;
     /// Size of a block.
     pub const SIZE: u64 = 64;
 }
@@ -83,6 +91,9 @@ pub struct GuestProgram {
     pub passes: u32,
     /// Pages between progress reports (each one is a `KVM_EXIT_IO`).
     pub chunk: u32,
+    /// Ticks of [`IDLE_TICK`] the guest idles after its passes, writing nothing (0: none).
+    #[serde(default)]
+    pub idle_ticks: u32,
 }
 
 impl GuestProgram {
@@ -100,9 +111,17 @@ impl GuestProgram {
             stride: scatter_stride(pages),
             passes,
             chunk: 16,
+            idle_ticks: 0,
         };
         program.validate()?;
         Ok(program)
+    }
+
+    /// The same program, idling `ticks` ticks of [`IDLE_TICK`] after its passes. The idle
+    /// ticks change no byte the guest writes and not its checksum.
+    pub fn with_idle_ticks(mut self, ticks: u32) -> Self {
+        self.idle_ticks = ticks;
+        self
     }
 
     /// Checks the fields against each other.
@@ -178,6 +197,7 @@ impl GuestProgram {
             (ParamBlock::CHUNK, self.chunk),
             (ParamBlock::SEED, Self::seed(cpu)),
             (ParamBlock::COUNTDOWN, self.chunk),
+            (ParamBlock::IDLE, self.idle_ticks),
         ] {
             b[off as usize..off as usize + 4].copy_from_slice(&v.to_le_bytes());
         }
@@ -247,6 +267,8 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
     let mut no_wrap = a.create_label();
     let mut next = a.create_label();
     let mut done = a.create_label();
+    let mut idle_loop = a.create_label();
+    let mut finish = a.create_label();
 
     // edx = checksum, ebp = pass, ecx = page index, edi = pages left in this pass.
     a.mov(edx, p(ParamBlock::SEED))?;
@@ -295,7 +317,19 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
     a.inc(ebp)?;
     a.jmp(pass_loop)?;
 
+    // Idle: one exit per tick, no memory access; ecx counts the ticks left (a register, so it
+    // travels with the vCPU state when the guest migrates mid-idle).
     a.set_label(&mut done)?;
+    a.mov(ecx, p(ParamBlock::IDLE))?;
+    a.set_label(&mut idle_loop)?;
+    a.test(ecx, ecx)?;
+    a.jz(finish)?;
+    a.mov(eax, edx)?;
+    a.out(u32::from(PORT_IDLE), eax)?;
+    a.dec(ecx)?;
+    a.jmp(idle_loop)?;
+
+    a.set_label(&mut finish)?;
     a.mov(eax, edx)?;
     a.out(u32::from(PORT_DONE), eax)?;
     a.hlt()?;
@@ -318,6 +352,18 @@ mod tests {
         bad.stride = 1;
         bad.pages_per_vcpu = u32::MAX;
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn idle_ticks_change_no_checksum() {
+        let p = GuestProgram::new(2, 4 << 20, 64 * PAGE, 2).unwrap();
+        let idle = p.clone().with_idle_ticks(100);
+        assert_eq!(p.expected(), idle.expected());
+        assert_eq!(
+            &idle.params(0)[ParamBlock::IDLE as usize..][..4],
+            &100u32.to_le_bytes()
+        );
+        assert!(idle.validate().is_ok());
     }
 
     #[test]

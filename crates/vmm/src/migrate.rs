@@ -523,7 +523,8 @@ pub struct VmDemoOptions {
 pub struct VmDemoReport {
     /// The checksum the program must end with, computed in Rust.
     pub expected: u32,
-    /// The run without migration (unpaced: the pace does not change what the guest computes).
+    /// The run without migration, unpaced: the same program as fast as the vCPUs run it, without
+    /// its idle ticks (neither the pace nor the idle ticks change what the guest computes).
     pub unmigrated: RunOutcome,
     /// The source side of the migrated run.
     pub source: SourceReport,
@@ -546,6 +547,7 @@ pub fn demo(
     let expected = crate::guest::combined_checksum(&opts.config.program.expected());
     let unmigrated = {
         let config = crate::vm::VmConfig {
+            program: opts.config.program.clone().with_idle_ticks(0),
             dirty_rate: None,
             kvm_dirty_log: false,
             ..opts.config.clone()

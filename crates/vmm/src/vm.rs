@@ -15,7 +15,7 @@
 //! guest would execute the `OUT` twice. (KVM's API documentation, "immediate_exit".)
 
 use crate::error::Error;
-use crate::guest::{CODE_GPA, GuestProgram, PAGE, PORT_DONE, PORT_PROGRESS};
+use crate::guest::{CODE_GPA, GuestProgram, IDLE_TICK, PAGE, PORT_DONE, PORT_IDLE, PORT_PROGRESS};
 use crate::state::{VcpuDevice, VcpuState, VmState, monotonic_ns};
 use kvm_bindings::{kvm_regs, kvm_segment};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -402,6 +402,11 @@ fn vcpu_loop(
             Ok(VcpuExit::IoOut(PORT_PROGRESS, data)) => {
                 st.device.progress(le_u32(data));
                 shared.reports.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(VcpuExit::IoOut(PORT_IDLE, _)) => {
+                // An idle tick: the guest wrote nothing and waits here.
+                sleep_unless_paused(shared, IDLE_TICK);
+                continue;
             }
             Ok(VcpuExit::IoOut(PORT_DONE, data)) => {
                 st.device.done = Some(le_u32(data));

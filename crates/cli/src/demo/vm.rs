@@ -19,7 +19,7 @@ use crate::output::outln;
 use anyhow::{Result, anyhow};
 use precopy_migrate::{MigrationConfig, ThrottleConfig};
 use precopy_transfer::FinalCheck;
-use precopy_vmm::guest::{DATA_GPA, MAX_VCPUS, PAGE};
+use precopy_vmm::guest::{DATA_GPA, IDLE_TICK, MAX_VCPUS, PAGE};
 use precopy_vmm::{GuestProgram, KvmHost, MigrateOptions, RamBacking, VmConfig, VmDemoOptions};
 use serde_json::{Value, json};
 use std::process::{Command, ExitCode};
@@ -29,8 +29,8 @@ use std::time::Duration;
 #[derive(Debug, clap::Args)]
 pub struct VmArgs {
     /// Migrate a KVM guest (this process is its VMM) instead of a process; `--size` is its RAM
-    /// (2M to 4G, whole 4 KiB pages) and `--dirty-rate` the rate its vCPUs write at (0: as fast
-    /// as they run). The process-only flags (--threads, --pattern, --hot-set, --memory,
+    /// (2M to 4G, whole 4 KiB pages) and `--dirty-rate` the rate its vCPUs write at (0: the
+    /// guest idles, writing nothing, for --guest-seconds). The process-only flags (--threads, --pattern, --hot-set, --memory,
     /// --bandwidth, --to, --transport, --streams, --compress, --timeout, --on-timeout,
     /// --throttle, --pause, --listen, --dest-netns, --progress) are refused with it.
     #[arg(
@@ -45,12 +45,13 @@ pub struct VmArgs {
     /// vCPUs of the guest, 1 to 64.
     #[arg(long, default_value_t = 2, requires = "vm", allow_hyphen_values = true)]
     vcpus: i64,
-    /// Guest RAM the vCPUs write per pass, together: at least one page per vCPU, at most
-    /// --size minus the first 1 MiB (default: a quarter of --size).
+    /// Guest RAM the vCPUs write per pass, together: whole 4 KiB pages, the same number for
+    /// every vCPU (a multiple of 4K x --vcpus), at most --size minus the first 1 MiB (default:
+    /// a quarter of --size, rounded down to such a multiple).
     #[arg(long, value_parser = parse_size, requires = "vm", allow_hyphen_values = true)]
     working_set: Option<Size>,
-    /// Length of the guest's program, in seconds of writing at --dirty-rate (more than 0, at
-    /// most 3600).
+    /// Length of the guest's program, in seconds of writing at --dirty-rate, or of idling with
+    /// --dirty-rate 0 (more than 0, at most 3600).
     #[arg(
         long,
         default_value_t = 10.0,
@@ -106,6 +107,14 @@ pub fn run_dest(args: VmDestArgs) -> Result<ExitCode> {
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
+
+/// What backs guest RAM, in words.
+fn backing_name(b: RamBacking) -> &'static str {
+    match b {
+        RamBacking::Anonymous => "anonymous",
+        RamBacking::Memfd => "memfd",
+    }
+}
 /// Smallest guest RAM: the first 1 MiB holds code and parameters, the vCPUs write above it.
 const MIN_RAM: u64 = 2 << 20;
 /// Largest guest RAM: the guest is 32-bit without paging.
@@ -182,8 +191,10 @@ fn validate(args: &Args) -> Result<VmPlan> {
         }
     }
     let data = size.bytes - DATA_GPA;
+    // The vCPUs write equal shares of whole pages.
+    let share = u64::from(vcpus) * PAGE;
     let working_set = match &vm.working_set {
-        None => (size.bytes / 4).clamp(u64::from(vcpus) * PAGE, data),
+        None => (size.bytes / 4).clamp(share, data) / share * share,
         Some(w) => {
             if w.bytes < u64::from(vcpus) * PAGE {
                 return Err(invalid(
@@ -206,8 +217,27 @@ fn validate(args: &Args) -> Result<VmPlan> {
                     ),
                     format!(
                         "use --working-set {}K or less, or a larger --size",
-                        data / 1024
+                        data / share * share / 1024
                     ),
+                ));
+            }
+            if w.bytes % share != 0 {
+                let below = w.bytes / share * share;
+                let above = below + share;
+                let fix = if above <= data {
+                    format!("use --working-set {}K or {}K", below / 1024, above / 1024)
+                } else {
+                    format!("use --working-set {}K", below / 1024)
+                };
+                return Err(invalid(
+                    "--working-set",
+                    w,
+                    format!(
+                        "is {} bytes, not a whole number of 4 KiB pages for each of the {vcpus} vCPUs (a multiple of {}): the guest would write less than asked",
+                        w.bytes,
+                        human(share)
+                    ),
+                    fix,
                 ));
             }
             w.bytes
@@ -233,11 +263,8 @@ fn validate(args: &Args) -> Result<VmPlan> {
         ));
     }
     let rate = args.dirty_rate.bytes;
-    let writes = if rate == 0 {
-        working_set / PAGE * 4
-    } else {
-        (rate as f64 * secs / PAGE as f64) as u64
-    };
+    // Rate 0: an idle guest, no page writes.
+    let writes = (rate as f64 * secs / PAGE as f64) as u64;
     if writes > MAX_WRITES {
         return Err(invalid(
             "--dirty-rate",
@@ -268,13 +295,14 @@ fn validate(args: &Args) -> Result<VmPlan> {
             "use e.g. --max-rounds 30, or --max-rounds 1 to switch over right after round 0",
         ));
     }
-    let passes = if rate == 0 {
-        4
+    let program = if rate == 0 {
+        // Idle for --guest-seconds: no pass, only idle ticks (at most 3600 s / 10 ms).
+        let ticks = (secs / IDLE_TICK.as_secs_f64()).ceil() as u32;
+        GuestProgram::new(vcpus, size.bytes, working_set, 0)?.with_idle_ticks(ticks)
     } else {
-        ((rate as f64 * secs) / working_set as f64).ceil() as u32
-    }
-    .max(1);
-    let program = GuestProgram::new(vcpus, size.bytes, working_set, passes)?;
+        let passes = ((rate as f64 * secs) / working_set as f64).ceil().max(1.0) as u32;
+        GuestProgram::new(vcpus, size.bytes, working_set, passes)?
+    };
     Ok(VmPlan {
         program,
         backing: RamBacking::memfd_if(vm.memfd),
@@ -322,9 +350,10 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let guest = json!({
         "vcpus": program.vcpus,
         "ram_bytes": program.ram_size,
-        "backing": plan.backing,
+        "backing": backing_name(plan.backing),
         "working_set_bytes": program.working_set(),
         "passes": program.passes,
+        "idle_seconds": f64::from(program.idle_ticks) * IDLE_TICK.as_secs_f64(),
         "dirty_rate_bytes_per_s": plan.dirty_rate,
     });
     let kvm = json!({
@@ -336,17 +365,24 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     });
     let json = args.json;
     if !json {
+        let writes = match plan.dirty_rate {
+            Some(r) => format!(
+                "writes {} per pass x {} pass{}, paced to {:.0} MiB/s",
+                human(program.working_set()),
+                program.passes,
+                if program.passes == 1 { "" } else { "es" },
+                r as f64 / MIB
+            ),
+            None => format!(
+                "idles for {:.1} s, writing nothing (--dirty-rate 0)",
+                f64::from(program.idle_ticks) * IDLE_TICK.as_secs_f64()
+            ),
+        };
         eprintln!(
-            "guest: {} vCPU(s), {} of RAM ({:?}), writes {} per pass x {} passes{}",
+            "guest: {} vCPU(s), {} of RAM ({}), {writes}",
             program.vcpus,
             human(program.ram_size),
-            plan.backing,
-            human(program.working_set()),
-            program.passes,
-            match plan.dirty_rate {
-                Some(r) => format!(", paced to {:.0} MiB/s", r as f64 / MIB),
-                None => ", unpaced".into(),
-            }
+            backing_name(plan.backing),
         );
         eprintln!("note: {}", host.note());
         eprintln!("running it once without migration, then migrating it live ...");
