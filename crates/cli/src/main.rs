@@ -77,6 +77,38 @@ enum Command {
     VmDest(demo::VmDestArgs),
 }
 
+/// Gives clap's "the argument A cannot be used with B" the fix it lacks, as a `tip:` line: which
+/// flag to leave out.
+fn add_conflict_fix(e: &mut clap::Error) {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::ArgumentConflict {
+        return;
+    }
+    // "--threads <THREADS>" -> "--threads".
+    let flag = |s: &str| s.split_whitespace().next().unwrap_or(s).to_string();
+    let Some(ContextValue::String(given)) = e.get(ContextKind::InvalidArg) else {
+        return;
+    };
+    let given = flag(given);
+    let others: Vec<String> = match e.get(ContextKind::PriorArg) {
+        Some(ContextValue::String(s)) => vec![flag(s)],
+        Some(ContextValue::Strings(v)) => v.iter().map(|s| flag(s)).collect(),
+        _ => Vec::new(),
+    };
+    let tip = if others.is_empty() || others.iter().all(|o| *o == given) {
+        format!("give {given} once")
+    } else {
+        format!(
+            "leave out {given} or {}: they do not go together (see --help)",
+            others.join(" and ")
+        )
+    };
+    e.insert(
+        ContextKind::Suggested,
+        ContextValue::StyledStrs(vec![tip.into()]),
+    );
+}
+
 fn main() -> ExitCode {
     // A parent that blocked SIGINT/SIGTERM/SIGHUP (`demo` does, see `interrupt`) passed the
     // block on: undo it, so Ctrl-C and SIGTERM work here as anywhere.
@@ -93,9 +125,10 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
-        Err(e) => {
+        Err(mut e) => {
             // clap's message names the flag and the value as typed; keep all of it (tips and
             // usage too), with the same prefix as every other error.
+            add_conflict_fix(&mut e);
             let detail = e.render().to_string();
             let detail = detail.trim_end();
             eprintln!("precopy: {detail}");

@@ -172,8 +172,8 @@ fn demo_vm_refuses_bad_values_up_front() {
     );
 }
 
-/// A usage error from clap (conflicting flags): exit 2, both flags named on stderr, and with
-/// `--json` one object with `ok: false`.
+/// A usage error from clap (conflicting flags): exit 2, both flags named on stderr with the fix
+/// (leave one out), and with `--json` one object with `ok: false` holding clap's whole message.
 fn conflict(args: &[&str], a: &str, b: &str) {
     let out = precopy(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -182,10 +182,21 @@ fn conflict(args: &[&str], a: &str, b: &str) {
         stderr.contains("cannot be used with") && stderr.contains(a) && stderr.contains(b),
         "{args:?}: {stderr}"
     );
+    let fix = format!("tip: leave out {a} or {b}");
+    let fix_swapped = format!("tip: leave out {b} or {a}");
+    assert!(
+        stderr.contains(&fix) || stderr.contains(&fix_swapped),
+        "{args:?}: no fix naming {a} and {b} in {stderr}"
+    );
     let mut with_json = args.to_vec();
     with_json.push("--json");
     let v = one_object(&precopy(&with_json));
     assert_eq!(v["ok"], false, "{v}");
+    // clap's whole message: the conflict, the fix and the usage line.
+    let message = v["error"]["message"].as_str().unwrap();
+    for part in ["cannot be used with", "tip: leave out", "Usage:"] {
+        assert!(message.contains(part), "{part:?} missing from {v}");
+    }
 }
 
 #[test]
