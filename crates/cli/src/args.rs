@@ -141,6 +141,74 @@ pub fn check_max_rounds(n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Smallest KVM guest RAM (`demo --vm --size`, `bench --kvm --sizes`): the first 1 MiB holds
+/// the guest's code and parameters.
+pub const MIN_GUEST_RAM: u64 = 2 << 20;
+/// Largest KVM guest RAM: the guest is 32-bit without paging.
+pub const MAX_GUEST_RAM: u64 = 4 << 30;
+
+/// `flag`'s value `size` as a KVM guest's RAM: 2 MiB to 4 GiB in whole 4 KiB pages.
+pub fn check_guest_ram(flag: &'static str, size: &Size) -> anyhow::Result<()> {
+    let page = 4096;
+    if (MIN_GUEST_RAM..=MAX_GUEST_RAM).contains(&size.bytes) && size.bytes % page == 0 {
+        return Ok(());
+    }
+    let fix = if size.bytes > MAX_GUEST_RAM {
+        format!("use {flag} 4G or less")
+    } else if size.bytes < MIN_GUEST_RAM {
+        format!("use {flag} 2M or more")
+    } else {
+        format!("use {flag} {}K (whole pages)", size.bytes / page * 4)
+    };
+    Err(invalid(
+        flag,
+        size,
+        format!(
+            "guest RAM is {} bytes: it must be 2 MiB to 4 GiB (a 32-bit guest without paging) in whole 4 KiB pages",
+            size.bytes
+        ),
+        fix,
+    ))
+}
+
+/// Refuses `flag`'s value `size` when the `need` bytes it takes (`why`: what holds them, or
+/// `None` when it is `size` itself) do not fit the memory this process can still use
+/// ([`available_memory`]); `fix` gets the bytes available.
+pub fn check_fits_memory(
+    flag: &'static str,
+    size: &Size,
+    need: u64,
+    why: Option<&str>,
+    fix: impl FnOnce(u64) -> String,
+) -> anyhow::Result<()> {
+    let Some((avail, what)) = available_memory() else {
+        return Ok(());
+    };
+    if need <= avail {
+        return Ok(());
+    }
+    let problem = match why {
+        None => format!("is more than the {} of {what}", human(avail)),
+        Some(why) => format!(
+            "{why}: {} in all, more than the {} of {what}",
+            human(need),
+            human(avail)
+        ),
+    };
+    Err(invalid(flag, size, problem, fix(avail)))
+}
+
+/// What KVM this host offers, for a report's `kvm` object.
+pub fn kvm_host_json(host: &precopy_vmm::KvmHost) -> serde_json::Value {
+    serde_json::json!({
+        "module": host.module,
+        "second_level_paging": host.second_level_paging,
+        "nested": host.nested,
+        "emulated": host.emulated(),
+        "note": host.note(),
+    })
+}
+
 /// Where `send` and `recv` write or listen, as typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dest {

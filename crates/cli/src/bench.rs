@@ -18,9 +18,7 @@
 
 mod kvm;
 
-use crate::args::{
-    Size, available_memory, count_at_most, cpus, human, invalid, parse_count, parse_size,
-};
+use crate::args::{Size, check_fits_memory, count_at_most, cpus, invalid, parse_count, parse_size};
 use crate::interrupt::Interrupts;
 use crate::output;
 use crate::output::out;
@@ -121,7 +119,6 @@ pub struct Args {
 
 /// Checks every flag against its real limit before anything runs.
 fn validate(args: &Args) -> Result<Vec<BackendKind>> {
-    let avail = available_memory();
     for size in &args.sizes {
         if size.bytes < HUGE || size.bytes % HUGE != 0 {
             return Err(invalid(
@@ -134,16 +131,9 @@ fn validate(args: &Args) -> Result<Vec<BackendKind>> {
                 "use e.g. --sizes 64M,1G (K/M/G are binary)",
             ));
         }
-        if let Some((avail, what)) = avail {
-            if size.bytes > avail {
-                return Err(invalid(
-                    "--sizes",
-                    size,
-                    format!("is more than the {} of {what}", human(avail)),
-                    format!("use sizes up to {}M", avail / HUGE * 2),
-                ));
-            }
-        }
+        check_fits_memory("--sizes", size, size.bytes, None, |avail| {
+            format!("use sizes up to {}M", avail / HUGE * 2)
+        })?;
     }
     let max_threads = 4 * cpus();
     for &t in &args.threads {

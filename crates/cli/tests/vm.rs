@@ -88,90 +88,6 @@ fn refused(args: &[&str], flag: &str, value: &str, problem: &str) {
     assert!(message.starts_with(&format!("{flag} {value}: ")), "{v}");
 }
 
-#[test]
-fn demo_vm_refuses_bad_values_up_front() {
-    let vm = |extra: &[&'static str]| [&["demo", "--vm"][..], extra].concat();
-    refused(&vm(&["--vcpus", "0"]), "--vcpus", "0", "1 to 64 vCPUs");
-    refused(&vm(&["--vcpus", "65"]), "--vcpus", "65", "1 to 64 vCPUs");
-    refused(&vm(&["--vcpus", "-1"]), "--vcpus", "-1", "1 to 64 vCPUs");
-    refused(
-        &vm(&["--working-set", "0"]),
-        "--working-set",
-        "0",
-        "one 4 KiB page for each",
-    );
-    // Two vCPUs write equal shares of whole pages: 12K would be cut to 8K.
-    refused(
-        &vm(&["--vcpus", "2", "--working-set", "12K"]),
-        "--working-set",
-        "12K",
-        "not a whole number of 4 KiB pages for each of the 2 vCPUs",
-    );
-    refused(
-        &vm(&["--vcpus", "2", "--working-set", "12K"]),
-        "--working-set",
-        "12K",
-        "use --working-set 8K or 16K",
-    );
-    refused(
-        &vm(&["--size", "64M", "--working-set", "64M"]),
-        "--working-set",
-        "64M",
-        "above the first 1 MiB",
-    );
-    refused(
-        &vm(&["--guest-seconds", "0"]),
-        "--guest-seconds",
-        "0",
-        "more than 0 and at most 3600",
-    );
-    refused(
-        &vm(&["--guest-seconds", "3601"]),
-        "--guest-seconds",
-        "3601",
-        "at most 3600",
-    );
-    refused(
-        &vm(&["--guest-seconds", "2", "--warmup", "2"]),
-        "--warmup",
-        "2",
-        "less than --guest-seconds",
-    );
-    refused(&vm(&["--size", "8G"]), "--size", "8G", "2 MiB to 4 GiB");
-    refused(&vm(&["--size", "1M"]), "--size", "1M", "2 MiB to 4 GiB");
-    refused(
-        &vm(&["--size", "2050K"]),
-        "--size",
-        "2050K",
-        "whole 4 KiB pages",
-    );
-    refused(
-        &vm(&["--dirty-rate", "1T", "--guest-seconds", "3600"]),
-        "--dirty-rate",
-        "1T",
-        "pages",
-    );
-    refused(
-        &vm(&["--max-rounds", "0"]),
-        "--max-rounds",
-        "0",
-        "1 to 10000",
-    );
-    refused(
-        &vm(&["--max-rounds", "10001"]),
-        "--max-rounds",
-        "10001",
-        "1 to 10000",
-    );
-    refused(&vm(&["--max-downtime", "0"]), "--max-downtime", "0", "0 ms");
-    refused(
-        &vm(&["--max-downtime", "2000001"]),
-        "--max-downtime",
-        "2000001",
-        "2000 s",
-    );
-}
-
 /// A usage error from clap (conflicting flags): exit 2, both flags named on stderr with the fix
 /// (leave one out), and with `--json` one object with `ok: false` holding clap's whole message.
 fn conflict(args: &[&str], a: &str, b: &str) {
@@ -225,12 +141,134 @@ fn vm_and_kvm_refuse_flags_they_do_not_use() {
 }
 
 #[test]
-fn bench_kvm_refuses_bad_values_up_front() {
-    let kvm = |extra: &[&'static str]| [&["bench", "--kvm"][..], extra].concat();
-    refused(&kvm(&["--rounds", "0"]), "--rounds", "0", "1 to 1000");
-    refused(&kvm(&["--rounds", "1001"]), "--rounds", "1001", "1 to 1000");
-    refused(&kvm(&["--sizes", "1M"]), "--sizes", "1M", "2 MiB to 4 GiB");
-    refused(&kvm(&["--sizes", "5G"]), "--sizes", "5G", "2 MiB to 4 GiB");
+fn demo_vm_and_bench_kvm_refuse_bad_values_up_front() {
+    const DEMO: &[&str] = &["demo", "--vm"];
+    const BENCH: &[&str] = &["bench", "--kvm"];
+    // (command, extra flags, flag refused, value as typed, words its problem or fix holds)
+    let table: &[(&[&str], &[&str], &str, &str, &str)] = &[
+        (DEMO, &["--vcpus", "0"], "--vcpus", "0", "1 to 64 vCPUs"),
+        (DEMO, &["--vcpus", "65"], "--vcpus", "65", "1 to 64 vCPUs"),
+        (DEMO, &["--vcpus", "-1"], "--vcpus", "-1", "1 to 64 vCPUs"),
+        (
+            DEMO,
+            &["--working-set", "0"],
+            "--working-set",
+            "0",
+            "one 4 KiB page for each",
+        ),
+        // Two vCPUs write equal shares of whole pages: 12K would be cut to 8K.
+        (
+            DEMO,
+            &["--vcpus", "2", "--working-set", "12K"],
+            "--working-set",
+            "12K",
+            "not a whole number of 4 KiB pages for each of the 2 vCPUs",
+        ),
+        (
+            DEMO,
+            &["--vcpus", "2", "--working-set", "12K"],
+            "--working-set",
+            "12K",
+            "use --working-set 8K or 16K",
+        ),
+        (
+            DEMO,
+            &["--size", "64M", "--working-set", "64M"],
+            "--working-set",
+            "64M",
+            "above the first 1 MiB",
+        ),
+        (
+            DEMO,
+            &["--guest-seconds", "0"],
+            "--guest-seconds",
+            "0",
+            "more than 0 and at most 3600",
+        ),
+        (
+            DEMO,
+            &["--guest-seconds", "3601"],
+            "--guest-seconds",
+            "3601",
+            "at most 3600",
+        ),
+        (
+            DEMO,
+            &["--guest-seconds", "2", "--warmup", "2"],
+            "--warmup",
+            "2",
+            "less than --guest-seconds",
+        ),
+        (DEMO, &["--size", "8G"], "--size", "8G", "2 MiB to 4 GiB"),
+        (
+            DEMO,
+            &["--size", "1M"],
+            "--size",
+            "1M",
+            "use --size 2M or more",
+        ),
+        (
+            DEMO,
+            &["--size", "2050K"],
+            "--size",
+            "2050K",
+            "whole 4 KiB pages",
+        ),
+        (
+            DEMO,
+            &["--dirty-rate", "1T", "--guest-seconds", "3600"],
+            "--dirty-rate",
+            "1T",
+            "pages",
+        ),
+        (
+            DEMO,
+            &["--max-rounds", "0"],
+            "--max-rounds",
+            "0",
+            "at least 1",
+        ),
+        (
+            DEMO,
+            &["--max-rounds", "1000001"],
+            "--max-rounds",
+            "1000001",
+            "more than 1000000",
+        ),
+        (
+            DEMO,
+            &["--max-downtime", "0"],
+            "--max-downtime",
+            "0",
+            "0 ms",
+        ),
+        (
+            DEMO,
+            &["--max-downtime", "3600001"],
+            "--max-downtime",
+            "3600001",
+            "more than an hour",
+        ),
+        (BENCH, &["--rounds", "0"], "--rounds", "0", "1 to 1000"),
+        (
+            BENCH,
+            &["--rounds", "1001"],
+            "--rounds",
+            "1001",
+            "1 to 1000",
+        ),
+        (BENCH, &["--sizes", "1M"], "--sizes", "1M", "2 MiB to 4 GiB"),
+        (
+            BENCH,
+            &["--sizes", "5G"],
+            "--sizes",
+            "5G",
+            "use --sizes 4G or less",
+        ),
+    ];
+    for (command, extra, flag, value, problem) in table {
+        refused(&[*command, *extra].concat(), flag, value, problem);
+    }
 }
 
 #[test]

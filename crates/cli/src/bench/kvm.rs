@@ -5,7 +5,7 @@
 //! object (`ok`, `error`, `kvm_bench`: the rows, `kvm`: what KVM this host offers).
 
 use super::{Args, MIB};
-use crate::args::{available_memory, human, invalid};
+use crate::args::{check_fits_memory, check_guest_ram, invalid, kvm_host_json};
 use crate::output;
 use crate::output::out;
 use anyhow::Result;
@@ -14,37 +14,16 @@ use precopy_vmm::bench::BenchRow;
 use serde_json::json;
 use std::process::ExitCode;
 
-/// Smallest and largest guest RAM (a 32-bit guest without paging; its first 1 MiB holds code).
-const MIN_RAM: u64 = 2 << 20;
-const MAX_RAM: u64 = 4 << 30;
 /// Most measured rounds per mechanism and fraction.
 const MAX_ROUNDS: u64 = 1000;
 
 /// The sizes, fractions and rounds the flags ask for, once checked.
 fn validate(args: &Args) -> Result<(Vec<u64>, Vec<f64>, usize)> {
-    let avail = available_memory();
     for size in &args.sizes {
-        if size.bytes < MIN_RAM || size.bytes > MAX_RAM || size.bytes % 4096 != 0 {
-            return Err(invalid(
-                "--sizes",
-                size,
-                format!(
-                    "guest RAM is {} bytes: it must be 2 MiB to 4 GiB (a 32-bit guest without paging) in whole 4 KiB pages",
-                    size.bytes
-                ),
-                "use e.g. --sizes 64M,1G (K/M/G are binary)",
-            ));
-        }
-        if let Some((avail, what)) = avail {
-            if size.bytes > avail {
-                return Err(invalid(
-                    "--sizes",
-                    size,
-                    format!("is more than the {} of {what}", human(avail)),
-                    format!("use sizes up to {}M", avail / MIB),
-                ));
-            }
-        }
+        check_guest_ram("--sizes", size)?;
+        check_fits_memory("--sizes", size, size.bytes, None, |avail| {
+            format!("use sizes up to {}M", avail / MIB)
+        })?;
     }
     let rounds = args.rounds.unwrap_or(7);
     if rounds == 0 || rounds > MAX_ROUNDS {
@@ -72,13 +51,7 @@ fn validate(args: &Args) -> Result<(Vec<u64>, Vec<f64>, usize)> {
 pub fn run(args: &Args) -> Result<ExitCode> {
     let (sizes, fractions, rounds) = validate(args)?;
     let host = KvmHost::detect();
-    let kvm = json!({
-        "module": host.module,
-        "second_level_paging": host.second_level_paging,
-        "nested": host.nested,
-        "emulated": host.emulated(),
-        "note": host.note(),
-    });
+    let kvm = kvm_host_json(&host);
     let mut rows: Vec<BenchRow> = Vec::new();
     for &size in &sizes {
         eprintln!(

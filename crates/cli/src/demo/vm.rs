@@ -13,7 +13,10 @@
 //! `--json`, stdout holds exactly one JSON object (`ok`, `error`, durations in milliseconds).
 
 use super::{Args, CheckKind, policy};
-use crate::args::{Size, available_memory, cpus, human, invalid, parse_size};
+use crate::args::{
+    Size, check_fits_memory, check_guest_ram, check_max_downtime, check_max_rounds, cpus, human,
+    invalid, kvm_host_json, parse_size,
+};
 use crate::output;
 use crate::output::outln;
 use anyhow::{Result, anyhow};
@@ -115,21 +118,11 @@ fn backing_name(b: RamBacking) -> &'static str {
         RamBacking::Memfd => "memfd",
     }
 }
-/// Smallest guest RAM: the first 1 MiB holds code and parameters, the vCPUs write above it.
-const MIN_RAM: u64 = 2 << 20;
-/// Largest guest RAM: the guest is 32-bit without paging.
-const MAX_RAM: u64 = 4 << 30;
 /// Longest guest program and warm-up, seconds.
 const MAX_SECONDS: f64 = 3600.0;
 /// Most page writes a guest program makes in all: the demo computes the expected checksum in
 /// Rust, one step per page write (about a second per 2^30 on this class of machine).
 const MAX_WRITES: u64 = 1 << 32;
-
-/// Longest `--max-downtime`: QEMU's limit on `downtime-limit` (2000 s, `MAX_MIGRATE_DOWNTIME` in
-/// QEMU's `migration/options.c`).
-const MAX_DOWNTIME_MS: u64 = 2_000_000;
-/// Most `--max-rounds`.
-const MAX_ROUNDS: u64 = 10_000;
 
 /// The guest and migration the flags describe, once checked.
 #[derive(Debug)]
@@ -157,39 +150,14 @@ fn validate(args: &Args) -> Result<VmPlan> {
         ));
     }
     let vcpus = vm.vcpus as u32;
-    if size.bytes < MIN_RAM || size.bytes > MAX_RAM || size.bytes % PAGE != 0 {
-        let fix = if size.bytes > MAX_RAM {
-            "use --size 4G or less".to_string()
-        } else if size.bytes < MIN_RAM {
-            "use at least --size 2M".to_string()
-        } else {
-            format!("use --size {}K", size.bytes / PAGE * 4)
-        };
-        return Err(invalid(
-            "--size",
-            size,
-            format!(
-                "guest RAM is {} bytes: it must be 2 MiB to 4 GiB (a 32-bit guest without paging) in whole 4 KiB pages",
-                size.bytes
-            ),
-            fix,
-        ));
-    }
-    if let Some((avail, what)) = available_memory() {
-        let need = size.bytes.saturating_mul(2);
-        if need > avail {
-            return Err(invalid(
-                "--size",
-                size,
-                format!(
-                    "the demo holds guest RAM twice (source and destination VMM): {} in all, more than the {} of {what}",
-                    human(need),
-                    human(avail)
-                ),
-                format!("use --size {}M or less", (avail / 2) >> 20),
-            ));
-        }
-    }
+    check_guest_ram("--size", size)?;
+    check_fits_memory(
+        "--size",
+        size,
+        size.bytes.saturating_mul(2),
+        Some("the demo holds guest RAM twice (source and destination VMM)"),
+        |avail| format!("use --size {}M or less", (avail / 2) >> 20),
+    )?;
     let data = size.bytes - DATA_GPA;
     // The vCPUs write equal shares of whole pages.
     let share = u64::from(vcpus) * PAGE;
@@ -275,26 +243,8 @@ fn validate(args: &Args) -> Result<VmPlan> {
             "use a lower --dirty-rate or fewer --guest-seconds",
         ));
     }
-    if args.max_downtime == 0 || args.max_downtime > MAX_DOWNTIME_MS {
-        return Err(invalid(
-            "--max-downtime",
-            args.max_downtime,
-            format!(
-                "must be 1 to {MAX_DOWNTIME_MS} ms: no final round takes 0 ms, and QEMU's own limit on a guest's downtime is 2000 s"
-            ),
-            "use e.g. --max-downtime 50 (milliseconds; QEMU's default is 300)",
-        ));
-    }
-    if args.max_rounds == 0 || args.max_rounds > MAX_ROUNDS {
-        return Err(invalid(
-            "--max-rounds",
-            args.max_rounds,
-            format!(
-                "must be 1 to {MAX_ROUNDS}: round 0, which sends all guest RAM while the guest runs, counts, and every round scans all of guest RAM"
-            ),
-            "use e.g. --max-rounds 30, or --max-rounds 1 to switch over right after round 0",
-        ));
-    }
+    check_max_downtime(args.max_downtime)?;
+    check_max_rounds(args.max_rounds)?;
     let program = if rate == 0 {
         // Idle for --guest-seconds: no pass, only idle ticks (at most 3600 s / 10 ms).
         let ticks = (secs / IDLE_TICK.as_secs_f64()).ceil() as u32;
@@ -356,13 +306,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "idle_seconds": f64::from(program.idle_ticks) * IDLE_TICK.as_secs_f64(),
         "dirty_rate_bytes_per_s": plan.dirty_rate,
     });
-    let kvm = json!({
-        "module": host.module,
-        "second_level_paging": host.second_level_paging,
-        "nested": host.nested,
-        "emulated": host.emulated(),
-        "note": host.note(),
-    });
+    let kvm = kvm_host_json(&host);
     let json = args.json;
     if !json {
         let writes = match plan.dirty_rate {
