@@ -421,6 +421,7 @@ fn demo_vm_failure_prints_exactly_one_json_object() {
     assert_eq!(v["ok"], false, "{v}");
     let message = v["error"]["message"].as_str().unwrap();
     assert!(message.contains("migrating the guest failed"), "{v}");
+    assert!(!message.contains("1 rounds"), "{v}");
     assert_eq!(v["guest"]["vcpus"], 2, "{v}");
     // The error went to stderr once.
     assert_eq!(stderr.matches("precopy: error:").count(), 1, "{stderr}");
@@ -455,6 +456,27 @@ fn demo_vm_text_output_names_the_kvm_it_ran_on() {
     assert!(stdout.contains("MATCH"), "{stdout}");
     assert!(
         stdout.contains("VM state through the state hook"),
+        "{stdout}"
+    );
+    // Plain words: the backing by name, no Debug output, and the reference run said unpaced.
+    assert!(stderr.contains("of RAM (anonymous)"), "{stderr}");
+    assert!(!stdout.contains("Anonymous") && !stderr.contains("Anonymous"));
+    assert!(stdout.contains("reference run, unpaced"), "{stdout}");
+    // The host note is printed last on stdout: nothing points "above" to it.
+    assert!(!stdout.contains("note above"), "{stdout}");
+    // One cross-check row per scan: one per round after round 0, plus the final round's scan
+    // with the guest paused, marked so.
+    let rows: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("scan"))
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert!(rows.len() >= 2, "{stdout}");
+    assert!(rows.last().unwrap().contains("final"), "{stdout}");
+    assert_eq!(
+        rows.iter().filter(|r| r.contains("final")).count(),
+        1,
         "{stdout}"
     );
 }

@@ -23,7 +23,8 @@ impl std::fmt::Display for AbortReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             AbortReason::MaxRounds { rounds } => {
-                write!(f, "not converged after {rounds} rounds")
+                let s = if *rounds == 1 { "" } else { "s" };
+                write!(f, "not converged after {rounds} round{s}")
             }
             AbortReason::Timeout { limit } => write!(f, "not converged within {limit:?}"),
         }

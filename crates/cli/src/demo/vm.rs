@@ -305,6 +305,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "passes": program.passes,
         "idle_seconds": f64::from(program.idle_ticks) * IDLE_TICK.as_secs_f64(),
         "dirty_rate_bytes_per_s": plan.dirty_rate,
+        // The run without migration that gives the reference checksum.
+        "reference_run": "unpaced (as fast as the vCPUs go, no idle ticks)",
     });
     let kvm = kvm_host_json(&host);
     let json = args.json;
@@ -329,7 +331,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             backing_name(plan.backing),
         );
         eprintln!("note: {}", host.note());
-        eprintln!("running it once without migration, then migrating it live ...");
+        eprintln!(
+            "running it once without migration (the reference checksum; unpaced: as fast as the vCPUs go), then migrating it live ..."
+        );
     }
     let mut dest = Command::new(std::env::current_exe()?);
     dest.arg("__vm-dest");
@@ -386,12 +390,23 @@ fn print_report(r: &precopy_vmm::VmDemoReport, host: &KvmHost) {
     let m = &r.source.migration;
     outln!("{m}");
     if !r.source.cross_check.is_empty() {
-        outln!("KVM dirty log cross-check (KVM's pages must be among ours):");
-        outln!("  round  KVM pages  our pages  KVM-only this round  ours-only");
+        // One row per dirty-log scan: scan n feeds round n, and the final round takes one more
+        // scan, with the guest paused, on top of the one that decided the switch-over.
+        let last_round = m.rounds.len().saturating_sub(1) as u64;
+        outln!(
+            "KVM dirty log cross-check, one row per scan (KVM's pages must be among ours; the final round {last_round} adds a scan with the guest paused):"
+        );
+        outln!("   scan  for round  KVM pages  our pages  KVM-only this scan  ours-only");
         for c in &r.source.cross_check {
+            let round = if c.round > last_round {
+                format!("{last_round} final")
+            } else {
+                c.round.to_string()
+            };
             outln!(
-                "  {:>5}  {:>9}  {:>9}  {:>19}  {:>9}",
+                "  {:>5}  {:>9}  {:>9}  {:>9}  {:>18}  {:>9}",
                 c.round,
+                round,
                 c.kvm_pages,
                 c.our_pages,
                 c.kvm_only_this_round,
@@ -404,7 +419,7 @@ fn print_report(r: &precopy_vmm::VmDemoReport, host: &KvmHost) {
         "guest write rate during the migration: {:.1} MiB/s{}",
         r.source.guest_write_rate / MIB,
         if host.emulated() {
-            " (emulated guest on kvm-pvm: see the note above)"
+            " (emulated guest on kvm-pvm: see the note below)"
         } else {
             ""
         }
@@ -422,7 +437,7 @@ fn print_report(r: &precopy_vmm::VmDemoReport, host: &KvmHost) {
         r.destination.ram_addr
     );
     outln!(
-        "checksum: unmigrated {:#010x}, migrated {:#010x}, program {:#010x}: {}",
+        "checksum: unmigrated {:#010x} (reference run, unpaced: the same program as fast as the vCPUs go), migrated {:#010x}, program {:#010x}: {}",
         r.unmigrated.checksum,
         r.destination.checksum,
         r.expected,
