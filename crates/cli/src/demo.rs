@@ -756,7 +756,11 @@ fn ticking<T>(tick: impl Fn() + Sync, work: impl FnOnce() -> T) -> T {
     })
 }
 
-/// A [`PageSource`] that counts the bytes it has read, for the progress display.
+/// A [`PageSource`] that counts the bytes it has read, for the progress display. The engine
+/// hands what it reads to the sink at once, so this counts bytes queued for sending, not bytes
+/// on the wire: the socket sink's queues hold up to `queue_depth` x `batch_pages` pages per
+/// connection (1 MiB by default) ahead of the socket, the image sink none. The display says
+/// "queued".
 struct Counted<S> {
     inner: S,
     read: Arc<AtomicU64>,
@@ -935,7 +939,7 @@ fn round_message(p: &precopy_migrate::Progress, sent: u64, since: Duration) -> S
         precopy_migrate::Phase::Final => format!("final round {} (source paused)", p.round),
     };
     let mut msg = format!(
-        "{head}: sent {} of {} ({:.0}%) at {}/s",
+        "{head}: queued {} of {} to send ({:.0}%) at {}/s",
         human(sent.min(p.pending_bytes)),
         human(p.pending_bytes),
         sent.min(of) as f64 * 100.0 / of as f64,
