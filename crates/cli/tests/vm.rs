@@ -145,7 +145,14 @@ fn demo_vm_and_bench_kvm_refuse_bad_values_up_front() {
     const DEMO: &[&str] = &["demo", "--vm"];
     const BENCH: &[&str] = &["bench", "--kvm"];
     // (command, extra flags, flag refused, value as typed, words its problem or fix holds)
-    let table: &[(&[&str], &[&str], &str, &str, &str)] = &[
+    type Row = (
+        &'static [&'static str],
+        &'static [&'static str],
+        &'static str,
+        &'static str,
+        &'static str,
+    );
+    let table: &[Row] = &[
         (DEMO, &["--vcpus", "0"], "--vcpus", "0", "1 to 64 vCPUs"),
         (DEMO, &["--vcpus", "65"], "--vcpus", "65", "1 to 64 vCPUs"),
         (DEMO, &["--vcpus", "-1"], "--vcpus", "-1", "1 to 64 vCPUs"),
