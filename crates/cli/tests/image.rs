@@ -190,6 +190,42 @@ fn rewritten_page_offset(bytes: &[u8]) -> usize {
         .expect("the round-1 page is in the image")
 }
 
+#[test]
+fn info_counts_the_pages_of_an_image_cut_in_round_0() {
+    let dir = scratch("cut0");
+    let img = dir.join("img");
+    write_image(&img);
+    let bytes = std::fs::read(&img).unwrap();
+    // Cut inside page 4's data: round 0's first record (pages 0-3) is whole, the rest is gone.
+    let src = source_memory();
+    let page4 = bytes
+        .windows(PS as usize)
+        .position(|w| w == &src[(4 * PS) as usize..(5 * PS) as usize])
+        .expect("page 4 is in the image");
+    std::fs::write(&img, &bytes[..page4 + 100]).unwrap();
+
+    let v = json_of(&precopy(&["image", "info", "--json", path_arg(&img)]));
+    assert_eq!(v["complete"], false, "{v}");
+    assert_eq!(v["rounds"].as_array().map(Vec::len), Some(0), "{v}");
+    // Pages 0-3 were sent (round 0, cut short): not "never sent", not usable either.
+    assert_eq!(v["unfinished_round"]["round"], 0, "{v}");
+    assert_eq!(v["unfinished_round"]["pages"], 4, "{v}");
+    assert_eq!(v["unfinished_only_pages"], 4, "{v}");
+    assert_eq!(v["data_pages"], 0, "{v}");
+    assert_eq!(v["zero_pages"], 0, "{v}");
+    assert_eq!(v["never_sent_pages"], PAGES - 4, "{v}");
+
+    let out = precopy(&["image", "info", path_arg(&img)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("UNFINISHED"), "{text}");
+    assert!(
+        text.contains("4 only in the unfinished round; 12 in no record before the cut"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn json_of(out: &Output) -> serde_json::Value {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.trim().lines().count(), 1, "one JSON line: {text}");

@@ -41,8 +41,16 @@ pub struct ImageInfo {
     pub data_pages: u64,
     /// Distinct pages whose latest copy is zeros.
     pub zero_pages: u64,
-    /// Pages never sent (read as zeros).
+    /// Pages no record in the file holds (read as zeros): never sent, or, in an incomplete
+    /// image, perhaps sent after the cut.
     pub never_sent_pages: u64,
+    /// The round that began but did not end before the cut (incomplete images only): what its
+    /// whole records hold. Its pages are not used: `cat --incomplete` reads the rounds that
+    /// ended.
+    pub unfinished_round: Option<RoundInfo>,
+    /// Pages only the unfinished round holds: sent, but not usable (counted neither as data,
+    /// zero, nor never sent).
+    pub unfinished_only_pages: u64,
     /// Whether the image is complete: its records, final checksum, index
     /// and trailer are all present and well formed. Says nothing about the
     /// page data, which `info` does not read: [`Image::verify`] checks that.
@@ -61,6 +69,7 @@ impl Image {
     /// Summary for `precopy image info`.
     pub fn info(&self) -> ImageInfo {
         let count = |f: &dyn Fn(u64) -> bool| self.loc.iter().filter(|&&l| f(l)).count() as u64;
+        let unfinished_only = self.unfinished.map_or(0, |u| u.1);
         ImageInfo {
             path: self.path.clone(),
             version: IMAGE_VERSION,
@@ -70,7 +79,9 @@ impl Image {
             rounds: self.rounds.clone(),
             data_pages: count(&|l| l < ZERO),
             zero_pages: count(&|l| l == ZERO),
-            never_sent_pages: count(&|l| l == NEVER),
+            never_sent_pages: count(&|l| l == NEVER) - unfinished_only,
+            unfinished_round: self.unfinished.map(|u| u.0),
+            unfinished_only_pages: unfinished_only,
             complete: self.complete,
             memory_checksum: self.checksum,
             state_bytes: self.state.map(|s| s.1),
@@ -139,11 +150,26 @@ impl std::fmt::Display for ImageInfo {
                 r.round, r.pages, r.zero_pages
             )?;
         }
-        write!(
-            f,
-            "pages:      {} with data, {} zero, {} never sent",
-            self.data_pages, self.zero_pages, self.never_sent_pages
-        )
+        if let Some(r) = &self.unfinished_round {
+            writeln!(
+                f,
+                "  round {:>4}: UNFINISHED, cut short after {} pages, {} zero pages (not used)",
+                r.round, r.pages, r.zero_pages
+            )?;
+        }
+        if self.complete {
+            write!(
+                f,
+                "pages:      {} with data, {} zero, {} never sent",
+                self.data_pages, self.zero_pages, self.never_sent_pages
+            )
+        } else {
+            write!(
+                f,
+                "pages:      {} with data, {} zero (in the rounds that ended); {} only in the unfinished round; {} in no record before the cut (never sent, or sent after it)",
+                self.data_pages, self.zero_pages, self.unfinished_only_pages, self.never_sent_pages
+            )
+        }
     }
 }
 

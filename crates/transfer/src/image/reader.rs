@@ -32,6 +32,8 @@ pub struct Image {
     pub(super) state: Option<(u64, u64, u32)>,
     pub(super) incomplete_reason: Option<String>,
     pub(super) file_len: u64,
+    /// The round cut short, and the pages only it holds (see [`ImageInfo::unfinished_round`]).
+    pub(super) unfinished: Option<(RoundInfo, u64)>,
 }
 
 impl Image {
@@ -85,6 +87,7 @@ impl Image {
             state: walk.state,
             incomplete_reason: reason,
             file_len,
+            unfinished: walk.unfinished,
         })
     }
 

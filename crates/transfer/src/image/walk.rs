@@ -9,7 +9,7 @@ use std::path::Path;
 use zerocopy::{FromZeros, IntoBytes};
 
 use super::info::RoundInfo;
-use super::{IMAGE_MAGIC, IMAGE_VERSION, PREAMBLE_LEN, ZERO, file_len, page_table};
+use super::{IMAGE_MAGIC, IMAGE_VERSION, NEVER, PREAMBLE_LEN, ZERO, file_len, page_table};
 use crate::codec::Codec;
 use crate::error::{ImageError, ProtocolError, TransferError};
 use crate::layout::Layout;
@@ -34,6 +34,9 @@ pub(super) struct Walk {
     pub(super) pages_records: Vec<(u64, u64)>,
     /// First fault: a record that is cut short (`true`) or damaged (`false`).
     pub(super) fault: Option<(ProtocolError, bool)>,
+    /// The round that began and did not end (an incomplete image): what its whole records
+    /// hold, and how many distinct pages they hold that no ended round does.
+    pub(super) unfinished: Option<(RoundInfo, u64)>,
 }
 
 /// Reads records from the start. With `check_payloads`, reads every payload
@@ -120,6 +123,7 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
         trailer: None,
         pages_records: Vec::new(),
         fault: None,
+        unfinished: None,
     };
     let ps = w.layout.page_size();
     let mut pending: Vec<(usize, u64)> = Vec::new();
@@ -278,6 +282,16 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
                 break;
             }
         }
+    }
+    if let Some(round) = current {
+        let mut only: Vec<usize> = pending
+            .iter()
+            .map(|&(i, _)| i)
+            .filter(|&i| w.loc[i] == NEVER)
+            .collect();
+        only.sort_unstable();
+        only.dedup();
+        w.unfinished = Some((round, only.len() as u64));
     }
     Ok(w)
 }
