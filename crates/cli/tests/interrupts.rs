@@ -95,6 +95,10 @@ fn interrupted_commands_print_their_one_json_object() {
                 "1",
                 "--max-rounds",
                 "100000",
+                // Unthrottled, the writers keep the send from ever converging: it is still
+                // running when the signal comes (throttled, it sometimes finished first).
+                "--throttle",
+                "none",
             ],
             "pid",
             None,
