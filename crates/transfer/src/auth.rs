@@ -82,23 +82,37 @@ impl Key {
 
     /// Reads a key file: its bytes, less trailing whitespace, at least
     /// [`MIN_KEY_LEN`] bytes. A file other users may read or write is
-    /// refused: it is no secret.
+    /// refused: it is no secret. So is anything but a regular file
+    /// ([`TransferError::KeyNotAFile`]): reading a FIFO would wait for a
+    /// writer forever, a device or a directory holds no key. The file is
+    /// opened without blocking and checked as opened, not by name.
     pub fn from_file(path: &Path) -> Result<Key, TransferError> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(path).map_err(|source| TransferError::KeyFile {
+        use std::io::Read;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let err = |source| TransferError::KeyFile {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(path)
+            .map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        if let Some(kind) = crate::image::not_regular(&meta) {
+            return Err(TransferError::KeyNotAFile {
+                path: path.to_owned(),
+                kind,
+            });
+        }
         if meta.mode() & 0o077 != 0 {
             return Err(TransferError::BadKey {
                 path: path.to_owned(),
                 reason: "other users may read or write it (chmod 600 it)",
             });
         }
-        let mut bytes = std::fs::read(path).map_err(|source| TransferError::KeyFile {
-            path: path.to_owned(),
-            source,
-        })?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(err)?;
         while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
             bytes.pop();
         }

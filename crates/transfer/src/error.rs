@@ -561,6 +561,16 @@ pub enum TransferError {
         /// Why.
         reason: &'static str,
     },
+    /// The key path names something other than a regular file (a FIFO, a
+    /// device, a directory, a socket): a key is only ever read from a
+    /// regular file, and reading a FIFO could wait forever.
+    #[error("key file {path} is not a regular file ({kind})")]
+    KeyNotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
+    },
     /// Reading the key file failed.
     #[error("reading key file {path} failed")]
     KeyFile {

@@ -183,15 +183,27 @@ fn locations_from_index(index: &[IndexEntry], layout: &Layout, file_len: u64) ->
 
 /// [`ImageError::NotAFile`] unless `file` (opened from `path`) is a regular file.
 fn regular_file(path: &Path, file: &File) -> Result<(), ImageError> {
-    use std::os::unix::fs::FileTypeExt;
     let meta = file.metadata().map_err(|source| ImageError::Io {
         path: path.to_owned(),
         what: "inspecting",
         source,
     })?;
+    match not_regular(&meta) {
+        None => Ok(()),
+        Some(kind) => Err(ImageError::NotAFile {
+            path: path.to_owned(),
+            kind,
+        }),
+    }
+}
+
+/// What a file that is not a regular file is ("a FIFO", "a directory", ...),
+/// or `None` for a regular file.
+pub(crate) fn not_regular(meta: &std::fs::Metadata) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
     let t = meta.file_type();
-    let kind = if t.is_file() {
-        return Ok(());
+    Some(if t.is_file() {
+        return None;
     } else if t.is_dir() {
         "a directory"
     } else if t.is_fifo() {
@@ -204,10 +216,6 @@ fn regular_file(path: &Path, file: &File) -> Result<(), ImageError> {
         "a socket"
     } else {
         "not a regular file"
-    };
-    Err(ImageError::NotAFile {
-        path: path.to_owned(),
-        kind,
     })
 }
 

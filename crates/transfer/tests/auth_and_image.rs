@@ -201,6 +201,41 @@ fn key_file_is_read_and_checked() {
     ));
 }
 
+#[test]
+fn key_file_that_is_not_a_regular_file_is_refused_without_blocking() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // A FIFO with no writer: reading it would wait forever.
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let err = Key::from_file(&fifo).unwrap_err();
+    assert!(
+        matches!(&err, TransferError::KeyNotAFile { kind: "a FIFO", path } if *path == fifo),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("not a regular file (a FIFO)"),
+        "{err}"
+    );
+    let sub = dir.path().join("dir");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(matches!(
+        Key::from_file(&sub),
+        Err(TransferError::KeyNotAFile {
+            kind: "a directory",
+            ..
+        })
+    ));
+    assert!(matches!(
+        Key::from_file(std::path::Path::new("/dev/null")),
+        Err(TransferError::KeyNotAFile {
+            kind: "a character device",
+            ..
+        })
+    ));
+}
+
 fn write_image(path: &std::path::Path) -> Vec<u8> {
     let pages = 24;
     let layout = Layout::single(PS, BASE, pages as u64 * PS).unwrap();
