@@ -27,7 +27,7 @@ use anyhow::{Context, Result, bail};
 use precopy_backends::BackendKind;
 use precopy_migrate::{
     AfterMigration, DirtyLog, LimitPolicy, Migration, MigrationConfig, MigrationReport,
-    PauseMethod, ProcessControl, ThrottleMethod, TransferTransport, UffdDirtyLog,
+    PauseMethod, ProcessControl, ReconnectConfig, ThrottleMethod, TransferTransport, UffdDirtyLog,
     adopt_process_uffd,
 };
 use precopy_scanner::{ScanOptions, Scanner};
@@ -311,6 +311,19 @@ pub struct Args {
     /// [default: 10 × max downtime, at least 5 s, or twice the expected downtime if more].
     #[arg(long)]
     final_round_timeout: Option<u64>,
+    /// Reconnect attempts after the connection breaks (end of stream, reset; not a stall)
+    /// while iterating: the destination keeps what it received and only what differs is sent
+    /// again. 0: a broken connection fails the migration.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    reconnect_attempts: u32,
+    /// Milliseconds before the first reconnect attempt, doubled after each, up to 2 s (or this,
+    /// if longer).
+    #[arg(long, default_value_t = 200, value_name = "MS")]
+    reconnect_backoff: u64,
+    /// Test hook: cut the source's connections (the sockets, not a process) when this round is
+    /// about to be sent.
+    #[arg(long, hide = true)]
+    cut_at_round: Option<u64>,
     /// Test hook: kill the destination when this round is about to be sent.
     #[arg(long, hide = true)]
     kill_dest_at_round: Option<u64>,
@@ -508,6 +521,22 @@ fn validate(args: &Args) -> Result<Plan> {
             args.io_timeout,
             "must be a positive number of seconds, at most 30 days",
             "use e.g. --io-timeout 10",
+        ));
+    }
+    if args.reconnect_attempts > MAX_RECONNECT_ATTEMPTS {
+        return Err(invalid(
+            "--reconnect-attempts",
+            args.reconnect_attempts,
+            "is more than 100",
+            "use e.g. --reconnect-attempts 3, or 0 to fail on a broken connection",
+        ));
+    }
+    if !(1..=60_000).contains(&args.reconnect_backoff) {
+        return Err(invalid(
+            "--reconnect-backoff",
+            args.reconnect_backoff,
+            "must be between 1 and 60000 milliseconds",
+            "use e.g. --reconnect-backoff 200",
         ));
     }
     if args.final_round_timeout == Some(0) {
@@ -997,6 +1026,7 @@ fn migrate<K: Sink>(
         timeout_policy: policy(plan.on_timeout),
         after: AfterMigration::Stop,
         final_round_timeout: args.final_round_timeout.map(Duration::from_millis),
+        reconnect: reconnect_config(args),
         ..MigrationConfig::default()
     };
     config.throttle.enabled = !args.no_throttle;
@@ -1078,7 +1108,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         cmd.args(["__demo-dest", "--listen", &listen])
             .arg("--key-file")
             .arg(&key_path)
-            .args(["--io-timeout", &args.io_timeout.to_string()]);
+            .args(["--io-timeout", &args.io_timeout.to_string()])
+            .args(["--resume-wait", &resume_wait(&args).to_string()]);
         progress.phase("starting the destination process");
         let listening = Proc::spawn("destination", cmd).and_then(|mut d| {
             let words = d.expect("LISTENING")?;
@@ -1208,19 +1239,24 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 (result, report, None, verification, None)
             }
             (None, Some((dest, dest_addr))) => {
-                let mut conns = Vec::with_capacity(plan.streams);
-                for _ in 0..plan.streams {
-                    conns.push(
-                        match plan.transport {
-                            TransportKind::Tcp => Connection::connect_tcp_timeout(
-                                dest_addr.as_str(),
-                                Duration::from_secs_f64(args.io_timeout),
-                            ),
-                            TransportKind::Unix => Connection::connect_unix(&sock_path),
+                // Every connection the sender opens (the first ones and those of a resume),
+                // kept for the cut test hook.
+                let opened: Arc<Mutex<Vec<Connection>>> = Arc::default();
+                let keep = opened.clone();
+                let (transport, to, path) = (plan.transport, dest_addr.clone(), sock_path.clone());
+                let connect_timeout = Duration::from_secs_f64(args.io_timeout);
+                let dial = move || {
+                    let c = match transport {
+                        TransportKind::Tcp => {
+                            Connection::connect_tcp_timeout(to.as_str(), connect_timeout)
                         }
-                        .with_context(|| format!("connecting to {dest_addr}"))?,
-                    );
-                }
+                        TransportKind::Unix => Connection::connect_unix(&path),
+                    }?;
+                    keep.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(c.try_clone()?);
+                    Ok(c)
+                };
                 let sender_config = SenderConfig {
                     compression: match plan.compress {
                         CompressKind::None => Compression::None,
@@ -1234,18 +1270,30 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     io_timeout: Some(Duration::from_secs_f64(args.io_timeout)),
                     ..SenderConfig::default()
                 };
-                let sender = Sender::connect(conns, layout, source_mem, &sender_config)
-                    .context("connecting the sender")?;
+                let sender = Sender::dial(dial, layout, source_mem, &sender_config)
+                    .with_context(|| format!("connecting the sender to {dest_addr}"))?;
                 let dest_pid = nix::unistd::Pid::from_raw(dest.pid());
                 let signal_dest = move |sig| {
                     let _ = nix::sys::signal::kill(dest_pid, sig);
                 };
+                let cut_at = args.cut_at_round;
+                let mut cut = false;
                 let kill_at = args.kill_dest_at_round;
                 let stop_at = args.stop_dest_at_round;
                 let stop_in_final = args.stop_dest_in_final_round;
                 let mut stopped = false;
                 let (result, report) =
                     migrate(&args, &plan, sender, log, control, &progress, move |p| {
+                        if !cut && cut_at.is_some_and(|r| p.round >= r) {
+                            cut = true;
+                            for c in opened
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .drain(..)
+                            {
+                                let _ = c.shutdown(std::net::Shutdown::Both);
+                            }
+                        }
                         if kill_at.is_some_and(|r| p.round >= r) {
                             signal_dest(nix::sys::signal::Signal::SIGKILL);
                         }
@@ -1408,7 +1456,35 @@ fn settings_json(args: &Args, plan: &Plan) -> serde_json::Value {
         "final_check": args.final_check,
         "backend": args.backend,
         "dest_netns": args.dest_netns,
+        "reconnect_attempts": args.reconnect_attempts,
+        "reconnect_backoff_ms": args.reconnect_backoff,
     })
+}
+
+/// Most `--reconnect-attempts`.
+const MAX_RECONNECT_ATTEMPTS: u32 = 100;
+
+/// `--reconnect-attempts` and `--reconnect-backoff` as the driver takes them.
+fn reconnect_config(args: &Args) -> ReconnectConfig {
+    let backoff = Duration::from_millis(args.reconnect_backoff);
+    ReconnectConfig {
+        attempts: args.reconnect_attempts,
+        backoff,
+        max_backoff: backoff.max(Duration::from_secs(2)),
+    }
+}
+
+/// Seconds the destination waits for the source to come back after a break: every attempt's
+/// backoff and connect-and-handshake (each bounded by `--io-timeout`), and one more I/O timeout.
+fn resume_wait(args: &Args) -> f64 {
+    let r = reconnect_config(args);
+    let mut backoff = r.backoff;
+    let mut wait = Duration::from_secs_f64(args.io_timeout);
+    for _ in 0..r.attempts {
+        wait += backoff + Duration::from_secs_f64(args.io_timeout);
+        backoff = (backoff * 2).min(r.max_backoff);
+    }
+    wait.as_secs_f64()
 }
 
 fn print_text(

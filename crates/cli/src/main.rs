@@ -37,7 +37,7 @@ enum Command {
     /// Report what this kernel offers and self-test the semantics the engine relies on.
     Probe(probe::Args),
     /// Live-migrate a writing source process to a destination process and verify the copy.
-    Demo(demo::Args),
+    Demo(Box<demo::Args>),
     /// Compare dirty-tracking backends: round cost, writer slowdown, accuracy.
     Bench(bench::Args),
     /// Inspect and verify checkpoint images.
@@ -141,7 +141,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Probe(args) => probe::run(args),
-        Command::Demo(args) => demo::run(args),
+        Command::Demo(args) => demo::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Image(args) => image::run(args),
         Command::AttachBench(args) => attach_bench::run(args),

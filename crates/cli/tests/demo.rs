@@ -67,6 +67,59 @@ fn destination_killed_mid_migration_fails_clearly() {
     );
 }
 
+/// The source's connections are cut (the sockets, not a process) as round 1 is about to be
+/// sent: the source reconnects, the destination resumes with what it received, and the copy
+/// verifies byte for byte. (`--max-downtime 1` keeps the migration iterating past the cut.)
+#[test]
+fn connection_cut_mid_migration_reconnects_and_verifies() {
+    if !engine_usable() {
+        return;
+    }
+    for transport in ["tcp", "unix"] {
+        let (ok, v) = demo(&[
+            "--cut-at-round",
+            "1",
+            "--transport",
+            transport,
+            "--max-downtime",
+            "1",
+            "--max-rounds",
+            "4",
+        ]);
+        assert!(ok, "{transport}: {v}");
+        assert_eq!(v["verified"], true, "{transport}: {v}");
+        assert_eq!(v["migration"]["status"], "completed", "{transport}: {v}");
+        assert_eq!(v["migration"]["reconnects"], 1, "{transport}: {v}");
+    }
+}
+
+/// The same cut with `--reconnect-attempts 0`: the migration fails, saying so.
+#[test]
+fn connection_cut_without_reconnect_attempts_fails_clearly() {
+    if !engine_usable() {
+        return;
+    }
+    let (ok, v) = demo(&[
+        "--cut-at-round",
+        "1",
+        "--reconnect-attempts",
+        "0",
+        "--max-downtime",
+        "1",
+        "--max-rounds",
+        "4",
+    ]);
+    assert!(!ok, "must exit non-zero: {v}");
+    assert_eq!(v["migration"]["status"], "failed", "{v}");
+    assert_eq!(v["migration"]["reconnects"], 0, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|e| e.contains("migration failed")),
+        "{v}"
+    );
+}
+
 /// The destination stops (SIGSTOP) as round 0 (32 MiB, more than the socket buffers hold)
 /// starts: the source's writes stall, the I/O timeout ends the migration with an error naming
 /// the stall, and the destination, let run again, does not report a copy.

@@ -22,6 +22,9 @@ pub struct DestArgs {
     /// Seconds the sender may stay silent.
     #[arg(long, default_value_t = 60.0)]
     io_timeout: f64,
+    /// Seconds to wait for the sender to come back after its connections broke.
+    #[arg(long, default_value_t = 60.0)]
+    resume_wait: f64,
 }
 
 fn announce(line: &str) -> Result<()> {
@@ -43,12 +46,14 @@ pub fn run(args: DestArgs) -> Result<ExitCode> {
     let config = ReceiverConfig {
         key: Some(key?),
         io_timeout: Some(std::time::Duration::from_secs_f64(args.io_timeout)),
+        resume_wait: std::time::Duration::from_secs_f64(args.resume_wait),
         ..ReceiverConfig::default()
     };
     announce(&format!("LISTENING {}", listener.address()))?;
     let result = Receiver::accept(&listener, &config).and_then(|receiver| {
         let mut sink = MemorySink::new(receiver.layout().clone())?;
-        let report = receiver.run(&mut sink)?;
+        // Connections that break while iterating: keep what arrived, let the sender resume.
+        let report = receiver.run_resumable(&listener, &mut sink)?;
         Ok((sink, report))
     });
     let (sink, report) = match result {
