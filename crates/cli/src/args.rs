@@ -266,8 +266,20 @@ pub fn parse_dest(
             "takes file:PATH (the image to write)",
             format!("e.g. {flag} file:/tmp/target.img"),
         )),
+        Dest::Tcp(a) if !has_host_and_port(&a) => Err(invalid(
+            flag,
+            s,
+            "is not HOST:PORT after tcp: (a host and a port number 0 to 65535)",
+            format!("e.g. {flag} tcp:127.0.0.1:7000 or {flag} tcp:[::1]:7000"),
+        )),
         d => Ok(d),
     }
+}
+
+/// Whether `a` is `HOST:PORT` with a non-empty host and a port that fits 16 bits.
+fn has_host_and_port(a: &str) -> bool {
+    a.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
 /// Checks that an image can be created at `path` (`flag`'s value `typed`) before anything
@@ -447,6 +459,24 @@ fn cgroup_room() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_destinations_need_a_host_and_a_port() {
+        for ok in ["tcp:127.0.0.1:7000", "tcp:localhost:0", "tcp:[::1]:7000"] {
+            assert!(parse_dest("--to", ok, true, true).is_ok(), "{ok}");
+        }
+        for bad in [
+            "tcp:host",
+            "tcp:127.0.0.1",
+            "tcp:127.0.0.1:99999",
+            "tcp::7000",
+            "tcp:h:x",
+        ] {
+            let e = parse_dest("--to", bad, true, true).unwrap_err();
+            assert!(e.downcast_ref::<Invalid>().is_some(), "{bad}: {e:#}");
+            assert!(format!("{e}").contains("HOST:PORT"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn sizes() {

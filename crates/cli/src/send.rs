@@ -90,10 +90,15 @@ pub struct SendArgs {
     key_file: Option<PathBuf>,
     /// Hard limit on the whole send, in seconds, final round included: past it the send fails
     /// and the target runs on.
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     timeout: Option<f64>,
     /// Seconds a connection may make no progress (a write, the wait for the acknowledgement).
-    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    #[arg(
+        long,
+        default_value_t = 10.0,
+        value_name = "SECONDS",
+        allow_hyphen_values = true
+    )]
     io_timeout: f64,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -279,8 +284,11 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         if v > 0.0 && v <= 30.0 * 86400.0 {
             Ok(Duration::from_secs_f64(v))
         } else {
-            Err(anyhow!(
-                "{flag} {v} is out of range: give seconds above 0, at most 2592000"
+            Err(invalid(
+                flag,
+                v,
+                "is out of range",
+                "give seconds above 0, at most 2592000 (30 days)",
             ))
         }
     };
