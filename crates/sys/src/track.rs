@@ -625,7 +625,7 @@ mod tests {
     fn segv_tracker_refuses_unmapped_or_readonly() {
         let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         let page = crate::page_size();
-        let mut mem = Mapping::anonymous(4 * page).unwrap();
+        let mem = Mapping::anonymous(4 * page).unwrap();
         mem.protect(0, page, crate::mem::Protection::Read).unwrap();
         assert!(WriteFaultTracker::new(mem.range()).is_err());
         // Inaccessible rather than unmapped: an unmapped hole can be taken by another test
