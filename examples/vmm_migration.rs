@@ -100,8 +100,18 @@ fn device(dma: Mapping, dirty: ExternalDirty, base: u64, vcpus: Arc<Vcpus>) {
     }
 }
 
+/// Maps guest RAM the way the VMM does: a memfd, so a device can map it too.
+fn guest_ram(size: u64) -> std::io::Result<Arc<Mapping>> {
+    Ok(Arc::new(Mapping::new(
+        MapBacking::Memfd,
+        size,
+        0,
+        Thp::Default,
+    )?))
+}
+
 fn main() -> Result<()> {
-    let ram = Arc::new(Mapping::new(MapBacking::Memfd, GUEST_RAM, 0, Thp::Default)?);
+    let ram = guest_ram(GUEST_RAM)?;
     let vcpus = Arc::new(Vcpus::default());
     for id in 0..VCPUS {
         let (ram, vcpus) = (ram.clone(), vcpus.clone());
@@ -116,14 +126,16 @@ fn main() -> Result<()> {
     // processes: `Key::write_new_file`, owner-only): the receiver challenges the sender with it.
     let key = Key::random();
     // Destination: map each announced region (here a memfd of its own), receive into it, and
-    // get the vCPU state before the source is told it completed.
+    // get the vCPU state before the source is told it completed. Every call of the seam fails
+    // with `precopy::Error<E>`, E the VMM's own error (here mmap's `io::Error`, a `Placement`).
     let dest_key = key.clone();
-    let destination = std::thread::spawn(move || -> Result<(Arc<Mapping>, Vec<u8>)> {
-        let ram = Arc::new(Mapping::new(MapBacking::Memfd, GUEST_RAM, 0, Thp::Default)?);
-        let mine = ram.clone();
+    let destination = std::thread::spawn(move || -> Result<_, precopy::Error<std::io::Error>> {
+        let mut ram = None;
         let received = precopy::receive(&listener, &dest_key, |layout: &Layout| {
-            let id = layout.regions()[0].id;
-            Ok::<_, std::io::Error>(vec![(id, Box::new(mine) as Box<dyn RegionMemory>)])
+            let region = layout.regions()[0];
+            let mine = guest_ram(region.size)?;
+            ram = Some(mine.clone());
+            Ok(vec![(region.id, Box::new(mine) as Box<dyn RegionMemory>)])
         })?;
         dest_wait.wait();
         Ok((ram, received.state))
@@ -160,6 +172,7 @@ fn main() -> Result<()> {
 
     source_done.wait();
     let (dest_ram, state) = destination.join().expect("destination thread")?;
+    let dest_ram = dest_ram.expect("the destination mapped its guest RAM");
     println!("{report}");
     // The writers are still paused (the default: the destination takes over). Compare.
     let (mut a, mut b) = (vec![0u8; GUEST_RAM as usize], vec![0u8; GUEST_RAM as usize]);

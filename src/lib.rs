@@ -19,6 +19,9 @@
 //! state, e.g. [`Callbacks`]) and [`receive`] on the destination (which maps each region itself
 //! and gets the state blob before the source is told it completed). [`Source`] is [`migrate`](fn@migrate)
 //! in two steps, for a VMM whose device models report their writes through [`ExternalDirty`].
+//! Every one of them fails with [`Error<E>`](Error), `E` being the embedder's own error; the
+//! errors of the two steps that run no embedder code, [`Layout::new`] ([`LayoutError`]) and
+//! [`Source::track`] ([`TrackError`]), convert into it with `?`.
 //! `examples/vmm_migration.rs` is the whole of it; the crates below are there for more control
 //! (several streams, keys, compression, a dirty log of the VMM's own through
 //! [`migrate::DirtyLog`], checkpoint images).
@@ -48,6 +51,7 @@ pub use precopy_tracker::{
 pub use precopy_migrate::{Callbacks, ExternalDirty, MigrationConfig, MigrationReport, Workload};
 pub use precopy_sys::mem::Mapping;
 pub use precopy_transfer::{
-    Backing, Connection, Key, Layout, Listener, MemoryRegion, RegionMemory, TransferError,
+    Backing, Connection, Key, Layout, LayoutError, Listener, MemoryRegion, RegionMemory,
+    TransferError,
 };
-pub use vmm::{Error, Received, Source, migrate, receive};
+pub use vmm::{Error, Received, Source, TrackError, migrate, receive};

@@ -16,23 +16,41 @@ use precopy_migrate::{
 };
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_transfer::{
-    Connection, Key, Layout, Listener, MemorySink, ProcessMemory, ReceiveReport, Receiver,
-    ReceiverConfig, RegionMemory, Sender, SenderConfig, TransferError,
+    Connection, Key, Layout, LayoutError, Listener, MemorySink, ProcessMemory, ReceiveReport,
+    Receiver, ReceiverConfig, RegionMemory, Sender, SenderConfig, TransferError,
 };
 
-/// What can go wrong in [`migrate`], [`Source`] or [`receive`]; the cause is in the source
-/// chain. `E` is the embedder's own error: its [`Workload::Error`] on the source (a failed pause,
-/// resume or state hook), its placement callback's on the destination; [`Source::track`], which
-/// calls neither, has none (`Infallible`).
+/// What can go wrong in [`migrate`], [`Source::migrate`] or [`receive`]: the one error type of
+/// the seam. `E` is the embedder's own error, which the seam carries as a cause without
+/// boxing it: the [`Workload::Error`] of the source's workload (a failed pause, resume or
+/// state hook), the placement callback's on the destination. [`Source::track`], which runs no
+/// embedder code, returns a [`TrackError`], and [`Layout::new`] a [`LayoutError`]; `?` turns
+/// either into this type ([`Error::Track`], [`Error::Layout`]), so a VMM's migration function
+/// can return `Result<_, precopy::Error<MyError>>` throughout.
+///
+/// Where each variant comes from:
+///
+/// | variant | raised by | cause (`source()`) |
+/// |---|---|---|
+/// | [`Layout`](Error::Layout) | [`Layout::new`] (a description that contradicts itself) | [`LayoutError`] |
+/// | [`Track`](Error::Track) | [`Source::track`] (also inside [`migrate`]) | [`TrackError`]: the kernel, or a layout that misstates what is mapped |
+/// | [`Transfer`](Error::Transfer) | connecting and the handshake (source), accepting, receiving and checking (destination) | [`TransferError`] |
+/// | [`Migration`](Error::Migration) | the pre-copy rounds, switch-over and acknowledgement (source) | [`precopy_migrate::Error`]: which step failed (round, peer, step), with the dirty log's ([`TrackingError`]), the transport's ([`TransferError`]) or your workload's `E` below it |
+/// | [`Placement`](Error::Placement) | the destination's placement callback | your `E` |
+/// | [`NoState`](Error::NoState) | [`receive`], when the source sent no state blob | — |
+///
+/// [`Error::embedder`] finds your own `E` wherever it sits. On the source a failed migration
+/// has always resumed the workload (or never paused it); on the destination nothing was
+/// acknowledged, so the source did not hand over.
 #[derive(Debug, thiserror::Error)]
-pub enum Error<E = std::convert::Infallible> {
-    /// The engine's scanner refused this kernel (it lacks `PAGEMAP_SCAN` or WP_ASYNC, Linux 6.7+,
-    /// or failed its self-test).
-    #[error("the dirty-page scanner cannot run on this kernel")]
-    Scanner(#[from] precopy_scanner::Error),
-    /// The layout does not describe what is mapped, or tracking could not start.
+pub enum Error<E> {
+    /// The memory description contradicts itself (overlapping regions, a size that is not a
+    /// multiple of the page size, ...).
+    #[error("the memory layout is invalid")]
+    Layout(#[from] LayoutError),
+    /// Tracking the layout's memory could not start ([`Source::track`]).
     #[error("tracking the layout's memory failed")]
-    Tracking(#[from] TrackingError),
+    Track(#[from] TrackError),
     /// Connecting, the handshake, receiving, or the destination's checks (a damaged page or
     /// state blob, a memory digest that differs) failed.
     #[error("the transfer failed")]
@@ -49,10 +67,40 @@ pub enum Error<E = std::convert::Infallible> {
     NoState,
 }
 
+impl<E> Error<E> {
+    /// The embedder's own error, if that is what failed: the workload's (pause, resume,
+    /// throttle, state hook) on the source, the placement callback's on the destination.
+    pub fn embedder(&self) -> Option<&E> {
+        match self {
+            Error::Placement(e) => Some(e),
+            Error::Migration(m) => match m.as_ref() {
+                precopy_migrate::Error::Workload { source, .. } => Some(source),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
 impl<E> From<precopy_migrate::Error<TrackingError, TransferError, E>> for Error<E> {
     fn from(e: precopy_migrate::Error<TrackingError, TransferError, E>) -> Error<E> {
         Error::Migration(Box::new(e))
     }
+}
+
+/// Why [`Source::track`] could not start tracking a layout's memory; `?` turns it into
+/// [`Error::Track`].
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    /// The engine's scanner refused this kernel (it lacks `PAGEMAP_SCAN` or WP_ASYNC, Linux 6.7+,
+    /// or failed its self-test).
+    #[error("the dirty-page scanner cannot run on this kernel")]
+    Scanner(#[from] precopy_scanner::Error),
+    /// The layout does not describe what is mapped (a region without a host address, or whose
+    /// stated backing or page size differs from the mapping there), or registering it with the
+    /// userfaultfd failed.
+    #[error("the layout's memory cannot be tracked")]
+    Tracking(#[from] TrackingError),
 }
 
 /// The source side of a migration, for a VMM that needs a handle before it starts (to give its
@@ -69,12 +117,7 @@ impl Source {
     /// write-protect mode (Linux 6.7+), checking each region's stated backing and page size
     /// against what is mapped there. Nothing is write-protected yet: that happens when the
     /// migration starts.
-    pub fn track(layout: &Layout) -> Result<Source, Error> {
-        Source::track_for(layout)
-    }
-
-    /// [`Source::track`] with the error type of the caller's workload.
-    fn track_for<E>(layout: &Layout) -> Result<Source, Error<E>> {
+    pub fn track(layout: &Layout) -> Result<Source, TrackError> {
         let log = UffdDirtyLog::for_layout(layout, Scanner::new(ScanOptions::default())?)?;
         Ok(Source {
             layout: layout.clone(),
@@ -125,7 +168,7 @@ pub fn migrate<W: Workload>(
     workload: W,
     config: MigrationConfig,
 ) -> Result<MigrationReport, Error<W::Error>> {
-    Source::track_for(layout)?.migrate(conn, key, workload, config)
+    Source::track(layout)?.migrate(conn, key, workload, config)
 }
 
 /// What [`receive`] delivered.

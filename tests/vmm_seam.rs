@@ -222,7 +222,7 @@ fn a_layout_that_misstates_the_memory_is_refused() {
         assert!(
             matches!(
                 &err,
-                precopy::Error::Tracking(TrackingError::Mismatch { region: 0, .. })
+                precopy::TrackError::Tracking(TrackingError::Mismatch { region: 0, .. })
             ),
             "{err:?}"
         );
@@ -330,4 +330,99 @@ fn the_state_blob_round_trips_and_a_corrupted_one_is_refused() {
         "{refused:?}"
     );
     assert!(!vcpu_b.exit(), "a failed migration resumes the source");
+}
+
+/// A VMM's migration function in the seam's one error type: the layout, tracking and the
+/// migration all convert with `?`.
+fn migrate_as_a_vmm(
+    src: &Mapping,
+    to: Connection,
+    key: &Key,
+    workload: Callbacks<std::io::Error>,
+) -> Result<precopy::MigrationReport, precopy::Error<std::io::Error>> {
+    let layout = Layout::new(vec![
+        MemoryRegion::new(7, src.len(), PAGE)
+            .host(src.addr())
+            .guest(1 << 32)
+            .backed_by(Backing::Anonymous),
+    ])?;
+    let source = precopy::Source::track(&layout)?;
+    source.migrate(to, key, workload, config())
+}
+
+fn connect(addr: &str) -> Connection {
+    Connection::connect_tcp(addr).unwrap()
+}
+
+/// A workload that never fails.
+fn idle() -> Callbacks<std::io::Error> {
+    Callbacks::new(|| Ok(()), || Ok(()))
+}
+
+#[test]
+fn the_embedders_own_error_comes_back_as_the_cause() {
+    // The source's workload cannot pause: the migration fails with that very error, the
+    // destination is never acknowledged.
+    let src = anon(16);
+    let key = Key::random();
+    let listener = Listener::bind_tcp("127.0.0.1:0").unwrap();
+    let addr = listener.address();
+    let dest = destination(
+        listener,
+        key.clone(),
+        Arc::new(anon(16)),
+        Backing::Anonymous,
+    );
+    let stuck = Callbacks::new(
+        || Err(std::io::Error::other("vCPU 1 did not exit")),
+        || Ok(()),
+    );
+    let err = migrate_as_a_vmm(&src, connect(&addr), &key, stuck).unwrap_err();
+    assert_eq!(
+        err.embedder().map(ToString::to_string).as_deref(),
+        Some("vCPU 1 did not exit"),
+        "{err:?}"
+    );
+    assert!(matches!(err, precopy::Error::Migration(_)), "{err:?}");
+    assert!(
+        dest.join().unwrap().is_err(),
+        "the destination acknowledged"
+    );
+
+    // A layout that contradicts itself is `Error::Layout`, before anything starts.
+    let bad = Layout::new(vec![MemoryRegion::new(0, PAGE, 3000)])
+        .map_err(precopy::Error::<std::io::Error>::from)
+        .unwrap_err();
+    assert!(matches!(bad, precopy::Error::Layout(_)), "{bad:?}");
+    assert!(bad.embedder().is_none());
+
+    // The destination cannot map the announced memory: `Error::Placement` with its error,
+    // and the source's migration fails without an acknowledgement.
+    let listener = Listener::bind_tcp("127.0.0.1:0").unwrap();
+    let addr = listener.address();
+    let dest_key = key.clone();
+    let dest = std::thread::spawn(move || {
+        precopy::receive(&listener, &dest_key, |_: &Layout| {
+            Err::<Vec<(u32, Box<dyn RegionMemory>)>, _>(std::io::Error::other("no hugetlb pool"))
+        })
+    });
+    let source = migrate_as_a_vmm(&src, connect(&addr), &key, idle());
+    let refused = dest.join().unwrap().unwrap_err();
+    assert!(
+        matches!(refused, precopy::Error::Placement(_)),
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused.embedder().map(ToString::to_string).as_deref(),
+        Some("no hugetlb pool")
+    );
+    let source = source.unwrap_err();
+    assert!(
+        matches!(
+            source,
+            precopy::Error::Migration(_) | precopy::Error::Transfer(_)
+        ),
+        "the source completed without a destination: {source:?}"
+    );
+    assert!(source.embedder().is_none());
 }
