@@ -588,16 +588,21 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         "changed_while_sent_pages": received.changed_while_sent,
         "state_bytes": received.state_bytes,
         "duration_ms": received.duration.as_secs_f64() * 1e3,
+        "refused_connections": received.refused,
     });
     if args.json {
         output::print_json(report, None);
     } else {
         outln!(
-            "precopy recv: {} rounds, {} pages, {} zero pages into {}",
+            "precopy recv: {} rounds, {} pages, {} zero pages into {}{}",
             received.rounds,
             received.pages,
             received.zero_pages,
-            path.display()
+            path.display(),
+            match received.refused {
+                0 => String::new(),
+                n => format!(" ({n} connection(s) that failed the handshake refused)"),
+            }
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -11,132 +11,15 @@ use precopy_migrate::{
     TransferTransport, UffdDirtyLog,
 };
 use precopy_scanner::{ScanOptions, Scanner};
+use precopy_testnet::{Net, Proxy, bind};
 use precopy_tracker::{Tracker, Uffd};
 use precopy_transfer::{
-    Connection, Layout, Listener, MemorySink, ProcessMemory, ReceiveReport, Receiver,
-    ReceiverConfig, Sender, SenderConfig, TransferError,
+    Layout, Listener, MemorySink, ProcessMemory, ReceiveReport, Receiver, ReceiverConfig, Sender,
+    SenderConfig, TransferError,
 };
-use std::io::{self, Read, Write};
-use std::net::Shutdown;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
-
-#[derive(Clone, Copy, Debug)]
-enum Net {
-    Tcp,
-    Unix,
-}
-
-/// Where to connect: a loopback TCP address or a Unix socket path.
-#[derive(Clone)]
-enum Target {
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-impl Target {
-    fn connect(&self) -> io::Result<Connection> {
-        match self {
-            Target::Tcp(a) => Connection::connect_tcp_timeout(a.as_str(), Duration::from_secs(5)),
-            Target::Unix(p) => Connection::connect_unix(p),
-        }
-    }
-}
-
-fn bind(net: Net, dir: &tempfile::TempDir, name: &str) -> (Listener, Target) {
-    match net {
-        Net::Tcp => {
-            let l = Listener::bind_tcp("127.0.0.1:0").unwrap();
-            let a = l.address();
-            (l, Target::Tcp(a))
-        }
-        Net::Unix => {
-            let p = dir.path().join(name);
-            (Listener::bind_unix(&p).unwrap(), Target::Unix(p))
-        }
-    }
-}
-
-/// A forwarder between sender and receiver that can cut every connection it carries at once
-/// (both directions shut down, as a broken network path would) and, when told to, drops every
-/// new connection at once (a path that stays broken).
-struct Proxy {
-    target: Target,
-    live: Arc<Mutex<Vec<Connection>>>,
-    /// Bytes forwarded from the sender to the receiver.
-    forwarded: Arc<AtomicU64>,
-    refuse: Arc<AtomicBool>,
-    /// Connections dropped while refusing.
-    refused: Arc<AtomicU64>,
-}
-
-impl Proxy {
-    /// Listens next to the receiver (same kind of socket) and forwards to `to`.
-    fn start(net: Net, dir: &tempfile::TempDir, to: Target) -> Proxy {
-        let (listener, target) = bind(net, dir, "proxy");
-        let live: Arc<Mutex<Vec<Connection>>> = Arc::default();
-        let forwarded = Arc::new(AtomicU64::new(0));
-        let refuse = Arc::new(AtomicBool::new(false));
-        let refused = Arc::new(AtomicU64::new(0));
-        let (live2, fwd, refuse2, refused2) = (
-            live.clone(),
-            forwarded.clone(),
-            refuse.clone(),
-            refused.clone(),
-        );
-        std::thread::spawn(move || {
-            while let Ok(client) = listener.accept() {
-                if refuse2.load(SeqCst) {
-                    refused2.fetch_add(1, SeqCst);
-                    let _ = client.shutdown(Shutdown::Both);
-                    continue;
-                }
-                let Ok(server) = to.connect() else { return };
-                let mut l = live2.lock().unwrap();
-                l.push(client.try_clone().unwrap());
-                l.push(server.try_clone().unwrap());
-                drop(l);
-                pipe(
-                    client.try_clone().unwrap(),
-                    server.try_clone().unwrap(),
-                    Some(fwd.clone()),
-                );
-                pipe(server, client, None);
-            }
-        });
-        Proxy {
-            target,
-            live,
-            forwarded,
-            refuse,
-            refused,
-        }
-    }
-}
-
-/// Copies `from` to `to` until either end closes, then closes both.
-fn pipe(mut from: Connection, mut to: Connection, count: Option<Arc<AtomicU64>>) {
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    if let Some(c) = &count {
-                        c.fetch_add(n as u64, SeqCst);
-                    }
-                }
-            }
-        }
-        let _ = to.shutdown(Shutdown::Both);
-        let _ = from.shutdown(Shutdown::Both);
-    });
-}
 
 type Received = Result<(Vec<u8>, ReceiveReport), TransferError>;
 
@@ -166,7 +49,7 @@ struct Run {
     report: precopy_migrate::MigrationReport,
     guest: Guest,
     received: Received,
-    proxy: Proxy,
+    proxy: Arc<Proxy>,
     /// Bytes the proxy had forwarded to the receiver when it cut.
     at_cut: u64,
 }
@@ -180,7 +63,7 @@ fn migrate_with_a_cut(net: Net, attempts: u32, keep_cut: bool, resume_wait: Dura
     let guest = Guest::start(size, 2, Pattern::HotSet, 500.0);
     let dir = tempfile::tempdir().unwrap();
     let (listener, rx_target) = bind(net, &dir, "rx");
-    let proxy = Proxy::start(net, &dir, rx_target);
+    let proxy = Arc::new(Proxy::start(net, &dir, rx_target));
     let rx = resumable_receiver(listener, resume_wait);
 
     let mut tracker = Tracker::new(Uffd::new().unwrap());
@@ -214,14 +97,7 @@ fn migrate_with_a_cut(net: Net, attempts: u32, keep_cut: bool, resume_wait: Dura
         ..MigrationConfig::default()
     };
     let at_cut = Arc::new(AtomicU64::new(u64::MAX));
-    let (cut_proxy, at) = (
-        (
-            proxy.live.clone(),
-            proxy.forwarded.clone(),
-            proxy.refuse.clone(),
-        ),
-        at_cut.clone(),
-    );
+    let (cut_proxy, at) = (proxy.clone(), at_cut.clone());
     let mut m = Migration::new(
         UffdDirtyLog::new(tracker, scanner),
         TransferTransport::new(sender),
@@ -230,12 +106,9 @@ fn migrate_with_a_cut(net: Net, attempts: u32, keep_cut: bool, resume_wait: Dura
     )
     .on_progress(move |p| {
         if p.phase == Phase::Iterating && p.round == 2 && at.load(SeqCst) == u64::MAX {
-            let (live, forwarded, refuse) = &cut_proxy;
-            at.store(forwarded.load(SeqCst), SeqCst);
-            refuse.store(keep_cut, SeqCst);
-            for c in live.lock().unwrap().drain(..) {
-                let _ = c.shutdown(Shutdown::Both);
-            }
+            at.store(cut_proxy.forwarded(), SeqCst);
+            cut_proxy.refuse(keep_cut);
+            cut_proxy.cut();
             // Let the sender's watcher see the end of its stream before the round starts
             // (without it the break shows up a round later, which works too).
             std::thread::sleep(Duration::from_millis(20));
@@ -284,7 +157,7 @@ fn cut_mid_migration_resumes_and_resends_far_less_than_memory(net: Net) {
     // Before the cut the wire carried all memory (round 0); after it, far less than that.
     let size = source.len() as u64;
     let before = run.at_cut;
-    let after = run.proxy.forwarded.load(SeqCst) - before;
+    let after = run.proxy.forwarded() - before;
     assert!(before >= size * 7 / 8, "round 0 carried {before} bytes");
     assert!(
         after < size / 4,
@@ -321,7 +194,7 @@ fn more_cuts_than_reconnect_attempts_fail_clearly_and_the_source_runs_on() {
     );
     let chain = precopy_sys::error_chain(&err);
     assert!(chain.contains("2 reconnect attempt(s)"), "{chain}");
-    assert_eq!(run.proxy.refused.load(SeqCst), 2, "two attempts, each cut");
+    assert_eq!(run.proxy.refused(), 2, "two attempts, each cut");
     assert_eq!(run.report.status, Status::Failed);
     assert_eq!(run.report.reconnects, 0);
     // The source was never paused and runs on.

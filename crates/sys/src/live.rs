@@ -126,6 +126,19 @@ const MAX_IOV: usize = 1024;
 /// lent pages during the call; a page a writer changes meanwhile goes out torn. `fd` must be in
 /// blocking mode (a `WouldBlock` is returned as an error).
 pub fn write_all_gather(fd: BorrowedFd<'_>, parts: &[Gather<'_>]) -> io::Result<u64> {
+    write_all_gather_within(fd, parts, None)
+}
+
+/// As [`write_all_gather`] on a socket whose send timeout (`SO_SNDTIMEO`) is a short slice of
+/// `stall`: a `writev` that times out (`WouldBlock`) is tried again as long as the last byte
+/// moved less than `stall` ago, so the call fails only after `stall` without progress (late by
+/// at most one slice), however many partial writes it took. `None`: no retry.
+pub fn write_all_gather_within(
+    fd: BorrowedFd<'_>,
+    parts: &[Gather<'_>],
+    stall: Option<std::time::Duration>,
+) -> io::Result<u64> {
+    let mut progress = std::time::Instant::now();
     let total: u64 = parts.iter().map(Gather::len).sum();
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len().min(MAX_IOV));
     // (part index, bytes of it already written)
@@ -155,11 +168,17 @@ pub fn write_all_gather(fd: BorrowedFd<'_>, parts: &[Gather<'_>]) -> io::Result<
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
+            if e.kind() == io::ErrorKind::WouldBlock
+                && stall.is_some_and(|s| progress.elapsed() < s)
+            {
+                continue;
+            }
             return Err(e);
         }
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
+        progress = std::time::Instant::now();
         let mut left = n as u64;
         while left > 0 && i < parts.len() {
             let avail = parts[i].len() - skip;

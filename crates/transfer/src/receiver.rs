@@ -128,6 +128,9 @@ pub struct ReceiveReport {
     /// Times the sender resumed after its connections broke
     /// ([`Receiver::run_resumable`]).
     pub resumes: u32,
+    /// Connections refused because they failed the handshake (garbage, no or a wrong key,
+    /// another transfer's), while accepting and while waiting for a resume.
+    pub refused: u64,
     /// Bytes read from the connections after the handshake (after the last
     /// resume, if any: connections cut by a break are not counted).
     pub bytes: u64,
@@ -154,6 +157,7 @@ pub struct Receiver {
     conns: Vec<Connection>,
     hello: Hello,
     config: ReceiverConfig,
+    door: Door,
 }
 
 /// Sends an ERROR frame, best effort: the peer may already be gone.
@@ -188,10 +192,8 @@ fn code_for(e: &TransferError) -> u32 {
 /// What a handshake expects of the HELLO it reads.
 #[derive(Clone, Copy)]
 enum Expect<'a> {
-    /// The first connection of a new transfer.
+    /// A connection of a new transfer.
     New,
-    /// Another connection of the new transfer begun with this HELLO.
-    Joining(&'a Hello),
     /// A connection of the sender of this HELLO's session, resuming.
     Resuming(&'a Hello),
 }
@@ -256,12 +258,6 @@ fn handshake_steps(
         Expect::New if hello.stream_count > config.max_streams => {
             return Err(mismatch("more streams than this receiver allows").into());
         }
-        Expect::Joining(f) if f.session != hello.session => {
-            return Err(mismatch("different session").into());
-        }
-        Expect::Joining(f) if f.layout != hello.layout || f.stream_count != hello.stream_count => {
-            return Err(mismatch("different layout or stream count").into());
-        }
         _ => {}
     }
     let nonce = auth::nonce();
@@ -305,7 +301,7 @@ fn handshake_steps(
         reason,
     };
     match expect {
-        Expect::New | Expect::Joining(_) if hello.resume => {
+        Expect::New if hello.resume => {
             return Err(refused(ResumeRefusal::NoSession).into());
         }
         Expect::Resuming(_) if !hello.resume => {
@@ -333,45 +329,84 @@ fn handshake_steps(
 }
 
 impl Receiver {
-    /// Accepts a transfer on `listener`: the first connection's handshake
-    /// says how many connections the sender uses, and the rest are accepted
-    /// too. Fails before accepting anything if the listener is TCP (loopback
-    /// included) and no key is configured; fails on the first connection
-    /// that does not authenticate (nothing is applied from any connection
-    /// before then).
+    /// Accepts a transfer on `listener`: the first connection that completes the handshake
+    /// (proves the key) says how many connections the sender uses, and the rest of that
+    /// sender's are accepted too. Fails before accepting anything if the listener is TCP
+    /// (loopback included) and no key is configured.
+    ///
+    /// **A connection that fails the handshake does not end it**: garbage, a wrong or missing
+    /// key, an incompatible HELLO, another transfer's connection, or one that stays silent past
+    /// the handshake timeout is told why (an ERROR), closed, logged and counted
+    /// ([`Receiver::refused`], [`ReceiveReport::refused`]), and the receiver keeps listening.
+    /// Handshakes run side by side (at most [`MAX_HANDSHAKES`] at once; more connections are
+    /// closed at once), so a silent connection does not hold up the sender; past
+    /// [`REFUSALS_PER_SECOND`] refusals the receiver waits out the second, so a flood cannot
+    /// spin a CPU. Only a fault of the accepted sender's own connections (a stream index used
+    /// twice) or of the listener ends it. Nothing is applied from any connection before then.
     pub fn accept(listener: &Listener, config: &ReceiverConfig) -> Result<Receiver, TransferError> {
         if config.key.is_none() && matches!(listener, Listener::Tcp(_)) {
             return Err(TransferError::KeyRequired {
                 addr: listener.address(),
             });
         }
-        let conn = listener
-            .accept()
-            .map_err(TransferError::io("accepting a connection"))?;
-        let hello = receiver_handshake(&conn, config, Expect::New)?;
-        let mut conns: Vec<Option<Connection>> = (0..hello.stream_count).map(|_| None).collect();
-        conns[hello.stream_index as usize] = Some(conn);
-        for _ in 1..hello.stream_count {
-            let conn = listener
-                .accept()
-                .map_err(TransferError::io("accepting a connection"))?;
-            let other = receiver_handshake(&conn, config, Expect::Joining(&hello))?;
-            let slot = &mut conns[other.stream_index as usize];
-            if slot.is_some() {
-                let e = ProtocolError::StreamMismatch {
-                    index: other.stream_index,
-                    reason: "stream index used twice",
+        let mut door = Door::default();
+        let mut first: Option<Hello> = None;
+        let mut conns: Vec<Option<Connection>> = Vec::new();
+        gather(
+            listener,
+            config,
+            Expect::New,
+            Until::Forever,
+            &mut door,
+            |conn, hello| {
+                let Some(f) = &first else {
+                    conns = (0..hello.stream_count).map(|_| None).collect();
+                    conns[hello.stream_index as usize] = Some(conn);
+                    let done = conns.len() == 1;
+                    first = Some(hello);
+                    return Ok(if done { Take::Done } else { Take::Keep });
                 };
-                send_error(&conn, error_code::PROTOCOL, &e.to_string());
-                return Err(e.into());
-            }
-            *slot = Some(conn);
-        }
+                if f.session != hello.session
+                    || f.layout != hello.layout
+                    || f.stream_count != hello.stream_count
+                {
+                    // Another sender with the key: not this transfer's connection.
+                    let e = ProtocolError::StreamMismatch {
+                        index: hello.stream_index,
+                        reason: "another transfer is being received",
+                    };
+                    send_error(&conn, error_code::PROTOCOL, &e.to_string());
+                    return Ok(Take::Refused(e.into()));
+                }
+                let slot = &mut conns[hello.stream_index as usize];
+                if slot.is_some() {
+                    let e = ProtocolError::StreamMismatch {
+                        index: hello.stream_index,
+                        reason: "stream index used twice",
+                    };
+                    send_error(&conn, error_code::PROTOCOL, &e.to_string());
+                    return Err(e.into());
+                }
+                *slot = Some(conn);
+                Ok(if conns.iter().all(Option::is_some) {
+                    Take::Done
+                } else {
+                    Take::Keep
+                })
+            },
+        )?;
+        let hello = first.ok_or(TransferError::Aborted)?;
         Ok(Receiver {
             conns: conns.into_iter().flatten().collect(),
             hello,
             config: config.clone(),
+            door,
         })
+    }
+
+    /// Connections refused so far (see [`Receiver::accept`]).
+    pub fn refused(&self) -> u64 {
+        self.door.refused
     }
 
     /// Runs the handshake on an already connected single-stream transfer.
@@ -392,6 +427,7 @@ impl Receiver {
             conns: vec![conn],
             hello,
             config: config.clone(),
+            door: Door::default(),
         })
     }
 
@@ -456,6 +492,7 @@ impl Receiver {
             mut conns,
             hello,
             config,
+            mut door,
         } = self;
         // A sink that cannot tell what it holds makes `await_resume` fail with the break.
         let resumable = listener.is_some();
@@ -478,6 +515,7 @@ impl Receiver {
                     report.pages += before.pages;
                     report.zero_pages += before.zero_pages;
                     report.resumes = resumes;
+                    report.refused = door.refused;
                     report.duration = start.elapsed();
                     return Ok(report);
                 }
@@ -497,7 +535,7 @@ impl Receiver {
                 next_round = next,
                 "the sender's connections broke; waiting for it to resume"
             );
-            conns = await_resume(listener, &config, &hello, next, &*sink, broken)?;
+            conns = await_resume(listener, &config, &hello, next, &*sink, broken, &mut door)?;
             resumes += 1;
         }
     }
@@ -687,6 +725,7 @@ impl Leg<'_> {
             pages,
             zero_pages,
             resumes: 0,
+            refused: 0,
             bytes: outcomes.iter().map(|o| o.bytes).sum(),
             streams: n as u32,
             checksum: first.checksum,
@@ -700,10 +739,10 @@ impl Leg<'_> {
 
 /// After the connections of session `hello` broke: accepts on `listener`
 /// until every connection of the same sender is back (resume HELLO, same
-/// session, layout and stream count, key proven), refusing anyone else, then
-/// sends RESUME (next round `next`, block digests of what `sink` holds) on
-/// connection 0. Fails with [`TransferError::ResumeTimedOut`] after
-/// [`ReceiverConfig::resume_wait`].
+/// session, layout and stream count, key proven), refusing anyone else (counted
+/// by `door`), then sends RESUME (next round `next`, block digests of what
+/// `sink` holds) on connection 0. Fails with [`TransferError::ResumeTimedOut`]
+/// after [`ReceiverConfig::resume_wait`].
 fn await_resume<K: Sink + ?Sized>(
     listener: &Listener,
     config: &ReceiverConfig,
@@ -711,41 +750,43 @@ fn await_resume<K: Sink + ?Sized>(
     next: u64,
     sink: &K,
     broken: TransferError,
+    door: &mut Door,
 ) -> Result<Vec<Connection>, TransferError> {
     let block_pages = resume_block_pages(hello.layout.total_pages());
     let Some(block_digests) = sink.resume_digests(block_pages) else {
         return Err(broken);
     };
     let deadline = Instant::now() + config.resume_wait;
-    let timed_out = |broken| TransferError::ResumeTimedOut {
-        after: config.resume_wait,
-        source: Box::new(broken),
-    };
     let mut back: Vec<Option<Connection>> = (0..hello.stream_count).map(|_| None).collect();
-    while back.iter().any(Option::is_none) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let conn = match listener.accept_timeout(left) {
-            Ok(Some(c)) => c,
-            Ok(None) => return Err(timed_out(broken)),
-            Err(e) => return Err(TransferError::io("accepting a connection")(e)),
-        };
-        match receiver_handshake(&conn, config, Expect::Resuming(hello)) {
-            Ok(h) if back[h.stream_index as usize].is_none() => {
-                back[h.stream_index as usize] = Some(conn);
-            }
-            Ok(h) => {
+    let complete = gather(
+        listener,
+        config,
+        Expect::Resuming(hello),
+        Until::Deadline(deadline),
+        door,
+        |conn, h| {
+            let slot = &mut back[h.stream_index as usize];
+            if slot.is_some() {
                 let e = ProtocolError::StreamMismatch {
                     index: h.stream_index,
                     reason: "stream index used twice",
                 };
                 send_error(&conn, error_code::PROTOCOL, &e.to_string());
+                return Ok(Take::Refused(e.into()));
             }
-            Err(e) => tracing::warn!(
-                peer = conn.peer(),
-                error = %precopy_sys::error_chain(&e),
-                "refused a connection while waiting for the sender to resume"
-            ),
-        }
+            *slot = Some(conn);
+            Ok(if back.iter().all(Option::is_some) {
+                Take::Done
+            } else {
+                Take::Keep
+            })
+        },
+    )?;
+    if !complete {
+        return Err(TransferError::ResumeTimedOut {
+            after: config.resume_wait,
+            source: Box::new(broken),
+        });
     }
     let conns: Vec<Connection> = back.into_iter().flatten().collect();
     let resume = Resume {
@@ -763,6 +804,164 @@ fn await_resume<K: Sink + ?Sized>(
         .set_write_timeout(None)
         .map_err(TransferError::io("setting a socket timeout"))?;
     Ok(conns)
+}
+
+/// Most handshakes a receiver runs at once while it accepts; a connection beyond them is
+/// closed at once (and counted as refused).
+pub const MAX_HANDSHAKES: usize = 16;
+
+/// Refused connections a receiver handles per second at most; past it, it waits out the rest
+/// of the second before accepting again.
+pub const REFUSALS_PER_SECOND: u32 = 64;
+
+/// Refused connections logged one by one; after that, every hundredth.
+const LOGGED_REFUSALS: u64 = 16;
+
+/// How often [`gather`] looks at finished handshakes between accepts.
+const GATHER_POLL: Duration = Duration::from_millis(20);
+
+/// The receiver's door: counts and logs the connections it refused, and paces them.
+#[derive(Debug, Default)]
+struct Door {
+    refused: u64,
+    window: Option<Instant>,
+    in_window: u32,
+}
+
+impl Door {
+    /// Counts a refused connection from `peer`, logs it (each of the first ones, then every
+    /// hundredth), and past [`REFUSALS_PER_SECOND`] in the current second waits it out.
+    fn refuse(&mut self, peer: &str, why: &TransferError) {
+        self.refused += 1;
+        if self.refused <= LOGGED_REFUSALS || self.refused % 100 == 0 {
+            tracing::warn!(
+                peer,
+                refused = self.refused,
+                error = %precopy_sys::error_chain(why),
+                "refused a connection; still listening"
+            );
+        }
+        let now = Instant::now();
+        match self.window {
+            Some(w) if now.duration_since(w) < Duration::from_secs(1) => self.in_window += 1,
+            _ => {
+                self.window = Some(now);
+                self.in_window = 1;
+            }
+        }
+        if self.in_window >= REFUSALS_PER_SECOND
+            && let Some(w) = self.window
+        {
+            std::thread::sleep((w + Duration::from_secs(1)).saturating_duration_since(now));
+        }
+    }
+}
+
+/// What [`gather`]'s caller made of a connection that completed the handshake.
+enum Take {
+    /// Kept; accept more.
+    Keep,
+    /// Kept, and that was the last one needed.
+    Done,
+    /// Refused (the caller told the peer why): count it and accept more.
+    Refused(TransferError),
+}
+
+/// How long [`gather`] accepts.
+#[derive(Clone, Copy)]
+enum Until {
+    /// Until its caller is done.
+    Forever,
+    /// Until this instant (then it returns `Ok(false)`).
+    Deadline(Instant),
+}
+
+/// A handshake's result: its id in [`gather`], the connection, its peer, the HELLO or why it
+/// failed.
+type Handshaken = (u64, Connection, String, Result<Hello, TransferError>);
+
+/// Accepts connections on `listener` and runs the receiver's handshake (expecting `expect`)
+/// on each, side by side, handing every connection that completes it to `take`, until `take`
+/// says it is done (`Ok(true)`) or `until` ends (`Ok(false)`). A connection whose handshake
+/// fails is counted by `door` (the handshake told it why); an error of `take` or of the
+/// listener ends it. Handshakes still running when it returns are cut off.
+fn gather(
+    listener: &Listener,
+    config: &ReceiverConfig,
+    expect: Expect<'_>,
+    until: Until,
+    door: &mut Door,
+    mut take: impl FnMut(Connection, Hello) -> Result<Take, TransferError>,
+) -> Result<bool, TransferError> {
+    std::thread::scope(|s| {
+        let (tx, rx) = crossbeam_channel::unbounded::<Handshaken>();
+        let mut in_flight: Vec<(u64, Connection)> = Vec::new();
+        let mut next_id = 0u64;
+        let mut step = || -> Result<Option<bool>, TransferError> {
+            while let Ok((id, conn, peer, result)) = rx.try_recv() {
+                in_flight.retain(|(i, _)| *i != id);
+                match result {
+                    Ok(hello) => match take(conn, hello)? {
+                        Take::Done => return Ok(Some(true)),
+                        Take::Keep => {}
+                        Take::Refused(e) => door.refuse(&peer, &e),
+                    },
+                    Err(e) => door.refuse(&peer, &e),
+                }
+            }
+            let wait = match until {
+                Until::Forever => GATHER_POLL,
+                Until::Deadline(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(Some(false));
+                    }
+                    left.min(GATHER_POLL)
+                }
+            };
+            let Some(conn) = listener
+                .accept_timeout(wait)
+                .map_err(TransferError::io("accepting a connection"))?
+            else {
+                return Ok(None);
+            };
+            if in_flight.len() >= MAX_HANDSHAKES {
+                let e = TransferError::Io {
+                    what: "accepting a connection",
+                    source: std::io::Error::other("too many handshakes in progress"),
+                };
+                send_error(&conn, error_code::DESTINATION, &e.to_string());
+                door.refuse(&conn.peer(), &e);
+                return Ok(None);
+            }
+            let id = next_id;
+            next_id += 1;
+            in_flight.push((
+                id,
+                conn.try_clone()
+                    .map_err(TransferError::io("cloning a socket"))?,
+            ));
+            let tx = tx.clone();
+            s.spawn(move || {
+                let peer = conn.peer();
+                let result = receiver_handshake(&conn, config, expect);
+                let _ = tx.send((id, conn, peer, result));
+            });
+            Ok(None)
+        };
+        let outcome = loop {
+            match step() {
+                Ok(None) => {}
+                Ok(Some(done)) => break Ok(done),
+                Err(e) => break Err(e),
+            }
+        };
+        // Handshakes still running: cut off, so the scope's threads end now.
+        for (_, c) in &in_flight {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        outcome
+    })
 }
 
 /// Reads the sender's COMMIT (for `checksum`) at stream offset `offset`.
@@ -1315,6 +1514,7 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         pages: outcome.pages,
         zero_pages: outcome.zero_pages,
         resumes: 0,
+        refused: 0,
         bytes: outcome.bytes,
         streams: 1,
         checksum: outcome.checksum,

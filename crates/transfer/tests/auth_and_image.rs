@@ -12,15 +12,18 @@ fn key(b: u8) -> Key {
     Key::from_bytes(vec![b; 32]).unwrap()
 }
 
+/// A receiver with `receiver_key`: a sender with `sender_key` tries first (refused), then one
+/// with the right key sends everything. Returns the first sender's result and the receiver's
+/// report: it kept listening after the refusal.
 fn try_transfer(
     sender_key: Option<Key>,
-    receiver_key: Option<Key>,
-) -> (Result<(), TransferError>, TransferError) {
+    receiver_key: Key,
+) -> (Result<(), TransferError>, ReceiveReport) {
     let (listener, connect, _d) = listen(&Net::Tcp);
     let rx = spawn_receiver(
         listener,
         ReceiverConfig {
-            key: receiver_key,
+            key: Some(receiver_key.clone()),
             ..receiver_config()
         },
     );
@@ -31,40 +34,104 @@ fn try_transfer(
     };
     let sent = Sender::connect(
         vec![connect()],
-        layout,
+        layout.clone(),
         SliceSource::new(BASE, vec![3u8; 4 * PS as usize]),
         &config,
     )
     .map(|_| ());
-    let rx_err = match rx.join().unwrap() {
-        Ok(_) => panic!("receiver accepted an unauthenticated peer"),
-        Err(e) => e,
+    let config = SenderConfig {
+        key: Some(receiver_key),
+        ..sender_config()
     };
-    (sent, rx_err)
+    let mut tx = Sender::connect(
+        vec![connect()],
+        layout,
+        SliceSource::new(BASE, vec![5u8; 4 * PS as usize]),
+        &config,
+    )
+    .expect("the receiver still listens after a refused sender");
+    tx.send_round(&[BASE..BASE + 4 * PS]).unwrap();
+    tx.finish(FinalCheck::Full).unwrap();
+    let (report, mem) = rx.join().unwrap().expect("the right sender's transfer");
+    assert!(mem.iter().all(|&b| b == 5), "only the right sender's pages");
+    (sent, report)
 }
 
 #[test]
-fn sender_without_key_is_refused() {
-    let (sent, rx_err) = try_transfer(None, Some(key(1)));
+fn sender_without_key_is_refused_and_the_receiver_keeps_listening() {
+    let (sent, report) = try_transfer(None, key(1));
     assert!(matches!(sent, Err(TransferError::AuthRequired)), "{sent:?}");
-    assert!(
-        matches!(rx_err, TransferError::AuthFailed { .. }),
-        "{rx_err}"
-    );
+    assert_eq!(report.refused, 1);
 }
 
 #[test]
-fn sender_with_wrong_key_is_refused() {
-    let (sent, rx_err) = try_transfer(Some(key(2)), Some(key(1)));
+fn sender_with_wrong_key_is_refused_and_the_receiver_keeps_listening() {
+    let (sent, report) = try_transfer(Some(key(2)), key(1));
     let err = sent.unwrap_err();
     assert!(
         matches!(&err, TransferError::PeerRejected { code: 2, message } if message.contains("authentication")),
         "{err}"
     );
-    assert!(
-        matches!(rx_err, TransferError::AuthFailed { .. }),
-        "{rx_err}"
+    assert_eq!(report.refused, 1);
+}
+
+/// Strangers first: a connection that sends garbage, one that stays silent (its handshake
+/// would hold a one-at-a-time receiver for the whole handshake timeout) and a sender with the
+/// wrong key. Each is refused (the silent one is cut off once the transfer is accepted), the
+/// receiver keeps listening, and the real sender's transfer completes into an image.
+#[test]
+fn garbage_a_silent_peer_and_a_wrong_key_first_then_a_real_send_completes_into_the_image() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    let l = Listener::bind_tcp("127.0.0.1:0").unwrap();
+    let addr = l.address();
+    let image = path.clone();
+    let rx = std::thread::spawn(move || {
+        let rx = Receiver::accept(&l, &receiver_config())?;
+        let mut sink = ImageWriter::create(&image, rx.layout().clone())?;
+        rx.run(&mut sink)
+    });
+    // Garbage: refused with an ERROR, closed.
+    let mut garbage = std::net::TcpStream::connect(&addr).unwrap();
+    garbage.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = garbage.read_to_end(&mut answer);
+    // Silent: connected, never says a word.
+    let silent = std::net::TcpStream::connect(&addr).unwrap();
+    // The wrong key.
+    let layout = Layout::single(PS, BASE, 8 * PS).unwrap();
+    let wrong = Sender::connect(
+        vec![Connection::connect_tcp(&addr).unwrap()],
+        layout.clone(),
+        SliceSource::new(BASE, vec![9u8; 8 * PS as usize]),
+        &SenderConfig {
+            key: Some(key(0xee)),
+            ..sender_config()
+        },
     );
+    assert!(
+        matches!(&wrong, Err(TransferError::PeerRejected { code: 2, .. })),
+        "{:?}",
+        wrong.map(|_| ())
+    );
+    // The real sender, while the silent connection still waits in its handshake.
+    let mem = memory(8, 21);
+    let mut tx = Sender::connect(
+        vec![Connection::connect_tcp(&addr).unwrap()],
+        layout,
+        SliceSource::new(BASE, mem.clone()),
+        &sender_config(),
+    )
+    .expect("the receiver still listens after three strangers");
+    tx.send_round(&[BASE..BASE + 8 * PS]).unwrap();
+    tx.finish(FinalCheck::Recorded).unwrap();
+    let report = rx.join().unwrap().expect("the real sender's transfer");
+    assert_eq!(report.refused, 2, "the garbage and the wrong key");
+    let img = Image::open(&path).unwrap();
+    assert!(img.is_complete());
+    assert_eq!(img.read_span_to_vec(0..8 * PS).unwrap(), mem);
+    drop(silent);
 }
 
 #[test]

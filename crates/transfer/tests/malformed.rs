@@ -290,7 +290,11 @@ fn raw_client(
     let l = Listener::bind_tcp("127.0.0.1:0").unwrap();
     let Listener::Tcp(t) = &l else { unreachable!() };
     let addr = t.local_addr().unwrap();
-    let rx = std::thread::spawn(move || Receiver::accept(&l, &config).map(|_| ()));
+    // One connection's handshake (`Receiver::accept` would refuse it and keep listening).
+    let rx = std::thread::spawn(move || {
+        let conn = l.accept().unwrap();
+        Receiver::accept_connection(conn, &config).map(|_| ())
+    });
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     client(&mut s);
     rx.join().unwrap().unwrap_err()

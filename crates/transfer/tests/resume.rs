@@ -6,50 +6,18 @@
 mod common;
 
 use common::*;
+use precopy_testnet::{Net, Target, bind};
 use precopy_transfer::protocol::{
     Auth, Challenge, ErrorFrame, FrameKind, FrameReader, FrameWriter, Hello, error_code,
 };
 use precopy_transfer::*;
 use rand::{SeedableRng, rngs::StdRng};
-use std::io;
 use std::net::Shutdown;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const BASE: u64 = 0x10_0000;
 const PAGES: usize = 256;
-
-/// Where a sender dials, changeable while it runs (a receiver restarted elsewhere).
-#[derive(Clone)]
-enum Target {
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-impl Target {
-    fn connect(&self) -> io::Result<Connection> {
-        match self {
-            Target::Tcp(a) => Connection::connect_tcp_timeout(a.as_str(), Duration::from_secs(5)),
-            Target::Unix(p) => Connection::connect_unix(p),
-        }
-    }
-}
-
-/// A listener on loopback TCP or a Unix socket in `dir`, and where to dial it.
-fn listener(net: &Net, dir: &tempfile::TempDir, name: &str) -> (Listener, Target) {
-    match net {
-        Net::Tcp => {
-            let l = Listener::bind_tcp("127.0.0.1:0").unwrap();
-            let a = l.address();
-            (l, Target::Tcp(a))
-        }
-        Net::Unix => {
-            let p = dir.path().join(name);
-            (Listener::bind_unix(&p).unwrap(), Target::Unix(p))
-        }
-    }
-}
 
 /// Handles to every connection a sender opened, so a test can cut them.
 type Opened = Arc<Mutex<Vec<Connection>>>;
@@ -137,7 +105,7 @@ const BIG: usize = 4096;
 
 fn cut_connection_resumes_the_same_session(net: Net) {
     let dir = tempfile::tempdir().unwrap();
-    let (listener, target) = listener(&net, &dir, "rx");
+    let (listener, target) = bind(net, &dir, "rx");
     let rx = resumable_receiver(listener, Duration::from_secs(20));
 
     let mut mem = memory(BIG, 1);
@@ -207,7 +175,7 @@ fn cut_unix_connection_resumes_the_same_session() {
 #[test]
 fn a_sender_that_never_comes_back_fails_after_the_wait() {
     let dir = tempfile::tempdir().unwrap();
-    let (listener, target) = listener(&Net::Tcp, &dir, "rx");
+    let (listener, target) = bind(Net::Tcp, &dir, "rx");
     let rx = resumable_receiver(listener, Duration::from_millis(300));
     let (mut tx, opened) = dialing_sender(Arc::new(Mutex::new(target)), memory(PAGES, 2));
     tx.send_round(&[BASE..BASE + 16 * PS]).unwrap();
@@ -222,7 +190,7 @@ fn a_sender_that_never_comes_back_fails_after_the_wait() {
 #[test]
 fn a_receiver_without_the_session_refuses_the_resume_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
-    let (first, target) = listener(&Net::Unix, &dir, "first");
+    let (first, target) = bind(Net::Unix, &dir, "first");
     // A plain run does not wait for a resume: the cut fails it.
     let rx = spawn_receiver(first, receiver_config());
     let dial = Arc::new(Mutex::new(target));
@@ -231,9 +199,12 @@ fn a_receiver_without_the_session_refuses_the_resume_and_says_why() {
     cut(&opened);
     assert!(rx.join().unwrap().is_err());
     // A new receiver elsewhere holds no session to resume.
-    let (second, target) = listener(&Net::Unix, &dir, "second");
+    let (second, target) = bind(Net::Unix, &dir, "second");
     *dial.lock().unwrap() = target;
-    let rx = std::thread::spawn(move || Receiver::accept(&second, &receiver_config()).map(|_| ()));
+    let rx = std::thread::spawn(move || {
+        let conn = second.accept().unwrap();
+        Receiver::accept_connection(conn, &receiver_config()).map(|_| ())
+    });
     let err = tx.resume().unwrap_err();
     assert!(
         matches!(&err, TransferError::ResumeRefused { message, .. }
@@ -255,7 +226,7 @@ fn a_receiver_without_the_session_refuses_the_resume_and_says_why() {
 
 #[test]
 fn a_sender_made_with_connect_cannot_resume() {
-    let (listener, connect, _dir) = listen(&Net::Tcp);
+    let (listener, connect, _dir) = listen(&common::Net::Tcp);
     let rx = spawn_receiver(listener, receiver_config());
     let mut tx = Sender::connect(
         vec![connect()],

@@ -13,7 +13,9 @@ use crossbeam_channel::{Receiver, Sender as Chan, bounded};
 
 use super::conn::{Connection, InterruptState};
 use super::handshake::sender_handshake;
-use super::writer::{Cmd, RateLimiter, Reply, StreamWriter, watch_peer};
+use super::writer::{
+    Cmd, RateLimiter, Reply, StallBound, StreamWriter, send_timeout_slice, watch_peer,
+};
 use crate::auth;
 use crate::buffer::PageBuf;
 use crate::codec::Compressor;
@@ -34,6 +36,9 @@ struct Worker {
     conn: Connection,
     /// Set by the watcher when the connection broke (end of stream, reset).
     broken: Arc<AtomicBool>,
+    /// The writer stopped on a stall (a write or a PONG past the I/O timeout): every later
+    /// call reports that stall again, not a bare abort.
+    stalled: Option<(&'static str, String, Duration)>,
 }
 
 impl Worker {
@@ -41,8 +46,17 @@ impl Worker {
     fn failure(&mut self) -> TransferError {
         self.cmds = None;
         match self.handle.take().map(JoinHandle::join) {
-            Some(Ok(Err(e))) => e,
-            Some(Ok(Ok(()))) | None => TransferError::Aborted,
+            Some(Ok(Err(e))) => {
+                if let TransferError::Stalled { what, peer, after } = &e {
+                    self.stalled = Some((what, peer.clone(), *after));
+                }
+                e
+            }
+            None => match self.stalled.clone() {
+                Some((what, peer, after)) => TransferError::Stalled { what, peer, after },
+                None => TransferError::Aborted,
+            },
+            Some(Ok(Ok(()))) => TransferError::Aborted,
             Some(Err(_)) => TransferError::WorkerPanicked,
         }
     }
@@ -179,7 +193,7 @@ impl SocketSink {
         let count = ready.len() as u32;
         let fold = PageFold::new(self.layout.page_size());
         for (i, conn) in ready.into_iter().enumerate() {
-            conn.set_write_timeout(config.io_timeout)
+            conn.set_write_timeout(config.io_timeout.map(send_timeout_slice))
                 .map_err(TransferError::io("setting a socket timeout"))?;
             self.interrupt.register(&conn)?;
             let (cmd_tx, cmd_rx) = bounded(config.queue_depth.max(1));
@@ -198,7 +212,10 @@ impl SocketSink {
                 .spawn(move || watch_peer(watch, event_tx, seen))
                 .map_err(TransferError::io("starting a watcher thread"))?;
             let writer = StreamWriter {
-                out: FrameWriter::new(conn),
+                out: FrameWriter::new(StallBound {
+                    conn,
+                    stall: config.io_timeout,
+                }),
                 compressor: Compressor::new(config.compression),
                 limiter: config
                     .bandwidth_limit
@@ -225,6 +242,7 @@ impl SocketSink {
                 watcher: Some(watcher),
                 conn: keep,
                 broken,
+                stalled: None,
             });
         }
         self.next = 0;

@@ -115,6 +115,53 @@ pub(super) fn watch_peer(conn: Connection, events: Chan<PeerEvent>, broken: Arc<
     let _ = events.send(event);
 }
 
+/// The socket send timeout (`SO_SNDTIMEO`) a connection with I/O timeout `io_timeout` gets:
+/// a short slice of it, so that [`StallBound`] sees progress (a partial write) within a slice
+/// of when it happened. The kernel's timeout bounds one call and a call that moved some bytes
+/// returns their count when it expires, so with the whole timeout per call a frame written in
+/// two calls could wait twice as long (measured: `--io-timeout 2` failed after ~4 s of silence).
+pub(super) fn send_timeout_slice(io_timeout: Duration) -> Duration {
+    (io_timeout / 20)
+        .clamp(Duration::from_millis(10), Duration::from_millis(250))
+        .min(io_timeout)
+}
+
+/// A connection whose writes fail only after `stall` without progress: each call retries
+/// the socket's short timeouts ([`send_timeout_slice`]) until a byte moves or `stall` has
+/// passed since the call began (a call begins right after the previous one moved bytes, or
+/// when a new frame is written), so the deadline holds to within one slice. `None`: the
+/// socket blocks as long as it takes.
+pub(super) struct StallBound {
+    pub(super) conn: Connection,
+    pub(super) stall: Option<Duration>,
+}
+
+impl StallBound {
+    fn retry<T>(&self, mut call: impl FnMut(&Connection) -> io::Result<T>) -> io::Result<T> {
+        let since = Instant::now();
+        loop {
+            match call(&self.conn) {
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        && self.stall.is_some_and(|s| since.elapsed() < s) => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+impl io::Write for StallBound {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.retry(|mut c| io::Write::write(&mut c, buf))
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.retry(|mut c| io::Write::write_vectored(&mut c, bufs))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Paces writes to a byte rate (token bucket with a short burst).
 pub(super) struct RateLimiter {
     rate: f64,
@@ -149,7 +196,7 @@ impl RateLimiter {
 /// One connection's writer thread: compresses, checksums, paces and writes
 /// the frames its [`Cmd`]s ask for.
 pub(super) struct StreamWriter {
-    pub(super) out: FrameWriter<Connection>,
+    pub(super) out: FrameWriter<StallBound>,
     pub(super) compressor: Compressor,
     pub(super) limiter: Option<RateLimiter>,
     pub(super) pages: u64,
@@ -433,7 +480,7 @@ impl StreamWriter {
         pages: &LivePages,
         crcs: &[u32],
     ) -> Result<(), TransferError> {
-        use precopy_sys::live::{Gather, write_all_gather};
+        use precopy_sys::live::{Gather, write_all_gather_within};
         use std::os::fd::AsFd;
         use zerocopy::IntoBytes;
         let ps = self.page_size;
@@ -448,13 +495,14 @@ impl StreamWriter {
             let list = Pages::crc_list(chunk);
             let header = Pages::live_header(span, &list);
             self.pace(len + list.len() as u64);
-            let n = write_all_gather(
-                self.out.get_ref().as_fd(),
+            let n = write_all_gather_within(
+                self.out.get_ref().conn.as_fd(),
                 &[
                     Gather::Bytes(header.as_bytes()),
                     Gather::Live(&part),
                     Gather::Bytes(&list),
                 ],
+                self.io_timeout,
             )
             .map_err(|e| self.write_error(e))?;
             self.out.wrote(n);

@@ -1,0 +1,120 @@
+//! A receiver that goes silent (a path that stops forwarding: no reset, no end of stream) is
+//! noticed after the I/O timeout, whichever step meets the silence first, and the error names
+//! that step. The timing itself is not asserted (a test on a shared machine must not depend on
+//! wall-clock time): each test prints how late the stall was reported (`--nocapture`).
+
+mod common;
+
+use common::*;
+use precopy_testnet::{Net, Proxy, bind};
+use precopy_transfer::*;
+use std::time::{Duration, Instant};
+
+const BASE: u64 = 0x10_0000;
+/// 32 MiB: more than every socket buffer on the path holds, so writes must stall.
+const PAGES: usize = 8192;
+const IO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A receiver behind a proxy, a sender (I/O timeout 1 s) connected through it that has sent
+/// round 0, and the proxy.
+fn sender_through_a_proxy(
+    net: Net,
+    dir: &tempfile::TempDir,
+) -> (
+    Sender<SliceSource<Vec<u8>>>,
+    Proxy,
+    std::thread::JoinHandle<()>,
+) {
+    let (listener, target) = bind(net, dir, "rx");
+    let rx = spawn_receiver(listener, receiver_config());
+    let rx = std::thread::spawn(move || {
+        // Ends when the proxy is dropped and the receiver's connection closes.
+        let _ = rx.join();
+    });
+    let proxy = Proxy::start(net, dir, target);
+    let config = SenderConfig {
+        io_timeout: Some(IO_TIMEOUT),
+        ..sender_config()
+    };
+    let mut tx = Sender::connect(
+        vec![proxy.target.connect().unwrap()],
+        Layout::single(PS, BASE, PAGES as u64 * PS).unwrap(),
+        SliceSource::new(BASE, memory(PAGES, 11)),
+        &config,
+    )
+    .unwrap();
+    tx.send_round(&[BASE..BASE + 64 * PS]).unwrap();
+    (tx, proxy, rx)
+}
+
+fn a_silent_receiver_stalls_the_round_after_the_io_timeout(net: Net) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut tx, proxy, rx) = sender_through_a_proxy(net, &dir);
+    proxy.blackhole();
+    let at = Instant::now();
+    let err = tx
+        .send_round(&[BASE..BASE + PAGES as u64 * PS])
+        .unwrap_err();
+    let took = at.elapsed();
+    assert!(
+        matches!(&err, TransferError::Stalled { what, after, .. }
+            if *what == "sending frames to" && *after == IO_TIMEOUT),
+        "{err:?}"
+    );
+    assert!(
+        !err.is_connection_break(),
+        "a stall is not a break: {err:?}"
+    );
+    // Includes filling the path's buffers (a few ms on loopback).
+    eprintln!(
+        "{net:?}: write stall reported {:.0} ms after the path went silent, I/O timeout {} ms: {:+.0} ms late",
+        took.as_secs_f64() * 1e3,
+        IO_TIMEOUT.as_millis(),
+        (took.as_secs_f64() - IO_TIMEOUT.as_secs_f64()) * 1e3
+    );
+    drop(tx);
+    drop(proxy);
+    rx.join().unwrap();
+}
+
+#[test]
+fn a_silent_tcp_receiver_stalls_the_round_after_the_io_timeout() {
+    a_silent_receiver_stalls_the_round_after_the_io_timeout(Net::Tcp);
+}
+
+#[test]
+fn a_silent_unix_receiver_stalls_the_round_after_the_io_timeout() {
+    a_silent_receiver_stalls_the_round_after_the_io_timeout(Net::Unix);
+}
+
+/// The PING between rounds meets the silence first: it fails naming the wait for the PONG,
+/// and the next round reports the same stall at once instead of waiting a second timeout.
+#[test]
+fn a_silent_receiver_fails_the_ping_and_the_next_round_reports_the_same_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut tx, proxy, rx) = sender_through_a_proxy(Net::Tcp, &dir);
+    proxy.blackhole();
+    let at = Instant::now();
+    let err = tx.probe_finish().unwrap_err();
+    let took = at.elapsed();
+    assert!(
+        matches!(&err, TransferError::Stalled { what, .. } if *what == "waiting for the PONG of"),
+        "{err:?}"
+    );
+    let again = Instant::now();
+    let err = tx.send_round(&[BASE..BASE + 64 * PS]).unwrap_err();
+    let then = again.elapsed();
+    assert!(
+        matches!(&err, TransferError::Stalled { what, .. } if *what == "waiting for the PONG of"),
+        "{err:?}"
+    );
+    eprintln!(
+        "PONG stall after {:.0} ms (I/O timeout {} ms); the next round failed {:.1} ms later",
+        took.as_secs_f64() * 1e3,
+        IO_TIMEOUT.as_millis(),
+        then.as_secs_f64() * 1e3
+    );
+    drop(tx);
+    drop(proxy);
+    rx.join().unwrap();
+}
