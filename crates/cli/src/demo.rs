@@ -311,8 +311,8 @@ pub struct Args {
     /// [default: 10 × max downtime, at least 5 s, or twice the expected downtime if more].
     #[arg(long)]
     final_round_timeout: Option<u64>,
-    /// Reconnect attempts after the connection breaks (end of stream, reset; not a stall)
-    /// while iterating: the destination keeps what it received and only what differs is sent
+    /// Reconnect attempts after the connection breaks (end of stream, reset) or goes silent
+    /// past --io-timeout while iterating: the destination keeps what it received and only what differs is sent
     /// again. 0: a broken connection fails the migration.
     #[arg(long, default_value_t = 3, value_name = "N")]
     reconnect_attempts: u32,

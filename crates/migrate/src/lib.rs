@@ -151,8 +151,9 @@
 //!
 //! **Resume after a broken connection.** [`TransferTransport`] over a sender made with
 //! `precopy_transfer::Sender::dial` reconnects only when a round failed because the connection
-//! broke (end of stream, reset, broken pipe), never after a stall past the I/O timeout, a
-//! refusal or an interrupt; the receiver, run with `Receiver::run_resumable`, kept what it
+//! broke (end of stream, reset, broken pipe) or went silent past the I/O timeout (a path that
+//! drops everything without a reset shows only as that), never after a refusal or an
+//! interrupt; the receiver, run with `Receiver::run_resumable`, kept what it
 //! applied, proves the key again with the sender and answers with a digest per block of 64
 //! pages of what it holds, so only the blocks that differ go again with the failed round's
 //! ranges. Attempts and backoff are bounded ([`ReconnectConfig`]); when every attempt fails the

@@ -11,8 +11,9 @@ use std::ops::Range;
 pub struct TransferTransport<S, K> {
     transfer: Transfer<S, K>,
     check: FinalCheck,
-    /// The last round failed because the connection broke (not a stall, a refusal, a fault or
-    /// an interrupt): only then is reconnecting worth trying.
+    /// The last round failed because the connection broke or went silent past the I/O
+    /// timeout (not a refusal, a fault or an interrupt): only then is reconnecting worth
+    /// trying.
     broke: bool,
 }
 
@@ -53,7 +54,7 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
         let r = self
             .transfer
             .send_round(ranges)
-            .inspect_err(|e| self.broke = e.is_connection_break())?;
+            .inspect_err(|e| self.broke = worth_reconnecting(e))?;
         Ok(RoundSent {
             pages: r.pages,
             zero_pages: r.zero_pages,
@@ -88,8 +89,12 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
     }
 
     /// Only after a round failed because the connection broke (end of stream, reset, broken
-    /// pipe) and only with a sender that can dial again (`Sender::dial`): a destination that
-    /// stalled past the I/O timeout, refused a frame or was interrupted is not reconnected to.
+    /// pipe) or went silent past the I/O timeout (a path that drops everything without a
+    /// reset looks exactly like that), and only with a sender that can dial again
+    /// (`Sender::dial`): a destination that refused a frame or an interrupted transfer is not
+    /// reconnected to. A destination that is merely stopped is reconnected to as well; the
+    /// attempts then fail (its listener does not answer) and the migration ends with
+    /// `Error::Reconnect`.
     fn can_reconnect(&self) -> bool {
         self.broke && self.transfer.can_resume()
     }
@@ -111,4 +116,11 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
             .peer()
             .unwrap_or_else(|| "the destination".into())
     }
+}
+
+/// Whether a round that failed with `e` may succeed on a new connection: the connection broke
+/// ([`TransferError::is_connection_break`]) or the destination went silent past the I/O
+/// timeout ([`TransferError::Stalled`]: a silent drop, with no reset, shows only as that).
+fn worth_reconnecting(e: &TransferError) -> bool {
+    e.is_connection_break() || matches!(e, TransferError::Stalled { .. })
 }

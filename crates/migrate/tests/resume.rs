@@ -54,9 +54,29 @@ struct Run {
     at_cut: u64,
 }
 
+/// What the proxy does to the connections when round 2 is about to be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Cuts them (both directions shut down: the ends see a reset or an end of stream).
+    Cut,
+    /// Stops forwarding without closing anything (a silent drop): only the sender's I/O
+    /// timeout (1 s here) notices.
+    Silence,
+}
+
 /// Migrates 32 MiB of a hot-set writer through a proxy that cuts every connection when round
 /// 2 is about to be sent; with `keep_cut`, it also drops every later connection.
 fn migrate_with_a_cut(net: Net, attempts: u32, keep_cut: bool, resume_wait: Duration) -> Run {
+    migrate_with_a_fault(net, Fault::Cut, attempts, keep_cut, resume_wait)
+}
+
+fn migrate_with_a_fault(
+    net: Net,
+    fault: Fault,
+    attempts: u32,
+    keep_cut: bool,
+    resume_wait: Duration,
+) -> Run {
     let size: u64 = 32 << 20;
     // A hot set: little is written between rounds, so a resume that sent the whole memory
     // again would stand out.
@@ -72,6 +92,10 @@ fn migrate_with_a_cut(net: Net, attempts: u32, keep_cut: bool, resume_wait: Dura
     let layout = Layout::single(PAGE, guest.mem.addr(), guest.mem.len()).unwrap();
     let config = SenderConfig {
         key: Some(test_key()),
+        io_timeout: match fault {
+            Fault::Cut => SenderConfig::default().io_timeout,
+            Fault::Silence => Some(Duration::from_secs(1)),
+        },
         ..SenderConfig::default()
     };
     let to = proxy.target.clone();
@@ -108,7 +132,10 @@ fn migrate_with_a_cut(net: Net, attempts: u32, keep_cut: bool, resume_wait: Dura
         if p.phase == Phase::Iterating && p.round == 2 && at.load(SeqCst) == u64::MAX {
             at.store(cut_proxy.forwarded(), SeqCst);
             cut_proxy.refuse(keep_cut);
-            cut_proxy.cut();
+            match fault {
+                Fault::Cut => cut_proxy.cut(),
+                Fault::Silence => cut_proxy.blackhole(),
+            }
             // Let the sender's watcher see the end of its stream before the round starts
             // (without it the break shows up a round later, which works too).
             std::thread::sleep(Duration::from_millis(20));
@@ -131,11 +158,17 @@ fn migrate_with_a_cut(net: Net, attempts: u32, keep_cut: bool, resume_wait: Dura
 }
 
 fn cut_mid_migration_resumes_and_resends_far_less_than_memory(net: Net) {
-    let name = format!("cut_mid_migration_resumes_and_resends_far_less_than_memory ({net:?})");
+    fault_mid_migration_resumes_and_resends_far_less_than_memory(net, Fault::Cut);
+}
+
+fn fault_mid_migration_resumes_and_resends_far_less_than_memory(net: Net, fault: Fault) {
+    let name = format!(
+        "fault_mid_migration_resumes_and_resends_far_less_than_memory ({net:?}, {fault:?})"
+    );
     if !supported(&name) {
         return;
     }
-    let run = migrate_with_a_cut(net, 5, false, Duration::from_secs(30));
+    let run = migrate_with_a_fault(net, fault, 5, false, Duration::from_secs(30));
     let source = run.guest.snapshot();
     let report = run
         .result
@@ -164,8 +197,8 @@ fn cut_mid_migration_resumes_and_resends_far_less_than_memory(net: Net) {
         "{after} bytes sent after the cut for {size} bytes of memory"
     );
     eprintln!(
-        "resume over {net:?}: {before} bytes before the cut, {after} after it (rounds, final \
-         included), memory {size}, rounds {}",
+        "resume over {net:?} after a {fault:?}: {before} bytes before it, {after} after it \
+         (rounds, final included), memory {size}, rounds {}",
         run.report.rounds.len()
     );
 }
@@ -178,6 +211,20 @@ fn tcp_cut_mid_migration_resumes_and_resends_far_less_than_memory() {
 #[test]
 fn unix_cut_mid_migration_resumes_and_resends_far_less_than_memory() {
     cut_mid_migration_resumes_and_resends_far_less_than_memory(Net::Unix);
+}
+
+/// A silent drop (no reset, no end of stream: the proxy stops forwarding and holds both
+/// sockets open) is noticed by the sender's I/O timeout (the PING between rounds gets no
+/// PONG, or a write stalls), treated like a broken connection: the sender dials again and the
+/// receiver, which saw nothing, takes the same session back on the new connection.
+#[test]
+fn tcp_silent_drop_mid_migration_resumes_and_resends_far_less_than_memory() {
+    fault_mid_migration_resumes_and_resends_far_less_than_memory(Net::Tcp, Fault::Silence);
+}
+
+#[test]
+fn unix_silent_drop_mid_migration_resumes_and_resends_far_less_than_memory() {
+    fault_mid_migration_resumes_and_resends_far_less_than_memory(Net::Unix, Fault::Silence);
 }
 
 #[test]

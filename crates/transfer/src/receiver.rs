@@ -469,6 +469,13 @@ impl Receiver {
     /// whose digests differ, with the round that failed (see the protocol's
     /// "Resuming"); the final digest check proves the result as usual.
     ///
+    /// A path that goes silent (no reset, no end of stream) shows no break
+    /// here; the sender notices it (its I/O timeout) and comes back. So while
+    /// the connections run, the listener is watched too: the same sender
+    /// coming back with a resume HELLO (key proven) ends the current
+    /// connections as a break. Anyone else connecting meanwhile is refused
+    /// and counted ([`ReceiveReport::refused`]).
+    ///
     /// Needs a sink that can tell what it holds ([`Sink::resume_digests`]:
     /// [`MemorySink`](crate::MemorySink)); with one that cannot, a broken
     /// connection fails as in [`Receiver::run`]. Fails with
@@ -494,7 +501,7 @@ impl Receiver {
             config,
             mut door,
         } = self;
-        // A sink that cannot tell what it holds makes `await_resume` fail with the break.
+        // A sink that cannot tell what it holds makes a break final (`resume_digests`).
         let resumable = listener.is_some();
         // Pages applied torn stay torn across a resume until a good copy arrives.
         let changed = Mutex::new(ChangedPages::default());
@@ -510,7 +517,40 @@ impl Receiver {
                 next,
                 resumable,
             };
-            let broken = match leg.run(&mut *sink) {
+            // While the leg runs, the door keeps watching the listener: the same sender
+            // coming back (its old path went silent, so this end saw no break) ends the leg
+            // as a break. After a break the same watch is the wait for the resume, so a
+            // connection already in its handshake is not lost.
+            let watch = Watch::default();
+            let (end, resumed) = std::thread::scope(|s| {
+                let (door, watch, cfg, first, old) = (&mut door, &watch, &config, &hello, &conns);
+                let watching = listener
+                    .map(|l| s.spawn(move || watch_for_resume(l, cfg, first, old, watch, door)));
+                let end = leg.run(&mut *sink);
+                let digests = match &end {
+                    LegEnd::Broken { error, counted } if watching.is_some() => {
+                        let block = resume_block_pages(first.layout.total_pages());
+                        let digests = sink.resume_digests(block).map(|d| (block, d));
+                        if digests.is_some() {
+                            tracing::warn!(
+                                error = %precopy_sys::error_chain(error),
+                                next_round = counted.rounds,
+                                "the sender's connections broke; waiting for it to resume"
+                            );
+                        }
+                        digests
+                    }
+                    _ => None,
+                };
+                let deadline = Instant::now() + cfg.resume_wait;
+                match digests {
+                    Some(_) => watch.until(deadline),
+                    None => watch.stop(),
+                }
+                let back = watching.map(|w| w.join().unwrap_or_default());
+                (end, digests.zip(back).map(|(d, b)| (d, b, deadline)))
+            });
+            let broken = match end {
                 LegEnd::Done(mut report) => {
                     report.pages += before.pages;
                     report.zero_pages += before.zero_pages;
@@ -527,15 +567,13 @@ impl Receiver {
                     error
                 }
             };
-            let Some(listener) = listener else {
+            // No listener, or a sink that cannot tell what it holds: the break ends it.
+            let (Some(listener), Some((digests, back, deadline))) = (listener, resumed) else {
                 return Err(broken);
             };
-            tracing::warn!(
-                error = %precopy_sys::error_chain(&broken),
-                next_round = next,
-                "the sender's connections broke; waiting for it to resume"
-            );
-            conns = await_resume(listener, &config, &hello, next, &*sink, broken, &mut door)?;
+            conns = complete_resume(
+                listener, &config, &hello, next, digests, broken, &mut door, back, deadline,
+            )?;
             resumes += 1;
         }
     }
@@ -737,51 +775,34 @@ impl Leg<'_> {
     }
 }
 
-/// After the connections of session `hello` broke: accepts on `listener`
-/// until every connection of the same sender is back (resume HELLO, same
-/// session, layout and stream count, key proven), refusing anyone else (counted
-/// by `door`), then sends RESUME (next round `next`, block digests of what
-/// `sink` holds) on connection 0. Fails with [`TransferError::ResumeTimedOut`]
-/// after [`ReceiverConfig::resume_wait`].
-fn await_resume<K: Sink + ?Sized>(
+/// After the connections of session `hello` broke and the watch ([`watch_for_resume`])
+/// brought `back` what it could before `deadline`: accepts on `listener` until every
+/// connection of the same sender is back (resume HELLO, same session, layout and stream count,
+/// key proven), refusing anyone else (counted by `door`), then sends RESUME (next round
+/// `next`, the `(block_pages, digests)` of what the sink holds) on connection 0. Fails with
+/// [`TransferError::ResumeTimedOut`] once `deadline` ([`ReceiverConfig::resume_wait`] after
+/// the break) has passed.
+#[allow(clippy::too_many_arguments)] // one call site; the arguments are the receiver's state
+fn complete_resume(
     listener: &Listener,
     config: &ReceiverConfig,
     hello: &Hello,
     next: u64,
-    sink: &K,
+    (block_pages, block_digests): (u64, Vec<u32>),
     broken: TransferError,
     door: &mut Door,
+    mut back: Vec<Option<Connection>>,
+    deadline: Instant,
 ) -> Result<Vec<Connection>, TransferError> {
-    let block_pages = resume_block_pages(hello.layout.total_pages());
-    let Some(block_digests) = sink.resume_digests(block_pages) else {
-        return Err(broken);
-    };
-    let deadline = Instant::now() + config.resume_wait;
-    let mut back: Vec<Option<Connection>> = (0..hello.stream_count).map(|_| None).collect();
-    let complete = gather(
-        listener,
-        config,
-        Expect::Resuming(hello),
-        Until::Deadline(deadline),
-        door,
-        |conn, h| {
-            let slot = &mut back[h.stream_index as usize];
-            if slot.is_some() {
-                let e = ProtocolError::StreamMismatch {
-                    index: h.stream_index,
-                    reason: "stream index used twice",
-                };
-                send_error(&conn, error_code::PROTOCOL, &e.to_string());
-                return Ok(Take::Refused(e.into()));
-            }
-            *slot = Some(conn);
-            Ok(if back.iter().all(Option::is_some) {
-                Take::Done
-            } else {
-                Take::Keep
-            })
-        },
-    )?;
+    let complete = back.iter().all(Option::is_some)
+        || gather(
+            listener,
+            config,
+            Expect::Resuming(hello),
+            Until::Deadline(deadline),
+            door,
+            |conn, h| Ok(take_back(&mut back, conn, &h)),
+        )?;
     if !complete {
         return Err(TransferError::ResumeTimedOut {
             after: config.resume_wait,
@@ -804,6 +825,90 @@ fn await_resume<K: Sink + ?Sized>(
         .set_write_timeout(None)
         .map_err(TransferError::io("setting a socket timeout"))?;
     Ok(conns)
+}
+
+/// When [`watch_for_resume`] stops: at once (the leg ended otherwise), or at a deadline (the
+/// leg broke: the watch is now the wait for the resume).
+#[derive(Debug, Default)]
+struct Watch {
+    stop: AtomicBool,
+    deadline: Mutex<Option<Instant>>,
+}
+
+impl Watch {
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn until(&self, at: Instant) {
+        *lock(&self.deadline) = Some(at);
+    }
+
+    fn over(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+            || lock(&self.deadline).is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+/// Puts a connection of the resuming sender in its slot of `back`; a second one for the same
+/// stream is refused.
+fn take_back(back: &mut [Option<Connection>], conn: Connection, h: &Hello) -> Take {
+    let slot = &mut back[h.stream_index as usize];
+    if slot.is_some() {
+        let e = ProtocolError::StreamMismatch {
+            index: h.stream_index,
+            reason: "stream index used twice",
+        };
+        send_error(&conn, error_code::PROTOCOL, &e.to_string());
+        return Take::Refused(e.into());
+    }
+    *slot = Some(conn);
+    if back.iter().all(Option::is_some) {
+        Take::Done
+    } else {
+        Take::Keep
+    }
+}
+
+/// While a leg of session `hello` runs on `conns`, and after it broke: accepts on `listener`
+/// (refusing anyone else, counted by `door`) until `watch` says stop. When every connection
+/// of the same sender is back with a resume HELLO (it gave up on a path that went silent,
+/// which this end cannot see, or its connections broke), shuts `conns` down so a leg still
+/// running ends as a break, and returns the new connections (some slots are empty if the
+/// watch ended first).
+fn watch_for_resume(
+    listener: &Listener,
+    config: &ReceiverConfig,
+    hello: &Hello,
+    conns: &[Connection],
+    watch: &Watch,
+    door: &mut Door,
+) -> Vec<Option<Connection>> {
+    let mut back: Vec<Option<Connection>> = (0..hello.stream_count).map(|_| None).collect();
+    let came_back = gather(
+        listener,
+        config,
+        Expect::Resuming(hello),
+        Until::Watched(watch),
+        door,
+        |conn, h| Ok(take_back(&mut back, conn, &h)),
+    );
+    match came_back {
+        Ok(true) => {
+            tracing::warn!(
+                "the sender came back on new connections: leaving the old ones, which went silent"
+            );
+            for c in conns {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(
+            error = %precopy_sys::error_chain(&e),
+            "watching for the sender to come back failed"
+        ),
+    }
+    back
 }
 
 /// Most handshakes a receiver runs at once while it accepts; a connection beyond them is
@@ -869,11 +974,13 @@ enum Take {
 
 /// How long [`gather`] accepts.
 #[derive(Clone, Copy)]
-enum Until {
+enum Until<'a> {
     /// Until its caller is done.
     Forever,
     /// Until this instant (then it returns `Ok(false)`).
     Deadline(Instant),
+    /// Until the watch is over (then it returns `Ok(false)`).
+    Watched(&'a Watch),
 }
 
 /// A handshake's result: its id in [`gather`], the connection, its peer, the HELLO or why it
@@ -889,7 +996,7 @@ fn gather(
     listener: &Listener,
     config: &ReceiverConfig,
     expect: Expect<'_>,
-    until: Until,
+    until: Until<'_>,
     door: &mut Door,
     mut take: impl FnMut(Connection, Hello) -> Result<Take, TransferError>,
 ) -> Result<bool, TransferError> {
@@ -917,6 +1024,12 @@ fn gather(
                         return Ok(Some(false));
                     }
                     left.min(GATHER_POLL)
+                }
+                Until::Watched(watch) => {
+                    if watch.over() {
+                        return Ok(Some(false));
+                    }
+                    GATHER_POLL
                 }
             };
             let Some(conn) = listener

@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use precopy_testnet::{Net, Proxy, bind};
 use precopy_transfer::*;
+use rand::{SeedableRng, rngs::StdRng};
 use std::time::{Duration, Instant};
 
 const BASE: u64 = 0x10_0000;
@@ -117,4 +118,56 @@ fn a_silent_receiver_fails_the_ping_and_the_next_round_reports_the_same_stall() 
     drop(tx);
     drop(proxy);
     rx.join().unwrap();
+}
+
+/// A path that goes silent in the middle of a transfer: the sender's round stalls, the sender
+/// dials again (a new path), and the receiver, which saw no break on its side, takes the same
+/// session back from the new connection; only what it lacks is sent again, and the final
+/// check proves the copy.
+#[test]
+fn a_silent_path_is_resumed_on_a_new_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (listener, target) = bind(Net::Tcp, &dir, "rx");
+    let rx = std::thread::spawn(move || {
+        let rx = Receiver::accept(&listener, &receiver_config())?;
+        let mut sink = MemorySink::new(rx.layout().clone())?;
+        let report = rx.run_resumable(&listener, &mut sink)?;
+        Ok::<_, TransferError>((report, sink.memory().expect("owned memory").to_vec()))
+    });
+    let proxy = Proxy::start(Net::Tcp, &dir, target);
+    let to = proxy.target.clone();
+    let mut mem = memory(PAGES, 12);
+    let config = SenderConfig {
+        io_timeout: Some(IO_TIMEOUT),
+        ..sender_config()
+    };
+    let mut tx = Sender::dial(
+        move || to.connect(),
+        Layout::single(PS, BASE, PAGES as u64 * PS).unwrap(),
+        SliceSource::new(BASE, mem.clone()),
+        &config,
+    )
+    .unwrap();
+    let first = tx.send_round(&[BASE..BASE + PAGES as u64 * PS]).unwrap();
+
+    // Half the memory changes; the path goes silent before it goes out.
+    let mut rng = StdRng::seed_from_u64(13);
+    let dirty = redirty(&mut mem, BASE, PAGES / 2, &mut rng);
+    tx.source_mut().data_mut().copy_from_slice(&mem);
+    proxy.blackhole();
+    let err = tx.send_round(&dirty).unwrap_err();
+    assert!(matches!(&err, TransferError::Stalled { .. }), "{err:?}");
+    assert!(tx.can_resume());
+    let lacking = tx.resume().expect("resumed on a new connection");
+    let mut again = lacking;
+    again.extend(dirty.iter().cloned());
+    let resent = tx.send_round(&again).unwrap();
+    tx.finish(FinalCheck::Full).unwrap();
+    let (report, dest) = rx.join().unwrap().expect("receiver");
+    assert_eq!(report.resumes, 1);
+    assert!(dest == mem, "destination differs from the source");
+    eprintln!(
+        "silent path resumed: round 0 {} bytes, after the resume {} bytes",
+        first.bytes_on_wire, resent.bytes_on_wire
+    );
 }
