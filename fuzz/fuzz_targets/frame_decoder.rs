@@ -5,7 +5,8 @@
 //!   handshake), fed to the receiver as is; almost every input dies at a
 //!   checksum, which exercises header parsing, length limits and truncation.
 //! - odd: the rest describes frames (kind, codec, fields, payload) that this
-//!   target encodes with valid CRC32C, so the receiver's state machine,
+//!   target encodes with valid CRC32C (and, for uncompressed page frames, a
+//!   valid page-hash list, live or not), so the receiver's state machine,
 //!   layout checks, decompression and counts see well-formed but hostile
 //!   frames.
 //!
@@ -18,9 +19,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use precopy_transfer::digest::{hash_list, page_hash};
 use precopy_transfer::protocol::{
     Auth, Challenge, Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, Header, Hello,
-    Index, Pages, Ping, Pong, Resume, RoundBegin, RoundEnd, State, Trailer, Welcome, Zero,
+    Index, PageSpan, Pages, Ping, Pong, Resume, RoundBegin, RoundEnd, State, Trailer, Welcome, Zero,
     encode_header,
 };
 use precopy_transfer::{Layout, MemoryRegion, MemorySink, receive_frames};
@@ -53,9 +55,21 @@ fn encode(mut d: &[u8]) -> Vec<u8> {
         let take = len.min(d.len());
         let mut payload = d[..take].to_vec();
         d = &d[take..];
-        // For raw page frames, make the payload match the claimed length.
+        // For raw page frames, make the payload match the claimed length and
+        // list the pages' hashes after it (flag 64: as a live frame, whose
+        // pages may then be torn: flag 128 damages one after hashing).
         if kind == FrameKind::Pages as u8 && codec == 0 && wide & 4 != 0 && b <= 0x8000 {
             payload.resize(b as usize, 0xa5);
+            let hashes: Vec<u64> = payload.chunks(4096).map(page_hash).collect();
+            let list = hash_list(&hashes);
+            if wide & 128 != 0 && !payload.is_empty() {
+                payload[0] ^= 1;
+            }
+            let span = PageSpan { region: c, offset: a, len: b };
+            out.extend_from_slice(&Pages::listed_header(span, &list, wide & 64 != 0).to_bytes());
+            out.extend_from_slice(&payload);
+            out.extend_from_slice(&list);
+            continue;
         }
         if kind == FrameKind::RoundEnd as u8 && wide & 8 != 0 {
             payload.resize(8, 0);

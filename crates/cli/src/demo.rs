@@ -810,7 +810,7 @@ struct Received {
     addr: u64,
     #[serde(skip)]
     len: u64,
-    checksum: u32,
+    checksum: u64,
     rounds: u64,
     pages: u64,
     zero_pages: u64,

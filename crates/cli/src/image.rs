@@ -194,7 +194,7 @@ fn verify(image: &Path, json: bool) -> Result<ExitCode> {
         output::print_json(v, None);
     } else {
         outln!(
-            "{}: OK, complete and verified; {} records in {} rounds checked, memory checksum {:#010x}",
+            "{}: OK, complete and verified; {} records in {} rounds checked, memory checksum {:#018x}",
             image.display(),
             report.records,
             report.rounds,

@@ -67,7 +67,7 @@ pub trait Transport {
     /// This must not yet make the destination treat its copy as complete: the driver calls
     /// [`Transport::commit`] once it has checked the acknowledgement came within the final
     /// round's bound.
-    fn finish(&mut self) -> Result<(u32, Duration), Self::Error>;
+    fn finish(&mut self) -> Result<(u64, Duration), Self::Error>;
     /// After [`Transport::finish`], within the bound: the destination may now consider its copy
     /// complete. The default does nothing (a transport whose destination needs no commit).
     fn commit(&mut self) -> Result<(), Self::Error> {
@@ -261,7 +261,7 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     fn send_state(&mut self, state: &[u8]) -> Result<(), T::Error> {
         (**self).send_state(state)
     }
-    fn finish(&mut self) -> Result<(u32, Duration), T::Error> {
+    fn finish(&mut self) -> Result<(u64, Duration), T::Error> {
         (**self).finish()
     }
     fn commit(&mut self) -> Result<(), T::Error> {

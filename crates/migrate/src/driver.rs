@@ -1294,7 +1294,7 @@ mod tests {
             self.state = Some(state.to_vec());
             Ok(())
         }
-        fn finish(&mut self) -> Result<(u32, Duration), io::Error> {
+        fn finish(&mut self) -> Result<(u64, Duration), io::Error> {
             self.finished = true;
             Ok((0xabcd, Duration::ZERO))
         }
@@ -1512,7 +1512,7 @@ mod tests {
         fn send_state(&mut self, state: &[u8]) -> Result<(), io::Error> {
             self.inner.send_state(state)
         }
-        fn finish(&mut self) -> Result<(u32, Duration), io::Error> {
+        fn finish(&mut self) -> Result<(u64, Duration), io::Error> {
             self.inner.finish()
         }
     }
@@ -1799,7 +1799,7 @@ mod tests {
                 duration: Duration::from_millis(1),
             })
         }
-        fn finish(&mut self) -> Result<(u32, Duration), io::Error> {
+        fn finish(&mut self) -> Result<(u64, Duration), io::Error> {
             if self.block_finish {
                 self.block()?;
             }

@@ -266,7 +266,7 @@ pub struct MigrationReport {
     /// How the throttle was applied.
     pub throttle_method: &'static str,
     /// The memory checksum the receiver acknowledged.
-    pub checksum: Option<u32>,
+    pub checksum: Option<u64>,
     /// Bytes of the workload's state blob sent after the last round.
     pub state_bytes: Option<u64>,
     /// The hard bound on the final round that was in force (see
@@ -541,7 +541,7 @@ impl fmt::Display for MigrationReport {
             )?;
         }
         if let Some(c) = self.checksum {
-            writeln!(f, "checksum:      {c:#010x}, acknowledged by the receiver")?;
+            writeln!(f, "checksum:      {c:#018x}, acknowledged by the receiver")?;
         }
         if self.rounds.is_empty() {
             return Ok(());

@@ -71,7 +71,7 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
         self.transfer.send_state(state)
     }
 
-    fn finish(&mut self) -> Result<(u32, std::time::Duration), TransferError> {
+    fn finish(&mut self) -> Result<(u64, std::time::Duration), TransferError> {
         let summary = self.transfer.finish_uncommitted(self.check)?;
         Ok((summary.checksum, summary.source_check))
     }

@@ -3,10 +3,12 @@
 //! [`write_all_gather`], which hands such ranges to `writev(2)` so the kernel reads them straight
 //! into the socket.
 //!
-//! As in [`crate::mem`], the memory is never exposed as a Rust slice: the kernel reads it (a
-//! `writev` that meets an unreadable page fails with `EFAULT`), and user-space reads copy through
-//! raw pointers ([`LivePages::copy_to`]). A concurrent writer can make any read see a mix of old
-//! and new bytes; callers must treat every read as a snapshot that may be torn.
+//! As in [`crate::mem`], the memory is not handed out as a Rust slice that outlives a call: the
+//! kernel reads it (a `writev` that meets an unreadable page fails with `EFAULT`), user-space
+//! copies go through raw pointers ([`LivePages::copy_to`]), and the one exception,
+//! [`LivePages::for_each_page`], lends one page at a time, read-only, to a closure (the sender's
+//! page hash and zero test, which then need no copy). A concurrent writer can make any read see a
+//! mix of old and new bytes; callers must treat every read as a snapshot that may be torn.
 
 use crate::mem::Mapping;
 use std::io;
@@ -75,6 +77,34 @@ impl LivePages {
             addr: self.addr + range.start,
             len: range.end - range.start,
         })
+    }
+
+    /// Calls `f` with each whole `page_size` piece of these pages in turn, in place: no copy,
+    /// so a page is read from memory once by `f` (a checksum, a zero test) and again by the
+    /// kernel when it is sent. A concurrent writer can change a page while `f` reads it: `f`
+    /// must treat what it sees as a snapshot that may be torn, and must not rely on reading
+    /// the same byte twice and getting the same value (a hash reads each byte once). Bytes
+    /// past the last whole page are not passed. An unreadable page (the embedder made it
+    /// `PROT_NONE`) stops the process with `SIGSEGV`, as it would stop a vCPU touching it.
+    pub fn for_each_page(&self, page_size: u64, mut f: impl FnMut(&[u8])) {
+        if page_size == 0 {
+            return;
+        }
+        let mut at = self.addr;
+        while at + page_size <= self.addr + self.len {
+            // SAFETY: `at..at + page_size` lies inside the mapping this view holds (checked when
+            // the view was made), which stays mapped while `self.owner` lives, so the pointer is
+            // valid, aligned (u8) and not null for the whole call. The slice lives only inside
+            // this call and is never handed back. Other threads may write the bytes meanwhile
+            // (the mapping is shared memory by design, as in `Mapping::read`, which copies
+            // through a raw pointer under the same race): the slice is read-only and its readers
+            // are told above that any value they see may be torn. This is the one place the
+            // crate lends mapped memory as a slice, so that the page hash can run over it
+            // without the copy that `copy_to` makes.
+            let page = unsafe { std::slice::from_raw_parts(at as *const u8, page_size as usize) };
+            f(page);
+            at += page_size;
+        }
     }
 
     /// Copies the bytes at `offset` (relative to this view) into `buf`: a snapshot that a
@@ -242,6 +272,27 @@ mod tests {
         let mut page = [0u8; 16];
         fourth.copy_to(100, &mut page).unwrap();
         assert_eq!(page, [4u8; 16]);
+    }
+
+    #[test]
+    fn each_page_is_seen_in_place_in_order() {
+        let m = Arc::new(Mapping::new(Backing::AnonPrivate, 3 * 4096, 0, Thp::Default).unwrap());
+        for i in 0..3u64 {
+            m.fill(i * 4096, 4096, i as u8 + 1).unwrap();
+        }
+        let v = LivePages::new(m.clone(), m.range()).unwrap();
+        let mut seen = Vec::new();
+        v.slice(4096..3 * 4096).unwrap().for_each_page(4096, |p| {
+            assert_eq!(p.len(), 4096);
+            assert!(p.iter().all(|&b| b == p[0]));
+            seen.push((p[0], p.as_ptr() as u64));
+        });
+        assert_eq!(seen, [(2, m.addr() + 4096), (3, m.addr() + 2 * 4096)]);
+        let mut n = 0;
+        v.for_each_page(2 * 4096, |_| n += 1);
+        assert_eq!(n, 1, "only whole pages");
+        v.for_each_page(0, |_| n += 1);
+        assert_eq!(n, 1);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! This is the one place outside the kernel calls that holds raw pointers to mapped memory. The
 //! memory may be written by other threads (or the kernel) at any time, the way guest RAM is, so it
-//! is never exposed as a Rust slice: reads and writes copy through raw pointers, like `vm-memory`'s
+//! is never exposed as a Rust slice (except one page at a time to a hash, `live::LivePages::for_each_page`): reads and writes copy through raw pointers, like `vm-memory`'s
 //! volatile accessors, and a concurrent writer can at worst make a read see a mix of old and new
 //! bytes of that write. All offsets are checked; a bad one is an error, never a wild access.
 

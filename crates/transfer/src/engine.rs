@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::auth::Key;
 use crate::buffer::{BufferPool, is_zero};
-use crate::digest::{FinalCheck, PageCrcs, page_crc};
+use crate::digest::{FinalCheck, PageHash, PageHashes, page_hash};
 use crate::error::TransferError;
 use crate::layout::Layout;
 use crate::live::LivePages;
@@ -119,7 +119,7 @@ pub struct TransferSummary {
     /// Bytes written by the sink, all rounds.
     pub bytes_on_wire: u64,
     /// The memory digest the sink accepted (see [`crate::digest`]).
-    pub checksum: u32,
+    pub checksum: u64,
     /// How it was checked.
     pub check: FinalCheck,
     /// Time spent re-reading the source for [`FinalCheck::Full`] (zero
@@ -148,13 +148,13 @@ pub struct Transfer<S, K> {
     /// Ranges of the batch being gathered, and their total bytes.
     batch: Vec<Range<u64>>,
     batch_len: u64,
-    /// CRC of each page of the batch being flushed, and whether it is all
-    /// zeros (then its CRC is not taken nor used).
-    batch_crcs: Vec<u32>,
+    /// Hash of each page of the batch being flushed, and whether it is all
+    /// zeros (then its hash is not taken nor used).
+    batch_hashes: Vec<PageHash>,
     batch_zero: Vec<bool>,
     scratch: Vec<Range<u64>>,
-    /// The CRC of the last copy read of every page.
-    crcs: PageCrcs,
+    /// The hash of the last copy read of every page.
+    hashes: PageHashes,
     totals: TransferSummary,
     finished: bool,
     state_sent: bool,
@@ -200,7 +200,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
                 reason: "layout is larger than the address space",
             }
         })?;
-        let crcs = PageCrcs::new(pages, layout.page_size());
+        let hashes = PageHashes::new(pages, layout.page_size());
         Ok(Transfer {
             source,
             sink,
@@ -211,10 +211,10 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             current: None,
             batch: Vec::new(),
             batch_len: 0,
-            batch_crcs: Vec::new(),
+            batch_hashes: Vec::new(),
             batch_zero: Vec::new(),
             scratch: Vec::new(),
-            crcs,
+            hashes,
             totals: TransferSummary {
                 rounds: 0,
                 pages: 0,
@@ -320,8 +320,9 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
     /// the state or the final checksum: connects to the same transfer again
     /// through the sink ([`Sink::resume`]) and returns the source ranges
     /// (page-aligned host addresses, sorted) the destination lacks or holds
-    /// another copy of: the blocks of pages whose digest of page CRCs differs
-    /// from the one of the CRCs recorded here (see the protocol's RESUME).
+    /// another copy of: the blocks of pages whose digest of page hashes
+    /// differs from the one of the hashes recorded here (see the protocol's
+    /// RESUME).
     ///
     /// The caller sends them in its next round **together with every range
     /// of the round that failed** (whether those pages arrived is unknown).
@@ -348,7 +349,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         self.batch_len = 0;
         let point = self.sink.resume()?;
         let block = usize::try_from(point.block_pages).unwrap_or(usize::MAX);
-        let ours = self.crcs.block_digests(block);
+        let ours = self.hashes.block_digests(block);
         if point.block_pages == 0 || ours.len() != point.block_digests.len() {
             return Err(crate::error::ProtocolError::Malformed {
                 offset: 0,
@@ -463,7 +464,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         Ok(())
     }
 
-    /// Reads the gathered batch, takes each page's CRC while it is still in
+    /// Reads the gathered batch, takes each page's hash while it is still in
     /// cache, and hands runs of zero and non-zero pages to the sink.
     fn flush_batch(&mut self) -> Result<(), TransferError> {
         if self.batch_len == 0 {
@@ -483,22 +484,22 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             return Err(e.into());
         }
         let ps = self.layout.page_size() as usize;
-        let (mut crcs, mut zero) = (
-            std::mem::take(&mut self.batch_crcs),
+        let (mut hashes, mut zero) = (
+            std::mem::take(&mut self.batch_hashes),
             std::mem::take(&mut self.batch_zero),
         );
         zero.clear();
         zero.extend(buf[..n].chunks_exact(ps).map(is_zero));
-        crcs.clear();
-        crcs.extend(
+        hashes.clear();
+        hashes.extend(
             buf[..n]
                 .chunks_exact(ps)
                 .zip(&zero)
-                .map(|(p, &z)| if z { 0 } else { page_crc(p) }),
+                .map(|(p, &z)| if z { 0 } else { page_hash(p) }),
         );
         let shared = self.pool.share(buf);
-        let result = self.send_batch(&batch, Batch::Read(&shared), &crcs, &zero);
-        (self.batch_crcs, self.batch_zero) = (crcs, zero);
+        let result = self.send_batch(&batch, Batch::Read(&shared), &hashes, &zero);
+        (self.batch_hashes, self.batch_zero) = (hashes, zero);
         self.batch = batch;
         self.batch.clear();
         result
@@ -512,55 +513,42 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         batch.iter().map(|r| source.lend(r.clone())).collect()
     }
 
-    /// Sends a lent batch: each page's CRC and zero test come from a
-    /// snapshot copied into one cache-resident page (the pages may be
-    /// written meanwhile, see [`crate::live`]); the sink gets the pages
-    /// themselves.
+    /// Sends a lent batch: each page's hash and zero test are taken in
+    /// place, without a copy (the pages may be written meanwhile, so the
+    /// bytes the kernel then sends may differ from that hash: see
+    /// [`crate::live`]); the sink gets the pages themselves.
     fn send_lent(&mut self, lent: &[LivePages]) -> Result<(), TransferError> {
         let batch = std::mem::take(&mut self.batch);
         self.batch_len = 0;
         let ps = self.layout.page_size() as usize;
-        let (mut crcs, mut zero) = (
-            std::mem::take(&mut self.batch_crcs),
+        let (mut hashes, mut zero) = (
+            std::mem::take(&mut self.batch_hashes),
             std::mem::take(&mut self.batch_zero),
         );
-        crcs.clear();
+        hashes.clear();
         zero.clear();
-        let mut page = vec![0u8; ps];
-        let mut result = Ok(());
-        'ranges: for p in lent {
-            let mut at = 0;
-            while at < p.len() {
-                if let Err(e) = p.copy_to(at, &mut page) {
-                    result = Err(TransferError::Io {
-                        what: "reading lent pages",
-                        source: e,
-                    });
-                    break 'ranges;
-                }
-                let z = is_zero(&page);
+        for p in lent {
+            p.for_each_page(ps as u64, |page| {
+                let z = is_zero(page);
                 zero.push(z);
-                crcs.push(if z { 0 } else { page_crc(&page) });
-                at += ps as u64;
-            }
+                hashes.push(if z { 0 } else { page_hash(page) });
+            });
         }
-        if result.is_ok() {
-            result = self.send_batch(&batch, Batch::Lent(lent), &crcs, &zero);
-        }
-        (self.batch_crcs, self.batch_zero) = (crcs, zero);
+        let result = self.send_batch(&batch, Batch::Lent(lent), &hashes, &zero);
+        (self.batch_hashes, self.batch_zero) = (hashes, zero);
         self.batch = batch;
         self.batch.clear();
         result
     }
 
     /// Hands the runs of a read or lent batch to the sink and records their
-    /// CRCs. `crcs` and `zero` hold each page's CRC and whether it is all
+    /// hashes. `hashes` and `zero` hold each page's hash and whether it is all
     /// zeros.
     fn send_batch(
         &mut self,
         batch: &[Range<u64>],
         data: Batch<'_>,
-        crcs: &[u32],
+        hashes: &[PageHash],
         zero: &[bool],
     ) -> Result<(), TransferError> {
         let ps = self.layout.page_size();
@@ -586,12 +574,12 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
                 let n = (end - k) as u64;
                 if z {
                     state.zero_pages += n;
-                    self.crcs.set_zero(first + k, end - k);
+                    self.hashes.set_zero(first + k, end - k);
                     self.sink.send_zero_range(offset..offset + n * ps)?;
                 } else {
                     state.pages += n;
-                    let run = &crcs[at + k..at + end];
-                    self.crcs.set(first + k, run);
+                    let run = &hashes[at + k..at + end];
+                    self.hashes.set(first + k, run);
                     match data {
                         Batch::Read(shared) => {
                             let off = (at + k) * ps as usize;
@@ -644,12 +632,13 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
     }
 
     /// Re-reads the pages of `ranges` (page-aligned source addresses inside the layout) and
-    /// returns those whose CRC32C differs from the copy this transfer last sent (pages never
+    /// returns those whose hash differs from the copy this transfer last sent (pages never
     /// sent count as zero pages), coalesced and sorted. Call with the source stopped and
     /// outside a round, before the last round: it finds the changes a dirty log could not see
     /// (shared memory written through another mapping, a hole punched in a memfd, DMA), which
     /// the last round then sends. Reads `ranges` once in 4 MiB chunks; a page whose contents
-    /// changed yet kept its CRC32C would be missed (probability 2^-32 per changed page).
+    /// changed yet kept its 64-bit hash would be missed (probability about 2^-64 per changed
+    /// page).
     pub fn changed_since_sent(
         &mut self,
         ranges: &[Range<u64>],
@@ -688,12 +677,12 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
                 self.source.read_ranges(&[at..at + n], data)?;
                 let first = ((offset + (at - piece.start)) / ps) as usize;
                 for (i, page) in data.chunks_exact(ps as usize).enumerate() {
-                    let crc = if is_zero(page) {
-                        crate::digest::zero_page_crc(ps)
+                    let hash = if is_zero(page) {
+                        crate::digest::zero_page_hash(ps)
                     } else {
-                        page_crc(page)
+                        page_hash(page)
                     };
-                    if self.crcs.get(first + i) != Some(crc) {
+                    if self.hashes.get(first + i) != Some(hash) {
                         let addr = at + i as u64 * ps;
                         precopy_sys::ranges::push_merged(&mut changed, 0, addr..addr + ps);
                     }
@@ -707,7 +696,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
 
     /// Between rounds: what acknowledging FINISH would cost now, measured. That is one PING
     /// round trip on every connection (the slowest; [`Sink::ping`]) plus the memory digest of
-    /// the recorded page CRCs, timed here and counted twice (the receiver folds a table of the
+    /// the recorded page hashes, timed here and counted twice (the receiver hashes a table of the
     /// same size before it answers). `None` when the sink has no peer to ask. The switch-over
     /// estimate of `precopy-migrate` takes it before it pauses the source.
     pub fn probe_finish(&mut self) -> Result<Option<Duration>, TransferError> {
@@ -721,7 +710,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             return Ok(None);
         };
         let start = Instant::now();
-        std::hint::black_box(self.crcs.digest());
+        std::hint::black_box(self.hashes.digest());
         Ok(Some(round_trip + 2 * start.elapsed()))
     }
 
@@ -747,7 +736,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         Ok(())
     }
 
-    /// Ends the transfer: sends the memory digest of the page CRCs recorded
+    /// Ends the transfer: sends the memory digest of the page hashes recorded
     /// as pages were read (see [`crate::digest`]); for a socket, waits for the
     /// receiver to check it and acknowledge.
     ///
@@ -771,7 +760,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         check: FinalCheck,
     ) -> Result<TransferSummary, TransferError> {
         self.check_can_finish()?;
-        let recorded = self.crcs.digest();
+        let recorded = self.hashes.digest();
         if check == FinalCheck::Full {
             let start = Instant::now();
             let actual = crate::source::memory_checksum(&mut self.source, &self.layout)?;
@@ -799,7 +788,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
     /// was recorded: for tests of a receiver's final check.
     pub fn finish_with_checksum(
         &mut self,
-        checksum: u32,
+        checksum: u64,
         check: FinalCheck,
     ) -> Result<TransferSummary, TransferError> {
         self.end(checksum, check, true)
@@ -809,7 +798,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
     /// the acknowledgement.
     fn end(
         &mut self,
-        checksum: u32,
+        checksum: u64,
         check: FinalCheck,
         commit: bool,
     ) -> Result<TransferSummary, TransferError> {

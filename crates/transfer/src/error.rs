@@ -267,7 +267,7 @@ pub enum ProtocolError {
     /// The peer speaks an older protocol or image version this build no
     /// longer reads.
     #[error(
-        "version {version} is no longer supported: this build reads and writes version {supported} only (pages named by region and offset, a state blob); run the same precopy version at both ends"
+        "version {version} is no longer supported: this build reads and writes version {supported} only (an XXH3-64 hash of every page instead of a CRC32C since version 4, pages named by region and offset since version 3); run the same precopy version at both ends, and make images again with it"
     )]
     OldVersion {
         /// Version announced by the peer or image.
@@ -289,6 +289,21 @@ pub enum ProtocolError {
         stored: u32,
         /// Checksum of the bytes received.
         computed: u32,
+    },
+    /// A page of a strictly checked (not live) PAGES frame does not match
+    /// the hash the frame lists for it.
+    #[error(
+        "page {page} of the PAGES frame at byte {offset} fails its hash (listed {stored:#018x}, computed {computed:#018x})"
+    )]
+    BadPageHash {
+        /// Stream offset of the frame header.
+        offset: u64,
+        /// Index of the page in the frame.
+        page: u64,
+        /// Hash the frame lists.
+        stored: u64,
+        /// Hash of the page received.
+        computed: u64,
     },
     /// A frame kind this version does not define.
     #[error("unknown frame kind {kind} at byte {offset}")]
@@ -493,14 +508,14 @@ pub enum ImageError {
         offset: u64,
     },
     /// The memory assembled from the image does not match the recorded checksum.
-    #[error("image memory checksum {actual:#010x} does not match the recorded {expected:#010x}")]
+    #[error("image memory checksum {actual:#018x} does not match the recorded {expected:#018x}")]
     ChecksumMismatch {
         /// Checksum recorded by the writer.
-        expected: u32,
+        expected: u64,
         /// Checksum of the memory the image holds.
-        actual: u32,
+        actual: u64,
     },
-    /// A page the image holds fails its CRC32C: the file was altered after
+    /// A page the image holds fails its hash: the file was altered after
     /// it was written.
     #[error("image {path} is damaged: the page at memory offset {offset:#x} fails its check")]
     PageDamaged {
@@ -598,12 +613,12 @@ pub enum TransferError {
         message: String,
     },
     /// The destination memory does not match the sender's checksum.
-    #[error("memory checksum mismatch: sender {expected:#010x}, destination {actual:#010x}")]
+    #[error("memory checksum mismatch: sender {expected:#018x}, destination {actual:#018x}")]
     ChecksumMismatch {
         /// The sender's checksum.
-        expected: u32,
+        expected: u64,
         /// The destination's checksum.
-        actual: u32,
+        actual: u64,
     },
     /// Pages that changed while a live round sent them (see [`crate::live`]) were never sent
     /// again: a write the tracker did not report, a source that was not paused for the final
@@ -620,13 +635,13 @@ pub enum TransferError {
     /// A full final check found source memory that differs from the pages
     /// sent: a write the tracker did not report, or a source still running.
     #[error(
-        "source memory changed after it was sent (digest of pages sent {recorded:#010x}, of memory now {actual:#010x}): a write was not tracked, or the source is not stopped"
+        "source memory changed after it was sent (digest of pages sent {recorded:#018x}, of memory now {actual:#018x}): a write was not tracked, or the source is not stopped"
     )]
     SourceChanged {
-        /// Digest of the page CRCs recorded while sending.
-        recorded: u32,
+        /// Digest of the page hashes recorded while sending.
+        recorded: u64,
         /// Digest of the source memory read at finish.
-        actual: u32,
+        actual: u64,
     },
     /// The API was used out of order (e.g. pages outside a round).
     #[error("{operation} is not allowed {state}")]

@@ -8,20 +8,22 @@
 //! any point therefore never looks complete.
 //!
 //! ```text
-//! "PRCPIMG\0" | version u32 (3) | reserved u32
+//! "PRCPIMG\0" | version u32 (4) | reserved u32
 //! HELLO      (the layout; session, nonce and stream fields zero)
-//! ROUND_BEGIN r | PAGES (raw, codec 0)... | ZERO... | ROUND_END r      (per round)
+//! ROUND_BEGIN r | PAGES (raw, codec 0: pages, then their hash list)... | ZERO... | ROUND_END r
 //! STATE      (optional: the state blob, with its own CRC32C)
 //! FINISH     (rounds, memory digest)            written, flushed and synced, then
 //! INDEX...   (region, offset, length, file offset of the data | u64::MAX for zeros)
-//! TRAILER    (offset of the first INDEX, own offset, memory digest)
+//! TRAILER    (offset of the first INDEX, own offset; payload: memory digest, u64)
 //! ```
 //!
 //! Records are the wire protocol's frames (module `protocol`), each with its
-//! CRC32C, at file offsets, encoded and decoded by the same frame types as a
+//! CRC32C (a PAGES record's pages are checked by their listed XXH3-64
+//! hashes), at file offsets, encoded and decoded by the same frame types as a
 //! connection's. The memory digest is the one defined in [`crate::digest`]
 //! (version 1 images held a CRC32C of the memory bytes, version 2 ones named
-//! pages by host address; both are refused). Pages never sent read as zeros.
+//! pages by host address, version 3 ones checked pages by CRC32C; all are
+//! refused). Pages never sent read as zeros.
 //! An incomplete image is still readable: its contents are the rounds that
 //! ended before the cut.
 //!
@@ -36,7 +38,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::digest::{MemoryDigest, zero_page_crc};
+use crate::digest::{MemoryDigest, zero_page_hash};
 use crate::error::ImageError;
 use crate::layout::Layout;
 use crate::protocol::IndexEntry;
@@ -55,7 +57,7 @@ pub use writer::ImageWriter;
 /// The first eight bytes of an image file.
 pub const IMAGE_MAGIC: [u8; 8] = *b"PRCPIMG\0";
 /// The image format version written by this build.
-pub const IMAGE_VERSION: u32 = 3;
+pub const IMAGE_VERSION: u32 = 4;
 const PREAMBLE_LEN: u64 = 16;
 
 /// Page location: never sent.
@@ -78,9 +80,9 @@ fn page_table(pages: u64) -> Option<Vec<u64>> {
 
 /// The memory digest of the memory described by `loc` (file offsets, zeros,
 /// never sent), reading the pages from `file`.
-fn digest_of_locations(file: &File, loc: &[u64], ps: u64) -> std::io::Result<u32> {
+fn digest_of_locations(file: &File, loc: &[u64], ps: u64) -> std::io::Result<u64> {
     let mut digest = MemoryDigest::new();
-    let zero = zero_page_crc(ps);
+    let zero = zero_page_hash(ps);
     let mut buf = vec![0u8; (1 << 20).max(ps as usize)];
     let per = buf.len() / ps as usize;
     let mut i = 0;

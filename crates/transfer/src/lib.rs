@@ -7,7 +7,7 @@
 //! ```text
 //! scanner ranges ─► Transfer::send_dirty ─► PageSource::read_ranges ─► zero check, page CRC
 //!     (caller's thread: read after the round that reported the page returned;
-//!      the page's CRC32C goes into the sender's PageCrcs table)
+//!      the page's CRC32C goes into the sender's PageHashes table)
 //!   ─► Sink::send_pages / send_zero_range (pages + their CRCs)
 //!        SocketSink: bounded queue ─► per-connection writer (compress, frame CRC folded
 //!                    from the page CRCs, pace, write)
@@ -15,7 +15,7 @@
 //!                           ─► MemorySink (fresh pages: read in place) / ImageWriter
 //!        ImageWriter: append records to the image file
 //!        MemorySink: copy into an anonymous mapping
-//!   finish: CRC32C of the PageCrcs table at each end, compared (digest)
+//!   finish: CRC32C of the PageHashes table at each end, compared (digest)
 //! ```
 //!
 //! Modules: [`layout`] (regions and offsets), [`source`] (reading pages,
@@ -135,7 +135,7 @@ pub mod source;
 pub use auth::Key;
 pub use buffer::PageBuf;
 pub use codec::Compression;
-pub use digest::{FinalCheck, MemoryDigest, PageCrcs, PageFold};
+pub use digest::{FinalCheck, MemoryDigest, PageHash, PageHashes, page_hash};
 pub use engine::{RoundSent, SenderConfig, Transfer, TransferSummary};
 pub use error::{
     ImageError, LayoutError, ProtocolError, ResumeRefusal, SourceError, TransferError, Unreadable,

@@ -112,7 +112,13 @@ pub(crate) struct ChangedPages {
 impl ChangedPages {
     /// Pages at `offset` were just applied with CRCs `held`; the sender listed `sent` (live
     /// frame) or nothing (an ordinary, strictly checked frame: every page is a good copy).
-    pub(crate) fn applied(&mut self, offset: u64, ps: u64, held: &[u32], sent: Option<&[u8]>) {
+    pub(crate) fn applied(
+        &mut self,
+        offset: u64,
+        ps: u64,
+        held: &[crate::digest::PageHash],
+        sent: Option<&[u8]>,
+    ) {
         match sent {
             None => {
                 if !self.pages.is_empty() {
@@ -121,9 +127,10 @@ impl ChangedPages {
                 }
             }
             Some(list) => {
-                for (i, (h, s)) in held.iter().zip(list.chunks_exact(4)).enumerate() {
+                let listed = crate::digest::hashes_of_list(list);
+                for (i, (&h, s)) in held.iter().zip(listed).enumerate() {
                     let at = offset + i as u64 * ps;
-                    if s == h.to_le_bytes() {
+                    if s == h {
                         self.pages.remove(&at);
                     } else {
                         self.seen += 1;
@@ -170,7 +177,7 @@ mod tests {
     fn changed_set_clears_on_a_good_copy_only() {
         let ps = 4096;
         let mut c = ChangedPages::default();
-        let list = crate::protocol::Pages::crc_list(&[1, 2, 3]);
+        let list = crate::digest::hash_list(&[1, 2, 3]);
         c.applied(0, ps, &[1, 9, 3], Some(&list));
         assert!(matches!(
             c.check(),
@@ -180,30 +187,15 @@ mod tests {
             })
         ));
         // Torn again in a later live frame: still there.
-        c.applied(
-            4096,
-            ps,
-            &[7],
-            Some(&crate::protocol::Pages::crc_list(&[8])),
-        );
+        c.applied(4096, ps, &[7], Some(&crate::digest::hash_list(&[8])));
         assert!(c.check().is_err());
         // An ordinary frame elsewhere does not clear it.
         c.applied(8192, ps, &[5], None);
         assert!(c.check().is_err());
         // A live frame whose page matches does.
-        c.applied(
-            4096,
-            ps,
-            &[8],
-            Some(&crate::protocol::Pages::crc_list(&[8])),
-        );
+        c.applied(4096, ps, &[8], Some(&crate::digest::hash_list(&[8])));
         assert!(c.check().is_ok());
-        c.applied(
-            0,
-            ps,
-            &[0, 1],
-            Some(&crate::protocol::Pages::crc_list(&[0, 2])),
-        );
+        c.applied(0, ps, &[0, 1], Some(&crate::digest::hash_list(&[0, 2])));
         c.forget(4096..8192);
         assert!(c.check().is_ok());
         assert_eq!(c.seen(), 3);

@@ -1,4 +1,4 @@
-//! The precopy wire protocol, version 3: one type per frame kind, each
+//! The precopy wire protocol, version 4: one type per frame kind, each
 //! encoded and decoded here and nowhere else.
 //!
 //! This module owns the byte layout of everything that crosses a connection
@@ -20,7 +20,7 @@
 //! Each side of a connection starts with a 16-byte preamble, then frames:
 //!
 //! ```text
-//! preamble: magic "PRECOPY\0" (8) | version u32 LE (= 3) | reserved u32 (= 0)
+//! preamble: magic "PRECOPY\0" (8) | version u32 LE (= 4) | reserved u32 (= 0)
 //!
 //! frame header (RawHeader), 32 bytes, little-endian:
 //!   0  u8      kind          (FrameKind)
@@ -30,6 +30,7 @@
 //!   4  u32     payload_len   (bytes following the header, <= MAX_PAYLOAD)
 //!   8  [u8;20] fields        the kind's own header fields, table below
 //!  28  u32     crc           CRC32C of header bytes 0..28 followed by the payload
+//!                               (uncompressed PAGES: by the page-hash list only, below)
 //! ```
 //!
 //! Every kind's fields share one shape: a u64 at bytes 8..16, a u64 at
@@ -43,19 +44,19 @@
 //! | 3 AUTH ([`Auth`]) | S→R | – | – | – | HMAC-SHA256 (32) or empty |
 //! | 4 WELCOME ([`Welcome`]) | R→S | – | – | – | HMAC-SHA256 (32) or empty |
 //! | 5 ROUND_BEGIN ([`RoundBegin`]) | S→R | round | – | – | – |
-//! | 6 PAGES ([`Pages`]) | S→R | offset in region | raw length | region id | the pages, compressed per `codec` |
+//! | 6 PAGES ([`Pages`]) | S→R | offset in region | raw length | region id | uncompressed: the pages, then the hash of each (u64 LE); compressed: the pages compressed per `codec` |
 //! | 7 ZERO ([`Zero`]) | S→R | offset in region | length | region id | – |
 //! | 8 ROUND_END ([`RoundEnd`]) | S→R | round | pages on this stream | – | zero pages on this stream, u64 |
-//! | 9 FINISH ([`Finish`]) | S→R | rounds sent | check: 0 recorded, 1 full | memory digest | – |
-//! | 10 DONE ([`Done`]) | R→S | pages applied | – | memory digest | – |
+//! | 9 FINISH ([`Finish`]) | S→R | rounds sent | memory digest | check: 0 recorded, 1 full | – |
+//! | 10 DONE ([`Done`]) | R→S | pages applied | memory digest | – | – |
 //! | 11 ERROR ([`ErrorFrame`]) | both | – | – | error code | UTF-8 message |
 //! | 12 INDEX ([`Index`]) | image | – | – | – | n × (region id u32, 0 u32, offset u64, length u64, file offset u64 or `u64::MAX` for zeros) |
-//! | 13 TRAILER ([`Trailer`]) | image | index offset | trailer offset | memory digest | – |
+//! | 13 TRAILER ([`Trailer`]) | image | index offset | trailer offset | – | memory digest, u64 |
 //! | 14 STATE ([`State`]) | S→R | blob length | – | CRC32C of the blob | the VMM's state blob (vCPU and device state) |
-//! | 15 COMMIT ([`Commit`]) | S→R | – | – | memory digest | – |
+//! | 15 COMMIT ([`Commit`]) | S→R | memory digest | – | – | – |
 //! | 16 PING ([`Ping`]) | S→R | token | – | – | – |
 //! | 17 PONG ([`Pong`]) | R→S | token of the PING | – | – | – |
-//! | 18 RESUME ([`Resume`]) | R→S | next round | pages per block | – | n × u32 block digest |
+//! | 18 RESUME ([`Resume`]) | R→S | next round | pages per block | – | n × u64 block digest |
 //!
 //! A HELLO region is `id u32 | backing u8 (0 unstated, 1 anonymous, 2 memfd,
 //! 3 hugetlb, 4 file) | flags u8 (bit 0: guest address present) | 0 u16 |
@@ -70,13 +71,20 @@
 //! zeros (including pages dropped with `MADV_DONTNEED`); the receiver writes
 //! zeros there.
 //!
-//! A **live** PAGES frame (flags bit 0, [`LIVE_FRAME`]; uncompressed only)
-//! carries pages the sender's kernel read straight from memory that may
-//! change meanwhile: its payload is the pages followed by the CRC32C of each
-//! page as the sender took it (u32 LE each), and its frame CRC covers the
-//! header and that list, not the pages. Each page is then checked against its
-//! listed CRC; [`crate::live`] says what the receiver does with one that
-//! differs. Images never hold live frames.
+//! An **uncompressed PAGES frame** carries its pages followed by their
+//! **page-hash list**: the [`PageHash`](crate::digest::PageHash) (XXH3-64) of
+//! each page as the sender took it, u64 LE each. Its frame CRC covers the
+//! header and the list, not the pages; the receiver hashes each page (it
+//! needs the hash for its table anyway) and compares it with the list, so one
+//! pass over the bytes checks the frame and yields the hashes both ends
+//! record. A page that differs from its listed hash fails the frame
+//! ([`ProtocolError::BadPageHash`]), except in a **live** frame (flags bit 0,
+//! [`LIVE_FRAME`]; uncompressed only): its pages were read by the sender's
+//! kernel straight from memory that may change meanwhile, and
+//! [`crate::live`] says what the receiver does with one that differs. A
+//! compressed PAGES frame has no list: its CRC covers header and compressed
+//! payload, and the receiver hashes the pages it decompressed. Images never
+//! hold live or compressed frames.
 //!
 //! # The exchange
 //!
@@ -138,8 +146,8 @@
 //! or [`error_code::AUTH`]) and the wait goes on. Once all are back it sends
 //! RESUME on connection 0: the next round it expects (the rounds every
 //! connection completed) and, for each block of `pages per block` pages in
-//! layout order ([`resume_block_pages`]), the CRC32C of the block's recorded
-//! page CRCs as u32 LE ([`crate::digest::PageCrcs::block_digests`]). The
+//! layout order ([`resume_block_pages`]), the XXH3-64 of the block's recorded
+//! page hashes as u64 LE ([`crate::digest::PageHashes::block_digests`]). The
 //! sender compares them with the same digests of its own table and sends
 //! every block that differs again in its next round, with the pages of the
 //! round that failed. A round cut half-way is never completed: the pages it
@@ -160,17 +168,18 @@
 //! # Checks
 //!
 //! Every frame is read completely and its CRC checked before anything looks
-//! at its fields, so a damaged frame is never applied. For an uncompressed
-//! PAGES frame both ends compute the frame CRC from the CRC32C of each page
-//! ([`PageFold`]): one pass over the bytes yields the frame check and the
-//! per-page CRCs each end records. The memory digest (CRC32C of the per-page
-//! CRCs in layout order, see [`crate::digest`]) is checked before DONE:
-//! against the page CRCs the receiver recorded, and with FINISH's check = 1
-//! ([`FinalCheck::Full`]) also against the destination's memory read anew.
+//! at its fields, so a damaged frame is never applied; the pages of an
+//! uncompressed PAGES frame are checked against its hash list (above). The
+//! memory digest (XXH3-64 of the page hashes in layout order, 64 bits, see
+//! [`crate::digest`]) is checked before DONE: against the page hashes the
+//! receiver recorded, and with FINISH's check = 1 ([`FinalCheck::Full`]) also
+//! against the destination's memory read anew.
 //!
-//! Version 1 carried a CRC32C of the memory bytes themselves in FINISH and
-//! version 2 named pages by the source's host addresses and had no STATE;
-//! both are refused in the handshake ([`ProtocolError::OldVersion`]).
+//! Version 1 carried a CRC32C of the memory bytes themselves in FINISH,
+//! version 2 named pages by the source's host addresses and had no STATE,
+//! version 3 checked pages with a CRC32C each (folded into the frame CRC)
+//! and had 32-bit digests; all are refused in the handshake
+//! ([`ProtocolError::OldVersion`]).
 //!
 //! # Authentication
 //!
@@ -189,16 +198,16 @@ use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 pub use crate::codec::Codec;
-use crate::digest::{FinalCheck, PageFold};
+use crate::digest::{FinalCheck, PAGE_HASH_LEN};
 use crate::error::ProtocolError;
 pub use crate::kind::FrameKind;
 use crate::layout::{Backing, Layout, MAX_REGIONS, MemoryRegion};
-pub use stream::{FrameReader, FrameWriter, verify_frame_pages, verify_live, verify_pages_header};
+pub use stream::{FrameReader, FrameWriter, verify_frame_pages, verify_listed};
 
 /// The first eight bytes of every precopy stream and image.
 pub const MAGIC: [u8; 8] = *b"PRECOPY\0";
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Bytes in the preamble.
 pub const PREAMBLE_LEN: usize = 16;
 /// Bytes in a frame header.
@@ -313,24 +322,32 @@ impl RawHeader {
         self.kind
     }
 
-    /// The codec byte (unchecked).
-    pub fn codec_byte(&self) -> u8 {
-        self.codec
-    }
-
     /// Whether it announces a live PAGES frame (unchecked).
     pub fn is_live(&self) -> bool {
         self.kind == FrameKind::Pages as u8 && self.flags & LIVE_FRAME != 0
     }
 
-    /// For a live PAGES frame: the length of its pages and of its CRC list,
-    /// if they add up to the payload length with pages of `ps` bytes.
-    pub fn live_lengths(&self, ps: u64) -> Option<(u64, u64)> {
+    /// Whether it announces an uncompressed PAGES frame, whose payload is
+    /// pages and their hash list (unchecked).
+    pub fn is_listed(&self) -> bool {
+        self.kind == FrameKind::Pages as u8 && self.codec == Codec::None as u8
+    }
+
+    /// For an uncompressed PAGES frame: the length of its pages and of its
+    /// hash list, if they add up to the payload length with pages of `ps`
+    /// bytes.
+    pub fn listed_lengths(&self, ps: u64) -> Option<(u64, u64)> {
         let span: SpanFields = zerocopy::transmute!(self.fields);
         let len = span.len.get();
-        let list = len.checked_div(ps)?.checked_mul(4)?;
+        let list = len.checked_div(ps)?.checked_mul(PAGE_HASH_LEN as u64)?;
         let whole = len % ps == 0 && len.checked_add(list) == Some(u64::from(self.payload_len()));
         whole.then_some((len, list))
+    }
+
+    /// For PAGES: the raw length of its pages (unchecked).
+    pub fn pages_len(&self) -> u64 {
+        let span: SpanFields = zerocopy::transmute!(self.fields);
+        span.len.get()
     }
 
     /// The payload length it announces (unchecked).
@@ -344,7 +361,7 @@ impl RawHeader {
     }
 
     /// CRC32C of the header bytes the frame CRC covers: the start of the
-    /// frame CRC, which the payload (or the page CRCs) then extends.
+    /// frame CRC, which the payload (or the page-hash list) then extends.
     pub fn crc_start(&self) -> u32 {
         crc32c::crc32c(&self.as_bytes()[..SEALED_LEN])
     }
@@ -538,7 +555,7 @@ struct CountFields {
     word: U32,
 }
 
-/// Fields with one trailing u32 (ERROR code, COMMIT digest).
+/// Fields with one trailing u32 (ERROR code).
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 struct WordFields {
@@ -904,30 +921,31 @@ pub struct Pages {
     pub span: PageSpan,
     /// How the payload is compressed.
     pub codec: Codec,
-    /// A live frame: the pages are followed by their CRC list (module docs).
+    /// A live frame: its pages may differ from their listed hashes (module
+    /// docs).
     pub live: bool,
 }
 
 impl Pages {
     /// The memory offset of these pages in `layout` (see
-    /// [`PageSpan::place`]); for a live frame also checks that the payload is
-    /// the pages plus one CRC per page.
+    /// [`PageSpan::place`]); for an uncompressed frame also checks that the
+    /// payload is the pages plus one hash per page.
     pub fn place(&self, h: &Header, layout: &Layout) -> Result<u64, ProtocolError> {
         let offset = self.span.place(h, layout)?;
-        let list = self.span.len / layout.page_size() * 4;
-        if self.live && u64::from(h.payload_len) != self.span.len + list {
-            return Err(h.malformed("payload length differs from the page length"));
+        let list = self.span.len / layout.page_size() * PAGE_HASH_LEN as u64;
+        if self.codec == Codec::None && u64::from(h.payload_len) != self.span.len + list {
+            return Err(h.malformed("payload is not the pages plus one hash per page"));
         }
         Ok(offset)
     }
 
-    /// A live frame's payload split into the pages and the CRC list the
-    /// sender took of them (`payload` as [`Pages::place`] accepted it).
-    pub fn split_live<'a>(&self, payload: &'a [u8]) -> (&'a [u8], &'a [u8]) {
+    /// An uncompressed frame's payload split into the pages and the hash
+    /// list (`payload` as [`Pages::place`] accepted it).
+    pub fn split_listed<'a>(&self, payload: &'a [u8]) -> (&'a [u8], &'a [u8]) {
         payload.split_at((self.span.len as usize).min(payload.len()))
     }
 
-    /// The header of this frame for `payload` (already compressed per
+    /// The header of this compressed frame for `payload` (compressed per
     /// `codec`), with the CRC over it.
     pub fn header(&self, payload: &[u8]) -> RawHeader {
         RawHeader::unsealed(
@@ -939,36 +957,20 @@ impl Pages {
         .seal_over(payload)
     }
 
-    /// The header of this uncompressed frame whose pages have the CRCs
-    /// `crcs` (one per `fold.page_size()` bytes of payload): the frame CRC is
-    /// folded from them, without reading the payload.
-    pub fn folded_header(span: PageSpan, crcs: &[u32], fold: &PageFold) -> RawHeader {
-        let h = RawHeader::unsealed(
-            FrameKind::Pages,
-            Codec::None as u8,
-            span.fields(),
-            span.len as usize,
-        );
-        let crc = fold.fold_all(h.crc_start(), crcs);
-        h.sealed(crc)
-    }
-
-    /// The CRC list of a live frame: `crcs` as u32 LE.
-    pub fn crc_list(crcs: &[u32]) -> Vec<u8> {
-        crcs.iter().flat_map(|c| c.to_le_bytes()).collect()
-    }
-
-    /// The header of a live frame for `span` whose pages had the CRCs
-    /// `list` (as [`Pages::crc_list`] encodes them) when the sender took
-    /// them: the frame CRC covers the header and the list only.
-    pub fn live_header(span: PageSpan, list: &[u8]) -> RawHeader {
+    /// The header of an uncompressed frame for `span` whose pages had the
+    /// hashes `list` (as [`crate::digest::hash_list`] encodes them) when the
+    /// sender took them, live or not: the payload is the pages then the
+    /// list, and the frame CRC covers the header and the list only.
+    pub fn listed_header(span: PageSpan, list: &[u8], live: bool) -> RawHeader {
         let mut h = RawHeader::unsealed(
             FrameKind::Pages,
             Codec::None as u8,
             span.fields(),
             span.len as usize + list.len(),
         );
-        h.flags = LIVE_FRAME;
+        if live {
+            h.flags = LIVE_FRAME;
+        }
         h.seal_over(list)
     }
 }
@@ -980,14 +982,13 @@ impl<'p> Frame<'p> for Pages {
         self.span.fields()
     }
 
-    /// Empty: see [`Pages::header`].
+    /// Empty: see [`Pages::header`] and [`Pages::listed_header`].
     fn payload(&self) -> Cow<'_, [u8]> {
         Cow::Borrowed(&[])
     }
 
-    /// Checks the raw length limit, the codec and, uncompressed and not
-    /// live, that the payload is exactly the raw length; [`Pages::place`]
-    /// checks the rest.
+    /// Checks the raw length limit, the codec and, uncompressed, that the
+    /// payload is longer than the pages; [`Pages::place`] checks the rest.
     fn decode(h: &Header, _: &'p [u8]) -> Result<Pages, ProtocolError> {
         let span = PageSpan::from_header(h);
         if span.len > MAX_PAGES_LEN {
@@ -995,8 +996,8 @@ impl<'p> Frame<'p> for Pages {
         }
         let codec = Codec::from_u8(h.codec).ok_or(h.malformed("unknown codec"))?;
         let live = h.flags & LIVE_FRAME != 0;
-        if codec == Codec::None && !live && u64::from(h.payload_len) != span.len {
-            return Err(h.malformed("payload length differs from the page length"));
+        if codec == Codec::None && u64::from(h.payload_len) < span.len {
+            return Err(h.malformed("payload is not the pages plus one hash per page"));
         }
         Ok(Pages { span, codec, live })
     }
@@ -1079,14 +1080,14 @@ pub struct Finish {
     /// How the receiver is to check its copy.
     pub check: FinalCheck,
     /// The memory digest of the source.
-    pub digest: u32,
+    pub digest: u64,
 }
 
 impl<'p> Frame<'p> for Finish {
     const KIND: FrameKind = FrameKind::Finish;
 
     fn fields(&self) -> [u8; FIELDS_LEN] {
-        counts(self.rounds, self.check.wire(), self.digest)
+        counts(self.rounds, self.digest, self.check.wire() as u32)
     }
 
     fn payload(&self) -> Cow<'_, [u8]> {
@@ -1097,11 +1098,11 @@ impl<'p> Frame<'p> for Finish {
         h.plain(Some(0))?;
         let f: CountFields = h.fields();
         let check =
-            FinalCheck::from_wire(f.second.get()).ok_or(h.malformed("unknown final check"))?;
+            FinalCheck::from_wire(f.word.get().into()).ok_or(h.malformed("unknown final check"))?;
         Ok(Finish {
             rounds: f.first.get(),
             check,
-            digest: f.word.get(),
+            digest: f.second.get(),
         })
     }
 }
@@ -1112,14 +1113,14 @@ pub struct Done {
     /// Pages applied over all connections.
     pub pages: u64,
     /// The memory digest of the destination.
-    pub digest: u32,
+    pub digest: u64,
 }
 
 impl<'p> Frame<'p> for Done {
     const KIND: FrameKind = FrameKind::Done;
 
     fn fields(&self) -> [u8; FIELDS_LEN] {
-        counts(self.pages, 0, self.digest)
+        counts(self.pages, self.digest, 0)
     }
 
     fn payload(&self) -> Cow<'_, [u8]> {
@@ -1131,7 +1132,7 @@ impl<'p> Frame<'p> for Done {
         let f: CountFields = h.fields();
         Ok(Done {
             pages: f.first.get(),
-            digest: f.word.get(),
+            digest: f.second.get(),
         })
     }
 }
@@ -1258,27 +1259,28 @@ pub struct Trailer {
     /// File offset of this record.
     pub trailer_offset: u64,
     /// The memory digest of the image.
-    pub digest: u32,
+    pub digest: u64,
 }
 
 impl<'p> Frame<'p> for Trailer {
     const KIND: FrameKind = FrameKind::Trailer;
 
     fn fields(&self) -> [u8; FIELDS_LEN] {
-        counts(self.index_offset, self.trailer_offset, self.digest)
+        counts(self.index_offset, self.trailer_offset, 0)
     }
 
     fn payload(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&[])
+        Cow::Owned(self.digest.to_le_bytes().to_vec())
     }
 
-    fn decode(h: &Header, _: &'p [u8]) -> Result<Trailer, ProtocolError> {
-        h.plain(Some(0))?;
+    fn decode(h: &Header, p: &'p [u8]) -> Result<Trailer, ProtocolError> {
+        h.plain(Some(8))?;
         let f: CountFields = h.fields();
+        let digest = U64::read_from_prefix(p).map_or(0, |(d, _)| d.get());
         Ok(Trailer {
             index_offset: f.first.get(),
             trailer_offset: f.second.get(),
-            digest: f.word.get(),
+            digest,
         })
     }
 }
@@ -1341,14 +1343,14 @@ impl<'p> Frame<'p> for State<'p> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Commit {
     /// The memory digest FINISH named.
-    pub digest: u32,
+    pub digest: u64,
 }
 
 impl<'p> Frame<'p> for Commit {
     const KIND: FrameKind = FrameKind::Commit;
 
     fn fields(&self) -> [u8; FIELDS_LEN] {
-        word(self.digest)
+        lead(self.digest)
     }
 
     fn payload(&self) -> Cow<'_, [u8]> {
@@ -1357,9 +1359,9 @@ impl<'p> Frame<'p> for Commit {
 
     fn decode(h: &Header, _: &'p [u8]) -> Result<Commit, ProtocolError> {
         h.plain(Some(0))?;
-        let f: WordFields = h.fields();
+        let f: LeadFields = h.fields();
         Ok(Commit {
-            digest: f.word.get(),
+            digest: f.value.get(),
         })
     }
 }
@@ -1430,9 +1432,10 @@ pub struct Resume {
     pub next_round: u64,
     /// Pages per block of `block_digests` (at least 1).
     pub block_pages: u64,
-    /// For each block of pages in layout order, the CRC32C of the page CRCs
-    /// the receiver recorded ([`crate::digest::PageCrcs::block_digests`]).
-    pub block_digests: Vec<u32>,
+    /// For each block of pages in layout order, the XXH3-64 of the page
+    /// hashes the receiver recorded
+    /// ([`crate::digest::PageHashes::block_digests`]).
+    pub block_digests: Vec<u64>,
 }
 
 impl Resume {
@@ -1463,16 +1466,13 @@ impl<'p> Frame<'p> for Resume {
     fn decode(h: &Header, p: &'p [u8]) -> Result<Resume, ProtocolError> {
         h.plain(None)?;
         let f: CountFields = h.fields();
-        if f.second.get() == 0 || p.len() % 4 != 0 {
+        if f.second.get() == 0 || p.len() % 8 != 0 {
             return Err(h.malformed("no pages per block, or a partial block digest"));
         }
         Ok(Resume {
             next_round: f.first.get(),
             block_pages: f.second.get(),
-            block_digests: p
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
+            block_digests: crate::digest::hashes_of_list(p).collect(),
         })
     }
 }
@@ -1498,7 +1498,7 @@ pub fn encode_header(
 mod tests {
     use super::*;
 
-    /// Every typed frame encodes to the bytes the version 3 layout (module
+    /// Every typed frame encodes to the bytes the version 4 layout (module
     /// docs) gives with plain numbers, and decodes back to itself.
     #[test]
     fn typed_frames_match_the_drawn_layout() {
@@ -1552,15 +1552,20 @@ mod tests {
             check: FinalCheck::Full,
             digest: 0xabcd,
         };
-        check!(&finish, 5, 1, 0xabcd);
+        check!(&finish, 5, 0xabcd, 1);
+        let big = Finish {
+            digest: u64::MAX - 1,
+            ..finish
+        };
+        check!(&big, 5, u64::MAX - 1, 1);
         check!(
             &Done {
                 pages: 40,
                 digest: 0x1234,
             },
             40,
-            0,
             0x1234,
+            0,
         );
         check!(
             &ErrorFrame {
@@ -1588,9 +1593,13 @@ mod tests {
         let trailer = Trailer {
             index_offset: 100,
             trailer_offset: 200,
-            digest: 5,
+            digest: 0x0102_0304_0506_0708,
         };
-        check!(&trailer, 100, 200, 5);
+        check!(&trailer, 100, 200, 0);
+        assert_eq!(
+            &*encode(&trailer).1,
+            &0x0102_0304_0506_0708u64.to_le_bytes()
+        );
         let blob = b"vcpu0 rip=0xfff0";
         check!(
             &State::new(blob),
@@ -1598,14 +1607,14 @@ mod tests {
             0,
             crc32c::crc32c(blob),
         );
-        check!(&Commit { digest: 77 }, 0, 0, 77);
+        check!(&Commit { digest: 77 << 40 }, 77 << 40, 0, 0);
         check!(&Ping { token: 9 }, 9, 0, 0);
         check!(&Pong { token: 9 }, 9, 0, 0);
         check!(
             &Resume {
                 next_round: 3,
                 block_pages: 64,
-                block_digests: vec![1, 0xdead_beef],
+                block_digests: vec![1, 0xdead_beef_0bad_f00d],
             },
             3,
             64,
@@ -1696,30 +1705,58 @@ mod tests {
     }
 
     #[test]
-    fn live_header_checks_header_and_list_not_pages() {
-        let list = Pages::crc_list(&[0xdead_beef, 7]);
+    fn listed_frames_check_header_and_list_by_crc_and_pages_by_hash() {
+        use crate::digest::{hash_list, page_hash};
+        let pages: Vec<u8> = (0..8192).map(|i| (i % 251) as u8).collect();
+        let hashes: Vec<u64> = pages.chunks(4096).map(page_hash).collect();
+        let list = hash_list(&hashes);
         let span = PageSpan {
             region: 3,
             offset: 0x2000,
             len: 8192,
         };
-        let h = Pages::live_header(span, &list);
-        assert!(h.is_live());
-        assert_eq!(h.live_lengths(4096), Some((8192, 8)));
-        let got = verify_live(&h, 0, &list).unwrap();
-        let pages: Pages = got.decode(&[]).unwrap();
-        assert_eq!(
-            (pages.span, pages.live, got.flags),
-            (span, true, LIVE_FRAME)
-        );
-        let mut bad = list.clone();
-        bad[0] ^= 1;
-        assert!(verify_live(&h, 0, &bad).is_err());
-        let mut h2 = h.to_bytes();
-        h2[8] ^= 1;
-        let h2: RawHeader = zerocopy::transmute!(h2);
-        assert!(verify_live(&h2, 0, &list).is_err());
-        assert_eq!(h.live_lengths(8192), None);
+        let mut got = Vec::new();
+        for live in [false, true] {
+            let h = Pages::listed_header(span, &list, live);
+            assert_eq!(h.is_live(), live);
+            assert_eq!(h.listed_lengths(4096), Some((8192, 16)));
+            assert_eq!(h.listed_lengths(8192), None);
+            let header = verify_listed(&h, 0, &pages, &list, 4096, &mut got).unwrap();
+            assert_eq!(got, hashes);
+            let frame: Pages = header.decode(&[]).unwrap();
+            assert_eq!((frame.span, frame.live), (span, live));
+            // The list and the header are covered by the frame CRC.
+            let mut bad = list.clone();
+            bad[0] ^= 1;
+            assert!(matches!(
+                verify_listed(&h, 0, &pages, &bad, 4096, &mut got),
+                Err(crate::TransferError::Protocol(
+                    ProtocolError::BadChecksum { .. }
+                ))
+            ));
+            let mut h2 = h.to_bytes();
+            h2[8] ^= 1;
+            let h2: RawHeader = zerocopy::transmute!(h2);
+            assert!(verify_listed(&h2, 0, &pages, &list, 4096, &mut got).is_err());
+            // A page that differs from its listed hash fails a strict frame
+            // and is left to the receiver's changed set in a live one.
+            let mut torn = pages.clone();
+            torn[5000] ^= 0x40;
+            let r = verify_listed(&h, 0, &torn, &list, 4096, &mut got);
+            if live {
+                assert!(r.is_ok());
+                assert_eq!(got[0], hashes[0]);
+                assert_ne!(got[1], hashes[1]);
+            } else {
+                assert!(matches!(
+                    r,
+                    Err(crate::TransferError::Protocol(ProtocolError::BadPageHash {
+                        page: 1,
+                        ..
+                    }))
+                ));
+            }
+        }
         // The flag is refused on anything but an uncompressed PAGES frame.
         let mut z = encode_header(FrameKind::Zero, 0, 0, 4096, 3, &[]);
         z[2] = LIVE_FRAME;

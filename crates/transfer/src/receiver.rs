@@ -46,7 +46,7 @@ use serde::Serialize;
 use crate::auth::{self, Key, Role};
 use crate::buffer::BufferPool;
 use crate::codec::{Codec, Decompressor};
-use crate::digest::{FinalCheck, PageFold, page_crc};
+use crate::digest::{FinalCheck, PageHash, page_hash};
 use crate::error::{ProtocolError, ResumeRefusal, TransferError};
 use crate::layout::Layout;
 use crate::live::ChangedPages;
@@ -55,7 +55,7 @@ use crate::protocol::{
     Auth, Challenge, Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter,
     HEADER_LEN, Header, Hello, Pages, Ping, Pong, RawHeader, Resume, RoundBegin, RoundEnd,
     State as StateFrame, Welcome, Zero, error_code, resume_block_pages, verify_frame_pages,
-    verify_live, verify_pages_header,
+    verify_listed,
 };
 use crate::sink::Sink;
 
@@ -137,7 +137,7 @@ pub struct ReceiveReport {
     /// Connections used.
     pub streams: u32,
     /// The memory digest, checked against the destination.
-    pub checksum: u32,
+    pub checksum: u64,
     /// How the sender asked it to be checked.
     pub check: FinalCheck,
     /// Pages that arrived torn in a live frame (changed while the sender's
@@ -1078,7 +1078,7 @@ fn gather(
 }
 
 /// Reads the sender's COMMIT (for `checksum`) at stream offset `offset`.
-fn await_commit(c: &Connection, offset: u64, checksum: u32) -> Result<(), TransferError> {
+fn await_commit(c: &Connection, offset: u64, checksum: u64) -> Result<(), TransferError> {
     let mut r = FrameReader::at_offset(c, offset);
     let mut p = Vec::new();
     let h = r.read_frame(&mut p)?;
@@ -1172,7 +1172,7 @@ impl<K: ?Sized> Shared<'_, K> {
 #[derive(Debug, Clone, Copy)]
 struct StreamOutcome {
     rounds: u64,
-    checksum: u32,
+    checksum: u64,
     check: FinalCheck,
     pages: u64,
     zero_pages: u64,
@@ -1225,33 +1225,33 @@ enum Next {
 
 impl<R: Read> Frames<R> {
     /// The next verified frame; its payload replaces `payload` (the old
-    /// buffer goes back to `pool`). For an uncompressed PAGES frame, `crcs`
-    /// receives each page's CRC (see [`verify_frame_pages`]). Inside a round
+    /// buffer goes back to `pool`). For an uncompressed PAGES frame, `hashes`
+    /// receives each page's hash (see [`verify_frame_pages`]). Inside a round
     /// (`in_round`), a direct reader offers an uncompressed PAGES frame to
     /// [`Sink::lend_pages`] first.
     fn next<K: Sink + ?Sized>(
         &mut self,
         payload: &mut Vec<u8>,
         pool: &BufferPool,
-        fold: &PageFold,
-        crcs: &mut Vec<u32>,
+        ps: u64,
+        hashes: &mut Vec<PageHash>,
         in_round: Option<&Shared<'_, K>>,
     ) -> Result<Next, TransferError> {
         match self {
             Frames::Direct(r) => {
                 let (h, offset) = r.read_raw_header()?;
                 if let Some(shared) = in_round
-                    && let Some(header) = read_in_place(r, &h, offset, fold, crcs, shared)?
+                    && let Some(header) = read_in_place(r, &h, offset, ps, hashes, shared)?
                 {
                     return Ok(Next::Applied(header));
                 }
                 r.read_payload_vec(&h, payload)?;
-                verify_frame_pages(&h, offset, payload, fold, crcs).map(Next::Frame)
+                verify_frame_pages(&h, offset, payload, ps, hashes).map(Next::Frame)
             }
             Frames::Queued { rx } => {
                 let (h, offset, buf) = rx.recv().map_err(|_| TransferError::Aborted)??;
                 pool.give(std::mem::replace(payload, buf));
-                verify_frame_pages(&h, offset, payload, fold, crcs).map(Next::Frame)
+                verify_frame_pages(&h, offset, payload, ps, hashes).map(Next::Frame)
             }
         }
     }
@@ -1271,11 +1271,10 @@ fn read_in_place<R: Read, K: Sink + ?Sized>(
     r: &mut FrameReader<R>,
     h: &RawHeader,
     offset: u64,
-    fold: &PageFold,
-    crcs: &mut Vec<u32>,
+    ps: u64,
+    hashes: &mut Vec<PageHash>,
     shared: &Shared<'_, K>,
 ) -> Result<Option<Header>, TransferError> {
-    let ps = fold.page_size();
     let Ok(peek) = h.decode(offset) else {
         return Ok(None);
     };
@@ -1292,22 +1291,16 @@ fn read_in_place<R: Read, K: Sink + ?Sized>(
     let Some(dest) = sink.lend_pages(offset, len) else {
         return Ok(None);
     };
-    crcs.clear();
-    let mut list = vec![0u8; if live { (len / ps * 4) as usize } else { 0 }];
+    let mut list = vec![0u8; (len / ps) as usize * crate::digest::PAGE_HASH_LEN];
     let checked = r.read_payload_into(dest).and_then(|()| {
-        crcs.extend(dest.chunks_exact(ps as usize).map(page_crc));
-        if live {
-            r.read_payload_into(&mut list)?;
-            verify_live(h, offset, &list)
-        } else {
-            verify_pages_header(h, offset, crcs, fold)
-        }
+        r.read_payload_into(&mut list)?;
+        verify_listed(h, offset, dest, &list, ps, hashes)
     });
     match checked {
         Ok(header) => {
-            sink.commit_lent(offset, crcs)?;
+            sink.commit_lent(offset, hashes)?;
             drop(sink);
-            lock(shared.changed).applied(offset, ps, crcs, live.then_some(&list[..]));
+            lock(shared.changed).applied(offset, ps, hashes, live.then_some(&list[..]));
             Ok(Some(header))
         }
         Err(e) => {
@@ -1356,11 +1349,10 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
     let ps = layout.page_size();
     let mut state = State::Idle { next: start_round };
     let mut totals = (0u64, 0u64);
-    let fold = PageFold::new(ps);
-    let mut crcs: Vec<u32> = Vec::new();
+    let mut hashes: Vec<PageHash> = Vec::new();
     loop {
         let in_round = matches!(state, State::InRound { .. }).then_some(shared);
-        let (h, applied) = match frames.next(&mut payload, pool, &fold, &mut crcs, in_round)? {
+        let (h, applied) = match frames.next(&mut payload, pool, ps, &mut hashes, in_round)? {
             Next::Frame(h) => (h, false),
             Next::Applied(h) => (h, true),
         };
@@ -1397,7 +1389,7 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                 let frame: Pages = h.decode(p)?;
                 let offset = frame.place(&h, layout)?;
                 let len = frame.span.len;
-                let listed = frame.live.then(|| frame.split_live(p).1.to_vec());
+                let listed = frame.live.then(|| frame.split_listed(p).1.to_vec());
                 let data = match frame.codec {
                     Codec::None => {
                         let buf = std::mem::replace(&mut payload, pool.take(0));
@@ -1407,13 +1399,13 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                         let mut out = pool.take(len as usize);
                         let n = len as usize;
                         decompressor.decompress_into(frame.codec, p, &mut out[..n], h.offset)?;
-                        crcs.clear();
-                        crcs.extend(out[..n].chunks_exact(ps as usize).map(page_crc));
+                        hashes.clear();
+                        hashes.extend(out[..n].chunks_exact(ps as usize).map(page_hash));
                         pool.share(out).view(0..n)
                     }
                 };
-                lock(&shared.sink).send_pages(offset, data, &crcs)?;
-                lock(shared.changed).applied(offset, ps, &crcs, listed.as_deref());
+                lock(&shared.sink).send_pages(offset, data, &hashes)?;
+                lock(shared.changed).applied(offset, ps, &hashes, listed.as_deref());
                 *pages += len / ps;
             }
             (State::InRound { zero_pages, .. }, FrameKind::Zero) => {

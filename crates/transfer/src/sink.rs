@@ -25,7 +25,7 @@ use memmap2::MmapMut;
 use precopy_sys::mem::Mapping;
 
 use crate::buffer::PageBuf;
-use crate::digest::{FinalCheck, MemoryDigest, PageCrcs, check_final};
+use crate::digest::{FinalCheck, MemoryDigest, PageHash, PageHashes, check_final};
 use crate::error::{LayoutError, TransferError};
 use crate::layout::Layout;
 
@@ -49,7 +49,7 @@ pub trait Sink {
         &mut self,
         offset: u64,
         pages: PageBuf,
-        crcs: &[u32],
+        hashes: &[PageHash],
     ) -> Result<(), TransferError>;
     /// Pages (memory offsets `range`) that read as all zeros.
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError>;
@@ -59,7 +59,7 @@ pub trait Sink {
     /// No more rounds. `memory_checksum` is the sender's memory digest (see
     /// [`crate::digest`]); a sink that can, checks what it holds against it,
     /// as `check` says, and fails on a mismatch.
-    fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError>;
+    fn finish(&mut self, memory_checksum: u64, check: FinalCheck) -> Result<(), TransferError>;
 
     /// The source's opaque state blob (vCPU and device state), after the
     /// last round and before [`Sink::finish`], at most once. A receiving
@@ -85,7 +85,7 @@ pub trait Sink {
     /// [`Sink::finish`].
     fn finish_uncommitted(
         &mut self,
-        memory_checksum: u32,
+        memory_checksum: u64,
         check: FinalCheck,
     ) -> Result<(), TransferError> {
         self.finish(memory_checksum, check)
@@ -117,14 +117,14 @@ pub trait Sink {
     }
 
     /// A receiving sink's digests of the pages it holds, per block of
-    /// `block_pages` pages in layout order ([`PageCrcs::block_digests`] of
+    /// `block_pages` pages in layout order ([`PageHashes::block_digests`] of
     /// the CRC of every page): what a receiver tells a resuming sender (the
     /// protocol's RESUME), which sends again every block whose digest
     /// differs from its own. A block holding a page whose contents the sink
     /// does not know must get a digest that differs. `None` (the default): a
     /// receiver with this sink cannot resume a broken transfer and fails
     /// instead.
-    fn resume_digests(&self, block_pages: u64) -> Option<Vec<u32>> {
+    fn resume_digests(&self, block_pages: u64) -> Option<Vec<u64>> {
         let _ = block_pages;
         None
     }
@@ -148,7 +148,7 @@ pub trait Sink {
     }
 
     /// Whole pages of the sender's own memory at memory offset `offset`,
-    /// lent without a copy ([`crate::live`]); `crcs` are the CRC32C of each
+    /// lent without a copy ([`crate::live`]); `hashes` are the CRC32C of each
     /// page as the sender took it just before, which the bytes may no longer
     /// match (the source keeps running in live rounds). The default copies
     /// the pages, takes the CRCs of the copy and hands it to
@@ -158,14 +158,14 @@ pub trait Sink {
         &mut self,
         offset: u64,
         pages: crate::live::LivePages,
-        crcs: &[u32],
+        hashes: &[PageHash],
     ) -> Result<(), TransferError> {
         let mut copy = vec![0u8; pages.len() as usize];
         pages
             .copy_to(0, &mut copy)
             .map_err(TransferError::io("copying lent pages"))?;
-        let ps = copy.len().checked_div(crcs.len()).unwrap_or(0).max(1);
-        let held: Vec<u32> = copy.chunks(ps).map(crate::digest::page_crc).collect();
+        let ps = copy.len().checked_div(hashes.len()).unwrap_or(0).max(1);
+        let held: Vec<PageHash> = copy.chunks(ps).map(crate::digest::page_hash).collect();
         self.send_pages(offset, PageBuf::from_vec(copy), &held)
     }
 
@@ -183,9 +183,9 @@ pub trait Sink {
     }
 
     /// The lent pages at `offset` passed their check and now hold pages with
-    /// CRCs `crcs`: record them as [`Sink::send_pages`] would.
-    fn commit_lent(&mut self, offset: u64, crcs: &[u32]) -> Result<(), TransferError> {
-        let _ = (offset, crcs);
+    /// CRCs `hashes`: record them as [`Sink::send_pages`] would.
+    fn commit_lent(&mut self, offset: u64, hashes: &[PageHash]) -> Result<(), TransferError> {
+        let _ = (offset, hashes);
         Err(TransferError::Misuse {
             operation: "commit_lent",
             state: "on a sink that lends nothing",
@@ -209,8 +209,8 @@ pub struct ResumePoint {
     /// Pages per block of [`ResumePoint::block_digests`].
     pub block_pages: u64,
     /// For each block of pages in layout order, the digest of the page CRCs
-    /// the destination recorded ([`PageCrcs::block_digests`]).
-    pub block_digests: Vec<u32>,
+    /// the destination recorded ([`PageHashes::block_digests`]).
+    pub block_digests: Vec<u64>,
 }
 
 /// `Sink` for a pointer to a sink: every method forwards.
@@ -224,17 +224,17 @@ macro_rules! forward_sink {
                 &mut self,
                 offset: u64,
                 pages: PageBuf,
-                crcs: &[u32],
+                hashes: &[PageHash],
             ) -> Result<(), TransferError> {
-                (**self).send_pages(offset, pages, crcs)
+                (**self).send_pages(offset, pages, hashes)
             }
             fn send_live_pages(
                 &mut self,
                 offset: u64,
                 pages: crate::live::LivePages,
-                crcs: &[u32],
+                hashes: &[PageHash],
             ) -> Result<(), TransferError> {
-                (**self).send_live_pages(offset, pages, crcs)
+                (**self).send_live_pages(offset, pages, hashes)
             }
             fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
                 (**self).send_zero_range(range)
@@ -242,7 +242,7 @@ macro_rules! forward_sink {
             fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
                 (**self).end_round(round)
             }
-            fn finish(&mut self, checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
+            fn finish(&mut self, checksum: u64, check: FinalCheck) -> Result<(), TransferError> {
                 (**self).finish(checksum, check)
             }
             fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
@@ -250,7 +250,7 @@ macro_rules! forward_sink {
             }
             fn finish_uncommitted(
                 &mut self,
-                checksum: u32,
+                checksum: u64,
                 check: FinalCheck,
             ) -> Result<(), TransferError> {
                 (**self).finish_uncommitted(checksum, check)
@@ -267,7 +267,7 @@ macro_rules! forward_sink {
             fn ping(&mut self) -> Result<Option<std::time::Duration>, TransferError> {
                 (**self).ping()
             }
-            fn resume_digests(&self, block_pages: u64) -> Option<Vec<u32>> {
+            fn resume_digests(&self, block_pages: u64) -> Option<Vec<u64>> {
                 (**self).resume_digests(block_pages)
             }
             fn can_resume(&self) -> bool {
@@ -279,8 +279,8 @@ macro_rules! forward_sink {
             fn lend_pages(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
                 (**self).lend_pages(offset, len)
             }
-            fn commit_lent(&mut self, offset: u64, crcs: &[u32]) -> Result<(), TransferError> {
-                (**self).commit_lent(offset, crcs)
+            fn commit_lent(&mut self, offset: u64, hashes: &[PageHash]) -> Result<(), TransferError> {
+                (**self).commit_lent(offset, hashes)
             }
             fn revert_lent(&mut self, offset: u64, len: u64) {
                 (**self).revert_lent(offset, len)
@@ -385,7 +385,7 @@ pub struct MemoryStats {
     /// Pages written as zeros.
     pub zero_pages: u64,
     /// The checksum accepted by `finish`, once finished.
-    pub finished: Option<u32>,
+    pub finished: Option<u64>,
 }
 
 /// Where a [`MemorySink`]'s bytes live.
@@ -414,7 +414,7 @@ impl std::fmt::Debug for Storage {
 pub struct MemorySink {
     layout: Layout,
     storage: Storage,
-    crcs: PageCrcs,
+    hashes: PageHashes,
     /// Per page: may hold something other than zeros (clear: holds zeros,
     /// never written or sent as zeros). Only clear pages are lent.
     holds_data: BitVec,
@@ -476,11 +476,11 @@ impl MemorySink {
 
     fn build(layout: Layout, storage: Storage, unknown: bool) -> MemorySink {
         let pages = layout.total_pages() as usize;
-        let crcs = PageCrcs::new(pages, layout.page_size());
+        let hashes = PageHashes::new(pages, layout.page_size());
         MemorySink {
             layout,
             storage,
-            crcs,
+            hashes,
             holds_data: BitVec::repeat(unknown, pages),
             unknown: BitVec::repeat(unknown, pages),
             stats: MemoryStats::default(),
@@ -549,7 +549,7 @@ impl MemorySink {
                 }
             }
         }
-        self.crcs = PageCrcs::new(self.crcs.len(), self.layout.page_size());
+        self.hashes = PageHashes::new(self.hashes.len(), self.layout.page_size());
         self.holds_data.fill(false);
         self.unknown.fill(false);
         self.stats = MemoryStats::default();
@@ -574,7 +574,7 @@ impl MemorySink {
 
     /// The memory digest of all destination memory, read now (see
     /// [`memory_checksum`](crate::memory_checksum)): a pass over the memory.
-    pub fn checksum(&self) -> Result<u32, TransferError> {
+    pub fn checksum(&self) -> Result<u64, TransferError> {
         let ps = self.layout.page_size() as usize;
         let mut d = MemoryDigest::new();
         match &self.storage {
@@ -600,8 +600,8 @@ impl MemorySink {
     /// The memory digest of the page CRCs recorded as pages were applied:
     /// what [`MemorySink::checksum`] returns, unless the memory was changed
     /// behind the sink's back.
-    pub fn recorded_checksum(&self) -> u32 {
-        self.crcs.digest()
+    pub fn recorded_checksum(&self) -> u64 {
+        self.hashes.digest()
     }
 
     /// The storage of the pages at memory offset `offset`: the region
@@ -652,9 +652,9 @@ impl Sink for MemorySink {
     /// memory never written since the sink was made gets its digest
     /// inverted, so a resuming sender sends it again (equal by chance with
     /// probability 2^-32, as any CRC).
-    fn resume_digests(&self, block_pages: u64) -> Option<Vec<u32>> {
+    fn resume_digests(&self, block_pages: u64) -> Option<Vec<u64>> {
         let block = usize::try_from(block_pages).ok()?.max(1);
-        let mut digests = self.crcs.block_digests(block);
+        let mut digests = self.hashes.block_digests(block);
         for (d, unknown) in digests.iter_mut().zip(self.unknown.chunks(block)) {
             if unknown.any() {
                 *d = !*d;
@@ -671,20 +671,20 @@ impl Sink for MemorySink {
         &mut self,
         offset: u64,
         pages: PageBuf,
-        crcs: &[u32],
+        hashes: &[PageHash],
     ) -> Result<(), TransferError> {
         let len = pages.len() as u64;
         let ps = self.layout.page_size();
         self.layout.check_span(offset, len)?;
-        if crcs.len() as u64 != len / ps || !self.crcs.set((offset / ps) as usize, crcs) {
+        if hashes.len() as u64 != len / ps || !self.hashes.set((offset / ps) as usize, hashes) {
             return Err(TransferError::Misuse {
                 operation: "send_pages",
                 state: "with a CRC count that differs from the page count",
             });
         }
         let first = (offset / ps) as usize;
-        self.holds_data[first..first + crcs.len()].fill(true);
-        self.unknown[first..first + crcs.len()].fill(false);
+        self.holds_data[first..first + hashes.len()].fill(true);
+        self.unknown[first..first + hashes.len()].fill(false);
         self.write(offset, &pages)?;
         self.stats.pages += len / ps;
         Ok(())
@@ -695,7 +695,7 @@ impl Sink for MemorySink {
         let ps = self.layout.page_size();
         self.layout.check_span(range.start, len)?;
         let (first, n) = ((range.start / ps) as usize, (len / ps) as usize);
-        self.crcs.set_zero(first, n);
+        self.hashes.set_zero(first, n);
         self.zero(range.start, len)?;
         self.holds_data[first..first + n].fill(false);
         self.unknown[first..first + n].fill(false);
@@ -723,15 +723,15 @@ impl Sink for MemorySink {
         }
     }
 
-    fn commit_lent(&mut self, offset: u64, crcs: &[u32]) -> Result<(), TransferError> {
+    fn commit_lent(&mut self, offset: u64, hashes: &[PageHash]) -> Result<(), TransferError> {
         let ps = self.layout.page_size();
-        let len = crcs.len() as u64 * ps;
+        let len = hashes.len() as u64 * ps;
         self.layout.check_span(offset, len)?;
         let first = (offset / ps) as usize;
-        self.crcs.set(first, crcs);
-        self.holds_data[first..first + crcs.len()].fill(true);
-        self.unknown[first..first + crcs.len()].fill(false);
-        self.stats.pages += crcs.len() as u64;
+        self.hashes.set(first, hashes);
+        self.holds_data[first..first + hashes.len()].fill(true);
+        self.unknown[first..first + hashes.len()].fill(false);
+        self.stats.pages += hashes.len() as u64;
         Ok(())
     }
 
@@ -761,7 +761,7 @@ impl Sink for MemorySink {
 
     /// Compares the recorded page CRCs with `memory_checksum`; with
     /// [`FinalCheck::Full`], also re-reads all memory and requires the same.
-    fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
+    fn finish(&mut self, memory_checksum: u64, check: FinalCheck) -> Result<(), TransferError> {
         let recorded = self.recorded_checksum();
         check_final(memory_checksum, recorded, check, || self.checksum())?;
         self.stats.finished = Some(recorded);

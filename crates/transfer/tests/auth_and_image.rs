@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use precopy_transfer::digest::page_crc;
+use precopy_transfer::digest::page_hash;
 use precopy_transfer::*;
 
 const BASE: u64 = 0x40_0000;
@@ -375,10 +375,10 @@ fn damaged_image_fails_verify_and_incomplete_rounds_are_ignored() {
     let layout = Layout::single(PS, BASE, 4 * PS).unwrap();
     let mut w = ImageWriter::create(&path, layout).unwrap();
     w.begin_round(0).unwrap();
-    w.send_pages(0, page(5), &[page_crc(&page(5))]).unwrap();
+    w.send_pages(0, page(5), &[page_hash(&page(5))]).unwrap();
     w.end_round(0).unwrap();
     w.begin_round(1).unwrap();
-    w.send_pages(PS, page(6), &[page_crc(&page(6))]).unwrap();
+    w.send_pages(PS, page(6), &[page_hash(&page(6))]).unwrap();
     drop(w);
     // Never completed: it stays at the partial path.
     let img = Image::open(ImageWriter::partial_path(&path)).unwrap();
@@ -397,7 +397,7 @@ fn image_refuses_wrong_checksum_and_stays_incomplete() {
     let layout = Layout::single(PS, BASE, 2 * PS).unwrap();
     let mut w = ImageWriter::create(&path, layout).unwrap();
     w.begin_round(0).unwrap();
-    w.send_pages(0, page(5), &[page_crc(&page(5))]).unwrap();
+    w.send_pages(0, page(5), &[page_hash(&page(5))]).unwrap();
     w.end_round(0).unwrap();
     assert!(matches!(
         w.finish(1, FinalCheck::Recorded),
@@ -496,7 +496,7 @@ fn a_transfer_that_never_finishes_leaves_the_earlier_image_in_place() {
     let layout = Layout::single(PS, BASE, 4 * PS).unwrap();
     let mut w = ImageWriter::create(&path, layout).unwrap();
     w.begin_round(0).unwrap();
-    w.send_pages(0, page(7), &[page_crc(&page(7))]).unwrap();
+    w.send_pages(0, page(7), &[page_hash(&page(7))]).unwrap();
     drop(w);
     assert_eq!(
         std::fs::read(&path).unwrap(),

@@ -260,7 +260,7 @@ fn digest_refuses_bad_page_sizes_and_partial_pages() {
     assert_eq!(d.finish(), MemoryDigest::new().finish(), "nothing appended");
     d.push_pages(&[], 4096).unwrap();
     // Tables refuse out-of-range pages without panicking.
-    let mut t = PageCrcs::new(4, PS);
+    let mut t = PageHashes::new(4, PS);
     assert!(!t.set(usize::MAX, &[1]));
     assert!(!t.set(3, &[1, 2]));
     assert!(!t.set_zero(usize::MAX, 2));

@@ -121,7 +121,7 @@ fn torn_page(streams: usize, resend: bool) -> Torn {
     let mut sink =
         SocketSink::connect((0..streams).map(|_| connect()).collect(), &layout, &config).unwrap();
     let src = snapshot(&m);
-    let crcs: Vec<u32> = src.chunks(PS as usize).map(digest::page_crc).collect();
+    let crcs: Vec<u64> = src.chunks(PS as usize).map(digest::page_hash).collect();
     let lent = |first: u64, n: u64| {
         LivePages::new(
             m.clone(),

@@ -17,7 +17,24 @@ fn layout() -> Layout {
     Layout::single(PS, 0x10000, 8 * PS).unwrap()
 }
 
+/// A frame with header fields `a`, `b`, `c`; an (uncompressed) PAGES frame
+/// gets its pages' hash list after `payload`, as a sender writes it.
 fn frame(kind: FrameKind, a: u64, b: u64, c: u32, payload: &[u8]) -> Vec<u8> {
+    if kind == FrameKind::Pages {
+        let hashes: Vec<u64> = payload.chunks(PS as usize).map(digest::page_hash).collect();
+        let list = digest::hash_list(&hashes);
+        let span = protocol::PageSpan {
+            region: c,
+            offset: a,
+            len: b,
+        };
+        let mut v = protocol::Pages::listed_header(span, &list, false)
+            .to_bytes()
+            .to_vec();
+        v.extend_from_slice(payload);
+        v.extend_from_slice(&list);
+        return v;
+    }
     let mut v = encode_header(kind, 0, a, b, c, payload).to_vec();
     v.extend_from_slice(payload);
     v
@@ -76,8 +93,8 @@ fn good_stream_is_accepted() {
         s.extend(frame(
             FrameKind::Finish,
             1,
-            check.wire(),
             digest.finish(),
+            check.wire() as u32,
             &[],
         ));
         let mut sink = MemorySink::new(layout()).unwrap();
@@ -86,7 +103,7 @@ fn good_stream_is_accepted() {
         assert_eq!(sink.memory(), Some(&expect_mem[..]));
     }
     // A FINISH asking for a check this receiver does not know is refused.
-    s.extend(frame(FrameKind::Finish, 1, 2, digest.finish(), &[]));
+    s.extend(frame(FrameKind::Finish, 1, digest.finish(), 2, &[]));
     let mut sink = MemorySink::new(layout()).unwrap();
     let err = receive_frames(&s, &layout(), &mut sink).unwrap_err();
     assert!(err.to_string().contains("unknown final check"), "{err}");
@@ -120,22 +137,30 @@ fn truncated_stream() {
 
 #[test]
 fn bad_checksum() {
-    let mut bad = frame(FrameKind::Pages, BASE + 2 * PS, PS, 0, &[0x33; PS as usize]);
-    let n = bad.len();
-    bad[n - 100] ^= 0x40;
-    let (err, sink) = receive(&stream_with(&[
-        bad,
-        frame(FrameKind::Pages, BASE + 3 * PS, PS, 0, &[0x44; PS as usize]),
-    ]));
-    assert!(
-        matches!(
-            err,
-            TransferError::Protocol(ProtocolError::BadChecksum { kind: 6, .. })
-        ),
-        "{err}"
-    );
-    assert!(err.to_string().contains("bad checksum"));
-    assert_only_prefix_applied(&sink);
+    // A damaged page fails its listed hash; a damaged hash list (or header)
+    // fails the frame CRC. Either way nothing of the frame is applied.
+    let good = frame(FrameKind::Pages, BASE + 2 * PS, PS, 0, &[0x33; PS as usize]);
+    let n = good.len();
+    for (at, needle) in [(n - 100, "fails its hash"), (n - 1, "bad checksum")] {
+        let mut bad = good.clone();
+        bad[at] ^= 0x40;
+        let (err, sink) = receive(&stream_with(&[
+            bad,
+            frame(FrameKind::Pages, BASE + 3 * PS, PS, 0, &[0x44; PS as usize]),
+        ]));
+        assert!(
+            matches!(
+                err,
+                TransferError::Protocol(
+                    ProtocolError::BadChecksum { kind: 6, .. }
+                        | ProtocolError::BadPageHash { page: 0, .. }
+                )
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains(needle), "{err}");
+        assert_only_prefix_applied(&sink);
+    }
 }
 
 #[test]
@@ -188,8 +213,14 @@ fn other_malformed_frames() {
             "whole pages",
         ),
         (
-            frame(FrameKind::Pages, BASE + 2 * PS, PS, 0, &[1; 100]),
-            "payload length",
+            {
+                // The pages' length and the payload (without a hash list) disagree.
+                let mut f =
+                    encode_header(FrameKind::Pages, 0, BASE + 2 * PS, PS, 0, &[1; 100]).to_vec();
+                f.extend_from_slice(&[1; 100]);
+                f
+            },
+            "one hash per page",
         ),
         (
             frame(FrameKind::Pages, BASE + 2 * PS, 0, 0, &[]),
@@ -268,13 +299,13 @@ fn other_malformed_frames() {
 fn checksum_mismatch_is_not_success() {
     let mut s = stream_with(&[]);
     s.extend(frame(FrameKind::RoundEnd, 0, 2, 0, &0u64.to_le_bytes()));
-    s.extend(frame(FrameKind::Finish, 1, 0, 0xdead_beef, &[]));
+    s.extend(frame(FrameKind::Finish, 1, 0xdead_beef_0000_0001, 0, &[]));
     let (err, _) = receive(&s);
     assert!(
         matches!(
             err,
             TransferError::ChecksumMismatch {
-                expected: 0xdead_beef,
+                expected: 0xdead_beef_0000_0001,
                 ..
             }
         ),
@@ -319,11 +350,13 @@ fn hello_frame(page_size: u64, region_len: u64) -> Vec<u8> {
 
 #[test]
 fn old_and_unknown_versions() {
-    // Versions 1 (whole-memory CRC in FINISH) and 2 (pages named by host
-    // address, no state) are no longer spoken; 7 never was.
+    // Versions 1 (whole-memory CRC in FINISH), 2 (pages named by host
+    // address, no state) and 3 (a CRC32C per page, 32-bit digests) are no
+    // longer spoken; 7 never was.
     for (version, said) in [
         (1u32, "version 1 is no longer supported"),
         (2, "version 2 is no longer supported"),
+        (3, "version 3 is no longer supported"),
         (7, "unknown protocol version 7"),
     ] {
         let mut reply = Vec::new();
@@ -341,7 +374,7 @@ fn old_and_unknown_versions() {
             err,
             TransferError::Protocol(ProtocolError::UnknownVersion { version: v, .. }) if v == version
         );
-        assert!(if version < 3 { old } else { unknown }, "{err}");
+        assert!(if version < 4 { old } else { unknown }, "{err}");
         // The receiver said why before closing.
         let text = String::from_utf8_lossy(&reply);
         assert!(text.contains(said), "{text}");
@@ -445,7 +478,7 @@ impl Sink for Counting {
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
         self.inner.begin_round(round)
     }
-    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u32]) -> Result<(), TransferError> {
+    fn send_pages(&mut self, addr: u64, pages: PageBuf, crcs: &[u64]) -> Result<(), TransferError> {
         self.inner.send_pages(addr, pages, crcs)
     }
     fn send_zero_range(&mut self, range: std::ops::Range<u64>) -> Result<(), TransferError> {
@@ -454,7 +487,7 @@ impl Sink for Counting {
     fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
         self.inner.end_round(round)
     }
-    fn finish(&mut self, checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
+    fn finish(&mut self, checksum: u64, check: FinalCheck) -> Result<(), TransferError> {
         self.inner.finish(checksum, check)
     }
     fn lend_pages(&mut self, addr: u64, len: u64) -> Option<&mut [u8]> {
@@ -462,7 +495,7 @@ impl Sink for Counting {
         self.lent += u64::from(lent.is_some());
         lent
     }
-    fn commit_lent(&mut self, addr: u64, crcs: &[u32]) -> Result<(), TransferError> {
+    fn commit_lent(&mut self, addr: u64, crcs: &[u64]) -> Result<(), TransferError> {
         self.inner.commit_lent(addr, crcs)
     }
     fn revert_lent(&mut self, addr: u64, len: u64) {
@@ -493,7 +526,7 @@ fn fresh_pages_are_read_in_place_and_a_bad_one_is_put_back() {
     bad[HEADER + 3] ^= 0x80;
     let mut sink = Counting::new();
     let err = receive_frames(&stream_with(&[bad]), &layout(), &mut sink).unwrap_err();
-    assert!(err.to_string().contains("bad checksum"), "{err}");
+    assert!(err.to_string().contains("fails its hash"), "{err}");
     assert_eq!((sink.lent, sink.reverted), (3, 1));
     assert_only_prefix_applied(&sink.inner);
 }

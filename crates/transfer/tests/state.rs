@@ -25,7 +25,7 @@ fn stream(tail: &[u8]) -> Vec<u8> {
     digest
         .push_pages(&vec![0u8; 4 * PS as usize], PS as usize)
         .unwrap();
-    s.extend(frame(FrameKind::Finish, 1, 0, digest.finish(), &[]));
+    s.extend(frame(FrameKind::Finish, 1, digest.finish(), 0, &[]));
     s
 }
 

@@ -255,17 +255,17 @@ impl Sink for IncomingVm {
         &mut self,
         offset: u64,
         pages: PageBuf,
-        crcs: &[u32],
+        hashes: &[u64],
     ) -> Result<(), TransferError> {
-        self.memory.send_pages(offset, pages, crcs)
+        self.memory.send_pages(offset, pages, hashes)
     }
     fn send_live_pages(
         &mut self,
         offset: u64,
         pages: precopy_transfer::LivePages,
-        crcs: &[u32],
+        hashes: &[u64],
     ) -> Result<(), TransferError> {
-        self.memory.send_live_pages(offset, pages, crcs)
+        self.memory.send_live_pages(offset, pages, hashes)
     }
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
         self.memory.send_zero_range(range)
@@ -280,7 +280,7 @@ impl Sink for IncomingVm {
         self.state = Some(vm);
         Ok(())
     }
-    fn finish(&mut self, checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
+    fn finish(&mut self, checksum: u64, check: FinalCheck) -> Result<(), TransferError> {
         if self.state.is_none() {
             return Err(Self::refuse(Error::State {
                 reason: "the source sent no VM state (vCPU registers): nothing to resume".into(),
@@ -291,8 +291,8 @@ impl Sink for IncomingVm {
     fn lend_pages(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
         self.memory.lend_pages(offset, len)
     }
-    fn commit_lent(&mut self, offset: u64, crcs: &[u32]) -> Result<(), TransferError> {
-        self.memory.commit_lent(offset, crcs)
+    fn commit_lent(&mut self, offset: u64, hashes: &[u64]) -> Result<(), TransferError> {
+        self.memory.commit_lent(offset, hashes)
     }
     fn revert_lent(&mut self, offset: u64, len: u64) {
         self.memory.revert_lent(offset, len)

@@ -191,7 +191,7 @@ impl Sink for DyingSink {
         &mut self,
         addr: u64,
         pages: precopy_transfer::PageBuf,
-        crcs: &[u32],
+        crcs: &[u64],
     ) -> Result<(), precopy_transfer::TransferError> {
         let n = pages.len() as u64 / PAGE;
         if n > self.pages_left {
@@ -214,7 +214,7 @@ impl Sink for DyingSink {
     }
     fn finish(
         &mut self,
-        checksum: u32,
+        checksum: u64,
         check: precopy_transfer::FinalCheck,
     ) -> Result<(), precopy_transfer::TransferError> {
         self.inner.finish(checksum, check)

@@ -56,7 +56,7 @@ pub struct ImageInfo {
     /// page data, which `info` does not read: [`Image::verify`] checks that.
     pub complete: bool,
     /// The recorded memory checksum, when complete.
-    pub memory_checksum: Option<u32>,
+    pub memory_checksum: Option<u64>,
     /// Bytes of the state blob, if the image holds one.
     pub state_bytes: Option<u64>,
     /// Why the image is incomplete, if it is.
@@ -103,7 +103,7 @@ impl std::fmt::Display for ImageInfo {
         match (self.complete, &self.incomplete_reason) {
             (true, _) => writeln!(
                 f,
-                "status:     complete (all records present), memory checksum {:#010x}",
+                "status:     complete (all records present), memory checksum {:#018x}",
                 self.memory_checksum.unwrap_or(0)
             )?,
             (false, reason) => writeln!(

@@ -12,7 +12,7 @@ use zerocopy::FromBytes;
 use super::info::RoundInfo;
 use super::walk::walk;
 use super::{ZERO, file_len, locations_from_index};
-use crate::digest::{PageFold, page_crc};
+use crate::digest::{PageHash, page_hash};
 use crate::error::{ImageError, ProtocolError, TransferError};
 use crate::layout::Layout;
 use crate::protocol::{FrameKind, HEADER_LEN, RawHeader, verify_frame_pages};
@@ -28,7 +28,7 @@ pub struct Image {
     /// Every PAGES record, in file order: (header offset, payload length).
     pub(super) pages_records: Vec<(u64, u64)>,
     pub(super) complete: bool,
-    pub(super) checksum: Option<u32>,
+    pub(super) checksum: Option<u64>,
     pub(super) state: Option<(u64, u64, u32)>,
     pub(super) incomplete_reason: Option<String>,
     pub(super) file_len: u64,
@@ -156,8 +156,7 @@ impl Image {
             move |source| ImageError::Io { path, what, source }
         };
         let mut page = vec![0u8; ps as usize];
-        let mut checked = RecordCrcs {
-            fold: PageFold::new(ps),
+        let mut checked = RecordHashes {
             records: std::collections::HashMap::new(),
         };
         let mut at = range.start - range.start % ps;
@@ -166,18 +165,18 @@ impl Image {
             if l >= ZERO {
                 page.fill(0);
             } else {
-                let want = self.page_crc_at(at, l, &mut checked)?;
+                let (want, record, index) = self.page_hash_at(at, l, &mut checked)?;
                 self.file
                     .read_exact_at(&mut page, l)
                     .map_err(io("reading"))?;
-                let got = page_crc(&page);
+                let got = page_hash(&page);
                 if got != want {
                     return Err(ImageError::PageDamaged {
                         path: self.path.clone(),
                         offset: at,
-                        source: ProtocolError::BadChecksum {
-                            offset: l,
-                            kind: FrameKind::Pages as u8,
+                        source: ProtocolError::BadPageHash {
+                            offset: record,
+                            page: index,
                             stored: want,
                             computed: got,
                         },
@@ -193,15 +192,16 @@ impl Image {
         Ok(())
     }
 
-    /// The CRC32C of the page at memory offset `offset`, whose data is at
-    /// file offset `at`, from its PAGES record, whose CRC is checked the
-    /// first time one of its pages is asked for.
-    fn page_crc_at(
+    /// The hash of the page at memory offset `offset`, whose data is at
+    /// file offset `at`, from its PAGES record (whose CRC and pages are
+    /// checked the first time one of its pages is asked for), with the
+    /// record's file offset and the page's index in it.
+    fn page_hash_at(
         &self,
         offset: u64,
         at: u64,
-        checked: &mut RecordCrcs,
-    ) -> Result<u32, ImageError> {
+        checked: &mut RecordHashes,
+    ) -> Result<(PageHash, u64, u64), ImageError> {
         let ps = self.layout.page_size();
         let damaged = |source| ImageError::PageDamaged {
             path: self.path.clone(),
@@ -225,8 +225,10 @@ impl Image {
         if in_record >= len || in_record % ps != 0 {
             return Err(not_in_record());
         }
-        if !checked.records.contains_key(&record) {
-            let mut buf = vec![0u8; (hdr + len) as usize];
+        if let std::collections::hash_map::Entry::Vacant(slot) = checked.records.entry(record) {
+            // The pages, then their hash list.
+            let list = len / ps * crate::digest::PAGE_HASH_LEN as u64;
+            let mut buf = vec![0u8; (hdr + len + list) as usize];
             self.file
                 .read_exact_at(&mut buf, record)
                 .map_err(|source| ImageError::Io {
@@ -237,9 +239,9 @@ impl Image {
             let Ok((h, payload)) = RawHeader::read_from_prefix(&buf) else {
                 return Err(not_in_record());
             };
-            let mut crcs = Vec::new();
-            match verify_frame_pages(&h, record, payload, &checked.fold, &mut crcs) {
-                Ok(_) if crcs.len() as u64 == len / ps => {}
+            let mut hashes = Vec::new();
+            match verify_frame_pages(&h, record, payload, ps, &mut hashes) {
+                Ok(_) if hashes.len() as u64 == len / ps => {}
                 Ok(_) => return Err(not_in_record()),
                 Err(TransferError::Protocol(e)) => return Err(damaged(e)),
                 Err(e) => {
@@ -250,12 +252,15 @@ impl Image {
                     });
                 }
             }
-            checked.records.insert(record, crcs);
+            slot.insert(hashes);
         }
-        let crcs = &checked.records[&record];
-        crcs.get((in_record / ps) as usize)
+        let index = in_record / ps;
+        let hashes = &checked.records[&record];
+        let hash = hashes
+            .get(index as usize)
             .copied()
-            .ok_or_else(not_in_record)
+            .ok_or_else(not_in_record)?;
+        Ok((hash, record, index))
     }
 
     /// [`Image::read_span`] into a vector.
@@ -267,8 +272,7 @@ impl Image {
 }
 
 /// Page CRCs of the PAGES records checked so far by one [`Image::read_span`].
-struct RecordCrcs {
-    fold: PageFold,
+struct RecordHashes {
     /// Header offset of a checked record -> its pages' CRC32Cs.
-    records: std::collections::HashMap<u64, Vec<u32>>,
+    records: std::collections::HashMap<u64, Vec<PageHash>>,
 }

@@ -17,7 +17,7 @@ pub struct VerifyReport {
     /// Rounds in the image.
     pub rounds: u64,
     /// The memory checksum, recomputed and matching.
-    pub memory_checksum: u32,
+    pub memory_checksum: u64,
 }
 
 impl Image {

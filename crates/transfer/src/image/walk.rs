@@ -24,7 +24,7 @@ pub(super) struct Walk {
     pub(super) rounds: Vec<RoundInfo>,
     pub(super) loc: Vec<u64>,
     pub(super) records: u64,
-    pub(super) finish: Option<(u64, u32)>,
+    pub(super) finish: Option<(u64, u64)>,
     /// File offset, length and CRC32C of the state blob.
     pub(super) state: Option<(u64, u64, u32)>,
     pub(super) index: Vec<IndexEntry>,
@@ -260,7 +260,9 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
                 }
                 (FrameKind::Trailer, None) if w.finish.is_some() => {
                     let trailer: Trailer = h.decode(payload)?;
-                    if trailer.trailer_offset != h.offset || h.offset + HEADER_LEN as u64 != len {
+                    if trailer.trailer_offset != h.offset
+                        || h.offset + HEADER_LEN as u64 + u64::from(h.payload_len) != len
+                    {
                         return Err(ProtocolError::Malformed {
                             offset: h.offset,
                             kind: h.kind,

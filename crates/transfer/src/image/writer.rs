@@ -12,7 +12,7 @@ use super::{
     index_entries, page_table,
 };
 use crate::buffer::PageBuf;
-use crate::digest::{FinalCheck, PageCrcs, PageFold, check_final};
+use crate::digest::{FinalCheck, PageHash, PageHashes, check_final};
 use crate::error::{ImageError, TransferError};
 use crate::layout::Layout;
 use crate::protocol::{
@@ -36,8 +36,7 @@ pub struct ImageWriter {
     /// Per layout page: file offset of its latest data, [`ZERO`] or [`NEVER`].
     loc: Vec<u64>,
     /// Per layout page: CRC of its latest data.
-    crcs: PageCrcs,
-    fold: PageFold,
+    hashes: PageHashes,
     /// Updates of the round in progress, applied at its end.
     next_round: u64,
     in_round: Option<(u64, u64, u64, u64)>,
@@ -103,16 +102,14 @@ impl ImageWriter {
             resume: false,
         };
         out.send(&hello).map_err(io("writing"))?;
-        let crcs = PageCrcs::new(loc.len(), layout.page_size());
-        let fold = PageFold::new(layout.page_size());
+        let hashes = PageHashes::new(loc.len(), layout.page_size());
         Ok(ImageWriter {
             path,
             partial,
             out,
             layout,
             loc,
-            crcs,
-            fold,
+            hashes,
             next_round: 0,
             in_round: None,
             state_written: false,
@@ -163,7 +160,7 @@ impl ImageWriter {
     }
 
     /// The memory digest of what the image now holds, read back from the file.
-    fn checksum(&mut self) -> Result<u32, TransferError> {
+    fn checksum(&mut self) -> Result<u64, TransferError> {
         self.out.flush().map_err(self.io("writing"))?;
         let ps = self.layout.page_size();
         let file = self.out.get_ref().get_ref();
@@ -188,23 +185,23 @@ impl Sink for ImageWriter {
         &mut self,
         offset: u64,
         pages: PageBuf,
-        crcs: &[u32],
+        hashes: &[PageHash],
     ) -> Result<(), TransferError> {
         self.round_counts("send_pages")?;
         let len = pages.len() as u64;
         let ps = self.layout.page_size();
         let span = wire_span(&self.layout, offset, len)?;
         let first = offset / ps;
-        if crcs.len() as u64 != len / ps || self.finished {
+        if hashes.len() as u64 != len / ps || self.finished {
             return Err(TransferError::Misuse {
                 operation: "send_pages",
                 state: "with a CRC count that differs from the page count, or after finish",
             });
         }
         let data = self.pos() + HEADER_LEN as u64;
-        let r = self.out.send_folded_pages(span, &pages, crcs, &self.fold);
+        let r = self.out.send_listed_pages(span, &pages, hashes);
         r.map_err(self.io("writing"))?;
-        self.crcs.set(first as usize, crcs);
+        self.hashes.set(first as usize, hashes);
         for k in 0..len / ps {
             self.loc[(first + k) as usize] = data + k * ps;
         }
@@ -219,7 +216,7 @@ impl Sink for ImageWriter {
         let span = wire_span(&self.layout, range.start, len)?;
         let first = range.start / ps;
         self.write(&Zero { span })?;
-        self.crcs.set_zero(first as usize, (len / ps) as usize);
+        self.hashes.set_zero(first as usize, (len / ps) as usize);
         for k in 0..len / ps {
             self.loc[(first + k) as usize] = ZERO;
         }
@@ -259,14 +256,14 @@ impl Sink for ImageWriter {
     /// `memory_checksum`, then writes the FINISH record, syncs, writes the
     /// index and trailer, and syncs again. On a mismatch the image is left
     /// incomplete.
-    fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
+    fn finish(&mut self, memory_checksum: u64, check: FinalCheck) -> Result<(), TransferError> {
         if self.in_round.is_some() {
             return Err(TransferError::Misuse {
                 operation: "finish",
                 state: "inside a round",
             });
         }
-        let recorded = self.crcs.digest();
+        let recorded = self.hashes.digest();
         check_final(memory_checksum, recorded, check, || self.checksum())?;
         self.write(&Finish {
             rounds: self.next_round,

@@ -19,7 +19,7 @@ use super::writer::{
 use crate::auth;
 use crate::buffer::PageBuf;
 use crate::codec::Compressor;
-use crate::digest::{FinalCheck, PageFold};
+use crate::digest::{FinalCheck, PageHash};
 use crate::engine::{SenderConfig, Transfer};
 use crate::error::TransferError;
 use crate::layout::Layout;
@@ -97,7 +97,7 @@ pub struct SocketSink {
     peer: String,
     io_timeout: Option<Duration>,
     layout_bytes: u64,
-    checksum: u32,
+    checksum: u64,
     /// PINGs sent (the last one's token).
     pings: u64,
     /// The transfer's session id, which a resume presents again.
@@ -191,7 +191,6 @@ impl SocketSink {
     fn start_workers(&mut self, ready: Vec<Connection>) -> Result<(), TransferError> {
         let config = &self.config;
         let count = ready.len() as u32;
-        let fold = PageFold::new(self.layout.page_size());
         for (i, conn) in ready.into_iter().enumerate() {
             conn.set_write_timeout(config.io_timeout.map(send_timeout_slice))
                 .map_err(TransferError::io("setting a socket timeout"))?;
@@ -225,7 +224,6 @@ impl SocketSink {
                 round_start: 0,
                 page_size: self.layout.page_size(),
                 layout: self.layout.clone(),
-                fold: fold.clone(),
                 events: event_rx,
                 peer: conn_peer(i, &self.peer),
                 io_timeout: config.io_timeout,
@@ -332,11 +330,11 @@ impl Sink for SocketSink {
         &mut self,
         offset: u64,
         pages: PageBuf,
-        crcs: &[u32],
+        hashes: &[PageHash],
     ) -> Result<(), TransferError> {
         let r = self
             .next_worker()
-            .and_then(|w| w.send(Cmd::Pages(offset, pages, crcs.to_vec())));
+            .and_then(|w| w.send(Cmd::Pages(offset, pages, hashes.to_vec())));
         r.map_err(|e| self.explain(e))
     }
 
@@ -345,11 +343,11 @@ impl Sink for SocketSink {
         &mut self,
         offset: u64,
         pages: LivePages,
-        crcs: &[u32],
+        hashes: &[PageHash],
     ) -> Result<(), TransferError> {
         let r = self
             .next_worker()
-            .and_then(|w| w.send(Cmd::Live(offset, pages, crcs.to_vec())));
+            .and_then(|w| w.send(Cmd::Live(offset, pages, hashes.to_vec())));
         r.map_err(|e| self.explain(e))
     }
 
@@ -381,14 +379,14 @@ impl Sink for SocketSink {
         Ok(bytes)
     }
 
-    fn finish(&mut self, memory_checksum: u32, check: FinalCheck) -> Result<(), TransferError> {
+    fn finish(&mut self, memory_checksum: u64, check: FinalCheck) -> Result<(), TransferError> {
         self.finish_uncommitted(memory_checksum, check)?;
         self.commit()
     }
 
     fn finish_uncommitted(
         &mut self,
-        memory_checksum: u32,
+        memory_checksum: u64,
         check: FinalCheck,
     ) -> Result<(), TransferError> {
         self.check_unbroken()?;

@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, Sender as Chan};
 use super::conn::{Connection, InterruptState};
 use crate::buffer::PageBuf;
 use crate::codec::Compressor;
-use crate::digest::{FinalCheck, PageFold};
+use crate::digest::{FinalCheck, PageHash};
 use crate::error::{ProtocolError, TransferError};
 use crate::layout::Layout;
 use crate::live::LivePages;
@@ -25,18 +25,18 @@ use crate::protocol::{
 /// What a [`SocketSink`](super::SocketSink) asks a connection's writer to do.
 pub(super) enum Cmd {
     Begin(u64),
-    Pages(u64, PageBuf, Vec<u32>),
-    Live(u64, LivePages, Vec<u32>),
+    Pages(u64, PageBuf, Vec<PageHash>),
+    Live(u64, LivePages, Vec<PageHash>),
     Zero(Range<u64>),
     End(u64),
     State(Vec<u8>),
     Finish {
-        checksum: u32,
+        checksum: u64,
         rounds: u64,
         check: FinalCheck,
         wait: Option<Duration>,
     },
-    Commit(u32),
+    Commit(u64),
     /// A PING with this token; the writer waits for its PONG.
     Ping(u64),
 }
@@ -53,7 +53,7 @@ pub(super) enum Reply {
 /// What the watcher heard from the receiver.
 pub(super) enum PeerEvent {
     Pong { token: u64 },
-    Done { checksum: u32 },
+    Done { checksum: u64 },
     Error { code: u32, message: String },
     Closed(TransferError),
 }
@@ -205,7 +205,6 @@ pub(super) struct StreamWriter {
     pub(super) page_size: u64,
     /// Names memory offsets on the wire (region id, offset inside it).
     pub(super) layout: Layout,
-    pub(super) fold: PageFold,
     pub(super) events: Receiver<PeerEvent>,
     pub(super) peer: String,
     pub(super) io_timeout: Option<Duration>,
@@ -302,7 +301,7 @@ impl StreamWriter {
                 self.round_start = self.out.written();
                 self.send(&RoundBegin { round })?;
             }
-            Cmd::Pages(offset, pages, crcs) => {
+            Cmd::Pages(offset, pages, hashes) => {
                 self.pages += pages.len() as u64 / self.page_size;
                 let span = self.wire_span(offset, pages.len() as u64)?;
                 let written = match self.compressor.compress(&pages)? {
@@ -319,27 +318,21 @@ impl StreamWriter {
                             packed,
                         )
                     }
-                    None if crcs.len() as u64 * self.page_size == span.len => {
-                        // The frame CRC comes from the page CRCs: no pass here.
-                        self.pace(span.len);
-                        self.out.send_folded_pages(span, &pages, &crcs, &self.fold)
-                    }
                     None => {
-                        self.pace(span.len);
-                        let codec = crate::codec::Codec::None;
-                        self.out.send_pages(
-                            &Pages {
-                                span,
-                                codec,
-                                live: false,
-                            },
-                            &pages,
-                        )
+                        // The hashes came with the pages: no pass over them here.
+                        let mut hashes = hashes;
+                        if hashes.len() as u64 * self.page_size != span.len {
+                            let ps = self.page_size as usize;
+                            hashes = pages.chunks(ps).map(crate::digest::page_hash).collect();
+                        }
+                        let list = hashes.len() * crate::digest::PAGE_HASH_LEN;
+                        self.pace(span.len + list as u64);
+                        self.out.send_listed_pages(span, &pages, &hashes)
                     }
                 };
                 written.map_err(|e| self.write_error(e))?;
             }
-            Cmd::Live(offset, pages, crcs) => {
+            Cmd::Live(offset, pages, hashes) => {
                 if self.compressor.compresses() {
                     // Compress a copy, in an ordinary frame checked as a whole.
                     let mut copy = vec![0u8; pages.len() as usize];
@@ -347,10 +340,10 @@ impl StreamWriter {
                         .copy_to(0, &mut copy)
                         .map_err(TransferError::io("copying lent pages"))?;
                     let ps = self.page_size as usize;
-                    let held = copy.chunks(ps).map(crate::digest::page_crc).collect();
+                    let held = copy.chunks(ps).map(crate::digest::page_hash).collect();
                     return self.handle(Cmd::Pages(offset, PageBuf::from_vec(copy), held));
                 }
-                self.write_live(offset, &pages, &crcs)?;
+                self.write_live(offset, &pages, &hashes)?;
             }
             Cmd::Zero(range) => {
                 self.zero_pages += (range.end - range.start) / self.page_size;
@@ -471,29 +464,30 @@ impl StreamWriter {
 
     /// Writes lent pages at memory offset `offset` as live frames, the
     /// kernel reading them from memory (at most [`MAX_PAYLOAD`] bytes of
-    /// pages and CRC list per frame).
+    /// pages and hash list per frame).
     ///
     /// [`MAX_PAYLOAD`]: crate::protocol::MAX_PAYLOAD
     fn write_live(
         &mut self,
         offset: u64,
         pages: &LivePages,
-        crcs: &[u32],
+        hashes: &[PageHash],
     ) -> Result<(), TransferError> {
         use precopy_sys::live::{Gather, write_all_gather_within};
         use std::os::fd::AsFd;
         use zerocopy::IntoBytes;
         let ps = self.page_size;
-        let per_frame = (crate::protocol::MAX_PAYLOAD / (ps + 4)).max(1) as usize;
-        for (k, chunk) in crcs.chunks(per_frame).enumerate() {
+        let per_frame = (crate::protocol::MAX_PAYLOAD / (ps + crate::digest::PAGE_HASH_LEN as u64))
+            .max(1) as usize;
+        for (k, chunk) in hashes.chunks(per_frame).enumerate() {
             let from = (k * per_frame) as u64 * ps;
             let len = chunk.len() as u64 * ps;
             let part = pages
                 .slice(from..from + len)
                 .map_err(TransferError::io("lending pages"))?;
             let span = self.wire_span(offset + from, len)?;
-            let list = Pages::crc_list(chunk);
-            let header = Pages::live_header(span, &list);
+            let list = crate::digest::hash_list(chunk);
+            let header = Pages::listed_header(span, &list, true);
             self.pace(len + list.len() as u64);
             let n = write_all_gather_within(
                 self.out.get_ref().conn.as_fd(),

@@ -8,10 +8,10 @@ use std::io::{self, IoSlice, Read, Write};
 use zerocopy::{FromZeros, IntoBytes};
 
 use super::{
-    Codec, Frame, FrameKind, HEADER_LEN, Header, MAX_PAYLOAD, PREAMBLE_LEN, PageSpan, Pages,
-    RawHeader, check_preamble, encode, preamble,
+    Frame, FrameKind, HEADER_LEN, Header, MAX_PAYLOAD, PREAMBLE_LEN, PageSpan, Pages, RawHeader,
+    check_preamble, encode, preamble,
 };
-use crate::digest::{PageFold, page_crc};
+use crate::digest::{PAGE_HASH_LEN, PageHash, hash_list, hashes_of_list, page_hash};
 use crate::error::{ProtocolError, TransferError};
 
 /// Reads frames from a byte stream, checking each one's checksum.
@@ -158,75 +158,109 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
-/// Checks a raw uncompressed PAGES header against the CRCs of the pages its
-/// payload held (computed by the caller, one per `fold.page_size()` bytes),
-/// then decodes it.
-pub fn verify_pages_header(
-    h: &RawHeader,
-    offset: u64,
-    crcs: &[u32],
-    fold: &PageFold,
-) -> Result<Header, TransferError> {
-    let computed = fold.fold_all(h.crc_start(), crcs);
-    finish_verify(h, offset, computed)
-}
-
 /// Checks a raw frame read by [`FrameReader::read_unverified`] at stream
-/// `offset`: CRC32C first, then kind and reserved bytes.
+/// `offset`: CRC32C first, then kind and reserved bytes. An uncompressed
+/// PAGES frame is checked as [`verify_frame_pages`] does, with the page size
+/// its payload implies (its pages and hash list must agree on one; the
+/// receiver's [`Pages::place`](super::Pages::place) then holds it to the
+/// layout's); the page hashes are dropped.
 pub fn verify_frame(h: &RawHeader, offset: u64, payload: &[u8]) -> Result<Header, TransferError> {
     let n = checked_len(h, offset, payload)?;
+    if h.is_listed() {
+        let ps = implied_page_size(h, offset)?;
+        return verify_frame_pages(h, offset, payload, ps, &mut Vec::new());
+    }
     let computed = crc32c::crc32c_append(h.crc_start(), &payload[..n]);
     finish_verify(h, offset, computed)
 }
 
-/// [`verify_frame`] that, when the frame is an uncompressed PAGES frame whose
-/// payload is whole pages of `fold.page_size()`, computes the CRC32C of each
-/// page into `crcs` and the frame CRC from them (one pass over the payload).
-/// For any other frame `crcs` is left empty. Nothing in `crcs` is meaningful
-/// unless this returns `Ok`.
+/// [`verify_frame`] for a receiver that knows the page size `ps`: an
+/// uncompressed PAGES frame must be whole pages of `ps` followed by one hash
+/// each; the hash of each page goes into `hashes` (see [`verify_listed`]).
+/// For any other frame `hashes` is left empty. Nothing in `hashes` is
+/// meaningful unless this returns `Ok`.
 pub fn verify_frame_pages(
     h: &RawHeader,
     offset: u64,
     payload: &[u8],
-    fold: &PageFold,
-    crcs: &mut Vec<u32>,
+    ps: u64,
+    hashes: &mut Vec<PageHash>,
 ) -> Result<Header, TransferError> {
-    crcs.clear();
+    hashes.clear();
     let n = checked_len(h, offset, payload)?;
-    let ps = fold.page_size() as usize;
-    if h.is_live() {
-        let (pages, _) = h
-            .live_lengths(ps as u64)
-            .ok_or_else(|| live_malformed(offset))?;
-        let (pages, list) = payload[..n].split_at(pages as usize);
-        let header = verify_live(h, offset, list)?;
-        crcs.extend(pages.chunks_exact(ps).map(page_crc));
-        return Ok(header);
+    if !h.is_listed() {
+        let computed = crc32c::crc32c_append(h.crc_start(), &payload[..n]);
+        return finish_verify(h, offset, computed);
     }
-    let pages_frame =
-        h.kind_byte() == FrameKind::Pages as u8 && h.codec_byte() == Codec::None as u8;
-    if !pages_frame || ps == 0 || n % ps != 0 {
-        return verify_frame(h, offset, payload);
-    }
-    crcs.extend(payload[..n].chunks_exact(ps).map(page_crc));
-    let computed = fold.fold_all(h.crc_start(), crcs);
-    finish_verify(h, offset, computed)
+    let (pages, _) = h
+        .listed_lengths(ps)
+        .ok_or_else(|| listed_malformed(offset))?;
+    let (pages, list) = payload[..n].split_at(pages as usize);
+    verify_listed(h, offset, pages, list, ps, hashes)
 }
 
-/// Checks a live PAGES frame's header and CRC list (`list`, the payload's
-/// tail) strictly, then decodes the header; its pages are checked one by one
-/// against the list by the receiver.
-pub fn verify_live(h: &RawHeader, offset: u64, list: &[u8]) -> Result<Header, TransferError> {
+/// Checks an uncompressed PAGES frame whose payload was read as `pages`
+/// (whole pages of `ps`) and `list` (their hashes, u64 LE): header and list
+/// by the frame CRC, then every page against its listed hash, its hash going
+/// into `hashes`. A page that differs fails the frame
+/// ([`ProtocolError::BadPageHash`]) unless the frame is live; for a live
+/// frame the caller compares `hashes` with `list` (see [`crate::live`]).
+pub fn verify_listed(
+    h: &RawHeader,
+    offset: u64,
+    pages: &[u8],
+    list: &[u8],
+    ps: u64,
+    hashes: &mut Vec<PageHash>,
+) -> Result<Header, TransferError> {
+    hashes.clear();
+    let ps = usize::try_from(ps).unwrap_or(0);
+    if ps == 0 || pages.len() % ps != 0 || pages.len() / ps * PAGE_HASH_LEN != list.len() {
+        return Err(listed_malformed(offset));
+    }
     let computed = crc32c::crc32c_append(h.crc_start(), list);
-    finish_verify(h, offset, computed)
+    let header = finish_verify(h, offset, computed)?;
+    hashes.extend(pages.chunks_exact(ps).map(page_hash));
+    if !h.is_live() {
+        let bad = hashes
+            .iter()
+            .zip(hashes_of_list(list))
+            .enumerate()
+            .find(|(_, (held, listed))| *held != listed);
+        if let Some((page, (&computed, stored))) = bad {
+            return Err(ProtocolError::BadPageHash {
+                offset,
+                page: page as u64,
+                stored,
+                computed,
+            }
+            .into());
+        }
+    }
+    Ok(header)
 }
 
-/// A live frame whose lengths do not add up.
-fn live_malformed(offset: u64) -> TransferError {
+/// The page size an uncompressed PAGES frame's payload implies: the pages'
+/// length over the hashes listed after them.
+fn implied_page_size(h: &RawHeader, offset: u64) -> Result<u64, TransferError> {
+    let span_len = h.pages_len();
+    let list = u64::from(h.payload_len())
+        .checked_sub(span_len)
+        .filter(|l| *l > 0 && l % PAGE_HASH_LEN as u64 == 0)
+        .ok_or_else(|| listed_malformed(offset))?;
+    let count = list / PAGE_HASH_LEN as u64;
+    match span_len.checked_div(count) {
+        Some(ps) if ps > 0 && span_len % count == 0 => Ok(ps),
+        _ => Err(listed_malformed(offset)),
+    }
+}
+
+/// An uncompressed PAGES frame whose lengths do not add up.
+fn listed_malformed(offset: u64) -> TransferError {
     ProtocolError::Malformed {
         offset,
         kind: FrameKind::Pages,
-        reason: "live page frame: payload is not the pages plus one CRC per page",
+        reason: "page frame: payload is not the pages plus one hash per page",
     }
     .into()
 }
@@ -300,8 +334,8 @@ impl<W: Write> FrameWriter<W> {
         self.send_encoded(&header, &payload)
     }
 
-    /// Writes a PAGES frame whose payload (compressed per `pages.codec`) is
-    /// `payload`. Returns the bytes written.
+    /// Writes a compressed PAGES frame whose payload (compressed per
+    /// `pages.codec`) is `payload`. Returns the bytes written.
     pub fn send_pages(&mut self, pages: &Pages, payload: &[u8]) -> io::Result<u64> {
         self.send_encoded(&pages.header(payload), payload)
     }
@@ -313,27 +347,44 @@ impl<W: Write> FrameWriter<W> {
     }
 
     /// Writes an uncompressed PAGES frame for `span` whose pages, `payload`,
-    /// have the CRCs `crcs` (see [`Pages::folded_header`]). Returns the bytes
-    /// written.
-    pub fn send_folded_pages(
+    /// have the hashes `hashes` (see [`Pages::listed_header`]). Returns the
+    /// bytes written.
+    pub fn send_listed_pages(
         &mut self,
         span: PageSpan,
         payload: &[u8],
-        crcs: &[u32],
-        fold: &PageFold,
+        hashes: &[PageHash],
     ) -> io::Result<u64> {
-        let header = Pages::folded_header(span, crcs, fold);
-        self.send_encoded(&header, payload)
+        let list = hash_list(hashes);
+        let header = Pages::listed_header(span, &list, false);
+        let mut slices = [
+            IoSlice::new(header.as_bytes()),
+            IoSlice::new(payload),
+            IoSlice::new(&list),
+        ];
+        self.write_slices(&mut slices)?;
+        let n = (HEADER_LEN + payload.len() + list.len()) as u64;
+        self.written += n;
+        Ok(n)
     }
 
     /// Writes a header sealed for `payload` ([`encode`]) and the payload.
     /// Returns the bytes written.
     pub fn send_encoded(&mut self, header: &RawHeader, payload: &[u8]) -> io::Result<u64> {
         let mut slices = [IoSlice::new(header.as_bytes()), IoSlice::new(payload)];
-        let mut bufs = &mut slices[..];
-        if payload.is_empty() {
-            bufs = &mut bufs[..1];
-        }
+        let bufs = if payload.is_empty() {
+            &mut slices[..1]
+        } else {
+            &mut slices[..]
+        };
+        self.write_slices(bufs)?;
+        let n = (HEADER_LEN + payload.len()) as u64;
+        self.written += n;
+        Ok(n)
+    }
+
+    /// Writes every byte of `bufs`, in order.
+    fn write_slices(&mut self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
         while !bufs.is_empty() {
             match self.inner.write_vectored(bufs) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -342,9 +393,7 @@ impl<W: Write> FrameWriter<W> {
                 Err(e) => return Err(e),
             }
         }
-        let n = (HEADER_LEN + payload.len()) as u64;
-        self.written += n;
-        Ok(n)
+        Ok(())
     }
 
     /// Flushes the underlying writer.
@@ -357,7 +406,6 @@ impl<W: Write> FrameWriter<W> {
 mod tests {
     use super::super::{RoundBegin, encode_header};
     use super::*;
-    use crate::digest::PageFold;
 
     fn frame(kind: FrameKind, a: u64, payload: &[u8]) -> Vec<u8> {
         let mut v = encode_header(kind, 0, a, 0, 0, payload).to_vec();
@@ -400,42 +448,56 @@ mod tests {
     }
 
     #[test]
-    fn pages_frames_fold_their_crc_from_page_crcs() {
+    fn uncompressed_pages_frames_list_their_page_hashes() {
         let ps = 4096usize;
-        let fold = PageFold::new(ps as u64);
         let data: Vec<u8> = (0..3 * ps).map(|i| (i * 7 % 251) as u8).collect();
-        let crcs: Vec<u32> = data.chunks(ps).map(page_crc).collect();
+        let hashes: Vec<u64> = data.chunks(ps).map(page_hash).collect();
         let span = PageSpan {
             region: 2,
             offset: 0x5000,
             len: data.len() as u64,
         };
-        let folded = Pages::folded_header(span, &crcs, &fold);
-        let plain = encode_header(FrameKind::Pages, 0, 0x5000, data.len() as u64, 2, &data);
-        assert_eq!(folded.to_bytes(), plain);
+        let mut out = FrameWriter::new(Vec::new());
+        let n = out.send_listed_pages(span, &data, &hashes).unwrap();
+        let f = out.get_ref().clone();
+        assert_eq!(n as usize, HEADER_LEN + data.len() + 3 * PAGE_HASH_LEN);
+        assert_eq!(f.len() as u64, n);
+        assert_eq!(&f[HEADER_LEN + data.len()..], &hash_list(&hashes)[..]);
 
-        let mut f = folded.to_bytes().to_vec();
-        f.extend_from_slice(&data);
         let mut p = Vec::new();
         let mut got = Vec::new();
         let (raw, at) = FrameReader::new(&f[..]).read_unverified(&mut p).unwrap();
-        let h = verify_frame_pages(&raw, at, &p, &fold, &mut got).unwrap();
+        let h = verify_frame_pages(&raw, at, &p, ps as u64, &mut got).unwrap();
         let pages: Pages = h.decode(&p).unwrap();
-        assert_eq!((pages.span, got.clone()), (span, crcs));
-        // A flipped payload bit in any page is caught by the folded check.
-        for byte in [0, ps + 17, 3 * ps - 1] {
+        assert_eq!((pages.span, got.clone()), (span, hashes));
+        // The plain reader checks it as well, with the page size the lengths imply.
+        assert!(FrameReader::new(&f[..]).read_frame(&mut p).is_ok());
+        // A flipped bit anywhere is caught: in a page by its hash, in the
+        // header or the list by the frame CRC.
+        for byte in [0, 9, HEADER_LEN, HEADER_LEN + ps + 17, f.len() - 1] {
             let mut g = f.clone();
-            g[HEADER_LEN + byte] ^= 0x10;
+            g[byte] ^= 0x10;
             let (raw, at) = FrameReader::new(&g[..]).read_unverified(&mut p).unwrap();
-            let r = verify_frame_pages(&raw, at, &p, &fold, &mut got);
+            let r = verify_frame_pages(&raw, at, &p, ps as u64, &mut got);
             assert!(
                 matches!(
                     r,
-                    Err(TransferError::Protocol(ProtocolError::BadChecksum { .. }))
+                    Err(TransferError::Protocol(
+                        ProtocolError::BadChecksum { .. }
+                            | ProtocolError::BadPageHash { .. }
+                            | ProtocolError::Malformed { .. }
+                    ))
                 ),
-                "flip at payload byte {byte}"
+                "flip at byte {byte}: {r:?}"
+            );
+            assert!(
+                FrameReader::new(&g[..]).read_frame(&mut p).is_err(),
+                "{byte}"
             );
         }
+        // Pages of another size than the layout's are refused.
+        let (raw, at) = FrameReader::new(&f[..]).read_unverified(&mut p).unwrap();
+        assert!(verify_frame_pages(&raw, at, &p, 2 * ps as u64, &mut got).is_err());
     }
 
     #[test]
@@ -450,6 +512,11 @@ mod tests {
         let e = check_preamble(&p).unwrap_err();
         assert!(matches!(e, ProtocolError::OldVersion { version: 2, .. }));
         assert!(e.to_string().contains("version 2"), "{e}");
+        // Version 3 (CRC32C page checks, 32-bit digests) is refused, saying why.
+        p[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let e = check_preamble(&p).unwrap_err();
+        assert!(matches!(e, ProtocolError::OldVersion { version: 3, .. }));
+        assert!(e.to_string().contains("XXH3-64"), "{e}");
         p[8..12].copy_from_slice(&9u32.to_le_bytes());
         assert!(matches!(
             check_preamble(&p),
