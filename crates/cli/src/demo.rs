@@ -82,7 +82,7 @@ impl CompressKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum CheckKind {
-    /// Compare the page CRCs both ends recorded while sending and applying.
+    /// Compare the page hashes both ends recorded while sending and applying.
     Recorded,
     /// Also re-read all source and destination memory while paused.
     Full,
@@ -257,7 +257,7 @@ pub struct Args {
     #[arg(long, value_enum)]
     compress: Option<CompressKind>,
     /// Final checksum while the source is paused: `recorded` compares the
-    /// page CRCs both ends kept (no pass over memory); `full` also re-reads
+    /// page hashes both ends kept (no pass over memory); `full` also re-reads
     /// all memory on both ends (catches a missed write, costs downtime). The
     /// demo compares the memories byte for byte afterwards either way.
     #[arg(long, value_enum, default_value_t = CheckKind::Recorded)]

@@ -253,7 +253,7 @@ fn flipped_byte_fails_cat_and_verify_but_not_structure() {
     let err = stderr(&out);
     assert!(err.contains("damaged"), "{err}");
     assert!(err.contains(&format!("memory offset {PS:#x}")), "{err}");
-    assert!(err.contains("bad checksum"), "{err}");
+    assert!(err.contains("fails its hash"), "{err}");
     assert_eq!(
         err.matches("error:").count(),
         1,
@@ -304,7 +304,7 @@ fn flipped_byte_fails_cat_and_verify_but_not_structure() {
         assert_eq!(v["ok"], false, "{v}");
         assert_eq!(v["verified"], false, "{v}");
         let msg = v["error"]["message"].as_str().unwrap_or_default();
-        assert!(msg.contains("bad checksum"), "{v}");
+        assert!(msg.contains("fails its hash"), "{v}");
         assert!(
             v["error"]["chain"].as_array().is_some_and(|c| c.len() >= 2),
             "{v}"

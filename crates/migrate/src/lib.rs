@@ -111,7 +111,7 @@
 //! [`DirtyLog::unvouched`] ([`UffdDirtyLog`] lists the ranges the tracker marked `verify`: every
 //! kind but private anonymous memory, by default). In the final round, after the last scan and
 //! with the workload paused, the driver asks [`Transport::changed`] which of those pages differ
-//! from what was sent ([`TransferTransport`] re-reads them and compares page CRCs) and sends them
+//! from what was sent ([`TransferTransport`] re-reads them and compares page hashes) and sends them
 //! in the same round. The report's [`VerifyPass`] says what that pass read, what it found, how
 //! much of it the log had missed, and how long it took (part of the downtime; the switch-over
 //! rule does not count it yet). Writes an embedder knows about and no log can see (a device's
@@ -158,7 +158,7 @@
 //! pages of what it holds, so only the blocks that differ go again with the failed round's
 //! ranges. Attempts and backoff are bounded ([`ReconnectConfig`]); when every attempt fails the
 //! migration ends with [`Error::Reconnect`], the workload still running. Successful reconnects
-//! are counted in the report (`reconnects`). The final page-CRC check proves the result as
+//! are counted in the report (`reconnects`). The final page-hash check proves the result as
 //! always.
 
 // Unsafe code lives in precopy-sys only (ARCHITECTURE.md, "Code map").

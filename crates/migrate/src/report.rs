@@ -131,7 +131,7 @@ pub struct WorkloadCost {
 
 /// The switch-over check of memory the dirty log cannot vouch for (shared memory, hugetlb,
 /// file mappings, ranges written by devices): re-read with the workload paused and compared,
-/// page by page, with the CRC of the copy last sent.
+/// page by page, with the hash of the copy last sent.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct VerifyPass {
     /// Bytes of memory the dirty log cannot vouch for.

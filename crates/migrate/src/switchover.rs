@@ -26,7 +26,7 @@
 //! * **finish** (memory digests and the acknowledgement round trip): the upper median of the
 //!   last [`FINISH_WINDOW`] probes the transport took after a round
 //!   ([`Transport::probe_finish`](crate::Transport::probe_finish): a PING/PONG on every
-//!   connection plus the digest of the page-CRC table timed at the sender, twice), zero for a
+//!   connection plus the digest of the page-hash table timed at the sender, twice), zero for a
 //!   transport that cannot probe. The decision counts the slowest of those probes instead
 //!   ([`DowntimeEstimate::with_margin`]): on a loaded machine the acknowledgement waits for the
 //!   receiver to get a CPU, a tail that the typical round trip does not show (measured:

@@ -27,7 +27,7 @@ impl<S: PageSource, K: Sink> TransferTransport<S, K> {
         }
     }
 
-    /// Chooses the final check: [`FinalCheck::Recorded`] compares the page CRCs both ends
+    /// Chooses the final check: [`FinalCheck::Recorded`] compares the page hashes both ends
     /// recorded (no pass over memory while the source is paused); [`FinalCheck::Full`] also
     /// re-reads all source and destination memory, which catches a write the dirty log missed
     /// but adds a pass over memory on each end to the downtime.

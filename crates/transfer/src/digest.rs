@@ -46,7 +46,7 @@ use crate::error::{LayoutError, TransferError};
 /// How a transfer's final checksum is established.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub enum FinalCheck {
-    /// Compare the per-page CRCs each end recorded while sending and
+    /// Compare the page hashes each end recorded while sending and
     /// applying: no pass over memory (the default; keeps downtime small).
     #[default]
     Recorded,

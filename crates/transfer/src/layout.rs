@@ -15,7 +15,7 @@
 //!
 //! Inside this crate pages are addressed by **memory offset**: the regions
 //! laid back to back in id order, so region `i` starts at the sum of the
-//! sizes of the regions with smaller ids. Sinks, the page-CRC tables and the
+//! sizes of the regions with smaller ids. Sinks, the page-hash tables and the
 //! memory digest all use that order. The wire unit, [`Layout::page_size`],
 //! is the smallest page size of any region; a hugetlb region still travels
 //! in those units (its tracker reports whole huge pages, which are simply

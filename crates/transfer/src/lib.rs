@@ -5,22 +5,22 @@
 //! # Where a page goes
 //!
 //! ```text
-//! scanner ranges ─► Transfer::send_dirty ─► PageSource::read_ranges ─► zero check, page CRC
+//! scanner ranges ─► Transfer::send_dirty ─► PageSource::read_ranges (or lend) ─► zero check, page hash
 //!     (caller's thread: read after the round that reported the page returned;
-//!      the page's CRC32C goes into the sender's PageHashes table)
-//!   ─► Sink::send_pages / send_zero_range (pages + their CRCs)
-//!        SocketSink: bounded queue ─► per-connection writer (compress, frame CRC folded
-//!                    from the page CRCs, pace, write)
+//!      the page's XXH3-64 goes into the sender's PageHashes table)
+//!   ─► Sink::send_pages / send_zero_range (pages + their hashes)
+//!        SocketSink: bounded queue ─► per-connection writer (compress, or list the
+//!                    page hashes after the pages, frame CRC over header + list, pace, write)
 //!                      ─► Receiver (verify each page once, layout check, barrier)
 //!                           ─► MemorySink (fresh pages: read in place) / ImageWriter
 //!        ImageWriter: append records to the image file
 //!        MemorySink: copy into an anonymous mapping
-//!   finish: CRC32C of the PageHashes table at each end, compared (digest)
+//!   finish: XXH3-64 of the PageHashes table at each end, compared (digest)
 //! ```
 //!
 //! Modules: [`layout`] (regions and offsets), [`source`] (reading pages,
-//! the memory checksum), [`digest`] (page CRCs, the frame-CRC fold, the
-//! memory digest and [`FinalCheck`]), [`engine`] (rounds and batches), [`sink`] (the sink
+//! the memory checksum), [`digest`] (the page hash, page-hash tables,
+//! the memory digest and [`FinalCheck`]), [`engine`] (rounds and batches), [`sink`] (the sink
 //! trait, in-memory sink), `protocol` (crate-private: one type per frame
 //! kind, the drawn exchange; public under the `fuzzing` feature), [`codec`]
 //! (compression), [`net`] (connections, socket sink), [`receiver`] (and its
@@ -79,8 +79,8 @@
 //! the ratio is about the ratio of CPU per byte. What the engine adds to the
 //! raw copy's two kernel copies: the `process_vm_readv` copy that reads the
 //! source safely while it is written (~0.25 CPU s/GiB here, by far the
-//! largest), one CRC32C pass per page at each end (`crc-fast`, ~0.03 s/GiB
-//! on cache-hot pages), and for pages that already hold data at the
+//! largest), one hash pass per page at each end (then a CRC32C, since
+//! replaced by XXH3-64; see BENCHMARKS.md for the figures after the change), and for pages that already hold data at the
 //! destination, a copy from the frame buffer (fresh pages are read in place).
 //! Across a veth pair shaped to 2 Gbit/s (`scripts/bench-netns.sh`) one
 //! stream matches the raw copy (1.00x), lz4 carries 1.84x and zstd(1) 1.96x
@@ -97,7 +97,7 @@
 //!   More streams help when the link, not the CPU, is the limit.
 //! - **64 pages per batch** (256 KiB): per-frame costs (two system calls, a
 //!   32-byte header, an `Arc`) vanish at this size while memory in flight stays
-//!   at a few MiB, and a batch stays in cache between the read and its CRC.
+//!   at a few MiB, and a batch stays in cache between the read and its hash.
 //!   (The bench's `PRECOPY_BENCH_FULL=1` sweep of 16/256/1024 pages exists
 //!   but was not run on the shared machine.)
 //! - **Queue depth 4** batches per connection: memory in flight is bounded by

@@ -3,8 +3,9 @@
 //! [`OwnMemory`] is the page source for memory this process maps itself (an embedded VMM's guest
 //! RAM, a benchmark's buffer): instead of copying a batch with `process_vm_readv`, it lends the
 //! pages ([`LivePages`]) and the socket writer hands them to `writev(2)`, so the only copy is the
-//! kernel's, into the socket. The sender takes each page's CRC32C from a snapshot just before
-//! (copied page by page into a cache-resident scratch page, then checksummed there).
+//! kernel's, into the socket. The sender takes each page's hash (XXH3-64) in place just before,
+//! without a copy (`LivePages::for_each_page`), so each lent page is read once by the hash and
+//! once by the kernel.
 //!
 //! # Pages that change while they are sent
 //!
@@ -16,17 +17,19 @@
 //! argument checkable instead of trusting it:
 //!
 //! - A lent page goes out in a **live PAGES frame**: header byte 2 (otherwise reserved) has bit 0
-//!   ([`LIVE_FRAME`]) set, and the payload is the pages followed by the CRC32C of each page as the
-//!   sender took it (`u32` LE each). The frame CRC covers the header and that list, not the pages,
-//!   so header and list are checked strictly; each page is then checked against its listed CRC.
-//! - A page whose bytes do not match its listed CRC is applied anyway (the receiver records the
-//!   CRC of what it holds) and remembered in the receiver's **changed set** ([`ChangedPages`]).
+//!   ([`LIVE_FRAME`]) set; like any uncompressed PAGES frame its payload is the pages followed by
+//!   the hash of each page as the sender took it (`u64` LE each), and its frame CRC covers the
+//!   header and that list, not the pages, so header and list are checked strictly; each page is
+//!   then checked against its listed hash.
+//! - In a live frame, a page whose bytes do not match its listed hash is applied anyway (the
+//!   receiver records the hash of what it holds) and remembered in the receiver's **changed
+//!   set** ([`ChangedPages`]); in any other frame it fails the frame.
 //!   Any later copy of that page that verifies (a PAGES or ZERO frame of a later round) removes
 //!   it. The receiver refuses FINISH while the set is not empty
 //!   ([`TransferError::ChangedWhileSent`](crate::TransferError::ChangedWhileSent)): a torn page
 //!   that was never sent again — a missed write, a source that was not really paused, or bytes
 //!   damaged on the way — fails the migration.
-//! - The memory digest at FINISH compares the sender's page-CRC table (the snapshots) with the
+//! - The memory digest at FINISH compares the sender's page-hash table (what it hashed) with the
 //!   receiver's (what it holds), as for any transfer: a torn page left in place also shows there.
 //!
 //! So the per-frame check of lent pages is relaxed only into "known changed, must be re-sent",
@@ -110,7 +113,7 @@ pub(crate) struct ChangedPages {
 }
 
 impl ChangedPages {
-    /// Pages at `offset` were just applied with CRCs `held`; the sender listed `sent` (live
+    /// Pages at `offset` were just applied with hashes `held`; the sender listed `sent` (live
     /// frame) or nothing (an ordinary, strictly checked frame: every page is a good copy).
     pub(crate) fn applied(
         &mut self,

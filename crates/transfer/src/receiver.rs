@@ -1264,7 +1264,7 @@ impl<R: Read> Frames<R> {
 /// unread.
 ///
 /// The header's fields are used before its CRC is checked (the CRC covers the
-/// payload too), so they are bounds-checked like any other input first: the
+/// hash list that follows the pages, and each page is checked against it), so they are bounds-checked like any other input first: the
 /// worst a forged header achieves is a lent range of zero pages, written and
 /// then zeroed again.
 fn read_in_place<R: Read, K: Sink + ?Sized>(

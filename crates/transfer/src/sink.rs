@@ -43,7 +43,7 @@ pub trait Sink {
     /// Round `round` starts (rounds count up from 0).
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError>;
     /// Whole pages starting at memory offset `offset`, inside one layout
-    /// region, with the CRC32C of each page (already computed by the sender,
+    /// region, with the hash of each page (already computed by the sender,
     /// or verified by the receiver, so a sink need not hash them again).
     fn send_pages(
         &mut self,
@@ -118,7 +118,7 @@ pub trait Sink {
 
     /// A receiving sink's digests of the pages it holds, per block of
     /// `block_pages` pages in layout order ([`PageHashes::block_digests`] of
-    /// the CRC of every page): what a receiver tells a resuming sender (the
+    /// the hash of every page): what a receiver tells a resuming sender (the
     /// protocol's RESUME), which sends again every block whose digest
     /// differs from its own. A block holding a page whose contents the sink
     /// does not know must get a digest that differs. `None` (the default): a
@@ -148,10 +148,10 @@ pub trait Sink {
     }
 
     /// Whole pages of the sender's own memory at memory offset `offset`,
-    /// lent without a copy ([`crate::live`]); `hashes` are the CRC32C of each
+    /// lent without a copy ([`crate::live`]); `hashes` are the hash of each
     /// page as the sender took it just before, which the bytes may no longer
     /// match (the source keeps running in live rounds). The default copies
-    /// the pages, takes the CRCs of the copy and hands it to
+    /// the pages, takes the hashes of the copy and hands it to
     /// [`Sink::send_pages`]; a socket sink sends them from memory in a live
     /// frame.
     fn send_live_pages(
@@ -183,7 +183,7 @@ pub trait Sink {
     }
 
     /// The lent pages at `offset` passed their check and now hold pages with
-    /// CRCs `hashes`: record them as [`Sink::send_pages`] would.
+    /// hashes `hashes`: record them as [`Sink::send_pages`] would.
     fn commit_lent(&mut self, offset: u64, hashes: &[PageHash]) -> Result<(), TransferError> {
         let _ = (offset, hashes);
         Err(TransferError::Misuse {
@@ -208,7 +208,7 @@ pub struct ResumePoint {
     pub next_round: u64,
     /// Pages per block of [`ResumePoint::block_digests`].
     pub block_pages: u64,
-    /// For each block of pages in layout order, the digest of the page CRCs
+    /// For each block of pages in layout order, the digest of the page hashes
     /// the destination recorded ([`PageHashes::block_digests`]).
     pub block_digests: Vec<u64>,
 }
@@ -419,7 +419,7 @@ pub struct MemorySink {
     /// never written or sent as zeros). Only clear pages are lent.
     holds_data: BitVec,
     /// Per page: caller memory never written since the sink was made, whose
-    /// contents (and so CRC) are unknown.
+    /// contents (and so hash) are unknown.
     unknown: BitVec,
     stats: MemoryStats,
     state: Option<Vec<u8>>,
@@ -597,7 +597,7 @@ impl MemorySink {
         Ok(d.finish())
     }
 
-    /// The memory digest of the page CRCs recorded as pages were applied:
+    /// The memory digest of the page hashes recorded as pages were applied:
     /// what [`MemorySink::checksum`] returns, unless the memory was changed
     /// behind the sink's back.
     pub fn recorded_checksum(&self) -> u64 {
@@ -648,10 +648,10 @@ fn caller_slot(layout: &Layout, offset: u64) -> Result<(usize, u64), TransferErr
 }
 
 impl Sink for MemorySink {
-    /// The digests of the recorded page CRCs; a block with a page of caller
+    /// The digests of the recorded page hashes; a block with a page of caller
     /// memory never written since the sink was made gets its digest
     /// inverted, so a resuming sender sends it again (equal by chance with
-    /// probability 2^-32, as any CRC).
+    /// probability about 2^-64, as any 64-bit hash).
     fn resume_digests(&self, block_pages: u64) -> Option<Vec<u64>> {
         let block = usize::try_from(block_pages).ok()?.max(1);
         let mut digests = self.hashes.block_digests(block);
@@ -759,7 +759,7 @@ impl Sink for MemorySink {
         Ok(())
     }
 
-    /// Compares the recorded page CRCs with `memory_checksum`; with
+    /// Compares the recorded page hashes with `memory_checksum`; with
     /// [`FinalCheck::Full`], also re-reads all memory and requires the same.
     fn finish(&mut self, memory_checksum: u64, check: FinalCheck) -> Result<(), TransferError> {
         let recorded = self.recorded_checksum();

@@ -2,7 +2,7 @@
 //! `process_vm_readv` reader used for any process (including this one), a
 //! slice-backed source for tests, and [`memory_checksum`], the memory digest
 //! read from a source (what [`FinalCheck::Full`](crate::FinalCheck::Full)
-//! compares with the page CRCs recorded while sending).
+//! compares with the page hashes recorded while sending).
 //!
 //! A source never invents data: a page it cannot read is a
 //! [`SourceError::Unmapped`] (nothing mapped) or [`SourceError::NotReadable`]

@@ -134,8 +134,9 @@ impl Image {
     /// a page was never sent) to `out`.
     ///
     /// Every page written out is checked first: the PAGES record holding it
-    /// is read whole once and its CRC32C checked (yielding each page's
-    /// CRC32C), and the page's bytes are checked against that page CRC. A
+    /// is read whole once and checked (its CRC32C over header and hash list,
+    /// each page against its listed hash), and the page's bytes read again
+    /// are checked against that hash. A
     /// page that fails is [`ImageError::PageDamaged`]; bytes before it may
     /// already be in `out`. This does not make an incomplete image complete:
     /// check [`Image::is_complete`] first (pages of an unfinished round are
@@ -271,8 +272,8 @@ impl Image {
     }
 }
 
-/// Page CRCs of the PAGES records checked so far by one [`Image::read_span`].
+/// Page hashes of the PAGES records checked so far by one [`Image::read_span`].
 struct RecordHashes {
-    /// Header offset of a checked record -> its pages' CRC32Cs.
+    /// Header offset of a checked record -> its pages' hashes.
     records: std::collections::HashMap<u64, Vec<PageHash>>,
 }

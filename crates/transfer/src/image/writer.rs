@@ -251,7 +251,7 @@ impl Sink for ImageWriter {
         Ok(())
     }
 
-    /// Checks the page CRCs recorded while writing (and with
+    /// Checks the page hashes recorded while writing (and with
     /// [`FinalCheck::Full`] the memory read back from the file) against
     /// `memory_checksum`, then writes the FINISH record, syncs, writes the
     /// index and trailer, and syncs again. On a mismatch the image is left
