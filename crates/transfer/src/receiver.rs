@@ -788,7 +788,7 @@ fn complete_resume(
     config: &ReceiverConfig,
     hello: &Hello,
     next: u64,
-    (block_pages, block_digests): (u64, Vec<u32>),
+    (block_pages, block_digests): (u64, Vec<u64>),
     broken: TransferError,
     door: &mut Door,
     mut back: Vec<Option<Connection>>,
