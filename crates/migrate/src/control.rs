@@ -189,8 +189,10 @@ impl<E> Callbacks<E> {
         }
     }
 
-    /// Adds a state hook: called once while paused after the last memory round, returns the
-    /// state blob (vCPU registers, device state) the destination receives.
+    /// Adds a state hook: called while paused after the last memory round, returns the state
+    /// blob (vCPU registers, device state) the destination receives. Called again at a later
+    /// switch-over if the connection broke in the final phase
+    /// ([`MigrationConfig::switchover_attempts`](crate::MigrationConfig)).
     pub fn with_state(
         mut self,
         state: impl FnMut() -> Result<Vec<u8>, E> + Send + 'static,

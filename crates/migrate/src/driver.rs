@@ -119,6 +119,13 @@ pub struct MigrationConfig {
     pub final_round_timeout: Option<Duration>,
     /// Reconnecting after a failed round in the iterative phase.
     pub reconnect: ReconnectConfig,
+    /// Switch-overs to try in all. A final phase whose connection breaks (or goes silent past
+    /// the I/O timeout) before the commit resumes the workload, reconnects
+    /// ([`MigrationConfig::reconnect`]), goes back to the iterative rounds and switches over
+    /// again, up to this many times; then, or when it cannot reconnect, the migration fails.
+    /// The final round's bound passing, a cancel or a refused checksum are never retried.
+    /// 1: never retry.
+    pub switchover_attempts: u32,
 }
 
 impl Default for MigrationConfig {
@@ -134,6 +141,7 @@ impl Default for MigrationConfig {
             probe_pause: true,
             final_round_timeout: None,
             reconnect: ReconnectConfig::default(),
+            switchover_attempts: 3,
         }
     }
 }
@@ -160,6 +168,9 @@ impl MigrationConfig {
         }
         if self.final_round_timeout.is_some_and(|t| t.is_zero()) {
             return bad("final_round_timeout must be positive");
+        }
+        if self.switchover_attempts == 0 {
+            return bad("switchover_attempts must be at least 1");
         }
         if self.reconnect.backoff > self.reconnect.max_backoff {
             return bad("reconnect backoff must not exceed max_backoff");
@@ -601,8 +612,10 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         error: MigrationError<D, T, W>,
     ) -> Result<Vec<Range<u64>>, MigrationError<D, T, W>> {
         let cfg = self.config.reconnect;
-        if !matches!(error, Error::Send { .. })
-            || cfg.attempts == 0
+        if !matches!(
+            error,
+            Error::Send { .. } | Error::State { .. } | Error::Finish { .. }
+        ) || cfg.attempts == 0
             || !self.transport.can_reconnect()
         {
             return Err(error);
@@ -632,15 +645,19 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             }
             backoff = (backoff * 2).min(cfg.max_backoff);
         }
+        let peer = self.transport.peer();
         match (error, last_attempt) {
             (
-                Error::Send {
-                    round,
-                    peer,
-                    source,
-                },
+                Error::Send { peer, source, .. } | Error::Finish { peer, source },
                 Some(last_attempt),
             ) => Err(Error::Reconnect {
+                round,
+                peer,
+                attempts: cfg.attempts,
+                last_attempt,
+                source,
+            }),
+            (Error::State { source }, Some(last_attempt)) => Err(Error::Reconnect {
                 round,
                 peer,
                 attempts: cfg.attempts,
@@ -784,80 +801,139 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
 
         let mut pending: Vec<Range<u64>> = Vec::new();
         let mut high = 0u32;
-        let reason = loop {
-            let round = self.report.rounds.len() as u64;
-            if let Some(w) = self.watchdog() {
-                w.step(Step::Round { round });
-            }
-            pending.clear();
-            pending.append(&mut carry);
-            let scan_start = Instant::now();
-            let collect_pause = self.collect(round, &mut pending)?;
-            let scan = scan_start.elapsed();
-            let interval = scan_start.duration_since(last_scan);
-            last_scan = scan_start;
-            let pending_bytes = coalesce(&mut pending);
-            self.observe(pending_bytes);
-            self.observed.collect_pause = collect_pause;
-            let dirty_rate = per_sec(pending_bytes, interval);
-            self.report.dirty_rate = dirty_rate;
-            self.estimator.add_scan(scan);
-            let estimate = self.estimator.estimate(pending_bytes);
-            let expected = estimate.map(|e| e.total());
-            self.emit(Phase::Iterating, pending_bytes, dirty_rate);
+        loop {
+            let reason = loop {
+                let round = self.report.rounds.len() as u64;
+                if let Some(w) = self.watchdog() {
+                    w.step(Step::Round { round });
+                }
+                pending.clear();
+                pending.append(&mut carry);
+                let scan_start = Instant::now();
+                let collect_pause = self.collect(round, &mut pending)?;
+                let scan = scan_start.elapsed();
+                let interval = scan_start.duration_since(last_scan);
+                last_scan = scan_start;
+                let pending_bytes = coalesce(&mut pending);
+                self.observe(pending_bytes);
+                self.observed.collect_pause = collect_pause;
+                let dirty_rate = per_sec(pending_bytes, interval);
+                self.report.dirty_rate = dirty_rate;
+                self.estimator.add_scan(scan);
+                let estimate = self.estimator.estimate(pending_bytes);
+                let expected = estimate.map(|e| e.total());
+                self.emit(Phase::Iterating, pending_bytes, dirty_rate);
 
-            if estimate.is_some_and(|e| e.with_margin() <= self.config.max_downtime) {
-                break SwitchReason::Converged;
-            }
-            if round >= self.config.max_rounds {
-                break self.limit(
-                    self.config.max_rounds_policy,
-                    AbortReason::MaxRounds { rounds: round },
-                    SwitchReason::MaxRounds,
-                )?;
-            }
-            if let Some(limit) = self.config.timeout
-                && start.elapsed() >= limit
-            {
-                break self.limit(
-                    self.config.timeout_policy,
-                    AbortReason::Timeout { limit },
-                    SwitchReason::Timeout,
-                )?;
-            }
-            self.maybe_throttle(dirty_rate, &mut high)?;
+                if estimate.is_some_and(|e| e.with_margin() <= self.config.max_downtime) {
+                    break SwitchReason::Converged;
+                }
+                if round >= self.config.max_rounds {
+                    break self.limit(
+                        self.config.max_rounds_policy,
+                        AbortReason::MaxRounds { rounds: round },
+                        SwitchReason::MaxRounds,
+                    )?;
+                }
+                if let Some(limit) = self.config.timeout
+                    && start.elapsed() >= limit
+                {
+                    break self.limit(
+                        self.config.timeout_policy,
+                        AbortReason::Timeout { limit },
+                        SwitchReason::Timeout,
+                    )?;
+                }
+                self.maybe_throttle(dirty_rate, &mut high)?;
 
-            let sent = match self.send(Step::Round { round }, &pending) {
-                Ok(sent) => sent,
-                Err(e) => {
-                    self.unsent = pending.clone();
-                    carry = self.reconnect(round, e)?;
-                    carry.append(&mut pending);
-                    continue;
+                let sent = match self.send(Step::Round { round }, &pending) {
+                    Ok(sent) => sent,
+                    Err(e) => {
+                        self.unsent = pending.clone();
+                        carry = self.reconnect(round, e)?;
+                        carry.append(&mut pending);
+                        continue;
+                    }
+                };
+                self.record(
+                    RoundKind::Iterative,
+                    pending_bytes,
+                    scan,
+                    dirty_rate,
+                    expected,
+                    sent,
+                );
+                self.probe_finish();
+                if self.config.probe_pause && self.estimator.pause_probes() < PAUSE_PROBES {
+                    self.probe_pause()?;
                 }
             };
-            self.record(
-                RoundKind::Iterative,
-                pending_bytes,
-                scan,
-                dirty_rate,
-                expected,
-                sent,
-            );
-            self.probe_finish();
-            if self.config.probe_pause && self.estimator.pause_probes() < PAUSE_PROBES {
-                self.probe_pause()?;
+            self.report.switch_reason = Some(reason);
+            let p = pending.iter().map(|r| r.end - r.start).sum();
+            let estimate = self.estimator.estimate(p);
+            self.report.expected_downtime = estimate.map(|e| e.total());
+            self.report.downtime_estimate = estimate;
+            if reason != SwitchReason::Converged {
+                self.report.downtime_note = Some(self.why_not_converged(reason, estimate));
             }
-        };
-        self.report.switch_reason = Some(reason);
-        let p = pending.iter().map(|r| r.end - r.start).sum();
-        let estimate = self.estimator.estimate(p);
-        self.report.expected_downtime = estimate.map(|e| e.total());
-        self.report.downtime_estimate = estimate;
-        if reason != SwitchReason::Converged {
-            self.report.downtime_note = Some(self.why_not_converged(reason, estimate));
+            self.report.switchover_attempts += 1;
+            match self.final_round(std::mem::take(&mut pending)) {
+                Ok(()) => return Ok(()),
+                Err(e) => carry = self.retry_switchover(e)?,
+            }
         }
-        self.final_round(pending)
+    }
+
+    /// After a final phase that failed with `error`: if its connection broke (or went silent)
+    /// before the commit and switch-overs are left, resumes the workload, reconnects and
+    /// returns what the next rounds must carry (the final round's ranges and what the
+    /// destination lacks); otherwise `error`.
+    fn retry_switchover(
+        &mut self,
+        error: MigrationError<D, T, W>,
+    ) -> Result<Vec<Range<u64>>, MigrationError<D, T, W>> {
+        let retry = matches!(
+            error,
+            Error::Send { .. } | Error::State { .. } | Error::Finish { .. }
+        ) && self.report.switchover_attempts < self.config.switchover_attempts
+            && self.transport.can_reconnect();
+        if !retry {
+            return Err(error);
+        }
+        // The final round's bound no longer applies; if it or a cancel fired, that stands.
+        if self.watchdog().and_then(Watchdog::disarm).is_some() {
+            return Err(error);
+        }
+        let round = self.report.rounds.len() as u64;
+        tracing::warn!(
+            round,
+            attempt = self.report.switchover_attempts,
+            error = %precopy_sys::error_chain(&error),
+            "the final phase failed before the commit: resuming the workload and reconnecting"
+        );
+        if self.paused {
+            self.workload.resume().map_err(|source| Error::Workload {
+                action: "resume",
+                source,
+            })?;
+            self.paused = false;
+        }
+        if let Some(at) = self.paused_at.take() {
+            self.report.downtime = Some(at.elapsed());
+        }
+        self.report.status = Status::Active;
+        let unsent = self.unsent.clone();
+        let mut carry = self.reconnect(round, error)?;
+        carry.extend(unsent);
+        // The total timeout (abort policy) bounds the rounds again.
+        if let (Some(limit), LimitPolicy::Abort, Some(start), Some(w)) = (
+            self.config.timeout,
+            self.config.timeout_policy,
+            self.started,
+            self.watchdog(),
+        ) {
+            w.arm(start + limit, Step::Round { round }, limit);
+        }
+        Ok(carry)
     }
 
     /// Pauses and resumes the workload once, timing the pause for the estimate.

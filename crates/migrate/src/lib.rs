@@ -145,7 +145,7 @@
 //!
 //! **Harvested pages are never dropped.** The dirty log hands each written range out once (see
 //! [`DirtyLog`]). A round that fails keeps its ranges: after a reconnect
-//! ([`ReconnectConfig`]: bounded attempts with doubling backoff, iterative phase only) they go
+//! ([`ReconnectConfig`]: bounded attempts with doubling backoff) they go
 //! into the next round with whatever the transport reports the destination lacks; when the
 //! migration fails they are in [`Migration::unsent`] for a fallback.
 //!

@@ -275,6 +275,11 @@ pub struct MigrationReport {
     pub final_round_bound: Option<Duration>,
     /// Times the transport reconnected after a failed round.
     pub reconnects: u32,
+    /// Switch-overs tried: 1 for a migration whose first final phase completed; each final
+    /// phase whose connection broke before the commit (the workload resumed, the transport
+    /// reconnected, the rounds went on) adds one
+    /// ([`MigrationConfig::switchover_attempts`](crate::MigrationConfig)).
+    pub switchover_attempts: u32,
 }
 
 impl MigrationReport {
@@ -308,6 +313,7 @@ impl MigrationReport {
             state_bytes: None,
             final_round_bound: None,
             reconnects: 0,
+            switchover_attempts: 0,
         }
     }
 
@@ -446,6 +452,9 @@ impl fmt::Display for MigrationReport {
         }
         if self.reconnects > 0 {
             writeln!(f, "reconnects:    {}", self.reconnects)?;
+        }
+        if self.switchover_attempts > 1 {
+            writeln!(f, "switch-overs:  {} attempts", self.switchover_attempts)?;
         }
         if let Some(p) = self.final_phase {
             writeln!(

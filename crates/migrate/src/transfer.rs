@@ -68,11 +68,16 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
     }
 
     fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
-        self.transfer.send_state(state)
+        self.transfer
+            .send_state(state)
+            .inspect_err(|e| self.broke = worth_reconnecting(e))
     }
 
     fn finish(&mut self) -> Result<(u64, std::time::Duration), TransferError> {
-        let summary = self.transfer.finish_uncommitted(self.check)?;
+        let summary = self
+            .transfer
+            .finish_uncommitted(self.check)
+            .inspect_err(|e| self.broke = worth_reconnecting(e))?;
         Ok((summary.checksum, summary.source_check))
     }
 

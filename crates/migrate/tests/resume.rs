@@ -62,6 +62,9 @@ enum Fault {
     /// Stops forwarding without closing anything (a silent drop): only the sender's I/O
     /// timeout (1 s here) notices.
     Silence,
+    /// Cuts them in the final phase instead, once: as the paused workload's state is saved
+    /// (the final round sent, the state and the final checksum not yet).
+    CutInFinalPhase,
 }
 
 /// Migrates 32 MiB of a hot-set writer through a proxy that cuts every connection when round
@@ -93,7 +96,7 @@ fn migrate_with_a_fault(
     let config = SenderConfig {
         key: Some(test_key()),
         io_timeout: match fault {
-            Fault::Cut => SenderConfig::default().io_timeout,
+            Fault::Cut | Fault::CutInFinalPhase => SenderConfig::default().io_timeout,
             Fault::Silence => Some(Duration::from_secs(1)),
         },
         ..SenderConfig::default()
@@ -122,18 +125,32 @@ fn migrate_with_a_fault(
     };
     let at_cut = Arc::new(AtomicU64::new(u64::MAX));
     let (cut_proxy, at) = (proxy.clone(), at_cut.clone());
+    let (final_cut, at_final) = (proxy.clone(), at_cut.clone());
+    let callbacks = guest.callbacks().with_state(move || {
+        if fault == Fault::CutInFinalPhase && at_final.load(SeqCst) == u64::MAX {
+            at_final.store(final_cut.forwarded(), SeqCst);
+            final_cut.cut();
+            // Let the sender's watcher see the end of its stream.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(b"vcpu state".to_vec())
+    });
     let mut m = Migration::new(
         UffdDirtyLog::new(tracker, scanner),
         TransferTransport::new(sender),
-        guest.callbacks(),
+        callbacks,
         mconfig,
     )
     .on_progress(move |p| {
-        if p.phase == Phase::Iterating && p.round == 2 && at.load(SeqCst) == u64::MAX {
+        if fault != Fault::CutInFinalPhase
+            && p.phase == Phase::Iterating
+            && p.round == 2
+            && at.load(SeqCst) == u64::MAX
+        {
             at.store(cut_proxy.forwarded(), SeqCst);
             cut_proxy.refuse(keep_cut);
             match fault {
-                Fault::Cut => cut_proxy.cut(),
+                Fault::Cut | Fault::CutInFinalPhase => cut_proxy.cut(),
                 Fault::Silence => cut_proxy.blackhole(),
             }
             // Let the sender's watcher see the end of its stream before the round starts
@@ -225,6 +242,53 @@ fn tcp_silent_drop_mid_migration_resumes_and_resends_far_less_than_memory() {
 #[test]
 fn unix_silent_drop_mid_migration_resumes_and_resends_far_less_than_memory() {
     fault_mid_migration_resumes_and_resends_far_less_than_memory(Net::Unix, Fault::Silence);
+}
+
+/// A cut in the final phase (the workload paused, the final round sent, the state not yet):
+/// the source resumes its workload, reconnects, goes back to the rounds and switches over
+/// again, and the migration completes and verifies; the report counts two switch-overs.
+#[test]
+fn a_cut_in_the_final_phase_resumes_the_source_and_switches_over_again() {
+    if !supported("a_cut_in_the_final_phase_resumes_the_source_and_switches_over_again") {
+        return;
+    }
+    let run = migrate_with_a_fault(
+        Net::Tcp,
+        Fault::CutInFinalPhase,
+        3,
+        false,
+        Duration::from_secs(30),
+    );
+    let source = run.guest.snapshot();
+    let report = run
+        .result
+        .unwrap_or_else(|e| panic!("migration failed: {}", precopy_sys::error_chain(&e)));
+    assert_eq!(report.status, Status::Completed);
+    assert_eq!(
+        report.switchover_attempts, 2,
+        "one failed switch-over, then one that held"
+    );
+    assert_eq!(report.reconnects, 1);
+    let (dest, rx_report) = run.received.expect("receiver failed");
+    assert_eq!(rx_report.resumes, 1);
+    assert_eq!(
+        rx_report.state_bytes,
+        Some(10),
+        "the state of the second switch-over"
+    );
+    assert_eq!(Some(rx_report.checksum), run.report.checksum, "final check");
+    let bad = dest
+        .chunks(PAGE as usize)
+        .zip(source.chunks(PAGE as usize))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(bad, 0, "{bad} pages differ after the second switch-over");
+    let after = run.proxy.forwarded() - run.at_cut;
+    eprintln!(
+        "final phase cut: {} switch-over attempts, {after} bytes after the cut, rounds {}",
+        report.switchover_attempts,
+        run.report.rounds.len()
+    );
 }
 
 #[test]

@@ -309,15 +309,16 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
 
     /// Whether [`Transfer::resume`] may work: the sink can reconnect
     /// ([`Sink::can_resume`]: a socket sender made with
-    /// [`Sender::dial`](crate::Sender::dial)) and neither the state nor the
-    /// final checksum was sent.
+    /// [`Sender::dial`](crate::Sender::dial)) and the receiver has not
+    /// acknowledged the final checksum.
     pub fn can_resume(&self) -> bool {
-        !self.finished && !self.state_sent && self.sink.can_resume()
+        !self.finished && self.sink.can_resume()
     }
 
-    /// After a round failed because the connection broke
-    /// ([`TransferError::is_connection_break`]), outside a round and before
-    /// the state or the final checksum: connects to the same transfer again
+    /// After a round, the state or the final checksum failed because the
+    /// connection broke ([`TransferError::is_connection_break`]) or went
+    /// silent, outside a round and before the receiver acknowledged the final
+    /// checksum: connects to the same transfer again
     /// through the sink ([`Sink::resume`]) and returns the source ranges
     /// (page-aligned host addresses, sorted) the destination lacks or holds
     /// another copy of: the blocks of pages whose digest of page hashes
@@ -333,16 +334,16 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
     ///
     /// # Errors
     ///
-    /// [`TransferError::Misuse`] inside a round, after the state or after
-    /// finish; the sink's error if it cannot reconnect (for a socket sender:
+    /// [`TransferError::Misuse`] inside a round or after the receiver
+    /// acknowledged the final checksum; the sink's error if it cannot reconnect (for a socket sender:
     /// connect, handshake, [`TransferError::ResumeRefused`]); a protocol error
     /// if the destination's answer does not match the layout. The transfer
     /// stays as it was, and `resume` may be called again.
     pub fn resume(&mut self) -> Result<Vec<Range<u64>>, TransferError> {
-        if self.current.is_some() || self.finished || self.state_sent {
+        if self.current.is_some() || self.finished {
             return Err(TransferError::Misuse {
                 operation: "resume",
-                state: "inside a round, after the state or after finish",
+                state: "inside a round or after the final acknowledgement",
             });
         }
         self.batch.clear();
@@ -359,6 +360,8 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             .into());
         }
         self.next_round = point.next_round;
+        // A final phase cut short: the state goes again with the next final phase.
+        self.state_sent = false;
         let ps = self.layout.page_size();
         let total = self.layout.total_len();
         let block_bytes = point.block_pages.saturating_mul(ps);

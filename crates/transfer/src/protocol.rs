@@ -134,9 +134,10 @@
 //!
 //! A receiver run with a listener to come back on
 //! ([`Receiver::run_resumable`](crate::Receiver::run_resumable)) whose
-//! connections break (end of stream, reset, broken pipe; not silence past
-//! its I/O timeout, not a fault in a frame) before any STATE or FINISH keeps
-//! what it applied and waits, for a bounded time
+//! connections break (end of stream, reset, broken pipe; not a fault in a
+//! frame) before COMMIT, or whose sender comes back on new connections (its
+//! path went silent), keeps what it applied (and forgets a STATE and FINISH
+//! already received: the sender sends them again) and waits, for a bounded time
 //! ([`ReceiverConfig::resume_wait`](crate::ReceiverConfig::resume_wait)), for
 //! the same sender: every connection again, each with a HELLO carrying
 //! [`HELLO_RESUME`], the **same session id**, layout and stream count, and a

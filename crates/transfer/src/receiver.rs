@@ -26,8 +26,8 @@
 //! ```
 //!
 //! Run with [`Receiver::run_resumable`], connections that break (end of
-//! stream, reset) before any STATE or FINISH lead to `Waiting` instead of
-//! `Failed`: what was applied stays, and the same sender may come back
+//! stream, reset) before COMMIT lead to `Waiting` instead of `Failed`: what
+//! was applied stays (a STATE or FINISH already received is forgotten), and the same sender may come back
 //! within [`ReceiverConfig::resume_wait`] (drawn in the protocol module,
 //! "Resuming"); then every connection starts again at `Idle(next)`.
 //!
@@ -459,8 +459,9 @@ impl Receiver {
 
     /// As [`Receiver::run`], and when the connections break (end of stream,
     /// reset, broken pipe; not a fault in a frame, not a sender silent past
-    /// the I/O timeout) before any STATE or FINISH arrived, keeps what
-    /// `sink` applied and waits up to [`ReceiverConfig::resume_wait`] on
+    /// the I/O timeout) before COMMIT arrived, keeps what `sink` applied
+    /// (forgetting a state blob and finish of a final phase that was cut:
+    /// [`Sink::reopen`]) and waits up to [`ReceiverConfig::resume_wait`] on
     /// `listener` for the same sender to come back
     /// ([`Transfer::resume`](crate::Transfer::resume)): same session id,
     /// layout and stream count, the key proven again on every connection. A
@@ -529,6 +530,8 @@ impl Receiver {
                 let end = leg.run(&mut *sink);
                 let digests = match &end {
                     LegEnd::Broken { error, counted } if watching.is_some() => {
+                        // A final phase cut short: the sender sends state and FINISH again.
+                        sink.reopen();
                         let block = resume_block_pages(first.layout.total_pages());
                         let digests = sink.resume_digests(block).map(|d| (block, d));
                         if digests.is_some() {
@@ -606,7 +609,7 @@ enum LegEnd {
     Done(ReceiveReport),
     /// A fault that ends the transfer.
     Failed(TransferError),
-    /// With `resumable`: the connections broke before any STATE or FINISH.
+    /// With `resumable`: the connections broke before COMMIT.
     Broken {
         error: TransferError,
         counted: Counted,
@@ -662,7 +665,6 @@ impl Leg<'_> {
                 rounds: self.next,
                 ..Counted::default()
             }),
-            final_phase: AtomicBool::new(false),
             writing: self.conns.iter().map(|_| Mutex::new(())).collect(),
         };
         let next = self.next;
@@ -752,6 +754,17 @@ impl Leg<'_> {
             let committed = await_commit(c, o.bytes, first.checksum).map_err(|e| stalled(c, e));
             let _ = c.shutdown(Shutdown::Both);
             if let Err(e) = committed {
+                if self.resumable && e.is_connection_break() {
+                    // Cut before COMMIT: the sender may come back, its workload running again.
+                    let counted = *lock(&shared.completed);
+                    return Err((
+                        TransferError::NotCommitted {
+                            peer,
+                            source: Box::new(e),
+                        },
+                        Some(counted),
+                    ));
+                }
                 return Err(fatal(TransferError::NotCommitted {
                     peer,
                     source: Box::new(e),
@@ -1111,8 +1124,6 @@ struct Shared<'a, K: ?Sized> {
     resumable: bool,
     /// What every connection completed so far.
     completed: Mutex<Counted>,
-    /// A connection saw STATE or FINISH: too late to resume.
-    final_phase: AtomicBool,
     /// One lock per connection, held while a frame is written to it: a stream's PONG and
     /// another thread's ERROR must not interleave.
     writing: Vec<Mutex<()>>,
@@ -1131,9 +1142,10 @@ impl<K: ?Sized> Shared<'_, K> {
         Ok(())
     }
 
-    /// Whether failure `e` leaves the transfer waiting for a resume.
+    /// Whether failure `e` leaves the transfer waiting for a resume (a break, in the final
+    /// phase too: until COMMIT the sender may resume its workload and come back).
     fn resumes(&self, e: &TransferError) -> bool {
-        self.resumable && e.is_connection_break() && !self.final_phase.load(Ordering::SeqCst)
+        self.resumable && e.is_connection_break()
     }
 
     /// Records the first failure, tells the sender (unless it may resume),
@@ -1463,13 +1475,11 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                     .into());
                 }
                 state_allowed = false;
-                shared.final_phase.store(true, Ordering::SeqCst);
                 let frame: StateFrame = h.decode(p)?;
                 lock(&shared.sink).send_state(frame.blob)?;
                 state_bytes = Some(frame.blob.len() as u64);
             }
             (State::Idle { next }, FrameKind::Finish) => {
-                shared.final_phase.store(true, Ordering::SeqCst);
                 let finish: Finish = h.decode(p)?;
                 if finish.rounds != *next {
                     return Err(ProtocolError::RoundOutOfOrder {
@@ -1597,7 +1607,6 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         changed: &changed,
         resumable: false,
         completed: Mutex::new(Counted::default()),
-        final_phase: AtomicBool::new(false),
         writing: Vec::new(),
     };
     let pool = BufferPool::new(2);

@@ -129,6 +129,12 @@ pub trait Sink {
         None
     }
 
+    /// A receiving sink whose sender comes back after its final phase was cut
+    /// (after the state or the final checksum, before the commit): forgets
+    /// the state blob and the finish, which the sender sends again at its
+    /// next switch-over. The default does nothing.
+    fn reopen(&mut self) {}
+
     /// Whether [`Sink::resume`] may work: a sending sink that can reach its
     /// destination again and has not finished. The default: no.
     fn can_resume(&self) -> bool {
@@ -247,6 +253,9 @@ macro_rules! forward_sink {
             }
             fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
                 (**self).send_state(state)
+            }
+            fn reopen(&mut self) {
+                (**self).reopen()
             }
             fn finish_uncommitted(
                 &mut self,
@@ -745,6 +754,12 @@ impl Sink for MemorySink {
     fn end_round(&mut self, _round: u64) -> Result<u64, TransferError> {
         self.stats.rounds += 1;
         Ok(0)
+    }
+
+    /// Forgets the state blob and the finish of a final phase that was cut.
+    fn reopen(&mut self) {
+        self.state = None;
+        self.stats.finished = None;
     }
 
     /// Keeps the state blob for [`MemorySink::state`]; refuses a second one.

@@ -247,3 +247,45 @@ fn a_sender_made_with_connect_cannot_resume() {
     tx.finish(FinalCheck::Recorded).unwrap();
     rx.join().unwrap().unwrap();
 }
+
+/// The connection breaks in the final phase, after the state arrived and before FINISH: the
+/// sender (its workload running again) comes back, sends another round, a new state and
+/// FINISH; the receiver forgets the first state, takes the second and completes.
+#[test]
+fn a_final_phase_cut_after_the_state_resumes_and_takes_the_new_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (listener, target) = bind(Net::Tcp, &dir, "rx");
+    let rx = std::thread::spawn(move || {
+        let rx = Receiver::accept(&listener, &receiver_config())?;
+        let mut sink = MemorySink::new(rx.layout().clone())?;
+        let report = rx.run_resumable(&listener, &mut sink)?;
+        let state = sink.state().map(<[u8]>::to_vec);
+        Ok::<_, TransferError>((report, sink.memory().expect("owned memory").to_vec(), state))
+    });
+    let mut mem = memory(PAGES, 8);
+    let (mut tx, opened) = dialing_sender(Arc::new(Mutex::new(target)), mem.clone());
+    tx.send_round(&[BASE..BASE + PAGES as u64 * PS]).unwrap();
+    tx.send_state(b"first state").unwrap();
+    // The PONG comes back only after the receiver handled what came before it: the state.
+    tx.probe_finish().unwrap();
+    cut(&opened);
+    let err = tx.finish(FinalCheck::Recorded).unwrap_err();
+    assert!(err.is_connection_break(), "{err:?}");
+    assert!(
+        tx.can_resume(),
+        "not acknowledged: the final phase can be tried again"
+    );
+
+    let mut rng = StdRng::seed_from_u64(9);
+    let dirty = redirty(&mut mem, BASE, 4, &mut rng);
+    tx.source_mut().data_mut().copy_from_slice(&mem);
+    let mut again = tx.resume().unwrap();
+    again.extend(dirty.iter().cloned());
+    tx.send_round(&again).unwrap();
+    tx.send_state(b"second state").unwrap();
+    tx.finish(FinalCheck::Full).unwrap();
+    let (report, dest, state) = rx.join().unwrap().unwrap();
+    assert_eq!(report.resumes, 1);
+    assert_eq!(state.as_deref(), Some(&b"second state"[..]));
+    assert!(dest == mem, "destination differs from the source");
+}

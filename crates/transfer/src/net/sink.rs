@@ -91,8 +91,6 @@ pub struct SocketSink {
     next: usize,
     rounds: u64,
     finished: bool,
-    /// STATE was handed to a writer: too late to resume.
-    state_sent: bool,
     interrupt: Arc<InterruptState>,
     peer: String,
     io_timeout: Option<Duration>,
@@ -148,7 +146,6 @@ impl SocketSink {
             next: 0,
             rounds: 0,
             finished: false,
-            state_sent: false,
             interrupt: Arc::new(InterruptState::default()),
             peer,
             io_timeout: config.io_timeout,
@@ -354,7 +351,6 @@ impl Sink for SocketSink {
     /// Sends the state blob on the first connection, ahead of its FINISH.
     fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
         self.check_unbroken()?;
-        self.state_sent = true;
         let r = self.workers[0].send(Cmd::State(state.to_vec()));
         r.map_err(|e| self.explain(e))
     }
@@ -390,7 +386,6 @@ impl Sink for SocketSink {
         check: FinalCheck,
     ) -> Result<(), TransferError> {
         self.check_unbroken()?;
-        self.state_sent = true;
         let rounds = self.rounds;
         // A full check reads the destination anew before the receiver answers.
         let wait = self.io_timeout.map(|t| match check {
@@ -448,25 +443,27 @@ impl Sink for SocketSink {
     }
 
     fn can_resume(&self) -> bool {
-        self.dial.is_some() && !self.state_sent && !self.interrupt.is_set()
+        self.dial.is_some() && !self.finished && !self.interrupt.is_set()
     }
 
     /// Drops the broken connections, dials `config.streams` new ones with
     /// the [`Dial`] given to [`SocketSink::dial`], presents the same session
     /// with the resume flag (the key proven again on each), and reads the
-    /// receiver's RESUME. Fails after an interrupt, once the state or the
-    /// final checksum was sent, or without a dial; a receiver that refuses
-    /// the resume gives [`TransferError::ResumeRefused`].
+    /// receiver's RESUME. Fails after an interrupt, once the receiver
+    /// acknowledged the final checksum, or without a dial; a receiver that
+    /// refuses the resume gives [`TransferError::ResumeRefused`]. A final
+    /// phase cut before its acknowledgement resumes too: the rounds go on,
+    /// and the state and the final checksum are sent again later.
     fn resume(&mut self) -> Result<ResumePoint, TransferError> {
         if self.interrupt.is_set() {
             return Err(TransferError::Interrupted {
                 peer: self.peer.clone(),
             });
         }
-        if self.state_sent {
+        if self.finished {
             return Err(TransferError::Misuse {
                 operation: "resume",
-                state: "after the state or the final checksum was sent",
+                state: "after the receiver acknowledged the final checksum",
             });
         }
         let Some(dial) = self.dial.as_mut() else {
