@@ -45,14 +45,30 @@ pub fn parse_size(s: &str) -> Result<Size, String> {
 }
 
 /// A whole number as typed; a minus sign gets its own message instead of clap's
-/// "unexpected argument".
+/// "unexpected argument". A flag with a range of its own takes [`count_in`], which states it.
 pub fn parse_count(s: &str) -> Result<u64, String> {
     let t = s.trim();
     if t.starts_with('-') {
-        return Err("cannot be negative: use a whole number, 0 or more".into());
+        return Err("cannot be negative: use a whole number (e.g. 1, 2, 30)".into());
     }
     t.parse()
         .map_err(|_| "not a whole number (e.g. 1, 2, 30)".to_string())
+}
+
+/// A whole number for a flag whose values run from `min` to `max`: a clap value parser whose
+/// refusal of a negative or malformed value states that range. Values outside it are left to
+/// the flag's own check, which says why the limit is there.
+pub fn count_in(min: u64, max: u64) -> impl Fn(&str) -> Result<u64, String> + Clone {
+    move |s| {
+        let t = s.trim();
+        if t.starts_with('-') {
+            return Err(format!(
+                "cannot be negative: use a whole number from {min} to {max}"
+            ));
+        }
+        t.parse()
+            .map_err(|_| format!("not a whole number: use one from {min} to {max}"))
+    }
 }
 
 /// A whole number of at most `max`, as typed: a clap value parser (`--flag N`).
@@ -90,6 +106,24 @@ pub fn parse_pid(s: &str) -> Result<i32, String> {
         ));
     }
     Ok(n as i32)
+}
+
+/// Refuses `--pid` naming this `precopy` process itself (or one of its threads): a process
+/// cannot attach to itself, and its memory is not what the user means to copy.
+pub fn check_not_self(pid: i32) -> anyhow::Result<()> {
+    let me = std::process::id() as i32;
+    let tgid = procfs::process::Process::new(pid)
+        .and_then(|p| p.status())
+        .map_or(pid, |s| s.tgid);
+    if pid == me || tgid == me {
+        return Err(invalid(
+            "--pid",
+            pid,
+            "is this precopy process itself, which cannot attach to itself",
+            "give the ID of the program to copy, e.g. --pid $(pidof NAME)",
+        ));
+    }
+    Ok(())
 }
 
 /// Longest `--max-downtime`, one hour in milliseconds.
@@ -490,6 +524,19 @@ mod tests {
         assert!(b("fast").is_err());
         assert!(parse_size("-1G").unwrap_err().contains("negative"));
         assert_eq!(parse_size(" 64MB").unwrap().typed, "64MB");
+    }
+
+    #[test]
+    fn counts_state_their_real_range() {
+        let e = count_in(1, 3_600_000)("-1").unwrap_err();
+        assert!(
+            e.contains("negative") && e.contains("from 1 to 3600000"),
+            "{e}"
+        );
+        assert!(!e.contains("0 or more"), "{e}");
+        assert!(count_in(1, 10)("x").unwrap_err().contains("from 1 to 10"));
+        assert_eq!(count_in(1, 10)("0"), Ok(0), "left to the flag's own check");
+        assert!(!parse_count("-1").unwrap_err().contains("0 or more"));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 
 use crate::output;
 use crate::output::outln;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use precopy_migrate::{DirtyLog, TargetLog};
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_tracker::Uffd;
@@ -22,12 +22,15 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+/// Most `--runs`.
+const MAX_RUNS: u64 = 10_000;
+
 /// `precopy attach-bench`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Attaches measured per target.
-    #[arg(long, default_value_t = 20)]
-    runs: u32,
+    /// Attaches measured per target, 1 to 10000.
+    #[arg(long, default_value = "20", value_parser = crate::args::count_in(1, MAX_RUNS), allow_hyphen_values = true)]
+    runs: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -210,11 +213,17 @@ fn rate_accuracy() -> Result<serde_json::Value> {
 
 /// `precopy attach-bench`.
 pub fn run(args: Args) -> Result<ExitCode> {
-    if args.runs == 0 {
-        bail!("--runs must be at least 1");
+    if args.runs == 0 || args.runs > MAX_RUNS {
+        return Err(crate::args::invalid(
+            "--runs",
+            args.runs,
+            format!("must be 1 to {MAX_RUNS} attaches per target"),
+            "use e.g. --runs 20",
+        ));
     }
-    let busy = attach_times(4, 0, args.runs)?;
-    let quiet = attach_times(4, 1000, args.runs)?;
+    let runs = args.runs as u32;
+    let busy = attach_times(4, 0, runs)?;
+    let quiet = attach_times(4, 1000, runs)?;
     let slow = slowdown()?;
     let rate = rate_accuracy()?;
     let report = json!({

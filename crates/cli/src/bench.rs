@@ -18,7 +18,9 @@
 
 mod kvm;
 
-use crate::args::{Size, check_fits_memory, count_at_most, cpus, invalid, parse_count, parse_size};
+use crate::args::{
+    Size, check_fits_memory, count_at_most, count_in, cpus, invalid, parse_count, parse_size,
+};
 use crate::interrupt::Interrupts;
 use crate::output;
 use crate::output::out;
@@ -90,7 +92,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     thp: Vec<ThpSetting>,
     /// Measured rounds per configuration and backend, 1 to 1000 (default 7; 15 with --full).
-    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
+    #[arg(long, value_parser = count_in(1, 1000), allow_hyphen_values = true)]
     rounds: Option<u64>,
     /// Unmeasured rounds first, 0 to 100 (accuracy is still checked in them).
     #[arg(long, default_value = "1", value_parser = count_at_most(100), allow_hyphen_values = true)]
@@ -1347,7 +1349,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         "configurations_done": 0,
     }));
     let host = host();
-    eprintln!(
+    crate::output::errln!(
         "precopy bench: kernel {}, {} CPUs, THP mode {}; {} sweep: {} configurations x {} rounds",
         host.kernel,
         host.cpus,
@@ -1382,14 +1384,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Ok(()) if is_selected => {
                 match kernel_writes {
                     Some(k @ precopy_backends::KernelWrites::NeedsPrepare) => {
-                        eprintln!("  {kind:<11} available; {}", k.describe());
+                        crate::output::errln!("  {kind:<11} available; {}", k.describe());
                     }
-                    _ => eprintln!("  {kind:<11} available"),
+                    _ => crate::output::errln!("  {kind:<11} available"),
                 }
                 runnable.push(kind);
             }
-            Ok(()) => eprintln!("  {kind:<11} available (not selected)"),
-            Err(u) => eprintln!("  {kind:<11} UNAVAILABLE: {}", u.reason),
+            Ok(()) => crate::output::errln!("  {kind:<11} available (not selected)"),
+            Err(u) => crate::output::errln!("  {kind:<11} UNAVAILABLE: {}", u.reason),
         }
         statuses.push(BackendStatus {
             name: kind.name(),
@@ -1431,7 +1433,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             r["configurations_done"] = i.into();
             r["results"] = serde_json::to_value(&results).unwrap_or_default();
         });
-        eprintln!("[{}/{}] {}", i + 1, sw.configs.len(), cfg.label());
+        crate::output::errln!("[{}/{}] {}", i + 1, sw.configs.len(), cfg.label());
         let base = measure(cfg, None, sw.rounds, args.warmup as usize, args.seed)?;
         let mut row = vec![base];
         for &kind in &runnable {
@@ -1449,8 +1451,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         for m in &row {
             match &m.skipped {
-                Some(why) => eprintln!("    {:<11} skipped: {why}", m.backend),
-                None => eprintln!(
+                Some(why) => crate::output::errln!("    {:<11} skipped: {why}", m.backend),
+                None => crate::output::errln!(
                     "    {:<11} collect {:>10}  first write {:>7.0} ns  steady {:>5.1} ns  missed {}  extra {}",
                     m.backend,
                     if m.backend == "untracked" {
@@ -1487,7 +1489,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .iter()
         .any(|m| m.skipped.is_none() && m.missed_pages > 0);
     if args.json {
-        eprint!("{md}");
+        crate::output::err_write(format_args!("{md}"), false);
         if !missed {
             output::print_json(serde_json::to_value(&report)?, None);
         }
@@ -1502,13 +1504,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
         match write_files(&report, &md, &out) {
             Ok(files) => {
                 for f in files {
-                    eprintln!("wrote {}", f.display());
+                    crate::output::errln!("wrote {}", f.display());
                 }
             }
-            Err(e) => eprintln!("precopy bench: warning: could not write results files: {e:#}"),
+            Err(e) => crate::output::errln!(
+                "precopy bench: warning: could not write results files: {e:#}"
+            ),
         }
     }
-    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    crate::output::errln!("done in {:.1} s", started.elapsed().as_secs_f64());
     if missed {
         let e = anyhow::anyhow!("a backend MISSED written pages (see the table)");
         return Err(output::fail(args.json, serde_json::to_value(&report)?, e));
@@ -1578,7 +1582,7 @@ mod tests {
         );
         for kind in BackendKind::ALL {
             if let Err(u) = precopy_backends::check(kind) {
-                eprintln!("SKIP {kind}: {}", u.reason);
+                crate::output::errln!("SKIP {kind}: {}", u.reason);
                 continue;
             }
             let m = measure(&cfg, Some(kind), 2, 1, 1).unwrap();

@@ -17,8 +17,8 @@ pub use source::{MemoryBacking, SourceArgs, run as run_source};
 pub use vm::{VmDestArgs, run_dest as run_vm_dest};
 
 use crate::args::{
-    Size, available_memory, check_image_path, check_max_downtime, check_max_rounds, cpus, human,
-    invalid, parse_count, parse_size,
+    MAX_DOWNTIME_MS, MAX_ROUNDS, Size, available_memory, check_image_path, check_max_downtime,
+    check_max_rounds, count_in, cpus, human, invalid, parse_count, parse_size,
 };
 use crate::interrupt::Interrupts;
 use crate::output;
@@ -237,8 +237,8 @@ pub struct Args {
     /// Writer threads in the source: 1 to 4 per CPU.
     #[arg(long, default_value = "2", value_parser = parse_count, allow_hyphen_values = true)]
     threads: u64,
-    /// Switch over when the rest would take at most this many milliseconds (at least 1).
-    #[arg(long, default_value = "50", value_parser = parse_count, allow_hyphen_values = true)]
+    /// Switch over when the rest would take at most this many milliseconds (1 to 3600000).
+    #[arg(long, default_value = "50", value_parser = count_in(1, MAX_DOWNTIME_MS), allow_hyphen_values = true)]
     max_downtime: u64,
     /// Cap on bytes per second sent, at least 64K (default: unlimited).
     #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
@@ -267,8 +267,8 @@ pub struct Args {
     /// (uffd-async) where it works, else soft-dirty.
     #[arg(long, value_enum, default_value_t = LogKind::Auto)]
     backend: LogKind,
-    /// Most rounds sent while the source runs, round 0 (all memory) included: at least 1.
-    #[arg(long, default_value = "30", value_parser = parse_count, allow_hyphen_values = true)]
+    /// Most rounds sent while the source runs, round 0 (all memory) included: 1 to 1000000.
+    #[arg(long, default_value = "30", value_parser = count_in(1, MAX_ROUNDS), allow_hyphen_values = true)]
     max_rounds: u64,
     /// What to do when the round limit is reached.
     #[arg(long, value_enum, default_value_t = Policy::SwitchOver)]
@@ -1426,7 +1426,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     print_text(&args, &plan, &report, verification.as_ref(), state.as_ref())?;
     if backend_used != BackendKind::UffdAsync {
-        println!(
+        crate::output::outln!(
             "dirty log: {} ({}): the source was paused around each collection",
             backend_used.name(),
             backend_used.mechanism()

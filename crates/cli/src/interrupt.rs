@@ -12,7 +12,8 @@
 //!    which may be stopped) and removes the files it registered (a Unix socket);
 //! 4. reports the interruption as an error: one line on stderr and, with `--json`, the one
 //!    JSON object with `"ok": false`, the error, `"interrupted"` (the signal's name) and the
-//!    report as far as it got ([`TargetState::update_report`], [`TargetState::set_partial`]);
+//!    report as far as it got ([`TargetState::update_report`], [`TargetState::set_partial`];
+//!    without `--json`, the text report so far on stdout, [`TargetState::set_partial_text`]);
 //! 5. exits with 128 + the signal number. The userfaultfd closes with the process, which ends
 //!    the tracking in the kernel; the target holds no fd of ours.
 //!
@@ -42,6 +43,7 @@ pub fn unblock_inherited() {
 }
 
 type Partial = Box<dyn Fn() -> Value + Send>;
+type PartialText = Box<dyn Fn() -> String + Send>;
 
 /// Shared between the command and its signal thread.
 #[derive(Default)]
@@ -58,6 +60,8 @@ pub struct TargetState {
     report: Mutex<Value>,
     /// More of the report, computed when a signal comes.
     partial: Mutex<Option<Partial>>,
+    /// Without `--json`: the text report so far, printed to stdout when a signal comes.
+    partial_text: Mutex<Option<PartialText>>,
     /// Child processes to kill.
     children: Mutex<Vec<i32>>,
     /// Files to remove.
@@ -102,6 +106,11 @@ impl TargetState {
     /// Fields computed when a signal comes, added to the report (e.g. the progress so far).
     pub fn set_partial(&self, f: impl Fn() -> Value + Send + 'static) {
         *lock(&self.partial) = Some(Box::new(f));
+    }
+    /// Without `--json`, the text report so far, printed to stdout when a signal comes
+    /// (before the error line).
+    pub fn set_partial_text(&self, f: impl Fn() -> String + Send + 'static) {
+        *lock(&self.partial_text) = Some(Box::new(f));
     }
     /// A child process to kill on a signal.
     pub fn add_child(&self, pid: i32) {
@@ -154,6 +163,12 @@ impl Interrupts {
                     let _ = std::fs::remove_file(f);
                 }
                 let e = anyhow::anyhow!("{what}");
+                if !json {
+                    if let Some(text) = lock(&s.partial_text).as_ref().map(|f| f()) {
+                        // Stdout gone: the exit status still says what happened.
+                        let _ = output::try_write(format_args!("{text}"), false);
+                    }
+                }
                 output::print_error(&e);
                 if json {
                     let mut report = lock(&s.report).clone();

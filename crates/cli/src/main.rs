@@ -3,6 +3,9 @@
 
 // Unsafe code lives in precopy-sys only (ARCHITECTURE.md, "Code map").
 #![forbid(unsafe_code)]
+// `println!`/`eprintln!` panic on a closed stream: reports go through `output::outln!`,
+// messages through `output::errln!`.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -109,11 +112,24 @@ fn add_conflict_fix(e: &mut clap::Error) {
     );
 }
 
+/// clap's rendered usage error as the JSON `error.message`: without the `error: ` prefix and
+/// the closing "For more information, try '--help'." (advice for a terminal, not a program).
+fn json_usage_message(rendered: &str) -> &str {
+    let msg = rendered.trim_start_matches("error: ");
+    match msg.rfind("For more information") {
+        Some(at) => msg[..at].trim_end(),
+        None => msg,
+    }
+}
+
 fn main() -> ExitCode {
     // A parent that blocked SIGINT/SIGTERM/SIGHUP (`demo` does, see `interrupt`) passed the
     // block on: undo it, so Ctrl-C and SIGTERM work here as anywhere.
     interrupt::unblock_inherited();
+    // Colour only for a terminal: a log file or a pipe gets plain text.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PRECOPY_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
@@ -131,10 +147,12 @@ fn main() -> ExitCode {
             add_conflict_fix(&mut e);
             let detail = e.render().to_string();
             let detail = detail.trim_end();
-            eprintln!("precopy: {detail}");
+            crate::output::errln!("precopy: {detail}");
             if json {
-                let msg = detail.trim_start_matches("error: ");
-                output::print_json(serde_json::Value::Null, Some(&anyhow::anyhow!("{msg}")));
+                output::print_json(
+                    serde_json::Value::Null,
+                    Some(&anyhow::anyhow!("{}", json_usage_message(detail))),
+                );
             }
             return ExitCode::from(2);
         }

@@ -7,7 +7,11 @@
 //!   subcommand's own report.
 //! - Reports go to stdout through [`outln!`](crate::output::outln): a reader that stops early
 //!   (`precopy image info IMG | head -1`) ends this process quietly with status 0 instead of a
-//!   panic; any other write failure is an error like the rest.
+//!   panic; any other write failure is an error like the rest. A failure's JSON object that
+//!   finds stdout gone is dropped, and the command keeps its failure's exit status.
+//! - Messages go to stderr through [`errln!`](crate::output::errln), never `eprintln!`: a
+//!   closed stderr (`2>&-`, a reader that went away) loses the message, never panics (the lints
+//!   `print_stdout` and `print_stderr` keep it that way).
 
 use std::io::Write;
 
@@ -23,7 +27,7 @@ pub fn error_value(e: &anyhow::Error) -> Value {
 
 /// Prints `e` to stderr once, as a chain.
 pub fn print_error(e: &anyhow::Error) {
-    eprintln!("precopy: error: {e:#}");
+    err_write(format_args!("precopy: error: {e:#}"), true);
 }
 
 /// Prints one JSON object on stdout: `report`'s fields (an object, or nothing) with `"ok"`
@@ -40,7 +44,14 @@ pub fn print_json(report: Value, error: Option<&anyhow::Error>) {
     };
     obj.insert("ok".into(), Value::Bool(error.is_none()));
     obj.insert("error".into(), error.map_or(Value::Null, error_value));
-    line(format_args!("{}", Value::Object(obj)));
+    let text = Value::Object(obj);
+    if error.is_some() {
+        // A failure's object: a reader that went away must not turn the failure's exit
+        // status into 0, so a failed write is ignored and the caller exits as it would.
+        let _ = try_write(format_args!("{text}"), true);
+    } else {
+        line(format_args!("{text}"));
+    }
 }
 
 /// Writes `args` and a newline to stdout (see [`outln!`]).
@@ -50,15 +61,30 @@ pub fn line(args: std::fmt::Arguments<'_>) {
 
 /// Writes `args` to stdout, then a newline if `newline` (see [`outln!`] and [`out!`]).
 pub fn write(args: std::fmt::Arguments<'_>, newline: bool) {
-    let mut out = std::io::stdout().lock();
-    let nl: &[u8] = if newline { b"\n" } else { b"" };
-    if let Err(e) = out
-        .write_fmt(args)
-        .and_then(|()| out.write_all(nl))
-        .and_then(|()| out.flush())
-    {
+    if let Err(e) = try_write(args, newline) {
         stdout_failed(&e);
     }
+}
+
+/// Writes `args` (and a newline if `newline`) to stdout and flushes it.
+pub fn try_write(args: std::fmt::Arguments<'_>, newline: bool) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let nl: &[u8] = if newline { b"\n" } else { b"" };
+    out.write_fmt(args)
+        .and_then(|()| out.write_all(nl))
+        .and_then(|()| out.flush())
+}
+
+/// Writes `args` (and a newline if `newline`) to stderr, ignoring failure: a closed stderr
+/// (`2>&-`) or one whose reader went away loses the message, never the command (see
+/// [`errln!`]).
+pub fn err_write(args: std::fmt::Arguments<'_>, newline: bool) {
+    let mut err = std::io::stderr().lock();
+    let nl: &[u8] = if newline { b"\n" } else { b"" };
+    let _ = err
+        .write_fmt(args)
+        .and_then(|()| err.write_all(nl))
+        .and_then(|()| err.flush());
 }
 
 /// What a failed write to stdout does: a reader that went away (`EPIPE`) ends the process
@@ -67,7 +93,7 @@ pub fn stdout_failed(e: &std::io::Error) -> ! {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         std::process::exit(0);
     }
-    eprintln!("precopy: error: writing to stdout: {e}");
+    err_write(format_args!("precopy: error: writing to stdout: {e}"), true);
     std::process::exit(1);
 }
 
@@ -84,6 +110,12 @@ macro_rules! outln {
     ($($t:tt)*) => { $crate::output::line(format_args!($($t)*)) };
 }
 pub(crate) use outln;
+
+/// `eprintln!` that never panics: a failed write to stderr is ignored (see [`err_write`]).
+macro_rules! errln {
+    ($($t:tt)*) => { $crate::output::err_write(format_args!($($t)*), true) };
+}
+pub(crate) use errln;
 
 /// `print!` for reports, like [`outln!`].
 macro_rules! out {

@@ -11,18 +11,26 @@
 //!
 //! Memory the target maps during the run is tracked from the round that finds it on; its
 //! pages are counted as written only when a later round reports them.
+//!
+//! A stopped target (state `T`: `SIGSTOP`, job control, a debugger) writes nothing: each
+//! interval records whether it was stopped when the interval ended, and the report says so
+//! (`target_stopped_intervals`, a line in the text) instead of letting 0 pages/s pass for an
+//! idle program. Ctrl-C or `SIGTERM` end the run early with the report of the intervals
+//! measured so far (and `"interrupted"`), exit status 128 + the signal.
 
-use crate::args::{invalid, parse_count, parse_pid};
+use crate::args::{check_not_self, count_in, invalid, parse_pid};
 use crate::interrupt::Interrupts;
 use crate::output;
-use crate::output::outln;
+use crate::output::out;
 use anyhow::{Context, Result};
 use precopy_migrate::{DirtyLog, TargetLog};
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_tracker::Uffd;
 use serde::Serialize;
 use serde_json::{Value, json};
+use std::collections::HashSet;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// `precopy rate`.
@@ -32,10 +40,10 @@ pub struct RateArgs {
     #[arg(long, value_parser = parse_pid, allow_hyphen_values = true)]
     pid: i32,
     /// Milliseconds between rounds (the shortest interval reported), 1 to 3600000.
-    #[arg(long, default_value = "100", value_name = "MS", value_parser = parse_count, allow_hyphen_values = true)]
+    #[arg(long, default_value = "100", value_name = "MS", value_parser = count_in(1, MAX_INTERVAL_MS), allow_hyphen_values = true)]
     interval: u64,
     /// Rounds to run, 1 to 100000.
-    #[arg(long, default_value = "10", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
+    #[arg(long, default_value = "10", value_name = "N", value_parser = count_in(1, MAX_COUNT), allow_hyphen_values = true)]
     count: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -55,6 +63,9 @@ struct Interval {
     pages_per_sec: f64,
     /// Bytes per second.
     bytes_per_sec: f64,
+    /// Whether every thread of the target was stopped (state `T`: SIGSTOP, job control, a
+    /// debugger) when the interval ended: a stopped target writes nothing.
+    target_stopped: bool,
 }
 
 /// The rate over windows of `intervals` consecutive intervals.
@@ -92,12 +103,129 @@ fn union_len(sets: &[Vec<u64>]) -> u64 {
     all.len() as u64
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a run measured so far: the whole report is computed from it, at the end or when a
+/// signal interrupts the run.
+#[derive(Debug, Default)]
+struct Measured {
+    page: u64,
+    interval_ms: u64,
+    tracked_bytes: u64,
+    added_bytes: u64,
+    intervals: Vec<Interval>,
+    /// Each interval's written pages, sorted.
+    sets: Vec<Vec<u64>>,
+    /// Every page written at least once so far.
+    working_set: HashSet<u64>,
+}
+
+impl Measured {
+    /// The rate over windows of 1, 2, 5, ... consecutive intervals.
+    fn windows(&self) -> Vec<Window> {
+        let measured = self.intervals.len() as u64;
+        let mut windows = Vec::new();
+        for k in [1u64, 2, 5, 10, 20, 50, 100, 200, 500, 1000] {
+            if k > measured {
+                break;
+            }
+            let mut rates = Vec::new();
+            for w in 0..measured / k {
+                let (a, b) = ((w * k) as usize, ((w + 1) * k) as usize);
+                let secs: f64 = self.intervals[a..b]
+                    .iter()
+                    .map(|i| i.duration_ms)
+                    .sum::<f64>()
+                    / 1e3;
+                rates.push(union_len(&self.sets[a..b]) as f64 / secs);
+            }
+            let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+            windows.push(Window {
+                intervals: k,
+                window_ms: k * self.interval_ms,
+                windows: rates.len() as u64,
+                mean_pages_per_sec: mean,
+                max_pages_per_sec: rates.iter().copied().fold(0.0, f64::max),
+                mean_bytes_per_sec: mean * self.page as f64,
+            });
+        }
+        windows
+    }
+
+    fn stopped_intervals(&self) -> u64 {
+        self.intervals.iter().filter(|i| i.target_stopped).count() as u64
+    }
+
+    /// The report's measured fields (merged into the report object).
+    fn summary(&self) -> serde_json::Result<Value> {
+        let working_set = self.working_set.len() as u64;
+        let stopped = self.stopped_intervals();
+        Ok(json!({
+            "page_size": self.page,
+            "tracked_bytes": self.tracked_bytes,
+            "new_mapping_bytes": self.added_bytes,
+            "intervals": serde_json::to_value(&self.intervals)?,
+            "windows": serde_json::to_value(self.windows())?,
+            "working_set_pages": working_set,
+            "working_set_bytes": working_set * self.page,
+            "sum_of_interval_pages": self.intervals.iter().map(|i| i.pages).sum::<u64>(),
+            "intervals_measured": self.intervals.len(),
+            "target_stopped_intervals": stopped,
+            "target_stopped": self.intervals.last().is_some_and(|i| i.target_stopped),
+        }))
+    }
+
+    /// The text report.
+    fn text(&self, pid: i32, attach_us: f64) -> String {
+        use std::fmt::Write;
+        let mib = |b: f64| b / (1024.0 * 1024.0);
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "precopy rate: process {pid}, {:.1} MiB tracked, {} intervals of {} ms (attach stopped one thread {attach_us:.0} µs)",
+            mib(self.tracked_bytes as f64),
+            self.intervals.len(),
+            self.interval_ms,
+        );
+        let stopped = self.stopped_intervals();
+        if stopped > 0 {
+            let n = self.intervals.len();
+            let _ = writeln!(
+                t,
+                "  TARGET STOPPED (state T: SIGSTOP, job control or a debugger) at the end of {stopped} of {n} intervals: a stopped process writes nothing, so its rate there is 0 (`kill -CONT {pid}` resumes it)"
+            );
+        }
+        let _ = writeln!(t, "  window      mean pages/s    max pages/s    mean MiB/s");
+        for w in self.windows() {
+            let _ = writeln!(
+                t,
+                "  {:>6} ms  {:>14.0} {:>14.0} {:>13.1}",
+                w.window_ms,
+                w.mean_pages_per_sec,
+                w.max_pages_per_sec,
+                mib(w.mean_bytes_per_sec)
+            );
+        }
+        let ws = self.working_set.len() as u64;
+        let _ = writeln!(
+            t,
+            "  working set: {ws} pages ({:.1} MiB) over {:.1} s",
+            mib((ws * self.page) as f64),
+            self.intervals.last().map_or(0.0, |i| i.end_ms / 1e3)
+        );
+        t
+    }
+}
+
 /// Longest `--interval`, one hour in milliseconds.
 const MAX_INTERVAL_MS: u64 = 3_600_000;
 /// Most `--count` (the page sets of every interval are kept for the windows).
 const MAX_COUNT: u64 = 100_000;
 
 fn check_rate(args: &RateArgs) -> Result<()> {
+    check_not_self(args.pid)?;
     if args.interval == 0 || args.interval > MAX_INTERVAL_MS {
         return Err(invalid(
             "--interval",
@@ -144,12 +272,33 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!(e))
         .context("arming the target's memory")
         .map_err(|e| fail(&report, e))?;
+    let tracked_bytes = log.tracker().tracked_bytes();
+    let measured = Arc::new(Mutex::new(Measured {
+        page,
+        interval_ms: args.interval,
+        tracked_bytes,
+        ..Measured::default()
+    }));
+    // Ctrl-C or SIGTERM: the intervals measured so far are still the report (the signal
+    // thread computes it, see `interrupt`).
+    {
+        let m = measured.clone();
+        interrupts
+            .state()
+            .set_partial(move || lock(&m).summary().unwrap_or_default());
+        let m = measured.clone();
+        let pid = args.pid;
+        let attach_us = times.stopped.as_secs_f64() * 1e6;
+        interrupts
+            .state()
+            .set_partial_text(move || lock(&m).text(pid, attach_us));
+    }
+    let stopped_at_start = precopy_migrate::all_stopped(args.pid);
+    report["target_stopped_at_start"] = json!(stopped_at_start);
+    interrupts.state().set_report(&report);
     let armed = Instant::now();
     let mut last = armed;
-    let mut sets: Vec<Vec<u64>> = Vec::new();
-    let mut intervals = Vec::new();
     let mut dirty = Vec::new();
-    let mut added_bytes = 0u64;
     // Why the run ended before --count rounds (the target exited): what was measured until
     // then is still reported.
     let mut ended = None;
@@ -161,21 +310,24 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
         dirty.clear();
         if let Err(e) = log.round(&mut dirty) {
             let e = anyhow::anyhow!(e);
-            if intervals.is_empty() || !crate::send::process_gone(args.pid) {
+            let so_far = lock(&measured).intervals.len();
+            if so_far == 0 || !crate::send::process_gone(args.pid) {
                 return Err(fail(&report, e.context(format!("round {i}"))));
             }
             ended = Some(e.context(format!(
                 "process {} exited after {} of {} intervals: the figures cover those",
-                args.pid,
-                intervals.len(),
-                args.count
+                args.pid, so_far, args.count
             )));
             break;
         }
         let now = Instant::now();
+        // Sampled at the end of each interval: a stopped target writes nothing, and its
+        // 0 pages/s must not read as an idle program.
+        let stopped =
+            precopy_migrate::all_stopped(args.pid) && !crate::send::process_gone(args.pid);
         // Whole new mappings are in `dirty` too: not writes.
         let added = &log.last_changes().added;
-        added_bytes += added.iter().map(|r| r.end - r.start).sum::<u64>();
+        let added_bytes = added.iter().map(|r| r.end - r.start).sum::<u64>();
         let mut written = pages_of(&dirty, page);
         if !added.is_empty() {
             let new = pages_of(added, page);
@@ -183,80 +335,35 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
         }
         let secs = now.duration_since(last).as_secs_f64();
         let n = written.len() as u64;
-        intervals.push(Interval {
+        let mut m = lock(&measured);
+        m.added_bytes += added_bytes;
+        m.intervals.push(Interval {
             end_ms: now.duration_since(armed).as_secs_f64() * 1e3,
             duration_ms: secs * 1e3,
             pages: n,
             pages_per_sec: n as f64 / secs,
             bytes_per_sec: (n * page) as f64 / secs,
+            target_stopped: stopped,
         });
-        sets.push(written);
+        m.working_set.extend(written.iter().copied());
+        m.sets.push(written);
+        drop(m);
         last = now;
     }
-    let measured = intervals.len() as u64;
-    let mut windows = Vec::new();
-    for k in [1u64, 2, 5, 10, 20, 50, 100, 200, 500, 1000] {
-        if k > measured {
-            break;
-        }
-        let mut rates = Vec::new();
-        for w in 0..measured / k {
-            let (a, b) = ((w * k) as usize, ((w + 1) * k) as usize);
-            let secs: f64 = intervals[a..b].iter().map(|i| i.duration_ms).sum::<f64>() / 1e3;
-            rates.push(union_len(&sets[a..b]) as f64 / secs);
-        }
-        let mean = rates.iter().sum::<f64>() / rates.len() as f64;
-        windows.push(Window {
-            intervals: k,
-            window_ms: k * args.interval,
-            windows: rates.len() as u64,
-            mean_pages_per_sec: mean,
-            max_pages_per_sec: rates.iter().copied().fold(0.0, f64::max),
-            mean_bytes_per_sec: mean * page as f64,
-        });
+    let m = lock(&measured);
+    let summary = m.summary()?;
+    if let (Some(r), Value::Object(fields)) = (report.as_object_mut(), summary) {
+        r.extend(fields);
     }
-    let working_set = union_len(&sets);
-    let total_pages: u64 = intervals.iter().map(|i| i.pages).sum();
-    report["page_size"] = json!(page);
-    report["tracked_bytes"] = json!(log.tracker().tracked_bytes());
-    report["new_mapping_bytes"] = json!(added_bytes);
-    report["intervals"] = serde_json::to_value(&intervals)?;
-    report["windows"] = serde_json::to_value(&windows)?;
-    report["working_set_pages"] = json!(working_set);
-    report["working_set_bytes"] = json!(working_set * page);
-    report["sum_of_interval_pages"] = json!(total_pages);
-    report["intervals_measured"] = json!(measured);
     if args.json {
+        drop(m);
         if let Some(e) = ended {
             return Err(fail(&report, e));
         }
         output::print_json(report, None);
     } else {
-        let mib = |b: f64| b / (1024.0 * 1024.0);
-        outln!(
-            "precopy rate: process {}, {:.1} MiB tracked, {} intervals of {} ms (attach stopped one thread {:.0} µs)",
-            args.pid,
-            mib(log.tracker().tracked_bytes() as f64),
-            measured,
-            args.interval,
-            times.stopped.as_secs_f64() * 1e6
-        );
-        outln!("  window      mean pages/s    max pages/s    mean MiB/s");
-        for w in &windows {
-            outln!(
-                "  {:>6} ms  {:>14.0} {:>14.0} {:>13.1}",
-                w.window_ms,
-                w.mean_pages_per_sec,
-                w.max_pages_per_sec,
-                mib(w.mean_bytes_per_sec)
-            );
-        }
-        outln!(
-            "  working set: {} pages ({:.1} MiB) over {:.1} s",
-            working_set,
-            mib((working_set * page) as f64),
-            last.duration_since(armed).as_secs_f64()
-        );
+        out!("{}", m.text(args.pid, times.stopped.as_secs_f64() * 1e6));
+        drop(m);
         if let Some(e) = ended {
             return Err(fail(&report, e));
         }

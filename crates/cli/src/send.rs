@@ -10,13 +10,13 @@
 //! Ctrl-C or `SIGTERM` (see `interrupt`), the target is left running.
 
 use crate::args::{
-    Dest, check_image_path, check_max_downtime, check_max_rounds, invalid, parse_count, parse_dest,
-    parse_pid, read_key,
+    Dest, MAX_DOWNTIME_MS, MAX_ROUNDS, check_image_path, check_max_downtime, check_max_rounds,
+    check_not_self, count_in, invalid, parse_dest, parse_pid, read_key,
 };
 use crate::interrupt::{Interrupts, TargetState};
 use crate::output;
 use crate::output::outln;
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use precopy_migrate::{
     AfterMigration, LimitPolicy, Migration, MigrationConfig, MigrationReport, PauseMethod,
@@ -71,11 +71,11 @@ pub struct SendArgs {
     to: String,
     /// Switch over once the rest would take at most this long, in milliseconds (1 to
     /// 3600000).
-    #[arg(long, default_value = "300", value_name = "MS", value_parser = parse_count, allow_hyphen_values = true)]
+    #[arg(long, default_value = "300", value_name = "MS", value_parser = count_in(1, MAX_DOWNTIME_MS), allow_hyphen_values = true)]
     max_downtime: u64,
     /// Most rounds with the target running, round 0 included (1 to 1000000); then the final
     /// round runs whatever it costs.
-    #[arg(long, default_value = "30", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
+    #[arg(long, default_value = "30", value_name = "N", value_parser = count_in(1, MAX_ROUNDS), allow_hyphen_values = true)]
     max_rounds: u64,
     /// How to slow a target that writes faster than the transfer sends: `duty` stops it with
     /// SIGSTOP for a growing share of every 100 ms and continues it with SIGCONT (a program
@@ -108,7 +108,9 @@ pub struct SendArgs {
 /// `precopy recv`.
 #[derive(Debug, clap::Args)]
 pub struct RecvArgs {
-    /// tcp:HOST:PORT or unix:PATH.
+    /// tcp:HOST:PORT or unix:PATH. A socket file at PATH that no socket is bound to (left by
+    /// a receiver that was killed) is removed first; a path in use, or a file that is not a
+    /// socket, is refused.
     #[arg(long, value_name = "URL")]
     listen: String,
     /// file:PATH: the checkpoint image to write.
@@ -125,20 +127,45 @@ pub struct RecvArgs {
 /// [`Workload`] for the target: SIGSTOP/SIGCONT pause, duty-cycle throttle (nothing to clean
 /// up if this process dies), and a note for the signal thread of whether the target may be
 /// stopped by us.
+///
+/// A target found stopped when the final round is to pause it, with no throttle of ours
+/// running, was stopped by someone else during the send (a `kill -STOP`, a shell's job
+/// control, a debugger): it is treated as stopped on entry from then on, so the send never
+/// continues it (`stopped_during_send`). With the throttle's duty cycle running, its stops
+/// cannot be told from someone else's, and the target is continued as usual.
 struct TargetWorkload {
-    control: ProcessControl,
+    control: Option<ProcessControl>,
+    pid: i32,
     state: Arc<TargetState>,
     throttled: bool,
+    stopped_during_send: Arc<std::sync::atomic::AtomicBool>,
+    /// The state blob: what the image holds ([`process_image_state`]).
+    described: Vec<u8>,
+}
+
+impl TargetWorkload {
+    fn control(&mut self) -> &mut ProcessControl {
+        self.control
+            .as_mut()
+            .expect("the process control is only taken to be put back")
+    }
 }
 
 impl Workload for TargetWorkload {
     type Error = ProcessError;
     fn pause(&mut self) -> Result<(), ProcessError> {
+        let ours = self.control.as_ref().is_some_and(|c| c.stopped_on_entry());
+        if !self.throttled && !ours && precopy_migrate::all_stopped(self.pid) {
+            self.stopped_during_send
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.state.set_was_stopped();
+            self.control = self.control.take().map(|c| c.stopped_on_entry_if(true));
+        }
         self.state.set_stopped_by_us(true);
-        self.control.pause()
+        self.control().pause()
     }
     fn resume(&mut self) -> Result<(), ProcessError> {
-        let r = self.control.resume();
+        let r = self.control().resume();
         self.state.set_stopped_by_us(self.throttled);
         r
     }
@@ -147,10 +174,88 @@ impl Workload for TargetWorkload {
         if self.throttled {
             self.state.set_stopped_by_us(true);
         }
-        self.control.set_throttle(fraction)
+        self.control().set_throttle(fraction)
     }
     fn throttle_method(&self) -> &'static str {
-        self.control.throttle_method()
+        self.control
+            .as_ref()
+            .map_or("none", |c| c.throttle_method())
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, ProcessError> {
+        Ok(self.described.clone())
+    }
+}
+
+/// The key of [`process_image_state`]'s object that `precopy image info` looks for.
+pub const IMAGE_OF: &str = "precopy_image_of";
+
+/// The state blob `send` gives its image: a small JSON object saying what the image holds
+/// (`{"precopy_image_of": "process", "pid", "comm", "exe", "addresses"}`), so that
+/// `precopy image info` labels the regions' addresses as the process's virtual addresses,
+/// not guest-physical ones. A process's registers and files are not copied: the blob is a
+/// description, not a state to resume from.
+fn process_image_state(pid: i32) -> Vec<u8> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end().to_string())
+        .ok();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.display().to_string());
+    json!({
+        IMAGE_OF: "process",
+        "pid": pid,
+        "comm": comm,
+        "exe": exe,
+        "addresses": "process virtual addresses",
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// What `/proc` says of process `pid` now: `"exited"` (gone, or every thread a zombie),
+/// `"stopped"` (every live thread stopped, state `T` or `t`) or `"running"`.
+pub fn target_state(pid: i32) -> &'static str {
+    if process_gone(pid) {
+        "exited"
+    } else if precopy_migrate::all_stopped(pid) {
+        "stopped"
+    } else {
+        "running"
+    }
+}
+
+/// How the summary describes the target after a successful send: what `--then` asked, what
+/// the target was before, and what `/proc` says it is now (`state`, from [`target_state`]).
+fn target_words(
+    pid: i32,
+    then: Then,
+    state: &str,
+    stopped_on_entry: bool,
+    stopped_during: bool,
+) -> String {
+    let cont = format!("`kill -CONT {pid}` resumes it");
+    match (then, state) {
+        (Then::Kill, _) => "killed (--then kill)".into(),
+        (_, "exited") => "EXITED (it is gone since the send)".into(),
+        (_, "stopped") if stopped_on_entry => {
+            format!("left stopped, as it was before the send ({cont})")
+        }
+        (_, "stopped") if stopped_during => format!(
+            "STOPPED: someone else stopped it during the send (SIGSTOP), so precopy did not continue it ({cont})"
+        ),
+        (Then::Stop, "stopped") => format!("left stopped (--then stop; {cont})"),
+        (Then::Resume, "stopped") => format!(
+            "STOPPED, not by precopy (--then resume continued it; something stopped it since: {cont})"
+        ),
+        (Then::Stop, _) => {
+            "RUNNING: --then stop left it stopped, but something continued it since (SIGCONT)"
+                .into()
+        }
+        (Then::Resume, _) if stopped_on_entry || stopped_during => {
+            "RUNNING: it was stopped by someone else, and something continued it since (SIGCONT)"
+                .into()
+        }
+        (Then::Resume, _) => "running".into(),
     }
 }
 
@@ -218,12 +323,14 @@ fn progress_json(p: &Progress) -> Value {
 }
 
 /// Runs the driver over `transfer`; returns its result, the report and the parts back.
+/// `ack_meaning` explains a final acknowledgement that timed out (for an image, its fdatasync).
 fn drive<K: Sink>(
     log: TargetLog,
     transfer: Transfer<TargetMemory, K>,
     workload: TargetWorkload,
     config: MigrationConfig,
     json: bool,
+    ack_meaning: Option<String>,
 ) -> (Result<MigrationReport>, MigrationReport, TargetLog, u64) {
     let bar = progress_bar(json);
     let bar2 = bar.clone();
@@ -233,7 +340,19 @@ fn drive<K: Sink>(
             bar2.set_message(progress_message(p));
             state.update_report(|r| r["progress"] = progress_json(p));
         });
-    let result = m.run().map_err(anyhow::Error::new);
+    let result = m.run().map_err(|e| {
+        let ack = matches!(
+            e,
+            precopy_migrate::Error::Timeout {
+                step: precopy_migrate::Step::Acknowledge,
+                ..
+            }
+        );
+        match (ack, ack_meaning) {
+            (true, Some(meaning)) => anyhow::Error::new(e).context(meaning),
+            _ => anyhow::Error::new(e),
+        }
+    });
     bar.finish_and_clear();
     let report = m.report().clone();
     let (log, transport, _workload) = m.into_parts();
@@ -244,6 +363,7 @@ fn drive<K: Sink>(
 /// Checks `send`'s flags against their limits, the destination and the key file before
 /// anything starts (nothing is attached, connected or created yet).
 fn check_send(args: &SendArgs) -> Result<(Dest, Option<Key>)> {
+    check_not_self(args.pid)?;
     check_max_downtime(args.max_downtime)?;
     check_max_rounds(args.max_rounds)?;
     let dest = parse_dest("--to", &args.to, true, true)?;
@@ -335,7 +455,8 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     );
     let page = log.tracker().page_size();
     // One region per range of the target's address space, ids in address order; the address a
-    // range has in the target is what a guest-physical address is to a VM (images keep it).
+    // range has in the target is what a guest-physical address is to a VM (images keep it, and
+    // the state blob says which it is: `process_image_state`).
     let regions = log
         .layout()
         .iter()
@@ -373,10 +494,14 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     };
     report["target_stopped_on_entry"] = json!(control.stopped_on_entry());
     state.set_report(&report);
+    let stopped_during_send = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workload = TargetWorkload {
-        control,
+        control: Some(control),
+        pid: args.pid,
         state: state.clone(),
         throttled: false,
+        stopped_during_send: stopped_during_send.clone(),
+        described: process_image_state(args.pid),
     };
     let mut config = MigrationConfig {
         max_downtime: Duration::from_millis(args.max_downtime),
@@ -398,7 +523,13 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
             let transfer = Transfer::new(source, sink, layout, 64)
                 .context("starting the transfer")
                 .map_err(|e| fail(&report, e))?;
-            drive(log, transfer, workload, config, args.json)
+            // An image's "acknowledgement" is its write-out: say so if it times out.
+            let ack = format!(
+                "for {} the final acknowledgement is the image's fdatasync (its pages, index and \
+                 trailer written out to disk): the disk did not finish it within --timeout",
+                args.to
+            );
+            drive(log, transfer, workload, config, args.json, Some(ack))
         }
         Dest::Tcp(_) | Dest::Unix(_) => {
             let cfg = SenderConfig {
@@ -410,9 +541,11 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
             let sender = precopy_transfer::Sender::connect(conns, layout, source, &cfg)
                 .context("handshake with the destination")
                 .map_err(|e| fail(&report, e))?;
-            drive(log, sender, workload, config, args.json)
+            drive(log, sender, workload, config, args.json, None)
         }
     };
+    let stopped_during_send = stopped_during_send.load(std::sync::atomic::Ordering::SeqCst);
+    report["target_stopped_during_send"] = json!(stopped_during_send);
     if result.is_ok() {
         match args.then {
             Then::Stop => state.keep_stopped(),
@@ -435,7 +568,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     report["mapping_changes"] = json!({"added_bytes": added, "dropped_bytes": dropped});
     report["migration"] = serde_json::to_value(&mreport).unwrap_or(Value::Null);
     if let Err(e) = result {
-        let e = anyhow!(e);
+        let e = explain_send_failure(e, &dest, &args.to);
         // Its memory is released early in its exit, before /proc shows it exited: when reads
         // found the process gone, give the exit a moment to complete.
         use precopy_transfer::{SourceError, TransferError};
@@ -461,10 +594,24 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         });
         return Err(fail(&report, e));
     }
+    // The target as it is now, from /proc: what the user gets back, whatever was asked.
+    let now = target_state(args.pid);
+    report["target_state"] = json!(if args.then == Then::Kill {
+        "killed"
+    } else {
+        now
+    });
+    report["downtime_exceeded"] = json!(mreport.downtime_exceeded());
+    report["switch_over_forced"] = json!(
+        mreport
+            .switch_reason
+            .is_some_and(|r| r != precopy_migrate::SwitchReason::Converged)
+    );
     if args.json {
         output::print_json(report, None);
     } else {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         outln!(
             "precopy send: process {} to {}: {:.1} MiB tracked in {} ranges, {} rounds, downtime {:.1} ms, target {}",
             args.pid,
@@ -472,18 +619,18 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
             mib(log.tracker().tracked_bytes()),
             tracked.len(),
             mreport.rounds.len(),
-            mreport.downtime.unwrap_or_default().as_secs_f64() * 1e3,
-            match (args.then, report["target_stopped_on_entry"] == true) {
-                (Then::Kill, _) => "killed".to_string(),
-                (Then::Stop, false) =>
-                    format!("left stopped (`kill -CONT {}` resumes it)", args.pid),
-                (_, true) => format!(
-                    "left stopped, as it was before the send (`kill -CONT {}` resumes it)",
-                    args.pid
-                ),
-                (Then::Resume, false) => "running".to_string(),
-            }
+            ms(mreport.downtime.unwrap_or_default()),
+            target_words(
+                args.pid,
+                args.then,
+                now,
+                report["target_stopped_on_entry"] == true,
+                stopped_during_send
+            )
         );
+        for line in limit_lines(&mreport, args.max_rounds) {
+            outln!("  {line}");
+        }
         outln!(
             "  attach: target thread stopped {:.0} µs (stop {:.0}, inject {:.0}, detach {:.0})",
             times.stopped.as_secs_f64() * 1e6,
@@ -494,6 +641,51 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         outln!("  not tracked: {} mappings", log.skipped().len());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The summary's lines for a limit the send did not keep: the downtime limit exceeded, or
+/// the round limit forcing the switch-over before the rest fit in it.
+fn limit_lines(r: &MigrationReport, max_rounds: u64) -> Vec<String> {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut lines = Vec::new();
+    if r.switch_reason == Some(precopy_migrate::SwitchReason::MaxRounds) {
+        lines.push(format!(
+            "switch-over FORCED by the round limit (--max-rounds {max_rounds}) before the rest fit in --max-downtime {} ms",
+            r.max_downtime.as_millis()
+        ));
+    }
+    if let Some(d) = r.downtime.filter(|_| r.downtime_exceeded()) {
+        let line = format!(
+            "downtime limit EXCEEDED: {:.1} ms > {} ms (--max-downtime)",
+            ms(d),
+            r.max_downtime.as_millis()
+        );
+        lines.push(line);
+        if let Some(why) = &r.downtime_note {
+            lines.push(format!("  why: {why}"));
+        }
+    }
+    lines
+}
+
+/// Adds what a user needs to a failed send's error: a destination that closed the
+/// connection (`EPIPE`, `ECONNRESET`) is said so, with what to do.
+fn explain_send_failure(e: anyhow::Error, dest: &Dest, to: &str) -> anyhow::Error {
+    let closed = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            )
+        })
+    });
+    if closed && !matches!(dest, Dest::File(_)) {
+        return e.context(format!(
+            "the destination {to} closed the connection: its `precopy recv` stopped or failed \
+             (its own output says why); start it again, then run this send again"
+        ));
+    }
+    e
 }
 
 /// Whether process `pid` has exited: gone from `/proc`, or no thread of it left alive (a
@@ -513,6 +705,50 @@ pub fn process_gone(pid: i32) -> bool {
             .and_then(|s| s.state().ok())
             .is_some_and(|s| !matches!(s, ProcState::Zombie | ProcState::Dead))
     })
+}
+
+/// Before `recv` binds `unix:PATH` (`typed`): a socket file left at `path` by a receiver that
+/// ended without removing it (killed with SIGKILL, a crash) is removed, and `true` returned,
+/// when no socket in this network namespace is bound to that path (`/proc/net/unix`). A path
+/// a live socket holds, or a file that is not a socket, is refused: nothing else is removed.
+fn clear_stale_socket(typed: &str, path: &std::path::Path) -> Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        // Nothing there (or unreadable: binding says why).
+        Err(_) => return Ok(false),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(invalid(
+            "--listen",
+            typed,
+            format!("{} exists and is not a socket", path.display()),
+            "listen on a path that does not exist yet (recv creates the socket file)",
+        ));
+    }
+    let table = procfs::net::unix().context("reading /proc/net/unix")?;
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let name = path.file_name();
+    // A socket bound with a relative path from another directory is listed as typed there:
+    // the same file name counts as in use, to be safe.
+    let held = table
+        .iter()
+        .filter_map(|e| e.path.as_deref())
+        .any(|p| p == path || p == absolute || (p.is_relative() && p.file_name() == name));
+    if held {
+        return Err(invalid(
+            "--listen",
+            typed,
+            format!(
+                "{} is in use: a running program (another `precopy recv`?) is bound to it",
+                path.display()
+            ),
+            "stop that program, or listen on another path",
+        ));
+    }
+    std::fs::remove_file(path)
+        .with_context(|| format!("removing the stale socket file {}", path.display()))?;
+    Ok(true)
 }
 
 /// Removes a Unix socket's file when dropped.
@@ -541,6 +777,10 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         ..ReceiverConfig::default()
     };
     let listen = parse_dest("--listen", &args.listen, false, true).map_err(fail)?;
+    let removed_stale = match &listen {
+        Dest::Unix(p) => clear_stale_socket(&args.listen, p).map_err(fail)?,
+        _ => false,
+    };
     let listener = match &listen {
         Dest::Tcp(a) => Listener::bind_tcp(a.as_str()),
         Dest::Unix(p) => Listener::bind_unix(p),
@@ -565,7 +805,13 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         }
         _ => None,
     };
-    eprintln!("precopy recv: listening on {}", listener.address());
+    crate::output::errln!("precopy recv: listening on {}", listener.address());
+    if removed_stale {
+        crate::output::errln!(
+            "precopy recv: removed the stale socket file {} first (no socket was bound to it)",
+            args.listen.trim_start_matches("unix:")
+        );
+    }
     let received = Receiver::accept(&listener, &config)
         .and_then(|rx| {
             let mut sink = ImageWriter::create(&path, rx.layout().clone())?;
@@ -574,6 +820,7 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         .with_context(|| format!("receiving into {}", path.display()))
         .map_err(fail)?;
     let mut report = report;
+    report["removed_stale_socket"] = json!(removed_stale);
     report["received"] = json!({
         "rounds": received.rounds,
         "pages": received.pages,

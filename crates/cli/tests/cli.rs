@@ -391,6 +391,45 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
         "1 to 100000",
     ),
     (&["rate", "--pid", "-7"], "--pid", "-7", "positive"),
+    // A negative value states the flag's real range (0 is refused too).
+    (
+        &["rate", "--pid", "1", "--count", "-1"],
+        "--count",
+        "-1",
+        "from 1 to 100000",
+    ),
+    (
+        &[
+            "send",
+            "--pid",
+            "1",
+            "--to",
+            "file:/x.img",
+            "--max-downtime",
+            "-5",
+        ],
+        "--max-downtime",
+        "-5",
+        "from 1 to 3600000",
+    ),
+    (
+        &["demo", "--max-rounds", "-1"],
+        "--max-rounds",
+        "-1",
+        "from 1 to 1000000",
+    ),
+    (
+        &["attach-bench", "--runs", "-1"],
+        "--runs",
+        "-1",
+        "from 1 to 10000",
+    ),
+    (
+        &["attach-bench", "--runs", "0"],
+        "--runs",
+        "0",
+        "1 to 10000",
+    ),
     // Negative numbers name the flag instead of "unexpected argument".
     (&["bench", "--warmup", "-1"], "--warmup", "-1", "negative"),
     (
@@ -454,6 +493,7 @@ fn each_kind_of_bad_input_is_refused_in_one_line() {
                 "{args:?}: {want:?} missing from {line:?}"
             );
         }
+        assert!(!line.contains("0 or more"), "{args:?}: {line}");
         assert!(out.stdout.is_empty(), "{args:?}: stdout without --json");
 
         // `image cat` writes raw bytes and has no JSON form.
@@ -739,10 +779,12 @@ fn usage_errors_keep_clap_whole_message_in_json() {
     for want in [
         "unexpected argument '--no-such-flag'",
         "Usage: precopy demo",
-        "--help",
     ] {
         assert!(msg.contains(want), "{want:?} missing from {msg:?}");
     }
+    // Advice for a terminal, not for a program reading JSON; stderr keeps it.
+    assert!(!msg.contains("For more information"), "{msg:?}");
+    assert!(stderr(&out).contains("For more information"));
     // The same prefix as every other error, once.
     let err = stderr(&out);
     assert!(err.starts_with("precopy: error: "), "{err}");

@@ -80,13 +80,11 @@ pub enum AttachError {
         tracer: i32,
     },
     /// ptrace access was refused.
-    #[error(
-        "not allowed to ptrace process {pid} ({hint}): run as root or as its user with ptrace allowed"
-    )]
+    #[error("not allowed to ptrace process {pid}: {hint}")]
     PermissionDenied {
         /// The PID.
         pid: i32,
-        /// What likely refused it.
+        /// What likely refused it, and what to do.
         hint: String,
     },
     /// The target runs in seccomp strict mode: any `userfaultfd` call would kill it.
@@ -191,12 +189,12 @@ fn proc_err(pid: i32, e: procfs::ProcError) -> AttachError {
         procfs::ProcError::NotFound(_) => AttachError::NoSuchProcess { pid },
         procfs::ProcError::PermissionDenied(_) => AttachError::PermissionDenied {
             pid,
-            hint: yama_hint(),
+            hint: permission_hint(pid),
         },
         procfs::ProcError::Io(e, _) if e.raw_os_error() == Some(libc::EACCES) => {
             AttachError::PermissionDenied {
                 pid,
-                hint: yama_hint(),
+                hint: permission_hint(pid),
             }
         }
         e => AttachError::Proc {
@@ -245,13 +243,65 @@ fn check_target(pid: i32, p: &procfs::process::Process) -> Result<i32, AttachErr
     Ok(tid)
 }
 
-fn yama_hint() -> String {
-    match std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope") {
-        Ok(v) if v.trim() != "0" => format!(
-            "kernel.yama.ptrace_scope is {}: set it to 0, or run as root",
-            v.trim()
+/// Linux's `CAP_SYS_PTRACE` (`include/uapi/linux/capability.h`).
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// Why ptrace access to `pid` was most likely refused, and what to do: Yama's `ptrace_scope`,
+/// a different user without `CAP_SYS_PTRACE`, root without it, or, when this process already
+/// holds it, something neither the user nor root can change from here (a security module,
+/// the sandbox it runs in).
+fn permission_hint(pid: i32) -> String {
+    let me = procfs::process::Process::myself()
+        .and_then(|p| p.status())
+        .ok();
+    let target_uid = procfs::process::Process::new(pid)
+        .and_then(|p| p.status())
+        .ok()
+        .map(|s| s.euid);
+    let yama = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    permission_words(
+        yama,
+        me.as_ref()
+            .is_some_and(|s| s.capeff & (1 << CAP_SYS_PTRACE) != 0),
+        me.as_ref().map(|s| s.euid),
+        target_uid,
+    )
+}
+
+/// [`permission_hint`]'s words for Yama's `ptrace_scope`, whether this process has
+/// `CAP_SYS_PTRACE`, its effective user and the target's.
+fn permission_words(
+    yama: Option<u32>,
+    has_cap: bool,
+    euid: Option<u32>,
+    target_uid: Option<u32>,
+) -> String {
+    match yama {
+        Some(3) => {
+            return "kernel.yama.ptrace_scope is 3: no process may attach with ptrace until the next boot".into();
+        }
+        Some(2) if !has_cap => {
+            return "kernel.yama.ptrace_scope is 2: only a process with CAP_SYS_PTRACE may attach: run as root".into();
+        }
+        Some(1) if !has_cap => {
+            return "kernel.yama.ptrace_scope is 1: only a parent may attach: set it to 0 (sysctl kernel.yama.ptrace_scope=0), or run as root".into();
+        }
+        _ => {}
+    }
+    if has_cap {
+        return "precopy already has CAP_SYS_PTRACE, so running as root or as its user would not help: a security module (Landlock, AppArmor, SELinux, a BPF LSM) or the sandbox precopy runs in refused access to this process, as some systems do for their init or for processes outside a container".into();
+    }
+    match (euid, target_uid) {
+        (Some(0), _) => "precopy runs as root but without CAP_SYS_PTRACE (dropped by its container or capability bounding set), and the target holds capabilities precopy lacks: grant CAP_SYS_PTRACE (e.g. docker run --cap-add SYS_PTRACE)".into(),
+        (Some(me), Some(them)) if me == them => format!(
+            "it runs as this user ({me}) but is not dumpable (it changed credentials, e.g. setuid, or called prctl(PR_SET_DUMPABLE, 0)): run as root"
         ),
-        _ => "not the same user, or no CAP_SYS_PTRACE".to_string(),
+        (Some(me), Some(them)) => format!(
+            "it runs as user {them} and precopy as user {me}, without CAP_SYS_PTRACE: run as root or as its user"
+        ),
+        _ => "not the same user, and no CAP_SYS_PTRACE: run as root or as its user".into(),
     }
 }
 
@@ -276,14 +326,26 @@ fn find_syscall_in(pid: i32, tid: i32) -> Result<u64, AttachError> {
         }
     }
     const MAX_SEARCH: u64 = 16 << 20;
+    // Opening /proc/PID/mem takes ptrace access: refused there, nothing else would work.
+    let mut refused = false;
     for (start, end) in candidates {
         let len = (end - start).min(MAX_SEARCH) as usize;
-        let Ok(text) = precopy_sys::process::read_proc_mem(tid, start, len) else {
-            continue;
+        let text = match precopy_sys::process::read_proc_mem(tid, start, len) {
+            Ok(text) => text,
+            Err(e) => {
+                refused |= matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM));
+                continue;
+            }
         };
         if let Some(at) = text.windows(2).position(|w| w == SYSCALL_INSN) {
             return Ok(start + at as u64);
         }
+    }
+    if refused {
+        return Err(AttachError::PermissionDenied {
+            pid,
+            hint: permission_hint(pid),
+        });
     }
     Err(AttachError::NoSyscallInstruction { pid })
 }
@@ -372,7 +434,7 @@ impl Uffd {
                     Some(tracer) => AttachError::AlreadyTraced { pid, tracer },
                     None => AttachError::PermissionDenied {
                         pid,
-                        hint: yama_hint(),
+                        hint: permission_hint(pid),
                     },
                 },
                 _ => AttachError::Ptrace { pid, step, source },
@@ -456,4 +518,32 @@ impl Uffd {
 fn traced_by(pid: i32) -> Option<i32> {
     let s = procfs::process::Process::new(pid).ok()?.status().ok()?;
     (s.tracerpid != 0).then_some(s.tracerpid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::permission_words;
+
+    #[test]
+    fn a_refusal_names_its_real_cause() {
+        // Root with CAP_SYS_PTRACE refused: neither "run as root" nor the user is the cause.
+        let w = permission_words(None, true, Some(0), Some(0));
+        assert!(!w.contains("run as root"), "{w}");
+        assert!(w.contains("already has CAP_SYS_PTRACE"), "{w}");
+        // Root without it: say so and how to grant it.
+        let w = permission_words(None, false, Some(0), Some(0));
+        assert!(
+            w.contains("without CAP_SYS_PTRACE") && !w.contains("run as root"),
+            "{w}"
+        );
+        // Another user: run as root or as its user.
+        let w = permission_words(Some(0), false, Some(1000), Some(0));
+        assert!(w.contains("user 0") && w.contains("run as root"), "{w}");
+        // Yama decides first, unless the capability overrides it.
+        assert!(
+            permission_words(Some(1), false, Some(1000), Some(1000)).contains("ptrace_scope is 1")
+        );
+        assert!(!permission_words(Some(1), true, Some(0), Some(0)).contains("ptrace_scope"));
+        assert!(permission_words(Some(3), true, Some(0), Some(0)).contains("ptrace_scope is 3"));
+    }
 }

@@ -481,6 +481,19 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    /// The file is shorter than the preamble every image starts with, and what it holds is
+    /// not the start of one.
+    #[error(
+        "{path} is not a precopy image: it is {len} bytes long, shorter than the {preamble}-byte preamble (magic and format version) every image starts with"
+    )]
+    TooShort {
+        /// The file.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: u64,
+        /// The preamble's length in bytes.
+        preamble: u64,
+    },
     /// The file is not a precopy image or its records are damaged.
     #[error("image {path} is corrupt")]
     Corrupt {

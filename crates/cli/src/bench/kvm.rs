@@ -54,7 +54,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let kvm = kvm_host_json(&host);
     let mut rows: Vec<BenchRow> = Vec::new();
     for &size in &sizes {
-        eprintln!(
+        crate::output::errln!(
             "precopy bench --kvm: {} MiB of guest RAM, 1 vCPU, {rounds} round{} per mechanism and fraction",
             size / MIB,
             if rounds == 1 { "" } else { "s" }
@@ -123,7 +123,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
     table.push_str(&format!("note: {}\n", host.note()));
     if args.json {
-        eprint!("{table}");
+        crate::output::err_write(format_args!("{table}"), false);
         output::print_json(json!({ "kvm_bench": rows, "kvm": kvm }), None);
     } else {
         out!("{table}");

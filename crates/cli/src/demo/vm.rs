@@ -324,14 +324,14 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 f64::from(program.idle_ticks) * IDLE_TICK.as_secs_f64()
             ),
         };
-        eprintln!(
+        crate::output::errln!(
             "guest: {} vCPU(s), {} of RAM ({}), {writes}",
             program.vcpus,
             human(program.ram_size),
             backing_name(plan.backing),
         );
-        eprintln!("note: {}", host.note());
-        eprintln!(
+        crate::output::errln!("note: {}", host.note());
+        crate::output::errln!(
             "running it once without migration (the reference checksum; unpaced: as fast as the vCPUs go), then migrating it live ..."
         );
     }
@@ -342,7 +342,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
     let report = match precopy_vmm::demo(&opts, dest, move |p| {
         if !json {
-            eprintln!("  round {}: {} KiB pending", p.round, p.pending_bytes >> 10);
+            crate::output::errln!("  round {}: {} KiB pending", p.round, p.pending_bytes >> 10);
         }
     }) {
         Ok(r) => r,

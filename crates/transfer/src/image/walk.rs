@@ -57,16 +57,24 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
     let mut f = file;
     f.seek(SeekFrom::Start(0)).map_err(io)?;
     let mut pre = [0u8; PREAMBLE_LEN as usize];
-    f.read_exact(&mut pre).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            corrupt(ProtocolError::Truncated {
-                offset: 0,
+    if len < PREAMBLE_LEN {
+        // Too short to hold the preamble: a cut image if what is there starts like one,
+        // else no image at all.
+        let head = &mut pre[..len as usize];
+        f.read_exact(head).map_err(io)?;
+        if len > 0 && IMAGE_MAGIC.starts_with(&head[..head.len().min(IMAGE_MAGIC.len())]) {
+            return Err(corrupt(ProtocolError::Truncated {
+                offset: len,
                 what: "the image preamble",
-            })
-        } else {
-            io(e)
+            }));
         }
-    })?;
+        return Err(ImageError::TooShort {
+            path: path.to_owned(),
+            len,
+            preamble: PREAMBLE_LEN,
+        });
+    }
+    f.read_exact(&mut pre).map_err(io)?;
     let mut found = [0u8; 8];
     found.copy_from_slice(&pre[..8]);
     if found != IMAGE_MAGIC {

@@ -169,6 +169,12 @@ impl ImageWriter {
 }
 
 impl Sink for ImageWriter {
+    /// The image, named where a migration's errors name its destination ("sending round 3 to
+    /// image PATH failed"); its final acknowledgement is the write-out to disk (`fdatasync`).
+    fn peer(&self) -> Option<String> {
+        Some(format!("image {}", self.path.display()))
+    }
+
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
         if self.in_round.is_some() || round != self.next_round {
             return Err(TransferError::Misuse {
