@@ -256,6 +256,8 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
     let scanner = Scanner::new(ScanOptions::default())
         .context("this kernel cannot track dirty pages (see `precopy probe`)")
         .map_err(|e| fail(&report, e))?;
+    // Before attaching: a stopped thread runs the injected call and stops again only after.
+    report["target_stopped_at_start"] = json!(precopy_migrate::all_stopped(args.pid));
     let (uffd, times) = {
         let _attaching = interrupts.state().attaching();
         Uffd::attach(args.pid)
@@ -293,8 +295,6 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
             .state()
             .set_partial_text(move || lock(&m).text(pid, attach_us));
     }
-    let stopped_at_start = precopy_migrate::all_stopped(args.pid);
-    report["target_stopped_at_start"] = json!(stopped_at_start);
     interrupts.state().set_report(&report);
     let armed = Instant::now();
     let mut last = armed;

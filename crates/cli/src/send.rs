@@ -526,7 +526,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
             // An image's "acknowledgement" is its write-out: say so if it times out.
             let ack = format!(
                 "for {} the final acknowledgement is the image's fdatasync (its pages, index and \
-                 trailer written out to disk): the disk did not finish it within --timeout",
+                 trailer written out to disk): the disk did not finish it in time",
                 args.to
             );
             drive(log, transfer, workload, config, args.json, Some(ack))

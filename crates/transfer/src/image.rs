@@ -227,6 +227,22 @@ mod tests {
     use crate::layout::MemoryRegion;
 
     #[test]
+    fn a_migration_names_an_image_as_its_destination() {
+        let dir = std::env::temp_dir().join(format!("precopy-image-peer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("x.img");
+        let layout = Layout::new(vec![MemoryRegion::new(0, 4096, 4096)]).unwrap();
+        let w = ImageWriter::create(&path, layout).unwrap();
+        // "sending round 3 to image PATH failed", not "to the destination".
+        assert_eq!(
+            crate::Sink::peer(&w),
+            Some(format!("image {}", path.display()))
+        );
+        drop(w);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn index_extents_coalesce() {
         let layout = Layout::new(vec![
             MemoryRegion::new(4, 5 * 4096, 4096),
