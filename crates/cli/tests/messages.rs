@@ -415,7 +415,12 @@ fn a_receiver_that_went_away_is_named_with_the_fix() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Mid-transfer: the receiver has its image open once the handshake is done.
+    let partial = precopy_transfer::ImageWriter::partial_path(&img);
+    while !partial.exists() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
     recv.kill().unwrap();
     recv.wait().unwrap();
     let out = send.wait_with_output().unwrap();

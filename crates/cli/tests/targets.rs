@@ -181,8 +181,9 @@ fn ids_that_name_no_attachable_process_are_refused_plainly() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("is this process"), "{err}");
+    // Refused as a usage error, before anything is attached (tests/messages.rs checks the fix).
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is this precopy process itself"), "{err}");
     drop(target);
 }
 

@@ -314,7 +314,11 @@ fn image_open_refuses_missing_and_wrong_type_files_without_hanging() {
     let empty = dir.path().join("empty");
     std::fs::write(&empty, b"").unwrap();
     let err = Image::open(&empty).unwrap_err();
-    assert!(matches!(err, ImageError::Corrupt { .. }), "{err:?}");
+    // Too short to be an image at all, said so (not "truncated at byte 0").
+    assert!(
+        matches!(err, ImageError::TooShort { len: 0, .. }),
+        "{err:?}"
+    );
 }
 
 #[test]
