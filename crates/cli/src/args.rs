@@ -317,45 +317,34 @@ fn has_host_and_port(a: &str) -> bool {
 }
 
 /// Checks that an image can be created at `path` (`flag`'s value `typed`) before anything
-/// starts: its directory exists and is writable, the path is not a directory, and, when
-/// `need` is known, the file system has that many bytes free.
+/// starts: the image writer's own check (`ImageWriter::check_destination`: the directory
+/// exists and is writable, the path is not a directory, FIFO or device), reported as a usage
+/// error, and, when `need` is known, that the file system has that many bytes free.
 pub fn check_image_path(
     flag: &'static str,
     typed: &str,
     path: &Path,
     need: Option<u64>,
 ) -> anyhow::Result<()> {
+    use precopy_transfer::{ImageError, ImageWriter};
+    if let Err(e) = ImageWriter::check_destination(path) {
+        let fix = match &e {
+            ImageError::NotAFile {
+                kind: "a directory",
+                ..
+            } => format!(
+                "name a file in it, e.g. {flag} file:{}/target.img",
+                path.display()
+            ),
+            ImageError::NoDirectory { .. } => "create it or write the image elsewhere".into(),
+            _ => "write the image elsewhere".into(),
+        };
+        return Err(invalid(flag, typed, e.to_string(), fix));
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    if !dir.is_dir() {
-        return Err(invalid(
-            flag,
-            typed,
-            format!("directory {} does not exist", dir.display()),
-            "create it or write the image elsewhere",
-        ));
-    }
-    if path.is_dir() {
-        return Err(invalid(
-            flag,
-            typed,
-            "is a directory, not an image file",
-            format!(
-                "name a file in it, e.g. {flag} file:{}/target.img",
-                path.display()
-            ),
-        ));
-    }
-    if nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_err() {
-        return Err(invalid(
-            flag,
-            typed,
-            format!("directory {} is not writable by this user", dir.display()),
-            "write the image elsewhere",
-        ));
-    }
     if let (Some(need), Ok(fs)) = (need, nix::sys::statvfs::statvfs(&dir)) {
         let free = fs.blocks_available() * fs.fragment_size();
         if free < need {

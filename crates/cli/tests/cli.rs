@@ -338,7 +338,7 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
         ],
         "--to",
         "file:/tmp",
-        "is a directory",
+        "is not a regular file (a directory)",
     ),
     (
         &[

@@ -464,6 +464,18 @@ pub enum ImageError {
         /// What it is instead.
         kind: &'static str,
     },
+    /// The directory an image would be written in does not exist.
+    #[error("directory {dir} does not exist")]
+    NoDirectory {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// The directory an image would be written in is not writable by this user.
+    #[error("directory {dir} is not writable by this user")]
+    DirectoryNotWritable {
+        /// The directory.
+        dir: PathBuf,
+    },
     /// A span that ends before it starts.
     #[error("span {range:#x?} ends before it starts")]
     InvertedSpan {

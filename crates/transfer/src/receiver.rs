@@ -442,9 +442,11 @@ impl Receiver {
     }
 
     /// Receives every round into `sink`, then checks the sender's memory
-    /// checksum against it (via [`Sink::finish`]), acknowledges (DONE) and
-    /// waits for the sender's COMMIT. On any fault, tells the sender why,
-    /// stops applying and returns the first fault's error.
+    /// checksum against it (via [`Sink::finish_uncommitted`]), acknowledges
+    /// (DONE), waits for the sender's COMMIT and then commits `sink`
+    /// ([`Sink::commit`]: an image is published at its path only then). On
+    /// any fault, tells the sender why, stops applying and returns the first
+    /// fault's error.
     ///
     /// **Only `Ok` means the copy is complete.** A sender that gives up
     /// after DONE (its final round ran past its bound and it resumed the
@@ -735,7 +737,7 @@ impl Leg<'_> {
         }
         let finished = lock(shared.changed)
             .check()
-            .and_then(|()| lock(&shared.sink).finish(first.checksum, first.check));
+            .and_then(|()| lock(&shared.sink).finish_uncommitted(first.checksum, first.check));
         if let Err(e) = finished {
             shared.fail_now(&e);
             return Err(fatal(e));
@@ -771,6 +773,9 @@ impl Leg<'_> {
                 }));
             }
         }
+        // The sender committed on every connection: only now may the sink publish its copy
+        // (an image is renamed into place).
+        lock(&shared.sink).commit().map_err(fatal)?;
         Ok(ReceiveReport {
             rounds: first.rounds,
             pages,

@@ -77,11 +77,14 @@ pub trait Sink {
         })
     }
 
-    /// The first half of [`Sink::finish`] for a sink whose destination
-    /// acknowledges: send the checksum and wait for the acknowledgement, but
-    /// do not yet tell the destination its copy is complete; [`Sink::commit`]
-    /// does. A migration driver commits only if the acknowledgement came
-    /// within its bound (see the protocol's COMMIT). The default is
+    /// The first half of [`Sink::finish`]: everything but making the copy
+    /// count as complete, which [`Sink::commit`] does. A sending sink whose
+    /// destination acknowledges sends the checksum and waits for the
+    /// acknowledgement without yet telling the destination its copy is
+    /// complete; a sink that keeps the copy itself (an image) checks and
+    /// syncs it without yet publishing it. A migration driver commits only
+    /// if this returned within its bound (see the protocol's COMMIT), and a
+    /// receiver only after the sender committed. The default is
     /// [`Sink::finish`].
     fn finish_uncommitted(
         &mut self,
@@ -92,7 +95,8 @@ pub trait Sink {
     }
 
     /// After [`Sink::finish_uncommitted`]: the destination may now consider
-    /// its copy complete. The default does nothing.
+    /// its copy complete (an image is renamed into place). The default does
+    /// nothing.
     fn commit(&mut self) -> Result<(), TransferError> {
         Ok(())
     }

@@ -507,3 +507,83 @@ fn a_transfer_that_never_finishes_leaves_the_earlier_image_in_place() {
     let partial = ImageWriter::partial_path(&path);
     assert!(!Image::open(&partial).unwrap().is_complete());
 }
+
+/// Sends 4 pages to a receiver writing an image at `path`; the sender commits if `commit`,
+/// else it gives up after the acknowledgement (as a driver whose final round ran past its
+/// bound). Returns the receiver's result.
+fn receive_into_image(
+    path: &std::path::Path,
+    commit: bool,
+) -> Result<ReceiveReport, TransferError> {
+    let (listener, connect, _d) = listen(&Net::Unix);
+    let path = path.to_owned();
+    let rx = std::thread::spawn(move || {
+        let rx = Receiver::accept(&listener, &receiver_config())?;
+        let mut sink = ImageWriter::create(&path, rx.layout().clone())?;
+        rx.run(&mut sink)
+    });
+    let layout = Layout::single(PS, BASE, 4 * PS).unwrap();
+    let mut tx = Sender::connect(
+        vec![connect()],
+        layout,
+        SliceSource::new(BASE, memory(4, 5)),
+        &sender_config(),
+    )
+    .unwrap();
+    tx.send_round(&[BASE..BASE + 4 * PS]).unwrap();
+    tx.finish_uncommitted(FinalCheck::Recorded).unwrap();
+    if commit {
+        tx.commit().unwrap();
+    }
+    drop(tx);
+    rx.join().unwrap()
+}
+
+#[test]
+fn a_receiver_publishes_its_image_only_after_the_senders_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    let before = write_image(&path);
+    let err = receive_into_image(&path, false).unwrap_err();
+    assert!(matches!(err, TransferError::NotCommitted { .. }), "{err}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "an image the sender never committed replaced the earlier one"
+    );
+    let report = receive_into_image(&path, true).unwrap();
+    assert_eq!(report.pages + report.zero_pages, 4);
+    let image = Image::open(&path).unwrap();
+    assert!(image.is_complete());
+    assert_eq!(
+        image.read_span_to_vec(0..4 * PS).unwrap(),
+        memory(4, 5),
+        "the committed image holds what was sent"
+    );
+    assert!(!ImageWriter::partial_path(&path).exists());
+}
+
+#[test]
+fn check_destination_refuses_what_create_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir/img");
+    assert!(matches!(
+        ImageWriter::check_destination(&missing),
+        Err(ImageError::NoDirectory { dir: d }) if d == dir.path().join("no-such-dir")
+    ));
+    assert!(matches!(
+        ImageWriter::check_destination(dir.path()),
+        Err(ImageError::NotAFile {
+            kind: "a directory",
+            ..
+        })
+    ));
+    let layout = Layout::single(PS, BASE, PS).unwrap();
+    assert!(matches!(
+        ImageWriter::create(&missing, layout.clone()),
+        Err(TransferError::Image(ImageError::NoDirectory { .. }))
+    ));
+    let fine = dir.path().join("img");
+    ImageWriter::check_destination(&fine).unwrap();
+    ImageWriter::create(&fine, layout).unwrap();
+}

@@ -24,9 +24,12 @@ use crate::sink::Sink;
 /// Writes a checkpoint image; a [`Sink`].
 ///
 /// The image is written to [`ImageWriter::partial_path`] (`PATH.partial`, owner-only
-/// permissions: it holds a process's memory) and renamed to `PATH` only once it is complete
-/// and synced, so a transfer that fails or is cut never replaces an earlier image at `PATH`;
-/// what it wrote stays at `PATH.partial`, readable as an incomplete image.
+/// permissions: it holds a process's memory) and renamed to `PATH` only by
+/// [`Sink::commit`], once it is complete and synced and the transfer's outcome is decided
+/// (a driver commits after its verdict, a receiver after the sender's COMMIT), so a
+/// transfer that fails, is cut or is given up never replaces an earlier image at `PATH`;
+/// what it wrote stays at `PATH.partial` (incomplete, or complete but never published when
+/// it was given up after the finish).
 #[derive(Debug)]
 pub struct ImageWriter {
     path: PathBuf,
@@ -42,6 +45,7 @@ pub struct ImageWriter {
     in_round: Option<(u64, u64, u64, u64)>,
     state_written: bool,
     finished: bool,
+    committed: bool,
 }
 
 impl ImageWriter {
@@ -67,17 +71,9 @@ impl ImageWriter {
         let loc = page_table(layout.total_pages()).ok_or(TransferError::Config {
             reason: "layout has more pages than an image holds (MAX_IMAGE_PAGES)",
         })?;
+        Self::check_destination(&path)?;
         // Non-blocking, so that a FIFO opens at once (read-write never waits) and anything but
-        // a regular file is then refused before a byte is written. The final path is checked
-        // the same way (the rename at the end would replace whatever is there).
-        if std::fs::symlink_metadata(&path).is_ok() {
-            let existing = OpenOptions::new()
-                .read(true)
-                .custom_flags(nix::libc::O_NONBLOCK)
-                .open(&path)
-                .map_err(io("inspecting"))?;
-            super::regular_file(&path, &existing)?;
-        }
+        // a regular file is then refused before a byte is written.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -114,7 +110,46 @@ impl ImageWriter {
             in_round: None,
             state_written: false,
             finished: false,
+            committed: false,
         })
+    }
+
+    /// Whether an image can be written to `path`, checked without writing anything: its
+    /// directory exists ([`ImageError::NoDirectory`]) and is writable by this user
+    /// ([`ImageError::DirectoryNotWritable`]), and `path`, if it exists, is a regular file
+    /// ([`ImageError::NotAFile`]: the rename that publishes the image would replace whatever
+    /// is there). [`ImageWriter::create`] runs this check first; a tool calls it before it
+    /// starts anything else, to refuse a bad destination up front.
+    pub fn check_destination(path: impl AsRef<Path>) -> Result<(), ImageError> {
+        let path = path.as_ref();
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(ImageError::NoDirectory {
+                dir: dir.to_owned(),
+            });
+        }
+        if nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_err() {
+            return Err(ImageError::DirectoryNotWritable {
+                dir: dir.to_owned(),
+            });
+        }
+        // Non-blocking, so that a FIFO opens at once and is then refused.
+        if std::fs::symlink_metadata(path).is_ok() {
+            let existing = OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|source| ImageError::Io {
+                    path: path.to_owned(),
+                    what: "inspecting",
+                    source,
+                })?;
+            super::regular_file(path, &existing)?;
+        }
+        Ok(())
     }
 
     /// The image file (it exists once the image is complete; until then see
@@ -257,12 +292,28 @@ impl Sink for ImageWriter {
         Ok(())
     }
 
+    /// [`Sink::finish_uncommitted`], then [`Sink::commit`]: the image is complete and
+    /// published at its path.
+    fn finish(&mut self, memory_checksum: u64, check: FinalCheck) -> Result<(), TransferError> {
+        self.finish_uncommitted(memory_checksum, check)?;
+        self.commit()
+    }
+
     /// Checks the page hashes recorded while writing (and with
     /// [`FinalCheck::Full`] the memory read back from the file) against
     /// `memory_checksum`, then writes the FINISH record, syncs, writes the
-    /// index and trailer, and syncs again. On a mismatch the image is left
-    /// incomplete.
-    fn finish(&mut self, memory_checksum: u64, check: FinalCheck) -> Result<(), TransferError> {
+    /// index and trailer, and syncs again, all at
+    /// [`ImageWriter::partial_path`]. On a mismatch the image is left
+    /// incomplete. The image is not published at its path until
+    /// [`Sink::commit`]: a migration driver commits only once it decided the
+    /// migration completed, and a receiver only once the sender committed,
+    /// so a transfer given up after this point leaves the earlier image at
+    /// the path untouched (and this complete one at the partial path).
+    fn finish_uncommitted(
+        &mut self,
+        memory_checksum: u64,
+        check: FinalCheck,
+    ) -> Result<(), TransferError> {
         if self.in_round.is_some() {
             return Err(TransferError::Misuse {
                 operation: "finish",
@@ -292,7 +343,20 @@ impl Sink for ImageWriter {
         })?;
         self.sync()?;
         self.finished = true;
-        // Complete and synced: publish it under its name, and make the rename durable.
+        Ok(())
+    }
+
+    /// Publishes the image finished by [`Sink::finish_uncommitted`]: renames
+    /// the partial file to the image's path and syncs the directory, so the
+    /// rename survives a crash.
+    fn commit(&mut self) -> Result<(), TransferError> {
+        if !self.finished || self.committed {
+            return Err(TransferError::Misuse {
+                operation: "commit",
+                state: "before finish, or twice",
+            });
+        }
+        self.committed = true;
         std::fs::rename(&self.partial, &self.path).map_err(self.io("renaming into place"))?;
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
