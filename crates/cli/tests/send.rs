@@ -569,7 +569,8 @@ fn failures_leave_the_target_running_with_one_clear_error_line() {
     let pid = gone.id();
     gone.wait().unwrap();
     let out = Command::new(PRECOPY)
-        .args(["send", "--pid", &pid.to_string(), "--to", "file:/dev/null"])
+        .args(["send", "--pid", &pid.to_string(), "--to"])
+        .arg(format!("file:{}", tmp("no-such-pid.img").display()))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
