@@ -48,7 +48,9 @@ pub use precopy_tracker::{
 };
 
 // The VMM seam: memory described once, the calls, and what they take.
-pub use precopy_migrate::{Callbacks, ExternalDirty, MigrationConfig, MigrationReport, Workload};
+pub use precopy_migrate::{
+    Callbacks, ExternalDirty, MarkError, MigrationConfig, MigrationReport, Workload,
+};
 pub use precopy_sys::mem::Mapping;
 pub use precopy_transfer::{
     Backing, Connection, Key, Layout, LayoutError, Listener, MemoryRegion, RegionMemory,

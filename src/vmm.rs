@@ -127,15 +127,46 @@ impl Source {
 
     /// Where a device model reports writes no page table shows (DMA, a vhost-user backend's
     /// own mapping): mark each range after the write landed, in source host addresses.
+    /// [`ExternalDirty::mark`] refuses a range outside the layout's memory (a guest-physical
+    /// address passed by mistake) and every mark once the migration ended, at the call.
+    ///
+    /// A device that writes private anonymous guest RAM through pinned pages (vhost, VFIO,
+    /// io_uring fixed buffers) must mark here: no page table shows those writes, and for
+    /// anonymous memory nothing else re-checks them, so an unmarked DMA write is lost. (Memfd,
+    /// hugetlb and file-backed regions are also re-read at switch-over; ARCHITECTURE.md,
+    /// "Changes the write-protect bit cannot see".)
     pub fn external_dirty(&self) -> ExternalDirty {
         self.log.external_dirty()
     }
 
     /// Live-migrates the layout's memory over `conn` to a [`receive`]r holding the same `key`
-    /// (the receiver challenges the sender with it): rounds while `workload` runs, then, paused, the last round and the workload's state blob, until the
-    /// destination acknowledged. On error the workload was resumed; on success it is left
-    /// paused or resumed as [`MigrationConfig::after`] says (paused by default: the
-    /// destination takes over).
+    /// (the receiver challenges the sender with it): rounds while `workload` runs, then, paused,
+    /// the last round and the workload's state blob, until the destination acknowledged. On
+    /// success the workload is left paused or resumed as [`MigrationConfig::after`] says
+    /// (paused by default: the destination takes over).
+    ///
+    /// What to know before relying on it:
+    /// - **Downtime is a target.** [`MigrationConfig::max_downtime`] is the pause the driver
+    ///   aims for when it decides to switch over, not a limit: with the defaults, a workload
+    ///   that writes faster than the link is switched over anyway after
+    ///   [`max_rounds`](MigrationConfig::max_rounds) (30) rounds, and the pause may then last
+    ///   up to the final round's bound (`max(10 × max_downtime, 2 × expected, 5 s)`; the report
+    ///   says so). Set [`max_rounds_policy`](MigrationConfig::max_rounds_policy) to
+    ///   [`LimitPolicy::Abort`](precopy_migrate::LimitPolicy::Abort) to give up instead, or
+    ///   [`final_round_timeout`](MigrationConfig::final_round_timeout) to bound the pause.
+    /// - **State blob: at most 16 MiB**, sent after the last memory round. A larger blob is
+    ///   found only once the workload is paused and memory is sent: the migration fails
+    ///   ([`Error::Migration`], its step "sending the workload state") and the workload resumes.
+    /// - **On error the workload runs**: it was resumed, or never paused. A failed
+    ///   [`Workload::pause`] is not followed by a resume: a pause that fails half-way must
+    ///   resume what it stopped before it returns its error.
+    /// - **One connection, the defaults of [`SenderConfig`]**: no compression, 10 s
+    ///   handshake and I/O timeouts. No reconnect: the facade holds a
+    ///   connection, not a way to dial again, so [`MigrationConfig::reconnect`] is not used.
+    ///   No progress callback and no cancel either. For those, build the migration from
+    ///   [`precopy_migrate::Migration`] (`on_progress`, `cancel_handle`) over
+    ///   [`precopy_migrate::UffdDirtyLog::for_layout`] and a
+    ///   [`TransferTransport`] of a [`Sender::dial`].
     pub fn migrate<W: Workload>(
         self,
         conn: Connection,
@@ -184,13 +215,24 @@ pub struct Received {
 
 /// Accepts one migration on `listener` from a sender that proves it holds `key` (a shared
 /// secret both ends got privately, e.g. [`Key::random`] handed over an inherited pipe or an
-/// owner-only file: [`Key::write_new_file`]) and receives it into memory the destination maps itself:
-/// `map` gets the announced layout and returns each region's memory by id (a
+/// owner-only file: [`Key::write_new_file`]) and receives it into memory the destination maps
+/// itself: `map` gets the announced layout and returns each region's memory by id (a
 /// [`Mapping`](precopy_sys::mem::Mapping) of anonymous, memfd or hugetlb memory, an `Arc` of
 /// one, or any [`RegionMemory`]); its previous contents do not matter. Returns once every page
 /// is in place, the memory digest matched and the state blob arrived intact; only then is the
 /// source told the migration completed. A damaged state blob fails the transfer
 /// ([`Error::Transfer`]) and the source is never acknowledged.
+///
+/// Limits ([`ReceiverConfig`]'s defaults): a layout of at most 1 TiB, 10 s for the handshake
+/// once a connection is accepted, 60 s of silence while receiving. It waits
+/// for the first connection without a deadline: give it a listener that some sender will
+/// reach, or use [`Receiver::accept`] on a listener you can close. The first connection is
+/// the one it receives from: one that is not a precopy sender holding `key` fails the call
+/// ([`Error::Transfer`]).
+///
+/// [`Error::NoState`] means the sender sent no STATE frame: a source that is not a
+/// [`migrate`] or [`Source::migrate`] (those always send one, empty when the workload saves
+/// none).
 ///
 /// For more control (several streams, timeouts, the largest layout accepted) use [`Receiver`]
 /// with a [`ReceiverConfig`].

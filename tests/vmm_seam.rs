@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use precopy::migrate::TrackingError;
+use precopy::migrate::{MarkError, TrackingError};
 use precopy::sys::mem::{Backing as MapBacking, Mapping, Thp};
 use precopy::transfer::{ProtocolError, TransferError};
 use precopy::{
@@ -425,4 +425,55 @@ fn the_embedders_own_error_comes_back_as_the_cause() {
         "the source completed without a destination: {source:?}"
     );
     assert!(source.embedder().is_none());
+}
+
+#[test]
+fn a_region_reaching_into_another_mapping_is_refused() {
+    // A memfd whose second half was replaced by anonymous memory, as a region stated too large
+    // reaches into whatever is mapped next: two objects, refused with or without a backing.
+    let mem = Mapping::new(MapBacking::Memfd, 4 * PAGE, 0, Thp::Default).unwrap();
+    mem.replace_anonymous(2 * PAGE, 2 * PAGE).unwrap();
+    for backing in [Some(Backing::Memfd), None] {
+        let mut region = MemoryRegion::new(0, mem.len(), PAGE).host(mem.addr());
+        if let Some(b) = backing {
+            region = region.backed_by(b);
+        }
+        let err = precopy::Source::track(&Layout::new(vec![region]).unwrap()).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                precopy::TrackError::Tracking(TrackingError::Spans { region: 0, at, .. })
+                    if *at == mem.addr() + 2 * PAGE
+            ),
+            "{err:?}"
+        );
+    }
+    // The memfd half alone is one object.
+    let half = MemoryRegion::new(0, 2 * PAGE, PAGE)
+        .host(mem.addr())
+        .backed_by(Backing::Memfd);
+    precopy::Source::track(&Layout::new(vec![half]).unwrap()).expect("one memfd");
+}
+
+#[test]
+fn external_dirty_refuses_ranges_outside_the_layout_and_marks_after_the_source_is_gone() {
+    let mem = anon(16);
+    let source = precopy::Source::track(&layout_of(&mem, PAGE, Backing::Anonymous)).unwrap();
+    let dirty = source.external_dirty();
+    dirty
+        .mark(mem.addr() + PAGE..mem.addr() + PAGE + 8)
+        .unwrap();
+    // The region's guest-physical address (4 GiB), and a range running past its end.
+    let end = mem.addr() + mem.len();
+    for (start, end) in [(1 << 32, (1 << 32) + 8), (end - 8, end + 8)] {
+        assert_eq!(
+            dirty.mark(start..end),
+            Err(MarkError::OutsideMemory { start, end })
+        );
+    }
+    drop(source);
+    assert_eq!(
+        dirty.mark(mem.addr()..mem.addr() + 8),
+        Err(MarkError::Closed)
+    );
 }

@@ -320,9 +320,24 @@ impl<T: Workload + ?Sized> Workload for &mut T {
 /// are outside the migration. [`UffdDirtyLog`](crate::UffdDirtyLog) drains its handle on every
 /// round; a custom [`DirtyLog`] calls [`ExternalDirty::drain_into`] in its
 /// [`DirtyLog::collect`].
+///
+/// The handle a dirty log hands out ([`UffdDirtyLog::external_dirty`](crate::UffdDirtyLog::external_dirty))
+/// knows the memory it tracks and refuses, at the call, a range outside it (a guest-physical
+/// address passed where a host address belongs is the usual cause) and any mark once that log
+/// is gone (the migration ended): nothing is recorded that a round would fail on later.
 #[derive(Debug, Clone, Default)]
 pub struct ExternalDirty {
-    ranges: std::sync::Arc<std::sync::Mutex<Vec<Range<u64>>>>,
+    shared: std::sync::Arc<Marks>,
+}
+
+/// What the clones of one [`ExternalDirty`] share.
+#[derive(Debug, Default)]
+struct Marks {
+    ranges: std::sync::Mutex<Vec<Range<u64>>>,
+    /// The memory a mark must lie in (coalesced, sorted); `None`: any user memory.
+    memory: Option<Vec<Range<u64>>>,
+    /// Set when the log draining these marks is gone.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// Highest end of a user-space range [`ExternalDirty::mark`] accepts: 2^56, the top of the
@@ -359,19 +374,52 @@ pub enum MarkError {
         /// The rejected size.
         page_size: u64,
     },
+    /// The range is not inside the memory the dirty log tracks (in source host addresses;
+    /// a guest-physical address is not one).
+    #[error("range {start:#x}..{end:#x} is not inside the tracked memory")]
+    OutsideMemory {
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+    },
+    /// The dirty log these marks were for is gone (the migration ended): nothing takes them.
+    #[error("the dirty log this handle marks for is gone (the migration ended)")]
+    Closed,
 }
 
 impl ExternalDirty {
-    /// An empty set.
+    /// An empty set that accepts any range of user memory.
     pub fn new() -> ExternalDirty {
         ExternalDirty::default()
+    }
+
+    /// An empty set that accepts only ranges inside `memory` (adjacent ranges count as one).
+    pub fn for_memory(mut memory: Vec<Range<u64>>) -> ExternalDirty {
+        precopy_sys::ranges::coalesce(&mut memory);
+        ExternalDirty {
+            shared: std::sync::Arc::new(Marks {
+                memory: Some(memory),
+                ..Marks::default()
+            }),
+        }
+    }
+
+    /// Refuses every later [`mark`](ExternalDirty::mark) with [`MarkError::Closed`] (the log
+    /// that drains this set calls it when it goes away).
+    pub fn close(&self) {
+        self.shared
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Adds `range` (source addresses; widened to whole pages by the log that drains it) to
     /// the next round. An empty range adds nothing.
     ///
     /// # Errors
-    /// [`MarkError::Inverted`] or [`MarkError::OutsideUserMemory`]; nothing is recorded.
+    /// [`MarkError::Inverted`], [`MarkError::OutsideUserMemory`], [`MarkError::OutsideMemory`]
+    /// (a set made [`for_memory`](ExternalDirty::for_memory)) or [`MarkError::Closed`];
+    /// nothing is recorded.
     pub fn mark(&self, range: Range<u64>) -> Result<(), MarkError> {
         let Range { start, end } = range;
         if end < start {
@@ -383,6 +431,13 @@ impl ExternalDirty {
                 end,
                 limit: USER_ADDRESS_LIMIT,
             });
+        }
+        if self.shared.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(MarkError::Closed);
+        }
+        let inside = |m: &Vec<Range<u64>>| m.iter().any(|r| r.start <= start && end <= r.end);
+        if start < end && self.shared.memory.as_ref().is_some_and(|m| !inside(m)) {
+            return Err(MarkError::OutsideMemory { start, end });
         }
         if start < end {
             self.lock().push(start..end);
@@ -410,13 +465,40 @@ impl ExternalDirty {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Range<u64>>> {
         // A panic while holding the lock cannot leave the vector inconsistent (push or drain).
-        self.ranges.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.ranges.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_set_for_memory_refuses_marks_outside_it_and_after_close() {
+        let d = ExternalDirty::for_memory(vec![0x3000..0x4000, 0x1000..0x3000, 0x8000..0x9000]);
+        // Inside, also across two adjacent ranges; an empty range anywhere adds nothing.
+        d.mark(0x1000..0x1008).unwrap();
+        d.mark(0x2ff8..0x3008).unwrap();
+        d.mark(0x8000..0x9000).unwrap();
+        d.mark(0x10..0x10).unwrap();
+        for (start, end) in [
+            (0x0, 0x8),
+            (0x3ff8, 0x4008),
+            (0x4000, 0x8000),
+            (0x8fff, 0x9001),
+        ] {
+            assert_eq!(
+                d.mark(start..end),
+                Err(MarkError::OutsideMemory { start, end })
+            );
+        }
+        let clone = d.clone();
+        d.close();
+        assert_eq!(clone.mark(0x1000..0x1008), Err(MarkError::Closed));
+        let mut out = Vec::new();
+        d.drain_into(0x1000, &mut out).unwrap();
+        assert_eq!(out, vec![0x1000..0x2000, 0x2000..0x4000, 0x8000..0x9000]);
+    }
 
     #[test]
     #[allow(clippy::reversed_empty_ranges)] // the inverted range is the point

@@ -52,6 +52,21 @@ pub enum TrackingError {
         #[source]
         source: precopy_tracker::Error,
     },
+    /// A region's host range holds more than one object: from `at` on, the mappings are of
+    /// another file or memfd, another kind of memory, page size or sharing than at its start
+    /// (a region stated too large reaches into whatever is mapped next: another memfd, the
+    /// heap, a library). A region must be one mapped object.
+    #[error("region {region} is not one mapping: {first} up to {at:#x}, then {then}")]
+    Spans {
+        /// The region's id.
+        region: u32,
+        /// Where the other mapping starts.
+        at: u64,
+        /// What the region starts with.
+        first: String,
+        /// What follows at `at`.
+        then: String,
+    },
     /// What is mapped at a region's host address is not what the layout states.
     #[error("region {region}: the layout states {stated}, but the memory mapped there is {found}")]
     Mismatch {
@@ -116,6 +131,31 @@ pub fn adopt_process_uffd(pid: i32, fd: RawFd) -> Result<Uffd, TrackingError> {
     Uffd::adopt(ours, pid).map_err(|source| TrackingError::Adopt { pid, source })
 }
 
+/// Where the mappings `vmas` (covering one region, in address order) stop being one object: the
+/// start of the first mapping whose file or memfd (inode), sharing, permissions or page size
+/// differs from the first one's, with both described. Private anonymous memory has no identity
+/// beyond that, so adjacent anonymous mappings pass; so would two mappings of the same memfd at
+/// unrelated offsets (the query gives no file offset).
+fn one_object(vmas: &[precopy_sys::pagemap::Vma]) -> Option<(u64, String, String)> {
+    let first = vmas.first()?;
+    let same = |v: &&precopy_sys::pagemap::Vma| {
+        (v.inode, v.flags, v.page_size) == (first.inode, first.flags, first.page_size)
+    };
+    let other = vmas.iter().find(|v| !same(v))?;
+    let describe = |v: &precopy_sys::pagemap::Vma| match v.inode {
+        0 => format!("anonymous memory in {}-byte pages", v.page_size),
+        inode => format!(
+            "the file or memfd with inode {inode} in {}-byte pages",
+            v.page_size
+        ),
+    };
+    let (a, mut b) = (describe(first), describe(other));
+    if a == b {
+        b.push_str(" with other sharing or permissions");
+    }
+    Some((other.start, a, b))
+}
+
 /// The tracker's ranges are the memory; each [`DirtyLog::collect`] call is one scanner round,
 /// plus whatever the embedder marked through [`UffdDirtyLog::external_dirty`]. Parts that
 /// stopped being tracked are reported dirty (re-sent in full); parts that were unmapped fail
@@ -126,23 +166,36 @@ pub fn adopt_process_uffd(pid: i32, fd: RawFd) -> Result<Uffd, TrackingError> {
 pub struct UffdDirtyLog {
     tracker: Tracker,
     scanner: Scanner,
-    external: ExternalDirty,
+    external: ClosedOnDrop,
+}
+
+/// The log's [`ExternalDirty`], closed when the log goes away (also through
+/// [`UffdDirtyLog::into_parts`]), so a device's late mark fails at its call.
+#[derive(Debug)]
+struct ClosedOnDrop(ExternalDirty);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 impl UffdDirtyLog {
     /// A dirty log over `tracker`'s registered ranges.
     pub fn new(tracker: Tracker, scanner: Scanner) -> UffdDirtyLog {
+        let memory = tracker.ranges().iter().map(|r| r.range()).collect();
         UffdDirtyLog {
             tracker,
             scanner,
-            external: ExternalDirty::new(),
+            external: ClosedOnDrop(ExternalDirty::for_memory(memory)),
         }
     }
 
     /// The handle through which the embedder adds writes no page table shows (DMA, another
-    /// process) to the next round; see [`ExternalDirty`].
+    /// process) to the next round; see [`ExternalDirty`]. It accepts ranges of the tracked
+    /// memory only (source host addresses), and nothing once this log is gone.
     pub fn external_dirty(&self) -> ExternalDirty {
-        self.external.clone()
+        self.external.0.clone()
     }
 
     /// Tracks this process's memory as `layout` describes it: a new userfaultfd, every region
@@ -156,12 +209,11 @@ impl UffdDirtyLog {
             let range = r
                 .host_range()
                 .ok_or(TrackingError::NoHostAddress { region: r.id })?;
-            let tracked = tracker
-                .register(range)
-                .map_err(|source| TrackingError::Register {
-                    region: r.id,
-                    source,
-                })?;
+            let register = |source| TrackingError::Register {
+                region: r.id,
+                source,
+            };
+            let tracked = tracker.register(range.clone()).map_err(register)?;
             let mismatch = |stated: String, found: String| TrackingError::Mismatch {
                 region: r.id,
                 stated,
@@ -180,11 +232,21 @@ impl UffdDirtyLog {
                 Some(Backing::File) => tracked.kind == MemoryKind::SharedFile,
                 Some(Backing::Hugetlb) => tracked.kind == MemoryKind::Hugetlb,
             };
-            if !fits {
+            if let (false, Some(stated)) = (fits, r.backing) {
                 return Err(mismatch(
-                    format!("{:?} memory", r.backing),
+                    format!("{stated:?} memory"),
                     format!("{} memory", tracked.kind.name()),
                 ));
+            }
+            // Registered first, so a hole is `NotMapped`; a refusal drops the whole tracker.
+            let vmas = tracker.mappings(range).map_err(register)?;
+            if let Some((at, first, then)) = one_object(&vmas) {
+                return Err(TrackingError::Spans {
+                    region: r.id,
+                    at,
+                    first,
+                    then,
+                });
             }
         }
         Ok(UffdDirtyLog::new(tracker, scanner))
@@ -246,6 +308,7 @@ impl DirtyLog for UffdDirtyLog {
         // Drained before the scan: a range marked after its write may be sent twice, never
         // missed.
         self.external
+            .0
             .drain_into(self.tracker.page_size(), out)
             .map_err(|source| TrackingError::External { source })?;
         loop {

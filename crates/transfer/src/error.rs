@@ -74,6 +74,14 @@ pub enum LayoutError {
         /// The region that starts inside it.
         second: u32,
     },
+    /// Two regions share guest-physical addresses (a VMM's memory slots would collide).
+    #[error("regions {first} and {second} overlap in guest-physical addresses")]
+    GuestOverlap {
+        /// The region with the lower guest-physical address.
+        first: u32,
+        /// The region that starts inside it.
+        second: u32,
+    },
     /// A range that is not page-aligned or is empty/inverted.
     #[error("range {range:#x?} is not a non-empty span of whole {page_size}-byte pages")]
     RangeUnaligned {

@@ -160,6 +160,28 @@ pub(crate) fn valid_page_size(page_size: u64) -> bool {
     page_size.is_power_of_two() && (512..=1 << 30).contains(&page_size)
 }
 
+/// The indices of the regions that have an address `at`, in address order.
+fn by_address(regions: &[MemoryRegion], at: impl Fn(&MemoryRegion) -> Option<u64>) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..regions.len())
+        .filter(|&i| at(&regions[i]).is_some())
+        .collect();
+    order.sort_by_key(|&i| at(&regions[i]));
+    order
+}
+
+/// The ids of the first two regions of `order` (address order) whose ranges from `at` overlap.
+fn first_overlap(
+    regions: &[MemoryRegion],
+    order: &[usize],
+    at: impl Fn(&MemoryRegion) -> Option<u64>,
+) -> Option<(u32, u32)> {
+    // Checked for wrapping before: `at + size` fits.
+    order.windows(2).find_map(|w| {
+        let (a, b) = (&regions[w[0]], &regions[w[1]]);
+        (at(a).unwrap_or(0) + a.size > at(b).unwrap_or(0)).then_some((a.id, b.id))
+    })
+}
+
 impl Layout {
     /// Validates `regions` (any order) into a layout.
     pub fn new(mut regions: Vec<MemoryRegion>) -> Result<Layout, LayoutError> {
@@ -209,18 +231,13 @@ impl Layout {
                 .checked_add(r.size)
                 .ok_or(LayoutError::Wraps { region: r.id })?;
         }
-        let mut by_host: Vec<usize> = (0..regions.len())
-            .filter(|&i| regions[i].host_addr.is_some())
-            .collect();
-        by_host.sort_by_key(|&i| regions[i].host_addr);
-        for w in by_host.windows(2) {
-            let (a, b) = (&regions[w[0]], &regions[w[1]]);
-            if a.host_addr.unwrap_or(0) + a.size > b.host_addr.unwrap_or(0) {
-                return Err(LayoutError::Overlap {
-                    first: a.id,
-                    second: b.id,
-                });
-            }
+        let by_host = by_address(&regions, |r| r.host_addr);
+        if let Some((first, second)) = first_overlap(&regions, &by_host, |r| r.host_addr) {
+            return Err(LayoutError::Overlap { first, second });
+        }
+        let by_guest = by_address(&regions, |r| r.guest_addr);
+        if let Some((first, second)) = first_overlap(&regions, &by_guest, |r| r.guest_addr) {
+            return Err(LayoutError::GuestOverlap { first, second });
         }
         let page_size = regions.iter().map(|r| r.page_size).min().unwrap_or(4096);
         Ok(Layout {

@@ -97,6 +97,34 @@ fn layout_refuses_duplicate_ids_and_overlapping_host_ranges() {
 }
 
 #[test]
+fn layout_refuses_overlapping_guest_ranges() {
+    let err = Layout::new(vec![
+        MemoryRegion::new(1, 2 * PS, PS)
+            .host(BASE + 4 * PS)
+            .guest(PS),
+        MemoryRegion::new(0, 2 * PS, PS).host(BASE).guest(0),
+    ])
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LayoutError::GuestOverlap {
+                first: 0,
+                second: 1
+            }
+        ),
+        "{err:?}"
+    );
+    // Touching is not overlapping, and a region without a guest address overlaps nothing.
+    Layout::new(vec![
+        MemoryRegion::new(0, 2 * PS, PS).guest(0),
+        MemoryRegion::new(1, 2 * PS, PS).guest(2 * PS),
+        MemoryRegion::new(2, 2 * PS, PS),
+    ])
+    .unwrap();
+}
+
+#[test]
 fn layout_lookups_refuse_inverted_unaligned_and_outside_ranges() {
     let layout = Layout::single(PS, BASE, 4 * PS).unwrap();
     let inverted: Range<u64> = BASE + 2 * PS..BASE;
