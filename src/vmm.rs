@@ -11,8 +11,8 @@
 //! complete, as in Cloud Hypervisor's protocol.
 
 use precopy_migrate::{
-    ExternalDirty, Migration, MigrationConfig, MigrationReport, TrackingError, TransferTransport,
-    UffdDirtyLog, Workload,
+    CancelHandle, ExternalDirty, Migration, MigrationConfig, MigrationReport, Progress,
+    TrackingError, TransferTransport, UffdDirtyLog, Workload,
 };
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_transfer::{
@@ -104,12 +104,27 @@ pub enum TrackError {
 }
 
 /// The source side of a migration, for a VMM that needs a handle before it starts (to give its
-/// device models an [`ExternalDirty`]); [`migrate`] is `Source::track` then
-/// [`Source::migrate`].
-#[derive(Debug)]
+/// device models an [`ExternalDirty`], to cancel it from a management thread, to report its
+/// progress); [`migrate`] is `Source::track` then [`Source::migrate`].
 pub struct Source {
     layout: Layout,
     log: UffdDirtyLog,
+    cancel: CancelHandle,
+    progress: Option<ProgressFn>,
+}
+
+/// What [`Source::on_progress`] keeps.
+type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("layout", &self.layout)
+            .field("log", &self.log)
+            .field("cancel", &self.cancel)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
 }
 
 impl Source {
@@ -122,7 +137,26 @@ impl Source {
         Ok(Source {
             layout: layout.clone(),
             log,
+            cancel: CancelHandle::default(),
+            progress: None,
         })
+    }
+
+    /// A handle that cancels the migration from another thread (a management API's
+    /// `migrate_cancel`): whatever step runs is interrupted, the workload resumed, the
+    /// destination never told its copy is complete, and [`Source::migrate`] fails with
+    /// [`Error::Migration`] whose cause is [`precopy_migrate::Error::Cancelled`]. A cancel
+    /// after the destination committed does nothing.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+
+    /// Calls `f` before each round with where the migration stands (round, bytes pending,
+    /// throughput, dirty rate, expected downtime: what a management API's `query-migrate`
+    /// reports), on the migrating thread: keep it short.
+    pub fn on_progress(mut self, f: impl FnMut(&Progress) + Send + 'static) -> Source {
+        self.progress = Some(Box::new(f));
+        self
     }
 
     /// Where a device model reports writes no page table shows (DMA, a vhost-user backend's
@@ -154,19 +188,21 @@ impl Source {
     ///   says so). Set [`max_rounds_policy`](MigrationConfig::max_rounds_policy) to
     ///   [`LimitPolicy::Abort`](precopy_migrate::LimitPolicy::Abort) to give up instead, or
     ///   [`final_round_timeout`](MigrationConfig::final_round_timeout) to bound the pause.
-    /// - **State blob: at most 16 MiB**, sent after the last memory round. A larger blob is
-    ///   found only once the workload is paused and memory is sent: the migration fails
-    ///   ([`Error::Migration`], its step "sending the workload state") and the workload resumes.
+    /// - **State blob: at most 16 MiB** ([`MAX_STATE_LEN`](precopy_transfer::MAX_STATE_LEN)),
+    ///   sent after the last memory round. A larger blob is found only once the workload is
+    ///   paused and memory is sent: the migration fails ([`Error::Migration`], its step
+    ///   "sending the workload state", cause [`TransferError::StateTooLarge`]) and the
+    ///   workload resumes.
     /// - **On error the workload runs**: it was resumed, or never paused. A failed
     ///   [`Workload::pause`] is not followed by a resume: a pause that fails half-way must
     ///   resume what it stopped before it returns its error.
     /// - **One connection, the defaults of [`SenderConfig`]**: no compression, 10 s
     ///   handshake and I/O timeouts. No reconnect: the facade holds a
     ///   connection, not a way to dial again, so [`MigrationConfig::reconnect`] is not used.
-    ///   No progress callback and no cancel either. For those, build the migration from
-    ///   [`precopy_migrate::Migration`] (`on_progress`, `cancel_handle`) over
-    ///   [`precopy_migrate::UffdDirtyLog::for_layout`] and a
-    ///   [`TransferTransport`] of a [`Sender::dial`].
+    ///   Progress and cancel: [`Source::on_progress`], [`Source::cancel_handle`]. For more
+    ///   (several streams, compression, reconnecting), build the migration from
+    ///   [`precopy_migrate::Migration`] over [`precopy_migrate::UffdDirtyLog::for_layout`] and
+    ///   a [`TransferTransport`] of a [`Sender::dial`].
     pub fn migrate<W: Workload>(
         self,
         conn: Connection,
@@ -185,7 +221,11 @@ impl Source {
             &sender_config,
         )?;
         let mut migration =
-            Migration::new(self.log, TransferTransport::new(sender), workload, config);
+            Migration::new(self.log, TransferTransport::new(sender), workload, config)
+                .with_cancel_handle(self.cancel);
+        if let Some(f) = self.progress {
+            migration = migration.on_progress(f);
+        }
         Ok(migration.run()?)
     }
 }

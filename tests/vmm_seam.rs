@@ -477,3 +477,48 @@ fn external_dirty_refuses_ranges_outside_the_layout_and_marks_after_the_source_i
         Err(MarkError::Closed)
     );
 }
+
+#[test]
+fn a_source_reports_progress_and_a_cancel_resumes_the_workload() {
+    let len = 64 * PAGE;
+    let src = Arc::new(anon(64));
+    src.fill(0, len, 0x42).unwrap();
+    let layout = layout_of(&src, PAGE, Backing::Anonymous);
+    let key = Key::random();
+    let listener = Listener::bind_tcp("127.0.0.1:0").unwrap();
+    let conn = Connection::connect_tcp(listener.address().as_str()).unwrap();
+    let dest = destination(
+        listener,
+        key.clone(),
+        Arc::new(anon(64)),
+        Backing::Anonymous,
+    );
+    let source = precopy::Source::track(&layout).unwrap();
+    // The management thread's cancel, here from the first progress report.
+    let cancel = source.cancel_handle();
+    let rounds = Arc::new(Mutex::new(Vec::new()));
+    let seen = rounds.clone();
+    let source = source.on_progress(move |p| {
+        seen.lock().unwrap().push(p.round);
+        cancel.cancel();
+    });
+    let (vcpu, workload) = vcpu(src, |n| n.to_le_bytes().to_vec());
+    let err = source.migrate(conn, &key, workload, config()).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            precopy::Error::Migration(m) if matches!(**m, precopy::migrate::Error::Cancelled { .. })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        rounds.lock().unwrap().first(),
+        Some(&0),
+        "reported before round 0"
+    );
+    assert!(
+        dest.join().unwrap().is_err(),
+        "a cancelled copy was acknowledged"
+    );
+    assert!(!vcpu.exit(), "a cancelled migration resumes the source");
+}

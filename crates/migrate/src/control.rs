@@ -141,7 +141,10 @@ pub trait Workload {
     }
     /// Called once, while paused, after the last memory round: the opaque state the destination
     /// needs besides memory (vCPU registers, device state), sent with its own checksum before
-    /// the final acknowledgement. The default has none (an empty blob is sent).
+    /// the final acknowledgement. The default has none (an empty blob is sent). At most
+    /// [`MAX_STATE_LEN`](precopy_transfer::MAX_STATE_LEN) (16 MiB) over a
+    /// [`TransferTransport`](crate::TransferTransport): a larger blob fails the migration
+    /// (`TransferError::StateTooLarge`) after the pause, and the workload resumes.
     fn save_state(&mut self) -> Result<Vec<u8>, Self::Error> {
         Ok(Vec::new())
     }
@@ -190,9 +193,9 @@ impl<E> Callbacks<E> {
     }
 
     /// Adds a state hook: called while paused after the last memory round, returns the state
-    /// blob (vCPU registers, device state) the destination receives. Called again at a later
-    /// switch-over if the connection broke in the final phase
-    /// ([`MigrationConfig::switchover_attempts`](crate::MigrationConfig)).
+    /// blob (vCPU registers, device state, at most 16 MiB: see [`Workload::save_state`]) the
+    /// destination receives. Called again at a later switch-over if the connection broke in
+    /// the final phase ([`MigrationConfig::switchover_attempts`](crate::MigrationConfig)).
     pub fn with_state(
         mut self,
         state: impl FnMut() -> Result<Vec<u8>, E> + Send + 'static,

@@ -363,6 +363,14 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.cancel.clone()
     }
 
+    /// Uses `handle` as this migration's cancel handle (one made with `CancelHandle::default()`
+    /// before the migration was built, e.g. handed to a management thread early); a handle
+    /// cancelled already makes [`Migration::run`] fail at its first step.
+    pub fn with_cancel_handle(mut self, handle: CancelHandle) -> Self {
+        self.cancel = handle;
+        self
+    }
+
     /// After a failed [`Migration::run`]: the ranges the dirty log handed out that were never
     /// delivered (sorted, merged). They are no longer in the dirty log: a fallback (another
     /// destination, a checkpoint) must send them, plus everything the log reports from now on.

@@ -25,7 +25,7 @@ use crate::digest::{FinalCheck, PageHash, PageHashes, page_hash};
 use crate::error::TransferError;
 use crate::layout::Layout;
 use crate::live::LivePages;
-use crate::protocol::MAX_PAGES_LEN;
+use crate::protocol::{MAX_PAGES_LEN, MAX_STATE_LEN};
 use crate::sink::Sink;
 use crate::source::PageSource;
 
@@ -719,7 +719,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
 
     /// Sends the source's opaque state blob (vCPU registers, device state)
     /// after the last round and before [`Transfer::finish`], at most once and
-    /// at most [`MAX_STATE_LEN`](crate::protocol::MAX_STATE_LEN) bytes. It
+    /// at most [`MAX_STATE_LEN`] bytes ([`TransferError::StateTooLarge`]). It
     /// travels with its own CRC32C; the receiver hands it to its sink before
     /// it acknowledges the transfer.
     pub fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
@@ -729,9 +729,10 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
                 state: "inside a round, after finish, or twice",
             });
         }
-        if state.len() as u64 > crate::protocol::MAX_STATE_LEN {
-            return Err(TransferError::Config {
-                reason: "state blob larger than MAX_STATE_LEN (16 MiB)",
+        if state.len() as u64 > MAX_STATE_LEN {
+            return Err(TransferError::StateTooLarge {
+                len: state.len() as u64,
+                max: MAX_STATE_LEN,
             });
         }
         self.sink.send_state(state)?;

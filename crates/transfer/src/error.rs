@@ -684,6 +684,15 @@ pub enum TransferError {
         /// The state that forbids it.
         state: &'static str,
     },
+    /// The workload's state blob is larger than a STATE frame carries
+    /// ([`MAX_STATE_LEN`](crate::MAX_STATE_LEN)); nothing was sent.
+    #[error("the state blob is {len} bytes, more than the {max} a STATE frame carries")]
+    StateTooLarge {
+        /// The blob's length in bytes.
+        len: u64,
+        /// [`MAX_STATE_LEN`](crate::MAX_STATE_LEN).
+        max: u64,
+    },
     /// A configuration value is out of range.
     #[error("invalid configuration: {reason}")]
     Config {

@@ -54,6 +54,15 @@ fn state_round_trip_over_a_socket() {
     )
     .unwrap();
     tx.send_round(&[BASE..BASE + 4 * PS]).unwrap();
+    // Too large: refused before anything is sent, and the transfer stays usable.
+    let max = MAX_STATE_LEN;
+    assert!(
+        matches!(
+            tx.send_state(&vec![7u8; max as usize + 1]),
+            Err(TransferError::StateTooLarge { len, max: m }) if len == max + 1 && m == max
+        ),
+        "a state blob over {max} bytes"
+    );
     let blob: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     tx.send_state(&blob).unwrap();
     assert!(
