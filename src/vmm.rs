@@ -264,11 +264,11 @@ pub struct Received {
 /// ([`Error::Transfer`]) and the source is never acknowledged.
 ///
 /// Limits ([`ReceiverConfig`]'s defaults): a layout of at most 1 TiB, 10 s for the handshake
-/// once a connection is accepted, 60 s of silence while receiving. It waits
-/// for the first connection without a deadline: give it a listener that some sender will
-/// reach, or use [`Receiver::accept`] on a listener you can close. The first connection is
-/// the one it receives from: one that is not a precopy sender holding `key` fails the call
-/// ([`Error::Transfer`]).
+/// per connection, 60 s of silence while receiving. A connection that fails the handshake
+/// (not a precopy sender, a wrong key, silent past the handshake timeout) is refused and
+/// logged, and it keeps listening ([`Receiver::accept`]). It waits for a sender without a
+/// deadline and cannot be cancelled yet: a destination started for a migration that never
+/// comes stays blocked here.
 ///
 /// [`Error::NoState`] means the sender sent no STATE frame: a source that is not a
 /// [`migrate`] or [`Source::migrate`] (those always send one, empty when the workload saves
