@@ -487,7 +487,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     }
     // From here on the send may stop the target: if it dies without cleaning up, the guard
     // continues it (a target stopped by someone else before the send is theirs to continue).
-    let _guard = if control.stopped_on_entry() {
+    let guard = if control.stopped_on_entry() {
         None
     } else {
         Some(crate::guard::Guard::start(args.pid).map_err(|e| fail(&report, e))?)
@@ -558,6 +558,10 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
             }
             Then::Resume => {}
         }
+        // The target is now as the user asked: dismiss the guard before anything is printed,
+        // since a report that finds stdout gone (`| head -c0`) ends this process without
+        // running destructors, and a guard not told would continue a `--then stop` target.
+        drop(guard);
     }
     let tracked: Vec<Range<u64>> = log.tracker().ranges().iter().map(|r| r.range()).collect();
     report["tracked"] = ranges_json(&tracked);

@@ -768,3 +768,38 @@ fn recv_without_a_key_refuses_to_start_and_says_how_to_make_one() {
     assert!(err.contains("head -c 32 /dev/urandom"), "says how: {err}");
     assert!(!image.exists(), "no image written");
 }
+
+/// `send --then stop` whose report finds stdout gone (`| head -c0`): the send ends quietly
+/// once the image is complete, and the target stays stopped (the watchdog that continues the
+/// target of a send that died was dismissed before the report was printed).
+#[test]
+fn then_stop_with_stdout_gone_leaves_the_target_stopped() {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(Lang::C, 2, 256, 0);
+    settled(&mut t);
+    let image = tmp("stdout-gone.img");
+    let mut child = Command::new(PRECOPY)
+        .args(["send", "--pid", &t.pid.to_string(), "--to"])
+        .arg(format!("file:{}", image.display()))
+        .args(["--then", "stop", "--max-rounds", "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The reader goes away before the report is written.
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    // A guard that was not dismissed continues the target right after the send exits.
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = state(t.pid).stopped;
+    cont(t.pid);
+    assert!(status.code().is_some(), "send died of a signal: {status}");
+    assert!(image.exists(), "the image was not published");
+    assert!(
+        stopped,
+        "--then stop left the target running when stdout was gone"
+    );
+    let _ = std::fs::remove_file(&image);
+}
