@@ -140,7 +140,9 @@ fn destination_stopped_mid_run_fails_on_the_io_timeout() {
 
 /// The destination stops as the final round starts: past the final-round bound the source is
 /// resumed and the migration reported failed with the downtime it suffered; the destination,
-/// let run again, acknowledges into a closed connection, never gets COMMIT, and fails.
+/// let run again, acknowledges into a closed connection and never gets COMMIT: it never
+/// reports a copy. (Run resumable, it then waits for the source to come back, since a final
+/// phase cut before COMMIT may be retried; this source, interrupted by its bound, does not.)
 #[test]
 fn destination_stopped_in_the_final_round_resumes_the_source_and_fails() {
     if !engine_usable() {
@@ -164,7 +166,11 @@ fn destination_stopped_in_the_final_round_resumes_the_source_and_fails() {
     assert!(err.contains("did not finish within 500ms"), "{err}");
     assert!(err.contains("acknowledgement"), "{err}");
     let dest = v["destination_outcome"].as_str().unwrap_or_default();
-    assert!(dest.contains("did not commit"), "{v}");
+    assert!(!dest.starts_with("RECEIVED"), "{v}");
+    assert!(
+        dest.contains("did not commit") || dest.contains("waiting for a sender to resume"),
+        "{v}"
+    );
 }
 
 /// `--timeout` under the abort policy is a hard bound, not only a check between rounds: the
