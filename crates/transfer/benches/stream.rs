@@ -424,7 +424,7 @@ fn main() {
         );
     }
     println!(
-        "\nper-byte steps (MiB/s, one core): crc32c per page {crc_speed:.0}, memcpy {copy_speed:.0}, process_vm_readv (256 KiB) {readv_speed:.0}"
+        "\nper-byte steps (MiB/s, one core): page hash (XXH3-64) {crc_speed:.0}, memcpy {copy_speed:.0}, process_vm_readv (256 KiB) {readv_speed:.0}"
     );
     println!("\nprecopy-transfer stream bench: {mib} MiB per transfer, median of samples");
     let cpu = CPU.lock().unwrap();
