@@ -39,7 +39,19 @@ struct Worker {
     /// The writer stopped on a stall (a write or a PONG past the I/O timeout): every later
     /// call reports that stall again, not a bare abort.
     stalled: Option<(&'static str, String, Duration)>,
+    /// Small page frames not yet handed to the writer ([`Worker::send_small`]).
+    held: Vec<Cmd>,
+    held_bytes: usize,
 }
+
+/// Page bytes a [`Worker`] gathers before it hands its small frames to the writer thread
+/// in one [`Cmd::Batch`]. A round of scattered pages is a frame per page; handed over one
+/// by one, each costs two context switches between the engine's thread and the writer's
+/// (about 8 µs each on this project's test machine, `perf sched timehist`), more than the
+/// page's own copy and hash.
+const HOLD_BYTES: usize = 256 << 10;
+/// Frames a [`Worker`] gathers at most before it hands them over (zero runs carry no bytes).
+const HOLD_FRAMES: usize = 64;
 
 impl Worker {
     /// The worker's own error, after it stopped.
@@ -61,7 +73,40 @@ impl Worker {
         }
     }
 
+    /// Hands `cmd` to the writer, after the frames held back.
     fn send(&mut self, cmd: Cmd) -> Result<(), TransferError> {
+        self.release()?;
+        self.hand(cmd)
+    }
+
+    /// Holds back a page frame of `bytes` bytes to hand it over with others; a large one
+    /// goes at once.
+    fn send_small(&mut self, cmd: Cmd, bytes: usize) -> Result<(), TransferError> {
+        if bytes >= HOLD_BYTES {
+            return self.send(cmd);
+        }
+        self.held.push(cmd);
+        self.held_bytes += bytes;
+        if self.held_bytes >= HOLD_BYTES || self.held.len() >= HOLD_FRAMES {
+            self.release()?;
+        }
+        Ok(())
+    }
+
+    /// Hands the frames held back to the writer in one batch.
+    fn release(&mut self) -> Result<(), TransferError> {
+        self.held_bytes = 0;
+        let cmd = if self.held.len() > 1 {
+            Cmd::Batch(std::mem::take(&mut self.held))
+        } else if let Some(one) = self.held.pop() {
+            one
+        } else {
+            return Ok(());
+        };
+        self.hand(cmd)
+    }
+
+    fn hand(&mut self, cmd: Cmd) -> Result<(), TransferError> {
         match &self.cmds {
             Some(tx) if tx.send(cmd).is_ok() => Ok(()),
             _ => Err(self.failure()),
@@ -208,10 +253,7 @@ impl SocketSink {
                 .spawn(move || watch_peer(watch, event_tx, seen))
                 .map_err(TransferError::io("starting a watcher thread"))?;
             let writer = StreamWriter {
-                out: FrameWriter::new(StallBound {
-                    conn,
-                    stall: config.io_timeout,
-                }),
+                out: FrameWriter::new(StallBound::new(conn, config.io_timeout)),
                 compressor: Compressor::new(config.compression),
                 limiter: config
                     .bandwidth_limit
@@ -238,6 +280,8 @@ impl SocketSink {
                 conn: keep,
                 broken,
                 stalled: None,
+                held: Vec::new(),
+                held_bytes: 0,
             });
         }
         self.next = 0;
@@ -329,9 +373,10 @@ impl Sink for SocketSink {
         pages: PageBuf,
         hashes: &[PageHash],
     ) -> Result<(), TransferError> {
+        let bytes = pages.len();
         let r = self
             .next_worker()
-            .and_then(|w| w.send(Cmd::Pages(offset, pages, hashes.to_vec())));
+            .and_then(|w| w.send_small(Cmd::Pages(offset, pages, hashes.to_vec()), bytes));
         r.map_err(|e| self.explain(e))
     }
 
@@ -342,9 +387,10 @@ impl Sink for SocketSink {
         pages: LivePages,
         hashes: &[PageHash],
     ) -> Result<(), TransferError> {
+        let bytes = usize::try_from(pages.len()).unwrap_or(usize::MAX);
         let r = self
             .next_worker()
-            .and_then(|w| w.send(Cmd::Live(offset, pages, hashes.to_vec())));
+            .and_then(|w| w.send_small(Cmd::Live(offset, pages, hashes.to_vec()), bytes));
         r.map_err(|e| self.explain(e))
     }
 
@@ -356,7 +402,9 @@ impl Sink for SocketSink {
     }
 
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
-        let r = self.next_worker().and_then(|w| w.send(Cmd::Zero(range)));
+        let r = self
+            .next_worker()
+            .and_then(|w| w.send_small(Cmd::Zero(range), 0));
         r.map_err(|e| self.explain(e))
     }
 

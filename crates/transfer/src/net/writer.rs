@@ -39,6 +39,8 @@ pub(super) enum Cmd {
     Commit(u64),
     /// A PING with this token; the writer waits for its PONG.
     Ping(u64),
+    /// Page and zero frames handed over together (none of them answers).
+    Batch(Vec<Cmd>),
 }
 
 /// A writer's answer to the commands that wait for one.
@@ -126,14 +128,40 @@ pub(super) fn send_timeout_slice(io_timeout: Duration) -> Duration {
         .min(io_timeout)
 }
 
+/// Bytes of small frames a writer gathers before one `writev` sends them together.
+///
+/// A round of scattered pages is one PAGES frame per run of pages, often a single 4 KiB
+/// page: written one by one, that is a system call per page at the sender and about one
+/// read per page at the receiver (measured with `strace -f -c` on the demo: 19 719 `writev`
+/// and 21 327 `recvfrom` for 21 970 pages of iterative rounds). Frames that fit are copied
+/// here instead (a 4 KiB copy costs far less than a system call) and go out with the next
+/// frame that does not fit, or at the next flush.
+pub(super) const COALESCE_BYTES: usize = 64 << 10;
+
 /// A connection whose writes fail only after `stall` without progress: each call retries
 /// the socket's short timeouts ([`send_timeout_slice`]) until a byte moves or `stall` has
 /// passed since the call began (a call begins right after the previous one moved bytes, or
 /// when a new frame is written), so the deadline holds to within one slice. `None`: the
 /// socket blocks as long as it takes.
+///
+/// Small writes are gathered ([`COALESCE_BYTES`]) and sent with the next large one in the
+/// same `writev`, or by [`io::Write::flush`]: whoever writes to `conn` directly, or waits
+/// for the receiver's answer, flushes first.
 pub(super) struct StallBound {
     pub(super) conn: Connection,
     pub(super) stall: Option<Duration>,
+    /// Bytes accepted but not yet written, in order.
+    pub(super) staged: Vec<u8>,
+}
+
+impl StallBound {
+    pub(super) fn new(conn: Connection, stall: Option<Duration>) -> StallBound {
+        StallBound {
+            conn,
+            stall,
+            staged: Vec::with_capacity(COALESCE_BYTES),
+        }
+    }
 }
 
 impl StallBound {
@@ -152,12 +180,48 @@ impl StallBound {
 
 impl io::Write for StallBound {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.retry(|mut c| io::Write::write(&mut c, buf))
+        self.write_vectored(&[io::IoSlice::new(buf)])
     }
+
+    /// Stages `bufs` if they fit beside what is staged; otherwise writes the staged bytes
+    /// and then `bufs` in one `writev` (as many calls as partial writes need), and returns
+    /// how much of `bufs` went out.
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if self.staged.len() + total <= COALESCE_BYTES {
+            for b in bufs {
+                self.staged.extend_from_slice(b);
+            }
+            return Ok(total);
+        }
+        while !self.staged.is_empty() {
+            let mut all = Vec::with_capacity(bufs.len() + 1);
+            all.push(io::IoSlice::new(&self.staged));
+            all.extend(bufs.iter().map(|b| io::IoSlice::new(b)));
+            let n = self.retry(|mut c| io::Write::write_vectored(&mut c, &all))?;
+            if n == 0 {
+                return Ok(0);
+            }
+            if n <= self.staged.len() {
+                self.staged.drain(..n);
+            } else {
+                let past = n - self.staged.len();
+                self.staged.clear();
+                return Ok(past);
+            }
+        }
         self.retry(|mut c| io::Write::write_vectored(&mut c, bufs))
     }
+
+    /// Writes what is staged.
     fn flush(&mut self) -> io::Result<()> {
+        while !self.staged.is_empty() {
+            let n = self.retry(|mut c| io::Write::write(&mut c, &self.staged))?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.staged.drain(..n);
+        }
         Ok(())
     }
 }
@@ -388,6 +452,11 @@ impl StreamWriter {
                 return Ok(Some(Reply::Finished));
             }
             Cmd::Ping(token) => return self.ping(token).map(|d| Some(Reply::Pong(d))),
+            Cmd::Batch(cmds) => {
+                for cmd in cmds {
+                    self.handle(cmd)?;
+                }
+            }
             Cmd::Commit(checksum) => {
                 self.send(&Commit { digest: checksum })?;
                 let flushed = self.out.flush();
@@ -489,6 +558,9 @@ impl StreamWriter {
             let list = crate::digest::hash_list(chunk);
             let header = Pages::listed_header(span, &list, true);
             self.pace(len + list.len() as u64);
+            // The frames staged before this one go first.
+            let flushed = self.out.flush();
+            flushed.map_err(|e| self.write_error(e))?;
             let n = write_all_gather_within(
                 self.out.get_ref().conn.as_fd(),
                 &[
