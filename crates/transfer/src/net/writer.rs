@@ -364,6 +364,11 @@ impl StreamWriter {
                 self.zero_pages = 0;
                 self.round_start = self.out.written();
                 self.send(&RoundBegin { round })?;
+                // Not staged: with several connections the receiver starts a round only
+                // when every connection's ROUND_BEGIN has arrived, while this connection's
+                // pages may be held up behind another's.
+                let flushed = self.out.flush();
+                flushed.map_err(|e| self.write_error(e))?;
             }
             Cmd::Pages(offset, pages, hashes) => {
                 self.pages += pages.len() as u64 / self.page_size;
