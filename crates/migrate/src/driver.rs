@@ -832,7 +832,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 let expected = estimate.map(|e| e.total());
                 self.emit(Phase::Iterating, pending_bytes, dirty_rate);
 
-                if estimate.is_some_and(|e| e.with_margin() <= self.config.max_downtime) {
+                if estimate.is_some_and(|e| e.bound() <= self.config.max_downtime) {
                     break SwitchReason::Converged;
                 }
                 if round >= self.config.max_rounds {
@@ -879,6 +879,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             let p = pending.iter().map(|r| r.end - r.start).sum();
             let estimate = self.estimator.estimate(p);
             self.report.expected_downtime = estimate.map(|e| e.total());
+            self.report.downtime_bound = estimate.map(|e| e.bound());
             self.report.downtime_estimate = estimate;
             if reason != SwitchReason::Converged {
                 self.report.downtime_note = Some(self.why_not_converged(reason, estimate));
@@ -988,12 +989,13 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             return format!("{what} before any bandwidth was measured; limit {limit:.1} ms");
         };
         let finish = e.finish.max(e.finish_worst);
-        let fixed = e.pause + e.scan + e.fixed + finish;
+        let scan = e.scan.max(e.scan_worst);
+        let fixed = e.pause + scan + e.fixed + finish;
         let cause = if ms(fixed.mul_f64(e.margin)) > limit {
             format!(
                 "the fixed costs alone (pause {:.1} + scan {:.1} + {:.1} ms per round + finish {:.1}) exceed it",
                 ms(e.pause),
-                ms(e.scan),
+                ms(scan),
                 ms(e.fixed),
                 ms(finish)
             )
@@ -1005,8 +1007,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             )
         };
         format!(
-            "{what} with {:.1} ms expected (×{:.2} margin) against a limit of {limit:.1} ms: {cause}",
+            "{what} with {:.1} ms expected, {:.1} ms at most (×{:.2} margin), against a limit of {limit:.1} ms: {cause}",
             ms(e.total()),
+            ms(e.bound()),
             e.margin
         )
     }

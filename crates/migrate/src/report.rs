@@ -182,20 +182,27 @@ pub struct DowntimeEstimate {
     /// Pausing the workload (measured by a probe after round 0; zero without it).
     #[serde(serialize_with = "ms", rename = "pause_ms")]
     pub pause: Duration,
-    /// The final scan (the slowest of the last scans).
+    /// The final scan: the fastest of the last scans (the final one runs with the workload
+    /// stopped).
     #[serde(serialize_with = "ms", rename = "scan_ms")]
     pub scan: Duration,
-    /// Sending the pending bytes: `fixed + pending / bandwidth`, never faster than the slowest
-    /// recent round.
+    /// The slowest of the last scans, which the switch-over decision counts instead of `scan`.
+    #[serde(serialize_with = "ms", rename = "scan_worst_ms")]
+    pub scan_worst: Duration,
+    /// Sending the pending bytes at the throughput of the last iterative round.
     #[serde(serialize_with = "ms", rename = "send_ms")]
     pub send: Duration,
+    /// The bound on sending them, which the decision counts instead of `send`:
+    /// `fixed + pending / bandwidth`, never faster than the slowest recent round.
+    #[serde(serialize_with = "ms", rename = "send_worst_ms")]
+    pub send_worst: Duration,
     /// Memory digests and the acknowledgement round trip: the upper median of the transport's
     /// recent probes ([`Transport::probe_finish`](crate::Transport::probe_finish)); zero for a
     /// transport that cannot probe.
     #[serde(serialize_with = "ms", rename = "finish_ms")]
     pub finish: Duration,
     /// The slowest of those probes, which the switch-over decision counts instead of `finish`
-    /// ([`DowntimeEstimate::with_margin`]).
+    /// ([`DowntimeEstimate::bound`]).
     #[serde(serialize_with = "ms", rename = "finish_worst_ms")]
     pub finish_worst: Duration,
     /// Per-round fixed cost of the fitted line.
@@ -234,6 +241,11 @@ pub struct MigrationReport {
     /// The expected downtime when the driver decided to switch over.
     #[serde(serialize_with = "ms_opt", rename = "expected_downtime_ms")]
     pub expected_downtime: Option<Duration>,
+    /// What the decision counted at the switch-over: each part's bound, times the margin
+    /// ([`DowntimeEstimate::bound`]). A converged migration switched over because this fitted
+    /// the limit.
+    #[serde(serialize_with = "ms_opt", rename = "downtime_bound_ms")]
+    pub downtime_bound: Option<Duration>,
     /// Its parts, as estimated at the switch-over.
     pub downtime_estimate: Option<DowntimeEstimate>,
     /// Why the limit could not be met (or was exceeded), when that happened.
@@ -294,6 +306,7 @@ impl MigrationReport {
             total_time: Duration::ZERO,
             downtime: None,
             expected_downtime: None,
+            downtime_bound: None,
             downtime_estimate: None,
             downtime_note: None,
             max_downtime,
@@ -399,7 +412,10 @@ impl fmt::Display for MigrationReport {
         if let Some(e) = &self.error {
             writeln!(f, "error:         {e}")?;
         }
-        let expected = opt(self.expected_downtime);
+        let expected = match (self.expected_downtime, self.downtime_bound) {
+            (Some(e), Some(b)) => format!("{} (at most {})", msf(e), msf(b)),
+            (e, _) => opt(e),
+        };
         let limit = msf(self.max_downtime);
         match self.switch_reason {
             Some(SwitchReason::Converged) => writeln!(
@@ -437,14 +453,24 @@ impl fmt::Display for MigrationReport {
         if let Some(e) = self.downtime_estimate {
             writeln!(
                 f,
-                "               expected: pause {} + scan {} + send {} ({} at {}/s + {} per round), margin x{:.2}",
+                "               expected: pause {} + scan {} + send {} ({}) + checksum and acknowledgement {}",
                 msf(e.pause),
                 msf(e.scan),
                 msf(e.send),
                 bytes(e.pending_bytes as f64),
+                msf(e.finish),
+            )?;
+            writeln!(
+                f,
+                "               at most:  pause {} + scan {} + send {} ({}/s + {} per round) + checksum and acknowledgement {}, margin x{:.2} = {}",
+                msf(e.pause),
+                msf(e.scan.max(e.scan_worst)),
+                msf(e.send.max(e.send_worst)),
                 bytes(e.bandwidth),
                 msf(e.fixed),
-                e.margin
+                msf(e.finish.max(e.finish_worst)),
+                e.margin,
+                msf(e.bound()),
             )?;
         }
         if let Some(b) = self.final_round_bound {
