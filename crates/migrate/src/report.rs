@@ -412,7 +412,8 @@ impl fmt::Display for MigrationReport {
         if let Some(e) = &self.error {
             writeln!(f, "error:         {e}")?;
         }
-        let expected = match (self.expected_downtime, self.downtime_bound) {
+        let expected = opt(self.expected_downtime);
+        let decided = match (self.expected_downtime, self.downtime_bound) {
             (Some(e), Some(b)) => format!("{} (at most {})", msf(e), msf(b)),
             (e, _) => opt(e),
         };
@@ -420,11 +421,11 @@ impl fmt::Display for MigrationReport {
         match self.switch_reason {
             Some(SwitchReason::Converged) => writeln!(
                 f,
-                "switch-over:   converged: expected downtime {expected}, within the {limit} limit"
+                "switch-over:   converged: expected downtime {decided}, within the {limit} limit"
             )?,
             Some(SwitchReason::MaxRounds) => writeln!(
                 f,
-                "switch-over:   FORCED by the round limit after {} round(s) with the workload running, before converging: expected downtime {expected}, limit {limit}",
+                "switch-over:   FORCED by the round limit after {} round(s) with the workload running, before converging: expected downtime {decided}, limit {limit}",
                 self.rounds
                     .iter()
                     .filter(|r| r.kind != RoundKind::Final)
@@ -432,7 +433,7 @@ impl fmt::Display for MigrationReport {
             )?,
             Some(SwitchReason::Timeout) => writeln!(
                 f,
-                "switch-over:   FORCED by the timeout before converging: expected downtime {expected}, limit {limit}"
+                "switch-over:   FORCED by the timeout before converging: expected downtime {decided}, limit {limit}"
             )?,
             None => {}
         }
