@@ -30,23 +30,24 @@
 //! # Switch-over rule
 //!
 //! After each scan the driver knows the bytes still pending (what the scan found) and estimates
-//! what the final phase would cost if it paused now: **pause** (the median of three probes that
-//! pause and resume the workload, after round 0 and the next two rounds,
-//! [`MigrationConfig::probe_pause`]) + **final scan** (the
-//! slowest of the last three scans) + **send** of the pending bytes + **finish** (the memory
-//! digests and the acknowledgement round trip: the upper median of the last five
-//! [`Transport::probe_finish`] samples, one after each round; over a socket a PING/PONG on every
-//! connection, see `precopy-transfer`'s protocol; the decision counts the slowest of them). The
-//! send estimate comes from
-//! the rounds themselves: a line `fixed + bytes / bandwidth` fitted to the last four iterative
-//! rounds, never faster than the slowest of them (a low percentile of recent bandwidth, not the
-//! mean), and before two such rounds exist the duration of the smallest measured round at least
-//! as big. Rounds shrink as a migration converges, and their fixed cost (thread hand-offs, the
-//! end-of-round flush: 10-20 ms on a loaded 2-core machine) makes the last, small round slower
-//! per byte than the rounds before it; an average throughput hides that and overshoots the
-//! limit. The driver switches over when the estimate times a **margin** is at most
-//! [`MigrationConfig::max_downtime`]; the margin is the largest ratio of actual to estimated
-//! send time over the last four rounds (1 to 1.5). This refines QEMU's rule ("pending bytes <
+//! what the final phase would cost if it paused now, each part twice: what it typically costs
+//! (their sum is the **expected downtime**) and what it cost at worst lately (the **bound**).
+//! **Pause**: the median of three probes that pause and resume the workload, after round 0 and
+//! the next two rounds ([`MigrationConfig::probe_pause`]). **Final scan**: the fastest of the
+//! last three scans (the final scan runs with the workload stopped), bounded by the slowest.
+//! **Send** of the pending bytes: at the last iterative round's throughput, bounded by a line
+//! `fixed + bytes / bandwidth` fitted to the last four iterative rounds, never faster than the
+//! slowest of them (a low percentile of recent bandwidth, not the mean), and before two such
+//! rounds exist by the duration of the smallest measured round at least as big. Rounds shrink
+//! as a migration converges, and their fixed cost makes the last, small round slower per byte
+//! than the rounds before it; an average throughput hides that and overshoots the limit.
+//! **Finish** (the memory digests and the acknowledgement round trip): the upper median of the
+//! last five [`Transport::probe_finish`] samples, one after each round (over a socket a
+//! PING/PONG on every connection, see `precopy-transfer`'s protocol), bounded by the slowest.
+//! The driver switches over when the bound times a **margin** is at most
+//! [`MigrationConfig::max_downtime`] ([`DowntimeEstimate::bound`]): a limit is a promise, the
+//! expected downtime a prediction. The margin is the largest ratio of actual to estimated send
+//! time over the last four rounds (1 to 1.5). This refines QEMU's rule ("pending bytes <
 //! bandwidth × downtime limit"). The memory **throughput** used for progress and auto-converge
 //! is, as before, memory bytes a round delivered (pages with contents plus zero pages, times the
 //! page size) divided by its duration: the last round's when it moved at least 4 MiB, else the
