@@ -203,7 +203,7 @@ use crate::digest::{FinalCheck, PAGE_HASH_LEN};
 use crate::error::ProtocolError;
 pub use crate::kind::FrameKind;
 use crate::layout::{Backing, Layout, MAX_REGIONS, MemoryRegion};
-pub use stream::{FrameReader, FrameWriter, verify_frame_pages, verify_listed};
+pub use stream::{FrameReader, FrameWriter, verify_frame_pages, verify_hashed_list};
 
 /// The first eight bytes of every precopy stream and image.
 pub const MAGIC: [u8; 8] = *b"PRECOPY\0";
@@ -1722,7 +1722,7 @@ mod tests {
             assert_eq!(h.is_live(), live);
             assert_eq!(h.listed_lengths(4096), Some((8192, 16)));
             assert_eq!(h.listed_lengths(8192), None);
-            let header = verify_listed(&h, 0, &pages, &list, 4096, &mut got).unwrap();
+            let header = stream::verify_listed(&h, 0, &pages, &list, 4096, &mut got).unwrap();
             assert_eq!(got, hashes);
             let frame: Pages = header.decode(&[]).unwrap();
             assert_eq!((frame.span, frame.live), (span, live));
@@ -1730,7 +1730,7 @@ mod tests {
             let mut bad = list.clone();
             bad[0] ^= 1;
             assert!(matches!(
-                verify_listed(&h, 0, &pages, &bad, 4096, &mut got),
+                stream::verify_listed(&h, 0, &pages, &bad, 4096, &mut got),
                 Err(crate::TransferError::Protocol(
                     ProtocolError::BadChecksum { .. }
                 ))
@@ -1738,12 +1738,12 @@ mod tests {
             let mut h2 = h.to_bytes();
             h2[8] ^= 1;
             let h2: RawHeader = zerocopy::transmute!(h2);
-            assert!(verify_listed(&h2, 0, &pages, &list, 4096, &mut got).is_err());
+            assert!(stream::verify_listed(&h2, 0, &pages, &list, 4096, &mut got).is_err());
             // A page that differs from its listed hash fails a strict frame
             // and is left to the receiver's changed set in a live one.
             let mut torn = pages.clone();
             torn[5000] ^= 0x40;
-            let r = verify_listed(&h, 0, &torn, &list, 4096, &mut got);
+            let r = stream::verify_listed(&h, 0, &torn, &list, 4096, &mut got);
             if live {
                 assert!(r.is_ok());
                 assert_eq!(got[0], hashes[0]);

@@ -55,7 +55,7 @@ use crate::protocol::{
     Auth, Challenge, Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter,
     HEADER_LEN, Header, Hello, Pages, Ping, Pong, RawHeader, Resume, RoundBegin, RoundEnd,
     State as StateFrame, Welcome, Zero, error_code, resume_block_pages, verify_frame_pages,
-    verify_listed,
+    verify_hashed_list,
 };
 use crate::sink::Sink;
 
@@ -1309,10 +1309,12 @@ fn read_in_place<R: Read, K: Sink + ?Sized>(
         return Ok(None);
     };
     let mut list = vec![0u8; (len / ps) as usize * crate::digest::PAGE_HASH_LEN];
-    let checked = r.read_payload_into(dest).and_then(|()| {
-        r.read_payload_into(&mut list)?;
-        verify_listed(h, offset, dest, &list, ps, hashes)
-    });
+    let checked = r
+        .read_pages_hashing(dest, ps as usize, hashes)
+        .and_then(|()| {
+            r.read_payload_into(&mut list)?;
+            verify_hashed_list(h, offset, len, &list, ps, hashes)
+        });
     match checked {
         Ok(header) => {
             sink.commit_lent(offset, hashes)?;
