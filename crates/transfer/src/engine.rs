@@ -28,6 +28,7 @@ use crate::live::LivePages;
 use crate::protocol::{MAX_PAGES_LEN, MAX_STATE_LEN};
 use crate::sink::Sink;
 use crate::source::PageSource;
+use precopy_sys::live::Prefetch;
 
 pub use crate::codec::Compression;
 
@@ -284,9 +285,12 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         self.batch.clear();
         self.batch_len = 0;
         let Some(state) = self.current.take() else {
+            self.record_live_hashes();
             return;
         };
-        if let Ok(bytes) = self.sink.end_round(state.round) {
+        let ended = self.sink.end_round(state.round);
+        self.record_live_hashes();
+        if let Ok(bytes) = ended {
             self.next_round += 1;
             self.totals.rounds += 1;
             self.totals.pages += state.pages;
@@ -348,7 +352,12 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         }
         self.batch.clear();
         self.batch_len = 0;
+        // Pages the broken round's writers sent before the break count as sent (the digests
+        // below tell whether they arrived); the sink stopped those writers by the time it
+        // returns.
+        self.record_live_hashes();
         let point = self.sink.resume()?;
+        self.record_live_hashes();
         let block = usize::try_from(point.block_pages).unwrap_or(usize::MAX);
         let ours = self.hashes.block_digests(block);
         if point.block_pages == 0 || ours.len() != point.block_digests.len() {
@@ -474,6 +483,8 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             return Ok(());
         }
         if let Some(lent) = self.lend_batch() {
+            // Keeps the reports from piling up over a long round.
+            self.record_live_hashes();
             return self.send_lent(&lent);
         }
         let n = self.batch_len as usize;
@@ -530,11 +541,21 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         );
         hashes.clear();
         zero.clear();
+        // A sink that hashes lent pages itself does it right before its write, so that the
+        // kernel's copy reads them from cache: only the zero test here (it reads the first
+        // bytes of a page that is not all zeros).
+        let hash_here = !self.sink.hashes_live_pages();
         for p in lent {
-            p.for_each_page(ps as u64, |page| {
+            // Only the start of a page that is not all zeros is read here; a hash reads it all.
+            let ahead = if hash_here {
+                Prefetch::Whole(2)
+            } else {
+                Prefetch::Start(4)
+            };
+            p.for_each_page(ps as u64, ahead, |page| {
                 let z = is_zero(page);
                 zero.push(z);
-                hashes.push(if z { 0 } else { page_hash(page) });
+                hashes.push(if z || !hash_here { 0 } else { page_hash(page) });
             });
         }
         let result = self.send_batch(&batch, Batch::Lent(lent), &hashes, &zero);
@@ -582,9 +603,9 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
                 } else {
                     state.pages += n;
                     let run = &hashes[at + k..at + end];
-                    self.hashes.set(first + k, run);
                     match data {
                         Batch::Read(shared) => {
+                            self.hashes.set(first + k, run);
                             let off = (at + k) * ps as usize;
                             let view = shared.view(off..off + (n * ps) as usize);
                             self.sink.send_pages(offset, view, run)?;
@@ -594,7 +615,13 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
                             let part = lent[i]
                                 .slice(from..from + n * ps)
                                 .map_err(TransferError::io("lending pages"))?;
-                            self.sink.send_live_pages(offset, part, run)?;
+                            if self.sink.hashes_live_pages() {
+                                // Recorded when the sink reports them (`record_live_hashes`).
+                                self.sink.send_unhashed_live_pages(offset, part)?;
+                            } else {
+                                self.hashes.set(first + k, run);
+                                self.sink.send_live_pages(offset, part, run)?;
+                            }
                         }
                     }
                 }
@@ -603,6 +630,18 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             at += count;
         }
         Ok(())
+    }
+
+    /// Records the hashes the sink took of lent pages it sent
+    /// ([`Sink::take_live_hashes`]) in the page-hash table.
+    fn record_live_hashes(&mut self) {
+        let ps = self.layout.page_size();
+        let table = &mut self.hashes;
+        self.sink.take_live_hashes(&mut |offset, hashes| {
+            // Offsets are the ones this transfer handed out; one that does not fit leaves the
+            // table as it was, and the final digest then fails rather than passes.
+            table.set((offset / ps) as usize, hashes);
+        });
     }
 
     /// Ends the round: flushes the last batch and waits until the sink has
@@ -619,7 +658,9 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             operation: "end_round",
             state: "outside a round",
         })?;
-        let bytes = self.sink.end_round(state.round)?;
+        let ended = self.sink.end_round(state.round);
+        self.record_live_hashes();
+        let bytes = ended?;
         self.next_round += 1;
         self.totals.rounds += 1;
         self.totals.pages += state.pages;

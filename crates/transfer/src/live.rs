@@ -3,9 +3,13 @@
 //! [`OwnMemory`] is the page source for memory this process maps itself (an embedded VMM's guest
 //! RAM, a benchmark's buffer): instead of copying a batch with `process_vm_readv`, it lends the
 //! pages ([`LivePages`]) and the socket writer hands them to `writev(2)`, so the only copy is the
-//! kernel's, into the socket. The sender takes each page's hash (XXH3-64) in place just before,
-//! without a copy (`LivePages::for_each_page`), so each lent page is read once by the hash and
-//! once by the kernel.
+//! kernel's, into the socket. The page's hash (XXH3-64) is taken in place, without a copy
+//! (`LivePages::for_each_page`), by the connection's writer thread right before its `writev`
+//! ([`Sink::send_unhashed_live_pages`](crate::Sink::send_unhashed_live_pages)): the hash reads
+//! the page from memory, with a prefetch hint a page or two ahead, and the kernel's copy then
+//! finds it in cache. The writer reports the hashes back for the sender's page-hash table
+//! ([`Sink::take_live_hashes`](crate::Sink::take_live_hashes)); the sending thread only tests
+//! each page for zeros, which reads the start of a page that is not all zeros.
 //!
 //! # Pages that change while they are sent
 //!

@@ -179,6 +179,39 @@ pub trait Sink {
         self.send_pages(offset, PageBuf::from_vec(copy), &held)
     }
 
+    /// Whether this sink takes the hashes of lent pages itself
+    /// ([`Sink::send_unhashed_live_pages`]). The default: no.
+    fn hashes_live_pages(&self) -> bool {
+        false
+    }
+
+    /// [`Sink::send_live_pages`] without the hashes, for a sink that
+    /// [hashes lent pages itself](Sink::hashes_live_pages): it takes each page's hash right
+    /// before it hands the page to the kernel, so that the kernel's copy reads the page from
+    /// cache instead of memory, sends it as [`Sink::send_live_pages`] does, and reports the
+    /// hashes through [`Sink::take_live_hashes`]. The default fails with
+    /// [`TransferError::Misuse`].
+    fn send_unhashed_live_pages(
+        &mut self,
+        offset: u64,
+        pages: crate::live::LivePages,
+    ) -> Result<(), TransferError> {
+        let _ = (offset, pages);
+        Err(TransferError::Misuse {
+            operation: "send_unhashed_live_pages",
+            state: "on a sink that does not hash lent pages",
+        })
+    }
+
+    /// Calls `f` with the hashes of pages sent by [`Sink::send_unhashed_live_pages`] and not
+    /// reported yet: the memory offset of the first page and the hash of each page, as it was
+    /// sent, in the order they were sent. Once [`Sink::end_round`] returned `Ok`, every page
+    /// of the round has been reported by the next call; pages the sink failed to send are
+    /// never reported. The default reports nothing.
+    fn take_live_hashes(&mut self, f: &mut dyn FnMut(u64, &[PageHash])) {
+        let _ = f;
+    }
+
     /// Optional fast path for a receiver: lends the destination bytes of the
     /// whole pages `offset..offset + len` (inside one region) so a frame's payload
     /// can be read from the socket straight into them, saving a copy. A sink
@@ -288,6 +321,19 @@ macro_rules! forward_sink {
             }
             fn resume(&mut self) -> Result<ResumePoint, TransferError> {
                 (**self).resume()
+            }
+            fn hashes_live_pages(&self) -> bool {
+                (**self).hashes_live_pages()
+            }
+            fn send_unhashed_live_pages(
+                &mut self,
+                offset: u64,
+                pages: crate::live::LivePages,
+            ) -> Result<(), TransferError> {
+                (**self).send_unhashed_live_pages(offset, pages)
+            }
+            fn take_live_hashes(&mut self, f: &mut dyn FnMut(u64, &[PageHash])) {
+                (**self).take_live_hashes(f)
             }
             fn lend_pages(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
                 (**self).lend_pages(offset, len)

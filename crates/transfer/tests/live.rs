@@ -195,3 +195,53 @@ fn other_sinks_get_a_checked_copy_of_lent_pages() {
     let (_, sink) = tx.into_parts();
     assert_eq!(sink.memory(), Some(&snapshot(&m)[..]));
 }
+
+#[test]
+fn a_socket_sink_hashes_lent_pages_itself_and_reports_each_hash() {
+    // The engine's path for its own memory: the writer takes the hashes right before its write.
+    for streams in [1, 2] {
+        let m = filled(40);
+        let (listener, connect, _dir) = listen(&Net::Tcp);
+        let rx = spawn_receiver(listener, receiver_config());
+        let layout = Layout::single(PS, m.addr(), m.len()).unwrap();
+        let config = SenderConfig {
+            streams,
+            ..sender_config()
+        };
+        let mut sink =
+            SocketSink::connect((0..streams).map(|_| connect()).collect(), &layout, &config)
+                .unwrap();
+        assert!(sink.hashes_live_pages());
+        let src = snapshot(&m);
+        let want: Vec<u64> = src.chunks(PS as usize).map(digest::page_hash).collect();
+        let mut got = vec![None; want.len()];
+        sink.begin_round(0).unwrap();
+        for (first, n) in [(0u64, 8u64), (8, 1), (9, 31)] {
+            let pages = LivePages::new(
+                m.clone(),
+                m.addr() + first * PS..m.addr() + (first + n) * PS,
+            )
+            .unwrap();
+            sink.send_unhashed_live_pages(first * PS, pages).unwrap();
+        }
+        sink.end_round(0).unwrap();
+        sink.take_live_hashes(&mut |offset, hashes| {
+            for (i, &h) in hashes.iter().enumerate() {
+                let page = (offset / PS) as usize + i;
+                assert!(got[page].replace(h).is_none(), "page {page} reported twice");
+            }
+        });
+        let got: Vec<u64> = got
+            .into_iter()
+            .map(|h| h.expect("every page reported"))
+            .collect();
+        assert_eq!(got, want);
+        // Nothing is reported twice.
+        sink.take_live_hashes(&mut |offset, _| panic!("{offset} reported again"));
+        let digest = memory_checksum(&mut ProcessMemory::current(), &layout).unwrap();
+        sink.finish(digest, FinalCheck::Recorded).unwrap();
+        let (report, dest) = rx.join().unwrap().unwrap();
+        assert_eq!(report.changed_while_sent, 0);
+        assert_eq!(dest, src);
+    }
+}

@@ -14,7 +14,7 @@ use crossbeam_channel::{Receiver, Sender as Chan, bounded};
 use super::conn::{Connection, InterruptState};
 use super::handshake::sender_handshake;
 use super::writer::{
-    Cmd, RateLimiter, Reply, StallBound, StreamWriter, send_timeout_slice, watch_peer,
+    Cmd, LiveHashes, RateLimiter, Reply, StallBound, StreamWriter, send_timeout_slice, watch_peer,
 };
 use crate::auth;
 use crate::buffer::PageBuf;
@@ -149,6 +149,9 @@ pub struct SocketSink {
     /// The layout as announced (no host addresses).
     layout: Layout,
     dial: Option<Dial>,
+    /// Where the writers report the hashes they took of lent pages
+    /// ([`Sink::take_live_hashes`]), and where the sink collects them.
+    live_hashes: (Chan<LiveHashes>, Receiver<LiveHashes>),
 }
 
 /// Opens one new connection to the destination, for [`SocketSink::dial`]
@@ -201,6 +204,7 @@ impl SocketSink {
             config: config.clone(),
             layout: layout.without_host(),
             dial: None,
+            live_hashes: crossbeam_channel::unbounded(),
         };
         sink.start_workers(ready)?;
         Ok(sink)
@@ -267,6 +271,7 @@ impl SocketSink {
                 peer: conn_peer(i, &self.peer),
                 io_timeout: config.io_timeout,
                 interrupt: self.interrupt.clone(),
+                live_hashes: self.live_hashes.0.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("precopy-send-{i}"))
@@ -390,8 +395,33 @@ impl Sink for SocketSink {
         let bytes = usize::try_from(pages.len()).unwrap_or(usize::MAX);
         let r = self
             .next_worker()
-            .and_then(|w| w.send_small(Cmd::Live(offset, pages, hashes.to_vec()), bytes));
+            .and_then(|w| w.send_small(Cmd::Live(offset, pages, Some(hashes.to_vec())), bytes));
         r.map_err(|e| self.explain(e))
+    }
+
+    /// The writers hash lent pages right before their `writev`.
+    fn hashes_live_pages(&self) -> bool {
+        true
+    }
+
+    /// Sends lent pages from memory in live frames, the connection's writer taking their
+    /// hashes just before it writes them (see [`crate::live`]).
+    fn send_unhashed_live_pages(
+        &mut self,
+        offset: u64,
+        pages: LivePages,
+    ) -> Result<(), TransferError> {
+        let bytes = usize::try_from(pages.len()).unwrap_or(usize::MAX);
+        let r = self
+            .next_worker()
+            .and_then(|w| w.send_small(Cmd::Live(offset, pages, None), bytes));
+        r.map_err(|e| self.explain(e))
+    }
+
+    fn take_live_hashes(&mut self, f: &mut dyn FnMut(u64, &[PageHash])) {
+        for (offset, hashes) in self.live_hashes.1.try_iter() {
+            f(offset, &hashes);
+        }
     }
 
     /// Sends the state blob on the first connection, ahead of its FINISH.

@@ -26,7 +26,9 @@ use crate::protocol::{
 pub(super) enum Cmd {
     Begin(u64),
     Pages(u64, PageBuf, Vec<PageHash>),
-    Live(u64, LivePages, Vec<PageHash>),
+    /// Lent pages, with their hashes, or `None`: take them right before the write and report
+    /// them on [`StreamWriter::live_hashes`].
+    Live(u64, LivePages, Option<Vec<PageHash>>),
     Zero(Range<u64>),
     End(u64),
     State(Vec<u8>),
@@ -42,6 +44,10 @@ pub(super) enum Cmd {
     /// Page and zero frames handed over together (none of them answers).
     Batch(Vec<Cmd>),
 }
+
+/// The hashes a writer took of lent pages it sent: the memory offset of the first page and
+/// the hash of each page.
+pub(super) type LiveHashes = (u64, Vec<PageHash>);
 
 /// A writer's answer to the commands that wait for one.
 pub(super) enum Reply {
@@ -273,6 +279,8 @@ pub(super) struct StreamWriter {
     pub(super) peer: String,
     pub(super) io_timeout: Option<Duration>,
     pub(super) interrupt: Arc<InterruptState>,
+    /// Where the hashes this writer took of lent pages go, once the pages were written.
+    pub(super) live_hashes: Chan<LiveHashes>,
 }
 
 impl StreamWriter {
@@ -409,10 +417,16 @@ impl StreamWriter {
                         .copy_to(0, &mut copy)
                         .map_err(TransferError::io("copying lent pages"))?;
                     let ps = self.page_size as usize;
-                    let held = copy.chunks(ps).map(crate::digest::page_hash).collect();
-                    return self.handle(Cmd::Pages(offset, PageBuf::from_vec(copy), held));
+                    let held: Vec<PageHash> =
+                        copy.chunks(ps).map(crate::digest::page_hash).collect();
+                    let report = hashes.is_none().then(|| held.clone());
+                    let reply = self.handle(Cmd::Pages(offset, PageBuf::from_vec(copy), held))?;
+                    if let Some(held) = report {
+                        let _ = self.live_hashes.send((offset, held));
+                    }
+                    return Ok(reply);
                 }
-                self.write_live(offset, &pages, &hashes)?;
+                self.write_live(offset, &pages, hashes.as_deref())?;
             }
             Cmd::Zero(range) => {
                 self.zero_pages += (range.end - range.start) / self.page_size;
@@ -538,34 +552,55 @@ impl StreamWriter {
 
     /// Writes lent pages at memory offset `offset` as live frames, the
     /// kernel reading them from memory (at most [`MAX_PAYLOAD`] bytes of
-    /// pages and hash list per frame).
+    /// pages and hash list per frame). `hashes`: the hash of each page as the
+    /// sender took it; `None`: take each frame's hashes here, right before its
+    /// write, so the kernel's copy finds the pages in cache, and report them
+    /// on `live_hashes` once written.
     ///
     /// [`MAX_PAYLOAD`]: crate::protocol::MAX_PAYLOAD
     fn write_live(
         &mut self,
         offset: u64,
         pages: &LivePages,
-        hashes: &[PageHash],
+        hashes: Option<&[PageHash]>,
     ) -> Result<(), TransferError> {
-        use precopy_sys::live::{Gather, write_all_gather_within};
+        use precopy_sys::live::{Gather, Prefetch, write_all_gather_within};
         use std::os::fd::AsFd;
         use zerocopy::IntoBytes;
         let ps = self.page_size;
         let per_frame = (crate::protocol::MAX_PAYLOAD / (ps + crate::digest::PAGE_HASH_LEN as u64))
             .max(1) as usize;
-        for (k, chunk) in hashes.chunks(per_frame).enumerate() {
-            let from = (k * per_frame) as u64 * ps;
-            let len = chunk.len() as u64 * ps;
+        let count = (pages.len() / ps) as usize;
+        let mut taken = Vec::new();
+        for k in 0..count.div_ceil(per_frame) {
+            let first = k * per_frame;
+            let n = per_frame.min(count - first);
+            let from = first as u64 * ps;
+            let len = n as u64 * ps;
             let part = pages
                 .slice(from..from + len)
                 .map_err(TransferError::io("lending pages"))?;
             let span = self.wire_span(offset + from, len)?;
+            // The frames staged before this one go first (before the hash, which should be
+            // the last thing to touch the pages before the kernel's copy).
+            let flushed = self.out.flush();
+            flushed.map_err(|e| self.write_error(e))?;
+            let chunk = match hashes {
+                Some(h) => h.get(first..first + n).ok_or(TransferError::Misuse {
+                    operation: "send_live_pages",
+                    state: "with a hash count that differs from the page count",
+                })?,
+                None => {
+                    taken.clear();
+                    part.for_each_page(ps, Prefetch::Whole(2), |p| {
+                        taken.push(crate::digest::page_hash(p));
+                    });
+                    &taken[..]
+                }
+            };
             let list = crate::digest::hash_list(chunk);
             let header = Pages::listed_header(span, &list, true);
             self.pace(len + list.len() as u64);
-            // The frames staged before this one go first.
-            let flushed = self.out.flush();
-            flushed.map_err(|e| self.write_error(e))?;
             let n = write_all_gather_within(
                 self.out.get_ref().conn.as_fd(),
                 &[
@@ -578,6 +613,11 @@ impl StreamWriter {
             .map_err(|e| self.write_error(e))?;
             self.out.wrote(n);
             self.pages += chunk.len() as u64;
+            if hashes.is_none() {
+                let _ = self
+                    .live_hashes
+                    .send((offset + from, std::mem::take(&mut taken)));
+            }
         }
         Ok(())
     }
