@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::kind::FrameKind;
 
 /// A memory layout that cannot be used, or a range that does not fit it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LayoutError {
     /// A region's page size is not a power of two in the supported span.
     #[error(
@@ -123,7 +123,7 @@ pub enum LayoutError {
 }
 
 /// Reading page contents from a [`PageSource`](crate::PageSource) failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SourceError {
     /// Part of a requested range is not mapped in the source. Such a page is
     /// never sent as zeros: the caller decides what an unmapped page means.
@@ -244,7 +244,7 @@ impl std::fmt::Display for Unreadable {
 
 /// The byte stream broke the protocol. A receiver returns one of these for the
 /// first fault it meets and applies nothing from that frame or later.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProtocolError {
     /// The stream ended inside a frame or before the final frame.
     #[error("stream truncated at byte {offset} while reading {what}")]
@@ -780,6 +780,69 @@ impl TransferError {
 
     pub(crate) fn io(what: &'static str) -> impl FnOnce(io::Error) -> TransferError {
         move |source| TransferError::Io { what, source }
+    }
+
+    /// The same failure once more, for every later call of a sender whose stream stopped on
+    /// it (the first call returned the original): the same variant and fields, so that the
+    /// message still names the cause (the receiver's own, after an ERROR) and
+    /// [`TransferError::is_connection_break`] still answers the same. An I/O error keeps its
+    /// kind and message but not causes of its own. A failure no stream ends with (an image's,
+    /// a key file's) comes back as [`TransferError::Io`] with its whole message.
+    pub(crate) fn again(&self) -> TransferError {
+        use TransferError as E;
+        match self {
+            E::Layout(e) => E::Layout(e.clone()),
+            E::Source(e) => E::Source(e.clone()),
+            E::Protocol(e) => E::Protocol(e.clone()),
+            E::Io { what, source } => E::Io {
+                what,
+                source: io_again(source),
+            },
+            E::PeerRejected { code, message } => E::PeerRejected {
+                code: *code,
+                message: message.clone(),
+            },
+            &E::ChecksumMismatch { expected, actual } => E::ChecksumMismatch { expected, actual },
+            &E::ChangedWhileSent { pages, first } => E::ChangedWhileSent { pages, first },
+            &E::SourceChanged { recorded, actual } => E::SourceChanged { recorded, actual },
+            &E::Misuse { operation, state } => E::Misuse { operation, state },
+            &E::StateTooLarge { len, max } => E::StateTooLarge { len, max },
+            &E::Config { reason } => E::Config { reason },
+            E::Stalled { what, peer, after } => E::Stalled {
+                what,
+                peer: peer.clone(),
+                after: *after,
+            },
+            E::Interrupted { peer } => E::Interrupted { peer: peer.clone() },
+            E::AuthFailed { peer } => E::AuthFailed { peer: peer.clone() },
+            E::AuthRequired => E::AuthRequired,
+            E::NotCommitted { peer, source } => E::NotCommitted {
+                peer: peer.clone(),
+                source: Box::new(source.again()),
+            },
+            E::ResumeRefused { peer, message } => E::ResumeRefused {
+                peer: peer.clone(),
+                message: message.clone(),
+            },
+            E::ResumeTimedOut { after, source } => E::ResumeTimedOut {
+                after: *after,
+                source: Box::new(source.again()),
+            },
+            E::Aborted => E::Aborted,
+            E::WorkerPanicked => E::WorkerPanicked,
+            other => E::Io {
+                what: "an earlier step of this transfer",
+                source: io::Error::other(precopy_sys::error_chain(other)),
+            },
+        }
+    }
+}
+
+/// `e` once more: the same OS error, or the same kind and message.
+fn io_again(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
     }
 }
 

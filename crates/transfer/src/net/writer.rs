@@ -5,7 +5,7 @@ use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender as Chan};
@@ -263,6 +263,26 @@ impl RateLimiter {
     }
 }
 
+/// Which stream of one set of connections stopped on an error first, shared by their
+/// writers: one stream's failure makes the receiver stop them all, so the error to report is
+/// that first one, not what it caused on the others.
+#[derive(Clone, Default)]
+pub(super) struct FirstFailure(Arc<AtomicUsize>);
+
+impl FirstFailure {
+    /// Records that stream `index` stopped on an error, unless one did before.
+    fn record(&self, index: usize) {
+        let _ = self
+            .0
+            .compare_exchange(0, index + 1, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// The stream that stopped on an error first, if one did.
+    pub(super) fn stream(&self) -> Option<usize> {
+        self.0.load(Ordering::SeqCst).checked_sub(1)
+    }
+}
+
 /// One connection's writer thread: compresses, checksums, paces and writes
 /// the frames its [`Cmd`]s ask for.
 pub(super) struct StreamWriter {
@@ -281,6 +301,9 @@ pub(super) struct StreamWriter {
     pub(super) interrupt: Arc<InterruptState>,
     /// Where the hashes this writer took of lent pages go, once the pages were written.
     pub(super) live_hashes: Chan<LiveHashes>,
+    /// This stream's index, recorded in `first_failure` when it stops on an error.
+    pub(super) stream: usize,
+    pub(super) first_failure: FirstFailure,
 }
 
 impl StreamWriter {
@@ -320,7 +343,11 @@ impl StreamWriter {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => return Err(self.explain(e)),
+                Err(e) => {
+                    // Recorded at once: `explain` may wait for the receiver's word.
+                    self.first_failure.record(self.stream);
+                    return Err(self.explain(e));
+                }
             }
         }
         Ok(())
