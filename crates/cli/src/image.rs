@@ -95,22 +95,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
 }
 
-/// What the image says it holds, from its state blob: `send --pid` describes the process
-/// ([`crate::send::IMAGE_OF`]); anything else (a VM's or the demo's state, none) is memory
-/// addressed guest-physically. A large blob is a VM's state, not a description: not read.
-fn holds(image: &Path) -> Option<serde_json::Value> {
-    let img = precopy_transfer::Image::open(image).ok()?;
-    if img.info().state_bytes.is_none_or(|n| n > 64 << 10) {
-        return None;
-    }
-    let blob = img.state().ok()??;
-    let v: serde_json::Value = serde_json::from_slice(&blob).ok()?;
-    (v[crate::send::IMAGE_OF] == "process").then_some(v)
-}
-
 fn info(image: &Path, check: bool, json: bool) -> Result<ExitCode> {
     let info = precopy_transfer::image_info(image)?;
-    let process = holds(image);
     let checked =
         check.then(|| precopy_transfer::image_verify(image).context("verification failed"));
     let verified = matches!(checked, Some(Ok(_)));
@@ -122,36 +108,16 @@ fn info(image: &Path, check: bool, json: bool) -> Result<ExitCode> {
         Some(Ok(_)) => "yes (every record's CRC, the index and the memory checksum)",
         Some(Err(_)) => "NO: a check failed",
     };
-    let addresses = match &process {
-        Some(_) => Some("process virtual address"),
-        None if info.regions.iter().any(|r| r.guest_addr.is_some()) => {
-            Some("guest-physical address")
-        }
-        None => None,
-    };
     if json {
         let mut v = serde_json::to_value(&info)?;
         v["verified"] = verified.into();
         v["verify_checked"] = check.into();
-        // What `regions[].guest_addr` is for this image.
-        v["address_kind"] = addresses.into();
-        v["holds"] = process.clone().unwrap_or_default();
         match checked {
             Some(Err(e)) => return Err(output::fail(true, v, e)),
             _ => output::print_json(v, None),
         }
     } else {
-        let mut text = info.to_string();
-        if let Some(p) = &process {
-            // The layout's address field holds the process's virtual address here.
-            text = text.replace(", guest-physical 0x", ", process address 0x");
-            let name = p["comm"].as_str().unwrap_or("?");
-            text.push_str(&format!(
-                "\nholds:      memory of process {} ({name}) copied by `precopy send --pid`: region addresses are its virtual addresses",
-                p["pid"]
-            ));
-        }
-        outln!("{text}");
+        outln!("{info}");
         outln!("verified:   {verified_text}");
         if let Some(Err(e)) = checked {
             return Err(e);

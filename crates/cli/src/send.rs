@@ -26,8 +26,8 @@ use precopy_migrate::{
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_tracker::{AttachTimes, Uffd};
 use precopy_transfer::{
-    Connection, FinalCheck, ImageWriter, Key, Layout, Listener, MemoryRegion, Receiver,
-    ReceiverConfig, SenderConfig, Sink, Transfer,
+    Connection, FinalCheck, ImageWriter, Key, Layout, Listener, MemoryRegion, ProcessDescription,
+    Receiver, ReceiverConfig, SenderConfig, Sink, Transfer,
 };
 use serde_json::{Value, json};
 use std::ops::Range;
@@ -186,30 +186,21 @@ impl Workload for TargetWorkload {
     }
 }
 
-/// The key of [`process_image_state`]'s object that `precopy image info` looks for.
-pub const IMAGE_OF: &str = "precopy_image_of";
-
-/// The state blob `send` gives its image: a small JSON object saying what the image holds
-/// (`{"precopy_image_of": "process", "pid", "comm", "exe", "addresses"}`), so that
+/// The state blob `send` gives its image: a [`ProcessDescription`] of the target, so that
 /// `precopy image info` labels the regions' addresses as the process's virtual addresses,
 /// not guest-physical ones. A process's registers and files are not copied: the blob is a
 /// description, not a state to resume from.
 fn process_image_state(pid: i32) -> Vec<u8> {
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|c| c.trim_end().to_string())
-        .ok();
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()
-        .map(|p| p.display().to_string());
-    json!({
-        IMAGE_OF: "process",
-        "pid": pid,
-        "comm": comm,
-        "exe": exe,
-        "addresses": "process virtual addresses",
-    })
-    .to_string()
-    .into_bytes()
+    ProcessDescription {
+        pid,
+        comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim_end().to_string())
+            .ok(),
+        exe: std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .map(|p| p.display().to_string()),
+    }
+    .to_state()
 }
 
 /// What `/proc` says of process `pid` now: `"exited"` (gone, or every thread a zombie),

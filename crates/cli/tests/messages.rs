@@ -581,7 +581,7 @@ fn image_info_labels_a_process_image_by_what_it_holds() {
     );
     let v = one_json(&precopy(&["image", "info", img, "--json"]));
     assert_eq!(v["address_kind"], "process virtual address", "{v}");
-    assert_eq!(v["holds"]["pid"], t.pid, "{v}");
+    assert_eq!(v["process"]["pid"], t.pid, "{v}");
     let _ = std::fs::remove_file(img);
 }
 

@@ -49,7 +49,9 @@ pub mod verify;
 mod walk;
 pub mod writer;
 
-pub use info::{ImageInfo, RoundInfo, image_cat, image_info, parse_span};
+pub use info::{
+    AddressKind, ImageInfo, ProcessDescription, RoundInfo, image_cat, image_info, parse_span,
+};
 pub use reader::Image;
 pub use verify::{VerifyReport, image_verify};
 pub use writer::ImageWriter;

@@ -200,3 +200,106 @@ fn ping_is_answered_between_rounds_and_refused_inside_one() {
     assert!(matches!(err, TransferError::Protocol(_)), "{err}");
     assert_eq!(sink.stats().finished, None);
 }
+
+/// An image of `layout` (memory at `BASE`) whose state record is `state`, complete.
+fn image_with_state(path: &std::path::Path, layout: Layout, state: &[u8]) -> Image {
+    let len = layout.total_len();
+    let mut tx = Transfer::new(
+        SliceSource::new(BASE, memory(len.div_ceil(PS) as usize, 5)),
+        ImageWriter::create(path, layout.clone()).unwrap(),
+        layout,
+        4,
+    )
+    .unwrap();
+    tx.send_round(&[BASE..BASE + len]).unwrap();
+    tx.send_state(state).unwrap();
+    tx.finish(FinalCheck::Recorded).unwrap();
+    Image::open(path).unwrap()
+}
+
+/// `image info` says what the regions' addresses are from the state record alone: a VM's
+/// memory (guest-physical, whatever its state holds) or a process's (virtual addresses, when
+/// the record is a `ProcessDescription`); not knowing (a damaged record) is said, not guessed.
+#[test]
+fn image_info_names_the_kind_of_its_region_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let addressed = || {
+        Layout::new(vec![
+            MemoryRegion::new(0, 4 * PS, PS)
+                .host(BASE)
+                .guest(0x7f00_0000_0000),
+        ])
+        .unwrap()
+    };
+
+    // A VMM's image: its state is the VM's (here any bytes).
+    let vm = image_with_state(&dir.path().join("vm"), addressed(), b"vcpu registers").info();
+    assert_eq!(vm.address_kind, Some(AddressKind::GuestPhysical));
+    assert_eq!(vm.process, None);
+    let text = vm.to_string();
+    assert!(text.contains("guest-physical 0x7f0000000000"), "{text}");
+    assert!(!text.contains("process"), "{text}");
+    let v = serde_json::to_value(&vm).unwrap();
+    assert_eq!(v["address_kind"], "guest-physical address", "{v}");
+
+    // A process's image: the state record describes the process.
+    let who = ProcessDescription {
+        pid: 4242,
+        comm: Some("writer".into()),
+        exe: Some("/usr/bin/writer".into()),
+    };
+    let path = dir.path().join("process");
+    let proc = image_with_state(&path, addressed(), &who.to_state()).info();
+    assert_eq!(proc.address_kind, Some(AddressKind::ProcessVirtual));
+    assert_eq!(proc.process.as_ref(), Some(&who));
+    let text = proc.to_string();
+    assert!(text.contains("process address 0x7f0000000000"), "{text}");
+    assert!(text.contains("memory of process 4242 (writer)"), "{text}");
+    assert!(!text.contains("guest-physical"), "{text}");
+    let v = serde_json::to_value(&proc).unwrap();
+    assert_eq!(v["address_kind"], "process virtual address", "{v}");
+    assert_eq!(v["process"]["pid"], 4242, "{v}");
+
+    // The same image with its state record damaged (the record sequence ends there, as in an
+    // image cut before its state): the kind is unknown, and said so.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes
+        .windows(6)
+        .position(|w| w == b"writer")
+        .expect("the description in the file");
+    bytes[at] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let damaged = Image::open(&path).unwrap().info();
+    assert_eq!(damaged.address_kind, None);
+    let text = damaged.to_string();
+    assert!(
+        text.contains("address 0x7f0000000000 (of unknown kind)"),
+        "{text}"
+    );
+
+    // No region has an address: nothing to name.
+    let plain = image_with_state(&dir.path().join("plain"), layout(), b"x").info();
+    assert_eq!(plain.address_kind, None);
+    assert!(!plain.to_string().contains("address 0x"));
+}
+
+#[test]
+fn only_a_process_description_reads_as_one() {
+    let who = ProcessDescription {
+        pid: 7,
+        comm: None,
+        exe: None,
+    };
+    assert_eq!(
+        ProcessDescription::from_state(&who.to_state()),
+        Some(who.clone())
+    );
+    for other in [
+        &b"vcpu registers"[..],
+        br#"{"pid": 7}"#,
+        br#"{"precopy_image_of": "vm", "pid": 7}"#,
+        br#"{"precopy_image_of": "process"}"#,
+    ] {
+        assert_eq!(ProcessDescription::from_state(other), None);
+    }
+}

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{IMAGE_VERSION, Image, NEVER, ZERO};
 use crate::error::ImageError;
@@ -22,6 +22,69 @@ pub struct RoundInfo {
     pub zero_pages: u64,
 }
 
+/// What the addresses of an image's regions ([`MemoryRegion::guest_addr`]) are. In JSON:
+/// `"guest-physical address"` or `"process virtual address"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum AddressKind {
+    /// Guest-physical addresses of a VM's memory (an embedding VMM's image, the demo's).
+    #[serde(rename = "guest-physical address")]
+    GuestPhysical,
+    /// Virtual addresses in the process whose memory the image holds: its state record is a
+    /// [`ProcessDescription`] (`precopy send --pid`).
+    #[serde(rename = "process virtual address")]
+    ProcessVirtual,
+}
+
+/// The state record of an image of a running process's memory (written by `precopy send
+/// --pid`): a small JSON object, `{"precopy_image_of": "process", "pid", "comm", "exe",
+/// "addresses": "process virtual addresses"}`, that says whose memory the image holds and
+/// that the regions' addresses are that process's virtual addresses. A description, not a
+/// state to resume from: the process's registers and files are not in the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessDescription {
+    /// The process ID at the time of the copy.
+    pub pid: i32,
+    /// Its name (`/proc/PID/comm`), if it could be read.
+    pub comm: Option<String>,
+    /// Its executable (`/proc/PID/exe`), if it could be read.
+    pub exe: Option<String>,
+}
+
+/// The key of a [`ProcessDescription`]'s JSON object that marks it as one.
+const IMAGE_OF: &str = "precopy_image_of";
+
+/// A state record longer than this is a VM's state, not a description: not parsed.
+const MAX_DESCRIPTION_LEN: u64 = 64 << 10;
+
+impl ProcessDescription {
+    /// The state record (JSON) that describes this process.
+    pub fn to_state(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Record<'a> {
+            precopy_image_of: &'static str,
+            #[serde(flatten)]
+            process: &'a ProcessDescription,
+            addresses: &'static str,
+        }
+        let record = Record {
+            precopy_image_of: "process",
+            process: self,
+            addresses: "process virtual addresses",
+        };
+        serde_json::to_vec(&record).unwrap_or_default()
+    }
+
+    /// The description a state record holds, if it is one (`None` for anything else: a VM's
+    /// state, the demo's writer records, damaged JSON).
+    pub fn from_state(state: &[u8]) -> Option<ProcessDescription> {
+        let v: serde_json::Value = serde_json::from_slice(state).ok()?;
+        if v.get(IMAGE_OF)?.as_str()? != "process" {
+            return None;
+        }
+        serde_json::from_value(v).ok()
+    }
+}
+
 /// What `precopy image info` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ImageInfo {
@@ -33,6 +96,12 @@ pub struct ImageInfo {
     pub page_size: u64,
     /// The layout's regions.
     pub regions: Vec<MemoryRegion>,
+    /// What the regions' addresses are; `None` when no region has one, or when the image
+    /// cannot tell: its state record, which says it, is damaged, or missing from an image cut
+    /// before it was written.
+    pub address_kind: Option<AddressKind>,
+    /// The process whose memory the image holds, when its state record describes one.
+    pub process: Option<ProcessDescription>,
     /// Bytes the layout covers.
     pub total_len: u64,
     /// Rounds that ended in the image.
@@ -70,11 +139,31 @@ impl Image {
     pub fn info(&self) -> ImageInfo {
         let count = |f: &dyn Fn(u64) -> bool| self.loc.iter().filter(|&&l| f(l)).count() as u64;
         let unfinished_only = self.unfinished.map_or(0, |u| u.1);
+        let state = match self.state {
+            Some((_, len, _)) if len <= MAX_DESCRIPTION_LEN => self.state().map_err(|_| ()),
+            _ => Ok(None),
+        };
+        let process = match &state {
+            Ok(Some(blob)) => ProcessDescription::from_state(blob),
+            _ => None,
+        };
+        let regions = self.layout.regions().to_vec();
+        // The state record comes last: an image cut before it (or whose record is damaged)
+        // cannot tell.
+        let address_kind = match (&state, &process) {
+            _ if regions.iter().all(|r| r.guest_addr.is_none()) => None,
+            (_, Some(_)) => Some(AddressKind::ProcessVirtual),
+            (Ok(Some(_)), None) => Some(AddressKind::GuestPhysical),
+            (Ok(None), None) if self.complete => Some(AddressKind::GuestPhysical),
+            _ => None,
+        };
         ImageInfo {
             path: self.path.clone(),
             version: IMAGE_VERSION,
             page_size: self.layout.page_size(),
-            regions: self.layout.regions().to_vec(),
+            regions,
+            address_kind,
+            process,
             total_len: self.layout.total_len(),
             rounds: self.rounds.clone(),
             data_pages: count(&|l| l < ZERO),
@@ -130,14 +219,26 @@ impl std::fmt::Display for ImageInfo {
                 r.size,
                 r.page_size
             )?;
-            if let Some(gpa) = r.guest_addr {
-                write!(f, ", guest-physical {gpa:#x}")?;
+            if let Some(a) = r.guest_addr {
+                match self.address_kind {
+                    Some(AddressKind::GuestPhysical) => write!(f, ", guest-physical {a:#x}")?,
+                    Some(AddressKind::ProcessVirtual) => write!(f, ", process address {a:#x}")?,
+                    None => write!(f, ", address {a:#x} (of unknown kind)")?,
+                }
             }
             if let Some(b) = r.backing {
                 write!(f, ", {b:?}")?;
             }
             writeln!(f, ")")?;
             offset += r.size;
+        }
+        if let Some(p) = &self.process {
+            writeln!(
+                f,
+                "holds:      memory of process {} ({}): region addresses are its virtual addresses",
+                p.pid,
+                p.comm.as_deref().unwrap_or("?")
+            )?;
         }
         if let Some(n) = self.state_bytes {
             writeln!(f, "state:      {n} bytes")?;
