@@ -11,35 +11,16 @@ use precopy_migrate::{
     TransferTransport, UffdDirtyLog,
 };
 use precopy_scanner::{ScanOptions, Scanner};
-use precopy_testnet::{Net, Proxy, bind};
+use precopy_testnet::{Net, Proxy, bind, resumable_receiver};
 use precopy_tracker::{Tracker, Uffd};
 use precopy_transfer::{
-    Layout, Listener, MemorySink, ProcessMemory, ReceiveReport, Receiver, ReceiverConfig, Sender,
-    SenderConfig, TransferError,
+    Layout, ProcessMemory, ReceiverConfig, Sender, SenderConfig, TransferError,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
-type Received = Result<(Vec<u8>, ReceiveReport), TransferError>;
-
-/// A receiver that resumes, waiting `resume_wait` for the sender to come back.
-fn resumable_receiver(
-    listener: Listener,
-    resume_wait: Duration,
-) -> std::thread::JoinHandle<Received> {
-    std::thread::spawn(move || {
-        let config = ReceiverConfig {
-            key: Some(test_key()),
-            resume_wait,
-            ..ReceiverConfig::default()
-        };
-        let receiver = Receiver::accept(&listener, &config)?;
-        let mut sink = MemorySink::new(receiver.layout().clone())?;
-        let report = receiver.run_resumable(&listener, &mut sink)?;
-        Ok((sink.memory().expect("owned memory").to_vec(), report))
-    })
-}
+type Received = Result<precopy_testnet::Received, TransferError>;
 
 struct Run {
     result: Result<
@@ -87,7 +68,14 @@ fn migrate_with_a_fault(
     let dir = tempfile::tempdir().unwrap();
     let (listener, rx_target) = bind(net, &dir, "rx");
     let proxy = Arc::new(Proxy::start(net, &dir, rx_target));
-    let rx = resumable_receiver(listener, resume_wait);
+    let rx = resumable_receiver(
+        listener,
+        ReceiverConfig {
+            key: Some(test_key()),
+            resume_wait,
+            ..ReceiverConfig::default()
+        },
+    );
 
     let mut tracker = Tracker::new(Uffd::new().unwrap());
     tracker.register(guest.mem.range()).unwrap();
@@ -192,7 +180,11 @@ fn fault_mid_migration_resumes_and_resends_far_less_than_memory(net: Net, fault:
         .unwrap_or_else(|e| panic!("migration failed: {}", precopy_sys::error_chain(&e)));
     assert_eq!(report.status, Status::Completed);
     assert_eq!(report.reconnects, 1, "one reconnect");
-    let (dest, rx_report) = run.received.expect("receiver failed");
+    let precopy_testnet::Received {
+        memory: dest,
+        report: rx_report,
+        ..
+    } = run.received.expect("receiver failed");
     assert_eq!(
         rx_report.resumes, 1,
         "the receiver continued the same session"
@@ -269,7 +261,11 @@ fn a_cut_in_the_final_phase_resumes_the_source_and_switches_over_again() {
         "one failed switch-over, then one that held"
     );
     assert_eq!(report.reconnects, 1);
-    let (dest, rx_report) = run.received.expect("receiver failed");
+    let precopy_testnet::Received {
+        memory: dest,
+        report: rx_report,
+        ..
+    } = run.received.expect("receiver failed");
     assert_eq!(rx_report.resumes, 1);
     assert_eq!(
         rx_report.state_bytes,

@@ -4,16 +4,23 @@
 //! connections (a path that stays broken), or drop everything silently (a peer host that
 //! vanished, a proxy that stopped forwarding: no reset, no end of stream, only silence).
 //!
+//! Both ends of a resumed transfer too: a [`Dialer`] for a sender that can dial again (and that
+//! a test can cut), and a [`resumable_receiver`].
+//!
 //! Used by the resume and timeout tests of `precopy-transfer` and `precopy-migrate`.
 
 #![forbid(unsafe_code)]
 
-use precopy_transfer::{Connection, Listener};
+use precopy_transfer::{
+    Connection, Layout, Listener, MemorySink, ReceiveReport, Receiver, ReceiverConfig, Sender,
+    SenderConfig, SliceSource, TransferError,
+};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Which kind of socket.
@@ -42,6 +49,91 @@ impl Target {
             Target::Unix(p) => Connection::connect_unix(p),
         }
     }
+}
+
+/// The dial function of a sender that can resume (`Sender::dial`): connects to a [`Target`]
+/// that the test may change ([`Dialer::redirect`]) and keeps a handle to every connection it
+/// opened, so that the test can cut them all ([`Dialer::cut`]). Clones share both.
+#[derive(Clone, Debug)]
+pub struct Dialer {
+    target: Arc<Mutex<Target>>,
+    opened: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl Dialer {
+    /// Dials `target`.
+    pub fn new(target: Target) -> Dialer {
+        Dialer {
+            target: Arc::new(Mutex::new(target)),
+            opened: Arc::default(),
+        }
+    }
+
+    /// The function to give `Sender::dial` (or `SocketSink::dial`).
+    pub fn dial(&self) -> impl FnMut() -> io::Result<Connection> + Send + 'static {
+        let d = self.clone();
+        move || {
+            let c = d.target.lock().unwrap().connect()?;
+            d.opened.lock().unwrap().push(c.try_clone()?);
+            Ok(c)
+        }
+    }
+
+    /// Cuts every connection opened so far (both directions shut down), as a broken path
+    /// would.
+    pub fn cut(&self) {
+        for c in self.opened.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Later dials connect to `target` instead.
+    pub fn redirect(&self, target: Target) {
+        *self.target.lock().unwrap() = target;
+    }
+
+    /// A sender of `mem`, one region of `page_size` pages mapped at `base`, that dials with
+    /// this dialer (and so can resume).
+    pub fn sender(
+        &self,
+        page_size: u64,
+        base: u64,
+        mem: Vec<u8>,
+        config: &SenderConfig,
+    ) -> Sender<SliceSource<Vec<u8>>> {
+        let layout = Layout::single(page_size, base, mem.len() as u64).expect("a layout");
+        Sender::dial(self.dial(), layout, SliceSource::new(base, mem), config)
+            .expect("a sender connected")
+    }
+}
+
+/// What a [`resumable_receiver`] ended with.
+#[derive(Debug)]
+pub struct Received {
+    /// The receiver's report.
+    pub report: ReceiveReport,
+    /// The memory it received.
+    pub memory: Vec<u8>,
+    /// The state blob it took, if any.
+    pub state: Option<Vec<u8>>,
+}
+
+/// Accepts one transfer on `listener` in a thread and receives it into memory the sink owns
+/// (`MemorySink::new`), resuming after broken connections (`Receiver::run_resumable`).
+pub fn resumable_receiver(
+    listener: Listener,
+    config: ReceiverConfig,
+) -> JoinHandle<Result<Received, TransferError>> {
+    std::thread::spawn(move || {
+        let rx = Receiver::accept(&listener, &config)?;
+        let mut sink = MemorySink::new(rx.layout().clone())?;
+        let report = rx.run_resumable(&listener, &mut sink)?;
+        Ok(Received {
+            report,
+            memory: sink.memory().expect("owned memory").to_vec(),
+            state: sink.state().map(<[u8]>::to_vec),
+        })
+    })
 }
 
 /// Listens on loopback TCP (any free port) or on a Unix socket `name` in `dir`.

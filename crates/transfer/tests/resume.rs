@@ -6,65 +6,28 @@
 mod common;
 
 use common::*;
-use precopy_testnet::{Net, Target, bind};
+use precopy_testnet::{Dialer, Net, Target, bind, resumable_receiver};
 use precopy_transfer::protocol::{
     Auth, Challenge, ErrorFrame, FrameKind, FrameReader, FrameWriter, Hello, error_code,
 };
 use precopy_transfer::*;
 use rand::{SeedableRng, rngs::StdRng};
-use std::net::Shutdown;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const BASE: u64 = 0x10_0000;
 const PAGES: usize = 256;
 
-/// Handles to every connection a sender opened, so a test can cut them.
-type Opened = Arc<Mutex<Vec<Connection>>>;
-
-/// A sender of `mem` that dials `target` (which the test may change) and keeps a handle to
-/// each connection it opens.
-fn dialing_sender(
-    target: Arc<Mutex<Target>>,
-    mem: Vec<u8>,
-) -> (Sender<SliceSource<Vec<u8>>>, Opened) {
-    let opened: Opened = Arc::default();
-    let keep = opened.clone();
-    let layout = Layout::single(PS, BASE, mem.len() as u64).unwrap();
-    let tx = Sender::dial(
-        move || {
-            let c = target.lock().unwrap().connect()?;
-            keep.lock().unwrap().push(c.try_clone()?);
-            Ok(c)
-        },
-        layout,
-        SliceSource::new(BASE, mem),
-        &sender_config(),
-    )
-    .unwrap();
-    (tx, opened)
+/// A sender of `mem` that dials with `dialer`.
+fn dialing_sender(dialer: &Dialer, mem: Vec<u8>) -> Sender<SliceSource<Vec<u8>>> {
+    dialer.sender(PS, BASE, mem, &sender_config())
 }
 
-/// Cuts every connection opened so far (both directions), as a broken path would.
-fn cut(opened: &Opened) {
-    for c in opened.lock().unwrap().drain(..) {
-        let _ = c.shutdown(Shutdown::Both);
+/// The receiver's configuration, waiting `resume_wait` for the sender to come back.
+fn waiting(resume_wait: Duration) -> ReceiverConfig {
+    ReceiverConfig {
+        resume_wait,
+        ..receiver_config()
     }
-}
-
-type Received = std::thread::JoinHandle<Result<(ReceiveReport, Vec<u8>), TransferError>>;
-
-fn resumable_receiver(listener: Listener, resume_wait: Duration) -> Received {
-    std::thread::spawn(move || {
-        let config = ReceiverConfig {
-            resume_wait,
-            ..receiver_config()
-        };
-        let rx = Receiver::accept(&listener, &config)?;
-        let mut sink = MemorySink::new(rx.layout().clone())?;
-        let report = rx.run_resumable(&listener, &mut sink)?;
-        Ok((report, sink.memory().expect("owned memory").to_vec()))
-    })
 }
 
 /// A resume HELLO for `session` written by hand, then an AUTH whose proof is made up (no
@@ -106,10 +69,11 @@ const BIG: usize = 4096;
 fn cut_connection_resumes_the_same_session(net: Net) {
     let dir = tempfile::tempdir().unwrap();
     let (listener, target) = bind(net, &dir, "rx");
-    let rx = resumable_receiver(listener, Duration::from_secs(20));
+    let rx = resumable_receiver(listener, waiting(Duration::from_secs(20)));
 
     let mut mem = memory(BIG, 1);
-    let (mut tx, opened) = dialing_sender(Arc::new(Mutex::new(target.clone())), mem.clone());
+    let dialer = Dialer::new(target.clone());
+    let mut tx = dialing_sender(&dialer, mem.clone());
     let all = BASE..BASE + BIG as u64 * PS;
     let first = tx.send_round(std::slice::from_ref(&all)).unwrap();
 
@@ -117,7 +81,7 @@ fn cut_connection_resumes_the_same_session(net: Net) {
     let mut rng = StdRng::seed_from_u64(5);
     let dirty = redirty(&mut mem, BASE, 8, &mut rng);
     tx.source_mut().data_mut().copy_from_slice(&mem);
-    cut(&opened);
+    dialer.cut();
     let err = tx.send_round(&dirty).unwrap_err();
     assert!(err.is_connection_break(), "{err:?}");
     assert!(tx.can_resume());
@@ -157,9 +121,12 @@ fn cut_connection_resumes_the_same_session(net: Net) {
         first.bytes_on_wire
     );
 
-    let (report, dest) = rx.join().unwrap().unwrap();
-    assert_eq!(report.resumes, 1);
-    assert!(dest == mem, "destination differs from the source");
+    let received = rx.join().unwrap().unwrap();
+    assert_eq!(received.report.resumes, 1);
+    assert!(
+        received.memory == mem,
+        "destination differs from the source"
+    );
 }
 
 #[test]
@@ -176,10 +143,11 @@ fn cut_unix_connection_resumes_the_same_session() {
 fn a_sender_that_never_comes_back_fails_after_the_wait() {
     let dir = tempfile::tempdir().unwrap();
     let (listener, target) = bind(Net::Tcp, &dir, "rx");
-    let rx = resumable_receiver(listener, Duration::from_millis(300));
-    let (mut tx, opened) = dialing_sender(Arc::new(Mutex::new(target)), memory(PAGES, 2));
+    let rx = resumable_receiver(listener, waiting(Duration::from_millis(300)));
+    let dialer = Dialer::new(target);
+    let mut tx = dialing_sender(&dialer, memory(PAGES, 2));
     tx.send_round(&[BASE..BASE + 16 * PS]).unwrap();
-    cut(&opened);
+    dialer.cut();
     let err = rx.join().unwrap().unwrap_err();
     assert!(
         matches!(&err, TransferError::ResumeTimedOut { source, .. } if source.is_connection_break()),
@@ -193,14 +161,14 @@ fn a_receiver_without_the_session_refuses_the_resume_and_says_why() {
     let (first, target) = bind(Net::Unix, &dir, "first");
     // A plain run does not wait for a resume: the cut fails it.
     let rx = spawn_receiver(first, receiver_config());
-    let dial = Arc::new(Mutex::new(target));
-    let (mut tx, opened) = dialing_sender(dial.clone(), memory(PAGES, 3));
+    let dialer = Dialer::new(target);
+    let mut tx = dialing_sender(&dialer, memory(PAGES, 3));
     tx.send_round(&[BASE..BASE + 16 * PS]).unwrap();
-    cut(&opened);
+    dialer.cut();
     assert!(rx.join().unwrap().is_err());
     // A new receiver elsewhere holds no session to resume.
     let (second, target) = bind(Net::Unix, &dir, "second");
-    *dial.lock().unwrap() = target;
+    dialer.redirect(target);
     let rx = std::thread::spawn(move || {
         let conn = second.accept().unwrap();
         Receiver::accept_connection(conn, &receiver_config()).map(|_| ())
@@ -255,20 +223,15 @@ fn a_sender_made_with_connect_cannot_resume() {
 fn a_final_phase_cut_after_the_state_resumes_and_takes_the_new_state() {
     let dir = tempfile::tempdir().unwrap();
     let (listener, target) = bind(Net::Tcp, &dir, "rx");
-    let rx = std::thread::spawn(move || {
-        let rx = Receiver::accept(&listener, &receiver_config())?;
-        let mut sink = MemorySink::new(rx.layout().clone())?;
-        let report = rx.run_resumable(&listener, &mut sink)?;
-        let state = sink.state().map(<[u8]>::to_vec);
-        Ok::<_, TransferError>((report, sink.memory().expect("owned memory").to_vec(), state))
-    });
+    let rx = resumable_receiver(listener, receiver_config());
     let mut mem = memory(PAGES, 8);
-    let (mut tx, opened) = dialing_sender(Arc::new(Mutex::new(target)), mem.clone());
+    let dialer = Dialer::new(target);
+    let mut tx = dialing_sender(&dialer, mem.clone());
     tx.send_round(&[BASE..BASE + PAGES as u64 * PS]).unwrap();
     tx.send_state(b"first state").unwrap();
     // The PONG comes back only after the receiver handled what came before it: the state.
     tx.probe_finish().unwrap();
-    cut(&opened);
+    dialer.cut();
     let err = tx.finish(FinalCheck::Recorded).unwrap_err();
     assert!(err.is_connection_break(), "{err:?}");
     assert!(
@@ -284,8 +247,11 @@ fn a_final_phase_cut_after_the_state_resumes_and_takes_the_new_state() {
     tx.send_round(&again).unwrap();
     tx.send_state(b"second state").unwrap();
     tx.finish(FinalCheck::Full).unwrap();
-    let (report, dest, state) = rx.join().unwrap().unwrap();
-    assert_eq!(report.resumes, 1);
-    assert_eq!(state.as_deref(), Some(&b"second state"[..]));
-    assert!(dest == mem, "destination differs from the source");
+    let received = rx.join().unwrap().unwrap();
+    assert_eq!(received.report.resumes, 1);
+    assert_eq!(received.state.as_deref(), Some(&b"second state"[..]));
+    assert!(
+        received.memory == mem,
+        "destination differs from the source"
+    );
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use precopy_testnet::{Net, Proxy, bind};
+use precopy_testnet::{Dialer, Net, Proxy, bind, resumable_receiver};
 use precopy_transfer::*;
 use rand::{SeedableRng, rngs::StdRng};
 use std::time::{Duration, Instant};
@@ -128,26 +128,14 @@ fn a_silent_receiver_fails_the_ping_and_the_next_round_reports_the_same_stall() 
 fn a_silent_path_is_resumed_on_a_new_connection() {
     let dir = tempfile::tempdir().unwrap();
     let (listener, target) = bind(Net::Tcp, &dir, "rx");
-    let rx = std::thread::spawn(move || {
-        let rx = Receiver::accept(&listener, &receiver_config())?;
-        let mut sink = MemorySink::new(rx.layout().clone())?;
-        let report = rx.run_resumable(&listener, &mut sink)?;
-        Ok::<_, TransferError>((report, sink.memory().expect("owned memory").to_vec()))
-    });
+    let rx = resumable_receiver(listener, receiver_config());
     let proxy = Proxy::start(Net::Tcp, &dir, target);
-    let to = proxy.target.clone();
     let mut mem = memory(PAGES, 12);
     let config = SenderConfig {
         io_timeout: Some(IO_TIMEOUT),
         ..sender_config()
     };
-    let mut tx = Sender::dial(
-        move || to.connect(),
-        Layout::single(PS, BASE, PAGES as u64 * PS).unwrap(),
-        SliceSource::new(BASE, mem.clone()),
-        &config,
-    )
-    .unwrap();
+    let mut tx = Dialer::new(proxy.target.clone()).sender(PS, BASE, mem.clone(), &config);
     let first = tx.send_round(&[BASE..BASE + PAGES as u64 * PS]).unwrap();
 
     // Half the memory changes; the path goes silent before it goes out.
@@ -168,9 +156,12 @@ fn a_silent_path_is_resumed_on_a_new_connection() {
     again.extend(dirty.iter().cloned());
     let resent = tx.send_round(&again).unwrap();
     tx.finish(FinalCheck::Full).unwrap();
-    let (report, dest) = rx.join().unwrap().expect("receiver");
-    assert_eq!(report.resumes, 1);
-    assert!(dest == mem, "destination differs from the source");
+    let received = rx.join().unwrap().expect("receiver");
+    assert_eq!(received.report.resumes, 1);
+    assert!(
+        received.memory == mem,
+        "destination differs from the source"
+    );
     eprintln!(
         "silent path resumed: round 0 {} bytes, after the resume {} bytes",
         first.bytes_on_wire, resent.bytes_on_wire
