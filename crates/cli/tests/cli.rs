@@ -2,69 +2,11 @@
 //! naming the flag, the value and the limit; one JSON object on stdout with `--json`, success or
 //! failure, in every subcommand; progress that moves; `demo --to file:` then `image`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::target::engine_usable;
+use common::{PRECOPY, one_json, precopy, scratch_dir, stderr};
 use std::process::{Command, Output};
-
-fn precopy(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_precopy"))
-        .args(args)
-        .output()
-        .expect("running precopy")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Exactly one JSON object on stdout, with `ok` and `error` in the common shape.
-fn one_json(o: &Output) -> serde_json::Value {
-    let text = String::from_utf8_lossy(&o.stdout);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "not one JSON line on stdout: {text:?}\n{}",
-        stderr(o)
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
-    assert!(v.is_object(), "{v}");
-    assert_eq!(
-        v["ok"],
-        o.status.success(),
-        "ok disagrees with the exit status: {v}"
-    );
-    if o.status.success() {
-        assert!(v["error"].is_null(), "{v}");
-    } else {
-        let msg = v["error"]["message"].as_str().unwrap_or_default();
-        assert!(!msg.is_empty(), "no error message: {v}");
-        let chain = v["error"]["chain"].as_array().expect("error.chain");
-        assert!(
-            !chain.is_empty() && chain.iter().all(|c| c.is_string()),
-            "{v}"
-        );
-    }
-    v
-}
-
-fn engine_usable() -> bool {
-    let v: serde_json::Value =
-        serde_json::from_slice(&precopy(&["probe", "--json"]).stdout).unwrap_or_default();
-    let ok = v["engine_usable"] == true;
-    if !ok {
-        eprintln!("SKIP: this kernel cannot run the engine (see `precopy probe`)");
-    }
-    ok
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// (arguments, flag, value as typed, words of the limit) for each kind of bad input.
 const BAD: &[(&[&str], &str, &str, &str)] = &[
@@ -515,7 +457,7 @@ fn each_kind_of_bad_input_is_refused_in_one_line() {
 
 #[test]
 fn json_failures_have_one_shape_in_every_subcommand() {
-    let dir = scratch("json-fail");
+    let dir = scratch_dir("json-fail");
     let missing = dir.join("missing.img");
     let missing = missing.to_str().unwrap();
     for args in [
@@ -576,7 +518,7 @@ fn json_successes_have_one_shape_and_demo_writes_an_image() {
     );
 
     // demo --to file: makes an image that image info/verify/cat accept.
-    let dir = scratch("demo-image");
+    let dir = scratch_dir("demo-image");
     let img = dir.join("demo.img");
     let to = format!("file:{}", img.display());
     let out = precopy(&[
@@ -711,7 +653,7 @@ fn forced_switch_over_is_said_plainly() {
 fn with_closed_stdout(args: &[&str]) -> Output {
     let (reader, writer) = nix::unistd::pipe().expect("pipe");
     drop(reader);
-    Command::new(env!("CARGO_BIN_EXE_precopy"))
+    Command::new(PRECOPY)
         .args(args)
         .stdout(std::process::Stdio::from(writer))
         .stderr(std::process::Stdio::piped())
@@ -726,7 +668,7 @@ fn a_reader_that_went_away_is_a_quiet_exit() {
         vec!["probe".into(), "--json".into()],
         vec!["--help".into()],
     ];
-    let dir = scratch("epipe");
+    let dir = scratch_dir("epipe");
     if engine_usable() {
         let img = dir.join("demo.img");
         let out = precopy(&[

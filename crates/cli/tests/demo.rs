@@ -1,34 +1,15 @@
 //! `precopy demo` end to end at small sizes: three real processes, verified byte for byte.
 
-use std::process::Command;
+mod common;
 
-fn engine_usable() -> bool {
-    let out = Command::new(env!("CARGO_BIN_EXE_precopy"))
-        .args(["probe", "--json"])
-        .output()
-        .expect("running precopy probe");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let ok = v["engine_usable"] == true;
-    if !ok {
-        eprintln!("SKIP: this kernel cannot run the engine (see `precopy probe`)");
-    }
-    ok
-}
+use common::target::engine_usable;
+use common::{one_json, precopy};
 
 fn demo(args: &[&str]) -> (bool, serde_json::Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_precopy"))
-        .args(["demo", "--size", "32M", "--dirty-rate", "8M", "--json"])
-        .args(args)
-        .output()
-        .expect("running precopy demo");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
-        panic!(
-            "not one JSON object ({e}): {text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.success(), v)
+    let mut all = vec!["demo", "--size", "32M", "--dirty-rate", "8M", "--json"];
+    all.extend_from_slice(args);
+    let out = precopy(&all);
+    (out.status.success(), one_json(&out))
 }
 
 #[test]
@@ -240,11 +221,7 @@ fn the_writers_records_travel_as_state_and_match_the_destination_memory() {
 /// in Debian's 6.1 and 6.12 guests.
 #[test]
 fn soft_dirty_drives_the_demo_where_it_works() {
-    let out = Command::new(env!("CARGO_BIN_EXE_precopy"))
-        .args(["probe", "--json"])
-        .output()
-        .expect("running precopy probe");
-    let probe: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let probe = one_json(&precopy(&["probe", "--json"]));
     let soft_dirty = probe["backends"]
         .as_array()
         .and_then(|b| b.iter().find(|v| v["name"] == "soft-dirty"))

@@ -1,24 +1,16 @@
 //! `precopy image info|cat|verify` on images the library writes, whole and cut short.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use common::{one_json, precopy, scratch_dir, stderr};
 use precopy_transfer::{ImageWriter, Layout, SliceSource, Transfer};
+use std::path::Path;
 
 const PS: u64 = 4096;
 const BASE: u64 = 0x7f00_0000_0000;
 const PAGES: u64 = 16;
 /// Pages `SENT..PAGES` are zero in the source and never sent.
 const SENT: u64 = 12;
-
-/// A scratch directory of its own for each test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("cli-image-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// Source memory: distinct non-zero bytes per page, page 5 all zeros, pages
 /// from `SENT` on zeros (never sent, so the image reads them as zeros and the
@@ -55,24 +47,13 @@ fn write_image(path: &Path) -> Vec<u8> {
     source.data().to_vec()
 }
 
-fn precopy(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_precopy"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 fn path_arg(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 #[test]
 fn info_cat_and_verify_a_complete_image() {
-    let dir = scratch("complete");
+    let dir = scratch_dir("complete");
     let img = dir.join("img");
     let mem = write_image(&img);
 
@@ -121,7 +102,7 @@ fn info_cat_and_verify_a_complete_image() {
 
 #[test]
 fn cut_image_is_reported_incomplete_and_fails_verify() {
-    let dir = scratch("cut");
+    let dir = scratch_dir("cut");
     let img = dir.join("img");
     write_image(&img);
     let bytes = std::fs::read(&img).unwrap();
@@ -161,7 +142,7 @@ fn cut_image_is_reported_incomplete_and_fails_verify() {
 
 #[test]
 fn bad_arguments_and_missing_files_fail() {
-    let dir = scratch("bad");
+    let dir = scratch_dir("bad");
     let img = dir.join("img");
     write_image(&img);
     // Reversed range: refused by argument parsing.
@@ -192,7 +173,7 @@ fn rewritten_page_offset(bytes: &[u8]) -> usize {
 
 #[test]
 fn info_counts_the_pages_of_an_image_cut_in_round_0() {
-    let dir = scratch("cut0");
+    let dir = scratch_dir("cut0");
     let img = dir.join("img");
     write_image(&img);
     let bytes = std::fs::read(&img).unwrap();
@@ -204,7 +185,7 @@ fn info_counts_the_pages_of_an_image_cut_in_round_0() {
         .expect("page 4 is in the image");
     std::fs::write(&img, &bytes[..page4 + 100]).unwrap();
 
-    let v = json_of(&precopy(&["image", "info", "--json", path_arg(&img)]));
+    let v = one_json(&precopy(&["image", "info", "--json", path_arg(&img)]));
     assert_eq!(v["complete"], false, "{v}");
     assert_eq!(v["rounds"].as_array().map(Vec::len), Some(0), "{v}");
     // Pages 0-3 were sent (round 0, cut short): not "never sent", not usable either.
@@ -226,12 +207,6 @@ fn info_counts_the_pages_of_an_image_cut_in_round_0() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn json_of(out: &Output) -> serde_json::Value {
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.trim().lines().count(), 1, "one JSON line: {text}");
-    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
-
 fn page_range(page: u64) -> String {
     // Spans are memory offsets.
     format!("{:#x}-{:#x}", page * PS, (page + 1) * PS)
@@ -239,7 +214,7 @@ fn page_range(page: u64) -> String {
 
 #[test]
 fn flipped_byte_fails_cat_and_verify_but_not_structure() {
-    let dir = scratch("flip");
+    let dir = scratch_dir("flip");
     let img = dir.join("img");
     let mem = write_image(&img);
     let mut bytes = std::fs::read(&img).unwrap();
@@ -280,7 +255,7 @@ fn flipped_byte_fails_cat_and_verify_but_not_structure() {
     // `info` reads no page data: complete, but not verified.
     let out = precopy(&["image", "info", "--json", path_arg(&img)]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let v = json_of(&out);
+    let v = one_json(&out);
     assert_eq!(v["complete"], true);
     assert_eq!(v["verified"], false);
     assert_eq!(v["ok"], true);
@@ -300,7 +275,7 @@ fn flipped_byte_fails_cat_and_verify_but_not_structure() {
             Some(1),
             "{args:?} passed a damaged image"
         );
-        let v = json_of(&out);
+        let v = one_json(&out);
         assert_eq!(v["ok"], false, "{v}");
         assert_eq!(v["verified"], false, "{v}");
         let msg = v["error"]["message"].as_str().unwrap_or_default();
@@ -321,7 +296,7 @@ fn flipped_byte_fails_cat_and_verify_but_not_structure() {
 
 #[test]
 fn truncated_image_is_refused_by_cat_unless_asked() {
-    let dir = scratch("trunc");
+    let dir = scratch_dir("trunc");
     let img = dir.join("img");
     let mem = write_image(&img);
     let bytes = std::fs::read(&img).unwrap();
@@ -354,7 +329,7 @@ fn truncated_image_is_refused_by_cat_unless_asked() {
     assert!(out.stdout == src[..(2 * PS) as usize]);
     assert!(out.stdout[..PS as usize] == mem[..PS as usize]);
 
-    let v = json_of(&precopy(&["image", "info", "--json", path_arg(&img)]));
+    let v = one_json(&precopy(&["image", "info", "--json", path_arg(&img)]));
     assert_eq!(v["complete"], false);
     assert_eq!(v["verified"], false);
     assert_eq!(v["rounds"].as_array().map(Vec::len), Some(1));
@@ -363,7 +338,7 @@ fn truncated_image_is_refused_by_cat_unless_asked() {
 
 #[test]
 fn a_file_that_is_no_image_shows_its_first_bytes_plainly() {
-    let dir = scratch("not-image");
+    let dir = scratch_dir("not-image");
     let f = dir.join("notes.txt");
     std::fs::write(&f, "hello world, not an image\n").unwrap();
     for sub in ["info", "verify"] {

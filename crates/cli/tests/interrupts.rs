@@ -5,21 +5,12 @@
 mod common;
 
 use common::target::{Lang, Target, engine_usable};
+use common::{PRECOPY, scratch};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const PRECOPY: &str = env!("CARGO_BIN_EXE_precopy");
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("interrupt-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_file(&p);
-    p
-}
 
 /// Waits until `child` has its signal thread (the handler is installed), bounded.
 fn wait_for_handler(child: &mut Child) {

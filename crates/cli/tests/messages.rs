@@ -5,60 +5,13 @@
 mod common;
 
 use common::target::{Lang, Target, engine_usable, state};
+use common::{PRECOPY, one_json, precopy, scratch, stderr, stdout};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-const PRECOPY: &str = env!("CARGO_BIN_EXE_precopy");
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("message-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_file(&p);
-    p
-}
-
-fn precopy(args: &[&str]) -> Output {
-    Command::new(PRECOPY).args(args).output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Exactly one JSON object on stdout with `ok` matching the exit status and the common
-/// `error` shape (`null`, or `message` and `chain`).
-fn one_json(o: &Output) -> serde_json::Value {
-    let text = stdout(o);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "not one JSON line: {text:?}\n{}", stderr(o));
-    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
-    assert_eq!(v["ok"], o.status.success(), "{v}");
-    if o.status.success() {
-        assert!(v["error"].is_null(), "{v}");
-    } else {
-        assert!(
-            v["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()),
-            "{v}"
-        );
-        let chain = v["error"]["chain"].as_array().expect("error.chain");
-        assert!(
-            !chain.is_empty() && chain.iter().all(|c| c.is_string()),
-            "{v}"
-        );
-    }
-    v
-}
 
 fn pid_arg(t: &Target) -> String {
     t.pid.to_string()

@@ -5,33 +5,13 @@
 mod common;
 
 use common::target::{Lang, Target, engine_usable, state};
+use common::{PRECOPY, one_json, scratch};
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-const PRECOPY: &str = env!("CARGO_BIN_EXE_precopy");
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("send-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_file(&p);
-    p
-}
-
-fn json_of(out: &std::process::Output) -> serde_json::Value {
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).unwrap_or_else(|e| {
-        panic!(
-            "not one JSON object ({e}): {text}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-/// `precopy recv` in the background; returns it and the address it listens on.
 /// A key file both ends of these tests use (owner-only: a receiver refuses any other; every
 /// TCP receiver requires a key, loopback included).
 fn key_file() -> &'static Path {
@@ -51,6 +31,7 @@ fn key_file() -> &'static Path {
     })
 }
 
+/// `precopy recv` in the background; returns it and the address it listens on.
 fn start_recv(listen: &str, image: &Path) -> (Child, String) {
     let mut child = Command::new(PRECOPY)
         .args(["recv", "--json", "--listen", listen, "--to"])
@@ -183,11 +164,11 @@ fn send_then_stop_and_compare(lang: Lang, dest: &str, runs: u32) {
             last = now;
         }
         let before = state(t.pid);
-        let image = tmp(&format!("{dest}-{lang:?}-{run}.img"));
+        let image = scratch(&format!("{dest}-{lang:?}-{run}.img"));
         let (recv, to) = match dest {
             "file" => (None, format!("file:{}", image.display())),
             "unix" => {
-                let sock = tmp(&format!("{lang:?}-{run}.sock"));
+                let sock = scratch(&format!("{lang:?}-{run}.sock"));
                 let (child, _) = start_recv(&format!("unix:{}", sock.display()), &image);
                 (Some(child), format!("unix:{}", sock.display()))
             }
@@ -197,7 +178,7 @@ fn send_then_stop_and_compare(lang: Lang, dest: &str, runs: u32) {
             }
         };
         let out = send(t.pid, &to, &["--then", "stop", "--max-downtime", "50"]);
-        let report = json_of(&out);
+        let report = one_json(&out);
         assert!(
             out.status.success() && report["ok"] == true,
             "send failed: {report}"
@@ -205,7 +186,7 @@ fn send_then_stop_and_compare(lang: Lang, dest: &str, runs: u32) {
         if let Some(r) = recv {
             let out = r.wait_with_output().unwrap();
             assert!(out.status.success(), "recv failed");
-            assert_eq!(json_of(&out)["ok"], true);
+            assert_eq!(one_json(&out)["ok"], true);
         }
         let after = state(t.pid);
         assert!(after.stopped, "--then stop must leave the target stopped");
@@ -251,7 +232,7 @@ fn a_target_that_maps_unmaps_and_remaps_while_tracked() {
     for run in 0..3 {
         let mut t = Target::start(Lang::C, 2, 256, 0);
         assert_eq!(t.ask("churn"), "churning");
-        let image = tmp(&format!("churn-{run}.img"));
+        let image = scratch(&format!("churn-{run}.img"));
         // Rounds keep coming (1 ms downtime is never met), so the churn lands between them.
         let out = send(
             t.pid,
@@ -265,7 +246,7 @@ fn a_target_that_maps_unmaps_and_remaps_while_tracked() {
                 "12",
             ],
         );
-        let report = json_of(&out);
+        let report = one_json(&out);
         assert!(out.status.success(), "send failed: {report}");
         assert!(state(t.pid).stopped);
         let added = report["mapping_changes"]["added_bytes"].as_u64().unwrap();
@@ -306,7 +287,7 @@ fn a_thread_created_and_a_heap_grown_after_the_start_are_sent() {
         return;
     }
     let mut t = Target::start(Lang::C, 2, 256, 0);
-    let image = tmp("grow.img");
+    let image = scratch("grow.img");
     // Rounds keep coming (1 ms downtime is never met with writers running flat out), so the
     // growth lands between rounds, well before the last.
     let send = send_attached(
@@ -327,7 +308,7 @@ fn a_thread_created_and_a_heap_grown_after_the_start_are_sent() {
     let mut addr = || u64::from_str_radix(words.next().unwrap(), 16).unwrap();
     let (buf, heap) = (addr(), addr());
     let out = send.wait_with_output().unwrap();
-    let report = json_of(&out);
+    let report = one_json(&out);
     assert!(out.status.success(), "send failed: {report}");
     assert!(state(t.pid).stopped);
     let added = report["mapping_changes"]["added_bytes"].as_u64().unwrap();
@@ -368,7 +349,7 @@ fn a_send_killed_with_sigkill_never_leaves_the_target_stopped() {
     // such kills left the fixture stopped (measured on this machine).
     let mut t = Target::start(Lang::C, 4, 4096, 0);
     for (i, wait_ms) in [2500u64, 3500, 4500, 5500].into_iter().enumerate() {
-        let image = tmp(&format!("sigkill-{i}.img"));
+        let image = scratch(&format!("sigkill-{i}.img"));
         let mut send = send_attached(
             t.pid,
             &image,
@@ -467,7 +448,7 @@ fn a_target_that_exits_mid_run_fails_the_send_clearly() {
         return;
     }
     let mut t = Target::start(Lang::C, 4, 4096, 0);
-    let image = tmp("exit.img");
+    let image = scratch("exit.img");
     // Mid-run.
     let send = send_attached(
         t.pid,
@@ -478,7 +459,7 @@ fn a_target_that_exits_mid_run_fails_the_send_clearly() {
     let _ = t.ask("exit");
     let out = send.wait_with_output().unwrap();
     assert!(!out.status.success());
-    let report = json_of(&out);
+    let report = one_json(&out);
     let msg = report["error"]["message"].as_str().unwrap().to_string();
     assert!(msg.contains("exited"), "{msg}");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -570,7 +551,7 @@ fn failures_leave_the_target_running_with_one_clear_error_line() {
     gone.wait().unwrap();
     let out = Command::new(PRECOPY)
         .args(["send", "--pid", &pid.to_string(), "--to"])
-        .arg(format!("file:{}", tmp("no-such-pid.img").display()))
+        .arg(format!("file:{}", scratch("no-such-pid.img").display()))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -595,7 +576,7 @@ fn interrupting_send_leaves_the_target_running() {
             nix::sys::signal::Signal::SIGINT,
             nix::sys::signal::Signal::SIGTERM,
         ] {
-            let image = tmp(&format!("interrupt-{i}.img"));
+            let image = scratch(&format!("interrupt-{i}.img"));
             let child = Command::new(PRECOPY)
                 .args(["send", "--pid", &t.pid.to_string(), "--to"])
                 .arg(format!("file:{}", image.display()))
@@ -640,7 +621,7 @@ fn rate_matches_the_targets_own_count() {
         .output()
         .unwrap();
     let ops_after = t.ops();
-    let report = json_of(&out);
+    let report = one_json(&out);
     assert_eq!(report["ok"], true, "{report}");
     let counted: u64 = report["sum_of_interval_pages"].as_u64().unwrap();
     let written = ops_after - ops_before;
@@ -671,13 +652,13 @@ fn a_second_send_on_a_tracked_target_fails_and_leaves_it_running() {
     }
     let mut t = Target::start(Lang::C, 4, 4096, 0);
     let before = settled(&mut t);
-    let first_image = tmp("first-tracker.img");
+    let first_image = scratch("first-tracker.img");
     let first = send_attached(
         t.pid,
         &first_image,
         &["--max-downtime", "1", "--max-rounds", "100000"],
     );
-    let image = tmp("second-tracker.img");
+    let image = scratch("second-tracker.img");
     let out = send(
         t.pid,
         &format!("file:{}", image.display()),
@@ -689,7 +670,7 @@ fn a_second_send_on_a_tracked_target_fails_and_leaves_it_running() {
     );
     let _ = first.wait_with_output();
     let _ = first_done;
-    let report = json_of(&out);
+    let report = one_json(&out);
     assert!(!out.status.success(), "second send succeeded: {report}");
     assert_eq!(report["ok"], false, "{report}");
     let msg = report["error"]["message"].as_str().unwrap().to_string();
@@ -736,13 +717,13 @@ fn a_target_stopped_before_the_send_is_left_stopped() {
     while !all_stopped() {
         std::thread::sleep(Duration::from_millis(2));
     }
-    let image = tmp("stopped-on-entry.img");
+    let image = scratch("stopped-on-entry.img");
     let out = send(
         t.pid,
         &format!("file:{}", image.display()),
         &["--max-rounds", "2"],
     );
-    let report = json_of(&out);
+    let report = one_json(&out);
     std::thread::sleep(Duration::from_millis(20));
     let stopped = state(t.pid).stopped;
     cont(t.pid);
@@ -755,7 +736,7 @@ fn a_target_stopped_before_the_send_is_left_stopped() {
 /// `recv` on TCP without a key refuses to start (before listening) and says how to make one.
 #[test]
 fn recv_without_a_key_refuses_to_start_and_says_how_to_make_one() {
-    let image = tmp("nokey.img");
+    let image = scratch("nokey.img");
     let out = Command::new(PRECOPY)
         .args(["recv", "--listen", "tcp:127.0.0.1:0", "--to"])
         .arg(format!("file:{}", image.display()))
@@ -779,7 +760,7 @@ fn then_stop_with_stdout_gone_leaves_the_target_stopped() {
     }
     let mut t = Target::start(Lang::C, 2, 256, 0);
     settled(&mut t);
-    let image = tmp("stdout-gone.img");
+    let image = scratch("stdout-gone.img");
     let mut child = Command::new(PRECOPY)
         .args(["send", "--pid", &t.pid.to_string(), "--to"])
         .arg(format!("file:{}", image.display()))

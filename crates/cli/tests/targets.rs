@@ -5,17 +5,9 @@
 mod common;
 
 use common::target::{Lang, Target, engine_usable};
-use std::path::PathBuf;
+use common::{PRECOPY, scratch};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-const PRECOPY: &str = env!("CARGO_BIN_EXE_precopy");
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("targets-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(format!("{name}-{}", std::process::id()))
-}
 
 /// `(state, ppid, flags)` from `/proc/PID/stat`.
 fn stat(pid: i32) -> Option<(char, i32, u64)> {

@@ -1,8 +1,10 @@
 //! `precopy demo --vm` and `precopy bench --kvm` end to end. The flag checks run anywhere; the
 //! runs need /dev/kvm and print a loud SKIP without it.
 
+mod common;
+
+use common::{one_json, precopy};
 use serde_json::Value;
-use std::process::{Command, Output};
 
 fn kvm_usable(test: &str) -> bool {
     let ok = std::fs::OpenOptions::new()
@@ -14,31 +16,6 @@ fn kvm_usable(test: &str) -> bool {
         eprintln!("\n*** SKIP {test}: /dev/kvm is absent or not read/writable ***\n");
     }
     ok
-}
-
-fn precopy(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_precopy"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// Stdout must be exactly one JSON object with `ok` and `error`; returns it.
-fn one_object(out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let mut objects = serde_json::Deserializer::from_str(&stdout).into_iter::<Value>();
-    let v = objects
-        .next()
-        .unwrap_or_else(|| panic!("no JSON object on stdout: {stdout:?}"))
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout:?}"));
-    assert!(
-        objects.next().is_none(),
-        "more than one JSON object on stdout: {stdout}"
-    );
-    assert!(v.is_object(), "{v}");
-    assert!(v["ok"].is_boolean(), "no \"ok\": {v}");
-    assert!(v.get("error").is_some(), "no \"error\": {v}");
-    v
 }
 
 /// No value anywhere in `v` is a raw `Duration` (`{"secs": .., "nanos": ..}`).
@@ -82,7 +59,7 @@ fn refused(args: &[&str], flag: &str, value: &str, problem: &str) {
     with_json.push("--json");
     let out = precopy(&with_json);
     assert_eq!(out.status.code(), Some(2));
-    let v = one_object(&out);
+    let v = one_json(&out);
     assert_eq!(v["ok"], false, "{v}");
     let message = v["error"]["message"].as_str().unwrap();
     assert!(message.starts_with(&format!("{flag} {value}: ")), "{v}");
@@ -106,7 +83,7 @@ fn conflict(args: &[&str], a: &str, b: &str) {
     );
     let mut with_json = args.to_vec();
     with_json.push("--json");
-    let v = one_object(&precopy(&with_json));
+    let v = one_json(&precopy(&with_json));
     assert_eq!(v["ok"], false, "{v}");
     // clap's whole message: the conflict, the fix and the usage line.
     let message = v["error"]["message"].as_str().unwrap();
@@ -302,7 +279,7 @@ fn demo_vm_migrates_a_guest_and_matches_the_unmigrated_checksum() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo --vm failed: {stderr}");
-    let report = one_object(&out);
+    let report = one_json(&out);
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["error"], Value::Null, "{report}");
     no_raw_durations(&report, "report");
@@ -361,7 +338,7 @@ fn demo_vm_idle_guest_idles_for_guest_seconds_and_migrates() {
         out.status.success(),
         "demo --vm --dirty-rate 0 failed: {stderr}"
     );
-    let report = one_object(&out);
+    let report = one_json(&out);
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["checksums_match"], true, "{report}");
     // Still idling when the migration switched over: migrated live.
@@ -424,7 +401,7 @@ fn demo_vm_failure_prints_exactly_one_json_object() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    let v = one_object(&out);
+    let v = one_json(&out);
     assert_eq!(v["ok"], false, "{v}");
     let message = v["error"]["message"].as_str().unwrap();
     assert!(message.contains("migrating the guest failed"), "{v}");
@@ -506,7 +483,7 @@ fn bench_kvm_reports_both_mechanisms() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench --kvm failed: {stderr}");
-    let v = one_object(&out);
+    let v = one_json(&out);
     assert_eq!(v["ok"], true, "{v}");
     assert!(v["kvm"]["module"].is_string(), "{v}");
     let rows = v["kvm_bench"].as_array().unwrap();

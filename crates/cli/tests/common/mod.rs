@@ -1,1 +1,85 @@
+//! What the CLI's test files share: running `precopy` and reading what it printed (one JSON
+//! object with `--json`), scratch paths, and (`target`) the fixtures an attach works on.
+
+#![allow(dead_code)]
+
 pub mod target;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The binary under test.
+pub const PRECOPY: &str = env!("CARGO_BIN_EXE_precopy");
+
+/// Runs `precopy ARGS` to its end.
+pub fn precopy(args: &[&str]) -> Output {
+    Command::new(PRECOPY)
+        .args(args)
+        .output()
+        .expect("running precopy")
+}
+
+/// What it printed on stdout.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// What it printed on stderr.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Exactly one JSON object on stdout, with `ok` matching the exit status and the common
+/// `error` shape (`null`, or a non-empty `message` and a `chain` of strings).
+pub fn one_json(o: &Output) -> serde_json::Value {
+    let text = stdout(o);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "not one JSON line on stdout: {text:?}\n{}",
+        stderr(o)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    assert!(v.is_object(), "{v}");
+    assert_eq!(
+        v["ok"],
+        o.status.success(),
+        "ok disagrees with the exit status: {v}"
+    );
+    if o.status.success() {
+        assert!(v["error"].is_null(), "{v}");
+    } else {
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(!msg.is_empty(), "no error message: {v}");
+        let chain = v["error"]["chain"].as_array().expect("error.chain");
+        assert!(
+            !chain.is_empty() && chain.iter().all(|c| c.is_string()),
+            "{v}"
+        );
+    }
+    v
+}
+
+/// This test binary's scratch directory (under cargo's temporary directory for tests).
+fn scratch_root() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A path for a file (or socket) `name` of this test process, nothing there yet.
+pub fn scratch(name: &str) -> PathBuf {
+    let p = scratch_root().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// An empty directory `name` of this test process.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = scratch(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
