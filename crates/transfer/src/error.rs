@@ -782,6 +782,33 @@ impl TransferError {
         move |source| TransferError::Io { what, source }
     }
 
+    /// `self`, or [`TransferError::Stalled`] (`what` `peer`, after `after`) when it is a read
+    /// or a write that ran into its socket timeout: the kernel reports that as `EAGAIN`
+    /// ("Resource temporarily unavailable") or `ETIMEDOUT`, and a timeout must say that it
+    /// timed out and after how long.
+    pub(crate) fn or_stalled(
+        self,
+        what: &'static str,
+        peer: impl FnOnce() -> String,
+        after: Duration,
+    ) -> TransferError {
+        match &self {
+            TransferError::Io { source, .. }
+                if matches!(
+                    source.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                TransferError::Stalled {
+                    what,
+                    peer: peer(),
+                    after,
+                }
+            }
+            _ => self,
+        }
+    }
+
     /// The same failure once more, for every later call of a sender whose stream stopped on
     /// it (the first call returned the original): the same variant and fields, so that the
     /// message still names the cause (the receiver's own, after an ERROR) and

@@ -205,7 +205,13 @@ fn receiver_handshake(
     config: &ReceiverConfig,
     expect: Expect<'_>,
 ) -> Result<Hello, TransferError> {
-    let result = handshake_steps(conn, config, expect);
+    let result = handshake_steps(conn, config, expect).map_err(|e| {
+        e.or_stalled(
+            "the handshake with",
+            || conn.peer(),
+            config.handshake_timeout,
+        )
+    });
     if let Err(e) = &result {
         send_error(conn, code_for(e), &precopy_sys::error_chain(e));
         let _ = conn.shutdown(Shutdown::Both);

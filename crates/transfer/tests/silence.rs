@@ -167,3 +167,51 @@ fn a_silent_path_is_resumed_on_a_new_connection() {
         first.bytes_on_wire, resent.bytes_on_wire
     );
 }
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Whether `err` is the handshake's timeout, said as one: the step, how long, and no
+/// "Resource temporarily unavailable (os error 11)" (how the kernel reports a socket timeout).
+fn handshake_timed_out(err: &TransferError) -> bool {
+    let msg = err.to_string();
+    matches!(err, TransferError::Stalled { what, after, .. }
+        if *what == "the handshake with" && *after == HANDSHAKE_TIMEOUT)
+        && msg.contains("no progress for 300ms")
+        && !msg.contains("os error")
+}
+
+/// A receiver that takes the connection and never answers the handshake (busy with another
+/// sender): the sender's handshake times out and says so.
+#[test]
+fn a_handshake_the_receiver_never_answers_times_out_and_says_so() {
+    let (listener, connect, _dir) = listen(&common::Net::Tcp);
+    let config = SenderConfig {
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+        ..sender_config()
+    };
+    let err = Sender::connect(
+        vec![connect()],
+        Layout::single(PS, BASE, 4 * PS).unwrap(),
+        SliceSource::new(BASE, memory(4, 1)),
+        &config,
+    )
+    .map(|_| ())
+    .unwrap_err();
+    assert!(handshake_timed_out(&err), "{err:?}: {err}");
+    drop(listener);
+}
+
+/// The other way round: a sender that connects and never says HELLO.
+#[test]
+fn a_sender_that_never_says_hello_times_the_receivers_handshake_out() {
+    let (listener, connect, _dir) = listen(&common::Net::Tcp);
+    let _quiet = connect();
+    let config = ReceiverConfig {
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+        ..receiver_config()
+    };
+    let err = Receiver::accept_connection(listener.accept().unwrap(), &config)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(handshake_timed_out(&err), "{err:?}: {err}");
+}

@@ -10,8 +10,19 @@ use crate::protocol::{
     Auth, Challenge, ErrorFrame, FrameKind, FrameReader, FrameWriter, Header, Hello, Welcome,
 };
 
-/// Runs the sender's half of the handshake on one connection.
+/// Runs the sender's half of the handshake on one connection; a receiver silent for `timeout`
+/// fails it with [`TransferError::Stalled`].
 pub(super) fn sender_handshake(
+    conn: &mut Connection,
+    hello: &Hello,
+    key: Option<&Key>,
+    timeout: Duration,
+) -> Result<(), TransferError> {
+    let result = handshake_steps(conn, hello, key, timeout);
+    result.map_err(|e| e.or_stalled("the handshake with", || conn.peer(), timeout))
+}
+
+fn handshake_steps(
     conn: &mut Connection,
     hello: &Hello,
     key: Option<&Key>,

@@ -585,7 +585,10 @@ impl Sink for SocketSink {
         }
         let ready = handshake_all(conns, self.session, &self.layout, &self.config, true).and_then(
             |ready| {
-                let point = read_resume(&ready[0], &self.layout, self.config.handshake_timeout)?;
+                let timeout = self.config.handshake_timeout;
+                let point = read_resume(&ready[0], &self.layout, timeout).map_err(|e| {
+                    e.or_stalled("waiting for the RESUME of", || self.peer.clone(), timeout)
+                })?;
                 Ok((ready, point))
             },
         );
