@@ -967,13 +967,18 @@ fn round_message(p: &precopy_migrate::Progress, sent: u64, since: Duration) -> S
         precopy_migrate::Phase::Iterating => format!("round {}", p.round),
         precopy_migrate::Phase::Final => format!("final round {} (source paused)", p.round),
     };
-    let mut msg = format!(
-        "{head}: queued {} of {} to send ({:.0}%) at {}/s",
-        human(sent.min(p.pending_bytes)),
-        human(p.pending_bytes),
-        sent.min(of) as f64 * 100.0 / of as f64,
-        human(rate as u64)
-    );
+    let mut msg = if sent == 0 {
+        // Nothing handed to the transport yet: what the round will send, not "queued 0 B".
+        format!("{head}: {} to send", human(p.pending_bytes))
+    } else {
+        format!(
+            "{head}: queued {} of {} to send ({:.0}%) at {}/s",
+            human(sent.min(p.pending_bytes)),
+            human(p.pending_bytes),
+            sent.min(of) as f64 * 100.0 / of as f64,
+            human(rate as u64)
+        )
+    };
     if p.phase != precopy_migrate::Phase::Full {
         msg.push_str(&format!(", source writes {}/s", human(p.dirty_rate as u64)));
         if p.throttle > 0.0 {
@@ -1571,5 +1576,36 @@ fn pattern_name(p: Pattern) -> &'static str {
         Pattern::Uniform => "uniform",
         Pattern::HotSet => "hot-set",
         Pattern::Sequential => "sequential",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(phase: precopy_migrate::Phase, pending_bytes: u64) -> precopy_migrate::Progress {
+        precopy_migrate::Progress {
+            phase,
+            round: 0,
+            pending_bytes,
+            throughput: 0.0,
+            dirty_rate: 0.0,
+            throttle: 0.0,
+            expected_downtime: None,
+            elapsed: Duration::ZERO,
+            memory_bytes: 256 << 20,
+        }
+    }
+
+    #[test]
+    fn a_round_that_has_queued_nothing_yet_says_what_it_will_send() {
+        let p = progress(precopy_migrate::Phase::Full, 256 << 20);
+        let m = round_message(&p, 0, Duration::ZERO);
+        assert_eq!(m, "round 0 (all memory): 256.0 MiB to send");
+        let m = round_message(&p, 64 << 20, Duration::from_secs(1));
+        assert_eq!(
+            m,
+            "round 0 (all memory): queued 64.0 MiB of 256.0 MiB to send (25%) at 64.0 MiB/s"
+        );
     }
 }
