@@ -16,38 +16,6 @@ use std::ops::Range;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
-/// Which bytes ahead of the page it lends [`LivePages::for_each_page`] asks the CPU to start
-/// fetching from memory (a prefetch hint: it never faults and changes no result). The CPU's own
-/// prefetchers follow a sequential read only up to the end of a 4 KiB page, so without a hint
-/// each page begins with a wait for memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prefetch {
-    /// No hint.
-    Nothing,
-    /// The first 64-byte cache line of the page `n` pages ahead: for a test that usually reads
-    /// only the start of a page (a zero test, which stops at the first non-zero byte).
-    Start(usize),
-    /// Every cache line of the page `n` pages ahead: for a pass that reads whole pages (a hash).
-    Whole(usize),
-}
-
-/// Bytes of a cache line on the CPUs we run on (x86-64).
-const CACHE_LINE: u64 = 64;
-
-/// Asks the CPU to bring the cache line at `addr` in, if it can (x86-64; elsewhere nothing).
-#[inline(always)]
-fn prefetch_line(addr: u64) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch hint reads nothing into the program and never faults, whatever the
-    // address (the CPU drops it for an unmapped one); SSE, which it needs, is part of x86-64.
-    unsafe {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T0>(addr as *const i8);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = addr;
-}
-
 /// A range of a [`Mapping`] this process owns, kept mapped for as long as the view lives (it
 /// holds the mapping). The bytes may change at any time.
 #[derive(Clone)]
@@ -118,33 +86,12 @@ impl LivePages {
     /// the same byte twice and getting the same value (a hash reads each byte once). Bytes
     /// past the last whole page are not passed. An unreadable page (the embedder made it
     /// `PROT_NONE`) stops the process with `SIGSEGV`, as it would stop a vCPU touching it.
-    ///
-    /// `prefetch` says what to fetch ahead of `f`, inside these pages only.
-    pub fn for_each_page(&self, page_size: u64, prefetch: Prefetch, mut f: impl FnMut(&[u8])) {
+    pub fn for_each_page(&self, page_size: u64, mut f: impl FnMut(&[u8])) {
         if page_size == 0 {
             return;
         }
-        let end = self.addr + self.len;
         let mut at = self.addr;
-        while at + page_size <= end {
-            match prefetch {
-                Prefetch::Nothing => {}
-                Prefetch::Start(n) => {
-                    let ahead = at.saturating_add(page_size.saturating_mul(n as u64));
-                    if ahead < end {
-                        prefetch_line(ahead);
-                    }
-                }
-                Prefetch::Whole(n) => {
-                    let ahead = at.saturating_add(page_size.saturating_mul(n as u64));
-                    let stop = ahead.saturating_add(page_size).min(end);
-                    let mut line = ahead;
-                    while line < stop {
-                        prefetch_line(line);
-                        line += CACHE_LINE;
-                    }
-                }
-            }
+        while at + page_size <= self.addr + self.len {
             // SAFETY: `at..at + page_size` lies inside the mapping this view holds (checked when
             // the view was made), which stays mapped while `self.owner` lives, so the pointer is
             // valid, aligned (u8) and not null for the whole call. The slice lives only inside
@@ -335,18 +282,16 @@ mod tests {
         }
         let v = LivePages::new(m.clone(), m.range()).unwrap();
         let mut seen = Vec::new();
-        v.slice(4096..3 * 4096)
-            .unwrap()
-            .for_each_page(4096, Prefetch::Whole(1), |p| {
-                assert_eq!(p.len(), 4096);
-                assert!(p.iter().all(|&b| b == p[0]));
-                seen.push((p[0], p.as_ptr() as u64));
-            });
+        v.slice(4096..3 * 4096).unwrap().for_each_page(4096, |p| {
+            assert_eq!(p.len(), 4096);
+            assert!(p.iter().all(|&b| b == p[0]));
+            seen.push((p[0], p.as_ptr() as u64));
+        });
         assert_eq!(seen, [(2, m.addr() + 4096), (3, m.addr() + 2 * 4096)]);
         let mut n = 0;
-        v.for_each_page(2 * 4096, Prefetch::Start(1), |_| n += 1);
+        v.for_each_page(2 * 4096, |_| n += 1);
         assert_eq!(n, 1, "only whole pages");
-        v.for_each_page(0, Prefetch::Nothing, |_| n += 1);
+        v.for_each_page(0, |_| n += 1);
         assert_eq!(n, 1);
     }
 

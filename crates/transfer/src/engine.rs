@@ -28,7 +28,6 @@ use crate::live::LivePages;
 use crate::protocol::{MAX_PAGES_LEN, MAX_STATE_LEN};
 use crate::sink::Sink;
 use crate::source::PageSource;
-use precopy_sys::live::Prefetch;
 
 pub use crate::codec::Compression;
 
@@ -546,13 +545,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         // bytes of a page that is not all zeros).
         let hash_here = !self.sink.hashes_live_pages();
         for p in lent {
-            // Only the start of a page that is not all zeros is read here; a hash reads it all.
-            let ahead = if hash_here {
-                Prefetch::Whole(2)
-            } else {
-                Prefetch::Start(4)
-            };
-            p.for_each_page(ps as u64, ahead, |page| {
+            p.for_each_page(ps as u64, |page| {
                 let z = is_zero(page);
                 zero.push(z);
                 hashes.push(if z || !hash_here { 0 } else { page_hash(page) });

@@ -6,8 +6,7 @@
 //! kernel's, into the socket. The page's hash (XXH3-64) is taken in place, without a copy
 //! (`LivePages::for_each_page`), by the connection's writer thread right before its `writev`
 //! ([`Sink::send_unhashed_live_pages`](crate::Sink::send_unhashed_live_pages)): the hash reads
-//! the page from memory, with a prefetch hint a page or two ahead, and the kernel's copy then
-//! finds it in cache. The writer reports the hashes back for the sender's page-hash table
+//! the page from memory and the kernel's copy then finds it in cache. The writer reports the hashes back for the sender's page-hash table
 //! ([`Sink::take_live_hashes`](crate::Sink::take_live_hashes)); the sending thread only tests
 //! each page for zeros, which reads the start of a page that is not all zeros.
 //!

@@ -591,7 +591,7 @@ impl StreamWriter {
         pages: &LivePages,
         hashes: Option<&[PageHash]>,
     ) -> Result<(), TransferError> {
-        use precopy_sys::live::{Gather, Prefetch, write_all_gather_within};
+        use precopy_sys::live::{Gather, write_all_gather_within};
         use std::os::fd::AsFd;
         use zerocopy::IntoBytes;
         let ps = self.page_size;
@@ -619,9 +619,7 @@ impl StreamWriter {
                 })?,
                 None => {
                     taken.clear();
-                    part.for_each_page(ps, Prefetch::Whole(2), |p| {
-                        taken.push(crate::digest::page_hash(p));
-                    });
+                    part.for_each_page(ps, |p| taken.push(crate::digest::page_hash(p)));
                     &taken[..]
                 }
             };
