@@ -685,7 +685,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     }
 
     fn expected(&self, pending: u64) -> Option<Duration> {
-        self.estimator.estimate(pending).map(|e| e.total())
+        let rate = self.report.dirty_rate;
+        self.estimator.estimate(pending, rate).map(|e| e.total())
     }
 
     fn emit(&mut self, phase: Phase, pending: u64, dirty_rate: f64) {
@@ -820,7 +821,10 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 let scan_start = Instant::now();
                 let collect_pause = self.collect(round, &mut pending)?;
                 let scan = scan_start.elapsed();
-                let interval = scan_start.duration_since(last_scan);
+                // The pages were written while the previous round was sent: the interval is at
+                // least that round's duration as the transport measured it.
+                let sent_for = self.report.rounds.last().map_or(Duration::ZERO, |r| r.duration);
+                let interval = scan_start.duration_since(last_scan).max(sent_for);
                 last_scan = scan_start;
                 let pending_bytes = coalesce(&mut pending);
                 self.observe(pending_bytes);
@@ -828,7 +832,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 let dirty_rate = per_sec(pending_bytes, interval);
                 self.report.dirty_rate = dirty_rate;
                 self.estimator.add_scan(scan);
-                let estimate = self.estimator.estimate(pending_bytes);
+                let estimate = self.estimator.estimate(pending_bytes, dirty_rate);
                 let expected = estimate.map(|e| e.total());
                 self.emit(Phase::Iterating, pending_bytes, dirty_rate);
 
@@ -877,7 +881,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             };
             self.report.switch_reason = Some(reason);
             let p = pending.iter().map(|r| r.end - r.start).sum();
-            let estimate = self.estimator.estimate(p);
+            let estimate = self.estimator.estimate(p, self.report.dirty_rate);
             self.report.expected_downtime = estimate.map(|e| e.total());
             self.report.downtime_bound = estimate.map(|e| e.bound());
             self.report.downtime_estimate = estimate;

@@ -179,9 +179,16 @@ pub struct FinalPhase {
 pub struct DowntimeEstimate {
     /// Bytes the last scan left to send.
     pub pending_bytes: u64,
-    /// Pausing the workload (measured by a probe after round 0; zero without it).
+    /// Bytes the workload is expected to write from the last scan until it is stopped (its
+    /// dirty rate times the expected scan and pause), sent in the final round too.
+    pub meanwhile_bytes: u64,
+    /// Pausing the workload: the median of the probes (after round 0 and the next rounds;
+    /// zero without them).
     #[serde(serialize_with = "ms", rename = "pause_ms")]
     pub pause: Duration,
+    /// The slowest pause probe, which the switch-over decision counts instead of `pause`.
+    #[serde(serialize_with = "ms", rename = "pause_worst_ms")]
+    pub pause_worst: Duration,
     /// The final scan: the fastest of the last scans (the final one runs with the workload
     /// stopped).
     #[serde(serialize_with = "ms", rename = "scan_ms")]
@@ -454,17 +461,18 @@ impl fmt::Display for MigrationReport {
         if let Some(e) = self.downtime_estimate {
             writeln!(
                 f,
-                "               expected: pause {} + scan {} + send {} ({}) + checksum and acknowledgement {}",
+                "               expected: pause {} + scan {} + send {} ({} pending + {} written until paused) + checksum and acknowledgement {}",
                 msf(e.pause),
                 msf(e.scan),
                 msf(e.send),
                 bytes(e.pending_bytes as f64),
+                bytes(e.meanwhile_bytes as f64),
                 msf(e.finish),
             )?;
             writeln!(
                 f,
                 "               at most:  pause {} + scan {} + send {} ({}/s + {} per round) + checksum and acknowledgement {}, margin x{:.2} = {}",
-                msf(e.pause),
+                msf(e.pause.max(e.pause_worst)),
                 msf(e.scan.max(e.scan_worst)),
                 msf(e.send.max(e.send_worst)),
                 bytes(e.bandwidth),

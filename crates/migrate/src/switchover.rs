@@ -7,14 +7,19 @@
 //! the bound's sum, times a margin, fits the limit ([`DowntimeEstimate::bound`]): a downtime
 //! limit is a promise, an expected downtime a prediction.
 //!
-//! * **pause**: the median of up to [`PAUSE_PROBES`] probes (a pause and resume of the workload
-//!   after round 0 and after each of the next rounds until there are enough; the upper median of
-//!   two), or zero if no probe was run. One probe is one sample of a scheduler: on a loaded
-//!   machine it ranged 0.1–55 ms;
+//! * **pause**: expected, the median of up to [`PAUSE_PROBES`] probes (a pause and resume of the
+//!   workload after round 0 and after each of the next rounds until there are enough; the upper
+//!   median of two), or zero if no probe was run; bound, the slowest probe. One probe is one
+//!   sample of a scheduler: on a loaded machine it ranged 0.1–55 ms;
 //! * **scan**: expected, the fastest of the last [`SCAN_WINDOW`] scans; bound, the slowest.
 //!   Those scans ran beside the workload; the final one runs with the workload stopped and
 //!   costs about what the least contended of them did (measured on a 2-core machine with a
 //!   competing process: final scans 1.4–1.8 ms, iterative scans 1.9–7 ms);
+//! * **written meanwhile**: the workload keeps writing from the last scan until it is stopped;
+//!   at the dirty rate of the last scan interval that adds `rate × (scan + pause)` bytes to the
+//!   final round (with the bound's scan and pause for the bound). A throttled writer that runs
+//!   in bursts can leave a last scan nearly empty and still write megabytes while it is being
+//!   stopped;
 //! * **send**: expected, the pending bytes at the throughput of the last iterative round (the
 //!   round most like the final one: small, of scattered pages, its fixed costs included).
 //!   Bound: before two iterative rounds are measured, the duration of the smallest measured
@@ -77,7 +82,9 @@ impl DowntimeEstimate {
     /// recent scan and finish probe, the send bound), times the margin.
     pub fn bound(&self) -> Duration {
         let finish = self.finish.max(self.finish_worst);
-        let worst = self.pause + self.scan.max(self.scan_worst) + self.send.max(self.send_worst);
+        let worst = self.pause.max(self.pause_worst)
+            + self.scan.max(self.scan_worst)
+            + self.send.max(self.send_worst);
         (worst + finish).mul_f64(self.margin.max(1.0))
     }
 }
@@ -243,9 +250,25 @@ impl Estimator {
         }
     }
 
-    pub fn estimate(&self, pending: u64) -> Option<DowntimeEstimate> {
-        let send_worst = self.send_bound(pending)?;
-        let send = self.send_expected(pending)?.min(send_worst);
+    /// The final phase if the driver paused now, with `pending` bytes left by the last scan
+    /// and the workload finding new pages at `dirty_rate` bytes per second: it keeps writing
+    /// until it is stopped, and what it writes meanwhile goes in the final round too.
+    pub fn estimate(&self, pending: u64, dirty_rate: f64) -> Option<DowntimeEstimate> {
+        let pause = self.pause();
+        let pause_worst = self.pauses.iter().copied().max().unwrap_or_default();
+        let scan = self.scans.iter().copied().min().unwrap_or_default();
+        let scan_worst = self.scans.iter().copied().max().unwrap_or_default();
+        let rate = if dirty_rate.is_finite() {
+            dirty_rate.max(0.0)
+        } else {
+            0.0
+        };
+        let meanwhile = (rate * (scan + pause).as_secs_f64()) as u64;
+        let meanwhile_worst = (rate * (scan_worst + pause_worst).as_secs_f64()) as u64;
+        let send_worst = self.send_bound(pending.saturating_add(meanwhile_worst))?;
+        let send = self
+            .send_expected(pending.saturating_add(meanwhile))?
+            .min(send_worst);
         let (fixed, bandwidth) = self
             .fit()
             .map_or((0.0, self.low_throughput().unwrap_or(0.0)), |f| f);
@@ -257,9 +280,11 @@ impl Estimator {
             .min(MAX_MARGIN);
         Some(DowntimeEstimate {
             pending_bytes: pending,
-            pause: self.pause(),
-            scan: self.scans.iter().copied().min().unwrap_or_default(),
-            scan_worst: self.scans.iter().copied().max().unwrap_or_default(),
+            meanwhile_bytes: meanwhile,
+            pause,
+            pause_worst,
+            scan,
+            scan_worst,
             send,
             send_worst,
             finish: upper_median(self.finishes.iter().copied()),
@@ -283,9 +308,9 @@ mod tests {
 
     #[test]
     fn nothing_measured_means_no_estimate() {
-        assert!(Estimator::default().estimate(MIB).is_none());
+        assert!(Estimator::default().estimate(MIB, 0.0).is_none());
         assert_eq!(
-            Estimator::default().estimate(0).unwrap().total(),
+            Estimator::default().estimate(0, 0.0).unwrap().total(),
             Duration::ZERO
         );
     }
@@ -298,7 +323,7 @@ mod tests {
         for mib in [200u64, 50, 20, 10] {
             e.add_round(mib * MIB, ms(20.0 + mib as f64 * 4.0), true);
         }
-        let est = e.estimate(5 * MIB).unwrap();
+        let est = e.estimate(5 * MIB, 0.0).unwrap();
         let bound = est.send_worst.as_secs_f64() * 1e3;
         assert!((bound - 40.0).abs() < 0.5, "{bound}");
         // Expected: at the last round's throughput (10 MiB in 60 ms), its fixed cost spread
@@ -322,7 +347,7 @@ mod tests {
             e.add_scan(ms(s));
         }
         e.add_round(100 * MIB, ms(1000.0), false);
-        let est = e.estimate(MIB).unwrap();
+        let est = e.estimate(MIB, 0.0).unwrap();
         // The median probe: one slow probe does not decide.
         assert_eq!(est.pause, ms(3.0));
         // The 9 ms scan fell out of the window: of 2, 4 and 1 ms, the fastest is expected, the
@@ -337,13 +362,13 @@ mod tests {
     fn finish_is_the_upper_median_of_the_recent_probes() {
         let mut e = Estimator::default();
         e.add_round(100 * MIB, ms(1000.0), false);
-        let before = e.estimate(MIB).unwrap();
+        let before = e.estimate(MIB, 0.0).unwrap();
         // An old slow probe falls out of the window of five; of the rest, one stall (40 ms)
         // does not decide, the typical round trip does.
         for f in [90.0, 2.0, 40.0, 3.0, 2.5, 2.0] {
             e.add_finish(ms(f));
         }
-        let est = e.estimate(MIB).unwrap();
+        let est = e.estimate(MIB, 0.0).unwrap();
         assert_eq!(est.finish, ms(2.5));
         assert_eq!(est.total(), before.total() + ms(2.5));
         assert_eq!(
@@ -355,7 +380,7 @@ mod tests {
         for f in [30.0, 35.0, 32.0] {
             e.add_finish(ms(f));
         }
-        assert_eq!(e.estimate(MIB).unwrap().finish, ms(30.0));
+        assert_eq!(e.estimate(MIB, 0.0).unwrap().finish, ms(30.0));
     }
 
     #[test]
@@ -369,7 +394,7 @@ mod tests {
         e.add_round(10 * MIB, ms(15.0), true);
         e.add_finish(ms(12.0));
         e.add_finish(ms(3.0));
-        let est = e.estimate(MIB).unwrap();
+        let est = e.estimate(MIB, 0.0).unwrap();
         assert_eq!((est.finish, est.finish_worst), (ms(3.0), ms(12.0)));
         assert!(est.margin > 1.0);
         // The decision counts the slowest recent finish and the send bound, the expected
@@ -387,9 +412,30 @@ mod tests {
         e.add_round(50 * MIB, ms(50.0), true);
         // Estimated 10 ms for 10 MiB, took 15 ms.
         e.add_round(10 * MIB, ms(15.0), true);
-        let est = e.estimate(MIB).unwrap();
+        let est = e.estimate(MIB, 0.0).unwrap();
         assert!((est.margin - 1.5).abs() < 1e-6, "{}", est.margin);
         assert!(est.bound() > est.total());
+    }
+
+    #[test]
+    fn what_the_workload_writes_until_it_stops_is_sent_too() {
+        let mut e = Estimator::default();
+        e.add_pause(ms(5.0));
+        e.add_pause(ms(20.0));
+        e.add_pause(ms(5.0));
+        e.add_scan(ms(5.0));
+        e.add_round(100 * MIB, ms(100.0), true);
+        e.add_round(10 * MIB, ms(10.0), true);
+        // The last scan found nothing, but the workload writes 100 MiB/s: 1 MiB in the
+        // typical 10 ms of scan and pause, 2.5 MiB in the slowest 25 ms.
+        let est = e.estimate(0, 100.0 * MIB as f64).unwrap();
+        assert_eq!(est.meanwhile_bytes, MIB);
+        let send = est.send.as_secs_f64() * 1e3;
+        assert!((send - 1.0).abs() < 0.01, "{send}");
+        assert!(est.send_worst.as_secs_f64() * 1e3 >= 2.5 - 1e-6);
+        assert_eq!((est.pause, est.pause_worst), (ms(5.0), ms(20.0)));
+        assert!(est.bound() >= ms(20.0) + ms(5.0) + est.send_worst);
+        assert_eq!(e.estimate(0, 0.0).unwrap().send, Duration::ZERO);
     }
 
     #[test]
@@ -399,7 +445,7 @@ mod tests {
         let mut e = Estimator::default();
         e.add_round(10 * MIB, ms(100.0), true); // 100 MiB/s
         e.add_round(100 * MIB, ms(200.0), true); // 500 MiB/s
-        let send = e.estimate(10 * MIB).unwrap().send_worst.as_secs_f64() * 1e3;
+        let send = e.estimate(10 * MIB, 0.0).unwrap().send_worst.as_secs_f64() * 1e3;
         assert!(send >= 100.0 - 1e-6, "{send}");
     }
 }
