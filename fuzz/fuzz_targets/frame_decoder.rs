@@ -11,7 +11,7 @@
 //!   frames.
 //!
 //! Every frame the bare decoder reads is also decoded as its kind's type
-//! (all of HELLO .. RESUME, including the receiver-to-sender kinds the
+//! (all of HELLO .. REGION, including the receiver-to-sender kinds the
 //! receiver itself refuses), so each kind's field and payload checks run.
 //!
 //! The receiver must never panic, and must never report success for memory
@@ -22,8 +22,8 @@ use libfuzzer_sys::fuzz_target;
 use precopy_transfer::digest::{hash_list, page_hash};
 use precopy_transfer::protocol::{
     Auth, Challenge, Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, Header, Hello,
-    Index, PageSpan, Pages, Ping, Pong, Resume, RoundBegin, RoundEnd, State, Trailer, Welcome, Zero,
-    encode_header,
+    Index, PageSpan, Pages, Ping, Pong, Region, Resume, RoundBegin, RoundEnd, State, Trailer,
+    Welcome, Zero, encode_header,
 };
 use precopy_transfer::{Layout, MemoryRegion, MemorySink, receive_frames};
 
@@ -120,6 +120,9 @@ fn decode_typed(h: &Header, p: &[u8]) {
         FrameKind::Pong => h.decode::<Pong>(p).map(drop),
         FrameKind::Resume => h.decode::<Resume>(p).map(|r| {
             let _ = r.covers(6);
+        }),
+        FrameKind::Region => h.decode::<Region>(p).map(|r| {
+            let _ = r.add_to(&layout());
         }),
     };
 }

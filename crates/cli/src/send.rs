@@ -313,6 +313,19 @@ fn progress_json(p: &Progress) -> Value {
     })
 }
 
+/// Alignment of the regions a send adds for memory the target maps outside the layout it
+/// started with: a mapping that grows by small steps adds a region per 2 MiB at most.
+const ADDED_REGION_ALIGN: u64 = 2 << 20;
+
+/// What [`drive`] gives back besides the result.
+struct Driven {
+    report: MigrationReport,
+    log: TargetLog,
+    vanished: u64,
+    /// Regions added mid-stream: memory mapped outside the first layout.
+    added: Vec<MemoryRegion>,
+}
+
 /// Runs the driver over `transfer`; returns its result, the report and the parts back.
 /// `ack_meaning` explains a final acknowledgement that timed out (for an image, its fdatasync).
 fn drive<K: Sink>(
@@ -322,15 +335,16 @@ fn drive<K: Sink>(
     config: MigrationConfig,
     json: bool,
     ack_meaning: Option<String>,
-) -> (Result<MigrationReport>, MigrationReport, TargetLog, u64) {
+) -> (Result<MigrationReport>, Driven) {
     let bar = progress_bar(json);
     let bar2 = bar.clone();
     let state = workload.state.clone();
-    let mut m = Migration::new(log, TransferTransport::new(transfer), workload, config)
-        .on_progress(move |p| {
-            bar2.set_message(progress_message(p));
-            state.update_report(|r| r["progress"] = progress_json(p));
-        });
+    // Memory the target maps anywhere after the start is added to the layout and sent.
+    let transport = TransferTransport::new(transfer).grow_layout(ADDED_REGION_ALIGN);
+    let mut m = Migration::new(log, transport, workload, config).on_progress(move |p| {
+        bar2.set_message(progress_message(p));
+        state.update_report(|r| r["progress"] = progress_json(p));
+    });
     let result = m.run().map_err(|e| {
         let ack = matches!(
             e,
@@ -347,8 +361,15 @@ fn drive<K: Sink>(
     bar.finish_and_clear();
     let report = m.report().clone();
     let (log, transport, _workload) = m.into_parts();
+    let added = transport.added_regions().to_vec();
     let (source, _sink) = transport.into_inner().into_parts();
-    (result, report, log, source.vanished_pages())
+    let driven = Driven {
+        report,
+        log,
+        vanished: source.vanished_pages(),
+        added,
+    };
+    (result, driven)
 }
 
 /// Checks `send`'s flags against their limits, the destination and the key file before
@@ -432,9 +453,11 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
             .map_err(|e| fail(&report, e))?
     };
     report["attach"] = attach_json(&times);
+    // Memory mapped outside the first layout is added mid-stream (see `drive`).
     let log = TargetLog::new(uffd, scanner)
         .context("tracking the target's memory")
-        .map_err(|e| fail(&report, e))?;
+        .map_err(|e| fail(&report, e))?
+        .allow_anywhere();
     report["skipped"] = Value::Array(
         log.skipped()
             .iter()
@@ -506,7 +529,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         ..MigrationConfig::default()
     };
     config.throttle.enabled = args.throttle != SendThrottle::None;
-    let (result, mreport, log, vanished) = match &dest {
+    let (result, driven) = match &dest {
         Dest::File(path) => {
             let sink = ImageWriter::create(path, layout.clone())
                 .with_context(|| format!("creating the image {}", path.display()))
@@ -537,6 +560,12 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     };
     let stopped_during_send = stopped_during_send.load(std::sync::atomic::Ordering::SeqCst);
     report["target_stopped_during_send"] = json!(stopped_during_send);
+    let Driven {
+        report: mreport,
+        log,
+        vanished,
+        added,
+    } = driven;
     if result.is_ok() {
         match args.then {
             Then::Stop => state.keep_stopped(),
@@ -559,9 +588,18 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     report["tracked_bytes"] = json!(log.tracker().tracked_bytes());
     report["layout"] = ranges_json(log.layout());
     report["vanished_pages"] = json!(vanished);
-    let (added, dropped) = log.change_totals();
-    report["mapping_changes"] = json!({"added_bytes": added, "dropped_bytes": dropped});
+    let (added_bytes, dropped_bytes) = log.change_totals();
+    report["mapping_changes"] = json!({"added_bytes": added_bytes, "dropped_bytes": dropped_bytes});
+    report["added_regions"] = Value::Array(
+        added
+            .iter()
+            .map(|r| json!({"id": r.id, "start": r.host_addr, "size": r.size}))
+            .collect(),
+    );
     report["migration"] = serde_json::to_value(&mreport).unwrap_or(Value::Null);
+    if let Dest::File(path) = &dest {
+        report["image_bytes"] = json!(image_bytes(path));
+    }
     if let Err(e) = result {
         let e = explain_send_failure(e, &dest, &args.to);
         // Its memory is released early in its exit, before /proc shows it exited: when reads
@@ -634,6 +672,13 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
             times.detach.as_secs_f64() * 1e6
         );
         outln!("  not tracked: {} mappings", log.skipped().len());
+        if let Dest::File(path) = &dest {
+            outln!(
+                "  image: {} ({:.1} MiB)",
+                path.display(),
+                mib(image_bytes(path).unwrap_or(0))
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -681,6 +726,15 @@ fn explain_send_failure(e: anyhow::Error, dest: &Dest, to: &str) -> anyhow::Erro
         ));
     }
     e
+}
+
+/// Bytes of the image at `path` (published), else of its partial file (a send or receive
+/// that failed); `None` if neither exists.
+fn image_bytes(path: &std::path::Path) -> Option<u64> {
+    std::fs::metadata(path)
+        .or_else(|_| std::fs::metadata(ImageWriter::partial_path(path)))
+        .ok()
+        .map(|m| m.len())
 }
 
 /// Whether process `pid` has exited: gone from `/proc`, or no thread of it left alive (a
@@ -832,6 +886,7 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         "duration_ms": received.duration.as_secs_f64() * 1e3,
         "refused_connections": received.refused,
     });
+    report["image_bytes"] = json!(image_bytes(&path));
     if args.json {
         output::print_json(report, None);
     } else {

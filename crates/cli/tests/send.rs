@@ -85,17 +85,27 @@ fn assert_image_equals_memory(pid: i32, image: &Path, report: &serde_json::Value
         regions.push((gpa, size, offset));
         offset += size;
     }
-    let memory_offset = |addr: u64| {
-        let &(gpa, _, off) = regions
+    // A tracked range may span regions (memory added mid-stream next to a region): compare
+    // it piece by piece, each piece inside one region.
+    let piece_at = |addr: u64, end: u64| {
+        let &(gpa, size, off) = regions
             .iter()
             .find(|&&(gpa, size, _)| (gpa..gpa + size).contains(&addr))
             .unwrap_or_else(|| panic!("{addr:#x} is in no region of the image"));
-        off + (addr - gpa)
+        (end.min(gpa + size), off + (addr - gpa))
     };
-    let mut bytes = 0u64;
+    let mut pieces = Vec::new();
     for r in tracked {
-        let (start, end) = (r[0].as_u64().unwrap(), r[1].as_u64().unwrap());
-        let (ostart, oend) = (memory_offset(start), memory_offset(start) + (end - start));
+        let (mut at, end) = (r[0].as_u64().unwrap(), r[1].as_u64().unwrap());
+        while at < end {
+            let (piece_end, offset) = piece_at(at, end);
+            pieces.push((at, piece_end, offset));
+            at = piece_end;
+        }
+    }
+    let mut bytes = 0u64;
+    for (start, end, ostart) in pieces {
+        let oend = ostart + (end - start);
         let mut want = vec![0u8; (end - start) as usize];
         mem.read_exact_at(&mut want, start)
             .unwrap_or_else(|e| panic!("reading {start:#x}..{end:#x} of {pid}: {e}"));
@@ -151,8 +161,8 @@ fn send_then_stop_and_compare(lang: Lang, dest: &str, runs: u32) {
         while t.ops() == 0 {
             std::thread::sleep(Duration::from_millis(2));
         }
-        // Let the fixture's start-up mappings (a writer's first malloc arena) settle: memory
-        // mapped outside the layout after the start fails the send by design (ARCHITECTURE.md).
+        // Let the fixture's start-up mappings (a writer's first malloc arena) settle, so every
+        // run starts from the same layout (memory mapped later is added mid-stream).
         let maps = || std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
         let mut last = maps();
         loop {
@@ -302,14 +312,9 @@ fn a_thread_created_and_a_heap_grown_after_the_start_are_sent() {
             "200",
         ],
     );
-    let grown = t.ask("grow");
-    let mut words = grown.split_whitespace();
-    assert_eq!(words.next(), Some("grown"), "fixture said {grown:?}");
-    let mut addr = || u64::from_str_radix(words.next().unwrap(), 16).unwrap();
-    let (buf, heap) = (addr(), addr());
-    let out = send.wait_with_output().unwrap();
-    let report = one_json(&out);
-    assert!(out.status.success(), "send failed: {report}");
+    let grown = ask_hex(&mut t, "grow", "grown");
+    let (buf, heap) = (grown[0], grown[1]);
+    let report = succeeded(send);
     assert!(state(t.pid).stopped);
     let added = report["mapping_changes"]["added_bytes"].as_u64().unwrap();
     assert!(
@@ -336,6 +341,112 @@ fn a_thread_created_and_a_heap_grown_after_the_start_are_sent() {
     cont(t.pid);
     assert_writing(&mut t);
     let _ = std::fs::remove_file(&image);
+}
+
+/// A target maps 64 MiB far from all its memory (32 TiB, `MAP_FIXED_NOREPLACE`) after the
+/// send started: outside the layout the transfer started with (its headroom included), so the
+/// send adds a region mid-stream (REGION) and the image holds that memory like any other.
+fn memory_mapped_far_away_is_sent(dest: &str) {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(Lang::C, 2, 256, 0);
+    let image = tmp(&format!("far-{dest}.img"));
+    let mut recv = None;
+    let to = match dest {
+        "file" => format!("file:{}", image.display()),
+        _ => {
+            let sock = tmp("far.sock");
+            let (child, _) = start_recv(&format!("unix:{}", sock.display()), &image);
+            recv = Some(child);
+            format!("unix:{}", sock.display())
+        }
+    };
+    // Rounds keep coming (1 ms downtime is never met with writers running flat out), so the
+    // new mapping lands between rounds, well before the last.
+    let extra = [
+        "--then",
+        "stop",
+        "--max-downtime",
+        "1",
+        "--max-rounds",
+        "200",
+    ];
+    let send = send_attached_to(t.pid, &to, &image, &extra);
+    std::thread::sleep(Duration::from_millis(200));
+    let far = ask_hex(&mut t, "far", "far");
+    let (addr, len) = (far[0], far[1]);
+    let report = succeeded(send);
+    if let Some(r) = recv {
+        let r = r.wait_with_output().unwrap();
+        assert!(
+            r.status.success(),
+            "recv failed: {}",
+            String::from_utf8_lossy(&r.stdout)
+        );
+    }
+    assert!(state(t.pid).stopped);
+    let layout: Vec<(u64, u64)> = report["layout"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+        .collect();
+    assert!(
+        layout.iter().all(|&(s, e)| e <= addr || s >= addr + len),
+        "the far mapping was inside the first layout, the test proves nothing: {layout:x?}"
+    );
+    let added = report["added_regions"].as_array().expect("added_regions");
+    let in_added = |a: u64| {
+        added.iter().any(|r| {
+            let (s, n) = (r["start"].as_u64().unwrap(), r["size"].as_u64().unwrap());
+            (s..s + n).contains(&a)
+        })
+    };
+    assert!(
+        in_added(addr) && in_added(addr + len - 1),
+        "no region was added for {addr:#x}..{:#x}: {report}",
+        addr + len
+    );
+    assert!(
+        covered(&tracked_of(&report), addr, addr + len),
+        "far mapping {addr:#x} not tracked"
+    );
+    let info = Command::new(PRECOPY)
+        .args(["image", "info", "--json"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("image info JSON");
+    assert_eq!(
+        info["added_regions"].as_array().map(Vec::len),
+        Some(added.len()),
+        "image info lists the added regions: {info}"
+    );
+    let verify = Command::new(PRECOPY)
+        .args(["image", "verify"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert_image_equals_memory(t.pid, &image, &report);
+    cont(t.pid);
+    assert_writing(&mut t);
+    let _ = std::fs::remove_file(&image);
+}
+
+#[test]
+fn memory_mapped_far_away_after_the_start_is_sent_to_an_image() {
+    memory_mapped_far_away_is_sent("file");
+}
+
+#[test]
+fn memory_mapped_far_away_after_the_start_is_sent_to_a_receiver() {
+    memory_mapped_far_away_is_sent("unix");
 }
 
 #[test]
@@ -380,9 +491,17 @@ fn a_send_killed_with_sigkill_never_leaves_the_target_stopped() {
 /// background; returns once it has attached and registered the target's memory (the image's
 /// partial file exists from then on).
 fn send_attached(pid: i32, image: &Path, extra: &[&str]) -> Child {
-    let send = Command::new(PRECOPY)
-        .args(["send", "--json", "--pid", &pid.to_string(), "--to"])
-        .arg(format!("file:{}", image.display()))
+    send_attached_to(pid, &format!("file:{}", image.display()), image, extra)
+}
+
+/// As [`send_attached`], to `to` (a `precopy recv` writing `image`, or `file:` it).
+fn send_attached_to(pid: i32, to: &str, image: &Path, extra: &[&str]) -> Child {
+    let mut cmd = Command::new(PRECOPY);
+    cmd.args(["send", "--json", "--pid", &pid.to_string(), "--to", to]);
+    if !to.starts_with("file:") {
+        cmd.arg("--key-file").arg(key_file());
+    }
+    let send = cmd
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -393,6 +512,22 @@ fn send_attached(pid: i32, image: &Path, extra: &[&str]) -> Child {
         std::thread::sleep(Duration::from_millis(1));
     }
     send
+}
+
+/// Sends the fixture `cmd`; its answer must be `word` followed by hex numbers, returned.
+fn ask_hex(t: &mut Target, cmd: &str, word: &str) -> Vec<u64> {
+    let answer = t.ask(cmd);
+    let mut words = answer.split_whitespace();
+    assert_eq!(words.next(), Some(word), "fixture said {answer:?}");
+    words.map(|w| u64::from_str_radix(w, 16).unwrap()).collect()
+}
+
+/// Waits for a `send --json` and returns its report, which must say it succeeded.
+fn succeeded(send: Child) -> serde_json::Value {
+    let out = send.wait_with_output().unwrap();
+    let report = json_of(&out);
+    assert!(out.status.success(), "send failed: {report}");
+    report
 }
 
 /// The report's tracked ranges as [start, end) pairs.

@@ -33,10 +33,13 @@
 //! * **finish** (memory digests and the acknowledgement round trip): expected, the upper
 //!   median of the last [`FINISH_WINDOW`] probes the transport took after a round
 //!   ([`Transport::probe_finish`](crate::Transport::probe_finish): a PING/PONG on every
-//!   connection plus the digest of the page-hash table timed at the sender, twice), zero for a
-//!   transport that cannot probe; bound, the slowest of those probes: on a loaded machine the
-//!   acknowledgement waits for the receiver to get a CPU, a tail that the typical round trip
-//!   does not show (measured: 1.5-2 ms typical, 10-22 ms in 3 of 20 runs);
+//!   connection plus the digest of the page-hash table timed at the sender, twice; for a
+//!   checkpoint image, which syncs every round so that the final round's own sync is part of
+//!   its send time, the index built and timed plus one `fdatasync` of the last records and the
+//!   directory sync of the rename, estimated from the image's measured per-round syncs), zero
+//!   for a transport that cannot probe; bound, the slowest of those probes: on a loaded machine
+//!   the acknowledgement waits for the receiver to get a CPU, a tail that the typical round
+//!   trip does not show (measured: 1.5-2 ms typical, 10-22 ms in 3 of 20 runs);
 //! * **margin**: each iterative round checks the send bound made before it against what the
 //!   round took; the bound's sum is multiplied by the largest recent ratio of actual to
 //!   estimated (at least 1, at most [`MAX_MARGIN`]), so an estimator that was optimistic lately

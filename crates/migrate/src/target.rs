@@ -21,16 +21,17 @@
 //! unmapped gaps of up to 16 MiB between those (a hole the target had just unmapped when it was
 //! attached, about to be mapped again), plus [`GROWTH_HEADROOM`] at each end of the largest hole
 //! in its address space, where a grown `brk` heap and the mappings of threads created after the
-//! start land. A
-//! transfer's memory layout is fixed when it starts (protocol v3 has no frame that adds a
-//! region), so a mapping outside all that (more than the headroom of new mappings, a `MAP_FIXED`
-//! address elsewhere) cannot be sent and fails the round with [`TargetError::OutsideLayout`]
-//! rather than being silently left out; `precopy rate`,
-//! which sends nothing, tracks such mappings too ([`TargetLog::allow_anywhere`]).
+//! start land. A mapping outside all that (more than the headroom of new mappings, a
+//! `MAP_FIXED` address elsewhere) fails the round with [`TargetError::OutsideLayout`] rather
+//! than being silently left out, unless the log was told to track new memory anywhere
+//! ([`TargetLog::allow_anywhere`]): `precopy rate`, which sends nothing, and `precopy send`,
+//! whose transport adds a region to the transfer's layout for such memory before the round
+//! sends it ([`TransferTransport::grow_layout`](crate::TransferTransport::grow_layout): the
+//! protocol's REGION frame).
 
 use crate::control::{CollectStats, DirtyLog};
 use precopy_scanner::Scanner;
-use precopy_sys::ranges::coalesce;
+use precopy_sys::ranges::{coalesce, subtract};
 use precopy_tracker::target::{SkipReason, TargetMapping, target_mappings};
 use precopy_tracker::{Tracker, Uffd};
 use precopy_transfer::{PageSource, ProcessMemory, SourceError};
@@ -93,9 +94,9 @@ pub enum TargetError {
     /// It mapped memory outside the layout fixed at the start.
     #[error(
         "process {pid} mapped new memory at {start:#x}..{end:#x} outside the transfer's layout \
-         (fixed at the start, with 256 MiB of headroom for new threads and heap: memory mapped \
-         beyond it cannot be added mid-stream); \
-         retry the transfer"
+         (fixed at the start, with 256 MiB of headroom for new threads and heap); a transport \
+         that adds regions mid-stream (TransferTransport::grow_layout, with \
+         TargetLog::allow_anywhere) sends it"
     )]
     OutsideLayout {
         /// The process.
@@ -203,25 +204,6 @@ pub struct TargetLog {
     /// Bytes registered and sent whole after the start, and bytes dropped, all rounds.
     added_bytes: u64,
     dropped_bytes: u64,
-}
-
-/// `a` minus every range of sorted `b`.
-fn subtract(a: Range<u64>, b: &[Range<u64>]) -> Vec<Range<u64>> {
-    let mut out = Vec::new();
-    let mut cur = a.start;
-    for r in b {
-        if r.end <= cur || r.start >= a.end {
-            continue;
-        }
-        if r.start > cur {
-            out.push(cur..r.start);
-        }
-        cur = cur.max(r.end);
-    }
-    if cur < a.end {
-        out.push(cur..a.end);
-    }
-    out
 }
 
 impl TargetLog {
@@ -342,7 +324,9 @@ impl TargetLog {
     }
 
     /// Also track (and report as added) new mappings outside the layout; for callers that send
-    /// nothing, such as a dirty-rate measurement.
+    /// nothing, such as a dirty-rate measurement, and for those whose transport adds a region
+    /// for memory outside its layout
+    /// ([`TransferTransport::grow_layout`](crate::TransferTransport::grow_layout)).
     pub fn allow_anywhere(mut self) -> Self {
         self.anywhere = true;
         self
@@ -652,15 +636,6 @@ mod tests {
             vec![0x2000..0x10_0000]
         );
         assert!(growth_headroom(&maps[..1], 0x1000).is_empty());
-    }
-
-    #[test]
-    fn subtract_leaves_the_parts_outside() {
-        assert_eq!(
-            subtract(0..100, &[10..20, 30..40]),
-            vec![0..10, 20..30, 40..100]
-        );
-        assert!(subtract(15..18, &[10..20]).is_empty());
     }
 
     #[test]

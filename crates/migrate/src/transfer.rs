@@ -2,7 +2,7 @@
 //! in-memory sink.
 
 use crate::control::{Interrupt, RoundSent, Transport};
-use precopy_transfer::{FinalCheck, PageSource, Sink, Transfer, TransferError};
+use precopy_transfer::{FinalCheck, MemoryRegion, PageSource, Sink, Transfer, TransferError};
 use std::ops::Range;
 
 /// Sends rounds with a [`Transfer`]; the final check is the one
@@ -15,16 +15,41 @@ pub struct TransferTransport<S, K> {
     /// timeout (not a refusal, a fault or an interrupt): only then is reconnecting worth
     /// trying.
     broke: bool,
+    /// With [`TransferTransport::grow_layout`]: the alignment of regions added for ranges
+    /// outside the layout.
+    grow: Option<u64>,
+    /// Regions in the layout before any was added mid-stream.
+    first_regions: usize,
 }
 
 impl<S: PageSource, K: Sink> TransferTransport<S, K> {
     /// Wraps `transfer`, which must not have sent a round yet.
     pub fn new(transfer: Transfer<S, K>) -> Self {
         TransferTransport {
-            transfer,
             check: FinalCheck::default(),
             broke: false,
+            grow: None,
+            first_regions: transfer.layout().regions().len(),
+            transfer,
         }
+    }
+
+    /// Sends ranges outside the layout instead of refusing them: before a round, every part of
+    /// its ranges that no region covers becomes a new region (`Transfer::add_regions_for`,
+    /// widened to `align` bytes where nothing else is; announced to the destination with the
+    /// protocol's REGION, recorded in an image). For a source whose memory grows while it is
+    /// sent, such as an attached process mapping new memory anywhere (`TargetLog` with
+    /// [`TargetLog::allow_anywhere`](crate::TargetLog::allow_anywhere)). A destination that
+    /// cannot grow fails the round with `TransferError::CannotGrow`.
+    pub fn grow_layout(mut self, align: u64) -> Self {
+        self.grow = Some(align);
+        self
+    }
+
+    /// The regions added mid-stream so far ([`TransferTransport::grow_layout`]).
+    pub fn added_regions(&self) -> &[MemoryRegion] {
+        let regions = self.transfer.layout().regions();
+        &regions[self.first_regions.min(regions.len())..]
     }
 
     /// Chooses the final check: [`FinalCheck::Recorded`] compares the page hashes both ends
@@ -51,6 +76,11 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
     type Error = TransferError;
 
     fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, TransferError> {
+        if let Some(align) = self.grow {
+            self.transfer
+                .add_regions_for(ranges, align)
+                .inspect_err(|e| self.broke = e.is_connection_break())?;
+        }
         let r = self
             .transfer
             .send_round(ranges)

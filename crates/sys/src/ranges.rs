@@ -41,9 +41,39 @@ pub fn push_merged(ranges: &mut Vec<Range<u64>>, from: usize, r: Range<u64>) {
     ranges.push(r);
 }
 
+/// `a` minus every range of `b` (sorted by start; overlaps allowed): the parts of `a` that no
+/// range of `b` covers, in order.
+pub fn subtract(a: Range<u64>, b: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut cur = a.start;
+    for r in b {
+        if r.end <= cur || r.start >= a.end {
+            continue;
+        }
+        if r.start > cur {
+            out.push(cur..r.start);
+        }
+        cur = cur.max(r.end);
+    }
+    if cur < a.end {
+        out.push(cur..a.end);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subtract_leaves_the_parts_outside() {
+        assert_eq!(
+            subtract(0..100, &[10..20, 30..40]),
+            vec![0..10, 20..30, 40..100]
+        );
+        assert!(subtract(15..18, &[10..20]).is_empty());
+        assert_eq!(subtract(15..25, &[0..5, 10..20]), vec![20..25]);
+    }
 
     #[test]
     fn coalesce_sorts_merges_overlaps_touches_and_duplicates() {

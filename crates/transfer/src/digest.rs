@@ -24,7 +24,7 @@
 //! of a pass over memory on both ends.
 //!
 //! **The page hash is XXH3-64** ([`page_hash`], the one place that names it;
-//! protocol and image version 4). It replaced a CRC32C of each page (versions
+//! protocol and image version 4 on). It replaced a CRC32C of each page (versions
 //! 1-3): on the project machine (AMD Zen 1, AVX2) XXH3-64 hashes a cached
 //! 4 KiB page ~2.9x as fast as the fastest CRC32C crate and ~2.2x as fast
 //! from memory (`cargo bench -p precopy-transfer --bench page_hash`,
@@ -186,6 +186,12 @@ impl PageHashes {
     /// Whether the table has no pages.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Appends `pages` entries for zero pages (a region added to the
+    /// layout, laid out after every region before it).
+    pub fn grow(&mut self, pages: usize) {
+        self.entries.resize(self.entries.len() + pages, 0);
     }
 
     /// Records the hashes of pages `first..first + hashes.len()`. Returns

@@ -22,8 +22,8 @@ use serde::Serialize;
 use crate::auth::Key;
 use crate::buffer::{BufferPool, is_zero};
 use crate::digest::{FinalCheck, PageHash, PageHashes, page_hash};
-use crate::error::TransferError;
-use crate::layout::Layout;
+use crate::error::{LayoutError, TransferError};
+use crate::layout::{Layout, MemoryRegion};
 use crate::live::LivePages;
 use crate::protocol::{MAX_PAGES_LEN, MAX_STATE_LEN};
 use crate::sink::Sink;
@@ -403,6 +403,83 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             }
         });
         Ok(lacking)
+    }
+
+    /// Between rounds, before the state: adds `region` (with its host address) to the layout
+    /// after every region there ([`Layout::with_region`]: the next id, a page size no smaller
+    /// than the layout's) and announces it to the sink ([`Sink::add_region`]: a socket sends
+    /// the protocol's REGION, an image records it). Memory the source mapped after the
+    /// transfer started can then be sent like any other. Nothing changes if the sink refuses
+    /// ([`TransferError::CannotGrow`] for a destination sized for the first layout).
+    pub fn add_region(&mut self, region: MemoryRegion) -> Result<(), TransferError> {
+        if self.current.is_some() || self.finished || self.state_sent {
+            return Err(TransferError::Misuse {
+                operation: "add_region",
+                state: "inside a round, after the state or after finish",
+            });
+        }
+        if region.host_addr.is_none() {
+            return Err(TransferError::Config {
+                reason: "a sender's layout needs the host address of every region",
+            });
+        }
+        let layout = self.layout.with_region(region)?;
+        let added =
+            usize::try_from(layout.total_pages() - self.layout.total_pages()).map_err(|_| {
+                TransferError::Config {
+                    reason: "layout is larger than the address space",
+                }
+            })?;
+        self.sink.add_region(&region)?;
+        self.hashes.grow(added);
+        self.layout = layout;
+        Ok(())
+    }
+
+    /// Adds a region ([`Transfer::add_region`]) for every part of the host ranges `ranges`
+    /// (page-aligned) that no region covers: memory a source mapped after the transfer
+    /// started. Each part is widened to `align` bytes (a power of two; the layout's page size
+    /// at least) where no region is, so memory that grows by small steps does not add a
+    /// region per step (pages never sent read as zeros at the destination). New regions
+    /// take the next ids, with their host address as guest address. Returns the regions
+    /// added, in the order added.
+    pub fn add_regions_for(
+        &mut self,
+        ranges: &[Range<u64>],
+        align: u64,
+    ) -> Result<Vec<MemoryRegion>, TransferError> {
+        let ps = self.layout.page_size();
+        let align = align.max(ps);
+        if !align.is_power_of_two() {
+            return Err(LayoutError::InvalidPageSize { page_size: align }.into());
+        }
+        let mut added = Vec::new();
+        for r in ranges {
+            self.layout.check_pages(r)?;
+            for part in self.layout.uncovered(r.clone()) {
+                let wide =
+                    part.start & !(align - 1)..part.end.saturating_add(align - 1) & !(align - 1);
+                let wide = if wide.end < part.end {
+                    part.clone()
+                } else {
+                    wide
+                };
+                for piece in self.layout.uncovered(wide) {
+                    if piece.end <= part.start || piece.start >= part.end {
+                        continue;
+                    }
+                    let id = self.layout.next_id().ok_or(TransferError::Config {
+                        reason: "no region id left to add a region",
+                    })?;
+                    let region = MemoryRegion::new(id, piece.end - piece.start, ps)
+                        .host(piece.start)
+                        .guest(piece.start);
+                    self.add_region(region)?;
+                    added.push(region);
+                }
+            }
+        }
+        Ok(added)
     }
 
     /// Starts a round; returns its number. Use with [`Transfer::send_dirty`]

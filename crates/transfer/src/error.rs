@@ -66,6 +66,15 @@ pub enum LayoutError {
         /// The id.
         region: u32,
     },
+    /// A region added to a layout after the others must take the next id and keep the wire
+    /// unit.
+    #[error("region {region} cannot be added: {reason}")]
+    CannotAdd {
+        /// The region's id.
+        region: u32,
+        /// Why.
+        reason: &'static str,
+    },
     /// Two regions share host addresses.
     #[error("regions {first} and {second} overlap in this process's address space")]
     Overlap {
@@ -275,7 +284,7 @@ pub enum ProtocolError {
     /// The peer speaks an older protocol or image version this build no
     /// longer reads.
     #[error(
-        "version {version} is no longer supported: this build reads and writes version {supported} only (an XXH3-64 hash of every page instead of a CRC32C since version 4, pages named by region and offset since version 3); run the same precopy version at both ends, and make images again with it"
+        "version {version} is no longer supported: this build reads and writes version {supported} only (memory regions added mid-stream since version 5, an XXH3-64 hash of every page instead of a CRC32C since version 4, pages named by region and offset since version 3); run the same precopy version at both ends, and make images again with it"
     )]
     OldVersion {
         /// Version announced by the peer or image.
@@ -675,6 +684,16 @@ pub enum TransferError {
         recorded: u64,
         /// Digest of the source memory read at finish.
         actual: u64,
+    },
+    /// The source's memory grew mid-stream (a region added between rounds) and this
+    /// destination cannot take a new region: its memory was mapped for the layout announced
+    /// at the start.
+    #[error(
+        "the destination cannot take memory region {region}, added after the start (its memory was sized for the first layout)"
+    )]
+    CannotGrow {
+        /// The added region's id.
+        region: u32,
     },
     /// The API was used out of order (e.g. pages outside a round).
     #[error("{operation} is not allowed {state}")]

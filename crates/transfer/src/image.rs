@@ -8,13 +8,14 @@
 //! any point therefore never looks complete.
 //!
 //! ```text
-//! "PRCPIMG\0" | version u32 (4) | reserved u32
+//! "PRCPIMG\0" | version u32 (5) | reserved u32
 //! HELLO      (the layout; session, nonce and stream fields zero)
-//! ROUND_BEGIN r | PAGES (raw, codec 0: pages, then their hash list)... | ZERO... | ROUND_END r
+//! REGION...  (between rounds, optional: a region added to the layout mid-stream)
+//! ROUND_BEGIN r | PAGES (raw, codec 0: pages, then their hash list)... | ZERO... | ROUND_END r   (per round, synced)
 //! STATE      (optional: the state blob, with its own CRC32C)
-//! FINISH     (rounds, memory digest)            written, flushed and synced, then
+//! FINISH     (rounds, memory digest)
 //! INDEX...   (region, offset, length, file offset of the data | u64::MAX for zeros)
-//! TRAILER    (offset of the first INDEX, own offset; payload: memory digest, u64)
+//! TRAILER    (offset of the first INDEX, own offset; payload: memory digest, u64)   synced, then renamed
 //! ```
 //!
 //! Records are the wire protocol's frames (module `protocol`), each with its
@@ -22,8 +23,11 @@
 //! hashes), at file offsets, encoded and decoded by the same frame types as a
 //! connection's. The memory digest is the one defined in [`crate::digest`]
 //! (version 1 images held a CRC32C of the memory bytes, version 2 ones named
-//! pages by host address, version 3 ones checked pages by CRC32C; all are
-//! refused). Pages never sent read as zeros.
+//! pages by host address, version 3 ones checked pages by CRC32C, version 4
+//! ones had no REGION; all are refused). The layout is HELLO's plus every
+//! REGION record before the FINISH, each laid out after the regions before
+//! it (the protocol's "Regions added mid-stream"); the index names pages of
+//! added regions like any others. Pages never sent read as zeros.
 //! An incomplete image is still readable: its contents are the rounds that
 //! ended before the cut.
 //!
@@ -50,7 +54,8 @@ mod walk;
 pub mod writer;
 
 pub use info::{
-    AddressKind, ImageInfo, ProcessDescription, RoundInfo, image_cat, image_info, parse_span,
+    AddedRegion, AddressKind, ImageInfo, ProcessDescription, RoundInfo, image_cat, image_info,
+    parse_span,
 };
 pub use reader::Image;
 pub use verify::{VerifyReport, image_verify};
@@ -58,8 +63,9 @@ pub use writer::ImageWriter;
 
 /// The first eight bytes of an image file.
 pub const IMAGE_MAGIC: [u8; 8] = *b"PRCPIMG\0";
-/// The image format version written by this build.
-pub const IMAGE_VERSION: u32 = 4;
+/// The image format version written by this build (5: REGION records; version 4 images,
+/// whose layout was fixed at the start, are refused like older ones).
+pub const IMAGE_VERSION: u32 = 5;
 const PREAMBLE_LEN: u64 = 16;
 
 /// Page location: never sent.

@@ -42,6 +42,8 @@ pub enum FrameKind {
     Pong = 17,
     /// The receiver's answer to a sender resuming a broken transfer.
     Resume = 18,
+    /// A memory region added to the layout between rounds.
+    Region = 19,
 }
 
 impl FrameKind {
@@ -67,6 +69,7 @@ impl FrameKind {
             16 => Ping,
             17 => Pong,
             18 => Resume,
+            19 => Region,
             _ => return None,
         })
     }
@@ -94,6 +97,7 @@ impl std::fmt::Display for FrameKind {
             Ping => "PING",
             Pong => "PONG",
             Resume => "RESUME",
+            Region => "REGION",
         })
     }
 }

@@ -249,6 +249,49 @@ impl Layout {
         })
     }
 
+    /// This layout with `region` added after the others: memory mapped after a transfer
+    /// started, announced mid-stream (the protocol's REGION). Its id must be larger than
+    /// every id here, so the memory offsets of the regions already here stay where they are
+    /// (the new region's pages follow them), and its page size no smaller than
+    /// [`Layout::page_size`], so the wire unit stays ([`LayoutError::CannotAdd`]); otherwise
+    /// it is checked as [`Layout::new`] checks every region (alignment, overlap, count).
+    pub fn with_region(&self, region: MemoryRegion) -> Result<Layout, LayoutError> {
+        let cannot = |reason| LayoutError::CannotAdd {
+            region: region.id,
+            reason,
+        };
+        if self.regions.last().is_some_and(|r| r.id >= region.id) {
+            return Err(cannot("its id is not larger than every id of the layout"));
+        }
+        if region.page_size < self.page_size {
+            return Err(cannot("its page size is smaller than the layout's"));
+        }
+        let mut regions = self.regions.clone();
+        regions.push(region);
+        Layout::new(regions)
+    }
+
+    /// The id the next region added with [`Layout::with_region`] takes: one more than the
+    /// largest (`None` if that is `u32::MAX`).
+    pub fn next_id(&self) -> Option<u32> {
+        self.regions.last().map_or(Some(0), |r| r.id.checked_add(1))
+    }
+
+    /// The parts of host range `range` that no region covers, in address order.
+    pub fn uncovered(&self, range: Range<u64>) -> Vec<Range<u64>> {
+        // Regions from the last one starting at or below `range.start` up to `range.end`.
+        let first = self
+            .by_host
+            .partition_point(|&i| self.regions[i].host_addr.unwrap_or(0) <= range.start)
+            .saturating_sub(1);
+        let near: Vec<Range<u64>> = self.by_host[first..]
+            .iter()
+            .filter_map(|&i| self.regions[i].host_range())
+            .take_while(|r| r.start < range.end)
+            .collect();
+        precopy_sys::ranges::subtract(range, &near)
+    }
+
     /// A layout of one anonymous region, id 0, mapped here at `host_addr`.
     pub fn single(page_size: u64, host_addr: u64, len: u64) -> Result<Layout, LayoutError> {
         Layout::new(vec![
@@ -424,6 +467,50 @@ impl Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_region_is_added_after_the_others_and_nothing_before_it_moves() {
+        let l = layout();
+        assert_eq!(l.next_id(), Some(8));
+        let grown = l
+            .with_region(MemoryRegion::new(8, 0x4000, 4096).host(0x40000))
+            .unwrap();
+        for r in l.regions() {
+            let at = l.place(r.id, 0, 4096).unwrap();
+            assert_eq!(grown.place(r.id, 0, 4096).unwrap(), at);
+        }
+        assert_eq!(grown.place(8, 0, 4096).unwrap(), l.total_len());
+        assert_eq!(
+            grown.locate(0x41000..0x42000).unwrap(),
+            l.total_len() + 0x1000
+        );
+        let refused = |r: MemoryRegion| l.with_region(r).unwrap_err();
+        assert!(matches!(
+            refused(MemoryRegion::new(6, 0x1000, 4096).host(0x40000)),
+            LayoutError::CannotAdd { region: 6, .. }
+        ));
+        assert!(matches!(
+            refused(MemoryRegion::new(9, 0x1000, 1024).host(0x40000)),
+            LayoutError::CannotAdd { region: 9, .. }
+        ));
+        assert!(matches!(
+            refused(MemoryRegion::new(9, 0x1000, 4096).host(0x12000)),
+            LayoutError::Overlap { .. }
+        ));
+    }
+
+    #[test]
+    fn uncovered_lists_the_parts_no_region_holds() {
+        // Regions at 0x1000..0x4000, 0x10000..0x12000, 0x12000..0x13000.
+        let l = layout();
+        assert_eq!(l.uncovered(0x1000..0x4000), vec![]);
+        assert_eq!(
+            l.uncovered(0x0..0x20000),
+            vec![0x0..0x1000, 0x4000..0x10000, 0x13000..0x20000]
+        );
+        assert_eq!(l.uncovered(0x11000..0x14000), vec![0x13000..0x14000]);
+        assert_eq!(l.uncovered(0x5000..0x6000), vec![0x5000..0x6000]);
+    }
 
     fn layout() -> Layout {
         Layout::new(vec![

@@ -1,4 +1,4 @@
-//! The precopy wire protocol, version 4: one type per frame kind, each
+//! The precopy wire protocol, version 5: one type per frame kind, each
 //! encoded and decoded here and nowhere else.
 //!
 //! This module owns the byte layout of everything that crosses a connection
@@ -57,6 +57,7 @@
 //! | 16 PING ([`Ping`]) | S→R | token | – | – | – |
 //! | 17 PONG ([`Pong`]) | R→S | token of the PING | – | – | – |
 //! | 18 RESUME ([`Resume`]) | R→S | next round | pages per block | – | n × u64 block digest |
+//! | 19 REGION ([`Region`]) | S→R, image | – | – | – | one region (32 bytes, as in HELLO) |
 //!
 //! A HELLO region is `id u32 | backing u8 (0 unstated, 1 anonymous, 2 memfd,
 //! 3 hugetlb, 4 file) | flags u8 (bit 0: guest address present) | 0 u16 |
@@ -99,6 +100,8 @@
 //!   │ ROUND_BEGIN(r)
 //!   │ PAGES / ZERO ...      (each page at most once per round, on one connection)
 //!   └ ROUND_END(r, counts)  ── receiver: all connections meet at a barrier
+//!   REGION(region) ──►      (between rounds, on every connection: memory mapped since the
+//!                            start, laid out after the regions before it)
 //!   PING(token) ──►         (between rounds, any number)
 //!                                               ◄── PONG(token)
 //!   STATE(blob, crc)  ──►   (connection 0 only, at most once; the sink gets it now)
@@ -179,8 +182,26 @@
 //! Version 1 carried a CRC32C of the memory bytes themselves in FINISH,
 //! version 2 named pages by the source's host addresses and had no STATE,
 //! version 3 checked pages with a CRC32C each (folded into the frame CRC)
-//! and had 32-bit digests; all are refused in the handshake
+//! and had 32-bit digests, and version 4 had no REGION (its layout was fixed
+//! at the start); all are refused in the handshake
 //! ([`ProtocolError::OldVersion`]).
+//!
+//! # Regions added mid-stream
+//!
+//! A source whose memory grows while it is sent (a process that maps new
+//! memory) announces each new region with a REGION frame between rounds, on
+//! every connection, before any page of it. The region takes the next id
+//! (larger than every id before it), so it is laid out after all regions
+//! known so far: no memory offset, page-hash table entry or RESUME block of
+//! the earlier regions moves, and the new region's pages are appended to the
+//! tables both ends keep ([`crate::digest::PageHashes::grow`]). The receiver
+//! applies it at the round barrier, once every connection delivered the same
+//! REGION ([`Region::add_to`]); its sink must be able to grow
+//! (`Sink::add_region`: an image writer can, memory a destination mapped for
+//! a fixed layout cannot, and the transfer fails with the sink's error). A
+//! transfer whose layout grew is not resumed after a break: a receiver that
+//! can resume holds memory sized for the first layout (its sink tells what it
+//! holds), which cannot grow.
 //!
 //! # Authentication
 //!
@@ -208,7 +229,7 @@ pub use stream::{FrameReader, FrameWriter, verify_frame_pages, verify_hashed_lis
 /// The first eight bytes of every precopy stream and image.
 pub const MAGIC: [u8; 8] = *b"PRECOPY\0";
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// Bytes in the preamble.
 pub const PREAMBLE_LEN: usize = 16;
 /// Bytes in a frame header.
@@ -652,6 +673,37 @@ struct HelloRegion {
 }
 const _: () = assert!(size_of::<HelloFixed>() == 32 && size_of::<HelloRegion>() == 32);
 
+impl HelloRegion {
+    /// `r` as HELLO and REGION carry it (never its host address).
+    fn encode(r: &MemoryRegion) -> HelloRegion {
+        HelloRegion {
+            id: U32::new(r.id),
+            backing: Backing::wire(r.backing),
+            flags: u8::from(r.guest_addr.is_some()),
+            reserved: U16::ZERO,
+            size: U64::new(r.size),
+            page_size: U64::new(r.page_size),
+            guest_addr: U64::new(r.guest_addr.unwrap_or(0)),
+        }
+    }
+
+    /// The region it describes (checked as part of a layout by the caller).
+    fn decode(&self) -> Result<MemoryRegion, &'static str> {
+        let backing = Backing::from_wire(self.backing).map_err(|()| "unknown backing")?;
+        if self.flags > 1 || self.reserved.get() != 0 {
+            return Err("unknown region flags");
+        }
+        Ok(MemoryRegion {
+            id: self.id.get(),
+            size: self.size.get(),
+            page_size: self.page_size.get(),
+            guest_addr: (self.flags & 1 == 1).then(|| self.guest_addr.get()),
+            backing,
+            host_addr: None,
+        })
+    }
+}
+
 impl<'p> Frame<'p> for Hello {
     const KIND: FrameKind = FrameKind::Hello;
 
@@ -675,16 +727,7 @@ impl<'p> Frame<'p> for Hello {
         let mut p = Vec::with_capacity(size_of::<HelloFixed>() + 32 * regions.len());
         p.extend_from_slice(fixed.as_bytes());
         for r in regions {
-            let wire = HelloRegion {
-                id: U32::new(r.id),
-                backing: Backing::wire(r.backing),
-                flags: u8::from(r.guest_addr.is_some()),
-                reserved: U16::ZERO,
-                size: U64::new(r.size),
-                page_size: U64::new(r.page_size),
-                guest_addr: U64::new(r.guest_addr.unwrap_or(0)),
-            };
-            p.extend_from_slice(wire.as_bytes());
+            p.extend_from_slice(HelloRegion::encode(r).as_bytes());
         }
         Cow::Owned(p)
     }
@@ -711,18 +754,7 @@ impl<'p> Frame<'p> for Hello {
         }
         let mut regions = Vec::with_capacity(n);
         for r in wire {
-            let backing = Backing::from_wire(r.backing).map_err(|()| bad("unknown backing"))?;
-            if r.flags > 1 || r.reserved.get() != 0 {
-                return Err(bad("unknown region flags"));
-            }
-            regions.push(MemoryRegion {
-                id: r.id.get(),
-                size: r.size.get(),
-                page_size: r.page_size.get(),
-                guest_addr: (r.flags & 1 == 1).then(|| r.guest_addr.get()),
-                backing,
-                host_addr: None,
-            });
+            regions.push(r.decode().map_err(bad)?);
         }
         let layout = Layout::new(regions).map_err(ProtocolError::BadLayout)?;
         let session: SessionFields = h.fields();
@@ -1367,6 +1399,54 @@ impl<'p> Frame<'p> for Commit {
     }
 }
 
+/// REGION: a memory region added to the layout between rounds (memory the
+/// source mapped after the transfer started), in HELLO's region form. Its id
+/// is larger than every id before it, so it is laid out after the regions
+/// already known and nothing else moves ([`Layout::with_region`], which the
+/// receiver and the image reader both apply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    /// The region (no host address).
+    pub region: MemoryRegion,
+}
+
+impl<'p> Frame<'p> for Region {
+    const KIND: FrameKind = FrameKind::Region;
+
+    fn fields(&self) -> [u8; FIELDS_LEN] {
+        [0; FIELDS_LEN]
+    }
+
+    fn payload(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(HelloRegion::encode(&self.region).as_bytes().to_vec())
+    }
+
+    /// Checks the region's encoding; whether it fits the layout so far is
+    /// [`Region::add_to`]'s check.
+    fn decode(h: &Header, p: &'p [u8]) -> Result<Region, ProtocolError> {
+        h.plain(Some(size_of::<HelloRegion>() as u32))?;
+        let Ok(wire) = HelloRegion::ref_from_bytes(p) else {
+            return Err(h.malformed("wrong payload length"));
+        };
+        if h.fields != [0; FIELDS_LEN] {
+            return Err(h.malformed("reserved header fields are not zero"));
+        }
+        Ok(Region {
+            region: wire.decode().map_err(|reason| h.malformed(reason))?,
+        })
+    }
+}
+
+impl Region {
+    /// `layout` with this region added (see [`Layout::with_region`]), or
+    /// [`ProtocolError::BadLayout`].
+    pub fn add_to(&self, layout: &Layout) -> Result<Layout, ProtocolError> {
+        layout
+            .with_region(self.region)
+            .map_err(ProtocolError::BadLayout)
+    }
+}
+
 /// PING: the sender asks for a PONG, between rounds. The round trip is what the
 /// acknowledgement of FINISH costs beyond the digests (the receiver answers from
 /// the thread that reads the connection), so the sender's switch-over estimate
@@ -1499,7 +1579,7 @@ pub fn encode_header(
 mod tests {
     use super::*;
 
-    /// Every typed frame encodes to the bytes the version 4 layout (module
+    /// Every typed frame encodes to the bytes the version 5 layout (module
     /// docs) gives with plain numbers, and decodes back to itself.
     #[test]
     fn typed_frames_match_the_drawn_layout() {

@@ -18,6 +18,9 @@
 //!  InRound(r) ──ROUND_END(r, counts match)──► [barrier] ─► Idle(r + 1)
 //!  Idle(n)    ──STATE(blob CRC ok, connection 0, first)──► Idle(n), sink holds the state
 //!  Idle(n)    ──PING(token)──► Idle(n), PONG(token) sent on that connection
+//!  Idle(n)    ──REGION(region fits after the layout)──► [barrier: the last
+//!                 connection to arrive hands it to the sink] ─► Idle(n), layout grown
+//!                 (every connection must have sent the same region)
 //!  Idle(n)    ──FINISH(rounds = n)──► Finished ─ all connections finished,
 //!                                     checksum of destination == FINISH's ─► DONE sent
 //!  DONE sent  ──COMMIT on every connection──► success
@@ -53,7 +56,7 @@ use crate::live::ChangedPages;
 use crate::net::{Connection, Listener};
 use crate::protocol::{
     Auth, Challenge, Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter,
-    HEADER_LEN, Header, Hello, Pages, Ping, Pong, RawHeader, Resume, RoundBegin, RoundEnd,
+    HEADER_LEN, Header, Hello, Pages, Ping, Pong, RawHeader, Region, Resume, RoundBegin, RoundEnd,
     State as StateFrame, Welcome, Zero, error_code, resume_block_pages, verify_frame_pages,
     verify_hashed_list,
 };
@@ -517,10 +520,12 @@ impl Receiver {
         let mut next = 0;
         let mut resumes = 0u32;
         let mut before = Counted::default();
+        // Grows with every REGION.
+        let layout = Mutex::new(hello.layout.clone());
         loop {
             let leg = Leg {
                 conns: &conns,
-                hello: &hello,
+                layout: &layout,
                 config: &config,
                 changed: &changed,
                 next,
@@ -582,6 +587,11 @@ impl Receiver {
             let (Some(listener), Some((digests, back, deadline))) = (listener, resumed) else {
                 return Err(broken);
             };
+            // A layout that grew (REGION) is not resumed: a sink that can tell what it holds
+            // holds memory sized for the first layout, which cannot grow.
+            if *lock(&layout) != hello.layout {
+                return Err(broken);
+            }
             conns = complete_resume(
                 listener, &config, &hello, next, digests, broken, &mut door, back, deadline,
             )?;
@@ -603,7 +613,8 @@ struct Counted {
 /// ones, or those of a resume.
 struct Leg<'a> {
     conns: &'a [Connection],
-    hello: &'a Hello,
+    /// The layout so far (HELLO's, grown by every REGION).
+    layout: &'a Mutex<Layout>,
     config: &'a ReceiverConfig,
     changed: &'a Mutex<ChangedPages>,
     next: u64,
@@ -666,7 +677,8 @@ impl Leg<'_> {
             barrier: RoundBarrier::new(n),
             failure: Mutex::new(None),
             conns: self.conns,
-            layout: &self.hello.layout,
+            layout: self.layout,
+            max_memory: self.config.max_memory,
             changed: self.changed,
             resumable: self.resumable,
             completed: Mutex::new(Counted {
@@ -1126,7 +1138,10 @@ struct Shared<'a, K: ?Sized> {
     barrier: RoundBarrier,
     failure: Mutex<Option<TransferError>>,
     conns: &'a [Connection],
-    layout: &'a Layout,
+    /// The layout so far; a connection keeps its own copy, refreshed at each REGION.
+    layout: &'a Mutex<Layout>,
+    /// Largest layout accepted ([`ReceiverConfig::max_memory`]), grown or not.
+    max_memory: u64,
     /// Pages applied torn from live frames and not sent again since (kept
     /// across a resume).
     changed: &'a Mutex<ChangedPages>,
@@ -1258,13 +1273,13 @@ impl<R: Read> Frames<R> {
         pool: &BufferPool,
         ps: u64,
         hashes: &mut Vec<PageHash>,
-        in_round: Option<&Shared<'_, K>>,
+        in_round: Option<(&Shared<'_, K>, &Layout)>,
     ) -> Result<Next, TransferError> {
         match self {
             Frames::Direct(r) => {
                 let (h, offset) = r.read_raw_header()?;
-                if let Some(shared) = in_round
-                    && let Some(header) = read_in_place(r, &h, offset, ps, hashes, shared)?
+                if let Some((shared, layout)) = in_round
+                    && let Some(header) = read_in_place(r, &h, offset, ps, hashes, shared, layout)?
                 {
                     return Ok(Next::Applied(header));
                 }
@@ -1297,6 +1312,7 @@ fn read_in_place<R: Read, K: Sink + ?Sized>(
     ps: u64,
     hashes: &mut Vec<PageHash>,
     shared: &Shared<'_, K>,
+    layout: &Layout,
 ) -> Result<Option<Header>, TransferError> {
     let Ok(peek) = h.decode(offset) else {
         return Ok(None);
@@ -1305,7 +1321,7 @@ fn read_in_place<R: Read, K: Sink + ?Sized>(
         Ok(p) if peek.kind == FrameKind::Pages && p.codec == Codec::None => p,
         _ => return Ok(None),
     };
-    let Ok(offset) = pages.place(&peek, shared.layout) else {
+    let Ok(offset) = pages.place(&peek, layout) else {
         return Ok(None);
     };
     let len = pages.span.len;
@@ -1370,13 +1386,13 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
     let mut state_bytes = None;
     let mut payload = pool.take(0);
     let mut decompressor = Decompressor::default();
-    let layout = shared.layout;
+    let mut layout = lock(shared.layout).clone();
     let ps = layout.page_size();
     let mut state = State::Idle { next: start_round };
     let mut totals = (0u64, 0u64);
     let mut hashes: Vec<PageHash> = Vec::new();
     loop {
-        let in_round = matches!(state, State::InRound { .. }).then_some(shared);
+        let in_round = matches!(state, State::InRound { .. }).then_some((shared, &layout));
         let (h, applied) = match frames.next(&mut payload, pool, ps, &mut hashes, in_round)? {
             Next::Frame(h) => (h, false),
             Next::Applied(h) => (h, true),
@@ -1412,7 +1428,7 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
             }
             (State::InRound { pages, .. }, FrameKind::Pages) => {
                 let frame: Pages = h.decode(p)?;
-                let offset = frame.place(&h, layout)?;
+                let offset = frame.place(&h, &layout)?;
                 let len = frame.span.len;
                 let listed = frame.live.then(|| frame.split_listed(p).1.to_vec());
                 let data = match frame.codec {
@@ -1435,7 +1451,7 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
             }
             (State::InRound { zero_pages, .. }, FrameKind::Zero) => {
                 let Zero { span } = h.decode(p)?;
-                let start = span.place(&h, layout)?;
+                let start = span.place(&h, &layout)?;
                 let range = start..start + span.len;
                 lock(&shared.sink).send_zero_range(range.clone())?;
                 lock(shared.changed).forget(range);
@@ -1510,6 +1526,32 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                     bytes: h.offset + HEADER_LEN as u64,
                     state_bytes,
                 });
+            }
+            (State::Idle { .. }, FrameKind::Region) => {
+                let frame: Region = h.decode(p)?;
+                let grown = frame.add_to(&layout)?;
+                if grown.total_len() > shared.max_memory {
+                    return Err(ProtocolError::Malformed {
+                        offset: h.offset,
+                        kind: h.kind,
+                        reason: "layout grown larger than this receiver accepts (max_memory)",
+                    }
+                    .into());
+                }
+                // Every connection announces it; the last to arrive hands it to the sink.
+                shared.barrier.wait(0, 0, |_, _| {
+                    lock(&shared.sink).add_region(&frame.region)?;
+                    *lock(shared.layout) = grown.clone();
+                    Ok(())
+                })?;
+                if *lock(shared.layout) != grown {
+                    return Err(ProtocolError::StreamMismatch {
+                        index: index as u32,
+                        reason: "connections announced different regions",
+                    }
+                    .into());
+                }
+                layout = grown;
             }
             (State::Idle { .. }, FrameKind::Ping) => {
                 let Ping { token } = h.decode(p)?;
@@ -1616,7 +1658,8 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         barrier: RoundBarrier::new(1),
         failure: Mutex::new(None),
         conns: &[],
-        layout,
+        layout: &Mutex::new(layout.clone()),
+        max_memory: u64::MAX,
         changed: &changed,
         resumable: false,
         completed: Mutex::new(Counted::default()),

@@ -61,6 +61,17 @@ pub trait Sink {
     /// as `check` says, and fails on a mismatch.
     fn finish(&mut self, memory_checksum: u64, check: FinalCheck) -> Result<(), TransferError>;
 
+    /// Between rounds: `region` (no host address) joins the layout after
+    /// every region before it ([`Layout::with_region`]): memory the source
+    /// mapped after the transfer started. A sending sink announces it (the
+    /// protocol's REGION), an image records it, and pages of it may follow
+    /// in later rounds. The default refuses with
+    /// [`TransferError::CannotGrow`]: a sink whose memory was sized for a
+    /// fixed layout has nowhere to put the region.
+    fn add_region(&mut self, region: &crate::layout::MemoryRegion) -> Result<(), TransferError> {
+        Err(TransferError::CannotGrow { region: region.id })
+    }
+
     /// The source's opaque state blob (vCPU and device state), after the
     /// last round and before [`Sink::finish`], at most once. A receiving
     /// sink keeps it (or refuses it, and then the receiver refuses the
@@ -114,8 +125,9 @@ pub trait Sink {
     }
 
     /// Between rounds: one round trip to the destination (PING and PONG on every connection,
-    /// the slowest of them), what acknowledging FINISH costs beyond the digests. `None` (the
-    /// default): the sink has no peer to answer.
+    /// the slowest of them), what acknowledging FINISH costs beyond the digests; for a sink
+    /// that finishes locally (an image writer), its own finish, estimated. `None` (the
+    /// default): the sink has no peer to answer and nothing to estimate.
     fn ping(&mut self) -> Result<Option<std::time::Duration>, TransferError> {
         Ok(None)
     }
@@ -293,6 +305,12 @@ macro_rules! forward_sink {
             }
             fn reopen(&mut self) {
                 (**self).reopen()
+            }
+            fn add_region(
+                &mut self,
+                region: &crate::layout::MemoryRegion,
+            ) -> Result<(), TransferError> {
+                (**self).add_region(region)
             }
             fn finish_uncommitted(
                 &mut self,

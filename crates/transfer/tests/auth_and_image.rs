@@ -587,3 +587,71 @@ fn check_destination_refuses_what_create_would() {
     ImageWriter::check_destination(&fine).unwrap();
     ImageWriter::create(&fine, layout).unwrap();
 }
+
+#[test]
+fn an_image_of_version_4_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    let mut bytes = write_image(&path);
+    bytes[8..12].copy_from_slice(&4u32.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = Image::open(&path).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ImageError::Corrupt {
+                source: ProtocolError::OldVersion {
+                    version: 4,
+                    supported: 5
+                },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let chain = precopy_sys::error_chain(&err);
+    assert!(
+        chain.contains("version 4 is no longer supported")
+            && chain.contains("regions added mid-stream since version 5"),
+        "{chain}"
+    );
+}
+
+#[test]
+fn an_image_is_synced_at_the_end_of_every_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    let layout = Layout::single(PS, BASE, 8 * PS).unwrap();
+    let sink = ImageWriter::create(&path, layout.clone()).unwrap();
+    let mut tx = Transfer::new(SliceSource::new(BASE, memory(8, 3)), sink, layout, 4).unwrap();
+    // Before a round ended nothing was synced, and there is no sync to estimate the
+    // finish's from.
+    assert_eq!(tx.sink().synced_len(), 0);
+    assert_eq!(tx.probe_finish().unwrap(), None);
+    let mut synced = 0;
+    for round in 0..3u64 {
+        tx.send_round(&[BASE + round * PS..BASE + (round + 3) * PS])
+            .unwrap();
+        let w = tx.sink();
+        assert_eq!(
+            w.synced_len(),
+            w.bytes_written(),
+            "round {round} ended with everything written synced"
+        );
+        assert!(w.synced_len() > synced, "round {round} synced its records");
+        synced = w.synced_len();
+        // The finish probe now estimates the image's finish (index, last sync).
+        assert!(tx.probe_finish().unwrap().is_some(), "round {round}");
+    }
+    tx.finish(FinalCheck::Recorded).unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert!(
+        len > synced,
+        "FINISH, INDEX and TRAILER follow the last round"
+    );
+    assert_eq!(
+        tx.sink().synced_len(),
+        len,
+        "and are synced before the image is published"
+    );
+}

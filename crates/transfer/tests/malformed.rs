@@ -331,7 +331,7 @@ fn raw_client(
     rx.join().unwrap().unwrap_err()
 }
 
-/// A v3 HELLO announcing one region (id 0) of `region_len` bytes in pages of
+/// A HELLO announcing one region (id 0) of `region_len` bytes in pages of
 /// `page_size`.
 fn hello_frame(page_size: u64, region_len: u64) -> Vec<u8> {
     let mut p = Vec::new();
@@ -351,12 +351,13 @@ fn hello_frame(page_size: u64, region_len: u64) -> Vec<u8> {
 #[test]
 fn old_and_unknown_versions() {
     // Versions 1 (whole-memory CRC in FINISH), 2 (pages named by host
-    // address, no state) and 3 (a CRC32C per page, 32-bit digests) are no
-    // longer spoken; 7 never was.
+    // address, no state), 3 (a CRC32C per page, 32-bit digests) and 4 (no
+    // REGION: a layout fixed at the start) are no longer spoken; 7 never was.
     for (version, said) in [
         (1u32, "version 1 is no longer supported"),
         (2, "version 2 is no longer supported"),
         (3, "version 3 is no longer supported"),
+        (4, "version 4 is no longer supported"),
         (7, "unknown protocol version 7"),
     ] {
         let mut reply = Vec::new();
@@ -374,7 +375,14 @@ fn old_and_unknown_versions() {
             err,
             TransferError::Protocol(ProtocolError::UnknownVersion { version: v, .. }) if v == version
         );
-        assert!(if version < 4 { old } else { unknown }, "{err}");
+        assert!(
+            if version < protocol::VERSION {
+                old
+            } else {
+                unknown
+            },
+            "{err}"
+        );
         // The receiver said why before closing.
         let text = String::from_utf8_lossy(&reply);
         assert!(text.contains(said), "{text}");

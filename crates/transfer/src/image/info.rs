@@ -85,6 +85,16 @@ impl ProcessDescription {
     }
 }
 
+/// A region added to the layout after the start (a REGION record: memory the source mapped
+/// while it was sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AddedRegion {
+    /// The region's id.
+    pub id: u32,
+    /// The first round that could hold its pages: it was added after the rounds before.
+    pub before_round: u64,
+}
+
 /// What `precopy image info` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ImageInfo {
@@ -94,7 +104,7 @@ pub struct ImageInfo {
     pub version: u32,
     /// Page size.
     pub page_size: u64,
-    /// The layout's regions.
+    /// The layout's regions (those added mid-stream included, after the others).
     pub regions: Vec<MemoryRegion>,
     /// What the regions' addresses are; `None` when no region has one, or when the image
     /// cannot tell: its state record, which says it, is damaged, or missing from an image cut
@@ -102,6 +112,8 @@ pub struct ImageInfo {
     pub address_kind: Option<AddressKind>,
     /// The process whose memory the image holds, when its state record describes one.
     pub process: Option<ProcessDescription>,
+    /// The regions added after the start, in the order added.
+    pub added_regions: Vec<AddedRegion>,
     /// Bytes the layout covers.
     pub total_len: u64,
     /// Rounds that ended in the image.
@@ -164,6 +176,7 @@ impl Image {
             regions,
             address_kind,
             process,
+            added_regions: self.added.clone(),
             total_len: self.layout.total_len(),
             rounds: self.rounds.clone(),
             data_pages: count(&|l| l < ZERO),
@@ -228,6 +241,9 @@ impl std::fmt::Display for ImageInfo {
             }
             if let Some(b) = r.backing {
                 write!(f, ", {b:?}")?;
+            }
+            if let Some(a) = self.added_regions.iter().find(|a| a.id == r.id) {
+                write!(f, ", added before round {}", a.before_round)?;
             }
             writeln!(f, ")")?;
             offset += r.size;

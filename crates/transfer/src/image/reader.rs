@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use zerocopy::FromBytes;
 
-use super::info::RoundInfo;
+use super::info::{AddedRegion, RoundInfo};
 use super::walk::walk;
 use super::{ZERO, file_len, locations_from_index};
 use crate::digest::{PageHash, page_hash};
@@ -34,6 +34,8 @@ pub struct Image {
     pub(super) file_len: u64,
     /// The round cut short, and the pages only it holds (see [`ImageInfo::unfinished_round`]).
     pub(super) unfinished: Option<(RoundInfo, u64)>,
+    /// Regions added mid-stream (see [`ImageInfo::added_regions`]).
+    pub(super) added: Vec<AddedRegion>,
 }
 
 impl Image {
@@ -88,6 +90,7 @@ impl Image {
             incomplete_reason: reason,
             file_len,
             unfinished: walk.unfinished,
+            added: walk.added,
         })
     }
 

@@ -8,14 +8,16 @@ use std::path::Path;
 
 use zerocopy::{FromZeros, IntoBytes};
 
-use super::info::RoundInfo;
-use super::{IMAGE_MAGIC, IMAGE_VERSION, NEVER, PREAMBLE_LEN, ZERO, file_len, page_table};
+use super::info::{AddedRegion, RoundInfo};
+use super::{
+    IMAGE_MAGIC, IMAGE_VERSION, MAX_IMAGE_PAGES, NEVER, PREAMBLE_LEN, ZERO, file_len, page_table,
+};
 use crate::codec::Codec;
 use crate::error::{ImageError, ProtocolError, TransferError};
 use crate::layout::Layout;
 use crate::protocol::{
     Finish, FrameKind, FrameReader, HEADER_LEN, Header, Hello, Index, IndexEntry, MAX_PAYLOAD,
-    Pages, RawHeader, RoundBegin, RoundEnd, State, Trailer, Zero,
+    Pages, RawHeader, Region, RoundBegin, RoundEnd, State, Trailer, Zero,
 };
 
 /// Result of walking an image's records from the start.
@@ -32,6 +34,8 @@ pub(super) struct Walk {
     pub(super) trailer: Option<(u64, Trailer)>,
     /// Every PAGES record seen, in file order: (header offset, payload length).
     pub(super) pages_records: Vec<(u64, u64)>,
+    /// Regions added by REGION records, in file order.
+    pub(super) added: Vec<AddedRegion>,
     /// First fault: a record that is cut short (`true`) or damaged (`false`).
     pub(super) fault: Option<(ProtocolError, bool)>,
     /// The round that began and did not end (an incomplete image): what its whole records
@@ -130,6 +134,7 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
         index: Vec::new(),
         trailer: None,
         pages_records: Vec::new(),
+        added: Vec::new(),
         fault: None,
         unfinished: None,
     };
@@ -247,6 +252,24 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
                     }
                     w.rounds.push(*round);
                     current = None;
+                }
+                (FrameKind::Region, None) if w.finish.is_none() && w.state.is_none() => {
+                    let frame: Region = h.decode(payload)?;
+                    let grown = frame.add_to(&w.layout)?;
+                    if grown.total_pages() > MAX_IMAGE_PAGES {
+                        return Err(ProtocolError::Malformed {
+                            offset: h.offset,
+                            kind: h.kind,
+                            reason: "layout has more pages than an image holds",
+                        });
+                    }
+                    let added = grown.total_pages() - w.layout.total_pages();
+                    w.loc.resize(w.loc.len() + added as usize, NEVER);
+                    w.layout = grown;
+                    w.added.push(AddedRegion {
+                        id: frame.region.id,
+                        before_round: w.rounds.len() as u64,
+                    });
                 }
                 (FrameKind::State, None) if w.finish.is_none() && w.state.is_none() => {
                     let state: State = h.decode(payload)?;

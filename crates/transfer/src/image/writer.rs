@@ -1,23 +1,26 @@
 //! [`ImageWriter`]: the [`Sink`] that writes a checkpoint image, record by
-//! record, syncing before the index and trailer that make it complete.
+//! record, syncing at the end of every round and after the index and trailer
+//! that make it complete.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::{
-    IMAGE_MAGIC, IMAGE_VERSION, INDEX_ENTRIES_PER_RECORD, PREAMBLE_LEN, ZERO, digest_of_locations,
-    index_entries, page_table,
+    IMAGE_MAGIC, IMAGE_VERSION, INDEX_ENTRIES_PER_RECORD, MAX_IMAGE_PAGES, NEVER, PREAMBLE_LEN,
+    ZERO, digest_of_locations, index_entries, page_table,
 };
 use crate::buffer::PageBuf;
 use crate::digest::{FinalCheck, PageHash, PageHashes, check_final};
 use crate::error::{ImageError, TransferError};
-use crate::layout::Layout;
+use crate::layout::{Layout, MemoryRegion};
 use crate::protocol::{
-    Finish, Frame, FrameWriter, HEADER_LEN, Hello, Index, PageSpan, RoundBegin, RoundEnd, State,
-    Trailer, Zero,
+    Finish, Frame, FrameWriter, HEADER_LEN, Hello, Index, PageSpan, Region, RoundBegin, RoundEnd,
+    State, Trailer, Zero,
 };
 use crate::sink::Sink;
 
@@ -46,7 +49,14 @@ pub struct ImageWriter {
     state_written: bool,
     finished: bool,
     committed: bool,
+    /// File offset up to which the image is synced.
+    synced_to: u64,
+    /// The last [`SYNC_WINDOW`] per-round syncs: bytes they made durable, time they took.
+    syncs: VecDeque<(u64, Duration)>,
 }
+
+/// Per-round syncs remembered for the finish estimate ([`Sink::ping`]).
+const SYNC_WINDOW: usize = 8;
 
 impl ImageWriter {
     /// Where the image at `path` is written until it is complete: `path` with `.partial`
@@ -111,6 +121,8 @@ impl ImageWriter {
             state_written: false,
             finished: false,
             committed: false,
+            synced_to: 0,
+            syncs: VecDeque::new(),
         })
     }
 
@@ -188,10 +200,57 @@ impl ImageWriter {
         })
     }
 
-    fn sync(&mut self) -> Result<(), TransferError> {
+    /// Flushes and `fdatasync`s what was written; returns the time the sync took and records
+    /// it with the bytes it made durable.
+    fn sync(&mut self) -> Result<Duration, TransferError> {
         self.out.flush().map_err(self.io("writing"))?;
+        let at = Instant::now();
         let r = self.out.get_ref().get_ref().sync_data();
-        r.map_err(self.io("syncing"))
+        r.map_err(self.io("syncing"))?;
+        let took = at.elapsed();
+        let pos = self.pos();
+        if self.syncs.len() == SYNC_WINDOW {
+            self.syncs.pop_front();
+        }
+        self.syncs.push_back((pos - self.synced_to, took));
+        self.synced_to = pos;
+        Ok(took)
+    }
+
+    /// Bytes of the image so far (the file's length once flushed).
+    pub fn bytes_written(&self) -> u64 {
+        self.pos()
+    }
+
+    /// Bytes of the image an `fdatasync` has made durable: all of it at the end of every
+    /// round ([`Sink::end_round`]) and after [`Sink::finish_uncommitted`], so a crash loses at
+    /// most the round under way.
+    pub fn synced_len(&self) -> u64 {
+        self.synced_to
+    }
+
+    /// The time a sync of `bytes` bytes is expected to take, from the recent per-round syncs: a
+    /// line `fixed + bytes × per_byte` fitted by least squares (its fixed part never above the
+    /// fastest sync seen), or the fastest sync when no rising line fits. `None` before the
+    /// first sync.
+    fn sync_estimate(&self, bytes: u64) -> Option<Duration> {
+        let fastest = self.syncs.iter().map(|s| s.1).min()?.as_secs_f64();
+        let n = self.syncs.len() as f64;
+        let mx = self.syncs.iter().map(|s| s.0 as f64).sum::<f64>() / n;
+        let my = self.syncs.iter().map(|s| s.1.as_secs_f64()).sum::<f64>() / n;
+        let sxx: f64 = self.syncs.iter().map(|s| (s.0 as f64 - mx).powi(2)).sum();
+        let sxy: f64 = self
+            .syncs
+            .iter()
+            .map(|s| (s.0 as f64 - mx) * (s.1.as_secs_f64() - my))
+            .sum();
+        let (fixed, per_byte) = if sxx > 0.0 && sxy > 0.0 {
+            let slope = sxy / sxx;
+            ((my - slope * mx).clamp(0.0, fastest), slope)
+        } else {
+            (fastest, 0.0)
+        };
+        Duration::try_from_secs_f64(fixed + per_byte * bytes as f64).ok()
     }
 
     /// The memory digest of what the image now holds, read back from the file.
@@ -274,9 +333,53 @@ impl Sink for ImageWriter {
             });
         }
         self.write(&RoundEnd::new(round, pages, zero))?;
+        // Durable round by round: the final sync then covers only the final round (paid in
+        // the round's own time, which the switch-over estimate fits), not every round's
+        // pages at once while the source is paused.
+        self.sync()?;
         self.in_round = None;
         self.next_round += 1;
         Ok(self.pos() - start + HEADER_LEN as u64)
+    }
+
+    /// What finishing would cost now, for the switch-over estimate: computing the index
+    /// (timed here), then one `fdatasync` of the FINISH, INDEX and TRAILER records and the
+    /// directory sync that makes the rename durable, each estimated from the per-round syncs
+    /// (see [`ImageWriter`]'s `sync_estimate`). `None` before the first round ended.
+    fn ping(&mut self) -> Result<Option<Duration>, TransferError> {
+        let at = Instant::now();
+        let entries = index_entries(&self.loc, &self.layout).len() as u64;
+        let index = at.elapsed();
+        let records = entries * crate::protocol::INDEX_ENTRY_LEN as u64
+            + 4 * HEADER_LEN as u64 * (1 + entries / INDEX_ENTRIES_PER_RECORD as u64);
+        let (Some(finish), Some(dir)) = (self.sync_estimate(records), self.sync_estimate(0)) else {
+            return Ok(None);
+        };
+        Ok(Some(index + finish + dir))
+    }
+
+    /// Writes a REGION record (between rounds) and lays the region out after the others; its
+    /// pages read as never sent until a round holds them.
+    fn add_region(&mut self, region: &MemoryRegion) -> Result<(), TransferError> {
+        if self.in_round.is_some() || self.state_written || self.finished {
+            return Err(TransferError::Misuse {
+                operation: "add_region",
+                state: "inside a round, or after the state or finish",
+            });
+        }
+        let region = region.without_host();
+        let layout = self.layout.with_region(region)?;
+        let added = layout.total_pages() - self.layout.total_pages();
+        if layout.total_pages() > MAX_IMAGE_PAGES {
+            return Err(TransferError::Config {
+                reason: "layout has more pages than an image holds (MAX_IMAGE_PAGES)",
+            });
+        }
+        self.write(&Region { region })?;
+        self.loc.resize(self.loc.len() + added as usize, NEVER);
+        self.hashes.grow(added as usize);
+        self.layout = layout;
+        Ok(())
     }
 
     /// Writes the STATE record: the blob with its own CRC32C.
@@ -301,9 +404,10 @@ impl Sink for ImageWriter {
 
     /// Checks the page hashes recorded while writing (and with
     /// [`FinalCheck::Full`] the memory read back from the file) against
-    /// `memory_checksum`, then writes the FINISH record, syncs, writes the
-    /// index and trailer, and syncs again, all at
-    /// [`ImageWriter::partial_path`]. On a mismatch the image is left
+    /// `memory_checksum`, then writes the FINISH record, the index and the
+    /// trailer and syncs, all at [`ImageWriter::partial_path`]. One sync is
+    /// enough: the rounds before are synced already, and a crash before it
+    /// completes leaves only the partial file, which is never published. On a mismatch the image is left
     /// incomplete. The image is not published at its path until
     /// [`Sink::commit`]: a migration driver commits only once it decided the
     /// migration completed, and a receiver only once the sender committed,
@@ -327,7 +431,6 @@ impl Sink for ImageWriter {
             check: FinalCheck::Recorded,
             digest: memory_checksum,
         })?;
-        self.sync()?;
         let index_offset = self.pos();
         let entries = index_entries(&self.loc, &self.layout);
         for chunk in entries.chunks(INDEX_ENTRIES_PER_RECORD) {

@@ -447,6 +447,25 @@ impl Sink for SocketSink {
         }
     }
 
+    /// Sends REGION on every connection (each writer lays the region out too), so that
+    /// pages of it may follow on any of them in the next round; a resume announces the grown
+    /// layout.
+    fn add_region(&mut self, region: &crate::layout::MemoryRegion) -> Result<(), TransferError> {
+        if self.finished {
+            return Err(TransferError::Misuse {
+                operation: "add_region",
+                state: "after the final checksum was sent",
+            });
+        }
+        self.check_unbroken()?;
+        let region = region.without_host();
+        let layout = self.layout.with_region(region)?;
+        self.each(|w| w.send(Cmd::Region(region)))?;
+        self.layout_bytes = layout.total_len();
+        self.layout = layout;
+        Ok(())
+    }
+
     /// Sends the state blob on the first connection, ahead of its FINISH.
     fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
         self.check_unbroken()?;

@@ -15,11 +15,11 @@ use crate::buffer::PageBuf;
 use crate::codec::Compressor;
 use crate::digest::{FinalCheck, PageHash};
 use crate::error::{ProtocolError, TransferError};
-use crate::layout::Layout;
+use crate::layout::{Layout, MemoryRegion};
 use crate::live::LivePages;
 use crate::protocol::{
     Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter, PageSpan, Pages, Ping,
-    Pong, RoundBegin, RoundEnd, State, Zero,
+    Pong, Region, RoundBegin, RoundEnd, State, Zero,
 };
 
 /// What a [`SocketSink`](super::SocketSink) asks a connection's writer to do.
@@ -43,6 +43,8 @@ pub(super) enum Cmd {
     Ping(u64),
     /// Page and zero frames handed over together (none of them answers).
     Batch(Vec<Cmd>),
+    /// A region added to the layout (no host address): REGION, and the writer lays it out.
+    Region(MemoryRegion),
 }
 
 /// The hashes a writer took of lent pages it sent: the memory offset of the first page and
@@ -462,6 +464,10 @@ impl StreamWriter {
             }
             Cmd::State(blob) => {
                 self.send(&State::new(&blob))?;
+            }
+            Cmd::Region(region) => {
+                self.layout = self.layout.with_region(region)?;
+                self.send(&Region { region })?;
             }
             Cmd::End(round) => {
                 self.send(&RoundEnd::new(round, self.pages, self.zero_pages))?;
