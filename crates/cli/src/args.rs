@@ -152,6 +152,27 @@ pub fn check_max_downtime(ms: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--final-round-timeout MS`, as `demo` and `send` take it: absent (the driver's default
+/// bound), or 1 ms to one hour.
+pub fn check_final_round_timeout(ms: Option<u64>) -> anyhow::Result<()> {
+    match ms {
+        Some(0) => Err(invalid(
+            "--final-round-timeout",
+            0,
+            "no final round finishes in 0 ms: it bounds the final round, from the pause to the \
+             acknowledgement",
+            "use at least 1 (milliseconds), or leave it out for the default bound",
+        )),
+        Some(ms) if ms > MAX_DOWNTIME_MS => Err(invalid(
+            "--final-round-timeout",
+            ms,
+            format!("is more than an hour ({MAX_DOWNTIME_MS} ms): the value is in milliseconds"),
+            format!("use at most --final-round-timeout {MAX_DOWNTIME_MS}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// `--max-rounds N`, as `demo` and `send` take it: 1 to [`MAX_ROUNDS`].
 pub fn check_max_rounds(n: u64) -> anyhow::Result<()> {
     if n == 0 {

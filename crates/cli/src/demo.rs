@@ -17,8 +17,9 @@ pub use source::{MemoryBacking, SourceArgs, run as run_source};
 pub use vm::{VmDestArgs, run_dest as run_vm_dest};
 
 use crate::args::{
-    MAX_DOWNTIME_MS, MAX_ROUNDS, Size, available_memory, check_image_path, check_max_downtime,
-    check_max_rounds, count_in, cpus, human, invalid, parse_count, parse_size,
+    MAX_DOWNTIME_MS, MAX_ROUNDS, Size, available_memory, check_final_round_timeout,
+    check_image_path, check_max_downtime, check_max_rounds, count_in, cpus, human, invalid,
+    parse_count, parse_size,
 };
 use crate::interrupt::Interrupts;
 use crate::output;
@@ -539,14 +540,7 @@ fn validate(args: &Args) -> Result<Plan> {
             "use e.g. --reconnect-backoff 200",
         ));
     }
-    if args.final_round_timeout == Some(0) {
-        return Err(invalid(
-            "--final-round-timeout",
-            0,
-            "must be positive",
-            "leave it out for the default bound",
-        ));
-    }
+    check_final_round_timeout(args.final_round_timeout)?;
     if let (None, Some(p)) = (args.timeout, args.on_timeout) {
         return Err(invalid(
             "--on-timeout",

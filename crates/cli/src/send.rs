@@ -10,8 +10,9 @@
 //! Ctrl-C or `SIGTERM` (see `interrupt`), the target is left running.
 
 use crate::args::{
-    Dest, MAX_DOWNTIME_MS, MAX_ROUNDS, check_image_path, check_max_downtime, check_max_rounds,
-    check_not_self, count_in, invalid, parse_dest, parse_pid, read_key,
+    Dest, MAX_DOWNTIME_MS, MAX_ROUNDS, check_final_round_timeout, check_image_path,
+    check_max_downtime, check_max_rounds, check_not_self, count_in, invalid, parse_dest, parse_pid,
+    read_key,
 };
 use crate::interrupt::{Interrupts, TargetState};
 use crate::output;
@@ -100,6 +101,12 @@ pub struct SendArgs {
         allow_hyphen_values = true
     )]
     io_timeout: f64,
+    /// Hard bound on the final round, in milliseconds (1 to 3600000), from stopping the target
+    /// to the destination's acknowledgement (for an image, its last sync): past it the send
+    /// fails, the target runs on and the image (or the receiver's copy) is never published
+    /// [default: 10 × --max-downtime, at least 5 s, or twice the expected downtime if more].
+    #[arg(long, value_name = "MS", value_parser = count_in(1, MAX_DOWNTIME_MS), allow_hyphen_values = true)]
+    final_round_timeout: Option<u64>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -378,6 +385,7 @@ fn check_send(args: &SendArgs) -> Result<(Dest, Option<Key>)> {
     check_not_self(args.pid)?;
     check_max_downtime(args.max_downtime)?;
     check_max_rounds(args.max_rounds)?;
+    check_final_round_timeout(args.final_round_timeout)?;
     let dest = parse_dest("--to", &args.to, true, true)?;
     if let (Dest::File(_), Some(k)) = (&dest, &args.key_file) {
         return Err(invalid(
@@ -526,6 +534,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         },
         timeout,
         timeout_policy: LimitPolicy::Abort,
+        final_round_timeout: args.final_round_timeout.map(Duration::from_millis),
         ..MigrationConfig::default()
     };
     config.throttle.enabled = args.throttle != SendThrottle::None;

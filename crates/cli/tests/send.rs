@@ -919,3 +919,37 @@ fn then_stop_with_stdout_gone_leaves_the_target_stopped() {
     );
     let _ = std::fs::remove_file(&image);
 }
+
+/// `--final-round-timeout` is the final round's hard bound (the report gives the bound in
+/// force; without the flag the driver's default, at least 5 s), and the report gives the
+/// image's size.
+#[test]
+fn the_final_round_bound_is_the_one_given() {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(Lang::C, 2, 256, 0);
+    while t.ops() == 0 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for (extra, given) in [
+        (&["--final-round-timeout", "45000"][..], Some(45000.0)),
+        (&[][..], None),
+    ] {
+        let image = tmp("bound.img");
+        let out = send(t.pid, &format!("file:{}", image.display()), extra);
+        let report = json_of(&out);
+        assert!(out.status.success(), "send failed: {report}");
+        let bound = report["migration"]["final_round_bound_ms"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no bound in the report: {report}"));
+        match given {
+            Some(ms) => assert_eq!(bound, ms, "{report}"),
+            None => assert!(bound >= 5000.0, "default bound {bound} ms"),
+        }
+        let len = std::fs::metadata(&image).unwrap().len();
+        assert_eq!(report["image_bytes"].as_u64(), Some(len), "{report}");
+        let _ = std::fs::remove_file(&image);
+    }
+    assert_eq!(state(t.pid).tracer, "0");
+}
