@@ -468,6 +468,10 @@ impl StreamWriter {
             Cmd::Region(region) => {
                 self.layout = self.layout.with_region(region)?;
                 self.send(&Region { region })?;
+                // Not staged: the receiver applies a region only once every connection's
+                // REGION has arrived.
+                let flushed = self.out.flush();
+                flushed.map_err(|e| self.write_error(e))?;
             }
             Cmd::End(round) => {
                 self.send(&RoundEnd::new(round, self.pages, self.zero_pages))?;
