@@ -351,12 +351,12 @@ fn memory_mapped_far_away_is_sent(dest: &str) {
         return;
     }
     let mut t = Target::start(Lang::C, 2, 256, 0);
-    let image = tmp(&format!("far-{dest}.img"));
+    let image = scratch(&format!("far-{dest}.img"));
     let mut recv = None;
     let to = match dest {
         "file" => format!("file:{}", image.display()),
         _ => {
-            let sock = tmp("far.sock");
+            let sock = scratch("far.sock");
             let (child, _) = start_recv(&format!("unix:{}", sock.display()), &image);
             recv = Some(child);
             format!("unix:{}", sock.display())
@@ -525,7 +525,7 @@ fn ask_hex(t: &mut Target, cmd: &str, word: &str) -> Vec<u64> {
 /// Waits for a `send --json` and returns its report, which must say it succeeded.
 fn succeeded(send: Child) -> serde_json::Value {
     let out = send.wait_with_output().unwrap();
-    let report = json_of(&out);
+    let report = one_json(&out);
     assert!(out.status.success(), "send failed: {report}");
     report
 }
@@ -936,9 +936,9 @@ fn the_final_round_bound_is_the_one_given() {
         (&["--final-round-timeout", "45000"][..], Some(45000.0)),
         (&[][..], None),
     ] {
-        let image = tmp("bound.img");
+        let image = scratch("bound.img");
         let out = send(t.pid, &format!("file:{}", image.display()), extra);
-        let report = json_of(&out);
+        let report = one_json(&out);
         assert!(out.status.success(), "send failed: {report}");
         let bound = report["migration"]["final_round_bound_ms"]
             .as_f64()
