@@ -823,7 +823,11 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 let scan = scan_start.elapsed();
                 // The pages were written while the previous round was sent: the interval is at
                 // least that round's duration as the transport measured it.
-                let sent_for = self.report.rounds.last().map_or(Duration::ZERO, |r| r.duration);
+                let sent_for = self
+                    .report
+                    .rounds
+                    .last()
+                    .map_or(Duration::ZERO, |r| r.duration);
                 let interval = scan_start.duration_since(last_scan).max(sent_for);
                 last_scan = scan_start;
                 let pending_bytes = coalesce(&mut pending);
