@@ -48,19 +48,18 @@ impl<R: Read> FrameReader<R> {
         &mut self.inner
     }
 
-    fn fill(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), TransferError> {
-        let start = self.offset;
-        let mut got = 0;
-        while got < buf.len() {
-            match self.inner.read(&mut buf[got..]) {
-                Ok(0) => {
-                    return Err(ProtocolError::Truncated {
-                        offset: start + got as u64,
-                        what,
-                    }
-                    .into());
-                }
-                Ok(n) => got += n,
+    /// One read into `buf` (not empty), retried when interrupted: how many bytes came. The
+    /// end of the stream, at stream offset `at`, is a truncated `what`.
+    fn read_some(
+        &mut self,
+        buf: &mut [u8],
+        at: u64,
+        what: &'static str,
+    ) -> Result<usize, TransferError> {
+        loop {
+            match self.inner.read(buf) {
+                Ok(0) => return Err(ProtocolError::Truncated { offset: at, what }.into()),
+                Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(source) => {
                     return Err(TransferError::Io {
@@ -69,6 +68,14 @@ impl<R: Read> FrameReader<R> {
                     });
                 }
             }
+        }
+    }
+
+    fn fill(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), TransferError> {
+        let start = self.offset;
+        let mut got = 0;
+        while got < buf.len() {
+            got += self.read_some(&mut buf[got..], start + got as u64, what)?;
         }
         self.offset += got as u64;
         Ok(())
@@ -176,23 +183,8 @@ impl<R: Read> FrameReader<R> {
         let (mut got, mut hashed) = (0usize, 0usize);
         while got < pages.len() {
             let end = pages.len().min(got + HASH_AS_READ);
-            match self.inner.read(&mut pages[got..end]) {
-                Ok(0) => {
-                    return Err(ProtocolError::Truncated {
-                        offset: self.offset + got as u64,
-                        what: "a frame payload",
-                    }
-                    .into());
-                }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => {
-                    return Err(TransferError::Io {
-                        what: "reading from the peer",
-                        source,
-                    });
-                }
-            }
+            let at = self.offset + got as u64;
+            got += self.read_some(&mut pages[got..end], at, "a frame payload")?;
             while hashed + ps <= got {
                 hashes.push(page_hash(&pages[hashed..hashed + ps]));
                 hashed += ps;
