@@ -372,11 +372,20 @@ fn memory_mapped_far_away_is_sent(dest: &str) {
         "--max-rounds",
         "200",
     ];
-    let send = send_attached_to(t.pid, &to, &image, &extra);
+    let mut send = send_attached_to(t.pid, &to, &image, &extra);
+    // Drained from the start: up to 200 rounds of log lines would fill the pipe and block the
+    // send (with the target stopped by the throttle) while this test waits for the fixture.
+    let err = send.stderr.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(err), &mut text);
+        text
+    });
     std::thread::sleep(Duration::from_millis(200));
     let far = ask_hex(&mut t, "far", "far");
     let (addr, len) = (far[0], far[1]);
     let report = succeeded(send);
+    let _ = drain.join();
     if let Some(r) = recv {
         let r = r.wait_with_output().unwrap();
         assert!(
