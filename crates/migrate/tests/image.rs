@@ -42,8 +42,7 @@ impl Sink for SlowFinish {
         self.inner.end_round(round)
     }
     fn finish(&mut self, checksum: u64, check: FinalCheck) -> Result<(), TransferError> {
-        self.finish_uncommitted(checksum, check)?;
-        self.commit()
+        precopy_transfer::sink::finish_in_two_steps(self, checksum, check)
     }
     fn finish_uncommitted(
         &mut self,

@@ -851,3 +851,14 @@ impl Sink for MemorySink {
         Ok(())
     }
 }
+
+/// [`Sink::finish`] for a sink that finishes in two steps: [`Sink::finish_uncommitted`],
+/// then [`Sink::commit`] (the trait's defaults run the other way, for one-step sinks).
+pub fn finish_in_two_steps<K: Sink + ?Sized>(
+    sink: &mut K,
+    memory_checksum: u64,
+    check: FinalCheck,
+) -> Result<(), TransferError> {
+    sink.finish_uncommitted(memory_checksum, check)?;
+    sink.commit()
+}

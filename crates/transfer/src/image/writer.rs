@@ -398,8 +398,7 @@ impl Sink for ImageWriter {
     /// [`Sink::finish_uncommitted`], then [`Sink::commit`]: the image is complete and
     /// published at its path.
     fn finish(&mut self, memory_checksum: u64, check: FinalCheck) -> Result<(), TransferError> {
-        self.finish_uncommitted(memory_checksum, check)?;
-        self.commit()
+        crate::sink::finish_in_two_steps(self, memory_checksum, check)
     }
 
     /// Checks the page hashes recorded while writing (and with

@@ -496,8 +496,7 @@ impl Sink for SocketSink {
     }
 
     fn finish(&mut self, memory_checksum: u64, check: FinalCheck) -> Result<(), TransferError> {
-        self.finish_uncommitted(memory_checksum, check)?;
-        self.commit()
+        crate::sink::finish_in_two_steps(self, memory_checksum, check)
     }
 
     fn finish_uncommitted(
