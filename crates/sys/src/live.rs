@@ -133,14 +133,14 @@ pub enum Gather<'a> {
 }
 
 impl Gather<'_> {
-    fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         match self {
             Gather::Bytes(b) => b.len() as u64,
             Gather::Live(p) => p.len,
         }
     }
 
-    fn base(&self) -> u64 {
+    pub(crate) fn base(&self) -> u64 {
         match self {
             Gather::Bytes(b) => b.as_ptr() as u64,
             Gather::Live(p) => p.addr,

@@ -9,7 +9,10 @@
 //! The engine side sends the bench's memory two ways: `engine*` reads it with
 //! `process_vm_readv` (the path for another process's memory), `own*` lends
 //! it to the socket without a copy ([`OwnMemory`], the path for an embedded
-//! VMM's guest RAM). The raw copy `writev`s the same mapping. The receiver
+//! VMM's guest RAM: by default `vmsplice` + `splice`, `own_writev` by
+//! `writev`). The raw copy `writev`s the same mapping; `raw_splice` sends it
+//! with `vmsplice` + `splice` (no copy at the sender, the kernel's best) and
+//! `raw_zerocopy` with `MSG_ZEROCOPY`. The receiver
 //! applies into a [`MemorySink`], cleared to
 //! zeros before each transfer like a migration's fresh destination; both the
 //! raw and the engine receivers write into a destination already faulted in,
@@ -26,6 +29,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, SamplingMode, Throughput};
 use precopy_sys::live::{Gather, write_all_gather};
 use precopy_sys::mem::Mapping;
+use precopy_sys::splice::{SplicePipe, Spliced};
 use precopy_sys::zerocopy::ZeroCopySender;
 use precopy_transfer::*;
 
@@ -175,6 +179,35 @@ fn raw_copy(net: Net, dir: &std::path::Path, src: &Arc<Mapping>, dest: &mut [u8]
     start.elapsed()
 }
 
+/// One raw copy of `src` over a fresh connection into `dest` without the
+/// sender's copy: `vmsplice` of the mapping in 256 KiB pieces into a pipe,
+/// `splice` on to the socket (the socket references the pages, the receiver's
+/// `read` copies from them), `read` into `dest`: the kernel's best.
+fn raw_splice(net: Net, dir: &std::path::Path, src: &Arc<Mapping>, dest: &mut [u8]) -> Duration {
+    use std::os::fd::AsFd;
+    let (listener, mut conns) = pair(net, dir, 1);
+    let conn = conns.pop().unwrap();
+    let mut peer = listener.accept().unwrap();
+    let all = LivePages::new(src.clone(), src.range()).unwrap();
+    let mut pipe = SplicePipe::new().unwrap();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let piece = 64 * PS;
+            let mut at = 0;
+            while at < all.len() {
+                let end = all.len().min(at + piece);
+                let part = all.slice(at..end).unwrap();
+                let sent = pipe.write_all(conn.as_fd(), &[Gather::Live(&part)], None);
+                assert!(matches!(sent, Ok(Spliced::Sent(_))), "{sent:?}");
+                at = end;
+            }
+        });
+        peer.read_exact(dest).unwrap();
+    });
+    start.elapsed()
+}
+
 /// One raw copy of `src` over fresh TCP with `MSG_ZEROCOPY` sends (256 KiB
 /// each), waiting for every completion; returns the time and how many sends
 /// the kernel reported it copied after all.
@@ -300,6 +333,22 @@ fn main() {
             })
         });
         assert!(!ran(&name) || raw_dest[..] == src[..]);
+        let name = format!("raw_splice/{nname}");
+        g.bench_function(&name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    raw_dest.fill(1);
+                    let cpu = cpu_seconds();
+                    let d = raw_splice(net, dir.path(), &map, &mut raw_dest);
+                    record_cpu(&name, cpu_seconds() - cpu);
+                    record(&name, d);
+                    total += d;
+                }
+                total
+            })
+        });
+        assert!(!ran(&name) || raw_dest[..] == src[..]);
         if matches!(net, Net::Tcp) && netns().is_none() {
             let name = "raw_zerocopy/tcp".to_string();
             g.bench_function(&name, |b| {
@@ -332,6 +381,13 @@ fn main() {
             ("engine_2streams".into(), with(Compression::None, 2)),
             ("own".into(), base_config.clone()),
             ("own_2streams".into(), with(Compression::None, 2)),
+            (
+                "own_writev".into(),
+                SenderConfig {
+                    splice: false,
+                    ..base_config.clone()
+                },
+            ),
         ];
         if full {
             for batch in [16usize, 256] {

@@ -70,6 +70,12 @@ pub struct SenderConfig {
     /// [`TransferError::Stalled`]. `None`: wait forever (not recommended: a
     /// stopped receiver then blocks the sender for good).
     pub io_timeout: Option<Duration>,
+    /// Send lent pages ([`OwnMemory`](crate::OwnMemory)) to a socket with `vmsplice(2)` and
+    /// `splice(2)` instead of `writev(2)`: the socket holds references to the pages instead of
+    /// a copy, and over loopback the receiver copies straight from them (see
+    /// [`crate::live`]). A connection whose socket refuses `splice` falls back to `writev`.
+    /// Default `true`.
+    pub splice: bool,
 }
 
 /// Default [`SenderConfig::io_timeout`] and handshake timeout: long enough
@@ -88,6 +94,7 @@ impl Default for SenderConfig {
             key: None,
             handshake_timeout: DEFAULT_IO_TIMEOUT,
             io_timeout: Some(DEFAULT_IO_TIMEOUT),
+            splice: true,
         }
     }
 }

@@ -2,22 +2,35 @@
 //!
 //! [`OwnMemory`] is the page source for memory this process maps itself (an embedded VMM's guest
 //! RAM, a benchmark's buffer): instead of copying a batch with `process_vm_readv`, it lends the
-//! pages ([`LivePages`]) and the socket writer hands them to `writev(2)`, so the only copy is the
-//! kernel's, into the socket. The page's hash (XXH3-64) is taken in place, without a copy
-//! (`LivePages::for_each_page`), by the connection's writer thread right before its `writev`
-//! ([`Sink::send_unhashed_live_pages`](crate::Sink::send_unhashed_live_pages)): the hash reads
-//! the page from memory and the kernel's copy then finds it in cache. The writer reports the hashes back for the sender's page-hash table
+//! pages ([`LivePages`]) to the socket writer. The page's hash (XXH3-64) is taken in place,
+//! without a copy (`LivePages::for_each_page`), by the connection's writer thread right before
+//! it sends the page ([`Sink::send_unhashed_live_pages`](crate::Sink::send_unhashed_live_pages)),
+//! and reported back for the sender's page-hash table
 //! ([`Sink::take_live_hashes`](crate::Sink::take_live_hashes)); the sending thread only tests
 //! each page for zeros, which reads the start of a page that is not all zeros.
+//!
+//! The writer sends a lent page one of two ways ([`SenderConfig::splice`](crate::SenderConfig::splice)):
+//!
+//! - **`vmsplice` + `splice`** (the default): the pipe and then the socket hold references to
+//!   the pages, not a copy (`precopy_sys::splice`); over loopback the receiver's `recv` copies
+//!   straight from them, so each byte is copied once instead of twice. The kernel reads the page
+//!   when the receiver copies it, which may be well after the writer moved on. A socket that
+//!   refuses `splice` gets `writev` instead.
+//! - **`writev`**: the kernel copies the page into the socket during the call (after the hash,
+//!   so it finds the page in cache).
 //!
 //! # Pages that change while they are sent
 //!
 //! The workload keeps writing during live rounds, so a page can change between its checksum and
 //! the kernel's read, or during the read: the bytes sent are then *torn*, and match neither the
-//! checksum nor the page. That is harmless for the final result only because the write that tore
-//! it came after the round's scan re-armed the page, so the next round reports the page and sends
-//! it again; the final round runs with the source paused, where nothing tears. The wire makes that
-//! argument checkable instead of trusting it:
+//! checksum nor the page. With `splice` the kernel's read is the receiver's copy, so the window
+//! runs from the hash until the receiver reads the page (a write after the `splice` returned
+//! still reaches the wire), but the argument is the same: that is harmless for the final result
+//! only because the write that tore it came after the round's scan re-armed the page (the hash
+//! and the send come after the scan), so the next round reports the page and sends it again; the
+//! final round runs with the source paused, and the source stays paused until the receiver
+//! acknowledged FINISH, which it does only after it read every page before it, so nothing tears
+//! there. The wire makes that argument checkable instead of trusting it:
 //!
 //! - A lent page goes out in a **live PAGES frame**: header byte 2 (otherwise reserved) has bit 0
 //!   ([`LIVE_FRAME`]) set; like any uncompressed PAGES frame its payload is the pages followed by
@@ -41,7 +54,8 @@
 //!
 //! `MSG_ZEROCOPY` was measured for these sends (the stream bench's `raw_zerocopy`) and is not
 //! used: over loopback the kernel copies anyway for a local receiver, and pinning plus completion
-//! handling made the copy slower (BENCHMARKS.md, "Own memory without a copy").
+//! handling made the copy slower (BENCHMARKS.md, "Own memory without a copy"). `splice` has no
+//! completions to wait for and is not turned back into a copy for a local receiver.
 
 use std::ops::Range;
 use std::sync::Arc;

@@ -14,7 +14,7 @@ use crossbeam_channel::{Receiver, Sender as Chan, bounded};
 use super::conn::{Connection, InterruptState};
 use super::handshake::sender_handshake;
 use super::writer::{
-    Cmd, FirstFailure, LiveHashes, RateLimiter, Reply, StallBound, StreamWriter,
+    Cmd, FirstFailure, LentSend, LiveHashes, RateLimiter, Reply, StallBound, StreamWriter,
     send_timeout_slice, watch_peer,
 };
 use crate::auth;
@@ -288,6 +288,11 @@ impl SocketSink {
                 live_hashes: self.live_hashes.0.clone(),
                 stream: i,
                 first_failure: self.first_failure.clone(),
+                lent: if config.splice {
+                    LentSend::Splice(None)
+                } else {
+                    LentSend::Writev
+                },
             };
             let handle = std::thread::Builder::new()
                 .name(format!("precopy-send-{i}"))

@@ -306,6 +306,16 @@ pub(super) struct StreamWriter {
     /// This stream's index, recorded in `first_failure` when it stops on an error.
     pub(super) stream: usize,
     pub(super) first_failure: FirstFailure,
+    /// How lent pages go to the socket: spliced (opened at the first use) or by `writev`.
+    pub(super) lent: LentSend,
+}
+
+/// How a writer sends lent pages ([`SenderConfig::splice`](crate::SenderConfig::splice)).
+pub(super) enum LentSend {
+    /// `vmsplice` + `splice` through this pipe, opened at the first lent page.
+    Splice(Option<precopy_sys::splice::SplicePipe>),
+    /// `writev`: asked for, or splice was refused (no pipe, or the socket refused it).
+    Writev,
 }
 
 impl StreamWriter {
@@ -636,16 +646,20 @@ impl StreamWriter {
             let list = crate::digest::hash_list(chunk);
             let header = Pages::listed_header(span, &list, true);
             self.pace(len + list.len() as u64);
-            let n = write_all_gather_within(
-                self.out.get_ref().conn.as_fd(),
-                &[
-                    Gather::Bytes(header.as_bytes()),
-                    Gather::Live(&part),
-                    Gather::Bytes(&list),
-                ],
-                self.io_timeout,
-            )
-            .map_err(|e| self.write_error(e))?;
+            let parts = [
+                Gather::Bytes(header.as_bytes()),
+                Gather::Live(&part),
+                Gather::Bytes(&list),
+            ];
+            let n = match self.send_spliced(&parts) {
+                Ok(Some(n)) => n,
+                Ok(None) => {
+                    let fd = self.out.get_ref().conn.as_fd();
+                    write_all_gather_within(fd, &parts, self.io_timeout)
+                        .map_err(|e| self.write_error(e))?
+                }
+                Err(e) => return Err(self.write_error(e)),
+            };
             self.out.wrote(n);
             self.pages += chunk.len() as u64;
             if hashes.is_none() {
@@ -655,6 +669,38 @@ impl StreamWriter {
             }
         }
         Ok(())
+    }
+
+    /// Sends `parts` with `vmsplice` + `splice` (the kernel reads the lent pages when the
+    /// receiver copies them, which a live frame tolerates: see [`crate::live`]); `None`: this
+    /// writer sends lent pages with `writev` instead, nothing was sent. A pipe that cannot be
+    /// opened or a socket that refuses `splice` turns splicing off for the connection.
+    fn send_spliced(&mut self, parts: &[precopy_sys::live::Gather<'_>]) -> io::Result<Option<u64>> {
+        use precopy_sys::splice::{SplicePipe, Spliced};
+        use std::os::fd::AsFd;
+        let LentSend::Splice(pipe) = &mut self.lent else {
+            return Ok(None);
+        };
+        let pipe = match pipe {
+            Some(p) => p,
+            None => match SplicePipe::new() {
+                Ok(p) => pipe.insert(p),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no pipe for splice; lent pages go by writev");
+                    self.lent = LentSend::Writev;
+                    return Ok(None);
+                }
+            },
+        };
+        let fd = self.out.get_ref().conn.as_fd();
+        match pipe.write_all(fd, parts, self.io_timeout)? {
+            Spliced::Sent(n) => Ok(Some(n)),
+            Spliced::Unsupported(e) => {
+                tracing::debug!(error = %e, "the socket refused splice; lent pages go by writev");
+                self.lent = LentSend::Writev;
+                Ok(None)
+            }
+        }
     }
 
     /// The wire's name for `len` bytes at memory offset `offset`: region id
