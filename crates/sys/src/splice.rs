@@ -331,6 +331,56 @@ mod tests {
         }
     }
 
+    /// Guest RAM may be shared memory (memfd, shmem) or huge pages: `vmsplice` references
+    /// page-cache and huge pages as it does private anonymous ones.
+    #[test]
+    fn every_backing_splices() {
+        let mut backings = vec![
+            ("private anonymous", Backing::AnonPrivate),
+            ("memfd", Backing::Memfd),
+            ("shared anonymous", Backing::AnonShared),
+            ("hugetlb", Backing::Hugetlb),
+        ];
+        let len = 4u64 << 20;
+        for (name, backing) in backings.drain(..) {
+            let m = match Mapping::new(backing, len, 0, Thp::Default) {
+                Ok(m) => Arc::new(m),
+                Err(e) if name == "hugetlb" => {
+                    eprintln!("SKIP every_backing_splices (hugetlb): no huge page pool: {e}");
+                    continue;
+                }
+                Err(e) => panic!("{name}: {e}"),
+            };
+            for i in 0..len / 4096 {
+                m.fill(i * 4096, 4096, pattern(i)).unwrap();
+            }
+            let all = LivePages::new(m.clone(), m.range()).unwrap();
+            let (a, mut b) = UnixStream::pair().unwrap();
+            let reader = std::thread::spawn(move || {
+                let mut v = Vec::new();
+                b.read_to_end(&mut v).unwrap();
+                v
+            });
+            let sent = SplicePipe::new()
+                .unwrap()
+                .write_all(a.as_fd(), &[Gather::Live(&all)], None)
+                .unwrap();
+            assert!(
+                matches!(sent, Spliced::Sent(n) if n == len),
+                "{name}: {sent:?}"
+            );
+            drop(a);
+            let got = reader.join().unwrap();
+            assert_eq!(got.len() as u64, len, "{name}");
+            for (k, page) in got.chunks(4096).enumerate() {
+                assert!(
+                    page.iter().all(|&x| x == pattern(k as u64)),
+                    "{name}: page {k}"
+                );
+            }
+        }
+    }
+
     /// The pages are referenced, not copied: a write after the call but before the receiver
     /// reads shows up in what it gets. This is the contract callers must live with.
     #[test]
