@@ -11,8 +11,9 @@
 //!   frames.
 //!
 //! Every frame the bare decoder reads is also decoded as its kind's type
-//! (all of HELLO .. REGION, including the receiver-to-sender kinds the
-//! receiver itself refuses), so each kind's field and payload checks run.
+//! (all of HELLO .. COMPACTED, including the receiver-to-sender and image
+//! kinds the receiver itself refuses), so each kind's field and payload
+//! checks run.
 //!
 //! The receiver must never panic, and must never report success for memory
 //! that does not match the checksum it was given.
@@ -21,7 +22,7 @@
 use libfuzzer_sys::fuzz_target;
 use precopy_transfer::digest::{hash_list, page_hash};
 use precopy_transfer::protocol::{
-    Auth, Challenge, Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, Header, Hello,
+    Auth, Challenge, Commit, Compacted, Done, ErrorFrame, Finish, FrameKind, FrameReader, Header, Hello,
     Index, PageSpan, Pages, Ping, Pong, Region, Resume, RoundBegin, RoundEnd, State, Trailer,
     Welcome, Zero, encode_header,
 };
@@ -124,6 +125,7 @@ fn decode_typed(h: &Header, p: &[u8]) {
         FrameKind::Region => h.decode::<Region>(p).map(|r| {
             let _ = r.add_to(&layout());
         }),
+        FrameKind::Compacted => h.decode::<Compacted>(p).map(drop),
     };
 }
 

@@ -340,14 +340,27 @@ fn has_host_and_port(a: &str) -> bool {
 /// Checks that an image can be created at `path` (`flag`'s value `typed`) before anything
 /// starts: the image writer's own check (`ImageWriter::check_destination`: the directory
 /// exists and is writable, the path is not a directory, FIFO or device), reported as a usage
-/// error, and, when `need` is known, that the file system has that many bytes free.
+/// error, and, when `need` is known, that the file system has that many bytes free. A file
+/// at the path (or its `.partial`) that is neither empty nor a precopy image is refused
+/// (`ImageWriter::check_replaceable`) unless `force` is `Some(true)`; `force` is `None` for
+/// a command that has no `--force`.
 pub fn check_image_path(
     flag: &'static str,
     typed: &str,
     path: &Path,
     need: Option<u64>,
+    force: Option<bool>,
 ) -> anyhow::Result<()> {
     use precopy_transfer::{ImageError, ImageWriter};
+    if force != Some(true)
+        && let Err(e) = ImageWriter::check_replaceable(path)
+    {
+        let fix = match force {
+            Some(_) => "pass --force to replace it, or write the image elsewhere",
+            None => "remove it first, or write the image elsewhere",
+        };
+        return Err(invalid(flag, typed, e.to_string(), fix));
+    }
     if let Err(e) = ImageWriter::check_destination(path) {
         let fix = match &e {
             ImageError::NotAFile {

@@ -419,7 +419,7 @@ fn validate(args: &Args) -> Result<Plan> {
                 )
             })?;
                 let path = PathBuf::from(path);
-                check_image_path("--to", to, &path, Some(size.bytes))?;
+                check_image_path("--to", to, &path, Some(size.bytes), None)?;
                 Some(path)
             }
         };

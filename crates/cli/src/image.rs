@@ -136,14 +136,14 @@ fn cat(image: &Path, range: Range<u64>, incomplete: bool) -> Result<ExitCode> {
                 "image {} is incomplete ({reason}): it holds no finished copy of the source's \
                  memory; pass --incomplete to read the {} round(s) that ended before the cut",
                 image.display(),
-                info.rounds.len()
+                info.rounds_ended
             );
         }
         crate::output::errln!(
             "precopy: warning: image {} is incomplete ({reason}); showing the {} round(s) that \
              ended before the cut, pages not sent in them as zeros",
             image.display(),
-            info.rounds.len()
+            info.rounds_ended
         );
     }
     // Every page of the span is checked before the first byte goes out: a damaged page fails

@@ -112,14 +112,28 @@ fn add_conflict_fix(e: &mut clap::Error) {
     );
 }
 
-/// clap's rendered usage error as the JSON `error.message`: without the `error: ` prefix and
-/// the closing "For more information, try '--help'." (advice for a terminal, not a program).
-fn json_usage_message(rendered: &str) -> &str {
-    let msg = rendered.trim_start_matches("error: ");
-    match msg.rfind("For more information") {
-        Some(at) => msg[..at].trim_end(),
-        None => msg,
+/// clap's rendered usage error in one line, like every other refusal: its message, then its
+/// tips and other notes, then the usage, `; `-separated, ending with where to look
+/// (`see --help`); without the `error: ` prefix (the caller adds the usual one) and without
+/// the closing "For more information, try '--help'." line.
+fn one_line_usage(rendered: &str) -> String {
+    let mut message = Vec::new();
+    let mut usage = None;
+    for line in rendered.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with("For more information") {
+            continue;
+        }
+        match line.strip_prefix("Usage: ") {
+            Some(u) => usage = Some(u),
+            None => message.push(line.trim_start_matches("error: ")),
+        }
     }
+    let mut one = message.join("; ");
+    if let Some(u) = usage {
+        one.push_str(&format!("; usage: {u}"));
+    }
+    one.push_str(" (see --help)");
+    one
 }
 
 fn main() -> ExitCode {
@@ -143,16 +157,12 @@ fn main() -> ExitCode {
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(mut e) => {
             // clap's message names the flag and the value as typed; keep all of it (tips and
-            // usage too), with the same prefix as every other error.
+            // usage too), in one line with the same prefix as every other error.
             add_conflict_fix(&mut e);
-            let detail = e.render().to_string();
-            let detail = detail.trim_end();
-            crate::output::errln!("precopy: {detail}");
+            let detail = one_line_usage(&e.render().to_string());
+            crate::output::errln!("precopy: error: {detail}");
             if json {
-                output::print_json(
-                    serde_json::Value::Null,
-                    Some(&anyhow::anyhow!("{}", json_usage_message(detail))),
-                );
+                output::print_json(serde_json::Value::Null, Some(&anyhow::anyhow!("{detail}")));
             }
             return ExitCode::from(2);
         }

@@ -107,6 +107,10 @@ pub struct SendArgs {
     /// [default: 10 × --max-downtime, at least 5 s, or twice the expected downtime if more].
     #[arg(long, value_name = "MS", value_parser = count_in(1, MAX_DOWNTIME_MS), allow_hyphen_values = true)]
     final_round_timeout: Option<u64>,
+    /// Replace a file at the image's path (file:PATH) that is not a precopy image; without
+    /// it such a file is refused (an image, or an empty file, is replaced either way).
+    #[arg(long)]
+    force: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -126,6 +130,10 @@ pub struct RecvArgs {
     /// Require senders to prove they hold this key (the file's bytes).
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
+    /// Replace a file at the image's path that is not a precopy image; without it such a
+    /// file is refused (an image, or an empty file, is replaced either way).
+    #[arg(long)]
+    force: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -399,7 +407,7 @@ fn check_send(args: &SendArgs) -> Result<(Dest, Option<Key>)> {
         ));
     }
     if let Dest::File(path) = &dest {
-        check_image_path("--to", &args.to, path, None)?;
+        check_image_path("--to", &args.to, path, None, Some(args.force))?;
     }
     let key = read_key(args.key_file.as_deref())?;
     Ok((dest, key))
@@ -608,6 +616,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     report["migration"] = serde_json::to_value(&mreport).unwrap_or(Value::Null);
     if let Dest::File(path) = &dest {
         report["image_bytes"] = json!(image_bytes(path));
+        report["image_compacted"] = json!(image_compaction(path));
     }
     if let Err(e) = result {
         let e = explain_send_failure(e, &dest, &args.to);
@@ -682,8 +691,16 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         );
         outln!("  not tracked: {} mappings", log.skipped().len());
         if let Dest::File(path) = &dest {
+            let compacted = match image_compaction(path) {
+                Some(c) => format!(
+                    ", compacted {} time(s): {:.1} MiB of older page copies dropped",
+                    c.compactions,
+                    mib(c.bytes_dropped)
+                ),
+                None => String::new(),
+            };
             outln!(
-                "  image: {} ({:.1} MiB)",
+                "  image: {} ({:.1} MiB{compacted})",
                 path.display(),
                 mib(image_bytes(path).unwrap_or(0))
             );
@@ -744,6 +761,15 @@ fn image_bytes(path: &std::path::Path) -> Option<u64> {
         .or_else(|_| std::fs::metadata(ImageWriter::partial_path(path)))
         .ok()
         .map(|m| m.len())
+}
+
+/// What compacting the image at `path` (published, else its partial file) dropped, if it
+/// was compacted.
+fn image_compaction(path: &std::path::Path) -> Option<precopy_transfer::CompactionInfo> {
+    precopy_transfer::image_info(path)
+        .or_else(|_| precopy_transfer::image_info(ImageWriter::partial_path(path)))
+        .ok()?
+        .compacted
 }
 
 /// Whether process `pid` has exited: gone from `/proc`, or no thread of it left alive (a
@@ -829,7 +855,7 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
     let Dest::File(path) = parse_dest("--to", &args.to, true, false).map_err(fail)? else {
         unreachable!("parse_dest accepts only file: here")
     };
-    check_image_path("--to", &args.to, &path, None).map_err(fail)?;
+    check_image_path("--to", &args.to, &path, None, Some(args.force)).map_err(fail)?;
     let config = ReceiverConfig {
         key: read_key(args.key_file.as_deref()).map_err(fail)?,
         ..ReceiverConfig::default()

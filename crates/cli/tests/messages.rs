@@ -527,7 +527,7 @@ fn image_info_labels_a_process_image_by_what_it_holds() {
     let img = img.to_str().unwrap();
     let text = stdout(&precopy(&["image", "info", img]));
     assert!(!text.contains("guest-physical"), "{text}");
-    assert!(text.contains("process address 0x"), "{text}");
+    assert!(text.contains("process addresses 0x"), "{text}");
     assert!(
         text.contains(&format!("memory of process {}", t.pid)),
         "{text}"

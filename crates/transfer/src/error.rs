@@ -292,6 +292,17 @@ pub enum ProtocolError {
         /// The version this build speaks.
         supported: u32,
     },
+    /// An image of an older format version (an image's version counts apart from the wire's
+    /// since version 6, which the wire does not have).
+    #[error(
+        "image format version {version} is no longer supported: this build reads and writes version {supported} only (compacted images since version 6, memory regions added mid-stream since version 5, an XXH3-64 hash of every page instead of a CRC32C since version 4, pages named by region and offset since version 3); make the image again with this precopy"
+    )]
+    OldImageVersion {
+        /// Version the image's preamble states.
+        version: u32,
+        /// The version this build reads and writes.
+        supported: u32,
+    },
     /// A frame's CRC32C does not match its contents.
     #[error(
         "{} frame at byte {offset} has a bad checksum (stored {stored:#010x}, computed {computed:#010x})",
@@ -481,6 +492,17 @@ pub enum ImageError {
         /// What it is instead.
         kind: &'static str,
     },
+    /// A file that is neither empty nor a precopy image is where an image would be written:
+    /// writing the image would replace it (a tool asks its user to confirm, e.g. `--force`).
+    #[error(
+        "{path} exists and is not a precopy image ({len} bytes, not starting with \"PRCPIMG\"): writing the image would replace it"
+    )]
+    NotAnImage {
+        /// The file.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: u64,
+    },
     /// The directory an image would be written in does not exist.
     #[error("directory {dir} does not exist")]
     NoDirectory {
@@ -575,6 +597,40 @@ pub enum ImageError {
         /// The requested span.
         range: Range<u64>,
     },
+    /// The file system the image is written to has too little room for the next step: a
+    /// round and the finish after it, or a compaction (checked with `fstatvfs` before the
+    /// step; `free` is what an unprivileged user may still write, as `df` shows it).
+    #[error(
+        "no space left for the image on the file system of {}: need {}, {} free",
+        dir.display(),
+        Bytes(*need),
+        Bytes(*free)
+    )]
+    NoSpace {
+        /// The directory the image is written in.
+        dir: PathBuf,
+        /// Bytes the step can write.
+        need: u64,
+        /// Bytes free for this user.
+        free: u64,
+    },
+}
+
+/// A byte count for people: `12.3 MiB (12897484 bytes)`.
+struct Bytes(u64);
+
+impl std::fmt::Display for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0 as f64;
+        let (v, unit) = if b >= (1u64 << 30) as f64 {
+            (b / (1u64 << 30) as f64, "GiB")
+        } else if b >= (1u64 << 20) as f64 {
+            (b / (1u64 << 20) as f64, "MiB")
+        } else {
+            (b / 1024.0, "KiB")
+        };
+        write!(f, "{v:.1} {unit} ({} bytes)", self.0)
+    }
 }
 
 /// Any failure of a transfer: sending, receiving, or a sink.

@@ -2,15 +2,17 @@
 //! supersede earlier ones), the memory digest and an index.
 //!
 //! This module owns the image file format and the rules that make a crash
-//! harmless: records are only appended, and the image counts as complete only
-//! when a walk from the start reaches a FINISH record (the checksum), the
-//! INDEX records and a TRAILER that ends exactly at end of file. A file cut at
-//! any point therefore never looks complete.
+//! harmless: records are only appended (a compaction replaces the whole file,
+//! below), and the image counts as complete only when a walk from the start
+//! reaches a FINISH record (the checksum), the INDEX records and a TRAILER
+//! that ends exactly at end of file. A file cut at any point therefore never
+//! looks complete.
 //!
 //! ```text
-//! "PRCPIMG\0" | version u32 (5) | reserved u32
+//! "PRCPIMG\0" | version u32 (6) | reserved u32
 //! HELLO      (the layout; session, nonce and stream fields zero)
 //! REGION...  (between rounds, optional: a region added to the layout mid-stream)
+//! COMPACTED  (optional, after HELLO and the REGIONs of a compacted image: the next round stands for rounds 0..n)
 //! ROUND_BEGIN r | PAGES (raw, codec 0: pages, then their hash list)... | ZERO... | ROUND_END r   (per round, synced)
 //! STATE      (optional: the state blob, with its own CRC32C)
 //! FINISH     (rounds, memory digest)
@@ -24,12 +26,37 @@
 //! connection's. The memory digest is the one defined in [`crate::digest`]
 //! (version 1 images held a CRC32C of the memory bytes, version 2 ones named
 //! pages by host address, version 3 ones checked pages by CRC32C, version 4
-//! ones had no REGION; all are refused). The layout is HELLO's plus every
+//! ones had no REGION, version 5 ones no COMPACTED; all are refused). The layout is HELLO's plus every
 //! REGION record before the FINISH, each laid out after the regions before
 //! it (the protocol's "Regions added mid-stream"); the index names pages of
 //! added regions like any others. Pages never sent read as zeros.
 //! An incomplete image is still readable: its contents are the rounds that
 //! ended before the cut.
+//!
+//! # Compaction
+//!
+//! Appending keeps every round's copy of a page, so a writer that ran many
+//! rounds over the same pages would grow without bound. The writer therefore
+//! compacts between rounds ([`ImageWriter::compact`], when the file passes
+//! its [`CompactionPolicy`]: by default twice the compacted size plus 64 MiB):
+//! it writes beside the partial file a new one holding the preamble, HELLO,
+//! the REGION records, a COMPACTED record and **one round, numbered `n - 1`,
+//! holding the latest copy of every page of rounds `0..n`** (each read back
+//! and checked against the hash recorded when it was written), syncs it and
+//! renames it over the partial file (then syncs the directory), and appends
+//! the next rounds there. The COMPACTED record carries `n`, the compactions
+//! so far, the file bytes they dropped and, for each REGION record, the round
+//! it was first added before, so `image info` tells the same story. A crash
+//! at any step leaves at the partial path either the old file or the new one,
+//! each an incomplete image holding every round that ended; the reader's
+//! rules are unchanged (a COMPACTED record only shifts the number the next
+//! round must have). A migration driver's writer compacts only when it is
+//! pinged between rounds (`Sink::ping`, while the source runs), never in the
+//! final phase; a writer nobody pings (a receiver's) compacts at the end of a
+//! round. Before each round, before each compaction and before any write past
+//! the room it last measured, the writer checks the file system's free space
+//! (`fstatvfs`) and fails with [`ImageError::NoSpace`](crate::ImageError::NoSpace)
+//! before writing what would not fit.
 //!
 //! By concern: [`writer`] (the [`ImageWriter`] sink), `walk` (reading the
 //! records from the start, shared by opening and verifying), [`reader`]
@@ -54,18 +81,18 @@ mod walk;
 pub mod writer;
 
 pub use info::{
-    AddedRegion, AddressKind, ImageInfo, ProcessDescription, RoundInfo, image_cat, image_info,
-    parse_span,
+    AddedRegion, AddressKind, CompactionInfo, ImageInfo, ProcessDescription, RegionInfo, RoundInfo,
+    image_cat, image_info, parse_span,
 };
 pub use reader::Image;
 pub use verify::{VerifyReport, image_verify};
-pub use writer::ImageWriter;
+pub use writer::{CompactionPolicy, ImageWriter};
 
 /// The first eight bytes of an image file.
 pub const IMAGE_MAGIC: [u8; 8] = *b"PRCPIMG\0";
-/// The image format version written by this build (5: REGION records; version 4 images,
-/// whose layout was fixed at the start, are refused like older ones).
-pub const IMAGE_VERSION: u32 = 5;
+/// The image format version written by this build (6: COMPACTED records; version 5 images,
+/// which had none, and older ones are refused).
+pub const IMAGE_VERSION: u32 = 6;
 const PREAMBLE_LEN: u64 = 16;
 
 /// Page location: never sent.

@@ -44,6 +44,9 @@ pub enum FrameKind {
     Resume = 18,
     /// A memory region added to the layout between rounds.
     Region = 19,
+    /// Image only: the round that follows stands for every round before it
+    /// (the image was compacted to the latest copy of each page).
+    Compacted = 20,
 }
 
 impl FrameKind {
@@ -70,6 +73,7 @@ impl FrameKind {
             17 => Pong,
             18 => Resume,
             19 => Region,
+            20 => Compacted,
             _ => return None,
         })
     }
@@ -98,6 +102,7 @@ impl std::fmt::Display for FrameKind {
             Pong => "PONG",
             Resume => "RESUME",
             Region => "REGION",
+            Compacted => "COMPACTED",
         })
     }
 }

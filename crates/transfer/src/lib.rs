@@ -141,8 +141,9 @@ pub use error::{
     ImageError, LayoutError, ProtocolError, ResumeRefusal, SourceError, TransferError, Unreadable,
 };
 pub use image::{
-    AddedRegion, AddressKind, Image, ImageInfo, ImageWriter, ProcessDescription, RoundInfo,
-    VerifyReport, image_cat, image_info, image_verify, parse_span,
+    AddedRegion, AddressKind, CompactionInfo, CompactionPolicy, Image, ImageInfo, ImageWriter,
+    ProcessDescription, RegionInfo, RoundInfo, VerifyReport, image_cat, image_info, image_verify,
+    parse_span,
 };
 pub use kind::FrameKind;
 pub use layout::{Backing, Layout, MemoryRegion};

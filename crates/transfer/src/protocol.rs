@@ -58,6 +58,7 @@
 //! | 17 PONG ([`Pong`]) | R→S | token of the PING | – | – | – |
 //! | 18 RESUME ([`Resume`]) | R→S | next round | pages per block | – | n × u64 block digest |
 //! | 19 REGION ([`Region`]) | S→R, image | – | – | – | one region (32 bytes, as in HELLO) |
+//! | 20 COMPACTED ([`Compacted`]) | image | rounds the next round stands for | file bytes dropped so far | compactions so far | n × u64: for each REGION before it, the round it was added before |
 //!
 //! A HELLO region is `id u32 | backing u8 (0 unstated, 1 anonymous, 2 memfd,
 //! 3 hugetlb, 4 file) | flags u8 (bit 0: guest address present) | 0 u16 |
@@ -1444,6 +1445,68 @@ impl Region {
         layout
             .with_region(self.region)
             .map_err(ProtocolError::BadLayout)
+    }
+}
+
+/// COMPACTED (images only, never on a connection): the image was compacted
+/// ([`crate::image`], "Compaction"): the round that follows it holds the
+/// latest copy of every page and stands for rounds `0..rounds`, so it is
+/// numbered `rounds - 1`. It comes after HELLO and the REGION records and
+/// before any round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compacted {
+    /// Rounds the next round stands for (at least 1).
+    pub rounds: u64,
+    /// File bytes the compactions so far dropped (this one included).
+    pub bytes_dropped: u64,
+    /// Compactions so far, this one included (at least 1).
+    pub compactions: u32,
+    /// For each REGION record before this one, in file order: the round it
+    /// was added before in the image as first written (non-decreasing, at
+    /// most `rounds`).
+    pub added_before: Vec<u64>,
+}
+
+impl<'p> Frame<'p> for Compacted {
+    const KIND: FrameKind = FrameKind::Compacted;
+
+    fn fields(&self) -> [u8; FIELDS_LEN] {
+        counts(self.rounds, self.bytes_dropped, self.compactions)
+    }
+
+    fn payload(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(
+            self.added_before
+                .iter()
+                .flat_map(|r| r.to_le_bytes())
+                .collect(),
+        )
+    }
+
+    /// Checks the counts and that the rounds in the payload are whole, in
+    /// order and within `rounds`; whether they match the REGION records
+    /// before it is the image reader's check.
+    fn decode(h: &Header, p: &'p [u8]) -> Result<Compacted, ProtocolError> {
+        h.plain(None)?;
+        let f: CountFields = h.fields();
+        let (rounds, compactions) = (f.first.get(), f.word.get());
+        let Ok(list) = <[U64]>::ref_from_bytes(p) else {
+            return Err(h.malformed("a partial round number"));
+        };
+        if rounds == 0 || compactions == 0 {
+            return Err(h.malformed("no rounds or no compactions"));
+        }
+        let added_before: Vec<u64> = list.iter().map(|r| r.get()).collect();
+        if added_before.windows(2).any(|w| w[0] > w[1]) || added_before.iter().any(|&r| r > rounds)
+        {
+            return Err(h.malformed("regions added out of order or after the rounds"));
+        }
+        Ok(Compacted {
+            rounds,
+            bytes_dropped: f.second.get(),
+            compactions,
+            added_before,
+        })
     }
 }
 

@@ -589,32 +589,36 @@ fn check_destination_refuses_what_create_would() {
 }
 
 #[test]
-fn an_image_of_version_4_is_refused_clearly() {
+fn an_image_of_version_4_or_5_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("img");
-    let mut bytes = write_image(&path);
-    bytes[8..12].copy_from_slice(&4u32.to_le_bytes());
-    std::fs::write(&path, &bytes).unwrap();
-    let err = Image::open(&path).unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            ImageError::Corrupt {
-                source: ProtocolError::OldVersion {
-                    version: 4,
-                    supported: 5
-                },
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    let chain = precopy_sys::error_chain(&err);
-    assert!(
-        chain.contains("version 4 is no longer supported")
-            && chain.contains("regions added mid-stream since version 5"),
-        "{chain}"
-    );
+    let image = write_image(&path);
+    for old in [4u32, 5] {
+        let mut bytes = image.clone();
+        bytes[8..12].copy_from_slice(&old.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Image::open(&path).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ImageError::Corrupt {
+                    source: ProtocolError::OldImageVersion {
+                        version,
+                        supported: 6
+                    },
+                    ..
+                } if *version == old
+            ),
+            "{err:?}"
+        );
+        let chain = precopy_sys::error_chain(&err);
+        assert!(
+            chain.contains(&format!(
+                "image format version {old} is no longer supported"
+            )) && chain.contains("compacted images since version 6"),
+            "{chain}"
+        );
+    }
 }
 
 #[test]

@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 
 use common::{PS, memory};
 use precopy_transfer::protocol::{
-    self, Auth, Challenge, Commit, Done, ErrorFrame, Finish, Frame, FrameReader, FrameWriter,
-    Hello, Index, IndexEntry, MAC_LEN, NONCE_LEN, PREAMBLE_LEN, PageSpan, Ping, Pong, Region,
-    Resume, RoundBegin, RoundEnd, State, Trailer, Welcome, Zero,
+    self, Auth, Challenge, Commit, Compacted, Done, ErrorFrame, Finish, Frame, FrameReader,
+    FrameWriter, Hello, Index, IndexEntry, MAC_LEN, NONCE_LEN, PREAMBLE_LEN, PageSpan, Ping, Pong,
+    Region, Resume, RoundBegin, RoundEnd, State, Trailer, Welcome, Zero,
 };
 use precopy_transfer::*;
 
@@ -127,6 +127,13 @@ fn frame_of(kind: FrameKind) -> Vec<u8> {
         FrameKind::Region => encoded(&Region {
             region: MemoryRegion::new(2, 4 * PS, PS).guest(0x10_0000),
         }),
+        // An image record only: the round after it stands for rounds 0..3.
+        FrameKind::Compacted => encoded(&Compacted {
+            rounds: 3,
+            bytes_dropped: 8192,
+            compactions: 1,
+            added_before: Vec::new(),
+        }),
     }
 }
 
@@ -233,6 +240,31 @@ fn image(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
+/// A complete compacted image made like [`image`] at `path`, compacted after round 1 (its
+/// first round stands for rounds 0 and 1), then round 2 rewriting a page again.
+fn compacted_image(path: &Path) -> Vec<u8> {
+    let layout = Layout::new(vec![
+        MemoryRegion::new(0, 4 * PS, PS).host(BASE).guest(0x10_0000),
+    ])
+    .unwrap();
+    let source = SliceSource::new(BASE, memory(SOURCE_PAGES, 9));
+    let sink = ImageWriter::create(path, layout.clone())
+        .unwrap()
+        .with_compaction(Some(CompactionPolicy { ratio: 1, slack: 0 }));
+    let mut tx = Transfer::new(source, sink, layout, 4).unwrap();
+    tx.send_round(&[host_pages(0, 4)]).unwrap();
+    tx.probe_finish().unwrap();
+    tx.add_regions_for(&[host_pages(8, 2)], PS).unwrap();
+    tx.send_round(&[host_pages(8, 2), host_pages(1, 1)])
+        .unwrap();
+    tx.probe_finish().unwrap();
+    assert!(tx.sink().compaction().is_some(), "compacted after round 1");
+    tx.send_round(&[host_pages(1, 1)]).unwrap();
+    tx.send_state(STATE_BLOB).unwrap();
+    tx.finish(FinalCheck::Full).unwrap();
+    std::fs::read(path).unwrap()
+}
+
 /// The records of an image (after its preamble): (kind, file offset, record length).
 fn records(image: &[u8]) -> Vec<(FrameKind, u64, u64)> {
     let mut r = FrameReader::at_offset(&image[PREAMBLE_LEN..], PREAMBLE_LEN as u64);
@@ -283,6 +315,11 @@ fn seeds(scratch: &Path) -> Vec<(&'static str, String, Vec<u8>)> {
     out.push(("frame_decoder", "seed-valid-stream".to_string(), valid));
     let image = image(&scratch.join("seed.img"));
     out.push(("image_open", "seed-valid-image".to_string(), image.clone()));
+    out.push((
+        "image_open",
+        "seed-compacted-image".to_string(),
+        compacted_image(&scratch.join("compacted.img")),
+    ));
     for kind in kinds() {
         let n = kind as u8;
         let frame = frame_of(kind);
@@ -382,9 +419,22 @@ fn seeds_are_what_they_claim() {
     assert!(img.is_complete());
     img.verify().unwrap();
     let info = img.info();
-    assert_eq!(info.version, 5);
+    assert_eq!(info.version, precopy_transfer::image::IMAGE_VERSION);
     assert_eq!(info.added_regions.len(), 1);
     assert_eq!(img.state().unwrap().as_deref(), Some(STATE_BLOB));
+    // The compacted image: complete, verified, its first round standing for rounds 0-1.
+    std::fs::write(&path, find("image_open", "seed-compacted-image")).unwrap();
+    let img = Image::open(&path).unwrap();
+    img.verify().unwrap();
+    let info = img.info();
+    assert_eq!(info.compacted.map(|c| c.rounds), Some(2));
+    assert_eq!((info.rounds_ended, info.rounds.len()), (3, 2));
+    assert_eq!(info.added_regions[0].before_round, 1);
+    assert!(
+        records(find("image_open", "seed-compacted-image"))
+            .iter()
+            .any(|r| r.0 == FrameKind::Compacted)
+    );
     let ping = find(
         "image_open",
         &format!("seed-kind-{:02}", FrameKind::Ping as u8),

@@ -253,7 +253,7 @@ fn image_info_names_the_kind_of_its_region_addresses() {
     assert_eq!(proc.address_kind, Some(AddressKind::ProcessVirtual));
     assert_eq!(proc.process.as_ref(), Some(&who));
     let text = proc.to_string();
-    assert!(text.contains("process address 0x7f0000000000"), "{text}");
+    assert!(text.contains("process addresses 0x7f0000000000-"), "{text}");
     assert!(text.contains("memory of process 4242 (writer)"), "{text}");
     assert!(!text.contains("guest-physical"), "{text}");
     let v = serde_json::to_value(&proc).unwrap();
@@ -273,7 +273,7 @@ fn image_info_names_the_kind_of_its_region_addresses() {
     assert_eq!(damaged.address_kind, None);
     let text = damaged.to_string();
     assert!(
-        text.contains("address 0x7f0000000000 (of unknown kind)"),
+        text.contains("addresses 0x7f0000000000-") && text.contains("(of unknown kind)"),
         "{text}"
     );
 

@@ -95,6 +95,38 @@ pub struct AddedRegion {
     pub before_round: u64,
 }
 
+/// How an image was compacted (the module docs of [`crate::image`], "Compaction"): its
+/// first round holds the latest copy of every page of the rounds it stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CompactionInfo {
+    /// Rounds `0..rounds` are folded into the image's first round (numbered `rounds - 1`).
+    pub rounds: u64,
+    /// Times the image was compacted while it was written.
+    pub compactions: u32,
+    /// File bytes the compactions dropped: copies of pages a later round superseded.
+    pub bytes_dropped: u64,
+}
+
+/// One region of an image's layout, where it lies in memory offsets and at what addresses.
+/// In JSON the region's own fields (`id`, `size`, `page_size`, `guest_addr`, `backing`) and
+/// these beside them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RegionInfo {
+    /// The region as the layout states it.
+    #[serde(flatten)]
+    pub region: MemoryRegion,
+    /// Memory offset of its first byte (regions back to back in id order: what
+    /// `precopy image cat --range` takes).
+    pub memory_offset: u64,
+    /// Its first address and the address after its last byte ([`ImageInfo::address_kind`]
+    /// says whether guest-physical or the process's virtual addresses), when it has one.
+    pub address: Option<u64>,
+    /// See [`RegionInfo::address`].
+    pub address_end: Option<u64>,
+    /// For a region added mid-stream: the first round that could hold its pages.
+    pub added_before_round: Option<u64>,
+}
+
 /// What `precopy image info` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ImageInfo {
@@ -104,8 +136,9 @@ pub struct ImageInfo {
     pub version: u32,
     /// Page size.
     pub page_size: u64,
-    /// The layout's regions (those added mid-stream included, after the others).
-    pub regions: Vec<MemoryRegion>,
+    /// The layout's regions (those added mid-stream included, after the others), with their
+    /// memory offsets and address ranges.
+    pub regions: Vec<RegionInfo>,
     /// What the regions' addresses are; `None` when no region has one, or when the image
     /// cannot tell: its state record, which says it, is damaged, or missing from an image cut
     /// before it was written.
@@ -116,8 +149,14 @@ pub struct ImageInfo {
     pub added_regions: Vec<AddedRegion>,
     /// Bytes the layout covers.
     pub total_len: u64,
-    /// Rounds that ended in the image.
+    /// The rounds whose records the image holds, in order (in a compacted image the first
+    /// stands for every round before it: [`ImageInfo::compacted`]).
     pub rounds: Vec<RoundInfo>,
+    /// Rounds that ended before the image was finished or cut, those folded by a compaction
+    /// included.
+    pub rounds_ended: u64,
+    /// Whether, and how, the image was compacted while it was written.
+    pub compacted: Option<CompactionInfo>,
     /// Distinct pages whose latest copy holds data.
     pub data_pages: u64,
     /// Distinct pages whose latest copy is zeros.
@@ -159,11 +198,31 @@ impl Image {
             Ok(Some(blob)) => ProcessDescription::from_state(blob),
             _ => None,
         };
-        let regions = self.layout.regions().to_vec();
+        let mut offset = 0;
+        let regions: Vec<RegionInfo> = self
+            .layout
+            .regions()
+            .iter()
+            .map(|r| {
+                let info = RegionInfo {
+                    region: *r,
+                    memory_offset: offset,
+                    address: r.guest_addr,
+                    address_end: r.guest_addr.map(|a| a.saturating_add(r.size)),
+                    added_before_round: self
+                        .added
+                        .iter()
+                        .find(|a| a.id == r.id)
+                        .map(|a| a.before_round),
+                };
+                offset += r.size;
+                info
+            })
+            .collect();
         // The state record comes last: an image cut before it (or whose record is damaged)
         // cannot tell.
         let address_kind = match (&state, &process) {
-            _ if regions.iter().all(|r| r.guest_addr.is_none()) => None,
+            _ if regions.iter().all(|r| r.address.is_none()) => None,
             (_, Some(_)) => Some(AddressKind::ProcessVirtual),
             (Ok(Some(_)), None) => Some(AddressKind::GuestPhysical),
             (Ok(None), None) if self.complete => Some(AddressKind::GuestPhysical),
@@ -179,6 +238,8 @@ impl Image {
             added_regions: self.added.clone(),
             total_len: self.layout.total_len(),
             rounds: self.rounds.clone(),
+            rounds_ended: self.rounds_ended,
+            compacted: self.compacted,
             data_pages: count(&|l| l < ZERO),
             zero_pages: count(&|l| l == ZERO),
             never_sent_pages: count(&|l| l == NEVER) - unfinished_only,
@@ -221,32 +282,35 @@ impl std::fmt::Display for ImageInfo {
             self.total_len,
             self.page_size
         )?;
-        let mut offset = 0;
-        for r in &self.regions {
+        for info in &self.regions {
+            let r = &info.region;
             write!(
                 f,
                 "  region {}: memory offsets {:#x}-{:#x} ({} bytes, {}-byte pages",
                 r.id,
-                offset,
-                offset + r.size,
+                info.memory_offset,
+                info.memory_offset + r.size,
                 r.size,
                 r.page_size
             )?;
-            if let Some(a) = r.guest_addr {
+            if let (Some(a), Some(end)) = (info.address, info.address_end) {
                 match self.address_kind {
-                    Some(AddressKind::GuestPhysical) => write!(f, ", guest-physical {a:#x}")?,
-                    Some(AddressKind::ProcessVirtual) => write!(f, ", process address {a:#x}")?,
-                    None => write!(f, ", address {a:#x} (of unknown kind)")?,
+                    Some(AddressKind::GuestPhysical) => {
+                        write!(f, ", guest-physical {a:#x}-{end:#x}")?
+                    }
+                    Some(AddressKind::ProcessVirtual) => {
+                        write!(f, ", process addresses {a:#x}-{end:#x}")?
+                    }
+                    None => write!(f, ", addresses {a:#x}-{end:#x} (of unknown kind)")?,
                 }
             }
             if let Some(b) = r.backing {
                 write!(f, ", {b:?}")?;
             }
-            if let Some(a) = self.added_regions.iter().find(|a| a.id == r.id) {
-                write!(f, ", added before round {}", a.before_round)?;
+            if let Some(round) = info.added_before_round {
+                write!(f, ", added before round {round}")?;
             }
             writeln!(f, ")")?;
-            offset += r.size;
         }
         if let Some(p) = &self.process {
             writeln!(
@@ -259,13 +323,31 @@ impl std::fmt::Display for ImageInfo {
         if let Some(n) = self.state_bytes {
             writeln!(f, "state:      {n} bytes")?;
         }
-        writeln!(f, "rounds:     {}", self.rounds.len())?;
-        for r in &self.rounds {
+        writeln!(f, "rounds:     {}", self.rounds_ended)?;
+        if let Some(c) = &self.compacted {
             writeln!(
                 f,
-                "  round {:>4}: {} pages, {} zero pages",
-                r.round, r.pages, r.zero_pages
+                "compacted:  {} time(s) while written: rounds 0-{} folded into one (the latest copy of each page), {} bytes of older copies dropped",
+                c.compactions,
+                c.rounds.saturating_sub(1),
+                c.bytes_dropped
             )?;
+        }
+        for (i, r) in self.rounds.iter().enumerate() {
+            match &self.compacted {
+                Some(c) if i == 0 => writeln!(
+                    f,
+                    "  rounds 0-{}: {} pages, {} zero pages (compacted)",
+                    c.rounds.saturating_sub(1),
+                    r.pages,
+                    r.zero_pages
+                )?,
+                _ => writeln!(
+                    f,
+                    "  round {:>4}: {} pages, {} zero pages",
+                    r.round, r.pages, r.zero_pages
+                )?,
+            }
         }
         if let Some(r) = &self.unfinished_round {
             writeln!(

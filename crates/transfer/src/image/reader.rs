@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use zerocopy::FromBytes;
 
-use super::info::{AddedRegion, RoundInfo};
+use super::info::{AddedRegion, CompactionInfo, RoundInfo};
 use super::walk::walk;
 use super::{ZERO, file_len, locations_from_index};
 use crate::digest::{PageHash, page_hash};
@@ -24,6 +24,10 @@ pub struct Image {
     pub(super) file: File,
     pub(super) layout: Layout,
     pub(super) rounds: Vec<RoundInfo>,
+    /// Rounds that ended, those a compaction folded included.
+    pub(super) rounds_ended: u64,
+    /// What the COMPACTED record says, if the image was compacted.
+    pub(super) compacted: Option<CompactionInfo>,
     pub(super) loc: Vec<u64>,
     /// Every PAGES record, in file order: (header offset, payload length).
     pub(super) pages_records: Vec<(u64, u64)>,
@@ -73,11 +77,16 @@ impl Image {
                 }
             }
         }
+        // The last round whose end the file holds (a COMPACTED record alone, cut before the
+        // round it announces ended, holds none).
+        let rounds_ended = walk.rounds.last().map_or(0, |r| r.round + 1);
         Ok(Image {
             path,
             file,
             layout: walk.layout,
             rounds: walk.rounds,
+            rounds_ended,
+            compacted: walk.compacted,
             loc,
             pages_records: walk.pages_records,
             complete,

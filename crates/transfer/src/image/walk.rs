@@ -8,7 +8,7 @@ use std::path::Path;
 
 use zerocopy::{FromZeros, IntoBytes};
 
-use super::info::{AddedRegion, RoundInfo};
+use super::info::{AddedRegion, CompactionInfo, RoundInfo};
 use super::{
     IMAGE_MAGIC, IMAGE_VERSION, MAX_IMAGE_PAGES, NEVER, PREAMBLE_LEN, ZERO, file_len, page_table,
 };
@@ -16,14 +16,21 @@ use crate::codec::Codec;
 use crate::error::{ImageError, ProtocolError, TransferError};
 use crate::layout::Layout;
 use crate::protocol::{
-    Finish, FrameKind, FrameReader, HEADER_LEN, Header, Hello, Index, IndexEntry, MAX_PAYLOAD,
-    Pages, RawHeader, Region, RoundBegin, RoundEnd, State, Trailer, Zero,
+    Compacted, Finish, FrameKind, FrameReader, HEADER_LEN, Header, Hello, Index, IndexEntry,
+    MAX_PAYLOAD, Pages, RawHeader, Region, RoundBegin, RoundEnd, State, Trailer, Zero,
 };
 
 /// Result of walking an image's records from the start.
 pub(super) struct Walk {
     pub(super) layout: Layout,
+    /// The rounds whose records the file holds (after a COMPACTED record, the first of them
+    /// stands for every round before it).
     pub(super) rounds: Vec<RoundInfo>,
+    /// The number the next round must have: rounds that ended, those a COMPACTED record
+    /// stands for included.
+    pub(super) next_round: u64,
+    /// What a COMPACTED record said, if the image has one.
+    pub(super) compacted: Option<CompactionInfo>,
     pub(super) loc: Vec<u64>,
     pub(super) records: u64,
     pub(super) finish: Option<(u64, u64)>,
@@ -86,7 +93,7 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
     }
     let version = u32::from_le_bytes([pre[8], pre[9], pre[10], pre[11]]);
     if (1..IMAGE_VERSION).contains(&version) {
-        return Err(corrupt(ProtocolError::OldVersion {
+        return Err(corrupt(ProtocolError::OldImageVersion {
             version,
             supported: IMAGE_VERSION,
         }));
@@ -127,6 +134,8 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
     let mut w = Walk {
         layout,
         rounds: Vec::new(),
+        next_round: 0,
+        compacted: None,
         loc,
         records: 1,
         finish: None,
@@ -179,7 +188,7 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
             match (h.kind, &mut current) {
                 (FrameKind::RoundBegin, None) if w.finish.is_none() => {
                     let RoundBegin { round } = h.decode(payload)?;
-                    let next = w.rounds.len() as u64;
+                    let next = w.next_round;
                     if round != next {
                         return Err(ProtocolError::RoundOutOfOrder {
                             expected: next,
@@ -251,6 +260,7 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
                         w.loc[i] = l;
                     }
                     w.rounds.push(*round);
+                    w.next_round = round.round + 1;
                     current = None;
                 }
                 (FrameKind::Region, None) if w.finish.is_none() && w.state.is_none() => {
@@ -268,7 +278,32 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
                     w.layout = grown;
                     w.added.push(AddedRegion {
                         id: frame.region.id,
-                        before_round: w.rounds.len() as u64,
+                        before_round: w.next_round,
+                    });
+                }
+                // Before any round: the round that follows stands for the rounds before it.
+                (FrameKind::Compacted, None)
+                    if w.next_round == 0
+                        && w.compacted.is_none()
+                        && w.state.is_none()
+                        && w.finish.is_none() =>
+                {
+                    let c: Compacted = h.decode(payload)?;
+                    if c.added_before.len() != w.added.len() {
+                        return Err(ProtocolError::Malformed {
+                            offset: h.offset,
+                            kind: h.kind,
+                            reason: "names another number of added regions than the REGION records before it",
+                        });
+                    }
+                    for (a, &before) in w.added.iter_mut().zip(&c.added_before) {
+                        a.before_round = before;
+                    }
+                    w.next_round = c.rounds - 1;
+                    w.compacted = Some(CompactionInfo {
+                        rounds: c.rounds,
+                        compactions: c.compactions,
+                        bytes_dropped: c.bytes_dropped,
                     });
                 }
                 (FrameKind::State, None) if w.finish.is_none() && w.state.is_none() => {
@@ -278,9 +313,9 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
                 }
                 (FrameKind::Finish, None) if w.finish.is_none() => {
                     let finish: Finish = h.decode(payload)?;
-                    if finish.rounds != w.rounds.len() as u64 {
+                    if finish.rounds != w.next_round {
                         return Err(ProtocolError::RoundOutOfOrder {
-                            expected: w.rounds.len() as u64,
+                            expected: w.next_round,
                             got: finish.rounds,
                         });
                     }

@@ -1,28 +1,81 @@
 //! [`ImageWriter`]: the [`Sink`] that writes a checkpoint image, record by
 //! record, syncing at the end of every round and after the index and trailer
-//! that make it complete.
+//! that make it complete, and compacting it between rounds once older copies
+//! of pages take more room than its [`CompactionPolicy`] allows.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::ops::Range;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::info::CompactionInfo;
 use super::{
     IMAGE_MAGIC, IMAGE_VERSION, INDEX_ENTRIES_PER_RECORD, MAX_IMAGE_PAGES, NEVER, PREAMBLE_LEN,
     ZERO, digest_of_locations, index_entries, page_table,
 };
 use crate::buffer::PageBuf;
-use crate::digest::{FinalCheck, PageHash, PageHashes, check_final};
-use crate::error::{ImageError, TransferError};
+use crate::digest::{FinalCheck, PAGE_HASH_LEN, PageHash, PageHashes, check_final, page_hash};
+use crate::error::{ImageError, ProtocolError, TransferError};
 use crate::layout::{Layout, MemoryRegion};
 use crate::protocol::{
-    Finish, Frame, FrameWriter, HEADER_LEN, Hello, Index, PageSpan, Region, RoundBegin, RoundEnd,
-    State, Trailer, Zero,
+    Compacted, Finish, Frame, FrameWriter, HEADER_LEN, Hello, INDEX_ENTRY_LEN, Index, PageSpan,
+    Region, RoundBegin, RoundEnd, State, Trailer, Zero,
 };
 use crate::sink::Sink;
+
+/// When an [`ImageWriter`] compacts its image: once the file is larger than `ratio` times
+/// what a compacted copy of it would take (the latest copy of every page, in one round) plus
+/// `slack` bytes. The file then stays below about `ratio × compacted + slack` plus one round,
+/// and the disk holds at most that plus the compacted copy while one is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactionPolicy {
+    /// Multiple of the compacted size the file may reach (at least 1; the default is 2).
+    pub ratio: u64,
+    /// Bytes the file may exceed that multiple by (the default is 64 MiB, so that a small
+    /// image is never rewritten for a few pages).
+    pub slack: u64,
+}
+
+impl Default for CompactionPolicy {
+    fn default() -> Self {
+        CompactionPolicy {
+            ratio: 2,
+            slack: 64 << 20,
+        }
+    }
+}
+
+/// Most pages in one PAGES record of a compacted round (1 MiB of 4 KiB pages).
+const COMPACT_RUN_PAGES: u64 = 256;
+
+/// A run of pages of one region, for a compacted round: contents read back (`data`), or
+/// zeros.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    /// Index of the first page in the page table.
+    first: u64,
+    /// Pages.
+    pages: u64,
+    /// Region id and offset inside it of the first page.
+    region: u32,
+    offset: u64,
+    data: bool,
+}
+
+/// The steps of a compaction, after which a test may stop it as a crash would.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CompactionStep {
+    /// The compacted copy is written, not synced, not renamed.
+    Written,
+    /// It is synced, not renamed.
+    Synced,
+    /// It is renamed over the partial file; the directory is not synced.
+    Renamed,
+}
 
 /// Writes a checkpoint image; a [`Sink`].
 ///
@@ -53,6 +106,30 @@ pub struct ImageWriter {
     synced_to: u64,
     /// The last [`SYNC_WINDOW`] per-round syncs: bytes they made durable, time they took.
     syncs: VecDeque<(u64, Duration)>,
+    /// The layout as HELLO states it (no host addresses), and each region added since with
+    /// the round it was added before: what a compacted copy starts with.
+    first_layout: Layout,
+    added: Vec<(MemoryRegion, u64)>,
+    /// Pages whose latest copy holds data (a location in the file).
+    data_pages: u64,
+    /// When to compact (`None`: never).
+    policy: Option<CompactionPolicy>,
+    /// What the compactions so far did.
+    compacted: Option<CompactionInfo>,
+    /// Whether [`Sink::ping`] was called: its caller runs between rounds while the source
+    /// runs (a migration driver), so compaction waits for it rather than end a round.
+    pinged: bool,
+    /// A compaction between rounds that failed: the next step of the transfer fails with it.
+    failed: Option<TransferError>,
+    /// Pages whose latest copy is zeros.
+    zero_pages: u64,
+    /// Bytes of the HELLO record.
+    hello_len: u64,
+    /// File offset up to which the file system was found to have room (see
+    /// [`ImageWriter::ensure_room`]).
+    room_until: u64,
+    #[cfg(test)]
+    stop_after: Option<CompactionStep>,
 }
 
 /// Per-round syncs remembered for the finish estimate ([`Sink::ping`]).
@@ -94,20 +171,14 @@ impl ImageWriter {
             .open(&partial)
             .map_err(io("creating"))?;
         super::regular_file(&partial, &file)?;
+        // A compacted copy a crash left half-written is never the image: drop it.
+        let _ = std::fs::remove_file(compacting_path(&partial));
         let mut out = FrameWriter::new(BufWriter::with_capacity(1 << 20, file));
-        let mut pre = [0u8; PREAMBLE_LEN as usize];
-        pre[..8].copy_from_slice(&IMAGE_MAGIC);
-        pre[8..12].copy_from_slice(&IMAGE_VERSION.to_le_bytes());
-        out.get_mut().write_all(&pre).map_err(io("writing"))?;
-        let hello = Hello {
-            session: 0,
-            stream_index: 0,
-            stream_count: 1,
-            nonce: [0; 16],
-            layout: layout.without_host(),
-            resume: false,
-        };
-        out.send(&hello).map_err(io("writing"))?;
+        let first_layout = layout.without_host();
+        out.get_mut()
+            .write_all(&preamble())
+            .map_err(io("writing"))?;
+        let hello_len = out.send(&hello(&first_layout)).map_err(io("writing"))?;
         let hashes = PageHashes::new(loc.len(), layout.page_size());
         Ok(ImageWriter {
             path,
@@ -123,7 +194,34 @@ impl ImageWriter {
             committed: false,
             synced_to: 0,
             syncs: VecDeque::new(),
+            first_layout,
+            added: Vec::new(),
+            data_pages: 0,
+            policy: Some(CompactionPolicy::default()),
+            compacted: None,
+            pinged: false,
+            failed: None,
+            zero_pages: 0,
+            hello_len,
+            room_until: 0,
+            #[cfg(test)]
+            stop_after: None,
         })
+    }
+
+    /// This writer with compaction as `policy` says (`None`: never compact, so the image
+    /// keeps every round's copy of a page). The default is [`CompactionPolicy::default`].
+    pub fn with_compaction(mut self, policy: Option<CompactionPolicy>) -> ImageWriter {
+        self.policy = policy.map(|p| CompactionPolicy {
+            ratio: p.ratio.max(1),
+            ..p
+        });
+        self
+    }
+
+    /// What the compactions so far did (`None`: none yet).
+    pub fn compaction(&self) -> Option<CompactionInfo> {
+        self.compacted
     }
 
     /// Whether an image can be written to `path`, checked without writing anything: its
@@ -164,6 +262,43 @@ impl ImageWriter {
         Ok(())
     }
 
+    /// Whether writing an image to `path` would replace only what an image writer may
+    /// replace: fails with [`ImageError::NotAnImage`] when `path`, or its partial file
+    /// ([`ImageWriter::partial_path`]), is a regular file that is neither empty nor starts
+    /// like a precopy image (its magic, or a prefix of it: an image cut short). Reads at most
+    /// the first 8 bytes of each; a missing file, or one that cannot be read, passes (the
+    /// write then reports its own error). [`ImageWriter::create`] does not run this check:
+    /// a tool runs it before it starts, unless its user asked to replace the file.
+    pub fn check_replaceable(path: impl AsRef<Path>) -> Result<(), ImageError> {
+        use std::io::Read;
+        let path = path.as_ref();
+        for p in [path.to_owned(), Self::partial_path(path)] {
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if !meta.is_file() || meta.len() == 0 {
+                continue;
+            }
+            let Ok(f) = File::open(&p) else {
+                continue;
+            };
+            let mut head = Vec::with_capacity(IMAGE_MAGIC.len());
+            if f.take(IMAGE_MAGIC.len() as u64)
+                .read_to_end(&mut head)
+                .is_err()
+            {
+                continue;
+            }
+            if !IMAGE_MAGIC.starts_with(&head) {
+                return Err(ImageError::NotAnImage {
+                    path: p,
+                    len: meta.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The image file (it exists once the image is complete; until then see
     /// [`ImageWriter::partial_path`]).
     pub fn path(&self) -> &Path {
@@ -186,6 +321,7 @@ impl ImageWriter {
                 state: "after finish",
             });
         }
+        self.ensure_room((HEADER_LEN + frame.payload().len()) as u64)?;
         let r = self.out.send(frame);
         r.map(|_| ()).map_err(self.io("writing"))
     }
@@ -260,6 +396,388 @@ impl ImageWriter {
         let file = self.out.get_ref().get_ref();
         digest_of_locations(file, &self.loc, ps).map_err(self.io("reading back"))
     }
+
+    /// Fails with [`ImageError::NoSpace`] unless the file system holding the image has room
+    /// for `need` more bytes; returns the bytes free.
+    fn check_room(&self, need: u64) -> Result<u64, TransferError> {
+        let file = self.out.get_ref().get_ref();
+        let st = nix::sys::statvfs::fstatvfs(file)
+            .map_err(|e| self.io("checking the free space for")(std::io::Error::from(e)))?;
+        let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+        if need > free {
+            let dir = match self.path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+                _ => PathBuf::from("."),
+            };
+            return Err(ImageError::NoSpace { dir, need, free }.into());
+        }
+        Ok(free)
+    }
+
+    /// Bytes the finish needs beyond the rounds: an index entry per page sent at most, one
+    /// per region, and 64 KiB for FINISH, TRAILER and a small state blob.
+    fn finish_reserve(&self) -> u64 {
+        let entries = self.data_pages + self.zero_pages + self.layout.regions().len() as u64;
+        entries * INDEX_ENTRY_LEN as u64 + (64 << 10)
+    }
+
+    /// Before writing `bytes` more: checks the file system has room for them and the finish
+    /// after them ([`ImageWriter::finish_reserve`]). The free space is asked for (one
+    /// `fstatvfs`) only when the write would pass what the last check found, so a round
+    /// that fits costs one check, at its start; a write that would not fit fails with
+    /// [`ImageError::NoSpace`] before a byte of it is written, leaving the image as it was
+    /// (incomplete, every ended round intact).
+    fn ensure_room(&mut self, bytes: u64) -> Result<(), TransferError> {
+        let reserve = self.finish_reserve();
+        let end = self.pos() + bytes;
+        if end + reserve <= self.room_until {
+            return Ok(());
+        }
+        // Bytes still in the buffer take no room on the file system yet.
+        let buffered = self.out.get_ref().buffer().len() as u64;
+        let free = self.check_room(buffered + bytes + reserve)?;
+        self.room_until = self.pos() - buffered + free;
+        Ok(())
+    }
+
+    /// The failure of a compaction between rounds, once: the step after it fails with it.
+    fn take_failure(&mut self) -> Result<(), TransferError> {
+        match self.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the file is over the budget of its [`CompactionPolicy`], judged by a quick
+    /// bound on the compacted size that is never below it (every page in a record of its
+    /// own), so that a file holding no older copies is never compacted.
+    fn over_budget(&self) -> bool {
+        let Some(p) = self.policy else {
+            return false;
+        };
+        if self.next_round == 0 || self.state_written || self.finished || self.in_round.is_some() {
+            return false;
+        }
+        let ps = self.layout.page_size();
+        let header = HEADER_LEN as u64;
+        let fixed =
+            PREAMBLE_LEN + self.hello_len + self.added.len() as u64 * (header + 40) + 4 * header;
+        let bound = fixed
+            + self.data_pages * (ps + PAGE_HASH_LEN as u64 + header)
+            + self.zero_pages * header;
+        self.pos() > bound.saturating_mul(p.ratio).saturating_add(p.slack)
+    }
+
+    /// The runs of a compacted round: per region, pages whose latest copy has data (at most
+    /// [`COMPACT_RUN_PAGES`] per run) or is zeros, in layout order; pages never sent are left
+    /// out.
+    fn runs(&self) -> Vec<Run> {
+        let ps = self.layout.page_size();
+        let mut runs: Vec<Run> = Vec::new();
+        let mut page = 0u64;
+        for region in self.layout.regions() {
+            let mut open: Option<Run> = None;
+            for k in 0..region.size / ps {
+                let l = self.loc[page as usize];
+                let kind = match l {
+                    NEVER => None,
+                    ZERO => Some(false),
+                    _ => Some(true),
+                };
+                match (&mut open, kind) {
+                    (Some(run), Some(data))
+                        if run.data == data && (!data || run.pages < COMPACT_RUN_PAGES) =>
+                    {
+                        run.pages += 1;
+                    }
+                    (_, kind) => {
+                        runs.extend(open.take());
+                        open = kind.map(|data| Run {
+                            first: page,
+                            pages: 1,
+                            region: region.id,
+                            offset: k * ps,
+                            data,
+                        });
+                    }
+                }
+                page += 1;
+            }
+            runs.extend(open);
+        }
+        runs
+    }
+
+    /// Bytes of the compacted copy of `runs`.
+    fn compacted_len(&self, runs: &[Run], compacted: &Compacted) -> u64 {
+        let ps = self.layout.page_size();
+        let frame = |payload: usize| (HEADER_LEN + payload) as u64;
+        let regions: u64 = self
+            .added
+            .iter()
+            .map(|(r, _)| frame(crate::protocol::encode(&Region { region: *r }).1.len()))
+            .sum();
+        let records: u64 = runs
+            .iter()
+            .map(|r| {
+                if r.data {
+                    frame((r.pages * (ps + PAGE_HASH_LEN as u64)) as usize)
+                } else {
+                    frame(0)
+                }
+            })
+            .sum();
+        PREAMBLE_LEN
+            + frame(crate::protocol::encode(&hello(&self.first_layout)).1.len())
+            + regions
+            + frame(compacted.payload().len())
+            + frame(0)
+            + records
+            + frame(8)
+    }
+
+    /// Compacts the image now, between rounds: writes beside the partial file a copy that
+    /// holds the preamble, HELLO, the REGION records, a COMPACTED record and one round with
+    /// the latest copy of every page (read back from the file and checked against the hash
+    /// recorded when it was written), syncs it, renames it over the partial file and syncs
+    /// the directory; the image then continues there. A crash at any point leaves either
+    /// the old file or the compacted one at the partial path, each an incomplete image that
+    /// holds every round that ended. Fails with [`ImageError::NoSpace`] (nothing written)
+    /// when the file system has no room for the copy, and with [`ImageError::PageDamaged`]
+    /// (the old file kept) when a page read back fails its hash.
+    pub fn compact(&mut self) -> Result<(), TransferError> {
+        if self.in_round.is_some() || self.state_written || self.finished || self.next_round == 0 {
+            return Err(TransferError::Misuse {
+                operation: "compact",
+                state: "inside a round, before the first round ended, or after the state or finish",
+            });
+        }
+        self.out.flush().map_err(self.io("writing"))?;
+        let old_len = self.pos();
+        let runs = self.runs();
+        let previous = self.compacted.unwrap_or(CompactionInfo {
+            rounds: 0,
+            compactions: 0,
+            bytes_dropped: 0,
+        });
+        let mut record = Compacted {
+            rounds: self.next_round,
+            bytes_dropped: 0,
+            compactions: previous.compactions + 1,
+            added_before: self.added.iter().map(|a| a.1).collect(),
+        };
+        let new_len = self.compacted_len(&runs, &record);
+        self.check_room(new_len)?;
+        record.bytes_dropped = previous.bytes_dropped + old_len.saturating_sub(new_len);
+        let tmp = compacting_path(&self.partial);
+        let written = self.write_compacted(&tmp, &runs, &record, new_len);
+        let (out, loc) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        #[cfg(test)]
+        if self.stop_after == Some(CompactionStep::Written) {
+            return Err(simulated_crash());
+        }
+        if let Err(e) = out.get_ref().get_ref().sync_data() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(self.io("syncing the compacted copy of")(e));
+        }
+        #[cfg(test)]
+        if self.stop_after == Some(CompactionStep::Synced) {
+            return Err(simulated_crash());
+        }
+        if let Err(e) = std::fs::rename(&tmp, &self.partial) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(self.io("renaming the compacted copy over")(e));
+        }
+        // From here the partial file is the compacted copy: continue there.
+        self.out = out;
+        self.loc = loc;
+        self.synced_to = new_len;
+        self.room_until = 0;
+        self.compacted = Some(CompactionInfo {
+            rounds: record.rounds,
+            compactions: record.compactions,
+            bytes_dropped: record.bytes_dropped,
+        });
+        #[cfg(test)]
+        if self.stop_after == Some(CompactionStep::Renamed) {
+            return Err(simulated_crash());
+        }
+        sync_dir(&self.partial).map_err(self.io("syncing the directory of"))?;
+        tracing::debug!(
+            image = %self.path.display(),
+            rounds = record.rounds,
+            old_len,
+            new_len,
+            "image compacted"
+        );
+        Ok(())
+    }
+
+    /// Writes the compacted copy of the image to `tmp` (see [`ImageWriter::compact`]);
+    /// returns its writer, flushed, and the page table for it.
+    fn write_compacted(
+        &self,
+        tmp: &Path,
+        runs: &[Run],
+        record: &Compacted,
+        new_len: u64,
+    ) -> Result<(FrameWriter<BufWriter<File>>, Vec<u64>), TransferError> {
+        let io = |what| self.io(what);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(tmp)
+            .map_err(io("creating a compacted copy of"))?;
+        let old = self.out.get_ref().get_ref();
+        let ps = self.layout.page_size();
+        let mut out = FrameWriter::new(BufWriter::with_capacity(1 << 20, file));
+        let w = |r: std::io::Result<u64>| r.map(|_| ()).map_err(io("writing a compacted copy of"));
+        out.get_mut()
+            .write_all(&preamble())
+            .map_err(io("writing a compacted copy of"))?;
+        w(out.send(&hello(&self.first_layout)))?;
+        for (region, _) in &self.added {
+            w(out.send(&Region { region: *region }))?;
+        }
+        w(out.send(record))?;
+        let round = record.rounds - 1;
+        w(out.send(&RoundBegin { round }))?;
+        let mut loc = self.loc.clone();
+        let mut buf = vec![0u8; (COMPACT_RUN_PAGES * ps) as usize];
+        let mut hashes: Vec<PageHash> = Vec::with_capacity(COMPACT_RUN_PAGES as usize);
+        let (mut pages, mut zero_pages) = (0, 0);
+        for run in runs {
+            let span = PageSpan {
+                region: run.region,
+                offset: run.offset,
+                len: run.pages * ps,
+            };
+            if !run.data {
+                w(out.send(&Zero { span }))?;
+                zero_pages += run.pages;
+                continue;
+            }
+            let data = &mut buf[..(run.pages * ps) as usize];
+            self.read_back(old, run.first, data)?;
+            hashes.clear();
+            for (k, page) in data.chunks(ps as usize).enumerate() {
+                let i = (run.first + k as u64) as usize;
+                let got = page_hash(page);
+                let want = self.hashes.get(i).unwrap_or(!got);
+                if got != want {
+                    return Err(ImageError::PageDamaged {
+                        path: self.partial.clone(),
+                        offset: i as u64 * ps,
+                        source: ProtocolError::BadPageHash {
+                            offset: self.loc[i],
+                            page: 0,
+                            stored: want,
+                            computed: got,
+                        },
+                    }
+                    .into());
+                }
+                hashes.push(got);
+            }
+            let at = PREAMBLE_LEN + out.written() + HEADER_LEN as u64;
+            w(out.send_listed_pages(span, data, &hashes))?;
+            for k in 0..run.pages {
+                loc[(run.first + k) as usize] = at + k * ps;
+            }
+            pages += run.pages;
+        }
+        w(out.send(&RoundEnd::new(round, pages, zero_pages)))?;
+        out.flush().map_err(io("writing a compacted copy of"))?;
+        if PREAMBLE_LEN + out.written() != new_len {
+            return Err(TransferError::Misuse {
+                operation: "compact",
+                state: "the compacted copy differs in length from its plan",
+            });
+        }
+        Ok((out, loc))
+    }
+
+    /// Reads the latest copies of the pages `first..` (as many as `buf` holds) from `old`,
+    /// one read per stretch stored back to back.
+    fn read_back(&self, old: &File, first: u64, buf: &mut [u8]) -> Result<(), TransferError> {
+        let ps = self.layout.page_size() as usize;
+        let n = buf.len() / ps;
+        let mut k = 0;
+        while k < n {
+            let at = self.loc[first as usize + k];
+            let mut m = 1;
+            while k + m < n && self.loc[first as usize + k + m] == at + (m * ps) as u64 {
+                m += 1;
+            }
+            old.read_exact_at(&mut buf[k * ps..(k + m) * ps], at)
+                .map_err(self.io("reading back"))?;
+            k += m;
+        }
+        Ok(())
+    }
+
+    /// Compacts if the file is over its budget; a failure is kept for the next step.
+    fn compact_if_due(&mut self) {
+        if self.failed.is_none()
+            && self.over_budget()
+            && let Err(e) = self.compact()
+        {
+            self.failed = Some(e);
+        }
+    }
+}
+
+/// The 16-byte preamble of an image of this version.
+fn preamble() -> [u8; PREAMBLE_LEN as usize] {
+    let mut pre = [0u8; PREAMBLE_LEN as usize];
+    pre[..8].copy_from_slice(&IMAGE_MAGIC);
+    pre[8..12].copy_from_slice(&IMAGE_VERSION.to_le_bytes());
+    pre
+}
+
+/// An image's HELLO record for `layout` (session, nonce and stream fields zero).
+fn hello(layout: &Layout) -> Hello {
+    Hello {
+        session: 0,
+        stream_index: 0,
+        stream_count: 1,
+        nonce: [0; 16],
+        layout: layout.clone(),
+        resume: false,
+    }
+}
+
+/// Where the compacted copy of the partial file `partial` is written before it replaces it.
+fn compacting_path(partial: &Path) -> PathBuf {
+    let mut p = partial.as_os_str().to_owned();
+    p.push(".compacting");
+    PathBuf::from(p)
+}
+
+/// Syncs the directory holding `path`, so that a rename in it survives a crash.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir).and_then(|d| d.sync_all())
+}
+
+#[cfg(test)]
+fn simulated_crash() -> TransferError {
+    TransferError::Misuse {
+        operation: "compact",
+        state: "stopped by the test as a crash would",
+    }
 }
 
 impl Sink for ImageWriter {
@@ -270,6 +788,10 @@ impl Sink for ImageWriter {
     }
 
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
+        self.take_failure()?;
+        // The room is measured again at every round (a compaction, or anything else on the
+        // file system, changes it).
+        self.room_until = 0;
         if self.in_round.is_some() || round != self.next_round {
             return Err(TransferError::Misuse {
                 operation: "begin_round",
@@ -298,12 +820,16 @@ impl Sink for ImageWriter {
                 state: "with a CRC count that differs from the page count, or after finish",
             });
         }
+        self.ensure_room(HEADER_LEN as u64 + len + len / ps * PAGE_HASH_LEN as u64)?;
         let data = self.pos() + HEADER_LEN as u64;
         let r = self.out.send_listed_pages(span, &pages, hashes);
         r.map_err(self.io("writing"))?;
         self.hashes.set(first as usize, hashes);
         for k in 0..len / ps {
-            self.loc[(first + k) as usize] = data + k * ps;
+            let slot = &mut self.loc[(first + k) as usize];
+            self.data_pages += u64::from(*slot >= ZERO);
+            self.zero_pages -= u64::from(*slot == ZERO);
+            *slot = data + k * ps;
         }
         self.round_counts("send_pages")?.1 += len / ps;
         Ok(())
@@ -318,7 +844,10 @@ impl Sink for ImageWriter {
         self.write(&Zero { span })?;
         self.hashes.set_zero(first as usize, (len / ps) as usize);
         for k in 0..len / ps {
-            self.loc[(first + k) as usize] = ZERO;
+            let slot = &mut self.loc[(first + k) as usize];
+            self.data_pages -= u64::from(*slot < ZERO);
+            self.zero_pages += u64::from(*slot != ZERO);
+            *slot = ZERO;
         }
         self.round_counts("send_zero_range")?.2 += len / ps;
         Ok(())
@@ -339,7 +868,14 @@ impl Sink for ImageWriter {
         self.sync()?;
         self.in_round = None;
         self.next_round += 1;
-        Ok(self.pos() - start + HEADER_LEN as u64)
+        let bytes = self.pos() - start + HEADER_LEN as u64;
+        // A caller that never pings (a receiver writing what a sender streams) gets its image
+        // compacted here; a migration driver pings between rounds, while the source runs, and
+        // compaction waits for that, so that it never falls into the final phase.
+        if !self.pinged {
+            self.compact_if_due();
+        }
+        Ok(bytes)
     }
 
     /// What finishing would cost now, for the switch-over estimate: computing the index
@@ -347,6 +883,10 @@ impl Sink for ImageWriter {
     /// directory sync that makes the rename durable, each estimated from the per-round syncs
     /// (see [`ImageWriter`]'s `sync_estimate`). `None` before the first round ended.
     fn ping(&mut self) -> Result<Option<Duration>, TransferError> {
+        // Between rounds, with the source running: the one place a migration's image is
+        // compacted (see `end_round`).
+        self.pinged = true;
+        self.compact_if_due();
         let at = Instant::now();
         let entries = index_entries(&self.loc, &self.layout).len() as u64;
         let index = at.elapsed();
@@ -376,6 +916,7 @@ impl Sink for ImageWriter {
             });
         }
         self.write(&Region { region })?;
+        self.added.push((region, self.next_round));
         self.loc.resize(self.loc.len() + added as usize, NEVER);
         self.hashes.grow(added as usize);
         self.layout = layout;
@@ -390,6 +931,7 @@ impl Sink for ImageWriter {
                 state: "inside a round or twice",
             });
         }
+        self.take_failure()?;
         self.write(&State::new(state))?;
         self.state_written = true;
         Ok(())
@@ -423,6 +965,7 @@ impl Sink for ImageWriter {
                 state: "inside a round",
             });
         }
+        self.take_failure()?;
         let recorded = self.hashes.digest();
         check_final(memory_checksum, recorded, check, || self.checksum())?;
         self.write(&Finish {
@@ -460,13 +1003,7 @@ impl Sink for ImageWriter {
         }
         self.committed = true;
         std::fs::rename(&self.partial, &self.path).map_err(self.io("renaming into place"))?;
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(self.io("syncing the directory"))?;
+        sync_dir(&self.path).map_err(self.io("syncing the directory"))?;
         Ok(())
     }
 }
@@ -485,4 +1022,178 @@ fn wire_span(layout: &Layout, offset: u64, len: u64) -> Result<PageSpan, Transfe
         offset: at,
         len,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Transfer;
+    use crate::image::Image;
+    use crate::source::SliceSource;
+
+    const PS: u64 = 4096;
+    const BASE: u64 = 0x10_0000;
+    const PAGES: u64 = 16;
+
+    /// 16 pages, page `i` filled with `i + 1 + 16 × round` (page 5 all zeros).
+    fn memory(round: u64) -> Vec<u8> {
+        let mut m = vec![0u8; (PAGES * PS) as usize];
+        for (i, p) in m.chunks_mut(PS as usize).enumerate() {
+            if i != 5 {
+                p.fill((i as u64 + 1 + 16 * round) as u8);
+            }
+        }
+        m
+    }
+
+    /// A transfer into an image at `dir/x.img` compacted as soon as it holds an older copy
+    /// of a page, stopped after `stop` in its first compaction.
+    fn transfer(
+        dir: &Path,
+        stop: Option<CompactionStep>,
+    ) -> Transfer<SliceSource<Vec<u8>>, ImageWriter> {
+        let layout = Layout::single(PS, BASE, PAGES * PS).unwrap();
+        let mut w = ImageWriter::create(dir.join("x.img"), layout.clone())
+            .unwrap()
+            .with_compaction(Some(CompactionPolicy { ratio: 1, slack: 0 }));
+        w.stop_after = stop;
+        Transfer::new(SliceSource::new(BASE, memory(0)), w, layout, 4).unwrap()
+    }
+
+    /// Round 0 sends all pages; round `r` rewrites pages 0..8 with round `r`'s bytes.
+    fn round(tx: &mut Transfer<SliceSource<Vec<u8>>, ImageWriter>, r: u64) {
+        if r == 0 {
+            tx.send_round(&[BASE..BASE + PAGES * PS]).unwrap();
+        } else {
+            let m = memory(r);
+            tx.source_mut().data_mut()[..(8 * PS) as usize]
+                .copy_from_slice(&m[..(8 * PS) as usize]);
+            tx.send_round(&[BASE..BASE + 8 * PS]).unwrap();
+        }
+    }
+
+    /// What the image at `path` holds, all of it, incomplete or not.
+    fn contents(path: &Path) -> (Vec<u8>, crate::image::ImageInfo) {
+        let img = Image::open(path).unwrap();
+        (img.read_span_to_vec(0..PAGES * PS).unwrap(), img.info())
+    }
+
+    #[test]
+    fn a_compacted_image_holds_the_latest_copies_and_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tx = transfer(dir.path(), None);
+        round(&mut tx, 0);
+        tx.probe_finish().unwrap();
+        assert!(
+            tx.sink().compaction().is_none(),
+            "nothing to drop after round 0"
+        );
+        round(&mut tx, 1);
+        let before = tx.sink().bytes_written();
+        tx.probe_finish().unwrap();
+        let after = tx.sink().bytes_written();
+        assert!(after < before, "compacted: {before} -> {after} bytes");
+        let c = tx.sink().compaction().expect("compacted");
+        assert_eq!(
+            (c.rounds, c.compactions, c.bytes_dropped),
+            (2, 1, before - after)
+        );
+        assert!(!compacting_path(&ImageWriter::partial_path(dir.path().join("x.img"))).exists());
+        round(&mut tx, 2);
+        tx.probe_finish().unwrap();
+        round(&mut tx, 3);
+        tx.finish(FinalCheck::Full).unwrap();
+        let img = Image::open(dir.path().join("x.img")).unwrap();
+        img.verify().unwrap();
+        let mut want = memory(0);
+        want[..(8 * PS) as usize].copy_from_slice(&memory(3)[..(8 * PS) as usize]);
+        assert_eq!(img.read_span_to_vec(0..PAGES * PS).unwrap(), want);
+        let info = img.info();
+        assert_eq!(info.rounds_ended, 4);
+        assert_eq!(
+            info.compacted.map(|c| (c.rounds, c.compactions)),
+            Some((3, 2))
+        );
+        // The compacted round stands for rounds 0-2, then round 3 as written.
+        assert_eq!(info.rounds.len(), 2);
+        assert_eq!((info.rounds[0].round, info.rounds[0].pages), (2, 15));
+        assert_eq!(info.rounds[0].zero_pages, 1);
+        assert_eq!(info.rounds[1].round, 3);
+        assert!(
+            info.to_string().contains("rounds 0-2 folded into one"),
+            "{info}"
+        );
+    }
+
+    /// A crash after each step of a compaction (the writer stopped there and dropped, as a
+    /// crashed process's would be) leaves at the partial path an incomplete image with every
+    /// round that ended; a new writer at the path drops the half-made copy.
+    #[test]
+    fn a_crash_at_each_step_of_a_compaction_loses_no_ended_round() {
+        for step in [
+            CompactionStep::Written,
+            CompactionStep::Synced,
+            CompactionStep::Renamed,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("x.img");
+            let partial = ImageWriter::partial_path(&path);
+            let mut tx = transfer(dir.path(), Some(step));
+            round(&mut tx, 0);
+            tx.probe_finish().unwrap();
+            round(&mut tx, 1);
+            // The compaction stops here; the next step of the transfer fails with it.
+            tx.probe_finish().unwrap();
+            let err = tx.send_round(&[BASE..BASE + PS]).unwrap_err();
+            assert!(
+                format!("{err}").contains("as a crash would"),
+                "{step:?}: {err}"
+            );
+            drop(tx);
+            let (got, info) = contents(&partial);
+            let mut want = memory(0);
+            want[..(8 * PS) as usize].copy_from_slice(&memory(1)[..(8 * PS) as usize]);
+            assert_eq!(got, want, "{step:?}: the rounds that ended");
+            assert!(!info.complete, "{step:?}");
+            assert_eq!(info.rounds_ended, 2, "{step:?}");
+            // Renamed: the compacted copy is the image; before that, the old file is.
+            assert_eq!(
+                info.compacted.is_some(),
+                step == CompactionStep::Renamed,
+                "{step:?}"
+            );
+            let tmp = compacting_path(&partial);
+            assert_eq!(tmp.exists(), step != CompactionStep::Renamed, "{step:?}");
+            let layout = Layout::single(PS, BASE, PAGES * PS).unwrap();
+            drop(ImageWriter::create(&path, layout).unwrap());
+            assert!(!tmp.exists(), "{step:?}: the half-made copy is dropped");
+        }
+    }
+
+    #[test]
+    fn a_page_damaged_on_disk_fails_the_compaction_and_keeps_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let partial = ImageWriter::partial_path(dir.path().join("x.img"));
+        let mut tx = transfer(dir.path(), None);
+        round(&mut tx, 0);
+        tx.probe_finish().unwrap();
+        round(&mut tx, 1);
+        // Page 12's only copy is round 0's: damage one byte of it in the file.
+        let at = tx.sink().loc[12];
+        let f = OpenOptions::new().write(true).open(&partial).unwrap();
+        f.write_all_at(&[0xee], at + 7).unwrap();
+        let len = tx.sink().bytes_written();
+        let (_, mut w) = tx.into_parts();
+        let err = w.compact().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransferError::Image(ImageError::PageDamaged { offset, .. }) if offset == 12 * PS
+            ),
+            "{err:?}"
+        );
+        assert_eq!(std::fs::metadata(&partial).unwrap().len(), len);
+        assert!(!compacting_path(&partial).exists());
+        assert!(w.compaction().is_none());
+    }
 }

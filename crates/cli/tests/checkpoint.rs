@@ -1,0 +1,238 @@
+//! `send --pid ... --to file:PATH` as a checkpointer meets it: an image that stays bounded
+//! however many rounds run (compaction), a full file system refused in one line with the
+//! target left running, a file that is not an image never replaced without `--force`, and
+//! `--json` runs whose stdout and stderr a script can read cleanly.
+
+mod common;
+
+use common::target::{Lang, Target, engine_usable, state};
+use common::{PRECOPY, one_json, precopy, scratch, scratch_dir, stderr, stdout};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// The C fixture with `threads` writers over `pages` pages each at `rate` writes per second
+/// per thread, once it has started writing.
+fn writing_target(threads: u32, pages: u64, rate: u64) -> Target {
+    let mut t = Target::start(Lang::C, threads, pages, rate);
+    while t.ops() == 0 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    t
+}
+
+fn file_url(p: &Path) -> String {
+    format!("file:{}", p.display())
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop; `None` (after a loud
+/// SKIP) where this process cannot mount one.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(name: &str, size: &str) -> Option<SmallFs> {
+        let dir = scratch_dir(name);
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(SmallFs(dir)),
+            other => {
+                eprintln!(
+                    "SKIP: cannot mount a {size} tmpfs on {} (needs root): {other:?}",
+                    dir.display()
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn a_full_file_system_fails_the_send_in_one_line_and_the_target_runs_on() {
+    if !engine_usable() {
+        return;
+    }
+    let Some(fs) = SmallFs::mount("small-fs", "4m") else {
+        return;
+    };
+    // 2 × 4096 pages (32 MiB), every one written (not zeros): round 0 cannot fit in 4 MiB.
+    let mut t = writing_target(2, 4096, 0);
+    while t.ops() < 2 * 4096 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let img = fs.0.join("t.img");
+    let out = precopy(&["send", "--pid", &t.pid.to_string(), "--to", &file_url(&img)]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(
+        lines[0].contains("no space left for the image on the file system of")
+            && lines[0].contains("free")
+            && lines[0].contains("it was left running"),
+        "{err}"
+    );
+    // The target runs on, untraced, and the image was never published.
+    std::thread::sleep(Duration::from_millis(50));
+    let s = state(t.pid);
+    assert!(!s.stopped && s.tracer == "0", "{s:?}");
+    let before = t.ops();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(t.ops() > before, "the target no longer writes");
+    assert!(!img.exists());
+    // The same with --json: one object, the same message.
+    let out = precopy(&[
+        "send",
+        "--json",
+        "--pid",
+        &t.pid.to_string(),
+        "--to",
+        &file_url(&img),
+    ]);
+    let v = one_json(&out);
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("no space left for the image"), "{v}");
+}
+
+#[test]
+fn a_file_that_is_not_an_image_is_only_replaced_with_force() {
+    let dir = scratch_dir("not-an-image");
+    let notes = dir.join("notes.txt");
+    std::fs::write(&notes, b"my notes, not an image\n").unwrap();
+    // Refused before anything starts (exit 2), by send and by recv, the file untouched.
+    for args in [
+        vec!["send", "--pid", "1", "--to", &file_url(&notes)],
+        vec![
+            "recv",
+            "--listen",
+            "unix:/nonexistent/x.sock",
+            "--to",
+            &file_url(&notes),
+        ],
+    ] {
+        let out = precopy(&args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(
+            err.contains("is not a precopy image") && err.contains("--force"),
+            "{args:?}: {err}"
+        );
+    }
+    // Its `.partial` counts too: an image is written there first.
+    let other = dir.join("other.img");
+    std::fs::write(precopy_transfer::ImageWriter::partial_path(&other), b"x").unwrap();
+    let out = precopy(&["send", "--pid", "1", "--to", &file_url(&other)]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&notes).unwrap(), b"my notes, not an image\n");
+    if !engine_usable() {
+        return;
+    }
+    let t = writing_target(2, 64, 100);
+    let pid = t.pid.to_string();
+    // An empty file and an image are replaced without asking; the notes with --force.
+    let empty = dir.join("empty.img");
+    std::fs::write(&empty, b"").unwrap();
+    for (path, extra) in [(&empty, None), (&empty, None), (&notes, Some("--force"))] {
+        let mut args = vec!["send", "--pid", &pid, "--to"];
+        let url = file_url(path);
+        args.push(&url);
+        args.extend(extra);
+        let out = precopy(&args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let v = one_json(&precopy(&[
+            "image",
+            "verify",
+            "--json",
+            path.to_str().unwrap(),
+        ]));
+        assert_eq!(v["ok"], true, "{v}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn image_info_lists_the_regions_at_their_process_addresses() {
+    if !engine_usable() {
+        return;
+    }
+    let t = writing_target(2, 256, 100);
+    let img = scratch("regions.img");
+    let out = precopy(&[
+        "send",
+        "--json",
+        "--pid",
+        &t.pid.to_string(),
+        "--to",
+        &file_url(&img),
+    ]);
+    let sent = one_json(&out);
+    let layout: Vec<(u64, u64)> = sent["layout"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+        .collect();
+    let text = stdout(&precopy(&["image", "info", img.to_str().unwrap()]));
+    let v = one_json(&precopy(&[
+        "image",
+        "info",
+        "--json",
+        img.to_str().unwrap(),
+    ]));
+    let regions = v["regions"].as_array().unwrap();
+    assert_eq!(regions.len(), layout.len(), "{v}");
+    for (r, (start, end)) in regions.iter().zip(&layout) {
+        assert_eq!(r["address"], *start, "{r}");
+        assert_eq!(r["address_end"], *end, "{r}");
+        // The text names each range as the process's addresses, start and end.
+        let range = format!("process addresses {start:#x}-{end:#x}");
+        assert!(text.contains(&range), "{range} missing from {text}");
+    }
+    let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn send_json_writes_only_the_object_on_stdout_and_no_info_lines_on_stderr() {
+    if !engine_usable() {
+        return;
+    }
+    let t = writing_target(2, 256, 100);
+    let img = scratch("quiet.img");
+    let out = Command::new(PRECOPY)
+        .args([
+            "send",
+            "--json",
+            "--pid",
+            &t.pid.to_string(),
+            "--to",
+            &file_url(&img),
+        ])
+        .env_remove("PRECOPY_LOG")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let v = one_json(&out);
+    assert_eq!(v["ok"], true, "{v}");
+    let err = stderr(&out);
+    assert!(
+        !err.contains("INFO") && !err.contains("DEBUG") && !err.contains("TRACE"),
+        "log lines below warnings on stderr: {err}"
+    );
+    let _ = std::fs::remove_file(&img);
+}
