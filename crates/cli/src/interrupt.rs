@@ -19,6 +19,9 @@
 //!
 //! Child processes inherit the blocked set across `exec`; `main` unblocks it first thing, so
 //! this binary's own children (`__demo-source`, ...) still die of these signals.
+//!
+//! A signal this process inherited as ignored (a script's background job ignores `SIGINT`,
+//! `nohup` ignores `SIGHUP`) stays ignored: it is not handled here (see `termination_signals`).
 
 use crate::output;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, pthread_sigmask};
@@ -28,18 +31,36 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// The signals handled here.
+/// The signals handled here: `SIGINT`, `SIGTERM` and `SIGHUP`, less those this process
+/// inherited as ignored.
+///
+/// A shell starts a background job of a script (`precopy send ... &`) with `SIGINT` ignored, and
+/// `nohup` starts its command with `SIGHUP` ignored: the parent said these must not end the
+/// command, and the command keeps them ignored for its whole run. (Taking them over here would
+/// also make the outcome depend on timing: the kernel discards an ignored signal that comes
+/// before [`Interrupts::install`] blocks it, and queues one that comes after.) Read from
+/// `SigIgn` in `/proc/self/status` (proc(5)); if that cannot be read, all three are handled.
 fn termination_signals() -> SigSet {
+    let ignored = procfs::process::Process::myself()
+        .and_then(|p| p.status())
+        .map(|s| s.sigign)
+        .unwrap_or(0);
     let mut set = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        set.add(s);
+    for s in TERMINATION {
+        // Bit n - 1 of the mask stands for signal n.
+        if ignored & (1u64 << (s as i32 - 1)) == 0 {
+            set.add(s);
+        }
     }
     set
 }
 
+const TERMINATION: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
+
 /// Undoes an inherited block of the termination signals (see the module docs).
 pub fn unblock_inherited() {
-    let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&termination_signals()), None);
+    let set = TERMINATION.into_iter().collect::<SigSet>();
+    let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
 }
 
 type Partial = Box<dyn Fn() -> Value + Send>;
