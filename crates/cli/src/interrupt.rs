@@ -20,8 +20,9 @@
 //! Child processes inherit the blocked set across `exec`; `main` unblocks it first thing, so
 //! this binary's own children (`__demo-source`, ...) still die of these signals.
 //!
-//! A signal this process inherited as ignored (a script's background job ignores `SIGINT`,
-//! `nohup` ignores `SIGHUP`) stays ignored: it is not handled here (see `termination_signals`).
+//! `SIGINT` and `SIGTERM` end a command even when it was started with them ignored (a script's
+//! background job ignores `SIGINT`); `SIGHUP` ignored by `nohup` stays ignored
+//! ([`unblock_inherited`]).
 
 use crate::output;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, pthread_sigmask};
@@ -31,15 +32,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// The signals handled here: `SIGINT`, `SIGTERM` and `SIGHUP`, less those this process
-/// inherited as ignored.
-///
-/// A shell starts a background job of a script (`precopy send ... &`) with `SIGINT` ignored, and
-/// `nohup` starts its command with `SIGHUP` ignored: the parent said these must not end the
-/// command, and the command keeps them ignored for its whole run. (Taking them over here would
-/// also make the outcome depend on timing: the kernel discards an ignored signal that comes
-/// before [`Interrupts::install`] blocks it, and queues one that comes after.) Read from
-/// `SigIgn` in `/proc/self/status` (proc(5)); if that cannot be read, all three are handled.
+/// The signals handled here: `SIGINT`, `SIGTERM`, and `SIGHUP` unless this process was
+/// started with it ignored (`nohup`: the user asked that a hang-up not end the command). Read
+/// from `SigIgn` in `/proc/self/status` (proc(5)); if that cannot be read, `SIGHUP` is handled.
 fn termination_signals() -> SigSet {
     let ignored = procfs::process::Process::myself()
         .and_then(|p| p.status())
@@ -48,7 +43,7 @@ fn termination_signals() -> SigSet {
     let mut set = SigSet::empty();
     for s in TERMINATION {
         // Bit n - 1 of the mask stands for signal n.
-        if ignored & (1u64 << (s as i32 - 1)) == 0 {
+        if s != Signal::SIGHUP || ignored & (1u64 << (s as i32 - 1)) == 0 {
             set.add(s);
         }
     }
@@ -57,8 +52,16 @@ fn termination_signals() -> SigSet {
 
 const TERMINATION: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
 
-/// Undoes an inherited block of the termination signals (see the module docs).
+/// Undoes what a parent passed on (see the module docs): a block of the termination signals
+/// (`demo` blocks them for its children), and `SIGINT` or `SIGTERM` ignored. A shell starts a
+/// script's background job (`precopy send ... &`) with `SIGINT` ignored; left so, a `kill -INT`
+/// that came before [`Interrupts::install`] would be dropped and one after it would end the
+/// command: the outcome would depend on timing. So both always end a command (cleanly once the
+/// handler runs). `SIGHUP` ignored by `nohup` stays ignored.
 pub fn unblock_inherited() {
+    for s in [Signal::SIGINT, Signal::SIGTERM] {
+        let _ = precopy_sys::process::unignore_signal(s as i32);
+    }
     let set = TERMINATION.into_iter().collect::<SigSet>();
     let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
 }

@@ -137,8 +137,9 @@ fn one_line_usage(rendered: &str) -> String {
 }
 
 fn main() -> ExitCode {
-    // A parent that blocked SIGINT/SIGTERM/SIGHUP (`demo` does, see `interrupt`) passed the
-    // block on: undo it, so Ctrl-C and SIGTERM work here as anywhere.
+    // A parent that blocked SIGINT/SIGTERM/SIGHUP (`demo` does, see `interrupt`) or ignored
+    // SIGINT (a script's background job) passed that on: undo it, so Ctrl-C and SIGTERM work
+    // here as anywhere.
     interrupt::unblock_inherited();
     // Colour only for a terminal: a log file or a pipe gets plain text.
     use std::io::IsTerminal;

@@ -118,3 +118,22 @@ pub fn read_proc_mem(pid: i32, addr: u64, len: usize) -> io::Result<Vec<u8>> {
     buf.truncate(done);
     Ok(buf)
 }
+
+/// Sets signal `sig`'s disposition to `SIG_DFL` if it is `SIG_IGN` (one inherited across
+/// `exec`, as a shell's background job inherits `SIGINT` ignored); a handled or default signal
+/// is left as it is. Returns whether it was ignored.
+pub fn unignore_signal(sig: libc::c_int) -> io::Result<bool> {
+    // SAFETY: an all-zero sigaction is a valid value to be overwritten by the query below.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: querying (null new action) writes the current action into the live `old`.
+    cvt(unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) })?;
+    if old.sa_sigaction != libc::SIG_IGN {
+        return Ok(false);
+    }
+    // SAFETY: an all-zero sigaction is valid (no flags, empty mask); SIG_DFL is set below.
+    let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
+    dfl.sa_sigaction = libc::SIG_DFL;
+    // SAFETY: `dfl` is a valid action; SIG_DFL installs no code of ours.
+    cvt(unsafe { libc::sigaction(sig, &dfl, std::ptr::null_mut()) })?;
+    Ok(true)
+}
