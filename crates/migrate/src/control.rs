@@ -49,6 +49,14 @@ pub trait Transport {
     /// Reads and sends the pages of `ranges` (page-aligned; any order; overlaps allowed) as one
     /// round.
     fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, Self::Error>;
+
+    /// Right after [`Transport::send_round`] failed: what that round had handed to the
+    /// connection (or sink) before it failed, for the report; pages not known to have arrived
+    /// (the driver keeps all of the round's ranges pending either way). `bytes` may be 0 when
+    /// the transport cannot tell what it wrote. `None` (the default): unknown.
+    fn sent_before_failure(&self) -> Option<RoundSent> {
+        None
+    }
     /// With the source paused and before the last round: which pages of `ranges` now differ
     /// from what this transport last sent of them. The default answers "all of them", which
     /// is always right and costs a resend of `ranges`.

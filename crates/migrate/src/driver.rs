@@ -108,9 +108,11 @@ pub struct MigrationConfig {
     pub throttle: ThrottleConfig,
     /// The workload after success.
     pub after: AfterMigration,
-    /// Pause and resume the workload after round 0 and after each of the next two rounds to
-    /// measure what pausing costs (the median counts), for the downtime estimate (see the crate
-    /// docs, "Switch-over rule").
+    /// Rehearse the final phase's start after the scans before rounds 1, 2 and 3: pause the
+    /// workload, scan again, resume it, to measure what pausing and a scan with the workload
+    /// stopped cost (the medians count), for the downtime estimate (see the crate docs,
+    /// "Switch-over rule"). Each probe holds the workload paused for one scan (about 1.6 ms per
+    /// 2 GiB tracked on a quiet machine), reported as the round's `probe_scan`.
     pub probe_pause: bool,
     /// Hard bound on the final round, from the pause to the destination's acknowledgement. If
     /// it passes, the transport is interrupted, the workload resumed, the destination never
@@ -251,6 +253,12 @@ pub struct Migration<D, T, W> {
     last_counters: Option<(Instant, WorkloadCounters)>,
     /// What the last scan observed, for the round it precedes.
     observed: Observed,
+    /// Pages the dirty log reported over all scans so far.
+    dirty_pages: u64,
+    /// What the last failed [`Transport::send_round`] had handed over, until recorded.
+    failed_send: Option<RoundSent>,
+    /// The final phase under way, for its report if it fails.
+    final_attempt: Option<FinalAttempt>,
     started: Option<Instant>,
     cancel: CancelHandle,
     watchdog: Option<Watchdog>,
@@ -297,15 +305,49 @@ fn outside(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
     out
 }
 
-/// What a scan saw of the workload: pages written (one write-protect fault each) and its own
-/// rate since the previous scan.
+/// What a scan saw of the workload: pages found written and the workload's own rate since the
+/// previous scan.
 #[derive(Debug, Clone, Copy, Default)]
 struct Observed {
-    faults: u64,
+    dirty_pages: u64,
     rate: Option<f64>,
     ns_per_op: Option<f64>,
     /// How long the workload was paused for the collection (logs that need it).
     collect_pause: Option<Duration>,
+    /// CPU time of the scanning thread in the collection.
+    scan_cpu: Option<Duration>,
+    /// The pause probe's scan after it, if one ran: wall and CPU time.
+    probe_scan: Option<(Duration, Option<Duration>)>,
+}
+
+/// A final phase under way: its round's bytes and scan, and what its send delivered.
+#[derive(Debug, Clone, Copy)]
+struct FinalAttempt {
+    bytes: u64,
+    scan: Duration,
+    sent: Option<RoundSent>,
+}
+
+/// What one collection of the dirty log did.
+#[derive(Debug, Clone, Copy)]
+struct Collected {
+    /// Pages the log reported ([`CollectStats::pages`](crate::CollectStats)).
+    pages: u64,
+    /// How long the workload was paused for it (a log that needs it, a pause probe).
+    pause: Option<Duration>,
+    /// Its wall time (without the pause and resume around it).
+    wall: Duration,
+    /// CPU time this thread spent in the log's collect (`None`: the clock could not be read).
+    cpu: Option<Duration>,
+}
+
+/// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`), or `None` if the clock cannot be
+/// read.
+fn thread_cpu_time() -> Option<Duration> {
+    nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID
+        .now()
+        .ok()
+        .map(Duration::from)
 }
 
 /// Operations per second and mean nanoseconds per operation between two counter samples.
@@ -349,6 +391,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             tracked_from: None,
             last_counters: None,
             observed: Observed::default(),
+            dirty_pages: 0,
+            failed_send: None,
+            final_attempt: None,
             started: None,
             cancel: CancelHandle::default(),
             watchdog: None,
@@ -414,13 +459,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
 
     /// The workload's cost while tracked, from the start of tracking to the pause.
     fn record_workload(&mut self) {
-        let faults = self
-            .report
-            .rounds
-            .iter()
-            .map(|r| r.write_faults)
-            .sum::<u64>()
-            + self.observed.faults;
+        let dirty_pages = self.dirty_pages;
         if let (Some(a), Some(b)) = (self.tracked_from, self.last_counters) {
             let (rate, ns) = workload_rates(a, b);
             let w = self
@@ -429,12 +468,13 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 .get_or_insert_with(WorkloadCost::default);
             w.during_rate = rate;
             w.during_ns_per_op = ns;
-            w.write_faults = faults;
+            w.dirty_pages = dirty_pages;
         }
     }
 
-    /// Samples the workload's counters after a scan that found `dirty_bytes`.
-    fn observe(&mut self, dirty_bytes: u64) {
+    /// Samples the workload's counters after a collection; keeps what it found for the round
+    /// that sends it.
+    fn observe(&mut self, collected: Collected) {
         let now = self.workload.counters().map(|c| (Instant::now(), c));
         let (rate, ns_per_op) = match (self.last_counters, now) {
             (Some(a), Some(b)) => {
@@ -446,11 +486,14 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         if now.is_some() {
             self.last_counters = now;
         }
+        self.dirty_pages += collected.pages;
         self.observed = Observed {
-            faults: dirty_bytes / self.report.page_size.max(1),
+            dirty_pages: collected.pages,
             rate,
             ns_per_op,
-            collect_pause: None,
+            collect_pause: collected.pause,
+            scan_cpu: collected.cpu,
+            probe_scan: None,
         };
     }
 
@@ -462,16 +505,24 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         &mut self,
         round: u64,
         out: &mut Vec<Range<u64>>,
-    ) -> Result<Option<Duration>, MigrationError<D, T, W>> {
-        let pause = self.log.needs_pause() && !self.paused;
+        probe: bool,
+    ) -> Result<Collected, MigrationError<D, T, W>> {
+        let pause = (self.log.needs_pause() || probe) && !self.paused;
         let paused_at = Instant::now();
         if pause {
             self.workload.pause().map_err(|source| Error::Workload {
                 action: "pause",
                 source,
             })?;
+            if probe {
+                self.estimator.add_pause(paused_at.elapsed());
+            }
         }
+        let scan_start = Instant::now();
+        let cpu_before = thread_cpu_time();
         let collected = self.log.collect(out);
+        let cpu = cpu_before.and_then(|b| Some(thread_cpu_time()?.saturating_sub(b)));
+        let wall = scan_start.elapsed();
         let held = paused_at.elapsed();
         let resumed = if pause {
             self.workload.resume().map_err(|source| Error::Workload {
@@ -483,9 +534,20 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         };
         // From here the harvested ranges exist only in `out`.
         self.unsent.clone_from(out);
-        collected.map_err(|e| Error::Tracking { round, source: e })?;
+        let stats = collected.map_err(|e| Error::Tracking { round, source: e })?;
         resumed?;
-        Ok(pause.then_some(held))
+        Ok(Collected {
+            pages: stats.pages,
+            pause: pause.then_some(held),
+            wall,
+            cpu,
+        })
+    }
+
+    /// The number of the next round: rounds that failed part-way are in the report but are
+    /// sent again under the same number.
+    fn next_round(&self) -> u64 {
+        self.report.rounds.iter().filter(|r| !r.failed).count() as u64
     }
 
     /// The report so far (complete after [`Migration::run`] returns, whatever it returned).
@@ -517,6 +579,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.watchdog = None;
         if let Err(e) = &result {
             self.report.error = Some(precopy_sys::error_chain(e));
+            // What the workload did and the log found up to the failure.
+            self.record_workload();
             // After the commit the destination owns the state: never resume then.
             if self.report.status != Status::Completed {
                 self.report.status = match e {
@@ -601,14 +665,29 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         ranges: &[Range<u64>],
     ) -> Result<RoundSent, MigrationError<D, T, W>> {
         self.check_fired(step)?;
-        let round = self.report.rounds.len() as u64;
+        let round = self.next_round();
         self.transport.send_round(ranges).map_err(|source| {
+            self.failed_send = Some(self.transport.sent_before_failure().unwrap_or_default());
             self.step_error(step, Some(source), |peer, source| Error::Send {
                 round,
                 peer,
                 source,
             })
         })
+    }
+
+    /// After a final phase failed: records its round as failed (what was sent, or handed over
+    /// before the send failed), if the phase got as far as its scan.
+    fn record_failed_final(&mut self) {
+        let Some(a) = self.final_attempt.take() else {
+            return;
+        };
+        let part = match (a.sent, self.failed_send.take()) {
+            (Some(sent), _) => sent,
+            (None, part) => part.unwrap_or_default(),
+        };
+        let (rate, expected) = (self.report.dirty_rate, self.report.expected_downtime);
+        self.record(RoundKind::Final, a.bytes, a.scan, rate, expected, Err(part));
     }
 
     /// After round `round` failed with `error`: reconnects with backoff if the transport and
@@ -692,7 +771,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     fn emit(&mut self, phase: Phase, pending: u64, dirty_rate: f64) {
         let p = Progress {
             phase,
-            round: self.report.rounds.len() as u64,
+            round: self.next_round(),
             pending_bytes: pending,
             throughput: self.throughput(),
             dirty_rate,
@@ -706,7 +785,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         }
     }
 
-    /// Records a sent round and updates the throughput estimate.
+    /// Records a round and, for one that was sent (`Ok`), updates the throughput estimate.
+    /// `Err`: the round failed part-way, with what was handed to the transport before that
+    /// ([`Transport::sent_before_failure`]); nothing is learned from it.
     fn record(
         &mut self,
         kind: RoundKind,
@@ -714,18 +795,22 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         scan: Duration,
         dirty_rate: f64,
         expected: Option<Duration>,
-        sent: RoundSent,
+        sent: Result<RoundSent, RoundSent>,
     ) {
+        let failed = sent.is_err();
+        let sent = sent.unwrap_or_else(|part| part);
         let memory = (sent.pages + sent.zero_pages) * self.report.page_size;
         let throughput = per_sec(memory, sent.duration);
-        if kind != RoundKind::Final {
-            self.estimator
-                .add_round(memory, sent.duration, kind == RoundKind::Iterative);
-        }
-        self.sent_bytes += memory;
-        self.sent_secs += sent.duration.as_secs_f64();
-        if memory >= SIGNIFICANT_ROUND && throughput > 0.0 {
-            self.last_throughput = Some(throughput);
+        if !failed {
+            if kind != RoundKind::Final {
+                self.estimator
+                    .add_round(memory, sent.duration, kind == RoundKind::Iterative);
+            }
+            self.sent_bytes += memory;
+            self.sent_secs += sent.duration.as_secs_f64();
+            if memory >= SIGNIFICANT_ROUND && throughput > 0.0 {
+                self.last_throughput = Some(throughput);
+            }
         }
         let seen = match kind {
             RoundKind::Full => Observed::default(),
@@ -733,10 +818,14 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         };
         let r = RoundReport {
             collect_pause: seen.collect_pause,
-            write_faults: seen.faults,
+            dirty_pages: seen.dirty_pages,
+            scan_cpu: seen.scan_cpu,
+            probe_scan: seen.probe_scan.map(|p| p.0),
+            probe_scan_cpu: seen.probe_scan.and_then(|p| p.1),
+            failed,
             workload_rate: seen.rate,
             workload_ns_per_op: seen.ns_per_op,
-            round: self.report.rounds.len() as u64,
+            round: self.next_round(),
             kind,
             dirty_bytes,
             scan,
@@ -795,14 +884,14 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let mut carry: Vec<Range<u64>> = Vec::new();
         match self.send(Step::Round { round: 0 }, &memory) {
             Ok(sent) => {
-                self.record(RoundKind::Full, total, Duration::ZERO, 0.0, None, sent);
+                self.record(RoundKind::Full, total, Duration::ZERO, 0.0, None, Ok(sent));
                 self.probe_finish();
-                if self.config.probe_pause {
-                    self.probe_pause()?;
-                }
             }
             Err(e) => {
                 self.unsent = memory.clone();
+                if let Some(part) = self.failed_send.take() {
+                    self.record(RoundKind::Full, total, Duration::ZERO, 0.0, None, Err(part));
+                }
                 carry = self.reconnect(0, e)?;
                 carry.extend(memory.iter().cloned());
             }
@@ -812,15 +901,25 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let mut high = 0u32;
         loop {
             let reason = loop {
-                let round = self.report.rounds.len() as u64;
+                let round = self.next_round();
                 if let Some(w) = self.watchdog() {
                     w.step(Step::Round { round });
                 }
                 pending.clear();
                 pending.append(&mut carry);
                 let scan_start = Instant::now();
-                let collect_pause = self.collect(round, &mut pending)?;
-                let scan = scan_start.elapsed();
+                let collected = self.collect(round, &mut pending, false)?;
+                let scan = collected.wall;
+                // After the first scans a pause probe rehearses the final phase: pause, scan
+                // (what was written since the scan just done, as the final scan finds), resume.
+                let probe = self.config.probe_pause
+                    && self.estimator.pause_probes() < PAUSE_PROBES
+                    && !self.report.rounds.is_empty();
+                let probed = if probe {
+                    Some(self.collect(round, &mut pending, true)?)
+                } else {
+                    None
+                };
                 // The pages were written while the previous round was sent: the interval is at
                 // least that round's duration as the transport measured it.
                 let sent_for = self
@@ -831,8 +930,13 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 let interval = scan_start.duration_since(last_scan).max(sent_for);
                 last_scan = scan_start;
                 let pending_bytes = coalesce(&mut pending);
-                self.observe(pending_bytes);
-                self.observed.collect_pause = collect_pause;
+                self.observe(collected);
+                if let Some(p) = probed {
+                    self.dirty_pages += p.pages;
+                    self.observed.dirty_pages += p.pages;
+                    self.observed.probe_scan = Some((p.wall, p.cpu));
+                    self.estimator.add_probe_scan(p.wall, p.cpu);
+                }
                 let dirty_rate = per_sec(pending_bytes, interval);
                 self.report.dirty_rate = dirty_rate;
                 self.estimator.add_scan(scan);
@@ -865,6 +969,10 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     Ok(sent) => sent,
                     Err(e) => {
                         self.unsent = pending.clone();
+                        if let Some(part) = self.failed_send.take() {
+                            let kind = RoundKind::Iterative;
+                            self.record(kind, pending_bytes, scan, dirty_rate, expected, Err(part));
+                        }
                         carry = self.reconnect(round, e)?;
                         carry.append(&mut pending);
                         continue;
@@ -876,12 +984,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     scan,
                     dirty_rate,
                     expected,
-                    sent,
+                    Ok(sent),
                 );
                 self.probe_finish();
-                if self.config.probe_pause && self.estimator.pause_probes() < PAUSE_PROBES {
-                    self.probe_pause()?;
-                }
             };
             self.report.switch_reason = Some(reason);
             let p = pending.iter().map(|r| r.end - r.start).sum();
@@ -895,7 +1000,10 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             self.report.switchover_attempts += 1;
             match self.final_round(std::mem::take(&mut pending)) {
                 Ok(()) => return Ok(()),
-                Err(e) => carry = self.retry_switchover(e)?,
+                Err(e) => {
+                    self.record_failed_final();
+                    carry = self.retry_switchover(e)?;
+                }
             }
         }
     }
@@ -920,7 +1028,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         if self.watchdog().and_then(Watchdog::disarm).is_some() {
             return Err(error);
         }
-        let round = self.report.rounds.len() as u64;
+        let round = self.next_round();
         tracing::warn!(
             round,
             attempt = self.report.switchover_attempts,
@@ -951,23 +1059,6 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             w.arm(start + limit, Step::Round { round }, limit);
         }
         Ok(carry)
-    }
-
-    /// Pauses and resumes the workload once, timing the pause for the estimate.
-    fn probe_pause(&mut self) -> Result<(), MigrationError<D, T, W>> {
-        let at = Instant::now();
-        self.workload.pause().map_err(|source| Error::Workload {
-            action: "pause",
-            source,
-        })?;
-        self.paused = true;
-        self.estimator.add_pause(at.elapsed());
-        self.workload.resume().map_err(|source| Error::Workload {
-            action: "resume",
-            source,
-        })?;
-        self.paused = false;
-        Ok(())
     }
 
     /// Asks the transport what finishing would cost now (digests and the acknowledgement round
@@ -1110,7 +1201,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     }
 
     fn final_round(&mut self, mut pending: Vec<Range<u64>>) -> Result<(), MigrationError<D, T, W>> {
-        let round = self.report.rounds.len() as u64;
+        let round = self.next_round();
         // The total timeout no longer applies; a deadline that already passed ends it here.
         if let Some(w) = self.watchdog() {
             w.disarm();
@@ -1147,15 +1238,14 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.paused = true;
         let pause = paused_at.elapsed();
 
-        let scan_start = Instant::now();
-        let before_scan = pending.len();
-        self.collect(round, &mut pending)?;
-        let scan = scan_start.elapsed();
-        let found: u64 = pending[before_scan..].iter().map(|r| r.end - r.start).sum();
-        // The last iterative collection's pause, if it needed one: its pages go in this round.
-        let carried = self.observed.collect_pause;
-        self.observe(found);
-        self.observed.collect_pause = carried;
+        let collected = self.collect(round, &mut pending, false)?;
+        let scan = collected.wall;
+        // This round sends the pages of the last iterative scan and of this one: it reports
+        // both, and the last iterative collection's pause if it needed one.
+        let last_live = self.observed;
+        self.observe(collected);
+        self.observed.dirty_pages += last_live.dirty_pages;
+        self.observed.collect_pause = last_live.collect_pause;
         self.record_workload();
         coalesce(&mut pending);
 
@@ -1190,8 +1280,16 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         };
         let bytes = coalesce(&mut pending);
         self.unsent.clone_from(&pending);
+        self.final_attempt = Some(FinalAttempt {
+            bytes,
+            scan,
+            sent: None,
+        });
 
         let sent = self.send(Step::FinalRound, &pending)?;
+        if let Some(a) = &mut self.final_attempt {
+            a.sent = Some(sent);
+        }
         if let Some(w) = self.watchdog() {
             w.step(Step::State);
         }
@@ -1238,13 +1336,22 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
 
         let expected = self.report.expected_downtime;
         let dirty_rate = self.report.dirty_rate;
-        self.record(RoundKind::Final, bytes, scan, dirty_rate, expected, sent);
+        self.final_attempt = None;
+        self.record(
+            RoundKind::Final,
+            bytes,
+            scan,
+            dirty_rate,
+            expected,
+            Ok(sent),
+        );
         self.report.downtime = Some(downtime);
         self.report.checksum = Some(checksum);
         self.report.verify = verify;
         let phase = FinalPhase {
             pause,
             scan,
+            scan_cpu: collected.cpu,
             verify: verify.map_or(Duration::ZERO, |v| v.duration),
             send: sent.duration,
             state: state_time,
@@ -1339,6 +1446,7 @@ mod tests {
             Ok(())
         }
         fn collect(&mut self, out: &mut Vec<Range<u64>>) -> std::io::Result<CollectStats> {
+            let first = out.len();
             let i = if self.repeat {
                 self.calls.min(self.scans.len().saturating_sub(1))
             } else {
@@ -1348,7 +1456,7 @@ mod tests {
                 out.extend(s.iter().cloned());
             }
             self.calls += 1;
-            Ok(CollectStats::count(out, PAGE))
+            Ok(CollectStats::count(&out[first..], PAGE))
         }
     }
 
@@ -1798,7 +1906,7 @@ mod tests {
     }
 
     #[test]
-    fn workload_counters_and_write_faults_are_reported_per_round() {
+    fn workload_counters_and_dirty_pages_are_reported_per_round() {
         // Every read of the counters finds 1000 more operations, each having taken 2 µs.
         let events = Arc::new(Mutex::new(Vec::new()));
         let mut n = 0u64;
@@ -1813,11 +1921,16 @@ mod tests {
         let mut cfg = MigrationConfig::default();
         cfg.max_downtime = Duration::from_millis(100);
         cfg.throttle.enabled = false;
+        // One collection per round (the probes' scans are counted in their rounds too: see
+        // `pause_probes_rehearse_the_final_scan_and_their_pages_go_in_the_round`).
+        cfg.probe_pause = false;
         let mut m = Migration::new(log, link(1024.0 * 1024.0), w, cfg)
             .measure_workload_before(Duration::from_millis(5));
         let report = m.run().unwrap();
-        let faults: Vec<u64> = report.rounds.iter().map(|r| r.write_faults).collect();
-        assert_eq!(faults, vec![0, 40, 10, 3]);
+        // Scans found 40, 10, 3 (switch-over), then 3 in the final scan: the final round
+        // sends the pages of the last two scans and reports both.
+        let found: Vec<u64> = report.rounds.iter().map(|r| r.dirty_pages).collect();
+        assert_eq!(found, vec![0, 40, 10, 6]);
         assert!(report.rounds[0].workload_rate.is_none());
         for r in &report.rounds[1..] {
             assert!(r.workload_rate.is_some_and(|v| v > 0.0), "{r:?}");
@@ -1828,7 +1941,8 @@ mod tests {
         assert_eq!(cost.before_ns_per_op, Some(2000.0));
         assert!(cost.during_rate > 0.0);
         assert_eq!(cost.during_ns_per_op, Some(2000.0));
-        assert_eq!(cost.write_faults, 53);
+        // Every scan's pages, the last one's with the workload running included.
+        assert_eq!(cost.dirty_pages, 56);
     }
 
     #[test]
@@ -1858,6 +1972,8 @@ mod tests {
         committed: bool,
         interrupted: Arc<(Mutex<bool>, std::sync::Condvar)>,
         blocked: Option<std::sync::mpsc::Sender<()>>,
+        /// A failed call says it had handed over half of its pages (rounded up).
+        handed: Option<RoundSent>,
     }
 
     impl Scripted {
@@ -1882,17 +1998,26 @@ mod tests {
             if self.block_call == Some(call) {
                 self.block()?;
             }
+            let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
             if self.fail_calls.contains(&call) {
+                self.handed = Some(RoundSent {
+                    pages: (bytes / PAGE).div_ceil(2),
+                    zero_pages: 0,
+                    bytes: 0,
+                    duration: Duration::from_millis(1),
+                });
                 return Err(io::Error::other("connection reset"));
             }
             self.sent.push(ranges.to_vec());
-            let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
             Ok(RoundSent {
                 pages: bytes / PAGE,
                 zero_pages: 0,
                 bytes,
                 duration: Duration::from_millis(1),
             })
+        }
+        fn sent_before_failure(&self) -> Option<RoundSent> {
+            self.handed
         }
         fn finish(&mut self) -> Result<(u64, Duration), io::Error> {
             if self.block_finish {
@@ -2027,6 +2152,26 @@ mod tests {
         let mut m = Migration::new(log, link, workload(&events), cfg);
         let report = m.run().unwrap();
         assert_eq!(report.reconnects, 1);
+        // The failed round is in the report, with what it had handed over (2 of `a`'s 4 pages),
+        // and the round that sent its ranges again has the same number.
+        let r: Vec<(u64, bool, u64)> = report
+            .rounds
+            .iter()
+            .map(|r| (r.round, r.failed, r.pages))
+            .collect();
+        assert_eq!(
+            r[..4],
+            [
+                (0, false, 1024),
+                (1, true, 2),
+                (1, false, 14),
+                (2, false, 20)
+            ]
+        );
+        assert_eq!(
+            report.pages,
+            report.rounds.iter().map(|r| r.pages).sum::<u64>()
+        );
         let (_, t, _) = m.into_parts();
         assert_eq!(t.reconnects, 1);
         assert_eq!(t.sent[0], vec![0..MEM]);
@@ -2095,6 +2240,96 @@ mod tests {
             "{err}"
         );
         assert_eq!(m.unsent(), &[8 * PAGE..9 * PAGE]);
+    }
+
+    #[test]
+    fn pause_probes_rehearse_the_final_scan_and_their_pages_go_in_the_round() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let (a, b) = (0..4 * PAGE, 10 * PAGE..12 * PAGE);
+        let (c, d) = (20 * PAGE..21 * PAGE, 30 * PAGE..33 * PAGE);
+        // Scan, probe scan, scan, probe scan, final scan (nothing).
+        let log = ScriptLog::ranges(vec![
+            vec![a.clone()],
+            vec![b.clone()],
+            vec![c.clone()],
+            vec![d.clone()],
+        ]);
+        let mut cfg = quick_config();
+        cfg.probe_pause = true;
+        cfg.max_downtime = Duration::from_nanos(1);
+        cfg.max_rounds = 2;
+        let mut m = Migration::new(log, Scripted::default(), workload(&events), cfg);
+        let report = m.run().unwrap();
+        // Each probe pauses around its scan only; then the final phase.
+        assert_eq!(
+            *events.lock().unwrap(),
+            vec!["pause", "resume", "pause", "resume", "pause", "resume"]
+        );
+        let found: Vec<u64> = report.rounds.iter().map(|r| r.dirty_pages).collect();
+        assert_eq!(found, vec![0, 6, 4]);
+        assert!(report.rounds[1].probe_scan.is_some());
+        assert!(
+            report.rounds[2].probe_scan.is_none(),
+            "the final round has none"
+        );
+        assert_eq!(report.workload, None, "this workload keeps no counters");
+        let (_, t, _) = m.into_parts();
+        assert_eq!(
+            t.sent[1],
+            vec![a, b],
+            "the probe's pages go in the next round"
+        );
+        assert_eq!(t.sent[2], vec![c, d]);
+    }
+
+    #[test]
+    fn a_failed_migration_reports_the_rounds_that_ran_and_what_the_failed_one_handed_over() {
+        // Round 0 fails part-way (a reviewer's report said "0 rounds, 0 pages" after 47 MiB).
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = ScriptLog::ranges(vec![vec![8 * PAGE..9 * PAGE]]);
+        let link = Scripted {
+            fail_calls: vec![0],
+            ..Scripted::default()
+        };
+        let mut m = Migration::new(log, link, workload(&events), quick_config());
+        m.run().unwrap_err();
+        let report = m.report();
+        assert_eq!(report.status, Status::Failed);
+        assert_eq!(report.rounds.len(), 1);
+        let r = &report.rounds[0];
+        assert!(r.failed && r.kind == RoundKind::Full, "{r:?}");
+        assert_eq!((r.pages, report.pages), (MEM / PAGE / 2, MEM / PAGE / 2));
+        let text = report.to_string();
+        assert!(
+            text.contains("FAILED") && text.contains("1 round(s)"),
+            "{text}"
+        );
+        assert!(text.contains("failed part-way"), "{text}");
+
+        // A later round fails: the rounds before it and the failed one are reported.
+        let log = ScriptLog::ranges(vec![vec![8 * PAGE..12 * PAGE]]);
+        let link = Scripted {
+            fail_calls: vec![1],
+            ..Scripted::default()
+        };
+        let mut cfg = quick_config();
+        cfg.max_downtime = Duration::from_nanos(1);
+        let mut m = Migration::new(log, link, workload(&events), cfg);
+        m.run().unwrap_err();
+        let r: Vec<(RoundKind, bool, u64)> = m
+            .report()
+            .rounds
+            .iter()
+            .map(|r| (r.kind, r.failed, r.pages))
+            .collect();
+        assert_eq!(
+            r,
+            [
+                (RoundKind::Full, false, MEM / PAGE),
+                (RoundKind::Iterative, true, 2)
+            ]
+        );
+        assert_eq!(m.report().rounds[1].dirty_pages, 4);
     }
 
     #[test]

@@ -32,9 +32,12 @@
 //! After each scan the driver knows the bytes still pending (what the scan found) and estimates
 //! what the final phase would cost if it paused now, each part twice: what it typically costs
 //! (their sum is the **expected downtime**) and what it cost at worst lately (the **bound**).
-//! **Pause**: the median of three probes that pause and resume the workload, after round 0 and
-//! the next two rounds ([`MigrationConfig::probe_pause`]). **Final scan**: the fastest of the
-//! last three scans (the final scan runs with the workload stopped), bounded by the slowest.
+//! **Pause**: the median of three probes that rehearse the final phase's start after the scans
+//! before rounds 1, 2 and 3: pause the workload, scan again, resume it
+//! ([`MigrationConfig::probe_pause`]). **Final scan**: the upper median of those probes' scans,
+//! which run as the final scan does (workload stopped, right after a scan with it running);
+//! a scan beside the running workload costs about twice as much, its CPU time too, so it says
+//! little about the final one. Bounded by the slowest of the last three scans and the probes'.
 //! **Send** of the pending bytes: at the last iterative round's throughput, bounded by a line
 //! `fixed + bytes / bandwidth` fitted to the last four iterative rounds, never faster than the
 //! slowest of them (a low percentile of recent bandwidth, not the mean), and before two such

@@ -73,6 +73,28 @@ pub struct RoundReport {
     /// Time the scan before this round took (zero for round 0).
     #[serde(serialize_with = "ms", rename = "scan_ms")]
     pub scan: Duration,
+    /// CPU time the scanning thread spent in that scan (`CLOCK_THREAD_CPUTIME_ID`): the work
+    /// itself, without the waits for a CPU that `scan` includes. `None` for round 0 and
+    /// where the clock cannot be read.
+    #[serde(serialize_with = "ms_opt", rename = "scan_cpu_ms")]
+    pub scan_cpu: Option<Duration>,
+    /// The pause probe's scan right after that scan, with the workload paused (a rehearsal of
+    /// the final scan; see the crate docs, "Switch-over rule"), if one ran: wall time. Its
+    /// pages are in this round; the workload was paused for it (and for the pause and resume
+    /// around it).
+    #[serde(serialize_with = "ms_opt", rename = "probe_scan_ms")]
+    pub probe_scan: Option<Duration>,
+    /// That scan's CPU time.
+    #[serde(serialize_with = "ms_opt", rename = "probe_scan_cpu_ms")]
+    pub probe_scan_cpu: Option<Duration>,
+    /// Whether the round failed part-way (a broken connection, a refusal, a timeout): then
+    /// `pages` and `zero_pages` are what was handed to the transport before the failure
+    /// (not known to have arrived;
+    /// [`Transport::sent_before_failure`](crate::Transport::sent_before_failure)),
+    /// `bytes` what the transport knew it wrote (0 when it could not tell) and `duration`
+    /// the time until the failure. Its ranges went into a later round or
+    /// [`Migration::unsent`](crate::Migration::unsent).
+    pub failed: bool,
     /// Pages sent with contents.
     pub pages: u64,
     /// Pages sent as zeros.
@@ -94,12 +116,15 @@ pub struct RoundReport {
     pub expected_downtime: Option<Duration>,
     /// Throttle in force while this round was sent.
     pub throttle: f64,
-    /// Pages the scan before this round found written (0 for round 0; for the final round,
-    /// what the final scan found). With async write-protect this is the number of
-    /// write-protect faults the workload took in that interval: the first write to a
-    /// re-protected page faults once (about 1.3 µs here), later writes to it are free. Pages
-    /// that read as written without a store (anonymous `MADV_DONTNEED`) are counted too.
-    pub write_faults: u64,
+    /// Pages the dirty log reported written in the scan before this round
+    /// ([`CollectStats::pages`](crate::CollectStats)): 0 for round 0; for the final round, the
+    /// last scan with the workload running plus the final scan (the final round sends both).
+    /// A count of pages found written, not of faults: with the engine's log (async
+    /// write-protect) each such page cost the workload one write-protect fault resolved in
+    /// the kernel (the first write to a re-protected page faults once, about 1.3 µs here;
+    /// later writes to it are free), except pages that read as written without a store
+    /// (anonymous `MADV_DONTNEED`) and ranges an embedder marked ([`crate::ExternalDirty`]).
+    pub dirty_pages: u64,
     /// The workload's operations per second over the same interval as `dirty_rate`, if it
     /// counts them ([`crate::Workload::counters`]).
     pub workload_rate: Option<f64>,
@@ -125,8 +150,9 @@ pub struct WorkloadCost {
     pub during_rate: f64,
     /// Mean nanoseconds per operation over the same time.
     pub during_ns_per_op: Option<f64>,
-    /// Write-protect faults (pages found written) over all scans.
-    pub write_faults: u64,
+    /// Pages the dirty log reported written over all scans, the final one included (see
+    /// [`RoundReport::dirty_pages`]).
+    pub dirty_pages: u64,
 }
 
 /// The switch-over check of memory the dirty log cannot vouch for (shared memory, hugetlb,
@@ -156,6 +182,9 @@ pub struct FinalPhase {
     /// The last scan.
     #[serde(serialize_with = "ms", rename = "scan_ms")]
     pub scan: Duration,
+    /// CPU time the scanning thread spent in it (see [`RoundReport::scan_cpu`]).
+    #[serde(serialize_with = "ms_opt", rename = "scan_cpu_ms")]
+    pub scan_cpu: Option<Duration>,
     /// Re-checking the memory the dirty log cannot vouch for ([`VerifyPass`]; zero if none).
     #[serde(serialize_with = "ms", rename = "verify_ms")]
     pub verify: Duration,
@@ -189,11 +218,13 @@ pub struct DowntimeEstimate {
     /// The slowest pause probe, which the switch-over decision counts instead of `pause`.
     #[serde(serialize_with = "ms", rename = "pause_worst_ms")]
     pub pause_worst: Duration,
-    /// The final scan: the fastest of the last scans (the final one runs with the workload
-    /// stopped).
+    /// The final scan, which runs with the workload stopped: the upper median of the pause
+    /// probes' scans (each run with the workload paused right after a scan with it running,
+    /// as the final scan is); without probes, the fastest of the last three scans.
     #[serde(serialize_with = "ms", rename = "scan_ms")]
     pub scan: Duration,
-    /// The slowest of the last scans, which the switch-over decision counts instead of `scan`.
+    /// The slowest of the last three scans beside the running workload and of the probes'
+    /// scans, which the switch-over decision counts instead of `scan`.
     #[serde(serialize_with = "ms", rename = "scan_worst_ms")]
     pub scan_worst: Duration,
     /// Sending the pending bytes at the throughput of the last iterative round.
@@ -532,6 +563,16 @@ impl fmt::Display for MigrationReport {
             self.resend_ratio,
             bytes(self.memory_rate())
         )?;
+        let failed: Vec<&RoundReport> = self.rounds.iter().filter(|r| r.failed).collect();
+        if !failed.is_empty() {
+            writeln!(
+                f,
+                "               of which {} pages + {} zero pages in {} round(s) that failed part-way (marked * below): handed to the transport, not known to have arrived",
+                failed.iter().map(|r| r.pages).sum::<u64>(),
+                failed.iter().map(|r| r.zero_pages).sum::<u64>(),
+                failed.len()
+            )?;
+        }
         let sent_bytes = (self.pages + self.zero_pages) * self.page_size;
         let ratio = if sent_bytes > 0 {
             self.transferred_bytes as f64 / sent_bytes as f64
@@ -549,7 +590,13 @@ impl fmt::Display for MigrationReport {
             "dirty rate:    {}/s (last scan with the workload running)",
             bytes(self.dirty_rate)
         )?;
-        if self.throttle > 0.0 {
+        if self.throttle > 0.0 && self.throttle_method == "none" {
+            writeln!(
+                f,
+                "throttle:      asked for up to {:.0}%, not applied (this workload has no throttle)",
+                self.throttle * 100.0
+            )?;
+        } else if self.throttle > 0.0 {
             writeln!(
                 f,
                 "throttle:      up to {:.0}% ({})",
@@ -566,12 +613,12 @@ impl fmt::Display for MigrationReport {
                 |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.0} ops/s"));
             writeln!(
                 f,
-                "workload:      {} before tracking ({}), {} tracked ({}), {} write-protect faults",
+                "workload:      {} before tracking ({}), {} tracked ({}), {} pages found written over all scans",
                 rate(w.before_rate),
                 ns(w.before_ns_per_op),
                 rate(Some(w.during_rate)),
                 ns(w.during_ns_per_op),
-                w.write_faults
+                w.dirty_pages
             )?;
         }
         let pauses: Vec<Duration> = self.rounds.iter().filter_map(|r| r.collect_pause).collect();
@@ -606,14 +653,17 @@ impl fmt::Display for MigrationReport {
             "dirty/s",
             "exp. down",
             "thr.",
-            "faults",
+            "dirty pg",
             "ops/s"
         )?;
         for r in &self.rounds {
-            let kind = match r.kind {
-                RoundKind::Full => "full",
-                RoundKind::Iterative => "iterative",
-                RoundKind::Final => "final",
+            let kind = match (r.kind, r.failed) {
+                (RoundKind::Full, false) => "full",
+                (RoundKind::Full, true) => "full*",
+                (RoundKind::Iterative, false) => "iterative",
+                (RoundKind::Iterative, true) => "iterat.*",
+                (RoundKind::Final, false) => "final",
+                (RoundKind::Final, true) => "final*",
             };
             writeln!(
                 f,
@@ -630,7 +680,7 @@ impl fmt::Display for MigrationReport {
                 format!("{}/s", bytes(r.dirty_rate)),
                 r.expected_downtime.map_or_else(|| "-".to_string(), msf),
                 r.throttle * 100.0,
-                r.write_faults,
+                r.dirty_pages,
                 r.workload_rate
                     .map_or_else(|| "-".to_string(), |v| format!("{v:.0}"))
             )?;

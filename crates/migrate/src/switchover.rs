@@ -7,14 +7,19 @@
 //! the bound's sum, times a margin, fits the limit ([`DowntimeEstimate::bound`]): a downtime
 //! limit is a promise, an expected downtime a prediction.
 //!
-//! * **pause**: expected, the median of up to [`PAUSE_PROBES`] probes (a pause and resume of the
-//!   workload after round 0 and after each of the next rounds until there are enough; the upper
-//!   median of two), or zero if no probe was run; bound, the slowest probe. One probe is one
+//! * **pause**: expected, the median of up to [`PAUSE_PROBES`] probes (the upper median of
+//!   two), or zero if no probe was run; bound, the slowest probe. A probe rehearses the start
+//!   of the final phase right after the scans before rounds 1, 2 and 3: it pauses the
+//!   workload (timed), scans again (timed: the probe's scan) and resumes it. One probe is one
 //!   sample of a scheduler: on a loaded machine it ranged 0.1–55 ms;
-//! * **scan**: expected, the fastest of the last [`SCAN_WINDOW`] scans; bound, the slowest.
-//!   Those scans ran beside the workload; the final one runs with the workload stopped and
-//!   costs about what the least contended of them did (measured on a 2-core machine with a
-//!   competing process: final scans 1.4–1.8 ms, iterative scans 1.9–7 ms);
+//! * **scan**: expected, the upper median of the probes' scans: like the final scan, each
+//!   runs with the workload stopped right after a scan with it running, so it walks the same
+//!   memory and finds about as few pages. Scans beside the running workload cost about twice
+//!   as much, CPU time included (2 GiB on a 2-core machine with a competing process: 2.1–5.5
+//!   ms of CPU and 1.9–20 ms of wall time, against 1.5–1.7 ms for the final scan, whose wall
+//!   time is its CPU time unless it waits for a CPU), so neither the fastest of them nor their
+//!   CPU time predicts it. Without probes, the fastest of the last [`SCAN_WINDOW`] scans.
+//!   Bound: the slowest of the last [`SCAN_WINDOW`] scans and of the probes' scans;
 //! * **written meanwhile**: the workload keeps writing from the last scan until it is stopped;
 //!   at the dirty rate of the last scan interval that adds `rate × (scan + pause)` bytes to the
 //!   final round (with the bound's scan and pause for the bound). A throttled writer that runs
@@ -55,7 +60,7 @@ use std::time::Duration;
 
 /// Pause probes the driver takes, one after each of the first rounds.
 pub(crate) const PAUSE_PROBES: usize = 3;
-/// Scans remembered for the scan estimate.
+/// Scans whose slowest wall time bounds the final scan.
 pub(crate) const SCAN_WINDOW: usize = 3;
 /// Rounds remembered for the send fit and the margin.
 pub(crate) const SEND_WINDOW: usize = 4;
@@ -96,7 +101,10 @@ impl DowntimeEstimate {
 #[derive(Debug, Default)]
 pub(crate) struct Estimator {
     pauses: Vec<Duration>,
+    /// The last [`SCAN_WINDOW`] scans' wall times.
     scans: VecDeque<Duration>,
+    /// The pause probes' scans, with the workload paused: wall time.
+    probe_scans: Vec<Duration>,
     rounds: VecDeque<Sample>,
     /// Round 0 (or any round) when no iterative round is big enough yet.
     fallback: Option<Sample>,
@@ -143,6 +151,19 @@ impl Estimator {
 
     pub fn add_scan(&mut self, scan: Duration) {
         push(&mut self.scans, scan, SCAN_WINDOW);
+    }
+
+    /// Records a pause probe's scan (with the workload paused, right after a scan with it
+    /// running): `wall` time, and `cpu` time when measured (reported, not used: see
+    /// [`Estimator::estimate`]).
+    pub fn add_probe_scan(&mut self, wall: Duration, cpu: Option<Duration>) {
+        let _ = cpu;
+        self.probe_scans.push(wall);
+    }
+
+    /// The last [`SCAN_WINDOW`] scans' wall times.
+    fn recent_walls(&self) -> impl Iterator<Item = Duration> + '_ {
+        self.scans.iter().copied()
     }
 
     /// Records a sent round of `bytes` memory bytes that took `took`; `iterative` is false
@@ -259,13 +280,22 @@ impl Estimator {
     pub fn estimate(&self, pending: u64, dirty_rate: f64) -> Option<DowntimeEstimate> {
         let pause = self.pause();
         let pause_worst = self.pauses.iter().copied().max().unwrap_or_default();
-        let scan = self.scans.iter().copied().min().unwrap_or_default();
-        let scan_worst = self.scans.iter().copied().max().unwrap_or_default();
+        let scan_worst = self.recent_walls().max().unwrap_or_default();
         let rate = if dirty_rate.is_finite() {
             dirty_rate.max(0.0)
         } else {
             0.0
         };
+        // The final scan runs with the workload stopped, right after a scan with it running:
+        // it costs what the pause probes' scans, run the same way, cost. Scans beside the
+        // running workload cost about twice as much, CPU time included (measured: 2.1-5.5 ms
+        // of CPU against 1.5-1.7 for final scans of 2 GiB).
+        let scan = if self.probe_scans.is_empty() {
+            self.recent_walls().min().unwrap_or_default()
+        } else {
+            upper_median(self.probe_scans.iter().copied())
+        };
+        let scan_worst = scan_worst.max(self.probe_scans.iter().copied().max().unwrap_or_default());
         let meanwhile = (rate * (scan + pause).as_secs_f64()) as u64;
         let meanwhile_worst = (rate * (scan_worst + pause_worst).as_secs_f64()) as u64;
         let send_worst = self.send_bound(pending.saturating_add(meanwhile_worst))?;
@@ -353,12 +383,37 @@ mod tests {
         let est = e.estimate(MIB, 0.0).unwrap();
         // The median probe: one slow probe does not decide.
         assert_eq!(est.pause, ms(3.0));
-        // The 9 ms scan fell out of the window: of 2, 4 and 1 ms, the fastest is expected, the
-        // slowest is the bound.
+        // No probe scan. The 9 ms scan fell out of the window of three: of 2, 4 and 1 ms, the
+        // fastest is expected, the slowest is the bound.
         assert_eq!((est.scan, est.scan_worst), (ms(1.0), ms(4.0)));
         // No finish probe: that part is zero, not guessed.
         assert_eq!(est.finish, Duration::ZERO);
         assert_eq!(est.total(), est.pause + est.scan + est.send);
+    }
+
+    #[test]
+    fn the_final_scan_is_expected_at_what_the_probes_scans_took() {
+        // Recorded (2 GiB demo, CPU hog on one core, load 6.5): scans beside the running
+        // workload took 7.79 and 5.43 ms, the probes' scans with it paused 3.66 and 3.79 ms;
+        // the final scan then took 3.60 ms.
+        let mut e = Estimator::default();
+        e.add_round(2048 * MIB, ms(5000.0), false);
+        for (live, probe) in [(7.79, 3.66), (5.43, 3.79)] {
+            e.add_scan(ms(live));
+            e.add_pause(ms(0.2));
+            e.add_probe_scan(ms(probe), Some(ms(1.7)));
+        }
+        let est = e.estimate(MIB, 0.0).unwrap();
+        // The upper median of the two probes, not the fastest scan beside the workload.
+        assert_eq!(est.scan, ms(3.79));
+        // The bound keeps the slowest scan.
+        assert_eq!(est.scan_worst, ms(7.79));
+        // A probe slower than every live scan raises the bound.
+        e.add_probe_scan(ms(9.0), None);
+        let est = e.estimate(MIB, 0.0).unwrap();
+        assert_eq!((est.scan, est.scan_worst), (ms(3.79), ms(9.0)));
+        // The part is in the sum.
+        assert_eq!(est.total(), est.pause + est.scan + est.send + est.finish);
     }
 
     #[test]

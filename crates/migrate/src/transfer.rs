@@ -20,6 +20,8 @@ pub struct TransferTransport<S, K> {
     grow: Option<u64>,
     /// Regions in the layout before any was added mid-stream.
     first_regions: usize,
+    /// What the last round that failed had handed over before it failed.
+    failed: Option<RoundSent>,
 }
 
 impl<S: PageSource, K: Sink> TransferTransport<S, K> {
@@ -30,6 +32,7 @@ impl<S: PageSource, K: Sink> TransferTransport<S, K> {
             broke: false,
             grow: None,
             first_regions: transfer.layout().regions().len(),
+            failed: None,
             transfer,
         }
     }
@@ -76,21 +79,21 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
     type Error = TransferError;
 
     fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, TransferError> {
+        self.failed = None;
         if let Some(align) = self.grow {
             self.transfer
                 .add_regions_for(ranges, align)
                 .inspect_err(|e| self.broke = e.is_connection_break())?;
         }
-        let r = self
-            .transfer
-            .send_round(ranges)
-            .inspect_err(|e| self.broke = worth_reconnecting(e))?;
-        Ok(RoundSent {
-            pages: r.pages,
-            zero_pages: r.zero_pages,
-            bytes: r.bytes_on_wire,
-            duration: r.duration,
-        })
+        let r = self.transfer.send_round(ranges).inspect_err(|e| {
+            self.broke = worth_reconnecting(e);
+            self.failed = self.transfer.failed_round().map(round_sent);
+        })?;
+        Ok(round_sent(r))
+    }
+
+    fn sent_before_failure(&self) -> Option<RoundSent> {
+        self.failed
     }
 
     fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, TransferError> {
@@ -150,6 +153,16 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
         self.transfer
             .peer()
             .unwrap_or_else(|| "the destination".into())
+    }
+}
+
+/// The driver's view of a round the transfer sent.
+fn round_sent(r: precopy_transfer::RoundSent) -> RoundSent {
+    RoundSent {
+        pages: r.pages,
+        zero_pages: r.zero_pages,
+        bytes: r.bytes_on_wire,
+        duration: r.duration,
     }
 }
 

@@ -163,6 +163,8 @@ pub struct Transfer<S, K> {
     /// The hash of the last copy read of every page.
     hashes: PageHashes,
     totals: TransferSummary,
+    /// What the last round that failed part-way had handed to the sink ([`Transfer::failed_round`]).
+    failed_round: Option<RoundSent>,
     finished: bool,
     state_sent: bool,
 }
@@ -231,6 +233,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
                 check: FinalCheck::Recorded,
                 source_check: Duration::ZERO,
             },
+            failed_round: None,
             finished: false,
             state_sent: false,
         })
@@ -261,6 +264,16 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         self.totals
     }
 
+    /// After [`Transfer::send_round`] failed part-way: what that round had handed to the sink
+    /// before it failed (pages and zero pages; not known to have arrived), the bytes the sink
+    /// wrote for it if it could still end the round (else 0), and the time until the failure.
+    /// `None` before any round failed, or when the last one failed before it began. For a
+    /// report of what happened; the caller still treats every range of the round as
+    /// undelivered.
+    pub fn failed_round(&self) -> Option<RoundSent> {
+        self.failed_round
+    }
+
     /// Sends one whole round: `dirty` are the ranges the scanner reported
     /// (plus any the caller wants re-sent in full), page-aligned source
     /// addresses, in any order, overlaps allowed.
@@ -272,6 +285,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
     /// failure half-way the round is closed (if the sink still works) so the
     /// transfer stays usable: the next `send_round` starts a new round.
     pub fn send_round(&mut self, dirty: &[Range<u64>]) -> Result<RoundSent, TransferError> {
+        self.failed_round = None;
         for r in dirty {
             self.layout.check_pages(r)?;
         }
@@ -291,11 +305,19 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         self.batch.clear();
         self.batch_len = 0;
         let Some(state) = self.current.take() else {
+            // Failed in the sink's end of the round: `end_round` kept what it had handed over.
             self.record_live_hashes();
             return;
         };
         let ended = self.sink.end_round(state.round);
         self.record_live_hashes();
+        self.failed_round = Some(RoundSent {
+            round: state.round,
+            pages: state.pages,
+            zero_pages: state.zero_pages,
+            bytes_on_wire: *ended.as_ref().unwrap_or(&0),
+            duration: state.start.elapsed(),
+        });
         if let Ok(bytes) = ended {
             self.next_round += 1;
             self.totals.rounds += 1;
@@ -737,7 +759,15 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         })?;
         let ended = self.sink.end_round(state.round);
         self.record_live_hashes();
-        let bytes = ended?;
+        let bytes = ended.inspect_err(|_| {
+            self.failed_round = Some(RoundSent {
+                round: state.round,
+                pages: state.pages,
+                zero_pages: state.zero_pages,
+                bytes_on_wire: 0,
+                duration: state.start.elapsed(),
+            });
+        })?;
         self.next_round += 1;
         self.totals.rounds += 1;
         self.totals.pages += state.pages;
