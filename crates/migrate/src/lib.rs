@@ -151,7 +151,10 @@
 //! [`DirtyLog`]). A round that fails keeps its ranges: after a reconnect
 //! ([`ReconnectConfig`]: bounded attempts with doubling backoff) they go
 //! into the next round with whatever the transport reports the destination lacks; when the
-//! migration fails they are in [`Migration::unsent`] for a fallback.
+//! migration fails they are in [`Migration::unsent`] for a fallback. The report says what
+//! happened either way: the rounds that ran, and a round that failed part-way marked
+//! `failed` with the pages it had handed to the transport before the failure
+//! ([`Transport::sent_before_failure`]; not known to have arrived), counted in the totals.
 //!
 //! **Resume after a broken connection.** [`TransferTransport`] over a sender made with
 //! `precopy_transfer::Sender::dial` reconnects only when a round failed because the connection
