@@ -579,7 +579,12 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.watchdog = None;
         if let Err(e) = &result {
             self.report.error = Some(precopy_sys::error_chain(e));
-            // What the workload did and the log found up to the failure.
+            // What the workload did and the log found up to the failure (or the pause).
+            if self.report.status == Status::Active
+                && let Some(c) = self.workload.counters()
+            {
+                self.last_counters = Some((Instant::now(), c));
+            }
             self.record_workload();
             // After the commit the destination owns the state: never resume then.
             if self.report.status != Status::Completed {
@@ -2291,10 +2296,22 @@ mod tests {
             fail_calls: vec![0],
             ..Scripted::default()
         };
-        let mut m = Migration::new(log, link, workload(&events), quick_config());
+        let mut n = 0u64;
+        let counted = workload(&events).with_counters(move || {
+            n += 1000;
+            WorkloadCounters {
+                operations: n,
+                busy: Duration::from_micros(n),
+            }
+        });
+        let mut m = Migration::new(log, link, counted, quick_config());
         m.run().unwrap_err();
         let report = m.report();
         assert_eq!(report.status, Status::Failed);
+        // No scan ran, yet the workload's rate while tracked is measured up to the failure.
+        let cost = report.workload.expect("the workload counts");
+        assert!(cost.during_rate > 0.0, "{cost:?}");
+        assert_eq!(cost.dirty_pages, 0);
         assert_eq!(report.rounds.len(), 1);
         let r = &report.rounds[0];
         assert!(r.failed && r.kind == RoundKind::Full, "{r:?}");

@@ -146,7 +146,7 @@ pub struct WorkloadCost {
     pub before_rate: Option<f64>,
     /// Mean nanoseconds per operation before tracking started.
     pub before_ns_per_op: Option<f64>,
-    /// Operations per second from the start of tracking to the pause.
+    /// Operations per second from the start of tracking to the pause (or to the failure).
     pub during_rate: f64,
     /// Mean nanoseconds per operation over the same time.
     pub during_ns_per_op: Option<f64>,
