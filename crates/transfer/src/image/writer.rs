@@ -1170,6 +1170,58 @@ mod tests {
         }
     }
 
+    /// A compaction the file system has no room for is refused before anything is written:
+    /// the image stays as it was, every round in it. Needs a small tmpfs (root).
+    #[test]
+    fn a_compaction_without_room_is_refused_and_the_image_stays_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .arg(dir.path())
+            .output();
+        if !matches!(&mounted, Ok(o) if o.status.success()) {
+            eprintln!("SKIP: cannot mount a 2 MiB tmpfs (needs root): {mounted:?}");
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _unmount = Unmount(dir.path());
+        // 128 pages (512 KiB): round 0 sends them all, later rounds rewrite 8, until about
+        // 300 KiB are left: room for a round, not for a compacted copy (over 512 KiB).
+        const N: u64 = 128;
+        let layout = Layout::single(PS, BASE, N * PS).unwrap();
+        let w = ImageWriter::create(dir.path().join("x.img"), layout.clone())
+            .unwrap()
+            .with_compaction(None);
+        let mem: Vec<u8> = (0..N * PS).map(|i| (i / PS) as u8 | 1).collect();
+        let mut tx = Transfer::new(SliceSource::new(BASE, mem), w, layout, 8).unwrap();
+        tx.send_round(&[BASE..BASE + N * PS]).unwrap();
+        while tx.sink().bytes_written() < (2 << 20) - (300 << 10) {
+            tx.send_round(&[BASE..BASE + 8 * PS]).unwrap();
+        }
+        let (src, mut w) = tx.into_parts();
+        let partial = ImageWriter::partial_path(dir.path().join("x.img"));
+        let len = w.bytes_written();
+        let rounds = w.next_round;
+        let err = w.compact().unwrap_err();
+        assert!(
+            matches!(err, TransferError::Image(ImageError::NoSpace { need, free, .. }) if need > free),
+            "{err:?}"
+        );
+        assert!(format!("{err}").starts_with("no space left for the image on the file system of"));
+        assert!(!compacting_path(&partial).exists());
+        assert_eq!(std::fs::metadata(&partial).unwrap().len(), len);
+        let img = Image::open(&partial).unwrap();
+        assert_eq!(img.read_span_to_vec(0..N * PS).unwrap(), src.data());
+        let info = img.info();
+        assert_eq!(info.rounds_ended, rounds);
+        assert!(info.compacted.is_none());
+    }
+
     #[test]
     fn a_page_damaged_on_disk_fails_the_compaction_and_keeps_the_old_file() {
         let dir = tempfile::tempdir().unwrap();
