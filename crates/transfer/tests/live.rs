@@ -5,7 +5,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use common::{Net, PS, listen, receiver_config, sender_config, spawn_receiver};
 use precopy_sys::mem::Mapping;
@@ -54,9 +54,10 @@ fn concurrent_writers_with(net: Net, streams: usize, splice: bool) {
     )
     .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..2u64)
         .map(|w| {
-            let (m, stop) = (m.clone(), stop.clone());
+            let (m, stop, started) = (m.clone(), stop.clone(), started.clone());
             std::thread::spawn(move || {
                 let mut rng = StdRng::seed_from_u64(w);
                 let mut n = 0u64;
@@ -64,12 +65,25 @@ fn concurrent_writers_with(net: Net, streams: usize, splice: bool) {
                     let p = rng.random_range(0..pages);
                     // Whole-page writes make tears likely: the kernel reads the page mid-fill.
                     m.fill(p * PS, PS, rng.random()).unwrap();
+                    if n == 0 {
+                        started.fetch_add(1, Ordering::Relaxed);
+                    }
                     n += 1;
                 }
                 n
             })
         })
         .collect();
+    // Both writers are writing before the first live round (on a loaded machine a thread can
+    // wait for a CPU until the rounds are over, and the test would check nothing concurrent).
+    let waiting = std::time::Instant::now();
+    while started.load(Ordering::Relaxed) < 2 {
+        assert!(
+            waiting.elapsed() < std::time::Duration::from_secs(60),
+            "writers never ran"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     let all = [m.addr()..m.addr() + m.len()];
     for _ in 0..3 {
         let sent = tx.send_round(&all).unwrap();
