@@ -551,6 +551,9 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
             let sink = ImageWriter::create(path, layout.clone())
                 .with_context(|| format!("creating the image {}", path.display()))
                 .map_err(|e| fail(&report, e))?;
+            // Ours while the writer holds the partial file's lock: an interrupt mid-compaction
+            // must not leave it behind.
+            state.add_file(ImageWriter::compacting_path(path));
             let transfer = Transfer::new(source, sink, layout, 64)
                 .context("starting the transfer")
                 .map_err(|e| fail(&report, e))?;
@@ -899,6 +902,10 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
     let received = Receiver::accept(&listener, &config)
         .and_then(|rx| {
             let mut sink = ImageWriter::create(&path, rx.layout().clone())?;
+            // Ours while the writer holds the partial file's lock (see `send`).
+            interrupts
+                .state()
+                .add_file(ImageWriter::compacting_path(&path));
             rx.run(&mut sink)
         })
         .with_context(|| format!("receiving into {}", path.display()))

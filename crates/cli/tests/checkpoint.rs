@@ -139,6 +139,19 @@ fn a_file_that_is_not_an_image_is_only_replaced_with_force() {
     std::fs::write(precopy_transfer::ImageWriter::partial_path(&other), b"x").unwrap();
     let out = precopy(&["send", "--pid", "1", "--to", &file_url(&other)]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // And its `.partial.compacting`: a compaction writes there, and a send starting removes
+    // one left behind.
+    let third = dir.join("third.img");
+    let compacting = precopy_transfer::ImageWriter::compacting_path(&third);
+    std::fs::write(&compacting, b"x").unwrap();
+    let out = precopy(&["send", "--pid", "1", "--to", &file_url(&third)]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not a precopy image"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&compacting).unwrap(), b"x");
     assert_eq!(std::fs::read(&notes).unwrap(), b"my notes, not an image\n");
     if !engine_usable() {
         return;

@@ -503,6 +503,15 @@ pub enum ImageError {
         /// Its length in bytes.
         len: u64,
     },
+    /// Another image writer (another precopy, or another writer in this process) holds the
+    /// lock on the partial file: two writers to one path would mix their images.
+    #[error("another precopy is writing {path} ({partial} is locked)")]
+    Locked {
+        /// The image's path.
+        path: PathBuf,
+        /// Its partial file, which the other writer holds locked (`flock`).
+        partial: PathBuf,
+    },
     /// The directory an image would be written in does not exist.
     #[error("directory {dir} does not exist")]
     NoDirectory {

@@ -90,6 +90,9 @@ pub(super) enum CompactionStep {
 pub struct ImageWriter {
     path: PathBuf,
     partial: PathBuf,
+    /// The exclusive `flock` on the file at `partial` (after [`Sink::commit`], at `path`),
+    /// held for the writer's life: a second writer for the same path is refused.
+    lock: Lock,
     out: FrameWriter<BufWriter<File>>,
     layout: Layout,
     /// Per layout page: file offset of its latest data, [`ZERO`] or [`NEVER`].
@@ -144,6 +147,13 @@ impl ImageWriter {
         PathBuf::from(p)
     }
 
+    /// Where the compacted copy of the image at `path` is written before it is renamed over
+    /// the partial file: [`ImageWriter::partial_path`] with `.compacting` appended. It exists
+    /// only while a compaction runs (or after a crash in one: the next writer removes it).
+    pub fn compacting_path(path: impl AsRef<Path>) -> PathBuf {
+        compacting_path(&Self::partial_path(path))
+    }
+
     /// Starts the image that will be `path` for `layout`, writing it at
     /// [`ImageWriter::partial_path`] (created or truncated, mode 0600). Fails if `path` exists
     /// and is not a regular file (a directory, a FIFO, a device), or the partial file cannot
@@ -159,19 +169,10 @@ impl ImageWriter {
             reason: "layout has more pages than an image holds (MAX_IMAGE_PAGES)",
         })?;
         Self::check_destination(&path)?;
-        // Non-blocking, so that a FIFO opens at once (read-write never waits) and anything but
-        // a regular file is then refused before a byte is written.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NONBLOCK)
-            .open(&partial)
-            .map_err(io("creating"))?;
-        super::regular_file(&partial, &file)?;
-        // A compacted copy a crash left half-written is never the image: drop it.
+        let (file, lock) = lock_partial(&path, &partial)?;
+        file.set_len(0).map_err(io("truncating"))?;
+        // A compacted copy a crash left half-written is never the image: drop it (only the
+        // writer holding the lock ever writes one, and that is this one now).
         let _ = std::fs::remove_file(compacting_path(&partial));
         let mut out = FrameWriter::new(BufWriter::with_capacity(1 << 20, file));
         let first_layout = layout.without_host();
@@ -183,6 +184,7 @@ impl ImageWriter {
         Ok(ImageWriter {
             path,
             partial,
+            lock,
             out,
             layout,
             loc,
@@ -263,8 +265,9 @@ impl ImageWriter {
     }
 
     /// Whether writing an image to `path` would replace only what an image writer may
-    /// replace: fails with [`ImageError::NotAnImage`] when `path`, or its partial file
-    /// ([`ImageWriter::partial_path`]), is a regular file that is neither empty nor starts
+    /// replace: fails with [`ImageError::NotAnImage`] when `path`, its partial file
+    /// ([`ImageWriter::partial_path`]) or the compacted copy's path
+    /// ([`ImageWriter::compacting_path`]) is a regular file that is neither empty nor starts
     /// like a precopy image (its magic, or a prefix of it: an image cut short). Reads at most
     /// the first 8 bytes of each; a missing file, or one that cannot be read, passes (the
     /// write then reports its own error). [`ImageWriter::create`] does not run this check:
@@ -272,7 +275,11 @@ impl ImageWriter {
     pub fn check_replaceable(path: impl AsRef<Path>) -> Result<(), ImageError> {
         use std::io::Read;
         let path = path.as_ref();
-        for p in [path.to_owned(), Self::partial_path(path)] {
+        for p in [
+            path.to_owned(),
+            Self::partial_path(path),
+            Self::compacting_path(path),
+        ] {
             let Ok(meta) = std::fs::symlink_metadata(&p) else {
                 continue;
             };
@@ -590,12 +597,22 @@ impl ImageWriter {
         if self.stop_after == Some(CompactionStep::Synced) {
             return Err(simulated_crash());
         }
+        // Locked before it takes the partial file's name, so that the partial path is never
+        // unlocked while this writer runs (the old file's lock goes with it when it is dropped).
+        let lock = match lock_file(out.get_ref().get_ref()) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(self.io("locking the compacted copy of")(e.into()));
+            }
+        };
         if let Err(e) = std::fs::rename(&tmp, &self.partial) {
             let _ = std::fs::remove_file(&tmp);
             return Err(self.io("renaming the compacted copy over")(e));
         }
         // From here the partial file is the compacted copy: continue there.
         self.out = out;
+        self.lock = lock;
         self.loc = loc;
         self.synced_to = new_len;
         self.room_until = 0;
@@ -754,6 +771,63 @@ fn hello(layout: &Layout) -> Hello {
         layout: layout.clone(),
         resume: false,
     }
+}
+
+/// Opens (creating it, mode 0600, not truncating) the partial file `partial` of the image
+/// at `path` and takes an exclusive `flock` on it, held as long as the returned [`Lock`]
+/// lives (the writer keeps it until it is dropped). Fails with [`ImageError::Locked`] when another
+/// writer holds it. The file locked is checked to be the one still at `partial` (a writer
+/// that compacted or published meanwhile renamed another file there or this one away);
+/// if not, it tries again.
+fn lock_partial(path: &Path, partial: &Path) -> Result<(File, Lock), ImageError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |what| {
+        let path = path.to_owned();
+        move |source| ImageError::Io { path, what, source }
+    };
+    loop {
+        // Non-blocking, so that a FIFO opens at once (read-write never waits) and anything
+        // but a regular file is then refused before a byte is written.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(partial)
+            .map_err(io("creating"))?;
+        super::regular_file(partial, &file)?;
+        let lock = lock_file(&file).map_err(|e| match e {
+            nix::errno::Errno::EWOULDBLOCK => ImageError::Locked {
+                path: path.to_owned(),
+                partial: partial.to_owned(),
+            },
+            e => io("locking")(e.into()),
+        })?;
+        let held = file.metadata().map_err(io("inspecting"))?;
+        match std::fs::symlink_metadata(partial) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
+                return Ok((file, lock));
+            }
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io("inspecting")(e)),
+        }
+    }
+}
+
+/// An exclusive `flock` on an image file, held until dropped (on a duplicate of the
+/// writer's descriptor: the lock belongs to the open file both share).
+type Lock = nix::fcntl::Flock<File>;
+
+/// Takes an exclusive `flock` on `file` without waiting (`EWOULDBLOCK`: another open file
+/// holds it).
+fn lock_file(file: &File) -> Result<Lock, nix::errno::Errno> {
+    let dup = file
+        .try_clone()
+        .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(nix::libc::EIO)))?;
+    Lock::lock(dup, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| e)
 }
 
 /// Where the compacted copy of the partial file `partial` is written before it replaces it.
@@ -1076,6 +1150,52 @@ mod tests {
     fn contents(path: &Path) -> (Vec<u8>, crate::image::ImageInfo) {
         let img = Image::open(path).unwrap();
         (img.read_span_to_vec(0..PAGES * PS).unwrap(), img.info())
+    }
+
+    /// A second writer for the same path is refused, before it truncates or removes
+    /// anything, for as long as the first runs (across its compactions), and the first's
+    /// image is whole.
+    #[test]
+    fn a_second_writer_for_the_same_path_is_refused_while_the_first_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.img");
+        let layout = Layout::single(PS, BASE, PAGES * PS).unwrap();
+        let partial = ImageWriter::partial_path(&path);
+        let refused = || {
+            let len = std::fs::metadata(&partial).unwrap().len();
+            assert!(len > 0);
+            let e = ImageWriter::create(&path, layout.clone()).unwrap_err();
+            assert!(
+                matches!(&e, TransferError::Image(ImageError::Locked { partial, .. })
+                    if *partial == ImageWriter::partial_path(&path)),
+                "{e:?}"
+            );
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "another precopy is writing {} ({} is locked)",
+                    path.display(),
+                    ImageWriter::partial_path(&path).display()
+                )
+            );
+            // Nothing truncated.
+            assert_eq!(std::fs::metadata(&partial).unwrap().len(), len);
+        };
+        let mut tx = transfer(dir.path(), None);
+        round(&mut tx, 0);
+        tx.probe_finish().unwrap();
+        refused();
+        round(&mut tx, 1);
+        tx.probe_finish().unwrap();
+        assert!(tx.sink().compaction().is_some(), "compacted");
+        // The compacted copy now at the partial path is locked too.
+        refused();
+        round(&mut tx, 2);
+        tx.finish(FinalCheck::Full).unwrap();
+        Image::open(&path).unwrap().verify().unwrap();
+        drop(tx);
+        // Once the first is gone, a new writer starts.
+        ImageWriter::create(&path, layout.clone()).unwrap();
     }
 
     #[test]
