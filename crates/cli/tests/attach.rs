@@ -4,9 +4,9 @@
 mod common;
 
 use common::target::{Lang, Target, engine_usable, state};
-use precopy_migrate::{DirtyLog, TargetLog};
+use precopy_migrate::{DirtyLog, TargetError, TargetLog};
 use precopy_scanner::{ScanOptions, Scanner};
-use precopy_tracker::{AttachError, Uffd};
+use precopy_tracker::{AttachError, Tracker, Uffd};
 use std::time::Duration;
 
 /// Waits until the writers run and every thread has finished starting (a thread being created
@@ -164,6 +164,41 @@ fn the_attached_fd_tracks_the_targets_writes() {
     log.collect(&mut dirty).unwrap();
     let bytes: u64 = dirty.iter().map(|r| r.end - r.start).sum();
     assert!(bytes >= 128 * 4096, "only {bytes} bytes reported written");
+    assert!(t.running());
+}
+
+/// A writable mapping created mid-run that another userfaultfd registered before this log's
+/// next round saw it (a second `precopy send` attaching meanwhile): the kernel refuses it to
+/// this log (`EBUSY`), and the round fails rather than leave that memory untracked.
+#[test]
+fn a_new_mapping_another_userfaultfd_took_fails_the_round() {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(Lang::C, 2, 128, 0);
+    wait_ops(&mut t);
+    let (uffd, _) = Uffd::attach(t.pid).unwrap();
+    let scanner = Scanner::new(ScanOptions::default()).unwrap();
+    let mut log = TargetLog::new(uffd, scanner).unwrap().allow_anywhere();
+    log.start().unwrap();
+    let mut dirty = Vec::new();
+    log.collect(&mut dirty).unwrap();
+    // A new writer thread with a new 128-page buffer, which the log has not seen yet.
+    let reply = t.ask("grow");
+    let buf = reply
+        .strip_prefix("grown ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|b| u64::from_str_radix(b, 16).ok())
+        .unwrap_or_else(|| panic!("fixture said {reply:?}"));
+    let (other, _) = Uffd::attach(t.pid).unwrap();
+    let mut other = Tracker::new(other);
+    other
+        .register(buf..buf + 128 * 4096)
+        .unwrap_or_else(|e| panic!("the second userfaultfd could not take the new buffer: {e}"));
+    match log.collect(&mut dirty) {
+        Err(TargetError::AlreadyTracked { pid }) => assert_eq!(pid, t.pid),
+        other => panic!("the round did not fail on memory it cannot track: {other:?}"),
+    }
     assert!(t.running());
 }
 
