@@ -390,19 +390,29 @@ fn print_report(r: &precopy_vmm::VmDemoReport, host: &KvmHost) {
     let m = &r.source.migration;
     outln!("{m}");
     if !r.source.cross_check.is_empty() {
-        // One row per dirty-log scan: scan n feeds round n, and the final round takes one more
-        // scan, with the guest paused, on top of the one that decided the switch-over.
+        // One row per dirty-log scan: each round after round 0 takes one scan, a round with a
+        // pause probe one more with the guest paused (a rehearsal of the final scan, its pages
+        // in that round), and the final round one more with the guest paused, on top of the one
+        // that decided the switch-over.
         let last_round = m.rounds.len().saturating_sub(1) as u64;
+        let mut labels = Vec::new();
+        for (i, round) in m.rounds.iter().enumerate().skip(1) {
+            labels.push(i.to_string());
+            if round.probe_scan.is_some() {
+                labels.push(format!("{i} probe"));
+            }
+        }
+        labels.push(format!("{last_round} final"));
         outln!(
-            "KVM dirty log cross-check, one row per scan (KVM's pages must be among ours; the final round {last_round} adds a scan with the guest paused):"
+            "KVM dirty log cross-check, one row per scan (KVM's pages must be among ours; a pause probe (probe) and the final round {last_round} (final) add a scan with the guest paused):"
         );
         outln!("   scan  for round  KVM pages  our pages  KVM-only this scan  ours-only");
         for c in &r.source.cross_check {
-            let round = if c.round > last_round {
-                format!("{last_round} final")
-            } else {
-                c.round.to_string()
-            };
+            let round = (c.round as usize)
+                .checked_sub(1)
+                .and_then(|i| labels.get(i))
+                .cloned()
+                .unwrap_or_else(|| c.round.to_string());
             outln!(
                 "  {:>5}  {:>9}  {:>9}  {:>9}  {:>18}  {:>9}",
                 c.round,
