@@ -14,6 +14,8 @@
 //!    JSON object with `"ok": false`, the error, `"interrupted"` (the signal's name) and the
 //!    report as far as it got ([`TargetState::update_report`], [`TargetState::set_partial`];
 //!    without `--json`, the text report so far on stdout, [`TargetState::set_partial_text`]);
+//!    An image the command writes is withdrawn first ([`TargetState::set_publish_gate`]); if
+//!    it was already published, the signal changes nothing and the command reports success.
 //! 5. exits with 128 + the signal number. The userfaultfd closes with the process, which ends
 //!    the tracking in the kernel; the target holds no fd of ours.
 //!
@@ -27,6 +29,7 @@
 use crate::output;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, pthread_sigmask};
 use nix::unistd::Pid;
+use precopy_transfer::PublishGate;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,6 +93,8 @@ pub struct TargetState {
     children: Mutex<Vec<i32>>,
     /// Files to remove.
     files: Mutex<Vec<PathBuf>>,
+    /// The image this command writes: a signal withdraws it unless it was published already.
+    gate: Mutex<Option<Arc<PublishGate>>>,
 }
 
 impl std::fmt::Debug for TargetState {
@@ -140,6 +145,12 @@ impl TargetState {
     pub fn add_child(&self, pid: i32) {
         lock(&self.children).push(pid);
     }
+    /// The gate of the image this command writes: a signal that comes after the image was
+    /// published (renamed into place) changes nothing, the command ends as it would have;
+    /// one before withdraws it, so the earlier file at its path stays.
+    pub fn set_publish_gate(&self, gate: Arc<PublishGate>) {
+        *lock(&self.gate) = Some(gate);
+    }
     /// A file to remove on a signal.
     pub fn add_file(&self, path: PathBuf) {
         lock(&self.files).push(path);
@@ -165,6 +176,13 @@ impl Interrupts {
             .spawn(move || {
                 let Ok(sig) = set.wait() else { return };
                 let _attach = s.attaching();
+                // The image is published: the command's result is final and it reports it
+                // (one report, the one that matches what is on disk).
+                if let Some(gate) = lock(&s.gate).clone() {
+                    if !gate.withdraw() {
+                        return;
+                    }
+                }
                 let mut what = format!("interrupted by {sig}");
                 if let Some(pid) = pid {
                     let stopped = s.stopped_by_us.load(Ordering::SeqCst);

@@ -28,7 +28,7 @@ use precopy_scanner::{ScanOptions, Scanner};
 use precopy_tracker::{AttachTimes, Uffd};
 use precopy_transfer::{
     Connection, FinalCheck, ImageWriter, Key, Layout, Listener, MemoryRegion, ProcessDescription,
-    Receiver, ReceiverConfig, SenderConfig, Sink, Transfer,
+    PublishGate, Receiver, ReceiverConfig, SenderConfig, Sink, Transfer,
 };
 use serde_json::{Value, json};
 use std::ops::Range;
@@ -548,9 +548,12 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     config.throttle.enabled = args.throttle != SendThrottle::None;
     let (result, driven) = match &dest {
         Dest::File(path) => {
+            let gate = Arc::new(PublishGate::new());
+            state.set_publish_gate(gate.clone());
             let sink = ImageWriter::create(path, layout.clone())
                 .with_context(|| format!("creating the image {}", path.display()))
-                .map_err(|e| fail(&report, e))?;
+                .map_err(|e| fail(&report, e))?
+                .with_publish_gate(gate);
             // Ours while the writer holds the partial file's lock: an interrupt mid-compaction
             // must not leave it behind.
             state.add_file(ImageWriter::compacting_path(path));
@@ -901,7 +904,9 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
     }
     let received = Receiver::accept(&listener, &config)
         .and_then(|rx| {
-            let mut sink = ImageWriter::create(&path, rx.layout().clone())?;
+            let gate = Arc::new(PublishGate::new());
+            interrupts.state().set_publish_gate(gate.clone());
+            let mut sink = ImageWriter::create(&path, rx.layout().clone())?.with_publish_gate(gate);
             // Ours while the writer holds the partial file's lock (see `send`).
             interrupts
                 .state()

@@ -512,6 +512,14 @@ pub enum ImageError {
         /// Its partial file, which the other writer holds locked (`flock`).
         partial: PathBuf,
     },
+    /// The finished image was withdrawn before it was published (the command was interrupted,
+    /// see [`PublishGate`](crate::PublishGate)): the earlier file at `path`, if any, is
+    /// untouched; what was written stays at `path` + `.partial`.
+    #[error("the image {path} was withdrawn before it was published")]
+    Withdrawn {
+        /// The image's path.
+        path: PathBuf,
+    },
     /// The directory an image would be written in does not exist.
     #[error("directory {dir} does not exist")]
     NoDirectory {

@@ -74,12 +74,14 @@ use crate::error::ImageError;
 use crate::layout::Layout;
 use crate::protocol::IndexEntry;
 
+mod gate;
 pub mod info;
 pub mod reader;
 pub mod verify;
 mod walk;
 pub mod writer;
 
+pub use gate::PublishGate;
 pub use info::{
     AddedRegion, AddressKind, CompactionInfo, ImageInfo, ProcessDescription, RegionInfo, RoundInfo,
     image_cat, image_info, parse_span,

@@ -142,8 +142,8 @@ pub use error::{
 };
 pub use image::{
     AddedRegion, AddressKind, CompactionInfo, CompactionPolicy, Image, ImageInfo, ImageWriter,
-    ProcessDescription, RegionInfo, RoundInfo, VerifyReport, image_cat, image_info, image_verify,
-    parse_span,
+    ProcessDescription, PublishGate, RegionInfo, RoundInfo, VerifyReport, image_cat, image_info,
+    image_verify, parse_span,
 };
 pub use kind::FrameKind;
 pub use layout::{Backing, Layout, MemoryRegion};

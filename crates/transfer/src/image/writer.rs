@@ -9,8 +9,10 @@ use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::gate::PublishGate;
 use super::info::CompactionInfo;
 use super::{
     IMAGE_MAGIC, IMAGE_VERSION, INDEX_ENTRIES_PER_RECORD, MAX_IMAGE_PAGES, NEVER, PREAMBLE_LEN,
@@ -131,6 +133,8 @@ pub struct ImageWriter {
     /// File offset up to which the file system was found to have room (see
     /// [`ImageWriter::ensure_room`]).
     room_until: u64,
+    /// Decides between the publishing rename and a withdrawal ([`ImageWriter::with_publish_gate`]).
+    gate: Option<Arc<PublishGate>>,
     #[cfg(test)]
     stop_after: Option<CompactionStep>,
 }
@@ -206,9 +210,18 @@ impl ImageWriter {
             zero_pages: 0,
             hello_len,
             room_until: 0,
+            gate: None,
             #[cfg(test)]
             stop_after: None,
         })
+    }
+
+    /// Publishes the finished image only through `gate`: once the gate is withdrawn (a
+    /// command interrupted), [`Sink::commit`] leaves the image at the partial path and fails
+    /// with [`ImageError::Withdrawn`]; once it published, a withdrawal says so.
+    pub fn with_publish_gate(mut self, gate: Arc<PublishGate>) -> ImageWriter {
+        self.gate = Some(gate);
+        self
     }
 
     /// This writer with compaction as `policy` says (`None`: never compact, so the image
@@ -1076,7 +1089,18 @@ impl Sink for ImageWriter {
             });
         }
         self.committed = true;
-        std::fs::rename(&self.partial, &self.path).map_err(self.io("renaming into place"))?;
+        let rename = || std::fs::rename(&self.partial, &self.path);
+        let published = match &self.gate {
+            Some(gate) => gate.publish(rename),
+            None => rename().map(|()| true),
+        }
+        .map_err(self.io("renaming into place"))?;
+        if !published {
+            return Err(ImageError::Withdrawn {
+                path: self.path.clone(),
+            }
+            .into());
+        }
         sync_dir(&self.path).map_err(self.io("syncing the directory"))?;
         Ok(())
     }
