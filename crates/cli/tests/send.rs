@@ -795,6 +795,24 @@ fn interrupting_send_leaves_the_target_running() {
     );
 }
 
+/// Whether process `pid` runs precopy now (the shell before it has exec'd it).
+fn is_precopy(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "precopy")
+}
+
+/// Whether process `pid` ignores SIGINT now (`SigIgn` in /proc/PID/status; gone: no).
+fn sigint_ignored(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .unwrap_or(0);
+    mask & (1 << (nix::sys::signal::Signal::SIGINT as i32 - 1)) != 0
+}
+
 #[test]
 fn signals_inherited_as_ignored() {
     if !engine_usable() {
@@ -810,6 +828,17 @@ fn signals_inherited_as_ignored() {
     for delay_ms in [0u64, 5, 100] {
         let image = scratch(&format!("ignored-int-{delay_ms}.img"));
         let child = endless_send(&t, &image, Some("trap '' INT"));
+        // Until the send's first step the ignore is still in force (in the shell before its
+        // exec, and in the send before `main` runs): a SIGINT then is dropped, as by any
+        // program. Count from the moment /proc shows the send running, no longer ignoring it.
+        let waiting = std::time::Instant::now();
+        while !is_precopy(child.id()) || sigint_ignored(child.id()) {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(30),
+                "SIGINT never un-ignored"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
         std::thread::sleep(Duration::from_millis(delay_ms));
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, Signal::SIGINT).unwrap();
@@ -829,6 +858,14 @@ fn signals_inherited_as_ignored() {
     // As `nohup` starts it: SIGHUP ignored, and it stays so; SIGTERM ends the send cleanly.
     let image = scratch("ignored-hup.img");
     let mut child = endless_send(&t, &image, Some("trap '' HUP"));
+    let waiting = std::time::Instant::now();
+    while !is_precopy(child.id()) {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(30),
+            "the send never started"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
     std::thread::sleep(Duration::from_millis(100));
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, Signal::SIGHUP).unwrap();
