@@ -395,6 +395,8 @@ fn print_report(r: &precopy_vmm::VmDemoReport, host: &KvmHost) {
         // in that round), and the final round one more with the guest paused, on top of the one
         // that decided the switch-over.
         let last_round = m.rounds.len().saturating_sub(1) as u64;
+        // The last scan is the final one; a round's report may not name its probe scan (the
+        // final round's does not), so rows past the labels known are probes.
         let mut labels = Vec::new();
         for (i, round) in m.rounds.iter().enumerate().skip(1) {
             labels.push(i.to_string());
@@ -402,17 +404,20 @@ fn print_report(r: &precopy_vmm::VmDemoReport, host: &KvmHost) {
                 labels.push(format!("{i} probe"));
             }
         }
-        labels.push(format!("{last_round} final"));
+        let scans = r.source.cross_check.len();
         outln!(
             "KVM dirty log cross-check, one row per scan (KVM's pages must be among ours; a pause probe (probe) and the final round {last_round} (final) add a scan with the guest paused):"
         );
         outln!("   scan  for round  KVM pages  our pages  KVM-only this scan  ours-only");
-        for c in &r.source.cross_check {
-            let round = (c.round as usize)
-                .checked_sub(1)
-                .and_then(|i| labels.get(i))
-                .cloned()
-                .unwrap_or_else(|| c.round.to_string());
+        for (i, c) in r.source.cross_check.iter().enumerate() {
+            let round = if i + 1 == scans {
+                format!("{last_round} final")
+            } else {
+                labels
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| "probe".to_string())
+            };
             outln!(
                 "  {:>5}  {:>9}  {:>9}  {:>9}  {:>18}  {:>9}",
                 c.round,
