@@ -487,13 +487,16 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             self.last_counters = now;
         }
         self.dirty_pages += collected.pages;
+        // The final scan is the round's second observation: the pause probe's scan taken
+        // after the round's live scan still belongs to the round's report.
+        let probe_scan = self.observed.probe_scan;
         self.observed = Observed {
             dirty_pages: collected.pages,
             rate,
             ns_per_op,
             collect_pause: collected.pause,
             scan_cpu: collected.cpu,
-            probe_scan: None,
+            probe_scan,
         };
     }
 
@@ -2274,8 +2277,8 @@ mod tests {
         assert_eq!(found, vec![0, 6, 4]);
         assert!(report.rounds[1].probe_scan.is_some());
         assert!(
-            report.rounds[2].probe_scan.is_none(),
-            "the final round has none"
+            report.rounds[2].probe_scan.is_some(),
+            "the final round's live scan was probed too (d, sent in it): its report says so"
         );
         assert_eq!(report.workload, None, "this workload keeps no counters");
         let (_, t, _) = m.into_parts();
