@@ -795,6 +795,18 @@ fn interrupting_send_leaves_the_target_running() {
     );
 }
 
+/// Polls `done` every 200 µs for up to 30 s; fails the test with `what` past that.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not {what} in 30 s"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// Whether process `pid` runs precopy now (the shell before it has exec'd it).
 fn is_precopy(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "precopy")
@@ -831,14 +843,9 @@ fn signals_inherited_as_ignored() {
         // Until the send's first step the ignore is still in force (in the shell before its
         // exec, and in the send before `main` runs): a SIGINT then is dropped, as by any
         // program. Count from the moment /proc shows the send running, no longer ignoring it.
-        let waiting = std::time::Instant::now();
-        while !is_precopy(child.id()) || sigint_ignored(child.id()) {
-            assert!(
-                waiting.elapsed() < Duration::from_secs(30),
-                "SIGINT never un-ignored"
-            );
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        wait_until("SIGINT un-ignored", || {
+            is_precopy(child.id()) && !sigint_ignored(child.id())
+        });
         std::thread::sleep(Duration::from_millis(delay_ms));
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, Signal::SIGINT).unwrap();
@@ -858,14 +865,7 @@ fn signals_inherited_as_ignored() {
     // As `nohup` starts it: SIGHUP ignored, and it stays so; SIGTERM ends the send cleanly.
     let image = scratch("ignored-hup.img");
     let mut child = endless_send(&t, &image, Some("trap '' HUP"));
-    let waiting = std::time::Instant::now();
-    while !is_precopy(child.id()) {
-        assert!(
-            waiting.elapsed() < Duration::from_secs(30),
-            "the send never started"
-        );
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    wait_until("the send started", || is_precopy(child.id()));
     std::thread::sleep(Duration::from_millis(100));
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, Signal::SIGHUP).unwrap();
