@@ -334,6 +334,9 @@ pub struct Args {
     /// Test hook: SIGSTOP the destination as the final round starts.
     #[arg(long, hide = true)]
     stop_dest_in_final_round: bool,
+    /// Test hook: SIGSTOP the destination once the migration completed, before its report.
+    #[arg(long, hide = true)]
+    stop_dest_before_report: bool,
     #[command(flatten)]
     vm: vm::VmArgs,
 }
@@ -733,10 +736,24 @@ impl Proc {
         self.child.id() as i32
     }
 
-    /// Closes its stdin (its signal to exit) and waits.
-    fn finish(mut self) -> Result<std::process::ExitStatus> {
+    /// Closes its stdin (its signal to exit) and waits at most `limit` for it to exit; one
+    /// still there by then (stopped, hung) is killed, and that is the error.
+    fn finish_within(mut self, limit: Duration) -> Result<std::process::ExitStatus> {
         drop(self.child.stdin.take());
-        Ok(self.child.wait()?)
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= until {
+                // Dropping `self` kills it.
+                bail!(
+                    "the {} process did not exit within {limit:?} of being told to (stopped or hung); killed it",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
@@ -1311,7 +1328,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 let (received, verification, destination_outcome) = match &result {
                     Ok(_) => {
                         progress.phase("waiting for the destination's report");
-                        let w = dest.expect("RECEIVED")?;
+                        if args.stop_dest_before_report {
+                            nix::sys::signal::kill(dest_pid, nix::sys::signal::Signal::SIGSTOP)
+                                .context("stopping the destination (test hook)")?;
+                        }
+                        // It has everything once FINISH is acknowledged: a destination silent
+                        // for --io-timeout (stopped, hung) fails the demo instead of holding it.
+                        let report_wait = Duration::from_secs_f64(args.io_timeout);
+                        let w = dest.expect_within("RECEIVED", report_wait)?;
                         let r = Received {
                             addr: num(&w, 0)?,
                             len: num(&w, 1)?,
@@ -1325,7 +1349,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                             bail!("destination holds {} bytes, source {len}", r.len);
                         }
                         let blob = unhex(w.get(7).map_or("-", String::as_str))?;
-                        let check = dest.expect("STATE")?.join(" ");
+                        let check = dest.expect_within("STATE", report_wait)?.join(" ");
                         state = Some(StateCheck::from_blob(&blob, |_| match check.as_str() {
                             "ok" => Ok(()),
                             other => Err(format!("the destination says: {other}")),
@@ -1355,8 +1379,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     progress.finish();
     drop(source);
     if let Some((d, _)) = dest {
-        if result.is_ok() {
-            let _ = d.finish();
+        if result.is_ok()
+            && let Err(e) = d.finish_within(Duration::from_secs_f64(args.io_timeout))
+        {
+            // The copy was already compared: the run stands, the leftover is reported.
+            tracing::warn!("{e:#}");
         }
         // Else dropping it kills it: a failed destination (stopped, or waiting for a sender
         // that will not resume) must not hold the demo.

@@ -183,10 +183,17 @@ fn main() -> ExitCode {
         Command::Target(args) => target_fixture::run(args),
         Command::Guard(args) => guard::run(args),
     };
+    outcome(result, json)
+}
+
+/// The exit status of a command's `result`; an error is printed once (and as the JSON object
+/// if `json`).
+fn outcome(result: anyhow::Result<ExitCode>, json: bool) -> ExitCode {
     match result {
         Ok(code) => code,
-        // A reader that stopped early (`| head`) is not a failure of ours.
-        Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        // A reader of our stdout that stopped early (`| head`) ends the process quietly where
+        // the write failed (`output::stdout_failed`); an EPIPE that comes back as an error is a
+        // peer's socket or pipe (a destination that went away), a failure like any other.
         Err(e) if e.is::<output::Reported>() || e.is::<output::ReportedUsage>() => {
             ExitCode::from(output::exit_code(&e))
         }
@@ -198,5 +205,20 @@ fn main() -> ExitCode {
             // A refused flag is a usage error, like clap's: 2; anything else 1.
             ExitCode::from(output::exit_code(&e))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer's socket that went away (EPIPE) anywhere in an error's chain is a failure: it
+    /// once ended a failed demo with status 0 and nothing printed.
+    #[test]
+    fn a_peers_broken_pipe_is_a_failure() {
+        let e = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            .context("sending the handshake");
+        assert_eq!(outcome(Err(e), false), ExitCode::from(1));
+        assert_eq!(outcome(Ok(ExitCode::SUCCESS), false), ExitCode::SUCCESS);
     }
 }

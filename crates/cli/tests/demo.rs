@@ -154,6 +154,63 @@ fn destination_stopped_in_the_final_round_resumes_the_source_and_fails() {
     );
 }
 
+/// The destination stops once the migration completed, while the demo waits for its report
+/// and then for it to exit: the demo ends within the I/O timeout either way (it used to wait
+/// for ever): failing and naming the silent destination if the report had not come, else with
+/// the verified copy and a warning that the destination was killed.
+#[test]
+fn destination_stopped_before_its_report_does_not_hold_the_demo() {
+    if !engine_usable() {
+        return;
+    }
+    let out = common::precopy_within(
+        &[
+            "demo",
+            "--size",
+            "32M",
+            "--dirty-rate",
+            "8M",
+            "--json",
+            "--stop-dest-before-report",
+            "--io-timeout",
+            "1",
+        ],
+        std::time::Duration::from_secs(60),
+    );
+    let v = one_json(&out);
+    assert_eq!(v["migration"]["status"], "completed", "{v}");
+    let err = v["error"]["message"].as_str().unwrap_or_default();
+    if out.status.success() {
+        assert_eq!(v["verified"], true, "{v}");
+        let stderr = common::stderr(&out);
+        assert!(stderr.contains("did not exit within 1s"), "{stderr}");
+    } else {
+        assert!(
+            err.contains("destination process said nothing within 1s"),
+            "{err}"
+        );
+    }
+}
+
+/// As many streams as the destination accepts (64): all of them get through the handshake,
+/// though it runs at most 16 at once (the rest wait in the listen backlog), over TCP and Unix
+/// sockets. They used to be refused past 16, failing the demo or ending it with status 0
+/// and no report.
+#[test]
+fn the_most_streams_the_destination_accepts_all_connect() {
+    if !engine_usable() {
+        return;
+    }
+    for transport in ["tcp", "unix"] {
+        for _ in 0..3 {
+            let (ok, v) = demo(&["--streams", "64", "--transport", transport]);
+            assert!(ok, "{transport}: {v}");
+            assert_eq!(v["verified"], true, "{transport}: {v}");
+            assert_eq!(v["settings"]["streams"], 64, "{transport}: {v}");
+        }
+    }
+}
+
 /// `--timeout` under the abort policy is a hard bound, not only a check between rounds: the
 /// destination stops as round 0 starts (the I/O timeout, 10 s, is far off), and the total
 /// timeout ends the migration with an error naming the step and the peer.

@@ -347,8 +347,9 @@ impl Receiver {
     /// key, an incompatible HELLO, another transfer's connection, or one that stays silent past
     /// the handshake timeout is told why (an ERROR), closed, logged and counted
     /// ([`Receiver::refused`], [`ReceiveReport::refused`]), and the receiver keeps listening.
-    /// Handshakes run side by side (at most [`MAX_HANDSHAKES`] at once; more connections are
-    /// closed at once), so a silent connection does not hold up the sender; past
+    /// Handshakes run side by side (at most [`MAX_HANDSHAKES`] at once; more connections wait
+    /// in the listen backlog until one ends), so a silent connection does not hold up the
+    /// sender for longer than the handshake timeout; past
     /// [`REFUSALS_PER_SECOND`] refusals the receiver waits out the second, so a flood cannot
     /// spin a CPU. Only a fault of the accepted sender's own connections (a stream index used
     /// twice) or of the listener ends it. Nothing is applied from any connection before then.
@@ -947,8 +948,8 @@ fn watch_for_resume(
     back
 }
 
-/// Most handshakes a receiver runs at once while it accepts; a connection beyond them is
-/// closed at once (and counted as refused).
+/// Most handshakes a receiver runs at once while it accepts; further connections wait in the
+/// listen backlog until one of them ends.
 pub const MAX_HANDSHAKES: usize = 16;
 
 /// Refused connections a receiver handles per second at most; past it, it waits out the rest
@@ -1023,6 +1024,26 @@ enum Until<'a> {
 /// failed.
 type Handshaken = (u64, Connection, String, Result<Hello, TransferError>);
 
+/// Hands a handshake that ended to `take` (or counts its failure at `door`) and forgets it
+/// in `in_flight`; `Some(true)` when `take` needs no more connections.
+fn handshake_ended(
+    (id, conn, peer, result): Handshaken,
+    in_flight: &mut Vec<(u64, Connection)>,
+    take: &mut impl FnMut(Connection, Hello) -> Result<Take, TransferError>,
+    door: &mut Door,
+) -> Result<Option<bool>, TransferError> {
+    in_flight.retain(|(i, _)| *i != id);
+    match result {
+        Ok(hello) => match take(conn, hello)? {
+            Take::Done => return Ok(Some(true)),
+            Take::Keep => {}
+            Take::Refused(e) => door.refuse(&peer, &e),
+        },
+        Err(e) => door.refuse(&peer, &e),
+    }
+    Ok(None)
+}
+
 /// Accepts connections on `listener` and runs the receiver's handshake (expecting `expect`)
 /// on each, side by side, handing every connection that completes it to `take`, until `take`
 /// says it is done (`Ok(true)`) or `until` ends (`Ok(false)`). A connection whose handshake
@@ -1041,15 +1062,9 @@ fn gather(
         let mut in_flight: Vec<(u64, Connection)> = Vec::new();
         let mut next_id = 0u64;
         let mut step = || -> Result<Option<bool>, TransferError> {
-            while let Ok((id, conn, peer, result)) = rx.try_recv() {
-                in_flight.retain(|(i, _)| *i != id);
-                match result {
-                    Ok(hello) => match take(conn, hello)? {
-                        Take::Done => return Ok(Some(true)),
-                        Take::Keep => {}
-                        Take::Refused(e) => door.refuse(&peer, &e),
-                    },
-                    Err(e) => door.refuse(&peer, &e),
+            while let Ok(ended) = rx.try_recv() {
+                if let Some(done) = handshake_ended(ended, &mut in_flight, &mut take, door)? {
+                    return Ok(Some(done));
                 }
             }
             let wait = match until {
@@ -1068,21 +1083,22 @@ fn gather(
                     GATHER_POLL
                 }
             };
+            if in_flight.len() >= MAX_HANDSHAKES {
+                // Every slot is taken: further connections wait in the listen backlog (the
+                // kernel holds them) until a handshake ends, which each does within the
+                // handshake timeout. A sender opening more streams than there are slots
+                // gets them all, one after another.
+                return match rx.recv_timeout(wait) {
+                    Ok(ended) => handshake_ended(ended, &mut in_flight, &mut take, door),
+                    Err(_) => Ok(None),
+                };
+            }
             let Some(conn) = listener
                 .accept_timeout(wait)
                 .map_err(TransferError::io("accepting a connection"))?
             else {
                 return Ok(None);
             };
-            if in_flight.len() >= MAX_HANDSHAKES {
-                let e = TransferError::Io {
-                    what: "accepting a connection",
-                    source: std::io::Error::other("too many handshakes in progress"),
-                };
-                send_error(&conn, error_code::DESTINATION, &e.to_string());
-                door.refuse(&conn.peer(), &e);
-                return Ok(None);
-            }
             let id = next_id;
             next_id += 1;
             in_flight.push((
