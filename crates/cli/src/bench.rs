@@ -1325,6 +1325,15 @@ fn plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
+/// Creates `dir` if needed and checks that a file can be made in it.
+fn writable_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let probe = dir.join(format!(".precopy-bench-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("creating a file in {}", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 fn write_files(report: &Report, md: &str, dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let mut files = vec![dir.join("results.json"), dir.join("results.md")];
@@ -1339,6 +1348,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
         return kvm::run(&args);
     }
     let selected = validate(&args)?;
+    if !args.no_files {
+        // Where the results go must take files before the bench runs, not after minutes of it.
+        let dir = args.out.as_deref().unwrap_or(Path::new("out/bench"));
+        writable_dir(dir).with_context(|| {
+            format!(
+                "--out {}: cannot write the results there (choose another directory, or --no-files)",
+                dir.display()
+            )
+        })?;
+    }
     let sw = sweep(&args);
     // Ctrl-C and SIGTERM end in one report too (with --json, the JSON object so far).
     let interrupts = Interrupts::install(None, args.json)?;

@@ -337,6 +337,9 @@ pub struct Args {
     /// Test hook: SIGSTOP the destination once the migration completed, before its report.
     #[arg(long, hide = true)]
     stop_dest_before_report: bool,
+    /// Test hook: SIGKILL the destination once the migration completed, before its report.
+    #[arg(long, hide = true)]
+    kill_dest_before_report: bool,
     #[command(flatten)]
     vm: vm::VmArgs,
 }
@@ -1224,6 +1227,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
     // The writers' records that arrived as state, checked against the copy's memory.
     let mut state: Option<StateCheck> = None;
+    // Why a completed migration's copy could not be compared (the destination went away,
+    // the image cannot be read): the run fails, with its report.
+    let mut compare_error: Option<anyhow::Error> = None;
     let (result, report, received, verification, destination_outcome) =
         match (&plan.image, dest.as_mut()) {
             (Some(path), _) => {
@@ -1238,7 +1244,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 let (result, report) =
                     migrate(&args, &plan, transfer, log, control, &progress, |_| {});
                 let verification = match &result {
-                    Ok(_) => {
+                    Ok(_) => (|| {
                         let img = precopy_transfer::Image::open(path)
                             .with_context(|| format!("opening the image {}", path.display()))?;
                         let blob = img.state()?.unwrap_or_default();
@@ -1248,8 +1254,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
                                 Some(u64::from_ne_bytes(word.try_into().ok()?))
                             })
                         }));
-                        Some(verify(pid, addr, Copy::Image(&img), len, &progress)?)
-                    }
+                        verify(pid, addr, Copy::Image(&img), len, &progress)
+                    })()
+                    .map_err(|e| compare_error = Some(e))
+                    .ok(),
                     Err(_) => None,
                 };
                 (result, report, None, verification, None)
@@ -1326,11 +1334,22 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 }
                 // The source is still stopped after success: compare the two memories now.
                 let (received, verification, destination_outcome) = match &result {
-                    Ok(_) => {
+                    Ok(_) => match (|| {
                         progress.phase("waiting for the destination's report");
-                        if args.stop_dest_before_report {
-                            nix::sys::signal::kill(dest_pid, nix::sys::signal::Signal::SIGSTOP)
-                                .context("stopping the destination (test hook)")?;
+                        for (hook, sig) in [
+                            (
+                                args.stop_dest_before_report,
+                                nix::sys::signal::Signal::SIGSTOP,
+                            ),
+                            (
+                                args.kill_dest_before_report,
+                                nix::sys::signal::Signal::SIGKILL,
+                            ),
+                        ] {
+                            if hook {
+                                nix::sys::signal::kill(dest_pid, sig)
+                                    .context("signalling the destination (test hook)")?;
+                            }
                         }
                         // It has everything once FINISH is acknowledged: a destination silent
                         // for --io-timeout (stopped, hung) fails the demo instead of holding it.
@@ -1359,8 +1378,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
                             addr: r.addr,
                         };
                         let v = verify(pid, addr, copy, len, &progress)?;
-                        (Some(r), Some(v), None)
-                    }
+                        anyhow::Ok((r, v))
+                    })() {
+                        Ok((r, v)) => (Some(r), Some(v), None),
+                        Err(e) => {
+                            compare_error = Some(e);
+                            (None, None, None)
+                        }
+                    },
                     // The destination must fail too, never announce a copy it was not committed.
                     // Bounded: a stopped destination must not hold the demo.
                     Err(_) => (
@@ -1418,7 +1443,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
             v.mismatched_pages,
             v.first_mismatch.unwrap_or(0)
         ).context("verification failed")),
-        (Ok(_), None) => Some(anyhow::anyhow!("the copy was not compared")),
+        (Ok(_), None) => Some(
+            compare_error
+                .take()
+                .unwrap_or_else(|| anyhow::anyhow!("the copy was not compared"))
+                .context("the migration completed, but its copy could not be compared"),
+        ),
         _ => match &state {
             Some(st) if !st.ok() => Some(anyhow::anyhow!(
                 "the writers' records sent as state do not match the memory that arrived: {}",

@@ -702,6 +702,24 @@ fn forced_switch_over_is_said_plainly() {
     assert!(text.contains("FORCED by the round limit"), "{text}");
 }
 
+/// A results directory that cannot take files is refused before the bench runs (it used to
+/// run the whole bench, then warn and exit 0).
+#[test]
+fn bench_refuses_an_unwritable_out_before_running() {
+    let out = precopy(&[
+        "bench",
+        "--out",
+        "/proc/precopy-no-such-dir",
+        "--sizes",
+        "2M",
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--out /proc/precopy-no-such-dir"), "{err}");
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+    assert!(!err.contains("done in"), "the bench ran: {err}");
+}
+
 /// Runs `precopy args` with a stdout whose reader is already gone, so its first write fails
 /// with `EPIPE`.
 fn with_closed_stdout(args: &[&str]) -> Output {

@@ -192,6 +192,29 @@ fn destination_stopped_before_its_report_does_not_hold_the_demo() {
     }
 }
 
+/// The destination dies once the migration completed, before the demo compared the copy:
+/// the run fails, says the copy could not be compared, and still reports the completed
+/// migration (it used to print only the error).
+#[test]
+fn destination_killed_after_the_commit_fails_with_the_report() {
+    if !engine_usable() {
+        return;
+    }
+    let (ok, v) = demo(&["--kill-dest-before-report"]);
+    assert!(!ok, "must exit non-zero: {v}");
+    assert_eq!(v["migration"]["status"], "completed", "{v}");
+    assert!(
+        v["migration"]["rounds"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty()),
+        "{v}"
+    );
+    assert_eq!(v["verified"], false, "{v}");
+    let err = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(err.contains("its copy could not be compared"), "{err}");
+    assert!(!err.contains("source process"), "{err}");
+}
+
 /// As many streams as the destination accepts (64): all of them get through the handshake,
 /// though it runs at most 16 at once (the rest wait in the listen backlog), over TCP and Unix
 /// sockets. They used to be refused past 16, failing the demo or ending it with status 0

@@ -166,7 +166,7 @@ pub enum SourceError {
         end: u64,
     },
     /// The source process exited.
-    #[error("source process {pid} no longer exists")]
+    #[error("process {pid} no longer exists")]
     ProcessGone {
         /// The process id.
         pid: i32,
