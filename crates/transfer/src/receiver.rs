@@ -816,7 +816,8 @@ impl Leg<'_> {
 /// brought `back` what it could before `deadline`: accepts on `listener` until every
 /// connection of the same sender is back (resume HELLO, same session, layout and stream count,
 /// key proven), refusing anyone else (counted by `door`), then sends RESUME (next round
-/// `next`, the `(block_pages, digests)` of what the sink holds) on connection 0. Fails with
+/// `next`, the `(block_pages, digests)` of what the sink holds) on connection 0; an attempt
+/// whose RESUME cannot be sent is dropped and the next one awaited. Fails with
 /// [`TransferError::ResumeTimedOut`] once `deadline` ([`ReceiverConfig::resume_wait`] after
 /// the break) has passed.
 #[allow(clippy::too_many_arguments)] // one call site; the arguments are the receiver's state
@@ -831,37 +832,53 @@ fn complete_resume(
     mut back: Vec<Option<Connection>>,
     deadline: Instant,
 ) -> Result<Vec<Connection>, TransferError> {
-    let complete = back.iter().all(Option::is_some)
-        || gather(
-            listener,
-            config,
-            Expect::Resuming(hello),
-            Until::Deadline(deadline),
-            door,
-            |conn, h| Ok(take_back(&mut back, conn, &h)),
-        )?;
-    if !complete {
-        return Err(TransferError::ResumeTimedOut {
-            after: config.resume_wait,
-            source: Box::new(broken),
-        });
-    }
-    let conns: Vec<Connection> = back.into_iter().flatten().collect();
     let resume = Resume {
         next_round: next,
         block_pages,
         block_digests,
     };
-    conns[0]
-        .set_write_timeout(Some(config.handshake_timeout))
+    loop {
+        let complete = back.iter().all(Option::is_some)
+            || gather(
+                listener,
+                config,
+                Expect::Resuming(hello),
+                Until::Deadline(deadline),
+                door,
+                |conn, h| Ok(take_back(&mut back, conn, &h)),
+            )?;
+        if !complete {
+            return Err(TransferError::ResumeTimedOut {
+                after: config.resume_wait,
+                source: Box::new(broken),
+            });
+        }
+        let conns: Vec<Connection> = back.iter_mut().filter_map(Option::take).collect();
+        match send_resume(&conns[0], &resume, config) {
+            Ok(()) => return Ok(conns),
+            // This attempt broke before it began (the sender sees its RESUME never came and
+            // tries again): wait for the next one, until the same deadline.
+            Err(e) => tracing::warn!(
+                error = %precopy_sys::error_chain(&e),
+                "a resume broke before RESUME was sent; waiting for the sender to try again"
+            ),
+        }
+    }
+}
+
+/// Sends RESUME on `conn`, bounded by the handshake timeout.
+fn send_resume(
+    conn: &Connection,
+    resume: &Resume,
+    config: &ReceiverConfig,
+) -> Result<(), TransferError> {
+    conn.set_write_timeout(Some(config.handshake_timeout))
         .map_err(TransferError::io("setting a socket timeout"))?;
-    FrameWriter::new(&conns[0])
-        .send(&resume)
+    FrameWriter::new(conn)
+        .send(resume)
         .map_err(TransferError::io("sending RESUME"))?;
-    conns[0]
-        .set_write_timeout(None)
-        .map_err(TransferError::io("setting a socket timeout"))?;
-    Ok(conns)
+    conn.set_write_timeout(None)
+        .map_err(TransferError::io("setting a socket timeout"))
 }
 
 /// When [`watch_for_resume`] stops: at once (the leg ended otherwise), or at a deadline (the
