@@ -1514,7 +1514,22 @@ fn settings_json(args: &Args, plan: &Plan) -> serde_json::Value {
         "dest_netns": args.dest_netns,
         "reconnect_attempts": args.reconnect_attempts,
         "reconnect_backoff_ms": args.reconnect_backoff,
+        "on_max_rounds": flag_value(&args.on_max_rounds),
+        "timeout_s": args.timeout,
+        "on_timeout": args
+            .timeout
+            .and_then(|_| flag_value(&args.on_timeout.unwrap_or(Policy::Abort))),
+        "no_throttle": args.no_throttle,
+        "throttle": flag_value(&args.throttle.unwrap_or(ThrottleKind::Auto)),
+        "pause": flag_value(&args.pause),
+        "io_timeout_s": args.io_timeout,
+        "final_round_timeout_ms": args.final_round_timeout,
     })
+}
+
+/// A flag's value as the user types it (`switch-over`, `freezer`).
+fn flag_value<T: clap::ValueEnum>(v: &T) -> Option<String> {
+    v.to_possible_value().map(|p| p.get_name().to_owned())
 }
 
 /// Most `--reconnect-attempts`.

@@ -215,6 +215,34 @@ fn destination_killed_after_the_commit_fails_with_the_report() {
     assert!(!err.contains("source process"), "{err}");
 }
 
+/// The report's settings name the flags that shape the run, as typed, defaults resolved.
+#[test]
+fn settings_name_the_flags_that_shape_the_run() {
+    if !engine_usable() {
+        return;
+    }
+    let (ok, v) = demo(&[
+        "--timeout",
+        "30",
+        "--io-timeout",
+        "5",
+        "--final-round-timeout",
+        "4000",
+        "--on-max-rounds",
+        "abort",
+    ]);
+    assert!(ok, "{v}");
+    let s = &v["settings"];
+    assert_eq!(s["timeout_s"], 30.0, "{s}");
+    assert_eq!(s["on_timeout"], "abort", "{s}");
+    assert_eq!(s["on_max_rounds"], "abort", "{s}");
+    assert_eq!(s["io_timeout_s"], 5.0, "{s}");
+    assert_eq!(s["final_round_timeout_ms"], 4000, "{s}");
+    assert_eq!(s["pause"], "signal", "{s}");
+    assert_eq!(s["throttle"], "auto", "{s}");
+    assert_eq!(s["no_throttle"], false, "{s}");
+}
+
 /// As many streams as the destination accepts (64): all of them get through the handshake,
 /// though it runs at most 16 at once (the rest wait in the listen backlog), over TCP and Unix
 /// sockets. They used to be refused past 16, failing the demo or ending it with status 0
