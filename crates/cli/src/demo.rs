@@ -647,6 +647,12 @@ fn policy_name(p: Policy) -> &'static str {
     }
 }
 
+/// Whether the driver may throttle the source: not with `--no-throttle`, nor with `--throttle
+/// none`, which applies no throttle (the driver must neither count on one nor report one).
+fn throttle_allowed(no_throttle: bool, kind: ThrottleKind) -> bool {
+    !no_throttle && kind != ThrottleKind::None
+}
+
 fn throttle_name(t: ThrottleKind) -> &'static str {
     match t {
         ThrottleKind::Auto => "auto",
@@ -1048,7 +1054,7 @@ fn migrate<K: Sink>(
         reconnect: reconnect_config(args),
         ..MigrationConfig::default()
     };
-    config.throttle.enabled = !args.no_throttle;
+    config.throttle.enabled = throttle_allowed(args.no_throttle, plan.throttle);
     let live = Arc::new(Mutex::new(Live::default()));
     let live2 = live.clone();
     let read2 = read.clone();
@@ -1660,6 +1666,15 @@ mod tests {
             expected_downtime: None,
             elapsed: Duration::ZERO,
             memory_bytes: 256 << 20,
+        }
+    }
+
+    #[test]
+    fn throttle_none_lets_the_driver_throttle_no_more_than_no_throttle_does() {
+        assert!(!throttle_allowed(false, ThrottleKind::None));
+        assert!(!throttle_allowed(true, ThrottleKind::Auto));
+        for kind in [ThrottleKind::Auto, ThrottleKind::Cgroup, ThrottleKind::Duty] {
+            assert!(throttle_allowed(false, kind));
         }
     }
 

@@ -88,6 +88,12 @@ pub trait Transport {
     fn probe_finish(&mut self) -> Result<Option<Duration>, Self::Error> {
         Ok(None)
     }
+    /// Bytes of memory [`Transport::finish`] re-reads on each end before the destination
+    /// answers (a full final check: all of memory), for the switch-over estimate, which
+    /// times it like [`Transport::changed`]. The default: none.
+    fn finish_reread_bytes(&self) -> u64 {
+        0
+    }
     /// A handle that makes a blocked [`Transport::send_round`] or [`Transport::finish`] return
     /// promptly with an error when called from another thread (the driver's deadlines and
     /// [`CancelHandle`](crate::CancelHandle) use it). `None` (the default): the driver can stop
@@ -282,6 +288,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn probe_finish(&mut self) -> Result<Option<Duration>, T::Error> {
         (**self).probe_finish()
+    }
+    fn finish_reread_bytes(&self) -> u64 {
+        (**self).finish_reread_bytes()
     }
     fn interrupter(&self) -> Option<Interrupt> {
         (**self).interrupter()

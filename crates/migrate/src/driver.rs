@@ -7,7 +7,7 @@ use crate::report::{
     DowntimeEstimate, FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason,
     VerifyPass, WorkloadCost,
 };
-use crate::switchover::{Estimator, PAUSE_PROBES};
+use crate::switchover::{Estimator, PAUSE_PROBES, REREAD_SAMPLE};
 use precopy_sys::ranges::coalesce;
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -246,6 +246,9 @@ pub struct Migration<D, T, W> {
     last_throughput: Option<f64>,
     /// What the final phase would cost: decides the switch-over.
     estimator: Estimator,
+    /// The dirty rate of the last scan taken with no throttle on: what the workload writes
+    /// once the pause lifts the throttle.
+    unthrottled_rate: f64,
     /// How long to measure the workload before tracking starts.
     measure_before: Duration,
     /// The workload's counters when tracking started, and at the last scan.
@@ -301,6 +304,33 @@ fn outside(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
                 }
             }
         }
+    }
+    out
+}
+
+/// The piece a re-read sample takes at each of its points.
+const REREAD_PIECE: u64 = 64 << 10;
+
+/// About `want` bytes of `ranges` (sorted, coalesced, page-aligned), as pieces of at most
+/// `piece` bytes (a multiple of `page`) spread evenly over them; all of `ranges` when they
+/// hold no more than `want`.
+fn spread_sample(ranges: &[Range<u64>], want: u64, piece: u64, page: u64) -> Vec<Range<u64>> {
+    let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+    if total <= want {
+        return ranges.to_vec();
+    }
+    let pieces = (want / piece).max(1);
+    let stride = total / pieces;
+    let mut out = Vec::with_capacity(pieces as usize);
+    let (mut i, mut base) = (0, 0);
+    for k in 0..pieces {
+        let at = k * stride / page * page;
+        while at >= base + (ranges[i].end - ranges[i].start) {
+            base += ranges[i].end - ranges[i].start;
+            i += 1;
+        }
+        let start = ranges[i].start + (at - base);
+        out.push(start..(start + piece).min(ranges[i].end));
     }
     out
 }
@@ -378,7 +408,10 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             log,
             transport,
             workload,
-            report: MigrationReport::new(config.max_downtime),
+            report: MigrationReport {
+                throttle_allowed: config.throttle.enabled,
+                ..MigrationReport::new(config.max_downtime)
+            },
             config,
             progress: None,
             paused: false,
@@ -387,6 +420,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             sent_secs: 0.0,
             last_throughput: None,
             estimator: Estimator::default(),
+            unthrottled_rate: 0.0,
             measure_before: Duration::ZERO,
             tracked_from: None,
             last_counters: None,
@@ -526,6 +560,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let collected = self.log.collect(out);
         let cpu = cpu_before.and_then(|b| Some(thread_cpu_time()?.saturating_sub(b)));
         let wall = scan_start.elapsed();
+        if probe && pause && collected.is_ok() {
+            self.rehearse_finish(out);
+        }
         let held = paused_at.elapsed();
         let resumed = if pause {
             self.workload.resume().map_err(|source| Error::Workload {
@@ -772,8 +809,90 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     }
 
     fn expected(&self, pending: u64) -> Option<Duration> {
-        let rate = self.report.dirty_rate;
+        let rate = self.meanwhile_rate();
         self.estimator.estimate(pending, rate).map(|e| e.total())
+    }
+
+    /// The dirty rate at which the workload keeps writing until the pause stops it: the last
+    /// scan's; while a throttle is on, at least the last one's before it. Pausing lifts the
+    /// throttle first (so that a stopped or starved writer can be stopped at once), and a scan
+    /// whose interval the throttle spent with the writers stopped finds little or nothing.
+    fn meanwhile_rate(&self) -> f64 {
+        if self.throttle > 0.0 {
+            self.report.dirty_rate.max(self.unthrottled_rate)
+        } else {
+            self.report.dirty_rate
+        }
+    }
+
+    /// Tells the estimate what the final phase would re-read if it started now with `pending`
+    /// (sorted, coalesced) to send: memory the dirty log cannot vouch for outside `pending`
+    /// (the verify pass) and the transport's full final check. Measures the cost per byte
+    /// once, with the workload running, if that is needed and no pause probe measured it.
+    fn prepare_rereads(&mut self, pending: &[Range<u64>]) {
+        let mut unvouched = self.log.unvouched();
+        coalesce(&mut unvouched);
+        let verify: u64 = outside(&unvouched, pending)
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum();
+        let full = self.transport.finish_reread_bytes();
+        self.estimator.set_rereads(verify, full);
+        if (verify > 0 || full > 0) && self.estimator.reread_samples() == 0 {
+            self.sample_reread(pending);
+        }
+    }
+
+    /// Inside a pause probe, with the workload paused as in the final phase: what finishing
+    /// costs there (the acknowledgement's round trip and digests) and, where the final phase
+    /// re-reads memory, what that costs per byte (`pending`: what the final round would send
+    /// anyway). Failures are only logged (the next round meets a broken connection and deals
+    /// with it).
+    fn rehearse_finish(&mut self, pending: &[Range<u64>]) {
+        match self.transport.probe_finish() {
+            Ok(Some(took)) => self.estimator.add_paused_finish(took),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, "probing the final acknowledgement inside a pause probe failed")
+            }
+        }
+        self.sample_reread(pending);
+    }
+
+    /// Times [`Transport::changed`] on at most [`REREAD_SAMPLE`] bytes spread over the memory
+    /// the final phase re-reads (the unvouched memory outside `pending` (any order), as the
+    /// verify pass reads it, else all memory for a full final check), for the estimate's cost
+    /// per byte and the share the verify pass finds changed. What it finds is only counted:
+    /// the verify pass in the final phase checks all of it again.
+    fn sample_reread(&mut self, pending: &[Range<u64>]) {
+        let mut memory = self.log.unvouched();
+        coalesce(&mut memory);
+        if !memory.is_empty() {
+            let mut pending = pending.to_vec();
+            coalesce(&mut pending);
+            memory = outside(&memory, &pending);
+        }
+        if memory.is_empty() {
+            if self.transport.finish_reread_bytes() == 0 {
+                return;
+            }
+            memory = self.log.memory();
+            coalesce(&mut memory);
+        }
+        let page = self.log.page_size().max(1);
+        let sample = spread_sample(&memory, REREAD_SAMPLE, REREAD_PIECE.max(page), page);
+        let bytes: u64 = sample.iter().map(|r| r.end - r.start).sum();
+        let start = Instant::now();
+        match self.transport.changed(&sample) {
+            Ok(mut changed) => {
+                let took = start.elapsed();
+                let changed = coalesce(&mut changed);
+                self.estimator.add_reread(bytes, took, changed);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "timing a re-read sample for the downtime estimate failed")
+            }
+        }
     }
 
     fn emit(&mut self, phase: Phase, pending: u64, dirty_rate: f64) {
@@ -947,8 +1066,14 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 }
                 let dirty_rate = per_sec(pending_bytes, interval);
                 self.report.dirty_rate = dirty_rate;
+                if self.throttle == 0.0 {
+                    self.unthrottled_rate = dirty_rate;
+                }
                 self.estimator.add_scan(scan);
-                let estimate = self.estimator.estimate(pending_bytes, dirty_rate);
+                self.prepare_rereads(&pending);
+                let estimate = self
+                    .estimator
+                    .estimate(pending_bytes, self.meanwhile_rate());
                 let expected = estimate.map(|e| e.total());
                 self.emit(Phase::Iterating, pending_bytes, dirty_rate);
 
@@ -998,7 +1123,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             };
             self.report.switch_reason = Some(reason);
             let p = pending.iter().map(|r| r.end - r.start).sum();
-            let estimate = self.estimator.estimate(p, self.report.dirty_rate);
+            let estimate = self.estimator.estimate(p, self.meanwhile_rate());
             self.report.expected_downtime = estimate.map(|e| e.total());
             self.report.downtime_bound = estimate.map(|e| e.bound());
             self.report.downtime_estimate = estimate;
@@ -1093,14 +1218,36 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             SwitchReason::Converged => "it converged".to_string(),
         };
         let Some(e) = e else {
+            if self.estimator.reread_samples() == 0 {
+                return format!(
+                    "{what} before the cost of re-reading memory while paused (verify pass or full final check) could be measured; limit {limit:.1} ms"
+                );
+            }
             return format!("{what} before any bandwidth was measured; limit {limit:.1} ms");
         };
         let finish = e.finish.max(e.finish_worst);
         let scan = e.scan.max(e.scan_worst);
-        let fixed = e.pause + scan + e.fixed + finish;
+        let verify = e.verify.max(e.verify_worst);
+        let full = e.full_check.max(e.full_check_worst);
+        let fixed = e.pause + scan + e.fixed + finish + verify + full;
         let cause = if ms(fixed.mul_f64(e.margin)) > limit {
+            let mut rereads = String::new();
+            if e.verify_bytes > 0 {
+                rereads.push_str(&format!(
+                    " + verify pass over {} the dirty log cannot vouch for {:.1}",
+                    crate::report::bytes(e.verify_bytes as f64),
+                    ms(verify)
+                ));
+            }
+            if e.full_check_bytes > 0 {
+                rereads.push_str(&format!(
+                    " + full final check of {} on each end {:.1}",
+                    crate::report::bytes(e.full_check_bytes as f64),
+                    ms(full)
+                ));
+            }
             format!(
-                "the fixed costs alone (pause {:.1} + scan {:.1} + {:.1} ms per round + finish {:.1}) exceed it",
+                "the fixed costs alone (pause {:.1} + scan {:.1} + {:.1} ms per round + finish {:.1}{rereads}) exceed it",
                 ms(e.pause),
                 ms(scan),
                 ms(e.fixed),
@@ -1139,17 +1286,20 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             };
             over("pause", actual.pause, e.pause);
             over("scan", actual.scan, e.scan);
-            over("send", actual.send, e.send);
-            if !e.finish.is_zero() {
-                over("checksum/ack", actual.finish, e.finish);
+            if e.verify_bytes > 0 {
+                over("verify pass", actual.verify, e.verify);
             }
-            if !actual.verify.is_zero() {
+            over("send", actual.send, e.send);
+            if !e.finish.is_zero() || e.full_check_bytes > 0 {
+                over("checksum/ack", actual.finish, e.finish + e.full_check);
+            }
+            if e.verify_bytes == 0 && !actual.verify.is_zero() {
                 parts.push(format!(
                     "verify pass {:.1} ms (not estimated)",
                     ms(actual.verify)
                 ));
             }
-            if e.finish.is_zero() {
+            if e.finish.is_zero() && e.full_check_bytes == 0 {
                 parts.push(format!(
                     "checksum/ack {:.1} ms (not estimated)",
                     ms(actual.finish)
@@ -1399,6 +1549,7 @@ mod tests {
     use crate::control::{Callbacks, WorkloadCounters};
     use precopy_backends::CollectStats;
     use std::io;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
     const PAGE: u64 = 4096;
@@ -1410,6 +1561,8 @@ mod tests {
         scans: Vec<Vec<Range<u64>>>,
         repeat: bool,
         calls: usize,
+        /// How long each scan takes (slept).
+        scan_time: Duration,
     }
 
     impl ScriptLog {
@@ -1423,6 +1576,7 @@ mod tests {
                 scans,
                 repeat: true,
                 calls: 0,
+                scan_time: Duration::ZERO,
             }
         }
 
@@ -1432,6 +1586,7 @@ mod tests {
                 scans,
                 repeat: false,
                 calls: 0,
+                scan_time: Duration::ZERO,
             }
         }
     }
@@ -1464,6 +1619,7 @@ mod tests {
                 out.extend(s.iter().cloned());
             }
             self.calls += 1;
+            std::thread::sleep(self.scan_time);
             Ok(CollectStats::count(&out[first..], PAGE))
         }
     }
@@ -1480,12 +1636,22 @@ mod tests {
         /// What [`Transport::probe_finish`] answers; the probes taken.
         probe: Option<Duration>,
         probes: u32,
+        /// While this flag is set (the workload is paused), probes answer this instead; the
+        /// probes taken so.
+        probe_paused: Option<(Arc<AtomicBool>, Duration)>,
+        paused_probes: u32,
     }
 
     impl Transport for FakeLink {
         type Error = io::Error;
         fn probe_finish(&mut self) -> Result<Option<Duration>, io::Error> {
             self.probes += 1;
+            if let Some((paused, took)) = &self.probe_paused
+                && paused.load(Ordering::SeqCst)
+            {
+                self.paused_probes += 1;
+                return Ok(Some(*took));
+            }
             Ok(self.probe)
         }
         fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, io::Error> {
@@ -1539,7 +1705,239 @@ mod tests {
             state: None,
             probe: None,
             probes: 0,
+            probe_paused: None,
+            paused_probes: 0,
         }
+    }
+
+    /// A workload whose pause and resume set and clear `paused`.
+    fn flagged_workload(paused: &Arc<AtomicBool>) -> Callbacks<std::convert::Infallible> {
+        let (a, b) = (paused.clone(), paused.clone());
+        Callbacks::new(
+            move || {
+                a.store(true, Ordering::SeqCst);
+                Ok(())
+            },
+            move || {
+                b.store(false, Ordering::SeqCst);
+                Ok(())
+            },
+        )
+    }
+
+    #[test]
+    fn the_acknowledgement_is_expected_from_probes_taken_with_the_workload_paused() {
+        // Between rounds, beside the running workload, a round trip takes 30 ms; inside the
+        // pause probes, with the workload paused as for the real acknowledgement, 2 ms.
+        let paused = Arc::new(AtomicBool::new(false));
+        let link = FakeLink {
+            probe: Some(Duration::from_millis(30)),
+            probe_paused: Some((paused.clone(), Duration::from_millis(2))),
+            ..link(1024.0 * 1024.0)
+        };
+        let log = ScriptLog::pages(vec![400, 100, 20, 5, 2]);
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(100);
+        cfg.throttle.enabled = false;
+        let mut m = Migration::new(log, link, flagged_workload(&paused), cfg);
+        let report = m.run().unwrap();
+        let e = report.downtime_estimate.expect("an estimate");
+        // The expected part is what the paused probes measured; the bound keeps the slowest
+        // probe of all, the ones beside the running workload included.
+        assert_eq!(e.finish, Duration::from_millis(2));
+        assert_eq!(e.finish_worst, Duration::from_millis(30));
+        assert_eq!(report.expected_downtime, Some(e.total()));
+        // One finish probe inside each pause probe, taken while paused.
+        let probes = report
+            .rounds
+            .iter()
+            .filter(|r| r.probe_scan.is_some())
+            .count() as u32;
+        assert_eq!(probes, PAUSE_PROBES as u32);
+        let (_, link, _) = m.into_parts();
+        assert_eq!(link.paused_probes, probes);
+        // And one between rounds after round 0 and each iterative round, as before.
+        let iterative = report
+            .rounds
+            .iter()
+            .filter(|r| r.kind == RoundKind::Iterative)
+            .count() as u32;
+        assert_eq!(link.probes, probes + 1 + iterative);
+    }
+
+    #[test]
+    fn spread_sample_takes_bounded_pieces_spread_over_all_ranges() {
+        let mib = 1u64 << 20;
+        // Fits: all of it.
+        assert_eq!(
+            spread_sample(&[0..mib], 2 * mib, 64 << 10, PAGE),
+            vec![0..mib]
+        );
+        // Two ranges, 8 MiB in all, a hole between them.
+        let ranges = [0..2 * mib, 10 * mib..16 * mib];
+        let s = spread_sample(&ranges, 2 * mib, 64 << 10, PAGE);
+        assert_eq!(s.len(), 32);
+        let total: u64 = s.iter().map(|r| r.end - r.start).sum();
+        assert!(total <= 2 * mib, "{total}");
+        for (i, r) in s.iter().enumerate() {
+            assert_eq!(r.start % PAGE, 0);
+            assert!(
+                ranges.iter().any(|q| q.start <= r.start && r.end <= q.end),
+                "{r:?}"
+            );
+            if i > 0 {
+                assert!(s[i - 1].end <= r.start, "sorted, not overlapping");
+            }
+        }
+        // Spread: pieces in both ranges, the last one near the end of memory.
+        assert!(s.iter().any(|r| r.end <= 2 * mib));
+        assert!(s.last().unwrap().start >= 15 * mib);
+    }
+
+    /// A link whose [`Transport::changed`] takes `per_mib` per MiB asked (and finds nothing),
+    /// and whose final check re-reads all memory when `full`.
+    struct RereadLink {
+        inner: FakeLink,
+        per_mib: Duration,
+        full: bool,
+        asked: Vec<u64>,
+    }
+
+    impl Transport for RereadLink {
+        type Error = io::Error;
+        fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, io::Error> {
+            self.inner.send_round(ranges)
+        }
+        fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, io::Error> {
+            let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+            self.asked.push(bytes);
+            std::thread::sleep(self.per_mib.mul_f64(bytes as f64 / (1 << 20) as f64));
+            Ok(Vec::new())
+        }
+        fn finish_reread_bytes(&self) -> u64 {
+            if self.full { MEM } else { 0 }
+        }
+        fn send_state(&mut self, state: &[u8]) -> Result<(), io::Error> {
+            self.inner.send_state(state)
+        }
+        fn finish(&mut self) -> Result<(u64, Duration), io::Error> {
+            self.inner.finish()
+        }
+    }
+
+    #[test]
+    fn memory_reread_while_paused_is_estimated_and_holds_the_switch_over_back() {
+        // 4 MiB re-read at 25 ms per MiB takes about 100 ms, twice the limit: the verify pass
+        // over unvouched memory, or a full final check (both ends), cannot fit.
+        for full in [false, true] {
+            let events = Arc::new(Mutex::new(Vec::new()));
+            let log = Flagged {
+                log: ScriptLog::pages(vec![10]),
+                unvouched: !full,
+                needs_pause: false,
+            };
+            let link = RereadLink {
+                inner: link(1e9),
+                per_mib: Duration::from_millis(25),
+                full,
+                asked: Vec::new(),
+            };
+            let mut cfg = MigrationConfig::default();
+            cfg.max_downtime = Duration::from_millis(50);
+            cfg.max_rounds = 4;
+            let mut m = Migration::new(log, link, workload(&events), cfg);
+            let report = m.run().unwrap();
+            assert_eq!(
+                report.switch_reason,
+                Some(SwitchReason::MaxRounds),
+                "full {full}"
+            );
+            let e = report.downtime_estimate.expect("an estimate");
+            let note = report.downtime_note.expect("a note");
+            if full {
+                assert_eq!((e.verify_bytes, e.full_check_bytes), (0, MEM));
+                assert!(e.full_check > Duration::ZERO);
+                assert!(note.contains("full final check of 4.00 MiB"), "{note}");
+            } else {
+                // The 10 pending pages are sent anyway: not re-read.
+                assert_eq!((e.verify_bytes, e.full_check_bytes), (MEM - 10 * PAGE, 0));
+                assert!(e.verify > Duration::ZERO && e.verify_worst >= e.verify);
+                assert!(note.contains("verify pass over"), "{note}");
+                assert!(report.final_phase.unwrap().verify > Duration::ZERO);
+            }
+            assert_eq!(report.expected_downtime, Some(e.total()));
+            assert!(e.total() >= e.pause + e.scan + e.send + e.finish + e.verify + e.full_check);
+            // One sample in each pause probe, each bounded; then the final verify pass.
+            let (_, link, _) = m.into_parts();
+            let samples = &link.asked[..PAUSE_PROBES];
+            assert!(
+                samples.iter().all(|&b| b > 0 && b <= REREAD_SAMPLE),
+                "{samples:?}"
+            );
+            let expected_calls = PAUSE_PROBES + usize::from(!full);
+            assert_eq!(link.asked.len(), expected_calls);
+        }
+    }
+
+    #[test]
+    fn an_empty_scan_while_throttled_does_not_promise_an_empty_final_round() {
+        // 200 pages per interval at a 1 MiB/s link: fast enough to throttle after two scans;
+        // then the throttle has the writers stopped through a whole interval and the scan
+        // finds nothing. Pausing lifts the throttle, so the final round gets what they write
+        // at full speed until stopped: the estimate must not be built on the empty scan.
+        let events = Arc::new(Mutex::new(Vec::new()));
+        // Each scan takes 2 ms, during which (and until stopped) the writers keep writing.
+        let log = ScriptLog {
+            scan_time: Duration::from_millis(2),
+            ..ScriptLog::pages(vec![200, 200, 200, 0])
+        };
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(50);
+        cfg.max_rounds = 6;
+        cfg.probe_pause = false;
+        let mut m = Migration::new(log, link(1024.0 * 1024.0), workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert!(report.throttle > 0.0);
+        assert!(events.lock().unwrap().iter().any(|e| e == "throttle 0.2"));
+        // It did not switch over on the empty scans: the round limit ended it.
+        assert_eq!(report.switch_reason, Some(SwitchReason::MaxRounds));
+        let e = report.downtime_estimate.expect("an estimate");
+        assert_eq!(e.pending_bytes, 0);
+        // The rate behind "written until paused" is the last unthrottled scan's.
+        let unthrottled = report
+            .rounds
+            .iter()
+            .filter(|r| r.kind == RoundKind::Iterative && r.throttle == 0.0)
+            .last()
+            .unwrap()
+            .dirty_rate;
+        assert!(unthrottled > 0.0);
+        assert_eq!(e.meanwhile_rate, unthrottled);
+        assert!(e.meanwhile_bytes > 0 && e.send > Duration::ZERO);
+    }
+
+    #[test]
+    fn a_migration_not_allowed_to_throttle_reports_the_throttle_off() {
+        // The same fast writer as above, throttling disabled (`--throttle none`).
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = ScriptLog::pages(vec![200]);
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(50);
+        cfg.max_rounds = 5;
+        cfg.throttle.enabled = false;
+        let mut m = Migration::new(log, link(1024.0 * 1024.0), workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(report.throttle, 0.0);
+        assert!(!report.throttle_allowed);
+        assert!(
+            !events
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|e| e.starts_with("throttle"))
+        );
+        let text = report.to_string();
+        assert!(text.contains("throttle:      off"), "{text}");
     }
 
     #[test]

@@ -45,8 +45,17 @@
 //! as a migration converges, and their fixed cost makes the last, small round slower per byte
 //! than the rounds before it; an average throughput hides that and overshoots the limit.
 //! **Finish** (the memory digests and the acknowledgement round trip): the upper median of the
-//! last five [`Transport::probe_finish`] samples, one after each round (over a socket a
-//! PING/PONG on every connection, see `precopy-transfer`'s protocol), bounded by the slowest.
+//! [`Transport::probe_finish`] samples (over a socket a PING/PONG on every connection, see
+//! `precopy-transfer`'s protocol) that the pause probes take with the workload paused, as it is
+//! for the real acknowledgement; bounded by the slowest of those and of the last five samples
+//! taken after each round beside the running workload. **Re-reads** while paused (the verify
+//! pass over memory the dirty log cannot vouch for, a full final check's pass over all memory
+//! on each end, [`Transport::finish_reread_bytes`]): their bytes at the time per byte of
+//! [`Transport::changed`] on a bounded sample (at most 2 MiB) timed inside each pause probe;
+//! without a sample there is no estimate, so no switch-over on a guess. **Written meanwhile**:
+//! the dirty rate times the expected scan and pause, sent in the final round too; while a
+//! throttle is on, at least the last unthrottled scan's rate (pausing lifts the throttle, and a
+//! scan that fell in the throttle's stopped share finds little or nothing).
 //! The driver switches over when the bound times a **margin** is at most
 //! [`MigrationConfig::max_downtime`] ([`DowntimeEstimate::bound`]): a limit is a promise, the
 //! expected downtime a prediction. The margin is the largest ratio of actual to estimated send
@@ -59,9 +68,8 @@
 //! The report gives the estimate's parts ([`DowntimeEstimate`]) beside the measured ones
 //! ([`FinalPhase`]), and a note ([`MigrationReport::downtime_note`]) when the limit could not be
 //! met (the iteration ended on a limit: is it the fixed costs or the dirty rate?) or was
-//! exceeded (which part took longer than estimated). Not estimated: the verify pass over
-//! memory the dirty log cannot vouch for (it depends on that memory's size, not on the rounds)
-//! and the state blob (saved once, while paused). Every round, the final one included, spreads
+//! exceeded (which part took longer than estimated). Not estimated: the state blob (saved
+//! once, while paused). Every round, the final one included, spreads
 //! its batches over all the transport's streams (round robin per run of pages).
 //!
 //! Two limits bound the iteration, each with a [`LimitPolicy`]:
@@ -117,8 +125,8 @@
 //! with the workload paused, the driver asks [`Transport::changed`] which of those pages differ
 //! from what was sent ([`TransferTransport`] re-reads them and compares page hashes) and sends them
 //! in the same round. The report's [`VerifyPass`] says what that pass read, what it found, how
-//! much of it the log had missed, and how long it took (part of the downtime; the switch-over
-//! rule does not count it yet). Writes an embedder knows about and no log can see (a device's
+//! much of it the log had missed, and how long it took (part of the downtime, which the
+//! switch-over rule estimates from samples timed in the pause probes: see "Switch-over rule"). Writes an embedder knows about and no log can see (a device's
 //! DMA) go through [`ExternalDirty`] into the next round.
 //! # Bounded failures
 //!

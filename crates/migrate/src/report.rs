@@ -211,6 +211,33 @@ pub struct DowntimeEstimate {
     /// Bytes the workload is expected to write from the last scan until it is stopped (its
     /// dirty rate times the expected scan and pause), sent in the final round too.
     pub meanwhile_bytes: u64,
+    /// The dirty rate behind `meanwhile_bytes`, bytes per second: the last scan's, or while a
+    /// throttle is on at least the last one's before the throttle (pausing lifts it, and a
+    /// scan while the throttle had the writers stopped finds little or nothing).
+    pub meanwhile_rate: f64,
+    /// Bytes the verify pass would re-read: memory the dirty log cannot vouch for
+    /// ([`crate::DirtyLog::unvouched`]) that the final round would not send anyway.
+    pub verify_bytes: u64,
+    /// Of those, bytes expected to differ from what was sent (the share the re-read samples
+    /// found changed), added to the final send.
+    pub verify_changed_bytes: u64,
+    /// The verify pass: `verify_bytes` at the re-read samples' time per byte (the upper
+    /// median); zero without such memory.
+    #[serde(serialize_with = "ms", rename = "verify_ms")]
+    pub verify: Duration,
+    /// At the slowest sample's time per byte, which the decision counts instead of `verify`.
+    #[serde(serialize_with = "ms", rename = "verify_worst_ms")]
+    pub verify_worst: Duration,
+    /// Bytes the final check re-reads on each end (all memory with a full check, else 0;
+    /// [`Transport::finish_reread_bytes`](crate::Transport::finish_reread_bytes)).
+    pub full_check_bytes: u64,
+    /// The full check's passes (source, then destination) at the samples' time per byte;
+    /// part of the measured [`FinalPhase::finish`].
+    #[serde(serialize_with = "ms", rename = "full_check_ms")]
+    pub full_check: Duration,
+    /// At the slowest sample's time per byte, which the decision counts instead.
+    #[serde(serialize_with = "ms", rename = "full_check_worst_ms")]
+    pub full_check_worst: Duration,
     /// Pausing the workload: the median of the probes (after round 0 and the next rounds;
     /// zero without them).
     #[serde(serialize_with = "ms", rename = "pause_ms")]
@@ -234,13 +261,14 @@ pub struct DowntimeEstimate {
     /// `fixed + pending / bandwidth`, never faster than the slowest recent round.
     #[serde(serialize_with = "ms", rename = "send_worst_ms")]
     pub send_worst: Duration,
-    /// Memory digests and the acknowledgement round trip: the upper median of the transport's
-    /// recent probes ([`Transport::probe_finish`](crate::Transport::probe_finish)); zero for a
-    /// transport that cannot probe.
+    /// Memory digests and the acknowledgement round trip: the upper median of the probes
+    /// ([`Transport::probe_finish`](crate::Transport::probe_finish)) the pause probes took
+    /// with the workload paused, else of the transport's recent probes between rounds; zero
+    /// for a transport that cannot probe.
     #[serde(serialize_with = "ms", rename = "finish_ms")]
     pub finish: Duration,
-    /// The slowest of those probes, which the switch-over decision counts instead of `finish`
-    /// ([`DowntimeEstimate::bound`]).
+    /// The slowest of all finish probes (paused, and the last five between rounds), which the
+    /// switch-over decision counts instead of `finish` ([`DowntimeEstimate::bound`]).
     #[serde(serialize_with = "ms", rename = "finish_worst_ms")]
     pub finish_worst: Duration,
     /// Per-round fixed cost of the fitted line.
@@ -311,6 +339,9 @@ pub struct MigrationReport {
     pub dirty_rate: f64,
     /// Highest throttle applied.
     pub throttle: f64,
+    /// Whether the configuration let the driver throttle at all
+    /// ([`ThrottleConfig::enabled`](crate::ThrottleConfig)); when not, `throttle` stays 0.
+    pub throttle_allowed: bool,
     /// What the workload suffered, if it counts its work.
     pub workload: Option<WorkloadCost>,
     /// How the throttle was applied.
@@ -358,6 +389,7 @@ impl MigrationReport {
             bandwidth: 0.0,
             dirty_rate: 0.0,
             throttle: 0.0,
+            throttle_allowed: true,
             workload: None,
             throttle_method: "none",
             checksum: None,
@@ -490,11 +522,27 @@ impl fmt::Display for MigrationReport {
             None => writeln!(f, "downtime:      none (no final round)")?,
         }
         if let Some(e) = self.downtime_estimate {
+            // The re-reads while paused, only where there is such memory or such a check.
+            let rereads = |verify: Duration, full: Duration| {
+                let mut s = String::new();
+                if e.verify_bytes > 0 {
+                    s.push_str(&format!(
+                        " + verify pass {} ({})",
+                        msf(verify),
+                        bytes(e.verify_bytes as f64)
+                    ));
+                }
+                if e.full_check_bytes > 0 {
+                    s.push_str(&format!(" + full check {}", msf(full)));
+                }
+                s
+            };
             writeln!(
                 f,
-                "               expected: pause {} + scan {} + send {} ({} pending + {} written until paused) + checksum and acknowledgement {}",
+                "               expected: pause {} + scan {}{} + send {} ({} pending + {} written until paused) + checksum and acknowledgement {}",
                 msf(e.pause),
                 msf(e.scan),
+                rereads(e.verify, e.full_check),
                 msf(e.send),
                 bytes(e.pending_bytes as f64),
                 bytes(e.meanwhile_bytes as f64),
@@ -502,9 +550,13 @@ impl fmt::Display for MigrationReport {
             )?;
             writeln!(
                 f,
-                "               at most:  pause {} + scan {} + send {} ({}/s + {} per round) + checksum and acknowledgement {}, margin x{:.2} = {}",
+                "               at most:  pause {} + scan {}{} + send {} ({}/s + {} per round) + checksum and acknowledgement {}, margin x{:.2} = {}",
                 msf(e.pause.max(e.pause_worst)),
                 msf(e.scan.max(e.scan_worst)),
+                rereads(
+                    e.verify.max(e.verify_worst),
+                    e.full_check.max(e.full_check_worst)
+                ),
                 msf(e.send.max(e.send_worst)),
                 bytes(e.bandwidth),
                 msf(e.fixed),
@@ -590,7 +642,9 @@ impl fmt::Display for MigrationReport {
             "dirty rate:    {}/s (last scan with the workload running)",
             bytes(self.dirty_rate)
         )?;
-        if self.throttle > 0.0 && self.throttle_method == "none" {
+        if !self.throttle_allowed {
+            writeln!(f, "throttle:      off (not allowed by the settings)")?;
+        } else if self.throttle > 0.0 && self.throttle_method == "none" {
             writeln!(
                 f,
                 "throttle:      asked for up to {:.0}%, not applied (this workload has no throttle)",

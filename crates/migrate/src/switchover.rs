@@ -23,8 +23,10 @@
 //! * **written meanwhile**: the workload keeps writing from the last scan until it is stopped;
 //!   at the dirty rate of the last scan interval that adds `rate × (scan + pause)` bytes to the
 //!   final round (with the bound's scan and pause for the bound). A throttled writer that runs
-//!   in bursts can leave a last scan nearly empty and still write megabytes while it is being
-//!   stopped;
+//!   in bursts can leave a last scan nearly empty, or empty when the throttle had it stopped
+//!   for the whole interval, and still write megabytes while it is being stopped (pausing
+//!   lifts the throttle first): while a throttle is on, the driver passes at least the rate
+//!   of the last scan before the throttle was raised;
 //! * **send**: expected, the pending bytes at the throughput of the last iterative round (the
 //!   round most like the final one: small, of scattered pages, its fixed costs included).
 //!   Bound: before two iterative rounds are measured, the duration of the smallest measured
@@ -36,23 +38,38 @@
 //!   converges and their fixed costs make a small round slower per byte than the big rounds
 //!   before it, which a mean throughput hides;
 //! * **finish** (memory digests and the acknowledgement round trip): expected, the upper
-//!   median of the last [`FINISH_WINDOW`] probes the transport took after a round
+//!   median of the finish probes the pause probes took with the workload paused (the final
+//!   acknowledgement runs with it paused: measured beside the running workload and a competing
+//!   process, the round trip was 2-21 ms against 2-3 ms paused); without such probes, the
+//!   upper median of the last [`FINISH_WINDOW`] probes the transport took after a round
 //!   ([`Transport::probe_finish`](crate::Transport::probe_finish): a PING/PONG on every
 //!   connection plus the digest of the page-hash table timed at the sender, twice; for a
 //!   checkpoint image, which syncs every round so that the final round's own sync is part of
 //!   its send time, the index built and timed plus one `fdatasync` of the last records and the
 //!   directory sync of the rename, estimated from the image's measured per-round syncs), zero
-//!   for a transport that cannot probe; bound, the slowest of those probes: on a loaded machine
-//!   the acknowledgement waits for the receiver to get a CPU, a tail that the typical round
-//!   trip does not show (measured: 1.5-2 ms typical, 10-22 ms in 3 of 20 runs);
+//!   for a transport that cannot probe; bound, the slowest of all those probes, paused or not:
+//!   on a loaded machine the acknowledgement waits for the receiver to get a CPU, a tail that
+//!   the typical round trip does not show (measured: 1.5-2 ms typical, 10-22 ms in 3 of 20 runs);
+//! * **re-reads** of memory while paused, which grow with memory size, not with the rounds:
+//!   the verify pass over memory the dirty log cannot vouch for (shared memory, hugetlb:
+//!   [`DirtyLog::unvouched`](crate::DirtyLog::unvouched), less what the final round sends
+//!   anyway) and a full final check's pass over all memory on each end
+//!   ([`Transport::finish_reread_bytes`](crate::Transport::finish_reread_bytes)). Each pause
+//!   probe (or, without probes, one sample after the first scan) times
+//!   [`Transport::changed`](crate::Transport::changed) on a sample of at most
+//!   [`REREAD_SAMPLE`] bytes spread over that memory; the parts are those bytes at the
+//!   sample's time per byte (upper median of the samples; bound: the slowest sample), the full
+//!   check counted twice (the destination re-reads its copy after the source, before it
+//!   answers), and what the sample found changed, as a share of it, is added to the final
+//!   send. Without a sample while such memory exists there is no estimate (the driver does not
+//!   switch over on a guess);
 //! * **margin**: each iterative round checks the send bound made before it against what the
 //!   round took; the bound's sum is multiplied by the largest recent ratio of actual to
 //!   estimated (at least 1, at most [`MAX_MARGIN`]), so an estimator that was optimistic lately
 //!   becomes cautious before the pause, not after.
 //!
 //! Not estimated: the state blob (saved once, while paused; small for a process, a few
-//! hundred KiB for a VMM's devices) and the verify pass over memory the dirty log cannot
-//! vouch for.
+//! hundred KiB for a VMM's devices).
 
 use crate::report::DowntimeEstimate;
 use std::collections::VecDeque;
@@ -66,6 +83,9 @@ pub(crate) const SCAN_WINDOW: usize = 3;
 pub(crate) const SEND_WINDOW: usize = 4;
 /// Finish probes remembered for the finish estimate.
 pub(crate) const FINISH_WINDOW: usize = 5;
+/// The most a re-read sample reads (the workload is paused meanwhile: about 1 ms on this
+/// machine's `process_vm_readv` and page hashing).
+pub(crate) const REREAD_SAMPLE: u64 = 2 << 20;
 /// The most the margin grows: one freak round (a competing process took the CPU) must not
 /// stop a migration from ever converging.
 pub(crate) const MAX_MARGIN: f64 = 1.5;
@@ -81,19 +101,28 @@ struct Sample {
 }
 
 impl DowntimeEstimate {
-    /// The expected downtime: pause + scan + send + finish.
+    /// The expected downtime: pause + scan + verify + send + finish + full check.
     pub fn total(&self) -> Duration {
-        self.pause + self.scan + self.send + self.finish
+        self.pause
+            .saturating_add(self.scan)
+            .saturating_add(self.verify)
+            .saturating_add(self.send)
+            .saturating_add(self.finish)
+            .saturating_add(self.full_check)
     }
 
     /// What the decision compares with the limit: the bound of each part (the slowest
     /// recent scan and finish probe, the send bound), times the margin.
     pub fn bound(&self) -> Duration {
         let finish = self.finish.max(self.finish_worst);
-        let worst = self.pause.max(self.pause_worst)
-            + self.scan.max(self.scan_worst)
-            + self.send.max(self.send_worst);
-        (worst + finish).mul_f64(self.margin.max(1.0))
+        let worst = (self.pause.max(self.pause_worst))
+            .saturating_add(self.scan.max(self.scan_worst))
+            .saturating_add(self.verify.max(self.verify_worst))
+            .saturating_add(self.send.max(self.send_worst))
+            .saturating_add(self.full_check.max(self.full_check_worst));
+        let worst = worst.saturating_add(finish);
+        Duration::try_from_secs_f64(worst.as_secs_f64() * self.margin.max(1.0))
+            .unwrap_or(Duration::MAX)
     }
 }
 
@@ -112,6 +141,14 @@ pub(crate) struct Estimator {
     errors: VecDeque<f64>,
     /// Recent probes of the finish cost (digests + acknowledgement round trip).
     finishes: VecDeque<Duration>,
+    /// Finish probes taken inside the pause probes, with the workload paused.
+    paused_finishes: Vec<Duration>,
+    /// Re-read samples: seconds per byte, and the share of the sample found changed.
+    rereads: Vec<(f64, f64)>,
+    /// What the final phase would re-read: the verify pass's bytes and the full final
+    /// check's bytes per end ([`Estimator::set_rereads`]).
+    verify_bytes: u64,
+    full_check_bytes: u64,
 }
 
 /// The upper median of `v` (zero when empty): one slow sample of a busy scheduler does not
@@ -147,6 +184,52 @@ impl Estimator {
     /// Records one probe of what finishing would cost (see [`Estimator::estimate`]).
     pub fn add_finish(&mut self, finish: Duration) {
         push(&mut self.finishes, finish, FINISH_WINDOW);
+    }
+
+    /// Records a finish probe taken inside a pause probe, with the workload paused as it is
+    /// for the real acknowledgement: these decide the expected finish.
+    pub fn add_paused_finish(&mut self, finish: Duration) {
+        self.paused_finishes.push(finish);
+    }
+
+    /// Records a re-read sample: `bytes` re-read and compared in `took`, `changed` of them
+    /// found different from what was sent.
+    pub fn add_reread(&mut self, bytes: u64, took: Duration, changed: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let b = bytes as f64;
+        self.rereads
+            .push((took.as_secs_f64() / b, changed.min(bytes) as f64 / b));
+    }
+
+    /// Re-read samples taken so far.
+    pub fn reread_samples(&self) -> usize {
+        self.rereads.len()
+    }
+
+    /// What the final phase would re-read if the driver paused now: `verify` bytes the dirty
+    /// log cannot vouch for and the final round would not send anyway, and `full_check` bytes
+    /// re-read on each end by the final check.
+    pub fn set_rereads(&mut self, verify: u64, full_check: u64) {
+        self.verify_bytes = verify;
+        self.full_check_bytes = full_check;
+    }
+
+    /// (expected, slowest) seconds per byte and (expected, largest) changed share of the
+    /// re-read samples, or `None` without one.
+    fn reread_costs(&self) -> Option<((f64, f64), (f64, f64))> {
+        if self.rereads.is_empty() {
+            return None;
+        }
+        let upper = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            (v[v.len() / 2], v[v.len() - 1])
+        };
+        Some((
+            upper(self.rereads.iter().map(|r| r.0).collect()),
+            upper(self.rereads.iter().map(|r| r.1).collect()),
+        ))
     }
 
     pub fn add_scan(&mut self, scan: Duration) {
@@ -278,6 +361,26 @@ impl Estimator {
     /// and the workload finding new pages at `dirty_rate` bytes per second: it keeps writing
     /// until it is stopped, and what it writes meanwhile goes in the final round too.
     pub fn estimate(&self, pending: u64, dirty_rate: f64) -> Option<DowntimeEstimate> {
+        // Memory re-read while paused: at the samples' cost per byte; no sample, no estimate.
+        let rereads = self.verify_bytes.saturating_add(self.full_check_bytes);
+        let ((per_byte, per_byte_worst), (changed, changed_worst)) = match self.reread_costs() {
+            Some(c) => c,
+            None if rereads > 0 => return None,
+            None => ((0.0, 0.0), (0.0, 0.0)),
+        };
+        let secs = |bytes: u64, per_byte: f64| {
+            Duration::try_from_secs_f64(bytes as f64 * per_byte).unwrap_or(Duration::MAX)
+        };
+        let verify = secs(self.verify_bytes, per_byte);
+        let verify_worst = secs(self.verify_bytes, per_byte_worst);
+        // Both ends read all memory, one after the other.
+        let full_check = secs(self.full_check_bytes.saturating_mul(2), per_byte);
+        let full_check_worst = secs(self.full_check_bytes.saturating_mul(2), per_byte_worst);
+        // What the verify pass finds changed goes in the final round.
+        let found = (self.verify_bytes as f64 * changed) as u64;
+        let found_worst = (self.verify_bytes as f64 * changed_worst) as u64;
+        let pending_worst = pending.saturating_add(found_worst);
+        let pending = pending.saturating_add(found);
         let pause = self.pause();
         let pause_worst = self.pauses.iter().copied().max().unwrap_or_default();
         let scan_worst = self.recent_walls().max().unwrap_or_default();
@@ -298,7 +401,7 @@ impl Estimator {
         let scan_worst = scan_worst.max(self.probe_scans.iter().copied().max().unwrap_or_default());
         let meanwhile = (rate * (scan + pause).as_secs_f64()) as u64;
         let meanwhile_worst = (rate * (scan_worst + pause_worst).as_secs_f64()) as u64;
-        let send_worst = self.send_bound(pending.saturating_add(meanwhile_worst))?;
+        let send_worst = self.send_bound(pending_worst.saturating_add(meanwhile_worst))?;
         let send = self
             .send_expected(pending.saturating_add(meanwhile))?
             .min(send_worst);
@@ -311,17 +414,39 @@ impl Estimator {
             .copied()
             .fold(1.0, f64::max)
             .min(MAX_MARGIN);
+        // The acknowledgement comes with the workload paused: the probes taken paused decide
+        // the expected part; the bound keeps the slowest probe of all.
+        let finish = if self.paused_finishes.is_empty() {
+            upper_median(self.finishes.iter().copied())
+        } else {
+            upper_median(self.paused_finishes.iter().copied())
+        };
+        let finish_worst = self
+            .finishes
+            .iter()
+            .chain(&self.paused_finishes)
+            .copied()
+            .max()
+            .unwrap_or_default();
         Some(DowntimeEstimate {
-            pending_bytes: pending,
+            pending_bytes: pending - found,
             meanwhile_bytes: meanwhile,
+            meanwhile_rate: rate,
+            verify_bytes: self.verify_bytes,
+            verify_changed_bytes: found,
+            verify,
+            verify_worst,
+            full_check_bytes: self.full_check_bytes,
+            full_check,
+            full_check_worst,
             pause,
             pause_worst,
             scan,
             scan_worst,
             send,
             send_worst,
-            finish: upper_median(self.finishes.iter().copied()),
-            finish_worst: self.finishes.iter().copied().max().unwrap_or_default(),
+            finish,
+            finish_worst,
             margin,
             bandwidth,
             fixed: Duration::from_secs_f64(fixed),
@@ -439,6 +564,64 @@ mod tests {
             e.add_finish(ms(f));
         }
         assert_eq!(e.estimate(MIB, 0.0).unwrap().finish, ms(30.0));
+    }
+
+    #[test]
+    fn the_finish_is_expected_from_the_paused_probes_and_bounded_by_all() {
+        let mut e = Estimator::default();
+        e.add_round(100 * MIB, ms(1000.0), false);
+        for f in [20.0, 9.0, 25.0] {
+            e.add_finish(ms(f));
+        }
+        assert_eq!(e.estimate(MIB, 0.0).unwrap().finish, ms(20.0));
+        // Probes inside the pause probes, with the workload paused, decide the expected part;
+        // the slowest probe of all stays the bound.
+        for f in [2.0, 2.5, 2.1] {
+            e.add_paused_finish(ms(f));
+        }
+        let est = e.estimate(MIB, 0.0).unwrap();
+        assert_eq!((est.finish, est.finish_worst), (ms(2.1), ms(25.0)));
+        e.add_paused_finish(ms(40.0));
+        assert_eq!(e.estimate(MIB, 0.0).unwrap().finish_worst, ms(40.0));
+    }
+
+    #[test]
+    fn memory_reread_while_paused_needs_a_sample_and_scales_with_its_bytes() {
+        let mut e = Estimator::default();
+        e.add_round(100 * MIB, ms(100.0), false);
+        let plain = e.estimate(MIB, 0.0).unwrap();
+        // 100 MiB the dirty log cannot vouch for, no sample yet: no estimate, no switch-over.
+        e.set_rereads(100 * MIB, 0);
+        assert!(e.estimate(MIB, 0.0).is_none());
+        // Samples of 1, 3 and 2 ms per MiB: 2 ms expected (upper median), 3 at most.
+        for t in [1.0, 3.0, 2.0] {
+            e.add_reread(MIB, ms(t), 0);
+        }
+        let est = e.estimate(MIB, 0.0).unwrap();
+        assert!((est.verify.as_secs_f64() * 1e3 - 200.0).abs() < 1e-6);
+        assert!((est.verify_worst.as_secs_f64() * 1e3 - 300.0).abs() < 1e-6);
+        assert_eq!((est.verify_bytes, est.verify_changed_bytes), (100 * MIB, 0));
+        assert_eq!(est.total(), plain.total() + est.verify);
+        assert!(est.bound() >= plain.bound() + ms(300.0));
+        // A full final check of 10 MiB: read on both ends.
+        e.set_rereads(0, 10 * MIB);
+        let est = e.estimate(MIB, 0.0).unwrap();
+        assert_eq!(est.verify, Duration::ZERO);
+        assert!((est.full_check.as_secs_f64() * 1e3 - 40.0).abs() < 1e-6);
+        assert!((est.full_check_worst.as_secs_f64() * 1e3 - 60.0).abs() < 1e-6);
+        // What the samples found changed, as a share, is sent in the final round.
+        let mut e = Estimator::default();
+        e.add_round(100 * MIB, ms(100.0), true);
+        e.add_round(10 * MIB, ms(10.0), true);
+        e.set_rereads(8 * MIB, 0);
+        e.add_reread(MIB, ms(1.0), MIB / 2);
+        let est = e.estimate(MIB, 0.0).unwrap();
+        assert_eq!(
+            (est.pending_bytes, est.verify_changed_bytes),
+            (MIB, 4 * MIB)
+        );
+        let send = est.send.as_secs_f64() * 1e3;
+        assert!((send - 5.0).abs() < 0.01, "{send}");
     }
 
     #[test]

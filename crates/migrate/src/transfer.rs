@@ -122,6 +122,14 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
         self.transfer.probe_finish()
     }
 
+    /// All of the layout's memory with [`FinalCheck::Full`], else none.
+    fn finish_reread_bytes(&self) -> u64 {
+        match self.check {
+            FinalCheck::Full => self.transfer.layout().total_len(),
+            _ => 0,
+        }
+    }
+
     fn interrupter(&self) -> Option<Interrupt> {
         self.transfer.interrupter()
     }
