@@ -1907,8 +1907,7 @@ mod tests {
         let unthrottled = report
             .rounds
             .iter()
-            .filter(|r| r.kind == RoundKind::Iterative && r.throttle == 0.0)
-            .last()
+            .rfind(|r| r.kind == RoundKind::Iterative && r.throttle == 0.0)
             .unwrap()
             .dirty_rate;
         assert!(unthrottled > 0.0);
