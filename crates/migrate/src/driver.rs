@@ -1037,6 +1037,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 let scan_start = Instant::now();
                 let collected = self.collect(round, &mut pending, false)?;
                 let scan = collected.wall;
+                let scan_cpu = collected.cpu;
                 // After the first scans a pause probe rehearses the final phase: pause, scan
                 // (what was written since the scan just done, as the final scan finds), resume.
                 let probe = self.config.probe_pause
@@ -1070,6 +1071,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     self.unthrottled_rate = dirty_rate;
                 }
                 self.estimator.add_scan(scan);
+                if let Some(cpu) = scan_cpu {
+                    self.estimator.add_scan_share(scan, cpu);
+                }
                 self.prepare_rereads(&pending);
                 let estimate = self
                     .estimator

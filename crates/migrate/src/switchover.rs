@@ -58,7 +58,10 @@
 //!   probe (or, without probes, one sample after the first scan) times
 //!   [`Transport::changed`](crate::Transport::changed) on a sample of at most
 //!   [`REREAD_SAMPLE`] bytes spread over that memory; the parts are those bytes at the
-//!   sample's time per byte (upper median of the samples; bound: the slowest sample), the full
+//!   sample's time per byte (upper median of the samples; bound: the slowest sample, stretched
+//!   by the upper median of the last [`SCAN_WINDOW`] scans' wall time over CPU time: a sample
+//!   is shorter than a time slice and measures the work, a pass of hundreds of milliseconds on
+//!   a loaded machine gets the share of the CPU the scans got), the full
 //!   check counted twice (the destination re-reads its copy after the source, before it
 //!   answers), and what the sample found changed, as a share of it, is added to the final
 //!   send. Without a sample while such memory exists there is no estimate (the driver does not
@@ -86,6 +89,8 @@ pub(crate) const FINISH_WINDOW: usize = 5;
 /// The most a re-read sample reads (the workload is paused meanwhile: about 1 ms on this
 /// machine's `process_vm_readv` and page hashing).
 pub(crate) const REREAD_SAMPLE: u64 = 2 << 20;
+/// The most a pass's wall time is taken to exceed its CPU time in the re-reads' bound.
+const MAX_STRETCH: f64 = 8.0;
 /// The most the margin grows: one freak round (a competing process took the CPU) must not
 /// stop a migration from ever converging.
 pub(crate) const MAX_MARGIN: f64 = 1.5;
@@ -145,6 +150,9 @@ pub(crate) struct Estimator {
     paused_finishes: Vec<Duration>,
     /// Re-read samples: seconds per byte, and the share of the sample found changed.
     rereads: Vec<(f64, f64)>,
+    /// Wall time ÷ CPU time of the last [`SCAN_WINDOW`] scans: how much longer than its work
+    /// a pass of several milliseconds took on this machine lately.
+    stretches: VecDeque<f64>,
     /// What the final phase would re-read: the verify pass's bytes and the full final
     /// check's bytes per end ([`Estimator::set_rereads`]).
     verify_bytes: u64,
@@ -156,6 +164,13 @@ pub(crate) struct Estimator {
 fn upper_median(v: impl Iterator<Item = Duration>) -> Duration {
     let mut v: Vec<Duration> = v.collect();
     v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// The upper median of `v` (zero when empty).
+fn upper_median_f64(v: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = v.collect();
+    v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
@@ -203,6 +218,15 @@ impl Estimator {
             .push((took.as_secs_f64() / b, changed.min(bytes) as f64 / b));
     }
 
+    /// Records a scan's wall and CPU time (see [`Estimator::estimate`], re-reads).
+    pub fn add_scan_share(&mut self, wall: Duration, cpu: Duration) {
+        if cpu.is_zero() {
+            return;
+        }
+        let stretch = (wall.as_secs_f64() / cpu.as_secs_f64()).clamp(1.0, MAX_STRETCH);
+        push(&mut self.stretches, stretch, SCAN_WINDOW);
+    }
+
     /// Re-read samples taken so far.
     pub fn reread_samples(&self) -> usize {
         self.rereads.len()
@@ -222,9 +246,9 @@ impl Estimator {
         if self.rereads.is_empty() {
             return None;
         }
-        let upper = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            (v[v.len() / 2], v[v.len() - 1])
+        let upper = |v: Vec<f64>| {
+            let max = v.iter().copied().fold(0.0, f64::max);
+            (upper_median_f64(v.into_iter()), max)
         };
         Some((
             upper(self.rereads.iter().map(|r| r.0).collect()),
@@ -371,6 +395,11 @@ impl Estimator {
         let secs = |bytes: u64, per_byte: f64| {
             Duration::try_from_secs_f64(bytes as f64 * per_byte).unwrap_or(Duration::MAX)
         };
+        // A sample is shorter than a time slice: it measures the work. A pass of hundreds of
+        // milliseconds on a loaded machine gets the CPU share the recent scans got (measured
+        // under load 8-10: 2.8-3.2x the sample's time per byte), which the bound counts.
+        let stretch = upper_median_f64(self.stretches.iter().copied()).max(1.0);
+        let per_byte_worst = per_byte_worst * stretch;
         let verify = secs(self.verify_bytes, per_byte);
         let verify_worst = secs(self.verify_bytes, per_byte_worst);
         // Both ends read all memory, one after the other.
@@ -603,6 +632,15 @@ mod tests {
         assert_eq!((est.verify_bytes, est.verify_changed_bytes), (100 * MIB, 0));
         assert_eq!(est.total(), plain.total() + est.verify);
         assert!(est.bound() >= plain.bound() + ms(300.0));
+        // Scans that took twice their CPU time stretch the bound, not the expected part.
+        e.add_scan_share(ms(4.0), ms(2.0));
+        let stretched = e.estimate(MIB, 0.0).unwrap();
+        assert_eq!(stretched.verify, est.verify);
+        assert!((stretched.verify_worst.as_secs_f64() * 1e3 - 600.0).abs() < 1e-6);
+        e.add_scan_share(ms(1.0), ms(1.0));
+        e.add_scan_share(ms(1.0), ms(1.0));
+        let est = e.estimate(MIB, 0.0).unwrap();
+        assert!((est.verify_worst.as_secs_f64() * 1e3 - 300.0).abs() < 1e-6);
         // A full final check of 10 MiB: read on both ends.
         e.set_rereads(0, 10 * MIB);
         let est = e.estimate(MIB, 0.0).unwrap();
