@@ -12,7 +12,9 @@
 //! VMM's guest RAM: by default `vmsplice` + `splice`, `own_writev` by
 //! `writev`). The raw copy `writev`s the same mapping; `raw_splice` sends it
 //! with `vmsplice` + `splice` (no copy at the sender, the kernel's best) and
-//! `raw_zerocopy` with `MSG_ZEROCOPY`. The receiver
+//! `raw_zerocopy` with `MSG_ZEROCOPY`. `*_rx1thread` are the `own*` configurations with
+//! the receiver's page hash on its socket thread instead of a hash thread
+//! (`ReceiverConfig::hash_thread: false`). The receiver
 //! applies into a [`MemorySink`], cleared to
 //! zeros before each transfer like a migration's fresh destination; both the
 //! raw and the engine receivers write into a destination already faulted in,
@@ -249,6 +251,7 @@ fn engine_copy(
     own: bool,
     dest: &mut MemorySink,
     config: &SenderConfig,
+    hash_thread: bool,
 ) -> (Duration, Duration, u64) {
     let (listener, conns) = pair(net, dir, config.streams);
     let base = src.addr();
@@ -257,6 +260,7 @@ fn engine_copy(
         let rx = s.spawn(move || {
             let config = ReceiverConfig {
                 key: bench_key(),
+                hash_thread,
                 ..ReceiverConfig::default()
             };
             let rx = Receiver::accept(&listener, &config).unwrap();
@@ -388,6 +392,15 @@ fn main() {
                     ..base_config.clone()
                 },
             ),
+            // The receiver hashes on its socket thread (`ReceiverConfig::hash_thread: false`).
+            ("own_rx1thread".into(), base_config.clone()),
+            (
+                "own_writev_rx1thread".into(),
+                SenderConfig {
+                    splice: false,
+                    ..base_config.clone()
+                },
+            ),
         ];
         if full {
             for batch in [16usize, 256] {
@@ -431,8 +444,16 @@ fn main() {
                         dest.clear().expect("clearing destination memory");
                         let cpu = cpu_seconds();
                         let own = cname.starts_with("own");
-                        let (streamed, done, wire) =
-                            engine_copy(net, dir.path(), &map, own, &mut dest, &config);
+                        let hash_thread = !cname.ends_with("rx1thread");
+                        let (streamed, done, wire) = engine_copy(
+                            net,
+                            dir.path(),
+                            &map,
+                            own,
+                            &mut dest,
+                            &config,
+                            hash_thread,
+                        );
                         record_cpu(&name, cpu_seconds() - cpu);
                         record(&name, streamed);
                         record(&format!("{name} (to DONE)"), done);

@@ -92,6 +92,14 @@ pub struct ReceiverConfig {
     /// timeout for a connection accepted just before it ends); past it the
     /// receiver fails with [`TransferError::ResumeTimedOut`].
     pub resume_wait: Duration,
+    /// With one connection: hash the pages of each frame on a second thread while the socket
+    /// thread reads the rest of the frame into the destination, instead of on the socket thread
+    /// ([`FrameReader::read_pages_hashing_on`]). The frame is checked only once every page of
+    /// it is hashed, so what is accepted is the same either way; what changes is which core
+    /// pays for the hash. With `splice` at the sender, the receiver's socket thread also does
+    /// the whole kernel copy and was the one busy core (BENCHMARKS.md, "A hash thread at the
+    /// receiver"). Default `true`.
+    pub hash_thread: bool,
 }
 
 /// Default [`ReceiverConfig::io_timeout`].
@@ -113,6 +121,7 @@ impl Default for ReceiverConfig {
             handshake_timeout: crate::engine::DEFAULT_IO_TIMEOUT,
             io_timeout: Some(DEFAULT_RECEIVE_TIMEOUT),
             resume_wait: DEFAULT_RESUME_WAIT,
+            hash_thread: true,
         }
     }
 }
@@ -689,6 +698,22 @@ impl Leg<'_> {
             writing: self.conns.iter().map(|_| Mutex::new(())).collect(),
         };
         let next = self.next;
+        let hasher = if n == 1 && self.config.hash_thread {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .thread_name(|_| "precopy-hash".into())
+                    .build()
+                    .map_err(|e| {
+                        fatal(TransferError::io("starting the receiver's hash thread")(
+                            std::io::Error::other(e),
+                        ))
+                    })?,
+            )
+        } else {
+            None
+        };
+        let hasher = hasher.as_ref();
         let outcomes: Vec<Option<StreamOutcome>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .conns
@@ -704,7 +729,7 @@ impl Leg<'_> {
                             // than a separate reading thread).
                             let pool = BufferPool::new(2);
                             let reader = BufReader::with_capacity(READ_BUFFER, c);
-                            let frames = Frames::Direct(FrameReader::new(reader));
+                            let frames = Frames::Direct(FrameReader::new(reader), hasher);
                             let r = receive_stream(frames, &pool, shared, i, next);
                             return shared.outcome(r.map_err(|e| stalled(c, e)));
                         }
@@ -716,7 +741,7 @@ impl Leg<'_> {
                         let reader_pool = pool.clone();
                         std::thread::scope(|s2| {
                             s2.spawn(move || read_socket(c, &reader_pool, tx));
-                            let frames: Frames<&[u8]> = Frames::Queued { rx };
+                            let frames: Frames<'_, &[u8]> = Frames::Queued { rx };
                             let r = receive_stream(frames, &pool, shared, i, next);
                             shared.outcome(r.map_err(|e| stalled(c, e)))
                         })
@@ -1275,10 +1300,12 @@ type RawFrame = Result<(RawHeader, u64, Vec<u8>), TransferError>;
 const QUEUED_FRAMES: usize = 4;
 
 /// Where a stream's frames come from.
-enum Frames<R> {
+enum Frames<'p, R> {
     /// Read and verified in the applying thread; uncompressed page frames go
     /// straight into the destination where the sink lends it.
-    Direct(FrameReader<R>),
+    /// With a pool: the hashes of pages read straight into the destination are taken there
+    /// ([`FrameReader::read_pages_hashing_on`]).
+    Direct(FrameReader<R>, Option<&'p rayon::ThreadPool>),
     /// Read by [`read_socket`] on another thread, verified here.
     Queued {
         rx: crossbeam_channel::Receiver<RawFrame>,
@@ -1294,7 +1321,7 @@ enum Next {
     Applied(Header),
 }
 
-impl<R: Read> Frames<R> {
+impl<R: Read> Frames<'_, R> {
     /// The next verified frame; its payload replaces `payload` (the old
     /// buffer goes back to `pool`). For an uncompressed PAGES frame, `hashes`
     /// receives each page's hash (see [`verify_frame_pages`]). Inside a round
@@ -1309,10 +1336,11 @@ impl<R: Read> Frames<R> {
         in_round: Option<(&Shared<'_, K>, &Layout)>,
     ) -> Result<Next, TransferError> {
         match self {
-            Frames::Direct(r) => {
+            Frames::Direct(r, hasher) => {
                 let (h, offset) = r.read_raw_header()?;
                 if let Some((shared, layout)) = in_round
-                    && let Some(header) = read_in_place(r, &h, offset, ps, hashes, shared, layout)?
+                    && let Some(header) =
+                        read_in_place(r, *hasher, &h, offset, ps, hashes, shared, layout)?
                 {
                     return Ok(Next::Applied(header));
                 }
@@ -1338,8 +1366,10 @@ impl<R: Read> Frames<R> {
 /// hash list that follows the pages, and each page is checked against it), so they are bounds-checked like any other input first: the
 /// worst a forged header achieves is a lent range of zero pages, written and
 /// then zeroed again.
+#[allow(clippy::too_many_arguments)] // one caller; the reader's and the round's state
 fn read_in_place<R: Read, K: Sink + ?Sized>(
     r: &mut FrameReader<R>,
+    hasher: Option<&rayon::ThreadPool>,
     h: &RawHeader,
     offset: u64,
     ps: u64,
@@ -1364,12 +1394,14 @@ fn read_in_place<R: Read, K: Sink + ?Sized>(
         return Ok(None);
     };
     let mut list = vec![0u8; (len / ps) as usize * crate::digest::PAGE_HASH_LEN];
-    let checked = r
-        .read_pages_hashing(dest, ps as usize, hashes)
-        .and_then(|()| {
-            r.read_payload_into(&mut list)?;
-            verify_hashed_list(h, offset, len, &list, ps, hashes)
-        });
+    let read = match hasher {
+        Some(pool) => r.read_pages_hashing_on(dest, ps as usize, hashes, pool),
+        None => r.read_pages_hashing(dest, ps as usize, hashes),
+    };
+    let checked = read.and_then(|()| {
+        r.read_payload_into(&mut list)?;
+        verify_hashed_list(h, offset, len, &list, ps, hashes)
+    });
     match checked {
         Ok(header) => {
             sink.commit_lent(offset, hashes)?;
@@ -1409,7 +1441,7 @@ fn read_socket(conn: &Connection, pool: &BufferPool, tx: crossbeam_channel::Send
 /// Runs connection `index`'s state machine. Only the first connection
 /// (index 0) may carry the state blob.
 fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
-    mut frames: Frames<R>,
+    mut frames: Frames<'_, R>,
     pool: &BufferPool,
     shared: &Shared<'_, K>,
     index: usize,
@@ -1700,7 +1732,7 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
     };
     let pool = BufferPool::new(2);
     let outcome = receive_stream(
-        Frames::Direct(FrameReader::new(bytes)),
+        Frames::Direct(FrameReader::new(bytes), None),
         &pool,
         &shared,
         0,

@@ -193,6 +193,54 @@ impl<R: Read> FrameReader<R> {
         self.offset += got as u64;
         Ok(())
     }
+
+    /// [`read_pages_hashing`](Self::read_pages_hashing) with the hashing handed to `pool`:
+    /// the payload is read [`HASH_AS_READ`] bytes (whole pages) at a time, and each part, once
+    /// read, is hashed by a task on `pool` while this thread reads the next one (the last part
+    /// is hashed here). Returns only after every task has finished, so `hashes` is complete
+    /// (or this fails) exactly as with `read_pages_hashing`: the frame check that follows sees
+    /// the same hashes, whichever thread took them. A task that panics makes this panic once
+    /// the others have finished (a `rayon` scope's rule), never return unhashed pages.
+    pub fn read_pages_hashing_on(
+        &mut self,
+        pages: &mut [u8],
+        ps: usize,
+        hashes: &mut Vec<PageHash>,
+        pool: &rayon::ThreadPool,
+    ) -> Result<(), TransferError> {
+        hashes.clear();
+        if ps == 0 {
+            return self.fill(pages, "a frame payload");
+        }
+        let whole = pages.len() / ps * ps;
+        hashes.resize(whole / ps, 0);
+        let part = (HASH_AS_READ / ps).max(1) * ps;
+        let (mut rest, tail) = pages.split_at_mut(whole);
+        let mut out = &mut hashes[..];
+        let hash_into = |out: &mut [PageHash], bytes: &[u8]| {
+            for (h, page) in out.iter_mut().zip(bytes.chunks_exact(ps)) {
+                *h = page_hash(page);
+            }
+        };
+        pool.in_place_scope(|s| {
+            while !rest.is_empty() {
+                let n = rest.len().min(part);
+                let (bytes, more) = std::mem::take(&mut rest).split_at_mut(n);
+                rest = more;
+                self.fill(bytes, "a frame payload")?;
+                let (h, more_out) = std::mem::take(&mut out).split_at_mut(n / ps);
+                out = more_out;
+                let bytes: &[u8] = bytes;
+                if rest.is_empty() {
+                    hash_into(h, bytes);
+                } else {
+                    s.spawn(move |_| hash_into(h, bytes));
+                }
+            }
+            Ok::<(), TransferError>(())
+        })?;
+        self.fill(tail, "a frame payload")
+    }
 }
 
 /// Checks a raw frame read by [`FrameReader::read_unverified`] at stream
