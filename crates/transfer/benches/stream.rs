@@ -12,9 +12,9 @@
 //! VMM's guest RAM: by default `vmsplice` + `splice`, `own_writev` by
 //! `writev`). The raw copy `writev`s the same mapping; `raw_splice` sends it
 //! with `vmsplice` + `splice` (no copy at the sender, the kernel's best) and
-//! `raw_zerocopy` with `MSG_ZEROCOPY`. `*_rx1thread` are the `own*` configurations with
-//! the receiver's page hash on its socket thread instead of a hash thread
-//! (`ReceiverConfig::hash_thread: false`). The receiver
+//! `raw_zerocopy` with `MSG_ZEROCOPY`. `own_hash_thread` and `own_writev_hash_thread`
+//! are `own` and `own_writev` with the receiver's page hash on a second thread
+//! (`ReceiverConfig::hash_thread`). The receiver
 //! applies into a [`MemorySink`], cleared to
 //! zeros before each transfer like a migration's fresh destination; both the
 //! raw and the engine receivers write into a destination already faulted in,
@@ -392,10 +392,10 @@ fn main() {
                     ..base_config.clone()
                 },
             ),
-            // The receiver hashes on its socket thread (`ReceiverConfig::hash_thread: false`).
-            ("own_rx1thread".into(), base_config.clone()),
+            // The receiver hashes on a second thread (`ReceiverConfig::hash_thread`).
+            ("own_hash_thread".into(), base_config.clone()),
             (
-                "own_writev_rx1thread".into(),
+                "own_writev_hash_thread".into(),
                 SenderConfig {
                     splice: false,
                     ..base_config.clone()
@@ -444,7 +444,7 @@ fn main() {
                         dest.clear().expect("clearing destination memory");
                         let cpu = cpu_seconds();
                         let own = cname.starts_with("own");
-                        let hash_thread = !cname.ends_with("rx1thread");
+                        let hash_thread = cname.ends_with("hash_thread");
                         let (streamed, done, wire) = engine_copy(
                             net,
                             dir.path(),

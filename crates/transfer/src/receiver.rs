@@ -92,13 +92,15 @@ pub struct ReceiverConfig {
     /// timeout for a connection accepted just before it ends); past it the
     /// receiver fails with [`TransferError::ResumeTimedOut`].
     pub resume_wait: Duration,
-    /// With one connection: hash the pages of each frame on a second thread while the socket
-    /// thread reads the rest of the frame into the destination, instead of on the socket thread
-    /// ([`FrameReader::read_pages_hashing_on`]). The frame is checked only once every page of
-    /// it is hashed, so what is accepted is the same either way; what changes is which core
-    /// pays for the hash. With `splice` at the sender, the receiver's socket thread also does
-    /// the whole kernel copy and was the one busy core (BENCHMARKS.md, "A hash thread at the
-    /// receiver"). Default `true`.
+    /// With one connection: hash the pages read straight into the destination on a second
+    /// thread, one part of a frame while the socket thread reads the next
+    /// ([`FrameReader::read_pages_hashing_on`]), instead of on the socket thread. A frame is
+    /// checked only once every page of it is hashed, so what is accepted is the same either
+    /// way; what changes is which core pays for the hash. With `splice` at the sender the
+    /// receiver's socket thread does the whole kernel copy and is the one busy core, but the
+    /// hand-offs cost more CPU than the hash they move, and on this project's 2 shared cores
+    /// it was no faster (BENCHMARKS.md, "The receiver's socket thread with splice"). Default
+    /// `false`.
     pub hash_thread: bool,
 }
 
@@ -121,7 +123,7 @@ impl Default for ReceiverConfig {
             handshake_timeout: crate::engine::DEFAULT_IO_TIMEOUT,
             io_timeout: Some(DEFAULT_RECEIVE_TIMEOUT),
             resume_wait: DEFAULT_RESUME_WAIT,
-            hash_thread: true,
+            hash_thread: false,
         }
     }
 }
@@ -698,22 +700,7 @@ impl Leg<'_> {
             writing: self.conns.iter().map(|_| Mutex::new(())).collect(),
         };
         let next = self.next;
-        let hasher = if n == 1 && self.config.hash_thread {
-            Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .thread_name(|_| "precopy-hash".into())
-                    .build()
-                    .map_err(|e| {
-                        fatal(TransferError::io("starting the receiver's hash thread")(
-                            std::io::Error::other(e),
-                        ))
-                    })?,
-            )
-        } else {
-            None
-        };
-        let hasher = hasher.as_ref();
+        let hash_thread = self.config.hash_thread;
         let outcomes: Vec<Option<StreamOutcome>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .conns
@@ -729,6 +716,7 @@ impl Leg<'_> {
                             // than a separate reading thread).
                             let pool = BufferPool::new(2);
                             let reader = BufReader::with_capacity(READ_BUFFER, c);
+                            let hasher = hash_thread.then(|| scoped_threadpool::Pool::new(1));
                             let frames = Frames::Direct(FrameReader::new(reader), hasher);
                             let r = receive_stream(frames, &pool, shared, i, next);
                             return shared.outcome(r.map_err(|e| stalled(c, e)));
@@ -741,7 +729,7 @@ impl Leg<'_> {
                         let reader_pool = pool.clone();
                         std::thread::scope(|s2| {
                             s2.spawn(move || read_socket(c, &reader_pool, tx));
-                            let frames: Frames<'_, &[u8]> = Frames::Queued { rx };
+                            let frames: Frames<&[u8]> = Frames::Queued { rx };
                             let r = receive_stream(frames, &pool, shared, i, next);
                             shared.outcome(r.map_err(|e| stalled(c, e)))
                         })
@@ -1300,12 +1288,12 @@ type RawFrame = Result<(RawHeader, u64, Vec<u8>), TransferError>;
 const QUEUED_FRAMES: usize = 4;
 
 /// Where a stream's frames come from.
-enum Frames<'p, R> {
+enum Frames<R> {
     /// Read and verified in the applying thread; uncompressed page frames go
     /// straight into the destination where the sink lends it.
     /// With a pool: the hashes of pages read straight into the destination are taken there
     /// ([`FrameReader::read_pages_hashing_on`]).
-    Direct(FrameReader<R>, Option<&'p rayon::ThreadPool>),
+    Direct(FrameReader<R>, Option<scoped_threadpool::Pool>),
     /// Read by [`read_socket`] on another thread, verified here.
     Queued {
         rx: crossbeam_channel::Receiver<RawFrame>,
@@ -1321,7 +1309,7 @@ enum Next {
     Applied(Header),
 }
 
-impl<R: Read> Frames<'_, R> {
+impl<R: Read> Frames<R> {
     /// The next verified frame; its payload replaces `payload` (the old
     /// buffer goes back to `pool`). For an uncompressed PAGES frame, `hashes`
     /// receives each page's hash (see [`verify_frame_pages`]). Inside a round
@@ -1340,7 +1328,7 @@ impl<R: Read> Frames<'_, R> {
                 let (h, offset) = r.read_raw_header()?;
                 if let Some((shared, layout)) = in_round
                     && let Some(header) =
-                        read_in_place(r, *hasher, &h, offset, ps, hashes, shared, layout)?
+                        read_in_place(r, hasher.as_mut(), &h, offset, ps, hashes, shared, layout)?
                 {
                     return Ok(Next::Applied(header));
                 }
@@ -1369,7 +1357,7 @@ impl<R: Read> Frames<'_, R> {
 #[allow(clippy::too_many_arguments)] // one caller; the reader's and the round's state
 fn read_in_place<R: Read, K: Sink + ?Sized>(
     r: &mut FrameReader<R>,
-    hasher: Option<&rayon::ThreadPool>,
+    hasher: Option<&mut scoped_threadpool::Pool>,
     h: &RawHeader,
     offset: u64,
     ps: u64,
@@ -1441,7 +1429,7 @@ fn read_socket(conn: &Connection, pool: &BufferPool, tx: crossbeam_channel::Send
 /// Runs connection `index`'s state machine. Only the first connection
 /// (index 0) may carry the state blob.
 fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
-    mut frames: Frames<'_, R>,
+    mut frames: Frames<R>,
     pool: &BufferPool,
     shared: &Shared<'_, K>,
     index: usize,

@@ -199,14 +199,14 @@ impl<R: Read> FrameReader<R> {
     /// read, is hashed by a task on `pool` while this thread reads the next one (the last part
     /// is hashed here). Returns only after every task has finished, so `hashes` is complete
     /// (or this fails) exactly as with `read_pages_hashing`: the frame check that follows sees
-    /// the same hashes, whichever thread took them. A task that panics makes this panic once
-    /// the others have finished (a `rayon` scope's rule), never return unhashed pages.
+    /// the same hashes, whichever thread took them. A job that panics makes this panic once
+    /// the others have finished (the pool's scope rule), never return unhashed pages.
     pub fn read_pages_hashing_on(
         &mut self,
         pages: &mut [u8],
         ps: usize,
         hashes: &mut Vec<PageHash>,
-        pool: &rayon::ThreadPool,
+        pool: &mut scoped_threadpool::Pool,
     ) -> Result<(), TransferError> {
         hashes.clear();
         if ps == 0 {
@@ -222,7 +222,7 @@ impl<R: Read> FrameReader<R> {
                 *h = page_hash(page);
             }
         };
-        pool.in_place_scope(|s| {
+        pool.scoped(|s| {
             while !rest.is_empty() {
                 let n = rest.len().min(part);
                 let (bytes, more) = std::mem::take(&mut rest).split_at_mut(n);
@@ -234,7 +234,7 @@ impl<R: Read> FrameReader<R> {
                 if rest.is_empty() {
                     hash_into(h, bytes);
                 } else {
-                    s.spawn(move |_| hash_into(h, bytes));
+                    s.execute(move || hash_into(h, bytes));
                 }
             }
             Ok::<(), TransferError>(())
@@ -610,6 +610,90 @@ mod tests {
         // Pages of another size than the layout's are refused.
         let (raw, at) = FrameReader::new(&f[..]).read_unverified(&mut p).unwrap();
         assert!(verify_frame_pages(&raw, at, &p, 2 * ps as u64, &mut got).is_err());
+    }
+
+    /// Reads one listed PAGES frame of `n` pages from `f` as the receiver's in-place path does (pages, then
+    /// the list, then the check), hashing on `pool` if given; the hashes and the check's result.
+    fn read_in_place(
+        f: &[u8],
+        n: usize,
+        pool: Option<&mut scoped_threadpool::Pool>,
+    ) -> (Vec<u64>, Result<Header, TransferError>) {
+        let ps = 4096usize;
+        let mut r = FrameReader::new(f);
+        let (h, at) = r.read_raw_header().unwrap();
+        let mut dest = vec![0u8; n * ps];
+        let mut hashes = Vec::new();
+        let read = match pool {
+            Some(pool) => r.read_pages_hashing_on(&mut dest, ps, &mut hashes, pool),
+            None => r.read_pages_hashing(&mut dest, ps, &mut hashes),
+        };
+        if let Err(e) = read {
+            return (hashes, Err(e));
+        }
+        let mut list = vec![0u8; n * PAGE_HASH_LEN];
+        let checked = r.read_payload_into(&mut list).and_then(|()| {
+            verify_hashed_list(&h, at, dest.len() as u64, &list, ps as u64, &hashes)
+        });
+        assert!(checked.is_err() || dest == f[HEADER_LEN..HEADER_LEN + n * ps]);
+        (hashes, checked)
+    }
+
+    #[test]
+    fn pages_hashed_on_a_hash_thread_are_checked_as_on_the_socket_thread() {
+        // 70 pages: four parts of 16 hashed by the pool's thread, the last 6 by the reader.
+        let ps = 4096usize;
+        let data: Vec<u8> = (0..70 * ps).map(|i| (i * 13 % 253) as u8).collect();
+        let hashes: Vec<u64> = data.chunks(ps).map(page_hash).collect();
+        let span = PageSpan {
+            region: 0,
+            offset: 0,
+            len: data.len() as u64,
+        };
+        let mut out = FrameWriter::new(Vec::new());
+        out.send_listed_pages(span, &data, &hashes).unwrap();
+        let f = out.get_ref().clone();
+        let mut pool = scoped_threadpool::Pool::new(1);
+
+        let (got, checked) = read_in_place(&f, 70, Some(&mut pool));
+        checked.unwrap();
+        assert_eq!(got, hashes);
+        let (alone, checked) = read_in_place(&f, 70, None);
+        checked.unwrap();
+        assert_eq!(alone, got);
+
+        // A changed byte in a page the pool hashed (page 3) and in one the reader hashed
+        // (page 66) fails the check, naming that page, as it does on the socket thread.
+        for page in [3usize, 66] {
+            let mut g = f.clone();
+            g[HEADER_LEN + page * ps + 100] ^= 0x01;
+            for pool in [Some(&mut pool), None] {
+                let (_, checked) = read_in_place(&g, 70, pool);
+                assert!(
+                    matches!(
+                        checked,
+                        Err(TransferError::Protocol(ProtocolError::BadPageHash { page: p, .. }))
+                            if p == page as u64
+                    ),
+                    "page {page}: {checked:?}"
+                );
+            }
+        }
+
+        // A stream cut inside a part fails the read; the pool's jobs for the parts before it
+        // have finished when it returns (the scope waits), and the pool serves the next frame.
+        let cut = &f[..HEADER_LEN + 40 * ps + 10];
+        let (_, checked) = read_in_place(cut, 70, Some(&mut pool));
+        assert!(
+            matches!(
+                checked,
+                Err(TransferError::Protocol(ProtocolError::Truncated { .. }))
+            ),
+            "{checked:?}"
+        );
+        let (again, checked) = read_in_place(&f, 70, Some(&mut pool));
+        checked.unwrap();
+        assert_eq!(again, hashes);
     }
 
     #[test]
