@@ -359,3 +359,117 @@ fn soft_dirty_drives_the_demo_where_it_works() {
         assert!(r["collect_pause_ms"].as_f64().is_some(), "{r}");
     }
 }
+
+/// The demo's source children (`__demo-source`) of process `parent`.
+fn demo_sources(parent: u32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("__demo-source"))
+        })
+        .collect()
+}
+
+/// Someone continues the source (`SIGCONT`, as Ctrl-Z then `fg` would) again and again
+/// during the final round, while its slow send runs: the source writes after the final scan.
+/// The pause check must catch it: the run either completes with a copy equal to the source
+/// (pages found were sent) or fails without committing; never "completed" with a copy that
+/// differs. (Before the check, every such run completed with thousands of pages differing.)
+#[test]
+fn a_source_continued_from_outside_in_the_final_round_never_completes_with_a_differing_copy() {
+    use std::io::BufRead;
+    if !engine_usable() {
+        return;
+    }
+    // The default final check, which trusts the tracker (`--final-check full` re-reads memory).
+    for final_check in ["recorded"] {
+        let mut child = std::process::Command::new(common::PRECOPY)
+            .args([
+                "demo",
+                "--size",
+                "16M",
+                "--dirty-rate",
+                "64M",
+                "--pattern",
+                "uniform",
+                "--bandwidth",
+                "16M",
+                "--max-downtime",
+                "20000",
+                "--final-check",
+                final_check,
+                "--json",
+                "--progress",
+                "lines",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running precopy demo");
+        let demo = child.id();
+        let stderr = child.stderr.take().expect("stderr");
+        let in_final = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = in_final.clone();
+        let reader = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("final round") {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                lines.push(line);
+            }
+            lines
+        });
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = done.clone();
+        let continues = std::thread::spawn(move || {
+            let mut sent = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if in_final.load(std::sync::atomic::Ordering::SeqCst) {
+                    for pid in demo_sources(demo) {
+                        let pid = nix::unistd::Pid::from_raw(pid);
+                        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).is_ok() {
+                            sent += 1;
+                        }
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            sent
+        });
+        let out = child.wait_with_output().expect("waiting for the demo");
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let sent = continues.join().unwrap();
+        let lines = reader.join().unwrap();
+        let v = one_json(&out);
+        assert!(sent > 0, "no SIGCONT reached the source: {lines:?}");
+        let m = &v["migration"];
+        if out.status.success() {
+            assert_eq!(m["status"], "completed", "{v}");
+            assert_eq!(
+                v["verified"], true,
+                "completed with a copy that differs: {v}"
+            );
+        } else {
+            assert_ne!(m["status"], "completed", "{v}");
+            assert_eq!(v["verified"], false, "{v}");
+        }
+        eprintln!(
+            "--final-check {final_check}: {} SIGCONT(s), status {}, pause check {}, error {}",
+            sent, m["status"], m["pause_check"], v["error"]["message"]
+        );
+    }
+}

@@ -4,8 +4,8 @@ use crate::cancel::{CancelHandle, Fired, Watchdog};
 use crate::control::{DirtyLog, RoundSent, Transport, Workload, WorkloadCounters};
 use crate::error::{AbortReason, Error, Step};
 use crate::report::{
-    DowntimeEstimate, FinalPhase, MigrationReport, RoundKind, RoundReport, Status, SwitchReason,
-    VerifyPass, WorkloadCost,
+    DowntimeEstimate, FinalPhase, MigrationReport, PauseCheck, RoundKind, RoundReport, Status,
+    SwitchReason, VerifyPass, WorkloadCost,
 };
 use crate::switchover::{Estimator, PAUSE_PROBES, REREAD_SAMPLE};
 use precopy_sys::ranges::coalesce;
@@ -225,6 +225,11 @@ pub struct Progress {
 }
 
 type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
+
+/// How many times the pause check (see the crate docs, "The pause check") sends pages it
+/// found written after the final scan and scans again before it gives up and fails the
+/// migration with [`Error::NotPaused`].
+pub const PAUSE_CHECK_SENDS: u32 = 3;
 
 /// Rounds of a throughput estimate: a round smaller than this is latency-bound.
 const SIGNIFICANT_ROUND: u64 = 4 << 20;
@@ -1233,7 +1238,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let scan = e.scan.max(e.scan_worst);
         let verify = e.verify.max(e.verify_worst);
         let full = e.full_check.max(e.full_check_worst);
-        let fixed = e.pause + scan + e.fixed + finish + verify + full;
+        let fixed = e.pause + scan + e.fixed + finish + verify + full + e.check_bound();
         let cause = if ms(fixed.mul_f64(e.margin)) > limit {
             let mut rereads = String::new();
             if e.verify_bytes > 0 {
@@ -1251,10 +1256,11 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 ));
             }
             format!(
-                "the fixed costs alone (pause {:.1} + scan {:.1} + {:.1} ms per round + finish {:.1}{rereads}) exceed it",
+                "the fixed costs alone (pause {:.1} + scan {:.1} + {:.1} ms per round + pause check {:.1} + finish {:.1}{rereads}) exceed it",
                 ms(e.pause),
                 ms(scan),
                 ms(e.fixed),
+                ms(e.check_bound()),
                 ms(finish)
             )
         } else {
@@ -1294,6 +1300,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 over("verify pass", actual.verify, e.verify);
             }
             over("send", actual.send, e.send);
+            over("pause check", actual.check, e.check);
             if !e.finish.is_zero() || e.full_check_bytes > 0 {
                 over("checksum/ack", actual.finish, e.finish + e.full_check);
             }
@@ -1360,6 +1367,92 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             self.report.throttle = self.report.throttle.max(next);
         }
         Ok(())
+    }
+
+    /// The pause check (see the crate docs): scans the dirty log again with the workload
+    /// supposedly paused. `sent_ranges` is what this final round sent so far (kept in
+    /// [`Migration::unsent`] with whatever the scan finds, until the commit). With `may_send`,
+    /// pages found are sent in this final round (`sent` adds them up) after pausing the
+    /// workload again, and the scan repeats, at most [`PAUSE_CHECK_SENDS`] times; without, any
+    /// page found fails. `check` accumulates what it did.
+    fn check_paused(
+        &mut self,
+        round: u64,
+        sent_ranges: &mut Vec<Range<u64>>,
+        sent: &mut RoundSent,
+        check: &mut PauseCheck,
+        may_send: bool,
+    ) -> Result<(), MigrationError<D, T, W>> {
+        let start = Instant::now();
+        let result = self.check_paused_loop(round, sent_ranges, sent, check, may_send);
+        check.duration += start.elapsed();
+        self.report.pause_check = Some(*check);
+        result
+    }
+
+    fn check_paused_loop(
+        &mut self,
+        round: u64,
+        sent_ranges: &mut Vec<Range<u64>>,
+        sent: &mut RoundSent,
+        check: &mut PauseCheck,
+        may_send: bool,
+    ) -> Result<(), MigrationError<D, T, W>> {
+        let page = self.log.page_size().max(1);
+        loop {
+            if let Some(w) = self.watchdog() {
+                w.step(Step::PauseCheck);
+            }
+            self.check_fired(Step::PauseCheck)?;
+            // What was sent stays pending with what the scan finds until the commit.
+            let mut all = sent_ranges.clone();
+            let before = all.len();
+            self.collect(round, &mut all, false)?;
+            check.scans += 1;
+            let mut found = all.split_off(before);
+            let found_bytes = coalesce(&mut found);
+            if found_bytes == 0 {
+                return Ok(());
+            }
+            let pages = found_bytes / page;
+            check.pages += pages;
+            self.dirty_pages += pages;
+            let can_send = may_send && check.scans <= PAUSE_CHECK_SENDS;
+            tracing::warn!(
+                pages,
+                scans = check.scans,
+                "the source ran during the final round: {pages} page(s) written after the final scan {}",
+                if can_send {
+                    "were found: pausing it again and sending them"
+                } else {
+                    "were found: the migration fails and the destination is not told to commit"
+                }
+            );
+            if !can_send {
+                return Err(Error::NotPaused {
+                    pages: check.pages,
+                    scans: check.scans,
+                    before_commit: !may_send,
+                });
+            }
+            // Pausing a paused workload is harmless; one resumed from outside stops again.
+            self.workload.pause().map_err(|source| Error::Workload {
+                action: "pause",
+                source,
+            })?;
+            let more = self.send(Step::PauseCheck, &found)?;
+            check.sent_pages += pages;
+            sent.pages += more.pages;
+            sent.zero_pages += more.zero_pages;
+            sent.bytes += more.bytes;
+            sent.duration += more.duration;
+            if let Some(a) = &mut self.final_attempt {
+                a.bytes += found_bytes;
+                a.sent = Some(*sent);
+            }
+            sent_ranges.extend(found);
+            coalesce(sent_ranges);
+        }
     }
 
     fn final_round(&mut self, mut pending: Vec<Range<u64>>) -> Result<(), MigrationError<D, T, W>> {
@@ -1448,10 +1541,14 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             sent: None,
         });
 
-        let sent = self.send(Step::FinalRound, &pending)?;
+        let mut sent = self.send(Step::FinalRound, &pending)?;
+        let send_time = sent.duration;
         if let Some(a) = &mut self.final_attempt {
             a.sent = Some(sent);
         }
+        // Did the workload stay paused? Pages written since the final scan go in this round.
+        let mut check = PauseCheck::default();
+        self.check_paused(round, &mut pending, &mut sent, &mut check, true)?;
         if let Some(w) = self.watchdog() {
             w.step(Step::State);
         }
@@ -1480,6 +1577,11 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 Error::Finish { peer, source }
             })
         })?;
+        // The last look, right before the commit: a write since the check above (during the
+        // state or the acknowledgement) cannot be sent any more, so it fails the migration.
+        let look_start = Instant::now();
+        self.check_paused(round, &mut pending, &mut sent, &mut check, false)?;
+        let look = look_start.elapsed();
         // The acknowledgement counts only if it came within the bound: disarming decides.
         if self.watchdog().and_then(Watchdog::disarm).is_some() {
             return Err(
@@ -1492,7 +1594,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             peer: self.transport.peer(),
             source,
         })?;
-        let finish = finish_start.elapsed();
+        let finish = finish_start.elapsed().saturating_sub(look);
         let downtime = paused_at.elapsed();
         self.unsent.clear();
 
@@ -1501,7 +1603,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.final_attempt = None;
         self.record(
             RoundKind::Final,
-            bytes,
+            bytes + check.sent_pages * self.report.page_size,
             scan,
             dirty_rate,
             expected,
@@ -1515,7 +1617,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             scan,
             scan_cpu: collected.cpu,
             verify: verify.map_or(Duration::ZERO, |v| v.duration),
-            send: sent.duration,
+            send: send_time,
+            check: check.duration,
             state: state_time,
             checksum: checksum_time,
             finish,
@@ -1559,14 +1662,24 @@ mod tests {
     const PAGE: u64 = 4096;
     const MEM: u64 = 1024 * PAGE;
 
+    thread_local! {
+        /// Whether [`workload`]'s writers are paused (the driver calls it on the test's thread).
+        static PAUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// [`workload`]'s pauses so far.
+        static PAUSES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
     /// Hands out `scans[i]` on the i-th scan; past the end, the last scan again if `repeat`,
-    /// else nothing.
+    /// else nothing. A paused [`workload`] writes nothing: a scan after the first one since
+    /// the pause (the pause check's) finds nothing and does not count.
     struct ScriptLog {
         scans: Vec<Vec<Range<u64>>>,
         repeat: bool,
         calls: usize,
         /// How long each scan takes (slept).
         scan_time: Duration,
+        /// The pause ([`PAUSES`]) during which it last scanned.
+        scanned_in_pause: Option<u64>,
     }
 
     impl ScriptLog {
@@ -1581,6 +1694,7 @@ mod tests {
                 repeat: true,
                 calls: 0,
                 scan_time: Duration::ZERO,
+                scanned_in_pause: None,
             }
         }
 
@@ -1591,6 +1705,7 @@ mod tests {
                 repeat: false,
                 calls: 0,
                 scan_time: Duration::ZERO,
+                scanned_in_pause: None,
             }
         }
     }
@@ -1614,6 +1729,12 @@ mod tests {
         }
         fn collect(&mut self, out: &mut Vec<Range<u64>>) -> std::io::Result<CollectStats> {
             let first = out.len();
+            if PAUSED.get() {
+                if self.scanned_in_pause == Some(PAUSES.get()) {
+                    return Ok(CollectStats::count(&[], PAGE));
+                }
+                self.scanned_in_pause = Some(PAUSES.get());
+            }
             let i = if self.repeat {
                 self.calls.min(self.scans.len().saturating_sub(1))
             } else {
@@ -1685,10 +1806,13 @@ mod tests {
         let (a, b, c) = (events.clone(), events.clone(), events.clone());
         Callbacks::new(
             move || {
+                PAUSED.set(true);
+                PAUSES.set(PAUSES.get() + 1);
                 a.lock().unwrap().push("pause".into());
                 Ok(())
             },
             move || {
+                PAUSED.set(false);
                 b.lock().unwrap().push("resume".into());
                 Ok(())
             },
@@ -1964,7 +2088,7 @@ mod tests {
         let e = report.downtime_estimate.expect("an estimate");
         assert_eq!(e.finish, Duration::from_millis(30));
         assert_eq!(report.expected_downtime, Some(e.total()));
-        assert_eq!(e.total(), e.pause + e.scan + e.send + e.finish);
+        assert_eq!(e.total(), e.pause + e.scan + e.send + e.check + e.finish);
         // A probe after round 0 and after each iterative round, none after the final one.
         let iterative = report
             .rounds

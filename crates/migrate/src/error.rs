@@ -48,6 +48,9 @@ pub enum Step {
     Verify,
     /// Sending the final round (workload paused).
     FinalRound,
+    /// Scanning the dirty log again after the final round was sent, to prove the workload
+    /// stayed paused (and sending what that scan found).
+    PauseCheck,
     /// Saving and sending the workload's state blob (workload paused).
     State,
     /// Waiting for the destination's acknowledgement of the final checksum (workload paused).
@@ -61,6 +64,7 @@ impl std::fmt::Display for Step {
             Step::Reconnect { round } => write!(f, "reconnecting after round {round} failed"),
             Step::Verify => f.write_str("re-checking unvouched memory"),
             Step::FinalRound => f.write_str("sending the final round"),
+            Step::PauseCheck => f.write_str("checking that the workload stayed paused"),
             Step::State => f.write_str("sending the workload state"),
             Step::Acknowledge => f.write_str("waiting for the final acknowledgement"),
         }
@@ -163,6 +167,24 @@ pub enum Error<L, T: std::error::Error + 'static, W> {
         /// The step that was running.
         step: Step,
     },
+    /// The workload wrote while it should have been paused: the check scans after the final
+    /// round's send kept finding written pages (a process resumed by someone else, e.g. a
+    /// `SIGCONT` from outside, or a `pause` that does not stop every writer). The workload
+    /// was resumed and the destination never told to commit, as when the final round passes
+    /// its bound.
+    #[error(
+        "the workload kept writing while paused: {pages} page(s) written after the final scan, found by {scans} check scan(s){}",
+        if *before_commit { " (the last right before the commit)" } else { "" }
+    )]
+    NotPaused {
+        /// Pages the check scans found written, all of them.
+        pages: u64,
+        /// Check scans run.
+        scans: u32,
+        /// Whether the scan that failed it ran after the acknowledgement, right before the
+        /// commit (where nothing more can be sent).
+        before_commit: bool,
+    },
     /// Pausing, resuming, throttling the workload or saving its state failed.
     #[error("could not {action} the workload")]
     Workload {
@@ -232,6 +254,15 @@ impl<L, T: std::error::Error + 'static, W> Error<L, T, W> {
                 source,
             },
             Error::Cancelled { step } => Error::Cancelled { step },
+            Error::NotPaused {
+                pages,
+                scans,
+                before_commit,
+            } => Error::NotPaused {
+                pages,
+                scans,
+                before_commit,
+            },
             Error::Workload { action, source } => Error::Workload { action, source },
             Error::Aborted { reason } => Error::Aborted { reason },
             Error::Config { reason } => Error::Config { reason },

@@ -173,7 +173,28 @@ pub struct VerifyPass {
     pub duration: Duration,
 }
 
-/// The final round's timeline: downtime = pause + scan + verify + send + finish.
+/// The check that the workload stayed paused through the final round (see the crate docs,
+/// "The pause check"): the dirty log scanned again after the final round's pages were sent,
+/// before the state, and once more after the acknowledgement, right before the commit. With a
+/// workload that stayed paused both scans find nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PauseCheck {
+    /// Scans run (2 when nothing was found; more when pages found before the state were sent
+    /// and the scan repeated).
+    pub scans: u32,
+    /// Pages the scans found written after the final scan: the workload ran while it should
+    /// have been paused (a process resumed from outside, e.g. by `SIGCONT`).
+    pub pages: u64,
+    /// Of those, pages sent in the final round (each send is one more round on the wire,
+    /// counted in the final round's report); the rest failed the migration.
+    pub sent_pages: u64,
+    /// Time the check took, scans, re-pauses and sends included: part of the downtime.
+    #[serde(serialize_with = "ms", rename = "duration_ms")]
+    pub duration: Duration,
+}
+
+/// The final round's timeline: downtime = pause + scan + verify + send + check + state +
+/// finish.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct FinalPhase {
     /// Time for the workload to stop.
@@ -191,6 +212,9 @@ pub struct FinalPhase {
     /// Sending the last round.
     #[serde(serialize_with = "ms", rename = "send_ms")]
     pub send: Duration,
+    /// The pause check's scans (and what they found and sent): [`PauseCheck::duration`].
+    #[serde(serialize_with = "ms", rename = "check_ms")]
+    pub check: Duration,
     /// Saving and sending the workload's state blob.
     #[serde(serialize_with = "ms", rename = "state_ms")]
     pub state: Duration,
@@ -261,6 +285,11 @@ pub struct DowntimeEstimate {
     /// `fixed + pending / bandwidth`, never faster than the slowest recent round.
     #[serde(serialize_with = "ms", rename = "send_worst_ms")]
     pub send_worst: Duration,
+    /// The pause check's two scans of memory the workload should not have written
+    /// ([`PauseCheck`]): each taken as the final scan's expected cost (`scan`); its bound
+    /// counts `scan_worst` for each.
+    #[serde(serialize_with = "ms", rename = "check_ms")]
+    pub check: Duration,
     /// Memory digests and the acknowledgement round trip: the upper median of the probes
     /// ([`Transport::probe_finish`](crate::Transport::probe_finish)) the pause probes took
     /// with the workload paused, else of the transport's recent probes between rounds; zero
@@ -323,6 +352,8 @@ pub struct MigrationReport {
     pub final_phase: Option<FinalPhase>,
     /// The switch-over check of memory the dirty log cannot vouch for, if there was any.
     pub verify: Option<VerifyPass>,
+    /// The check that the workload stayed paused through the final round, once it ran.
+    pub pause_check: Option<PauseCheck>,
     /// Every round.
     pub rounds: Vec<RoundReport>,
     /// Bytes the transport wrote, all rounds.
@@ -381,6 +412,7 @@ impl MigrationReport {
             max_downtime,
             final_phase: None,
             verify: None,
+            pause_check: None,
             rounds: Vec::new(),
             transferred_bytes: 0,
             pages: 0,
@@ -539,18 +571,19 @@ impl fmt::Display for MigrationReport {
             };
             writeln!(
                 f,
-                "               expected: pause {} + scan {}{} + send {} ({} pending + {} written until paused) + checksum and acknowledgement {}",
+                "               expected: pause {} + scan {}{} + send {} ({} pending + {} written until paused) + pause check {} + checksum and acknowledgement {}",
                 msf(e.pause),
                 msf(e.scan),
                 rereads(e.verify, e.full_check),
                 msf(e.send),
                 bytes(e.pending_bytes as f64),
                 bytes(e.meanwhile_bytes as f64),
+                msf(e.check),
                 msf(e.finish),
             )?;
             writeln!(
                 f,
-                "               at most:  pause {} + scan {}{} + send {} ({}/s + {} per round) + checksum and acknowledgement {}, margin x{:.2} = {}",
+                "               at most:  pause {} + scan {}{} + send {} ({}/s + {} per round) + pause check {} + checksum and acknowledgement {}, margin x{:.2} = {}",
                 msf(e.pause.max(e.pause_worst)),
                 msf(e.scan.max(e.scan_worst)),
                 rereads(
@@ -560,6 +593,7 @@ impl fmt::Display for MigrationReport {
                 msf(e.send.max(e.send_worst)),
                 bytes(e.bandwidth),
                 msf(e.fixed),
+                msf(e.check_bound()),
                 msf(e.finish.max(e.finish_worst)),
                 e.margin,
                 msf(e.bound()),
@@ -577,17 +611,25 @@ impl fmt::Display for MigrationReport {
         if let Some(p) = self.final_phase {
             writeln!(
                 f,
-                "               measured: pause {} + final scan {} + verify pass {} + final send {} + state {} + checksum and acknowledgement {}",
+                "               measured: pause {} + final scan {} + verify pass {} + final send {} + pause check {} + state {} + checksum and acknowledgement {}",
                 msf(p.pause),
                 msf(p.scan),
                 msf(p.verify),
                 msf(p.send),
+                msf(p.check),
                 msf(p.state),
                 msf(p.finish),
             )?;
         }
         if let Some(n) = &self.downtime_note {
             writeln!(f, "               note: {n}")?;
+        }
+        if let Some(c) = self.pause_check.filter(|c| c.pages > 0) {
+            writeln!(
+                f,
+                "pause check:   the source RAN during the final round: {} page(s) written after the final scan found by {} check scan(s), {} of them sent",
+                c.pages, c.scans, c.sent_pages
+            )?;
         }
         if let Some(v) = self.verify {
             writeln!(

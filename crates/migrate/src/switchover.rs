@@ -71,6 +71,10 @@
 //!   estimated (at least 1, at most [`MAX_MARGIN`]), so an estimator that was optimistic lately
 //!   becomes cautious before the pause, not after.
 //!
+//! * **pause check** (see the crate docs, "The pause check"): [`PAUSE_CHECK_SCANS`] scans of
+//!   memory nobody wrote, each expected to cost what the final scan does and bounded by the
+//!   bound's scan.
+//!
 //! Not estimated: the state blob (saved once, while paused; small for a process, a few
 //! hundred KiB for a VMM's devices).
 
@@ -78,6 +82,8 @@ use crate::report::DowntimeEstimate;
 use std::collections::VecDeque;
 use std::time::Duration;
 
+/// Scans of the pause check in a final phase whose workload stayed paused.
+pub(crate) const PAUSE_CHECK_SCANS: u32 = 2;
 /// Pause probes the driver takes, one after each of the first rounds.
 pub(crate) const PAUSE_PROBES: usize = 3;
 /// Scans whose slowest wall time bounds the final scan.
@@ -106,14 +112,21 @@ struct Sample {
 }
 
 impl DowntimeEstimate {
-    /// The expected downtime: pause + scan + verify + send + finish + full check.
+    /// The expected downtime: pause + scan + verify + send + check + finish + full check.
     pub fn total(&self) -> Duration {
         self.pause
             .saturating_add(self.scan)
             .saturating_add(self.verify)
             .saturating_add(self.send)
+            .saturating_add(self.check)
             .saturating_add(self.finish)
             .saturating_add(self.full_check)
+    }
+
+    /// The pause check's part of [`DowntimeEstimate::bound`] (before the margin).
+    pub fn check_bound(&self) -> Duration {
+        self.check
+            .max(self.scan_worst.saturating_mul(PAUSE_CHECK_SCANS))
     }
 
     /// What the decision compares with the limit: the bound of each part (the slowest
@@ -124,6 +137,7 @@ impl DowntimeEstimate {
             .saturating_add(self.scan.max(self.scan_worst))
             .saturating_add(self.verify.max(self.verify_worst))
             .saturating_add(self.send.max(self.send_worst))
+            .saturating_add(self.check_bound())
             .saturating_add(self.full_check.max(self.full_check_worst));
         let worst = worst.saturating_add(finish);
         Duration::try_from_secs_f64(worst.as_secs_f64() * self.margin.max(1.0))
@@ -474,6 +488,7 @@ impl Estimator {
             scan_worst,
             send,
             send_worst,
+            check: scan.saturating_mul(PAUSE_CHECK_SCANS),
             finish,
             finish_worst,
             margin,
@@ -542,7 +557,9 @@ mod tests {
         assert_eq!((est.scan, est.scan_worst), (ms(1.0), ms(4.0)));
         // No finish probe: that part is zero, not guessed.
         assert_eq!(est.finish, Duration::ZERO);
-        assert_eq!(est.total(), est.pause + est.scan + est.send);
+        // The pause check: two scans of unchanged memory, each at the final scan's cost.
+        assert_eq!(est.check, est.scan * 2);
+        assert_eq!(est.total(), est.pause + est.scan + est.send + est.check);
     }
 
     #[test]
@@ -566,8 +583,12 @@ mod tests {
         e.add_probe_scan(ms(9.0), None);
         let est = e.estimate(MIB, 0.0).unwrap();
         assert_eq!((est.scan, est.scan_worst), (ms(3.79), ms(9.0)));
-        // The part is in the sum.
-        assert_eq!(est.total(), est.pause + est.scan + est.send + est.finish);
+        // The part is in the sum, twice more for the pause check.
+        assert_eq!(est.check, ms(3.79) * 2);
+        assert_eq!(
+            est.total(),
+            est.pause + est.scan + est.send + est.check + est.finish
+        );
     }
 
     #[test]
@@ -585,7 +606,7 @@ mod tests {
         assert_eq!(est.total(), before.total() + ms(2.5));
         assert_eq!(
             est.total(),
-            est.pause + est.scan + est.send + est.finish,
+            est.pause + est.scan + est.send + est.check + est.finish,
             "total is the sum of the parts"
         );
         // Three stalls among the five recent probes do decide: the machine is that busy now.
@@ -679,6 +700,9 @@ mod tests {
         // The decision counts the slowest recent finish and the send bound, the expected
         // downtime the typical ones.
         let worst = est.pause + est.scan_worst + est.send_worst + est.finish_worst;
+        // The pause check's two scans at the slowest scan each.
+        assert_eq!(est.check_bound(), est.scan_worst * 2);
+        let worst = worst + est.check_bound();
         assert!(est.send_worst > est.send);
         assert!((est.bound().as_secs_f64() - worst.as_secs_f64() * est.margin).abs() < 1e-9);
         assert!(est.bound() > est.total());
