@@ -391,8 +391,10 @@ fn a_source_continued_from_outside_in_the_final_round_never_completes_with_a_dif
     if !engine_usable() {
         return;
     }
-    // The default final check, which trusts the tracker (`--final-check full` re-reads memory).
-    for final_check in ["recorded"] {
+    {
+        // The default final check, which trusts the tracker (`--final-check full` re-reads
+        // memory).
+        let final_check = "recorded";
         let mut child = std::process::Command::new(common::PRECOPY)
             .args([
                 "demo",
