@@ -1154,7 +1154,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .args(["--pattern", pattern_name(args.pattern)])
         .args(["--threads", &args.threads.to_string()])
         .args(["--hot-set", &plan.hot_set.to_string()])
-        .args(["--memory", args.memory.name()]);
+        .args(["--memory", args.memory.name()])
+        // Killed by the kernel if this process dies, even while stopped for the final round.
+        .args(["--parent", &std::process::id().to_string()]);
     let mut source = Proc::spawn("source", cmd)?;
     let source_pid = source.pid();
     interrupts.state().add_child(source_pid);

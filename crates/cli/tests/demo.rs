@@ -475,3 +475,99 @@ fn a_source_continued_from_outside_in_the_final_round_never_completes_with_a_dif
         );
     }
 }
+
+/// The state letter of process `pid` (`/proc/PID/stat`), or `None` once it is gone (a zombie
+/// counts as gone).
+fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat[stat.rfind(')')? + 1..].trim_start().chars().next()?;
+    (state != 'Z' && state != 'X').then_some(state)
+}
+
+/// `SIGKILL` to the demo while its source is stopped for the final round: nothing is left to
+/// continue the source, so before `PR_SET_PDEATHSIG` it stayed stopped (state `T`) for good,
+/// holding its memory. Now the kernel kills it with the demo.
+#[test]
+fn a_demo_killed_in_the_final_round_leaves_no_stopped_source() {
+    use std::io::BufRead;
+    if !engine_usable() {
+        return;
+    }
+    let mut child = std::process::Command::new(common::PRECOPY)
+        .args([
+            "demo",
+            "--size",
+            "16M",
+            "--dirty-rate",
+            "16M",
+            "--bandwidth",
+            "2M",
+            "--max-downtime",
+            "60000",
+            "--json",
+            "--progress",
+            "lines",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running precopy demo");
+    let demo = child.id();
+    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut seen = Vec::new();
+    let source = loop {
+        let line = lines
+            .next()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| panic!("the demo ended before its final round: {seen:?}"));
+        let final_round = line.contains("final round");
+        seen.push(line);
+        if final_round {
+            let sources = demo_sources(demo);
+            assert_eq!(sources.len(), 1, "{sources:?}");
+            break sources[0];
+        }
+    };
+    // The final round's send takes seconds at 2 MiB/s: the source is stopped by now.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while process_state(source) != Some('T') && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        process_state(source),
+        Some('T'),
+        "source not stopped: {seen:?}"
+    );
+    let dests: Vec<i32> = std::fs::read_dir(format!("/proc/{demo}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .filter(|p| *p != source)
+        .collect();
+    child.kill().expect("SIGKILL to the demo");
+    child.wait().expect("reaping the demo");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while process_state(source).is_some_and(|s| s == 'T') && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let left = process_state(source);
+    // Clean up whatever is left of this demo before asserting.
+    for pid in dests.iter().copied().chain([source]) {
+        if process_state(pid).is_some() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    assert_eq!(
+        left, None,
+        "the source outlived the killed demo in state {left:?}"
+    );
+}

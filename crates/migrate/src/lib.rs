@@ -110,8 +110,8 @@
 //! has the state by then: Cloud Hypervisor's memory, `State`, `Complete`). With [`TransferTransport`] the checksum is built from the page CRCs both ends
 //! recorded while sending and applying (no pass over memory while paused), or with
 //! `FinalCheck::Full` also from all source and destination memory read anew. **Downtime** is the
-//! time from the pause to that acknowledgement; the report splits it into pause, scan, send and
-//! state + checksum + ack. Then the workload is resumed or left stopped ([`AfterMigration`]). If
+//! time from the pause to that acknowledgement; the report splits it into pause, scan, send,
+//! the pause check (next section) and state + checksum + ack. Then the workload is resumed or left stopped ([`AfterMigration`]). If
 //! anything fails after the pause, the workload is resumed before the error is returned: a failed
 //! migration leaves the source running, never stopped and never half-migrated.
 //!

@@ -32,6 +32,11 @@ pub struct SourceArgs {
     /// What backs the memory.
     #[arg(long, value_enum, default_value_t = MemoryBacking::Private)]
     memory: MemoryBacking,
+    /// The demo that started this source: when it dies (even by `SIGKILL`, while this source
+    /// is stopped for the final round), the kernel kills this source too
+    /// (`PR_SET_PDEATHSIG`), so no stopped source outlives it.
+    #[arg(long)]
+    parent: Option<i32>,
 }
 
 /// What backs the demo source's memory (`precopy demo --memory`).
@@ -60,6 +65,15 @@ impl MemoryBacking {
 const PAGE: u64 = 4096;
 
 pub fn run(args: SourceArgs) -> Result<ExitCode> {
+    if let Some(parent) = args.parent {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+            .context("asking to be killed with the demo (PR_SET_PDEATHSIG)")?;
+        // The demo may have died before that: then nothing would kill this source.
+        anyhow::ensure!(
+            nix::unistd::getppid().as_raw() == parent,
+            "the demo (process {parent}) that started this source is gone"
+        );
+    }
     let uffd = precopy_sys::uffd::create().context("creating a userfaultfd")?;
     let backing = match args.memory {
         MemoryBacking::Private => Backing::AnonPrivate,
