@@ -1838,15 +1838,19 @@ mod tests {
         }
     }
 
-    /// A workload whose pause and resume set and clear `paused`.
+    /// A workload whose pause and resume set and clear `paused` (and [`PAUSED`], so a
+    /// [`ScriptLog`] finds nothing in a pause check).
     fn flagged_workload(paused: &Arc<AtomicBool>) -> Callbacks<std::convert::Infallible> {
         let (a, b) = (paused.clone(), paused.clone());
         Callbacks::new(
             move || {
+                PAUSED.set(true);
+                PAUSES.set(PAUSES.get() + 1);
                 a.store(true, Ordering::SeqCst);
                 Ok(())
             },
             move || {
+                PAUSED.set(false);
                 b.store(false, Ordering::SeqCst);
                 Ok(())
             },
