@@ -134,7 +134,11 @@ pub struct RecvArgs {
     /// file is refused (an image, or an empty file, is replaced either way).
     #[arg(long)]
     force: bool,
-    /// Print one JSON object instead of text.
+    /// Print one JSON object instead of text: `received` (rounds, pages, zero pages, wire
+    /// bytes, streams, checksum, ...), `image_bytes` and, as `send --json` has it,
+    /// `image_compacted` (`null`, or `{"rounds", "compactions", "bytes_dropped"}`: the rounds
+    /// the compacted image's first round stands for, the compactions run and the bytes of
+    /// older page copies they dropped).
     #[arg(long)]
     json: bool,
 }
@@ -934,6 +938,7 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         "refused_connections": received.refused,
     });
     report["image_bytes"] = json!(image_bytes(&path));
+    report["image_compacted"] = json!(image_compaction(&path));
     if args.json {
         output::print_json(report, None);
     } else {

@@ -83,10 +83,19 @@ fn a_full_file_system_fails_the_send_in_one_line_and_the_target_runs_on() {
     assert_eq!(lines.len(), 1, "one line: {err}");
     assert!(
         lines[0].contains("no space left for the image on the file system of")
+            && lines[0].contains("round 0 (at most")
             && lines[0].contains("free")
             && lines[0].contains("it was left running"),
         "{err}"
     );
+    // Refused before round 0 wrote anything: the partial image holds its header only, and
+    // the file system is far from full.
+    let partial = precopy_transfer::ImageWriter::partial_path(&img);
+    let held = std::fs::metadata(&partial).map_or(0, |m| m.len());
+    assert!(held < 64 << 10, "{held} bytes at {}", partial.display());
+    let st = nix::sys::statvfs::statvfs(&fs.0).unwrap();
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    assert!(free > 3 << 20, "only {free} bytes left free");
     // The target runs on, untraced, and the image was never published.
     std::thread::sleep(Duration::from_millis(50));
     let s = state(t.pid);
@@ -107,6 +116,62 @@ fn a_full_file_system_fails_the_send_in_one_line_and_the_target_runs_on() {
     let v = one_json(&out);
     let msg = v["error"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("no space left for the image"), "{v}");
+}
+
+/// A receiver is told the size of each round (ROUND_BEGIN's page count) and refuses one its
+/// file system cannot hold before writing it, naming what it needs; the sender fails and the
+/// target runs on.
+#[test]
+fn a_receiver_refuses_a_round_its_file_system_cannot_hold_before_writing_it() {
+    if !engine_usable() {
+        return;
+    }
+    let Some(fs) = SmallFs::mount("recv-small-fs", "4m") else {
+        return;
+    };
+    let mut t = writing_target(2, 4096, 0);
+    while t.ops() < 2 * 4096 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let img = fs.0.join("r.img");
+    let sock = scratch("recv-small-fs.sock");
+    let _ = std::fs::remove_file(&sock);
+    let recv = Command::new(PRECOPY)
+        .args(["recv", "--json", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .arg("--to")
+        .arg(file_url(&img))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while !sock.exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sent = precopy(&[
+        "send",
+        "--pid",
+        &t.pid.to_string(),
+        "--to",
+        &format!("unix:{}", sock.display()),
+    ]);
+    assert!(!sent.status.success());
+    let out = recv.wait_with_output().unwrap();
+    let v = one_json(&out);
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("no space left for the image") && msg.contains("round 0 (at most"),
+        "{v}"
+    );
+    let partial = precopy_transfer::ImageWriter::partial_path(&img);
+    let held = std::fs::metadata(&partial).map_or(0, |m| m.len());
+    assert!(held < 64 << 10, "{held} bytes at {}", partial.display());
+    std::thread::sleep(Duration::from_millis(50));
+    let s = state(t.pid);
+    assert!(!s.stopped && s.tracer == "0", "{s:?}");
+    let before = t.ops();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(t.ops() > before, "the target no longer writes");
 }
 
 #[test]
@@ -177,6 +242,50 @@ fn a_file_that_is_not_an_image_is_only_replaced_with_force() {
         assert_eq!(v["ok"], true, "{v}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A send whose rounds together far exceed the file system, each of which fits, completes
+/// because low free space starts a compaction between rounds (the default policy's 64 MiB
+/// of slack alone would never start one), and its image verifies.
+#[test]
+fn a_send_that_fits_only_by_compacting_completes_and_verifies() {
+    if !engine_usable() {
+        return;
+    }
+    let Some(fs) = SmallFs::mount("compact-fs", "24m") else {
+        return;
+    };
+    // 2 × 256 pages (2 MiB) written flat out: every round holds all of them; 30 rounds
+    // (1 ms downtime is never met) write over 60 MiB to a 24 MiB file system. (Round 0
+    // holds all tracked memory, about 19 MiB with the two threads' stacks, which the
+    // round's check counts as if every page held data.)
+    let t = writing_target(2, 256, 0);
+    let img = fs.0.join("c.img");
+    let out = precopy(&[
+        "send",
+        "--json",
+        "--pid",
+        &t.pid.to_string(),
+        "--to",
+        &file_url(&img),
+        "--max-downtime",
+        "1",
+        "--max-rounds",
+        "30",
+        "--throttle",
+        "none",
+    ]);
+    let v = one_json(&out);
+    assert!(out.status.success() && v["ok"] == true, "{v}");
+    let compactions = v["image_compacted"]["compactions"].as_u64().unwrap_or(0);
+    assert!(compactions >= 1, "never compacted: {v}");
+    let verified = one_json(&precopy(&[
+        "image",
+        "verify",
+        "--json",
+        img.to_str().unwrap(),
+    ]));
+    assert_eq!(verified["ok"], true, "{verified}");
 }
 
 #[test]

@@ -196,7 +196,14 @@ fn send_then_stop_and_compare(lang: Lang, dest: &str, runs: u32) {
         if let Some(r) = recv {
             let out = r.wait_with_output().unwrap();
             assert!(out.status.success(), "recv failed");
-            assert_eq!(one_json(&out)["ok"], true);
+            let v = one_json(&out);
+            assert_eq!(v["ok"], true);
+            // Like send's: null, or what the compactions did.
+            assert!(
+                v["image_compacted"].is_null() || v["image_compacted"]["compactions"].is_u64(),
+                "{v}"
+            );
+            assert!(v.get("image_compacted").is_some(), "{v}");
         }
         let after = state(t.pid);
         assert!(after.stopped, "--then stop must leave the target stopped");

@@ -27,6 +27,9 @@ impl Sink for SlowFinish {
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
         self.inner.begin_round(round)
     }
+    fn expect_round(&mut self, pages: u64) -> Result<(), TransferError> {
+        self.inner.expect_round(pages)
+    }
     fn send_pages(
         &mut self,
         offset: u64,

@@ -286,8 +286,14 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
     /// transfer stays usable: the next `send_round` starts a new round.
     pub fn send_round(&mut self, dirty: &[Range<u64>]) -> Result<RoundSent, TransferError> {
         self.failed_round = None;
+        let mut bytes = 0u64;
         for r in dirty {
             self.layout.check_pages(r)?;
+            bytes = bytes.saturating_add(r.end - r.start);
+        }
+        // Ranges may overlap: the sum is an upper bound, as the sink wants it.
+        if self.current.is_none() && !self.finished {
+            self.sink.expect_round(bytes / self.layout.page_size())?;
         }
         self.begin_round()?;
         let sent = self.send_dirty(dirty).and_then(|()| self.end_round());

@@ -618,19 +618,52 @@ pub enum ImageError {
     /// round and the finish after it, or a compaction (checked with `fstatvfs` before the
     /// step; `free` is what an unprivileged user may still write, as `df` shows it).
     #[error(
-        "no space left for the image on the file system of {}: need {}, {} free",
+        "no space left for the image on the file system of {}: {step} need{} {}, {} free",
         dir.display(),
+        if matches!(step, SpaceFor::Compaction) { "s" } else { "" },
         Bytes(*need),
         Bytes(*free)
     )]
     NoSpace {
         /// The directory the image is written in.
         dir: PathBuf,
-        /// Bytes the step can write.
+        /// What the room was wanted for.
+        step: SpaceFor,
+        /// Bytes the step can write (for a round: at most, with the finish after it).
         need: u64,
         /// Bytes free for this user.
         free: u64,
     },
+}
+
+/// What an image writer wanted room for ([`ImageError::NoSpace`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpaceFor {
+    /// A whole round of at most `pages` pages, each stored uncompressed in a record of its
+    /// own (the worst case), and the finish after it; checked before the round writes
+    /// anything, after a compaction that would have made enough room.
+    Round {
+        /// The round.
+        round: u64,
+        /// The most pages it holds.
+        pages: u64,
+    },
+    /// A compacted copy of the image (written beside it before it replaces it).
+    Compaction,
+    /// The next record and the finish (a round whose size was not stated in advance).
+    Write,
+}
+
+impl std::fmt::Display for SpaceFor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpaceFor::Round { round, pages } => {
+                write!(f, "round {round} (at most {pages} pages) and the finish")
+            }
+            SpaceFor::Compaction => f.write_str("a compacted copy"),
+            SpaceFor::Write => f.write_str("the next record and the finish"),
+        }
+    }
 }
 
 /// A byte count for people: `12.3 MiB (12897484 bytes)`.

@@ -53,10 +53,30 @@
 //! round must have). A migration driver's writer compacts only when it is
 //! pinged between rounds (`Sink::ping`, while the source runs), never in the
 //! final phase; a writer nobody pings (a receiver's) compacts at the end of a
-//! round. Before each round, before each compaction and before any write past
-//! the room it last measured, the writer checks the file system's free space
-//! (`fstatvfs`) and fails with [`ImageError::NoSpace`](crate::ImageError::NoSpace)
-//! before writing what would not fit.
+//! round.
+//!
+//! # Free space
+//!
+//! Before a round whose size the writer was told
+//! ([`Sink::expect_round`](crate::Sink::expect_round): a migration's `send_round`
+//! knows its ranges, a receiver reads it from ROUND_BEGIN) the writer asks the
+//! file system for its free space (`fstatvfs`) and compares it with what the
+//! whole round may write at worst (every page uncompressed in a PAGES record
+//! of its own: page, hash and header, plus its index entry) and what the
+//! finish needs after it (the index, 64 KiB for FINISH, TRAILER and the state
+//! blob). If it does not fit and a compaction would make it fit (the copy
+//! must fit in what is free, and the file shrinks to about one copy of every
+//! page held), the writer compacts first; otherwise the round fails with
+//! [`ImageError::NoSpace`](crate::ImageError::NoSpace)
+//! ([`SpaceFor::Round`](crate::SpaceFor::Round), what it needs and what is
+//! free) before any of it is written. Between rounds (at the ping, or at the
+//! end of a round for a writer nobody pings) the writer also compacts when
+//! less than twice its largest round so far is free and the file holds older
+//! copies, so that the check at a round's start rarely has to compact (which
+//! may fall into the final phase). A compaction checks its own room first
+//! ([`SpaceFor::Compaction`](crate::SpaceFor::Compaction)), and a round of
+//! unstated size checks before any write past the room it last measured
+//! ([`SpaceFor::Write`](crate::SpaceFor::Write)).
 //!
 //! By concern: [`writer`] (the [`ImageWriter`] sink), `walk` (reading the
 //! records from the start, shared by opening and verifying), [`reader`]

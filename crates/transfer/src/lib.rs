@@ -138,7 +138,8 @@ pub use codec::Compression;
 pub use digest::{FinalCheck, MemoryDigest, PageHash, PageHashes, page_hash};
 pub use engine::{RoundSent, SenderConfig, Transfer, TransferSummary};
 pub use error::{
-    ImageError, LayoutError, ProtocolError, ResumeRefusal, SourceError, TransferError, Unreadable,
+    ImageError, LayoutError, ProtocolError, ResumeRefusal, SourceError, SpaceFor, TransferError,
+    Unreadable,
 };
 pub use image::{
     AddedRegion, AddressKind, CompactionInfo, CompactionPolicy, Image, ImageInfo, ImageWriter,

@@ -43,7 +43,7 @@
 //! | 2 CHALLENGE ([`Challenge`]) | R→S | bit 0: key required | – | – | nonce \[16\] |
 //! | 3 AUTH ([`Auth`]) | S→R | – | – | – | HMAC-SHA256 (32) or empty |
 //! | 4 WELCOME ([`Welcome`]) | R→S | – | – | – | HMAC-SHA256 (32) or empty |
-//! | 5 ROUND_BEGIN ([`RoundBegin`]) | S→R | round | – | – | – |
+//! | 5 ROUND_BEGIN ([`RoundBegin`]) | S→R | round | pages the round holds at most, connection 0 only (0: not stated) | – | – |
 //! | 6 PAGES ([`Pages`]) | S→R | offset in region | raw length | region id | uncompressed: the pages, then the hash of each (u64 LE); compressed: the pages compressed per `codec` |
 //! | 7 ZERO ([`Zero`]) | S→R | offset in region | length | region id | – |
 //! | 8 ROUND_END ([`RoundEnd`]) | S→R | round | pages on this stream | – | zero pages on this stream, u64 |
@@ -870,13 +870,19 @@ mac_frame!(
 pub struct RoundBegin {
     /// The round, counted from 0.
     pub round: u64,
+    /// The most pages the whole round holds, all connections together, stated on connection
+    /// 0 only (0: not stated; every other connection, images and senders before this field
+    /// existed write 0). A receiver hands it to its sink before the round
+    /// ([`Sink::expect_round`](crate::Sink::expect_round)), so that an image checks its room
+    /// for the round before writing any of it.
+    pub pages: u64,
 }
 
 impl<'p> Frame<'p> for RoundBegin {
     const KIND: FrameKind = FrameKind::RoundBegin;
 
     fn fields(&self) -> [u8; FIELDS_LEN] {
-        lead(self.round)
+        counts(self.round, self.pages, 0)
     }
 
     fn payload(&self) -> Cow<'_, [u8]> {
@@ -885,9 +891,10 @@ impl<'p> Frame<'p> for RoundBegin {
 
     fn decode(h: &Header, _: &'p [u8]) -> Result<RoundBegin, ProtocolError> {
         h.plain(Some(0))?;
-        let f: LeadFields = h.fields();
+        let f: CountFields = h.fields();
         Ok(RoundBegin {
-            round: f.value.get(),
+            round: f.first.get(),
+            pages: f.second.get(),
         })
     }
 }
@@ -1683,7 +1690,16 @@ mod tests {
             0,
         );
         check!(&Welcome { mac: None }, 0, 0, 0);
-        check!(&RoundBegin { round: 9 }, 9, 0, 0);
+        check!(&RoundBegin { round: 9, pages: 0 }, 9, 0, 0);
+        check!(
+            &RoundBegin {
+                round: 9,
+                pages: 70
+            },
+            9,
+            70,
+            0
+        );
         let span = PageSpan {
             region: 2,
             offset: 0x3000,

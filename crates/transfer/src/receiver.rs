@@ -1458,7 +1458,10 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
         };
         match (&mut state, h.kind) {
             (State::Idle { next }, FrameKind::RoundBegin) => {
-                let RoundBegin { round } = h.decode(p)?;
+                let RoundBegin {
+                    round,
+                    pages: round_pages,
+                } = h.decode(p)?;
                 if round != *next {
                     return Err(ProtocolError::RoundOutOfOrder {
                         expected: *next,
@@ -1466,9 +1469,13 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                     }
                     .into());
                 }
-                shared
-                    .barrier
-                    .wait(0, 0, |_, _| lock(&shared.sink).begin_round(round))?;
+                shared.barrier.wait(round_pages, 0, |round_pages, _| {
+                    let mut sink = lock(&shared.sink);
+                    if round_pages > 0 {
+                        sink.expect_round(round_pages)?;
+                    }
+                    sink.begin_round(round)
+                })?;
                 state = State::InRound {
                     round,
                     pages: 0,

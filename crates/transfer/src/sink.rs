@@ -42,6 +42,17 @@ pub type Interrupt = Arc<dyn Fn() + Send + Sync>;
 pub trait Sink {
     /// Round `round` starts (rounds count up from 0).
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError>;
+
+    /// Right before [`Sink::begin_round`], when the caller knows it: the round about to
+    /// begin holds at most `pages` pages. A sink with finite room checks it for the whole
+    /// round at its start (an image: [`ImageWriter`](crate::ImageWriter) compacts first, or
+    /// fails with [`ImageError::NoSpace`](crate::ImageError::NoSpace) before writing any of
+    /// it); a sending sink passes it on (ROUND_BEGIN's page count). Only the next
+    /// `begin_round` uses it. The default ignores it.
+    fn expect_round(&mut self, pages: u64) -> Result<(), TransferError> {
+        let _ = pages;
+        Ok(())
+    }
     /// Whole pages starting at memory offset `offset`, inside one layout
     /// region, with the hash of each page (already computed by the sender,
     /// or verified by the receiver, so a sink need not hash them again).
@@ -274,6 +285,9 @@ macro_rules! forward_sink {
         impl<T: Sink + ?Sized> Sink for $ptr {
             fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
                 (**self).begin_round(round)
+            }
+            fn expect_round(&mut self, pages: u64) -> Result<(), TransferError> {
+                (**self).expect_round(pages)
             }
             fn send_pages(
                 &mut self,

@@ -187,7 +187,7 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
             }
             match (h.kind, &mut current) {
                 (FrameKind::RoundBegin, None) if w.finish.is_none() => {
-                    let RoundBegin { round } = h.decode(payload)?;
+                    let RoundBegin { round, .. } = h.decode(payload)?;
                     let next = w.next_round;
                     if round != next {
                         return Err(ProtocolError::RoundOutOfOrder {

@@ -154,6 +154,8 @@ pub struct SocketSink {
     live_hashes: (Chan<LiveHashes>, Receiver<LiveHashes>),
     /// Which of the current connections' writers stopped on an error first.
     first_failure: FirstFailure,
+    /// The next round's most pages ([`Sink::expect_round`]), stated on connection 0.
+    round_pages: u64,
 }
 
 /// Opens one new connection to the destination, for [`SocketSink::dial`]
@@ -218,6 +220,7 @@ impl SocketSink {
             dial: None,
             live_hashes: crossbeam_channel::unbounded(),
             first_failure: FirstFailure::default(),
+            round_pages: 0,
         };
         sink.start_workers(ready)?;
         Ok(sink)
@@ -397,7 +400,16 @@ impl SocketSink {
 impl Sink for SocketSink {
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
         self.check_unbroken()?;
-        self.each(|w| w.send(Cmd::Begin(round)))
+        // Connection 0 states the round's size for the whole round (the receiver sums the
+        // connections' figures at its barrier); the others state none.
+        let mut pages = std::mem::take(&mut self.round_pages);
+        self.each(|w| w.send(Cmd::Begin(round, std::mem::take(&mut pages))))
+    }
+
+    /// Remembers the size for the next ROUND_BEGIN (see [`RoundBegin::pages`](crate::protocol::RoundBegin)).
+    fn expect_round(&mut self, pages: u64) -> Result<(), TransferError> {
+        self.round_pages = pages;
+        Ok(())
     }
 
     fn send_pages(

@@ -24,7 +24,8 @@ use crate::protocol::{
 
 /// What a [`SocketSink`](super::SocketSink) asks a connection's writer to do.
 pub(super) enum Cmd {
-    Begin(u64),
+    /// Round, and the most pages it holds (0: not stated; see [`RoundBegin::pages`]).
+    Begin(u64, u64),
     Pages(u64, PageBuf, Vec<PageHash>),
     /// Lent pages, with their hashes, or `None`: take them right before the write and report
     /// them on [`StreamWriter::live_hashes`].
@@ -406,11 +407,14 @@ impl StreamWriter {
 
     fn handle(&mut self, cmd: Cmd) -> Result<Option<Reply>, TransferError> {
         match cmd {
-            Cmd::Begin(round) => {
+            Cmd::Begin(round, round_pages) => {
                 self.pages = 0;
                 self.zero_pages = 0;
                 self.round_start = self.out.written();
-                self.send(&RoundBegin { round })?;
+                self.send(&RoundBegin {
+                    round,
+                    pages: round_pages,
+                })?;
                 // Not staged: with several connections the receiver starts a round only
                 // when every connection's ROUND_BEGIN has arrived, while this connection's
                 // pages may be held up behind another's.
