@@ -22,7 +22,7 @@
 use libfuzzer_sys::fuzz_target;
 use precopy_transfer::digest::{hash_list, page_hash};
 use precopy_transfer::protocol::{
-    Auth, Challenge, Commit, Compacted, Done, ErrorFrame, Finish, FrameKind, FrameReader, Header, Hello,
+    Auth, Challenge, Commit, Compacted, Mapped, Done, ErrorFrame, Finish, FrameKind, FrameReader, Header, Hello,
     Index, PageSpan, Pages, Ping, Pong, Region, Resume, RoundBegin, RoundEnd, State, Trailer,
     Welcome, Zero, encode_header,
 };
@@ -126,6 +126,7 @@ fn decode_typed(h: &Header, p: &[u8]) {
             let _ = r.add_to(&layout());
         }),
         FrameKind::Compacted => h.decode::<Compacted>(p).map(drop),
+        FrameKind::Mapped => h.decode::<Mapped>(p).map(drop),
     };
 }
 

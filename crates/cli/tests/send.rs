@@ -298,6 +298,105 @@ fn a_target_that_maps_unmaps_and_remaps_while_tracked() {
     );
 }
 
+/// The mapped ranges an image records (`image info --json`'s `mapped`), as coalesced
+/// [start, end) process addresses.
+fn image_mapped(image: &Path) -> (Vec<(u64, u64)>, serde_json::Value) {
+    let out = Command::new(PRECOPY)
+        .args(["image", "info", "--json"])
+        .arg(image)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("image info JSON");
+    let mut mapped: Vec<(u64, u64)> = info["mapped"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no mapped ranges: {info}"))
+        .iter()
+        .map(|m| {
+            let (a, len) = (m["address"].as_u64().unwrap(), m["len"].as_u64().unwrap());
+            (a, a + len)
+        })
+        .collect();
+    (coalesced(&mut mapped), info)
+}
+
+/// `ranges` sorted and merged where they touch or overlap.
+fn coalesced(ranges: &mut [(u64, u64)]) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(s, e) in ranges.iter() {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Memory sent, then unmapped while the target is tracked (and new memory mapped, perhaps
+/// in the hole): the image records the target's final mappings, holds a page for every page
+/// of them and none outside (the unmapped memory's last copy is dropped, not kept as if it
+/// were memory), and `image cat` equals the stopped target's memory for them.
+#[test]
+fn memory_unmapped_mid_run_leaves_the_image_with_the_final_mappings_only() {
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(Lang::C, 2, 256, 0);
+    let old = ask_hex(&mut t, "map", "mapped")[0];
+    let image = scratch("unmapped.img");
+    // Rounds keep coming (1 ms downtime is never met with writers running flat out).
+    let send = send_attached(
+        t.pid,
+        &image,
+        &[
+            "--then",
+            "stop",
+            "--max-downtime",
+            "1",
+            "--max-rounds",
+            "200",
+            "--throttle",
+            "none",
+        ],
+    );
+    // Once round 0 (which sends all memory, the 64 pages of 0x5a included) has ended.
+    let partial = precopy_transfer::ImageWriter::partial_path(&image);
+    while precopy_transfer::Image::open(&partial).map_or(0, |i| i.info().rounds_ended) < 1 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let new = ask_hex(&mut t, "unmap", "remapped")[0];
+    let report = succeeded(send);
+    assert!(state(t.pid).stopped);
+    let dropped = report["mapping_changes"]["dropped_bytes"].as_u64().unwrap();
+    assert!(
+        dropped >= 48 * 4096,
+        "the unmap was not seen mid-run: {report}"
+    );
+    let mut tracked = tracked_of(&report);
+    let tracked = coalesced(&mut tracked);
+    assert!(
+        covered(&tracked, new, new + 16 * 4096),
+        "new memory not tracked"
+    );
+    let (mapped, info) = image_mapped(&image);
+    assert_eq!(
+        mapped, tracked,
+        "the image's mappings are not the final ones: {info}"
+    );
+    // A page for every mapped page (round 0 sent all, later rounds what changed) and none
+    // outside: the unmapped pages' copies are gone.
+    let mapped_pages: u64 = mapped.iter().map(|(s, e)| (e - s) / 4096).sum();
+    let held = info["data_pages"].as_u64().unwrap() + info["zero_pages"].as_u64().unwrap();
+    assert_eq!(held, mapped_pages, "{info}");
+    assert!(
+        !(0..64).all(|k| covered(&tracked, old + k * 4096, old + (k + 1) * 4096)),
+        "no page of the old mapping was left unmapped"
+    );
+    assert_image_equals_memory(t.pid, &image, &report);
+    cont(t.pid);
+    let _ = std::fs::remove_file(&image);
+}
+
 #[test]
 fn a_thread_created_and_a_heap_grown_after_the_start_are_sent() {
     if !engine_usable() {

@@ -94,6 +94,14 @@ pub trait Transport {
     fn finish_reread_bytes(&self) -> u64 {
         0
     }
+    /// Right before each [`Transport::send_round`]: the source's memory as the dirty log
+    /// tracks it now ([`DirtyLog::memory`]). A transport whose destination keeps a copy
+    /// drops what lies outside it (memory the source unmapped) before the round: the
+    /// transfer's `Transfer::retain_memory` (the protocol's MAPPED; an image records the
+    /// mappings). The default ignores it.
+    fn set_memory(&mut self, memory: &[Range<u64>]) {
+        let _ = memory;
+    }
     /// A handle that makes a blocked [`Transport::send_round`] or [`Transport::finish`] return
     /// promptly with an error when called from another thread (the driver's deadlines and
     /// [`CancelHandle`](crate::CancelHandle) use it). `None` (the default): the driver can stop
@@ -273,6 +281,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     type Error = T::Error;
     fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, T::Error> {
         (**self).send_round(ranges)
+    }
+    fn set_memory(&mut self, memory: &[Range<u64>]) {
+        (**self).set_memory(memory)
     }
     fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, T::Error> {
         (**self).changed(ranges)

@@ -716,6 +716,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     ) -> Result<RoundSent, MigrationError<D, T, W>> {
         self.check_fired(step)?;
         let round = self.next_round();
+        // What the source's memory is now: pages of memory it unmapped are dropped.
+        self.transport.set_memory(&self.log.memory());
         self.transport.send_round(ranges).map_err(|source| {
             self.failed_send = Some(self.transport.sent_before_failure().unwrap_or_default());
             self.step_error(step, Some(source), |peer, source| Error::Send {

@@ -22,6 +22,8 @@ pub struct TransferTransport<S, K> {
     first_regions: usize,
     /// What the last round that failed had handed over before it failed.
     failed: Option<RoundSent>,
+    /// The source's memory for the next round ([`Transport::set_memory`]).
+    memory: Option<Vec<Range<u64>>>,
 }
 
 impl<S: PageSource, K: Sink> TransferTransport<S, K> {
@@ -33,6 +35,7 @@ impl<S: PageSource, K: Sink> TransferTransport<S, K> {
             grow: None,
             first_regions: transfer.layout().regions().len(),
             failed: None,
+            memory: None,
             transfer,
         }
     }
@@ -85,6 +88,20 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
                 .add_regions_for(ranges, align)
                 .inspect_err(|e| self.broke = e.is_connection_break())?;
         }
+        // After the regions it needs were added, so that the memory named covers them; and
+        // only the parts of the round inside it (a range kept pending from before may have
+        // been unmapped since: its pages are dropped, not sent as the zeros a read finds).
+        let inside;
+        let ranges = match self.memory.take() {
+            Some(memory) => {
+                self.transfer
+                    .retain_memory(&memory)
+                    .inspect_err(|e| self.broke = e.is_connection_break())?;
+                inside = intersect(ranges, &memory);
+                &inside[..]
+            }
+            None => ranges,
+        };
         let r = self.transfer.send_round(ranges).inspect_err(|e| {
             self.broke = worth_reconnecting(e);
             self.failed = self.transfer.failed_round().map(round_sent);
@@ -94,6 +111,12 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
 
     fn sent_before_failure(&self) -> Option<RoundSent> {
         self.failed
+    }
+
+    /// Kept for the next [`Transport::send_round`], which hands it to the transfer
+    /// (`Transfer::retain_memory`) after adding regions for the round's ranges.
+    fn set_memory(&mut self, memory: &[Range<u64>]) {
+        self.memory = Some(memory.to_vec());
     }
 
     fn changed(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, TransferError> {
@@ -162,6 +185,21 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
             .peer()
             .unwrap_or_else(|| "the destination".into())
     }
+}
+
+/// The parts of `ranges` inside `memory` (sorted, disjoint), in the order of `ranges`.
+fn intersect(ranges: &[Range<u64>], memory: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let first = memory.partition_point(|m| m.end <= r.start);
+        for m in memory[first..].iter().take_while(|m| m.start < r.end) {
+            let (s, e) = (r.start.max(m.start), r.end.min(m.end));
+            if s < e {
+                out.push(s..e);
+            }
+        }
+    }
+    out
 }
 
 /// The driver's view of a round the transfer sent.

@@ -38,6 +38,9 @@ impl Sink for SlowFinish {
     ) -> Result<(), TransferError> {
         self.inner.send_pages(offset, pages, hashes)
     }
+    fn retain(&mut self, memory: &[Range<u64>]) -> Result<bool, TransferError> {
+        self.inner.retain(memory)
+    }
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
         self.inner.send_zero_range(range)
     }

@@ -167,6 +167,9 @@ pub struct Transfer<S, K> {
     failed_round: Option<RoundSent>,
     finished: bool,
     state_sent: bool,
+    /// The memory offsets that exist, as last given to [`Transfer::retain_memory`]
+    /// (`None`: all of the layout).
+    memory: Option<Vec<Range<u64>>>,
 }
 
 impl<S: PageSource, K: Sink> Transfer<S, K> {
@@ -236,6 +239,7 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             failed_round: None,
             finished: false,
             state_sent: false,
+            memory: None,
         })
     }
 
@@ -438,6 +442,38 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             }
         });
         Ok(lacking)
+    }
+
+    /// Between rounds, before the state: the source's memory is now the host ranges `memory`
+    /// (parts outside the layout are ignored). When that differs from what it was (at first:
+    /// all of the layout), the sink is told ([`Sink::retain`]: a socket sends the protocol's
+    /// MAPPED, an image records the mappings and drops the pages outside them) and, if it
+    /// dropped them, the page hashes recorded for pages outside it become a zero page's, so
+    /// the digests of both ends agree. Returns whether the sink was told.
+    pub fn retain_memory(&mut self, memory: &[Range<u64>]) -> Result<bool, TransferError> {
+        if self.current.is_some() || self.finished || self.state_sent {
+            return Err(TransferError::Misuse {
+                operation: "retain_memory",
+                state: "inside a round, after the state or after finish",
+            });
+        }
+        let kept = self.layout.memory_offsets(memory);
+        let before = match &self.memory {
+            Some(m) => m.clone(),
+            None => vec![0..self.layout.total_len()],
+        };
+        if kept == before {
+            return Ok(false);
+        }
+        if self.sink.retain(&kept)? {
+            let ps = self.layout.page_size();
+            for r in self.layout.outside(&kept) {
+                self.hashes
+                    .set_zero((r.start / ps) as usize, ((r.end - r.start) / ps) as usize);
+            }
+        }
+        self.memory = Some(kept);
+        Ok(true)
     }
 
     /// Between rounds, before the state: adds `region` (with its host address) to the layout

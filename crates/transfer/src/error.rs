@@ -284,7 +284,7 @@ pub enum ProtocolError {
     /// The peer speaks an older protocol or image version this build no
     /// longer reads.
     #[error(
-        "version {version} is no longer supported: this build reads and writes version {supported} only (memory regions added mid-stream since version 5, an XXH3-64 hash of every page instead of a CRC32C since version 4, pages named by region and offset since version 3); run the same precopy version at both ends, and make images again with it"
+        "version {version} is no longer supported: this build reads and writes version {supported} only (memory unmapped mid-stream dropped since version 6, memory regions added mid-stream since version 5, an XXH3-64 hash of every page instead of a CRC32C since version 4, pages named by region and offset since version 3); run the same precopy version at both ends, and make images again with it"
     )]
     OldVersion {
         /// Version announced by the peer or image.
@@ -295,7 +295,7 @@ pub enum ProtocolError {
     /// An image of an older format version (an image's version counts apart from the wire's
     /// since version 6, which the wire does not have).
     #[error(
-        "image format version {version} is no longer supported: this build reads and writes version {supported} only (compacted images since version 6, memory regions added mid-stream since version 5, an XXH3-64 hash of every page instead of a CRC32C since version 4, pages named by region and offset since version 3); make the image again with this precopy"
+        "image format version {version} is no longer supported: this build reads and writes version {supported} only (the final mappings recorded since version 7, compacted images since version 6, memory regions added mid-stream since version 5, an XXH3-64 hash of every page instead of a CRC32C since version 4, pages named by region and offset since version 3); make the image again with this precopy"
     )]
     OldImageVersion {
         /// Version the image's preamble states.
@@ -800,6 +800,13 @@ pub enum TransferError {
     CannotGrow {
         /// The added region's id.
         region: u32,
+    },
+    /// The destination cannot drop memory the source unmapped (the protocol's MAPPED): its
+    /// sink keeps whatever it was given ([`Sink::retain`](crate::Sink::retain)).
+    #[error("the destination cannot drop memory the source unmapped mid-stream ({dropped} bytes)")]
+    CannotDrop {
+        /// Bytes of the layout outside the memory that exists now.
+        dropped: u64,
     },
     /// The API was used out of order (e.g. pages outside a round).
     #[error("{operation} is not allowed {state}")]

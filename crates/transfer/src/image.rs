@@ -9,10 +9,11 @@
 //! looks complete.
 //!
 //! ```text
-//! "PRCPIMG\0" | version u32 (6) | reserved u32
+//! "PRCPIMG\0" | version u32 (7) | reserved u32
 //! HELLO      (the layout; session, nonce and stream fields zero)
 //! REGION...  (between rounds, optional: a region added to the layout mid-stream)
 //! COMPACTED  (optional, after HELLO and the REGIONs of a compacted image: the next round stands for rounds 0..n)
+//! MAPPED...  (between rounds, optional: the memory that exists now; pages outside it are dropped)
 //! ROUND_BEGIN r | PAGES (raw, codec 0: pages, then their hash list)... | ZERO... | ROUND_END r   (per round, synced)
 //! STATE      (optional: the state blob, with its own CRC32C)
 //! FINISH     (rounds, memory digest)
@@ -26,10 +27,25 @@
 //! connection's. The memory digest is the one defined in [`crate::digest`]
 //! (version 1 images held a CRC32C of the memory bytes, version 2 ones named
 //! pages by host address, version 3 ones checked pages by CRC32C, version 4
-//! ones had no REGION, version 5 ones no COMPACTED; all are refused). The layout is HELLO's plus every
+//! ones had no REGION, version 5 ones no COMPACTED, version 6 ones no MAPPED; all are refused). The layout is HELLO's plus every
 //! REGION record before the FINISH, each laid out after the regions before
 //! it (the protocol's "Regions added mid-stream"); the index names pages of
 //! added regions like any others. Pages never sent read as zeros.
+//!
+//! # Memory unmapped mid-run
+//!
+//! A source whose memory shrinks (a process that unmaps memory while it is
+//! tracked) tells the writer, between rounds, which memory exists now
+//! ([`Sink::retain`](crate::Sink::retain), the protocol's MAPPED): the writer
+//! appends a MAPPED record naming those spans, and from that record on every
+//! page outside them is dropped, for the writer's page table (so the index,
+//! and any later compaction, leave them out) and for the reader's (which
+//! applies the record where it stands in the file, so an image cut later
+//! reads the same). A page dropped and mapped again comes back with the round
+//! that sends it. The last MAPPED record is the image's final mappings
+//! ([`ImageInfo::mapped`]; for `precopy send --pid`, the process's tracked
+//! mappings when the final round was sent). A compacted copy holds the last
+//! MAPPED record again, after its COMPACTED record.
 //! An incomplete image is still readable: its contents are the rounds that
 //! ended before the cut.
 //!
@@ -103,8 +119,8 @@ pub mod writer;
 
 pub use gate::PublishGate;
 pub use info::{
-    AddedRegion, AddressKind, CompactionInfo, ImageInfo, ProcessDescription, RegionInfo, RoundInfo,
-    image_cat, image_info, parse_span,
+    AddedRegion, AddressKind, CompactionInfo, ImageInfo, MappedRange, ProcessDescription,
+    RegionInfo, RoundInfo, image_cat, image_info, parse_span,
 };
 pub use reader::Image;
 pub use verify::{VerifyReport, image_verify};
@@ -112,9 +128,9 @@ pub use writer::{CompactionPolicy, ImageWriter};
 
 /// The first eight bytes of an image file.
 pub const IMAGE_MAGIC: [u8; 8] = *b"PRCPIMG\0";
-/// The image format version written by this build (6: COMPACTED records; version 5 images,
+/// The image format version written by this build (7: MAPPED records; version 6 images,
 /// which had none, and older ones are refused).
-pub const IMAGE_VERSION: u32 = 6;
+pub const IMAGE_VERSION: u32 = 7;
 const PREAMBLE_LEN: u64 = 16;
 
 /// Page location: never sent.

@@ -47,6 +47,9 @@ pub enum FrameKind {
     /// Image only: the round that follows stands for every round before it
     /// (the image was compacted to the latest copy of each page).
     Compacted = 20,
+    /// Between rounds: the memory that exists now; every page outside it was
+    /// unmapped by the source and is dropped.
+    Mapped = 21,
 }
 
 impl FrameKind {
@@ -74,6 +77,7 @@ impl FrameKind {
             18 => Resume,
             19 => Region,
             20 => Compacted,
+            21 => Mapped,
             _ => return None,
         })
     }
@@ -103,6 +107,7 @@ impl std::fmt::Display for FrameKind {
             Resume => "RESUME",
             Region => "REGION",
             Compacted => "COMPACTED",
+            Mapped => "MAPPED",
         })
     }
 }

@@ -292,6 +292,38 @@ impl Layout {
         precopy_sys::ranges::subtract(range, &near)
     }
 
+    /// The memory offsets of the parts of host ranges `host` that lie inside the layout's
+    /// regions (parts outside are left out), sorted and coalesced.
+    pub fn memory_offsets(&self, host: &[Range<u64>]) -> Vec<Range<u64>> {
+        let mut out = Vec::new();
+        for (i, r) in self.regions.iter().enumerate() {
+            let Some(hr) = r.host_range() else {
+                continue;
+            };
+            for h in host {
+                let (s, e) = (h.start.max(hr.start), h.end.min(hr.end));
+                if s < e {
+                    let at = self.offsets[i] + (s - hr.start);
+                    out.push(at..at + (e - s));
+                }
+            }
+        }
+        precopy_sys::ranges::coalesce(&mut out);
+        out
+    }
+
+    /// The memory offsets of the layout outside `memory` (memory offsets, sorted and
+    /// coalesced), split at region boundaries: what [`Sink::retain`](crate::Sink::retain)
+    /// drops.
+    pub fn outside(&self, memory: &[Range<u64>]) -> Vec<Range<u64>> {
+        let mut out = Vec::new();
+        for (i, r) in self.regions.iter().enumerate() {
+            let region = self.offsets[i]..self.offsets[i] + r.size;
+            out.extend(precopy_sys::ranges::subtract(region, memory));
+        }
+        out
+    }
+
     /// A layout of one anonymous region, id 0, mapped here at `host_addr`.
     pub fn single(page_size: u64, host_addr: u64, len: u64) -> Result<Layout, LayoutError> {
         Layout::new(vec![

@@ -143,8 +143,8 @@ pub use error::{
 };
 pub use image::{
     AddedRegion, AddressKind, CompactionInfo, CompactionPolicy, Image, ImageInfo, ImageWriter,
-    ProcessDescription, PublishGate, RegionInfo, RoundInfo, VerifyReport, image_cat, image_info,
-    image_verify, parse_span,
+    MappedRange, ProcessDescription, PublishGate, RegionInfo, RoundInfo, VerifyReport, image_cat,
+    image_info, image_verify, parse_span,
 };
 pub use kind::FrameKind;
 pub use layout::{Backing, Layout, MemoryRegion};

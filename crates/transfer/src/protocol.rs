@@ -1,4 +1,4 @@
-//! The precopy wire protocol, version 5: one type per frame kind, each
+//! The precopy wire protocol, version 6: one type per frame kind, each
 //! encoded and decoded here and nowhere else.
 //!
 //! This module owns the byte layout of everything that crosses a connection
@@ -20,7 +20,7 @@
 //! Each side of a connection starts with a 16-byte preamble, then frames:
 //!
 //! ```text
-//! preamble: magic "PRECOPY\0" (8) | version u32 LE (= 4) | reserved u32 (= 0)
+//! preamble: magic "PRECOPY\0" (8) | version u32 LE (= 6) | reserved u32 (= 0)
 //!
 //! frame header (RawHeader), 32 bytes, little-endian:
 //!   0  u8      kind          (FrameKind)
@@ -59,6 +59,7 @@
 //! | 18 RESUME ([`Resume`]) | R→S | next round | pages per block | – | n × u64 block digest |
 //! | 19 REGION ([`Region`]) | S→R, image | – | – | – | one region (32 bytes, as in HELLO) |
 //! | 20 COMPACTED ([`Compacted`]) | image | rounds the next round stands for | file bytes dropped so far | compactions so far | n × u64: for each REGION before it, the round it was added before |
+//! | 21 MAPPED ([`Mapped`]) | S→R (connection 0), image | – | – | – | n × (region id u32, 0 u32, offset u64, length u64): the memory that exists now |
 //!
 //! A HELLO region is `id u32 | backing u8 (0 unstated, 1 anonymous, 2 memfd,
 //! 3 hugetlb, 4 file) | flags u8 (bit 0: guest address present) | 0 u16 |
@@ -103,6 +104,8 @@
 //!   └ ROUND_END(r, counts)  ── receiver: all connections meet at a barrier
 //!   REGION(region) ──►      (between rounds, on every connection: memory mapped since the
 //!                            start, laid out after the regions before it)
+//!   MAPPED(spans) ──►       (between rounds, connection 0 only: the memory that exists now;
+//!                            pages outside it were unmapped by the source and are dropped)
 //!   PING(token) ──►         (between rounds, any number)
 //!                                               ◄── PONG(token)
 //!   STATE(blob, crc)  ──►   (connection 0 only, at most once; the sink gets it now)
@@ -183,9 +186,23 @@
 //! Version 1 carried a CRC32C of the memory bytes themselves in FINISH,
 //! version 2 named pages by the source's host addresses and had no STATE,
 //! version 3 checked pages with a CRC32C each (folded into the frame CRC)
-//! and had 32-bit digests, and version 4 had no REGION (its layout was fixed
-//! at the start); all are refused in the handshake
+//! and had 32-bit digests, version 4 had no REGION (its layout was fixed
+//! at the start), and version 5 had no MAPPED (memory the source unmapped
+//! kept its last copy at the destination); all are refused in the handshake
 //! ([`ProtocolError::OldVersion`]).
+//!
+//! # Memory unmapped mid-stream
+//!
+//! A source whose memory shrinks (an attached process that unmaps memory)
+//! sends a MAPPED frame between rounds, on connection 0 (the receiver's
+//! round barriers order it against every connection's rounds): the spans of
+//! its layout that exist now, whole pages, each inside one region, in
+//! layout order. Every page outside them is dropped at both ends: it reads
+//! as never sent (zeros) and its page-hash table entry is that of a zero
+//! page, so the memory digest of both ends agrees. A page dropped and later
+//! mapped again is simply sent again. The receiver hands the spans to its
+//! sink (`Sink::retain`): an image records them (the final mappings), memory
+//! a destination mapped is zeroed there.
 //!
 //! # Regions added mid-stream
 //!
@@ -230,7 +247,7 @@ pub use stream::{FrameReader, FrameWriter, verify_frame_pages, verify_hashed_lis
 /// The first eight bytes of every precopy stream and image.
 pub const MAGIC: [u8; 8] = *b"PRECOPY\0";
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 /// Bytes in the preamble.
 pub const PREAMBLE_LEN: usize = 16;
 /// Bytes in a frame header.
@@ -1514,6 +1531,114 @@ impl<'p> Frame<'p> for Compacted {
             compactions,
             added_before,
         })
+    }
+}
+
+/// MAPPED: the memory that exists now, as spans of the layout (whole pages,
+/// each inside one region, in layout order, not overlapping); every page
+/// outside them is dropped (see "Memory unmapped mid-stream" in the module
+/// docs). Between rounds; on a connection, connection 0 only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapped {
+    /// The spans.
+    pub spans: Vec<PageSpan>,
+}
+
+/// A MAPPED span on the wire.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct MappedRecord {
+    region: U32,
+    reserved: U32,
+    offset: U64,
+    len: U64,
+}
+const _: () = assert!(size_of::<MappedRecord>() == 24);
+
+impl Mapped {
+    /// The spans of `layout` that the memory offsets `memory` (sorted, not overlapping,
+    /// whole pages inside the layout) cover, split at region boundaries.
+    pub fn of(layout: &Layout, memory: &[std::ops::Range<u64>]) -> Mapped {
+        let mut spans = Vec::new();
+        for r in memory {
+            let mut at = r.start;
+            while at < r.end {
+                let Some((region, inside)) = layout.region_at(at) else {
+                    break;
+                };
+                let len = (region.size - inside).min(r.end - at);
+                spans.push(PageSpan {
+                    region: region.id,
+                    offset: inside,
+                    len,
+                });
+                at += len;
+            }
+        }
+        Mapped { spans }
+    }
+
+    /// The memory offsets of the spans in `layout` (of the frame with header `h`), sorted
+    /// and coalesced; fails on a span that is not whole pages inside one region, or on
+    /// spans out of order or overlapping.
+    pub fn offsets(
+        &self,
+        h: &Header,
+        layout: &Layout,
+    ) -> Result<Vec<std::ops::Range<u64>>, ProtocolError> {
+        let mut out: Vec<std::ops::Range<u64>> = Vec::with_capacity(self.spans.len());
+        for s in &self.spans {
+            let at = s.place(h, layout)?;
+            let r = at..at + s.len;
+            if out.last().is_some_and(|l| l.end > r.start) {
+                return Err(h.malformed("mapped spans out of order or overlapping"));
+            }
+            precopy_sys::ranges::push_merged(&mut out, 0, r);
+        }
+        Ok(out)
+    }
+}
+
+impl<'p> Frame<'p> for Mapped {
+    const KIND: FrameKind = FrameKind::Mapped;
+
+    fn fields(&self) -> [u8; FIELDS_LEN] {
+        [0; FIELDS_LEN]
+    }
+
+    fn payload(&self) -> Cow<'_, [u8]> {
+        let mut p = Vec::with_capacity(self.spans.len() * size_of::<MappedRecord>());
+        for s in &self.spans {
+            let r = MappedRecord {
+                region: U32::new(s.region),
+                reserved: U32::ZERO,
+                offset: U64::new(s.offset),
+                len: U64::new(s.len),
+            };
+            p.extend_from_slice(r.as_bytes());
+        }
+        Cow::Owned(p)
+    }
+
+    /// Checks the payload's shape; whether the spans fit the layout is
+    /// [`Mapped::offsets`].
+    fn decode(h: &Header, p: &'p [u8]) -> Result<Mapped, ProtocolError> {
+        h.plain(None)?;
+        let Ok(records) = <[MappedRecord]>::ref_from_bytes(p) else {
+            return Err(h.malformed("mapped spans' length is not a multiple of 24"));
+        };
+        if records.iter().any(|r| r.reserved.get() != 0) {
+            return Err(h.malformed("reserved bytes are not zero"));
+        }
+        let spans = records
+            .iter()
+            .map(|r| PageSpan {
+                region: r.region.get(),
+                offset: r.offset.get(),
+                len: r.len.get(),
+            })
+            .collect();
+        Ok(Mapped { spans })
     }
 }
 

@@ -56,9 +56,9 @@ use crate::live::ChangedPages;
 use crate::net::{Connection, Listener};
 use crate::protocol::{
     Auth, Challenge, Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter,
-    HEADER_LEN, Header, Hello, Pages, Ping, Pong, RawHeader, Region, Resume, RoundBegin, RoundEnd,
-    State as StateFrame, Welcome, Zero, error_code, resume_block_pages, verify_frame_pages,
-    verify_hashed_list,
+    HEADER_LEN, Header, Hello, Mapped, Pages, Ping, Pong, RawHeader, Region, Resume, RoundBegin,
+    RoundEnd, State as StateFrame, Welcome, Zero, error_code, resume_block_pages,
+    verify_frame_pages, verify_hashed_list,
 };
 use crate::sink::Sink;
 
@@ -1612,6 +1612,16 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                     .into());
                 }
                 layout = grown;
+            }
+            // Connection 0 only: the barriers of the rounds before and after order it against
+            // every other connection's pages.
+            (State::Idle { .. }, FrameKind::Mapped) if index == 0 => {
+                let frame: Mapped = h.decode(p)?;
+                let kept = frame.offsets(&h, &layout)?;
+                if !lock(&shared.sink).retain(&kept)? {
+                    let dropped = layout.outside(&kept).iter().map(|r| r.end - r.start).sum();
+                    return Err(TransferError::CannotDrop { dropped });
+                }
             }
             (State::Idle { .. }, FrameKind::Ping) => {
                 let Ping { token } = h.decode(p)?;

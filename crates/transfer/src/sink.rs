@@ -83,6 +83,21 @@ pub trait Sink {
         Err(TransferError::CannotGrow { region: region.id })
     }
 
+    /// Between rounds, before the state: the memory that exists now is `memory` (memory
+    /// offsets, sorted and coalesced); every page outside it was unmapped by the source and
+    /// is dropped: it reads as never sent (zeros) and its page hash becomes a zero page's,
+    /// as the sender's table does, so the memory digests agree. A sending sink announces it
+    /// (the protocol's MAPPED), an image records it (the final mappings, what `image info`
+    /// lists) and drops the pages from its index and from later compactions, memory a
+    /// destination mapped is zeroed there. Returns whether the sink dropped them: the
+    /// default keeps every page it was given and returns `false`, and then the sender keeps
+    /// its own table as it was (a receiver refuses such a sink with
+    /// [`TransferError::CannotDrop`], since its sender has dropped them).
+    fn retain(&mut self, memory: &[Range<u64>]) -> Result<bool, TransferError> {
+        let _ = memory;
+        Ok(false)
+    }
+
     /// The source's opaque state blob (vCPU and device state), after the
     /// last round and before [`Sink::finish`], at most once. A receiving
     /// sink keeps it (or refuses it, and then the receiver refuses the
@@ -288,6 +303,9 @@ macro_rules! forward_sink {
             }
             fn expect_round(&mut self, pages: u64) -> Result<(), TransferError> {
                 (**self).expect_round(pages)
+            }
+            fn retain(&mut self, memory: &[Range<u64>]) -> Result<bool, TransferError> {
+                (**self).retain(memory)
             }
             fn send_pages(
                 &mut self,
@@ -779,6 +797,23 @@ impl Sink for MemorySink {
         self.write(offset, &pages)?;
         self.stats.pages += len / ps;
         Ok(())
+    }
+
+    /// Zeroes the pages outside `memory` (they read as never sent) and records them as zero
+    /// pages.
+    fn retain(&mut self, memory: &[Range<u64>]) -> Result<bool, TransferError> {
+        let ps = self.layout.page_size();
+        for r in self.layout.outside(memory) {
+            let (first, n) = ((r.start / ps) as usize, ((r.end - r.start) / ps) as usize);
+            if !self.holds_data[first..first + n].any() && !self.unknown[first..first + n].any() {
+                continue;
+            }
+            self.hashes.set_zero(first, n);
+            self.zero(r.start, r.end - r.start)?;
+            self.holds_data[first..first + n].fill(false);
+            self.unknown[first..first + n].fill(false);
+        }
+        Ok(true)
     }
 
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {

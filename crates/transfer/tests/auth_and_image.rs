@@ -589,11 +589,11 @@ fn check_destination_refuses_what_create_would() {
 }
 
 #[test]
-fn an_image_of_version_4_or_5_is_refused_clearly() {
+fn an_image_of_version_4_5_or_6_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("img");
     let image = write_image(&path);
-    for old in [4u32, 5] {
+    for old in [4u32, 5, 6] {
         let mut bytes = image.clone();
         bytes[8..12].copy_from_slice(&old.to_le_bytes());
         std::fs::write(&path, &bytes).unwrap();
@@ -604,7 +604,7 @@ fn an_image_of_version_4_or_5_is_refused_clearly() {
                 ImageError::Corrupt {
                     source: ProtocolError::OldImageVersion {
                         version,
-                        supported: 6
+                        supported: 7
                     },
                     ..
                 } if *version == old
@@ -615,7 +615,7 @@ fn an_image_of_version_4_or_5_is_refused_clearly() {
         assert!(
             chain.contains(&format!(
                 "image format version {old} is no longer supported"
-            )) && chain.contains("compacted images since version 6"),
+            )) && chain.contains("the final mappings recorded since version 7"),
             "{chain}"
         );
     }

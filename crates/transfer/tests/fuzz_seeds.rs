@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use common::{PS, memory};
 use precopy_transfer::protocol::{
     self, Auth, Challenge, Commit, Compacted, Done, ErrorFrame, Finish, Frame, FrameReader,
-    FrameWriter, Hello, Index, IndexEntry, MAC_LEN, NONCE_LEN, PREAMBLE_LEN, PageSpan, Ping, Pong,
-    Region, Resume, RoundBegin, RoundEnd, State, Trailer, Welcome, Zero,
+    FrameWriter, Hello, Index, IndexEntry, MAC_LEN, Mapped, NONCE_LEN, PREAMBLE_LEN, PageSpan,
+    Ping, Pong, Region, Resume, RoundBegin, RoundEnd, State, Trailer, Welcome, Zero,
 };
 use precopy_transfer::*;
 
@@ -133,6 +133,21 @@ fn frame_of(kind: FrameKind) -> Vec<u8> {
             bytes_dropped: 8192,
             compactions: 1,
             added_before: Vec::new(),
+        }),
+        // Between rounds: the memory that exists now (region 0's first 2 pages, region 1).
+        FrameKind::Mapped => encoded(&Mapped {
+            spans: vec![
+                PageSpan {
+                    region: 0,
+                    offset: 0,
+                    len: 2 * PS,
+                },
+                PageSpan {
+                    region: 1,
+                    offset: 0,
+                    len: 2 * PS,
+                },
+            ],
         }),
     }
 }

@@ -270,6 +270,9 @@ impl Sink for IncomingVm {
     fn send_zero_range(&mut self, range: Range<u64>) -> Result<(), TransferError> {
         self.memory.send_zero_range(range)
     }
+    fn retain(&mut self, memory: &[Range<u64>]) -> Result<bool, TransferError> {
+        self.memory.retain(memory)
+    }
     fn end_round(&mut self, round: u64) -> Result<u64, TransferError> {
         self.memory.end_round(round)
     }

@@ -209,6 +209,12 @@ impl Sink for DyingSink {
     ) -> Result<(), precopy_transfer::TransferError> {
         self.inner.send_zero_range(range)
     }
+    fn retain(
+        &mut self,
+        memory: &[std::ops::Range<u64>],
+    ) -> Result<bool, precopy_transfer::TransferError> {
+        self.inner.retain(memory)
+    }
     fn end_round(&mut self, round: u64) -> Result<u64, precopy_transfer::TransferError> {
         self.inner.end_round(round)
     }

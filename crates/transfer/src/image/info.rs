@@ -127,6 +127,22 @@ pub struct RegionInfo {
     pub added_before_round: Option<u64>,
 }
 
+/// A range of the memory that existed when the image's last MAPPED record was written (for
+/// a `send --pid` image: a tracked mapping of the process at the end of the run), inside one
+/// region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MappedRange {
+    /// The region holding it.
+    pub region: u32,
+    /// Its memory offset (what `precopy image cat --range` takes).
+    pub memory_offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Its first address (the region's address plus its offset in the region), when the
+    /// region has one.
+    pub address: Option<u64>,
+}
+
 /// What `precopy image info` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ImageInfo {
@@ -161,9 +177,14 @@ pub struct ImageInfo {
     pub data_pages: u64,
     /// Distinct pages whose latest copy is zeros.
     pub zero_pages: u64,
-    /// Pages no record in the file holds (read as zeros): never sent, or, in an incomplete
-    /// image, perhaps sent after the cut.
+    /// Pages no record in the file holds (read as zeros): never sent, dropped (outside
+    /// [`ImageInfo::mapped`]), or, in an incomplete image, perhaps sent after the cut.
     pub never_sent_pages: u64,
+    /// The memory that existed at the image's last MAPPED record (a `send --pid` image: the
+    /// process's tracked mappings at the end of the run, or at the last round before a cut),
+    /// in memory-offset order; every page outside it is dropped and reads as zeros. `None`:
+    /// the image has no such record (all of its layout is memory).
+    pub mapped: Option<Vec<MappedRange>>,
     /// The round that began but did not end before the cut (incomplete images only): what its
     /// whole records hold. Its pages are not used: `cat --incomplete` reads the rounds that
     /// ended.
@@ -243,6 +264,26 @@ impl Image {
             data_pages: count(&|l| l < ZERO),
             zero_pages: count(&|l| l == ZERO),
             never_sent_pages: count(&|l| l == NEVER) - unfinished_only,
+            mapped: self.mapped.as_ref().map(|m| {
+                crate::protocol::Mapped::of(&self.layout, m)
+                    .spans
+                    .iter()
+                    .map(|s| {
+                        let r = self.layout.region(s.region);
+                        MappedRange {
+                            region: s.region,
+                            memory_offset: self
+                                .layout
+                                .place(s.region, s.offset, s.len)
+                                .unwrap_or(0),
+                            len: s.len,
+                            address: r
+                                .and_then(|r| r.guest_addr)
+                                .map(|a| a.saturating_add(s.offset)),
+                        }
+                    })
+                    .collect()
+            }),
             unfinished_round: self.unfinished.map(|u| u.0),
             unfinished_only_pages: unfinished_only,
             complete: self.complete,
@@ -319,6 +360,35 @@ impl std::fmt::Display for ImageInfo {
                 p.pid,
                 p.comm.as_deref().unwrap_or("?")
             )?;
+        }
+        if let Some(mapped) = &self.mapped {
+            let bytes: u64 = mapped.iter().map(|m| m.len).sum();
+            writeln!(
+                f,
+                "mapped:     {} range(s), {bytes} bytes at the last mapping record (pages outside them were unmapped by the source: dropped)",
+                mapped.len()
+            )?;
+            for m in mapped {
+                write!(
+                    f,
+                    "  memory offsets {:#x}-{:#x}",
+                    m.memory_offset,
+                    m.memory_offset + m.len
+                )?;
+                if let Some(a) = m.address {
+                    let end = a.saturating_add(m.len);
+                    match self.address_kind {
+                        Some(AddressKind::GuestPhysical) => {
+                            write!(f, ", guest-physical {a:#x}-{end:#x}")?
+                        }
+                        Some(AddressKind::ProcessVirtual) => {
+                            write!(f, ", process addresses {a:#x}-{end:#x}")?
+                        }
+                        None => write!(f, ", addresses {a:#x}-{end:#x}")?,
+                    }
+                }
+                writeln!(f)?;
+            }
         }
         if let Some(n) = self.state_bytes {
             writeln!(f, "state:      {n} bytes")?;

@@ -40,6 +40,8 @@ pub struct Image {
     pub(super) unfinished: Option<(RoundInfo, u64)>,
     /// Regions added mid-stream (see [`ImageInfo::added_regions`]).
     pub(super) added: Vec<AddedRegion>,
+    /// The memory offsets the last MAPPED record names (see [`ImageInfo::mapped`]).
+    pub(super) mapped: Option<Vec<std::ops::Range<u64>>>,
 }
 
 impl Image {
@@ -100,6 +102,7 @@ impl Image {
             file_len,
             unfinished: walk.unfinished,
             added: walk.added,
+            mapped: walk.mapped,
         })
     }
 

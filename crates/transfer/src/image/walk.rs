@@ -17,7 +17,7 @@ use crate::error::{ImageError, ProtocolError, TransferError};
 use crate::layout::Layout;
 use crate::protocol::{
     Compacted, Finish, FrameKind, FrameReader, HEADER_LEN, Header, Hello, Index, IndexEntry,
-    MAX_PAYLOAD, Pages, RawHeader, Region, RoundBegin, RoundEnd, State, Trailer, Zero,
+    MAX_PAYLOAD, Mapped, Pages, RawHeader, Region, RoundBegin, RoundEnd, State, Trailer, Zero,
 };
 
 /// Result of walking an image's records from the start.
@@ -43,6 +43,8 @@ pub(super) struct Walk {
     pub(super) pages_records: Vec<(u64, u64)>,
     /// Regions added by REGION records, in file order.
     pub(super) added: Vec<AddedRegion>,
+    /// The memory offsets the last MAPPED record names (`None`: no such record).
+    pub(super) mapped: Option<Vec<std::ops::Range<u64>>>,
     /// First fault: a record that is cut short (`true`) or damaged (`false`).
     pub(super) fault: Option<(ProtocolError, bool)>,
     /// The round that began and did not end (an incomplete image): what its whole records
@@ -144,6 +146,7 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
         trailer: None,
         pages_records: Vec::new(),
         added: Vec::new(),
+        mapped: None,
         fault: None,
         unfinished: None,
     };
@@ -305,6 +308,15 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
                         compactions: c.compactions,
                         bytes_dropped: c.bytes_dropped,
                     });
+                }
+                // Between rounds: pages outside the memory that exists now are dropped.
+                (FrameKind::Mapped, None) if w.finish.is_none() && w.state.is_none() => {
+                    let frame: Mapped = h.decode(payload)?;
+                    let kept = frame.offsets(&h, &w.layout)?;
+                    for r in w.layout.outside(&kept) {
+                        w.loc[(r.start / ps) as usize..(r.end / ps) as usize].fill(NEVER);
+                    }
+                    w.mapped = Some(kept);
                 }
                 (FrameKind::State, None) if w.finish.is_none() && w.state.is_none() => {
                     let state: State = h.decode(payload)?;

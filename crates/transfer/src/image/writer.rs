@@ -23,8 +23,8 @@ use crate::digest::{FinalCheck, PAGE_HASH_LEN, PageHash, PageHashes, check_final
 use crate::error::{ImageError, ProtocolError, SpaceFor, TransferError};
 use crate::layout::{Layout, MemoryRegion};
 use crate::protocol::{
-    Compacted, Finish, Frame, FrameWriter, HEADER_LEN, Hello, INDEX_ENTRY_LEN, Index, PageSpan,
-    Region, RoundBegin, RoundEnd, State, Trailer, Zero,
+    Compacted, Finish, Frame, FrameWriter, HEADER_LEN, Hello, INDEX_ENTRY_LEN, Index, Mapped,
+    PageSpan, Region, RoundBegin, RoundEnd, State, Trailer, Zero,
 };
 use crate::sink::Sink;
 
@@ -137,6 +137,9 @@ pub struct ImageWriter {
     gate: Option<Arc<PublishGate>>,
     /// The next round's most pages ([`Sink::expect_round`]), if stated.
     round_pages: Option<u64>,
+    /// The last MAPPED record written ([`Sink::retain`]): the memory that exists, which a
+    /// compacted copy records again.
+    mapped: Option<Mapped>,
     /// Bytes of the largest round written so far: the free space a compaction between
     /// rounds keeps for the next one ([`ImageWriter::space_low`]).
     largest_round: u64,
@@ -217,6 +220,7 @@ impl ImageWriter {
             room_until: 0,
             gate: None,
             round_pages: None,
+            mapped: None,
             largest_round: 0,
             #[cfg(test)]
             stop_after: None,
@@ -668,10 +672,12 @@ impl ImageWriter {
                 }
             })
             .sum();
+        let mapped = self.mapped.as_ref().map_or(0, |m| frame(m.payload().len()));
         PREAMBLE_LEN
             + frame(crate::protocol::encode(&hello(&self.first_layout)).1.len())
             + regions
             + frame(compacted.payload().len())
+            + mapped
             + frame(0)
             + records
             + frame(8)
@@ -800,6 +806,9 @@ impl ImageWriter {
             w(out.send(&Region { region: *region }))?;
         }
         w(out.send(record))?;
+        if let Some(mapped) = &self.mapped {
+            w(out.send(mapped))?;
+        }
         let round = record.rounds - 1;
         w(out.send(&RoundBegin { round, pages: 0 }))?;
         let mut loc = self.loc.clone();
@@ -1116,6 +1125,36 @@ impl Sink for ImageWriter {
     fn expect_round(&mut self, pages: u64) -> Result<(), TransferError> {
         self.round_pages = Some(pages);
         Ok(())
+    }
+
+    /// Writes a MAPPED record (between rounds, before the state): the memory that exists
+    /// now; pages outside it are dropped from the page table (they read as never sent, leave
+    /// the index and are not copied by a compaction) and their hashes become a zero page's.
+    /// The last such record is the image's final mappings ([`ImageInfo::mapped`](super::ImageInfo::mapped)).
+    fn retain(&mut self, memory: &[Range<u64>]) -> Result<bool, TransferError> {
+        if self.in_round.is_some() || self.state_written || self.finished {
+            return Err(TransferError::Misuse {
+                operation: "retain",
+                state: "inside a round, or after the state or finish",
+            });
+        }
+        let record = Mapped::of(&self.layout, memory);
+        self.write(&record)?;
+        let ps = self.layout.page_size();
+        for r in self.layout.outside(memory) {
+            let (first, n) = (r.start / ps, (r.end - r.start) / ps);
+            for slot in &mut self.loc[first as usize..(first + n) as usize] {
+                match *slot {
+                    NEVER => {}
+                    ZERO => self.zero_pages -= 1,
+                    _ => self.data_pages -= 1,
+                }
+                *slot = NEVER;
+            }
+            self.hashes.set_zero(first as usize, n as usize);
+        }
+        self.mapped = Some(record);
+        Ok(true)
     }
 
     /// Writes a REGION record (between rounds) and lays the region out after the others; its
@@ -1552,10 +1591,10 @@ mod tests {
     #[test]
     fn a_run_that_fits_only_by_compacting_completes() {
         for pinged in [false, true] {
-            let Some(fs) = SmallFs::mount("4m") else {
+            let Some(fs) = SmallFs::mount("6m") else {
                 return;
             };
-            // 256 pages (1 MiB) rewritten whole every round: 12 rounds write 12 MiB.
+            // 256 pages (1 MiB) rewritten whole every round: 12 rounds write 12 MiB to 6 MiB.
             const N: u64 = 256;
             let layout = Layout::single(PS, BASE, N * PS).unwrap();
             let path = fs.path().join("x.img");

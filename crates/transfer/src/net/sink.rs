@@ -483,6 +483,24 @@ impl Sink for SocketSink {
         Ok(())
     }
 
+    /// Sends the protocol's MAPPED on the first connection, between rounds.
+    fn retain(&mut self, memory: &[Range<u64>]) -> Result<bool, TransferError> {
+        if self.finished {
+            return Err(TransferError::Misuse {
+                operation: "retain",
+                state: "after the final checksum was sent",
+            });
+        }
+        self.check_unbroken()?;
+        let frame = crate::protocol::Mapped::of(&self.layout, memory);
+        let r = match self.workers.first_mut() {
+            Some(w) => w.send(Cmd::Mapped(frame)),
+            None => Err(no_connection()),
+        };
+        r.map_err(|e| self.explain(e))?;
+        Ok(true)
+    }
+
     /// Sends the state blob on the first connection, ahead of its FINISH.
     fn send_state(&mut self, state: &[u8]) -> Result<(), TransferError> {
         self.check_unbroken()?;

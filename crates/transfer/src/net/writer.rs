@@ -18,8 +18,8 @@ use crate::error::{ProtocolError, TransferError};
 use crate::layout::{Layout, MemoryRegion};
 use crate::live::LivePages;
 use crate::protocol::{
-    Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter, PageSpan, Pages, Ping,
-    Pong, Region, RoundBegin, RoundEnd, State, Zero,
+    Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter, Mapped, PageSpan, Pages,
+    Ping, Pong, Region, RoundBegin, RoundEnd, State, Zero,
 };
 
 /// What a [`SocketSink`](super::SocketSink) asks a connection's writer to do.
@@ -46,6 +46,7 @@ pub(super) enum Cmd {
     Batch(Vec<Cmd>),
     /// A region added to the layout (no host address): REGION, and the writer lays it out.
     Region(MemoryRegion),
+    Mapped(Mapped),
 }
 
 /// The hashes a writer took of lent pages it sent: the memory offset of the first page and
@@ -478,6 +479,9 @@ impl StreamWriter {
             }
             Cmd::State(blob) => {
                 self.send(&State::new(&blob))?;
+            }
+            Cmd::Mapped(frame) => {
+                self.send(&frame)?;
             }
             Cmd::Region(region) => {
                 self.layout = self.layout.with_region(region)?;
