@@ -12,9 +12,7 @@
 //! VMM's guest RAM: by default `vmsplice` + `splice`, `own_writev` by
 //! `writev`). The raw copy `writev`s the same mapping; `raw_splice` sends it
 //! with `vmsplice` + `splice` (no copy at the sender, the kernel's best) and
-//! `raw_zerocopy` with `MSG_ZEROCOPY`. `own_hash_thread` and `own_writev_hash_thread`
-//! are `own` and `own_writev` with the receiver's page hash on a second thread
-//! (`ReceiverConfig::hash_thread`). The receiver
+//! `raw_zerocopy` with `MSG_ZEROCOPY`. The receiver
 //! applies into a [`MemorySink`], cleared to
 //! zeros before each transfer like a migration's fresh destination; both the
 //! raw and the engine receivers write into a destination already faulted in,
@@ -251,7 +249,6 @@ fn engine_copy(
     own: bool,
     dest: &mut MemorySink,
     config: &SenderConfig,
-    hash_thread: bool,
 ) -> (Duration, Duration, u64) {
     let (listener, conns) = pair(net, dir, config.streams);
     let base = src.addr();
@@ -260,7 +257,6 @@ fn engine_copy(
         let rx = s.spawn(move || {
             let config = ReceiverConfig {
                 key: bench_key(),
-                hash_thread,
                 ..ReceiverConfig::default()
             };
             let rx = Receiver::accept(&listener, &config).unwrap();
@@ -392,15 +388,6 @@ fn main() {
                     ..base_config.clone()
                 },
             ),
-            // The receiver hashes on a second thread (`ReceiverConfig::hash_thread`).
-            ("own_hash_thread".into(), base_config.clone()),
-            (
-                "own_writev_hash_thread".into(),
-                SenderConfig {
-                    splice: false,
-                    ..base_config.clone()
-                },
-            ),
         ];
         if full {
             for batch in [16usize, 256] {
@@ -444,16 +431,8 @@ fn main() {
                         dest.clear().expect("clearing destination memory");
                         let cpu = cpu_seconds();
                         let own = cname.starts_with("own");
-                        let hash_thread = cname.ends_with("hash_thread");
-                        let (streamed, done, wire) = engine_copy(
-                            net,
-                            dir.path(),
-                            &map,
-                            own,
-                            &mut dest,
-                            &config,
-                            hash_thread,
-                        );
+                        let (streamed, done, wire) =
+                            engine_copy(net, dir.path(), &map, own, &mut dest, &config);
                         record_cpu(&name, cpu_seconds() - cpu);
                         record(&name, streamed);
                         record(&format!("{name} (to DONE)"), done);

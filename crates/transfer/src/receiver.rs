@@ -92,16 +92,6 @@ pub struct ReceiverConfig {
     /// timeout for a connection accepted just before it ends); past it the
     /// receiver fails with [`TransferError::ResumeTimedOut`].
     pub resume_wait: Duration,
-    /// With one connection: hash the pages read straight into the destination on a second
-    /// thread, one part of a frame while the socket thread reads the next
-    /// ([`FrameReader::read_pages_hashing_on`]), instead of on the socket thread. A frame is
-    /// checked only once every page of it is hashed, so what is accepted is the same either
-    /// way; what changes is which core pays for the hash. With `splice` at the sender the
-    /// receiver's socket thread does the whole kernel copy and is the one busy core, but the
-    /// hand-offs cost more CPU than the hash they move, and on this project's 2 shared cores
-    /// it was no faster (BENCHMARKS.md, "The receiver's socket thread with splice"). Default
-    /// `false`.
-    pub hash_thread: bool,
 }
 
 /// Default [`ReceiverConfig::io_timeout`].
@@ -123,7 +113,6 @@ impl Default for ReceiverConfig {
             handshake_timeout: crate::engine::DEFAULT_IO_TIMEOUT,
             io_timeout: Some(DEFAULT_RECEIVE_TIMEOUT),
             resume_wait: DEFAULT_RESUME_WAIT,
-            hash_thread: false,
         }
     }
 }
@@ -700,7 +689,6 @@ impl Leg<'_> {
             writing: self.conns.iter().map(|_| Mutex::new(())).collect(),
         };
         let next = self.next;
-        let hash_thread = self.config.hash_thread;
         let outcomes: Vec<Option<StreamOutcome>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .conns
@@ -716,8 +704,7 @@ impl Leg<'_> {
                             // than a separate reading thread).
                             let pool = BufferPool::new(2);
                             let reader = BufReader::with_capacity(READ_BUFFER, c);
-                            let hasher = hash_thread.then(|| scoped_threadpool::Pool::new(1));
-                            let frames = Frames::Direct(FrameReader::new(reader), hasher);
+                            let frames = Frames::Direct(FrameReader::new(reader));
                             let r = receive_stream(frames, &pool, shared, i, next);
                             return shared.outcome(r.map_err(|e| stalled(c, e)));
                         }
@@ -1291,9 +1278,7 @@ const QUEUED_FRAMES: usize = 4;
 enum Frames<R> {
     /// Read and verified in the applying thread; uncompressed page frames go
     /// straight into the destination where the sink lends it.
-    /// With a pool: the hashes of pages read straight into the destination are taken there
-    /// ([`FrameReader::read_pages_hashing_on`]).
-    Direct(FrameReader<R>, Option<scoped_threadpool::Pool>),
+    Direct(FrameReader<R>),
     /// Read by [`read_socket`] on another thread, verified here.
     Queued {
         rx: crossbeam_channel::Receiver<RawFrame>,
@@ -1324,11 +1309,10 @@ impl<R: Read> Frames<R> {
         in_round: Option<(&Shared<'_, K>, &Layout)>,
     ) -> Result<Next, TransferError> {
         match self {
-            Frames::Direct(r, hasher) => {
+            Frames::Direct(r) => {
                 let (h, offset) = r.read_raw_header()?;
                 if let Some((shared, layout)) = in_round
-                    && let Some(header) =
-                        read_in_place(r, hasher.as_mut(), &h, offset, ps, hashes, shared, layout)?
+                    && let Some(header) = read_in_place(r, &h, offset, ps, hashes, shared, layout)?
                 {
                     return Ok(Next::Applied(header));
                 }
@@ -1354,10 +1338,8 @@ impl<R: Read> Frames<R> {
 /// hash list that follows the pages, and each page is checked against it), so they are bounds-checked like any other input first: the
 /// worst a forged header achieves is a lent range of zero pages, written and
 /// then zeroed again.
-#[allow(clippy::too_many_arguments)] // one caller; the reader's and the round's state
 fn read_in_place<R: Read, K: Sink + ?Sized>(
     r: &mut FrameReader<R>,
-    hasher: Option<&mut scoped_threadpool::Pool>,
     h: &RawHeader,
     offset: u64,
     ps: u64,
@@ -1382,14 +1364,12 @@ fn read_in_place<R: Read, K: Sink + ?Sized>(
         return Ok(None);
     };
     let mut list = vec![0u8; (len / ps) as usize * crate::digest::PAGE_HASH_LEN];
-    let read = match hasher {
-        Some(pool) => r.read_pages_hashing_on(dest, ps as usize, hashes, pool),
-        None => r.read_pages_hashing(dest, ps as usize, hashes),
-    };
-    let checked = read.and_then(|()| {
-        r.read_payload_into(&mut list)?;
-        verify_hashed_list(h, offset, len, &list, ps, hashes)
-    });
+    let checked = r
+        .read_pages_hashing(dest, ps as usize, hashes)
+        .and_then(|()| {
+            r.read_payload_into(&mut list)?;
+            verify_hashed_list(h, offset, len, &list, ps, hashes)
+        });
     match checked {
         Ok(header) => {
             sink.commit_lent(offset, hashes)?;
@@ -1737,7 +1717,7 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
     };
     let pool = BufferPool::new(2);
     let outcome = receive_stream(
-        Frames::Direct(FrameReader::new(bytes), None),
+        Frames::Direct(FrameReader::new(bytes)),
         &pool,
         &shared,
         0,

@@ -31,15 +31,15 @@ fn snapshot(m: &Mapping) -> Vec<u8> {
 /// Writers change random pages while three live rounds send all memory; then they stop and a
 /// final round sends all of it again. The destination must equal the source byte for byte.
 fn concurrent_writers(net: Net, streams: usize) {
-    concurrent_writers_with(net, streams, true, receiver_config());
+    concurrent_writers_with(net, streams, true);
 }
 
-/// As [`concurrent_writers`], lent pages sent with `splice` or `writev`, received with `rx`.
-fn concurrent_writers_with(net: Net, streams: usize, splice: bool, rx: ReceiverConfig) {
+/// As [`concurrent_writers`], lent pages sent with `splice` or `writev`.
+fn concurrent_writers_with(net: Net, streams: usize, splice: bool) {
     let pages = 2048u64;
     let m = filled(pages);
     let (listener, connect, _dir) = listen(&net);
-    let rx = spawn_receiver(listener, rx);
+    let rx = spawn_receiver(listener, receiver_config());
     let layout = Layout::single(PS, m.addr(), m.len()).unwrap();
     let config = SenderConfig {
         streams,
@@ -130,15 +130,9 @@ type Torn = (
 );
 
 fn torn_page(streams: usize, resend: bool) -> Torn {
-    torn_page_with(streams, resend, receiver_config(), 4)
-}
-
-/// [`torn_page`] received with `rx`, the frame with the torn page `lent` pages long (at least
-/// 4; 40 pages make a frame that a receiver's hash thread hashes in part).
-fn torn_page_with(streams: usize, resend: bool, rx: ReceiverConfig, lent_pages: u64) -> Torn {
-    let m = filled(lent_pages + 4);
+    let m = filled(8);
     let (listener, connect, _dir) = listen(&Net::Tcp);
-    let rx = spawn_receiver(listener, rx);
+    let rx = spawn_receiver(listener, receiver_config());
     let layout = Layout::single(PS, m.addr(), m.len()).unwrap();
     let config = SenderConfig {
         streams,
@@ -156,14 +150,13 @@ fn torn_page_with(streams: usize, resend: bool, rx: ReceiverConfig, lent_pages: 
         .unwrap()
     };
     sink.begin_round(0).unwrap();
-    let n = lent_pages;
-    let mut claimed = crcs[..n as usize].to_vec();
+    let mut claimed = crcs[..4].to_vec();
     claimed[2] ^= 0x5a5a;
-    sink.send_live_pages(0, lent(0, n), &claimed).unwrap();
+    sink.send_live_pages(0, lent(0, 4), &claimed).unwrap();
     sink.send_pages(
-        n * PS,
-        PageBuf::from_vec(src[(n * PS) as usize..].to_vec()),
-        &crcs[n as usize..],
+        4 * PS,
+        PageBuf::from_vec(src[4 * PS as usize..].to_vec()),
+        &crcs[4..],
     )
     .unwrap();
     sink.end_round(0).unwrap();
@@ -192,25 +185,6 @@ fn a_torn_page_never_sent_again_fails_the_transfer() {
             "{sent:?}"
         );
     }
-}
-
-/// With the receiver's hash thread, page 2 of a 40-page frame is hashed on that thread (the
-/// first 16 pages are), and its tear is caught as on the socket thread: refused if never sent
-/// again, accepted once a later round brings it intact.
-#[test]
-fn a_torn_page_hashed_on_the_receivers_hash_thread_is_caught() {
-    let (sent, received, _) = torn_page_with(1, false, hashing(true), 40);
-    let err = received.unwrap_err();
-    assert!(
-        matches!(err, TransferError::ChangedWhileSent { pages: 1, first } if first == 2 * PS),
-        "{err:?}"
-    );
-    assert!(sent.is_err(), "{sent:?}");
-    let (sent, received, src) = torn_page_with(1, true, hashing(true), 40);
-    sent.unwrap();
-    let (report, dest) = received.unwrap();
-    assert_eq!(report.changed_while_sent, 1);
-    assert_eq!(dest, src);
 }
 
 #[test]
@@ -353,21 +327,5 @@ fn a_page_written_after_its_writev_arrives_as_sent() {
 
 #[test]
 fn own_memory_with_concurrent_writers_over_tcp_by_writev() {
-    concurrent_writers_with(Net::Tcp, 1, false, receiver_config());
-}
-
-/// The receiver's hash thread on and off (`ReceiverConfig::hash_thread`).
-fn hashing(hash_thread: bool) -> ReceiverConfig {
-    ReceiverConfig {
-        hash_thread,
-        ..receiver_config()
-    }
-}
-
-#[test]
-fn own_memory_with_concurrent_writers_received_with_a_hash_thread() {
-    for net in [Net::Tcp, Net::Unix] {
-        concurrent_writers_with(net, 1, true, hashing(true));
-    }
-    concurrent_writers_with(Net::Tcp, 1, false, hashing(true));
+    concurrent_writers_with(Net::Tcp, 1, false);
 }
