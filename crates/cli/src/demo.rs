@@ -1134,7 +1134,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .arg("--key-file")
             .arg(&key_path)
             .args(["--io-timeout", &args.io_timeout.to_string()])
-            .args(["--resume-wait", &resume_wait(&args).to_string()]);
+            .args(["--resume-wait", &resume_wait(&args).to_string()])
+            .args(["--parent", &std::process::id().to_string()]);
         progress.phase("starting the destination process");
         let listening = Proc::spawn("destination", cmd).and_then(|mut d| {
             let words = d.expect("LISTENING")?;
@@ -1238,7 +1239,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     // Why a completed migration's copy could not be compared (the destination went away,
     // the image cannot be read): the run fails, with its report.
     let mut compare_error: Option<anyhow::Error> = None;
-    let (result, report, received, verification, destination_outcome) =
+    let (result, report, received, verification, mut destination_outcome) =
         match (&plan.image, dest.as_mut()) {
             (Some(path), _) => {
                 let writer = ImageWriter::create(path, layout.clone())
@@ -1415,8 +1416,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         if result.is_ok()
             && let Err(e) = d.finish_within(Duration::from_secs_f64(args.io_timeout))
         {
-            // The copy was already compared: the run stands, the leftover is reported.
+            // The copy was already compared: the run stands, the leftover is reported (in
+            // the JSON too, as the destination's outcome).
             tracing::warn!("{e:#}");
+            destination_outcome = Some(format!("{e:#}"));
         }
         // Else dropping it kills it: a failed destination (stopped, or waiting for a sender
         // that will not resume) must not hold the demo.

@@ -184,6 +184,8 @@ fn destination_stopped_before_its_report_does_not_hold_the_demo() {
         assert_eq!(v["verified"], true, "{v}");
         let stderr = common::stderr(&out);
         assert!(stderr.contains("did not exit within 1s"), "{stderr}");
+        let outcome = v["destination_outcome"].as_str().unwrap_or_default();
+        assert!(outcome.contains("did not exit within 1s"), "{v}");
     } else {
         assert!(
             err.contains("destination process said nothing within 1s"),
@@ -488,7 +490,7 @@ fn process_state(pid: i32) -> Option<char> {
 /// continue the source, so before `PR_SET_PDEATHSIG` it stayed stopped (state `T`) for good,
 /// holding its memory. Now the kernel kills it with the demo.
 #[test]
-fn a_demo_killed_in_the_final_round_leaves_no_stopped_source() {
+fn a_demo_killed_in_the_final_round_leaves_no_stopped_source_nor_destination() {
     use std::io::BufRead;
     if !engine_usable() {
         return;
@@ -558,6 +560,18 @@ fn a_demo_killed_in_the_final_round_leaves_no_stopped_source() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let left = process_state(source).filter(|s| *s != 'Z');
+    // The destination too: it would hold its memory for the resume wait (tens of seconds).
+    while dests
+        .iter()
+        .any(|d| process_state(*d).is_some_and(|s| s != 'Z'))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let dests_left: Vec<(i32, char)> = dests
+        .iter()
+        .filter_map(|d| process_state(*d).filter(|s| *s != 'Z').map(|s| (*d, s)))
+        .collect();
     // Clean up whatever is left of this demo before asserting.
     for pid in dests.iter().copied().chain([source]) {
         if process_state(pid).is_some() {
@@ -570,5 +584,9 @@ fn a_demo_killed_in_the_final_round_leaves_no_stopped_source() {
     assert_eq!(
         left, None,
         "the source outlived the killed demo in state {left:?}"
+    );
+    assert!(
+        dests_left.is_empty(),
+        "the destination outlived the killed demo: {dests_left:?}"
     );
 }

@@ -1141,6 +1141,25 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             if reason != SwitchReason::Converged {
                 self.report.downtime_note = Some(self.why_not_converged(reason, estimate));
             }
+            // Under the abort policy the total timeout ends the final round too: one expected
+            // to outlast the time left would stop the workload for nothing.
+            if let (Some(limit), LimitPolicy::Abort, Some(expected)) = (
+                self.config.timeout,
+                self.config.timeout_policy,
+                self.report.expected_downtime,
+            ) {
+                let left = limit.saturating_sub(start.elapsed());
+                if expected > left {
+                    let note = format!(
+                        "the final round, expected to take {expected:.1?}, cannot end in the {left:.1?} left before the timeout: aborted before pausing the workload"
+                    );
+                    tracing::warn!("{note}");
+                    self.report.downtime_note = Some(note);
+                    return Err(Error::Aborted {
+                        reason: AbortReason::Timeout { limit },
+                    });
+                }
+            }
             self.report.switchover_attempts += 1;
             match self.final_round(std::mem::take(&mut pending)) {
                 Ok(()) => return Ok(()),
@@ -2419,6 +2438,48 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    /// Under the abort policy, a final round expected to outlast the time left before the
+    /// timeout is not started: the migration aborts with the workload running (only the
+    /// pause probes paused it, each resumed), saying why; with time enough it completes.
+    #[test]
+    fn a_final_round_that_cannot_end_before_the_timeout_is_not_started() {
+        for (timeout, completes) in [
+            (Duration::from_secs(1), false),
+            (Duration::from_secs(600), true),
+        ] {
+            let events = Arc::new(Mutex::new(Vec::new()));
+            // 4 MiB written every round over 1 MB/s: a final round of about 4 s.
+            let log = ScriptLog::pages(vec![1024; 8]);
+            let mut cfg = MigrationConfig::default();
+            cfg.max_downtime = Duration::from_millis(1);
+            cfg.max_rounds = 3;
+            cfg.timeout = Some(timeout);
+            let mut m = Migration::new(log, link(1e6), workload(&events), cfg);
+            let result = m.run();
+            let ev = events.lock().unwrap().clone();
+            let count = |name: &str| ev.iter().filter(|e| *e == name).count();
+            if completes {
+                assert!(result.is_ok(), "{result:?}");
+                assert_eq!(m.report().status, Status::Completed);
+                continue;
+            }
+            let err = result.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::Aborted {
+                        reason: AbortReason::Timeout { .. }
+                    }
+                ),
+                "{err}"
+            );
+            assert_eq!(m.report().status, Status::Aborted);
+            assert_eq!(count("pause"), count("resume"), "left paused: {ev:?}");
+            let note = m.report().downtime_note.clone().unwrap_or_default();
+            assert!(note.contains("aborted before pausing"), "{note}");
+        }
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct DestArgs {
     /// Seconds to wait for the sender to come back after its connections broke.
     #[arg(long, default_value_t = 60.0)]
     resume_wait: f64,
+    /// The demo that started this destination: killed with it (see the source's `--parent`).
+    #[arg(long)]
+    parent: Option<i32>,
 }
 
 fn announce(line: &str) -> Result<()> {
@@ -35,6 +38,9 @@ fn announce(line: &str) -> Result<()> {
 }
 
 pub fn run(args: DestArgs) -> Result<ExitCode> {
+    if let Some(parent) = args.parent {
+        super::source::die_with(parent, "destination")?;
+    }
     let listener = match args.listen.split_once(':') {
         Some(("tcp", addr)) => Listener::bind_tcp(addr),
         Some(("unix", path)) => Listener::bind_unix(path),

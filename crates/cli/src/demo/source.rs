@@ -64,15 +64,26 @@ impl MemoryBacking {
 
 const PAGE: u64 = 4096;
 
+/// Asks the kernel to kill this process (the demo's `what`) when its parent dies
+/// (`PR_SET_PDEATHSIG`), and fails if the demo `parent` is already gone: a demo killed with
+/// `SIGKILL` leaves neither a stopped source nor a destination holding its memory.
+pub fn die_with(parent: i32, what: &str) -> Result<()> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .context("asking to be killed with the demo (PR_SET_PDEATHSIG)")?;
+    // The demo may have died before that: then nothing would kill this process. (Under `ip
+    // netns exec` the parent may be `ip`; the demo must then still exist.)
+    let alive = nix::unistd::getppid().as_raw() == parent
+        || nix::sys::signal::kill(nix::unistd::Pid::from_raw(parent), None).is_ok();
+    anyhow::ensure!(
+        alive,
+        "the demo (process {parent}) that started this {what} is gone"
+    );
+    Ok(())
+}
+
 pub fn run(args: SourceArgs) -> Result<ExitCode> {
     if let Some(parent) = args.parent {
-        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-            .context("asking to be killed with the demo (PR_SET_PDEATHSIG)")?;
-        // The demo may have died before that: then nothing would kill this source.
-        anyhow::ensure!(
-            nix::unistd::getppid().as_raw() == parent,
-            "the demo (process {parent}) that started this source is gone"
-        );
+        die_with(parent, "source")?;
     }
     let uffd = precopy_sys::uffd::create().context("creating a userfaultfd")?;
     let backing = match args.memory {

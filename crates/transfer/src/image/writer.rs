@@ -140,8 +140,9 @@ pub struct ImageWriter {
     /// The last MAPPED record written ([`Sink::retain`]): the memory that exists, which a
     /// compacted copy records again.
     mapped: Option<Mapped>,
-    /// Bytes of the largest round written so far: the free space a compaction between
-    /// rounds keeps for the next one ([`ImageWriter::space_low`]).
+    /// Bytes of the largest round written after round 0 (a full copy, which no later round
+    /// repeats): the free space a compaction between rounds keeps for the next ones
+    /// ([`ImageWriter::space_low`]).
     largest_round: u64,
     #[cfg(test)]
     stop_after: Option<CompactionStep>,
@@ -583,22 +584,27 @@ impl ImageWriter {
         self.compacted_len(&self.runs(), &record)
     }
 
-    /// Whether free space runs low between rounds: a round as large as the largest so far
-    /// would not fit twice over (with the finish), the file holds older copies of pages, and
-    /// a compacted copy fits in the free space. A compaction then, while the source runs,
-    /// keeps [`ImageWriter::room_for_round`] from having to compact at the start of a round
-    /// (which may be the final one). One `fstatvfs`; the compacted size is computed only
-    /// when space is low.
+    /// Whether free space runs low between rounds, so that a compaction is due while the
+    /// source runs: the file holds older copies worth at least one more round as large as the
+    /// largest after round 0, and free space no longer holds a compacted copy, two such rounds
+    /// and the finish (later it could not be compacted at all), while it still holds the
+    /// compacted copy. This keeps [`ImageWriter::room_for_round`] from having to compact at
+    /// the start of a round (which may be the final one), and compacts about once per free
+    /// space's worth of rounds rather than after every round. One `fstatvfs`; the compacted
+    /// size is computed only when space is low.
     fn space_low(&self) -> bool {
-        if !self.can_compact() || self.largest_round == 0 || self.pos() <= self.compacted_bound() {
+        if !self.can_compact() || self.largest_round == 0 {
+            return false;
+        }
+        let bound = self.compacted_bound();
+        if self.pos() <= bound.saturating_add(self.largest_round) {
             return false;
         }
         let Ok(free) = self.free_space() else {
             return false;
         };
-        let want = self
-            .largest_round
-            .saturating_mul(2)
+        let want = bound
+            .saturating_add(self.largest_round.saturating_mul(2))
             .saturating_add(self.finish_reserve());
         free < want && self.compacted_size() <= free
     }
@@ -1090,7 +1096,9 @@ impl Sink for ImageWriter {
         self.in_round = None;
         self.next_round += 1;
         let bytes = self.pos() - start + HEADER_LEN as u64;
-        self.largest_round = self.largest_round.max(bytes);
+        if round > 0 {
+            self.largest_round = self.largest_round.max(bytes);
+        }
         // A caller that never pings (a receiver writing what a sender streams) gets its image
         // compacted here; a migration driver pings between rounds, while the source runs, and
         // compaction waits for that, so that it never falls into the final phase.
@@ -1616,6 +1624,39 @@ mod tests {
             assert_eq!(img.read_span_to_vec(0..N * PS).unwrap(), filled(N, 11));
             assert!(img.info().complete);
         }
+    }
+
+    /// On a file system with room for the image and some rounds but not two full copies, the
+    /// writer compacts once per free space's worth of small rounds, not after every round (a
+    /// review found 297 compactions in 300 rounds, each rewriting the whole image, because
+    /// round 0 counted as the round to keep room for). Needs a small tmpfs (root).
+    #[test]
+    fn small_rounds_on_a_tight_file_system_compact_now_and_then_not_every_round() {
+        let Some(fs) = SmallFs::mount("4m") else {
+            return;
+        };
+        // 384 pages (1.5 MiB) in round 0, then 40 rounds of 8 pages with pings between.
+        const N: u64 = 384;
+        let layout = Layout::single(PS, BASE, N * PS).unwrap();
+        let path = fs.path().join("x.img");
+        let w = ImageWriter::create(&path, layout.clone()).unwrap();
+        let mut tx = Transfer::new(SliceSource::new(BASE, filled(N, 0)), w, layout, 8).unwrap();
+        tx.send_round(&[BASE..BASE + N * PS]).unwrap();
+        tx.probe_finish().unwrap();
+        for r in 1..=40u64 {
+            tx.source_mut().data_mut()[..(8 * PS) as usize].copy_from_slice(&filled(8, r));
+            tx.send_round(&[BASE..BASE + 8 * PS])
+                .unwrap_or_else(|e| panic!("round {r}: {e}"));
+            tx.probe_finish().unwrap();
+        }
+        let c = tx.sink().compaction().map_or(0, |c| c.compactions);
+        assert!((1..=4).contains(&c), "{c} compactions in 40 small rounds");
+        tx.finish(FinalCheck::Full).unwrap();
+        let img = Image::open(&path).unwrap();
+        img.verify().unwrap();
+        let mut want = filled(N, 0);
+        want[..(8 * PS) as usize].copy_from_slice(&filled(8, 40));
+        assert_eq!(img.read_span_to_vec(0..N * PS).unwrap(), want);
     }
 
     /// A round larger than every one before it, which fits only once older copies are
