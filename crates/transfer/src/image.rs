@@ -86,10 +86,11 @@
 //! [`ImageError::NoSpace`](crate::ImageError::NoSpace)
 //! ([`SpaceFor::Round`](crate::SpaceFor::Round), what it needs and what is
 //! free) before any of it is written. Between rounds (at the ping, or at the
-//! end of a round for a writer nobody pings) the writer also compacts when
-//! less than twice its largest round so far is free and the file holds older
-//! copies, so that the check at a round's start rarely has to compact (which
-//! may fall into the final phase). A compaction checks its own room first
+//! end of a round for a writer nobody pings) the writer also compacts when free
+//! space would no longer hold a compacted copy plus two rounds as large as the
+//! largest after round 0 and the file holds older copies worth one such round,
+//! so that the check at a round's start rarely has to compact (which may fall
+//! into the final phase). A compaction checks its own room first
 //! ([`SpaceFor::Compaction`](crate::SpaceFor::Compaction)), and a round of
 //! unstated size checks before any write past the room it last measured
 //! ([`SpaceFor::Write`](crate::SpaceFor::Write)).
