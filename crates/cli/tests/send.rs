@@ -811,6 +811,32 @@ fn failures_leave_the_target_running_with_one_clear_error_line() {
     );
 }
 
+/// Waits until process `pid` runs precopy with SIGINT not ignored: a signal sent earlier may
+/// reach the child before `exec`, or precopy before its `main` un-ignores an inherited
+/// SIGINT (a background job's), where no program can see it (an ignored signal is dropped
+/// when sent). "0 ms" in the interrupt test means this moment.
+fn until_it_can_take_signals(pid: u32) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let ignored = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (libc_sigint() - 1)) != 0);
+        if exe.is_some_and(|e| e == std::path::Path::new(PRECOPY)) && !ignored {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// SIGINT's number.
+fn libc_sigint() -> u32 {
+    nix::sys::signal::Signal::SIGINT as u32
+}
+
 /// Waits for `child` up to `limit`; past it, kills it and fails the test (a send that missed
 /// its signal would otherwise run its 100 000 rounds, filling the disk with its image).
 fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> std::process::Output {
@@ -877,6 +903,7 @@ fn interrupting_send_leaves_the_target_running() {
         for signal in [Signal::SIGINT, Signal::SIGTERM] {
             let image = scratch(&format!("interrupt-{i}.img"));
             let child = endless_send(&t, &image, None);
+            until_it_can_take_signals(child.id());
             std::thread::sleep(Duration::from_millis(delay_ms));
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
             sent += 1;
