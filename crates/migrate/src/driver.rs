@@ -1256,10 +1256,11 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             return format!("{what} before any bandwidth was measured; limit {limit:.1} ms");
         };
         let finish = e.finish.max(e.finish_worst);
+        let pause = e.pause.max(e.pause_worst);
         let scan = e.scan.max(e.scan_worst);
         let verify = e.verify.max(e.verify_worst);
         let full = e.full_check.max(e.full_check_worst);
-        let fixed = e.pause + scan + e.fixed + finish + verify + full + e.check_bound();
+        let fixed = pause + scan + e.fixed + finish + verify + full + e.check_bound();
         let cause = if ms(fixed.mul_f64(e.margin)) > limit {
             let mut rereads = String::new();
             if e.verify_bytes > 0 {
@@ -1278,16 +1279,22 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             }
             format!(
                 "the fixed costs alone (pause {:.1} + scan {:.1} + {:.1} ms per round + pause check {:.1} + finish {:.1}{rereads}) exceed it",
-                ms(e.pause),
+                ms(pause),
                 ms(scan),
                 ms(e.fixed),
                 ms(e.check_bound()),
                 ms(finish)
             )
         } else {
+            // The estimate's own figures: what it would send and how fast, and the rate at
+            // which it expects pages to be written until the pause.
             format!(
-                "the workload writes {}/s, the link delivers {}/s: the pending set does not shrink to what fits",
-                crate::report::bytes(self.report.dirty_rate),
+                "the final round would send {} ({} pending + {} written until paused at {}/s) in up to {:.1} ms at {}/s: the pending set does not shrink to what fits",
+                crate::report::bytes((e.pending_bytes + e.meanwhile_bytes) as f64),
+                crate::report::bytes(e.pending_bytes as f64),
+                crate::report::bytes(e.meanwhile_bytes as f64),
+                crate::report::bytes(e.meanwhile_rate),
+                ms(e.send_worst),
                 crate::report::bytes(e.bandwidth)
             )
         };
@@ -2438,6 +2445,28 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    /// Forced by the round limit with a send that does not fit: the note names what the final
+    /// round would send and how long that takes, from the estimate's own figures (it used to
+    /// quote the report's dirty rate, which can read 0 while rounds find pages).
+    #[test]
+    fn a_forced_switch_over_says_what_the_final_round_would_send() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        // 4 MiB written every round over 1 MB/s.
+        let log = ScriptLog::pages(vec![1024; 8]);
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(50);
+        cfg.max_rounds = 2;
+        let mut m = Migration::new(log, link(1e6), workload(&events), cfg);
+        m.run().unwrap();
+        let note = m.report().downtime_note.clone().unwrap_or_default();
+        assert!(note.contains("the round limit (2) was reached"), "{note}");
+        assert!(
+            note.contains("the final round would send 4.00 MiB"),
+            "{note}"
+        );
+        assert!(note.contains("4.00 MiB pending"), "{note}");
     }
 
     /// Under the abort policy, a final round expected to outlast the time left before the
