@@ -458,11 +458,11 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             });
         }
         let kept = self.layout.memory_offsets(memory);
-        let before = match &self.memory {
-            Some(m) => m.clone(),
-            None => vec![0..self.layout.total_len()],
+        let unchanged = match &self.memory {
+            Some(m) => *m == kept,
+            None => kept == [0..self.layout.total_len()],
         };
-        if kept == before {
+        if unchanged {
             return Ok(false);
         }
         if self.sink.retain(&kept)? {
