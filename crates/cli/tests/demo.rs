@@ -554,26 +554,18 @@ fn a_demo_killed_in_the_final_round_leaves_no_stopped_source_nor_destination() {
         .collect();
     child.kill().expect("SIGKILL to the demo");
     child.wait().expect("reaping the demo");
+    // Killed, a process passes through R (woken to die) and Z (until reaped) on its way out;
+    // the destination would otherwise hold its memory for the resume wait (tens of seconds).
+    let alive = |pid: i32| process_state(pid).filter(|s| *s != 'Z').map(|s| (pid, s));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    // Killed, it passes through R (woken to die) and Z (until reaped) on its way out.
-    while process_state(source).is_some_and(|s| s != 'Z') && std::time::Instant::now() < deadline {
+    let all: Vec<i32> = dests.iter().copied().chain([source]).collect();
+    while all.iter().any(|p| alive(*p).is_some()) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let left = process_state(source).filter(|s| *s != 'Z');
-    // The destination too: it would hold its memory for the resume wait (tens of seconds).
-    while dests
-        .iter()
-        .any(|d| process_state(*d).is_some_and(|s| s != 'Z'))
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let dests_left: Vec<(i32, char)> = dests
-        .iter()
-        .filter_map(|d| process_state(*d).filter(|s| *s != 'Z').map(|s| (*d, s)))
-        .collect();
+    let left = alive(source).map(|(_, s)| s);
+    let dests_left: Vec<(i32, char)> = dests.iter().filter_map(|d| alive(*d)).collect();
     // Clean up whatever is left of this demo before asserting.
-    for pid in dests.iter().copied().chain([source]) {
+    for &pid in &all {
         if process_state(pid).is_some() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
