@@ -15,7 +15,13 @@
 //! # Pause
 //!
 //! [`PauseMethod::Signal`] sends SIGSTOP and waits until every thread is in the stopped state
-//! (`/proc/PID/task/*/stat`); [`PauseMethod::Freezer`] writes `FROZEN` to a freezer cgroup and
+//! (`/proc/PID/task/*/stat`). A `SIGCONT` from someone else that lands before the stop took
+//! hold discards the pending `SIGSTOP` (the kernel drops queued stop signals when `SIGCONT` is
+//! sent) or continues threads already stopped, and the process would run on: so while it is
+//! not all stopped, `SIGSTOP` is sent again after 5 ms, then after doubling waits up to 250 ms
+//! (about 25 sends in the 5 s bound; a pending `SIGSTOP` sent twice stops the process once).
+//! A `SIGCONT` after the stop was seen is not this pause's business: the driver's pause check
+//! finds what the process wrote meanwhile. [`PauseMethod::Freezer`] writes `FROZEN` to a freezer cgroup and
 //! waits for the state to read back `FROZEN`. Any CPU quota is lifted while pausing, so a
 //! throttled process does not delay its own stop by a quota period.
 //!
@@ -86,13 +92,20 @@ pub enum ProcessError {
         #[source]
         source: io::Error,
     },
-    /// The process did not reach the stopped state in time.
-    #[error("process {pid} did not stop within {waited:?}")]
+    /// The process did not reach the stopped state in time. With [`PauseMethod::Signal`],
+    /// `SIGSTOP` was sent `sigstops` times meanwhile: something kept continuing it (`SIGCONT`),
+    /// or a thread never left an uninterruptible sleep (state `D`). With
+    /// [`PauseMethod::Freezer`], `sigstops` is 0.
+    #[error(
+        "process {pid} did not stop within {waited:?} (SIGSTOP sent {sigstops} times: something kept continuing it, or a thread stayed in an uninterruptible sleep)"
+    )]
     StopTimeout {
         /// The process.
         pid: i32,
         /// How long it was given.
         waited: Duration,
+        /// How many times `SIGSTOP` was sent.
+        sigstops: u32,
     },
     /// Reading the process's state region ([`ProcessControl::with_state`]) failed or came
     /// back short.
@@ -114,6 +127,10 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const PERIOD_US: u64 = 100_000;
 const DUTY_PERIOD: Duration = Duration::from_millis(100);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a process may take to stop before `SIGSTOP` is sent again; doubled after each
+/// re-send, up to [`RESTOP_MAX`].
+const RESTOP_FIRST: Duration = Duration::from_millis(5);
+const RESTOP_MAX: Duration = Duration::from_millis(250);
 
 fn cg_err(path: &Path) -> impl FnOnce(io::Error) -> ProcessError + '_ {
     move |source| ProcessError::Cgroup {
@@ -461,6 +478,7 @@ impl ProcessControl {
                         return Err(ProcessError::StopTimeout {
                             pid: self.pid,
                             waited: STOP_TIMEOUT,
+                            sigstops: 0,
                         });
                     }
                     std::thread::sleep(Duration::from_micros(200));
@@ -468,12 +486,23 @@ impl ProcessControl {
             }
             None => {
                 self.signal(Signal::SIGSTOP)?;
+                let mut sigstops = 1;
+                let (mut sent, mut wait) = (Instant::now(), RESTOP_FIRST);
                 while !all_stopped(self.pid) {
                     if start.elapsed() > STOP_TIMEOUT {
                         return Err(ProcessError::StopTimeout {
                             pid: self.pid,
                             waited: STOP_TIMEOUT,
+                            sigstops,
                         });
+                    }
+                    if sent.elapsed() >= wait {
+                        // Not stopped yet: a SIGCONT from outside may have discarded the
+                        // SIGSTOP (see the module docs). Sending it again is harmless if not.
+                        self.signal(Signal::SIGSTOP)?;
+                        sigstops += 1;
+                        sent = Instant::now();
+                        wait = (wait * 2).min(RESTOP_MAX);
                     }
                     std::thread::sleep(Duration::from_micros(100));
                 }

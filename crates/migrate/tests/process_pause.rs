@@ -1,0 +1,107 @@
+//! `ProcessControl`'s pause against a `SIGCONT` from outside that lands before the stop took
+//! hold: the pause must stop the process again, not wait out its bound and fail.
+//!
+//! The race is made certain rather than hoped for: the target's only thread waits in `vfork(2)`
+//! (an uninterruptible sleep), so the pause's `SIGSTOP` stays pending; the test then sends
+//! `SIGCONT`, which makes the kernel discard that pending `SIGSTOP`, and only then lets the
+//! vfork child exit, so the target runs on as if it had never been asked to stop.
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use precopy_migrate::{PauseMethod, ProcessControl, ThrottleMethod, Workload, all_stopped};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn fixture() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vfork_wait.c");
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("precopy-vfork-wait");
+        let st = Command::new("cc")
+            .args(["-O2", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .expect("running cc (install a C compiler: .ci/run does)");
+        assert!(st.success(), "compiling {}", src.display());
+        out
+    })
+    .clone()
+}
+
+/// Waits (bounded only against a hang, not as a timing assertion) until `done`.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(30), "waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The state letter of the process's main thread (`/proc/PID/stat`).
+fn state(pid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].trim_start().chars().next())
+        .unwrap_or('?')
+}
+
+/// Whether `SIGSTOP` is pending for the whole process (`ShdPnd` in `/proc/PID/status`).
+fn sigstop_pending(pid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("ShdPnd:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (Signal::SIGSTOP as i32 - 1)) != 0)
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_sigcont_landing_as_the_pause_stops_the_process_is_followed_by_another_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("go");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let target = Killed(Command::new(fixture()).arg(&fifo).spawn().unwrap());
+    let pid = target.0.id() as i32;
+    // In vfork, waiting for its child: an uninterruptible sleep.
+    wait_until("the target to wait in vfork", || state(pid) == 'D');
+
+    let mut control = ProcessControl::new(pid, PauseMethod::Signal, ThrottleMethod::None).unwrap();
+    let pause = std::thread::spawn(move || {
+        let r = control.pause();
+        (control, r)
+    });
+    wait_until("the pause's SIGSTOP to be pending", || sigstop_pending(pid));
+    // Someone else continues the process: the pending SIGSTOP is discarded.
+    kill(Pid::from_raw(pid), Signal::SIGCONT).unwrap();
+    // The vfork child exits (it reads one byte), and the target runs on, spinning.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
+
+    let (mut control, result) = pause.join().unwrap();
+    if let Err(e) = &result {
+        panic!("the pause failed instead of stopping the process again: {e}");
+    }
+    assert!(
+        all_stopped(pid),
+        "the pause returned with the process running (state {})",
+        state(pid)
+    );
+    control.resume().unwrap();
+    wait_until("the resumed target to run", || !all_stopped(pid));
+}
