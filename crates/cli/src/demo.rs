@@ -977,15 +977,103 @@ fn verify(
 struct Live {
     /// Round about to be (or being) sent, its size, and the source bytes read when it began.
     round: Option<(precopy_migrate::Progress, u64, Instant)>,
+    /// What the source is doing now, as far as the display's round is concerned.
+    source: SourceNow,
 }
 
-fn round_message(p: &precopy_migrate::Progress, sent: u64, since: Duration) -> String {
+/// The source as the progress line describes it in the final phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum SourceNow {
+    /// Running: not yet paused for the round shown.
+    #[default]
+    Running,
+    /// Paused (the final round, a pause probe).
+    Paused,
+    /// Resumed during the final phase: the final round did not complete (it failed, or is
+    /// retried after a reconnect).
+    Resumed,
+}
+
+/// The demo's [`ProcessControl`], telling the progress display whether the source is paused,
+/// so that the line never says "source paused" once the source was resumed.
+struct Watched {
+    inner: ProcessControl,
+    live: Arc<Mutex<Live>>,
+    progress: Progress,
+}
+
+impl Watched {
+    fn set(&self, now: SourceNow) -> Option<String> {
+        let mut l = self.live.lock().ok()?;
+        l.source = now;
+        let (p, _, _) = l.round.as_ref()?;
+        (now == SourceNow::Resumed && p.phase == precopy_migrate::Phase::Final)
+            .then(|| round_message(p, 0, Duration::ZERO, now))
+    }
+}
+
+impl precopy_migrate::Workload for Watched {
+    type Error = precopy_migrate::ProcessError;
+    fn pause(&mut self) -> Result<(), Self::Error> {
+        self.inner.pause()?;
+        self.set(SourceNow::Paused);
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), Self::Error> {
+        self.inner.resume()?;
+        let final_phase = self.live.lock().is_ok_and(|l| {
+            l.round
+                .as_ref()
+                .is_some_and(|(p, _, _)| p.phase == precopy_migrate::Phase::Final)
+        });
+        let now = if final_phase {
+            SourceNow::Resumed
+        } else {
+            SourceNow::Running
+        };
+        if let Some(msg) = self.set(now) {
+            // A line of its own: the last one said "source paused".
+            self.progress.phase(msg);
+        }
+        Ok(())
+    }
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), Self::Error> {
+        self.inner.set_throttle(fraction)
+    }
+    fn throttle_method(&self) -> &'static str {
+        self.inner.throttle_method()
+    }
+    fn counters(&mut self) -> Option<precopy_migrate::WorkloadCounters> {
+        self.inner.counters()
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, Self::Error> {
+        self.inner.save_state()
+    }
+}
+
+fn round_message(
+    p: &precopy_migrate::Progress,
+    sent: u64,
+    since: Duration,
+    source: SourceNow,
+) -> String {
     let rate = sent as f64 / since.as_secs_f64().max(1e-3);
     let of = p.pending_bytes.max(1);
-    let head = match p.phase {
-        precopy_migrate::Phase::Full => "round 0 (all memory)".to_string(),
-        precopy_migrate::Phase::Iterating => format!("round {}", p.round),
-        precopy_migrate::Phase::Final => format!("final round {} (source paused)", p.round),
+    let head = match (p.phase, source) {
+        (precopy_migrate::Phase::Full, _) => "round 0 (all memory)".to_string(),
+        (precopy_migrate::Phase::Iterating, _) => format!("round {}", p.round),
+        (precopy_migrate::Phase::Final, SourceNow::Paused) => {
+            format!("final round {} (source paused)", p.round)
+        }
+        (precopy_migrate::Phase::Final, SourceNow::Running) => {
+            format!("final round {} (pausing the source)", p.round)
+        }
+        (precopy_migrate::Phase::Final, SourceNow::Resumed) => {
+            return format!(
+                "final round {} did not complete: the source was resumed and runs",
+                p.round
+            );
+        }
     };
     let mut msg = if sent == 0 {
         // Nothing handed to the transport yet: what the round will send, not "queued 0 B".
@@ -1059,6 +1147,11 @@ fn migrate<K: Sink>(
     let live2 = live.clone();
     let read2 = read.clone();
     let progress2 = progress.clone();
+    let control = Watched {
+        inner: control,
+        live: live.clone(),
+        progress: progress.clone(),
+    };
     let mut migration = Migration::new(
         log,
         TransferTransport::new(transfer).final_check(match args.final_check {
@@ -1072,17 +1165,25 @@ fn migrate<K: Sink>(
     .measure_workload_before(Duration::from_millis(500))
     .on_progress(move |p| {
         let at = read2.load(Ordering::Relaxed);
-        if let Ok(mut l) = live2.lock() {
-            l.round = Some((*p, at, Instant::now()));
-        }
-        progress2.phase(round_message(p, 0, Duration::ZERO));
+        let source = match live2.lock() {
+            Ok(mut l) => {
+                l.round = Some((*p, at, Instant::now()));
+                // A new round: the source runs unless paused right now.
+                if l.source == SourceNow::Resumed {
+                    l.source = SourceNow::Running;
+                }
+                l.source
+            }
+            Err(_) => SourceNow::Running,
+        };
+        progress2.phase(round_message(p, 0, Duration::ZERO, source));
         on_round(p);
     });
     let tick = || {
         let Ok(l) = live.lock() else { return };
         if let Some((p, at, when)) = &l.round {
             let sent = read.load(Ordering::Relaxed).saturating_sub(*at);
-            progress.update(round_message(p, sent, when.elapsed()));
+            progress.update(round_message(p, sent, when.elapsed(), l.source));
         }
     };
     let result = ticking(tick, || migration.run().map_err(Box::new));
@@ -1686,12 +1787,27 @@ mod tests {
     #[test]
     fn a_round_that_has_queued_nothing_yet_says_what_it_will_send() {
         let p = progress(precopy_migrate::Phase::Full, 256 << 20);
-        let m = round_message(&p, 0, Duration::ZERO);
+        let m = round_message(&p, 0, Duration::ZERO, SourceNow::Running);
         assert_eq!(m, "round 0 (all memory): 256.0 MiB to send");
-        let m = round_message(&p, 64 << 20, Duration::from_secs(1));
+        let m = round_message(&p, 64 << 20, Duration::from_secs(1), SourceNow::Running);
         assert_eq!(
             m,
             "round 0 (all memory): queued 64.0 MiB of 256.0 MiB to send (25%) at 64.0 MiB/s"
+        );
+    }
+
+    #[test]
+    fn the_final_round_says_paused_only_while_the_source_is_paused() {
+        let mut p = progress(precopy_migrate::Phase::Final, 1 << 20);
+        p.round = 7;
+        let m = round_message(&p, 0, Duration::ZERO, SourceNow::Running);
+        assert!(m.starts_with("final round 7 (pausing the source): "), "{m}");
+        let m = round_message(&p, 0, Duration::ZERO, SourceNow::Paused);
+        assert!(m.starts_with("final round 7 (source paused): "), "{m}");
+        let m = round_message(&p, 1 << 19, Duration::from_secs(1), SourceNow::Resumed);
+        assert_eq!(
+            m,
+            "final round 7 did not complete: the source was resumed and runs"
         );
     }
 }

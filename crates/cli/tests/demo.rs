@@ -124,18 +124,39 @@ fn destination_stopped_mid_run_fails_on_the_io_timeout() {
 /// let run again, acknowledges into a closed connection and never gets COMMIT: it never
 /// reports a copy. (Run resumable, it then waits for the source to come back, since a final
 /// phase cut before COMMIT may be retried; this source, interrupted by its bound, does not.)
+/// The progress display's last word on the final round is that the source runs again, not
+/// "source paused".
 #[test]
 fn destination_stopped_in_the_final_round_resumes_the_source_and_fails() {
     if !engine_usable() {
         return;
     }
-    let (ok, v) = demo(&[
+    let out = common::precopy(&[
+        "demo",
+        "--size",
+        "32M",
+        "--dirty-rate",
+        "8M",
+        "--json",
+        "--progress",
+        "lines",
         "--stop-dest-in-final-round",
         "--final-round-timeout",
         "500",
         "--io-timeout",
         "30",
     ]);
+    let (ok, v) = (out.status.success(), one_json(&out));
+    let err = common::stderr(&out);
+    let last_final = err
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('[') && l.contains("] final round"))
+        .unwrap_or_default();
+    assert!(
+        last_final.contains("the source was resumed and runs"),
+        "the last progress line about the final round: {last_final:?}\n{err}"
+    );
     assert!(!ok, "must exit non-zero: {v}");
     let m = &v["migration"];
     assert_eq!(m["status"], "failed", "{v}");

@@ -957,7 +957,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             probe_scan: seen.probe_scan.map(|p| p.0),
             probe_scan_cpu: seen.probe_scan.and_then(|p| p.1),
             failed,
-            workload_rate: seen.rate,
+            // The final round runs with the workload paused: no rate of its own.
+            workload_rate: seen.rate.filter(|_| kind != RoundKind::Final),
             workload_ns_per_op: seen.ns_per_op,
             round: self.next_round(),
             kind,
@@ -2561,10 +2562,20 @@ mod tests {
         let found: Vec<u64> = report.rounds.iter().map(|r| r.dirty_pages).collect();
         assert_eq!(found, vec![0, 40, 10, 6]);
         assert!(report.rounds[0].workload_rate.is_none());
-        for r in &report.rounds[1..] {
+        let (last, live) = report.rounds[1..].split_last().unwrap();
+        for r in live {
             assert!(r.workload_rate.is_some_and(|v| v > 0.0), "{r:?}");
             assert_eq!(r.workload_ns_per_op, Some(2000.0));
         }
+        // The final round runs paused: no rate, and the table says why.
+        assert_eq!(last.kind, RoundKind::Final);
+        assert!(last.workload_rate.is_none(), "{last:?}");
+        let table = report.to_string();
+        let final_row = table
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some("final"))
+            .unwrap();
+        assert!(final_row.ends_with(" paused"), "{final_row}");
         let cost = report.workload.unwrap();
         assert!(cost.before_rate.is_some_and(|v| v > 0.0));
         assert_eq!(cost.before_ns_per_op, Some(2000.0));

@@ -126,7 +126,8 @@ pub struct RoundReport {
     /// (anonymous `MADV_DONTNEED`) and ranges an embedder marked ([`crate::ExternalDirty`]).
     pub dirty_pages: u64,
     /// The workload's operations per second over the same interval as `dirty_rate`, if it
-    /// counts them ([`crate::Workload::counters`]).
+    /// counts them ([`crate::Workload::counters`]). `None` for round 0 and for the final
+    /// round, which runs with the workload paused (the table shows "paused").
     pub workload_rate: Option<f64>,
     /// The workload's mean time per operation over that interval, in nanoseconds.
     pub workload_ns_per_op: Option<f64>,
@@ -777,8 +778,11 @@ impl fmt::Display for MigrationReport {
                 r.expected_downtime.map_or_else(|| "-".to_string(), msf),
                 r.throttle * 100.0,
                 r.dirty_pages,
-                r.workload_rate
-                    .map_or_else(|| "-".to_string(), |v| format!("{v:.0}"))
+                match (r.kind, r.workload_rate) {
+                    (RoundKind::Final, _) => "paused".to_string(),
+                    (_, None) => "-".to_string(),
+                    (_, Some(v)) => format!("{v:.0}"),
+                }
             )?;
         }
         Ok(())

@@ -36,7 +36,10 @@ fn fixture() -> PathBuf {
 fn wait_until(what: &str, done: impl Fn() -> bool) {
     let start = Instant::now();
     while !done() {
-        assert!(start.elapsed() < Duration::from_secs(30), "waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
