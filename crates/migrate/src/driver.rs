@@ -254,6 +254,8 @@ pub struct Migration<D, T, W> {
     /// The dirty rate of the last scan taken with no throttle on: what the workload writes
     /// once the pause lifts the throttle.
     unthrottled_rate: f64,
+    /// The scans the dirty rate is measured over.
+    dirty_window: DirtyRate,
     /// How long to measure the workload before tracking starts.
     measure_before: Duration,
     /// The workload's counters when tracking started, and at the last scan.
@@ -406,6 +408,44 @@ fn per_sec(bytes: u64, d: Duration) -> f64 {
     if s > 0.0 { bytes as f64 / s } else { 0.0 }
 }
 
+/// The least time the dirty rate is measured over ([`DirtyRate`]).
+pub(crate) const DIRTY_RATE_WINDOW: Duration = Duration::from_millis(100);
+
+/// The dirty rate the driver reports and decides with: the bytes the latest scans found
+/// written ÷ the time those scans cover (each scan covers the time since the one before), back
+/// to the first scan that makes them cover at least [`DIRTY_RATE_WINDOW`], or all scans under
+/// the current throttle while they cover less. One scan after a small round covers well under
+/// a millisecond: alone it is a noisy sample, and one that happened to find nothing would read
+/// 0 while the workload writes on. The rate therefore reads 0 only when no scan in its window
+/// found a page. A change of the throttle starts a new window (a throttled writer writes less,
+/// and the rate before the throttle is kept apart for the estimate). QEMU likewise measures
+/// its dirty-page rate over periods of at least a second (`migration_bitmap_sync`).
+#[derive(Debug, Default)]
+struct DirtyRate {
+    /// (bytes found, time covered) per scan, oldest first.
+    scans: std::collections::VecDeque<(u64, Duration)>,
+    throttle: f64,
+}
+
+impl DirtyRate {
+    /// Adds a scan that found `bytes` written over `interval` under `throttle`; the rate.
+    fn add(&mut self, bytes: u64, interval: Duration, throttle: f64) -> f64 {
+        if throttle != self.throttle {
+            self.scans.clear();
+            self.throttle = throttle;
+        }
+        self.scans.push_back((bytes, interval));
+        // Drop the oldest scans while the others still cover the window.
+        while self.scans.len() > 1
+            && self.scans.iter().skip(1).map(|s| s.1).sum::<Duration>() >= DIRTY_RATE_WINDOW
+        {
+            self.scans.pop_front();
+        }
+        let bytes = self.scans.iter().map(|s| s.0).sum();
+        per_sec(bytes, self.scans.iter().map(|s| s.1).sum())
+    }
+}
+
 impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     /// A migration, not started.
     pub fn new(log: D, transport: T, workload: W, config: MigrationConfig) -> Migration<D, T, W> {
@@ -426,6 +466,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             last_throughput: None,
             estimator: Estimator::default(),
             unthrottled_rate: 0.0,
+            dirty_window: DirtyRate::default(),
             measure_before: Duration::ZERO,
             tracked_from: None,
             last_counters: None,
@@ -1073,7 +1114,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     self.observed.probe_scan = Some((p.wall, p.cpu));
                     self.estimator.add_probe_scan(p.wall, p.cpu);
                 }
-                let dirty_rate = per_sec(pending_bytes, interval);
+                let dirty_rate = self
+                    .dirty_window
+                    .add(pending_bytes, interval, self.throttle);
                 self.report.dirty_rate = dirty_rate;
                 if self.throttle == 0.0 {
                     self.unthrottled_rate = dirty_rate;
@@ -2991,5 +3034,44 @@ mod tests {
         assert_eq!(outside(&[0..10], &[0..2, 4..6, 8..12]), vec![2..4, 6..8]);
         assert!(outside(&[3..4], &[0..10]).is_empty());
         assert_eq!(outside(&[0..4, 6..9], &[3..7]), vec![0..3, 7..9]);
+    }
+
+    #[test]
+    fn the_dirty_rate_covers_at_least_its_window_and_reads_zero_only_when_nothing_was_found() {
+        let ms = Duration::from_millis;
+        let mut w = DirtyRate::default();
+        // 400 KiB in 2 ms.
+        assert_eq!(w.add(400 << 10, ms(2), 0.0), (400 << 10) as f64 / 0.002);
+        // A scan 1 ms later that found nothing: the window still holds the first.
+        assert_eq!(w.add(0, ms(1), 0.0), (400 << 10) as f64 / 0.003);
+        // 200 ms in which nothing was found: that alone covers the window, honestly 0.
+        assert_eq!(w.add(0, ms(200), 0.0), 0.0);
+        // Scans are dropped from the front only while the rest still cover 100 ms.
+        assert_eq!(w.add(100 << 10, ms(50), 0.0), (100 << 10) as f64 / 0.25);
+        assert_eq!(w.add(100 << 10, ms(50), 0.0), (200 << 10) as f64 / 0.1);
+        assert_eq!(w.add(300 << 10, ms(50), 0.0), (400 << 10) as f64 / 0.1);
+        // A new throttle starts a new window.
+        assert_eq!(w.add(0, ms(10), 0.2), 0.0);
+    }
+
+    #[test]
+    fn a_scan_that_finds_nothing_right_after_scans_that_found_pages_does_not_read_zero() {
+        // Scans find 50, 50, then nothing, each a millisecond or so after the last (a fast
+        // link, small rounds): the round limit switches over on the empty scan.
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = ScriptLog::pages(vec![50, 50, 0]);
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_nanos(1);
+        cfg.max_rounds = 3;
+        cfg.throttle.enabled = false;
+        cfg.probe_pause = false;
+        let mut m = Migration::new(log, link(1024.0 * 1024.0 * 1024.0), workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(report.switch_reason, Some(SwitchReason::MaxRounds));
+        let found: Vec<u64> = report.rounds.iter().map(|r| r.dirty_pages).collect();
+        assert_eq!(found, vec![0, 50, 50, 0], "{report:?}");
+        let last = report.rounds.last().unwrap();
+        assert!(last.dirty_rate > 0.0, "{last:?}");
+        assert!(report.dirty_rate > 0.0, "{report:?}");
     }
 }

@@ -87,8 +87,9 @@
 //!
 //! # Auto-converge
 //!
-//! A workload that writes faster than the link carries never converges. When the dirty rate of a
-//! scan (bytes found ÷ time since the previous scan) is at least
+//! A workload that writes faster than the link carries never converges. When the dirty rate at a
+//! scan (bytes the latest scans found ÷ the time they cover, over at least the last 100 ms of
+//! scans under the current throttle: [`RoundReport::dirty_rate`]) is at least
 //! [`ThrottleConfig::trigger_ratio`] × the throughput for [`ThrottleConfig::trigger_rounds`]
 //! scans in a row, the driver raises the throttle: first to [`ThrottleConfig::initial`], then by
 //! [`ThrottleConfig::increment`] each time the condition holds again, up to

@@ -108,8 +108,12 @@ pub struct RoundReport {
     pub bandwidth: f64,
     /// Memory bytes delivered per second during the round (see the crate docs).
     pub throughput: f64,
-    /// Bytes written per second by the workload, measured by the scan before this round
-    /// (0 for round 0).
+    /// Bytes written per second by the workload, as of the scan before this round (0 for
+    /// round 0): the bytes the latest scans found ÷ the time they cover, over at least the
+    /// last 100 ms of scans (all scans under the current throttle while they cover less). It
+    /// reads 0 only when no scan in that window found a page; a single scan right after a
+    /// small round covers well under a millisecond and may find nothing while the workload
+    /// writes on. For the final round, the last rate measured with the workload running.
     pub dirty_rate: f64,
     /// Expected downtime computed before this round.
     #[serde(serialize_with = "ms_opt", rename = "expected_downtime_ms")]
@@ -367,7 +371,8 @@ pub struct MigrationReport {
     pub resend_ratio: f64,
     /// Transport bytes ÷ total send time.
     pub bandwidth: f64,
-    /// Dirty rate measured by the last scan with the workload running.
+    /// Dirty rate as of the last scan with the workload running (measured over at least the
+    /// last 100 ms of scans: see [`RoundReport::dirty_rate`]).
     pub dirty_rate: f64,
     /// Highest throttle applied.
     pub throttle: f64,

@@ -21,8 +21,8 @@
 //!   CPU time predicts it. Without probes, the fastest of the last [`SCAN_WINDOW`] scans.
 //!   Bound: the slowest of the last [`SCAN_WINDOW`] scans and of the probes' scans;
 //! * **written meanwhile**: the workload keeps writing from the last scan until it is stopped;
-//!   at the dirty rate of the last scan interval that adds `rate × (scan + pause)` bytes to the
-//!   final round (with the bound's scan and pause for the bound). A throttled writer that runs
+//!   at the dirty rate (the latest scans' bytes over at least the last 100 ms they cover)
+//!   that adds `rate × (scan + pause)` bytes to the final round (with the bound's scan and pause for the bound). A throttled writer that runs
 //!   in bursts can leave a last scan nearly empty, or empty when the throttle had it stopped
 //!   for the whole interval, and still write megabytes while it is being stopped (pausing
 //!   lifts the throttle first): while a throttle is on, the driver passes at least the rate
