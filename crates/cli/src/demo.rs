@@ -1690,9 +1690,15 @@ fn print_text(
     };
     writeln!(
         out,
-        "precopy demo: {} of {} memory {target}; {} writer thread{} writing {}/s ({} pattern); downtime limit {} ms; final check: {}",
+        "precopy demo: {} of {} {target}; {} writer thread{} writing {}/s ({} pattern); downtime limit {} ms; final check: {}",
         human(args.size.bytes),
-        args.memory.name(),
+        match args.memory {
+            // The report counts base pages: say so where the memory's own pages are larger.
+            MemoryBacking::Hugetlb => {
+                "hugetlb memory (2 MiB pages; the report counts 4 KiB pages, 512 to a written 2 MiB page)".to_string()
+            }
+            m => format!("{} memory", m.name()),
+        },
         args.threads,
         if args.threads == 1 { "" } else { "s" },
         human(args.dirty_rate.bytes),

@@ -2619,6 +2619,15 @@ mod tests {
             .find(|l| l.split_whitespace().nth(1) == Some("final"))
             .unwrap();
         assert!(final_row.ends_with(" paused"), "{final_row}");
+        // Every page count says its unit.
+        assert!(
+            table.contains("56 pages of 4 KiB (224.00 KiB) found written over all scans"),
+            "{table}"
+        );
+        assert!(
+            table.contains("rounds (pages, zero and dirty pg count pages of 4 KiB):"),
+            "{table}"
+        );
         let cost = report.workload.unwrap();
         assert!(cost.before_rate.is_some_and(|v| v > 0.0));
         assert_eq!(cost.before_ns_per_op, Some(2000.0));

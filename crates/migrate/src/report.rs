@@ -123,11 +123,14 @@ pub struct RoundReport {
     /// Pages the dirty log reported written in the scan before this round
     /// ([`CollectStats::pages`](crate::CollectStats)): 0 for round 0; for the final round, the
     /// last scan with the workload running plus the final scan (the final round sends both).
+    /// Counted in [`MigrationReport::page_size`] units (the base page, 4 KiB on x86-64),
+    /// whatever the memory's own page size: a written 2 MiB hugetlb page counts 512.
     /// A count of pages found written, not of faults: with the engine's log (async
-    /// write-protect) each such page cost the workload one write-protect fault resolved in
-    /// the kernel (the first write to a re-protected page faults once, about 1.3 µs here;
-    /// later writes to it are free), except pages that read as written without a store
-    /// (anonymous `MADV_DONTNEED`) and ranges an embedder marked ([`crate::ExternalDirty`]).
+    /// write-protect) each such base page cost the workload one write-protect fault resolved
+    /// in the kernel (the first write to a re-protected page faults once, about 1.3 µs here;
+    /// later writes to it are free; a hugetlb page faults once for all its 512), except pages
+    /// that read as written without a store (anonymous `MADV_DONTNEED`) and ranges an
+    /// embedder marked ([`crate::ExternalDirty`]).
     pub dirty_pages: u64,
     /// The workload's operations per second over the same interval as `dirty_rate`, if it
     /// counts them ([`crate::Workload::counters`]). `None` for round 0 and for the final
@@ -326,7 +329,9 @@ pub struct MigrationReport {
     pub error: Option<String>,
     /// Bytes of memory migrated.
     pub memory_bytes: u64,
-    /// Bytes per page.
+    /// Bytes per page: the unit of every page count in the report (`pages`, `zero_pages`,
+    /// each round's `pages`, `zero_pages` and `dirty_pages`), the dirty log's base page (4 KiB
+    /// on x86-64), also for memory backed by larger pages (a 2 MiB hugetlb page is 512).
     pub page_size: u64,
     /// Starting the dirty log (arming).
     #[serde(serialize_with = "ms", rename = "setup_ms")]
@@ -456,6 +461,15 @@ impl MigrationReport {
             self.bandwidth = self.transferred_bytes as f64 / send;
         }
         self.rounds.push(r);
+    }
+}
+
+/// A page size for the text report: `4 KiB`, `2 MiB`, or bytes.
+fn page_unit(page_size: u64) -> String {
+    match page_size {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
     }
 }
 
@@ -657,9 +671,10 @@ impl fmt::Display for MigrationReport {
         )?;
         writeln!(
             f,
-            "sent:          {} pages with data + {} zero pages = {:.2}x memory, at {}/s of memory",
+            "sent:          {} pages with data + {} zero pages of {} = {:.2}x memory, at {}/s of memory",
             self.pages,
             self.zero_pages,
+            page_unit(self.page_size),
             self.resend_ratio,
             bytes(self.memory_rate())
         )?;
@@ -715,12 +730,14 @@ impl fmt::Display for MigrationReport {
                 |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.0} ops/s"));
             writeln!(
                 f,
-                "workload:      {} before tracking ({}), {} tracked ({}), {} pages found written over all scans",
+                "workload:      {} before tracking ({}), {} tracked ({}), {} pages of {} ({}) found written over all scans",
                 rate(w.before_rate),
                 ns(w.before_ns_per_op),
                 rate(Some(w.during_rate)),
                 ns(w.during_ns_per_op),
-                w.dirty_pages
+                w.dirty_pages,
+                page_unit(self.page_size),
+                bytes((w.dirty_pages * self.page_size) as f64)
             )?;
         }
         let pauses: Vec<Duration> = self.rounds.iter().filter_map(|r| r.collect_pause).collect();
@@ -740,6 +757,11 @@ impl fmt::Display for MigrationReport {
             return Ok(());
         }
         writeln!(f)?;
+        writeln!(
+            f,
+            "rounds (pages, zero and dirty pg count pages of {}):",
+            page_unit(self.page_size)
+        )?;
         writeln!(
             f,
             "{:>5} {:<9} {:>11} {:>8} {:>7} {:>11} {:>9} {:>12} {:>12} {:>12} {:>9} {:>5} {:>8} {:>9}",
@@ -791,5 +813,18 @@ impl fmt::Display for MigrationReport {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_units_are_named_in_the_largest_whole_unit() {
+        assert_eq!(page_unit(4096), "4 KiB");
+        assert_eq!(page_unit(16 << 10), "16 KiB");
+        assert_eq!(page_unit(2 << 20), "2 MiB");
+        assert_eq!(page_unit(1000), "1000 B");
     }
 }
