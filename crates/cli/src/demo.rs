@@ -1191,6 +1191,69 @@ fn migrate<K: Sink>(
     (result, report)
 }
 
+/// The prefix of the demo's private directories in the temporary directory.
+const PRIVATE_PREFIX: &str = "precopy-demo-";
+
+/// The demo's private directory, `$TMPDIR/precopy-demo-PID` (mode 0700: only this user can
+/// reach what it holds), for the destination's Unix socket and the key file. Removed when
+/// the demo ends (dropped) or is interrupted (the signal handler). A demo killed with
+/// `SIGKILL` cannot remove it: every demo first removes those left by demos that are gone,
+/// and a directory left at its own PID (an earlier process with the same PID) is replaced,
+/// so a stale file never makes a run fail.
+struct PrivateDir {
+    path: PathBuf,
+}
+
+impl PrivateDir {
+    fn create() -> Result<PrivateDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        let tmp = std::env::temp_dir();
+        remove_stale_private_dirs(&tmp);
+        let path = tmp.join(format!("{PRIVATE_PREFIX}{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("creating the demo's private directory {}", path.display()))?;
+        Ok(PrivateDir { path })
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Removes what demos killed with `SIGKILL` left in `tmp`: their private directories, and the
+/// `.sock` and `.key` files older versions put there, whose process no longer exists.
+fn remove_stale_private_dirs(tmp: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(PRIVATE_PREFIX)) else {
+            continue;
+        };
+        let pid = rest
+            .strip_suffix(".sock")
+            .or_else(|| rest.strip_suffix(".key"))
+            .unwrap_or(rest);
+        if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if std::path::Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let path = entry.path();
+        let _ = match entry.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+    }
+}
+
 pub fn run(args: Args) -> Result<ExitCode> {
     if args.vm.enabled() {
         return vm::run(&args);
@@ -1205,9 +1268,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         serde_json::json!({ "phase": phase, "progress": update })
     });
     let exe = std::env::current_exe().context("finding this executable")?;
-    let sock_path = PathBuf::from(format!("/tmp/precopy-demo-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&sock_path);
-    interrupts.state().add_file(sock_path.clone());
+    let private = PrivateDir::create()?;
+    interrupts.state().add_file(private.path.clone());
+    let sock_path = private.path.join("dest.sock");
 
     // Destination first: it must listen before anyone connects.
     let mut dest = None;
@@ -1219,8 +1282,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             TransportKind::Tcp => format!("tcp:{}", plan.listen),
             TransportKind::Unix => format!("unix:{}", sock_path.display()),
         };
-        let key_path =
-            std::env::temp_dir().join(format!("precopy-demo-{}.key", std::process::id()));
+        let key_path = private.path.join("key");
         key.write_new_file(&key_path)
             .context("writing the demo's key file")?;
         let mut cmd = match &args.dest_netns {
@@ -1525,7 +1587,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         // Else dropping it kills it: a failed destination (stopped, or waiting for a sender
         // that will not resume) must not hold the demo.
     }
-    let _ = std::fs::remove_file(&sock_path);
+    drop(private);
 
     let error: Option<anyhow::Error> = match (&result, &verification) {
         (Err(e), _) => {

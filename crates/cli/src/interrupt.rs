@@ -9,7 +9,8 @@
 //! 2. sends `SIGCONT` to the target if this command stopped it (the final round, or the
 //!    throttle's duty cycle) and was not asked to leave it stopped;
 //! 3. kills the child processes the command registered (`demo`'s source and destination,
-//!    which may be stopped) and removes the files it registered (a Unix socket);
+//!    which may be stopped) and removes the files it registered (`demo`'s private directory, with the
+//!    destination's Unix socket);
 //! 4. reports the interruption as an error: one line on stderr and, with `--json`, the one
 //!    JSON object with `"ok": false`, the error, `"interrupted"` (the signal's name) and the
 //!    report as far as it got ([`TargetState::update_report`], [`TargetState::set_partial`];
@@ -151,7 +152,8 @@ impl TargetState {
     pub fn set_publish_gate(&self, gate: Arc<PublishGate>) {
         *lock(&self.gate) = Some(gate);
     }
-    /// A file to remove on a signal.
+    /// A file to remove on a signal, or a directory of this command's own, removed with
+    /// everything in it.
     pub fn add_file(&self, path: PathBuf) {
         lock(&self.files).push(path);
     }
@@ -202,7 +204,11 @@ impl Interrupts {
                     let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
                 }
                 for f in lock(&s.files).iter() {
-                    let _ = std::fs::remove_file(f);
+                    let _ = if f.is_dir() {
+                        std::fs::remove_dir_all(f)
+                    } else {
+                        std::fs::remove_file(f)
+                    };
                 }
                 let e = anyhow::anyhow!("{what}");
                 if !json {

@@ -603,3 +603,79 @@ fn a_demo_killed_in_the_final_round_leaves_no_stopped_source_nor_destination() {
         "the destination outlived the killed demo: {dests_left:?}"
     );
 }
+
+/// A demo killed with `SIGKILL` cannot remove its Unix socket: the next demo removes what
+/// demos that are gone left in the temporary directory (their private directories, and the
+/// `.sock`/`.key` files of older versions), and runs.
+#[test]
+fn what_a_demo_killed_with_sigkill_leaves_is_removed_by_the_next_run() {
+    if !engine_usable() {
+        return;
+    }
+    let tmp = common::scratch_dir("demo-tmpdir");
+    // Leftovers of demos long gone (no process can have these PIDs: above pid_max's limit).
+    std::fs::create_dir(tmp.join("precopy-demo-999999999")).unwrap();
+    std::fs::write(tmp.join("precopy-demo-999999999/dest.sock"), b"").unwrap();
+    std::fs::write(tmp.join("precopy-demo-999999998.key"), b"").unwrap();
+    let mut child = std::process::Command::new(common::PRECOPY)
+        .args([
+            "demo",
+            "--size",
+            "16M",
+            "--bandwidth",
+            "2M",
+            "--transport",
+            "unix",
+            "--json",
+        ])
+        .env("TMPDIR", &tmp)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("running precopy demo");
+    let demo = child.id();
+    let sockets = [
+        tmp.join(format!("precopy-demo-{demo}/dest.sock")),
+        // Where versions before the private directory put it.
+        std::path::PathBuf::from(format!("/tmp/precopy-demo-{demo}.sock")),
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !sockets.iter().any(|s| s.exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo's destination never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().expect("SIGKILL to the demo");
+    child.wait().expect("reaping the demo");
+    assert!(
+        sockets.iter().any(|s| s.exists()),
+        "a demo killed with SIGKILL cannot remove its socket"
+    );
+
+    let out = std::process::Command::new(common::PRECOPY)
+        .args(["demo", "--size", "8M", "--transport", "unix", "--json"])
+        .env("TMPDIR", &tmp)
+        .output()
+        .expect("running precopy demo");
+    let v = one_json(&out);
+    assert!(out.status.success(), "{v}");
+    assert_eq!(v["verified"], true, "{v}");
+    let left = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| {
+                n.starts_with(&format!("precopy-demo-{demo}"))
+                    || (dir == tmp.as_path() && n.starts_with("precopy-demo-"))
+            })
+            .collect()
+    };
+    let mut leftovers = left(&tmp);
+    leftovers.extend(left(std::path::Path::new("/tmp")));
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
