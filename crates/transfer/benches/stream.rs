@@ -20,6 +20,17 @@
 //! CPU time (user + system, all threads of both ends) is recorded: on a
 //! machine with few cores it, not the socket, bounds the ratio. Each page is half random bytes,
 //! half a repeated word, so compression has something (about 2:1) to find.
+//!
+//! The `ladder_*` configurations step from `raw_splice` towards the engine's
+//! own-memory path, one piece of the engine's work at a time (see [`Step`]),
+//! and print each thread's CPU time, its time waiting for a CPU, and the rest
+//! (blocked), so the gap between `raw_splice` and `own` can be attributed.
+//!
+//! On a shared machine, `PRECOPY_BENCH_INTERLEAVE=N:raw/tcp,own/tcp,..` runs
+//! the named configurations in turn instead of one after the other, N rounds
+//! of one transfer each, and prints the median (and range) of the per-round
+//! ratios against the first name: each ratio compares transfers seconds
+//! apart, under the same load.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -208,6 +219,165 @@ fn raw_splice(net: Net, dir: &std::path::Path, src: &Arc<Mapping>, dest: &mut [u
     start.elapsed()
 }
 
+/// A step of the ladder from `raw_splice` to the engine's own-memory path
+/// (`ladder_*` configs): which of the engine's pieces a spliced copy adds.
+#[derive(Clone, Copy, Debug)]
+struct Step {
+    /// The receiver's read size (`None`: without frames, one `read_exact`
+    /// of everything; with frames, a frame's pages in one read as the
+    /// engine asks for them, [`HASH_AS_READ`](precopy_transfer::protocol::stream::HASH_AS_READ)).
+    read: Option<usize>,
+    /// Without frames: the receiver hashes each read's pages right after it.
+    hash: bool,
+    /// Engine frames: the sender hashes each frame's pages in place and
+    /// splices header, pages and hash list (as the engine's writer); the
+    /// receiver reads them with the engine's `FrameReader` (8 KiB
+    /// `BufReader`, pages hashed after each read of at most `read` bytes)
+    /// and checks the frame (`verify_hashed_list`).
+    frames: bool,
+    /// Pages per splice call (and per frame).
+    pages: usize,
+    /// The sender hashes each piece's pages in place before splicing it
+    /// (always with `frames`).
+    tx_hash: bool,
+}
+
+/// The calling thread's time on a CPU and waiting for one (runnable, not
+/// running) so far, seconds (`/proc/thread-self/schedstat`).
+fn thread_times() -> Sched {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+    let mut f = s
+        .split_whitespace()
+        .map(|x| x.parse::<f64>().unwrap() * 1e-9);
+    Sched {
+        cpu: f.next().unwrap(),
+        wait: f.next().unwrap(),
+    }
+}
+
+/// A thread's time on a CPU and waiting for one, seconds.
+#[derive(Clone, Copy, Default, Debug)]
+struct Sched {
+    cpu: f64,
+    wait: f64,
+}
+
+impl std::ops::Sub for Sched {
+    type Output = Sched;
+    fn sub(self, o: Sched) -> Sched {
+        Sched {
+            cpu: self.cpu - o.cpu,
+            wait: self.wait - o.wait,
+        }
+    }
+}
+
+/// Per-thread times of the ladder's transfers (sender, receiver).
+static THREADS: Mutex<BTreeMap<String, Vec<(Sched, Sched)>>> = Mutex::new(BTreeMap::new());
+
+/// One spliced copy of `src` into `dest` shaped by `step`: the time, and the
+/// CPU seconds of the sending and the receiving thread.
+fn ladder(
+    net: Net,
+    dir: &std::path::Path,
+    src: &Arc<Mapping>,
+    dest: &mut [u8],
+    step: Step,
+) -> (Duration, Sched, Sched) {
+    use precopy_transfer::protocol::{FrameReader, PageSpan, Pages, verify_hashed_list};
+    use std::io::BufReader;
+    use std::os::fd::AsFd;
+    use zerocopy::IntoBytes;
+    let (listener, mut conns) = pair(net, dir, 1);
+    let conn = conns.pop().unwrap();
+    let peer = listener.accept().unwrap();
+    let all = LivePages::new(src.clone(), src.range()).unwrap();
+    let mut pipe = SplicePipe::new().unwrap();
+    let ps = PS as usize;
+    let start = Instant::now();
+    let (tx_cpu, rx_cpu) = std::thread::scope(|s| {
+        let tx = s.spawn(move || {
+            let cpu = thread_times();
+            let piece = step.pages as u64 * PS;
+            let mut at = 0;
+            let mut hashes = Vec::with_capacity(step.pages);
+            while at < all.len() {
+                let end = all.len().min(at + piece);
+                let part = all.slice(at..end).unwrap();
+                if step.tx_hash || step.frames {
+                    hashes.clear();
+                    part.for_each_page(PS, |p| hashes.push(page_hash(p)));
+                    std::hint::black_box(&hashes);
+                }
+                let sent = if step.frames {
+                    let list = precopy_transfer::digest::hash_list(&hashes);
+                    let span = PageSpan {
+                        region: 0,
+                        offset: at,
+                        len: end - at,
+                    };
+                    let header = Pages::listed_header(span, &list, true);
+                    pipe.write_all(
+                        conn.as_fd(),
+                        &[
+                            Gather::Bytes(header.as_bytes()),
+                            Gather::Live(&part),
+                            Gather::Bytes(&list),
+                        ],
+                        None,
+                    )
+                } else {
+                    pipe.write_all(conn.as_fd(), &[Gather::Live(&part)], None)
+                };
+                assert!(matches!(sent, Ok(Spliced::Sent(_))), "{sent:?}");
+                at = end;
+            }
+            thread_times() - cpu
+        });
+        let cpu = thread_times();
+        let mut hashes = Vec::new();
+        if step.frames {
+            let read = step.read.unwrap_or(usize::MAX);
+            let mut r = FrameReader::new(BufReader::with_capacity(8 << 10, &peer));
+            let mut at = 0usize;
+            while at < dest.len() {
+                let (h, offset) = r.read_raw_header().unwrap();
+                let len = h.pages_len() as usize;
+                let pages = &mut dest[at..at + len];
+                // As the engine's receiver: each read's pages hashed right after it.
+                hashes.clear();
+                let mut got = 0;
+                while got < len {
+                    let n = read.min(len - got);
+                    let mut part = Vec::new();
+                    r.read_pages_hashing(&mut pages[got..got + n], ps, &mut part)
+                        .unwrap();
+                    hashes.extend_from_slice(&part);
+                    got += n;
+                }
+                let mut list = vec![0u8; len / ps * 8];
+                r.read_payload_into(&mut list).unwrap();
+                verify_hashed_list(&h, offset, len as u64, &list, PS, &hashes).unwrap();
+                assert_eq!(precopy_transfer::digest::hash_list(&hashes), list);
+                at += len;
+            }
+        } else {
+            let mut peer = &peer;
+            let read = step.read.unwrap_or(dest.len());
+            for chunk in dest.chunks_mut(read) {
+                peer.read_exact(chunk).unwrap();
+                if step.hash {
+                    hashes.extend(chunk.chunks(ps).map(page_hash));
+                }
+            }
+            std::hint::black_box(&hashes);
+        }
+        let rx_cpu = thread_times() - cpu;
+        (tx.join().unwrap(), rx_cpu)
+    });
+    (start.elapsed(), tx_cpu, rx_cpu)
+}
+
 /// One raw copy of `src` over fresh TCP with `MSG_ZEROCOPY` sends (256 KiB
 /// each), waiting for every completion; returns the time and how many sends
 /// the kernel reported it copied after all.
@@ -278,6 +448,252 @@ fn engine_copy(
     })
 }
 
+/// The ladder from `raw_splice` to the engine, one piece of the engine's
+/// work added per step (see [`Step`]).
+fn ladder_steps() -> Vec<(String, Step)> {
+    let step = |read, hash, frames, pages| Step {
+        read,
+        hash,
+        frames,
+        pages,
+        tx_hash: false,
+    };
+    let k64 = Some(64 << 10);
+    vec![
+        // raw_splice itself, with its threads' times.
+        ("ladder_whole".into(), step(None, false, false, 64)),
+        // raw_splice's receiver reading 64 KiB at a time.
+        ("ladder_r64k".into(), step(k64, false, false, 64)),
+        // ... and hashing each page as it arrives.
+        ("ladder_r64k_hash".into(), step(k64, true, false, 64)),
+        // ... and the sender hashing each piece before its splice (no frames).
+        (
+            "ladder_r64k_hash_txhash".into(),
+            Step {
+                tx_hash: true,
+                ..step(k64, true, false, 64)
+            },
+        ),
+        // Engine frames of 64 pages (header, pages, hash list), hashed at both
+        // ends; the receiver reads a frame's pages 64 KiB at a time (the
+        // engine's receiver before 2026-11-30 13:00 UTC).
+        ("ladder_frames_r64k".into(), step(k64, true, true, 64)),
+        // The same, each frame's pages asked for in one read (the engine's
+        // receiver now: `HASH_AS_READ`).
+        ("ladder_frames".into(), step(None, true, true, 64)),
+        // Frames of 256 pages (1 MiB, a full pipe), read whole.
+        ("ladder_frames256".into(), step(None, true, true, 256)),
+    ]
+}
+
+/// What one transfer of any configuration needs.
+struct Ctx<'a> {
+    dir: &'a std::path::Path,
+    map: &'a Arc<Mapping>,
+    src: &'a [u8],
+    raw_dest: &'a mut Vec<u8>,
+    dest: &'a mut MemorySink,
+}
+
+/// The configurations (without the `/tcp` or `/unix` suffix) in the order
+/// they run over `net`.
+fn config_names(net: Net, full: bool) -> Vec<String> {
+    let mut v: Vec<String> = vec!["raw".into(), "raw_splice".into()];
+    v.extend(ladder_steps().into_iter().map(|(n, _)| n));
+    if matches!(net, Net::Tcp) && netns().is_none() {
+        v.push("raw_zerocopy".into());
+    }
+    v.extend(engine_configs(net, full).into_iter().map(|(n, _)| n));
+    v
+}
+
+/// The engine's configurations over `net`: the sender's settings for each.
+fn engine_configs(net: Net, full: bool) -> Vec<(String, SenderConfig)> {
+    let base_config = SenderConfig {
+        key: bench_key(),
+        ..SenderConfig::default()
+    };
+    let with = |compression, streams| SenderConfig {
+        compression,
+        streams,
+        ..base_config.clone()
+    };
+    let batch = |pages| SenderConfig {
+        batch_pages: pages,
+        ..base_config.clone()
+    };
+    let mut configs: Vec<(String, SenderConfig)> = vec![
+        ("engine".into(), base_config.clone()),
+        ("engine_2streams".into(), with(Compression::None, 2)),
+        ("own".into(), base_config.clone()),
+        ("own_2streams".into(), with(Compression::None, 2)),
+        (
+            "own_writev".into(),
+            SenderConfig {
+                splice: false,
+                ..base_config.clone()
+            },
+        ),
+    ];
+    if full {
+        for pages in [16usize, 256] {
+            configs.push((format!("own_batch{pages}"), batch(pages)));
+        }
+    }
+    if matches!(net, Net::Tcp) {
+        configs.push(("engine_lz4".into(), with(Compression::Lz4, 1)));
+        configs.push(("engine_zstd1".into(), with(Compression::Zstd(1), 1)));
+        configs.push(("engine_2streams_lz4".into(), with(Compression::Lz4, 2)));
+        if full {
+            configs.push(("engine_zstd3".into(), with(Compression::Zstd(3), 1)));
+            configs.push((
+                "engine_2streams_zstd1".into(),
+                with(Compression::Zstd(1), 2),
+            ));
+            for pages in [16usize, 256, 1024] {
+                configs.push((format!("engine_batch{pages}"), batch(pages)));
+            }
+        }
+    }
+    configs
+}
+
+impl Ctx<'_> {
+    /// One transfer of configuration `name` (`CONFIG/NET`), recorded; the
+    /// time it took.
+    fn run(&mut self, net: Net, name: &str) -> Duration {
+        let (cname, _) = name.split_once('/').unwrap();
+        let cpu = cpu_seconds();
+        let d = match cname {
+            "raw" => raw_copy(net, self.dir, self.map, self.raw_dest),
+            "raw_splice" => {
+                self.raw_dest.fill(1);
+                let cpu = cpu_seconds();
+                let d = raw_splice(net, self.dir, self.map, self.raw_dest);
+                record_cpu(name, cpu_seconds() - cpu);
+                record(name, d);
+                return d;
+            }
+            "raw_zerocopy" => {
+                let (d, sends, copied) = raw_zerocopy(self.dir, self.map, self.raw_dest);
+                ZEROCOPY.lock().unwrap().replace((sends, copied));
+                d
+            }
+            _ if cname.starts_with("ladder_") => {
+                let step = ladder_steps()
+                    .into_iter()
+                    .find(|(n, _)| n == cname)
+                    .unwrap()
+                    .1;
+                self.raw_dest.fill(1);
+                let cpu = cpu_seconds();
+                let (d, tx, rx) = ladder(net, self.dir, self.map, self.raw_dest, step);
+                record_cpu(name, cpu_seconds() - cpu);
+                record(name, d);
+                THREADS
+                    .lock()
+                    .unwrap()
+                    .entry(name.to_owned())
+                    .or_default()
+                    .push((tx, rx));
+                return d;
+            }
+            _ => {
+                let config = engine_configs(net, true)
+                    .into_iter()
+                    .find(|(n, _)| n == cname)
+                    .unwrap_or_else(|| panic!("no configuration {cname}"))
+                    .1;
+                // A fresh destination, as a migration's is.
+                self.dest.clear().expect("clearing destination memory");
+                let cpu = cpu_seconds();
+                let own = cname.starts_with("own");
+                let (streamed, done, wire) =
+                    engine_copy(net, self.dir, self.map, own, self.dest, &config);
+                record_cpu(name, cpu_seconds() - cpu);
+                record(name, streamed);
+                record(&format!("{name} (to DONE)"), done);
+                WIRE.lock()
+                    .unwrap()
+                    .insert(name.to_owned(), wire as f64 / self.src.len() as f64);
+                return streamed;
+            }
+        };
+        record_cpu(name, cpu_seconds() - cpu);
+        record(name, d);
+        d
+    }
+
+    /// Checks that the last transfer of `name` delivered the source.
+    fn check(&self, name: &str) {
+        if name.starts_with("raw") || name.starts_with("ladder_") {
+            assert!(
+                self.raw_dest[..] == self.src[..],
+                "{name}: destination differs"
+            );
+        } else {
+            assert!(
+                self.dest.memory() == Some(self.src),
+                "{name}: destination differs"
+            );
+        }
+    }
+}
+
+/// `PRECOPY_BENCH_INTERLEAVE=N:NAME,NAME,..` (names as `own/tcp`): runs
+/// the named configurations in turn, one transfer each, N times, so that
+/// every configuration sees the same moments of a shared machine's load;
+/// the first name is the baseline of the paired ratios printed at the end.
+fn interleave(spec: &str, ctx: &mut Ctx<'_>) {
+    let (n, names) = spec
+        .split_once(':')
+        .expect("PRECOPY_BENCH_INTERLEAVE=N:NAME,..");
+    let n: usize = n.parse().expect("a count");
+    let names: Vec<&str> = names.split(',').collect();
+    let net = |name: &str| {
+        if name.ends_with("/unix") {
+            Net::Unix
+        } else {
+            Net::Tcp
+        }
+    };
+    // One warm-up transfer each.
+    for name in &names {
+        ctx.run(net(name), name);
+        ctx.check(name);
+    }
+    TIMES.lock().unwrap().clear();
+    CPU.lock().unwrap().clear();
+    THREADS.lock().unwrap().clear();
+    for _ in 0..n {
+        for name in &names {
+            ctx.run(net(name), name);
+            ctx.check(name);
+        }
+    }
+    let times = TIMES.lock().unwrap();
+    let cpu = CPU.lock().unwrap();
+    let base = names[0];
+    println!(
+        "\ninterleaved, {n} rounds: per-round ratios against {base} (median, min-max); CPU s/GiB median"
+    );
+    for name in &names {
+        let ratio: Vec<f64> = (0..n).map(|i| times[base][i] / times[*name][i]).collect();
+        let cratio: Vec<f64> = (0..n).map(|i| cpu[*name][i] / cpu[base][i]).collect();
+        let mn = ratio.iter().copied().fold(f64::MAX, f64::min);
+        let mx = ratio.iter().copied().fold(0.0, f64::max);
+        println!(
+            "{:<32} speed {:.2}x ({:.2}-{:.2})  CPU {:.2} s/GiB, {:.2}x",
+            name,
+            median(&ratio),
+            mn,
+            mx,
+            median(&cpu[*name]) * (1 << 30) as f64 / ctx.src.len() as f64,
+            median(&cratio)
+        );
+    }
+}
+
 /// Whether the bench `name` ran (a filter on the command line skips some).
 fn ran(name: &str) -> bool {
     TIMES.lock().unwrap().contains_key(name)
@@ -317,137 +733,26 @@ fn main() {
     } else {
         &[(Net::Tcp, "tcp"), (Net::Unix, "unix")]
     };
-    for &(net, nname) in nets {
-        let name = format!("raw/{nname}");
-        g.bench_function(&name, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let cpu = cpu_seconds();
-                    let d = raw_copy(net, dir.path(), &map, &mut raw_dest);
-                    record_cpu(&name, cpu_seconds() - cpu);
-                    record(&name, d);
-                    total += d;
-                }
-                total
-            })
-        });
-        assert!(!ran(&name) || raw_dest[..] == src[..]);
-        let name = format!("raw_splice/{nname}");
-        g.bench_function(&name, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    raw_dest.fill(1);
-                    let cpu = cpu_seconds();
-                    let d = raw_splice(net, dir.path(), &map, &mut raw_dest);
-                    record_cpu(&name, cpu_seconds() - cpu);
-                    record(&name, d);
-                    total += d;
-                }
-                total
-            })
-        });
-        assert!(!ran(&name) || raw_dest[..] == src[..]);
-        if matches!(net, Net::Tcp) && netns().is_none() {
-            let name = "raw_zerocopy/tcp".to_string();
-            g.bench_function(&name, |b| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let cpu = cpu_seconds();
-                        let (d, sends, copied) = raw_zerocopy(dir.path(), &map, &mut raw_dest);
-                        record_cpu(&name, cpu_seconds() - cpu);
-                        record(&name, d);
-                        ZEROCOPY.lock().unwrap().replace((sends, copied));
-                        total += d;
-                    }
-                    total
-                })
-            });
-            assert!(!ran(&name) || raw_dest[..] == src[..]);
-        }
-        let base_config = SenderConfig {
-            key: bench_key(),
-            ..SenderConfig::default()
-        };
-        let with = |compression, streams| SenderConfig {
-            compression,
-            streams,
-            ..base_config.clone()
-        };
-        let mut configs: Vec<(String, SenderConfig)> = vec![
-            ("engine".into(), base_config.clone()),
-            ("engine_2streams".into(), with(Compression::None, 2)),
-            ("own".into(), base_config.clone()),
-            ("own_2streams".into(), with(Compression::None, 2)),
-            (
-                "own_writev".into(),
-                SenderConfig {
-                    splice: false,
-                    ..base_config.clone()
-                },
-            ),
-        ];
-        if full {
-            for batch in [16usize, 256] {
-                configs.push((
-                    format!("own_batch{batch}"),
-                    SenderConfig {
-                        batch_pages: batch,
-                        ..base_config.clone()
-                    },
-                ));
-            }
-        }
-        if matches!(net, Net::Tcp) {
-            configs.push(("engine_lz4".into(), with(Compression::Lz4, 1)));
-            configs.push(("engine_zstd1".into(), with(Compression::Zstd(1), 1)));
-            configs.push(("engine_2streams_lz4".into(), with(Compression::Lz4, 2)));
-            if full {
-                configs.push(("engine_zstd3".into(), with(Compression::Zstd(3), 1)));
-                configs.push((
-                    "engine_2streams_zstd1".into(),
-                    with(Compression::Zstd(1), 2),
-                ));
-                for batch in [16usize, 256, 1024] {
-                    configs.push((
-                        format!("engine_batch{batch}"),
-                        SenderConfig {
-                            batch_pages: batch,
-                            ..base_config.clone()
-                        },
-                    ));
+    let mut ctx = Ctx {
+        dir: dir.path(),
+        map: &map,
+        src: &src,
+        raw_dest: &mut raw_dest,
+        dest: &mut dest,
+    };
+    if let Ok(spec) = std::env::var("PRECOPY_BENCH_INTERLEAVE") {
+        interleave(&spec, &mut ctx);
+    } else {
+        for &(net, nname) in nets {
+            for cname in config_names(net, full) {
+                let name = format!("{cname}/{nname}");
+                g.bench_function(&name, |b| {
+                    b.iter_custom(|iters| (0..iters).map(|_| ctx.run(net, &name)).sum())
+                });
+                if ran(&name) {
+                    ctx.check(&name);
                 }
             }
-        }
-        for (cname, config) in configs {
-            let name = format!("{cname}/{nname}");
-            g.bench_function(&name, |b| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        // A fresh destination, as a migration's is.
-                        dest.clear().expect("clearing destination memory");
-                        let cpu = cpu_seconds();
-                        let own = cname.starts_with("own");
-                        let (streamed, done, wire) =
-                            engine_copy(net, dir.path(), &map, own, &mut dest, &config);
-                        record_cpu(&name, cpu_seconds() - cpu);
-                        record(&name, streamed);
-                        record(&format!("{name} (to DONE)"), done);
-                        WIRE.lock()
-                            .unwrap()
-                            .insert(name.clone(), wire as f64 / bytes as f64);
-                        total += streamed;
-                    }
-                    total
-                })
-            });
-            assert!(
-                !ran(&name) || dest.memory() == Some(&src[..]),
-                "{name}: destination differs"
-            );
         }
     }
     g.finish();
@@ -527,6 +832,37 @@ fn main() {
                 c,
                 cr,
                 w
+            );
+        }
+    }
+    let threads = THREADS.lock().unwrap();
+    if !threads.is_empty() {
+        println!(
+            "\nladder threads, s/GiB (medians): wall, then per thread CPU / waiting for a CPU / blocked (wall - the two)"
+        );
+        for (name, v) in threads.iter() {
+            let per_gib = 1024.0 / mib as f64;
+            let t = median(&times[name]);
+            let m = |f: &dyn Fn(&(Sched, Sched)) -> f64| {
+                median(&v.iter().map(f).collect::<Vec<_>>()) * per_gib
+            };
+            let (tc, tw, rc, rw) = (
+                m(&|x| x.0.cpu),
+                m(&|x| x.0.wait),
+                m(&|x| x.1.cpu),
+                m(&|x| x.1.wait),
+            );
+            let w = t * per_gib;
+            println!(
+                "{:<32} wall {:.3}  send {:.3} / {:.3} / {:.3}  receive {:.3} / {:.3} / {:.3}",
+                name,
+                w,
+                tc,
+                tw,
+                w - tc - tw,
+                rc,
+                rw,
+                w - rc - rw
             );
         }
     }

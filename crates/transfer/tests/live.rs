@@ -130,7 +130,13 @@ type Torn = (
 );
 
 fn torn_page(streams: usize, resend: bool) -> Torn {
-    let m = filled(8);
+    torn_page_of(streams, resend, 4, 2)
+}
+
+/// As [`torn_page`], with pages `0..lent` lent in one send (one frame) and page `torn` claimed
+/// wrong; then the rest of 8 more pages sent as copies.
+fn torn_page_of(streams: usize, resend: bool, lent_pages: u64, torn: usize) -> Torn {
+    let m = filled(lent_pages + 8);
     let (listener, connect, _dir) = listen(&Net::Tcp);
     let rx = spawn_receiver(listener, receiver_config());
     let layout = Layout::single(PS, m.addr(), m.len()).unwrap();
@@ -149,21 +155,27 @@ fn torn_page(streams: usize, resend: bool) -> Torn {
         )
         .unwrap()
     };
+    let split = lent_pages as usize;
     sink.begin_round(0).unwrap();
-    let mut claimed = crcs[..4].to_vec();
-    claimed[2] ^= 0x5a5a;
-    sink.send_live_pages(0, lent(0, 4), &claimed).unwrap();
+    let mut claimed = crcs[..split].to_vec();
+    claimed[torn] ^= 0x5a5a;
+    sink.send_live_pages(0, lent(0, lent_pages), &claimed)
+        .unwrap();
     sink.send_pages(
-        4 * PS,
-        PageBuf::from_vec(src[4 * PS as usize..].to_vec()),
-        &crcs[4..],
+        lent_pages * PS,
+        PageBuf::from_vec(src[split * PS as usize..].to_vec()),
+        &crcs[split..],
     )
     .unwrap();
     sink.end_round(0).unwrap();
     if resend {
         sink.begin_round(1).unwrap();
-        sink.send_live_pages(2 * PS, lent(2, 1), &crcs[2..3])
-            .unwrap();
+        sink.send_live_pages(
+            torn as u64 * PS,
+            lent(torn as u64, 1),
+            &crcs[torn..torn + 1],
+        )
+        .unwrap();
         sink.end_round(1).unwrap();
     }
     let digest = memory_checksum(&mut ProcessMemory::current(), &layout).unwrap();
@@ -185,6 +197,26 @@ fn a_torn_page_never_sent_again_fails_the_transfer() {
             "{sent:?}"
         );
     }
+}
+
+/// A frame of 600 lent pages (2.3 MiB) is read in several reads of at most `HASH_AS_READ`;
+/// a page torn in a later read still lands in the changed set, and fails the transfer unless
+/// it is sent again.
+#[test]
+fn a_torn_page_deep_in_a_large_frame_is_caught() {
+    let torn = 555;
+    let (sent, received, _) = torn_page_of(1, false, 600, torn);
+    let err = received.unwrap_err();
+    assert!(
+        matches!(err, TransferError::ChangedWhileSent { pages: 1, first } if first == torn as u64 * PS),
+        "{err:?}"
+    );
+    assert!(sent.is_err(), "{sent:?}");
+    let (sent, received, src) = torn_page_of(1, true, 600, torn);
+    sent.unwrap();
+    let (report, dest) = received.unwrap();
+    assert_eq!(report.changed_while_sent, 1);
+    assert_eq!(dest, src);
 }
 
 #[test]

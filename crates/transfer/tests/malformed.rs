@@ -163,6 +163,33 @@ fn bad_checksum() {
     }
 }
 
+/// A frame larger than one read of the receiver (`HASH_AS_READ`) with a damaged page in a later
+/// read fails on that page, and the whole frame is taken back.
+#[test]
+fn a_damaged_page_deep_in_a_large_frame_fails_it() {
+    let pages = 600u64;
+    let layout = Layout::single(PS, 0x10000, (pages + 2) * PS).unwrap();
+    let data: Vec<u8> = (0..pages * PS).map(|i| (i % 249) as u8 + 1).collect();
+    let mut bad = frame(FrameKind::Pages, BASE + 2 * PS, pages * PS, 0, &data);
+    let damaged = 555usize;
+    bad[protocol::HEADER_LEN + damaged * PS as usize + 17] ^= 0x01;
+    let mut sink = MemorySink::new(layout.clone()).unwrap();
+    let err = receive_frames(&stream_with(&[bad]), &layout, &mut sink).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransferError::Protocol(ProtocolError::BadPageHash { page, .. }) if page == damaged as u64
+        ),
+        "{err}"
+    );
+    let m = sink.memory().expect("owned memory");
+    assert!(
+        m[2 * PS as usize..].iter().all(|&b| b == 0),
+        "the frame stayed applied"
+    );
+    assert_eq!(sink.stats().pages, 2);
+}
+
 #[test]
 fn page_outside_layout() {
     for (offset, len, region) in [

@@ -353,9 +353,17 @@ fn finish_verify(h: &RawHeader, offset: u64, computed: u32) -> Result<Header, Tr
     Ok(h.decode(offset)?)
 }
 
-/// Bytes asked of the socket per read by [`FrameReader::read_pages_hashing`]: small enough
-/// that what one read brings is still in cache (L2) when it is hashed.
-pub const HASH_AS_READ: usize = 64 << 10;
+/// Bytes asked of the socket per read by [`FrameReader::read_pages_hashing`] at most: a
+/// frame of the default batch (64 pages, 256 KiB) in one read, and small enough that what one
+/// read brings is still in cache (L2 or L3) when it is hashed.
+///
+/// Fewer, larger reads are what count here. Over TCP a read that consumed more than a full
+/// segment lets the kernel send an ACK, and over loopback the processing of that ACK for the
+/// sender's socket (releasing the spliced pages it acknowledges, waking the sender's writer) runs
+/// on the receiving thread. Reading a frame's pages 64 KiB at a time instead of whole cost that
+/// thread 0.09-0.11 s of CPU per GiB more in the stream bench's ladder (BENCHMARKS.md, "Where the
+/// spliced copy's receiver spends").
+pub const HASH_AS_READ: usize = 1 << 20;
 
 /// Writes frames to a byte stream, counting bytes.
 #[derive(Debug)]
@@ -497,6 +505,79 @@ mod tests {
                 ..
             }))
         ));
+    }
+
+    /// A reader that hands out at most `step` bytes per read, and counts the reads.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        step: usize,
+        reads: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.step).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            self.reads += 1;
+            Ok(n)
+        }
+    }
+
+    /// Pages read in one frame larger than one read, arriving in pieces that end inside pages,
+    /// get the hash of each whole page, whatever the split; a frame that fits one read is asked
+    /// for in one read.
+    #[test]
+    fn pages_hashed_as_read_match_however_they_arrive() {
+        let ps = 4096usize;
+        let pages = HASH_AS_READ / ps * 2 + 3;
+        let data: Vec<u8> = (0..pages * ps).map(|i| (i * 13 % 253) as u8).collect();
+        let want: Vec<u64> = data.chunks(ps).map(page_hash).collect();
+        for step in [usize::MAX, HASH_AS_READ, 65_536, 5_000, 4_095] {
+            let mut r = FrameReader::at_offset(
+                Trickle {
+                    bytes: &data,
+                    step,
+                    reads: 0,
+                },
+                100,
+            );
+            let mut got = vec![0u8; data.len()];
+            let mut hashes = Vec::new();
+            r.read_pages_hashing(&mut got, ps, &mut hashes).unwrap();
+            assert_eq!(got, data, "step {step}");
+            assert_eq!(hashes, want, "step {step}");
+            assert_eq!(r.offset(), 100 + data.len() as u64);
+            if step == usize::MAX {
+                assert_eq!(r.get_mut().reads, data.len().div_ceil(HASH_AS_READ));
+            }
+        }
+        // A 64-page frame (the default batch) is asked for in one read.
+        let mut r = FrameReader::new(Trickle {
+            bytes: &data,
+            step: usize::MAX,
+            reads: 0,
+        });
+        r.read_pages_hashing(&mut vec![0u8; 64 * ps], ps, &mut Vec::new())
+            .unwrap();
+        assert_eq!(r.get_mut().reads, 1);
+        // Cut short: truncated at the stream offset where the bytes stopped.
+        let mut r = FrameReader::new(Trickle {
+            bytes: &data[..3 * ps + 10],
+            step: 5_000,
+            reads: 0,
+        });
+        let err = r
+            .read_pages_hashing(&mut vec![0u8; 4 * ps], ps, &mut Vec::new())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransferError::Protocol(ProtocolError::Truncated { offset, .. })
+                    if offset == 3 * ps as u64 + 10
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
