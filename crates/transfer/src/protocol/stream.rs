@@ -361,7 +361,7 @@ fn finish_verify(h: &RawHeader, offset: u64, computed: u32) -> Result<Header, Tr
 /// segment lets the kernel send an ACK, and over loopback the processing of that ACK for the
 /// sender's socket (releasing the spliced pages it acknowledges, waking the sender's writer) runs
 /// on the receiving thread. Reading a frame's pages 64 KiB at a time instead of whole cost that
-/// thread 0.09-0.11 s of CPU per GiB more in the stream bench's ladder (BENCHMARKS.md, "Where the
+/// thread 0.06-0.11 s of CPU per GiB more in the stream bench's ladder (BENCHMARKS.md, "Where the
 /// spliced copy's receiver spends").
 pub const HASH_AS_READ: usize = 1 << 20;
 
