@@ -27,9 +27,9 @@ use crate::progress::{self, Progress};
 use anyhow::{Context, Result, bail};
 use precopy_backends::BackendKind;
 use precopy_migrate::{
-    AfterMigration, DirtyLog, LimitPolicy, Migration, MigrationConfig, MigrationReport,
-    PauseMethod, ProcessControl, ReconnectConfig, ThrottleMethod, TransferTransport, UffdDirtyLog,
-    adopt_process_uffd,
+    AfterMigration, DirtyLog, FinalPriority, LimitPolicy, Migration, MigrationConfig,
+    MigrationReport, PauseMethod, ProcessControl, ReconnectConfig, ThrottleMethod,
+    TransferTransport, UffdDirtyLog, adopt_process_uffd,
 };
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_tracker::Tracker;
@@ -194,6 +194,16 @@ enum PauseKind {
     Freezer,
 }
 
+/// The final phase's scheduling priority (`--final-priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum PriorityKind {
+    /// `SCHED_FIFO` 1 where permitted (the report says when it was not).
+    Realtime,
+    /// The threads' own.
+    Normal,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum ThrottleKind {
     Auto,
@@ -312,6 +322,11 @@ pub struct Args {
     /// [default: 10 × max downtime, at least 5 s, or twice the expected downtime if more].
     #[arg(long)]
     final_round_timeout: Option<u64>,
+    /// Scheduling priority of the final phase's threads (the driver's, the sender's writers
+    /// and, on this host, the destination process's), from the pause to the acknowledgement
+    /// and in the pause probes that rehearse it; restored before the source resumes.
+    #[arg(long, value_enum, default_value_t = PriorityKind::Realtime)]
+    final_priority: PriorityKind,
     /// Reconnect attempts after the connection breaks (end of stream, reset) or goes silent
     /// past --io-timeout while iterating: the destination keeps what it received and only what differs is sent
     /// again. 0: a broken connection fails the migration.
@@ -1122,9 +1137,9 @@ fn migrate<K: Sink>(
     args: &Args,
     plan: &Plan,
     mut transfer: Transfer<Counted<ProcessMemory>, K>,
-    log: DemoLog,
-    control: ProcessControl,
+    (log, control): (DemoLog, ProcessControl),
     progress: &Progress,
+    dest_pid: Option<i32>,
     mut on_round: impl FnMut(&precopy_migrate::Progress) + Send + 'static,
 ) -> (
     Result<MigrationReport, Box<DemoMigrationError>>,
@@ -1140,6 +1155,10 @@ fn migrate<K: Sink>(
         after: AfterMigration::Stop,
         final_round_timeout: args.final_round_timeout.map(Duration::from_millis),
         reconnect: reconnect_config(args),
+        final_priority: match args.final_priority {
+            PriorityKind::Realtime => FinalPriority::Realtime(1),
+            PriorityKind::Normal => FinalPriority::Normal,
+        },
         ..MigrationConfig::default()
     };
     config.throttle.enabled = throttle_allowed(args.no_throttle, plan.throttle);
@@ -1163,6 +1182,12 @@ fn migrate<K: Sink>(
     )
     // The writers' own throughput for half a second before tracking: the report's baseline.
     .measure_workload_before(Duration::from_millis(500))
+    // The destination runs on this host: its threads receive the final round.
+    .raise_also(move || {
+        dest_pid
+            .and_then(|pid| precopy_sys::sched::process_threads(pid).ok())
+            .unwrap_or_default()
+    })
     .on_progress(move |p| {
         let at = read2.load(Ordering::Relaxed);
         let source = match live2.lock() {
@@ -1413,8 +1438,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     layout,
                     SenderConfig::default().batch_pages,
                 )?;
-                let (result, report) =
-                    migrate(&args, &plan, transfer, log, control, &progress, |_| {});
+                let (result, report) = migrate(
+                    &args,
+                    &plan,
+                    transfer,
+                    (log, control),
+                    &progress,
+                    None,
+                    |_| {},
+                );
                 let verification = match &result {
                     Ok(_) => (|| {
                         let img = precopy_transfer::Image::open(path)
@@ -1478,8 +1510,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 let stop_at = args.stop_dest_at_round;
                 let stop_in_final = args.stop_dest_in_final_round;
                 let mut stopped = false;
-                let (result, report) =
-                    migrate(&args, &plan, sender, log, control, &progress, move |p| {
+                let receiver_pid = Some(dest.pid());
+                let (result, report) = migrate(
+                    &args,
+                    &plan,
+                    sender,
+                    (log, control),
+                    &progress,
+                    receiver_pid,
+                    move |p| {
                         if !cut && cut_at.is_some_and(|r| p.round >= r) {
                             cut = true;
                             for c in opened
@@ -1499,7 +1538,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
                             stopped = true;
                             signal_dest(nix::sys::signal::Signal::SIGSTOP);
                         }
-                    });
+                    },
+                );
                 if args.stop_dest_at_round.is_some() || args.stop_dest_in_final_round {
                     // Let a destination stopped by a test hook run again: it must not report success.
                     signal_dest(nix::sys::signal::Signal::SIGCONT);
@@ -1698,6 +1738,7 @@ fn settings_json(args: &Args, plan: &Plan) -> serde_json::Value {
         "pause": flag_value(&args.pause),
         "io_timeout_s": args.io_timeout,
         "final_round_timeout_ms": args.final_round_timeout,
+        "final_priority": args.final_priority,
     })
 }
 

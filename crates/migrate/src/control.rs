@@ -124,6 +124,12 @@ pub trait Transport {
     fn peer(&self) -> String {
         "the destination".into()
     }
+    /// The IDs of the threads the transport sends and takes acknowledgements on besides the
+    /// caller's (a socket sender's writers and watchers): the driver raises their scheduling
+    /// priority for the final phase with its own (see [`FinalPriority`](crate::FinalPriority)).
+    fn threads(&self) -> Vec<precopy_sys::sched::Tid> {
+        Vec::new()
+    }
 }
 
 /// A workload's own count of its work, for the report's "what the source suffers": how fast
@@ -314,6 +320,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn peer(&self) -> String {
         (**self).peer()
+    }
+    fn threads(&self) -> Vec<precopy_sys::sched::Tid> {
+        (**self).threads()
     }
 }
 

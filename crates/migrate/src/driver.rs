@@ -4,11 +4,12 @@ use crate::cancel::{CancelHandle, Fired, Watchdog};
 use crate::control::{DirtyLog, RoundSent, Transport, Workload, WorkloadCounters};
 use crate::error::{AbortReason, Error, Step};
 use crate::report::{
-    DowntimeEstimate, FinalPhase, MigrationReport, PauseCheck, RoundKind, RoundReport, Status,
-    SwitchReason, VerifyPass, WorkloadCost,
+    DowntimeEstimate, FinalPhase, MigrationReport, PauseCheck, PriorityReport, RoundKind,
+    RoundReport, Status, SwitchReason, VerifyPass, WorkloadCost,
 };
 use crate::switchover::{Estimator, PAUSE_PROBES, REREAD_SAMPLE};
 use precopy_sys::ranges::coalesce;
+use precopy_sys::sched::{self, Raised, Tid};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -128,6 +129,45 @@ pub struct MigrationConfig {
     /// The final round's bound passing, a cancel or a refused checksum are never retried.
     /// 1: never retry.
     pub switchover_attempts: u32,
+    /// The scheduling priority of the final phase's threads, from the pause until the
+    /// acknowledgement (and of the pause probes, which rehearse it).
+    pub final_priority: FinalPriority,
+    /// Inside each pause probe (with [`MigrationConfig::probe_pause`]), send a sample of the
+    /// next round's pages as a round of its own, timed ([`RoundKind::Rehearsal`]): about
+    /// [`REHEARSAL_BYTES`] of single pages spread over the pending ones, sent with the
+    /// workload paused and the threads at the final phase's priority, as the final round's
+    /// are. Their time per byte decides the expected final send. Each holds the workload
+    /// paused for that send too (a few milliseconds on loopback).
+    pub rehearse_send: bool,
+}
+
+/// About how many bytes a rehearsal round sends ([`MigrationConfig::rehearse_send`]): the
+/// size of a final round that fits a downtime of tens of milliseconds at a few hundred MB/s.
+pub const REHEARSAL_BYTES: u64 = 4 << 20;
+/// Pending bytes below which a pause probe sends no rehearsal (too few to time a send).
+const REHEARSAL_MIN: u64 = 1 << 20;
+
+/// The scheduling priority of the threads the final phase runs on: the driver's, the
+/// transport's ([`Transport::threads`]: a socket sender's writers and watchers) and any the
+/// embedder adds ([`Migration::raise_also`]).
+///
+/// With the workload paused the final round is a short burst of CPU work on those threads
+/// (read, hash, write into the socket; at the receiver, read, check, copy). Measured on a
+/// 2-CPU machine with a CPU-bound process on one CPU (BENCHMARKS.md): all of them woke on the
+/// other CPU and shared it for the whole final round (a few milliseconds, shorter than the
+/// load balancer takes to move one), while the live rounds before it had spread over both, so
+/// the final round went at half their speed. A real-time thread that wakes is placed on a CPU
+/// running only normal tasks, which it preempts: raised, the final phase's threads take both
+/// CPUs at once. Restored as soon as the acknowledgement came (or the phase failed), before
+/// the workload resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalPriority {
+    /// Leave the threads' priority as it is.
+    Normal,
+    /// `SCHED_FIFO` at this priority (1-99) where the process may (`CAP_SYS_NICE` or an
+    /// `RLIMIT_RTPRIO` that allows it); where it may not, the threads keep their own and the
+    /// report says why ([`PriorityReport::not_raised`](crate::PriorityReport)).
+    Realtime(u8),
 }
 
 impl Default for MigrationConfig {
@@ -144,6 +184,8 @@ impl Default for MigrationConfig {
             final_round_timeout: None,
             reconnect: ReconnectConfig::default(),
             switchover_attempts: 3,
+            final_priority: FinalPriority::Realtime(1),
+            rehearse_send: true,
         }
     }
 }
@@ -176,6 +218,11 @@ impl MigrationConfig {
         }
         if self.reconnect.backoff > self.reconnect.max_backoff {
             return bad("reconnect backoff must not exceed max_backoff");
+        }
+        if let FinalPriority::Realtime(p) = self.final_priority
+            && !(1..=99).contains(&p)
+        {
+            return bad("a real-time final priority must lie in 1..=99");
         }
         Ok(())
     }
@@ -275,6 +322,8 @@ pub struct Migration<D, T, W> {
     paused_at: Option<Instant>,
     /// Harvested ranges not yet delivered (see [`Migration::unsent`]).
     unsent: Vec<Range<u64>>,
+    /// More threads to raise with the final phase's ([`Migration::raise_also`]).
+    raise_also: Option<Box<dyn FnMut() -> Vec<Tid> + Send>>,
 }
 
 impl<D, T, W> std::fmt::Debug for Migration<D, T, W> {
@@ -376,6 +425,9 @@ struct Collected {
     wall: Duration,
     /// CPU time this thread spent in the log's collect (`None`: the clock could not be read).
     cpu: Option<Duration>,
+    /// The rehearsal round a pause probe sent: the bytes of pending pages it took (they
+    /// left `out`) and what the send delivered.
+    rehearsal: Option<(u64, RoundSent)>,
 }
 
 /// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`), or `None` if the clock cannot be
@@ -479,6 +531,72 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             watchdog: None,
             paused_at: None,
             unsent: Vec::new(),
+            raise_also: None,
+        }
+    }
+
+    /// Raises the threads `f` lists (called at each pause probe and final phase) with the
+    /// final phase's own ([`MigrationConfig::final_priority`]): e.g. a receiver's threads on
+    /// this same host, which the final round keeps as busy as the sender's.
+    pub fn raise_also(mut self, f: impl FnMut() -> Vec<Tid> + Send + 'static) -> Self {
+        self.raise_also = Some(Box::new(f));
+        self
+    }
+
+    /// Raises the final phase's threads as configured ([`FinalPriority`]); records what it did
+    /// in the report. `None` when nothing was raised.
+    fn raise_priority(&mut self) -> Option<Raised> {
+        let FinalPriority::Realtime(priority) = self.config.final_priority else {
+            self.report.final_priority = Some(PriorityReport {
+                policy: "normal",
+                priority: 0,
+                threads: 0,
+                not_raised: None,
+                restore_error: None,
+            });
+            return None;
+        };
+        let mut tids = vec![sched::gettid()];
+        tids.extend(self.transport.threads());
+        if let Some(f) = &mut self.raise_also {
+            tids.extend(f());
+        }
+        let (raised, not_raised) = match sched::raise_threads(
+            &tids,
+            sched::SCHED_FIFO,
+            priority.into(),
+        ) {
+            Ok(r) => (Some(r), None),
+            Err(e) => {
+                let why = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    format!(
+                        "not permitted ({e}): needs CAP_SYS_NICE or an RLIMIT_RTPRIO of at least {priority}"
+                    )
+                } else {
+                    e.to_string()
+                };
+                (None, Some(why))
+            }
+        };
+        self.report.final_priority = Some(PriorityReport {
+            policy: "fifo",
+            priority,
+            threads: raised.as_ref().map_or(0, |r| r.len() as u32),
+            not_raised,
+            restore_error: None,
+        });
+        raised
+    }
+
+    /// Puts the threads [`Migration::raise_priority`] raised back to their own priority.
+    fn restore_priority(&mut self, raised: Option<Raised>) {
+        if let Some(r) = raised
+            && let Err(e) = r.restore()
+        {
+            tracing::warn!(error = %e, "restoring the final phase's threads' priority failed");
+            if let Some(p) = &mut self.report.final_priority {
+                p.restore_error = Some(e.to_string());
+            }
         }
     }
 
@@ -591,6 +709,12 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         probe: bool,
     ) -> Result<Collected, MigrationError<D, T, W>> {
         let pause = (self.log.needs_pause() || probe) && !self.paused;
+        // A pause probe rehearses the final phase at its priority.
+        let raised = if probe && pause {
+            self.raise_priority()
+        } else {
+            None
+        };
         let paused_at = Instant::now();
         if pause {
             self.workload.pause().map_err(|source| Error::Workload {
@@ -606,10 +730,13 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let collected = self.log.collect(out);
         let cpu = cpu_before.and_then(|b| Some(thread_cpu_time()?.saturating_sub(b)));
         let wall = scan_start.elapsed();
+        let mut rehearsal = Ok(None);
         if probe && pause && collected.is_ok() {
             self.rehearse_finish(out);
+            rehearsal = self.rehearse_send(out);
         }
         let held = paused_at.elapsed();
+        self.restore_priority(raised);
         let resumed = if pause {
             self.workload.resume().map_err(|source| Error::Workload {
                 action: "resume",
@@ -627,7 +754,47 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             pause: pause.then_some(held),
             wall,
             cpu,
+            rehearsal: rehearsal?,
         })
+    }
+
+    /// Inside a pause probe (workload paused, threads raised as for the final phase): sends a
+    /// sample of `out` (single pages spread over all of it, about [`REHEARSAL_BYTES`], at most
+    /// a quarter of it) as a
+    /// round of its own ([`MigrationConfig::rehearse_send`]) and takes those pages out of
+    /// `out`. On a failed send `out` keeps them (the caller records the failed round from
+    /// `failed_send` and reconnects as after any failed round).
+    fn rehearse_send(
+        &mut self,
+        out: &mut Vec<Range<u64>>,
+    ) -> Result<Option<(u64, RoundSent)>, MigrationError<D, T, W>> {
+        if !self.config.rehearse_send {
+            return Ok(None);
+        }
+        let pending = coalesce(out);
+        if pending < REHEARSAL_MIN {
+            return Ok(None);
+        }
+        // At most a quarter of the pending pages: the round that follows stays the round.
+        let page = self.log.page_size();
+        let want = REHEARSAL_BYTES.min(pending / 4).max(page);
+        let mut sample = spread_sample(out, want, page, page);
+        let bytes = coalesce(&mut sample);
+        let round = self.next_round();
+        let sent = self.send(Step::Round { round }, &sample)?;
+        *out = outside(out, &sample);
+        self.estimator
+            .add_rehearsal((sent.pages + sent.zero_pages) * page, sent.duration);
+        Ok(Some((bytes, sent)))
+    }
+
+    /// Rounds sent with the workload running (round 0 included; not rehearsals, not failed
+    /// ones): what [`MigrationConfig::max_rounds`] counts.
+    fn live_rounds(&self) -> u64 {
+        let live = |r: &&RoundReport| {
+            !r.failed && matches!(r.kind, RoundKind::Full | RoundKind::Iterative)
+        };
+        self.report.rounds.iter().filter(live).count() as u64
     }
 
     /// The number of the next round: rounds that failed part-way are in the report but are
@@ -977,18 +1144,19 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let memory = (sent.pages + sent.zero_pages) * self.report.page_size;
         let throughput = per_sec(memory, sent.duration);
         if !failed {
-            if kind != RoundKind::Final {
+            // A rehearsal was given to the estimator as one (`rehearse_send`).
+            if matches!(kind, RoundKind::Full | RoundKind::Iterative) {
                 self.estimator
                     .add_round(memory, sent.duration, kind == RoundKind::Iterative);
             }
             self.sent_bytes += memory;
             self.sent_secs += sent.duration.as_secs_f64();
-            if memory >= SIGNIFICANT_ROUND && throughput > 0.0 {
+            if kind != RoundKind::Rehearsal && memory >= SIGNIFICANT_ROUND && throughput > 0.0 {
                 self.last_throughput = Some(throughput);
             }
         }
         let seen = match kind {
-            RoundKind::Full => Observed::default(),
+            RoundKind::Full | RoundKind::Rehearsal => Observed::default(),
             _ => std::mem::take(&mut self.observed),
         };
         let r = RoundReport {
@@ -1093,7 +1261,23 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     && self.estimator.pause_probes() < PAUSE_PROBES
                     && !self.report.rounds.is_empty();
                 let probed = if probe {
-                    Some(self.collect(round, &mut pending, true)?)
+                    match self.collect(round, &mut pending, true) {
+                        Ok(p) => Some(p),
+                        // The rehearsal round's send failed: as after any failed round, its
+                        // pages (all still in `pending`) go again after a reconnect.
+                        Err(e @ Error::Send { .. }) => {
+                            self.observe(collected);
+                            self.unsent = pending.clone();
+                            if let Some(part) = self.failed_send.take() {
+                                let kind = RoundKind::Rehearsal;
+                                self.record(kind, 0, Duration::ZERO, 0.0, None, Err(part));
+                            }
+                            carry = self.reconnect(round, e)?;
+                            carry.append(&mut pending);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 } else {
                     None
                 };
@@ -1108,15 +1292,21 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 last_scan = scan_start;
                 let pending_bytes = coalesce(&mut pending);
                 self.observe(collected);
+                // A rehearsal round sent some of the pages this scan found: they count for the
+                // dirty rate, and the round is recorded before the one that sends the rest.
+                let rehearsal = probed.as_ref().and_then(|p| p.rehearsal);
+                let found = pending_bytes + rehearsal.map_or(0, |r| r.0);
                 if let Some(p) = probed {
                     self.dirty_pages += p.pages;
                     self.observed.dirty_pages += p.pages;
                     self.observed.probe_scan = Some((p.wall, p.cpu));
                     self.estimator.add_probe_scan(p.wall, p.cpu);
                 }
-                let dirty_rate = self
-                    .dirty_window
-                    .add(pending_bytes, interval, self.throttle);
+                let dirty_rate = self.dirty_window.add(found, interval, self.throttle);
+                if let Some((bytes, sent)) = rehearsal {
+                    let kind = RoundKind::Rehearsal;
+                    self.record(kind, bytes, Duration::ZERO, dirty_rate, None, Ok(sent));
+                }
                 self.report.dirty_rate = dirty_rate;
                 if self.throttle == 0.0 {
                     self.unthrottled_rate = dirty_rate;
@@ -1135,10 +1325,12 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 if estimate.is_some_and(|e| e.bound() <= self.config.max_downtime) {
                     break SwitchReason::Converged;
                 }
-                if round >= self.config.max_rounds {
+                if self.live_rounds() >= self.config.max_rounds {
                     break self.limit(
                         self.config.max_rounds_policy,
-                        AbortReason::MaxRounds { rounds: round },
+                        AbortReason::MaxRounds {
+                            rounds: self.live_rounds(),
+                        },
                         SwitchReason::MaxRounds,
                     )?;
                 }
@@ -1558,6 +1750,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         if let Some(w) = self.watchdog() {
             w.arm(paused_at + bound, Step::FinalRound, limit);
         }
+        // Dropped on every way out of this phase (restoring the threads' priority), and
+        // restored explicitly before the workload resumes.
+        let raised = self.raise_priority();
         self.workload.pause().map_err(|source| Error::Workload {
             action: "pause",
             source,
@@ -1703,6 +1898,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             });
         }
         self.report.status = Status::Completed;
+        self.restore_priority(raised);
 
         if self.throttle > 0.0 {
             if let Err(e) = self.workload.set_throttle(0.0) {
@@ -1969,6 +2165,184 @@ mod tests {
         assert_eq!(link.probes, probes + 1 + iterative);
     }
 
+    /// A [`FakeLink`] with a thread of its own ([`Transport::threads`]) that notes, for every
+    /// round, whether the workload was paused, the sending thread's and its own thread's
+    /// scheduling policy, and the ranges.
+    struct Watched {
+        link: FakeLink,
+        paused: Arc<AtomicBool>,
+        helper: Tid,
+        sends: Vec<(
+            bool,
+            sched::ThreadPolicy,
+            sched::ThreadPolicy,
+            Vec<Range<u64>>,
+        )>,
+    }
+
+    impl Transport for Watched {
+        type Error = io::Error;
+        fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, io::Error> {
+            self.sends.push((
+                self.paused.load(Ordering::SeqCst),
+                sched::thread_policy(sched::gettid())?,
+                sched::thread_policy(self.helper)?,
+                ranges.to_vec(),
+            ));
+            self.link.send_round(ranges)
+        }
+        fn send_state(&mut self, state: &[u8]) -> Result<(), io::Error> {
+            self.link.send_state(state)
+        }
+        fn finish(&mut self) -> Result<(u64, Duration), io::Error> {
+            self.link.finish()
+        }
+        fn threads(&self) -> Vec<Tid> {
+            vec![self.helper]
+        }
+    }
+
+    /// Runs a migration of 800 pages written every round over a 1 MiB/s link with 50 ms per
+    /// round, 4 rounds with the workload running, with `priority`; gives its report and what
+    /// the link saw, and the policies of the driver's thread and the link's before the run.
+    fn watched_run(
+        priority: FinalPriority,
+    ) -> (
+        MigrationReport,
+        Watched,
+        (sched::ThreadPolicy, sched::ThreadPolicy),
+    ) {
+        let paused = Arc::new(AtomicBool::new(false));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let helper = std::thread::spawn(move || {
+            tid_tx.send(sched::gettid()).unwrap();
+            let _ = stop_rx.recv();
+        });
+        let helper_tid = tid_rx.recv().unwrap();
+        let before = (
+            sched::thread_policy(sched::gettid()).unwrap(),
+            sched::thread_policy(helper_tid).unwrap(),
+        );
+        let link = Watched {
+            link: FakeLink {
+                fixed: Duration::from_millis(50),
+                ..link(1024.0 * 1024.0)
+            },
+            paused: paused.clone(),
+            helper: helper_tid,
+            sends: Vec::new(),
+        };
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(100);
+        cfg.max_rounds = 4;
+        cfg.throttle.enabled = false;
+        cfg.final_priority = priority;
+        let log = ScriptLog::pages(vec![800]);
+        let mut m = Migration::new(log, link, flagged_workload(&paused), cfg);
+        let report = m.run().unwrap();
+        let (_, link, _) = m.into_parts();
+        // After the run, both threads are as they were.
+        assert_eq!(sched::thread_policy(sched::gettid()).unwrap(), before.0);
+        assert_eq!(sched::thread_policy(helper_tid).unwrap(), before.1);
+        stop_tx.send(()).unwrap();
+        helper.join().unwrap();
+        (report, link, before)
+    }
+
+    #[test]
+    fn rehearsals_send_a_spread_sample_paused_and_decide_the_expected_send() {
+        let (report, link, _) = watched_run(FinalPriority::Realtime(1));
+        let kinds: Vec<RoundKind> = report.rounds.iter().map(|r| r.kind).collect();
+        use RoundKind::{Final, Full, Iterative, Rehearsal};
+        // A rehearsal inside each of the three pause probes, before rounds 1, 2 and 3; the
+        // round limit counts the rounds with the workload running only.
+        assert_eq!(
+            kinds,
+            vec![
+                Full, Rehearsal, Iterative, Rehearsal, Iterative, Rehearsal, Iterative, Final
+            ]
+        );
+        assert_eq!(link.sends.len(), kinds.len());
+        for (i, (kind, send)) in kinds.iter().zip(&link.sends).enumerate() {
+            let paused = matches!(kind, Rehearsal | Final);
+            assert_eq!(send.0, paused, "round {i}: sent with the workload paused");
+        }
+        for i in [1, 3, 5] {
+            let sample = &link.sends[i].3;
+            // A quarter of the 800 pending pages, single pages spread over all of them.
+            assert_eq!(sample.len(), 200);
+            assert!(sample.iter().all(|r| r.end - r.start == PAGE));
+            assert_eq!(sample[0].start, 0);
+            assert!(sample[199].start >= 790 * PAGE, "{:?}", sample[199]);
+            // The round after it sends the rest of the pending pages, and only those.
+            let rest = &link.sends[i + 1].3;
+            let mut all: Vec<Range<u64>> = rest.iter().chain(sample).cloned().collect();
+            let bytes: u64 = rest.iter().map(|r| r.end - r.start).sum();
+            assert_eq!(bytes, 600 * PAGE);
+            assert_eq!(coalesce(&mut all), 800 * PAGE);
+            // It reports the pages it took.
+            assert_eq!(report.rounds[i].dirty_bytes, 200 * PAGE);
+        }
+        // The expected final send is the final round's bytes at the rehearsals' time per byte
+        // (each: 200 pages at 1 MiB/s plus the link's 51 ms), not at the live rounds'.
+        let e = report.downtime_estimate.unwrap();
+        assert_eq!(e.send_from, "rehearsals");
+        let rehearsal = &report.rounds[5];
+        let per_byte = rehearsal.duration.as_secs_f64() / (200 * PAGE) as f64;
+        let bytes = (e.pending_bytes + e.meanwhile_bytes) as f64;
+        let send = e.send.as_secs_f64();
+        assert!(
+            (send - bytes * per_byte).abs() < 1e-6,
+            "{send} {}",
+            bytes * per_byte
+        );
+        assert!((e.rehearsed_throughput - 1.0 / per_byte).abs() < 1.0);
+        let live = &report.rounds[6];
+        assert!(
+            (send - bytes * live.duration.as_secs_f64() / live.bytes as f64).abs() > 1e-3,
+            "the live rounds would have given another figure"
+        );
+    }
+
+    /// The final phase's threads (the driver's and the transport's) run at the real-time
+    /// priority asked from the pause until the acknowledgement and in the rehearsals, at their
+    /// own in the live rounds, and at their own again after the run. Without the permission
+    /// (`EPERM`), the report says so and nothing changes.
+    #[test]
+    fn the_final_phase_runs_raised_and_is_restored() {
+        let (report, link, before) = watched_run(FinalPriority::Realtime(3));
+        let p = report.final_priority.clone().unwrap();
+        assert_eq!((p.policy, p.priority), ("fifo", 3));
+        assert_eq!(p.restore_error, None);
+        let paused_sends = link.sends.iter().filter(|s| s.0).count();
+        assert_eq!(paused_sends, 4, "three rehearsals and the final round");
+        match &p.not_raised {
+            None => {
+                assert_eq!(p.threads, 2, "the driver's thread and the link's");
+                for (paused, driver, helper, _) in &link.sends {
+                    if *paused {
+                        for t in [driver, helper] {
+                            assert_eq!((t.base(), t.priority), (sched::SCHED_FIFO, 3));
+                        }
+                    } else {
+                        assert_eq!((*driver, *helper), before);
+                    }
+                }
+            }
+            Some(why) => {
+                eprintln!("SKIP: the raise itself (not permitted here: {why})");
+                assert_eq!(p.threads, 0);
+                assert!(link.sends.iter().all(|s| (s.1, s.2) == before));
+            }
+        }
+        // Asked not to, the driver leaves every thread as it is.
+        let (report, link, before) = watched_run(FinalPriority::Normal);
+        let p = report.final_priority.unwrap();
+        assert_eq!((p.policy, p.threads, p.not_raised), ("normal", 0, None));
+        assert!(link.sends.iter().all(|s| (s.1, s.2) == before));
+    }
+
     #[test]
     fn spread_sample_takes_bounded_pieces_spread_over_all_ranges() {
         let mib = 1u64 << 20;
@@ -2197,6 +2571,8 @@ mod tests {
         let mut cfg = MigrationConfig::default();
         cfg.max_downtime = Duration::from_millis(100);
         cfg.throttle.enabled = false;
+        // Rounds sent with the workload running only (rehearsals: their own test).
+        cfg.rehearse_send = false;
         let vcpus = workload(&events).with_state(|| Ok(b"vcpu registers".to_vec()));
         let mut m = Migration::new(log, link(1024.0 * 1024.0), vcpus, cfg);
         let report = m.run().unwrap();
@@ -2382,6 +2758,7 @@ mod tests {
         let mut cfg = MigrationConfig::default();
         cfg.max_downtime = Duration::from_millis(1);
         cfg.max_rounds = 8;
+        cfg.rehearse_send = false;
         let mut m = Migration::new(log, link(1024.0 * 1024.0), workload(&events), cfg);
         let report = m.run().unwrap();
         assert_eq!(report.switch_reason, Some(SwitchReason::MaxRounds));
@@ -2502,6 +2879,7 @@ mod tests {
         let mut cfg = MigrationConfig::default();
         cfg.max_downtime = Duration::from_millis(50);
         cfg.max_rounds = 2;
+        cfg.rehearse_send = false;
         let mut m = Migration::new(log, link(1e6), workload(&events), cfg);
         m.run().unwrap();
         let note = m.report().downtime_note.clone().unwrap_or_default();

@@ -38,12 +38,27 @@
 //! which run as the final scan does (workload stopped, right after a scan with it running);
 //! a scan beside the running workload costs about twice as much, its CPU time too, so it says
 //! little about the final one. Bounded by the slowest of the last three scans and the probes'.
-//! **Send** of the pending bytes: at the last iterative round's throughput, bounded by a line
-//! `fixed + bytes / bandwidth` fitted to the last four iterative rounds, never faster than the
-//! slowest of them (a low percentile of recent bandwidth, not the mean), and before two such
-//! rounds exist by the duration of the smallest measured round at least as big. Rounds shrink
-//! as a migration converges, and their fixed cost makes the last, small round slower per byte
-//! than the rounds before it; an average throughput hides that and overshoots the limit.
+//! **Send** of the pending bytes: at the time per byte of the **rehearsal rounds**, bounded by
+//! the slowest of them. Each pause probe sends a sample of the pending pages (single pages
+//! spread over all of them, about 4 MiB, at most a quarter) as a round of its own
+//! ([`RoundKind::Rehearsal`], [`MigrationConfig::rehearse_send`]), with the workload paused and
+//! the threads at the final phase's priority: the final round's own conditions. The live
+//! rounds' throughput does not predict the final round: beside a CPU-bound process on a 2-CPU
+//! machine the final round's threads all ran on one CPU at half the live rounds' speed
+//! (BENCHMARKS.md), and raised to a real-time priority they take both CPUs and go faster than
+//! the live rounds. Without rehearsals: at the last iterative round's throughput, bounded by a
+//! line `fixed + bytes / bandwidth` fitted to the last four iterative rounds, never faster than
+//! the slowest of them, and before two such rounds exist by the duration of the smallest
+//! measured round at least as big. The report says which (`send_from`).
+//!
+//! **Priority.** From the pause to the acknowledgement (and in the pause probes) the driver's
+//! thread, the transport's ([`Transport::threads`]: a socket sender's writers and watchers)
+//! and any the embedder adds ([`Migration::raise_also`]) run at `SCHED_FIFO`
+//! ([`MigrationConfig::final_priority`], default priority 1) where the process may
+//! (`CAP_SYS_NICE`), and are put back before the workload resumes; the report says whether
+//! they were raised or why not ([`PriorityReport`]). A real-time thread that wakes is placed on
+//! a CPU running only normal tasks and preempts them, so the final round's threads spread over
+//! the CPUs at once instead of waiting for the load balancer.
 //! **Finish** (the memory digests and the acknowledgement round trip): the upper median of the
 //! [`Transport::probe_finish`] samples (over a socket a PING/PONG on every connection, see
 //! `precopy-transfer`'s protocol) that the pause probes take with the workload paused, as it is
@@ -224,14 +239,14 @@ pub use control::{
     USER_ADDRESS_LIMIT, Workload, WorkloadCounters,
 };
 pub use driver::{
-    AfterMigration, LimitPolicy, Migration, MigrationConfig, MigrationError, PAUSE_CHECK_SENDS,
-    Phase, Progress, ReconnectConfig, ThrottleConfig,
+    AfterMigration, FinalPriority, LimitPolicy, Migration, MigrationConfig, MigrationError,
+    PAUSE_CHECK_SENDS, Phase, Progress, ReconnectConfig, ThrottleConfig,
 };
 pub use error::{AbortReason, Error, Step};
 pub use process::{PauseMethod, ProcessControl, ProcessError, ThrottleMethod, all_stopped};
 pub use report::{
-    DowntimeEstimate, FinalPhase, MigrationReport, PauseCheck, RoundKind, RoundReport, Status,
-    SwitchReason, VerifyPass, WorkloadCost,
+    DowntimeEstimate, FinalPhase, MigrationReport, PauseCheck, PriorityReport, RoundKind,
+    RoundReport, Status, SwitchReason, VerifyPass, WorkloadCost,
 };
 pub use target::{GROWTH_HEADROOM, MapChanges, TargetError, TargetLog, TargetMemory};
 pub use transfer::TransferTransport;

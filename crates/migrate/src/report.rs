@@ -57,6 +57,10 @@ pub enum RoundKind {
     Full,
     /// A round with the workload running.
     Iterative,
+    /// A round sent inside a pause probe, with the workload paused and the threads at the
+    /// final phase's priority: a sample of the next round's pages, spread over them, timed
+    /// to expect the final round's send (see the crate docs, "Switch-over rule").
+    Rehearsal,
     /// The round with the workload paused.
     Final,
 }
@@ -234,6 +238,24 @@ pub struct FinalPhase {
     pub finish: Duration,
 }
 
+/// The scheduling priority of the final phase's threads (see
+/// [`FinalPriority`](crate::FinalPriority)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PriorityReport {
+    /// The policy asked for: `normal` (left as it was) or `fifo` (`SCHED_FIFO`).
+    pub policy: &'static str,
+    /// The real-time priority asked for (0 for `normal`).
+    pub priority: u8,
+    /// Threads raised from the pause to the acknowledgement (the driver's, the transport's
+    /// writers and watchers, and any the embedder added): 0 when none was.
+    pub threads: u32,
+    /// Why they were not raised, when asked to be: the kernel's answer (`EPERM` without
+    /// `CAP_SYS_NICE`). Not an error: the final phase then ran at the threads' own priority.
+    pub not_raised: Option<String>,
+    /// Why putting a thread back to its own policy failed, if it did.
+    pub restore_error: Option<String>,
+}
+
 /// The final phase as the driver estimated it when it decided to switch over (see the
 /// crate docs, "Switch-over rule"). Compare with [`FinalPhase`].
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
@@ -286,13 +308,22 @@ pub struct DowntimeEstimate {
     /// scans, which the switch-over decision counts instead of `scan`.
     #[serde(serialize_with = "ms", rename = "scan_worst_ms")]
     pub scan_worst: Duration,
-    /// Sending the pending bytes at the throughput of the last iterative round.
+    /// Sending the pending bytes: at the rehearsal rounds' time per byte (upper median) when
+    /// there were rehearsals (`send_from` = `rehearsals`), else at the throughput of the last
+    /// iterative round (`rounds`).
     #[serde(serialize_with = "ms", rename = "send_ms")]
     pub send: Duration,
-    /// The bound on sending them, which the decision counts instead of `send`:
-    /// `fixed + pending / bandwidth`, never faster than the slowest recent round.
+    /// The bound on sending them, which the decision counts instead of `send`: at the slowest
+    /// rehearsal's time per byte; without rehearsals `fixed + pending / bandwidth`, never
+    /// faster than the slowest recent round.
     #[serde(serialize_with = "ms", rename = "send_worst_ms")]
     pub send_worst: Duration,
+    /// Where `send` and `send_worst` came from: `rehearsals` (rounds sent inside the pause
+    /// probes, workload paused, threads at the final phase's priority) or `rounds` (the
+    /// iterative rounds, workload running).
+    pub send_from: &'static str,
+    /// The rehearsals' throughput behind `send` (memory bytes per second; 0 without them).
+    pub rehearsed_throughput: f64,
     /// The pause check's two scans of memory the workload should not have written
     /// ([`PauseCheck`]): each taken as the final scan's expected cost (`scan`); its bound
     /// counts `scan_worst` for each.
@@ -360,6 +391,9 @@ pub struct MigrationReport {
     pub max_downtime: Duration,
     /// Final round timeline.
     pub final_phase: Option<FinalPhase>,
+    /// The scheduling priority the final phase's threads ran at (the last final phase's),
+    /// and why they were not raised when they were not.
+    pub final_priority: Option<PriorityReport>,
     /// The switch-over check of memory the dirty log cannot vouch for, if there was any.
     pub verify: Option<VerifyPass>,
     /// The check that the workload stayed paused through the final round, once it ran.
@@ -422,6 +456,7 @@ impl MigrationReport {
             downtime_note: None,
             max_downtime,
             final_phase: None,
+            final_priority: None,
             verify: None,
             pause_check: None,
             rounds: Vec::new(),
@@ -550,7 +585,7 @@ impl fmt::Display for MigrationReport {
                 "switch-over:   FORCED by the round limit after {} round(s) with the workload running, before converging: expected downtime {decided}, limit {limit}",
                 self.rounds
                     .iter()
-                    .filter(|r| r.kind != RoundKind::Final)
+                    .filter(|r| matches!(r.kind, RoundKind::Full | RoundKind::Iterative))
                     .count()
             )?,
             Some(SwitchReason::Timeout) => writeln!(
@@ -591,13 +626,18 @@ impl fmt::Display for MigrationReport {
             };
             writeln!(
                 f,
-                "               expected: pause {} + scan {}{} + send {} ({} pending + {} written until paused) + pause check {} + checksum and acknowledgement {}",
+                "               expected: pause {} + scan {}{} + send {} ({} pending + {} written until paused, at {}) + pause check {} + checksum and acknowledgement {}",
                 msf(e.pause),
                 msf(e.scan),
                 rereads(e.verify, e.full_check),
                 msf(e.send),
                 bytes(e.pending_bytes as f64),
                 bytes(e.meanwhile_bytes as f64),
+                if e.send_from == "rehearsals" {
+                    format!("the rehearsals' {}/s", bytes(e.rehearsed_throughput))
+                } else {
+                    "the last round's throughput".to_string()
+                },
                 msf(e.check),
                 msf(e.finish),
             )?;
@@ -621,6 +661,18 @@ impl fmt::Display for MigrationReport {
         }
         if let Some(b) = self.final_round_bound {
             writeln!(f, "final-round bound: {}", msf(b))?;
+        }
+        match &self.final_priority {
+            Some(PriorityReport {
+                not_raised: Some(why),
+                ..
+            }) => writeln!(f, "final priority: not raised: {why}")?,
+            Some(p) if p.threads > 0 => writeln!(
+                f,
+                "final priority: SCHED_FIFO {} for {} thread(s) from the pause to the acknowledgement",
+                p.priority, p.threads
+            )?,
+            _ => {}
         }
         if self.reconnects > 0 {
             writeln!(f, "reconnects:    {}", self.reconnects)?;
@@ -786,6 +838,8 @@ impl fmt::Display for MigrationReport {
                 (RoundKind::Full, true) => "full*",
                 (RoundKind::Iterative, false) => "iterative",
                 (RoundKind::Iterative, true) => "iterat.*",
+                (RoundKind::Rehearsal, false) => "rehearsal",
+                (RoundKind::Rehearsal, true) => "rehears.*",
                 (RoundKind::Final, false) => "final",
                 (RoundKind::Final, true) => "final*",
             };

@@ -27,9 +27,14 @@
 //!   for the whole interval, and still write megabytes while it is being stopped (pausing
 //!   lifts the throttle first): while a throttle is on, the driver passes at least the rate
 //!   of the last scan before the throttle was raised;
-//! * **send**: expected, the pending bytes at the throughput of the last iterative round (the
-//!   round most like the final one: small, of scattered pages, its fixed costs included).
-//!   Bound: before two iterative rounds are measured, the duration of the smallest measured
+//! * **send**: with rehearsal rounds ([`Estimator::add_rehearsal`]: samples of the pending
+//!   pages sent inside the pause probes with the workload paused and the threads at the final
+//!   phase's priority, as the final round is), the bytes at their time per byte: expected, the
+//!   upper median; bound, the slowest. Their fixed cost per round is spread over about 4 MiB,
+//!   so a much smaller final round is expected a little fast and a much bigger one a little
+//!   slow. Without rehearsals: expected, the pending bytes at the throughput of the last
+//!   iterative round (the round most like the final one: small, of scattered pages, its fixed
+//!   costs included). Bound: before two iterative rounds are measured, the duration of the smallest measured
 //!   round at least as big as the pending bytes (round 0 at first: a migration does not
 //!   switch over right after round 0 unless round 0 itself took no longer than the limit);
 //!   then a line `duration = fixed + bytes / bandwidth` fitted by least squares to the last
@@ -154,6 +159,8 @@ pub(crate) struct Estimator {
     /// The pause probes' scans, with the workload paused: wall time.
     probe_scans: Vec<Duration>,
     rounds: VecDeque<Sample>,
+    /// Rehearsal rounds: sent inside the pause probes under the final round's conditions.
+    rehearsals: Vec<Sample>,
     /// Round 0 (or any round) when no iterative round is big enough yet.
     fallback: Option<Sample>,
     /// actual ÷ estimated send time of recent rounds.
@@ -311,6 +318,29 @@ impl Estimator {
         }
     }
 
+    /// Records a rehearsal round ([`RoundKind::Rehearsal`](crate::RoundKind)): `bytes` sent in
+    /// `took` inside a pause probe, the workload paused and the threads at the final phase's
+    /// priority. A rehearsal smaller than [`MIN_ROUND_BYTES`] says little about bandwidth
+    /// and is not kept.
+    pub fn add_rehearsal(&mut self, bytes: u64, took: Duration) {
+        if bytes < MIN_ROUND_BYTES || took.is_zero() {
+            return;
+        }
+        self.rehearsals.push(Sample {
+            bytes: bytes as f64,
+            secs: took.as_secs_f64(),
+        });
+    }
+
+    /// (upper median, slowest) seconds per byte of the rehearsal rounds, or `None` without one.
+    fn rehearsed(&self) -> Option<(f64, f64)> {
+        if self.rehearsals.is_empty() {
+            return None;
+        }
+        let per_byte = || self.rehearsals.iter().map(|s| s.secs / s.bytes);
+        Some((upper_median_f64(per_byte()), per_byte().fold(0.0, f64::max)))
+    }
+
     /// (fixed seconds, bytes per second) of the least-squares line through the recent rounds,
     /// or `None` with fewer than two distinct sizes or a line that does not rise.
     fn fit(&self) -> Option<(f64, f64)> {
@@ -450,10 +480,31 @@ impl Estimator {
         let scan_worst = scan_worst.max(self.probe_scans.iter().copied().max().unwrap_or_default());
         let meanwhile = (rate * (scan + pause).as_secs_f64()) as u64;
         let meanwhile_worst = (rate * (scan_worst + pause_worst).as_secs_f64()) as u64;
-        let send_worst = self.send_bound(pending_worst.saturating_add(meanwhile_worst))?;
-        let send = self
-            .send_expected(pending.saturating_add(meanwhile))?
-            .min(send_worst);
+        let (send, send_worst) = match self.rehearsed() {
+            // The final round's own conditions, rehearsed: its bytes at the rehearsals' time
+            // per byte (upper median; bound: the slowest).
+            Some((per_byte, per_byte_worst)) => {
+                let at = |bytes: u64, per_byte: f64| {
+                    Duration::try_from_secs_f64(bytes as f64 * per_byte).unwrap_or(Duration::MAX)
+                };
+                let worst = at(
+                    pending_worst.saturating_add(meanwhile_worst),
+                    per_byte_worst,
+                );
+                (
+                    at(pending.saturating_add(meanwhile), per_byte).min(worst),
+                    worst,
+                )
+            }
+            None => {
+                let worst = self.send_bound(pending_worst.saturating_add(meanwhile_worst))?;
+                (
+                    self.send_expected(pending.saturating_add(meanwhile))?
+                        .min(worst),
+                    worst,
+                )
+            }
+        };
         let (fixed, bandwidth) = self
             .fit()
             .map_or((0.0, self.low_throughput().unwrap_or(0.0)), |f| f);
@@ -477,7 +528,15 @@ impl Estimator {
             .copied()
             .max()
             .unwrap_or_default();
+        let rehearsed = self.rehearsed();
         Some(DowntimeEstimate {
+            send_from: if rehearsed.is_some() {
+                "rehearsals"
+            } else {
+                "rounds"
+            },
+            rehearsed_throughput: rehearsed
+                .map_or(0.0, |r| if r.0 > 0.0 { 1.0 / r.0 } else { 0.0 }),
             pending_bytes: pending - found,
             meanwhile_bytes: meanwhile,
             meanwhile_rate: rate,
@@ -758,6 +817,36 @@ mod tests {
         assert_eq!((est.pause, est.pause_worst), (ms(5.0), ms(20.0)));
         assert!(est.bound() >= ms(20.0) + ms(5.0) + est.send_worst);
         assert_eq!(e.estimate(0, 0.0).unwrap().send, Duration::ZERO);
+    }
+
+    #[test]
+    fn rehearsals_decide_the_send_when_there_are_any() {
+        let mut e = Estimator::default();
+        e.add_round(2048 * MIB, ms(5000.0), false);
+        e.add_round(100 * MIB, ms(400.0), true);
+        e.add_round(20 * MIB, ms(100.0), true);
+        let live = e.estimate(8 * MIB, 0.0).unwrap();
+        assert_eq!(live.send_from, "rounds");
+        assert_eq!(live.rehearsed_throughput, 0.0);
+        // Too small to time a send: not kept.
+        e.add_rehearsal(64 << 10, ms(1.0));
+        assert_eq!(e.estimate(8 * MIB, 0.0).unwrap().send_from, "rounds");
+        // 4 MiB in 4, 8 and 5 ms: 8 MiB expected at the upper median (10 ms), bounded by the
+        // slowest (16 ms), whatever the live rounds (40 ms) said.
+        for t in [4.0, 8.0, 5.0] {
+            e.add_rehearsal(4 * MIB, ms(t));
+        }
+        let est = e.estimate(8 * MIB, 0.0).unwrap();
+        assert_eq!(est.send_from, "rehearsals");
+        assert!((est.send.as_secs_f64() * 1e3 - 10.0).abs() < 1e-6);
+        assert!((est.send_worst.as_secs_f64() * 1e3 - 16.0).abs() < 1e-6);
+        assert!((est.rehearsed_throughput - 4.0 * MIB as f64 / 5e-3).abs() < 1.0);
+        assert!(live.send > est.send);
+        // What the workload writes until it is stopped is sent at the same cost.
+        let est = e.estimate(8 * MIB, 100.0 * MIB as f64).unwrap();
+        let bytes = (est.pending_bytes + est.meanwhile_bytes) as f64;
+        let want = bytes * 5e-3 / (4 * MIB) as f64;
+        assert!((est.send.as_secs_f64() - want).abs() < 1e-9);
     }
 
     #[test]

@@ -185,6 +185,10 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
             .peer()
             .unwrap_or_else(|| "the destination".into())
     }
+
+    fn threads(&self) -> Vec<precopy_sys::sched::Tid> {
+        self.transfer.sink().threads()
+    }
 }
 
 /// The parts of `ranges` inside `memory` (sorted, disjoint), in the order of `ranges`.

@@ -17,6 +17,7 @@ pub mod process;
 #[cfg(target_arch = "x86_64")]
 pub mod ptrace;
 pub mod ranges;
+pub mod sched;
 pub mod splice;
 pub mod track;
 pub mod uffd;

@@ -150,6 +150,14 @@ pub trait Sink {
         None
     }
 
+    /// The IDs of the threads this sink runs its sends and acknowledgements on (a socket
+    /// sink's writer and watcher threads), for a caller that raises their scheduling priority
+    /// while the workload is paused. Empty (the default): the sink works on the caller's
+    /// thread only.
+    fn threads(&self) -> Vec<precopy_sys::sched::Tid> {
+        Vec::new()
+    }
+
     /// Between rounds: one round trip to the destination (PING and PONG on every connection,
     /// the slowest of them), what acknowledging FINISH costs beyond the digests; for a sink
     /// that finishes locally (an image writer), its own finish, estimated. `None` (the
@@ -359,6 +367,9 @@ macro_rules! forward_sink {
             }
             fn peer(&self) -> Option<String> {
                 (**self).peer()
+            }
+            fn threads(&self) -> Vec<precopy_sys::sched::Tid> {
+                (**self).threads()
             }
             fn ping(&mut self) -> Result<Option<std::time::Duration>, TransferError> {
                 (**self).ping()

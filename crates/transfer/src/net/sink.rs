@@ -5,7 +5,7 @@ use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -40,6 +40,9 @@ struct Worker {
     /// The error the writer stopped on (a receiver's ERROR, a stall, a break), once taken:
     /// every later call reports it again, not a bare abort.
     failed: Option<TransferError>,
+    /// The writer's and the watcher's thread IDs, each set by the thread itself when it
+    /// starts (0 until then).
+    tids: [Arc<AtomicI32>; 2],
     /// Small page frames not yet handed to the writer ([`Worker::send_small`]).
     held: Vec<Cmd>,
     held_bytes: usize,
@@ -269,9 +272,14 @@ impl SocketSink {
                 .map_err(TransferError::io("cloning a socket"))?;
             let broken = Arc::new(AtomicBool::new(false));
             let seen = broken.clone();
+            let tids = [Arc::new(AtomicI32::new(0)), Arc::new(AtomicI32::new(0))];
+            let watcher_tid = tids[1].clone();
             let watcher = std::thread::Builder::new()
                 .name(format!("precopy-watch-{i}"))
-                .spawn(move || watch_peer(watch, event_tx, seen))
+                .spawn(move || {
+                    watcher_tid.store(precopy_sys::sched::gettid(), Ordering::Relaxed);
+                    watch_peer(watch, event_tx, seen)
+                })
                 .map_err(TransferError::io("starting a watcher thread"))?;
             let writer = StreamWriter {
                 out: FrameWriter::new(StallBound::new(conn, config.io_timeout)),
@@ -297,9 +305,13 @@ impl SocketSink {
                     LentSend::Writev
                 },
             };
+            let writer_tid = tids[0].clone();
             let handle = std::thread::Builder::new()
                 .name(format!("precopy-send-{i}"))
-                .spawn(move || writer.run(cmd_rx, reply_tx))
+                .spawn(move || {
+                    writer_tid.store(precopy_sys::sched::gettid(), Ordering::Relaxed);
+                    writer.run(cmd_rx, reply_tx)
+                })
                 .map_err(TransferError::io("starting a writer thread"))?;
             self.workers.push(Worker {
                 cmds: Some(cmd_tx),
@@ -309,6 +321,7 @@ impl SocketSink {
                 conn: keep,
                 broken,
                 failed: None,
+                tids,
                 held: Vec::new(),
                 held_bytes: 0,
             });
@@ -579,6 +592,15 @@ impl Sink for SocketSink {
 
     fn peer(&self) -> Option<String> {
         Some(self.peer.clone())
+    }
+
+    /// Every connection's writer and watcher thread (those started so far).
+    fn threads(&self) -> Vec<precopy_sys::sched::Tid> {
+        self.workers
+            .iter()
+            .flat_map(|w| w.tids.iter().map(|t| t.load(Ordering::Relaxed)))
+            .filter(|&t| t > 0)
+            .collect()
     }
 
     fn ping(&mut self) -> Result<Option<Duration>, TransferError> {
