@@ -391,6 +391,37 @@ fn spread_sample(ranges: &[Range<u64>], want: u64, piece: u64, page: u64) -> Vec
     out
 }
 
+/// The sample a rehearsal round sends ([`MigrationConfig::rehearse_send`]): whole ranges of
+/// `ranges` (as the dirty log reported them, overlaps allowed) spread evenly over them, about
+/// `want` bytes and at most a quarter of their bytes, sorted and coalesced; ranges longer than
+/// `want / 8` are passed over (a round of a few long runs is not the final round of scattered
+/// pages it rehearses). Empty when the ranges hold less than [`REHEARSAL_MIN`].
+fn rehearsal_sample(ranges: &[Range<u64>], want: u64) -> Vec<Range<u64>> {
+    let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+    if total < REHEARSAL_MIN {
+        return Vec::new();
+    }
+    let want = want.min(total / 4);
+    let longest = want / 8;
+    let share = want as f64 / total as f64;
+    let (mut credit, mut taken) = (0.0, 0u64);
+    let mut out = Vec::new();
+    for r in ranges {
+        let len = r.end - r.start;
+        credit += len as f64 * share;
+        if len <= longest && credit >= len as f64 {
+            credit -= len as f64;
+            taken += len;
+            out.push(r.clone());
+            if taken >= want {
+                break;
+            }
+        }
+    }
+    coalesce(&mut out);
+    out
+}
+
 /// What a scan saw of the workload: pages found written and the workload's own rate since the
 /// previous scan.
 #[derive(Debug, Clone, Copy, Default)]
@@ -771,20 +802,18 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         if !self.config.rehearse_send {
             return Ok(None);
         }
-        let pending = coalesce(out);
-        if pending < REHEARSAL_MIN {
+        // Sampled from the ranges as the log reported them (runs of written pages, each inside
+        // one region, so each can be sent on its own whatever the region's page size).
+        let mut sample = rehearsal_sample(out, REHEARSAL_BYTES);
+        let bytes = coalesce(&mut sample);
+        if bytes == 0 {
             return Ok(None);
         }
-        // At most a quarter of the pending pages: the round that follows stays the round.
-        let page = self.log.page_size();
-        let want = REHEARSAL_BYTES.min(pending / 4).max(page);
-        let mut sample = spread_sample(out, want, page, page);
-        let bytes = coalesce(&mut sample);
         let round = self.next_round();
         let sent = self.send(Step::Round { round }, &sample)?;
+        coalesce(out);
         *out = outside(out, &sample);
-        self.estimator
-            .add_rehearsal((sent.pages + sent.zero_pages) * page, sent.duration);
+        self.estimator.add_rehearsal(bytes, sent.duration);
         Ok(Some((bytes, sent)))
     }
 
@@ -2202,7 +2231,7 @@ mod tests {
         }
     }
 
-    /// Runs a migration of 800 pages written every round over a 1 MiB/s link with 50 ms per
+    /// Runs a migration of 800 scattered pages written every round over a 1 MiB/s link with 50 ms per
     /// round, 4 rounds with the workload running, with `priority`; gives its report and what
     /// the link saw, and the policies of the driver's thread and the link's before the run.
     fn watched_run(
@@ -2238,7 +2267,11 @@ mod tests {
         cfg.max_rounds = 4;
         cfg.throttle.enabled = false;
         cfg.final_priority = priority;
-        let log = ScriptLog::pages(vec![800]);
+        // Every scan finds pages 0..800 written, each a run of its own (scattered writes).
+        let log = ScriptLog {
+            repeat: true,
+            ..ScriptLog::ranges(vec![(0..800).map(|p| p * PAGE..(p + 1) * PAGE).collect()])
+        };
         let mut m = Migration::new(log, link, flagged_workload(&paused), cfg);
         let report = m.run().unwrap();
         let (_, link, _) = m.into_parts();
@@ -2270,11 +2303,13 @@ mod tests {
         }
         for i in [1, 3, 5] {
             let sample = &link.sends[i].3;
-            // A quarter of the 800 pending pages, single pages spread over all of them.
+            // A quarter of the 800 pending pages, whole runs (here single pages) spread evenly
+            // over all of them: every fourth.
             assert_eq!(sample.len(), 200);
-            assert!(sample.iter().all(|r| r.end - r.start == PAGE));
-            assert_eq!(sample[0].start, 0);
-            assert!(sample[199].start >= 790 * PAGE, "{:?}", sample[199]);
+            for (k, r) in sample.iter().enumerate() {
+                let page = 4 * k as u64 + 3;
+                assert_eq!(*r, page * PAGE..(page + 1) * PAGE);
+            }
             // The round after it sends the rest of the pending pages, and only those.
             let rest = &link.sends[i + 1].3;
             let mut all: Vec<Range<u64>> = rest.iter().chain(sample).cloned().collect();
@@ -2341,6 +2376,24 @@ mod tests {
         let p = report.final_priority.unwrap();
         assert_eq!((p.policy, p.threads, p.not_raised), ("normal", 0, None));
         assert!(link.sends.iter().all(|s| (s.1, s.2) == before));
+    }
+
+    #[test]
+    fn a_rehearsal_takes_whole_short_runs_spread_over_the_pending_ones() {
+        let mib = 1u64 << 20;
+        // Too little pending: no rehearsal.
+        assert!(rehearsal_sample(&[0..mib - PAGE], 4 * mib).is_empty());
+        // Long runs (a region written through) are passed over: no run is split, so each
+        // stays aligned to its region's page size (a 2 MiB hugetlb run stays whole).
+        assert!(rehearsal_sample(&[0..64 * mib], 4 * mib).is_empty());
+        let runs: Vec<Range<u64>> = (0..4096u64)
+            .map(|k| k * 4 * mib..k * 4 * mib + 2 * mib)
+            .collect();
+        let sample = rehearsal_sample(&runs, 16 * mib);
+        assert_eq!(sample.len(), 8);
+        assert!(sample.iter().all(|r| runs.contains(r)));
+        // Spread: the first and the last taken lie far apart.
+        assert!(sample[7].start - sample[0].start > 4000 * mib, "{sample:?}");
     }
 
     #[test]
