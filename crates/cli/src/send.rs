@@ -151,12 +151,16 @@ pub struct RecvArgs {
 /// running, was stopped by someone else during the send (a `kill -STOP`, a shell's job
 /// control, a debugger): it is treated as stopped on entry from then on, so the send never
 /// continues it (`stopped_during_send`). With the throttle's duty cycle running, its stops
-/// cannot be told from someone else's, and the target is continued as usual.
+/// cannot be told from someone else's, and the target is continued as usual. Nor can a stop
+/// of our own: the pause check pauses a target it already paused again (it may have been
+/// continued from outside), and that target is ours to continue.
 struct TargetWorkload {
     control: Option<ProcessControl>,
     pid: i32,
     state: Arc<TargetState>,
     throttled: bool,
+    /// Paused by us and not resumed since.
+    paused: bool,
     stopped_during_send: Arc<std::sync::atomic::AtomicBool>,
     /// The state blob: what the image holds ([`process_image_state`]).
     described: Vec<u8>,
@@ -174,16 +178,19 @@ impl Workload for TargetWorkload {
     type Error = ProcessError;
     fn pause(&mut self) -> Result<(), ProcessError> {
         let ours = self.control.as_ref().is_some_and(|c| c.stopped_on_entry());
-        if !self.throttled && !ours && precopy_migrate::all_stopped(self.pid) {
+        if !self.paused && !self.throttled && !ours && precopy_migrate::all_stopped(self.pid) {
             self.stopped_during_send
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             self.state.set_was_stopped();
             self.control = self.control.take().map(|c| c.stopped_on_entry_if(true));
         }
         self.state.set_stopped_by_us(true);
-        self.control().pause()
+        self.control().pause()?;
+        self.paused = true;
+        Ok(())
     }
     fn resume(&mut self) -> Result<(), ProcessError> {
+        self.paused = false;
         let r = self.control().resume();
         self.state.set_stopped_by_us(self.throttled);
         r
@@ -534,6 +541,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         pid: args.pid,
         state: state.clone(),
         throttled: false,
+        paused: false,
         stopped_during_send: stopped_during_send.clone(),
         described: process_image_state(args.pid),
     };
@@ -955,4 +963,42 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use precopy_migrate::{PauseMethod, ThrottleMethod};
+
+    /// The pause check pauses a target it paused already (one continued from outside must
+    /// stop again): finding it stopped then is no sign of someone else's stop, and the
+    /// target is continued as usual.
+    #[test]
+    fn a_target_paused_twice_by_the_send_is_ours_to_continue() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("running sleep");
+        let pid = child.id() as i32;
+        let stopped_during_send = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut w = TargetWorkload {
+            control: Some(
+                ProcessControl::new(pid, PauseMethod::Signal, ThrottleMethod::None).unwrap(),
+            ),
+            pid,
+            state: Arc::new(TargetState::default()),
+            throttled: false,
+            paused: false,
+            stopped_during_send: stopped_during_send.clone(),
+            described: Vec::new(),
+        };
+        w.pause().unwrap();
+        w.pause().unwrap();
+        w.resume().unwrap();
+        let stopped = precopy_migrate::all_stopped(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!stopped, "the target was left stopped");
+        assert!(!stopped_during_send.load(std::sync::atomic::Ordering::SeqCst));
+    }
 }
