@@ -51,7 +51,8 @@ if n:
     print(f"\nruns {n} (exit codes {sorted(set(rcs))}); load {min(loads):.1f}-{max(loads):.1f}; within limit {ok_lim}/{n}; expected within 20% {ok20}/{n}; downtime min {dts[0]:.1f} median {dts[len(dts)//2]:.1f} max {dts[-1]:.1f} ms")
     print('(exp-act)/act:', ' '.join(f'{x:+.0%}' for x in errs))
 # Per part: how often the expected part was within 0.5 ms of the measured one, and the median miss.
-parts = {'pause': [], 'scan': [], 'verify': [], 'send': [], 'finish': []}
+parts = {'pause': [], 'scan': [], 'verify': [], 'send': [], 'check': [], 'finish': []}
+send_from, raised, rehearsals = {}, {}, []
 for i in sorted(starts):
     try:
         m = json.load(open(os.path.join(out, f'run{i}.json')))['migration']
@@ -60,12 +61,24 @@ for i in sorted(starts):
         continue
     if e is None or f is None:
         continue
+    src = e.get('send_from', 'rounds')
+    send_from[src] = send_from.get(src, 0) + 1
+    p = m.get('final_priority') or {}
+    how = 'not asked' if not p else f"fifo {p['priority']}, {p['threads']} threads" if p.get('threads') else f"{p.get('policy')} (not raised: {p.get('not_raised')})" if p.get('not_raised') else p.get('policy', '?')
+    raised[how] = raised.get(how, 0) + 1
+    rehearsals += [r['throughput'] / 1e6 for r in m['rounds'] if r['kind'] == 'rehearsal']
     for k in parts:
         parts[k].append(exp_part(e, k) - f.get(k + '_ms', 0.0))
 if n:
     print('per part, expected - measured (ms): ' + '; '.join(
         f"{k}: within 0.5 ms in {sum(abs(x) <= 0.5 for x in v)}/{len(v)}, median {sorted(v)[len(v)//2]:+.1f}, worst {max(v, key=abs):+.1f}"
         for k, v in parts.items() if v and (k != 'verify' or any(v))))
+if n:
+    print('expected send from: ' + ', '.join(f'{k} {v}' for k, v in send_from.items())
+          + '; final priority: ' + ', '.join(f'{k}: {v}' for k, v in raised.items()))
+    if rehearsals:
+        rehearsals.sort()
+        print(f'rehearsal rounds: {len(rehearsals)}, throughput min {rehearsals[0]:.0f} median {rehearsals[len(rehearsals)//2]:.0f} max {rehearsals[-1]:.0f} MB/s')
 if scans:
     # Per run: live scans (wall/cpu ms, pages found) and the final scan.
     for i in sorted(starts):

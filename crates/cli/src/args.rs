@@ -152,6 +152,28 @@ pub fn check_max_downtime(ms: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--final-priority`, as `demo` and `send` take it: the scheduling priority of the final
+/// phase's threads (see `precopy_migrate::FinalPriority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PriorityKind {
+    /// `SCHED_FIFO` 1 where permitted (root or `CAP_SYS_NICE`; the report says when it was
+    /// not), restored before the source runs again.
+    Realtime,
+    /// The threads' own.
+    Normal,
+}
+
+impl PriorityKind {
+    /// The driver's setting.
+    pub fn config(self) -> precopy_migrate::FinalPriority {
+        match self {
+            PriorityKind::Realtime => precopy_migrate::FinalPriority::Realtime(1),
+            PriorityKind::Normal => precopy_migrate::FinalPriority::Normal,
+        }
+    }
+}
+
 /// `--final-round-timeout MS`, as `demo` and `send` take it: absent (the driver's default
 /// bound), or 1 ms to one hour.
 pub fn check_final_round_timeout(ms: Option<u64>) -> anyhow::Result<()> {

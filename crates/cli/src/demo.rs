@@ -17,7 +17,7 @@ pub use source::{MemoryBacking, SourceArgs, run as run_source};
 pub use vm::{VmDestArgs, run_dest as run_vm_dest};
 
 use crate::args::{
-    MAX_DOWNTIME_MS, MAX_ROUNDS, Size, available_memory, check_final_round_timeout,
+    MAX_DOWNTIME_MS, MAX_ROUNDS, PriorityKind, Size, available_memory, check_final_round_timeout,
     check_image_path, check_max_downtime, check_max_rounds, count_in, cpus, human, invalid,
     parse_count, parse_size,
 };
@@ -27,9 +27,9 @@ use crate::progress::{self, Progress};
 use anyhow::{Context, Result, bail};
 use precopy_backends::BackendKind;
 use precopy_migrate::{
-    AfterMigration, DirtyLog, FinalPriority, LimitPolicy, Migration, MigrationConfig,
-    MigrationReport, PauseMethod, ProcessControl, ReconnectConfig, ThrottleMethod,
-    TransferTransport, UffdDirtyLog, adopt_process_uffd,
+    AfterMigration, DirtyLog, LimitPolicy, Migration, MigrationConfig, MigrationReport,
+    PauseMethod, ProcessControl, ReconnectConfig, ThrottleMethod, TransferTransport, UffdDirtyLog,
+    adopt_process_uffd,
 };
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_tracker::Tracker;
@@ -192,16 +192,6 @@ enum Policy {
 enum PauseKind {
     Signal,
     Freezer,
-}
-
-/// The final phase's scheduling priority (`--final-priority`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-enum PriorityKind {
-    /// `SCHED_FIFO` 1 where permitted (the report says when it was not).
-    Realtime,
-    /// The threads' own.
-    Normal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -1155,10 +1145,7 @@ fn migrate<K: Sink>(
         after: AfterMigration::Stop,
         final_round_timeout: args.final_round_timeout.map(Duration::from_millis),
         reconnect: reconnect_config(args),
-        final_priority: match args.final_priority {
-            PriorityKind::Realtime => FinalPriority::Realtime(1),
-            PriorityKind::Normal => FinalPriority::Normal,
-        },
+        final_priority: args.final_priority.config(),
         ..MigrationConfig::default()
     };
     config.throttle.enabled = throttle_allowed(args.no_throttle, plan.throttle);

@@ -10,7 +10,7 @@
 //! Ctrl-C or `SIGTERM` (see `interrupt`), the target is left running.
 
 use crate::args::{
-    Dest, MAX_DOWNTIME_MS, MAX_ROUNDS, check_final_round_timeout, check_image_path,
+    Dest, MAX_DOWNTIME_MS, MAX_ROUNDS, PriorityKind, check_final_round_timeout, check_image_path,
     check_max_downtime, check_max_rounds, check_not_self, count_in, invalid, parse_dest, parse_pid,
     read_key,
 };
@@ -107,6 +107,11 @@ pub struct SendArgs {
     /// [default: 10 × --max-downtime, at least 5 s, or twice the expected downtime if more].
     #[arg(long, value_name = "MS", value_parser = count_in(1, MAX_DOWNTIME_MS), allow_hyphen_values = true)]
     final_round_timeout: Option<u64>,
+    /// Scheduling priority of the final phase's threads (this process's driver, writers and
+    /// watchers), from stopping the target to the acknowledgement and in the pause probes
+    /// that rehearse it; restored before the target runs again.
+    #[arg(long, value_enum, default_value_t = PriorityKind::Realtime)]
+    final_priority: PriorityKind,
     /// Replace a file at the image's path (file:PATH) that is not a precopy image; without
     /// it such a file is refused (an image, or an empty file, is replaced either way).
     #[arg(long)]
@@ -555,6 +560,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         timeout,
         timeout_policy: LimitPolicy::Abort,
         final_round_timeout: args.final_round_timeout.map(Duration::from_millis),
+        final_priority: args.final_priority.config(),
         ..MigrationConfig::default()
     };
     config.throttle.enabled = args.throttle != SendThrottle::None;
