@@ -662,18 +662,6 @@ impl fmt::Display for MigrationReport {
         if let Some(b) = self.final_round_bound {
             writeln!(f, "final-round bound: {}", msf(b))?;
         }
-        match &self.final_priority {
-            Some(PriorityReport {
-                not_raised: Some(why),
-                ..
-            }) => writeln!(f, "final priority: not raised: {why}")?,
-            Some(p) if p.threads > 0 => writeln!(
-                f,
-                "final priority: SCHED_FIFO {} for {} thread(s) from the pause to the acknowledgement",
-                p.priority, p.threads
-            )?,
-            _ => {}
-        }
         if self.reconnects > 0 {
             writeln!(f, "reconnects:    {}", self.reconnects)?;
         }
@@ -695,6 +683,18 @@ impl fmt::Display for MigrationReport {
         }
         if let Some(n) = &self.downtime_note {
             writeln!(f, "               note: {n}")?;
+        }
+        match &self.final_priority {
+            Some(PriorityReport {
+                not_raised: Some(why),
+                ..
+            }) => writeln!(f, "final priority: not raised: {why}")?,
+            Some(p) if p.threads > 0 => writeln!(
+                f,
+                "final priority: SCHED_FIFO {} for {} thread(s) from the pause to the acknowledgement",
+                p.priority, p.threads
+            )?,
+            _ => {}
         }
         if let Some(c) = self.pause_check.filter(|c| c.pages > 0) {
             writeln!(
