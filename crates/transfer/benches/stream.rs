@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput};
+use nix::sys::socket::sockopt::TcpCongestion;
 use precopy_sys::live::{Gather, write_all_gather};
 use precopy_sys::mem::Mapping;
 use precopy_sys::splice::{SplicePipe, Spliced};
@@ -143,6 +144,11 @@ fn tcp_listener() -> Listener {
     .unwrap()
 }
 
+/// The congestion control the sender's TCP connections are switched to after
+/// `Connection::connect_tcp` chose its loopback one (`*_bbr` configurations:
+/// what a system default of BBR gave before).
+static SENDER_CC: Mutex<Option<&str>> = Mutex::new(None);
+
 fn pair(net: Net, dir: &std::path::Path, streams: usize) -> (Listener, Vec<Connection>) {
     match net {
         Net::Tcp => {
@@ -150,7 +156,17 @@ fn pair(net: Net, dir: &std::path::Path, streams: usize) -> (Listener, Vec<Conne
             let Listener::Tcp(t) = &l else { unreachable!() };
             let addr = t.local_addr().unwrap();
             let conns = (0..streams)
-                .map(|_| Connection::connect_tcp(addr).unwrap())
+                .map(|_| {
+                    let c = Connection::connect_tcp(addr).unwrap();
+                    if let Some(cc) = *SENDER_CC.lock().unwrap()
+                        && let Connection::Tcp(s) = &c
+                    {
+                        let cc = std::ffi::OsString::from(cc);
+                        nix::sys::socket::setsockopt(s, TcpCongestion, &cc)
+                            .unwrap_or_else(|e| panic!("congestion control {cc:?}: {e}"));
+                    }
+                    c
+                })
                 .collect();
             (l, conns)
         }
@@ -541,6 +557,10 @@ fn engine_configs(net: Net, full: bool) -> Vec<(String, SenderConfig)> {
         }
     }
     if matches!(net, Net::Tcp) {
+        // The sender's connection with BBR (a common system default) instead
+        // of the loopback choice (`LOOPBACK_CONGESTION_CONTROL`); any
+        // configuration's name with `_bbr` appended does the same.
+        configs.push(("own_bbr".into(), base_config.clone()));
         configs.push(("engine_lz4".into(), with(Compression::Lz4, 1)));
         configs.push(("engine_zstd1".into(), with(Compression::Zstd(1), 1)));
         configs.push(("engine_2streams_lz4".into(), with(Compression::Lz4, 2)));
@@ -563,6 +583,8 @@ impl Ctx<'_> {
     /// time it took.
     fn run(&mut self, net: Net, name: &str) -> Duration {
         let (cname, _) = name.split_once('/').unwrap();
+        *SENDER_CC.lock().unwrap() = cname.ends_with("_bbr").then_some("bbr");
+        let cname = cname.trim_end_matches("_bbr");
         let cpu = cpu_seconds();
         let d = match cname {
             "raw" => raw_copy(net, self.dir, self.map, self.raw_dest),
