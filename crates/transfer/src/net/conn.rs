@@ -23,11 +23,12 @@ use crate::error::TransferError;
 /// The receiver's socket thread then does the sender's transmit work on top of its copy and page
 /// hash, and it is the thread that bounds the stream. Reno (or CUBIC) without losses leaves the
 /// window growing, so the sender sends on its own thread. Measured with the stream bench, one
-/// own-memory stream against the raw TCP copy with all threads under `SCHED_FIFO` (a quiet
-/// machine's scheduling): 0.57–0.75× raw at 1.30–1.48× its CPU with BBR, 0.79–0.88× at
-/// 0.97–1.20× with reno, in five runs (BENCHMARKS.md, "Where the spliced copy's receiver
-/// spends"); the raw copy's own speed did not change. Connections to other hosts keep the
-/// system's choice.
+/// own-memory stream against the raw TCP copy with all threads under `SCHED_FIFO` (no thread
+/// waiting for a CPU on a loaded machine): 0.57–0.75× raw at 1.30–1.48× its CPU with BBR,
+/// 0.79–0.88× at 0.97–1.20× with reno, in five runs; on a nearly idle machine with ordinary
+/// scheduling no difference was measured (both ~0.6×; BENCHMARKS.md, "Where the spliced copy's
+/// receiver spends"). The raw copy's own speed did not change. Connections to other hosts keep
+/// the system's choice.
 pub const LOOPBACK_CONGESTION_CONTROL: &str = "reno";
 
 /// Sets up a new TCP connection: `TCP_NODELAY`, and over loopback
