@@ -345,6 +345,10 @@ pub struct Args {
     /// Test hook: SIGKILL the destination once the migration completed, before its report.
     #[arg(long, hide = true)]
     kill_dest_before_report: bool,
+    /// Test hook: SIGCONT the source once the migration completed, before the comparison (as
+    /// someone continuing it from outside would).
+    #[arg(long, hide = true)]
+    continue_source_after_commit: bool,
     #[command(flatten)]
     vm: vm::VmArgs,
 }
@@ -894,6 +898,41 @@ struct Verification {
     compared_bytes: u64,
     mismatched_pages: u64,
     first_mismatch: Option<u64>,
+    /// Why the comparison is void: the source did not stay frozen while it ran (continued
+    /// from outside after the commit). `None`: it stayed frozen.
+    source_not_frozen: Option<String>,
+}
+
+/// The source as the commit left it, for [`verify`]: comparing its memory with the copy means
+/// something only while it stays frozen.
+#[derive(Clone)]
+struct Frozen<'a> {
+    pid: i32,
+    /// Paused with `SIGSTOP` (`--pause signal`): every thread must still be stopped.
+    by_signal: bool,
+    /// Where the writers keep their records (each one's count of completed writes).
+    records: Range<u64>,
+    /// Those records as sent at the commit (the state blob).
+    committed: &'a [u8],
+}
+
+impl Frozen<'_> {
+    /// Why the source is not as the commit left it, if it is not.
+    fn disturbed(&self) -> Option<String> {
+        if self.by_signal && !precopy_migrate::all_stopped(self.pid) {
+            return Some("it is running again: continued from outside (SIGCONT)".to_owned());
+        }
+        let mut now = vec![0u8; (self.records.end - self.records.start) as usize];
+        match ProcessMemory::new(self.pid)
+            .read_ranges(std::slice::from_ref(&self.records), &mut now)
+        {
+            Ok(()) if now == self.committed => None,
+            Ok(()) => {
+                Some("its writers' records changed since the commit: it ran and wrote".to_owned())
+            }
+            Err(e) => Some(format!("its writers' records could not be read again: {e}")),
+        }
+    }
 }
 
 /// Where the copy is, for [`verify`].
@@ -902,14 +941,16 @@ enum Copy<'a> {
     Image(&'a precopy_transfer::Image),
 }
 
-/// Compares source memory (stopped) with the copy, in chunks, showing progress.
+/// Compares source memory (stopped) with the copy, in chunks, showing progress. A source that
+/// did not stay frozen before or during the comparison voids it (`source_not_frozen`).
 fn verify(
-    src_pid: i32,
+    frozen: &Frozen<'_>,
     src: u64,
     copy: Copy<'_>,
     len: u64,
     progress: &Progress,
 ) -> Result<Verification> {
+    let src_pid = frozen.pid;
     const CHUNK: u64 = 8 << 20;
     let mut a = ProcessMemory::new(src_pid);
     let mut ba = vec![0u8; CHUNK as usize];
@@ -923,6 +964,7 @@ fn verify(
         compared_bytes: 0,
         mismatched_pages: 0,
         first_mismatch: None,
+        source_not_frozen: frozen.disturbed(),
     };
     let started = Instant::now();
     let show = |done: u64, differ: u64| {
@@ -973,7 +1015,11 @@ fn verify(
         progress.update(show(off, v.mismatched_pages));
     }
     progress.phase(show(off, v.mismatched_pages));
-    v.verified = v.mismatched_pages == 0 && v.compared_bytes == len;
+    if v.source_not_frozen.is_none() {
+        v.source_not_frozen = frozen.disturbed();
+    }
+    v.verified =
+        v.mismatched_pages == 0 && v.compared_bytes == len && v.source_not_frozen.is_none();
     Ok(v)
 }
 
@@ -1409,6 +1455,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
         read: Arc::new(AtomicU64::new(0)),
     };
 
+    // What the comparison checks the source against: still as the commit left it.
+    let frozen = Frozen {
+        pid,
+        by_signal: args.pause == PauseKind::Signal,
+        records: state_addr..state_addr + state_len,
+        committed: &[],
+    };
+    let continue_source = || {
+        if args.continue_source_after_commit {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+    };
     // The writers' records that arrived as state, checked against the copy's memory.
     let mut state: Option<StateCheck> = None;
     // Why a completed migration's copy could not be compared (the destination went away,
@@ -1445,7 +1506,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
                                 Some(u64::from_ne_bytes(word.try_into().ok()?))
                             })
                         }));
-                        verify(pid, addr, Copy::Image(&img), len, &progress)
+                        continue_source();
+                        let frozen = Frozen {
+                            committed: &blob,
+                            ..frozen.clone()
+                        };
+                        verify(&frozen, addr, Copy::Image(&img), len, &progress)
                     })()
                     .map_err(|e| compare_error = Some(e))
                     .ok(),
@@ -1576,7 +1642,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
                             pid: dest.pid(),
                             addr: r.addr,
                         };
-                        let v = verify(pid, addr, copy, len, &progress)?;
+                        continue_source();
+                        let frozen = Frozen {
+                            committed: &blob,
+                            ..frozen.clone()
+                        };
+                        let v = verify(&frozen, addr, copy, len, &progress)?;
                         anyhow::Ok((r, v))
                     })() {
                         Ok((r, v)) => (Some(r), Some(v), None),
@@ -1639,6 +1710,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     .context("migration failed"),
             )
         }
+        (Ok(_), Some(v)) if v.source_not_frozen.is_some() => Some(
+            anyhow::anyhow!(
+                "the source did not stay frozen after the commit ({}), so comparing its memory with the copy says nothing about the copy",
+                v.source_not_frozen.as_deref().unwrap_or_default()
+            )
+            .context("the copy could not be verified"),
+        ),
         (Ok(_), Some(v)) if !v.verified => Some(anyhow::anyhow!(
             "{} page(s) of the copy differ from the source's frozen memory, the first at offset {:#x}",
             v.mismatched_pages,
@@ -1808,6 +1886,13 @@ fn print_text(
             "verified: the {} equals the source's frozen memory byte for byte ({})",
             v.against,
             human(v.compared_bytes)
+        )?,
+        Some(Verification {
+            source_not_frozen: Some(why),
+            ..
+        }) => writeln!(
+            out,
+            "NOT verified: the source did not stay frozen after the commit ({why}); the comparison is void"
         )?,
         Some(v) => writeln!(
             out,

@@ -238,6 +238,37 @@ fn destination_killed_after_the_commit_fails_with_the_report() {
     assert!(!err.contains("source process"), "{err}");
 }
 
+/// Someone continues the source (`SIGCONT`) once the migration committed, before the demo
+/// compares the memories: the comparison is void and the demo says so, blaming the source, not
+/// the copy, and still fails (it could not verify). Into a destination and into an image.
+#[test]
+fn a_source_continued_after_the_commit_voids_the_comparison_and_says_why() {
+    if !engine_usable() {
+        return;
+    }
+    let image =
+        std::env::temp_dir().join(format!("precopy-demo-continued-{}.img", std::process::id()));
+    let to = format!("file:{}", image.display());
+    for extra in [&[][..], &["--to", to.as_str()][..]] {
+        let mut args = vec!["--continue-source-after-commit"];
+        args.extend_from_slice(extra);
+        let (ok, v) = demo(&args);
+        let _ = std::fs::remove_file(&image);
+        assert!(!ok, "{extra:?}: must exit non-zero: {v}");
+        assert_eq!(v["migration"]["status"], "completed", "{v}");
+        assert_eq!(v["verified"], false, "{v}");
+        assert!(v["verification"]["source_not_frozen"].is_string(), "{v}");
+        let chain = v["error"]["chain"].as_array().expect("an error chain");
+        assert_eq!(chain[0], "the copy could not be verified", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("did not stay frozen after the commit"),
+            "{msg}"
+        );
+        assert!(!msg.contains("differ"), "{msg}");
+    }
+}
+
 /// The report's settings name the flags that shape the run, as typed, defaults resolved.
 #[test]
 fn settings_name_the_flags_that_shape_the_run() {
