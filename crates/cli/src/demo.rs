@@ -692,16 +692,52 @@ struct Proc {
     child: Child,
     /// Lines of its stdout, read on a thread of their own so a wait can be bounded.
     lines: std::sync::mpsc::Receiver<String>,
+    /// Its stderr, held back until it has started ([`Proc::started`]) and passed on after.
+    stderr: Arc<Mutex<ChildStderr>>,
+    /// Closed when its stderr reached its end.
+    stderr_done: std::sync::mpsc::Receiver<()>,
 }
+
+/// A child's stderr lines: until it has said it started, kept (a child that fails to start
+/// says why there, and that becomes the cause of the demo's one error); then passed on.
+#[derive(Default)]
+struct ChildStderr {
+    started: bool,
+    held: Vec<String>,
+}
+
+/// Most held-back stderr lines of a child that has not started yet.
+const HELD_STDERR_LINES: usize = 64;
 
 impl Proc {
     fn spawn(name: &'static str, mut cmd: Command) -> Result<Proc> {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting the {name} process"))?;
+        let err = BufReader::new(child.stderr.take().context("child stderr")?);
+        let stderr: Arc<Mutex<ChildStderr>> = Arc::default();
+        let (done_tx, stderr_done) = std::sync::mpsc::channel::<()>();
+        let held = stderr.clone();
+        std::thread::Builder::new()
+            .name(format!("{name}-stderr"))
+            .spawn(move || {
+                let _done = done_tx;
+                for line in err.lines() {
+                    let Ok(line) = line else { break };
+                    let mut h = held
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if h.started {
+                        crate::output::errln!("{line}");
+                    } else if h.held.len() < HELD_STDERR_LINES {
+                        h.held.push(line);
+                    }
+                }
+            })
+            .context("starting a reader thread")?;
         let out = BufReader::new(child.stdout.take().context("child stdout")?);
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -715,7 +751,45 @@ impl Proc {
                 }
             })
             .context("starting a reader thread")?;
-        Ok(Proc { name, child, lines })
+        Ok(Proc {
+            name,
+            child,
+            lines,
+            stderr,
+            stderr_done,
+        })
+    }
+
+    /// It said it started: what it wrote to stderr so far (warnings) is passed on, and the rest
+    /// as it comes.
+    fn started(&self) {
+        let mut h = self
+            .stderr
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        h.started = true;
+        for line in h.held.drain(..) {
+            crate::output::errln!("{line}");
+        }
+    }
+
+    /// The error of a child that ended before saying `tag`: its own error (the last line it
+    /// wrote to stderr, waited for a moment) is the cause, so the demo reports one chain.
+    fn ended_before(&self, tag: &str) -> anyhow::Error {
+        let _ = self.stderr_done.recv_timeout(Duration::from_secs(1));
+        let h = self
+            .stderr
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let outer = format!("{} process exited before saying {tag}", self.name);
+        match h.held.iter().rev().find(|l| !l.trim().is_empty()) {
+            Some(last) => {
+                let cause = last.trim();
+                let cause = cause.strip_prefix("precopy: error: ").unwrap_or(cause);
+                anyhow::anyhow!("{cause}").context(outer)
+            }
+            None => anyhow::anyhow!(outer),
+        }
     }
 
     /// The next line, which must start with `tag`; its other words.
@@ -733,7 +807,7 @@ impl Proc {
                 "{} process said nothing within {limit:?} (stopped, or still waiting for a sender to resume)",
                 self.name
             ),
-            Err(_) => bail!("{} process exited before saying {tag}", self.name),
+            Err(_) => Err(self.ended_before(tag)),
         }
     }
 
@@ -746,7 +820,7 @@ impl Proc {
                 self.name,
                 line.trim_start_matches("FAILED").trim()
             ),
-            _ => bail!("{} process exited before saying {tag}", self.name),
+            _ => Err(self.ended_before(tag)),
         }
     }
 
@@ -781,6 +855,9 @@ impl Drop for Proc {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        // Its last stderr lines, passed on before the demo's report (bounded: a grandchild
+        // may still hold the pipe).
+        let _ = self.stderr_done.recv_timeout(Duration::from_millis(500));
     }
 }
 
@@ -1360,6 +1437,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         progress.phase("starting the destination process");
         let listening = Proc::spawn("destination", cmd).and_then(|mut d| {
             let words = d.expect("LISTENING")?;
+            d.started();
             Ok((d, words))
         });
         let _ = std::fs::remove_file(&key_path);
@@ -1394,6 +1472,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ));
     };
     let words = ticking(tick, || source.expect("READY"))?;
+    source.started();
     let (pid, addr, len, fd, counters): (i32, u64, u64, i32, u64) = (
         num(&words, 0)?,
         num(&words, 1)?,
