@@ -158,17 +158,34 @@ pub fn raise_threads(tids: &[Tid], policy: i32, priority: i32) -> io::Result<Rai
     Ok(raised)
 }
 
-/// The thread IDs of process `pid` (`/proc/PID/task`).
+/// The thread IDs of process `pid` (`/proc/PID/task`), sorted.
+///
+/// The kernel lists `/proc/PID/task` by position, so a thread that exits while the directory
+/// is read can make a live thread after it be skipped (seen here: the calling thread missing
+/// from its own process's list while other threads exited). So the directory is read until a
+/// reading adds no thread to the ones already seen (at most [`LISTINGS`] readings), and the
+/// union is returned: it may name a thread that has exited since (callers meet `ESRCH`), and a
+/// live thread is missed only if every reading skipped it.
 pub fn process_threads(pid: i32) -> io::Result<Vec<Tid>> {
-    let mut tids = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        if let Some(tid) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
-            tids.push(tid);
+    let mut tids: Vec<Tid> = Vec::new();
+    for _ in 0..LISTINGS {
+        let before = tids.len();
+        for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            if let Some(tid) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
+                tids.push(tid);
+            }
+        }
+        tids.sort_unstable();
+        tids.dedup();
+        if before > 0 && tids.len() == before {
+            break;
         }
     }
-    tids.sort_unstable();
     Ok(tids)
 }
+
+/// How many times [`process_threads`] reads `/proc/PID/task` at most.
+pub const LISTINGS: usize = 4;
 
 #[cfg(test)]
 mod tests {
