@@ -3,10 +3,15 @@
 //! handler thread reads the fault message, records the page and un-protects it (which wakes the
 //! writer). A collection swaps the recorded pages out and write-protects them again.
 //!
-//! The handler un-protects **first**, records **second** and wakes the writer **last**; a
-//! collection takes the records **first** and re-protects **second**. So a page is never left
-//! writable with no record, a store that has completed is already on record, and a write racing
-//! a collection is reported in it or in the next one.
+//! The handler's *open* (un-protect a page, record it) and a collection's *take and close*
+//! (swap the records out, re-protect what it took) exclude each other (a mutex held across
+//! each), and the handler wakes the writer only after its open. So whenever neither runs, every
+//! writable page is on record: a store to a page another thread's fault just opened (it
+//! completes without faulting) is on record before the next collection can begin, a store that
+//! has completed is on record, and a write racing a collection is reported in it or in the next
+//! one. (Un-protect and record without the mutex left a gap: a second thread's store could
+//! complete on the opened page, unrecorded, while the handler was preempted between the two,
+//! and any number of collections could pass before the record.)
 //!
 //! # Writes by the kernel
 //! A fault the kernel takes while copying into tracked memory (`read(2)` into a buffer there)
@@ -48,6 +53,9 @@ struct Shared {
     stop: AtomicBool,
     faults: AtomicU64,
     error: Mutex<Option<io::Error>>,
+    /// Held across the handler's open (un-protect, record) and a collection's take and close
+    /// (swap, re-protect): see the module docs.
+    section: Mutex<()>,
 }
 
 impl Shared {
@@ -59,6 +67,10 @@ impl Shared {
             let i = (addr - t.range.start) / self.page;
             t.bits[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::AcqRel);
         }
+    }
+
+    fn section(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.section.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn fail(&self, e: io::Error) {
@@ -85,8 +97,9 @@ impl Shared {
             }
             for &addr in &addrs {
                 let page = addr & !(self.page - 1);
-                // Un-protect first, record second, wake the writer last: once its store
-                // completes, the page is on record for the next collection.
+                // Un-protect and record inside the section, wake the writer after it: no
+                // collection sees the page open and unrecorded.
+                let section = self.section();
                 loop {
                     match track::unprotect_no_wake(self.fd.as_fd(), page, self.page) {
                         Ok(()) => break,
@@ -98,6 +111,7 @@ impl Shared {
                     }
                 }
                 self.record(page);
+                drop(section);
                 if let Err(e) = track::wake(self.fd.as_fd(), page, self.page) {
                     self.fail(e);
                 }
@@ -237,8 +251,8 @@ impl DirtyLog for UffdSync {
         }
     }
 
-    /// With a user-mode-only fd: un-protects the pages and records them, in the handler's
-    /// order (un-protect first, record second), so the kernel's copy finds them writable and
+    /// With a user-mode-only fd: un-protects the pages and records them the way the handler
+    /// does (inside the section a collection also holds), so the kernel's copy finds them writable and
     /// the next collection reports and protects them again. With kernel faults handled, only
     /// checks the range.
     fn prepare_kernel_write(&self, range: Range<u64>) -> Result<()> {
@@ -261,6 +275,7 @@ impl DirtyLog for UffdSync {
             end,
             source,
         };
+        let section = shared.section();
         loop {
             match track::unprotect_no_wake(shared.fd.as_fd(), start, end - start) {
                 Ok(()) => break,
@@ -271,6 +286,7 @@ impl DirtyLog for UffdSync {
         for addr in (start..end).step_by(page as usize) {
             shared.record(addr);
         }
+        drop(section);
         // A thread of ours may already wait on a fault there: let it go on.
         track::wake(shared.fd.as_fd(), start, end - start).map_err(fail)
     }
@@ -335,6 +351,7 @@ impl DirtyLog for UffdSync {
             stop: AtomicBool::new(false),
             faults: AtomicU64::new(0),
             error: Mutex::new(None),
+            section: Mutex::new(()),
         });
         let serve = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -368,6 +385,8 @@ impl DirtyLog for UffdSync {
         let page = shared.page;
         let first = out.len();
         let mut calls = 0;
+        // Take and close with no handler's open in between: see the module docs.
+        let _section = shared.section();
         for t in &shared.ranges {
             let from = out.len();
             // Take the records first, re-protect second.
@@ -391,14 +410,24 @@ impl DirtyLog for UffdSync {
                     }
                 })
             };
-            if out.len() - from > WHOLE_RANGE_ABOVE {
-                protect(t.range.start, t.range.end)?;
+            let closed = if out.len() - from > WHOLE_RANGE_ABOVE {
                 calls += 1;
+                protect(t.range.start, t.range.end)
             } else {
-                for r in &out[from..] {
-                    protect(r.start, r.end)?;
+                out[from..].iter().try_for_each(|r| {
                     calls += 1;
+                    protect(r.start, r.end)
+                })
+            };
+            if let Err(e) = closed {
+                // Every page taken goes back on record (some may be writable now): nothing is
+                // appended, and the next collection reports them all.
+                for r in out.drain(first..) {
+                    for addr in (r.start..r.end).step_by(page as usize) {
+                        shared.record(addr);
+                    }
                 }
+                return Err(e);
             }
         }
         let mut stats = CollectStats::count(&out[first..], page);

@@ -88,8 +88,9 @@ fn quiescent_rounds_report_every_written_page() {
 fn writes_racing_a_collection_land_in_it_or_the_next() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let page = precopy_sys::page_size();
-    let n = 512u64;
-    for kind in usable() {
+    // Spread over many pages, and crowded on a few (where one thread's fault opens a page the
+    // other thread stores to without faulting).
+    for (kind, n) in usable().into_iter().flat_map(|k| [(k, 512u64), (k, 8)]) {
         let mem = Arc::new(Mapping::new(Backing::AnonPrivate, n * page, 0, Thp::NoHuge).unwrap());
         mem.fill(0, n * page, 1).unwrap();
         let mut b = open(kind, &[mem.range()]).unwrap();
@@ -144,12 +145,12 @@ fn writes_racing_a_collection_land_in_it_or_the_next() {
             let seen = (lo..=hi).any(|k| reports.get(k).is_some_and(|r| r.contains(p)));
             assert!(
                 seen,
-                "{kind}: page {p} written between collections {lo} and {} was lost",
+                "{kind}: page {p} of {n} written between collections {lo} and {} was lost",
                 after + 1
             );
         }
         eprintln!(
-            "{kind}: {} racing writes over {} collections, none lost",
+            "{kind}: {} racing writes to {n} pages over {} collections, none lost",
             logs.len(),
             reports.len() - 1
         );
