@@ -30,7 +30,17 @@
 //! the named configurations in turn instead of one after the other, N rounds
 //! of one transfer each, and prints the median (and range) of the per-round
 //! ratios against the first name: each ratio compares transfers seconds
-//! apart, under the same load.
+//! apart, under the same load. It also prints, per engine configuration,
+//! each engine thread's CPU time and time waiting for a CPU (s/GiB), and how
+//! often it was switched out and moved to another CPU (medians per transfer):
+//! the sending thread, its writer (`precopy-send-0`) and the receiver's
+//! socket thread, read from `/proc/self/task` when the round is sent.
+//!
+//! `PRECOPY_BENCH_PIN=R,S[,W]` pins the receiving threads to CPU R and the
+//! sending threads to CPU S (the engine's writer to W if given), to tell
+//! apart what each placement of the two ends costs. `PRECOPY_BENCH_THP=1`
+//! asks for transparent huge pages (`MADV_HUGEPAGE`) on the source, the
+//! raw copy's destination and the `MemorySink`'s memory.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -82,7 +92,12 @@ fn record(name: &str, d: Duration) {
 /// Page-aligned source memory (an anonymous mapping, like a guest's RAM) and
 /// a copy of its contents for checking what arrived.
 fn source_memory(bytes: usize) -> (Arc<Mapping>, Vec<u8>) {
-    let m = Mapping::anonymous(bytes as u64).unwrap();
+    let m = if thp() {
+        use precopy_sys::mem::{Backing, Thp};
+        Mapping::new(Backing::AnonPrivate, bytes as u64, 2 << 20, Thp::Huge).unwrap()
+    } else {
+        Mapping::anonymous(bytes as u64).unwrap()
+    };
     let mut v = vec![0u8; bytes];
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for (i, page) in v.chunks_mut(PS as usize).enumerate() {
@@ -189,9 +204,15 @@ fn raw_copy(net: Net, dir: &std::path::Path, src: &Arc<Mapping>, dest: &mut [u8]
     let conn = conns.pop().unwrap();
     let mut peer = listener.accept().unwrap();
     let all = LivePages::new(src.clone(), src.range()).unwrap();
+    if let Some((r, _)) = pin() {
+        pin_to(0, r);
+    }
     let start = Instant::now();
     std::thread::scope(|s| {
         s.spawn(move || {
+            if let Some((_, w)) = pin() {
+                pin_to(0, w);
+            }
             let piece = 64 * PS;
             let mut at = 0;
             while at < all.len() {
@@ -287,6 +308,81 @@ impl std::ops::Sub for Sched {
         }
     }
 }
+
+/// A thread of this process: time on a CPU and waiting for one (seconds),
+/// and how often it was switched out and moved to another CPU
+/// (`/proc/self/task/TID/schedstat` and `sched`).
+#[derive(Clone, Copy, Default, Debug)]
+struct TaskTimes {
+    sched: Sched,
+    switches: f64,
+    migrations: f64,
+}
+
+fn task_times(tid: i32) -> Option<TaskTimes> {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    let mut f = s
+        .split_whitespace()
+        .map(|x| x.parse::<f64>().unwrap() * 1e-9);
+    let sched = Sched {
+        cpu: f.next()?,
+        wait: f.next()?,
+    };
+    let d = std::fs::read_to_string(format!("/proc/self/task/{tid}/sched")).ok()?;
+    let field = |name: &str| {
+        d.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Some(TaskTimes {
+        sched,
+        switches: field("nr_switches"),
+        migrations: field("se.nr_migrations"),
+    })
+}
+
+/// This process's threads other than `skip`, with their names.
+fn tasks(skip: &[i32]) -> Vec<(i32, String)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(tid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if skip.contains(&tid) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        v.push((tid, comm.trim().to_owned()));
+    }
+    v
+}
+
+/// `PRECOPY_BENCH_PIN=R,S`: the receiving threads on CPU R, the sending
+/// threads on CPU S (raw: the bench's reader and writer; engine: the
+/// receiver's threads, and the sending thread with its writer).
+fn pin() -> Option<(usize, usize)> {
+    let v = std::env::var("PRECOPY_BENCH_PIN").ok()?;
+    let mut it = v.split(',').map(|x| x.parse().unwrap());
+    Some((it.next().unwrap(), it.next().unwrap()))
+}
+
+/// The engine's writer's CPU: the third of `PRECOPY_BENCH_PIN=R,S,W`.
+fn pin_writer() -> Option<usize> {
+    let v = std::env::var("PRECOPY_BENCH_PIN").ok()?;
+    v.split(',').nth(2).map(|x| x.parse().unwrap())
+}
+
+fn pin_to(tid: i32, cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set).unwrap();
+}
+
+/// Per-thread times of the engine's transfers: the sending thread, its
+/// writer, the receiver's socket thread.
+static ENGINE_THREADS: Mutex<BTreeMap<String, Vec<[TaskTimes; 3]>>> = Mutex::new(BTreeMap::new());
 
 /// Per-thread times of the ladder's transfers (sender, receiver).
 static THREADS: Mutex<BTreeMap<String, Vec<(Sched, Sched)>>> = Mutex::new(BTreeMap::new());
@@ -435,12 +531,25 @@ fn engine_copy(
     own: bool,
     dest: &mut MemorySink,
     config: &SenderConfig,
-) -> (Duration, Duration, u64) {
+) -> (Duration, Duration, u64, [TaskTimes; 3]) {
     let (listener, conns) = pair(net, dir, config.streams);
     let base = src.addr();
     let layout = Layout::single(PS, base, src.len()).unwrap();
+    let main_tid = nix::unistd::gettid().as_raw();
+    let rx_tid = std::sync::atomic::AtomicI32::new(0);
+    if let Some((_, w)) = pin() {
+        pin_to(0, w);
+    }
     std::thread::scope(|s| {
+        let rx_tid = &rx_tid;
         let rx = s.spawn(move || {
+            if let Some((r, _)) = pin() {
+                pin_to(0, r);
+            }
+            rx_tid.store(
+                nix::unistd::gettid().as_raw(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let config = ReceiverConfig {
                 key: bench_key(),
                 ..ReceiverConfig::default()
@@ -449,18 +558,50 @@ fn engine_copy(
             rx.run(dest).unwrap()
         });
         let start = Instant::now();
+        let main0 = task_times(main_tid).unwrap();
         let source: Box<dyn PageSource + Send> = if own {
             Box::new(OwnMemory::new([src.clone()]))
         } else {
             Box::new(ProcessMemory::current())
         };
         let mut tx = Sender::connect(conns, layout, source, config).unwrap();
+        if let Some(w) = pin_writer() {
+            for (tid, comm) in tasks(&[main_tid]) {
+                if comm.starts_with("precopy-send") {
+                    pin_to(tid, w);
+                }
+            }
+        }
         let sent = tx.send_round(&[base..base + src.len()]).unwrap();
         let streamed = start.elapsed();
+        // Every thread's times before the end of the transfer (the writer
+        // and the receiver's socket thread end with it).
+        let main1 = task_times(main_tid).unwrap();
+        let skip = [main_tid, rx_tid.load(std::sync::atomic::Ordering::Relaxed)];
+        let mut times = [TaskTimes::default(); 3];
+        times[0] = TaskTimes {
+            sched: main1.sched - main0.sched,
+            switches: main1.switches - main0.switches,
+            migrations: main1.migrations - main0.migrations,
+        };
+        for (tid, comm) in tasks(&skip) {
+            let Some(t) = task_times(tid) else { continue };
+            let slot = if comm.starts_with("precopy-send") {
+                1
+            } else if comm.starts_with("precopy-") {
+                continue;
+            } else {
+                2
+            };
+            times[slot].sched.cpu += t.sched.cpu;
+            times[slot].sched.wait += t.sched.wait;
+            times[slot].switches += t.switches;
+            times[slot].migrations += t.migrations;
+        }
         tx.finish(FinalCheck::Recorded).unwrap();
         let total = start.elapsed();
         rx.join().unwrap();
-        (streamed, total, sent.bytes_on_wire)
+        (streamed, total, sent.bytes_on_wire, times)
     })
 }
 
@@ -630,8 +771,14 @@ impl Ctx<'_> {
                 self.dest.clear().expect("clearing destination memory");
                 let cpu = cpu_seconds();
                 let own = cname.starts_with("own");
-                let (streamed, done, wire) =
+                let (streamed, done, wire, times) =
                     engine_copy(net, self.dir, self.map, own, self.dest, &config);
+                ENGINE_THREADS
+                    .lock()
+                    .unwrap()
+                    .entry(name.to_owned())
+                    .or_default()
+                    .push(times);
                 record_cpu(name, cpu_seconds() - cpu);
                 record(name, streamed);
                 record(&format!("{name} (to DONE)"), done);
@@ -687,6 +834,7 @@ fn interleave(spec: &str, ctx: &mut Ctx<'_>) {
     TIMES.lock().unwrap().clear();
     CPU.lock().unwrap().clear();
     THREADS.lock().unwrap().clear();
+    ENGINE_THREADS.lock().unwrap().clear();
     for _ in 0..n {
         for name in &names {
             ctx.run(net(name), name);
@@ -714,11 +862,36 @@ fn interleave(spec: &str, ctx: &mut Ctx<'_>) {
             median(&cratio)
         );
     }
+    let threads = ENGINE_THREADS.lock().unwrap();
+    if !threads.is_empty() {
+        println!(
+            "engine threads, medians per transfer: CPU / waiting for a CPU s/GiB, switches, migrations"
+        );
+    }
+    let per_gib = (1 << 30) as f64 / ctx.src.len() as f64;
+    for (name, v) in threads.iter() {
+        let m = |f: &dyn Fn(&[TaskTimes; 3]) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+        let mut line = format!("{name:<32}");
+        for (i, role) in ["sending", "writer", "receiving"].iter().enumerate() {
+            line += &format!(
+                "  {role} {:.3} / {:.3}, {:.0} sw, {:.0} mig",
+                m(&|x| x[i].sched.cpu) * per_gib,
+                m(&|x| x[i].sched.wait) * per_gib,
+                m(&|x| x[i].switches),
+                m(&|x| x[i].migrations)
+            );
+        }
+        println!("{line}");
+    }
 }
 
 /// Whether the bench `name` ran (a filter on the command line skips some).
 fn ran(name: &str) -> bool {
     TIMES.lock().unwrap().contains_key(name)
+}
+
+fn thp() -> bool {
+    std::env::var_os("PRECOPY_BENCH_THP").is_some()
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -739,7 +912,19 @@ fn main() {
     let base = map.addr();
     let layout = Layout::single(PS, base, bytes as u64).unwrap();
     let mut dest = MemorySink::new(layout).unwrap();
-    let mut raw_dest = vec![1u8; bytes];
+    if thp() {
+        // Before the first `clear` faults the sink's memory in.
+        let m = dest.memory().unwrap();
+        precopy_sys::mem::set_thp(m.as_ptr() as u64, m.len() as u64, true).unwrap();
+    }
+    let mut raw_dest: Vec<u8> = Vec::with_capacity(bytes);
+    if thp() {
+        let a = raw_dest.as_ptr() as u64;
+        let start = (a + (2 << 20) - 1) & !((2 << 20) - 1);
+        let end = (a + bytes as u64) & !((2 << 20) - 1);
+        precopy_sys::mem::set_thp(start, end - start, true).unwrap();
+    }
+    raw_dest.resize(bytes, 1);
 
     let mut c = Criterion::default()
         .sample_size(10)
