@@ -238,9 +238,15 @@ fn raw_splice(net: Net, dir: &std::path::Path, src: &Arc<Mapping>, dest: &mut [u
     let mut peer = listener.accept().unwrap();
     let all = LivePages::new(src.clone(), src.range()).unwrap();
     let mut pipe = SplicePipe::new().unwrap();
+    if let Some((r, _)) = pin() {
+        pin_to(0, r);
+    }
     let start = Instant::now();
     std::thread::scope(|s| {
         s.spawn(move || {
+            if let Some((_, w)) = pin() {
+                pin_to(0, w);
+            }
             let piece = 64 * PS;
             let mut at = 0;
             while at < all.len() {
@@ -317,6 +323,8 @@ struct TaskTimes {
     sched: Sched,
     switches: f64,
     migrations: f64,
+    /// The CPU it last ran on (`/proc/self/task/TID/stat`, field 39).
+    cpu: Option<u32>,
 }
 
 fn task_times(tid: i32) -> Option<TaskTimes> {
@@ -336,10 +344,17 @@ fn task_times(tid: i32) -> Option<TaskTimes> {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0)
     };
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    // Fields after the command name, which ends with the last ')'; field 39 is the 37th.
+    let cpu = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(36))
+        .and_then(|c| c.parse().ok());
     Some(TaskTimes {
         sched,
         switches: field("nr_switches"),
         migrations: field("se.nr_migrations"),
+        cpu,
     })
 }
 
@@ -406,9 +421,15 @@ fn ladder(
     let all = LivePages::new(src.clone(), src.range()).unwrap();
     let mut pipe = SplicePipe::new().unwrap();
     let ps = PS as usize;
+    if let Some((r, _)) = pin() {
+        pin_to(0, r);
+    }
     let start = Instant::now();
     let (tx_cpu, rx_cpu) = std::thread::scope(|s| {
         let tx = s.spawn(move || {
+            if let Some((_, w)) = pin() {
+                pin_to(0, w);
+            }
             let cpu = thread_times();
             let piece = step.pages as u64 * PS;
             let mut at = 0;
@@ -583,6 +604,7 @@ fn engine_copy(
             sched: main1.sched - main0.sched,
             switches: main1.switches - main0.switches,
             migrations: main1.migrations - main0.migrations,
+            cpu: main1.cpu,
         };
         for (tid, comm) in tasks(&skip) {
             let Some(t) = task_times(tid) else { continue };
@@ -597,6 +619,7 @@ fn engine_copy(
             times[slot].sched.wait += t.sched.wait;
             times[slot].switches += t.switches;
             times[slot].migrations += t.migrations;
+            times[slot].cpu = times[slot].cpu.or(t.cpu);
         }
         tx.finish(FinalCheck::Recorded).unwrap();
         let total = start.elapsed();
@@ -882,6 +905,25 @@ fn interleave(spec: &str, ctx: &mut Ctx<'_>) {
             );
         }
         println!("{line}");
+        // Transfers grouped by where the three threads last ran when the
+        // round was sent (sending, writer, receiving: CPU numbers).
+        let cpu_per_gib = &cpu[name.as_str()];
+        let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for (t, c) in v.iter().zip(cpu_per_gib) {
+            let at = |i: usize| t[i].cpu.map_or("?".into(), |c| c.to_string());
+            by.entry(format!("{}{}{}", at(0), at(1), at(2)))
+                .or_default()
+                .push(c * per_gib);
+        }
+        let groups: Vec<String> = by
+            .iter()
+            .map(|(k, c)| format!("{k}: {} at {:.2}", c.len(), median(c)))
+            .collect();
+        println!(
+            "{:<32}  by CPUs of sending/writer/receiving: transfers at median CPU s/GiB: {}",
+            "",
+            groups.join(", ")
+        );
     }
 }
 
