@@ -172,6 +172,15 @@ impl PriorityKind {
             PriorityKind::Normal => precopy_migrate::FinalPriority::Normal,
         }
     }
+
+    /// The receiver's setting (`recv`): the priority of its threads once the sender marks the
+    /// final round.
+    pub fn receiver(self) -> Option<u8> {
+        match self {
+            PriorityKind::Realtime => Some(1),
+            PriorityKind::Normal => None,
+        }
+    }
 }
 
 /// `--final-round-timeout MS`, as `demo` and `send` take it: absent (the driver's default

@@ -139,6 +139,13 @@ pub struct RecvArgs {
     /// file is refused (an image, or an empty file, is replaced either way).
     #[arg(long)]
     force: bool,
+    /// Scheduling priority of this receiver's threads (each connection's, and the one that
+    /// checks the final digest, syncs the image and acknowledges) from the round the sender
+    /// marks final (its source stopped) until the transfer ends, committed, failed or cut;
+    /// each is put back to its own before it exits. `realtime`: SCHED_FIFO 1 where permitted
+    /// (root or CAP_SYS_NICE; a warning and `received.final_priority.refused` say when not).
+    #[arg(long, value_enum, default_value_t = PriorityKind::Realtime)]
+    final_priority: PriorityKind,
     /// Print one JSON object instead of text: `received` (rounds, pages, zero pages, wire
     /// bytes, streams, checksum, ...), `image_bytes` and, as `send --json` has it,
     /// `image_compacted` (`null`, or `{"rounds", "compactions", "bytes_dropped"}`: the rounds
@@ -882,6 +889,7 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
     check_image_path("--to", &args.to, &path, None, Some(args.force)).map_err(fail)?;
     let config = ReceiverConfig {
         key: read_key(args.key_file.as_deref()).map_err(fail)?,
+        final_priority: args.final_priority.receiver(),
         ..ReceiverConfig::default()
     };
     let listen = parse_dest("--listen", &args.listen, false, true).map_err(fail)?;
@@ -950,6 +958,7 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         "state_bytes": received.state_bytes,
         "duration_ms": received.duration.as_secs_f64() * 1e3,
         "refused_connections": received.refused,
+        "final_priority": received.final_priority,
     });
     report["image_bytes"] = json!(image_bytes(&path));
     report["image_compacted"] = json!(image_compaction(&path));
@@ -967,6 +976,22 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
                 n => format!(" ({n} connection(s) that failed the handshake refused)"),
             }
         );
+        if let Some(p) = received.final_priority {
+            outln!(
+                "precopy recv: final phase: {}",
+                if p.refused {
+                    format!(
+                        "SCHED_FIFO {} not permitted, threads at their own priority",
+                        p.priority
+                    )
+                } else {
+                    format!(
+                        "{} thread(s) at SCHED_FIFO {}, put back after",
+                        p.threads, p.priority
+                    )
+                }
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

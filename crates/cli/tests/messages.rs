@@ -666,6 +666,14 @@ fn send_recv_and_rate_print_one_json_object_on_success_and_failure() {
     assert!(v["downtime_exceeded"].is_boolean(), "{v}");
     let v = one_json(&recv.wait_with_output().unwrap());
     assert!(v["received"]["pages"].is_u64(), "{v}");
+    // The send marked its final round on the wire; this separate receiver raised its own
+    // threads for it (or says it was not permitted).
+    let p = &v["received"]["final_priority"];
+    assert_eq!(p["priority"], 1, "{v}");
+    assert!(
+        p["threads"].as_u64().unwrap_or(0) > 0 || p["refused"] == true,
+        "{v}"
+    );
     let v = one_json(&precopy(&[
         "rate",
         "--json",

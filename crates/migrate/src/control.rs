@@ -102,6 +102,12 @@ pub trait Transport {
     fn set_memory(&mut self, memory: &[Range<u64>]) {
         let _ = memory;
     }
+    /// Right before the final round's [`Transport::send_round`] (the workload is paused until
+    /// the migration ends): a transport whose destination can raise its own threads for the
+    /// final phase tells it so (the transfer's final-round flag). Called again before a final
+    /// round retried after a reconnect; never before a pause probe's rehearsal round. The
+    /// default does nothing.
+    fn expect_final_round(&mut self) {}
     /// A handle that makes a blocked [`Transport::send_round`] or [`Transport::finish`] return
     /// promptly with an error when called from another thread (the driver's deadlines and
     /// [`CancelHandle`](crate::CancelHandle) use it). `None` (the default): the driver can stop
@@ -323,6 +329,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn threads(&self) -> Vec<precopy_sys::sched::Tid> {
         (**self).threads()
+    }
+    fn expect_final_round(&mut self) {
+        (**self).expect_final_round()
     }
 }
 

@@ -1837,6 +1837,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             sent: None,
         });
 
+        self.transport.expect_final_round();
         let mut sent = self.send(Step::FinalRound, &pending)?;
         let send_time = sent.duration;
         if let Some(a) = &mut self.final_attempt {

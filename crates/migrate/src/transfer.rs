@@ -189,6 +189,11 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
     fn threads(&self) -> Vec<precopy_sys::sched::Tid> {
         self.transfer.sink().threads()
     }
+
+    /// The transfer marks the next round final (`Transfer::expect_final_round`).
+    fn expect_final_round(&mut self) {
+        self.transfer.expect_final_round();
+    }
 }
 
 /// The parts of `ranges` inside `memory` (sorted, disjoint), in the order of `ranges`.

@@ -162,6 +162,12 @@ fn assert_identical(o: &Outcome) {
     assert_eq!(Some(rx.checksum), report.checksum);
     assert_eq!(rx.rounds, report.rounds.len() as u64);
     assert!(report.downtime.is_some());
+    // The driver marked the final round, and the receiver raised its threads for it (or says
+    // it was not permitted).
+    let raised = rx
+        .final_priority
+        .expect("the final round was marked on the wire");
+    assert!(raised.threads > 0 || raised.refused, "{raised:?}");
 }
 
 fn run_pattern(name: &str, pattern: Pattern, net: Net) {

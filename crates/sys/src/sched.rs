@@ -101,6 +101,26 @@ impl Raised {
         self.threads.is_empty()
     }
 
+    /// Takes over the threads `other` raised (a later raise of more threads), so that one
+    /// guard restores them all.
+    pub fn merge(&mut self, mut other: Raised) {
+        self.threads.append(&mut other.threads);
+    }
+
+    /// Puts thread `tid` back to the policy it had, if this guard raised it, and forgets it
+    /// (for a thread that is about to exit, while its ID still names it). `ESRCH` counts as
+    /// done.
+    pub fn restore_thread(&mut self, tid: Tid) -> io::Result<()> {
+        let Some(i) = self.threads.iter().position(|t| t.0 == tid) else {
+            return Ok(());
+        };
+        let (tid, before) = self.threads.remove(i);
+        match set_thread_policy(tid, before) {
+            Err(e) if e.raw_os_error() != Some(libc::ESRCH) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Puts every raised thread back to the policy it had; returns the first error other
     /// than `ESRCH` (a thread that exited meanwhile has nothing to restore). Every thread is
     /// tried whatever an earlier one gave.
@@ -225,6 +245,19 @@ mod tests {
             assert_eq!(thread_policy(tid).unwrap().base(), SCHED_RR);
             drop(raised);
             assert_eq!(thread_policy(tid).unwrap(), before);
+        }
+        // Two raises merged into one guard; one thread put back on its own.
+        if let (Ok(mut first), Ok(second)) = (
+            raise_threads(&[tid], SCHED_FIFO, 1),
+            raise_threads(&[gettid()], SCHED_FIFO, 1),
+        ) {
+            first.merge(second);
+            assert_eq!(first.len(), 2);
+            first.restore_thread(tid).unwrap();
+            assert_eq!(thread_policy(tid).unwrap(), before);
+            assert_eq!(thread_policy(gettid()).unwrap().base(), SCHED_FIFO);
+            first.restore().unwrap();
+            assert_eq!(thread_policy(gettid()).unwrap().base(), SCHED_OTHER);
         }
         done_tx.send(()).unwrap();
         worker.join().unwrap();

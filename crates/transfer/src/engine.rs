@@ -553,6 +553,14 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         Ok(added)
     }
 
+    /// The next round (the next [`Transfer::send_round`] or [`Transfer::begin_round`]) is the
+    /// final one: the source is paused until the transfer ends. A socket sink marks its
+    /// ROUND_BEGIN (the protocol's final-round flag), so that the receiver may raise its
+    /// threads for the final phase ([`ReceiverConfig::final_priority`](crate::ReceiverConfig::final_priority)).
+    pub fn expect_final_round(&mut self) {
+        self.sink.expect_final_round();
+    }
+
     /// Starts a round; returns its number. Use with [`Transfer::send_dirty`]
     /// and [`Transfer::end_round`] to feed a round batch by batch as the
     /// scanner produces it.

@@ -284,7 +284,7 @@ pub enum ProtocolError {
     /// The peer speaks an older protocol or image version this build no
     /// longer reads.
     #[error(
-        "version {version} is no longer supported: this build reads and writes version {supported} only (memory unmapped mid-stream dropped since version 6, memory regions added mid-stream since version 5, an XXH3-64 hash of every page instead of a CRC32C since version 4, pages named by region and offset since version 3); run the same precopy version at both ends, and make images again with it"
+        "version {version} is no longer supported: this build reads and writes version {supported} only (the final round marked, so that the receiver raises its threads for it, since version 7; memory unmapped mid-stream dropped since version 6, memory regions added mid-stream since version 5, an XXH3-64 hash of every page instead of a CRC32C since version 4, pages named by region and offset since version 3); run the same precopy version at both ends, and make images again with it"
     )]
     OldVersion {
         /// Version announced by the peer or image.

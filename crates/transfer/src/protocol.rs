@@ -1,4 +1,4 @@
-//! The precopy wire protocol, version 6: one type per frame kind, each
+//! The precopy wire protocol, version 7: one type per frame kind, each
 //! encoded and decoded here and nowhere else.
 //!
 //! This module owns the byte layout of everything that crosses a connection
@@ -20,7 +20,7 @@
 //! Each side of a connection starts with a 16-byte preamble, then frames:
 //!
 //! ```text
-//! preamble: magic "PRECOPY\0" (8) | version u32 LE (= 6) | reserved u32 (= 0)
+//! preamble: magic "PRECOPY\0" (8) | version u32 LE (= 7) | reserved u32 (= 0)
 //!
 //! frame header (RawHeader), 32 bytes, little-endian:
 //!   0  u8      kind          (FrameKind)
@@ -43,7 +43,7 @@
 //! | 2 CHALLENGE ([`Challenge`]) | R→S | bit 0: key required | – | – | nonce \[16\] |
 //! | 3 AUTH ([`Auth`]) | S→R | – | – | – | HMAC-SHA256 (32) or empty |
 //! | 4 WELCOME ([`Welcome`]) | R→S | – | – | – | HMAC-SHA256 (32) or empty |
-//! | 5 ROUND_BEGIN ([`RoundBegin`]) | S→R | round | pages the round holds at most, connection 0 only (0: not stated) | – | – |
+//! | 5 ROUND_BEGIN ([`RoundBegin`]) | S→R | round | pages the round holds at most, connection 0 only (0: not stated) | flags: bit 0 final round ([`ROUND_FINAL`]) | – |
 //! | 6 PAGES ([`Pages`]) | S→R | offset in region | raw length | region id | uncompressed: the pages, then the hash of each (u64 LE); compressed: the pages compressed per `codec` |
 //! | 7 ZERO ([`Zero`]) | S→R | offset in region | length | region id | – |
 //! | 8 ROUND_END ([`RoundEnd`]) | S→R | round | pages on this stream | – | zero pages on this stream, u64 |
@@ -187,9 +187,26 @@
 //! version 2 named pages by the source's host addresses and had no STATE,
 //! version 3 checked pages with a CRC32C each (folded into the frame CRC)
 //! and had 32-bit digests, version 4 had no REGION (its layout was fixed
-//! at the start), and version 5 had no MAPPED (memory the source unmapped
-//! kept its last copy at the destination); all are refused in the handshake
-//! ([`ProtocolError::OldVersion`]).
+//! at the start), version 5 had no MAPPED (memory the source unmapped
+//! kept its last copy at the destination), and version 6 did not mark the
+//! final round (its ROUND_BEGIN u32 was always 0 and a version 6 receiver
+//! ignores it, so a version 7 sender would silently never raise it); all are
+//! refused in the handshake ([`ProtocolError::OldVersion`], and an older
+//! build refuses version 7 as unknown).
+//!
+//! # The final round
+//!
+//! The sender sets [`ROUND_FINAL`] in the ROUND_BEGIN of the round it sends
+//! with its workload paused, on every connection (a final round retried after
+//! a resume carries it again). Nothing about applying the round changes: the
+//! flag tells the receiver that downtime has begun, so that it may run its
+//! threads for the rest of the transfer (the round, STATE, FINISH, DONE,
+//! COMMIT) at a real-time priority
+//! ([`ReceiverConfig::final_priority`](crate::ReceiverConfig::final_priority))
+//! and put them back when the transfer ends, completed, failed or cut.
+//! Rounds sent in a pause probe (a rehearsal, the workload resumed right
+//! after) do not carry it. Images never hold it (an image records rounds as
+//! the sender numbered them, not when they were sent).
 //!
 //! # Memory unmapped mid-stream
 //!
@@ -247,7 +264,7 @@ pub use stream::{FrameReader, FrameWriter, verify_frame_pages, verify_hashed_lis
 /// The first eight bytes of every precopy stream and image.
 pub const MAGIC: [u8; 8] = *b"PRECOPY\0";
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 /// Bytes in the preamble.
 pub const PREAMBLE_LEN: usize = 16;
 /// Bytes in a frame header.
@@ -267,6 +284,9 @@ const _: () = assert!(
     MAX_PAYLOAD >= MAX_PAGES_LEN
         && MAX_PAYLOAD >= (size_of::<HelloFixed>() + size_of::<HelloRegion>() * MAX_REGIONS) as u64
 );
+/// ROUND_BEGIN flags (u32 @24), bit 0: the final round (see "The final round" in the
+/// module docs).
+pub const ROUND_FINAL: u32 = 1;
 /// PAGES header flags, bit 0: a live frame (see the module docs).
 pub const LIVE_FRAME: u8 = 1;
 /// Bytes in a nonce.
@@ -893,13 +913,17 @@ pub struct RoundBegin {
     /// ([`Sink::expect_round`](crate::Sink::expect_round)), so that an image checks its room
     /// for the round before writing any of it.
     pub pages: u64,
+    /// The final round: the source is paused from here to the end ([`ROUND_FINAL`]; images
+    /// write `false`).
+    pub final_round: bool,
 }
 
 impl<'p> Frame<'p> for RoundBegin {
     const KIND: FrameKind = FrameKind::RoundBegin;
 
     fn fields(&self) -> [u8; FIELDS_LEN] {
-        counts(self.round, self.pages, 0)
+        let flags = if self.final_round { ROUND_FINAL } else { 0 };
+        counts(self.round, self.pages, flags)
     }
 
     fn payload(&self) -> Cow<'_, [u8]> {
@@ -909,9 +933,14 @@ impl<'p> Frame<'p> for RoundBegin {
     fn decode(h: &Header, _: &'p [u8]) -> Result<RoundBegin, ProtocolError> {
         h.plain(Some(0))?;
         let f: CountFields = h.fields();
+        let flags = f.word.get();
+        if flags & !ROUND_FINAL != 0 {
+            return Err(h.malformed("unknown ROUND_BEGIN flags"));
+        }
         Ok(RoundBegin {
             round: f.first.get(),
             pages: f.second.get(),
+            final_round: flags == ROUND_FINAL,
         })
     }
 }
@@ -1774,8 +1803,8 @@ pub fn encode_header(
 mod tests {
     use super::*;
 
-    /// Every typed frame encodes to the bytes the version 5 layout (module
-    /// docs) gives with plain numbers, and decodes back to itself.
+    /// Every typed frame encodes to the bytes the layout drawn in the module
+    /// docs gives with plain numbers, and decodes back to itself.
     #[test]
     fn typed_frames_match_the_drawn_layout() {
         fn same<T: PartialEq + std::fmt::Debug>(decoded: &T, sent: &T) {
@@ -1815,16 +1844,39 @@ mod tests {
             0,
         );
         check!(&Welcome { mac: None }, 0, 0, 0);
-        check!(&RoundBegin { round: 9, pages: 0 }, 9, 0, 0);
         check!(
             &RoundBegin {
                 round: 9,
-                pages: 70
+                pages: 0,
+                final_round: false
+            },
+            9,
+            0,
+            0
+        );
+        check!(
+            &RoundBegin {
+                round: 9,
+                pages: 70,
+                final_round: true
             },
             9,
             70,
-            0
+            ROUND_FINAL
         );
+        // A flag this version does not know is refused, not ignored.
+        let h = encode_header(FrameKind::RoundBegin, 0, 9, 0, 2, &[]);
+        let header = RawHeader::read_from_bytes(&h[..])
+            .unwrap()
+            .decode(0)
+            .unwrap();
+        assert!(matches!(
+            header.decode::<RoundBegin>(&[]),
+            Err(ProtocolError::Malformed {
+                reason: "unknown ROUND_BEGIN flags",
+                ..
+            })
+        ));
         let span = PageSpan {
             region: 2,
             offset: 0x3000,

@@ -62,6 +62,10 @@ use crate::protocol::{
 };
 use crate::sink::Sink;
 
+mod raise;
+use raise::FinalRaise;
+pub use raise::FinalRaiseReport;
+
 /// How a receiver accepts a transfer.
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
@@ -92,6 +96,13 @@ pub struct ReceiverConfig {
     /// timeout for a connection accepted just before it ends); past it the
     /// receiver fails with [`TransferError::ResumeTimedOut`].
     pub resume_wait: Duration,
+    /// The `SCHED_FIFO` priority (1-99) of the receiver's threads from the final round's
+    /// ROUND_BEGIN (the sender paused its workload: downtime runs) until the transfer's
+    /// connections are done with, committed, failed or cut; each thread is put back to its own
+    /// policy before it exits or the run returns (see [`FinalRaiseReport`]). Where the process
+    /// may not (`CAP_SYS_NICE`, `RLIMIT_RTPRIO`), the threads keep their own and a warning says
+    /// so. `None`: never raise.
+    pub final_priority: Option<u8>,
 }
 
 /// Default [`ReceiverConfig::io_timeout`].
@@ -113,6 +124,7 @@ impl Default for ReceiverConfig {
             handshake_timeout: crate::engine::DEFAULT_IO_TIMEOUT,
             io_timeout: Some(DEFAULT_RECEIVE_TIMEOUT),
             resume_wait: DEFAULT_RESUME_WAIT,
+            final_priority: Some(1),
         }
     }
 }
@@ -152,6 +164,9 @@ pub struct ReceiveReport {
     pub state_bytes: Option<u64>,
     /// From the end of the handshake to success.
     pub duration: Duration,
+    /// What the final phase did with the receiver's threads' priority
+    /// ([`ReceiverConfig::final_priority`]; `None`: not asked, or no round was marked final).
+    pub final_priority: Option<FinalRaiseReport>,
 }
 
 /// An accepted, authenticated transfer, ready to [`run`](Receiver::run).
@@ -687,7 +702,11 @@ impl Leg<'_> {
                 ..Counted::default()
             }),
             writing: self.conns.iter().map(|_| Mutex::new(())).collect(),
+            raise: FinalRaise::new(self.config.final_priority),
         };
+        // This thread checks FINISH, sends DONE and waits for COMMIT: raised with the others
+        // once the final round begins, put back whenever this returns.
+        let _caller = shared.raise.enlist();
         let next = self.next;
         let outcomes: Vec<Option<StreamOutcome>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
@@ -697,6 +716,7 @@ impl Leg<'_> {
                 .map(|(i, c)| {
                     let shared = &shared;
                     s.spawn(move || {
+                        let _enlisted = shared.raise.enlist();
                         if n == 1 {
                             // One connection: read frames here, page payloads
                             // straight into the destination where the sink
@@ -715,7 +735,10 @@ impl Leg<'_> {
                         let (tx, rx) = crossbeam_channel::bounded(QUEUED_FRAMES);
                         let reader_pool = pool.clone();
                         std::thread::scope(|s2| {
-                            s2.spawn(move || read_socket(c, &reader_pool, tx));
+                            s2.spawn(move || {
+                                let _enlisted = shared.raise.enlist();
+                                read_socket(c, &reader_pool, tx)
+                            });
                             let frames: Frames<&[u8]> = Frames::Queued { rx };
                             let r = receive_stream(frames, &pool, shared, i, next);
                             shared.outcome(r.map_err(|e| stalled(c, e)))
@@ -808,6 +831,7 @@ impl Leg<'_> {
             changed_while_sent: lock(shared.changed).seen(),
             state_bytes: outcomes.iter().find_map(|o| o.state_bytes),
             duration: Duration::ZERO,
+            final_priority: shared.raise.report(),
         })
     }
 }
@@ -1186,6 +1210,8 @@ struct Shared<'a, K: ?Sized> {
     /// One lock per connection, held while a frame is written to it: a stream's PONG and
     /// another thread's ERROR must not interleave.
     writing: Vec<Mutex<()>>,
+    /// The threads raised for the final phase.
+    raise: FinalRaise,
 }
 
 impl<K: ?Sized> Shared<'_, K> {
@@ -1441,6 +1467,7 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                 let RoundBegin {
                     round,
                     pages: round_pages,
+                    final_round,
                 } = h.decode(p)?;
                 if round != *next {
                     return Err(ProtocolError::RoundOutOfOrder {
@@ -1448,6 +1475,11 @@ fn receive_stream<R: Read, K: Sink + Send + ?Sized>(
                         got: round,
                     }
                     .into());
+                }
+                if final_round {
+                    // Downtime runs at the sender: this round, STATE, FINISH, DONE and COMMIT
+                    // at the final phase's priority.
+                    shared.raise.begin_final();
                 }
                 shared.barrier.wait(round_pages, 0, |round_pages, _| {
                     let mut sink = lock(&shared.sink);
@@ -1714,6 +1746,7 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         resumable: false,
         completed: Mutex::new(Counted::default()),
         writing: Vec::new(),
+        raise: FinalRaise::new(None),
     };
     let pool = BufferPool::new(2);
     let outcome = receive_stream(
@@ -1742,6 +1775,7 @@ pub fn receive_frames<K: Sink + Send + ?Sized>(
         changed_while_sent: lock(&changed).seen(),
         state_bytes: outcome.state_bytes,
         duration: start.elapsed(),
+        final_priority: None,
     })
 }
 

@@ -53,6 +53,12 @@ pub trait Sink {
         let _ = pages;
         Ok(())
     }
+
+    /// Right before [`Sink::begin_round`]: the round about to begin is the final one (the
+    /// source is paused until the transfer ends). A sending sink passes it on (ROUND_BEGIN's
+    /// final-round flag, so that the receiver may raise its threads for the final phase);
+    /// only the next `begin_round` uses it. The default ignores it.
+    fn expect_final_round(&mut self) {}
     /// Whole pages starting at memory offset `offset`, inside one layout
     /// region, with the hash of each page (already computed by the sender,
     /// or verified by the receiver, so a sink need not hash them again).
@@ -311,6 +317,9 @@ macro_rules! forward_sink {
             }
             fn expect_round(&mut self, pages: u64) -> Result<(), TransferError> {
                 (**self).expect_round(pages)
+            }
+            fn expect_final_round(&mut self) {
+                (**self).expect_final_round()
             }
             fn retain(&mut self, memory: &[Range<u64>]) -> Result<bool, TransferError> {
                 (**self).retain(memory)

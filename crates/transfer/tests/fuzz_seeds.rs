@@ -78,7 +78,11 @@ fn frame_of(kind: FrameKind) -> Vec<u8> {
         FrameKind::Welcome => encoded(&Welcome {
             mac: Some([0x3c; MAC_LEN]),
         }),
-        FrameKind::RoundBegin => encoded(&RoundBegin { round: 1, pages: 0 }),
+        FrameKind::RoundBegin => encoded(&RoundBegin {
+            round: 1,
+            pages: 0,
+            final_round: true,
+        }),
         FrameKind::Pages => pages_frame(0, PS, &[0x44; PS as usize]),
         FrameKind::Zero => encoded(&Zero {
             span: PageSpan {
@@ -167,7 +171,11 @@ fn stream(extra: &[u8], added: usize) -> Vec<u8> {
     let mut mem = vec![0u8; (6 + added) * ps];
     mem[..ps].fill(0x11);
     mem[4 * ps..5 * ps].fill(0x22);
-    let mut s = encoded(&RoundBegin { round: 0, pages: 0 });
+    let mut s = encoded(&RoundBegin {
+        round: 0,
+        pages: 0,
+        final_round: false,
+    });
     s.extend(pages_frame(0, 0, &mem[..ps]));
     s.extend(encoded(&Zero {
         span: PageSpan {

@@ -816,7 +816,11 @@ impl ImageWriter {
             w(out.send(mapped))?;
         }
         let round = record.rounds - 1;
-        w(out.send(&RoundBegin { round, pages: 0 }))?;
+        w(out.send(&RoundBegin {
+            round,
+            pages: 0,
+            final_round: false,
+        }))?;
         let mut loc = self.loc.clone();
         let mut buf = vec![0u8; (COMPACT_RUN_PAGES * ps) as usize];
         let mut hashes: Vec<PageHash> = Vec::with_capacity(COMPACT_RUN_PAGES as usize);
@@ -1025,7 +1029,11 @@ impl Sink for ImageWriter {
         if let Some(pages) = pages {
             self.room_for_round(round, pages)?;
         }
-        self.write(&RoundBegin { round, pages: 0 })?;
+        self.write(&RoundBegin {
+            round,
+            pages: 0,
+            final_round: false,
+        })?;
         self.in_round = Some((round, 0, 0, self.pos()));
         Ok(())
     }

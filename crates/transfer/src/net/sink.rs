@@ -159,6 +159,9 @@ pub struct SocketSink {
     first_failure: FirstFailure,
     /// The next round's most pages ([`Sink::expect_round`]), stated on connection 0.
     round_pages: u64,
+    /// The next round is the final one ([`Sink::expect_final_round`]), stated on every
+    /// connection.
+    final_next: bool,
 }
 
 /// Opens one new connection to the destination, for [`SocketSink::dial`]
@@ -224,6 +227,7 @@ impl SocketSink {
             live_hashes: crossbeam_channel::unbounded(),
             first_failure: FirstFailure::default(),
             round_pages: 0,
+            final_next: false,
         };
         sink.start_workers(ready)?;
         Ok(sink)
@@ -412,11 +416,18 @@ impl SocketSink {
 
 impl Sink for SocketSink {
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
+        // Taken first: the mark never outlives the round it was meant for.
+        let final_round = std::mem::take(&mut self.final_next);
         self.check_unbroken()?;
         // Connection 0 states the round's size for the whole round (the receiver sums the
         // connections' figures at its barrier); the others state none.
         let mut pages = std::mem::take(&mut self.round_pages);
-        self.each(|w| w.send(Cmd::Begin(round, std::mem::take(&mut pages))))
+        self.each(|w| w.send(Cmd::Begin(round, std::mem::take(&mut pages), final_round)))
+    }
+
+    /// Marks the next ROUND_BEGIN, on every connection, as the final round's.
+    fn expect_final_round(&mut self) {
+        self.final_next = true;
     }
 
     /// Remembers the size for the next ROUND_BEGIN (see [`RoundBegin::pages`](crate::protocol::RoundBegin)).

@@ -24,8 +24,9 @@ use crate::protocol::{
 
 /// What a [`SocketSink`](super::SocketSink) asks a connection's writer to do.
 pub(super) enum Cmd {
-    /// Round, and the most pages it holds (0: not stated; see [`RoundBegin::pages`]).
-    Begin(u64, u64),
+    /// Round, the most pages it holds (0: not stated; see [`RoundBegin::pages`]), and whether
+    /// it is the final round ([`RoundBegin::final_round`]).
+    Begin(u64, u64, bool),
     Pages(u64, PageBuf, Vec<PageHash>),
     /// Lent pages, with their hashes, or `None`: take them right before the write and report
     /// them on [`StreamWriter::live_hashes`].
@@ -408,13 +409,14 @@ impl StreamWriter {
 
     fn handle(&mut self, cmd: Cmd) -> Result<Option<Reply>, TransferError> {
         match cmd {
-            Cmd::Begin(round, round_pages) => {
+            Cmd::Begin(round, round_pages, final_round) => {
                 self.pages = 0;
                 self.zero_pages = 0;
                 self.round_start = self.out.written();
                 self.send(&RoundBegin {
                     round,
                     pages: round_pages,
+                    final_round,
                 })?;
                 // Not staged: with several connections the receiver starts a round only
                 // when every connection's ROUND_BEGIN has arrived, while this connection's

@@ -662,6 +662,12 @@ mod tests {
         let e = check_preamble(&p).unwrap_err();
         assert!(matches!(e, ProtocolError::OldVersion { version: 3, .. }));
         assert!(e.to_string().contains("XXH3-64"), "{e}");
+        // Version 6 did not mark the final round: a peer speaking it is refused in the
+        // handshake rather than left unraised without a word.
+        p[8..12].copy_from_slice(&6u32.to_le_bytes());
+        let e = check_preamble(&p).unwrap_err();
+        assert!(matches!(e, ProtocolError::OldVersion { version: 6, .. }));
+        assert!(e.to_string().contains("final round marked"), "{e}");
         p[8..12].copy_from_slice(&9u32.to_le_bytes());
         assert!(matches!(
             check_preamble(&p),
