@@ -378,14 +378,17 @@ fn hello_frame(page_size: u64, region_len: u64) -> Vec<u8> {
 #[test]
 fn old_and_unknown_versions() {
     // Versions 1 (whole-memory CRC in FINISH), 2 (pages named by host
-    // address, no state), 3 (a CRC32C per page, 32-bit digests) and 4 (no
-    // REGION: a layout fixed at the start) are no longer spoken; 7 never was.
+    // address, no state), 3 (a CRC32C per page, 32-bit digests), 4 (no
+    // REGION: a layout fixed at the start) and 6 (the final round not marked:
+    // a version 6 sender's destination would never be raised, a version 6
+    // receiver would ignore the mark) are no longer spoken; 8 never was.
     for (version, said) in [
         (1u32, "version 1 is no longer supported"),
         (2, "version 2 is no longer supported"),
         (3, "version 3 is no longer supported"),
         (4, "version 4 is no longer supported"),
-        (7, "unknown protocol version 7"),
+        (6, "the final round marked"),
+        (8, "unknown protocol version 8"),
     ] {
         let mut reply = Vec::new();
         let err = raw_client(receiver_config(), |s| {
