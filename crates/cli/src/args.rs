@@ -358,8 +358,53 @@ pub fn parse_dest(
             "is not HOST:PORT after tcp: (a host and a port number 0 to 65535)",
             format!("e.g. {flag} tcp:127.0.0.1:7000 or {flag} tcp:[::1]:7000"),
         )),
+        // A host that names no address is the value's fault, like a malformed one: refused
+        // here, before anything starts, not as a failure to connect or listen later.
+        Dest::Tcp(a) => match std::net::ToSocketAddrs::to_socket_addrs(a.as_str()) {
+            Ok(addrs) if addrs.len() > 0 => Ok(Dest::Tcp(a)),
+            Ok(_) => Err(unresolved(flag, s, "it names no address".into())),
+            Err(e) => Err(unresolved(flag, s, e.to_string())),
+        },
         d => Ok(d),
     }
+}
+
+/// The refusal of `flag`'s `tcp:HOST:PORT` value `typed` whose host does not resolve.
+fn unresolved(flag: &'static str, typed: &str, why: String) -> anyhow::Error {
+    invalid(
+        flag,
+        typed,
+        format!("the host is neither an IP address nor a name this machine resolves ({why})"),
+        format!("give an IP address or a known host name, e.g. {flag} tcp:127.0.0.1:7000"),
+    )
+}
+
+/// The refusal of `flag`'s value `typed` when binding a socket to it failed with `e` for a
+/// reason the value causes (an address of no interface here, a port or path in use, a port
+/// or directory this user may not bind, a directory that does not exist), so that it is
+/// refused as bad input (exit 2) like a malformed value; `None` for any other failure.
+pub fn bind_refusal(flag: &'static str, typed: &str, e: &std::io::Error) -> Option<anyhow::Error> {
+    use std::io::ErrorKind;
+    let (problem, fix) = match e.kind() {
+        ErrorKind::AddrNotAvailable => (
+            "is not an address of this machine (no interface has it)",
+            "listen on one of its addresses, e.g. 127.0.0.1, or 0.0.0.0 for all of them",
+        ),
+        ErrorKind::AddrInUse => (
+            "is in use: another socket is bound to it",
+            "stop that program, or use another port (port 0: any free port)",
+        ),
+        ErrorKind::PermissionDenied => (
+            "may not be bound by this user (ports below 1024 need CAP_NET_BIND_SERVICE; a socket file needs a writable directory)",
+            "use a port from 1024 up, or a directory you can write",
+        ),
+        ErrorKind::NotFound => (
+            "names a directory that does not exist",
+            "create the directory first, or listen on a path in an existing one",
+        ),
+        _ => return None,
+    };
+    Some(invalid(flag, typed, format!("{problem} ({e})"), fix))
 }
 
 /// Whether `a` is `HOST:PORT` with a non-empty host and a port that fits 16 bits.

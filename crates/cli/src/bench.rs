@@ -1351,10 +1351,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if !args.no_files {
         // Where the results go must take files before the bench runs, not after minutes of it.
         let dir = args.out.as_deref().unwrap_or(Path::new("out/bench"));
-        writable_dir(dir).with_context(|| {
-            format!(
-                "--out {}: cannot write the results there (choose another directory, or --no-files)",
-                dir.display()
+        writable_dir(dir).map_err(|e| {
+            invalid(
+                "--out",
+                dir.display(),
+                format!("cannot write the results there: {e:#}"),
+                "choose another directory, or --no-files",
             )
         })?;
     }

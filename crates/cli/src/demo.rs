@@ -385,31 +385,101 @@ fn size_flag(n: u64) -> String {
     }
 }
 
+/// The largest `--size` the demo suggests here ([`largest_size`]).
+struct Largest {
+    /// Bytes, whole 2 MiB (`u64::MAX` rounded down when nothing limits it).
+    bytes: u64,
+    /// What limits it, for a suggestion that cannot name a size.
+    what: &'static str,
+    /// With an image: its directory and the bytes free on that file system.
+    disk: Option<(PathBuf, u64)>,
+}
+
+/// The largest `--size` the demo suggests: seven eighths of what fits `copies` times in the
+/// memory this process can use and, with an `image`, in the free space of its file system,
+/// in whole 2 MiB (the checks of `validate`, so a size it suggests is one it takes).
+fn largest_size(copies: u64, image: Option<&std::path::Path>) -> Largest {
+    let mut largest = Largest {
+        bytes: u64::MAX,
+        what: "memory",
+        disk: None,
+    };
+    if let Some((avail, _)) = available_memory() {
+        largest.bytes = avail / copies;
+    }
+    let dir = image.map(|p| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    });
+    if let Some(dir) = dir
+        && let Ok(fs) = nix::sys::statvfs::statvfs(&dir)
+    {
+        let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+        if free < largest.bytes {
+            largest.bytes = free;
+            largest.what = "space on the image's file system";
+        }
+        largest.disk = Some((dir, free));
+    }
+    // An eighth left over: memory and disk space move while the machine runs, and a size at
+    // the very edge may no longer fit when the suggestion is tried.
+    largest.bytes = (largest.bytes - largest.bytes / 8) / TWO_MIB * TWO_MIB;
+    largest
+}
+
 /// Checks every flag against its real limit before anything starts.
 fn validate(args: &Args) -> Result<Plan> {
     let size = &args.size;
+    let image = match &args.to {
+        None => None,
+        Some(to) => Some(PathBuf::from(
+            to.strip_prefix("file:")
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| {
+                    invalid(
+                        "--to",
+                        to,
+                        "is not file:PATH (a checkpoint image is the one other destination)",
+                        "e.g. --to file:/tmp/demo.img, or leave --to out to migrate to a process",
+                    )
+                })?,
+        )),
+    };
+    // Memory: the source, and the destination process's copy unless writing an image.
+    let copies = if image.is_some() { 1 } else { 2 };
+    let largest = largest_size(copies, image.as_deref());
+    // What a refused size suggests instead: only values these checks take (at least 2 MiB,
+    // whole 2 MiB, within `largest`); "free memory first" when none is.
+    let suggest = |candidates: &[Option<u64>]| {
+        let ok: Vec<String> = candidates
+            .iter()
+            .flatten()
+            .filter(|&&c| c >= TWO_MIB && c % TWO_MIB == 0 && c <= largest.bytes)
+            .map(|&c| format!("--size {}", size_flag(c)))
+            .collect();
+        match (ok.is_empty(), largest.bytes >= TWO_MIB) {
+            (false, _) => format!("use {}", ok.join(" or ")),
+            (true, true) => format!("use --size {} or less", size_flag(largest.bytes)),
+            (true, false) => format!("free {} first", largest.what),
+        }
+    };
     if size.bytes == 0 {
         return Err(invalid(
             "--size",
             size,
             "is 0 bytes: the source needs memory",
-            "use e.g. --size 1G",
+            suggest(&[Some(1 << 30)]),
         ));
     }
     if size.bytes % TWO_MIB != 0 {
         let down = size.bytes / TWO_MIB * TWO_MIB;
-        let up = down + TWO_MIB;
+        let up = down.checked_add(TWO_MIB);
         let decimal = if size.typed.to_ascii_uppercase().ends_with("B")
             && !size.typed.to_ascii_uppercase().ends_with("IB")
         {
             " (KB, MB and GB are decimal)"
         } else {
             ""
-        };
-        let fix = if down == 0 {
-            format!("use --size {}", size_flag(up))
-        } else {
-            format!("use --size {} or --size {}", size_flag(down), size_flag(up))
         };
         return Err(invalid(
             "--size",
@@ -418,41 +488,36 @@ fn validate(args: &Args) -> Result<Plan> {
                 "is {} bytes{decimal}, not a multiple of 2 MiB (the source maps 2 MiB-aligned memory)",
                 size.bytes
             ),
-            fix,
+            suggest(&[Some(down), up]),
         ));
     }
-    let image =
-        match &args.to {
-            None => None,
-            Some(to) => {
-                let path = to.strip_prefix("file:").filter(|p| !p.is_empty()).ok_or_else(|| {
-                invalid(
-                    "--to",
-                    to,
-                    "is not file:PATH (a checkpoint image is the one other destination)",
-                    "e.g. --to file:/tmp/demo.img, or leave --to out to migrate to a process",
-                )
-            })?;
-                let path = PathBuf::from(path);
-                check_image_path("--to", to, &path, Some(size.bytes), None)?;
-                Some(path)
-            }
-        };
-    // Memory: the source, and the destination process's copy unless writing an image.
-    let copies = if image.is_some() { 1 } else { 2 };
+    if let (Some(path), Some(to)) = (&image, &args.to) {
+        // The path here; whether the image fits, below as a limit of --size.
+        check_image_path("--to", to, path, None, None)?;
+    }
+    if let Some((dir, free)) = &largest.disk
+        && size.bytes > *free
+    {
+        return Err(invalid(
+            "--size",
+            size,
+            format!(
+                "the image of --to {} needs at least {}, and {} has {} free",
+                args.to.as_deref().unwrap_or_default(),
+                human(size.bytes),
+                dir.display(),
+                human(*free)
+            ),
+            format!("{}, or write the image elsewhere", suggest(&[])),
+        ));
+    }
     if let Some((avail, what)) = available_memory() {
         let need = size.bytes.saturating_mul(copies);
         if need > avail {
-            let most = avail / copies / TWO_MIB * TWO_MIB;
             let holds = if copies == 2 {
                 "twice (source and destination)"
             } else {
                 "once (the source)"
-            };
-            let fix = if most == 0 {
-                "free memory first".to_string()
-            } else {
-                format!("use --size {} or less", size_flag(most))
             };
             return Err(invalid(
                 "--size",
@@ -462,7 +527,7 @@ fn validate(args: &Args) -> Result<Plan> {
                     human(need),
                     human(avail)
                 ),
-                fix,
+                suggest(&[]),
             ));
         }
     }
@@ -617,13 +682,40 @@ fn validate(args: &Args) -> Result<Plan> {
         ));
     }
     let listen = args.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
-    if transport == TransportKind::Tcp && listen.parse::<std::net::SocketAddr>().is_err() {
-        return Err(invalid(
-            "--listen",
-            &listen,
-            "is not an IP address and port",
-            "e.g. --listen 127.0.0.1:0 (port 0: any free port) or --listen [::1]:7000",
-        ));
+    if transport == TransportKind::Tcp {
+        let Ok(addr) = listen.parse::<std::net::SocketAddr>() else {
+            return Err(invalid(
+                "--listen",
+                &listen,
+                "is not an IP address and port",
+                "e.g. --listen 127.0.0.1:0 (port 0: any free port) or --listen [::1]:7000",
+            ));
+        };
+        // The destination binds it: an address it cannot bind is refused here as bad input,
+        // as `recv --listen` refuses it, not as a destination that failed to start. In
+        // another network namespace the address is that namespace's, which only the
+        // destination sees.
+        if args.dest_netns.is_none()
+            && let Err(e) = std::net::TcpListener::bind(addr)
+            && let Some(refusal) = crate::args::bind_refusal("--listen", &listen, &e)
+        {
+            return Err(refusal);
+        }
+    }
+    if let Some(ns) = &args.dest_netns {
+        // `ip netns exec NAME` finds a named namespace here.
+        let path = std::path::Path::new("/run/netns").join(ns);
+        if ns.contains('/') || !path.exists() {
+            return Err(invalid(
+                "--dest-netns",
+                ns,
+                format!(
+                    "is no network namespace made with `ip netns add` ({} does not exist)",
+                    path.display()
+                ),
+                "list them with `ip netns list`, or make one (see scripts/netns-demo.sh)",
+            ));
+        }
     }
     let max_streams = u64::from(ReceiverConfig::default().max_streams);
     let streams = args.streams.unwrap_or(1);
@@ -2020,6 +2112,62 @@ fn pattern_name(p: Pattern) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `demo`'s flags as the command line gives them.
+    fn demo_args(flags: &[&str]) -> Args {
+        #[derive(clap::Parser)]
+        struct Demo {
+            #[command(flatten)]
+            args: Args,
+        }
+        let argv = std::iter::once("demo").chain(flags.iter().copied());
+        <Demo as clap::Parser>::try_parse_from(argv)
+            .expect("parsing the flags")
+            .args
+    }
+
+    /// Every `--size` value a refusal of `--size` suggests is one `validate` takes: fed back
+    /// (with the same other flags), it passes. The sizes cover each refusal: zero, not whole
+    /// 2 MiB (below 2 MiB, mid-range, decimal, too large to fit, the largest u64), and more
+    /// than the memory holds, with and without an image.
+    #[test]
+    fn a_refused_size_suggests_only_sizes_the_demo_takes() {
+        let dir = std::env::temp_dir();
+        let image = format!("file:{}/precopy-size-suggestion.img", dir.display());
+        let mut suggested = 0;
+        for extra in [vec![], vec!["--to", image.as_str()]] {
+            for size in [
+                "0", "1K", "2049M", "64MB", "1P", "16EiB", "3000T", "1000000G",
+            ] {
+                let mut flags = vec!["--size", size];
+                flags.extend(&extra);
+                let e = validate(&demo_args(&flags)).expect_err(size);
+                let refusal = e
+                    .downcast_ref::<crate::args::Invalid>()
+                    .expect("a usage error");
+                assert_eq!(refusal.flag, "--size", "{e}");
+                let values: Vec<&str> = refusal
+                    .fix
+                    .split("--size ")
+                    .skip(1)
+                    .filter_map(|v| v.split_whitespace().next())
+                    .collect();
+                assert!(
+                    !values.is_empty() || refusal.fix.starts_with("free "),
+                    "no size suggested: {e}"
+                );
+                for v in values {
+                    let mut again = vec!["--size", v];
+                    again.extend(&extra);
+                    if let Err(e2) = validate(&demo_args(&again)) {
+                        panic!("--size {size} suggested --size {v}, which is refused: {e2}");
+                    }
+                    suggested += 1;
+                }
+            }
+        }
+        assert!(suggested > 0, "no suggestion was fed back");
+    }
 
     fn progress(phase: precopy_migrate::Phase, pending_bytes: u64) -> precopy_migrate::Progress {
         precopy_migrate::Progress {

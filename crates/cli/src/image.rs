@@ -80,6 +80,10 @@ enum ImageCommand {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    let (ImageCommand::Info { image, .. }
+    | ImageCommand::Cat { image, .. }
+    | ImageCommand::Verify { image, .. }) = &args.command;
+    check_image_arg(image)?;
     match args.command {
         ImageCommand::Info {
             image,
@@ -162,6 +166,24 @@ fn cat(image: &Path, range: Range<u64>, incomplete: bool) -> Result<ExitCode> {
         Err(e) => Err(e),
         Ok(()) => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// Refuses an `IMAGE` argument that names nothing readable as a file (missing, a directory,
+/// unreadable) as bad input, like a bad flag value (status 2); what the file holds is checked
+/// by the command itself (a file that is no image, or a damaged one, fails it: status 1).
+fn check_image_arg(image: &Path) -> Result<()> {
+    let problem = match std::fs::metadata(image) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => "does not exist".to_string(),
+        Err(e) => format!("cannot be read ({e})"),
+        Ok(m) if m.is_dir() => "is a directory, not an image file".to_string(),
+        Ok(_) => return Ok(()),
+    };
+    Err(crate::args::invalid(
+        "IMAGE",
+        image.display(),
+        problem,
+        "name an image file, e.g. one `precopy send --to file:PATH` or `precopy recv` wrote",
+    ))
 }
 
 /// What `verify --json` prints on success.

@@ -713,6 +713,14 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         for line in limit_lines(&mreport, args.max_rounds) {
             outln!("  {line}");
         }
+        // As the demo's report says it (its JSON: `migration.final_priority`).
+        if let Some(p) = mreport
+            .final_priority
+            .as_ref()
+            .and_then(precopy_migrate::PriorityReport::describe)
+        {
+            outln!("  final priority: {p}");
+        }
         outln!(
             "  attach: target thread stopped {:.0} µs (stop {:.0}, inject {:.0}, detach {:.0})",
             times.stopped.as_secs_f64() * 1e6,
@@ -902,7 +910,11 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         Dest::Unix(p) => Listener::bind_unix(p),
         Dest::File(_) => unreachable!("refused by parse_dest"),
     }
-    .with_context(|| format!("listening on {}", args.listen))
+    .map_err(|e| {
+        crate::args::bind_refusal("--listen", &args.listen, &e).unwrap_or_else(|| {
+            anyhow::Error::new(e).context(format!("listening on {}", args.listen))
+        })
+    })
     .map_err(fail)?;
     if config.key.is_none() && matches!(listener, Listener::Tcp(_)) {
         // Refuse before anyone can connect, saying how to make a key.

@@ -460,7 +460,107 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
         "localhost",
         "IP address and port",
     ),
+    // Addresses and paths that cannot be used: refused as bad input in every subcommand
+    // (status 2), never as a failure to listen or connect (192.0.2.1 is TEST-NET-1, no
+    // machine's own address).
+    (
+        &[
+            "recv",
+            "--listen",
+            "tcp:999.0.0.0:1",
+            "--to",
+            "file:/tmp/x.img",
+        ],
+        "--listen",
+        "tcp:999.0.0.0:1",
+        "neither an IP address nor a name",
+    ),
+    (
+        &["send", "--pid", "1", "--to", "tcp:999.0.0.0:1"],
+        "--to",
+        "tcp:999.0.0.0:1",
+        "neither an IP address nor a name",
+    ),
+    (
+        &[
+            "recv",
+            "--listen",
+            "tcp:192.0.2.1:7000",
+            "--to",
+            "file:/tmp/x.img",
+        ],
+        "--listen",
+        "tcp:192.0.2.1:7000",
+        "not an address of this machine",
+    ),
+    (
+        &["demo", "--listen", "192.0.2.1:7000"],
+        "--listen",
+        "192.0.2.1:7000",
+        "not an address of this machine",
+    ),
+    (
+        &[
+            "recv",
+            "--listen",
+            "unix:/no-such-dir/precopy.sock",
+            "--to",
+            "file:/tmp/x.img",
+        ],
+        "--listen",
+        "unix:/no-such-dir/precopy.sock",
+        "directory that does not exist",
+    ),
+    (
+        &["demo", "--dest-netns", "precopy-no-such-ns"],
+        "--dest-netns",
+        "precopy-no-such-ns",
+        "no network namespace",
+    ),
+    (
+        &["image", "info", "/no-such-dir/x.img"],
+        "IMAGE",
+        "/no-such-dir/x.img",
+        "does not exist",
+    ),
+    (
+        &["image", "verify", "/tmp"],
+        "IMAGE",
+        "/tmp",
+        "is a directory",
+    ),
+    (
+        &["image", "cat", "/no-such-dir/x.img", "--range", "0-4096"],
+        "IMAGE",
+        "/no-such-dir/x.img",
+        "does not exist",
+    ),
 ];
+
+/// A TCP port another socket holds is refused as bad input by `recv --listen` and `demo
+/// --listen` alike (status 2, the flag and value named), not as a failure to listen.
+#[test]
+fn an_address_in_use_is_refused_alike_by_recv_and_demo() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let recv_addr = format!("tcp:127.0.0.1:{port}");
+    let demo_addr = format!("127.0.0.1:{port}");
+    for (args, value) in [
+        (
+            vec!["recv", "--listen", &recv_addr, "--to", "file:/tmp/x.img"],
+            &recv_addr,
+        ),
+        (vec!["demo", "--listen", &demo_addr], &demo_addr),
+    ] {
+        let out = precopy(&args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.matches("error:").count(), 1, "{args:?}: {err}");
+        for want in ["--listen", value.as_str(), "in use"] {
+            assert!(err.contains(want), "{args:?}: {want:?} missing: {err}");
+        }
+    }
+}
 
 #[test]
 fn each_kind_of_bad_input_is_refused_in_one_line() {
@@ -714,7 +814,8 @@ fn bench_refuses_an_unwritable_out_before_running() {
         "2M",
     ]);
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    // A directory that cannot take the files is bad input, refused like any other (status 2).
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--out /proc/precopy-no-such-dir"), "{err}");
     assert_eq!(err.matches("error:").count(), 1, "{err}");
     assert!(!err.contains("done in"), "the bench ran: {err}");

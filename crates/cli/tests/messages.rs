@@ -212,6 +212,37 @@ fn an_exceeded_downtime_limit_is_said_plainly() {
     let _ = std::fs::remove_file(&img);
 }
 
+/// `send`'s text report says the final phase's priority as its JSON does
+/// (`migration.final_priority`): raised to `SCHED_FIFO` for how many threads, or not raised
+/// and why; nothing with `--final-priority normal`.
+#[test]
+fn send_says_the_final_priority_as_its_json_does() {
+    if !engine_usable() {
+        return;
+    }
+    let t = writing_target(2, 256, 100);
+    let img = scratch("final-priority.img");
+    let out = send_to_file(&t, &img, &["--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let p = one_json(&out)["migration"]["final_priority"].clone();
+    let out = send_to_file(&t, &img, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("final priority: "))
+        .unwrap_or_else(|| panic!("no final priority line: {text}"));
+    if p["not_raised"].is_null() {
+        assert!(line.contains("SCHED_FIFO 1 for "), "{p}: {line}");
+    } else {
+        assert!(line.contains("not raised: "), "{p}: {line}");
+    }
+    let out = send_to_file(&t, &img, &["--final-priority", "normal"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("final priority"), "{}", stdout(&out));
+    let _ = std::fs::remove_file(&img);
+}
+
 // ---- rate: a stopped target, an interrupted run ----
 
 #[test]

@@ -256,6 +256,30 @@ pub struct PriorityReport {
     pub restore_error: Option<String>,
 }
 
+impl PriorityReport {
+    /// The priority in words, as the text reports print it after `final priority: `: raised
+    /// (to what, for how many threads), or not raised and why; `None` when none was asked for
+    /// (`normal`).
+    pub fn describe(&self) -> Option<String> {
+        match self {
+            PriorityReport {
+                not_raised: Some(why),
+                ..
+            } => Some(format!("not raised: {why}")),
+            p if p.threads > 0 => Some(format!(
+                "SCHED_FIFO {} for {} thread(s) from the pause to the acknowledgement{}",
+                p.priority,
+                p.threads,
+                match &p.restore_error {
+                    Some(e) => format!(" (restoring one FAILED: {e})"),
+                    None => String::new(),
+                }
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// The final phase as the driver estimated it when it decided to switch over (see the
 /// crate docs, "Switch-over rule"). Compare with [`FinalPhase`].
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
@@ -684,17 +708,12 @@ impl fmt::Display for MigrationReport {
         if let Some(n) = &self.downtime_note {
             writeln!(f, "               note: {n}")?;
         }
-        match &self.final_priority {
-            Some(PriorityReport {
-                not_raised: Some(why),
-                ..
-            }) => writeln!(f, "final priority: not raised: {why}")?,
-            Some(p) if p.threads > 0 => writeln!(
-                f,
-                "final priority: SCHED_FIFO {} for {} thread(s) from the pause to the acknowledgement",
-                p.priority, p.threads
-            )?,
-            _ => {}
+        if let Some(p) = self
+            .final_priority
+            .as_ref()
+            .and_then(PriorityReport::describe)
+        {
+            writeln!(f, "final priority: {p}")?;
         }
         if let Some(c) = self.pause_check.filter(|c| c.pages > 0) {
             writeln!(
