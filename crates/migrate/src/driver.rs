@@ -900,7 +900,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 }
             }
             if let Some(at) = self.paused_at {
-                self.report.downtime = Some(at.elapsed());
+                self.report.record_pause(at.elapsed());
             }
         }
     }
@@ -977,6 +977,13 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         };
         let (rate, expected) = (self.report.dirty_rate, self.report.expected_downtime);
         self.record(RoundKind::Final, a.bytes, a.scan, rate, expected, Err(part));
+        if let Some(r) = self.report.rounds.last() {
+            let f = &mut self.report.failed_final;
+            f.rounds += 1;
+            f.pages += r.pages;
+            f.zero_pages += r.zero_pages;
+            f.bytes += r.bytes;
+        }
     }
 
     /// After round `round` failed with `error`: reconnects with backoff if the transport and
@@ -1471,7 +1478,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             self.paused = false;
         }
         if let Some(at) = self.paused_at.take() {
-            self.report.downtime = Some(at.elapsed());
+            self.report.record_pause(at.elapsed());
         }
         self.report.status = Status::Active;
         let unsent = self.unsent.clone();
@@ -1906,7 +1913,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             expected,
             Ok(sent),
         );
-        self.report.downtime = Some(downtime);
+        self.report.record_pause(downtime);
         self.report.checksum = Some(checksum);
         self.report.verify = verify;
         let phase = FinalPhase {

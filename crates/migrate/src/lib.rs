@@ -245,8 +245,8 @@ pub use driver::{
 pub use error::{AbortReason, Error, Step};
 pub use process::{PauseMethod, ProcessControl, ProcessError, ThrottleMethod, all_stopped};
 pub use report::{
-    DowntimeEstimate, FinalPhase, MigrationReport, PauseCheck, PriorityReport, RoundKind,
-    RoundReport, Status, SwitchReason, VerifyPass, WorkloadCost,
+    DowntimeEstimate, FailedFinal, FinalPhase, MigrationReport, PauseCheck, PriorityReport,
+    RoundKind, RoundReport, Status, SwitchReason, VerifyPass, WorkloadCost,
 };
 pub use target::{GROWTH_HEADROOM, MapChanges, TargetError, TargetLog, TargetMemory};
 pub use transfer::TransferTransport;

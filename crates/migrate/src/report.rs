@@ -1,6 +1,12 @@
 //! The migration report, in the spirit of QEMU's `query-migrate`: totals, downtime, the
-//! per-round table, throttle. Serializes to JSON (durations in milliseconds, rates in bytes per
-//! second) and prints as a human table.
+//! per-round table, throttle. Serializes to JSON and prints as a human table.
+//!
+//! Units in the JSON: durations in milliseconds (fields ending in `_ms`), sizes in bytes,
+//! page counts in [`MigrationReport::page_size`] pages. Fields whose names carry no unit
+//! keep their names (scripts parse them); each field's doc gives its unit: `bandwidth`,
+//! `throughput`, `dirty_rate` and the estimate's rates are bytes per second, the workload's
+//! `*_rate` operations per second, `throttle` a fraction of the workload's time (0 to 0.99),
+//! `resend_ratio` and `margin` plain ratios.
 
 use serde::{Serialize, Serializer};
 use std::fmt;
@@ -15,6 +21,10 @@ fn ms_opt<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> 
         Some(d) => s.serialize_some(&(d.as_secs_f64() * 1e3)),
         None => s.serialize_none(),
     }
+}
+
+fn ms_vec<S: Serializer>(d: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(d.iter().map(|d| d.as_secs_f64() * 1e3))
 }
 
 /// Where a migration stands.
@@ -108,7 +118,7 @@ pub struct RoundReport {
     /// Send time.
     #[serde(serialize_with = "ms", rename = "duration_ms")]
     pub duration: Duration,
-    /// Transport bytes per second during the round.
+    /// Bytes per second the transport wrote during the round (the wire's rate).
     pub bandwidth: f64,
     /// Memory bytes delivered per second during the round (see the crate docs).
     pub throughput: f64,
@@ -122,7 +132,8 @@ pub struct RoundReport {
     /// Expected downtime computed before this round.
     #[serde(serialize_with = "ms_opt", rename = "expected_downtime_ms")]
     pub expected_downtime: Option<Duration>,
-    /// Throttle in force while this round was sent.
+    /// Throttle in force while this round was sent: the fraction of the workload's time it
+    /// was held back, 0 (none) to 0.99.
     pub throttle: f64,
     /// Pages the dirty log reported written in the scan before this round
     /// ([`CollectStats::pages`](crate::CollectStats)): 0 for round 0; for the final round, the
@@ -395,9 +406,19 @@ pub struct MigrationReport {
     #[serde(serialize_with = "ms", rename = "total_time_ms")]
     pub total_time: Duration,
     /// From pause to acknowledgement; for a migration that failed after the pause, from pause
-    /// to the workload's resumption (the downtime actually suffered).
+    /// to the workload's resumption (the downtime actually suffered). The last switch-over
+    /// attempt's: after a failed attempt see [`MigrationReport::switchover_pauses`].
     #[serde(serialize_with = "ms_opt", rename = "downtime_ms")]
     pub downtime: Option<Duration>,
+    /// The pause of every switch-over attempt, in order (milliseconds in the JSON): a failed
+    /// attempt's from its pause to the workload's resumption, the last one's as `downtime`.
+    /// The pause probes' short pauses are not in it.
+    #[serde(serialize_with = "ms_vec", rename = "switchover_pauses_ms")]
+    pub switchover_pauses: Vec<Duration>,
+    /// The workload's time paused for switch-overs, all attempts: the sum of
+    /// `switchover_pauses` (equal to `downtime` after a single attempt).
+    #[serde(serialize_with = "ms", rename = "paused_total_ms")]
+    pub paused_total: Duration,
     /// The expected downtime when the driver decided to switch over.
     #[serde(serialize_with = "ms_opt", rename = "expected_downtime_ms")]
     pub expected_downtime: Option<Duration>,
@@ -432,12 +453,13 @@ pub struct MigrationReport {
     pub zero_pages: u64,
     /// (pages + zero pages) × page size ÷ memory size: 1.0 means every page went exactly once.
     pub resend_ratio: f64,
-    /// Transport bytes ÷ total send time.
+    /// Bytes per second on the wire: transport bytes ÷ total send time.
     pub bandwidth: f64,
-    /// Dirty rate as of the last scan with the workload running (measured over at least the
-    /// last 100 ms of scans: see [`RoundReport::dirty_rate`]).
+    /// Bytes per second the workload wrote, as of the last scan with it running (measured
+    /// over at least the last 100 ms of scans: see [`RoundReport::dirty_rate`]).
     pub dirty_rate: f64,
-    /// Highest throttle applied.
+    /// Highest throttle applied: the fraction of the workload's time held back, 0 (none) to
+    /// 0.99.
     pub throttle: f64,
     /// Whether the configuration let the driver throttle at all
     /// ([`ThrottleConfig::enabled`](crate::ThrottleConfig)); when not, `throttle` stays 0.
@@ -461,6 +483,24 @@ pub struct MigrationReport {
     /// reconnected, the rounds went on) adds one
     /// ([`MigrationConfig::switchover_attempts`](crate::MigrationConfig)).
     pub switchover_attempts: u32,
+    /// What the final rounds of failed switch-over attempts handed to the transport (not
+    /// known to have arrived; sent again by later rounds as needed): counted in `pages`,
+    /// `zero_pages` and `transferred_bytes` too, and each such round is in `rounds` with
+    /// `failed` set.
+    pub failed_final: FailedFinal,
+}
+
+/// What the final rounds of failed switch-over attempts sent ([`MigrationReport::failed_final`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FailedFinal {
+    /// Final rounds that failed.
+    pub rounds: u32,
+    /// Pages sent with contents.
+    pub pages: u64,
+    /// Pages sent as zeros.
+    pub zero_pages: u64,
+    /// Bytes the transport wrote for them (0 where it could not tell).
+    pub bytes: u64,
 }
 
 impl MigrationReport {
@@ -499,7 +539,23 @@ impl MigrationReport {
             final_round_bound: None,
             reconnects: 0,
             switchover_attempts: 0,
+            switchover_pauses: Vec::new(),
+            paused_total: Duration::ZERO,
+            failed_final: FailedFinal::default(),
         }
+    }
+
+    /// Records the pause of the current switch-over attempt, `paused` long (a later record for
+    /// the same attempt, a failure after its commit, replaces it): `downtime`,
+    /// `switchover_pauses` and `paused_total`.
+    pub(crate) fn record_pause(&mut self, paused: Duration) {
+        self.downtime = Some(paused);
+        let attempt = self.switchover_attempts.max(1) as usize - 1;
+        match self.switchover_pauses.get_mut(attempt) {
+            Some(p) => *p = paused,
+            None => self.switchover_pauses.push(paused),
+        }
+        self.paused_total = self.switchover_pauses.iter().sum();
     }
 
     pub(crate) fn add_round(&mut self, r: RoundReport) {
@@ -578,6 +634,38 @@ impl MigrationReport {
         if send > 0.0 { bytes as f64 / send } else { 0.0 }
     }
 
+    /// The switch-over attempts in words, when there was more than one or a final round
+    /// failed: each attempt's pause and their total (the time the workload was paused for
+    /// switch-overs), and what the failed final rounds sent; `None` after a single attempt
+    /// whose final round did not fail.
+    pub fn switchover_summary(&self) -> Option<String> {
+        let failed = self.failed_final;
+        if self.switchover_attempts <= 1 && failed.rounds == 0 {
+            return None;
+        }
+        let pauses: Vec<String> = self.switchover_pauses.iter().map(|p| msf(*p)).collect();
+        let mut s = format!(
+            "{} attempt(s); the workload was paused {}{} in all",
+            self.switchover_attempts,
+            if pauses.len() > 1 {
+                format!("{} = ", pauses.join(" + "))
+            } else {
+                String::new()
+            },
+            msf(self.paused_total)
+        );
+        if failed.rounds > 0 {
+            s.push_str(&format!(
+                "; {} failed final round(s) sent {} pages + {} zero pages ({} on the wire), counted in \"sent\" but not known to have arrived",
+                failed.rounds,
+                failed.pages,
+                failed.zero_pages,
+                bytes(failed.bytes as f64)
+            ));
+        }
+        Some(s)
+    }
+
     /// Whether the measured downtime exceeded the limit.
     pub fn downtime_exceeded(&self) -> bool {
         self.downtime.is_some_and(|d| d > self.max_downtime)
@@ -618,16 +706,21 @@ impl fmt::Display for MigrationReport {
             )?,
             None => {}
         }
+        let last = if self.switchover_pauses.len() > 1 {
+            " (the last switch-over's; all of them: see switch-overs)"
+        } else {
+            ""
+        };
         match self.downtime {
             Some(d) if self.downtime_exceeded() => writeln!(
                 f,
-                "downtime:      {} EXCEEDED the {limit} limit by {} (expected {expected})",
+                "downtime:      {}{last} EXCEEDED the {limit} limit by {} (expected {expected})",
                 msf(d),
                 msf(d - self.max_downtime)
             )?,
             Some(d) => writeln!(
                 f,
-                "downtime:      {}, within the {limit} limit (expected {expected})",
+                "downtime:      {}{last}, within the {limit} limit (expected {expected})",
                 msf(d)
             )?,
             None => writeln!(f, "downtime:      none (no final round)")?,
@@ -689,8 +782,8 @@ impl fmt::Display for MigrationReport {
         if self.reconnects > 0 {
             writeln!(f, "reconnects:    {}", self.reconnects)?;
         }
-        if self.switchover_attempts > 1 {
-            writeln!(f, "switch-overs:  {} attempts", self.switchover_attempts)?;
+        if let Some(s) = self.switchover_summary() {
+            writeln!(f, "switch-overs:  {s}")?;
         }
         if let Some(p) = self.final_phase {
             writeln!(

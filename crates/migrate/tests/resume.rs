@@ -279,6 +279,56 @@ fn a_cut_in_the_final_phase_resumes_the_source_and_switches_over_again() {
         .filter(|(a, b)| a != b)
         .count();
     assert_eq!(bad, 0, "{bad} pages differ after the second switch-over");
+    // The report gives every switch-over's pause, not only the last one's, and what the
+    // failed final round sent.
+    assert_eq!(
+        report.switchover_pauses.len(),
+        2,
+        "{:?}",
+        report.switchover_pauses
+    );
+    let (first, last) = (report.switchover_pauses[0], report.switchover_pauses[1]);
+    assert_eq!(
+        report.downtime,
+        Some(last),
+        "downtime is the last attempt's"
+    );
+    assert_eq!(report.paused_total, first + last);
+    // The cut's state callback slept 20 ms with the workload paused.
+    assert!(first >= Duration::from_millis(20), "{first:?}");
+    let failed: Vec<_> = report
+        .rounds
+        .iter()
+        .filter(|r| r.failed && r.kind == precopy_migrate::RoundKind::Final)
+        .collect();
+    assert_eq!(failed.len(), 1, "one failed final round");
+    let f = report.failed_final;
+    assert_eq!(f.rounds, 1);
+    assert_eq!(
+        (f.pages, f.zero_pages, f.bytes),
+        (failed[0].pages, failed[0].zero_pages, failed[0].bytes)
+    );
+    assert!(report.pages >= f.pages && report.zero_pages >= f.zero_pages);
+    let text = report.to_string();
+    assert!(
+        text.contains("switch-overs:  2 attempt(s); the workload was paused ")
+            && text.contains(&format!(
+                "{} failed final round(s) sent {} pages",
+                f.rounds, f.pages
+            )),
+        "{text}"
+    );
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(
+        json["switchover_pauses_ms"].as_array().map(Vec::len),
+        Some(2),
+        "{json}"
+    );
+    assert!(
+        json["paused_total_ms"].as_f64() > json["downtime_ms"].as_f64(),
+        "{json}"
+    );
+    assert_eq!(json["failed_final"]["rounds"], 1, "{json}");
     let after = run.proxy.forwarded() - run.at_cut;
     eprintln!(
         "final phase cut: {} switch-over attempts, {after} bytes after the cut, rounds {}",
