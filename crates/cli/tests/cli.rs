@@ -537,6 +537,63 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
     ),
 ];
 
+/// Every number in `demo --json` whose field name carries no unit (`_ms`, `_bytes`, `pages`,
+/// ...) is listed in the README's "JSON fields and their units" (as `` `NAME` `` or
+/// `` `PATH.NAME` ``), so a script reading it knows the unit: a field added without a unit in
+/// its name and without a line there fails this test.
+#[test]
+fn every_json_number_without_a_unit_in_its_name_is_in_the_readme() {
+    if !engine_usable() {
+        return;
+    }
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("reading README.md");
+    let section = readme
+        .split("### JSON fields and their units")
+        .nth(1)
+        .and_then(|s| s.split("\n#").next())
+        .expect("README has a section 'JSON fields and their units'");
+    let out = precopy(&["demo", "--size", "64M", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = one_json(&out);
+    const UNITS: &[&str] = &[
+        "_ms",
+        "_us",
+        "_s",
+        "bytes",
+        "_per_sec",
+        "pages",
+        "_ns_per_op",
+    ];
+    fn walk(v: &serde_json::Value, path: &str, found: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    if x.is_number() && !UNITS.iter().any(|u| k.ends_with(u)) {
+                        found.push((path.to_string(), k.clone()));
+                    }
+                    walk(x, &format!("{path}.{k}"), found);
+                }
+            }
+            serde_json::Value::Array(a) => {
+                for x in a {
+                    walk(x, &format!("{path}[]"), found);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    walk(&v, "", &mut found);
+    assert!(found.iter().any(|(_, k)| k == "dirty_rate"), "{found:?}");
+    for (path, key) in &found {
+        assert!(
+            section.contains(&format!("`{key}`")) || section.contains(&format!(".{key}`")),
+            "{path}.{key}: a number whose name gives no unit, missing from README's JSON units"
+        );
+    }
+}
+
 /// A TCP port another socket holds is refused as bad input by `recv --listen` and `demo
 /// --listen` alike (status 2, the flag and value named), not as a failure to listen.
 #[test]

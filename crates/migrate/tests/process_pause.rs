@@ -12,24 +12,14 @@ use precopy_migrate::{PauseMethod, ProcessControl, ThrottleMethod, Workload, all
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 fn fixture() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vfork_wait.c");
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("precopy-vfork-wait");
-        let st = Command::new("cc")
-            .args(["-O2", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .status()
-            .expect("running cc (install a C compiler: .ci/run does)");
-        assert!(st.success(), "compiling {}", src.display());
-        out
-    })
-    .clone()
+    precopy_testnet::compile_c(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vfork_wait.c"),
+        &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("precopy-vfork-wait"),
+        &[],
+    )
 }
 
 /// Waits (bounded only against a hang, not as a timing assertion) until `done`.

@@ -8,8 +8,14 @@
 //! a test can cut), and a [`resumable_receiver`].
 //!
 //! Used by the resume and timeout tests of `precopy-transfer` and `precopy-migrate`.
+//!
+//! Also [`compile_c`]: the C fixture programs the tests of `precopy-migrate` and
+//! `precopy-cli` run as targets, compiled one way for both.
 
 #![forbid(unsafe_code)]
+
+mod c_fixture;
+pub use c_fixture::compile_c;
 
 use precopy_transfer::{
     Connection, Layout, Listener, MemorySink, ReceiveReport, Receiver, ReceiverConfig, Sender,

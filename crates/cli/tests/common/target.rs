@@ -8,24 +8,14 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::OnceLock;
 
 /// The C fixture, compiled once per test binary.
 pub fn c_fixture() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/target.c");
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("precopy-target-fixture");
-        let st = Command::new("cc")
-            .args(["-O2", "-pthread", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .status()
-            .expect("running cc (install a C compiler: .ci/run does)");
-        assert!(st.success(), "compiling {}", src.display());
-        out
-    })
-    .clone()
+    precopy_testnet::compile_c(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/target.c"),
+        &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("precopy-target-fixture"),
+        &["-pthread"],
+    )
 }
 
 /// Which fixture.
