@@ -759,6 +759,15 @@ fn limit_lines(r: &MigrationReport, max_rounds: u64) -> Vec<String> {
             r.max_downtime.as_millis()
         ));
     }
+    if r.switch_reason == Some(precopy_migrate::SwitchReason::OutOfReach) {
+        lines.push(format!(
+            "switch-over without converging: --max-downtime {} ms is out of reach ({})",
+            r.max_downtime.as_millis(),
+            r.downtime_note
+                .as_deref()
+                .unwrap_or("the fixed costs alone exceed it")
+        ));
+    }
     if let Some(d) = r.downtime.filter(|_| r.downtime_exceeded()) {
         let line = format!(
             "downtime limit EXCEEDED: {:.1} ms > {} ms (--max-downtime)",

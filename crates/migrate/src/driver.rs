@@ -278,6 +278,12 @@ type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
 /// migration with [`Error::NotPaused`].
 pub const PAUSE_CHECK_SENDS: u32 = 3;
 
+/// Rounds in a row that found nothing written (and expect nothing until the pause) before the
+/// driver gives up on a limit its fixed costs alone exceed ([`SwitchReason::OutOfReach`]): by
+/// then the finish probes that bound the finish were all taken with nothing written (as many
+/// as the estimate keeps), so more rounds would only wait for a lucky sample.
+pub const QUIET_ROUNDS: u32 = crate::switchover::FINISH_WINDOW as u32;
+
 /// Rounds of a throughput estimate: a round smaller than this is latency-bound.
 const SIGNIFICANT_ROUND: u64 = 4 << 20;
 
@@ -1279,6 +1285,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
 
         let mut pending: Vec<Range<u64>> = Vec::new();
         let mut high = 0u32;
+        // Scans in a row that found nothing written, with nothing expected until the pause.
+        let mut quiet = 0u32;
         loop {
             let reason = loop {
                 let round = self.next_round();
@@ -1360,6 +1368,22 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
 
                 if estimate.is_some_and(|e| e.bound() <= self.config.max_downtime) {
                     break SwitchReason::Converged;
+                }
+                quiet = if found == 0 && self.meanwhile_rate() == 0.0 && self.throttle == 0.0 {
+                    quiet + 1
+                } else {
+                    0
+                };
+                // Nothing is written and the fixed costs alone exceed the limit: every further
+                // round is empty and leaves the estimate as it is, so switch over now (the
+                // limit is not met; the note says why) instead of at the round limit.
+                let probed_all =
+                    !self.config.probe_pause || self.estimator.pause_probes() >= PAUSE_PROBES;
+                if quiet >= QUIET_ROUNDS
+                    && probed_all
+                    && estimate.is_some_and(|e| e.fixed_bound() > self.config.max_downtime)
+                {
+                    break SwitchReason::OutOfReach;
                 }
                 if self.live_rounds() >= self.config.max_rounds {
                     break self.limit(
@@ -1518,6 +1542,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             }
             SwitchReason::Timeout => "the timeout passed".to_string(),
             SwitchReason::Converged => "it converged".to_string(),
+            SwitchReason::OutOfReach => format!(
+                "nothing was written for {QUIET_ROUNDS} rounds, so more rounds cannot help: switched over"
+            ),
         };
         let Some(e) = e else {
             if self.estimator.reread_samples() == 0 {
@@ -1532,8 +1559,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let scan = e.scan.max(e.scan_worst);
         let verify = e.verify.max(e.verify_worst);
         let full = e.full_check.max(e.full_check_worst);
-        let fixed = pause + scan + e.fixed + finish + verify + full + e.check_bound();
-        let cause = if ms(fixed.mul_f64(e.margin)) > limit {
+        let cause = if ms(e.fixed_bound()) > limit {
             let mut rereads = String::new();
             if e.verify_bytes > 0 {
                 rereads.push_str(&format!(
@@ -1549,8 +1575,31 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     ms(full)
                 ));
             }
+            // The largest part, named with what it stands for.
+            let parts = [
+                (pause, "the pause (stopping the workload)".to_string()),
+                (scan, "the final scan".to_string()),
+                (e.check_bound(), "the pause check's scans".to_string()),
+                (finish, {
+                    let peer = self.transport.peer();
+                    if peer.starts_with("image ") {
+                        format!(
+                            "the finish at {peer} (its index and the fsync of its last records and directory)"
+                        )
+                    } else {
+                        format!("the finish (digests and the acknowledgement round trip to {peer})")
+                    }
+                }),
+                (verify, "the verify pass".to_string()),
+                (full, "the full final check".to_string()),
+            ];
+            let largest = parts
+                .iter()
+                .max_by_key(|p| p.0)
+                .map(|(d, what)| format!("; the largest is {what}, {:.1} ms", ms(*d)))
+                .unwrap_or_default();
             format!(
-                "the fixed costs alone (pause {:.1} + scan {:.1} + {:.1} ms per round + pause check {:.1} + finish {:.1}{rereads}) exceed it",
+                "the fixed costs alone (pause {:.1} + scan {:.1} + {:.1} ms per round + pause check {:.1} + finish {:.1}{rereads}) exceed it{largest}",
                 ms(pause),
                 ms(scan),
                 ms(e.fixed),
@@ -2622,6 +2671,70 @@ mod tests {
         assert_eq!(report.switch_reason, Some(SwitchReason::MaxRounds));
         let note = report.downtime_note.expect("a note");
         assert!(note.contains("finish 150.0"), "{note}");
+    }
+
+    #[test]
+    fn nothing_written_and_a_finish_above_the_limit_switches_over_once_more_rounds_cannot_help() {
+        // A stopped source (nothing written after round 0) into a destination whose finish
+        // takes 150 ms against a 100 ms limit: no round can bring the bound under the limit.
+        let link = FakeLink {
+            probe: Some(Duration::from_millis(150)),
+            ..link(1024.0 * 1024.0)
+        };
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(100);
+        cfg.max_rounds = 30;
+        cfg.throttle.enabled = false;
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let mut m = Migration::new(
+            ScriptLog::pages(vec![0]),
+            link,
+            workload(&events),
+            cfg.clone(),
+        );
+        let report = m.run().unwrap();
+        assert_eq!(report.switch_reason, Some(SwitchReason::OutOfReach));
+        let live = |r: &MigrationReport| {
+            r.rounds
+                .iter()
+                .filter(|r| matches!(r.kind, RoundKind::Full | RoundKind::Iterative))
+                .count() as u32
+        };
+        // Round 0, then an empty round after each quiet scan until the QUIET_ROUNDS-th, which
+        // switched over: far from the round limit of 30.
+        assert_eq!(live(&report), QUIET_ROUNDS);
+        let note = report.downtime_note.clone().expect("a note");
+        assert!(note.contains("nothing was written"), "{note}");
+        assert!(
+            note.contains("the largest is the finish") && note.contains("150.0"),
+            "{note}"
+        );
+        assert!(report.to_string().contains("OUT OF REACH"), "{report}");
+
+        // The same limit with a finish that fits converges as before.
+        let link = FakeLink {
+            probe: Some(Duration::from_millis(30)),
+            ..self::link(1024.0 * 1024.0)
+        };
+        let mut m = Migration::new(
+            ScriptLog::pages(vec![0]),
+            link,
+            workload(&events),
+            cfg.clone(),
+        );
+        let report = m.run().unwrap();
+        assert_eq!(report.switch_reason, Some(SwitchReason::Converged));
+
+        // A workload still writing keeps iterating to the round limit (rounds shrink what
+        // the final round sends, even when the limit stays out of reach).
+        let link = FakeLink {
+            probe: Some(Duration::from_millis(150)),
+            ..self::link(1024.0 * 1024.0)
+        };
+        cfg.max_rounds = 8;
+        let mut m = Migration::new(ScriptLog::pages(vec![20]), link, workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(report.switch_reason, Some(SwitchReason::MaxRounds));
     }
 
     #[test]

@@ -240,7 +240,7 @@ pub use control::{
 };
 pub use driver::{
     AfterMigration, FinalPriority, LimitPolicy, Migration, MigrationConfig, MigrationError,
-    PAUSE_CHECK_SENDS, Phase, Progress, ReconnectConfig, ThrottleConfig,
+    PAUSE_CHECK_SENDS, Phase, Progress, QUIET_ROUNDS, ReconnectConfig, ThrottleConfig,
 };
 pub use error::{AbortReason, Error, Step};
 pub use process::{PauseMethod, ProcessControl, ProcessError, ThrottleMethod, all_stopped};

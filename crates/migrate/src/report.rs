@@ -57,6 +57,12 @@ pub enum SwitchReason {
     MaxRounds,
     /// The timeout, under the switch-over policy.
     Timeout,
+    /// The limit is out of reach and more rounds cannot help: nothing was written for the
+    /// last [`QUIET_ROUNDS`](crate::QUIET_ROUNDS) rounds (no pages pending, none expected until
+    /// the pause), and the final phase's fixed costs alone (pause, scans, finish, re-reads:
+    /// [`DowntimeEstimate::fixed_bound`]) exceed the limit. The limit is not met; the report's
+    /// `downtime_note` names the parts and the largest.
+    OutOfReach,
 }
 
 /// What a round was.
@@ -703,6 +709,10 @@ impl fmt::Display for MigrationReport {
             Some(SwitchReason::Timeout) => writeln!(
                 f,
                 "switch-over:   FORCED by the timeout before converging: expected downtime {decided}, limit {limit}"
+            )?,
+            Some(SwitchReason::OutOfReach) => writeln!(
+                f,
+                "switch-over:   the limit is OUT OF REACH (nothing is written, the fixed costs alone exceed it): switched over without converging: expected downtime {decided}, limit {limit}"
             )?,
             None => {}
         }

@@ -150,6 +150,24 @@ impl DowntimeEstimate {
     }
 }
 
+impl DowntimeEstimate {
+    /// The parts of [`DowntimeEstimate::bound`] that no round can shrink: pause, scan, the
+    /// send's fixed cost per round, the pause check, the finish and the re-reads, times the
+    /// margin. When this alone exceeds the limit, no final round fits it however little it
+    /// sends.
+    pub fn fixed_bound(&self) -> Duration {
+        let fixed = (self.pause.max(self.pause_worst))
+            .saturating_add(self.scan.max(self.scan_worst))
+            .saturating_add(self.fixed)
+            .saturating_add(self.finish.max(self.finish_worst))
+            .saturating_add(self.verify.max(self.verify_worst))
+            .saturating_add(self.full_check.max(self.full_check_worst))
+            .saturating_add(self.check_bound());
+        Duration::try_from_secs_f64(fixed.as_secs_f64() * self.margin.max(1.0))
+            .unwrap_or(Duration::MAX)
+    }
+}
+
 /// Learns the final phase's costs from the rounds and scans of one migration.
 #[derive(Debug, Default)]
 pub(crate) struct Estimator {
