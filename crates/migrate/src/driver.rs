@@ -2686,12 +2686,7 @@ mod tests {
         cfg.max_rounds = 30;
         cfg.throttle.enabled = false;
         let events = Arc::new(Mutex::new(Vec::new()));
-        let mut m = Migration::new(
-            ScriptLog::pages(vec![0]),
-            link,
-            workload(&events),
-            cfg.clone(),
-        );
+        let mut m = Migration::new(ScriptLog::pages(vec![0]), link, workload(&events), cfg);
         let report = m.run().unwrap();
         assert_eq!(report.switch_reason, Some(SwitchReason::OutOfReach));
         let live = |r: &MigrationReport| {
@@ -2716,12 +2711,7 @@ mod tests {
             probe: Some(Duration::from_millis(30)),
             ..self::link(1024.0 * 1024.0)
         };
-        let mut m = Migration::new(
-            ScriptLog::pages(vec![0]),
-            link,
-            workload(&events),
-            cfg.clone(),
-        );
+        let mut m = Migration::new(ScriptLog::pages(vec![0]), link, workload(&events), cfg);
         let report = m.run().unwrap();
         assert_eq!(report.switch_reason, Some(SwitchReason::Converged));
 
