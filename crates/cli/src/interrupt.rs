@@ -94,6 +94,8 @@ pub struct TargetState {
     children: Mutex<Vec<i32>>,
     /// Files to remove.
     files: Mutex<Vec<PathBuf>>,
+    /// Files to remove if they are empty then (a reserved image not yet started).
+    empty_files: Mutex<Vec<PathBuf>>,
     /// The image this command writes: a signal withdraws it unless it was published already.
     gate: Mutex<Option<Arc<PublishGate>>>,
 }
@@ -157,6 +159,10 @@ impl TargetState {
     pub fn add_file(&self, path: PathBuf) {
         lock(&self.files).push(path);
     }
+    /// A file to remove on a signal if it is empty then (and a regular file).
+    pub fn add_file_if_empty(&self, path: PathBuf) {
+        lock(&self.empty_files).push(path);
+    }
 }
 
 /// The installed handler (see the module docs).
@@ -202,6 +208,11 @@ impl Interrupts {
                 }
                 for &child in lock(&s.children).iter() {
                     let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
+                }
+                for f in lock(&s.empty_files).iter() {
+                    if std::fs::symlink_metadata(f).is_ok_and(|m| m.is_file() && m.len() == 0) {
+                        let _ = std::fs::remove_file(f);
+                    }
                 }
                 for f in lock(&s.files).iter() {
                     let _ = if f.is_dir() {

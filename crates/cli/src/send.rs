@@ -915,6 +915,23 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         ..ReceiverConfig::default()
     };
     let listen = parse_dest("--listen", &args.listen, false, true).map_err(fail)?;
+    if config.key.is_none() && matches!(listen, Dest::Tcp(_)) {
+        // Refused before anything is bound (another local user can connect to any TCP port).
+        return Err(fail(crate::args::invalid(
+            "--listen",
+            &args.listen,
+            "is a TCP address, and a TCP receiver requires a shared key",
+            "add --key-file KEYFILE (e.g. made with `(umask 077; head -c 32 /dev/urandom > KEYFILE)`; the sender passes the same file), or listen on unix:PATH",
+        )));
+    }
+    // The image is ours from here on: a second `send` or `recv` to the same path is refused
+    // while this one waits for its sender, not only once the image is started.
+    let reservation = ImageWriter::reserve(&path)
+        .with_context(|| format!("receiving into {}", path.display()))
+        .map_err(fail)?;
+    interrupts
+        .state()
+        .add_file_if_empty(ImageWriter::partial_path(&path));
     let removed_stale = match &listen {
         Dest::Unix(p) => clear_stale_socket(&args.listen, p).map_err(fail)?,
         _ => false,
@@ -930,15 +947,6 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         })
     })
     .map_err(fail)?;
-    if config.key.is_none() && matches!(listener, Listener::Tcp(_)) {
-        // Refuse before anyone can connect, saying how to make a key.
-        return Err(fail(
-            anyhow::Error::new(precopy_transfer::TransferError::KeyRequired {
-                addr: listener.address(),
-            })
-            .context("precopy recv needs --key-file KEYFILE on TCP"),
-        ));
-    }
     // The socket file is ours from here on: removed however this command ends.
     let _socket = match &listen {
         Dest::Unix(p) => {
@@ -958,7 +966,9 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         .and_then(|rx| {
             let gate = Arc::new(PublishGate::new());
             interrupts.state().set_publish_gate(gate.clone());
-            let mut sink = ImageWriter::create(&path, rx.layout().clone())?.with_publish_gate(gate);
+            let mut sink = reservation
+                .create(rx.layout().clone())?
+                .with_publish_gate(gate);
             // Ours while the writer holds the partial file's lock (see `send`).
             interrupts
                 .state()

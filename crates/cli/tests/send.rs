@@ -1159,12 +1159,63 @@ fn recv_without_a_key_refuses_to_start_and_says_how_to_make_one() {
         .arg(format!("file:{}", image.display()))
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "bad input");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("listening on"), "started anyway: {err}");
     assert!(err.contains("--key-file"), "{err}");
     assert!(err.contains("head -c 32 /dev/urandom"), "says how: {err}");
     assert!(!image.exists(), "no image written");
+    let partial = format!("{}.partial", image.display());
+    assert!(!Path::new(&partial).exists(), "no partial file made");
+}
+
+/// A `recv` waiting for its sender already holds its image: a second `recv` and a `send` to
+/// the same path are refused while it waits (they would otherwise publish an image the
+/// waiting one later replaces), and a signal while it waits leaves no empty partial file.
+#[test]
+fn a_waiting_receiver_holds_its_image_and_leaves_nothing_when_interrupted() {
+    let image = scratch("held-while-waiting.img");
+    let partial = std::path::PathBuf::from(format!("{}.partial", image.display()));
+    let sock = scratch("held-while-waiting.sock");
+    let (mut first, _) = start_recv(&format!("unix:{}", sock.display()), &image);
+    let second_sock = scratch("held-while-waiting-2.sock");
+    let out = Command::new(PRECOPY)
+        .args(["recv", "--listen"])
+        .arg(format!("unix:{}", second_sock.display()))
+        .arg("--to")
+        .arg(format!("file:{}", image.display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second recv started: {err}");
+    assert!(err.contains("is locked"), "{err}");
+    assert!(!err.contains("listening on"), "{err}");
+    if engine_usable() {
+        let t = Target::start(Lang::C, 1, 16, 0);
+        let out = Command::new(PRECOPY)
+            .args(["send", "--pid", &t.pid.to_string(), "--to"])
+            .arg(format!("file:{}", image.display()))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a send wrote the held image: {err}");
+        assert!(err.contains("is locked"), "{err}");
+        assert!(!image.exists(), "no image published");
+    }
+    assert!(
+        partial.exists(),
+        "the waiting receiver holds {}",
+        partial.display()
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = first.wait().unwrap();
+    assert!(!status.success());
+    assert!(!partial.exists(), "an empty partial file was left");
+    assert!(!sock.exists(), "the socket file was left");
 }
 
 /// `send --then stop` whose report finds stdout gone (`| head -c0`): the send ends quietly

@@ -505,7 +505,9 @@ pub struct FailedFinal {
     pub pages: u64,
     /// Pages sent as zeros.
     pub zero_pages: u64,
-    /// Bytes the transport wrote for them (0 where it could not tell).
+    /// Bytes the transport wrote for them, where it could tell: a round cut by a broken
+    /// connection never ends in the sink, which alone counts what it wrote, so its bytes are
+    /// not known and count 0 here and in `transferred_bytes` (its pages are counted).
     pub bytes: u64,
 }
 
@@ -661,12 +663,16 @@ impl MigrationReport {
             msf(self.paused_total)
         );
         if failed.rounds > 0 {
+            // A round cut by a broken connection never ended in the sink, which alone counts
+            // the bytes it wrote: those are not known (and not in `transferred_bytes`).
+            let wire = if failed.bytes == 0 && failed.pages > 0 {
+                "wire bytes not known: the connection broke before the round ended".to_owned()
+            } else {
+                format!("{} on the wire", bytes(failed.bytes as f64))
+            };
             s.push_str(&format!(
-                "; {} failed final round(s) sent {} pages + {} zero pages ({} on the wire), counted in \"sent\" but not known to have arrived",
-                failed.rounds,
-                failed.pages,
-                failed.zero_pages,
-                bytes(failed.bytes as f64)
+                "; {} failed final round(s) sent {} pages + {} zero pages ({wire}), counted in \"sent\" but not known to have arrived",
+                failed.rounds, failed.pages, failed.zero_pages,
             ));
         }
         Some(s)

@@ -125,7 +125,7 @@ pub use info::{
 };
 pub use reader::Image;
 pub use verify::{VerifyReport, image_verify};
-pub use writer::{CompactionPolicy, ImageWriter};
+pub use writer::{CompactionPolicy, ImageReservation, ImageWriter};
 
 /// The first eight bytes of an image file.
 pub const IMAGE_MAGIC: [u8; 8] = *b"PRCPIMG\0";

@@ -142,9 +142,9 @@ pub use error::{
     Unreadable,
 };
 pub use image::{
-    AddedRegion, AddressKind, CompactionInfo, CompactionPolicy, Image, ImageInfo, ImageWriter,
-    MappedRange, ProcessDescription, PublishGate, RegionInfo, RoundInfo, VerifyReport, image_cat,
-    image_info, image_verify, parse_span,
+    AddedRegion, AddressKind, CompactionInfo, CompactionPolicy, Image, ImageInfo, ImageReservation,
+    ImageWriter, MappedRange, ProcessDescription, PublishGate, RegionInfo, RoundInfo, VerifyReport,
+    image_cat, image_info, image_verify, parse_span,
 };
 pub use kind::FrameKind;
 pub use layout::{Backing, Layout, MemoryRegion};

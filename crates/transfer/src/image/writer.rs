@@ -170,10 +170,36 @@ impl ImageWriter {
     /// Starts the image that will be `path` for `layout`, writing it at
     /// [`ImageWriter::partial_path`] (created or truncated, mode 0600). Fails if `path` exists
     /// and is not a regular file (a directory, a FIFO, a device), or the partial file cannot
-    /// be created.
+    /// be created, or another writer holds it ([`ImageError::Locked`]).
     pub fn create(path: impl AsRef<Path>, layout: Layout) -> Result<ImageWriter, TransferError> {
+        Self::reserve(path)?.create(layout)
+    }
+
+    /// Takes the image that will be `path` before its layout is known (a receiver waiting
+    /// for a sender): checks the destination as [`ImageWriter::create`] does and holds the
+    /// partial file's exclusive lock, so a second writer to `path` is refused
+    /// ([`ImageError::Locked`]) from now on, not only once the image is started. Nothing is
+    /// written; [`ImageReservation::create`] starts the image. A reservation dropped unused
+    /// removes the partial file if it is still empty.
+    pub fn reserve(path: impl AsRef<Path>) -> Result<ImageReservation, TransferError> {
         let path = path.as_ref().to_owned();
         let partial = Self::partial_path(&path);
+        Self::check_destination(&path)?;
+        let (file, lock) = lock_partial(&path, &partial)?;
+        Ok(ImageReservation {
+            held: Some((file, lock)),
+            path,
+            partial,
+        })
+    }
+
+    fn start(
+        path: PathBuf,
+        partial: PathBuf,
+        file: File,
+        lock: Lock,
+        layout: Layout,
+    ) -> Result<ImageWriter, TransferError> {
         let io = |what| {
             let path = path.clone();
             move |source| ImageError::Io { path, what, source }
@@ -181,8 +207,6 @@ impl ImageWriter {
         let loc = page_table(layout.total_pages()).ok_or(TransferError::Config {
             reason: "layout has more pages than an image holds (MAX_IMAGE_PAGES)",
         })?;
-        Self::check_destination(&path)?;
-        let (file, lock) = lock_partial(&path, &partial)?;
         file.set_len(0).map_err(io("truncating"))?;
         // A compacted copy a crash left half-written is never the image: drop it (only the
         // writer holding the lock ever writes one, and that is this one now).
@@ -973,6 +997,50 @@ fn lock_partial(path: &Path, partial: &Path) -> Result<(File, Lock), ImageError>
 /// An exclusive `flock` on an image file, held until dropped (on a duplicate of the
 /// writer's descriptor: the lock belongs to the open file both share).
 type Lock = nix::fcntl::Flock<File>;
+
+/// The image at a path taken before its layout is known ([`ImageWriter::reserve`]): the
+/// partial file's lock is held until [`ImageReservation::create`] hands it to the writer or
+/// the reservation is dropped.
+#[derive(Debug)]
+pub struct ImageReservation {
+    path: PathBuf,
+    partial: PathBuf,
+    held: Option<(File, Lock)>,
+}
+
+impl ImageReservation {
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Starts the image for `layout` under the lock already held (see
+    /// [`ImageWriter::create`]).
+    pub fn create(mut self, layout: Layout) -> Result<ImageWriter, TransferError> {
+        if page_table(layout.total_pages()).is_none() {
+            // Refused before the reservation is used: dropping it removes the empty file.
+            return Err(TransferError::Config {
+                reason: "layout has more pages than an image holds (MAX_IMAGE_PAGES)",
+            });
+        }
+        let (file, lock) = self.held.take().ok_or(TransferError::Misuse {
+            operation: "ImageReservation::create",
+            state: "already used",
+        })?;
+        ImageWriter::start(self.path.clone(), self.partial.clone(), file, lock, layout)
+    }
+}
+
+impl Drop for ImageReservation {
+    fn drop(&mut self) {
+        // Still ours (the lock is held): an empty partial file is only what `reserve` created.
+        if let Some((file, _lock)) = &self.held
+            && file.metadata().is_ok_and(|m| m.len() == 0)
+        {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
+}
 
 /// Takes an exclusive `flock` on `file` without waiting (`EWOULDBLOCK`: another open file
 /// holds it).
