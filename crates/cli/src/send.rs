@@ -915,15 +915,6 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         ..ReceiverConfig::default()
     };
     let listen = parse_dest("--listen", &args.listen, false, true).map_err(fail)?;
-    if config.key.is_none() && matches!(listen, Dest::Tcp(_)) {
-        // Refused before anything is bound (another local user can connect to any TCP port).
-        return Err(fail(crate::args::invalid(
-            "--listen",
-            &args.listen,
-            "is a TCP address, and a TCP receiver requires a shared key",
-            "add --key-file KEYFILE (e.g. made with `(umask 077; head -c 32 /dev/urandom > KEYFILE)`; the sender passes the same file), or listen on unix:PATH",
-        )));
-    }
     // The image is ours from here on: a second `send` or `recv` to the same path is refused
     // while this one waits for its sender, not only once the image is started.
     let reservation = ImageWriter::reserve(&path)
@@ -947,6 +938,16 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         })
     })
     .map_err(fail)?;
+    if config.key.is_none() && matches!(listener, Listener::Tcp(_)) {
+        // Refused before anyone can connect (another local user can connect to any TCP
+        // port); after the bind, so that an unusable address is named first.
+        return Err(fail(crate::args::invalid(
+            "--listen",
+            &args.listen,
+            "is a TCP address, and a TCP receiver requires a shared key",
+            "add --key-file KEYFILE (e.g. made with `(umask 077; head -c 32 /dev/urandom > KEYFILE)`; the sender passes the same file), or listen on unix:PATH",
+        )));
+    }
     // The socket file is ours from here on: removed however this command ends.
     let _socket = match &listen {
         Dest::Unix(p) => {
