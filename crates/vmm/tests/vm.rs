@@ -49,24 +49,40 @@ fn destination(memfd: bool) -> std::process::Command {
     cmd
 }
 
+/// A live migration of a guest between two VMM processes, checked. The guest's work is the
+/// test's one timing assumption: the migration must reach its switch-over before the guest
+/// ends. 12 passes (~1.5 s at 64 MiB/s) suffice on a quiet machine; beside two CPU hogs at
+/// load 9 round 0 of a memfd guest once took 1.35 s and the guest finished first. Such a run
+/// shows nothing about the migration: it is run again, once, with five times the passes.
 fn demo(backing: RamBacking) -> precopy_vmm::VmDemoReport {
-    // 2 vCPUs over 8 MiB of a 64 MiB guest, 12 passes at 64 MiB/s: ~1.5 s of guest work,
-    // migrated after 0.3 s.
-    let program = GuestProgram::new(2, 64 << 20, 8 << 20, 12).unwrap();
-    let opts = precopy_vmm::VmDemoOptions {
-        config: VmConfig {
-            program,
-            backing,
-            dirty_rate: Some(64 << 20),
-            kvm_dirty_log: true,
-        },
-        destination_backing: backing,
-        warmup: std::time::Duration::from_millis(300),
-        migrate: precopy_vmm::MigrateOptions::default(),
+    let mut passes = 12;
+    let report = loop {
+        // 2 vCPUs over 8 MiB of a 64 MiB guest, `passes` passes at 64 MiB/s, migrated after
+        // 0.3 s.
+        let program = GuestProgram::new(2, 64 << 20, 8 << 20, passes).unwrap();
+        let opts = precopy_vmm::VmDemoOptions {
+            config: VmConfig {
+                program,
+                backing,
+                dirty_rate: Some(64 << 20),
+                kvm_dirty_log: true,
+            },
+            destination_backing: backing,
+            warmup: std::time::Duration::from_millis(300),
+            migrate: precopy_vmm::MigrateOptions::default(),
+        };
+        let cmd = destination(backing == RamBacking::Memfd);
+        let report = precopy_vmm::demo(&opts, cmd, |_| {}).unwrap();
+        eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+        if !report.source.finished_before_switch_over || passes > 12 {
+            break report;
+        }
+        eprintln!(
+            "the guest finished before the switch-over in {passes} passes (a loaded machine): again with {}",
+            passes * 5
+        );
+        passes *= 5;
     };
-    let cmd = destination(backing == RamBacking::Memfd);
-    let report = precopy_vmm::demo(&opts, cmd, |_| {}).unwrap();
-    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
     assert!(
         !report.source.finished_before_switch_over,
         "the guest finished before the migration: nothing was live"
