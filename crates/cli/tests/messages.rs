@@ -433,14 +433,16 @@ fn recv_removes_a_stale_socket_file_and_refuses_one_in_use() {
     let (mut first, mut second) = (String::new(), String::new());
     err.read_line(&mut first).unwrap();
     err.read_line(&mut second).unwrap();
-    // Listening: a second receiver on the same path is refused, and the file stays.
+    // Listening: a second receiver on the same path is refused, and the file stays. (Its own
+    // image: the first one's is held while it waits.)
+    let other_img = scratch("stale-other.img");
     let held = precopy(&[
         "recv",
         "--json",
         "--listen",
         &format!("unix:{}", sock.display()),
         "--to",
-        &format!("file:{}", img.display()),
+        &format!("file:{}", other_img.display()),
     ]);
     kill(Pid::from_raw(recv.id() as i32), Signal::SIGTERM).unwrap();
     recv.wait().unwrap();
