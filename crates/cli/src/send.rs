@@ -915,14 +915,6 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         ..ReceiverConfig::default()
     };
     let listen = parse_dest("--listen", &args.listen, false, true).map_err(fail)?;
-    // The image is ours from here on: a second `send` or `recv` to the same path is refused
-    // while this one waits for its sender, not only once the image is started.
-    let reservation = ImageWriter::reserve(&path)
-        .with_context(|| format!("receiving into {}", path.display()))
-        .map_err(fail)?;
-    interrupts
-        .state()
-        .add_file_if_empty(ImageWriter::partial_path(&path));
     let removed_stale = match &listen {
         Dest::Unix(p) => clear_stale_socket(&args.listen, p).map_err(fail)?,
         _ => false,
@@ -956,6 +948,15 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         }
         _ => None,
     };
+    // The image is ours from here on (after every check of the input, so that bad input
+    // never touches it): a second `send` or `recv` to the same path is refused while this
+    // one waits for its sender, not only once the image is started.
+    let reservation = ImageWriter::reserve(&path)
+        .with_context(|| format!("receiving into {}", path.display()))
+        .map_err(fail)?;
+    interrupts
+        .state()
+        .add_file_if_empty(ImageWriter::partial_path(&path));
     crate::output::errln!("precopy recv: listening on {}", listener.address());
     if removed_stale {
         crate::output::errln!(
