@@ -1150,7 +1150,8 @@ fn a_target_stopped_before_the_send_is_left_stopped() {
     let _ = std::fs::remove_file(&image);
 }
 
-/// `recv` on TCP without a key refuses to start (before listening) and says how to make one.
+/// `recv` on TCP without a key refuses to start (before it says it listens, before anyone can
+/// connect, touching no file) and says how to make one.
 #[test]
 fn recv_without_a_key_refuses_to_start_and_says_how_to_make_one() {
     let image = scratch("nokey.img");

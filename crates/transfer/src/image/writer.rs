@@ -1017,7 +1017,7 @@ impl ImageReservation {
     /// Starts the image for `layout` under the lock already held (see
     /// [`ImageWriter::create`]).
     pub fn create(mut self, layout: Layout) -> Result<ImageWriter, TransferError> {
-        if page_table(layout.total_pages()).is_none() {
+        if layout.total_pages() > super::MAX_IMAGE_PAGES {
             // Refused before the reservation is used: dropping it removes the empty file.
             return Err(TransferError::Config {
                 reason: "layout has more pages than an image holds (MAX_IMAGE_PAGES)",
