@@ -21,6 +21,7 @@ pub mod sched;
 pub mod splice;
 pub mod track;
 pub mod uffd;
+pub mod xxh3;
 pub mod zerocopy;
 
 /// The base page size of this machine, in bytes.

@@ -132,7 +132,7 @@ impl Mapping {
     pub fn new(backing: Backing, len: u64, align: u64, thp: Thp) -> io::Result<Mapping> {
         let page = crate::page_size();
         let align = align.max(page);
-        if len == 0 || len % page != 0 {
+        if len == 0 || !len.is_multiple_of(page) {
             return Err(invalid(
                 "mapping length must be a non-zero multiple of the page size",
             ));
@@ -270,7 +270,7 @@ impl Mapping {
 
     fn check_aligned(&self, offset: u64, len: u64) -> io::Result<u64> {
         let page = crate::page_size();
-        if offset % page != 0 || len % page != 0 || len == 0 {
+        if !offset.is_multiple_of(page) || !len.is_multiple_of(page) || len == 0 {
             return Err(invalid("offset and length must be non-zero page multiples"));
         }
         self.check(offset, len)
@@ -288,7 +288,7 @@ impl Mapping {
 
     /// Writes one `u64` at `offset` (aligned to 8) with a volatile store.
     pub fn write_u64(&self, offset: u64, value: u64) -> io::Result<()> {
-        if offset % 8 != 0 {
+        if !offset.is_multiple_of(8) {
             return Err(invalid("offset must be 8-byte aligned"));
         }
         let abs = self.check(offset, 8)?;
@@ -299,7 +299,7 @@ impl Mapping {
 
     /// Reads one `u64` at `offset` (aligned to 8) with a volatile load.
     pub fn read_u64(&self, offset: u64) -> io::Result<u64> {
-        if offset % 8 != 0 {
+        if !offset.is_multiple_of(8) {
             return Err(invalid("offset must be 8-byte aligned"));
         }
         let abs = self.check(offset, 8)?;

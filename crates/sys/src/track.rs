@@ -305,7 +305,10 @@ impl WriteFaultTracker {
     /// [`WriteFaultTracker::protect_all`].
     pub fn new(range: Range<u64>) -> io::Result<WriteFaultTracker> {
         let page = crate::page_size();
-        if range.start >= range.end || range.start % page != 0 || range.end % page != 0 {
+        if range.start >= range.end
+            || !range.start.is_multiple_of(page)
+            || !range.end.is_multiple_of(page)
+        {
             return Err(invalid("range must be non-empty and page-aligned"));
         }
         if !mapped_rw(&range)? {

@@ -31,12 +31,14 @@ fn thread_cpu() -> Duration {
 
 type Hash = fn(&[u8]) -> u64;
 
-fn candidates() -> [(&'static str, Hash); 4] {
+fn candidates() -> [(&'static str, Hash); 5] {
     [
         ("crc32c", |p| u64::from(crc32c::crc32c(p))),
         ("crc-fast", |p| u64::from(crc_fast::crc32_iscsi(p))),
         ("twox-hash xxh3_64", twox_hash::XxHash3_64::oneshot),
         ("xxhash-rust xxh3_64", xxhash_rust::xxh3::xxh3_64),
+        // The engine's page hash: XXH3-64 by AVX-512 where the CPU has it, else twox-hash.
+        ("precopy page_hash", precopy_transfer::page_hash),
     ]
 }
 

@@ -103,11 +103,13 @@ pub type PageHash = u64;
 /// Bytes of one [`PageHash`] on the wire and in a page-hash list (u64 LE).
 pub const PAGE_HASH_LEN: usize = size_of::<PageHash>();
 
-/// The hash of one page: XXH3-64 with seed 0 (`twox-hash`, which picks its
-/// AVX2 or SSE2 code at run time). The one place the page hash is chosen;
-/// see the module docs for why this one.
+/// The hash of one page: XXH3-64 with seed 0. The one place the page hash is
+/// chosen; see the module docs for why this one. On a CPU with AVX-512 a page
+/// (longer than 240 bytes) goes through `precopy_sys::xxh3`'s 512-bit loop,
+/// anything else through `twox-hash` (which picks its AVX2 or SSE2 code at run
+/// time): the same values either way.
 pub fn page_hash(page: &[u8]) -> PageHash {
-    XxHash3_64::oneshot(page)
+    precopy_sys::xxh3::xxh3_64_long(page).unwrap_or_else(|| XxHash3_64::oneshot(page))
 }
 
 /// `hashes` as a page-hash list: u64 LE each, back to back.
@@ -404,6 +406,33 @@ mod tests {
                 page_hash(&vec![0u8; len as usize]),
                 "{len}"
             );
+        }
+    }
+
+    /// The AVX-512 loop (where the CPU has it) and `twox-hash` agree on every length a
+    /// page or a table can have past XXH3's short inputs, and on large pages.
+    #[test]
+    fn page_hash_matches_twox_hash_at_every_length() {
+        if !precopy_sys::xxh3::has_avx512() {
+            println!("SKIP: no AVX-512F on this CPU: page_hash is twox-hash itself here");
+        }
+        let data = pages(1, (2 << 20) + 64, 11);
+        for len in (0..=8192).chain([65536, 65537, 1 << 21, (2 << 20) + 64]) {
+            assert_eq!(
+                page_hash(&data[..len]),
+                XxHash3_64::oneshot(&data[..len]),
+                "length {len}"
+            );
+        }
+        // Unaligned starts.
+        for at in 1..64 {
+            let p = &data[at..at + 4096];
+            assert_eq!(page_hash(p), XxHash3_64::oneshot(p), "at {at}");
+        }
+        // A page of one repeated byte, of zeros and of ones.
+        for b in [0u8, 0xFF, 0x5A] {
+            let p = vec![b; 4096];
+            assert_eq!(page_hash(&p), XxHash3_64::oneshot(&p), "byte {b:#x}");
         }
     }
 
