@@ -28,7 +28,9 @@
 //! 1-3): on the project machine (AMD Zen 1, AVX2) XXH3-64 hashes a cached
 //! 4 KiB page ~2.9x as fast as the fastest CRC32C crate and ~2.2x as fast
 //! from memory (`cargo bench -p precopy-transfer --bench page_hash`,
-//! BENCHMARKS.md), and it runs on every page at both ends. It is not a
+//! BENCHMARKS.md), and it runs on every page at both ends. On a CPU with
+//! AVX-512 it is computed by `precopy_sys::xxh3` (same values; on an Intel
+//! Xeon with AVX-512 1.3x `twox-hash`'s AVX2 code, in cache and from memory). It is not a
 //! cryptographic hash: it detects damage and torn copies, not forgery (the
 //! wire's key authenticates the peer, see [`crate::protocol`]). Two different
 //! pages share a hash with probability about 2^-64, against 2^-32 for the
