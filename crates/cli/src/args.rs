@@ -108,9 +108,13 @@ pub fn parse_pid(s: &str) -> Result<i32, String> {
     Ok(n as i32)
 }
 
-/// Refuses `--pid` naming this `precopy` process itself (or one of its threads): a process
-/// cannot attach to itself, and its memory is not what the user means to copy.
-pub fn check_not_self(pid: i32) -> anyhow::Result<()> {
+/// Refuses a `--pid` known bad before anything starts: this `precopy` process itself (a
+/// process cannot attach to itself, and its memory is not what the user means to copy), and
+/// what attaching would refuse at once (`precopy_tracker::check_attachable`): an ID no process
+/// has, a thread's ID, a kernel thread, a process that has exited (a zombie). A target that
+/// exits after this check fails the command when it is found gone (status 1).
+pub fn check_target(pid: i32) -> anyhow::Result<()> {
+    use precopy_tracker::AttachError;
     let me = std::process::id() as i32;
     let tgid = procfs::process::Process::new(pid)
         .and_then(|p| p.status())
@@ -123,7 +127,22 @@ pub fn check_not_self(pid: i32) -> anyhow::Result<()> {
             "give the ID of the program to copy, e.g. --pid $(pidof NAME)",
         ));
     }
-    Ok(())
+    let running = "give the ID of a running program's process, e.g. --pid $(pidof NAME)";
+    match precopy_tracker::check_attachable(pid) {
+        Err(AttachError::NotProcessId { tgid, .. }) => Err(invalid(
+            "--pid",
+            pid,
+            format!("is a thread of process {tgid}, not a process ID"),
+            format!("use --pid {tgid} (a process is copied with all its threads)"),
+        )),
+        Err(
+            e @ (AttachError::NoSuchProcess { .. }
+            | AttachError::KernelThread { .. }
+            | AttachError::Zombie { .. }),
+        ) => Err(invalid("--pid", pid, e.to_string(), running)),
+        // Anything else (a process this user may not read) is for attaching to report.
+        _ => Ok(()),
+    }
 }
 
 /// Longest `--max-downtime`, one hour in milliseconds.
@@ -358,6 +377,18 @@ pub fn parse_dest(
             "is not HOST:PORT after tcp: (a host and a port number 0 to 65535)",
             format!("e.g. {flag} tcp:127.0.0.1:7000 or {flag} tcp:[::1]:7000"),
         )),
+        // The kernel's socket address holds the path and its final NUL in 108 bytes: a longer
+        // path could never be bound or reached, whatever the directory.
+        Dest::Unix(p) if p.as_os_str().len() > MAX_UNIX_PATH => Err(invalid(
+            flag,
+            s,
+            format!(
+                "the socket path is {} bytes, more than the {MAX_UNIX_PATH} a Unix socket \
+                 address holds (sun_path: 108 bytes with the final NUL)",
+                p.as_os_str().len()
+            ),
+            format!("use a shorter path, e.g. {flag} unix:/tmp/precopy.sock"),
+        )),
         // A host that names no address is the value's fault, like a malformed one: refused
         // here, before anything starts, not as a failure to connect or listen later.
         Dest::Tcp(a) => match std::net::ToSocketAddrs::to_socket_addrs(a.as_str()) {
@@ -366,6 +397,47 @@ pub fn parse_dest(
             Err(e) => Err(unresolved(flag, s, e.to_string())),
         },
         d => Ok(d),
+    }
+}
+
+/// Longest path of a Unix socket (`sun_path` is 108 bytes, the final NUL included).
+const MAX_UNIX_PATH: usize = 107;
+
+/// Checks `send --to unix:PATH` (`flag`'s value `typed`) before anything starts: a directory
+/// that does not exist, or a file at `path` that is not a socket (a FIFO, a regular file), can
+/// never reach a receiver. A socket file that nobody listens on is left to connecting (a
+/// receiver not started yet, like a TCP port that refuses).
+pub fn check_socket_destination(
+    flag: &'static str,
+    typed: &str,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(invalid(
+            flag,
+            typed,
+            format!("{} is not an existing directory", dir.display()),
+            format!(
+                "give the path a `precopy recv --listen unix:PATH` listens on, e.g. {flag} unix:/tmp/precopy.sock"
+            ),
+        ));
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => Err(invalid(
+            flag,
+            typed,
+            format!(
+                "{} is {}, not a socket: no receiver listens there",
+                path.display(),
+                precopy_transfer::not_regular(&m).unwrap_or("a regular file")
+            ),
+            "give the path a `precopy recv --listen unix:PATH` listens on",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -508,9 +580,11 @@ pub struct Invalid {
 
 impl fmt::Display for Invalid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A flag that takes no value (a switch) is named alone.
+        let sep = if self.value.is_empty() { "" } else { " " };
         write!(
             f,
-            "{} {}: {}; {}",
+            "{}{sep}{}: {}; {}",
             self.flag, self.value, self.problem, self.fix
         )
     }

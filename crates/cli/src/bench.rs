@@ -1351,6 +1351,25 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if !args.no_files {
         // Where the results go must take files before the bench runs, not after minutes of it.
         let dir = args.out.as_deref().unwrap_or(Path::new("out/bench"));
+        // A directory named with --out is made, not the path to it: a missing parent is
+        // most likely a typo, refused like any other path flag's (the default's is made).
+        if let Some(out) = &args.out {
+            let parent = match out.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            if !parent.is_dir() {
+                return Err(invalid(
+                    "--out",
+                    out.display(),
+                    format!("{} is not an existing directory", parent.display()),
+                    format!(
+                        "create {} first, or choose a directory in an existing one",
+                        parent.display()
+                    ),
+                ));
+            }
+        }
         writable_dir(dir).map_err(|e| {
             invalid(
                 "--out",

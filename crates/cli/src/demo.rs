@@ -306,11 +306,11 @@ pub struct Args {
     progress: progress::Mode,
     /// Seconds a connection may make no progress (a write, the wait for an acknowledgement, a
     /// silent sender at the destination) before the migration fails.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, allow_hyphen_values = true)]
     io_timeout: f64,
     /// Hard bound on the final round, in milliseconds, from the pause to the acknowledgement
     /// [default: 10 × max downtime, at least 5 s, or twice the expected downtime if more].
-    #[arg(long)]
+    #[arg(long, value_parser = count_in(1, MAX_DOWNTIME_MS), allow_hyphen_values = true)]
     final_round_timeout: Option<u64>,
     /// Scheduling priority of the final phase's threads (the driver's, the sender's writers
     /// and, on this host, the destination process's), from the pause to the acknowledgement
@@ -320,11 +320,11 @@ pub struct Args {
     /// Reconnect attempts after the connection breaks (end of stream, reset) or goes silent
     /// past --io-timeout while iterating: the destination keeps what it received and only what differs is sent
     /// again. 0: a broken connection fails the migration.
-    #[arg(long, default_value_t = 3, value_name = "N")]
-    reconnect_attempts: u32,
+    #[arg(long, default_value = "3", value_name = "N", value_parser = count_in(0, MAX_RECONNECT_ATTEMPTS), allow_hyphen_values = true)]
+    reconnect_attempts: u64,
     /// Milliseconds before the first reconnect attempt, doubled after each, up to 2 s (or this,
     /// if longer).
-    #[arg(long, default_value_t = 200, value_name = "MS")]
+    #[arg(long, default_value = "200", value_name = "MS", value_parser = count_in(1, MAX_RECONNECT_BACKOFF_MS), allow_hyphen_values = true)]
     reconnect_backoff: u64,
     /// Test hook: cut the source's connections (the sockets, not a process) when this round is
     /// about to be sent.
@@ -429,6 +429,7 @@ fn largest_size(copies: u64, image: Option<&std::path::Path>) -> Largest {
 
 /// Checks every flag against its real limit before anything starts.
 fn validate(args: &Args) -> Result<Plan> {
+    args.vm.check_unused()?;
     let size = &args.size;
     let image = match &args.to {
         None => None,
@@ -612,7 +613,7 @@ fn validate(args: &Args) -> Result<Plan> {
             "use e.g. --reconnect-attempts 3, or 0 to fail on a broken connection",
         ));
     }
-    if !(1..=60_000).contains(&args.reconnect_backoff) {
+    if !(1..=MAX_RECONNECT_BACKOFF_MS).contains(&args.reconnect_backoff) {
         return Err(invalid(
             "--reconnect-backoff",
             args.reconnect_backoff,
@@ -1984,13 +1985,15 @@ fn flag_value<T: clap::ValueEnum>(v: &T) -> Option<String> {
 }
 
 /// Most `--reconnect-attempts`.
-const MAX_RECONNECT_ATTEMPTS: u32 = 100;
+const MAX_RECONNECT_ATTEMPTS: u64 = 100;
+/// Longest `--reconnect-backoff`, a minute in milliseconds.
+const MAX_RECONNECT_BACKOFF_MS: u64 = 60_000;
 
 /// `--reconnect-attempts` and `--reconnect-backoff` as the driver takes them.
 fn reconnect_config(args: &Args) -> ReconnectConfig {
     let backoff = Duration::from_millis(args.reconnect_backoff);
     ReconnectConfig {
-        attempts: args.reconnect_attempts,
+        attempts: u32::try_from(args.reconnect_attempts).unwrap_or(u32::MAX),
         backoff,
         max_backoff: backoff.max(Duration::from_secs(2)),
     }

@@ -62,7 +62,7 @@ enum ImageCommand {
         image: PathBuf,
         /// Half-open span of memory offsets, each decimal or 0x hex (e.g. 0x1000-0x2000).
         #[arg(long, value_name = "START-END", value_parser = span, allow_hyphen_values = true)]
-        range: Range<u64>,
+        range: Span,
         /// Read an incomplete image anyway: the rounds that ended before the cut, pages not
         /// sent in them as zeros (which need not be the source's bytes).
         #[arg(long)]
@@ -130,8 +130,23 @@ fn info(image: &Path, check: bool, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cat(image: &Path, range: Range<u64>, incomplete: bool) -> Result<ExitCode> {
+fn cat(image: &Path, range: Span, incomplete: bool) -> Result<ExitCode> {
     let img = precopy_transfer::Image::open(image)?;
+    // A span outside the layout is the value's fault (status 2), known once the image is open.
+    let total = img.layout().total_len();
+    if range.span.end > total {
+        return Err(crate::args::invalid(
+            "--range",
+            &range.typed,
+            format!(
+                "ends beyond the image's memory, which spans offsets 0-{total:#x} ({})",
+                crate::args::human(total)
+            ),
+            format!(
+                "use a span within 0-{total:#x} (regions back to back, as `precopy image info` lists them)"
+            ),
+        ));
+    }
     if !img.is_complete() {
         let info = img.info();
         let reason = info.incomplete_reason.as_deref().unwrap_or("unknown");
@@ -153,6 +168,7 @@ fn cat(image: &Path, range: Range<u64>, incomplete: bool) -> Result<ExitCode> {
     // Every page of the span is checked before the first byte goes out: a damaged page fails
     // the command with nothing written, never after a partial copy. (The pages are read twice;
     // the second read checks them again.)
+    let range = range.span;
     img.read_span(range.clone(), &mut io::sink())?;
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
@@ -168,15 +184,18 @@ fn cat(image: &Path, range: Range<u64>, incomplete: bool) -> Result<ExitCode> {
     }
 }
 
-/// Refuses an `IMAGE` argument that names nothing readable as a file (missing, a directory,
-/// unreadable) as bad input, like a bad flag value (status 2); what the file holds is checked
-/// by the command itself (a file that is no image, or a damaged one, fails it: status 1).
+/// Refuses an `IMAGE` argument that names nothing readable as a file (missing, a directory, a
+/// FIFO, a device, unreadable) as bad input, like a bad flag value (status 2); what the file
+/// holds is checked by the command itself (a file that is no image, or a damaged one, fails
+/// it: status 1).
 fn check_image_arg(image: &Path) -> Result<()> {
     let problem = match std::fs::metadata(image) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => "does not exist".to_string(),
         Err(e) => format!("cannot be read ({e})"),
-        Ok(m) if m.is_dir() => "is a directory, not an image file".to_string(),
-        Ok(_) => return Ok(()),
+        Ok(m) => match precopy_transfer::not_regular(&m) {
+            Some(kind) => format!("is {kind}, not an image file"),
+            None => return Ok(()),
+        },
     };
     Err(crate::args::invalid(
         "IMAGE",
@@ -226,8 +245,22 @@ fn verify(image: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--range` parser: `START-END`, each decimal or `0x` hex, `START <= END`.
-fn span(s: &str) -> Result<Range<u64>, String> {
+/// `--range` as typed: `START-END`, each decimal or `0x` hex, `START <= END`.
+#[derive(Debug, Clone)]
+struct Span {
+    span: Range<u64>,
+    typed: String,
+}
+
+/// `--range` parser (see [`Span`]).
+fn span(s: &str) -> Result<Span, String> {
+    parse_range(s).map(|span| Span {
+        span,
+        typed: s.trim().to_string(),
+    })
+}
+
+fn parse_range(s: &str) -> Result<Range<u64>, String> {
     if s.trim_start().starts_with('-') {
         return Err(
             "memory offsets cannot be negative: use START-END, e.g. 0-0x1000 (see `image info`)"
@@ -245,8 +278,9 @@ mod tests {
 
     #[test]
     fn range_argument() {
-        assert_eq!(span("0x1000-0x2000"), Ok(0x1000..0x2000));
-        assert!(span("0x2000-0x1000").is_err());
-        assert!(span("0x1000").is_err());
+        assert_eq!(parse_range("0x1000-0x2000"), Ok(0x1000..0x2000));
+        assert!(parse_range("0x2000-0x1000").is_err());
+        assert!(parse_range("0x1000").is_err());
+        assert_eq!(span(" 0-8192").map(|s| s.typed), Ok("0-8192".to_string()));
     }
 }

@@ -50,8 +50,10 @@ enum Command {
     AttachBench(attach_bench::Args),
     /// Live pre-copy of a running process to a receiver or a checkpoint image.
     ///
-    /// Attaching stops one thread of the target for well under a millisecond (ptrace) to create
-    /// a userfaultfd in it. A blocking system call that thread was in is restarted, except
+    /// Attaching stops one thread of the target (ptrace) to create a userfaultfd in it:
+    /// typically well under a millisecond on an idle machine, tens of milliseconds under load
+    /// (the thread has to get a CPU to stop and to run the injected calls; the report gives
+    /// the time). A blocking system call that thread was in is restarted, except
     /// those Linux never restarts (epoll_wait, poll, select, sigtimedwait, ...: see signal(7)),
     /// which return EINTR there as after a signal handler; a program that does not retry on
     /// EINTR sees an error. While pages are sent, a target that writes faster than they go is
@@ -102,7 +104,7 @@ fn add_conflict_fix(e: &mut clap::Error) {
         format!("give {given} once")
     } else {
         format!(
-            "leave out {given} or {}: they do not go together (see --help)",
+            "leave out {given} or {}: they do not go together",
             others.join(" and ")
         )
     };
@@ -128,7 +130,14 @@ fn one_line_usage(rendered: &str) -> String {
             None => message.push(line.trim_start_matches("error: ")),
         }
     }
-    let mut one = message.join("; ");
+    // A line ending in ':' introduces the next ("... not provided:" then "--vm").
+    let mut one = String::new();
+    for m in &message {
+        if !one.is_empty() {
+            one.push_str(if one.ends_with(':') { " " } else { "; " });
+        }
+        one.push_str(m);
+    }
     if let Some(u) = usage {
         one.push_str(&format!("; usage: {u}"));
     }

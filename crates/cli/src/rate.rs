@@ -18,7 +18,7 @@
 //! idle program. Ctrl-C or `SIGTERM` end the run early with the report of the intervals
 //! measured so far (and `"interrupted"`), exit status 128 + the signal.
 
-use crate::args::{check_not_self, count_in, invalid, parse_pid};
+use crate::args::{check_target, count_in, invalid, parse_pid};
 use crate::interrupt::Interrupts;
 use crate::output;
 use crate::output::out;
@@ -225,7 +225,7 @@ const MAX_INTERVAL_MS: u64 = 3_600_000;
 const MAX_COUNT: u64 = 100_000;
 
 fn check_rate(args: &RateArgs) -> Result<()> {
-    check_not_self(args.pid)?;
+    check_target(args.pid)?;
     if args.interval == 0 || args.interval > MAX_INTERVAL_MS {
         return Err(invalid(
             "--interval",

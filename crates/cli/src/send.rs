@@ -11,8 +11,8 @@
 
 use crate::args::{
     Dest, MAX_DOWNTIME_MS, MAX_ROUNDS, PriorityKind, check_final_round_timeout, check_image_path,
-    check_max_downtime, check_max_rounds, check_not_self, count_in, invalid, parse_dest, parse_pid,
-    read_key,
+    check_max_downtime, check_max_rounds, check_socket_destination, check_target, count_in,
+    invalid, parse_dest, parse_pid, read_key,
 };
 use crate::interrupt::{Interrupts, TargetState};
 use crate::output;
@@ -139,12 +139,14 @@ pub struct RecvArgs {
     /// file is refused (an image, or an empty file, is replaced either way).
     #[arg(long)]
     force: bool,
-    /// Scheduling priority of this receiver's threads (each connection's, and the one that
-    /// checks the final digest, syncs the image and acknowledges) from the round the sender
-    /// marks final (its source stopped) until the transfer ends, committed, failed or cut;
-    /// each is put back to its own before it exits. `realtime`: SCHED_FIFO 1 where permitted
-    /// (root or CAP_SYS_NICE; a warning and `received.final_priority.refused` say when not).
-    #[arg(long, value_enum, default_value_t = PriorityKind::Realtime)]
+    /// Scheduling priority of this receiver's own threads (each connection's, and the one
+    /// that checks the final digest, syncs the image and acknowledges) in the final round:
+    /// from the round the sender marks final (its target stopped) until the transfer ends,
+    /// committed, failed or cut. `realtime`: recv raises them to SCHED_FIFO 1 where permitted
+    /// (root or CAP_SYS_NICE; a warning and `received.final_priority.refused` say when not)
+    /// and puts each back to its own priority before it exits; `normal`: they keep their own.
+    /// The sender's priority is the sender's `--final-priority`.
+    #[arg(long, value_enum, default_value_t = PriorityKind::Realtime, hide_possible_values = true)]
     final_priority: PriorityKind,
     /// Print one JSON object instead of text: `received` (rounds, pages, zero pages, wire
     /// bytes, streams, checksum, ...), `image_bytes` and, as `send --json` has it,
@@ -413,7 +415,7 @@ fn drive<K: Sink>(
 /// Checks `send`'s flags against their limits, the destination and the key file before
 /// anything starts (nothing is attached, connected or created yet).
 fn check_send(args: &SendArgs) -> Result<(Dest, Option<Key>)> {
-    check_not_self(args.pid)?;
+    check_target(args.pid)?;
     check_max_downtime(args.max_downtime)?;
     check_max_rounds(args.max_rounds)?;
     check_final_round_timeout(args.final_round_timeout)?;
@@ -429,8 +431,10 @@ fn check_send(args: &SendArgs) -> Result<(Dest, Option<Key>)> {
             "drop --key-file, or send to a `precopy recv`",
         ));
     }
-    if let Dest::File(path) = &dest {
-        check_image_path("--to", &args.to, path, None, Some(args.force))?;
+    match &dest {
+        Dest::File(path) => check_image_path("--to", &args.to, path, None, Some(args.force))?,
+        Dest::Unix(path) => check_socket_destination("--to", &args.to, path)?,
+        Dest::Tcp(_) => {}
     }
     let key = read_key(args.key_file.as_deref())?;
     Ok((dest, key))

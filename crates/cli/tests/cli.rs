@@ -5,7 +5,7 @@
 mod common;
 
 use common::target::engine_usable;
-use common::{PRECOPY, one_json, precopy, scratch_dir, stderr};
+use common::{PRECOPY, one_json, precopy, scratch_dir, stderr, stdout};
 use std::process::{Command, Output};
 
 /// (arguments, flag, value as typed, words of the limit) for each kind of bad input.
@@ -535,7 +535,98 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
         "/no-such-dir/x.img",
         "does not exist",
     ),
+    (
+        &["image", "info", "/dev/null"],
+        "IMAGE",
+        "/dev/null",
+        "is a character device, not an image file",
+    ),
+    // A Unix socket's destination that no receiver can listen on, and a path longer than a
+    // socket address holds (sun_path: 108 bytes with the NUL): refused before connecting or
+    // listening (they were failures to connect or bind, status 1).
+    (
+        &["send", "--pid", "1", "--to", "unix:/nonexistent/s"],
+        "--to",
+        "unix:/nonexistent/s",
+        "/nonexistent is not an existing directory",
+    ),
+    (
+        &["send", "--pid", "1", "--to", "unix:LONG"],
+        "--to",
+        "unix:LONG",
+        "more than the 107 a Unix socket address holds",
+    ),
+    (
+        &["recv", "--listen", "unix:LONG", "--to", "file:/tmp/x.img"],
+        "--listen",
+        "unix:LONG",
+        "more than the 107 a Unix socket address holds",
+    ),
+    // Flags only `demo --vm` uses, given without it.
+    (
+        &["demo", "--vcpus", "0"],
+        "--vcpus",
+        "0",
+        "applies only to a KVM guest's migration (demo --vm); add --vm, or drop --vcpus",
+    ),
+    (
+        &["demo", "--guest-seconds", "5"],
+        "--guest-seconds",
+        "5",
+        "add --vm, or drop --guest-seconds",
+    ),
+    (
+        &["demo", "--memfd"],
+        "--memfd",
+        "--memfd: applies only",
+        "add --vm, or drop --memfd",
+    ),
+    // Negative values of demo's numeric flags name the flag (they were "unexpected argument").
+    (
+        &["demo", "--reconnect-attempts", "-1"],
+        "--reconnect-attempts",
+        "-1",
+        "from 0 to 100",
+    ),
+    (
+        &["demo", "--reconnect-backoff", "-1"],
+        "--reconnect-backoff",
+        "-1",
+        "from 1 to 60000",
+    ),
+    (
+        &["demo", "--final-round-timeout", "-1"],
+        "--final-round-timeout",
+        "-1",
+        "from 1 to 3600000",
+    ),
+    (
+        &["demo", "--io-timeout", "-1"],
+        "--io-timeout",
+        "-1",
+        "positive number of seconds",
+    ),
+    // clap's own messages, in one line that reads as one: a list after a colon, one pointer to
+    // --help.
+    (
+        &["send", "--to", "file:/tmp/x.img"],
+        "--pid",
+        "<PID>",
+        "not provided: --pid",
+    ),
+    (
+        &["demo", "--vm", "--threads", "2"],
+        "--threads",
+        "--vm",
+        "leave out --vm or --threads: they do not go together",
+    ),
 ];
+
+/// `BAD`'s argument or value `s` with `LONG` replaced by a path longer than a Unix socket
+/// address holds.
+fn with_long_path(s: &str) -> String {
+    s.replace("LONG", &format!("/tmp/{}", "a".repeat(120)))
+}
 
 /// Every number in `demo --json` whose field name carries no unit (`_ms`, `_bytes`, `pages`,
 /// ...) is listed in the README's "JSON fields and their units" (as `` `NAME` `` or
@@ -622,7 +713,10 @@ fn an_address_in_use_is_refused_alike_by_recv_and_demo() {
 #[test]
 fn each_kind_of_bad_input_is_refused_in_one_line() {
     for (args, flag, value, limit) in BAD {
-        let out = precopy(args);
+        let owned: Vec<String> = args.iter().map(|a| with_long_path(a)).collect();
+        let args: Vec<&str> = owned.iter().map(String::as_str).collect();
+        let value = &with_long_path(value);
+        let out = precopy(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         let err = stderr(&out);
         let line = err
@@ -634,13 +728,15 @@ fn each_kind_of_bad_input_is_refused_in_one_line() {
             1,
             "{args:?}: error printed once: {err}"
         );
-        for want in [flag, value, limit] {
+        for want in [flag, value.as_str(), limit] {
             assert!(
                 line.contains(want),
                 "{args:?}: {want:?} missing from {line:?}"
             );
         }
         assert!(!line.contains("0 or more"), "{args:?}: {line}");
+        assert!(line.matches("see --help").count() <= 1, "{args:?}: {line}");
+        assert!(!line.contains(":;"), "{args:?}: {line}");
         assert!(out.stdout.is_empty(), "{args:?}: stdout without --json");
 
         // `image cat` writes raw bytes and has no JSON form.
@@ -876,6 +972,73 @@ fn bench_refuses_an_unwritable_out_before_running() {
     assert!(err.contains("--out /proc/precopy-no-such-dir"), "{err}");
     assert_eq!(err.matches("error:").count(), 1, "{err}");
     assert!(!err.contains("done in"), "the bench ran: {err}");
+}
+
+/// `bench --out` makes the directory it names, not the path to it: a missing parent is
+/// refused before the bench runs (it used to create the whole tree), as other path flags are.
+#[test]
+fn bench_refuses_an_out_whose_parent_is_missing() {
+    let dir = scratch_dir("bench-out");
+    let out_dir = dir.join("missing/deep/dir");
+    let typed = out_dir.to_str().unwrap();
+    let out = precopy(&["bench", "--out", typed, "--sizes", "2M", "--rounds", "1"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let parent = dir.join("missing/deep");
+    for want in [
+        format!("--out {typed}: "),
+        format!("{} is not an existing directory", parent.display()),
+        format!("create {} first", parent.display()),
+    ] {
+        assert!(err.contains(&want), "{want:?} missing: {err}");
+    }
+    assert!(!dir.join("missing").exists(), "the tree was made");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `send --to unix:PATH` naming a FIFO (no receiver can listen on one) is bad input, refused
+/// before anything starts: it was a failure to connect ("Connection refused", status 1).
+#[test]
+fn send_refuses_a_unix_destination_that_is_not_a_socket() {
+    let dir = scratch_dir("send-fifo");
+    let fifo = dir.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let file = dir.join("file");
+    std::fs::write(&file, b"x").unwrap();
+    for (path, kind) in [(&fifo, "a FIFO"), (&file, "a regular file")] {
+        let to = format!("unix:{}", path.display());
+        let out = precopy(&["send", "--pid", "1", "--to", &to]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{to}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        let want = format!("--to {to}: {} is {kind}, not a socket", path.display());
+        assert!(err.contains(&want), "{want:?} missing: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Help texts claim only what holds: the attach's stop of a thread is short on an idle
+/// machine only, and `recv --final-priority` is about the receiver's own threads.
+#[test]
+fn help_texts_say_what_holds() {
+    let send = stdout(&precopy(&["send", "--help"]));
+    assert!(
+        send.contains("well under a millisecond on an idle machine")
+            && send.contains("tens of milliseconds under load"),
+        "{send}"
+    );
+    let recv = stdout(&precopy(&["recv", "--help"]));
+    let priority = recv
+        .split("--final-priority")
+        .nth(1)
+        .and_then(|s| s.split("\n      --").next())
+        .unwrap_or_default();
+    assert!(
+        priority.contains("recv raises them to SCHED_FIFO 1"),
+        "{priority}"
+    );
+    assert!(!priority.contains("source runs"), "{priority}");
 }
 
 /// Runs `precopy args` with a stdout whose reader is already gone, so its first write fails

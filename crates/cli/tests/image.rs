@@ -149,16 +149,48 @@ fn bad_arguments_and_missing_files_fail() {
     let out = precopy(&["image", "cat", path_arg(&img), "--range", "0x2000-0x1000"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("START-END"), "{}", stderr(&out));
-    // Outside the layout.
-    let past = format!("{:#x}-{:#x}", PAGES * PS, PAGES * PS + 0x1000);
-    let out = precopy(&["image", "cat", path_arg(&img), "--range", &past]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("not inside"), "{}", stderr(&out));
+    // Outside the layout: bad input (status 2), one line naming the flag, the value as typed
+    // and the span the image has; nothing written. The end alone past the layout counts too.
+    let end = PAGES * PS;
+    for past in [
+        format!("{end:#x}-{:#x}", end + 0x1000),
+        format!("0-{}", end + 1),
+    ] {
+        let out = precopy(&["image", "cat", path_arg(&img), "--range", &past]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{past}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        for want in [
+            format!("--range {past}: "),
+            "beyond the image's memory".into(),
+            format!("within 0-{end:#x}"),
+        ] {
+            assert!(err.contains(&want), "{want:?} missing: {err}");
+        }
+        assert!(out.stdout.is_empty(), "{past}: bytes written");
+    }
     // Not an image at all.
     let missing = dir.join("missing");
     for cmd in ["info", "verify"] {
         let out = precopy(&["image", cmd, path_arg(&missing)]);
         assert!(!out.status.success(), "{cmd} on a missing file succeeded");
+    }
+    // A FIFO is refused as bad input before it is opened (opening it would wait for a writer).
+    let fifo = dir.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    for cmd in [
+        vec!["info", path_arg(&fifo)],
+        vec!["verify", path_arg(&fifo)],
+        vec!["cat", path_arg(&fifo), "--range", "0-4096"],
+    ] {
+        let args: Vec<&str> = std::iter::once("image").chain(cmd).collect();
+        let out = precopy(&args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("IMAGE {}: is a FIFO", fifo.display())),
+            "{args:?}: {err}"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,6 +1,7 @@
 //! `send --pid` and `rate --pid` given an ID that names no process they can attach to: each
-//! kind is refused with one line that says what the ID is and what to give instead, and a
-//! process whose main thread has exited is still sent, through a live thread.
+//! kind is refused before anything starts as bad input (status 2), with one line that names
+//! the flag and says what the ID is and what to give instead, and a process whose main thread
+//! has exited is still sent, through a live thread.
 
 mod common;
 
@@ -110,28 +111,35 @@ fn ids_that_name_no_attachable_process_are_refused_plainly() {
             "a thread of the target",
             tid.to_string(),
             vec![
-                format!("{tid} is a thread of process {pid}"),
-                format!("--pid {pid}"),
+                format!("--pid {tid}: is a thread of process {pid}"),
+                format!("use --pid {pid}"),
             ],
         ),
         (
             "a zombie",
             zombie.pid.to_string(),
-            vec!["has exited".into(), "zombie".into()],
+            vec![
+                format!("--pid {}: ", zombie.pid),
+                "has exited".into(),
+                "zombie".into(),
+            ],
         ),
     ];
     if !std::path::Path::new(&format!("/proc/{free}")).exists() {
         cases.push((
             "no such process",
             free.to_string(),
-            vec![format!("no process with PID {free}")],
+            vec![
+                format!("--pid {free}: "),
+                format!("no process with PID {free}"),
+            ],
         ));
     }
     match kernel_thread() {
         Some(k) => cases.push((
             "a kernel thread",
             k.to_string(),
-            vec!["kernel thread".into()],
+            vec![format!("--pid {k}: "), "kernel thread".into()],
         )),
         None => eprintln!("SKIP (one case): no kernel thread is visible in this PID namespace"),
     }
@@ -147,8 +155,9 @@ fn ids_that_name_no_attachable_process_are_refused_plainly() {
                 }
                 let out = run(&args);
                 let err = String::from_utf8_lossy(&out.stderr);
-                assert_eq!(out.status.code(), Some(1), "{what}: {args:?}: {err}");
+                assert_eq!(out.status.code(), Some(2), "{what}: {args:?}: {err}");
                 assert_eq!(err.matches("error:").count(), 1, "{what}: {err}");
+                assert_eq!(err.lines().count(), 1, "{what}: {err}");
                 for w in words {
                     assert!(err.contains(w.as_str()), "{what}: {w:?} missing: {err}");
                 }

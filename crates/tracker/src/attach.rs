@@ -243,6 +243,17 @@ fn check_target(pid: i32, p: &procfs::process::Process) -> Result<i32, AttachErr
     Ok(tid)
 }
 
+/// Refuses, before anything is touched, an ID that names no process [`Uffd::attach`] could
+/// attach to: no process ([`AttachError::NoSuchProcess`]), this process, a thread that is not
+/// its process's main thread, a kernel thread or a zombie, as `attach` itself would. A caller
+/// checks its input with it up front; `attach` checks again (the process may exit meanwhile).
+pub fn check_attachable(pid: i32) -> Result<(), AttachError> {
+    if pid <= 0 {
+        return Err(AttachError::NoSuchProcess { pid });
+    }
+    check_target(pid, &process(pid)?).map(|_| ())
+}
+
 /// Linux's `CAP_SYS_PTRACE` (`include/uapi/linux/capability.h`).
 const CAP_SYS_PTRACE: u32 = 19;
 

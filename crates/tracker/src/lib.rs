@@ -28,7 +28,7 @@ mod tracker;
 mod uffd;
 
 #[cfg(target_arch = "x86_64")]
-pub use attach::{AttachError, AttachTimes};
+pub use attach::{AttachError, AttachTimes, check_attachable};
 pub use error::Error;
 pub use precopy_sys::pagemap::Vma;
 pub use tracker::{

@@ -275,7 +275,7 @@ fn regular_file(path: &Path, file: &File) -> Result<(), ImageError> {
 
 /// What a file that is not a regular file is ("a FIFO", "a directory", ...),
 /// or `None` for a regular file.
-pub(crate) fn not_regular(meta: &std::fs::Metadata) -> Option<&'static str> {
+pub fn not_regular(meta: &std::fs::Metadata) -> Option<&'static str> {
     use std::os::unix::fs::FileTypeExt;
     let t = meta.file_type();
     Some(if t.is_file() {

@@ -144,7 +144,7 @@ pub use error::{
 pub use image::{
     AddedRegion, AddressKind, CompactionInfo, CompactionPolicy, Image, ImageInfo, ImageReservation,
     ImageWriter, MappedRange, ProcessDescription, PublishGate, RegionInfo, RoundInfo, VerifyReport,
-    image_cat, image_info, image_verify, parse_span,
+    image_cat, image_info, image_verify, not_regular, parse_span,
 };
 pub use kind::FrameKind;
 pub use layout::{Backing, Layout, MemoryRegion};

@@ -45,40 +45,31 @@ pub struct VmArgs {
         ]
     )]
     vm: bool,
-    /// vCPUs of the guest, 1 to 64.
-    #[arg(long, default_value_t = 2, requires = "vm", allow_hyphen_values = true)]
-    vcpus: i64,
+    /// vCPUs of the guest, 1 to 64 [default: 2].
+    #[arg(long, allow_hyphen_values = true)]
+    vcpus: Option<i64>,
     /// Guest RAM the vCPUs write per pass, together: whole 4 KiB pages, the same number for
     /// every vCPU (a multiple of 4K x --vcpus), at most --size minus the first 1 MiB (default:
     /// a quarter of --size, rounded down to such a multiple).
-    #[arg(long, value_parser = parse_size, requires = "vm", allow_hyphen_values = true)]
+    #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
     working_set: Option<Size>,
     /// Length of the guest's program, in seconds of writing at --dirty-rate, or of idling with
-    /// --dirty-rate 0 (more than 0, at most 3600).
-    #[arg(
-        long,
-        default_value_t = 10.0,
-        requires = "vm",
-        allow_hyphen_values = true
-    )]
-    guest_seconds: f64,
-    /// Seconds the guest runs before the migration starts (0 up to less than --guest-seconds).
-    #[arg(
-        long,
-        default_value_t = 1.0,
-        requires = "vm",
-        allow_hyphen_values = true
-    )]
-    warmup: f64,
+    /// --dirty-rate 0 (more than 0, at most 3600) [default: 10].
+    #[arg(long, allow_hyphen_values = true)]
+    guest_seconds: Option<f64>,
+    /// Seconds the guest runs before the migration starts (0 up to less than --guest-seconds)
+    /// [default: 1].
+    #[arg(long, allow_hyphen_values = true)]
+    warmup: Option<f64>,
     /// Back guest RAM with a memfd (shared mapping) at both ends instead of anonymous memory.
-    #[arg(long, requires = "vm")]
+    #[arg(long)]
     memfd: bool,
     /// Do not cross-check the rounds against KVM's dirty log.
-    #[arg(long, requires = "vm")]
+    #[arg(long)]
     no_kvm_check: bool,
     /// Pause the vCPUs around both dirty-log reads of every round: the cross-check is then
     /// strict per round (else a page may show in KVM's next round; see `precopy_vmm::kvm_log`).
-    #[arg(long, requires = "vm", conflicts_with = "no_kvm_check")]
+    #[arg(long, conflicts_with = "no_kvm_check")]
     lockstep: bool,
 }
 
@@ -86,6 +77,31 @@ impl VmArgs {
     /// Whether `--vm` was given.
     pub fn enabled(&self) -> bool {
         self.vm
+    }
+
+    /// Refuses a flag only `--vm` uses, given without it (the process demo would ignore it).
+    pub fn check_unused(&self) -> Result<()> {
+        let given: [(&'static str, Option<String>); 7] = [
+            ("--vcpus", self.vcpus.map(|n| n.to_string())),
+            (
+                "--working-set",
+                self.working_set.as_ref().map(Size::to_string),
+            ),
+            ("--guest-seconds", self.guest_seconds.map(|s| s.to_string())),
+            ("--warmup", self.warmup.map(|s| s.to_string())),
+            ("--memfd", self.memfd.then(String::new)),
+            ("--no-kvm-check", self.no_kvm_check.then(String::new)),
+            ("--lockstep", self.lockstep.then(String::new)),
+        ];
+        match given.into_iter().find(|(_, v)| v.is_some()) {
+            Some((flag, Some(value))) if !self.vm => Err(invalid(
+                flag,
+                value,
+                "applies only to a KVM guest's migration (demo --vm)",
+                format!("add --vm, or drop {flag}"),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -118,6 +134,10 @@ fn backing_name(b: RamBacking) -> &'static str {
         RamBacking::Memfd => "memfd",
     }
 }
+/// `--vcpus`, `--guest-seconds` and `--warmup` when not given.
+const DEFAULT_VCPUS: i64 = 2;
+const DEFAULT_GUEST_SECONDS: f64 = 10.0;
+const DEFAULT_WARMUP: f64 = 1.0;
 /// Longest guest program and warm-up, seconds.
 const MAX_SECONDS: f64 = 3600.0;
 /// Most page writes a guest program makes in all: the demo computes the expected checksum in
@@ -137,10 +157,11 @@ struct VmPlan {
 fn validate(args: &Args) -> Result<VmPlan> {
     let vm = &args.vm;
     let size = &args.size;
-    if vm.vcpus < 1 || vm.vcpus > i64::from(MAX_VCPUS) {
+    let vcpus = vm.vcpus.unwrap_or(DEFAULT_VCPUS);
+    if vcpus < 1 || vcpus > i64::from(MAX_VCPUS) {
         return Err(invalid(
             "--vcpus",
-            vm.vcpus,
+            vcpus,
             format!("a guest has 1 to {MAX_VCPUS} vCPUs (one parameter page holds them)"),
             format!(
                 "use --vcpus {} (this host has {} CPUs)",
@@ -149,7 +170,7 @@ fn validate(args: &Args) -> Result<VmPlan> {
             ),
         ));
     }
-    let vcpus = vm.vcpus as u32;
+    let vcpus = vcpus as u32;
     check_guest_ram("--size", size)?;
     check_fits_memory(
         "--size",
@@ -211,7 +232,8 @@ fn validate(args: &Args) -> Result<VmPlan> {
             w.bytes
         }
     };
-    let secs = vm.guest_seconds;
+    let secs = vm.guest_seconds.unwrap_or(DEFAULT_GUEST_SECONDS);
+    let warmup = vm.warmup.unwrap_or(DEFAULT_WARMUP);
     if !(secs.is_finite() && secs > 0.0 && secs <= MAX_SECONDS) {
         return Err(invalid(
             "--guest-seconds",
@@ -220,10 +242,10 @@ fn validate(args: &Args) -> Result<VmPlan> {
             "use e.g. --guest-seconds 10",
         ));
     }
-    if !(vm.warmup.is_finite() && vm.warmup >= 0.0 && vm.warmup < secs) {
+    if !(warmup.is_finite() && warmup >= 0.0 && warmup < secs) {
         return Err(invalid(
             "--warmup",
-            vm.warmup,
+            warmup,
             format!(
                 "must be at least 0 and less than --guest-seconds {secs}: the migration has to start while the guest still writes"
             ),
@@ -257,7 +279,7 @@ fn validate(args: &Args) -> Result<VmPlan> {
         program,
         backing: RamBacking::memfd_if(vm.memfd),
         dirty_rate: (rate > 0).then_some(rate),
-        warmup: Duration::from_secs_f64(vm.warmup),
+        warmup: Duration::from_secs_f64(warmup),
     })
 }
 
