@@ -626,6 +626,32 @@ pub fn available_memory() -> Option<(u64, &'static str)> {
     }
 }
 
+/// The room in the kernel's hugetlb pool of default-size huge pages (`/proc/meminfo`), which
+/// `MAP_HUGETLB` memory comes from and `MemAvailable` does not count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HugetlbPool {
+    /// Bytes per huge page (`Hugepagesize`).
+    pub page_size: u64,
+    /// Pages free and not reserved for a mapping already made (`HugePages_Free` minus
+    /// `HugePages_Rsvd`): what a new mapping can have.
+    pub free: u64,
+    /// Pages in the pool (`HugePages_Total`, what `/proc/sys/vm/nr_hugepages` sets).
+    pub total: u64,
+}
+
+/// The hugetlb pool, or `None` if this kernel has no hugetlb.
+pub fn hugetlb_pool() -> Option<HugetlbPool> {
+    use procfs::Current;
+    let m = procfs::Meminfo::current().ok()?;
+    Some(HugetlbPool {
+        page_size: m.hugepagesize?,
+        free: m
+            .hugepages_free?
+            .saturating_sub(m.hugepages_rsvd.unwrap_or(0)),
+        total: m.hugepages_total?,
+    })
+}
+
 /// Limit minus usage of the memory cgroup this process is in, if it has a limit.
 fn cgroup_room() -> Option<u64> {
     let read = |p: String| {

@@ -17,9 +17,9 @@ pub use source::{MemoryBacking, SourceArgs, run as run_source};
 pub use vm::{VmDestArgs, run_dest as run_vm_dest};
 
 use crate::args::{
-    MAX_DOWNTIME_MS, MAX_ROUNDS, PriorityKind, Size, available_memory, check_final_round_timeout,
-    check_image_path, check_max_downtime, check_max_rounds, count_in, cpus, human, invalid,
-    parse_count, parse_size,
+    HugetlbPool, MAX_DOWNTIME_MS, MAX_ROUNDS, PriorityKind, Size, available_memory,
+    check_final_round_timeout, check_image_path, check_max_downtime, check_max_rounds, count_in,
+    cpus, hugetlb_pool, human, invalid, parse_count, parse_size,
 };
 use crate::interrupt::Interrupts;
 use crate::output;
@@ -390,21 +390,38 @@ struct Largest {
     /// Bytes, whole 2 MiB (`u64::MAX` rounded down when nothing limits it).
     bytes: u64,
     /// What limits it, for a suggestion that cannot name a size.
-    what: &'static str,
+    what: Limit,
     /// With an image: its directory and the bytes free on that file system.
     disk: Option<(PathBuf, u64)>,
 }
 
+/// What limits the largest `--size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Limit {
+    Memory,
+    Disk,
+    /// `--memory hugetlb`: the free pages of the hugetlb pool.
+    Pool,
+}
+
 /// The largest `--size` the demo suggests: seven eighths of what fits `copies` times in the
-/// memory this process can use and, with an `image`, in the free space of its file system,
-/// in whole 2 MiB (the checks of `validate`, so a size it suggests is one it takes).
-fn largest_size(copies: u64, image: Option<&std::path::Path>) -> Largest {
+/// memory this process can use (none: memory does not limit it) and, with an `image`, in the
+/// free space of its file system, and no more than the free pages of the hugetlb `pool` holds
+/// for `--memory hugetlb`, in whole 2 MiB (the checks of `validate`, so a size it suggests is
+/// one it takes).
+fn largest_size(
+    copies: u64,
+    image: Option<&std::path::Path>,
+    pool: Option<HugetlbPool>,
+) -> Largest {
     let mut largest = Largest {
         bytes: u64::MAX,
-        what: "memory",
+        what: Limit::Memory,
         disk: None,
     };
-    if let Some((avail, _)) = available_memory() {
+    if copies > 0
+        && let Some((avail, _)) = available_memory()
+    {
         largest.bytes = avail / copies;
     }
     let dir = image.map(|p| match p.parent() {
@@ -417,14 +434,37 @@ fn largest_size(copies: u64, image: Option<&std::path::Path>) -> Largest {
         let free = fs.blocks_available().saturating_mul(fs.fragment_size());
         if free < largest.bytes {
             largest.bytes = free;
-            largest.what = "space on the image's file system";
+            largest.what = Limit::Disk;
         }
         largest.disk = Some((dir, free));
     }
     // An eighth left over: memory and disk space move while the machine runs, and a size at
     // the very edge may no longer fit when the suggestion is tried.
-    largest.bytes = (largest.bytes - largest.bytes / 8) / TWO_MIB * TWO_MIB;
+    largest.bytes -= largest.bytes / 8;
+    // The pool's free pages are the pool's: all of them can be used.
+    if let Some(pool) = pool {
+        let room = pool.free.saturating_mul(pool.page_size);
+        if room < largest.bytes {
+            largest.bytes = room;
+            largest.what = Limit::Pool;
+        }
+    }
+    largest.bytes = largest.bytes / TWO_MIB * TWO_MIB;
     largest
+}
+
+/// What to do for `--memory hugetlb --size` of `bytes` with `pool`: the value to write to
+/// `/proc/sys/vm/nr_hugepages` (as root) for the pool to hold it, if the memory this process
+/// can use could hold the pages added.
+fn grow_pool(pool: &HugetlbPool, bytes: u64) -> Option<String> {
+    let more = bytes.div_ceil(pool.page_size).saturating_sub(pool.free);
+    let fits = available_memory().is_none_or(|(avail, _)| more * pool.page_size <= avail);
+    fits.then(|| {
+        format!(
+            "as root: echo {} > /proc/sys/vm/nr_hugepages",
+            pool.total + more
+        )
+    })
 }
 
 /// Checks every flag against its real limit before anything starts.
@@ -446,9 +486,22 @@ fn validate(args: &Args) -> Result<Plan> {
                 })?,
         )),
     };
-    // Memory: the source, and the destination process's copy unless writing an image.
-    let copies = if image.is_some() { 1 } else { 2 };
-    let largest = largest_size(copies, image.as_deref());
+    // hugetlb memory comes from the hugetlb pool, which MemAvailable does not count.
+    let pool = match args.memory {
+        MemoryBacking::Hugetlb => Some(hugetlb_pool().ok_or_else(|| {
+            invalid(
+                "--memory",
+                "hugetlb",
+                "this kernel has no hugetlb (/proc/meminfo lists no huge pages)",
+                "use --memory private or --memory memfd",
+            )
+        })?),
+        _ => None,
+    };
+    // Memory: the source (unless in the hugetlb pool), and the destination process's copy
+    // unless writing an image.
+    let copies = u64::from(pool.is_none()) + u64::from(image.is_none());
+    let largest = largest_size(copies, image.as_deref(), pool);
     // What a refused size suggests instead: only values these checks take (at least 2 MiB,
     // whole 2 MiB, within `largest`); "free memory first" when none is.
     let suggest = |candidates: &[Option<u64>]| {
@@ -461,7 +514,13 @@ fn validate(args: &Args) -> Result<Plan> {
         match (ok.is_empty(), largest.bytes >= TWO_MIB) {
             (false, _) => format!("use {}", ok.join(" or ")),
             (true, true) => format!("use --size {} or less", size_flag(largest.bytes)),
-            (true, false) => format!("free {} first", largest.what),
+            (true, false) => match largest.what {
+                Limit::Memory => "free memory first".into(),
+                Limit::Disk => "free space on the image's file system first".into(),
+                Limit::Pool => {
+                    "add huge pages to the hugetlb pool first (/proc/sys/vm/nr_hugepages)".into()
+                }
+            },
         }
     };
     if size.bytes == 0 {
@@ -512,13 +571,39 @@ fn validate(args: &Args) -> Result<Plan> {
             format!("{}, or write the image elsewhere", suggest(&[])),
         ));
     }
-    if let Some((avail, what)) = available_memory() {
+    if let Some(pool) = &pool {
+        let pages = size.bytes.div_ceil(pool.page_size);
+        if pages > pool.free {
+            let fix = match (largest.bytes >= TWO_MIB, grow_pool(pool, size.bytes)) {
+                (true, Some(grow)) => format!("{}, or grow the pool ({grow})", suggest(&[])),
+                (true, None) => suggest(&[]),
+                (false, Some(grow)) => format!("fill the pool first ({grow})"),
+                (false, None) => suggest(&[]),
+            };
+            return Err(invalid(
+                "--size",
+                size,
+                format!(
+                    "--memory hugetlb maps the source from the hugetlb pool: {pages} pages of {}, \
+                     and the pool has {} free",
+                    human(pool.page_size),
+                    if pool.free == 0 {
+                        "none".to_string()
+                    } else {
+                        format!("{} ({})", pool.free, human(pool.free * pool.page_size))
+                    }
+                ),
+                fix,
+            ));
+        }
+    }
+    if let Some((avail, what)) = available_memory().filter(|_| copies > 0) {
         let need = size.bytes.saturating_mul(copies);
         if need > avail {
-            let holds = if copies == 2 {
-                "twice (source and destination)"
-            } else {
-                "once (the source)"
+            let holds = match (copies, pool.is_some()) {
+                (2, _) => "twice (source and destination)",
+                (_, false) => "once (the source)",
+                (_, true) => "once (the destination; the source is in the hugetlb pool)",
             };
             return Err(invalid(
                 "--size",
@@ -2132,13 +2217,21 @@ mod tests {
     /// Every `--size` value a refusal of `--size` suggests is one `validate` takes: fed back
     /// (with the same other flags), it passes. The sizes cover each refusal: zero, not whole
     /// 2 MiB (below 2 MiB, mid-range, decimal, too large to fit, the largest u64), and more
-    /// than the memory holds, with and without an image.
+    /// than the memory (or, with `--memory hugetlb`, the hugetlb pool as this machine has it)
+    /// holds, with and without an image. A refusal that suggests no size says what to free or
+    /// fill. (`tests/demo.rs` runs the demo with a hugetlb size suggested from a grown pool.)
     #[test]
     fn a_refused_size_suggests_only_sizes_the_demo_takes() {
         let dir = std::env::temp_dir();
         let image = format!("file:{}/precopy-size-suggestion.img", dir.display());
         let mut suggested = 0;
-        for extra in [vec![], vec!["--to", image.as_str()]] {
+        let hugetlb = ["--memory", "hugetlb"];
+        for extra in [
+            vec![],
+            vec!["--to", image.as_str()],
+            hugetlb.to_vec(),
+            [&hugetlb[..], &["--to", image.as_str()]].concat(),
+        ] {
             for size in [
                 "0", "1K", "2049M", "64MB", "1P", "16EiB", "3000T", "1000000G",
             ] {
@@ -2156,9 +2249,16 @@ mod tests {
                     .filter_map(|v| v.split_whitespace().next())
                     .collect();
                 assert!(
-                    !values.is_empty() || refusal.fix.starts_with("free "),
+                    !values.is_empty()
+                        || refusal.fix.starts_with("free ")
+                        || refusal.fix.contains("/proc/sys/vm/nr_hugepages"),
                     "no size suggested: {e}"
                 );
+                // Without an image, the pool is checked before memory: a size no pool here
+                // holds is refused for the pool.
+                if extra == hugetlb && size == "3000T" {
+                    assert!(refusal.problem.contains("from the hugetlb pool"), "{e}");
+                }
                 for v in values {
                     let mut again = vec!["--size", v];
                     again.extend(&extra);
