@@ -769,12 +769,15 @@ fn failures_leave_the_target_running_with_one_clear_error_line() {
     }
     let mut t = Target::start(Lang::C, 2, 256, 0);
     let before = settled(&mut t);
-    let cases: [(&str, Vec<String>); 3] = [
-        // Destination unreachable (before attaching).
+    let no_receiver = format!("unix:{}", scratch("no-receiver.sock").display());
+    let cases: [(&str, Vec<String>); 4] = [
+        // A directory no receiver can listen in (bad input, before attaching).
         (
-            "unreachable",
+            "/nonexistent is not an existing directory",
             vec!["--to".into(), "unix:/nonexistent/precopy.sock".into()],
         ),
+        // Destination unreachable (before attaching).
+        ("unreachable", vec!["--to".into(), no_receiver]),
         // The image cannot be created (checked before attaching).
         (
             "does not exist",
