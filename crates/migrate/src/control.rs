@@ -28,6 +28,10 @@ pub type Interrupt = Arc<dyn Fn() + Send + Sync>;
 /// itself must do the same.
 pub use precopy_backends::{CollectStats, DirtyLog};
 
+/// A transport's pacing of its writes to a byte rate ([`Transport::pacing`]): the
+/// transfer's token bucket (`--bandwidth`).
+pub use precopy_transfer::Pacing;
+
 /// What one round delivered, as the transport counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RoundSent {
@@ -124,6 +128,13 @@ pub trait Transport {
     /// round (pages of earlier rounds it never received), which the driver adds to the next
     /// round. `None` (the default): this transport cannot reconnect.
     fn reconnect(&mut self) -> Option<Result<Vec<Range<u64>>, Self::Error>> {
+        None
+    }
+    /// Whether the transport paces its writes to a byte rate, and what it would let through
+    /// right now without waiting: the switch-over estimate counts the final round's send as no
+    /// faster than the rate allows (a rehearsal short enough to pass within the burst says
+    /// nothing about it). `None` (the default): not paced.
+    fn pacing(&self) -> Option<Pacing> {
         None
     }
     /// The destination, for messages.
@@ -329,6 +340,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn threads(&self) -> Vec<precopy_sys::sched::Tid> {
         (**self).threads()
+    }
+    fn pacing(&self) -> Option<Pacing> {
+        (**self).pacing()
     }
     fn expect_final_round(&mut self) {
         (**self).expect_final_round()

@@ -961,6 +961,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let round = self.next_round();
         // What the source's memory is now: pages of memory it unmapped are dropped.
         self.transport.set_memory(&self.log.memory());
+        // The pacing as it stands right before the round, against which the round is
+        // measured (`Estimator::add_round`, `add_rehearsal`).
+        self.estimator.set_pacing(self.transport.pacing());
         self.transport.send_round(ranges).map_err(|source| {
             self.failed_send = Some(self.transport.sent_before_failure().unwrap_or_default());
             self.step_error(step, Some(source), |peer, source| Error::Send {
@@ -1191,6 +1194,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 self.estimator
                     .add_round(memory, sent.duration, kind == RoundKind::Iterative);
             }
+            self.estimator.add_wire(memory, sent.bytes);
             self.sent_bytes += memory;
             self.sent_secs += sent.duration.as_secs_f64();
             if kind != RoundKind::Rehearsal && memory >= SIGNIFICANT_ROUND && throughput > 0.0 {
@@ -1360,6 +1364,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     self.estimator.add_scan_share(scan, cpu);
                 }
                 self.prepare_rereads(&pending);
+                self.estimator.set_pacing(self.transport.pacing());
                 let estimate = self
                     .estimator
                     .estimate(pending_bytes, self.meanwhile_rate());
@@ -1430,6 +1435,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             };
             self.report.switch_reason = Some(reason);
             let p = pending.iter().map(|r| r.end - r.start).sum();
+            self.estimator.set_pacing(self.transport.pacing());
             let estimate = self.estimator.estimate(p, self.meanwhile_rate());
             self.report.expected_downtime = estimate.map(|e| e.total());
             self.report.downtime_bound = estimate.map(|e| e.bound());

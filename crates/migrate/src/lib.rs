@@ -235,8 +235,8 @@ mod uffd;
 
 pub use cancel::CancelHandle;
 pub use control::{
-    Callbacks, CollectStats, DirtyLog, ExternalDirty, Interrupt, MarkError, RoundSent, Transport,
-    USER_ADDRESS_LIMIT, Workload, WorkloadCounters,
+    Callbacks, CollectStats, DirtyLog, ExternalDirty, Interrupt, MarkError, Pacing, RoundSent,
+    Transport, USER_ADDRESS_LIMIT, Workload, WorkloadCounters,
 };
 pub use driver::{
     AfterMigration, FinalPriority, LimitPolicy, Migration, MigrationConfig, MigrationError,

@@ -365,6 +365,10 @@ pub struct DowntimeEstimate {
     pub send_from: &'static str,
     /// The rehearsals' throughput behind `send` (memory bytes per second; 0 without them).
     pub rehearsed_throughput: f64,
+    /// The transport's pacing rate (`--bandwidth`), bytes per second on the wire, below which
+    /// `send` and `send_worst` were not allowed to go (what its token bucket held was counted
+    /// as sent at once); 0: not paced.
+    pub paced_rate: f64,
     /// The pause check's two scans of memory the workload should not have written
     /// ([`PauseCheck`]): each taken as the final scan's expected cost (`scan`); its bound
     /// counts `scan_worst` for each.
@@ -766,10 +770,17 @@ impl fmt::Display for MigrationReport {
                 msf(e.send),
                 bytes(e.pending_bytes as f64),
                 bytes(e.meanwhile_bytes as f64),
-                if e.send_from == "rehearsals" {
-                    format!("the rehearsals' {}/s", bytes(e.rehearsed_throughput))
-                } else {
-                    "the last round's throughput".to_string()
+                {
+                    let from = if e.send_from == "rehearsals" {
+                        format!("the rehearsals' {}/s", bytes(e.rehearsed_throughput))
+                    } else {
+                        "the last round's throughput".to_string()
+                    };
+                    if e.paced_rate > 0.0 {
+                        format!("{from}, paced at {}/s", bytes(e.paced_rate))
+                    } else {
+                        from
+                    }
                 },
                 msf(e.check),
                 msf(e.finish),

@@ -42,6 +42,15 @@
 //!   those rounds (the low percentile of recent bandwidth). Rounds shrink as a migration
 //!   converges and their fixed costs make a small round slower per byte than the big rounds
 //!   before it, which a mean throughput hides;
+//! * **paced send** (`--bandwidth`: the transport's token buckets, [`Transport::pacing`](crate::Transport::pacing)):
+//!   a rehearsal small enough to pass within a bucket measured the socket, not the pacing,
+//!   so the send is never expected faster than the bytes past what the buckets hold (by the
+//!   time the final round starts; for the bound, what the emptiest bucket holds now, for an
+//!   even split over the connections) at the pacing's rate, in wire bytes as the last round
+//!   wrote them, times how much slower than their pacing recent paced rounds went (the
+//!   upper median; the bound, the most). Measured before (2026-11-30, `precopy demo --size
+//!   512M --dirty-rate 20M --bandwidth 100M --max-downtime 200`): rehearsals at 105-114
+//!   MiB/s against a 100 MiB/s cap, downtime above "at most" in 3 of 3 runs;
 //! * **finish** (memory digests and the acknowledgement round trip): expected, the upper
 //!   median of the finish probes the pause probes took with the workload paused (the final
 //!   acknowledgement runs with it paused: measured beside the running workload and a competing
@@ -196,6 +205,16 @@ pub(crate) struct Estimator {
     /// check's bytes per end ([`Estimator::set_rereads`]).
     verify_bytes: u64,
     full_check_bytes: u64,
+    /// The transport's pacing when last asked ([`Estimator::set_pacing`]).
+    pacing: Option<crate::Pacing>,
+    /// Bytes on the wire per byte of memory in the last round that wrote any (compression,
+    /// zero-page markers and framing); what a paced send of the final round writes.
+    wire_ratio: Option<f64>,
+    /// Each recent paced round's (iterative or rehearsal) time over the time its pacing
+    /// allowed (at least 1): the round's own costs (reading, the first frame before any
+    /// pacing, the end of the round) and, with several connections, pages split unevenly
+    /// between their buckets.
+    paced_slowdown: VecDeque<f64>,
 }
 
 /// The upper median of `v` (zero when empty): one slow sample of a busy scheduler does not
@@ -223,6 +242,49 @@ fn push<T>(q: &mut VecDeque<T>, v: T, cap: usize) {
 impl Estimator {
     pub fn add_pause(&mut self, pause: Duration) {
         self.pauses.push(pause);
+    }
+
+    /// The transport's pacing now ([`Transport::pacing`](crate::Transport::pacing)): the
+    /// send is then expected no faster than its rate lets the bytes through.
+    pub fn set_pacing(&mut self, pacing: Option<crate::Pacing>) {
+        self.pacing = pacing.filter(|p| p.rate > 0);
+    }
+
+    /// Records how much slower than its pacing (`paced`) a round that took `took` went, if
+    /// the pacing is what held it up (at least half of its time): a round its bucket let
+    /// through at once measured the socket, which the send estimate has already.
+    fn add_paced_slowdown(&mut self, paced: Option<Duration>, took: Duration) {
+        if let Some(paced) = paced.filter(|p| !p.is_zero() && *p >= took / 2) {
+            let slowdown = took.as_secs_f64() / paced.as_secs_f64();
+            push(&mut self.paced_slowdown, slowdown.max(1.0), SEND_WINDOW);
+        }
+    }
+
+    /// The least time the paced transport takes to write `bytes` of memory if the final round
+    /// started `after` from now: the bytes past what its buckets hold by then, at its rate
+    /// (for the bound, `worst`: each connection's even share past what the emptiest bucket
+    /// holds now). The pacing counts wire bytes; memory goes out as the last round's did.
+    /// `None`: not paced.
+    fn paced(&self, bytes: u64, after: Duration, worst: bool) -> Option<Duration> {
+        let p = self.pacing?;
+        let wire = self.wire_ratio.unwrap_or(1.0);
+        let rate = p.rate as f64 / wire;
+        let ready = if worst {
+            (p.least_ready as f64 * f64::from(p.connections.max(1))).min(p.ready as f64)
+        } else {
+            (p.ready as f64 + p.rate as f64 * after.as_secs_f64()).min(p.ready.max(p.burst) as f64)
+        } / wire;
+        Some(
+            Duration::try_from_secs_f64((bytes as f64 - ready).max(0.0) / rate)
+                .unwrap_or(Duration::MAX),
+        )
+    }
+
+    /// A round sent: `memory` bytes of memory as `wire` bytes on the wire.
+    pub fn add_wire(&mut self, memory: u64, wire: u64) {
+        if memory > 0 && wire > 0 {
+            self.wire_ratio = Some(wire as f64 / memory as f64);
+        }
     }
 
     /// Pause probes recorded so far.
@@ -319,6 +381,11 @@ impl Estimator {
             return;
         }
         if iterative && let Some(predicted) = self.send_bound(bytes) {
+            // Against the bound the decision counts: a paced round no faster than its pacing
+            // (as it stood right before the round), so a pacing slower than its rate shows.
+            let paced = self.paced(bytes, Duration::ZERO, false);
+            self.add_paced_slowdown(paced, took);
+            let predicted = predicted.max(paced.unwrap_or_default());
             let p = predicted.as_secs_f64();
             if p > 0.0 {
                 push(&mut self.errors, took.as_secs_f64() / p, SEND_WINDOW);
@@ -344,6 +411,9 @@ impl Estimator {
         if bytes < MIN_ROUND_BYTES || took.is_zero() {
             return;
         }
+        // Sent under the final round's conditions: what it took beyond its pacing is what the
+        // final round's will take.
+        self.add_paced_slowdown(self.paced(bytes, Duration::ZERO, false), took);
         self.rehearsals.push(Sample {
             bytes: bytes as f64,
             secs: took.as_secs_f64(),
@@ -523,6 +593,27 @@ impl Estimator {
                 )
             }
         };
+        // A paced transport lets the bytes through no faster than its rate once its bucket
+        // is spent: what it holds now, plus what it gains until the final round starts (the
+        // scan and the pause; none for the bound). A rehearsal short enough to pass within
+        // the bucket measured the socket, not the pacing.
+        let (send, send_worst) = match (
+            self.paced(pending.saturating_add(meanwhile), scan + pause, false),
+            self.paced(
+                pending_worst.saturating_add(meanwhile_worst),
+                Duration::ZERO,
+                true,
+            ),
+        ) {
+            (Some(paced), Some(paced_worst)) => {
+                let slowdown = upper_median_f64(self.paced_slowdown.iter().copied()).max(1.0);
+                let slowdown_worst = self.paced_slowdown.iter().copied().fold(1.0, f64::max);
+                let paced = paced.mul_f64(slowdown);
+                let worst = send_worst.max(paced_worst.mul_f64(slowdown_worst));
+                (send.max(paced).min(worst), worst)
+            }
+            _ => (send, send_worst),
+        };
         let (fixed, bandwidth) = self
             .fit()
             .map_or((0.0, self.low_throughput().unwrap_or(0.0)), |f| f);
@@ -555,6 +646,7 @@ impl Estimator {
             },
             rehearsed_throughput: rehearsed
                 .map_or(0.0, |r| if r.0 > 0.0 { 1.0 / r.0 } else { 0.0 }),
+            paced_rate: self.pacing.map_or(0.0, |p| p.rate as f64),
             pending_bytes: pending - found,
             meanwhile_bytes: meanwhile,
             meanwhile_rate: rate,
@@ -876,5 +968,80 @@ mod tests {
         e.add_round(100 * MIB, ms(200.0), true); // 500 MiB/s
         let send = e.estimate(10 * MIB, 0.0).unwrap().send_worst.as_secs_f64() * 1e3;
         assert!(send >= 100.0 - 1e-6, "{send}");
+    }
+
+    fn pacing(rate: u64, ready: u64, connections: u32, least_ready: u64) -> Option<crate::Pacing> {
+        Some(crate::Pacing {
+            rate,
+            ready,
+            burst: 5 * MIB,
+            connections,
+            least_ready,
+        })
+    }
+
+    #[test]
+    fn a_paced_send_is_expected_no_faster_than_its_rate() {
+        // Rehearsals at 400 MiB/s (small enough to pass within the bucket); paced at 100 MiB/s.
+        let mut e = Estimator::default();
+        e.add_round(512 * MIB, ms(5120.0), false);
+        for _ in 0..3 {
+            e.add_rehearsal(4 * MIB, ms(10.0));
+        }
+        let unpaced = e.estimate(10 * MIB, 0.0).unwrap();
+        assert!((unpaced.send.as_secs_f64() * 1e3 - 25.0).abs() < 1e-6);
+        assert_eq!(unpaced.paced_rate, 0.0);
+        // Nothing in the bucket: 10 MiB at 100 MiB/s, expected and bound.
+        e.set_pacing(pacing(100 * MIB, 0, 1, 0));
+        let est = e.estimate(10 * MIB, 0.0).unwrap();
+        assert!(
+            (est.send.as_secs_f64() * 1e3 - 100.0).abs() < 1e-6,
+            "{:?}",
+            est.send
+        );
+        assert!(est.send_worst >= est.send);
+        assert_eq!(est.paced_rate, (100 * MIB) as f64);
+        // A full bucket lets the pending bytes through at once: the rehearsals decide again.
+        e.set_pacing(pacing(100 * MIB, 10 * MIB, 1, 10 * MIB));
+        let est = e.estimate(10 * MIB, 0.0).unwrap();
+        assert_eq!(est.send, unpaced.send);
+        // Two connections, one bucket full and one empty: an even split waits for the empty
+        // one, which the bound counts and the expected value does not.
+        e.set_pacing(pacing(100 * MIB, 5 * MIB, 2, 0));
+        let est = e.estimate(10 * MIB, 0.0).unwrap();
+        assert!(
+            (est.send.as_secs_f64() * 1e3 - 50.0).abs() < 1e-6,
+            "{:?}",
+            est.send
+        );
+        assert!((est.send_worst.as_secs_f64() * 1e3 - 100.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_paced_round_slower_than_its_pacing_slows_the_estimate() {
+        let mut e = Estimator::default();
+        e.add_round(512 * MIB, ms(5120.0), false);
+        e.set_pacing(pacing(100 * MIB, 0, 1, 0));
+        // 20 MiB paced at 100 MiB/s took 220 ms, not 200: 1.1 times its pacing.
+        e.add_round(20 * MIB, ms(220.0), true);
+        // A rehearsal the bucket let through at once says nothing about the pacing.
+        e.set_pacing(pacing(100 * MIB, 5 * MIB, 1, 5 * MIB));
+        e.add_rehearsal(4 * MIB, ms(5.0));
+        e.set_pacing(pacing(100 * MIB, 0, 1, 0));
+        let est = e.estimate(10 * MIB, 0.0).unwrap();
+        assert!(
+            (est.send.as_secs_f64() * 1e3 - 110.0).abs() < 1e-3,
+            "{:?}",
+            est.send
+        );
+        assert!((est.send_worst.as_secs_f64() * 1e3 - 110.0).abs() < 1e-3);
+        // Bytes on the wire per byte of memory (compression) scale the paced time.
+        e.add_wire(20 * MIB, 10 * MIB);
+        let est = e.estimate(10 * MIB, 0.0).unwrap();
+        assert!(
+            (est.send.as_secs_f64() * 1e3 - 55.0).abs() < 1e-3,
+            "{:?}",
+            est.send
+        );
     }
 }

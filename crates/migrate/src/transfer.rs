@@ -190,6 +190,10 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
         self.transfer.sink().threads()
     }
 
+    fn pacing(&self) -> Option<crate::Pacing> {
+        self.transfer.pacing()
+    }
+
     /// The transfer marks the next round final (`Transfer::expect_final_round`).
     fn expect_final_round(&mut self) {
         self.transfer.expect_final_round();

@@ -349,6 +349,11 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         self.sink.peer()
     }
 
+    /// How the sink paces its writes, if it does (see [`Sink::pacing`]).
+    pub fn pacing(&self) -> Option<crate::sink::Pacing> {
+        self.sink.pacing()
+    }
+
     /// Whether [`Transfer::resume`] may work: the sink can reconnect
     /// ([`Sink::can_resume`]: a socket sender made with
     /// [`Sender::dial`](crate::Sender::dial)) and the receiver has not

@@ -26,7 +26,7 @@ use crate::error::TransferError;
 use crate::layout::Layout;
 use crate::live::LivePages;
 use crate::protocol::{ErrorFrame, FrameKind, FrameReader, FrameWriter, Hello, Resume, error_code};
-use crate::sink::{Interrupt, ResumePoint, Sink};
+use crate::sink::{Interrupt, Pacing, ResumePoint, Sink};
 use crate::source::PageSource;
 
 struct Worker {
@@ -45,6 +45,8 @@ struct Worker {
     tids: [Arc<AtomicI32>; 2],
     /// Small page frames not yet handed to the writer ([`Worker::send_small`]).
     held: Vec<Cmd>,
+    /// The writer's rate limiter (shared with it), for [`Sink::pacing`].
+    limiter: Option<RateLimiter>,
     held_bytes: usize,
 }
 
@@ -285,12 +287,13 @@ impl SocketSink {
                     watch_peer(watch, event_tx, seen)
                 })
                 .map_err(TransferError::io("starting a watcher thread"))?;
+            let limiter = config
+                .bandwidth_limit
+                .map(|bps| RateLimiter::new(bps as f64 / f64::from(count)));
             let writer = StreamWriter {
                 out: FrameWriter::new(StallBound::new(conn, config.io_timeout)),
                 compressor: Compressor::new(config.compression),
-                limiter: config
-                    .bandwidth_limit
-                    .map(|bps| RateLimiter::new(bps as f64 / f64::from(count))),
+                limiter: limiter.clone(),
                 pages: 0,
                 zero_pages: 0,
                 round_start: 0,
@@ -328,6 +331,7 @@ impl SocketSink {
                 tids,
                 held: Vec::new(),
                 held_bytes: 0,
+                limiter,
             });
         }
         self.next = 0;
@@ -603,6 +607,13 @@ impl Sink for SocketSink {
 
     fn peer(&self) -> Option<String> {
         Some(self.peer.clone())
+    }
+
+    fn pacing(&self) -> Option<Pacing> {
+        self.workers
+            .iter()
+            .filter_map(|w| w.limiter.as_ref().map(RateLimiter::pacing))
+            .reduce(Pacing::together)
     }
 
     /// Every connection's writer and watcher thread (those started so far).

@@ -4,8 +4,8 @@
 use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender as Chan};
@@ -237,34 +237,61 @@ impl io::Write for StallBound {
     }
 }
 
-/// Paces writes to a byte rate (token bucket with a short burst).
-pub(super) struct RateLimiter {
+/// Paces writes to a byte rate (token bucket with a short burst). Clones share one bucket:
+/// the writer thread consumes from it, the sink reads how much it would let through now
+/// ([`RateLimiter::pacing`]) for the switch-over estimate.
+#[derive(Clone)]
+pub(super) struct RateLimiter(Arc<Mutex<Bucket>>);
+
+struct Bucket {
+    /// Bytes per second.
     rate: f64,
+    /// The most bytes the bucket holds: a write after an idle spell goes through at once up
+    /// to this many.
     burst: f64,
+    /// Bytes it would let through now without waiting (negative: owed, a wait is due).
     tokens: f64,
     last: Instant,
 }
 
+impl Bucket {
+    /// Brings `tokens` up to `now`.
+    fn refill(&mut self, now: Instant) {
+        let idle = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + idle * self.rate).min(self.burst);
+        self.last = now;
+    }
+}
+
 impl RateLimiter {
     pub(super) fn new(rate: f64) -> RateLimiter {
+        // A twentieth of a second's worth (50 ms of sending), at least 256 KiB.
         let burst = (rate / 20.0).max(256.0 * 1024.0);
-        RateLimiter {
+        RateLimiter(Arc::new(Mutex::new(Bucket {
             rate,
             burst,
             tokens: burst,
             last: Instant::now(),
+        })))
+    }
+
+    fn consume(&self, bytes: u64) {
+        let wait = {
+            let mut b = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            b.refill(Instant::now());
+            b.tokens -= bytes as f64;
+            (b.tokens < 0.0).then(|| -b.tokens / b.rate)
+        };
+        if let Some(secs) = wait {
+            std::thread::sleep(Duration::from_secs_f64(secs));
         }
     }
 
-    fn consume(&mut self, bytes: u64) {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        self.tokens -= bytes as f64;
-        if self.tokens < 0.0 {
-            std::thread::sleep(Duration::from_secs_f64(-self.tokens / self.rate));
-        }
+    /// The rate, and what the bucket would let through now without waiting.
+    pub(super) fn pacing(&self) -> crate::sink::Pacing {
+        let mut b = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        b.refill(Instant::now());
+        crate::sink::Pacing::one(b.rate as u64, b.tokens.max(0.0) as u64, b.burst as u64)
     }
 }
 
@@ -402,7 +429,7 @@ impl StreamWriter {
 
     /// Waits until the rate limit lets a frame with `payload` bytes through.
     fn pace(&mut self, payload: u64) {
-        if let Some(l) = &mut self.limiter {
+        if let Some(l) = &self.limiter {
             l.consume(crate::protocol::HEADER_LEN as u64 + payload);
         }
     }
@@ -429,7 +456,7 @@ impl StreamWriter {
                 let span = self.wire_span(offset, pages.len() as u64)?;
                 let written = match self.compressor.compress(&pages)? {
                     Some((codec, packed)) => {
-                        if let Some(l) = &mut self.limiter {
+                        if let Some(l) = &self.limiter {
                             l.consume(crate::protocol::HEADER_LEN as u64 + packed.len() as u64);
                         }
                         self.out.send_pages(
