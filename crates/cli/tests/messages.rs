@@ -399,9 +399,10 @@ fn a_receiver_that_went_away_is_named_with_the_fix() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Mid-transfer: the receiver has its image open once the handshake is done.
+    // Mid-transfer: the receiver writes its image's header once the handshake is done (it
+    // holds the image, empty, from before it listens).
     let partial = precopy_transfer::ImageWriter::partial_path(&img);
-    while !partial.exists() {
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) == 0 {
         std::thread::sleep(Duration::from_millis(1));
     }
     std::thread::sleep(Duration::from_millis(50));
