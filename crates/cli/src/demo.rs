@@ -1343,6 +1343,9 @@ impl precopy_migrate::Workload for Watched {
         }
         Ok(())
     }
+    fn pause_priority(&self) -> Option<precopy_migrate::PriorityReport> {
+        self.inner.pause_priority()
+    }
     fn set_throttle(&mut self, fraction: f64) -> Result<(), Self::Error> {
         self.inner.set_throttle(fraction)
     }

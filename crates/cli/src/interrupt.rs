@@ -7,7 +7,9 @@
 //! 1. takes the attach lock, so an injection in progress (ptrace) finishes and the target's
 //!    registers are back before the process exits;
 //! 2. sends `SIGCONT` to the target if this command stopped it (the final round, or the
-//!    throttle's duty cycle) and was not asked to leave it stopped;
+//!    throttle's duty cycle) and was not asked to leave it stopped, once a pause that raised
+//!    the target's threads has put them back (it holds [`TargetState::set_raise_lock`]'s lock
+//!    for the few milliseconds that takes);
 //! 3. kills the child processes the command registered (`demo`'s source and destination,
 //!    which may be stopped) and removes the files it registered (`demo`'s private directory, with the
 //!    destination's Unix socket);
@@ -78,6 +80,8 @@ type PartialText = Box<dyn Fn() -> String + Send>;
 pub struct TargetState {
     /// Held while ptrace is attached to the target.
     attach: Mutex<()>,
+    /// Held by a pause while the target's threads are raised (`ProcessControl::raise_lock`).
+    raise: Mutex<Option<Arc<Mutex<()>>>>,
     /// This command may have the target stopped (paused or throttled).
     stopped_by_us: AtomicBool,
     /// Leave the target stopped whatever happens (`--then stop` succeeded).
@@ -114,6 +118,11 @@ impl TargetState {
     /// Hold while attaching.
     pub fn attaching(&self) -> MutexGuard<'_, ()> {
         lock(&self.attach)
+    }
+    /// The lock a pause holds while the target's threads are raised: the target is
+    /// continued only when it is free.
+    pub fn set_raise_lock(&self, l: Arc<Mutex<()>>) {
+        *lock(&self.raise) = Some(l);
     }
     /// Record that the target may be stopped by this command from now on (or not any more).
     pub fn set_stopped_by_us(&self, v: bool) {
@@ -184,6 +193,10 @@ impl Interrupts {
             .spawn(move || {
                 let Ok(sig) = set.wait() else { return };
                 let _attach = s.attaching();
+                // Never continue a raised thread: wait until a pause put them back, and keep
+                // the lock until the exit, so that no pause raises again.
+                let raise = lock(&s.raise).clone();
+                let _raised = raise.as_ref().map(|l| lock(l));
                 // The image is published: the command's result is final and it reports it
                 // (one report, the one that matches what is on disk).
                 if let Some(gate) = lock(&s.gate).clone() {

@@ -224,6 +224,9 @@ impl Workload for TargetWorkload {
     fn save_state(&mut self) -> Result<Vec<u8>, ProcessError> {
         Ok(self.described.clone())
     }
+    fn pause_priority(&self) -> Option<precopy_migrate::PriorityReport> {
+        self.control.as_ref().and_then(|c| c.pause_priority())
+    }
 }
 
 /// The state blob `send` gives its image: a [`ProcessDescription`] of the target, so that
@@ -549,6 +552,14 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     } else {
         Some(crate::guard::Guard::start(args.pid).map_err(|e| fail(&report, e))?)
     };
+    // A pause raises the target's threads only where the guard keeps a journal of them, so
+    // that a send killed meanwhile never leaves one real-time; the signal handler continues
+    // the target only once none is raised.
+    let control = match &guard {
+        Some(g) => control.with_raise_journal(g.journal().map_err(|e| fail(&report, e))?),
+        None => control.raise_to_stop(false),
+    };
+    state.set_raise_lock(control.raise_lock());
     report["target_stopped_on_entry"] = json!(control.stopped_on_entry());
     state.set_report(&report);
     let stopped_during_send = Arc::new(std::sync::atomic::AtomicBool::new(false));

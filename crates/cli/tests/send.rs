@@ -6,7 +6,7 @@ mod common;
 
 use common::target::{Lang, Target, engine_usable, state};
 use common::{PRECOPY, one_json, scratch};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -596,10 +596,75 @@ fn a_send_killed_with_sigkill_never_leaves_the_target_stopped() {
             !after.stopped,
             "run {i}: target left stopped by a killed send"
         );
+        // Nor real-time: a send killed while its pause had raised the target's threads
+        // leaves them to its guard, which puts them back before it continues the target.
+        for tid in precopy_sys::sched::process_threads(t.pid).unwrap() {
+            if let Ok(p) = precopy_sys::sched::thread_policy(tid) {
+                assert_eq!(
+                    p.base(),
+                    precopy_sys::sched::SCHED_OTHER,
+                    "run {i}: thread {tid} left {p:?}"
+                );
+            }
+        }
         assert_writing(&mut t);
         let _ = std::fs::remove_file(&image);
         let _ = std::fs::remove_file(precopy_transfer::ImageWriter::partial_path(&image));
     }
+}
+
+/// The guard of a send that died (`precopy __guard`, its stdin closed without `K`) puts back,
+/// before it continues the target, each thread the send's journal lists as raised whose policy
+/// is still exactly the raised one, and leaves alone a listed thread whose policy is not (the
+/// journal is written before the raise: a send killed in between raised nothing).
+#[test]
+fn a_dead_sends_guard_puts_raised_threads_back_before_continuing_the_target() {
+    use precopy_sys::sched::{self, ThreadPolicy};
+    let t = Target::start(Lang::C, 2, 16, 0);
+    let tids = sched::process_threads(t.pid).unwrap();
+    assert!(tids.len() >= 3, "threads {tids:?}");
+    let (raised, untouched) = (tids[1], tids[2]);
+    let before = sched::thread_policy(raised).unwrap();
+    let untouched_before = sched::thread_policy(untouched).unwrap();
+    // Stopped, as a send's final round leaves it, with one thread as a pause raises it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    wait_until("the target to stop", || state(t.pid).stopped);
+    let to = ThreadPolicy::raised(sched::SCHED_FIFO, 1);
+    if let Err(e) = sched::set_thread_policy(raised, to) {
+        cont(t.pid);
+        eprintln!("SKIP: this process cannot use SCHED_FIFO ({e}): needs root or CAP_SYS_NICE");
+        return;
+    }
+    let mut guard = Command::new(PRECOPY)
+        .args(["__guard", "--pid", &t.pid.to_string()])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut journal = guard.stdin.take().unwrap();
+    // The untouched thread is listed as if it had been SCHED_BATCH: were it put back, it
+    // would be SCHED_BATCH now.
+    writeln!(
+        journal,
+        "R {raised} {} {} {} {}\nR {untouched} {} 0 {} {}",
+        before.policy,
+        before.priority,
+        to.policy,
+        to.priority,
+        sched::SCHED_BATCH,
+        to.policy,
+        to.priority
+    )
+    .unwrap();
+    drop(journal);
+    let out = wait_bounded(guard, Duration::from_secs(30), "the guard");
+    assert!(out.status.success(), "guard: {out:?}");
+    assert_eq!(sched::thread_policy(raised).unwrap(), before);
+    assert_eq!(sched::thread_policy(untouched).unwrap(), untouched_before);
+    wait_until("the guard to continue the target", || !state(t.pid).stopped);
 }
 
 /// `precopy send --json` of `pid` into the image at `image`, with `extra` flags, in the

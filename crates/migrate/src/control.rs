@@ -193,6 +193,13 @@ pub trait Workload {
     fn save_state(&mut self) -> Result<Vec<u8>, Self::Error> {
         Ok(Vec::new())
     }
+    /// How the last [`Workload::pause`] raised the writers' threads' scheduling priority to
+    /// make them stop at once, or why it did not, for the report (the driver asks after the
+    /// final round's pause: [`MigrationReport::pause_priority`](crate::MigrationReport)).
+    /// `None` (the default): the workload does not raise.
+    fn pause_priority(&self) -> Option<crate::PriorityReport> {
+        None
+    }
 }
 
 type Hook<E> = Box<dyn FnMut() -> Result<(), E> + Send>;
@@ -368,6 +375,9 @@ impl<T: Workload + ?Sized> Workload for &mut T {
     }
     fn save_state(&mut self) -> Result<Vec<u8>, T::Error> {
         (**self).save_state()
+    }
+    fn pause_priority(&self) -> Option<crate::PriorityReport> {
+        (**self).pause_priority()
     }
 }
 

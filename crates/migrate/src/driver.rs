@@ -1850,6 +1850,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         })?;
         self.paused = true;
         let pause = paused_at.elapsed();
+        self.report.pause_priority = self.workload.pause_priority();
 
         let collected = self.collect(round, &mut pending, false)?;
         let scan = collected.wall;

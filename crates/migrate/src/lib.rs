@@ -243,7 +243,10 @@ pub use driver::{
     PAUSE_CHECK_SENDS, Phase, Progress, QUIET_ROUNDS, ReconnectConfig, ThrottleConfig,
 };
 pub use error::{AbortReason, Error, Step};
-pub use process::{PauseMethod, ProcessControl, ProcessError, ThrottleMethod, all_stopped};
+pub use process::{
+    PauseMethod, ProcessControl, ProcessError, RESTOP_FIRST, RaiseJournal, ThrottleMethod,
+    all_stopped,
+};
 pub use report::{
     DowntimeEstimate, FailedFinal, FinalPhase, MigrationReport, PauseCheck, PriorityReport,
     RoundKind, RoundReport, Status, SwitchReason, VerifyPass, WorkloadCost,

@@ -21,20 +21,56 @@
 //! not all stopped, `SIGSTOP` is sent again after 5 ms, then after doubling waits up to 250 ms
 //! (about 25 sends in the 5 s bound; a pending `SIGSTOP` sent twice stops the process once).
 //! A `SIGCONT` after the stop was seen is not this pause's business: the driver's pause check
-//! finds what the process wrote meanwhile. [`PauseMethod::Freezer`] writes `FROZEN` to a freezer cgroup and
+//! finds what the process wrote meanwhile. See "Raised pause" for how the wait is kept short on
+//! a loaded machine. [`PauseMethod::Freezer`] writes `FROZEN` to a freezer cgroup and
 //! waits for the state to read back `FROZEN`. Any CPU quota is lifted while pausing, so a
 //! throttled process does not delay its own stop by a quota period.
+//!
+//! # Raised pause
+//!
+//! A thread acts on `SIGSTOP` only when it next runs, so on a loaded machine the stop waits
+//! until each of the process's threads gets a CPU: 11-18 ms median and up to 99 ms at load 12,
+//! against 0.10-0.13 ms when the threads are real-time for that moment (BENCHMARKS.md, "The
+//! pause of another process under load"). So when the thread calling [`Workload::pause`] is
+//! itself real-time (the driver's final phase and pause probes run at `SCHED_FIFO` where
+//! permitted: [`FinalPriority`](crate::FinalPriority)), the signal pause, right after its
+//! `SIGSTOP`, raises every thread of the process that is not stopped yet and has a
+//! time-sharing policy to the caller's own policy and priority (with `SCHED_RESET_ON_FORK`,
+//! so a thread created meanwhile starts time-sharing; threads that appear before the stop
+//! took hold are raised too), and puts each back to the policy it had as soon as it is seen
+//! stopped. Why the caller's own priority, not one below it: at the lowest real-time priority
+//! (1, the driver's default) there is none below, and a `SCHED_FIFO` thread never preempts a
+//! running thread of equal priority, so the raised target cannot take the CPU from the caller;
+//! and since `SIGSTOP` is pending before any thread is raised, a raised thread's first act on
+//! a CPU is to stop, not to run its own code. What is never done is raising it *above* the
+//! caller, or raising it when the caller is a normal task: measured, a raised process beside a
+//! normal controller starved it for up to a second (real-time throttling let it run).
+//!
+//! The raise lasts at most until the first re-send of `SIGSTOP` ([`RESTOP_FIRST`], 5 ms): a
+//! `SIGCONT` from outside that discarded the pending stop would let raised threads run their
+//! own code, so by then every thread still raised is put back and the pause goes on as a plain
+//! one. On every way out (stopped, error, timeout, a panic unwinding) each raised thread is put
+//! back. A thread that exits meanwhile needs nothing; one the caller may not raise (`EPERM`:
+//! neither `CAP_SYS_NICE` nor an `RLIMIT_RTPRIO` of the target's that allows it) makes the
+//! pause a plain one, and the report says why ([`ProcessControl::pause_priority`]). What a
+//! process that dies meanwhile (`SIGKILL`) cannot do itself, a watchdog can, if told first
+//! ([`ProcessControl::with_raise_journal`]: `precopy send`'s `__guard` process), and another
+//! thread of this process that continues the target must hold
+//! [`ProcessControl::raise_lock`] first (`precopy send`'s Ctrl-C handler), so that it never
+//! continues a raised thread.
 //!
 //! Dropping a `ProcessControl` lifts the throttle and moves the process back to its cgroups; a
 //! paused process stays stopped (it is sent SIGSTOP before leaving the freezer cgroup).
 
 use crate::control::{Workload, WorkloadCounters};
+use crate::report::PriorityReport;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use precopy_sys::sched::{self, Raised, ThreadPolicy, Tid};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -128,8 +164,9 @@ const PERIOD_US: u64 = 100_000;
 const DUTY_PERIOD: Duration = Duration::from_millis(100);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a process may take to stop before `SIGSTOP` is sent again; doubled after each
-/// re-send, up to [`RESTOP_MAX`].
-const RESTOP_FIRST: Duration = Duration::from_millis(5);
+/// re-send, up to [`RESTOP_MAX`]. Also how long a raised pause keeps the threads raised at
+/// most (module docs, "Raised pause").
+pub const RESTOP_FIRST: Duration = Duration::from_millis(5);
 const RESTOP_MAX: Duration = Duration::from_millis(250);
 
 fn cg_err(path: &Path) -> impl FnOnce(io::Error) -> ProcessError + '_ {
@@ -212,24 +249,127 @@ fn cpu_time_ns(pid: i32) -> u64 {
 
 /// Whether every thread of `pid` is stopped (state `T` or `t`), or the process is gone.
 pub fn all_stopped(pid: i32) -> bool {
+    unstopped_threads(pid).is_empty()
+}
+
+/// The threads of `pid` not stopped (any state but `T`, `t`, or an exited thread's `Z`/`X`);
+/// none when the process is gone.
+fn unstopped_threads(pid: i32) -> Vec<Tid> {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return true;
+        return Vec::new();
     };
-    tasks.flatten().all(|t| {
-        fs::read_to_string(t.path().join("stat"))
-            .ok()
-            .and_then(|s| {
-                let after = &s[s.rfind(')')? + 1..];
-                after
-                    .split_whitespace()
-                    .next()
-                    // An exited thread (a main thread after `pthread_exit` is a zombie
-                    // until the process ends) runs nothing either.
-                    .map(|st| matches!(st, "T" | "t" | "Z" | "X"))
-            })
-            // A thread that exited meanwhile is not running.
-            .unwrap_or(true)
-    })
+    tasks
+        .flatten()
+        .filter(|t| {
+            fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|s| {
+                    let after = &s[s.rfind(')')? + 1..];
+                    after
+                        .split_whitespace()
+                        .next()
+                        // An exited thread (a main thread after `pthread_exit` is a zombie
+                        // until the process ends) runs nothing either.
+                        .map(|st| !matches!(st, "T" | "t" | "Z" | "X"))
+                })
+                // A thread that exited meanwhile is not running.
+                .unwrap_or(false)
+        })
+        .filter_map(|t| t.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Where a raised pause (module docs, "Raised pause") records the threads it is about to
+/// raise, before it raises them, and that it put them back: a journal kept outside this
+/// process (`precopy send` writes it to its `__guard` watchdog) lets someone put them back
+/// should this process die in between.
+pub trait RaiseJournal: Send + Sync + std::fmt::Debug {
+    /// `threads` (each with the policy it has now) are about to be set to `to`. Returns
+    /// whether this was recorded: if not, nothing is raised.
+    fn raising(&self, threads: &[(Tid, ThreadPolicy)], to: ThreadPolicy) -> bool;
+    /// Every thread raised since the last call is back to the policy it had.
+    fn restored(&self);
+}
+
+/// The threads one signal pause raised (module docs, "Raised pause"), from right after the
+/// `SIGSTOP` until each is seen stopped or the raise is lifted. Holds the
+/// [`ProcessControl::raise_lock`] throughout; dropped on a panic, it still puts every thread
+/// back.
+struct RaiseWindow<'a> {
+    _held: MutexGuard<'a, ()>,
+    raised: Raised,
+    to: ThreadPolicy,
+    /// Threads already looked at (raised, or not time-sharing, or gone).
+    seen: Vec<Tid>,
+    /// How many threads were raised in all.
+    count: u32,
+    restore_error: Option<String>,
+}
+
+impl RaiseWindow<'_> {
+    /// Raises those of `tids` not looked at yet.
+    fn raise(&mut self, tids: &[Tid], journal: Option<&dyn RaiseJournal>) -> io::Result<bool> {
+        let new: Vec<Tid> = tids
+            .iter()
+            .copied()
+            .filter(|t| !self.seen.contains(t))
+            .collect();
+        if new.is_empty() {
+            return Ok(true);
+        }
+        self.seen.extend(&new);
+        let to = self.to;
+        let mut told = true;
+        let raised = sched::raise_threads_noted(&new, to.policy, to.priority, |plan| {
+            told = journal.is_none_or(|j| j.raising(plan, to));
+            told
+        })?;
+        self.count += raised.len() as u32;
+        self.raised.merge(raised);
+        Ok(told)
+    }
+
+    /// Puts back every raised thread not in `unstopped` (it stopped, or exited).
+    fn put_back_stopped(&mut self, unstopped: &[Tid]) {
+        let stopped: Vec<Tid> = self
+            .raised
+            .threads()
+            .filter(|t| !unstopped.contains(t))
+            .collect();
+        for tid in stopped {
+            if let Err(e) = self.raised.restore_thread(tid) {
+                self.restore_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+
+    /// Puts every thread still raised back and says what the window did.
+    fn close(mut self, journal: Option<&dyn RaiseJournal>) -> PriorityReport {
+        if let Err(e) = std::mem::take(&mut self.raised).restore() {
+            self.restore_error.get_or_insert_with(|| e.to_string());
+        }
+        if self.count > 0
+            && let Some(j) = journal
+        {
+            j.restored();
+        }
+        PriorityReport {
+            policy: policy_name(self.to),
+            priority: u8::try_from(self.to.priority).unwrap_or(u8::MAX),
+            threads: self.count,
+            not_raised: None,
+            restore_error: self.restore_error.take(),
+        }
+    }
+}
+
+/// The report's name of a real-time policy.
+fn policy_name(p: ThreadPolicy) -> &'static str {
+    match p.base() {
+        sched::SCHED_FIFO => "fifo",
+        sched::SCHED_RR => "rr",
+        _ => "normal",
+    }
 }
 
 enum DutyMsg {
@@ -321,6 +461,13 @@ pub struct ProcessControl {
     /// (operations, busy nanoseconds).
     counters: Option<u64>,
     state: Option<(u64, u64)>,
+    /// Raise the threads for a signal pause when the caller is real-time (module docs,
+    /// "Raised pause").
+    raise: bool,
+    journal: Option<Box<dyn RaiseJournal>>,
+    raise_lock: Arc<Mutex<()>>,
+    /// How the last signal pause raised the threads.
+    last_raise: Option<PriorityReport>,
 }
 
 impl ProcessControl {
@@ -352,7 +499,96 @@ impl ProcessControl {
             stopped_on_entry: pause == PauseMethod::Signal && all_stopped(pid),
             counters: None,
             state: None,
+            raise: true,
+            journal: None,
+            raise_lock: Arc::default(),
+            last_raise: None,
         })
+    }
+
+    /// Whether a signal pause raises the process's threads when the caller is real-time
+    /// (module docs, "Raised pause"); on unless turned off here.
+    pub fn raise_to_stop(mut self, on: bool) -> ProcessControl {
+        self.raise = on;
+        self
+    }
+
+    /// Tells `journal` which threads each raised pause is about to raise (before it raises
+    /// them) and when every one is back (see [`RaiseJournal`]).
+    pub fn with_raise_journal(mut self, journal: impl RaiseJournal + 'static) -> ProcessControl {
+        self.journal = Some(Box::new(journal));
+        self
+    }
+
+    /// The lock a raised pause holds from before it raises the first thread until every one
+    /// is back (5 ms at most): another thread of this process that continues the process
+    /// (`SIGCONT`) takes it first, so that it never lets a raised thread run. It stays locked
+    /// if that thread then ends the process.
+    pub fn raise_lock(&self) -> Arc<Mutex<()>> {
+        Arc::clone(&self.raise_lock)
+    }
+
+    /// How the last signal pause raised the process's threads: the policy and priority (the
+    /// caller's), how many threads, or why none was (the caller is not real-time, `EPERM`);
+    /// `None` before the first signal pause and with the freezer.
+    pub fn pause_priority(&self) -> Option<PriorityReport> {
+        self.last_raise.clone()
+    }
+
+    /// Opens the raise of a signal pause whose `SIGSTOP` was just sent, if the caller is
+    /// real-time; records why not otherwise.
+    fn open_raise<'a>(&mut self, lock: &'a Mutex<()>) -> Option<RaiseWindow<'a>> {
+        if !self.raise {
+            self.last_raise = None;
+            return None;
+        }
+        let not_raised = |why: String| PriorityReport {
+            policy: "normal",
+            priority: 0,
+            threads: 0,
+            not_raised: Some(why),
+            restore_error: None,
+        };
+        let me = match sched::thread_policy(sched::gettid()) {
+            Ok(p) if p.is_realtime() => p,
+            Ok(_) => {
+                self.last_raise = Some(not_raised(
+                    "the pausing thread is not real-time (a raised process beside a normal \
+                     caller can starve it)"
+                        .into(),
+                ));
+                return None;
+            }
+            Err(e) => {
+                self.last_raise = Some(not_raised(format!(
+                    "reading the pausing thread's policy: {e}"
+                )));
+                return None;
+            }
+        };
+        let to = ThreadPolicy::raised(me.base(), me.priority);
+        let mut window = RaiseWindow {
+            _held: lock.lock().unwrap_or_else(PoisonError::into_inner),
+            raised: Raised::default(),
+            to,
+            seen: Vec::new(),
+            count: 0,
+            restore_error: None,
+        };
+        let why = match window.raise(&unstopped_threads(self.pid), self.journal.as_deref()) {
+            Ok(true) => return Some(window),
+            Ok(false) => "the watchdog could not be told which threads".to_string(),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => format!(
+                "not permitted ({e}): needs CAP_SYS_NICE or an RLIMIT_RTPRIO of the process's of at least {}",
+                me.priority
+            ),
+            Err(e) => e.to_string(),
+        };
+        let mut report = window.close(self.journal.as_deref());
+        report.not_raised = Some(why);
+        report.threads = 0;
+        self.last_raise = Some(report);
+        None
     }
 
     /// Reads the process's own counters at `addr` in its memory: two native-endian `u64`s,
@@ -486,9 +722,28 @@ impl ProcessControl {
             }
             None => {
                 self.signal(Signal::SIGSTOP)?;
+                let lock = Arc::clone(&self.raise_lock);
+                let mut window = self.open_raise(&lock);
                 let mut sigstops = 1;
                 let (mut sent, mut wait) = (Instant::now(), RESTOP_FIRST);
-                while !all_stopped(self.pid) {
+                loop {
+                    let unstopped = unstopped_threads(self.pid);
+                    if let Some(w) = &mut window {
+                        w.put_back_stopped(&unstopped);
+                        if unstopped.is_empty() || sent.elapsed() >= RESTOP_FIRST {
+                            // All stopped, or a stop that takes this long is not waiting
+                            // for a CPU: no thread stays raised past the first re-send.
+                            if let Some(w) = window.take() {
+                                self.last_raise = Some(w.close(self.journal.as_deref()));
+                            }
+                        } else if let Err(e) = w.raise(&unstopped, self.journal.as_deref()) {
+                            // Threads created meanwhile stay as they are.
+                            tracing::debug!(error = %e, "raising a new thread for the stop");
+                        }
+                    }
+                    if unstopped.is_empty() {
+                        break;
+                    }
                     if start.elapsed() > STOP_TIMEOUT {
                         return Err(ProcessError::StopTimeout {
                             pid: self.pid,
@@ -588,6 +843,10 @@ impl Workload for ProcessControl {
             Ok(_) => Err(fail(nix::errno::Errno::EFAULT)),
             Err(e) => Err(fail(e)),
         }
+    }
+
+    fn pause_priority(&self) -> Option<PriorityReport> {
+        self.last_raise.clone()
     }
 
     fn throttle_method(&self) -> &'static str {

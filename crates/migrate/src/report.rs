@@ -295,6 +295,28 @@ impl PriorityReport {
             _ => None,
         }
     }
+
+    /// A pause's raise in words ([`MigrationReport::pause_priority`]), as the text reports
+    /// print it after `pause priority: `.
+    pub fn describe_pause(&self) -> String {
+        match self {
+            PriorityReport {
+                not_raised: Some(why),
+                ..
+            } => format!("not raised: {why}"),
+            p if p.threads > 0 => format!(
+                "the process's {} thread(s) at SCHED_{} {} from the SIGSTOP until each had stopped{}",
+                p.threads,
+                p.policy.to_uppercase(),
+                p.priority,
+                match &p.restore_error {
+                    Some(e) => format!(" (restoring one FAILED: {e})"),
+                    None => String::new(),
+                }
+            ),
+            _ => "none raised (every thread was stopped already, or not time-sharing)".into(),
+        }
+    }
 }
 
 /// The final phase as the driver estimated it when it decided to switch over (see the
@@ -449,6 +471,11 @@ pub struct MigrationReport {
     /// The scheduling priority the final phase's threads ran at (the last final phase's),
     /// and why they were not raised when they were not.
     pub final_priority: Option<PriorityReport>,
+    /// How the final round's pause raised the workload's threads so that they stop at once
+    /// ([`Workload::pause_priority`](crate::Workload::pause_priority): another process's
+    /// threads, [`ProcessControl`](crate::ProcessControl)), or why it did not; `None` when the
+    /// workload does not raise or there was no final round.
+    pub pause_priority: Option<PriorityReport>,
     /// The switch-over check of memory the dirty log cannot vouch for, if there was any.
     pub verify: Option<VerifyPass>,
     /// The check that the workload stayed paused through the final round, once it ran.
@@ -533,6 +560,7 @@ impl MigrationReport {
             max_downtime,
             final_phase: None,
             final_priority: None,
+            pause_priority: None,
             verify: None,
             pause_check: None,
             rounds: Vec::new(),
@@ -834,6 +862,13 @@ impl fmt::Display for MigrationReport {
             .and_then(PriorityReport::describe)
         {
             writeln!(f, "final priority: {p}")?;
+        }
+        if let Some(p) = self
+            .pause_priority
+            .as_ref()
+            .map(PriorityReport::describe_pause)
+        {
+            writeln!(f, "pause priority: {p}")?;
         }
         if let Some(c) = self.pause_check.filter(|c| c.pages > 0) {
             writeln!(

@@ -24,6 +24,10 @@ pub const SCHED_OTHER: i32 = libc::SCHED_OTHER;
 pub const SCHED_FIFO: i32 = libc::SCHED_FIFO;
 /// `SCHED_RR`: real time, round robin at one priority.
 pub const SCHED_RR: i32 = libc::SCHED_RR;
+/// `SCHED_BATCH`: time sharing for CPU-bound work.
+pub const SCHED_BATCH: i32 = libc::SCHED_BATCH;
+/// `SCHED_IDLE`: time sharing below every nice value.
+pub const SCHED_IDLE: i32 = libc::SCHED_IDLE;
 /// `SCHED_RESET_ON_FORK`, or-ed into a policy.
 pub const SCHED_RESET_ON_FORK: i32 = 0x4000_0000;
 
@@ -45,6 +49,22 @@ impl ThreadPolicy {
     /// Whether the policy is a real-time one (`SCHED_FIFO` or `SCHED_RR`).
     pub fn is_realtime(&self) -> bool {
         matches!(self.base(), SCHED_FIFO | SCHED_RR)
+    }
+
+    /// Whether the policy is a time-sharing one (`SCHED_OTHER`, `SCHED_BATCH`, `SCHED_IDLE`):
+    /// the only ones [`raise_threads`] changes, because `sched_setscheduler` can put them
+    /// back exactly (`SCHED_DEADLINE` needs `sched_setattr` and its parameters).
+    pub fn is_time_sharing(&self) -> bool {
+        matches!(self.base(), SCHED_OTHER | SCHED_BATCH | SCHED_IDLE)
+    }
+
+    /// Real-time `policy` (`SCHED_FIFO` or `SCHED_RR`) at `priority`, with
+    /// `SCHED_RESET_ON_FORK`: what [`raise_threads`] sets.
+    pub fn raised(policy: i32, priority: i32) -> ThreadPolicy {
+        ThreadPolicy {
+            policy: policy | SCHED_RESET_ON_FORK,
+            priority,
+        }
     }
 }
 
@@ -146,29 +166,44 @@ impl Drop for Raised {
     }
 }
 
-/// Raises each thread of `tids` that is not already real-time to `policy` (`SCHED_FIFO` or
-/// `SCHED_RR`) at `priority`, with `SCHED_RESET_ON_FORK`, and returns the guard that restores
-/// them. Threads that exited (`ESRCH`) and duplicates are skipped. On any other error (`EPERM`
-/// without `CAP_SYS_NICE`, `EINVAL` for a bad priority) the threads raised so far are put back
-/// and the error is returned.
+/// Raises each thread of `tids` whose policy is a time-sharing one
+/// ([`ThreadPolicy::is_time_sharing`]: real-time and deadline threads are left as they are) to
+/// `policy` (`SCHED_FIFO` or `SCHED_RR`) at `priority`, with `SCHED_RESET_ON_FORK`, and returns
+/// the guard that restores them. Threads that exited (`ESRCH`) and duplicates are skipped. On
+/// any other error (`EPERM` without `CAP_SYS_NICE`, `EINVAL` for a bad priority) the threads
+/// raised so far are put back and the error is returned.
 pub fn raise_threads(tids: &[Tid], policy: i32, priority: i32) -> io::Result<Raised> {
-    let mut raised = Raised::default();
+    raise_threads_noted(tids, policy, priority, |_| true)
+}
+
+/// [`raise_threads`], telling `note` first: once the policies are read and before any thread
+/// is changed, `note` gets each thread to raise with the policy it has now (a journal kept
+/// where someone can put them back should this process die before it does, e.g. a watchdog
+/// process). If `note` returns `false`, nothing is raised (an empty guard is returned).
+pub fn raise_threads_noted(
+    tids: &[Tid],
+    policy: i32,
+    priority: i32,
+    note: impl FnOnce(&[(Tid, ThreadPolicy)]) -> bool,
+) -> io::Result<Raised> {
+    let mut plan: Vec<(Tid, ThreadPolicy)> = Vec::with_capacity(tids.len());
     for &tid in tids {
-        if raised.threads.iter().any(|t| t.0 == tid) {
+        if plan.iter().any(|t| t.0 == tid) {
             continue;
         }
-        let before = match thread_policy(tid) {
-            Ok(p) => p,
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+        match thread_policy(tid) {
+            Ok(before) if before.is_time_sharing() => plan.push((tid, before)),
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
             Err(e) => return Err(e),
-        };
-        if before.is_realtime() {
-            continue;
         }
-        let to = ThreadPolicy {
-            policy: policy | SCHED_RESET_ON_FORK,
-            priority,
-        };
+    }
+    let mut raised = Raised::default();
+    if plan.is_empty() || !note(&plan) {
+        return Ok(raised);
+    }
+    let to = ThreadPolicy::raised(policy, priority);
+    for (tid, before) in plan {
         match set_thread_policy(tid, to) {
             Ok(()) => raised.threads.push((tid, before)),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
@@ -176,6 +211,30 @@ pub fn raise_threads(tids: &[Tid], policy: i32, priority: i32) -> io::Result<Rai
         }
     }
     Ok(raised)
+}
+
+/// Puts thread `tid` back to `before` if its policy is still `raised` (what a raise set it
+/// to): for a watchdog undoing the raise of a process that died, which must not undo a change
+/// made since by someone else (the thread itself). Returns whether it put it back; a thread
+/// that exited (`ESRCH`) was not.
+pub fn put_back_if_raised(
+    tid: Tid,
+    before: ThreadPolicy,
+    raised: ThreadPolicy,
+) -> io::Result<bool> {
+    let now = match thread_policy(tid) {
+        Ok(p) => p,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if now != raised {
+        return Ok(false);
+    }
+    match set_thread_policy(tid, before) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// The thread IDs of process `pid` (`/proc/PID/task`), sorted.
@@ -211,17 +270,26 @@ pub const LISTINGS: usize = 4;
 mod tests {
     use super::*;
 
-    /// Needs CAP_SYS_NICE: without it, the raise must fail with EPERM and leave the thread as
-    /// it was.
-    #[test]
-    fn a_raised_thread_is_real_time_until_restored() {
+    /// A thread that waits until the returned sender sends (or is dropped), and its ID.
+    fn waiting_thread() -> (
+        Tid,
+        std::sync::mpsc::Sender<()>,
+        std::thread::JoinHandle<()>,
+    ) {
         let (tx, rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let worker = std::thread::spawn(move || {
             tx.send(gettid()).unwrap();
             let _ = done_rx.recv();
         });
-        let tid = rx.recv().unwrap();
+        (rx.recv().unwrap(), done_tx, worker)
+    }
+
+    /// Needs CAP_SYS_NICE: without it, the raise must fail with EPERM and leave the thread as
+    /// it was.
+    #[test]
+    fn a_raised_thread_is_real_time_until_restored() {
+        let (tid, done_tx, worker) = waiting_thread();
         let before = thread_policy(tid).unwrap();
         assert_eq!(before.base(), SCHED_OTHER);
         match raise_threads(&[tid, tid, i32::MAX], SCHED_FIFO, 1) {
@@ -261,6 +329,40 @@ mod tests {
         }
         done_tx.send(()).unwrap();
         worker.join().unwrap();
+    }
+
+    #[test]
+    fn a_refused_note_raises_nothing_and_a_put_back_undoes_only_a_raise() {
+        let (tid, done_tx, worker) = waiting_thread();
+        let before = thread_policy(tid).unwrap();
+        let mut noted = Vec::new();
+        let raised = raise_threads_noted(&[tid, tid], SCHED_FIFO, 1, |plan| {
+            noted = plan.to_vec();
+            false
+        })
+        .unwrap();
+        assert!(raised.is_empty());
+        assert_eq!(noted, vec![(tid, before)]);
+        assert_eq!(thread_policy(tid).unwrap(), before);
+        // Not at the raised policy: left alone, whatever the journal says it was.
+        let to = ThreadPolicy::raised(SCHED_FIFO, 1);
+        let batch = ThreadPolicy {
+            policy: SCHED_BATCH,
+            priority: 0,
+        };
+        assert!(!put_back_if_raised(tid, batch, to).unwrap());
+        assert_eq!(thread_policy(tid).unwrap(), before);
+        match set_thread_policy(tid, to) {
+            Ok(()) => {
+                assert!(put_back_if_raised(tid, before, to).unwrap());
+                assert_eq!(thread_policy(tid).unwrap(), before);
+            }
+            Err(e) => eprintln!("SKIP: raising a thread needs CAP_SYS_NICE ({e})"),
+        }
+        done_tx.send(()).unwrap();
+        worker.join().unwrap();
+        // A thread that is gone: nothing to put back.
+        assert!(!put_back_if_raised(i32::MAX, before, to).unwrap());
     }
 
     #[test]

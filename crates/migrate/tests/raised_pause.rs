@@ -1,0 +1,228 @@
+//! `ProcessControl`'s raised pause (its module docs, "Raised pause"): called from a real-time
+//! thread, the signal pause raises the target's time-sharing threads so that they stop at
+//! once, and every thread comes out of it with exactly the policy it had (policy,
+//! reset-on-fork flag, real-time priority and nice value), whether the pause succeeded or
+//! failed; threads already real-time are never touched; threads that appear and exit meanwhile
+//! are never left raised.
+//!
+//! The caller must be able to use `SCHED_FIFO` (root, `CAP_SYS_NICE` or an `RLIMIT_RTPRIO`):
+//! where it cannot, the tests print SKIP.
+
+use precopy_migrate::{
+    PauseMethod, ProcessControl, ProcessError, ThrottleMethod, Workload, all_stopped,
+};
+use precopy_sys::sched::{self, Raised, ThreadPolicy, Tid};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn fixture(name: &str) -> PathBuf {
+    precopy_testnet::compile_c(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{name}.c")),
+        &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("precopy-{name}")),
+        &["-pthread"],
+    )
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Raises the calling (test) thread to `SCHED_FIFO` 1, as the driver's final phase is; `None`
+/// (after printing SKIP) where this process may not.
+fn realtime_caller(test: &str) -> Option<Raised> {
+    match sched::raise_threads(&[sched::gettid()], sched::SCHED_FIFO, 1) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!(
+                "SKIP {test}: this process cannot use SCHED_FIFO ({e}; needs root, CAP_SYS_NICE or an RLIMIT_RTPRIO of at least 1)"
+            );
+            None
+        }
+    }
+}
+
+/// What a thread's scheduling is: its policy (reset-on-fork flag included) and real-time
+/// priority, and its nice value (field 19 of `/proc/PID/task/TID/stat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Scheduling {
+    policy: ThreadPolicy,
+    nice: i64,
+}
+
+/// Every live thread of `pid` and its scheduling (threads that exit while read are left out).
+fn scheduling(pid: i32) -> BTreeMap<Tid, Scheduling> {
+    let mut all = BTreeMap::new();
+    for tid in sched::process_threads(pid).unwrap_or_default() {
+        let Ok(policy) = sched::thread_policy(tid) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
+            continue;
+        };
+        let after = &stat[stat.rfind(')').unwrap() + 1..];
+        // Fields from 3 (state) on: nice is field 19.
+        let nice = after.split_whitespace().nth(16).unwrap().parse().unwrap();
+        all.insert(tid, Scheduling { policy, nice });
+    }
+    all
+}
+
+/// Every thread of `pid` has the scheduling it had in `before`, and a thread that did not
+/// exist then (one the fixture created since) is time-sharing (`SCHED_OTHER`).
+fn assert_as_before(pid: i32, before: &BTreeMap<Tid, Scheduling>, when: &str) {
+    for (tid, now) in scheduling(pid) {
+        match before.get(&tid) {
+            Some(b) => assert_eq!(&now, b, "{when}: thread {tid} changed"),
+            None => assert_eq!(
+                now.policy.base(),
+                sched::SCHED_OTHER,
+                "{when}: new thread {tid} is {now:?}"
+            ),
+        }
+    }
+}
+
+#[test]
+fn raised_pauses_leave_every_thread_with_its_own_policy() {
+    let mut target = Killed(
+        Command::new(fixture("policies"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = target.0.id() as i32;
+    let mut line = String::new();
+    BufReader::new(target.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("ready"), "fixture said {line:?}");
+    let before = scheduling(pid);
+    let kinds: Vec<i32> = before.values().map(|s| s.policy.base()).collect();
+    for kind in [sched::SCHED_BATCH, sched::SCHED_IDLE] {
+        assert!(
+            kinds.contains(&kind),
+            "no thread of policy {kind}: {before:?}"
+        );
+    }
+    let realtime = before.values().filter(|s| s.policy.is_realtime()).count();
+    if line.contains("rt-denied") {
+        eprintln!("note: the fixture's real-time threads could not get their policy");
+    } else {
+        assert_eq!(realtime, 2, "{before:?}");
+    }
+    assert!(
+        before.values().any(|s| s.nice == 5),
+        "no thread at nice 5: {before:?}"
+    );
+
+    let mut control = ProcessControl::new(pid, PauseMethod::Signal, ThrottleMethod::None).unwrap();
+    // From a normal thread: never raised, and the report says why.
+    control.pause().unwrap();
+    let report = control.pause_priority().expect("a signal pause reports");
+    assert_eq!(report.threads, 0, "{report:?}");
+    assert!(
+        report
+            .not_raised
+            .as_deref()
+            .is_some_and(|w| w.contains("not real-time")),
+        "{report:?}"
+    );
+    assert_as_before(pid, &before, "paused from a normal thread");
+    control.resume().unwrap();
+
+    let Some(caller) = realtime_caller("raised_pauses_leave_every_thread_with_its_own_policy")
+    else {
+        return;
+    };
+    let mut raised_in = 0;
+    for i in 0..20 {
+        control.pause().unwrap();
+        assert!(
+            all_stopped(pid),
+            "pause {i} returned with the target running"
+        );
+        let report = control.pause_priority().expect("a signal pause reports");
+        assert_eq!(report.not_raised, None, "pause {i}: {report:?}");
+        assert_eq!(report.restore_error, None, "pause {i}: {report:?}");
+        assert_eq!((report.policy, report.priority), ("fifo", 1), "{report:?}");
+        // The main thread, the four spinners and the churner at least (the real-time ones
+        // never); a thread that had stopped before its turn is not raised.
+        assert!(
+            report.threads <= before.len() as u32 + 1,
+            "pause {i}: {report:?}"
+        );
+        raised_in += u32::from(report.threads > 0);
+        assert_as_before(pid, &before, &format!("pause {i}, stopped"));
+        control.resume().unwrap();
+        assert_as_before(pid, &before, &format!("pause {i}, resumed"));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drop(caller);
+    // A spinner that had the CPU stops before the raise reaches it, but the sleeping main
+    // thread and the time-sharing threads waiting for a CPU are raised.
+    assert!(raised_in > 0, "no pause raised a thread");
+    target.0.stdin.take().unwrap().write_all(b"bye\n").unwrap();
+}
+
+/// A pause that fails (the process never stops: its thread waits in `vfork`, an
+/// uninterruptible sleep, so the `SIGSTOP` stays pending past the pause's 5 s bound) leaves
+/// the thread it raised as it was.
+#[test]
+fn a_pause_that_fails_leaves_the_threads_as_they_were() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("go");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let target = Killed(
+        Command::new(fixture("vfork_wait"))
+            .arg(&fifo)
+            .spawn()
+            .unwrap(),
+    );
+    let pid = target.0.id() as i32;
+    let start = Instant::now();
+    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('D')))
+        != Some(true)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "target never waited in vfork"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let before = scheduling(pid);
+    let Some(caller) = realtime_caller("a_pause_that_fails_leaves_the_threads_as_they_were") else {
+        return;
+    };
+    let mut control = ProcessControl::new(pid, PauseMethod::Signal, ThrottleMethod::None).unwrap();
+    let err = control.pause().unwrap_err();
+    assert!(matches!(err, ProcessError::StopTimeout { .. }), "{err:?}");
+    drop(caller);
+    let report = control.pause_priority().expect("a signal pause reports");
+    assert_eq!(
+        report.threads, 1,
+        "the waiting thread was raised: {report:?}"
+    );
+    assert_eq!(report.restore_error, None, "{report:?}");
+    assert_as_before(pid, &before, "after the failed pause");
+    // Let it out of vfork: it stops (the SIGSTOP is still pending), still as it was.
+    std::fs::write(&fifo, b"x").unwrap();
+    let start = Instant::now();
+    while !all_stopped(pid) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "target never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_as_before(pid, &before, "stopped after the vfork");
+}
