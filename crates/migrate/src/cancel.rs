@@ -10,6 +10,7 @@
 
 use crate::control::Interrupt;
 use crate::error::Step;
+use precopy_sys::sched::Tid;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -90,6 +91,9 @@ impl CancelHandle {
 pub(crate) struct Watchdog {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// The watchdog thread's ID, for its scheduling priority: the driver raises it above the
+    /// final phase's threads (see [`FinalPriority`](crate::FinalPriority)).
+    tid: Option<Tid>,
 }
 
 impl Watchdog {
@@ -107,11 +111,25 @@ impl Watchdog {
             }
         }
         let s = shared.clone();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("precopy-watchdog".into())
-            .spawn(move || watch(&s))
+            .spawn(move || {
+                let _ = tid_tx.send(precopy_sys::sched::gettid());
+                watch(&s)
+            })
             .ok();
-        Watchdog { shared, thread }
+        let tid = thread.as_ref().and_then(|_| tid_rx.recv().ok());
+        Watchdog {
+            shared,
+            thread,
+            tid,
+        }
+    }
+
+    /// The watchdog thread's ID (`None` if it could not be started).
+    pub(crate) fn tid(&self) -> Option<Tid> {
+        self.tid
     }
 
     /// Interrupts the transport at `at` unless disarmed first; the error will name `step` and

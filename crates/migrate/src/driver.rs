@@ -159,7 +159,10 @@ const REHEARSAL_MIN: u64 = 1 << 20;
 /// the final round went at half their speed. A real-time thread that wakes is placed on a CPU
 /// running only normal tasks, which it preempts: raised, the final phase's threads take both
 /// CPUs at once. Restored as soon as the acknowledgement came (or the phase failed), before
-/// the workload resumes.
+/// the workload resumes. The driver's watchdog thread, which enforces the final round's bound
+/// ([`MigrationConfig::final_round_timeout`]), runs one priority above them meanwhile (unless
+/// they are at 99), so that a busy final phase cannot delay it (it is not counted in
+/// [`PriorityReport::threads`](crate::PriorityReport)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinalPriority {
     /// Leave the threads' priority as it is.
@@ -598,12 +601,26 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         if let Some(f) = &mut self.raise_also {
             tids.extend(f());
         }
+        let mut threads = 0;
         let (raised, not_raised) = match sched::raise_threads(
             &tids,
             sched::SCHED_FIFO,
             priority.into(),
         ) {
-            Ok(r) => (Some(r), None),
+            Ok(mut r) => {
+                threads = r.len() as u32;
+                // The thread that enforces the final round's bound runs above the threads it
+                // bounds: at their priority, a busy final phase could keep it from firing.
+                if let Some(tid) = self.watchdog().and_then(Watchdog::tid)
+                    && priority < 99
+                {
+                    match sched::raise_threads(&[tid], sched::SCHED_FIFO, (priority + 1).into()) {
+                        Ok(w) => r.merge(w),
+                        Err(e) => tracing::warn!(error = %e, "raising the watchdog failed"),
+                    }
+                }
+                (Some(r), None)
+            }
             Err(e) => {
                 let why = if e.kind() == std::io::ErrorKind::PermissionDenied {
                     format!(
@@ -618,7 +635,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.report.final_priority = Some(PriorityReport {
             policy: "fifo",
             priority,
-            threads: raised.as_ref().map_or(0, |r| r.len() as u32),
+            threads,
             not_raised,
             restore_error: None,
         });
@@ -2271,11 +2288,31 @@ mod tests {
             sched::ThreadPolicy,
             Vec<Range<u64>>,
         )>,
+        /// Per round: the real-time priorities of this process's watchdog threads (tests run
+        /// in parallel, each migration has one).
+        watchdogs: Vec<Vec<i32>>,
+    }
+
+    /// The real-time priorities of this process's threads named `precopy-watchdog` (0 for a
+    /// time-sharing one).
+    fn watchdog_priorities() -> Vec<i32> {
+        sched::process_threads(std::process::id() as i32)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| {
+                std::fs::read_to_string(format!("/proc/self/task/{t}/comm"))
+                    // The kernel keeps 15 bytes of a thread's name.
+                    .is_ok_and(|c| c.trim_end() == "precopy-watchdo")
+            })
+            .filter_map(|t| sched::thread_policy(t).ok())
+            .map(|p| if p.is_realtime() { p.priority } else { 0 })
+            .collect()
     }
 
     impl Transport for Watched {
         type Error = io::Error;
         fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, io::Error> {
+            self.watchdogs.push(watchdog_priorities());
             self.sends.push((
                 self.paused.load(Ordering::SeqCst),
                 sched::thread_policy(sched::gettid())?,
@@ -2325,6 +2362,7 @@ mod tests {
             paused: paused.clone(),
             helper: helper_tid,
             sends: Vec::new(),
+            watchdogs: Vec::new(),
         };
         let mut cfg = MigrationConfig::default();
         cfg.max_downtime = Duration::from_millis(100);
@@ -2419,11 +2457,15 @@ mod tests {
         match &p.not_raised {
             None => {
                 assert_eq!(p.threads, 2, "the driver's thread and the link's");
-                for (paused, driver, helper, _) in &link.sends {
+                for ((paused, driver, helper, _), watchdogs) in
+                    link.sends.iter().zip(&link.watchdogs)
+                {
                     if *paused {
                         for t in [driver, helper] {
                             assert_eq!((t.base(), t.priority), (sched::SCHED_FIFO, 3));
                         }
+                        // Its watchdog one above (no other test asks for 3).
+                        assert!(watchdogs.contains(&4), "watchdogs at {watchdogs:?}");
                     } else {
                         assert_eq!((*driver, *helper), before);
                     }
@@ -3367,6 +3409,12 @@ mod tests {
         let r = m.report();
         assert_eq!(r.status, Status::Failed);
         assert!(r.checksum.is_none());
+        // Where permitted, the final phase ran at SCHED_FIFO 1 and the watchdog at 2: it still
+        // fired (the timeout above).
+        match r.final_priority.as_ref().and_then(|p| p.not_raised.clone()) {
+            None => assert!(r.final_priority.as_ref().is_some_and(|p| p.threads > 0)),
+            Some(why) => eprintln!("note: the final phase was not raised ({why})"),
+        }
         let downtime = r.downtime.expect("the downtime suffered is reported");
         assert!(downtime >= Duration::from_millis(50), "{downtime:?}");
         assert_eq!(*events.lock().unwrap(), vec!["pause", "resume"]);
