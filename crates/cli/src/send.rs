@@ -736,6 +736,9 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         {
             outln!("  final priority: {p}");
         }
+        if let Some(p) = &mreport.pause_priority {
+            outln!("  pause priority: {}", p.describe_pause());
+        }
         outln!(
             "  attach: target thread stopped {:.0} µs (stop {:.0}, inject {:.0}, detach {:.0})",
             times.stopped.as_secs_f64() * 1e6,
