@@ -443,6 +443,21 @@ fn check_send(args: &SendArgs) -> Result<(Dest, Option<Key>)> {
     Ok((dest, key))
 }
 
+/// A handshake error, with the fix where it is the key: a receiver that requires one gets it
+/// from `--key-file`, and the file must hold the receiver's key.
+fn key_fix(e: precopy_transfer::TransferError) -> anyhow::Error {
+    use precopy_transfer::TransferError as E;
+    let fix = match &e {
+        E::AuthRequired { .. } => {
+            "pass --key-file KEYFILE, the key file the receiver was started with"
+        }
+        E::KeyRefused { .. } => "pass --key-file with the receiver's key file",
+        _ => return e.into(),
+    };
+    // These errors have no cause of their own: the message is the whole chain.
+    anyhow::anyhow!("{e}: {fix}")
+}
+
 /// `precopy send`.
 pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     let mut report = json!({ "pid": args.pid, "to": args.to, "then": args.then });
@@ -616,6 +631,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
                 ..SenderConfig::default()
             };
             let sender = precopy_transfer::Sender::connect(conns, layout, source, &cfg)
+                .map_err(key_fix)
                 .context("handshake with the destination")
                 .map_err(|e| fail(&report, e))?;
             drive(log, sender, workload, config, args.json, None)

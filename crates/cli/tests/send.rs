@@ -8,36 +8,74 @@ use common::target::{Lang, Target, engine_usable, state};
 use common::{PRECOPY, one_json, scratch};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 /// A key file both ends of these tests use (owner-only: a receiver refuses any other; every
-/// TCP receiver requires a key, loopback included).
-fn key_file() -> &'static Path {
-    static KEY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    KEY.get_or_init(|| {
+/// TCP receiver requires a key, loopback included), removed when dropped. Every use writes its
+/// own, with the same bytes: `precopy` reads it once, at the start.
+struct KeyFile(PathBuf);
+
+impl KeyFile {
+    fn new() -> KeyFile {
+        KeyFile::holding(b"precopy send test key, not secret")
+    }
+
+    /// A key file holding `key`.
+    fn holding(key: &[u8]) -> KeyFile {
         use std::os::unix::fs::OpenOptionsExt;
-        let p = std::env::temp_dir().join(format!("precopy-send-test-{}.key", std::process::id()));
-        let _ = std::fs::remove_file(&p);
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = scratch(&format!("key-{}", N.fetch_add(1, Ordering::Relaxed)));
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&p)
             .unwrap();
-        std::io::Write::write_all(&mut f, b"precopy send test key, not secret").unwrap();
-        p
-    })
+        std::io::Write::write_all(&mut f, key).unwrap();
+        KeyFile(p)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// `precopy recv` in the background; returns it and the address it listens on.
 fn start_recv(listen: &str, image: &Path) -> (Child, String) {
+    let key = KeyFile::new();
+    let (child, mut err, addr) = spawn_recv(listen, image, &key);
+    // Keep draining stderr so the receiver never blocks on it.
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = err.read_to_string(&mut rest);
+        if !rest.is_empty() {
+            eprintln!("recv stderr: {rest}");
+        }
+    });
+    (child, addr)
+}
+
+/// `precopy recv --json` with `key` in the background, once it listens (it read the key
+/// before): it, its stderr from the next line on, and the address it listens on.
+fn spawn_recv(
+    listen: &str,
+    image: &Path,
+    key: &KeyFile,
+) -> (Child, BufReader<std::process::ChildStderr>, String) {
     let mut child = Command::new(PRECOPY)
         .args(["recv", "--json", "--listen", listen, "--to"])
         .arg(format!("file:{}", image.display()))
         .arg("--key-file")
-        .arg(key_file())
+        .arg(key.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -50,15 +88,7 @@ fn start_recv(listen: &str, image: &Path) -> (Child, String) {
         .strip_prefix("precopy recv: listening on ")
         .unwrap_or_else(|| panic!("recv said {line:?}"))
         .to_string();
-    // Keep draining stderr so the receiver never blocks on it.
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = err.read_to_string(&mut rest);
-        if !rest.is_empty() {
-            eprintln!("recv stderr: {rest}");
-        }
-    });
-    (child, addr)
+    (child, err, addr)
 }
 
 /// Every tracked range of the report, read from the stopped target's /proc/PID/mem, equals
@@ -141,8 +171,9 @@ fn send(pid: i32, to: &str, extra: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(PRECOPY);
     cmd.args(["send", "--json", "--pid", &pid.to_string(), "--to", to]);
     // A key is for a receiver: `send` refuses one with file:.
+    let key = KeyFile::new();
     if !to.starts_with("file:") {
-        cmd.arg("--key-file").arg(key_file());
+        cmd.arg("--key-file").arg(key.path());
     }
     cmd.args(extra).output().unwrap()
 }
@@ -678,8 +709,9 @@ fn send_attached(pid: i32, image: &Path, extra: &[&str]) -> Child {
 fn send_attached_to(pid: i32, to: &str, image: &Path, extra: &[&str]) -> Child {
     let mut cmd = Command::new(PRECOPY);
     cmd.args(["send", "--json", "--pid", &pid.to_string(), "--to", to]);
+    let key = KeyFile::new();
     if !to.starts_with("file:") {
-        cmd.arg("--key-file").arg(key_file());
+        cmd.arg("--key-file").arg(key.path());
     }
     let send = cmd
         .args(extra)
@@ -691,6 +723,8 @@ fn send_attached_to(pid: i32, to: &str, image: &Path, extra: &[&str]) -> Child {
     while !partial.exists() && !image.exists() {
         std::thread::sleep(Duration::from_millis(1));
     }
+    // Read before it attached.
+    drop(key);
     send
 }
 
@@ -1236,6 +1270,72 @@ fn recv_without_a_key_refuses_to_start_and_says_how_to_make_one() {
     assert!(!image.exists(), "no image written");
     let partial = format!("{}.partial", image.display());
     assert!(!Path::new(&partial).exists(), "no partial file made");
+}
+
+/// A sender without a key, then one with another key, facing a receiver that requires its
+/// own: each send fails naming the fix (`--key-file`, the receiver's key file), the second
+/// told its key was refused; the receiver names each sender by its address and says what it
+/// presented, and keeps listening.
+#[test]
+fn a_sender_without_the_receivers_key_is_told_to_pass_it() {
+    if !engine_usable() {
+        return;
+    }
+    let t = Target::start(Lang::C, 2, 256, 0);
+    let image = scratch("key-refused.img");
+    let key = KeyFile::new();
+    let (mut recv, mut err, addr) = spawn_recv("tcp:127.0.0.1:0", &image, &key);
+    let to = format!("tcp:{addr}");
+    let pid = t.pid.to_string();
+    let keyless = Command::new(PRECOPY)
+        .args(["send", "--pid", &pid, "--to", &to])
+        .output()
+        .unwrap();
+    let other = KeyFile::holding(b"another key, not the receiver's");
+    let wrong = Command::new(PRECOPY)
+        .args(["send", "--pid", &pid, "--to", &to, "--key-file"])
+        .arg(other.path())
+        .output()
+        .unwrap();
+    // Each refusal is logged once the sender was told: wait for both, then stop it.
+    let mut said = String::new();
+    while said.matches("still listening").count() < 2 {
+        assert!(err.read_line(&mut said).unwrap() > 0, "recv ended: {said}");
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(recv.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    err.read_to_string(&mut said).unwrap();
+    recv.wait().unwrap();
+    for (out, what) in [
+        (
+            &keyless,
+            format!("the receiver at {addr} requires a shared key"),
+        ),
+        (
+            &wrong,
+            format!("the receiver at {addr} refused this sender's key"),
+        ),
+    ] {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(&what), "{stderr}");
+        assert!(
+            stderr.contains("pass --key-file"),
+            "names the fix: {stderr}"
+        );
+    }
+    // The receiver's words for each: the sender, at its address, and what it presented.
+    assert!(
+        said.contains("the sender at 127.0.0.1:") && said.contains("presented no key"),
+        "{said}"
+    );
+    assert!(said.contains("presented a different key"), "{said}");
+    assert!(!said.contains("peer 127.0.0.1"), "{said}");
+    assert!(!image.exists());
 }
 
 /// A `recv` waiting for its sender already holds its image: a second `recv` and a `send` to

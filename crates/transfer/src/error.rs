@@ -743,15 +743,40 @@ pub enum TransferError {
         #[source]
         source: io::Error,
     },
-    /// The peer did not prove it holds the shared key.
-    #[error("peer {peer} failed authentication")]
+    /// The receiver did not prove it holds the sender's key (it has another, or none).
+    #[error("the receiver at {peer} did not prove it holds this sender's key")]
     AuthFailed {
-        /// The peer's address.
+        /// The receiver's address.
         peer: String,
     },
+    /// The sender presented a key, and not this receiver's.
+    #[error(
+        "the sender at {sender} presented a different key from this receiver's (the key files at the two ends differ)"
+    )]
+    WrongKey {
+        /// The sender's address.
+        sender: String,
+    },
+    /// The sender presented no key, and this receiver requires one.
+    #[error("the sender at {sender} presented no key, and this receiver requires one")]
+    NoKey {
+        /// The sender's address.
+        sender: String,
+    },
     /// The receiver requires a key and the sender has none.
-    #[error("receiver requires a shared key and none was configured")]
-    AuthRequired,
+    #[error("the receiver at {receiver} requires a shared key, and this sender was given none")]
+    AuthRequired {
+        /// The receiver's address.
+        receiver: String,
+    },
+    /// The receiver refused the key this sender presented (an ERROR answering its proof).
+    #[error("the receiver at {receiver} refused this sender's key: {message}")]
+    KeyRefused {
+        /// The receiver's address.
+        receiver: String,
+        /// The receiver's message, naming why.
+        message: String,
+    },
     /// The peer reported an error and stopped.
     #[error("peer reported an error: {message}")]
     PeerRejected {
@@ -974,7 +999,19 @@ impl TransferError {
             },
             E::Interrupted { peer } => E::Interrupted { peer: peer.clone() },
             E::AuthFailed { peer } => E::AuthFailed { peer: peer.clone() },
-            E::AuthRequired => E::AuthRequired,
+            E::WrongKey { sender } => E::WrongKey {
+                sender: sender.clone(),
+            },
+            E::NoKey { sender } => E::NoKey {
+                sender: sender.clone(),
+            },
+            E::AuthRequired { receiver } => E::AuthRequired {
+                receiver: receiver.clone(),
+            },
+            E::KeyRefused { receiver, message } => E::KeyRefused {
+                receiver: receiver.clone(),
+                message: message.clone(),
+            },
             E::NotCommitted { peer, source } => E::NotCommitted {
                 peer: peer.clone(),
                 source: Box::new(source.again()),

@@ -190,9 +190,9 @@ fn send_error(conn: &Connection, code: u32, message: &str) {
 
 fn code_for(e: &TransferError) -> u32 {
     match e {
-        TransferError::AuthFailed { .. }
-        | TransferError::KeyRequired { .. }
-        | TransferError::AuthRequired => error_code::AUTH,
+        TransferError::WrongKey { .. }
+        | TransferError::NoKey { .. }
+        | TransferError::KeyRequired { .. } => error_code::AUTH,
         TransferError::Protocol(
             ProtocolError::UnknownVersion { .. }
             | ProtocolError::OldVersion { .. }
@@ -304,20 +304,25 @@ fn handshake_steps(
             )
         })
     };
-    if let Some(k) = &config.key
-        && !mac.is_some_and(|m| {
-            auth::proof_matches(
-                k,
-                Role::Sender,
-                &hello.nonce,
-                &nonce,
-                hello.session,
-                hello.stream_index,
-                &m,
-            )
-        })
-    {
-        return Err(TransferError::AuthFailed { peer: conn.peer() });
+    if let Some(k) = &config.key {
+        let Some(m) = mac else {
+            return Err(TransferError::NoKey {
+                sender: conn.peer(),
+            });
+        };
+        if !auth::proof_matches(
+            k,
+            Role::Sender,
+            &hello.nonce,
+            &nonce,
+            hello.session,
+            hello.stream_index,
+            &m,
+        ) {
+            return Err(TransferError::WrongKey {
+                sender: conn.peer(),
+            });
+        }
     }
     // Only a sender that proved the key learns why a resume is refused.
     let refused = |reason| ProtocolError::ResumeRefused {
@@ -1863,7 +1868,7 @@ mod tests {
         // The right session with the wrong key: an authentication failure, nothing more.
         let wrong = Key::from_bytes(b"another key entirely".to_vec()).unwrap();
         let (r, code) = handshake(Expect::Resuming(&waiting), hello(7, 64, 1, true), wrong);
-        assert!(matches!(r, Err(TransferError::AuthFailed { .. })), "{r:?}");
+        assert!(matches!(r, Err(TransferError::WrongKey { .. })), "{r:?}");
         assert_eq!(code, Some(error_code::AUTH));
         // A resume to a receiver that holds no session.
         let (r, code) = handshake(Expect::New, hello(7, 64, 1, true), key());

@@ -60,7 +60,19 @@ fn try_transfer(
 #[test]
 fn sender_without_key_is_refused_and_the_receiver_keeps_listening() {
     let (sent, report) = try_transfer(None, key(1));
-    assert!(matches!(sent, Err(TransferError::AuthRequired)), "{sent:?}");
+    let err = sent.unwrap_err();
+    assert!(matches!(err, TransferError::AuthRequired { .. }), "{err:?}");
+    // Named in the field's terms: the receiver, at its address, requires a key.
+    let receiver = match &err {
+        TransferError::AuthRequired { receiver } => receiver.clone(),
+        _ => unreachable!(),
+    };
+    assert!(receiver.starts_with("127.0.0.1:"), "{receiver}");
+    assert!(
+        err.to_string()
+            .contains(&format!("the receiver at {receiver} requires a shared key")),
+        "{err}"
+    );
     assert_eq!(report.refused, 1);
 }
 
@@ -68,8 +80,15 @@ fn sender_without_key_is_refused_and_the_receiver_keeps_listening() {
 fn sender_with_wrong_key_is_refused_and_the_receiver_keeps_listening() {
     let (sent, report) = try_transfer(Some(key(2)), key(1));
     let err = sent.unwrap_err();
+    // The sender is told its key was refused, and the receiver's reason names the sender by
+    // its address, not as "peer".
     assert!(
-        matches!(&err, TransferError::PeerRejected { code: 2, message } if message.contains("authentication")),
+        matches!(&err, TransferError::KeyRefused { message, .. }
+            if message.starts_with("the sender at 127.0.0.1:") && message.contains("presented a different key")),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("refused this sender's key"),
         "{err}"
     );
     assert_eq!(report.refused, 1);
@@ -111,7 +130,7 @@ fn garbage_a_silent_peer_and_a_wrong_key_first_then_a_real_send_completes_into_t
         },
     );
     assert!(
-        matches!(&wrong, Err(TransferError::PeerRejected { code: 2, .. })),
+        matches!(&wrong, Err(TransferError::KeyRefused { .. })),
         "{:?}",
         wrong.map(|_| ())
     );

@@ -8,6 +8,7 @@ use crate::auth::{self, Key, Role};
 use crate::error::TransferError;
 use crate::protocol::{
     Auth, Challenge, ErrorFrame, FrameKind, FrameReader, FrameWriter, Header, Hello, Welcome,
+    error_code,
 };
 
 /// Runs the sender's half of the handshake on one connection; a receiver silent for `timeout`
@@ -45,10 +46,12 @@ fn handshake_steps(
     let challenge: Challenge = h.decode(&p)?;
     let receiver_nonce = challenge.nonce;
     if challenge.key_required && key.is_none() {
-        // Answer anyway so the receiver reports a failed authentication
-        // rather than a cut stream.
+        // Answer anyway so the receiver reports a sender without a key rather
+        // than a cut stream.
         let _ = w.send(&Auth { mac: None });
-        return Err(TransferError::AuthRequired);
+        return Err(TransferError::AuthRequired {
+            receiver: conn.peer(),
+        });
     }
     let mac = key.map(|k| {
         auth::proof(
@@ -63,7 +66,16 @@ fn handshake_steps(
     w.send(&Auth { mac })
         .map_err(TransferError::io("sending the handshake"))?;
     let h = r.read_frame(&mut p)?;
-    rejected(&h, &p)?;
+    rejected(&h, &p).map_err(|e| match e {
+        // The answer to a key: the receiver did not take it.
+        TransferError::PeerRejected { code, message } if code == error_code::AUTH => {
+            TransferError::KeyRefused {
+                receiver: conn.peer(),
+                message,
+            }
+        }
+        e => e,
+    })?;
     let their = h.decode::<Welcome>(&p)?.mac;
     if let Some(k) = key {
         let proven = their.is_some_and(|m| {
