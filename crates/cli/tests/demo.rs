@@ -157,6 +157,12 @@ fn destination_stopped_in_the_final_round_resumes_the_source_and_fails() {
         last_final.contains("the source was resumed and runs"),
         "the last progress line about the final round: {last_final:?}\n{err}"
     );
+    // The bound that fired is said once: in the error, not in a warning before it too.
+    assert_eq!(
+        err.lines().filter(|l| l.contains("500ms")).count(),
+        1,
+        "the error once, no warning before it:\n{err}"
+    );
     assert!(!ok, "must exit non-zero: {v}");
     let m = &v["migration"];
     assert_eq!(m["status"], "failed", "{v}");

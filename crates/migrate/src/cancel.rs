@@ -204,7 +204,9 @@ fn watch(shared: &Shared) {
                 let now = Instant::now();
                 if now >= at {
                     st.fired = Some(Fired::Deadline(step, limit));
-                    tracing::warn!(%step, ?limit, "deadline passed: interrupting the transport");
+                    // Not a warning: the migration fails with this deadline as its error,
+                    // which the caller reports (a warning would say it twice).
+                    tracing::info!(%step, ?limit, "deadline passed: interrupting the transport");
                     if let Some(i) = &st.interrupt {
                         i();
                     }
