@@ -330,6 +330,10 @@ pub struct Args {
     /// about to be sent.
     #[arg(long, hide = true)]
     cut_at_round: Option<u64>,
+    /// Test hook: cut the source's connections as the first final round is about to be sent
+    /// (a switch-over that fails before the commit, and is tried again with reconnects).
+    #[arg(long, hide = true)]
+    cut_in_final_round: bool,
     /// Test hook: kill the destination when this round is about to be sent.
     #[arg(long, hide = true)]
     kill_dest_at_round: Option<u64>,
@@ -1309,12 +1313,20 @@ struct Watched {
 }
 
 impl Watched {
+    /// Records what the source does now; returns the line that says the final round shown
+    /// did not complete, once: that round is then over for the display, so that neither a
+    /// tick nor a pause probe before the next round says anything more of it (it would say
+    /// "did not complete" again, or "source paused" of a source that runs).
     fn set(&self, now: SourceNow) -> Option<String> {
         let mut l = self.live.lock().ok()?;
         l.source = now;
         let (p, _, _) = l.round.as_ref()?;
-        (now == SourceNow::Resumed && p.phase == precopy_migrate::Phase::Final)
-            .then(|| round_message(p, 0, Duration::ZERO, now))
+        let over = now == SourceNow::Resumed && p.phase == precopy_migrate::Phase::Final;
+        let msg = over.then(|| round_message(p, 0, Duration::ZERO, now));
+        if over {
+            l.round = None;
+        }
+        msg
     }
 }
 
@@ -1818,6 +1830,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     let _ = nix::sys::signal::kill(dest_pid, sig);
                 };
                 let cut_at = args.cut_at_round;
+                let cut_in_final = args.cut_in_final_round;
                 let mut cut = false;
                 let kill_at = args.kill_dest_at_round;
                 let stop_at = args.stop_dest_at_round;
@@ -1832,7 +1845,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     &progress,
                     receiver_pid,
                     move |p| {
-                        if !cut && cut_at.is_some_and(|r| p.round >= r) {
+                        let cut_now = cut_at.is_some_and(|r| p.round >= r)
+                            || (cut_in_final && p.phase == precopy_migrate::Phase::Final);
+                        if !cut && cut_now {
                             cut = true;
                             for c in opened
                                 .lock()

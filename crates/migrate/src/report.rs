@@ -831,15 +831,8 @@ impl fmt::Display for MigrationReport {
                 msf(e.bound()),
             )?;
         }
-        if let Some(b) = self.final_round_bound {
-            writeln!(f, "final-round bound: {}", msf(b))?;
-        }
-        if self.reconnects > 0 {
-            writeln!(f, "reconnects:    {}", self.reconnects)?;
-        }
-        if let Some(s) = self.switchover_summary() {
-            writeln!(f, "switch-overs:  {s}")?;
-        }
+        // The last switch-over's parts as measured, under the downtime they add up to (and
+        // its expected parts), not under the lines after it.
         if let Some(p) = self.final_phase {
             writeln!(
                 f,
@@ -855,6 +848,15 @@ impl fmt::Display for MigrationReport {
         }
         if let Some(n) = &self.downtime_note {
             writeln!(f, "               note: {n}")?;
+        }
+        if let Some(b) = self.final_round_bound {
+            writeln!(f, "final-round bound: {}", msf(b))?;
+        }
+        if self.reconnects > 0 {
+            writeln!(f, "reconnects:    {}", self.reconnects)?;
+        }
+        if let Some(s) = self.switchover_summary() {
+            writeln!(f, "switch-overs:  {s}")?;
         }
         if let Some(p) = self
             .final_priority
