@@ -1048,6 +1048,11 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
                 n => format!(" ({n} connection(s) that failed the handshake refused)"),
             }
         );
+        if received.final_priority.is_none() && args.final_priority.receiver().is_none() {
+            outln!(
+                "precopy recv: final phase: threads at their own priority (--final-priority normal)"
+            );
+        }
         if let Some(p) = received.final_priority {
             outln!(
                 "precopy recv: final phase: {}",

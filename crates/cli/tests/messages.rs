@@ -214,7 +214,7 @@ fn an_exceeded_downtime_limit_is_said_plainly() {
 
 /// `send`'s text report says the final phase's priority as its JSON does
 /// (`migration.final_priority`): raised to `SCHED_FIFO` for how many threads, or not raised
-/// and why; nothing with `--final-priority normal`.
+/// and why, `--final-priority normal` included.
 #[test]
 fn send_says_the_final_priority_as_its_json_does() {
     if !engine_usable() {
@@ -239,7 +239,20 @@ fn send_says_the_final_priority_as_its_json_does() {
     }
     let out = send_to_file(&t, &img, &["--final-priority", "normal"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(!stdout(&out).contains("final priority"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("final priority: not raised: normal asked for"),
+        "{}",
+        stdout(&out)
+    );
+    let out = send_to_file(&t, &img, &["--final-priority", "normal", "--json"]);
+    let p = one_json(&out)["migration"]["final_priority"].clone();
+    assert_eq!(p["policy"], "normal", "{p}");
+    assert!(
+        p["not_raised"]
+            .as_str()
+            .is_some_and(|w| w.contains("normal")),
+        "{p}"
+    );
     let _ = std::fs::remove_file(&img);
 }
 

@@ -173,6 +173,10 @@ pub enum FinalPriority {
     Realtime(u8),
 }
 
+/// Why the final phase's threads were not raised with [`FinalPriority::Normal`]
+/// ([`PriorityReport::not_raised`](crate::PriorityReport)).
+const NORMAL_ASKED: &str = "normal asked for (the threads kept their own priority)";
+
 impl Default for MigrationConfig {
     fn default() -> MigrationConfig {
         MigrationConfig {
@@ -591,7 +595,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 policy: "normal",
                 priority: 0,
                 threads: 0,
-                not_raised: None,
+                not_raised: Some(NORMAL_ASKED.to_string()),
                 restore_error: None,
             });
             return None;
@@ -2480,7 +2484,16 @@ mod tests {
         // Asked not to, the driver leaves every thread as it is.
         let (report, link, before) = watched_run(FinalPriority::Normal);
         let p = report.final_priority.unwrap();
-        assert_eq!((p.policy, p.threads, p.not_raised), ("normal", 0, None));
+        assert_eq!((p.policy, p.threads), ("normal", 0));
+        assert_eq!(
+            p.not_raised.as_deref(),
+            Some(NORMAL_ASKED),
+            "not raised, and why"
+        );
+        assert_eq!(
+            PriorityReport::describe(&p).as_deref(),
+            Some("not raised: normal asked for (the threads kept their own priority)")
+        );
         assert!(link.sends.iter().all(|s| (s.1, s.2) == before));
     }
 

@@ -266,8 +266,9 @@ pub struct PriorityReport {
     /// Threads raised from the pause to the acknowledgement (the driver's, the transport's
     /// writers and watchers, and any the embedder added): 0 when none was.
     pub threads: u32,
-    /// Why they were not raised, when asked to be: the kernel's answer (`EPERM` without
-    /// `CAP_SYS_NICE`). Not an error: the final phase then ran at the threads' own priority.
+    /// Why they were not raised: `normal` was asked for, or, asked to be, the kernel's answer
+    /// (`EPERM` without `CAP_SYS_NICE`). Not an error: the final phase then ran at the threads'
+    /// own priority.
     pub not_raised: Option<String>,
     /// Why putting a thread back to its own policy failed, if it did.
     pub restore_error: Option<String>,
@@ -275,8 +276,8 @@ pub struct PriorityReport {
 
 impl PriorityReport {
     /// The priority in words, as the text reports print it after `final priority: `: raised
-    /// (to what, for how many threads), or not raised and why; `None` when none was asked for
-    /// (`normal`).
+    /// (to what, for how many threads), or not raised and why (`normal` asked for, or the
+    /// kernel's refusal).
     pub fn describe(&self) -> Option<String> {
         match self {
             PriorityReport {
