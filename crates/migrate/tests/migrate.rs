@@ -87,15 +87,17 @@ fn migrate(s: Setup) -> Outcome {
             )
         }
         Net::Unix => {
-            let path = std::env::temp_dir().join(format!(
-                "precopy-migrate-test-{}-{}.sock",
-                std::process::id(),
-                rand::random::<u32>()
-            ));
+            // The socket in a directory of its own, removed with it once the last connection
+            // was made (the closure owns it).
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("migrate.sock");
             let l = Listener::bind_unix(&path).unwrap();
             (
                 l,
-                Box::new(move || Connection::connect_unix(&path).unwrap()),
+                Box::new(move || {
+                    let _dir = &dir;
+                    Connection::connect_unix(&path).unwrap()
+                }),
             )
         }
     };

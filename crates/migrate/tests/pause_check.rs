@@ -130,11 +130,9 @@ struct Outcome {
 
 fn migrate(sneak: Sneak) -> Outcome {
     let guest = Guest::start(4 << 20, 2, Pattern::HotSet, 2000.0);
-    let path = std::env::temp_dir().join(format!(
-        "precopy-pause-check-{}-{}.sock",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
+    // Removed with its directory however the test ends.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pause-check.sock");
     let listener = Listener::bind_unix(&path).unwrap();
     let rx = receive(listener, None);
 
@@ -192,7 +190,6 @@ fn migrate(sneak: Sneak) -> Outcome {
     let source = guest.snapshot();
     drop(m);
     let received = rx.join().unwrap();
-    let _ = std::fs::remove_file(&path);
     Outcome {
         result,
         report,
