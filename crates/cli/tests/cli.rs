@@ -628,10 +628,63 @@ fn with_long_path(s: &str) -> String {
     s.replace("LONG", &format!("/tmp/{}", "a".repeat(120)))
 }
 
-/// Every number in `demo --json` whose field name carries no unit (`_ms`, `_bytes`, `pages`,
-/// ...) is listed in the README's "JSON fields and their units" (as `` `NAME` `` or
-/// `` `PATH.NAME` ``), so a script reading it knows the unit: a field added without a unit in
-/// its name and without a line there fails this test.
+/// The JSON objects of every subcommand that reports numbers, each run for real: `demo`,
+/// `send` to a `recv` (both), `image info` and `image verify` of what `recv` wrote, `rate` and
+/// `probe`. Named by the command that printed them.
+fn every_subcommands_json() -> Vec<(&'static str, serde_json::Value)> {
+    use std::io::BufRead;
+    let ok = |what: &str, out: &Output| {
+        assert!(out.status.success(), "{what}: {}", stderr(out));
+        one_json(out)
+    };
+    let mut all = vec![(
+        "demo",
+        ok("demo", &precopy(&["demo", "--size", "64M", "--json"])),
+    )];
+    let t = common::target::Target::start(common::target::Lang::C, 2, 256, 100);
+    let pid = t.pid.to_string();
+    let dir = scratch_dir("json-units");
+    let (sock, image) = (dir.join("recv.sock"), dir.join("recv.img"));
+    let mut recv = Command::new(PRECOPY)
+        .args(["recv", "--json", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .arg("--to")
+        .arg(format!("file:{}", image.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(recv.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening on"), "recv said {line:?}");
+    let to = format!("unix:{}", sock.display());
+    all.push((
+        "send",
+        ok(
+            "send",
+            &precopy(&["send", "--json", "--pid", &pid, "--to", &to]),
+        ),
+    ));
+    all.push(("recv", ok("recv", &recv.wait_with_output().unwrap())));
+    let img = image.to_str().unwrap();
+    for (name, args) in [
+        ("image info", vec!["image", "info", "--json", img]),
+        ("image verify", vec!["image", "verify", "--json", img]),
+        ("rate", vec!["rate", "--json", "--pid", &pid, "--count=3"]),
+        ("probe", vec!["probe", "--json"]),
+    ] {
+        all.push((name, ok(name, &precopy(&args))));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    all
+}
+
+/// Every number in every subcommand's `--json` whose field name carries no unit (`_ms`,
+/// `_bytes`, `pages`, ...) is listed in the README's "JSON fields and their units" (as
+/// `` `NAME` `` or `` `PATH.NAME` ``), so a script reading it knows the unit: a field added
+/// without a unit in its name and without a line there fails this test.
 #[test]
 fn every_json_number_without_a_unit_in_its_name_is_in_the_readme() {
     if !engine_usable() {
@@ -644,9 +697,6 @@ fn every_json_number_without_a_unit_in_its_name_is_in_the_readme() {
         .nth(1)
         .and_then(|s| s.split("\n#").next())
         .expect("README has a section 'JSON fields and their units'");
-    let out = precopy(&["demo", "--size", "64M", "--json"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let v = one_json(&out);
     const UNITS: &[&str] = &[
         "_ms",
         "_us",
@@ -674,15 +724,22 @@ fn every_json_number_without_a_unit_in_its_name_is_in_the_readme() {
             _ => {}
         }
     }
-    let mut found = Vec::new();
-    walk(&v, "", &mut found);
-    assert!(found.iter().any(|(_, k)| k == "dirty_rate"), "{found:?}");
-    for (path, key) in &found {
-        assert!(
-            section.contains(&format!("`{key}`")) || section.contains(&format!(".{key}`")),
-            "{path}.{key}: a number whose name gives no unit, missing from README's JSON units"
-        );
+    let mut missing = std::collections::BTreeSet::new();
+    for (command, v) in every_subcommands_json() {
+        let mut found = Vec::new();
+        walk(&v, "", &mut found);
+        // Each command has such numbers: the walk sees them.
+        assert!(!found.is_empty(), "{command}: {v}");
+        for (path, key) in &found {
+            if !section.contains(&format!("`{key}`")) && !section.contains(&format!(".{key}`")) {
+                missing.insert(format!("{command}: {path}.{key}"));
+            }
+        }
     }
+    assert!(
+        missing.is_empty(),
+        "numbers whose names give no unit, missing from README's JSON units: {missing:#?}"
+    );
 }
 
 /// A TCP port another socket holds is refused as bad input by `recv --listen` and `demo
