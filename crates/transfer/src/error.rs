@@ -263,6 +263,16 @@ pub enum ProtocolError {
         /// What was being read.
         what: &'static str,
     },
+    /// The sender closed its connection between two frames before the transfer's end (a
+    /// receiver's reading only): it ended the transfer on purpose (it gave up, was interrupted)
+    /// or exited. Unlike [`ProtocolError::Truncated`], no frame was cut.
+    #[error(
+        "the sender ended the transfer: it closed the connection between two frames, after byte {offset}"
+    )]
+    SenderClosed {
+        /// Stream offset where the next frame would have started.
+        offset: u64,
+    },
     /// The stream does not start with the precopy magic.
     #[error(
         "not a precopy stream or image: it starts with bytes {} (\"{}\"), not the precopy magic",
@@ -930,7 +940,9 @@ impl TransferError {
                     | io::ErrorKind::BrokenPipe
                     | io::ErrorKind::NotConnected
             ),
-            TransferError::Protocol(ProtocolError::Truncated { .. }) => true,
+            TransferError::Protocol(
+                ProtocolError::Truncated { .. } | ProtocolError::SenderClosed { .. },
+            ) => true,
             _ => false,
         }
     }

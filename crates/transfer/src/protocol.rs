@@ -130,6 +130,14 @@
 //! before it arrives, the source reports success and the receiver failure:
 //! the one window two-phase ends leave, as in any such protocol.)
 //!
+//! A receiver tells a sender that ended the transfer from a broken connection by where
+//! the stream stops: at a frame boundary, the sender closed its connection between frames
+//! (it gave up, e.g. past its final-round bound after DONE, was interrupted, or exited:
+//! [`ProtocolError::SenderClosed`](crate::ProtocolError::SenderClosed)); inside a frame, the
+//! connection was cut mid-frame ([`ProtocolError::Truncated`](crate::ProtocolError::Truncated)),
+//! or reset. A sender interrupted while writing a frame looks like the second. (ERROR goes
+//! both ways, but a sender that gives up writes none: its writers may be inside a frame.)
+//!
 //! Several connections may carry one transfer (HELLO's `stream_count`), all
 //! with the same session id. A round's pages are spread over them; the
 //! receiver lets no connection apply round `r + 1` before every connection

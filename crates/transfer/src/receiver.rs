@@ -1179,7 +1179,9 @@ fn gather(
 fn await_commit(c: &Connection, offset: u64, checksum: u64) -> Result<(), TransferError> {
     let mut r = FrameReader::at_offset(c, offset);
     let mut p = Vec::new();
-    let h = r.read_frame(&mut p)?;
+    let h = r
+        .read_frame(&mut p)
+        .map_err(|e| between_frames(e, offset))?;
     if h.decode::<Commit>(&p)?.digest != checksum {
         return Err(ProtocolError::Malformed {
             offset: h.offset,
@@ -1189,6 +1191,18 @@ fn await_commit(c: &Connection, offset: u64, checksum: u64) -> Result<(), Transf
         .into());
     }
     Ok(())
+}
+
+/// `e`, or [`ProtocolError::SenderClosed`] where it is the stream ending exactly where the
+/// frame at stream offset `at` would start: the sender closed its connection between frames
+/// (it gave up or exited), which a connection cut inside a frame is not.
+fn between_frames(e: TransferError, at: u64) -> TransferError {
+    match e {
+        TransferError::Protocol(ProtocolError::Truncated { offset, .. }) if offset == at => {
+            ProtocolError::SenderClosed { offset }.into()
+        }
+        e => e,
+    }
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1341,7 +1355,8 @@ impl<R: Read> Frames<R> {
     ) -> Result<Next, TransferError> {
         match self {
             Frames::Direct(r) => {
-                let (h, offset) = r.read_raw_header()?;
+                let at = r.offset();
+                let (h, offset) = r.read_raw_header().map_err(|e| between_frames(e, at))?;
                 if let Some((shared, layout)) = in_round
                     && let Some(header) = read_in_place(r, &h, offset, ps, hashes, shared, layout)?
                 {
@@ -1421,7 +1436,11 @@ fn read_socket(conn: &Connection, pool: &BufferPool, tx: crossbeam_channel::Send
     let mut r = FrameReader::new(BufReader::with_capacity(READ_BUFFER, conn));
     loop {
         let mut buf = pool.take(0);
-        match r.read_unverified(&mut buf) {
+        let at = r.offset();
+        match r
+            .read_unverified(&mut buf)
+            .map_err(|e| between_frames(e, at))
+        {
             Ok((h, offset)) => {
                 let last = h.kind_byte() == FrameKind::Finish as u8
                     || h.kind_byte() == FrameKind::Error as u8;
