@@ -38,6 +38,10 @@ pub fn parse_size(s: &str) -> Result<Size, String> {
         "not a size: use a number with K, M, G or T (binary: 2G = 2 GiB), e.g. 512K, 100M, 2G"
             .to_string()
     })?;
+    // The parser saturates: a number past what 64 bits hold reads as u64::MAX.
+    if b.as_u64() == u64::MAX {
+        return Err("too large: a size is at most 16 EiB (e.g. 512K, 100M, 2G)".into());
+    }
     Ok(Size {
         bytes: b.as_u64(),
         typed: t.to_string(),
@@ -52,7 +56,10 @@ pub fn parse_count(s: &str) -> Result<u64, String> {
         return Err("cannot be negative: use a whole number (e.g. 1, 2, 30)".into());
     }
     t.parse()
-        .map_err(|_| "not a whole number (e.g. 1, 2, 30)".to_string())
+        .map_err(|e: std::num::ParseIntError| match e.kind() {
+            std::num::IntErrorKind::PosOverflow => format!("too large: at most {}", u64::MAX),
+            _ => "not a whole number (e.g. 1, 2, 30)".to_string(),
+        })
 }
 
 /// A whole number for a flag whose values run from `min` to `max`: a clap value parser whose
@@ -67,7 +74,12 @@ pub fn count_in(min: u64, max: u64) -> impl Fn(&str) -> Result<u64, String> + Cl
             ));
         }
         t.parse()
-            .map_err(|_| format!("not a whole number: use one from {min} to {max}"))
+            .map_err(|e: std::num::ParseIntError| match e.kind() {
+                std::num::IntErrorKind::PosOverflow => {
+                    format!("too large: use a whole number from {min} to {max}")
+                }
+                _ => format!("not a whole number: use one from {min} to {max}"),
+            })
     }
 }
 
@@ -723,6 +735,13 @@ mod tests {
         assert!(b("fast").is_err());
         assert!(parse_size("-1G").unwrap_err().contains("negative"));
         assert_eq!(parse_size(" 64MB").unwrap().typed, "64MB");
+        // Past what 64 bits hold: too large, not some other reason.
+        for huge in ["99999999999G", "999999999999T", "20000000000000000000KB"] {
+            assert!(
+                parse_size(huge).unwrap_err().contains("too large"),
+                "{huge}"
+            );
+        }
     }
 
     #[test]
@@ -736,6 +755,9 @@ mod tests {
         assert!(count_in(1, 10)("x").unwrap_err().contains("from 1 to 10"));
         assert_eq!(count_in(1, 10)("0"), Ok(0), "left to the flag's own check");
         assert!(!parse_count("-1").unwrap_err().contains("0 or more"));
+        let huge = "99999999999999999999";
+        assert!(parse_count(huge).unwrap_err().contains("too large"));
+        assert!(count_in(1, 10)(huge).unwrap_err().contains("too large"));
     }
 
     #[test]

@@ -241,7 +241,9 @@ pub struct Args {
     /// Switch over when the rest would take at most this many milliseconds (1 to 3600000).
     #[arg(long, default_value = "50", value_parser = count_in(1, MAX_DOWNTIME_MS), allow_hyphen_values = true)]
     max_downtime: u64,
-    /// Cap on bytes per second sent, at least 64K (default: unlimited).
+    /// Cap on bytes per second sent over all streams, at least 64K (default: unlimited): a
+    /// token bucket, so a send after an idle spell may go faster for up to a twentieth of a
+    /// second's worth of bytes.
     #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
     bandwidth: Option<Size>,
     /// Where the pages go: a destination process (default), or `file:PATH` for a checkpoint
@@ -269,6 +271,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = LogKind::Auto)]
     backend: LogKind,
     /// Most rounds sent while the source runs, round 0 (all memory) included: 1 to 1000000.
+    /// Rehearsal rounds (sent inside the pause probes, source paused) and the final round
+    /// are not counted.
     #[arg(long, default_value = "30", value_parser = count_in(1, MAX_ROUNDS), allow_hyphen_values = true)]
     max_rounds: u64,
     /// What to do when the round limit is reached.

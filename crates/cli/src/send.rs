@@ -132,7 +132,8 @@ pub struct RecvArgs {
     /// file:PATH: the checkpoint image to write.
     #[arg(long, value_name = "URL")]
     to: String,
-    /// Require senders to prove they hold this key (the file's bytes).
+    /// Require senders to prove they hold this key (the file's bytes). Required with
+    /// `--listen tcp:`; optional with `unix:`.
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
     /// Replace a file at the image's path that is not a precopy image; without it such a

@@ -42,11 +42,11 @@
 //!   those rounds (the low percentile of recent bandwidth). Rounds shrink as a migration
 //!   converges and their fixed costs make a small round slower per byte than the big rounds
 //!   before it, which a mean throughput hides;
-//! * **paced send** (`--bandwidth`: the transport's token buckets, [`Transport::pacing`](crate::Transport::pacing)):
-//!   a rehearsal small enough to pass within a bucket measured the socket, not the pacing,
-//!   so the send is never expected faster than the bytes past what the buckets hold (by the
-//!   time the final round starts; for the bound, what the emptiest bucket holds now, for an
-//!   even split over the connections) at the pacing's rate, in wire bytes as the last round
+//! * **paced send** (`--bandwidth`: the transport's token bucket, shared by its connections,
+//!   [`Transport::pacing`](crate::Transport::pacing)): a rehearsal small enough to pass
+//!   within the bucket measured the socket, not the pacing, so the send is never expected
+//!   faster than the bytes past what the bucket holds (by the time the final round starts;
+//!   for the bound, what it holds now) at the pacing's rate, in wire bytes as the last round
 //!   wrote them, times how much slower than their pacing recent paced rounds went (the
 //!   upper median; the bound, the most). Measured before (2026-11-30, `precopy demo --size
 //!   512M --dirty-rate 20M --bandwidth 100M --max-downtime 200`): rehearsals at 105-114
@@ -261,19 +261,16 @@ impl Estimator {
     }
 
     /// The least time the paced transport takes to write `bytes` of memory if the final round
-    /// started `after` from now: the bytes past what its buckets hold by then, at its rate
-    /// (for the bound, `worst`: each connection's even share past what the emptiest bucket
-    /// holds now). The pacing counts wire bytes; memory goes out as the last round's did.
-    /// `None`: not paced.
-    fn paced(&self, bytes: u64, after: Duration, worst: bool) -> Option<Duration> {
+    /// started `after` from now: the bytes past what its bucket holds by then, at its rate.
+    /// The pacing counts wire bytes; memory goes out as the last round's did. `None`: not
+    /// paced.
+    fn paced(&self, bytes: u64, after: Duration) -> Option<Duration> {
         let p = self.pacing?;
         let wire = self.wire_ratio.unwrap_or(1.0);
         let rate = p.rate as f64 / wire;
-        let ready = if worst {
-            (p.least_ready as f64 * f64::from(p.connections.max(1))).min(p.ready as f64)
-        } else {
-            (p.ready as f64 + p.rate as f64 * after.as_secs_f64()).min(p.ready.max(p.burst) as f64)
-        } / wire;
+        let ready = (p.ready as f64 + p.rate as f64 * after.as_secs_f64())
+            .min(p.ready.max(p.burst) as f64)
+            / wire;
         Some(
             Duration::try_from_secs_f64((bytes as f64 - ready).max(0.0) / rate)
                 .unwrap_or(Duration::MAX),
@@ -383,7 +380,7 @@ impl Estimator {
         if iterative && let Some(predicted) = self.send_bound(bytes) {
             // Against the bound the decision counts: a paced round no faster than its pacing
             // (as it stood right before the round), so a pacing slower than its rate shows.
-            let paced = self.paced(bytes, Duration::ZERO, false);
+            let paced = self.paced(bytes, Duration::ZERO);
             self.add_paced_slowdown(paced, took);
             let predicted = predicted.max(paced.unwrap_or_default());
             let p = predicted.as_secs_f64();
@@ -413,7 +410,7 @@ impl Estimator {
         }
         // Sent under the final round's conditions: what it took beyond its pacing is what the
         // final round's will take.
-        self.add_paced_slowdown(self.paced(bytes, Duration::ZERO, false), took);
+        self.add_paced_slowdown(self.paced(bytes, Duration::ZERO), took);
         self.rehearsals.push(Sample {
             bytes: bytes as f64,
             secs: took.as_secs_f64(),
@@ -598,11 +595,10 @@ impl Estimator {
         // scan and the pause; none for the bound). A rehearsal short enough to pass within
         // the bucket measured the socket, not the pacing.
         let (send, send_worst) = match (
-            self.paced(pending.saturating_add(meanwhile), scan + pause, false),
+            self.paced(pending.saturating_add(meanwhile), scan + pause),
             self.paced(
                 pending_worst.saturating_add(meanwhile_worst),
                 Duration::ZERO,
-                true,
             ),
         ) {
             (Some(paced), Some(paced_worst)) => {
@@ -970,13 +966,11 @@ mod tests {
         assert!(send >= 100.0 - 1e-6, "{send}");
     }
 
-    fn pacing(rate: u64, ready: u64, connections: u32, least_ready: u64) -> Option<crate::Pacing> {
+    fn pacing(rate: u64, ready: u64) -> Option<crate::Pacing> {
         Some(crate::Pacing {
             rate,
             ready,
             burst: 5 * MIB,
-            connections,
-            least_ready,
         })
     }
 
@@ -992,7 +986,7 @@ mod tests {
         assert!((unpaced.send.as_secs_f64() * 1e3 - 25.0).abs() < 1e-6);
         assert_eq!(unpaced.paced_rate, 0.0);
         // Nothing in the bucket: 10 MiB at 100 MiB/s, expected and bound.
-        e.set_pacing(pacing(100 * MIB, 0, 1, 0));
+        e.set_pacing(pacing(100 * MIB, 0));
         let est = e.estimate(10 * MIB, 0.0).unwrap();
         assert!(
             (est.send.as_secs_f64() * 1e3 - 100.0).abs() < 1e-6,
@@ -1002,32 +996,32 @@ mod tests {
         assert!(est.send_worst >= est.send);
         assert_eq!(est.paced_rate, (100 * MIB) as f64);
         // A full bucket lets the pending bytes through at once: the rehearsals decide again.
-        e.set_pacing(pacing(100 * MIB, 10 * MIB, 1, 10 * MIB));
+        e.set_pacing(pacing(100 * MIB, 10 * MIB));
         let est = e.estimate(10 * MIB, 0.0).unwrap();
         assert_eq!(est.send, unpaced.send);
-        // Two connections, one bucket full and one empty: an even split waits for the empty
-        // one, which the bound counts and the expected value does not.
-        e.set_pacing(pacing(100 * MIB, 5 * MIB, 2, 0));
+        // Half of the bytes in the bucket by the time the final round starts: the rest at
+        // the rate, expected; the bound counts only what it holds now.
+        e.set_pacing(pacing(100 * MIB, 5 * MIB));
         let est = e.estimate(10 * MIB, 0.0).unwrap();
         assert!(
             (est.send.as_secs_f64() * 1e3 - 50.0).abs() < 1e-6,
             "{:?}",
             est.send
         );
-        assert!((est.send_worst.as_secs_f64() * 1e3 - 100.0).abs() < 1e-6);
+        assert!((est.send_worst.as_secs_f64() * 1e3 - 50.0).abs() < 1e-6);
     }
 
     #[test]
     fn a_paced_round_slower_than_its_pacing_slows_the_estimate() {
         let mut e = Estimator::default();
         e.add_round(512 * MIB, ms(5120.0), false);
-        e.set_pacing(pacing(100 * MIB, 0, 1, 0));
+        e.set_pacing(pacing(100 * MIB, 0));
         // 20 MiB paced at 100 MiB/s took 220 ms, not 200: 1.1 times its pacing.
         e.add_round(20 * MIB, ms(220.0), true);
         // A rehearsal the bucket let through at once says nothing about the pacing.
-        e.set_pacing(pacing(100 * MIB, 5 * MIB, 1, 5 * MIB));
+        e.set_pacing(pacing(100 * MIB, 5 * MIB));
         e.add_rehearsal(4 * MIB, ms(5.0));
-        e.set_pacing(pacing(100 * MIB, 0, 1, 0));
+        e.set_pacing(pacing(100 * MIB, 0));
         let est = e.estimate(10 * MIB, 0.0).unwrap();
         assert!(
             (est.send.as_secs_f64() * 1e3 - 110.0).abs() < 1e-3,

@@ -33,47 +33,16 @@ use crate::layout::Layout;
 /// thread, any number of times (see [`Sink::interrupter`]).
 pub type Interrupt = Arc<dyn Fn() + Send + Sync>;
 
-/// A sink's pacing of its writes to a byte rate ([`Sink::pacing`]): one token bucket per
-/// connection, each at an equal share of the rate.
+/// A sink's pacing of its writes to a byte rate ([`Sink::pacing`]): a token bucket that
+/// every connection's writer takes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Pacing {
-    /// Bytes per second, over all connections (header and payload bytes alike).
+    /// Bytes per second (header and payload bytes alike).
     pub rate: u64,
-    /// Bytes it would let through now without waiting (what the buckets hold), over all
-    /// connections.
+    /// Bytes it would let through now without waiting (what the bucket holds).
     pub ready: u64,
-    /// The most it lets through at once after an idle spell (the buckets' size), over all
-    /// connections.
+    /// The most it lets through at once after an idle spell (the bucket's size).
     pub burst: u64,
-    /// Connections (buckets).
-    pub connections: u32,
-    /// What the emptiest bucket holds: a round split evenly over the connections waits
-    /// for that one.
-    pub least_ready: u64,
-}
-
-impl Pacing {
-    /// One connection's pacing.
-    pub fn one(rate: u64, ready: u64, burst: u64) -> Pacing {
-        Pacing {
-            rate,
-            ready,
-            burst,
-            connections: 1,
-            least_ready: ready,
-        }
-    }
-
-    /// The pacing of two sets of connections together.
-    pub fn together(self, other: Pacing) -> Pacing {
-        Pacing {
-            rate: self.rate + other.rate,
-            ready: self.ready + other.ready,
-            burst: self.burst + other.burst,
-            connections: self.connections + other.connections,
-            least_ready: self.least_ready.min(other.least_ready),
-        }
-    }
 }
 
 /// A destination for rounds of pages.

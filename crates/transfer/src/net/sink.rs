@@ -45,7 +45,8 @@ struct Worker {
     tids: [Arc<AtomicI32>; 2],
     /// Small page frames not yet handed to the writer ([`Worker::send_small`]).
     held: Vec<Cmd>,
-    /// The writer's rate limiter (shared with it), for [`Sink::pacing`].
+    /// The rate limiter (shared with the writer and every other connection's), for
+    /// [`Sink::pacing`].
     limiter: Option<RateLimiter>,
     held_bytes: usize,
 }
@@ -261,8 +262,13 @@ impl SocketSink {
     /// Starts a writer and a watcher for each handshaken connection.
     fn start_workers(&mut self, ready: Vec<Connection>) -> Result<(), TransferError> {
         let config = &self.config;
-        let count = ready.len() as u32;
         self.first_failure = FirstFailure::default();
+        // One bucket for all connections: the rate is the transfer's, however the pages of a
+        // round fall on them (each with its own share, a round spread over half of them went
+        // at half the rate).
+        let limiter = config
+            .bandwidth_limit
+            .map(|bps| RateLimiter::new(bps as f64));
         for (i, conn) in ready.into_iter().enumerate() {
             conn.set_write_timeout(config.io_timeout.map(send_timeout_slice))
                 .map_err(TransferError::io("setting a socket timeout"))?;
@@ -287,9 +293,6 @@ impl SocketSink {
                     watch_peer(watch, event_tx, seen)
                 })
                 .map_err(TransferError::io("starting a watcher thread"))?;
-            let limiter = config
-                .bandwidth_limit
-                .map(|bps| RateLimiter::new(bps as f64 / f64::from(count)));
             let writer = StreamWriter {
                 out: FrameWriter::new(StallBound::new(conn, config.io_timeout)),
                 compressor: Compressor::new(config.compression),
@@ -331,7 +334,7 @@ impl SocketSink {
                 tids,
                 held: Vec::new(),
                 held_bytes: 0,
-                limiter,
+                limiter: limiter.clone(),
             });
         }
         self.next = 0;
@@ -610,10 +613,10 @@ impl Sink for SocketSink {
     }
 
     fn pacing(&self) -> Option<Pacing> {
+        // Every connection's writer shares one bucket.
         self.workers
             .iter()
-            .filter_map(|w| w.limiter.as_ref().map(RateLimiter::pacing))
-            .reduce(Pacing::together)
+            .find_map(|w| w.limiter.as_ref().map(RateLimiter::pacing))
     }
 
     /// Every connection's writer and watcher thread (those started so far).

@@ -238,8 +238,8 @@ impl io::Write for StallBound {
 }
 
 /// Paces writes to a byte rate (token bucket with a short burst). Clones share one bucket:
-/// the writer thread consumes from it, the sink reads how much it would let through now
-/// ([`RateLimiter::pacing`]) for the switch-over estimate.
+/// every connection's writer thread consumes from it, the sink reads how much it would let
+/// through now ([`RateLimiter::pacing`]) for the switch-over estimate.
 #[derive(Clone)]
 pub(super) struct RateLimiter(Arc<Mutex<Bucket>>);
 
@@ -291,7 +291,11 @@ impl RateLimiter {
     pub(super) fn pacing(&self) -> crate::sink::Pacing {
         let mut b = self.0.lock().unwrap_or_else(|p| p.into_inner());
         b.refill(Instant::now());
-        crate::sink::Pacing::one(b.rate as u64, b.tokens.max(0.0) as u64, b.burst as u64)
+        crate::sink::Pacing {
+            rate: b.rate as u64,
+            ready: b.tokens.max(0.0) as u64,
+            burst: b.burst as u64,
+        }
     }
 }
 
