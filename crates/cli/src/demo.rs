@@ -2255,7 +2255,7 @@ mod tests {
             [&hugetlb[..], &["--to", image.as_str()]].concat(),
         ] {
             for size in [
-                "0", "1K", "2049M", "64MB", "1P", "16EiB", "3000T", "1000000G",
+                "0", "1K", "2049M", "64MB", "1P", "15EiB", "3000T", "1000000G",
             ] {
                 let mut flags = vec!["--size", size];
                 flags.extend(&extra);

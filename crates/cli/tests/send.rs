@@ -719,11 +719,13 @@ fn send_attached_to(pid: i32, to: &str, image: &Path, extra: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // The image has its header once `send` attached and (to a receiver) finished the
+    // handshake; a receiver holds the image, empty, from before it listens.
     let partial = precopy_transfer::ImageWriter::partial_path(image);
-    while !partial.exists() && !image.exists() {
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) == 0 && !image.exists() {
         std::thread::sleep(Duration::from_millis(1));
     }
-    // Read before it attached.
+    // Read by the handshake.
     drop(key);
     send
 }
