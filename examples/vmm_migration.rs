@@ -78,7 +78,7 @@ fn vcpu(id: usize, ram: Arc<Mapping>, vcpus: Arc<Vcpus>) {
         let page = (n * 7919 + id as u64 * 104_729) % pages;
         ram.write_u64(page * 4096 + (n % 512) * 8, n)
             .expect("guest RAM");
-        if n % 16 == 0 {
+        if n.is_multiple_of(16) {
             std::thread::sleep(Duration::from_millis(1));
         }
     }

@@ -59,7 +59,7 @@ fn migrate_with(kind: BackendKind) -> Vec<bool> {
                 n += 1;
                 src.write_u64((n * 7919 % pages) * PAGE + (n % 512) * 8, n)
                     .unwrap();
-                if n % 32 == 0 {
+                if n.is_multiple_of(32) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }

@@ -98,10 +98,10 @@ fn target_process(
     if mem.fill(0, CHILD_PAGES / 2 * PAGE, 0xee).is_err() {
         return false;
     }
-    if let Some(sock) = socket {
-        if precopy::tracker::handoff::send_uffd(sock, uffd.as_fd()).is_err() {
-            return false;
-        }
+    if let Some(sock) = socket
+        && precopy::tracker::handoff::send_uffd(sock, uffd.as_fd()).is_err()
+    {
+        return false;
     }
     let mut hello = [0u8; 16];
     hello[..8].copy_from_slice(&(uffd.as_raw_fd() as u64).to_ne_bytes());

@@ -142,7 +142,7 @@ fn writer(id: u64, cfg_writers: u64, dontneed: bool, shared: &Shared<'_>) {
             }
         }
         n += 1;
-        if n % 64 == 0 {
+        if n.is_multiple_of(64) {
             writes.fetch_add(64, Ordering::Relaxed);
             std::thread::yield_now();
         }

@@ -69,7 +69,7 @@ fn vcpu(src: Arc<Mapping>, state: fn(u64) -> Vec<u8>) -> (Vcpu, Callbacks<Infall
                 src.write_u64((n * 7919 % pages) * PAGE + (n % 512) * 8, n)
                     .unwrap();
                 writes.store(n, SeqCst);
-                if n % 64 == 0 {
+                if n.is_multiple_of(64) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }

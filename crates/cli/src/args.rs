@@ -267,7 +267,7 @@ pub const MAX_GUEST_RAM: u64 = 4 << 30;
 /// `flag`'s value `size` as a KVM guest's RAM: 2 MiB to 4 GiB in whole 4 KiB pages.
 pub fn check_guest_ram(flag: &'static str, size: &Size) -> anyhow::Result<()> {
     let page = 4096;
-    if (MIN_GUEST_RAM..=MAX_GUEST_RAM).contains(&size.bytes) && size.bytes % page == 0 {
+    if (MIN_GUEST_RAM..=MAX_GUEST_RAM).contains(&size.bytes) && size.bytes.is_multiple_of(page) {
         return Ok(());
     }
     let fix = if size.bytes > MAX_GUEST_RAM {
@@ -692,10 +692,10 @@ fn cgroup_room() -> Option<u64> {
             continue;
         };
         // v1 reports "no limit" as a huge number.
-        if let (Some(l), Some(u)) = (limit, usage) {
-            if l < (1 << 60) {
-                return Some(l.saturating_sub(u));
-            }
+        if let (Some(l), Some(u)) = (limit, usage)
+            && l < (1 << 60)
+        {
+            return Some(l.saturating_sub(u));
         }
     }
     None

@@ -242,7 +242,7 @@ impl Config {
 }
 
 fn human_size(b: u64) -> String {
-    if b >= GIB && b % GIB == 0 {
+    if b >= GIB && b.is_multiple_of(GIB) {
         format!("{} GiB", b / GIB)
     } else {
         format!("{} MiB", b / MIB)

@@ -386,7 +386,7 @@ struct Plan {
 
 /// `n` bytes as the shortest size flag value, e.g. `64M`.
 fn size_flag(n: u64) -> String {
-    if n % (1 << 30) == 0 {
+    if n.is_multiple_of(1 << 30) {
         format!("{}G", n >> 30)
     } else {
         format!("{}M", n >> 20)
@@ -539,7 +539,7 @@ fn validate(args: &Args) -> Result<Plan> {
             suggest(&[Some(1 << 30)]),
         ));
     }
-    if size.bytes % TWO_MIB != 0 {
+    if !size.bytes.is_multiple_of(TWO_MIB) {
         let down = size.bytes / TWO_MIB * TWO_MIB;
         let up = down.checked_add(TWO_MIB);
         let decimal = if size.typed.to_ascii_uppercase().ends_with("B")
@@ -680,15 +680,15 @@ fn validate(args: &Args) -> Result<Plan> {
     };
     check_max_downtime(args.max_downtime)?;
     check_max_rounds(args.max_rounds)?;
-    if let Some(t) = args.timeout {
-        if t > MAX_TIMEOUT {
-            return Err(invalid(
-                "--timeout",
-                t,
-                "is longer than 30 days",
-                "use at most --timeout 2592000, or leave it out for no limit",
-            ));
-        }
+    if let Some(t) = args.timeout
+        && t > MAX_TIMEOUT
+    {
+        return Err(invalid(
+            "--timeout",
+            t,
+            "is longer than 30 days",
+            "use at most --timeout 2592000, or leave it out for no limit",
+        ));
     }
     if !(args.io_timeout > 0.0 && args.io_timeout <= MAX_TIMEOUT) {
         return Err(invalid(
@@ -731,15 +731,15 @@ fn validate(args: &Args) -> Result<Plan> {
             "keep one of the two",
         ));
     }
-    if let Some(b) = &args.bandwidth {
-        if b.bytes < MIN_BANDWIDTH {
-            return Err(invalid(
-                "--bandwidth",
-                b,
-                "is below 64 KiB/s, at which a round of any size takes hours",
-                "use at least --bandwidth 64K, or leave it out for no cap",
-            ));
-        }
+    if let Some(b) = &args.bandwidth
+        && b.bytes < MIN_BANDWIDTH
+    {
+        return Err(invalid(
+            "--bandwidth",
+            b,
+            "is below 64 KiB/s, at which a round of any size takes hours",
+            "use at least --bandwidth 64K, or leave it out for no cap",
+        ));
     }
     // Flags that only mean something with a destination process.
     if let Some(to) = &args.to {
@@ -1952,18 +1952,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
         };
     progress.finish();
     drop(source);
-    if let Some((d, _)) = dest {
-        if result.is_ok()
-            && let Err(e) = d.finish_within(Duration::from_secs_f64(args.io_timeout))
-        {
-            // The copy was already compared: the run stands, the leftover is reported (in
-            // the JSON too, as the destination's outcome).
-            tracing::warn!("{e:#}");
-            destination_outcome = Some(format!("{e:#}"));
-        }
-        // Else dropping it kills it: a failed destination (stopped, or waiting for a sender
-        // that will not resume) must not hold the demo.
+    if let Some((d, _)) = dest
+        && result.is_ok()
+        && let Err(e) = d.finish_within(Duration::from_secs_f64(args.io_timeout))
+    {
+        // The copy was already compared: the run stands, the leftover is reported (in
+        // the JSON too, as the destination's outcome).
+        tracing::warn!("{e:#}");
+        destination_outcome = Some(format!("{e:#}"));
     }
+    // Else dropping it kills it: a failed destination (stopped, or waiting for a sender
+    // that will not resume) must not hold the demo.
     drop(private);
 
     let error: Option<anyhow::Error> = match (&result, &verification) {
@@ -2199,14 +2198,14 @@ fn print_text(
             }
         )?;
     }
-    if let (Some(p), Some(v)) = (&plan.image, verification) {
-        if v.verified {
-            writeln!(
-                out,
-                "image: {} (inspect: precopy image info {0})",
-                p.display()
-            )?;
-        }
+    if let (Some(p), Some(v)) = (&plan.image, verification)
+        && v.verified
+    {
+        writeln!(
+            out,
+            "image: {} (inspect: precopy image info {0})",
+            p.display()
+        )?;
     }
     Ok(())
 }

@@ -199,10 +199,10 @@ impl Interrupts {
                 let _raised = raise.as_ref().map(|l| lock(l));
                 // The image is published: the command's result is final and it reports it
                 // (one report, the one that matches what is on disk).
-                if let Some(gate) = lock(&s.gate).clone() {
-                    if !gate.withdraw() {
-                        return;
-                    }
+                if let Some(gate) = lock(&s.gate).clone()
+                    && !gate.withdraw()
+                {
+                    return;
                 }
                 let mut what = format!("interrupted by {sig}");
                 if let Some(pid) = pid {
@@ -235,11 +235,9 @@ impl Interrupts {
                     };
                 }
                 let e = anyhow::anyhow!("{what}");
-                if !json {
-                    if let Some(text) = lock(&s.partial_text).as_ref().map(|f| f()) {
-                        // Stdout gone: the exit status still says what happened.
-                        let _ = output::try_write(format_args!("{text}"), false);
-                    }
+                if !json && let Some(text) = lock(&s.partial_text).as_ref().map(|f| f()) {
+                    // Stdout gone: the exit status still says what happened.
+                    let _ = output::try_write(format_args!("{text}"), false);
                 }
                 output::print_error(&e);
                 if json {
@@ -247,10 +245,10 @@ impl Interrupts {
                     if !report.is_object() {
                         report = json!({});
                     }
-                    if let Some(extra) = lock(&s.partial).as_ref().map(|f| f()) {
-                        if let (Some(r), Value::Object(m)) = (report.as_object_mut(), extra) {
-                            r.extend(m);
-                        }
+                    if let Some(extra) = lock(&s.partial).as_ref().map(|f| f())
+                        && let (Some(r), Value::Object(m)) = (report.as_object_mut(), extra)
+                    {
+                        r.extend(m);
                     }
                     report["interrupted"] = json!(sig.as_str());
                     output::print_json(report, Some(&e));

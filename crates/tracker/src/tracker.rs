@@ -337,7 +337,8 @@ impl Tracker {
     /// dropped.
     pub fn forget(&mut self, range: Range<u64>) -> Result<u64> {
         check_order(range.start, range.end)?;
-        if range.start % self.page_size != 0 || range.end % self.page_size != 0 {
+        if !range.start.is_multiple_of(self.page_size) || !range.end.is_multiple_of(self.page_size)
+        {
             return Err(Error::Unaligned {
                 start: range.start,
                 end: range.end,

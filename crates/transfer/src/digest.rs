@@ -313,7 +313,7 @@ impl MemoryDigest {
         if !crate::layout::valid_page_size(ps) {
             return Err(LayoutError::InvalidPageSize { page_size: ps });
         }
-        if data.len() % page_size != 0 {
+        if !data.len().is_multiple_of(page_size) {
             return Err(LayoutError::RangeUnaligned {
                 range: 0..data.len() as u64,
                 page_size: ps,

@@ -204,7 +204,7 @@ impl Layout {
             if r.size == 0 {
                 return Err(LayoutError::EmptyRegion { region: r.id });
             }
-            let aligned = |a: u64| a % r.page_size == 0;
+            let aligned = |a: u64| a.is_multiple_of(r.page_size);
             if !aligned(r.size)
                 || !r.host_addr.is_none_or(aligned)
                 || !r.guest_addr.is_none_or(aligned)
@@ -385,7 +385,7 @@ impl Layout {
             offset,
             len,
         };
-        if len == 0 || offset % ps != 0 || len % ps != 0 {
+        if len == 0 || !offset.is_multiple_of(ps) || !len.is_multiple_of(ps) {
             return Err(outside);
         }
         let i = self
@@ -448,8 +448,8 @@ impl Layout {
     /// Checks that host range `range` is a non-empty span of whole wire pages.
     pub fn check_pages(&self, range: &Range<u64>) -> Result<(), LayoutError> {
         if range.start >= range.end
-            || range.start % self.page_size != 0
-            || range.end % self.page_size != 0
+            || !range.start.is_multiple_of(self.page_size)
+            || !range.end.is_multiple_of(self.page_size)
         {
             return Err(LayoutError::RangeUnaligned {
                 range: range.clone(),

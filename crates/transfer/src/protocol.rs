@@ -408,7 +408,8 @@ impl RawHeader {
         let span: SpanFields = zerocopy::transmute!(self.fields);
         let len = span.len.get();
         let list = len.checked_div(ps)?.checked_mul(PAGE_HASH_LEN as u64)?;
-        let whole = len % ps == 0 && len.checked_add(list) == Some(u64::from(self.payload_len()));
+        let whole =
+            len.is_multiple_of(ps) && len.checked_add(list) == Some(u64::from(self.payload_len()));
         whole.then_some((len, list))
     }
 
@@ -1779,7 +1780,7 @@ impl<'p> Frame<'p> for Resume {
     fn decode(h: &Header, p: &'p [u8]) -> Result<Resume, ProtocolError> {
         h.plain(None)?;
         let f: CountFields = h.fields();
-        if f.second.get() == 0 || p.len() % 8 != 0 {
+        if f.second.get() == 0 || !p.len().is_multiple_of(8) {
             return Err(h.malformed("no pages per block, or a partial block digest"));
         }
         Ok(Resume {

@@ -1021,7 +1021,7 @@ impl Door {
     /// hundredth), and past [`REFUSALS_PER_SECOND`] in the current second waits it out.
     fn refuse(&mut self, peer: &str, why: &TransferError) {
         self.refused += 1;
-        if self.refused <= LOGGED_REFUSALS || self.refused % 100 == 0 {
+        if self.refused <= LOGGED_REFUSALS || self.refused.is_multiple_of(100) {
             tracing::warn!(
                 peer,
                 refused = self.refused,

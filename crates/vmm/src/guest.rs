@@ -130,7 +130,10 @@ impl GuestProgram {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return bad("vcpus must be 1..=64");
         }
-        if self.ram_size % PAGE != 0 || self.ram_size <= DATA_GPA || self.ram_size > 1 << 32 {
+        if !self.ram_size.is_multiple_of(PAGE)
+            || self.ram_size <= DATA_GPA
+            || self.ram_size > 1 << 32
+        {
             return bad("guest RAM must be a multiple of 4 KiB, above 1 MiB and at most 4 GiB");
         }
         if self.pages_per_vcpu == 0 || u64::from(self.pages_per_vcpu) > self.region_pages() {

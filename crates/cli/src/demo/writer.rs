@@ -88,7 +88,7 @@ pub struct WriterState {
 
 /// Decodes the state blob: one [`LastWrite`] per writer, in writer order.
 pub fn decode_state(blob: &[u8]) -> Result<Vec<WriterState>, String> {
-    if blob.is_empty() || blob.len() % LAST_WRITE_BYTES != 0 {
+    if blob.is_empty() || !blob.len().is_multiple_of(LAST_WRITE_BYTES) {
         return Err(format!(
             "{} bytes is not a whole number of {LAST_WRITE_BYTES}-byte writer records",
             blob.len()

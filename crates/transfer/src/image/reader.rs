@@ -238,7 +238,7 @@ impl Image {
             .and_then(|i| self.pages_records.get(i))
             .ok_or_else(not_in_record)?;
         let in_record = at - (record + hdr);
-        if in_record >= len || in_record % ps != 0 {
+        if in_record >= len || !in_record.is_multiple_of(ps) {
             return Err(not_in_record());
         }
         if let std::collections::hash_map::Entry::Vacant(slot) = checked.records.entry(record) {

@@ -252,7 +252,8 @@ pub fn verify_listed(
 ) -> Result<Header, TransferError> {
     hashes.clear();
     let ps = usize::try_from(ps).unwrap_or(0);
-    if ps == 0 || pages.len() % ps != 0 || pages.len() / ps * PAGE_HASH_LEN != list.len() {
+    if ps == 0 || !pages.len().is_multiple_of(ps) || pages.len() / ps * PAGE_HASH_LEN != list.len()
+    {
         return Err(listed_malformed(offset));
     }
     hashes.extend(pages.chunks_exact(ps).map(page_hash));
@@ -273,7 +274,7 @@ pub fn verify_hashed_list(
 ) -> Result<Header, TransferError> {
     let count = pages_len.checked_div(ps).unwrap_or(0);
     if ps == 0
-        || pages_len % ps != 0
+        || !pages_len.is_multiple_of(ps)
         || count != hashes.len() as u64
         || count * PAGE_HASH_LEN as u64 != list.len() as u64
     {
@@ -310,7 +311,7 @@ fn implied_page_size(h: &RawHeader, offset: u64) -> Result<u64, TransferError> {
         .ok_or_else(|| listed_malformed(offset))?;
     let count = list / PAGE_HASH_LEN as u64;
     match span_len.checked_div(count) {
-        Some(ps) if ps > 0 && span_len % count == 0 => Ok(ps),
+        Some(ps) if ps > 0 && span_len.is_multiple_of(count) => Ok(ps),
         _ => Err(listed_malformed(offset)),
     }
 }
