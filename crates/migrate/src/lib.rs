@@ -49,7 +49,11 @@
 //! the live rounds. Without rehearsals: at the last iterative round's throughput, bounded by a
 //! line `fixed + bytes / bandwidth` fitted to the last four iterative rounds, never faster than
 //! the slowest of them, and before two such rounds exist by the duration of the smallest
-//! measured round at least as big. The report says which (`send_from`).
+//! measured round at least as big. The report says which (`send_from`). A **paced** transport
+//! ([`Transport::pacing`]: `--bandwidth`'s token bucket) is never expected faster than its
+//! rate lets the bytes past what the bucket holds through, times how much slower than their
+//! pacing recent paced rounds went (`paced_rate` in the report): a rehearsal short enough to
+//! pass within the bucket measured the socket, not the pacing.
 //!
 //! **Priority.** From the pause to the acknowledgement (and in the pause probes) the driver's
 //! thread, the transport's ([`Transport::threads`]: a socket sender's writers and watchers)

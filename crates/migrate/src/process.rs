@@ -846,7 +846,7 @@ impl Workload for ProcessControl {
     }
 
     fn pause_priority(&self) -> Option<PriorityReport> {
-        self.last_raise.clone()
+        ProcessControl::pause_priority(self)
     }
 
     fn throttle_method(&self) -> &'static str {

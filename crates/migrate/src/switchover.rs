@@ -269,7 +269,7 @@ impl Estimator {
         let wire = self.wire_ratio.unwrap_or(1.0);
         let rate = p.rate as f64 / wire;
         let ready = (p.ready as f64 + p.rate as f64 * after.as_secs_f64())
-            .min(p.ready.max(p.burst) as f64)
+            .min(p.burst.max(p.ready) as f64)
             / wire;
         Some(
             Duration::try_from_secs_f64((bytes as f64 - ready).max(0.0) / rate)
