@@ -166,6 +166,13 @@ pub trait Workload {
     /// [`Error`](crate::Error) that names the action.
     type Error: std::error::Error + Send + Sync + 'static;
     /// Stops every writer. Returns only once no write can happen any more.
+    ///
+    /// Pause probes and the final phase call this from a thread raised to `SCHED_FIFO`
+    /// where permitted ([`FinalPriority`](crate::FinalPriority)): wait for the writers by
+    /// blocking (a condition variable, a futex, a short sleep), never by spinning or
+    /// `yield_now`, which keeps time-sharing writers off that CPU; with every CPU so held,
+    /// they run only when the kernel's real-time throttling lets them (by default 50 ms of
+    /// each second, `sched_rt_runtime_us`; Documentation/scheduler/sched-rt-group.rst).
     fn pause(&mut self) -> Result<(), Self::Error>;
     /// Lets the writers run again after [`Workload::pause`].
     fn resume(&mut self) -> Result<(), Self::Error>;

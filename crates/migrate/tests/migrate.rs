@@ -274,9 +274,10 @@ fn dirty_rate_above_bandwidth_throttles_and_completes() {
     s.config.max_rounds_policy = LimitPolicy::SwitchOver;
     let o = migrate(s);
     assert_identical(&o);
-    assert!(o.report.throttle >= 0.2, "throttle {}", o.report.throttle);
-    assert_eq!(o.report.switch_reason, Some(SwitchReason::MaxRounds));
-    assert_eq!(o.report.throttle_method, "callback");
+    let r = &o.report;
+    assert!(r.throttle >= 0.2, "throttle {}\n{r}", r.throttle);
+    assert_eq!(r.switch_reason, Some(SwitchReason::MaxRounds), "{r}");
+    assert_eq!(r.throttle_method, "callback");
 }
 
 /// Same workload under the abort policy: a clean error, the workload running, and a receiver

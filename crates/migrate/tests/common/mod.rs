@@ -140,8 +140,12 @@ impl Guest {
         Callbacks::new(
             move || {
                 p1.store(true, SeqCst);
+                // Block, not spin: the driver calls this from a real-time thread (a pause
+                // probe, the final phase), and a spin there keeps the time-sharing writers
+                // off its CPU (with two such tests at once, off both CPUs until the kernel's
+                // real-time throttling lets them run, 950 ms later).
                 while parked.load(SeqCst) < n {
-                    std::thread::yield_now();
+                    std::thread::sleep(Duration::from_micros(50));
                 }
                 Ok(())
             },
