@@ -255,10 +255,12 @@ fn a_send_that_fits_only_by_compacting_completes_and_verifies() {
     let Some(fs) = SmallFs::mount("compact-fs", "24m") else {
         return;
     };
-    // 2 × 256 pages (2 MiB) written flat out: every round holds all of them; 30 rounds
-    // (1 ms downtime is never met) write over 60 MiB to a 24 MiB file system. (Round 0
-    // holds all tracked memory, about 19 MiB with the two threads' stacks, which the
-    // round's check counts as if every page held data.)
+    // 2 × 256 pages (2 MiB) written flat out: a round holds all of them when the writers
+    // ran since the last one; 200 rounds (1 ms downtime is never met) write far more than
+    // a 24 MiB file system holds. (Round 0 holds all tracked memory, about 19 MiB with the
+    // two threads' stacks, which the round's check counts as if every page held data.)
+    // Not 30 rounds: a round that finds nothing takes ~2 ms, and on a loaded machine the
+    // writers got no CPU for 28 rounds in a row, leaving 3 rounds with data in all.
     let t = writing_target(2, 256, 0);
     let img = fs.0.join("c.img");
     let out = precopy(&[
@@ -271,7 +273,7 @@ fn a_send_that_fits_only_by_compacting_completes_and_verifies() {
         "--max-downtime",
         "1",
         "--max-rounds",
-        "30",
+        "200",
         "--throttle",
         "none",
     ]);

@@ -291,6 +291,11 @@ pub const PAUSE_CHECK_SENDS: u32 = 3;
 /// as the estimate keeps), so more rounds would only wait for a lucky sample.
 pub const QUIET_ROUNDS: u32 = crate::switchover::FINISH_WINDOW as u32;
 
+/// The least time those quiet rounds' scans must cover together: a handful of scans a few
+/// milliseconds apart that found nothing may only mean the writers got no CPU meanwhile (on
+/// a loaded machine, 5 scans over 24 ms found nothing from a process writing flat out).
+pub const QUIET_TIME: Duration = Duration::from_secs(1);
+
 /// Rounds of a throughput estimate: a round smaller than this is latency-bound.
 const SIGNIFICANT_ROUND: u64 = 4 << 20;
 
@@ -1314,8 +1319,10 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
 
         let mut pending: Vec<Range<u64>> = Vec::new();
         let mut high = 0u32;
-        // Scans in a row that found nothing written, with nothing expected until the pause.
+        // Scans in a row that found nothing written, with nothing expected until the pause,
+        // and the start of the time the first of them covered.
         let mut quiet = 0u32;
+        let mut quiet_from = last_scan;
         loop {
             let reason = loop {
                 let round = self.next_round();
@@ -1365,6 +1372,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     .duration_since(last_scan)
                     .saturating_sub(held)
                     .max(sent_for);
+                let covered_from = last_scan;
                 last_scan = scan_start;
                 held = collected.pause.unwrap_or_default()
                     + probed.as_ref().and_then(|p| p.pause).unwrap_or_default();
@@ -1405,6 +1413,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     break SwitchReason::Converged;
                 }
                 quiet = if found == 0 && self.meanwhile_rate() == 0.0 && self.throttle == 0.0 {
+                    if quiet == 0 {
+                        quiet_from = covered_from;
+                    }
                     quiet + 1
                 } else {
                     0
@@ -1415,6 +1426,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 let probed_all =
                     !self.config.probe_pause || self.estimator.pause_probes() >= PAUSE_PROBES;
                 if quiet >= QUIET_ROUNDS
+                    && scan_start.duration_since(quiet_from) >= QUIET_TIME
                     && probed_all
                     && estimate.is_some_and(|e| e.fixed_bound() > self.config.max_downtime)
                 {
@@ -1579,7 +1591,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             SwitchReason::Timeout => "the timeout passed".to_string(),
             SwitchReason::Converged => "it converged".to_string(),
             SwitchReason::OutOfReach => format!(
-                "nothing was written for {QUIET_ROUNDS} rounds, so more rounds cannot help: switched over"
+                "nothing was written for {QUIET_ROUNDS} rounds (at least {} s), so more rounds cannot help: switched over",
+                QUIET_TIME.as_secs()
             ),
         };
         let Some(e) = e else {
@@ -2757,7 +2770,24 @@ mod tests {
         cfg.max_rounds = 30;
         cfg.throttle.enabled = false;
         let events = Arc::new(Mutex::new(Vec::new()));
+        // Quiet scans in quick succession (a writer that got no CPU for a few milliseconds
+        // looks the same) do not count: the round limit ends it.
         let mut m = Migration::new(ScriptLog::pages(vec![0]), link, workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(
+            report.switch_reason,
+            Some(SwitchReason::MaxRounds),
+            "{report}"
+        );
+        // Scans 300 ms apart: the QUIET_ROUNDS-th covers more than QUIET_TIME (a finish of
+        // 2 s, so that it stays the largest fixed cost beside scans that slow).
+        let link = FakeLink {
+            probe: Some(Duration::from_millis(2000)),
+            ..self::link(1024.0 * 1024.0)
+        };
+        let mut log = ScriptLog::pages(vec![0]);
+        log.scan_time = Duration::from_millis(300);
+        let mut m = Migration::new(log, link, workload(&events), cfg);
         let report = m.run().unwrap();
         assert_eq!(report.switch_reason, Some(SwitchReason::OutOfReach));
         let live = |r: &MigrationReport| {
@@ -2772,7 +2802,7 @@ mod tests {
         let note = report.downtime_note.clone().expect("a note");
         assert!(note.contains("nothing was written"), "{note}");
         assert!(
-            note.contains("the largest is the finish") && note.contains("150.0"),
+            note.contains("the largest is the finish") && note.contains("2000.0"),
             "{note}"
         );
         assert!(report.to_string().contains("OUT OF REACH"), "{report}");

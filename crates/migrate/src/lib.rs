@@ -244,7 +244,7 @@ pub use control::{
 };
 pub use driver::{
     AfterMigration, FinalPriority, LimitPolicy, Migration, MigrationConfig, MigrationError,
-    PAUSE_CHECK_SENDS, Phase, Progress, QUIET_ROUNDS, ReconnectConfig, ThrottleConfig,
+    PAUSE_CHECK_SENDS, Phase, Progress, QUIET_ROUNDS, QUIET_TIME, ReconnectConfig, ThrottleConfig,
 };
 pub use error::{AbortReason, Error, Step};
 pub use process::{

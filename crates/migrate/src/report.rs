@@ -58,8 +58,8 @@ pub enum SwitchReason {
     /// The timeout, under the switch-over policy.
     Timeout,
     /// The limit is out of reach and more rounds cannot help: nothing was written for the
-    /// last [`QUIET_ROUNDS`](crate::QUIET_ROUNDS) rounds (no pages pending, none expected until
-    /// the pause), and the final phase's fixed costs alone (pause, scans, finish, re-reads:
+    /// last [`QUIET_ROUNDS`](crate::QUIET_ROUNDS) rounds, whose scans covered at least
+    /// [`QUIET_TIME`](crate::QUIET_TIME) (no pages pending, none expected until the pause), and the final phase's fixed costs alone (pause, scans, finish, re-reads:
     /// [`DowntimeEstimate::fixed_bound`]) exceed the limit. The limit is not met; the report's
     /// `downtime_note` names the parts and the largest.
     OutOfReach,
