@@ -141,6 +141,12 @@ pub trait Transport {
     fn peer(&self) -> String {
         "the destination".into()
     }
+    /// What the finish does besides the digests and an acknowledgement, for messages (an
+    /// image: its index and `fsync`). `None` (the default): the digests and the
+    /// acknowledgement round trip.
+    fn finish_work(&self) -> Option<String> {
+        None
+    }
     /// The IDs of the threads the transport sends and takes acknowledgements on besides the
     /// caller's (a socket sender's writers and watchers): the driver raises their scheduling
     /// priority for the final phase with its own (see [`FinalPriority`](crate::FinalPriority)).
@@ -351,6 +357,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn peer(&self) -> String {
         (**self).peer()
+    }
+    fn finish_work(&self) -> Option<String> {
+        (**self).finish_work()
     }
     fn threads(&self) -> Vec<precopy_sys::sched::Tid> {
         (**self).threads()

@@ -1631,12 +1631,11 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 (e.check_bound(), "the pause check's scans".to_string()),
                 (finish, {
                     let peer = self.transport.peer();
-                    if peer.starts_with("image ") {
-                        format!(
-                            "the finish at {peer} (its index and the fsync of its last records and directory)"
-                        )
-                    } else {
-                        format!("the finish (digests and the acknowledgement round trip to {peer})")
+                    match self.transport.finish_work() {
+                        Some(work) => format!("the finish at {peer} ({work})"),
+                        None => format!(
+                            "the finish (digests and the acknowledgement round trip to {peer})"
+                        ),
                     }
                 }),
                 (verify, "the verify pass".to_string()),
@@ -2169,10 +2168,15 @@ mod tests {
         /// probes taken so.
         probe_paused: Option<(Arc<AtomicBool>, Duration)>,
         paused_probes: u32,
+        /// What [`Transport::finish_work`] answers.
+        finish_work: Option<&'static str>,
     }
 
     impl Transport for FakeLink {
         type Error = io::Error;
+        fn finish_work(&self) -> Option<String> {
+            self.finish_work.map(String::from)
+        }
         fn probe_finish(&mut self) -> Result<Option<Duration>, io::Error> {
             self.probes += 1;
             if let Some((paused, took)) = &self.probe_paused
@@ -2239,6 +2243,7 @@ mod tests {
             probes: 0,
             probe_paused: None,
             paused_probes: 0,
+            finish_work: None,
         }
     }
 
@@ -2802,10 +2807,25 @@ mod tests {
         let note = report.downtime_note.clone().expect("a note");
         assert!(note.contains("nothing was written"), "{note}");
         assert!(
-            note.contains("the largest is the finish") && note.contains("2000.0"),
+            note.contains("the largest is the finish (digests and the acknowledgement")
+                && note.contains("2000.0"),
             "{note}"
         );
         assert!(report.to_string().contains("OUT OF REACH"), "{report}");
+        // A destination whose finish is more work (an image's index and fsync) says which.
+        let link = FakeLink {
+            probe: Some(Duration::from_millis(2000)),
+            finish_work: Some("its index and the fsync"),
+            ..self::link(1024.0 * 1024.0)
+        };
+        let mut log = ScriptLog::pages(vec![0]);
+        log.scan_time = Duration::from_millis(300);
+        let mut m = Migration::new(log, link, workload(&events), cfg);
+        let note = m.run().unwrap().downtime_note.expect("a note");
+        assert!(
+            note.contains("the largest is the finish at the destination (its index and the fsync)"),
+            "{note}"
+        );
 
         // The same limit with a finish that fits converges as before.
         let link = FakeLink {

@@ -186,6 +186,10 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
             .unwrap_or_else(|| "the destination".into())
     }
 
+    fn finish_work(&self) -> Option<String> {
+        self.transfer.finish_work()
+    }
+
     fn threads(&self) -> Vec<precopy_sys::sched::Tid> {
         self.transfer.sink().threads()
     }

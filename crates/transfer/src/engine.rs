@@ -349,6 +349,12 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         self.sink.peer()
     }
 
+    /// What the finish does besides the digests and an acknowledgement, for messages (see
+    /// [`Sink::finish_work`]).
+    pub fn finish_work(&self) -> Option<String> {
+        self.sink.finish_work()
+    }
+
     /// How the sink paces its writes, if it does (see [`Sink::pacing`]).
     pub fn pacing(&self) -> Option<crate::sink::Pacing> {
         self.sink.pacing()

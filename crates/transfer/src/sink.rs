@@ -168,6 +168,13 @@ pub trait Sink {
         None
     }
 
+    /// What [`Sink::finish`] does besides comparing digests, for messages, when it is more
+    /// than an acknowledgement from a peer (an image: its index and `fsync`). `None` (the
+    /// default): the digests and the acknowledgement round trip.
+    fn finish_work(&self) -> Option<String> {
+        None
+    }
+
     /// How the sink paces its writes (`--bandwidth`): its rate and what it would let through
     /// right now without waiting, summed over its connections; the switch-over estimate
     /// counts a final round as no faster than that. `None` (the default): not paced.
@@ -395,6 +402,9 @@ macro_rules! forward_sink {
             }
             fn peer(&self) -> Option<String> {
                 (**self).peer()
+            }
+            fn finish_work(&self) -> Option<String> {
+                (**self).finish_work()
             }
             fn pacing(&self) -> Option<Pacing> {
                 (**self).pacing()

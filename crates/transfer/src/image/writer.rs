@@ -1082,6 +1082,10 @@ impl Sink for ImageWriter {
         Some(format!("image {}", self.path.display()))
     }
 
+    fn finish_work(&self) -> Option<String> {
+        Some("its index and the fsync of its last records and directory".into())
+    }
+
     fn begin_round(&mut self, round: u64) -> Result<(), TransferError> {
         self.take_failure()?;
         // The room is measured again at every round (a compaction, or anything else on the
