@@ -1171,8 +1171,6 @@ struct Verification {
 #[derive(Clone)]
 struct Frozen<'a> {
     pid: i32,
-    /// Paused with `SIGSTOP` (`--pause signal`): every thread must still be stopped.
-    by_signal: bool,
     /// Where the writers keep their records (each one's count of completed writes).
     records: Range<u64>,
     /// Those records as sent at the commit (the state blob).
@@ -1182,8 +1180,13 @@ struct Frozen<'a> {
 impl Frozen<'_> {
     /// Why the source is not as the commit left it, if it is not.
     fn disturbed(&self) -> Option<String> {
-        if self.by_signal && !precopy_migrate::all_stopped(self.pid) {
-            return Some("it is running again: continued from outside (SIGCONT)".to_owned());
+        // Stopped by `SIGSTOP` either way once the control was released (`--pause freezer`
+        // hands the frozen source over to `SIGSTOP`): every thread must still be stopped.
+        if !precopy_migrate::all_stopped(self.pid) {
+            return Some(
+                "it is running again: a thread of it is not stopped (continued from outside?)"
+                    .to_owned(),
+            );
         }
         let mut now = vec![0u8; (self.records.end - self.records.start) as usize];
         match ProcessMemory::new(self.pid)
@@ -1734,7 +1737,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
     // What the comparison checks the source against: still as the commit left it.
     let frozen = Frozen {
         pid,
-        by_signal: args.pause == PauseKind::Signal,
         records: state_addr..state_addr + state_len,
         committed: &[],
     };

@@ -60,7 +60,21 @@
 //! continues a raised thread.
 //!
 //! Dropping a `ProcessControl` lifts the throttle and moves the process back to its cgroups; a
-//! paused process stays stopped (it is sent SIGSTOP before leaving the freezer cgroup).
+//! paused process stays stopped: one paused with the freezer is handed over to `SIGSTOP`
+//! before it leaves the freezer cgroup (which thaws it), and the drop waits until every thread
+//! is seen stopped (5 s at most).
+//!
+//! # The hand-over from the freezer to `SIGSTOP`
+//!
+//! A `SIGSTOP` sent to a frozen process is only flagged pending on the one thread the kernel
+//! picks for it; the others learn of the stop only once that thread, thawed and given a CPU,
+//! starts the group stop. A thread frozen while it slept (`nanosleep`, a futex) goes back to
+//! that sleep when thawed and, once its sleep ends, returns to its own code unless a signal is
+//! pending on it: on a loaded machine the picked thread may not have run yet, and such a
+//! thread ran and wrote after the commit (the demo's "did not stay frozen after the commit",
+//! 5 of 10 runs at load 7.6). So `SIGSTOP` is also sent to every thread itself (`tgkill`):
+//! each then has it pending before the thaw and stops before it next returns to user space.
+//! Threads cannot appear meanwhile: every thread of a frozen process is frozen.
 
 use crate::control::{Workload, WorkloadCounters};
 use crate::report::PriorityReport;
@@ -162,6 +176,8 @@ pub enum ProcessError {
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const PERIOD_US: u64 = 100_000;
 const DUTY_PERIOD: Duration = Duration::from_millis(100);
+/// How long a pause waits for the process to stop (and a dropped control for a frozen process
+/// handed over to `SIGSTOP` to be seen stopped).
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a process may take to stop before `SIGSTOP` is sent again; doubled after each
 /// re-send, up to [`RESTOP_MAX`]. Also how long a raised pause keeps the threads raised at
@@ -860,12 +876,44 @@ impl Workload for ProcessControl {
     }
 }
 
+impl ProcessControl {
+    /// `SIGSTOP` to the process and to each of its threads (a frozen process's threads cannot
+    /// act on it before they are thawed; see the module docs for why each needs its own).
+    fn stop_every_thread(&self) {
+        let _ = self.signal(Signal::SIGSTOP);
+        for tid in sched::process_threads(self.pid).unwrap_or_default() {
+            // A thread that exited meanwhile (`ESRCH`) needs nothing.
+            let _ = precopy_sys::process::signal_thread(self.pid, tid, Signal::SIGSTOP as i32);
+        }
+    }
+
+    /// Waits, at most [`STOP_TIMEOUT`], until every thread of a process handed over from the
+    /// freezer is seen stopped, so that whoever looks after the drop finds it stopped. A thread
+    /// thawed back into a long sleep shows as stopped only when that sleep ends (it stops before
+    /// its own code runs): past the bound the drop warns and returns.
+    fn wait_stopped_after_thaw(&self) {
+        let start = Instant::now();
+        while !all_stopped(self.pid) {
+            if start.elapsed() > STOP_TIMEOUT {
+                tracing::warn!(
+                    pid = self.pid,
+                    "not every thread was seen stopped after leaving the freezer"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
 impl Drop for ProcessControl {
     fn drop(&mut self) {
         let _ = self.suspend_throttle();
-        if self.paused && self.pause_method == PauseMethod::Freezer {
-            // Leaving the freezer thaws it: make it stop again right away.
-            let _ = self.signal(Signal::SIGSTOP);
+        let hand_over = self.paused && self.pause_method == PauseMethod::Freezer;
+        if hand_over {
+            // Leaving the freezer thaws it: every thread must have the stop pending first
+            // (module docs, "The hand-over from the freezer to `SIGSTOP`").
+            self.stop_every_thread();
         }
         if let Some(cg) = &self.freezer
             && !self.paused
@@ -874,6 +922,9 @@ impl Drop for ProcessControl {
         }
         self.cpu = None;
         self.freezer = None;
+        if hand_over {
+            self.wait_stopped_after_thaw();
+        }
     }
 }
 

@@ -6,13 +6,15 @@
 //! `SIGCONT`, which makes the kernel discard that pending `SIGSTOP`, and only then lets the
 //! vfork child exit, so the target runs on as if it had never been asked to stop.
 
+mod common;
+
+use common::{Killed, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use precopy_migrate::{PauseMethod, ProcessControl, ThrottleMethod, Workload, all_stopped};
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 fn fixture() -> PathBuf {
     precopy_testnet::compile_c(
@@ -20,18 +22,6 @@ fn fixture() -> PathBuf {
         &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("precopy-vfork-wait"),
         &[],
     )
-}
-
-/// Waits (bounded only against a hang, not as a timing assertion) until `done`.
-fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 /// The state letter of the process's main thread (`/proc/PID/stat`).
@@ -50,14 +40,6 @@ fn sigstop_pending(pid: i32) -> bool {
         .find_map(|l| l.strip_prefix("ShdPnd:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .is_some_and(|mask| mask & (1 << (Signal::SIGSTOP as i32 - 1)) != 0)
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -8,6 +8,9 @@
 //! The caller must be able to use `SCHED_FIFO` (root, `CAP_SYS_NICE` or an `RLIMIT_RTPRIO`):
 //! where it cannot, the tests print SKIP.
 
+mod common;
+
+use common::Killed;
 use precopy_migrate::{
     PauseMethod, ProcessControl, ProcessError, ThrottleMethod, Workload, all_stopped,
 };
@@ -15,7 +18,7 @@ use precopy_sys::sched::{self, Raised, ThreadPolicy, Tid};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn fixture(name: &str) -> PathBuf {
@@ -24,14 +27,6 @@ fn fixture(name: &str) -> PathBuf {
         &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("precopy-{name}")),
         &["-pthread"],
     )
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Raises the calling (test) thread to `SCHED_FIFO` 1, as the driver's final phase is; `None`

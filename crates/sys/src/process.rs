@@ -137,3 +137,14 @@ pub fn unignore_signal(sig: libc::c_int) -> io::Result<bool> {
     cvt(unsafe { libc::sigaction(sig, &dfl, std::ptr::null_mut()) })?;
     Ok(true)
 }
+
+/// `tgkill(pid, tid, sig)`: signal `sig` to thread `tid` of process `pid` only. Unlike a
+/// signal to the process (which the kernel flags as pending on one thread it picks), this one
+/// is pending on `tid` itself, so `tid` handles it before it next returns to user space; `ESRCH`
+/// when that thread has exited.
+pub fn signal_thread(pid: i32, tid: i32, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: tgkill takes three integers; sending a signal has no memory-safety
+    // preconditions.
+    let ret = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) };
+    cvt(ret as libc::c_int).map(drop)
+}

@@ -259,3 +259,25 @@ pub fn receive(listener: Listener, die_after: Option<u64>) -> JoinHandle<Receive
         }
     })
 }
+
+/// A child process killed (and reaped) when dropped, so that a failing test leaves none behind.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (bounded only against a hang, not as a timing assertion) until `done`.
+pub fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
