@@ -9,8 +9,8 @@
 //! The engine side sends the bench's memory two ways: `engine*` reads it with
 //! `process_vm_readv` (the path for another process's memory), `own*` lends
 //! it to the socket without a copy ([`OwnMemory`], the path for an embedded
-//! VMM's guest RAM: by default `vmsplice` + `splice`, `own_writev` by
-//! `writev`). The raw copy `writev`s the same mapping; `raw_splice` sends it
+//! VMM's guest RAM: by default by `writev`, as `own_writev` always does;
+//! `own_splice` by `vmsplice` + `splice`). The raw copy `writev`s the same mapping; `raw_splice` sends it
 //! with `vmsplice` + `splice` (no copy at the sender, the kernel's best) and
 //! `raw_zerocopy` with `MSG_ZEROCOPY`. The receiver
 //! applies into a [`MemorySink`], cleared to
@@ -35,6 +35,11 @@
 //! often it was switched out and moved to another CPU (medians per transfer):
 //! the sending thread, its writer (`precopy-send-0`) and the receiver's
 //! socket thread, read from `/proc/self/task` when the round is sent.
+//!
+//! In that mode `_q<N>` appended to an engine configuration's name sends
+//! with `queue_depth: N` (batches queued ahead of the writer thread), and
+//! raw copies print their two threads' times too (sending and receiving,
+//! under "ladder and raw threads").
 //!
 //! `PRECOPY_BENCH_PIN=R,S[,W]` pins the receiving threads to CPU R and the
 //! sending threads to CPU S (the engine's writer to W if given), to tell
@@ -198,7 +203,12 @@ fn pair(net: Net, dir: &std::path::Path, streams: usize) -> (Listener, Vec<Conne
 
 /// One raw copy of `src` over a fresh connection into `dest`: `writev` of
 /// the mapping in 256 KiB pieces (the engine's batch), `read` into `dest`.
-fn raw_copy(net: Net, dir: &std::path::Path, src: &Arc<Mapping>, dest: &mut [u8]) -> Duration {
+fn raw_copy(
+    net: Net,
+    dir: &std::path::Path,
+    src: &Arc<Mapping>,
+    dest: &mut [u8],
+) -> (Duration, Sched, Sched) {
     use std::os::fd::AsFd;
     let (listener, mut conns) = pair(net, dir, 1);
     let conn = conns.pop().unwrap();
@@ -208,11 +218,12 @@ fn raw_copy(net: Net, dir: &std::path::Path, src: &Arc<Mapping>, dest: &mut [u8]
         pin_to(0, r);
     }
     let start = Instant::now();
-    std::thread::scope(|s| {
-        s.spawn(move || {
+    let (tx, rx) = std::thread::scope(|s| {
+        let tx = s.spawn(move || {
             if let Some((_, w)) = pin() {
                 pin_to(0, w);
             }
+            let cpu = thread_times();
             let piece = 64 * PS;
             let mut at = 0;
             while at < all.len() {
@@ -221,10 +232,14 @@ fn raw_copy(net: Net, dir: &std::path::Path, src: &Arc<Mapping>, dest: &mut [u8]
                 write_all_gather(conn.as_fd(), &[Gather::Live(&part)]).unwrap();
                 at = end;
             }
+            thread_times() - cpu
         });
+        let cpu = thread_times();
         peer.read_exact(dest).unwrap();
+        let rx = thread_times() - cpu;
+        (tx.join().unwrap(), rx)
     });
-    start.elapsed()
+    (start.elapsed(), tx, rx)
 }
 
 /// One raw copy of `src` over a fresh connection into `dest` without the
@@ -399,8 +414,17 @@ fn pin_to(tid: i32, cpu: usize) {
 /// writer, the receiver's socket thread.
 static ENGINE_THREADS: Mutex<BTreeMap<String, Vec<[TaskTimes; 3]>>> = Mutex::new(BTreeMap::new());
 
-/// Per-thread times of the ladder's transfers (sender, receiver).
+/// Per-thread times of the ladder's and the raw copy's transfers (sender, receiver).
 static THREADS: Mutex<BTreeMap<String, Vec<(Sched, Sched)>>> = Mutex::new(BTreeMap::new());
+
+fn record_threads(name: &str, sender: Sched, receiver: Sched) {
+    THREADS
+        .lock()
+        .unwrap()
+        .entry(name.to_owned())
+        .or_default()
+        .push((sender, receiver));
+}
 
 /// One spliced copy of `src` into `dest` shaped by `step`: the time, and the
 /// CPU seconds of the sending and the receiving thread.
@@ -706,6 +730,13 @@ fn engine_configs(net: Net, full: bool) -> Vec<(String, SenderConfig)> {
         ("engine".into(), base_config.clone()),
         ("engine_2streams".into(), with(Compression::None, 2)),
         ("own".into(), base_config.clone()),
+        (
+            "own_splice".into(),
+            SenderConfig {
+                splice: true,
+                ..base_config.clone()
+            },
+        ),
         ("own_2streams".into(), with(Compression::None, 2)),
         (
             "own_writev".into(),
@@ -749,9 +780,17 @@ impl Ctx<'_> {
         let (cname, _) = name.split_once('/').unwrap();
         *SENDER_CC.lock().unwrap() = cname.ends_with("_bbr").then_some("bbr");
         let cname = cname.trim_end_matches("_bbr");
+        let (cname, queue) = match cname.rsplit_once("_q") {
+            Some((c, n)) if n.parse::<usize>().is_ok() => (c, n.parse().ok()),
+            _ => (cname, None),
+        };
         let cpu = cpu_seconds();
         let d = match cname {
-            "raw" => raw_copy(net, self.dir, self.map, self.raw_dest),
+            "raw" => {
+                let (d, tx, rx) = raw_copy(net, self.dir, self.map, self.raw_dest);
+                record_threads(name, tx, rx);
+                d
+            }
             "raw_splice" => {
                 self.raw_dest.fill(1);
                 let cpu = cpu_seconds();
@@ -776,12 +815,7 @@ impl Ctx<'_> {
                 let (d, tx, rx) = ladder(net, self.dir, self.map, self.raw_dest, step);
                 record_cpu(name, cpu_seconds() - cpu);
                 record(name, d);
-                THREADS
-                    .lock()
-                    .unwrap()
-                    .entry(name.to_owned())
-                    .or_default()
-                    .push((tx, rx));
+                record_threads(name, tx, rx);
                 return d;
             }
             _ => {
@@ -790,6 +824,10 @@ impl Ctx<'_> {
                     .find(|(n, _)| n == cname)
                     .unwrap_or_else(|| panic!("no configuration {cname}"))
                     .1;
+                let config = SenderConfig {
+                    queue_depth: queue.unwrap_or(config.queue_depth),
+                    ..config
+                };
                 // A fresh destination, as a migration's is.
                 self.dest.clear().expect("clearing destination memory");
                 let cpu = cpu_seconds();
@@ -1087,7 +1125,7 @@ fn main() {
     let threads = THREADS.lock().unwrap();
     if !threads.is_empty() {
         println!(
-            "\nladder threads, s/GiB (medians): wall, then per thread CPU / waiting for a CPU / blocked (wall - the two)"
+            "\nladder and raw threads, s/GiB (medians): wall, then per thread CPU / waiting for a CPU / blocked (wall - the two)"
         );
         for (name, v) in threads.iter() {
             let per_gib = 1024.0 / mib as f64;
