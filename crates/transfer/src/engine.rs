@@ -74,7 +74,13 @@ pub struct SenderConfig {
     /// `splice(2)` instead of `writev(2)`: the socket holds references to the pages instead of
     /// a copy, and over loopback the receiver copies straight from them (see
     /// [`crate::live`]). A connection whose socket refuses `splice` falls back to `writev`.
-    /// Default `true`.
+    ///
+    /// Default `false`: which of the two costs less is the CPU's. On the Intel Xeon (Emerald
+    /// Rapids) this was last measured on, `writev` (its copy finds each page in cache right
+    /// after the page hash) cost less CPU per GiB than splicing in nearly every same-run pair,
+    /// and ran faster; on the AMD Zen 1 host before it, splicing was the cheaper one
+    /// (BENCHMARKS.md, "The stream's floor on this CPU"). Set it where splicing measures
+    /// cheaper (the stream bench's `own_splice` against `own_writev`).
     pub splice: bool,
 }
 
@@ -94,7 +100,7 @@ impl Default for SenderConfig {
             key: None,
             handshake_timeout: DEFAULT_IO_TIMEOUT,
             io_timeout: Some(DEFAULT_IO_TIMEOUT),
-            splice: true,
+            splice: false,
         }
     }
 }

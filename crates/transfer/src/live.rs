@@ -11,13 +11,14 @@
 //!
 //! The writer sends a lent page one of two ways ([`SenderConfig::splice`](crate::SenderConfig::splice)):
 //!
-//! - **`vmsplice` + `splice`** (the default): the pipe and then the socket hold references to
-//!   the pages, not a copy (`precopy_sys::splice`); over loopback the receiver's `recv` copies
-//!   straight from them, so each byte is copied once instead of twice. The kernel reads the page
-//!   when the receiver copies it, which may be well after the writer moved on. A socket that
-//!   refuses `splice` gets `writev` instead.
-//! - **`writev`**: the kernel copies the page into the socket during the call (after the hash,
-//!   so it finds the page in cache).
+//! - **`writev`** (the default): the kernel copies the page into the socket during the call
+//!   (after the hash, so it finds the page in cache).
+//! - **`vmsplice` + `splice`**: the pipe and then the socket hold references to the pages, not a
+//!   copy (`precopy_sys::splice`); over loopback the receiver's `recv` copies straight from them,
+//!   so each byte is copied once instead of twice. The kernel reads the page when the receiver
+//!   copies it, which may be well after the writer moved on. A socket that refuses `splice` gets
+//!   `writev` instead. Cheaper than `writev` on some CPUs (AMD Zen 1), dearer on others (Intel
+//!   Emerald Rapids): BENCHMARKS.md.
 //!
 //! # Pages that change while they are sent
 //!

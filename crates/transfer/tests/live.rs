@@ -337,9 +337,9 @@ fn written_after_its_send(net: Net, splice: bool) -> u64 {
     report.changed_while_sent
 }
 
-/// With splice (the default) the kernel reads a lent page when the receiver copies it, not when
-/// the writer sends it: a page written in between reaches the receiver unlike its listed hash,
-/// is held in the changed set, and the next round's copy verifies. The transfer proves the end
+/// With splice (`SenderConfig::splice`) the kernel reads a lent page when the receiver copies
+/// it, not when the writer sends it: a page written in between reaches the receiver unlike its
+/// listed hash, is held in the changed set, and the next round's copy verifies. The transfer proves the end
 /// result as for a page torn during a `writev`.
 #[test]
 fn a_page_written_after_its_splice_arrives_changed_and_is_sent_again() {
