@@ -173,6 +173,10 @@ pub trait Workload {
     type Error: std::error::Error + Send + Sync + 'static;
     /// Stops every writer. Returns only once no write can happen any more.
     ///
+    /// A throttled workload is stopped before its throttle is lifted: a writer held back is
+    /// behind its own pace and, let loose first, writes in a burst that the switch-over's
+    /// estimate (from the throttled scans) does not expect.
+    ///
     /// Pause probes and the final phase call this from a thread raised to `SCHED_FIFO`
     /// where permitted ([`FinalPriority`](crate::FinalPriority)): wait for the writers by
     /// blocking (a condition variable, a futex, a short sleep), never by spinning or

@@ -1100,9 +1100,11 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     }
 
     /// The dirty rate at which the workload keeps writing until the pause stops it: the last
-    /// scan's; while a throttle is on, at least the last one's before it. Pausing lifts the
-    /// throttle first (so that a stopped or starved writer can be stopped at once), and a scan
-    /// whose interval the throttle spent with the writers stopped finds little or nothing.
+    /// scan's; while a throttle is on, at least the last one's before it: a scan whose interval
+    /// the throttle spent with the writers stopped finds little or nothing. What a workload
+    /// writes between lifting its throttle for the pause and stopping is not in the estimate
+    /// (a throttled writer is behind its pace and bursts): [`Workload::pause`] asks for the
+    /// stop before it lifts the throttle (`ProcessControl` does).
     fn meanwhile_rate(&self) -> f64 {
         if self.throttle > 0.0 {
             self.report.dirty_rate.max(self.unthrottled_rate)

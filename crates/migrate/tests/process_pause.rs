@@ -5,6 +5,9 @@
 //! (an uninterruptible sleep), so the pause's `SIGSTOP` stays pending; the test then sends
 //! `SIGCONT`, which makes the kernel discard that pending `SIGSTOP`, and only then lets the
 //! vfork child exit, so the target runs on as if it had never been asked to stop.
+//!
+//! The same fixture with a second, spinning thread shows that the pause tells every thread to
+//! stop, not only the one the kernel picks for a stop sent to the process.
 
 mod common;
 
@@ -16,17 +19,51 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 
-fn fixture() -> PathBuf {
+fn fixture(name: &str) -> PathBuf {
     precopy_testnet::compile_c(
-        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vfork_wait.c"),
-        &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("precopy-vfork-wait"),
-        &[],
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{name}.c")),
+        &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("precopy-{name}")),
+        &["-pthread"],
     )
 }
 
 /// The state letter of the process's main thread (`/proc/PID/stat`).
 fn state(pid: i32) -> char {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].trim_start().chars().next())
+        .unwrap_or('?')
+}
+
+/// Writes the byte the fixture's vfork child waits for on `fifo`: the child exits.
+fn release_vfork_child(fifo: &std::path::Path) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(fifo)
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
+}
+
+/// Writes a byte to the FIFO when dropped, so a fixture's vfork child waiting on it exits
+/// however the test ends (it outlives a killed target).
+struct Release(PathBuf);
+impl Drop for Release {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(&self.0)
+        {
+            let _ = f.write_all(b"x");
+        }
+    }
+}
+
+/// The state letter of thread `tid` of `pid` (`/proc/PID/task/TID/stat`).
+fn thread_state(pid: i32, tid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
     stat.rfind(')')
         .and_then(|i| stat[i + 1..].trim_start().chars().next())
         .unwrap_or('?')
@@ -47,7 +84,12 @@ fn a_sigcont_landing_as_the_pause_stops_the_process_is_followed_by_another_stop(
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("go");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
-    let target = Killed(Command::new(fixture()).arg(&fifo).spawn().unwrap());
+    let target = Killed(
+        Command::new(fixture("vfork_wait"))
+            .arg(&fifo)
+            .spawn()
+            .unwrap(),
+    );
     let pid = target.0.id() as i32;
     // In vfork, waiting for its child: an uninterruptible sleep.
     wait_until("the target to wait in vfork", || state(pid) == 'D');
@@ -61,12 +103,7 @@ fn a_sigcont_landing_as_the_pause_stops_the_process_is_followed_by_another_stop(
     // Someone else continues the process: the pending SIGSTOP is discarded.
     kill(Pid::from_raw(pid), Signal::SIGCONT).unwrap();
     // The vfork child exits (it reads one byte), and the target runs on, spinning.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fifo)
-        .unwrap()
-        .write_all(b"x")
-        .unwrap();
+    release_vfork_child(&fifo);
 
     let (mut control, result) = pause.join().unwrap();
     if let Err(e) = &result {
@@ -77,6 +114,61 @@ fn a_sigcont_landing_as_the_pause_stops_the_process_is_followed_by_another_stop(
         "the pause returned with the process running (state {})",
         state(pid)
     );
+    control.resume().unwrap();
+    wait_until("the resumed target to run", || !all_stopped(pid));
+}
+
+/// The pause tells every thread to stop, not only the one the kernel picks for a stop sent to
+/// the process: there the main thread, which waits in `vfork` and cannot act on it, so a
+/// spinning writer beside it would run on until the main thread could. The spinner must stop
+/// while the main thread still waits; the pause returns once both have stopped.
+#[test]
+fn the_pause_stops_a_running_thread_while_the_main_thread_cannot_act_on_the_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("go");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let mut target = Killed(
+        Command::new(fixture("vfork_wait"))
+            .arg(&fifo)
+            .arg("spin")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let _release = Release(fifo.clone());
+    let pid = target.0.id() as i32;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(target.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    wait_until("the target to wait in vfork", || state(pid) == 'D');
+    let spinner = precopy_sys::sched::process_threads(pid)
+        .unwrap()
+        .into_iter()
+        .find(|&t| t != pid)
+        .expect("the fixture's spinning thread");
+
+    let mut control = ProcessControl::new(pid, PauseMethod::Signal, ThrottleMethod::None).unwrap();
+    let pause = std::thread::spawn(move || {
+        let r = control.pause();
+        (control, r)
+    });
+    // Bounded only against a hang: told only through the process, the spinner never stops
+    // while the main thread waits.
+    wait_until("the spinning thread to stop", || {
+        thread_state(pid, spinner) == 'T'
+    });
+    assert_eq!(state(pid), 'D', "the main thread left vfork early");
+    // The vfork child exits; the main thread acts on its stop.
+    release_vfork_child(&fifo);
+    let (mut control, result) = pause.join().unwrap();
+    if let Err(e) = &result {
+        panic!("the pause failed: {e}");
+    }
+    assert!(all_stopped(pid), "the pause returned with a thread running");
     control.resume().unwrap();
     wait_until("the resumed target to run", || !all_stopped(pid));
 }

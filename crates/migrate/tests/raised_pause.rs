@@ -12,7 +12,8 @@ mod common;
 
 use common::Killed;
 use precopy_migrate::{
-    PauseMethod, ProcessControl, ProcessError, ThrottleMethod, Workload, all_stopped,
+    PauseMethod, PriorityReport, ProcessControl, ProcessError, ThrottleMethod, Workload,
+    all_stopped,
 };
 use precopy_sys::sched::{self, Raised, ThreadPolicy, Tid};
 use std::collections::BTreeMap;
@@ -84,6 +85,19 @@ fn assert_as_before(pid: i32, before: &BTreeMap<Tid, Scheduling>, when: &str) {
     }
 }
 
+/// Pause `i` from a real-time caller: the target is stopped and the pause was raised (or had
+/// nothing to raise); its report.
+fn raised_pause(control: &mut ProcessControl, pid: i32, i: u32) -> PriorityReport {
+    control.pause().unwrap();
+    assert!(
+        all_stopped(pid),
+        "pause {i} returned with the target running"
+    );
+    let report = control.pause_priority().expect("a signal pause reports");
+    assert_eq!(report.not_raised, None, "pause {i}: {report:?}");
+    report
+}
+
 #[test]
 fn raised_pauses_leave_every_thread_with_its_own_policy() {
     let mut target = Killed(
@@ -139,13 +153,7 @@ fn raised_pauses_leave_every_thread_with_its_own_policy() {
     };
     let mut raised_in = 0;
     for i in 0..20 {
-        control.pause().unwrap();
-        assert!(
-            all_stopped(pid),
-            "pause {i} returned with the target running"
-        );
-        let report = control.pause_priority().expect("a signal pause reports");
-        assert_eq!(report.not_raised, None, "pause {i}: {report:?}");
+        let report = raised_pause(&mut control, pid, i);
         assert_eq!(report.restore_error, None, "pause {i}: {report:?}");
         assert_eq!((report.policy, report.priority), ("fifo", 1), "{report:?}");
         // The main thread, the four spinners and the churner at least (the real-time ones
@@ -220,4 +228,49 @@ fn a_pause_that_fails_leaves_the_threads_as_they_were() {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_as_before(pid, &before, "stopped after the vfork");
+}
+
+/// A process the cgroup quota throttles can still be raised for its pause: the throttle's
+/// `cpu` group gives real-time time to its threads (a new group has none, and a thread in it
+/// could not be made real-time: the pause of a throttled writer waited for a CPU, up to 85 ms
+/// under load). Needs a writable cgroup v1 `cpu` hierarchy with real-time group scheduling.
+#[test]
+fn a_throttled_process_is_raised_for_its_pause() {
+    const TEST: &str = "a_throttled_process_is_raised_for_its_pause";
+    if !std::path::Path::new("/sys/fs/cgroup/cpu/cpu.rt_runtime_us").exists() {
+        eprintln!(
+            "SKIP {TEST}: no cgroup v1 cpu hierarchy with real-time group scheduling at /sys/fs/cgroup/cpu"
+        );
+        return;
+    }
+    let target = Killed(
+        Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap(),
+    );
+    let pid = target.0.id() as i32;
+    let mut control =
+        ProcessControl::new(pid, PauseMethod::Signal, ThrottleMethod::CgroupCpu).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    if let Err(e) = control.set_throttle(0.9) {
+        eprintln!("SKIP {TEST}: cannot throttle with a cgroup cpu quota here ({e})");
+        return;
+    }
+    let Some(caller) = realtime_caller(TEST) else {
+        return;
+    };
+    // What the raised pause does to each thread it finds running.
+    let raised = sched::raise_threads(&[pid], sched::SCHED_FIFO, 1);
+    assert!(
+        raised.is_ok(),
+        "the throttled process could not be made real-time: {raised:?}"
+    );
+    drop(raised);
+    for i in 0..5 {
+        raised_pause(&mut control, pid, i);
+        control.resume().unwrap();
+    }
+    drop(caller);
+    control.set_throttle(0.0).unwrap();
 }

@@ -319,16 +319,9 @@ impl Tracee {
         let mask = self.set_sigmask(self.saved_mask);
         let detach = ptrace::detach(self.tid, None).map_err(req("PTRACE_DETACH"));
         for sig in self.deferred.drain(..) {
-            // SAFETY: tgkill takes three integers; sending a signal has no memory-safety
-            // preconditions. Best effort: the thread may have exited.
-            let _ = unsafe {
-                libc::syscall(
-                    libc::SYS_tgkill,
-                    thread_group(self.tid.as_raw()),
-                    self.tid.as_raw(),
-                    sig as i32,
-                )
-            };
+            // Best effort: the thread may have exited.
+            let tid = self.tid.as_raw();
+            let _ = crate::process::signal_thread(thread_group(tid), tid, sig as i32);
         }
         regs.and(mask).and(detach)
     }
