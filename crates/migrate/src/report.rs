@@ -372,7 +372,7 @@ pub struct DowntimeEstimate {
     /// scans, which the switch-over decision counts instead of `scan`.
     #[serde(serialize_with = "ms", rename = "scan_worst_ms")]
     pub scan_worst: Duration,
-    /// Sending the pending bytes: at the rehearsal rounds' time per byte (upper median) when
+    /// Sending the pending bytes: at the rehearsal rounds' time per byte (lower median) when
     /// there were rehearsals (`send_from` = `rehearsals`), else at the throughput of the last
     /// iterative round (`rounds`).
     #[serde(serialize_with = "ms", rename = "send_ms")]
