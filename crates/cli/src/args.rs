@@ -499,7 +499,9 @@ fn has_host_and_port(a: &str) -> bool {
 
 /// Checks that an image can be created at `path` (`flag`'s value `typed`) before anything
 /// starts: the image writer's own check (`ImageWriter::check_destination`: the directory
-/// exists and is writable, the path is not a directory, FIFO or device), reported as a usage
+/// exists and is writable, on a file system that takes files (not read-only, not `/proc` or
+/// `/sys`), the file name fits `NAME_MAX` with the writer's suffixes, the path is not a
+/// directory, FIFO or device), reported as a usage
 /// error, and, when `need` is known, that the file system has that many bytes free. A file
 /// at the path (or its `.partial`) that is neither empty nor a precopy image is refused
 /// (`ImageWriter::check_replaceable`) unless `force` is `Some(true)`; `force` is `None` for
@@ -531,6 +533,12 @@ pub fn check_image_path(
                 path.display()
             ),
             ImageError::NoDirectory { .. } => "create it or write the image elsewhere".into(),
+            ImageError::NameTooLong { fits, .. } => {
+                format!("use a file name of at most {fits} bytes")
+            }
+            ImageError::FileSystemNotWritable { .. } => format!(
+                "write the image on a writable disk file system, e.g. {flag} file:/var/tmp/target.img"
+            ),
             _ => "write the image elsewhere".into(),
         };
         return Err(invalid(flag, typed, e.to_string(), fix));

@@ -61,6 +61,9 @@ pub enum SendThrottle {
     None,
 }
 
+/// `send --io-timeout`'s default, in seconds.
+const DEFAULT_IO_TIMEOUT_S: f64 = 10.0;
+
 /// `precopy send`.
 #[derive(Debug, clap::Args)]
 pub struct SendArgs {
@@ -93,14 +96,10 @@ pub struct SendArgs {
     /// and the target runs on.
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     timeout: Option<f64>,
-    /// Seconds a connection may make no progress (a write, the wait for the acknowledgement).
-    #[arg(
-        long,
-        default_value_t = 10.0,
-        value_name = "SECONDS",
-        allow_hyphen_values = true
-    )]
-    io_timeout: f64,
+    /// Seconds a connection to a receiver (tcp: or unix:) may make no progress (connecting,
+    /// a write, the wait for the acknowledgement) [default: 10]. Not with --to file:.
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
+    io_timeout: Option<f64>,
     /// Hard bound on the final round, in milliseconds (1 to 3600000), from stopping the target
     /// to the destination's acknowledgement (for an image, its last sync): past it the send
     /// fails, the target runs on and the image (or the receiver's copy) is never published
@@ -113,7 +112,8 @@ pub struct SendArgs {
     #[arg(long, value_enum, default_value_t = PriorityKind::Realtime)]
     final_priority: PriorityKind,
     /// Replace a file at the image's path (file:PATH) that is not a precopy image; without
-    /// it such a file is refused (an image, or an empty file, is replaced either way).
+    /// it such a file is refused (an image, or an empty file, is replaced either way). Only
+    /// with --to file: (a receiver's image is its `recv --force`'s business).
     #[arg(long)]
     force: bool,
     /// Print one JSON object instead of text.
@@ -416,13 +416,38 @@ fn drive<K: Sink>(
     (result, driven)
 }
 
+/// What [`check_send`] found good.
+struct Checked {
+    dest: Dest,
+    key: Option<Key>,
+    timeout: Option<Duration>,
+    io_timeout: Duration,
+}
+
 /// Checks `send`'s flags against their limits, the destination and the key file before
 /// anything starts (nothing is attached, connected or created yet).
-fn check_send(args: &SendArgs) -> Result<(Dest, Option<Key>)> {
+fn check_send(args: &SendArgs) -> Result<Checked> {
     check_target(args.pid)?;
     check_max_downtime(args.max_downtime)?;
     check_max_rounds(args.max_rounds)?;
     check_final_round_timeout(args.final_round_timeout)?;
+    let limit = |flag: &'static str, v: f64| {
+        if v > 0.0 && v <= 30.0 * 86400.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(invalid(
+                flag,
+                v,
+                "is out of range",
+                "give seconds above 0, at most 2592000 (30 days)",
+            ))
+        }
+    };
+    let timeout = args.timeout.map(|t| limit("--timeout", t)).transpose()?;
+    let io_timeout = limit(
+        "--io-timeout",
+        args.io_timeout.unwrap_or(DEFAULT_IO_TIMEOUT_S),
+    )?;
     let dest = parse_dest("--to", &args.to, true, true)?;
     if let (Dest::File(_), Some(k)) = (&dest, &args.key_file) {
         return Err(invalid(
@@ -435,13 +460,43 @@ fn check_send(args: &SendArgs) -> Result<(Dest, Option<Key>)> {
             "drop --key-file, or send to a `precopy recv`",
         ));
     }
+    if args.force && !matches!(dest, Dest::File(_)) {
+        return Err(invalid(
+            "--force",
+            "",
+            format!(
+                "applies only to --to file:PATH (it lets the image replace a file there that is \
+                 not a precopy image), not to --to {}: the receiver's own --force says what its \
+                 image may replace",
+                args.to
+            ),
+            "drop --force, or pass it to the `precopy recv` that writes the image",
+        ));
+    }
+    if let (Dest::File(_), Some(t)) = (&dest, args.io_timeout) {
+        return Err(invalid(
+            "--io-timeout",
+            t,
+            format!(
+                "applies only to a connection to a receiver (tcp: or unix:), not to --to {}: an \
+                 image's last write-out is bounded by --final-round-timeout",
+                args.to
+            ),
+            "drop --io-timeout, or send to a `precopy recv`",
+        ));
+    }
     match &dest {
         Dest::File(path) => check_image_path("--to", &args.to, path, None, Some(args.force))?,
         Dest::Unix(path) => check_socket_destination("--to", &args.to, path)?,
         Dest::Tcp(_) => {}
     }
     let key = read_key(args.key_file.as_deref())?;
-    Ok((dest, key))
+    Ok(Checked {
+        dest,
+        key,
+        timeout,
+        io_timeout,
+    })
 }
 
 /// A handshake error, with the fix where it is the key: a receiver that requires one gets it
@@ -464,7 +519,12 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     let mut report = json!({ "pid": args.pid, "to": args.to, "then": args.then });
     let fail = |report: &Value, e: anyhow::Error| output::fail(args.json, report.clone(), e);
     // Every flag, the destination and the key, before anything starts.
-    let (dest, key) = check_send(&args).map_err(|e| fail(&report, e))?;
+    let Checked {
+        dest,
+        key,
+        timeout,
+        io_timeout,
+    } = check_send(&args).map_err(|e| fail(&report, e))?;
     let interrupts =
         Interrupts::install(Some(args.pid), args.json).map_err(|e| fail(&report, e))?;
     let state = interrupts.state().clone();
@@ -474,24 +534,6 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     let scanner = Scanner::new(ScanOptions::default())
         .context("this kernel cannot track dirty pages (see `precopy probe`)")
         .map_err(|e| fail(&report, e))?;
-    let limit = |flag: &'static str, v: f64| {
-        if v > 0.0 && v <= 30.0 * 86400.0 {
-            Ok(Duration::from_secs_f64(v))
-        } else {
-            Err(invalid(
-                flag,
-                v,
-                "is out of range",
-                "give seconds above 0, at most 2592000 (30 days)",
-            ))
-        }
-    };
-    let timeout = args
-        .timeout
-        .map(|t| limit("--timeout", t))
-        .transpose()
-        .map_err(|e| fail(&report, e))?;
-    let io_timeout = limit("--io-timeout", args.io_timeout).map_err(|e| fail(&report, e))?;
     let conns = match &dest {
         Dest::Tcp(a) => vec![
             Connection::connect_tcp_timeout(a.as_str(), io_timeout)

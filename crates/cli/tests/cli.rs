@@ -113,6 +113,71 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
         "only to a migration",
     ),
     (&["demo", "--to", "disk"], "--to", "disk", "file:PATH"),
+    // Flags of one kind of destination given with another: refused, not ignored.
+    (
+        &[
+            "send",
+            "--pid",
+            "1",
+            "--to",
+            "tcp:127.0.0.1:7000",
+            "--force",
+        ],
+        "--force",
+        "",
+        "applies only to --to file:PATH",
+    ),
+    (
+        &["send", "--pid", "1", "--to", "unix:/tmp/x.sock", "--force"],
+        "--force",
+        "",
+        "applies only to --to file:PATH",
+    ),
+    (
+        &[
+            "send",
+            "--pid",
+            "1",
+            "--to",
+            "file:/tmp/x.img",
+            "--io-timeout",
+            "5",
+        ],
+        "--io-timeout",
+        "5",
+        "only to a connection to a receiver",
+    ),
+    // Image paths no image can be written at, refused before anything starts.
+    (
+        &["send", "--pid", "1", "--to", "file:/proc/version"],
+        "--to",
+        "file:/proc/version",
+        "the proc file system (/proc), where no file can be created",
+    ),
+    (
+        &[
+            "recv",
+            "--listen",
+            "unix:/tmp/x.sock",
+            "--to",
+            "file:/proc/version",
+        ],
+        "--to",
+        "file:/proc/version",
+        "the proc file system (/proc), where no file can be created",
+    ),
+    (
+        &["send", "--pid", "1", "--to", "file:/tmp/NAME300"],
+        "--to",
+        "file:/tmp/NAME300",
+        "fit the file system's limit of 255 bytes per name (NAME_MAX)",
+    ),
+    (
+        &["demo", "--to", "file:/tmp/NAME300"],
+        "--to",
+        "file:/tmp/NAME300",
+        "NAME_MAX",
+    ),
     // send / recv / rate take what demo takes, checked before attaching or listening.
     (
         &[
@@ -623,9 +688,10 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
 ];
 
 /// `BAD`'s argument or value `s` with `LONG` replaced by a path longer than a Unix socket
-/// address holds.
+/// address holds, and `NAME300` by a file name longer than NAME_MAX (255 bytes).
 fn with_long_path(s: &str) -> String {
     s.replace("LONG", &format!("/tmp/{}", "a".repeat(120)))
+        .replace("NAME300", &"n".repeat(300))
 }
 
 /// The JSON objects of every subcommand that reports numbers, each run for real: `demo`,

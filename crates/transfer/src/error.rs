@@ -542,6 +542,34 @@ pub enum ImageError {
         /// The directory.
         dir: PathBuf,
     },
+    /// The directory an image would be written in is on a file system where no image can be
+    /// created: mounted read-only, or a kernel's pseudo file system (`/proc`, `/sys`, ...)
+    /// whose files are the kernel's and where a program creates none.
+    #[error("directory {dir} is on {what}, where no file can be created")]
+    FileSystemNotWritable {
+        /// The directory.
+        dir: PathBuf,
+        /// What the file system is, e.g. "a read-only file system", "the proc file system".
+        what: &'static str,
+    },
+    /// The image's file name is too long for its file system once the writer's suffixes
+    /// (`.partial.compacting`, the longest) are appended: the partial file could never be
+    /// created.
+    #[error(
+        "the file name is {len} bytes and the writer appends up to {suffix} (\".partial.compacting\"): at most {fits} bytes fit the file system's limit of {name_max} bytes per name (NAME_MAX)"
+    )]
+    NameTooLong {
+        /// The image's path.
+        path: PathBuf,
+        /// Bytes of its file name.
+        len: usize,
+        /// Bytes of the longest suffix the writer appends.
+        suffix: usize,
+        /// Longest file name that fits: `name_max - suffix`.
+        fits: usize,
+        /// The file system's longest name (`pathconf(_PC_NAME_MAX)`, 255 on most).
+        name_max: usize,
+    },
     /// A span that ends before it starts.
     #[error("span {range:#x?} ends before it starts")]
     InvertedSpan {

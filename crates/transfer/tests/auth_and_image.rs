@@ -617,6 +617,45 @@ fn check_destination_refuses_what_create_would() {
     ImageWriter::create(&fine, layout).unwrap();
 }
 
+/// A name that fits `NAME_MAX` only without the writer's suffixes, and a directory on a file
+/// system that takes no files (`/proc`, where creating fails with "No such file or
+/// directory" even for root), are refused before anything is written, saying why.
+#[test]
+fn check_destination_refuses_a_name_too_long_and_a_pseudo_file_system() {
+    let dir = tempfile::tempdir().unwrap();
+    // ".partial.compacting" is 19 bytes: 236 + 19 = 255 fits, 237 does not.
+    let fits = dir.path().join("a".repeat(236));
+    ImageWriter::check_destination(&fits).unwrap();
+    let layout = Layout::single(PS, BASE, PS).unwrap();
+    ImageWriter::create(&fits, layout.clone()).unwrap();
+    let long = dir.path().join("b".repeat(237));
+    let e = ImageWriter::check_destination(&long).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ImageError::NameTooLong {
+                len: 237,
+                suffix: 19,
+                fits: 236,
+                name_max: 255,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("NAME_MAX"), "{e}");
+    assert!(matches!(
+        ImageWriter::create(&long, layout),
+        Err(TransferError::Image(ImageError::NameTooLong { .. }))
+    ));
+    let e = ImageWriter::check_destination("/proc/version").unwrap_err();
+    assert!(
+        matches!(e, ImageError::FileSystemNotWritable { .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("proc file system"), "{e}");
+}
+
 #[test]
 fn an_image_of_version_4_5_or_6_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();

@@ -292,10 +292,34 @@ impl ImageWriter {
                 dir: dir.to_owned(),
             });
         }
+        if let Some(what) = unwritable_file_system(dir) {
+            return Err(ImageError::FileSystemNotWritable {
+                dir: dir.to_owned(),
+                what,
+            });
+        }
         if nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_err() {
             return Err(ImageError::DirectoryNotWritable {
                 dir: dir.to_owned(),
             });
+        }
+        if let Some(name) = path.file_name() {
+            // The longest name the writer makes from it; NAME_MAX is per file system.
+            let suffix = Self::compacting_path(name).as_os_str().len() - name.len();
+            let name_max = nix::unistd::pathconf(dir, nix::unistd::PathconfVar::NAME_MAX)
+                .ok()
+                .flatten()
+                .and_then(|n| usize::try_from(n).ok())
+                .unwrap_or(255);
+            if name.len() + suffix > name_max {
+                return Err(ImageError::NameTooLong {
+                    path: path.to_owned(),
+                    len: name.len(),
+                    suffix,
+                    fits: name_max.saturating_sub(suffix),
+                    name_max,
+                });
+            }
         }
         // Non-blocking, so that a FIFO opens at once and is then refused.
         if std::fs::symlink_metadata(path).is_ok() {
@@ -1052,6 +1076,33 @@ fn lock_file(file: &File) -> Result<Lock, nix::errno::Errno> {
 }
 
 /// Where the compacted copy of the partial file `partial` is written before it replaces it.
+/// What the file system of `dir` is when no image can be created there: mounted read-only
+/// (`ST_RDONLY`), or a kernel's pseudo file system whose files are the kernel's own (creating
+/// one fails with `ENOENT` or `EACCES`, even for root, which reads as a missing or forbidden
+/// directory). `None` when it may take files, or when it cannot be told.
+fn unwritable_file_system(dir: &Path) -> Option<&'static str> {
+    use nix::sys::statfs as fs;
+    if let Ok(v) = nix::sys::statvfs::statvfs(dir)
+        && v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY)
+    {
+        return Some("a read-only file system");
+    }
+    let kind = fs::statfs(dir).ok()?.filesystem_type();
+    [
+        (fs::PROC_SUPER_MAGIC, "the proc file system (/proc)"),
+        (fs::SYSFS_MAGIC, "the sysfs file system (/sys)"),
+        (fs::CGROUP_SUPER_MAGIC, "a cgroup file system"),
+        (fs::CGROUP2_SUPER_MAGIC, "a cgroup2 file system"),
+        (fs::DEBUGFS_MAGIC, "the debugfs file system"),
+        (fs::TRACEFS_MAGIC, "the tracefs file system"),
+        (fs::SECURITYFS_MAGIC, "the securityfs file system"),
+        (fs::DEVPTS_SUPER_MAGIC, "the devpts file system"),
+    ]
+    .into_iter()
+    .find(|(magic, _)| *magic == kind)
+    .map(|(_, what)| what)
+}
+
 fn compacting_path(partial: &Path) -> PathBuf {
     let mut p = partial.as_os_str().to_owned();
     p.push(".compacting");
