@@ -2039,13 +2039,26 @@ pub fn run(args: Args) -> Result<ExitCode> {
         output::print_json(json, None);
         return Ok(ExitCode::SUCCESS);
     }
-    print_text(&args, &plan, &report, verification.as_ref(), state.as_ref())?;
-    if backend_used != BackendKind::UffdAsync {
-        crate::output::outln!(
-            "dirty log: {} ({}): the source was paused around each collection",
-            backend_used.name(),
-            backend_used.mechanism()
-        );
+    let printed = print_text(&args, &plan, &report, verification.as_ref(), state.as_ref())
+        .and_then(|()| {
+            if backend_used != BackendKind::UffdAsync {
+                output::try_write(
+                    format_args!(
+                        "dirty log: {} ({}): the source was paused around each collection",
+                        backend_used.name(),
+                        backend_used.mechanism()
+                    ),
+                    true,
+                )?;
+            }
+            Ok(())
+        });
+    match printed {
+        // A reader that stopped early (`| head`, `| true`): the rest of the report is not
+        // wanted; the outcome below is the command's own.
+        Err(e) if output::is_broken_pipe(&e) => {}
+        Err(e) => return Err(e.context("writing the report to stdout")),
+        Ok(()) => {}
     }
     match error {
         Some(e) => Err(output::fail(false, serde_json::Value::Null, e)),

@@ -82,6 +82,21 @@ enum Command {
     VmDest(demo::VmDestArgs),
 }
 
+impl Command {
+    /// Whether the command's report (or output) goes to stdout: every command a user runs, not
+    /// the processes `precopy` starts for itself.
+    fn writes_report(&self) -> bool {
+        !matches!(
+            self,
+            Command::DemoSource(_)
+                | Command::DemoDest(_)
+                | Command::Target(_)
+                | Command::Guard(_)
+                | Command::VmDest(_)
+        )
+    }
+}
+
 /// Gives clap's "the argument A cannot be used with B" the fix it lacks, as a `tip:` line: which
 /// flag to leave out.
 fn add_conflict_fix(e: &mut clap::Error) {
@@ -177,6 +192,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A stdout closed at the start (`>&-`) is `/dev/null` by now (Rust's runtime opened it
+    // there): refuse before any work rather than lose the report without a word.
+    if cli.command.writes_report() && precopy_sys::stdio::stdout_closed_at_start() {
+        crate::output::errln!(
+            "precopy: error: stdout is closed (>&-): the report this command writes there would \
+             be lost; give it somewhere to go (>/dev/null to discard it)"
+        );
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Probe(args) => probe::run(args),
         Command::Demo(args) => demo::run(*args),

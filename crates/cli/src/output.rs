@@ -7,8 +7,11 @@
 //!   subcommand's own report.
 //! - Reports go to stdout through [`outln!`](crate::output::outln): a reader that stops early
 //!   (`precopy image info IMG | head -1`) ends this process quietly with status 0 instead of a
-//!   panic; any other write failure is an error like the rest. A failure's JSON object that
-//!   finds stdout gone is dropped, and the command keeps its failure's exit status.
+//!   panic; any other write failure is an error like the rest. A failure's JSON object (or
+//!   text report: `demo`) that finds stdout gone is dropped, and the command keeps its
+//!   failure's exit status. A stdout closed at the start (`>&-`) is refused by `main` before
+//!   the command runs (`precopy_sys::stdio`): Rust's runtime makes it `/dev/null`, where a
+//!   report would be lost without a word.
 //! - Messages go to stderr through [`errln!`](crate::output::errln), never `eprintln!`: a
 //!   closed stderr (`2>&-`, a reader that went away) loses the message, never panics (the lints
 //!   `print_stdout` and `print_stderr` keep it that way).

@@ -1216,6 +1216,12 @@ fn a_reader_that_went_away_is_a_quiet_exit() {
             "--range".into(),
             "0-8192".into(),
         ]);
+        // The demo's text report (`demo | true`): it ended with "Broken pipe", status 1.
+        cmds.push(
+            ["demo", "--size", "4M", "--progress", "none"]
+                .map(String::from)
+                .to_vec(),
+        );
     }
     for args in &cmds {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -1225,6 +1231,44 @@ fn a_reader_that_went_away_is_a_quiet_exit() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
         assert!(!err.contains("error"), "{args:?}: {err}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `precopy args` with its stdout closed (`>&-`), through `sh`.
+fn with_stdout_closed_at_start(args: &[&str]) -> Output {
+    Command::new("sh")
+        .args(["-c", r#"exec "$0" "$@" >&-"#, PRECOPY])
+        .args(args)
+        .output()
+        .expect("running sh")
+}
+
+/// A stdout closed before the start (`>&-`) used to be `/dev/null` to the command (Rust's
+/// runtime opens it there), so its report was lost without a word and the status was 0: it
+/// is refused before anything starts, once, status 2, while `>/dev/null` is accepted.
+#[test]
+fn a_closed_stdout_is_refused_before_anything_starts() {
+    let dir = scratch_dir("closed-stdout");
+    let img = dir.join("demo.img");
+    let to = format!("file:{}", img.display());
+    for args in [
+        &["probe"][..],
+        &["probe", "--json"][..],
+        &["demo", "--size", "4M", "--progress", "none", "--to", &to][..],
+    ] {
+        let out = with_stdout_closed_at_start(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.matches("error:").count(), 1, "{args:?}: {err}");
+        assert!(err.contains("stdout is closed (>&-)"), "{args:?}: {err}");
+        assert!(!img.exists(), "{args:?}: the demo ran");
+    }
+    let out = Command::new(PRECOPY)
+        .arg("probe")
+        .stdout(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

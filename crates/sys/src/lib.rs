@@ -19,6 +19,7 @@ pub mod ptrace;
 pub mod ranges;
 pub mod sched;
 pub mod splice;
+pub mod stdio;
 pub mod track;
 pub mod uffd;
 pub mod xxh3;
