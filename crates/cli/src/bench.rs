@@ -1455,9 +1455,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 )
             })
             .collect();
-        let e = anyhow::anyhow!(
-            "no selected backend works on this machine ({}); see `precopy probe`, or choose others with --backends",
-            why.join("; ")
+        // The machine lacks what was asked for: refused as the value it is (status 2), as
+        // `demo --backend` refuses it.
+        let e = invalid(
+            "--backends",
+            args.backends.join(","),
+            format!(
+                "no selected backend works on this machine ({})",
+                why.join("; ")
+            ),
+            "choose others with --backends (see `precopy probe`), or leave it out for all that work",
         );
         let report = serde_json::json!({ "host": host, "backends": statuses, "results": [] });
         return Err(output::fail(args.json, report, e));

@@ -478,6 +478,23 @@ fn grow_pool(pool: &HugetlbPool, bytes: u64) -> Option<String> {
 /// Checks every flag against its real limit before anything starts.
 fn validate(args: &Args) -> Result<Plan> {
     args.vm.check_unused()?;
+    // A dirty log this machine lacks is refused here, like an address no interface has
+    // (status 2: the value cannot work here, another can), not after the source started.
+    let asked = match args.backend {
+        LogKind::Auto => None,
+        LogKind::UffdAsync => Some(BackendKind::UffdAsync),
+        LogKind::SoftDirty => Some(BackendKind::SoftDirty),
+    };
+    if let Some(kind) = asked
+        && let Err(u) = precopy_backends::check(kind)
+    {
+        return Err(invalid(
+            "--backend",
+            kind.name(),
+            format!("this machine's kernel cannot track with it: {}", u.reason),
+            "use --backend auto (the engine's uffd-async where it works, else soft-dirty; `precopy probe` says which)",
+        ));
+    }
     let size = &args.size;
     let image = match &args.to {
         None => None,

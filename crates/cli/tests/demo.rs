@@ -501,6 +501,31 @@ fn soft_dirty_drives_the_demo_where_it_works() {
         );
         let msg = v["error"]["chain"].to_string() + &v["error"]["message"].to_string();
         assert!(msg.contains("soft-dirty"), "{v}");
+        // Refused before anything starts, as a value this machine cannot take (status 2,
+        // once, naming the flag and what to use), by `demo` and by `bench` alike: it was a
+        // failure of the started source, status 1.
+        for args in [
+            &["demo", "--size", "32M", "--backend", "soft-dirty"][..],
+            &["bench", "--sizes", "4M", "--backends", "soft-dirty"][..],
+        ] {
+            let out = precopy(args);
+            let err = common::stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            assert_eq!(err.matches("error:").count(), 1, "{args:?}: {err}");
+            let line = err
+                .lines()
+                .find(|l| l.contains("error:"))
+                .unwrap_or_default();
+            assert!(line.contains(" soft-dirty: "), "{args:?}: {line}");
+            assert!(
+                line.contains("on this machine") || line.contains("this machine's kernel"),
+                "{args:?}: {line}"
+            );
+            assert!(
+                !err.contains("filling"),
+                "{args:?}: the demo started: {err}"
+            );
+        }
         return;
     }
     assert!(ok, "{v}");
