@@ -140,6 +140,47 @@ fn cut_image_is_reported_incomplete_and_fails_verify() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `image info` and `image verify` word one cut alike, wherever it falls: in a record's
+/// header or in its payload, page data included. `info` said "page data" or "a record
+/// header" where `verify` said "a frame payload" or "a frame header".
+#[test]
+fn info_and_verify_word_a_cut_alike() {
+    let dir = scratch_dir("cut-alike");
+    let img = dir.join("img");
+    write_image(&img);
+    let bytes = std::fs::read(&img).unwrap();
+    let cut = dir.join("cut");
+    let mut compared = 0;
+    // Every 197th length: cuts in headers and payloads of every kind of record.
+    for len in (64..bytes.len()).step_by(197) {
+        std::fs::write(&cut, &bytes[..len]).unwrap();
+        let info = precopy(&["image", "info", "--json", path_arg(&cut)]);
+        let verify = precopy(&["image", "verify", "--json", path_arg(&cut)]);
+        assert!(!verify.status.success(), "cut at {len} verified");
+        if !info.status.success() {
+            // Cut before the layout: neither reads it.
+            continue;
+        }
+        let reason = one_json(&info)["incomplete_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let message = one_json(&verify)["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(!reason.is_empty(), "cut at {len}: info says complete");
+        assert!(
+            message.ends_with(&format!("is incomplete: {reason}")),
+            "cut at {len}: info says {reason:?}, verify says {message:?}"
+        );
+        assert!(!message.contains("frame"), "{message}");
+        compared += 1;
+    }
+    assert!(compared > 10, "only {compared} cuts compared");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bad_arguments_and_missing_files_fail() {
     let dir = scratch_dir("bad");

@@ -645,6 +645,18 @@ pub(crate) fn bytes(n: f64) -> String {
     }
 }
 
+/// The total time and the setup within it, in one unit (seconds from a second up, else
+/// milliseconds), so that rounding never shows the setup longer than the whole (it read
+/// "total time 0.02 s (setup 24.6 ms)").
+fn total_and_setup(total: Duration, setup: Duration) -> (String, String) {
+    if total >= Duration::from_secs(1) {
+        let s = |d: Duration| format!("{:.2} s", d.as_secs_f64());
+        (s(total), s(setup))
+    } else {
+        (msf(total), msf(setup))
+    }
+}
+
 fn msf(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
@@ -890,13 +902,12 @@ impl fmt::Display for MigrationReport {
                 bytes(v.changed_bytes as f64)
             )?;
         }
+        let (total, setup) = total_and_setup(self.total_time, self.setup);
         writeln!(
             f,
-            "memory:        {} in {} round(s), total time {:.2} s (setup {})",
+            "memory:        {} in {} round(s), total time {total} (setup {setup})",
             bytes(self.memory_bytes as f64),
             self.rounds.len(),
-            self.total_time.as_secs_f64(),
-            msf(self.setup)
         )?;
         writeln!(
             f,
@@ -1050,6 +1061,20 @@ impl fmt::Display for MigrationReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_setup_never_reads_longer_than_the_total_time() {
+        let ms = Duration::from_micros;
+        for (total, setup, want) in [
+            (ms(24_900), ms(24_600), ("24.9 ms", "24.6 ms")),
+            (ms(999_940), ms(3_000), ("999.9 ms", "3.0 ms")),
+            (ms(1_004_000), ms(1_002_000), ("1.00 s", "1.00 s")),
+            (ms(12_346_000), ms(874_400), ("12.35 s", "0.87 s")),
+        ] {
+            let (t, s) = total_and_setup(total, setup);
+            assert_eq!((t.as_str(), s.as_str()), want);
+        }
+    }
 
     #[test]
     fn page_units_are_named_in_the_largest_whole_unit() {

@@ -109,7 +109,7 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
     let mut r = FrameReader::at_offset(std::io::BufReader::with_capacity(1 << 16, f), PREAMBLE_LEN);
     let mut p = Vec::new();
     let to_protocol = |e: TransferError| match e {
-        TransferError::Protocol(p) => Ok(p),
+        TransferError::Protocol(p) => Ok(in_image_terms(p)),
         TransferError::Io { source, .. } => Err(io(source)),
         other => Err(io(std::io::Error::other(other.to_string()))),
     };
@@ -376,6 +376,28 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
     Ok(w)
 }
 
+/// What a cut image was reading when it ended, in the image's words: a record's header, or
+/// its payload.
+const RECORD_HEADER: &str = "a record header";
+const RECORD_PAYLOAD: &str = "a record's payload";
+
+/// `e` in the image's words: an image is a sequence of records, which the frame reader
+/// reads as frames. `image info` (which skips page data) and `image verify` (which reads
+/// it through the frame reader) then word the same cut alike.
+fn in_image_terms(e: ProtocolError) -> ProtocolError {
+    match e {
+        ProtocolError::Truncated { offset, what } => ProtocolError::Truncated {
+            offset,
+            what: match what {
+                "a frame header" => RECORD_HEADER,
+                "a frame payload" => RECORD_PAYLOAD,
+                other => other,
+            },
+        },
+        e => e,
+    }
+}
+
 /// Reads a header and, except for PAGES, its payload (checking the CRC);
 /// for PAGES checks the file holds the payload and seeks past it.
 fn read_header_skipping_pages<R: Read + Seek>(
@@ -388,7 +410,7 @@ fn read_header_skipping_pages<R: Read + Seek>(
     if offset + HEADER_LEN as u64 > file_len {
         return Err(ProtocolError::Truncated {
             offset: file_len,
-            what: "a record header",
+            what: RECORD_HEADER,
         }
         .into());
     }
@@ -407,7 +429,7 @@ fn read_header_skipping_pages<R: Read + Seek>(
     if end > file_len {
         return Err(ProtocolError::Truncated {
             offset: file_len,
-            what: "page data",
+            what: RECORD_PAYLOAD,
         }
         .into());
     }
