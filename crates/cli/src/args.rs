@@ -709,6 +709,16 @@ fn cgroup_room() -> Option<u64> {
     None
 }
 
+/// Seconds as a message shows them: plainly where that stays short, else in exponent form
+/// (`--timeout 1e-300` was echoed with 300 digits).
+pub fn seconds(v: f64) -> String {
+    if v == 0.0 || (1e-4..1e12).contains(&v.abs()) {
+        v.to_string()
+    } else {
+        format!("{v:e}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -243,7 +243,7 @@ pub struct Args {
     max_downtime: u64,
     /// Cap on bytes per second sent over all streams, at least 64K (default: unlimited): a
     /// token bucket, so a send after an idle spell may go faster for up to a twentieth of a
-    /// second's worth of bytes.
+    /// second's worth of bytes, and at least 256 KiB (at 64K that is 4 s's worth).
     #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
     bandwidth: Option<Size>,
     /// Where the pages go: a destination process (default), or `file:PATH` for a checkpoint
@@ -369,6 +369,9 @@ const MIN_BANDWIDTH: u64 = 64 << 10;
 const DEST_REPORT_WAIT: Duration = Duration::from_secs(1);
 /// Longest `--timeout`, 30 days.
 const MAX_TIMEOUT: f64 = 30.0 * 86400.0;
+/// The shortest timeout taken, in seconds: below a millisecond a deadline is gone before the
+/// first system call (1e-300 reached the socket layer as a zero timeout).
+pub(crate) const MIN_TIMEOUT: f64 = 0.001;
 
 /// What the flags resolve to, once checked.
 #[derive(Debug)]
@@ -702,16 +705,26 @@ fn validate(args: &Args) -> Result<Plan> {
     {
         return Err(invalid(
             "--timeout",
-            t,
+            crate::args::seconds(t),
             "is longer than 30 days",
             "use at most --timeout 2592000, or leave it out for no limit",
         ));
     }
-    if !(args.io_timeout > 0.0 && args.io_timeout <= MAX_TIMEOUT) {
+    if let Some(t) = args.timeout
+        && (t.is_nan() || t < MIN_TIMEOUT)
+    {
+        return Err(invalid(
+            "--timeout",
+            crate::args::seconds(t),
+            "is shorter than a millisecond",
+            "give seconds from 0.001, or leave it out for no limit",
+        ));
+    }
+    if !(args.io_timeout >= MIN_TIMEOUT && args.io_timeout <= MAX_TIMEOUT) {
         return Err(invalid(
             "--io-timeout",
-            args.io_timeout,
-            "must be a positive number of seconds, at most 30 days",
+            crate::args::seconds(args.io_timeout),
+            "must be seconds from 0.001 (1 ms) to 30 days",
             "use e.g. --io-timeout 10",
         ));
     }

@@ -92,8 +92,10 @@ pub struct SendArgs {
     /// Shared key for a receiver that requires one (the file's bytes).
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
-    /// Hard limit on the whole send, in seconds, final round included: past it the send fails
-    /// and the target runs on.
+    /// Limit on the migration, in seconds, from the first round to the final one included:
+    /// past it the send fails and the target runs on. Attaching before it and detaching
+    /// after it are not counted (each bounded on its own; at load 30 a 0.1 s limit ended
+    /// about 1 s after the start).
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     timeout: Option<f64>,
     /// Seconds a connection to a receiver (tcp: or unix:) may make no progress (connecting,
@@ -432,14 +434,14 @@ fn check_send(args: &SendArgs) -> Result<Checked> {
     check_max_rounds(args.max_rounds)?;
     check_final_round_timeout(args.final_round_timeout)?;
     let limit = |flag: &'static str, v: f64| {
-        if v > 0.0 && v <= 30.0 * 86400.0 {
+        if (crate::demo::MIN_TIMEOUT..=30.0 * 86400.0).contains(&v) {
             Ok(Duration::from_secs_f64(v))
         } else {
             Err(invalid(
                 flag,
-                v,
+                crate::args::seconds(v),
                 "is out of range",
-                "give seconds above 0, at most 2592000 (30 days)",
+                "give seconds from 0.001 (1 ms) to 2592000 (30 days)",
             ))
         }
     };

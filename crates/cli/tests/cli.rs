@@ -261,7 +261,21 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
         ],
         "--timeout",
         "0",
-        "above 0",
+        "from 0.001 (1 ms)",
+    ),
+    (
+        &[
+            "send",
+            "--pid",
+            "1",
+            "--to",
+            "file:/x.img",
+            "--timeout",
+            "0.0000001",
+        ],
+        "--timeout",
+        "1e-7",
+        "from 0.001 (1 ms)",
     ),
     (
         &[
@@ -275,7 +289,7 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
         ],
         "--io-timeout",
         "-1",
-        "above 0",
+        "from 0.001 (1 ms)",
     ),
     (
         &[
@@ -669,7 +683,25 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
         &["demo", "--io-timeout", "-1"],
         "--io-timeout",
         "-1",
-        "positive number of seconds",
+        "from 0.001 (1 ms)",
+    ),
+    (
+        &["demo", "--io-timeout", "1e-300"],
+        "--io-timeout",
+        "1e-300",
+        "from 0.001 (1 ms)",
+    ),
+    (
+        &["demo", "--timeout", "1e300"],
+        "--timeout",
+        "1e300",
+        "longer than 30 days",
+    ),
+    (
+        &["demo", "--timeout", "0.0000001"],
+        "--timeout",
+        "1e-7",
+        "shorter than a millisecond",
     ),
     // clap's own messages, in one line that reads as one: a list after a colon, one pointer to
     // --help.

@@ -727,6 +727,13 @@ impl MigrationReport {
     pub fn downtime_exceeded(&self) -> bool {
         self.downtime.is_some_and(|d| d > self.max_downtime)
     }
+
+    /// Whether the measured downtime was above the estimate's bound ("at most",
+    /// [`MigrationReport::downtime_bound`]) for the switch-over that completed: the bound
+    /// did not hold (on a loaded machine, a final phase that waited for a CPU).
+    pub fn downtime_above_bound(&self) -> bool {
+        matches!((self.downtime, self.downtime_bound), (Some(d), Some(b)) if d > b)
+    }
 }
 
 impl fmt::Display for MigrationReport {
@@ -772,16 +779,22 @@ impl fmt::Display for MigrationReport {
         } else {
             ""
         };
+        let above = match self.downtime_bound {
+            Some(b) if self.downtime_above_bound() => {
+                format!("; ABOVE the estimate's bound, at most {}", msf(b))
+            }
+            _ => String::new(),
+        };
         match self.downtime {
             Some(d) if self.downtime_exceeded() => writeln!(
                 f,
-                "downtime:      {}{last} EXCEEDED the {limit} limit by {} (expected {expected})",
+                "downtime:      {}{last} EXCEEDED the {limit} limit by {} (expected {expected}{above})",
                 msf(d),
                 msf(d - self.max_downtime)
             )?,
             Some(d) => writeln!(
                 f,
-                "downtime:      {}{last}, within the {limit} limit (expected {expected})",
+                "downtime:      {}{last}, within the {limit} limit (expected {expected}{above})",
                 msf(d)
             )?,
             None => writeln!(f, "downtime:      none (no final round)")?,
@@ -1074,6 +1087,24 @@ mod tests {
             let (t, s) = total_and_setup(total, setup);
             assert_eq!((t.as_str(), s.as_str()), want);
         }
+    }
+
+    #[test]
+    fn a_downtime_above_the_estimates_bound_is_said() {
+        let ms = Duration::from_micros;
+        let mut r = MigrationReport::new(Duration::from_millis(50));
+        r.downtime = Some(ms(3270));
+        r.downtime_bound = Some(ms(3200));
+        assert!(r.downtime_above_bound());
+        let text = r.to_string();
+        assert!(
+            text.contains("within the 50.0 ms limit")
+                && text.contains("ABOVE the estimate's bound, at most 3.2 ms"),
+            "{text}"
+        );
+        r.downtime_bound = Some(ms(3300));
+        assert!(!r.downtime_above_bound());
+        assert!(!r.to_string().contains("ABOVE"), "{r}");
     }
 
     #[test]

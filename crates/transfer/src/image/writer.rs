@@ -321,6 +321,16 @@ impl ImageWriter {
                 });
             }
         }
+        // The writer's own files are never followed through a symbolic link (see
+        // `lock_partial`): one there is refused up front.
+        for own in [Self::partial_path(path), Self::compacting_path(path)] {
+            if std::fs::symlink_metadata(&own).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(ImageError::NotAFile {
+                    path: own,
+                    kind: "a symbolic link",
+                });
+            }
+        }
         // Non-blocking, so that a FIFO opens at once and is then refused.
         if std::fs::symlink_metadata(path).is_ok() {
             let existing = OpenOptions::new()
@@ -846,6 +856,8 @@ impl ImageWriter {
             .create(true)
             .truncate(true)
             .mode(0o600)
+            // Never through a symbolic link (one made there would truncate its target).
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(tmp)
             .map_err(io("creating a compacted copy of"))?;
         let old = self.out.get_ref().get_ref();
@@ -986,18 +998,32 @@ fn lock_partial(path: &Path, partial: &Path) -> Result<(File, Lock), ImageError>
         let path = path.to_owned();
         move |source| ImageError::Io { path, what, source }
     };
-    loop {
+    // Each try that finds another file at `partial` than the one it locked means another
+    // writer compacted or published in between; more than this many means something else
+    // keeps replacing it.
+    for _ in 0..LOCK_TRIES {
         // Non-blocking, so that a FIFO opens at once (read-write never waits) and anything
-        // but a regular file is then refused before a byte is written.
+        // but a regular file is then refused before a byte is written. Not through a
+        // symbolic link: that would create or take a file elsewhere (and the check below,
+        // which looks at the link itself, would never find the file it locked there).
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .custom_flags(nix::libc::O_NONBLOCK)
+            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
             .open(partial)
-            .map_err(io("creating"))?;
+            .map_err(|e| {
+                if e.raw_os_error() == Some(nix::libc::ELOOP) {
+                    ImageError::NotAFile {
+                        path: partial.to_owned(),
+                        kind: "a symbolic link",
+                    }
+                } else {
+                    io("creating")(e)
+                }
+            })?;
         super::regular_file(partial, &file)?;
         let lock = lock_file(&file).map_err(|e| match e {
             nix::errno::Errno::EWOULDBLOCK => ImageError::Locked {
@@ -1016,7 +1042,14 @@ fn lock_partial(path: &Path, partial: &Path) -> Result<(File, Lock), ImageError>
             Err(e) => return Err(io("inspecting")(e)),
         }
     }
+    Err(io("locking")(std::io::Error::other(format!(
+        "the file at {} was replaced {LOCK_TRIES} times while it was being locked",
+        partial.display()
+    ))))
 }
+
+/// How many times [`lock_partial`] opens the partial file again after finding it replaced.
+const LOCK_TRIES: u32 = 100;
 
 /// An exclusive `flock` on an image file, held until dropped (on a duplicate of the
 /// writer's descriptor: the lock belongs to the open file both share).
@@ -1490,6 +1523,53 @@ mod tests {
     /// A second writer for the same path is refused, before it truncates or removes
     /// anything, for as long as the first runs (across its compactions), and the first's
     /// image is whole.
+    #[test]
+    fn a_symbolic_link_at_the_partial_path_is_refused_and_never_followed() {
+        // A dangling link at PATH.partial: opening through it created its target and then
+        // spun for ever, the link never being the file it had locked.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.img");
+        let victim = dir.path().join("victim");
+        let partial = ImageWriter::partial_path(&path);
+        std::os::unix::fs::symlink(&victim, &partial).unwrap();
+        let layout = Layout::single(PS, BASE, PAGES * PS).unwrap();
+        let refused = |e: TransferError| {
+            assert!(
+                matches!(&e, TransferError::Image(ImageError::NotAFile { path, kind })
+                    if *path == partial && *kind == "a symbolic link"),
+                "{e:?}"
+            );
+        };
+        refused(ImageWriter::create(&path, layout.clone()).unwrap_err());
+        refused(ImageWriter::reserve(&path).unwrap_err());
+        // Past the up-front check too (a link made after it): refused, not followed.
+        refused(
+            lock_partial(&path, &partial)
+                .map(|_| ())
+                .unwrap_err()
+                .into(),
+        );
+        assert!(!victim.exists(), "the link's target was created");
+        // A link to an existing file: the same.
+        std::fs::write(&victim, b"").unwrap();
+        refused(
+            lock_partial(&path, &partial)
+                .map(|_| ())
+                .unwrap_err()
+                .into(),
+        );
+        refused(ImageWriter::create(&path, layout).unwrap_err());
+        // And at the compacted copy's path.
+        std::fs::remove_file(&partial).unwrap();
+        let compacting = ImageWriter::compacting_path(&path);
+        std::os::unix::fs::symlink(&victim, &compacting).unwrap();
+        let e = ImageWriter::check_destination(&path).unwrap_err();
+        assert!(
+            matches!(&e, ImageError::NotAFile { path, .. } if *path == compacting),
+            "{e:?}"
+        );
+    }
+
     #[test]
     fn a_second_writer_for_the_same_path_is_refused_while_the_first_runs() {
         let dir = tempfile::tempdir().unwrap();
