@@ -763,7 +763,27 @@ impl ProcessControl {
         }
     }
 
+    /// Stops the process; a stop that failed half-way (not all stopped within
+    /// `STOP_TIMEOUT`, a stop that could not be sent again) is undone before the error is
+    /// returned: `SIGSTOP` may be pending on threads not yet stopped, and nothing else would
+    /// continue them (`paused` stays false, so neither `resume` nor the drop does).
     fn pause_now(&mut self) -> Result<(), ProcessError> {
+        let stopped = self.stop_now();
+        if stopped.is_err() {
+            let undone = match &self.freezer {
+                Some(cg) => write_file(&cg.file("freezer.state"), "THAWED"),
+                None if self.stopped_on_entry => Ok(()),
+                // Clears every thread's pending stop and continues the stopped ones.
+                None => self.signal(Signal::SIGCONT),
+            };
+            if let Err(e) = undone {
+                tracing::warn!(error = %e, "continuing the process after a failed pause failed");
+            }
+        }
+        stopped
+    }
+
+    fn stop_now(&mut self) -> Result<(), ProcessError> {
         // The duty cycle's own SIGCONT would undo the stop: it ends first.
         if let Some(mut d) = self.duty.take() {
             d.stop();

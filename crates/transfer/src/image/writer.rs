@@ -1108,7 +1108,6 @@ fn lock_file(file: &File) -> Result<Lock, nix::errno::Errno> {
     Lock::lock(dup, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| e)
 }
 
-/// Where the compacted copy of the partial file `partial` is written before it replaces it.
 /// What the file system of `dir` is when no image can be created there: mounted read-only
 /// (`ST_RDONLY`), or a kernel's pseudo file system whose files are the kernel's own (creating
 /// one fails with `ENOENT` or `EACCES`, even for root, which reads as a missing or forbidden
@@ -1136,6 +1135,7 @@ fn unwritable_file_system(dir: &Path) -> Option<&'static str> {
     .map(|(_, what)| what)
 }
 
+/// Where the compacted copy of the partial file `partial` is written before it replaces it.
 fn compacting_path(partial: &Path) -> PathBuf {
     let mut p = partial.as_os_str().to_owned();
     p.push(".compacting");
@@ -1520,9 +1520,6 @@ mod tests {
         (img.read_span_to_vec(0..PAGES * PS).unwrap(), img.info())
     }
 
-    /// A second writer for the same path is refused, before it truncates or removes
-    /// anything, for as long as the first runs (across its compactions), and the first's
-    /// image is whole.
     #[test]
     fn a_symbolic_link_at_the_partial_path_is_refused_and_never_followed() {
         // A dangling link at PATH.partial: opening through it created its target and then
@@ -1570,6 +1567,9 @@ mod tests {
         );
     }
 
+    /// A second writer for the same path is refused, before it truncates or removes
+    /// anything, for as long as the first runs (across its compactions), and the first's
+    /// image is whole.
     #[test]
     fn a_second_writer_for_the_same_path_is_refused_while_the_first_runs() {
         let dir = tempfile::tempdir().unwrap();
