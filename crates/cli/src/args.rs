@@ -709,6 +709,11 @@ fn cgroup_room() -> Option<u64> {
     None
 }
 
+/// The shortest timeout taken (`--timeout`, `--io-timeout`), in seconds: below a millisecond
+/// a deadline is gone before the first system call (1e-300 reached the socket layer as a
+/// zero timeout).
+pub const MIN_TIMEOUT: f64 = 0.001;
+
 /// Seconds as a message shows them: plainly where that stays short, else in exponent form
 /// (`--timeout 1e-300` was echoed with 300 digits).
 pub fn seconds(v: f64) -> String {

@@ -369,9 +369,6 @@ const MIN_BANDWIDTH: u64 = 64 << 10;
 const DEST_REPORT_WAIT: Duration = Duration::from_secs(1);
 /// Longest `--timeout`, 30 days.
 const MAX_TIMEOUT: f64 = 30.0 * 86400.0;
-/// The shortest timeout taken, in seconds: below a millisecond a deadline is gone before the
-/// first system call (1e-300 reached the socket layer as a zero timeout).
-pub(crate) const MIN_TIMEOUT: f64 = 0.001;
 
 /// What the flags resolve to, once checked.
 #[derive(Debug)]
@@ -711,7 +708,7 @@ fn validate(args: &Args) -> Result<Plan> {
         ));
     }
     if let Some(t) = args.timeout
-        && (t.is_nan() || t < MIN_TIMEOUT)
+        && (t.is_nan() || t < crate::args::MIN_TIMEOUT)
     {
         return Err(invalid(
             "--timeout",
@@ -720,7 +717,7 @@ fn validate(args: &Args) -> Result<Plan> {
             "give seconds from 0.001, or leave it out for no limit",
         ));
     }
-    if !(args.io_timeout >= MIN_TIMEOUT && args.io_timeout <= MAX_TIMEOUT) {
+    if !(args.io_timeout >= crate::args::MIN_TIMEOUT && args.io_timeout <= MAX_TIMEOUT) {
         return Err(invalid(
             "--io-timeout",
             crate::args::seconds(args.io_timeout),

@@ -434,7 +434,7 @@ fn check_send(args: &SendArgs) -> Result<Checked> {
     check_max_rounds(args.max_rounds)?;
     check_final_round_timeout(args.final_round_timeout)?;
     let limit = |flag: &'static str, v: f64| {
-        if (crate::demo::MIN_TIMEOUT..=30.0 * 86400.0).contains(&v) {
+        if (crate::args::MIN_TIMEOUT..=30.0 * 86400.0).contains(&v) {
             Ok(Duration::from_secs_f64(v))
         } else {
             Err(invalid(

@@ -13,23 +13,15 @@
 
 mod common;
 
-use common::{Killed, wait_until};
+use common::{Killed, fixture, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use precopy_migrate::{PauseMethod, ProcessControl, ThrottleMethod, Workload, all_stopped};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 const FREEZES: usize = 40;
-
-fn fixture() -> PathBuf {
-    precopy_testnet::compile_c(
-        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sleeping_writers.c"),
-        &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("precopy-sleeping-writers"),
-        &["-pthread"],
-    )
-}
 
 /// Why the freezer cannot be used here, if it cannot.
 fn freezer_unavailable() -> Option<String> {
@@ -52,7 +44,7 @@ fn a_process_frozen_then_released_stays_stopped_without_writing() {
         eprintln!("SKIP a_process_frozen_then_released_stays_stopped_without_writing: {why}");
         return;
     }
-    let mut child = Command::new(fixture())
+    let mut child = Command::new(fixture("sleeping_writers"))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

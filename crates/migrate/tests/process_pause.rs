@@ -11,29 +11,13 @@
 
 mod common;
 
-use common::{Killed, wait_until};
+use common::{Killed, fixture, state, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use precopy_migrate::{PauseMethod, ProcessControl, ThrottleMethod, Workload, all_stopped};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
-
-fn fixture(name: &str) -> PathBuf {
-    precopy_testnet::compile_c(
-        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{name}.c")),
-        &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("precopy-{name}")),
-        &["-pthread"],
-    )
-}
-
-/// The state letter of the process's main thread (`/proc/PID/stat`).
-fn state(pid: i32) -> char {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rfind(')')
-        .and_then(|i| stat[i + 1..].trim_start().chars().next())
-        .unwrap_or('?')
-}
 
 /// Writes the byte the fixture's vfork child waits for on `fifo`: the child exits.
 fn release_vfork_child(fifo: &std::path::Path) {

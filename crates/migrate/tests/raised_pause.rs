@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::Killed;
+use common::{Killed, fixture, state, wait_until};
 use precopy_migrate::{
     PauseMethod, PriorityReport, ProcessControl, ProcessError, ThrottleMethod, Workload,
     all_stopped,
@@ -18,17 +18,8 @@ use precopy_migrate::{
 use precopy_sys::sched::{self, Raised, ThreadPolicy, Tid};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn fixture(name: &str) -> PathBuf {
-    precopy_testnet::compile_c(
-        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{name}.c")),
-        &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("precopy-{name}")),
-        &["-pthread"],
-    )
-}
+use std::time::Duration;
 
 /// Raises the calling (test) thread to `SCHED_FIFO` 1, as the driver's final phase is; `None`
 /// (after printing SKIP) where this process may not.
@@ -190,18 +181,7 @@ fn a_pause_that_fails_leaves_the_threads_as_they_were() {
             .unwrap(),
     );
     let pid = target.0.id() as i32;
-    let start = Instant::now();
-    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('D')))
-        != Some(true)
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "target never waited in vfork"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until("the target to wait in vfork", || state(pid) == 'D');
     let before = scheduling(pid);
     let Some(caller) = realtime_caller("a_pause_that_fails_leaves_the_threads_as_they_were") else {
         return;
@@ -221,25 +201,14 @@ fn a_pause_that_fails_leaves_the_threads_as_they_were() {
     // it, which discarded the SIGSTOP still pending on its thread; one left pending would
     // stop it here, with nothing to continue it.
     std::fs::write(&fifo, b"x").unwrap();
-    let state = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| s.rfind(')').and_then(|i| s[i + 2..].chars().next()))
-    };
-    let start = Instant::now();
-    let seen = loop {
-        match state() {
-            Some(c @ ('R' | 'T' | 't')) => break c,
-            _ => {
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "target never left its vfork"
-                );
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    };
-    assert_eq!(seen, 'R', "the target left its vfork stopped, not running");
+    wait_until("the target to leave its vfork", || {
+        matches!(state(pid), 'R' | 'T' | 't')
+    });
+    assert_eq!(
+        state(pid),
+        'R',
+        "the target left its vfork stopped, not running"
+    );
     assert!(!all_stopped(pid), "stopped after the vfork");
     assert_as_before(pid, &before, "running after the vfork");
 }

@@ -281,3 +281,21 @@ pub fn wait_until(what: &str, done: impl Fn() -> bool) {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// The C fixture `tests/fixtures/NAME.c`, compiled once into the target's temporary directory.
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    use std::path::PathBuf;
+    precopy_testnet::compile_c(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{name}.c")),
+        &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("precopy-{name}")),
+        &["-pthread"],
+    )
+}
+
+/// The state letter of the process's main thread (`/proc/PID/stat`), `?` if unreadable.
+pub fn state(pid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].trim_start().chars().next())
+        .unwrap_or('?')
+}
