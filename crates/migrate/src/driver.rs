@@ -453,6 +453,8 @@ struct Observed {
     scan_cpu: Option<Duration>,
     /// The pause probe's scan after it, if one ran: wall and CPU time.
     probe_scan: Option<(Duration, Option<Duration>)>,
+    /// The pause probe's rehearsal of a pause check scan, if one ran: wall time.
+    probe_check: Option<Duration>,
 }
 
 /// A final phase under way: its round's bytes and scan, and what its send delivered.
@@ -477,6 +479,8 @@ struct Collected {
     /// The rehearsal round a pause probe sent: the bytes of pending pages it took (they
     /// left `out`) and what the send delivered.
     rehearsal: Option<(u64, RoundSent)>,
+    /// A pause probe's rehearsal of one pause check scan, after its send: wall time.
+    check: Option<Duration>,
 }
 
 /// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`), or `None` if the clock cannot be
@@ -750,7 +754,11 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.dirty_pages += collected.pages;
         // The final scan is the round's second observation: the pause probe's scan taken
         // after the round's live scan still belongs to the round's report.
-        let probe_scan = self.observed.probe_scan;
+        let Observed {
+            probe_scan,
+            probe_check,
+            ..
+        } = self.observed;
         self.observed = Observed {
             dirty_pages: collected.pages,
             rate,
@@ -758,6 +766,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             collect_pause: collected.pause,
             scan_cpu: collected.cpu,
             probe_scan,
+            probe_check,
         };
     }
 
@@ -794,9 +803,13 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let cpu = cpu_before.and_then(|b| Some(thread_cpu_time()?.saturating_sub(b)));
         let wall = scan_start.elapsed();
         let mut rehearsal = Ok(None);
+        let mut check = None;
         if probe && pause && collected.is_ok() {
             self.rehearse_finish(out);
             rehearsal = self.rehearse_send(out);
+            if rehearsal.is_ok() {
+                check = Some(self.rehearse_check(out));
+            }
         }
         let held = paused_at.elapsed();
         self.restore_priority(raised);
@@ -811,14 +824,33 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         // From here the harvested ranges exist only in `out`.
         self.unsent.clone_from(out);
         let stats = collected.map_err(|e| Error::Tracking { round, source: e })?;
+        let check = check
+            .transpose()
+            .map_err(|e| Error::Tracking { round, source: e })?;
         resumed?;
         Ok(Collected {
-            pages: stats.pages,
+            pages: stats.pages + check.map_or(0, |c| c.1),
             pause: pause.then_some(held),
             wall,
             cpu,
             rehearsal: rehearsal?,
+            check: check.map(|c| c.0),
         })
+    }
+
+    /// Inside a pause probe, after its send (workload still paused, threads raised): one scan
+    /// as the pause check takes it after the final send ([`Migration::check_paused`]: a copy
+    /// of the ranges with what the scan adds), timed for the estimate. It finds nothing
+    /// unless the workload ran; what it finds was written and stays in `out`, to be sent.
+    /// Returns the wall time and the pages found.
+    fn rehearse_check(&mut self, out: &mut Vec<Range<u64>>) -> Result<(Duration, u64), D::Error> {
+        let start = Instant::now();
+        let mut all = out.clone();
+        let collected = self.log.collect(&mut all);
+        let took = start.elapsed();
+        // Whatever happened, what the scan harvested is only in `all` now.
+        *out = all;
+        Ok((took, collected?.pages))
     }
 
     /// Inside a pause probe (workload paused, threads raised as for the final phase): sends a
@@ -1240,6 +1272,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             scan_cpu: seen.scan_cpu,
             probe_scan: seen.probe_scan.map(|p| p.0),
             probe_scan_cpu: seen.probe_scan.and_then(|p| p.1),
+            probe_check: seen.probe_check,
             failed,
             // The final round runs with the workload paused: no rate of its own.
             workload_rate: seen.rate.filter(|_| kind != RoundKind::Final),
@@ -1390,6 +1423,10 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     self.observed.dirty_pages += p.pages;
                     self.observed.probe_scan = Some((p.wall, p.cpu));
                     self.estimator.add_probe_scan(p.wall, p.cpu);
+                    self.observed.probe_check = p.check;
+                    if let Some(check) = p.check {
+                        self.estimator.add_probe_check_scan(check);
+                    }
                 }
                 let dirty_rate = self.dirty_window.add(found, interval, self.throttle);
                 if let Some((bytes, sent)) = rehearsal {
@@ -2077,7 +2114,8 @@ mod tests {
 
     /// Hands out `scans[i]` on the i-th scan; past the end, the last scan again if `repeat`,
     /// else nothing. A paused [`workload`] writes nothing: a scan after the first one since
-    /// the pause (the pause check's) finds nothing and does not count.
+    /// the pause (the pause check's) finds nothing and does not count, except
+    /// `written_while_paused`, found once by the first such scan (a writer the pause missed).
     struct ScriptLog {
         scans: Vec<Vec<Range<u64>>>,
         repeat: bool,
@@ -2086,6 +2124,7 @@ mod tests {
         scan_time: Duration,
         /// The pause ([`PAUSES`]) during which it last scanned.
         scanned_in_pause: Option<u64>,
+        written_while_paused: Option<Range<u64>>,
     }
 
     impl ScriptLog {
@@ -2101,6 +2140,7 @@ mod tests {
                 calls: 0,
                 scan_time: Duration::ZERO,
                 scanned_in_pause: None,
+                written_while_paused: None,
             }
         }
 
@@ -2112,6 +2152,7 @@ mod tests {
                 calls: 0,
                 scan_time: Duration::ZERO,
                 scanned_in_pause: None,
+                written_while_paused: None,
             }
         }
     }
@@ -2137,7 +2178,8 @@ mod tests {
             let first = out.len();
             if PAUSED.get() {
                 if self.scanned_in_pause == Some(PAUSES.get()) {
-                    return Ok(CollectStats::count(&[], PAGE));
+                    out.extend(self.written_while_paused.take());
+                    return Ok(CollectStats::count(&out[first..], PAGE));
                 }
                 self.scanned_in_pause = Some(PAUSES.get());
             }
@@ -3611,36 +3653,46 @@ mod tests {
         let events = Arc::new(Mutex::new(Vec::new()));
         let (a, b) = (0..4 * PAGE, 10 * PAGE..12 * PAGE);
         let (c, d) = (20 * PAGE..21 * PAGE, 30 * PAGE..33 * PAGE);
-        // Scan, probe scan, scan, probe scan, final scan (nothing).
-        let log = ScriptLog::ranges(vec![
-            vec![a.clone()],
-            vec![b.clone()],
-            vec![c.clone()],
-            vec![d.clone()],
-        ]);
+        let e = 40 * PAGE..45 * PAGE;
+        // Scan, probe scan, its pause check scan (e: the workload wrote while paused), scan,
+        // probe scan, its pause check scan, final scan (nothing).
+        let log = ScriptLog {
+            written_while_paused: Some(e.clone()),
+            ..ScriptLog::ranges(vec![
+                vec![a.clone()],
+                vec![b.clone()],
+                vec![c.clone()],
+                vec![d.clone()],
+            ])
+        };
         let mut cfg = quick_config();
         cfg.probe_pause = true;
         cfg.max_downtime = Duration::from_nanos(1);
         cfg.max_rounds = 2;
         let mut m = Migration::new(log, Scripted::default(), workload(&events), cfg);
         let report = m.run().unwrap();
-        // Each probe pauses around its scan only; then the final phase.
+        // Each probe pauses around its scans only (the check scan has no pause of its own);
+        // then the final phase.
         assert_eq!(
             *events.lock().unwrap(),
             vec!["pause", "resume", "pause", "resume", "pause", "resume"]
         );
+        // What the check scan found was written: counted and sent in the round.
         let found: Vec<u64> = report.rounds.iter().map(|r| r.dirty_pages).collect();
-        assert_eq!(found, vec![0, 6, 4]);
-        assert!(report.rounds[1].probe_scan.is_some());
-        assert!(
-            report.rounds[2].probe_scan.is_some(),
+        assert_eq!(found, vec![0, 11, 4]);
+        let probed = |r: &RoundReport| (r.probe_scan.is_some(), r.probe_check.is_some());
+        assert_eq!(probed(&report.rounds[0]), (false, false));
+        assert_eq!(probed(&report.rounds[1]), (true, true));
+        assert_eq!(
+            probed(&report.rounds[2]),
+            (true, true),
             "the final round's live scan was probed too (d, sent in it): its report says so"
         );
         assert_eq!(report.workload, None, "this workload keeps no counters");
         let (_, t, _) = m.into_parts();
         assert_eq!(
             t.sent[1],
-            vec![a, b],
+            vec![a, b, e],
             "the probe's pages go in the next round"
         );
         assert_eq!(t.sent[2], vec![c, d]);

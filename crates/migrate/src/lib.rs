@@ -38,6 +38,11 @@
 //! which run as the final scan does (workload stopped, right after a scan with it running);
 //! a scan beside the running workload costs about twice as much, its CPU time too, so it says
 //! little about the final one. Bounded by the slowest of the last three scans and the probes'.
+//! **Pause check** (its two scans, see "The pause check"): each at the upper median of the
+//! scans the pause probes take after their send, the workload still paused, as the pause check
+//! scans after the final send: they find nothing and cost less than the probes' first scans,
+//! which find and re-protect what was written since the scan before (without them, each at
+//! the final scan's cost); bounded by the slowest scan of all for each.
 //! **Send** of the pending bytes: at the time per byte of the **rehearsal rounds**, bounded by
 //! the slowest of them. Each pause probe sends a sample of the pending pages (single pages
 //! spread over all of them, about 4 MiB, at most a quarter) as a round of its own
@@ -157,9 +162,11 @@
 //! cannot see (memory written through another mapping or by another process, the next
 //! section): those are compared once, by the verify pass before the final send, and a writer
 //! that runs after it is not seen again. The check costs two scans of unchanged memory in the
-//! downtime (about 0.9 ms per GiB each on the project's machine: the final scan's cost),
+//! downtime (0.2-0.5 ms per GiB each on the project's machine at low load, less than the
+//! final scan, which re-protects what it finds),
 //! reported as [`FinalPhase::check`] and in [`PauseCheck`], and estimated as its own part of
-//! the switch-over rule ([`DowntimeEstimate::check`]). Pages found make it the report's
+//! the switch-over rule ([`DowntimeEstimate::check`]) from one such scan rehearsed in each
+//! pause probe ([`RoundReport::probe_check`]). Pages found make it the report's
 //! warning: "the source ran during the final round".
 //!
 //! # Memory the dirty log cannot vouch for

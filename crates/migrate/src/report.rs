@@ -107,6 +107,11 @@ pub struct RoundReport {
     /// That scan's CPU time.
     #[serde(serialize_with = "ms_opt", rename = "probe_scan_cpu_ms")]
     pub probe_scan_cpu: Option<Duration>,
+    /// The pause probe's rehearsal of one pause check scan ([`PauseCheck`]), taken after its
+    /// send with the workload still paused, if one ran: wall time. Its pages (none unless the
+    /// workload ran) are in this round.
+    #[serde(serialize_with = "ms_opt", rename = "probe_check_ms")]
+    pub probe_check: Option<Duration>,
     /// Whether the round failed part-way (a broken connection, a refusal, a timeout): then
     /// `pages` and `zero_pages` are what was handed to the transport before the failure
     /// (not known to have arrived;
@@ -393,8 +398,9 @@ pub struct DowntimeEstimate {
     /// as sent at once); 0: not paced.
     pub paced_rate: f64,
     /// The pause check's two scans of memory the workload should not have written
-    /// ([`PauseCheck`]): each taken as the final scan's expected cost (`scan`); its bound
-    /// counts `scan_worst` for each.
+    /// ([`PauseCheck`]): each at the upper median of the scans the pause probes took after
+    /// their send to rehearse it (`rounds[].probe_check_ms`), else at the final scan's
+    /// expected cost (`scan`); its bound counts `scan_worst` for each.
     #[serde(serialize_with = "ms", rename = "check_ms")]
     pub check: Duration,
     /// Memory digests and the acknowledgement round trip: the upper median of the probes
