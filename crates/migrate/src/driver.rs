@@ -1136,8 +1136,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     /// the throttle spent with the writers stopped finds little or nothing. What a workload
     /// writes between lifting its throttle for the pause and stopping is not in the estimate
     /// (a throttled writer is behind its pace and bursts): [`Workload::pause`] asks for the
-    /// stop before it lifts the throttle (`ProcessControl` does with a cgroup quota, not yet
-    /// with its duty cycle).
+    /// stop before it lifts the throttle (`ProcessControl` does, with a cgroup quota and with
+    /// its duty cycle).
     fn meanwhile_rate(&self) -> f64 {
         if self.throttle > 0.0 {
             self.report.dirty_rate.max(self.unthrottled_rate)

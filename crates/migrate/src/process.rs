@@ -33,7 +33,13 @@
 //! a quota lifted first let it run unthrottled until the stop took hold (a writer throttled
 //! 99 % wrote 2.6 MiB there where the estimate expected 10 KiB from its throttled scans). With
 //! the stop pending, a thread the quota held acts on it as soon as it runs again, before any
-//! of its own code. The duty cycle still ends (with its `SIGCONT`) before the stop is sent.
+//! of its own code. The duty cycle ends without continuing the process: its thread sends
+//! each of its signals holding a lock, after looking whether a pause has taken over, so once
+//! the pause has taken that lock nothing continues the process (it used to end with its own
+//! `SIGCONT`, and a process it had stopped ran unthrottled until the pause's stop held). A
+//! process the cycle has stopped stays stopped (a signal pause finds it so; the freezer
+//! freezes it as it is, and the resume thaws it and then continues it with `SIGCONT`); one
+//! it lets run is stopped like any other.
 //!
 //! # Raised pause
 //!
@@ -93,7 +99,7 @@ use precopy_sys::sched::{self, Raised, ThreadPolicy, Tid};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -423,72 +429,154 @@ fn policy_name(p: ThreadPolicy) -> &'static str {
     }
 }
 
-enum DutyMsg {
-    Set(f64),
-    Stop,
+/// What the duty thread is told and what it is doing, under [`DutyCycle`]'s lock. Every
+/// signal the thread sends, it sends holding the lock and after looking at `end`: once a pause
+/// has set `end`, the thread never signals the process again.
+#[derive(Debug)]
+struct DutyState {
+    fraction: f64,
+    end: Option<DutyEnd>,
+    /// The thread's last signal was `SIGSTOP` (its stopped half).
+    stopped: bool,
 }
+
+/// How the duty thread ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DutyEnd {
+    /// Continue the process if the cycle has it stopped (the throttle is lifted).
+    Continue,
+    /// Leave the process as it is, stopped or not: a pause takes over (module docs, "Pause").
+    Hold,
+}
+
+type DutyShared = Arc<(Mutex<DutyState>, Condvar)>;
 
 /// SIGSTOP/SIGCONT duty cycle on a background thread.
 #[derive(Debug)]
 struct DutyCycle {
-    tx: mpsc::Sender<DutyMsg>,
+    shared: DutyShared,
     handle: Option<JoinHandle<()>>,
 }
 
 impl DutyCycle {
     fn start(pid: i32, fraction: f64) -> Result<DutyCycle, ProcessError> {
-        let (tx, rx) = mpsc::channel();
+        let shared: DutyShared = Arc::new((
+            Mutex::new(DutyState {
+                fraction,
+                end: None,
+                stopped: false,
+            }),
+            Condvar::new(),
+        ));
+        let theirs = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name("precopy-throttle".into())
-            .spawn(move || duty_loop(Pid::from_raw(pid), fraction, &rx))
+            .spawn(move || duty_loop(Pid::from_raw(pid), &theirs))
             .map_err(cg_err(Path::new("throttle thread")))?;
         Ok(DutyCycle {
-            tx,
+            shared,
             handle: Some(handle),
         })
     }
 
-    fn set(&self, fraction: f64) {
-        let _ = self.tx.send(DutyMsg::Set(fraction));
+    fn state(&self) -> MutexGuard<'_, DutyState> {
+        self.shared.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Stops the cycle, leaving the process running.
+    fn set(&self, fraction: f64) {
+        self.state().fraction = fraction;
+        self.shared.1.notify_all();
+    }
+
+    /// Ends the cycle, leaving the process running.
     fn stop(&mut self) {
-        let _ = self.tx.send(DutyMsg::Stop);
+        self.tell_end(DutyEnd::Continue);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+
+    /// Ends the cycle for a pause without continuing the process: from the return on, the
+    /// thread sends no signal (it is not waited for: it only wakes and returns). Returns
+    /// whether the cycle had the process stopped.
+    fn hold(mut self) -> bool {
+        let stopped = self.tell_end(DutyEnd::Hold);
+        self.handle = None;
+        stopped
+    }
+
+    fn tell_end(&self, end: DutyEnd) -> bool {
+        let mut state = self.state();
+        state.end.get_or_insert(end);
+        let stopped = state.stopped;
+        drop(state);
+        self.shared.1.notify_all();
+        stopped
     }
 }
 
 impl Drop for DutyCycle {
     fn drop(&mut self) {
-        self.stop();
+        if self.handle.is_some() {
+            self.stop();
+        }
     }
 }
 
-fn duty_loop(pid: Pid, mut fraction: f64, rx: &mpsc::Receiver<DutyMsg>) {
+/// Stops the process for `fraction` of every [`DUTY_PERIOD`] and lets it run for the rest,
+/// until told to end ([`DutyEnd`]). A new fraction takes effect at once, also in the middle of
+/// a stopped half.
+fn duty_loop(pid: Pid, shared: &DutyShared) {
+    let (lock, cv) = &**shared;
+    let mut state = lock.lock().unwrap_or_else(PoisonError::into_inner);
     loop {
-        let msg = if fraction > 0.0 {
-            let _ = kill(pid, Signal::SIGSTOP);
-            let msg = rx.recv_timeout(DUTY_PERIOD.mul_f64(fraction));
-            let _ = kill(pid, Signal::SIGCONT);
-            match msg {
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    rx.recv_timeout(DUTY_PERIOD.mul_f64(1.0 - fraction)).ok()
-                }
-                Ok(m) => Some(m),
-                Err(mpsc::RecvTimeoutError::Disconnected) => Some(DutyMsg::Stop),
-            }
-        } else {
-            Some(rx.recv().unwrap_or(DutyMsg::Stop))
-        };
-        match msg {
-            Some(DutyMsg::Set(f)) => fraction = f,
-            Some(DutyMsg::Stop) => return,
-            None => {}
+        if state.end.is_some() {
+            return;
         }
+        if state.fraction <= 0.0 {
+            state = cv.wait(state).unwrap_or_else(PoisonError::into_inner);
+            continue;
+        }
+        let _ = kill(pid, Signal::SIGSTOP);
+        state.stopped = true;
+        let since = Instant::now();
+        state = wait_for_end(cv, state, |f| {
+            (f > 0.0).then(|| since + DUTY_PERIOD.mul_f64(f))
+        });
+        match state.end {
+            Some(DutyEnd::Hold) => return,
+            Some(DutyEnd::Continue) | None => {
+                let _ = kill(pid, Signal::SIGCONT);
+                state.stopped = false;
+            }
+        }
+        let since = Instant::now();
+        state = wait_for_end(cv, state, |f| {
+            (f > 0.0).then(|| since + DUTY_PERIOD.mul_f64(1.0 - f))
+        });
     }
+}
+
+/// Waits on `cv` until the deadline the fraction in force gives (`None`: at once) or until an
+/// end is asked for.
+fn wait_for_end<'a>(
+    cv: &Condvar,
+    mut state: MutexGuard<'a, DutyState>,
+    deadline: impl Fn(f64) -> Option<Instant>,
+) -> MutexGuard<'a, DutyState> {
+    while state.end.is_none() {
+        let Some(left) = deadline(state.fraction)
+            .and_then(|d| d.checked_duration_since(Instant::now()))
+            .filter(|left| !left.is_zero())
+        else {
+            break;
+        };
+        state = cv
+            .wait_timeout(state, left)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+    state
 }
 
 /// Pauses, resumes and throttles another process (see the module docs).
@@ -505,6 +593,9 @@ pub struct ProcessControl {
     sample: (Instant, u64),
     fraction: f64,
     paused: bool,
+    /// A freezer pause took over a process its duty cycle had stopped: the resume continues
+    /// it after the thaw (module docs, "Pause").
+    duty_stop_held: bool,
     /// Every thread was stopped when control began (SIGSTOP by someone else): never sent
     /// SIGCONT, never duty-cycled; it is left stopped.
     stopped_on_entry: bool,
@@ -547,6 +638,7 @@ impl ProcessControl {
             sample: (Instant::now(), cpu_time_ns(pid)),
             fraction: 0.0,
             paused: false,
+            duty_stop_held: false,
             stopped_on_entry: pause == PauseMethod::Signal && all_stopped(pid),
             counters: None,
             state: None,
@@ -767,31 +859,33 @@ impl ProcessControl {
     /// `STOP_TIMEOUT`, a stop that could not be sent again) is undone before the error is
     /// returned: `SIGSTOP` may be pending on threads not yet stopped, and nothing else would
     /// continue them (`paused` stays false, so neither `resume` nor the drop does).
+    /// The duty cycle, if one runs, ended for it ([`DutyCycle::hold`]) and is started again
+    /// with the throttle in force.
     fn pause_now(&mut self) -> Result<(), ProcessError> {
         let stopped = self.stop_now();
         if stopped.is_err() {
-            let undone = match &self.freezer {
-                Some(cg) => write_file(&cg.file("freezer.state"), "THAWED"),
-                None if self.stopped_on_entry => Ok(()),
-                // Clears every thread's pending stop and continues the stopped ones.
-                None => self.signal(Signal::SIGCONT),
-            };
-            if let Err(e) = undone {
+            if let Err(e) = self.continue_now() {
                 tracing::warn!(error = %e, "continuing the process after a failed pause failed");
+            }
+            let f = self.fraction;
+            if let Err(e) = self.apply(f) {
+                tracing::warn!(error = %e, "throttling the process again after a failed pause failed");
             }
         }
         stopped
     }
 
     fn stop_now(&mut self) -> Result<(), ProcessError> {
-        // The duty cycle's own SIGCONT would undo the stop: it ends first.
-        if let Some(mut d) = self.duty.take() {
-            d.stop();
-        }
+        // The duty cycle ends without its SIGCONT: a process it has stopped stays stopped
+        // until the stop below holds it (module docs, "Pause").
+        let duty_had_it_stopped = self.duty.take().is_some_and(DutyCycle::hold);
         let start = Instant::now();
         match &self.freezer {
             Some(cg) => {
                 let state = cg.file("freezer.state");
+                // Before the first fallible step: a failed freeze is undone by the same
+                // continue as a failed resume.
+                self.duty_stop_held = duty_had_it_stopped;
                 write_file(&state, "FROZEN")?;
                 self.lift_quota_for_stop();
                 while fs::read_to_string(&state).map_err(cg_err(&state))?.trim() != "FROZEN" {
@@ -854,14 +948,30 @@ impl ProcessControl {
     }
 
     fn resume_now(&mut self) -> Result<(), ProcessError> {
-        match &self.freezer {
-            Some(cg) => write_file(&cg.file("freezer.state"), "THAWED")?,
-            None if self.stopped_on_entry => {}
-            None => self.signal(Signal::SIGCONT)?,
-        }
+        self.continue_now()?;
         self.paused = false;
         let f = self.fraction;
         self.apply(f)
+    }
+}
+
+impl ProcessControl {
+    /// Lets a stopped or frozen process run: `SIGCONT` (which also clears every thread's
+    /// pending stop), or the thaw followed by `SIGCONT` when the pause froze a process its
+    /// duty cycle had stopped; nothing for a process stopped on entry.
+    fn continue_now(&mut self) -> Result<(), ProcessError> {
+        match &self.freezer {
+            Some(cg) => {
+                write_file(&cg.file("freezer.state"), "THAWED")?;
+                if self.duty_stop_held {
+                    self.signal(Signal::SIGCONT)?;
+                    self.duty_stop_held = false;
+                }
+                Ok(())
+            }
+            None if self.stopped_on_entry => Ok(()),
+            None => self.signal(Signal::SIGCONT),
+        }
     }
 }
 

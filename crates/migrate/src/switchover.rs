@@ -27,7 +27,7 @@
 //!   in bursts can leave a last scan nearly empty, or empty when the throttle had it stopped
 //!   for the whole interval, and still write megabytes while it is being stopped if its
 //!   throttle is lifted before the stop (`ProcessControl` no longer does that with a cgroup
-//!   quota; its duty cycle still continues the process first; see
+//!   quota or its duty cycle; see
 //!   [`Workload::pause`](crate::Workload::pause)): while a throttle is on, the driver passes at
 //!   least the rate of the last scan before the throttle was raised;
 //! * **send**: with rehearsal rounds ([`Estimator::add_rehearsal`]: samples of the pending

@@ -13,30 +13,13 @@
 
 mod common;
 
-use common::{Killed, fixture, wait_until};
+use common::{fixture, freezer_unavailable, spawn_announced, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use precopy_migrate::{PauseMethod, ProcessControl, ThrottleMethod, Workload, all_stopped};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const FREEZES: usize = 40;
-
-/// Why the freezer cannot be used here, if it cannot.
-fn freezer_unavailable() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("needs root (a freezer cgroup is created)".into());
-    }
-    let dir = Path::new("/sys/fs/cgroup/freezer");
-    if !dir.join("cgroup.procs").exists() {
-        return Some(format!(
-            "no cgroup v1 freezer hierarchy at {} (PauseMethod::Freezer uses it)",
-            dir.display()
-        ));
-    }
-    None
-}
 
 #[test]
 fn a_process_frozen_then_released_stays_stopped_without_writing() {
@@ -44,15 +27,7 @@ fn a_process_frozen_then_released_stays_stopped_without_writing() {
         eprintln!("SKIP a_process_frozen_then_released_stays_stopped_without_writing: {why}");
         return;
     }
-    let mut child = Command::new(fixture("sleeping_writers"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let target = Killed(child);
+    let (target, line) = spawn_announced(Command::new(fixture("sleeping_writers")));
     let pid = target.0.id() as i32;
     let mut words = line.split_whitespace();
     let addr = u64::from_str_radix(words.next().unwrap(), 16).unwrap();

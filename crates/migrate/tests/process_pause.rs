@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{Killed, fixture, state, wait_until};
+use common::{Killed, fixture, spawn_announced, state, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use precopy_migrate::{PauseMethod, ProcessControl, ThrottleMethod, Workload, all_stopped};
@@ -111,22 +111,11 @@ fn the_pause_stops_a_running_thread_while_the_main_thread_cannot_act_on_the_stop
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("go");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
-    let mut target = Killed(
-        Command::new(fixture("vfork_wait"))
-            .arg(&fifo)
-            .arg("spin")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut command = Command::new(fixture("vfork_wait"));
+    command.arg(&fifo).arg("spin");
+    let (target, line) = spawn_announced(command);
     let _release = Release(fifo.clone());
     let pid = target.0.id() as i32;
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(target.0.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
     assert_eq!(line.trim(), "ready");
     wait_until("the target to wait in vfork", || state(pid) == 'D');
     let spinner = precopy_sys::sched::process_threads(pid)

@@ -10,14 +10,14 @@
 
 mod common;
 
-use common::{Killed, fixture, state, wait_until};
+use common::{Killed, fixture, spawn_announced, state, wait_until};
 use precopy_migrate::{
     PauseMethod, PriorityReport, ProcessControl, ProcessError, ThrottleMethod, Workload,
     all_stopped,
 };
 use precopy_sys::sched::{self, Raised, ThreadPolicy, Tid};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -91,18 +91,10 @@ fn raised_pause(control: &mut ProcessControl, pid: i32, i: u32) -> PriorityRepor
 
 #[test]
 fn raised_pauses_leave_every_thread_with_its_own_policy() {
-    let mut target = Killed(
-        Command::new(fixture("policies"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut command = Command::new(fixture("policies"));
+    command.stdin(Stdio::piped());
+    let (mut target, line) = spawn_announced(command);
     let pid = target.0.id() as i32;
-    let mut line = String::new();
-    BufReader::new(target.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
     assert!(line.starts_with("ready"), "fixture said {line:?}");
     let before = scheduling(pid);
     let kinds: Vec<i32> = before.values().map(|s| s.policy.base()).collect();

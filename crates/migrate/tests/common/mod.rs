@@ -270,6 +270,39 @@ impl Drop for Killed {
     }
 }
 
+/// Starts `command` with its stdout piped (killed when dropped) and reads the first line it
+/// prints: the C fixtures say where their records are, or that they are ready.
+pub fn spawn_announced(mut command: std::process::Command) -> (Killed, String) {
+    use std::io::BufRead;
+    let mut target = Killed(
+        command
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(target.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (target, line)
+}
+
+/// Why the cgroup v1 freezer (what `PauseMethod::Freezer` uses) cannot be used here, if it
+/// cannot.
+pub fn freezer_unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("needs root (a freezer cgroup is created)".into());
+    }
+    let dir = std::path::Path::new("/sys/fs/cgroup/freezer");
+    if !dir.join("cgroup.procs").exists() {
+        return Some(format!(
+            "no cgroup v1 freezer hierarchy at {} (PauseMethod::Freezer uses it)",
+            dir.display()
+        ));
+    }
+    None
+}
+
 /// Waits (bounded only against a hang, not as a timing assertion) until `done`.
 pub fn wait_until(what: &str, done: impl Fn() -> bool) {
     let start = Instant::now();
