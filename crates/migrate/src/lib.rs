@@ -34,11 +34,13 @@
 //! (their sum is the **expected downtime**) and what it cost at worst lately (the **bound**).
 //! **Pause**: the median of three probes that rehearse the final phase's start after the scans
 //! before rounds 1, 2 and 3: pause the workload, scan again, resume it
-//! ([`MigrationConfig::probe_pause`]). **Final scan**: the upper median of those probes' scans,
+//! ([`MigrationConfig::probe_pause`]). **Final scan**: the lower median of those probes' scans,
 //! which run as the final scan does (workload stopped, right after a scan with it running);
 //! a scan beside the running workload costs about twice as much, its CPU time too, so it says
-//! little about the final one. Bounded by the slowest of the last three scans and the probes'.
-//! **Pause check** (its two scans, see "The pause check"): each at the upper median of the
+//! little about the final one (of two probes the faster: the first follows the scan that
+//! re-protected all of round 0's writes and costs more). Bounded by the slowest of the last
+//! three scans and the probes'.
+//! **Pause check** (its two scans, see "The pause check"): each at the lower median of the
 //! scans the pause probes take after their send, the workload still paused, as the pause check
 //! scans after the final send: they find nothing and cost less than the probes' first scans,
 //! which find and re-protect what was written since the scan before (without them, each at

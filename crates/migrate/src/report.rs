@@ -398,7 +398,7 @@ pub struct DowntimeEstimate {
     /// as sent at once); 0: not paced.
     pub paced_rate: f64,
     /// The pause check's two scans of memory the workload should not have written
-    /// ([`PauseCheck`]): each at the upper median of the scans the pause probes took after
+    /// ([`PauseCheck`]): each at the lower median of the scans the pause probes took after
     /// their send to rehearse it (`rounds[].probe_check_ms`), else at the final scan's
     /// expected cost (`scan`); its bound counts `scan_worst` for each.
     #[serde(serialize_with = "ms", rename = "check_ms")]
