@@ -81,6 +81,101 @@ fn attach_leaves_a_rust_target_exactly_as_it_was() {
     attach_many_times(Lang::Rust);
 }
 
+/// The variable that makes [`attach_until_killed`] attach to a process (its PID).
+const ATTACH_LOOP_PID: &str = "PRECOPY_TEST_ATTACH_UNTIL_KILLED";
+
+/// Not a test on its own: `a_killed_attacher_leaves_the_target_as_it_was` runs it in a
+/// process of its own, which it kills. Attaches to the process `ATTACH_LOOP_PID` names over
+/// and over, saying once on stdout that it did and whether a helper process traced.
+#[test]
+#[ignore = "run by a_killed_attacher_leaves_the_target_as_it_was, which kills it"]
+fn attach_until_killed() {
+    let pid: i32 = std::env::var(ATTACH_LOOP_PID)
+        .expect("run by a_killed_attacher_leaves_the_target_as_it_was")
+        .parse()
+        .unwrap();
+    let mut said = false;
+    loop {
+        let (_uffd, times) = Uffd::attach(pid).unwrap();
+        if !said {
+            println!("attached, traced by helper: {}", times.traced_by_helper);
+            said = true;
+        }
+    }
+}
+
+/// `SIGKILL` cannot be blocked: an attacher killed while the target thread had injected
+/// registers left it to the kernel's detach with them (it died of `SIGTRAP`, the single-step
+/// flag still set: 2 of 20 `precopy send --pid` killed 2-30 ms after their start). The calls
+/// now run from a helper process that finishes and puts the thread back.
+#[test]
+fn a_killed_attacher_leaves_the_target_as_it_was() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    if !engine_usable() {
+        return;
+    }
+    let mut t = Target::start(Lang::C, 4, 256, 0);
+    wait_ops(&mut t);
+    let before = state(t.pid);
+    for i in 0..40u64 {
+        let mut attacher = Command::new(std::env::current_exe().unwrap())
+            .args(["attach_until_killed", "--exact", "--ignored", "--nocapture"])
+            .env(ATTACH_LOOP_PID, t.pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        // Past its first attach (and the test harness's own lines), the attacher attaches
+        // again and again: a kill a little later lands in one.
+        let mut out = BufReader::new(attacher.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.starts_with("attached") {
+            line.clear();
+            if out.read_line(&mut line).unwrap() == 0 {
+                panic!("kill {i}: the attacher ended: {:?}", attacher.wait());
+            }
+        }
+        if line.trim_end().ends_with("false") {
+            eprintln!(
+                "SKIP: the attach here is traced from the attaching process itself (no helper \
+                 process could trace the target: Yama's ptrace_scope?), which a SIGKILL can \
+                 still break"
+            );
+            attacher.kill().unwrap();
+            attacher.wait().unwrap();
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(100 + (i * 397) % 3000));
+        attacher.kill().unwrap();
+        attacher.wait().unwrap();
+        // A helper that was mid-way finishes on its own. It shares the attacher's file table,
+        // so the attacher's stdout reaches its end once the helper is gone too.
+        let (done, ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut out, &mut std::io::sink());
+            let _ = done.send(());
+        });
+        ended
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("kill {i}: the attach's helper did not end within 10 s"));
+        assert!(
+            t.running(),
+            "kill {i}: the target died: {:?}",
+            t.child.try_wait()
+        );
+        assert_eq!(
+            state(t.pid),
+            before,
+            "kill {i}: the target was not put back"
+        );
+    }
+    let ops = t.ops();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(t.ops() > ops, "the writers stopped");
+}
+
 #[test]
 fn a_stopped_target_stays_stopped() {
     if !engine_usable() {

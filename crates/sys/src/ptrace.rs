@@ -26,12 +26,16 @@
 //! - **A stopped target** (`SIGSTOP`, state `T`) stays stopped after detaching: the kernel
 //!   re-enters the group stop.
 //!
-//! What cannot be put back: if the engine is killed with `SIGKILL` while a call is being
-//! injected, the kernel detaches the thread with the injected registers in place and it will
-//! most likely crash. Callers block the catchable termination signals for the few
-//! milliseconds an injection takes ([`block_termination_signals`]).
+//! What the tracer cannot put back is its own death: a tracer killed with `SIGKILL` while a
+//! call is being injected leaves the kernel to detach the thread with the injected registers
+//! and the single-step flag in place, and it dies of `SIGTRAP` or runs on from the wrong
+//! place. [`take_fd`] (what attaching uses) therefore traces from a helper process that
+//! outlives its caller; a [`Tracee`] driven directly dies with its caller, which can only
+//! block the catchable termination signals meanwhile ([`block_termination_signals`]).
 
 use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::ptrace;
@@ -137,8 +141,12 @@ pub struct Tracee {
     tid: Pid,
     saved: libc::user_regs_struct,
     saved_mask: u64,
-    /// Signals that could not be blocked and arrived while attached: sent again after detaching.
-    deferred: Vec<Signal>,
+    /// The thread's process (where deferred stops are sent).
+    tgid: i32,
+    /// `SIGSTOP`s that arrived while attached (the one signal that cannot be blocked and is
+    /// not fatal): sent again after detaching. A count, not a list: nothing here allocates, so
+    /// a [`take_fd`] helper process may run it.
+    deferred_stops: u32,
     attached: bool,
 }
 
@@ -149,6 +157,12 @@ impl Tracee {
     /// Errors: `ESRCH` (no such thread), `EPERM` (no ptrace access: not the same user without
     /// `CAP_SYS_PTRACE`, Yama's `ptrace_scope`, or already traced by someone else).
     pub fn seize(tid: i32) -> Result<Tracee, PtraceError> {
+        Tracee::seize_thread(thread_group(tid), tid)
+    }
+
+    /// [`Tracee::seize`] of thread `tid` of process `tgid`, known to the caller (nothing is
+    /// read from `/proc` and nothing allocates).
+    fn seize_thread(tgid: i32, tid: i32) -> Result<Tracee, PtraceError> {
         let pid = Pid::from_raw(tid);
         ptrace::seize(pid, ptrace::Options::empty()).map_err(req("PTRACE_SEIZE"))?;
         let mut t = Tracee {
@@ -157,7 +171,8 @@ impl Tracee {
             // overwritten below before any use.
             saved: unsafe { std::mem::zeroed() },
             saved_mask: 0,
-            deferred: Vec::new(),
+            tgid,
+            deferred_stops: 0,
             attached: true,
         };
         // From here on, dropping `t` detaches.
@@ -213,7 +228,7 @@ impl Tracee {
                 }
                 s if done(&s) => return Ok(s),
                 WaitStatus::Stopped(_, Signal::SIGSTOP) => {
-                    self.deferred.push(Signal::SIGSTOP);
+                    self.deferred_stops += 1;
                     self.resume(phase, None)?;
                 }
                 WaitStatus::Stopped(_, signal) if phase == Phase::Inject => {
@@ -318,10 +333,10 @@ impl Tracee {
         let regs = ptrace::setregs(self.tid, self.saved).map_err(req("PTRACE_SETREGS"));
         let mask = self.set_sigmask(self.saved_mask);
         let detach = ptrace::detach(self.tid, None).map_err(req("PTRACE_DETACH"));
-        for sig in self.deferred.drain(..) {
+        for _ in 0..std::mem::take(&mut self.deferred_stops) {
             // Best effort: the thread may have exited.
             let tid = self.tid.as_raw();
-            let _ = crate::process::signal_thread(thread_group(tid), tid, sig as i32);
+            let _ = crate::process::signal_thread(self.tgid, tid, libc::SIGSTOP);
         }
         regs.and(mask).and(detach)
     }
@@ -332,6 +347,223 @@ impl Drop for Tracee {
         // Best effort: the first error is the one the caller already has.
         let _ = self.restore_and_detach();
     }
+}
+
+/// A system call that makes a file descriptor (`userfaultfd`, say), to run in a thread of
+/// another process and take the descriptor from ([`take_fd`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FdCall<'a> {
+    /// The process.
+    pub tgid: i32,
+    /// The thread that runs the call (stopped for it; the other threads run on).
+    pub tid: i32,
+    /// A pidfd of the process (or of the thread, `PIDFD_THREAD`) the new fd is copied through.
+    pub pidfd: BorrowedFd<'a>,
+    /// Address of a `syscall` instruction (`0f 05`) in the target's executable memory.
+    pub insn: u64,
+    /// The system call's number.
+    pub nr: i64,
+    /// Its arguments.
+    pub args: [u64; 6],
+}
+
+/// Who traced the thread in [`take_fd`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tracer {
+    /// A helper process that outlives the caller (see [`take_fd`]).
+    Helper,
+    /// The calling thread: a helper could not be started, or could not trace the target.
+    Caller {
+        /// What kept the helper from doing it.
+        helper_failed: Errno,
+    },
+}
+
+/// What [`take_fd`] did, step by step; a step after a failed one did not run (`None`).
+#[derive(Debug)]
+pub struct FdTaken {
+    /// Seizing and stopping the thread (registers and signal mask saved).
+    pub seized: Result<(), PtraceError>,
+    /// The injected call's raw result (`-errno` on failure, as the kernel returns it).
+    pub created: Option<Result<i64, PtraceError>>,
+    /// The new fd, copied into this process with `pidfd_getfd` (when the call made one).
+    pub fd: Option<io::Result<OwnedFd>>,
+    /// The raw result of the `close` injected afterwards (the copy or not, the fd is closed
+    /// in the target).
+    pub closed: Option<Result<i64, PtraceError>>,
+    /// Restoring the registers and signal mask, and detaching.
+    pub detached: Result<(), PtraceError>,
+    /// From the seize until the thread was stopped.
+    pub stop: Duration,
+    /// The injected calls and the copy.
+    pub inject: Duration,
+    /// The restore and detach.
+    pub detach: Duration,
+    /// Who traced.
+    pub tracer: Tracer,
+}
+
+/// Runs `call` in thread `call.tid`, copies the descriptor it returns into this process,
+/// closes it in the target and puts the thread back exactly as it was ([`Tracee`]).
+///
+/// The tracer is a helper process, not the caller: a child made with
+/// `clone(CLONE_VM | CLONE_FILES | CLONE_VFORK)` (it shares this process's memory and file
+/// table, so the copied fd lands here; this thread waits until it exits), in a session of
+/// its own, with every signal blocked. If the caller is killed meanwhile (`SIGKILL`, the OOM
+/// killer, a signal to its process group), the helper still finishes the job and puts the
+/// thread back. When the tracer itself dies the kernel detaches the thread as it is, with the
+/// injected registers and the single-step flag set, and it dies of `SIGTRAP` or runs on from
+/// the wrong place: measured with `precopy send --pid` killed 2–30 ms after its start, 2 of 20
+/// targets died that way with the caller as tracer (2026-11-30).
+///
+/// Falls back to the calling thread as tracer (as [`Tracee`] does; [`FdTaken::tracer`] says
+/// so) when no helper can be started (`clone` refused, by a seccomp filter say) or the helper
+/// may not trace the target: Yama's `ptrace_scope` 1 lets a process trace only its own
+/// descendants, and the helper is the caller's child, not the target's ancestor.
+///
+/// Nothing the helper runs allocates or takes a lock (it shares the heap with threads a
+/// `SIGKILL` may have stopped anywhere).
+pub fn take_fd(call: &FdCall<'_>) -> FdTaken {
+    let helper_failed = match in_helper(call) {
+        Ok(taken) => match &taken.seized {
+            Err(PtraceError::Request {
+                what: "PTRACE_SEIZE",
+                errno: Errno::EPERM,
+            }) => Errno::EPERM,
+            _ => return taken,
+        },
+        Err(errno) => errno,
+    };
+    run_fd_call(call, Tracer::Caller { helper_failed })
+}
+
+/// The steps of [`take_fd`], traced from the calling thread (the helper's or the caller's).
+/// Allocates nothing.
+fn run_fd_call(call: &FdCall<'_>, tracer: Tracer) -> FdTaken {
+    let mut out = FdTaken {
+        seized: Ok(()),
+        created: None,
+        fd: None,
+        closed: None,
+        detached: Ok(()),
+        stop: Duration::ZERO,
+        inject: Duration::ZERO,
+        detach: Duration::ZERO,
+        tracer,
+    };
+    let seize_at = Instant::now();
+    let mut tracee = match Tracee::seize_thread(call.tgid, call.tid) {
+        Ok(t) => t,
+        Err(e) => {
+            out.seized = Err(e);
+            out.stop = seize_at.elapsed();
+            return out;
+        }
+    };
+    out.stop = seize_at.elapsed();
+    let inject_at = Instant::now();
+    let created = tracee.syscall(call.insn, call.nr, call.args);
+    if let Ok(fd) = created
+        && fd >= 0
+    {
+        out.fd = Some(crate::process::pidfd_getfd(call.pidfd, fd as RawFd));
+        let close = [fd as u64, 0, 0, 0, 0, 0];
+        out.closed = Some(tracee.syscall(call.insn, libc::SYS_close, close));
+    }
+    out.created = Some(created);
+    out.inject = inject_at.elapsed();
+    let detach_at = Instant::now();
+    out.detached = tracee.detach();
+    out.detach = detach_at.elapsed();
+    out
+}
+
+/// The helper's stack (it runs [`run_fd_call`]: a few frames and a register set).
+const HELPER_STACK: usize = 256 << 10;
+
+/// What the caller and the helper of [`take_fd`] share: the call, and the helper's answer.
+struct HelperJob<'a> {
+    call: FdCall<'a>,
+    out: Option<FdTaken>,
+}
+
+/// Runs [`run_fd_call`] in a helper process (see [`take_fd`]). `Err`: the helper could not be
+/// started (the errno of `mmap` or `clone`), or died before it answered (`ECHILD`).
+fn in_helper(call: &FdCall<'_>) -> Result<FdTaken, Errno> {
+    // SAFETY: a fresh private anonymous mapping with no address hint; the result is checked.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            HELPER_STACK,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if stack == libc::MAP_FAILED {
+        return Err(Errno::last());
+    }
+    let mut job = HelperJob {
+        call: *call,
+        out: None,
+    };
+    // The helper inherits this thread's signal mask: every signal blocked from its first
+    // instruction on (it must not run this process's handlers).
+    let mut old = SigSet::empty();
+    let blocked = pthread_sigmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut old),
+    );
+    if let Err(e) = blocked {
+        // SAFETY: the mapping made above, unused.
+        unsafe { libc::munmap(stack, HELPER_STACK) };
+        return Err(e);
+    }
+    // SAFETY: one past the mapping's end (its top: the stack grows down), inside the same
+    // allocation's bounds.
+    let top = unsafe { stack.cast::<u8>().add(HELPER_STACK) };
+    // SAFETY: `helper_main` runs on the fresh stack with `arg` pointing at `job`.
+    // CLONE_VFORK suspends this thread until the helper exits, so `job`, this frame and the
+    // stack stay untouched by this thread meanwhile; CLONE_VM keeps them mapped even if this
+    // process dies first. Exit signal 0: nobody else is sent SIGCHLD; it is reaped below
+    // with __WALL.
+    let child = unsafe {
+        libc::clone(
+            helper_main,
+            top.cast(),
+            libc::CLONE_VM | libc::CLONE_FILES | libc::CLONE_VFORK,
+            (&mut job as *mut HelperJob<'_>).cast(),
+        )
+    };
+    let clone_errno = Errno::last();
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    if child > 0 {
+        // Reap it (exit signal 0 needs __WALL). Never fails in practice; nothing to do if it
+        // does (someone else reaped it).
+        while let Err(Errno::EINTR) = waitpid(Pid::from_raw(child), Some(WaitPidFlag::__WALL)) {}
+    }
+    // SAFETY: the mapping made above; the helper has released its memory (CLONE_VFORK
+    // returned, or clone failed and it never ran).
+    unsafe { libc::munmap(stack, HELPER_STACK) };
+    if child < 0 {
+        return Err(clone_errno);
+    }
+    job.out.ok_or(Errno::ECHILD)
+}
+
+/// The helper of [`take_fd`]: leaves the caller's session (a signal to the caller's process
+/// group does not reach it), runs the call, writes the answer into the shared job, exits.
+extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `HelperJob` of `in_helper`, whose thread is suspended until this
+    // process exits (CLONE_VFORK) and touches it only then; if that process dies first, the
+    // memory (shared, CLONE_VM) lives on with this process.
+    let job = unsafe { &mut *arg.cast::<HelperJob<'_>>() };
+    // SAFETY: setsid takes no arguments; a new process is never a group leader, so it works.
+    unsafe { libc::setsid() };
+    job.out = Some(run_fd_call(&job.call, Tracer::Helper));
+    0
 }
 
 /// The thread group (process) of thread `tid`, from `/proc/TID/status` (`Tgid:`); `tid` itself

@@ -8,9 +8,11 @@
 //! executable text), copies the new fd out with `pidfd_getfd`, has it `close` the fd, and
 //! detaches. The target's other threads never stop. Its registers, signal mask and pending
 //! signals come back exactly as they were, a blocking system call it was in is restarted, and
-//! no fd is left behind; this holds on every error path too (see `precopy_sys::ptrace`), and a
-//! `SIGINT`/`SIGTERM` to the engine during the few milliseconds of the injection is held back
-//! until the target is restored.
+//! no fd is left behind; this holds on every error path too (see `precopy_sys::ptrace`). The
+//! tracer is a helper process (`precopy_sys::ptrace::take_fd`) that finishes and puts the
+//! thread back even if the engine is killed meanwhile, `SIGKILL` included; where no helper may
+//! trace the target (Yama's `ptrace_scope` 1) the engine traces itself, holds back a
+//! `SIGINT`/`SIGTERM` until the target is restored, and warns that a `SIGKILL` would not be.
 //!
 //! # Errors a user meets
 //! No such process; no permission (not root and not the same user, Yama's `ptrace_scope`, or
@@ -22,7 +24,7 @@
 //! without `CAP_SYS_ADMIN` and would kill the target.
 
 use crate::{Error as TrackerError, Uffd};
-use precopy_sys::ptrace::{PtraceError, SYSCALL_INSN, Tracee};
+use precopy_sys::ptrace::{FdCall, PtraceError, SYSCALL_INSN, Tracer, take_fd};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -168,6 +170,10 @@ pub struct AttachTimes {
     pub stopped: Duration,
     /// The whole call, checks included.
     pub total: Duration,
+    /// Whether a helper process traced the thread (`precopy_sys::ptrace::take_fd`), so that a
+    /// `SIGKILL` of this process during the attach could not have left the thread broken;
+    /// `false` when this process had to (a warning says why).
+    pub traced_by_helper: bool,
 }
 
 fn io_err(e: procfs::ProcError) -> std::io::Error {
@@ -451,14 +457,33 @@ impl Uffd {
                 _ => AttachError::Ptrace { pid, step, source },
             }
         };
-        let seize_at = Instant::now();
-        let mut tracee = Tracee::seize(tid).map_err(ptrace_err("stopping the target"))?;
-        let stop = seize_at.elapsed();
-        let inject_at = Instant::now();
+        // The calls run from a helper process that outlives this one: a `send` killed with
+        // `SIGKILL` here leaves the thread put back, not with injected registers.
         let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64
             | precopy_sys::abi::UFFD_USER_MODE_ONLY as u64;
-        let created = tracee
-            .syscall(insn, libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])
+        let taken = take_fd(&FdCall {
+            tgid: pid,
+            tid,
+            pidfd: pidfd.as_fd(),
+            insn,
+            nr: libc::SYS_userfaultfd,
+            args: [flags, 0, 0, 0, 0, 0],
+        });
+        drop(_block);
+        if let Tracer::Caller { helper_failed } = taken.tracer {
+            tracing::warn!(
+                pid,
+                "attach traced from this process, not from a helper ({helper_failed}): a \
+                 SIGKILL during it would have left the target thread with injected registers"
+            );
+        }
+        let traced_by_helper = taken.tracer == Tracer::Helper;
+        let (stop, inject, detach) = (taken.stop, taken.inject, taken.detach);
+        let stopped = stop + inject + detach;
+        taken.seized.map_err(ptrace_err("stopping the target"))?;
+        let created = taken
+            .created
+            .unwrap_or(Ok(-i64::from(libc::ENOSYS)))
             .map_err(ptrace_err("injecting userfaultfd()"))?;
         if created < 0 {
             let errno = (-created) as i32;
@@ -475,24 +500,20 @@ impl Uffd {
                 libc::EMFILE | libc::ENFILE => "the target has no free file descriptor".to_string(),
                 _ => "unexpected error".to_string(),
             };
-            drop(tracee.detach());
             return Err(AttachError::Refused {
                 pid,
                 reason,
                 source: std::io::Error::from_raw_os_error(errno),
             });
         }
-        let got = precopy_sys::process::pidfd_getfd(pidfd.as_fd(), created as i32);
-        // Close it in the target whatever happened to the copy.
-        let closed = tracee
-            .syscall(insn, libc::SYS_close, [created as u64, 0, 0, 0, 0, 0])
+        let got = taken
+            .fd
+            .unwrap_or_else(|| Err(std::io::Error::from_raw_os_error(libc::EBADF)));
+        let closed = taken
+            .closed
+            .unwrap_or(Ok(0))
             .map_err(ptrace_err("injecting close()"));
-        let inject = inject_at.elapsed();
-        let detach_at = Instant::now();
-        let detached = tracee.detach().map_err(ptrace_err("detaching"));
-        let detach = detach_at.elapsed();
-        let stopped = seize_at.elapsed();
-        drop(_block);
+        let detached = taken.detached.map_err(ptrace_err("detaching"));
 
         let fd: OwnedFd = got.map_err(|source| AttachError::Handoff {
             pid,
@@ -520,6 +541,7 @@ impl Uffd {
                 detach,
                 stopped,
                 total: started.elapsed(),
+                traced_by_helper,
             },
         ))
     }
