@@ -184,7 +184,9 @@ pub trait Workload {
     /// they run only when the kernel's real-time throttling lets them (by default 50 ms of
     /// each second, `sched_rt_runtime_us`; Documentation/scheduler/sched-rt-group.rst).
     fn pause(&mut self) -> Result<(), Self::Error>;
-    /// Lets the writers run again after [`Workload::pause`].
+    /// Lets the writers run again after [`Workload::pause`]. After a final phase that failed,
+    /// it is called from the final phase's thread still raised to `SCHED_FIFO` where
+    /// permitted, as [`Workload::pause`] is: the same rule holds (block, never spin).
     fn resume(&mut self) -> Result<(), Self::Error>;
     /// Denies the writers `fraction` (0.0 to 0.99) of their CPU time; 0.0 lifts the throttle.
     /// The default does nothing (the driver then reports the throttle it asked for).

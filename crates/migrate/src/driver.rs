@@ -158,8 +158,11 @@ const REHEARSAL_MIN: u64 = 1 << 20;
 /// load balancer takes to move one), while the live rounds before it had spread over both, so
 /// the final round went at half their speed. A real-time thread that wakes is placed on a CPU
 /// running only normal tasks, which it preempts: raised, the final phase's threads take both
-/// CPUs at once. Restored as soon as the acknowledgement came (or the phase failed), before
-/// the workload resumes. The driver's watchdog thread, which enforces the final round's bound
+/// CPUs at once. Restored as soon as the acknowledgement came, before the workload resumes;
+/// when the phase fails (an error, a cancel, the final round's bound), only once the workload
+/// is resumed, so that the resume does not wait for a CPU (put back first, the driver of a
+/// final round cut at its 100 ms bound waited up to 38 ms at load 17-19, BENCHMARKS.md, "The
+/// final round's bound: resumed still raised"). The driver's watchdog thread, which enforces the final round's bound
 /// ([`MigrationConfig::final_round_timeout`]), runs one priority above them meanwhile (unless
 /// they are at 99), so that a busy final phase cannot delay it (it is not counted in
 /// [`PriorityReport::threads`](crate::PriorityReport)).
@@ -338,6 +341,9 @@ pub struct Migration<D, T, W> {
     cancel: CancelHandle,
     watchdog: Option<Watchdog>,
     paused_at: Option<Instant>,
+    /// The final phase's threads raised ([`FinalPriority`]): from the pause until the
+    /// acknowledgement or, when the phase fails, until the workload is resumed.
+    final_raise: Option<Raised>,
     /// Harvested ranges not yet delivered (see [`Migration::unsent`]).
     unsent: Vec<Range<u64>>,
     /// More threads to raise with the final phase's ([`Migration::raise_also`]).
@@ -583,6 +589,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             cancel: CancelHandle::default(),
             watchdog: None,
             paused_at: None,
+            final_raise: None,
             unsent: Vec::new(),
             raise_also: None,
         }
@@ -964,6 +971,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 self.report.record_pause(at.elapsed());
             }
         }
+        let raised = self.final_raise.take();
+        self.restore_priority(raised);
     }
 
     fn watchdog(&self) -> Option<&Watchdog> {
@@ -1589,6 +1598,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         if let Some(at) = self.paused_at.take() {
             self.report.record_pause(at.elapsed());
         }
+        let raised = self.final_raise.take();
+        self.restore_priority(raised);
         self.report.status = Status::Active;
         let unsent = self.unsent.clone();
         let mut carry = self.reconnect(round, error)?;
@@ -1920,9 +1931,10 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         if let Some(w) = self.watchdog() {
             w.arm(paused_at + bound, Step::FinalRound, limit);
         }
-        // Dropped on every way out of this phase (restoring the threads' priority), and
-        // restored explicitly before the workload resumes.
-        let raised = self.raise_priority();
+        // Restored after the acknowledgement, before the workload resumes; when the phase
+        // fails, only once the workload is resumed (`recover`, `retry_switchover`): put back
+        // first, the driver waited for a CPU before it could resume it, far past the bound.
+        self.final_raise = self.raise_priority();
         self.workload.pause().map_err(|source| Error::Workload {
             action: "pause",
             source,
@@ -2070,6 +2082,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             });
         }
         self.report.status = Status::Completed;
+        let raised = self.final_raise.take();
         self.restore_priority(raised);
 
         if self.throttle > 0.0 {
@@ -2564,6 +2577,81 @@ mod tests {
             Some("not raised: normal asked for (the threads kept their own priority)")
         );
         assert!(link.sends.iter().all(|s| (s.1, s.2) == before));
+    }
+
+    /// A link whose final round fails, as a final round cut at its bound does.
+    struct FailsFinal {
+        link: FakeLink,
+        final_round: bool,
+    }
+
+    impl Transport for FailsFinal {
+        type Error = io::Error;
+        fn send_round(&mut self, ranges: &[Range<u64>]) -> Result<RoundSent, io::Error> {
+            if self.final_round {
+                return Err(io::Error::other("the destination went away"));
+            }
+            self.link.send_round(ranges)
+        }
+        fn send_state(&mut self, state: &[u8]) -> Result<(), io::Error> {
+            self.link.send_state(state)
+        }
+        fn finish(&mut self) -> Result<(u64, Duration), io::Error> {
+            self.link.finish()
+        }
+        fn expect_final_round(&mut self) {
+            self.final_round = true;
+        }
+    }
+
+    /// A final phase that fails resumes the workload before its threads are put back: put
+    /// back first, the driver waited for a CPU on a loaded machine before it could resume the
+    /// workload, which stayed paused that much past the final round's bound. The driver's
+    /// thread is as it was once the run returns.
+    #[test]
+    fn a_failed_final_phase_resumes_the_workload_still_raised() {
+        let before = sched::thread_policy(sched::gettid()).unwrap();
+        let resumed_at = Arc::new(Mutex::new(Vec::new()));
+        let seen = resumed_at.clone();
+        let workload = Callbacks::<std::convert::Infallible>::new(
+            || Ok(()),
+            move || {
+                let me = sched::thread_policy(sched::gettid()).unwrap();
+                seen.lock().unwrap().push(me);
+                Ok(())
+            },
+        );
+        let mut cfg = MigrationConfig::default();
+        cfg.max_rounds = 2;
+        cfg.throttle.enabled = false;
+        cfg.final_priority = FinalPriority::Realtime(2);
+        let link = FailsFinal {
+            link: link(1024.0 * 1024.0 * 1024.0),
+            final_round: false,
+        };
+        let mut m = Migration::new(ScriptLog::pages(vec![64]), link, workload, cfg);
+        let err = m.run().unwrap_err();
+        assert!(matches!(err, Error::Send { .. }), "{err}");
+        let report = m.report().clone();
+        let p = report.final_priority.unwrap();
+        let last = *resumed_at
+            .lock()
+            .unwrap()
+            .last()
+            .expect("the workload resumed");
+        match &p.not_raised {
+            None => assert_eq!(
+                (last.base(), last.priority),
+                (sched::SCHED_FIFO, 2),
+                "resumed after the final phase's threads were put back"
+            ),
+            Some(why) => {
+                eprintln!("SKIP: the raise itself (not permitted here: {why})");
+                assert_eq!(last, before);
+            }
+        }
+        assert_eq!(p.restore_error, None);
+        assert_eq!(sched::thread_policy(sched::gettid()).unwrap(), before);
     }
 
     #[test]
