@@ -416,25 +416,46 @@ pub struct FdTaken {
 /// the wrong place: measured with `precopy send --pid` killed 2–30 ms after its start, 2 of 20
 /// targets died that way with the caller as tracer (2026-11-30).
 ///
+/// What the helper does not cover is its own death during the few milliseconds it traces:
+/// `SIGKILL` sent to it by name or PID (`pkill -9 precopy` matches it: it shares the caller's
+/// name and command line), or an OOM kill of the caller where the helper could not lower its
+/// own OOM score (without `CAP_SYS_RESOURCE`: the OOM killer kills every process that shares
+/// the victim's memory) leaves the thread as a killed caller did before.
+///
 /// Falls back to the calling thread as tracer (as [`Tracee`] does; [`FdTaken::tracer`] says
 /// so) when no helper can be started (`clone` refused, by a seccomp filter say) or the helper
 /// may not trace the target: Yama's `ptrace_scope` 1 lets a process trace only its own
-/// descendants, and the helper is the caller's child, not the target's ancestor.
+/// descendants, and the helper is the caller's child, not the target's ancestor. A thread
+/// another tracer holds is not retried.
 ///
 /// Nothing the helper runs allocates or takes a lock (it shares the heap with threads a
 /// `SIGKILL` may have stopped anywhere).
 pub fn take_fd(call: &FdCall<'_>) -> FdTaken {
     let helper_failed = match in_helper(call) {
         Ok(taken) => match &taken.seized {
+            // A thread someone else traces refuses every tracer: nothing to retry.
             Err(PtraceError::Request {
                 what: "PTRACE_SEIZE",
                 errno: Errno::EPERM,
-            }) => Errno::EPERM,
+            }) if !traced(call.tid) => Errno::EPERM,
             _ => return taken,
         },
         Err(errno) => errno,
     };
     run_fd_call(call, Tracer::Caller { helper_failed })
+}
+
+/// Whether thread `tid` has a tracer (`TracerPid:` in `/proc/TID/status` not 0); `false` when
+/// that cannot be read.
+fn traced(tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .map(|v| v.trim() != "0")
+        })
+        .unwrap_or(false)
 }
 
 /// The steps of [`take_fd`], traced from the calling thread (the helper's or the caller's).
@@ -562,6 +583,18 @@ extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
     let job = unsafe { &mut *arg.cast::<HelperJob<'_>>() };
     // SAFETY: setsid takes no arguments; a new process is never a group leader, so it works.
     unsafe { libc::setsid() };
+    // The OOM killer, when it kills the caller, kills every process sharing its memory too,
+    // except those at the lowest score: so this one, where permitted (CAP_SYS_RESOURCE).
+    // SAFETY: open of a NUL-terminated literal path; the fd is checked and closed here.
+    let adj = unsafe { libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY) };
+    if adj >= 0 {
+        let min = b"-1000";
+        // SAFETY: `adj` is the fd just opened; `min` is valid for its length. Refused
+        // (EACCES without the capability): the helper simply runs unprotected.
+        unsafe { libc::write(adj, min.as_ptr().cast(), min.len()) };
+        // SAFETY: the fd opened above, closed once.
+        unsafe { libc::close(adj) };
+    }
     job.out = Some(run_fd_call(&job.call, Tracer::Helper));
     0
 }

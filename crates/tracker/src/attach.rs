@@ -470,7 +470,9 @@ impl Uffd {
             args: [flags, 0, 0, 0, 0, 0],
         });
         drop(_block);
-        if let Tracer::Caller { helper_failed } = taken.tracer {
+        if let Tracer::Caller { helper_failed } = taken.tracer
+            && taken.seized.is_ok()
+        {
             tracing::warn!(
                 pid,
                 "attach traced from this process, not from a helper ({helper_failed}): a \
