@@ -967,6 +967,35 @@ fn clear_stale_socket(typed: &str, path: &std::path::Path) -> Result<bool> {
     Ok(true)
 }
 
+/// `recv`'s `received.final_priority`, in the shape of `send`'s `migration.final_priority`:
+/// the policy asked for (`"normal"` or `"fifo"`), the priority (0 for normal), the threads
+/// raised, whether raising was refused, and why none was raised (`null` when some were).
+fn receiver_priority(
+    raised: Option<&precopy_transfer::FinalRaiseReport>,
+    asked: PriorityKind,
+) -> Value {
+    let (policy, priority) = match asked.receiver() {
+        None => ("normal", 0),
+        Some(p) => ("fifo", p),
+    };
+    let (threads, refused) = raised.map_or((0, false), |r| (r.threads, r.refused));
+    let not_raised = match (asked.receiver(), raised) {
+        (None, _) => Some("normal asked for (the threads kept their own priority)".to_string()),
+        (Some(p), Some(r)) if r.refused => Some(format!(
+            "SCHED_FIFO {p} not permitted (needs CAP_SYS_NICE or an RLIMIT_RTPRIO of at least {p}): the threads kept their own priority"
+        )),
+        (Some(_), Some(_)) => None,
+        (Some(_), None) => Some("no round was marked final".to_string()),
+    };
+    json!({
+        "policy": policy,
+        "priority": priority,
+        "threads": threads,
+        "refused": refused,
+        "not_raised": not_raised,
+    })
+}
+
 /// Removes a Unix socket's file when dropped.
 struct RemoveOnDrop(PathBuf);
 
@@ -1054,7 +1083,8 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
             interrupts
                 .state()
                 .add_file(ImageWriter::compacting_path(&path));
-            rx.run(&mut sink)
+            // One transfer at a time: another sender meanwhile is told this one is busy.
+            rx.run_refusing_others(&listener, &mut sink)
         })
         .with_context(|| format!("receiving into {}", path.display()))
         .map_err(fail)?;
@@ -1075,7 +1105,7 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         "state_bytes": received.state_bytes,
         "duration_ms": received.duration.as_secs_f64() * 1e3,
         "refused_connections": received.refused,
-        "final_priority": received.final_priority,
+        "final_priority": receiver_priority(received.final_priority.as_ref(), args.final_priority),
     });
     report["image_bytes"] = json!(image_bytes(&path));
     report["image_compacted"] = json!(image_compaction(&path));
@@ -1090,30 +1120,22 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
             path.display(),
             match received.refused {
                 0 => String::new(),
-                n => format!(" ({n} connection(s) that failed the handshake refused)"),
+                n => format!(
+                    " ({n} other connection(s) refused: a failed handshake, or a sender while busy)"
+                ),
             }
         );
-        if received.final_priority.is_none() && args.final_priority.receiver().is_none() {
-            outln!(
-                "precopy recv: final phase: threads at their own priority (--final-priority normal)"
-            );
-        }
-        if let Some(p) = received.final_priority {
-            outln!(
-                "precopy recv: final phase: {}",
-                if p.refused {
-                    format!(
-                        "SCHED_FIFO {} not permitted, threads at their own priority",
-                        p.priority
-                    )
-                } else {
-                    format!(
-                        "{} thread(s) at SCHED_FIFO {}, put back after",
-                        p.threads, p.priority
-                    )
-                }
-            );
-        }
+        let p = receiver_priority(received.final_priority.as_ref(), args.final_priority);
+        outln!(
+            "precopy recv: final priority: {}",
+            match p["not_raised"].as_str() {
+                Some(why) => format!("not raised: {why}"),
+                None => format!(
+                    "SCHED_FIFO {} for {} thread(s) from the final round to the end, put back after",
+                    p["priority"], p["threads"]
+                ),
+            }
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -256,6 +256,132 @@ fn send_says_the_final_priority_as_its_json_does() {
     let _ = std::fs::remove_file(&img);
 }
 
+/// A second sender to a `recv` that is receiving: it used to wait in the listen backlog and
+/// read "Connection reset by peer" when `recv` ended, with nothing logged there. Now `recv`
+/// answers that it is busy (and logs it), the sender says so and fails (status 1), and the
+/// first transfer completes.
+#[test]
+fn a_second_sender_to_a_busy_recv_is_told_it_is_busy() {
+    use precopy_transfer::FinalCheck;
+    if !engine_usable() {
+        return;
+    }
+    let dir = common::scratch_dir("busy-recv");
+    let (recv, sock) = listening_recv(&dir, &[]);
+    // The first sender: this test, through the library, with its transfer held open.
+    let mut first = four_pages_to(&sock);
+    // The second: `precopy send` of a running process.
+    let t = writing_target(1, 16, 100);
+    let out = precopy(&[
+        "send",
+        "--pid",
+        &pid_arg(&t),
+        "--to",
+        &format!("unix:{}", sock.display()),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+    assert!(err.contains("is busy with another transfer"), "{err}");
+    assert!(!err.contains("reset by peer"), "{err}");
+    // The first transfer is not disturbed, and recv said what it refused.
+    first.finish(FinalCheck::Full).unwrap();
+    let out = recv.wait_with_output().unwrap();
+    let (text, log) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("busy with another transfer"), "{log}");
+    assert!(text.contains("1 other connection(s) refused"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `precopy recv ARGS --listen unix:SOCK --to file:IMG` in `dir`; returns it once it
+/// listens, and SOCK.
+fn listening_recv(dir: &Path, args: &[&str]) -> (std::process::Child, std::path::PathBuf) {
+    let (sock, img) = (dir.join("recv.sock"), dir.join("recv.img"));
+    let recv = Command::new(PRECOPY)
+        .arg("recv")
+        .args(args)
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .arg("--to")
+        .arg(format!("file:{}", img.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !sock.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "recv never listened"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (recv, sock)
+}
+
+/// A transfer from this test to the receiver at `sock`, through the library: four pages sent
+/// in round 0 (no round marked final), not finished yet.
+fn four_pages_to(sock: &Path) -> precopy_transfer::Sender<precopy_transfer::SliceSource<Vec<u8>>> {
+    use precopy_transfer::{Connection, Layout, Sender, SenderConfig, SliceSource};
+    const PS: u64 = 4096;
+    const BASE: u64 = 0x40_0000;
+    let mut tx = Sender::connect(
+        vec![Connection::connect_unix(sock).unwrap()],
+        Layout::single(PS, BASE, 4 * PS).unwrap(),
+        SliceSource::new(BASE, vec![5u8; 4 * PS as usize]),
+        &SenderConfig::default(),
+    )
+    .unwrap();
+    tx.send_round(&[BASE..BASE + 4 * PS]).unwrap();
+    // A PING answered: the receiver runs the transfer, past `accept`.
+    tx.probe_finish().unwrap();
+    tx
+}
+
+/// Runs `precopy recv ARGS` (see [`listening_recv`]), sends it [`four_pages_to`] and finishes,
+/// and returns its output.
+fn recv_a_small_transfer(dir: &Path, args: &[&str]) -> Output {
+    let (recv, sock) = listening_recv(dir, args);
+    four_pages_to(&sock)
+        .finish(precopy_transfer::FinalCheck::Full)
+        .unwrap();
+    recv.wait_with_output().unwrap()
+}
+
+/// `recv --final-priority normal` says so as `send` does (`final_priority` an object with
+/// `policy` "normal" and why its threads were not raised; it was `null`), and a realtime
+/// receiver whose sender marked no round final says that instead of nothing.
+#[test]
+fn recv_says_its_final_priority_as_send_does() {
+    let dir = common::scratch_dir("recv-priority");
+    let out = recv_a_small_transfer(&dir, &["--json", "--final-priority", "normal"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let p = one_json(&out)["received"]["final_priority"].clone();
+    assert_eq!(p["policy"], "normal", "{p}");
+    assert_eq!(p["priority"], 0, "{p}");
+    assert_eq!(p["threads"], 0, "{p}");
+    assert!(
+        p["not_raised"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("normal asked for")),
+        "{p}"
+    );
+    let out = recv_a_small_transfer(&dir, &["--final-priority", "normal"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("final priority: not raised: normal asked for"),
+        "{}",
+        stdout(&out)
+    );
+    let out = recv_a_small_transfer(&dir, &["--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let p = one_json(&out)["received"]["final_priority"].clone();
+    assert_eq!(p["policy"], "fifo", "{p}");
+    assert_eq!(p["not_raised"], "no round was marked final", "{p}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ---- rate: a stopped target, an interrupted run ----
 
 #[test]

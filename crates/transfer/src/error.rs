@@ -815,6 +815,20 @@ pub enum TransferError {
         /// The receiver's message, naming why.
         message: String,
     },
+    /// A receiver busy with another transfer refused this connection (it takes one sender
+    /// at a time: [`Receiver::run_refusing_others`](crate::Receiver::run_refusing_others)).
+    /// The receiver's side of it; the sender gets [`TransferError::ReceiverBusy`].
+    #[error("this receiver is busy with another transfer and takes one sender at a time")]
+    Busy,
+    /// The receiver answered this sender's handshake that it is busy with another transfer
+    /// (an ERROR with code `BUSY`): nothing was sent.
+    #[error(
+        "the receiver at {receiver} is busy with another transfer (it takes one sender at a time): wait until that transfer ends, or send to another receiver"
+    )]
+    ReceiverBusy {
+        /// The receiver's address.
+        receiver: String,
+    },
     /// The peer reported an error and stopped.
     #[error("peer reported an error: {message}")]
     PeerRejected {
@@ -1066,6 +1080,10 @@ impl TransferError {
             },
             E::Aborted => E::Aborted,
             E::WorkerPanicked => E::WorkerPanicked,
+            E::Busy => E::Busy,
+            E::ReceiverBusy { receiver } => E::ReceiverBusy {
+                receiver: receiver.clone(),
+            },
             other => E::Io {
                 what: "an earlier step of this transfer",
                 source: io::Error::other(precopy_sys::error_chain(other)),

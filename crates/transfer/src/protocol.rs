@@ -97,7 +97,9 @@
 //!                                               ◄── preamble, CHALLENGE(key required?, nonce_r)
 //!   AUTH(HMAC(key, "sender" | nonce_r | nonce_s | session | index)) ──►
 //!                                               ◄── WELCOME(HMAC(key, "receiver" | nonce_s | nonce_r | session | index))
-//!                                                   (or ERROR, and the connection closes)
+//!                                                   (or ERROR, and the connection closes;
+//!                                                   ERROR code BUSY: a receiver busy with
+//!                                                   another transfer, which takes one at a time)
 //!   ┌ for each round r = 0, 1, 2, ... on every connection:
 //!   │ ROUND_BEGIN(r)
 //!   │ PAGES / ZERO ...      (each page at most once per round, on one connection)
@@ -317,6 +319,10 @@ pub mod error_code {
     /// A resume the receiver cannot honour (see "Resuming" in the module
     /// docs); the message names why.
     pub const RESUME: u32 = 6;
+    /// The receiver is busy with another transfer and takes one at a time
+    /// ([`Receiver::run_refusing_others`](crate::Receiver::run_refusing_others)):
+    /// the answer to a new sender's AUTH, its key proven.
+    pub const BUSY: u32 = 7;
 }
 
 /// The 16-byte preamble of this version.

@@ -202,6 +202,7 @@ fn code_for(e: &TransferError) -> u32 {
             error_code::CHECKSUM
         }
         TransferError::Protocol(ProtocolError::ResumeRefused { .. }) => error_code::RESUME,
+        TransferError::Busy => error_code::BUSY,
         TransferError::Protocol(_) => error_code::PROTOCOL,
         _ => error_code::DESTINATION,
     }
@@ -212,6 +213,9 @@ fn code_for(e: &TransferError) -> u32 {
 enum Expect<'a> {
     /// A connection of a new transfer.
     New,
+    /// None: a transfer runs, and any sender that proves the key is told the receiver is
+    /// busy ([`TransferError::Busy`]).
+    Busy,
     /// A connection of the sender of this HELLO's session, resuming.
     Resuming(&'a Hello),
 }
@@ -330,6 +334,7 @@ fn handshake_steps(
         reason,
     };
     match expect {
+        Expect::Busy => return Err(TransferError::Busy),
         Expect::New if hello.resume => {
             return Err(refused(ResumeRefusal::NoSession).into());
         }
@@ -486,7 +491,21 @@ impl Receiver {
         self,
         sink: &mut K,
     ) -> Result<ReceiveReport, TransferError> {
-        self.run_on(sink, None)
+        self.run_on(sink, None, false)
+    }
+
+    /// As [`Receiver::run`], while `listener` (the one this transfer was accepted on) is
+    /// watched: any other sender that connects meanwhile gets the handshake as usual and,
+    /// once it proved the key, an ERROR with code `BUSY` (it reports
+    /// [`TransferError::ReceiverBusy`]); each such refusal is logged (`tracing`, warn) and
+    /// counted in [`ReceiveReport::refused`]. Without the watch, such a sender waits in the
+    /// listen backlog until this receiver closes the listener, and then reads a reset.
+    pub fn run_refusing_others<K: Sink + Send + ?Sized>(
+        self,
+        listener: &Listener,
+        sink: &mut K,
+    ) -> Result<ReceiveReport, TransferError> {
+        self.run_on(sink, Some(listener), false)
     }
 
     /// As [`Receiver::run`], and when the connections break (end of stream,
@@ -519,13 +538,16 @@ impl Receiver {
         listener: &Listener,
         sink: &mut K,
     ) -> Result<ReceiveReport, TransferError> {
-        self.run_on(sink, Some(listener))
+        self.run_on(sink, Some(listener), true)
     }
 
+    /// Runs the transfer; `listener` is watched while it runs: for the same sender coming
+    /// back when `resumable`, else to tell anyone else this receiver is busy.
     fn run_on<K: Sink + Send + ?Sized>(
         self,
         sink: &mut K,
         listener: Option<&Listener>,
+        resumable: bool,
     ) -> Result<ReceiveReport, TransferError> {
         let start = Instant::now();
         let Receiver {
@@ -534,8 +556,7 @@ impl Receiver {
             config,
             mut door,
         } = self;
-        // A sink that cannot tell what it holds makes a break final (`resume_digests`).
-        let resumable = listener.is_some();
+        let resumable = resumable && listener.is_some();
         // Pages applied torn stay torn across a resume until a good copy arrives.
         let changed = Mutex::new(ChangedPages::default());
         let mut next = 0;
@@ -559,11 +580,21 @@ impl Receiver {
             let watch = Watch::default();
             let (end, resumed) = std::thread::scope(|s| {
                 let (door, watch, cfg, first, old) = (&mut door, &watch, &config, &hello, &conns);
-                let watching = listener
-                    .map(|l| s.spawn(move || watch_for_resume(l, cfg, first, old, watch, door)));
+                let watching = listener.map(|l| {
+                    s.spawn(move || {
+                        if resumable {
+                            watch_for_resume(l, cfg, first, old, watch, door)
+                        } else {
+                            refuse_while_busy(l, cfg, watch, door);
+                            Vec::new()
+                        }
+                    })
+                });
                 let end = leg.run(&mut *sink);
                 let digests = match &end {
-                    LegEnd::Broken { error, counted } if watching.is_some() => {
+                    // A sink that cannot tell what it holds makes a break final
+                    // (`resume_digests`).
+                    LegEnd::Broken { error, counted } if resumable => {
                         // A final phase cut short: the sender sends state and FINISH again.
                         sink.reopen();
                         let block = resume_block_pages(first.layout.total_pages());
@@ -992,6 +1023,27 @@ fn watch_for_resume(
         ),
     }
     back
+}
+
+/// While a transfer runs (until `watch` says stop): accepts on `listener` and tells every
+/// sender that proves the key that this receiver is busy, each refusal counted and logged by
+/// `door`.
+fn refuse_while_busy(listener: &Listener, config: &ReceiverConfig, watch: &Watch, door: &mut Door) {
+    let refused = gather(
+        listener,
+        config,
+        Expect::Busy,
+        Until::Watched(watch),
+        door,
+        // The handshake itself refuses every connection: nothing is ever taken.
+        |_, _| Ok(Take::Refused(TransferError::Busy)),
+    );
+    if let Err(e) = refused {
+        tracing::warn!(
+            error = %precopy_sys::error_chain(&e),
+            "watching for other senders failed; they wait in the listen backlog"
+        );
+    }
 }
 
 /// Most handshakes a receiver runs at once while it accepts; further connections wait in the

@@ -141,7 +141,12 @@ impl Connection {
                 .peer_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "tcp peer".into()),
-            Connection::Unix(_) => "unix peer".into(),
+            // A sender's socket names the receiver's path; a receiver's peer is unnamed.
+            Connection::Unix(s) => s
+                .peer_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "unix peer".into()),
         }
     }
 }

@@ -74,6 +74,11 @@ fn handshake_steps(
                 message,
             }
         }
+        TransferError::PeerRejected { code, .. } if code == error_code::BUSY => {
+            TransferError::ReceiverBusy {
+                receiver: conn.peer(),
+            }
+        }
         e => e,
     })?;
     let their = h.decode::<Welcome>(&p)?.mac;
