@@ -6,7 +6,7 @@
 mod common;
 
 use common::target::{Lang, Target, engine_usable, state};
-use common::{PRECOPY, one_json, precopy, scratch, scratch_dir, stderr, stdout};
+use common::{PRECOPY, listening_recv, one_json, precopy, scratch, scratch_dir, stderr, stdout};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -136,18 +136,7 @@ fn a_receiver_refuses_a_round_its_file_system_cannot_hold_before_writing_it() {
     let img = fs.0.join("r.img");
     let sock = scratch("recv-small-fs.sock");
     let _ = std::fs::remove_file(&sock);
-    let recv = Command::new(PRECOPY)
-        .args(["recv", "--json", "--listen"])
-        .arg(format!("unix:{}", sock.display()))
-        .arg("--to")
-        .arg(file_url(&img))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    while !sock.exists() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let recv = listening_recv(&sock, &img, &["--json"]);
     let sent = precopy(&[
         "send",
         "--pid",
@@ -156,7 +145,7 @@ fn a_receiver_refuses_a_round_its_file_system_cannot_hold_before_writing_it() {
         &format!("unix:{}", sock.display()),
     ]);
     assert!(!sent.status.success());
-    let out = recv.wait_with_output().unwrap();
+    let out = recv.output();
     let v = one_json(&out);
     let msg = v["error"]["message"].as_str().unwrap_or_default();
     assert!(

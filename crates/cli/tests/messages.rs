@@ -5,10 +5,10 @@
 mod common;
 
 use common::target::{Lang, Target, engine_usable, state};
-use common::{PRECOPY, one_json, precopy, scratch, stderr, stdout};
+use common::{PRECOPY, listening_recv, one_json, precopy, scratch, stderr, stdout};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use std::io::{BufRead, BufReader};
+use std::io::BufRead;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -267,7 +267,8 @@ fn a_second_sender_to_a_busy_recv_is_told_it_is_busy() {
         return;
     }
     let dir = common::scratch_dir("busy-recv");
-    let (recv, sock) = listening_recv(&dir, &[]);
+    let sock = dir.join("recv.sock");
+    let recv = listening_recv(&sock, &dir.join("recv.img"), &[]);
     // The first sender: this test, through the library, with its transfer held open.
     let mut first = four_pages_to(&sock);
     // The second: `precopy send` of a running process.
@@ -286,38 +287,12 @@ fn a_second_sender_to_a_busy_recv_is_told_it_is_busy() {
     assert!(!err.contains("reset by peer"), "{err}");
     // The first transfer is not disturbed, and recv said what it refused.
     first.finish(FinalCheck::Full).unwrap();
-    let out = recv.wait_with_output().unwrap();
+    let out = recv.output();
     let (text, log) = (stdout(&out), stderr(&out));
     assert!(out.status.success(), "{log}");
     assert!(log.contains("busy with another transfer"), "{log}");
     assert!(text.contains("1 other connection(s) refused"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Starts `precopy recv ARGS --listen unix:SOCK --to file:IMG` in `dir`; returns it once it
-/// listens, and SOCK.
-fn listening_recv(dir: &Path, args: &[&str]) -> (std::process::Child, std::path::PathBuf) {
-    let (sock, img) = (dir.join("recv.sock"), dir.join("recv.img"));
-    let recv = Command::new(PRECOPY)
-        .arg("recv")
-        .args(args)
-        .arg("--listen")
-        .arg(format!("unix:{}", sock.display()))
-        .arg("--to")
-        .arg(format!("file:{}", img.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !sock.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "recv never listened"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    (recv, sock)
 }
 
 /// A transfer from this test to the receiver at `sock`, through the library: four pages sent
@@ -339,14 +314,15 @@ fn four_pages_to(sock: &Path) -> precopy_transfer::Sender<precopy_transfer::Slic
     tx
 }
 
-/// Runs `precopy recv ARGS` (see [`listening_recv`]), sends it [`four_pages_to`] and finishes,
-/// and returns its output.
+/// Runs `precopy recv ARGS` into `dir` (see [`listening_recv`]), sends it [`four_pages_to`]
+/// and finishes, and returns its output.
 fn recv_a_small_transfer(dir: &Path, args: &[&str]) -> Output {
-    let (recv, sock) = listening_recv(dir, args);
+    let sock = dir.join("recv.sock");
+    let recv = listening_recv(&sock, &dir.join("recv.img"), args);
     four_pages_to(&sock)
         .finish(precopy_transfer::FinalCheck::Full)
         .unwrap();
-    recv.wait_with_output().unwrap()
+    recv.output()
 }
 
 /// `recv --final-priority normal` says so as `send` does (`final_priority` an object with
@@ -493,22 +469,13 @@ fn an_interrupted_rate_reports_the_intervals_it_measured() {
 
 // ---- messages ----
 
-/// `precopy recv` on `unix:sock` into `img`, and its stderr to read.
-fn start_recv(
-    sock: &Path,
-    img: &Path,
-) -> (std::process::Child, BufReader<std::process::ChildStderr>) {
-    let mut recv = Command::new(PRECOPY)
-        .args(["recv", "--listen"])
-        .arg(format!("unix:{}", sock.display()))
-        .arg("--to")
-        .arg(format!("file:{}", img.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = BufReader::new(recv.stderr.take().unwrap());
-    (recv, err)
+/// `precopy recv` on `unix:sock` into `img`: it, the rest of its stderr, its first line.
+fn start_recv(sock: &Path, img: &Path) -> (std::process::Child, impl BufRead, String) {
+    let (listen, to) = (
+        format!("unix:{}", sock.display()),
+        format!("file:{}", img.display()),
+    );
+    common::recv_started(&["--listen", &listen, "--to", &to])
 }
 
 #[test]
@@ -518,9 +485,7 @@ fn a_receiver_that_went_away_is_named_with_the_fix() {
     }
     let sock = scratch("dead-recv.sock");
     let img = scratch("dead-recv.img");
-    let (mut recv, mut err) = start_recv(&sock, &img);
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    let (mut recv, _err, line) = start_recv(&sock, &img);
     assert!(line.contains("listening on"), "{line}");
     let t = Target::start(Lang::C, 4, 4096, 0);
     let send = Command::new(PRECOPY)
@@ -569,9 +534,8 @@ fn recv_removes_a_stale_socket_file_and_refuses_one_in_use() {
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(sock.exists());
     let img = scratch("stale.img");
-    let (mut recv, mut err) = start_recv(&sock, &img);
-    let (mut first, mut second) = (String::new(), String::new());
-    err.read_line(&mut first).unwrap();
+    let (mut recv, mut err, first) = start_recv(&sock, &img);
+    let mut second = String::new();
     err.read_line(&mut second).unwrap();
     // Listening: a second receiver on the same path is refused, and the file stays. (Its own
     // image: the first one's is held while it waits.)
@@ -814,17 +778,7 @@ fn send_recv_and_rate_print_one_json_object_on_success_and_failure() {
     // Success: a send into a receiver, the receiver's report, a rate.
     let t = writing_target(2, 256, 100);
     let sock = scratch("json-shape.sock");
-    let recv = Command::new(PRECOPY)
-        .args(["recv", "--json", "--listen"])
-        .arg(format!("unix:{}", sock.display()))
-        .args(["--to", &img_url])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    while !sock.exists() {
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let recv = listening_recv(&sock, &img, &["--json"]);
     let out = precopy(&[
         "send",
         "--json",
@@ -837,7 +791,7 @@ fn send_recv_and_rate_print_one_json_object_on_success_and_failure() {
     assert!(out.status.success(), "{v}");
     assert_eq!(v["target_state"], "running", "{v}");
     assert!(v["downtime_exceeded"].is_boolean(), "{v}");
-    let v = one_json(&recv.wait_with_output().unwrap());
+    let v = one_json(&recv.output());
     assert!(v["received"]["pages"].is_u64(), "{v}");
     // The send marked its final round on the wire; this separate receiver raised its own
     // threads for it (or says it was not permitted).

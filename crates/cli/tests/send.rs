@@ -71,18 +71,10 @@ fn spawn_recv(
     image: &Path,
     key: &KeyFile,
 ) -> (Child, BufReader<std::process::ChildStderr>, String) {
-    let mut child = Command::new(PRECOPY)
-        .args(["recv", "--json", "--listen", listen, "--to"])
-        .arg(format!("file:{}", image.display()))
-        .arg("--key-file")
-        .arg(key.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    let to = format!("file:{}", image.display());
+    let key = key.path().to_str().unwrap();
+    let args = ["--json", "--listen", listen, "--to", &to, "--key-file", key];
+    let (child, err, line) = common::recv_started(&args);
     let addr = line
         .trim()
         .strip_prefix("precopy recv: listening on ")

@@ -305,6 +305,13 @@ pub const NONCE_LEN: usize = 16;
 pub const MAC_LEN: usize = 32;
 
 /// Codes carried by ERROR frames.
+///
+/// The set is open within a version: a peer decodes an ERROR whatever its code
+/// ([`ErrorFrame`]'s decode is lenient) and reports its message, so a code added
+/// later needs no new version. [`BUSY`](error_code::BUSY) came within version 7: a
+/// version 7 sender from before it reports "peer reported an error: this receiver is
+/// busy with another transfer ...", where a newer one says the same in its own words
+/// (`TransferError::ReceiverBusy`). A sender must not stop at a code it does not know.
 pub mod error_code {
     /// The peer broke the protocol (damaged or unexpected frame).
     pub const PROTOCOL: u32 = 1;

@@ -5,8 +5,9 @@
 
 pub mod target;
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, Output, Stdio};
 
 /// The binary under test.
 pub const PRECOPY: &str = env!("CARGO_BIN_EXE_precopy");
@@ -126,4 +127,53 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A `precopy recv` started by [`listening_recv`], its stderr read on a thread.
+pub struct ListeningRecv {
+    child: Child,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl ListeningRecv {
+    /// Waits for it to end: its output, stderr whole (from the "listening on" line on).
+    pub fn output(self) -> Output {
+        let mut out = self.child.wait_with_output().unwrap();
+        out.stderr = self.stderr.join().unwrap().into_bytes();
+        out
+    }
+}
+
+/// Starts `precopy recv ARGS` (stdout and stderr piped) and reads its first line on stderr,
+/// which a receiver that listens prints once it does: it, the rest of its stderr, and that line.
+pub fn recv_started(args: &[&str]) -> (Child, BufReader<ChildStderr>, String) {
+    let mut child = Command::new(PRECOPY)
+        .arg("recv")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    (child, err, line)
+}
+
+/// Starts `precopy recv ARGS --listen unix:SOCK --to file:IMG`; returns it once it listens.
+/// Listening is its "listening on" line, not the socket file: the file exists from the bind,
+/// and a connect before the listen that follows is refused.
+pub fn listening_recv(sock: &Path, img: &Path, args: &[&str]) -> ListeningRecv {
+    let (listen, to) = (
+        format!("unix:{}", sock.display()),
+        format!("file:{}", img.display()),
+    );
+    let args = [args, &["--listen", &listen, "--to", &to]].concat();
+    let (child, mut err, mut line) = recv_started(&args);
+    assert!(line.contains("listening on"), "recv said {line:?}");
+    let stderr = std::thread::spawn(move || {
+        let _ = err.read_to_string(&mut line);
+        line
+    });
+    ListeningRecv { child, stderr }
 }
