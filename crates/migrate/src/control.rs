@@ -189,7 +189,9 @@ pub trait Workload {
     /// permitted, as [`Workload::pause`] is: the same rule holds (block, never spin).
     fn resume(&mut self) -> Result<(), Self::Error>;
     /// Denies the writers `fraction` (0.0 to 0.99) of their CPU time; 0.0 lifts the throttle.
-    /// The default does nothing (the driver then reports the throttle it asked for).
+    /// The default does nothing (the driver then reports the throttle it asked for). After a
+    /// final phase that failed, the lift comes from the final phase's thread still raised, as
+    /// [`Workload::resume`] does.
     fn set_throttle(&mut self, fraction: f64) -> Result<(), Self::Error> {
         let _ = fraction;
         Ok(())

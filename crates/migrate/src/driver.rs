@@ -162,8 +162,8 @@ const REHEARSAL_MIN: u64 = 1 << 20;
 /// when the phase fails (an error, a cancel, the final round's bound), only once the workload
 /// is resumed, so that the resume does not wait for a CPU (put back first, the driver of a
 /// final round cut at its 100 ms bound waited up to 38 ms at load 17-19, BENCHMARKS.md, "The
-/// final round's bound: resumed still raised"). The driver's watchdog thread, which enforces the final round's bound
-/// ([`MigrationConfig::final_round_timeout`]), runs one priority above them meanwhile (unless
+/// final round's bound: resumed still raised"). The driver's watchdog thread, which enforces
+/// the final round's bound ([`MigrationConfig::final_round_timeout`]), runs one priority above them meanwhile (unless
 /// they are at 99), so that a busy final phase cannot delay it (it is not counted in
 /// [`PriorityReport::threads`](crate::PriorityReport)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -926,6 +926,15 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.report.throttle_method = self.workload.throttle_method();
         self.watchdog = Some(Watchdog::start(&self.cancel, self.transport.interrupter()));
         let result = self.iterate(start);
+        // A failed final phase keeps its raise until the workload is resumed (`recover`), the
+        // watchdog's thread in it: put that one back while its ID still names it.
+        if let (Some(raised), Some(tid)) = (
+            self.final_raise.as_mut(),
+            self.watchdog.as_ref().and_then(Watchdog::tid),
+        ) && let Err(e) = raised.restore_thread(tid)
+        {
+            tracing::warn!(error = %e, "putting the watchdog's thread back to its priority failed");
+        }
         self.watchdog = None;
         if let Err(e) = &result {
             self.report.error = Some(precopy_sys::error_chain(e));

@@ -67,8 +67,8 @@
 //! and any the embedder adds ([`Migration::raise_also`]) run at `SCHED_FIFO`
 //! ([`MigrationConfig::final_priority`], default priority 1) where the process may
 //! (`CAP_SYS_NICE`), and are put back before the workload resumes (after a failed final
-//! phase, right after it resumed, so that the resume does not wait for a CPU); the report says whether
-//! they were raised or why not ([`PriorityReport`]). A real-time thread that wakes is placed on
+//! phase, right after it resumed, so that the resume does not wait for a CPU); the report says
+//! whether they were raised or why not ([`PriorityReport`]). A real-time thread that wakes is placed on
 //! a CPU running only normal tasks and preempts them, so the final round's threads spread over
 //! the CPUs at once instead of waiting for the load balancer.
 //! **Finish** (the memory digests and the acknowledgement round trip): the upper median of the

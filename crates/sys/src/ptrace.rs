@@ -34,7 +34,9 @@
 //! block the catchable termination signals meanwhile ([`block_termination_signals`]).
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -75,6 +77,9 @@ pub enum PtraceError {
         /// The signal.
         signal: Signal,
     },
+    /// The helper process of [`take_fd`] died (was killed) before it answered: the thread may
+    /// be left with injected registers, and a descriptor it copied may be open here.
+    HelperDied,
     /// The thread stopped somewhere else than after the injected `syscall` instruction.
     UnexpectedStop {
         /// Where it stopped.
@@ -92,6 +97,11 @@ impl std::fmt::Display for PtraceError {
             PtraceError::Faulted { signal } => {
                 write!(f, "the injected system call raised {signal}")
             }
+            PtraceError::HelperDied => write!(
+                f,
+                "the helper process that traced the thread died before it answered (killed?): \
+                 the thread may be left with injected registers"
+            ),
             PtraceError::UnexpectedStop { rip, expected } => write!(
                 f,
                 "the thread stopped at {rip:#x}, not after the injected syscall ({expected:#x})"
@@ -403,24 +413,45 @@ pub struct FdTaken {
     pub tracer: Tracer,
 }
 
+impl FdTaken {
+    /// Nothing done yet.
+    fn nothing(tracer: Tracer) -> FdTaken {
+        FdTaken {
+            seized: Ok(()),
+            created: None,
+            fd: None,
+            closed: None,
+            detached: Ok(()),
+            stop: Duration::ZERO,
+            inject: Duration::ZERO,
+            detach: Duration::ZERO,
+            tracer,
+        }
+    }
+}
+
 /// Runs `call` in thread `call.tid`, copies the descriptor it returns into this process,
 /// closes it in the target and puts the thread back exactly as it was ([`Tracee`]).
 ///
 /// The tracer is a helper process, not the caller: a child made with
 /// `clone(CLONE_VM | CLONE_FILES | CLONE_VFORK)` (it shares this process's memory and file
 /// table, so the copied fd lands here; this thread waits until it exits), in a session of
-/// its own, with every signal blocked. If the caller is killed meanwhile (`SIGKILL`, the OOM
-/// killer, a signal to its process group), the helper still finishes the job and puts the
-/// thread back. When the tracer itself dies the kernel detaches the thread as it is, with the
+/// its own, with every signal blocked. If the caller is killed meanwhile (`SIGKILL`, a
+/// signal to its process group), the helper still finishes the job and puts the thread back. When the tracer itself dies the kernel detaches the thread as it is, with the
 /// injected registers and the single-step flag set, and it dies of `SIGTRAP` or runs on from
 /// the wrong place: measured with `precopy send --pid` killed 2–30 ms after its start, 2 of 20
 /// targets died that way with the caller as tracer (2026-11-30).
 ///
 /// What the helper does not cover is its own death during the few milliseconds it traces:
 /// `SIGKILL` sent to it by name or PID (`pkill -9 precopy` matches it: it shares the caller's
-/// name and command line), or an OOM kill of the caller where the helper could not lower its
-/// own OOM score (without `CAP_SYS_RESOURCE`: the OOM killer kills every process that shares
-/// the victim's memory) leaves the thread as a killed caller did before.
+/// name and command line), or an OOM kill of the caller (the OOM killer kills every process
+/// that shares the victim's memory) leaves the thread as a killed caller did before; the
+/// result is then [`PtraceError::HelperDied`], never retried, and a descriptor the helper had
+/// copied stays open in this process. A helper that waits for a thread that never stops
+/// (uninterruptible sleep) waits as the caller would have, and keeps the caller's file table
+/// (so its pipes and sockets) open after the caller dies. Needs glibc 2.25 or later (older
+/// `clone` wrappers rewrote the caller thread's cached IDs for such a child): with an older
+/// one the caller traces.
 ///
 /// Falls back to the calling thread as tracer (as [`Tracee`] does; [`FdTaken::tracer`] says
 /// so) when no helper can be started (`clone` refused, by a seccomp filter say) or the helper
@@ -432,7 +463,7 @@ pub struct FdTaken {
 /// `SIGKILL` may have stopped anywhere).
 pub fn take_fd(call: &FdCall<'_>) -> FdTaken {
     let helper_failed = match in_helper(call) {
-        Ok(taken) => match &taken.seized {
+        Helped::Answered(taken) => match &taken.seized {
             // A thread someone else traces refuses every tracer: nothing to retry.
             Err(PtraceError::Request {
                 what: "PTRACE_SEIZE",
@@ -440,7 +471,13 @@ pub fn take_fd(call: &FdCall<'_>) -> FdTaken {
             }) if !traced(call.tid) => Errno::EPERM,
             _ => return taken,
         },
-        Err(errno) => errno,
+        Helped::NotStarted(errno) => errno,
+        // Never retried: the thread may be half-way through an injection.
+        Helped::Died => {
+            let mut taken = FdTaken::nothing(Tracer::Helper);
+            taken.seized = Err(PtraceError::HelperDied);
+            return taken;
+        }
     };
     run_fd_call(call, Tracer::Caller { helper_failed })
 }
@@ -461,17 +498,7 @@ fn traced(tid: i32) -> bool {
 /// The steps of [`take_fd`], traced from the calling thread (the helper's or the caller's).
 /// Allocates nothing.
 fn run_fd_call(call: &FdCall<'_>, tracer: Tracer) -> FdTaken {
-    let mut out = FdTaken {
-        seized: Ok(()),
-        created: None,
-        fd: None,
-        closed: None,
-        detached: Ok(()),
-        stop: Duration::ZERO,
-        inject: Duration::ZERO,
-        detach: Duration::ZERO,
-        tracer,
-    };
+    let mut out = FdTaken::nothing(tracer);
     let seize_at = Instant::now();
     let mut tracee = match Tracee::seize_thread(call.tgid, call.tid) {
         Ok(t) => t,
@@ -501,50 +528,78 @@ fn run_fd_call(call: &FdCall<'_>, tracer: Tracer) -> FdTaken {
 
 /// The helper's stack (it runs [`run_fd_call`]: a few frames and a register set).
 const HELPER_STACK: usize = 256 << 10;
+/// An inaccessible page below the helper's stack: an overflow faults instead of writing into
+/// a neighbouring mapping the caller's threads use.
+const STACK_GUARD: usize = 4096;
 
 /// What the caller and the helper of [`take_fd`] share: the call, and the helper's answer.
 struct HelperJob<'a> {
     call: FdCall<'a>,
-    out: Option<FdTaken>,
+    /// Written by the helper before it sets `done`; read only once `done` is set (a helper
+    /// killed half-way through writing it leaves `done` clear).
+    out: MaybeUninit<FdTaken>,
+    done: AtomicBool,
 }
 
-/// Runs [`run_fd_call`] in a helper process (see [`take_fd`]). `Err`: the helper could not be
-/// started (the errno of `mmap` or `clone`), or died before it answered (`ECHILD`).
-fn in_helper(call: &FdCall<'_>) -> Result<FdTaken, Errno> {
+/// How [`in_helper`] ended.
+enum Helped {
+    /// The helper ran the call and answered.
+    Answered(FdTaken),
+    /// No helper could be started (the errno of `mmap`, `mprotect` or `clone`), or this C
+    /// library's `clone` is too old to use this way.
+    NotStarted(Errno),
+    /// The helper died before it answered (killed): the thread's state is unknown.
+    Died,
+}
+
+/// Runs [`run_fd_call`] in a helper process (see [`take_fd`]).
+fn in_helper(call: &FdCall<'_>) -> Helped {
+    if !clone_wrapper_leaves_caller_ids() {
+        return Helped::NotStarted(Errno::ENOSYS);
+    }
+    let len = STACK_GUARD + HELPER_STACK;
     // SAFETY: a fresh private anonymous mapping with no address hint; the result is checked.
-    let stack = unsafe {
+    let map = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            HELPER_STACK,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
             -1,
             0,
         )
     };
-    if stack == libc::MAP_FAILED {
-        return Err(Errno::last());
+    if map == libc::MAP_FAILED {
+        return Helped::NotStarted(Errno::last());
+    }
+    // SAFETY: the first page of the mapping made above, nothing in it yet.
+    if unsafe { libc::mprotect(map, STACK_GUARD, libc::PROT_NONE) } != 0 {
+        let e = Errno::last();
+        // SAFETY: the mapping made above, unused.
+        unsafe { libc::munmap(map, len) };
+        return Helped::NotStarted(e);
     }
     let mut job = HelperJob {
         call: *call,
-        out: None,
+        out: MaybeUninit::uninit(),
+        done: AtomicBool::new(false),
     };
-    // The helper inherits this thread's signal mask: every signal blocked from its first
-    // instruction on (it must not run this process's handlers).
+    // The helper inherits this thread's signal mask: every signal glibc lets a program block
+    // is blocked from its first instruction on (it blocks glibc's own two itself, first
+    // thing); it must not run this process's handlers.
     let mut old = SigSet::empty();
-    let blocked = pthread_sigmask(
+    if let Err(e) = pthread_sigmask(
         SigmaskHow::SIG_SETMASK,
         Some(&SigSet::all()),
         Some(&mut old),
-    );
-    if let Err(e) = blocked {
+    ) {
         // SAFETY: the mapping made above, unused.
-        unsafe { libc::munmap(stack, HELPER_STACK) };
-        return Err(e);
+        unsafe { libc::munmap(map, len) };
+        return Helped::NotStarted(e);
     }
-    // SAFETY: one past the mapping's end (its top: the stack grows down), inside the same
-    // allocation's bounds.
-    let top = unsafe { stack.cast::<u8>().add(HELPER_STACK) };
+    // SAFETY: the mapping's end (its top: the stack grows down), inside the same allocation's
+    // bounds.
+    let top = unsafe { map.cast::<u8>().add(len) };
     // SAFETY: `helper_main` runs on the fresh stack with `arg` pointing at `job`.
     // CLONE_VFORK suspends this thread until the helper exits, so `job`, this frame and the
     // stack stay untouched by this thread meanwhile; CLONE_VM keeps them mapped even if this
@@ -561,41 +616,70 @@ fn in_helper(call: &FdCall<'_>) -> Result<FdTaken, Errno> {
     let clone_errno = Errno::last();
     let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
     if child > 0 {
-        // Reap it (exit signal 0 needs __WALL). Never fails in practice; nothing to do if it
-        // does (someone else reaped it).
+        // Reap it (exit signal 0 needs __WALL). Nothing to do if this fails (someone else
+        // reaped it): `done` says whether it answered.
         while let Err(Errno::EINTR) = waitpid(Pid::from_raw(child), Some(WaitPidFlag::__WALL)) {}
     }
     // SAFETY: the mapping made above; the helper has released its memory (CLONE_VFORK
     // returned, or clone failed and it never ran).
-    unsafe { libc::munmap(stack, HELPER_STACK) };
+    unsafe { libc::munmap(map, len) };
     if child < 0 {
-        return Err(clone_errno);
+        return Helped::NotStarted(clone_errno);
     }
-    job.out.ok_or(Errno::ECHILD)
+    if job.done.load(Ordering::Acquire) {
+        // SAFETY: `done` is set (Release) only after `out` was written whole.
+        Helped::Answered(unsafe { job.out.assume_init_read() })
+    } else {
+        Helped::Died
+    }
 }
 
-/// The helper of [`take_fd`]: leaves the caller's session (a signal to the caller's process
-/// group does not reach it), runs the call, writes the answer into the shared job, exits.
+/// Whether this C library's `clone` wrapper leaves the calling thread's cached process and
+/// thread IDs alone for a `CLONE_VM` child that is not a thread: glibc before 2.25 wrote the
+/// child's into the thread-local cache the child shares with the caller here. Other C
+/// libraries (musl) keep no such cache.
+fn clone_wrapper_leaves_caller_ids() -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: gnu_get_libc_version takes nothing and returns a static string.
+        let version = unsafe { libc::gnu_get_libc_version() };
+        // SAFETY: that pointer is to a static NUL-terminated string.
+        let v = unsafe { std::ffi::CStr::from_ptr(version) };
+        let mut parts = v.to_str().unwrap_or("0.0").split('.');
+        let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        (major, minor) >= (2, 25)
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        true
+    }
+}
+
+/// The helper of [`take_fd`]: blocks every signal, leaves the caller's session (a signal to
+/// the caller's process group does not reach it), runs the call, publishes the answer in the
+/// shared job, exits.
 extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
+    let all: u64 = !0;
+    // SAFETY: rt_sigprocmask with a valid 8-byte set and no old set; the kernel ignores the
+    // unblockable SIGKILL and SIGSTOP. The raw call also blocks glibc's internal signals.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &all as *const u64,
+            std::ptr::null_mut::<u64>(),
+            KERNEL_SIGSET_SIZE,
+        )
+    };
     // SAFETY: `arg` is the `HelperJob` of `in_helper`, whose thread is suspended until this
-    // process exits (CLONE_VFORK) and touches it only then; if that process dies first, the
-    // memory (shared, CLONE_VM) lives on with this process.
+    // process exits (CLONE_VFORK) and reads it only then, and only `out` once `done` is set;
+    // if that process dies first, the memory (shared, CLONE_VM) lives on with this process.
     let job = unsafe { &mut *arg.cast::<HelperJob<'_>>() };
     // SAFETY: setsid takes no arguments; a new process is never a group leader, so it works.
     unsafe { libc::setsid() };
-    // The OOM killer, when it kills the caller, kills every process sharing its memory too,
-    // except those at the lowest score: so this one, where permitted (CAP_SYS_RESOURCE).
-    // SAFETY: open of a NUL-terminated literal path; the fd is checked and closed here.
-    let adj = unsafe { libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY) };
-    if adj >= 0 {
-        let min = b"-1000";
-        // SAFETY: `adj` is the fd just opened; `min` is valid for its length. Refused
-        // (EACCES without the capability): the helper simply runs unprotected.
-        unsafe { libc::write(adj, min.as_ptr().cast(), min.len()) };
-        // SAFETY: the fd opened above, closed once.
-        unsafe { libc::close(adj) };
-    }
-    job.out = Some(run_fd_call(&job.call, Tracer::Helper));
+    job.out.write(run_fd_call(&job.call, Tracer::Helper));
+    job.done.store(true, Ordering::Release);
     0
 }
 

@@ -482,7 +482,11 @@ impl Uffd {
         let traced_by_helper = taken.tracer == Tracer::Helper;
         let (stop, inject, detach) = (taken.stop, taken.inject, taken.detach);
         let stopped = stop + inject + detach;
-        taken.seized.map_err(ptrace_err("stopping the target"))?;
+        let seize_step = match &taken.seized {
+            Err(PtraceError::HelperDied) => "tracing from the attach's helper process",
+            _ => "stopping the target",
+        };
+        taken.seized.map_err(ptrace_err(seize_step))?;
         let created = taken
             .created
             .unwrap_or(Ok(-i64::from(libc::ENOSYS)))

@@ -131,16 +131,30 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 
 /// A `precopy recv` started by [`listening_recv`], its stderr read on a thread.
 pub struct ListeningRecv {
-    child: Child,
-    stderr: std::thread::JoinHandle<String>,
+    /// `None` once [`ListeningRecv::output`] took it.
+    child: Option<Child>,
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl ListeningRecv {
     /// Waits for it to end: its output, stderr whole (from the "listening on" line on).
-    pub fn output(self) -> Output {
-        let mut out = self.child.wait_with_output().unwrap();
-        out.stderr = self.stderr.join().unwrap().into_bytes();
+    pub fn output(mut self) -> Output {
+        let child = self.child.take().expect("a receiver waited for once");
+        let mut out = child.wait_with_output().unwrap();
+        if let Some(stderr) = self.stderr.take() {
+            out.stderr = stderr.join().unwrap().into_bytes();
+        }
         out
+    }
+}
+
+impl Drop for ListeningRecv {
+    /// A test that failed before [`ListeningRecv::output`] leaves no receiver listening.
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -175,5 +189,8 @@ pub fn listening_recv(sock: &Path, img: &Path, args: &[&str]) -> ListeningRecv {
         let _ = err.read_to_string(&mut line);
         line
     });
-    ListeningRecv { child, stderr }
+    ListeningRecv {
+        child: Some(child),
+        stderr: Some(stderr),
+    }
 }
