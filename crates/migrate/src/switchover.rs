@@ -235,34 +235,39 @@ pub(crate) struct Estimator {
 /// The upper median of `v` (zero when empty): one slow sample of a busy scheduler does not
 /// decide, a majority does.
 fn upper_median(v: impl Iterator<Item = Duration>) -> Duration {
-    let mut v: Vec<Duration> = v.collect();
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or_default()
+    middle(v, Duration::cmp, false)
 }
 
 /// The lower median of `v` (zero when empty): of two samples, the faster.
 fn lower_median(v: impl Iterator<Item = Duration>) -> Duration {
-    let mut v: Vec<Duration> = v.collect();
-    v.sort_unstable();
-    v.get(v.len().saturating_sub(1) / 2)
-        .copied()
-        .unwrap_or_default()
+    middle(v, Duration::cmp, true)
 }
 
 /// The lower median of `v` (zero when empty).
 fn lower_median_f64(v: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = v.collect();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len().saturating_sub(1) / 2)
-        .copied()
-        .unwrap_or_default()
+    middle(v, f64::total_cmp, true)
 }
 
 /// The upper median of `v` (zero when empty).
 fn upper_median_f64(v: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = v.collect();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or_default()
+    middle(v, f64::total_cmp, false)
+}
+
+/// The middle of `v` sorted by `cmp` (the default value when empty); of an even count, the
+/// lower of the two middle samples when `lower`, else the upper.
+fn middle<T: Copy + Default>(
+    v: impl Iterator<Item = T>,
+    cmp: impl FnMut(&T, &T) -> std::cmp::Ordering,
+    lower: bool,
+) -> T {
+    let mut v: Vec<T> = v.collect();
+    v.sort_unstable_by(cmp);
+    let at = if lower {
+        v.len().saturating_sub(1) / 2
+    } else {
+        v.len() / 2
+    };
+    v.get(at).copied().unwrap_or_default()
 }
 
 fn push<T>(q: &mut VecDeque<T>, v: T, cap: usize) {

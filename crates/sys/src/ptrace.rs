@@ -482,17 +482,9 @@ pub fn take_fd(call: &FdCall<'_>) -> FdTaken {
     run_fd_call(call, Tracer::Caller { helper_failed })
 }
 
-/// Whether thread `tid` has a tracer (`TracerPid:` in `/proc/TID/status` not 0); `false` when
-/// that cannot be read.
+/// Whether thread `tid` has a tracer (`TracerPid:` not 0); `false` when that cannot be read.
 fn traced(tid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("TracerPid:"))
-                .map(|v| v.trim() != "0")
-        })
-        .unwrap_or(false)
+    status_field(tid, "TracerPid:").is_some_and(|tracer| tracer != 0)
 }
 
 /// The steps of [`take_fd`], traced from the calling thread (the helper's or the caller's).
@@ -683,17 +675,20 @@ extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
     0
 }
 
-/// The thread group (process) of thread `tid`, from `/proc/TID/status` (`Tgid:`); `tid` itself
-/// when that cannot be read.
+/// The thread group (process) of thread `tid` (`Tgid:`); `tid` itself when that cannot be read.
 fn thread_group(tid: i32) -> i32 {
+    status_field(tid, "Tgid:").unwrap_or(tid)
+}
+
+/// The number after `field` in `/proc/TID/status`, if it can be read.
+fn status_field(tid: i32, field: &str) -> Option<i32> {
     std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim()
+        .parse()
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Tgid:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(tid)
 }
 
 /// Blocks `SIGINT`, `SIGTERM`, `SIGHUP` and `SIGQUIT` in the calling thread until the guard is
