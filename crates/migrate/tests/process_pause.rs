@@ -11,39 +11,10 @@
 
 mod common;
 
-use common::{Killed, fixture, spawn_announced, state, wait_until};
+use common::{VforkTarget, state, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use precopy_migrate::{PauseMethod, ProcessControl, ThrottleMethod, Workload, all_stopped};
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::Command;
-
-/// Writes the byte the fixture's vfork child waits for on `fifo`: the child exits.
-fn release_vfork_child(fifo: &std::path::Path) {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(fifo)
-        .unwrap()
-        .write_all(b"x")
-        .unwrap();
-}
-
-/// Writes a byte to the FIFO when dropped, so a fixture's vfork child waiting on it exits
-/// however the test ends (it outlives a killed target).
-struct Release(PathBuf);
-impl Drop for Release {
-    fn drop(&mut self) {
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-            .open(&self.0)
-        {
-            let _ = f.write_all(b"x");
-        }
-    }
-}
 
 /// The state letter of thread `tid` of `pid` (`/proc/PID/task/TID/stat`).
 fn thread_state(pid: i32, tid: i32) -> char {
@@ -65,18 +36,9 @@ fn sigstop_pending(pid: i32) -> bool {
 
 #[test]
 fn a_sigcont_landing_as_the_pause_stops_the_process_is_followed_by_another_stop() {
-    let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("go");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
-    let target = Killed(
-        Command::new(fixture("vfork_wait"))
-            .arg(&fifo)
-            .spawn()
-            .unwrap(),
-    );
-    let pid = target.0.id() as i32;
     // In vfork, waiting for its child: an uninterruptible sleep.
-    wait_until("the target to wait in vfork", || state(pid) == 'D');
+    let target = VforkTarget::start(false);
+    let pid = target.pid();
 
     let mut control = ProcessControl::new(pid, PauseMethod::Signal, ThrottleMethod::None).unwrap();
     let pause = std::thread::spawn(move || {
@@ -87,7 +49,7 @@ fn a_sigcont_landing_as_the_pause_stops_the_process_is_followed_by_another_stop(
     // Someone else continues the process: the pending SIGSTOP is discarded.
     kill(Pid::from_raw(pid), Signal::SIGCONT).unwrap();
     // The vfork child exits (it reads one byte), and the target runs on, spinning.
-    release_vfork_child(&fifo);
+    target.release();
 
     let (mut control, result) = pause.join().unwrap();
     if let Err(e) = &result {
@@ -108,16 +70,8 @@ fn a_sigcont_landing_as_the_pause_stops_the_process_is_followed_by_another_stop(
 /// while the main thread still waits; the pause returns once both have stopped.
 #[test]
 fn the_pause_stops_a_running_thread_while_the_main_thread_cannot_act_on_the_stop() {
-    let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("go");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
-    let mut command = Command::new(fixture("vfork_wait"));
-    command.arg(&fifo).arg("spin");
-    let (target, line) = spawn_announced(command);
-    let _release = Release(fifo.clone());
-    let pid = target.0.id() as i32;
-    assert_eq!(line.trim(), "ready");
-    wait_until("the target to wait in vfork", || state(pid) == 'D');
+    let target = VforkTarget::start(true);
+    let pid = target.pid();
     let spinner = precopy_sys::sched::process_threads(pid)
         .unwrap()
         .into_iter()
@@ -136,7 +90,7 @@ fn the_pause_stops_a_running_thread_while_the_main_thread_cannot_act_on_the_stop
     });
     assert_eq!(state(pid), 'D', "the main thread left vfork early");
     // The vfork child exits; the main thread acts on its stop.
-    release_vfork_child(&fifo);
+    target.release();
     let (mut control, result) = pause.join().unwrap();
     if let Err(e) = &result {
         panic!("the pause failed: {e}");

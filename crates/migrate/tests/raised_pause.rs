@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{Killed, fixture, spawn_announced, state, wait_until};
+use common::{Killed, VforkTarget, fixture, spawn_announced, state, wait_until};
 use precopy_migrate::{
     PauseMethod, PriorityReport, ProcessControl, ProcessError, ThrottleMethod, Workload,
     all_stopped,
@@ -163,17 +163,8 @@ fn raised_pauses_leave_every_thread_with_its_own_policy() {
 /// the thread it raised as it was, and the process continued: it runs on once it can.
 #[test]
 fn a_pause_that_fails_leaves_the_threads_as_they_were() {
-    let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("go");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
-    let target = Killed(
-        Command::new(fixture("vfork_wait"))
-            .arg(&fifo)
-            .spawn()
-            .unwrap(),
-    );
-    let pid = target.0.id() as i32;
-    wait_until("the target to wait in vfork", || state(pid) == 'D');
+    let target = VforkTarget::start(false);
+    let pid = target.pid();
     let before = scheduling(pid);
     let Some(caller) = realtime_caller("a_pause_that_fails_leaves_the_threads_as_they_were") else {
         return;
@@ -192,7 +183,7 @@ fn a_pause_that_fails_leaves_the_threads_as_they_were() {
     // Let it out of vfork: it runs on (spins), still as it was. The failed pause continued
     // it, which discarded the SIGSTOP still pending on its thread; one left pending would
     // stop it here, with nothing to continue it.
-    std::fs::write(&fifo, b"x").unwrap();
+    target.release();
     wait_until("the target to leave its vfork", || {
         matches!(state(pid), 'R' | 'T' | 't')
     });

@@ -15,8 +15,14 @@
 //! - **Signal mask**: saved with `PTRACE_GETSIGMASK`; while calls are injected every blockable
 //!   signal is blocked (`PTRACE_SETSIGMASK`), so a signal arriving meanwhile stays pending instead
 //!   of running a handler on injected registers; the original mask is restored before detaching
-//!   and the signal is then delivered normally. A `SIGSTOP` that arrives meanwhile (it cannot be
-//!   blocked) is sent again after detaching.
+//!   and the signal is then delivered normally. A `SIGSTOP` that reaches the thread meanwhile
+//!   (it cannot be blocked) is delivered there and then, through ptrace: the process's group
+//!   stop begins at once, as it would have untraced, while the traced thread goes on with the
+//!   injected calls (a tracee resumed from a group stop runs); on detach the kernel puts it
+//!   into the group stop if that is still in effect. A `SIGCONT` that came in between ended
+//!   it, and the thread runs on, as it would have untraced. (Until 2026-12-01 the stop was
+//!   held back and sent again after detaching, also after a `SIGCONT`: the target stayed
+//!   stopped.)
 //! - **A thread stopped inside a system call** (a blocking `read`, `futex`, `nanosleep`): the
 //!   interrupt stop comes with the call's "restart me" result (`-ERESTARTSYS` and friends) in
 //!   `rax` and its number in `orig_rax`. The injected registers carry `orig_rax = -1`, so the
@@ -25,6 +31,12 @@
 //!   the thread resumes, exactly as after any ptrace stop.
 //! - **A stopped target** (`SIGSTOP`, state `T`) stays stopped after detaching: the kernel
 //!   re-enters the group stop.
+//! - **A thread that does not stop**: the seize waits at most [`STOP_TIMEOUT`] for the
+//!   thread's first stop (a thread in an uninterruptible sleep, state `D`, such as a `vfork`
+//!   parent or a read from a hung network file system, stops only when that sleep ends), then
+//!   fails with [`PtraceError::NotStopped`] having changed nothing in the thread; it stays
+//!   seized until the tracing thread exits (the kernel cannot detach a running thread on
+//!   request, and does so when its tracer exits). [`take_fd`]'s tracers exit right after.
 //!
 //! What the tracer cannot put back is its own death: a tracer killed with `SIGKILL` while a
 //! call is being injected leaves the kernel to detach the thread with the injected registers
@@ -55,6 +67,13 @@ const KERNEL_SIGSET_SIZE: usize = 8;
 pub const SYSCALL_INSN: [u8; 2] = [0x0f, 0x05];
 /// Signals that can never be blocked (bits of `SIGKILL` and `SIGSTOP`).
 const UNBLOCKABLE: u64 = (1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1));
+/// How long [`Tracee::seize`] waits for the thread's first stop (see the module docs, "A
+/// thread that does not stop"). A running or sleeping thread stops within microseconds, a
+/// thread waiting for a CPU on a loaded machine within a scheduling period or so; seconds mean
+/// an uninterruptible sleep.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest pause between two looks at whether the thread has stopped.
+const STOP_POLL_MAX: Duration = Duration::from_millis(2);
 
 /// How a ptrace step failed.
 #[derive(Debug)]
@@ -80,6 +99,14 @@ pub enum PtraceError {
     /// The helper process of [`take_fd`] died (was killed) before it answered: the thread may
     /// be left with injected registers, and a descriptor it copied may be open here.
     HelperDied,
+    /// The thread did not stop within [`STOP_TIMEOUT`] (an uninterruptible sleep, most
+    /// likely); nothing was changed in it.
+    NotStopped {
+        /// The thread.
+        tid: i32,
+        /// How long the seize waited.
+        waited: Duration,
+    },
     /// The thread stopped somewhere else than after the injected `syscall` instruction.
     UnexpectedStop {
         /// Where it stopped.
@@ -101,6 +128,12 @@ impl std::fmt::Display for PtraceError {
                 f,
                 "the helper process that traced the thread died before it answered (killed?): \
                  the thread may be left with injected registers"
+            ),
+            PtraceError::NotStopped { tid, waited } => write!(
+                f,
+                "thread {tid} did not stop within {:.1} s (an uninterruptible sleep, state D, \
+                 such as a vfork parent or a hung file system read); it was left untouched",
+                waited.as_secs_f64()
             ),
             PtraceError::UnexpectedStop { rip, expected } => write!(
                 f,
@@ -138,8 +171,8 @@ fn req(what: &'static str) -> impl FnOnce(Errno) -> PtraceError {
 /// What the thread is doing while [`Tracee::wait_stop`] waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Being stopped for the first time.
-    Attach,
+    /// Being stopped for the first time, by this deadline.
+    Attach(Instant),
     /// Single-stepping an injected call.
     Inject,
 }
@@ -151,12 +184,9 @@ pub struct Tracee {
     tid: Pid,
     saved: libc::user_regs_struct,
     saved_mask: u64,
-    /// The thread's process (where deferred stops are sent).
-    tgid: i32,
-    /// `SIGSTOP`s that arrived while attached (the one signal that cannot be blocked and is
-    /// not fatal): sent again after detaching. A count, not a list: nothing here allocates, so
-    /// a [`take_fd`] helper process may run it.
-    deferred_stops: u32,
+    /// Whether `saved` and `saved_mask` were read and the mask changed: only then is anything
+    /// written back. A seize that failed before changed nothing and writes nothing.
+    changed: bool,
     attached: bool,
 }
 
@@ -165,34 +195,31 @@ impl Tracee {
     /// mask and blocks every blockable signal in it.
     ///
     /// Errors: `ESRCH` (no such thread), `EPERM` (no ptrace access: not the same user without
-    /// `CAP_SYS_PTRACE`, Yama's `ptrace_scope`, or already traced by someone else).
+    /// `CAP_SYS_PTRACE`, Yama's `ptrace_scope`, or already traced by someone else);
+    /// [`PtraceError::NotStopped`] after [`STOP_TIMEOUT`] (the thread stays seized, untouched,
+    /// until the calling thread exits: see the module docs). Nothing allocates.
     pub fn seize(tid: i32) -> Result<Tracee, PtraceError> {
-        Tracee::seize_thread(thread_group(tid), tid)
-    }
-
-    /// [`Tracee::seize`] of thread `tid` of process `tgid`, known to the caller (nothing is
-    /// read from `/proc` and nothing allocates).
-    fn seize_thread(tgid: i32, tid: i32) -> Result<Tracee, PtraceError> {
         let pid = Pid::from_raw(tid);
         ptrace::seize(pid, ptrace::Options::empty()).map_err(req("PTRACE_SEIZE"))?;
         let mut t = Tracee {
             tid: pid,
             // SAFETY: user_regs_struct is plain integers; all-zero is a valid value. It is
-            // overwritten below before any use.
+            // overwritten below before any use, and written back only once it was (`changed`).
             saved: unsafe { std::mem::zeroed() },
             saved_mask: 0,
-            tgid,
-            deferred_stops: 0,
+            changed: false,
             attached: true,
         };
-        // From here on, dropping `t` detaches.
+        // From here on, dropping `t` detaches (once the thread is stopped; see `NotStopped`).
         ptrace::interrupt(pid).map_err(req("PTRACE_INTERRUPT"))?;
-        t.wait_stop(Phase::Attach, |status| {
+        let stop_by = Instant::now() + STOP_TIMEOUT;
+        t.wait_stop(Phase::Attach(stop_by), |status| {
             matches!(status, WaitStatus::PtraceEvent(..))
         })?;
         t.saved = ptrace::getregs(pid).map_err(req("PTRACE_GETREGS"))?;
         t.saved_mask = t.get_sigmask()?;
         t.set_sigmask(!UNBLOCKABLE)?;
+        t.changed = true;
         Ok(t)
     }
 
@@ -212,23 +239,18 @@ impl Tracee {
     }
 
     /// Waits until the thread is in a stop `done` accepts, resuming it the same way
-    /// (`step`) after any other stop. A `SIGSTOP` is deferred (sent again after detaching). In
-    /// [`Phase::Attach`] another signal (one that arrived before the mask was blocked) is
-    /// delivered by resuming with it, then the thread is interrupted again; in
-    /// [`Phase::Inject`] it can only come from the injected call itself and is an error.
+    /// (`step`) after any other stop. A `SIGSTOP` is delivered by resuming with it (the
+    /// process's group stop begins; the traced thread, resumed from its own stop in it, runs
+    /// on). In [`Phase::Attach`] another signal (one that arrived before the mask was blocked)
+    /// is delivered the same way, then the thread is interrupted again; in [`Phase::Inject`]
+    /// it can only come from the injected call itself and is an error.
     fn wait_stop(
         &mut self,
         phase: Phase,
         done: impl Fn(&WaitStatus) -> bool,
     ) -> Result<WaitStatus, PtraceError> {
         loop {
-            let status = loop {
-                match waitpid(self.tid, Some(WaitPidFlag::__WALL)) {
-                    Err(Errno::EINTR) => continue,
-                    Err(e) => return Err(req("waitpid")(e)),
-                    Ok(s) => break s,
-                }
-            };
+            let status = self.wait(phase)?;
             match status {
                 WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
                     self.attached = false;
@@ -238,8 +260,7 @@ impl Tracee {
                 }
                 s if done(&s) => return Ok(s),
                 WaitStatus::Stopped(_, Signal::SIGSTOP) => {
-                    self.deferred_stops += 1;
-                    self.resume(phase, None)?;
+                    self.resume(phase, Some(Signal::SIGSTOP))?;
                 }
                 WaitStatus::Stopped(_, signal) if phase == Phase::Inject => {
                     return Err(PtraceError::Faulted { signal });
@@ -255,9 +276,43 @@ impl Tracee {
         }
     }
 
+    /// The thread's next state change. In [`Phase::Attach`], looked at without blocking, at
+    /// growing intervals up to [`STOP_POLL_MAX`], until its deadline: then
+    /// [`PtraceError::NotStopped`].
+    fn wait(&self, phase: Phase) -> Result<WaitStatus, PtraceError> {
+        let deadline = match phase {
+            Phase::Attach(deadline) => deadline,
+            Phase::Inject => loop {
+                match waitpid(self.tid, Some(WaitPidFlag::__WALL)) {
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(req("waitpid")(e)),
+                    Ok(s) => return Ok(s),
+                }
+            },
+        };
+        let mut nap = Duration::from_micros(10);
+        loop {
+            match waitpid(self.tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(req("waitpid")(e)),
+                Ok(WaitStatus::StillAlive) => {}
+                Ok(s) => return Ok(s),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(PtraceError::NotStopped {
+                    tid: self.tid.as_raw(),
+                    waited: STOP_TIMEOUT,
+                });
+            }
+            std::thread::sleep(nap.min(deadline - now));
+            nap = (nap * 2).min(STOP_POLL_MAX);
+        }
+    }
+
     fn resume(&self, phase: Phase, sig: Option<Signal>) -> Result<(), PtraceError> {
         match phase {
-            Phase::Attach => ptrace::cont(self.tid, sig).map_err(req("PTRACE_CONT")),
+            Phase::Attach(_) => ptrace::cont(self.tid, sig).map_err(req("PTRACE_CONT")),
             Phase::Inject => ptrace::step(self.tid, sig).map_err(req("PTRACE_SINGLESTEP")),
         }
     }
@@ -330,7 +385,7 @@ impl Tracee {
     }
 
     /// Writes the saved registers and signal mask back and detaches; the thread resumes where
-    /// it was (a stopped process stays stopped). Deferred `SIGSTOP`s are sent again.
+    /// it was (a stopped process stays stopped: the kernel puts it into the group stop).
     pub fn detach(mut self) -> Result<(), PtraceError> {
         self.restore_and_detach()
     }
@@ -340,14 +395,14 @@ impl Tracee {
             return Ok(());
         }
         self.attached = false;
-        let regs = ptrace::setregs(self.tid, self.saved).map_err(req("PTRACE_SETREGS"));
-        let mask = self.set_sigmask(self.saved_mask);
-        let detach = ptrace::detach(self.tid, None).map_err(req("PTRACE_DETACH"));
-        for _ in 0..std::mem::take(&mut self.deferred_stops) {
-            // Best effort: the thread may have exited.
-            let tid = self.tid.as_raw();
-            let _ = crate::process::signal_thread(self.tgid, tid, libc::SIGSTOP);
+        let (mut regs, mut mask) = (Ok(()), Ok(()));
+        if self.changed {
+            regs = ptrace::setregs(self.tid, self.saved).map_err(req("PTRACE_SETREGS"));
+            mask = self.set_sigmask(self.saved_mask);
         }
+        // Fails (ESRCH) for a thread that never stopped: it stays seized until this thread
+        // exits, registers untouched.
+        let detach = ptrace::detach(self.tid, None).map_err(req("PTRACE_DETACH"));
         regs.and(mask).and(detach)
     }
 }
@@ -363,8 +418,6 @@ impl Drop for Tracee {
 /// another process and take the descriptor from ([`take_fd`]).
 #[derive(Debug, Clone, Copy)]
 pub struct FdCall<'a> {
-    /// The process.
-    pub tgid: i32,
     /// The thread that runs the call (stopped for it; the other threads run on).
     pub tid: i32,
     /// A pidfd of the process (or of the thread, `PIDFD_THREAD`) the new fd is copied through.
@@ -447,17 +500,17 @@ impl FdTaken {
 /// name and command line), or an OOM kill of the caller (the OOM killer kills every process
 /// that shares the victim's memory) leaves the thread as a killed caller did before; the
 /// result is then [`PtraceError::HelperDied`], never retried, and a descriptor the helper had
-/// copied stays open in this process. A helper that waits for a thread that never stops
-/// (uninterruptible sleep) waits as the caller would have, and keeps the caller's file table
-/// (so its pipes and sockets) open after the caller dies. Needs glibc 2.25 or later (older
-/// `clone` wrappers rewrote the caller thread's cached IDs for such a child): with an older
-/// one the caller traces.
+/// copied stays open in this process. A thread that does not stop within [`STOP_TIMEOUT`]
+/// (uninterruptible sleep) is [`PtraceError::NotStopped`], untouched; the helper's exit
+/// detaches it. Needs glibc 2.25 or later (older `clone` wrappers rewrote the caller thread's
+/// cached IDs for such a child): with an older one the caller traces.
 ///
-/// Falls back to the calling thread as tracer (as [`Tracee`] does; [`FdTaken::tracer`] says
-/// so) when no helper can be started (`clone` refused, by a seccomp filter say) or the helper
-/// may not trace the target: Yama's `ptrace_scope` 1 lets a process trace only its own
-/// descendants, and the helper is the caller's child, not the target's ancestor. A thread
-/// another tracer holds is not retried.
+/// Falls back to tracing from this process (from a short-lived thread of it, whose exit
+/// detaches a thread that never stopped; [`FdTaken::tracer`] says so) when no helper can be
+/// started (`clone` refused, by a seccomp filter say) or the helper may not trace the target:
+/// Yama's `ptrace_scope` 1 lets a process trace only its own descendants, and the helper is
+/// the caller's child, not the target's ancestor. A thread another tracer holds is not
+/// retried.
 ///
 /// Nothing the helper runs allocates or takes a lock (it shares the heap with threads a
 /// `SIGKILL` may have stopped anywhere).
@@ -479,7 +532,21 @@ pub fn take_fd(call: &FdCall<'_>) -> FdTaken {
             return taken;
         }
     };
-    run_fd_call(call, Tracer::Caller { helper_failed })
+    let tracer = Tracer::Caller { helper_failed };
+    // From a thread of its own, so that its exit detaches a thread that never stopped; from
+    // this one if no thread can be started.
+    let ran = std::thread::scope(|s| {
+        let handle = std::thread::Builder::new()
+            .name("precopy-attach".into())
+            .spawn_scoped(s, || run_fd_call(call, tracer))
+            .ok()?;
+        Some(handle.join())
+    });
+    match ran {
+        Some(Ok(taken)) => taken,
+        Some(Err(panic)) => std::panic::resume_unwind(panic),
+        None => run_fd_call(call, tracer),
+    }
 }
 
 /// Whether thread `tid` has a tracer (`TracerPid:` not 0); `false` when that cannot be read.
@@ -492,7 +559,7 @@ fn traced(tid: i32) -> bool {
 fn run_fd_call(call: &FdCall<'_>, tracer: Tracer) -> FdTaken {
     let mut out = FdTaken::nothing(tracer);
     let seize_at = Instant::now();
-    let mut tracee = match Tracee::seize_thread(call.tgid, call.tid) {
+    let mut tracee = match Tracee::seize(call.tid) {
         Ok(t) => t,
         Err(e) => {
             out.seized = Err(e);
@@ -673,11 +740,6 @@ extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
     job.out.write(run_fd_call(&job.call, Tracer::Helper));
     job.done.store(true, Ordering::Release);
     0
-}
-
-/// The thread group (process) of thread `tid` (`Tgid:`); `tid` itself when that cannot be read.
-fn thread_group(tid: i32) -> i32 {
-    status_field(tid, "Tgid:").unwrap_or(tid)
 }
 
 /// The number after `field` in `/proc/TID/status`, if it can be read.

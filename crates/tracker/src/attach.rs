@@ -368,22 +368,29 @@ fn find_syscall_in(pid: i32, tid: i32) -> Result<u64, AttachError> {
 }
 
 /// The thread to inject into: the thread-group leader unless it is a zombie (it called
-/// `pthread_exit` while other threads run), else the first live thread.
+/// `pthread_exit` while other threads run) or in an uninterruptible sleep (state `D`: a
+/// `vfork` parent, a read from a hung file system; it would stop only when that sleep ends,
+/// `precopy_sys::ptrace::STOP_TIMEOUT`), else the first live thread not in one, else the first
+/// live thread.
 fn pick_thread(p: &procfs::process::Process) -> i32 {
     use procfs::process::ProcState;
+    let state = |t: &procfs::process::Task| t.stat().ok().and_then(|s| s.state().ok());
     let alive = |t: &procfs::process::Task| {
-        t.stat()
-            .ok()
-            .and_then(|s| s.state().ok())
-            .is_some_and(|s| !matches!(s, ProcState::Zombie | ProcState::Dead))
+        state(t).is_some_and(|s| !matches!(s, ProcState::Zombie | ProcState::Dead))
     };
+    let awake =
+        |t: &procfs::process::Task| alive(t) && !matches!(state(t), Some(ProcState::Waiting));
     if let Ok(tasks) = p.tasks() {
         let tasks: Vec<_> = tasks.flatten().collect();
-        if let Some(t) = tasks.iter().find(|t| t.tid == p.pid && alive(t)) {
-            return t.tid;
-        }
-        if let Some(t) = tasks.iter().find(|t| alive(t)) {
-            return t.tid;
+        let leader_first = |ok: &dyn Fn(&procfs::process::Task) -> bool| {
+            tasks
+                .iter()
+                .find(|t| t.tid == p.pid && ok(t))
+                .or_else(|| tasks.iter().find(|t| ok(t)))
+                .map(|t| t.tid)
+        };
+        if let Some(tid) = leader_first(&awake).or_else(|| leader_first(&alive)) {
+            return tid;
         }
     }
     p.pid
@@ -462,7 +469,6 @@ impl Uffd {
         let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64
             | precopy_sys::abi::UFFD_USER_MODE_ONLY as u64;
         let taken = take_fd(&FdCall {
-            tgid: pid,
             tid,
             pidfd: pidfd.as_fd(),
             insn,

@@ -315,6 +315,66 @@ pub fn wait_until(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// The `vfork_wait` fixture: its main thread waits in `vfork(2)` for its child (an
+/// uninterruptible sleep, state `D`) until [`VforkTarget::release`]; with `spin`, a second
+/// thread spins meanwhile. Killed when dropped, its child released first.
+pub struct VforkTarget {
+    fifo: std::path::PathBuf,
+    pub target: Killed,
+    _dir: tempfile::TempDir,
+}
+
+impl VforkTarget {
+    /// Starts it and waits until the main thread waits in `vfork`.
+    pub fn start(spin: bool) -> VforkTarget {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("go");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let mut command = std::process::Command::new(fixture("vfork_wait"));
+        command.arg(&fifo);
+        let target = if spin {
+            command.arg("spin");
+            let (target, line) = spawn_announced(command);
+            assert_eq!(line.trim(), "ready");
+            target
+        } else {
+            Killed(command.spawn().unwrap())
+        };
+        let pid = target.0.id() as i32;
+        wait_until("the target to wait in vfork", || state(pid) == 'D');
+        VforkTarget {
+            fifo,
+            target,
+            _dir: dir,
+        }
+    }
+
+    /// The process.
+    pub fn pid(&self) -> i32 {
+        self.target.0.id() as i32
+    }
+
+    /// Writes the byte the vfork child waits for: it exits, and the main thread goes on.
+    pub fn release(&self) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Non-blocking: the fixture holds the FIFO open for reading as long as it lives.
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(&self.fifo)
+        {
+            let _ = f.write_all(b"x");
+        }
+    }
+}
+
+impl Drop for VforkTarget {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// The C fixture `tests/fixtures/NAME.c`, compiled once into the target's temporary directory.
 pub fn fixture(name: &str) -> std::path::PathBuf {
     use std::path::PathBuf;

@@ -1,0 +1,152 @@
+//! Job-control signals that reach a thread while it is attached (`precopy_sys::ptrace`), and a
+//! thread that never stops for the attach.
+//!
+//! A `SIGSTOP` the traced thread takes during an injection is delivered there and then, so a
+//! `SIGCONT` that follows it ends the stop as it would have without the attach (until
+//! 2026-12-01 the stop was held back and sent again after the detach, and the target stayed
+//! stopped). A thread in an uninterruptible sleep is given up after `STOP_TIMEOUT`, untouched.
+
+mod common;
+
+use common::{Killed, VforkTarget, fixture, spawn_announced, state, wait_until};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use precopy_sys::ptrace::{PtraceError, Tracee};
+use precopy_tracker::{AttachError, Uffd};
+use std::process::Command;
+
+/// `TracerPid:` of `pid` (0: not traced).
+fn tracer(pid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1)
+}
+
+/// Whether `SIGSTOP` is pending for `pid`'s main thread or its whole process (`SigPnd`,
+/// `ShdPnd` in `/proc/PID/status`).
+fn sigstop_pending(pid: i32) -> bool {
+    let bit = 1u64 << (Signal::SIGSTOP as i32 - 1);
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("SigPnd:")
+                .or_else(|| l.strip_prefix("ShdPnd:"))
+        })
+        .filter_map(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .any(|mask| mask & bit != 0)
+}
+
+/// Seizes the spinner's only thread, has it take a `SIGSTOP` in the middle of an injected
+/// `getpid()`, optionally sends `SIGCONT` while still attached, detaches; returns the target.
+fn stop_during_an_injection(then_continue: bool) -> Option<Killed> {
+    let (target, _) = spawn_announced(Command::new(fixture("counting_spinner")));
+    let pid = target.0.id() as i32;
+    let tracee = match Tracee::seize(pid) {
+        Ok(t) => t,
+        Err(e) if e.errno() == Some(nix::libc::EPERM) => {
+            eprintln!("SKIP: no ptrace access to a child here ({e})");
+            return None;
+        }
+        Err(e) => panic!("seize: {e}"),
+    };
+    let mut tracee = tracee;
+    let insn = precopy_tracker::attach::find_syscall_instruction(pid).unwrap();
+    // To this thread: it takes the stop itself, during the injected call.
+    precopy_sys::process::signal_thread(pid, pid, nix::libc::SIGSTOP).unwrap();
+    let got = tracee.syscall(insn, nix::libc::SYS_getpid, [0; 6]).unwrap();
+    assert_eq!(got, i64::from(pid), "the injected getpid()");
+    if then_continue {
+        kill(Pid::from_raw(pid), Signal::SIGCONT).unwrap();
+    }
+    tracee.detach().unwrap();
+    assert_eq!(tracer(pid), 0, "detached");
+    Some(target)
+}
+
+#[test]
+fn a_stop_and_then_a_continue_during_an_attach_leave_the_target_running() {
+    let Some(target) = stop_during_an_injection(true) else {
+        return;
+    };
+    let pid = target.0.id() as i32;
+    // Stopped, then continued: nothing is left to stop it. Before the fix the detach sent the
+    // stop again (pending here, or already acted on: `T`).
+    assert!(
+        !sigstop_pending(pid) && state(pid) != 'T',
+        "a SIGSTOP followed by a SIGCONT during the attach left the target {}",
+        if state(pid) == 'T' {
+            "stopped"
+        } else {
+            "with SIGSTOP pending"
+        }
+    );
+    // And it runs (the spinner is always runnable).
+    wait_until("the target to run after SIGSTOP then SIGCONT", || {
+        state(pid) == 'R'
+    });
+}
+
+#[test]
+fn a_stop_during_an_attach_stops_the_target() {
+    let Some(target) = stop_during_an_injection(false) else {
+        return;
+    };
+    let pid = target.0.id() as i32;
+    wait_until("the target to be stopped by its SIGSTOP", || {
+        state(pid) == 'T'
+    });
+    kill(Pid::from_raw(pid), Signal::SIGCONT).unwrap();
+    wait_until("the target to run after SIGCONT", || state(pid) == 'R');
+}
+
+#[test]
+fn an_attach_gives_up_on_a_thread_that_never_stops_and_leaves_it_untouched() {
+    if !common::supported("an_attach_gives_up_on_a_thread_that_never_stops") {
+        return;
+    }
+    // Its only thread waits in vfork for its child: an uninterruptible sleep.
+    let target = VforkTarget::start(false);
+    let pid = target.pid();
+
+    let err = Uffd::attach(pid).expect_err("a thread in vfork cannot stop for the attach");
+    assert!(
+        matches!(
+            err,
+            AttachError::Ptrace {
+                source: PtraceError::NotStopped { .. },
+                ..
+            }
+        ),
+        "expected NotStopped, got {err:?}"
+    );
+    assert!(err.to_string().contains("stopping the target"), "{err}");
+    // The tracer (helper process or thread) has exited: the kernel detached the thread.
+    wait_until("the target to be detached", || tracer(pid) == 0);
+    assert_eq!(state(pid), 'D', "still in vfork, untouched");
+    target.release();
+    // The vfork child exits; the parent runs on (spins), not stopped, not traced.
+    wait_until("the target to run after its vfork", || state(pid) == 'R');
+    assert_eq!(tracer(pid), 0);
+}
+
+#[test]
+fn an_attach_picks_a_thread_that_can_stop() {
+    if !common::supported("an_attach_picks_a_thread_that_can_stop") {
+        return;
+    }
+    let target = VforkTarget::start(true);
+    let pid = target.pid();
+
+    // The main thread cannot stop; the spinning thread can, and runs the call.
+    let (_uffd, times) = Uffd::attach(pid).unwrap();
+    assert_ne!(times.tid, pid, "the attach used the main thread, in vfork");
+    assert_eq!(tracer(pid), 0);
+    target.release();
+    wait_until("the main thread to run after its vfork", || {
+        state(pid) == 'R'
+    });
+}
