@@ -25,6 +25,22 @@ fn tracer(pid: i32) -> i32 {
         .unwrap_or(-1)
 }
 
+/// The names (`comm`) of this process's child processes.
+fn helper_names() -> Vec<String> {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|stat| {
+            let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            let ppid = rest.split(' ').nth(1)?;
+            (ppid == me).then(|| name.to_string())
+        })
+        .collect()
+}
+
 /// Whether `SIGSTOP` is pending for `pid`'s main thread or its whole process (`SigPnd`,
 /// `ShdPnd` in `/proc/PID/status`).
 fn sigstop_pending(pid: i32) -> bool {
@@ -112,7 +128,16 @@ fn an_attach_gives_up_on_a_thread_that_never_stops_and_leaves_it_untouched() {
     let target = VforkTarget::start(false);
     let pid = target.pid();
 
-    let err = Uffd::attach(pid).expect_err("a thread in vfork cannot stop for the attach");
+    let attach = std::thread::spawn(move || Uffd::attach(pid));
+    // Meanwhile its tracer is a helper process of this one, named so that `pkill precopy`
+    // meant for the caller spares it.
+    wait_until("the attach's helper process", || {
+        helper_names().iter().any(|n| n == "uffd-attach")
+    });
+    let err = attach
+        .join()
+        .unwrap()
+        .expect_err("a thread in vfork cannot stop for the attach");
     assert!(
         matches!(
             err,

@@ -496,8 +496,8 @@ impl FdTaken {
 /// targets died that way with the caller as tracer (2026-11-30).
 ///
 /// What the helper does not cover is its own death during the few milliseconds it traces:
-/// `SIGKILL` sent to it by name or PID (`pkill -9 precopy` matches it: it shares the caller's
-/// name and command line), or an OOM kill of the caller (the OOM killer kills every process
+/// `SIGKILL` sent to it by PID or command line (`pkill -9 -f precopy` matches it: it shares
+/// the caller's; its name is [`HELPER_NAME`], so `pkill -9 precopy` does not), or an OOM kill of the caller (the OOM killer kills every process
 /// that shares the victim's memory) leaves the thread as a killed caller did before; the
 /// result is then [`PtraceError::HelperDied`], never retried, and a descriptor the helper had
 /// copied stays open in this process. A thread that does not stop within [`STOP_TIMEOUT`]
@@ -585,6 +585,11 @@ fn run_fd_call(call: &FdCall<'_>, tracer: Tracer) -> FdTaken {
     out
 }
 
+/// The helper's name (`comm`, as `ps -e`, `pkill` and `killall` see it): not the caller's, so
+/// that `pkill -9 precopy` meant for the caller does not kill the helper mid-injection (which
+/// would leave the target's thread with injected registers). `pkill -f`, which matches the
+/// command line the helper shares with the caller, still does.
+const HELPER_NAME: &std::ffi::CStr = c"uffd-attach";
 /// The helper's stack (it runs [`run_fd_call`]: a few frames and a register set).
 const HELPER_STACK: usize = 256 << 10;
 /// An inaccessible page below the helper's stack: an overflow faults instead of writing into
@@ -737,6 +742,9 @@ extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
     let job = unsafe { &mut *arg.cast::<HelperJob<'_>>() };
     // SAFETY: setsid takes no arguments; a new process is never a group leader, so it works.
     unsafe { libc::setsid() };
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from the static
+    // below; it names this task only (the caller's name is its own).
+    unsafe { libc::prctl(libc::PR_SET_NAME, HELPER_NAME.as_ptr()) };
     job.out.write(run_fd_call(&job.call, Tracer::Helper));
     job.done.store(true, Ordering::Release);
     0
