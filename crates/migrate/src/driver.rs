@@ -144,6 +144,13 @@ pub struct MigrationConfig {
 /// About how many bytes a rehearsal round sends ([`MigrationConfig::rehearse_send`]): the
 /// size of a final round that fits a downtime of tens of milliseconds at a few hundred MB/s.
 pub const REHEARSAL_BYTES: u64 = 4 << 20;
+/// Finish probes each pause probe takes with the workload paused. With one, a migration that
+/// converged after two pause probes expected the finish from the slower of two samples (upper
+/// median): 6.5 ms expected for 1.6 measured when one of them waited for a CPU (quiet table of
+/// edc1df7, run 12). With two per pause probe the majority decides; a probe costs the
+/// workload one round trip and two digests of pause (about 1.5 ms at 2 GiB).
+pub(crate) const PAUSED_FINISH_PROBES: usize = 2;
+
 /// Pending bytes below which a pause probe sends no rehearsal (too few to time a send).
 const REHEARSAL_MIN: u64 = 1 << 20;
 
@@ -461,6 +468,9 @@ struct Observed {
     probe_scan: Option<(Duration, Option<Duration>)>,
     /// The pause probe's rehearsal of a pause check scan, if one ran: wall time.
     probe_check: Option<Duration>,
+    /// The pause probe's pause and its finish probes, if they ran.
+    probe_pause: Option<Duration>,
+    probe_finish: [Option<Duration>; PAUSED_FINISH_PROBES],
 }
 
 /// A final phase under way: its round's bytes and scan, and what its send delivered.
@@ -487,6 +497,9 @@ struct Collected {
     rehearsal: Option<(u64, RoundSent)>,
     /// A pause probe's rehearsal of one pause check scan, after its send: wall time.
     check: Option<Duration>,
+    /// A pause probe's pause (its threads raised before the clock started) and finish probes.
+    probe_pause: Option<Duration>,
+    finish: [Option<Duration>; PAUSED_FINISH_PROBES],
 }
 
 /// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`), or `None` if the clock cannot be
@@ -764,6 +777,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let Observed {
             probe_scan,
             probe_check,
+            probe_pause,
+            probe_finish,
             ..
         } = self.observed;
         self.observed = Observed {
@@ -774,6 +789,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             scan_cpu: collected.cpu,
             probe_scan,
             probe_check,
+            probe_pause,
+            probe_finish,
         };
     }
 
@@ -795,13 +812,16 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             None
         };
         let paused_at = Instant::now();
+        let mut probe_pause = None;
         if pause {
             self.workload.pause().map_err(|source| Error::Workload {
                 action: "pause",
                 source,
             })?;
             if probe {
-                self.estimator.add_pause(paused_at.elapsed());
+                let took = paused_at.elapsed();
+                self.estimator.add_pause(took);
+                probe_pause = Some(took);
             }
         }
         let scan_start = Instant::now();
@@ -811,8 +831,9 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let wall = scan_start.elapsed();
         let mut rehearsal = Ok(None);
         let mut check = None;
+        let mut finish = [None; PAUSED_FINISH_PROBES];
         if probe && pause && collected.is_ok() {
-            self.rehearse_finish(out);
+            finish = self.rehearse_finish(out);
             rehearsal = self.rehearse_send(out);
             if rehearsal.is_ok() {
                 check = Some(self.rehearse_check(out));
@@ -842,6 +863,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             cpu,
             rehearsal: rehearsal?,
             check: check.map(|c| c.0),
+            probe_pause,
+            finish,
         })
     }
 
@@ -1183,16 +1206,27 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     /// costs there (the acknowledgement's round trip and digests) and, where the final phase
     /// re-reads memory, what that costs per byte (`pending`: what the final round would send
     /// anyway). Failures are only logged (the next round meets a broken connection and deals
-    /// with it).
-    fn rehearse_finish(&mut self, pending: &[Range<u64>]) {
-        match self.transport.probe_finish() {
-            Ok(Some(took)) => self.estimator.add_paused_finish(took),
-            Ok(None) => {}
-            Err(error) => {
-                tracing::warn!(%error, "probing the final acknowledgement inside a pause probe failed")
+    /// with it). Takes [`PAUSED_FINISH_PROBES`] finish probes and returns their times.
+    fn rehearse_finish(
+        &mut self,
+        pending: &[Range<u64>],
+    ) -> [Option<Duration>; PAUSED_FINISH_PROBES] {
+        let mut took = [None; PAUSED_FINISH_PROBES];
+        for t in &mut took {
+            match self.transport.probe_finish() {
+                Ok(Some(probe)) => {
+                    self.estimator.add_paused_finish(probe);
+                    *t = Some(probe);
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "probing the final acknowledgement inside a pause probe failed");
+                    break;
+                }
             }
         }
         self.sample_reread(pending);
+        took
     }
 
     /// Times [`Transport::changed`] on at most [`REREAD_SAMPLE`] bytes spread over the memory
@@ -1288,6 +1322,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             probe_scan: seen.probe_scan.map(|p| p.0),
             probe_scan_cpu: seen.probe_scan.and_then(|p| p.1),
             probe_check: seen.probe_check,
+            probe_pause: seen.probe_pause,
+            probe_finish: seen.probe_finish.iter().flatten().copied().collect(),
             failed,
             // The final round runs with the workload paused: no rate of its own.
             workload_rate: seen.rate.filter(|_| kind != RoundKind::Final),
@@ -1439,6 +1475,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     self.observed.probe_scan = Some((p.wall, p.cpu));
                     self.estimator.add_probe_scan(p.wall, p.cpu);
                     self.observed.probe_check = p.check;
+                    self.observed.probe_pause = p.probe_pause;
+                    self.observed.probe_finish = p.finish;
                     if let Some(check) = p.check {
                         self.estimator.add_probe_check_scan(check);
                     }
@@ -1920,6 +1958,14 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let pending_bytes: u64 = pending.iter().map(|r| r.end - r.start).sum();
         self.emit(Phase::Final, pending_bytes, self.report.dirty_rate);
         let mut bound = self.config.final_round_bound(self.report.expected_downtime);
+        // Raised before the clock starts, as in the pause probes, whose pauses the expected
+        // pause comes from: the workload runs on meanwhile, so it is no downtime. The raise
+        // lists and raises 6-7 threads (traced: 0.04-0.17 ms, the driver a normal task until
+        // its own raise); counted, it made the final pause dearer than every probe's. Restored
+        // after the acknowledgement, before the workload resumes; when the phase fails, only
+        // once the workload is resumed (`recover`, `retry_switchover`): put back first, the
+        // driver waited for a CPU before it could resume it, far past the bound.
+        self.final_raise = self.raise_priority();
         let paused_at = Instant::now();
         // Under the abort policy the total timeout bounds the final round too: whichever
         // comes first ends it.
@@ -1940,10 +1986,6 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         if let Some(w) = self.watchdog() {
             w.arm(paused_at + bound, Step::FinalRound, limit);
         }
-        // Restored after the acknowledgement, before the workload resumes; when the phase
-        // fails, only once the workload is resumed (`recover`, `retry_switchover`): put back
-        // first, the driver waited for a CPU before it could resume it, far past the bound.
-        self.final_raise = self.raise_priority();
         self.workload.pause().map_err(|source| Error::Workload {
             action: "pause",
             source,
@@ -2352,13 +2394,18 @@ mod tests {
         assert_eq!(e.finish, Duration::from_millis(2));
         assert_eq!(e.finish_worst, Duration::from_millis(30));
         assert_eq!(report.expected_downtime, Some(e.total()));
-        // One finish probe inside each pause probe, taken while paused.
-        let probes = report
+        // Two finish probes inside each pause probe, taken while paused, each reported.
+        let probed: Vec<_> = report
             .rounds
             .iter()
             .filter(|r| r.probe_scan.is_some())
-            .count() as u32;
-        assert_eq!(probes, PAUSE_PROBES as u32);
+            .collect();
+        assert_eq!(probed.len(), PAUSE_PROBES);
+        for r in &probed {
+            assert_eq!(r.probe_finish, vec![Duration::from_millis(2); 2]);
+            assert!(r.probe_pause.is_some());
+        }
+        let probes = (probed.len() * PAUSED_FINISH_PROBES) as u32;
         let (_, link, _) = m.into_parts();
         assert_eq!(link.paused_probes, probes);
         // And one between rounds after round 0 and each iterative round, as before.
@@ -2368,6 +2415,13 @@ mod tests {
             .filter(|r| r.kind == RoundKind::Iterative)
             .count() as u32;
         assert_eq!(link.probes, probes + 1 + iterative);
+        assert!(
+            report
+                .rounds
+                .iter()
+                .all(|r| r.probe_scan.is_some() || r.probe_finish.is_empty()),
+            "only a pause probe takes finish probes with the workload paused"
+        );
     }
 
     /// A [`FakeLink`] with a thread of its own ([`Transport::threads`]) that notes, for every

@@ -71,10 +71,13 @@
 //! whether they were raised or why not ([`PriorityReport`]). A real-time thread that wakes is placed on
 //! a CPU running only normal tasks and preempts them, so the final round's threads spread over
 //! the CPUs at once instead of waiting for the load balancer.
+//! The threads are raised before the downtime's clock starts, as in the pause probes: the
+//! workload runs on meanwhile.
 //! **Finish** (the memory digests and the acknowledgement round trip): the upper median of the
 //! [`Transport::probe_finish`] samples (over a socket a PING/PONG on every connection, see
-//! `precopy-transfer`'s protocol) that the pause probes take with the workload paused, as it is
-//! for the real acknowledgement; bounded by the slowest of those and of the last five samples
+//! `precopy-transfer`'s protocol) that the pause probes take with the workload paused (two
+//! each, so that one slow sample of two probes does not decide), as it is for the real
+//! acknowledgement; bounded by the slowest of those and of the last five samples
 //! taken after each round beside the running workload. **Re-reads** while paused (the verify
 //! pass over memory the dirty log cannot vouch for, a full final check's pass over all memory
 //! on each end, [`Transport::finish_reread_bytes`]): their bytes at the time per byte of

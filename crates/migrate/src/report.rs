@@ -112,6 +112,14 @@ pub struct RoundReport {
     /// workload ran) are in this round.
     #[serde(serialize_with = "ms_opt", rename = "probe_check_ms")]
     pub probe_check: Option<Duration>,
+    /// That pause probe's pause (from the `SIGSTOP` or the embedder's pause until the workload
+    /// is stopped, its threads raised before), if one ran: a sample of the expected pause.
+    #[serde(serialize_with = "ms_opt", rename = "probe_pause_ms")]
+    pub probe_pause: Option<Duration>,
+    /// That pause probe's finish probes (digests and the acknowledgement round trip, the
+    /// workload paused; two per pause probe), if it ran: samples of the expected finish.
+    #[serde(serialize_with = "ms_vec", rename = "probe_finish_ms")]
+    pub probe_finish: Vec<Duration>,
     /// Whether the round failed part-way (a broken connection, a refusal, a timeout): then
     /// `pages` and `zero_pages` are what was handed to the transport before the failure
     /// (not known to have arrived;
