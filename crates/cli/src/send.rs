@@ -590,9 +590,9 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
     let layout = Layout::new(regions)
         .context("describing the target's memory")
         .map_err(|e| fail(&report, e))?;
-    // Read through the thread the attach used: the same memory, and still there when the
-    // main thread has exited (`pthread_exit`).
-    let source = TargetMemory::new(times.tid, page).map_err(|e| fail(&report, e.into()))?;
+    // Read through the PID, or the thread the attach used when the main thread has exited
+    // (`pthread_exit`): the same memory.
+    let source = TargetMemory::new(times.target, page).map_err(|e| fail(&report, e.into()))?;
     let throttle = match args.throttle {
         SendThrottle::Duty => ThrottleMethod::DutyCycle,
         SendThrottle::None => ThrottleMethod::None,

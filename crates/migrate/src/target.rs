@@ -212,7 +212,7 @@ impl TargetLog {
     pub fn new(uffd: Uffd, scanner: Scanner) -> Result<TargetLog, TargetError> {
         let pid = uffd.pid();
         // `pid` is a thread when the main thread had exited at attach time
-        // (`AttachTimes::tid`): only a thread pidfd (Linux 6.9+) names it.
+        // (`AttachTimes::target`): only a thread pidfd (Linux 6.9+) names it.
         let pidfd = precopy_sys::process::pidfd_open(pid)
             .or_else(|e| match e.raw_os_error() {
                 Some(e)

@@ -167,11 +167,63 @@ fn an_attach_picks_a_thread_that_can_stop() {
     let pid = target.pid();
 
     // The main thread cannot stop; the spinning thread can, and runs the call.
-    let (_uffd, times) = Uffd::attach(pid).unwrap();
+    let (uffd, times) = Uffd::attach(pid).unwrap();
     assert_ne!(times.tid, pid, "the attach used the main thread, in vfork");
+    // The process is still reached through its PID: the spinner could exit, the process not.
+    assert_eq!(times.target, pid);
+    assert_eq!(uffd.pid(), pid);
     assert_eq!(tracer(pid), 0);
     target.release();
     wait_until("the main thread to run after its vfork", || {
         state(pid) == 'R'
     });
+}
+
+/// `SigCgt:` and `SigIgn:` of `pid` (bit `n - 1` is signal `n`).
+fn dispositions(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    (field("SigCgt:"), field("SigIgn:"))
+}
+
+/// An attach leaves a target's `SIGTRAP` handler, or its ignoring `SIGTRAP`, in place: a
+/// single-stepped injection (until 2026-12-01) made the kernel reset it to the default, and
+/// the next `SIGTRAP` killed the process.
+#[test]
+fn an_attach_leaves_the_targets_sigtrap_disposition() {
+    if !common::supported("an_attach_leaves_the_targets_sigtrap_disposition") {
+        return;
+    }
+    let trap = 1u64 << (Signal::SIGTRAP as i32 - 1);
+    for mode in ["catch", "ignore"] {
+        let mut cmd = Command::new(fixture("trap_disposition"));
+        cmd.arg(mode);
+        let (mut target, ready) = spawn_announced(cmd);
+        assert_eq!(ready.trim(), "ready");
+        let pid = target.0.id() as i32;
+        let before = dispositions(pid);
+        assert_ne!(
+            (if mode == "catch" { before.0 } else { before.1 }) & trap,
+            0,
+            "{mode}: the fixture's SIGTRAP disposition"
+        );
+        let (_uffd, _) = Uffd::attach(pid).unwrap();
+        assert_eq!(
+            dispositions(pid),
+            before,
+            "{mode}: SigCgt/SigIgn changed by the attach"
+        );
+        kill(Pid::from_raw(pid), Signal::SIGTRAP).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            target.0.try_wait().unwrap().is_none(),
+            "{mode}: the target died of a SIGTRAP it was set to {mode}"
+        );
+    }
 }

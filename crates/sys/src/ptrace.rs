@@ -3,8 +3,8 @@
 //! [`Tracee::seize`] attaches to one thread with `PTRACE_SEIZE` and stops it with
 //! `PTRACE_INTERRUPT` (no signal is sent, so the target sees nothing); [`Tracee::syscall`] runs
 //! one system call in that thread by pointing its instruction pointer at a `syscall` instruction
-//! already present in its text and single-stepping over it; [`Tracee::detach`] puts everything
-//! back and lets the thread go. Only the seized thread stops: the target's other threads keep
+//! already present in its text and resuming it with `PTRACE_SYSCALL` to the call's entry and
+//! exit stops; [`Tracee::detach`] puts everything back and lets the thread go. Only the seized thread stops: the target's other threads keep
 //! running throughout.
 //!
 //! # What is put back
@@ -38,10 +38,20 @@
 //!   seized until the tracing thread exits (the kernel cannot detach a running thread on
 //!   request, and does so when its tracer exits). [`take_fd`]'s tracers exit right after.
 //!
+//! - **Signal dispositions**: nothing is single-stepped. A single-step trap is a `SIGTRAP` the
+//!   kernel forces on the thread, and forcing a signal the thread blocks or ignores resets
+//!   its disposition to the default for the whole process (`force_sig_info_to_task`): until
+//!   2026-12-01 a target's `SIGTRAP` handler (the Go runtime installs one) was lost so. System
+//!   call stops are ptrace stops, not signals.
+//! - **The way back to user mode**: a ptrace stop at a system call's exit is past the
+//!   kernel's restart logic, so the thread is not detached there: with its registers and mask
+//!   restored it is interrupted once more (`PTRACE_INTERRUPT`, a stop in the signal path) and
+//!   detached from that stop, and an interrupted call it was in restarts as above.
+//!
 //! What the tracer cannot put back is its own death: a tracer killed with `SIGKILL` while a
 //! call is being injected leaves the kernel to detach the thread with the injected registers
-//! and the single-step flag in place, and it dies of `SIGTRAP` or runs on from the wrong
-//! place. [`take_fd`] (what attaching uses) therefore traces from a helper process that
+//! in place, and it runs on from the wrong place (a `syscall` instruction in its vDSO, with
+//! arguments that are not its own), which kills it or worse. [`take_fd`] (what attaching uses) therefore traces from a helper process that
 //! outlives its caller; a [`Tracee`] driven directly dies with its caller, which can only
 //! block the catchable termination signals meanwhile ([`block_termination_signals`]).
 
@@ -72,6 +82,9 @@ const UNBLOCKABLE: u64 = (1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1))
 /// thread waiting for a CPU on a loaded machine within a scheduling period or so; seconds mean
 /// an uninterruptible sleep.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the wait for the first stop looks again at once (yielding the CPU), before it
+/// sleeps between looks.
+const STOP_SPIN: Duration = Duration::from_micros(200);
 /// The longest pause between two looks at whether the thread has stopped.
 const STOP_POLL_MAX: Duration = Duration::from_millis(2);
 
@@ -100,7 +113,8 @@ pub enum PtraceError {
     /// be left with injected registers, and a descriptor it copied may be open here.
     HelperDied,
     /// The thread did not stop within [`STOP_TIMEOUT`] (an uninterruptible sleep, most
-    /// likely); nothing was changed in it.
+    /// likely); nothing was changed in it. It stays seized until the tracing thread exits,
+    /// and stops (traced) if its sleep ends before that: [`take_fd`]'s tracers exit at once.
     NotStopped {
         /// The thread.
         tid: i32,
@@ -173,7 +187,7 @@ fn req(what: &'static str) -> impl FnOnce(Errno) -> PtraceError {
 enum Phase {
     /// Being stopped for the first time, by this deadline.
     Attach(Instant),
-    /// Single-stepping an injected call.
+    /// Running an injected call from stop to stop (`PTRACE_SYSCALL`).
     Inject,
 }
 
@@ -187,6 +201,8 @@ pub struct Tracee {
     /// Whether `saved` and `saved_mask` were read and the mask changed: only then is anything
     /// written back. A seize that failed before changed nothing and writes nothing.
     changed: bool,
+    /// Stopped at an injected call's exit (see the module docs, "The way back").
+    at_syscall_exit: bool,
     attached: bool,
 }
 
@@ -200,7 +216,8 @@ impl Tracee {
     /// until the calling thread exits: see the module docs). Nothing allocates.
     pub fn seize(tid: i32) -> Result<Tracee, PtraceError> {
         let pid = Pid::from_raw(tid);
-        ptrace::seize(pid, ptrace::Options::empty()).map_err(req("PTRACE_SEIZE"))?;
+        // TRACESYSGOOD: system call stops are told apart from a real SIGTRAP.
+        ptrace::seize(pid, ptrace::Options::PTRACE_O_TRACESYSGOOD).map_err(req("PTRACE_SEIZE"))?;
         let mut t = Tracee {
             tid: pid,
             // SAFETY: user_regs_struct is plain integers; all-zero is a valid value. It is
@@ -208,6 +225,7 @@ impl Tracee {
             saved: unsafe { std::mem::zeroed() },
             saved_mask: 0,
             changed: false,
+            at_syscall_exit: false,
             attached: true,
         };
         // From here on, dropping `t` detaches (once the thread is stopped; see `NotStopped`).
@@ -276,9 +294,10 @@ impl Tracee {
         }
     }
 
-    /// The thread's next state change. In [`Phase::Attach`], looked at without blocking, at
-    /// growing intervals up to [`STOP_POLL_MAX`], until its deadline: then
-    /// [`PtraceError::NotStopped`].
+    /// The thread's next state change. In [`Phase::Attach`], looked at without blocking,
+    /// yielding the CPU in between for the first [`STOP_SPIN`] (a thread that can stop does so
+    /// within microseconds, and may need this CPU to do it), then sleeping at growing
+    /// intervals up to [`STOP_POLL_MAX`], until its deadline: then [`PtraceError::NotStopped`].
     fn wait(&self, phase: Phase) -> Result<WaitStatus, PtraceError> {
         let deadline = match phase {
             Phase::Attach(deadline) => deadline,
@@ -290,6 +309,7 @@ impl Tracee {
                 }
             },
         };
+        let started = Instant::now();
         let mut nap = Duration::from_micros(10);
         loop {
             match waitpid(self.tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
@@ -302,8 +322,13 @@ impl Tracee {
             if now >= deadline {
                 return Err(PtraceError::NotStopped {
                     tid: self.tid.as_raw(),
-                    waited: STOP_TIMEOUT,
+                    waited: now - started,
                 });
+            }
+            if now - started < STOP_SPIN {
+                // SAFETY: sched_yield takes nothing and cannot fail in a way that matters here.
+                unsafe { libc::sched_yield() };
+                continue;
             }
             std::thread::sleep(nap.min(deadline - now));
             nap = (nap * 2).min(STOP_POLL_MAX);
@@ -313,7 +338,7 @@ impl Tracee {
     fn resume(&self, phase: Phase, sig: Option<Signal>) -> Result<(), PtraceError> {
         match phase {
             Phase::Attach(_) => ptrace::cont(self.tid, sig).map_err(req("PTRACE_CONT")),
-            Phase::Inject => ptrace::step(self.tid, sig).map_err(req("PTRACE_SINGLESTEP")),
+            Phase::Inject => ptrace::syscall(self.tid, sig).map_err(req("PTRACE_SYSCALL")),
         }
     }
 
@@ -369,18 +394,30 @@ impl Tracee {
         regs.r8 = args[4];
         regs.r9 = args[5];
         ptrace::setregs(self.tid, regs).map_err(req("PTRACE_SETREGS"))?;
-        ptrace::step(self.tid, None).map_err(req("PTRACE_SINGLESTEP"))?;
-        self.wait_stop(Phase::Inject, |s| {
-            matches!(s, WaitStatus::Stopped(_, Signal::SIGTRAP))
-        })?;
-        let after = ptrace::getregs(self.tid).map_err(req("PTRACE_GETREGS"))?;
+        let syscall_stop = |s: &WaitStatus| matches!(s, WaitStatus::PtraceSyscall(_));
+        // To the call's entry stop.
+        self.at_syscall_exit = false;
+        ptrace::syscall(self.tid, None).map_err(req("PTRACE_SYSCALL"))?;
+        self.wait_stop(Phase::Inject, syscall_stop)?;
         let expected = insn + SYSCALL_INSN.len() as u64;
-        if after.rip != expected {
+        let mut entry = ptrace::getregs(self.tid).map_err(req("PTRACE_GETREGS"))?;
+        let unexpected = entry.rip != expected || entry.orig_rax != nr as u64;
+        if unexpected {
+            // Not the call asked for: have the kernel skip it (-ENOSYS) rather than run it.
+            entry.orig_rax = u64::MAX;
+            ptrace::setregs(self.tid, entry).map_err(req("PTRACE_SETREGS"))?;
+        }
+        // To its exit stop.
+        ptrace::syscall(self.tid, None).map_err(req("PTRACE_SYSCALL"))?;
+        self.wait_stop(Phase::Inject, syscall_stop)?;
+        self.at_syscall_exit = true;
+        if unexpected {
             return Err(PtraceError::UnexpectedStop {
-                rip: after.rip,
+                rip: entry.rip,
                 expected,
             });
         }
+        let after = ptrace::getregs(self.tid).map_err(req("PTRACE_GETREGS"))?;
         Ok(after.rax as i64)
     }
 
@@ -395,15 +432,32 @@ impl Tracee {
             return Ok(());
         }
         self.attached = false;
-        let (mut regs, mut mask) = (Ok(()), Ok(()));
+        let (mut regs, mut mask, mut back) = (Ok(()), Ok(()), Ok(()));
         if self.changed {
             regs = ptrace::setregs(self.tid, self.saved).map_err(req("PTRACE_SETREGS"));
             mask = self.set_sigmask(self.saved_mask);
         }
+        if self.at_syscall_exit {
+            // Into the signal path, where the detach lets the kernel's restart logic run
+            // (module docs, "The way back"); the stop comes before any signal is taken.
+            back = self.back_to_signal_stop();
+        }
         // Fails (ESRCH) for a thread that never stopped: it stays seized until this thread
         // exits, registers untouched.
         let detach = ptrace::detach(self.tid, None).map_err(req("PTRACE_DETACH"));
-        regs.and(mask).and(detach)
+        regs.and(mask).and(back).and(detach)
+    }
+
+    /// From an injected call's exit stop to a `PTRACE_INTERRUPT` stop in the signal path.
+    fn back_to_signal_stop(&mut self) -> Result<(), PtraceError> {
+        self.at_syscall_exit = false;
+        ptrace::interrupt(self.tid).map_err(req("PTRACE_INTERRUPT"))?;
+        ptrace::cont(self.tid, None).map_err(req("PTRACE_CONT"))?;
+        let stop_by = Instant::now() + STOP_TIMEOUT;
+        self.wait_stop(Phase::Attach(stop_by), |s| {
+            matches!(s, WaitStatus::PtraceEvent(..))
+        })
+        .map(|_| ())
     }
 }
 
@@ -435,7 +489,8 @@ pub struct FdCall<'a> {
 pub enum Tracer {
     /// A helper process that outlives the caller (see [`take_fd`]).
     Helper,
-    /// The calling thread: a helper could not be started, or could not trace the target.
+    /// A short-lived thread of the calling process: a helper could not be started, or could
+    /// not trace the target.
     Caller {
         /// What kept the helper from doing it.
         helper_failed: Errno,
@@ -490,15 +545,18 @@ impl FdTaken {
 /// `clone(CLONE_VM | CLONE_FILES | CLONE_VFORK)` (it shares this process's memory and file
 /// table, so the copied fd lands here; this thread waits until it exits), in a session of
 /// its own, with every signal blocked. If the caller is killed meanwhile (`SIGKILL`, a
-/// signal to its process group), the helper still finishes the job and puts the thread back. When the tracer itself dies the kernel detaches the thread as it is, with the
-/// injected registers and the single-step flag set, and it dies of `SIGTRAP` or runs on from
-/// the wrong place: measured with `precopy send --pid` killed 2–30 ms after its start, 2 of 20
+/// signal to its process group), the helper still finishes the job and puts the thread back.
+/// When the tracer itself dies the kernel detaches the thread as it is, with the injected
+/// registers, and it runs on from the wrong place: measured (when calls were single-stepped)
+/// with `precopy send --pid` killed 2–30 ms after its start, 2 of 20
 /// targets died that way with the caller as tracer (2026-11-30).
 ///
 /// What the helper does not cover is its own death during the few milliseconds it traces:
-/// `SIGKILL` sent to it by PID or command line (`pkill -9 -f precopy` matches it: it shares
-/// the caller's; its name is [`HELPER_NAME`], so `pkill -9 precopy` does not), or an OOM kill of the caller (the OOM killer kills every process
-/// that shares the victim's memory) leaves the thread as a killed caller did before; the
+/// `SIGKILL` sent to it by PID, by command line (`pkill -9 -f precopy` matches it: it shares
+/// the caller's), to its cgroup, or by name in the microseconds before it renames itself
+/// (`uffd-attach`, so that `pkill -9 precopy` meant for the caller spares it), or an OOM
+/// kill of the caller (the OOM killer kills every process that shares the victim's memory)
+/// leaves the thread as a killed caller did before; the
 /// result is then [`PtraceError::HelperDied`], never retried, and a descriptor the helper had
 /// copied stays open in this process. A thread that does not stop within [`STOP_TIMEOUT`]
 /// (uninterruptible sleep) is [`PtraceError::NotStopped`], untouched; the helper's exit
@@ -506,7 +564,8 @@ impl FdTaken {
 /// cached IDs for such a child): with an older one the caller traces.
 ///
 /// Falls back to tracing from this process (from a short-lived thread of it, whose exit
-/// detaches a thread that never stopped; [`FdTaken::tracer`] says so) when no helper can be
+/// detaches a thread that never stopped; none is traced if no thread can be started;
+/// [`FdTaken::tracer`] says so) when no helper can be
 /// started (`clone` refused, by a seccomp filter say) or the helper may not trace the target:
 /// Yama's `ptrace_scope` 1 lets a process trace only its own descendants, and the helper is
 /// the caller's child, not the target's ancestor. A thread another tracer holds is not
@@ -533,19 +592,26 @@ pub fn take_fd(call: &FdCall<'_>) -> FdTaken {
         }
     };
     let tracer = Tracer::Caller { helper_failed };
-    // From a thread of its own, so that its exit detaches a thread that never stopped; from
-    // this one if no thread can be started.
+    // From a thread of its own, so that its exit detaches a thread that never stopped (traced
+    // from this one, such a thread would stop, traced, when its sleep ends, until this thread
+    // exits): when none can be started, nothing is traced.
     let ran = std::thread::scope(|s| {
-        let handle = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("precopy-attach".into())
             .spawn_scoped(s, || run_fd_call(call, tracer))
-            .ok()?;
-        Some(handle.join())
+            .map(|handle| handle.join())
     });
     match ran {
-        Some(Ok(taken)) => taken,
-        Some(Err(panic)) => std::panic::resume_unwind(panic),
-        None => run_fd_call(call, tracer),
+        Ok(Ok(taken)) => taken,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(e) => {
+            let mut taken = FdTaken::nothing(tracer);
+            taken.seized = Err(PtraceError::Request {
+                what: "starting a thread to trace from",
+                errno: e.raw_os_error().map_or(Errno::EAGAIN, Errno::from_raw),
+            });
+            taken
+        }
     }
 }
 

@@ -158,8 +158,15 @@ pub enum AttachError {
 /// How long the steps of [`Uffd::attach`] took.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AttachTimes {
-    /// The thread the calls ran in.
+    /// The thread the calls ran in: the main thread unless it was in an uninterruptible sleep
+    /// or had exited.
     pub tid: i32,
+    /// The ID the process's memory is reached through afterwards (the adopted fd's
+    /// `/proc/ID/maps`, `process_vm_readv`): its PID, or the thread that ran the calls when
+    /// the main thread has exited (`pthread_exit`; a PID then reaches no memory). A thread
+    /// picked only because the main thread was asleep is not used for this: it may exit
+    /// while the process lives on.
+    pub target: i32,
     /// From `PTRACE_SEIZE` until the thread was stopped, its state saved.
     pub stop: Duration,
     /// Running `userfaultfd`, `pidfd_getfd` and `close` in it.
@@ -215,8 +222,8 @@ const PF_KTHREAD: u32 = 0x0020_0000;
 
 /// Refuses, with the reason, an ID that names no attachable process: this process itself, a
 /// thread that is not its process's main thread, a kernel thread, a zombie. Returns the thread
-/// to inject into ([`pick_thread`]).
-fn check_target(pid: i32, p: &procfs::process::Process) -> Result<i32, AttachError> {
+/// to inject into and the ID to reach the process through ([`pick_thread`]).
+fn check_target(pid: i32, p: &procfs::process::Process) -> Result<Picked, AttachError> {
     if pid == std::process::id() as i32 {
         return Err(AttachError::OwnProcess { pid });
     }
@@ -238,15 +245,15 @@ fn check_target(pid: i32, p: &procfs::process::Process) -> Result<i32, AttachErr
             name: stat.comm,
         });
     }
-    let tid = pick_thread(p);
-    if tid == pid && matches!(stat.state, 'Z' | 'X') {
+    let picked = pick_thread(p);
+    if picked.call == pid && matches!(stat.state, 'Z' | 'X') {
         // No live thread left: the whole process has exited.
         return Err(AttachError::Zombie {
             pid,
             name: stat.comm,
         });
     }
-    Ok(tid)
+    Ok(picked)
 }
 
 /// Refuses, before anything is touched, an ID that names no process [`Uffd::attach`] could
@@ -367,12 +374,21 @@ fn find_syscall_in(pid: i32, tid: i32) -> Result<u64, AttachError> {
     Err(AttachError::NoSyscallInstruction { pid })
 }
 
+/// The thread [`Uffd::attach`] injects into, and the ID it reaches the process through.
+#[derive(Debug, Clone, Copy)]
+struct Picked {
+    /// The thread that runs the calls.
+    call: i32,
+    /// The process's ID, or `call` when the main thread has exited ([`AttachTimes::target`]).
+    via: i32,
+}
+
 /// The thread to inject into: the thread-group leader unless it is a zombie (it called
 /// `pthread_exit` while other threads run) or in an uninterruptible sleep (state `D`: a
 /// `vfork` parent, a read from a hung file system; it would stop only when that sleep ends,
 /// `precopy_sys::ptrace::STOP_TIMEOUT`), else the first live thread not in one, else the first
-/// live thread.
-fn pick_thread(p: &procfs::process::Process) -> i32 {
+/// live thread. The process is reached through its PID unless the leader is a zombie.
+fn pick_thread(p: &procfs::process::Process) -> Picked {
     use procfs::process::ProcState;
     let state = |t: &procfs::process::Task| t.stat().ok().and_then(|s| s.state().ok());
     let alive = |t: &procfs::process::Task| {
@@ -380,20 +396,29 @@ fn pick_thread(p: &procfs::process::Process) -> i32 {
     };
     let awake =
         |t: &procfs::process::Task| alive(t) && !matches!(state(t), Some(ProcState::Waiting));
-    if let Ok(tasks) = p.tasks() {
-        let tasks: Vec<_> = tasks.flatten().collect();
-        let leader_first = |ok: &dyn Fn(&procfs::process::Task) -> bool| {
-            tasks
-                .iter()
-                .find(|t| t.tid == p.pid && ok(t))
-                .or_else(|| tasks.iter().find(|t| ok(t)))
-                .map(|t| t.tid)
-        };
-        if let Some(tid) = leader_first(&awake).or_else(|| leader_first(&alive)) {
-            return tid;
-        }
+    let fallback = Picked {
+        call: p.pid,
+        via: p.pid,
+    };
+    let Ok(tasks) = p.tasks() else {
+        return fallback;
+    };
+    let tasks: Vec<_> = tasks.flatten().collect();
+    let leader_alive = tasks.iter().any(|t| t.tid == p.pid && alive(t));
+    let leader_first = |ok: &dyn Fn(&procfs::process::Task) -> bool| {
+        tasks
+            .iter()
+            .find(|t| t.tid == p.pid && ok(t))
+            .or_else(|| tasks.iter().find(|t| ok(t)))
+            .map(|t| t.tid)
+    };
+    match leader_first(&awake).or_else(|| leader_first(&alive)) {
+        Some(call) => Picked {
+            call,
+            via: if leader_alive { p.pid } else { call },
+        },
+        None => fallback,
     }
-    p.pid
 }
 
 impl Uffd {
@@ -410,7 +435,7 @@ impl Uffd {
         }
         crate::uffd::required_features()?;
         let p = process(pid)?;
-        let tid = check_target(pid, &p)?;
+        let Picked { call: tid, via } = check_target(pid, &p)?;
         let status = p.status().map_err(|e| proc_err(pid, e))?;
         if status.tracerpid != 0 {
             return Err(AttachError::AlreadyTraced {
@@ -422,15 +447,15 @@ impl Uffd {
             return Err(AttachError::SeccompStrict { pid });
         }
         let seccomp_filter = status.seccomp == Some(2);
-        // A main thread that exited (`pthread_exit`) has no memory map of its own: search
-        // the memory through the live thread that runs the call.
-        let insn = find_syscall_in(pid, tid)?;
+        // A main thread that exited (`pthread_exit`) has no memory map of its own: then
+        // search the memory through the live thread that runs the call.
+        let insn = find_syscall_in(pid, via)?;
         // A process pidfd reaches no files once the main thread has exited: then take the
         // injecting thread's (Linux 6.9+).
-        let pidfd = if tid == pid {
+        let pidfd = if via == pid {
             precopy_sys::process::pidfd_open(pid)
         } else {
-            precopy_sys::process::pidfd_open_thread(tid)
+            precopy_sys::process::pidfd_open_thread(via)
         }
         .map_err(|source| match source.raw_os_error() {
             Some(libc::ESRCH) => AttachError::NoSuchProcess { pid },
@@ -541,13 +566,14 @@ impl Uffd {
             });
         }
         detached?;
-        // Through the injecting thread: the same memory, and its `/proc/TID/maps` is there
-        // also when the main thread has exited.
-        let uffd = Uffd::adopt(fd, tid)?;
+        // Through the process's ID, or the injecting thread's when the main thread has
+        // exited (its `/proc/TID/maps` is there then; the PID's is empty).
+        let uffd = Uffd::adopt(fd, via)?;
         Ok((
             uffd,
             AttachTimes {
                 tid,
+                target: via,
                 stop,
                 inject,
                 detach,

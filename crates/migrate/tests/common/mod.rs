@@ -341,7 +341,12 @@ impl VforkTarget {
             Killed(command.spawn().unwrap())
         };
         let pid = target.0.id() as i32;
-        wait_until("the target to wait in vfork", || state(pid) == 'D');
+        // `D` with a child: in vfork (not a moment of `D` while starting).
+        wait_until("the target to wait in vfork", || {
+            state(pid) == 'D'
+                && std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                    .is_ok_and(|c| !c.trim().is_empty())
+        });
         VforkTarget {
             fifo,
             target,
