@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use super::writer::RateLimiter;
 use crate::error::TransferError;
 
 /// The TCP congestion control a connection whose both ends are on this host uses (`reno`, which
@@ -320,17 +321,27 @@ impl Listener {
 }
 
 /// What [`Sink::interrupter`] of a [`SocketSink`] acts on: a flag its
-/// operations check, and a handle to every connection, shut down at once so
-/// a blocked read or write returns.
+/// operations check, a handle to every connection, shut down at once so
+/// a blocked read or write returns, and the rate limiter, cut so that a
+/// writer waiting on it (no socket call, which the shutdown would end) returns too.
 #[derive(Debug, Default)]
 pub(super) struct InterruptState {
     interrupted: AtomicBool,
     conns: Mutex<Vec<Connection>>,
+    pacers: Mutex<Vec<RateLimiter>>,
 }
 
 impl InterruptState {
     pub(super) fn interrupt(&self) {
         self.interrupted.store(true, Ordering::SeqCst);
+        for p in self
+            .pacers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            p.cut();
+        }
         for c in self
             .conns
             .lock()
@@ -352,6 +363,20 @@ impl InterruptState {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+        self.pacers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Keeps a handle to the writers' rate limiter for [`InterruptState::interrupt`]; cuts
+    /// it at once if the interrupt came first.
+    pub(super) fn register_pacer(&self, pacer: &RateLimiter) {
+        let mut pacers = self.pacers.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.is_set() {
+            pacer.cut();
+        }
+        pacers.push(pacer.clone());
     }
 
     /// Keeps a handle to `conn` for [`InterruptState::interrupt`]; shuts it

@@ -269,6 +269,9 @@ impl SocketSink {
         let limiter = config
             .bandwidth_limit
             .map(|bps| RateLimiter::new(bps as f64));
+        if let Some(l) = &limiter {
+            self.interrupt.register_pacer(l);
+        }
         for (i, conn) in ready.into_iter().enumerate() {
             conn.set_write_timeout(config.io_timeout.map(send_timeout_slice))
                 .map_err(TransferError::io("setting a socket timeout"))?;
@@ -342,12 +345,16 @@ impl SocketSink {
     }
 
     /// Stops every writer and watcher; with `cut`, shuts the connections
-    /// down first (a writer may be stuck on a peer that stopped reading).
+    /// down first (a writer may be stuck on a peer that stopped reading) and
+    /// cuts the rate limiter (or waiting on it, for seconds at a low rate).
     fn stop_workers(&mut self, cut: bool) {
         for w in &mut self.workers {
             w.cmds = None;
             if cut {
                 let _ = w.conn.shutdown(Shutdown::Both);
+                if let Some(l) = &w.limiter {
+                    l.cut();
+                }
             }
         }
         for w in &mut self.workers {
@@ -884,6 +891,11 @@ mod tests {
     /// A sink over `streams` socket pairs whose handshake is taken as done, and the
     /// receiver's end of each.
     fn sink_over_pairs(streams: usize) -> (SocketSink, Vec<Connection>) {
+        sink_paced(streams, None)
+    }
+
+    /// As [`sink_over_pairs`], paced to `bandwidth_limit` bytes per second.
+    fn sink_paced(streams: usize, bandwidth_limit: Option<u64>) -> (SocketSink, Vec<Connection>) {
         let (ours, theirs): (Vec<_>, Vec<_>) = (0..streams)
             .map(|_| {
                 let (a, b) = UnixStream::pair().unwrap();
@@ -893,6 +905,7 @@ mod tests {
         let config = SenderConfig {
             streams,
             io_timeout: Some(Duration::from_secs(30)),
+            bandwidth_limit,
             ..SenderConfig::default()
         };
         let layout = Layout::single(4096, 0x10_0000, 64 * 4096).unwrap();
@@ -974,5 +987,103 @@ mod tests {
             assert!(refused_with(&err, "stream 1 refused"), "{err:?}");
             assert!(!err.is_connection_break(), "{err:?}");
         }
+    }
+
+    /// Reads and drops everything the sender writes on `conn` until the connection ends, so
+    /// that no write waits for room in the socket: only the rate limiter holds the writer.
+    /// The receiver hears once `bytes` came.
+    fn drain(conn: Connection, bytes: usize) -> (JoinHandle<()>, Receiver<()>) {
+        let (tx, rx) = bounded(1);
+        let t = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut got = 0;
+            while let Ok(n @ 1..) = io::Read::read(&mut &conn, &mut buf) {
+                got += n;
+                if got >= bytes {
+                    let _ = tx.try_send(());
+                }
+            }
+        });
+        (t, rx)
+    }
+
+    /// Sends a round on `sink`, paced at 1 KiB/s: a frame of 128 KiB, which the bucket (256
+    /// KiB) lets through, then 256 KiB frames, the first of which holds the writer for
+    /// minutes. `sent` hears once the first frame is in the socket (so the writer waits, or
+    /// is about to); then `end` says what to do with the sink.
+    fn paced_round(
+        mut sink: SocketSink,
+        end: impl FnOnce(SocketSink) -> Result<u64, TransferError> + Send + 'static,
+    ) -> Receiver<Result<u64, TransferError>> {
+        let (tx, rx) = bounded(1);
+        std::thread::spawn(move || {
+            let pages = vec![0x5au8; 64 * 4096];
+            let hashes: Vec<PageHash> = pages.chunks(4096).map(crate::digest::page_hash).collect();
+            let round = (|| {
+                sink.begin_round(0)?;
+                let half = PageBuf::from_vec(pages[..32 * 4096].to_vec());
+                sink.send_pages(0, half, &hashes[..32])?;
+                for _ in 0..2 {
+                    sink.send_pages(0, PageBuf::from_vec(pages.clone()), &hashes)?;
+                }
+                Ok(())
+            })();
+            let _ = tx.send(round.and_then(|()| end(sink)));
+        });
+        rx
+    }
+
+    /// How long a test waits for a writer the rate limiter holds for minutes to return after
+    /// what should end its wait: far past any scheduling delay, far below that wait.
+    const LIVENESS: Duration = Duration::from_secs(30);
+
+    /// The defect: a writer waiting on the rate limiter did not see the interrupt (which shuts
+    /// the sockets down) until its wait was over, seconds at `--bandwidth 64K`, so a final
+    /// round past its bound kept the workload paused that long. Now the round returns the
+    /// interrupt's error.
+    #[test]
+    fn an_interrupt_ends_a_writer_waiting_on_the_rate_limit() {
+        let (sink, mut theirs) = sink_paced(1, Some(1024));
+        let (drained, first) = drain(theirs.pop().unwrap(), 32 * 4096);
+        let interrupt = sink.interrupter().unwrap();
+        let round = paced_round(sink, |mut sink| sink.end_round(0));
+        first
+            .recv_timeout(LIVENESS)
+            .expect("the first frame never came");
+        interrupt();
+        let result = round
+            .recv_timeout(LIVENESS)
+            .expect("the paced writer never returned");
+        assert!(
+            matches!(result, Err(TransferError::Interrupted { .. })),
+            "{result:?}"
+        );
+        drained.join().unwrap();
+    }
+
+    /// A sink dropped while its writer waits on the rate limiter (its connection broke, the
+    /// caller gives up) stops that writer at once, not when the wait is over.
+    #[test]
+    fn a_sink_dropped_while_paced_stops_its_writer() {
+        let (sink, mut theirs) = sink_paced(1, Some(1024));
+        let (drained, first) = drain(theirs.pop().unwrap(), 32 * 4096);
+        let limiter = sink.workers[0].limiter.clone().unwrap();
+        let (go, wait) = bounded::<()>(1);
+        let dropped = paced_round(sink, move |sink| {
+            let _ = wait.recv();
+            drop(sink);
+            Ok(0)
+        });
+        first
+            .recv_timeout(LIVENESS)
+            .expect("the first frame never came");
+        go.send(()).unwrap();
+        let result = dropped.recv_timeout(LIVENESS);
+        assert!(
+            result.is_ok(),
+            "dropping the sink waited for the paced writer"
+        );
+        assert!(limiter.consume(1).is_err(), "the limiter was cut");
+        drained.join().unwrap();
     }
 }

@@ -5,7 +5,7 @@ use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender as Chan};
@@ -240,9 +240,22 @@ impl io::Write for StallBound {
 /// Paces writes to a byte rate (token bucket with a short burst). Clones share one bucket:
 /// every connection's writer thread consumes from it, the sink reads how much it would let
 /// through now ([`RateLimiter::pacing`]) for the switch-over estimate.
-#[derive(Clone)]
-pub(super) struct RateLimiter(Arc<Mutex<Bucket>>);
+///
+/// A writer that owes the bucket waits here, not in a socket call, so shutting the sockets
+/// down does not end its wait: [`RateLimiter::cut`] does (the sink's interrupt, and the sink
+/// when it stops its writers). At a low rate that wait is long (a 256 KiB frame at 64 KiB/s:
+/// 4 s), and a final round past its bound kept the workload paused that much longer.
+#[derive(Clone, Debug)]
+pub(super) struct RateLimiter(Arc<Pacer>);
 
+#[derive(Debug)]
+struct Pacer {
+    bucket: Mutex<Bucket>,
+    /// Wakes the writers waiting on the bucket when it is cut.
+    cut: Condvar,
+}
+
+#[derive(Debug)]
 struct Bucket {
     /// Bytes per second.
     rate: f64,
@@ -252,7 +265,13 @@ struct Bucket {
     /// Bytes it would let through now without waiting (negative: owed, a wait is due).
     tokens: f64,
     last: Instant,
+    /// Cut ([`RateLimiter::cut`]): every wait ends, now and later.
+    cut: bool,
 }
+
+/// A wait for the rate limiter ended because it was cut ([`RateLimiter::cut`]).
+#[derive(Debug)]
+pub(super) struct Cut;
 
 impl Bucket {
     /// Brings `tokens` up to `now`.
@@ -267,35 +286,85 @@ impl RateLimiter {
     pub(super) fn new(rate: f64) -> RateLimiter {
         // A twentieth of a second's worth (50 ms of sending), at least 256 KiB.
         let burst = (rate / 20.0).max(256.0 * 1024.0);
-        RateLimiter(Arc::new(Mutex::new(Bucket {
-            rate,
-            burst,
-            tokens: burst,
-            last: Instant::now(),
-        })))
+        RateLimiter(Arc::new(Pacer {
+            bucket: Mutex::new(Bucket {
+                rate,
+                burst,
+                tokens: burst,
+                last: Instant::now(),
+                cut: false,
+            }),
+            cut: Condvar::new(),
+        }))
     }
 
-    fn consume(&self, bytes: u64) {
-        let wait = {
-            let mut b = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            b.refill(Instant::now());
-            b.tokens -= bytes as f64;
-            (b.tokens < 0.0).then(|| -b.tokens / b.rate)
-        };
-        if let Some(secs) = wait {
-            std::thread::sleep(Duration::from_secs_f64(secs));
+    fn lock(&self) -> MutexGuard<'_, Bucket> {
+        self.0.bucket.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes `bytes` from the bucket and, if it owes them, waits until it would have them,
+    /// unless the limiter is cut first (or was already).
+    pub(super) fn consume(&self, bytes: u64) -> Result<(), Cut> {
+        let mut b = self.lock();
+        if b.cut {
+            return Err(Cut);
         }
+        let now = Instant::now();
+        b.refill(now);
+        b.tokens -= bytes as f64;
+        if b.tokens >= 0.0 {
+            return Ok(());
+        }
+        // `None`: further off than an `Instant` reaches; only the cut ends it.
+        let until = Duration::try_from_secs_f64(-b.tokens / b.rate)
+            .ok()
+            .and_then(|wait| now.checked_add(wait));
+        loop {
+            b = match until {
+                Some(u) => {
+                    let left = u.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(());
+                    }
+                    let woke = self.0.cut.wait_timeout(b, left);
+                    woke.unwrap_or_else(PoisonError::into_inner).0
+                }
+                None => self.0.cut.wait(b).unwrap_or_else(PoisonError::into_inner),
+            };
+            if b.cut {
+                return Err(Cut);
+            }
+        }
+    }
+
+    /// Ends every wait for the bucket, and every later one at once: its writers are being
+    /// stopped.
+    pub(super) fn cut(&self) {
+        self.lock().cut = true;
+        self.0.cut.notify_all();
     }
 
     /// The rate, and what the bucket would let through now without waiting.
     pub(super) fn pacing(&self) -> crate::sink::Pacing {
-        let mut b = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = self.lock();
         b.refill(Instant::now());
         crate::sink::Pacing {
             rate: b.rate as u64,
             ready: b.tokens.max(0.0) as u64,
             burst: b.burst as u64,
         }
+    }
+}
+
+/// Waits until `limiter` (if any) lets a frame with `payload` bytes through. A cut ends the
+/// wait with an error that [`StreamWriter::write_error`] reports as
+/// [`TransferError::Interrupted`] after an interrupt, as it does a write the interrupt cut.
+fn pace(limiter: Option<&RateLimiter>, payload: u64) -> io::Result<()> {
+    match limiter {
+        Some(l) => l
+            .consume(crate::protocol::HEADER_LEN as u64 + payload)
+            .map_err(|Cut| io::Error::other("the writer was stopped while paced")),
+        None => Ok(()),
     }
 }
 
@@ -425,17 +494,16 @@ impl StreamWriter {
     /// Writes `frame` (after the rate limiter let its bytes through).
     fn send<'p, F: crate::protocol::Frame<'p>>(&mut self, frame: &F) -> Result<(), TransferError> {
         let (header, payload) = crate::protocol::encode(frame);
-        self.pace(payload.len() as u64);
-        let written = self.out.send_encoded(&header, &payload);
+        let written = self
+            .pace(payload.len() as u64)
+            .and_then(|()| self.out.send_encoded(&header, &payload));
         written.map_err(|e| self.write_error(e))?;
         Ok(())
     }
 
     /// Waits until the rate limit lets a frame with `payload` bytes through.
-    fn pace(&mut self, payload: u64) {
-        if let Some(l) = &self.limiter {
-            l.consume(crate::protocol::HEADER_LEN as u64 + payload);
-        }
+    fn pace(&self, payload: u64) -> io::Result<()> {
+        pace(self.limiter.as_ref(), payload)
     }
 
     fn handle(&mut self, cmd: Cmd) -> Result<Option<Reply>, TransferError> {
@@ -459,19 +527,18 @@ impl StreamWriter {
                 self.pages += pages.len() as u64 / self.page_size;
                 let span = self.wire_span(offset, pages.len() as u64)?;
                 let written = match self.compressor.compress(&pages)? {
-                    Some((codec, packed)) => {
-                        if let Some(l) = &self.limiter {
-                            l.consume(crate::protocol::HEADER_LEN as u64 + packed.len() as u64);
-                        }
-                        self.out.send_pages(
-                            &Pages {
-                                span,
-                                codec,
-                                live: false,
-                            },
-                            packed,
-                        )
-                    }
+                    // The writer's own `pace` would borrow all of it, `packed` too.
+                    Some((codec, packed)) => pace(self.limiter.as_ref(), packed.len() as u64)
+                        .and_then(|()| {
+                            self.out.send_pages(
+                                &Pages {
+                                    span,
+                                    codec,
+                                    live: false,
+                                },
+                                packed,
+                            )
+                        }),
                     None => {
                         // The hashes came with the pages: no pass over them here.
                         let mut hashes = hashes;
@@ -480,8 +547,8 @@ impl StreamWriter {
                             hashes = pages.chunks(ps).map(crate::digest::page_hash).collect();
                         }
                         let list = hashes.len() * crate::digest::PAGE_HASH_LEN;
-                        self.pace(span.len + list as u64);
-                        self.out.send_listed_pages(span, &pages, &hashes)
+                        self.pace(span.len + list as u64)
+                            .and_then(|()| self.out.send_listed_pages(span, &pages, &hashes))
                     }
                 };
                 written.map_err(|e| self.write_error(e))?;
@@ -686,7 +753,8 @@ impl StreamWriter {
             };
             let list = crate::digest::hash_list(chunk);
             let header = Pages::listed_header(span, &list, true);
-            self.pace(len + list.len() as u64);
+            let paced = self.pace(len + list.len() as u64);
+            paced.map_err(|e| self.write_error(e))?;
             let parts = [
                 Gather::Bytes(header.as_bytes()),
                 Gather::Live(&part),
@@ -758,5 +826,60 @@ impl StreamWriter {
             offset: at,
             len,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How long a test waits for a wait that a cut should have ended before it calls the
+    /// wake-up lost: far past any scheduling delay, far below the waits it cuts.
+    const LIVENESS: Duration = Duration::from_secs(30);
+
+    /// Consumes `bytes` from `limiter` on another thread; what it returned, once it did.
+    fn consume_elsewhere(limiter: &RateLimiter, bytes: u64) -> crossbeam_channel::Receiver<bool> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let l = limiter.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(l.consume(bytes).is_ok());
+        });
+        rx
+    }
+
+    /// At 1 byte/s a write of 1 MiB past the burst owes 12 days; the cut ends that wait,
+    /// and every later one at once. At the smallest positive rate the wait is past what an
+    /// `Instant` holds: the cut ends that one too.
+    #[test]
+    fn a_cut_ends_a_wait_for_the_bucket_and_every_later_one() {
+        for rate in [1.0, f64::MIN_POSITIVE] {
+            let limiter = RateLimiter::new(rate);
+            assert!(limiter.consume(256 << 10).is_ok(), "the burst goes at once");
+            let waiting = consume_elsewhere(&limiter, 1 << 20);
+            // Most likely waiting by now; if not, it finds the bucket cut, as it must too.
+            std::thread::sleep(Duration::from_millis(50));
+            limiter.cut();
+            let let_through = waiting
+                .recv_timeout(LIVENESS)
+                .expect("the wait was not cut");
+            assert!(
+                !let_through,
+                "rate {rate}: cut, yet it let the bytes through"
+            );
+            assert!(limiter.consume(1).is_err(), "rate {rate}: a later wait");
+            assert_eq!(limiter.pacing().burst, 256 << 10);
+        }
+    }
+
+    /// A wait the bucket owes ends by itself when the bytes are due, without a cut.
+    #[test]
+    fn a_wait_nobody_cuts_ends_when_the_bytes_are_due() {
+        // At 1 MiB/s the burst is 256 KiB: 1 KiB past it is due in about 1 ms.
+        let limiter = RateLimiter::new((1 << 20) as f64);
+        let waiting = consume_elsewhere(&limiter, (256 << 10) + 1024);
+        let let_through = waiting
+            .recv_timeout(LIVENESS)
+            .expect("the wait never ended");
+        assert!(let_through);
     }
 }
