@@ -40,8 +40,9 @@
 
 use std::io::{BufReader, Read};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -56,8 +57,8 @@ use crate::live::ChangedPages;
 use crate::net::{Connection, Listener};
 use crate::protocol::{
     Auth, Challenge, Commit, Done, ErrorFrame, Finish, FrameKind, FrameReader, FrameWriter,
-    HEADER_LEN, Header, Hello, Mapped, Pages, Ping, Pong, RawHeader, Region, Resume, RoundBegin,
-    RoundEnd, State as StateFrame, Welcome, Zero, error_code, resume_block_pages,
+    HEADER_LEN, Header, Hello, Mapped, NONCE_LEN, Pages, Ping, Pong, RawHeader, Region, Resume,
+    RoundBegin, RoundEnd, State as StateFrame, Welcome, Zero, error_code, resume_block_pages,
     verify_frame_pages, verify_hashed_list,
 };
 use crate::sink::Sink;
@@ -208,26 +209,148 @@ fn code_for(e: &TransferError) -> u32 {
     }
 }
 
-/// What a handshake expects of the HELLO it reads.
-#[derive(Clone, Copy)]
-enum Expect<'a> {
-    /// A connection of a new transfer.
-    New,
-    /// None: a transfer runs, and any sender that proves the key is told the receiver is
-    /// busy ([`TransferError::Busy`]).
+/// Which connections a receiver lets in. Each connection's handshake decides under the lock,
+/// once the key is proven and before WELCOME: a connection that is not let in is never
+/// welcomed, and the decision holds for handshakes that began in an earlier phase too.
+#[derive(Debug, Clone)]
+enum Admission {
+    /// [`Receiver::accept`]: the first sender to prove the key, then the rest of its
+    /// connections (same session, layout and stream count), one per stream index; anyone
+    /// else is busy ([`TransferError::Busy`]).
+    Accepting {
+        first: Option<Hello>,
+        /// The stream indexes let in so far.
+        taken: Vec<bool>,
+    },
+    /// A transfer runs: anyone who proves the key is told the receiver is busy.
     Busy,
     /// A connection of the sender of this HELLO's session, resuming.
-    Resuming(&'a Hello),
+    Resuming(Hello),
 }
 
-/// The receiver's half of the handshake on one connection, expecting
-/// `expect`.
+impl Admission {
+    fn accepting() -> Admission {
+        Admission::Accepting {
+            first: None,
+            taken: Vec::new(),
+        }
+    }
+
+    /// Lets the connection that sent `hello` (key proven) in, or says why not.
+    fn admit(&mut self, hello: &Hello) -> Result<(), TransferError> {
+        let index = hello.stream_index as usize;
+        let refused = |reason| ProtocolError::ResumeRefused {
+            index: hello.stream_index,
+            reason,
+        };
+        match self {
+            Admission::Busy => Err(TransferError::Busy),
+            Admission::Accepting { .. } if hello.resume => {
+                Err(refused(ResumeRefusal::NoSession).into())
+            }
+            Admission::Accepting { first, taken } => match first {
+                None => {
+                    *taken = vec![false; hello.stream_count as usize];
+                    taken[index] = true;
+                    *first = Some(hello.clone());
+                    Ok(())
+                }
+                Some(f) if !same_transfer(f, hello) => Err(TransferError::Busy),
+                Some(_) if taken[index] => Err(ProtocolError::StreamMismatch {
+                    index: hello.stream_index,
+                    reason: "stream index used twice",
+                }
+                .into()),
+                Some(_) => {
+                    taken[index] = true;
+                    Ok(())
+                }
+            },
+            Admission::Resuming(_) if !hello.resume => {
+                Err(refused(ResumeRefusal::SessionWaiting).into())
+            }
+            Admission::Resuming(f) if f.session != hello.session => {
+                Err(refused(ResumeRefusal::UnknownSession).into())
+            }
+            Admission::Resuming(f) if f.layout != hello.layout => {
+                Err(refused(ResumeRefusal::DifferentLayout).into())
+            }
+            Admission::Resuming(f) if f.stream_count != hello.stream_count => {
+                Err(refused(ResumeRefusal::DifferentStreams).into())
+            }
+            Admission::Resuming(_) => Ok(()),
+        }
+    }
+
+    /// Takes back what [`Admission::admit`] gave a connection whose handshake then failed.
+    fn release(&mut self, hello: &Hello) {
+        if let Admission::Accepting {
+            first: Some(f),
+            taken,
+        } = self
+            && same_transfer(f, hello)
+        {
+            taken[hello.stream_index as usize] = false;
+            if !taken.contains(&true) {
+                *self = Admission::accepting();
+            }
+        }
+    }
+}
+
+/// Whether two HELLOs are of the same transfer's connections.
+fn same_transfer(a: &Hello, b: &Hello) -> bool {
+    a.session == b.session && a.layout == b.layout && a.stream_count == b.stream_count
+}
+
+/// What every handshake on a listener shares: which connections get in, and the count of
+/// those refused.
+#[derive(Debug)]
+struct Gate {
+    admission: Mutex<Admission>,
+    /// Connections refused; each is counted before it is told why.
+    refused: AtomicU64,
+    /// The receiver is done with its listener: handshakes still running are cut off, not
+    /// refused.
+    closing: AtomicBool,
+}
+
+impl Gate {
+    fn new(admission: Admission) -> Gate {
+        Gate {
+            admission: Mutex::new(admission),
+            refused: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    /// Refuses `conn` (from `peer`) for `why`: counts it, logs it (each of the first ones,
+    /// then every hundredth), then tells the peer (an ERROR with `code`). A receiver that is
+    /// closing its listener neither counts nor tells.
+    fn refuse(&self, conn: &Connection, peer: &str, code: u32, why: &TransferError) {
+        if self.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        let refused = self.refused.fetch_add(1, Ordering::SeqCst) + 1;
+        if refused <= LOGGED_REFUSALS || refused.is_multiple_of(100) {
+            tracing::warn!(
+                peer,
+                refused,
+                error = %precopy_sys::error_chain(why),
+                "refused a connection"
+            );
+        }
+        send_error(conn, code, &precopy_sys::error_chain(why));
+    }
+}
+
+/// The receiver's half of the handshake on one connection, let in or refused by `gate`.
 fn receiver_handshake(
     conn: &Connection,
     config: &ReceiverConfig,
-    expect: Expect<'_>,
+    gate: &Gate,
 ) -> Result<Hello, TransferError> {
-    let result = handshake_steps(conn, config, expect).map_err(|e| {
+    let result = handshake_steps(conn, config, gate).map_err(|e| {
         e.or_stalled(
             "the handshake with",
             || conn.peer(),
@@ -235,7 +358,7 @@ fn receiver_handshake(
         )
     });
     if let Err(e) = &result {
-        send_error(conn, code_for(e), &precopy_sys::error_chain(e));
+        gate.refuse(conn, &conn.peer(), code_for(e), e);
         let _ = conn.shutdown(Shutdown::Both);
     }
     result
@@ -244,7 +367,7 @@ fn receiver_handshake(
 fn handshake_steps(
     conn: &Connection,
     config: &ReceiverConfig,
-    expect: Expect<'_>,
+    gate: &Gate,
 ) -> Result<Hello, TransferError> {
     if config.key.is_none() && matches!(conn, Connection::Tcp(_)) {
         return Err(TransferError::KeyRequired { addr: conn.peer() });
@@ -278,15 +401,12 @@ fn handshake_steps(
         }
         .into());
     }
-    let mismatch = |reason| ProtocolError::StreamMismatch {
-        index: hello.stream_index,
-        reason,
-    };
-    match expect {
-        Expect::New if hello.stream_count > config.max_streams => {
-            return Err(mismatch("more streams than this receiver allows").into());
+    if hello.stream_count > config.max_streams {
+        return Err(ProtocolError::StreamMismatch {
+            index: hello.stream_index,
+            reason: "more streams than this receiver allows",
         }
-        _ => {}
+        .into());
     }
     let nonce = auth::nonce();
     w.send(&Challenge {
@@ -296,18 +416,6 @@ fn handshake_steps(
     .map_err(TransferError::io("sending the handshake"))?;
     let h = r.read_frame(&mut p)?;
     let mac = h.decode::<Auth>(&p)?.mac;
-    let proof = |role| {
-        config.key.as_ref().map(|k| {
-            auth::proof(
-                k,
-                role,
-                &hello.nonce,
-                &nonce,
-                hello.session,
-                hello.stream_index,
-            )
-        })
-    };
     if let Some(k) = &config.key {
         let Some(m) = mac else {
             return Err(TransferError::NoKey {
@@ -328,38 +436,39 @@ fn handshake_steps(
             });
         }
     }
-    // Only a sender that proved the key learns why a resume is refused.
-    let refused = |reason| ProtocolError::ResumeRefused {
-        index: hello.stream_index,
-        reason,
-    };
-    match expect {
-        Expect::Busy => return Err(TransferError::Busy),
-        Expect::New if hello.resume => {
-            return Err(refused(ResumeRefusal::NoSession).into());
-        }
-        Expect::Resuming(_) if !hello.resume => {
-            return Err(refused(ResumeRefusal::SessionWaiting).into());
-        }
-        Expect::Resuming(f) if f.session != hello.session => {
-            return Err(refused(ResumeRefusal::UnknownSession).into());
-        }
-        Expect::Resuming(f) if f.layout != hello.layout => {
-            return Err(refused(ResumeRefusal::DifferentLayout).into());
-        }
-        Expect::Resuming(f) if f.stream_count != hello.stream_count => {
-            return Err(refused(ResumeRefusal::DifferentStreams).into());
-        }
-        _ => {}
+    // Only a sender that proved the key learns whether it gets in, and why not.
+    lock(&gate.admission).admit(&hello)?;
+    let welcomed = welcome(conn, config, &hello, &nonce, &mut w);
+    if welcomed.is_err() {
+        lock(&gate.admission).release(&hello);
     }
-    let ours = proof(Role::Receiver);
-    w.send(&Welcome { mac: ours })
+    welcomed.map(|()| hello)
+}
+
+/// The handshake's last step: WELCOME, with the receiver's proof of the key.
+fn welcome(
+    conn: &Connection,
+    config: &ReceiverConfig,
+    hello: &Hello,
+    nonce: &[u8; NONCE_LEN],
+    w: &mut FrameWriter<&Connection>,
+) -> Result<(), TransferError> {
+    let mac = config.key.as_ref().map(|k| {
+        auth::proof(
+            k,
+            Role::Receiver,
+            &hello.nonce,
+            nonce,
+            hello.session,
+            hello.stream_index,
+        )
+    });
+    w.send(&Welcome { mac })
         .map_err(TransferError::io("sending the handshake"))?;
     conn.set_read_timeout(None)
         .map_err(TransferError::io("setting a socket timeout"))?;
     conn.set_write_timeout(None)
-        .map_err(TransferError::io("setting a socket timeout"))?;
-    Ok(hello)
+        .map_err(TransferError::io("setting a socket timeout"))
 }
 
 impl Receiver {
@@ -369,68 +478,53 @@ impl Receiver {
     /// (loopback included) and no key is configured.
     ///
     /// **A connection that fails the handshake does not end it**: garbage, a wrong or missing
-    /// key, an incompatible HELLO, another transfer's connection, or one that stays silent past
-    /// the handshake timeout is told why (an ERROR), closed, logged and counted
-    /// ([`Receiver::refused`], [`ReceiveReport::refused`]), and the receiver keeps listening.
+    /// key, an incompatible HELLO, a stream index of the sender's used twice, or one that
+    /// stays silent past the handshake timeout is told why (an ERROR), closed, logged and
+    /// counted ([`Receiver::refused`], [`ReceiveReport::refused`]), and the receiver keeps
+    /// listening. **Another sender** that proves the key is told the receiver is busy (an
+    /// ERROR with code `BUSY`, before any WELCOME), counted the same way: one that connects
+    /// while this sender's connections are gathered, and one whose handshake is still running
+    /// when they are all in (that handshake goes on while the transfer runs, its refusal
+    /// counted in the transfer's report; it is cut off only when the transfer ends).
     /// Handshakes run side by side (at most [`MAX_HANDSHAKES`] at once; more connections wait
     /// in the listen backlog until one ends), so a silent connection does not hold up the
-    /// sender for longer than the handshake timeout; past
-    /// [`REFUSALS_PER_SECOND`] refusals the receiver waits out the second, so a flood cannot
-    /// spin a CPU. Only a fault of the accepted sender's own connections (a stream index used
-    /// twice) or of the listener ends it. Nothing is applied from any connection before then.
+    /// sender for longer than the handshake timeout; past [`REFUSALS_PER_SECOND`] refusals the
+    /// receiver waits out the second, so a flood cannot spin a CPU. Only a fault of the
+    /// listener ends it. Nothing is applied from any connection before then.
     pub fn accept(listener: &Listener, config: &ReceiverConfig) -> Result<Receiver, TransferError> {
         if config.key.is_none() && matches!(listener, Listener::Tcp(_)) {
             return Err(TransferError::KeyRequired {
                 addr: listener.address(),
             });
         }
-        let mut door = Door::default();
+        let mut door = Door::new(config, Admission::accepting());
         let mut first: Option<Hello> = None;
         let mut conns: Vec<Option<Connection>> = Vec::new();
-        gather(
-            listener,
-            config,
-            Expect::New,
-            Until::Forever,
-            &mut door,
-            |conn, hello| {
-                let Some(f) = &first else {
-                    conns = (0..hello.stream_count).map(|_| None).collect();
-                    conns[hello.stream_index as usize] = Some(conn);
-                    let done = conns.len() == 1;
-                    first = Some(hello);
-                    return Ok(if done { Take::Done } else { Take::Keep });
+        // The gate lets in only the first sender's connections, one per stream index.
+        gather(listener, Until::Forever, &mut door, |conn, hello| {
+            let f = first.get_or_insert_with(|| {
+                conns = (0..hello.stream_count).map(|_| None).collect();
+                hello.clone()
+            });
+            let index = hello.stream_index as usize;
+            if !same_transfer(f, &hello) || conns.get(index).is_none_or(Option::is_some) {
+                // Unreachable past the gate; refused rather than trusted.
+                let e = ProtocolError::StreamMismatch {
+                    index: hello.stream_index,
+                    reason: "not one of the accepted sender's connections",
                 };
-                if f.session != hello.session
-                    || f.layout != hello.layout
-                    || f.stream_count != hello.stream_count
-                {
-                    // Another sender with the key: not this transfer's connection.
-                    let e = ProtocolError::StreamMismatch {
-                        index: hello.stream_index,
-                        reason: "another transfer is being received",
-                    };
-                    send_error(&conn, error_code::PROTOCOL, &e.to_string());
-                    return Ok(Take::Refused(e.into()));
-                }
-                let slot = &mut conns[hello.stream_index as usize];
-                if slot.is_some() {
-                    let e = ProtocolError::StreamMismatch {
-                        index: hello.stream_index,
-                        reason: "stream index used twice",
-                    };
-                    send_error(&conn, error_code::PROTOCOL, &e.to_string());
-                    return Err(e.into());
-                }
-                *slot = Some(conn);
-                Ok(if conns.iter().all(Option::is_some) {
-                    Take::Done
-                } else {
-                    Take::Keep
-                })
-            },
-        )?;
+                return Ok(Take::Refused(conn, error_code::PROTOCOL, e.into()));
+            }
+            conns[index] = Some(conn);
+            Ok(if conns.iter().all(Option::is_some) {
+                Take::Done
+            } else {
+                Take::Keep
+            })
+        })?;
         let hello = first.ok_or(TransferError::Aborted)?;
+        // The gate already turns everyone else away; said once more for handshakes to come.
+        door.admit(Admission::Busy);
         Ok(Receiver {
             conns: conns.into_iter().flatten().collect(),
             hello,
@@ -439,9 +533,10 @@ impl Receiver {
         })
     }
 
-    /// Connections refused so far (see [`Receiver::accept`]).
+    /// Connections refused so far (see [`Receiver::accept`]); handshakes that began during
+    /// `accept` may add to it until the transfer runs.
     pub fn refused(&self) -> u64 {
-        self.door.refused
+        self.door.refused()
     }
 
     /// Runs the handshake on an already connected single-stream transfer.
@@ -449,7 +544,8 @@ impl Receiver {
         conn: Connection,
         config: &ReceiverConfig,
     ) -> Result<Receiver, TransferError> {
-        let hello = receiver_handshake(&conn, config, Expect::New)?;
+        let door = Door::new(config, Admission::accepting());
+        let hello = receiver_handshake(&conn, config, &door.gate)?;
         if hello.stream_count != 1 {
             let e = ProtocolError::StreamMismatch {
                 index: hello.stream_index,
@@ -458,11 +554,12 @@ impl Receiver {
             send_error(&conn, error_code::PROTOCOL, &e.to_string());
             return Err(e.into());
         }
+        door.admit(Admission::Busy);
         Ok(Receiver {
             conns: vec![conn],
             hello,
             config: config.clone(),
-            door: Door::default(),
+            door,
         })
     }
 
@@ -499,7 +596,8 @@ impl Receiver {
     /// once it proved the key, an ERROR with code `BUSY` (it reports
     /// [`TransferError::ReceiverBusy`]); each such refusal is logged (`tracing`, warn) and
     /// counted in [`ReceiveReport::refused`]. Without the watch, such a sender waits in the
-    /// listen backlog until this receiver closes the listener, and then reads a reset.
+    /// listen backlog until this receiver closes the listener, and then reads a reset (one
+    /// whose handshake began during [`Receiver::accept`] is answered either way).
     pub fn run_refusing_others<K: Sink + Send + ?Sized>(
         self,
         listener: &Listener,
@@ -583,9 +681,9 @@ impl Receiver {
                 let watching = listener.map(|l| {
                     s.spawn(move || {
                         if resumable {
-                            watch_for_resume(l, cfg, first, old, watch, door)
+                            watch_for_resume(l, first, old, watch, door)
                         } else {
-                            refuse_while_busy(l, cfg, watch, door);
+                            refuse_while_busy(l, watch, door);
                             Vec::new()
                         }
                     })
@@ -623,7 +721,9 @@ impl Receiver {
                     report.pages += before.pages;
                     report.zero_pages += before.zero_pages;
                     report.resumes = resumes;
-                    report.refused = door.refused;
+                    // Handshakes still running are cut off here, so the count is final.
+                    door.close();
+                    report.refused = door.refused();
                     report.duration = start.elapsed();
                     return Ok(report);
                 }
@@ -898,15 +998,12 @@ fn complete_resume(
         block_digests,
     };
     loop {
-        let complete = back.iter().all(Option::is_some)
-            || gather(
-                listener,
-                config,
-                Expect::Resuming(hello),
-                Until::Deadline(deadline),
-                door,
-                |conn, h| Ok(take_back(&mut back, conn, &h)),
-            )?;
+        let complete = back.iter().all(Option::is_some) || {
+            door.admit(Admission::Resuming(hello.clone()));
+            gather(listener, Until::Deadline(deadline), door, |conn, h| {
+                Ok(take_back(&mut back, conn, &h))
+            })?
+        };
         if !complete {
             return Err(TransferError::ResumeTimedOut {
                 after: config.resume_wait,
@@ -973,8 +1070,7 @@ fn take_back(back: &mut [Option<Connection>], conn: Connection, h: &Hello) -> Ta
             index: h.stream_index,
             reason: "stream index used twice",
         };
-        send_error(&conn, error_code::PROTOCOL, &e.to_string());
-        return Take::Refused(e.into());
+        return Take::Refused(conn, error_code::PROTOCOL, e.into());
     }
     *slot = Some(conn);
     if back.iter().all(Option::is_some) {
@@ -992,21 +1088,16 @@ fn take_back(back: &mut [Option<Connection>], conn: Connection, h: &Hello) -> Ta
 /// watch ended first).
 fn watch_for_resume(
     listener: &Listener,
-    config: &ReceiverConfig,
     hello: &Hello,
     conns: &[Connection],
     watch: &Watch,
     door: &mut Door,
 ) -> Vec<Option<Connection>> {
     let mut back: Vec<Option<Connection>> = (0..hello.stream_count).map(|_| None).collect();
-    let came_back = gather(
-        listener,
-        config,
-        Expect::Resuming(hello),
-        Until::Watched(watch),
-        door,
-        |conn, h| Ok(take_back(&mut back, conn, &h)),
-    );
+    door.admit(Admission::Resuming(hello.clone()));
+    let came_back = gather(listener, Until::Watched(watch), door, |conn, h| {
+        Ok(take_back(&mut back, conn, &h))
+    });
     match came_back {
         Ok(true) => {
             tracing::warn!(
@@ -1027,17 +1118,13 @@ fn watch_for_resume(
 
 /// While a transfer runs (until `watch` says stop): accepts on `listener` and tells every
 /// sender that proves the key that this receiver is busy, each refusal counted and logged by
-/// `door`.
-fn refuse_while_busy(listener: &Listener, config: &ReceiverConfig, watch: &Watch, door: &mut Door) {
-    let refused = gather(
-        listener,
-        config,
-        Expect::Busy,
-        Until::Watched(watch),
-        door,
-        // The handshake itself refuses every connection: nothing is ever taken.
-        |_, _| Ok(Take::Refused(TransferError::Busy)),
-    );
+/// `door`'s gate.
+fn refuse_while_busy(listener: &Listener, watch: &Watch, door: &mut Door) {
+    door.admit(Admission::Busy);
+    let refused = gather(listener, Until::Watched(watch), door, |conn, _| {
+        // The gate refuses every connection: nothing gets this far.
+        Ok(Take::Refused(conn, error_code::BUSY, TransferError::Busy))
+    });
     if let Err(e) = refused {
         tracing::warn!(
             error = %precopy_sys::error_chain(&e),
@@ -1060,27 +1147,98 @@ const LOGGED_REFUSALS: u64 = 16;
 /// How often [`gather`] looks at finished handshakes between accepts.
 const GATHER_POLL: Duration = Duration::from_millis(20);
 
-/// The receiver's door: counts and logs the connections it refused, and paces them.
-#[derive(Debug, Default)]
+/// A handshake's result: its id in the [`Door`], the connection, its peer, the HELLO or why it
+/// failed.
+type Handshaken = (u64, Connection, String, Result<Hello, TransferError>);
+
+/// One handshake running on its own thread.
+#[derive(Debug)]
+struct InFlight {
+    id: u64,
+    /// A handle to the connection, to cut it off.
+    conn: Connection,
+    thread: JoinHandle<()>,
+}
+
+/// The receiver's door: the handshakes running on the listener's connections, their
+/// [`Gate`], and the pace of refusals. A handshake outlives the [`gather`] that started it
+/// (one running when [`Receiver::accept`] returns ends while the transfer runs, refused as
+/// busy), until [`Door::close`].
+#[derive(Debug)]
 struct Door {
-    refused: u64,
+    config: Arc<ReceiverConfig>,
+    gate: Arc<Gate>,
+    ended_tx: crossbeam_channel::Sender<Handshaken>,
+    ended: crossbeam_channel::Receiver<Handshaken>,
+    in_flight: Vec<InFlight>,
+    next_id: u64,
     window: Option<Instant>,
     in_window: u32,
 }
 
 impl Door {
-    /// Counts a refused connection from `peer`, logs it (each of the first ones, then every
-    /// hundredth), and past [`REFUSALS_PER_SECOND`] in the current second waits it out.
-    fn refuse(&mut self, peer: &str, why: &TransferError) {
-        self.refused += 1;
-        if self.refused <= LOGGED_REFUSALS || self.refused.is_multiple_of(100) {
-            tracing::warn!(
-                peer,
-                refused = self.refused,
-                error = %precopy_sys::error_chain(why),
-                "refused a connection; still listening"
-            );
+    fn new(config: &ReceiverConfig, admission: Admission) -> Door {
+        let (ended_tx, ended) = crossbeam_channel::unbounded();
+        Door {
+            config: Arc::new(config.clone()),
+            gate: Arc::new(Gate::new(admission)),
+            ended_tx,
+            ended,
+            in_flight: Vec::new(),
+            next_id: 0,
+            window: None,
+            in_window: 0,
         }
+    }
+
+    /// From now on, handshakes (running ones included) let in what `admission` says.
+    fn admit(&self, admission: Admission) {
+        *lock(&self.gate.admission) = admission;
+    }
+
+    /// Connections refused so far.
+    fn refused(&self) -> u64 {
+        self.gate.refused.load(Ordering::SeqCst)
+    }
+
+    /// Starts the handshake on `conn`, on its own thread.
+    fn start(&mut self, conn: Connection) -> Result<(), TransferError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let handle = conn
+            .try_clone()
+            .map_err(TransferError::io("cloning a socket"))?;
+        let (config, gate, tx) = (
+            self.config.clone(),
+            self.gate.clone(),
+            self.ended_tx.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("precopy-handshake".into())
+            .spawn(move || {
+                let peer = conn.peer();
+                let result = receiver_handshake(&conn, &config, &gate);
+                let _ = tx.send((id, conn, peer, result));
+            })
+            .map_err(TransferError::io("starting a handshake thread"))?;
+        self.in_flight.push(InFlight {
+            id,
+            conn: handle,
+            thread,
+        });
+        Ok(())
+    }
+
+    /// Forgets the handshake `id`, which ended.
+    fn forget(&mut self, id: u64) {
+        if let Some(i) = self.in_flight.iter().position(|h| h.id == id) {
+            // It has sent its result: its thread is ending.
+            let _ = self.in_flight.swap_remove(i).thread.join();
+        }
+    }
+
+    /// Paces refusals: past [`REFUSALS_PER_SECOND`] in the current second, waits it out.
+    fn pace(&mut self) {
         let now = Instant::now();
         match self.window {
             Some(w) if now.duration_since(w) < Duration::from_secs(1) => self.in_window += 1,
@@ -1095,6 +1253,25 @@ impl Door {
             std::thread::sleep((w + Duration::from_secs(1)).saturating_duration_since(now));
         }
     }
+
+    /// Done with the listener: cuts off the handshakes still running (neither counted nor
+    /// told: a refusal told before is counted already) and waits for their threads.
+    fn close(&mut self) {
+        self.gate.closing.store(true, Ordering::SeqCst);
+        for h in &self.in_flight {
+            let _ = h.conn.shutdown(Shutdown::Both);
+        }
+        for h in self.in_flight.drain(..) {
+            let _ = h.thread.join();
+        }
+        while self.ended.try_recv().is_ok() {}
+    }
+}
+
+impl Drop for Door {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 /// What [`gather`]'s caller made of a connection that completed the handshake.
@@ -1103,8 +1280,9 @@ enum Take {
     Keep,
     /// Kept, and that was the last one needed.
     Done,
-    /// Refused (the caller told the peer why): count it and accept more.
-    Refused(TransferError),
+    /// Refused: the peer is told why (an ERROR with this code), counted, and accepting goes
+    /// on.
+    Refused(Connection, u32, TransferError),
 }
 
 /// How long [`gather`] accepts.
@@ -1118,113 +1296,81 @@ enum Until<'a> {
     Watched(&'a Watch),
 }
 
-/// A handshake's result: its id in [`gather`], the connection, its peer, the HELLO or why it
-/// failed.
-type Handshaken = (u64, Connection, String, Result<Hello, TransferError>);
-
-/// Hands a handshake that ended to `take` (or counts its failure at `door`) and forgets it
-/// in `in_flight`; `Some(true)` when `take` needs no more connections.
+/// Hands a handshake that ended to `take` (a failed one was refused by the handshake itself)
+/// and forgets it at `door`; `Some(true)` when `take` needs no more connections.
 fn handshake_ended(
     (id, conn, peer, result): Handshaken,
-    in_flight: &mut Vec<(u64, Connection)>,
-    take: &mut impl FnMut(Connection, Hello) -> Result<Take, TransferError>,
     door: &mut Door,
+    take: &mut impl FnMut(Connection, Hello) -> Result<Take, TransferError>,
 ) -> Result<Option<bool>, TransferError> {
-    in_flight.retain(|(i, _)| *i != id);
+    door.forget(id);
     match result {
         Ok(hello) => match take(conn, hello)? {
             Take::Done => return Ok(Some(true)),
             Take::Keep => {}
-            Take::Refused(e) => door.refuse(&peer, &e),
+            Take::Refused(conn, code, e) => {
+                door.gate.refuse(&conn, &peer, code, &e);
+                let _ = conn.shutdown(Shutdown::Both);
+                door.pace();
+            }
         },
-        Err(e) => door.refuse(&peer, &e),
+        Err(_) => door.pace(),
     }
     Ok(None)
 }
 
-/// Accepts connections on `listener` and runs the receiver's handshake (expecting `expect`)
-/// on each, side by side, handing every connection that completes it to `take`, until `take`
-/// says it is done (`Ok(true)`) or `until` ends (`Ok(false)`). A connection whose handshake
-/// fails is counted by `door` (the handshake told it why); an error of `take` or of the
-/// listener ends it. Handshakes still running when it returns are cut off.
+/// Accepts connections on `listener` and runs the receiver's handshake on each, side by side
+/// (`door` lets in or refuses each connection, counting refusals), handing every connection
+/// that completes it to `take`, until `take` says it is done (`Ok(true)`) or `until` ends
+/// (`Ok(false)`); an error of `take` or of the listener ends it. Handshakes still running
+/// when it returns go on, in `door`.
 fn gather(
     listener: &Listener,
-    config: &ReceiverConfig,
-    expect: Expect<'_>,
     until: Until<'_>,
     door: &mut Door,
     mut take: impl FnMut(Connection, Hello) -> Result<Take, TransferError>,
 ) -> Result<bool, TransferError> {
-    std::thread::scope(|s| {
-        let (tx, rx) = crossbeam_channel::unbounded::<Handshaken>();
-        let mut in_flight: Vec<(u64, Connection)> = Vec::new();
-        let mut next_id = 0u64;
-        let mut step = || -> Result<Option<bool>, TransferError> {
-            while let Ok(ended) = rx.try_recv() {
-                if let Some(done) = handshake_ended(ended, &mut in_flight, &mut take, door)? {
-                    return Ok(Some(done));
-                }
+    loop {
+        while let Ok(ended) = door.ended.try_recv() {
+            if let Some(done) = handshake_ended(ended, door, &mut take)? {
+                return Ok(done);
             }
-            let wait = match until {
-                Until::Forever => GATHER_POLL,
-                Until::Deadline(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Ok(Some(false));
-                    }
-                    left.min(GATHER_POLL)
-                }
-                Until::Watched(watch) => {
-                    if watch.over() {
-                        return Ok(Some(false));
-                    }
-                    GATHER_POLL
-                }
-            };
-            if in_flight.len() >= MAX_HANDSHAKES {
-                // Every slot is taken: further connections wait in the listen backlog (the
-                // kernel holds them) until a handshake ends, which each does within the
-                // handshake timeout. A sender opening more streams than there are slots
-                // gets them all, one after another.
-                return match rx.recv_timeout(wait) {
-                    Ok(ended) => handshake_ended(ended, &mut in_flight, &mut take, door),
-                    Err(_) => Ok(None),
-                };
-            }
-            let Some(conn) = listener
-                .accept_timeout(wait)
-                .map_err(TransferError::io("accepting a connection"))?
-            else {
-                return Ok(None);
-            };
-            let id = next_id;
-            next_id += 1;
-            in_flight.push((
-                id,
-                conn.try_clone()
-                    .map_err(TransferError::io("cloning a socket"))?,
-            ));
-            let tx = tx.clone();
-            s.spawn(move || {
-                let peer = conn.peer();
-                let result = receiver_handshake(&conn, config, expect);
-                let _ = tx.send((id, conn, peer, result));
-            });
-            Ok(None)
-        };
-        let outcome = loop {
-            match step() {
-                Ok(None) => {}
-                Ok(Some(done)) => break Ok(done),
-                Err(e) => break Err(e),
-            }
-        };
-        // Handshakes still running: cut off, so the scope's threads end now.
-        for (_, c) in &in_flight {
-            let _ = c.shutdown(Shutdown::Both);
         }
-        outcome
-    })
+        let wait = match until {
+            Until::Forever => GATHER_POLL,
+            Until::Deadline(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(false);
+                }
+                left.min(GATHER_POLL)
+            }
+            Until::Watched(watch) => {
+                if watch.over() {
+                    return Ok(false);
+                }
+                GATHER_POLL
+            }
+        };
+        if door.in_flight.len() >= MAX_HANDSHAKES {
+            // Every slot is taken: further connections wait in the listen backlog (the
+            // kernel holds them) until a handshake ends, which each does within the
+            // handshake timeout. A sender opening more streams than there are slots gets
+            // them all, one after another.
+            if let Ok(ended) = door.ended.recv_timeout(wait)
+                && let Some(done) = handshake_ended(ended, door, &mut take)?
+            {
+                return Ok(done);
+            }
+            continue;
+        }
+        if let Some(conn) = listener
+            .accept_timeout(wait)
+            .map_err(TransferError::io("accepting a connection"))?
+        {
+            door.start(conn)?;
+        }
+    }
 }
 
 /// Reads the sender's COMMIT (for `checksum`) at stream offset `offset`.
@@ -1877,10 +2023,10 @@ mod tests {
     }
 
     /// Runs a sender's handshake with `theirs` (proving `their_key`) against the receiver's
-    /// half expecting `expect`; returns the receiver's result and the code of the ERROR the
+    /// half admitting by `admission`; returns the receiver's result and the code of the ERROR the
     /// sender got, if any.
     fn handshake(
-        expect: Expect<'_>,
+        admission: Admission,
         theirs: Hello,
         their_key: Key,
     ) -> (Result<Hello, TransferError>, Option<u32>) {
@@ -1911,7 +2057,7 @@ mod tests {
                 let h = r.read_frame(&mut p).unwrap();
                 (h.kind == FrameKind::Error).then(|| h.decode::<ErrorFrame>(&p).unwrap().code)
             });
-            let result = receiver_handshake(&ours, &config, expect);
+            let result = receiver_handshake(&ours, &config, &Gate::new(admission));
             (result, client.join().unwrap())
         })
     }
@@ -1932,21 +2078,29 @@ mod tests {
             (hello(7, 64, 1, false), ResumeRefusal::SessionWaiting),
         ];
         for (theirs, why) in cases {
-            let (r, code) = handshake(Expect::Resuming(&waiting), theirs, key());
+            let (r, code) = handshake(Admission::Resuming(waiting.clone()), theirs, key());
             assert_eq!(refused(&r), Some(why), "{r:?}");
             assert_eq!(code, Some(error_code::RESUME));
         }
         // The right session with the wrong key: an authentication failure, nothing more.
         let wrong = Key::from_bytes(b"another key entirely".to_vec()).unwrap();
-        let (r, code) = handshake(Expect::Resuming(&waiting), hello(7, 64, 1, true), wrong);
+        let (r, code) = handshake(
+            Admission::Resuming(waiting.clone()),
+            hello(7, 64, 1, true),
+            wrong,
+        );
         assert!(matches!(r, Err(TransferError::WrongKey { .. })), "{r:?}");
         assert_eq!(code, Some(error_code::AUTH));
         // A resume to a receiver that holds no session.
-        let (r, code) = handshake(Expect::New, hello(7, 64, 1, true), key());
+        let (r, code) = handshake(Admission::accepting(), hello(7, 64, 1, true), key());
         assert_eq!(refused(&r), Some(ResumeRefusal::NoSession), "{r:?}");
         assert_eq!(code, Some(error_code::RESUME));
         // The waiting session itself, with the key, gets in.
-        let (r, code) = handshake(Expect::Resuming(&waiting), hello(7, 64, 1, true), key());
+        let (r, code) = handshake(
+            Admission::Resuming(waiting.clone()),
+            hello(7, 64, 1, true),
+            key(),
+        );
         assert!(r.is_ok_and(|h| h.resume && h.session == 7));
         assert_eq!(code, None);
     }

@@ -125,8 +125,7 @@ fn a_second_sender_is_told_the_receiver_is_busy() {
         .unwrap();
         first.send_round(&[BASE..BASE + 4 * PS]).unwrap();
         // A PING answered: the receiver runs the transfer (a sender that connects while
-        // `accept` still gathers may be cut off instead: ARCHITECTURE, "What does not work
-        // yet").
+        // `accept` still gathers is told the same: tests/busy.rs).
         first.probe_finish().unwrap();
         let second = Sender::connect(
             vec![connect()],
@@ -152,7 +151,7 @@ fn a_second_sender_is_told_the_receiver_is_busy() {
 
 /// Strangers first: a connection that sends garbage, one that stays silent (its handshake
 /// would hold a one-at-a-time receiver for the whole handshake timeout) and a sender with the
-/// wrong key. Each is refused (the silent one is cut off once the transfer is accepted), the
+/// wrong key. Each is refused (the silent one is cut off when the transfer ends), the
 /// receiver keeps listening, and the real sender's transfer completes into an image.
 #[test]
 fn garbage_a_silent_peer_and_a_wrong_key_first_then_a_real_send_completes_into_the_image() {
