@@ -126,9 +126,9 @@ pub struct SendArgs {
 /// `precopy recv`.
 #[derive(Debug, clap::Args)]
 pub struct RecvArgs {
-    /// tcp:HOST:PORT or unix:PATH. A socket file at PATH that no socket is bound to (left by
-    /// a receiver that was killed) is removed first; a path in use, or a file that is not a
-    /// socket, is refused.
+    /// tcp:HOST:PORT or unix:PATH. The socket file appears at PATH only once it listens. A
+    /// socket file at PATH that no socket is bound to (left by a receiver that was killed) is
+    /// removed first; a path in use, or a file that is not a socket, is refused.
     #[arg(long, value_name = "URL")]
     listen: String,
     /// file:PATH: the checkpoint image to write.
@@ -925,8 +925,10 @@ pub fn process_gone(pid: i32) -> bool {
 
 /// Before `recv` binds `unix:PATH` (`typed`): a socket file left at `path` by a receiver that
 /// ended without removing it (killed with SIGKILL, a crash) is removed, and `true` returned,
-/// when no socket in this network namespace is bound to that path (`/proc/net/unix`). A path
-/// a live socket holds, or a file that is not a socket, is refused: nothing else is removed.
+/// when no socket in this network namespace is bound to that path (`/proc/net/unix`, under
+/// the path or the staging name a receiver binds before it listens:
+/// `Listener::unix_path_in_use`). A path a live socket holds, or a file that is not a
+/// socket, is refused: nothing else is removed.
 fn clear_stale_socket(typed: &str, path: &std::path::Path) -> Result<bool> {
     use std::os::unix::fs::FileTypeExt;
     let meta = match std::fs::symlink_metadata(path) {
@@ -942,16 +944,7 @@ fn clear_stale_socket(typed: &str, path: &std::path::Path) -> Result<bool> {
             "listen on a path that does not exist yet (recv creates the socket file)",
         ));
     }
-    let table = procfs::net::unix().context("reading /proc/net/unix")?;
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let name = path.file_name();
-    // A socket bound with a relative path from another directory is listed as typed there:
-    // the same file name counts as in use, to be safe.
-    let held = table
-        .iter()
-        .filter_map(|e| e.path.as_deref())
-        .any(|p| p == path || p == absolute || (p.is_relative() && p.file_name() == name));
-    if held {
+    if Listener::unix_path_in_use(path).context("reading /proc/net/unix")? {
         return Err(invalid(
             "--listen",
             typed,

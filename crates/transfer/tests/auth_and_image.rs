@@ -555,6 +555,65 @@ fn unix_socket_refuses_another_user() {
     );
 }
 
+/// A Unix listener's path appears only once the socket listens, so a client that connects
+/// the moment it sees the file gets in (the unit test `the_path_does_not_exist_between_the_bind_
+/// and_the_listen` looks between the two steps; this race alone rarely hit the old gap). Each
+/// round binds while a thread watches for the file; the file is owner-only, nothing else is
+/// left in the directory, and the listener and the client name the path itself, not the
+/// staging name the socket was bound under.
+#[test]
+fn a_unix_socket_file_appears_only_once_it_listens() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sock");
+    for _ in 0..20 {
+        let watcher = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                while std::fs::symlink_metadata(&path).is_err() {
+                    std::hint::spin_loop();
+                }
+                Connection::connect_unix(&path)
+            })
+        };
+        let l = Listener::bind_unix(&path).unwrap();
+        let client = watcher
+            .join()
+            .unwrap()
+            .expect("connected as soon as the file appeared");
+        let listed: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(listed, ["sock"]);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        assert_eq!(l.address(), path.display().to_string());
+        assert_eq!(client.peer(), format!("unix:{}", path.display()));
+        drop(l);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
+/// A file at a Unix listener's path is never replaced: binding fails as a bind there would
+/// (address in use), the file stays as it was, and no staging name is left behind.
+#[test]
+fn a_unix_listener_never_replaces_a_file_at_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sock");
+    std::fs::write(&path, "keep me").unwrap();
+    let err = Listener::bind_unix(&path).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    // A live listener's path is in use; once it is gone, its file is not.
+    let live = dir.path().join("live");
+    let l = Listener::bind_unix(&live).unwrap();
+    assert!(Listener::unix_path_in_use(&live).unwrap());
+    drop(l);
+    assert!(!Listener::unix_path_in_use(&live).unwrap());
+}
+
 #[test]
 fn a_transfer_that_never_finishes_leaves_the_earlier_image_in_place() {
     use std::os::unix::fs::PermissionsExt;

@@ -175,8 +175,8 @@ pub fn recv_started(args: &[&str]) -> (Child, BufReader<ChildStderr>, String) {
 }
 
 /// Starts `precopy recv ARGS --listen unix:SOCK --to file:IMG`; returns it once it listens.
-/// Listening is its "listening on" line, not the socket file: the file exists from the bind,
-/// and a connect before the listen that follows is refused.
+/// Listening is its "listening on" line, which also says the image is reserved (the socket
+/// file alone appears once the socket listens: `Listener::bind_unix`).
 pub fn listening_recv(sock: &Path, img: &Path, args: &[&str]) -> ListeningRecv {
     let (listen, to) = (
         format!("unix:{}", sock.display()),

@@ -1,11 +1,13 @@
 //! Connections and listeners (TCP or Unix), and the interrupt state that
 //! shuts a transfer's connections down at once.
 
+use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -142,11 +144,15 @@ impl Connection {
                 .peer_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "tcp peer".into()),
-            // A sender's socket names the receiver's path; a receiver's peer is unnamed.
+            // A sender's socket names the receiver's path (as bound: a staging name stands for
+            // the path it was published at); a receiver's peer is unnamed.
             Connection::Unix(s) => s
                 .peer_addr()
                 .ok()
-                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .and_then(|a| {
+                    a.as_pathname()
+                        .map(|p| format!("unix:{}", published_path(p).display()))
+                })
                 .unwrap_or_else(|| "unix peer".into()),
         }
     }
@@ -223,28 +229,68 @@ impl Listener {
 
     /// Listens on a Unix-domain socket path, **accessible to this user only**
     /// (mode 0600): connecting needs write permission on the socket file, so
-    /// no other user's process can become the sender. The socket is bound,
-    /// restricted, and only then listens, so no connection gets in before.
+    /// no other user's process can become the sender.
+    ///
+    /// **The path appears only once the socket listens**: the socket is bound under a
+    /// staging name beside it (`.NAME.PID.bind`, hidden), restricted, made to listen, and
+    /// only then linked at `path` (the staging name removed), so a connect that finds the
+    /// file is never refused for want of a listener, and no connection gets in before the
+    /// socket is restricted. A file already at `path` is never replaced: that fails as a
+    /// bind there would (`AddrInUse`). A path too long for its staging name in a socket
+    /// address (108 bytes) is bound in place, the file then existing a moment before the
+    /// listen. The listener's [`address`](Listener::address), and the receiver a sender's
+    /// [`Connection::peer`] names, are `path` either way.
     pub fn bind_unix(path: impl AsRef<Path>) -> io::Result<Listener> {
+        Listener::bind_unix_watched(path.as_ref(), |_| {})
+    }
+
+    /// [`Listener::bind_unix`], calling `before_listen` with the path the socket was bound
+    /// at, between the bind and the listen (for a test to look at what a peer would see).
+    fn bind_unix_watched(path: &Path, before_listen: impl FnOnce(&Path)) -> io::Result<Listener> {
         use nix::sys::socket::{
             AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
         };
         use std::os::unix::fs::PermissionsExt;
-        let path = path.as_ref();
         let fd = socket(
             AddressFamily::Unix,
             SockType::Stream,
             SockFlag::SOCK_CLOEXEC,
             None,
         )?;
-        bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
-        let restricted = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| Ok(listen(&fd, Backlog::MAXCONN)?));
-        if let Err(e) = restricted {
-            let _ = std::fs::remove_file(path);
+        let staging = staging_path(path).filter(|s| UnixAddr::new(s.as_path()).is_ok());
+        let bound = staging.as_deref().unwrap_or(path);
+        bind(fd.as_raw_fd(), &UnixAddr::new(bound)?)?;
+        let ready = std::fs::set_permissions(bound, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| {
+                before_listen(bound);
+                Ok(listen(&fd, Backlog::MAXCONN)?)
+            })
+            .and_then(|()| match &staging {
+                Some(staging) => publish(staging, path),
+                None => Ok(()),
+            });
+        if let Err(e) = ready {
+            let _ = std::fs::remove_file(bound);
             return Err(e);
         }
         Ok(Listener::Unix(UnixListener::from(fd)))
+    }
+
+    /// Whether a live socket in this network namespace is bound to `path`
+    /// (`/proc/net/unix`): under that name, or under the staging name
+    /// [`Listener::bind_unix`] bound it with before it listened. A socket bound with a
+    /// relative path is listed as typed, from whichever directory: the same file name counts
+    /// as in use, to be safe. For removing a socket file left by a receiver that was killed
+    /// only when nothing holds it.
+    pub fn unix_path_in_use(path: &Path) -> io::Result<bool> {
+        let table = procfs::net::unix().map_err(io::Error::other)?;
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let name = path.file_name();
+        Ok(table
+            .iter()
+            .filter_map(|e| e.path.as_deref())
+            .map(published_path)
+            .any(|p| p == path || p == absolute || (p.is_relative() && p.file_name() == name)))
     }
 
     /// Accepts one connection.
@@ -314,10 +360,58 @@ impl Listener {
             Listener::Unix(l) => l
                 .local_addr()
                 .ok()
-                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+                .and_then(|a| {
+                    a.as_pathname()
+                        .map(|p| published_path(p).display().to_string())
+                })
                 .unwrap_or_else(|| "unix socket".into()),
         }
     }
+}
+
+/// Suffix of the staging name of a Unix socket ([`Listener::bind_unix`]).
+const STAGING_SUFFIX: &str = "bind";
+
+/// The name [`Listener::bind_unix`] binds a socket for `path` under until it listens:
+/// `.NAME.PID.bind` in the same directory (this process's id: two processes binding the same
+/// path never share it). `None` for a path without a file name.
+fn staging_path(path: &Path) -> Option<PathBuf> {
+    let mut staged = OsString::from(".");
+    staged.push(path.file_name()?);
+    staged.push(format!(".{}.{STAGING_SUFFIX}", std::process::id()));
+    Some(path.with_file_name(staged))
+}
+
+/// The path a Unix socket bound at `bound` is published at: the path its staging name
+/// ([`staging_path`]) stands for, else `bound` itself (the kernel names a socket as it was
+/// bound, whatever it was linked or renamed to since).
+fn published_path(bound: &Path) -> PathBuf {
+    let staged = bound.file_name().and_then(|n| {
+        let n = n.as_bytes().strip_prefix(b".")?;
+        let n = n
+            .strip_suffix(STAGING_SUFFIX.as_bytes())?
+            .strip_suffix(b".")?;
+        let dot = n.iter().rposition(|&b| b == b'.')?;
+        let (name, pid) = (&n[..dot], &n[dot + 1..]);
+        (!name.is_empty() && !pid.is_empty() && pid.iter().all(u8::is_ascii_digit))
+            .then(|| OsStr::from_bytes(name))
+    });
+    match staged {
+        Some(name) => bound.with_file_name(name),
+        None => bound.to_path_buf(),
+    }
+}
+
+/// Links the listening socket bound at `staging` at `path`, never replacing a file there
+/// (a hard link fails where `path` exists: `EADDRINUSE`, as a bind there would), then removes
+/// the staging name (best effort: the socket listens at `path` either way).
+fn publish(staging: &Path, path: &Path) -> io::Result<()> {
+    std::fs::hard_link(staging, path).map_err(|e| match e.kind() {
+        io::ErrorKind::AlreadyExists => io::Error::from(nix::errno::Errno::EADDRINUSE),
+        _ => e,
+    })?;
+    let _ = std::fs::remove_file(staging);
+    Ok(())
 }
 
 /// What [`Sink::interrupter`] of a [`SocketSink`] acts on: a flag its
@@ -398,6 +492,59 @@ impl InterruptState {
 mod tests {
     use super::*;
     use nix::sys::socket::{getsockopt, sockopt::TcpCongestion};
+
+    /// A staging name stands for the path it was made for, relative or absolute, whatever
+    /// the file name holds; other names stand for themselves.
+    #[test]
+    fn a_staging_name_stands_for_its_path() {
+        for path in [
+            "/run/x/recv.sock",
+            "sock",
+            "a.b.1.bind",
+            "/d/.hidden",
+            "dir/x.123",
+        ] {
+            let path = Path::new(path);
+            let staged = staging_path(path).unwrap();
+            assert_eq!(staged.parent(), path.parent());
+            assert_eq!(published_path(&staged), path);
+            assert_eq!(published_path(path), path);
+        }
+        for other in [
+            ".x.bind",
+            "..1.bind",
+            ".x.12a.bind",
+            ".x.1.binds",
+            "x.1.bind",
+        ] {
+            assert_eq!(published_path(Path::new(other)), Path::new(other));
+        }
+        assert_eq!(staging_path(Path::new("/")), None);
+    }
+
+    /// Between the bind and the listen, a peer finds no file at the path (a connect fails
+    /// with "not found", never "refused"); once `bind_unix` returns, it connects.
+    #[test]
+    fn the_path_does_not_exist_between_the_bind_and_the_listen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        let mut seen = None;
+        let l = Listener::bind_unix_watched(&path, |bound| {
+            seen = Some((
+                bound.to_path_buf(),
+                std::fs::symlink_metadata(&path).is_ok(),
+                UnixStream::connect(&path).map_err(|e| e.kind()).map(drop),
+            ));
+        })
+        .unwrap();
+        let (bound, exists, connect) = seen.unwrap();
+        assert_eq!(connect, Err(io::ErrorKind::NotFound));
+        assert!(!exists, "the path exists before the socket listens");
+        assert_ne!(bound, path, "bound under a staging name");
+        assert!(Connection::connect_unix(&path).is_ok());
+        assert!(!bound.exists(), "the staging name is removed");
+        drop(l);
+    }
 
     /// Both ends of a loopback TCP connection use the loopback congestion control, whatever the
     /// system's default (BBR on this project's test machine).
