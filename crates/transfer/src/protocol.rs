@@ -327,8 +327,9 @@ pub mod error_code {
     /// docs); the message names why.
     pub const RESUME: u32 = 6;
     /// The receiver is busy with another transfer and takes one at a time
-    /// ([`Receiver::run_refusing_others`](crate::Receiver::run_refusing_others)):
-    /// the answer to a new sender's AUTH, its key proven.
+    /// ([`Receiver::accept`](crate::Receiver::accept) while it gathers the first sender's
+    /// connections, [`Receiver::run_refusing_others`](crate::Receiver::run_refusing_others)):
+    /// the answer, in place of WELCOME, to another sender's AUTH, its key proven.
     pub const BUSY: u32 = 7;
 }
 

@@ -11,7 +11,8 @@
 //! # The state machine (per connection; `State` in this module)
 //!
 //! ```text
-//!  AwaitPreamble ─magic+version ok─► AwaitHello ─HELLO ok─► AwaitAuth ─AUTH ok─► Idle(next = 0)
+//!  AwaitPreamble ─magic+version ok─► AwaitHello ─HELLO ok─► AwaitAuth ─AUTH ok, admitted─► Idle(next = 0)
+//!  (admitted: `Admission`, one lock for all handshakes; not admitted: ERROR, BUSY for another sender)
 //!
 //!  Idle(next) ──ROUND_BEGIN(next)──► [barrier] ─► InRound(next)
 //!  InRound(r) ──PAGES/ZERO in layout──► InRound(r)
@@ -145,7 +146,8 @@ pub struct ReceiveReport {
     /// ([`Receiver::run_resumable`]).
     pub resumes: u32,
     /// Connections refused because they failed the handshake (garbage, no or a wrong key,
-    /// another transfer's), while accepting and while waiting for a resume.
+    /// another sender's, told BUSY), while accepting, while running (with a watched
+    /// listener) and while waiting for a resume; each counted before it was told.
     pub refused: u64,
     /// Bytes read from the connections after the handshake (after the last
     /// resume, if any: connections cut by a break are not counted).
@@ -337,7 +339,7 @@ impl Gate {
                 peer,
                 refused,
                 error = %precopy_sys::error_chain(why),
-                "refused a connection"
+                "refused a connection; still listening"
             );
         }
         send_error(conn, code, &precopy_sys::error_chain(why));
