@@ -1291,11 +1291,24 @@ fn a_sender_without_the_receivers_key_is_told_to_pass_it() {
         .arg(other.path())
         .output()
         .unwrap();
-    // Each refusal is logged once the sender was told: wait for both, then stop it.
+    // Each refusal is logged once the sender was told: wait for both, then stop it. Bounded
+    // against a hang (a reworded log line): after 60 s recv is killed, its stderr ends, and
+    // the assertion below says what it had said.
+    let recv_pid = nix::unistd::Pid::from_raw(recv.id() as i32);
+    let (heard, deadline) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            deadline.recv_timeout(std::time::Duration::from_secs(60))
+        {
+            let _ = nix::sys::signal::kill(recv_pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    });
     let mut said = String::new();
     while said.matches("still listening").count() < 2 {
         assert!(err.read_line(&mut said).unwrap() > 0, "recv ended: {said}");
     }
+    drop(heard);
+    watchdog.join().unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(recv.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
