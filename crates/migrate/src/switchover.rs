@@ -59,11 +59,11 @@
 //!   512M --dirty-rate 20M --bandwidth 100M --max-downtime 200`): rehearsals at 105-114
 //!   MiB/s against a 100 MiB/s cap, downtime above "at most" in 3 of 3 runs;
 //! * **finish** (memory digests and the acknowledgement round trip): expected, the upper
-//!   median of the finish probes the pause probes took with the workload paused (two each:
-//!   with one, a migration that switched over after two pause probes expected the slower of
-//!   two samples, 6.5 ms for 1.6 measured when one had waited for a CPU) (the final
-//!   acknowledgement runs with it paused: measured beside the running workload and a competing
-//!   process, the round trip was 2-21 ms against 2-3 ms paused); without such probes, the
+//!   median of the finish probes the pause probes took with the workload paused, two in each
+//!   (with one, a migration that switched over after two pause probes expected the slower of
+//!   two samples: 6.5 ms for 1.6 measured when one had waited for a CPU). The final
+//!   acknowledgement runs with the workload paused: measured beside the running workload and a
+//!   competing process, the round trip was 2-21 ms against 2-3 ms paused. Without such probes, the
 //!   upper median of the last [`FINISH_WINDOW`] probes the transport took after a round
 //!   ([`Transport::probe_finish`](crate::Transport::probe_finish): a PING/PONG on every
 //!   connection plus the digest of the page-hash table timed at the sender, twice; for a
