@@ -254,6 +254,18 @@ fn a_send_that_fits_only_by_compacting_completes_and_verifies() {
     // quiet machine, after 10 rounds): then this run is not the one the test needs, and the
     // send runs again, at most three times in all.
     let t = writing_target(2, 256, 0);
+    // Since the final phase's fixed costs fell below 1 ms (2026-12-01), a scan that finds
+    // nothing converges: on a loaded machine that happened in 3 runs of 3. The writers at
+    // nice -15 (root; every thread: Linux keeps nice per thread) rarely miss a round; where
+    // `renice` fails they keep their nice value and the attempts below still apply.
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", t.pid)) {
+        for tid in tasks.flatten() {
+            let _ = Command::new("renice")
+                .args(["-n", "-15", "-p"])
+                .arg(tid.file_name())
+                .output();
+        }
+    }
     let img = fs.0.join("c.img");
     let mut attempts = 0;
     let v = loop {
@@ -274,7 +286,7 @@ fn a_send_that_fits_only_by_compacting_completes_and_verifies() {
         ]);
         let v = one_json(&out);
         assert!(out.status.success() && v["ok"] == true, "{v}");
-        if v["migration"]["switch_reason"] != "converged" || attempts == 3 {
+        if v["migration"]["switch_reason"] != "converged" || attempts == 5 {
             break v;
         }
         eprintln!("attempt {attempts} converged (a scan found nothing written): again");

@@ -1291,7 +1291,7 @@ fn a_sender_without_the_receivers_key_is_told_to_pass_it() {
         .arg(other.path())
         .output()
         .unwrap();
-    // Each refusal is logged once the sender was told: wait for both, then stop it. Bounded
+    // Each refusal is logged (before the sender is told): wait for both, then stop it. Bounded
     // against a hang (a reworded log line): after 60 s recv is killed, its stderr ends, and
     // the assertion below says what it had said.
     let recv_pid = nix::unistd::Pid::from_raw(recv.id() as i32);

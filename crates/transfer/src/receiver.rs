@@ -536,7 +536,7 @@ impl Receiver {
     }
 
     /// Connections refused so far (see [`Receiver::accept`]); handshakes that began during
-    /// `accept` may add to it until the transfer runs.
+    /// `accept` may add to it until the transfer ends.
     pub fn refused(&self) -> u64 {
         self.door.refused()
     }

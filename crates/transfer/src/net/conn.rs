@@ -237,8 +237,9 @@ impl Listener {
     /// file is never refused for want of a listener, and no connection gets in before the
     /// socket is restricted. A file already at `path` is never replaced: that fails as a
     /// bind there would (`AddrInUse`). A path too long for its staging name in a socket
-    /// address (108 bytes) is bound in place, the file then existing a moment before the
-    /// listen. The listener's [`address`](Listener::address), and the receiver a sender's
+    /// address (108 bytes), or on a file system that refuses hard links, is bound in place,
+    /// the file then existing a moment before the listen. A staging name left by a killed
+    /// process that had this one's ID is removed first. The listener's [`address`](Listener::address), and the receiver a sender's
     /// [`Connection::peer`] names, are `path` either way.
     pub fn bind_unix(path: impl AsRef<Path>) -> io::Result<Listener> {
         Listener::bind_unix_watched(path.as_ref(), |_| {})
@@ -247,33 +248,45 @@ impl Listener {
     /// [`Listener::bind_unix`], calling `before_listen` with the path the socket was bound
     /// at, between the bind and the listen (for a test to look at what a peer would see).
     fn bind_unix_watched(path: &Path, before_listen: impl FnOnce(&Path)) -> io::Result<Listener> {
-        use nix::sys::socket::{
-            AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+        use nix::sys::socket::UnixAddr;
+        let Some(staging) = staging_path(path).filter(|s| UnixAddr::new(s.as_path()).is_ok())
+        else {
+            return bind_listen(path, before_listen);
         };
-        use std::os::unix::fs::PermissionsExt;
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        let staging = staging_path(path).filter(|s| UnixAddr::new(s.as_path()).is_ok());
-        let bound = staging.as_deref().unwrap_or(path);
-        bind(fd.as_raw_fd(), &UnixAddr::new(bound)?)?;
-        let ready = std::fs::set_permissions(bound, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| {
-                before_listen(bound);
-                Ok(listen(&fd, Backlog::MAXCONN)?)
-            })
-            .and_then(|()| match &staging {
-                Some(staging) => publish(staging, path),
-                None => Ok(()),
-            });
-        if let Err(e) = ready {
-            let _ = std::fs::remove_file(bound);
-            return Err(e);
+        // The staging name carries this process's ID: a socket file there is a leftover of a
+        // process that had the same ID and was killed between its bind and its link (a live
+        // one of this process would be listed).
+        if std::fs::symlink_metadata(&staging)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            && !Listener::unix_name_listed(&staging)?
+        {
+            let _ = std::fs::remove_file(&staging);
         }
-        Ok(Listener::Unix(UnixListener::from(fd)))
+        let listener = bind_listen(&staging, before_listen)?;
+        match publish(&staging, path) {
+            Ok(()) => Ok(listener),
+            Err(e) => {
+                drop(listener);
+                let _ = std::fs::remove_file(&staging);
+                match e.raw_os_error() {
+                    // A file at `path`: refused, as a bind there would be.
+                    Some(e_) if e_ == nix::errno::Errno::EADDRINUSE as i32 => Err(e),
+                    // A file system without hard links (some FUSE ones): bound in place,
+                    // where a connect between the bind and the listen is refused.
+                    _ => bind_listen(path, |_| {}),
+                }
+            }
+        }
+    }
+
+    /// Whether `/proc/net/unix` lists a socket bound at exactly `path`.
+    fn unix_name_listed(path: &Path) -> io::Result<bool> {
+        let table = procfs::net::unix().map_err(io::Error::other)?;
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        Ok(table
+            .iter()
+            .filter_map(|e| e.path.as_deref())
+            .any(|p| p == path || p == absolute))
     }
 
     /// Whether a live socket in this network namespace is bound to `path`
@@ -380,6 +393,32 @@ fn staging_path(path: &Path) -> Option<PathBuf> {
     staged.push(path.file_name()?);
     staged.push(format!(".{}.{STAGING_SUFFIX}", std::process::id()));
     Some(path.with_file_name(staged))
+}
+
+/// A Unix socket bound at `bound`, with mode 0600, listening; `before_listen` is called
+/// between the bind and the listen. The file is removed again on failure.
+fn bind_listen(bound: &Path, before_listen: impl FnOnce(&Path)) -> io::Result<Listener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(bound)?)?;
+    let ready =
+        std::fs::set_permissions(bound, std::fs::Permissions::from_mode(0o600)).and_then(|()| {
+            before_listen(bound);
+            Ok(listen(&fd, Backlog::MAXCONN)?)
+        });
+    if let Err(e) = ready {
+        let _ = std::fs::remove_file(bound);
+        return Err(e);
+    }
+    Ok(Listener::Unix(UnixListener::from(fd)))
 }
 
 /// The path a Unix socket bound at `bound` is published at: the path its staging name
@@ -543,6 +582,22 @@ mod tests {
         assert_ne!(bound, path, "bound under a staging name");
         assert!(Connection::connect_unix(&path).is_ok());
         assert!(!bound.exists(), "the staging name is removed");
+        drop(l);
+    }
+
+    /// A staging name left by a killed process that had this one's ID (a socket file no
+    /// socket is bound to) does not make the bind fail: it is removed, and the path listens.
+    #[test]
+    fn a_staging_name_left_by_a_killed_process_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        let staging = staging_path(&path).unwrap();
+        // A socket file nothing is bound to any more: bound, then closed.
+        drop(std::os::unix::net::UnixListener::bind(&staging).unwrap());
+        assert!(staging.exists());
+        let l = Listener::bind_unix(&path).unwrap();
+        assert!(Connection::connect_unix(&path).is_ok());
+        assert!(!staging.exists(), "the staging name is removed");
         drop(l);
     }
 
