@@ -126,7 +126,9 @@ pub struct SendArgs {
 /// `precopy recv`.
 #[derive(Debug, clap::Args)]
 pub struct RecvArgs {
-    /// tcp:HOST:PORT or unix:PATH. The socket file appears at PATH only once it listens. A
+    /// tcp:HOST:PORT or unix:PATH. The socket file appears at PATH only once it listens
+    /// (except for a PATH within ~20 bytes of the 108-byte limit, or on a file system
+    /// without hard links: bound in place there). A
     /// socket file at PATH that no socket is bound to (left by a receiver that was killed) is
     /// removed first; a path in use, or a file that is not a socket, is refused.
     #[arg(long, value_name = "URL")]

@@ -86,7 +86,7 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// sleeps between looks.
 const STOP_SPIN: Duration = Duration::from_micros(200);
 /// The longest pause between two looks at whether the thread has stopped.
-const STOP_POLL_MAX: Duration = Duration::from_millis(2);
+const STOP_POLL_MAX: Duration = Duration::from_micros(250);
 
 /// How a ptrace step failed.
 #[derive(Debug)]
