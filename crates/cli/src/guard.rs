@@ -6,8 +6,11 @@
 //! When it ends normally (success, failure or interruption, each of which leaves the target as
 //! the user asked) it writes `K` ("keep as it is"), and the guard exits. If the pipe closes
 //! without it, the send died: the guard continues the target (`SIGCONT`), unless the target has
-//! exited meanwhile (checked through a pidfd, so a reused PID is never signalled). The guard runs
-//! in its own process group, so a Ctrl-C meant for the send does not reach it.
+//! exited meanwhile (checked through a pidfd, so a reused PID is never signalled) or the send's
+//! last word on it was `S` ("stopped by someone else": a target found stopped when the send
+//! took hold of it, which the send leaves stopped; `O`, "ours", undoes it, for a target found
+//! running again later). The guard runs in its own process group, so a Ctrl-C meant for the
+//! send does not reach it.
 //!
 //! A raised pause (`precopy_migrate::ProcessControl`, "Raised pause") makes the target's
 //! threads real-time for a moment (at most 5 ms). Before it raises them, the send writes one
@@ -39,12 +42,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let pidfd = precopy_sys::process::pidfd_open(args.pid)
         .with_context(|| format!("opening process {}", args.pid))?;
     let mut raised: Vec<(Tid, ThreadPolicy, ThreadPolicy)> = Vec::new();
+    let mut stopped_by_others = false;
     // An error reading counts as the send gone.
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         match line.split_whitespace().collect::<Vec<_>>()[..] {
             ["K"] => return Ok(ExitCode::SUCCESS),
             ["C"] => raised.clear(),
+            ["S"] => stopped_by_others = true,
+            ["O"] => stopped_by_others = false,
             ["R", tid, policy, priority, to_policy, to_priority] => {
                 let n = |w: &str| w.parse::<i32>().ok();
                 if let (
@@ -75,6 +81,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             if std::path::Path::new(&format!("/proc/{}/task/{tid}", args.pid)).exists() {
                 let _ = precopy_sys::sched::put_back_if_raised(tid, before, to);
             }
+        }
+        if stopped_by_others {
+            return Ok(ExitCode::SUCCESS);
         }
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(args.pid),
@@ -112,6 +121,12 @@ impl Journal {
 
     fn write_once(&self, bytes: &str) -> bool {
         matches!((&self.pipe).write(bytes.as_bytes()), Ok(n) if n == bytes.len())
+    }
+
+    /// Tells the guard whether the target is stopped by someone else (leave it stopped if the
+    /// send dies) or the send's to continue (see the module docs); whether it was told.
+    pub fn stopped_by_others(&self, stopped: bool) -> bool {
+        self.write_once(if stopped { "S\n" } else { "O\n" })
     }
 }
 

@@ -86,8 +86,9 @@ pub struct TargetState {
     stopped_by_us: AtomicBool,
     /// Leave the target stopped whatever happens (`--then stop` succeeded).
     keep_stopped: AtomicBool,
-    /// The target was already stopped when this command started: never continue it.
-    was_stopped: AtomicBool,
+    /// The target was stopped by someone else when this command last took hold of it (before
+    /// it began, or before a pause): never continue it.
+    stopped_by_others: AtomicBool,
     /// The report so far.
     report: Mutex<Value>,
     /// More of the report, computed when a signal comes.
@@ -128,9 +129,10 @@ impl TargetState {
     pub fn set_stopped_by_us(&self, v: bool) {
         self.stopped_by_us.store(v, Ordering::SeqCst);
     }
-    /// The target was stopped (state `T`) before this command: it stays stopped.
-    pub fn set_was_stopped(&self) {
-        self.was_stopped.store(true, Ordering::SeqCst);
+    /// Whether the target is stopped (state `T`) by someone else, as this command last saw
+    /// it before taking hold of it: then it stays stopped.
+    pub fn set_stopped_by_others(&self, stopped: bool) {
+        self.stopped_by_others.store(stopped, Ordering::SeqCst);
     }
     /// The target is to stay stopped.
     pub fn keep_stopped(&self) {
@@ -207,7 +209,7 @@ impl Interrupts {
                 let mut what = format!("interrupted by {sig}");
                 if let Some(pid) = pid {
                     let stopped = s.stopped_by_us.load(Ordering::SeqCst);
-                    let was = s.was_stopped.load(Ordering::SeqCst);
+                    let was = s.stopped_by_others.load(Ordering::SeqCst);
                     let keep = was || s.keep_stopped.load(Ordering::SeqCst);
                     if stopped && !keep {
                         let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);

@@ -58,8 +58,12 @@ enum Command {
     /// which return EINTR there as after a signal handler; a program that does not retry on
     /// EINTR sees an error. While pages are sent, a target that writes faster than they go is
     /// slowed by stopping it (SIGSTOP/SIGCONT, --throttle duty) unless --throttle none; the
-    /// final round runs with it stopped. Ctrl-C or SIGTERM leave it running (or stopped, if it
-    /// was stopped before), with no fd of ours and not traced.
+    /// final round runs with it stopped. A target someone else has stopped just before the
+    /// send stops it (for the final round, or a pause before it) is left stopped, whether it
+    /// was stopped before the send or during it; one stopped before the send and continued
+    /// during it is the send's to continue, as if it had been running. Ctrl-C or SIGTERM leave
+    /// it running (or stopped, if someone else had stopped it), with no fd of ours and not
+    /// traced.
     Send(send::SendArgs),
     /// Receive a `precopy send` stream into a checkpoint image.
     Recv(send::RecvArgs),

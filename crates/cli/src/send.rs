@@ -7,7 +7,8 @@
 //! writable memory (`TargetLog`: see `precopy_tracker::target` for what is and is not tracked)
 //! and runs the pre-copy driver over it, with the final round sent while the target is stopped
 //! (`SIGSTOP`). `--then` says what becomes of the target afterwards. On any failure, and on
-//! Ctrl-C or `SIGTERM` (see `interrupt`), the target is left running.
+//! Ctrl-C or `SIGTERM` (see `interrupt`), the target is left running (or stopped, when someone
+//! else had stopped it: see [`TargetWorkload`]).
 
 use crate::args::{
     Dest, MAX_DOWNTIME_MS, MAX_ROUNDS, PriorityKind, check_final_round_timeout, check_image_path,
@@ -43,7 +44,8 @@ use std::time::Duration;
 pub enum Then {
     /// Leave it stopped (SIGSTOP): the image is its memory as it is now.
     Stop,
-    /// Let it run on.
+    /// Let it run on (unless someone else had it stopped when the final round stopped it:
+    /// then it stays stopped).
     Resume,
     /// Kill it (SIGKILL): the destination takes over.
     Kill,
@@ -162,75 +164,111 @@ pub struct RecvArgs {
     json: bool,
 }
 
+/// Who has stopped a target that `send` leaves stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoppedBy {
+    /// Someone else, before the send began, and nobody continued it since.
+    OthersBeforeSend,
+    /// Someone else, during the send, after the send had seen it running.
+    OthersDuringSend,
+}
+
 /// [`Workload`] for the target: SIGSTOP/SIGCONT pause, duty-cycle throttle (nothing to clean
-/// up if this process dies), and a note for the signal thread of whether the target may be
-/// stopped by us.
+/// up if this process dies), and a note for the signal thread and the guard of whether the
+/// target may be stopped by us.
 ///
-/// A target found stopped when the final round is to pause it, with no throttle of ours
-/// running, was stopped by someone else during the send (a `kill -STOP`, a shell's job
-/// control, a debugger): it is treated as stopped on entry from then on, so the send never
-/// continues it (`stopped_during_send`). With the throttle's duty cycle running, its stops
-/// cannot be told from someone else's, and the target is continued as usual. Nor can a stop
-/// of our own: the pause check pauses a target it already paused again (it may have been
-/// continued from outside), and that target is ours to continue.
+/// Whether the send continues the target at the end is decided by what the target was just
+/// before the send last took hold of it: before each pause of a target it does not hold paused
+/// (the pause probes, the final pause) and before a throttle starts, the send looks whether
+/// every thread is stopped ([`TargetWorkload::take_hold`]). Stopped, it was stopped by someone
+/// else (a `kill -STOP`, a shell's job control, a debugger), before the send or during it, and
+/// it is left stopped; running, it is the send's to continue, also when it was stopped when
+/// the send began and someone continued it since (the user who continued it expects it to
+/// run). With the throttle's duty cycle running, its stops cannot be told from someone else's,
+/// and the target is continued as usual. Nor can a stop of our own: the pause check pauses a
+/// target it already paused again (it may have been continued from outside), and that target
+/// is ours to continue.
 struct TargetWorkload {
-    control: Option<ProcessControl>,
+    control: ProcessControl,
     pid: i32,
     state: Arc<TargetState>,
+    /// The duty cycle may have the target stopped.
     throttled: bool,
     /// Paused by us and not resumed since.
     paused: bool,
-    stopped_during_send: Arc<std::sync::atomic::AtomicBool>,
+    /// Who had the target stopped when the send last took hold of it; `None`: it was running.
+    stopped_by: Option<StoppedBy>,
+    /// Stopped by someone else when the send began, seen running later.
+    continued_by_others: bool,
+    /// Tells the guard whether to continue the target should the send die.
+    guard: Option<crate::guard::Journal>,
     /// The state blob: what the image holds ([`process_image_state`]).
     described: Vec<u8>,
 }
 
 impl TargetWorkload {
-    fn control(&mut self) -> &mut ProcessControl {
-        self.control
-            .as_mut()
-            .expect("the process control is only taken to be put back")
+    /// Looks again whether someone else has the target stopped, as the send is about to take
+    /// hold of it (see the type's docs); the control, the signal thread and the guard are told
+    /// before the send stops it. Holding it already (paused, or the duty cycle running), a stop
+    /// seen may be the send's own, and nothing changes.
+    fn take_hold(&mut self) {
+        if self.paused || self.throttled {
+            return;
+        }
+        let stopped = precopy_migrate::all_stopped(self.pid);
+        let by = stopped.then(|| self.stopped_by.unwrap_or(StoppedBy::OthersDuringSend));
+        if by == self.stopped_by {
+            return;
+        }
+        self.continued_by_others |= self.stopped_by == Some(StoppedBy::OthersBeforeSend);
+        self.stopped_by = by;
+        self.control.set_stopped_by_others(stopped);
+        self.state.set_stopped_by_others(stopped);
+        if let Some(g) = &self.guard
+            && !g.stopped_by_others(stopped)
+        {
+            tracing::warn!(
+                stopped,
+                "the watchdog could not be told whether the target is stopped by someone else"
+            );
+        }
     }
 }
 
 impl Workload for TargetWorkload {
     type Error = ProcessError;
     fn pause(&mut self) -> Result<(), ProcessError> {
-        let ours = self.control.as_ref().is_some_and(|c| c.stopped_on_entry());
-        if !self.paused && !self.throttled && !ours && precopy_migrate::all_stopped(self.pid) {
-            self.stopped_during_send
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            self.state.set_was_stopped();
-            self.control = self.control.take().map(|c| c.stopped_on_entry_if(true));
-        }
+        self.take_hold();
         self.state.set_stopped_by_us(true);
-        self.control().pause()?;
+        self.control.pause()?;
         self.paused = true;
         Ok(())
     }
     fn resume(&mut self) -> Result<(), ProcessError> {
         self.paused = false;
-        let r = self.control().resume();
+        let r = self.control.resume();
         self.state.set_stopped_by_us(self.throttled);
         r
     }
     fn set_throttle(&mut self, fraction: f64) -> Result<(), ProcessError> {
-        self.throttled = fraction > 0.0;
+        if fraction > 0.0 {
+            self.take_hold();
+        }
+        // A target someone else has stopped is not throttled (`ProcessControl` leaves it).
+        self.throttled = fraction > 0.0 && self.stopped_by.is_none();
         if self.throttled {
             self.state.set_stopped_by_us(true);
         }
-        self.control().set_throttle(fraction)
+        self.control.set_throttle(fraction)
     }
     fn throttle_method(&self) -> &'static str {
-        self.control
-            .as_ref()
-            .map_or("none", |c| c.throttle_method())
+        self.control.throttle_method()
     }
     fn save_state(&mut self) -> Result<Vec<u8>, ProcessError> {
         Ok(self.described.clone())
     }
     fn pause_priority(&self) -> Option<precopy_migrate::PriorityReport> {
-        self.control.as_ref().and_then(|c| c.pause_priority())
+        self.control.pause_priority()
     }
 }
 
@@ -263,38 +301,44 @@ pub fn target_state(pid: i32) -> &'static str {
     }
 }
 
-/// How the summary describes the target after a successful send: what `--then` asked, what
-/// the target was before, and what `/proc` says it is now (`state`, from [`target_state`]).
+/// How the summary describes the target after a successful send: what `--then` asked, who
+/// had it stopped when the send last took hold of it (`stopped_by`; `continued`: stopped by
+/// someone else when the send began, seen running since), and what `/proc` says it is now
+/// (`state`, from [`target_state`]).
 fn target_words(
     pid: i32,
     then: Then,
     state: &str,
-    stopped_on_entry: bool,
-    stopped_during: bool,
+    stopped_by: Option<StoppedBy>,
+    continued: bool,
 ) -> String {
     let cont = format!("`kill -CONT {pid}` resumes it");
-    match (then, state) {
-        (Then::Kill, _) => "killed (--then kill)".into(),
-        (_, "exited") => "EXITED (it is gone since the send)".into(),
-        (_, "stopped") if stopped_on_entry => {
+    match (then, state, stopped_by) {
+        (Then::Kill, _, _) => "killed (--then kill)".into(),
+        (_, "exited", _) => "EXITED (it is gone since the send)".into(),
+        (_, "stopped", Some(StoppedBy::OthersBeforeSend)) => {
             format!("left stopped, as it was before the send ({cont})")
         }
-        (_, "stopped") if stopped_during => format!(
+        (_, "stopped", Some(StoppedBy::OthersDuringSend)) => format!(
             "STOPPED: someone else stopped it during the send (SIGSTOP), so precopy did not continue it ({cont})"
         ),
-        (Then::Stop, "stopped") => format!("left stopped (--then stop; {cont})"),
-        (Then::Resume, "stopped") => format!(
+        (Then::Stop, "stopped", None) => format!("left stopped (--then stop; {cont})"),
+        (Then::Resume, "stopped", None) => format!(
             "STOPPED, not by precopy (--then resume continued it; something stopped it since: {cont})"
         ),
-        (Then::Stop, _) => {
-            "RUNNING: --then stop left it stopped, but something continued it since (SIGCONT)"
-                .into()
-        }
-        (Then::Resume, _) if stopped_on_entry || stopped_during => {
+        (_, _, Some(_)) => {
             "RUNNING: it was stopped by someone else, and something continued it since (SIGCONT)"
                 .into()
         }
-        (Then::Resume, _) => "running".into(),
+        (Then::Stop, _, None) => {
+            "RUNNING: --then stop left it stopped, but something continued it since (SIGCONT)"
+                .into()
+        }
+        (Then::Resume, _, None) if continued => {
+            "running (it was stopped when the send began; someone continued it during the send)"
+                .into()
+        }
+        (Then::Resume, _, None) => "running".into(),
     }
 }
 
@@ -372,6 +416,10 @@ struct Driven {
     vanished: u64,
     /// Regions added mid-stream: memory mapped outside the first layout.
     added: Vec<MemoryRegion>,
+    /// Who had the target stopped when the send last took hold of it ([`TargetWorkload`]).
+    stopped_by: Option<StoppedBy>,
+    /// Stopped by someone else when the send began, seen running since.
+    continued_by_others: bool,
 }
 
 /// Runs the driver over `transfer`; returns its result, the report and the parts back.
@@ -408,7 +456,7 @@ fn drive<K: Sink>(
     });
     bar.finish_and_clear();
     let report = m.report().clone();
-    let (log, transport, _workload) = m.into_parts();
+    let (log, transport, workload) = m.into_parts();
     let added = transport.added_regions().to_vec();
     let (source, _sink) = transport.into_inner().into_parts();
     let driven = Driven {
@@ -416,6 +464,8 @@ fn drive<K: Sink>(
         log,
         vanished: source.vanished_pages(),
         added,
+        stopped_by: workload.stopped_by,
+        continued_by_others: workload.continued_by_others,
     };
     (result, driven)
 }
@@ -603,35 +653,36 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         .context("controlling the target")
         .map_err(|e| fail(&report, e))?
         .stopped_on_entry_if(stopped_on_entry);
-    if control.stopped_on_entry() {
-        // Stopped by someone else before the send: it stays stopped, whatever happens.
-        state.set_was_stopped();
-    }
+    // Stopped by someone else before the send: it stays stopped unless someone continues it
+    // before the send takes hold of it (`TargetWorkload::take_hold`).
+    let stopped_by = control
+        .stopped_by_others()
+        .then_some(StoppedBy::OthersBeforeSend);
+    state.set_stopped_by_others(stopped_by.is_some());
     // From here on the send may stop the target: if it dies without cleaning up, the guard
-    // continues it (a target stopped by someone else before the send is theirs to continue).
-    let guard = if control.stopped_on_entry() {
-        None
-    } else {
-        Some(crate::guard::Guard::start(args.pid).map_err(|e| fail(&report, e))?)
-    };
+    // continues it, unless the send last found it stopped by someone else (theirs to continue).
+    let guard = crate::guard::Guard::start(args.pid).map_err(|e| fail(&report, e))?;
+    let told = guard.journal().map_err(|e| fail(&report, e))?;
+    if stopped_by.is_some() && !told.stopped_by_others(true) {
+        let e = anyhow::anyhow!("telling the watchdog that the target is stopped failed");
+        return Err(fail(&report, e));
+    }
     // A pause raises the target's threads only where the guard keeps a journal of them, so
     // that a send killed meanwhile never leaves one real-time; the signal handler continues
     // the target only once none is raised.
-    let control = match &guard {
-        Some(g) => control.with_raise_journal(g.journal().map_err(|e| fail(&report, e))?),
-        None => control.raise_to_stop(false),
-    };
+    let control = control.with_raise_journal(guard.journal().map_err(|e| fail(&report, e))?);
     state.set_raise_lock(control.raise_lock());
-    report["target_stopped_on_entry"] = json!(control.stopped_on_entry());
+    report["target_stopped_on_entry"] = json!(stopped_by.is_some());
     state.set_report(&report);
-    let stopped_during_send = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workload = TargetWorkload {
-        control: Some(control),
+        control,
         pid: args.pid,
         state: state.clone(),
         throttled: false,
         paused: false,
-        stopped_during_send: stopped_during_send.clone(),
+        stopped_by,
+        continued_by_others: false,
+        guard: Some(told),
         described: process_image_state(args.pid),
     };
     let mut config = MigrationConfig {
@@ -684,14 +735,17 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
             drive(log, sender, workload, config, args.json, None)
         }
     };
-    let stopped_during_send = stopped_during_send.load(std::sync::atomic::Ordering::SeqCst);
-    report["target_stopped_during_send"] = json!(stopped_during_send);
     let Driven {
         report: mreport,
         log,
         vanished,
         added,
+        stopped_by,
+        continued_by_others,
     } = driven;
+    report["target_stopped_during_send"] = json!(stopped_by == Some(StoppedBy::OthersDuringSend));
+    report["target_stopped_by_others"] = json!(stopped_by.is_some());
+    report["target_continued_during_send"] = json!(continued_by_others);
     if result.is_ok() {
         match args.then {
             Then::Stop => state.keep_stopped(),
@@ -749,6 +803,12 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         }
         let e = e.context(if gone {
             format!("process {} exited during the send", args.pid)
+        } else if stopped_by.is_some() {
+            format!(
+                "sending process {0} failed; it was left stopped, as someone else had stopped it \
+                 (`kill -CONT {0}` resumes it)",
+                args.pid
+            )
         } else {
             format!("sending process {} failed; it was left running", args.pid)
         });
@@ -780,13 +840,7 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
             tracked.len(),
             mreport.rounds.len(),
             ms(mreport.downtime.unwrap_or_default()),
-            target_words(
-                args.pid,
-                args.then,
-                now,
-                report["target_stopped_on_entry"] == true,
-                stopped_during_send
-            )
+            target_words(args.pid, args.then, now, stopped_by, continued_by_others)
         );
         for line in limit_lines(&mreport, args.max_rounds) {
             outln!("  {line}");
@@ -1140,36 +1194,252 @@ mod tests {
     use super::*;
     use precopy_migrate::{PauseMethod, ThrottleMethod};
 
+    /// A `sleep 60` child, killed when dropped.
+    struct Sleeper(std::process::Child);
+
+    impl Sleeper {
+        fn start() -> Sleeper {
+            let child = std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .expect("running sleep");
+            Sleeper(child)
+        }
+        fn pid(&self) -> i32 {
+            self.0.id() as i32
+        }
+        fn signal(&self, signal: nix::sys::signal::Signal) {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+            // Bounded against a hang only.
+            let since = std::time::Instant::now();
+            let stop = signal == nix::sys::signal::Signal::SIGSTOP;
+            while precopy_migrate::all_stopped(self.pid()) != stop {
+                assert!(
+                    since.elapsed() < Duration::from_secs(30),
+                    "{signal} not seen"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        /// What `send` makes of it: control as `run_send` sets it up, without a guard.
+        fn workload(&self) -> TargetWorkload {
+            let pid = self.pid();
+            let control = ProcessControl::new(pid, PauseMethod::Signal, ThrottleMethod::DutyCycle)
+                .unwrap()
+                .raise_to_stop(false);
+            TargetWorkload {
+                stopped_by: control
+                    .stopped_by_others()
+                    .then_some(StoppedBy::OthersBeforeSend),
+                control,
+                pid,
+                state: Arc::new(TargetState::default()),
+                throttled: false,
+                paused: false,
+                continued_by_others: false,
+                guard: None,
+                described: Vec::new(),
+            }
+        }
+    }
+
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Whether `SIGSTOP` is pending on process `pid` or any of its threads.
+    fn sigstop_pending(pid: i32) -> bool {
+        let bit = 1u64 << (nix::sys::signal::Signal::SIGSTOP as i32 - 1);
+        let pending = |path: String, field: &str| {
+            std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+                .is_some_and(|mask| mask & bit != 0)
+        };
+        pending(format!("/proc/{pid}/status"), "ShdPnd:")
+            || pending(format!("/proc/{pid}/status"), "SigPnd:")
+    }
+
     /// The pause check pauses a target it paused already (one continued from outside must
     /// stop again): finding it stopped then is no sign of someone else's stop, and the
     /// target is continued as usual.
     #[test]
     fn a_target_paused_twice_by_the_send_is_ours_to_continue() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .expect("running sleep");
-        let pid = child.id() as i32;
-        let stopped_during_send = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut w = TargetWorkload {
-            control: Some(
-                ProcessControl::new(pid, PauseMethod::Signal, ThrottleMethod::None).unwrap(),
-            ),
-            pid,
-            state: Arc::new(TargetState::default()),
-            throttled: false,
-            paused: false,
-            stopped_during_send: stopped_during_send.clone(),
-            described: Vec::new(),
-        };
+        let child = Sleeper::start();
+        let mut w = child.workload();
         w.pause().unwrap();
         w.pause().unwrap();
         w.resume().unwrap();
-        let stopped = precopy_migrate::all_stopped(pid);
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(!stopped, "the target was left stopped");
-        assert!(!stopped_during_send.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(
+            !precopy_migrate::all_stopped(child.pid()),
+            "the target was left stopped"
+        );
+        assert_eq!(w.stopped_by, None);
+    }
+
+    /// A target stopped before the send and continued by someone else before the send's pause
+    /// (a `SIGCONT` during the live rounds) is the send's to continue: the user who continued
+    /// it expects it to run. It used to be taken as stopped on entry to the end, so the final
+    /// pause stopped it again and the send left it stopped, its `SIGSTOP` pending (the fresh
+    /// review of 2026-12-01: 11 of 12 runs).
+    #[test]
+    fn a_target_stopped_before_the_send_and_continued_during_it_runs_after_it() {
+        let child = Sleeper::start();
+        child.signal(nix::sys::signal::Signal::SIGSTOP);
+        let mut w = child.workload();
+        assert_eq!(w.stopped_by, Some(StoppedBy::OthersBeforeSend));
+        // A pause probe while it is still stopped: not ours to continue.
+        w.pause().unwrap();
+        w.resume().unwrap();
+        assert!(precopy_migrate::all_stopped(child.pid()));
+        // Someone continues it; then the final pause, and the resume after it.
+        child.signal(nix::sys::signal::Signal::SIGCONT);
+        w.pause().unwrap();
+        assert!(
+            precopy_migrate::all_stopped(child.pid()),
+            "the pause stopped it"
+        );
+        w.resume().unwrap();
+        assert!(
+            !precopy_migrate::all_stopped(child.pid()),
+            "the send left stopped a target someone continued during it"
+        );
+        assert!(
+            !sigstop_pending(child.pid()),
+            "a SIGSTOP of ours is pending"
+        );
+        assert_eq!(w.stopped_by, None);
+        assert!(w.continued_by_others);
+        assert!(!w.control.stopped_by_others());
+    }
+
+    /// The reverse: a target running when the send began and stopped by someone else before
+    /// the send's pause stays stopped, as that someone wanted; one stopped before the send and
+    /// never continued stays stopped too.
+    #[test]
+    fn a_target_stopped_by_someone_else_before_the_pause_stays_stopped() {
+        let child = Sleeper::start();
+        let mut w = child.workload();
+        assert_eq!(w.stopped_by, None);
+        w.pause().unwrap();
+        w.resume().unwrap();
+        assert!(!precopy_migrate::all_stopped(child.pid()));
+        child.signal(nix::sys::signal::Signal::SIGSTOP);
+        w.pause().unwrap();
+        w.resume().unwrap();
+        assert!(
+            precopy_migrate::all_stopped(child.pid()),
+            "the send continued a target someone else stopped during it"
+        );
+        assert_eq!(w.stopped_by, Some(StoppedBy::OthersDuringSend));
+        // Continued again by them before the next pause: ours again.
+        child.signal(nix::sys::signal::Signal::SIGCONT);
+        w.pause().unwrap();
+        w.resume().unwrap();
+        assert!(!precopy_migrate::all_stopped(child.pid()));
+        assert_eq!(w.stopped_by, None);
+        assert!(!w.continued_by_others, "it was running when the send began");
+
+        let stopped = Sleeper::start();
+        stopped.signal(nix::sys::signal::Signal::SIGSTOP);
+        let mut w = stopped.workload();
+        w.pause().unwrap();
+        w.resume().unwrap();
+        assert!(precopy_migrate::all_stopped(stopped.pid()));
+        assert_eq!(w.stopped_by, Some(StoppedBy::OthersBeforeSend));
+    }
+
+    /// A throttle asked for a target stopped before the send and continued since takes hold
+    /// of it as a pause does: the duty cycle runs, and the target is continued at the end.
+    #[test]
+    fn a_throttle_takes_hold_of_a_target_continued_during_the_send() {
+        let child = Sleeper::start();
+        child.signal(nix::sys::signal::Signal::SIGSTOP);
+        let mut w = child.workload();
+        // Still stopped: no throttle of a target someone else holds stopped.
+        w.set_throttle(0.5).unwrap();
+        assert!(!w.throttled);
+        child.signal(nix::sys::signal::Signal::SIGCONT);
+        w.set_throttle(0.5).unwrap();
+        assert!(w.throttled, "the throttle did not take hold");
+        assert_eq!(w.stopped_by, None);
+        w.pause().unwrap();
+        w.set_throttle(0.0).unwrap();
+        w.resume().unwrap();
+        assert!(!precopy_migrate::all_stopped(child.pid()), "left stopped");
+    }
+
+    /// The summary's words for the target follow who had it stopped when the send last took
+    /// hold of it, and what `/proc` says now: a `SIGCONT` after the final pause of a target
+    /// someone else had stopped is said, as is a target continued during the send.
+    #[test]
+    fn the_summary_says_who_left_the_target_stopped() {
+        use StoppedBy::{OthersBeforeSend, OthersDuringSend};
+        let words = |then, state, by, continued| target_words(7, then, state, by, continued);
+        let cases = [
+            (
+                Then::Resume,
+                "stopped",
+                Some(OthersBeforeSend),
+                false,
+                "left stopped, as it was before the send",
+            ),
+            (
+                Then::Resume,
+                "stopped",
+                Some(OthersDuringSend),
+                false,
+                "STOPPED: someone else stopped it during the send",
+            ),
+            (
+                Then::Resume,
+                "running",
+                Some(OthersBeforeSend),
+                false,
+                "RUNNING: it was stopped by someone else, and something continued it since",
+            ),
+            (
+                Then::Stop,
+                "running",
+                Some(OthersDuringSend),
+                false,
+                "RUNNING: it was stopped by someone else, and something continued it since",
+            ),
+            (
+                Then::Resume,
+                "running",
+                None,
+                true,
+                "running (it was stopped when the send began; someone continued it during the send)",
+            ),
+            (
+                Then::Stop,
+                "stopped",
+                None,
+                true,
+                "left stopped (--then stop",
+            ),
+            (
+                Then::Resume,
+                "stopped",
+                None,
+                true,
+                "STOPPED, not by precopy",
+            ),
+            (Then::Resume, "running", None, false, "running"),
+        ];
+        for (then, state, by, continued, want) in cases {
+            let got = words(then, state, by, continued);
+            assert!(
+                got.starts_with(want),
+                "{then:?} {state} {by:?} {continued}: {got}"
+            );
+        }
     }
 
     /// A receiver that went away is named with the fix whichever way the sink noticed it: the

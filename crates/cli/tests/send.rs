@@ -690,6 +690,80 @@ fn a_dead_sends_guard_puts_raised_threads_back_before_continuing_the_target() {
     wait_until("the guard to continue the target", || !state(t.pid).stopped);
 }
 
+/// The guard of a send that died leaves the target stopped when the send's last word was
+/// `S` (the target stopped by someone else when the send took hold of it), and continues it
+/// when a later `O` said the send had found it running (someone continued it meanwhile).
+#[test]
+fn a_dead_sends_guard_leaves_a_target_stopped_by_someone_else_stopped() {
+    let t = Target::start(Lang::C, 1, 16, 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    wait_until("the target to stop", || state(t.pid).stopped);
+    for (words, stopped_after) in [("S\n", true), ("S\nO\n", false)] {
+        let mut guard = Command::new(PRECOPY)
+            .args(["__guard", "--pid", &t.pid.to_string()])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut journal = guard.stdin.take().unwrap();
+        journal.write_all(words.as_bytes()).unwrap();
+        drop(journal);
+        let out = wait_bounded(guard, Duration::from_secs(30), "the guard");
+        assert!(out.status.success(), "guard: {out:?}");
+        assert_eq!(state(t.pid).stopped, stopped_after, "after {words:?}");
+    }
+}
+
+/// A send of a target stopped by someone else before it, killed with `SIGKILL` in its live
+/// rounds, leaves the target stopped: its guard (started for every send since 2026-12-01, so
+/// that a target continued during the send is continued should the send die) was told the
+/// target is not the send's to continue.
+#[test]
+fn a_killed_send_of_a_stopped_target_leaves_it_stopped() {
+    if !engine_usable() {
+        return;
+    }
+    let t = stopped_target(1, 32768);
+    let image = scratch("killed-stopped.img");
+    let mut send = send_attached(t.pid, &image, &[]);
+    let guard = guard_of(t.pid);
+    send.kill().unwrap();
+    let _ = send.wait();
+    if let Some(g) = guard {
+        wait_until("the guard to exit", || {
+            !std::path::Path::new(&format!("/proc/{g}/cmdline")).exists()
+                || std::fs::read(format!("/proc/{g}/cmdline"))
+                    .unwrap_or_default()
+                    .is_empty()
+        });
+    }
+    let stopped = precopy_migrate::all_stopped(t.pid);
+    cont(t.pid);
+    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(precopy_transfer::ImageWriter::partial_path(&image));
+    assert!(guard.is_some(), "no guard ran beside the send");
+    assert!(
+        stopped,
+        "the killed send's guard continued a target someone else stopped"
+    );
+}
+
+/// The process ID of the `precopy __guard` watching `pid`, if one runs.
+fn guard_of(pid: i32) -> Option<u32> {
+    let want = format!("__guard\0--pid\0{pid}\0");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&want))
+        })
+}
+
 /// `precopy send --json` of `pid` into the image at `image`, with `extra` flags, in the
 /// background; returns once it has attached and registered the target's memory (the image's
 /// partial file exists from then on).
@@ -1202,34 +1276,26 @@ fn a_second_send_on_a_tracked_target_fails_and_leaves_it_running() {
     let _ = std::fs::remove_file(&first_image);
 }
 
-#[test]
-fn a_target_stopped_before_the_send_is_left_stopped() {
-    if !engine_usable() {
-        return;
-    }
-    let mut t = Target::start(Lang::C, 2, 256, 0);
+/// The C fixture with `threads` writers of `pages` pages each, flat out, once settled, then
+/// stopped (`SIGSTOP`: every thread in the group stop, state T, not just the first one seen).
+fn stopped_target(threads: u32, pages: u64) -> Target {
+    let mut t = Target::start(Lang::C, threads, pages, 0);
     settled(&mut t);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(t.pid),
         nix::sys::signal::Signal::SIGSTOP,
     )
     .unwrap();
-    // Every thread in the group stop (state T), not just the first one seen.
-    let all_stopped = || {
-        std::fs::read_dir(format!("/proc/{}/task", t.pid))
-            .unwrap()
-            .all(|e| {
-                let stat = std::fs::read_to_string(e.unwrap().path().join("stat")).unwrap();
-                stat.rsplit(')')
-                    .next()
-                    .unwrap()
-                    .trim_start()
-                    .starts_with('T')
-            })
-    };
-    while !all_stopped() {
-        std::thread::sleep(Duration::from_millis(2));
+    wait_until("the target to stop", || precopy_migrate::all_stopped(t.pid));
+    t
+}
+
+#[test]
+fn a_target_stopped_before_the_send_is_left_stopped() {
+    if !engine_usable() {
+        return;
     }
+    let t = stopped_target(2, 256);
     let image = scratch("stopped-on-entry.img");
     let out = send(
         t.pid,
@@ -1242,8 +1308,88 @@ fn a_target_stopped_before_the_send_is_left_stopped() {
     cont(t.pid);
     assert!(out.status.success(), "{report}");
     assert_eq!(report["target_stopped_on_entry"], true, "{report}");
+    assert_eq!(report["target_stopped_by_others"], true, "{report}");
     assert!(stopped, "a target stopped before the send was continued");
     let _ = std::fs::remove_file(&image);
+}
+
+/// Whether `SIGSTOP` is pending on the process or on any of its threads.
+fn sigstop_pending(t: &common::target::State) -> bool {
+    let bit = 1u64 << (nix::sys::signal::Signal::SIGSTOP as i32 - 1);
+    let has = |hex: &str| u64::from_str_radix(hex, 16).is_ok_and(|m| m & bit != 0);
+    has(&t.shared_pending) || t.threads.values().any(|f| has(&f["SigPnd"]))
+}
+
+/// A target stopped before the send and continued by someone else during the send's live
+/// rounds runs after the send, with no `SIGSTOP` of the send's left pending: the state the
+/// send leaves is the one it finds just before its pause, not the one at its start. Before
+/// 2026-12-01 the send kept the target as "stopped on entry" to the end: its final pause
+/// stopped it again and it was "left stopped, as it was before the send" (the fresh review:
+/// 11 of 12 runs).
+///
+/// The `SIGCONT` is sent once round 0 has written part of the image (the target stopped, so
+/// nothing else moves): the send is then in its live rounds. A run where no scan before the
+/// final pause found pages written (the report's `dirty_rate` of a round before the final one)
+/// is one where the continue came too late to show anything, and is run again.
+#[test]
+fn a_target_stopped_before_the_send_and_continued_during_it_runs_after_it() {
+    if !engine_usable() {
+        return;
+    }
+    for attempt in 0..5 {
+        // One writer over 128 MiB, flat out: round 0 takes a while, and once continued the
+        // target writes in every round after it.
+        let t = stopped_target(1, 32768);
+        let image = scratch(&format!("continued-during-{attempt}.img"));
+        let partial = precopy_transfer::ImageWriter::partial_path(&image);
+        let send = Command::new(PRECOPY)
+            .args(["send", "--json", "--pid", &t.pid.to_string(), "--to"])
+            .arg(format!("file:{}", image.display()))
+            .args(["--max-rounds", "3"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Bounded against a hang only: round 0 writes 128 MiB.
+        let since = std::time::Instant::now();
+        while std::fs::metadata(&partial).map_or(0, |m| m.len()) < 8 << 20 && !image.exists() {
+            assert!(
+                since.elapsed() < Duration::from_secs(60),
+                "no image written"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        cont(t.pid);
+        let out = send.wait_with_output().unwrap();
+        let report = one_json(&out);
+        std::thread::sleep(Duration::from_millis(20));
+        let after = state(t.pid);
+        // A scan before the final pause found pages written (a stopped target writes none).
+        let ran_live = report["migration"]["rounds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["kind"] != "final" && r["dirty_rate"].as_f64().unwrap_or(0.0) > 0.0);
+        let _ = std::fs::remove_file(&image);
+        assert!(out.status.success(), "{report}");
+        if !ran_live {
+            eprintln!(
+                "attempt {attempt}: no scan before the final pause saw the target write; again"
+            );
+            continue;
+        }
+        assert_eq!(report["target_stopped_on_entry"], true, "{report}");
+        assert!(
+            !after.stopped,
+            "the send left stopped a target someone continued during it: {report}"
+        );
+        assert_eq!(report["target_state"], "running", "{report}");
+        assert!(!sigstop_pending(&after), "SIGSTOP left pending: {after:?}");
+        assert_eq!(report["target_continued_during_send"], true, "{report}");
+        assert_eq!(report["target_stopped_by_others"], false, "{report}");
+        return;
+    }
+    panic!("in 5 attempts no scan before the final pause saw the continued target write");
 }
 
 /// `recv` on TCP without a key refuses to start (before it says it listens, before anyone can

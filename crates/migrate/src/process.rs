@@ -596,9 +596,10 @@ pub struct ProcessControl {
     /// A freezer pause took over a process its duty cycle had stopped: the resume continues
     /// it after the thaw (module docs, "Pause").
     duty_stop_held: bool,
-    /// Every thread was stopped when control began (SIGSTOP by someone else): never sent
-    /// SIGCONT, never duty-cycled; it is left stopped.
-    stopped_on_entry: bool,
+    /// Every thread is stopped by someone else (seen so when control began, or when the
+    /// caller last looked: [`ProcessControl::set_stopped_by_others`]): never sent SIGCONT,
+    /// never duty-cycled; it is left stopped.
+    stopped_by_others: bool,
     /// Address in the process of its [`WorkloadCounters`] as two native-endian u64s
     /// (operations, busy nanoseconds).
     counters: Option<u64>,
@@ -639,7 +640,7 @@ impl ProcessControl {
             fraction: 0.0,
             paused: false,
             duty_stop_held: false,
-            stopped_on_entry: pause == PauseMethod::Signal && all_stopped(pid),
+            stopped_by_others: pause == PauseMethod::Signal && all_stopped(pid),
             counters: None,
             state: None,
             raise: true,
@@ -752,15 +753,28 @@ impl ProcessControl {
     }
 
     /// Treat the process as stopped on entry (the caller saw it stopped before attaching, which
-    /// may have disturbed its state): it is never continued.
+    /// may have disturbed its state): it is not continued unless
+    /// [`ProcessControl::set_stopped_by_others`] says otherwise later.
     pub fn stopped_on_entry_if(mut self, stopped: bool) -> ProcessControl {
-        self.stopped_on_entry |= stopped;
+        self.stopped_by_others |= stopped;
         self
     }
 
-    /// Whether every thread was already stopped when control began: it is never continued.
-    pub fn stopped_on_entry(&self) -> bool {
-        self.stopped_on_entry
+    /// Whether the process is taken as stopped by someone else: it is never continued nor
+    /// duty-cycled, so a pause leaves it stopped. Set when control begins with every thread
+    /// stopped; a caller that looks again before it takes hold of the process (a pause of a
+    /// process it has not paused, the start of a throttle) says what it found with
+    /// [`ProcessControl::set_stopped_by_others`].
+    pub fn stopped_by_others(&self) -> bool {
+        self.stopped_by_others
+    }
+
+    /// The process was found stopped by someone else (`true`: leave it so) or running
+    /// (`false`: a pause is ours to undo, someone continued it since it was seen stopped).
+    /// Call only while it is neither paused nor throttled by this control: then its stops are
+    /// its own, and a stop seen cannot be told from someone else's.
+    pub fn set_stopped_by_others(&mut self, stopped: bool) {
+        self.stopped_by_others = stopped;
     }
 
     /// The process's PID.
@@ -792,7 +806,7 @@ impl ProcessControl {
 
     /// Applies `fraction` with the chosen mechanism (the process is not paused).
     fn apply(&mut self, fraction: f64) -> Result<(), ProcessError> {
-        if self.throttle_method == ThrottleMethod::None || self.stopped_on_entry {
+        if self.throttle_method == ThrottleMethod::None || self.stopped_by_others {
             return Ok(());
         }
         if self.duty.is_none()
@@ -958,7 +972,7 @@ impl ProcessControl {
 impl ProcessControl {
     /// Lets a stopped or frozen process run: `SIGCONT` (which also clears every thread's
     /// pending stop), or the thaw followed by `SIGCONT` when the pause froze a process its
-    /// duty cycle had stopped; nothing for a process stopped on entry.
+    /// duty cycle had stopped; nothing for a process stopped by someone else.
     fn continue_now(&mut self) -> Result<(), ProcessError> {
         match &self.freezer {
             Some(cg) => {
@@ -969,7 +983,7 @@ impl ProcessControl {
                 }
                 Ok(())
             }
-            None if self.stopped_on_entry => Ok(()),
+            None if self.stopped_by_others => Ok(()),
             None => self.signal(Signal::SIGCONT),
         }
     }
