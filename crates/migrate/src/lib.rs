@@ -262,7 +262,7 @@ pub use driver::{
 pub use error::{AbortReason, Error, Step};
 pub use process::{
     PauseMethod, ProcessControl, ProcessError, RESTOP_FIRST, RaiseJournal, ThrottleMethod,
-    all_stopped,
+    UnstoppedThread, all_stopped,
 };
 pub use report::{
     DowntimeEstimate, FailedFinal, FinalPhase, MigrationReport, PauseCheck, PriorityReport,

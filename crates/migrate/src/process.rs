@@ -24,6 +24,9 @@
 //! sent) or continues threads already stopped, and the process would run on: so while it is
 //! not all stopped, `SIGSTOP` is sent again after 5 ms, then after doubling waits up to 250 ms
 //! (about 25 sends in the 5 s bound; a pending `SIGSTOP` sent twice stops the process once).
+//! Past the bound the pause fails naming each thread not stopped and what `/proc` says of it
+//! ([`UnstoppedThread`]: a thread in an uninterruptible sleep, such as a `vfork` parent
+//! waiting for its child to exec or exit, cannot stop before it wakes).
 //! A `SIGCONT` after the stop was seen is not this pause's business: the driver's pause check
 //! finds what the process wrote meanwhile. See "Raised pause" for how the wait is kept short on
 //! a loaded machine. [`PauseMethod::Freezer`] writes `FROZEN` to a freezer cgroup and
@@ -159,10 +162,12 @@ pub enum ProcessError {
     },
     /// The process did not reach the stopped state in time. With [`PauseMethod::Signal`],
     /// `SIGSTOP` was sent `sigstops` times meanwhile: something kept continuing it (`SIGCONT`),
-    /// or a thread never left an uninterruptible sleep (state `D`). With
-    /// [`PauseMethod::Freezer`], `sigstops` is 0.
+    /// or a thread never left an uninterruptible sleep (state `D`, such as a `vfork` parent);
+    /// `threads` says which were not stopped and what they were doing. With
+    /// [`PauseMethod::Freezer`], `sigstops` is 0 and `threads` empty.
     #[error(
-        "process {pid} did not stop within {waited:?} (SIGSTOP sent {sigstops} times: something kept continuing it, or a thread stayed in an uninterruptible sleep)"
+        "process {pid} did not stop within {waited:?} (SIGSTOP sent {sigstops} times{}",
+        not_stopped_note(threads)
     )]
     StopTimeout {
         /// The process.
@@ -171,6 +176,8 @@ pub enum ProcessError {
         waited: Duration,
         /// How many times `SIGSTOP` was sent.
         sigstops: u32,
+        /// The threads not stopped when the pause gave up, as `/proc` showed them then.
+        threads: Vec<UnstoppedThread>,
     },
     /// Reading the process's state region ([`ProcessControl::with_state`]) failed or came
     /// back short.
@@ -186,6 +193,140 @@ pub enum ProcessError {
         #[source]
         source: nix::errno::Errno,
     },
+}
+
+/// A thread a signal pause found not stopped when it gave up ([`ProcessError::StopTimeout`]),
+/// as `/proc/PID/task/TID` showed it then: which thread and why it may not have stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnstoppedThread {
+    /// The thread's ID.
+    pub tid: Tid,
+    /// Its name (`comm`), empty if unreadable.
+    pub name: String,
+    /// Its state letter (`stat`'s third field: `R` running, `S` sleeping, `D` uninterruptible
+    /// sleep, ...), `?` if unreadable (it exited meanwhile).
+    pub state: char,
+    /// The kernel function it sleeps in (`wchan`), where it sleeps and that can be read.
+    pub wchan: Option<String>,
+    /// The system call it is in (`syscall`'s first field), where it is blocked in one and that
+    /// can be read (it needs ptrace access).
+    pub syscall: Option<i64>,
+    /// Its children (`children`: a `vfork` parent waits for one to exec or exit).
+    pub children: Vec<i32>,
+}
+
+impl UnstoppedThread {
+    /// What `/proc` says of thread `tid` of process `pid` now.
+    pub fn read(pid: i32, tid: Tid) -> UnstoppedThread {
+        let dir = format!("/proc/{pid}/task/{tid}");
+        let read = |name: &str| fs::read_to_string(format!("{dir}/{name}")).ok();
+        let stat = read("stat").unwrap_or_default();
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].trim_start().chars().next())
+            .unwrap_or('?');
+        let name = read("comm")
+            .map(|c| c.trim_end().to_string())
+            .unwrap_or_default();
+        // `0` where it runs, or where the kernel hides the address.
+        let wchan = read("wchan")
+            .map(|w| w.trim().to_string())
+            .filter(|w| !w.is_empty() && w != "0");
+        // "running", or the call's number and arguments.
+        let syscall = read("syscall")
+            .and_then(|s| s.split_whitespace().next()?.parse::<i64>().ok())
+            .filter(|&n| n >= 0);
+        let children = read("children")
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .collect();
+        UnstoppedThread {
+            tid,
+            name,
+            state,
+            wchan,
+            syscall,
+            children,
+        }
+    }
+
+    /// Whether it waits for a child it started with `vfork` (or `clone` with
+    /// `CLONE_VFORK`, as `posix_spawn` does): in an uninterruptible sleep in such a call, or
+    /// in the kernel function that waits for it.
+    pub fn in_vfork(&self) -> bool {
+        let calls = [
+            nix::libc::SYS_vfork,
+            nix::libc::SYS_clone,
+            nix::libc::SYS_clone3,
+        ];
+        self.state == 'D'
+            && (self.syscall.is_some_and(|n| calls.contains(&n))
+                || self
+                    .wchan
+                    .as_deref()
+                    .is_some_and(|w| w == "kernel_clone" || w.contains("vfork")))
+    }
+}
+
+impl std::fmt::Display for UnstoppedThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let meaning = match self.state {
+            'R' => "running",
+            'S' => "sleeping",
+            'D' => "uninterruptible sleep",
+            'I' => "idle",
+            'T' | 't' => "stopped",
+            'Z' | 'X' => "exited",
+            '?' => "gone",
+            _ => "another state",
+        };
+        write!(
+            f,
+            "thread {} ({}), state {} ({meaning})",
+            self.tid, self.name, self.state
+        )?;
+        if self.in_vfork() {
+            write!(f, ": a vfork parent, it cannot stop until its child")?;
+            match &self.children[..] {
+                [] => {}
+                [one] => write!(f, " {one}")?,
+                many => write!(f, " (one of {many:?})")?,
+            }
+            write!(f, " calls exec or exits")
+        } else if let Some(w) = &self.wchan {
+            write!(f, " in {w}")
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// How many threads a [`ProcessError::StopTimeout`] message names.
+const NAMED_THREADS: usize = 8;
+
+/// The end of [`ProcessError::StopTimeout`]'s message: why, and the threads not stopped.
+fn not_stopped_note(threads: &[UnstoppedThread]) -> String {
+    if threads.is_empty() {
+        return ": something kept continuing it, or a thread stayed in an uninterruptible sleep)"
+            .into();
+    }
+    let named: Vec<String> = threads
+        .iter()
+        .take(NAMED_THREADS)
+        .map(ToString::to_string)
+        .collect();
+    let more = match threads.len().saturating_sub(NAMED_THREADS) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    // A thread that could take the stop but did not was continued each time (`SIGCONT`).
+    let why = if threads.iter().any(|t| t.state == 'D') {
+        ""
+    } else {
+        ": something kept continuing it"
+    };
+    format!("{why}); not stopped: {}{more}", named.join("; "))
 }
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -908,6 +1049,7 @@ impl ProcessControl {
                             pid: self.pid,
                             waited: STOP_TIMEOUT,
                             sigstops: 0,
+                            threads: Vec::new(),
                         });
                     }
                     std::thread::sleep(Duration::from_micros(200));
@@ -939,10 +1081,15 @@ impl ProcessControl {
                         break;
                     }
                     if start.elapsed() > STOP_TIMEOUT {
+                        let pid = self.pid;
                         return Err(ProcessError::StopTimeout {
-                            pid: self.pid,
+                            pid,
                             waited: STOP_TIMEOUT,
                             sigstops,
+                            threads: unstopped
+                                .iter()
+                                .map(|&tid| UnstoppedThread::read(pid, tid))
+                                .collect(),
                         });
                     }
                     if sent.elapsed() >= wait {
@@ -1140,5 +1287,63 @@ mod input_tests {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod stop_timeout_tests {
+    use super::*;
+
+    fn thread(tid: Tid, state: char, wchan: Option<&str>) -> UnstoppedThread {
+        UnstoppedThread {
+            tid,
+            name: "worker".into(),
+            state,
+            wchan: wchan.map(String::from),
+            syscall: None,
+            children: Vec::new(),
+        }
+    }
+
+    fn timeout(threads: Vec<UnstoppedThread>) -> String {
+        ProcessError::StopTimeout {
+            pid: 10,
+            waited: STOP_TIMEOUT,
+            sigstops: 25,
+            threads,
+        }
+        .to_string()
+    }
+
+    /// The message names each thread not stopped with its state, and says why where the
+    /// states tell: a vfork parent and its child, else the kernel function it sleeps in; a
+    /// thread that could stop but did not was continued from outside.
+    #[test]
+    fn a_stop_timeout_names_the_threads_not_stopped() {
+        let mut parent = thread(10, 'D', Some("kernel_clone"));
+        parent.children = vec![12];
+        let read = thread(11, 'D', Some("nfs_wait_on_request"));
+        assert_eq!(
+            timeout(vec![parent, read]),
+            "process 10 did not stop within 5s (SIGSTOP sent 25 times); not stopped: thread 10 \
+             (worker), state D (uninterruptible sleep): a vfork parent, it cannot stop until its \
+             child 12 calls exec or exits; thread 11 (worker), state D (uninterruptible sleep) \
+             in nfs_wait_on_request"
+        );
+        assert_eq!(
+            timeout(vec![thread(11, 'R', None)]),
+            "process 10 did not stop within 5s (SIGSTOP sent 25 times: something kept \
+             continuing it); not stopped: thread 11 (worker), state R (running)"
+        );
+        assert_eq!(
+            timeout(Vec::new()),
+            "process 10 did not stop within 5s (SIGSTOP sent 25 times: something kept \
+             continuing it, or a thread stayed in an uninterruptible sleep)"
+        );
+        let many = (0..10).map(|t| thread(t, 'D', None)).collect();
+        assert!(
+            timeout(many)
+                .ends_with("thread 7 (worker), state D (uninterruptible sleep) and 2 more")
+        );
     }
 }

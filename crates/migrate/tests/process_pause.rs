@@ -14,7 +14,9 @@ mod common;
 use common::{VforkTarget, state, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use precopy_migrate::{PauseMethod, ProcessControl, ThrottleMethod, Workload, all_stopped};
+use precopy_migrate::{
+    PauseMethod, ProcessControl, ProcessError, ThrottleMethod, Workload, all_stopped,
+};
 
 /// The state letter of thread `tid` of `pid` (`/proc/PID/task/TID/stat`).
 fn thread_state(pid: i32, tid: i32) -> char {
@@ -24,14 +26,19 @@ fn thread_state(pid: i32, tid: i32) -> char {
         .unwrap_or('?')
 }
 
-/// Whether `SIGSTOP` is pending for the whole process (`ShdPnd` in `/proc/PID/status`).
-fn sigstop_pending(pid: i32) -> bool {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+/// Whether `SIGSTOP` is in the signal set `field` of the status file `path`.
+fn sigstop_in(path: &str, field: &str) -> bool {
+    let status = std::fs::read_to_string(path).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("ShdPnd:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .is_some_and(|mask| mask & (1 << (Signal::SIGSTOP as i32 - 1)) != 0)
+}
+
+/// Whether `SIGSTOP` is pending for the whole process (`ShdPnd` in `/proc/PID/status`).
+fn sigstop_pending(pid: i32) -> bool {
+    sigstop_in(&format!("/proc/{pid}/status"), "ShdPnd:")
 }
 
 #[test]
@@ -72,11 +79,7 @@ fn a_sigcont_landing_as_the_pause_stops_the_process_is_followed_by_another_stop(
 fn the_pause_stops_a_running_thread_while_the_main_thread_cannot_act_on_the_stop() {
     let target = VforkTarget::start(true);
     let pid = target.pid();
-    let spinner = precopy_sys::sched::process_threads(pid)
-        .unwrap()
-        .into_iter()
-        .find(|&t| t != pid)
-        .expect("the fixture's spinning thread");
+    let spinner = target.spinner();
 
     let mut control = ProcessControl::new(pid, PauseMethod::Signal, ThrottleMethod::None).unwrap();
     let pause = std::thread::spawn(move || {
@@ -98,4 +101,68 @@ fn the_pause_stops_a_running_thread_while_the_main_thread_cannot_act_on_the_stop
     assert!(all_stopped(pid), "the pause returned with a thread running");
     control.resume().unwrap();
     wait_until("the resumed target to run", || !all_stopped(pid));
+}
+
+/// Whether `SIGSTOP` is pending on thread `tid` of `pid` (`SigPnd` in its status).
+fn thread_sigstop_pending(pid: i32, tid: i32) -> bool {
+    sigstop_in(&format!("/proc/{pid}/task/{tid}/status"), "SigPnd:")
+}
+
+/// A pause that cannot stop a thread (the main thread waits in `vfork` while a second one
+/// runs) gives up after its bound naming that thread, its state and why (a vfork parent and
+/// its child), not the thread that stopped; and it leaves the process as it was: the other
+/// thread running again, no `SIGSTOP` pending, the main thread still in `vfork`, running on
+/// once its child exits. Before 2026-12-01 the error said only "did not stop ... (SIGSTOP
+/// sent 25 times ...)" (the fresh review's `send` of such a process).
+#[test]
+fn a_pause_that_cannot_stop_a_thread_names_it() {
+    let target = VforkTarget::start(true);
+    let pid = target.pid();
+    let spinner = target.spinner();
+    let child: i32 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("the vfork child");
+
+    let mut control = ProcessControl::new(pid, PauseMethod::Signal, ThrottleMethod::None).unwrap();
+    let err = control.pause().expect_err("a thread in vfork cannot stop");
+    let ProcessError::StopTimeout { threads, .. } = &err else {
+        panic!("expected StopTimeout, got {err:?}");
+    };
+    let named: Vec<i32> = threads.iter().map(|t| t.tid).collect();
+    assert_eq!(named, [pid], "{err}");
+    assert_eq!(threads[0].state, 'D', "{err}");
+    assert!(threads[0].name.contains("vfork"), "{err}");
+    assert!(threads[0].in_vfork(), "{:?}", threads[0]);
+    assert_eq!(threads[0].children, [child], "{err}");
+    let message = err.to_string();
+    for part in [
+        format!(
+            "not stopped: thread {pid} ({}), state D (uninterruptible sleep)",
+            threads[0].name
+        ),
+        format!("a vfork parent, it cannot stop until its child {child} calls exec or exits"),
+    ] {
+        assert!(message.contains(&part), "{part:?} not in: {message}");
+    }
+    assert!(!message.contains(&format!("thread {spinner}")), "{message}");
+
+    // As it was: the spinner runs, nothing is left pending, the main thread waits on.
+    wait_until("the spinner to run again", || {
+        thread_state(pid, spinner) != 'T'
+    });
+    assert!(!sigstop_pending(pid), "SIGSTOP pending on the process");
+    for tid in [pid, spinner] {
+        assert!(
+            !thread_sigstop_pending(pid, tid),
+            "SIGSTOP pending on {tid}"
+        );
+    }
+    assert_eq!(state(pid), 'D', "the main thread left vfork early");
+    target.release();
+    wait_until("the main thread to run after its vfork", || {
+        state(pid) == 'R'
+    });
+    assert!(!all_stopped(pid));
 }

@@ -359,6 +359,16 @@ impl VforkTarget {
         self.target.0.id() as i32
     }
 
+    /// The spinning thread of one started with `spin`.
+    pub fn spinner(&self) -> i32 {
+        let pid = self.pid();
+        precopy_sys::sched::process_threads(pid)
+            .unwrap()
+            .into_iter()
+            .find(|&t| t != pid)
+            .expect("the fixture's spinning thread")
+    }
+
     /// Writes the byte the vfork child waits for: it exits, and the main thread goes on.
     pub fn release(&self) {
         use std::io::Write;
