@@ -53,10 +53,12 @@ enum Command {
     /// Attaching stops one thread of the target (ptrace) to create a userfaultfd in it:
     /// typically well under a millisecond on an idle machine, tens of milliseconds under load
     /// (the thread has to get a CPU to stop and to run the injected calls; the report gives
-    /// the time). A blocking system call that thread was in is restarted, except
-    /// those Linux never restarts (epoll_wait, poll, select, sigtimedwait, ...: see signal(7)),
-    /// which return EINTR there as after a signal handler; a program that does not retry on
-    /// EINTR sees an error. While pages are sent, a target that writes faster than they go is
+    /// the time). A blocking system call that thread was in is restarted (poll and select
+    /// too: the kernel restarts them when no signal handler runs), except those Linux never
+    /// restarts after a stop (epoll_wait, epoll_pwait, semop, semtimedop, sigtimedwait,
+    /// sigwaitinfo, socket calls with SO_RCVTIMEO or SO_SNDTIMEO: signal(7), "Interruption of
+    /// system calls and library functions by stop signals"), which return EINTR there; a
+    /// program that does not retry on EINTR sees an error. While pages are sent, a target that writes faster than they go is
     /// slowed by stopping it (SIGSTOP/SIGCONT, --throttle duty) unless --throttle none; the
     /// final round runs with it stopped. A target someone else has stopped just before the
     /// send stops it (for the final round, or a pause before it) is left stopped, whether it

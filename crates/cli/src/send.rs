@@ -833,12 +833,14 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         outln!(
-            "precopy send: process {} to {}: {:.1} MiB tracked in {} ranges, {} rounds, downtime {:.1} ms, target {}",
+            "precopy send: process {} to {}: {:.1} MiB tracked in {} ranges, {}, downtime {:.1} ms, target {}",
             args.pid,
             args.to,
             mib(log.tracker().tracked_bytes()),
             tracked.len(),
-            mreport.rounds.len(),
+            mreport
+                .rounds_in_words()
+                .replace("the round limit", "--max-rounds"),
             ms(mreport.downtime.unwrap_or_default()),
             target_words(args.pid, args.then, now, stopped_by, continued_by_others)
         );

@@ -911,10 +911,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     /// Rounds sent with the workload running (round 0 included; not rehearsals, not failed
     /// ones): what [`MigrationConfig::max_rounds`] counts.
     fn live_rounds(&self) -> u64 {
-        let live = |r: &&RoundReport| {
-            !r.failed && matches!(r.kind, RoundKind::Full | RoundKind::Iterative)
-        };
-        self.report.rounds.iter().filter(live).count() as u64
+        self.report.live_rounds() as u64
     }
 
     /// The number of the next round: rounds that failed part-way are in the report but are
@@ -2584,6 +2581,24 @@ mod tests {
             bytes * per_byte
         );
         assert!((e.rehearsed_throughput - 1.0 / per_byte).abs() < 1.0);
+        // The text says which rounds were rehearsals, counts the live ones as the round limit
+        // does, and gives the bound's send at the slowest rehearsal's rate (it gave round 0's
+        // rate beside a bound taken from the rehearsals).
+        let text = report.to_string();
+        assert!(
+            text.contains("in 8 round(s): 4 with the workload running (what the round limit counts), 1 final, 3 rehearsal(s) inside the pause probes (rounds 1, 3, 5; not counted by the limit)"),
+            "{text}"
+        );
+        let slowest = (report.rounds.iter())
+            .filter(|r| r.kind == Rehearsal)
+            .map(|r| (200 * PAGE) as f64 / r.duration.as_secs_f64())
+            .fold(f64::INFINITY, f64::min);
+        assert!((e.rehearsed_worst_throughput - slowest).abs() < 1.0);
+        let at_most = format!(
+            "at the slowest rehearsal's {}/s",
+            crate::report::bytes(e.rehearsed_worst_throughput)
+        );
+        assert!(text.contains(&at_most), "{at_most}: {text}");
         let live = &report.rounds[6];
         assert!(
             (send - bytes * live.duration.as_secs_f64() / live.bytes as f64).abs() > 1e-3,

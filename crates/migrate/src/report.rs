@@ -401,6 +401,11 @@ pub struct DowntimeEstimate {
     pub send_from: &'static str,
     /// The rehearsals' throughput behind `send` (memory bytes per second; 0 without them).
     pub rehearsed_throughput: f64,
+    /// The slowest rehearsal's throughput behind `send_worst` (memory bytes per second; 0
+    /// without rehearsals): with rehearsals, the bound's send comes from it, not from
+    /// `bandwidth` and `fixed`, which are the iterative rounds' (round 0's before there are
+    /// two).
+    pub rehearsed_worst_throughput: f64,
     /// The transport's pacing rate (`--bandwidth`), bytes per second on the wire, below which
     /// `send` and `send_worst` were not allowed to go (what its token bucket held was counted
     /// as sent at once); 0: not paced.
@@ -421,10 +426,12 @@ pub struct DowntimeEstimate {
     /// switch-over decision counts instead of `finish` ([`DowntimeEstimate::bound`]).
     #[serde(serialize_with = "ms", rename = "finish_worst_ms")]
     pub finish_worst: Duration,
-    /// Per-round fixed cost of the fitted line.
+    /// Per-round fixed cost of the fitted line through the recent iterative rounds.
     #[serde(serialize_with = "ms", rename = "fixed_ms")]
     pub fixed: Duration,
-    /// Memory bytes per second of the fitted line (or of the slowest recent round).
+    /// Memory bytes per second of the fitted line (or of the slowest recent round; round 0's
+    /// before any iterative round was big enough). Behind `send_worst` only with `send_from`
+    /// = `rounds`.
     pub bandwidth: f64,
     /// Safety factor the decision applied: the largest recent ratio of a round's actual to
     /// estimated send time, at least 1.
@@ -737,6 +744,55 @@ impl MigrationReport {
         Some(s)
     }
 
+    /// Rounds sent with the workload running and not failed (round 0 included): what
+    /// [`MigrationConfig::max_rounds`](crate::MigrationConfig::max_rounds) counts.
+    pub fn live_rounds(&self) -> usize {
+        let live = |r: &&RoundReport| {
+            !r.failed && matches!(r.kind, RoundKind::Full | RoundKind::Iterative)
+        };
+        self.rounds.iter().filter(live).count()
+    }
+
+    /// The rounds by kind, in words: those the round limit counts first, then the final
+    /// round, the rehearsals (sent inside the pause probes with the workload paused, which
+    /// the limit does not count: with `max_rounds` 30, a report of 34 rounds held 30 live
+    /// ones, 3 rehearsals and the final one, and said only "34"), the failed ones and the
+    /// interrupted ones. E.g. `34 round(s): 30 with the workload running (what the round
+    /// limit counts), 1 final, 3 rehearsal(s) inside the pause probes (rounds 2, 4, 6; not
+    /// counted by the limit)`.
+    pub fn rounds_in_words(&self) -> String {
+        let of = |kind: RoundKind| {
+            let ok = |r: &&RoundReport| !r.failed && r.kind == kind;
+            self.rounds.iter().filter(ok).count()
+        };
+        let mut s = format!(
+            "{} round(s): {} with the workload running (what the round limit counts)",
+            self.rounds.len(),
+            self.live_rounds()
+        );
+        let finals = of(RoundKind::Final);
+        if finals > 0 {
+            s.push_str(&format!(", {finals} final"));
+        }
+        let rehearsals: Vec<String> = (self.rounds.iter())
+            .filter(|r| !r.failed && r.kind == RoundKind::Rehearsal)
+            .map(|r| r.round.to_string())
+            .collect();
+        if !rehearsals.is_empty() {
+            s.push_str(&format!(
+                ", {} rehearsal(s) inside the pause probes (round{} {}; not counted by the limit)",
+                rehearsals.len(),
+                if rehearsals.len() > 1 { "s" } else { "" },
+                rehearsals.join(", ")
+            ));
+        }
+        let failed = self.rounds.iter().filter(|r| r.failed).count();
+        if failed > 0 {
+            s.push_str(&format!(", {failed} failed part-way"));
+        }
+        s
+    }
+
     /// Whether the measured downtime exceeded the limit.
     pub fn downtime_exceeded(&self) -> bool {
         self.downtime.is_some_and(|d| d > self.max_downtime)
@@ -773,10 +829,7 @@ impl fmt::Display for MigrationReport {
             Some(SwitchReason::MaxRounds) => writeln!(
                 f,
                 "switch-over:   FORCED by the round limit after {} round(s) with the workload running, before converging: expected downtime {decided}, limit {limit}",
-                self.rounds
-                    .iter()
-                    .filter(|r| matches!(r.kind, RoundKind::Full | RoundKind::Iterative))
-                    .count()
+                self.live_rounds()
             )?,
             Some(SwitchReason::Timeout) => writeln!(
                 f,
@@ -853,9 +906,29 @@ impl fmt::Display for MigrationReport {
                 msf(e.check),
                 msf(e.finish),
             )?;
+            // The send's bound with the figures it was computed from: the slowest
+            // rehearsal's, or the iterative rounds' line (round 0's rate stood beside a bound
+            // taken from the rehearsals).
+            let worst_from = if e.send_from == "rehearsals" {
+                format!(
+                    "at the slowest rehearsal's {}/s",
+                    bytes(e.rehearsed_worst_throughput)
+                )
+            } else {
+                format!(
+                    "at the rounds' {}/s + {} per round",
+                    bytes(e.bandwidth),
+                    msf(e.fixed)
+                )
+            };
+            let paced = if e.paced_rate > 0.0 {
+                format!(", paced at {}/s", bytes(e.paced_rate))
+            } else {
+                String::new()
+            };
             writeln!(
                 f,
-                "               at most:  pause {} + scan {}{} + send {} ({}/s + {} per round) + pause check {} + checksum and acknowledgement {}, margin x{:.2} = {}",
+                "               at most:  pause {} + scan {}{} + send {} ({worst_from}{paced}) + pause check {} + checksum and acknowledgement {}, margin x{:.2} = {}",
                 msf(e.pause.max(e.pause_worst)),
                 msf(e.scan.max(e.scan_worst)),
                 rereads(
@@ -863,8 +936,6 @@ impl fmt::Display for MigrationReport {
                     e.full_check.max(e.full_check_worst)
                 ),
                 msf(e.send.max(e.send_worst)),
-                bytes(e.bandwidth),
-                msf(e.fixed),
                 msf(e.check_bound()),
                 msf(e.finish.max(e.finish_worst)),
                 e.margin,
@@ -932,9 +1003,9 @@ impl fmt::Display for MigrationReport {
         let (total, setup) = total_and_setup(self.total_time, self.setup);
         writeln!(
             f,
-            "memory:        {} in {} round(s), total time {total} (setup {setup})",
+            "memory:        {} in {}; total time {total} (setup {setup})",
             bytes(self.memory_bytes as f64),
-            self.rounds.len(),
+            self.rounds_in_words(),
         )?;
         writeln!(
             f,

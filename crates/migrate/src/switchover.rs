@@ -716,6 +716,8 @@ impl Estimator {
             },
             rehearsed_throughput: rehearsed
                 .map_or(0.0, |r| if r.0 > 0.0 { 1.0 / r.0 } else { 0.0 }),
+            rehearsed_worst_throughput: rehearsed
+                .map_or(0.0, |r| if r.1 > 0.0 { 1.0 / r.1 } else { 0.0 }),
             paced_rate: self.pacing.map_or(0.0, |p| p.rate as f64),
             pending_bytes: pending - found,
             meanwhile_bytes: meanwhile,
@@ -1064,6 +1066,7 @@ mod tests {
         assert!((est.send.as_secs_f64() * 1e3 - 10.0).abs() < 1e-6);
         assert!((est.send_worst.as_secs_f64() * 1e3 - 16.0).abs() < 1e-6);
         assert!((est.rehearsed_throughput - 4.0 * MIB as f64 / 5e-3).abs() < 1.0);
+        assert!((est.rehearsed_worst_throughput - 4.0 * MIB as f64 / 8e-3).abs() < 1.0);
         assert!(live.send > est.send);
         // What the workload writes until it is stopped is sent at the same cost.
         let est = e.estimate(8 * MIB, 100.0 * MIB as f64).unwrap();
