@@ -176,6 +176,11 @@ pub struct Transfer<S, K> {
     /// The memory offsets that exist, as last given to [`Transfer::retain_memory`]
     /// (`None`: all of the layout).
     memory: Option<Vec<Range<u64>>>,
+    /// Host ranges of the round in progress not handed to the sink because the round was
+    /// cut ([`Sink::round_cutter`]).
+    cut_unsent: Vec<Range<u64>>,
+    /// The last round was cut: the host ranges it did not send ([`Transfer::take_cut`]).
+    cut: Option<Vec<Range<u64>>>,
 }
 
 impl<S: PageSource, K: Sink> Transfer<S, K> {
@@ -246,6 +251,8 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             finished: false,
             state_sent: false,
             memory: None,
+            cut_unsent: Vec::new(),
+            cut: None,
         })
     }
 
@@ -309,8 +316,49 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         let sent = self.send_dirty(dirty).and_then(|()| self.end_round());
         if sent.is_err() {
             self.close_failed_round();
+            // Every range of a failed round stays the caller's to send: no cut to tell.
+            self.cut = None;
+            self.sink.take_cut_pages(&mut |_| {});
         }
         sent
+    }
+
+    /// A handle that cuts the round in progress short from another thread without breaking
+    /// the transfer, if the sink can ([`Sink::round_cutter`]): the round stops handing pages
+    /// to the sink, the sink drops those it has not begun to write, and the round ends with
+    /// what was written; [`Transfer::take_cut`] then names what was not. Every round is cut
+    /// so until [`Transfer::uncut`].
+    pub fn round_cutter(&self) -> Option<crate::sink::Interrupt> {
+        self.sink.round_cutter()
+    }
+
+    /// After a round that ended (`Ok`) while cut ([`Transfer::round_cutter`]): the host
+    /// ranges of it that were not sent (sorted, coalesced; maybe none), which the caller
+    /// must send in a later round, as those of a failed round; `None` if the last round was
+    /// not cut. Their page hashes here may be of copies the destination never got: a later
+    /// round that sends them sets them again.
+    pub fn take_cut(&mut self) -> Option<Vec<Range<u64>>> {
+        self.cut.take()
+    }
+
+    /// After a cut: later rounds go whole again ([`Sink::uncut`]).
+    pub fn uncut(&mut self) {
+        self.sink.uncut();
+    }
+
+    /// Host ranges of memory offsets `offsets` (region by region), appended to `out`.
+    fn host_ranges(&self, offsets: Range<u64>, out: &mut Vec<Range<u64>>) {
+        let mut at = offsets.start;
+        while at < offsets.end {
+            let Some((region, inside)) = self.layout.region_at(at) else {
+                break;
+            };
+            let n = (offsets.end - at).min(region.size - inside);
+            // A sender's layout has every region's host address (checked in `new`).
+            let host = region.host_addr.unwrap_or(0) + inside;
+            out.push(host..host + n);
+            at += n;
+        }
     }
 
     /// After a failure inside [`Transfer::send_round`]: drops the batch not
@@ -436,18 +484,9 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             .enumerate()
             .filter(|(_, (a, b))| a != b);
         for (i, _) in differ {
-            let mut at = (i as u64).saturating_mul(block_bytes);
+            let at = (i as u64).saturating_mul(block_bytes);
             let end = at.saturating_add(block_bytes).min(total);
-            while at < end {
-                let Some((region, inside)) = self.layout.region_at(at) else {
-                    break;
-                };
-                let n = (end - at).min(region.size - inside);
-                // A sender's layout has every region's host address (checked in `new`).
-                let host = region.host_addr.unwrap_or(0) + inside;
-                lacking.push(host..host + n);
-                at += n;
-            }
+            self.host_ranges(at..end, &mut lacking);
         }
         lacking.sort_unstable_by_key(|r| r.start);
         lacking.dedup_by(|next, prev| {
@@ -590,6 +629,8 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
         }
         let round = self.next_round;
         self.sink.begin_round(round)?;
+        self.cut_unsent.clear();
+        self.cut = None;
         self.current = Some(RoundState {
             round,
             start: Instant::now(),
@@ -630,9 +671,15 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
     }
 
     fn send_pieces(&mut self, pieces: &[Range<u64>]) -> Result<(), TransferError> {
-        for piece in pieces {
+        for (i, piece) in pieces.iter().enumerate() {
             let mut at = piece.start;
             while at < piece.end {
+                // Cut: the rest of the round is not handed over.
+                if self.sink.round_cut() {
+                    self.cut_unsent.push(at..piece.end);
+                    self.cut_unsent.extend(pieces[i + 1..].iter().cloned());
+                    return self.flush_batch();
+                }
                 let room = self.batch_bytes - self.batch_len;
                 let end = piece.end.min(at + room);
                 // Pieces are never merged: two that touch lie in different
@@ -652,6 +699,12 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
     /// cache, and hands runs of zero and non-zero pages to the sink.
     fn flush_batch(&mut self) -> Result<(), TransferError> {
         if self.batch_len == 0 {
+            return Ok(());
+        }
+        if self.sink.round_cut() {
+            // Not read, not hashed, not handed over: the round was cut.
+            self.cut_unsent.append(&mut self.batch);
+            self.batch_len = 0;
             return Ok(());
         }
         if let Some(lent) = self.lend_batch() {
@@ -820,12 +873,26 @@ impl<S: PageSource, K: Sink> Transfer<S, K> {
             });
         }
         self.flush_batch()?;
-        let state = self.current.take().ok_or(TransferError::Misuse {
+        let mut state = self.current.take().ok_or(TransferError::Misuse {
             operation: "end_round",
             state: "outside a round",
         })?;
         let ended = self.sink.end_round(state.round);
         self.record_live_hashes();
+        if ended.is_ok() && self.sink.round_cut() {
+            // What the sink dropped was handed over and counted, yet never sent.
+            let mut unsent = std::mem::take(&mut self.cut_unsent);
+            let mut dropped = Vec::new();
+            self.sink.take_cut_pages(&mut |r| dropped.push(r));
+            for r in dropped {
+                state.pages = state
+                    .pages
+                    .saturating_sub((r.end - r.start) / self.layout.page_size());
+                self.host_ranges(r, &mut unsent);
+            }
+            precopy_sys::ranges::coalesce(&mut unsent);
+            self.cut = Some(unsent);
+        }
         let bytes = ended.inspect_err(|_| {
             self.failed_round = Some(RoundSent {
                 round: state.round,

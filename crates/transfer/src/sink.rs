@@ -163,6 +163,32 @@ pub trait Sink {
         None
     }
 
+    /// A handle that cuts the round in progress short from another thread, breaking
+    /// nothing: the sink drops the page frames it has not begun to write (a frame being
+    /// written is finished) and ends a wait for its pacing, and the round ends as soon as
+    /// [`Sink::end_round`] is called, with the counts of what was written. Until
+    /// [`Sink::uncut`], [`Sink::round_cut`] says so and every later round is cut too.
+    /// [`Transfer::send_round`](crate::Transfer::send_round) stops handing pages over then
+    /// and returns what was not sent ([`Transfer::take_cut`](crate::Transfer::take_cut)).
+    /// `None` (the default): rounds always go whole.
+    fn round_cutter(&self) -> Option<Interrupt> {
+        None
+    }
+
+    /// Whether [`Sink::round_cutter`]'s handle was called since [`Sink::uncut`].
+    fn round_cut(&self) -> bool {
+        false
+    }
+
+    /// Hands `f` each range of memory offsets whose page frame this sink dropped since the
+    /// round cut ([`Sink::round_cutter`]); each once. The default has none.
+    fn take_cut_pages(&mut self, f: &mut dyn FnMut(Range<u64>)) {
+        let _ = f;
+    }
+
+    /// After a cut ([`Sink::round_cutter`]): later rounds go whole again (and paced).
+    fn uncut(&mut self) {}
+
     /// The destination, for messages (`None`: not a remote peer).
     fn peer(&self) -> Option<String> {
         None

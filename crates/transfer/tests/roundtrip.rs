@@ -115,6 +115,61 @@ fn bandwidth_limited_transfer_still_arrives() {
     socket_roundtrip(Net::Tcp, config, 100, 2);
 }
 
+/// A round cut short from another thread (the driver's total timeout, under the
+/// switch-over policy) ends with what its writers had written, names every page it did not
+/// send, and breaks nothing: the receiver accepts its end (each connection's ROUND_END counts
+/// what that connection wrote), and once the rest is sent in the next round, uncut, both
+/// ends' memory and digests agree. Paced at 1 MiB/s, 4 MiB take about 3 s; the cut comes
+/// 100 ms in (wherever it lands, even before the first frame, the accounting must hold).
+#[test]
+fn a_cut_round_ends_with_what_was_written_and_names_the_rest() {
+    for streams in [1, 2] {
+        let config = SenderConfig {
+            bandwidth_limit: Some(1 << 20),
+            streams,
+            batch_pages: 8,
+            ..sender_config()
+        };
+        let (listener, connect, _dir) = listen(&Net::Unix);
+        let rx = spawn_receiver(listener, receiver_config());
+        let pages = 1024u64;
+        let layout = Layout::single(PS, BASE, pages * PS).unwrap();
+        let conns = (0..streams).map(|_| connect()).collect();
+        let source = SliceSource::new(BASE, memory(pages as usize, 3));
+        let mut tx = Sender::connect(conns, layout, source, &config).unwrap();
+        let cut = tx.round_cutter().expect("a socket sender cuts rounds");
+        let cutter = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            cut();
+        });
+        let first = tx.send_round(&[BASE..BASE + pages * PS]).unwrap();
+        cutter.join().unwrap();
+        let unsent = tx.take_cut().expect("the round was cut");
+        let unsent_pages: u64 = unsent.iter().map(|r| (r.end - r.start) / PS).sum();
+        assert_eq!(
+            first.pages + first.zero_pages + unsent_pages,
+            pages,
+            "every page sent or named: {first:?}, unsent {unsent:?}"
+        );
+        // Cut until told otherwise: a round now sends no page with data.
+        let again = tx.send_round(&unsent).unwrap();
+        assert_eq!(again.pages, 0, "{again:?}");
+        assert_eq!(tx.take_cut().unwrap(), unsent);
+        tx.uncut();
+        let rest = tx.send_round(&unsent).unwrap();
+        assert_eq!(tx.take_cut(), None);
+        assert_eq!(rest.pages + rest.zero_pages, unsent_pages, "{rest:?}");
+        let summary = tx.finish(FinalCheck::Full).unwrap();
+        let (report, dest) = rx.join().unwrap().unwrap();
+        let (source, _) = tx.into_parts();
+        assert!(dest == source.data(), "destination differs from source");
+        assert_eq!(report.rounds, 3);
+        assert_eq!(report.checksum, summary.checksum);
+        assert_eq!(report.pages, summary.pages);
+        assert_eq!(report.zero_pages, summary.zero_pages);
+    }
+}
+
 #[test]
 fn pages_sent_twice_keep_the_last_copy() {
     let layout = Layout::single(PS, BASE, 8 * PS).unwrap();

@@ -4,6 +4,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -457,14 +458,55 @@ fn publish(staging: &Path, path: &Path) -> io::Result<()> {
 /// operations check, a handle to every connection, shut down at once so
 /// a blocked read or write returns, and the rate limiter, cut so that a
 /// writer waiting on it (no socket call, which the shutdown would end) returns too.
+///
+/// And what [`Sink::round_cutter`] acts on, which breaks nothing: a flag that makes the
+/// writers drop the page frames of the round in progress they have not begun to write
+/// (each recorded in `skipped`), and the rate limiter's wait ended for it.
 #[derive(Debug, Default)]
 pub(super) struct InterruptState {
     interrupted: AtomicBool,
     conns: Mutex<Vec<Connection>>,
     pacers: Mutex<Vec<RateLimiter>>,
+    round_cut: AtomicBool,
+    /// Memory offsets of the page frames dropped since the cut.
+    skipped: Mutex<Vec<Range<u64>>>,
 }
 
 impl InterruptState {
+    /// Cuts the round in progress (or the next one) short: the writers drop the page frames
+    /// they have not begun to write, until [`InterruptState::uncut`].
+    pub(super) fn cut_round(&self) {
+        let pacers = self.pacers.lock().unwrap_or_else(PoisonError::into_inner);
+        self.round_cut.store(true, Ordering::SeqCst);
+        for p in pacers.iter() {
+            p.skip_round(true);
+        }
+    }
+
+    /// Rounds go whole again, and paced.
+    pub(super) fn uncut(&self) {
+        let pacers = self.pacers.lock().unwrap_or_else(PoisonError::into_inner);
+        self.round_cut.store(false, Ordering::SeqCst);
+        for p in pacers.iter() {
+            p.skip_round(false);
+        }
+    }
+
+    pub(super) fn round_is_cut(&self) -> bool {
+        self.round_cut.load(Ordering::SeqCst)
+    }
+
+    /// A writer dropped the page frame of memory offsets `range` (the round was cut).
+    pub(super) fn skipped(&self, range: Range<u64>) {
+        let mut skipped = self.skipped.lock().unwrap_or_else(PoisonError::into_inner);
+        skipped.push(range);
+    }
+
+    /// The page frames dropped since the last call.
+    pub(super) fn take_skipped(&self) -> Vec<Range<u64>> {
+        std::mem::take(&mut *self.skipped.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
     pub(super) fn interrupt(&self) {
         self.interrupted.store(true, Ordering::SeqCst);
         for p in self
@@ -509,6 +551,7 @@ impl InterruptState {
         if self.is_set() {
             pacer.cut();
         }
+        pacer.skip_round(self.round_is_cut());
         pacers.push(pacer.clone());
     }
 

@@ -615,6 +615,26 @@ impl Sink for SocketSink {
         Some(Arc::new(move || state.interrupt()))
     }
 
+    /// The writers drop the page frames they have not begun to write, a wait for the rate
+    /// limit included (at 64 KiB/s one 256 KiB frame waits 4 s); ROUND_END then counts
+    /// what each connection wrote, as the receiver checks it.
+    fn round_cutter(&self) -> Option<Interrupt> {
+        let state = self.interrupt.clone();
+        Some(Arc::new(move || state.cut_round()))
+    }
+
+    fn round_cut(&self) -> bool {
+        self.interrupt.round_is_cut()
+    }
+
+    fn take_cut_pages(&mut self, f: &mut dyn FnMut(Range<u64>)) {
+        self.interrupt.take_skipped().into_iter().for_each(f);
+    }
+
+    fn uncut(&mut self) {
+        self.interrupt.uncut();
+    }
+
     fn peer(&self) -> Option<String> {
         Some(self.peer.clone())
     }

@@ -267,11 +267,20 @@ struct Bucket {
     last: Instant,
     /// Cut ([`RateLimiter::cut`]): every wait ends, now and later.
     cut: bool,
+    /// The round in progress was cut short ([`RateLimiter::skip_round`]): every wait ends,
+    /// its bytes given back, until the next round is paced again.
+    skipping: bool,
 }
 
-/// A wait for the rate limiter ended because it was cut ([`RateLimiter::cut`]).
-#[derive(Debug)]
-pub(super) struct Cut;
+/// Why a wait for the rate limiter ended without letting the bytes through.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Halt {
+    /// It was cut ([`RateLimiter::cut`]): the writers are being stopped.
+    Cut,
+    /// The round in progress was cut short ([`RateLimiter::skip_round`]): its page frames
+    /// are dropped, the others written unpaced.
+    Skip,
+}
 
 impl Bucket {
     /// Brings `tokens` up to `now`.
@@ -293,6 +302,7 @@ impl RateLimiter {
                 tokens: burst,
                 last: Instant::now(),
                 cut: false,
+                skipping: false,
             }),
             cut: Condvar::new(),
         }))
@@ -303,11 +313,15 @@ impl RateLimiter {
     }
 
     /// Takes `bytes` from the bucket and, if it owes them, waits until it would have them,
-    /// unless the limiter is cut first (or was already).
-    pub(super) fn consume(&self, bytes: u64) -> Result<(), Cut> {
+    /// unless the limiter is cut first (or was already), or the round is cut short (then the
+    /// bytes are given back).
+    pub(super) fn consume(&self, bytes: u64) -> Result<(), Halt> {
         let mut b = self.lock();
         if b.cut {
-            return Err(Cut);
+            return Err(Halt::Cut);
+        }
+        if b.skipping {
+            return Err(Halt::Skip);
         }
         let now = Instant::now();
         b.refill(now);
@@ -332,9 +346,20 @@ impl RateLimiter {
                 None => self.0.cut.wait(b).unwrap_or_else(PoisonError::into_inner),
             };
             if b.cut {
-                return Err(Cut);
+                return Err(Halt::Cut);
+            }
+            if b.skipping {
+                b.tokens = (b.tokens + bytes as f64).min(b.burst);
+                return Err(Halt::Skip);
             }
         }
+    }
+
+    /// `true`: the round in progress is cut short: every wait for the bucket ends now, and
+    /// every later one at once, until `false` paces the next round again.
+    pub(super) fn skip_round(&self, on: bool) {
+        self.lock().skipping = on;
+        self.0.cut.notify_all();
     }
 
     /// Ends every wait for the bucket, and every later one at once: its writers are being
@@ -359,12 +384,13 @@ impl RateLimiter {
 /// Waits until `limiter` (if any) lets a frame with `payload` bytes through. A cut ends the
 /// wait with an error that [`StreamWriter::write_error`] reports as
 /// [`TransferError::Interrupted`] after an interrupt, as it does a write the interrupt cut.
-fn pace(limiter: Option<&RateLimiter>, payload: u64) -> io::Result<()> {
-    match limiter {
-        Some(l) => l
-            .consume(crate::protocol::HEADER_LEN as u64 + payload)
-            .map_err(|Cut| io::Error::other("the writer was stopped while paced")),
-        None => Ok(()),
+/// `Ok(false)`: the round in progress was cut short ([`InterruptState::cut_round`]): a page
+/// frame is dropped, any other frame written unpaced.
+fn pace(limiter: Option<&RateLimiter>, payload: u64) -> io::Result<bool> {
+    match limiter.map(|l| l.consume(crate::protocol::HEADER_LEN as u64 + payload)) {
+        Some(Err(Halt::Cut)) => Err(io::Error::other("the writer was stopped while paced")),
+        Some(Err(Halt::Skip)) => Ok(false),
+        Some(Ok(())) | None => Ok(true),
     }
 }
 
@@ -494,15 +520,16 @@ impl StreamWriter {
     /// Writes `frame` (after the rate limiter let its bytes through).
     fn send<'p, F: crate::protocol::Frame<'p>>(&mut self, frame: &F) -> Result<(), TransferError> {
         let (header, payload) = crate::protocol::encode(frame);
+        // Written unpaced after a cut of the round: only page frames are dropped.
         let written = self
             .pace(payload.len() as u64)
-            .and_then(|()| self.out.send_encoded(&header, &payload));
+            .and_then(|_| self.out.send_encoded(&header, &payload));
         written.map_err(|e| self.write_error(e))?;
         Ok(())
     }
 
-    /// Waits until the rate limit lets a frame with `payload` bytes through.
-    fn pace(&self, payload: u64) -> io::Result<()> {
+    /// Waits until the rate limit lets a frame with `payload` bytes through (see [`pace`]).
+    fn pace(&self, payload: u64) -> io::Result<bool> {
         pace(self.limiter.as_ref(), payload)
     }
 
@@ -524,34 +551,13 @@ impl StreamWriter {
                 flushed.map_err(|e| self.write_error(e))?;
             }
             Cmd::Pages(offset, pages, hashes) => {
-                self.pages += pages.len() as u64 / self.page_size;
-                let span = self.wire_span(offset, pages.len() as u64)?;
-                let written = match self.compressor.compress(&pages)? {
-                    // The writer's own `pace` would borrow all of it, `packed` too.
-                    Some((codec, packed)) => pace(self.limiter.as_ref(), packed.len() as u64)
-                        .and_then(|()| {
-                            self.out.send_pages(
-                                &Pages {
-                                    span,
-                                    codec,
-                                    live: false,
-                                },
-                                packed,
-                            )
-                        }),
-                    None => {
-                        // The hashes came with the pages: no pass over them here.
-                        let mut hashes = hashes;
-                        if hashes.len() as u64 * self.page_size != span.len {
-                            let ps = self.page_size as usize;
-                            hashes = pages.chunks(ps).map(crate::digest::page_hash).collect();
-                        }
-                        let list = hashes.len() * crate::digest::PAGE_HASH_LEN;
-                        self.pace(span.len + list as u64)
-                            .and_then(|()| self.out.send_listed_pages(span, &pages, &hashes))
-                    }
-                };
-                written.map_err(|e| self.write_error(e))?;
+                let len = pages.len() as u64;
+                let span = self.wire_span(offset, len)?;
+                if self.send_page_frame(span, &pages, hashes)? {
+                    self.pages += len / self.page_size;
+                } else {
+                    self.interrupt.skipped(offset..offset + len);
+                }
             }
             Cmd::Live(offset, pages, hashes) => {
                 if self.compressor.compresses() {
@@ -564,8 +570,10 @@ impl StreamWriter {
                     let held: Vec<PageHash> =
                         copy.chunks(ps).map(crate::digest::page_hash).collect();
                     let report = hashes.is_none().then(|| held.clone());
+                    let before = self.pages;
                     let reply = self.handle(Cmd::Pages(offset, PageBuf::from_vec(copy), held))?;
-                    if let Some(held) = report {
+                    // Not for pages a cut of the round dropped: they were never sent.
+                    if let Some(held) = report.filter(|_| self.pages > before) {
                         let _ = self.live_hashes.send((offset, held));
                     }
                     return Ok(reply);
@@ -639,6 +647,54 @@ impl StreamWriter {
             }
         }
         Ok(None)
+    }
+
+    /// Writes a PAGES frame of `pages` at `span` with their `hashes` (compressed if the
+    /// connection compresses), after the rate limit let it through. `false`: dropped
+    /// unwritten, the round was cut short ([`InterruptState::cut_round`]).
+    fn send_page_frame(
+        &mut self,
+        span: PageSpan,
+        pages: &PageBuf,
+        hashes: Vec<PageHash>,
+    ) -> Result<bool, TransferError> {
+        if self.interrupt.round_is_cut() {
+            return Ok(false);
+        }
+        let (go, written) = match self.compressor.compress(pages)? {
+            // The writer's own `pace` would borrow all of it, `packed` too.
+            Some((codec, packed)) => match pace(self.limiter.as_ref(), packed.len() as u64) {
+                Ok(true) => {
+                    let frame = Pages {
+                        span,
+                        codec,
+                        live: false,
+                    };
+                    (true, self.out.send_pages(&frame, packed).map(|_| ()))
+                }
+                Ok(false) => (false, Ok(())),
+                Err(e) => (true, Err(e)),
+            },
+            None => {
+                // The hashes came with the pages: no pass over them here.
+                let mut hashes = hashes;
+                if hashes.len() as u64 * self.page_size != span.len {
+                    let ps = self.page_size as usize;
+                    hashes = pages.chunks(ps).map(crate::digest::page_hash).collect();
+                }
+                let list = hashes.len() * crate::digest::PAGE_HASH_LEN;
+                match self.pace(span.len + list as u64) {
+                    Ok(true) => {
+                        let sent = self.out.send_listed_pages(span, pages, &hashes);
+                        (true, sent.map(|_| ()))
+                    }
+                    Ok(false) => (false, Ok(())),
+                    Err(e) => (true, Err(e)),
+                }
+            }
+        };
+        written.map_err(|e| self.write_error(e))?;
+        Ok(go)
     }
 
     /// Sends PING `token` and waits for its PONG (at most the I/O timeout): the round trip.
@@ -732,6 +788,11 @@ impl StreamWriter {
             let n = per_frame.min(count - first);
             let from = first as u64 * ps;
             let len = n as u64 * ps;
+            // A cut of the round drops the rest of these pages, unwritten.
+            if self.interrupt.round_is_cut() {
+                self.interrupt.skipped(offset + from..offset + pages.len());
+                break;
+            }
             let part = pages
                 .slice(from..from + len)
                 .map_err(TransferError::io("lending pages"))?;
@@ -754,7 +815,10 @@ impl StreamWriter {
             let list = crate::digest::hash_list(chunk);
             let header = Pages::listed_header(span, &list, true);
             let paced = self.pace(len + list.len() as u64);
-            paced.map_err(|e| self.write_error(e))?;
+            if !paced.map_err(|e| self.write_error(e))? {
+                self.interrupt.skipped(offset + from..offset + pages.len());
+                break;
+            }
             let parts = [
                 Gather::Bytes(header.as_bytes()),
                 Gather::Live(&part),
@@ -869,6 +933,33 @@ mod tests {
             assert!(limiter.consume(1).is_err(), "rate {rate}: a later wait");
             assert_eq!(limiter.pacing().burst, 256 << 10);
         }
+    }
+
+    /// A cut of the round ends a wait for the bucket too, and gives the bytes back (the frame
+    /// is dropped, not sent); every later wait ends at once, until the next round is paced
+    /// again, which the limiter's own cut still ends.
+    #[test]
+    fn a_cut_of_the_round_ends_a_wait_and_gives_its_bytes_back() {
+        let limiter = RateLimiter::new(1.0);
+        assert!(limiter.consume(256 << 10).is_ok(), "the burst goes at once");
+        let waiting = consume_elsewhere(&limiter, 1 << 20);
+        std::thread::sleep(Duration::from_millis(50));
+        limiter.skip_round(true);
+        let let_through = waiting
+            .recv_timeout(LIVENESS)
+            .expect("the wait was not cut");
+        assert!(!let_through, "cut, yet it let the bytes through");
+        assert_eq!(limiter.consume(1), Err(Halt::Skip));
+        let owed = limiter.lock().tokens;
+        assert!(
+            owed > -1.0,
+            "the dropped frame's bytes are not owed: {owed}"
+        );
+        limiter.skip_round(false);
+        let paced = consume_elsewhere(&limiter, 1 << 20);
+        std::thread::sleep(Duration::from_millis(50));
+        limiter.cut();
+        assert!(!paced.recv_timeout(LIVENESS).expect("not cut"));
     }
 
     /// A wait the bucket owes ends by itself when the bytes are due, without a cut.
