@@ -280,8 +280,10 @@ pub struct Args {
     on_max_rounds: Policy,
     /// Limit on the migration, in seconds. With --on-timeout abort it bounds everything,
     /// the final round included: the migration fails and the source keeps running; with
-    /// switch-over it starts the final round once the round in progress ends (a round paced
-    /// by --bandwidth may run on long past it), bounded by --final-round-timeout.
+    /// switch-over it cuts the round in progress short (a round paced by --bandwidth too)
+    /// and starts the final round at once, which sends what that round had not (with
+    /// --to file:, never paced, the round in progress ends first), bounded by
+    /// --final-round-timeout.
     #[arg(long, value_parser = parse_seconds, allow_hyphen_values = true)]
     timeout: Option<f64>,
     /// What to do when the timeout passes (needs --timeout) [default: abort].

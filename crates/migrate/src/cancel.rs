@@ -7,6 +7,10 @@
 //! returns at once, the transport's call fails, and the driver turns that failure into
 //! [`Error::Cancelled`](crate::Error::Cancelled) or [`Error::Timeout`](crate::Error::Timeout),
 //! resumes the workload and returns.
+//!
+//! The watchdog also keeps a softer deadline, which breaks nothing: when it passes, it cuts
+//! the round in progress short ([`Transport::round_cutter`](crate::Transport::round_cutter)),
+//! for the total timeout under [`LimitPolicy::SwitchOver`](crate::LimitPolicy::SwitchOver).
 
 use crate::control::Interrupt;
 use crate::error::Step;
@@ -31,6 +35,10 @@ struct State {
     fired: Option<Fired>,
     cancelled: bool,
     interrupt: Option<Interrupt>,
+    /// The armed round cut ([`Watchdog::arm_cut`]), and whether it was made.
+    cut_at: Option<Instant>,
+    cut: bool,
+    cutter: Option<Interrupt>,
     exit: bool,
 }
 
@@ -97,12 +105,20 @@ pub(crate) struct Watchdog {
 }
 
 impl Watchdog {
-    /// Starts the watchdog for `handle`'s migration; `interrupt` stops the transport.
-    pub(crate) fn start(handle: &CancelHandle, interrupt: Option<Interrupt>) -> Watchdog {
+    /// Starts the watchdog for `handle`'s migration; `interrupt` stops the transport,
+    /// `cutter` cuts its round in progress short.
+    pub(crate) fn start(
+        handle: &CancelHandle,
+        interrupt: Option<Interrupt>,
+        cutter: Option<Interrupt>,
+    ) -> Watchdog {
         let shared = handle.shared.clone();
         {
             let mut st = shared.lock();
             st.interrupt = interrupt;
+            st.cutter = cutter;
+            st.cut_at = None;
+            st.cut = false;
             st.exit = false;
             if st.cancelled
                 && let Some(i) = &st.interrupt
@@ -137,6 +153,26 @@ impl Watchdog {
     pub(crate) fn arm(&self, at: Instant, step: Step, limit: Duration) {
         self.shared.lock().deadline = Some((at, step, limit));
         self.shared.cv.notify_all();
+    }
+
+    /// Cuts the transport's round in progress short at `at` (once) unless disarmed first;
+    /// returns `false` if it has no way to (no cutter).
+    pub(crate) fn arm_cut(&self, at: Instant) -> bool {
+        let mut st = self.shared.lock();
+        if st.cutter.is_none() {
+            return false;
+        }
+        st.cut_at = Some(at);
+        drop(st);
+        self.shared.cv.notify_all();
+        true
+    }
+
+    /// Disarms the round cut. Returns whether it was made before: from then on no cut comes.
+    pub(crate) fn disarm_cut(&self) -> bool {
+        let mut st = self.shared.lock();
+        st.cut_at = None;
+        st.cut
     }
 
     /// Renames the step of the armed deadline (same instant).
@@ -185,6 +221,8 @@ impl Drop for Watchdog {
             st.exit = true;
             st.deadline = None;
             st.interrupt = None;
+            st.cut_at = None;
+            st.cutter = None;
         }
         self.shared.cv.notify_all();
         if let Some(t) = self.thread.take() {
@@ -199,6 +237,23 @@ fn watch(shared: &Shared) {
         if st.exit {
             return;
         }
+        let cut_wait = match st.cut_at {
+            Some(at) if !st.cut => {
+                let now = Instant::now();
+                if now >= at {
+                    st.cut = true;
+                    st.cut_at = None;
+                    tracing::info!("the timeout passed: cutting the round in progress short");
+                    if let Some(c) = &st.cutter {
+                        c();
+                    }
+                    None
+                } else {
+                    Some(at - now)
+                }
+            }
+            _ => None,
+        };
         let wait = match st.deadline {
             Some((at, step, limit)) if st.fired.is_none() => {
                 let now = Instant::now();
@@ -217,6 +272,10 @@ fn watch(shared: &Shared) {
                 }
             }
             _ => None,
+        };
+        let wait = match (wait, cut_wait) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         st = match wait {
             Some(d) => {
@@ -251,7 +310,7 @@ mod tests {
     fn a_passed_deadline_interrupts_once_and_names_the_step() {
         let handle = CancelHandle::default();
         let (n, i) = counter();
-        let w = Watchdog::start(&handle, Some(i));
+        let w = Watchdog::start(&handle, Some(i), None);
         let step = Step::Round { round: 3 };
         w.arm(Instant::now(), step, Duration::from_secs(1));
         // The watchdog thread fires; sleep returns as soon as it has.
@@ -265,7 +324,7 @@ mod tests {
     fn cancel_interrupts_and_wakes_a_sleeper() {
         let handle = CancelHandle::default();
         let (n, i) = counter();
-        let w = Watchdog::start(&handle, Some(i));
+        let w = Watchdog::start(&handle, Some(i), None);
         let h2 = handle.clone();
         let t = std::thread::spawn(move || h2.cancel());
         assert_eq!(w.sleep(Duration::from_secs(600)), Some(Fired::Cancelled));
@@ -275,11 +334,31 @@ mod tests {
         assert!(handle.is_cancelled());
     }
 
+    /// The round cut breaks nothing: it calls the cutter, never the interrupt, fires no
+    /// deadline, and is made once.
+    #[test]
+    fn an_armed_cut_cuts_the_round_once_and_interrupts_nothing() {
+        let handle = CancelHandle::default();
+        let (interrupts, i) = counter();
+        let (cuts, c) = counter();
+        let w = Watchdog::start(&handle, Some(i), Some(c));
+        assert!(w.arm_cut(Instant::now()));
+        let until = Instant::now() + Duration::from_secs(30);
+        while cuts.load(SeqCst) == 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(w.disarm_cut(), "the cut was made");
+        assert_eq!((cuts.load(SeqCst), interrupts.load(SeqCst)), (1, 0));
+        assert_eq!(w.fired(), None);
+        let none = Watchdog::start(&CancelHandle::default(), None, None);
+        assert!(!none.arm_cut(Instant::now()), "nothing to cut with");
+    }
+
     #[test]
     fn disarmed_deadline_never_fires() {
         let handle = CancelHandle::default();
         let (n, i) = counter();
-        let w = Watchdog::start(&handle, Some(i));
+        let w = Watchdog::start(&handle, Some(i), None);
         w.arm(
             Instant::now() + Duration::from_millis(20),
             Step::FinalRound,

@@ -119,6 +119,23 @@ pub trait Transport {
     fn interrupter(&self) -> Option<Interrupt> {
         None
     }
+    /// A handle that cuts a [`Transport::send_round`] in progress short from another thread
+    /// without breaking the transport (the driver's total timeout under
+    /// [`LimitPolicy::SwitchOver`](crate::LimitPolicy::SwitchOver) uses it): the round ends
+    /// soon with what was sent, and [`Transport::take_cut`] names the rest. Every round is
+    /// cut so until [`Transport::uncut`]. `None` (the default): rounds always go whole.
+    fn round_cutter(&self) -> Option<Interrupt> {
+        None
+    }
+    /// Right after a [`Transport::send_round`] that returned `Ok`: `Some` (the ranges of it
+    /// not sent; maybe none) if it was cut short ([`Transport::round_cutter`]), which the
+    /// driver sends in a later round; `None` if it went whole. The default: `None`.
+    fn take_cut(&mut self) -> Option<Vec<Range<u64>>> {
+        None
+    }
+    /// After a cut ([`Transport::round_cutter`]): later rounds go whole again. The default
+    /// does nothing.
+    fn uncut(&mut self) {}
     /// Whether [`Transport::reconnect`] may work.
     fn can_reconnect(&self) -> bool {
         false
@@ -356,6 +373,15 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn interrupter(&self) -> Option<Interrupt> {
         (**self).interrupter()
+    }
+    fn round_cutter(&self) -> Option<Interrupt> {
+        (**self).round_cutter()
+    }
+    fn take_cut(&mut self) -> Option<Vec<Range<u64>>> {
+        (**self).take_cut()
+    }
+    fn uncut(&mut self) {
+        (**self).uncut()
     }
     fn can_reconnect(&self) -> bool {
         (**self).can_reconnect()

@@ -100,8 +100,10 @@ pub struct MigrationConfig {
     /// Limit on the whole migration, from the start. Under [`LimitPolicy::Abort`] it is a hard
     /// bound: it interrupts a round in progress and the final round too (whichever of it and
     /// the final round's own bound passes first ends the migration, the workload resumed).
-    /// Under [`LimitPolicy::SwitchOver`] it starts the final round, which then has its own
-    /// bound ([`MigrationConfig::final_round_timeout`]).
+    /// Under [`LimitPolicy::SwitchOver`] it cuts the round in progress short, breaking nothing
+    /// ([`Transport::round_cutter`]; a transport that cannot ends the round first), and starts
+    /// the final round at once, which sends what the cut round had not and has its own bound
+    /// ([`MigrationConfig::final_round_timeout`]).
     pub timeout: Option<Duration>,
     /// What happens when it passes.
     pub timeout_policy: LimitPolicy,
@@ -353,6 +355,11 @@ pub struct Migration<D, T, W> {
     final_raise: Option<Raised>,
     /// Harvested ranges not yet delivered (see [`Migration::unsent`]).
     unsent: Vec<Range<u64>>,
+    /// The last round sent was cut short by the total timeout ([`Transport::take_cut`]):
+    /// what it did not send, until the caller carries it into a later round.
+    cut: Option<Vec<Range<u64>>>,
+    /// The last round sent was cut short, until it is recorded ([`RoundReport::interrupted`]).
+    cut_unrecorded: bool,
     /// More threads to raise with the final phase's ([`Migration::raise_also`]).
     raise_also: Option<Box<dyn FnMut() -> Vec<Tid> + Send>>,
 }
@@ -604,6 +611,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             paused_at: None,
             final_raise: None,
             unsent: Vec::new(),
+            cut: None,
+            cut_unrecorded: false,
             raise_also: None,
         }
     }
@@ -904,7 +913,15 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let sent = self.send(Step::Round { round }, &sample)?;
         coalesce(out);
         *out = outside(out, &sample);
-        self.estimator.add_rehearsal(bytes, sent.duration);
+        match self.take_cut() {
+            // Cut short by the timeout: what it did not send stays pending, and a part of a
+            // round says nothing about the final round's send.
+            Some(unsent) => {
+                out.extend(unsent);
+                coalesce(out);
+            }
+            None => self.estimator.add_rehearsal(bytes, sent.duration),
+        }
         Ok(Some((bytes, sent)))
     }
 
@@ -944,7 +961,16 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let start = Instant::now();
         self.started = Some(start);
         self.report.throttle_method = self.workload.throttle_method();
-        self.watchdog = Some(Watchdog::start(&self.cancel, self.transport.interrupter()));
+        // The total timeout under the switch-over policy cuts the round in progress short.
+        let cutter = (self.config.timeout.is_some()
+            && self.config.timeout_policy == LimitPolicy::SwitchOver)
+            .then(|| self.transport.round_cutter())
+            .flatten();
+        self.watchdog = Some(Watchdog::start(
+            &self.cancel,
+            self.transport.interrupter(),
+            cutter,
+        ));
         let result = self.iterate(start);
         // A failed final phase keeps its raise until the workload is resumed (`recover`), the
         // watchdog's thread in it: put that one back while its ID still names it.
@@ -1057,14 +1083,44 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         // The pacing as it stands right before the round, against which the round is
         // measured (`Estimator::add_round`, `add_rehearsal`).
         self.estimator.set_pacing(self.transport.pacing());
-        self.transport.send_round(ranges).map_err(|source| {
+        let mut sent = self.transport.send_round(ranges).map_err(|source| {
             self.failed_send = Some(self.transport.sent_before_failure().unwrap_or_default());
             self.step_error(step, Some(source), |peer, source| Error::Send {
                 round,
                 peer,
                 source,
             })
-        })
+        })?;
+        let cut = self.transport.take_cut();
+        if let Step::Round { .. } = step {
+            // A live round or a rehearsal cut short by the total timeout: the caller
+            // carries what it did not send.
+            self.cut_unrecorded = cut.is_some();
+            self.cut = cut;
+        } else if let Some(unsent) = cut.filter(|u| !u.is_empty()) {
+            // The final phase lifts the cut before it starts and no cut can come after; were
+            // one made, what it left goes now, in a round of its own, never lost.
+            tracing::error!(%step, "a round of the final phase was cut short: sending the rest");
+            self.transport.uncut();
+            let more = self.send(step, &unsent)?;
+            sent.pages += more.pages;
+            sent.zero_pages += more.zero_pages;
+            sent.bytes += more.bytes;
+            sent.duration += more.duration;
+        }
+        Ok(sent)
+    }
+
+    /// After a round ended: what it did not send if it was cut short by the total timeout
+    /// (the ranges, to carry into a later round; [`Migration::unsent`] holds them until
+    /// then), else `None`.
+    fn take_cut(&mut self) -> Option<Vec<Range<u64>>> {
+        let cut = self.cut.take()?;
+        tracing::info!(
+            bytes = cut.iter().map(|r| r.end - r.start).sum::<u64>(),
+            "a round cut short by the timeout: what it did not send goes in the next one"
+        );
+        Some(cut)
     }
 
     /// After a final phase failed: records its round as failed (what was sent, or handed over
@@ -1292,10 +1348,12 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         sent: Result<RoundSent, RoundSent>,
     ) {
         let failed = sent.is_err();
+        let interrupted = std::mem::take(&mut self.cut_unrecorded) && !failed;
         let sent = sent.unwrap_or_else(|part| part);
         let memory = (sent.pages + sent.zero_pages) * self.report.page_size;
         let throughput = per_sec(memory, sent.duration);
-        if !failed {
+        // A round cut short says nothing about how long a whole one takes.
+        if !failed && !interrupted {
             // A rehearsal was given to the estimator as one (`rehearse_send`).
             if matches!(kind, RoundKind::Full | RoundKind::Iterative) {
                 self.estimator
@@ -1322,6 +1380,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             probe_pause: seen.probe_pause,
             probe_finish: seen.probe_finish.iter().flatten().copied().collect(),
             failed,
+            interrupted,
             // The final round runs with the workload paused: no rate of its own.
             workload_rate: seen.rate.filter(|_| kind != RoundKind::Final),
             workload_ns_per_op: seen.ns_per_op,
@@ -1374,12 +1433,18 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.last_counters = self.tracked_from;
         self.report.setup = start.elapsed();
 
-        // Under the abort policy the total timeout also interrupts a round in progress.
+        // The total timeout also ends a round in progress: under the abort policy it
+        // interrupts the transport; under the switch-over policy it cuts the round short
+        // (what it did not send goes in the final round, which starts at once).
         if let Some(limit) = self.config.timeout
-            && self.config.timeout_policy == LimitPolicy::Abort
             && let Some(w) = self.watchdog()
         {
-            w.arm(start + limit, Step::Round { round: 0 }, limit);
+            match self.config.timeout_policy {
+                LimitPolicy::Abort => w.arm(start + limit, Step::Round { round: 0 }, limit),
+                LimitPolicy::SwitchOver => {
+                    w.arm_cut(start + limit);
+                }
+            }
         }
 
         // Round 0: everything. Ranges of a failed round are carried into the next one.
@@ -1389,7 +1454,12 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         match self.send(Step::Round { round: 0 }, &memory) {
             Ok(sent) => {
                 self.record(RoundKind::Full, total, Duration::ZERO, 0.0, None, Ok(sent));
-                self.probe_finish();
+                if let Some(unsent) = self.take_cut() {
+                    self.unsent.clone_from(&unsent);
+                    carry = unsent;
+                } else {
+                    self.probe_finish();
+                }
             }
             Err(e) => {
                 self.unsent = memory.clone();
@@ -1421,9 +1491,11 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 let scan_cpu = collected.cpu;
                 // After the first scans a pause probe rehearses the final phase: pause, scan
                 // (what was written since the scan just done, as the final scan finds), resume.
+                // Not once the total timeout passed: the final round starts at once.
                 let probe = self.config.probe_pause
                     && self.estimator.pause_probes() < PAUSE_PROBES
-                    && !self.report.rounds.is_empty();
+                    && !self.report.rounds.is_empty()
+                    && self.config.timeout.is_none_or(|t| start.elapsed() < t);
                 let probed = if probe {
                     match self.collect(round, &mut pending, true) {
                         Ok(p) => Some(p),
@@ -1563,7 +1635,13 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     expected,
                     Ok(sent),
                 );
-                self.probe_finish();
+                match self.take_cut() {
+                    Some(unsent) => {
+                        self.unsent.clone_from(&unsent);
+                        carry = unsent;
+                    }
+                    None => self.probe_finish(),
+                }
             };
             self.report.switch_reason = Some(reason);
             let p = pending.iter().map(|r| r.end - r.start).sum();
@@ -1648,14 +1726,16 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let unsent = self.unsent.clone();
         let mut carry = self.reconnect(round, error)?;
         carry.extend(unsent);
-        // The total timeout (abort policy) bounds the rounds again.
-        if let (Some(limit), LimitPolicy::Abort, Some(start), Some(w)) = (
-            self.config.timeout,
-            self.config.timeout_policy,
-            self.started,
-            self.watchdog(),
-        ) {
-            w.arm(start + limit, Step::Round { round }, limit);
+        // The total timeout bounds the rounds again (abort), or cuts them short (switch-over).
+        if let (Some(limit), Some(start), Some(w)) =
+            (self.config.timeout, self.started, self.watchdog())
+        {
+            match self.config.timeout_policy {
+                LimitPolicy::Abort => w.arm(start + limit, Step::Round { round }, limit),
+                LimitPolicy::SwitchOver => {
+                    w.arm_cut(start + limit);
+                }
+            }
         }
         Ok(carry)
     }
@@ -1680,7 +1760,13 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             SwitchReason::MaxRounds => {
                 format!("the round limit ({}) was reached", self.config.max_rounds)
             }
-            SwitchReason::Timeout => "the timeout passed".to_string(),
+            SwitchReason::Timeout => match self.report.rounds.iter().rfind(|r| r.interrupted) {
+                Some(r) => format!(
+                    "the timeout passed (it cut round {} short; what that round had not sent goes in the final round)",
+                    r.round
+                ),
+                None => "the timeout passed".to_string(),
+            },
             SwitchReason::Converged => "it converged".to_string(),
             SwitchReason::OutOfReach => format!(
                 "nothing was written for {QUIET_ROUNDS} rounds (at least {} s), so more rounds cannot help: switched over",
@@ -1947,9 +2033,12 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     fn final_round(&mut self, mut pending: Vec<Range<u64>>) -> Result<(), MigrationError<D, T, W>> {
         let round = self.next_round();
         // The total timeout no longer applies; a deadline that already passed ends it here.
+        // No round of the final phase is cut short: the cut is disarmed, then lifted.
         if let Some(w) = self.watchdog() {
             w.disarm();
+            w.disarm_cut();
         }
+        self.transport.uncut();
         self.check_fired(Step::FinalRound)?;
         self.report.status = Status::Completing;
         let pending_bytes: u64 = pending.iter().map(|r| r.end - r.start).sum();
@@ -3537,6 +3626,13 @@ mod tests {
         blocked: Option<std::sync::mpsc::Sender<()>>,
         /// A failed call says it had handed over half of its pages (rounded up).
         handed: Option<RoundSent>,
+        /// This call waits until its round is cut ([`Transport::round_cutter`]), then ends
+        /// having sent the first half of its ranges' bytes and names the rest.
+        cut_call: Option<u64>,
+        cut: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        cut_rest: Option<Vec<Range<u64>>>,
+        /// Calls of [`Transport::uncut`].
+        uncuts: u32,
     }
 
     impl Scripted {
@@ -3561,7 +3657,31 @@ mod tests {
             if self.block_call == Some(call) {
                 self.block()?;
             }
-            let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+            let mut bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+            if self.cut_call == Some(call) {
+                // A round nobody cuts ends whole after 30 s (as a paced one ran to its end).
+                let (m, cv) = &*self.cut;
+                let cut = m.lock().unwrap();
+                let long = Duration::from_secs(30);
+                let cut = cv.wait_timeout_while(cut, long, |cut| !*cut).unwrap().0;
+                let was_cut = *cut;
+                drop(cut);
+                let mut half = if was_cut {
+                    bytes / 2 / PAGE * PAGE
+                } else {
+                    bytes
+                };
+                let mut rest = Vec::new();
+                for r in ranges {
+                    let n = (r.end - r.start).min(half);
+                    half -= n;
+                    if r.start + n < r.end {
+                        rest.push(r.start + n..r.end);
+                    }
+                }
+                bytes -= rest.iter().map(|r| r.end - r.start).sum::<u64>();
+                self.cut_rest = was_cut.then_some(rest);
+            }
             if self.fail_calls.contains(&call) {
                 self.handed = Some(RoundSent {
                     pages: (bytes / PAGE).div_ceil(2),
@@ -3581,6 +3701,20 @@ mod tests {
         }
         fn sent_before_failure(&self) -> Option<RoundSent> {
             self.handed
+        }
+        fn round_cutter(&self) -> Option<crate::control::Interrupt> {
+            let c = self.cut.clone();
+            Some(Arc::new(move || {
+                *c.0.lock().unwrap() = true;
+                c.1.notify_all();
+            }))
+        }
+        fn take_cut(&mut self) -> Option<Vec<Range<u64>>> {
+            self.cut_rest.take()
+        }
+        fn uncut(&mut self) {
+            self.uncuts += 1;
+            *self.cut.0.lock().unwrap() = false;
         }
         fn finish(&mut self) -> Result<(u64, Duration), io::Error> {
             if self.block_finish {
@@ -3626,6 +3760,68 @@ mod tests {
         cfg.reconnect.backoff = Duration::from_millis(1);
         cfg.after = AfterMigration::Resume;
         cfg
+    }
+
+    /// The total timeout under the switch-over policy cuts the live round in progress short
+    /// (it waited for the round to end: a round paced at 64 KiB/s ran 32 s past a 1 s limit)
+    /// and the final round starts at once, no other round between: it sends what the cut
+    /// round had not (pages the scan had reported and re-protected: lost otherwise) with what
+    /// the final scan found. Abort interrupts at the timeout as before; this breaks nothing.
+    #[test]
+    fn the_timeout_under_switch_over_cuts_the_round_and_the_final_round_sends_the_rest() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let link = Scripted {
+            cut_call: Some(1),
+            ..Scripted::default()
+        };
+        // Round 1 gets pages 0..100, the scan after the cut nothing, the final scan 200..210.
+        let log = ScriptLog::ranges(vec![
+            vec![0..100 * PAGE],
+            Vec::new(),
+            vec![200 * PAGE..210 * PAGE],
+        ]);
+        let mut cfg = quick_config();
+        cfg.max_downtime = Duration::from_nanos(1);
+        cfg.timeout = Some(Duration::from_millis(50));
+        cfg.timeout_policy = LimitPolicy::SwitchOver;
+        let mut m = Migration::new(log, link, workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(report.switch_reason, Some(SwitchReason::Timeout));
+        let kinds: Vec<(RoundKind, bool)> = report
+            .rounds
+            .iter()
+            .map(|r| (r.kind, r.interrupted))
+            .collect();
+        use RoundKind::{Final, Full, Iterative};
+        assert_eq!(
+            kinds,
+            vec![(Full, false), (Iterative, true), (Final, false)],
+            "the cut round, then the final one at once"
+        );
+        assert_eq!(report.rounds[1].pages, 50, "what the cut round sent");
+        assert!(
+            report
+                .downtime_note
+                .as_deref()
+                .unwrap()
+                .contains("cut round 1 short"),
+            "{:?}",
+            report.downtime_note
+        );
+        let text = report.to_string();
+        assert!(text.contains("iter. cut"), "{text}");
+        assert!(
+            text.contains("1 cut short by the timeout (round 1:"),
+            "{text}"
+        );
+        assert!(m.unsent().is_empty());
+        let (_, link, _) = m.into_parts();
+        assert!(link.uncuts >= 1, "the final phase lifts the cut");
+        assert_eq!(link.sent[1], vec![0..100 * PAGE]);
+        let mut last = link.sent.last().unwrap().clone();
+        coalesce(&mut last);
+        assert_eq!(last, vec![50 * PAGE..100 * PAGE, 200 * PAGE..210 * PAGE]);
+        assert!(link.committed);
     }
 
     #[test]

@@ -109,7 +109,8 @@
 //! * [`MigrationConfig::timeout`], measured from the start (default none, policy
 //!   [`LimitPolicy::Abort`]: a migration that runs too long is usually a sign to retry later).
 //!
-//! `SwitchOver` goes to the final round at once, whatever the expected downtime. `Abort` stops
+//! `SwitchOver` goes to the final round at once, whatever the expected downtime (the timeout
+//! cuts a round in progress short for it, see "Bounded failures"). `Abort` stops
 //! cleanly: the throttle is lifted, the workload keeps running, the transport is dropped without
 //! finishing (a receiver then sees a truncated stream and never reports success) and
 //! [`Error::Aborted`] is returned. The report says which rule ended the iteration
@@ -196,7 +197,11 @@
 //!   (`SenderConfig::io_timeout`, default 10 s of no progress; the receiver's own is 60 s of
 //!   silence); connecting and the handshake by the handshake timeout (default 10 s).
 //! * **The total timeout** ([`MigrationConfig::timeout`]) under [`LimitPolicy::Abort`] also
-//!   interrupts a round in progress, not only the check between rounds.
+//!   interrupts a round in progress, not only the check between rounds. Under
+//!   [`LimitPolicy::SwitchOver`] it cuts the round in progress short, breaking nothing
+//!   ([`Transport::round_cutter`]), and the final round starts at once with what that round
+//!   had not sent ([`RoundReport::interrupted`]); a transport that cannot cut a round ends it
+//!   first.
 //! * **The final round** has a hard bound, from the pause to the destination's acknowledgement:
 //!   [`MigrationConfig::final_round_timeout`], by default `max(10 × max_downtime, 2 × expected
 //!   downtime at switch-over, 5 s)`. The floor is there because a loaded host (this project's

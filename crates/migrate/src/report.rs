@@ -128,6 +128,12 @@ pub struct RoundReport {
     /// the time until the failure. Its ranges went into a later round or
     /// [`Migration::unsent`](crate::Migration::unsent).
     pub failed: bool,
+    /// Cut short by the total timeout under the switch-over policy
+    /// ([`MigrationConfig::timeout`](crate::MigrationConfig::timeout)): the round ended with
+    /// what it had sent (`pages`, `zero_pages`, `bytes` count that), and the pages it had not
+    /// sent went in the next round (the final round, which started at once). Not learned
+    /// from for the estimate.
+    pub interrupted: bool,
     /// Pages sent with contents.
     pub pages: u64,
     /// Pages sent as zeros.
@@ -774,21 +780,27 @@ impl MigrationReport {
         if finals > 0 {
             s.push_str(&format!(", {finals} final"));
         }
-        let rehearsals: Vec<String> = (self.rounds.iter())
-            .filter(|r| !r.failed && r.kind == RoundKind::Rehearsal)
-            .map(|r| r.round.to_string())
-            .collect();
-        if !rehearsals.is_empty() {
+        // The rounds `pick` takes: how many, and "round N" or "rounds N, M".
+        let numbered = |pick: &dyn Fn(&RoundReport) -> bool| {
+            let n: Vec<String> = (self.rounds.iter().filter(|r| pick(r)))
+                .map(|r| r.round.to_string())
+                .collect();
+            let plural = if n.len() > 1 { "s" } else { "" };
+            (!n.is_empty()).then(|| (n.len(), format!("round{plural} {}", n.join(", "))))
+        };
+        if let Some((n, which)) = numbered(&|r| !r.failed && r.kind == RoundKind::Rehearsal) {
             s.push_str(&format!(
-                ", {} rehearsal(s) inside the pause probes (round{} {}; not counted by the limit)",
-                rehearsals.len(),
-                if rehearsals.len() > 1 { "s" } else { "" },
-                rehearsals.join(", ")
+                ", {n} rehearsal(s) inside the pause probes ({which}; not counted by the limit)"
             ));
         }
         let failed = self.rounds.iter().filter(|r| r.failed).count();
         if failed > 0 {
             s.push_str(&format!(", {failed} failed part-way"));
+        }
+        if let Some((n, which)) = numbered(&|r| r.interrupted) {
+            s.push_str(&format!(
+                ", {n} cut short by the timeout ({which}: what it had not sent went in the next round)"
+            ));
         }
         s
     }
@@ -1119,15 +1131,19 @@ impl fmt::Display for MigrationReport {
             "ops/s"
         )?;
         for r in &self.rounds {
-            let kind = match (r.kind, r.failed) {
-                (RoundKind::Full, false) => "full",
-                (RoundKind::Full, true) => "full*",
-                (RoundKind::Iterative, false) => "iterative",
-                (RoundKind::Iterative, true) => "iterat.*",
-                (RoundKind::Rehearsal, false) => "rehearsal",
-                (RoundKind::Rehearsal, true) => "rehears.*",
-                (RoundKind::Final, false) => "final",
-                (RoundKind::Final, true) => "final*",
+            // `*`: failed part-way; `cut`: cut short by the timeout.
+            let kind = match (r.kind, r.failed, r.interrupted) {
+                (RoundKind::Full, false, false) => "full",
+                (RoundKind::Full, true, _) => "full*",
+                (RoundKind::Full, false, true) => "full cut",
+                (RoundKind::Iterative, false, false) => "iterative",
+                (RoundKind::Iterative, true, _) => "iterat.*",
+                (RoundKind::Iterative, false, true) => "iter. cut",
+                (RoundKind::Rehearsal, false, false) => "rehearsal",
+                (RoundKind::Rehearsal, true, _) => "rehears.*",
+                (RoundKind::Rehearsal, false, true) => "rehe. cut",
+                (RoundKind::Final, false, _) => "final",
+                (RoundKind::Final, true, _) => "final*",
             };
             writeln!(
                 f,

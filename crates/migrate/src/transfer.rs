@@ -157,6 +157,20 @@ impl<S: PageSource, K: Sink> Transport for TransferTransport<S, K> {
         self.transfer.interrupter()
     }
 
+    /// The transfer's (`Transfer::round_cutter`): a socket sender's, which drops the page
+    /// frames not yet written and ends a wait for `--bandwidth`'s bucket.
+    fn round_cutter(&self) -> Option<Interrupt> {
+        self.transfer.round_cutter()
+    }
+
+    fn take_cut(&mut self) -> Option<Vec<Range<u64>>> {
+        self.transfer.take_cut()
+    }
+
+    fn uncut(&mut self) {
+        self.transfer.uncut();
+    }
+
     /// Only after a round failed because the connection broke (end of stream, reset, broken
     /// pipe) or went silent past the I/O timeout (a path that drops everything without a
     /// reset looks exactly like that), and only with a sender that can dial again
