@@ -1451,11 +1451,15 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         let total = self.report.memory_bytes;
         self.emit(Phase::Full, total, 0.0);
         let mut carry: Vec<Range<u64>> = Vec::new();
+        // Bytes of `carry` that a round cut short by the timeout left: pages not sent, not
+        // written, so the next scan's dirty rate leaves them out.
+        let mut cut_carry = 0u64;
         match self.send(Step::Round { round: 0 }, &memory) {
             Ok(sent) => {
                 self.record(RoundKind::Full, total, Duration::ZERO, 0.0, None, Ok(sent));
                 if let Some(unsent) = self.take_cut() {
                     self.unsent.clone_from(&unsent);
+                    cut_carry = unsent.iter().map(|r| r.end - r.start).sum();
                     carry = unsent;
                 } else {
                     self.probe_finish();
@@ -1537,7 +1541,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 // A rehearsal round sent some of the pages this scan found: they count for the
                 // dirty rate, and the round is recorded before the one that sends the rest.
                 let rehearsal = probed.as_ref().and_then(|p| p.rehearsal);
-                let found = pending_bytes + rehearsal.map_or(0, |r| r.0);
+                let found = (pending_bytes + rehearsal.map_or(0, |r| r.0))
+                    .saturating_sub(std::mem::take(&mut cut_carry));
                 if let Some(p) = probed {
                     self.dirty_pages += p.pages;
                     self.observed.dirty_pages += p.pages;
@@ -1638,6 +1643,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 match self.take_cut() {
                     Some(unsent) => {
                         self.unsent.clone_from(&unsent);
+                        cut_carry = unsent.iter().map(|r| r.end - r.start).sum();
                         carry = unsent;
                     }
                     None => self.probe_finish(),

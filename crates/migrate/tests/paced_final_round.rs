@@ -193,6 +193,8 @@ fn a_paced_round_past_the_timeout_is_cut_and_the_final_round_sends_the_rest() {
         vec![(RoundKind::Full, true), (RoundKind::Final, false)],
         "round 0 cut short by the timeout, then the final round at once: {report}"
     );
+    // Nothing wrote while the workload ran: what the cut round left is no write.
+    assert_eq!(report.dirty_rate, 0.0, "{report}");
     let (dest, _) = received.expect("the destination received a complete copy");
     assert!(
         dest == source,
