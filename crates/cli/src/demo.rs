@@ -316,7 +316,8 @@ pub struct Args {
     #[arg(long, default_value_t = 10.0, allow_hyphen_values = true)]
     io_timeout: f64,
     /// Hard bound on the final round, in milliseconds, from the pause to the acknowledgement
-    /// [default: 10 × max downtime, at least 5 s, or twice the expected downtime if more].
+    /// [default: 10 × max downtime, at least 5 s, or twice the expected downtime if more (with
+    /// none estimated, twice the time --bandwidth takes for what is pending)].
     #[arg(long, value_parser = count_in(1, MAX_DOWNTIME_MS), allow_hyphen_values = true)]
     final_round_timeout: Option<u64>,
     /// Scheduling priority of the final phase's threads (the driver's, the sender's writers

@@ -120,7 +120,9 @@ pub struct MigrationConfig {
     /// Hard bound on the final round, from the pause to the destination's acknowledgement. If
     /// it passes, the transport is interrupted, the workload resumed, the destination never
     /// told to commit, and the migration fails with [`Error::Timeout`]. `None`: derived as
-    /// `max(10 × max_downtime, 2 × expected downtime at switch-over, 5 s)` (see the crate docs).
+    /// `max(10 × max_downtime, 2 × expected downtime at switch-over, 5 s)`; with no downtime
+    /// estimated, a paced transport's time for the pending bytes stands for the expected
+    /// downtime (see the crate docs).
     pub final_round_timeout: Option<Duration>,
     /// Reconnecting after a failed round in the iterative phase.
     pub reconnect: ReconnectConfig,
@@ -2049,7 +2051,12 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         self.report.status = Status::Completing;
         let pending_bytes: u64 = pending.iter().map(|r| r.end - r.start).sum();
         self.emit(Phase::Final, pending_bytes, self.report.dirty_rate);
-        let mut bound = self.config.final_round_bound(self.report.expected_downtime);
+        // With no downtime estimated (no round measured whole: round 0 was cut short by the
+        // timeout), a paced transport's time for the pending bytes stands for it: the
+        // default bound of 5 s failed such a final round at 64 KiB/s by design.
+        let expected =
+            (self.report.expected_downtime).or_else(|| self.estimator.paced_send(pending_bytes));
+        let mut bound = self.config.final_round_bound(expected);
         // Raised before the clock starts, as in the pause probes, whose pauses the expected
         // pause comes from: the workload runs on meanwhile, so it is no downtime. The raise
         // lists and raises 6-7 threads (traced: 0.04-0.17 ms, the driver a normal task until

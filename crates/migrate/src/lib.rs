@@ -207,7 +207,9 @@
 //!   downtime at switch-over, 5 s)`. The floor is there because a loaded host (this project's
 //!   2-core CI machine with 7 builds running) misses a 50 ms estimate by seconds, and a
 //!   final round that fails there means no migration at all; the expected-downtime term keeps a
-//!   forced switch-over with more pending than the limit from failing by design. Set it lower
+//!   forced switch-over with more pending than the limit from failing by design (with no
+//!   downtime estimated, as after a round 0 cut short by the timeout, a paced transport's
+//!   time for the pending bytes at its rate stands for it). Set it lower
 //!   where a long pause costs more than a failed migration. Past it the transport is interrupted, the workload resumed, and
 //!   [`Error::Timeout`] returned; the report is `Failed` with the downtime actually suffered.
 //!   The destination's copy becomes complete only when the source **commits** after an

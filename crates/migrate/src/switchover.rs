@@ -290,6 +290,13 @@ impl Estimator {
         self.pacing = pacing.filter(|p| p.rate > 0);
     }
 
+    /// The time the transport's pacing alone takes to let `bytes` through (what its bucket
+    /// holds now goes at once), or `None` when it is not paced: a floor on their send when
+    /// no round was measured whole (the only one was cut short by the timeout).
+    pub fn paced_send(&self, bytes: u64) -> Option<Duration> {
+        self.paced(bytes, Duration::ZERO)
+    }
+
     /// Records how much slower than its pacing (`paced`) a round that took `took` went, if
     /// the pacing is what held it up (at least half of its time): a round its bucket let
     /// through at once measured the socket, which the send estimate has already.
