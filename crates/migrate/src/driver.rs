@@ -896,7 +896,8 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     /// a quarter of it) as a
     /// round of its own ([`MigrationConfig::rehearse_send`]) and takes those pages out of
     /// `out`. On a failed send `out` keeps them (the caller records the failed round from
-    /// `failed_send` and reconnects as after any failed round).
+    /// `failed_send` and reconnects as after any failed round); cut short by the timeout, it
+    /// keeps those not sent. Returns the bytes sent and the round.
     fn rehearse_send(
         &mut self,
         out: &mut Vec<Range<u64>>,
@@ -916,15 +917,20 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         coalesce(out);
         *out = outside(out, &sample);
         match self.take_cut() {
-            // Cut short by the timeout: what it did not send stays pending, and a part of a
-            // round says nothing about the final round's send.
+            // Cut short by the timeout: what it did not send stays pending (and is counted
+            // there, not as the rehearsal's), and a part of a round says nothing about the
+            // final round's send.
             Some(unsent) => {
                 out.extend(unsent);
                 coalesce(out);
+                let sent_bytes = outside(&sample, out).iter().map(|r| r.end - r.start).sum();
+                Ok(Some((sent_bytes, sent)))
             }
-            None => self.estimator.add_rehearsal(bytes, sent.duration),
+            None => {
+                self.estimator.add_rehearsal(bytes, sent.duration);
+                Ok(Some((bytes, sent)))
+            }
         }
-        Ok(Some((bytes, sent)))
     }
 
     /// Rounds sent with the workload running (round 0 included; not rehearsals, not failed
@@ -3775,6 +3781,37 @@ mod tests {
         cfg
     }
 
+    /// Migrates with `log` over a [`Scripted`] link whose second round (after round 0: round 1,
+    /// or with `probe` the first pause probe's rehearsal) waits until the total timeout of 50
+    /// ms, under the switch-over policy, cuts it short. The report, each round's kind and
+    /// whether it was cut, and the migration.
+    fn cut_by_the_timeout(
+        log: ScriptLog,
+        probe: bool,
+    ) -> (
+        MigrationReport,
+        Vec<(RoundKind, bool)>,
+        Migration<ScriptLog, Scripted, Callbacks<std::convert::Infallible>>,
+    ) {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let link = Scripted {
+            cut_call: Some(1),
+            ..Scripted::default()
+        };
+        let mut cfg = quick_config();
+        cfg.probe_pause = probe;
+        cfg.rehearse_send = probe;
+        cfg.max_downtime = Duration::from_nanos(1);
+        cfg.timeout = Some(Duration::from_millis(50));
+        cfg.timeout_policy = LimitPolicy::SwitchOver;
+        let mut m = Migration::new(log, link, workload(&events), cfg);
+        let report = m.run().unwrap();
+        let kinds = (report.rounds.iter())
+            .map(|r| (r.kind, r.interrupted))
+            .collect();
+        (report, kinds, m)
+    }
+
     /// The total timeout under the switch-over policy cuts the live round in progress short
     /// (it waited for the round to end: a round paced at 64 KiB/s ran 32 s past a 1 s limit)
     /// and the final round starts at once, no other round between: it sends what the cut
@@ -3782,29 +3819,14 @@ mod tests {
     /// the final scan found. Abort interrupts at the timeout as before; this breaks nothing.
     #[test]
     fn the_timeout_under_switch_over_cuts_the_round_and_the_final_round_sends_the_rest() {
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let link = Scripted {
-            cut_call: Some(1),
-            ..Scripted::default()
-        };
         // Round 1 gets pages 0..100, the scan after the cut nothing, the final scan 200..210.
         let log = ScriptLog::ranges(vec![
             vec![0..100 * PAGE],
             Vec::new(),
             vec![200 * PAGE..210 * PAGE],
         ]);
-        let mut cfg = quick_config();
-        cfg.max_downtime = Duration::from_nanos(1);
-        cfg.timeout = Some(Duration::from_millis(50));
-        cfg.timeout_policy = LimitPolicy::SwitchOver;
-        let mut m = Migration::new(log, link, workload(&events), cfg);
-        let report = m.run().unwrap();
+        let (report, kinds, m) = cut_by_the_timeout(log, false);
         assert_eq!(report.switch_reason, Some(SwitchReason::Timeout));
-        let kinds: Vec<(RoundKind, bool)> = report
-            .rounds
-            .iter()
-            .map(|r| (r.kind, r.interrupted))
-            .collect();
         use RoundKind::{Final, Full, Iterative};
         assert_eq!(
             kinds,
@@ -3835,6 +3857,34 @@ mod tests {
         coalesce(&mut last);
         assert_eq!(last, vec![50 * PAGE..100 * PAGE, 200 * PAGE..210 * PAGE]);
         assert!(link.committed);
+    }
+
+    /// A rehearsal round (inside a pause probe) that the timeout cuts short: the sample's
+    /// pages it did not send stay pending and go in the final round with the rest; none is
+    /// lost, none sent twice.
+    #[test]
+    fn a_rehearsal_cut_by_the_timeout_leaves_its_unsent_pages_to_the_final_round() {
+        // The first scan finds pages 0..800, each a run of its own: the rehearsal samples
+        // every fourth (200 pages) and is cut having sent the first 100 of them.
+        let scan: Vec<Range<u64>> = (0..800).map(|p| p * PAGE..(p + 1) * PAGE).collect();
+        let (report, kinds, m) = cut_by_the_timeout(ScriptLog::ranges(vec![scan]), true);
+        use RoundKind::{Final, Full, Rehearsal};
+        assert_eq!(
+            kinds,
+            vec![(Full, false), (Rehearsal, true), (Final, false)]
+        );
+        assert_eq!(report.rounds[1].pages, 100);
+        assert_eq!(report.rounds[1].dirty_bytes, 100 * PAGE, "what it sent");
+        let (_, link, _) = m.into_parts();
+        let sample = &link.sent[1];
+        assert_eq!(sample.len(), 200);
+        let sent_half: Vec<Range<u64>> = sample[..100].to_vec();
+        let mut last = link.sent.last().unwrap().clone();
+        assert_eq!(coalesce(&mut last), 700 * PAGE, "the rest, once");
+        assert_eq!(outside(&last, &sent_half), last, "nothing sent twice");
+        last.extend(sent_half);
+        coalesce(&mut last);
+        assert_eq!(last, vec![0..800 * PAGE], "nothing lost");
     }
 
     #[test]
