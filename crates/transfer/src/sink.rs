@@ -170,7 +170,9 @@ pub trait Sink {
     /// [`Sink::uncut`], [`Sink::round_cut`] says so and every later round is cut too.
     /// [`Transfer::send_round`](crate::Transfer::send_round) stops handing pages over then
     /// and returns what was not sent ([`Transfer::take_cut`](crate::Transfer::take_cut)).
-    /// `None` (the default): rounds always go whole.
+    /// `None` (the default): rounds always go whole. A sink that gives one implements
+    /// [`Sink::round_cut`], [`Sink::take_cut_pages`] and [`Sink::uncut`] too (a page it drops
+    /// unreported would be lost), and so does a wrapper that forwards it.
     fn round_cutter(&self) -> Option<Interrupt> {
         None
     }
@@ -425,6 +427,18 @@ macro_rules! forward_sink {
             }
             fn interrupter(&self) -> Option<Interrupt> {
                 (**self).interrupter()
+            }
+            fn round_cutter(&self) -> Option<Interrupt> {
+                (**self).round_cutter()
+            }
+            fn round_cut(&self) -> bool {
+                (**self).round_cut()
+            }
+            fn take_cut_pages(&mut self, f: &mut dyn FnMut(Range<u64>)) {
+                (**self).take_cut_pages(f)
+            }
+            fn uncut(&mut self) {
+                (**self).uncut()
             }
             fn peer(&self) -> Option<String> {
                 (**self).peer()
