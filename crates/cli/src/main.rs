@@ -58,9 +58,9 @@ enum Command {
     /// restarts after a stop (epoll_wait, epoll_pwait, semop, semtimedop, sigtimedwait,
     /// sigwaitinfo, socket calls with SO_RCVTIMEO or SO_SNDTIMEO: signal(7), "Interruption of
     /// system calls and library functions by stop signals"), which return EINTR there; a
-    /// program that does not retry on EINTR sees an error. While pages are sent, a target that writes faster than they go is
-    /// slowed by stopping it (SIGSTOP/SIGCONT, --throttle duty) unless --throttle none; the
-    /// final round runs with it stopped. A target someone else has stopped just before the
+    /// program that does not retry on EINTR sees an error. While pages are sent, a target
+    /// that writes faster than they go is slowed by stopping it (SIGSTOP/SIGCONT, --throttle
+    /// duty) unless --throttle none; the final round runs with it stopped. A target someone else has stopped just before the
     /// send stops it (for the final round, or a pause before it) is left stopped, whether it
     /// was stopped before the send or during it; one stopped before the send and continued
     /// during it is the send's to continue, as if it had been running. Ctrl-C or SIGTERM leave
