@@ -123,7 +123,8 @@ pub fn parse_pid(s: &str) -> Result<i32, String> {
 /// Refuses a `--pid` known bad before anything starts: this `precopy` process itself (a
 /// process cannot attach to itself, and its memory is not what the user means to copy), and
 /// what attaching would refuse at once (`precopy_tracker::check_attachable`): an ID no process
-/// has, a thread's ID, a kernel thread, a process that has exited (a zombie). A target that
+/// has, a thread's ID, a kernel thread, a process that has exited (a zombie), a process whose
+/// memory another process shares (its pause could not stop that one's writes). A target that
 /// exits after this check fails the command when it is found gone (status 1).
 pub fn check_target(pid: i32) -> anyhow::Result<()> {
     use precopy_tracker::AttachError;
@@ -152,6 +153,12 @@ pub fn check_target(pid: i32) -> anyhow::Result<()> {
             | AttachError::KernelThread { .. }
             | AttachError::Zombie { .. }),
         ) => Err(invalid("--pid", pid, e.to_string(), running)),
+        Err(e @ AttachError::SharedMemory { .. }) => Err(invalid(
+            "--pid",
+            pid,
+            e.to_string(),
+            "give the ID of a process whose memory is its own (a vfork child's is its own once it has called exec)",
+        )),
         // Anything else (a process this user may not read) is for attaching to report.
         _ => Ok(()),
     }

@@ -4,8 +4,11 @@
 //! [`Interrupts::install`] blocks `SIGINT`, `SIGTERM` and `SIGHUP` in the calling thread before
 //! any other thread exists (so every thread inherits the block) and waits for them on a thread
 //! of its own. When one arrives, that thread:
-//! 1. takes the attach lock, so an injection in progress (ptrace) finishes and the target's
-//!    registers are back before the process exits;
+//! 1. cancels an attach that waits for the target's thread to stop (a thread in an
+//!    uninterruptible sleep is waited for up to 5 s: `Uffd::attach_cancellable` gives up
+//!    within a fraction of a millisecond, the thread untouched) and takes the attach lock, so
+//!    an injection in progress (ptrace, milliseconds) finishes and the target's registers are
+//!    back before the process exits;
 //! 2. sends `SIGCONT` to the target if this command stopped it (the final round, or the
 //!    throttle's duty cycle) and was not asked to leave it stopped, once a pause that raised
 //!    the target's threads has put them back (it holds [`TargetState::set_raise_lock`]'s lock
@@ -22,6 +25,12 @@
 //! 5. exits with 128 + the signal number. The userfaultfd closes with the process, which ends
 //!    the tracking in the kernel; the target holds no fd of ours.
 //!
+//! The interruption is the command's one report: a failure the command itself meets meanwhile
+//! (the cancelled attach's error, say) waits for this thread's decision and is not printed
+//! when it reports ([`defer_to_signal`]); a failure the command began to print before the
+//! signal came is the one report (its status too): this thread then cleans up without a word,
+//! and only a second signal ends the command (at once, silently).
+//!
 //! Child processes inherit the blocked set across `exec`; `main` unblocks it first thing, so
 //! this binary's own children (`__demo-source`, ...) still die of these signals.
 //!
@@ -36,7 +45,74 @@ use precopy_transfer::PublishGate;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Who says what ended the command: the signal thread or the command's own failure (see the
+/// module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reporter {
+    /// Nobody yet.
+    Nobody,
+    /// A signal came; its thread is deciding whether it ends the command (it does not when
+    /// the image was published already).
+    Deciding,
+    /// The signal thread reports and exits the process.
+    Signal,
+    /// The signal came after the image was published: the command reports as it would have.
+    Declined,
+    /// The command reports its own failure.
+    Command,
+}
+
+static REPORTER: Mutex<Reporter> = Mutex::new(Reporter::Nobody);
+static DECIDED: Condvar = Condvar::new();
+/// The longest a failure waits for the signal thread's decision: that thread's waits (the
+/// attach, once cancelled; a raised pause putting threads back) take milliseconds, so this
+/// is only a bound against a second error line turning into a hang.
+const DECISION_BOUND: Duration = Duration::from_secs(10);
+
+/// Called by a failure before it is printed: returns at once when no signal came (the
+/// failure is then the one report, and a signal after it is handled without a word); waits
+/// while the signal thread decides; never returns when it reports the signal (it exits the
+/// process), so that one error chain is printed, not two.
+pub fn defer_to_signal() {
+    let mut who = lock(&REPORTER);
+    let until = Instant::now() + DECISION_BOUND;
+    while *who == Reporter::Deciding {
+        let now = Instant::now();
+        if now >= until {
+            break;
+        }
+        who = DECIDED
+            .wait_timeout(who, until - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    match *who {
+        Reporter::Signal => {
+            drop(who);
+            loop {
+                std::thread::park();
+            }
+        }
+        Reporter::Nobody => *who = Reporter::Command,
+        _ => {}
+    }
+}
+
+/// The signal thread's side of [`defer_to_signal`]: `Deciding` when the signal comes, then
+/// `Signal` or `Declined`. Returns whether the command had already reported its failure
+/// (then nothing changes).
+fn signal_reporter(to: Reporter) -> bool {
+    let mut who = lock(&REPORTER);
+    let command = *who == Reporter::Command;
+    if !command {
+        *who = to;
+        DECIDED.notify_all();
+    }
+    command
+}
 
 /// The signals handled here: `SIGINT`, `SIGTERM`, and `SIGHUP` unless this process was
 /// started with it ignored (`nohup`: the user asked that a hang-up not end the command). Read
@@ -80,6 +156,8 @@ type PartialText = Box<dyn Fn() -> String + Send>;
 pub struct TargetState {
     /// Held while ptrace is attached to the target.
     attach: Mutex<()>,
+    /// Set when a signal comes: an attach waiting for the target's thread to stop gives up.
+    cancel_attach: AtomicBool,
     /// Held by a pause while the target's threads are raised (`ProcessControl::raise_lock`).
     raise: Mutex<Option<Arc<Mutex<()>>>>,
     /// This command may have the target stopped (paused or throttled).
@@ -119,6 +197,10 @@ impl TargetState {
     /// Hold while attaching.
     pub fn attaching(&self) -> MutexGuard<'_, ()> {
         lock(&self.attach)
+    }
+    /// The flag to attach with (`Uffd::attach_cancellable`): set when a signal comes.
+    pub fn attach_cancel(&self) -> &AtomicBool {
+        &self.cancel_attach
     }
     /// The lock a pause holds while the target's threads are raised: the target is
     /// continued only when it is free.
@@ -194,6 +276,10 @@ impl Interrupts {
             .name("precopy-signals".into())
             .spawn(move || {
                 let Ok(sig) = set.wait() else { return };
+                let quiet = signal_reporter(Reporter::Deciding);
+                // An attach waiting for a thread to stop (up to 5 s) gives up; one injecting
+                // finishes (milliseconds) before the lock is free.
+                s.cancel_attach.store(true, Ordering::Release);
                 let _attach = s.attaching();
                 // Never continue a raised thread: wait until a pause put them back, and keep
                 // the lock until the exit, so that no pause raises again.
@@ -204,8 +290,10 @@ impl Interrupts {
                 if let Some(gate) = lock(&s.gate).clone()
                     && !gate.withdraw()
                 {
+                    signal_reporter(Reporter::Declined);
                     return;
                 }
+                signal_reporter(Reporter::Signal);
                 let mut what = format!("interrupted by {sig}");
                 if let Some(pid) = pid {
                     let stopped = s.stopped_by_us.load(Ordering::SeqCst);
@@ -237,11 +325,18 @@ impl Interrupts {
                     };
                 }
                 let e = anyhow::anyhow!("{what}");
+                if quiet {
+                    // The command reported its failure and is on its way out with its own
+                    // status and report; a second signal ends it at once, without a word.
+                    drop((_raised, _attach));
+                    let _ = set.wait();
+                    std::process::exit(128 + sig as i32);
+                }
                 if !json && let Some(text) = lock(&s.partial_text).as_ref().map(|f| f()) {
                     // Stdout gone: the exit status still says what happened.
                     let _ = output::try_write(format_args!("{text}"), false);
                 }
-                output::print_error(&e);
+                output::print_error_now(&e);
                 if json {
                     let mut report = lock(&s.report).clone();
                     if !report.is_object() {

@@ -28,8 +28,15 @@ pub fn error_value(e: &anyhow::Error) -> Value {
     })
 }
 
-/// Prints `e` to stderr once, as a chain.
+/// Prints `e` to stderr once, as a chain: unless a signal came meanwhile and its report is
+/// the one (then this never returns: `interrupt::defer_to_signal`).
 pub fn print_error(e: &anyhow::Error) {
+    crate::interrupt::defer_to_signal();
+    print_error_now(e);
+}
+
+/// Prints `e` to stderr as a chain (the signal thread's own report).
+pub fn print_error_now(e: &anyhow::Error) {
     err_write(format_args!("precopy: error: {e:#}"), true);
 }
 

@@ -258,12 +258,14 @@ pub fn run(args: RateArgs) -> Result<ExitCode> {
         .map_err(|e| fail(&report, e))?;
     // Before attaching: a stopped thread runs the injected call and stops again only after.
     report["target_stopped_at_start"] = json!(precopy_migrate::all_stopped(args.pid));
-    let (uffd, times) = {
+    // Reported once the lock is free: a signal meanwhile takes it to report instead.
+    let attached = {
         let _attaching = interrupts.state().attaching();
-        Uffd::attach(args.pid)
-            .with_context(|| format!("attaching to process {}", args.pid))
-            .map_err(|e| fail(&report, e))?
+        Uffd::attach_cancellable(args.pid, interrupts.state().attach_cancel())
     };
+    let (uffd, times) = attached
+        .with_context(|| format!("attaching to process {}", args.pid))
+        .map_err(|e| fail(&report, e))?;
     report["attach_us"] = json!(times.stopped.as_secs_f64() * 1e6);
     let mut log = TargetLog::new(uffd, scanner)
         .context("tracking the target's memory")

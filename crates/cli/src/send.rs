@@ -604,12 +604,14 @@ pub fn run_send(args: SendArgs) -> Result<ExitCode> {
 
     // Before attaching: ptrace may take the target out of its stop.
     let stopped_on_entry = precopy_migrate::all_stopped(args.pid);
-    let (uffd, times) = {
+    // Reported once the lock is free: a signal meanwhile takes it to report instead.
+    let attached = {
         let _attaching = state.attaching();
-        Uffd::attach(args.pid)
-            .with_context(|| format!("attaching to process {}", args.pid))
-            .map_err(|e| fail(&report, e))?
+        Uffd::attach_cancellable(args.pid, state.attach_cancel())
     };
+    let (uffd, times) = attached
+        .with_context(|| format!("attaching to process {}", args.pid))
+        .map_err(|e| fail(&report, e))?;
     report["attach"] = attach_json(&times);
     // Memory mapped outside the first layout is added mid-stream (see `drive`).
     let log = TargetLog::new(uffd, scanner)

@@ -324,3 +324,54 @@ fn a_seccomp_filter_refusing_userfaultfd_is_reported_and_the_target_left_alone()
     assert_eq!(before, state(t.pid));
     assert!(t.ops() > 0 && t.running());
 }
+
+/// `send --pid` and `rate --pid` of a `vfork` child before its `exec` (its parent's memory is
+/// its memory: stopping the child cannot stop the parent's other threads writing it, and every
+/// final round failed "the workload kept writing while paused") are refused before anything
+/// starts, naming the parent and why; so is the parent (the child could write). Both are left
+/// as they were: not traced, no signal pending, the child still waiting, the parent still in
+/// `vfork`, running on once released.
+#[test]
+fn send_and_rate_refuse_a_process_whose_memory_another_shares() {
+    use precopy_testnet::{VforkWait, thread_state as letter};
+    if !engine_usable() {
+        return;
+    }
+    let v = VforkWait::start(false, true);
+    let (parent, child) = (v.pid(), v.child());
+    let before = (state(parent), state(child), letter(child));
+    let img = common::scratch("shared-memory.img");
+    let img_url = format!("file:{}", img.display());
+    for (pid, other, relation) in [(child, parent, "its parent"), (parent, child, "its child")] {
+        let pid_s = pid.to_string();
+        for args in [
+            vec!["send", "--pid", &pid_s, "--to", &img_url],
+            vec!["rate", "--pid", &pid_s, "--count", "1"],
+        ] {
+            let out = common::precopy(&args);
+            let err = common::stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+            for part in [
+                format!("process {pid} shares its memory with process {other} ("),
+                format!("{relation})"),
+                format!("stopping process {pid} alone cannot stop"),
+            ] {
+                assert!(err.contains(&part), "{part:?} not in: {err}");
+            }
+        }
+    }
+    let partial = std::path::PathBuf::from(format!("{}.partial", img.display()));
+    assert!(!img.exists() && !partial.exists());
+    assert_eq!((state(parent), state(child), letter(child)), before);
+    assert_eq!(letter(parent), 'D', "the parent left vfork early");
+    v.release();
+    let started = std::time::Instant::now();
+    while letter(parent) != 'R' {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the parent never ran on"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

@@ -189,3 +189,74 @@ fn interrupted_commands_print_their_one_json_object() {
     assert!(!state.stopped, "target left stopped");
     let _ = std::fs::remove_file(&img);
 }
+
+/// Ctrl-C while `send --pid` attaches to a process whose only thread cannot stop (it waits in
+/// `vfork`, state `D`: the attach waits for it up to 5 s) ends the attach there and then, with
+/// exactly one error line, the interruption's, and status 130; the target is left as it was
+/// (detached, still in `vfork`, no signal pending, running on once released). Before
+/// 2026-12-01 the signal was taken only when the 5 s wait ended, and both the attach's error
+/// and the interruption were printed.
+#[test]
+fn ctrl_c_during_an_attach_waiting_for_a_thread_ends_it_with_one_error() {
+    use common::target::state;
+    use precopy_testnet::{VforkWait, thread_state as letter};
+    if !engine_usable() {
+        return;
+    }
+    // Its child has a copy of its memory, not the same memory (that would be refused).
+    let v = VforkWait::start(false, false);
+    let pid = v.pid();
+    let before = state(pid);
+    let img = scratch("interrupted-attach.img");
+    let mut send = Command::new(PRECOPY)
+        .args(["send", "--pid", &pid.to_string()])
+        .args(["--to", &format!("file:{}", img.display())])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_handler(&mut send);
+    // The attach's helper traces the target: the wait for its thread has begun.
+    let started = Instant::now();
+    while !children(send.id()).iter().any(|&c| {
+        std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == "uffd-attach")
+    }) {
+        assert!(
+            send.try_wait().unwrap().is_none(),
+            "send ended before attaching"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no attach helper"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let signalled = Instant::now();
+    kill(Pid::from_raw(send.id() as i32), Signal::SIGINT).unwrap();
+    let out = send.wait_with_output().unwrap();
+    // Said, not asserted: how long the send took to end after the signal.
+    eprintln!("send ended {:?} after SIGINT", signalled.elapsed());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.contains("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(
+        errors[0].contains(&format!(
+            "interrupted by SIGINT: process {pid} left running"
+        )),
+        "{err}"
+    );
+    assert!(!img.exists(), "no image was published");
+    assert_eq!(state(pid), before, "the target changed");
+    assert_eq!(letter(pid), 'D', "the target left vfork early");
+    v.release();
+    let started = Instant::now();
+    while letter(pid) != 'R' {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the target never ran on"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(state(pid).tracer, "0");
+}

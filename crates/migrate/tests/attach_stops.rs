@@ -4,16 +4,20 @@
 //! A `SIGSTOP` the traced thread takes during an injection is delivered there and then, so a
 //! `SIGCONT` that follows it ends the stop as it would have without the attach (until
 //! 2026-12-01 the stop was held back and sent again after the detach, and the target stayed
-//! stopped). A thread in an uninterruptible sleep is given up after `STOP_TIMEOUT`, untouched.
+//! stopped). A thread in an uninterruptible sleep is given up after `STOP_TIMEOUT`, untouched,
+//! or sooner when the attach is cancelled (Ctrl-C). A process whose memory another process
+//! shares (a `vfork` child before its `exec`, its parent) is refused before anything is done.
 
 mod common;
 
-use common::{Killed, VforkTarget, fixture, spawn_announced, state, wait_until};
+use common::{Killed, VforkWait, fixture, spawn_announced, state, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use precopy_sys::ptrace::{PtraceError, Tracee};
-use precopy_tracker::{AttachError, Uffd};
+use precopy_tracker::{AttachError, Relation, Uffd};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `TracerPid:` of `pid` (0: not traced).
 fn tracer(pid: i32) -> i32 {
@@ -124,8 +128,9 @@ fn an_attach_gives_up_on_a_thread_that_never_stops_and_leaves_it_untouched() {
     if !common::supported("an_attach_gives_up_on_a_thread_that_never_stops") {
         return;
     }
-    // Its only thread waits in vfork for its child: an uninterruptible sleep.
-    let target = VforkTarget::start(false);
+    // Its only thread waits in vfork for its child (which has a copy of the memory, not the
+    // same memory: that would be refused): an uninterruptible sleep.
+    let target = VforkWait::start(false, false);
     let pid = target.pid();
 
     let attach = std::thread::spawn(move || Uffd::attach(pid));
@@ -163,7 +168,7 @@ fn an_attach_picks_a_thread_that_can_stop() {
     if !common::supported("an_attach_picks_a_thread_that_can_stop") {
         return;
     }
-    let target = VforkTarget::start(true);
+    let target = VforkWait::start(true, false);
     let pid = target.pid();
 
     // The main thread cannot stop; the spinning thread can, and runs the call.
@@ -177,6 +182,97 @@ fn an_attach_picks_a_thread_that_can_stop() {
     wait_until("the main thread to run after its vfork", || {
         state(pid) == 'R'
     });
+}
+
+/// An attach cancelled while it waits for a thread that cannot stop (Ctrl-C in `send`) gives
+/// up without waiting out `STOP_TIMEOUT`, the thread untouched: detached, still in `vfork`,
+/// running on once its child exits. Meanwhile the attach's helper process shares this
+/// process's memory (`clone(CLONE_VM)`), and the check for processes that share the target's
+/// memory does not take it for one.
+#[test]
+fn a_cancelled_attach_gives_up_and_leaves_the_thread_untouched() {
+    if !common::supported("a_cancelled_attach_gives_up_and_leaves_the_thread_untouched") {
+        return;
+    }
+    let target = VforkWait::start(false, false);
+    let pid = target.pid();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    let attach = std::thread::spawn(move || Uffd::attach_cancellable(pid, &flag));
+    wait_until("the attach's helper process", || {
+        helper_names().iter().any(|n| n == "uffd-attach")
+    });
+    // The helper shares this process's memory, not the target's.
+    let me = std::process::id() as i32;
+    let ours = precopy_tracker::memory_sharers(me, me).expect("kcmp");
+    assert!(ours.iter().any(|s| s.name == "uffd-attach"), "{ours:?}");
+    assert_eq!(precopy_tracker::memory_sharers(pid, pid), Some(Vec::new()));
+    precopy_tracker::check_attachable(pid).expect("the target shares its memory with no one");
+
+    cancel.store(true, Ordering::Release);
+    let err = attach.join().unwrap().expect_err("cancelled");
+    assert!(
+        matches!(err, AttachError::Cancelled { pid: p, tid } if p == pid && tid == pid),
+        "expected Cancelled, got {err:?}"
+    );
+    assert!(err.to_string().contains("left untouched"), "{err}");
+    wait_until("the target to be detached", || tracer(pid) == 0);
+    assert_eq!(state(pid), 'D', "still in vfork, untouched");
+    assert!(!sigstop_pending(pid));
+    target.release();
+    wait_until("the target to run after its vfork", || state(pid) == 'R');
+    assert_eq!(tracer(pid), 0);
+}
+
+/// A process whose memory another process shares is refused before anything is done to it:
+/// a `vfork` child before its `exec` (its parent's other threads could write that memory while
+/// the child is stopped: every final round failed "the workload kept writing while paused"),
+/// and its parent (the child could write it). Both are left as they were.
+#[test]
+fn an_attach_refuses_a_process_whose_memory_another_shares() {
+    if !common::supported("an_attach_refuses_a_process_whose_memory_another_shares") {
+        return;
+    }
+    let target = VforkWait::start(true, true);
+    let (parent, child) = (target.pid(), target.child());
+    let child_state = state(child);
+    for (pid, other, relation) in [
+        (child, parent, Relation::Parent),
+        (parent, child, Relation::Child),
+    ] {
+        let err = Uffd::attach(pid).expect_err("shared memory");
+        let AttachError::SharedMemory { pid: p, sharers } = &err else {
+            panic!("expected SharedMemory, got {err:?}");
+        };
+        assert_eq!(*p, pid);
+        assert_eq!(sharers.len(), 1, "{err}");
+        assert_eq!((sharers[0].pid, sharers[0].relation), (other, relation));
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!(
+                "process {pid} shares its memory with process {other} ("
+            )),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("stopping process {pid} alone cannot stop")),
+            "{message}"
+        );
+        assert!(matches!(
+            precopy_tracker::check_attachable(pid),
+            Err(AttachError::SharedMemory { .. })
+        ));
+        assert_eq!(tracer(pid), 0);
+        assert!(!sigstop_pending(pid));
+    }
+    assert_eq!(state(parent), 'D', "the parent still waits in vfork");
+    assert_eq!(
+        state(child),
+        child_state,
+        "the child still waits for its byte"
+    );
+    target.release();
+    wait_until("the parent to run after its vfork", || state(parent) == 'R');
 }
 
 /// `SigCgt:` and `SigIgn:` of `pid` (bit `n - 1` is signal `n`).

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{VforkTarget, state, wait_until};
+use common::{VforkWait, state, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use precopy_migrate::{
@@ -44,7 +44,7 @@ fn sigstop_pending(pid: i32) -> bool {
 #[test]
 fn a_sigcont_landing_as_the_pause_stops_the_process_is_followed_by_another_stop() {
     // In vfork, waiting for its child: an uninterruptible sleep.
-    let target = VforkTarget::start(false);
+    let target = VforkWait::start(false, true);
     let pid = target.pid();
 
     let mut control = ProcessControl::new(pid, PauseMethod::Signal, ThrottleMethod::None).unwrap();
@@ -77,7 +77,7 @@ fn a_sigcont_landing_as_the_pause_stops_the_process_is_followed_by_another_stop(
 /// while the main thread still waits; the pause returns once both have stopped.
 #[test]
 fn the_pause_stops_a_running_thread_while_the_main_thread_cannot_act_on_the_stop() {
-    let target = VforkTarget::start(true);
+    let target = VforkWait::start(true, true);
     let pid = target.pid();
     let spinner = target.spinner();
 
@@ -116,7 +116,7 @@ fn thread_sigstop_pending(pid: i32, tid: i32) -> bool {
 /// sent 25 times ...)" (the fresh review's `send` of such a process).
 #[test]
 fn a_pause_that_cannot_stop_a_thread_names_it() {
-    let target = VforkTarget::start(true);
+    let target = VforkWait::start(true, true);
     let pid = target.pid();
     let spinner = target.spinner();
     let child: i32 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{Killed, VforkTarget, fixture, spawn_announced, state, wait_until};
+use common::{Killed, VforkWait, fixture, spawn_announced, state, wait_until};
 use precopy_migrate::{
     PauseMethod, PriorityReport, ProcessControl, ProcessError, ThrottleMethod, Workload,
     all_stopped,
@@ -163,7 +163,7 @@ fn raised_pauses_leave_every_thread_with_its_own_policy() {
 /// the thread it raised as it was, and the process continued: it runs on once it can.
 #[test]
 fn a_pause_that_fails_leaves_the_threads_as_they_were() {
-    let target = VforkTarget::start(false);
+    let target = VforkWait::start(false, true);
     let pid = target.pid();
     let before = scheduling(pid);
     let Some(caller) = realtime_caller("a_pause_that_fails_leaves_the_threads_as_they_were") else {

@@ -36,6 +36,9 @@ pub const PROCMAP_QUERY: u32 = iowr(b'f', 17, size_of::<ProcmapQuery>());
 /// `PIDFD_THREAD` (= `O_EXCL`) for `pidfd_open`: a handle on one thread rather than its
 /// process; gated by Linux 6.9.
 pub const PIDFD_THREAD: u32 = libc::O_EXCL as u32;
+/// `KCMP_VM` (`enum kcmp_type` in `linux/kcmp.h`): `kcmp` compares two processes' address
+/// spaces (`mm_struct`); gated by `CONFIG_KCMP` (Linux 3.5+, with `CONFIG_CHECKPOINT_RESTORE`).
+pub const KCMP_VM: i32 = 1;
 /// `UFFDIO_API`; every userfaultfd kernel.
 pub const UFFDIO_API: u32 = io::UFFDIO_API;
 /// `UFFDIO_REGISTER`; every userfaultfd kernel (WP mode since 5.7).

@@ -34,6 +34,29 @@ pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target_fd: RawFd) -> io::Result<OwnedF
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `kcmp(pid1, pid2, KCMP_VM, 0, 0)`: whether processes `pid1` and `pid2` share one address
+/// space (one `mm_struct`: threads of one process, a `vfork` child before its `exec` and its
+/// parent, processes made with `clone(CLONE_VM)` without `CLONE_THREAD`).
+///
+/// Errors: `ESRCH` (no such process), `EPERM` (no `PTRACE_MODE_READ` access to one of them:
+/// another user's process without `CAP_SYS_PTRACE`), `ENOSYS` (a kernel built without
+/// `CONFIG_KCMP`).
+pub fn shares_address_space(pid1: i32, pid2: i32) -> io::Result<bool> {
+    // SAFETY: kcmp takes five integers and reads no memory of ours for KCMP_VM.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid1,
+            pid2,
+            crate::abi::KCMP_VM,
+            0usize,
+            0usize,
+        )
+    };
+    // 0: the same mm; 1, 2: an order between two different ones; 3: not comparable.
+    Ok(cvt(ret as libc::c_int)? == 0)
+}
+
 /// Sends `fd` over a Unix stream socket with `SCM_RIGHTS`, with `payload` as the message bytes.
 pub fn send_fd(socket: BorrowedFd<'_>, fd: BorrowedFd<'_>, payload: &[u8]) -> io::Result<()> {
     use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};

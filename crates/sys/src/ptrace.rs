@@ -37,6 +37,9 @@
 //!   fails with [`PtraceError::NotStopped`] having changed nothing in the thread; it stays
 //!   seized until the tracing thread exits (the kernel cannot detach a running thread on
 //!   request, and does so when its tracer exits). [`take_fd`]'s tracers exit right after.
+//!   The wait can be cut short ([`Tracee::seize_cancellable`], [`FdCall::cancel`]): then
+//!   [`PtraceError::Cancelled`], the thread likewise untouched. Only this first wait can: once
+//!   the thread is stopped, the calls and the restore run to their end (milliseconds).
 //!
 //! - **Signal dispositions**: nothing is single-stepped. A single-step trap is a `SIGTRAP` the
 //!   kernel forces on the thread, and forcing a signal the thread blocks or ignores resets
@@ -121,6 +124,15 @@ pub enum PtraceError {
         /// How long the seize waited.
         waited: Duration,
     },
+    /// The wait for the thread's first stop was cancelled ([`Tracee::seize_cancellable`]);
+    /// nothing was changed in it, and it stays seized until the tracing thread exits, as for
+    /// [`PtraceError::NotStopped`].
+    Cancelled {
+        /// The thread.
+        tid: i32,
+        /// How long the seize had waited.
+        waited: Duration,
+    },
     /// The thread stopped somewhere else than after the injected `syscall` instruction.
     UnexpectedStop {
         /// Where it stopped.
@@ -147,6 +159,12 @@ impl std::fmt::Display for PtraceError {
                 f,
                 "thread {tid} did not stop within {:.1} s (an uninterruptible sleep, state D, \
                  such as a vfork parent or a hung file system read); it was left untouched",
+                waited.as_secs_f64()
+            ),
+            PtraceError::Cancelled { tid, waited } => write!(
+                f,
+                "the wait for thread {tid} to stop was cancelled after {:.3} s; it was left \
+                 untouched",
                 waited.as_secs_f64()
             ),
             PtraceError::UnexpectedStop { rip, expected } => write!(
@@ -215,6 +233,18 @@ impl Tracee {
     /// [`PtraceError::NotStopped`] after [`STOP_TIMEOUT`] (the thread stays seized, untouched,
     /// until the calling thread exits: see the module docs). Nothing allocates.
     pub fn seize(tid: i32) -> Result<Tracee, PtraceError> {
+        Tracee::seize_until(tid, None)
+    }
+
+    /// [`Tracee::seize`], whose wait for the thread's first stop ends early, with
+    /// [`PtraceError::Cancelled`] and the thread untouched, once `cancel` is set (looked at
+    /// between looks at the thread: within [`STOP_POLL_MAX`]). Setting it once the thread has
+    /// stopped changes nothing.
+    pub fn seize_cancellable(tid: i32, cancel: &AtomicBool) -> Result<Tracee, PtraceError> {
+        Tracee::seize_until(tid, Some(cancel))
+    }
+
+    fn seize_until(tid: i32, cancel: Option<&AtomicBool>) -> Result<Tracee, PtraceError> {
         let pid = Pid::from_raw(tid);
         // TRACESYSGOOD: system call stops are told apart from a real SIGTRAP.
         ptrace::seize(pid, ptrace::Options::PTRACE_O_TRACESYSGOOD).map_err(req("PTRACE_SEIZE"))?;
@@ -231,7 +261,7 @@ impl Tracee {
         // From here on, dropping `t` detaches (once the thread is stopped; see `NotStopped`).
         ptrace::interrupt(pid).map_err(req("PTRACE_INTERRUPT"))?;
         let stop_by = Instant::now() + STOP_TIMEOUT;
-        t.wait_stop(Phase::Attach(stop_by), |status| {
+        t.wait_stop(Phase::Attach(stop_by), cancel, |status| {
             matches!(status, WaitStatus::PtraceEvent(..))
         })?;
         t.saved = ptrace::getregs(pid).map_err(req("PTRACE_GETREGS"))?;
@@ -261,14 +291,15 @@ impl Tracee {
     /// process's group stop begins; the traced thread, resumed from its own stop in it, runs
     /// on). In [`Phase::Attach`] another signal (one that arrived before the mask was blocked)
     /// is delivered the same way, then the thread is interrupted again; in [`Phase::Inject`]
-    /// it can only come from the injected call itself and is an error.
+    /// it can only come from the injected call itself and is an error. `cancel` as for `wait`.
     fn wait_stop(
         &mut self,
         phase: Phase,
+        cancel: Option<&AtomicBool>,
         done: impl Fn(&WaitStatus) -> bool,
     ) -> Result<WaitStatus, PtraceError> {
         loop {
-            let status = self.wait(phase)?;
+            let status = self.wait(phase, cancel)?;
             match status {
                 WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
                     self.attached = false;
@@ -297,8 +328,9 @@ impl Tracee {
     /// The thread's next state change. In [`Phase::Attach`], looked at without blocking,
     /// yielding the CPU in between for the first [`STOP_SPIN`] (a thread that can stop does so
     /// within microseconds, and may need this CPU to do it), then sleeping at growing
-    /// intervals up to [`STOP_POLL_MAX`], until its deadline: then [`PtraceError::NotStopped`].
-    fn wait(&self, phase: Phase) -> Result<WaitStatus, PtraceError> {
+    /// intervals up to [`STOP_POLL_MAX`], until its deadline: then [`PtraceError::NotStopped`];
+    /// or until `cancel` is set: then [`PtraceError::Cancelled`].
+    fn wait(&self, phase: Phase, cancel: Option<&AtomicBool>) -> Result<WaitStatus, PtraceError> {
         let deadline = match phase {
             Phase::Attach(deadline) => deadline,
             Phase::Inject => loop {
@@ -319,6 +351,12 @@ impl Tracee {
                 Ok(s) => return Ok(s),
             }
             let now = Instant::now();
+            if cancel.is_some_and(|c| c.load(Ordering::Acquire)) {
+                return Err(PtraceError::Cancelled {
+                    tid: self.tid.as_raw(),
+                    waited: now - started,
+                });
+            }
             if now >= deadline {
                 return Err(PtraceError::NotStopped {
                     tid: self.tid.as_raw(),
@@ -398,7 +436,7 @@ impl Tracee {
         // To the call's entry stop.
         self.at_syscall_exit = false;
         ptrace::syscall(self.tid, None).map_err(req("PTRACE_SYSCALL"))?;
-        self.wait_stop(Phase::Inject, syscall_stop)?;
+        self.wait_stop(Phase::Inject, None, syscall_stop)?;
         let expected = insn + SYSCALL_INSN.len() as u64;
         let mut entry = ptrace::getregs(self.tid).map_err(req("PTRACE_GETREGS"))?;
         let unexpected = entry.rip != expected || entry.orig_rax != nr as u64;
@@ -409,7 +447,7 @@ impl Tracee {
         }
         // To its exit stop.
         ptrace::syscall(self.tid, None).map_err(req("PTRACE_SYSCALL"))?;
-        self.wait_stop(Phase::Inject, syscall_stop)?;
+        self.wait_stop(Phase::Inject, None, syscall_stop)?;
         self.at_syscall_exit = true;
         if unexpected {
             return Err(PtraceError::UnexpectedStop {
@@ -454,7 +492,8 @@ impl Tracee {
         ptrace::interrupt(self.tid).map_err(req("PTRACE_INTERRUPT"))?;
         ptrace::cont(self.tid, None).map_err(req("PTRACE_CONT"))?;
         let stop_by = Instant::now() + STOP_TIMEOUT;
-        self.wait_stop(Phase::Attach(stop_by), |s| {
+        // Not cancellable: the thread's registers are back, it must reach this stop.
+        self.wait_stop(Phase::Attach(stop_by), None, |s| {
             matches!(s, WaitStatus::PtraceEvent(..))
         })
         .map(|_| ())
@@ -482,6 +521,11 @@ pub struct FdCall<'a> {
     pub nr: i64,
     /// Its arguments.
     pub args: [u64; 6],
+    /// Set (by another thread of this process, a signal handler's say) to give up waiting for
+    /// the thread's first stop: the result is then [`PtraceError::Cancelled`], the thread
+    /// untouched (see [`Tracee::seize_cancellable`]). The helper process shares this memory,
+    /// so it sees the flag too.
+    pub cancel: Option<&'a AtomicBool>,
 }
 
 /// Who traced the thread in [`take_fd`].
@@ -571,6 +615,11 @@ impl FdTaken {
 /// the caller's child, not the target's ancestor. A thread another tracer holds is not
 /// retried.
 ///
+/// [`FdCall::cancel`] ends the wait for the thread's first stop early (a Ctrl-C should not
+/// wait out [`STOP_TIMEOUT`]): the calling thread is suspended in `clone` until the helper
+/// exits and cannot be interrupted there, so the helper looks at the flag itself, between its
+/// looks at the thread.
+///
 /// Nothing the helper runs allocates or takes a lock (it shares the heap with threads a
 /// `SIGKILL` may have stopped anywhere).
 pub fn take_fd(call: &FdCall<'_>) -> FdTaken {
@@ -625,7 +674,7 @@ fn traced(tid: i32) -> bool {
 fn run_fd_call(call: &FdCall<'_>, tracer: Tracer) -> FdTaken {
     let mut out = FdTaken::nothing(tracer);
     let seize_at = Instant::now();
-    let mut tracee = match Tracee::seize(call.tid) {
+    let mut tracee = match Tracee::seize_until(call.tid, call.cancel) {
         Ok(t) => t,
         Err(e) => {
             out.seized = Err(e);

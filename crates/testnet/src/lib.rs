@@ -10,12 +10,15 @@
 //! Used by the resume and timeout tests of `precopy-transfer` and `precopy-migrate`.
 //!
 //! Also [`compile_c`]: the C fixture programs the tests of `precopy-migrate` and
-//! `precopy-cli` run as targets, compiled one way for both.
+//! `precopy-cli` run as targets, compiled one way for both; and [`VforkWait`], a process held
+//! in `vfork`.
 
 #![forbid(unsafe_code)]
 
 mod c_fixture;
+mod vfork;
 pub use c_fixture::compile_c;
+pub use vfork::{VforkWait, state as thread_state};
 
 use precopy_transfer::{
     Connection, Layout, Listener, MemorySink, ReceiveReport, Receiver, ReceiverConfig, Sender,

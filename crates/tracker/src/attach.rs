@@ -26,6 +26,7 @@
 use crate::{Error as TrackerError, Uffd};
 use precopy_sys::ptrace::{FdCall, PtraceError, SYSCALL_INSN, Tracer, take_fd};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 /// Why attaching to a process failed. The target is left as it was in every case.
@@ -73,6 +74,20 @@ pub enum AttachError {
         /// Its name (`comm`).
         name: String,
     },
+    /// Another process shares the target's address space (a `vfork` child before its `exec`
+    /// and its parent, or processes made with `clone(CLONE_VM)` without `CLONE_THREAD`):
+    /// stopping the target's threads cannot stop that process's writes to its memory, so no
+    /// final round could be vouched for. Found with `kcmp(KCMP_VM)` ([`memory_sharers`]).
+    #[error(
+        "process {pid} shares its memory with {}: one is a vfork child that has not called exec yet, or was made with clone(CLONE_VM); stopping process {pid} alone cannot stop the other's writes to that memory",
+        sharer_words(sharers)
+    )]
+    SharedMemory {
+        /// The PID.
+        pid: i32,
+        /// The other processes that have the same memory (at least one).
+        sharers: Vec<MemorySharer>,
+    },
     /// Another tracer (a debugger, strace, another precopy) is attached.
     #[error("process {pid} is already traced by process {tracer}: detach that tracer first")]
     AlreadyTraced {
@@ -111,6 +126,17 @@ pub enum AttachError {
     NoSyscallInstruction {
         /// The PID.
         pid: i32,
+    },
+    /// The attach was cancelled ([`Uffd::attach_cancellable`]) while it waited for the thread
+    /// to stop; the target was left untouched.
+    #[error(
+        "attaching to process {pid} was cancelled while waiting for thread {tid} to stop; it was left untouched"
+    )]
+    Cancelled {
+        /// The PID.
+        pid: i32,
+        /// The thread waited for.
+        tid: i32,
     },
     /// The target exited while being attached.
     #[error("process {pid} exited while being attached")]
@@ -153,6 +179,103 @@ pub enum AttachError {
     /// refused.
     #[error(transparent)]
     Tracker(#[from] TrackerError),
+}
+
+/// A process that shares a target's address space ([`AttachError::SharedMemory`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemorySharer {
+    /// Its process ID.
+    pub pid: i32,
+    /// Its name (`comm`), empty if it could not be read.
+    pub name: String,
+    /// How it is related to the target.
+    pub relation: Relation,
+}
+
+/// How a [`MemorySharer`] is related to the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relation {
+    /// The target's parent (the target is its `vfork` child, say).
+    Parent,
+    /// The target's child (the target waits in `vfork` for it, say).
+    Child,
+    /// Neither (a sibling made with `clone(CLONE_VM | CLONE_PARENT)`, say).
+    Other,
+}
+
+impl std::fmt::Display for MemorySharer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "process {}", self.pid)?;
+        let relation = match self.relation {
+            Relation::Parent => ", its parent",
+            Relation::Child => ", its child",
+            Relation::Other => "",
+        };
+        match (self.name.is_empty(), relation.is_empty()) {
+            (true, true) => Ok(()),
+            (true, false) => write!(f, " ({})", &relation[2..]),
+            (false, _) => write!(f, " ({}{relation})", self.name),
+        }
+    }
+}
+
+/// The sharers for [`AttachError::SharedMemory`]'s message: the first few, and how many more.
+fn sharer_words(sharers: &[MemorySharer]) -> String {
+    const NAMED: usize = 4;
+    let mut words: Vec<String> = sharers.iter().take(NAMED).map(|s| s.to_string()).collect();
+    if sharers.len() > NAMED {
+        words.push(format!("{} more", sharers.len() - NAMED));
+    }
+    match words.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => words.concat(),
+    }
+}
+
+/// The processes other than `pid` that share its address space (see
+/// [`AttachError::SharedMemory`]), through its live thread `via` (a process whose main thread
+/// has exited has no address space of its own to compare).
+///
+/// Every process `/proc` lists is compared with `kcmp(KCMP_VM)`, a system call each: a few
+/// milliseconds for thousands of processes. That covers a `vfork` child and its parent, and
+/// processes made with `clone(CLONE_VM)`, whatever their relation (siblings, a child whose
+/// creator has exited). It does not cover processes this one may not compare (`EPERM`:
+/// another user's, without `CAP_SYS_PTRACE`), ones outside this PID namespace, or one whose
+/// main thread has exited (`pthread_exit`) while its other threads share the memory. A kernel
+/// without `kcmp` (`CONFIG_KCMP`) makes it `None`: nothing could be checked.
+pub fn memory_sharers(pid: i32, via: i32) -> Option<Vec<MemorySharer>> {
+    let dir = std::fs::read_dir("/proc").ok()?;
+    let stat = |p: i32| procfs::process::Process::new(p).and_then(|p| p.stat()).ok();
+    let mut sharers = Vec::new();
+    for other in dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
+        if other == pid {
+            continue;
+        }
+        match precopy_sys::process::shares_address_space(via, other) {
+            Ok(true) => {}
+            // Different memory; gone; or not ours to compare (see the docs).
+            Ok(false) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return None,
+            Err(_) => continue,
+        }
+        let (theirs, ours) = (stat(other), stat(pid));
+        let relation = if ours.as_ref().is_some_and(|s| s.ppid == other) {
+            Relation::Parent
+        } else if theirs.as_ref().is_some_and(|s| s.ppid == pid) {
+            Relation::Child
+        } else {
+            Relation::Other
+        };
+        sharers.push(MemorySharer {
+            pid: other,
+            name: theirs.map(|s| s.comm).unwrap_or_default(),
+            relation,
+        });
+    }
+    Some(sharers)
 }
 
 /// How long the steps of [`Uffd::attach`] took.
@@ -221,7 +344,8 @@ fn proc_err(pid: i32, e: procfs::ProcError) -> AttachError {
 const PF_KTHREAD: u32 = 0x0020_0000;
 
 /// Refuses, with the reason, an ID that names no attachable process: this process itself, a
-/// thread that is not its process's main thread, a kernel thread, a zombie. Returns the thread
+/// thread that is not its process's main thread, a kernel thread, a zombie, a process whose
+/// memory another process shares ([`memory_sharers`]). Returns the thread
 /// to inject into and the ID to reach the process through ([`pick_thread`]).
 fn check_target(pid: i32, p: &procfs::process::Process) -> Result<Picked, AttachError> {
     if pid == std::process::id() as i32 {
@@ -253,12 +377,24 @@ fn check_target(pid: i32, p: &procfs::process::Process) -> Result<Picked, Attach
             name: stat.comm,
         });
     }
+    match memory_sharers(pid, picked.via) {
+        Some(sharers) if !sharers.is_empty() => {
+            return Err(AttachError::SharedMemory { pid, sharers });
+        }
+        Some(_) => {}
+        None => tracing::warn!(
+            pid,
+            "this kernel has no kcmp (CONFIG_KCMP): not checked whether another process shares \
+             the target's memory, which its pause could not stop"
+        ),
+    }
     Ok(picked)
 }
 
 /// Refuses, before anything is touched, an ID that names no process [`Uffd::attach`] could
 /// attach to: no process ([`AttachError::NoSuchProcess`]), this process, a thread that is not
-/// its process's main thread, a kernel thread or a zombie, as `attach` itself would. A caller
+/// its process's main thread, a kernel thread, a zombie, or a process whose memory another
+/// process shares ([`AttachError::SharedMemory`]), as `attach` itself would. A caller
 /// checks its input with it up front; `attach` checks again (the process may exit meanwhile).
 pub fn check_attachable(pid: i32) -> Result<(), AttachError> {
     if pid <= 0 {
@@ -426,6 +562,26 @@ impl Uffd {
     /// the module docs): the result tracks `pid`'s memory, and `pid` is left exactly as it was,
     /// not traced, with no new fd. Checks that this kernel can track before touching the target.
     pub fn attach(pid: i32) -> Result<(Uffd, AttachTimes), AttachError> {
+        Uffd::attach_until(pid, None)
+    }
+
+    /// [`Uffd::attach`] that gives up, with [`AttachError::Cancelled`] and the target
+    /// untouched, once `cancel` is set while it waits for the target's thread to stop (a
+    /// thread in an uninterruptible sleep is waited for up to
+    /// `precopy_sys::ptrace::STOP_TIMEOUT`); within a fraction of a millisecond of the flag.
+    /// Set once the thread has stopped, the flag changes nothing: the injected calls and the
+    /// restore take milliseconds and run to their end.
+    pub fn attach_cancellable(
+        pid: i32,
+        cancel: &AtomicBool,
+    ) -> Result<(Uffd, AttachTimes), AttachError> {
+        Uffd::attach_until(pid, Some(cancel))
+    }
+
+    fn attach_until(
+        pid: i32,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<(Uffd, AttachTimes), AttachError> {
         let started = Instant::now();
         if pid <= 0 {
             return Err(AttachError::NoSuchProcess { pid });
@@ -479,6 +635,9 @@ impl Uffd {
                 (PtraceError::Exited { .. }, _) | (_, Some(libc::ESRCH)) => {
                     AttachError::Exited { pid }
                 }
+                (PtraceError::Cancelled { tid, .. }, _) => {
+                    AttachError::Cancelled { pid, tid: *tid }
+                }
                 (_, Some(libc::EPERM)) => match traced_by(pid) {
                     Some(tracer) => AttachError::AlreadyTraced { pid, tracer },
                     None => AttachError::PermissionDenied {
@@ -499,6 +658,7 @@ impl Uffd {
             insn,
             nr: libc::SYS_userfaultfd,
             args: [flags, 0, 0, 0, 0, 0],
+            cancel,
         });
         drop(_block);
         if let Tracer::Caller { helper_failed } = taken.tracer

@@ -28,7 +28,9 @@ mod tracker;
 mod uffd;
 
 #[cfg(target_arch = "x86_64")]
-pub use attach::{AttachError, AttachTimes, check_attachable};
+pub use attach::{
+    AttachError, AttachTimes, MemorySharer, Relation, check_attachable, memory_sharers,
+};
 pub use error::Error;
 pub use precopy_sys::pagemap::Vma;
 pub use tracker::{
