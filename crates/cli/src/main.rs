@@ -65,7 +65,9 @@ enum Command {
     /// was stopped before the send or during it; one stopped before the send and continued
     /// during it is the send's to continue, as if it had been running. Ctrl-C or SIGTERM leave
     /// it running (or stopped, if someone else had stopped it), with no fd of ours and not
-    /// traced.
+    /// traced, also during the attach. A process whose memory another process shares (a vfork
+    /// child before its exec, its parent, a process made with clone(CLONE_VM)) is refused:
+    /// stopping it could not stop the other's writes.
     Send(send::SendArgs),
     /// Receive a `precopy send` stream into a checkpoint image.
     Recv(send::RecvArgs),

@@ -18,7 +18,9 @@
 //! No such process; no permission (not root and not the same user, Yama's `ptrace_scope`, or
 //! another tracer such as a debugger already attached); a seccomp filter in the target that
 //! refuses `userfaultfd` (container runtimes do this by default); a kernel without async
-//! write-protect. Each is one [`AttachError`] variant whose message says what to do. A target in
+//! write-protect; a process whose memory another process shares (a `vfork` child before its
+//! `exec`, its parent, `clone(CLONE_VM)`), which no pause of it alone could keep from being
+//! written. Each is one [`AttachError`] variant whose message says what to do. A target in
 //! seccomp *strict* mode is refused before anything is injected (the call would kill it); a
 //! seccomp filter whose action for `userfaultfd` is "kill" cannot be detected from outside
 //! without `CAP_SYS_ADMIN` and would kill the target.
