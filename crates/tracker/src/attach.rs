@@ -755,7 +755,48 @@ fn traced_by(pid: i32) -> Option<i32> {
 
 #[cfg(test)]
 mod tests {
-    use super::permission_words;
+    use super::{AttachError, MemorySharer, Relation, permission_words};
+
+    /// The refusal of a process whose memory others share names each (up to four, then how
+    /// many more), its name and relation, and why.
+    #[test]
+    fn a_shared_memory_refusal_names_the_other_processes() {
+        let sharer = |pid, name: &str, relation| MemorySharer {
+            pid,
+            name: name.into(),
+            relation,
+        };
+        let e = AttachError::SharedMemory {
+            pid: 10,
+            sharers: vec![sharer(9, "sh", Relation::Parent)],
+        };
+        assert_eq!(
+            e.to_string(),
+            "process 10 shares its memory with process 9 (sh, its parent): one is a vfork child \
+             that has not called exec yet, or was made with clone(CLONE_VM); stopping process \
+             10 alone cannot stop the other's writes to that memory"
+        );
+        let many: Vec<_> = [
+            sharer(11, "a", Relation::Child),
+            sharer(12, "", Relation::Child),
+            sharer(13, "", Relation::Other),
+            sharer(14, "b", Relation::Other),
+            sharer(15, "c", Relation::Other),
+            sharer(16, "d", Relation::Other),
+        ]
+        .into();
+        let e = AttachError::SharedMemory {
+            pid: 10,
+            sharers: many,
+        };
+        assert!(
+            e.to_string().starts_with(
+                "process 10 shares its memory with process 11 (a, its child), process 12 (its \
+                 child), process 13, process 14 (b) and 2 more: "
+            ),
+            "{e}"
+        );
+    }
 
     #[test]
     fn a_refusal_names_its_real_cause() {
