@@ -34,13 +34,23 @@ pub fn parse_size(s: &str) -> Result<Size, String> {
         Some(c) if "kKmMgGtT".contains(c) => format!("{t}i"),
         _ => t.to_string(),
     };
+    let too_large = || "too large: a size is at most 16 EiB (e.g. 512K, 100M, 2G)".to_string();
     let b = binary.parse::<bytesize::ByteSize>().map_err(|_| {
+        // A whole number of bytes past what 64 bits hold fails to parse where a number with a
+        // unit saturates (below): both are too large, not malformed.
+        let digits = t.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == ' ');
+        if digits
+            .parse::<u64>()
+            .is_err_and(|e| *e.kind() == std::num::IntErrorKind::PosOverflow)
+        {
+            return too_large();
+        }
         "not a size: use a number with K, M, G or T (binary: 2G = 2 GiB), e.g. 512K, 100M, 2G"
             .to_string()
     })?;
     // The parser saturates: a number past what 64 bits hold reads as u64::MAX.
     if b.as_u64() == u64::MAX {
-        return Err("too large: a size is at most 16 EiB (e.g. 512K, 100M, 2G)".into());
+        return Err(too_large());
     }
     Ok(Size {
         bytes: b.as_u64(),
@@ -390,11 +400,22 @@ pub fn parse_dest(
             "takes file:PATH (the image to write)",
             format!("e.g. {flag} file:/tmp/target.img"),
         )),
-        Dest::Tcp(a) if !has_host_and_port(&a) => Err(invalid(
+        Dest::Tcp(a) if port_of(&a, "tcp:").is_err() => Err(invalid(
             flag,
             s,
-            "is not HOST:PORT after tcp: (a host and a port number 0 to 65535)",
+            port_of(&a, "tcp:").unwrap_err(),
             format!("e.g. {flag} tcp:127.0.0.1:7000 or {flag} tcp:[::1]:7000"),
+        )),
+        // Port 0 means "any free port" to a listener only: nothing can be reached there.
+        Dest::Tcp(a) if flag != "--listen" && port_of(&a, "tcp:") == Ok(0) => Err(invalid(
+            flag,
+            s,
+            "port 0 is not a destination: it means \"any free port\" only to a listener, and no \
+             receiver can be reached there",
+            format!(
+                "give the port the receiver listens on (`precopy recv` says it), e.g. {flag} \
+                 tcp:127.0.0.1:7000"
+            ),
         )),
         // The kernel's socket address holds the path and its final NUL in 108 bytes: a longer
         // path could never be bound or reached, whatever the directory.
@@ -498,10 +519,22 @@ pub fn bind_refusal(flag: &'static str, typed: &str, e: &std::io::Error) -> Opti
     Some(invalid(flag, typed, format!("{problem} ({e})"), fix))
 }
 
-/// Whether `a` is `HOST:PORT` with a non-empty host and a port that fits 16 bits.
-fn has_host_and_port(a: &str) -> bool {
-    a.rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+/// The port of `a`, `HOST:PORT` (what follows `prefix` in the value as typed, e.g. `tcp:`),
+/// or what is wrong with it: not that form, or a port number past 65535.
+pub fn port_of(a: &str, prefix: &str) -> Result<u16, String> {
+    let form = || format!("is not HOST:PORT after {prefix} (a host and a port number 0 to 65535)");
+    let (host, port) = a.rsplit_once(':').ok_or_else(form)?;
+    if host.is_empty() {
+        return Err(form());
+    }
+    match port.parse::<u64>() {
+        Ok(p) => u16::try_from(p)
+            .map_err(|_| format!("the port {p} is out of range: ports run from 0 to 65535")),
+        Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => Err(format!(
+            "the port {port} is out of range: ports run from 0 to 65535"
+        )),
+        Err(_) => Err(form()),
+    }
 }
 
 /// Checks that an image can be created at `path` (`flag`'s value `typed`) before anything
@@ -721,6 +754,30 @@ fn cgroup_room() -> Option<u64> {
 /// zero timeout).
 pub const MIN_TIMEOUT: f64 = 0.001;
 
+/// Longest timeout taken (`--timeout`, `--io-timeout`), in seconds: 30 days.
+pub const MAX_TIMEOUT: f64 = 30.0 * 86400.0;
+
+/// `flag`'s value `v` in seconds as a timeout: [`MIN_TIMEOUT`] to [`MAX_TIMEOUT`] (`--timeout`
+/// and `--io-timeout` of `send`, `recv` and `demo`); 0, a negative number, NaN or one past 30
+/// days is refused, in the same words everywhere.
+pub fn timeout_seconds(flag: &'static str, v: f64) -> anyhow::Result<std::time::Duration> {
+    let problem = if (MIN_TIMEOUT..=MAX_TIMEOUT).contains(&v) {
+        return Ok(std::time::Duration::from_secs_f64(v));
+    } else if v > MAX_TIMEOUT {
+        "is longer than 30 days"
+    } else if v.is_nan() {
+        "is not a number of seconds"
+    } else {
+        "is shorter than a millisecond"
+    };
+    Err(invalid(
+        flag,
+        seconds(v),
+        problem,
+        "give seconds from 0.001 (1 ms) to 2592000 (30 days)",
+    ))
+}
+
 /// Seconds as a message shows them: plainly where that stays short, else in exponent form
 /// (`--timeout 1e-300` was echoed with 300 digits).
 pub fn seconds(v: f64) -> String {
@@ -737,20 +794,36 @@ mod tests {
 
     #[test]
     fn tcp_destinations_need_a_host_and_a_port() {
-        for ok in ["tcp:127.0.0.1:7000", "tcp:localhost:0", "tcp:[::1]:7000"] {
+        for ok in ["tcp:127.0.0.1:7000", "tcp:localhost:1", "tcp:[::1]:7000"] {
             assert!(parse_dest("--to", ok, true, true).is_ok(), "{ok}");
         }
-        for bad in [
-            "tcp:host",
-            "tcp:127.0.0.1",
-            "tcp:127.0.0.1:99999",
-            "tcp::7000",
-            "tcp:h:x",
-        ] {
+        for bad in ["tcp:host", "tcp:127.0.0.1", "tcp::7000", "tcp:h:x"] {
             let e = parse_dest("--to", bad, true, true).unwrap_err();
             assert!(e.downcast_ref::<Invalid>().is_some(), "{bad}: {e:#}");
             assert!(format!("{e}").contains("HOST:PORT"), "{bad}: {e}");
         }
+        // A port past 16 bits is named as such, not as a malformed address.
+        for bad in [
+            "tcp:127.0.0.1:99999",
+            "tcp:127.0.0.1:99999999999999999999999",
+        ] {
+            for flag in ["--to", "--listen"] {
+                let e = parse_dest(flag, bad, flag == "--to", true).unwrap_err();
+                assert!(format!("{e}").contains("ports run from 0 to 65535"), "{e}");
+            }
+        }
+    }
+
+    /// Port 0 is "any free port" to a listener and nowhere to connect to.
+    #[test]
+    fn port_0_is_for_listening_only() {
+        assert!(parse_dest("--listen", "tcp:127.0.0.1:0", false, true).is_ok());
+        let e = parse_dest("--to", "tcp:127.0.0.1:0", true, true).unwrap_err();
+        assert!(e.downcast_ref::<Invalid>().is_some(), "{e:#}");
+        assert!(
+            format!("{e}").contains("port 0 is not a destination"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -766,7 +839,13 @@ mod tests {
         assert!(parse_size("-1G").unwrap_err().contains("negative"));
         assert_eq!(parse_size(" 64MB").unwrap().typed, "64MB");
         // Past what 64 bits hold: too large, not some other reason.
-        for huge in ["99999999999G", "999999999999T", "20000000000000000000KB"] {
+        for huge in [
+            "99999999999G",
+            "999999999999T",
+            "20000000000000000000KB",
+            "99999999999999999999",
+            "99999999999999999999 B",
+        ] {
             assert!(
                 parse_size(huge).unwrap_err().contains("too large"),
                 "{huge}"

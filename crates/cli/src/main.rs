@@ -188,6 +188,19 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        // `precopy` or `precopy image` alone: no mistake to name in one line, but the help
+        // that lists the subcommands, as clap prints it (stderr, status 2); not squashed into
+        // an error line.
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            crate::output::errln!("{}", e.render().to_string().trim_end());
+            if json {
+                output::print_json(
+                    serde_json::Value::Null,
+                    Some(&anyhow::anyhow!("a subcommand is required (see --help)")),
+                );
+            }
+            return ExitCode::from(2);
+        }
         Err(mut e) => {
             // clap's message names the flag and the value as typed; keep all of it (tips and
             // usage too), in one line with the same prefix as every other error.

@@ -142,6 +142,14 @@ pub struct RecvArgs {
     /// `--listen tcp:`; optional with `unix:`.
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
+    /// Seconds the sender's connections may make no progress once the transfer runs (no byte
+    /// on any of them; a stopped or vanished sender) and the longest the sender may take to
+    /// commit after its last round, 0.001 to 2592000 [default: 60]; past it recv fails
+    /// ("no progress for ...") and the image is not published. A sender's `--final-check
+    /// full` re-reads its memory in silence before it finishes (about 0.5 s per GiB): allow
+    /// for it.
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
+    io_timeout: Option<f64>,
     /// Replace a file at the image's path that is not a precopy image; without it such a
     /// file is refused (an image, or an empty file, is replaced either way).
     #[arg(long)]
@@ -485,18 +493,7 @@ fn check_send(args: &SendArgs) -> Result<Checked> {
     check_max_downtime(args.max_downtime)?;
     check_max_rounds(args.max_rounds)?;
     check_final_round_timeout(args.final_round_timeout)?;
-    let limit = |flag: &'static str, v: f64| {
-        if (crate::args::MIN_TIMEOUT..=30.0 * 86400.0).contains(&v) {
-            Ok(Duration::from_secs_f64(v))
-        } else {
-            Err(invalid(
-                flag,
-                crate::args::seconds(v),
-                "is out of range",
-                "give seconds from 0.001 (1 ms) to 2592000 (30 days)",
-            ))
-        }
-    };
+    let limit = crate::args::timeout_seconds;
     let timeout = args.timeout.map(|t| limit("--timeout", t)).transpose()?;
     let io_timeout = limit(
         "--io-timeout",
@@ -1070,9 +1067,14 @@ pub fn run_recv(args: RecvArgs) -> Result<ExitCode> {
         unreachable!("parse_dest accepts only file: here")
     };
     check_image_path("--to", &args.to, &path, None, Some(args.force)).map_err(fail)?;
+    let io_timeout = match args.io_timeout {
+        Some(t) => crate::args::timeout_seconds("--io-timeout", t).map_err(fail)?,
+        None => precopy_transfer::DEFAULT_RECEIVE_TIMEOUT,
+    };
     let config = ReceiverConfig {
         key: read_key(args.key_file.as_deref()).map_err(fail)?,
         final_priority: args.final_priority.receiver(),
+        io_timeout: Some(io_timeout),
         ..ReceiverConfig::default()
     };
     let listen = parse_dest("--listen", &args.listen, false, true).map_err(fail)?;

@@ -703,6 +703,54 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
         "1e-7",
         "shorter than a millisecond",
     ),
+    // One size parser for sizes and rates: a number past 64 bits is too large, not "not a
+    // size", whether or not it has a unit.
+    (
+        &["demo", "--dirty-rate", "99999999999999999999"],
+        "--dirty-rate",
+        "99999999999999999999",
+        "too large",
+    ),
+    (
+        &["demo", "--size", "99999999999999999999"],
+        "--size",
+        "99999999999999999999",
+        "too large",
+    ),
+    // A port past 16 bits is named with the range, not as a malformed address.
+    (
+        &["demo", "--listen", "127.0.0.1:99999"],
+        "--listen",
+        "127.0.0.1:99999",
+        "ports run from 0 to 65535",
+    ),
+    (
+        &[
+            "recv",
+            "--listen",
+            "tcp:127.0.0.1:99999",
+            "--to",
+            "file:/tmp/precopy-bad-port.img",
+        ],
+        "--listen",
+        "tcp:127.0.0.1:99999",
+        "ports run from 0 to 65535",
+    ),
+    // recv's --io-timeout takes what send's does.
+    (
+        &[
+            "recv",
+            "--listen",
+            "unix:/tmp/precopy-bad-timeout.sock",
+            "--to",
+            "file:/tmp/precopy-bad-timeout.img",
+            "--io-timeout",
+            "0",
+        ],
+        "--io-timeout",
+        "0",
+        "from 0.001 (1 ms)",
+    ),
     // clap's own messages, in one line that reads as one: a list after a colon, one pointer to
     // --help.
     (
@@ -1194,6 +1242,13 @@ fn help_texts_say_what_holds() {
         "{priority}"
     );
     assert!(!priority.contains("source runs"), "{priority}");
+    // recv's silence bound is a flag, its default said.
+    let timeout = recv
+        .split("--io-timeout")
+        .nth(1)
+        .and_then(|s| s.split("\n      --").next())
+        .unwrap_or_default();
+    assert!(timeout.contains("[default: 60]"), "{recv}");
 }
 
 /// Runs `precopy args` with a stdout whose reader is already gone, so its first write fails
@@ -1302,6 +1357,50 @@ fn a_closed_stdout_is_refused_before_anything_starts() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `precopy` or `precopy image` without a subcommand shows the help as clap lays it out, on
+/// stderr with status 2 (it was squashed into one `precopy: error: ...; ...` line).
+#[test]
+fn a_missing_subcommand_shows_the_help_not_an_error_line() {
+    for (args, usage) in [
+        (&[][..], "Usage: precopy <COMMAND>"),
+        (&["image"][..], "Usage: precopy image <COMMAND>"),
+    ] {
+        let out = precopy(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert!(!err.contains("error:"), "{args:?}: {err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert!(lines.contains(&usage), "{args:?}: {err}");
+        assert!(lines.contains(&"Commands:"), "{args:?}: {err}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.trim_start().starts_with("verify ")
+                    || l.trim_start().starts_with("send ")),
+            "{args:?}: one subcommand a line: {err}"
+        );
+    }
+}
+
+/// A TCP destination on port 0 is bad input (status 2, before anything starts), not a
+/// connection refused once running (status 1).
+#[test]
+fn send_refuses_port_0_as_a_destination() {
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = sleeper.id().to_string();
+    let out = precopy(&["send", "--pid", &pid, "--to", "tcp:127.0.0.1:0"]);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--to tcp:127.0.0.1:0: port 0 is not a destination"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -358,6 +358,34 @@ fn recv_says_its_final_priority_as_send_does() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `recv --io-timeout` bounds a sender's silence as send's bounds the receiver's: a sender
+/// that stops midway (here: one that sent round 0 and then nothing) fails recv after it,
+/// naming it, and the image is not published. It was a fixed 60 s with no flag.
+#[test]
+fn recv_io_timeout_bounds_a_silent_sender() {
+    let dir = common::scratch_dir("recv-io-timeout");
+    let (sock, img) = (dir.join("recv.sock"), dir.join("recv.img"));
+    let recv = listening_recv(&sock, &img, &["--io-timeout", "0.5", "--json"]);
+    let silent = four_pages_to(&sock);
+    let out = recv.output();
+    drop(silent);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let message = one_json(&out)["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        message.contains("no progress for 500ms"),
+        "{message}: {err}"
+    );
+    assert!(
+        !img.exists(),
+        "an image published without the sender's commit"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ---- rate: a stopped target, an interrupted run ----
 
 #[test]

@@ -152,6 +152,9 @@ pub use live::{LivePages, OwnMemory};
 pub use net::{Connection, Listener, Sender, SocketSink};
 /// The largest state blob a migration carries (16 MiB): its STATE frame's payload limit.
 pub use protocol::MAX_STATE_LEN;
-pub use receiver::{FinalRaiseReport, ReceiveReport, Receiver, ReceiverConfig, receive_frames};
+pub use receiver::{
+    DEFAULT_RECEIVE_TIMEOUT, FinalRaiseReport, ReceiveReport, Receiver, ReceiverConfig,
+    receive_frames,
+};
 pub use sink::{Interrupt, MemorySink, MemoryStats, Pacing, RegionMemory, ResumePoint, Sink};
 pub use source::{PageSource, ProcessMemory, SliceSource, memory_checksum};
