@@ -3,8 +3,10 @@
 //!
 //! - `info IMG [--verify] [--json]`: layout, rounds, page counts, whether the
 //!   image is complete (every record present) and, with `--verify`, whether it
-//!   is verified (every checksum checked). Works on incomplete images and says
-//!   why they are incomplete.
+//!   is verified (every checksum checked). Works on incomplete images (cut
+//!   anywhere, even before the first record) and says why they are incomplete;
+//!   a damaged one is shown up to the damage and fails, "corrupt" as `verify`
+//!   says.
 //! - `cat IMG --range START-END [--incomplete]`: the raw bytes at memory
 //!   offsets `START..END` (the image's regions back to back in id order, as
 //!   `info` lists them) as the image holds them (zeros for pages never
@@ -42,7 +44,8 @@ pub struct Args {
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
     /// Show an image's layout, rounds, page counts and whether it is complete (all records
-    /// present) and, with --verify, verified (every checksum checked).
+    /// present) and, with --verify, verified (every checksum checked). A cut image is
+    /// incomplete (status 0); a damaged one is corrupt (status 1, as `verify` says).
     Info {
         /// The image file.
         image: PathBuf,
@@ -101,8 +104,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
 fn info(image: &Path, check: bool, json: bool) -> Result<ExitCode> {
     let info = precopy_transfer::image_info(image)?;
-    let checked =
-        check.then(|| precopy_transfer::image_verify(image).context("verification failed"));
+    // Damage is corruption, as `verify` says, whether or not --verify was asked: the info is
+    // shown (what the records before it hold), then the command fails.
+    let damage = info
+        .corrupt
+        .then(|| precopy_transfer::Image::open(image).ok()?.damage())
+        .flatten()
+        .map(anyhow::Error::from);
+    let checked = match damage {
+        Some(e) => Some(Err(e)),
+        None => check.then(|| precopy_transfer::image_verify(image).context("verification failed")),
+    };
     let verified = matches!(checked, Some(Ok(_)));
     let verified_text = match &checked {
         None if info.complete => {
@@ -110,6 +122,7 @@ fn info(image: &Path, check: bool, json: bool) -> Result<ExitCode> {
         }
         None => "no (incomplete)",
         Some(Ok(_)) => "yes (every record's CRC, the index and the memory checksum)",
+        Some(Err(_)) if info.corrupt => "NO: corrupt",
         Some(Err(_)) => "NO: a check failed",
     };
     if json {
@@ -150,17 +163,22 @@ fn cat(image: &Path, range: Span, incomplete: bool) -> Result<ExitCode> {
     if !img.is_complete() {
         let info = img.info();
         let reason = info.incomplete_reason.as_deref().unwrap_or("unknown");
+        // Damaged, or cut: said in the word `verify` uses.
+        let (what, ended) = match info.corrupt {
+            true => ("corrupt", "before the damage"),
+            false => ("incomplete", "before the cut"),
+        };
         if !incomplete {
             bail!(
-                "image {} is incomplete ({reason}): it holds no finished copy of the source's \
-                 memory; pass --incomplete to read the {} round(s) that ended before the cut",
+                "image {} is {what} ({reason}): it holds no finished copy of the source's \
+                 memory; pass --incomplete to read the {} round(s) that ended {ended}",
                 image.display(),
                 info.rounds_ended
             );
         }
         crate::output::errln!(
-            "precopy: warning: image {} is incomplete ({reason}); showing the {} round(s) that \
-             ended before the cut, pages not sent in them as zeros",
+            "precopy: warning: image {} is {what} ({reason}); showing the {} round(s) that \
+             ended {ended}, pages not sent in them as zeros",
             image.display(),
             info.rounds_ended
         );

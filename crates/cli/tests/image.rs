@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::{one_json, precopy, scratch_dir, stderr};
-use precopy_transfer::{ImageWriter, Layout, SliceSource, Transfer};
+use common::{one_json, precopy, scratch_dir, stderr, stdout};
+use precopy_transfer::{FrameKind, ImageWriter, Layout, SliceSource, Transfer};
 use std::path::Path;
 
 const PS: u64 = 4096;
@@ -152,15 +152,13 @@ fn info_and_verify_word_a_cut_alike() {
     let cut = dir.join("cut");
     let mut compared = 0;
     // Every 197th length: cuts in headers and payloads of every kind of record.
-    for len in (64..bytes.len()).step_by(197) {
+    for len in (1..bytes.len()).step_by(197).chain([8, 12, 15, 16, 20, 63]) {
         std::fs::write(&cut, &bytes[..len]).unwrap();
         let info = precopy(&["image", "info", "--json", path_arg(&cut)]);
         let verify = precopy(&["image", "verify", "--json", path_arg(&cut)]);
         assert!(!verify.status.success(), "cut at {len} verified");
-        if !info.status.success() {
-            // Cut before the layout: neither reads it.
-            continue;
-        }
+        // Cut before the layout ended too: incomplete, holding no record (it was "corrupt").
+        assert!(info.status.success(), "cut at {len}: {}", stderr(&info));
         let reason = one_json(&info)["incomplete_reason"]
             .as_str()
             .unwrap_or_default()
@@ -421,6 +419,157 @@ fn a_file_that_is_no_image_shows_its_first_bytes_plainly() {
         assert!(err.contains("68 65 6c 6c 6f 20 77 6f"), "{err}");
         assert!(err.contains("\"hello wo\""), "{err}");
         assert!(!err.contains('['), "Debug bytes: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The records of an image file: (kind, header offset, length with header). A record is a
+/// 32-byte header (kind at byte 0, payload length at bytes 4-7, little-endian) and its
+/// payload, after the 16-byte preamble.
+fn records(image: &[u8]) -> Vec<(FrameKind, usize, usize)> {
+    let mut at = 16;
+    let mut out = Vec::new();
+    while at < image.len() {
+        let kind = FrameKind::from_u8(image[at]).expect("a record this build wrote");
+        let payload = u32::from_le_bytes(image[at + 4..at + 8].try_into().unwrap()) as usize;
+        out.push((kind, at, 32 + payload));
+        at += 32 + payload;
+    }
+    out
+}
+
+/// A complete image of `source_memory()` with a MAPPED record between its two rounds (the
+/// source unmapped its last page).
+fn write_image_with_mapped(path: &Path) {
+    let layout = Layout::single(PS, BASE, PAGES * PS).unwrap();
+    let mut tx = Transfer::new(
+        SliceSource::new(BASE, source_memory()),
+        ImageWriter::create(path, layout.clone()).unwrap(),
+        layout,
+        4,
+    )
+    .unwrap();
+    tx.send_round(&[BASE..BASE + SENT * PS]).unwrap();
+    assert!(tx.retain_memory(&[BASE..BASE + (PAGES - 1) * PS]).unwrap());
+    tx.send_round(&[BASE + PS..BASE + 2 * PS]).unwrap();
+    tx.finish(precopy_transfer::FinalCheck::Full).unwrap();
+}
+
+/// Damage is corruption wherever it is, and `info` says so as `verify` does (status 1, the same
+/// message): a flipped reserved byte of the preamble (bytes 12-15, zeros in every image; it
+/// verified), a bad checksum in a MAPPED, ROUND_END, INDEX or TRAILER record (`info` called
+/// those "INCOMPLETE" with status 0).
+#[test]
+fn damage_is_corrupt_alike_in_info_and_verify() {
+    let dir = scratch_dir("damage");
+    let img = dir.join("img");
+    write_image_with_mapped(&img);
+    let bytes = std::fs::read(&img).unwrap();
+    let out = precopy(&["image", "verify", path_arg(&img)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let recs = records(&bytes);
+    let mut cases = Vec::new();
+    for at in 12..16 {
+        let mut b = bytes.clone();
+        b[at] ^= 0x01;
+        cases.push((format!("preamble byte {at}"), b));
+    }
+    for kind in [
+        FrameKind::Mapped,
+        FrameKind::RoundEnd,
+        FrameKind::Index,
+        FrameKind::Trailer,
+    ] {
+        let &(_, at, len) = recs
+            .iter()
+            .find(|r| r.0 == kind)
+            .unwrap_or_else(|| panic!("no {kind:?} record"));
+        let mut b = bytes.clone();
+        b[at + len - 1] ^= 0x40;
+        cases.push((format!("{kind:?} record"), b));
+    }
+    let damaged = dir.join("damaged");
+    for (what, b) in cases {
+        std::fs::write(&damaged, b).unwrap();
+        let verify = precopy(&["image", "verify", "--json", path_arg(&damaged)]);
+        assert_eq!(verify.status.code(), Some(1), "{what}: {}", stderr(&verify));
+        let verify_says = one_json(&verify)["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            verify_says.contains("is corrupt: "),
+            "{what}: {verify_says}"
+        );
+        let info = precopy(&["image", "info", "--json", path_arg(&damaged)]);
+        assert_eq!(info.status.code(), Some(1), "{what}: {}", stderr(&info));
+        let info_says = one_json(&info)["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            !info_says.is_empty() && verify_says.ends_with(&info_says),
+            "{what}: info says {info_says:?}, verify says {verify_says:?}"
+        );
+        let text = precopy(&["image", "info", path_arg(&damaged)]);
+        let err = stderr(&text);
+        assert_eq!(text.status.code(), Some(1), "{what}: {err}");
+        assert_eq!(err.matches("error:").count(), 1, "{what}: {err}");
+        assert!(err.contains("is corrupt: "), "{what}: {err}");
+        assert!(
+            !stdout(&text).contains("INCOMPLETE"),
+            "{what}: {}",
+            stdout(&text)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A file cut before its first record (the layout) ended is a cut image like any other:
+/// incomplete, holding no record, not corrupt (it was "corrupt" up to 100 bytes or so, and
+/// "incomplete" after); a damaged preamble is still corrupt.
+#[test]
+fn a_cut_before_the_first_record_is_incomplete_not_corrupt() {
+    let dir = scratch_dir("cut-first");
+    let img = dir.join("img");
+    write_image(&img);
+    let bytes = std::fs::read(&img).unwrap();
+    let first_end = records(&bytes)[0].1 + records(&bytes)[0].2;
+    let cut = dir.join("cut");
+    for len in [4, 12, 15, 16, 40, 100, first_end - 1] {
+        std::fs::write(&cut, &bytes[..len]).unwrap();
+        let verify = precopy(&["image", "verify", path_arg(&cut)]);
+        let err = stderr(&verify);
+        assert_eq!(verify.status.code(), Some(1), "cut at {len}: {err}");
+        assert!(err.contains("is incomplete: "), "cut at {len}: {err}");
+        assert!(err.contains("it holds no record"), "cut at {len}: {err}");
+        let info = precopy(&["image", "info", "--json", path_arg(&cut)]);
+        assert!(info.status.success(), "cut at {len}: {}", stderr(&info));
+        let v = one_json(&info);
+        assert_eq!(v["complete"], false, "cut at {len}: {v}");
+        assert_eq!(v["corrupt"], false, "cut at {len}: {v}");
+        assert_eq!(v["rounds_ended"], 0, "cut at {len}: {v}");
+        assert!(
+            err.contains(v["incomplete_reason"].as_str().unwrap_or("?")),
+            "cut at {len}: {v} / {err}"
+        );
+        let text = precopy(&["image", "info", path_arg(&cut)]);
+        assert!(text.status.success(), "cut at {len}: {}", stderr(&text));
+        assert!(
+            stdout(&text).contains("status:     INCOMPLETE ("),
+            "{}",
+            stdout(&text)
+        );
+    }
+    // The same lengths with the version damaged: corrupt.
+    for len in [12, 15, 100] {
+        let mut b = bytes[..len].to_vec();
+        b[9] ^= 0x01;
+        std::fs::write(&cut, &b).unwrap();
+        let verify = precopy(&["image", "verify", path_arg(&cut)]);
+        let err = stderr(&verify);
+        assert_eq!(verify.status.code(), Some(1), "cut at {len}: {err}");
+        assert!(err.contains("is corrupt"), "cut at {len}: {err}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -668,13 +668,24 @@ fn a_file_too_short_to_be_an_image_is_said_to_be_no_image() {
         "{msg}"
     );
     assert!(!msg.contains("truncated at byte 0"), "{msg}");
-    // The first bytes of an image, cut: a truncated image, at the byte where it ends.
+    // The first bytes of an image, cut: an incomplete image (a cut one, holding no record),
+    // at the byte where it ends.
     let cut = scratch("cut-preamble");
     std::fs::write(&cut, b"PRCPI").unwrap(); // the first 5 bytes of the magic
     let out = precopy(&["image", "info", cut.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("INCOMPLETE (cut in the image preamble, after 5 bytes"),
+        "{}",
+        stdout(&out)
+    );
+    let out = precopy(&["image", "verify", cut.to_str().unwrap()]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("truncated at byte 5"), "{err}");
+    assert!(
+        err.contains("is incomplete: cut in the image preamble, after 5 bytes"),
+        "{err}"
+    );
     for f in [six, cut] {
         let _ = std::fs::remove_file(f);
     }

@@ -313,6 +313,16 @@ pub enum ProtocolError {
         /// The version this build reads and writes.
         supported: u32,
     },
+    /// An image's preamble has non-zero bytes where its format reserves zeros (bytes 12-15):
+    /// every writer writes zeros there, so the preamble is damaged.
+    #[error(
+        "the image preamble's reserved bytes 12-15 are {}, not zero: the preamble is damaged",
+        hex_bytes(found)
+    )]
+    PreambleReserved {
+        /// The four bytes found.
+        found: [u8; 4],
+    },
     /// A frame's CRC32C does not match its contents.
     #[error(
         "{} frame at byte {offset} has a bad checksum (stored {stored:#010x}, computed {computed:#010x})",

@@ -6,10 +6,14 @@
 //! below), and the image counts as complete only when a walk from the start
 //! reaches a FINISH record (the checksum), the INDEX records and a TRAILER
 //! that ends exactly at end of file. A file cut at any point therefore never
-//! looks complete.
+//! looks complete, and a cut is never taken for damage: cut inside its
+//! preamble or its first record (HELLO), an image is incomplete with no record
+//! ([`ImageError::Incomplete`](crate::ImageError::Incomplete) from
+//! [`Image::open`]); a record that fails its CRC or is out of place is
+//! damage ([`Image::damage`], `ImageError::Corrupt`).
 //!
 //! ```text
-//! "PRCPIMG\0" | version u32 (7) | reserved u32
+//! "PRCPIMG\0" | version u32 (7) | reserved u32 (zero: anything else is damage)
 //! HELLO      (the layout; session, nonce and stream fields zero)
 //! REGION...  (between rounds, optional: a region added to the layout mid-stream)
 //! COMPACTED  (optional, after HELLO and the REGIONs of a compacted image: the next round stands for rounds 0..n)

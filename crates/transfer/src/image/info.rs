@@ -202,8 +202,44 @@ pub struct ImageInfo {
     pub state_bytes: Option<u64>,
     /// Why the image is incomplete, if it is.
     pub incomplete_reason: Option<String>,
+    /// Whether what ended the image early is damage (a record that fails its CRC or is out
+    /// of place, an index that does not fit the layout: `incomplete_reason` says which)
+    /// rather than a cut. `precopy image info` then fails, saying "corrupt" as `verify` does.
+    pub corrupt: bool,
     /// File size.
     pub file_len: u64,
+}
+
+impl ImageInfo {
+    /// An image cut before its first record (HELLO, the layout) ended: incomplete, with no
+    /// layout and no round; `reason` says where it was cut.
+    fn without_records(path: &Path, reason: String) -> ImageInfo {
+        ImageInfo {
+            path: path.to_owned(),
+            version: IMAGE_VERSION,
+            page_size: 0,
+            regions: Vec::new(),
+            address_kind: None,
+            process: None,
+            added_regions: Vec::new(),
+            total_len: 0,
+            rounds: Vec::new(),
+            rounds_ended: 0,
+            compacted: None,
+            data_pages: 0,
+            zero_pages: 0,
+            never_sent_pages: 0,
+            mapped: None,
+            unfinished_round: None,
+            unfinished_only_pages: 0,
+            complete: false,
+            memory_checksum: None,
+            state_bytes: None,
+            incomplete_reason: Some(reason),
+            corrupt: false,
+            file_len: std::fs::metadata(path).map_or(0, |m| m.len()),
+        }
+    }
 }
 
 impl Image {
@@ -290,6 +326,7 @@ impl Image {
             memory_checksum: self.checksum,
             state_bytes: self.state.map(|s| s.1),
             incomplete_reason: self.incomplete_reason.clone(),
+            corrupt: self.damage.is_some(),
             file_len: self.file_len,
         }
     }
@@ -312,9 +349,20 @@ impl std::fmt::Display for ImageInfo {
             )?,
             (false, reason) => writeln!(
                 f,
-                "status:     INCOMPLETE ({})",
+                "status:     {} ({})",
+                if self.corrupt {
+                    "CORRUPT"
+                } else {
+                    "INCOMPLETE"
+                },
                 reason.as_deref().unwrap_or("unknown")
             )?,
+        }
+        if self.regions.is_empty() {
+            return write!(
+                f,
+                "layout:     none (the file ends before its first record, which holds it)"
+            );
         }
         writeln!(
             f,
@@ -443,9 +491,17 @@ impl std::fmt::Display for ImageInfo {
 }
 
 /// `precopy image info IMG`: the image's layout, rounds, pages and status.
-/// Works on incomplete images (`complete` is then false).
+/// Works on incomplete images (`complete` is then false), those cut before their first record
+/// ended included (no region, no round), and on images damaged after their first record
+/// (`corrupt` is then true too).
 pub fn image_info(path: impl AsRef<Path>) -> Result<ImageInfo, ImageError> {
-    Ok(Image::open(path)?.info())
+    match Image::open(path.as_ref()) {
+        Ok(image) => Ok(image.info()),
+        Err(ImageError::Incomplete { path, reason }) => {
+            Ok(ImageInfo::without_records(&path, reason))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `precopy image cat IMG --range START-END`: writes the raw bytes at memory

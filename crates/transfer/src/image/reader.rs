@@ -35,6 +35,9 @@ pub struct Image {
     pub(super) checksum: Option<u64>,
     pub(super) state: Option<(u64, u64, u32)>,
     pub(super) incomplete_reason: Option<String>,
+    /// The damage the walk stopped at (a record that fails its CRC or is out of place, an
+    /// index that does not fit the layout), as opposed to the end of a cut file.
+    pub(super) damage: Option<ProtocolError>,
     pub(super) file_len: u64,
     /// The round cut short, and the pages only it holds (see [`ImageInfo::unfinished_round`]).
     pub(super) unfinished: Option<(RoundInfo, u64)>,
@@ -46,8 +49,10 @@ pub struct Image {
 
 impl Image {
     /// Opens an image. Succeeds for incomplete images (see
-    /// [`ImageInfo::complete`](crate::image::ImageInfo::complete)); fails only if the file cannot be read or its
-    /// preamble and layout record are not valid.
+    /// [`ImageInfo::complete`](crate::image::ImageInfo::complete)) and for images damaged
+    /// after their first record ([`Image::damage`]); fails if the file cannot be read, if its
+    /// preamble or layout record is damaged ([`ImageError::Corrupt`]), or if it was cut before
+    /// its layout record ended ([`ImageError::Incomplete`]: a cut image that holds no record).
     pub fn open(path: impl AsRef<Path>) -> Result<Image, ImageError> {
         let path = path.as_ref().to_owned();
         // Non-blocking, so that a FIFO opens at once and is refused below.
@@ -69,13 +74,23 @@ impl Image {
             (None, None) => Some("no trailer: the writer did not finish".to_owned()),
             _ => None,
         };
+        let mut damage = match &walk.fault {
+            Some((e, false)) => Some(e.clone()),
+            _ => None,
+        };
         let mut loc = walk.loc;
         if complete {
             match locations_from_index(&walk.index, &walk.layout, file_len) {
                 Some(from_index) => loc = from_index,
                 None => {
                     complete = false;
-                    reason = Some("index does not fit the layout".to_owned());
+                    let e = ProtocolError::Malformed {
+                        offset: walk.trailer.as_ref().map_or(0, |t| t.0),
+                        kind: FrameKind::Trailer,
+                        reason: "index does not fit the layout",
+                    };
+                    reason = Some(e.to_string());
+                    damage = Some(e);
                 }
             }
         }
@@ -99,10 +114,22 @@ impl Image {
             },
             state: walk.state,
             incomplete_reason: reason,
+            damage,
             file_len,
             unfinished: walk.unfinished,
             added: walk.added,
             mapped: walk.mapped,
+        })
+    }
+
+    /// The damage found while opening, as [`ImageError::Corrupt`] (what `verify` says of
+    /// it): a record that fails its CRC or is out of place, an index that does not fit the
+    /// layout. `None` for an intact image, complete or cut (page data, which opening does
+    /// not read, is checked by [`Image::verify`]).
+    pub fn damage(&self) -> Option<ImageError> {
+        self.damage.clone().map(|source| ImageError::Corrupt {
+            path: self.path.clone(),
+            source,
         })
     }
 

@@ -71,10 +71,17 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
     f.seek(SeekFrom::Start(0)).map_err(io)?;
     let mut pre = [0u8; PREAMBLE_LEN as usize];
     if len < PREAMBLE_LEN {
-        // Too short to hold the preamble: a cut image if what is there starts like one,
-        // else no image at all.
+        // Too short to hold the preamble: a cut image if what is there is the start of this
+        // version's preamble (incomplete, with no record), damaged if it starts like an image
+        // and differs, else no image at all.
         let head = &mut pre[..len as usize];
         f.read_exact(head).map_err(io)?;
+        if len > 0 && super::writer::preamble().starts_with(head) {
+            return Err(ImageError::Incomplete {
+                path: path.to_owned(),
+                reason: format!("cut in the image preamble, after {len} bytes: it holds no record"),
+            });
+        }
         if len > 0 && IMAGE_MAGIC.starts_with(&head[..head.len().min(IMAGE_MAGIC.len())]) {
             return Err(corrupt(ProtocolError::Truncated {
                 offset: len,
@@ -106,6 +113,12 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
             supported: IMAGE_VERSION,
         }));
     }
+    // Every writer writes zeros there (no version wrote anything else): other bytes are
+    // damage, which no checksum would otherwise catch.
+    let reserved = [pre[12], pre[13], pre[14], pre[15]];
+    if reserved != [0; 4] {
+        return Err(corrupt(ProtocolError::PreambleReserved { found: reserved }));
+    }
     let mut r = FrameReader::at_offset(std::io::BufReader::with_capacity(1 << 16, f), PREAMBLE_LEN);
     let mut p = Vec::new();
     let to_protocol = |e: TransferError| match e {
@@ -115,7 +128,19 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
     };
     let h = match r.read_frame(&mut p) {
         Ok(h) => h,
-        Err(e) => return Err(corrupt(to_protocol(e)?)),
+        // Cut before its first record (the layout) ended: a valid prefix like any cut image,
+        // only one with no record in it.
+        Err(e) => match to_protocol(e)? {
+            e @ ProtocolError::Truncated { .. } => {
+                return Err(ImageError::Incomplete {
+                    path: path.to_owned(),
+                    reason: format!(
+                        "{e}, in its first record (HELLO: the layout): it holds no record"
+                    ),
+                });
+            }
+            e => return Err(corrupt(e)),
+        },
     };
     let hello = h.decode::<Hello>(&p).map_err(corrupt)?;
     if hello.resume {

@@ -967,7 +967,7 @@ impl ImageWriter {
 }
 
 /// The 16-byte preamble of an image of this version.
-fn preamble() -> [u8; PREAMBLE_LEN as usize] {
+pub(super) fn preamble() -> [u8; PREAMBLE_LEN as usize] {
     let mut pre = [0u8; PREAMBLE_LEN as usize];
     pre[..8].copy_from_slice(&IMAGE_MAGIC);
     pre[8..12].copy_from_slice(&IMAGE_VERSION.to_le_bytes());
