@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{Guest, PAGE, Pattern, supported};
+use common::{Guest, Pattern, differing_pages, supported};
 use precopy_migrate::Workload;
 use precopy_scanner::{ScanOptions, Scanner};
 use precopy_tracker::{Tracker, Uffd};
@@ -58,13 +58,7 @@ fn every_write_is_reported_under_concurrent_writers() {
     let dirty = scanner.round(&tracker).unwrap().dirty().to_vec();
     copy(&mut shadow, &dirty);
     let now = guest.snapshot();
-    let lost: Vec<usize> = now
-        .chunks(PAGE as usize)
-        .zip(shadow.chunks(PAGE as usize))
-        .enumerate()
-        .filter(|(_, (a, b))| a != b)
-        .map(|(i, _)| i)
-        .collect();
+    let lost = differing_pages(&now, &shadow);
     assert!(
         lost.is_empty(),
         "{} written pages never reported, e.g. page indexes {:?}",

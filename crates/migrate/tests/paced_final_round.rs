@@ -206,3 +206,90 @@ fn a_paced_round_past_the_timeout_is_cut_and_the_final_round_sends_the_rest() {
         "the destination's memory differs from the source's"
     );
 }
+
+/// The total timeout under the switch-over policy cutting the live rounds at random points
+/// (inside round 0 while a writer waits on the bucket or between frames, at its end, in a
+/// later round, inside a pause probe's rehearsal, or between rounds) of a migration over two
+/// streams, compressed or not, with two threads writing throughout: every run completes, and
+/// the destination's memory equals the source's as the final pause left it, page for page
+/// (the final digests agreed too, or the migration would have failed). No timing is
+/// asserted: wherever the cut lands, no write may be lost.
+#[test]
+fn cuts_by_the_timeout_at_random_points_lose_no_write() {
+    use common::{Guest, Pattern};
+    use precopy_transfer::{Compression, Connection};
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    if !supported("cuts_by_the_timeout_at_random_points_lose_no_write") {
+        return;
+    }
+    for seed in 0..6u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let guest = Guest::start(2 << 20, 2, Pattern::Uniform, 500.0);
+        // Pages that do not compress (every eighth left zeros), so that a compressed round is
+        // paced as long as an uncompressed one.
+        let mut page = vec![0u8; PAGE as usize];
+        for p in (0..guest.mem.len() / PAGE).filter(|p| p % 8 != 7) {
+            rng.fill(&mut page[..]);
+            guest.mem.write(p * PAGE, &page).unwrap();
+        }
+        let listener = Listener::bind_tcp("127.0.0.1:0").unwrap();
+        let addr = listener.address();
+        let receiver = receive(listener, None);
+        let mut tracker = Tracker::new(Uffd::new().unwrap());
+        tracker.register(guest.mem.range()).unwrap();
+        let layout = Layout::single(PAGE, guest.mem.addr(), guest.mem.len()).unwrap();
+        let compression = [Compression::None, Compression::Lz4][seed as usize % 2];
+        let config = SenderConfig {
+            streams: 2,
+            compression,
+            batch_pages: [4, 64][rng.random_range(0..2)],
+            // 2 MiB in about half a second.
+            bandwidth_limit: Some(4 << 20),
+            key: Some(common::test_key()),
+            ..SenderConfig::default()
+        };
+        let conns = (0..2)
+            .map(|_| Connection::connect_tcp(addr.as_str()).unwrap())
+            .collect();
+        let source = OwnMemory::new([guest.mem.clone()]);
+        let sender = Sender::connect(conns, layout, source, &config).unwrap();
+        let probe = seed % 3 == 2;
+        let timeout = Duration::from_millis(rng.random_range(0..600));
+        let mut cfg = MigrationConfig {
+            timeout: Some(timeout),
+            timeout_policy: LimitPolicy::SwitchOver,
+            probe_pause: probe,
+            rehearse_send: probe,
+            after: AfterMigration::Stop,
+            ..MigrationConfig::default()
+        };
+        cfg.throttle.enabled = false;
+        let what = format!("seed {seed}: {compression:?}, timeout {timeout:?}, probes {probe}");
+        let mut m = Migration::new(
+            UffdDirtyLog::new(tracker, Scanner::new(ScanOptions::default()).unwrap()),
+            TransferTransport::new(sender),
+            guest.callbacks(),
+            cfg,
+        );
+        let result = m.run().map(|_| ());
+        let report = m.report().clone();
+        drop(m);
+        result.unwrap_or_else(|e| panic!("{what}: {e}\n{report}"));
+        assert_eq!(report.status, Status::Completed, "{what}\n{report}");
+        assert!(guest.is_paused(), "{what}: left paused for the destination");
+        let (dest, _) = receiver.join().unwrap().expect("a complete copy");
+        let differ = common::differing_pages(&dest, &guest.snapshot());
+        assert!(
+            differ.is_empty(),
+            "{what}: {} pages lost, e.g. {:?}\n{report}",
+            differ.len(),
+            &differ[..differ.len().min(10)]
+        );
+        eprintln!(
+            "{what}: rounds {:?}",
+            (report.rounds.iter())
+                .map(|r| (r.kind, r.interrupted, r.pages))
+                .collect::<Vec<_>>()
+        );
+    }
+}

@@ -21,6 +21,15 @@ pub fn test_key() -> precopy_transfer::Key {
 }
 
 /// Returns false (after a loud SKIP message) when the kernel lacks what tracking needs.
+/// The indexes of the pages in which `a` and `b` differ.
+pub fn differing_pages(a: &[u8], b: &[u8]) -> Vec<usize> {
+    (a.chunks(PAGE as usize).zip(b.chunks(PAGE as usize)))
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i)
+        .collect()
+}
+
 pub fn supported(test: &str) -> bool {
     let p = precopy_scanner::kernel::probe();
     if !p.engine_usable {
