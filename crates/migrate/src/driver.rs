@@ -3781,18 +3781,18 @@ mod tests {
         cfg
     }
 
+    /// What [`cut_by_the_timeout`] returns.
+    type CutRun = (
+        MigrationReport,
+        Vec<(RoundKind, bool)>,
+        Migration<ScriptLog, Scripted, Callbacks<std::convert::Infallible>>,
+    );
+
     /// Migrates with `log` over a [`Scripted`] link whose second round (after round 0: round 1,
     /// or with `probe` the first pause probe's rehearsal) waits until the total timeout of 50
     /// ms, under the switch-over policy, cuts it short. The report, each round's kind and
     /// whether it was cut, and the migration.
-    fn cut_by_the_timeout(
-        log: ScriptLog,
-        probe: bool,
-    ) -> (
-        MigrationReport,
-        Vec<(RoundKind, bool)>,
-        Migration<ScriptLog, Scripted, Callbacks<std::convert::Infallible>>,
-    ) {
+    fn cut_by_the_timeout(log: ScriptLog, probe: bool) -> CutRun {
         let events = Arc::new(Mutex::new(Vec::new()));
         let link = Scripted {
             cut_call: Some(1),
