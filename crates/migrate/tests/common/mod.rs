@@ -324,6 +324,8 @@ pub fn wait_until(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+// Used by some of the test binaries that share this module, not all.
+#[allow(unused_imports)]
 pub use precopy_testnet::VforkWait;
 
 /// The C fixture `tests/fixtures/NAME.c`, compiled once into the target's temporary directory.
