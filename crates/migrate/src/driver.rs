@@ -307,7 +307,9 @@ pub const QUIET_ROUNDS: u32 = crate::switchover::FINISH_WINDOW as u32;
 
 /// The least time those quiet rounds' scans must cover together: a handful of scans a few
 /// milliseconds apart that found nothing may only mean the writers got no CPU meanwhile (on
-/// a loaded machine, 5 scans over 24 ms found nothing from a process writing flat out).
+/// a loaded machine, 5 scans over 24 ms found nothing from a process writing flat out). While
+/// the fixed costs alone exceed the limit, the driver spaces quiet scans so that they do
+/// (rather than use up `--max-rounds` on empty rounds: 31 in 0.13 s before it did).
 pub const QUIET_TIME: Duration = Duration::from_secs(1);
 
 /// Rounds of a throughput estimate: a round smaller than this is latency-bound.
@@ -1625,6 +1627,15 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                         SwitchReason::Timeout,
                     )?;
                 }
+                // Quiet while the fixed costs alone exceed the limit: the quiet scans are
+                // spaced so that the QUIET_ROUNDS it takes to give up cover QUIET_TIME,
+                // instead of using up the round limit on empty rounds a few milliseconds
+                // apart (31 in 0.13 s, `send --pid` of an idle process to an image, 1 ms limit).
+                if quiet > 0 && estimate.is_some_and(|e| e.fixed_bound() > self.config.max_downtime)
+                {
+                    let deadline = self.config.timeout.map(|t| start + t);
+                    self.space_quiet_scans(scan_start, deadline);
+                }
                 self.maybe_throttle(dirty_rate, &mut high)?;
 
                 let sent = match self.send(Step::Round { round }, &pending) {
@@ -1754,6 +1765,23 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
         Ok(carry)
     }
 
+    /// Waits until [`QUIET_TIME`] / ([`QUIET_ROUNDS`] - 1) after the scan that started at
+    /// `scan` (so the first and the last of QUIET_ROUNDS quiet scans are QUIET_TIME apart),
+    /// but not past `deadline` (the total timeout) nor a cancel (which the next step reports).
+    fn space_quiet_scans(&self, scan: Instant, deadline: Option<Instant>) {
+        let gap = QUIET_TIME / QUIET_ROUNDS.saturating_sub(1).max(1);
+        let mut wait = gap.saturating_sub(scan.elapsed());
+        if let Some(d) = deadline {
+            wait = wait.min(d.saturating_duration_since(Instant::now()));
+        }
+        match self.watchdog() {
+            Some(w) => {
+                w.sleep(wait);
+            }
+            None => std::thread::sleep(wait),
+        }
+    }
+
     /// Asks the transport what finishing would cost now (digests and the acknowledgement round
     /// trip), for the estimate. A failed probe is only logged: the next round meets the same
     /// broken connection and deals with it (reconnect, or the round's error).
@@ -1833,10 +1861,17 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 (verify, "the verify pass".to_string()),
                 (full, "the full final check".to_string()),
             ];
-            let largest = parts
-                .iter()
-                .max_by_key(|p| p.0)
-                .map(|(d, what)| format!("; the largest is {what}, {:.1} ms", ms(*d)))
+            let largest = parts.iter().max_by_key(|p| p.0);
+            // The final round's send can outweigh every fixed part even so: it is named too.
+            let send = match largest {
+                Some((d, _)) if e.send_worst > *d => format!(
+                    "; the final round's send, up to {:.1} ms, is larger still",
+                    ms(e.send_worst)
+                ),
+                _ => String::new(),
+            };
+            let largest = largest
+                .map(|(d, what)| format!("; the largest is {what}, {:.1} ms{send}", ms(*d)))
                 .unwrap_or_default();
             format!(
                 "the fixed costs alone (pause {:.1} + scan {:.1} + {:.1} ms per round + pause check {:.1} + finish {:.1}{rereads}) exceed it{largest}",
@@ -2381,6 +2416,8 @@ mod tests {
         paused_probes: u32,
         /// What [`Transport::finish_work`] answers.
         finish_work: Option<&'static str>,
+        /// What the first probes answer (paused or not), one each, before the rules above.
+        probe_first: Vec<Duration>,
     }
 
     impl Transport for FakeLink {
@@ -2390,6 +2427,9 @@ mod tests {
         }
         fn probe_finish(&mut self) -> Result<Option<Duration>, io::Error> {
             self.probes += 1;
+            if !self.probe_first.is_empty() {
+                return Ok(Some(self.probe_first.remove(0)));
+            }
             if let Some((paused, took)) = &self.probe_paused
                 && paused.load(Ordering::SeqCst)
             {
@@ -2455,7 +2495,45 @@ mod tests {
             probe_paused: None,
             paused_probes: 0,
             finish_work: None,
+            probe_first: Vec::new(),
         }
+    }
+
+    /// A review: an image's first finish probes (the sync of round 0's 1 GiB, the only sync
+    /// measured yet: 609 ms) bounded the finish for the rest of the migration, so 30 rounds
+    /// of 1-20 ms ran out against a 50 ms limit (downtime 7.3 ms). Now the bound forgets them
+    /// once newer probes replace them, and the migration converges.
+    #[test]
+    fn a_slow_first_finish_probe_followed_by_fast_ones_converges() {
+        let link = FakeLink {
+            probe: Some(Duration::from_millis(2)),
+            // After round 0 and both inside the first pause probe.
+            probe_first: vec![Duration::from_millis(609); 3],
+            ..link(100.0 * 1024.0 * 1024.0)
+        };
+        let mut cfg = MigrationConfig::default();
+        cfg.max_downtime = Duration::from_millis(50);
+        cfg.throttle.enabled = false;
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = ScriptLog::pages(vec![400, 100, 20, 5, 2]);
+        let mut m = Migration::new(log, link, workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(
+            report.switch_reason,
+            Some(SwitchReason::Converged),
+            "{report}"
+        );
+        assert!(report.downtime_note.is_none(), "{report}");
+        let e = report.downtime_estimate.expect("an estimate");
+        assert_eq!(e.finish_worst, Duration::from_millis(2));
+        assert!(report.downtime_bound.unwrap() <= cfg.max_downtime);
+        // It waited for the slow probes to leave the window, no longer.
+        let live = report
+            .rounds
+            .iter()
+            .filter(|r| matches!(r.kind, RoundKind::Full | RoundKind::Iterative))
+            .count();
+        assert!(live < 10, "{live} rounds: {report}");
     }
 
     /// A workload whose pause and resume set and clear `paused` (and [`PAUSED`], so a
@@ -3091,9 +3169,31 @@ mod tests {
         cfg.max_rounds = 30;
         cfg.throttle.enabled = false;
         let events = Arc::new(Mutex::new(Vec::new()));
-        // Quiet scans in quick succession (a writer that got no CPU for a few milliseconds
-        // looks the same) do not count: the round limit ends it.
+        // Scans that take no time: quiet scans in quick succession (a writer that got no CPU
+        // for a few milliseconds looks the same) do not count, so the driver spaces them to
+        // cover QUIET_TIME instead of sending empty rounds up to the round limit (a review:
+        // 31 empty rounds in 0.13 s, then `max-rounds`).
         let mut m = Migration::new(ScriptLog::pages(vec![0]), link, workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(
+            report.switch_reason,
+            Some(SwitchReason::OutOfReach),
+            "{report}"
+        );
+        let live = |r: &MigrationReport| {
+            r.rounds
+                .iter()
+                .filter(|r| matches!(r.kind, RoundKind::Full | RoundKind::Iterative))
+                .count() as u32
+        };
+        assert_eq!(live(&report), QUIET_ROUNDS, "{report}");
+        // A workload that writes a little at every scan is never quiet: no spacing, the
+        // round limit ends it.
+        let link = FakeLink {
+            probe: Some(Duration::from_millis(150)),
+            ..self::link(1024.0 * 1024.0)
+        };
+        let mut m = Migration::new(ScriptLog::pages(vec![1]), link, workload(&events), cfg);
         let report = m.run().unwrap();
         assert_eq!(
             report.switch_reason,
@@ -3111,12 +3211,6 @@ mod tests {
         let mut m = Migration::new(log, link, workload(&events), cfg);
         let report = m.run().unwrap();
         assert_eq!(report.switch_reason, Some(SwitchReason::OutOfReach));
-        let live = |r: &MigrationReport| {
-            r.rounds
-                .iter()
-                .filter(|r| matches!(r.kind, RoundKind::Full | RoundKind::Iterative))
-                .count() as u32
-        };
         // Round 0, then an empty round after each quiet scan until the QUIET_ROUNDS-th, which
         // switched over: far from the round limit of 30.
         assert_eq!(live(&report), QUIET_ROUNDS);
