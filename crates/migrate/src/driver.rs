@@ -1627,11 +1627,16 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                         SwitchReason::Timeout,
                     )?;
                 }
-                // Quiet while the fixed costs alone exceed the limit: the quiet scans are
-                // spaced so that the QUIET_ROUNDS it takes to give up cover QUIET_TIME,
-                // instead of using up the round limit on empty rounds a few milliseconds
-                // apart (31 in 0.13 s, `send --pid` of an idle process to an image, 1 ms limit).
-                if quiet > 0 && estimate.is_some_and(|e| e.fixed_bound() > self.config.max_downtime)
+                // A scan that found nothing while the fixed costs alone exceed the limit: the
+                // next scan waits, so that the QUIET_ROUNDS it takes to give up cover
+                // QUIET_TIME and the dirty rate of the last pages written ages out of its
+                // window (a few pages written at the attach kept it above zero for 25 rounds
+                // of 4 ms), instead of using up the round limit on empty rounds a few
+                // milliseconds apart (`send --pid` of an idle process to an image with a 1 ms
+                // limit: 31 rounds in 0.13 s, then `max-rounds`).
+                if found == 0
+                    && self.throttle == 0.0
+                    && estimate.is_some_and(|e| e.fixed_bound() > self.config.max_downtime)
                 {
                     let deadline = self.config.timeout.map(|t| start + t);
                     self.space_quiet_scans(scan_start, deadline);
@@ -3187,6 +3192,22 @@ mod tests {
                 .count() as u32
         };
         assert_eq!(live(&report), QUIET_ROUNDS, "{report}");
+        // A few pages written at first (an attach touches the target's stack), then nothing:
+        // the rate they leave behind ages out once the empty scans are spaced, and it gives
+        // up long before the round limit.
+        let link = FakeLink {
+            probe: Some(Duration::from_millis(150)),
+            ..self::link(1024.0 * 1024.0)
+        };
+        let log = ScriptLog::pages(vec![2, 1, 0]);
+        let mut m = Migration::new(log, link, workload(&events), cfg);
+        let report = m.run().unwrap();
+        assert_eq!(
+            report.switch_reason,
+            Some(SwitchReason::OutOfReach),
+            "{report}"
+        );
+        assert!(live(&report) < 12, "{report}");
         // A workload that writes a little at every scan is never quiet: no spacing, the
         // round limit ends it.
         let link = FakeLink {
