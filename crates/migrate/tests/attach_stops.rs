@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{Killed, VforkWait, fixture, spawn_announced, state, wait_until};
+use common::{Killed, VforkWait, fixture, sigstop_pending, spawn_announced, state, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use precopy_sys::ptrace::{PtraceError, Tracee};
@@ -43,21 +43,6 @@ fn helper_names() -> Vec<String> {
             (ppid == me).then(|| name.to_string())
         })
         .collect()
-}
-
-/// Whether `SIGSTOP` is pending for `pid`'s main thread or its whole process (`SigPnd`,
-/// `ShdPnd` in `/proc/PID/status`).
-fn sigstop_pending(pid: i32) -> bool {
-    let bit = 1u64 << (Signal::SIGSTOP as i32 - 1);
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("SigPnd:")
-                .or_else(|| l.strip_prefix("ShdPnd:"))
-        })
-        .filter_map(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .any(|mask| mask & bit != 0)
 }
 
 /// Seizes the spinner's only thread, has it take a `SIGSTOP` in the middle of an injected

@@ -76,6 +76,15 @@ impl VforkWait {
         self.vfork_child().expect("the vfork child")
     }
 
+    /// Whether its main thread has reaped its child (the child no longer on its list; also
+    /// when the process is gone). After [`VforkWait::release`], the main thread is then past
+    /// its `waitpid` and spins: its state stays `R` (or `T`, should something stop it). Until
+    /// then it may show `R` and go back to sleep: the child ends its `vfork` as it starts to
+    /// exit, and the parent's `waitpid` may then wait (`S`) for the rest of that exit.
+    pub fn child_waited(&self) -> bool {
+        self.vfork_child().is_none()
+    }
+
     fn vfork_child(&self) -> Option<i32> {
         let pid = self.pid();
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))

@@ -338,6 +338,21 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
     )
 }
 
+/// Whether `SIGSTOP` is pending for `pid`'s main thread or its whole process (`SigPnd`,
+/// `ShdPnd` in `/proc/PID/status`).
+pub fn sigstop_pending(pid: i32) -> bool {
+    let bit = 1u64 << (nix::sys::signal::Signal::SIGSTOP as i32 - 1);
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("SigPnd:")
+                .or_else(|| l.strip_prefix("ShdPnd:"))
+        })
+        .filter_map(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .any(|mask| mask & bit != 0)
+}
+
 /// The state letter of the process's main thread (`/proc/PID/stat`), `?` if unreadable.
 pub fn state(pid: i32) -> char {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
