@@ -29,7 +29,9 @@ impl VforkWait {
         assert!(made.success(), "mkfifo {}", fifo.display());
         let exe = crate::compile_c(
             &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/vfork_wait.c"),
-            &std::env::temp_dir().join(format!("precopy-vfork_wait-{}", std::process::id())),
+            // One executable per version of the source, shared by every test process (the
+            // compile renames a finished file into place), not one left behind per process.
+            &std::env::temp_dir().join(format!("precopy-vfork_wait-{:016x}", source_hash())),
             &["-pthread"],
         );
         let mut command = Command::new(exe);
@@ -137,4 +139,12 @@ pub fn state(pid: i32) -> char {
     stat.rfind(')')
         .and_then(|i| stat[i + 1..].trim_start().chars().next())
         .unwrap_or('?')
+}
+
+/// A hash of the `vfork_wait` fixture's source, naming its compiled executable.
+fn source_hash() -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    include_str!("../fixtures/vfork_wait.c").hash(&mut h);
+    h.finish()
 }
