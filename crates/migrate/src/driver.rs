@@ -492,6 +492,10 @@ struct FinalAttempt {
     sent: Option<RoundSent>,
 }
 
+/// A pause probe's rehearsal round: bytes of pending pages it took, bytes of its sample, and
+/// what the send delivered (see `Collected::rehearsal`).
+type Rehearsed = (u64, u64, RoundSent);
+
 /// What one collection of the dirty log did.
 #[derive(Debug, Clone, Copy)]
 struct Collected {
@@ -504,8 +508,9 @@ struct Collected {
     /// CPU time this thread spent in the log's collect (`None`: the clock could not be read).
     cpu: Option<Duration>,
     /// The rehearsal round a pause probe sent: the bytes of pending pages it took (they
-    /// left `out`) and what the send delivered.
-    rehearsal: Option<(u64, RoundSent)>,
+    /// left `out`), the bytes of its sample (more when the timeout cut it short: the rest
+    /// stayed in `out`) and what the send delivered.
+    rehearsal: Option<Rehearsed>,
     /// A pause probe's rehearsal of one pause check scan, after its send: wall time.
     check: Option<Duration>,
     /// A pause probe's pause (its threads raised before the clock started) and finish probes.
@@ -903,7 +908,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
     fn rehearse_send(
         &mut self,
         out: &mut Vec<Range<u64>>,
-    ) -> Result<Option<(u64, RoundSent)>, MigrationError<D, T, W>> {
+    ) -> Result<Option<Rehearsed>, MigrationError<D, T, W>> {
         if !self.config.rehearse_send {
             return Ok(None);
         }
@@ -926,11 +931,11 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 out.extend(unsent);
                 coalesce(out);
                 let sent_bytes = outside(&sample, out).iter().map(|r| r.end - r.start).sum();
-                Ok(Some((sent_bytes, sent)))
+                Ok(Some((sent_bytes, bytes, sent)))
             }
             None => {
                 self.estimator.add_rehearsal(bytes, sent.duration);
-                Ok(Some((bytes, sent)))
+                Ok(Some((bytes, bytes, sent)))
             }
         }
     }
@@ -1566,9 +1571,10 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                     }
                 }
                 let dirty_rate = self.dirty_window.add(found, interval, self.throttle);
-                if let Some((bytes, sent)) = rehearsal {
+                // Recorded with its whole sample, so that a cut one shows what it left.
+                if let Some((_, sample, sent)) = rehearsal {
                     let kind = RoundKind::Rehearsal;
-                    self.record(kind, bytes, Duration::ZERO, dirty_rate, None, Ok(sent));
+                    self.record(kind, sample, Duration::ZERO, dirty_rate, None, Ok(sent));
                 }
                 self.report.dirty_rate = dirty_rate;
                 if self.throttle == 0.0 {
@@ -1807,13 +1813,23 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             SwitchReason::MaxRounds => {
                 format!("the round limit ({}) was reached", self.config.max_rounds)
             }
-            SwitchReason::Timeout => match self.report.rounds.iter().rfind(|r| r.interrupted) {
-                Some(r) => format!(
-                    "the timeout passed (it cut round {} short; what that round had not sent goes in the final round)",
-                    r.round
-                ),
-                None => "the timeout passed".to_string(),
-            },
+            SwitchReason::Timeout => {
+                let n = self.report.live_rounds();
+                let cut = match self.report.rounds.iter().rfind(|r| r.interrupted) {
+                    Some(r) if r.sent_all(self.report.page_size) => format!(
+                        " (it cut round {} short after that round had sent all its pages)",
+                        r.round
+                    ),
+                    Some(r) => format!(
+                        " (it cut round {} short; what that round had not sent goes in the final round)",
+                        r.round
+                    ),
+                    None => String::new(),
+                };
+                format!(
+                    "the timeout forced the switch-over after {n} round(s) with the workload running{cut}"
+                )
+            }
             SwitchReason::Converged => "it converged".to_string(),
             SwitchReason::OutOfReach => format!(
                 "nothing was written for {QUIET_ROUNDS} rounds (at least {} s), so more rounds cannot help: switched over",
@@ -1821,7 +1837,7 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
             ),
         };
         let Some(e) = e else {
-            if self.estimator.reread_samples() == 0 {
+            if self.estimator.rereads_memory() && self.estimator.reread_samples() == 0 {
                 return format!(
                     "{what} before the cost of re-reading memory while paused (verify pass or full final check) could be measured; limit {limit:.1} ms"
                 );
@@ -1887,16 +1903,35 @@ impl<D: DirtyLog, T: Transport, W: Workload> Migration<D, T, W> {
                 ms(finish)
             )
         } else {
-            // The estimate's own figures: what it would send and how fast, and the rate at
-            // which it expects pages to be written until the pause.
+            // The estimate's own figures: what it would send, in how long at which rate (the
+            // rate those two imply), the bound with what it stands for, and the rate at which
+            // it expects pages to be written until the pause.
+            let total = e.pending_bytes + e.meanwhile_bytes;
+            let rate = match e.send.as_secs_f64() {
+                s if s > 0.0 => format!(" at {}/s", crate::report::bytes(total as f64 / s)),
+                _ => String::new(),
+            };
+            let bound = if e.send_from == "rehearsals" {
+                format!(
+                    "at the slowest rehearsal's {}/s",
+                    crate::report::bytes(e.rehearsed_worst_throughput)
+                )
+            } else {
+                "no faster than the slowest recent round, nor shorter than the shortest measured round of as many bytes".to_string()
+            };
+            // Only more rounds could have shrunk the pending set: a timeout left no time.
+            let why = match reason {
+                SwitchReason::Timeout => "",
+                _ => ": the pending set does not shrink to what fits",
+            };
             format!(
-                "the final round would send {} ({} pending + {} written until paused at {}/s) in up to {:.1} ms at {}/s: the pending set does not shrink to what fits",
-                crate::report::bytes((e.pending_bytes + e.meanwhile_bytes) as f64),
+                "the final round would send {} ({} pending + {} written until paused at {}/s): {:.1} ms expected{rate}, at most {:.1} ms ({bound}){why}",
+                crate::report::bytes(total as f64),
                 crate::report::bytes(e.pending_bytes as f64),
                 crate::report::bytes(e.meanwhile_bytes as f64),
                 crate::report::bytes(e.meanwhile_rate),
+                ms(e.send),
                 ms(e.send_worst),
-                crate::report::bytes(e.bandwidth)
             )
         };
         format!(
@@ -3605,6 +3640,21 @@ mod tests {
             "{note}"
         );
         assert!(note.contains("4.00 MiB pending"), "{note}");
+        assert!(note.contains("the pending set does not shrink"), "{note}");
+        // The time given goes with the rate given; the bound is named as what it is.
+        let e = m.report().downtime_estimate.unwrap();
+        let total = (e.pending_bytes + e.meanwhile_bytes) as f64;
+        let rate = crate::report::bytes(total / e.send.as_secs_f64());
+        assert!(
+            note.contains(&format!(
+                "{:.1} ms expected at {rate}/s, at most {:.1} ms (",
+                ms(e.send),
+                ms(e.send_worst)
+            )),
+            "{note}"
+        );
+        // No verify pass and no full final check here: none is blamed.
+        assert!(!note.contains("verify pass or full final check"), "{note}");
     }
 
     /// Under the abort policy, a final round expected to outlast the time left before the
@@ -3958,12 +4008,27 @@ mod tests {
             "{:?}",
             report.downtime_note
         );
+        let note = report.downtime_note.as_deref().unwrap();
+        assert!(
+            note.contains("the timeout forced the switch-over after 2 round(s)"),
+            "{note}"
+        );
+        assert!(!note.contains("does not shrink"), "{note}");
         let text = report.to_string();
         assert!(text.contains("iter. cut"), "{text}");
         assert!(
             text.contains("1 cut short by the timeout (round 1:"),
             "{text}"
         );
+        // Had the cut come after its last page, the round left nothing over.
+        let mut all = report.clone();
+        all.rounds[1].pages = 100;
+        let text = all.to_string();
+        assert!(
+            text.contains("1 cut by the timeout after sending all its pages (round 1)"),
+            "{text}"
+        );
+        assert!(!text.contains("what it had not sent went"), "{text}");
         assert!(m.unsent().is_empty());
         let (_, link, _) = m.into_parts();
         assert!(link.uncuts >= 1, "the final phase lifts the cut");
@@ -3989,7 +4054,13 @@ mod tests {
             vec![(Full, false), (Rehearsal, true), (Final, false)]
         );
         assert_eq!(report.rounds[1].pages, 100);
-        assert_eq!(report.rounds[1].dirty_bytes, 100 * PAGE, "what it sent");
+        assert_eq!(report.rounds[1].dirty_bytes, 200 * PAGE, "its sample");
+        assert!(!report.rounds[1].sent_all(PAGE));
+        let text = report.to_string();
+        assert!(
+            text.contains("1 cut short by the timeout (round 1: what it had not sent"),
+            "{text}"
+        );
         let (_, link, _) = m.into_parts();
         let sample = &link.sent[1];
         assert_eq!(sample.len(), 200);

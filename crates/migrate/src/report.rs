@@ -185,6 +185,14 @@ pub struct RoundReport {
     pub collect_pause: Option<Duration>,
 }
 
+impl RoundReport {
+    /// Whether the round sent every page it was asked to (`dirty_bytes`), counted in
+    /// `page_size` pages: a round the timeout cut after its last page left nothing over.
+    pub fn sent_all(&self, page_size: u64) -> bool {
+        (self.pages.saturating_add(self.zero_pages)).saturating_mul(page_size) >= self.dirty_bytes
+    }
+}
+
 /// What the source suffered: the workload's own throughput before and while it was tracked
 /// (from [`crate::Workload::counters`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -797,9 +805,15 @@ impl MigrationReport {
         if failed > 0 {
             s.push_str(&format!(", {failed} failed part-way"));
         }
-        if let Some((n, which)) = numbered(&|r| r.interrupted) {
+        let all = |r: &RoundReport| r.sent_all(self.page_size);
+        if let Some((n, which)) = numbered(&|r| r.interrupted && !all(r)) {
             s.push_str(&format!(
                 ", {n} cut short by the timeout ({which}: what it had not sent went in the next round)"
+            ));
+        }
+        if let Some((n, which)) = numbered(&|r| r.interrupted && all(r)) {
+            s.push_str(&format!(
+                ", {n} cut by the timeout after sending all its pages ({which})"
             ));
         }
         s

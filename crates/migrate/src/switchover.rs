@@ -390,6 +390,12 @@ impl Estimator {
         self.rereads.len()
     }
 
+    /// Whether the final phase would re-read memory (a verify pass or a full final check):
+    /// then [`Estimator::estimate`] waits for a re-read sample.
+    pub fn rereads_memory(&self) -> bool {
+        self.verify_bytes.saturating_add(self.full_check_bytes) > 0
+    }
+
     /// What the final phase would re-read if the driver paused now: `verify` bytes the dirty
     /// log cannot vouch for and the final round would not send anyway, and `full_check` bytes
     /// re-read on each end by the final check.
