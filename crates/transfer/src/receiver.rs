@@ -1433,6 +1433,23 @@ struct Shared<'a, K: ?Sized> {
     raise: FinalRaise,
 }
 
+/// A PONG that could not be written: on a connection the sender closed (an interrupted
+/// sender; `EPIPE`, `ECONNRESET`) the message says so, not only "answering a PING failed:
+/// Broken pipe". Still an I/O error, so still a connection break.
+fn pong_failed(source: std::io::Error) -> TransferError {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, NotConnected};
+    let closed = matches!(
+        source.kind(),
+        BrokenPipe | ConnectionReset | ConnectionAborted | NotConnected
+    );
+    let what = if closed {
+        "the sender closed the connection; answering its PING"
+    } else {
+        "answering a PING"
+    };
+    TransferError::io(what)(source)
+}
+
 impl<K: ?Sized> Shared<'_, K> {
     /// Answers a PING on connection `index` (none when frames come from a buffer).
     fn pong(&self, index: usize, token: u64) -> Result<(), TransferError> {
@@ -1442,7 +1459,7 @@ impl<K: ?Sized> Shared<'_, K> {
         let _held = lock(w);
         FrameWriter::new(c)
             .send(&Pong { token })
-            .map_err(TransferError::io("answering a PING"))?;
+            .map_err(pong_failed)?;
         Ok(())
     }
 
@@ -2011,6 +2028,28 @@ mod tests {
 
     fn key() -> Key {
         Key::from_bytes(b"receiver unit test key".to_vec()).unwrap()
+    }
+
+    /// A PONG written to a connection the sender closed says the sender closed it (it read
+    /// "answering a PING failed: Broken pipe (os error 32)"), and stays a connection break.
+    #[test]
+    fn a_pong_to_a_closed_sender_says_the_sender_closed_the_connection() {
+        use std::error::Error as _;
+        for kind in [
+            std::io::ErrorKind::BrokenPipe,
+            std::io::ErrorKind::ConnectionReset,
+        ] {
+            let e = pong_failed(std::io::Error::from(kind));
+            assert!(
+                e.to_string()
+                    .starts_with("the sender closed the connection; answering its PING failed"),
+                "{e}"
+            );
+            assert!(e.source().is_some());
+            assert!(e.is_connection_break());
+        }
+        let e = pong_failed(std::io::Error::other("disk on fire"));
+        assert_eq!(e.to_string(), "answering a PING failed");
     }
 
     fn hello(session: u64, pages: u64, streams: u32, resume: bool) -> Hello {
