@@ -757,25 +757,49 @@ pub const MIN_TIMEOUT: f64 = 0.001;
 /// Longest timeout taken (`--timeout`, `--io-timeout`), in seconds: 30 days.
 pub const MAX_TIMEOUT: f64 = 30.0 * 86400.0;
 
+/// What to type for a timeout, said by every refusal of one.
+const TIMEOUT_FIX: &str = "give seconds from 0.001 (1 ms) to 2592000 (30 days)";
+
+/// Why `v` seconds is no timeout, if it is not: not a number, negative, zero, under
+/// [`MIN_TIMEOUT`] or past [`MAX_TIMEOUT`], in the same words for every timeout flag.
+fn timeout_problem(v: f64) -> Option<&'static str> {
+    if v.is_nan() {
+        Some("is not a number of seconds")
+    } else if v < 0.0 {
+        Some("is negative")
+    } else if v == 0.0 {
+        Some("is zero")
+    } else if v < MIN_TIMEOUT {
+        Some("is shorter than a millisecond")
+    } else if v > MAX_TIMEOUT {
+        Some("is longer than 30 days")
+    } else {
+        None
+    }
+}
+
+/// A timeout in seconds as typed (`--timeout`, `--io-timeout`): a clap value parser, so that
+/// a refusal echoes the value as typed (`1e9`, not `1000000000`) and a malformed one is "not
+/// a number of seconds", not Rust's "invalid float literal".
+pub fn parse_timeout(s: &str) -> Result<f64, String> {
+    let v = s
+        .trim()
+        .parse::<f64>()
+        .map_err(|_| format!("is not a number of seconds: {TIMEOUT_FIX}"))?;
+    match timeout_problem(v) {
+        Some(problem) => Err(format!("{problem}: {TIMEOUT_FIX}")),
+        None => Ok(v),
+    }
+}
+
 /// `flag`'s value `v` in seconds as a timeout: [`MIN_TIMEOUT`] to [`MAX_TIMEOUT`] (`--timeout`
 /// and `--io-timeout` of `send`, `recv` and `demo`); 0, a negative number, NaN or one past 30
-/// days is refused, in the same words everywhere.
+/// days is refused, in the same words everywhere ([`parse_timeout`]'s).
 pub fn timeout_seconds(flag: &'static str, v: f64) -> anyhow::Result<std::time::Duration> {
-    let problem = if (MIN_TIMEOUT..=MAX_TIMEOUT).contains(&v) {
-        return Ok(std::time::Duration::from_secs_f64(v));
-    } else if v > MAX_TIMEOUT {
-        "is longer than 30 days"
-    } else if v.is_nan() {
-        "is not a number of seconds"
-    } else {
-        "is shorter than a millisecond"
-    };
-    Err(invalid(
-        flag,
-        seconds(v),
-        problem,
-        "give seconds from 0.001 (1 ms) to 2592000 (30 days)",
-    ))
+    match timeout_problem(v) {
+        Some(problem) => Err(invalid(flag, seconds(v), problem, TIMEOUT_FIX)),
+        None => Ok(std::time::Duration::from_secs_f64(v)),
+    }
 }
 
 /// Seconds as a message shows them: plainly where that stays short, else in exponent form
@@ -791,6 +815,33 @@ pub fn seconds(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every timeout refusal names its reason in the same words: not a number, negative,
+    /// zero, under a millisecond, past 30 days; each with what to type.
+    #[test]
+    fn timeouts_are_refused_with_the_reason() {
+        for (typed, reason) in [
+            ("abc", "is not a number of seconds"),
+            ("nan", "is not a number of seconds"),
+            ("-1", "is negative"),
+            ("0", "is zero"),
+            ("0.0", "is zero"),
+            ("0.0001", "is shorter than a millisecond"),
+            ("1e9", "is longer than 30 days"),
+            ("inf", "is longer than 30 days"),
+        ] {
+            let e = parse_timeout(typed).unwrap_err();
+            assert!(e.starts_with(reason), "{typed}: {e}");
+            assert!(e.ends_with(TIMEOUT_FIX), "{typed}: {e}");
+        }
+        for ok in ["0.001", "2.5", "60", "2592000"] {
+            assert!(parse_timeout(ok).is_ok(), "{ok}");
+        }
+        let e = timeout_seconds("--io-timeout", 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is zero"), "{e}");
+    }
 
     #[test]
     fn tcp_destinations_need_a_host_and_a_port() {

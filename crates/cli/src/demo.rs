@@ -202,18 +202,6 @@ enum ThrottleKind {
     None,
 }
 
-/// Seconds, possibly fractional.
-fn parse_seconds(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| "not a number of seconds (e.g. 60 or 2.5)".to_string())?;
-    if !(v.is_finite() && v > 0.0) {
-        return Err("must be a positive number of seconds (e.g. 60 or 2.5)".into());
-    }
-    Ok(v)
-}
-
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Memory of the source process, a multiple of 2 MiB (K/M/G are binary: 2G = 2 GiB;
@@ -284,7 +272,7 @@ pub struct Args {
     /// and starts the final round at once, which sends what that round had not (with
     /// --to file:, never paced, the round in progress ends first), bounded by
     /// --final-round-timeout.
-    #[arg(long, value_parser = parse_seconds, allow_hyphen_values = true)]
+    #[arg(long, value_parser = crate::args::parse_timeout, allow_hyphen_values = true)]
     timeout: Option<f64>,
     /// What to do when the timeout passes (needs --timeout) [default: abort].
     #[arg(long, value_enum)]
@@ -313,7 +301,7 @@ pub struct Args {
     progress: progress::Mode,
     /// Seconds a connection may make no progress (a write, the wait for an acknowledgement, a
     /// silent sender at the destination) before the migration fails.
-    #[arg(long, default_value_t = 10.0, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = 10.0, value_parser = crate::args::parse_timeout, allow_hyphen_values = true)]
     io_timeout: f64,
     /// Hard bound on the final round, in milliseconds, from the pause to the acknowledgement
     /// [default: 10 × max downtime, at least 5 s, or twice the expected downtime if more (with

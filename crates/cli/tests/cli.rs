@@ -61,7 +61,12 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
         "multiple of 2 MiB",
     ),
     (&["demo", "--threads", "-2"], "--threads", "-2", "negative"),
-    (&["demo", "--timeout", "-3"], "--timeout", "-3", "positive"),
+    (
+        &["demo", "--timeout", "-3"],
+        "--timeout",
+        "-3",
+        "is negative",
+    ),
     (
         &["demo", "--bandwidth", "1K"],
         "--bandwidth",
@@ -700,8 +705,35 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
     (
         &["demo", "--timeout", "0.0000001"],
         "--timeout",
-        "1e-7",
+        "0.0000001",
         "shorter than a millisecond",
+    ),
+    // A timeout's refusal echoes the value as typed and says why in the same words for
+    // each reason: not a number, negative, zero, under 1 ms, past 30 days.
+    (&["demo", "--timeout", "0"], "--timeout", "0", "is zero"),
+    (
+        &["demo", "--io-timeout", "abc"],
+        "--io-timeout",
+        "abc",
+        "is not a number of seconds",
+    ),
+    (
+        &["demo", "--io-timeout", "nan"],
+        "--io-timeout",
+        "nan",
+        "is not a number of seconds",
+    ),
+    (
+        &["demo", "--io-timeout", "1e9"],
+        "--io-timeout",
+        "1e9",
+        "is longer than 30 days",
+    ),
+    (
+        &["demo", "--io-timeout", "-1"],
+        "--io-timeout",
+        "-1",
+        "is negative",
     ),
     // One size parser for sizes and rates: a number past 64 bits is too large, not "not a
     // size", whether or not it has a unit.
