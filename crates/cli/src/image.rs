@@ -286,7 +286,19 @@ fn parse_range(s: &str) -> Result<Range<u64>, String> {
         );
     }
     precopy_transfer::parse_span(s).ok_or_else(|| {
-        "expected START-END, each decimal or 0x hex with START <= END, e.g. 0x1000-0x2000".into()
+        // A number past 64 bits is too large, not malformed (as for sizes).
+        let past_64_bits = |p: &str| {
+            let (digits, radix) = p.strip_prefix("0x").map_or((p, 10), |h| (h, 16));
+            u64::from_str_radix(digits, radix)
+                .is_err_and(|e| *e.kind() == std::num::IntErrorKind::PosOverflow)
+        };
+        match s.trim().split_once('-') {
+            Some((a, b)) if past_64_bits(a.trim()) || past_64_bits(b.trim()) => {
+                "too large: memory offsets are at most 0xffffffffffffffff (see `image info`)".into()
+            }
+            _ => "expected START-END, each decimal or 0x hex with START <= END, e.g. 0x1000-0x2000"
+                .into(),
+        }
     })
 }
 
@@ -299,6 +311,15 @@ mod tests {
         assert_eq!(parse_range("0x1000-0x2000"), Ok(0x1000..0x2000));
         assert!(parse_range("0x2000-0x1000").is_err());
         assert!(parse_range("0x1000").is_err());
+        for huge in ["0x0-0xffffffffffffffffff", "99999999999999999999-1"] {
+            let e = parse_range(huge).unwrap_err();
+            assert!(e.starts_with("too large"), "{huge}: {e}");
+        }
+        assert!(
+            parse_range("0x1000-zz")
+                .unwrap_err()
+                .starts_with("expected")
+        );
         assert_eq!(span(" 0-8192").map(|s| s.typed), Ok("0-8192".to_string()));
     }
 }

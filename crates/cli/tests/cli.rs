@@ -531,6 +531,18 @@ const BAD: &[(&[&str], &str, &str, &str)] = &[
         "-1-5",
         "negative",
     ),
+    (
+        &[
+            "image",
+            "cat",
+            "/x.img",
+            "--range",
+            "0x0-0xffffffffffffffffff",
+        ],
+        "--range",
+        "0x0-0xffffffffffffffffff",
+        "too large",
+    ),
     // Flags that contradict each other.
     (
         &["bench", "--out", "/tmp/precopy-bench", "--no-files"],
