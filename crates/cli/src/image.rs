@@ -103,18 +103,31 @@ pub fn run(args: Args) -> Result<ExitCode> {
 }
 
 fn info(image: &Path, check: bool, json: bool) -> Result<ExitCode> {
-    let info = precopy_transfer::image_info(image)?;
+    let mut info = precopy_transfer::image_info(image)?;
     // Damage is corruption, as `verify` says, whether or not --verify was asked: the info is
-    // shown (what the records before it hold), then the command fails.
-    let damage = info
-        .corrupt
-        .then(|| precopy_transfer::Image::open(image).ok()?.damage())
-        .flatten()
-        .map(anyhow::Error::from);
+    // shown (what the records before it hold, none for a damaged preamble or first record),
+    // then the command fails.
+    let damage = match info.corrupt {
+        false => None,
+        true => match precopy_transfer::Image::open(image) {
+            Ok(img) => img.damage(),
+            Err(e) => Some(e),
+        },
+    };
     let checked = match damage {
-        Some(e) => Some(Err(e)),
+        Some(e) => Some(Err(anyhow::Error::from(e))),
         None => check.then(|| precopy_transfer::image_verify(image).context("verification failed")),
     };
+    // Damage only the page data shows (a page that fails its hash, the memory checksum):
+    // corrupt too, in the status and in `"corrupt"`.
+    if let Some(Err(e)) = &checked
+        && !info.corrupt
+        && let Some(reason) = e
+            .downcast_ref::<precopy_transfer::ImageError>()
+            .and_then(precopy_transfer::ImageError::damage_reason)
+    {
+        info.mark_corrupt(reason);
+    }
     let verified = matches!(checked, Some(Ok(_)));
     let verified_text = match &checked {
         None if info.complete => {

@@ -488,6 +488,17 @@ fn damage_is_corrupt_alike_in_info_and_verify() {
         b[at + len - 1] ^= 0x40;
         cases.push((format!("{kind:?} record"), b));
     }
+    // The first record (the layout) and the preamble's magic and version: damaged before any
+    // region is known (`info` printed nothing on stdout for these).
+    let &(_, hello_at, hello_len) = &recs[0];
+    let mut b = bytes.clone();
+    b[hello_at + hello_len - 1] ^= 0x40;
+    cases.push(("HELLO record".to_owned(), b));
+    for at in [0, 9] {
+        let mut b = bytes.clone();
+        b[at] ^= 0x01;
+        cases.push((format!("preamble byte {at}"), b));
+    }
     let damaged = dir.join("damaged");
     for (what, b) in cases {
         std::fs::write(&damaged, b).unwrap();
@@ -503,6 +514,7 @@ fn damage_is_corrupt_alike_in_info_and_verify() {
         );
         let info = precopy(&["image", "info", "--json", path_arg(&damaged)]);
         assert_eq!(info.status.code(), Some(1), "{what}: {}", stderr(&info));
+        assert_eq!(one_json(&info)["corrupt"], true, "{what}");
         let info_says = one_json(&info)["error"]["message"]
             .as_str()
             .unwrap_or_default()
@@ -518,6 +530,11 @@ fn damage_is_corrupt_alike_in_info_and_verify() {
         assert!(err.contains("is corrupt: "), "{what}: {err}");
         assert!(
             !stdout(&text).contains("INCOMPLETE"),
+            "{what}: {}",
+            stdout(&text)
+        );
+        assert!(
+            stdout(&text).contains("status:     CORRUPT ("),
             "{what}: {}",
             stdout(&text)
         );
@@ -571,5 +588,106 @@ fn a_cut_before_the_first_record_is_incomplete_not_corrupt() {
         assert_eq!(verify.status.code(), Some(1), "cut at {len}: {err}");
         assert!(err.contains("is corrupt"), "cut at {len}: {err}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A damaged length field in a complete image: the record it heads runs past the end of a
+/// file that ends with its valid TRAILER, which no cut leaves behind. Corrupt in every
+/// command, never "incomplete" (it was: `info` said INCOMPLETE with status 0, `verify` "is
+/// incomplete", `cat --incomplete` read zeros). The same record cut short with no trailer
+/// after it is still a cut.
+#[test]
+fn a_damaged_length_in_a_complete_image_is_corrupt_not_incomplete() {
+    let dir = scratch_dir("bad-len");
+    let img = dir.join("img");
+    write_image(&img);
+    let bytes = std::fs::read(&img).unwrap();
+    let recs = records(&bytes);
+    let &(_, pages_at, _) = recs
+        .iter()
+        .find(|r| r.0 == FrameKind::Pages)
+        .expect("a PAGES record");
+    let damaged = dir.join("damaged");
+    // Byte 6 of a header: the third byte of its payload length (bytes 4-7), so the record
+    // claims megabytes (within the largest payload a record may have) past the file's end.
+    for (what, at) in [
+        ("first PAGES record", pages_at),
+        ("HELLO record", recs[0].1),
+    ] {
+        let mut b = bytes.clone();
+        b[at + 6] = 0x7f;
+        std::fs::write(&damaged, &b).unwrap();
+        let verify = precopy(&["image", "verify", path_arg(&damaged)]);
+        let err = stderr(&verify);
+        assert_eq!(verify.status.code(), Some(1), "{what}: {err}");
+        assert!(err.contains("is corrupt: "), "{what}: {err}");
+        assert!(
+            err.contains("runs past the end of the file"),
+            "{what}: {err}"
+        );
+        let info = precopy(&["image", "info", "--json", path_arg(&damaged)]);
+        assert_eq!(info.status.code(), Some(1), "{what}: {}", stderr(&info));
+        let v = one_json(&info);
+        assert_eq!(v["corrupt"], true, "{what}: {v}");
+        assert_eq!(v["complete"], false, "{what}: {v}");
+        let text = precopy(&["image", "info", path_arg(&damaged)]);
+        assert_eq!(text.status.code(), Some(1), "{what}");
+        assert!(
+            stdout(&text).contains("status:     CORRUPT ("),
+            "{what}: {}",
+            stdout(&text)
+        );
+        for extra in [&[][..], &["--incomplete"][..]] {
+            let mut args = vec!["image", "cat", path_arg(&damaged), "--range", "0-0x1000"];
+            args.extend_from_slice(extra);
+            let cat = precopy(&args);
+            let err = stderr(&cat);
+            assert!(err.contains("is corrupt"), "{what} {extra:?}: {err}");
+            assert!(!err.contains("incomplete ("), "{what} {extra:?}: {err}");
+        }
+    }
+    // Without the trailer (the file cut right after the damaged record's header), nothing
+    // tells a damaged length from a cut: incomplete, as any cut.
+    let mut b = bytes[..pages_at + 32].to_vec();
+    b[pages_at + 6] = 0x7f;
+    std::fs::write(&damaged, &b).unwrap();
+    let info = precopy(&["image", "info", "--json", path_arg(&damaged)]);
+    assert!(info.status.success(), "{}", stderr(&info));
+    assert_eq!(one_json(&info)["corrupt"], false);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `info --verify` of a complete image whose page fails its hash: the status and `"corrupt"`
+/// say corrupt, as the failure does (it printed "status: complete" and `"corrupt": false`
+/// beside the error "is corrupt").
+#[test]
+fn info_verify_says_corrupt_when_a_page_fails_its_hash() {
+    let dir = scratch_dir("verify-status");
+    let img = dir.join("img");
+    write_image(&img);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let at = rewritten_page_offset(&bytes) + 1000;
+    bytes[at] ^= 0x40;
+    std::fs::write(&img, &bytes).unwrap();
+    let out = precopy(&["image", "info", "--verify", "--json", path_arg(&img)]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v = one_json(&out);
+    assert_eq!(v["corrupt"], true, "{v}");
+    assert_eq!(v["complete"], true, "{v}");
+    assert!(
+        v["incomplete_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("fails its hash")),
+        "{v}"
+    );
+    let out = precopy(&["image", "info", "--verify", path_arg(&img)]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(text.contains("status:     CORRUPT ("), "{text}");
+    assert!(!text.contains("status:     complete"), "{text}");
+    assert!(stderr(&out).contains("is corrupt"), "{}", stderr(&out));
+    // Without --verify the page data is not read: complete, not corrupt.
+    let v = one_json(&precopy(&["image", "info", "--json", path_arg(&img)]));
+    assert_eq!(v["corrupt"], false, "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -263,6 +263,20 @@ pub enum ProtocolError {
         /// What was being read.
         what: &'static str,
     },
+    /// An image's record runs past the end of a file that ends with the image's valid
+    /// TRAILER: the file was written to its end (the trailer is written last, once), so
+    /// the record's length (or what precedes it) is damaged, not cut.
+    #[error(
+        "the record at byte {offset} runs past the end of the file (byte {file_len}), which ends with the image's trailer (at byte {trailer}): the file was written to its end, so the record is damaged, not cut"
+    )]
+    PastTrailer {
+        /// File offset of the record whose length runs past the end.
+        offset: u64,
+        /// The file's length.
+        file_len: u64,
+        /// File offset of the valid TRAILER that ends the file.
+        trailer: u64,
+    },
     /// The sender closed its connection between two frames before the transfer's end (a
     /// receiver's reading only): it ended the transfer on purpose (it gave up, was interrupted)
     /// or exited. Unlike [`ProtocolError::Truncated`], no frame was cut.
@@ -1131,4 +1145,20 @@ fn ascii_bytes(bytes: &[u8]) -> String {
             }
         })
         .collect()
+}
+
+impl ImageError {
+    /// The damage this error names, in one line (a corrupt image's fault, an index or memory
+    /// checksum that disagrees with the records, a page that fails its check): what `precopy
+    /// image info` shows as the image's `CORRUPT` status. `None` for anything else (a cut,
+    /// an I/O error).
+    pub fn damage_reason(&self) -> Option<String> {
+        match self {
+            ImageError::Corrupt { source, .. } => Some(source.to_string()),
+            ImageError::IndexMismatch { .. }
+            | ImageError::ChecksumMismatch { .. }
+            | ImageError::PageDamaged { .. } => Some(self.to_string()),
+            _ => None,
+        }
+    }
 }

@@ -10,7 +10,15 @@
 //! preamble or its first record (HELLO), an image is incomplete with no record
 //! ([`ImageError::Incomplete`](crate::ImageError::Incomplete) from
 //! [`Image::open`]); a record that fails its CRC or is out of place is
-//! damage ([`Image::damage`], `ImageError::Corrupt`).
+//! damage ([`Image::damage`], `ImageError::Corrupt`). A record's length is
+//! covered by its CRC, which is checked only once the whole record is read, so
+//! a damaged length that runs past the end of the file reads like a cut: the
+//! walk then looks at the file's last 40 bytes, and when they are a valid
+//! TRAILER naming its own offset (written once, last), the file was written to
+//! its end and the record is damage (`ProtocolError::PastTrailer`), in the
+//! first record (HELLO) too. Without a valid trailer at the end (an
+//! unfinished image, or one whose trailer is damaged too) the format cannot
+//! tell a damaged length from a cut: incomplete.
 //!
 //! ```text
 //! "PRCPIMG\0" | version u32 (7) | reserved u32 (zero: anything else is damage)

@@ -200,11 +200,14 @@ pub struct ImageInfo {
     pub memory_checksum: Option<u64>,
     /// Bytes of the state blob, if the image holds one.
     pub state_bytes: Option<u64>,
-    /// Why the image is incomplete, if it is.
+    /// Why the image is incomplete, if it is, or corrupt, if it is (see [`ImageInfo::corrupt`]).
     pub incomplete_reason: Option<String>,
-    /// Whether what ended the image early is damage (a record that fails its CRC or is out
-    /// of place, an index that does not fit the layout: `incomplete_reason` says which)
-    /// rather than a cut. `precopy image info` then fails, saying "corrupt" as `verify` does.
+    /// Whether the image is damaged rather than cut: what ended it early is a record that
+    /// fails its CRC or is out of place, a record that runs past the trailer that ends the
+    /// file, an index that does not fit the layout, a damaged preamble or layout record
+    /// (`incomplete_reason` says which), or, once [`ImageInfo::mark_corrupt`] was called, a
+    /// check of the page data failed. `precopy image info` then fails, saying "corrupt" as
+    /// `verify` does.
     pub corrupt: bool,
     /// File size.
     pub file_len: u64,
@@ -239,6 +242,15 @@ impl ImageInfo {
             corrupt: false,
             file_len: std::fs::metadata(path).map_or(0, |m| m.len()),
         }
+    }
+}
+
+impl ImageInfo {
+    /// Records that a check of the page data (`Image::verify`) found damage: the image is
+    /// corrupt, `reason` says why (the records may all be present: `complete` stays).
+    pub fn mark_corrupt(&mut self, reason: String) {
+        self.corrupt = true;
+        self.incomplete_reason = Some(reason);
     }
 }
 
@@ -342,26 +354,36 @@ impl std::fmt::Display for ImageInfo {
             self.version, self.file_len
         )?;
         match (self.complete, &self.incomplete_reason) {
-            (true, _) => writeln!(
+            (true, _) if !self.corrupt => writeln!(
                 f,
                 "status:     complete (all records present), memory checksum {:#018x}",
                 self.memory_checksum.unwrap_or(0)
             )?,
-            (false, reason) => writeln!(
+            (complete, reason) => writeln!(
                 f,
-                "status:     {} ({})",
+                "status:     {} ({}){}",
                 if self.corrupt {
                     "CORRUPT"
                 } else {
                     "INCOMPLETE"
                 },
-                reason.as_deref().unwrap_or("unknown")
+                reason.as_deref().unwrap_or("unknown"),
+                if complete {
+                    "; all records present"
+                } else {
+                    ""
+                }
             )?,
         }
         if self.regions.is_empty() {
             return write!(
                 f,
-                "layout:     none (the file ends before its first record, which holds it)"
+                "layout:     none ({})",
+                if self.corrupt {
+                    "the preamble or the first record, which holds it, is damaged"
+                } else {
+                    "the file ends before its first record, which holds it"
+                }
             );
         }
         writeln!(
@@ -492,13 +514,18 @@ impl std::fmt::Display for ImageInfo {
 
 /// `precopy image info IMG`: the image's layout, rounds, pages and status.
 /// Works on incomplete images (`complete` is then false), those cut before their first record
-/// ended included (no region, no round), and on images damaged after their first record
-/// (`corrupt` is then true too).
+/// ended included (no region, no round), and on damaged images (`corrupt` is then true too;
+/// no region and no round either when the damage is in the preamble or the first record).
 pub fn image_info(path: impl AsRef<Path>) -> Result<ImageInfo, ImageError> {
     match Image::open(path.as_ref()) {
         Ok(image) => Ok(image.info()),
         Err(ImageError::Incomplete { path, reason }) => {
             Ok(ImageInfo::without_records(&path, reason))
+        }
+        Err(ImageError::Corrupt { path, source }) => {
+            let mut info = ImageInfo::without_records(&path, String::new());
+            info.mark_corrupt(source.to_string());
+            Ok(info)
         }
         Err(e) => Err(e),
     }

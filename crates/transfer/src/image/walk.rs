@@ -132,6 +132,13 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
         // only one with no record in it.
         Err(e) => match to_protocol(e)? {
             e @ ProtocolError::Truncated { .. } => {
+                if let Some(trailer) = ends_with_trailer(f, len) {
+                    return Err(corrupt(ProtocolError::PastTrailer {
+                        offset: PREAMBLE_LEN,
+                        file_len: len,
+                        trailer,
+                    }));
+                }
                 return Err(ImageError::Incomplete {
                     path: path.to_owned(),
                     reason: format!(
@@ -193,8 +200,22 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
             Ok(h) => h,
             Err(e) => {
                 let e = to_protocol(e)?;
-                let t = matches!(e, ProtocolError::Truncated { .. });
-                w.fault = fault(e, t);
+                w.fault = match e {
+                    // A cut leaves no trailer behind: with one at the end, the record's
+                    // length is damaged.
+                    ProtocolError::Truncated { .. } => match ends_with_trailer(f, len) {
+                        Some(trailer) => fault(
+                            ProtocolError::PastTrailer {
+                                offset,
+                                file_len: len,
+                                trailer,
+                            },
+                            false,
+                        ),
+                        None => fault(e, true),
+                    },
+                    e => fault(e, false),
+                };
                 break;
             }
         };
@@ -400,6 +421,31 @@ pub(super) fn walk(path: &Path, file: &File, check_payloads: bool) -> Result<Wal
     }
     Ok(w)
 }
+
+/// The offset of the TRAILER record that ends the file, if its last bytes are one: a valid
+/// record (CRC included) that names its own offset as the one it lies at. The writer writes
+/// it once, last, after every other record; a file cut short ends with one only if the cut
+/// fell right after bytes that happen to form such a record at that very offset.
+fn ends_with_trailer(mut f: &File, len: u64) -> Option<u64> {
+    let at = match len.checked_sub(TRAILER_LEN) {
+        Some(at) if at >= PREAMBLE_LEN => at,
+        _ => return None,
+    };
+    let mut tail = [0u8; TRAILER_LEN as usize];
+    let read = f
+        .seek(SeekFrom::Start(at))
+        .and_then(|_| f.read_exact(&mut tail));
+    read.ok()?;
+    let mut p = Vec::new();
+    let h = FrameReader::at_offset(&tail[..], at)
+        .read_frame(&mut p)
+        .ok()?;
+    let t = h.decode::<Trailer>(&p).ok()?;
+    (t.trailer_offset == at && t.index_offset < at).then_some(at)
+}
+
+/// Bytes of a TRAILER record: its header and its 8-byte payload (the memory digest).
+const TRAILER_LEN: u64 = HEADER_LEN as u64 + 8;
 
 /// What a cut image was reading when it ended, in the image's words: a record's header, or
 /// its payload.
