@@ -97,6 +97,20 @@ impl Target {
             .unwrap_or_else(|| panic!("fixture answered {a:?}"))
     }
 
+    /// Whether the target writes again: its count grows within 10 s (a liveness bound: on a
+    /// loaded machine its writers may wait tens of milliseconds for a CPU).
+    pub fn writes_on(&mut self) -> bool {
+        let before = self.ops();
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            if self.ops() > before {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Whether the process is still running (not exited).
     pub fn running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
