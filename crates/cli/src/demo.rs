@@ -300,7 +300,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = progress::Mode::Auto)]
     progress: progress::Mode,
     /// Seconds a connection may make no progress (a write, the wait for an acknowledgement, a
-    /// silent sender at the destination) before the migration fails.
+    /// silent sender at the destination: no byte on any of its --streams) before the migration
+    /// fails.
     #[arg(long, default_value_t = 10.0, value_parser = crate::args::parse_timeout, allow_hyphen_values = true)]
     io_timeout: f64,
     /// Hard bound on the final round, in milliseconds, from the pause to the acknowledgement

@@ -39,7 +39,7 @@
 //! `InRound` are the `State` values of `receive_stream`; the barrier is
 //! `RoundBarrier`.
 
-use std::io::{BufReader, Read};
+use std::io::{BufReader, ErrorKind, Read};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -846,6 +846,7 @@ impl Leg<'_> {
         // once the final round begins, put back whenever this returns.
         let _caller = shared.raise.enlist();
         let next = self.next;
+        let progress = &Progress::new();
         let outcomes: Vec<Option<StreamOutcome>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .conns
@@ -872,10 +873,15 @@ impl Leg<'_> {
                         let pool = BufferPool::new(QUEUED_FRAMES + 4);
                         let (tx, rx) = crossbeam_channel::bounded(QUEUED_FRAMES);
                         let reader_pool = pool.clone();
+                        let watched = Watched {
+                            conn: c,
+                            progress,
+                            after: io_timeout,
+                        };
                         std::thread::scope(|s2| {
                             s2.spawn(move || {
                                 let _enlisted = shared.raise.enlist();
-                                read_socket(c, &reader_pool, tx)
+                                read_socket(watched, &reader_pool, tx)
                             });
                             let frames: Frames<&[u8]> = Frames::Queued { rx };
                             let r = receive_stream(frames, &pool, shared, i, next);
@@ -1647,9 +1653,79 @@ fn read_in_place<R: Read, K: Sink + ?Sized>(
     }
 }
 
+/// When a byte last arrived on any connection of one transfer (a leg): the silence bound
+/// ([`ReceiverConfig::io_timeout`]) is the sender's, not one connection's. A paced sender
+/// with several streams feeds them in turns (one stream's lent pages are written, at the
+/// rate limit, before the next stream gets any: 1 MiB at 64 KiB/s is 16 s), so one
+/// connection may rightly stay silent longer than the bound while another makes progress.
+struct Progress {
+    start: Instant,
+    /// Nanoseconds after `start` of the last byte read.
+    last: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let at = self.start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.last.fetch_max(at, Ordering::Relaxed);
+    }
+
+    /// How long no connection has received a byte.
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_nanos(self.last.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+/// One connection of a transfer with several, read under the transfer's silence bound: a
+/// read that times out while another connection received a byte within `after` waits
+/// again (for what is left of `after`) instead of failing. The timeout ends the read only
+/// when every connection of the transfer was silent for `after`.
+struct Watched<'a> {
+    conn: &'a Connection,
+    progress: &'a Progress,
+    /// The silence bound (`None`: no read timeout).
+    after: Option<Duration>,
+}
+
+impl Read for Watched<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match (&*self.conn).read(buf) {
+                Ok(n) => {
+                    if n > 0 {
+                        self.progress.touch();
+                    }
+                    return Ok(n);
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    let Some(after) = self.after else {
+                        return Err(e);
+                    };
+                    let left = after.saturating_sub(self.progress.silent_for());
+                    if left.is_zero() {
+                        return Err(e);
+                    }
+                    // At least a millisecond: a zero timeout means none.
+                    self.conn
+                        .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// Reads raw frames from `conn` until FINISH or ERROR (nothing follows
 /// them), an error, or the applier hanging up.
-fn read_socket(conn: &Connection, pool: &BufferPool, tx: crossbeam_channel::Sender<RawFrame>) {
+fn read_socket(conn: Watched<'_>, pool: &BufferPool, tx: crossbeam_channel::Sender<RawFrame>) {
     let mut r = FrameReader::new(BufReader::with_capacity(READ_BUFFER, conn));
     loop {
         let mut buf = pool.take(0);

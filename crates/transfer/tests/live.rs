@@ -361,3 +361,42 @@ fn a_page_written_after_its_writev_arrives_as_sent() {
 fn own_memory_with_concurrent_writers_over_tcp_by_writev() {
     concurrent_writers_with(Net::Tcp, 1, false);
 }
+
+/// A paced transfer over two streams feeds them in turns: one stream's lent pages are written
+/// at the rate limit before the other gets any, so one connection stays silent for most of the
+/// round (here about 3 s of 1 MiB at 256 KiB/s) while the other makes progress. The receiver's
+/// silence bound (300 ms) is the sender's, not one connection's: the transfer completes. It
+/// failed with "receiving frames from ...: no progress for 300ms" when each connection had
+/// its own.
+#[test]
+fn a_paced_two_stream_transfer_outlasts_a_short_io_timeout() {
+    let pages = 256u64;
+    let m = filled(pages);
+    let (listener, connect, _dir) = listen(&Net::Tcp);
+    let rx = spawn_receiver(
+        listener,
+        ReceiverConfig {
+            io_timeout: Some(std::time::Duration::from_millis(300)),
+            ..receiver_config()
+        },
+    );
+    let config = SenderConfig {
+        streams: 2,
+        bandwidth_limit: Some(256 << 10),
+        ..sender_config()
+    };
+    let mut tx = Sender::connect(
+        (0..2).map(|_| connect()).collect(),
+        Layout::single(PS, m.addr(), m.len()).unwrap(),
+        OwnMemory::new([m.clone()]),
+        &config,
+    )
+    .unwrap();
+    let all = [m.addr()..m.addr() + m.len()];
+    let sent = tx.send_round(&all);
+    let finished = sent.and_then(|_| tx.finish(FinalCheck::Full));
+    let received = rx.join().unwrap();
+    finished.unwrap();
+    let (_, dest) = received.unwrap();
+    assert!(dest == snapshot(&m), "destination differs from the source");
+}

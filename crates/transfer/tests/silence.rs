@@ -215,3 +215,39 @@ fn a_sender_that_never_says_hello_times_the_receivers_handshake_out() {
         .unwrap_err();
     assert!(handshake_timed_out(&err), "{err:?}: {err}");
 }
+
+/// The receiver's silence bound covers all of a sender's connections together (progress on
+/// one counts for all), yet a sender whose every connection goes silent still fails it: two
+/// streams send round 0, then nothing; the receiver stops on the timeout, naming it.
+#[test]
+fn a_silent_sender_of_two_streams_fails_the_receivers_io_timeout() {
+    let (listener, connect, _dir) = listen(&common::Net::Tcp);
+    let after = Duration::from_millis(300);
+    let rx = spawn_receiver(
+        listener,
+        ReceiverConfig {
+            io_timeout: Some(after),
+            ..receiver_config()
+        },
+    );
+    let config = SenderConfig {
+        streams: 2,
+        ..sender_config()
+    };
+    let mut tx = Sender::connect(
+        vec![connect(), connect()],
+        Layout::single(PS, BASE, 64 * PS).unwrap(),
+        SliceSource::new(BASE, memory(64, 5)),
+        &config,
+    )
+    .unwrap();
+    tx.send_round(&[BASE..BASE + 64 * PS]).unwrap();
+    // The sender stays connected and sends nothing more.
+    let err = rx.join().unwrap().map(|_| ()).unwrap_err();
+    assert!(
+        matches!(&err, TransferError::Stalled { what, after: a, .. }
+            if *what == "receiving frames from" && *a == after),
+        "{err:?}"
+    );
+    drop(tx);
+}
