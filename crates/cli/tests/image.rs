@@ -459,6 +459,25 @@ fn write_image_with_mapped(path: &Path) {
 /// message): a flipped reserved byte of the preamble (bytes 12-15, zeros in every image; it
 /// verified), a bad checksum in a MAPPED, ROUND_END, INDEX or TRAILER record (`info` called
 /// those "INCOMPLETE" with status 0).
+/// Checks that `image info` calls `path` corrupt in both forms (JSON: status 1, `"corrupt":
+/// true`; text: status 1, one error line saying "is corrupt", a CORRUPT status, never
+/// INCOMPLETE) and returns the JSON.
+fn info_says_corrupt(path: &Path, what: &str) -> serde_json::Value {
+    let info = precopy(&["image", "info", "--json", path_arg(path)]);
+    assert_eq!(info.status.code(), Some(1), "{what}: {}", stderr(&info));
+    let v = one_json(&info);
+    assert_eq!(v["corrupt"], true, "{what}: {v}");
+    let text = precopy(&["image", "info", path_arg(path)]);
+    let err = stderr(&text);
+    assert_eq!(text.status.code(), Some(1), "{what}: {err}");
+    assert_eq!(err.matches("error:").count(), 1, "{what}: {err}");
+    assert!(err.contains("is corrupt: "), "{what}: {err}");
+    let out = stdout(&text);
+    assert!(!out.contains("INCOMPLETE"), "{what}: {out}");
+    assert!(out.contains("status:     CORRUPT ("), "{what}: {out}");
+    v
+}
+
 #[test]
 fn damage_is_corrupt_alike_in_info_and_verify() {
     let dir = scratch_dir("damage");
@@ -512,31 +531,14 @@ fn damage_is_corrupt_alike_in_info_and_verify() {
             verify_says.contains("is corrupt: "),
             "{what}: {verify_says}"
         );
-        let info = precopy(&["image", "info", "--json", path_arg(&damaged)]);
-        assert_eq!(info.status.code(), Some(1), "{what}: {}", stderr(&info));
-        assert_eq!(one_json(&info)["corrupt"], true, "{what}");
-        let info_says = one_json(&info)["error"]["message"]
+        let info = info_says_corrupt(&damaged, &what);
+        let info_says = info["error"]["message"]
             .as_str()
             .unwrap_or_default()
             .to_string();
         assert!(
             !info_says.is_empty() && verify_says.ends_with(&info_says),
             "{what}: info says {info_says:?}, verify says {verify_says:?}"
-        );
-        let text = precopy(&["image", "info", path_arg(&damaged)]);
-        let err = stderr(&text);
-        assert_eq!(text.status.code(), Some(1), "{what}: {err}");
-        assert_eq!(err.matches("error:").count(), 1, "{what}: {err}");
-        assert!(err.contains("is corrupt: "), "{what}: {err}");
-        assert!(
-            !stdout(&text).contains("INCOMPLETE"),
-            "{what}: {}",
-            stdout(&text)
-        );
-        assert!(
-            stdout(&text).contains("status:     CORRUPT ("),
-            "{what}: {}",
-            stdout(&text)
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -625,18 +627,8 @@ fn a_damaged_length_in_a_complete_image_is_corrupt_not_incomplete() {
             err.contains("runs past the end of the file"),
             "{what}: {err}"
         );
-        let info = precopy(&["image", "info", "--json", path_arg(&damaged)]);
-        assert_eq!(info.status.code(), Some(1), "{what}: {}", stderr(&info));
-        let v = one_json(&info);
-        assert_eq!(v["corrupt"], true, "{what}: {v}");
+        let v = info_says_corrupt(&damaged, what);
         assert_eq!(v["complete"], false, "{what}: {v}");
-        let text = precopy(&["image", "info", path_arg(&damaged)]);
-        assert_eq!(text.status.code(), Some(1), "{what}");
-        assert!(
-            stdout(&text).contains("status:     CORRUPT ("),
-            "{what}: {}",
-            stdout(&text)
-        );
         for extra in [&[][..], &["--incomplete"][..]] {
             let mut args = vec!["image", "cat", path_arg(&damaged), "--range", "0-0x1000"];
             args.extend_from_slice(extra);
