@@ -64,7 +64,8 @@ enum Command {
     /// send stops it (for the final round, or a pause before it) is left stopped, whether it
     /// was stopped before the send or during it; one stopped before the send and continued
     /// during it is the send's to continue, as if it had been running. Ctrl-C or SIGTERM leave
-    /// it running (or stopped, if someone else had stopped it), with no fd of ours and not
+    /// it running (or stopped, if someone else had stopped it before the send; not yet one
+    /// stopped during it, nor one stopped while the throttle runs), with no fd of ours and not
     /// traced, also during the attach. A process whose memory another process shares (a vfork
     /// child before its exec, its parent, a process made with clone(CLONE_VM)) is refused:
     /// stopping it could not stop the other's writes.
